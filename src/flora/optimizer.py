@@ -176,6 +176,25 @@ class Flora(Optimizer):
                 index += 1
         return loss
 
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor) -> None:
+        """Step one parameter with its current ``.grad``, exactly as ``step()`` would.
+
+        For optimizer-in-backward use (fused accumulation): parameters can be stepped one
+        by one as their gradients arrive, and the result equals one ``step()``."""
+        index = 0
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    if p.grad is None:
+                        return
+                    if p.grad.is_sparse or p.grad.is_complex():
+                        self._check_grads()
+                    self._step_param(p, group, self.state[p], index)
+                    return
+                index += 1
+        raise ValueError("step_parameter: the tensor is not a parameter of this optimizer")
+
     def _init_state(self, state: dict, grad: torch.Tensor, group: dict) -> None:
         shape = grad.shape
         state["step"] = 0
