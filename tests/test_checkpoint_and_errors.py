@@ -1,0 +1,170 @@
+"""Bit-exact resume, weights_only checkpoints, and clear errors for bad input."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from flora import Flora
+
+
+def _net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 12), nn.Flatten(), nn.Linear(12 * 4, 20), nn.ReLU(),
+                         nn.Linear(20, 5)).to(dtype)
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, 50, (8, 4), generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+OPTS = dict(lr=1e-2, rank=3, beta1=0.9, kappa=3, seed=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("momentum", ["exact", "paper"])
+def test_resume_is_bit_exact(dtype, momentum):
+    batches = _batches(10)
+    ref = _net(dtype)
+    ref_opt = Flora(ref.parameters(), momentum=momentum, **OPTS)
+    _train(ref, ref_opt, batches)
+
+    model = _net(dtype)
+    opt = Flora(model.parameters(), momentum=momentum, **OPTS)
+    _train(model, opt, batches[:4])  # stops mid-way through a kappa window (resamples at 3, 6, 9)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    model2 = _net(dtype)
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.add_(1.0)  # make sure the load is what restores them
+    opt2 = Flora(model2.parameters(), momentum=momentum, **OPTS)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    for p in model2.parameters():
+        for v in opt2.state[p].values():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == torch.float32  # not cast to the parameter's dtype
+    _train(model2, opt2, batches[4:])
+    for a, b in zip(ref.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_holds_only_tensors_and_plain_values():
+    model = _net()
+    opt = Flora(model.parameters(), **OPTS)
+    _train(model, opt, _batches(2))
+    sd = opt.state_dict()
+
+    def check(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                check(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                check(x)
+        else:
+            assert v is None or isinstance(v, (torch.Tensor, int, float, str, bool)), type(v)
+
+    check(sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+
+
+def test_load_from_a_different_model_is_refused_and_changes_nothing():
+    model = _net()
+    opt = Flora(model.parameters(), **OPTS)
+    _train(model, opt, _batches(2))
+    sd = opt.state_dict()
+
+    other = nn.Sequential(nn.Embedding(50, 12), nn.Flatten(), nn.Linear(12 * 4, 21), nn.ReLU(), nn.Linear(21, 5))
+    other_opt = Flora(other.parameters(), **OPTS)
+    _train(other, other_opt, _batches(1))
+    before = copy.deepcopy(other_opt.state_dict())
+    with pytest.raises(ValueError, match="different model"):
+        other_opt.load_state_dict(sd)
+    after = other_opt.state_dict()
+    for pid, s in before["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, after["state"][pid][k]) if isinstance(v, torch.Tensor) else v == after["state"][pid][k]
+
+    fewer = Flora(list(model.parameters())[:-1], **OPTS)
+    with pytest.raises(ValueError, match="different model"):
+        fewer.load_state_dict(sd)
+
+    other_rank = Flora(_net().parameters(), **{**OPTS, "rank": 2})
+    sd_bad = copy.deepcopy(sd)
+    for g in sd_bad["param_groups"]:
+        g["rank"] = 2  # claims rank 2 but holds rank-3 buffers
+    with pytest.raises(ValueError, match="exp_avg_c"):
+        other_rank.load_state_dict(sd_bad)
+
+
+P = [nn.Parameter(torch.randn(4, 6))]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(rank=0), ValueError, "rank"),
+    (dict(rank=-3), ValueError, "rank"),
+    (dict(rank=2.5), TypeError, "rank"),
+    (dict(rank=True), TypeError, "rank"),
+    (dict(rank="8"), TypeError, "rank"),
+    (dict(kappa=0), ValueError, "kappa"),
+    (dict(kappa=1.5), TypeError, "kappa"),
+    (dict(beta1=1.0), ValueError, "beta1"),
+    (dict(beta1=-0.1), ValueError, "beta1"),
+    (dict(lr=1e-3, relative_step=True), ValueError, "lr"),
+    (dict(lr=-1.0), ValueError, "lr"),
+    (dict(lr=None, relative_step=False), ValueError, "lr"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(proj_dim=2), ValueError, "proj_dim"),
+    (dict(momentum="nesterov"), ValueError, "momentum"),
+    (dict(clip_threshold=0.0), ValueError, "clip_threshold"),
+    (dict(decay_rate=0.5), ValueError, "decay_rate"),
+    (dict(eps=(1e-30,)), TypeError, "eps"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(max_aspect_ratio=0.5), ValueError, "max_aspect_ratio"),
+    (dict(lr=1e-3, relative_step=False, warmup_init=True), ValueError, "warmup_init"),
+])
+def test_bad_arguments_name_the_argument(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        Flora(P, **kwargs)
+
+
+def test_bad_group_option_is_refused():
+    with pytest.raises(ValueError, match="rank"):
+        Flora([{"params": P, "rank": 0}], lr=1e-3)
+
+
+def test_sparse_gradient_refused_before_any_change():
+    a = nn.Parameter(torch.randn(4, 6))
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = Flora([a, emb.weight], lr=1e-2, rank=2, beta1=0.9)
+    a.grad = torch.randn_like(a)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = a.detach().clone()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    assert torch.equal(a, before)
+    assert len(opt.state[a]) == 0
+
+
+def test_complex_parameters_refused():
+    with pytest.raises(TypeError, match="complex"):
+        Flora([nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))], lr=1e-3)

@@ -1,0 +1,159 @@
+"""Projections: distribution, unbiasedness, determinism, devices.
+
+Statistical tests use fixed seeds and a tolerance of 6 standard errors of the mean
+(computed from the known variances or from the samples), so they fail only if the
+estimator is biased, never by chance for these seeds."""
+
+import math
+
+import pytest
+import torch
+
+from flora.momentum import exact_momentum_, paper_momentum_, resample_
+from flora.projection import (
+    choose_dim,
+    compress,
+    compressed_shape,
+    decompress,
+    gaussian_projection,
+    projection_seed,
+    transfer,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+N_SEEDS = 4000
+
+
+def test_entries_are_n_0_1_over_r():
+    r, d = 16, 4096
+    a = gaussian_projection(7, r, d)
+    assert a.shape == (r, d) and a.dtype == torch.float32
+    n = r * d
+    # mean 0 (se = sqrt(1/r / n)); variance 1/r (se of the sample variance ~ sqrt(2/n)/r)
+    assert abs(a.mean().item()) < 6 * math.sqrt(1 / r / n)
+    assert abs(a.var().item() - 1 / r) < 6 * math.sqrt(2 / n) / r
+
+
+def test_expected_gram_is_identity():
+    """E[A^T A] = I: (A^T A)_ij has variance 1/r off the diagonal and 2/r on it."""
+    r, d = 4, 12
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    for s in range(N_SEEDS):
+        a = gaussian_projection(s, r, d).double()
+        acc += a.T @ a
+    mean = acc / N_SEEDS
+    err = (mean - torch.eye(d, dtype=torch.float64)).abs()
+    tol = 6 * math.sqrt(2 / r / N_SEEDS)
+    assert err.max().item() < tol, (err.max().item(), tol)
+
+
+def test_deterministic_and_seed_sensitive():
+    a1 = gaussian_projection(123, 8, 50)
+    a2 = gaussian_projection(123, 8, 50)
+    b = gaussian_projection(124, 8, 50)
+    assert torch.equal(a1, a2)
+    assert not torch.allclose(a1, b)
+
+
+def test_projection_seed_is_pure_and_spreads():
+    assert projection_seed(0, 3, 5) == projection_seed(0, 3, 5)
+    seeds = {projection_seed(s, i, k) for s in range(4) for i in range(20) for k in range(20)}
+    assert len(seeds) == 4 * 20 * 20  # no collisions among nearby inputs
+    assert all(0 <= x < 2**63 for x in seeds)
+
+
+@pytest.mark.parametrize("shape,dim,want", [((10, 30), 0, (4, 30)), ((10, 30), 1, (10, 4)), ((6, 2, 5), 1, (6, 4))])
+def test_compress_shapes(shape, dim, want):
+    g = torch.randn(shape)
+    a = gaussian_projection(0, 4, (shape[0], math.prod(shape[1:]))[dim])
+    c = compress(g, a, dim)
+    assert tuple(c.shape) == want == compressed_shape(shape, 4, dim)
+    assert decompress(c, a, dim).shape == (shape[0], math.prod(shape[1:]))
+
+
+def test_auto_dim_is_the_smaller():
+    assert choose_dim((10, 30)) == 0
+    assert choose_dim((30, 10)) == 1
+    assert choose_dim((49152, 576)) == 1
+    assert choose_dim((4, 3, 3, 3)) == 0  # viewed as 4 x 27
+    assert choose_dim((10, 30), 1) == 1
+
+
+def _mean_and_se(samples):
+    x = torch.stack(samples).double()
+    return x.mean(0), x.std(0) / math.sqrt(len(samples))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_decompress_compress_is_unbiased(dim):
+    torch.manual_seed(0)
+    g = torch.randn(6, 9)
+    r = 3
+    samples = [decompress(compress(g, a, dim), a, dim)
+               for a in (gaussian_projection(s, r, g.shape[dim]) for s in range(N_SEEDS))]
+    mean, se = _mean_and_se(samples)
+    assert ((mean - g.double()).abs() <= 6 * se + 1e-9).all()
+
+
+@pytest.mark.parametrize("form", ["paper", "exact"])
+def test_compressed_momentum_is_unbiased(form):
+    """Over random projections, the decompressed momentum update has the dense EMA as
+    its mean (one projection held for all steps, as within a kappa window)."""
+    torch.manual_seed(1)
+    us = [torch.randn(5, 8) for _ in range(4)]
+    beta, r, dim = 0.9, 2, 1
+    dense = torch.zeros(5, 8)
+    for u in us:
+        dense.mul_(beta).add_(u, alpha=1 - beta)
+    rule = paper_momentum_ if form == "paper" else exact_momentum_
+    samples = []
+    for s in range(N_SEEDS):
+        a = gaussian_projection(s, r, 8)
+        c = torch.zeros(5, r)
+        for u in us:
+            out = rule(c, u.clone(), a, dim, beta)
+        samples.append(out)
+    mean, se = _mean_and_se(samples)
+    assert ((mean - dense.double()).abs() <= 6 * se + 1e-9).all()
+    # and the estimator is not trivially exact: its spread is real
+    assert se.max().item() > 1e-4
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_transfer_is_unbiased(dim):
+    """E over the new projection of decompress(transfer(C)) equals decompress(C) under
+    the old one: resampling carries the momentum over without bias."""
+    r = 3
+    a_old = gaussian_projection(999, r, 7)
+    torch.manual_seed(2)
+    c = torch.randn(r, 5) if dim == 0 else torch.randn(5, r)
+    target = decompress(c, a_old, dim).double()
+    samples = []
+    for s in range(N_SEEDS):
+        a_new = gaussian_projection(s, r, 7)
+        samples.append(decompress(transfer(c, a_old, a_new, dim), a_new, dim))
+    mean, se = _mean_and_se(samples)
+    assert ((mean - target).abs() <= 6 * se + 1e-9).all()
+
+
+def test_transfer_matches_decompress_then_compress():
+    a_old, a_new = gaussian_projection(1, 4, 20), gaussian_projection(2, 4, 20)
+    c = torch.randn(9, 4)
+    want = compress(decompress(c, a_old, 1), a_new, 1)
+    assert torch.allclose(transfer(c, a_old, a_new, 1), want, atol=1e-5)
+    c0 = torch.randn(4, 9)
+    want0 = compress(decompress(c0, a_old, 0), a_new, 0)
+    assert torch.allclose(transfer(c0, a_old, a_new, 0), want0, atol=1e-5)
+    c2 = c.clone()
+    resample_(c2, a_old, a_new, 1)
+    assert torch.allclose(c2, want, atol=1e-5)
+
+
+@cuda
+def test_same_matrix_on_cpu_and_cuda():
+    for seed in (0, 5, 2**62 + 3):
+        a_cpu = gaussian_projection(seed, 32, 1000)
+        a_gpu = gaussian_projection(seed, 32, 1000, device="cuda")
+        assert a_gpu.device.type == "cuda"
+        assert torch.equal(a_cpu, a_gpu.cpu())
