@@ -1,0 +1,50 @@
+"""CUDA: the same seeds give the same training as on the CPU (up to float rounding),
+checkpoints move between devices, bf16 works. Skipped without a GPU."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from flora import Flora
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _train(device, dtype=torch.float32, steps=8, opt_state=None):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in [(48, 32), (32,), (6, 3, 3, 3)]]
+    opt = Flora(params, lr=1e-2, rank=4, beta1=0.9, kappa=3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+        opt.step()
+    return params, opt
+
+
+def test_cuda_matches_cpu():
+    cpu, _ = _train("cpu")
+    gpu, opt = _train("cuda")
+    assert all(v.device.type == "cuda" for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    for a, b in zip(cpu, gpu):
+        assert (a - b.cpu()).abs().max().item() < 1e-4
+
+
+def test_cuda_bf16_trains_with_fp32_state():
+    params, opt = _train("cuda", dtype=torch.bfloat16)
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def test_checkpoint_from_cuda_loads_on_cpu():
+    _, opt = _train("cuda", steps=4)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True, map_location="cpu")
+    params = [nn.Parameter(torch.zeros(s)) for s in [(48, 32), (32,), (6, 3, 3, 3)]]
+    opt2 = Flora(params, lr=1e-2, rank=4, beta1=0.9, kappa=3)
+    opt2.load_state_dict(sd)
+    assert opt2.state[params[0]]["exp_avg_c"].device.type == "cpu"
