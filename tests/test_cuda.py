@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _train(device, dtype=torch.float32, steps=8, opt_state=None):
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in [(48, 32), (32,), (6, 3, 3, 3)]]
+    params = [nn.Parameter(torch.randn(s).to(device=device, dtype=dtype)) for s in [(48, 32), (32,), (6, 3, 3, 3)]]
     opt = Flora(params, lr=1e-2, rank=4, beta1=0.9, kappa=3)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
