@@ -50,20 +50,23 @@ def factored_normalize_(
     eps1: float,
 ) -> torch.Tensor:
     """Update the row and column statistics in place; return ``grad / sqrt(V_hat)``
-    with ``V_hat`` their rank-one reconstruction."""
-    sq = (grad**2) + eps1
+    with ``V_hat`` their rank-one reconstruction.
+
+    Same operations as transformers' Adafactor, but in place into one buffer (no
+    temporaries of the gradient's size beyond the returned tensor)."""
+    sq = grad.square().add_(eps1)
     row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=(1.0 - beta2t))
     col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=(1.0 - beta2t))
     r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
     c_factor = col.unsqueeze(-2).rsqrt()
-    return torch.mul(r_factor, c_factor).mul_(grad)
+    return torch.mul(r_factor, c_factor, out=sq).mul_(grad)
 
 
 def unfactored_normalize_(grad: torch.Tensor, sq_avg: torch.Tensor, beta2t: float, eps1: float) -> torch.Tensor:
     """Update the full second moment in place; return ``grad / sqrt(V)``."""
-    sq = (grad**2) + eps1
+    sq = grad.square().add_(eps1)
     sq_avg.mul_(beta2t).add_(sq, alpha=(1.0 - beta2t))
-    return sq_avg.rsqrt().mul_(grad)
+    return torch.rsqrt(sq_avg, out=sq).mul_(grad)
 
 
 def clip_by_rms_(update: torch.Tensor, threshold: float) -> torch.Tensor:
