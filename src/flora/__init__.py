@@ -1,12 +1,14 @@
 """Flora: low-rank, resampled random projections of gradients and momentum
 (Hao, Cao, Mou, ICML 2024)."""
 
+from .accumulate import CompressedAccumulator
 from .memory import flora_state_bytes, state_bytes
 from .optimizer import Flora
 from .projection import compress, decompress, gaussian_projection, projection_seed, transfer
 
 __all__ = [
     "Flora",
+    "CompressedAccumulator",
     "state_bytes",
     "flora_state_bytes",
     "gaussian_projection",

@@ -24,6 +24,7 @@ __all__ = [
     "compressed_shape",
     "compress",
     "decompress",
+    "decompress_add_",
     "transfer",
 ]
 
@@ -111,6 +112,12 @@ def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
 def decompress(c: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     """``A^T C`` (dim 0) or ``C A`` (dim 1): an n x m matrix, unbiased for the original."""
     return a.T @ c if dim == 0 else c @ a
+
+
+def decompress_add_(out: torch.Tensor, c: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out += decompress(c, a, dim)`` in place (``out`` an n x m matrix), without the
+    n x m temporary that ``out + decompress(...)`` would allocate."""
+    return out.addmm_(a.T, c) if dim == 0 else out.addmm_(c, a)
 
 
 def transfer(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1,0 +1,493 @@
+"""Compressed gradient accumulation (Algorithm 1 of Flora), with an optional fused mode
+that runs the optimizer step inside backward.
+
+Over a cycle of ``tau`` micro-batches, a matrix parameter's gradient is compressed to
+``C = sum_k G_k A^T`` (n x r) by a post-accumulate-grad hook the moment backward produces
+it, and its full ``.grad`` is freed. On the cycle's last backward the hook writes the
+estimate ``C A + G_tau`` into ``.grad`` (the last micro-batch enters exactly: its full
+gradient exists at that moment anyway), and the next cycle draws a fresh projection.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ._validation import check_nonneg_int, check_positive_int, check_real
+from .optimizer import PROJ_DIMS, momentum_plan
+from .projection import (
+    as_matrix,
+    compress,
+    compressed_shape,
+    decompress,
+    decompress_add_,
+    gaussian_projection,
+    matrix_shape,
+    projection_seed,
+)
+
+__all__ = ["CompressedAccumulator", "accumulate_compressed_", "write_estimate_"]
+
+# parameter -> the accumulator whose hooks it carries (at most one: two would each free
+# the gradient the other expects to see).
+_ATTACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+# ------------------------------------------------------------------- arithmetic
+
+
+def accumulate_compressed_(buf: torch.Tensor | None, g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
+    """``buf + compress(g)`` in float32, in place into ``buf`` (None starts a new sum)."""
+    c = compress(g if g.dtype == torch.float32 else g.float(), a, dim)
+    return c if buf is None else buf.add_(c)
+
+
+def write_estimate_(grad: torch.Tensor, buf: torch.Tensor, a: torch.Tensor, dim: int, *, add: bool) -> torch.Tensor:
+    """``grad <- decompress(buf) (+ grad when add)``, in place.
+
+    A float32 contiguous gradient is updated without an n x m temporary (one matmul
+    accumulating into it); other dtypes are computed in float32 and rounded once."""
+    if grad.dtype == buf.dtype and grad.is_contiguous():
+        gm = as_matrix(grad)  # a view, since grad is contiguous
+        if not add:
+            gm.zero_()
+        decompress_add_(gm, buf, a, dim)
+        return grad
+    full = decompress(buf, a, dim)
+    if add:
+        full.add_(as_matrix(grad).float())
+    return grad.copy_(full.view(grad.shape))
+
+
+# ------------------------------------------------------------------ bookkeeping
+
+
+@dataclass(frozen=True)
+class _Slot:
+    index: int  # position in the parameter list given: keys the projection seeds
+    name: str
+    param: torch.Tensor
+    dim: int | None  # projected matrix dimension; None accumulates densely
+
+
+def _named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(model_or_params, nn.Module):
+        return list(model_or_params.named_parameters())
+    if isinstance(model_or_params, torch.Tensor):
+        model_or_params = [model_or_params]
+    out: list[torch.Tensor] = []
+    for item in model_or_params:
+        if isinstance(item, dict):  # parameter groups, as an optimizer takes them
+            ps = item["params"]
+            out.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
+        else:
+            out.append(item)
+    for i, p in enumerate(out):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"model_or_params must be an nn.Module or an iterable of tensors (or parameter "
+                            f"groups); item {i} is a {type(p).__name__}")
+    seen: set[int] = set()
+    named = []
+    for i, p in enumerate(out):
+        if id(p) not in seen:  # a tensor listed twice is one parameter
+            seen.add(id(p))
+            named.append((f"params.{i}", p))
+    return named
+
+
+def _unwrap(optimizer):
+    # Wrappers such as accelerate's AcceleratedOptimizer keep the real one in .optimizer;
+    # hooks and per-parameter steps must reach the real one.
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, Optimizer) else optimizer
+
+
+class CompressedAccumulator:
+    r"""Accumulate gradients over ``tau`` micro-batches in compressed form.
+
+    Attach it once, then train with the usual accumulation loop::
+
+        acc = flora.CompressedAccumulator(model, rank=32, tau=8, optimizer=opt)
+        for i, batch in enumerate(batches):
+            (loss_fn(model, batch) / 8).backward()    # mean over micro-batches: divide by tau
+            if (i + 1) % 8 == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # optional
+                opt.step(); sched.step(); opt.zero_grad()
+
+    Each matrix parameter's gradient is compressed to ``n x r`` by a post-accumulate-grad
+    hook as soon as backward produces it, and its ``.grad`` is set to None. On the tau-th
+    backward, ``.grad`` receives ``decompress(C) + G_tau`` (``exact_last=True``) or
+    ``decompress(C + compress(G_tau))``, an unbiased estimate of the summed gradient, so
+    any optimizer can step on it and ``clip_grad_norm_`` sees real gradients. The
+    projection of parameter ``i`` in cycle ``k`` is drawn from
+    ``projection_seed(seed, i, k)``: identical on every data-parallel replica and after a
+    resume. 1-D parameters, excluded ones, and ones whose projected dimension is not larger
+    than ``rank`` accumulate densely (in ``.grad``, exactly as without the accumulator).
+
+    Fused mode (``fused=True``, needs ``optimizer``): the optimizer steps inside the hook
+    on the tau-th backward, one parameter at a time, and ``.grad`` is freed right after;
+    dense parameters then accumulate in the accumulator's own buffers. The loop calls
+    ``backward()`` only; ``optimizer.step()``/``zero_grad()`` are harmless no-ops (every
+    ``.grad`` is None), and a scheduler's ``step()`` once per cycle works as usual. A
+    ``flora.Flora`` is stepped with ``step_parameter``; any other optimizer with
+    ``optimizer.step()`` while only that parameter has a gradient (optimizers skip
+    parameters whose ``.grad`` is None), so its state, param groups, scheduler and
+    ``state_dict`` stay the user's own. Global-norm clipping is impossible there (the
+    norm is known only after the last parameter has stepped): ``max_grad_norm`` clips
+    each parameter's gradient to that norm, and ``last_grad_norm`` reports the global norm
+    of the cycle that just ended.
+
+    Args:
+        model_or_params: an ``nn.Module``, an iterable of parameters, or parameter groups.
+            Parameters with ``requires_grad=False`` are left alone.
+        rank: rank of the compressed buffers; None accumulates every parameter densely
+            (useful with ``fused=True`` for a plain optimizer-in-backward).
+        tau: micro-batches per cycle (optimizer step).
+        seed: base seed of the projections (use a different one from a ``flora.Flora``'s
+            ``seed`` if the two should draw unrelated matrices).
+        proj_dim: the matrix dimension projected away: ``"auto"`` (the smaller one, less
+            noisy), 0 or 1.
+        max_aspect_ratio: accumulate tensors with ``max(n, m) / min(n, m)`` above this
+            densely; None compresses every shape.
+        exclude: parameters (tensors, or names when a module is given) to accumulate densely.
+        exact_last: add the last micro-batch's gradient uncompressed (default; less noise
+            at no memory cost). False compresses all ``tau``, as in the paper.
+        optimizer: in normal mode, optional: a step pre-hook then raises if ``step()`` is
+            called in the middle of a cycle. Required in fused mode.
+        fused: step the optimizer inside backward (see above).
+        max_grad_norm: fused mode only: per-parameter gradient-norm clipping.
+        cache_projections: keep each parameter's projection for the whole cycle (at most
+            the size of its compressed buffer) instead of redrawing it every micro-batch.
+    """
+
+    def __init__(
+        self,
+        model_or_params,
+        rank: int | None,
+        tau: int,
+        *,
+        seed: int = 0,
+        proj_dim: str | int = "auto",
+        max_aspect_ratio: float | None = None,
+        exclude: Iterable[Any] = (),
+        exact_last: bool = True,
+        optimizer: Optimizer | None = None,
+        fused: bool = False,
+        max_grad_norm: float | None = None,
+        cache_projections: bool = True,
+    ):
+        check_positive_int("rank", rank, allow_none=True)
+        check_positive_int("tau", tau)
+        check_nonneg_int("seed", seed)
+        if proj_dim not in PROJ_DIMS or isinstance(proj_dim, bool):
+            raise ValueError(f"proj_dim must be one of {', '.join(map(repr, PROJ_DIMS))}; got {proj_dim!r}")
+        check_real("max_aspect_ratio", max_aspect_ratio, low=1.0, allow_none=True)
+        for name, v in (("exact_last", exact_last), ("fused", fused), ("cache_projections", cache_projections)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be True or False, got {v!r}")
+        check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True, allow_none=True)
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if fused and optimizer is None:
+            raise ValueError("fused=True needs optimizer=: the optimizer steps inside backward")
+        if max_grad_norm is not None and not fused:
+            raise ValueError("max_grad_norm applies to fused=True only; in normal mode call "
+                             "torch.nn.utils.clip_grad_norm_ after the tau-th backward, as usual")
+
+        named = _named_params(model_or_params)
+        plan_opts = {"rank": rank, "proj_dim": proj_dim, "max_aspect_ratio": max_aspect_ratio}
+        excluded = self._resolve_exclude(exclude, named)
+        slots = []
+        for index, (name, p) in enumerate(named):
+            if not p.requires_grad:
+                continue
+            if p.is_complex():
+                raise TypeError(f"parameter {name!r} is complex: CompressedAccumulator supports real tensors only")
+            dim = None if id(p) in excluded else momentum_plan(tuple(p.shape), plan_opts)
+            slots.append(_Slot(index, name, p, dim))
+        if not slots:
+            raise ValueError("model_or_params has no parameter with requires_grad=True")
+        for s in slots:
+            owner = _ATTACHED.get(s.param)
+            if owner is not None:
+                raise RuntimeError(f"parameter {s.name!r} already has a CompressedAccumulator attached; "
+                                   "call .remove() on that one first (two would each free the other's gradients)")
+        self._optimizer = None if optimizer is None else _unwrap(optimizer)
+        if fused:
+            self._check_fused_optimizer(slots)
+
+        self.rank, self.tau, self.seed, self.proj_dim = rank, tau, seed, proj_dim
+        self.max_aspect_ratio, self.exact_last, self.fused = max_aspect_ratio, exact_last, fused
+        self.max_grad_norm, self.cache_projections = max_grad_norm, cache_projections
+        self._slots: list[_Slot] = slots
+        self._counts = [0] * len(slots)  # backward passes seen by each parameter this cycle
+        self._active = 0  # parameters with a gradient this cycle
+        self._done = 0  # of those, the ones whose cycle is complete
+        self._cycle = 0
+        self._buffers: dict[int, torch.Tensor] = {}  # slot position -> partial sum
+        self._proj_cache: dict[int, torch.Tensor] = {}
+        self._sq_norm: torch.Tensor | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        self._handles = [s.param.register_post_accumulate_grad_hook(functools.partial(self._on_grad, k))
+                         for k, s in enumerate(slots)]
+        for s in slots:
+            _ATTACHED[s.param] = self
+        self._guard = None
+        if self._optimizer is not None and not fused:
+            self._guard = self._optimizer.register_step_pre_hook(self._check_boundary)
+
+    @staticmethod
+    def _resolve_exclude(exclude, named) -> set[int]:
+        if isinstance(exclude, (str, torch.Tensor)):
+            exclude = [exclude]
+        by_name = {n: p for n, p in named}
+        ids = {id(p) for _, p in named}
+        out: set[int] = set()
+        for e in exclude:
+            if isinstance(e, str):
+                if e not in by_name:
+                    raise ValueError(f"exclude: no parameter named {e!r} (names are those of "
+                                     "named_parameters(), or 'params.<i>' for a list)")
+                out.add(id(by_name[e]))
+            elif isinstance(e, torch.Tensor):
+                if id(e) not in ids:
+                    raise ValueError(f"exclude: a tensor of shape {tuple(e.shape)} is not among model_or_params")
+                out.add(id(e))
+            else:
+                raise TypeError(f"exclude must hold parameter names or tensors, got {type(e).__name__}")
+        return out
+
+    def _check_fused_optimizer(self, slots: list[_Slot]) -> None:
+        # Stepping the whole optimizer for one parameter is only right if every other
+        # parameter it holds has no gradient, i.e. if this accumulator frees them all.
+        mine = {id(s.param) for s in slots}
+        theirs = [p for g in self._optimizer.param_groups for p in g["params"] if p.requires_grad]
+        extra = [tuple(p.shape) for p in theirs if id(p) not in mine]
+        if extra:
+            raise ValueError(f"fused=True: the optimizer holds {len(extra)} trainable parameter(s) not given to "
+                             f"the accumulator (shapes {extra[:3]}...); give it the same parameters")
+        ids = {id(p) for p in theirs}
+        missing = [s.name for s in slots if id(s.param) not in ids]
+        if missing:
+            raise ValueError(f"fused=True: parameters {missing[:5]} are not in the optimizer, so nothing "
+                             "would step them; give both the same parameters")
+
+    # ------------------------------------------------------------------ the hook
+
+    def _projection(self, k: int) -> torch.Tensor:
+        a = self._proj_cache.get(k)
+        if a is None:
+            s = self._slots[k]
+            a = gaussian_projection(projection_seed(self.seed, s.index, self._cycle), self.rank,
+                                    matrix_shape(s.param.shape)[s.dim], device=s.param.device)
+            if self.cache_projections:
+                self._proj_cache[k] = a
+        return a
+
+    @torch.no_grad()
+    def _on_grad(self, k: int, p: torch.Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        count, slot = self._counts[k], self._slots[k]
+        # Every check comes before any change of state.
+        if count >= self.tau:
+            raise RuntimeError(self._lag_message(slot.name))
+        if g.is_sparse:
+            raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
+                            "gradients (e.g. nn.Embedding(sparse=False))")
+        last = count + 1 == self.tau
+        buf = self._buffers.get(k)
+        if slot.dim is not None:
+            a = self._projection(k)
+            if not last:
+                self._buffers[k] = accumulate_compressed_(buf, g, a, slot.dim)
+                p.grad = None
+            elif not self.exact_last:
+                write_estimate_(g, accumulate_compressed_(buf, g, a, slot.dim), a, slot.dim, add=False)
+            elif buf is not None:
+                write_estimate_(g, buf, a, slot.dim, add=True)
+        elif self.fused:
+            # Dense, fused: .grad must be None between cycles (the optimizer steps every
+            # parameter holding one), so the running sum lives here; summing in the same
+            # order as autograd keeps it bit-identical.
+            if buf is not None:
+                g = buf.add_(g)
+            if last:
+                p.grad = g
+            else:
+                self._buffers[k] = g
+                p.grad = None
+        if last and self.fused:
+            self._fused_step(p)
+        if last:
+            self._buffers.pop(k, None)
+        self._counts[k] = count + 1
+        self._active += count == 0
+        self._done += last
+        if last and self._done == self._active:
+            self._close_cycle()
+
+    def _fused_step(self, p: torch.Tensor) -> None:
+        if self.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+        sq = norm.float().square()
+        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+        opt = self._optimizer
+        step_parameter = getattr(opt, "step_parameter", None)
+        if step_parameter is not None:
+            step_parameter(p)
+            # What an LR scheduler's wrapper around step() would have recorded; without it
+            # the scheduler warns that it stepped before the optimizer.
+            opt._opt_called = True
+        else:
+            opt.step()  # every other parameter's .grad is None, so only p moves
+        p.grad = None
+
+    def _close_cycle(self) -> None:
+        self._counts = [0] * len(self._slots)
+        self._active = self._done = 0
+        self._cycle += 1
+        self._proj_cache.clear()
+        if self.fused and self._sq_norm is not None:
+            self.last_grad_norm = self._sq_norm.sqrt()
+        self._sq_norm = None
+
+    def _lag_message(self, name: str) -> str:
+        lagging = [(s.name, c) for s, c in zip(self._slots, self._counts) if 0 < c < self.tau]
+        listed = ", ".join(f"{n!r} ({c})" for n, c in lagging[:5])
+        return (f"parameter {name!r} got a gradient in a new cycle while the previous one is incomplete: "
+                f"{len(lagging)} parameter(s) got gradients in fewer than tau={self.tau} micro-batches "
+                f"(gradient counts: {listed}). Every parameter must get a gradient in all tau micro-batches "
+                "of a cycle or in none of them")
+
+    def _check_boundary(self, optimizer, args, kwargs) -> None:
+        if any(self._counts):
+            uneven = len({c for c in self._counts if c}) > 1
+            raise RuntimeError(
+                f"optimizer.step() called in the middle of an accumulation cycle (after {self.micro_step} of "
+                f"tau={self.tau} backward passes); step only after the tau-th backward"
+                + (". " + self._lag_message("(step)") if uneven else "")
+            )
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def cycle(self) -> int:
+        """Completed cycles: the current cycle's projections use this number."""
+        return self._cycle
+
+    @property
+    def micro_step(self) -> int:
+        """Backward passes seen in the current cycle (0 on a boundary)."""
+        return max(self._counts)
+
+    def remove(self) -> None:
+        """Detach every hook. Partial sums of an unfinished cycle are dropped (with a warning)."""
+        if any(self._counts):
+            warnings.warn(f"CompressedAccumulator.remove() in the middle of a cycle ({self.micro_step} of "
+                          f"tau={self.tau} micro-batches): the partial sums are dropped", stacklevel=2)
+        for h in self._handles:
+            h.remove()
+        if self._guard is not None:
+            self._guard.remove()
+        for s in self._slots:
+            if _ATTACHED.get(s.param) is self:
+                del _ATTACHED[s.param]
+        self._handles, self._guard = [], None
+        self._buffers.clear()
+        self._proj_cache.clear()
+        self._counts = [0] * len(self._slots)
+        self._active = self._done = 0
+
+    def memory_bytes(self) -> int:
+        """Bytes held now by the partial sums and cached projections."""
+        ts = list(self._buffers.values()) + list(self._proj_cache.values())
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a mid-cycle resume needs, as tensors and plain numbers (loadable with
+        ``torch.load(weights_only=True)``). In normal mode the dense parameters' partial sums
+        live in their ``.grad``, so they are copied from there. Take it between backward
+        passes (not between the last backward and ``step()``)."""
+        compressed, dense = {}, {}
+        for k, s in enumerate(self._slots):
+            if not self._counts[k]:
+                continue
+            if s.dim is not None:
+                compressed[s.index] = self._buffers[k].clone() if k in self._buffers else None
+            elif self.fused:
+                dense[s.index] = self._buffers[k].clone()
+            elif s.param.grad is not None:
+                dense[s.index] = s.param.grad.detach().clone()
+        compressed = {i: t for i, t in compressed.items() if t is not None}
+        return {
+            "rank": self.rank, "tau": self.tau, "seed": self.seed, "proj_dim": self.proj_dim,
+            "exact_last": self.exact_last, "cycle": self._cycle,
+            "indices": torch.tensor([s.index for s in self._slots], dtype=torch.int64),
+            "counts": torch.tensor(self._counts, dtype=torch.int64),
+            "compressed": compressed, "dense": dense,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; everything is checked before anything changes. A state
+        saved in normal mode loads in fused mode and back."""
+        sd = state_dict
+        for key in ("rank", "tau", "seed", "proj_dim"):
+            if sd.get(key) != getattr(self, key):
+                raise ValueError(f"state_dict has {key}={sd.get(key)!r} but this accumulator has "
+                                 f"{key}={getattr(self, key)!r}; build it with the same {key}")
+        indices = [int(i) for i in sd["indices"].tolist()]
+        if indices != [s.index for s in self._slots]:
+            raise ValueError(f"state_dict covers {len(indices)} parameters, this accumulator {len(self._slots)} "
+                             "(or different ones): it was saved from a different model or parameter list")
+        counts = [int(c) for c in sd["counts"].tolist()]
+        if any(c < 0 or c >= self.tau for c in counts):
+            raise ValueError(f"state_dict counts must lie in [0, tau={self.tau}); got {counts[:8]}...")
+        by_index = {s.index: (k, s) for k, s in enumerate(self._slots)}
+        for kind in ("compressed", "dense"):
+            for i, t in sd[kind].items():
+                if i not in by_index:
+                    raise ValueError(f"state_dict holds a {kind} buffer for parameter index {i}, unknown here")
+                k, s = by_index[i]
+                if (s.dim is not None) != (kind == "compressed"):
+                    raise ValueError(f"state_dict holds a {kind} buffer for {s.name!r}, which this accumulator "
+                                     f"accumulates {'densely' if s.dim is None else 'compressed'}")
+                want = tuple(s.param.shape) if s.dim is None else compressed_shape(s.param.shape, self.rank, s.dim)
+                if tuple(t.shape) != want:
+                    raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}")
+        # All checked: apply.
+        self._cycle = int(sd["cycle"])
+        self._counts = counts
+        self._active = sum(c > 0 for c in counts)
+        self._done = 0
+        self._buffers.clear()
+        self._proj_cache.clear()
+        for k, s in enumerate(self._slots):
+            if counts[k] and not (s.dim is None and not self.fused):
+                s.param.grad = None  # the partial sum lives in the buffers here
+        for i, t in sd["compressed"].items():
+            k, s = by_index[i]
+            self._buffers[k] = t.detach().to(device=s.param.device, dtype=torch.float32, copy=True)
+        for i, t in sd["dense"].items():
+            k, s = by_index[i]
+            t = t.detach().to(device=s.param.device, dtype=s.param.dtype, copy=True)
+            if self.fused:
+                self._buffers[k] = t
+            else:
+                s.param.grad = t
+
+    def __repr__(self) -> str:
+        n_c = sum(s.dim is not None for s in self._slots)
+        return (f"CompressedAccumulator(rank={self.rank}, tau={self.tau}, seed={self.seed}, "
+                f"compressed={n_c}, dense={len(self._slots) - n_c}, fused={self.fused}, cycle={self._cycle}, "
+                f"micro_step={self.micro_step})")
