@@ -6,6 +6,8 @@ changed in place. ``a`` is the current projection, ``dim`` the projected dimensi
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .projection import as_matrix, compress, decompress, transfer
@@ -41,6 +43,58 @@ def compressed_momentum_(
     return exact_momentum_(c, u, a, dim, beta)
 
 
+def _gram(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The r x r Gram matrix of a compressed tensor along its rank dimension."""
+    return x @ x.T if dim == 0 else x.T @ x
+
+
+def compressed_step_(
+    form: str, c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
+    lr: float | torch.Tensor, clip: float,
+) -> torch.Tensor:
+    """Adafactor's update clip and learning rate, then Flora's compressed momentum and
+    its clip after decompression, with one pass over ``u`` (which it overwrites).
+
+    ``u`` is this step's normalised update before clipping. Equal, up to rounding, to::
+
+        u = lr * u / max(1, rms(u) / clip)
+        out = paper_momentum_(c, u, a, dim, beta)  # or exact_momentum_
+        return out / max(1, rms(out) / (clip * lr))
+
+    but the three scalings are folded into the coefficients of the one ``addmm`` that
+    writes ``out``, and ``rms(out)`` comes from r x r quantities, with ``C``/``D`` for
+    compress/decompress: ``<u, D(c)> = <C(u), c>`` and ``|D(c)|^2 = <gram(c), A A^T>``.
+    """
+    um = as_matrix(u)
+    cu = compress(um, a, dim)  # C(u), unscaled
+    gram_a = a @ a.T
+    numel = um.numel()
+    # Scalars for the coefficients, fetched together (one device sync).
+    scalars = [torch.as_tensor(lr, dtype=torch.float32, device=u.device), um.norm().square()]
+    if form != "paper":
+        scalars += [(cu * c).sum(), (_gram(c, dim) * gram_a).sum()]
+    lr, u_sq, *rest = torch.stack(scalars).tolist()
+    k = lr / max(1.0, math.sqrt(u_sq / numel) / clip)  # k u: Adafactor's clipped, lr-scaled update
+    if form == "paper":  # out = D(c_new)
+        c.mul_(beta).add_(cu, alpha=(1 - beta) * k)
+        coef_u, coef_dc = 0.0, 1.0
+        out_sq = (_gram(c, dim) * gram_a).sum().item()
+    else:  # out = (1 - beta) k u + beta D(c_old)
+        cross, dc_sq = rest
+        coef_u, coef_dc = (1 - beta) * k, beta
+        out_sq = coef_u**2 * u_sq + 2 * coef_u * coef_dc * cross + coef_dc**2 * dc_sq
+    bound = clip * lr
+    s = 1.0 / max(1.0, math.sqrt(max(out_sq, 0.0) / numel) / bound) if bound > 0 else 0.0
+    # u <- s (coef_u u + coef_dc D(c)) in place
+    if dim == 0:
+        um.addmm_(a.T, c, beta=s * coef_u, alpha=s * coef_dc)
+    else:
+        um.addmm_(c, a, beta=s * coef_u, alpha=s * coef_dc)
+    if form != "paper":
+        c.mul_(beta).add_(cu, alpha=(1 - beta) * k)
+    return um.reshape(u.shape)
+
+
 def resample_(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int) -> torch.Tensor:
     """Carry compressed momentum over to a new projection, in place."""
     return c.copy_(transfer(c, a_old, a_new, dim))
@@ -52,6 +106,7 @@ __all__ = [
     "paper_momentum_",
     "exact_momentum_",
     "compressed_momentum_",
+    "compressed_step_",
     "resample_",
     "as_matrix",
 ]

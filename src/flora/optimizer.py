@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from . import adafactor as af
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real
-from .momentum import MOMENTUM_FORMS, compressed_momentum_, dense_momentum_, resample_
+from .momentum import MOMENTUM_FORMS, compressed_step_, dense_momentum_, resample_
 from .projection import (
     choose_dim,
     compressed_shape,
@@ -245,13 +245,13 @@ class Flora(Optimizer):
             update = af.factored_normalize_(grad, state["exp_avg_sq_row"], state["exp_avg_sq_col"], beta2t, eps1)
         else:
             update = af.unfactored_normalize_(grad, state["exp_avg_sq"], beta2t, eps1)
-        af.clip_by_rms_(update, group["clip_threshold"])
-        update.mul_(lr)
-
-        if beta1 is not None and "exp_avg" in state:
-            update = dense_momentum_(state["exp_avg"], update, beta1)
-        elif beta1 is not None:
-            update = self._compressed_update(group, state, index, update, beta1, lr)
+        if beta1 is not None and "exp_avg_c" in state:
+            update = self._compressed_update(group, state, index, update, beta1, lr)  # clips, scales by lr
+        else:
+            af.clip_by_rms_(update, group["clip_threshold"])
+            update.mul_(lr)
+            if beta1 is not None:
+                update = dense_momentum_(state["exp_avg"], update, beta1)
 
         if group["weight_decay"] != 0:
             p32.add_(p32, alpha=(-group["weight_decay"] * lr))
@@ -260,6 +260,7 @@ class Flora(Optimizer):
             p.copy_(p32)
 
     def _compressed_update(self, group, state, index, update, beta1, lr) -> torch.Tensor:
+        """``update``: the normalised update before Adafactor's clip and lr; overwritten."""
         c, dim = state["exp_avg_c"], state["proj_dim"]
         a = self._projection(group, state, index, state["proj_count"], update.shape, update.device)
         if state["proj_age"] >= group["kappa"]:
@@ -269,8 +270,7 @@ class Flora(Optimizer):
             resample_(c, a, a_new, dim)
             a = a_new
         state["proj_age"] += 1
-        out = compressed_momentum_(group["momentum"], c, update, a, dim, beta1)
-        return af.clip_by_rms_(out, group["clip_threshold"] * lr)
+        return compressed_step_(group["momentum"], c, update, a, dim, beta1, lr, group["clip_threshold"])
 
     # ------------------------------------------------------------ checkpointing
 
