@@ -24,7 +24,14 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
+# The peers (GaLore, APOLLO, flora-opt) are optional: if they cannot be installed, the
+# benchmark reports them as unavailable and runs everything else.
+PEERS := $(VENV)/.flora-peers
+$(PEERS): $(STAMP)
+	$(VPY) -m pip install -q -c constraints.txt -e '.[bench,peers]' && touch $(PEERS) \
+	  || echo "flora-bench: peers not installed; their rows will read 'unavailable'"
+
+bench: $(PEERS)
 	$(VPY) -m flora.bench $(BENCH_ARGS)
 
 clean:

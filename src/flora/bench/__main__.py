@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-isolate", action="store_true",
                    help="run every training in this process (peak RSS then covers all runs so far)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: re-read a results.json (e.g. of an interrupted run) and rewrite its "
+                        "table, CSV, Markdown and plots into --out (default: the same folder)")
     a = p.parse_args(argv)
     if a.steps is not None and a.steps < 1:
         p.error("--steps must be >= 1")
@@ -103,6 +106,8 @@ def main(argv=None) -> int:
     from .runner import Runner, cache_dir_default
     from .tasks import TASK_CLASSES, make_task
 
+    if args.from_json:
+        return _rewrite(Path(args.from_json), Path(args.out) if args.out else None)
     t0 = time.perf_counter()
     device = _device(args.device)
     default_tasks = ("pretrain",) if args.size == "smoke" else config.TASKS
@@ -142,14 +147,23 @@ def main(argv=None) -> int:
             for lr in bo.lr_grid(spec, t, cfg["lr_points"]):
                 jobs.append({"task": t, "optimizer": name, "lr": lr, "cfg": cfg, "device": device,
                              "seed": args.seed, "cache_dir": str(cache),
-                             "threads": args.threads})
+                             "threads": args.threads or cfg.get("threads")})
 
     print(f"flora-bench: size={args.size} tasks={','.join(tasks)} device={device} runs={len(jobs)} out={out}",
           flush=True)
     for name, st in peers.items():
         if st != "ok":
             print(f"  peer {name}: {st}", flush=True)
-    runner = Runner(isolate=not args.no_isolate)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    command = "python -m flora.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+    def meta_base():
+        return {"command": command.strip(), "size": args.size, "device": device,
+                "device_name": _device_name(device), "torch": torch.__version__,
+                "flora": getattr(flora, "__version__", "?"), "peers": peers, "started": started,
+                "seed": args.seed, "runs_planned": len(jobs) + len(skipped)}
+
+    runner = Runner(isolate=not args.no_isolate, device=device)
     runs = list(skipped)
     progress = not args.no_progress
     bar = tqdm(total=len(jobs), desc="flora-bench", position=0, disable=not progress, dynamic_ncols=True)
@@ -168,24 +182,9 @@ def main(argv=None) -> int:
             tqdm.write(f"{job['task']}:{job['optimizer']}@{job['lr']:g} {rec['status']}")
         runs.append(rec)
         bar.update(1)
+        _finish(out, runs, tasks, cfgs, meta_base(), t0, plots=False)  # partial results survive a kill
     bar.close()
-
-    metrics = {t: TASK_CLASSES[t].metric for t in tasks}
-    rows = report.choose(runs, metrics)
-    order = {(t, o): i for i, (t, o) in enumerate((t, o) for t in tasks for o in cfgs[t]["optimizers"])}
-    rows.sort(key=lambda r: order.get((r["task"], r["optimizer"]), 1 << 30))
-    meta = {
-        "command": "python -m flora.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-        "size": args.size, "device": device, "device_name": _device_name(device),
-        "torch": torch.__version__, "flora": getattr(flora, "__version__", "?"), "peers": peers,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seed": args.seed,
-        "tasks": {t: {"config": {k: v for k, v in cfgs[t].items()},
-                      "description": _describe(t, cfgs[t], next((r for r in runs if r["task"] == t
-                                                                 and r.get("model_params")), None))}
-                  for t in tasks},
-    }
-    meta["wall_s"] = time.perf_counter() - t0
-    paths = report.write_all(out, runs, rows, metrics, meta)
+    rows, meta, paths = _finish(out, runs, tasks, cfgs, meta_base(), t0, plots=True)
     if not args.out:
         latest = Path("runs/bench/latest")
         try:
@@ -196,8 +195,47 @@ def main(argv=None) -> int:
             latest.symlink_to(out.resolve(), target_is_directory=True)
         except OSError:
             pass
-    report.print_table(rows, metrics)
+    report.print_table(rows, {t: TASK_CLASSES[t].metric for t in tasks})
     print(f"wrote {', '.join(str(p) for p in paths.values())} ({meta['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+def _finish(out, runs, tasks, cfgs, meta, t0, *, plots):
+    from . import report
+    from .tasks import TASK_CLASSES
+
+    metrics = {t: TASK_CLASSES[t].metric for t in tasks}
+    rows = report.choose(runs, metrics)
+    order = {(t, o): i for i, (t, o) in enumerate((t, o) for t in tasks for o in cfgs[t]["optimizers"])}
+    rows.sort(key=lambda r: order.get((r["task"], r["optimizer"]), 1 << 30))
+    meta = dict(meta)
+    meta["tasks"] = {t: {"config": dict(cfgs[t]),
+                         "description": _describe(t, cfgs[t], next((r for r in runs if r["task"] == t
+                                                                    and r.get("model_params")), None))}
+                     for t in tasks}
+    meta["runs_done"] = len(runs)
+    meta["wall_s"] = time.perf_counter() - t0
+    paths = report.write_all(out, runs, rows, metrics, meta, plots=plots)
+    return rows, meta, paths
+
+
+def _rewrite(src: Path, out: Path | None) -> int:
+    import json
+
+    from . import report
+    from .tasks import TASK_CLASSES
+
+    data = json.loads(src.read_text())
+    meta, runs = data["meta"], data["runs"]
+    tasks = [t for t in config.TASKS if t in meta.get("tasks", {})]
+    metrics = {t: TASK_CLASSES[t].metric for t in tasks}
+    rows = report.choose(runs, metrics)
+    order = {(t, o): i for i, (t, o) in enumerate((t, o) for t in tasks
+                                                   for o in meta["tasks"][t]["config"]["optimizers"])}
+    rows.sort(key=lambda r: order.get((r["task"], r["optimizer"]), 1 << 30))
+    paths = report.write_all(out or src.parent, runs, rows, metrics, meta, plots=True)
+    report.print_table(rows, metrics)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 

@@ -34,7 +34,8 @@ import flora
 
 # The peers import bitsandbytes, which logs about optional CPU kernels; GaLore's and
 # APOLLO's AdamW and peft warn about deprecations. None of it concerns the benchmark.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+for _name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 

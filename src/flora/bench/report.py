@@ -66,6 +66,7 @@ COLUMNS = [  # (header, key, formatter)
     ("test ppl / acc", "test_main", lambda v: _fmt(v)),
     ("state MiB", "state_bytes", lambda v: "-" if v is None else f"{v / MiB:.3g}"),
     ("% AdamW", "state_vs_adamw", lambda v: "-" if v is None else f"{100 * v:.1f}"),
+    ("grad acc MiB", "grad_acc_bytes", lambda v: "-" if v is None else f"{v / MiB:.3g}"),
     ("trainable", "trainable_params", lambda v: "-" if v is None else f"{v / 1e6:.2f}M"),
     ("peak RSS MiB (+run)", "rss", str),
     ("step s", "median_step_s", lambda v: _fmt(v, 3)),
@@ -77,6 +78,8 @@ def _cells(r: dict, metric: str) -> list[str]:
     r = dict(r)
     r["val_main"] = r.get(f"val_{metric}")
     r["test_main"] = r.get("test_accuracy") if metric == "accuracy" else r.get("test_ppl")
+    if (r.get("tau") or 1) > 1:  # what holds the gradient sum between micro-batches
+        r["grad_acc_bytes"] = r.get("accum_bytes") if r.get("accum_bytes") is not None else r.get("dense_grad_bytes")
     if r.get("cuda_peak_mb") is not None:
         r["rss"] = f"{r['cuda_peak_mb']:.0f} (CUDA)"
     elif r.get("peak_rss_mb") is not None:
@@ -124,7 +127,9 @@ def markdown(rows: list[dict], metrics: dict[str, str], meta: dict) -> str:
              "val = the validation loss (lower is better) or accuracy that picked the lr; test ppl / acc = "
              "perplexity (pretrain: per byte) or accuracy on the test split. State = optimizer-state bytes "
              "counted from the tensors (LoRA: its adapters' state). Peak RSS is the run process's high-water "
-             "mark, with the part above its starting RSS in brackets.", ""]
+             "mark, with the part above its starting RSS in brackets. grad acc = memory holding the gradient sum "
+             "between micro-batches (tau > 1): the dense .grad of the trainable parameters, or "
+             "flora.CompressedAccumulator's buffers (+ca runs).", ""]
     for task in [t for t in ("pretrain", "finetune", "classify") if any(r["task"] == t for r in rows)]:
         tr = [r for r in rows if r["task"] == task]
         info = meta.get("tasks", {}).get(task, {})
@@ -166,7 +171,7 @@ def _smooth(ys, k):
     return out
 
 
-def plots(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str, str]) -> list[Path]:
+def make_plots(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str, str]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +248,8 @@ def print_table(rows: list[dict], metrics: dict[str, str]) -> None:
         console.print(g)
 
 
-def write_all(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str, str], meta: dict) -> dict[str, Path]:
+def write_all(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str, str], meta: dict, *,
+              plots: bool = True) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "summary.csv", "runs_csv": out / "runs.csv",
              "md": out / "results.md"}
@@ -252,6 +258,7 @@ def write_all(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str, 
     write_csv(paths["csv"], rows)
     write_csv(paths["runs_csv"], runs)
     paths["md"].write_text(markdown(rows, metrics, meta))
-    for p in plots(out, runs, rows, metrics):
-        paths[p.stem] = p
+    if plots:
+        for p in make_plots(out, runs, rows, metrics):
+            paths[p.stem] = p
     return paths

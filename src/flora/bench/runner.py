@@ -102,6 +102,9 @@ def _train(job: dict, rec: dict, progress: bool) -> None:
     built = bo.build(spec, model, job["lr"], task=task, kappa=cfg["kappa"], tau=task.tau, seed=job["seed"])
     model, opt, acc = built.model, built.optimizer, built.accumulator
     rec["trainable_params"] = built.trainable_params
+    rec["tau"] = task.tau
+    rec["dense_grad_bytes"] = sum(p.numel() * p.element_size()
+                                  for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     model.train()
     steps, tau = cfg["steps"], task.tau
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps))
@@ -185,11 +188,16 @@ _PRELOAD = ["torch", "transformers", "transformers.optimization", "transformers.
 
 
 class Runner:
-    """Runs jobs in place (``isolate=False``) or each in a fresh child of a fork server."""
+    """Runs jobs in place (``isolate=False``) or each in a fresh child of a fork server
+    (CPU) or a fresh interpreter (CUDA)."""
 
-    def __init__(self, isolate: bool = True):
+    def __init__(self, isolate: bool = True, device: str = "cpu"):
         self.isolate = isolate and "forkserver" in mp.get_all_start_methods()
-        if self.isolate:
+        if self.isolate and device.startswith("cuda"):
+            # Some imports (bitsandbytes) initialise CUDA, which a forked child cannot use:
+            # on a GPU every run starts a fresh interpreter.
+            self.ctx = mp.get_context("spawn")
+        elif self.isolate:
             self.ctx = mp.get_context("forkserver")
             self.ctx.set_forkserver_preload(_PRELOAD)
 
