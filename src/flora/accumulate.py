@@ -11,6 +11,7 @@ gradient exists at that moment anyway), and the next cycle draws a fresh project
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -235,6 +236,9 @@ class CompressedAccumulator:
         self._proj_cache: dict[int, torch.Tensor] = {}
         self._sq_norm: torch.Tensor | None = None
         self.last_grad_norm: torch.Tensor | None = None
+        # Autograd runs each CUDA device's backward on its own thread: a model spread over
+        # devices may run two hooks at once.
+        self._lock = threading.Lock()
         self._handles = [s.param.register_post_accumulate_grad_hook(functools.partial(self._on_grad, k))
                          for k, s in enumerate(slots)]
         for s in slots:
@@ -293,6 +297,10 @@ class CompressedAccumulator:
 
     @torch.no_grad()
     def _on_grad(self, k: int, p: torch.Tensor) -> None:
+        with self._lock:
+            self._accumulate(k, p)
+
+    def _accumulate(self, k: int, p: torch.Tensor) -> None:
         g = p.grad
         if g is None:
             return
