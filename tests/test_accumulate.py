@@ -408,7 +408,8 @@ def test_normal_mode_global_norm_clipping_sees_real_gradients():
 # ------------------------------------------------------------------ integrations
 
 
-def test_inside_accelerate_accumulate():
+@pytest.mark.parametrize("fused", [False, True])
+def test_inside_accelerate_accumulate(fused):
     accelerate = pytest.importorskip("accelerate")
     data = _bbc_bytes()
     batches = _token_batches(data, 8)
@@ -421,11 +422,11 @@ def test_inside_accelerate_accumulate():
     model = _llama()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model, opt = accelerator.prepare(model, opt)
-    acc = CompressedAccumulator(model, rank=8, tau=4, optimizer=opt, seed=3)  # unwraps the optimizer
+    acc = CompressedAccumulator(model, rank=8, tau=4, optimizer=opt, seed=3, fused=fused)  # unwraps opt
     for ids in batches:
         with accelerator.accumulate(model):
             accelerator.backward(model(input_ids=ids, labels=ids).loss)
-            opt.step()  # a no-op until the 4th micro-batch
+            opt.step()  # a no-op until the 4th micro-batch (and always in fused mode)
             opt.zero_grad()
     assert acc.cycle == 2
     _assert_equal(_params(model), _params(ref))
