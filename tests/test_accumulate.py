@@ -111,6 +111,19 @@ def test_full_gradient_is_freed_between_micro_batches():
     assert acc.micro_step == 1 and acc.memory_bytes() > 0
 
 
+def test_projection_cache_does_not_change_results():
+    results = []
+    for cache in (True, False):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        acc = CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt, cache_projections=cache)
+        _train(model, opt, _batches(2 * TAU + 1), TAU)
+        # partial sums 16x4 + 24x4 + 4x24, projections 4x12 + 4x16 + 4x5 (float32)
+        assert acc.memory_bytes() == 4 * (256 + (132 if cache else 0))
+        results.append(_params(model))
+    _assert_equal(*results)
+
+
 def test_bf16_parameters():
     model = _mlp(torch.bfloat16)
     plain = copy.deepcopy(model)
