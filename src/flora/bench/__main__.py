@@ -30,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "flora-opt-r32,adamw+ca-r32")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the size's)")
     p.add_argument("--lr-points", type=int, default=None, help="lr values swept per optimizer (1-3)")
+    p.add_argument("--lrs", default=None,
+                   help="explicit lrs instead of the sweep grid: KEY=LR[/LR...] entries, comma-separated, KEY an "
+                        "optimizer name or an lr family (adam: AdamW/GaLore/APOLLO, adafactor: Adafactor/Flora/"
+                        "flora-opt, lora), e.g. adam=1e-3,adafactor=1e-3/3e-3,lora=3e-3")
     p.add_argument("--tau", type=int, default=None, help="micro-batches per step in finetune (default: the size's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
@@ -43,13 +47,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every training in this process (peak RSS then covers all runs so far)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
-                   help="train nothing: re-read a results.json (e.g. of an interrupted run) and rewrite its "
-                        "table, CSV, Markdown and plots into --out (default: the same folder)")
+                   help="train nothing: re-read a results.json (e.g. of an interrupted run; several, comma-separated, "
+                        "are merged) and rewrite table, CSV, Markdown and plots into --out (default: the first's "
+                        "folder)")
     a = p.parse_args(argv)
     if a.steps is not None and a.steps < 1:
         p.error("--steps must be >= 1")
     if a.lr_points is not None and not 1 <= a.lr_points <= 3:
         p.error("--lr-points must be 1, 2 or 3")
+    if a.lrs:
+        try:
+            a.lrs = {k.strip(): tuple(float(x) for x in v.split("/"))
+                     for k, v in (e.split("=", 1) for e in a.lrs.split(",") if e.strip())}
+        except ValueError:
+            p.error("--lrs: expected KEY=LR[/LR...] entries, e.g. adam=1e-3,lora=3e-3/1e-2")
     if a.tau is not None and a.tau < 1:
         p.error("--tau must be >= 1")
     return a
@@ -144,7 +155,10 @@ def main(argv=None) -> int:
             if why:
                 skipped.append({"task": t, "optimizer": name, "lr": float("nan"), "status": why})
                 continue
-            for lr in bo.lr_grid(spec, t, cfg["lr_points"]):
+            lrs = bo.lr_grid(spec, t, cfg["lr_points"])
+            if args.lrs:
+                lrs = args.lrs.get(name, args.lrs.get(spec.lr_family, lrs))
+            for lr in lrs:
                 jobs.append({"task": t, "optimizer": name, "lr": lr, "cfg": cfg, "device": device,
                              "seed": args.seed, "cache_dir": str(cache),
                              "threads": args.threads or cfg.get("threads")})
@@ -225,8 +239,16 @@ def _rewrite(src: Path, out: Path | None) -> int:
     from . import report
     from .tasks import TASK_CLASSES
 
-    data = json.loads(src.read_text())
-    meta, runs = data["meta"], data["runs"]
+    parts = [json.loads(Path(p).read_text()) for p in str(src).split(",")]
+    meta, runs = parts[0]["meta"], [r for d in parts for r in d["runs"]]
+    for d in parts[1:]:  # merged runs: union of the tasks' optimizer lists, every command
+        meta["command"] += " && " + d["meta"]["command"]
+        meta["wall_s"] = meta.get("wall_s", 0) + d["meta"].get("wall_s", 0)
+        for t, info in d["meta"].get("tasks", {}).items():
+            mine = meta.setdefault("tasks", {}).setdefault(t, info)
+            opts = list(mine["config"]["optimizers"])
+            mine["config"]["optimizers"] = opts + [o for o in info["config"]["optimizers"] if o not in opts]
+    src = Path(str(src).split(",")[0])
     tasks = [t for t in config.TASKS if t in meta.get("tasks", {})]
     metrics = {t: TASK_CLASSES[t].metric for t in tasks}
     rows = report.choose(runs, metrics)

@@ -59,7 +59,7 @@ def _fmt(v, nd=4):
 
 COLUMNS = [  # (header, key, formatter)
     ("optimizer", "optimizer", str),
-    ("lr", "lr", lambda v: f"{v:g}"),
+    ("lr (tried)", "lr_show", str),
     ("train loss", "train_loss", lambda v: _fmt(v)),
     ("val", "val_main", lambda v: _fmt(v)),
     ("test loss", "test_loss", lambda v: _fmt(v)),
@@ -77,6 +77,8 @@ COLUMNS = [  # (header, key, formatter)
 def _cells(r: dict, metric: str) -> list[str]:
     r = dict(r)
     r["val_main"] = r.get(f"val_{metric}")
+    tried = [x for x in r.get("lrs_tried") or [] if x == x]  # NaN: not run
+    r["lr_show"] = f"{r['lr']:g}" + (f" ({', '.join(f'{x:g}' for x in tried)})" if len(tried) > 1 else "")
     r["test_main"] = r.get("test_accuracy") if metric == "accuracy" else r.get("test_ppl")
     if (r.get("tau") or 1) > 1:  # what holds the gradient sum between micro-batches
         r["grad_acc_bytes"] = r.get("accum_bytes") if r.get("accum_bytes") is not None else r.get("dense_grad_bytes")
@@ -89,7 +91,7 @@ def _cells(r: dict, metric: str) -> list[str]:
         r["rss"] = "-"
     if not _ok(r):
         return [r["optimizer"], r["status"]] + [""] * (len(COLUMNS) - 2)
-    return [f(r.get(k)) if r.get(k) is not None or k in ("rss", "optimizer") else "-" for _, k, f in COLUMNS]
+    return [f(r.get(k)) if r.get(k) is not None else "-" for _, k, f in COLUMNS]
 
 
 def goal_lines(rows: list[dict]) -> list[str]:
@@ -195,6 +197,12 @@ def make_plots(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str,
             if r["curves"]["val"]:
                 vx, vy = zip(*r["curves"]["val"])
                 ax.plot(vx, vy, "o", ms=3, color=line.get_color())
+        lows = [v for line in ax.get_lines() for v in line.get_ydata()]
+        if lows:  # show the part where optimizers differ, not the first steps' drop
+            ends = [line.get_ydata()[len(line.get_ydata()) // 10] for line in ax.get_lines()
+                    if len(line.get_ydata()) > 10 and line.get_linestyle() != "None"]
+            top = max(ends) if ends else max(lows)
+            ax.set_ylim(min(lows) - 0.02 * (top - min(lows)) - 1e-3, top)
         ax.set_title(f"{task}: train loss (line), val loss (dots)", fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
@@ -210,10 +218,15 @@ def make_plots(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str,
         key = "test_accuracy" if metrics[task] == "accuracy" else "test_loss"
         pts = [(r["state_bytes"] / MiB, r[key], r["optimizer"]) for r in rows
                if r["task"] == task and _ok(r) and r.get(key) is not None and r.get("state_bytes")]
-        for x, y, name in pts:
+        for i, (x, y, name) in enumerate(sorted(pts)):
             ax.scatter([x], [y], s=18)
-            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(name, (x, y), fontsize=6, xytext=(4, 6 - 8 * (i % 3)), textcoords="offset points")
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{task}: {key.replace('_', ' ')} against optimizer state", fontsize=9)
         ax.set_xlabel("optimizer state (MiB, log scale)")
         ax.set_ylabel(key.replace("_", " "))

@@ -182,8 +182,8 @@ def _child(job, conn):
 
 
 # Imported once by the fork server (failures are ignored), so each run starts in a second.
-_PRELOAD = ["torch", "transformers", "transformers.optimization", "transformers.models.llama.modeling_llama",
-            "transformers.models.bert.modeling_bert", "peft", "flora", "flora.bench.runner", "flora.bench.tasks",
+_PRELOAD = ["flora.bench.runner", "flora.bench.tasks", "transformers.optimization",
+            "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert", "peft",
             "galore_torch", "apollo_torch", "flora_opt"]
 
 
