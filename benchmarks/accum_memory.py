@@ -217,7 +217,7 @@ def worker_quality(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    rank = None if args.worker == "q-dense" else int(args.worker.split("-r")[1])
+    rank = None if args.worker.startswith("q-dense") else int(args.worker.split("-r")[1].split("@")[0])
     tok, model = _load(device)
     train = [b.to(device) for b in _batches(
         _bbc_token_chunks(tok, args.seq, held_out=False, limit=args.quality_steps * args.tau * args.batch),
@@ -278,11 +278,11 @@ def worker_noise(args) -> dict:
 # ------------------------------------------------------------------ driver
 
 
-def _run_worker(name, args, out_dir):
+def _run_worker(name, args, out_dir, **overrides):
     cmd = [sys.executable, __file__, "--worker", name, "--json", str(out_dir / f"{name}.json")]
     for k in ("tau", "steps", "seq", "batch", "optimizer", "lr", "threads", "quality_steps", "quality_lr",
               "eval_chunks", "noise_rank", "noise_seeds"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        cmd += [f"--{k.replace('_', '-')}", str(overrides.get(k, getattr(args, k)))]
     if args.cpu:
         cmd.append("--cpu")
     # Large blocks straight from mmap: freed memory leaves the RSS instead of staying in
@@ -322,13 +322,14 @@ def _markdown(results, args) -> str:
             lines.append(f"- {r['config']}: FAILED: {r['error']}")
     q = [r for r in results.get("quality", []) if "error" not in r]
     if q:
-        lines += [f"## Quality: BBC fine-tune, AdamW lr {q[0]['lr']}, tau={q[0]['tau']}, {q[0]['steps']} steps of "
+        lines += [f"## Quality: BBC fine-tune, AdamW, tau={q[0]['tau']}, {q[0]['steps']} steps of "
                   f"{q[0]['batch']} x {q[0]['seq']} tokens; eval on {q[0]['eval_chunks']} held-out chunks", "",
-                  "| config | eval loss before | eval loss after | vs dense |", "| --- | --- | --- | --- |"]
-        dense = next((r for r in q if r["rank"] is None), None)
+                  "| config | lr | eval loss before | eval loss after | vs dense (same lr) |",
+                  "| --- | --- | --- | --- | --- |"]
         for r in q:
+            dense = next((d for d in q if d["rank"] is None and d["lr"] == r["lr"]), None)
             rel = f"{100 * (r['eval_loss'] / dense['eval_loss'] - 1):+.2f}%" if dense else "-"
-            lines.append(f"| {r['config']} | {r['eval_loss_start']:.4f} | {r['eval_loss']:.4f} | {rel} |")
+            lines.append(f"| {r['config']} | {r['lr']:g} | {r['eval_loss_start']:.4f} | {r['eval_loss']:.4f} | {rel} |")
         lines.append("")
     n = results.get("noise")
     if n and "error" not in n:
@@ -354,10 +355,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory configurations")
-    ap.add_argument("--quality", action="store_true", help="also run the BBC fine-tune (dense vs rank 32)")
+    ap.add_argument("--quality", action="store_true", help="also run the BBC fine-tune (dense vs --quality-ranks)")
     ap.add_argument("--quality-ranks", default="32")
     ap.add_argument("--quality-steps", type=int, default=8)
-    ap.add_argument("--quality-lr", type=float, default=1e-4)
+    ap.add_argument("--quality-lr", type=float, default=1e-4, help=argparse.SUPPRESS)
+    ap.add_argument("--quality-lrs", default="1e-4,3e-4", help="AdamW learning rates of the fine-tune")
     ap.add_argument("--eval-chunks", type=int, default=32)
     ap.add_argument("--noise", action="store_true", help="also measure the estimators' gradient noise")
     ap.add_argument("--noise-rank", type=int, default=32)
@@ -381,12 +383,14 @@ def main(argv=None):
         if c[1] not in CONFIGS:
             raise SystemExit(f"--configs: unknown {c[1]!r}; choose from {', '.join(CONFIGS)}")
     if args.quality:
-        jobs += [("quality", "q-dense")] + [("quality", f"q-r{r}") for r in args.quality_ranks.split(",")]
+        for lr in args.quality_lrs.split(","):
+            jobs += [("quality", f"q-dense@{lr}")] + [("quality", f"q-r{r}@{lr}") for r in args.quality_ranks.split(",")]
     if args.noise:
         jobs.append(("noise", "noise"))
     results: dict = {"argv": sys.argv[1:]}
     for kind, name in tqdm(jobs, desc="configurations"):
-        r = _run_worker(name, args, out_dir)
+        extra = {"quality_lr": float(name.split("@")[1])} if "@" in name else {}
+        r = _run_worker(name, args, out_dir, **extra)
         if kind == "noise":
             results["noise"] = r
         else:
