@@ -100,19 +100,28 @@ def goal_lines(rows: list[dict]) -> list[str]:
     out = []
     for task in sorted({r["task"] for r in rows}):
         by = {r["optimizer"]: r for r in rows if r["task"] == task and _ok(r)}
+        acc = any(r.get("test_accuracy") is not None for r in by.values())
+        key = "test_accuracy" if acc else "test_loss"
         for fl in ("flora-r32", "flora-r32-paper"):
             f = by.get(fl)
-            if f is None or f.get("test_loss") is None:
+            if f is None or f.get(key) is None:
                 continue
             parts = []
             a = by.get("adafactor-b0.9")
-            if a and a.get("test_loss"):
-                d = f["test_loss"] / a["test_loss"] - 1
-                parts.append(f"test loss {100 * d:+.2f}% vs adafactor-b0.9 ({'within' if d <= 0.01 else 'NOT within'} 1%)")
+            if a and a.get(key):
+                if acc:  # accuracy: within 1 point, higher is better
+                    d = a[key] - f[key]
+                    parts.append(f"test accuracy {100 * f[key]:.1f}% vs adafactor-b0.9 {100 * a[key]:.1f}% "
+                                 f"({'within' if d <= 0.01 else 'NOT within'} 1 point)")
+                else:
+                    d = f[key] / a[key] - 1
+                    parts.append(f"test loss {100 * d:+.2f}% vs adafactor-b0.9 "
+                                 f"({'within' if d <= 0.01 else 'NOT within'} 1%)")
             lo = by.get("lora-r32")
-            if lo and lo.get("test_loss"):
-                parts.append(f"{'below' if f['test_loss'] < lo['test_loss'] else 'NOT below'} lora-r32 "
-                             f"({f['test_loss']:.4g} vs {lo['test_loss']:.4g})")
+            if lo and lo.get(key):
+                better = f[key] > lo[key] if acc else f[key] < lo[key]
+                parts.append(f"{'better than' if better else 'NOT better than'} lora-r32 "
+                             f"({f[key]:.4g} vs {lo[key]:.4g} {key.replace('_', ' ')})")
             if f.get("state_vs_adamw") is not None:
                 s = f["state_vs_adamw"]
                 parts.append(f"state {100 * s:.1f}% of AdamW ({'<=' if s <= 0.10 else '>'} 10%)")
