@@ -14,7 +14,7 @@ from torch import nn
 
 import flora
 from flora import CompressedAccumulator, Flora
-from flora.projection import compress, decompress, gaussian_projection, projection_seed
+from flora.projection import ACCUMULATION_STREAM, compress, decompress, gaussian_projection, projection_seed
 
 TAU = 3
 
@@ -66,7 +66,7 @@ def _assert_equal(a, b):
 def _offline_estimate(grads, seed, index, cycle, rank, dim, exact_last):
     """The accumulated gradient by hand: decompress of the compressed sum (+ last exactly)."""
     n, m = grads[0].shape
-    a = gaussian_projection(projection_seed(seed, index, cycle), rank, (n, m)[dim])
+    a = gaussian_projection(projection_seed(seed, index, cycle, ACCUMULATION_STREAM), rank, (n, m)[dim])
     if exact_last:
         c = sum(compress(g, a, dim) for g in grads[:-1])
         return decompress(c, a, dim) + grads[-1]

@@ -157,3 +157,10 @@ def test_same_matrix_on_cpu_and_cuda():
         a_gpu = gaussian_projection(seed, 32, 1000, device="cuda")
         assert a_gpu.device.type == "cuda"
         assert torch.equal(a_cpu, a_gpu.cpu())
+
+
+def test_streams_separate_optimizer_and_accumulator_seeds():
+    from flora.projection import ACCUMULATION_STREAM, MOMENTUM_STREAM
+
+    assert projection_seed(0, 1, 2) == projection_seed(0, 1, 2, MOMENTUM_STREAM)
+    assert projection_seed(0, 1, 2, ACCUMULATION_STREAM) != projection_seed(0, 1, 2, MOMENTUM_STREAM)

@@ -31,6 +31,7 @@ from .projection import (
     decompress_add_,
     gaussian_projection,
     matrix_shape,
+    ACCUMULATION_STREAM,
     projection_seed,
 )
 
@@ -128,7 +129,7 @@ class CompressedAccumulator:
     ``decompress(C + compress(G_tau))``, an unbiased estimate of the summed gradient, so
     any optimizer can step on it and ``clip_grad_norm_`` sees real gradients. The
     projection of parameter ``i`` in cycle ``k`` is drawn from
-    ``projection_seed(seed, i, k)``: identical on every data-parallel replica and after a
+    ``projection_seed(seed, i, k, ACCUMULATION_STREAM)``: identical on every data-parallel replica and after a
     resume. 1-D parameters, excluded ones, and ones whose projected dimension is not larger
     than ``rank`` accumulate densely (in ``.grad``, exactly as without the accumulator).
 
@@ -151,8 +152,8 @@ class CompressedAccumulator:
         rank: rank of the compressed buffers; None accumulates every parameter densely
             (useful with ``fused=True`` for a plain optimizer-in-backward).
         tau: micro-batches per cycle (optimizer step).
-        seed: base seed of the projections (use a different one from a ``flora.Flora``'s
-            ``seed`` if the two should draw unrelated matrices).
+        seed: base seed of the projections. They come from their own stream, so a
+            ``flora.Flora`` given the same seed still draws unrelated matrices.
         proj_dim: the matrix dimension projected away: ``"auto"`` (the smaller one, less
             noisy), 0 or 1.
         max_aspect_ratio: accumulate tensors with ``max(n, m) / min(n, m)`` above this
@@ -289,7 +290,7 @@ class CompressedAccumulator:
         a = self._proj_cache.get(k)
         if a is None:
             s = self._slots[k]
-            a = gaussian_projection(projection_seed(self.seed, s.index, self._cycle), self.rank,
+            a = gaussian_projection(projection_seed(self.seed, s.index, self._cycle, ACCUMULATION_STREAM), self.rank,
                                     matrix_shape(s.param.shape)[s.dim], device=s.param.device)
             if self.cache_projections:
                 self._proj_cache[k] = a

@@ -41,13 +41,19 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def projection_seed(base_seed: int, index: int, count: int) -> int:
-    """Seed of parameter ``index``'s projection number ``count``.
+# Streams keep the optimizer's and the accumulator's matrices unrelated even when both
+# are given the same seed.
+MOMENTUM_STREAM = 0
+ACCUMULATION_STREAM = 1
 
-    A pure function of its three integers, so a resumed run regenerates exactly the
-    matrices it would have used, with no history to save. Returns a 63-bit integer.
+
+def projection_seed(base_seed: int, index: int, count: int, stream: int = MOMENTUM_STREAM) -> int:
+    """Seed of parameter ``index``'s projection number ``count`` in ``stream``.
+
+    A pure function of its integers, so a resumed run regenerates exactly the matrices it
+    would have used, with no history to save. Returns a 63-bit integer.
     """
-    h = _splitmix64(int(base_seed) & _MASK64)
+    h = _splitmix64((int(base_seed) & _MASK64) ^ (int(stream) * 0xD1B54A32D192ED03 & _MASK64))
     h = _splitmix64(h ^ (int(index) & _MASK64))
     h = _splitmix64(h ^ (int(count) & _MASK64))
     return h >> 1
