@@ -216,3 +216,15 @@ def test_trains_a_small_regression():
     assert r32 < 1e-2
     assert r8 < 0.2
     assert r32 < r8
+
+
+@pytest.mark.parametrize("form", ["exact", "paper"])
+def test_zero_lr_first_step_is_a_no_op(form):
+    """Warm-up schedules start at lr = 0; the compressed path must not divide 0 by 0."""
+    p = nn.Parameter(torch.randn(8, 16))
+    before = p.detach().clone()
+    opt = Flora([p], lr=0.0, rank=2, beta1=0.9, momentum=form)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    assert torch.isfinite(opt.state[p]["exp_avg_c"]).all()
