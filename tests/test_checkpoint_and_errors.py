@@ -140,6 +140,7 @@ P = [nn.Parameter(torch.randn(4, 6))]
     (dict(eps=(1e-30,)), TypeError, "eps"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(max_aspect_ratio=0.5), ValueError, "max_aspect_ratio"),
+    (dict(cache_projections="yes"), TypeError, "cache_projections"),
     (dict(lr=1e-3, relative_step=False, warmup_init=True), ValueError, "warmup_init"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, exc, name):

@@ -228,3 +228,21 @@ def test_zero_lr_first_step_is_a_no_op(form):
     opt.step()
     assert torch.equal(p.detach(), before)
     assert torch.isfinite(opt.state[p]["exp_avg_c"]).all()
+
+
+def test_cached_projections_change_memory_not_results():
+    torch.manual_seed(0)
+    runs = []
+    for cache in (False, True):
+        ps = [nn.Parameter(torch.randn(12, 20, generator=torch.Generator().manual_seed(i))) for i in range(2)]
+        opt = Flora(ps, lr=1e-2, rank=3, beta1=0.9, kappa=2, cache_projections=cache)
+        gen = torch.Generator().manual_seed(9)
+        for _ in range(5):  # resamples after steps 2 and 4
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        assert len(opt._proj_cache) == (2 if cache else 0)
+        assert "cache" not in str(opt.state_dict()["state"])
+        runs.append(ps)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -65,7 +65,7 @@ def _validate_group(group: dict) -> None:
     check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
     check_choice("momentum", group["momentum"], MOMENTUM_FORMS)
     check_real("max_aspect_ratio", group["max_aspect_ratio"], low=1.0, allow_none=True)
-    for name in ("scale_parameter", "warmup_init"):
+    for name in ("scale_parameter", "warmup_init", "cache_projections"):
         if not isinstance(group[name], bool):
             raise TypeError(f"{name} must be True or False, got {group[name]!r}")
 
@@ -97,6 +97,11 @@ class Flora(Optimizer):
             ``(1 - beta1) u + beta1 M_prev A``) or ``"paper"`` (the update is ``M A``).
         max_aspect_ratio: leave tensors with ``max(n, m) / min(n, m)`` above this dense;
             None compresses every shape (embeddings included).
+        cache_projections: keep each parameter's current projection on its device until
+            the next resample instead of redrawing it every step: faster on GPUs, where
+            drawing on the CPU generator is up to a third of the step, for extra memory
+            of ``r * min(n, m)`` per compressed tensor (at most its momentum's size). The
+            cache is not part of the state and changes no result.
 
     State is float32 whatever the parameter dtype. A compressed update is clipped to RMS
     ``lr * clip_threshold`` after decompression, the bound that dense momentum obeys by
@@ -122,6 +127,7 @@ class Flora(Optimizer):
         proj_dim: str | int = "auto",
         momentum: str = "exact",
         max_aspect_ratio: float | None = None,
+        cache_projections: bool = False,
     ):
         if relative_step is None:
             relative_step = lr is None
@@ -130,9 +136,12 @@ class Flora(Optimizer):
             clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay,
             scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
             seed=seed, proj_dim=proj_dim, momentum=momentum, max_aspect_ratio=max_aspect_ratio,
+            cache_projections=cache_projections,
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
+        # parameter index -> ((seed, rank, count), projection); see cache_projections
+        self._proj_cache: dict[int, tuple[tuple, torch.Tensor]] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
@@ -217,10 +226,19 @@ class Flora(Optimizer):
             state["proj_age"] = 0  # steps taken with the current projection
 
     def _projection(self, group: dict, state: dict, index: int, count: int, shape, device) -> torch.Tensor:
-        dim = state["proj_dim"]
-        return gaussian_projection(
-            projection_seed(group["seed"], index, count), group["rank"], matrix_shape(shape)[dim], device=device
+        key = (group["seed"], group["rank"], count)
+        hit = self._proj_cache.get(index)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        a = gaussian_projection(
+            projection_seed(group["seed"], index, count), group["rank"], matrix_shape(shape)[state["proj_dim"]],
+            device=device,
         )
+        if group["cache_projections"]:
+            self._proj_cache[index] = (key, a)
+        else:
+            self._proj_cache.pop(index, None)
+        return a
 
     def _step_param(self, p: torch.Tensor, group: dict, state: dict, index: int) -> None:
         grad = p.grad
@@ -298,6 +316,10 @@ class Flora(Optimizer):
             p, g = id_to_param[pid]
             _check_state_shapes(p, s, g)
         super().load_state_dict(state_dict)
+        self._proj_cache.clear()
+        for group in self.param_groups:  # options added since the state was saved
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
         for pid, s in state_dict["state"].items():
             p, _ = id_to_param[pid]
             for k, v in s.items():
