@@ -72,3 +72,9 @@ def test_schedule_never_zero():
     f = schedule(100)
     assert all(0 < f(s) <= 1 for s in range(100))
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+
+
+def test_two_point_lr_grid_ends():
+    # pretraining's short runs take the lower pair, classification the upper pair
+    assert bo.lr_grid(bo.parse("flora-r32"), "pretrain", 2) == bo.LR_GRIDS["pretrain"]["adafactor"][:2]
+    assert bo.lr_grid(bo.parse("flora-r32"), "classify", 2) == bo.LR_GRIDS["classify"]["adafactor"][1:]

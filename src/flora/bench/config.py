@@ -44,9 +44,9 @@ SIZES: dict[str, dict[str, dict]] = {
         # about 3 minutes: SmolLM2-135M, 3 steps of tau=2 micro-batches of 1 x 128 tokens
         "finetune": dict(seq=128, batch=1, tau=2, steps=3, eval_every=3, eval_batches=4, kappa=2, lr_points=1,
                          optimizers=("adamw", "adafactor-b0.9", "flora-r32", "flora-r32+ca-r32", "lora-r32")),
-        # about 2 minutes: MiniLM-L6, 60 steps of 8 articles x 64 tokens
+        # about 4 minutes: MiniLM-L6, 60 steps of 8 articles x 64 tokens
         "classify": dict(seq=64, batch=8, tau=1, steps=60, eval_every=20, eval_examples=120, kappa=20,
-                         lr_points=1, optimizers=("adamw", "adafactor-b0.9", "flora-r32", "lora-r32",
+                         lr_points=2, optimizers=("adamw", "adafactor-b0.9", "flora-r32", "lora-r32",
                                                   "galore-r32")),
     },
     "full": {
