@@ -1,5 +1,8 @@
 """First-moment rules: dense (Adafactor's) and compressed (Flora's two forms).
 
+``paper_momentum_`` and ``exact_momentum_`` state the two forms plainly; the optimizer
+uses ``compressed_step_``, which computes the same thing (tested) in one pass.
+
 Each takes this step's update ``u`` and returns the update to apply; state tensors are
 changed in place. ``a`` is the current projection, ``dim`` the projected dimension.
 """
@@ -33,14 +36,6 @@ def exact_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int,
     update = decompress(c, a, dim).view_as(u).mul_(beta).add_(u, alpha=(1 - beta))
     c.mul_(beta).add_(compress(u, a, dim), alpha=(1 - beta))
     return update
-
-
-def compressed_momentum_(
-    form: str, c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float
-) -> torch.Tensor:
-    if form == "paper":
-        return paper_momentum_(c, u, a, dim, beta)
-    return exact_momentum_(c, u, a, dim, beta)
 
 
 def _gram(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,7 +100,6 @@ __all__ = [
     "dense_momentum_",
     "paper_momentum_",
     "exact_momentum_",
-    "compressed_momentum_",
     "compressed_step_",
     "resample_",
     "as_matrix",
