@@ -268,3 +268,18 @@ def test_fused_compressed_step_equals_the_plain_forms(form, dim, lr):
     want = clip_by_rms_(rule(c2, ref_u, a, dim, 0.9), lr)
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     assert (c1 - c2).abs().max().item() <= 1e-5 * c2.abs().max().item()
+
+
+def test_state_bytes_counts_tensors_inside_plain_objects_once():
+    """Peers keep projection matrices in projector objects inside the state."""
+
+    class Projector:
+        def __init__(self, m):
+            self.matrix = m
+
+    p = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    shared = torch.zeros(10)
+    opt.state[p] = {"exp_avg": torch.zeros(4), "projector": Projector(torch.zeros(5, 2)), "alias": shared,
+                    "again": [shared]}
+    assert state_bytes(opt) == 4 * (4 + 10 + 10)

@@ -12,12 +12,14 @@ from .projection import compressed_shape
 
 
 def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes held by every tensor in ``optimizer.state`` (works for any optimizer; a
-    tensor shared between entries is counted once)."""
+    """Bytes held by every tensor in ``optimizer.state`` (any optimizer). Tensors inside
+    containers and one level inside plain objects (GaLore's and APOLLO's projector
+    objects hold their projection matrices) are counted; a storage shared between entries
+    is counted once."""
     seen: set[int] = set()
     total = 0
 
-    def visit(v):
+    def visit(v, depth=0):
         nonlocal total
         if isinstance(v, torch.Tensor):
             key = v.untyped_storage().data_ptr() if v.device.type != "meta" else id(v)
@@ -26,10 +28,12 @@ def state_bytes(optimizer: Optimizer) -> int:
                 total += v.numel() * v.element_size()
         elif isinstance(v, dict):
             for x in v.values():
-                visit(x)
+                visit(x, depth)
         elif isinstance(v, (list, tuple)):
             for x in v:
-                visit(x)
+                visit(x, depth)
+        elif depth == 0 and hasattr(v, "__dict__") and not isinstance(v, type):
+            visit(vars(v), depth + 1)
 
     for s in optimizer.state.values():
         visit(s)

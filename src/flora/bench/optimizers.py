@@ -207,19 +207,3 @@ def build(spec: Spec, model: nn.Module, lr: float, *, task, kappa: int, tau: int
                                           optimizer=opt)
     trainable = sum(p.numel() for p in {id(p): p for p in params}.values())
     return Built(model, opt, acc, trainable)
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """``flora.state_bytes`` plus tensors that peers hide inside Python objects in their
-    state (GaLore's and APOLLO's projector objects hold their projection matrices)."""
-    total = flora.state_bytes(optimizer)
-    seen: set[int] = set()
-    for s in optimizer.state.values():
-        for v in s.values():
-            if isinstance(v, (torch.Tensor, dict, list, tuple, int, float, str, type(None))):
-                continue
-            for attr in vars(v).values() if hasattr(v, "__dict__") else ():
-                if isinstance(attr, torch.Tensor) and id(attr) not in seen:
-                    seen.add(id(attr))
-                    total += attr.numel() * attr.element_size()
-    return total

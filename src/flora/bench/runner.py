@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+import flora
+
 from . import optimizers as bo
 from .tasks import make_task
 
@@ -146,7 +148,7 @@ def _train(job: dict, rec: dict, progress: bool) -> None:
             val_curve.append((step + 1, task.evaluate(model, "val", device, small=True)["loss"]))
     if bar is not None:
         bar.close()
-    rec["state_bytes"] = bo.state_bytes(opt)
+    rec["state_bytes"] = flora.state_bytes(opt)
     rec["accum_bytes"] = accum_peak if acc is not None else None
     if acc is not None and hasattr(acc, "remove"):
         acc.remove()
