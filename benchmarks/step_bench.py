@@ -150,7 +150,7 @@ def build_optimizers(params, ranks, forms, *, with_flora_opt: bool, with_dense_f
         for r in ranks:
             for form in forms:
                 opts.append((f"{name} r={r}, beta1=0.9, {form}",
-                             pkg.Flora(params, lr=LR, rank=r, beta1=0.9, momentum=form)))
+                             pkg.Flora(params, lr=LR, rank=r, beta1=0.9, momentum_form=form)))
     if with_flora_opt:
         FloraOpt = _import_flora_opt()
         if FloraOpt is None:
@@ -263,7 +263,7 @@ def projection_cost(params, grads, device, ranks, form, *, warmup, repeats) -> l
     real = flora_optimizer.gaussian_projection
     variants = {"CPU generator (flora)": real, "device-native generator": _device_native_projection,
                 "cached (no generation)": None}
-    opts = {r: flora.Flora(params, lr=LR, rank=r, beta1=0.9, momentum=form) for r in ranks}
+    opts = {r: flora.Flora(params, lr=LR, rank=r, beta1=0.9, momentum_form=form) for r in ranks}
     runs = []
     for r, opt in opts.items():
         for vname, fn in variants.items():

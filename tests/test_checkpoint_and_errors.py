@@ -37,11 +37,11 @@ OPTS = dict(lr=1e-2, rank=3, beta1=0.9, kappa=3, seed=5)
 def test_resume_is_bit_exact(dtype, momentum):
     batches = _batches(10)
     ref = _net(dtype)
-    ref_opt = Flora(ref.parameters(), momentum=momentum, **OPTS)
+    ref_opt = Flora(ref.parameters(), momentum_form=momentum, **OPTS)
     _train(ref, ref_opt, batches)
 
     model = _net(dtype)
-    opt = Flora(model.parameters(), momentum=momentum, **OPTS)
+    opt = Flora(model.parameters(), momentum_form=momentum, **OPTS)
     _train(model, opt, batches[:4])  # stops mid-way through a kappa window (resamples at 3, 6, 9)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -52,7 +52,7 @@ def test_resume_is_bit_exact(dtype, momentum):
     with torch.no_grad():
         for p in model2.parameters():
             p.add_(1.0)  # make sure the load is what restores them
-    opt2 = Flora(model2.parameters(), momentum=momentum, **OPTS)
+    opt2 = Flora(model2.parameters(), momentum_form=momentum, **OPTS)
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     for p in model2.parameters():
@@ -134,7 +134,7 @@ P = [nn.Parameter(torch.randn(4, 6))]
     (dict(lr=None, relative_step=False), ValueError, "lr"),
     (dict(weight_decay=-0.1), ValueError, "weight_decay"),
     (dict(proj_dim=2), ValueError, "proj_dim"),
-    (dict(momentum="nesterov"), ValueError, "momentum"),
+    (dict(momentum_form="nesterov"), ValueError, "momentum_form"),
     (dict(clip_threshold=0.0), ValueError, "clip_threshold"),
     (dict(decay_rate=0.5), ValueError, "decay_rate"),
     (dict(eps=(1e-30,)), TypeError, "eps"),

@@ -52,7 +52,7 @@ def test_matches_hand_computation(form, shape, dim):
     kw = dict(lr=1e-2, beta1=0.9, rank=3, kappa=4, seed=11)
     bias = nn.Parameter(torch.zeros(2))  # index 0: the matrix is parameter number 1
     p = nn.Parameter(p0.clone())
-    opt = Flora([bias, p], relative_step=False, scale_parameter=False, momentum=form, **kw)
+    opt = Flora([bias, p], relative_step=False, scale_parameter=False, momentum_form=form, **kw)
     for g in grads:
         p.grad = g.clone()
         opt.step()
@@ -141,9 +141,9 @@ def test_proj_dim_choice():
 
 def test_per_group_options():
     a, b = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(8, 16))
-    opt = Flora([{"params": [a], "rank": 2, "momentum": "paper"}, {"params": [b], "lr": 0.5}],
+    opt = Flora([{"params": [a], "rank": 2, "momentum_form": "paper"}, {"params": [b], "lr": 0.5}],
                 lr=1e-3, rank=4, beta1=0.9)
-    assert opt.param_groups[0]["rank"] == 2 and opt.param_groups[0]["momentum"] == "paper"
+    assert opt.param_groups[0]["rank"] == 2 and opt.param_groups[0]["momentum_form"] == "paper"
     assert opt.param_groups[1]["lr"] == 0.5 and opt.param_groups[1]["rank"] == 4
     for p in (a, b):
         p.grad = torch.randn_like(p)
@@ -223,7 +223,7 @@ def test_zero_lr_first_step_is_a_no_op(form):
     """Warm-up schedules start at lr = 0; the compressed path must not divide 0 by 0."""
     p = nn.Parameter(torch.randn(8, 16))
     before = p.detach().clone()
-    opt = Flora([p], lr=0.0, rank=2, beta1=0.9, momentum=form)
+    opt = Flora([p], lr=0.0, rank=2, beta1=0.9, momentum_form=form)
     p.grad = torch.randn_like(p)
     opt.step()
     assert torch.equal(p.detach(), before)

@@ -4,11 +4,13 @@
 from .accumulate import CompressedAccumulator
 from .memory import flora_state_bytes, state_bytes
 from .optimizer import Flora
+from .schedule import RelativeStepSchedule
 from .projection import compress, decompress, gaussian_projection, projection_seed, transfer
 
 __all__ = [
     "Flora",
     "CompressedAccumulator",
+    "RelativeStepSchedule",
     "state_bytes",
     "flora_state_bytes",
     "gaussian_projection",

@@ -11,18 +11,21 @@ gradient exists at that moment anyway), and the next cycle draws a fresh project
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validation import check_nonneg_int, check_positive_int, check_real
-from .optimizer import PROJ_DIMS, momentum_plan
+from .optimizer import PROJ_DIMS, momentum_plan, state_dtype
 from .projection import (
     as_matrix,
     compress,
@@ -46,8 +49,9 @@ _ATTACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def accumulate_compressed_(buf: torch.Tensor | None, g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
-    """``buf + compress(g)`` in float32, in place into ``buf`` (None starts a new sum)."""
-    c = compress(g if g.dtype == torch.float32 else g.float(), a, dim)
+    """``buf + compress(g)`` in float32 (float64 for float64 gradients), in place into
+    ``buf`` (None starts a new sum)."""
+    c = compress(g.to(state_dtype(g.dtype)), a, dim)
     return c if buf is None else buf.add_(c)
 
 
@@ -119,9 +123,17 @@ class CompressedAccumulator:
         acc = flora.CompressedAccumulator(model, rank=32, tau=8, optimizer=opt)
         for i, batch in enumerate(batches):
             (loss_fn(model, batch) / 8).backward()    # mean over micro-batches: divide by tau
-            if (i + 1) % 8 == 0:
+            if (i + 1) % 8 == 0 or i + 1 == len(batches):
+                acc.finish_cycle()    # only needed before clipping a last, partial cycle
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # optional
                 opt.step(); sched.step(); opt.zero_grad()
+
+    A step after ``k < tau`` backward passes (the end of an epoch) steps every parameter on
+    the estimate of those ``k``, as plain accumulation would, and the next cycle starts
+    afresh: the optimizer's step pre-hook (or, without ``optimizer=``, a global one)
+    closes the cycle, ``finish_cycle()`` does it earlier, and under the Hugging Face
+    Trainer or ``accelerator.accumulate()`` the backward that accelerate marks as the
+    last of a cycle closes it (so clipping there sees every gradient).
 
     Each matrix parameter's gradient is compressed to ``n x r`` by a post-accumulate-grad
     hook as soon as backward produces it, and its ``.grad`` is set to None. On the tau-th
@@ -161,12 +173,17 @@ class CompressedAccumulator:
         exclude: parameters (tensors, or names when a module is given) to accumulate densely.
         exact_last: add the last micro-batch's gradient uncompressed (default; less noise
             at no memory cost). False compresses all ``tau``, as in the paper.
-        optimizer: in normal mode, optional: a step pre-hook then raises if ``step()`` is
-            called in the middle of a cycle. Required in fused mode.
+        optimizer: in normal mode, optional: its step pre-hook closes a partial cycle
+            (without it a global optimizer step pre-hook does, for any optimizer holding
+            these parameters). Required in fused mode.
         fused: step the optimizer inside backward (see above).
         max_grad_norm: fused mode only: per-parameter gradient-norm clipping.
         cache_projections: keep each parameter's projection for the whole cycle (at most
             the size of its compressed buffer) instead of redrawing it every micro-batch.
+        scaler: fused mode only: a ``torch.amp.GradScaler``; each accumulated gradient is
+            unscaled and checked before its step, a non-finite one is not stepped, and
+            the findings are recorded so that ``scaler.step(optimizer)`` and
+            ``scaler.update()`` work as usual.
     """
 
     def __init__(
@@ -184,6 +201,7 @@ class CompressedAccumulator:
         fused: bool = False,
         max_grad_norm: float | None = None,
         cache_projections: bool = True,
+        scaler: "torch.amp.GradScaler | None" = None,
     ):
         check_positive_int("rank", rank, allow_none=True)
         check_positive_int("tau", tau)
@@ -202,6 +220,11 @@ class CompressedAccumulator:
         if max_grad_norm is not None and not fused:
             raise ValueError("max_grad_norm applies to fused=True only; in normal mode call "
                              "torch.nn.utils.clip_grad_norm_ after the tau-th backward, as usual")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        if scaler is not None and not fused:
+            raise ValueError("scaler applies to fused=True only; in normal mode use the GradScaler as usual "
+                             "(scaler.step(optimizer) after the tau-th backward)")
 
         named = _named_params(model_or_params)
         plan_opts = {"rank": rank, "proj_dim": proj_dim, "max_aspect_ratio": max_aspect_ratio}
@@ -227,12 +250,16 @@ class CompressedAccumulator:
 
         self.rank, self.tau, self.seed, self.proj_dim = rank, tau, seed, proj_dim
         self.max_aspect_ratio, self.exact_last, self.fused = max_aspect_ratio, exact_last, fused
-        self.max_grad_norm, self.cache_projections = max_grad_norm, cache_projections
+        self.max_grad_norm, self.cache_projections, self.scaler = max_grad_norm, cache_projections, scaler
         self._slots: list[_Slot] = slots
+        self._ids = {id(s.param) for s in slots}
         self._counts = [0] * len(slots)  # backward passes seen by each parameter this cycle
         self._active = 0  # parameters with a gradient this cycle
         self._done = 0  # of those, the ones whose cycle is complete
         self._cycle = 0
+        # Whether accelerate marked a backward of this / the previous cycle as unsynced:
+        # then it drives the accumulation, and its synced backward ends a cycle early.
+        self._unsynced = self._prev_unsynced = False
         self._buffers: dict[int, torch.Tensor] = {}  # slot position -> partial sum
         self._proj_cache: dict[int, torch.Tensor] = {}
         self._sq_norm: torch.Tensor | None = None
@@ -245,8 +272,20 @@ class CompressedAccumulator:
         for s in slots:
             _ATTACHED[s.param] = self
         self._guard = None
-        if self._optimizer is not None and not fused:
-            self._guard = self._optimizer.register_step_pre_hook(self._check_boundary)
+        if not fused:
+            if self._optimizer is not None:
+                self._guard = self._optimizer.register_step_pre_hook(self._on_step)
+            else:
+                # A global hook must not keep the accumulator (and the model) alive.
+                ref = weakref.ref(self)
+
+                def on_any_step(optimizer, args, kwargs):
+                    acc = ref()
+                    if acc is not None:
+                        acc._on_any_step(optimizer)
+
+                self._guard = register_optimizer_step_pre_hook(on_any_step)
+                weakref.finalize(self, self._guard.remove)
 
     @staticmethod
     def _resolve_exclude(exclude, named) -> set[int]:
@@ -291,7 +330,8 @@ class CompressedAccumulator:
         if a is None:
             s = self._slots[k]
             a = gaussian_projection(projection_seed(self.seed, s.index, self._cycle, ACCUMULATION_STREAM), self.rank,
-                                    matrix_shape(s.param.shape)[s.dim], device=s.param.device)
+                                    matrix_shape(s.param.shape)[s.dim], device=s.param.device,
+                                    dtype=state_dtype(s.param.dtype))
             if self.cache_projections:
                 self._proj_cache[k] = a
         return a
@@ -312,7 +352,7 @@ class CompressedAccumulator:
         if g.is_sparse:
             raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
                             "gradients (e.g. nn.Embedding(sparse=False))")
-        last = count + 1 == self.tau
+        last = count + 1 == self.tau or self._accelerate_ends_cycle()
         buf = self._buffers.get(k)
         if slot.dim is not None:
             a = self._projection(k)
@@ -344,7 +384,50 @@ class CompressedAccumulator:
         if last and self._done == self._active:
             self._close_cycle()
 
+    def _accelerate_ends_cycle(self) -> bool:
+        """True when accelerate (the HF Trainer, ``accelerator.accumulate()``) drives the
+        accumulation and marks this backward as the last of its cycle. Its gradient state
+        is read only if accelerate is imported, and followed only once it has marked some
+        backward of this or the previous cycle as unsynced (a plain loop never does)."""
+        mod = sys.modules.get("accelerate.state")
+        shared = getattr(getattr(mod, "GradientState", None), "_shared_state", None)
+        if not shared:
+            return False
+        sync = bool(shared.get("sync_gradients", True))
+        if not sync:
+            self._unsynced = True
+            return False
+        return self._unsynced or self._prev_unsynced
+
+    def _unscale(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Unscale ``p.grad`` by the GradScaler's scale in place and record whether it is
+        finite where ``scaler.step``/``update`` look for it. Returns the found-inf flag."""
+        from torch.amp.grad_scaler import OptState
+
+        scaler = self.scaler
+        if not scaler.is_enabled():
+            return None
+        if scaler._scale is None:
+            raise RuntimeError("CompressedAccumulator(scaler=...): the scaler has no scale yet; call "
+                               "scaler.scale(loss).backward()")
+        record = scaler._per_optimizer_states[id(self._optimizer)]
+        record["stage"] = OptState.UNSCALED  # so that scaler.step() does not unscale (nothing) again
+        g = p.grad
+        found = torch.zeros(1, dtype=torch.float32, device=g.device)
+        inv_scale = scaler._scale.double().reciprocal().float().to(g.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([g], found, inv_scale)
+        seen = record["found_inf_per_device"].get(g.device)
+        record["found_inf_per_device"][g.device] = found if seen is None else seen.add_(found)
+        return found
+
     def _fused_step(self, p: torch.Tensor) -> None:
+        if self.scaler is not None:
+            found = self._unscale(p)
+            # flora.Flora skips a non-finite gradient on the device; any other optimizer
+            # must be told on the host (GradScaler syncs here too).
+            if found is not None and not hasattr(self._optimizer, "nonfinite_skips") and found.item():
+                p.grad = None
+                return
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         else:
@@ -366,7 +449,9 @@ class CompressedAccumulator:
         self._counts = [0] * len(self._slots)
         self._active = self._done = 0
         self._cycle += 1
+        self._buffers.clear()
         self._proj_cache.clear()
+        self._prev_unsynced, self._unsynced = self._unsynced, False
         if self.fused and self._sq_norm is not None:
             self.last_grad_norm = self._sq_norm.sqrt()
         self._sq_norm = None
@@ -379,14 +464,15 @@ class CompressedAccumulator:
                 f"(gradient counts: {listed}). Every parameter must get a gradient in all tau micro-batches "
                 "of a cycle or in none of them")
 
-    def _check_boundary(self, optimizer, args, kwargs) -> None:
+    def _on_step(self, optimizer, args, kwargs) -> None:
         if any(self._counts):
-            uneven = len({c for c in self._counts if c}) > 1
-            raise RuntimeError(
-                f"optimizer.step() called in the middle of an accumulation cycle (after {self.micro_step} of "
-                f"tau={self.tau} backward passes); step only after the tau-th backward"
-                + (". " + self._lag_message("(step)") if uneven else "")
-            )
+            self.finish_cycle()
+
+    def _on_any_step(self, optimizer) -> None:
+        if any(self._counts):
+            opt = _unwrap(optimizer)
+            if any(id(p) in self._ids for g in opt.param_groups for p in g["params"]):
+                self.finish_cycle()
 
     # ------------------------------------------------------------------ public
 
@@ -400,11 +486,45 @@ class CompressedAccumulator:
         """Backward passes seen in the current cycle (0 on a boundary)."""
         return max(self._counts)
 
+    @torch.no_grad()
+    def finish_cycle(self) -> int:
+        """Close the current cycle now, after ``k < tau`` backward passes (the last, short
+        cycle of an epoch). Normal mode: every parameter's ``.grad`` receives the estimate
+        of its ``k`` gradients (decompressed; dense ones hold their sum already), exactly
+        what plain accumulation would hold; call it before clipping or unscaling such a
+        cycle (``optimizer.step()`` calls it otherwise). Fused mode: those parameters are
+        stepped, as on a tau-th backward. The next cycle draws fresh projections.
+
+        Returns ``k`` (0 on a cycle boundary, where it does nothing)."""
+        with self._lock:
+            k = self.micro_step
+            if k == 0:
+                return 0
+            for j, s in enumerate(self._slots):
+                count = self._counts[j]
+                if count == 0 or count >= self.tau:  # no gradient, or its cycle is complete
+                    continue
+                p, buf = s.param, self._buffers.pop(j, None)
+                if s.dim is not None and buf is not None:
+                    g = torch.empty_like(p)
+                    write_estimate_(g, buf, self._projection(j), s.dim, add=False)
+                    p.grad = g
+                elif s.dim is None and self.fused:
+                    p.grad = buf
+                if self.fused and p.grad is not None:
+                    self._fused_step(p)
+            self._close_cycle()
+            return k
+
     def remove(self) -> None:
-        """Detach every hook. Partial sums of an unfinished cycle are dropped (with a warning)."""
+        """Detach every hook. Partial sums of an unfinished cycle are dropped (with a
+        warning), dense parameters' partial ``.grad`` included."""
         if any(self._counts):
             warnings.warn(f"CompressedAccumulator.remove() in the middle of a cycle ({self.micro_step} of "
                           f"tau={self.tau} micro-batches): the partial sums are dropped", stacklevel=2)
+            for j, s in enumerate(self._slots):
+                if 0 < self._counts[j] < self.tau:
+                    s.param.grad = None
         for h in self._handles:
             h.remove()
         if self._guard is not None:

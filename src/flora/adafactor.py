@@ -27,14 +27,18 @@ def step_size(
 ):
     """The learning rate of this step: relative (``min(1e-2, 1/sqrt(t))``) or ``lr``,
     times ``max(eps2, RMS(p))`` when ``scale_parameter``."""
-    rel = lr
-    if relative_step:
-        min_step = 1e-6 * step if warmup_init else 1e-2
-        rel = min(min_step, 1.0 / math.sqrt(step))
+    rel = relative_step_size(step, warmup_init) if relative_step else lr
     scale = 1.0
     if scale_parameter:
         scale = max(eps2, param_rms)
     return scale * rel
+
+
+def relative_step_size(step: int, warmup_init: bool) -> float:
+    """Adafactor's relative step before parameter scaling: ``min(1e-2, 1/sqrt(t))``, or
+    ``min(1e-6 t, 1/sqrt(t))`` with warm-up."""
+    min_step = 1e-6 * step if warmup_init else 1e-2
+    return min(min_step, 1.0 / math.sqrt(step))
 
 
 def second_moment_decay(step: int, decay_rate: float) -> float:
@@ -42,31 +46,35 @@ def second_moment_decay(step: int, decay_rate: float) -> float:
     return 1.0 - math.pow(step, decay_rate)
 
 
-def factored_normalize_(
+def factored_normalize(
     grad: torch.Tensor,
     row: torch.Tensor,
     col: torch.Tensor,
     beta2t: float,
     eps1: float,
-) -> torch.Tensor:
-    """Update the row and column statistics in place; return ``grad / sqrt(V_hat)``
-    with ``V_hat`` their rank-one reconstruction.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(grad / sqrt(V_hat), new_row, new_col)``: the updated row and column
+    statistics (out of place; they are small) and the normalised gradient under their
+    rank-one reconstruction ``V_hat``.
 
-    Same operations as transformers' Adafactor, but in place into one buffer (no
-    temporaries of the gradient's size beyond the returned tensor)."""
+    Same operations as transformers' Adafactor, bit for bit; the state is left for the
+    caller to commit, so that a non-finite result can be discarded. The gradient-sized
+    work happens in one buffer."""
     sq = grad.square().add_(eps1)
-    row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=(1.0 - beta2t))
-    col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=(1.0 - beta2t))
+    row = row.mul(beta2t).add_(sq.mean(dim=-1), alpha=(1.0 - beta2t))
+    col = col.mul(beta2t).add_(sq.mean(dim=-2), alpha=(1.0 - beta2t))
     r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
     c_factor = col.unsqueeze(-2).rsqrt()
-    return torch.mul(r_factor, c_factor, out=sq).mul_(grad)
+    return torch.mul(r_factor, c_factor, out=sq).mul_(grad), row, col
 
 
-def unfactored_normalize_(grad: torch.Tensor, sq_avg: torch.Tensor, beta2t: float, eps1: float) -> torch.Tensor:
-    """Update the full second moment in place; return ``grad / sqrt(V)``."""
+def unfactored_normalize(
+    grad: torch.Tensor, sq_avg: torch.Tensor, beta2t: float, eps1: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(grad / sqrt(V), new_V)`` with the full second moment updated out of place."""
     sq = grad.square().add_(eps1)
-    sq_avg.mul_(beta2t).add_(sq, alpha=(1.0 - beta2t))
-    return torch.rsqrt(sq_avg, out=sq).mul_(grad)
+    sq_avg = sq_avg.mul(beta2t).add_(sq, alpha=(1.0 - beta2t))
+    return torch.rsqrt(sq_avg, out=sq).mul_(grad), sq_avg
 
 
 def clip_by_rms_(update: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -18,9 +18,13 @@ from .projection import as_matrix, compress, decompress, transfer
 MOMENTUM_FORMS = ("paper", "exact")
 
 
-def dense_momentum_(m: torch.Tensor, u: torch.Tensor, beta: float) -> torch.Tensor:
-    """``m <- beta m + (1 - beta) u``; the update is ``m``."""
-    return m.mul_(beta).add_(u, alpha=(1 - beta))
+def dense_momentum_(m: torch.Tensor, u: torch.Tensor, beta: float | torch.Tensor, *,
+                    alpha: float | None = None) -> torch.Tensor:
+    """``m <- beta m + alpha u`` (``alpha = 1 - beta`` unless given); the update is ``m``.
+
+    ``beta`` may be a 0-dim tensor (the optimizer passes 1 to freeze ``m`` on a skipped
+    step without a host sync); multiplying by it gives the same bits as by the float."""
+    return m.mul_(beta).add_(u, alpha=(1 - beta) if alpha is None else alpha)
 
 
 def paper_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float) -> torch.Tensor:

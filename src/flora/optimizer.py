@@ -3,6 +3,7 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -21,6 +22,29 @@ from .projection import (
 
 PROJ_DIMS = ("auto", 0, 1)
 
+# Option names Flora must never use: torch's schedulers write them into param groups
+# (OneCycleLR and CyclicLR with cycle_momentum=True), which would silently replace a Flora
+# option. Without them in ``defaults`` those schedulers raise their own clear error.
+_SCHEDULER_KEYS = ("momentum", "betas")
+# Options every Flora state_dict has held since the first release: a state without them
+# comes from another optimizer.
+_CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the optimizer state for a parameter of ``dtype``: float64 stays float64
+    (as in HF Adafactor), everything else is kept in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _upgrade_group(group: dict) -> dict:
+    """Map option names of earlier releases to today's, in place: ``momentum`` (a form
+    name) became ``momentum_form``."""
+    old = group.get("momentum")
+    if isinstance(old, str) and "momentum_form" not in group:
+        group["momentum_form"] = group.pop("momentum")
+    return group
+
 
 def momentum_plan(shape, group: dict) -> int | None:
     """The projected dimension of a parameter's first moment, or None for dense.
@@ -36,6 +60,26 @@ def momentum_plan(shape, group: dict) -> int | None:
         return None
     dim = choose_dim(shape, group["proj_dim"])
     return dim if (n, m)[dim] > rank else None
+
+
+def dense_reason(shape, group: dict) -> str | None:
+    """Why a parameter of this shape keeps no compressed momentum in this group, or None
+    when it is compressed."""
+    if group.get("beta1") is None:
+        return "beta1=None (no momentum to compress)"
+    rank = group["rank"]
+    if rank is None:
+        return "rank=None"
+    if len(shape) < 2:
+        return "1-D"
+    n, m = matrix_shape(shape)
+    ratio = group.get("max_aspect_ratio")
+    if ratio is not None and max(n, m) > ratio * min(n, m):
+        return f"aspect ratio {max(n, m) / min(n, m):.3g} > max_aspect_ratio={ratio}"
+    dim = choose_dim(shape, group["proj_dim"])
+    if (n, m)[dim] <= rank:
+        return f"projected dim {(n, m)[dim]} <= rank {rank}"
+    return None
 
 
 def _validate_group(group: dict) -> None:
@@ -63,7 +107,7 @@ def _validate_group(group: dict) -> None:
     check_real("weight_decay", group["weight_decay"], low=0.0)
     check_nonneg_int("seed", group["seed"])
     check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
-    check_choice("momentum", group["momentum"], MOMENTUM_FORMS)
+    check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
     check_real("max_aspect_ratio", group["max_aspect_ratio"], low=1.0, allow_none=True)
     for name in ("scale_parameter", "warmup_init", "cache_projections"):
         if not isinstance(group[name], bool):
@@ -85,7 +129,8 @@ class Flora(Optimizer):
         lr: fixed learning rate; leave None to use Adafactor's relative step.
         rank: rank of the compressed momentum; None keeps it dense (plain Adafactor).
         kappa: steps between resamplings of the projection.
-        beta1: momentum coefficient in [0, 1), or None for no first moment.
+        beta1: momentum coefficient in [0, 1), or None for no first moment (then nothing
+            is compressed, whatever ``rank`` says).
         eps, clip_threshold, decay_rate, weight_decay, scale_parameter, relative_step,
         warmup_init: as in ``transformers.optimization.Adafactor``. ``relative_step``
             defaults to ``lr is None``.
@@ -93,8 +138,11 @@ class Flora(Optimizer):
             drawn from ``projection_seed(seed, index, k)``, ``index`` being its position
             across the parameter groups.
         proj_dim: dimension projected away: ``"auto"`` (the smaller, less noisy), 0 or 1.
-        momentum: ``"exact"`` (this step enters uncompressed:
+        momentum_form: ``"exact"`` (this step enters uncompressed:
             ``(1 - beta1) u + beta1 M_prev A``) or ``"paper"`` (the update is ``M A``).
+            Named so that it never collides with the ``momentum`` key torch's cyclic
+            schedulers write; ``momentum=`` of earlier releases is still accepted, with a
+            warning.
         max_aspect_ratio: leave tensors with ``max(n, m) / min(n, m)`` above this dense;
             None compresses every shape (embeddings included).
         cache_projections: keep each parameter's current projection on its device until
@@ -103,9 +151,15 @@ class Flora(Optimizer):
             of ``r * min(n, m)`` per compressed tensor (at most its momentum's size). The
             cache is not part of the state and changes no result.
 
-    State is float32 whatever the parameter dtype. A compressed update is clipped to RMS
-    ``lr * clip_threshold`` after decompression, the bound that dense momentum obeys by
-    construction; the decompression would otherwise amplify it by about sqrt(d / r).
+    State is float32 whatever the parameter dtype (float64 parameters keep float64
+    state). A compressed update is clipped to RMS ``lr * clip_threshold`` after
+    decompression, the bound that dense momentum obeys by construction; the
+    decompression would otherwise amplify it by about sqrt(d / r).
+
+    A parameter whose gradient holds a NaN or an infinity, or a value whose square
+    overflows, is not updated: its weights and state tensors stay as they were (its step
+    counter still advances); the decision is taken on the device, and
+    :attr:`nonfinite_skips` counts such skipped parameter updates.
     """
 
     def __init__(
@@ -125,34 +179,129 @@ class Flora(Optimizer):
         warmup_init: bool = False,
         seed: int = 0,
         proj_dim: str | int = "auto",
-        momentum: str = "exact",
+        momentum_form: str = "exact",
         max_aspect_ratio: float | None = None,
         cache_projections: bool = False,
+        momentum: str | None = None,
     ):
+        if momentum is not None:
+            warnings.warn("Flora(momentum=...) is renamed momentum_form=...: torch's cyclic schedulers write "
+                          "a 'momentum' option of their own", FutureWarning, stacklevel=2)
+            momentum_form = momentum
         if relative_step is None:
             relative_step = lr is None
         defaults = dict(
             lr=lr, rank=rank, kappa=kappa, beta1=beta1, eps=tuple(eps) if isinstance(eps, list) else eps,
             clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay,
             scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
-            seed=seed, proj_dim=proj_dim, momentum=momentum, max_aspect_ratio=max_aspect_ratio,
+            seed=seed, proj_dim=proj_dim, momentum_form=momentum_form, max_aspect_ratio=max_aspect_ratio,
             cache_projections=cache_projections,
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
+        self._init_runtime()
+        self._warn_if_nothing_compressed()
+
+    def _init_runtime(self) -> None:
+        # Neither is state: rebuilt empty after deepcopy, pickle and load_state_dict.
         # parameter index -> ((seed, rank, count), projection); see cache_projections
         self._proj_cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        # device -> int64 count of parameter updates skipped for a non-finite gradient
+        self._skips: dict[torch.device, torch.Tensor] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # options added or renamed since it was pickled
+            _upgrade_group(group)
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        if "_proj_cache" not in self.__dict__ or "_skips" not in self.__dict__:
+            self._init_runtime()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The projection cache is rebuilt on demand and the skip counter is monitoring.
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_proj_cache", "_skips")}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = dict(param_group)
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch refuses sets itself, with its own message
+            params = list(params)  # a generator can be read once: read it here, for torch and for us
+        param_group["params"] = params
+        if isinstance(param_group.get("momentum"), str):
+            warnings.warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning,
+                          stacklevel=2)
+            _upgrade_group(param_group)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
         _validate_group(merged)
-        for p in (param_group["params"] if not isinstance(param_group["params"], torch.Tensor)
-                  else [param_group["params"]]):
+        for p in params:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError("params must be real tensors: Flora does not support complex parameters")
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
+
+    # ------------------------------------------------------------------ reporting
+
+    def plan(self) -> list[dict[str, Any]]:
+        """One row per parameter: ``index`` (across groups, keys the projection seeds),
+        ``group``, ``shape``, ``compressed`` (bool), ``proj_dim`` and ``momentum_shape`` when
+        compressed, else ``reason`` (why its momentum is dense or absent)."""
+        rows, index = [], 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                shape = tuple(p.shape)
+                reason = dense_reason(shape, group)
+                row = {"index": index, "group": gi, "shape": shape, "compressed": reason is None}
+                if reason is None:
+                    dim = momentum_plan(shape, group)
+                    row.update(proj_dim=dim, momentum_shape=compressed_shape(shape, group["rank"], dim))
+                else:
+                    row["reason"] = reason
+                rows.append(row)
+                index += 1
+        return rows
+
+    def summary(self) -> str:
+        """Which tensors keep compressed momentum and why the others do not, as text."""
+        rows = self.plan()
+        n_c = sum(r["compressed"] for r in rows)
+        lines = [f"Flora: {n_c} of {len(rows)} parameter tensors keep compressed momentum"]
+        for r in rows:
+            what = (f"compressed to {r['momentum_shape'][0]} x {r['momentum_shape'][1]} (proj_dim={r['proj_dim']})"
+                    if r["compressed"] else f"dense: {r['reason']}")
+            lines.append(f"  [{r['index']}] group {r['group']} {r['shape']}: {what}")
+        return "\n".join(lines)
+
+    def _warn_if_nothing_compressed(self) -> None:
+        if all(g["rank"] is None for g in self.param_groups):
+            return
+        rows = [r for r in self.plan() if self.param_groups[r["group"]]["rank"] is not None]
+        if not rows or any(r["compressed"] for r in rows):
+            return
+        reasons: dict[str, int] = {}
+        for r in rows:
+            reason = r["reason"]
+            key = "projected dim <= " + reason.split(" <= ")[1] if reason.startswith("projected dim") else reason
+            reasons[key] = reasons.get(key, 0) + 1
+        said = "; ".join(f"{k} ({v} tensor{'s' * (v > 1)})" for k, v in reasons.items())
+        warnings.warn(f"Flora: a rank is set but no tensor keeps compressed momentum: {said}. "
+                      "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
+                      UserWarning, stacklevel=3)
+
+    @property
+    def nonfinite_skips(self) -> torch.Tensor:
+        """Parameter updates skipped so far because the gradient was not finite (an int64
+        tensor; reading its value syncs with the device). Not saved in ``state_dict``."""
+        counts = list(self._skips.values())
+        if not counts:
+            return torch.zeros((), dtype=torch.int64)
+        total = counts[0]
+        for c in counts[1:]:
+            total = total + c.to(total.device)
+        return total
 
     # ------------------------------------------------------------------ stepping
 
@@ -205,40 +354,47 @@ class Flora(Optimizer):
         raise ValueError("step_parameter: the tensor is not a parameter of this optimizer")
 
     def _init_state(self, state: dict, grad: torch.Tensor, group: dict) -> None:
-        shape = grad.shape
+        shape, dtype = grad.shape, state_dtype(grad.dtype)
         state["step"] = 0
         if grad.dim() >= 2:
-            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=torch.float32, device=grad.device)
-            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=grad.device)
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=dtype, device=grad.device)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=dtype, device=grad.device)
         else:
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=grad.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=grad.device)
 
     def _init_momentum(self, state: dict, grad: torch.Tensor, group: dict) -> None:
         dim = momentum_plan(grad.shape, group)
+        dtype = state_dtype(grad.dtype)
         if dim is None:
-            state["exp_avg"] = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+            state["exp_avg"] = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
         else:
             state["exp_avg_c"] = torch.zeros(
-                compressed_shape(grad.shape, group["rank"], dim), dtype=torch.float32, device=grad.device
+                compressed_shape(grad.shape, group["rank"], dim), dtype=dtype, device=grad.device
             )
             state["proj_dim"] = dim
             state["proj_count"] = 0  # projections drawn so far, minus one
             state["proj_age"] = 0  # steps taken with the current projection
 
-    def _projection(self, group: dict, state: dict, index: int, count: int, shape, device) -> torch.Tensor:
-        key = (group["seed"], group["rank"], count)
+    def _projection(self, group: dict, state: dict, index: int, count: int, shape, device, dtype) -> torch.Tensor:
+        key = (group["seed"], group["rank"], count, dtype)
         hit = self._proj_cache.get(index)
         if hit is not None and hit[0] == key:
             return hit[1]
         a = gaussian_projection(
             projection_seed(group["seed"], index, count), group["rank"], matrix_shape(shape)[state["proj_dim"]],
-            device=device,
+            device=device, dtype=dtype,
         )
         if group["cache_projections"]:
             self._proj_cache[index] = (key, a)
         else:
             self._proj_cache.pop(index, None)
         return a
+
+    def _count_skip(self, ok: torch.Tensor) -> None:
+        c = self._skips.get(ok.device)
+        if c is None:
+            c = self._skips[ok.device] = torch.zeros((), dtype=torch.int64, device=ok.device)
+        c.add_(ok.logical_not())
 
     def _step_param(self, p: torch.Tensor, group: dict, state: dict, index: int) -> None:
         grad = p.grad
@@ -259,55 +415,97 @@ class Flora(Optimizer):
             warmup_init=group["warmup_init"], scale_parameter=group["scale_parameter"],
         )
         beta2t = af.second_moment_decay(t, group["decay_rate"])
+        # The second moment is computed out of place and committed only where the result
+        # is finite (ok, decided on the device): a bad gradient leaves no trace.
         if grad.dim() >= 2:
-            update = af.factored_normalize_(grad, state["exp_avg_sq_row"], state["exp_avg_sq_col"], beta2t, eps1)
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, eps1)
+            ok = torch.isfinite(update).all() & torch.isfinite(new_row).all() & torch.isfinite(new_col).all()
+            row.copy_(torch.where(ok, new_row, row))
+            col.copy_(torch.where(ok, new_col, col))
         else:
-            update = af.unfactored_normalize_(grad, state["exp_avg_sq"], beta2t, eps1)
+            sq_avg = state["exp_avg_sq"]
+            update, new_sq = af.unfactored_normalize(grad, sq_avg, beta2t, eps1)
+            ok = torch.isfinite(update).all() & torch.isfinite(new_sq).all()
+            sq_avg.copy_(torch.where(ok, new_sq, sq_avg))
+        bad = ok.logical_not()
+        update.masked_fill_(bad, 0.0)  # leaves a finite update's bits as they are
+        self._count_skip(ok)
         if beta1 is not None and "exp_avg_c" in state:
+            c = state["exp_avg_c"]
+            c_before = c.clone()  # r x d: small
             update = self._compressed_update(group, state, index, update, beta1, lr)  # clips, scales by lr
+            c.copy_(torch.where(ok, c, c_before))
+            update.masked_fill_(bad, 0.0)
         else:
             af.clip_by_rms_(update, group["clip_threshold"])
             update.mul_(lr)
             if beta1 is not None:
-                update = dense_momentum_(state["exp_avg"], update, beta1)
+                m = state["exp_avg"]
+                # beta1 where ok, 1 (no decay) where not; the masked update then adds nothing.
+                dense_momentum_(m, update, torch.where(ok, torch.full((), beta1, dtype=m.dtype, device=m.device), 1.0),
+                                alpha=1 - beta1)
+                # p -= m where ok, without an n x m temporary: m * (-1) is exact, so this is
+                # p.sub_(m) bit for bit.
+                update = None
+                sign = torch.where(ok, -1.0, 0.0)
 
         if group["weight_decay"] != 0:
-            p32.add_(p32, alpha=(-group["weight_decay"] * lr))
-        p32.sub_(update)  # == add_(-update) bit for bit, without the negated copy
+            p32.add_(torch.where(ok, p32, 0.0), alpha=(-group["weight_decay"] * lr))
+        if update is None:
+            p32.addcmul_(state["exp_avg"], sign)
+        else:
+            p32.sub_(update)  # == add_(-update) bit for bit, without the negated copy
         if p32 is not p:
             p.copy_(p32)
 
     def _compressed_update(self, group, state, index, update, beta1, lr) -> torch.Tensor:
         """``update``: the normalised update before Adafactor's clip and lr; overwritten."""
         c, dim = state["exp_avg_c"], state["proj_dim"]
-        a = self._projection(group, state, index, state["proj_count"], update.shape, update.device)
+        a = self._projection(group, state, index, state["proj_count"], update.shape, update.device, c.dtype)
         if state["proj_age"] >= group["kappa"]:
             state["proj_count"] += 1
             state["proj_age"] = 0
-            a_new = self._projection(group, state, index, state["proj_count"], update.shape, update.device)
+            a_new = self._projection(group, state, index, state["proj_count"], update.shape, update.device, c.dtype)
             resample_(c, a, a_new, dim)
             a = a_new
         state["proj_age"] += 1
-        return compressed_step_(group["momentum"], c, update, a, dim, beta1, lr, group["clip_threshold"])
+        return compressed_step_(group["momentum_form"], c, update, a, dim, beta1, lr, group["clip_threshold"])
 
     # ------------------------------------------------------------ checkpointing
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load after checking that every saved state tensor fits this optimizer's
-        parameters; keeps the saved dtype (float32), which torch would otherwise cast to
-        the parameter's."""
+        """Load after checking that the state comes from a Flora of the same rank and that
+        every saved state tensor fits this optimizer's parameters; keeps the saved dtype
+        (float32), which torch would otherwise cast to the parameter's. State saved by
+        earlier releases (option ``momentum``) loads."""
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
                 f"this optimizer has {len(self.param_groups)}"
             )
+        for gi, saved in enumerate(groups):
+            missing = [k for k in _CORE_KEYS if k not in saved]
+            if missing:
+                has = sorted(k for k in saved if k != "params")
+                raise ValueError(
+                    f"state_dict is not a Flora state: its parameter group {gi} has options {has} and lacks "
+                    f"{missing}; it was saved by a different optimizer (such as AdamW). Load it into that "
+                    "optimizer, or start Flora from a fresh state"
+                )
+        groups = [_upgrade_group(dict(g)) for g in groups]
         id_to_param: dict[Any, tuple[torch.Tensor, dict]] = {}
-        for saved, mine in zip(groups, self.param_groups):
+        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(
                     f"state_dict has a parameter group of {len(saved['params'])} parameters where this "
                     f"optimizer has {len(mine['params'])}: it was saved from a different model"
+                )
+            if saved["rank"] != mine["rank"]:
+                raise ValueError(
+                    f"state_dict was saved with rank={saved['rank']!r} in parameter group {gi}, but this optimizer "
+                    f"has rank={mine['rank']!r}: build Flora with rank={saved['rank']!r} to resume this state"
                 )
             _validate_group({**self.defaults, **{k: v for k, v in saved.items() if k != "params"}})
             for pid, p in zip(saved["params"], mine["params"]):
@@ -315,9 +513,10 @@ class Flora(Optimizer):
         for pid, s in state_dict["state"].items():
             p, g = id_to_param[pid]
             _check_state_shapes(p, s, g)
-        super().load_state_dict(state_dict)
+        super().load_state_dict({**state_dict, "param_groups": groups})
         self._proj_cache.clear()
         for group in self.param_groups:  # options added since the state was saved
+            _upgrade_group(group)
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
         for pid, s in state_dict["state"].items():

@@ -182,7 +182,7 @@ def build(spec: Spec, model: nn.Module, lr: float, *, task, kappa: int, tau: int
 
         opt = Adafactor(params, beta1=spec.beta1, **_adafactor_kwargs(lr))
     elif spec.family == "flora":
-        opt = flora.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, momentum=spec.momentum,
+        opt = flora.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, momentum_form=spec.momentum,
                           seed=seed, **_adafactor_kwargs(lr))
     elif spec.family == "flora-opt":
         fo = _import_peer("flora_opt")

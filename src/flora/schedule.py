@@ -1,0 +1,46 @@
+"""A learning-rate scheduler for Flora's relative-step mode (``lr=None``)."""
+
+from __future__ import annotations
+
+from torch.optim.lr_scheduler import LRScheduler
+
+from .adafactor import relative_step_size
+
+__all__ = ["RelativeStepSchedule"]
+
+
+class RelativeStepSchedule(LRScheduler):
+    """Pair it with ``Flora(params, lr=None)`` wherever a scheduler is required, as with
+    the Hugging Face Trainer: ``Trainer(..., optimizers=(opt, RelativeStepSchedule(opt)))``.
+
+    In relative-step mode Flora sets its own step size, ``min(1e-2, 1/sqrt(t))`` (times
+    ``RMS(p)`` when ``scale_parameter``), so this scheduler changes nothing: it never
+    writes ``lr`` into the parameter groups (which must stay None) and reports, through
+    ``get_last_lr()``, each group's relative step at its latest step count, for logging.
+    It plays the part of transformers' ``AdafactorSchedule``, which Flora cannot use.
+    """
+
+    def __init__(self, optimizer, last_epoch: int = -1):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        bad = [i for i, g in enumerate(inner.param_groups) if not g.get("relative_step", False)]
+        if bad:
+            raise ValueError(f"RelativeStepSchedule needs relative_step=True (Flora with lr=None) in every parameter "
+                             f"group; groups {bad} use a fixed lr: use any torch scheduler for those")
+        self.optimizer = inner
+        self.base_lrs = [0.0] * len(inner.param_groups)
+        self.last_epoch = last_epoch + 1
+        self._step_count = 1
+        self._last_lr = self.get_lr()
+
+    def get_lr(self) -> list[float]:
+        lrs = []
+        for g in self.optimizer.param_groups:
+            steps = [self.optimizer.state[p].get("step", 0) for p in g["params"] if p in self.optimizer.state]
+            t = max(steps, default=0)
+            lrs.append(relative_step_size(max(t, 1), g["warmup_init"]))
+        return lrs
+
+    def step(self, epoch: int | None = None) -> None:
+        self._step_count += 1
+        self.last_epoch += 1
+        self._last_lr = self.get_lr()

@@ -1,0 +1,449 @@
+"""Defects a new user hit (issue 7): generator param groups, partial accumulation cycles,
+copies, scheduler option names, float64, non-finite gradients, foreign checkpoints,
+GradScaler in fused mode, and the compression summary."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers.optimization import Adafactor
+
+import flora
+from flora import CompressedAccumulator, Flora
+from flora.projection import ACCUMULATION_STREAM, compress, decompress, gaussian_projection, projection_seed
+
+TAU = 3
+
+
+def _mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 5)).to(dtype)
+
+
+def _batches(n, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 12, generator=g).to(dtype), torch.randn(4, 5, generator=g).to(dtype)) for _ in range(n)]
+
+
+def _loss(model, x, y):
+    return nn.functional.mse_loss(model(x), y) / TAU
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_equal(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+# ------------------------------------------------------------- 1. generators
+
+
+def test_generator_param_groups_hold_their_parameters():
+    model = _mlp()
+    groups = lambda: [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 1e-3}]  # noqa: E731
+    opt = Flora(groups(), lr=1e-2)
+    ref = torch.optim.AdamW(groups(), lr=1e-2)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in ref.param_groups] == [2, 2]
+    opt.add_param_group({"params": model[4].parameters()})
+    assert len(opt.param_groups[2]["params"]) == 2
+    with pytest.raises(TypeError, match="set"):  # torch's own refusal still reaches the user
+        Flora([{"params": set(model[0].parameters())}], lr=1e-2)
+
+
+# ------------------------------------------------- 2. partial accumulation cycles
+
+# How a loop closes the short last cycle: the given optimizer's pre-hook, the global
+# pre-hook (no optimizer=), an explicit finish_cycle() before stepping, or fused mode.
+CLOSERS = ["optimizer", "global", "finish", "fused"]
+
+
+def _epoch_loop(model, opt, acc, batches, closer):
+    """Plain accumulation over an epoch whose length is not a multiple of TAU: a step at
+    every TAU-th micro-batch and after the last one."""
+    for i, (x, y) in enumerate(batches):
+        _loss(model, x, y).backward()
+        if (i + 1) % TAU and i + 1 != len(batches):
+            continue
+        if closer == "fused":
+            acc.finish_cycle()  # a no-op on a full cycle
+            continue
+        if closer == "finish" and acc is not None:
+            acc.finish_cycle()
+        opt.step()
+        opt.zero_grad()
+
+
+def _make(closer, rank, model, opt_cls=torch.optim.SGD, **opt_kw):
+    opt = opt_cls(model.parameters(), **({"lr": 0.1} | opt_kw))
+    kw = {"optimizer": opt} if closer in ("optimizer", "fused") else {}
+    acc = CompressedAccumulator(model, rank=rank, tau=TAU, seed=2, fused=closer == "fused", **kw)
+    return opt, acc
+
+
+@pytest.mark.parametrize("closer", CLOSERS)
+@pytest.mark.parametrize("n_batches", [2 * TAU + 1, 2 * TAU + 2])
+def test_partial_cycle_without_compression_is_plain_accumulation(closer, n_batches):
+    batches = _batches(n_batches)
+    ref = _mlp()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    _epoch_loop(ref, ref_opt, None, batches, "plain")
+    _epoch_loop(ref, ref_opt, None, batches, "plain")  # a second epoch
+
+    model = _mlp()
+    opt, acc = _make(closer, None, model, torch.optim.AdamW, lr=1e-2)
+    _epoch_loop(model, opt, acc, batches, closer)
+    _epoch_loop(model, opt, acc, batches, closer)
+    _assert_equal(_params(model), _params(ref))
+    assert acc.micro_step == 0 and acc.cycle == 2 * -(-n_batches // TAU)
+
+
+@pytest.mark.parametrize("closer", CLOSERS)
+def test_partial_cycle_steps_every_parameter_on_its_estimate(closer):
+    """SGD with lr=1 moves each parameter by exactly its gradient, so the step of the
+    short cycle shows the estimate: decompress(sum of the k compressed gradients)."""
+    k = 2
+    batches = _batches(TAU + k)
+    model = _mlp()
+    opt, acc = _make(closer, 4, model, lr=1.0)
+    _epoch_loop(model, opt, acc, batches[:TAU], closer)  # one full cycle
+    before = _params(model)
+    grads = []
+    for x, y in batches[TAU:]:  # the k micro-batches of the short cycle, by hand
+        probe = copy.deepcopy(model)
+        _loss(probe, x, y).backward()
+        grads.append([p.grad for p in probe.parameters()])
+    _epoch_loop(model, opt, acc, batches[TAU:], closer)
+    assert acc.cycle == 2 and acc.micro_step == 0
+    for i, (p, b) in enumerate(zip(model.parameters(), before)):
+        gs = [g[i] for g in grads]
+        if p.dim() == 2:  # compressed along the smaller dim with cycle 1's projection
+            dim = 0 if p.shape[0] < p.shape[1] else 1
+            a = gaussian_projection(projection_seed(2, i, 1, ACCUMULATION_STREAM), 4, p.shape[dim])
+            want = decompress(sum(compress(g, a, dim) for g in gs), a, dim)
+        else:
+            want = sum(gs)
+        torch.testing.assert_close(b - p.detach(), want, rtol=1e-5, atol=1e-6)
+    # The next cycle starts cleanly: a full cycle steps again as usual.
+    _epoch_loop(model, opt, acc, _batches(TAU, seed=5), closer)
+    assert acc.cycle == 3 and acc.micro_step == 0
+
+
+def test_global_hook_ignores_optimizers_of_other_parameters():
+    model, other = _mlp(), nn.Linear(3, 3)
+    acc = CompressedAccumulator(model, rank=4, tau=TAU)
+    x, y = _batches(1)[0]
+    _loss(model, x, y).backward()
+    other.weight.grad = torch.ones_like(other.weight)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+    assert acc.micro_step == 1  # not closed by an unrelated optimizer
+
+
+def test_global_hook_does_not_keep_the_accumulator_alive():
+    import gc
+    import weakref
+
+    model = _mlp()
+    ref = weakref.ref(CompressedAccumulator(model, rank=4, tau=TAU))
+    gc.collect()
+    # the parameters' hooks still hold it: it lives as long as the model does
+    assert ref() is not None
+    ref().remove()
+    gc.collect()
+    assert ref() is None
+
+
+def test_accelerate_marks_the_last_short_cycle():
+    """Under accelerator.accumulate() with a prepared dataloader whose length is not a
+    multiple of tau, the end of the dataloader ends the cycle at its last backward: that
+    gradient enters exactly, and clipping before step() sees every gradient."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import GradientState
+
+    data = _batches(TAU + 2)
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=TAU, cpu=True)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    acc = CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt, seed=2)
+    seen = []
+    try:
+        for i, (x, y) in enumerate(loader):
+            with accelerator.accumulate(model):
+                accelerator.backward(nn.functional.mse_loss(model(x), y))
+                if accelerator.sync_gradients:
+                    seen.append([p.grad is not None for p in model.parameters()])
+                    if i + 1 == len(data):  # the short cycle: the exact-last estimate
+                        w = model[0].weight
+                        a = gaussian_projection(projection_seed(2, 0, 1, ACCUMULATION_STREAM), 4, 12)
+                        g_prev, g_last = [], None
+                        for xb, yb in data[TAU:]:
+                            probe = copy.deepcopy(model)
+                            probe.zero_grad()
+                            (nn.functional.mse_loss(probe(xb), yb) / TAU).backward()
+                            g_prev.append(probe[0].weight.grad)
+                        g_last = g_prev.pop()
+                        want = decompress(sum(compress(g, a, 1) for g in g_prev), a, 1) + g_last
+                        torch.testing.assert_close(w.grad, want, rtol=1e-5, atol=1e-6)
+                opt.step()
+                opt.zero_grad()
+    finally:
+        GradientState._reset_state()
+    assert all(all(s) for s in seen) and len(seen) == 2
+    assert acc.cycle == 2 and acc.micro_step == 0
+
+
+# ------------------------------------------------------------ 3. copy, pickle
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_flora_keep_working(how):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(16, 32))
+    opt = Flora([p], lr=1e-2, rank=4, beta1=0.9, kappa=2, cache_projections=True)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    q = twin.param_groups[0]["params"][0]
+    g = torch.randn_like(p)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, q)
+    twin.load_state_dict(opt.state_dict())
+
+
+# ------------------------------------------------- 4. scheduler option names
+
+
+@pytest.mark.parametrize("make", [
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=10),
+    lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=1e-3, max_lr=1e-2),
+])
+def test_cyclic_schedulers_raise_their_own_error_and_change_nothing(make):
+    p = nn.Parameter(torch.randn(8, 8))
+    opt = Flora([p], lr=1e-3, rank=2, beta1=0.9, momentum_form="paper")
+    with pytest.raises(ValueError, match="momentum"):
+        make(opt)
+    assert opt.param_groups[0]["momentum_form"] == "paper" and "momentum" not in opt.param_groups[0]
+
+
+def test_one_cycle_without_cycling_momentum_works():
+    p = nn.Parameter(torch.randn(8, 8))
+    opt = Flora([p], lr=1e-3, rank=2, beta1=0.9, momentum_form="paper")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=False)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["momentum_form"] == "paper"
+
+
+def test_checkpoint_with_the_old_option_name_loads():
+    p = nn.Parameter(torch.randn(8, 8))
+    opt = Flora([p], lr=1e-3, rank=2, beta1=0.9, momentum_form="paper")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["momentum"] = g.pop("momentum_form")
+    opt2 = Flora([p], lr=1e-3, rank=2, beta1=0.9)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["momentum_form"] == "paper" and "momentum" not in opt2.param_groups[0]
+    with pytest.warns(FutureWarning, match="momentum_form"):
+        assert Flora([p], lr=1e-3, momentum="paper").param_groups[0]["momentum_form"] == "paper"
+
+
+# ------------------------------------------------------------------ 5. float64
+
+
+@pytest.mark.parametrize("kw", [dict(lr=1e-2, relative_step=False, beta1=0.9), dict(lr=None, beta1=None)])
+def test_float64_without_compression_equals_hf_adafactor(kw):
+    results = []
+    for make in (lambda ps: Adafactor(ps, warmup_init=False, **kw), lambda ps: Flora(ps, **kw)):
+        model = _mlp(torch.float64)
+        opt = make(model.parameters())
+        for x, y in _batches(5, dtype=torch.float64):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        results.append(_params(model))
+    _assert_equal(*results)
+
+
+def test_float64_compressed_momentum_and_accumulation():
+    model = _mlp(torch.float64)
+    opt = Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2)
+    acc = CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt)
+    _epoch_loop(model, opt, acc, _batches(2 * TAU + 1, dtype=torch.float64), "optimizer")
+    for p in model.parameters():
+        assert p.dtype == torch.float64 and torch.isfinite(p).all()
+        for v in opt.state[p].values():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == torch.float64
+
+
+# ------------------------------------------------------ 6. remove() mid-cycle
+
+
+def test_remove_mid_cycle_drops_every_partial_sum():
+    model = _mlp()
+    acc = CompressedAccumulator(model, rank=4, tau=TAU)
+    _loss(model, *_batches(1)[0]).backward()
+    with pytest.warns(UserWarning, match="partial sums are dropped"):
+        acc.remove()
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------- 7. GradScaler, fused
+
+
+def _scaled_run(fused, poison, opt_cls):
+    model = _mlp()
+    opt = opt_cls(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    acc = CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt, fused=fused,
+                                **({"scaler": scaler} if fused else {}))
+    batches = _batches(2 * TAU)
+    if poison:  # a NaN input in the second cycle: every gradient of that cycle is NaN
+        batches[TAU + 1][0][0, 0] = float("nan")
+    for i, (x, y) in enumerate(batches):
+        scaler.scale(_loss(model, x, y)).backward()
+        if (i + 1) % TAU == 0:
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            if i + 1 == TAU:
+                after_first = _params(model)
+    assert acc.cycle == 2
+    return _params(model), scaler.get_scale(), after_first
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, Flora])
+@pytest.mark.parametrize("poison", [False, True])
+def test_fused_with_grad_scaler_equals_normal_mode(poison, opt_cls):
+    p_ref, s_ref, _ = _scaled_run(False, poison, opt_cls)
+    p_got, s_got, after_first = _scaled_run(True, poison, opt_cls)
+    assert s_got == s_ref == (2.0**9 if poison else 2.0**10)  # the scaler saw the NaN and backed off
+    _assert_equal(p_got, p_ref)
+    if poison:
+        _assert_equal(p_got, after_first)  # nothing stepped in the poisoned cycle
+
+
+def test_scaler_needs_fused_mode():
+    model = _mlp()
+    with pytest.raises(ValueError, match="scaler"):
+        CompressedAccumulator(model, rank=4, tau=2, scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(TypeError, match="scaler"):
+        CompressedAccumulator(model, rank=4, tau=2, fused=True, optimizer=torch.optim.SGD(model.parameters(), lr=1),
+                              scaler=object())
+
+
+# ---------------------------------------------------- 8. non-finite gradients
+
+CONFIGS = {  # every path of the step: compressed, dense momentum, none; 2-D and 1-D
+    "compressed": dict(rank=2, beta1=0.9),
+    "compressed-paper": dict(rank=2, beta1=0.9, momentum_form="paper"),
+    "dense-momentum": dict(beta1=0.9),
+    "no-momentum": dict(),
+    "weight-decay": dict(rank=2, beta1=0.9, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e20])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_nonfinite_gradient_skips_that_parameter_only(config, bad):
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(10))
+    ref_w, ref_b = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
+    kw = dict(lr=1e-2, kappa=2, **CONFIGS[config])
+    opt, ref = Flora([w, b], **kw), Flora([ref_w, ref_b], **kw)
+    for step in range(4):
+        gw, gb = torch.randn(6, 10), torch.randn(10)
+        if step == 2:  # w gets a bad gradient; b a good one
+            gw[1, 3] = bad
+            w_before = w.detach().clone()
+            state_before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[w].items()}
+        w.grad, b.grad = gw, gb.clone()
+        opt.step()
+        if step == 2:
+            assert torch.equal(w, w_before)
+            for k, v in opt.state[w].items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, state_before[k]), k
+            ref_b.grad = gb.clone()
+            ref.step()  # the reference sees b's gradient only
+        else:
+            ref_w.grad, ref_b.grad = gw.clone(), gb.clone()
+            ref.step()
+    assert int(opt.nonfinite_skips) == 1
+    assert torch.isfinite(w).all() and torch.equal(b, ref_b)
+
+
+# ------------------------------------------------- 9, 10. foreign checkpoints
+
+
+def test_state_of_another_rank_is_refused_naming_both():
+    p = nn.Parameter(torch.randn(8, 8))
+    opt = Flora([p], lr=1e-3, rank=3, beta1=0.9)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    other = Flora([p], lr=1e-3, rank=4, beta1=0.9)
+    with pytest.raises(ValueError, match=r"rank=3.*rank=4"):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state
+
+
+def test_state_of_another_optimizer_is_refused():
+    p = nn.Parameter(torch.randn(8, 8))
+    adam = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    adam.step()
+    opt = Flora([p], lr=1e-3, rank=2, beta1=0.9)
+    with pytest.raises(ValueError, match="different optimizer"):
+        opt.load_state_dict(adam.state_dict())
+
+
+# ------------------------------------------------------------ summaries, lr=None
+
+
+def test_summary_and_warning_when_nothing_is_compressed():
+    model = _mlp()
+    with pytest.warns(UserWarning, match="beta1=None"):
+        Flora(model.parameters(), lr=1e-3, rank=32)
+    with pytest.warns(UserWarning, match="projected dim <= rank 32"):
+        Flora(model.parameters(), lr=1e-3, rank=32, beta1=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = Flora(model.parameters(), lr=1e-3, rank=4, beta1=0.9)
+        Flora(model.parameters(), lr=1e-3)  # no rank asked for: nothing to warn about
+    rows = opt.plan()
+    assert [r["compressed"] for r in rows] == [True, False, True, False, True, False]
+    assert rows[1]["reason"] == "1-D" and rows[0]["momentum_shape"] == (16, 4)
+    text = opt.summary()
+    assert "3 of 6" in text and "compressed to 16 x 4" in text and "dense: 1-D" in text
+
+
+def test_relative_step_schedule_reports_and_changes_nothing():
+    model = _mlp()
+    opt = Flora(model.parameters(), lr=None)
+    sched = flora.RelativeStepSchedule(opt)
+    for t, (x, y) in enumerate(_batches(3), start=1):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        assert sched.get_last_lr() == [min(1e-2, t**-0.5)]
+        assert opt.param_groups[0]["lr"] is None
+    with pytest.raises(ValueError, match="relative_step"):
+        flora.RelativeStepSchedule(Flora(model.parameters(), lr=1e-3))
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
