@@ -447,3 +447,16 @@ def test_relative_step_schedule_reports_and_changes_nothing():
         flora.RelativeStepSchedule(Flora(model.parameters(), lr=1e-3))
     buf = io.BytesIO()
     torch.save(sched.state_dict(), buf)
+
+
+def test_a_cycle_of_one_micro_batch_is_one_cycle():
+    """tau=1 (or a one-micro-batch cycle ended early) closes after the whole backward,
+    not after the first parameter's hook."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=4, tau=1, optimizer=opt)
+    for x, y in _batches(3):
+        _loss(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert acc.cycle == 3

@@ -260,6 +260,7 @@ class CompressedAccumulator:
         # Whether accelerate marked a backward of this / the previous cycle as unsynced:
         # then it drives the accumulation, and its synced backward ends a cycle early.
         self._unsynced = self._prev_unsynced = False
+        self._close_queued = False
         self._buffers: dict[int, torch.Tensor] = {}  # slot position -> partial sum
         self._proj_cache: dict[int, torch.Tensor] = {}
         self._sq_norm: torch.Tensor | None = None
@@ -381,8 +382,17 @@ class CompressedAccumulator:
         self._counts[k] = count + 1
         self._active += count == 0
         self._done += last
-        if last and self._done == self._active:
-            self._close_cycle()
+        if last and not self._close_queued:
+            # Close once this backward has run every hook: a parameter that finishes first
+            # cannot know whether the others got their gradients (a one-micro-batch cycle).
+            self._close_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
+        with self._lock:
+            self._close_queued = False
+            if self._done and self._done == self._active:
+                self._close_cycle()
 
     def _accelerate_ends_cycle(self) -> bool:
         """True when accelerate (the HF Trainer, ``accelerator.accumulate()``) drives the
