@@ -77,6 +77,8 @@ def unfactored_normalize(
     return torch.rsqrt(sq_avg, out=sq).mul_(grad), sq_avg
 
 
-def clip_by_rms_(update: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Scale ``update`` down so that its RMS is at most ``threshold``."""
-    return update.div_((rms(update) / threshold).clamp_(min=1.0))
+def clip_by_rms_(update: torch.Tensor, threshold: float, *, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale ``update`` down so that its RMS is at most ``threshold``; ``norm``, its 2-norm
+    if already computed."""
+    r = rms(update) if norm is None else norm / (update.numel() ** 0.5)
+    return update.div_((r / threshold).clamp_(min=1.0))

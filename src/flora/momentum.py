@@ -49,12 +49,13 @@ def _gram(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def compressed_step_(
     form: str, c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
-    lr: float | torch.Tensor, clip: float,
+    lr: float | torch.Tensor, clip: float, *, u_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adafactor's update clip and learning rate, then Flora's compressed momentum and
     its clip after decompression, with one pass over ``u`` (which it overwrites).
 
-    ``u`` is this step's normalised update before clipping. Equal, up to rounding, to::
+    ``u`` is this step's normalised update before clipping (``u_norm``: its 2-norm, if
+    already computed). Equal, up to rounding, to::
 
         u = lr * u / max(1, rms(u) / clip)
         out = paper_momentum_(c, u, a, dim, beta)  # or exact_momentum_
@@ -69,7 +70,8 @@ def compressed_step_(
     gram_a = a @ a.T
     numel = um.numel()
     # Scalars for the coefficients, fetched together (one device sync).
-    scalars = [torch.as_tensor(lr, dtype=torch.float32, device=u.device), um.norm().square()]
+    u_sq = (um.norm() if u_norm is None else u_norm).square()
+    scalars = [torch.as_tensor(lr, dtype=u_sq.dtype, device=u.device), u_sq]
     if form != "paper":
         scalars += [(cu * c).sum(), (_gram(c, dim) * gram_a).sum()]
     lr, u_sq, *rest = torch.stack(scalars).tolist()

@@ -157,7 +157,8 @@ class Flora(Optimizer):
     decompression would otherwise amplify it by about sqrt(d / r).
 
     A parameter whose gradient holds a NaN or an infinity, or a value whose square
-    overflows, is not updated: its weights and state tensors stay as they were (its step
+    overflows (so that the second moment or the normalised update is not finite), is not
+    updated: its weights and state tensors stay as they were (its step
     counter still advances); the decision is taken on the device, and
     :attr:`nonfinite_skips` counts such skipped parameter updates.
     """
@@ -415,30 +416,34 @@ class Flora(Optimizer):
             warmup_init=group["warmup_init"], scale_parameter=group["scale_parameter"],
         )
         beta2t = af.second_moment_decay(t, group["decay_rate"])
-        # The second moment is computed out of place and committed only where the result
-        # is finite (ok, decided on the device): a bad gradient leaves no trace.
+        # The second moment is computed out of place and committed only if the step is
+        # finite (ok, decided on the device): a bad gradient leaves no trace. The update's
+        # norm, which the clip needs anyway, is NaN or inf whenever an entry is.
         if grad.dim() >= 2:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, eps1)
-            ok = torch.isfinite(update).all() & torch.isfinite(new_row).all() & torch.isfinite(new_col).all()
+            norm = update.norm(2)
+            ok = torch.isfinite(norm) & torch.isfinite(new_row).all() & torch.isfinite(new_col).all()
             row.copy_(torch.where(ok, new_row, row))
             col.copy_(torch.where(ok, new_col, col))
         else:
             sq_avg = state["exp_avg_sq"]
             update, new_sq = af.unfactored_normalize(grad, sq_avg, beta2t, eps1)
-            ok = torch.isfinite(update).all() & torch.isfinite(new_sq).all()
+            norm = update.norm(2)
+            ok = torch.isfinite(norm) & torch.isfinite(new_sq).all()
             sq_avg.copy_(torch.where(ok, new_sq, sq_avg))
         bad = ok.logical_not()
         update.masked_fill_(bad, 0.0)  # leaves a finite update's bits as they are
+        norm = torch.where(ok, norm, 0.0)  # the norm of the masked update
         self._count_skip(ok)
         if beta1 is not None and "exp_avg_c" in state:
             c = state["exp_avg_c"]
             c_before = c.clone()  # r x d: small
-            update = self._compressed_update(group, state, index, update, beta1, lr)  # clips, scales by lr
+            update = self._compressed_update(group, state, index, update, norm, beta1, lr)  # clips, scales by lr
             c.copy_(torch.where(ok, c, c_before))
             update.masked_fill_(bad, 0.0)
         else:
-            af.clip_by_rms_(update, group["clip_threshold"])
+            af.clip_by_rms_(update, group["clip_threshold"], norm=norm)
             update.mul_(lr)
             if beta1 is not None:
                 m = state["exp_avg"]
@@ -459,8 +464,9 @@ class Flora(Optimizer):
         if p32 is not p:
             p.copy_(p32)
 
-    def _compressed_update(self, group, state, index, update, beta1, lr) -> torch.Tensor:
-        """``update``: the normalised update before Adafactor's clip and lr; overwritten."""
+    def _compressed_update(self, group, state, index, update, norm, beta1, lr) -> torch.Tensor:
+        """``update``: the normalised update before Adafactor's clip and lr, of 2-norm
+        ``norm``; overwritten."""
         c, dim = state["exp_avg_c"], state["proj_dim"]
         a = self._projection(group, state, index, state["proj_count"], update.shape, update.device, c.dtype)
         if state["proj_age"] >= group["kappa"]:
@@ -470,7 +476,8 @@ class Flora(Optimizer):
             resample_(c, a, a_new, dim)
             a = a_new
         state["proj_age"] += 1
-        return compressed_step_(group["momentum_form"], c, update, a, dim, beta1, lr, group["clip_threshold"])
+        return compressed_step_(group["momentum_form"], c, update, a, dim, beta1, lr, group["clip_threshold"],
+                                u_norm=norm)
 
     # ------------------------------------------------------------ checkpointing
 
