@@ -86,7 +86,7 @@ def test_hook_arithmetic_equals_offline_computation(exact_last):
             _loss(plain, x, y, TAU).backward()
             per_batch.append([p.grad.clone() for p in plain.parameters()])
             _loss(model, x, y, TAU).backward()
-        for i, (p, slot) in enumerate(zip(model.parameters(), acc._slots)):
+        for i, (p, row) in enumerate(zip(model.parameters(), acc.plan())):
             grads = [b[i] for b in per_batch]
             if p.dim() == 1:  # dense: plain sum, as autograd would accumulate
                 want = grads[0].clone()
@@ -94,8 +94,8 @@ def test_hook_arithmetic_equals_offline_computation(exact_last):
                     want += g
                 assert torch.equal(p.grad, want)
             else:
-                assert slot.dim == (0 if p.shape[0] < p.shape[1] else 1)
-                want = _offline_estimate(grads, 7, i, cycle, 4, slot.dim, exact_last)
+                assert row["proj_dim"] == (0 if p.shape[0] < p.shape[1] else 1)
+                want = _offline_estimate(grads, 7, i, cycle, 4, row["proj_dim"], exact_last)
                 torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6)
                 assert not torch.allclose(p.grad, sum(grads), atol=1e-3)  # it really is compressed
         model.zero_grad()
@@ -158,7 +158,7 @@ def test_exclusion_by_aspect_ratio_and_by_name_accumulates_densely():
     model = _mlp()  # weights 16x12 (ratio 1.33), 24x16 (1.5), 5x24 (4.8)
     plain = copy.deepcopy(model)
     acc = CompressedAccumulator(model, rank=4, tau=TAU, max_aspect_ratio=4.0, exclude=["0.weight"])
-    assert [s.dim is not None for s in acc._slots] == [False, False, True, False, False, False]
+    assert [r["compressed"] for r in acc.plan()] == [False, False, True, False, False, False]
     for x, y in _batches(TAU):
         _loss(model, x, y, TAU).backward()
         _loss(plain, x, y, TAU).backward()
@@ -576,7 +576,7 @@ def test_bad_state_dict_is_refused_and_changes_nothing():
                        ({**good, "indices": good["indices"][:2]}, "different model")]:
         with pytest.raises(ValueError, match=match):
             other.load_state_dict(bad)
-        assert other.state_dict()["counts"].tolist() == snapshot["counts"].tolist() and not other._buffers
+        assert other.state_dict()["counts"].tolist() == snapshot["counts"].tolist() and other.memory_bytes() == 0
     other.load_state_dict(good)
     assert other.micro_step == 1
 

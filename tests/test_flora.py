@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import flora
 from flora import Flora, flora_state_bytes, state_bytes
 from flora.projection import compress, decompress, gaussian_projection, projection_seed
 from transformers.optimization import Adafactor
@@ -167,14 +168,22 @@ def test_lr_scheduler_drives_the_step():
 
 
 def test_bf16_params_keep_fp32_state_and_train():
+    """bf16 weights follow an fp32 run from the same start to bf16 rounding, and move."""
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(16, 32, dtype=torch.bfloat16))
-    opt = Flora([p], lr=1e-2, rank=4, beta1=0.9)
-    for _ in range(3):
-        p.grad = torch.randn_like(p)
+    p0, q = p.detach().clone(), nn.Parameter(p.detach().float())
+    opt, ref = Flora([p], lr=1e-2, rank=4, beta1=0.9), Flora([q], lr=1e-2, rank=4, beta1=0.9)
+    for _ in range(5):
+        g = torch.randn(16, 32)
+        p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
         opt.step()
+        ref.step()
     assert p.dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+    moved = (p.float() - p0.float()).abs().max()
+    assert moved > 1e-2  # it trained: 5 steps of about lr * RMS(p) = 1e-2 each
+    # each step rounds to bf16 (relative 2^-8): a few roundings of |p| <= 4
+    torch.testing.assert_close(p.float(), q.detach(), rtol=0, atol=5 * 4 * 2**-8)
 
 
 def test_step_parameter_equals_step():
@@ -241,7 +250,7 @@ def test_cached_projections_change_memory_not_results():
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
-        assert len(opt._proj_cache) == (2 if cache else 0)
+        assert flora.cache_bytes(opt) == (4 * 2 * 3 * 12 if cache else 0)  # two 3 x 12 projections
         assert "cache" not in str(opt.state_dict()["state"])
         runs.append(ps)
     for a, b in zip(*runs):

@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import flora
+from flora.projection import ACCUMULATION_STREAM, compress, decompress, gaussian_projection, projection_seed
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -46,12 +47,32 @@ def test_dense_accumulator_inside_trainer_changes_nothing(tmp_path):
 
 
 def test_compressed_accumulator_inside_trainer(tmp_path):
-    ref, _ = _train(tmp_path / "a", "none")
-    got, acc = _train(tmp_path / "b", 4)
-    assert acc.cycle == 4 and acc.micro_step == 0  # one cycle per optimizer step, none left open
-    moved = [not torch.equal(a, b) for a, b in zip(ref.parameters(), got.parameters()) if a.dim() == 2]
-    assert any(moved)  # the compressed estimate, not the dense sum, reached the optimizer
-    assert all(torch.isfinite(p).all() for p in got.parameters())
+    """Each optimizer step sees, for a compressed matrix, decompress(compress(G_1)) + G_2
+    under that cycle's projection: recorded per micro-batch by a hook that runs before the
+    accumulator's, and at the step by a pre-hook. Clipping is off (max_grad_norm huge)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    index = names.index("model.layers.0.mlp.up_proj.weight")  # 64 x 32: projects the 32 columns
+    w = dict(model.named_parameters())[names[index]]
+    micro, seen = [], []
+    w.register_post_accumulate_grad_hook(lambda p: micro.append(p.grad.detach().clone()))
+    opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
+    opt.register_step_pre_hook(lambda *_: seen.append(w.grad.detach().clone()))
+    acc = flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, seed=1)
+    assert acc.plan()[index]["proj_dim"] == 1
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=4, report_to=[], save_strategy="no", use_cpu=True, max_grad_norm=1e9,
+                             disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None)).train()
+    assert acc.cycle == 4 and acc.micro_step == 0 and len(seen) == 4 and len(micro) == 8
+    for cycle in range(4):
+        a = gaussian_projection(projection_seed(1, index, cycle, ACCUMULATION_STREAM), 4, 32)
+        g1, g2 = micro[2 * cycle], micro[2 * cycle + 1]
+        torch.testing.assert_close(seen[cycle], decompress(compress(g1, a, 1), a, 1) + g2, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(seen[cycle], g1 + g2, atol=1e-4)  # compressed, not the dense sum
 
 
 def test_epochs_with_a_short_last_cycle(tmp_path):

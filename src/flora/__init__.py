@@ -2,7 +2,7 @@
 (Hao, Cao, Mou, ICML 2024)."""
 
 from .accumulate import CompressedAccumulator
-from .memory import flora_state_bytes, state_bytes
+from .memory import cache_bytes, flora_state_bytes, state_bytes
 from .optimizer import Flora
 from .schedule import RelativeStepSchedule
 from .projection import compress, decompress, gaussian_projection, projection_seed, transfer
@@ -12,6 +12,7 @@ __all__ = [
     "CompressedAccumulator",
     "RelativeStepSchedule",
     "state_bytes",
+    "cache_bytes",
     "flora_state_bytes",
     "gaussian_projection",
     "projection_seed",

@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -25,7 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validation import check_nonneg_int, check_positive_int, check_real
-from .optimizer import PROJ_DIMS, momentum_plan, state_dtype
+from .compression import PROJ_DIMS, compressed_dim
 from .projection import (
     as_matrix,
     compress,
@@ -36,6 +36,7 @@ from .projection import (
     matrix_shape,
     ACCUMULATION_STREAM,
     projection_seed,
+    state_dtype,
 )
 
 __all__ = ["CompressedAccumulator", "accumulate_compressed_", "write_estimate_"]
@@ -83,6 +84,29 @@ class _Slot:
     dim: int | None  # projected matrix dimension; None accumulates densely
 
 
+@dataclass
+class _Cycle:
+    """What the current accumulation cycle has seen. A closed cycle is replaced whole
+    (``next()``), so nothing of it can leak into the next one."""
+
+    number: int  # cycles completed before this one: keys this cycle's projections
+    counts: list[int]  # backward passes each slot has seen in this cycle
+    follow_accelerate: bool = False  # accelerate marked a backward of the previous cycle unsynced
+    active: int = 0  # slots with a gradient in this cycle
+    done: int = 0  # of those, the slots whose cycle is complete
+    buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> partial sum
+    projections: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> cached projection
+    sq_norm: torch.Tensor | None = None  # fused mode: squared norms of the gradients stepped so far
+    unsynced: bool = False  # accelerate marked a backward of this cycle unsynced
+
+    @classmethod
+    def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False) -> "_Cycle":
+        return cls(number, [0] * n_slots, follow_accelerate)
+
+    def next(self) -> "_Cycle":
+        return _Cycle.start(len(self.counts), self.number + 1, self.unsynced)
+
+
 def _named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
     if isinstance(model_or_params, nn.Module):
         return list(model_or_params.named_parameters())
@@ -118,45 +142,26 @@ def _unwrap(optimizer):
 class CompressedAccumulator:
     r"""Accumulate gradients over ``tau`` micro-batches in compressed form.
 
-    Attach it once, then train with the usual accumulation loop::
+    Contract: after the ``tau``-th backward of a cycle every parameter's ``.grad`` holds
+    an unbiased estimate of the sum of its ``tau`` gradients (``decompress(C) + G_tau``
+    for a compressed matrix, the exact sum for a dense parameter), so any optimizer,
+    clipping or logging works on it unchanged; between backward passes a compressed
+    matrix's ``.grad`` is None and its partial sum is an ``n x r`` buffer. A step after
+    ``k < tau`` backward passes steps on the estimate of those ``k`` and starts a new
+    cycle. With ``rank=None`` everything equals plain accumulation bit for bit. With
+    ``fused=True`` the optimizer steps inside the ``tau``-th backward instead, one
+    parameter at a time. Loops, short cycles, fused mode, integrations and limits:
+    ``docs/accumulation.md``.
+
+    Usage, with the usual accumulation loop::
 
         acc = flora.CompressedAccumulator(model, rank=32, tau=8, optimizer=opt)
         for i, batch in enumerate(batches):
             (loss_fn(model, batch) / 8).backward()    # mean over micro-batches: divide by tau
             if (i + 1) % 8 == 0 or i + 1 == len(batches):
-                acc.finish_cycle()    # only needed before clipping a last, partial cycle
+                acc.finish_cycle()    # only needed before clipping a short last cycle
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # optional
-                opt.step(); sched.step(); opt.zero_grad()
-
-    A step after ``k < tau`` backward passes (the end of an epoch) steps every parameter on
-    the estimate of those ``k``, as plain accumulation would, and the next cycle starts
-    afresh: the optimizer's step pre-hook (or, without ``optimizer=``, a global one)
-    closes the cycle, ``finish_cycle()`` does it earlier, and under the Hugging Face
-    Trainer or ``accelerator.accumulate()`` the backward that accelerate marks as the
-    last of a cycle closes it (so clipping there sees every gradient).
-
-    Each matrix parameter's gradient is compressed to ``n x r`` by a post-accumulate-grad
-    hook as soon as backward produces it, and its ``.grad`` is set to None. On the tau-th
-    backward, ``.grad`` receives ``decompress(C) + G_tau`` (``exact_last=True``) or
-    ``decompress(C + compress(G_tau))``, an unbiased estimate of the summed gradient, so
-    any optimizer can step on it and ``clip_grad_norm_`` sees real gradients. The
-    projection of parameter ``i`` in cycle ``k`` is drawn from
-    ``projection_seed(seed, i, k, ACCUMULATION_STREAM)``: identical on every data-parallel replica and after a
-    resume. 1-D parameters, excluded ones, and ones whose projected dimension is not larger
-    than ``rank`` accumulate densely (in ``.grad``, exactly as without the accumulator).
-
-    Fused mode (``fused=True``, needs ``optimizer``): the optimizer steps inside the hook
-    on the tau-th backward, one parameter at a time, and ``.grad`` is freed right after;
-    dense parameters then accumulate in the accumulator's own buffers. The loop calls
-    ``backward()`` only; ``optimizer.step()``/``zero_grad()`` are harmless no-ops (every
-    ``.grad`` is None), and a scheduler's ``step()`` once per cycle works as usual. A
-    ``flora.Flora`` is stepped with ``step_parameter``; any other optimizer with
-    ``optimizer.step()`` while only that parameter has a gradient (optimizers skip
-    parameters whose ``.grad`` is None), so its state, param groups, scheduler and
-    ``state_dict`` stay the user's own. Global-norm clipping is impossible there (the
-    norm is known only after the last parameter has stepped): ``max_grad_norm`` clips
-    each parameter's gradient to that norm, and ``last_grad_norm`` reports the global norm
-    of the cycle that just ended.
+                opt.step(); opt.zero_grad()
 
     Args:
         model_or_params: an ``nn.Module``, an iterable of parameters, or parameter groups.
@@ -176,8 +181,11 @@ class CompressedAccumulator:
         optimizer: in normal mode, optional: its step pre-hook closes a partial cycle
             (without it a global optimizer step pre-hook does, for any optimizer holding
             these parameters). Required in fused mode.
-        fused: step the optimizer inside backward (see above).
-        max_grad_norm: fused mode only: per-parameter gradient-norm clipping.
+        fused: step the optimizer inside backward: ``step_parameter`` for a
+            ``flora.Flora``, otherwise ``optimizer.step()`` while only that parameter has
+            a gradient; the loop then calls ``backward()`` only.
+        max_grad_norm: fused mode only: per-parameter gradient-norm clipping (global-norm
+            clipping is impossible there; ``last_grad_norm`` reports the cycle's norm).
         cache_projections: keep each parameter's projection for the whole cycle (at most
             the size of its compressed buffer) instead of redrawing it every micro-batch.
         scaler: fused mode only: a ``torch.amp.GradScaler``; each accumulated gradient is
@@ -227,7 +235,6 @@ class CompressedAccumulator:
                              "(scaler.step(optimizer) after the tau-th backward)")
 
         named = _named_params(model_or_params)
-        plan_opts = {"rank": rank, "proj_dim": proj_dim, "max_aspect_ratio": max_aspect_ratio}
         excluded = self._resolve_exclude(exclude, named)
         slots = []
         for index, (name, p) in enumerate(named):
@@ -235,7 +242,8 @@ class CompressedAccumulator:
                 continue
             if p.is_complex():
                 raise TypeError(f"parameter {name!r} is complex: CompressedAccumulator supports real tensors only")
-            dim = None if id(p) in excluded else momentum_plan(tuple(p.shape), plan_opts)
+            dim = None if id(p) in excluded else compressed_dim(tuple(p.shape), rank, proj_dim=proj_dim,
+                                                                max_aspect_ratio=max_aspect_ratio)
             slots.append(_Slot(index, name, p, dim))
         if not slots:
             raise ValueError("model_or_params has no parameter with requires_grad=True")
@@ -253,17 +261,8 @@ class CompressedAccumulator:
         self.max_grad_norm, self.cache_projections, self.scaler = max_grad_norm, cache_projections, scaler
         self._slots: list[_Slot] = slots
         self._ids = {id(s.param) for s in slots}
-        self._counts = [0] * len(slots)  # backward passes seen by each parameter this cycle
-        self._active = 0  # parameters with a gradient this cycle
-        self._done = 0  # of those, the ones whose cycle is complete
-        self._cycle = 0
-        # Whether accelerate marked a backward of this / the previous cycle as unsynced:
-        # then it drives the accumulation, and its synced backward ends a cycle early.
-        self._unsynced = self._prev_unsynced = False
-        self._close_queued = False
-        self._buffers: dict[int, torch.Tensor] = {}  # slot position -> partial sum
-        self._proj_cache: dict[int, torch.Tensor] = {}
-        self._sq_norm: torch.Tensor | None = None
+        self._c = _Cycle.start(len(slots))
+        self._close_queued = False  # a close is queued for the end of the running backward
         self.last_grad_norm: torch.Tensor | None = None
         # Autograd runs each CUDA device's backward on its own thread: a model spread over
         # devices may run two hooks at once.
@@ -327,14 +326,14 @@ class CompressedAccumulator:
     # ------------------------------------------------------------------ the hook
 
     def _projection(self, k: int) -> torch.Tensor:
-        a = self._proj_cache.get(k)
+        a = self._c.projections.get(k)
         if a is None:
             s = self._slots[k]
-            a = gaussian_projection(projection_seed(self.seed, s.index, self._cycle, ACCUMULATION_STREAM), self.rank,
+            a = gaussian_projection(projection_seed(self.seed, s.index, self._c.number, ACCUMULATION_STREAM), self.rank,
                                     matrix_shape(s.param.shape)[s.dim], device=s.param.device,
                                     dtype=state_dtype(s.param.dtype))
             if self.cache_projections:
-                self._proj_cache[k] = a
+                self._c.projections[k] = a
         return a
 
     @torch.no_grad()
@@ -346,7 +345,8 @@ class CompressedAccumulator:
         g = p.grad
         if g is None:
             return
-        count, slot = self._counts[k], self._slots[k]
+        c = self._c
+        count, slot = c.counts[k], self._slots[k]
         # Every check comes before any change of state.
         if count >= self.tau:
             raise RuntimeError(self._lag_message(slot.name))
@@ -354,11 +354,11 @@ class CompressedAccumulator:
             raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
                             "gradients (e.g. nn.Embedding(sparse=False))")
         last = count + 1 == self.tau or self._accelerate_ends_cycle()
-        buf = self._buffers.get(k)
+        buf = c.buffers.get(k)
         if slot.dim is not None:
             a = self._projection(k)
             if not last:
-                self._buffers[k] = accumulate_compressed_(buf, g, a, slot.dim)
+                c.buffers[k] = accumulate_compressed_(buf, g, a, slot.dim)
                 p.grad = None
             elif not self.exact_last:
                 write_estimate_(g, accumulate_compressed_(buf, g, a, slot.dim), a, slot.dim, add=False)
@@ -373,15 +373,15 @@ class CompressedAccumulator:
             if last:
                 p.grad = g
             else:
-                self._buffers[k] = g
+                c.buffers[k] = g
                 p.grad = None
         if last and self.fused:
             self._fused_step(p)
         if last:
-            self._buffers.pop(k, None)
-        self._counts[k] = count + 1
-        self._active += count == 0
-        self._done += last
+            c.buffers.pop(k, None)
+        c.counts[k] = count + 1
+        c.active += count == 0
+        c.done += last
         if last and not self._close_queued:
             # Close once this backward has run every hook: a parameter that finishes first
             # cannot know whether the others got their gradients (a one-micro-batch cycle).
@@ -391,7 +391,7 @@ class CompressedAccumulator:
     def _after_backward(self) -> None:
         with self._lock:
             self._close_queued = False
-            if self._done and self._done == self._active:
+            if self._c.done and self._c.done == self._c.active:
                 self._close_cycle()
 
     def _accelerate_ends_cycle(self) -> bool:
@@ -405,9 +405,9 @@ class CompressedAccumulator:
             return False
         sync = bool(shared.get("sync_gradients", True))
         if not sync:
-            self._unsynced = True
+            self._c.unsynced = True
             return False
-        return self._unsynced or self._prev_unsynced
+        return self._c.unsynced or self._c.follow_accelerate
 
     def _unscale(self, p: torch.Tensor) -> torch.Tensor | None:
         """Unscale ``p.grad`` by the GradScaler's scale in place and record whether it is
@@ -443,7 +443,7 @@ class CompressedAccumulator:
         else:
             norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
         sq = norm.float().square()
-        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+        self._c.sq_norm = sq if self._c.sq_norm is None else self._c.sq_norm + sq
         opt = self._optimizer
         step_parameter = getattr(opt, "step_parameter", None)
         if step_parameter is not None:
@@ -456,18 +456,12 @@ class CompressedAccumulator:
         p.grad = None
 
     def _close_cycle(self) -> None:
-        self._counts = [0] * len(self._slots)
-        self._active = self._done = 0
-        self._cycle += 1
-        self._buffers.clear()
-        self._proj_cache.clear()
-        self._prev_unsynced, self._unsynced = self._unsynced, False
-        if self.fused and self._sq_norm is not None:
-            self.last_grad_norm = self._sq_norm.sqrt()
-        self._sq_norm = None
+        if self.fused and self._c.sq_norm is not None:
+            self.last_grad_norm = self._c.sq_norm.sqrt()
+        self._c = self._c.next()
 
     def _lag_message(self, name: str) -> str:
-        lagging = [(s.name, c) for s, c in zip(self._slots, self._counts) if 0 < c < self.tau]
+        lagging = [(s.name, c) for s, c in zip(self._slots, self._c.counts) if 0 < c < self.tau]
         listed = ", ".join(f"{n!r} ({c})" for n, c in lagging[:5])
         return (f"parameter {name!r} got a gradient in a new cycle while the previous one is incomplete: "
                 f"{len(lagging)} parameter(s) got gradients in fewer than tau={self.tau} micro-batches "
@@ -475,11 +469,11 @@ class CompressedAccumulator:
                 "of a cycle or in none of them")
 
     def _on_step(self, optimizer, args, kwargs) -> None:
-        if any(self._counts):
+        if any(self._c.counts):
             self.finish_cycle()
 
     def _on_any_step(self, optimizer) -> None:
-        if any(self._counts):
+        if any(self._c.counts):
             opt = _unwrap(optimizer)
             if any(id(p) in self._ids for g in opt.param_groups for p in g["params"]):
                 self.finish_cycle()
@@ -489,12 +483,12 @@ class CompressedAccumulator:
     @property
     def cycle(self) -> int:
         """Completed cycles: the current cycle's projections use this number."""
-        return self._cycle
+        return self._c.number
 
     @property
     def micro_step(self) -> int:
         """Backward passes seen in the current cycle (0 on a boundary)."""
-        return max(self._counts)
+        return max(self._c.counts)
 
     @torch.no_grad()
     def finish_cycle(self) -> int:
@@ -511,10 +505,10 @@ class CompressedAccumulator:
             if k == 0:
                 return 0
             for j, s in enumerate(self._slots):
-                count = self._counts[j]
+                count = self._c.counts[j]
                 if count == 0 or count >= self.tau:  # no gradient, or its cycle is complete
                     continue
-                p, buf = s.param, self._buffers.pop(j, None)
+                p, buf = s.param, self._c.buffers.pop(j, None)
                 if s.dim is not None and buf is not None:
                     g = torch.empty_like(p)
                     write_estimate_(g, buf, self._projection(j), s.dim, add=False)
@@ -529,11 +523,11 @@ class CompressedAccumulator:
     def remove(self) -> None:
         """Detach every hook. Partial sums of an unfinished cycle are dropped (with a
         warning), dense parameters' partial ``.grad`` included."""
-        if any(self._counts):
+        if any(self._c.counts):
             warnings.warn(f"CompressedAccumulator.remove() in the middle of a cycle ({self.micro_step} of "
                           f"tau={self.tau} micro-batches): the partial sums are dropped", stacklevel=2)
             for j, s in enumerate(self._slots):
-                if 0 < self._counts[j] < self.tau:
+                if 0 < self._c.counts[j] < self.tau:
                     s.param.grad = None
         for h in self._handles:
             h.remove()
@@ -543,14 +537,23 @@ class CompressedAccumulator:
             if _ATTACHED.get(s.param) is self:
                 del _ATTACHED[s.param]
         self._handles, self._guard = [], None
-        self._buffers.clear()
-        self._proj_cache.clear()
-        self._counts = [0] * len(self._slots)
-        self._active = self._done = 0
+        self._c = _Cycle.start(len(self._slots), self._c.number)
+
+    def plan(self) -> list[dict[str, Any]]:
+        """One row per attached parameter: ``name``, ``index`` (keys the projection
+        seeds), ``shape``, ``compressed`` and, when compressed, ``proj_dim`` and
+        ``buffer_shape`` (its ``n x r`` or ``r x m`` partial sum)."""
+        rows = []
+        for s in self._slots:
+            row = {"name": s.name, "index": s.index, "shape": tuple(s.param.shape), "compressed": s.dim is not None}
+            if s.dim is not None:
+                row.update(proj_dim=s.dim, buffer_shape=compressed_shape(s.param.shape, self.rank, s.dim))
+            rows.append(row)
+        return rows
 
     def memory_bytes(self) -> int:
         """Bytes held now by the partial sums and cached projections."""
-        ts = list(self._buffers.values()) + list(self._proj_cache.values())
+        ts = list(self._c.buffers.values()) + list(self._c.projections.values())
         return sum(t.numel() * t.element_size() for t in ts)
 
     def state_dict(self) -> dict[str, Any]:
@@ -560,20 +563,20 @@ class CompressedAccumulator:
         passes (not between the last backward and ``step()``)."""
         compressed, dense = {}, {}
         for k, s in enumerate(self._slots):
-            if not self._counts[k]:
+            if not self._c.counts[k]:
                 continue
             if s.dim is not None:
-                compressed[s.index] = self._buffers[k].clone() if k in self._buffers else None
+                compressed[s.index] = self._c.buffers[k].clone() if k in self._c.buffers else None
             elif self.fused:
-                dense[s.index] = self._buffers[k].clone()
+                dense[s.index] = self._c.buffers[k].clone()
             elif s.param.grad is not None:
                 dense[s.index] = s.param.grad.detach().clone()
         compressed = {i: t for i, t in compressed.items() if t is not None}
         return {
             "rank": self.rank, "tau": self.tau, "seed": self.seed, "proj_dim": self.proj_dim,
-            "exact_last": self.exact_last, "cycle": self._cycle,
+            "exact_last": self.exact_last, "cycle": self._c.number,
             "indices": torch.tensor([s.index for s in self._slots], dtype=torch.int64),
-            "counts": torch.tensor(self._counts, dtype=torch.int64),
+            "counts": torch.tensor(self._c.counts, dtype=torch.int64),
             "compressed": compressed, "dense": dense,
         }
 
@@ -605,28 +608,26 @@ class CompressedAccumulator:
                 if tuple(t.shape) != want:
                     raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}")
         # All checked: apply.
-        self._cycle = int(sd["cycle"])
-        self._counts = counts
-        self._active = sum(c > 0 for c in counts)
-        self._done = 0
-        self._buffers.clear()
-        self._proj_cache.clear()
+        cycle = _Cycle.start(len(self._slots), int(sd["cycle"]))
+        cycle.counts = counts
+        cycle.active = sum(c > 0 for c in counts)
+        self._c = cycle
         for k, s in enumerate(self._slots):
             if counts[k] and not (s.dim is None and not self.fused):
                 s.param.grad = None  # the partial sum lives in the buffers here
         for i, t in sd["compressed"].items():
             k, s = by_index[i]
-            self._buffers[k] = t.detach().to(device=s.param.device, dtype=torch.float32, copy=True)
+            cycle.buffers[k] = t.detach().to(device=s.param.device, dtype=state_dtype(s.param.dtype), copy=True)
         for i, t in sd["dense"].items():
             k, s = by_index[i]
             t = t.detach().to(device=s.param.device, dtype=s.param.dtype, copy=True)
             if self.fused:
-                self._buffers[k] = t
+                cycle.buffers[k] = t
             else:
                 s.param.grad = t
 
     def __repr__(self) -> str:
         n_c = sum(s.dim is not None for s in self._slots)
         return (f"CompressedAccumulator(rank={self.rank}, tau={self.tau}, seed={self.seed}, "
-                f"compressed={n_c}, dense={len(self._slots) - n_c}, fused={self.fused}, cycle={self._cycle}, "
+                f"compressed={n_c}, dense={len(self._slots) - n_c}, fused={self.fused}, cycle={self._c.number}, "
                 f"micro_step={self.micro_step})")

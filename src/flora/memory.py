@@ -8,6 +8,7 @@ from typing import Iterable
 import torch
 from torch.optim import Optimizer
 
+from .compression import compressed_dim
 from .projection import compressed_shape
 
 
@@ -40,18 +41,36 @@ def state_bytes(optimizer: Optimizer) -> int:
     return total
 
 
-def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, **group) -> int:
-    """Flora's state in bytes for parameters of these shapes (all float32):
+def cache_bytes(optimizer: Optimizer) -> int:
+    """Bytes an optimizer holds beside its state: the projections a ``flora.Flora``
+    caches with ``cache_projections=True`` (0 for any other optimizer). Count it with
+    :func:`state_bytes` when budgeting memory."""
+    fn = getattr(optimizer, "cache_bytes", None)
+    return int(fn()) if callable(fn) else 0
+
+
+# Flora options that flora_state_bytes accepts (and ignores when they do not change the size).
+_FLORA_OPTIONS = frozenset((
+    "lr", "kappa", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter", "relative_step",
+    "warmup_init", "seed", "proj_dim", "momentum_form", "max_aspect_ratio", "cache_projections",
+))
+
+
+def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=torch.float32, **options) -> int:
+    """Flora's state in bytes for parameters of these shapes, state in ``dtype``
+    (float32, or float64 for float64 parameters):
 
     - second moment: ``n + m`` numbers for a tensor of 2+ dims (rows are ``shape[:-1]``,
       columns ``shape[:-2] + shape[-1:]``, as in Adafactor), ``numel`` for 1-D;
-    - first moment (when ``beta1`` is set): ``r * (other dim)`` for a compressed tensor,
-      ``numel`` otherwise.
-    """
-    from .optimizer import momentum_plan  # late import: optimizer imports this module's siblings
+    - first moment (when ``beta1`` is set): ``r * (other dim)`` for a compressed tensor
+      (:func:`flora.compression.compressed_dim`), ``numel`` otherwise.
 
-    opts = {"rank": rank, "proj_dim": group.get("proj_dim", "auto"),
-            "max_aspect_ratio": group.get("max_aspect_ratio")}
+    ``options`` are Flora's other keyword arguments (``proj_dim`` and
+    ``max_aspect_ratio`` matter); an unknown name is a ``TypeError``."""
+    unknown = sorted(set(options) - _FLORA_OPTIONS)
+    if unknown:
+        raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
+                        f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
     total = 0
     for shape in shapes:
         shape = tuple(shape)
@@ -61,6 +80,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, **group
         else:
             total += numel
         if beta1 is not None:
-            dim = momentum_plan(shape, opts)
+            dim = compressed_dim(shape, rank, proj_dim=options.get("proj_dim", "auto"),
+                                 max_aspect_ratio=options.get("max_aspect_ratio"))
             total += numel if dim is None else math.prod(compressed_shape(shape, rank, dim))
-    return 4 * total
+    return torch.empty((), dtype=dtype).element_size() * total

@@ -12,15 +12,8 @@ from torch.optim import Optimizer
 from . import adafactor as af
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real
 from .momentum import MOMENTUM_FORMS, compressed_step_, dense_momentum_, resample_
-from .projection import (
-    choose_dim,
-    compressed_shape,
-    gaussian_projection,
-    matrix_shape,
-    projection_seed,
-)
-
-PROJ_DIMS = ("auto", 0, 1)
+from .compression import PROJ_DIMS, compressed_dim, dense_reason
+from .projection import compressed_shape, gaussian_projection, matrix_shape, projection_seed, state_dtype
 
 # Option names Flora must never use: torch's schedulers write them into param groups
 # (OneCycleLR and CyclicLR with cycle_momentum=True), which would silently replace a Flora
@@ -29,12 +22,6 @@ _SCHEDULER_KEYS = ("momentum", "betas")
 # Options every Flora state_dict has held since the first release: a state without them
 # comes from another optimizer.
 _CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the optimizer state for a parameter of ``dtype``: float64 stays float64
-    (as in HF Adafactor), everything else is kept in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _upgrade_group(group: dict) -> dict:
@@ -46,40 +33,15 @@ def _upgrade_group(group: dict) -> dict:
     return group
 
 
-def momentum_plan(shape, group: dict) -> int | None:
-    """The projected dimension of a parameter's first moment, or None for dense.
-
-    Tensors of two or more dims are viewed as ``(shape[0], rest)``; they are compressed
-    when the projected dimension exceeds the rank and the aspect ratio is allowed."""
-    rank = group["rank"]
-    if rank is None or len(shape) < 2:
-        return None
-    n, m = matrix_shape(shape)
-    ratio = group["max_aspect_ratio"]
-    if ratio is not None and max(n, m) > ratio * min(n, m):
-        return None
-    dim = choose_dim(shape, group["proj_dim"])
-    return dim if (n, m)[dim] > rank else None
+def _momentum_dim(shape, group: dict) -> int | None:
+    """The projected dimension of a parameter's first moment in ``group``, or None (dense)."""
+    return compressed_dim(shape, group["rank"], proj_dim=group["proj_dim"], max_aspect_ratio=group["max_aspect_ratio"])
 
 
-def dense_reason(shape, group: dict) -> str | None:
-    """Why a parameter of this shape keeps no compressed momentum in this group, or None
-    when it is compressed."""
-    if group.get("beta1") is None:
+def _momentum_reason(shape, group: dict) -> str | None:
+    if group["beta1"] is None:
         return "beta1=None (no momentum to compress)"
-    rank = group["rank"]
-    if rank is None:
-        return "rank=None"
-    if len(shape) < 2:
-        return "1-D"
-    n, m = matrix_shape(shape)
-    ratio = group.get("max_aspect_ratio")
-    if ratio is not None and max(n, m) > ratio * min(n, m):
-        return f"aspect ratio {max(n, m) / min(n, m):.3g} > max_aspect_ratio={ratio}"
-    dim = choose_dim(shape, group["proj_dim"])
-    if (n, m)[dim] <= rank:
-        return f"projected dim {(n, m)[dim]} <= rank {rank}"
-    return None
+    return dense_reason(shape, group["rank"], proj_dim=group["proj_dim"], max_aspect_ratio=group["max_aspect_ratio"])
 
 
 def _validate_group(group: dict) -> None:
@@ -254,10 +216,10 @@ class Flora(Optimizer):
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 shape = tuple(p.shape)
-                reason = dense_reason(shape, group)
+                reason = _momentum_reason(shape, group)
                 row = {"index": index, "group": gi, "shape": shape, "compressed": reason is None}
                 if reason is None:
-                    dim = momentum_plan(shape, group)
+                    dim = _momentum_dim(shape, group)
                     row.update(proj_dim=dim, momentum_shape=compressed_shape(shape, group["rank"], dim))
                 else:
                     row["reason"] = reason
@@ -291,6 +253,12 @@ class Flora(Optimizer):
         warnings.warn(f"Flora: a rank is set but no tensor keeps compressed momentum: {said}. "
                       "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
                       UserWarning, stacklevel=3)
+
+    def cache_bytes(self) -> int:
+        """Bytes of the projections kept by ``cache_projections=True``: memory on the
+        parameters' devices that is not optimizer state (``flora.state_bytes`` does not
+        count it, and ``state_dict`` does not hold it)."""
+        return sum(a.numel() * a.element_size() for _, a in self._proj_cache.values())
 
     @property
     def nonfinite_skips(self) -> torch.Tensor:
@@ -364,7 +332,7 @@ class Flora(Optimizer):
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=grad.device)
 
     def _init_momentum(self, state: dict, grad: torch.Tensor, group: dict) -> None:
-        dim = momentum_plan(grad.shape, group)
+        dim = _momentum_dim(grad.shape, group)
         dtype = state_dtype(grad.dtype)
         if dim is None:
             state["exp_avg"] = torch.zeros(grad.shape, dtype=dtype, device=grad.device)

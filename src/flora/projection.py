@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "projection_seed",
     "gaussian_projection",
+    "state_dtype",
     "as_matrix",
     "choose_dim",
     "compressed_shape",
@@ -81,6 +82,12 @@ def gaussian_projection(
     return a if dtype == torch.float32 else a.to(dtype)
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of optimizer state, buffers and projections for a tensor of ``dtype``:
+    float64 stays float64 (as in HF Adafactor), everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """View a tensor of two or more dims as ``(shape[0], rest)``."""
     return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
@@ -103,10 +110,6 @@ def choose_dim(shape: torch.Size | tuple[int, ...], proj_dim: ProjDim = "auto") 
 def compressed_shape(shape: torch.Size | tuple[int, ...], rank: int, dim: int) -> tuple[int, int]:
     n, m = matrix_shape(shape)
     return (rank, m) if dim == 0 else (n, rank)
-
-
-def projected_size(shape: torch.Size | tuple[int, ...], dim: int) -> int:
-    return matrix_shape(shape)[dim]
 
 
 def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
