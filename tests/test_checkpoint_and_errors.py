@@ -9,6 +9,8 @@ from torch import nn
 
 from flora import Flora
 
+from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS
+
 
 def _net(dtype=torch.float32):
     torch.manual_seed(0)
@@ -33,9 +35,10 @@ OPTS = dict(lr=1e-2, rank=3, beta1=0.9, kappa=3, seed=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("momentum", ["exact", "paper"])
-def test_resume_is_bit_exact(dtype, momentum):
+@pytest.mark.parametrize("momentum,projection", MOMENTUM_CONFIGS, ids=MOMENTUM_IDS)
+def test_resume_is_bit_exact(dtype, momentum, projection):
     batches = _batches(10)
+    OPTS = {**globals()["OPTS"], "projection": projection}
     ref = _net(dtype)
     ref_opt = Flora(ref.parameters(), momentum_form=momentum, **OPTS)
     _train(ref, ref_opt, batches)
@@ -169,3 +172,32 @@ def test_sparse_gradient_refused_before_any_change():
 def test_complex_parameters_refused():
     with pytest.raises(TypeError, match="complex"):
         Flora([nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))], lr=1e-3)
+
+
+def test_a_checkpoint_from_before_projection_kinds_keeps_gaussian_matrices():
+    """States saved before the `projection` option existed resume with the Gaussian
+    matrices they were saved with, whatever this optimizer's projection is."""
+    batches = _batches(6)
+    ref = _net()
+    ref_opt = Flora(ref.parameters(), **OPTS)  # gaussian
+    _train(ref, ref_opt, batches)
+    model = _net()
+    opt = Flora(model.parameters(), **OPTS)
+    _train(model, opt, batches[:3])
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["projection"]
+        g["momentum"] = g.pop("momentum_form")
+    opt2 = Flora(model.parameters(), **{**OPTS, "projection": "orthonormal"})
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["projection"] == "gaussian"
+    _train(model, opt2, batches[3:])
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_subspace_form_needs_orthonormal_rows():
+    with pytest.raises(ValueError, match="projection='orthonormal'"):
+        Flora(P, lr=1e-3, rank=2, beta1=0.9, momentum_form="subspace")
+    with pytest.raises(ValueError, match="projection must be one of"):
+        Flora(P, lr=1e-3, rank=2, beta1=0.9, projection="qr")

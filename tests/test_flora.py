@@ -9,13 +9,25 @@ from torch import nn
 
 import flora
 from flora import Flora, flora_state_bytes, state_bytes
-from flora.projection import compress, decompress, gaussian_projection, projection_seed
+from flora.momentum import compressed_step_, exact_momentum_, paper_momentum_, subspace_momentum_
+from flora.projection import compress, decompress, gaussian_projection, make_projection, projection_seed
 from transformers.optimization import Adafactor
 
+from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS
 
-def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, dim):
+
+def _matrix(kind, seed, rank, d):
+    """The projection as an explicit r x d matrix (a coordinate projection as 0/1 rows)."""
+    a = make_projection(kind, seed, rank, d)
+    if kind != "coordinates":
+        return a
+    return torch.eye(d)[a]
+
+
+def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, projection, dim):
     """Flora written out by hand for one 2-D parameter: Adafactor's normalised, clipped,
-    lr-scaled update u, then compressed momentum with explicit projection matrices."""
+    lr-scaled update u, then compressed momentum with explicit projection matrices P
+    (r x d) in the dim-0 view: C(x) = P x, D(y) = P^T y (transposed for dim 1)."""
     p = nn.Parameter(p0.clone())
     ada = Adafactor([p], lr=lr, relative_step=False, scale_parameter=False)  # beta1=None: u only
     d = p0.shape[dim]
@@ -27,40 +39,63 @@ def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, di
         u = before - p.detach()  # Adafactor's update, lr included
         p.data.copy_(before)
         count = t // kappa
-        a = gaussian_projection(projection_seed(seed, index, count), rank, d)
+        P = _matrix(projection, projection_seed(seed, index, count), rank, d)
+        C = (lambda x: P @ x) if dim == 0 else (lambda x: x @ P.T)
+        D = (lambda y: P.T @ y) if dim == 0 else (lambda y: y @ P)
         if m is None:
-            m = torch.zeros_like(compress(u, a, dim))
+            m = torch.zeros_like(C(u))
         if t > 0 and t % kappa == 0:
-            a_old = gaussian_projection(projection_seed(seed, index, count - 1), rank, d)
-            m = compress(decompress(m, a_old, dim), a, dim)
+            P_old = _matrix(projection, projection_seed(seed, index, count - 1), rank, d)
+            m = (P @ P_old.T) @ m if dim == 0 else m @ (P_old @ P.T)
         if form == "paper":
-            m = beta1 * m + (1 - beta1) * compress(u, a, dim)
-            upd = decompress(m, a, dim)
-        else:
-            upd = beta1 * decompress(m, a, dim) + (1 - beta1) * u
-            m = beta1 * m + (1 - beta1) * compress(u, a, dim)
+            m = beta1 * m + (1 - beta1) * C(u)
+            upd = D(m)
+        elif form == "exact":
+            upd = beta1 * D(m) + (1 - beta1) * u
+            m = beta1 * m + (1 - beta1) * C(u)
+        else:  # subspace: momentum inside span(P), u unchanged outside it
+            m = beta1 * m + (1 - beta1) * C(u)
+            upd = D(m) + u - D(C(u))
         upd = upd / max(1.0, (upd.norm() / math.sqrt(upd.numel()) / lr).item())  # RMS clip at lr
         p.data.sub_(upd)
     return p.detach()
 
 
-@pytest.mark.parametrize("form", ["paper", "exact"])
+@pytest.mark.parametrize("form,projection", MOMENTUM_CONFIGS, ids=MOMENTUM_IDS)
 @pytest.mark.parametrize("shape,dim", [((6, 20), 0), ((20, 6), 1)])
-def test_matches_hand_computation(form, shape, dim):
+def test_matches_hand_computation(form, projection, shape, dim):
     torch.manual_seed(0)
     p0 = torch.randn(shape)
     grads = [torch.randn(shape) for _ in range(10)]
     kw = dict(lr=1e-2, beta1=0.9, rank=3, kappa=4, seed=11)
     bias = nn.Parameter(torch.zeros(2))  # index 0: the matrix is parameter number 1
     p = nn.Parameter(p0.clone())
-    opt = Flora([bias, p], relative_step=False, scale_parameter=False, momentum_form=form, **kw)
+    opt = Flora([bias, p], relative_step=False, scale_parameter=False, momentum_form=form, projection=projection,
+                **kw)
     for g in grads:
         p.grad = g.clone()
         opt.step()
     assert opt.state[p]["proj_dim"] == dim
     assert opt.state[p]["proj_count"] == 2  # resampled after steps 4 and 8
-    want = _reference_flora(p0, grads, form=form, index=1, dim=dim, **kw)
+    want = _reference_flora(p0, grads, form=form, projection=projection, index=1, dim=dim, **kw)
     assert (p.detach() - want).abs().max().item() < 1e-5
+
+
+def test_plain_forms_equal_the_one_pass_step():
+    """The reference functions of momentum.py against compressed_step_ (clips switched
+    off by a large threshold)."""
+    torch.manual_seed(0)
+    for form, projection in MOMENTUM_CONFIGS:
+        for dim in (0, 1):
+            u = torch.randn(6, 20)
+            a = make_projection(projection, 5, 3, u.shape[dim])
+            c0 = torch.randn((3, 20) if dim == 0 else (6, 3))
+            c1, c2 = c0.clone(), c0.clone()
+            plain = {"paper": paper_momentum_, "exact": exact_momentum_, "subspace": subspace_momentum_}[form]
+            want = plain(c1, u.clone(), a, dim, 0.9)
+            got = compressed_step_(form, c2, u.clone(), a, dim, 0.9, 1.0, 1e6, isometric=projection != "gaussian")
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-6)
 
 
 def test_resampling_changes_the_projection_and_kappa_is_respected():
@@ -99,6 +134,17 @@ def test_state_bytes_match_formula(beta1, rank):
     _one_step(opt, model)
     shapes = [tuple(p.shape) for p in model.parameters()]
     assert state_bytes(opt) == flora_state_bytes(shapes, rank=rank, beta1=beta1)
+
+
+@pytest.mark.parametrize("form,projection", MOMENTUM_CONFIGS, ids=MOMENTUM_IDS)
+def test_state_bytes_match_formula_for_every_form(form, projection):
+    model = _model()
+    opt = Flora(model.parameters(), lr=1e-3, rank=4, beta1=0.9, momentum_form=form, projection=projection,
+                kappa=1)  # a resample on the second step
+    _one_step(opt, model)
+    _one_step(opt, model)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert state_bytes(opt) == flora_state_bytes(shapes, rank=4, beta1=0.9, momentum_form=form, projection=projection)
 
 
 def test_which_tensors_are_compressed():

@@ -11,11 +11,13 @@ import torch
 
 from flora.momentum import exact_momentum_, paper_momentum_, resample_
 from flora.projection import (
+    PROJECTIONS,
     choose_dim,
     compress,
     compressed_shape,
     decompress,
     gaussian_projection,
+    make_projection,
     projection_seed,
     transfer,
 )
@@ -151,12 +153,68 @@ def test_transfer_matches_decompress_then_compress():
 
 
 @cuda
-def test_same_matrix_on_cpu_and_cuda():
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_same_matrix_on_cpu_and_cuda(kind):
     for seed in (0, 5, 2**62 + 3):
-        a_cpu = gaussian_projection(seed, 32, 1000)
-        a_gpu = gaussian_projection(seed, 32, 1000, device="cuda")
+        a_cpu = make_projection(kind, seed, 32, 1000)
+        a_gpu = make_projection(kind, seed, 32, 1000, device="cuda")
         assert a_gpu.device.type == "cuda"
         assert torch.equal(a_cpu, a_gpu.cpu())
+
+
+@pytest.mark.parametrize("rank,d", [(3, 20), (32, 576), (8, 8)])
+def test_orthonormal_rows_span_the_seeded_gaussian(rank, d):
+    q = make_projection("orthonormal", 7, rank, d)
+    assert q.shape == (rank, d) and q.dtype == torch.float32
+    torch.testing.assert_close(q @ q.T, torch.eye(rank), rtol=0, atol=2e-6)
+    g = gaussian_projection(7, rank, d)  # QR of the same draw: same row space
+    torch.testing.assert_close(g @ q.T @ q, g, rtol=0, atol=1e-4)
+    assert torch.equal(make_projection("orthonormal", 7, rank, d), q)  # deterministic
+
+
+def test_coordinates_are_distinct_sorted_indices():
+    idx = make_projection("coordinates", 7, 5, 40)
+    assert idx.dtype == torch.int64 and idx.shape == (5,)
+    assert idx.unique().numel() == 5 and torch.equal(idx, idx.sort().values) and 0 <= idx.min() and idx.max() < 40
+    g = torch.randn(6, 40)
+    c = compress(g, idx, 1)
+    assert torch.equal(c, g[:, idx])
+    back = decompress(c, idx, 1, size=40)
+    rest = torch.ones(40, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(back[:, idx], c) and not back[:, rest].any()
+    with pytest.raises(ValueError, match="size"):
+        decompress(c, idx, 1)
+    with pytest.raises(ValueError, match="unbiased"):
+        make_projection("coordinates", 7, 5, 40, unbiased=True)
+
+
+def test_orthonormal_unbiased_scaling_and_its_lower_noise():
+    """sqrt(d/r) Q: E[D(C(g))] = g over seeds, and the mean squared error is
+    (d/r - 1)|g|^2 against (d+1)/r |g|^2 for the Gaussian (r=4, d=24: 5 vs 6.25).
+    2000 seeds; tolerances about 4 standard errors."""
+    torch.manual_seed(0)
+    g = torch.randn(5, 24)
+    est = {k: [] for k in ("gaussian", "orthonormal")}
+    for seed in range(2000):
+        for kind in est:
+            a = make_projection(kind, seed, 4, 24, unbiased=True)
+            est[kind].append(decompress(compress(g, a, 1), a, 1))
+    g_sq = g.square().sum()
+    for kind, xs in est.items():
+        xs = torch.stack(xs)
+        assert (xs.mean(0) - g).abs().max() < 0.25  # unbiased (per-entry std error about 0.05)
+        mse = (xs - g).square().sum((1, 2)).mean() / g_sq
+        want = 24 / 4 - 1 if kind == "orthonormal" else 25 / 4
+        assert abs(mse - want) < 0.12 * want, (kind, mse)
+
+
+def test_transfer_for_every_kind_matches_decompress_then_compress():
+    for kind in PROJECTIONS:
+        a_old, a_new = make_projection(kind, 1, 4, 20), make_projection(kind, 2, 4, 20)
+        for dim, c in ((1, torch.randn(9, 4)), (0, torch.randn(4, 9))):
+            want = compress(decompress(c, a_old, dim, size=20), a_new, dim)
+            torch.testing.assert_close(transfer(c, a_old, a_new, dim), want, rtol=1e-5, atol=1e-5)
 
 
 def test_streams_separate_optimizer_and_accumulator_seeds():

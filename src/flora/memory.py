@@ -52,7 +52,7 @@ def cache_bytes(optimizer: Optimizer) -> int:
 # Flora options that flora_state_bytes accepts (and ignores when they do not change the size).
 _FLORA_OPTIONS = frozenset((
     "lr", "kappa", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter", "relative_step",
-    "warmup_init", "seed", "proj_dim", "momentum_form", "max_aspect_ratio", "cache_projections",
+    "warmup_init", "seed", "proj_dim", "momentum_form", "projection", "max_aspect_ratio", "cache_projections",
 ))
 
 

@@ -1,7 +1,8 @@
-"""First-moment rules: dense (Adafactor's) and compressed (Flora's two forms).
+"""First-moment rules: dense (Adafactor's) and compressed (``MOMENTUM_FORMS``).
 
-``paper_momentum_`` and ``exact_momentum_`` state the two forms plainly; the optimizer
-uses ``compressed_step_``, which computes the same thing (tested) in one pass.
+``paper_momentum_``, ``exact_momentum_`` and ``subspace_momentum_`` state the forms
+plainly (the reference); the optimizer uses ``compressed_step_``, which computes the
+same thing (tested) in one pass.
 
 Each takes this step's update ``u`` and returns the update to apply; state tensors are
 changed in place. ``a`` is the current projection, ``dim`` the projected dimension.
@@ -13,9 +14,9 @@ import math
 
 import torch
 
-from .projection import as_matrix, compress, decompress, transfer
+from .projection import as_matrix, compress, decompress, decompress_add_, transfer
 
-MOMENTUM_FORMS = ("paper", "exact")
+MOMENTUM_FORMS = ("paper", "exact", "subspace")
 
 
 def dense_momentum_(m: torch.Tensor, u: torch.Tensor, beta: float | torch.Tensor, *,
@@ -31,15 +32,26 @@ def paper_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int,
     """Algorithm 2 of the paper: ``M <- beta M + (1 - beta) compress(u)``; the update is
     ``decompress(M)``."""
     c.mul_(beta).add_(compress(u, a, dim), alpha=(1 - beta))
-    return decompress(c, a, dim).view_as(u)
+    return decompress(c, a, dim, size=as_matrix(u).shape[dim]).view_as(u)
 
 
 def exact_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float) -> torch.Tensor:
     """The current step enters exactly: update ``(1 - beta) u + beta decompress(M_prev)``;
     ``M`` then follows the same recursion as the paper's form."""
-    update = decompress(c, a, dim).view_as(u).mul_(beta).add_(u, alpha=(1 - beta))
+    update = decompress(c, a, dim, size=as_matrix(u).shape[dim]).view_as(u).mul_(beta).add_(u, alpha=(1 - beta))
     c.mul_(beta).add_(compress(u, a, dim), alpha=(1 - beta))
     return update
+
+
+def subspace_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float) -> torch.Tensor:
+    """Momentum inside the projection's subspace, none outside it (FRUGAL, Zmushko et al.
+    2024): ``M <- beta M + (1 - beta) compress(u)``; the update is ``decompress(M)`` plus
+    the part of ``u`` the projection misses, ``u - decompress(compress(u))``. Needs
+    orthonormal rows, so that ``decompress(compress(.))`` is an orthogonal projection."""
+    size = as_matrix(u).shape[dim]
+    cu = compress(u, a, dim)
+    c.mul_(beta).add_(cu, alpha=(1 - beta))
+    return (as_matrix(u) + decompress(c - cu, a, dim, size=size)).view_as(u)
 
 
 def _gram(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -49,50 +61,66 @@ def _gram(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def compressed_step_(
     form: str, c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
-    lr: float | torch.Tensor, clip: float, *, u_norm: torch.Tensor | None = None,
+    lr: float | torch.Tensor, clip: float, *, u_norm: torch.Tensor | None = None, isometric: bool = False,
 ) -> torch.Tensor:
     """Adafactor's update clip and learning rate, then Flora's compressed momentum and
     its clip after decompression, with one pass over ``u`` (which it overwrites).
 
     ``u`` is this step's normalised update before clipping (``u_norm``: its 2-norm, if
-    already computed). Equal, up to rounding, to::
+    already computed); ``isometric``: the projection's rows are orthonormal
+    (``"orthonormal"``, ``"coordinates"``). Equal, up to rounding, to::
 
         u = lr * u / max(1, rms(u) / clip)
-        out = paper_momentum_(c, u, a, dim, beta)  # or exact_momentum_
+        out = paper_momentum_(c, u, a, dim, beta)  # or exact_momentum_, subspace_momentum_
         return out / max(1, rms(out) / (clip * lr))
 
     but the three scalings are folded into the coefficients of the one ``addmm`` that
-    writes ``out``, and ``rms(out)`` comes from r x r quantities, with ``C``/``D`` for
-    compress/decompress: ``<u, D(c)> = <C(u), c>`` and ``|D(c)|^2 = <gram(c), A A^T>``.
+    writes ``out``, and ``rms(out)`` comes from r-sized quantities, with ``C``/``D`` for
+    compress/decompress: ``<u, D(x)> = <C(u), x>`` and ``|D(x)|^2 = <gram(x), A A^T>``
+    (``= |x|^2`` when isometric).
     """
+    if form == "subspace" and not isometric:
+        raise ValueError("momentum_form 'subspace' needs a projection with orthonormal rows "
+                         "('orthonormal' or 'coordinates'), not 'gaussian'")
     um = as_matrix(u)
     cu = compress(um, a, dim)  # C(u), unscaled
-    gram_a = a @ a.T
     numel = um.numel()
     # Scalars for the coefficients, fetched together (one device sync).
     u_sq = (um.norm() if u_norm is None else u_norm).square()
     scalars = [torch.as_tensor(lr, dtype=u_sq.dtype, device=u.device), u_sq]
-    if form != "paper":
+    if isometric:
+        scalars += [(cu * c).sum(), c.square().sum(), cu.square().sum()]
+    elif form != "paper":
+        gram_a = a @ a.T
         scalars += [(cu * c).sum(), (_gram(c, dim) * gram_a).sum()]
     lr, u_sq, *rest = torch.stack(scalars).tolist()
     k = lr / max(1.0, math.sqrt(u_sq / numel) / clip)  # k u: Adafactor's clipped, lr-scaled update
+    b = (1 - beta) * k  # weight of C(k u) in the new momentum
+    x = c
     if form == "paper":  # out = D(c_new)
-        c.mul_(beta).add_(cu, alpha=(1 - beta) * k)
+        c.mul_(beta).add_(cu, alpha=b)
         coef_u, coef_dc = 0.0, 1.0
-        out_sq = (_gram(c, dim) * gram_a).sum().item()
-    else:  # out = (1 - beta) k u + beta D(c_old)
-        cross, dc_sq = rest
-        coef_u, coef_dc = (1 - beta) * k, beta
+        if isometric:
+            cross, c_sq, cu_sq = rest
+            out_sq = beta**2 * c_sq + 2 * beta * b * cross + b**2 * cu_sq
+        else:
+            out_sq = (_gram(c, dim) * (a @ a.T)).sum().item()
+    elif form == "exact":  # out = (1 - beta) k u + beta D(c_old)
+        cross, dc_sq = (rest[0], rest[1])
+        coef_u, coef_dc = b, beta
         out_sq = coef_u**2 * u_sq + 2 * coef_u * coef_dc * cross + coef_dc**2 * dc_sq
+    else:  # subspace: out = D(c_new) + (k u - D(C(k u))) = k u + beta D(c_old - k C(u))
+        cross, c_sq, cu_sq = rest
+        x = torch.add(c, cu, alpha=-k)
+        coef_u, coef_dc = k, beta
+        x_cross = cross - k * cu_sq  # <C(u), x>
+        x_sq = c_sq - 2 * k * cross + k**2 * cu_sq  # |x|^2 = |D(x)|^2
+        out_sq = k**2 * u_sq + 2 * k * beta * x_cross + beta**2 * x_sq
     bound = clip * lr
     s = 1.0 / max(1.0, math.sqrt(max(out_sq, 0.0) / numel) / bound) if bound > 0 else 0.0
-    # u <- s (coef_u u + coef_dc D(c)) in place
-    if dim == 0:
-        um.addmm_(a.T, c, beta=s * coef_u, alpha=s * coef_dc)
-    else:
-        um.addmm_(c, a, beta=s * coef_u, alpha=s * coef_dc)
+    decompress_add_(um, x, a, dim, beta=s * coef_u, alpha=s * coef_dc)  # u <- s (coef_u u + coef_dc D(x))
     if form != "paper":
-        c.mul_(beta).add_(cu, alpha=(1 - beta) * k)
+        c.mul_(beta).add_(cu, alpha=b)
     return um.reshape(u.shape)
 
 
@@ -106,6 +134,7 @@ __all__ = [
     "dense_momentum_",
     "paper_momentum_",
     "exact_momentum_",
+    "subspace_momentum_",
     "compressed_step_",
     "resample_",
     "as_matrix",

@@ -13,7 +13,7 @@ from . import adafactor as af
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real
 from .momentum import MOMENTUM_FORMS, compressed_step_, dense_momentum_, resample_
 from .compression import PROJ_DIMS, compressed_dim, dense_reason
-from .projection import compressed_shape, gaussian_projection, matrix_shape, projection_seed, state_dtype
+from .projection import PROJECTIONS, compressed_shape, make_projection, matrix_shape, projection_seed, state_dtype
 
 # Option names Flora must never use: torch's schedulers write them into param groups
 # (OneCycleLR and CyclicLR with cycle_momentum=True), which would silently replace a Flora
@@ -24,12 +24,15 @@ _SCHEDULER_KEYS = ("momentum", "betas")
 _CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
 
 
-def _upgrade_group(group: dict) -> dict:
-    """Map option names of earlier releases to today's, in place: ``momentum`` (a form
-    name) became ``momentum_form``."""
+def _upgrade_group(group: dict, *, saved: bool = True) -> dict:
+    """Map a group of an earlier release to today's options, in place: ``momentum`` (a
+    form name) became ``momentum_form``; a ``saved`` state without ``projection`` dates
+    from when every projection was Gaussian, and keeps those matrices."""
     old = group.get("momentum")
     if isinstance(old, str) and "momentum_form" not in group:
         group["momentum_form"] = group.pop("momentum")
+    if saved:
+        group.setdefault("projection", "gaussian")
     return group
 
 
@@ -70,6 +73,11 @@ def _validate_group(group: dict) -> None:
     check_nonneg_int("seed", group["seed"])
     check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
     check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
+    check_choice("projection", group["projection"], PROJECTIONS)
+    if group["momentum_form"] == "subspace" and group["projection"] == "gaussian":
+        raise ValueError("momentum_form='subspace' needs projection='orthonormal' or 'coordinates' (its complement "
+                         "u - decompress(compress(u)) is an orthogonal projection only for orthonormal rows); "
+                         "got projection='gaussian'")
     check_real("max_aspect_ratio", group["max_aspect_ratio"], low=1.0, allow_none=True)
     for name in ("scale_parameter", "warmup_init", "cache_projections"):
         if not isinstance(group[name], bool):
@@ -101,10 +109,15 @@ class Flora(Optimizer):
             across the parameter groups.
         proj_dim: dimension projected away: ``"auto"`` (the smaller, less noisy), 0 or 1.
         momentum_form: ``"exact"`` (this step enters uncompressed:
-            ``(1 - beta1) u + beta1 M_prev A``) or ``"paper"`` (the update is ``M A``).
-            Named so that it never collides with the ``momentum`` key torch's cyclic
-            schedulers write; ``momentum=`` of earlier releases is still accepted, with a
-            warning.
+            ``(1 - beta1) u + beta1 D(M_prev)``), ``"paper"`` (the update is ``D(M)``) or
+            ``"subspace"`` (momentum inside the projection's subspace, this step's update
+            unchanged outside it: ``D(M) + u - D(C(u))``; needs orthonormal rows). Named
+            so that it never collides with the ``momentum`` key torch's cyclic schedulers
+            write; ``momentum=`` of earlier releases is still accepted, with a warning.
+        projection: ``"gaussian"`` (N(0, 1/r) entries, unbiased: the paper's),
+            ``"orthonormal"`` (QR of the same Gaussian draw, on the CPU) or
+            ``"coordinates"`` (r random coordinates of the projected dimension, no
+            matmul). See ``flora.projection``.
         max_aspect_ratio: leave tensors with ``max(n, m) / min(n, m)`` above this dense;
             None compresses every shape (embeddings included).
         cache_projections: keep each parameter's current projection on its device until
@@ -143,6 +156,7 @@ class Flora(Optimizer):
         seed: int = 0,
         proj_dim: str | int = "auto",
         momentum_form: str = "exact",
+        projection: str = "gaussian",
         max_aspect_ratio: float | None = None,
         cache_projections: bool = False,
         momentum: str | None = None,
@@ -157,7 +171,8 @@ class Flora(Optimizer):
             lr=lr, rank=rank, kappa=kappa, beta1=beta1, eps=tuple(eps) if isinstance(eps, list) else eps,
             clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay,
             scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
-            seed=seed, proj_dim=proj_dim, momentum_form=momentum_form, max_aspect_ratio=max_aspect_ratio,
+            seed=seed, proj_dim=proj_dim, momentum_form=momentum_form, projection=projection,
+            max_aspect_ratio=max_aspect_ratio,
             cache_projections=cache_projections,
         )
         _validate_group(defaults)
@@ -196,7 +211,7 @@ class Flora(Optimizer):
         if isinstance(param_group.get("momentum"), str):
             warnings.warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning,
                           stacklevel=2)
-            _upgrade_group(param_group)
+            _upgrade_group(param_group, saved=False)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
@@ -345,13 +360,13 @@ class Flora(Optimizer):
             state["proj_age"] = 0  # steps taken with the current projection
 
     def _projection(self, group: dict, state: dict, index: int, count: int, shape, device, dtype) -> torch.Tensor:
-        key = (group["seed"], group["rank"], count, dtype)
+        key = (group["projection"], group["seed"], group["rank"], count, dtype)
         hit = self._proj_cache.get(index)
         if hit is not None and hit[0] == key:
             return hit[1]
-        a = gaussian_projection(
-            projection_seed(group["seed"], index, count), group["rank"], matrix_shape(shape)[state["proj_dim"]],
-            device=device, dtype=dtype,
+        a = make_projection(
+            group["projection"], projection_seed(group["seed"], index, count), group["rank"],
+            matrix_shape(shape)[state["proj_dim"]], device=device, dtype=dtype,
         )
         if group["cache_projections"]:
             self._proj_cache[index] = (key, a)
@@ -445,7 +460,7 @@ class Flora(Optimizer):
             a = a_new
         state["proj_age"] += 1
         return compressed_step_(group["momentum_form"], c, update, a, dim, beta1, lr, group["clip_threshold"],
-                                u_norm=norm)
+                                u_norm=norm, isometric=group["projection"] != "gaussian")
 
     # ------------------------------------------------------------ checkpointing
 
