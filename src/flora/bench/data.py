@@ -1,28 +1,20 @@
 """Offline text and labels for the benchmark, read from files that ship inside packages.
 
 Nothing here downloads. Every split is a pure function of the files (sorted) and a fixed
-seed, so every optimizer sees the same examples in the same order."""
+seed, so every optimizer sees the same examples in the same order. There is one BBC
+split (:func:`bbc_splits`): every subcommand that holds BBC articles out uses it."""
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import random
-from pathlib import Path
+
+from .core import package_dir
 
 BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 SPLIT_SEED = 1234
-
-
-def package_dir(name: str) -> Path:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {name!r} is not installed (pip install the bench extra: "
-                                f"pip install -c constraints.txt -e '.[bench]')")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,7 +40,8 @@ def bbc_articles() -> tuple[tuple[str, int], ...]:
 
 @functools.lru_cache(maxsize=None)
 def bbc_splits(val_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, tuple[tuple[str, int], ...]]:
-    """Shuffled (fixed seed) train / val / test split of the BBC articles."""
+    """Shuffled (fixed seed) train / val / test split of the BBC articles: the one held-out
+    split of every benchmark (val picks learning rates, test is reported)."""
     arts = list(bbc_articles())
     random.Random(SPLIT_SEED).shuffle(arts)
     n = len(arts)

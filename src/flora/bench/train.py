@@ -1,0 +1,242 @@
+"""``flora-bench train`` (the default subcommand): train real models side by side with
+every optimizer, pick each one's lr on a validation split, and write JSON, CSV, Markdown
+and PNG results to a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from . import config, core
+
+HELP = "side-by-side training benchmark (the default)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", default="quick", choices=list(config.SIZES),
+                   help="quick (default, ~10 min on 2 CPU cores), full (every optimizer, 3-point lr sweep, "
+                        "larger models), smoke (seconds; for tests)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated subset of {','.join(config.TASKS)} (default: all; smoke: pretrain)")
+    p.add_argument("--optimizers", default=None,
+                   help="comma-separated optimizer names for every selected task (default: the size's list); "
+                        "e.g. adamw,adafactor-b0.9,flora-r32,flora-r32-paper,lora-r32,galore-r32,apollo-r32,"
+                        "flora-opt-r32,adamw+ca-r32")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the size's)")
+    p.add_argument("--lr-points", type=int, default=None, help="lr values swept per optimizer (1-3)")
+    p.add_argument("--lrs", default=None,
+                   help="explicit lrs instead of the sweep grid: KEY=LR[/LR...] entries, comma-separated, KEY an "
+                        "optimizer name or an lr family (adam: AdamW/GaLore/APOLLO, adafactor: Adafactor/Flora/"
+                        "flora-opt, lora), e.g. adam=1e-3,adafactor=1e-3/3e-3,lora=3e-3")
+    p.add_argument("--tau", type=int, default=None, help="micro-batches per step in finetune (default: the size's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default=None, help="run folder (default runs/bench/<timestamp>; runs/bench/latest "
+                                               "points at the newest)")
+    p.add_argument("--cache", default=None, help="cache folder for tokenized data and the converted SmolLM2 "
+                                                 "(default runs/bench/cache or $FLORA_BENCH_CACHE)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per run (default: torch's choice, one per core)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run every training in this process (peak RSS then covers all runs so far)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (there are none anyway when stderr is not a terminal: one line per "
+                        "finished run instead)")
+    p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: re-read a results.json (e.g. of an interrupted run; several, comma-separated, "
+                        "are merged) and rewrite table, CSV, Markdown and plots into --out (default: the first's "
+                        "folder)")
+
+
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse bad input before anything runs, naming what is valid."""
+    from . import optimizers as bo
+
+    if a.steps is not None and a.steps < 1:
+        p.error("--steps must be >= 1")
+    if a.lr_points is not None and not 1 <= a.lr_points <= 3:
+        p.error("--lr-points must be 1, 2 or 3")
+    if a.lrs:
+        try:
+            a.lrs = {k.strip(): tuple(float(x) for x in v.split("/"))
+                     for k, v in (e.split("=", 1) for e in a.lrs.split(",") if e.strip())}
+        except ValueError:
+            p.error("--lrs: expected KEY=LR[/LR...] entries, e.g. adam=1e-3,lora=3e-3/1e-2")
+    if a.tau is not None and a.tau < 1:
+        p.error("--tau must be >= 1")
+    a.tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip()) if a.tasks else None
+    for t in a.tasks or ():
+        if t not in config.TASKS:
+            p.error(f"--tasks: unknown task {t!r}; valid tasks: {', '.join(config.TASKS)}")
+    a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()] if a.optimizers else None
+    for o in a.optimizers or ():
+        try:
+            bo.parse(o)
+        except ValueError as e:
+            p.error(f"--optimizers: {e}")
+
+
+def _describe(task: str, cfg: config.TaskConfig, model_params: int | None) -> str:
+    params = f"{model_params / 1e6:.2f}M params" if model_params else ""
+    lr_note = f"lr: {cfg.lr_points} value(s) per optimizer, picked on validation"
+    if task == "pretrain":
+        what = (f"Llama {cfg.layers} layers x {cfg.hidden} wide ({params}), byte-level, from scratch on "
+                f"KJV + BBC text; {cfg.steps} steps of {cfg.batch} x {cfg.seq} bytes")
+    elif task == "finetune":
+        what = (f"SmolLM2-135M ({params}) on BBC News text; {cfg.steps} steps of tau={cfg.tau} micro-batches "
+                f"of {cfg.batch} x {cfg.seq} tokens")
+    else:
+        what = (f"all-MiniLM-L6-v2 ({params}) + 5-way head on BBC News topics; {cfg.steps} steps of "
+                f"{cfg.batch} articles x {cfg.seq} tokens; accuracy on {cfg.eval_examples} held-out articles")
+    return f"{what}; kappa (projection refresh, also GaLore/APOLLO update_proj_gap) = {cfg.kappa}; {lr_note}."
+
+
+def plan(args, cfgs: dict[str, config.TaskConfig], peers: dict[str, str], device: str, cache: Path):
+    """(jobs to run, results of the optimizers that cannot run here, with why)."""
+    from . import optimizers as bo
+    from .records import Job, RunResult
+
+    jobs, skipped = [], []
+    for t, cfg in cfgs.items():
+        for name in cfg.optimizers:
+            spec = bo.parse(name)
+            why = None
+            if spec.is_peer and peers[spec.peer_module] != "ok":
+                why = f"unavailable: {spec.peer_module} not importable ({peers[spec.peer_module]})"
+            elif spec.accumulate_rank is not None and cfg.tau <= 1:
+                why = "n/a: compressed accumulation needs tau > 1"
+            if why:
+                skipped.append(RunResult(task=t, optimizer=name, lr=float("nan"), seed=args.seed, status=why))
+                continue
+            lrs = bo.lr_grid(spec, t, cfg.lr_points)
+            if args.lrs:
+                lrs = args.lrs.get(name, args.lrs.get(spec.lr_family, lrs))
+            jobs += [Job(task=t, optimizer=name, lr=lr, cfg=cfg, seed=args.seed, device=device, cache_dir=str(cache),
+                         threads=args.threads or cfg.threads) for lr in lrs]
+    return jobs, skipped
+
+
+def _result_line(res, i: int, n: int) -> str:
+    what = res.status
+    if res.ok:
+        scores = [f"{k} {getattr(res, k):.4g}" for k in ("val_loss", "val_accuracy") if getattr(res, k) is not None]
+        what += ", " + ", ".join(scores) if scores else ""
+    return f"[{i}/{n}] {res.task}:{res.optimizer}@{res.lr:g}: {what} ({res.wall_s or 0:.1f} s)"
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import dataclasses
+
+    from . import optimizers as bo
+    from . import report
+    from .runner import Runner, cache_dir_default, run_train_job
+    from .tasks import make_task
+
+    if args.from_json:
+        return rewrite([Path(p) for p in args.from_json.split(",")], Path(args.out) if args.out else None)
+    t0 = time.perf_counter()
+    device = core.resolve_device(args.device)
+    tasks = args.tasks or (("pretrain",) if args.size == "smoke" else config.TASKS)
+    out = Path(args.out) if args.out else core.default_out("train")
+    cache = Path(args.cache) if args.cache else cache_dir_default()
+    cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers,
+                                  lr_points=args.lr_points, tau=args.tau) for t in tasks}
+    peers = bo.peer_status()
+    jobs, skipped = plan(args, cfgs, peers, device, cache)
+    progress = not args.no_progress and core.interactive()
+    jobs = [dataclasses.replace(j, progress=progress) for j in jobs]
+
+    core.say(f"flora-bench train: size={args.size} tasks={','.join(tasks)} device={device} runs={len(jobs)} "
+             f"out={out}")
+    for name, st in peers.items():
+        if st != "ok":
+            core.say(f"  peer {name}: {st}")
+    meta = core.run_metadata("train", argv, device)
+    meta.update(size=args.size, seed=args.seed, peers=peers, runs_planned=len(jobs) + len(skipped))
+
+    runner = Runner(isolate=not args.no_isolate, device=device)
+    runs = list(skipped)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="flora-bench", position=0, dynamic_ncols=True)
+    write = bar.write if bar is not None else core.say
+    prepared = set()
+    for i, job in enumerate(jobs, 1):
+        if job.task not in prepared:
+            if bar is not None:
+                bar.set_description(f"preparing {job.task}")
+            make_task(job.task, cfgs[job.task], cache, args.seed).prepare()
+            prepared.add(job.task)
+        if bar is not None:
+            bar.set_description(job.label)
+        res = run_train_job(runner, job)
+        runs.append(res)
+        write(_result_line(res, i, len(jobs)))
+        if bar is not None:
+            bar.update(1)
+        _finish(out, runs, cfgs, meta, t0, plots=False)  # partial results survive a kill
+    if bar is not None:
+        bar.close()
+    rows, meta, paths = _finish(out, runs, cfgs, meta, t0, plots=True)
+    if not args.out:
+        _point_latest(out)
+    report.print_table(rows, _metrics(tasks))
+    core.say(f"wrote {', '.join(str(p) for p in paths.values())} ({meta['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+def _metrics(tasks) -> dict[str, str]:
+    from .tasks import TASK_CLASSES
+
+    return {t: TASK_CLASSES[t].metric for t in tasks}
+
+
+def _ordered(rows, tasks, optimizers_of) -> list:
+    order = {(t, o): i for i, (t, o) in enumerate((t, o) for t in tasks for o in optimizers_of(t))}
+    return sorted(rows, key=lambda r: order.get((r.task, r.optimizer), 1 << 30))
+
+
+def _finish(out, runs, cfgs, meta, t0, *, plots):
+    from . import report
+
+    metrics = _metrics(cfgs)
+    rows = _ordered(report.choose(runs, metrics), list(cfgs), lambda t: cfgs[t].optimizers)
+    meta = dict(meta)
+    meta["tasks"] = {t: {"config": cfg.to_dict(),
+                         "description": _describe(t, cfg, next((r.model_params for r in runs
+                                                                if r.task == t and r.model_params), None))}
+                     for t, cfg in cfgs.items()}
+    meta["runs_done"] = len(runs)
+    meta["wall_s"] = time.perf_counter() - t0
+    paths = report.write_all(out, runs, rows, metrics, meta, plots=plots)
+    return rows, meta, paths
+
+
+def _point_latest(out: Path) -> None:
+    latest = Path("runs/bench/latest")
+    try:
+        if latest.is_symlink() or latest.is_file():
+            latest.unlink()
+        elif latest.is_dir():
+            shutil.rmtree(latest)
+        latest.symlink_to(out.resolve(), target_is_directory=True)
+    except OSError:
+        pass
+
+
+def rewrite(sources: list[Path], out: Path | None) -> int:
+    """``--from-json``: merge results files and rewrite every output from them."""
+    from . import report
+
+    meta, runs = report.merge(sources)
+    tasks = [t for t in config.TASKS if t in meta.get("tasks", {})]
+    metrics = _metrics(tasks)
+    rows = _ordered(report.choose(runs, metrics), tasks, lambda t: meta["tasks"][t]["config"]["optimizers"])
+    paths = report.write_all(out or sources[0].parent, runs, rows, metrics, meta, plots=True)
+    report.print_table(rows, metrics)
+    core.say(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
