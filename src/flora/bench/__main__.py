@@ -26,10 +26,10 @@ def _module(name: str):
 
 
 def _top_help() -> str:
-    lines = [__doc__.split("\n\n", 1)[1].strip(), "", "subcommands:"]
+    lines = ["subcommands:"]
     for name in SUBCOMMANDS:
         lines.append(f"  {name:<14}{_module(name).HELP}")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", __doc__.split("\n\n")[-1].strip()])
 
 
 def parser_for(name: str) -> argparse.ArgumentParser:

@@ -170,12 +170,14 @@ def projected_matrices(model: nn.Module, head_names: tuple[str, ...]) -> tuple[l
 
 
 def make_optimizer(spec: Spec, params, lr: float, *, kappa: int, seed: int, scale_parameter: bool = False,
-                   foreach: bool | None = None, flora_module=flora) -> torch.optim.Optimizer:
+                   foreach: bool | None = None, flora_module=flora, flora_options: dict | None = None
+                   ) -> torch.optim.Optimizer:
     """``spec``'s optimizer over a flat list of tensors (AdamW, Adafactor, Flora, flora-opt).
 
     Adafactor, Flora and flora-opt run with a fixed lr (``relative_step=False``) and the
     same ``scale_parameter``; ``foreach`` goes to AdamW; ``flora_module`` is the package
-    whose ``Flora`` to build (another copy of flora, to time one against the other)."""
+    whose ``Flora`` to build (another copy of flora, to time one against the other), with
+    ``flora_options`` (e.g. ``cache_projections``) added."""
     params = list(params)
     ada = dict(lr=lr, scale_parameter=scale_parameter, relative_step=False, warmup_init=False)
     if spec.family == "adamw":
@@ -186,7 +188,7 @@ def make_optimizer(spec: Spec, params, lr: float, *, kappa: int, seed: int, scal
         return Adafactor(params, beta1=spec.beta1, **ada)
     if spec.family == "flora":
         return flora_module.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa,
-                                  momentum_form=spec.momentum_form, seed=seed, **ada)
+                                  momentum_form=spec.momentum_form, seed=seed, **ada, **(flora_options or {}))
     if spec.family == "flora-opt":
         return _import_peer("flora_opt").Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, seed=seed,
                                                **ada)

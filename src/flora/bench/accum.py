@@ -1,0 +1,411 @@
+"""``flora-bench accum-memory``: peak memory and step time of gradient accumulation on
+SmolLM2-135M: plain, compressed (``flora.CompressedAccumulator``) and compressed + fused,
+each configuration in its own process, side by side in one invocation. Optional: a short
+BBC fine-tune comparing held-out loss (``--quality``) and the gradient noise of the two
+estimators (``--noise``).
+
+    flora-bench accum-memory [--out DIR] [--quality] [--noise]
+    flora-bench accum-memory --size smoke --quality --noise     # a tiny Llama, seconds
+
+Configurations (``--configs``): ``reference`` runs forward and backward but drops every
+gradient in a hook and never steps (its peak is weights + activations, the floor for fused
+mode); ``plain`` accumulates dense ``.grad``; ``rR`` compresses at rank R; ``rR-fused`` also
+steps inside backward; ``dense-fused`` steps inside backward without compressing.
+
+Memory: on the CPU the peak resident set (VmHWM, reset after a warm-up cycle, so model
+loading and first-step allocations do not count; each process starts with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed blocks leave the RSS); on CUDA
+``torch.cuda.max_memory_allocated`` (reset likewise). Data: the train task's token
+streams (``--size quick``: SmolLM2's tokens of the BBC articles; smoke: bytes), held-out
+loss on the shared BBC validation and test splits. Writes ``results.json`` and
+``results.md`` to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import statistics
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config, core
+
+HELP = "compressed gradient accumulation: peak memory, step time, fine-tune quality, gradient noise"
+
+
+@dataclass(frozen=True)
+class AccumSize:
+    task: str  # the train task whose model and token streams are used
+    configs: str
+    tau: int
+    steps: int
+    seq: int
+    batch: int
+    quality_ranks: str
+    quality_steps: int
+    eval_chunks: int
+    noise_rank: int
+
+
+SIZES = {
+    "quick": AccumSize(task="finetune", configs="reference,plain,r8,r32,r256,r32-fused", tau=8, steps=2, seq=32,
+                       batch=1, quality_ranks="32", quality_steps=8, eval_chunks=32, noise_rank=32),
+    "smoke": AccumSize(task="pretrain", configs="reference,plain,r4,r4-fused", tau=4, steps=1, seq=16, batch=1,
+                       quality_ranks="4", quality_steps=2, eval_chunks=4, noise_rank=4),
+}
+CONFIG_FORMS = ("reference", "plain", "rR", "rR-fused", "dense-fused")
+_CONFIG = re.compile(r"^(?:reference|plain|dense-fused|r(?P<rank>\d+)(?P<fused>-fused)?)$")
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def parse_config(name: str) -> tuple[str | int | None, bool]:
+    """(rank, fused): rank is ``"reference"``, ``"plain"``, an int, or None (dense, fused)."""
+    m = _CONFIG.match(name)
+    if not m:
+        raise ValueError(f"unknown configuration {name!r}; valid: {', '.join(CONFIG_FORMS)} (R a rank, e.g. r32)")
+    if name in ("reference", "plain"):
+        return name, False
+    if name == "dense-fused":
+        return None, True
+    return int(m["rank"]), bool(m["fused"])
+
+
+@dataclass(frozen=True)
+class AccumJob:
+    kind: str  # memory, quality or noise
+    name: str
+    task: str
+    cfg: config.TaskConfig  # seq, batch, tau and eval_batches of the run
+    cache_dir: str
+    device: str
+    threads: int
+    steps: int
+    optimizer: str = "adafactor"
+    lr: float = 1e-5
+    rank: str | int | None = "plain"
+    fused: bool = False
+    seed: int = 0
+    noise_seeds: int = 3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", default="quick", choices=list(SIZES),
+                   help="quick: SmolLM2-135M (default); smoke: a tiny byte-level Llama (seconds; for tests)")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/accum-memory-<timestamp>)")
+    p.add_argument("--configs", default=None, help=f"comma list of {', '.join(CONFIG_FORMS)} (R a rank; default: "
+                                                   "the size's, quick: reference,plain,r8,r32,r256,r32-fused)")
+    p.add_argument("--tau", type=int, default=None, help="micro-batches per cycle (quick: 8)")
+    p.add_argument("--steps", type=int, default=None, help="measured cycles after one warm-up cycle (quick: 2)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (quick: 32)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (quick: 1)")
+    p.add_argument("--optimizer", default="adafactor",
+                   help="optimizer of the memory runs, a flora-bench name (default adafactor: a few MiB of state, so "
+                        "the gradients are what the configurations differ in; or adamw, flora-r32, ...)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, ...")
+    p.add_argument("--cpu", action="store_true", help="the same as --device cpu")
+    p.add_argument("--cache", default=None, help="cache folder of the converted SmolLM2 and its tokens "
+                                                 "(default runs/bench/cache or $FLORA_BENCH_CACHE)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run every configuration in this process (peaks then cover all runs so far)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory configurations")
+    p.add_argument("--quality", action="store_true", help="also run the BBC fine-tune (dense vs --quality-ranks)")
+    p.add_argument("--quality-ranks", default=None, help="comma list of ranks (quick: 32)")
+    p.add_argument("--quality-steps", type=int, default=None, help="optimizer steps of the fine-tune (quick: 8)")
+    p.add_argument("--quality-lrs", default="1e-4,3e-4", help="AdamW learning rates of the fine-tune")
+    p.add_argument("--eval-chunks", type=int, default=None, help="held-out sequences scored per split (quick: 32)")
+    p.add_argument("--noise", action="store_true", help="also measure the estimators' gradient noise")
+    p.add_argument("--noise-rank", type=int, default=None, help="(quick: 32)")
+    p.add_argument("--noise-seeds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    from . import optimizers as bo
+
+    size = SIZES[a.size]
+    for k in ("configs", "tau", "steps", "seq", "batch", "quality_ranks", "quality_steps", "eval_chunks",
+              "noise_rank"):
+        if getattr(a, k) is None:
+            setattr(a, k, getattr(size, k))
+    if min(a.tau, a.steps, a.seq, a.batch, a.quality_steps, a.eval_chunks, a.noise_rank, a.noise_seeds) < 1:
+        p.error("--tau, --steps, --seq, --batch, --quality-steps, --eval-chunks, --noise-rank and --noise-seeds "
+                "must be >= 1")
+    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    for c in a.configs:
+        try:
+            parse_config(c)
+        except ValueError as e:
+            p.error(f"--configs: {e}")
+    try:
+        spec = bo.parse(a.optimizer)
+    except ValueError as e:
+        p.error(f"--optimizer: {e}")
+    if spec.family not in ("adamw", "adafactor", "flora") or spec.accumulate_rank is not None:
+        p.error(f"--optimizer: {a.optimizer!r} is not offered here; valid: adamw, adafactor, adafactor-b0.9, "
+                "flora-rR, flora-rR-paper, flora-dense")
+    try:
+        a.quality_ranks = [int(r) for r in str(a.quality_ranks).split(",") if r.strip()]
+        a.quality_lrs = [float(x) for x in a.quality_lrs.split(",") if x.strip()]
+    except ValueError:
+        p.error("--quality-ranks takes integers, --quality-lrs numbers, comma-separated")
+    if a.cpu:
+        a.device = "cpu"
+
+
+def plan(a: argparse.Namespace, device: str, cache: Path) -> list[AccumJob]:
+    size = SIZES[a.size]
+    base = config.SIZES[a.size][size.task]
+    cfg = dataclasses.replace(base, seq=a.seq, batch=a.batch, tau=a.tau,
+                              eval_batches=max(1, math.ceil(a.eval_chunks / a.batch)))
+    common = dict(task=size.task, cfg=cfg, cache_dir=str(cache), device=device, threads=a.threads, seed=a.seed)
+    jobs = []
+    if not a.no_memory:
+        for c in a.configs:
+            rank, fused = parse_config(c)
+            jobs.append(AccumJob("memory", c, steps=a.steps, optimizer=a.optimizer, lr=a.lr, rank=rank, fused=fused,
+                                 **common))
+    if a.quality:
+        for lr in a.quality_lrs:
+            for rank in [None] + a.quality_ranks:
+                name = f"q-{'dense' if rank is None else f'r{rank}'}@{lr:g}"
+                jobs.append(AccumJob("quality", name, steps=a.quality_steps, optimizer="adamw", lr=lr, rank=rank,
+                                     **common))
+    if a.noise:
+        jobs.append(AccumJob("noise", "noise", steps=1, rank=a.noise_rank, noise_seeds=a.noise_seeds, **common))
+    return jobs
+
+
+# ------------------------------------------------------------------ workers (each in its own process)
+
+
+def run_job(job: AccumJob) -> dict:
+    """One configuration, measured (never raises: a failure is recorded with why)."""
+    import torch
+
+    core.offline_env()
+    t0 = time.perf_counter()
+    out = {"kind": job.kind, "config": job.name, "status": "ok"}
+    with core.quiet():
+        try:
+            torch.manual_seed(job.seed)
+            torch.set_num_threads(job.threads)
+            out.update({"memory": _memory, "quality": _quality, "noise": _noise}[job.kind](job))
+        except Exception as e:  # noqa: BLE001
+            out["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            out["traceback"] = traceback.format_exc()[-4000:]
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def _model(job: AccumJob):
+    import torch
+
+    from .tasks import make_task
+
+    task = make_task(job.task, job.cfg, job.cache_dir, job.seed)
+    task.load()
+    model = task.build_model().to(torch.device(job.device))
+    model.train()
+    return task, model
+
+
+def _attach(model, opt, rank, fused, tau, seed=0, **kw):
+    import flora
+
+    if rank == "plain":
+        return None
+    if rank == "reference":
+        def drop(p):
+            p.grad = None
+        return [p.register_post_accumulate_grad_hook(drop) for p in model.parameters()]
+    return flora.CompressedAccumulator(model, rank=rank, tau=tau, seed=seed, optimizer=opt, fused=fused, **kw)
+
+
+def _cycle(task, model, opt, step: int, device, *, step_optimizer: bool) -> float:
+    """tau micro-batches (the task's batches for this step), then the optimizer's step."""
+    loss_sum = 0.0
+    for micro in range(task.tau):
+        batch, _ = task.batch(step, micro, device)
+        loss = model(**batch).loss
+        (loss / task.tau).backward()
+        loss_sum += loss.item()
+    if step_optimizer:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss_sum / task.tau
+
+
+def _memory(job: AccumJob) -> dict:
+    import flora
+
+    from . import optimizers as bo
+
+    task, model = _model(job)
+    device = next(model.parameters()).device
+    opt = bo.make_optimizer(bo.parse(job.optimizer), model.parameters(), job.lr, kappa=1000, seed=job.seed)
+    acc = _attach(model, opt, job.rank, job.fused, task.tau)
+    ref = job.rank == "reference"
+    stepping = not (job.fused or ref)
+    mem = core.PeakMemory(device)
+    _cycle(task, model, opt, 0, device, step_optimizer=stepping)  # warm-up: state, caches
+    mem.reset(trim=True)
+    times, losses = [], []
+    for s in range(1, job.steps + 1):
+        t0 = time.perf_counter()
+        losses.append(_cycle(task, model, opt, s, device, step_optimizer=stepping))
+        core.sync(device)
+        times.append(time.perf_counter() - t0)
+    m = mem.read()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"rank": job.rank, "fused": job.fused, "device": str(device), "tau": task.tau, "batch": job.cfg.batch,
+            "seq": job.cfg.seq, "steps": job.steps, "optimizer": job.optimizer, "weights_mib": weights / core.MiB,
+            "baseline_mib": m.baseline, "peak_mib": m.peak, "peak_over_baseline_mib": m.peak - m.baseline,
+            "optimizer_state_mib": flora.state_bytes(opt) / core.MiB if not ref else 0.0,
+            "accumulator_mib_between_cycles": acc.memory_bytes() / core.MiB if hasattr(acc, "memory_bytes") else 0.0,
+            "median_step_s": statistics.median(times), "step_times_s": times, "loss": losses}
+
+
+def _quality(job: AccumJob) -> dict:
+    """Fine-tune with AdamW at ``job.lr`` (dense, or fed by a compressed accumulator), then
+    held-out loss on the validation and test splits."""
+    import torch
+
+    task, model = _model(job)
+    device = next(model.parameters()).device
+    before = task.evaluate(model, "val", device)["loss"]
+    opt = torch.optim.AdamW(model.parameters(), lr=job.lr)
+    if job.rank is not None:
+        _attach(model, opt, job.rank, False, task.tau, seed=1)
+    t0 = time.perf_counter()
+    train = [_cycle(task, model, opt, s, device, step_optimizer=True) for s in range(job.steps)]
+    train_s = time.perf_counter() - t0
+    return {"rank": job.rank, "tau": task.tau, "steps": job.steps, "lr": job.lr, "seq": job.cfg.seq,
+            "batch": job.cfg.batch, "eval_sequences": job.cfg.eval_batches * job.cfg.batch,
+            "val_loss_start": before, "val_loss": task.evaluate(model, "val", device)["loss"],
+            "test_loss": task.evaluate(model, "test", device)["loss"], "train_loss": train, "train_s": train_s}
+
+
+def _noise(job: AccumJob) -> dict:
+    """Relative error ||G_hat - G|| / ||G|| of one cycle's accumulated gradient over the
+    compressed parameters, with the last micro-batch exact or compressed, for a few seeds."""
+    task, model = _model(job)
+    device = next(model.parameters()).device
+    _cycle(task, model, None, 0, device, step_optimizer=False)
+    dense = {p: p.grad.clone() for p in model.parameters()}
+    model.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+    out = {"rank": job.rank, "tau": task.tau, "seeds": job.noise_seeds}
+    for exact_last in (True, False):
+        errs = []
+        for seed in range(job.noise_seeds):
+            acc = _attach(model, None, job.rank, False, task.tau, seed=seed, exact_last=exact_last)
+            _cycle(task, model, None, 0, device, step_optimizer=False)
+            comp = [params[row["name"]] for row in acc.plan() if row["compressed"]]
+            num = sum((p.grad - dense[p]).float().square().sum() for p in comp)
+            den = sum(dense[p].float().square().sum() for p in comp)
+            errs.append(float((num / den).sqrt()))
+            model.zero_grad(set_to_none=True)
+            acc.remove()
+        out["exact_last" if exact_last else "all_compressed"] = errs
+    return out
+
+
+# ------------------------------------------------------------------ report
+
+
+def _line(r: dict, i: int, n: int) -> str:
+    what = r["status"]
+    if r["status"] == "ok" and r["kind"] == "memory":
+        what += f", peak {r['peak_mib']:.0f} MiB, step {r['median_step_s']:.2f} s"
+    elif r["status"] == "ok" and r["kind"] == "quality":
+        what += f", val loss {r['val_loss_start']:.4f} -> {r['val_loss']:.4f}"
+    return f"[{i}/{n}] {r['kind']} {r['config']}: {what} ({r['wall_s']:.1f} s)"
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    lines = [f"# Gradient accumulation ({m['model']})", "", f"`{m['command']}`", "", core.meta_line(m), ""]
+    ok = lambda kind: [r for r in results[kind] if r["status"] == "ok"]  # noqa: E731
+    mem = ok("memory")
+    if mem:
+        plain = next((r for r in mem if r["config"] == "plain"), None)
+        refr = next((r for r in mem if r["config"] == "reference"), None)
+        unit = "peak allocated" if mem[0]["device"].startswith("cuda") else "peak RSS"
+        ratio = lambda r, base, k: "-" if base is None else f"{r[k] / base[k]:.3f}"  # noqa: E731
+        lines += [f"## Memory and step time: tau={mem[0]['tau']}, {mem[0]['batch']} x {mem[0]['seq']} tokens, "
+                  f"optimizer {mem[0]['optimizer']}, {mem[0]['device']}", "",
+                  f"Weights {mem[0]['weights_mib']:.0f} MiB. Baseline = memory after a warm-up cycle (weights, "
+                  "optimizer state, runtime); peak measured over the following cycles.", ""]
+        lines += core.markdown_table(
+            ["config", f"{unit} MiB", "peak - baseline MiB", "peak / plain", "peak / reference", "median step s",
+             "step / plain"],
+            ([r["config"], f"{r['peak_mib']:.0f}", f"{r['peak_over_baseline_mib']:.0f}", ratio(r, plain, "peak_mib"),
+              ratio(r, refr, "peak_mib"), f"{r['median_step_s']:.2f}",
+              "-" if plain is None else f"{r['median_step_s'] / plain['median_step_s']:.2f}"] for r in mem),
+            align="lrrrrrr")
+        lines.append("")
+    for kind in ("memory", "quality", "noise"):
+        for r in results[kind]:
+            if r["status"] != "ok":
+                lines.append(f"- {r['config']}: {r['status']}")
+    q = ok("quality")
+    if q:
+        lines += ["", f"## Quality: BBC fine-tune, AdamW, tau={q[0]['tau']}, {q[0]['steps']} steps of "
+                  f"{q[0]['batch']} x {q[0]['seq']} tokens; held-out loss on {q[0]['eval_sequences']} sequences "
+                  "of the validation and test splits", ""]
+        rows = []
+        for r in q:
+            dense = next((d for d in q if d["rank"] is None and d["lr"] == r["lr"]), None)
+            rel = f"{100 * (r['val_loss'] / dense['val_loss'] - 1):+.2f}%" if dense else "-"
+            rows.append([r["config"], f"{r['lr']:g}", f"{r['val_loss_start']:.4f}", f"{r['val_loss']:.4f}",
+                         f"{r['test_loss']:.4f}", rel])
+        lines += core.markdown_table(["config", "lr", "val loss before", "val loss after", "test loss after",
+                                      "val vs dense (same lr)"], rows, align="lrrrrr")
+        lines.append("")
+    for n in ok("noise"):
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        lines += ["", f"## Gradient noise: rank {n['rank']}, tau={n['tau']}, {n['seeds']} seeds", "",
+                  "relative error ||G_hat - G|| / ||G|| over the compressed parameters:", "",
+                  f"- last micro-batch exact: {mean(n['exact_last']):.3f} "
+                  f"({', '.join(f'{e:.3f}' for e in n['exact_last'])})",
+                  f"- all compressed: {mean(n['all_compressed']):.3f} "
+                  f"({', '.join(f'{e:.3f}' for e in n['all_compressed'])})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from .runner import Runner, cache_dir_default
+    from .tasks import make_task
+
+    device = core.resolve_device(args.device)
+    cache = Path(args.cache) if args.cache else cache_dir_default()
+    out = Path(args.out) if args.out else core.default_out("accum-memory")
+    jobs = plan(args, device, cache)
+    size = SIZES[args.size]
+    model = "SmolLM2-135M" if size.task == "finetune" else "a tiny byte-level Llama"
+    core.say(f"flora-bench accum-memory: {model}, {len(jobs)} configurations, device={device}, out={out}")
+    if jobs:
+        make_task(size.task, jobs[0].cfg, cache, args.seed).prepare()
+    meta = core.run_metadata("accum-memory", argv, device)
+    meta.update(size=args.size, model=model, task=size.task, tau=args.tau, seq=args.seq, batch=args.batch,
+                seed=args.seed, threads=args.threads, isolated=not args.no_isolate)
+    results: dict = {"meta": meta, "memory": [], "quality": [], "noise": []}
+    runner = Runner(isolate=not args.no_isolate, device=device, env=MALLOC_ENV)
+    for i, job in enumerate(jobs, 1):
+        r = runner.run(run_job, job, lambda code, job=job: {
+            "kind": job.kind, "config": job.name, "wall_s": 0.0,
+            "status": f"failed: process exited with code {code} (out of memory?)"})
+        results[job.kind].append(r)
+        core.say(_line(r, i, len(jobs)))
+        core.write_json(out / "results.json", results)  # partial results survive a kill
+    md = markdown(results)
+    (out / "results.md").write_text(md)
+    print(md)
+    core.say(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0

