@@ -14,7 +14,7 @@ from torch import nn
 
 import flora
 from flora import CompressedAccumulator, Flora
-from flora.projection import ACCUMULATION_STREAM, compress, decompress, gaussian_projection, projection_seed
+from flora.projection import ACCUMULATION_STREAM, compress, decompress, make_projection, projection_seed
 
 TAU = 3
 
@@ -63,21 +63,23 @@ def _assert_equal(a, b):
 # ------------------------------------------------------------------ arithmetic
 
 
-def _offline_estimate(grads, seed, index, cycle, rank, dim, exact_last):
+def _offline_estimate(grads, seed, index, cycle, rank, dim, exact_last, projection="orthonormal"):
     """The accumulated gradient by hand: decompress of the compressed sum (+ last exactly)."""
     n, m = grads[0].shape
-    a = gaussian_projection(projection_seed(seed, index, cycle, ACCUMULATION_STREAM), rank, (n, m)[dim])
+    a = make_projection(projection, projection_seed(seed, index, cycle, ACCUMULATION_STREAM), rank, (n, m)[dim],
+                        unbiased=True)
     if exact_last:
         c = sum(compress(g, a, dim) for g in grads[:-1])
         return decompress(c, a, dim) + grads[-1]
     return decompress(sum(compress(g, a, dim) for g in grads), a, dim)
 
 
+@pytest.mark.parametrize("projection", ["orthonormal", "gaussian"])
 @pytest.mark.parametrize("exact_last", [True, False])
-def test_hook_arithmetic_equals_offline_computation(exact_last):
+def test_hook_arithmetic_equals_offline_computation(exact_last, projection):
     model = _mlp()
     plain = copy.deepcopy(model)
-    acc = CompressedAccumulator(model, rank=4, tau=TAU, seed=7, exact_last=exact_last)
+    acc = CompressedAccumulator(model, rank=4, tau=TAU, seed=7, exact_last=exact_last, projection=projection)
     batches = _batches(2 * TAU)
     for cycle in range(2):
         per_batch = []
@@ -95,7 +97,7 @@ def test_hook_arithmetic_equals_offline_computation(exact_last):
                 assert torch.equal(p.grad, want)
             else:
                 assert row["proj_dim"] == (0 if p.shape[0] < p.shape[1] else 1)
-                want = _offline_estimate(grads, 7, i, cycle, 4, row["proj_dim"], exact_last)
+                want = _offline_estimate(grads, 7, i, cycle, 4, row["proj_dim"], exact_last, projection)
                 torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6)
                 assert not torch.allclose(p.grad, sum(grads), atol=1e-3)  # it really is compressed
         model.zero_grad()
@@ -604,3 +606,17 @@ def test_cuda_matches_cpu(fused):
         results.append([p.cpu() for p in _params(model)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_state_from_before_projection_kinds_resumes_only_with_gaussian():
+    model = _mlp()
+    acc = CompressedAccumulator(model, rank=4, tau=TAU, seed=1, projection="gaussian")
+    _loss(model, *_batches(1)[0], TAU).backward()
+    old = {k: v for k, v in acc.state_dict().items() if k != "projection"}  # as saved before the option
+    with pytest.raises(ValueError, match="projection='gaussian'.*projection='orthonormal'"):
+        CompressedAccumulator(_mlp(), rank=4, tau=TAU, seed=1).load_state_dict(old)
+    other = CompressedAccumulator(_mlp(), rank=4, tau=TAU, seed=1, projection="gaussian")
+    other.load_state_dict(old)
+    assert other.micro_step == 1
+    with pytest.raises(ValueError, match="projection must be one of 'gaussian', 'orthonormal'"):
+        CompressedAccumulator(_mlp(), rank=4, tau=TAU, projection="coordinates")

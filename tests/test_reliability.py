@@ -14,7 +14,7 @@ from transformers.optimization import Adafactor
 
 import flora
 from flora import CompressedAccumulator, Flora
-from flora.projection import ACCUMULATION_STREAM, compress, decompress, gaussian_projection, projection_seed
+from flora.projection import ACCUMULATION_STREAM, compress, decompress, make_projection, projection_seed
 
 TAU = 3
 
@@ -125,7 +125,7 @@ def test_partial_cycle_steps_every_parameter_on_its_estimate(closer):
         gs = [g[i] for g in grads]
         if p.dim() == 2:  # compressed along the smaller dim with cycle 1's projection
             dim = 0 if p.shape[0] < p.shape[1] else 1
-            a = gaussian_projection(projection_seed(2, i, 1, ACCUMULATION_STREAM), 4, p.shape[dim])
+            a = make_projection("orthonormal", projection_seed(2, i, 1, ACCUMULATION_STREAM), 4, p.shape[dim], unbiased=True)
             want = decompress(sum(compress(g, a, dim) for g in gs), a, dim)
         else:
             want = sum(gs)
@@ -182,7 +182,7 @@ def test_accelerate_marks_the_last_short_cycle():
                     seen.append([p.grad is not None for p in model.parameters()])
                     if i + 1 == len(data):  # the short cycle: the exact-last estimate
                         w = model[0].weight
-                        a = gaussian_projection(projection_seed(2, 0, 1, ACCUMULATION_STREAM), 4, 12)
+                        a = make_projection("orthonormal", projection_seed(2, 0, 1, ACCUMULATION_STREAM), 4, 12, unbiased=True)
                         g_prev, g_last = [], None
                         for xb, yb in data[TAU:]:
                             probe = copy.deepcopy(model)

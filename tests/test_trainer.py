@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import flora
-from flora.projection import ACCUMULATION_STREAM, compress, decompress, gaussian_projection, projection_seed
+from flora.projection import ACCUMULATION_STREAM, compress, decompress, make_projection, projection_seed
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -69,7 +69,7 @@ def test_compressed_accumulator_inside_trainer(tmp_path):
     Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None)).train()
     assert acc.cycle == 4 and acc.micro_step == 0 and len(seen) == 4 and len(micro) == 8
     for cycle in range(4):
-        a = gaussian_projection(projection_seed(1, index, cycle, ACCUMULATION_STREAM), 4, 32)
+        a = make_projection("orthonormal", projection_seed(1, index, cycle, ACCUMULATION_STREAM), 4, 32, unbiased=True)
         g1, g2 = micro[2 * cycle], micro[2 * cycle + 1]
         torch.testing.assert_close(seen[cycle], decompress(compress(g1, a, 1), a, 1) + g2, rtol=1e-4, atol=1e-6)
         assert not torch.allclose(seen[cycle], g1 + g2, atol=1e-4)  # compressed, not the dense sum

@@ -32,14 +32,17 @@ from .projection import (
     compressed_shape,
     decompress,
     decompress_add_,
-    gaussian_projection,
+    make_projection,
     matrix_shape,
     ACCUMULATION_STREAM,
     projection_seed,
     state_dtype,
 )
 
-__all__ = ["CompressedAccumulator", "accumulate_compressed_", "write_estimate_"]
+__all__ = ["CompressedAccumulator", "accumulate_compressed_", "write_estimate_", "ACCUMULATION_PROJECTIONS"]
+
+# Unbiased estimators only: decompress(compress(G)) must average to G.
+ACCUMULATION_PROJECTIONS = ("gaussian", "orthonormal")
 
 # parameter -> the accumulator whose hooks it carries (at most one: two would each free
 # the gradient the other expects to see).
@@ -188,6 +191,11 @@ class CompressedAccumulator:
             clipping is impossible there; ``last_grad_norm`` reports the cycle's norm).
         cache_projections: keep each parameter's projection for the whole cycle (at most
             the size of its compressed buffer) instead of redrawing it every micro-batch.
+        projection: ``"orthonormal"`` (default: QR of the seeded Gaussian draw, scaled
+            by ``sqrt(d / r)`` to stay unbiased; its mean squared error is
+            ``(d / r - 1) |G|^2`` against ``(d + 1) / r |G|^2``, and lower on real
+            gradients, see ``docs/results.md``) or ``"gaussian"`` (the paper's). A
+            state saved before this option loads only with ``"gaussian"``.
         scaler: fused mode only: a ``torch.amp.GradScaler``; each accumulated gradient is
             unscaled and checked before its step, a non-finite one is not stepped, and
             the findings are recorded so that ``scaler.step(optimizer)`` and
@@ -210,6 +218,7 @@ class CompressedAccumulator:
         max_grad_norm: float | None = None,
         cache_projections: bool = True,
         scaler: "torch.amp.GradScaler | None" = None,
+        projection: str = "orthonormal",
     ):
         check_positive_int("rank", rank, allow_none=True)
         check_positive_int("tau", tau)
@@ -217,6 +226,9 @@ class CompressedAccumulator:
         if proj_dim not in PROJ_DIMS or isinstance(proj_dim, bool):
             raise ValueError(f"proj_dim must be one of {', '.join(map(repr, PROJ_DIMS))}; got {proj_dim!r}")
         check_real("max_aspect_ratio", max_aspect_ratio, low=1.0, allow_none=True)
+        if projection not in ACCUMULATION_PROJECTIONS:
+            raise ValueError(f"projection must be one of {', '.join(map(repr, ACCUMULATION_PROJECTIONS))}; "
+                             f"got {projection!r}")
         for name, v in (("exact_last", exact_last), ("fused", fused), ("cache_projections", cache_projections)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be True or False, got {v!r}")
@@ -259,6 +271,7 @@ class CompressedAccumulator:
         self.rank, self.tau, self.seed, self.proj_dim = rank, tau, seed, proj_dim
         self.max_aspect_ratio, self.exact_last, self.fused = max_aspect_ratio, exact_last, fused
         self.max_grad_norm, self.cache_projections, self.scaler = max_grad_norm, cache_projections, scaler
+        self.projection = projection
         self._slots: list[_Slot] = slots
         self._ids = {id(s.param) for s in slots}
         self._c = _Cycle.start(len(slots))
@@ -329,9 +342,10 @@ class CompressedAccumulator:
         a = self._c.projections.get(k)
         if a is None:
             s = self._slots[k]
-            a = gaussian_projection(projection_seed(self.seed, s.index, self._c.number, ACCUMULATION_STREAM), self.rank,
-                                    matrix_shape(s.param.shape)[s.dim], device=s.param.device,
-                                    dtype=state_dtype(s.param.dtype))
+            a = make_projection(self.projection, projection_seed(self.seed, s.index, self._c.number,
+                                                                 ACCUMULATION_STREAM),
+                                self.rank, matrix_shape(s.param.shape)[s.dim], device=s.param.device,
+                                dtype=state_dtype(s.param.dtype), unbiased=True)
             if self.cache_projections:
                 self._c.projections[k] = a
         return a
@@ -574,6 +588,7 @@ class CompressedAccumulator:
         compressed = {i: t for i, t in compressed.items() if t is not None}
         return {
             "rank": self.rank, "tau": self.tau, "seed": self.seed, "proj_dim": self.proj_dim,
+            "projection": self.projection,
             "exact_last": self.exact_last, "cycle": self._c.number,
             "indices": torch.tensor([s.index for s in self._slots], dtype=torch.int64),
             "counts": torch.tensor(self._c.counts, dtype=torch.int64),
@@ -583,8 +598,8 @@ class CompressedAccumulator:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; everything is checked before anything changes. A state
         saved in normal mode loads in fused mode and back."""
-        sd = state_dict
-        for key in ("rank", "tau", "seed", "proj_dim"):
+        sd = {"projection": "gaussian", **state_dict}  # saved before projection kinds: Gaussian
+        for key in ("rank", "tau", "seed", "proj_dim", "projection"):
             if sd.get(key) != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={sd.get(key)!r} but this accumulator has "
                                  f"{key}={getattr(self, key)!r}; build it with the same {key}")
