@@ -10,5 +10,7 @@ MOMENTUM_CONFIGS = [
     ("paper", "coordinates"),
     ("exact", "coordinates"),
     ("subspace", "coordinates"),
+    ("scaled", "orthonormal"),
+    ("scaled", "coordinates"),
 ]
 MOMENTUM_IDS = [f"{f}-{p}" for f, p in MOMENTUM_CONFIGS]

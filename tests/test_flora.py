@@ -9,7 +9,13 @@ from torch import nn
 
 import flora
 from flora import Flora, flora_state_bytes, state_bytes
-from flora.momentum import compressed_step_, exact_momentum_, paper_momentum_, subspace_momentum_
+from flora.momentum import (
+    compressed_step_,
+    exact_momentum_,
+    paper_momentum_,
+    scaled_momentum_,
+    subspace_momentum_,
+)
 from flora.projection import compress, decompress, gaussian_projection, make_projection, projection_seed
 from transformers.optimization import Adafactor
 
@@ -53,9 +59,13 @@ def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, pr
         elif form == "exact":
             upd = beta1 * D(m) + (1 - beta1) * u
             m = beta1 * m + (1 - beta1) * C(u)
-        else:  # subspace: momentum inside span(P), u unchanged outside it
+        elif form == "subspace":  # momentum inside span(P), u unchanged outside it
             m = beta1 * m + (1 - beta1) * C(u)
             upd = D(m) + u - D(C(u))
+        else:  # scaled: the outside scaled by |M| / ((1 - beta1^t) |C(u)|), at most 1
+            m = beta1 * m + (1 - beta1) * C(u)
+            phi = min(1.0, (m.norm() / ((1 - beta1 ** (t + 1)) * C(u).norm())).item())
+            upd = D(m) + phi * (u - D(C(u)))
         upd = upd / max(1.0, (upd.norm() / math.sqrt(upd.numel()) / lr).item())  # RMS clip at lr
         p.data.sub_(upd)
     return p.detach()
@@ -91,9 +101,11 @@ def test_plain_forms_equal_the_one_pass_step():
             a = make_projection(projection, 5, 3, u.shape[dim])
             c0 = torch.randn((3, 20) if dim == 0 else (6, 3))
             c1, c2 = c0.clone(), c0.clone()
-            plain = {"paper": paper_momentum_, "exact": exact_momentum_, "subspace": subspace_momentum_}[form]
+            plain = {"paper": paper_momentum_, "exact": exact_momentum_, "subspace": subspace_momentum_,
+                     "scaled": lambda *args: scaled_momentum_(*args, 0.5)}[form]
             want = plain(c1, u.clone(), a, dim, 0.9)
-            got = compressed_step_(form, c2, u.clone(), a, dim, 0.9, 1.0, 1e6, isometric=projection != "gaussian")
+            got = compressed_step_(form, c2, u.clone(), a, dim, 0.9, 1.0, 1e6, isometric=projection != "gaussian",
+                                   bias_correction=0.5)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-6)
 

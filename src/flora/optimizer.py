@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from . import adafactor as af
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real
-from .momentum import MOMENTUM_FORMS, compressed_step_, dense_momentum_, resample_
+from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, compressed_step_, dense_momentum_, resample_
 from .compression import PROJ_DIMS, compressed_dim, dense_reason
 from .projection import PROJECTIONS, compressed_shape, make_projection, matrix_shape, projection_seed, state_dtype
 
@@ -74,8 +74,8 @@ def _validate_group(group: dict) -> None:
     check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
     check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
     check_choice("projection", group["projection"], PROJECTIONS)
-    if group["momentum_form"] == "subspace" and group["projection"] == "gaussian":
-        raise ValueError("momentum_form='subspace' needs projection='orthonormal' or 'coordinates' (its complement "
+    if group["momentum_form"] in SUBSPACE_FORMS and group["projection"] == "gaussian":
+        raise ValueError(f"momentum_form={group['momentum_form']!r} needs projection='orthonormal' or 'coordinates' (its complement "
                          "u - decompress(compress(u)) is an orthogonal projection only for orthonormal rows); "
                          "got projection='gaussian'")
     check_real("max_aspect_ratio", group["max_aspect_ratio"], low=1.0, allow_none=True)
@@ -111,7 +111,9 @@ class Flora(Optimizer):
         momentum_form: ``"exact"`` (this step enters uncompressed:
             ``(1 - beta1) u + beta1 D(M_prev)``), ``"paper"`` (the update is ``D(M)``) or
             ``"subspace"`` (momentum inside the projection's subspace, this step's update
-            unchanged outside it: ``D(M) + u - D(C(u))``; needs orthonormal rows). Named
+            unchanged outside it: ``D(M) + u - D(C(u))``; FRUGAL's form) or ``"scaled"``
+            (the same with the outside scaled by ``|M| / ((1 - beta1^t) |C(u)|)``, at most
+            1: Fira's idea); those two need orthonormal rows. Named
             so that it never collides with the ``momentum`` key torch's cyclic schedulers
             write; ``momentum=`` of earlier releases is still accepted, with a warning.
         projection: ``"gaussian"`` (N(0, 1/r) entries, unbiased: the paper's),
@@ -460,7 +462,8 @@ class Flora(Optimizer):
             a = a_new
         state["proj_age"] += 1
         return compressed_step_(group["momentum_form"], c, update, a, dim, beta1, lr, group["clip_threshold"],
-                                u_norm=norm, isometric=group["projection"] != "gaussian")
+                                u_norm=norm, isometric=group["projection"] != "gaussian",
+                                bias_correction=1.0 - beta1 ** state["step"])
 
     # ------------------------------------------------------------ checkpointing
 
