@@ -20,6 +20,7 @@ import datetime
 import gc
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -71,8 +72,8 @@ def version_of(dist: str) -> str | None:
 
 @contextlib.contextmanager
 def quiet():
-    """For the duration of the block only: no FutureWarnings (peft, GaLore and APOLLO warn
-    about deprecations), transformers at error level without progress bars (the GGUF
+    """For the duration of the block only: no FutureWarnings or DeprecationWarnings (peft,
+    GaLore, APOLLO and flora-opt's imports warn about deprecations), transformers at error level without progress bars (the GGUF
     conversion draws one), bitsandbytes' loggers at error level. Everything is restored
     on exit."""
     levels = {n: logging.getLogger(n).level for n in _NOISY_LOGGERS}
@@ -82,6 +83,7 @@ def quiet():
     hf_state = (hf.get_verbosity(), hf.is_progress_bar_enabled()) if hf else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*kernels.*")
         for n in _NOISY_LOGGERS:
             logging.getLogger(n).setLevel(logging.ERROR)
@@ -107,6 +109,23 @@ def interactive() -> bool:
 
 def say(msg: str) -> None:
     print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def bars_off():
+    """Where stderr is not a terminal, hold back what the block writes to it: progress
+    bars that ignore transformers' switch (the GGUF conversion draws one with tqdm
+    itself). What was held back is written out if the block fails."""
+    if interactive():
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 # ------------------------------------------------------------------ devices and timing

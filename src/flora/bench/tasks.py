@@ -17,7 +17,7 @@ from torch import nn
 
 from . import data
 from .config import TaskConfig
-from .core import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir
+from .core import SMOLLM2_GGUF, SMOLLM2_PACKAGE, bars_off, package_dir
 
 _LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -146,8 +146,9 @@ class FinetuneTask(_LMTask):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             pkg = package_dir(SMOLLM2_PACKAGE)
-            model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+            with bars_off():
+                model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+                tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
             d.mkdir(parents=True, exist_ok=True)
             model.config.save_pretrained(d)
             tok.save_pretrained(d)
