@@ -27,7 +27,7 @@ from flora.bench import optimizers as bo  # noqa: E402
 from flora.bench.__main__ import main  # noqa: E402
 from flora.bench.config import Goal  # noqa: E402
 from flora.bench.records import RunResult  # noqa: E402
-from flora.bench.runner import schedule  # noqa: E402
+from flora.bench.runner import Runner, schedule  # noqa: E402
 from flora.bench.tasks import make_task  # noqa: E402
 
 SRC = str(Path(flora.__file__).resolve().parents[1])
@@ -112,6 +112,18 @@ def test_metadata_in_results(smoke_run):
     assert meta["subcommand"] == "train" and meta["command"].startswith("flora-bench train --size smoke")
     assert meta["commit"] and meta["torch"] and meta["flora"] == flora.__version__ and meta["device"] == "cpu"
     assert meta["tasks"]["pretrain"]["config"]["optimizers"] == ["adamw", "flora-r4", "flora-r4-paper", "adamw+ca-r4"]
+
+
+def _die(job):
+    os._exit(job)
+
+
+def test_a_run_whose_process_dies_is_recorded():
+    """Killed for memory, say: the result says so instead of the benchmark stopping."""
+    runner = Runner(isolate=True, preload=[])
+    assert runner.isolate
+    assert runner.run(_die, 3, lambda code: f"failed: exited with code {code}") == "failed: exited with code 3"
+    assert runner.run(abs, -2, lambda code: "never") == 2
 
 
 def test_log_is_readable(smoke_run):
