@@ -62,6 +62,7 @@ def test_noise_section(accum_run):
     _, res = accum_run
     n = res["noise"][0]
     assert n["rank"] == 4 and len(n["exact_last"]) == len(n["all_compressed"]) == 2
+    assert set(n["by_projection"]) == {"gaussian", "orthonormal"} and n["projection"] == "orthonormal"
     assert all(e > 0 and math.isfinite(e) for e in n["exact_last"] + n["all_compressed"])
 
 

@@ -148,7 +148,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--optimizer: {e}")
     if spec.family not in ("adamw", "adafactor", "flora") or spec.accumulate_rank is not None:
         p.error(f"--optimizer: {a.optimizer!r} is not offered here; valid: adamw, adafactor, adafactor-b0.9, "
-                "flora-rR, flora-rR-paper, flora-dense")
+                "flora-rR, flora-rR-FORM[-PROJECTION], flora-dense")
     try:
         a.quality_ranks = [int(r) for r in str(a.quality_ranks).split(",") if r.strip()]
         a.quality_lrs = [float(x) for x in a.quality_lrs.split(",") if x.strip()]
@@ -293,26 +293,36 @@ def _quality(job: AccumJob) -> dict:
 
 def _noise(job: AccumJob) -> dict:
     """Relative error ||G_hat - G|| / ||G|| of one cycle's accumulated gradient over the
-    compressed parameters, with the last micro-batch exact or compressed, for a few seeds."""
+    compressed parameters, with the last micro-batch exact or compressed, for a few seeds,
+    under each projection the accumulator offers (``exact_last`` and ``all_compressed`` are
+    the default projection's; ``by_projection`` holds every one, paired by seed)."""
+    import flora
+
     task, model = _model(job)
     device = next(model.parameters()).device
     _cycle(task, model, None, 0, device, step_optimizer=False)
     dense = {p: p.grad.clone() for p in model.parameters()}
     model.zero_grad(set_to_none=True)
     params = dict(model.named_parameters())
-    out = {"rank": job.rank, "tau": task.tau, "seeds": job.noise_seeds}
-    for exact_last in (True, False):
-        errs = []
-        for seed in range(job.noise_seeds):
-            acc = _attach(model, None, job.rank, False, task.tau, seed=seed, exact_last=exact_last)
-            _cycle(task, model, None, 0, device, step_optimizer=False)
-            comp = [params[row["name"]] for row in acc.plan() if row["compressed"]]
-            num = sum((p.grad - dense[p]).float().square().sum() for p in comp)
-            den = sum(dense[p].float().square().sum() for p in comp)
-            errs.append(float((num / den).sqrt()))
-            model.zero_grad(set_to_none=True)
-            acc.remove()
-        out["exact_last" if exact_last else "all_compressed"] = errs
+    out = {"rank": job.rank, "tau": task.tau, "seeds": job.noise_seeds, "by_projection": {}}
+    for projection in flora.accumulate.ACCUMULATION_PROJECTIONS:
+        errors = {}
+        for exact_last in (True, False):
+            errs = []
+            for seed in range(job.noise_seeds):
+                acc = _attach(model, None, job.rank, False, task.tau, seed=seed, exact_last=exact_last,
+                              projection=projection)
+                _cycle(task, model, None, 0, device, step_optimizer=False)
+                comp = [params[row["name"]] for row in acc.plan() if row["compressed"]]
+                num = sum((p.grad - dense[p]).float().square().sum() for p in comp)
+                den = sum(dense[p].float().square().sum() for p in comp)
+                errs.append(float((num / den).sqrt()))
+                model.zero_grad(set_to_none=True)
+                acc.remove()
+            errors["exact_last" if exact_last else "all_compressed"] = errs
+        out["by_projection"][projection] = errors
+    default = flora.CompressedAccumulator.__init__.__kwdefaults__["projection"]
+    out.update(out["by_projection"][default], projection=default)
     return out
 
 
@@ -371,11 +381,13 @@ def markdown(results: dict) -> str:
     for n in ok("noise"):
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         lines += ["", f"## Gradient noise: rank {n['rank']}, tau={n['tau']}, {n['seeds']} seeds", "",
-                  "relative error ||G_hat - G|| / ||G|| over the compressed parameters:", "",
-                  f"- last micro-batch exact: {mean(n['exact_last']):.3f} "
-                  f"({', '.join(f'{e:.3f}' for e in n['exact_last'])})",
-                  f"- all compressed: {mean(n['all_compressed']):.3f} "
-                  f"({', '.join(f'{e:.3f}' for e in n['all_compressed'])})", ""]
+                  "relative error ||G_hat - G|| / ||G|| over the compressed parameters, mean (per seed):", ""]
+        rows = []
+        for projection, errs in n.get("by_projection", {n.get("projection", "gaussian"): n}).items():
+            rows.append([projection] + [f"{mean(errs[k]):.3f} ({', '.join(f'{e:.3f}' for e in errs[k])})"
+                                        for k in ("exact_last", "all_compressed")])
+        lines += core.markdown_table(["projection", "last micro-batch exact", "all compressed"], rows, align="lll")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
