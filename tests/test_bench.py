@@ -278,6 +278,36 @@ def test_names_and_grids():
     assert bo.lr_grid(bo.parse("adamw"), "pretrain", 1) == (config.LR_GRIDS["pretrain"]["adam"][1],)
 
 
+def test_every_flora_form_has_a_name():
+    """flora-rR[-FORM[-PROJECTION]]: every pair Flora accepts parses (also with +ca-rR), is built
+    with that form and projection, and the pairs Flora refuses are refused at parse time."""
+    import torch
+
+    assert len(bo.VALID_FLORA_FORMS) == 10
+    param = torch.nn.Parameter(torch.randn(12, 10))
+    for form, projection in bo.VALID_FLORA_FORMS:
+        for name in {bo.flora_name(8, form, projection), f"flora-r8-{form}-{projection}"}:
+            s = bo.parse(name + "+ca-r4")
+            assert (s.family, s.rank, s.momentum_form, s.projection, s.accumulate_rank) == (
+                "flora", 8, form, projection, 4), name
+        group = bo.make_optimizer(bo.parse(bo.flora_name(4, form, projection)), [param], 1e-3, kappa=2,
+                                  seed=0).param_groups[0]
+        assert (group["momentum_form"], group["projection"]) == (form, projection)
+    assert bo.flora_name(8) == "flora-r8" and bo.flora_name(8, "paper") == "flora-r8-paper"
+    assert bo.flora_name(8, "scaled", "coordinates") == "flora-r8-scaled-coordinates"
+    assert (bo.parse("flora-r8").momentum_form, bo.parse("flora-r8").projection) == ("exact", "gaussian")
+    for bad in ("flora-r8-subspace", "flora-r8-scaled", "flora-r8-scaled-gaussian", "flora-r8-subspace+ca-r8"):
+        with pytest.raises(ValueError, match="needs projection orthonormal or coordinates") as e:
+            bo.parse(bad)
+        assert "flora-rR-subspace-orthonormal" in str(e.value) and "flora-rR-paper" in str(e.value)
+    for bad in ("flora-r8-orthonormal", "flora-r8-exact-foo", "flora-r8-foo"):
+        with pytest.raises(ValueError, match="not FORM\\[-PROJECTION\\]"):
+            bo.parse(bad)
+    with pytest.raises(SystemExit) as e:
+        main(["--optimizers", "adamw,flora-r8-subspace"])
+    assert e.value.code == 2
+
+
 def test_schedule_never_zero():
     f = schedule(100)
     assert all(0 < f(s) <= 1 for s in range(100))

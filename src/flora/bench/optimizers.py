@@ -5,9 +5,14 @@ Names (``--optimizers``, comma separated):
 - ``adamw``: ``torch.optim.AdamW`` (betas 0.9/0.999, no weight decay).
 - ``adafactor``, ``adafactor-b0.9``: ``transformers.optimization.Adafactor`` with a fixed
   lr (``relative_step=False``), without / with first moment.
-- ``flora-r<R>`` / ``flora-r<R>-paper``: ``flora.Flora`` (same Adafactor settings,
-  ``beta1=0.9``, rank R) with the "exact" / the paper's momentum form; ``flora-dense``:
-  ``flora.Flora`` with ``beta1=0.9`` and no rank (dense momentum: Adafactor itself).
+- ``flora-r<R>``: ``flora.Flora`` (same Adafactor settings, ``beta1=0.9``, rank R) with
+  the "exact" momentum form and a Gaussian projection; generally
+  ``flora-r<R>-<FORM>[-<PROJECTION>]``, FORM one of ``flora.Flora``'s momentum forms
+  (paper, exact, subspace, scaled) and PROJECTION one of its projections (gaussian, the
+  default when left out; orthonormal; coordinates), e.g. ``flora-r8-paper``,
+  ``flora-r8-exact-orthonormal``, ``flora-r8-scaled-coordinates``. subspace and scaled
+  need a non-Gaussian projection (``VALID_FLORA_FORMS``). ``flora-dense``: ``flora.Flora``
+  with ``beta1=0.9`` and no rank (dense momentum: Adafactor itself).
 - ``lora-r<R>``: LoRA (``peft``) of rank R on the linear layers, trained with Adafactor
   beta1 0.9 (the base optimizer of every Flora run, as in the paper's comparison).
 - ``galore-r<R>``: ``galore_torch.GaLoreAdamW``; ``apollo-r<R>``: ``apollo_torch.APOLLOAdamW``
@@ -23,6 +28,7 @@ and APOLLO's ``update_proj_gap``), so the comparison is at equal refresh rates.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 import sys
 import types
@@ -33,6 +39,8 @@ import torch
 from torch import nn
 
 import flora
+from flora.momentum import MOMENTUM_FORMS, SUBSPACE_FORMS
+from flora.projection import PROJECTIONS
 
 from . import config
 
@@ -41,7 +49,7 @@ class Unavailable(RuntimeError):
     """The optimizer cannot run here (a peer is not installed, a feature is missing)."""
 
 
-_NAME = re.compile(r"^(?P<base>adamw|adafactor(?:-b0\.9)?|flora-dense|flora-r(?P<fr>\d+)(?P<paper>-paper)?"
+_NAME = re.compile(r"^(?P<base>adamw|adafactor(?:-b0\.9)?|flora-dense|flora-r(?P<fr>\d+)(?P<form>(?:-[a-z]+){0,2})"
                    r"|lora-r(?P<lr>\d+)"
                    r"|galore-r(?P<gr>\d+)|apollo-r(?P<ar>\d+)|flora-opt-r(?P<or>\d+))"
                    r"(?:\+ca-r(?P<ca>\d+))?$")
@@ -54,6 +62,7 @@ class Spec:
     rank: int | None = None
     beta1: float | None = None
     momentum_form: str = "exact"  # flora.Flora's momentum_form
+    projection: str = "gaussian"  # flora.Flora's projection
     accumulate_rank: int | None = None
 
     @property
@@ -74,8 +83,41 @@ PEER_MODULES = {"galore": "galore_torch", "apollo": "apollo_torch", "flora-opt":
 
 
 # What a name may be (R: a rank), for messages.
-NAME_FORMS = ("adamw", "adafactor", "adafactor-b0.9", "flora-rR", "flora-rR-paper", "flora-dense", "lora-rR",
-              "galore-rR", "apollo-rR", "flora-opt-rR")
+NAME_FORMS = ("adamw", "adafactor", "adafactor-b0.9", "flora-rR", "flora-rR-FORM[-PROJECTION]", "flora-dense",
+              "lora-rR", "galore-rR", "apollo-rR", "flora-opt-rR")
+
+# Flora's (momentum form, projection) pairs that it accepts: the subspace forms need rows
+# that are orthonormal (flora.Flora raises ValueError for them with a Gaussian projection).
+VALID_FLORA_FORMS = tuple((f, p) for f in MOMENTUM_FORMS for p in PROJECTIONS
+                          if not (f in SUBSPACE_FORMS and p == "gaussian"))
+
+
+def flora_name(rank: int, form: str = "exact", projection: str = "gaussian") -> str:
+    """The shortest name of Flora at ``rank`` with ``form`` and ``projection``."""
+    if (form, projection) == ("exact", "gaussian"):
+        return f"flora-r{rank}"
+    return f"flora-r{rank}-{form}" + ("" if projection == "gaussian" else f"-{projection}")
+
+
+def flora_form_name(rank: int, suffix: str) -> str:
+    """Flora's name at ``rank`` with a FORM[-PROJECTION] ``suffix`` ("exact": the bare name)."""
+    return f"flora-r{rank}" + ("" if suffix == "exact" else f"-{suffix}")
+
+
+def _flora_form(name: str, suffix: str) -> tuple[str, str]:
+    """(momentum form, projection) of a ``flora-rR`` name's suffix ("", "-paper", "-scaled-coordinates")."""
+    parts = suffix.split("-")[1:]
+    form = parts[0] if parts else "exact"
+    projection = parts[1] if len(parts) > 1 else "gaussian"
+    if (form, projection) not in VALID_FLORA_FORMS:
+        valid = ", ".join(flora_name(0, f, p).replace("r0", "rR") for f, p in VALID_FLORA_FORMS)
+        if form in SUBSPACE_FORMS and projection == "gaussian":
+            why = f"momentum form {form!r} needs projection orthonormal or coordinates, not gaussian"
+        else:
+            why = (f"{suffix[1:]!r} is not FORM[-PROJECTION] (forms: {', '.join(MOMENTUM_FORMS)}; projections: "
+                   f"{', '.join(PROJECTIONS)})")
+        raise ValueError(f"{name}: {why}; valid Flora names: {valid} (R a rank; the projection defaults to gaussian)")
+    return form, projection
 
 
 def parse(name: str) -> Spec:
@@ -83,7 +125,9 @@ def parse(name: str) -> Spec:
     m = _NAME.match(name.strip())
     if not m:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(NAME_FORMS)}, and any but "
-                         "lora-rR with +ca-rR (compressed accumulation), R a rank (e.g. flora-r32, flora-r32+ca-r32)")
+                         "lora-rR with +ca-rR (compressed accumulation), R a rank, FORM one of "
+                         f"{', '.join(MOMENTUM_FORMS)}, PROJECTION one of {', '.join(PROJECTIONS)} (e.g. flora-r32, "
+                         "flora-r32-scaled-orthonormal, flora-r32+ca-r32)")
     base, ca = m["base"], int(m["ca"]) if m["ca"] else None
     if base == "adamw":
         s = Spec(name, "adamw")
@@ -92,7 +136,8 @@ def parse(name: str) -> Spec:
     elif base == "flora-dense":
         s = Spec(name, "flora", beta1=0.9)
     elif m["fr"]:
-        s = Spec(name, "flora", rank=int(m["fr"]), beta1=0.9, momentum_form="paper" if m["paper"] else "exact")
+        form, projection = _flora_form(name, m["form"])
+        s = Spec(name, "flora", rank=int(m["fr"]), beta1=0.9, momentum_form=form, projection=projection)
     elif m["lr"]:
         s = Spec(name, "lora", rank=int(m["lr"]), beta1=0.9)
     elif m["gr"]:
@@ -187,8 +232,11 @@ def make_optimizer(spec: Spec, params, lr: float, *, kappa: int, seed: int, scal
 
         return Adafactor(params, beta1=spec.beta1, **ada)
     if spec.family == "flora":
-        return flora_module.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa,
-                                  momentum_form=spec.momentum_form, seed=seed, **ada, **(flora_options or {}))
+        form = {"momentum_form": spec.momentum_form}
+        if spec.projection != "gaussian" or "projection" in inspect.signature(flora_module.Flora).parameters:
+            form["projection"] = spec.projection  # (a baseline copy of flora may predate the option)
+        return flora_module.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, seed=seed, **form, **ada,
+                                  **(flora_options or {}))
     if spec.family == "flora-opt":
         return _import_peer("flora_opt").Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, seed=seed,
                                                **ada)

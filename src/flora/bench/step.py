@@ -57,7 +57,7 @@ SIZES = {
     "quick": StepSize("SmolLM2-135M", SMOLLM2_135M, ranks=(8, 32, 128), repeats=7, warmup=2),
     "smoke": StepSize("a tiny Llama (2 layers x 64)", TINY_LLAMA, ranks=(4, 8), repeats=2, warmup=1),
 }
-FORMS = ("exact", "paper")
+FORMS = ("exact", "paper")  # the default of --forms; any FORM[-PROJECTION] of optimizers.parse runs
 REFERENCE = "adafactor-b0.9"  # the optimizer Flora replaces: step-time ratios are to it
 BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of flora
 LR = 1e-3
@@ -72,10 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per optimizer first")
     p.add_argument("--ranks", default=None, help="comma-separated Flora ranks (default: 8,32,128; smoke 4,8)")
-    p.add_argument("--forms", default="exact,paper", help=f"Flora momentum forms to time ({', '.join(FORMS)})")
+    p.add_argument("--forms", default="exact,paper", help="Flora momentum forms to time: FORM[-PROJECTION] entries (forms: paper, exact, subspace, "
+                        "scaled; projections: gaussian (default), orthonormal, coordinates), e.g. "
+                        "exact,paper,scaled-orthonormal")
     p.add_argument("--optimizers", default=None,
                    help="explicit optimizer names instead of the list made from --ranks/--forms (adamw, adafactor, "
-                        "adafactor-b0.9, flora-rR, flora-rR-paper, flora-dense, flora-opt-rR)")
+                        "adafactor-b0.9, flora-rR, flora-rR-FORM[-PROJECTION], flora-dense, flora-opt-rR)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/step-<timestamp>)")
     p.add_argument("--no-flora-opt", action="store_true", help="leave out the authors' flora-opt")
     p.add_argument("--dense-flora", action="store_true", help="also time flora.Flora with rank=None (flora-dense)")
@@ -106,8 +108,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--ranks must be >= 1")
     a.forms = tuple(f.strip() for f in a.forms.split(",") if f.strip())
     for f in a.forms:
-        if f not in FORMS:
-            p.error(f"--forms: unknown momentum form {f!r}; valid forms: {', '.join(FORMS)}")
+        try:
+            bo.parse(bo.flora_form_name(1, f))
+        except ValueError as e:
+            p.error(f"--forms: {f!r}: {e}")
     if a.optimizers:
         a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()]
         for o in a.optimizers:
@@ -117,14 +121,16 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 p.error(f"--optimizers: {e}")
             if spec.family not in FLAT_FAMILIES or spec.accumulate_rank is not None:
                 p.error(f"--optimizers: {o!r} does not step a list of tensors; valid here: adamw, adafactor, "
-                        "adafactor-b0.9, flora-rR, flora-rR-paper, flora-dense, flora-opt-rR")
+                        "adafactor-b0.9, flora-rR, flora-rR-FORM[-PROJECTION], flora-dense, flora-opt-rR")
 
 
 def optimizer_names(a: argparse.Namespace) -> list[str]:
+    from . import optimizers as bo
+
     if a.optimizers:
         return list(a.optimizers)
     names = ["adamw", "adafactor", "adafactor-b0.9"] + (["flora-dense"] if a.dense_flora else [])
-    names += [f"flora-r{r}" + ("" if form == "exact" else f"-{form}") for r in a.ranks for form in a.forms]
+    names += [bo.flora_form_name(r, form) for r in a.ranks for form in a.forms]
     if not a.no_flora_opt:
         names += [f"flora-opt-r{r}" for r in a.ranks]
     return names
@@ -276,7 +282,7 @@ def projection_cost(params, grads, device, ranks, form, *, warmup, repeats, seed
 
     from . import optimizers as bo
 
-    spec_of = {r: bo.parse(f"flora-r{r}" + ("" if form == "exact" else f"-{form}")) for r in ranks}
+    spec_of = {r: bo.parse(bo.flora_form_name(r, form)) for r in ranks}
     opts = {(r, cached): bo.make_optimizer(spec_of[r], params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                            flora_options={"cache_projections": cached})
             for r in ranks for cached in (False, True)}
