@@ -365,3 +365,75 @@ assert not changed, changed
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ seeds
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory):
+    """Two seeds of two optimizers at the smoke size, in this process (a second, one-seed
+    run on seed 2 to merge with it)."""
+    out = tmp_path_factory.mktemp("seeds")
+    common = ["--size", "smoke", "--optimizers", "adamw,flora-r4-scaled-orthonormal", "--cache", str(out / "cache"),
+              "--device", "cpu", "--no-isolate", "--no-progress"]
+    assert main(common + ["--seeds", "2", "--out", str(out / "a")]) == 0
+    assert main(common + ["--seed", "2", "--out", str(out / "b")]) == 0
+    return out
+
+
+def test_seeds_give_mean_and_std_of_runs_that_differ(seeded_runs):
+    import statistics
+
+    res = _results(seeded_runs / "a")
+    assert res["meta"]["seeds"] == [0, 1]
+    for name in ("adamw", "flora-r4-scaled-orthonormal"):
+        runs = [r for r in res["runs"] if r["optimizer"] == name]
+        assert sorted(r["seed"] for r in runs) == [0, 1] and all(r["status"] == "ok" for r in runs)
+        tests, vals = [r["test_loss"] for r in runs], [r["val_loss"] for r in runs]
+        assert tests[0] != tests[1] and vals[0] != vals[1]  # init, data order and projections follow the seed
+        row = next(r for r in res["summary"] if r["optimizer"] == name)
+        assert row["seeds"] == 2 and row["seed_list"] == [0, 1]
+        assert row["test_loss"] == pytest.approx(statistics.fmean(tests))
+        assert row["test_loss_std"] == pytest.approx(statistics.stdev(tests))
+        assert row["val_loss"] == pytest.approx(statistics.fmean(vals))
+        assert row["val_loss_std"] == pytest.approx(statistics.stdev(vals))
+    md = (seeded_runs / "a" / "results.md").read_text()
+    assert "| seeds |" in md and " ± " in md and "mean over 2 seeds" in md
+    with open(seeded_runs / "a" / "summary.csv") as f:
+        assert {"test_loss_std", "val_loss_std", "seeds"} <= set(next(csv.DictReader(f)))
+    # one seed: no seeds column, no std, the run's own numbers
+    one = _results(seeded_runs / "b")
+    row = next(r for r in one["summary"] if r["optimizer"] == "adamw")
+    run = next(r for r in one["runs"] if r["optimizer"] == "adamw")
+    assert row["seeds"] == 1 and row["test_loss_std"] is None and row["test_loss"] == run["test_loss"]
+    assert "| seeds |" not in (seeded_runs / "b" / "results.md").read_text()
+
+
+def test_from_json_merges_seeds(seeded_runs, tmp_path):
+    a, b = seeded_runs / "a" / "results.json", seeded_runs / "b" / "results.json"
+    assert main(["--from-json", f"{a},{b},{a}", "--out", str(tmp_path)]) == 0  # a twice: no run counted twice
+    m = _results(tmp_path)
+    assert m["meta"]["seeds"] == [0, 1, 2] and len(m["runs"]) == 6
+    row = next(r for r in m["summary"] if r["optimizer"] == "adamw")
+    assert row["seeds"] == 3 and row["seed_list"] == [0, 1, 2]
+    tests = [r["test_loss"] for r in m["runs"] if r["optimizer"] == "adamw"]
+    assert row["test_loss"] == pytest.approx(sum(tests) / 3)
+    assert "mean over 3 seeds" in (tmp_path / "results.md").read_text()
+
+
+def test_lr_is_chosen_on_the_mean_over_seeds():
+    runs = [_run("pretrain", "adamw", 1e-3, val=1.0, test=1.0),  # best single run, worse mean
+            _run("pretrain", "adamw", 1e-3, val=3.0, test=3.0),
+            _run("pretrain", "adamw", 3e-3, val=1.8, test=1.8),
+            _run("pretrain", "adamw", 3e-3, val=1.9, test=1.9),
+            _run("pretrain", "flora-r8", 1e-3, val=1.5, test=1.5),  # one seed diverged: not chosen
+            _run("pretrain", "flora-r8", 1e-3, val=1.5, test=1.5, status="diverged"),
+            _run("pretrain", "flora-r8", 3e-3, val=2.0, test=2.0),
+            _run("pretrain", "flora-r8", 3e-3, val=2.2, test=2.0)]
+    for i, r in enumerate(runs):
+        r.seed = i % 2
+    rows = {r.optimizer: r for r in _chosen(runs)}
+    assert rows["adamw"].run.lr == 3e-3 and rows["adamw"].get("val_loss") == pytest.approx(1.85)
+    assert rows["adamw"].lrs_tried == [1e-3, 3e-3] and rows["adamw"].lr_edge == "upper"
+    assert rows["flora-r8"].run.lr == 3e-3 and rows["flora-r8"].get("test_loss_std") == 0.0

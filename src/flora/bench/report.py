@@ -7,7 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config, core
@@ -28,14 +29,56 @@ def val_score(r: RunResult, metric: str) -> float:
     return v if metric == "accuracy" else -v
 
 
+# The scores averaged over seeds: a summary row holds their mean (under the run's own
+# key) and their sample standard deviation (``<key>_std``, None for one seed).
+SEED_KEYS = ("train_loss", "val_loss", "val_ppl", "val_accuracy", "test_loss", "test_ppl", "test_accuracy")
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation (n - 1)) of the values that are not None; the std is
+    None below two values, both are None without any."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def lr_score(rs: list[RunResult], metric: str) -> float:
+    """The validation score of one lr: the mean over its seeds; -inf when a seed failed,
+    diverged or scored NaN (an lr that breaks on some seeds is not chosen)."""
+    scores = [val_score(r, metric) for r in rs]
+    return -math.inf if not scores or -math.inf in scores else statistics.fmean(scores)
+
+
+def by_lr(rs: list[RunResult]) -> dict[float, list[RunResult]]:
+    """Runs grouped by lr (every seed of it), in order of first appearance; NaN lrs (not run) together."""
+    out: dict = {}
+    for r in rs:
+        out.setdefault("nan" if r.lr != r.lr else r.lr, []).append(r)
+    return out
+
+
 @dataclass
 class Chosen:
-    """One (task, optimizer): the run at the lr with the best validation score."""
+    """One (task, optimizer): the lr with the best validation score (mean over seeds).
+    ``run`` is that lr's first seed (its memory, timings and curves stand for the row);
+    ``runs`` every seed of it; ``stats`` the mean and std over them of ``SEED_KEYS``."""
 
     run: RunResult
     lrs_tried: list[float]
     status: str  # the run's; when no lr ran ok, every lr's status
     state_vs_adamw: float | None = None
+    runs: list[RunResult] = field(default_factory=list)
+    lr_edge: str | None = None  # "lower"/"upper": the chosen lr is the end of two or more tried
+
+    def __post_init__(self):
+        self.runs = self.runs or [self.run]
+        ok = [r for r in self.runs if r.ok]
+        self.stats = {}
+        for k in SEED_KEYS:
+            m, sd = mean_std(getattr(r, k) for r in ok)
+            if m is not None:
+                self.stats[k], self.stats[f"{k}_std"] = m, sd
 
     @property
     def task(self) -> str:
@@ -49,33 +92,49 @@ class Chosen:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
     def get(self, key: str):
         """A flat field, as in :meth:`to_dict`."""
-        if key in ("status", "lrs_tried", "state_vs_adamw"):
+        if key in ("status", "lrs_tried", "state_vs_adamw", "lr_edge"):
             return getattr(self, key)
+        if key in self.stats:
+            return self.stats[key]
         return getattr(self.run, key, None)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.run.to_dict().items() if k not in ("curves", "traceback")}
-        d.update(status=self.status, lrs_tried=self.lrs_tried, state_vs_adamw=self.state_vs_adamw)
+        d.update(self.stats)
+        d.update(status=self.status, lrs_tried=self.lrs_tried, state_vs_adamw=self.state_vs_adamw,
+                 seeds=len(self.runs), seed_list=self.seeds, lr_edge=self.lr_edge)
         return d
 
 
 def choose(runs: list[RunResult], metrics: dict[str, str]) -> list[Chosen]:
     """One row per (task, optimizer), in order of first appearance: the lr with the best
-    validation ``metrics[task]`` ("loss": lowest, "accuracy": highest); state also as a
-    fraction of AdamW's on the same task."""
+    mean validation ``metrics[task]`` over its seeds ("loss": lowest, "accuracy": highest);
+    state also as a fraction of AdamW's on the same task."""
     groups: dict[tuple, list[RunResult]] = {}
     for r in runs:
         groups.setdefault((r.task, r.optimizer), []).append(r)
     rows = []
     for (task, _), rs in groups.items():
-        best = max(rs, key=lambda r: val_score(r, metrics[task]))
-        status = best.status
-        if not best.ok:
+        lrs = by_lr(rs)
+        best = max(lrs, key=lambda lr: lr_score(lrs[lr], metrics[task]))
+        chosen = lrs[best]
+        ok = lr_score(chosen, metrics[task]) > -math.inf
+        status = "ok" if ok else chosen[0].status
+        if not ok:
             statuses = sorted({r.status for r in rs})
             status = statuses[0] if len(statuses) == 1 else "; ".join(statuses)
-        rows.append(Chosen(best, [r.lr for r in rs], status))
+        tried = [r[0].lr for r in lrs.values()]
+        finite = sorted(x for x in tried if x == x)
+        edge = None
+        if ok and len(finite) > 1:
+            edge = "lower" if chosen[0].lr == finite[0] else "upper" if chosen[0].lr == finite[-1] else None
+        rows.append(Chosen(chosen[0], tried, status, runs=chosen, lr_edge=edge))
     for row in rows:
         ref = next((r for r in rows if r.task == row.task and r.optimizer == "adamw" and r.run.state_bytes), None)
         if ref and row.run.state_bytes is not None:
@@ -110,12 +169,25 @@ COLUMNS = [  # (header, key, formatter)
 ]
 
 
-def _cells(row: Chosen, metric: str) -> list[str]:
+SEED_COLUMN = ("seeds", "seeds", str)  # shown, with mean +- std of the scores, where a row has two or more
+
+
+def columns(seeded: bool) -> list[tuple]:
+    """The table's columns; ``seeded``: a seeds column after the lr."""
+    return COLUMNS[:2] + [SEED_COLUMN] + COLUMNS[2:] if seeded else COLUMNS
+
+
+def _pm(v, sd) -> str:
+    return _fmt(v) + ("" if sd is None else f" ± {_fmt(sd, 2)}")
+
+
+def _cells(row: Chosen, metric: str, seeded: bool = False) -> list[str]:
     r = row.to_dict()
-    r["val_main"] = r.get(f"val_{metric}")
+    main = {"val_main": f"val_{metric}", "test_main": "test_accuracy" if metric == "accuracy" else "test_ppl"}
+    for k, src in main.items():
+        r[k], r[f"{k}_std"] = r.get(src), r.get(f"{src}_std")
     tried = [x for x in r.get("lrs_tried") or [] if x == x]  # NaN: not run
     r["lr_show"] = f"{r['lr']:g}" + (f" ({', '.join(f'{x:g}' for x in tried)})" if len(tried) > 1 else "")
-    r["test_main"] = r.get("test_accuracy") if metric == "accuracy" else r.get("test_ppl")
     if (r.get("tau") or 1) > 1:  # what holds the gradient sum between micro-batches
         r["grad_acc_bytes"] = r.get("accum_bytes") if r.get("accum_bytes") is not None else r.get("dense_grad_bytes")
     if r.get("cuda_peak_mb") is not None:
@@ -125,9 +197,18 @@ def _cells(row: Chosen, metric: str) -> list[str]:
         r["rss"] = f"{r['peak_rss_mb']:.0f}" + (f" (+{d:.0f})" if d is not None else "")
     else:
         r["rss"] = "-"
+    cols = columns(seeded)
     if not row.ok:
-        return [r["optimizer"], r["status"]] + [""] * (len(COLUMNS) - 2)
-    return [f(r.get(k)) if r.get(k) is not None else "-" for _, k, f in COLUMNS]
+        return [r["optimizer"], r["status"]] + [""] * (len(cols) - 2)
+    if seeded:  # mean +- sample std over the seeds
+        return [_pm(r[k], r.get(f"{k}_std")) if k in SEED_KEYS + tuple(main) and r.get(k) is not None
+                else f(r.get(k)) if r.get(k) is not None else "-" for _, k, f in cols]
+    return [f(r.get(k)) if r.get(k) is not None else "-" for _, k, f in cols]
+
+
+def seeded(rows: list[Chosen]) -> bool:
+    """Whether any row averages two or more seeds."""
+    return any(len(r.runs) > 1 for r in rows)
 
 
 def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = None,
@@ -195,13 +276,20 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
              "mark, with the part above its starting RSS in brackets. grad acc = memory holding the gradient sum "
              "between micro-batches (tau > 1): the dense .grad of the trainable parameters, or "
              "flora.CompressedAccumulator's buffers (+ca runs).", ""]
+    seeds = meta.get("seeds") or []
+    if len(seeds) > 1:
+        lines += [f"Every (optimizer, lr) ran on {len(seeds)} seeds ({', '.join(map(str, seeds))}: model init, data "
+                  f"order and projections); the lr is the best on the mean validation score, and the scores are "
+                  f"the mean over {len(seeds)} seeds ± their sample standard deviation. Memory, timings and curves "
+                  "are those of the first seed.", ""]
     for task in [t for t in TASK_ORDER if any(r.task == t for r in rows)]:
         info = meta.get("tasks", {}).get(task, {})
         lines += [f"## {task}", ""]
         if info:
             lines += [info.get("description", ""), ""]
-        lines += core.markdown_table([h for h, _, _ in COLUMNS], (_cells(r, metrics[task]) for r in rows
-                                                                  if r.task == task))
+        mine = [r for r in rows if r.task == task]
+        sd = seeded(mine)
+        lines += core.markdown_table([h for h, _, _ in columns(sd)], (_cells(r, metrics[task], sd) for r in mine))
         lines.append("")
     goals = goal_lines(rows)
     if goals:
@@ -240,14 +328,14 @@ def make_plots(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: di
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASK_ORDER if any(r.task == t for r in rows)]
-    chosen = {(r.task, r.optimizer, r.run.lr) for r in rows if r.ok}
+    chosen = {(r.task, r.optimizer, r.run.lr, r.run.seed) for r in rows if r.ok}  # one seed's curves
     n = max(1, len(tasks))
     files = []
 
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), squeeze=False, dpi=80)
     for ax, task in zip(axes[0], tasks):
         for r in runs:
-            if r.task != task or (task, r.optimizer, r.lr) not in chosen or not r.curves:
+            if r.task != task or (task, r.optimizer, r.lr, r.seed) not in chosen or not r.curves:
                 continue
             tr = r.curves["train"]
             if not tr:
@@ -305,18 +393,19 @@ def print_table(rows: list[Chosen], metrics: dict[str, str]) -> None:
         from rich.table import Table
     except ImportError:  # pragma: no cover
         for r in rows:
-            print(r.task, " | ".join(_cells(r, metrics[r.task])))
+            print(r.task, " | ".join(_cells(r, metrics[r.task], seeded(rows))))
         return
     import sys
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     for task in [t for t in TASK_ORDER if any(r.task == t for r in rows)]:
         t = Table(title=f"{task} (val/test: {metrics[task]})", show_lines=False)
-        for h, _, _ in COLUMNS:
+        mine = [r for r in rows if r.task == task]
+        sd = seeded(mine)
+        for h, _, _ in columns(sd):
             t.add_column(h, overflow="fold")
-        for r in rows:
-            if r.task == task:
-                t.add_row(*_cells(r, metrics[task]))
+        for r in mine:
+            t.add_row(*_cells(r, metrics[task], sd))
         console.print(t)
     for g in goal_lines(rows):
         console.print(g)
@@ -339,8 +428,9 @@ def write_all(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: dic
 
 
 def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
-    """Several results.json files as one: the first's metadata, every run; commands joined
-    with ``&&``, wall times added, each task's optimizer list the union in order."""
+    """Several results.json files as one: the first's metadata, every run (one per task,
+    optimizer, lr and seed: :func:`unique_runs`); commands joined with ``&&``, wall times
+    added, each task's optimizer list and the seeds the union in order."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     meta = dict(parts[0]["meta"])
     meta["tasks"] = {t: {**info, "config": dict(info["config"])} for t, info in meta.get("tasks", {}).items()}
@@ -354,4 +444,17 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
             mine = meta["tasks"].setdefault(t, {**info, "config": dict(info["config"])})
             opts = list(mine["config"]["optimizers"])
             mine["config"]["optimizers"] = opts + [o for o in info["config"]["optimizers"] if o not in opts]
-    return meta, [RunResult.from_dict(r) for d in parts for r in d["runs"]]
+        meta["seeds"] = sorted(set(meta.get("seeds") or []) | set(d["meta"].get("seeds") or []))
+    return meta, unique_runs([RunResult.from_dict(r) for d in parts for r in d["runs"]])
+
+
+def unique_runs(runs: list[RunResult]) -> list[RunResult]:
+    """One run per (task, optimizer, lr, seed), in order of first appearance: where a run was
+    repeated (a resumed sweep merged with the interrupted one), the last that finished ok,
+    else the last. Runs of other seeds are all kept: they are what the mean is taken over."""
+    keep: dict[tuple, RunResult] = {}
+    for r in runs:
+        key = (r.task, r.optimizer, "nan" if r.lr != r.lr else r.lr, r.seed)
+        if key not in keep or r.ok or not keep[key].ok:
+            keep[key] = r
+    return list(keep.values())

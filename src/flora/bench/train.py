@@ -31,7 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "optimizer name or an lr family (adam: AdamW/GaLore/APOLLO, adafactor: Adafactor/Flora/"
                         "flora-opt, lora), e.g. adam=1e-3,adafactor=1e-3/3e-3,lora=3e-3")
     p.add_argument("--tau", type=int, default=None, help="micro-batches per step in finetune (default: the size's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first run seed (model init, data order, projections)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="repeat every (optimizer, lr) on seeds SEED..SEED+N-1; the lr is chosen on the mean "
+                        "validation score and the tables give mean +- std (N-1) over the seeds (default 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=None, help="run folder (default runs/bench/<timestamp>; runs/bench/latest "
                                                "points at the newest)")
@@ -66,6 +69,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error("--lrs: expected KEY=LR[/LR...] entries, e.g. adam=1e-3,lora=3e-3/1e-2")
     if a.tau is not None and a.tau < 1:
         p.error("--tau must be >= 1")
+    if a.seeds < 1:
+        p.error("--seeds must be >= 1")
     a.tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip()) if a.tasks else None
     for t in a.tasks or ():
         if t not in config.TASKS:
@@ -113,17 +118,23 @@ def plan(args, cfgs: dict[str, config.TaskConfig], peers: dict[str, str], device
             lrs = bo.lr_grid(spec, t, cfg.lr_points)
             if args.lrs:
                 lrs = args.lrs.get(name, args.lrs.get(spec.lr_family, lrs))
-            jobs += [Job(task=t, optimizer=name, lr=lr, cfg=cfg, seed=args.seed, device=device, cache_dir=str(cache),
-                         threads=args.threads or cfg.threads) for lr in lrs]
+            jobs += [Job(task=t, optimizer=name, lr=lr, cfg=cfg, seed=seed, device=device, cache_dir=str(cache),
+                         threads=args.threads or cfg.threads) for lr in lrs for seed in seeds_of(args)]
     return jobs, skipped
 
 
-def _result_line(res, i: int, n: int) -> str:
+def seeds_of(args) -> list[int]:
+    """The run seeds: ``--seed`` and the ``--seeds - 1`` after it."""
+    return list(range(args.seed, args.seed + getattr(args, "seeds", 1)))
+
+
+def _result_line(res, i: int, n: int, seeded: bool = False) -> str:
     what = res.status
     if res.ok:
         scores = [f"{k} {getattr(res, k):.4g}" for k in ("val_loss", "val_accuracy") if getattr(res, k) is not None]
         what += ", " + ", ".join(scores) if scores else ""
-    return f"[{i}/{n}] {res.task}:{res.optimizer}@{res.lr:g}: {what} ({res.wall_s or 0:.1f} s)"
+    seed = f" seed {res.seed}" if seeded else ""
+    return f"[{i}/{n}] {res.task}:{res.optimizer}@{res.lr:g}{seed}: {what} ({res.wall_s or 0:.1f} s)"
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -154,7 +165,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if st != "ok":
             core.say(f"  peer {name}: {st}")
     meta = core.run_metadata("train", argv, device)
-    meta.update(size=args.size, seed=args.seed, peers=peers, runs_planned=len(jobs) + len(skipped))
+    meta.update(size=args.size, seed=args.seed, seeds=seeds_of(args), peers=peers,
+                runs_planned=len(jobs) + len(skipped))
 
     runner = Runner(isolate=not args.no_isolate, device=device)
     runs = list(skipped)
@@ -175,7 +187,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             bar.set_description(job.label)
         res = run_train_job(runner, job)
         runs.append(res)
-        write(_result_line(res, i, len(jobs)))
+        write(_result_line(res, i, len(jobs), args.seeds > 1))
         if bar is not None:
             bar.update(1)
         _finish(out, runs, cfgs, meta, t0, plots=False)  # partial results survive a kill
@@ -234,6 +246,7 @@ def rewrite(sources: list[Path], out: Path | None) -> int:
 
     meta, runs = report.merge(sources)
     tasks = [t for t in config.TASKS if t in meta.get("tasks", {})]
+    meta["seeds"] = sorted({r.seed for r in runs})
     metrics = _metrics(tasks)
     rows = _ordered(report.choose(runs, metrics), tasks, lambda t: meta["tasks"][t]["config"]["optimizers"])
     paths = report.write_all(out or sources[0].parent, runs, rows, metrics, meta, plots=True)
