@@ -308,6 +308,14 @@ def test_every_flora_form_has_a_name():
     assert e.value.code == 2
 
 
+def test_adafactor_without_momentum_runs_everywhere():
+    """Adafactor beta1=None is a row of every task at every size."""
+    for size, tasks in config.SIZES.items():
+        assert set(tasks) == set(config.TASKS)
+        for task, cfg in tasks.items():
+            assert "adafactor" in cfg.optimizers, (size, task)
+
+
 def test_schedule_never_zero():
     f = schedule(100)
     assert all(0 < f(s) <= 1 for s in range(100))
