@@ -445,3 +445,34 @@ def test_lr_is_chosen_on_the_mean_over_seeds():
     assert rows["adamw"].run.lr == 3e-3 and rows["adamw"].get("val_loss") == pytest.approx(1.85)
     assert rows["adamw"].lrs_tried == [1e-3, 3e-3] and rows["adamw"].lr_edge == "upper"
     assert rows["flora-r8"].run.lr == 3e-3 and rows["flora-r8"].get("test_loss_std") == 0.0
+
+
+# ------------------------------------------------------------------ lr grid extension
+
+
+def test_grid_extension_runs_a_further_lr_while_the_best_is_an_end():
+    from flora.bench.train import extension, next_lr
+
+    grid = (1e-3, 3e-3, 1e-2)
+
+    def row(vals):  # lr -> mean validation loss over two seeds
+        runs = []
+        for lr, v in vals.items():
+            for seed in (0, 1):
+                r = _run("pretrain", "flora-r8", lr, val=v + 0.01 * seed, test=v)
+                r.seed = seed
+                runs.append(r)
+        return _chosen(runs)[0]
+
+    assert extension(row({1e-3: 3.0, 3e-3: 2.5, 1e-2: 2.0}), grid, 3) == (pytest.approx(3e-2), False)
+    assert extension(row({1e-3: 2.0, 3e-3: 2.5, 1e-2: 3.0}), grid, 3) == (pytest.approx(3e-4), False)
+    assert extension(row({1e-3: 3.0, 3e-3: 2.0, 1e-2: 3.0}), grid, 3) == (None, False)  # interior: done
+    assert extension(row({1e-3: 3.0, 3e-3: 2.5, 1e-2: 2.0}), grid, 0) == (None, False)  # extension off
+    further = {1e-3: 3.0, 3e-3: 2.5, 1e-2: 2.0, 3e-2: 1.9, 1e-1: 1.8}
+    assert extension(row(further), grid, 3) == (pytest.approx(0.3), False)
+    capped = row({**further, 0.3: 1.7})
+    assert extension(capped, grid, 3) == (None, True) and capped.lr_edge == "upper"
+    diverged = row({1e-3: 3.0, 3e-3: 2.5, 1e-2: float("nan")})  # NaN at the top: 3e-3 is interior
+    assert diverged.run.lr == 3e-3 and extension(diverged, grid, 3) == (None, False)
+    assert next_lr([1e-3, 2e-3], up=True) == pytest.approx(4e-3)  # other spacings: the grid's own step
+    assert next_lr([3e-4, 1e-3, 3e-3], up=False) == pytest.approx(1e-4)

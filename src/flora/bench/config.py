@@ -32,6 +32,8 @@ class TaskConfig:
     layers: int | None = None
     heads: int | None = None
     ffn: int | None = None
+    scale_parameter: bool = False  # Adafactor's (and Flora's) lr relative to the parameter's RMS
+    extend_lr: int = 0  # lr grid extensions at most, while the best lr is an end of the grid
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,12 +89,64 @@ SIZES: dict[str, dict[str, TaskConfig]] = {
 }
 
 
+def flora_form_name(rank: int, suffix: str) -> str:
+    """Flora's optimizer name at ``rank`` with a FORM[-PROJECTION] ``suffix`` ("exact": the bare name)."""
+    return f"flora-r{rank}" + ("" if suffix == "exact" else f"-{suffix}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A sweep that replaces the size's optimizer lists (``--preset``): on ``tasks`` (unless
+    ``--tasks`` says otherwise), the ``baselines`` and every Flora form of ``flora_forms``
+    (FORM[-PROJECTION] suffixes) at every rank of ``RANKS[size]`` (or ``--ranks``), each on
+    ``lr_points`` lrs, the grid extended up to ``extend_lr`` times while the best lr is an
+    end of it."""
+
+    tasks: tuple[str, ...]
+    baselines: tuple[str, ...]
+    flora_forms: tuple[str, ...]
+    lr_points: int = 3
+    extend_lr: int = 3
+    about: str = ""
+
+    def optimizers(self, ranks) -> tuple[str, ...]:
+        """Baselines, then every form at each rank (a rank at a time, so that an interrupted
+        sweep has compared every form at the ranks it finished)."""
+        return self.baselines + tuple(flora_form_name(r, f) for r in ranks for f in self.flora_forms)
+
+
+# Flora ranks a preset sweeps, per size: powers of two below the pretrain model's width
+# (smoke 32, quick 128, full 256); the classify model (MiniLM, 384 wide) runs the same.
+RANKS: dict[str, tuple[int, ...]] = {"smoke": (4, 8, 16), "quick": (4, 8, 16, 32, 64),
+                                     "full": (4, 8, 16, 32, 64, 128)}
+
+PRESETS: dict[str, Preset] = {
+    # Issue 9: which momentum form becomes Flora's default.
+    "forms": Preset(tasks=("pretrain", "classify"), baselines=("adafactor", "adafactor-b0.9"),
+                    flora_forms=("exact", "exact-orthonormal", "exact-coordinates", "subspace-orthonormal",
+                                 "scaled-orthonormal", "scaled-coordinates"),
+                    about="Flora's momentum forms and projections against Adafactor with and without momentum, "
+                          "across ranks (issue 9: the default form)"),
+}
+
+
 def task_config(size: str, task: str, *, steps: int | None = None, optimizers=None, lr_points: int | None = None,
-                tau: int | None = None) -> TaskConfig:
-    """One task's settings with command-line overrides applied (``tau``: finetune only)."""
+                tau: int | None = None, preset: str | None = None, ranks=None, scale_parameter: bool = False,
+                extend_lr: int | None = None) -> TaskConfig:
+    """One task's settings with command-line overrides applied (``tau``: finetune only;
+    ``preset``: its optimizers at ``ranks`` (default ``RANKS[size]``), lr points and grid
+    extensions; explicit ``optimizers``, ``lr_points`` and ``extend_lr`` win)."""
     if size not in SIZES:
         raise ValueError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
     cfg = SIZES[size][task]
+    if preset is not None:
+        pre = PRESETS[preset]
+        cfg = dataclasses.replace(cfg, optimizers=pre.optimizers(ranks or RANKS[size]), lr_points=pre.lr_points,
+                                  extend_lr=pre.extend_lr)
+    if scale_parameter:
+        cfg = dataclasses.replace(cfg, scale_parameter=True)
+    if extend_lr is not None:
+        cfg = dataclasses.replace(cfg, extend_lr=extend_lr)
     if steps is not None:
         cfg = dataclasses.replace(cfg, steps=steps, eval_every=max(1, min(cfg.eval_every, steps)))
     if optimizers is not None:

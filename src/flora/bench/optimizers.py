@@ -43,6 +43,7 @@ from flora.momentum import MOMENTUM_FORMS, SUBSPACE_FORMS
 from flora.projection import PROJECTIONS
 
 from . import config
+from .config import flora_form_name  # noqa: F401 - one name maker, here with the parser
 
 
 class Unavailable(RuntimeError):
@@ -97,11 +98,6 @@ def flora_name(rank: int, form: str = "exact", projection: str = "gaussian") -> 
     if (form, projection) == ("exact", "gaussian"):
         return f"flora-r{rank}"
     return f"flora-r{rank}-{form}" + ("" if projection == "gaussian" else f"-{projection}")
-
-
-def flora_form_name(rank: int, suffix: str) -> str:
-    """Flora's name at ``rank`` with a FORM[-PROJECTION] ``suffix`` ("exact": the bare name)."""
-    return f"flora-r{rank}" + ("" if suffix == "exact" else f"-{suffix}")
 
 
 def _flora_form(name: str, suffix: str) -> tuple[str, str]:
@@ -251,8 +247,10 @@ class Built:
     trainable_params: int
 
 
-def build(spec: Spec, model: nn.Module, lr: float, *, task, kappa: int, tau: int, seed: int) -> Built:
-    """Set up ``spec`` on ``model`` (LoRA wraps it) and return what the loop needs."""
+def build(spec: Spec, model: nn.Module, lr: float, *, task, kappa: int, tau: int, seed: int,
+          scale_parameter: bool = False) -> Built:
+    """Set up ``spec`` on ``model`` (LoRA wraps it) and return what the loop needs
+    (``scale_parameter``: Adafactor's, for Adafactor, LoRA's Adafactor, Flora and flora-opt)."""
     if spec.accumulate_rank is not None and tau <= 1:
         raise Unavailable("compressed accumulation needs tau > 1 (this task steps every micro-batch)")
     if spec.family == "lora":
@@ -269,7 +267,7 @@ def build(spec: Spec, model: nn.Module, lr: float, *, task, kappa: int, tau: int
             group.update(proj="random", scale_type="channel")
         opt = opt_cls(groups + [group], lr=lr, weight_decay=0.0)
     else:
-        opt = make_optimizer(spec, params, lr, kappa=kappa, seed=seed)
+        opt = make_optimizer(spec, params, lr, kappa=kappa, seed=seed, scale_parameter=scale_parameter)
     acc = None
     if spec.accumulate_rank is not None:
         acc = flora.CompressedAccumulator(model, rank=spec.accumulate_rank, tau=tau, seed=seed + 7919,

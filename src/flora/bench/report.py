@@ -70,6 +70,7 @@ class Chosen:
     state_vs_adamw: float | None = None
     runs: list[RunResult] = field(default_factory=list)
     lr_edge: str | None = None  # "lower"/"upper": the chosen lr is the end of two or more tried
+    lr_capped: bool = False  # on the edge still when the grid extension reached its cap
 
     def __post_init__(self):
         self.runs = self.runs or [self.run]
@@ -98,7 +99,7 @@ class Chosen:
 
     def get(self, key: str):
         """A flat field, as in :meth:`to_dict`."""
-        if key in ("status", "lrs_tried", "state_vs_adamw", "lr_edge"):
+        if key in ("status", "lrs_tried", "state_vs_adamw", "lr_edge", "lr_capped"):
             return getattr(self, key)
         if key in self.stats:
             return self.stats[key]
@@ -108,7 +109,7 @@ class Chosen:
         d = {k: v for k, v in self.run.to_dict().items() if k not in ("curves", "traceback")}
         d.update(self.stats)
         d.update(status=self.status, lrs_tried=self.lrs_tried, state_vs_adamw=self.state_vs_adamw,
-                 seeds=len(self.runs), seed_list=self.seeds, lr_edge=self.lr_edge)
+                 seeds=len(self.runs), seed_list=self.seeds, lr_edge=self.lr_edge, lr_capped=self.lr_capped)
         return d
 
 
@@ -140,6 +141,14 @@ def choose(runs: list[RunResult], metrics: dict[str, str]) -> list[Chosen]:
         if ref and row.run.state_bytes is not None:
             row.state_vs_adamw = row.run.state_bytes / ref.run.state_bytes
     return rows
+
+
+def mark_capped(rows: list[Chosen], meta: dict) -> None:
+    """``lr_capped`` on the rows that ``meta["lr_extension"]["capped"]`` names and whose lr is
+    still an end of the tried grid."""
+    capped = set((meta.get("lr_extension") or {}).get("capped") or [])
+    for r in rows:
+        r.lr_capped = f"{r.task}:{r.optimizer}" in capped and r.lr_edge is not None
 
 
 def _fmt(v, nd=4):
@@ -187,7 +196,8 @@ def _cells(row: Chosen, metric: str, seeded: bool = False) -> list[str]:
     for k, src in main.items():
         r[k], r[f"{k}_std"] = r.get(src), r.get(f"{src}_std")
     tried = [x for x in r.get("lrs_tried") or [] if x == x]  # NaN: not run
-    r["lr_show"] = f"{r['lr']:g}" + (f" ({', '.join(f'{x:g}' for x in tried)})" if len(tried) > 1 else "")
+    r["lr_show"] = (f"{r['lr']:g}" + ("*" if r.get("lr_capped") else "")
+                    + (f" ({', '.join(f'{x:g}' for x in sorted(tried))})" if len(tried) > 1 else ""))
     if (r.get("tau") or 1) > 1:  # what holds the gradient sum between micro-batches
         r["grad_acc_bytes"] = r.get("accum_bytes") if r.get("accum_bytes") is not None else r.get("dense_grad_bytes")
     if r.get("cuda_peak_mb") is not None:
@@ -291,6 +301,12 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
         sd = seeded(mine)
         lines += core.markdown_table([h for h, _, _ in columns(sd)], (_cells(r, metrics[task], sd) for r in mine))
         lines.append("")
+    capped = [f"{r.task} {r.optimizer} ({r.lr_edge})" for r in rows if r.lr_capped]
+    if capped:
+        cap = {r.task: info.get("config", {}).get("extend_lr") for r, info in
+               ((r, meta.get("tasks", {}).get(r.task, {})) for r in rows if r.lr_capped)}
+        lines += [f"\\* The best lr is still an end of the tried grid after the cap of grid extensions "
+                  f"({', '.join(f'{t}: {c}' for t, c in cap.items())}): " + ", ".join(capped) + ".", ""]
     goals = goal_lines(rows)
     if goals:
         lines += ["## Goal check", ""] + [f"- {g}" for g in goals] + [""]
@@ -445,6 +461,10 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
             opts = list(mine["config"]["optimizers"])
             mine["config"]["optimizers"] = opts + [o for o in info["config"]["optimizers"] if o not in opts]
         meta["seeds"] = sorted(set(meta.get("seeds") or []) | set(d["meta"].get("seeds") or []))
+        ext, more = meta.setdefault("lr_extension", {"extended": {}, "capped": []}), d["meta"].get("lr_extension") or {}
+        for k, v in (more.get("extended") or {}).items():
+            ext["extended"][k] = sorted(set(ext["extended"].get(k, [])) | set(v))
+        ext["capped"] = list(dict.fromkeys(ext["capped"] + (more.get("capped") or [])))
     return meta, unique_runs([RunResult.from_dict(r) for d in parts for r in d["runs"]])
 
 

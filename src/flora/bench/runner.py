@@ -90,7 +90,7 @@ def _setup(job: Job, res: RunResult, device: torch.device) -> tuple[Task, bo.Bui
     res.model_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model.to(device)
     built = bo.build(bo.parse(job.optimizer), model, job.lr, task=task, kappa=job.cfg.kappa, tau=task.tau,
-                     seed=job.seed)
+                     seed=job.seed, scale_parameter=job.cfg.scale_parameter)
     res.trainable_params = built.trainable_params
     res.tau = task.tau
     res.dense_grad_bytes = sum(p.numel() * p.element_size()

@@ -5,6 +5,7 @@ and PNG results to a run folder."""
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +25,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated optimizer names for every selected task (default: the size's list); "
                         "e.g. adamw,adafactor-b0.9,flora-r32,flora-r32-paper,lora-r32,galore-r32,apollo-r32,"
                         "flora-opt-r32,adamw+ca-r32")
+    p.add_argument("--preset", default=None, choices=list(config.PRESETS),
+                   help="a sweep instead of the size's optimizer lists: "
+                        + "; ".join(f"{k}: {v.about} ({', '.join(v.tasks)}; every Flora form at --ranks, "
+                                    f"{v.lr_points} lrs, grid extended up to {v.extend_lr} times)"
+                                    for k, v in config.PRESETS.items()))
+    p.add_argument("--ranks", default=None,
+                   help="with --preset: comma-separated Flora ranks (default: the size's, below the model width: "
+                        + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in config.RANKS.items()) + ")")
+    p.add_argument("--extend-lr", type=int, default=None, metavar="N",
+                   help="while an optimizer's best lr (mean over seeds) is the lowest or highest of its grid, run "
+                        "the next lr beyond it (x3 or /3 on the 1-3-10 grids), at most N times; a row still on the "
+                        "edge is marked (default: the preset's, else 0)")
+    p.add_argument("--scale-parameter", action="store_true",
+                   help="Adafactor, Flora, flora-opt and LoRA's Adafactor with scale_parameter=True (HF's default: "
+                        "lr relative to each parameter's RMS) instead of the bench's False")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the size's)")
     p.add_argument("--lr-points", type=int, default=None, help="lr values swept per optimizer (1-3)")
     p.add_argument("--lrs", default=None,
@@ -71,6 +87,19 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--tau must be >= 1")
     if a.seeds < 1:
         p.error("--seeds must be >= 1")
+    if a.extend_lr is not None and a.extend_lr < 0:
+        p.error("--extend-lr must be >= 0")
+    if a.ranks is not None:
+        if a.preset is None:
+            p.error("--ranks needs --preset (elsewhere the rank is part of the optimizer name, e.g. flora-r16)")
+        try:
+            a.ranks = tuple(int(r) for r in a.ranks.split(",") if r.strip())
+        except ValueError:
+            p.error(f"--ranks: expected comma-separated integers, got {a.ranks!r}")
+        if not a.ranks or any(r < 1 for r in a.ranks):
+            p.error("--ranks must be >= 1")
+    if a.preset is not None and a.optimizers:
+        p.error("--preset and --optimizers exclude each other (the preset names the optimizers)")
     a.tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip()) if a.tasks else None
     for t in a.tasks or ():
         if t not in config.TASKS:
@@ -149,11 +178,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return rewrite([Path(p) for p in args.from_json.split(",")], Path(args.out) if args.out else None)
     t0 = time.perf_counter()
     device = core.resolve_device(args.device)
-    tasks = args.tasks or (("pretrain",) if args.size == "smoke" else config.TASKS)
+    preset = config.PRESETS[args.preset] if args.preset else None
+    tasks = args.tasks or (preset.tasks if preset else ("pretrain",) if args.size == "smoke" else config.TASKS)
     out = Path(args.out) if args.out else core.default_out("train")
     cache = Path(args.cache) if args.cache else cache_dir_default()
     cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers,
-                                  lr_points=args.lr_points, tau=args.tau) for t in tasks}
+                                  lr_points=args.lr_points, tau=args.tau, preset=args.preset, ranks=args.ranks,
+                                  scale_parameter=args.scale_parameter, extend_lr=args.extend_lr) for t in tasks}
     peers = bo.peer_status()
     jobs, skipped = plan(args, cfgs, peers, device, cache)
     progress = not args.no_progress and core.interactive()
@@ -166,7 +197,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             core.say(f"  peer {name}: {st}")
     meta = core.run_metadata("train", argv, device)
     meta.update(size=args.size, seed=args.seed, seeds=seeds_of(args), peers=peers,
-                runs_planned=len(jobs) + len(skipped))
+                runs_planned=len(jobs) + len(skipped), preset=args.preset,
+                lr_extension={"extended": {}, "capped": []})
+    grids = {}  # (task, optimizer) -> the lrs planned first
+    for j in jobs:
+        grids.setdefault((j.task, j.optimizer), []).append(j.lr)
 
     runner = Runner(isolate=not args.no_isolate, device=device)
     runs = list(skipped)
@@ -177,7 +212,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         bar = tqdm(total=len(jobs), desc="flora-bench", position=0, dynamic_ncols=True)
     write = bar.write if bar is not None else core.say
     prepared = set()
-    for i, job in enumerate(jobs, 1):
+    i = 0
+    while i < len(jobs):
+        job = jobs[i]
+        i += 1
         if job.task not in prepared:
             if bar is not None:
                 bar.set_description(f"preparing {job.task}")
@@ -190,6 +228,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         write(_result_line(res, i, len(jobs), args.seeds > 1))
         if bar is not None:
             bar.update(1)
+        more = _extend(job, jobs[i:], runs, grids, meta["lr_extension"])
+        if more:
+            jobs[i:i] = more
+            if bar is not None:
+                bar.total += len(more)
+                bar.refresh()
         _finish(out, runs, cfgs, meta, t0, plots=False)  # partial results survive a kill
     if bar is not None:
         bar.close()
@@ -199,6 +243,58 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     report.print_table(rows, _metrics(tasks))
     core.say(f"wrote {', '.join(str(p) for p in paths.values())} ({meta['wall_s'] / 60:.1f} min)")
     return 0
+
+
+def next_lr(tried: list[float], up: bool) -> float:
+    """The lr beyond the highest (``up``) or lowest of ``tried``: half a decade on, rounded
+    to one digit (x3 or /3: 1e-2 -> 3e-2 -> 1e-1) where the grid's last step is about half a
+    decade (the 1-3-10 grids of ``config.LR_GRIDS``), else that last step once more."""
+    lrs = sorted(x for x in tried if x == x)
+    edge, inner = (lrs[-1], lrs[-2]) if up else (lrs[0], lrs[1])
+    ratio = max(edge, inner) / min(edge, inner)
+    if 2.9 <= ratio <= 3.5:
+        return float(f"{10 ** ((round(2 * math.log10(edge)) + (1 if up else -1)) / 2):.0e}")
+    return edge * ratio if up else edge / ratio
+
+
+def extension(row, grid, cap: int) -> tuple[float | None, bool]:
+    """Grid extension for one chosen row (``report.Chosen``: the lr with the best mean
+    validation score): (the next lr to run, or None; whether ``cap`` stopped it). A further
+    lr runs while the chosen one is the lowest or highest of two or more tried, at most
+    ``cap`` of them beyond ``grid`` (the lrs planned first)."""
+    if cap <= 0 or row.lr_edge is None:
+        return None, False
+    beyond = [x for x in row.lrs_tried if x == x and not any(math.isclose(x, g, rel_tol=1e-9) for g in grid)]
+    if len(beyond) >= cap:
+        return None, True
+    return next_lr(row.lrs_tried, row.lr_edge == "upper"), False
+
+
+def _extend(job, pending, runs, grids, record) -> list:
+    """After ``job``: when it was the last pending run of its (task, optimizer) and the best
+    lr is an end of those tried, the jobs of the next lr (every seed), recorded in
+    ``record`` (``extended``: "task:optimizer" -> lrs added; ``capped``: those still on the
+    edge at the cap)."""
+    import dataclasses
+
+    from . import report
+
+    key = (job.task, job.optimizer)
+    if not job.cfg.extend_lr or any((j.task, j.optimizer) == key for j in pending):
+        return []
+    mine = [r for r in runs if (r.task, r.optimizer) == key]
+    row = report.choose(mine, _metrics([job.task]))[0]
+    lr, capped = extension(row, grids[key], job.cfg.extend_lr)
+    label = f"{job.task}:{job.optimizer}"
+    if capped and label not in record["capped"]:
+        record["capped"].append(label)
+    if lr is None:
+        return []
+    record["extended"].setdefault(label, []).append(lr)
+    core.say(f"  {label}: best lr {row.run.lr:g} is the {row.lr_edge} end of {len(row.lrs_tried)} tried; "
+             f"running lr {lr:g}")
+    seeds = sorted({r.seed for r in mine})
+    return [dataclasses.replace(job, lr=lr, seed=seed) for seed in seeds]
 
 
 def _metrics(tasks) -> dict[str, str]:
@@ -217,6 +313,7 @@ def _finish(out, runs, cfgs, meta, t0, *, plots):
 
     metrics = _metrics(cfgs)
     rows = _ordered(report.choose(runs, metrics), list(cfgs), lambda t: cfgs[t].optimizers)
+    report.mark_capped(rows, meta)
     meta = dict(meta)
     meta["tasks"] = {t: {"config": cfg.to_dict(),
                          "description": _describe(t, cfg, next((r.model_params for r in runs
@@ -249,6 +346,7 @@ def rewrite(sources: list[Path], out: Path | None) -> int:
     meta["seeds"] = sorted({r.seed for r in runs})
     metrics = _metrics(tasks)
     rows = _ordered(report.choose(runs, metrics), tasks, lambda t: meta["tasks"][t]["config"]["optimizers"])
+    report.mark_capped(rows, meta)
     paths = report.write_all(out or sources[0].parent, runs, rows, metrics, meta, plots=True)
     report.print_table(rows, metrics)
     core.say(f"wrote {', '.join(str(p) for p in paths.values())}")
