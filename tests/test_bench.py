@@ -474,5 +474,72 @@ def test_grid_extension_runs_a_further_lr_while_the_best_is_an_end():
     assert extension(capped, grid, 3) == (None, True) and capped.lr_edge == "upper"
     diverged = row({1e-3: 3.0, 3e-3: 2.5, 1e-2: float("nan")})  # NaN at the top: 3e-3 is interior
     assert diverged.run.lr == 3e-3 and extension(diverged, grid, 3) == (None, False)
+    tie = row({1e-3: 2.0, 3e-3: 2.0, 1e-2: 3.0})  # a tie at the end (accuracy on a small split): flat
+    assert tie.lr_edge == "lower" and extension(tie, grid, 3) == (None, False)
     assert next_lr([1e-3, 2e-3], up=True) == pytest.approx(4e-3)  # other spacings: the grid's own step
     assert next_lr([3e-4, 1e-3, 3e-3], up=False) == pytest.approx(1e-4)
+
+
+# ------------------------------------------------------------------ the momentum-form sweep
+
+
+@pytest.fixture(scope="module")
+def forms_run(tmp_path_factory):
+    """``--preset forms`` at the smoke size, in this process, on lrs so small that the best
+    is the top of the grid: one extension each, then the cap."""
+    out = tmp_path_factory.mktemp("forms")
+    assert main(["--size", "smoke", "--preset", "forms", "--tasks", "pretrain", "--ranks", "4,8", "--steps", "2",
+                 "--lrs", "adafactor=1e-5/3e-5", "--extend-lr", "1", "--out", str(out), "--cache", str(out / "cache"),
+                 "--device", "cpu", "--no-isolate", "--no-progress"]) == 0
+    return out
+
+
+FORM_NAMES = ["adafactor", "adafactor-b0.9"] + [
+    f"flora-r{r}{f}" for r in (4, 8) for f in ("", "-exact-orthonormal", "-exact-coordinates", "-subspace-orthonormal",
+                                               "-scaled-orthonormal", "-scaled-coordinates")]
+
+
+def test_forms_preset_runs_every_form_and_extends_the_lr_grid(forms_run):
+    res = _results(forms_run)
+    assert res["meta"]["preset"] == "forms"
+    assert res["meta"]["tasks"]["pretrain"]["config"]["optimizers"] == FORM_NAMES
+    rows = {r["optimizer"]: r for r in res["summary"]}
+    assert list(rows) == FORM_NAMES
+    for name, row in rows.items():
+        assert row["status"] == "ok", row
+        # the best of 1e-5, 3e-5 was the top: 1e-4 ran; still the top at the cap (1): marked
+        assert sorted(row["lrs_tried"]) == pytest.approx([1e-5, 3e-5, 1e-4]), name
+        assert row["lr"] == pytest.approx(1e-4) and row["lr_edge"] == "upper" and row["lr_capped"], name
+    assert res["meta"]["lr_extension"]["capped"] == [f"pretrain:{n}" for n in FORM_NAMES]
+    assert "1e-4" not in str(res["meta"]["tasks"]["pretrain"]["config"])
+    assert "0.0001* (1e-05, 3e-05, 0.0001)" in (forms_run / "results.md").read_text()
+
+
+def test_forms_report_is_written(forms_run):
+    png = forms_run / "forms_pretrain.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    md = (forms_run / "forms.md").read_text()
+    assert "| form | r4 | r8 |" in md and "](forms_pretrain.png)" in md
+    for form in ("exact-gaussian", "exact-orthonormal", "exact-coordinates", "subspace-orthonormal",
+                 "scaled-orthonormal", "scaled-coordinates", "Adafactor, beta1=None", "Adafactor, beta1=0.9"):
+        assert form in md, form
+    flat = json.loads((forms_run / "forms.json").read_text())["forms"]
+    assert [d["optimizer"] for d in flat] == FORM_NAMES
+    assert all(d["metric"] == "test_loss" and math.isfinite(d["test_mean"]) for d in flat)
+    assert {(d["form"], d["rank"]) for d in flat if d["rank"]} >= {("scaled-coordinates", 8), ("exact-gaussian", 4)}
+    with open(forms_run / "forms.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(FORM_NAMES)
+    assert "[forms.md](forms.md)" in (forms_run / "results.md").read_text()
+
+
+def test_scale_parameter_reaches_the_optimizer():
+    cfg = config.task_config("smoke", "pretrain", preset="forms", scale_parameter=True)
+    assert cfg.scale_parameter and cfg.extend_lr == 3 and cfg.lr_points == 3
+    assert cfg.optimizers[:3] == ("adafactor", "adafactor-b0.9", "flora-r4") and len(cfg.optimizers) == 2 + 6 * 3
+    task = make_task("pretrain", cfg, "unused")
+    for name in ("adafactor", "flora-r4-scaled-orthonormal", "lora-r4"):
+        for flag in (False, True):
+            with core.quiet():
+                built = bo.build(bo.parse(name), task.build_model(), 1e-3, task=task, kappa=2, tau=1, seed=0,
+                                 scale_parameter=flag)
+            assert built.optimizer.param_groups[0]["scale_parameter"] is flag, name

@@ -71,6 +71,7 @@ class Chosen:
     runs: list[RunResult] = field(default_factory=list)
     lr_edge: str | None = None  # "lower"/"upper": the chosen lr is the end of two or more tried
     lr_capped: bool = False  # on the edge still when the grid extension reached its cap
+    lr_scores: dict = field(default_factory=dict)  # lr -> its validation score (mean over seeds; higher is better)
 
     def __post_init__(self):
         self.runs = self.runs or [self.run]
@@ -135,7 +136,8 @@ def choose(runs: list[RunResult], metrics: dict[str, str]) -> list[Chosen]:
         edge = None
         if ok and len(finite) > 1:
             edge = "lower" if chosen[0].lr == finite[0] else "upper" if chosen[0].lr == finite[-1] else None
-        rows.append(Chosen(chosen[0], tried, status, runs=chosen, lr_edge=edge))
+        rows.append(Chosen(chosen[0], tried, status, runs=chosen, lr_edge=edge,
+                           lr_scores={r[0].lr: lr_score(r, metrics[task]) for r in lrs.values()}))
     for row in rows:
         ref = next((r for r in rows if r.task == row.task and r.optimizer == "adamw" and r.run.state_bytes), None)
         if ref and row.run.state_bytes is not None:
@@ -186,7 +188,7 @@ def columns(seeded: bool) -> list[tuple]:
     return COLUMNS[:2] + [SEED_COLUMN] + COLUMNS[2:] if seeded else COLUMNS
 
 
-def _pm(v, sd) -> str:
+def plus_minus(v, sd) -> str:
     return _fmt(v) + ("" if sd is None else f" ± {_fmt(sd, 2)}")
 
 
@@ -211,7 +213,7 @@ def _cells(row: Chosen, metric: str, seeded: bool = False) -> list[str]:
     if not row.ok:
         return [r["optimizer"], r["status"]] + [""] * (len(cols) - 2)
     if seeded:  # mean +- sample std over the seeds
-        return [_pm(r[k], r.get(f"{k}_std")) if k in SEED_KEYS + tuple(main) and r.get(k) is not None
+        return [plus_minus(r[k], r.get(f"{k}_std")) if k in SEED_KEYS + tuple(main) and r.get(k) is not None
                 else f(r.get(k)) if r.get(k) is not None else "-" for _, k, f in cols]
     return [f(r.get(k)) if r.get(k) is not None else "-" for _, k, f in cols]
 
@@ -436,7 +438,14 @@ def write_all(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: dic
                                     "runs": [r.to_dict() for r in runs]})
     write_csv(paths["csv"], [r.to_dict() for r in rows])
     write_csv(paths["runs_csv"], [r.to_dict() for r in runs])
-    paths["md"].write_text(markdown(rows, metrics, meta))
+    from . import forms
+
+    more = forms.write(out, rows, metrics, meta, plots=plots)
+    md = markdown(rows, metrics, meta)
+    if more:
+        md += "\nThe momentum forms side by side, against rank: [forms.md](forms.md).\n"
+    paths["md"].write_text(md)
+    paths.update(more)
     if plots:
         for p in make_plots(out, runs, rows, metrics):
             paths[p.stem] = p

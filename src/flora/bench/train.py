@@ -260,9 +260,14 @@ def next_lr(tried: list[float], up: bool) -> float:
 def extension(row, grid, cap: int) -> tuple[float | None, bool]:
     """Grid extension for one chosen row (``report.Chosen``: the lr with the best mean
     validation score): (the next lr to run, or None; whether ``cap`` stopped it). A further
-    lr runs while the chosen one is the lowest or highest of two or more tried, at most
-    ``cap`` of them beyond ``grid`` (the lrs planned first)."""
+    lr runs while the chosen one is the lowest or highest of two or more tried and scores
+    better than its neighbour (not on a tie), at most ``cap`` of them beyond ``grid`` (the
+    lrs planned first)."""
     if cap <= 0 or row.lr_edge is None:
+        return None, False
+    lrs = sorted(x for x in row.lrs_tried if x == x)
+    inner = lrs[-2] if row.lr_edge == "upper" else lrs[1]
+    if row.lr_scores.get(inner) == row.lr_scores.get(row.run.lr):  # a tie (accuracy on a small split): flat
         return None, False
     beyond = [x for x in row.lrs_tried if x == x and not any(math.isclose(x, g, rel_tol=1e-9) for g in grid)]
     if len(beyond) >= cap:
