@@ -363,7 +363,8 @@ def state():
             {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)})
 before = state()
 import flora.bench, flora.bench.__main__, flora.bench.accum, flora.bench.config, flora.bench.core
-import flora.bench.data, flora.bench.optimizers, flora.bench.records, flora.bench.report, flora.bench.runner
+import flora.bench.data, flora.bench.forms, flora.bench.optimizers, flora.bench.records, flora.bench.report
+import flora.bench.runner
 import flora.bench.step, flora.bench.tasks, flora.bench.train
 after = state()
 assert after[0] == before[0], "warnings filters changed"
@@ -488,10 +489,12 @@ def forms_run(tmp_path_factory):
     """``--preset forms`` at the smoke size, in this process, on lrs so small that the best
     is the top of the grid: one extension each, then the cap."""
     out = tmp_path_factory.mktemp("forms")
-    assert main(["--size", "smoke", "--preset", "forms", "--tasks", "pretrain", "--ranks", "4,8", "--steps", "2",
-                 "--lrs", "adafactor=1e-5/3e-5", "--extend-lr", "1", "--out", str(out), "--cache", str(out / "cache"),
-                 "--device", "cpu", "--no-isolate", "--no-progress"]) == 0
+    assert main(FORMS_ARGS + ["--out", str(out), "--cache", str(out / "cache")]) == 0
     return out
+
+
+FORMS_ARGS = ["--size", "smoke", "--preset", "forms", "--tasks", "pretrain", "--ranks", "4,8", "--steps", "2",
+              "--lrs", "adafactor=1e-5/3e-5", "--extend-lr", "1", "--device", "cpu", "--no-isolate", "--no-progress"]
 
 
 FORM_NAMES = ["adafactor", "adafactor-b0.9"] + [
@@ -543,3 +546,24 @@ def test_scale_parameter_reaches_the_optimizer():
                 built = bo.build(bo.parse(name), task.build_model(), 1e-3, task=task, kappa=2, tau=1, seed=0,
                                  scale_parameter=flag)
             assert built.optimizer.param_groups[0]["scale_parameter"] is flag, name
+
+
+def test_resume_runs_only_what_is_missing(forms_run, tmp_path, capsys):
+    """An interrupted sweep: a run killed (failed), one never run, an extension not reached."""
+    full = _results(forms_run)
+    cut = dict(full, runs=[dict(r) for r in full["runs"] if not (r["optimizer"] == "flora-r8" and r["lr"] > 5e-5)
+                           and not (r["optimizer"] == "adafactor" and r["lr"] == 1e-5)])
+    cut["runs"][0]["status"] = "failed: run process exited with code -9 (out of memory?)"
+    (tmp_path / "results.json").write_text(json.dumps(cut))
+    capsys.readouterr()
+    assert main(FORMS_ARGS + ["--resume", str(tmp_path / "results.json"), "--cache", str(forms_run / "cache")]) == 0
+    ran = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    # flora-r8's extension (its grid had finished), adafactor@1e-5 (never ran), adafactor@3e-5 (killed)
+    assert sorted(ln.split()[1].rstrip(":") for ln in ran) == [
+        "pretrain:adafactor@1e-05", "pretrain:adafactor@3e-05", "pretrain:flora-r8@0.0001"], ran
+    res = _results(tmp_path)
+    assert sorted((r["optimizer"], r["lr"], r["seed"]) for r in res["runs"]) == sorted(
+        (r["optimizer"], r["lr"], r["seed"]) for r in full["runs"])
+    assert [(r["optimizer"], r["lr"], r["test_loss"]) for r in res["summary"]] == [
+        (r["optimizer"], r["lr"], r["test_loss"]) for r in full["summary"]]
+    assert res["meta"]["lr_extension"]["extended"] == full["meta"]["lr_extension"]["extended"]

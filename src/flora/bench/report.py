@@ -470,10 +470,12 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
             opts = list(mine["config"]["optimizers"])
             mine["config"]["optimizers"] = opts + [o for o in info["config"]["optimizers"] if o not in opts]
         meta["seeds"] = sorted(set(meta.get("seeds") or []) | set(d["meta"].get("seeds") or []))
-        ext, more = meta.setdefault("lr_extension", {"extended": {}, "capped": []}), d["meta"].get("lr_extension") or {}
-        for k, v in (more.get("extended") or {}).items():
-            ext["extended"][k] = sorted(set(ext["extended"].get(k, [])) | set(v))
-        ext["capped"] = list(dict.fromkeys(ext["capped"] + (more.get("capped") or [])))
+        ext, more = meta.setdefault("lr_extension", {}), d["meta"].get("lr_extension") or {}
+        for key in ("grids", "extended"):
+            mine = ext.setdefault(key, {})
+            for k, v in (more.get(key) or {}).items():
+                mine[k] = sorted(set(mine.get(k, [])) | set(v))
+        ext["capped"] = list(dict.fromkeys((ext.get("capped") or []) + (more.get("capped") or [])))
     return meta, unique_runs([RunResult.from_dict(r) for d in parts for r in d["runs"]])
 
 

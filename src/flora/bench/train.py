@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (there are none anyway when stderr is not a terminal: one line per "
                         "finished run instead)")
+    p.add_argument("--resume", default=None, metavar="RESULTS_JSON",
+                   help="continue an interrupted run with the same options: the runs of this plan that finished "
+                        "(ok or diverged) in RESULTS_JSON are kept, the others (and lr extensions still due) run; "
+                        "writes to --out (default: RESULTS_JSON's folder)")
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
                    help="train nothing: re-read a results.json (e.g. of an interrupted run; several, comma-separated, "
                         "are merged) and rewrite table, CSV, Markdown and plots into --out (default: the first's "
@@ -98,6 +102,9 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--ranks: expected comma-separated integers, got {a.ranks!r}")
         if not a.ranks or any(r < 1 for r in a.ranks):
             p.error("--ranks must be >= 1")
+    if a.resume and (a.from_json or not Path(a.resume).is_file()):
+        p.error("--resume: needs an existing results.json, and no --from-json" if a.from_json
+                else f"--resume: no such file {a.resume!r}")
     if a.preset is not None and a.optimizers:
         p.error("--preset and --optimizers exclude each other (the preset names the optimizers)")
     a.tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip()) if a.tasks else None
@@ -180,7 +187,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     device = core.resolve_device(args.device)
     preset = config.PRESETS[args.preset] if args.preset else None
     tasks = args.tasks or (preset.tasks if preset else ("pretrain",) if args.size == "smoke" else config.TASKS)
-    out = Path(args.out) if args.out else core.default_out("train")
+    out = Path(args.out) if args.out else Path(args.resume).parent if args.resume else core.default_out("train")
     cache = Path(args.cache) if args.cache else cache_dir_default()
     cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers,
                                   lr_points=args.lr_points, tau=args.tau, preset=args.preset, ranks=args.ranks,
@@ -189,6 +196,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     jobs, skipped = plan(args, cfgs, peers, device, cache)
     progress = not args.no_progress and core.interactive()
     jobs = [dataclasses.replace(j, progress=progress) for j in jobs]
+    planned = list(jobs)
 
     core.say(f"flora-bench train: size={args.size} tasks={','.join(tasks)} device={device} runs={len(jobs)} "
              f"out={out}")
@@ -198,13 +206,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     meta = core.run_metadata("train", argv, device)
     meta.update(size=args.size, seed=args.seed, seeds=seeds_of(args), peers=peers,
                 runs_planned=len(jobs) + len(skipped), preset=args.preset,
-                lr_extension={"extended": {}, "capped": []})
+                lr_extension={"grids": {}, "extended": {}, "capped": []})
     grids = {}  # (task, optimizer) -> the lrs planned first
     for j in jobs:
-        grids.setdefault((j.task, j.optimizer), []).append(j.lr)
+        if j.lr not in grids.setdefault((j.task, j.optimizer), []):
+            grids[j.task, j.optimizer].append(j.lr)
+    meta["lr_extension"]["grids"] = {f"{t}:{o}": g for (t, o), g in grids.items()}
 
-    runner = Runner(isolate=not args.no_isolate, device=device)
     runs = list(skipped)
+    if args.resume:
+        jobs, kept = resume(jobs, Path(args.resume), meta)
+        runs += kept
+        due = []  # the pairs that had finished their lrs: is an extension still due?
+        for key, job in {(j.task, j.optimizer): j for j in planned}.items():
+            if not any((j.task, j.optimizer) == key for j in jobs):
+                due += _extend(job, jobs, runs, grids, meta["lr_extension"])
+        jobs = due + jobs
+        core.say(f"  resumed from {args.resume}: {len(kept)} runs kept, {len(jobs)} to run")
+    runner = Runner(isolate=not args.no_isolate, device=device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -245,6 +264,31 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list]:
+    """(the jobs still to run, the runs kept) when continuing the run whose results are at
+    ``path``: its runs of the planned (task, optimizer) pairs and seeds that finished ok or
+    diverged are kept (a failed one, perhaps killed with the sweep, runs again); lrs that it
+    added by grid extension are planned again on the seeds they miss."""
+    import dataclasses
+
+    from . import report
+
+    old_meta, old = report.merge([path])
+    seeds = {j.seed for j in jobs}
+    first = {}
+    for j in jobs:
+        first.setdefault((j.task, j.optimizer), j)
+    kept = [r for r in old if (r.task, r.optimizer) in first and r.seed in seeds
+            and (r.ok or r.status == "diverged")]
+    done = {(r.task, r.optimizer, r.lr, r.seed) for r in kept}
+    planned = {(j.task, j.optimizer, j.lr) for j in jobs}
+    extra = {(r.task, r.optimizer, r.lr): first[r.task, r.optimizer] for r in kept
+             if (r.task, r.optimizer, r.lr) not in planned}
+    jobs = jobs + [dataclasses.replace(j, lr=lr, seed=seed) for (_, _, lr), j in extra.items() for seed in sorted(seeds)]
+    meta["resumed_from"] = {"results": str(path), "command": old_meta.get("command"), "wall_s": old_meta.get("wall_s")}
+    return [j for j in jobs if (j.task, j.optimizer, j.lr, j.seed) not in done], kept
+
+
 def next_lr(tried: list[float], up: bool) -> float:
     """The lr beyond the highest (``up``) or lowest of ``tried``: half a decade on, rounded
     to one digit (x3 or /3: 1e-2 -> 3e-2 -> 1e-1) where the grid's last step is about half a
@@ -277,9 +321,8 @@ def extension(row, grid, cap: int) -> tuple[float | None, bool]:
 
 def _extend(job, pending, runs, grids, record) -> list:
     """After ``job``: when it was the last pending run of its (task, optimizer) and the best
-    lr is an end of those tried, the jobs of the next lr (every seed), recorded in
-    ``record`` (``extended``: "task:optimizer" -> lrs added; ``capped``: those still on the
-    edge at the cap)."""
+    lr is an end of those tried, the jobs of the next lr (every seed); ``record["capped"]``
+    gets the pairs still on the edge at the cap."""
     import dataclasses
 
     from . import report
@@ -295,7 +338,6 @@ def _extend(job, pending, runs, grids, record) -> list:
         record["capped"].append(label)
     if lr is None:
         return []
-    record["extended"].setdefault(label, []).append(lr)
     core.say(f"  {label}: best lr {row.run.lr:g} is the {row.lr_edge} end of {len(row.lrs_tried)} tried; "
              f"running lr {lr:g}")
     seeds = sorted({r.seed for r in mine})
@@ -320,6 +362,12 @@ def _finish(out, runs, cfgs, meta, t0, *, plots):
     rows = _ordered(report.choose(runs, metrics), list(cfgs), lambda t: cfgs[t].optimizers)
     report.mark_capped(rows, meta)
     meta = dict(meta)
+    ext = meta.get("lr_extension")
+    if ext:  # the lrs beyond each planned grid that ran
+        ext["extended"] = {label: sorted({r.lr for r in runs if f"{r.task}:{r.optimizer}" == label
+                                          and not any(math.isclose(r.lr, g, rel_tol=1e-9) for g in grid)})
+                           for label, grid in ext["grids"].items()}
+        ext["extended"] = {k: v for k, v in ext["extended"].items() if v}
     meta["tasks"] = {t: {"config": cfg.to_dict(),
                          "description": _describe(t, cfg, next((r.model_params for r in runs
                                                                 if r.task == t and r.model_params), None))}
