@@ -5,7 +5,8 @@ from .accumulate import CompressedAccumulator
 from .memory import cache_bytes, flora_state_bytes, state_bytes
 from .optimizer import Flora
 from .schedule import RelativeStepSchedule
-from .projection import compress, decompress, gaussian_projection, projection_seed, transfer
+from .momentum import MOMENTUM_FORMS
+from .projection import PROJECTIONS, compress, decompress, gaussian_projection, make_projection, projection_seed, transfer
 
 __all__ = [
     "Flora",
@@ -15,6 +16,9 @@ __all__ = [
     "cache_bytes",
     "flora_state_bytes",
     "gaussian_projection",
+    "make_projection",
+    "MOMENTUM_FORMS",
+    "PROJECTIONS",
     "projection_seed",
     "compress",
     "decompress",
