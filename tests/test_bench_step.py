@@ -26,8 +26,8 @@ def test_every_optimizer_is_timed(step_run):
     res, md = step_run
     names = [r["optimizer"] for r in res["rows"]]
     # flora-opt is left out (with a message) where it is not installed
-    expected = ["adamw", "adafactor", "adafactor-b0.9", "flora-dense", "flora-r4", "flora-r4-paper", "flora-r8",
-                "flora-r8-paper"]
+    expected = ["adamw", "adafactor", "adafactor-b0.9", "flora-dense", "flora-r4", "flora-r4-exact", "flora-r4-paper",
+                "flora-r8", "flora-r8-exact", "flora-r8-paper"]
     assert names[:len(expected)] == expected
     for r in res["rows"]:
         assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
@@ -82,5 +82,7 @@ def test_default_names():
     class A:
         optimizers, dense_flora, no_flora_opt, ranks, forms = None, False, False, (8, 32), ("exact", "paper")
 
-    assert optimizer_names(A) == ["adamw", "adafactor", "adafactor-b0.9", "flora-r8", "flora-r8-paper", "flora-r32",
-                                  "flora-r32-paper", "flora-opt-r8", "flora-opt-r32"]
+    assert optimizer_names(A) == ["adamw", "adafactor", "adafactor-b0.9", "flora-r8-exact", "flora-r8-paper",
+                                  "flora-r32-exact", "flora-r32-paper", "flora-opt-r8", "flora-opt-r32"]
+    A.forms = ("scaled-orthonormal", "exact")  # Flora's default form is the bare name
+    assert optimizer_names(A)[3:7] == ["flora-r8", "flora-r8-exact", "flora-r32", "flora-r32-exact"]

@@ -178,11 +178,12 @@ def test_a_checkpoint_from_before_projection_kinds_keeps_gaussian_matrices():
     """States saved before the `projection` option existed resume with the Gaussian
     matrices they were saved with, whatever this optimizer's projection is."""
     batches = _batches(6)
+    old = {**OPTS, "momentum_form": "exact", "projection": "gaussian"}  # the only form there was
     ref = _net()
-    ref_opt = Flora(ref.parameters(), **OPTS)  # gaussian
+    ref_opt = Flora(ref.parameters(), **old)
     _train(ref, ref_opt, batches)
     model = _net()
-    opt = Flora(model.parameters(), **OPTS)
+    opt = Flora(model.parameters(), **old)
     _train(model, opt, batches[:3])
     sd = opt.state_dict()
     for g in sd["param_groups"]:
@@ -197,7 +198,8 @@ def test_a_checkpoint_from_before_projection_kinds_keeps_gaussian_matrices():
 
 
 def test_subspace_form_needs_orthonormal_rows():
-    with pytest.raises(ValueError, match="projection='orthonormal'"):
-        Flora(P, lr=1e-3, rank=2, beta1=0.9, momentum_form="subspace")
+    for form in ("subspace", "scaled"):
+        with pytest.raises(ValueError, match="projection='orthonormal'"):
+            Flora(P, lr=1e-3, rank=2, beta1=0.9, momentum_form=form, projection="gaussian")
     with pytest.raises(ValueError, match="projection must be one of"):
         Flora(P, lr=1e-3, rank=2, beta1=0.9, projection="qr")

@@ -90,8 +90,12 @@ SIZES: dict[str, dict[str, TaskConfig]] = {
 
 
 def flora_form_name(rank: int, suffix: str) -> str:
-    """Flora's optimizer name at ``rank`` with a FORM[-PROJECTION] ``suffix`` ("exact": the bare name)."""
-    return f"flora-r{rank}" + ("" if suffix == "exact" else f"-{suffix}")
+    """Flora's optimizer name at ``rank`` with a FORM[-PROJECTION] ``suffix`` (the projection
+    omitted: gaussian); Flora's default form gets the bare ``flora-rR``."""
+    from .optimizers import flora_name  # optimizers imports this module
+
+    form, _, projection = suffix.partition("-")
+    return flora_name(rank, form, projection or "gaussian")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ Names (``--optimizers``, comma separated):
 - ``adamw``: ``torch.optim.AdamW`` (betas 0.9/0.999, no weight decay).
 - ``adafactor``, ``adafactor-b0.9``: ``transformers.optimization.Adafactor`` with a fixed
   lr (``relative_step=False``), without / with first moment.
-- ``flora-r<R>``: ``flora.Flora`` (same Adafactor settings, ``beta1=0.9``, rank R) with
-  the "exact" momentum form and a Gaussian projection; generally
+- ``flora-r<R>``: ``flora.Flora`` (same Adafactor settings, ``beta1=0.9``, rank R) in its
+  default form (``DEFAULT_FLORA_FORM``: "scaled" momentum, orthonormal projection; before
+  that default changed, the bench's ``flora-r<R>`` meant ``flora-r<R>-exact``); generally
   ``flora-r<R>-<FORM>[-<PROJECTION>]``, FORM one of ``flora.Flora``'s momentum forms
   (paper, exact, subspace, scaled) and PROJECTION one of its projections (gaussian, the
   default when left out; orthonormal; coordinates), e.g. ``flora-r8-paper``,
@@ -62,8 +63,8 @@ class Spec:
     family: str  # adamw, adafactor, flora, lora, galore, apollo, flora-opt
     rank: int | None = None
     beta1: float | None = None
-    momentum_form: str = "exact"  # flora.Flora's momentum_form
-    projection: str = "gaussian"  # flora.Flora's projection
+    momentum_form: str = "scaled"  # flora.Flora's momentum_form
+    projection: str = "orthonormal"  # flora.Flora's projection
     accumulate_rank: int | None = None
 
     @property
@@ -93,9 +94,15 @@ VALID_FLORA_FORMS = tuple((f, p) for f in MOMENTUM_FORMS for p in PROJECTIONS
                           if not (f in SUBSPACE_FORMS and p == "gaussian"))
 
 
-def flora_name(rank: int, form: str = "exact", projection: str = "gaussian") -> str:
-    """The shortest name of Flora at ``rank`` with ``form`` and ``projection``."""
-    if (form, projection) == ("exact", "gaussian"):
+# Flora's own default (momentum form, projection): what a bare ``flora-rR`` runs.
+DEFAULT_FLORA_FORM = (flora.Flora.__init__.__kwdefaults__["momentum_form"],
+                      flora.Flora.__init__.__kwdefaults__["projection"])
+
+
+def flora_name(rank: int, form: str | None = None, projection: str = "gaussian") -> str:
+    """The shortest name of Flora at ``rank`` with ``form`` and ``projection`` (no form:
+    Flora's default, the bare ``flora-rR``)."""
+    if form is None or (form, projection) == DEFAULT_FLORA_FORM:
         return f"flora-r{rank}"
     return f"flora-r{rank}-{form}" + ("" if projection == "gaussian" else f"-{projection}")
 
@@ -103,7 +110,9 @@ def flora_name(rank: int, form: str = "exact", projection: str = "gaussian") -> 
 def _flora_form(name: str, suffix: str) -> tuple[str, str]:
     """(momentum form, projection) of a ``flora-rR`` name's suffix ("", "-paper", "-scaled-coordinates")."""
     parts = suffix.split("-")[1:]
-    form = parts[0] if parts else "exact"
+    if not parts:  # a bare flora-rR: Flora's default form
+        return DEFAULT_FLORA_FORM
+    form = parts[0]
     projection = parts[1] if len(parts) > 1 else "gaussian"
     if (form, projection) not in VALID_FLORA_FORMS:
         valid = ", ".join(flora_name(0, f, p).replace("r0", "rR") for f, p in VALID_FLORA_FORMS)

@@ -57,7 +57,7 @@ SIZES = {
     "quick": StepSize("SmolLM2-135M", SMOLLM2_135M, ranks=(8, 32, 128), repeats=7, warmup=2),
     "smoke": StepSize("a tiny Llama (2 layers x 64)", TINY_LLAMA, ranks=(4, 8), repeats=2, warmup=1),
 }
-FORMS = ("exact", "paper")  # the default of --forms; any FORM[-PROJECTION] of optimizers.parse runs
+FORMS = ("scaled-orthonormal", "exact", "paper")  # the default of --forms; any FORM[-PROJECTION] of optimizers.parse runs
 REFERENCE = "adafactor-b0.9"  # the optimizer Flora replaces: step-time ratios are to it
 BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of flora
 LR = 1e-3
@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per optimizer first")
     p.add_argument("--ranks", default=None, help="comma-separated Flora ranks (default: 8,32,128; smoke 4,8)")
-    p.add_argument("--forms", default="exact,paper", help="Flora momentum forms to time: FORM[-PROJECTION] entries (forms: paper, exact, subspace, "
+    p.add_argument("--forms", default=",".join(FORMS), help="Flora momentum forms to time: FORM[-PROJECTION] entries (forms: paper, exact, subspace, "
                         "scaled; projections: gaussian (default), orthonormal, coordinates), e.g. "
                         "exact,paper,scaled-orthonormal")
     p.add_argument("--optimizers", default=None,
