@@ -620,3 +620,20 @@ def test_a_state_from_before_projection_kinds_resumes_only_with_gaussian():
     assert other.micro_step == 1
     with pytest.raises(ValueError, match="projection must be one of 'gaussian', 'orthonormal'"):
         CompressedAccumulator(_mlp(), rank=4, tau=TAU, projection="coordinates")
+
+
+def test_a_new_cycle_before_an_uneven_one_is_closed_is_an_error():
+    """A parameter that finished its cycle gets the next micro-batch's gradient while
+    another lags, and nothing closed the cycle: refused, naming the laggard, state kept."""
+    model = _mlp()
+    acc = CompressedAccumulator(model, rank=4, tau=2)
+    x, y = _batches(1)[0]
+    _loss(model, x, y, 2).backward()
+    model[0].weight.requires_grad_(False)  # the first layer misses the second micro-batch
+    _loss(model, x, y, 2).backward()
+    model[0].weight.requires_grad_(True)
+    counts = acc.state_dict()["counts"].tolist()
+    with pytest.raises(RuntimeError, match=r"previous one is incomplete.*'0.weight' \(1\).*finish_cycle"):
+        _loss(model, x, y, 2).backward()
+    assert acc.state_dict()["counts"].tolist() == counts
+    assert acc.finish_cycle() == 2 and acc.micro_step == 0  # closing it lets training go on

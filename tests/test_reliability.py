@@ -234,6 +234,8 @@ def test_cyclic_schedulers_raise_their_own_error_and_change_nothing(make):
     with pytest.raises(ValueError, match="momentum"):
         make(opt)
     assert opt.param_groups[0]["momentum_form"] == "paper" and "momentum" not in opt.param_groups[0]
+    # No Flora option may share a name with what torch's schedulers write.
+    assert not {"momentum", "betas"} & set(opt.defaults)
 
 
 def test_one_cycle_without_cycling_momentum_works():

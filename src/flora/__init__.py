@@ -6,7 +6,15 @@ from .memory import cache_bytes, flora_state_bytes, state_bytes
 from .optimizer import Flora
 from .schedule import RelativeStepSchedule
 from .momentum import MOMENTUM_FORMS
-from .projection import PROJECTIONS, compress, decompress, gaussian_projection, make_projection, projection_seed, transfer
+from .projection import (
+    PROJECTIONS,
+    compress,
+    decompress,
+    gaussian_projection,
+    make_projection,
+    projection_seed,
+    transfer,
+)
 
 __all__ = [
     "Flora",

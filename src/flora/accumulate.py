@@ -26,6 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validation import check_nonneg_int, check_positive_int, check_real
 from .compression import PROJ_DIMS, compressed_dim
+from .optimizer import Flora
 from .projection import (
     as_matrix,
     compress,
@@ -449,7 +450,7 @@ class CompressedAccumulator:
             found = self._unscale(p)
             # flora.Flora skips a non-finite gradient on the device; any other optimizer
             # must be told on the host (GradScaler syncs here too).
-            if found is not None and not hasattr(self._optimizer, "nonfinite_skips") and found.item():
+            if found is not None and not isinstance(self._optimizer, Flora) and found.item():
                 p.grad = None
                 return
         if self.max_grad_norm is not None:
@@ -479,8 +480,8 @@ class CompressedAccumulator:
         listed = ", ".join(f"{n!r} ({c})" for n, c in lagging[:5])
         return (f"parameter {name!r} got a gradient in a new cycle while the previous one is incomplete: "
                 f"{len(lagging)} parameter(s) got gradients in fewer than tau={self.tau} micro-batches "
-                f"(gradient counts: {listed}). Every parameter must get a gradient in all tau micro-batches "
-                "of a cycle or in none of them")
+                f"(gradient counts: {listed}). Close a cycle whose parameters got gradients in fewer "
+                "micro-batches with optimizer.step() or acc.finish_cycle() before the next backward")
 
     def _on_step(self, optimizer, args, kwargs) -> None:
         if any(self._c.counts):

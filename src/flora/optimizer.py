@@ -15,10 +15,6 @@ from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, compressed_step_, dense_mo
 from .compression import PROJ_DIMS, compressed_dim, dense_reason
 from .projection import PROJECTIONS, compressed_shape, make_projection, matrix_shape, projection_seed, state_dtype
 
-# Option names Flora must never use: torch's schedulers write them into param groups
-# (OneCycleLR and CyclicLR with cycle_momentum=True), which would silently replace a Flora
-# option. Without them in ``defaults`` those schedulers raise their own clear error.
-_SCHEDULER_KEYS = ("momentum", "betas")
 # Options every Flora state_dict has held since the first release: a state without them
 # comes from another optimizer.
 _CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
@@ -75,9 +71,9 @@ def _validate_group(group: dict) -> None:
     check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
     check_choice("projection", group["projection"], PROJECTIONS)
     if group["momentum_form"] in SUBSPACE_FORMS and group["projection"] == "gaussian":
-        raise ValueError(f"momentum_form={group['momentum_form']!r} needs projection='orthonormal' or 'coordinates' (its complement "
-                         "u - decompress(compress(u)) is an orthogonal projection only for orthonormal rows); "
-                         "got projection='gaussian'")
+        raise ValueError(f"momentum_form={group['momentum_form']!r} needs projection='orthonormal' or "
+                         "'coordinates' (its complement u - decompress(compress(u)) is an orthogonal projection "
+                         "only for orthonormal rows); got projection='gaussian'")
     check_real("max_aspect_ratio", group["max_aspect_ratio"], low=1.0, allow_none=True)
     for name in ("scale_parameter", "warmup_init", "cache_projections"):
         if not isinstance(group[name], bool):

@@ -237,9 +237,12 @@ def make_optimizer(spec: Spec, params, lr: float, *, kappa: int, seed: int, scal
 
         return Adafactor(params, beta1=spec.beta1, **ada)
     if spec.family == "flora":
-        form = {"momentum_form": spec.momentum_form}
-        if spec.projection != "gaussian" or "projection" in inspect.signature(flora_module.Flora).parameters:
-            form["projection"] = spec.projection  # (a baseline copy of flora may predate the option)
+        # A baseline copy of flora may predate `projection` (then all was Gaussian) and the
+        # rename of `momentum` to `momentum_form`; a form it lacks fails there, clearly.
+        known = inspect.signature(flora_module.Flora).parameters
+        form = {"momentum_form" if "momentum_form" in known else "momentum": spec.momentum_form}
+        if spec.projection != "gaussian" or "projection" in known:
+            form["projection"] = spec.projection
         return flora_module.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, seed=seed, **form, **ada,
                                   **(flora_options or {}))
     if spec.family == "flora-opt":
