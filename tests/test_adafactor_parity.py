@@ -37,20 +37,26 @@ def _train(make_opt, dtype=torch.float32, steps=20):
 CASES = [(c, None) for c in CONFIGS] + [(c, 2) for c in CONFIGS if c.get("beta1") is None]
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
 @pytest.mark.parametrize("kw,rank", CASES, ids=[f"{c}-rank{r}" for c, r in CASES])
-def test_equals_hf_adafactor(kw, rank):
+def test_equals_hf_adafactor(kw, rank, foreach):
+    """The single-tensor path follows HF operation for operation (equal here to 1e-6
+    absolute); the grouped path stacks parameters, so its norms and its weight decay with
+    a tensor lr round differently: a few float32 ulps of the weights."""
     ref = _train(lambda ps: Adafactor(ps, **kw))
-    got = _train(lambda ps: Flora(ps, rank=rank, **kw))
+    got = _train(lambda ps: Flora(ps, rank=rank, foreach=foreach, **kw))
     for a, b in zip(ref, got):
-        assert (a - b).abs().max().item() <= 1e-6
+        tol = 1e-6 if not foreach else 2e-6 * a.abs().max().item()
+        assert (a - b).abs().max().item() <= tol
 
 
 def test_equals_hf_adafactor_bf16():
     kw = dict(lr=1e-2, relative_step=False, beta1=0.9)
     ref = _train(lambda ps: Adafactor(ps, **kw), dtype=torch.bfloat16)
-    got = _train(lambda ps: Flora(ps, **kw), dtype=torch.bfloat16)
-    for a, b in zip(ref, got):
-        assert torch.equal(a, b)
+    for foreach in (False, True):
+        got = _train(lambda ps: Flora(ps, foreach=foreach, **kw), dtype=torch.bfloat16)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b), foreach
 
 
 def test_dense_when_rank_not_below_dim():

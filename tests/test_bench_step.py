@@ -26,8 +26,9 @@ def test_every_optimizer_is_timed(step_run):
     res, md = step_run
     names = [r["optimizer"] for r in res["rows"]]
     # flora-opt is left out (with a message) where it is not installed
-    expected = ["adamw", "adafactor", "adafactor-b0.9", "flora-dense", "flora-r4", "flora-r4-exact", "flora-r4-paper",
-                "flora-r8", "flora-r8-exact", "flora-r8-paper"]
+    expected = ["adamw", "adamw:fused", "adafactor", "adafactor-b0.9", "flora-dense", "flora-r4", "flora-r4-exact",
+                "flora-r4-paper", "flora-r8", "flora-r8-exact", "flora-r8-paper", "flora-r4:grouped", "flora-r8:grouped",
+                "flora-r4:nomomentum"]
     assert names[:len(expected)] == expected
     for r in res["rows"]:
         assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
@@ -35,6 +36,11 @@ def test_every_optimizer_is_timed(step_run):
     ref = next(r for r in res["rows"] if r["optimizer"] == "adafactor-b0.9")
     assert ref["step_vs_reference"] == 1.0
     assert "| flora-r4 |" in md and "Cost of drawing projections" in md
+    split = {r["optimizer"]: r for r in res["split"]}  # the step's parts against their floors
+    assert split["flora-r4"]["adafactor_floor_s"] > 0 and split["flora-r4"]["projection_floor_s"] > 0
+    assert split["flora-r8"]["projection_floor_s"] == pytest.approx(2 * split["flora-r4"]["projection_floor_s"],
+                                                                    rel=0.01)  # same shapes compressed at r4, r8
+    assert "against its floor" in md
 
 
 def test_state_bytes_are_flora_counts(step_run):
@@ -82,7 +88,8 @@ def test_default_names():
     class A:
         optimizers, dense_flora, no_flora_opt, ranks, forms = None, False, False, (8, 32), ("exact", "paper")
 
-    assert optimizer_names(A) == ["adamw", "adafactor", "adafactor-b0.9", "flora-r8-exact", "flora-r8-paper",
-                                  "flora-r32-exact", "flora-r32-paper", "flora-opt-r8", "flora-opt-r32"]
+    assert optimizer_names(A) == ["adamw", "adamw:fused", "adafactor", "adafactor-b0.9", "flora-r8-exact",
+                                  "flora-r8-paper", "flora-r32-exact", "flora-r32-paper", "flora-r8-exact:grouped",
+                                  "flora-r32-exact:grouped", "flora-r8-exact:nomomentum", "flora-opt-r8", "flora-opt-r32"]
     A.forms = ("scaled-orthonormal", "exact")  # Flora's default form is the bare name
-    assert optimizer_names(A)[3:7] == ["flora-r8", "flora-r8-exact", "flora-r32", "flora-r32-exact"]
+    assert optimizer_names(A)[4:8] == ["flora-r8", "flora-r8-exact", "flora-r32", "flora-r32-exact"]

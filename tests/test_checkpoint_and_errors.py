@@ -34,11 +34,12 @@ def _train(model, opt, batches):
 OPTS = dict(lr=1e-2, rank=3, beta1=0.9, kappa=3, seed=5)
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("momentum,projection", MOMENTUM_CONFIGS, ids=MOMENTUM_IDS)
-def test_resume_is_bit_exact(dtype, momentum, projection):
+def test_resume_is_bit_exact(dtype, momentum, projection, foreach):
     batches = _batches(10)
-    OPTS = {**globals()["OPTS"], "projection": projection}
+    OPTS = {**globals()["OPTS"], "projection": projection, "foreach": foreach}
     ref = _net(dtype)
     ref_opt = Flora(ref.parameters(), momentum_form=momentum, **OPTS)
     _train(ref, ref_opt, batches)
@@ -156,10 +157,11 @@ def test_bad_group_option_is_refused():
         Flora([{"params": P, "rank": 0}], lr=1e-3)
 
 
-def test_sparse_gradient_refused_before_any_change():
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+def test_sparse_gradient_refused_before_any_change(foreach):
     a = nn.Parameter(torch.randn(4, 6))
     emb = nn.Embedding(10, 4, sparse=True)
-    opt = Flora([a, emb.weight], lr=1e-2, rank=2, beta1=0.9)
+    opt = Flora([a, emb.weight], lr=1e-2, rank=2, beta1=0.9, foreach=foreach)
     a.grad = torch.randn_like(a)
     emb(torch.tensor([1, 2])).sum().backward()
     before = a.detach().clone()

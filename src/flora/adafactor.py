@@ -16,9 +16,9 @@ def rms(t: torch.Tensor) -> torch.Tensor:
 
 
 def step_size(
-    lr: float | None,
+    lr: float | torch.Tensor | None,
     step: int,
-    param_rms: torch.Tensor | float,
+    param_rms: torch.Tensor | None,
     *,
     eps2: float,
     relative_step: bool,
@@ -26,12 +26,15 @@ def step_size(
     scale_parameter: bool,
 ):
     """The learning rate of this step: relative (``min(1e-2, 1/sqrt(t))``) or ``lr``,
-    times ``max(eps2, RMS(p))`` when ``scale_parameter``."""
+    times ``max(eps2, RMS(p))`` when ``scale_parameter`` (``param_rms``: RMS(p), a
+    tensor, or one per parameter of a stack; unused otherwise).
+
+    HF's ``max(eps2, RMS)`` reads the RMS on the host; ``torch.where`` gives the same
+    values (RMS when it is larger, else eps2) and stays on the device."""
     rel = relative_step_size(step, warmup_init) if relative_step else lr
-    scale = 1.0
-    if scale_parameter:
-        scale = max(eps2, param_rms)
-    return scale * rel
+    if not scale_parameter:
+        return rel
+    return torch.where(param_rms > eps2, param_rms * rel, eps2 * rel)
 
 
 def relative_step_size(step: int, warmup_init: bool) -> float:

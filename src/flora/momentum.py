@@ -10,11 +10,9 @@ changed in place. ``a`` is the current projection, ``dim`` the projected dimensi
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .projection import as_matrix, compress, decompress, decompress_add_, transfer
+from .projection import _bcast, as_matrix, compress, decompress, decompress_add_, transfer
 
 MOMENTUM_FORMS = ("paper", "exact", "subspace", "scaled")
 # Forms that need a projection with orthonormal rows (their complement is u - D(C(u))).
@@ -78,14 +76,25 @@ def scaled_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int
 
 
 def _gram(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The r x r Gram matrix of a compressed tensor along its rank dimension."""
-    return x @ x.T if dim == 0 else x.T @ x
+    """The r x r Gram matrix of a compressed tensor (or a stack) along its rank dimension."""
+    return x @ x.mT if dim == 0 else x.mT @ x
+
+
+def _msum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last two dims: one value per matrix of a stack (0-dim for one matrix)."""
+    return x.sum(dim=(-2, -1))
+
+
+def _scalar_dtype(device: torch.device) -> torch.dtype:
+    # The r-sized coefficients are formed in float64 (cancellation in |out|^2), except
+    # where the device has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def compressed_step_(
     form: str, c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
     lr: float | torch.Tensor, clip: float, *, u_norm: torch.Tensor | None = None, isometric: bool = False,
-    bias_correction: float = 1.0,
+    bias_correction: float = 1.0, ok: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adafactor's update clip and learning rate, then Flora's compressed momentum and
     its clip after decompression, with one pass over ``u`` (which it overwrites).
@@ -103,60 +112,84 @@ def compressed_step_(
     writes ``out``, and ``rms(out)`` comes from r-sized quantities, with ``C``/``D`` for
     compress/decompress: ``<u, D(x)> = <C(u), x>`` and ``|D(x)|^2 = <gram(x), A A^T>``
     (``= |x|^2`` when isometric).
+
+    Nothing here waits on the host: the coefficients are device tensors (``torch.where``
+    and ``clamp`` stand for the ``max`` and ``min`` above). Stacks work too: ``u`` of
+    ``k x n x m``, ``c`` of ``k x r x m`` (or ``k x n x r``), ``a`` of ``k x r x d`` (or
+    ``k x r`` coordinates), ``lr`` and ``u_norm`` a float or one value per matrix; then
+    every coefficient is a ``k``-vector and the matmuls are batched.
+
+    ``ok`` (bool, 0-dim or one per matrix): where False, the returned update is exactly 0
+    (its coefficients are), provided ``u`` is finite there; ``c`` still changes.
     """
     if form in SUBSPACE_FORMS and not isometric:
         raise ValueError(f"momentum_form {form!r} needs a projection with orthonormal rows "
                          "('orthonormal' or 'coordinates'), not 'gaussian'")
-    um = as_matrix(u)
+    batched = u.dim() == 3 and c.dim() == 3
+    um = u if batched else as_matrix(u)
     cu = compress(um, a, dim)  # C(u), unscaled
-    numel = um.numel()
-    # Scalars for the coefficients, fetched together (one device sync).
-    u_sq = (um.norm() if u_norm is None else u_norm).square()
-    scalars = [torch.as_tensor(lr, dtype=u_sq.dtype, device=u.device), u_sq]
-    if isometric:
-        scalars += [(cu * c).sum(), c.square().sum(), cu.square().sum()]
-    elif form != "paper":
-        gram_a = a @ a.T
-        scalars += [(cu * c).sum(), (_gram(c, dim) * gram_a).sum()]
-    lr, u_sq, *rest = torch.stack(scalars).tolist()
-    k = lr / max(1.0, math.sqrt(u_sq / numel) / clip)  # k u: Adafactor's clipped, lr-scaled update
+    numel = um.shape[-2] * um.shape[-1]
+    sdt = _scalar_dtype(u.device)
+    norm = torch.linalg.vector_norm(um, dim=(-2, -1)) if u_norm is None else u_norm
+    u_sq = norm.to(sdt).square()
+    lr_t = lr.to(device=u.device, dtype=sdt) if isinstance(lr, torch.Tensor) else lr
+    k = lr_t / (u_sq / numel).sqrt().div_(clip).clamp_(min=1.0)  # k u: Adafactor's clipped, lr-scaled update
     b = (1 - beta) * k  # weight of C(k u) in the new momentum
-    x = c
+    if isometric or form != "paper":
+        cross = _msum(cu * c).to(sdt)  # <C(u), c_old>
+    if isometric:
+        c_sq, cu_sq = _msum(c.square()).to(sdt), _msum(cu.square()).to(sdt)
+    x, coef_u = c, None
     if form == "paper":  # out = D(c_new)
-        c.mul_(beta).add_(cu, alpha=b)
-        coef_u, coef_dc = 0.0, 1.0
+        c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
+        coef_dc = 1.0
         if isometric:
-            cross, c_sq, cu_sq = rest
             out_sq = beta**2 * c_sq + 2 * beta * b * cross + b**2 * cu_sq
         else:
-            out_sq = (_gram(c, dim) * (a @ a.T)).sum().item()
+            out_sq = _msum(_gram(c, dim) * (a @ a.mT)).to(sdt)
     elif form == "exact":  # out = (1 - beta) k u + beta D(c_old)
-        cross, dc_sq = (rest[0], rest[1])
+        dc_sq = c_sq if isometric else _msum(_gram(c, dim) * (a @ a.mT)).to(sdt)
         coef_u, coef_dc = b, beta
-        out_sq = coef_u**2 * u_sq + 2 * coef_u * coef_dc * cross + coef_dc**2 * dc_sq
+        out_sq = b**2 * u_sq + 2 * b * beta * cross + beta**2 * dc_sq
     elif form == "scaled":  # out = D(c_new) + phi (k u - D(C(k u))) = phi k u + D(c_new - phi k C(u))
-        cross, c_sq, cu_sq = rest
         new_sq = beta**2 * c_sq + 2 * beta * b * cross + b**2 * cu_sq  # |c_new|^2
-        phi = complement_scale(math.sqrt(max(new_sq, 0.0)), k * math.sqrt(cu_sq), bias_correction)
-        c.mul_(beta).add_(cu, alpha=b)
-        x = torch.add(c, cu, alpha=-phi * k)
-        coef_u, coef_dc = phi * k, 1.0
-        x_cross = beta * cross + b * cu_sq - phi * k * cu_sq  # <C(u), x>
-        x_sq = new_sq - 2 * phi * k * (beta * cross + b * cu_sq) + (phi * k) ** 2 * cu_sq
-        out_sq = coef_u**2 * u_sq + 2 * coef_u * x_cross + x_sq
+        phi = complement_scale_t(new_sq.clamp(min=0.0).sqrt(), k * cu_sq.sqrt(), bias_correction)
+        c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
+        pk = phi * k
+        x = c - cu * _bcast(pk.to(c.dtype))
+        coef_u, coef_dc = pk, 1.0
+        x_cross = beta * cross + b * cu_sq - pk * cu_sq  # <C(u), x>
+        x_sq = new_sq - 2 * pk * (beta * cross + b * cu_sq) + pk**2 * cu_sq
+        out_sq = pk**2 * u_sq + 2 * pk * x_cross + x_sq
     else:  # subspace: out = D(c_new) + (k u - D(C(k u))) = k u + beta D(c_old - k C(u))
-        cross, c_sq, cu_sq = rest
-        x = torch.add(c, cu, alpha=-k)
+        x = c - cu * _bcast(k.to(c.dtype))
         coef_u, coef_dc = k, beta
         x_cross = cross - k * cu_sq  # <C(u), x>
         x_sq = c_sq - 2 * k * cross + k**2 * cu_sq  # |x|^2 = |D(x)|^2
         out_sq = k**2 * u_sq + 2 * k * beta * x_cross + beta**2 * x_sq
-    bound = clip * lr
-    s = 1.0 / max(1.0, math.sqrt(max(out_sq, 0.0) / numel) / bound) if bound > 0 else 0.0
-    decompress_add_(um, x, a, dim, beta=s * coef_u, alpha=s * coef_dc)  # u <- s (coef_u u + coef_dc D(x))
+    bound = clip * lr_t
+    s = bound / (out_sq.clamp(min=0.0) / numel).sqrt().clamp(min=bound)  # 1 / max(1, rms(out) / bound)
+    if not isinstance(bound, torch.Tensor):
+        s = s if bound > 0 else torch.zeros_like(s)
+    else:
+        s = torch.where(bound > 0, s, 0.0)
+    if ok is not None:
+        s = torch.where(ok, s, 0.0)
+    alpha = (s * coef_dc).to(um.dtype)
+    if coef_u is None:  # the paper's form: out = s D(c_new), nothing of u
+        um.zero_()
+        decompress_add_(um, x, a, dim, alpha=alpha)
+    else:
+        decompress_add_(um, x, a, dim, beta=(s * coef_u).to(um.dtype), alpha=alpha)  # u <- s (coef_u u + coef_dc D(x))
     if form in ("exact", "subspace"):
-        c.mul_(beta).add_(cu, alpha=b)
-    return um.reshape(u.shape)
+        c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
+    return um if batched else um.reshape(u.shape)
+
+
+def complement_scale_t(c_norm: torch.Tensor, cu_norm: torch.Tensor, bias_correction: float) -> torch.Tensor:
+    """:func:`complement_scale` on device tensors (no host sync)."""
+    ratio = c_norm / (bias_correction * cu_norm)
+    return torch.where(cu_norm > 0, ratio.clamp(max=1.0), 1.0)
 
 
 def resample_(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int) -> torch.Tensor:

@@ -9,11 +9,11 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
-from . import adafactor as af
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real
-from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, compressed_step_, dense_momentum_, resample_
+from . import functional as F
+from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS
 from .compression import PROJ_DIMS, compressed_dim, dense_reason
-from .projection import PROJECTIONS, compressed_shape, make_projection, matrix_shape, projection_seed, state_dtype
+from .projection import PROJECTIONS, compressed_shape, make_projections, projection_seed, state_dtype
 
 # Options every Flora state_dict has held since the first release: a state without them
 # comes from another optimizer.
@@ -43,9 +43,24 @@ def _momentum_reason(shape, group: dict) -> str | None:
     return dense_reason(shape, group["rank"], proj_dim=group["proj_dim"], max_aspect_ratio=group["max_aspect_ratio"])
 
 
+def _grouped(group: dict, entries) -> bool:
+    """Whether ``group`` steps on the grouped path: ``foreach=True``, or None (the default)
+    with every parameter off the CPU. On a CPU the single-tensor path is faster: it keeps
+    each parameter's temporaries in cache, where stacks of them go to memory on every pass
+    (measured in docs/results.md); on a GPU, fewer and larger kernels win."""
+    if group["foreach"] is None:
+        return all(e[0].device.type != "cpu" for e in entries)
+    return group["foreach"]
+
+
 def _validate_group(group: dict) -> None:
     lr, rel = group["lr"], group["relative_step"]
-    check_real("lr", lr, low=0.0, allow_none=True)
+    if isinstance(lr, torch.Tensor):  # a device lr (as torch.optim allows): its value is not read here
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"lr given as a tensor must hold one floating-point value, got shape "
+                             f"{tuple(lr.shape)} and dtype {lr.dtype}")
+    else:
+        check_real("lr", lr, low=0.0, allow_none=True)
     if not isinstance(rel, bool):
         raise TypeError(f"relative_step must be True or False, got {rel!r}")
     if lr is not None and rel:
@@ -78,6 +93,8 @@ def _validate_group(group: dict) -> None:
     for name in ("scale_parameter", "warmup_init", "cache_projections"):
         if not isinstance(group[name], bool):
             raise TypeError(f"{name} must be True or False, got {group[name]!r}")
+    if group["foreach"] not in (None, True, False):
+        raise TypeError(f"foreach must be None, True or False, got {group['foreach']!r}")
 
 
 class Flora(Optimizer):
@@ -123,6 +140,13 @@ class Flora(Optimizer):
             drawing on the CPU generator is up to a third of the step, for extra memory
             of ``r * min(n, m)`` per compressed tensor (at most its momentum's size). The
             cache is not part of the state and changes no result.
+        foreach: True: step parameters of equal shape, dtype, device and counters
+            together, stacked, a few batched kernels per bucket
+            (``flora.functional.grouped_step``); False: one parameter at a time
+            (``single_tensor_step``, the reference: with compression off it follows HF
+            Adafactor operation for operation); None (the default): grouped on GPUs and
+            other accelerators, single-tensor on the CPU, where it is faster. The two
+            agree to float rounding. Neither path waits on the host during ``step()``.
 
     State is float32 whatever the parameter dtype (float64 parameters keep float64
     state). A compressed update is clipped to RMS ``lr * clip_threshold`` after
@@ -157,6 +181,7 @@ class Flora(Optimizer):
         projection: str = "orthonormal",
         max_aspect_ratio: float | None = None,
         cache_projections: bool = False,
+        foreach: bool | None = None,
         momentum: str | None = None,
     ):
         if momentum is not None:
@@ -171,7 +196,7 @@ class Flora(Optimizer):
             scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
             seed=seed, proj_dim=proj_dim, momentum_form=momentum_form, projection=projection,
             max_aspect_ratio=max_aspect_ratio,
-            cache_projections=cache_projections,
+            cache_projections=cache_projections, foreach=foreach,
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
@@ -180,10 +205,12 @@ class Flora(Optimizer):
 
     def _init_runtime(self) -> None:
         # Neither is state: rebuilt empty after deepcopy, pickle and load_state_dict.
-        # parameter index -> ((seed, rank, count), projection); see cache_projections
-        self._proj_cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        # (parameter indices, stacked) -> (key, projections); see cache_projections
+        self._proj_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
+        # (group sizes, id(param) -> (param, group, index)): step_parameter's lookup
+        self._where: tuple | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -191,12 +218,11 @@ class Flora(Optimizer):
             _upgrade_group(group)
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
-        if "_proj_cache" not in self.__dict__ or "_skips" not in self.__dict__:
-            self._init_runtime()
+        self._init_runtime()
 
     def __getstate__(self) -> dict[str, Any]:
         # The projection cache is rebuilt on demand and the skip counter is monitoring.
-        return {k: v for k, v in super().__getstate__().items() if k not in ("_proj_cache", "_skips")}
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_proj_cache", "_skips", "_where")}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group = dict(param_group)
@@ -218,6 +244,7 @@ class Flora(Optimizer):
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError("params must be real tensors: Flora does not support complex parameters")
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
+        self._where = None  # step_parameter's map is rebuilt
 
     # ------------------------------------------------------------------ reporting
 
@@ -310,30 +337,73 @@ class Flora(Optimizer):
         self._check_grads()
         index = 0
         for group in self.param_groups:
+            entries = []
             for p in group["params"]:
                 if p.grad is not None:
-                    self._step_param(p, group, self.state[p], index)
+                    self._prepare_state(p, group)
+                    entries.append((p, self.state[p], index))
                 index += 1
+            if not entries:
+                continue
+            if not _grouped(group, entries):
+                for p, state, i in entries:
+                    F.single_tensor_step(p, state, group, i, projections=self._projections,
+                                         count_skip=self._count_skip)
+                continue
+            for bucket in F.buckets(entries):
+                F.grouped_step([e[0] for e in bucket], [e[1] for e in bucket], group, [e[2] for e in bucket],
+                               projections=self._projections, count_skip=self._count_skip)
         return loss
+
+    def _locate(self, p: torch.Tensor) -> tuple[dict, int] | None:
+        """``p``'s group and index, from a map rebuilt only when the groups change."""
+        sizes = tuple(len(g["params"]) for g in self.param_groups)
+        if self._where is None or self._where[0] != sizes:
+            where, index = {}, 0
+            for group in self.param_groups:
+                for q in group["params"]:
+                    where[id(q)] = (q, group, index)
+                    index += 1
+            self._where = (sizes, where)
+        hit = self._where[1].get(id(p))
+        if hit is None or hit[0] is not p:
+            return None
+        return hit[1], hit[2]
 
     @torch.no_grad()
     def step_parameter(self, p: torch.Tensor) -> None:
-        """Step one parameter with its current ``.grad``, exactly as ``step()`` would.
+        """Step one parameter with its current ``.grad``, as ``step()`` would (on the
+        grouped path, as a bucket of one).
 
         For optimizer-in-backward use (fused accumulation): parameters can be stepped one
-        by one as their gradients arrive, and the result equals one ``step()``."""
-        index = 0
-        for group in self.param_groups:
-            for q in group["params"]:
-                if q is p:
-                    if p.grad is None:
-                        return
-                    if p.grad.is_sparse or p.grad.is_complex():
-                        self._check_grads()
-                    self._step_param(p, group, self.state[p], index)
-                    return
-                index += 1
-        raise ValueError("step_parameter: the tensor is not a parameter of this optimizer")
+        by one as their gradients arrive, and the result equals one ``step()``. Finds the
+        parameter in constant time."""
+        found = self._locate(p)
+        if found is None:
+            self._where = None  # the groups may have been edited in place: look again
+            found = self._locate(p)
+        if found is None:
+            raise ValueError("step_parameter: the tensor is not a parameter of this optimizer")
+        group, index = found
+        if p.grad is None:
+            return
+        if p.grad.is_sparse or p.grad.is_complex():
+            self._check_grads()
+        self._prepare_state(p, group)
+        if not _grouped(group, [(p,)]):
+            F.single_tensor_step(p, self.state[p], group, index, projections=self._projections,
+                                 count_skip=self._count_skip)
+        else:  # a bucket of one: the same arithmetic as step()'s buckets
+            F.grouped_step([p], [self.state[p]], group, [index], projections=self._projections,
+                           count_skip=self._count_skip)
+
+    def _prepare_state(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        grad = p.grad
+        if not state:
+            self._init_state(state, grad, group)
+        if group["beta1"] is not None and "exp_avg" not in state and "exp_avg_c" not in state:
+            self._init_momentum(state, grad, group)
 
     def _init_state(self, state: dict, grad: torch.Tensor, group: dict) -> None:
         shape, dtype = grad.shape, state_dtype(grad.dtype)
@@ -357,109 +427,30 @@ class Flora(Optimizer):
             state["proj_count"] = 0  # projections drawn so far, minus one
             state["proj_age"] = 0  # steps taken with the current projection
 
-    def _projection(self, group: dict, state: dict, index: int, count: int, shape, device, dtype) -> torch.Tensor:
-        key = (group["projection"], group["seed"], group["rank"], count, dtype)
-        hit = self._proj_cache.get(index)
+    def _projections(self, group: dict, indices: list[int], count: int, size: int, device, dtype, *,
+                     stacked: bool) -> torch.Tensor:
+        """Projection number ``count`` of the parameters at ``indices`` (a ``k x r x d``
+        stack, or one ``r x d`` matrix), drawn together, or taken from the cache."""
+        key = (group["projection"], group["seed"], group["rank"], count, size, dtype, torch.device(device))
+        slot = (tuple(indices), stacked)
+        hit = self._proj_cache.get(slot)
         if hit is not None and hit[0] == key:
             return hit[1]
-        a = make_projection(
-            group["projection"], projection_seed(group["seed"], index, count), group["rank"],
-            matrix_shape(shape)[state["proj_dim"]], device=device, dtype=dtype,
-        )
+        seeds = [projection_seed(group["seed"], i, count) for i in indices]
+        a = make_projections(group["projection"], seeds, group["rank"], size, device=device, dtype=dtype)
+        if not stacked:
+            a = a[0]
         if group["cache_projections"]:
-            self._proj_cache[index] = (key, a)
+            self._proj_cache[slot] = (key, a)
         else:
-            self._proj_cache.pop(index, None)
+            self._proj_cache.pop(slot, None)
         return a
 
     def _count_skip(self, ok: torch.Tensor) -> None:
         c = self._skips.get(ok.device)
         if c is None:
             c = self._skips[ok.device] = torch.zeros((), dtype=torch.int64, device=ok.device)
-        c.add_(ok.logical_not())
-
-    def _step_param(self, p: torch.Tensor, group: dict, state: dict, index: int) -> None:
-        grad = p.grad
-        if grad.dtype in (torch.float16, torch.bfloat16):
-            grad = grad.float()
-        if not state:
-            self._init_state(state, grad, group)
-        beta1 = group["beta1"]
-        if beta1 is not None and "exp_avg" not in state and "exp_avg_c" not in state:
-            self._init_momentum(state, grad, group)
-
-        p32 = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
-        state["step"] += 1
-        t = state["step"]
-        eps1, eps2 = group["eps"]
-        lr = af.step_size(
-            group["lr"], t, af.rms(p32), eps2=eps2, relative_step=group["relative_step"],
-            warmup_init=group["warmup_init"], scale_parameter=group["scale_parameter"],
-        )
-        beta2t = af.second_moment_decay(t, group["decay_rate"])
-        # The second moment is computed out of place and committed only if the step is
-        # finite (ok, decided on the device): a bad gradient leaves no trace. The update's
-        # norm, which the clip needs anyway, is NaN or inf whenever an entry is.
-        if grad.dim() >= 2:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, eps1)
-            norm = update.norm(2)
-            ok = torch.isfinite(norm) & torch.isfinite(new_row).all() & torch.isfinite(new_col).all()
-            row.copy_(torch.where(ok, new_row, row))
-            col.copy_(torch.where(ok, new_col, col))
-        else:
-            sq_avg = state["exp_avg_sq"]
-            update, new_sq = af.unfactored_normalize(grad, sq_avg, beta2t, eps1)
-            norm = update.norm(2)
-            ok = torch.isfinite(norm) & torch.isfinite(new_sq).all()
-            sq_avg.copy_(torch.where(ok, new_sq, sq_avg))
-        bad = ok.logical_not()
-        update.masked_fill_(bad, 0.0)  # leaves a finite update's bits as they are
-        norm = torch.where(ok, norm, 0.0)  # the norm of the masked update
-        self._count_skip(ok)
-        if beta1 is not None and "exp_avg_c" in state:
-            c = state["exp_avg_c"]
-            c_before = c.clone()  # r x d: small
-            update = self._compressed_update(group, state, index, update, norm, beta1, lr)  # clips, scales by lr
-            c.copy_(torch.where(ok, c, c_before))
-            update.masked_fill_(bad, 0.0)
-        else:
-            af.clip_by_rms_(update, group["clip_threshold"], norm=norm)
-            update.mul_(lr)
-            if beta1 is not None:
-                m = state["exp_avg"]
-                # beta1 where ok, 1 (no decay) where not; the masked update then adds nothing.
-                dense_momentum_(m, update, torch.where(ok, torch.full((), beta1, dtype=m.dtype, device=m.device), 1.0),
-                                alpha=1 - beta1)
-                # p -= m where ok, without an n x m temporary: m * (-1) is exact, so this is
-                # p.sub_(m) bit for bit.
-                update = None
-                sign = torch.where(ok, -1.0, 0.0)
-
-        if group["weight_decay"] != 0:
-            p32.add_(torch.where(ok, p32, 0.0), alpha=(-group["weight_decay"] * lr))
-        if update is None:
-            p32.addcmul_(state["exp_avg"], sign)
-        else:
-            p32.sub_(update)  # == add_(-update) bit for bit, without the negated copy
-        if p32 is not p:
-            p.copy_(p32)
-
-    def _compressed_update(self, group, state, index, update, norm, beta1, lr) -> torch.Tensor:
-        """``update``: the normalised update before Adafactor's clip and lr, of 2-norm
-        ``norm``; overwritten."""
-        c, dim = state["exp_avg_c"], state["proj_dim"]
-        a = self._projection(group, state, index, state["proj_count"], update.shape, update.device, c.dtype)
-        if state["proj_age"] >= group["kappa"]:
-            state["proj_count"] += 1
-            state["proj_age"] = 0
-            a_new = self._projection(group, state, index, state["proj_count"], update.shape, update.device, c.dtype)
-            resample_(c, a, a_new, dim)
-            a = a_new
-        state["proj_age"] += 1
-        return compressed_step_(group["momentum_form"], c, update, a, dim, beta1, lr, group["clip_threshold"],
-                                u_norm=norm, isometric=group["projection"] != "gaussian",
-                                bias_correction=1.0 - beta1 ** state["step"])
+        c.add_(ok.logical_not().sum())
 
     # ------------------------------------------------------------ checkpointing
 
@@ -504,6 +495,7 @@ class Flora(Optimizer):
             _check_state_shapes(p, s, g)
         super().load_state_dict({**state_dict, "param_groups": groups})
         self._proj_cache.clear()
+        self._where = None
         for group in self.param_groups:  # options added since the state was saved
             _upgrade_group(group)
             for k, v in self.defaults.items():

@@ -33,6 +33,7 @@ __all__ = [
     "PROJECTIONS",
     "gaussian_projection",
     "make_projection",
+    "make_projections",
     "state_dtype",
     "as_matrix",
     "choose_dim",
@@ -87,11 +88,7 @@ def gaussian_projection(
     Drawn by the CPU generator and then moved, so the same seed gives the same matrix
     on every device (CUDA's generator is a different algorithm).
     """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    a = torch.randn(rank, dim, generator=gen, dtype=torch.float32)
-    a.mul_(1.0 / math.sqrt(rank))
-    a = _to_device(a, device)
-    return a if dtype == torch.float32 else a.to(dtype)
+    return make_projections("gaussian", [seed], rank, dim, device=device, dtype=dtype)[0]
 
 
 PROJECTIONS = ("gaussian", "orthonormal", "coordinates")
@@ -120,22 +117,42 @@ def make_projection(
     ``decompress(compress(G))`` is unbiased (a Gaussian one already is; coordinates are
     refused). A ``"coordinates"`` projection is an int64 vector of ``rank`` sorted
     indices; the matrix kinds are ``rank x dim`` in ``dtype``."""
+    return make_projections(kind, [seed], rank, dim, device=device, dtype=dtype, unbiased=unbiased)[0]
+
+
+def make_projections(
+    kind: str,
+    seeds,
+    rank: int,
+    dim: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    unbiased: bool = False,
+) -> torch.Tensor:
+    """``make_projection`` for each of ``seeds``, stacked (``k x rank x dim``, or
+    ``k x rank`` indices): one QR call for all of them and one copy to ``device``. The
+    matrix of a seed is the same, bit for bit, whether drawn alone or in a stack."""
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}; got {kind!r}")
+    if kind == "coordinates" and unbiased:
+        raise ValueError("projection 'coordinates' has no unbiased form here; use 'gaussian' or 'orthonormal'")
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    if kind == "coordinates":
+        out = torch.stack([torch.randperm(dim, generator=g)[:rank].sort().values for g in gens])
+        return _to_device(out, device)
+    g = torch.stack([torch.randn(rank, dim, generator=gen, dtype=torch.float32) for gen in gens])
     if kind == "gaussian":
-        return gaussian_projection(seed, rank, dim, device=device, dtype=dtype)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    if kind == "orthonormal":
-        g = torch.randn(rank, dim, generator=gen, dtype=torch.float32)  # the Gaussian draw of this seed
-        q, r = torch.linalg.qr(g.T.double())  # dim x rank, in float64 so rows stay orthonormal in float32
-        q = q * torch.sign(torch.diagonal(r)).masked_fill_(torch.diagonal(r) == 0, 1.0)  # unique: diag(R) > 0
+        g.mul_(1.0 / math.sqrt(rank))
+    else:  # orthonormal: Q of the QR of that Gaussian draw
+        q, r = torch.linalg.qr(g.mT.double())  # k x dim x rank, in float64 so rows stay orthonormal in float32
+        d = torch.diagonal(r, dim1=-2, dim2=-1)
+        q = q * torch.sign(d).masked_fill_(d == 0, 1.0).unsqueeze(-2)  # unique: diag(R) > 0
         if unbiased:
             q = q * math.sqrt(dim / rank)
-        return _to_device(q.T.to(dtype).contiguous(), device)
-    if kind == "coordinates":
-        if unbiased:
-            raise ValueError("projection 'coordinates' has no unbiased form here; use 'gaussian' or 'orthonormal'")
-        idx = torch.randperm(dim, generator=gen)[:rank].sort().values
-        return _to_device(idx, device)
-    raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}; got {kind!r}")
+        g = q.mT.to(dtype).contiguous()
+    g = _to_device(g, device)
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 def is_coordinates(a: torch.Tensor) -> bool:
@@ -173,49 +190,84 @@ def compressed_shape(shape: torch.Size | tuple[int, ...], rank: int, dim: int) -
     return (rank, m) if dim == 0 else (n, rank)
 
 
+def _batched(a: torch.Tensor) -> bool:
+    """Whether ``a`` is a stack of projections (``k x r x d``, or ``k x r`` indices)."""
+    return a.dim() > (1 if is_coordinates(a) else 2)
+
+
+def _bcast(x):
+    """A per-matrix coefficient (0-dim or ``k``) shaped to scale ``(k x) n x m`` matrices."""
+    return x[..., None, None] if isinstance(x, torch.Tensor) else x
+
+
+def _index(a: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """Stacked coordinates ``k x r`` as a gather/scatter index for ``k x n x m`` tensors."""
+    k, r = a.shape
+    n, m = like.shape[-2:]
+    return a[:, :, None].expand(k, r, m) if dim == 0 else a[:, None, :].expand(k, n, r)
+
+
 def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     """``A G`` (dim 0, gives r x m) or ``G A^T`` (dim 1, gives n x r); for coordinates,
-    the selected rows (dim 0) or columns (dim 1)."""
-    g = as_matrix(g)
-    if is_coordinates(a):
-        return g.index_select(dim, a)
-    return a @ g if dim == 0 else g @ a.T
+    the selected rows (dim 0) or columns (dim 1). With stacked projections (``a`` of
+    ``k x r x d`` or ``k x r``), ``g`` is the ``k x n x m`` stack of matrices."""
+    if not _batched(a):
+        g = as_matrix(g)
+        if is_coordinates(a):
+            return g.index_select(dim, a)
+    elif is_coordinates(a):
+        return torch.gather(g, dim + 1, _index(a, dim, g))
+    return a @ g if dim == 0 else g @ a.mT
 
 
 def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None = None) -> torch.Tensor:
     """``A^T C`` (dim 0) or ``C A`` (dim 1): an n x m matrix (unbiased for the original
     with a Gaussian ``A``). Coordinates are scattered into zeros of the projected
-    dimension's ``size``, which they need."""
+    dimension's ``size``, which they need. Stacks as in :func:`compress`."""
     if is_coordinates(a):
         if size is None:
             raise ValueError("decompress: a coordinate projection needs size= (the projected dimension)")
-        shape = (size, c.shape[1]) if dim == 0 else (c.shape[0], size)
-        return decompress_add_(c.new_zeros(shape), c, a, dim)
-    return a.T @ c if dim == 0 else c @ a
+        shape = (size, c.shape[-1]) if dim == 0 else (c.shape[-2], size)
+        return decompress_add_(c.new_zeros(c.shape[:-2] + shape), c, a, dim)
+    return a.mT @ c if dim == 0 else c @ a
 
 
 def decompress_add_(out: torch.Tensor, c: torch.Tensor, a: torch.Tensor, dim: int, *,
-                    beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+                    beta: float | torch.Tensor = 1.0, alpha: float | torch.Tensor = 1.0) -> torch.Tensor:
     """``out <- beta out + alpha decompress(c, a, dim)`` in place (``out`` an n x m
-    matrix), without the n x m temporary that ``out + decompress(...)`` would allocate."""
+    matrix, or a ``k x n x m`` stack), without the n x m temporary that
+    ``out + decompress(...)`` would allocate. ``beta`` and ``alpha`` may be tensors (0-dim,
+    or one per matrix of a stack): they stay on the device."""
+    if isinstance(beta, torch.Tensor) or isinstance(alpha, torch.Tensor):
+        out.mul_(_bcast(beta))
+        c = c * _bcast(alpha)
+        beta = alpha = 1.0
+    batched = _batched(a)
     if is_coordinates(a):
         if beta != 1.0:
             out.mul_(beta)
-        return out.index_add_(dim, a, c, alpha=alpha)
+        if not batched:
+            return out.index_add_(dim, a, c, alpha=alpha)
+        return out.scatter_add_(dim + 1, _index(a, dim, c), c if alpha == 1.0 else c * alpha)
+    if not batched:
+        if dim == 0:
+            return out.addmm_(a.T, c, beta=beta, alpha=alpha)
+        return out.addmm_(c, a, beta=beta, alpha=alpha)
     if dim == 0:
-        return out.addmm_(a.T, c, beta=beta, alpha=alpha)
-    return out.addmm_(c, a, beta=beta, alpha=alpha)
+        return out.baddbmm_(a.mT, c, beta=beta, alpha=alpha)
+    return out.baddbmm_(c, a, beta=beta, alpha=alpha)
 
 
 def overlap(a_old: torch.Tensor, a_new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``A_new A_old^T`` (r x r): how the new projection sees the old one's coordinates."""
+    """``A_new A_old^T`` (r x r, or k x r x r for stacks): how the new projection sees the
+    old one's coordinates."""
     if is_coordinates(a_new):
-        return (a_new[:, None] == a_old[None, :]).to(dtype)
-    return a_new @ a_old.T
+        return (a_new[..., :, None] == a_old[..., None, :]).to(dtype)
+    return a_new @ a_old.mT
 
 
 def transfer(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int) -> torch.Tensor:
-    """Move a compressed tensor from one projection to another without leaving r x r:
-    ``A_new A_old^T C`` (dim 0) or ``C A_old A_new^T`` (dim 1)."""
+    """Move a compressed tensor (or a stack) from one projection to another without
+    leaving r x r: ``A_new A_old^T C`` (dim 0) or ``C A_old A_new^T`` (dim 1)."""
     t = overlap(a_old, a_new, c.dtype)
-    return t @ c if dim == 0 else c @ t.T
+    return t @ c if dim == 0 else c @ t.mT

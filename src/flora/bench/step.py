@@ -53,8 +53,16 @@ class StepSize:
     warmup: int
 
 
+# The bench's pretrain model (quick size: Llama 4 x 128 on bytes), as tasks.py builds it.
+_PRE = config.SIZES["quick"]["pretrain"]
+BENCH_PRETRAIN = dict(num_hidden_layers=_PRE.layers, hidden_size=_PRE.hidden, intermediate_size=_PRE.ffn,
+                      num_attention_heads=_PRE.heads, num_key_value_heads=_PRE.heads, vocab_size=256,
+                      tie_word_embeddings=True)
+
 SIZES = {
     "quick": StepSize("SmolLM2-135M", SMOLLM2_135M, ranks=(8, 32, 128), repeats=7, warmup=2),
+    "pretrain": StepSize("the bench's pretrain Llama (4 x 128, bytes)", BENCH_PRETRAIN, ranks=(8, 32, 64),
+                         repeats=15, warmup=3),
     "smoke": StepSize("a tiny Llama (2 layers x 64)", TINY_LLAMA, ranks=(4, 8), repeats=2, warmup=1),
 }
 FORMS = ("scaled-orthonormal", "exact", "paper")  # the default of --forms; any FORM[-PROJECTION] of optimizers.parse runs
@@ -63,6 +71,16 @@ BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of
 LR = 1e-3
 KAPPA = 1000  # no resample within the timed steps
 FLAT_FAMILIES = ("adamw", "adafactor", "flora", "flora-opt")  # what steps a list of tensors
+# Variants of a name, after a colon: torch AdamW's fused kernel; Flora's single-tensor and
+# grouped paths (foreach=False, True; the bare name takes Flora's default for the device),
+# and Flora without momentum (beta1=None: Adafactor's arithmetic alone on Flora's default
+# path; the rest of a Flora step is the momentum's projection work).
+VARIANTS = {"adamw": ("fused",), "flora": ("single", "grouped", "nomomentum")}
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    base, _, variant = name.partition(":")
+    return base, (variant or None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,10 +133,14 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.optimizers:
         a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()]
         for o in a.optimizers:
+            base, variant = split_variant(o)
             try:
-                spec = bo.parse(o)
+                spec = bo.parse(base)
             except ValueError as e:
                 p.error(f"--optimizers: {e}")
+            if variant is not None and variant not in VARIANTS.get(spec.family, ()):
+                p.error(f"--optimizers: {o!r}: unknown variant {variant!r}; valid: "
+                        + ", ".join(f"{f}:{v}" for f, vs in VARIANTS.items() for v in vs))
             if spec.family not in FLAT_FAMILIES or spec.accumulate_rank is not None:
                 p.error(f"--optimizers: {o!r} does not step a list of tensors; valid here: adamw, adafactor, "
                         "adafactor-b0.9, flora-rR, flora-rR-FORM[-PROJECTION], flora-dense, flora-opt-rR")
@@ -129,8 +151,11 @@ def optimizer_names(a: argparse.Namespace) -> list[str]:
 
     if a.optimizers:
         return list(a.optimizers)
-    names = ["adamw", "adafactor", "adafactor-b0.9"] + (["flora-dense"] if a.dense_flora else [])
+    names = ["adamw", "adamw:fused", "adafactor", "adafactor-b0.9"] + (["flora-dense"] if a.dense_flora else [])
     names += [bo.flora_form_name(r, form) for r in a.ranks for form in a.forms]
+    if a.forms:  # the default form on both paths, and Adafactor's share of its step
+        first = [bo.flora_form_name(r, a.forms[0]) for r in a.ranks]
+        names += [f"{n}:grouped" for n in first] + [f"{first[0]}:nomomentum"]
     if not a.no_flora_opt:
         names += [f"flora-opt-r{r}" for r in a.ranks]
     return names
@@ -221,13 +246,28 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
     """(label, optimizer) pairs on the same parameters; Flora rows again from ``baseline``."""
     from . import optimizers as bo
 
-    specs = [bo.parse(n) for n in names]
-    if any(s.family == "flora-opt" for s in specs):
+    import dataclasses
+
+    import torch
+
+    specs = [(bo.parse(split_variant(n)[0]), split_variant(n)[1]) for n in names]
+    if any(s.family == "flora-opt" for s, _ in specs):
         bo.allow_flora_opt_without_bitsandbytes()
     out = []
-    for s in specs:
-        opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True, foreach=True)
-        out.append((s.name, opt))
+    for s, variant in specs:
+        label = s.name + (f":{variant}" if variant else "")
+        if variant == "fused":
+            opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+        elif variant in ("single", "grouped"):
+            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+                                    flora_options={"foreach": variant == "grouped"})
+        elif variant == "nomomentum":
+            opt = bo.make_optimizer(dataclasses.replace(s, beta1=None, rank=None), params, LR, kappa=KAPPA, seed=seed,
+                                    scale_parameter=True)
+        else:
+            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True, foreach=True)
+        out.append((label, opt))
+    specs = [s for s, v in specs if v is None]
     if baseline is not None:
         for s in specs:
             if s.family != "flora":
@@ -251,7 +291,8 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
         opts = build_all(names, params, seed=seed, baseline=baseline)
     except bo.Unavailable as e:  # a peer that is not installed: leave its rows out, say so
         core.say(f"flora-bench step: {e}; leaving out {[n for n in names if n.startswith('flora-opt')]}")
-        opts = build_all([n for n in names if not n.startswith("flora-opt")], params, seed=seed, baseline=baseline)
+        names = [n for n in names if not n.startswith("flora-opt")]
+        opts = build_all(names, params, seed=seed, baseline=baseline)
     runs = [(label, _stepper(o, params, grads, device)) for label, o in opts]
     wall, cpu = interleaved_times(runs, warmup=max(warmup, 1), repeats=repeats)
     rows = []
@@ -325,6 +366,57 @@ def projection_cost(params, grads, device, ranks, form, *, warmup, repeats, seed
     return rows
 
 
+def device_rates(device, shapes, rank: int, *, repeats: int) -> dict:
+    """What this device sustains, measured here: copy bandwidth (a 64 MiB tensor copied,
+    bytes read + written per second) and batched-matmul throughput at the compressed
+    shapes (``rank x n @ n x m`` for every matrix, stacked by shape as Flora's grouped path
+    does)."""
+    import torch
+
+    x = torch.randn(1 << 24, device=device)
+    y = torch.empty_like(x)
+    t_copy = median([core.timed(lambda: y.copy_(x), device)[0] for _ in range(max(3, repeats))])
+    by_shape: dict[tuple, int] = {}
+    for s in shapes:
+        if len(s) == 2 and min(s) > rank:
+            by_shape[s] = by_shape.get(s, 0) + 1
+    mats = [(torch.randn(k, rank, min(s), device=device), torch.randn(k, min(s), max(s), device=device))
+            for s, k in by_shape.items()]
+    flops = sum(2 * a.shape[0] * rank * a.shape[2] * b.shape[2] for a, b in mats)
+
+    def gemms():
+        for a, b in mats:
+            torch.bmm(a, b)
+
+    t_gemm = median([core.timed(gemms, device)[0] for _ in range(max(3, repeats))])
+    return {"copy_bytes_per_s": 2 * x.numel() * 4 / t_copy, "gemm_flops_per_s": flops / t_gemm if flops else None}
+
+
+def step_split(rows: list[dict], params, opts_plan: dict, rates: dict) -> list[dict]:
+    """Flora's step split into Adafactor's arithmetic (the ``:nomomentum`` row) and the
+    momentum's projection work (the rest), each against its floor on this device:
+    Adafactor must read the gradient and the parameter and write the parameter (12 bytes
+    per float32 parameter); the projection work must compress and decompress (2 r flops
+    each per compressed element)."""
+    by = {r["optimizer"]: r for r in rows}
+    base = next((r for r in rows if r["optimizer"].endswith(":nomomentum")), None)
+    if base is None:
+        return []
+    n = sum(p.numel() for p in params)
+    ada_floor = 12 * n / rates["copy_bytes_per_s"]
+    out = []
+    for name, (rank, compressed) in opts_plan.items():
+        if name not in by:
+            continue
+        proj = by[name]["median_step_s"] - base["median_step_s"]
+        proj_floor = 4 * rank * compressed / rates["gemm_flops_per_s"] if rates["gemm_flops_per_s"] else None
+        out.append({"optimizer": name, "rank": rank, "compressed_elements": compressed,
+                    "adafactor_s": base["median_step_s"], "adafactor_floor_s": ada_floor,
+                    "projection_s": proj, "projection_floor_s": proj_floor, "step_s": by[name]["median_step_s"],
+                    "floor_s": ada_floor + (proj_floor or 0.0)})
+    return out
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -351,6 +443,19 @@ def render(result: dict) -> str:
               f2(r["cpu_vs_reference"])] for r in rows), align="lrrrrrrr")
     if result.get("goals"):
         lines += ["", "Goal check:", ""] + [f"- {g}" for g in result["goals"]]
+    sp = result.get("split")
+    if sp:
+        rt = result["rates"]
+        lines += ["", "## Where Flora's step goes, against its floor", "",
+                  f"This device, measured: copy {rt['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), batched "
+                  f"matmul at the compressed shapes {(rt['gemm_flops_per_s'] or 0) / 1e9:.1f} GFLOP/s. Adafactor's "
+                  "arithmetic = Flora's step without momentum (`:nomomentum`); its floor moves 12 bytes per "
+                  "parameter (read gradient and weight, write weight). Projection work = the rest of Flora's step; "
+                  "its floor is the compress and decompress matmuls, 4 r flops per compressed element.", ""]
+        lines += core.markdown_table(
+            ["optimizer", "step s", "floor s", "Adafactor part s", "its floor s", "projection part s", "its floor s"],
+            ([r["optimizer"], f3(r["step_s"]), f3(r["floor_s"]), f3(r["adafactor_s"]), f3(r["adafactor_floor_s"]),
+              f3(r["projection_s"]), f3(r["projection_floor_s"])] for r in sp), align="lrrrrrr")
     pc = result.get("projection_cost")
     if pc:
         lines += ["", "## Cost of drawing projections", "",
@@ -371,6 +476,7 @@ def render(result: dict) -> str:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
+    from . import optimizers as bo
     from . import report
 
     size = SIZES[args.size]
@@ -399,6 +505,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         by = {r["optimizer"]: r for r in result["rows"]}
         result["goals"] = [f"{name}: " + "; ".join(parts) for goal in config.STEP_GOALS for name in goal.optimizers
                            if name in by and (parts := report.goal_parts(goal, name, by))]
+        plan = {}
+        for name in by:
+            base, variant = split_variant(name)
+            spec = bo.parse(base) if not name.startswith(BASELINE) else None
+            if spec is not None and spec.family == "flora" and spec.rank and variant is None:
+                opt = bo.make_optimizer(spec, params, LR, kappa=KAPPA, seed=args.seed, scale_parameter=True)
+                plan[name] = (spec.rank, sum(math.prod(r["shape"]) for r in opt.plan() if r["compressed"]))
+        if plan:
+            rank = sorted(r for r, _ in plan.values())[len(plan) // 2]  # a middle rank sets the matmul rate
+            result["rates"] = device_rates(device, [s for _, s in named], rank, repeats=args.repeats)
+            result["split"] = step_split(result["rows"], params, plan, result["rates"])
     if args.projection_cost != "off":
         print("projection cost:", file=sys.stderr)
         result["projection_cost"] = projection_cost(params, grads, device, args.ranks, args.forms[0] if args.forms

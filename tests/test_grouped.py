@@ -1,0 +1,254 @@
+"""The grouped step (``foreach=True``; the default off the CPU) against the single-tensor
+reference (``foreach=False``; the default on the CPU), for a table of configurations; no
+host syncs in ``step()`` on either path; ``step_parameter``'s constant-time lookup."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from flora import Flora
+
+from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS
+
+# Shapes with repeats (buckets of several), a 3-D tensor, 1-D tensors, one tall and one
+# wide matrix (proj_dim 0 and 1 under "auto").
+SHAPES = [(12, 20), (12, 20), (12, 20), (20, 12), (20, 12), (6, 4, 5), (20,), (20,), (3, 40)]
+
+BASE = dict(lr=1e-2, rank=3, beta1=0.9, kappa=2, seed=7)
+CONFIGS = {f"{f}-{p}": dict(momentum_form=f, projection=p) for f, p in MOMENTUM_CONFIGS}
+CONFIGS.update({
+    "scale_parameter": dict(scale_parameter=True),
+    "weight_decay": dict(weight_decay=0.1),
+    "scale_parameter+weight_decay": dict(scale_parameter=True, weight_decay=0.1),
+    "relative_step": dict(lr=None, scale_parameter=True),
+    "tensor_lr": dict(lr=torch.tensor(1e-2)),
+    "rank_none": dict(rank=None),
+    "no_momentum": dict(beta1=None),
+    "proj_dim0": dict(proj_dim=0),
+    "proj_dim1": dict(proj_dim=1),
+    "cache": dict(cache_projections=True),
+    "clip": dict(clip_threshold=0.1),
+})
+GROUPED_OPTIONS = [{**BASE, "scale_parameter": False, **v} for v in CONFIGS.values()]
+
+
+def _params(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def _run(kw, foreach, steps=5, dtype=torch.float32):
+    params = _params(dtype)
+    opt = Flora(params, foreach=foreach, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("kw", GROUPED_OPTIONS, ids=list(CONFIGS))
+def test_grouped_equals_single_tensor(kw):
+    """5 steps with kappa=2 (two resamples): weights and every state tensor agree to float
+    rounding."""
+    ref, ref_opt = _run(kw, False)
+    got, opt = _run(kw, True)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        sa, sb = ref_opt.state[a], opt.state[b]
+        assert sa.keys() == sb.keys()
+        for k, v in sa.items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(sb[k], v, rtol=1e-4, atol=1e-7)
+            else:
+                assert sb[k] == v, k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_grouped_equals_single_tensor_other_dtypes(dtype):
+    kw = dict(BASE, scale_parameter=True, weight_decay=0.1)
+    ref, _ = _run(kw, False, dtype=dtype)
+    got, _ = _run(kw, True, dtype=dtype)
+    for a, b in zip(ref, got):
+        assert b.dtype == dtype
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_buckets_are_split_by_size():
+    """Small ``BUCKET_NUMEL`` (several buckets of a shape) changes nothing but rounding."""
+    from flora import functional
+
+    ref, _ = _run(BASE, True)
+    old = functional.BUCKET_NUMEL
+    try:
+        functional.BUCKET_NUMEL = 300  # one (12, 20) matrix per bucket
+        got, _ = _run(BASE, True)
+    finally:
+        functional.BUCKET_NUMEL = old
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_counters_step_in_separate_buckets():
+    """A parameter that missed a step has another step count: it must not be stacked with
+    the others (its lr, bias correction and projection differ)."""
+    kw = dict(BASE, momentum_form="scaled", projection="orthonormal")
+    results = []
+    for foreach in (False, True):
+        params = _params()
+        opt = Flora(params, foreach=foreach, **kw)
+        g = torch.Generator().manual_seed(1)
+        for step in range(5):
+            for i, p in enumerate(params):
+                p.grad = None if (i == 1 and step == 1) else torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ host syncs
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts what would make a GPU wait for the host: ``aten._local_scalar_dense`` (behind
+    ``item()``, ``float()``, ``bool()`` and ``int()`` of a tensor), plus ``tolist()``,
+    which reads memory without dispatching."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    counter = _SyncCounter()
+    real = torch.Tensor.tolist
+
+    def tolist(self):
+        counter.calls.append("tolist")
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return counter
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+@pytest.mark.parametrize("kw", GROUPED_OPTIONS + [dict(BASE, lr=None, scale_parameter=True, warmup_init=True)],
+                         ids=list(CONFIGS) + ["warmup_init"])
+def test_no_host_sync_in_step(kw, foreach, count_syncs):
+    """Zero syncs in a step, including a resample step (kappa=2). Projections are drawn on
+    the CPU from integer seeds and copied to the device: no device value is read."""
+    params = _params()
+    opt = Flora(params, foreach=foreach, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        with count_syncs:
+            opt.step()
+    assert count_syncs.calls == []
+
+
+def test_the_counter_sees_syncs(count_syncs):
+    x = torch.ones(3)
+    with count_syncs:
+        x.sum().item()
+        bool(x.all())
+        x.tolist()
+    assert len(count_syncs.calls) == 3
+
+
+def test_step_parameter_has_no_sync(count_syncs):
+    params = _params()
+    opt = Flora(params, **BASE)
+    for p in params:
+        p.grad = torch.randn_like(p)
+        with count_syncs:
+            opt.step_parameter(p)
+    assert count_syncs.calls == []
+
+
+# ------------------------------------------------------------------ step_parameter
+
+
+class _CountingList(list):
+    iterations = 0
+
+    def __iter__(self):
+        _CountingList.iterations += 1
+        return super().__iter__()
+
+
+def test_step_parameter_finds_a_parameter_without_a_search():
+    params = [nn.Parameter(torch.randn(4, 6)) for _ in range(50)]
+    opt = Flora(params, **BASE)
+    opt.param_groups[0]["params"] = _CountingList(opt.param_groups[0]["params"])
+    opt.step_parameter(params[0])  # builds the map: one pass
+    _CountingList.iterations = 0
+    for p in params:
+        p.grad = torch.randn_like(p)
+        opt.step_parameter(p)
+    assert _CountingList.iterations == 0
+
+
+def test_step_parameter_follows_group_changes():
+    a, b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(4, 6))
+    opt = Flora([a], **BASE)
+    a.grad = torch.randn_like(a)
+    opt.step_parameter(a)
+    with pytest.raises(ValueError, match="not a parameter"):
+        opt.step_parameter(b)
+    opt.add_param_group({"params": [b]})
+    b.grad = torch.randn_like(b)
+    opt.step_parameter(b)
+    assert opt.state[b]["step"] == 1
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+def test_step_parameter_equals_step(foreach):
+    kw = dict(BASE, foreach=foreach, scale_parameter=True)
+    p1, p2 = _params(), _params()
+    o1, o2 = Flora(p1, **kw), Flora(p2, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for a, b in zip(p1, p2):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        o1.step()
+        for b in p2:
+            o2.step_parameter(b)
+    for a, b in zip(p1, p2):
+        if foreach is False:
+            assert torch.equal(a, b)
+        else:  # buckets of one against buckets of several
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_default_path_follows_the_device():
+    from flora.optimizer import _grouped
+
+    p = nn.Parameter(torch.randn(3))
+    group = Flora([p], lr=1e-3).param_groups[0]
+    assert group["foreach"] is None and not _grouped(group, [(p,)])  # CPU: single-tensor
+    meta = torch.empty(3, device="meta")
+    assert _grouped(group, [(meta,)]) and _grouped({**group, "foreach": True}, [(p,)])
+
+
+def test_foreach_is_validated():
+    with pytest.raises(TypeError, match="foreach"):
+        Flora([nn.Parameter(torch.randn(3))], lr=1e-3, foreach="yes")
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1e-3, 1e-3]), torch.tensor(1)])
+def test_tensor_lr_is_checked(bad):
+    with pytest.raises(ValueError, match="lr"):
+        Flora([nn.Parameter(torch.randn(3))], lr=bad)
