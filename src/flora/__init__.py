@@ -2,6 +2,7 @@
 (Hao, Cao, Mou, ICML 2024)."""
 
 from .accumulate import CompressedAccumulator
+from . import distributed
 from .memory import cache_bytes, flora_state_bytes, state_bytes
 from .optimizer import Flora
 from .schedule import RelativeStepSchedule
@@ -19,6 +20,7 @@ from .projection import (
 __all__ = [
     "Flora",
     "CompressedAccumulator",
+    "distributed",
     "RelativeStepSchedule",
     "state_bytes",
     "cache_bytes",

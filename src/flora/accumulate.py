@@ -6,12 +6,18 @@ Over a cycle of ``tau`` micro-batches, a matrix parameter's gradient is compress
 it, and its full ``.grad`` is freed. On the cycle's last backward the hook writes the
 estimate ``C A + G_tau`` into ``.grad`` (the last micro-batch enters exactly: its full
 gradient exists at that moment anyway), and the next cycle draws a fresh projection.
+
+With ``reduce=True`` the replicas of a data-parallel job sum their compressed (and dense)
+buffers in one packed all-reduce at the end of each cycle, so that both the memory and the
+traffic of a step are the compressed size (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import sys
+import zlib
 import threading
 import warnings
 import weakref
@@ -102,6 +108,7 @@ class _Cycle:
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> cached projection
     sq_norm: torch.Tensor | None = None  # fused mode: squared norms of the gradients stepped so far
     unsynced: bool = False  # accelerate marked a backward of this cycle unsynced
+    backwards: int = 0  # reduce=True: backward passes finished in this cycle
 
     @classmethod
     def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False) -> "_Cycle":
@@ -134,6 +141,12 @@ def _named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
             seen.add(id(p))
             named.append((f"params.{i}", p))
     return named
+
+
+def _is_ddp(module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(module, DistributedDataParallel)
 
 
 def _unwrap(optimizer):
@@ -180,8 +193,11 @@ class CompressedAccumulator:
         max_aspect_ratio: accumulate tensors with ``max(n, m) / min(n, m)`` above this
             densely; None compresses every shape.
         exclude: parameters (tensors, or names when a module is given) to accumulate densely.
-        exact_last: add the last micro-batch's gradient uncompressed (default; less noise
-            at no memory cost). False compresses all ``tau``, as in the paper.
+        exact_last: add the last micro-batch's gradient uncompressed (the default, None,
+            means True; less noise at no memory cost). False compresses all ``tau``, as in
+            the paper. With ``reduce=True`` the last micro-batch is compressed too (None
+            means False there; True is refused: it would send that micro-batch's full
+            gradient, more bytes than plain DDP).
         optimizer: in normal mode, optional: its step pre-hook closes a partial cycle
             (without it a global optimizer step pre-hook does, for any optimizer holding
             these parameters). Required in fused mode.
@@ -201,6 +217,20 @@ class CompressedAccumulator:
             unscaled and checked before its step, a non-finite one is not stepped, and
             the findings are recorded so that ``scaler.step(optimizer)`` and
             ``scaler.update()`` work as usual.
+        reduce: data-parallel training without DDP's own all-reduce: at the end of each
+            cycle (the ``tau``-th backward, ``finish_cycle()`` or the optimizer's step)
+            every replica's compressed buffers, dense sums and per-parameter gradient
+            counts are all-reduced in ONE packed collective (``communication_bytes()``),
+            and ``.grad`` receives the mean over replicas of the estimate, identical on
+            every replica. Every micro-batch must run without DDP's synchronisation (no
+            DDP, or every backward under ``ddp_model.no_sync()``; a synchronising DDP
+            backward is refused). Every replica must run the same number of backward
+            passes per cycle and close short cycles alike, as under DDP. The first
+            cycle compares the replicas' options with one extra small all-reduce. With
+            ``rank=None`` it equals DDP's accumulation (``no_sync`` then one synchronised
+            backward). Needs ``torch.distributed`` initialised.
+        process_group: with ``reduce=True``, the group to all-reduce over (None: the
+            default group).
     """
 
     def __init__(
@@ -213,13 +243,15 @@ class CompressedAccumulator:
         proj_dim: str | int = "auto",
         max_aspect_ratio: float | None = None,
         exclude: Iterable[Any] = (),
-        exact_last: bool = True,
+        exact_last: bool | None = None,
         optimizer: Optimizer | None = None,
         fused: bool = False,
         max_grad_norm: float | None = None,
         cache_projections: bool = True,
         scaler: "torch.amp.GradScaler | None" = None,
         projection: str = "orthonormal",
+        reduce: bool = False,
+        process_group=None,
     ):
         check_positive_int("rank", rank, allow_none=True)
         check_positive_int("tau", tau)
@@ -230,9 +262,12 @@ class CompressedAccumulator:
         if projection not in ACCUMULATION_PROJECTIONS:
             raise ValueError(f"projection must be one of {', '.join(map(repr, ACCUMULATION_PROJECTIONS))}; "
                              f"got {projection!r}")
-        for name, v in (("exact_last", exact_last), ("fused", fused), ("cache_projections", cache_projections)):
+        if exact_last is not None and not isinstance(exact_last, bool):
+            raise TypeError(f"exact_last must be True, False or None, got {exact_last!r}")
+        for name, v in (("fused", fused), ("cache_projections", cache_projections), ("reduce", reduce)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be True or False, got {v!r}")
+        self._check_reduce(reduce, process_group, exact_last)
         check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True, allow_none=True)
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
@@ -270,7 +305,12 @@ class CompressedAccumulator:
             self._check_fused_optimizer(slots)
 
         self.rank, self.tau, self.seed, self.proj_dim = rank, tau, seed, proj_dim
+        exact_last = (not reduce) if exact_last is None else exact_last
         self.max_aspect_ratio, self.exact_last, self.fused = max_aspect_ratio, exact_last, fused
+        self.reduce, self.process_group = reduce, process_group
+        # reduce=True under DDP: a synchronising backward would all-reduce what the hooks freed.
+        self._ddp = model_or_params if reduce and _is_ddp(model_or_params) else None
+        self._agreed = False  # reduce=True: the replicas' options are compared at the first collective
         self.max_grad_norm, self.cache_projections, self.scaler = max_grad_norm, cache_projections, scaler
         self.projection = projection
         self._slots: list[_Slot] = slots
@@ -300,6 +340,25 @@ class CompressedAccumulator:
 
                 self._guard = register_optimizer_step_pre_hook(on_any_step)
                 weakref.finalize(self, self._guard.remove)
+
+    @staticmethod
+    def _check_reduce(reduce: bool, process_group, exact_last: bool | None) -> None:
+        if not reduce:
+            if process_group is not None:
+                raise ValueError("process_group applies to reduce=True only")
+            return
+        if exact_last:
+            raise ValueError("exact_last=True with reduce=True would send the last micro-batch's full gradient "
+                             "(more bytes than plain DDP); leave exact_last unset (reduce=True compresses every "
+                             "micro-batch)")
+        import torch.distributed as dist
+
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                            f"{type(process_group).__name__}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("reduce=True needs torch.distributed: call torch.distributed.init_process_group() "
+                               "(torchrun sets up its environment) before building the accumulator")
 
     @staticmethod
     def _resolve_exclude(exclude, named) -> set[int]:
@@ -368,6 +427,9 @@ class CompressedAccumulator:
         if g.is_sparse:
             raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
                             "gradients (e.g. nn.Embedding(sparse=False))")
+        if self.reduce:
+            self._accumulate_for_reduce(k, p, g)
+            return
         last = count + 1 == self.tau or self._accelerate_ends_cycle()
         buf = c.buffers.get(k)
         if slot.dim is not None:
@@ -406,8 +468,107 @@ class CompressedAccumulator:
     def _after_backward(self) -> None:
         with self._lock:
             self._close_queued = False
-            if self._c.done and self._c.done == self._c.active:
+            if self.reduce:
+                self._c.backwards += 1
+                if self._c.backwards >= self.tau:
+                    self._reduce_cycle()
+            elif self._c.done and self._c.done == self._c.active:
                 self._close_cycle()
+
+    # ------------------------------------------------------------ across replicas
+
+    def _accumulate_for_reduce(self, k: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        """reduce=True: every micro-batch is summed (compressed, or dense in ``.grad`` or,
+        fused, in a buffer); the cycle is closed by the collective after the ``tau``-th
+        backward (``_after_backward``) or by ``finish_cycle``."""
+        c, slot = self._c, self._slots[k]
+        if self._ddp is not None and getattr(self._ddp, "require_backward_grad_sync", False):
+            raise RuntimeError("CompressedAccumulator(reduce=True) on a DDP model: run every micro-batch under "
+                               "ddp_model.no_sync() (the accumulator all-reduces the compressed buffers itself; "
+                               "DDP's synchronisation would all-reduce the freed gradients)")
+        buf = c.buffers.get(k)
+        if slot.dim is not None:
+            c.buffers[k] = accumulate_compressed_(buf, g, self._projection(k), slot.dim)
+            p.grad = None
+        elif self.fused:  # dense parameters' sums live here in fused mode (.grad is None between cycles)
+            c.buffers[k] = g if buf is None else buf.add_(g)
+            p.grad = None
+        c.counts[k] += 1
+        c.active += c.counts[k] == 1
+        if not self._close_queued:
+            self._close_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _layout(self) -> list[tuple[int, torch.Size | tuple[int, int]]]:
+        """(slot, shape on the wire) of every attached parameter, in order: the packed
+        buffer of a cycle holds these, then one gradient count per parameter."""
+        return [(k, tuple(s.param.shape) if s.dim is None else compressed_shape(s.param.shape, self.rank, s.dim))
+                for k, s in enumerate(self._slots)]
+
+    def _wire_dtype(self) -> torch.dtype:
+        dtypes = [s.param.dtype if s.dim is None else state_dtype(s.param.dtype) for s in self._slots]
+        return functools.reduce(torch.promote_types, dtypes, torch.float32)
+
+    def communication_bytes(self) -> int:
+        """Bytes of the one all-reduce per cycle with ``reduce=True`` (0 otherwise):
+        ``element size x (sum of compressed buffer sizes + sum of dense sizes + one count
+        per parameter)``."""
+        if not self.reduce:
+            return 0
+        numel = sum(math.prod(shape) for _, shape in self._layout()) + len(self._slots)
+        return numel * torch.empty((), dtype=self._wire_dtype()).element_size()
+
+    def _reduce_cycle(self) -> None:
+        """The collective of a cycle: pack, all-reduce (mean over replicas), write every
+        estimate into ``.grad`` (fused: step it), close the cycle. Runs with the lock held."""
+        import torch.distributed as dist
+
+        c = self._c
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        device = self._slots[0].param.device
+        wire = self._wire_dtype()
+        layout = self._layout()
+        pieces = []
+        for k, shape in layout:
+            s = self._slots[k]
+            t = c.buffers.get(k) if (s.dim is not None or self.fused) else (s.param.grad if c.counts[k] else None)
+            pieces.append(torch.zeros(math.prod(shape), dtype=wire, device=device) if t is None
+                          else t.detach().reshape(-1).to(device=device, dtype=wire))
+        n_data = sum(t.numel() for t in pieces)
+        flat = torch.cat(pieces + [torch.tensor(c.counts, dtype=wire, device=device)])
+        del pieces
+        if not self._agreed:
+            from .distributed import check_agreement
+
+            signature = repr([(s.index, s.dim, tuple(s.param.shape)) for s in self._slots]).encode()
+            check_agreement("CompressedAccumulator(reduce=True)", {
+                "rank": self.rank, "tau": self.tau, "seed": self.seed, "projection": self.projection,
+                "cycle": c.number, "parameters (indices, shapes, compressed dims)": zlib.crc32(signature),
+                "wire dtype": str(wire).removeprefix("torch.")}, device=device, group=group)
+            self._agreed = True
+        flat[:n_data].div_(dist.get_world_size(group))  # the mean, divided first as DDP does
+        dist.all_reduce(flat, group=group)
+        totals = flat[n_data:].tolist()
+        c.buffers.clear()
+        offset = 0
+        for k, shape in layout:
+            s, n = self._slots[k], math.prod(shape)
+            view, offset = flat[offset:offset + n].view(shape), offset + n
+            p = s.param
+            if not totals[k]:  # no replica had a gradient for it: left alone, as DDP does
+                continue
+            if s.dim is not None:
+                g = torch.empty_like(p)
+                write_estimate_(g, view.to(state_dtype(p.dtype)), self._projection(k), s.dim, add=False)
+                p.grad = g
+            elif p.grad is not None and not self.fused:
+                p.grad.copy_(view.view(p.shape))
+            else:
+                p.grad = view.view(p.shape).to(p.dtype, copy=True)
+            if self.fused:
+                self._fused_step(p)
+        del flat
+        self._close_cycle()
 
     def _accelerate_ends_cycle(self) -> bool:
         """True when accelerate (the HF Trainer, ``accelerator.accumulate()``) drives the
@@ -484,11 +645,11 @@ class CompressedAccumulator:
                 "micro-batches with optimizer.step() or acc.finish_cycle() before the next backward")
 
     def _on_step(self, optimizer, args, kwargs) -> None:
-        if any(self._c.counts):
+        if self.micro_step:
             self.finish_cycle()
 
     def _on_any_step(self, optimizer) -> None:
-        if any(self._c.counts):
+        if self.micro_step:
             opt = _unwrap(optimizer)
             if any(id(p) in self._ids for g in opt.param_groups for p in g["params"]):
                 self.finish_cycle()
@@ -503,7 +664,7 @@ class CompressedAccumulator:
     @property
     def micro_step(self) -> int:
         """Backward passes seen in the current cycle (0 on a boundary)."""
-        return max(self._c.counts)
+        return self._c.backwards if self.reduce else max(self._c.counts)
 
     @torch.no_grad()
     def finish_cycle(self) -> int:
@@ -512,13 +673,18 @@ class CompressedAccumulator:
         of its ``k`` gradients (decompressed; dense ones hold their sum already), exactly
         what plain accumulation would hold; call it before clipping or unscaling such a
         cycle (``optimizer.step()`` calls it otherwise). Fused mode: those parameters are
-        stepped, as on a tau-th backward. The next cycle draws fresh projections.
+        stepped, as on a tau-th backward. The next cycle draws fresh projections. With
+        ``reduce=True`` this is the cycle's collective: every replica must call it (or
+        step) after the same number of backward passes.
 
         Returns ``k`` (0 on a cycle boundary, where it does nothing)."""
         with self._lock:
             k = self.micro_step
             if k == 0:
                 return 0
+            if self.reduce:
+                self._reduce_cycle()
+                return k
             for j, s in enumerate(self._slots):
                 count = self._c.counts[j]
                 if count == 0 or count >= self.tau:  # no gradient, or its cycle is complete
@@ -590,7 +756,7 @@ class CompressedAccumulator:
         return {
             "rank": self.rank, "tau": self.tau, "seed": self.seed, "proj_dim": self.proj_dim,
             "projection": self.projection,
-            "exact_last": self.exact_last, "cycle": self._c.number,
+            "exact_last": self.exact_last, "cycle": self._c.number, "backwards": self._c.backwards,
             "indices": torch.tensor([s.index for s in self._slots], dtype=torch.int64),
             "counts": torch.tensor(self._c.counts, dtype=torch.int64),
             "compressed": compressed, "dense": dense,
@@ -624,9 +790,12 @@ class CompressedAccumulator:
                 if tuple(t.shape) != want:
                     raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}")
         # All checked: apply.
+        self._agreed = False  # reduce=True: the replicas are compared again at the next collective
         cycle = _Cycle.start(len(self._slots), int(sd["cycle"]))
         cycle.counts = counts
         cycle.active = sum(c > 0 for c in counts)
+        if self.reduce:  # a state saved without reduce=True counted no backward passes
+            cycle.backwards = int(sd.get("backwards", 0)) or max(counts)
         self._c = cycle
         for k, s in enumerate(self._slots):
             if counts[k] and not (s.dim is None and not self.fused):
@@ -645,5 +814,5 @@ class CompressedAccumulator:
     def __repr__(self) -> str:
         n_c = sum(s.dim is not None for s in self._slots)
         return (f"CompressedAccumulator(rank={self.rank}, tau={self.tau}, seed={self.seed}, "
-                f"compressed={n_c}, dense={len(self._slots) - n_c}, fused={self.fused}, cycle={self._c.number}, "
-                f"micro_step={self.micro_step})")
+                f"compressed={n_c}, dense={len(self._slots) - n_c}, fused={self.fused}, reduce={self.reduce}, "
+                f"cycle={self._c.number}, micro_step={self.micro_step})")

@@ -57,10 +57,11 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-# Streams keep the optimizer's and the accumulator's matrices unrelated even when both
-# are given the same seed.
+# Streams keep the optimizer's, the accumulator's and the communication hook's matrices
+# unrelated even when they are given the same seed.
 MOMENTUM_STREAM = 0
 ACCUMULATION_STREAM = 1
+COMMUNICATION_STREAM = 2
 
 
 def projection_seed(base_seed: int, index: int, count: int, stream: int = MOMENTUM_STREAM) -> int:

@@ -1,0 +1,281 @@
+"""Compressed communication across data-parallel replicas.
+
+Flora draws its projections from integer seeds, so every replica can draw the same matrix
+without sending it, and compression is linear: the sum over replicas of ``compress(G_i)``
+is ``compress(sum_i G_i)``. Replicas therefore only exchange the compressed buffers (``r x
+m`` or ``n x r``), with one all-reduce and no error-feedback buffer.
+
+Two ways to use it:
+
+- :func:`projection_hook`, a DDP communication hook (used like torch's PowerSGD hook)::
+
+      state = flora.distributed.ProjectionState(rank=32, seed=0)
+      ddp_model.register_comm_hook(state, flora.distributed.projection_hook)
+
+  Each step, every matrix of a gradient bucket is compressed under a projection drawn
+  fresh for that step, the tensors that the package's compression rule
+  (:func:`flora.compression.compressed_dim`) leaves dense are sent as they are, all of it
+  packed into one flat buffer: one all-reduce per bucket. DDP then sees the mean over
+  replicas of the decompressed (unbiased) estimate.
+- ``flora.CompressedAccumulator(..., reduce=True)``: compressed gradient accumulation whose
+  compressed and dense buffers are all-reduced in one packed collective per cycle.
+
+Details, costs and a ``torchrun`` example: ``docs/distributed.md``.
+"""
+
+# No ``from __future__ import annotations``: DDP compares the hook's annotations with
+# dist.GradBucket and torch.futures.Future[torch.Tensor] as objects.
+import struct
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._validation import check_nonneg_int, check_positive_int, check_real
+from .accumulate import write_estimate_
+from .compression import PROJ_DIMS, compressed_dim
+from .projection import (
+    COMMUNICATION_STREAM,
+    PROJECTIONS,
+    compress,
+    compressed_shape,
+    make_projection,
+    matrix_shape,
+    projection_seed,
+    state_dtype,
+)
+
+__all__ = ["ProjectionState", "projection_hook", "HOOK_PROJECTIONS", "CollectiveCounter", "check_agreement"]
+
+# Unbiased estimators only: the mean over replicas of decompress(compress(G_i)) must
+# average to the mean gradient.
+HOOK_PROJECTIONS = ("orthonormal", "gaussian")
+
+_MASK64 = (1 << 64) - 1
+
+
+def _encode(value) -> int:
+    """An option as a 64-bit integer, for :func:`check_agreement`."""
+    if value is None:
+        return _MASK64
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        return struct.unpack("<Q", struct.pack("<d", value))[0]
+    if isinstance(value, str):
+        return sum(ord(ch) << (8 * i) for i, ch in enumerate(value[:8]))
+    return int(value) & _MASK64
+
+
+def check_agreement(what: str, fields: dict[str, Any], *, device, group=None) -> None:
+    """Refuse replicas that disagree on ``fields`` (name -> int, float, str, bool or None),
+    with one all-reduce (MAX of each value and its negation, in 32-bit halves, so that the
+    largest and smallest value across replicas arrive together). Raises ``ValueError``
+    naming every field that differs, on every replica alike (none is left waiting)."""
+    names = list(fields)
+    halves = []
+    for name in names:
+        v = _encode(fields[name])
+        halves += [v >> 32, v & 0xFFFFFFFF]
+    t = torch.tensor(halves + [-h for h in halves], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = t[:len(halves)], -t[len(halves):]
+    bad = [name for i, name in enumerate(names) if bool((hi[2 * i:2 * i + 2] != lo[2 * i:2 * i + 2]).any())]
+    if bad:
+        listed = ", ".join(f"{n} (this replica: {fields[n]!r})" for n in bad)
+        raise ValueError(f"{what}: the replicas disagree on {listed}; every replica must be built with the same "
+                         "options (and load the same state_dict) or their compressed buffers cannot be summed")
+
+
+class ProjectionState:
+    """Options and step counter of :func:`projection_hook`.
+
+    Args:
+        rank: rank of the compressed matrices (positive integer), or None to send every
+            tensor dense (what DDP sends without a hook; for comparisons).
+        seed: base seed of the projections (non-negative integer). Every replica must use
+            the same seed (checked on the first step).
+        projection: ``"orthonormal"`` (default: the seeded Gaussian draw's orthonormal
+            rows scaled by ``sqrt(d / r)``, unbiased, mean squared error
+            ``(d / r - 1) |G|^2``) or ``"gaussian"`` (N(0, 1/r) entries, the paper's,
+            error ``(d + 1) / r |G|^2``). Biased kinds are refused: with a fresh projection
+            every step and no error feedback, only an unbiased estimate averages out.
+        proj_dim: the matrix dimension projected away: ``"auto"`` (the smaller one, less
+            noise; a matrix then sends ``r x max(n, m)`` numbers), 0 or 1.
+        max_aspect_ratio: send tensors with ``max(n, m) / min(n, m)`` above this dense;
+            None compresses every shape.
+        process_group: the group to all-reduce over (None: the default group).
+
+    ``step`` counts the steps hooked so far; tensor ``i`` of bucket ``b`` is compressed at
+    step ``t`` with ``make_projection(projection, seed_for(b, i, t), rank, d,
+    unbiased=True)`` where ``seed_for(b, i, t) = projection_seed(seed, b * 2**32 + i, t,
+    COMMUNICATION_STREAM)`` (DDP assigns buckets identically on every replica).
+    """
+
+    def __init__(self, rank: int | None, seed: int = 0, *, projection: str = "orthonormal",
+                 proj_dim: str | int = "auto", max_aspect_ratio: float | None = None, process_group=None):
+        check_positive_int("rank", rank, allow_none=True)
+        check_nonneg_int("seed", seed)
+        if projection not in HOOK_PROJECTIONS:
+            biased = " ('coordinates' is biased)" if projection in PROJECTIONS else ""
+            raise ValueError(f"projection must be one of {', '.join(map(repr, HOOK_PROJECTIONS))}; got "
+                             f"{projection!r}{biased}")
+        if proj_dim not in PROJ_DIMS or isinstance(proj_dim, bool):
+            raise ValueError(f"proj_dim must be one of {', '.join(map(repr, PROJ_DIMS))}; got {proj_dim!r}")
+        check_real("max_aspect_ratio", max_aspect_ratio, low=1.0, allow_none=True)
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                            f"{type(process_group).__name__}")
+        self.rank, self.seed, self.projection = rank, seed, projection
+        self.proj_dim, self.max_aspect_ratio, self.process_group = proj_dim, max_aspect_ratio, process_group
+        self.step = 0
+        self._checked = False  # the replicas' options are compared on the first step hooked
+
+    def dim(self, shape) -> int | None:
+        """The projected dimension of a tensor of ``shape``, or None when it is sent dense."""
+        return compressed_dim(tuple(shape), self.rank, proj_dim=self.proj_dim,
+                              max_aspect_ratio=self.max_aspect_ratio)
+
+    def wire_numel(self, shape) -> int:
+        """Numbers the hook sends for a tensor of ``shape``: ``rank x`` the kept dimension
+        when compressed, every element otherwise."""
+        d = self.dim(shape)
+        if d is None:
+            return int(torch.Size(shape).numel())
+        a, b = compressed_shape(tuple(shape), self.rank, d)
+        return a * b
+
+    def seed_for(self, bucket_index: int, position: int, step: int) -> int:
+        """Seed of the projection of tensor ``position`` of bucket ``bucket_index`` at ``step``."""
+        return projection_seed(self.seed, (int(bucket_index) << 32) + int(position), step, COMMUNICATION_STREAM)
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain integers: ``rank`` (0 for None), ``seed``, ``projection`` (its index in
+        ``HOOK_PROJECTIONS``) and ``step``."""
+        return {"rank": self.rank or 0, "seed": self.seed, "projection": HOOK_PROJECTIONS.index(self.projection),
+                "step": self.step}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Restore ``step``; ``rank``, ``seed`` and ``projection`` must match this state's
+        (checked before anything changes). The replicas are compared again on the next step."""
+        mine = self.state_dict()
+        for key in ("rank", "seed", "projection"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r}: not a ProjectionState's state_dict")
+            if int(state_dict[key]) != mine[key]:
+                raise ValueError(f"state_dict has {key}={state_dict[key]!r} but this ProjectionState has "
+                                 f"{key}={mine[key]!r}; build it with the same {key}")
+        step = state_dict.get("step")
+        check_nonneg_int("state_dict['step']", step)
+        self.step = int(step)
+        self._checked = False
+
+    def __repr__(self) -> str:
+        return (f"ProjectionState(rank={self.rank}, seed={self.seed}, projection={self.projection!r}, "
+                f"proj_dim={self.proj_dim!r}, max_aspect_ratio={self.max_aspect_ratio}, step={self.step})")
+
+
+def _check_state(state: ProjectionState, device, group) -> None:
+    check_agreement("flora.distributed.projection_hook", {
+        "rank": state.rank, "seed": state.seed, "projection": state.projection, "proj_dim": state.proj_dim,
+        "max_aspect_ratio": state.max_aspect_ratio, "step": state.step}, device=device, group=group)
+    state._checked = True
+
+
+@torch.no_grad()
+def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: one all-reduce per bucket of the compressed matrices and the
+    dense rest, packed; the result is the mean over replicas of the decompressed estimate.
+
+    Register with ``ddp_model.register_comm_hook(state, projection_hook)``. On the first
+    step (and the first after ``state.load_state_dict``) the replicas' options and step
+    counters are compared with one extra small all-reduce; replicas that disagree raise
+    ``ValueError`` naming the options."""
+    if not isinstance(state, ProjectionState):
+        raise TypeError(f"projection_hook's state must be a flora.distributed.ProjectionState, got "
+                        f"{type(state).__name__}")
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    if not state._checked:
+        _check_state(state, buffer.device, group)
+    step, index = state.step, bucket.index()
+    if bucket.is_last():
+        state.step += 1
+
+    grads = bucket.gradients()
+    params = bucket.parameters()
+    dims = [state.dim(p.shape) for p in params]
+    if all(d is None for d in dims):  # nothing to compress: the bucket as it is
+        buffer.div_(world)
+        fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    pieces, plan = [], []
+    for i, (g, d) in enumerate(zip(grads, dims)):
+        if d is None:
+            pieces.append(g.reshape(-1))
+            plan.append((g, None, None))
+        else:
+            sd = state_dtype(g.dtype)
+            a = make_projection(state.projection, state.seed_for(index, i, step), state.rank,
+                                matrix_shape(g.shape)[d], device=g.device, dtype=sd, unbiased=True)
+            pieces.append(compress(g.to(sd), a, d).reshape(-1))
+            plan.append((g, a, d))
+    # The wire dtype is the bucket's: float32 buckets send float32, bf16 buckets bf16.
+    flat = torch.cat([t.to(buffer.dtype) for t in pieces])
+    flat.div_(world)  # the mean, divided first as DDP does (no overflow in low precision)
+    fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
+
+    def unpack(f: torch.futures.Future) -> torch.Tensor:
+        out = f.value()[0]
+        offset = 0
+        with torch.no_grad():
+            for g, a, d in plan:
+                if d is None:
+                    n = g.numel()
+                    g.copy_(out[offset:offset + n].view_as(g))
+                else:
+                    shape = compressed_shape(g.shape, a.shape[0], d)
+                    n = shape[0] * shape[1]
+                    write_estimate_(g, out[offset:offset + n].view(shape).to(a.dtype), a, d, add=False)
+                offset += n
+        return buffer
+
+    return fut.then(unpack)
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts the collectives that run while it is active, as the dispatcher sees them:
+    those launched from Python (hooks, ``dist.all_reduce``) and from DDP's C++ reducer
+    alike. ``calls`` lists ``(op, numel, bytes)``, e.g. ``("allreduce", 1024, 4096)``;
+    ``count(op)`` and ``bytes(op)`` sum them (op None: every collective).
+
+    Thread-local, like every dispatch mode: use it around the ``backward()`` (and
+    ``step()``) of the thread that runs them. Every operator passes through Python while it
+    is active, which slows them a little."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ns = getattr(func, "namespace", "")
+        if ns in ("c10d", "_c10d_functional"):
+            op = func._schema.name.split("::")[-1].rstrip("_").replace("all_reduce", "allreduce")
+            tensors = args[0] if args and isinstance(args[0], (list, tuple)) else args[:1]
+            tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+            numel = sum(t.numel() for t in tensors)
+            self.calls.append((op, numel, sum(t.numel() * t.element_size() for t in tensors)))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, op: str | None = "allreduce") -> int:
+        return sum(1 for o, _, _ in self.calls if op is None or o == op)
+
+    def bytes(self, op: str | None = "allreduce") -> int:
+        return sum(b for o, _, b in self.calls if op is None or o == op)
+
+    def clear(self) -> None:
+        self.calls.clear()

@@ -1,0 +1,550 @@
+"""Compressed communication across replicas (issue 12), on 2 CPU processes with gloo.
+
+One spawn of two processes runs every scenario (hook and accumulator) and writes what it
+saw to a file per process; the tests below assert on those files: results against one
+process that sees the whole batch, identical results on both replicas, the number and
+bytes of collectives per step, and refusals of replicas that disagree. Bad options are
+checked here in the main process."""
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+import flora
+from flora import CompressedAccumulator
+from flora.distributed import CollectiveCounter, ProjectionState, projection_hook
+from flora.projection import ACCUMULATION_STREAM, COMMUNICATION_STREAM, compress, decompress, make_projection, projection_seed
+
+WORLD = 2
+RANK = 3
+SEED = 5
+TAU = 3
+MAX_ASPECT = 4.0
+
+
+class Net(nn.Module):
+    """Dense and compressed tensors of every kind the rule knows: an embedding (40 x 8,
+    aspect 5 > MAX_ASPECT: dense), a 3-D convolution weight (6 x 24 as a matrix), two
+    linear weights, biases (1-D: dense)."""
+
+    def __init__(self, extra: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(40, 8)
+        self.conv = nn.Conv1d(8, 6, 3)
+        self.lin1 = nn.Linear(48, 16)
+        self.lin2 = nn.Linear(16, 5)
+        if extra:  # used on replica 0 only (``only``), and one used by no replica
+            self.only = nn.Linear(16, 16)
+            self.never = nn.Linear(16, 16)
+
+    def forward(self, x, use_only: bool = False):
+        h = torch.tanh(self.conv(self.emb(x).transpose(1, 2)))
+        h = torch.tanh(self.lin1(h.flatten(1)))
+        if use_only:
+            h = torch.tanh(self.only(h))
+        return self.lin2(h)
+
+
+def _net(extra=False):
+    torch.manual_seed(0)
+    return Net(extra)
+
+
+def _data(replica, step, micro=0, n=4):
+    g = torch.Generator().manual_seed(1000 * step + 10 * micro + replica)
+    return torch.randint(0, 40, (n, 10), generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _full(step, micro=0):
+    """Both replicas' data, concatenated: the batch one process would see."""
+    xs, ys = zip(*(_data(r, step, micro) for r in range(WORLD)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _wire_numel(shape, rank):
+    """What the design sends for one tensor: rank x the larger side for a matrix whose
+    smaller side exceeds rank and whose aspect ratio is at most MAX_ASPECT, else all of it."""
+    n, m = shape[0], math.prod(shape[1:])
+    if rank is None or len(shape) < 2 or max(n, m) > MAX_ASPECT * min(n, m) or min(n, m) <= rank:
+        return math.prod(shape)
+    return rank * max(n, m)
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+# ------------------------------------------------------------------ scenarios (in each process)
+
+
+def _hook_vs_one_process(rank):
+    """Three steps of DDP with the hook (several buckets from step 1 on) against one process
+    that compresses the full-batch mean gradient with the same projections."""
+    model = _net()
+    ref = copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.002, broadcast_buffers=False)
+    state = ProjectionState(rank=RANK, seed=SEED, max_aspect_ratio=MAX_ASPECT)
+    layout = []  # (step, bucket index, parameter positions in the model)
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+
+    def recording_hook(st, bucket):
+        layout.append((st.step, bucket.index(), [position[id(p)] for p in bucket.parameters()]))
+        return projection_hook(st, bucket)
+
+    ddp.register_comm_hook(state, recording_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = {"steps": []}
+    for step in range(3):
+        ref.load_state_dict(model.state_dict())
+        x, y = _data(rank, step)
+        counter = CollectiveCounter()
+        calls_before = len(layout)
+        with counter:
+            F.cross_entropy(ddp(x), y).backward()
+        got = _grads(model)
+        # one process: the mean gradient of both replicas' batches, compressed and decompressed
+        ref.zero_grad()
+        xf, yf = _full(step)
+        F.cross_entropy(ref(xf), yf).backward()
+        full = [p.grad.clone() for p in ref.parameters()]
+        want = list(full)
+        for st, b, positions in layout[calls_before:]:
+            for i, k in enumerate(positions):
+                shape = tuple(want[k].shape)
+                if _wire_numel(shape, RANK) == math.prod(shape):
+                    continue
+                n, m = shape[0], math.prod(shape[1:])
+                dim = 0 if n < m else 1
+                a = make_projection("orthonormal", projection_seed(SEED, (b << 32) + i, st, COMMUNICATION_STREAM),
+                                    RANK, (n, m)[dim], unbiased=True)
+                want[k] = decompress(compress(want[k], a, dim), a, dim).view(shape)
+        out["steps"].append({"got": got, "want": want, "full": full, "calls": counter.calls,
+                             "buckets": [positions for _, _, positions in layout[calls_before:]],
+                             "shapes": [tuple(p.shape) for p in model.parameters()]})
+        opt.step()
+        opt.zero_grad()
+    out["state"] = state.state_dict()
+    return out
+
+
+def _hook_rank_none_vs_plain_ddp(rank):
+    """rank=None sends everything dense: the same gradients as DDP without a hook."""
+    out = {}
+    for name in ("plain", "hook"):
+        model = _net()
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        if name == "hook":
+            ddp.register_comm_hook(ProjectionState(rank=None, seed=SEED), projection_hook)
+        counter = CollectiveCounter()
+        for step in range(2):
+            x, y = _data(rank, step)
+            counter.clear()
+            with counter:
+                F.cross_entropy(ddp(x), y).backward()
+        out[name] = {"grads": _grads(model), "calls": counter.calls}
+    return out
+
+
+def _hook_refusals(rank):
+    """Replicas that disagree (seed, rank, step) are refused on the first step, on both."""
+    out = {}
+    cases = {"seed": dict(rank=RANK, seed=rank), "rank": dict(rank=RANK + rank, seed=SEED),
+             "step": dict(rank=RANK, seed=SEED)}
+    for what, kw in cases.items():
+        model = _net()
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        state = ProjectionState(**kw)
+        if what == "step" and rank == 1:
+            state.load_state_dict({**state.state_dict(), "step": 7})
+        ddp.register_comm_hook(state, projection_hook)
+        x, y = _data(rank, 0)
+        try:
+            F.cross_entropy(ddp(x), y).backward()
+            out[what] = None
+        except ValueError as e:
+            out[what] = str(e)
+    return out
+
+
+def _acc_cycle(model, step, k, *, ddp=None, use_only=False):
+    """``k`` micro-batches of this replica's data, loss divided by TAU."""
+    rank = dist.get_rank()
+    for micro in range(k):
+        x, y = _data(rank, step, micro)
+        fwd = ddp if ddp is not None else model
+        loss = F.cross_entropy(fwd(x, use_only) if use_only else fwd(x), y) / TAU
+        loss.backward()
+
+
+def _ref_cycle(ref, step, k):
+    for micro in range(k):
+        x, y = _full(step, micro)
+        (F.cross_entropy(ref(x), y) / TAU).backward()
+
+
+def _acc_vs_one_process(rank):
+    """Cycles of reduce=True without DDP (full, short by finish_cycle, short by the
+    optimizer's step) against one process accumulating the concatenated micro-batches
+    (compressing every micro-batch: exact_last=False); collectives counted per cycle."""
+    model, ref = _net(), _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, max_aspect_ratio=MAX_ASPECT,
+                                reduce=True, optimizer=opt)
+    acc_ref = CompressedAccumulator(ref, rank=RANK, tau=TAU, seed=SEED, max_aspect_ratio=MAX_ASPECT,
+                                    exact_last=False)
+    out = {"cycles": [], "communication_bytes": acc.communication_bytes(),
+           "shapes": [tuple(p.shape) for p in model.parameters()], "exact_last": acc.exact_last}
+    for step, (k, close) in enumerate([(TAU, None), (TAU, None), (2, "finish_cycle"), (1, "step")]):
+        ref.load_state_dict(model.state_dict())
+        counter = CollectiveCounter()
+        with counter:
+            _acc_cycle(model, step, k)
+            returned = acc.finish_cycle() if close == "finish_cycle" else None
+            if close == "step":
+                # the optimizer's step pre-hook closes the short cycle: record .grad there
+                seen = {}
+                h = opt.register_step_pre_hook(lambda *a: seen.update(g=_grads(model)))
+                opt.step()
+                h.remove()
+        _ref_cycle(ref, step, k)
+        if close is not None:
+            acc_ref.finish_cycle()
+        got = seen["g"] if close == "step" else _grads(model)
+        out["cycles"].append({"k": k, "close": close, "returned": returned, "got": got, "want": _grads(ref),
+                              "calls": counter.calls, "cycle_after": acc.cycle, "micro_step": acc.micro_step})
+        if close != "step":
+            opt.step()
+        opt.zero_grad()
+        ref.zero_grad()
+    return out
+
+
+def _acc_rank_none_vs_ddp(rank):
+    """Compression off: reduce=True equals DDP's accumulation (no_sync, then a synchronised
+    backward); one collective each."""
+    out = {}
+    for name in ("ddp", "acc"):
+        model = _net()
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        if name == "acc":
+            acc = CompressedAccumulator(model, rank=None, tau=TAU, reduce=True)
+            acc.finish_cycle()  # a no-op on a boundary: no collective
+        counter = CollectiveCounter()
+        for step in range(2):  # the first cycle holds the one-time option check
+            counter.clear()
+            with counter:
+                for micro in range(TAU):
+                    x, y = _data(rank, step, micro)
+                    if name == "ddp" and micro == TAU - 1:
+                        (F.cross_entropy(ddp(x), y) / TAU).backward()
+                    else:
+                        with ddp.no_sync():
+                            (F.cross_entropy(ddp(x), y) / TAU).backward()
+            grads = _grads(model)
+            model.zero_grad()
+        out[name] = {"grads": grads, "calls": counter.calls}
+    out["acc_bytes"] = acc.communication_bytes()
+    return out
+
+
+def _acc_more(rank):
+    """Fused mode across replicas equals normal mode + step; a parameter used by one
+    replica only gets the same mean on both, one used by none keeps .grad None; DDP
+    without no_sync is refused; disagreeing seeds are refused."""
+    out = {}
+    # fused == normal + SGD step
+    params = {}
+    for fused in (False, True):
+        model = _net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, reduce=True, fused=fused, optimizer=opt)
+        for step in range(2):
+            _acc_cycle(model, step, TAU)
+            if not fused:
+                opt.step()
+                opt.zero_grad()
+        params[fused] = [p.detach().clone() for p in model.parameters()]
+    out["fused"] = params
+    # unused parameters
+    model = _net(extra=True)
+    acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, reduce=True)
+    _acc_cycle(model, 0, TAU, use_only=rank == 0)
+    out["unused"] = {"only": model.only.weight.grad.clone(), "never": model.never.weight.grad}
+    # a replica's own share of ``only``: its gradient on replica 0, without any communication
+    solo = _net(extra=True)
+    solo.load_state_dict(model.state_dict())
+    for micro in range(TAU):
+        x, y = _data(0, 0, micro)
+        (F.cross_entropy(solo(x, True), y) / TAU).backward()
+    out["unused"]["solo_only"] = solo.only.weight.grad.clone()
+    out["unused"]["acc_only_compressed"] = dict((r["name"], r["compressed"]) for r in acc.plan())["only.weight"]
+    acc.remove()
+    # DDP synchronising while reduce=True
+    model = _net()
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    acc = CompressedAccumulator(ddp, rank=RANK, tau=TAU, seed=SEED, reduce=True)
+    x, y = _data(rank, 0)
+    try:
+        F.cross_entropy(ddp(x), y).backward()
+        out["ddp_sync"] = None
+    except RuntimeError as e:
+        out["ddp_sync"] = str(e)
+    acc.remove()
+    # ... and under no_sync it is the same as without DDP
+    grads = {}
+    for use_ddp in (True, False):
+        model = _net()
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if use_ddp else None
+        acc = CompressedAccumulator(ddp or model, rank=RANK, tau=TAU, seed=SEED, reduce=True)
+        if use_ddp:
+            with ddp.no_sync():
+                _acc_cycle(model, 0, TAU, ddp=ddp)
+        else:
+            _acc_cycle(model, 0, TAU)
+        grads[use_ddp] = _grads(model)
+        acc.remove()
+    out["no_sync"] = grads
+    # disagreeing seeds
+    model = _net()
+    acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=rank, reduce=True)
+    try:
+        _acc_cycle(model, 0, TAU)
+        out["seed_refused"] = None
+    except ValueError as e:
+        out["seed_refused"] = str(e)
+    return out
+
+
+SCENARIOS = {f.__name__.lstrip("_"): f for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp,
+                                                   _acc_vs_one_process, _acc_rank_none_vs_ddp, _acc_more,
+                                                   _hook_refusals)}
+
+
+def _worker(rank, folder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=WORLD)
+    results = {}
+    for name, fn in SCENARIOS.items():
+        try:
+            results[name] = fn(rank)
+        except Exception:  # noqa: BLE001 - reported by the test that needs it
+            results[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    torch.save(results, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    """{rank: {scenario: result}} from one spawn of two processes."""
+    with tempfile.TemporaryDirectory() as folder:
+        torch.multiprocessing.start_processes(_worker, args=(folder,), nprocs=WORLD, start_method="spawn")
+        return {r: torch.load(f"{folder}/rank{r}.pt", weights_only=False) for r in range(WORLD)}
+
+
+def _result(replicas, name):
+    out = []
+    for r in range(WORLD):
+        res = replicas[r][name]
+        if isinstance(res, dict) and "error" in res:
+            pytest.fail(f"scenario {name} failed on replica {r}:\n{res['error']}")
+        out.append(res)
+    return out
+
+
+def _close(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def _same(a, b):
+    for x, y in zip(a, b):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+# ------------------------------------------------------------------ the hook
+
+
+def test_hook_equals_one_process_compressing_the_full_batch_gradient(replicas):
+    r0, r1 = _result(replicas, "hook_vs_one_process")
+    for s0, s1 in zip(r0["steps"], r1["steps"]):
+        _close(s0["got"], s0["want"])
+        _same(s0["got"], s1["got"])  # identical on both replicas, bit for bit
+    # compressed tensors hold an estimate, not the full-batch gradient; dense ones hold it
+    for s in r0["steps"]:
+        for shape, got, full in zip(s["shapes"], s["got"], s["full"]):
+            if _wire_numel(shape, RANK) < math.prod(shape):
+                assert (got - full).norm() > 0.05 * full.norm()
+            else:
+                torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
+    assert r0["state"] == {"rank": RANK, "seed": SEED, "projection": 0, "step": 3}
+
+
+def test_hook_sends_one_all_reduce_per_bucket_of_the_compressed_size(replicas):
+    (r0, _) = _result(replicas, "hook_vs_one_process")
+    shapes = r0["steps"][0]["shapes"]
+    per_step = 4 * sum(_wire_numel(s, RANK) for s in shapes)
+    assert per_step == 4 * (320 + 3 * 24 + 6 + 3 * 48 + 16 + 3 * 16 + 5)  # the design, by hand
+    dense = 4 * sum(math.prod(s) for s in shapes)
+    assert per_step < dense / 2
+    # step 0: one check of the options (6 fields, 2 int64 halves each, max and min) + one bucket
+    first = r0["steps"][0]
+    allreduces = [c for c in first["calls"] if c[0] == "allreduce"]
+    assert len(first["buckets"]) == 1 and len(allreduces) == 2
+    assert allreduces[0][2] == 8 * 2 * 2 * 6
+    assert allreduces[1][2] == per_step
+    # later steps: exactly one all-reduce per bucket (several buckets), each its bucket's size
+    for step in r0["steps"][1:]:
+        allreduces = [c for c in step["calls"] if c[0] == "allreduce"]
+        assert len(step["buckets"]) >= 2
+        assert len(allreduces) == len(step["buckets"])
+        for (_, _, nbytes), positions in zip(allreduces, step["buckets"]):
+            assert nbytes == 4 * sum(_wire_numel(shapes[k], RANK) for k in positions)
+        assert sum(c[2] for c in allreduces) == per_step
+    # nothing else but DDP's own one-time bucket rebuild (two broadcasts in step 1's forward)
+    assert {c[0] for c in r0["steps"][1]["calls"] if c[0] != "allreduce"} == {"broadcast"}
+    assert [c for c in r0["steps"][2]["calls"] if c[0] != "allreduce"] == []
+
+
+def test_hook_without_compression_equals_plain_ddp(replicas):
+    for r in _result(replicas, "hook_rank_none_vs_plain_ddp"):
+        _close(r["hook"]["grads"], r["plain"]["grads"])
+        plain = [c for c in r["plain"]["calls"] if c[0] == "allreduce"]
+        hook = [c for c in r["hook"]["calls"] if c[0] == "allreduce"]
+        assert len(plain) == len(hook) == 1 and plain[0][2] == hook[0][2] == 4 * sum(
+            p.numel() for p in _net().parameters())
+
+
+def test_hook_refuses_replicas_that_disagree_on_the_first_step(replicas):
+    for r in _result(replicas, "hook_refusals"):
+        assert "disagree on seed" in r["seed"] and "rank" not in r["seed"].split("disagree on")[1].split(";")[0]
+        assert "disagree on rank" in r["rank"]
+        assert "disagree on step" in r["step"]
+        assert all("projection_hook" in m for m in r.values())
+
+
+# ------------------------------------------------------------------ the accumulator
+
+
+def test_accumulator_across_replicas_equals_one_process(replicas):
+    r0, r1 = _result(replicas, "acc_vs_one_process")
+    assert r0["exact_last"] is False
+    assert [c["returned"] for c in r0["cycles"]] == [None, None, 2, None]
+    for c0, c1 in zip(r0["cycles"], r1["cycles"]):
+        _close(c0["got"], c0["want"])
+        _same(c0["got"], c1["got"])
+        assert c0["micro_step"] == 0
+    assert [c["cycle_after"] for c in r0["cycles"]] == [1, 2, 3, 4]
+
+
+def test_accumulator_sends_one_packed_all_reduce_per_cycle(replicas):
+    (r0, _) = _result(replicas, "acc_vs_one_process")
+    shapes = r0["shapes"]
+    per_cycle = 4 * (sum(_wire_numel(s, RANK) for s in shapes) + len(shapes))  # + one count per parameter
+    assert r0["communication_bytes"] == per_cycle
+    for i, c in enumerate(r0["cycles"]):
+        allreduces = [x for x in c["calls"] if x[0] == "allreduce"]
+        if i == 0:  # + the one-time check: 7 fields, 2 halves, max and min
+            assert len(allreduces) == 2 and allreduces[0][2] == 8 * 2 * 2 * 7
+            allreduces = allreduces[1:]
+        assert [x[2] for x in allreduces] == [per_cycle], (i, c["close"])
+        assert [x for x in c["calls"] if x[0] != "allreduce"] == []
+
+
+def test_accumulator_without_compression_equals_ddp_accumulation(replicas):
+    for r in _result(replicas, "acc_rank_none_vs_ddp"):
+        _same(r["acc"]["grads"], r["ddp"]["grads"])  # bit for bit
+        n = sum(p.numel() for p in _net().parameters())
+        assert [c[2] for c in r["ddp"]["calls"] if c[0] == "allreduce"] == [4 * n]
+        assert [c[2] for c in r["acc"]["calls"] if c[0] == "allreduce"] == [4 * (n + len(list(_net().parameters())))]
+        assert r["acc_bytes"] == 4 * (n + 7)
+
+
+def test_accumulator_fused_unused_parameters_ddp_and_refusals(replicas):
+    r0, r1 = _result(replicas, "acc_more")
+    for r in (r0, r1):
+        _close(r["fused"][True], r["fused"][False])
+        _same(r["no_sync"][True], r["no_sync"][False])
+        assert "no_sync" in r["ddp_sync"]
+        assert "disagree on seed" in r["seed_refused"]
+    _same(r0["fused"][True], r1["fused"][True])
+    # ``only`` (16 x 16, compressed) ran on replica 0 alone: both get the same mean estimate,
+    # which is half of replica 0's gradient on average (an unbiased estimate, not equal)
+    assert r0["unused"]["acc_only_compressed"] is True
+    assert torch.equal(r0["unused"]["only"], r1["unused"]["only"])
+    g0 = r0["unused"]["solo_only"]  # replica 0's own gradient of ``only`` (16 x 16: columns projected)
+    a = make_projection("orthonormal", projection_seed(SEED, 7, 0, ACCUMULATION_STREAM), RANK, 16, unbiased=True)
+    torch.testing.assert_close(r0["unused"]["only"], decompress(compress(g0, a, 1) / 2, a, 1), rtol=1e-5, atol=1e-6)
+    assert r0["unused"]["never"] is None and r1["unused"]["never"] is None
+
+
+# ------------------------------------------------------------------ bad options (no processes)
+
+
+@pytest.mark.parametrize("kw, exc, words", [
+    (dict(rank=0), ValueError, "rank must be a positive integer or None"),
+    (dict(rank=2.5), TypeError, "rank must be"),
+    (dict(rank=4, seed=-1), ValueError, "seed must be a non-negative integer"),
+    (dict(rank=4, projection="coordinates"), ValueError, "'orthonormal', 'gaussian'"),
+    (dict(rank=4, projection="svd"), ValueError, "projection must be one of"),
+    (dict(rank=4, proj_dim=2), ValueError, "proj_dim must be one of"),
+    (dict(rank=4, max_aspect_ratio=0.5), ValueError, "max_aspect_ratio"),
+    (dict(rank=4, process_group="world"), TypeError, "process_group"),
+])
+def test_projection_state_bad_options(kw, exc, words):
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
+        ProjectionState(**kw)
+
+
+def test_projection_state_dict_is_plain_integers_and_checked():
+    s = ProjectionState(rank=8, seed=3, projection="gaussian")
+    s.step = 11
+    sd = s.state_dict()
+    assert sd == {"rank": 8, "seed": 3, "projection": 1, "step": 11}
+    assert all(type(v) is int for v in sd.values())
+    t = ProjectionState(rank=8, seed=3, projection="gaussian")
+    t.load_state_dict(sd)
+    assert t.step == 11
+    for bad, word in ((dict(sd, rank=4), "rank"), (dict(sd, seed=0), "seed"), (dict(sd, projection=0), "projection"),
+                      (dict(sd, step=-1), "step")):
+        with pytest.raises(ValueError, match=word):
+            ProjectionState(rank=8, seed=3, projection="gaussian").load_state_dict(bad)
+    assert ProjectionState(rank=None).state_dict()["rank"] == 0
+    assert "rank=8" in repr(t)
+    # the wire size of one tensor
+    assert ProjectionState(rank=4).wire_numel((10, 30)) == 4 * 30
+    assert ProjectionState(rank=4, max_aspect_ratio=2).wire_numel((10, 30)) == 300
+    assert ProjectionState(rank=4).wire_numel((30,)) == 30
+    with pytest.raises(TypeError, match="ProjectionState"):
+        projection_hook(object(), None)
+
+
+def test_accumulator_reduce_bad_options():
+    model = _net()
+    with pytest.raises(TypeError, match="reduce must be True or False"):
+        CompressedAccumulator(model, rank=4, tau=2, reduce="yes")
+    with pytest.raises(ValueError, match="process_group applies to reduce=True only"):
+        CompressedAccumulator(model, rank=4, tau=2, process_group=object())
+    with pytest.raises(ValueError, match="exact_last=True with reduce=True"):
+        CompressedAccumulator(model, rank=4, tau=2, reduce=True, exact_last=True)
+    with pytest.raises(TypeError, match="exact_last must be True, False or None"):
+        CompressedAccumulator(model, rank=4, tau=2, exact_last=1)
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            CompressedAccumulator(model, rank=4, tau=2, reduce=True)
+    acc = CompressedAccumulator(model, rank=4, tau=2)
+    assert acc.exact_last is True and acc.communication_bytes() == 0
+    acc.remove()
