@@ -233,14 +233,15 @@ def test_step_parameter_equals_step(foreach):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
-def test_default_path_follows_the_device():
-    from flora.optimizer import _grouped
+def test_default_path_follows_the_device_and_size():
+    from flora.optimizer import CPU_GROUP_NUMEL, _grouped
 
-    p = nn.Parameter(torch.randn(3))
-    group = Flora([p], lr=1e-3).param_groups[0]
-    assert group["foreach"] is None and not _grouped(group, [(p,)])  # CPU: single-tensor
-    meta = torch.empty(3, device="meta")
-    assert _grouped(group, [(meta,)]) and _grouped({**group, "foreach": True}, [(p,)])
+    small, large = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(CPU_GROUP_NUMEL + 1))
+    group = Flora([small], lr=1e-3).param_groups[0]
+    assert group["foreach"] is None
+    assert _grouped(group, small) and not _grouped(group, large)  # CPU: by size
+    assert _grouped(group, torch.empty(CPU_GROUP_NUMEL + 1, device="meta"))  # accelerators: grouped
+    assert _grouped({**group, "foreach": True}, large) and not _grouped({**group, "foreach": False}, small)
 
 
 def test_foreach_is_validated():

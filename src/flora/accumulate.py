@@ -282,6 +282,12 @@ class CompressedAccumulator:
             raise ValueError("scaler applies to fused=True only; in normal mode use the GradScaler as usual "
                              "(scaler.step(optimizer) after the tau-th backward)")
 
+        if fused and not reduce and _is_ddp(model_or_params):
+            raise ValueError(
+                "fused=True cannot run under DistributedDataParallel: the optimizer would step inside backward "
+                "on this replica's gradient, before DDP averages it, and the replicas would drift apart. Use "
+                "normal mode (no_sync() on the first tau-1 micro-batches), or reduce=True, which averages the "
+                "compressed buffers across replicas itself (then give the unwrapped model)")
         named = _named_params(model_or_params)
         excluded = self._resolve_exclude(exclude, named)
         slots = []

@@ -31,7 +31,10 @@ def step_size(
 
     HF's ``max(eps2, RMS)`` reads the RMS on the host; ``torch.where`` gives the same
     values (RMS when it is larger, else eps2) and stays on the device."""
-    rel = relative_step_size(step, warmup_init) if relative_step else lr
+    if relative_step:  # an lr given with relative_step can only be 0 (a step of size 0)
+        rel = relative_step_size(step, warmup_init) if lr is None else 0.0
+    else:
+        rel = lr
     if not scale_parameter:
         return rel
     return torch.where(param_rms > eps2, param_rms * rel, eps2 * rel)

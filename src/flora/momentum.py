@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .projection import _bcast, as_matrix, compress, decompress, decompress_add_, transfer
+from .projection import _bcast, as_matrix, compress, decompress, decompress_add_, overlap, transfer
 
 MOMENTUM_FORMS = ("paper", "exact", "subspace", "scaled")
 # Forms that need a projection with orthonormal rows (their complement is u - D(C(u))).
@@ -128,27 +128,66 @@ def compressed_step_(
     batched = u.dim() == 3 and c.dim() == 3
     um = u if batched else as_matrix(u)
     cu = compress(um, a, dim)  # C(u), unscaled
-    numel = um.shape[-2] * um.shape[-1]
-    sdt = _scalar_dtype(u.device)
     norm = torch.linalg.vector_norm(um, dim=(-2, -1)) if u_norm is None else u_norm
-    u_sq = norm.to(sdt).square()
-    lr_t = lr.to(device=u.device, dtype=sdt) if isinstance(lr, torch.Tensor) else lr
+    sdt = _scalar_dtype(u.device)
+    terms = compressed_terms(c, cu, a, dim, isometric=isometric, dtype=sdt)
+    compressed_apply_(form, c, um, cu, a, dim, beta, lr, clip, u_sq=norm.to(sdt).square(), terms=terms,
+                      numel=um.shape[-2] * um.shape[-1], isometric=isometric, bias_correction=bias_correction, ok=ok)
+    return um if batched else um.reshape(u.shape)
+
+
+def compressed_terms(c: torch.Tensor, cu: torch.Tensor, a: torch.Tensor, dim: int, *, isometric: bool,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The r-sized sums the compressed step needs besides ``|u|^2``, stacked on the last
+    dim (one row per matrix of a stack): ``<C(u), M>, |M|^2, |C(u)|^2`` when isometric;
+    else ``<C(u), M>`` and the Gram matrices of ``M`` and ``C(u)`` against ``A A^T``:
+    ``<G(M), AA^T>, 2 <G(M, C(u)), AA^T>, <G(C(u)), AA^T>`` (so ``|D(x)|^2`` of any
+    ``x = s M + t C(u)`` follows). Every one is a sum over the entries of ``M`` and
+    ``C(u)``: where those are sharded by rows, the sums of the shards' terms are the
+    terms (``flora.sharded`` all-reduces them)."""
+    cross = _msum(cu * c)
+    if isometric:
+        out = [cross, _msum(c.square()), _msum(cu.square())]
+    else:
+        aat = overlap(a, a, c.dtype)  # A A^T
+        out = [cross, _msum(_gram(c, dim) * aat), 2 * _msum(_cross_gram(c, cu, dim) * aat),
+               _msum(_gram(cu, dim) * aat)]
+    return torch.stack(out, dim=-1).to(dtype)
+
+
+def _cross_gram(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    return x @ y.mT if dim == 0 else x.mT @ y
+
+
+def compressed_apply_(
+    form: str, c: torch.Tensor, um: torch.Tensor, cu: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
+    lr: float | torch.Tensor, clip: float, *, u_sq: torch.Tensor, terms: torch.Tensor, numel: int,
+    isometric: bool, bias_correction: float = 1.0, ok: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The rest of :func:`compressed_step_` once ``|u|^2`` (``u_sq``) and
+    :func:`compressed_terms` are known (summed over shards, for a sharded tensor whose
+    ``um``, ``c`` and ``cu`` are the local rows): updates ``c`` and overwrites ``um`` with
+    the update; ``numel``: the whole tensor's."""
+    sdt = u_sq.dtype
+    lr_t = lr.to(device=um.device, dtype=sdt) if isinstance(lr, torch.Tensor) else lr
     k = lr_t / (u_sq / numel).sqrt().div_(clip).clamp_(min=1.0)  # k u: Adafactor's clipped, lr-scaled update
     b = (1 - beta) * k  # weight of C(k u) in the new momentum
-    if isometric or form != "paper":
-        cross = _msum(cu * c).to(sdt)  # <C(u), c_old>
+    t = terms.unbind(-1)
+    cross = t[0]
     if isometric:
-        c_sq, cu_sq = _msum(c.square()).to(sdt), _msum(cu.square()).to(sdt)
+        c_sq, cu_sq = t[1], t[2]
+    else:
+        g_cc, g_x, g_uu = t[1], t[2], t[3]
     x, coef_u = c, None
     if form == "paper":  # out = D(c_new)
         c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
         coef_dc = 1.0
         if isometric:
             out_sq = beta**2 * c_sq + 2 * beta * b * cross + b**2 * cu_sq
-        else:
-            out_sq = _msum(_gram(c, dim) * (a @ a.mT)).to(sdt)
+        else:  # |D(beta M + b C(u))|^2 from the Gram terms
+            out_sq = beta**2 * g_cc + beta * b * g_x + b**2 * g_uu
     elif form == "exact":  # out = (1 - beta) k u + beta D(c_old)
-        dc_sq = c_sq if isometric else _msum(_gram(c, dim) * (a @ a.mT)).to(sdt)
+        dc_sq = c_sq if isometric else g_cc
         coef_u, coef_dc = b, beta
         out_sq = b**2 * u_sq + 2 * b * beta * cross + beta**2 * dc_sq
     elif form == "scaled":  # out = D(c_new) + phi (k u - D(C(k u))) = phi k u + D(c_new - phi k C(u))
@@ -183,7 +222,7 @@ def compressed_step_(
         decompress_add_(um, x, a, dim, beta=(s * coef_u).to(um.dtype), alpha=alpha)  # u <- s (coef_u u + coef_dc D(x))
     if form in ("exact", "subspace"):
         c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
-    return um if batched else um.reshape(u.shape)
+    return um
 
 
 def complement_scale_t(c_norm: torch.Tensor, cu_norm: torch.Tensor, bias_correction: float) -> torch.Tensor:
@@ -206,6 +245,8 @@ __all__ = [
     "scaled_momentum_",
     "complement_scale",
     "compressed_step_",
+    "compressed_terms",
+    "compressed_apply_",
     "resample_",
     "as_matrix",
 ]

@@ -11,6 +11,8 @@ from torch.optim import Optimizer
 
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real
 from . import functional as F
+from . import sharded
+from .sharded import is_dtensor
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS
 from .compression import PROJ_DIMS, compressed_dim, dense_reason
 from .projection import PROJECTIONS, compressed_shape, make_projections, projection_seed, state_dtype
@@ -43,14 +45,31 @@ def _momentum_reason(shape, group: dict) -> str | None:
     return dense_reason(shape, group["rank"], proj_dim=group["proj_dim"], max_aspect_ratio=group["max_aspect_ratio"])
 
 
-def _grouped(group: dict, entries) -> bool:
-    """Whether ``group`` steps on the grouped path: ``foreach=True``, or None (the default)
-    with every parameter off the CPU. On a CPU the single-tensor path is faster: it keeps
-    each parameter's temporaries in cache, where stacks of them go to memory on every pass
-    (measured in docs/results.md); on a GPU, fewer and larger kernels win."""
+# On a CPU, tensors up to this many elements step grouped (Python and dispatch overhead
+# dominates them); larger ones step one at a time, which keeps each one's temporaries in
+# cache where a stack of them goes to memory on every pass (docs/results.md, issue 10).
+CPU_GROUP_NUMEL = 1 << 16
+
+
+def _grouped(group: dict, p: torch.Tensor) -> bool:
+    """Whether ``p`` (and its bucket) steps on the grouped path: ``foreach=True``; or
+    None (the default) off the CPU, and on the CPU for small tensors."""
     if group["foreach"] is None:
-        return all(e[0].device.type != "cpu" for e in entries)
+        return p.device.type != "cpu" or p.numel() <= CPU_GROUP_NUMEL
     return group["foreach"]
+
+
+def _refuse_deepspeed(p) -> None:
+    """DeepSpeed ZeRO hands optimizers flat 1-D partitions of parameters (it marks them
+    with ``ds_shape`` / ``ds_id``): no factored second moment or projected momentum can be
+    formed on those, and stepping them as vectors would silently be another optimizer."""
+    if hasattr(p, "ds_shape") or hasattr(p, "ds_id"):
+        shape = getattr(p, "ds_shape", None)
+        raise ValueError(
+            f"Flora cannot step DeepSpeed ZeRO partitions (a parameter{f' of shape {tuple(shape)}' if shape else ''} "
+            f"carries DeepSpeed's ds_shape/ds_id): ZeRO flattens parameters into 1-D pieces, where Adafactor's "
+            "row/column factors and Flora's projected momentum do not exist. Shard with PyTorch FSDP2 "
+            "(torch.distributed.fsdp.fully_shard, or accelerate's FSDP2 plugin) instead; see docs/distributed.md")
 
 
 def _validate_group(group: dict) -> None:
@@ -63,7 +82,9 @@ def _validate_group(group: dict) -> None:
         check_real("lr", lr, low=0.0, allow_none=True)
     if not isinstance(rel, bool):
         raise TypeError(f"relative_step must be True or False, got {rel!r}")
-    if lr is not None and rel:
+    # lr=0 with relative_step is a step of size 0: torch.distributed.checkpoint's state_dict
+    # helpers set every group's lr to 0 to create an optimizer's state with one empty step.
+    if lr is not None and rel and not (isinstance(lr, (int, float)) and lr == 0):
         raise ValueError("lr must be None when relative_step=True (the step size is then relative); "
                          "pass relative_step=False to use a fixed lr")
     if lr is None and not rel:
@@ -145,8 +166,10 @@ class Flora(Optimizer):
             (``flora.functional.grouped_step``); False: one parameter at a time
             (``single_tensor_step``, the reference: with compression off it follows HF
             Adafactor operation for operation); None (the default): grouped on GPUs and
-            other accelerators, single-tensor on the CPU, where it is faster. The two
-            agree to float rounding. Neither path waits on the host during ``step()``.
+            other accelerators; on the CPU grouped for tensors of at most
+            ``CPU_GROUP_NUMEL`` elements and single-tensor for larger ones, whichever
+            was faster there. The two agree to float rounding. Neither path waits on
+            the host during ``step()``.
 
     State is float32 whatever the parameter dtype (float64 parameters keep float64
     state). A compressed update is clipped to RMS ``lr * clip_threshold`` after
@@ -243,6 +266,7 @@ class Flora(Optimizer):
         for p in params:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError("params must be real tensors: Flora does not support complex parameters")
+            _refuse_deepspeed(p)
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
         self._where = None  # step_parameter's map is rebuilt
 
@@ -259,7 +283,7 @@ class Flora(Optimizer):
                 reason = _momentum_reason(shape, group)
                 row = {"index": index, "group": gi, "shape": shape, "compressed": reason is None}
                 if reason is None:
-                    dim = _momentum_dim(shape, group)
+                    dim = sharded.momentum_dim(shape, group) if is_dtensor(p) else _momentum_dim(shape, group)
                     row.update(proj_dim=dim, momentum_shape=compressed_shape(shape, group["rank"], dim))
                 else:
                     row["reason"] = reason
@@ -326,6 +350,9 @@ class Flora(Optimizer):
                                     f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
                 if g.is_complex():
                     raise TypeError("Flora does not support complex gradients")
+                _refuse_deepspeed(p)
+                if is_dtensor(p):
+                    sharded.layout(p)  # a placement Flora cannot step is refused here, before any change
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -336,23 +363,29 @@ class Flora(Optimizer):
         # Every check happens before any state changes.
         self._check_grads()
         index = 0
+        sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
         for group in self.param_groups:
             entries = []
             for p in group["params"]:
                 if p.grad is not None:
                     self._prepare_state(p, group)
-                    entries.append((p, self.state[p], index))
+                    if is_dtensor(p):
+                        sharded_entries.append((p, self.state[p], group, index))
+                    else:
+                        entries.append((p, self.state[p], index))
                 index += 1
             if not entries:
                 continue
-            if not _grouped(group, entries):
-                for p, state, i in entries:
+            for bucket in F.buckets(entries):
+                if _grouped(group, bucket[0][0]):
+                    F.grouped_step([e[0] for e in bucket], [e[1] for e in bucket], group, [e[2] for e in bucket],
+                                   projections=self._projections, count_skip=self._count_skip)
+                    continue
+                for p, state, i in bucket:
                     F.single_tensor_step(p, state, group, i, projections=self._projections,
                                          count_skip=self._count_skip)
-                continue
-            for bucket in F.buckets(entries):
-                F.grouped_step([e[0] for e in bucket], [e[1] for e in bucket], group, [e[2] for e in bucket],
-                               projections=self._projections, count_skip=self._count_skip)
+        if sharded_entries:
+            sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
         return loss
 
     def _locate(self, p: torch.Tensor) -> tuple[dict, int] | None:
@@ -389,8 +422,11 @@ class Flora(Optimizer):
             return
         if p.grad.is_sparse or p.grad.is_complex():
             self._check_grads()
+        if is_dtensor(p):
+            raise ValueError("step_parameter: DTensor (FSDP2) parameters step together in step(), which sums "
+                             "Adafactor's factors over their shards; fused per-parameter steps are not supported")
         self._prepare_state(p, group)
-        if not _grouped(group, [(p,)]):
+        if not _grouped(group, p):
             F.single_tensor_step(p, self.state[p], group, index, projections=self._projections,
                                  count_skip=self._count_skip)
         else:  # a bucket of one: the same arithmetic as step()'s buckets
@@ -399,6 +435,9 @@ class Flora(Optimizer):
 
     def _prepare_state(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
+        if is_dtensor(p):
+            sharded.init_state(state, p, group)
+            return
         grad = p.grad
         if not state:
             self._init_state(state, grad, group)

@@ -1,0 +1,365 @@
+"""Flora on parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+FSDP2 hands the optimizer DTensors sharded by rows (``Shard(0)``, possibly uneven or
+empty on a rank); each rank steps its own rows. Adafactor's factors and Flora's clips are
+global quantities, so a step needs sums over the shards: the column factor of a matrix
+(and its row factor's mean), RMS(p), the update's norm, and the r-sized terms of the
+compressed momentum. They are packed, for every parameter of the step, into two
+all-reduces per step and process group:
+
+1. before the update exists: ``sum_i sq_ij`` (the column sums), ``sum_i row_i``, ``|p|^2``
+   and a count of non-finite factor entries;
+2. once the update ``u`` exists locally: ``|u|^2`` and the compressed momentum's terms
+   (:func:`flora.momentum.compressed_terms`), or, where the projection removes the
+   sharded dimension, ``A_local u_local`` itself (``r x m``, summed into ``A u``).
+
+No gradient, parameter or update is ever gathered. Projecting the unsharded dimension
+(``proj_dim=1``, columns) keeps the momentum ``n x r`` sharded like the rows, so ``"auto"``
+picks it under FSDP2 whenever it compresses (a single process's ``"auto"`` picks the
+smaller dimension instead); ``proj_dim=0`` works too, with an ``r x m`` momentum held whole
+on every rank. A saved ``proj_dim`` wins when a state is loaded. Everything else
+(projection seeds, counters, options) is plain integers, so one process and several agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import adafactor as af
+from .compression import compressed_dim
+from .momentum import compressed_apply_, compressed_terms, dense_momentum_
+from .projection import compress, compressed_shape, is_coordinates, matrix_shape, state_dtype, transfer
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+@dataclass
+class Layout:
+    """Where a DTensor parameter's local rows sit: ``group`` sums over its shards (None:
+    not sharded), ``offset`` and ``rows`` of its first dimension on this rank."""
+
+    group: Any
+    offset: int
+    rows: int
+    mesh: Any
+    placements: tuple
+    shape: tuple
+
+
+def layout(p) -> Layout:
+    """The shard layout of a DTensor parameter; a ``ValueError`` for placements Flora
+    cannot step (anything but ``Shard(0)`` and ``Replicate``)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    shard_dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
+    for pl in placements:
+        if pl.is_shard() and pl.dim != 0:
+            raise ValueError(
+                f"Flora steps parameters sharded on dim 0 only (FSDP2's default); got a parameter of shape "
+                f"{tuple(p.shape)} with placements {placements}: Adafactor's row factor must stay local to a "
+                "shard. Use fully_shard without shard_placement_fn (or return Shard(0) from it)")
+        if not (pl.is_shard() or pl.is_replicate()):
+            raise ValueError(f"Flora cannot step a parameter with placement {pl} (shape {tuple(p.shape)}); "
+                             "expected Shard(0) or Replicate()")
+    if len(shard_dims) > 1:
+        raise ValueError(f"Flora steps parameters sharded over one mesh dimension; got placements {placements}")
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+    if not shard_dims:
+        return Layout(None, 0, p.shape[0] if p.dim() else 1, mesh, placements, tuple(p.shape))
+    return Layout(mesh.get_group(shard_dims[0]), offset[0] if offset else 0,
+                  local_shape[0] if local_shape else 1, mesh, placements, tuple(p.shape))
+
+
+def _wrap(local: torch.Tensor, lay: Layout, global_shape, sharded: bool):
+    """A state tensor as a DTensor: sharded like the parameter's rows, or whole on every
+    rank (``Replicate``)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    placements = lay.placements if sharded else tuple(Replicate() for _ in lay.placements)
+    global_shape = torch.Size(global_shape)
+    stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
+    return DTensor.from_local(local, lay.mesh, placements, run_check=False, shape=global_shape, stride=stride)
+
+
+def momentum_dim(shape, group: dict) -> int | None:
+    """The projected dimension of a sharded parameter's momentum: ``proj_dim`` when given;
+    ``"auto"`` takes the unsharded one (1) when it compresses, else the usual rule."""
+    kw = dict(max_aspect_ratio=group["max_aspect_ratio"])
+    if group["proj_dim"] == "auto":
+        dim = compressed_dim(shape, group["rank"], proj_dim=1, **kw)
+        if dim is not None:
+            return dim
+    return compressed_dim(shape, group["rank"], proj_dim=group["proj_dim"], **kw)
+
+
+def init_state(state: dict, p, group: dict) -> None:
+    """Flora's state for a DTensor parameter: DTensors, sharded where they follow the rows."""
+    lay = layout(p)
+    g = p.grad.to_local()
+    shape, dtype, dev = tuple(p.shape), state_dtype(g.dtype), g.device
+    if not state:
+        state["step"] = 0
+        if len(shape) >= 2:
+            state["exp_avg_sq_row"] = _wrap(torch.zeros(g.shape[:-1], dtype=dtype, device=dev), lay, shape[:-1], True)
+            col_shape = shape[:-2] + shape[-1:]
+            if len(shape) == 2:  # a column's sum runs over every shard's rows: whole on each rank
+                state["exp_avg_sq_col"] = _wrap(torch.zeros(col_shape, dtype=dtype, device=dev), lay, col_shape, False)
+            else:  # factored per index of dim 0: local
+                local = g.shape[:-2] + g.shape[-1:]
+                state["exp_avg_sq_col"] = _wrap(torch.zeros(local, dtype=dtype, device=dev), lay, col_shape, True)
+        else:
+            state["exp_avg_sq"] = _wrap(torch.zeros(g.shape, dtype=dtype, device=dev), lay, shape, True)
+    if group["beta1"] is None or "exp_avg" in state or "exp_avg_c" in state:
+        return
+    dim = momentum_dim(shape, group)
+    if dim is None:
+        state["exp_avg"] = _wrap(torch.zeros(g.shape, dtype=dtype, device=dev), lay, shape, True)
+        return
+    full = compressed_shape(shape, group["rank"], dim)
+    if dim == 1:  # n x r: rows follow the parameter's
+        state["exp_avg_c"] = _wrap(torch.zeros((g.shape[0], group["rank"]), dtype=dtype, device=dev), lay, full, True)
+    else:  # r x m: whole on every rank
+        state["exp_avg_c"] = _wrap(torch.zeros(full, dtype=dtype, device=dev), lay, full, False)
+    state["proj_dim"] = dim
+    state["proj_count"] = 0
+    state["proj_age"] = 0
+
+
+def _local(t):
+    return t.to_local() if is_dtensor(t) else t
+
+
+@dataclass
+class _Item:
+    p: Any
+    state: dict
+    group: dict
+    index: int
+    lay: Layout
+    g: torch.Tensor = None
+    p32: torch.Tensor = None
+    numel: int = 0
+    t: int = 0
+    beta2t: float = 0.0
+    new: dict = field(default_factory=dict)  # second-moment statistics before commit
+    parts1: list = field(default_factory=list)
+    parts2: list = field(default_factory=list)
+    r_factor: torch.Tensor | None = None
+    c_factor: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    cu: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    c_before: torch.Tensor | None = None
+
+
+def _allsum(items: list[_Item], attr: str, group) -> None:
+    """One all-reduce of every item's ``attr`` parts (float64, packed); the parts are
+    replaced by their sums over the shards."""
+    parts = [x for it in items for x in getattr(it, attr)]
+    if not parts:
+        return
+    flat = torch.cat([x.reshape(-1).to(torch.float64) for x in parts])
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    out = iter(flat.split([x.numel() for x in parts]))
+    for it in items:
+        setattr(it, attr, [next(out).view(x.shape) for x in getattr(it, attr)])
+
+
+def _projection_for(it: _Item, projections, count: int) -> torch.Tensor:
+    """The whole projection (drawn from the seed like a single process's), as a matrix
+    when the sharded rows are projected away (coordinates made one-hot, so that the
+    local rows' columns can be taken)."""
+    st, group = it.state, it.group
+    dim = st["proj_dim"]
+    size = matrix_shape(it.lay.shape)[dim]
+    c = _local(st["exp_avg_c"])
+    a = projections(group, [it.index], count, size, c.device, c.dtype, stacked=False)
+    if dim == 0 and is_coordinates(a):
+        a = torch.zeros(a.numel(), size, dtype=c.dtype, device=c.device).scatter_(1, a[:, None], 1.0)
+    return a
+
+
+def sharded_step(entries, *, projections, count_skip) -> None:
+    """One Flora step of the DTensor parameters in ``entries`` (``(p, state, group,
+    index)`` with initialised state), two all-reduces per process group."""
+    by_group: dict[Any, list[_Item]] = {}
+    for p, state, group, index in entries:
+        lay = layout(p)
+        by_group.setdefault(lay.group, []).append(_Item(p, state, group, index, lay))
+    for pg, items in by_group.items():
+        for it in items:
+            _phase1(it)
+        _allsum(items, "parts1", pg)
+        for it in items:
+            _phase2(it, projections)
+        _allsum(items, "parts2", pg)
+        for it in items:
+            _phase3(it, count_skip)
+
+
+def _phase1(it: _Item) -> None:
+    """Local statistics of the second moment (and |p|^2)."""
+    st, group = it.state, it.group
+    g = it.p.grad.to_local()
+    it.g = g.float() if g.dtype in _HALF else g
+    pl = it.p.to_local()
+    it.p32 = pl.float() if pl.dtype in _HALF else pl
+    it.numel = it.p.numel()
+    st["step"] += 1
+    it.t = st["step"]
+    it.beta2t = af.second_moment_decay(it.t, group["decay_rate"])
+    eps1 = group["eps"][0]
+    parts = [it.p32.square().sum() if group["scale_parameter"] else it.g.new_zeros(())]
+    if it.g.dim() >= 2:
+        sq = it.g.square().add_(eps1)
+        row = _local(st["exp_avg_sq_row"])
+        it.new["row"] = row.mul(it.beta2t).add_(sq.mean(dim=-1), alpha=(1.0 - it.beta2t))
+        if it.g.dim() == 2:
+            parts += [sq.sum(dim=0), it.new["row"].sum()]  # column sums over every shard's rows
+        else:
+            col = _local(st["exp_avg_sq_col"])
+            it.new["col"] = col.mul(it.beta2t).add_(sq.mean(dim=-2), alpha=(1.0 - it.beta2t))
+            bad = (~torch.isfinite(it.new["row"])).sum() + (~torch.isfinite(it.new["col"])).sum()
+            parts += [bad]
+        del sq
+    else:
+        sq_avg = _local(st["exp_avg_sq"])
+        it.new["sq"] = sq_avg.mul(it.beta2t).add_(it.g.square().add_(eps1), alpha=(1.0 - it.beta2t))
+        parts += [(~torch.isfinite(it.new["sq"])).sum()]
+    it.parts1 = parts
+
+
+def _update(it: _Item) -> torch.Tensor:
+    """Adafactor's normalised update of the local rows (not yet masked, clipped or scaled)."""
+    if it.g.dim() >= 2:
+        return torch.mul(it.r_factor, it.c_factor).mul_(it.g)
+    return torch.rsqrt(it.new["sq"]).mul_(it.g)
+
+
+def _phase2(it: _Item, projections) -> None:
+    """With the factors' global sums: the local update, |u|^2 and the compressed terms."""
+    st, group = it.state, it.group
+    n = it.lay.shape[0]
+    if it.g.dim() == 2:
+        _, col_sum, row_sum = it.parts1
+        col = _local(st["exp_avg_sq_col"])
+        it.new["col"] = col.mul(it.beta2t).add_((col_sum / n).to(col.dtype), alpha=(1.0 - it.beta2t))
+        it.new["row_sum"] = row_sum
+        it.r_factor = (it.new["row"] / (row_sum / n).to(col.dtype)).rsqrt_().unsqueeze(-1)
+        it.c_factor = it.new["col"].unsqueeze(-2).rsqrt()
+    elif it.g.dim() > 2:
+        it.r_factor = (it.new["row"] / it.new["row"].mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        it.c_factor = it.new["col"].unsqueeze(-2).rsqrt()
+    u = _update(it)
+    parts = [u.square().sum()]
+    if group["beta1"] is not None and "exp_avg_c" in st:
+        c = _local(st["exp_avg_c"])
+        dim = st["proj_dim"]
+        a = _projection_for(it, projections, st["proj_count"])
+        if st["proj_age"] >= group["kappa"]:  # resample before this step's terms, as one process does
+            st["proj_count"] += 1
+            st["proj_age"] = 0
+            a_new = _projection_for(it, projections, st["proj_count"])
+            c.copy_(transfer(c, a, a_new, dim))
+            a = a_new
+        st["proj_age"] += 1
+        it.c_before = c.clone()
+        um = u.reshape(u.shape[0], math.prod(u.shape[1:]))
+        if dim == 1:  # local rows of an n x r momentum: sum the terms
+            it.a = a
+            it.cu = compress(um, a, 1)
+            parts += [compressed_terms(c, it.cu, a, 1, isometric=group["projection"] != "gaussian",
+                                       dtype=torch.float64)]
+        else:  # the local rows' share of A u: sum it into A u
+            it.a = a[:, it.lay.offset:it.lay.offset + um.shape[0]]
+            it.full_a = a
+            parts += [it.a @ um]
+    if it.g.dim() == 1:
+        it.u = u  # 1-D: small, kept
+    it.parts2 = parts
+
+
+def _phase3(it: _Item, count_skip) -> None:
+    """With the global |u|^2 and terms: commit the factors, clip, momentum, apply."""
+    st, group = it.state, it.group
+    p1, p2 = it.parts1, it.parts2
+    u_sq = p2[0]
+    ok = torch.isfinite(u_sq)
+    if it.g.dim() == 2:
+        ok = ok & torch.isfinite(it.new["row_sum"]) & torch.isfinite(it.new["col"]).all()
+    else:
+        ok = ok & (p1[-1] == 0)
+    if it.g.dim() >= 2:
+        for key, name in (("row", "exp_avg_sq_row"), ("col", "exp_avg_sq_col")):
+            s = _local(st[name])
+            s.copy_(torch.where(ok, it.new[key], s))
+    else:
+        s = _local(st["exp_avg_sq"])
+        s.copy_(torch.where(ok, it.new["sq"], s))
+    count_skip(ok)
+    u = it.u if it.u is not None else _update(it)
+    u.masked_fill_(~ok, 0.0)
+    u_sq = torch.where(ok, u_sq, 0.0)
+    eps2 = group["eps"][1]
+    prms = (p1[0] / it.numel).sqrt().to(it.p32.dtype)
+    lr = af.step_size(group["lr"], it.t, prms, eps2=eps2, relative_step=group["relative_step"],
+                      warmup_init=group["warmup_init"], scale_parameter=group["scale_parameter"])
+    beta1 = group["beta1"]
+    sign = None
+    if beta1 is not None and "exp_avg_c" in st:
+        c = _local(st["exp_avg_c"])
+        dim = st["proj_dim"]
+        isometric = group["projection"] != "gaussian"
+        um = u.reshape(u.shape[0], math.prod(u.shape[1:]))
+        # Where the step is skipped, C(u) and its terms may hold NaN: zero them (selected,
+        # not multiplied), so that the update comes out exactly 0 as on one process.
+        if dim == 1:
+            cu, terms = torch.where(ok, it.cu, 0.0), torch.where(ok, p2[1], 0.0)
+        else:
+            cu = torch.where(ok, p2[1].to(c.dtype), 0.0)
+            terms = compressed_terms(c, cu, it.full_a, 0, isometric=isometric, dtype=torch.float64)
+        compressed_apply_(group["momentum_form"], c, um, cu, it.a, dim, beta1, lr, group["clip_threshold"],
+                          u_sq=u_sq, terms=terms, numel=it.numel, isometric=isometric,
+                          bias_correction=1.0 - beta1 ** it.t, ok=ok)
+        c.copy_(torch.where(ok, c, it.c_before))
+        update = u
+    else:
+        rms = (u_sq / it.numel).sqrt().to(u.dtype)
+        update = u.div_((rms / group["clip_threshold"]).clamp_(min=1.0)).mul_(lr)
+        if beta1 is not None:
+            m = _local(st["exp_avg"])
+            dense_momentum_(m, update, torch.where(ok, torch.full((), beta1, dtype=m.dtype, device=m.device), 1.0),
+                            alpha=1 - beta1)
+            update, sign = None, torch.where(ok, -1.0, 0.0)
+    wd = group["weight_decay"]
+    p32 = it.p32
+    if wd != 0:
+        if isinstance(lr, torch.Tensor):
+            p32.addcmul_(torch.where(ok, p32, 0.0), lr, value=-wd)
+        else:
+            p32.add_(torch.where(ok, p32, 0.0), alpha=(-wd * lr))
+    if update is None:
+        p32.addcmul_(_local(st["exp_avg"]), sign)
+    else:
+        p32.sub_(update)
+    pl = it.p.to_local()
+    if p32 is not pl:
+        pl.copy_(p32)
+
+
+__all__ = ["is_dtensor", "layout", "init_state", "sharded_step", "momentum_dim"]

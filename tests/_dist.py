@@ -1,0 +1,55 @@
+"""Running scenarios on 2 CPU processes with gloo: one spawn runs many scenarios; each
+returns a dict of tensors and plain values per rank, read back through a file."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world: int, init: str, out: str, module: str, names: list[str]) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    # A scenario that fails on one rank must not leave the other waiting forever.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    import importlib
+
+    mod = importlib.import_module(module)
+    results = {}
+    for name in names:
+        try:
+            results[name] = getattr(mod, name)(rank, world)
+        except Exception:  # reported by the test that reads it
+            results[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def spawn(module: str, names: list[str], world: int = 2) -> list[dict]:
+    """Run the functions ``names`` of ``module`` (each ``f(rank, world) -> dict``) in
+    ``world`` processes; returns each rank's results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init = "file://" + os.path.join(tmp, "init")
+        ctx = mp.start_processes(_worker, args=(world, init, tmp, module, names), nprocs=world,
+                                 start_method="spawn", join=True)
+        del ctx
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def check(results: list[dict], name: str) -> list[dict]:
+    """Every rank's result of scenario ``name``, failing with the rank's traceback."""
+    out = []
+    for r, res in enumerate(results):
+        got = res[name]
+        if "error" in got:
+            raise AssertionError(f"rank {r}, scenario {name}:\n{got['error']}")
+        out.append(got)
+    return out

@@ -1,0 +1,158 @@
+"""Flora under torch's own engines, on 2 CPU processes with gloo: FSDP2 (fully_shard) and
+DDP equal one process; the collectives of a sharded step are counted; checkpoints move
+between 2 processes and 1 with torch.distributed.checkpoint; accelerate's FSDP2 parameter
+swap; DeepSpeed ZeRO partitions are refused. The scenarios are in dist_scenarios.py."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import dist_scenarios as S
+from _dist import check, spawn
+from flora import Flora
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+SCENARIOS = ["fsdp_equals_one_process", "fsdp_nonfinite_gradient", "fsdp_shard1_refused", "accelerate_switch",
+             "ddp_flora", "ddp_accumulator", "ddp_fused_accumulator_refused"]
+TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return spawn("dist_scenarios", SCENARIOS)
+
+
+@pytest.mark.parametrize("case", list(S.FSDP_CASES))
+def test_fsdp2_equals_one_process(results, case):
+    """Every rank's full parameters after 5 steps equal one process's (the reference uses
+    the proj_dim the sharded run used): uneven (6 + 5 rows) and empty (1 + 0) shards, a
+    3-D parameter, 1-D ones; rank=None, proj_dim 0 and 1, "auto", every projection."""
+    for r in check(results, "fsdp_equals_one_process"):
+        assert r[case]["diff"] <= TOL, (case, r[case]["diff"])
+
+
+def test_fsdp2_step_is_two_all_reduces(results):
+    """The design: one all-reduce of the second moment's sums (and |p|^2) before the update
+    exists, one of |u|^2 and the momentum's terms after; nothing else, every step."""
+    for r in check(results, "fsdp_equals_one_process"):
+        for case, res in r.items():
+            assert res["counts"] == [{"c10d.allreduce_": 2}] * S.STEPS, case
+
+
+def test_fsdp2_state_is_sharded_where_the_rows_are(results):
+    r = check(results, "fsdp_equals_one_process")[0]
+    auto = r["auto"]["state"]
+    w = auto["a.weight"]  # 11 x 12, "auto" under FSDP2: the unsharded columns are projected away
+    assert w["proj_dim"] == 1
+    assert w["exp_avg_c"] == ("DTensor", "(Shard(dim=0),)")
+    assert w["exp_avg_sq_row"] == ("DTensor", "(Shard(dim=0),)")
+    assert w["exp_avg_sq_col"] == ("DTensor", "(Replicate(),)")  # a sum over every shard's rows
+    assert auto["a.bias"]["exp_avg"] == ("DTensor", "(Shard(dim=0),)")
+    c = auto["c"]  # 3-D: factored per index of dim 0, so both factors follow the rows
+    assert c["exp_avg_sq_col"] == ("DTensor", "(Shard(dim=0),)")
+    dim0 = r["proj_dim0"]["state"]["a.weight"]
+    assert dim0["proj_dim"] == 0 and dim0["exp_avg_c"] == ("DTensor", "(Replicate(),)")
+
+
+def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_parameter_everywhere(results):
+    for r in check(results, "fsdp_nonfinite_gradient"):
+        assert r == {"a_unchanged": True, "b_moved": True, "skips": 1, "finite": True}
+
+
+def test_fsdp2_shard1_is_refused_before_any_change(results):
+    for r in check(results, "fsdp_shard1_refused"):
+        assert r["error_message"] and "Shard(dim=1)" in r["error_message"] and "dim 0" in r["error_message"]
+        assert r["unchanged"] and r["state_empty"]
+
+
+def test_accelerate_fsdp2_parameter_swap(results):
+    for r in check(results, "accelerate_switch"):
+        assert r["diff"] <= TOL
+
+
+def test_ddp_equals_one_process(results):
+    for r in check(results, "ddp_flora"):
+        assert r["diff"] <= TOL
+
+
+def test_ddp_compressed_accumulator_with_no_sync_equals_one_process(results):
+    for r in check(results, "ddp_accumulator"):
+        assert r["diff"] <= TOL
+
+
+def test_ddp_fused_accumulation_is_refused(results):
+    for r in check(results, "ddp_fused_accumulator_refused"):
+        assert r["error_message"] and "DistributedDataParallel" in r["error_message"]
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _one_process(opts, batches, start, stop, ckpt_in=None, ckpt_out=None):
+    model = S._net()
+    opt = Flora(model.parameters(), **opts)
+    if ckpt_in:
+        S._dcp_load(model, opt, ckpt_in)
+    for x, y in batches[start:stop]:
+        opt.zero_grad()
+        S._loss(model, x, y).backward()
+        opt.step()
+    if ckpt_out:
+        S._dcp_save(model, opt, ckpt_out)
+    return model
+
+
+def test_checkpoint_moves_between_two_processes_and_one(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint: 2 processes save after 3 steps, 1 process loads and
+    finishes; 1 process saves after 3 steps, 2 processes load and finish. Both equal a run
+    that never stopped. One process uses proj_dim=1, the dimension "auto" takes under
+    FSDP2: DCP loads into tensors the loading optimizer allocates."""
+    monkeypatch.setenv("FLORA_TEST_CKPT", str(tmp_path))
+    batches = S._batches()
+    opts = {**S.OPTS, "proj_dim": 1}
+    ref, _ = S._train_single(opts, batches)
+
+    check(spawn("dist_scenarios", ["fsdp_checkpoint_save"]), "fsdp_checkpoint_save")
+    resumed = _one_process(opts, batches, 3, S.STEPS, ckpt_in=str(tmp_path / "two"))
+    for (n, a), b in zip(ref.named_parameters(), resumed.parameters()):
+        assert (a - b).abs().max().item() <= TOL, n
+
+    _one_process(opts, batches, 0, 3, ckpt_out=str(tmp_path / "one"))
+    for r in check(spawn("dist_scenarios", ["fsdp_checkpoint_load"]), "fsdp_checkpoint_load"):
+        assert r["diff"] <= TOL
+        assert r["steps_loaded"] == [3] * len(r["steps_loaded"])
+
+
+def test_relative_step_lr_zero_is_an_empty_step():
+    """What DCP's state helpers do to a fresh optimizer: lr=0 in every group, one step."""
+    p = nn.Parameter(torch.randn(4, 5))
+    opt = Flora([p], rank=2, beta1=0.9)  # relative_step=True, lr=None
+    opt.param_groups[0]["lr"] = 0.0
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(p, before) and opt.state[p]["step"] == 1
+    with pytest.raises(ValueError, match="lr must be None"):
+        Flora([p], lr=1e-3, relative_step=True)
+
+
+# ------------------------------------------------------------------ DeepSpeed
+
+
+def test_deepspeed_partitions_are_refused():
+    """DeepSpeed ZeRO marks the flat partitions it hands optimizers (ds_shape, ds_id)."""
+    p = nn.Parameter(torch.randn(12))
+    p.ds_shape, p.ds_id = torch.Size([3, 4]), 0
+    with pytest.raises(ValueError, match=r"DeepSpeed.*\(3, 4\).*FSDP2"):
+        Flora([p], lr=1e-3)
+    q = nn.Parameter(torch.randn(12))
+    opt = Flora([q], lr=1e-3)
+    q.ds_id = 7  # attached after the optimizer was built (ZeRO-1/2 swap the groups' tensors)
+    q.grad = torch.randn_like(q)
+    before = q.detach().clone()
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        opt.step()
+    assert torch.equal(q, before) and not opt.state[q]
