@@ -294,3 +294,51 @@ def ddp_fused_accumulator_refused(rank, world):
     except (TypeError, ValueError) as e:
         return {"error_message": str(e)}
     return {"error_message": None}
+
+
+# ------------------------------------------------------------------ the accumulator under FSDP2
+
+
+def fsdp_accumulator(rank, world):
+    """CompressedAccumulator(tau=2) on a fully_shard model: each micro-batch's gradient
+    arrives as this rank's rows after the reduce-scatter and is compressed there; equal to
+    one process accumulating the same micro-batches (proj_dim=1, what "auto" takes under
+    FSDP2), over two cycles and a short third one closed by the step."""
+    tau, opts = 2, {**OPTS, "proj_dim": 1}
+    batches = _batches(2 * tau + 1)
+    out = {}
+    for exact_last in (True, False):
+        model = _fsdp(_net())
+        opt = Flora(model.parameters(), **opts)
+        acc = CompressedAccumulator(model, rank=3, tau=tau, optimizer=opt, seed=5, exact_last=exact_last)
+        for i, (x, y) in enumerate(batches):
+            n = x.shape[0] // world
+            (_loss(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]) / tau).backward()
+            if (i + 1) % tau == 0 or i == len(batches) - 1:
+                opt.step()
+                opt.zero_grad()
+        ref = _net()
+        ropt = Flora(ref.parameters(), **opts)
+        racc = CompressedAccumulator(ref, rank=3, tau=tau, optimizer=ropt, seed=5, proj_dim=1, exact_last=exact_last)
+        for i, (x, y) in enumerate(batches):
+            (_loss(ref, x, y) / tau).backward()
+            if (i + 1) % tau == 0 or i == len(batches) - 1:
+                ropt.step()
+                ropt.zero_grad()
+        got = _full(model)
+        plan = {r["name"]: r.get("proj_dim") for r in acc.plan()}
+        out[f"exact_last={exact_last}"] = {
+            "diff": max((got[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters()),
+            "plan": plan}
+        acc.remove()
+        racc.remove()
+    errors = {}
+    for kw in (dict(proj_dim=0), dict(fused=True), dict(reduce=True)):
+        model = _fsdp(_net())
+        try:
+            CompressedAccumulator(model, rank=3, tau=2, optimizer=Flora(model.parameters(), **OPTS), **kw)
+            errors[str(kw)] = None
+        except ValueError as e:
+            errors[str(kw)] = str(e)
+    out["errors"] = errors
+    return out

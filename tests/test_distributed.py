@@ -16,7 +16,7 @@ from flora import Flora
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_nonfinite_gradient", "fsdp_shard1_refused", "accelerate_switch",
-             "ddp_flora", "ddp_accumulator", "ddp_fused_accumulator_refused"]
+             "ddp_flora", "ddp_accumulator", "ddp_fused_accumulator_refused", "fsdp_accumulator"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -86,6 +86,17 @@ def test_ddp_compressed_accumulator_with_no_sync_equals_one_process(results):
 def test_ddp_fused_accumulation_is_refused(results):
     for r in check(results, "ddp_fused_accumulator_refused"):
         assert r["error_message"] and "DistributedDataParallel" in r["error_message"]
+
+
+def test_fsdp2_compressed_accumulator_equals_one_process(results):
+    for r in check(results, "fsdp_accumulator"):
+        for case in ("exact_last=True", "exact_last=False"):
+            assert r[case]["diff"] <= TOL, (case, r[case]["diff"])
+            plan = r[case]["plan"]
+            assert plan["a.weight"] == 1 and plan["c"] == 1  # the unsharded columns, compressed locally
+        errors = r["errors"]
+        assert "unsharded columns" in errors["{'proj_dim': 0}"]
+        assert "fused=True" in errors["{'fused': True}"] and "FSDP2" in errors["{'reduce': True}"]
 
 
 # ------------------------------------------------------------------ checkpoints

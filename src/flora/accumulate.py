@@ -33,6 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._validation import check_nonneg_int, check_positive_int, check_real
 from .compression import PROJ_DIMS, compressed_dim
 from .optimizer import Flora
+from .sharded import is_dtensor, layout
 from .projection import (
     as_matrix,
     compress,
@@ -62,6 +63,7 @@ _ATTACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def accumulate_compressed_(buf: torch.Tensor | None, g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     """``buf + compress(g)`` in float32 (float64 for float64 gradients), in place into
     ``buf`` (None starts a new sum)."""
+    g = _local(g)  # FSDP2: this rank's rows, after the reduce-scatter
     c = compress(g.to(state_dtype(g.dtype)), a, dim)
     return c if buf is None else buf.add_(c)
 
@@ -70,7 +72,9 @@ def write_estimate_(grad: torch.Tensor, buf: torch.Tensor, a: torch.Tensor, dim:
     """``grad <- decompress(buf) (+ grad when add)``, in place.
 
     A float32 contiguous gradient is updated without an n x m temporary (one matmul
-    accumulating into it); other dtypes are computed in float32 and rounded once."""
+    accumulating into it); other dtypes are computed in float32 and rounded once. A
+    DTensor gradient (FSDP2) gets its local rows' estimate."""
+    grad = _local(grad)
     if grad.dtype == buf.dtype and grad.is_contiguous():
         gm = as_matrix(grad)  # a view, since grad is contiguous
         if not add:
@@ -141,6 +145,10 @@ def _named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
             seen.add(id(p))
             named.append((f"params.{i}", p))
     return named
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _is_ddp(module) -> bool:
@@ -296,7 +304,11 @@ class CompressedAccumulator:
                 continue
             if p.is_complex():
                 raise TypeError(f"parameter {name!r} is complex: CompressedAccumulator supports real tensors only")
-            dim = None if id(p) in excluded else compressed_dim(tuple(p.shape), rank, proj_dim=proj_dim,
+            pd = proj_dim
+            if is_dtensor(p):  # FSDP2: project the unsharded columns (see _check_sharded)
+                self._check_sharded(name, p, rank, proj_dim, max_aspect_ratio, fused=fused, reduce=reduce)
+                pd = 0 if proj_dim == 0 else 1
+            dim = None if id(p) in excluded else compressed_dim(tuple(p.shape), rank, proj_dim=pd,
                                                                 max_aspect_ratio=max_aspect_ratio)
             slots.append(_Slot(index, name, p, dim))
         if not slots:
@@ -386,6 +398,25 @@ class CompressedAccumulator:
             else:
                 raise TypeError(f"exclude must hold parameter names or tensors, got {type(e).__name__}")
         return out
+
+    @staticmethod
+    def _check_sharded(name, p, rank, proj_dim, max_aspect_ratio, *, fused: bool, reduce: bool) -> None:
+        """FSDP2 parameters: the hooks see this rank's rows after the reduce-scatter and
+        compress them on their own, which needs the projected dimension to be the
+        unsharded one (1, the columns; "auto" takes it)."""
+        layout(p)  # Shard(0) or Replicate, else a clear error
+        if fused:
+            raise ValueError(f"fused=True is not supported for FSDP2 (DTensor) parameters such as {name!r}: "
+                             "flora.Flora steps them together in step(), summing Adafactor's factors over the "
+                             "shards; use normal mode")
+        if reduce:
+            raise ValueError(f"reduce=True is for replicas (DDP or none); {name!r} is an FSDP2 (DTensor) "
+                             "parameter, whose gradients FSDP2 already reduce-scatters")
+        if proj_dim == 0 and compressed_dim(tuple(p.shape), rank, proj_dim=0,
+                                            max_aspect_ratio=max_aspect_ratio) is not None:
+            raise ValueError(f"proj_dim=0 projects away the rows that FSDP2 shards ({name!r}, shape "
+                             f"{tuple(p.shape)}): each rank would hold a part of every compressed sum. Use "
+                             "proj_dim=1 or 'auto' (which takes the unsharded columns under FSDP2)")
 
     def _check_fused_optimizer(self, slots: list[_Slot]) -> None:
         # Stepping the whole optimizer for one parameter is only right if every other

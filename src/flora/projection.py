@@ -169,7 +169,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """View a tensor of two or more dims as ``(shape[0], rest)``."""
-    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+    return t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))  # -1 fails on 0 rows
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
