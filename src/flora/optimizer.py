@@ -157,10 +157,12 @@ class Flora(Optimizer):
         max_aspect_ratio: leave tensors with ``max(n, m) / min(n, m)`` above this dense;
             None compresses every shape (embeddings included).
         cache_projections: keep each parameter's current projection on its device until
-            the next resample instead of redrawing it every step: faster on GPUs, where
-            drawing on the CPU generator is up to a third of the step, for extra memory
-            of ``r * min(n, m)`` per compressed tensor (at most its momentum's size). The
-            cache is not part of the state and changes no result.
+            the next resample instead of redrawing it every step (the default): drawing
+            and, for orthonormal rows, a QR every step cost 9% of a rank-32 step on
+            SmolLM2's shapes on a CPU, up to a third on a GPU. It costs
+            ``r * min(n, m)`` floats per compressed tensor (at most its momentum's size;
+            ``flora.cache_bytes``); False redraws instead. The cache is not part of the
+            state and changes no result.
         foreach: True: step parameters of equal shape, dtype, device and counters
             together, stacked, a few batched kernels per bucket
             (``flora.functional.grouped_step``); False: one parameter at a time
@@ -203,7 +205,7 @@ class Flora(Optimizer):
         momentum_form: str = "scaled",
         projection: str = "orthonormal",
         max_aspect_ratio: float | None = None,
-        cache_projections: bool = False,
+        cache_projections: bool = True,
         foreach: bool | None = None,
         momentum: str | None = None,
     ):
