@@ -532,16 +532,18 @@ def test_counter_sees_all_reduces_launched_from_callbacks(replicas):
                                                                      "matplotlib")),
                     reason="needs the bench extra")
 def test_bench_comm_smoke(tmp_path):
+    from flora.bench import comm
     from flora.bench.__main__ import main
 
     assert main(["comm", "--size", "smoke", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    rows = {(r["config"], r["optimizer"]): r for r in res["runs"]}
+    rows = {(r["config"], r["optimizer"], r["lr"]): r for r in res["runs"]}
     configs = ["ddp", "hook-r4", "hook-r8", "acc-r8", "powersgd-r3", "powersgd-r5"]
-    assert list(rows) == [(c, o) for c in configs for o in ("adamw", "flora-r32")]
-    for (config, _), r in rows.items():
+    grids = {"adamw": (1e-3, 3e-3), "flora-r32": (3e-3, 1e-2)}
+    assert list(rows) == [(c, o, lr) for c in configs for o, g in grids.items() for lr in g]
+    for (config, _, _), r in rows.items():
         assert r["status"] == "ok", r
-        assert math.isfinite(r["val_loss"]) and r["replicas_max_diff"] == 0.0
+        assert math.isfinite(r["val_loss"]) and math.isfinite(r["test_loss"]) and r["replicas_max_diff"] == 0.0
         assert len(r["bytes_per_step_all"]) == r["steps"] == 4
         if config == "ddp":
             assert r["bytes_per_step"] == r["expected_bytes_per_step"] == res["meta"]["dense_bytes"]
@@ -550,11 +552,34 @@ def test_bench_comm_smoke(tmp_path):
             assert r["allreduces_per_step"] == 1
         else:
             assert r["allreduces_per_step"] == 3 and r["bytes_first_step"] == res["meta"]["dense_bytes"]
-    assert rows[("powersgd-r3", "adamw")]["matches"] == 4
+    assert rows[("powersgd-r3", "adamw", 1e-3)]["matches"] == 4
+    # one summary row per (configuration, optimizer), at the lr with the best validation loss
+    summary = comm.summarize(res["runs"])
+    assert [(r["config"], r["optimizer"]) for r in summary] == [(c, o) for c in configs for o in grids]
+    for r in summary:
+        runs = [x for x in res["runs"] if (x["config"], x["optimizer"]) == (r["config"], r["optimizer"])]
+        assert r["val_loss"] == min(x["val_loss"] for x in runs) and r["lrs"] == list(grids[r["optimizer"]])
+        assert r["edge"]  # a grid of two: the best is always an end
     for name in ("results.csv", "results.md", "comm.png"):
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "results.md").read_text()
-    assert "Goals (issue 12)" in md and "hook-r8 adamw" in md
+    assert "Goals (issue 12)" in md and "hook-r8 adamw" in md and "Every run:" in md
+
+
+def test_bench_comm_summary_picks_the_best_validation_loss_and_skips_failures():
+    from flora.bench import comm
+
+    rows = [dict(config="ddp", optimizer="adamw", lr=1e-3, status="ok", val_loss=2.0),
+            dict(config="ddp", optimizer="adamw", lr=3e-3, status="ok", val_loss=1.9),
+            dict(config="ddp", optimizer="adamw", lr=1e-2, status="diverged"),
+            dict(config="hook-r8", optimizer="adamw", lr=1e-3, status="ok", val_loss=float("nan")),
+            dict(config="hook-r8", optimizer="adamw", lr=3e-3, status="ok", val_loss=2.5),
+            dict(config="hook-r8", optimizer="adamw", lr=1e-2, status="ok", val_loss=2.4),
+            dict(config="acc-r8", optimizer="adamw", lr=1e-3, status="failed: X")]
+    s = comm.summarize(rows)
+    assert [(r["config"], r["lr"], r["edge"]) for r in s] == [("ddp", 3e-3, False), ("hook-r8", 1e-2, True),
+                                                             ("acc-r8", 1e-3, False)]
+    assert s[2]["status"] == "failed: X"
 
 
 # ------------------------------------------------------------------ bad options (no processes)

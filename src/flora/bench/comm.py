@@ -12,15 +12,18 @@ same global batches, each replica on its share of the rows, with:
   feedback and warm start on, its defaults), P chosen per Flora rank so that both send
   about the same bytes: Flora sends ``R x max(n, m)`` per matrix, PowerSGD ``P (n + m)``;
 
-each with AdamW and with ``flora.Flora`` (default form) as the optimizer, fixed lrs and
-the train subcommand's warm-up + cosine schedule. Bytes are measured, not computed: every
+each with AdamW and with ``flora.Flora`` (default form) as the optimizer, on a small lr
+grid each (the compression noise inflates the optimizers' second moments, so compressed
+runs may want a larger lr than dense ones), with the train subcommand's warm-up + cosine
+schedule. Every configuration is reported at the lr with the best validation loss, with
+its test loss. Bytes are measured, not computed: every
 collective that passes the dispatcher during backward and step (DDP's C++ reducer and the
 hooks alike) is counted by ``flora.distributed.CollectiveCounter``; a step's bytes are the
 sizes of the buffers all-reduced (each replica sends and receives about twice that in a
-ring). Final loss: the validation split of the pretrain task, scored on replica 0 (both
-replicas hold the same weights; the largest difference is reported).
+ring). Final losses: the validation and test splits of the pretrain task, scored on
+replica 0 (both replicas hold the same weights; the largest difference is reported).
 
-    flora-bench comm                          # quick: about 8 minutes on 2 shared cores
+    flora-bench comm                          # quick: about 5 minutes on 2 busy cores
     flora-bench comm --size smoke             # a tiny Llama, seconds (the tests run it)
 
 Writes results.json, results.csv, results.md and comm.png to ``--out``."""
@@ -60,7 +63,8 @@ SIZES = {
     "quick": CommSize(size="quick", steps=120, batch=8, ranks=(8, 32), eval_batches=8),
     "smoke": CommSize(size="smoke", steps=4, batch=4, ranks=(4, 8), eval_batches=2),
 }
-OPTIMIZERS = {"adamw": 1e-3, "flora-r32": 1e-2}  # lrs: each one's best on quick pretrain (docs/results.md)
+# lr grids: around each one's best on quick pretrain (docs/results.md), one step up
+OPTIMIZERS = {"adamw": (1e-3, 3e-3), "flora-r32": (3e-3, 1e-2)}
 ACC_TAU = 2
 BUCKET_MB = 256  # one DDP bucket (the quick model's gradient is 3.3 MB)
 CONFIG_FORMS = ("ddp", "hook-rR", "acc-rR", "powersgd-rP")
@@ -115,8 +119,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "acc at the largest, PowerSGD matched)")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                    help="comma list of flora-bench optimizer names (default adamw,flora-r32), each with its lr "
-                        "(--lrs)")
-    p.add_argument("--lrs", default=None, help="comma list, one per optimizer (default 1e-3 for adamw, 1e-2 for Flora)")
+                        "grid (--lrs)")
+    p.add_argument("--lrs", default=None,
+                   help="one lr grid per optimizer, comma-separated, values of a grid separated by '/', e.g. "
+                        "1e-3/3e-3,3e-3/1e-2 (the default for adamw,flora-r32)")
     p.add_argument("--world", type=int, default=2, help="replicas (processes), default 2")
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -149,14 +155,15 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--optimizers: {o!r} is not offered here; valid: adamw, adafactor, adafactor-b0.9, flora-rR, "
                     "flora-rR-FORM[-PROJECTION]")
     if a.lrs is None:
-        a.lrs = [OPTIMIZERS.get(o, 1e-2 if o.startswith("flora") else 1e-3) for o in a.optimizers]
+        a.lrs = [OPTIMIZERS.get(o, OPTIMIZERS["flora-r32" if o.startswith("flora") else "adamw"])
+                 for o in a.optimizers]
     else:
         try:
-            a.lrs = [float(x) for x in a.lrs.split(",")]
+            a.lrs = [tuple(float(x) for x in grid.split("/")) for grid in a.lrs.split(",")]
         except ValueError:
-            p.error("--lrs takes comma-separated numbers")
+            p.error("--lrs takes lr grids: comma-separated, values of a grid separated by '/'")
         if len(a.lrs) != len(a.optimizers):
-            p.error(f"--lrs has {len(a.lrs)} values for {len(a.optimizers)} optimizers")
+            p.error(f"--lrs has {len(a.lrs)} grids for {len(a.optimizers)} optimizers")
     if a.configs is not None:
         a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
         for c in a.configs:
@@ -173,13 +180,13 @@ def task_config(a: argparse.Namespace) -> config.TaskConfig:
 
 
 def plan(a: argparse.Namespace, shapes) -> list[CommRun]:
-    """Every configuration with every optimizer, a configuration at a time."""
+    """Every configuration with every optimizer and lr, a configuration at a time."""
     if a.configs is not None:
         configs = [(c, None) for c in a.configs]
     else:
         configs = [("ddp", None)] + [(f"hook-r{r}", None) for r in a.ranks] + [(f"acc-r{max(a.ranks)}", None)]
         configs += [(f"powersgd-r{powersgd_rank(shapes, r)}", r) for r in a.ranks]
-    return [CommRun(c, o, lr, m) for c, m in configs for o, lr in zip(a.optimizers, a.lrs)]
+    return [CommRun(c, o, lr, m) for c, m in configs for o, grid in zip(a.optimizers, a.lrs) for lr in grid]
 
 
 # ------------------------------------------------------------------ the replicas
@@ -282,6 +289,7 @@ def _train(rank: int, world: int, run: CommRun, cfg: config.TaskConfig, cache: s
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MAX)
     val = task.evaluate(model, "val", "cpu")["loss"] if rank == 0 else None
+    test = task.evaluate(model, "test", "cpu")["loss"] if rank == 0 else None
     if acc is not None:
         acc.remove()
     steady = per_step[2:] or per_step  # PowerSGD compresses from step 2 on, DDP rebuilds its buckets at step 1
@@ -294,7 +302,7 @@ def _train(rank: int, world: int, run: CommRun, cfg: config.TaskConfig, cache: s
         "collective_bytes_total": sum(t for _, _, t in per_step),
         "bytes_per_step_all": [b for _, b, _ in per_step],
         "expected_bytes_per_step": expected, "dense_bytes_per_step": 4 * sum(math.prod(s) for s in shapes),
-        "val_loss": val, "train_loss": sum(tail) / len(tail), "train_curve": train_loss,
+        "val_loss": val, "test_loss": test, "train_loss": sum(tail) / len(tail), "train_curve": train_loss,
         "median_step_s": statistics.median(times[1:] or times),
         "replicas_max_diff": float((hi + lo).max()),
     }
@@ -308,17 +316,34 @@ def _line(r: dict, i: int, n: int) -> str:
     if r["status"] == "ok":
         what += (f", val loss {r['val_loss']:.4f}, {r['bytes_per_step'] / 1e3:.1f} kB/step in "
                  f"{r['allreduces_per_step']:g} all-reduce(s), step {r['median_step_s']:.2f} s")
-    return f"[{i}/{n}] {r['config']} {r['optimizer']}: {what} ({r['wall_s']:.0f} s)"
+    return f"[{i}/{n}] {r['config']} {r['optimizer']} lr {r['lr']:g}: {what} ({r['wall_s']:.0f} s)"
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (configuration, optimizer): its run at the lr with the best validation
+    loss, with ``lrs`` (the grid tried) and ``edge`` (the best lr is an end of a grid of two
+    or more). A configuration with no finished run is its first row (with why)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["optimizer"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        lrs = sorted(r["lr"] for r in runs)
+        ok = [r for r in runs if r["status"] == "ok" and r.get("val_loss") is not None
+              and math.isfinite(r["val_loss"])]
+        best = min(ok, key=lambda r: r["val_loss"]) if ok else runs[0]
+        out.append({**best, "lrs": lrs, "edge": len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]) and bool(ok)})
+    return out
 
 
 def _ok(rows):
     return [r for r in rows if r["status"] == "ok"]
 
 
-def goals(rows: list[dict]) -> list[str]:
-    """Issue 12's goals, each met or missed with its figures."""
+def goals(summary: list[dict]) -> list[str]:
+    """Issue 12's goals on the test loss at each configuration's best lr, met or missed."""
     out = []
-    ok = _ok(rows)
+    ok = _ok(summary)
     by = {(r["config"], r["optimizer"]): r for r in ok}
     for opt in dict.fromkeys(r["optimizer"] for r in ok):
         ddp = by.get(("ddp", opt))
@@ -328,52 +353,62 @@ def goals(rows: list[dict]) -> list[str]:
             ps = next((r for r in ok if r["optimizer"] == opt and r["config"].startswith("powersgd-")
                        and r.get("matches") == h["rank"]), None)
             if ps is not None:
-                met = h["val_loss"] < ps["val_loss"]
-                out.append(f"- {opt}, equal bytes: {h['config']} {h['val_loss']:.4f} "
-                           f"({h['bytes_per_step'] / 1e3:.1f} kB/step) vs {ps['config']} {ps['val_loss']:.4f} "
+                met = h["test_loss"] < ps["test_loss"]
+                out.append(f"- {opt}, equal bytes: {h['config']} {h['test_loss']:.4f} "
+                           f"({h['bytes_per_step'] / 1e3:.1f} kB/step) vs {ps['config']} {ps['test_loss']:.4f} "
                            f"({ps['bytes_per_step'] / 1e3:.1f} kB/step): {'met' if met else 'MISSED'}")
         if ddp is not None and hooks:
             h = hooks[-1]
-            rel = h["val_loss"] / ddp["val_loss"] - 1
-            out.append(f"- {opt}, {h['config']} within 1% of plain DDP: {h['val_loss']:.4f} vs {ddp['val_loss']:.4f} "
-                       f"({100 * rel:+.2f}%): {'met' if rel <= 0.01 else 'MISSED'}")
+            rel = h["test_loss"] / ddp["test_loss"] - 1
+            out.append(f"- {opt}, {h['config']} within 1% of plain DDP: {h['test_loss']:.4f} vs "
+                       f"{ddp['test_loss']:.4f} ({100 * rel:+.2f}%): {'met' if rel <= 0.01 else 'MISSED'}")
     for r in ok:
         if r["config"].startswith(("hook-", "acc-")) and r["expected_bytes_per_step"] is not None:
             met = r["bytes_per_step"] <= r["expected_bytes_per_step"]
-            out.append(f"- {r['config']} {r['optimizer']}: {r['bytes_per_step']} B/step measured, compressed size "
-                       f"{r['expected_bytes_per_step']} B: {'met' if met else 'MISSED'}")
+            out.append(f"- {r['config']} {r['optimizer']}: {r['bytes_per_step']:.0f} B/step measured, compressed "
+                       f"size {r['expected_bytes_per_step']} B: {'met' if met else 'MISSED'}")
     return out
 
 
 def markdown(results: dict) -> str:
     m, rows = results["meta"], results["runs"]
+    summary = summarize(rows)
     lines = [f"# Compressed communication ({m['model']})", "", f"`{m['command']}`", "", core.meta_line(m), "",
              f"{m['world']} replicas (gloo), {m['steps']} steps of {m['global_batch']} x {m['seq']} bytes "
              f"(global), dense gradient {m['dense_bytes'] / 1e3:.1f} kB; bytes: the buffers all-reduced per step "
-             "(median over steps 3..end), counted at the dispatcher; val loss on replica 0.", ""]
-    ddp = {r["optimizer"]: r for r in _ok(rows) if r["config"] == "ddp"}
+             "(median over steps 3..end), counted at the dispatcher; losses on replica 0. Each configuration at "
+             "the lr of its grid with the best validation loss (* : an end of the grid), test loss reported.", ""]
+    ddp = {r["optimizer"]: r for r in _ok(summary) if r["config"] == "ddp"}
     table = []
-    for r in rows:
+    for r in summary:
+        tried = "/".join(f"{x:g}" for x in r["lrs"])
         if r["status"] != "ok":
-            table.append([r["config"], r["optimizer"], f"{r['lr']:g}"] + ["-"] * 7 + [r["status"]])
+            table.append([r["config"], r["optimizer"], tried] + ["-"] * 8 + [r["status"]])
             continue
         base = ddp.get(r["optimizer"])
-        vs = "-" if base is None else f"{100 * (r['val_loss'] / base['val_loss'] - 1):+.2f}%"
+        vs = "-" if base is None else f"{100 * (r['test_loss'] / base['test_loss'] - 1):+.2f}%"
         note = f"matches hook-r{r['matches']}" if r.get("matches") else ""
-        table.append([r["config"], r["optimizer"], f"{r['lr']:g}", f"{r['allreduces_per_step']:g}",
-                      f"{r['bytes_per_step'] / 1e3:.1f}",
+        table.append([r["config"], r["optimizer"], f"{r['lr']:g}{'*' if r['edge'] else ''} ({tried})",
+                      f"{r['allreduces_per_step']:g}", f"{r['bytes_per_step'] / 1e3:.1f}",
                       "-" if r["expected_bytes_per_step"] is None else f"{r['expected_bytes_per_step'] / 1e3:.1f}",
-                      f"{r['bytes_per_step'] / m['dense_bytes']:.3f}", f"{r['val_loss']:.4f}", vs,
-                      f"{r['median_step_s']:.3f}", note])
-    lines += core.markdown_table(["config", "optimizer", "lr", "all-reduces / step", "kB / step", "expected kB",
-                                  "vs dense", "val loss", "vs ddp", "step s", "note"], table, align="lllrrrrrrrl")
-    lines += ["", "Goals (issue 12):", ""] + goals(rows) + [""]
+                      f"{r['bytes_per_step'] / m['dense_bytes']:.3f}", f"{r['val_loss']:.4f}", f"{r['test_loss']:.4f}",
+                      vs, f"{r['median_step_s']:.3f}", note])
+    lines += core.markdown_table(["config", "optimizer", "lr (tried)", "all-reduces / step", "kB / step",
+                                  "expected kB", "vs dense", "val loss", "test loss", "test vs ddp", "step s", "note"],
+                                 table, align="lllrrrrrrrrl")
+    lines += ["", "Goals (issue 12), on the test loss:", ""] + goals(summary) + ["", "Every run:", ""]
+    lines += core.markdown_table(
+        ["config", "optimizer", "lr", "kB / step", "val loss", "test loss", "status"],
+        ([r["config"], r["optimizer"], f"{r['lr']:g}",
+          f"{r['bytes_per_step'] / 1e3:.1f}" if r["status"] == "ok" else "-",
+          f"{r['val_loss']:.4f}" if r["status"] == "ok" else "-",
+          f"{r['test_loss']:.4f}" if r["status"] == "ok" else "-", r["status"]] for r in rows), align="lllrrrl")
     return "\n".join(lines) + "\n"
 
 
 CSV_KEYS = ("config", "optimizer", "lr", "rank", "matches", "status", "allreduces_per_step", "bytes_per_step",
             "expected_bytes_per_step", "dense_bytes_per_step", "bytes_first_step", "bytes_total", "val_loss",
-            "train_loss", "median_step_s", "replicas_max_diff", "wall_s")
+            "test_loss", "train_loss", "median_step_s", "replicas_max_diff", "wall_s")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -385,11 +420,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot(path: Path, rows: list[dict]) -> bool:
-    """Final validation loss against bytes per step, one panel per optimizer."""
-    ok = _ok(rows)
+    """Test loss (at each configuration's best lr) against bytes per step, one panel per optimizer."""
+    ok = _ok(summarize(rows))
     if not ok:
         return False
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -400,12 +436,13 @@ def plot(path: Path, rows: list[dict]) -> bool:
     for ax, opt in zip(axes[0], opts):
         for r in (r for r in ok if r["optimizer"] == opt):
             color, marker = style[parse_config(r["config"])[0]]
-            ax.scatter(r["bytes_per_step"] / 1e3, r["val_loss"], color=color, marker=marker, s=50)
-            ax.annotate(r["config"], (r["bytes_per_step"] / 1e3, r["val_loss"]), textcoords="offset points",
+            ax.scatter(r["bytes_per_step"] / 1e3, r["test_loss"], color=color, marker=marker, s=50)
+            ax.annotate(r["config"], (r["bytes_per_step"] / 1e3, r["test_loss"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("kB all-reduced per step (per replica)")
-        ax.set_ylabel("final validation loss")
+        ax.set_ylabel("test loss (best lr on validation)")
         ax.set_title(opt)
         ax.grid(alpha=0.3)
     fig.tight_layout()
