@@ -10,9 +10,9 @@ from a shared machine falls on all of them alike. Ratios are to HF Adafactor wit
 0.9, which Flora replaces.
 
 A second section measures what drawing the projections costs, through public API only:
-Flora's step with its projections drawn every step (``cache_projections=False``, the
-default) against the same step served from its projection cache
-(``cache_projections=True``); and one step's draws on their own, with
+Flora's step with its projections drawn every step (``cache_projections=False``) against
+the same step served from its projection cache (``cache_projections=True``, the default);
+and one step's draws on their own, with
 ``flora.gaussian_projection(flora.projection_seed(...))`` (the CPU generator, so that a
 seed gives the same matrix on every device) against a device-native ``torch.randn`` of the
 same shapes (the reference: what dropping that guarantee would cost).
@@ -459,8 +459,9 @@ def render(result: dict) -> str:
     pc = result.get("projection_cost")
     if pc:
         lines += ["", "## Cost of drawing projections", "",
-                  "Flora's step (beta1=0.9) drawing its projections every step (the default) and served from its "
-                  "cache (`cache_projections=True`); one step's projections drawn alone by flora's CPU generator "
+                  "Flora's step (beta1=0.9) drawing its projections every step (`cache_projections=False`) and "
+                  "served from its cache (`cache_projections=True`, the default); one step's projections drawn "
+                  "alone by flora's CPU generator "
                   "(`flora.gaussian_projection`) and, for reference, by the device's own generator.", ""]
         lines += core.markdown_table(
             ["rank", "projections / step", "step, drawn s", "step, cached s", "CPU s: drawn / cached",
