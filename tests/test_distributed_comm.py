@@ -260,7 +260,8 @@ def _acc_rank_none_vs_ddp(rank):
 def _acc_more(rank):
     """Fused mode across replicas equals normal mode + step; a parameter used by one
     replica only gets the same mean on both, one used by none keeps .grad None; DDP
-    without no_sync is refused; disagreeing seeds are refused."""
+    without no_sync is refused; a mid-cycle resume continues exactly; disagreeing seeds
+    are refused."""
     out = {}
     # fused == normal + SGD step
     params = {}
@@ -314,6 +315,28 @@ def _acc_more(rank):
         grads[use_ddp] = _grads(model)
         acc.remove()
     out["no_sync"] = grads
+    # a resume in the middle of a cycle: the same .grad as a run that never stopped
+    resumed = {}
+    for stop in (False, True):
+        model = _net()
+        acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, reduce=True)
+        _acc_cycle(model, 0, TAU)  # a first cycle, so that the resumed one is cycle 1
+        model.zero_grad()
+        _acc_cycle(model, 1, 2)
+        if stop:
+            sd = acc.state_dict()
+            acc.remove()
+            fresh = _net()
+            fresh.load_state_dict(model.state_dict())
+            model = fresh
+            acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, reduce=True)
+            acc.load_state_dict(sd)
+            resumed["saved"] = (sd["cycle"], sd["backwards"], acc.micro_step)
+        x, y = _data(rank, 1, 2)
+        (F.cross_entropy(model(x), y) / TAU).backward()
+        resumed[stop] = _grads(model)
+        acc.remove()
+    out["resume"] = resumed
     # disagreeing seeds
     model = _net()
     acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=rank, reduce=True)
@@ -494,13 +517,15 @@ def test_accumulator_without_compression_equals_ddp_accumulation(replicas):
         assert r["acc_bytes"] == 4 * (n + 7)
 
 
-def test_accumulator_fused_unused_parameters_ddp_and_refusals(replicas):
+def test_accumulator_fused_unused_parameters_ddp_resume_and_refusals(replicas):
     r0, r1 = _result(replicas, "acc_more")
     for r in (r0, r1):
         _close(r["fused"][True], r["fused"][False])
         _same(r["no_sync"][True], r["no_sync"][False])
         assert "no_sync" in r["ddp_sync"]
         assert "disagree on seed" in r["seed_refused"]
+        _same(r["resume"][True], r["resume"][False])
+        assert r["resume"]["saved"] == (1, 2, 2)
     _same(r0["fused"][True], r1["fused"][True])
     # ``only`` (16 x 16, compressed) ran on replica 0 alone: both get the same mean estimate,
     # which is half of replica 0's gradient on average (an unbiased estimate, not equal)
@@ -564,6 +589,35 @@ def test_bench_comm_smoke(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "results.md").read_text()
     assert "Goals (issue 12)" in md and "hook-r8 adamw" in md and "Every run:" in md
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--configs", "ddp,x"], ["ddp", "hook-rR", "acc-rR", "powersgd-rP"]),
+    (["--optimizers", "lora-r8"], ["adamw", "flora-rR"]),
+    (["--lrs", "1e-3"], ["1 grids for 2 optimizers"]),
+    (["--lrs", "1e-3/x,1e-2"], ["lr grids"]),
+    (["--batch", "6"], ["multiple of --world x 2"]),
+    (["--ranks", "0"], ["--ranks must be positive"]),
+])
+def test_bench_comm_bad_input_exits_saying_what_is_allowed(argv, words, capsys):
+    from flora.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["comm", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_bench_comm_matches_powersgd_bytes_by_formula():
+    from flora.bench import comm
+
+    # the quick pretrain model's matrices: 16 of 128 x 128, 12 of 352 x 128 (either way), the
+    # 256 x 128 embedding: Flora sends r (16 128 + 12 352 + 256), PowerSGD p (16 256 + 12 480 + 384)
+    shapes = [(128, 128)] * 16 + [(352, 128)] * 8 + [(128, 352)] * 4 + [(256, 128), (128,)]
+    assert [comm.powersgd_rank(shapes, r) for r in (8, 32)] == [round(8 * 6528 / 10240), round(32 * 6528 / 10240)]
+    assert [comm.powersgd_rank(shapes, r) for r in (8, 32)] == [5, 20]
 
 
 def test_bench_comm_summary_picks_the_best_validation_loss_and_skips_failures():
