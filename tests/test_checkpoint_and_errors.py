@@ -123,7 +123,7 @@ def test_load_from_a_different_model_is_refused_and_changes_nothing():
 P = [nn.Parameter(torch.randn(4, 6))]
 
 
-@pytest.mark.parametrize("kwargs,exc,name", [
+BAD_ARGUMENTS = [
     (dict(rank=0), ValueError, "rank"),
     (dict(rank=-3), ValueError, "rank"),
     (dict(rank=2.5), TypeError, "rank"),
@@ -146,10 +146,36 @@ P = [nn.Parameter(torch.randn(4, 6))]
     (dict(max_aspect_ratio=0.5), ValueError, "max_aspect_ratio"),
     (dict(cache_projections="yes"), TypeError, "cache_projections"),
     (dict(lr=1e-3, relative_step=False, warmup_init=True), ValueError, "warmup_init"),
-])
+    (dict(foreach="yes"), TypeError, "foreach"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", BAD_ARGUMENTS)
 def test_bad_arguments_name_the_argument(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         Flora(P, **kwargs)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+@pytest.mark.parametrize("kwargs,exc,name", BAD_ARGUMENTS)
+def test_bad_option_edited_into_a_group_is_refused_by_step_on_both_paths(kwargs, exc, name, foreach):
+    """The same table, written into a group after construction: step() refuses it before
+    any parameter or state changes, on the single-tensor and the grouped path."""
+    ps = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+    opt = Flora(ps, lr=1e-2, rank=2, beta1=0.9, foreach=foreach)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    state = copy.deepcopy(opt.state_dict())
+    opt.param_groups[0].update(kwargs)
+    with pytest.raises(exc, match=name):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    after = opt.state_dict()
+    for k, v in state["state"].items():
+        for key, t in v.items():
+            assert torch.equal(after["state"][k][key], t) if isinstance(t, torch.Tensor) else after["state"][k][key] == t
 
 
 def test_bad_group_option_is_refused():
