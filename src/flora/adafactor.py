@@ -52,12 +52,24 @@ def second_moment_decay(step: int, decay_rate: float) -> float:
     return 1.0 - math.pow(step, decay_rate)
 
 
+def squared(grad: torch.Tensor, eps1: float, *, fused: bool = False) -> torch.Tensor:
+    """``grad^2 + eps1`` in a new buffer: HF's two operations, or (``fused``) one
+    ``addcmul`` pass, which a CPU may round once where HF rounds twice (1 ulp on a few
+    elements); Flora fuses it where its result has no reference to equal (compressed
+    momentum)."""
+    if fused:
+        return torch.addcmul(grad.new_full((), eps1), grad, grad)
+    return grad.square().add_(eps1)
+
+
 def factored_normalize(
     grad: torch.Tensor,
     row: torch.Tensor,
     col: torch.Tensor,
     beta2t: float,
     eps1: float,
+    *,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(grad / sqrt(V_hat), new_row, new_col)``: the updated row and column
     statistics (out of place; they are small) and the normalised gradient under their
@@ -65,8 +77,8 @@ def factored_normalize(
 
     Same operations as transformers' Adafactor, bit for bit; the state is left for the
     caller to commit, so that a non-finite result can be discarded. The gradient-sized
-    work happens in one buffer."""
-    sq = grad.square().add_(eps1)
+    work happens in one buffer (``fused``: see :func:`squared`)."""
+    sq = squared(grad, eps1, fused=fused)
     row = row.mul(beta2t).add_(sq.mean(dim=-1), alpha=(1.0 - beta2t))
     col = col.mul(beta2t).add_(sq.mean(dim=-2), alpha=(1.0 - beta2t))
     r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)

@@ -74,7 +74,8 @@ def single_tensor_step(p: torch.Tensor, state: dict, group: dict, index: int, *,
     # norm, which the clip needs anyway, is NaN or inf whenever an entry is.
     if grad.dim() >= 2:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, eps1)
+        update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, eps1,
+                                                         fused="exp_avg_c" in state and beta1 is not None)
         norm = update.norm(2)
         ok = torch.isfinite(norm) & torch.isfinite(new_row).all() & torch.isfinite(new_col).all()
         row.copy_(torch.where(ok, new_row, row))
@@ -172,7 +173,8 @@ def grouped_step(params: list[torch.Tensor], states: list[dict], group: dict, in
 
     if len(shape) >= 2:
         row, col = _stack(states, "exp_avg_sq_row"), _stack(states, "exp_avg_sq_col")
-        update, new_row, new_col = af.factored_normalize(g, row, col, beta2t, eps1)
+        update, new_row, new_col = af.factored_normalize(g, row, col, beta2t, eps1,
+                                                         fused="exp_avg_c" in s0 and beta1 is not None)
         norm = torch.linalg.vector_norm(update.reshape(k, -1), dim=1)
         ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
             torch.isfinite(new_col).reshape(k, -1).all(1)
