@@ -136,12 +136,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if min(a.tau, a.steps, a.seq, a.batch, a.quality_steps, a.eval_chunks, a.noise_rank, a.noise_seeds) < 1:
         p.error("--tau, --steps, --seq, --batch, --quality-steps, --eval-chunks, --noise-rank and --noise-seeds "
                 "must be >= 1")
-    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    for c in a.configs:
-        try:
-            parse_config(c)
-        except ValueError as e:
-            p.error(f"--configs: {e}")
+    a.configs = core.checked_list(p, "--configs", a.configs, parse_config)
     try:
         spec = bo.parse(a.optimizer)
     except ValueError as e:

@@ -165,12 +165,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if len(a.lrs) != len(a.optimizers):
             p.error(f"--lrs has {len(a.lrs)} grids for {len(a.optimizers)} optimizers")
     if a.configs is not None:
-        a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-        for c in a.configs:
-            try:
-                parse_config(c)
-            except ValueError as e:
-                p.error(f"--configs: {e}")
+        a.configs = core.checked_list(p, "--configs", a.configs, parse_config)
 
 
 def task_config(a: argparse.Namespace) -> config.TaskConfig:

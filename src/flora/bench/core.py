@@ -355,3 +355,15 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence], align: str |
             raise ValueError(f"a row has {len(r)} cells for {len(header)} columns: {r}")
         out.append(line(r))
     return out
+
+
+def checked_list(p, flag: str, text: str, check) -> list[str]:
+    """The comma-separated entries of ``text``, each passed to ``check`` (which raises
+    ``ValueError``); a bad one ends the command with ``p.error`` naming ``flag``."""
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    for c in items:
+        try:
+            check(c)
+        except ValueError as e:
+            p.error(f"{flag}: {e}")
+    return items
