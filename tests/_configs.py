@@ -12,5 +12,7 @@ MOMENTUM_CONFIGS = [
     ("subspace", "coordinates"),
     ("scaled", "orthonormal"),
     ("scaled", "coordinates"),
+    ("adaptive", "orthonormal"),
+    ("adaptive", "coordinates"),
 ]
 MOMENTUM_IDS = [f"{f}-{p}" for f, p in MOMENTUM_CONFIGS]

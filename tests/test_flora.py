@@ -14,6 +14,7 @@ from flora.momentum import (
     exact_momentum_,
     paper_momentum_,
     scaled_momentum_,
+    adaptive_momentum_,
     subspace_momentum_,
 )
 from flora.projection import compress, decompress, gaussian_projection, make_projection, projection_seed
@@ -62,9 +63,16 @@ def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, pr
         elif form == "subspace":  # momentum inside span(P), u unchanged outside it
             m = beta1 * m + (1 - beta1) * C(u)
             upd = D(m) + u - D(C(u))
-        else:  # scaled: the outside scaled by |M| / ((1 - beta1^t) |C(u)|), at most 1
+        elif form == "scaled":  # the outside scaled by |M| / ((1 - beta1^t) |C(u)|), at most 1
             m = beta1 * m + (1 - beta1) * C(u)
             phi = min(1.0, (m.norm() / ((1 - beta1 ** (t + 1)) * C(u).norm())).item())
+            upd = D(m) + phi * (u - D(C(u)))
+        else:  # adaptive: the outside weighted by its signal fraction f, within [1 - beta1, 1]
+            m = beta1 * m + (1 - beta1) * C(u)
+            bc, bt = 1 - beta1 ** (t + 1), beta1 ** (t + 1)
+            rho0_sq = (1 - beta1) * (1 + bt) / ((1 + beta1) * bc)  # independent noise: |M|^2 / (bc |C(u)|)^2
+            rho_sq = (m.norm() / (bc * C(u).norm())).item() ** 2
+            phi = 1.0 if t == 0 else min(1.0, max(1 - beta1, (rho_sq - rho0_sq) / (1 - rho0_sq)))
             upd = D(m) + phi * (u - D(C(u)))
         upd = upd / max(1.0, (upd.norm() / math.sqrt(upd.numel()) / lr).item())  # RMS clip at lr
         p.data.sub_(upd)
@@ -102,7 +110,8 @@ def test_plain_forms_equal_the_one_pass_step():
             c0 = torch.randn((3, 20) if dim == 0 else (6, 3))
             c1, c2 = c0.clone(), c0.clone()
             plain = {"paper": paper_momentum_, "exact": exact_momentum_, "subspace": subspace_momentum_,
-                     "scaled": lambda *args: scaled_momentum_(*args, 0.5)}[form]
+                     "scaled": lambda *args: scaled_momentum_(*args, 0.5),
+                     "adaptive": lambda *args: adaptive_momentum_(*args, 0.5)}[form]
             want = plain(c1, u.clone(), a, dim, 0.9)
             got = compressed_step_(form, c2, u.clone(), a, dim, 0.9, 1.0, 1e6, isometric=projection != "gaussian",
                                    bias_correction=0.5)

@@ -14,9 +14,9 @@ import torch
 
 from .projection import _bcast, as_matrix, compress, decompress, decompress_add_, overlap, transfer
 
-MOMENTUM_FORMS = ("paper", "exact", "subspace", "scaled")
+MOMENTUM_FORMS = ("paper", "exact", "subspace", "scaled", "adaptive")
 # Forms that need a projection with orthonormal rows (their complement is u - D(C(u))).
-SUBSPACE_FORMS = ("subspace", "scaled")
+SUBSPACE_FORMS = ("subspace", "scaled", "adaptive")
 
 
 def dense_momentum_(m: torch.Tensor, u: torch.Tensor, beta: float | torch.Tensor, *,
@@ -72,6 +72,44 @@ def scaled_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int
     cu = compress(u, a, dim)
     c.mul_(beta).add_(cu, alpha=(1 - beta))
     phi = complement_scale(c.norm().item(), cu.norm().item(), bias_correction)
+    return (as_matrix(u) * phi + decompress(c - phi * cu, a, dim, size=size)).view_as(u)
+
+
+def noise_ratio_sq(beta: float, bias_correction: float) -> float:
+    """``rho0^2``: the squared norm ratio of the bias-corrected momentum to one update when
+    the updates are independent noise of equal size: the EMA's weights squared, summed,
+    over the squared sum of its weights, ``(1 - beta)(1 + beta^t) / ((1 + beta)(1 - beta^t))``
+    (1 at the first step, ``(1 - beta) / (1 + beta)`` later)."""
+    beta_t = 1.0 - bias_correction
+    return (1 - beta) * (1 + beta_t) / ((1 + beta) * bias_correction)
+
+
+def adaptive_scale(c_norm: float, cu_norm: float, beta: float, bias_correction: float) -> float:
+    """The ``"adaptive"`` form's weight of the complement: the fraction of this step's
+    update that is signal, estimated inside the subspace and assumed alike outside it (a
+    random subspace sees the same mix). With ``rho = |M| / ((1 - beta^t) |C(u)|)``, a
+    signal fraction ``f`` gives ``rho^2 = f + (1 - f) rho0^2`` (:func:`noise_ratio_sq`), so
+    ``f = (rho^2 - rho0^2) / (1 - rho0^2)``: the Wiener weight of a one-step estimate
+    against the averaged one. Kept within ``[1 - beta, 1]``: never below the ``"exact"``
+    form's weight, so the complement always moves."""
+    if cu_norm <= 0.0:
+        return 1.0
+    rho_sq = (c_norm / (bias_correction * cu_norm)) ** 2
+    r0 = noise_ratio_sq(beta, bias_correction)
+    f = (rho_sq - r0) / (1 - r0) if r0 < 1 else 1.0
+    return min(1.0, max(1.0 - beta, f))
+
+
+def adaptive_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
+                       bias_correction: float) -> torch.Tensor:
+    """``"subspace"`` with the complement weighted by its estimated signal fraction:
+    ``M <- beta M + (1 - beta) C(u)``; the update is ``D(M) + phi (u - D(C(u)))``,
+    ``phi = adaptive_scale(|M|, |C(u)|, beta, 1 - beta^t)``. ``"exact"`` is the same with
+    ``phi = 1 - beta``, ``"subspace"`` with ``phi = 1``."""
+    size = as_matrix(u).shape[dim]
+    cu = compress(u, a, dim)
+    c.mul_(beta).add_(cu, alpha=(1 - beta))
+    phi = adaptive_scale(c.norm().item(), cu.norm().item(), beta, bias_correction)
     return (as_matrix(u) * phi + decompress(c - phi * cu, a, dim, size=size)).view_as(u)
 
 
@@ -190,9 +228,12 @@ def compressed_apply_(
         dc_sq = c_sq if isometric else g_cc
         coef_u, coef_dc = b, beta
         out_sq = b**2 * u_sq + 2 * b * beta * cross + beta**2 * dc_sq
-    elif form == "scaled":  # out = D(c_new) + phi (k u - D(C(k u))) = phi k u + D(c_new - phi k C(u))
+    elif form in ("scaled", "adaptive"):  # out = D(c_new) + phi (k u - D(C(k u))) = phi k u + D(c_new - phi k C(u))
         new_sq = beta**2 * c_sq + 2 * beta * b * cross + b**2 * cu_sq  # |c_new|^2
-        phi = complement_scale_t(new_sq.clamp(min=0.0).sqrt(), k * cu_sq.sqrt(), bias_correction)
+        if form == "scaled":
+            phi = complement_scale_t(new_sq.clamp(min=0.0).sqrt(), k * cu_sq.sqrt(), bias_correction)
+        else:
+            phi = adaptive_scale_t(new_sq.clamp(min=0.0), k.square() * cu_sq, beta, bias_correction)
         c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
         pk = phi * k
         x = c - cu * _bcast(pk.to(c.dtype))
@@ -231,6 +272,15 @@ def complement_scale_t(c_norm: torch.Tensor, cu_norm: torch.Tensor, bias_correct
     return torch.where(cu_norm > 0, ratio.clamp(max=1.0), 1.0)
 
 
+def adaptive_scale_t(c_sq: torch.Tensor, cu_sq: torch.Tensor, beta: float, bias_correction: float) -> torch.Tensor:
+    """:func:`adaptive_scale` on device tensors (no host sync), from squared norms."""
+    r0 = noise_ratio_sq(beta, bias_correction)
+    if r0 >= 1:  # the first step: nothing to tell signal from noise yet
+        return torch.ones_like(c_sq)
+    f = (c_sq / (bias_correction**2 * cu_sq) - r0) / (1 - r0)
+    return torch.where(cu_sq > 0, f.clamp(min=1.0 - beta, max=1.0), 1.0)
+
+
 def resample_(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int) -> torch.Tensor:
     """Carry compressed momentum over to a new projection, in place."""
     return c.copy_(transfer(c, a_old, a_new, dim))
@@ -244,6 +294,8 @@ __all__ = [
     "subspace_momentum_",
     "scaled_momentum_",
     "complement_scale",
+    "adaptive_momentum_",
+    "adaptive_scale",
     "compressed_step_",
     "compressed_terms",
     "compressed_apply_",
