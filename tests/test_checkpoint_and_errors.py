@@ -143,6 +143,13 @@ BAD_ARGUMENTS = [
     (dict(decay_rate=0.5), ValueError, "decay_rate"),
     (dict(eps=(1e-30,)), TypeError, "eps"),
     (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=2**70), ValueError, r"seed must be an integer in \[0, 2\*\*63\)"),  # was folded onto seed 0
+    (dict(seed=2**63), ValueError, "seed"),
+    (dict(seed=1.0), TypeError, "seed"),
+    (dict(lr=float("inf")), ValueError, "lr must be a finite real number"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(weight_decay=float("inf")), ValueError, "weight_decay"),
+    (dict(eps=(float("inf"), 1e-3)), ValueError, r"eps\[0\]"),
     (dict(max_aspect_ratio=0.5), ValueError, "max_aspect_ratio"),
     (dict(cache_projections="yes"), TypeError, "cache_projections"),
     (dict(lr=1e-3, relative_step=False, warmup_init=True), ValueError, "warmup_init"),
@@ -218,7 +225,8 @@ def test_a_checkpoint_from_before_projection_kinds_keeps_gaussian_matrices():
         del g["projection"]
         g["momentum"] = g.pop("momentum_form")
     opt2 = Flora(model.parameters(), **{**OPTS, "projection": "orthonormal"})
-    opt2.load_state_dict(sd)
+    with pytest.warns(UserWarning, match="projection: 'orthonormal' -> 'gaussian'"):  # a change of algorithm
+        opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["projection"] == "gaussian"
     _train(model, opt2, batches[3:])
     for a, b in zip(ref.parameters(), model.parameters()):

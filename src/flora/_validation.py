@@ -32,17 +32,35 @@ def check_nonneg_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a non-negative integer, got {value}")
 
 
-def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False):
+# Seeds of projections: 0 <= seed < 2**63. projection_seed mixes 64 bits, so a larger
+# integer would be silently folded onto a smaller one (2**64 + s gives s's matrices); the
+# bound also keeps every seed an int64, as tensors and checkpoints hold it.
+SEED_LIMIT = 1 << 63
+
+
+def check_seed(name: str, value) -> None:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an integer in [0, 2**63), got {value!r} ({type(value).__name__})")
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**63) (a larger one would be folded onto another "
+                         f"seed's projections), got {value}")
+
+
+def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False,
+               finite: bool = False):
+    """``value`` is a real number in the range given (NaN never is); ``finite=True``
+    also refuses infinities."""
     if value is None and allow_none:
         return
     lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
     hi = "" if high is None else f"{high}" + (")" if high_open else "]")
     rng = f"in {lo or '(-inf'}, {hi or 'inf)'}"
-    allowed = f"a real number {rng}" + (" or None" if allow_none else "")
+    allowed = f"a {'finite ' if finite else ''}real number {rng}" + (" or None" if allow_none else "")
     if not _is_real(value):
         raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
     bad = (
         value != value
+        or (finite and value in (float("inf"), float("-inf")))
         or (low is not None and (value <= low if low_open else value < low))
         or (high is not None and (value >= high if high_open else value > high))
     )

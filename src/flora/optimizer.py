@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
-from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real
+from ._validation import check_choice, check_positive_int, check_real, check_seed
 from . import functional as F
 from . import sharded
 from .sharded import is_dtensor
@@ -20,6 +20,11 @@ from .projection import PROJECTIONS, compressed_shape, make_projections, project
 # Options every Flora state_dict has held since the first release: a state without them
 # comes from another optimizer.
 _CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
+
+# Options that change Flora's algorithm (not only its step size): when a loaded state's
+# groups set them otherwise than this optimizer was built with, load_state_dict warns.
+# (A different rank is refused: the momentum's shape depends on it.)
+ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim")
 
 
 def _upgrade_group(group: dict, *, saved: bool = True) -> dict:
@@ -79,7 +84,7 @@ def _validate_group(group: dict) -> None:
             raise ValueError(f"lr given as a tensor must hold one floating-point value, got shape "
                              f"{tuple(lr.shape)} and dtype {lr.dtype}")
     else:
-        check_real("lr", lr, low=0.0, allow_none=True)
+        check_real("lr", lr, low=0.0, allow_none=True, finite=True)
     if not isinstance(rel, bool):
         raise TypeError(f"relative_step must be True or False, got {rel!r}")
     # lr=0 with relative_step is a step of size 0: torch.distributed.checkpoint's state_dict
@@ -97,12 +102,12 @@ def _validate_group(group: dict) -> None:
     eps = group["eps"]
     if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
         raise TypeError(f"eps must be a pair (eps1, eps2) of non-negative numbers, got {eps!r}")
-    check_real("eps[0]", eps[0], low=0.0)
-    check_real("eps[1]", eps[1], low=0.0)
+    check_real("eps[0]", eps[0], low=0.0, finite=True)
+    check_real("eps[1]", eps[1], low=0.0, finite=True)
     check_real("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
     check_real("decay_rate", group["decay_rate"], high=0.0, high_open=True)
-    check_real("weight_decay", group["weight_decay"], low=0.0)
-    check_nonneg_int("seed", group["seed"])
+    check_real("weight_decay", group["weight_decay"], low=0.0, finite=True)
+    check_seed("seed", group["seed"])
     check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
     check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
     check_choice("projection", group["projection"], PROJECTIONS)
@@ -124,9 +129,10 @@ class Flora(Optimizer):
     With ``rank=None`` (or ``beta1=None``) this is ``transformers.optimization.Adafactor``
     with the same arguments. With a rank, each parameter of two or more dims whose
     projected dimension exceeds ``rank`` keeps its momentum as an ``r x m`` or ``n x r``
-    matrix ``M`` under a Gaussian projection ``A`` (N(0, 1/r) entries, regenerated from a
-    seed, never stored). Every ``kappa`` steps a new projection is drawn and ``M`` is
-    carried over (``M <- M A_old A_new^T``).
+    matrix ``M`` under a random ``r x d`` projection ``A``, regenerated from a seed and
+    never stored: by default one with orthonormal rows (``projection="orthonormal"``);
+    ``"gaussian"`` gives the paper's N(0, 1/r) entries. Every ``kappa`` steps a new
+    projection is drawn and ``M`` is carried over (``M <- M A_old A_new^T``).
 
     Args:
         params: parameters or parameter groups; every option below can be set per group.
@@ -230,8 +236,9 @@ class Flora(Optimizer):
 
     def _init_runtime(self) -> None:
         # Neither is state: rebuilt empty after deepcopy, pickle and load_state_dict.
-        # (parameter indices, stacked) -> (key, projections); see cache_projections
-        self._proj_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+        # The projection cache (see cache_projections and _projections): at most one entry
+        # per parameter index, so it never holds more than one projection per tensor.
+        self._proj_cache = ProjectionCache()
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
         # (group sizes, id(param) -> (param, group, index)): step_parameter's lookup
@@ -323,8 +330,9 @@ class Flora(Optimizer):
     def cache_bytes(self) -> int:
         """Bytes of the projections kept by ``cache_projections=True``: memory on the
         parameters' devices that is not optimizer state (``flora.state_bytes`` does not
-        count it, and ``state_dict`` does not hold it)."""
-        return sum(a.numel() * a.element_size() for _, a in self._proj_cache.values())
+        count it, and ``state_dict`` does not hold it). Counts the storage the cache keeps
+        alive; at most one projection per parameter."""
+        return self._proj_cache.nbytes()
 
     @property
     def nonfinite_skips(self) -> torch.Tensor:
@@ -473,19 +481,36 @@ class Flora(Optimizer):
         """Projection number ``count`` of the parameters at ``indices`` (a ``k x r x d``
         stack, or one ``r x d`` matrix), drawn together, or taken from the cache."""
         key = (group["projection"], group["seed"], group["rank"], count, size, dtype, torch.device(device))
-        slot = (tuple(indices), stacked)
-        hit = self._proj_cache.get(slot)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        seeds = [projection_seed(group["seed"], i, count) for i in indices]
-        a = make_projections(group["projection"], seeds, group["rank"], size, device=device, dtype=dtype)
+        cache = self._proj_cache
+        indices = list(indices)
+        if not group["cache_projections"]:
+            cache.discard(indices)
+            seeds = [projection_seed(group["seed"], i, count) for i in indices]
+            a = make_projections(group["projection"], seeds, group["rank"], size, device=device, dtype=dtype)
+            return a if stacked else a[0]
+        if stacked:
+            a = cache.stack(indices, key)  # the stack this bucket was drawn as: no copy
+            if a is not None:
+                return a
+        found = [cache.get(i, key) for i in indices]
+        missing = [i for i, a in zip(indices, found) if a is None]
+        if missing:
+            seeds = [projection_seed(group["seed"], i, count) for i in missing]
+            drawn = make_projections(group["projection"], seeds, group["rank"], size, device=device, dtype=dtype)
+            if len(missing) == len(indices):
+                cache.put_stack(indices, key, drawn)
+            else:  # a bucket that mixes cached and new projections: the new ones alone
+                for i, a in zip(missing, drawn.unbind(0)):
+                    cache.put(i, key, a.clone())
+            new = iter(drawn.unbind(0))
+            found = [next(new) if a is None else a for a in found]
+            if len(missing) == len(indices):
+                return drawn if stacked else drawn[0]
         if not stacked:
-            a = a[0]
-        if group["cache_projections"]:
-            self._proj_cache[slot] = (key, a)
-        else:
-            self._proj_cache.pop(slot, None)
-        return a
+            return found[0]
+        # A bucket made of projections cached apart (parameters that step in changing
+        # subsets, as experts of a mixture do): stacked for this step only.
+        return found[0].unsqueeze(0) if len(found) == 1 else torch.stack(found)
 
     def _count_skip(self, ok: torch.Tensor) -> None:
         c = self._skips.get(ok.device)
@@ -499,7 +524,12 @@ class Flora(Optimizer):
         """Load after checking that the state comes from a Flora of the same rank and that
         every saved state tensor fits this optimizer's parameters; keeps the saved dtype
         (float32), which torch would otherwise cast to the parameter's. State saved by
-        earlier releases (option ``momentum``) loads."""
+        earlier releases (option ``momentum``) loads.
+
+        As in torch, the loaded parameter groups replace this optimizer's options (lr,
+        beta1, kappa, ... all come from the checkpoint). A ``UserWarning`` names each
+        option of ``ALGORITHM_KEYS`` (momentum_form, projection, beta1, kappa, seed,
+        proj_dim) whose loaded value differs from this optimizer's, old and new."""
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(
@@ -534,7 +564,16 @@ class Flora(Optimizer):
         for pid, s in state_dict["state"].items():
             p, g = id_to_param[pid]
             _check_state_shapes(p, s, g)
+        changed = [(gi, k, mine[k], saved[k]) for gi, (saved, mine) in enumerate(zip(groups, self.param_groups))
+                   for k in ALGORITHM_KEYS if k in saved and k in mine and saved[k] != mine[k]]
         super().load_state_dict({**state_dict, "param_groups": groups})
+        if changed:
+            said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
+                             for gi, k, old, new in changed)
+            warnings.warn(f"Flora.load_state_dict: the loaded parameter groups change the algorithm this optimizer "
+                          f"was built with: {said}. As in torch, the loaded options win; build Flora with the "
+                          "checkpoint's options (or set them in param_groups after loading) to silence this",
+                          UserWarning, stacklevel=2)
         self._proj_cache.clear()
         self._where = None
         for group in self.param_groups:  # options added since the state was saved
@@ -546,6 +585,81 @@ class Flora(Optimizer):
             for k, v in s.items():
                 if isinstance(v, torch.Tensor):
                     self.state[p][k] = v.detach().to(device=p.device, copy=True)
+
+
+class ProjectionCache:
+    """Projections kept between steps: one entry per parameter index, ``index -> (key,
+    r x d matrix or r indices)``, the key naming the draw (projection, seed, rank, count,
+    size, dtype, device). A new key for an index replaces its entry, so the cache holds at
+    most one projection per parameter whatever subset of parameters steps.
+
+    A bucket drawn together is kept as one ``k x r x d`` stack whose slices are its
+    members' entries, so that the grouped path gets the same stack back with no copy on
+    every step until its next resample. When a member's entry is replaced or dropped, the
+    stack is dissolved: the other members keep copies of their own slices, and the
+    stack's memory is freed."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self._stacks: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}
+        self._member: dict[int, tuple[int, ...]] = {}  # index -> the stack it is a slice of
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._stacks.clear()
+        self._member.clear()
+
+    def get(self, index: int, key: tuple) -> torch.Tensor | None:
+        hit = self._entries.get(index)
+        return hit[1] if hit is not None and hit[0] == key else None
+
+    def stack(self, indices, key: tuple) -> torch.Tensor | None:
+        hit = self._stacks.get(tuple(indices))
+        return hit[1] if hit is not None and hit[0] == key else None
+
+    def _release(self, index: int) -> None:
+        """Detach ``index`` from the stack it is a slice of, dissolving that stack."""
+        members = self._member.pop(index, None)
+        if members is None:
+            return
+        del self._stacks[members]
+        for j in members:
+            if j != index:
+                del self._member[j]
+                k, a = self._entries[j]
+                self._entries[j] = (k, a.clone())
+
+    def discard(self, indices) -> None:
+        for i in indices:
+            self._release(i)
+            self._entries.pop(i, None)
+
+    def put(self, index: int, key: tuple, a: torch.Tensor) -> None:
+        self._release(index)
+        self._entries[index] = (key, a)
+
+    def put_stack(self, indices, key: tuple, stack: torch.Tensor) -> None:
+        indices = tuple(indices)
+        if self._stacks.pop(indices, None) is not None:  # the same bucket's previous draw: nothing to copy
+            for i in indices:
+                del self._member[i]
+        for i in indices:
+            self._release(i)
+        for i, a in zip(indices, stack.unbind(0)):
+            self._entries[i] = (key, a)
+            self._member[i] = indices
+        self._stacks[indices] = (key, stack)
+
+    def nbytes(self) -> int:
+        """Bytes of the distinct storages the entries keep alive."""
+        seen: dict[tuple, int] = {}
+        for _, a in self._entries.values():
+            s = a.untyped_storage()
+            seen[(a.device, s.data_ptr())] = s.nbytes()
+        return sum(seen.values())
 
 
 def _check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:

@@ -28,6 +28,8 @@ from typing import Literal, Union
 
 import torch
 
+from ._validation import SEED_LIMIT
+
 __all__ = [
     "projection_seed",
     "PROJECTIONS",
@@ -68,8 +70,12 @@ def projection_seed(base_seed: int, index: int, count: int, stream: int = MOMENT
     """Seed of parameter ``index``'s projection number ``count`` in ``stream``.
 
     A pure function of its integers, so a resumed run regenerates exactly the matrices it
-    would have used, with no history to save. Returns a 63-bit integer.
+    would have used, with no history to save. Returns a 63-bit integer. ``base_seed``
+    must lie in [0, 2**63): a larger one would be folded onto another seed.
     """
+    if not 0 <= int(base_seed) < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**63) (a larger one would be folded onto another "
+                         f"seed's projections), got {base_seed}")
     h = _splitmix64((int(base_seed) & _MASK64) ^ (int(stream) * 0xD1B54A32D192ED03 & _MASK64))
     h = _splitmix64(h ^ (int(index) & _MASK64))
     h = _splitmix64(h ^ (int(count) & _MASK64))

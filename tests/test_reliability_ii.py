@@ -1,0 +1,202 @@
+"""Issue 16 (reliability II), items 4, 5, 7 and 8: the projection cache under changing
+subsets of parameters, load_state_dict's changes of algorithm, 0-size parameters with
+max_aspect_ratio, and seeds and lrs that must be refused."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import flora
+from flora import CompressedAccumulator, Flora
+from flora.compression import compressed_dim, dense_reason
+from flora.projection import projection_seed
+
+# ------------------------------------------------------------ 4. the projection cache
+
+
+def _moe_run(cache: bool, foreach, steps: int, *, n=16, active=4, shape=(64, 64), rank=8, kappa=1000, seed=0):
+    """16 experts of 64 x 64 at rank 8; each step a different 4 of them get gradients."""
+    g = torch.Generator().manual_seed(seed)
+    ps = [nn.Parameter(torch.randn(shape, generator=g)) for _ in range(n)]
+    opt = Flora(ps, lr=1e-2, rank=rank, beta1=0.9, kappa=kappa, cache_projections=cache, foreach=foreach)
+    sizes = []
+    for _ in range(steps):
+        chosen = set(torch.randperm(n, generator=g)[:active].tolist())
+        for i, p in enumerate(ps):
+            p.grad = torch.randn(shape, generator=g) if i in chosen else None
+        opt.step()
+        sizes.append((len(opt._proj_cache), opt.cache_bytes()))
+    return ps, opt, sizes
+
+
+@pytest.mark.parametrize("foreach", [True, None, False], ids=["grouped", "default", "single"])
+def test_cache_holds_one_projection_per_tensor_whatever_subset_steps(foreach):
+    """Issue 16 item 4: 600 steps of 4 of 16 experts (64 x 64, rank 8) used to leave 101
+    entries and 409,600 bytes, where the bound is r * min(n, m) floats per compressed
+    tensor, 32,768 bytes. The same at a smaller size: 16 x 16 at rank 4, 80 steps."""
+    _, opt, sizes = _moe_run(True, foreach, 80, shape=(16, 16), rank=4)
+    bound = 16 * 4 * 16 * 4
+    assert max(n for n, _ in sizes) <= 16
+    assert max(b for _, b in sizes) <= bound
+    assert sizes[-1] == (16, bound)  # every expert has stepped: one projection each, nothing else
+    # cache_bytes counts the storage the cache keeps alive, not a sum over views
+    storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for _, a in opt._proj_cache._entries.values()}
+    assert opt.cache_bytes() == sum(storages.values())
+
+
+def test_cache_stays_bounded_across_resamples_of_subsets():
+    """With kappa 3 every expert resamples at its own pace (its own counters): the entries
+    are replaced, never added to, and a projection is redrawn exactly as drawn alone."""
+    ps, opt, sizes = _moe_run(True, True, 80, shape=(16, 16), rank=4, kappa=3)
+    assert max(b for _, b in sizes) <= 16 * 4 * 16 * 4
+    for i, p in enumerate(ps):
+        st = opt.state[p]
+        key_count = opt._proj_cache._entries[i][0][3]
+        assert key_count == st["proj_count"] > 0  # the entry is the current projection
+        want = flora.make_projection("orthonormal", projection_seed(0, i, st["proj_count"]), 4, 16)
+        assert torch.equal(opt._proj_cache._entries[i][1], want)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
+def test_cache_changes_no_result_under_changing_subsets(foreach):
+    a, _, _ = _moe_run(True, foreach, 40, shape=(16, 16), rank=4, kappa=4)
+    b, opt, _ = _moe_run(False, foreach, 40, shape=(16, 16), rank=4, kappa=4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert opt.cache_bytes() == 0 and len(opt._proj_cache) == 0
+
+
+def test_a_steady_bucket_gets_its_cached_stack_back_without_a_copy():
+    """The grouped path's speed: a bucket that steps every time gets the very stack it was
+    drawn as (no stacking per step) until its next resample."""
+    ps = [nn.Parameter(torch.randn(12, 12)) for _ in range(3)]
+    opt = Flora(ps, lr=1e-2, rank=4, beta1=0.9, kappa=100, foreach=True)
+    group = opt.param_groups[0]
+    first = opt._projections(group, [0, 1, 2], 0, 12, "cpu", torch.float32, stacked=True)
+    again = opt._projections(group, [0, 1, 2], 0, 12, "cpu", torch.float32, stacked=True)
+    assert again is first and first.shape == (3, 4, 12)
+    assert opt._projections(group, [1], 0, 12, "cpu", torch.float32, stacked=False).data_ptr() == first[1].data_ptr()
+    assert opt.cache_bytes() == 3 * 4 * 12 * 4
+    # a sub-bucket is stacked from the entries (a copy, not kept), equal to a fresh draw
+    sub = opt._projections(group, [2, 0], 0, 12, "cpu", torch.float32, stacked=True)
+    assert torch.equal(sub, torch.stack([first[2], first[0]])) and opt.cache_bytes() == 3 * 4 * 12 * 4
+    # parameter 1 moves on to its next projection: the old stack is freed, the others keep copies
+    opt._projections(group, [1], 1, 12, "cpu", torch.float32, stacked=True)
+    assert opt.cache_bytes() == 3 * 4 * 12 * 4 and len(opt._proj_cache) == 3
+    assert torch.equal(opt._projections(group, [0], 0, 12, "cpu", torch.float32, stacked=False), first[0])
+
+
+# ---------------------------------------------- 5. load_state_dict changes the algorithm
+
+
+def _state(**kw):
+    p = nn.Parameter(torch.randn(16, 16))
+    opt = Flora([p], lr=1e-2, rank=4, **kw)
+    p.grad = torch.randn(16, 16)
+    opt.step()
+    return p, opt.state_dict()
+
+
+def test_loading_a_state_of_other_algorithm_options_warns_naming_old_and_new():
+    p, sd = _state(beta1=0.9)  # the default form
+    opt = Flora([p], lr=1e-2, rank=4, momentum_form="exact", projection="gaussian", beta1=0.5, kappa=10, seed=7)
+    with pytest.warns(UserWarning) as rec:
+        opt.load_state_dict(sd)
+    (w,) = [r for r in rec if "load_state_dict" in str(r.message)]
+    msg = str(w.message)
+    for part in ("momentum_form: 'exact' -> 'scaled'", "projection: 'gaussian' -> 'orthonormal'",
+                 "beta1: 0.5 -> 0.9", "kappa: 10 -> 1000", "seed: 7 -> 0"):
+        assert part in msg, (part, msg)
+    g = opt.param_groups[0]  # torch's convention: the loaded groups win
+    assert (g["momentum_form"], g["projection"], g["beta1"], g["kappa"], g["seed"]) == ("scaled", "orthonormal",
+                                                                                         0.9, 1000, 0)
+
+
+def test_loading_proj_dim_and_the_same_options_and_lr():
+    p, sd = _state(beta1=0.9, proj_dim=0)
+    opt = Flora([p], lr=1e-2, rank=4, beta1=0.9, proj_dim=1)
+    with pytest.warns(UserWarning, match="proj_dim: 1 -> 0"):
+        opt.load_state_dict(sd)
+    # the same options, or only a different lr (a schedule's business): no warning
+    p, sd = _state(beta1=0.9)
+    for lr in (1e-2, 3e-3):
+        opt = Flora([p], lr=lr, rank=4, beta1=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.load_state_dict(copy.deepcopy(sd))
+
+
+def test_loading_names_the_group_when_there_are_several():
+    a, b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+    src = Flora([{"params": [a]}, {"params": [b], "kappa": 5}], lr=1e-2, rank=2, beta1=0.9)
+    dst = Flora([{"params": [a]}, {"params": [b], "kappa": 7}], lr=1e-2, rank=2, beta1=0.9)
+    with pytest.warns(UserWarning, match=r"kappa: 7 -> 5 \(group 1\)") as rec:
+        dst.load_state_dict(src.state_dict())
+    assert "group 0" not in str(rec[0].message)
+
+
+# ----------------------------------------------- 7. 0-size parameters, max_aspect_ratio
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0), (4, 0, 3), (0, 0)])
+def test_zero_size_tensors_stay_dense_with_a_reason(shape):
+    for kw in (dict(max_aspect_ratio=4.0), dict(), dict(proj_dim=1), dict(proj_dim=0)):
+        assert compressed_dim(shape, 2, **kw) is None
+        assert dense_reason(shape, 2, **kw).startswith("0-size tensor")
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
+def test_flora_with_a_zero_size_parameter_and_max_aspect_ratio(foreach):
+    ps = [nn.Parameter(torch.zeros(0, 8)), nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.zeros(4, 0, 3))]
+    opt = Flora(ps, lr=1e-2, rank=2, beta1=0.9, max_aspect_ratio=4.0, foreach=foreach)  # ZeroDivisionError before
+    plan = opt.plan()
+    assert [r["compressed"] for r in plan] == [False, True, False]
+    assert plan[0]["reason"].startswith("0-size tensor") and "0-size tensor" in opt.summary()
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    before = ps[1].detach().clone()
+    opt.step()
+    assert not torch.equal(ps[1], before) and "exp_avg" in opt.state[ps[0]]
+
+
+def test_accumulator_with_a_zero_size_parameter_and_max_aspect_ratio():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        model[1].reset_parameters()
+    acc = CompressedAccumulator(model, rank=2, tau=2, max_aspect_ratio=4.0)  # ZeroDivisionError before
+    acc.remove()
+
+
+# ------------------------------------------------------------- 8. seeds and lrs
+
+
+@pytest.mark.parametrize("seed,exc", [(2**70, ValueError), (2**64, ValueError), (2**63, ValueError),
+                                      (-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_seeds_outside_the_supported_range_are_refused(seed, exc):
+    with pytest.raises(exc, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        Flora([nn.Parameter(torch.randn(4, 4))], lr=1e-3, rank=2, beta1=0.9, seed=seed)
+
+
+def test_the_largest_seed_works_and_differs_from_seed_zero():
+    top = 2**63 - 1
+    Flora([nn.Parameter(torch.randn(4, 4))], lr=1e-3, rank=2, beta1=0.9, seed=top)
+    assert projection_seed(top, 0, 0) != projection_seed(0, 0, 0)
+    with pytest.raises(ValueError, match="seed"):  # 2**64 used to give seed 0's projections
+        projection_seed(2**64, 0, 0)
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_lr_is_refused_naming_lr_and_its_range(lr):
+    with pytest.raises(ValueError, match=r"lr must be a finite real number in \[0.0, inf\)"):
+        Flora([nn.Parameter(torch.randn(4, 4))], lr=lr)
+    p = nn.Parameter(torch.randn(4, 4))
+    opt = Flora([p], lr=1e-3)
+    opt.param_groups[0]["lr"] = lr
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="lr must be a finite"):
+        opt.step()
+    assert torch.equal(p, before)
