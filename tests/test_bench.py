@@ -571,3 +571,57 @@ def test_resume_runs_only_what_is_missing(forms_run, tmp_path, capsys):
     assert [(r["optimizer"], r["lr"], r["test_loss"]) for r in res["summary"]] == [
         (r["optimizer"], r["lr"], r["test_loss"]) for r in full["summary"]]
     assert res["meta"]["lr_extension"]["extended"] == full["meta"]["lr_extension"]["extended"]
+
+
+def test_tau_applies_to_finetune_only_and_the_na_message_says_so(tmp_path):
+    """--tau sets finetune's micro-batches only: an accumulating optimizer on another task
+    is n/a, and the message says that --tau does not apply there (issue 16, item 12)."""
+    import argparse
+
+    from flora.bench import train
+
+    args = argparse.Namespace(seed=0, seeds=1, lrs=None, threads=None, tau=4)
+    cfgs = {t: config.task_config("smoke", t, optimizers=["adamw+ca-r4"], tau=4) for t in ("pretrain", "finetune")}
+    assert cfgs["pretrain"].tau == 1 and cfgs["finetune"].tau == 4
+    jobs, skipped = train.plan(args, cfgs, {}, "cpu", tmp_path)
+    assert [j.task for j in jobs] == ["finetune"]  # finetune runs it at tau 4
+    (na,) = skipped
+    assert na.task == "pretrain" and na.status.startswith("n/a: compressed accumulation needs tau > 1")
+    assert "--tau 4 applies to the finetune task only" in na.status and "pretrain runs tau=1" in na.status
+    args.tau = None  # without --tau: no mention of it
+    _, (na,) = train.plan(args, {"pretrain": cfgs["pretrain"]}, {}, "cpu", tmp_path)
+    assert "--tau" not in na.status
+
+
+def test_comm_rows_whose_flora_rank_compresses_nothing_are_marked():
+    """flora-bench comm: a flora-rR optimizer (or hook/acc configuration) at a rank >= the
+    model's width compresses nothing, and the row says so in the JSON, CSV and table."""
+    from flora.bench import comm
+
+    shapes = [(256, 32), (32, 32), (64, 32), (32, 64), (32,)]  # the smoke model's widths: 32
+    assert comm.compresses_nothing(32, shapes) and not comm.compresses_nothing(8, shapes)
+    assert not comm.compresses_nothing(None, shapes)
+    row = {"config": "hook-r32", "optimizer": "flora-r32"}
+    notes = comm.uncompressed_notes(row, shapes)
+    assert len(notes) == 2 and "flora-r32 compresses nothing" in notes[0] and "hook-r32 compresses nothing" in notes[1]
+    assert comm.uncompressed_notes({"config": "hook-r8", "optimizer": "flora-r8"}, shapes) == []
+    assert comm.uncompressed_notes({"config": "ddp", "optimizer": "adamw"}, shapes) == []
+    # a plan at ranks that compress nothing leaves out PowerSGD (no bytes to match) instead of dividing by zero
+    import argparse
+
+    a = argparse.Namespace(configs=None, ranks=(8, 64), optimizers=["adamw"], lrs=[(1e-3,)])
+    assert [r.config for r in comm.plan(a, shapes)] == ["ddp", "hook-r8", "hook-r64", "acc-r64",
+                                                        f"powersgd-r{comm.powersgd_rank(shapes, 8)}"]
+    base = {"status": "ok", "lr": 1e-3, "allreduces_per_step": 1, "bytes_per_step": 1000.0,
+            "expected_bytes_per_step": 1000, "val_loss": 2.0, "test_loss": 2.0, "median_step_s": 0.1, "rank": None,
+            "matches": None}
+    rows = [{**base, "config": "ddp", "optimizer": "flora-r32"}, {**base, "config": "ddp", "optimizer": "flora-r8"}]
+    for r in rows:
+        r["compresses_nothing"] = comm.uncompressed_notes(r, shapes)
+    meta = {"model": "m", "command": "flora-bench comm", "world": 2, "steps": 1, "global_batch": 4, "seq": 8,
+            "dense_bytes": 1000}
+    md = comm.markdown({"meta": {**meta, **{k: "" for k in core.META_KEYS if k not in meta}}, "runs": rows})
+    line32 = next(x for x in md.splitlines() if x.startswith("| ddp | flora-r32 |"))
+    line8 = next(x for x in md.splitlines() if x.startswith("| ddp | flora-r8 |"))
+    assert "compresses nothing" in line32 and "compresses nothing" not in line8
+

@@ -93,3 +93,28 @@ def test_default_names():
                                   "flora-r32-exact:grouped", "flora-r8-exact:nomomentum", "flora-opt-r8", "flora-opt-r32"]
     A.forms = ("scaled-orthonormal", "exact")  # Flora's default form is the bare name
     assert optimizer_names(A)[4:8] == ["flora-r8", "flora-r8-exact", "flora-r32", "flora-r32-exact"]
+
+
+def test_step_rows_whose_flora_rank_compresses_nothing_are_marked():
+    """flora-bench step: a flora-rR row at a rank >= every projected dim is marked in the
+    JSON and the table (issue 16, item 12); a few tiny steps, well under a second."""
+    import torch
+
+    from flora.bench import step
+
+    params = [torch.randn(16, 16, requires_grad=True), torch.randn(16, requires_grad=True)]
+    grads = [torch.randn_like(p) for p in params]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Flora's own warning that nothing is compressed
+        rows = step.time_optimizers(["adafactor-b0.9", "flora-r4", "flora-r16", "flora-dense"], params, grads, "cpu",
+                                    warmup=0, repeats=1, seed=0)
+    marked = {r["optimizer"]: r["compresses_nothing"] for r in rows}
+    assert marked == {"adafactor-b0.9": False, "flora-r4": False, "flora-r16": True, "flora-dense": False}
+    meta = {"model": "m", "device_name": "cpu", "command": "flora-bench step", "n_tensors": 2, "n_params": 272,
+            "shapes_check": "-", "repeats": 1, "warmup": 0}
+    md = step.render({"meta": {**meta, **{k: "" for k in core.META_KEYS if k not in meta}}, "rows": rows})
+    line = next(x for x in md.splitlines() if x.startswith("| flora-r16 |"))
+    assert step.NOTHING_COMPRESSED in line
+    assert step.NOTHING_COMPRESSED not in next(x for x in md.splitlines() if x.startswith("| flora-r4 |"))

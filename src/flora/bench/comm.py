@@ -101,7 +101,35 @@ def powersgd_rank(shapes, flora_rank: int) -> int:
     from flora.projection import matrix_shape
 
     mats = [matrix_shape(s) for s in shapes if compressed_dim(s, flora_rank) is not None]
+    if not mats:
+        raise ValueError(f"Flora at rank {flora_rank} compresses no tensor of this model: no bytes to match")
     return max(1, round(sum(flora_rank * max(n, m) for n, m in mats) / sum(n + m for n, m in mats)))
+
+
+def compresses_nothing(rank: int | None, shapes) -> bool:
+    """Whether Flora at ``rank`` (its momentum, the hook, the accumulator: one rule,
+    ``flora.compression.compressed_dim``) leaves every tensor of ``shapes`` dense: the
+    rank is at least every tensor's projected dimension (the model's width)."""
+    from flora.compression import compressed_dim
+
+    return rank is not None and all(compressed_dim(tuple(s), rank) is None for s in shapes)
+
+
+def uncompressed_notes(row: dict, shapes) -> list[str]:
+    """What in a row compresses nothing at the model's ``shapes``: its ``flora-rR``
+    optimizer (then its momentum is dense, Adafactor with beta1 0.9) and/or its
+    configuration's hook or accumulator (then it sends every gradient dense)."""
+    from . import optimizers as bo
+
+    notes = []
+    spec = bo.parse(row["optimizer"])
+    if spec.family == "flora" and compresses_nothing(spec.rank, shapes):
+        notes.append(f"{row['optimizer']} compresses nothing (rank {spec.rank} >= every projected dim): "
+                     "dense momentum")
+    kind, r = parse_config(row["config"])
+    if kind in ("hook", "acc") and compresses_nothing(r, shapes):
+        notes.append(f"{row['config']} compresses nothing (rank {r} >= every projected dim): sends dense")
+    return notes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,7 +208,8 @@ def plan(a: argparse.Namespace, shapes) -> list[CommRun]:
         configs = [(c, None) for c in a.configs]
     else:
         configs = [("ddp", None)] + [(f"hook-r{r}", None) for r in a.ranks] + [(f"acc-r{max(a.ranks)}", None)]
-        configs += [(f"powersgd-r{powersgd_rank(shapes, r)}", r) for r in a.ranks]
+        # PowerSGD matches the bytes of each hook rank that compresses something
+        configs += [(f"powersgd-r{powersgd_rank(shapes, r)}", r) for r in a.ranks if not compresses_nothing(r, shapes)]
     return [CommRun(c, o, lr, m) for c, m in configs for o, grid in zip(a.optimizers, a.lrs) for lr in grid]
 
 
@@ -382,7 +411,8 @@ def markdown(results: dict) -> str:
             continue
         base = ddp.get(r["optimizer"])
         vs = "-" if base is None else f"{100 * (r['test_loss'] / base['test_loss'] - 1):+.2f}%"
-        note = f"matches hook-r{r['matches']}" if r.get("matches") else ""
+        note = "; ".join(([f"matches hook-r{r['matches']}"] if r.get("matches") else [])
+                         + r.get("compresses_nothing", []))
         table.append([r["config"], r["optimizer"], f"{r['lr']:g}{'*' if r['edge'] else ''} ({tried})",
                       f"{r['allreduces_per_step']:g}", f"{r['bytes_per_step'] / 1e3:.1f}",
                       "-" if r["expected_bytes_per_step"] is None else f"{r['expected_bytes_per_step'] / 1e3:.1f}",
@@ -403,7 +433,7 @@ def markdown(results: dict) -> str:
 
 CSV_KEYS = ("config", "optimizer", "lr", "rank", "matches", "status", "allreduces_per_step", "bytes_per_step",
             "expected_bytes_per_step", "dense_bytes_per_step", "bytes_first_step", "bytes_total", "val_loss",
-            "test_loss", "train_loss", "median_step_s", "replicas_max_diff", "wall_s")
+            "test_loss", "train_loss", "median_step_s", "replicas_max_diff", "wall_s", "compresses_nothing")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -411,7 +441,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow({**r, "compresses_nothing": "; ".join(r.get("compresses_nothing", []))})
 
 
 def plot(path: Path, rows: list[dict]) -> bool:
@@ -475,6 +505,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             status = 1
         rows_file = Path(folder) / "rows.jsonl"
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    for r in rows:  # a flora-rR, hook-rR or acc-rR at a rank >= the model's width: marked, not silent
+        r["compresses_nothing"] = uncompressed_notes(r, shapes)
     results = {"meta": meta, "runs": rows}
     core.write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)

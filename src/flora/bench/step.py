@@ -70,6 +70,8 @@ REFERENCE = "adafactor-b0.9"  # the optimizer Flora replaces: step-time ratios a
 BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of flora
 LR = 1e-3
 KAPPA = 1000  # no resample within the timed steps
+# The note of a Flora row whose rank is at least every tensor's projected dimension
+NOTHING_COMPRESSED = "compresses nothing (rank >= every projected dim): dense momentum"
 FLAT_FAMILIES = ("adamw", "adafactor", "flora", "flora-opt")  # what steps a list of tensors
 # Variants of a name, after a colon: torch AdamW's fused kernel; Flora's single-tensor and
 # grouped paths (foreach=False, True; the bare name takes Flora's default for the device),
@@ -299,7 +301,7 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
     for label, o in opts:
         rows.append({"optimizer": label, "state_bytes": flora.state_bytes(o), "median_step_s": median(wall[label]),
                      "min_step_s": min(wall[label]), "median_cpu_s": median(cpu[label]), "times_s": wall[label],
-                     "cpu_times_s": cpu[label]})
+                     "cpu_times_s": cpu[label], "compresses_nothing": compresses_nothing(o)})
     by = {r["optimizer"]: r for r in rows}
     for r in rows:
         r["state_mib"] = r["state_bytes"] / core.MiB
@@ -308,6 +310,16 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
         r["step_vs_reference"] = r["median_step_s"] / ref["median_step_s"] if ref else None
         r["cpu_vs_reference"] = r["median_cpu_s"] / ref["median_cpu_s"] if ref else None
     return rows
+
+
+def compresses_nothing(opt) -> bool:
+    """Whether ``opt`` is a Flora with a rank whose ``plan()`` compresses no tensor (the
+    rank is at least every projected dimension): its row times dense momentum, Adafactor
+    with beta1 0.9, and is marked so. False for every other optimizer."""
+    plan = getattr(opt, "plan", None)
+    if plan is None or not any(g.get("rank") is not None and g.get("beta1") is not None for g in opt.param_groups):
+        return False
+    return not any(row["compressed"] for row in plan())
 
 
 def _draws(opt) -> list[tuple[int, int]]:
@@ -361,7 +373,7 @@ def projection_cost(params, grads, device, ranks, form, *, warmup, repeats, seed
             "draw_all_device_native_s": median([t for t, _ in t_native]),
             "draw_fraction_of_step": draw_s / drawn,
             "step_fraction_saved_by_cache": (drawn - cached) / drawn,
-            "cache_bytes": flora.cache_bytes(opts[(r, True)]),
+            "cache_bytes": flora.cache_bytes(opts[(r, True)]), "compresses_nothing": not draws,
         })
     return rows
 
@@ -436,11 +448,12 @@ def render(result: dict) -> str:
     if rows:
         lines += core.markdown_table(
             ["optimizer", "state MiB", "state / AdamW", "median step s", "min step s", "median CPU s",
-             f"step / {REFERENCE} (wall)", "(CPU)"],
+             f"step / {REFERENCE} (wall)", "(CPU)", "note"],
             ([r["optimizer"], f"{r['state_mib']:.1f}",
               "-" if r["state_vs_adamw"] is None else f"{100 * r['state_vs_adamw']:.1f}%",
               f3(r["median_step_s"]), f3(r["min_step_s"]), f3(r["median_cpu_s"]), f2(r["step_vs_reference"]),
-              f2(r["cpu_vs_reference"])] for r in rows), align="lrrrrrrr")
+              f2(r["cpu_vs_reference"]),
+              NOTHING_COMPRESSED if r.get("compresses_nothing") else ""] for r in rows), align="lrrrrrrrl")
     if result.get("goals"):
         lines += ["", "Goal check:", ""] + [f"- {g}" for g in result["goals"]]
     sp = result.get("split")
@@ -465,12 +478,14 @@ def render(result: dict) -> str:
                   "(`flora.gaussian_projection`) and, for reference, by the device's own generator.", ""]
         lines += core.markdown_table(
             ["rank", "projections / step", "step, drawn s", "step, cached s", "CPU s: drawn / cached",
-             "draw all, CPU generator s (CPU s)", "draw all, device generator s", "draw / step", "saved by cache"],
+             "draw all, CPU generator s (CPU s)", "draw all, device generator s", "draw / step", "saved by cache",
+             "note"],
             ([r["rank"], r["projections_per_step"], f3(r["step_drawn_s"]), f3(r["step_cached_s"]),
               f"{r['step_drawn_cpu_s']:.3f} / {r['step_cached_cpu_s']:.3f}",
               f"{r['draw_all_s']:.4f} ({r['draw_all_cpu_s']:.4f})", f"{r['draw_all_device_native_s']:.4f}",
-              f"{100 * r['draw_fraction_of_step']:.1f}%", f"{100 * r['step_fraction_saved_by_cache']:.1f}%"]
-             for r in pc), align="rrrrrrrrr")
+              f"{100 * r['draw_fraction_of_step']:.1f}%", f"{100 * r['step_fraction_saved_by_cache']:.1f}%",
+              NOTHING_COMPRESSED if r.get("compresses_nothing") else ""]
+             for r in pc), align="rrrrrrrrrl")
     return "\n".join(lines) + "\n"
 
 

@@ -46,7 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="explicit lrs instead of the sweep grid: KEY=LR[/LR...] entries, comma-separated, KEY an "
                         "optimizer name or an lr family (adam: AdamW/GaLore/APOLLO, adafactor: Adafactor/Flora/"
                         "flora-opt, lora), e.g. adam=1e-3,adafactor=1e-3/3e-3,lora=3e-3")
-    p.add_argument("--tau", type=int, default=None, help="micro-batches per step in finetune (default: the size's)")
+    p.add_argument("--tau", type=int, default=None,
+                   help="micro-batches per step in the finetune task only (the others step on every batch; "
+                        "default: the size's)")
     p.add_argument("--seed", type=int, default=0, help="the first run seed (model init, data order, projections)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="repeat every (optimizer, lr) on seeds SEED..SEED+N-1; the lr is chosen on the mean "
@@ -147,7 +149,7 @@ def plan(args, cfgs: dict[str, config.TaskConfig], peers: dict[str, str], device
             if spec.is_peer and peers[spec.peer_module] != "ok":
                 why = f"unavailable: {spec.peer_module} not importable ({peers[spec.peer_module]})"
             elif spec.accumulate_rank is not None and cfg.tau <= 1:
-                why = "n/a: compressed accumulation needs tau > 1"
+                why = tau_na(t, cfg, args.tau)
             if why:
                 skipped.append(RunResult(task=t, optimizer=name, lr=float("nan"), seed=args.seed, status=why))
                 continue
@@ -157,6 +159,15 @@ def plan(args, cfgs: dict[str, config.TaskConfig], peers: dict[str, str], device
             jobs += [Job(task=t, optimizer=name, lr=lr, cfg=cfg, seed=seed, device=device, cache_dir=str(cache),
                          threads=args.threads or cfg.threads) for lr in lrs for seed in seeds_of(args)]
     return jobs, skipped
+
+
+def tau_na(task: str, cfg: config.TaskConfig, tau: int | None) -> str:
+    """Why a ``+ca-rR`` optimizer is not run on ``task`` (its tau is 1), saying where
+    ``--tau`` applies when it was given for a task that ignores it."""
+    why = f"n/a: compressed accumulation needs tau > 1 ({task} runs tau={cfg.tau}"
+    if tau is not None and task != "finetune":
+        why += f"; --tau {tau} applies to the finetune task only"
+    return why + ")"
 
 
 def seeds_of(args) -> list[int]:
@@ -192,6 +203,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers,
                                   lr_points=args.lr_points, tau=args.tau, preset=args.preset, ranks=args.ranks,
                                   scale_parameter=args.scale_parameter, extend_lr=args.extend_lr) for t in tasks}
+    if args.tau is not None and "finetune" not in tasks:
+        core.say(f"flora-bench train: --tau {args.tau} applies to the finetune task only; {', '.join(tasks)} "
+                 "step(s) on every batch (tau=1)")
     peers = bo.peer_status()
     jobs, skipped = plan(args, cfgs, peers, device, cache)
     progress = not args.no_progress and core.interactive()
