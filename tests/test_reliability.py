@@ -238,15 +238,58 @@ def test_cyclic_schedulers_raise_their_own_error_and_change_nothing(make):
     assert not {"momentum", "betas"} & set(opt.defaults)
 
 
-def test_one_cycle_without_cycling_momentum_works():
+def _one_cycle_run(weight_decay, lrs=None, steps=10):
+    """Flora ("paper" momentum, a resample every 3 steps) on fixed gradients, its lr set by
+    OneCycleLR (cycle_momentum=False) or, with ``lrs``, by hand before each step; the
+    weights after every step and the lr the group held at each step."""
+    torch.manual_seed(0)
     p = nn.Parameter(torch.randn(8, 8))
-    opt = Flora([p], lr=1e-3, rank=2, beta1=0.9, momentum_form="paper")
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=False)
-    for _ in range(3):
-        p.grad = torch.randn_like(p)
+    opt = Flora([p], lr=1e-3, rank=2, beta1=0.9, momentum_form="paper", kappa=3, scale_parameter=False,
+                weight_decay=weight_decay)
+    sched = None if lrs else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps,
+                                                                  cycle_momentum=False)
+    gen = torch.Generator().manual_seed(1)
+    weights, used = [p.detach().clone()], []
+    for t in range(steps):
+        if lrs:
+            opt.param_groups[0]["lr"] = lrs[t]
+        used.append(opt.param_groups[0]["lr"])
+        p.grad = torch.randn(8, 8, generator=gen)
         opt.step()
-        sched.step()
+        if sched:
+            sched.step()
+        weights.append(p.detach().clone())
     assert opt.param_groups[0]["momentum_form"] == "paper"
+    return weights, used
+
+
+def test_one_cycle_without_cycling_momentum_works():
+    """Each step uses the lr OneCycleLR sets for it. The schedule's values come from the
+    same scheduler driving a plain SGD. The lr a step used is read from the weight
+    decay: with scale_parameter=False the update does not depend on the weights, so two
+    runs that differ only in weight_decay (wd and 0) differ by D_t, and
+    D_{t+1} - D_t = -wd * lr_t * p_t exactly."""
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(probe, max_lr=1e-2, total_steps=10, cycle_momentum=False)
+    schedule = []
+    for _ in range(10):
+        schedule.append(sched.get_last_lr()[0])
+        probe.step()
+        sched.step()
+    assert max(schedule) == pytest.approx(1e-2) and schedule[0] == pytest.approx(4e-4)  # warm-up, then anneal
+    wd = 0.5
+    decayed, used = _one_cycle_run(wd)
+    plain, _ = _one_cycle_run(0.0)
+    assert used == pytest.approx(schedule, rel=1e-12)
+    for t, lr in enumerate(schedule):
+        d0, d1, w = decayed[t] - plain[t], decayed[t + 1] - plain[t + 1], decayed[t]
+        read = (-((d1 - d0) * w).sum() / (wd * w.square().sum())).item()
+        assert abs(read - lr) < 1e-4 * max(schedule), (t, read, lr)  # measured: within 4e-8 (float32)
+    # and the momentum path: the same as setting each step's lr by hand
+    by_hand, _ = _one_cycle_run(wd, lrs=schedule)
+    assert all(torch.equal(a, b) for a, b in zip(decayed, by_hand))
+    constant, _ = _one_cycle_run(wd, lrs=[schedule[0]] * 10)
+    assert not torch.allclose(constant[-1], decayed[-1], rtol=0, atol=1e-3)
 
 
 def test_checkpoint_with_the_old_option_name_loads():
@@ -281,16 +324,40 @@ def test_float64_without_compression_equals_hf_adafactor(kw):
     _assert_equal(*results)
 
 
+def _accumulated_flora_run(dtype, rank):
+    model = _mlp(dtype)  # float32 init, cast: every dtype starts from the same values
+    start = _params(model)
+    opt = Flora(model.parameters(), lr=1e-2, rank=rank, beta1=0.9, kappa=2)
+    acc = CompressedAccumulator(model, rank=rank, tau=TAU, optimizer=opt)
+    _epoch_loop(model, opt, acc, _batches(2 * TAU + 1, dtype=dtype), "optimizer")
+    return model, opt, start
+
+
 def test_float64_compressed_momentum_and_accumulation():
-    model = _mlp(torch.float64)
-    opt = Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2)
-    acc = CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt)
-    _epoch_loop(model, opt, acc, _batches(2 * TAU + 1, dtype=torch.float64), "optimizer")
-    for p in model.parameters():
-        assert p.dtype == torch.float64 and torch.isfinite(p).all()
+    """float64 weights keep float64 state and follow the float32 run (same start, same
+    batches, same projections) to float32 rounding: within 1e-4 of each tensor's
+    movement (measured 1e-5)."""
+    model, opt, start = _accumulated_flora_run(torch.float64, 4)
+    ref, _, _ = _accumulated_flora_run(torch.float32, 4)
+    assert any("exp_avg_c" in opt.state[p] for p in model.parameters())
+    for p, p0, q in zip(model.parameters(), start, ref.parameters()):
+        assert p.dtype == torch.float64
         for v in opt.state[p].values():
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
                 assert v.dtype == torch.float64
+        moved = (p.detach() - p0).norm()
+        assert moved > 1e-3
+        assert (p.detach() - q.detach().double()).norm() < 1e-4 * moved
+
+
+def test_float64_accumulation_without_compression_equals_hf_adafactor():
+    """The same loop with rank=None (optimizer and accumulator): HF Adafactor in float64
+    with plain accumulation, number for number."""
+    model, _, _ = _accumulated_flora_run(torch.float64, None)
+    ref = _mlp(torch.float64)
+    opt = Adafactor(ref.parameters(), lr=1e-2, beta1=0.9, relative_step=False, warmup_init=False)
+    _epoch_loop(ref, opt, None, _batches(2 * TAU + 1, dtype=torch.float64), "plain")
+    _assert_equal(_params(model), _params(ref))
 
 
 # ------------------------------------------------------ 6. remove() mid-cycle
