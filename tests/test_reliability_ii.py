@@ -200,3 +200,37 @@ def test_non_finite_lr_is_refused_naming_lr_and_its_range(lr):
     with pytest.raises(ValueError, match="lr must be a finite"):
         opt.step()
     assert torch.equal(p, before)
+
+
+# ------------------------------------------------- 6. docs that contradicted the code
+
+
+def _readme():
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _bullet(text, start):
+    i = text.index(start)
+    j = text.find("\n- ", i + 1)
+    return text[i:j]
+
+
+def test_readme_rank_bullet_and_docstring_name_the_default_projection():
+    import inspect
+
+    default = inspect.signature(Flora).parameters["projection"].default
+    assert default == "orthonormal"
+    rank = _bullet(_readme(), "- `rank`:")
+    assert "by default one with orthonormal rows" in rank and f'projection="{default}"' in rank
+    assert "under a Gaussian projection" not in rank
+    head = Flora.__doc__.split("Args:")[0]  # the summary above the arguments
+    assert "by default one with orthonormal rows" in head and "under a Gaussian projection" not in head
+
+
+def test_readme_choosing_lr_reports_the_finished_sweep():
+    text = _readme()
+    section = text[text.index("### Choosing lr"):text.index("### State, dtypes")]
+    assert "will revisit" not in section and "3 seeds" in section
+    assert "choosing-the-momentum-form-3-seeds" in section  # links the sweep's results
