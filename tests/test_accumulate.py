@@ -109,7 +109,13 @@ def test_full_gradient_is_freed_between_micro_batches():
     acc = CompressedAccumulator(model, rank=4, tau=TAU)
     x, y = _batches(1)[0]
     _loss(model, x, y, TAU).backward()
-    assert [p.grad is None for p in model.parameters()] == [p.dim() == 2 for p in model.parameters()]
+    for p in model.parameters():
+        # a compressed matrix keeps a zero placeholder of one element (stride 0, so that
+        # zero_grad() can be seen); a dense one its full partial sum
+        storage = p.grad.untyped_storage().nbytes()
+        assert storage == (p.grad.element_size() if p.dim() == 2 else 4 * p.numel()), p.shape
+        if p.dim() == 2:
+            assert p.grad.stride() == (0, 0) and not p.grad.any()
     assert acc.micro_step == 1 and acc.memory_bytes() > 0
 
 
@@ -622,18 +628,163 @@ def test_a_state_from_before_projection_kinds_resumes_only_with_gaussian():
         CompressedAccumulator(_mlp(), rank=4, tau=TAU, projection="coordinates")
 
 
-def test_a_new_cycle_before_an_uneven_one_is_closed_is_an_error():
-    """A parameter that finished its cycle gets the next micro-batch's gradient while
-    another lags, and nothing closed the cycle: refused, naming the laggard, state kept."""
+def _grads(model):
+    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+def _same_grads(a, b):
+    assert [x is None for x in a] == [y is None for y in b]
+    for x, y in zip(a, b):
+        assert x is None or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("order", ["laggard first", "laggard last"])
+def test_a_new_cycle_before_an_uneven_one_is_closed_is_an_error(order):
+    """A cycle ended for some parameters and not for others (a layer missed its last
+    micro-batch), and nothing closed it: the next backward is refused before anything is
+    accumulated, whichever parameter autograd reaches first, naming the laggards and what
+    ended. "laggard last" is issue 16's case: the message used to list nobody."""
     model = _mlp()
     acc = CompressedAccumulator(model, rank=4, tau=2)
     x, y = _batches(1)[0]
     _loss(model, x, y, 2).backward()
-    model[0].weight.requires_grad_(False)  # the first layer misses the second micro-batch
-    _loss(model, x, y, 2).backward()
-    model[0].weight.requires_grad_(True)
-    counts = acc.state_dict()["counts"].tolist()
-    with pytest.raises(RuntimeError, match=r"previous one is incomplete.*'0.weight' \(1\).*finish_cycle"):
+    if order == "laggard first":  # the first layer misses the second micro-batch (reached last by autograd)
+        model[0].weight.requires_grad_(False)
         _loss(model, x, y, 2).backward()
-    assert acc.state_dict()["counts"].tolist() == counts
+        model[0].weight.requires_grad_(True)
+        laggards, ended = ["'0.weight' (1)"], ["'0.bias'", "'4.weight'"]
+    else:  # only layer 0 gets the second micro-batch: the laggards are reached first
+        model[0](x).square().mean().backward()
+        laggards, ended = ["'2.weight' (1)", "'4.bias' (1)"], ["'0.weight'", "'0.bias'"]
+    counts, grads = acc.state_dict()["counts"].tolist(), _grads(model)
+    with pytest.raises(RuntimeError, match=r"waits to be stepped") as e:
+        _loss(model, x, y, 2).backward()
+    msg = str(e.value)
+    for name in laggards + ended + ["Nothing of this backward was accumulated", "finish_cycle", "discard_cycle"]:
+        assert name in msg, (name, msg)
+    assert "0 parameter(s)" not in msg
+    assert acc.state_dict()["counts"].tolist() == counts  # nothing changed: counts, and every .grad
+    _same_grads(_grads(model), grads)
+    # the laggards' estimates were written when the backward that ended the cycle ended
+    assert all(g is not None and g.untyped_storage().nbytes() == 4 * g.numel() for g in grads)
     assert acc.finish_cycle() == 2 and acc.micro_step == 0  # closing it lets training go on
+    _loss(model, x, y, 2).backward()
+    assert acc.micro_step == 1
+
+
+def test_a_backward_that_failed_after_completing_a_cycle_is_reported_truthfully():
+    """A backward pass completes the cycle of some parameters and then fails (a user hook
+    raises), so the cycle is never closed: the next gradient of a completed parameter is
+    refused with what is known, and the laggards are listed."""
+    model = _mlp()
+    failing = [False]
+
+    def hook(g):
+        if failing[0]:
+            raise ValueError("user hook")
+
+    model[0].weight.register_hook(hook)  # before the accumulator's: reached last by autograd
+    acc = CompressedAccumulator(model, rank=4, tau=2)
+    x, y = _batches(1)[0]
+    _loss(model, x, y, 2).backward()
+    failing[0] = True
+    with pytest.raises(ValueError, match="user hook"):
+        _loss(model, x, y, 2).backward()
+    failing[0] = False
+    with pytest.raises(RuntimeError, match=r"'4.bias' got a gradient after its cycle \(cycle 0\) was complete") as e:
+        _loss(model, x, y, 2).backward()
+    msg = str(e.value)
+    assert "fewer micro-batches: 1 ('0.weight' (1))" in msg and "Complete: 5 parameter(s)" in msg
+    assert acc.finish_cycle() == 2 and acc.micro_step == 0
+
+
+def _zero_grad_run(kind, rank, *, fused=False, bad=1000.0):
+    """tau=3: a bad micro-batch (loss x ``bad``), ``zero_grad`` of the kind given, two good
+    ones, a step (fused: finish_cycle), then a full cycle. Returns the parameters, the
+    gradients the first step saw, and the accumulator (None: plain PyTorch)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = None
+    if rank != "plain":
+        acc = CompressedAccumulator(model, rank=rank, tau=3, seed=5, optimizer=opt, fused=fused)
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append(_grads(model)) if not fused else None)
+    batches = _batches(6)
+    (_loss(model, *batches[0], 3) * bad).backward()
+    {"optimizer": lambda: opt.zero_grad(), "optimizer, set_to_none=False": lambda: opt.zero_grad(set_to_none=False),
+     "model": lambda: model.zero_grad(), "discard_cycle": lambda: acc.discard_cycle(),
+     "first layer": lambda: model[0].zero_grad()}[kind]()
+    for xy in batches[1:3]:
+        _loss(model, *xy, 3).backward()
+    if fused:
+        assert acc.finish_cycle() == 2
+    else:
+        opt.step()
+        opt.zero_grad()
+    _train(model, opt, batches[3:], 3, fused=fused)
+    return _params(model), seen, acc
+
+
+@pytest.mark.parametrize("kind", ["optimizer", "optimizer, set_to_none=False", "model", "discard_cycle",
+                                  "first layer"])
+def test_zero_grad_in_an_open_cycle_discards_it_like_plain_pytorch(kind):
+    """Issue 16: a micro-batch dropped by zero_grad() stayed in the compressed parameters
+    (the weight's estimate had norm 790, against 0.975 for plain accumulation)."""
+    want, seen_plain, _ = _zero_grad_run("first layer" if kind == "first layer" else "optimizer", "plain")
+    # without compression: bit-identical to plain PyTorch (a subset zeroed: only that subset dropped)
+    got, _, acc = _zero_grad_run(kind if kind != "discard_cycle" else "optimizer", None)
+    _assert_equal(got, want)
+    # compressed: the step sees the estimate of exactly the micro-batches kept
+    got, seen, acc = _zero_grad_run(kind, 4)
+    assert acc.cycle == 2 and acc.micro_step == 0
+    batches = _batches(3)
+    for i, (p, row, plain) in enumerate(zip(_mlp().parameters(), acc.plan(), seen_plain[0])):
+        if not row["compressed"]:
+            torch.testing.assert_close(seen[0][i], plain, rtol=1e-6, atol=1e-7)
+            continue
+        per_batch = []
+        for j, xy in enumerate(batches):
+            ref = _mlp()
+            _loss(ref, *xy, 3).mul(1000.0 if j == 0 else 1.0).backward()
+            per_batch.append(list(ref.parameters())[i].grad)
+        if kind != "first layer" or i < 2:  # two micro-batches: a short cycle, closed by the step
+            want_grad = _offline_estimate(per_batch[1:], 5, i, 0, 4, row["proj_dim"], exact_last=False)
+        else:  # only layer 0 was zeroed: the others' cycle of three ended on the third (exact last)
+            want_grad = _offline_estimate(per_batch, 5, i, 0, 4, row["proj_dim"], exact_last=True)
+        torch.testing.assert_close(seen[0][i], want_grad, rtol=1e-5, atol=1e-6)
+        if kind != "first layer" or i < 2:
+            assert seen[0][i].norm() < 2 * plain.norm() + 0.1  # the bad micro-batch is gone
+
+
+def test_zero_grad_in_an_open_cycle_fused_mode():
+    """Fused mode: the optimizer's zero_grad() (and discard_cycle()) drop the open cycle;
+    the result equals normal mode with the same loop."""
+    want, _, _ = _zero_grad_run("optimizer", 4)
+    for kind in ("optimizer", "discard_cycle"):
+        got, _, acc = _zero_grad_run(kind, 4, fused=True)
+        _assert_equal(got, want)
+    # detaching restores the optimizer's own zero_grad
+    opt = next(iter([torch.optim.SGD(_mlp().parameters(), lr=0.1)]))
+    acc = CompressedAccumulator(opt.param_groups[0]["params"], rank=4, tau=3, optimizer=opt, fused=True)
+    assert "zero_grad" in vars(opt)
+    acc.remove()
+    assert "zero_grad" not in vars(opt)
+
+
+def test_zero_grad_between_the_last_backward_and_the_step_and_autograd_grad_mid_cycle():
+    """zero_grad() on a boundary changes nothing; torch.autograd.grad() on the parameters
+    in the middle of a cycle leaves the open cycle alone."""
+    model = _mlp()
+    acc = CompressedAccumulator(model, rank=4, tau=2, seed=5)
+    ref = _mlp()
+    ref_acc = CompressedAccumulator(ref, rank=4, tau=2, seed=5)
+    x, y = _batches(1)[0]
+    for m in (model, ref):
+        _loss(m, x, y, 2).backward()
+    torch.autograd.grad(_loss(model, x, y, 2), list(model.parameters()))
+    assert acc.micro_step == 1
+    for m in (model, ref):
+        _loss(m, x, y, 2).backward()
+    _same_grads(_grads(model), _grads(ref))
+    model.zero_grad()
+    assert acc.micro_step == 0 and acc.cycle == 1 and ref_acc.cycle == 1

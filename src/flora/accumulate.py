@@ -106,13 +106,21 @@ class _Cycle:
     number: int  # cycles completed before this one: keys this cycle's projections
     counts: list[int]  # backward passes each slot has seen in this cycle
     follow_accelerate: bool = False  # accelerate marked a backward of the previous cycle unsynced
-    active: int = 0  # slots with a gradient in this cycle
-    done: int = 0  # of those, the slots whose cycle is complete
+    done: set[int] = field(default_factory=set)  # slots whose cycle is complete (their last micro-batch came)
     buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> partial sum
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> cached projection
     sq_norm: torch.Tensor | None = None  # fused mode: squared norms of the gradients stepped so far
     unsynced: bool = False  # accelerate marked a backward of this cycle unsynced
     backwards: int = 0  # reduce=True: backward passes finished in this cycle
+    # Normal mode: slot -> (the placeholder left in .grad of a compressed parameter between
+    # backward passes, its version). zero_grad() replaces or zeroes it: that is how a
+    # discarded micro-batch is seen.
+    marks: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    versions: dict[int, int] = field(default_factory=dict)  # slot -> version of the .grad holding its sum
+    inflight: dict[int, int] = field(default_factory=dict)  # slot -> graph task accumulating it now
+    # Set when a backward pass ended with the cycle complete for some parameters but not for
+    # these (slot, count): the next backward must wait for a step, finish_cycle or zero_grad.
+    overdue: list[tuple[int, int]] | None = None
 
     @classmethod
     def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False) -> "_Cycle":
@@ -120,6 +128,10 @@ class _Cycle:
 
     def next(self) -> "_Cycle":
         return _Cycle.start(len(self.counts), self.number + 1, self.unsynced)
+
+    @property
+    def active(self) -> int:
+        return sum(1 for c in self.counts if c)
 
 
 def _named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
@@ -155,6 +167,29 @@ def _is_ddp(module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     return isinstance(module, DistributedDataParallel)
+
+
+def _ddp_holding(ids: set[int]) -> nn.Module | None:
+    """A live DistributedDataParallel whose module holds one of these parameters (DDP
+    keeps no registry: looked for among the collector's objects, once)."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    for attempt in range(2):
+        found = None
+        for obj in gc.get_objects():
+            if issubclass(type(obj), DistributedDataParallel):
+                module = getattr(obj, "module", None)
+                if isinstance(module, nn.Module) and any(
+                        id(p) in ids and not getattr(p, "_ddp_ignored", False) for p in module.parameters()):
+                    found = obj
+                    break
+        if found is None or attempt:
+            return found
+        del found, obj
+        gc.collect()  # a wrapper dropped but not yet collected does not count
+    return None
 
 
 def _unwrap(optimizer):
@@ -334,17 +369,27 @@ class CompressedAccumulator:
         self._slots: list[_Slot] = slots
         self._ids = {id(s.param) for s in slots}
         self._c = _Cycle.start(len(slots))
-        self._close_queued = False  # a close is queued for the end of the running backward
+        self._queued: dict[int, bool] = {}  # graph task -> a gradient was accumulated in it (its end is queued)
+        self._sharded = {k for k, s in enumerate(slots) if is_dtensor(s.param)}  # FSDP2: no tensor hooks
+        self._zeros: dict[int, torch.Tensor] = {}  # slot -> the one-element storage of its placeholder
+        self._ddp_checked = not fused or reduce  # fused mode: DDP wrapping is looked for at the first backward
         self.last_grad_norm: torch.Tensor | None = None
         # Autograd runs each CUDA device's backward on its own thread: a model spread over
         # devices may run two hooks at once.
         self._lock = threading.Lock()
         self._handles = [s.param.register_post_accumulate_grad_hook(functools.partial(self._on_grad, k))
                          for k, s in enumerate(slots)]
+        # Before each accumulation (FSDP2's sharded parameters are not in the graph: their
+        # gradients arrive by the post-accumulate hook alone).
+        self._handles += [s.param.register_hook(functools.partial(self._before_grad, k))
+                          for k, s in enumerate(slots) if not is_dtensor(s.param)]
         for s in slots:
             _ATTACHED[s.param] = self
         self._guard = None
-        if not fused:
+        self._zero_grad_patched = False
+        if fused:
+            self._patch_zero_grad()
+        else:
             if self._optimizer is not None:
                 self._guard = self._optimizer.register_step_pre_hook(self._on_step)
             else:
@@ -448,9 +493,42 @@ class CompressedAccumulator:
         return a
 
     @torch.no_grad()
+    def _before_grad(self, k: int, grad: torch.Tensor) -> None:
+        """Tensor hook: runs before autograd adds this backward's gradient to ``.grad``, so
+        that a refusal leaves the parameter as it was. Discards a partial sum that
+        ``zero_grad()`` cleared, refuses a new cycle that nothing closed, and takes the
+        placeholder out of ``.grad``."""
+        with self._lock:
+            if not self._ddp_checked:
+                self._check_not_under_ddp()
+            self._queue_end()
+            if self._c.counts[k] and self._cleared(k):
+                self._discard(k)
+            self._check_cycle_open(k)
+            c, p = self._c, self._slots[k].param
+            m = c.marks.pop(k, None)
+            if m is not None and p.grad is m[0]:
+                p.grad = None  # autograd writes this gradient into a fresh .grad
+            c.inflight[k] = torch._C._current_graph_task_id()
+
+    @torch.no_grad()
     def _on_grad(self, k: int, p: torch.Tensor) -> None:
         with self._lock:
+            self._c.inflight.pop(k, None)
+            self._queue_end(accumulated=True)
+            if k in self._sharded:  # no tensor hook ran before this one
+                self._check_cycle_open(k)
             self._accumulate(k, p)
+
+    def _check_cycle_open(self, k: int) -> None:
+        c = self._c
+        if c.overdue is not None:
+            self._sweep()  # zero_grad() may have dropped the cycle
+            c = self._c
+            if c.overdue is not None:
+                raise RuntimeError(self._lag_message(self._slots[k].name, first=True))
+        if k in c.done and not self.reduce:  # a backward completed it and then failed before closing it
+            raise RuntimeError(self._lag_message(self._slots[k].name, first=False))
 
     def _accumulate(self, k: int, p: torch.Tensor) -> None:
         g = p.grad
@@ -459,21 +537,19 @@ class CompressedAccumulator:
         c = self._c
         count, slot = c.counts[k], self._slots[k]
         # Every check comes before any change of state.
-        if count >= self.tau:
-            raise RuntimeError(self._lag_message(slot.name))
         if g.is_sparse:
             raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
                             "gradients (e.g. nn.Embedding(sparse=False))")
         if self.reduce:
             self._accumulate_for_reduce(k, p, g)
             return
-        last = count + 1 == self.tau or self._accelerate_ends_cycle()
+        last = self._accelerate_ends_cycle(count) or count + 1 == self.tau
         buf = c.buffers.get(k)
         if slot.dim is not None:
             a = self._projection(k)
             if not last:
                 c.buffers[k] = accumulate_compressed_(buf, g, a, slot.dim)
-                p.grad = None
+                self._park(k)
             elif not self.exact_last:
                 write_estimate_(g, accumulate_compressed_(buf, g, a, slot.dim), a, slot.dim, add=False)
             elif buf is not None:
@@ -493,24 +569,195 @@ class CompressedAccumulator:
             self._fused_step(p)
         if last:
             c.buffers.pop(k, None)
+            c.done.add(k)
         c.counts[k] = count + 1
-        c.active += count == 0
-        c.done += last
-        if last and not self._close_queued:
-            # Close once this backward has run every hook: a parameter that finishes first
-            # cannot know whether the others got their gradients (a one-micro-batch cycle).
-            self._close_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+        if not self.fused and p.grad is not None and k not in c.marks:
+            c.versions[k] = p.grad._version  # its sum lives in .grad: zero_grad() shows there
 
-    def _after_backward(self) -> None:
+    def _queue_end(self, accumulated: bool = False) -> None:
+        """Have ``_after_backward`` run once at the end of the running backward pass."""
+        task = torch._C._current_graph_task_id()
+        if task not in self._queued:
+            self._queued[task] = accumulated
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._after_backward, task))
+        elif accumulated:
+            self._queued[task] = True
+
+    def _after_backward(self, task: int) -> None:
+        """End of a backward pass. Closes a cycle whose every parameter is complete (a
+        parameter that finishes first cannot know whether the others got their gradients);
+        with some complete and others not, the others' estimates are written into ``.grad``
+        (so that clipping sees them) and the cycle waits for the step. reduce=True: counts
+        the backward pass and runs the cycle's collective after the tau-th."""
+        node = torch._C._current_autograd_node()
         with self._lock:
-            self._close_queued = False
+            accumulated = self._queued.pop(task, False)
+            c = self._c
+            for k, t in list(c.inflight.items()):
+                if t == task:  # its gradient went elsewhere (torch.autograd.grad): put the placeholder back
+                    del c.inflight[k]
+                    if c.counts[k] and self._slots[k].param.grad is None and self._parks(k):
+                        self._mark(k)
+            if node is not None and self._defer(node, accumulated):
+                return
+            if not accumulated:
+                return
             if self.reduce:
-                self._c.backwards += 1
-                if self._c.backwards >= self.tau:
+                c.backwards += 1
+                if c.backwards >= self.tau:
                     self._reduce_cycle()
-            elif self._c.done and self._c.done == self._c.active:
+                return
+            if not c.done:
+                return
+            lagging = [(k, n) for k, n in enumerate(c.counts) if n and k not in c.done]
+            if not lagging:
                 self._close_cycle()
+                return
+            c.overdue = lagging
+            if not self.fused:
+                for k, _ in lagging:
+                    self._write_estimate(k)
+
+    def _defer(self, node, accumulated: bool) -> bool:
+        """A backward pass run inside another one (reentrant activation checkpointing) ends
+        inside one of the outer pass's nodes: look at the cycle when the outer pass ends."""
+        fired = []
+
+        def outer_node_done(grad_inputs, grad_outputs):
+            if not fired:
+                fired.append(True)
+                with self._lock:
+                    self._queue_end(accumulated)
+
+        try:
+            node.register_hook(outer_node_done)
+        except (RuntimeError, TypeError, AttributeError):
+            return False
+        return True
+
+    # --------------------------------------------------- the open cycle, seen from .grad
+
+    def _parks(self, k: int) -> bool:
+        """Whether slot k leaves a placeholder in ``.grad`` while its partial sum is in a
+        buffer: compressed, normal mode (fused mode keeps every .grad None), not FSDP2."""
+        return not self.fused and self._slots[k].dim is not None and k not in self._sharded
+
+    def _park(self, k: int) -> None:
+        if self._parks(k):
+            self._mark(k)
+        else:
+            self._slots[k].param.grad = None
+
+    def _mark(self, k: int) -> None:
+        """Leave in ``.grad`` a zero placeholder that holds one element (stride 0): plain
+        ``zero_grad()`` replaces it by None or zeroes it, which is how this slot's partial
+        sum is known to have been discarded."""
+        p = self._slots[k].param
+        z = self._zeros.get(k)
+        if z is None or z.device != p.device or z.dtype != p.dtype:
+            z = self._zeros[k] = torch.zeros((), dtype=p.dtype, device=p.device)
+        m = z.expand(p.shape)
+        p.grad = m
+        self._c.marks[k] = (m, m._version)
+        self._c.versions.pop(k, None)
+
+    def _cleared(self, k: int) -> bool:
+        """Whether slot k's partial sum was discarded by the user since the hook left it:
+        its placeholder replaced or zeroed, or the ``.grad`` holding its sum set to None or
+        zeroed (``zero_grad(set_to_none=False)``)."""
+        c = self._c
+        if k in c.inflight:
+            return False
+        m = c.marks.get(k)
+        p = self._slots[k].param
+        if m is not None:
+            return p.grad is not m[0] or m[0]._version != m[1]
+        v = c.versions.get(k)
+        if v is None:  # fused mode or FSDP2: the sum is not in .grad
+            return False
+        g = p.grad
+        return g is None or (g._version != v and not bool(g.any()))
+
+    def _discard(self, k: int) -> None:
+        c = self._c
+        c.counts[k] = 0
+        c.done.discard(k)
+        c.buffers.pop(k, None)
+        c.versions.pop(k, None)
+        m = c.marks.pop(k, None)
+        if m is not None:
+            p = self._slots[k].param
+            if p.grad is m[0]:
+                p.grad = None  # zeroed in place: autograd must not add into a placeholder
+            if m[0]._version != m[1]:
+                self._zeros.pop(k, None)
+
+    def _sweep(self) -> None:
+        """Apply what ``zero_grad()`` did since the last backward pass to every slot."""
+        c = self._c
+        for k, n in enumerate(c.counts):
+            if n and self._cleared(k):
+                self._discard(k)
+        if not c.active:
+            c.backwards = 0
+        if c.overdue is not None:
+            lagging = [(k, n) for k, n in c.overdue if c.counts[k]]
+            if lagging and c.done:
+                c.overdue = lagging
+            else:
+                c.overdue = None
+                if c.done and not lagging:  # what is left is complete
+                    self._close_cycle()
+
+    def _write_estimate(self, k: int) -> None:
+        """Normal mode: write slot k's estimate of the gradients it got into ``.grad``."""
+        c, s = self._c, self._slots[k]
+        buf = c.buffers.pop(k, None)
+        m = c.marks.pop(k, None)
+        if m is not None and s.param.grad is m[0]:
+            s.param.grad = None
+        if s.dim is not None and buf is not None:
+            g = torch.empty_like(s.param)
+            write_estimate_(g, buf, self._projection(k), s.dim, add=False)
+            s.param.grad = g
+        if s.param.grad is not None:
+            c.versions[k] = s.param.grad._version
+
+    def _check_not_under_ddp(self) -> None:
+        """Fused mode, first backward: refuse a model that DDP wrapped after the accumulator
+        was built (each replica would step on its own gradient before DDP averages it)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            ddp = _ddp_holding(self._ids)
+            if ddp is not None:
+                raise RuntimeError(
+                    f"CompressedAccumulator(fused=True) on parameters of a model wrapped in {type(ddp).__name__} "
+                    f"(world size {dist.get_world_size()}): the optimizer would step inside backward on this "
+                    "replica's own gradient, before DDP averages it, and the replicas would drift apart. Use "
+                    "normal mode (fused=False, no_sync() on the first tau-1 micro-batches), or build the "
+                    "accumulator on the DDP model with reduce=True (fused=True works there: it averages the "
+                    "compressed buffers itself; run every backward under ddp_model.no_sync()). Nothing was "
+                    "accumulated or stepped")
+        self._ddp_checked = True
+
+    def _patch_zero_grad(self) -> None:
+        """Fused mode keeps no .grad between backward passes, so the optimizer's zero_grad()
+        cannot see the open cycle: wrap it (on this optimizer object only) to discard it."""
+        opt = self._optimizer
+        original = opt.zero_grad
+        had_own = "zero_grad" in vars(opt)
+        ref = weakref.ref(self)
+
+        @functools.wraps(original)
+        def zero_grad(*args, **kwargs):
+            acc = ref()
+            if acc is not None and any(acc._c.counts):
+                acc.discard_cycle()
+            return original(*args, **kwargs)
+
+        opt.zero_grad = zero_grad
+        self._zero_grad_patched = (zero_grad, original if had_own else None)
 
     # ------------------------------------------------------------ across replicas
 
@@ -526,15 +773,13 @@ class CompressedAccumulator:
         buf = c.buffers.get(k)
         if slot.dim is not None:
             c.buffers[k] = accumulate_compressed_(buf, g, self._projection(k), slot.dim)
-            p.grad = None
+            self._park(k)
         elif self.fused:  # dense parameters' sums live here in fused mode (.grad is None between cycles)
             c.buffers[k] = g if buf is None else buf.add_(g)
             p.grad = None
         c.counts[k] += 1
-        c.active += c.counts[k] == 1
-        if not self._close_queued:
-            self._close_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+        if not self.fused and p.grad is not None and k not in c.marks:
+            c.versions[k] = p.grad._version
 
     def _layout(self) -> list[tuple[int, torch.Size | tuple[int, int]]]:
         """(slot, shape on the wire) of every attached parameter, in order: the packed
@@ -607,11 +852,13 @@ class CompressedAccumulator:
         del flat
         self._close_cycle()
 
-    def _accelerate_ends_cycle(self) -> bool:
+    def _accelerate_ends_cycle(self, count: int) -> bool:
         """True when accelerate (the HF Trainer, ``accelerator.accumulate()``) drives the
         accumulation and marks this backward as the last of its cycle. Its gradient state
         is read only if accelerate is imported, and followed only once it has marked some
-        backward of this or the previous cycle as unsynced (a plain loop never does)."""
+        backward of this or the previous cycle as unsynced (a plain loop never does).
+        ``count``: backward passes this parameter had in the cycle before this one. A tau
+        that disagrees with accelerate's accumulation is refused."""
         mod = sys.modules.get("accelerate.state")
         shared = getattr(getattr(mod, "GradientState", None), "_shared_state", None)
         if not shared:
@@ -619,8 +866,21 @@ class CompressedAccumulator:
         sync = bool(shared.get("sync_gradients", True))
         if not sync:
             self._c.unsynced = True
+        if not (self._c.unsynced or self._c.follow_accelerate):
             return False
-        return self._c.unsynced or self._c.follow_accelerate
+        steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)
+        if isinstance(steps, int) and steps > 1 and steps != self.tau:  # accelerator.accumulate()
+            raise ValueError(f"CompressedAccumulator(tau={self.tau}) under accelerate with "
+                             f"gradient_accumulation_steps={steps}: the two must agree; build the accumulator "
+                             f"with tau={steps}")
+        if not sync and count + 1 >= self.tau:  # the Trainer (which leaves accelerate's num_steps at 1)
+            raise ValueError(
+                f"CompressedAccumulator(tau={self.tau}) under the Hugging Face Trainer or accelerate, whose "
+                f"gradient accumulation is longer: backward pass {count + 1} of this cycle is not the last of its "
+                f"optimizer step, so gradient_accumulation_steps > tau={self.tau}. The accumulator would close "
+                "several cycles per step and compress the first estimate again. Build it with tau equal to "
+                "gradient_accumulation_steps (flora.AccumulatorCallback checks both when training starts)")
+        return sync
 
     def _unscale(self, p: torch.Tensor) -> torch.Tensor | None:
         """Unscale ``p.grad`` by the GradScaler's scale in place and record whether it is
@@ -669,17 +929,39 @@ class CompressedAccumulator:
         p.grad = None
 
     def _close_cycle(self) -> None:
-        if self.fused and self._c.sq_norm is not None:
-            self.last_grad_norm = self._c.sq_norm.sqrt()
-        self._c = self._c.next()
+        c = self._c
+        if self.fused and c.sq_norm is not None:
+            self.last_grad_norm = c.sq_norm.sqrt()
+        for k, (m, _) in c.marks.items():  # never left behind (every path writes the estimates first)
+            if self._slots[k].param.grad is m:
+                self._slots[k].param.grad = None
+        self._c = c.next()
 
-    def _lag_message(self, name: str) -> str:
-        lagging = [(s.name, c) for s, c in zip(self._slots, self._c.counts) if 0 < c < self.tau]
-        listed = ", ".join(f"{n!r} ({c})" for n, c in lagging[:5])
-        return (f"parameter {name!r} got a gradient in a new cycle while the previous one is incomplete: "
-                f"{len(lagging)} parameter(s) got gradients in fewer than tau={self.tau} micro-batches "
-                f"(gradient counts: {listed}). Close a cycle whose parameters got gradients in fewer "
-                "micro-batches with optimizer.step() or acc.finish_cycle() before the next backward")
+    def _lag_message(self, name: str, *, first: bool) -> str:
+        c = self._c
+        done = [self._slots[k].name for k in sorted(c.done)]
+        lagging = [(self._slots[k].name, n) for k, n in enumerate(c.counts) if n and k not in c.done]
+
+        def listed(names):
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+        if first:
+            what = (f"a backward pass began while the previous cycle (cycle {c.number}) waits to be stepped: it "
+                    f"ended for {len(done)} parameter(s) ({listed([repr(n) for n in done])}) and "
+                    f"{len(lagging)} got gradients in fewer micro-batches "
+                    f"({listed([f'{n!r} ({k})' for n, k in lagging])}"
+                    f"{'' if self.fused else '; their estimates are in .grad'}). Nothing of this backward was "
+                    "accumulated")
+        else:
+            what = (f"parameter {name!r} got a gradient after its cycle (cycle {c.number}) was complete, and "
+                    "the cycle was never closed (did the backward pass that completed it fail?). Complete: "
+                    f"{len(done)} parameter(s) ({listed([repr(n) for n in done])}); fewer micro-batches: "
+                    f"{len(lagging)} ({listed([f'{n!r} ({k})' for n, k in lagging]) or 'none'}). This backward's "
+                    f"gradient of {name!r} was not accumulated; gradients it produced before reaching {name!r} "
+                    "were")
+        return (f"CompressedAccumulator(tau={self.tau}): {what}. Close the cycle with optimizer.step() or "
+                "acc.finish_cycle() (each parameter steps on what it got), or drop it with optimizer.zero_grad() "
+                "or acc.discard_cycle(), before the next backward")
 
     def _on_step(self, optimizer, args, kwargs) -> None:
         if self.micro_step:
@@ -700,7 +982,9 @@ class CompressedAccumulator:
 
     @property
     def micro_step(self) -> int:
-        """Backward passes seen in the current cycle (0 on a boundary)."""
+        """Backward passes seen in the current cycle (0 on a boundary, and after
+        ``zero_grad()`` or ``discard_cycle()`` dropped the open cycle)."""
+        self._sweep()
         return self._c.backwards if self.reduce else max(self._c.counts)
 
     @torch.no_grad()
@@ -722,35 +1006,70 @@ class CompressedAccumulator:
             if self.reduce:
                 self._reduce_cycle()
                 return k
+            c = self._c
             for j, s in enumerate(self._slots):
-                count = self._c.counts[j]
-                if count == 0 or count >= self.tau:  # no gradient, or its cycle is complete
+                if c.counts[j] == 0 or j in c.done:  # no gradient, or its cycle is complete
                     continue
-                p, buf = s.param, self._c.buffers.pop(j, None)
-                if s.dim is not None and buf is not None:
-                    g = torch.empty_like(p)
-                    write_estimate_(g, buf, self._projection(j), s.dim, add=False)
-                    p.grad = g
-                elif s.dim is None and self.fused:
-                    p.grad = buf
-                if self.fused and p.grad is not None:
-                    self._fused_step(p)
+                p = s.param
+                if self.fused:
+                    buf = c.buffers.pop(j, None)
+                    if s.dim is not None and buf is not None:
+                        g = torch.empty_like(p)
+                        write_estimate_(g, buf, self._projection(j), s.dim, add=False)
+                        p.grad = g
+                    elif s.dim is None:
+                        p.grad = buf
+                    if p.grad is not None:
+                        self._fused_step(p)
+                else:
+                    self._write_estimate(j)
             self._close_cycle()
+            return k
+
+    def discard_cycle(self) -> int:
+        """Drop the open cycle, as ``zero_grad()`` drops accumulated gradients in plain
+        PyTorch: every partial sum (compressed buffers, dense sums, and in normal mode the
+        ``.grad`` of this accumulator's parameters) is discarded; the next backward starts
+        the cycle afresh (same cycle number, so the same projections). In normal mode
+        ``optimizer.zero_grad()`` and ``model.zero_grad()`` do this by themselves; in fused
+        mode the optimizer's ``zero_grad()`` does. Needed where ``zero_grad()`` cannot be
+        seen: ``model.zero_grad()`` in fused mode, and FSDP2's compressed parameters.
+        With ``reduce=True`` every replica must discard alike.
+
+        Returns the number of backward passes dropped (0 on a boundary)."""
+        with self._lock:
+            k = self.micro_step
+            c = self._c
+            for j, n in enumerate(c.counts):
+                if n:
+                    self._discard(j)
+                    if not self.fused:
+                        self._slots[j].param.grad = None
+            c.backwards, c.overdue, c.sq_norm = 0, None, None
             return k
 
     def remove(self) -> None:
         """Detach every hook. Partial sums of an unfinished cycle are dropped (with a
         warning), dense parameters' partial ``.grad`` included."""
+        self._sweep()
         if any(self._c.counts):
             warnings.warn(f"CompressedAccumulator.remove() in the middle of a cycle ({self.micro_step} of "
                           f"tau={self.tau} micro-batches): the partial sums are dropped", stacklevel=2)
             for j, s in enumerate(self._slots):
-                if 0 < self._c.counts[j] < self.tau:
+                if self._c.counts[j] and j not in self._c.done:
                     s.param.grad = None
         for h in self._handles:
             h.remove()
         if self._guard is not None:
             self._guard.remove()
+        if self._zero_grad_patched:
+            wrapper, own = self._zero_grad_patched
+            if vars(self._optimizer).get("zero_grad") is wrapper:
+                if own is None:
+                    del self._optimizer.zero_grad
+                else:
+                    self._optimizer.zero_grad = own
+            self._zero_grad_patched = False
         for s in self._slots:
             if _ATTACHED.get(s.param) is self:
                 del _ATTACHED[s.param]
@@ -779,6 +1098,7 @@ class CompressedAccumulator:
         ``torch.load(weights_only=True)``). In normal mode the dense parameters' partial sums
         live in their ``.grad``, so they are copied from there. Take it between backward
         passes (not between the last backward and ``step()``)."""
+        self._sweep()
         compressed, dense = {}, {}
         for k, s in enumerate(self._slots):
             if not self._c.counts[k]:
@@ -828,9 +1148,11 @@ class CompressedAccumulator:
                     raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}")
         # All checked: apply.
         self._agreed = False  # reduce=True: the replicas are compared again at the next collective
+        for k, m in self._c.marks.items():  # the placeholders of the state replaced
+            if self._slots[k].param.grad is m[0]:
+                self._slots[k].param.grad = None
         cycle = _Cycle.start(len(self._slots), int(sd["cycle"]))
         cycle.counts = counts
-        cycle.active = sum(c > 0 for c in counts)
         if self.reduce:  # a state saved without reduce=True counted no backward passes
             cycle.backwards = int(sd.get("backwards", 0)) or max(counts)
         self._c = cycle
@@ -847,6 +1169,10 @@ class CompressedAccumulator:
                 cycle.buffers[k] = t
             else:
                 s.param.grad = t
+                cycle.versions[k] = t._version
+        for k, n in enumerate(counts):
+            if n and k in cycle.buffers and self._parks(k):
+                self._mark(k)
 
     def __repr__(self) -> str:
         n_c = sum(s.dim is not None for s in self._slots)
