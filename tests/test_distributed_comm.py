@@ -348,6 +348,38 @@ def _acc_more(rank):
     return out
 
 
+def _acc_fused_wrapped_in_ddp(rank):
+    """Issue 16: the accumulator built (fused) on the inner module, then the module wrapped
+    in DDP, as many scripts do: refused at the first backward, before anything changes.
+    Fused mode on a model that no DDP holds still runs with the process group up."""
+    out = {}
+    model = _net()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=RANK, tau=1, seed=SEED, optimizer=opt, fused=True)
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    x, y = _data(rank, 0)
+    try:
+        F.cross_entropy(ddp(x), y).backward()
+        out["refused"] = None
+    except RuntimeError as e:
+        out["refused"] = str(e)
+    out["unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
+    out["micro_step"] = acc.micro_step
+    acc.remove()
+    del ddp
+    # another model is DDP-wrapped, ours is not: fused mode steps as usual
+    other = nn.parallel.DistributedDataParallel(_net(), broadcast_buffers=False)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=RANK, tau=1, seed=SEED, optimizer=opt, fused=True)
+    F.cross_entropy(model(x), y).backward()
+    out["unwrapped_stepped"] = all(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
+    acc.remove()
+    del other
+    return out
+
+
 def _counter_sees_powersgd(rank):
     """The counter sees all-reduces launched from future callbacks on other threads:
     PowerSGD's three per bucket (from step 2 on)."""
@@ -371,7 +403,8 @@ _ORIGINAL_ALL_REDUCE = dist.all_reduce
 
 SCENARIOS = {f.__name__.lstrip("_"): f for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp,
                                                    _acc_vs_one_process, _acc_rank_none_vs_ddp, _acc_more,
-                                                   _counter_sees_powersgd, _hook_refusals)}
+                                                   _counter_sees_powersgd, _hook_refusals,
+                                                   _acc_fused_wrapped_in_ddp)}
 
 
 def _worker(rank, folder):
@@ -535,6 +568,14 @@ def test_accumulator_fused_unused_parameters_ddp_resume_and_refusals(replicas):
     a = make_projection("orthonormal", projection_seed(SEED, 7, 0, ACCUMULATION_STREAM), RANK, 16, unbiased=True)
     torch.testing.assert_close(r0["unused"]["only"], decompress(compress(g0, a, 1) / 2, a, 1), rtol=1e-5, atol=1e-6)
     assert r0["unused"]["never"] is None and r1["unused"]["never"] is None
+
+
+def test_accumulator_fused_on_a_module_wrapped_in_ddp_afterwards_is_refused(replicas):
+    for r in _result(replicas, "acc_fused_wrapped_in_ddp"):
+        assert r["refused"] is not None and "DistributedDataParallel (world size 2)" in r["refused"]
+        assert "reduce=True" in r["refused"] and "Nothing was accumulated or stepped" in r["refused"]
+        assert r["unchanged"] and r["micro_step"] == 0
+        assert r["unwrapped_stepped"]
 
 
 def test_counter_sees_all_reduces_launched_from_callbacks(replicas):
