@@ -77,6 +77,31 @@ def test_grouped_equals_single_tensor_other_dtypes(dtype):
         torch.testing.assert_close(b, a, **tol)
 
 
+@pytest.mark.parametrize("foreach", [None, True, False], ids=["default", "grouped", "single"])
+@pytest.mark.parametrize("conv,fmt", [(nn.Conv2d, torch.channels_last), (nn.Conv3d, torch.channels_last_3d)],
+                         ids=["conv2d-channels_last", "conv3d-channels_last_3d"])
+def test_channels_last_convolution_steps_as_contiguous(conv, fmt, foreach):
+    """Issue 16: the grouped path stepped a channels_last weight by the raw normalised
+    update (up to 2.8 where the right step moves 0.05): its k x n x m view was a copy that
+    the compressed step wrote into and the step then ignored."""
+    moved = []
+    for layout in (torch.contiguous_format, fmt):
+        torch.manual_seed(0)
+        model = conv(8, 16, 3)
+        x = torch.randn((2, 8) + (6,) * (model.weight.dim() - 2))
+        model, x = model.to(memory_format=layout), x.contiguous(memory_format=layout)
+        assert model.weight.is_contiguous(memory_format=layout)
+        w0 = model.weight.detach().clone()
+        opt = Flora(model.parameters(), lr=1e-2, scale_parameter=False, rank=4, beta1=0.9, foreach=foreach)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        moved.append(model.weight.detach() - w0)
+    assert moved[0].abs().max() > 0.02
+    torch.testing.assert_close(moved[1], moved[0], rtol=0, atol=1e-6)
+
+
 def test_buckets_are_split_by_size():
     """Small ``BUCKET_NUMEL`` (several buckets of a shape) changes nothing but rounding."""
     from flora import functional

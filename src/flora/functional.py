@@ -198,10 +198,13 @@ def grouped_step(params: list[torch.Tensor], states: list[dict], group: dict, in
         a = projections(group, indices, s0["proj_count"], size, c.device, c.dtype, stacked=True)
         a = _resample(group, states, indices, c, a, projections, size, stacked=True)
         c_before = c.clone()  # k x r x d: small
-        um = update.reshape(k, *matrix_shape(shape))
-        compressed_step_(group["momentum_form"], c, um, a, dim, beta1, lr, group["clip_threshold"],
-                         u_norm=norm, isometric=group["projection"] != "gaussian",
-                         bias_correction=1.0 - beta1 ** t, ok=ok)
+        # The k x n x m view of the update is a copy when the update's dims cannot be
+        # merged (channels_last and other permuted layouts of 3 or more dims): the step
+        # is what compressed_step_ returns, never the tensor it was given.
+        update = compressed_step_(group["momentum_form"], c, update.reshape(k, *matrix_shape(shape)), a, dim,
+                                  beta1, lr, group["clip_threshold"], u_norm=norm,
+                                  isometric=group["projection"] != "gaussian", bias_correction=1.0 - beta1 ** t,
+                                  ok=ok).view(k, *shape)
         _commit(states, "exp_avg_c", c, c_before, ok.reshape(k, 1, 1))
     else:
         clip = (norm / math.sqrt(numel) / group["clip_threshold"]).clamp_(min=1.0)

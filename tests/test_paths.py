@@ -1,0 +1,314 @@
+"""Every stepping path against the single-tensor reference, for a table of memory layouts,
+dtypes, momentum forms and projections, and ranks (in the manner of torch's
+``OptimizerInfo`` tests).
+
+The paths: ``foreach=False`` (``single_tensor_step``, the reference), ``foreach=True``
+(``grouped_step``, buckets of two), ``Flora.step_parameter`` (a bucket of one, on the
+grouped path) and fused accumulation (``CompressedAccumulator(fused=True, tau=1)`` with
+the default ``foreach=None``, which groups these small tensors on a CPU: one plain
+micro-batch per cycle, so its step must be the reference step). FSDP2 is compared with
+the same reference in ``tests/dist_scenarios.py``.
+
+Each case builds two parameters of one layout (one bucket on the grouped path) and a 1-D
+one, feeds every path the same gradients through ``backward()`` (so ``.grad`` takes the
+parameter's layout, as in training) for 4 steps with ``kappa=2`` (a resample), and
+compares the parameters' *movement*: the tolerance is a small fraction of it (plus two
+units in the last place of the parameter's dtype, for half precision), and the movement
+must be non-trivial. State tensors are compared too, with their dtype (float32 for half
+and float32 parameters, float64 for float64 ones). The reference itself is checked
+against the same values laid out contiguously.
+
+The table is a covering design, not a full product: every layout by every form and
+projection on float32; every dtype by a few layouts and forms; every rank case (below, at
+and above the dims) by a few layouts and forms; a non-finite gradient on both
+``foreach`` settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from flora import CompressedAccumulator, Flora
+
+from _configs import MOMENTUM_CONFIGS
+
+STEPS = 4
+BAD_STEP = 1  # not a resample step (kappa=2 resamples at the third step), so a skip leaves the state as it was
+BASE = dict(lr=1e-2, kappa=2, seed=3, scale_parameter=False)
+
+
+# ------------------------------------------------------------------ the table
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _cl3(t):
+    return t.contiguous(memory_format=torch.channels_last_3d)
+
+
+# name -> (shape to draw, view of it: the parameter). The values are drawn contiguous in
+# the parameter's dtype and then laid out, so every layout holds the same kind of values.
+LAYOUTS = {
+    "contiguous": ((12, 20), lambda t: t),
+    "transposed": ((12, 20), lambda t: t.t()),  # (20, 12), strides (1, 20): torch.empty(m, n).t()
+    "strided": ((12, 40), lambda t: t[:, ::2]),  # (12, 20), not dense
+    "permuted-3d": ((5, 6, 4), lambda t: t.permute(1, 2, 0)),  # (6, 4, 5): no (6, 20) view
+    "channels_last": ((16, 8, 3, 3), _cl),
+    "channels_last_3d": ((8, 6, 2, 3, 3), _cl3),
+    "empty": ((0, 6), lambda t: t),
+    "empty-3d": ((4, 0, 3), lambda t: t),
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+FORMS = {f"{f}-{p}": dict(rank=4, beta1=0.9, momentum_form=f, projection=p) for f, p in MOMENTUM_CONFIGS}
+CONFIGS = {
+    **FORMS,
+    "dense-momentum": dict(rank=None, beta1=0.9),
+    "no-momentum": dict(rank=4, beta1=None),
+    # RMS(p) (a foreach norm over the parameters) and weight decay read the parameters
+    "scale_parameter+weight_decay": dict(rank=4, beta1=0.9, lr=0.2, scale_parameter=True, weight_decay=0.1),
+    "tensor_lr+weight_decay": dict(rank=4, beta1=0.9, lr=torch.tensor(1e-2), weight_decay=0.1),
+}
+
+
+def _min_max(shape):
+    n = shape[0]
+    m = 1
+    for s in shape[1:]:
+        m *= s
+    return n, m
+
+
+# name -> (matrix shape (n, m) -> rank and proj_dim). "auto" projects the smaller dim d.
+RANKS = {
+    "rank<dims": lambda n, m: dict(rank=3),
+    "rank=dim-1": lambda n, m: dict(rank=min(n, m) - 1),
+    "rank=dim": lambda n, m: dict(rank=min(n, m)),  # dense: the projected dim must exceed the rank
+    # the larger dim projected away, the rank above the other: an n x r momentum with r > n (or r x m, r > m)
+    "dim<rank<dim": lambda n, m: dict(rank=min(n, m) + 1, proj_dim=0 if n > m else 1),
+    "rank>dims": lambda n, m: dict(rank=max(n, m) + 1),
+}
+
+PATHS = ["grouped", "step_parameter", "fused"]
+
+
+def _case(layout, dtype, config, rank=None, bad=None):
+    kw = dict(CONFIGS[config])
+    if rank is not None:
+        shape = LAYOUTS[layout][1](torch.empty(LAYOUTS[layout][0])).shape
+        kw.update(RANKS[rank](*_min_max(shape)))
+    name = "-".join(x for x in (layout, dtype, config, rank, bad and f"{bad}-grad") if x)
+    return name, (layout, dtype, tuple(sorted(kw.items(), key=lambda kv: kv[0])), bad)
+
+
+CASES = dict(
+    # every layout by every form and projection (and the dense and option paths), float32
+    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS]
+    # every dtype by a few layouts and forms
+    + [_case(lay, dt, c) for dt in ("bf16", "fp16", "fp64") for lay in ("contiguous", "transposed", "channels_last")
+       for c in ("paper-gaussian", "exact-orthonormal", "subspace-coordinates", "scaled-orthonormal",
+                 "dense-momentum", "no-momentum")]
+    # ranks below, at and above the dims
+    + [_case(lay, "fp32", c, rank=r) for r in RANKS for lay in ("contiguous", "transposed", "channels_last_3d")
+       for c in ("scaled-orthonormal", "paper-gaussian", "exact-coordinates")]
+    # a non-finite gradient in one parameter of a bucket: skipped alike on every path
+    + [_case(lay, "fp32", c, bad=b) for lay in ("contiguous", "channels_last")
+       for c in ("scaled-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum") for b in ("nan", "inf")]
+)
+
+
+# ------------------------------------------------------------------ running a path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add their synchronisation, which on a
+    loaded 2-core machine made a 4-step run take 0.1-1 s instead of 4 ms."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _params(layout, dtype, contiguous=False):
+    shape, view = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(2):  # small values (|p| <= 0.05), so that a unit in the last place is far below a step
+        t = view((torch.rand(shape, generator=g) * 0.1 - 0.05).to(dtype))
+        out.append(t.contiguous() if contiguous else t)
+    out.append((torch.rand(5, generator=g) * 0.1 - 0.05).to(dtype))
+    return [nn.Parameter(t) for t in out]
+
+
+def _grads(params, step, bad):
+    """A fixed direction plus noise, so that momentum builds up and the parameters move
+    about ``lr`` a step."""
+    g0, g = torch.Generator().manual_seed(99), torch.Generator().manual_seed(100 + step)
+    out = [(torch.randn(p.shape, generator=g0) + 0.5 * torch.randn(p.shape, generator=g)).to(p.dtype)
+           for p in params]
+    if bad is not None and step == BAD_STEP and out[0].numel():
+        out[0].view(-1)[out[0].numel() // 2] = float(bad)
+    return out
+
+
+def _snapshot(params, opt):
+    return ([p.detach().clone() for p in params],
+            [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()} for p in params])
+
+
+def _run(path, layout, dtype, kw, bad=None, *, contiguous=False, history=False):
+    """Steps ``STEPS`` times on ``path`` ("single": foreach=False, the reference).
+    Returns the initial and final parameters, the optimizer, and (``history``) a
+    snapshot of parameters and states after each step."""
+    params = _params(layout, dtype, contiguous)
+    initial = [p.detach().clone() for p in params]
+    foreach = {"single": False, "grouped": True, "step_parameter": True, "fused": None}[path]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Flora: a rank is set but no tensor")
+        opt = Flora(params, foreach=foreach, **{**BASE, **kw})
+    acc = CompressedAccumulator(params, rank=2, tau=1, optimizer=opt, fused=True) if path == "fused" else None
+    snaps = []
+    try:
+        for step in range(STEPS):
+            grads = _grads(params, step, bad)
+            sum((p * g).sum() for p, g in zip(params, grads)).backward()  # .grad == g, in p's layout
+            if path in ("single", "grouped"):
+                opt.step()
+            elif path == "step_parameter":
+                for p in reversed(params):
+                    opt.step_parameter(p)
+            opt.zero_grad()
+            if history:
+                snaps.append(_snapshot(params, opt))
+    finally:
+        if acc is not None:
+            acc.remove()
+    return initial, params, opt, snaps
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(layout, dtype, kw, bad):
+    return _run("single", layout, DTYPES[dtype], dict(kw), bad)
+
+
+# ------------------------------------------------------------------ comparing
+
+RTOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+# Half-precision parameters are rounded at every step: where the paths' float32 updates
+# differ by rounding, a parameter may land one unit in the last place apart.
+ULPS = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 2, torch.float16: 2}
+
+
+def _assert_same_movement(p0, ref, got, what, *, same_strides=True):
+    """``got - p0`` equals ``ref - p0`` to a tolerance far below the movement itself."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape, what
+    assert not same_strides or got.stride() == ref.stride(), f"{what}: the step changed the parameter's layout"
+    if ref.numel() == 0:
+        return
+    d_ref = ref.double() - p0.double()
+    d_got = got.double() - p0.double()
+    scale = d_ref.abs().max().item()
+    assert scale > 2e-3, f"{what}: the reference hardly moved ({scale:.3g}): the comparison would prove nothing"
+    tol = RTOL[ref.dtype] * scale + ULPS[ref.dtype] * torch.finfo(ref.dtype).eps * ref.double().abs()
+    assert tol.max().item() < scale / 5, what
+    err = (d_got - d_ref).abs()
+    worst = (err - tol).argmax()
+    assert (err <= tol).all(), (f"{what}: moved by {d_got.view(-1)[worst].item():.6g} where the reference moved "
+                                f"{d_ref.view(-1)[worst].item():.6g} (largest movement {scale:.3g})")
+
+
+def _assert_same_state(ref_opt, ref_p, opt, p, what):
+    sr, sg = ref_opt.state[ref_p], opt.state[p]
+    assert sr.keys() == sg.keys(), what
+    want_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    for k, v in sr.items():
+        if not isinstance(v, torch.Tensor):
+            assert sg[k] == v, f"{what}: {k}"
+            continue
+        assert v.dtype == want_dtype and sg[k].dtype == want_dtype, f"{what}: {k} is {sg[k].dtype}"
+        scale = v.abs().max().item() if v.numel() else 0.0
+        rtol = 1e-10 if want_dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(sg[k], v, rtol=rtol, atol=rtol * scale + 1e-30, msg=lambda m: f"{what}: {k}: {m}")
+
+
+def _compare(ref_run, got_run, name):
+    p0s, refs, ref_opt, _ = ref_run
+    _, gots, opt, _ = got_run
+    for i, (p0, ref, got) in enumerate(zip(p0s, refs, gots)):
+        what = f"{name}, parameter {i} {tuple(ref.shape)}"
+        _assert_same_movement(p0, ref.detach(), got.detach(), what)
+        _assert_same_state(ref_opt, ref, opt, got, what)
+    assert int(opt.nonfinite_skips) == int(ref_opt.nonfinite_skips)
+
+
+# Fused mode on float64 parameters stops in CompressedAccumulator._fused_step:
+# torch.linalg.vector_norm(p.grad, dtype=torch.float32) refuses a float64 gradient.
+FUSED_FP64 = pytest.mark.xfail(raises=RuntimeError, strict=True,
+                               reason="fused accumulation fails on float64 parameters (accumulate.py: vector_norm "
+                                      "with dtype=float32 on a float64 gradient); remove this mark once fixed")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_path_equals_single_tensor_reference(case, path, request):
+    layout, dtype, kw, bad = case
+    if path == "fused" and dtype == "fp64":
+        request.applymarker(FUSED_FP64)
+    ref = _reference(layout, dtype, kw, bad)
+    got = _run(path, layout, DTYPES[dtype], dict(kw), bad)
+    _compare(ref, got, f"{path} against foreach=False")
+    if bad is not None:
+        assert int(got[2].nonfinite_skips) == 1
+
+
+LAYOUT_CASES = {k: v for k, v in CASES.items() if v[0] != "contiguous" and v[3] is None}
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES.values()), ids=list(LAYOUT_CASES))
+def test_reference_ignores_the_layout(case):
+    """The reference on a non-contiguous parameter moves it as it moves the same values
+    laid out contiguously (so every path, being equal to the reference, does too)."""
+    layout, dtype, kw, bad = case
+    p0s, refs, _, _ = _reference(layout, dtype, kw, bad)
+    _, flats, _, _ = _run("single", layout, DTYPES[dtype], dict(kw), bad, contiguous=True)
+    for i, (p0, ref, flat) in enumerate(zip(p0s, refs, flats)):
+        assert flat.is_contiguous()
+        _assert_same_movement(p0, ref.detach(), flat.detach(), f"{layout} against contiguous, parameter {i}",
+                              same_strides=False)
+
+
+# ------------------------------------------------------------------ non-finite gradients
+
+SKIP_CONFIGS = ["scaled-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum"]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("config", SKIP_CONFIGS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+def test_nonfinite_gradient_is_skipped(foreach, layout, config, bad):
+    """A non-finite gradient in one parameter of a bucket leaves that parameter and its
+    state exactly as they were (its step counter advances), and the other parameters of
+    the bucket step as they would without it; one skip is counted."""
+    kw = tuple(sorted(CONFIGS[config].items()))
+    path = "grouped" if foreach else "single"
+    _, _, opt, hist = _run(path, layout, torch.float32, dict(kw), bad, history=True)
+    _, _, _, clean = _run(path, layout, torch.float32, dict(kw), None, history=True)
+    (p_before, s_before), (p_after, s_after) = hist[BAD_STEP - 1], hist[BAD_STEP]
+    assert torch.equal(p_after[0], p_before[0])
+    assert s_after[0]["step"] == s_before[0]["step"] + 1
+    for k, v in s_before[0].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(s_after[0][k], v), k
+    assert not torch.equal(p_after[1], p_before[1])  # the bucket's other parameter stepped...
+    for i in (1, 2):  # ...as it would have without the bad one
+        torch.testing.assert_close(p_after[i], clean[BAD_STEP][0][i], rtol=1e-6, atol=1e-9)
+    assert int(opt.nonfinite_skips) == 1
