@@ -19,7 +19,7 @@ import sys
 
 # name -> module (inside flora.bench) with HELP, add_arguments(parser), check(parser, args)
 # and run(args, argv) -> exit code.
-SUBCOMMANDS = {"train": "train", "step": "step", "accum-memory": "accum", "comm": "comm"}
+SUBCOMMANDS = {"train": "train", "step": "step", "accum-memory": "accum", "comm": "comm", "suite": "suite.cli"}
 DEFAULT = "train"
 
 

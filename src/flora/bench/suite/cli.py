@@ -1,0 +1,126 @@
+"""``flora-bench suite``: the selection suite (issue 17). Every candidate momentum form at
+every rank, with Adafactor without (the floor) and with (the target) first moment, on
+six kinds of task, an lr grid and several seeds; Flora at the library's defaults
+(``kappa`` 1000 unless ``--kappas`` adds a sweep). Runs in parts (``--tasks``) and
+continues an interrupted sweep (``--resume``: jobs already in ``runs.jsonl`` are kept).
+
+    flora-bench suite --prepare-only                       # build the data folder
+    flora-bench suite --device cuda --workers 12           # everything, 3 seeds
+    flora-bench suite --tasks cnn,vit --seeds 1 --resume   # a part, screening
+    flora-bench suite --report-only --out runs/suite       # score what ran
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import core
+from . import runner, score, space, workloads
+
+HELP = "the selection suite: momentum forms x ranks x 6+ kinds of task, lr grid, seeds, worst case"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=",".join(workloads.TASKS), help=f"comma-separated, of {', '.join(workloads.TASKS)}")
+    p.add_argument("--forms", default=",".join(space.FORMS), help="Flora FORM-PROJECTION candidates")
+    p.add_argument("--ranks", default=",".join(map(str, space.RANKS)))
+    p.add_argument("--baselines", default=",".join(space.BASELINES))
+    p.add_argument("--seeds", type=int, default=space.SEEDS)
+    p.add_argument("--kappas", default=str(space.KAPPA), help="Flora's kappa; the first is the primary setting")
+    p.add_argument("--lrs", default=None, help="override every task's lr grid: comma-separated values")
+    p.add_argument("--scale", type=float, default=1.0, help="scale steps and evaluation (smoke tests: 0.05)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--data", default="runs/suite-data", help="the portable data folder")
+    p.add_argument("--out", default="runs/suite")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/runs.jsonl")
+    p.add_argument("--staged", action="store_true",
+                   help="the whole study, most useful first: candidates on seed 0, peers on seed 0, candidates on "
+                        "the other seeds, then extra ranks and kappas (--forms, --ranks, --seeds apply)")
+    p.add_argument("--prepare-only", action="store_true")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _list(p, flag, text, check=None):
+    return core.checked_list(p, flag, text, check) if check else [x for x in text.split(",") if x]
+
+
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    def known(t):
+        if t not in workloads.TASKS:
+            raise ValueError(f"unknown task {t!r}; valid: {', '.join(workloads.TASKS)}")
+
+    a.task_list = _list(p, "--tasks", a.tasks, known)
+    try:
+        a.rank_list = [int(r) for r in a.ranks.split(",") if r]
+        a.kappa_list = [int(k) for k in a.kappas.split(",") if k]
+        a.lr_list = [float(x) for x in a.lrs.split(",")] if a.lrs else None
+    except ValueError as e:
+        p.error(f"--ranks, --kappas and --lrs take numbers: {e}")
+    if a.seeds < 1 or a.workers < 1 or a.scale <= 0:
+        p.error("--seeds and --workers must be at least 1, --scale above 0")
+    a.optimizer_list = space.candidates(_list(p, "--forms", a.forms), a.rank_list, _list(p, "--baselines", a.baselines))
+    from .. import optimizers
+    from .peers import PEERS
+
+    for name in a.optimizer_list:
+        if name in PEERS:
+            continue
+        try:
+            optimizers.parse(name)
+        except ValueError as e:
+            p.error(str(e))
+
+
+def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) -> dict:
+    rows = runner.read_log(out / "runs.jsonl")
+    adamw = json.loads((out / "adamw_state.json").read_text()) if (out / "adamw_state.json").exists() else {}
+    tasks = [t for t in tasks if any(r["task"] == t for r in rows)] or tasks
+    chosen = score.choose(rows)
+    gap = score.gaps(chosen)
+    ranks = [r for k in sorted({c["kappa"] for c in chosen}) for r in score.ranking(chosen, k, tasks)]
+    md = score.markdown(chosen, gap, ranks, adamw, tasks, core.meta_line(meta) if meta else "")
+    (out / "results.md").write_text(md)
+    score.write_csv(out / "results.csv", chosen)
+    core.write_json(out / "results.json", {"meta": meta, "chosen": chosen, "gaps": gap, "ranking": ranks,
+                                           "adamw_state_bytes": adamw, "runs": len(rows)})
+    if plots:
+        score.plot(out / "loss_vs_state.png", chosen, tasks, kappa)
+    return {"markdown": md, "chosen": chosen, "ranking": ranks}
+
+
+def run(a: argparse.Namespace, argv: list[str]) -> int:
+    out, folder = Path(a.out), Path(a.data)
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.report_only:
+        from .data import prepare
+
+        prepare(folder)
+        if a.prepare_only:
+            core.say(f"suite data in {folder}")
+            return 0
+    device = core.resolve_device(a.device)
+    meta = core.run_metadata("suite", argv, device)
+    if not a.report_only:
+        log = out / "runs.jsonl"
+        if log.exists() and not a.resume:
+            log.rename(out / "runs.previous.jsonl")
+        if a.staged:
+            jobs = space.staged_plan(a.task_list, a.seeds, _list(None, "--forms", a.forms), a.rank_list)
+        else:
+            jobs = space.plan(a.task_list, a.optimizer_list, a.seeds, tuple(a.kappa_list),
+                              {t: tuple(a.lr_list) for t in a.task_list} if a.lr_list else None)
+        from tqdm.auto import tqdm
+
+        (out / "meta.json").write_text(json.dumps(meta))
+        runner.run_all(jobs, a.task_list, log=log, folder=folder, device=device, workers=a.workers,
+                               scale=a.scale, progress=lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
+        (out / "meta.json").write_text(json.dumps(meta))
+    elif (out / "meta.json").exists():
+        meta = json.loads((out / "meta.json").read_text())
+    res = report(out, a.task_list, a.kappa_list[0], meta, plots=not a.no_plots)
+    print(res["markdown"])
+    return 0

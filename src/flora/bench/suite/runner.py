@@ -1,0 +1,146 @@
+"""One suite run, and the pool that runs many: worker processes (spawned, one CPU thread
+each; on a GPU they share it), every finished run appended to ``runs.jsonl`` as it
+completes, so that ``--resume`` skips what is there."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+
+from .space import Job
+
+_WORKLOADS: dict = {}
+_CTX: dict = {}
+
+
+def _init(folder: str, device: str, scale: float, threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _CTX.update(folder=folder, device=device, scale=scale)
+
+
+def _workload(task: str):
+    from . import workloads
+
+    if task not in _WORKLOADS:
+        _WORKLOADS[task] = workloads.make(task, Path(_CTX["folder"]), _CTX["device"], _CTX["scale"])
+    return _WORKLOADS[task]
+
+
+def _optimizer(name: str, model, lr: float, *, kappa: int, seed: int, workload=None):
+    from .. import optimizers
+    from . import peers
+
+    if name in peers.PEERS:
+        return peers.build(name, model, lr, head_names=workload.head_names, dim=workload.dim, heads=workload.heads)
+
+    spec = optimizers.parse(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return optimizers.make_optimizer(spec, params, lr, kappa=kappa, seed=seed, scale_parameter=False)
+
+
+def run_job(job: Job) -> dict:
+    """Train ``job`` and score it on the validation and test splits."""
+    from . import peers
+
+    w = _workload(job.task)
+    spec = w.spec
+    t0 = time.perf_counter()
+    model = w.build(job.seed)
+    opt = _optimizer(job.optimizer, model, job.lr, kappa=job.kappa, seed=job.seed, workload=w)
+    tail = max(1, spec.steps // 10)
+    train_sum = torch.zeros((), device=w.device)
+    for step in range(spec.steps):
+        for micro in range(spec.tau):
+            x, y = w.batch(step, micro)
+            loss = w.loss(model, x, y)
+            (loss / spec.tau).backward()
+        if step >= spec.steps - tail:
+            train_sum += loss.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 49 and not math.isfinite(float(loss.detach())):
+            break
+    train_time = time.perf_counter() - t0
+    out = {**job.to_dict(), "key": job.key, "steps": spec.steps, "train_loss": float(train_sum) / tail,
+           "train_s": round(train_time, 2), "state_bytes": peers.state_bytes(opt),
+           "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    for split in ("val", "test"):
+        for k, v in w.evaluate(model, split).items():
+            out[f"{split}_{k}"] = v if math.isfinite(v) else None
+    out["status"] = "ok" if out["val_loss"] is not None else "diverged"
+    return out
+
+
+def adamw_state_bytes(task: str) -> int:
+    """AdamW's state on ``task``'s model after one step, counted from its tensors."""
+    from .peers import state_bytes
+
+    w = _workload(task)
+    model = w.build(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    x, y = w.batch(0, 0)
+    w.loss(model, x, y).backward()
+    opt.step()
+    return state_bytes(opt)
+
+
+def _prepare_in_worker(task: str) -> int:
+    _workload(task)
+    if task == "finetune":
+        _workload(task)._base()
+    return adamw_state_bytes(task)
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+    return rows
+
+
+def run_all(jobs: list[Job], tasks: list[str], *, log: Path, folder: Path, device: str, workers: int,
+            scale: float, threads: int = 1, progress=None) -> dict[str, int]:
+    """Run ``jobs`` not yet in ``log`` on ``workers`` processes; returns AdamW's state bytes
+    per task. Tasks are prepared (the fine-tune base pretrained) before any job starts."""
+    done = {r["key"] for r in read_log(log)}
+    todo = [j for j in jobs if j.key not in done]
+    ctx = mp.get_context("spawn")
+    adamw = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
+                             initargs=(str(folder), device, scale, threads)) as pool:
+        for task, fut in [(t, pool.submit(_prepare_in_worker, t)) for t in tasks]:
+            adamw[task] = fut.result()
+        state_file = log.parent / "adamw_state.json"
+        old = json.loads(state_file.read_text()) if state_file.exists() else {}
+        state_file.write_text(json.dumps({**old, **adamw}))
+        futures = {pool.submit(run_job, j): j for j in todo}
+        bar = progress(total=len(todo)) if progress else None
+        with open(log, "a") as f:
+            for fut in as_completed(futures):
+                try:
+                    row = fut.result()
+                except Exception as e:  # a crash is a result too, not the end of the sweep
+                    j = futures[fut]
+                    row = {**j.to_dict(), "key": j.key, "status": f"error: {type(e).__name__}: {e}"[:300]}
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
+    return adamw

@@ -1,0 +1,195 @@
+"""Scoring, apart from running: each (task, optimizer, kappa) at the lr whose mean
+validation loss over seeds is lowest; its test loss, mean and std over seeds; the
+worst case over tasks of test loss / the floor's (what ranks the candidates); the win
+matrix; plots of loss against state bytes."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .space import FLOOR, TARGET
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def choose(rows: list[dict]) -> list[dict]:
+    """One entry per (task, optimizer, kappa): the chosen lr and its figures."""
+    by = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("status") in ("ok", "diverged"):
+            by[(r["task"], r["optimizer"], r["kappa"])][r["lr"]].append(r)
+    out = []
+    for (task, opt, kappa), lrs in by.items():
+        def val(rs):
+            v = [r["val_loss"] if r.get("val_loss") is not None else math.inf for r in rs]
+            return statistics.fmean(v)
+        grid = sorted(lrs)
+        best = min(grid, key=lambda lr: (val(lrs[lr]), lr))
+        rs = sorted(lrs[best], key=lambda r: r["seed"])
+        tm, ts = _mean_std([r.get("test_loss") for r in rs])
+        am, as_ = _mean_std([r.get("test_accuracy") for r in rs])
+        out.append({"task": task, "optimizer": opt, "kappa": kappa, "lr": best, "seeds": len(rs),
+                    "edge": "low" if best == grid[0] else "high" if best == grid[-1] else "",
+                    "grid": grid, "test_loss": tm, "test_loss_std": ts, "test_accuracy": am,
+                    "test_accuracy_std": as_, "state_bytes": rs[0].get("state_bytes"),
+                    "per_seed": {r["seed"]: r.get("test_loss") for r in rs},
+                    "train_s": statistics.fmean([r.get("train_s", 0.0) for r in rs])})
+    return sorted(out, key=lambda c: (c["task"], c["kappa"], c["optimizer"]))
+
+
+def _find(chosen, task, opt, kappa=None):
+    for c in chosen:
+        if c["task"] == task and c["optimizer"] == opt and (kappa is None or c["kappa"] == kappa):
+            return c
+    return None
+
+
+def gaps(chosen: list[dict]) -> dict[str, dict]:
+    """Per task: floor - target (test loss) and its std over paired seeds; ``resolved``
+    when that std is under a quarter of the gap (the issue's test of a long-enough run)."""
+    out = {}
+    for task in sorted({c["task"] for c in chosen}):
+        f, t = _find(chosen, task, FLOOR), _find(chosen, task, TARGET)
+        if not f or not t or f["test_loss"] is None or t["test_loss"] is None:
+            continue
+        paired = [f["per_seed"][s] - t["per_seed"][s] for s in f["per_seed"] if s in t["per_seed"]
+                  and f["per_seed"][s] is not None and t["per_seed"][s] is not None]
+        gap, std = _mean_std(paired)
+        out[task] = {"floor": f["test_loss"], "target": t["test_loss"], "gap": gap, "gap_std": std,
+                     "seeds": len(paired), "resolved": bool(gap and std is not None and len(paired) > 1
+                                                            and std < abs(gap) / 4)}
+    return out
+
+
+def position(x: float, floor: float, target: float) -> float | None:
+    """Where a test loss sits between the floor (0) and the target (1); above 1 beats the target."""
+    if x is None or floor is None or target is None or floor == target:
+        return None
+    return (floor - x) / (floor - target)
+
+
+def ranking(chosen: list[dict], kappa: int, tasks: list[str]) -> list[dict]:
+    """Candidates by their worst case: max over tasks of test loss / floor's test loss."""
+    out = []
+    for opt in sorted({c["optimizer"] for c in chosen if c["kappa"] == kappa}):
+        ratios, pos, missing = {}, {}, []
+        for task in tasks:
+            c, f, t = _find(chosen, task, opt, kappa), _find(chosen, task, FLOOR), _find(chosen, task, TARGET)
+            if not c or not f or c["test_loss"] is None or f["test_loss"] is None:
+                missing.append(task)
+                continue
+            ratios[task] = c["test_loss"] / f["test_loss"]
+            pos[task] = position(c["test_loss"], f["test_loss"], t["test_loss"] if t else None)
+        if ratios:
+            out.append({"optimizer": opt, "kappa": kappa, "worst": max(ratios.values()),
+                        "worst_task": max(ratios, key=ratios.get), "mean": statistics.fmean(ratios.values()),
+                        "ratios": ratios, "positions": pos, "missing": missing})
+    return sorted(out, key=lambda r: (len(r["missing"]), r["worst"]))
+
+
+def _fmt(m, s, digits=4):
+    if m is None:
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
+
+
+def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "") -> str:
+    lines = ["# flora-bench suite", ""]
+    if meta_line:
+        lines += [meta_line, ""]
+    lines += ["## Floor and target per task (test loss, mean ± std over seeds, at the best validation lr)", "",
+              "| task | floor (Adafactor beta1=None) | target (beta1=0.9) | gap | gap std | std < gap/4 |",
+              "| --- | ---: | ---: | ---: | ---: | :---: |"]
+    for task in tasks:
+        g = gap.get(task)
+        if g:
+            lines.append(f"| {task} | {g['floor']:.4f} | {g['target']:.4f} | {g['gap']:.4f} | {g['gap_std']:.4f} | "
+                         f"{'yes' if g['resolved'] else 'no'} |")
+    lines += ["", "## Candidates by their worst case (max over tasks of test loss / floor's)", "",
+              "| optimizer | kappa | worst | on | mean | tasks missing |", "| --- | ---: | ---: | --- | ---: | --- |"]
+    for r in ranks:
+        lines.append(f"| {r['optimizer']} | {r['kappa']} | {r['worst']:.4f} | {r['worst_task']} | {r['mean']:.4f} | "
+                     f"{', '.join(r['missing']) or '-'} |")
+    lines += ["", "## Win matrix", "",
+              "Each cell: test loss mean ± std at the chosen lr, then its position between the floor (0) and the "
+              "target (1) (above 1 beats the target, below 0 loses to no momentum); `*` marks a chosen lr at an "
+              "edge of its grid.", "",
+              "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for opt in sorted({c["optimizer"] for c in chosen}, key=lambda o: (o.startswith("flora"), o)):
+        for kappa in sorted({c["kappa"] for c in chosen if c["optimizer"] == opt}):
+            cells = []
+            for task in tasks:
+                c = _find(chosen, task, opt, kappa)
+                g = gap.get(task, {})
+                if not c:
+                    cells.append("-")
+                    continue
+                p = position(c["test_loss"], g.get("floor"), g.get("target"))
+                cells.append(f"{_fmt(c['test_loss'], c['test_loss_std'])} ({'n/a' if p is None else f'{p:+.2f}'})"
+                             f" lr {c['lr']:g}{'*' if c['edge'] else ''}")
+            name = opt if kappa == min(c["kappa"] for c in chosen) else f"{opt} kappa {kappa}"
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## State bytes (from the optimizer's tensors) against AdamW's", "",
+              "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for opt in sorted({c["optimizer"] for c in chosen}):
+        cells = []
+        for task in tasks:
+            c = _find(chosen, task, opt)
+            a = adamw.get(task)
+            cells.append("-" if not c or not c["state_bytes"] or not a else
+                         f"{c['state_bytes'] / 2**20:.2f} MiB ({100 * c['state_bytes'] / a:.1f}%)")
+        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
+    lines.append("| adamw | " + " | ".join(f"{adamw[t] / 2**20:.2f} MiB" if t in adamw else "-" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, chosen: list[dict]) -> None:
+    keys = ["task", "optimizer", "kappa", "lr", "edge", "seeds", "test_loss", "test_loss_std", "test_accuracy",
+            "test_accuracy_std", "state_bytes", "train_s"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for c in chosen:
+            w.writerow(c)
+
+
+def plot(path: Path, chosen: list[dict], tasks: list[str], kappa: int) -> Path | None:
+    """Per task, test loss against state bytes (log scale): the quality-memory plane."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n = len(tasks)
+    cols = min(4, n)
+    rows_ = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.4 * rows_), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for c in chosen:
+            if c["task"] != task or c["kappa"] != kappa or c["test_loss"] is None or not c["state_bytes"]:
+                continue
+            ax.errorbar(c["state_bytes"], c["test_loss"], yerr=c["test_loss_std"] or 0, fmt="o", ms=4, capsize=2)
+            ax.annotate(c["optimizer"].replace("flora-", "").replace("-orthonormal", ""),
+                        (c["state_bytes"], c["test_loss"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("optimizer state (bytes)", fontsize=7)
+        ax.set_ylabel("test loss", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

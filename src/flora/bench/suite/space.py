@@ -1,0 +1,91 @@
+"""What the suite compares, as data: the candidates, their ranks, the lr grid of each
+task, the seeds. A job is one (task, optimizer, lr, seed, kappa) run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# The floor (no first moment: almost no state) and the target (full first moment) are rows
+# of every task; Flora's candidate forms run at every rank.
+FLOOR, TARGET = "adafactor", "adafactor-b0.9"
+BASELINES = (FLOOR, TARGET)
+FORMS = ("adaptive-orthonormal", "scaled-orthonormal", "exact-orthonormal")
+RANKS = (8, 32)
+SEEDS = 3
+KAPPA = 1000  # the library's default: the primary setting
+
+# lr grids (Adafactor's and Flora's lr, scale_parameter=False), low to high, factor 2.
+LR_GRIDS: dict[str, tuple[float, ...]] = {
+    "bytelm": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "tokenlm": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "finetune": (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3),
+    "classify": (6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3),
+    "cnn": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "vit": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "tabular": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    optimizer: str  # a flora-bench optimizer name (flora.bench.optimizers.parse)
+    lr: float
+    seed: int
+    kappa: int = KAPPA
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}|{self.optimizer}|{self.lr:g}|{self.seed}|{self.kappa}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def candidates(forms=FORMS, ranks=RANKS, baselines=BASELINES) -> tuple[str, ...]:
+    return tuple(baselines) + tuple(f"flora-r{r}-{f}" for r in ranks for f in forms)
+
+
+def lr_grid(task: str, optimizer: str, lrs: dict | None = None) -> tuple[float, ...]:
+    from .peers import LR_GRIDS as PEER_GRIDS, PEERS
+
+    if lrs and task in lrs:
+        return tuple(lrs[task])
+    return (PEER_GRIDS if optimizer in PEERS else LR_GRIDS)[task]
+
+
+def plan(tasks, optimizers, seeds: int = SEEDS, kappas=(KAPPA,), lrs: dict | None = None,
+         seed_list=None) -> list[Job]:
+    """Every job, seed-major: an interrupted sweep has screened everything on seed 0
+    before it confirms on seeds 1 and 2. Extra kappas run for Flora alone."""
+    out = []
+    for seed in (seed_list if seed_list is not None else range(seeds)):
+        for task in tasks:
+            for kappa in kappas:
+                for opt in optimizers:
+                    if kappa != kappas[0] and not opt.startswith("flora-"):
+                        continue
+                    for lr in lr_grid(task, opt, lrs):
+                        out.append(Job(task, opt, lr, seed, kappa))
+    return out
+
+
+def staged_plan(tasks, seeds: int = SEEDS, forms=FORMS, ranks=RANKS, extra_ranks=(4, 128),
+                extra_kappas=(100,)) -> list[Job]:
+    """The whole study in the order that makes an interrupted run most useful: every
+    candidate on seed 0, the peers on seed 0, the candidates on the other seeds, then the
+    adaptive form at ``extra_ranks`` and the forms at rank 8 with ``extra_kappas``, then
+    the peers, extra ranks and kappas on the other seeds."""
+    from .peers import PEERS
+
+    main = candidates(forms, ranks)
+    more_ranks = tuple(f"flora-r{r}-adaptive-orthonormal" for r in extra_ranks)
+    kappa_forms = tuple(f"flora-r8-{f}" for f in forms)
+    out = plan(tasks, main, seed_list=[0]) + plan(tasks, PEERS, seed_list=[0])
+    out += plan(tasks, main, seed_list=range(1, seeds))
+    out += plan(tasks, more_ranks, seed_list=[0])
+    out += [j for k in extra_kappas for j in plan(tasks, kappa_forms, seed_list=[0], kappas=(k,))]
+    rest = range(1, seeds)
+    out += plan(tasks, PEERS, seed_list=rest) + plan(tasks, more_ranks, seed_list=rest)
+    out += [j for k in extra_kappas for j in plan(tasks, kappa_forms, seed_list=rest, kappas=(k,))]
+    return out

@@ -1,0 +1,115 @@
+"""The selection suite (flora-bench suite): its plan, its scoring, and real tiny runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flora.bench.suite import data, runner, score, space, workloads
+from flora.bench.suite.peers import PEERS
+
+
+def test_staged_plan_screens_everything_on_seed_0_first():
+    tasks = ["cnn", "tabular"]
+    jobs = space.staged_plan(tasks, seeds=3)
+    keys = [j.key for j in jobs]
+    assert len(keys) == len(set(keys))
+    main = space.candidates()
+    n0 = len(tasks) * len(main) * 5
+    assert {j.seed for j in jobs[:n0]} == {0} and {j.optimizer for j in jobs[:n0]} == set(main)
+    peers0 = jobs[n0:n0 + len(tasks) * len(PEERS) * 5]
+    assert {j.optimizer for j in peers0} == set(PEERS) and {j.seed for j in peers0} == {0}
+    assert {j.seed for j in jobs} == {0, 1, 2}
+    assert {j.kappa for j in jobs if not j.optimizer.startswith("flora")} == {space.KAPPA}
+    assert any(j.kappa == 100 for j in jobs)
+    # every Flora candidate of the plan is a valid bench name
+    from flora.bench import optimizers
+
+    for name in {j.optimizer for j in jobs} - set(PEERS):
+        optimizers.parse(name)
+
+
+def _rows(values: dict) -> list[dict]:
+    """Rows of (task, optimizer, lr, seed) -> (val, test)."""
+    out = []
+    for (task, opt, lr, seed), (val, test) in values.items():
+        out.append({"task": task, "optimizer": opt, "lr": lr, "seed": seed, "kappa": 1000, "status": "ok",
+                    "val_loss": val, "test_loss": test, "state_bytes": 10, "train_s": 1.0})
+    return out
+
+
+def test_scoring_picks_the_lr_by_mean_validation_loss_and_ranks_by_the_worst_task():
+    f, t, c = space.FLOOR, space.TARGET, "flora-r8-adaptive-orthonormal"
+    v = {}
+    for seed in range(3):
+        for task, (floor, target, cand) in {"a": (2.0, 1.8, 1.7), "b": (1.0, 0.9, 1.05)}.items():
+            for lr, bump in ((1e-3, 0.1), (2e-3, 0.0), (4e-3, 0.2)):
+                v[(task, f, lr, seed)] = (floor + bump, floor + bump + 0.01 * seed)
+                v[(task, t, lr, seed)] = (target + bump, target + bump + 0.01 * seed)
+                v[(task, c, lr, seed)] = (cand + bump, cand + bump)
+    chosen = score.choose(_rows(v))
+    by = {(x["task"], x["optimizer"]): x for x in chosen}
+    assert by[("a", f)]["lr"] == 2e-3 and by[("a", f)]["edge"] == "" and by[("a", f)]["seeds"] == 3
+    assert by[("a", f)]["test_loss"] == pytest.approx(2.01)
+    gaps = score.gaps(chosen)
+    assert gaps["a"]["gap"] == pytest.approx(0.2) and gaps["a"]["resolved"]
+    rank = {r["optimizer"]: r for r in score.ranking(chosen, 1000, ["a", "b"])}
+    assert rank[c]["worst_task"] == "b"
+    assert rank[c]["worst"] == pytest.approx(1.05 / 1.01)
+    assert score.position(1.7, 2.0, 1.8) == pytest.approx(1.5)
+
+
+def test_an_edge_lr_is_flagged():
+    v = {("a", space.FLOOR, lr, 0): (1.0 - lr, 1.0) for lr in (1e-3, 2e-3)}
+    (c,) = score.choose(_rows(v))
+    assert c["lr"] == 2e-3 and c["edge"] == "high"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return data.prepare(tmp_path_factory.mktemp("suite-data"), only=("digits.pt", "tabular.pt"))
+
+
+@pytest.mark.parametrize("task", ["cnn", "vit", "tabular"])
+def test_a_tiny_run_learns_and_counts_its_state(folder, task):
+    runner._init(str(folder), "cpu", 0.04, 1)
+    w = runner._workload(task)
+    before = w.evaluate(w.build(0), "val")["loss"]
+    r = runner.run_job(space.Job(task, "flora-r8-adaptive-orthonormal", 4e-3, 0))
+    assert r["status"] == "ok" and r["val_loss"] < before - 0.05, (r["val_loss"], before)
+    assert 0 < r["state_bytes"] < runner.adamw_state_bytes(task)
+    again = runner.run_job(space.Job(task, "flora-r8-adaptive-orthonormal", 4e-3, 0))
+    assert again["val_loss"] == r["val_loss"]  # batches and init are pure functions of the seeds
+
+
+def test_batches_are_the_same_for_every_optimizer_and_differ_by_step(folder):
+    w = workloads.make("cnn", folder, "cpu", 0.04)
+    x0, y0 = w.batch(3, 0)
+    x1, y1 = w.batch(3, 0)
+    x2, _ = w.batch(4, 0)
+    assert torch.equal(x0, x1) and torch.equal(y0, y1) and not torch.equal(x0, x2)
+
+
+def test_report_writes_markdown_csv_json_and_a_plot(tmp_path):
+    from flora.bench.suite import cli
+
+    v = {}
+    for seed in range(2):
+        for opt, base in ((space.FLOOR, 1.0), (space.TARGET, 0.9), ("flora-r8-scaled-orthonormal", 0.92)):
+            for lr in (1e-3, 2e-3, 4e-3):
+                v[("cnn", opt, lr, seed)] = (base + abs(math.log2(lr / 2e-3)) * 0.1, base + 0.001 * seed)
+    with open(tmp_path / "runs.jsonl", "w") as fh:
+        for r in _rows(v):
+            fh.write(json.dumps(r) + "\n")
+        fh.write('{"truncated": ')  # a line cut by a kill is skipped
+    (tmp_path / "adamw_state.json").write_text(json.dumps({"cnn": 100}))
+    res = cli.report(tmp_path, ["cnn"], 1000, {}, plots=True)
+    md = (tmp_path / "results.md").read_text()
+    assert "| flora-r8-scaled-orthonormal | 1000 |" in md and "10.0%" in md
+    assert (tmp_path / "results.csv").read_text().count("\n") == 4
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == 18
+    assert (tmp_path / "loss_vs_state.png").stat().st_size > 1000
+    assert [r["optimizer"] for r in res["ranking"]] == [space.TARGET, "flora-r8-scaled-orthonormal", space.FLOOR]
