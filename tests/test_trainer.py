@@ -1,6 +1,9 @@
 """Drop-in use with the Hugging Face Trainer: Flora as its optimizer, CompressedAccumulator
 on its gradient-accumulation loop."""
 
+import json
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -20,20 +23,27 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": x}
 
 
-def _train(tmp_path, rank, *, n=32, epochs=None, lr=1e-2, sched=None):
+def _llama():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def _train(tmp_path, rank, *, n=32, epochs=None, lr=1e-2, sched=None, tau=2, steps=2, callback=False,
+           resume=None, max_steps=4, max_grad_norm=1.0, **more):
+    model = _llama()
     opt = flora.Flora(model.parameters(), lr=lr, rank=4, beta1=0.9)
-    acc = None if rank == "none" else flora.CompressedAccumulator(model, rank=rank, tau=2, optimizer=opt, seed=1)
-    length = dict(max_steps=4) if epochs is None else dict(num_train_epochs=epochs)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             report_to=[], save_strategy="no", use_cpu=True, max_grad_norm=1.0,
-                             disable_tqdm=True, seed=0, logging_steps=1, **length)
+    acc = None if rank == "none" else flora.CompressedAccumulator(model, rank=rank, tau=tau, optimizer=opt, seed=1)
+    length = dict(max_steps=max_steps) if epochs is None else dict(num_train_epochs=epochs)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=steps, report_to=[], use_cpu=True,
+                             max_grad_norm=max_grad_norm, disable_tqdm=True, seed=0, logging_steps=1,
+                             **{"save_strategy": "no", **length, **more})
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(n),
-                      optimizers=(opt, None if sched is None else sched(opt)))
-    trainer.train()
+                      optimizers=(opt, None if sched is None else sched(opt)),
+                      callbacks=[flora.AccumulatorCallback(acc)] if callback else None)
+    trainer.train(resume_from_checkpoint=resume)
     model.log = trainer.state.log_history
     return model, acc
 
@@ -77,16 +87,82 @@ def test_compressed_accumulator_inside_trainer(tmp_path):
 
 def test_epochs_with_a_short_last_cycle(tmp_path):
     """36 samples in batches of 4 are 9 micro-batches an epoch: with tau=2 every epoch ends
-    with a cycle of one. Dense: bit-identical to the Trainer alone; compressed: every
-    cycle, the short ones included, is closed by its own optimizer step."""
+    with a cycle of one. Dense: bit-identical to the Trainer alone. Compressed: every step
+    (clipping off) sees its cycle's estimate, computed by hand from the micro-batch gradients
+    recorded by a hook that runs before the accumulator's: decompress(compress(G_1)) + G_2
+    under that cycle's projection, and the short cycles' one gradient exactly."""
     ref, _ = _train(tmp_path / "a", "none", n=36, epochs=2)
     got, acc = _train(tmp_path / "b", None, n=36, epochs=2)
     for a, b in zip(ref.parameters(), got.parameters()):
         assert torch.equal(a, b)
     assert acc.cycle == 10 and acc.micro_step == 0
-    got, acc = _train(tmp_path / "c", 4, n=36, epochs=2)
-    assert acc.cycle == 10 and acc.micro_step == 0
-    assert all(torch.isfinite(p).all() for p in got.parameters())
+
+    model = _llama()
+    names = [n for n, _ in model.named_parameters()]
+    index = names.index("model.layers.1.mlp.down_proj.weight")  # 32 x 64: projects the 32 rows
+    w = dict(model.named_parameters())[names[index]]
+    micro, seen = [], []
+    w.register_post_accumulate_grad_hook(lambda p: micro.append(p.grad.detach().clone()))
+    opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
+    opt.register_step_pre_hook(lambda *_: seen.append(w.grad.detach().clone()))
+    acc = flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, seed=1)
+    assert acc.plan()[index]["proj_dim"] == 0
+    args = TrainingArguments(output_dir=str(tmp_path / "c"), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, num_train_epochs=2, report_to=[], save_strategy="no",
+                             use_cpu=True, max_grad_norm=1e9, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=_Tokens(36), optimizers=(opt, None)).train()
+    assert acc.cycle == 10 and acc.micro_step == 0 and len(seen) == 10 and len(micro) == 18
+    sizes = [2, 2, 2, 2, 1] * 2  # micro-batches per step: each epoch ends with a cycle of one
+    start = 0
+    for cycle, k in enumerate(sizes):
+        grads = micro[start:start + k]
+        start += k
+        a = make_projection("orthonormal", projection_seed(1, index, cycle, ACCUMULATION_STREAM), 4, 32,
+                            unbiased=True)
+        want = grads[0] if k == 1 else decompress(compress(grads[0], a, 0), a, 0) + grads[1]
+        torch.testing.assert_close(seen[cycle], want, rtol=1e-4, atol=1e-6)
+        if k == 2:
+            assert not torch.allclose(seen[cycle], grads[0] + grads[1], atol=1e-4)  # compressed
+
+
+def test_resume_with_the_callback_equals_an_uninterrupted_run(tmp_path):
+    """Issue 16: a resumed run differed from one that never stopped (weights by 0.022),
+    because the Trainer did not save the accumulator. With flora.AccumulatorCallback the
+    checkpoint holds its state (plain JSON in trainer_state.json), and a run resumed from
+    it, in another output folder, equals the uninterrupted one bit for bit."""
+    full, acc = _train(tmp_path / "full", 4, callback=True, save_strategy="steps", save_steps=2)
+    assert acc.cycle == 4
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["flora.CompressedAccumulator"]["cycle"] == 2
+    for name in ("optimizer.pt", "scheduler.pt"):  # Flora's state and the schedule, as the Trainer loads them
+        torch.load(checkpoint / name, weights_only=True)
+    resumed, acc = _train(tmp_path / "resumed", 4, callback=True, resume=str(checkpoint))
+    assert acc.cycle == 4
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    # without the callback the accumulator restarts its cycles (other projections): not equal
+    unsaved, _ = _train(tmp_path / "unsaved", 4, resume=str(checkpoint))
+    assert max((a - b).abs().max() for a, b in zip(full.parameters(), unsaved.parameters())) > 1e-4
+    # a checkpoint saved without the callback resumes with a warning
+    _train(tmp_path / "plain", 4, save_strategy="steps", save_steps=2, max_steps=2)
+    with pytest.warns(UserWarning, match="holds no CompressedAccumulator state"):
+        _train(tmp_path / "warned", 4, callback=True, resume=str(tmp_path / "plain" / "checkpoint-2"))
+
+
+@pytest.mark.parametrize("tau, steps, callback, words", [
+    (2, 4, False, ["tau=2", "gradient_accumulation_steps > tau=2", "backward pass 2"]),
+    (2, 4, True, ["tau=2", "gradient_accumulation_steps=4", "several cycles per optimizer step"]),
+    (4, 2, True, ["tau=4", "gradient_accumulation_steps=2", "every cycle short"]),
+])
+def test_a_tau_that_disagrees_with_the_trainer_is_refused(tmp_path, tau, steps, callback, words):
+    """Issue 16: tau=2 under gradient_accumulation_steps=4 closed two cycles per optimizer
+    step and compressed the first estimate again. Refused, naming both: by the accumulator
+    at the first backward that shows it, by the callback when training starts."""
+    with pytest.raises(ValueError) as e:
+        _train(tmp_path, 4, tau=tau, steps=steps, callback=callback)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
 
 
 def test_relative_step_mode_with_its_schedule(tmp_path):

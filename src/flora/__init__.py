@@ -35,3 +35,13 @@ __all__ = [
     "transfer",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # flora.AccumulatorCallback imports transformers (seconds, and an optional dependency):
+    # only when asked for, so it stays out of __all__.
+    if name == "AccumulatorCallback":
+        from .trainer_callback import AccumulatorCallback
+
+        return AccumulatorCallback
+    raise AttributeError(f"module 'flora' has no attribute {name!r}")

@@ -206,9 +206,10 @@ class CompressedAccumulator:
     an unbiased estimate of the sum of its ``tau`` gradients (``decompress(C) + G_tau``
     for a compressed matrix, the exact sum for a dense parameter), so any optimizer,
     clipping or logging works on it unchanged; between backward passes a compressed
-    matrix's ``.grad`` is None and its partial sum is an ``n x r`` buffer. A step after
-    ``k < tau`` backward passes steps on the estimate of those ``k`` and starts a new
-    cycle. With ``rank=None`` everything equals plain accumulation bit for bit. With
+    matrix's partial sum is an ``n x r`` buffer and its ``.grad`` a zero placeholder of one
+    element (stride 0). A step after ``k < tau`` backward passes steps on the estimate of
+    those ``k`` and starts a new cycle; ``zero_grad()`` in the middle of a cycle drops it,
+    as in plain PyTorch (``discard_cycle()`` explicitly). With ``rank=None`` everything equals plain accumulation bit for bit. With
     ``fused=True`` the optimizer steps inside the ``tau``-th backward instead, one
     parameter at a time. Loops, short cycles, fused mode, integrations and limits:
     ``docs/accumulation.md``.

@@ -1,0 +1,104 @@
+"""``flora.AccumulatorCallback``: a Hugging Face Trainer callback for a
+``CompressedAccumulator``. The Trainer knows nothing of the accumulator, so without it a
+resumed run restarts the accumulator's cycle count, hence its projections, and differs from
+a run that never stopped. The callback
+
+- checks, when training starts, that the accumulator's ``tau`` equals the Trainer's
+  ``gradient_accumulation_steps`` (otherwise it would close several cycles per optimizer
+  step, or close every cycle short);
+- writes the accumulator's ``state_dict()`` into every checkpoint, inside the checkpoint's
+  ``trainer_state.json`` (plain JSON: it travels with the checkpoint folder wherever it is
+  copied, and nothing is unpickled to read it), under the key ``"flora.CompressedAccumulator"``;
+- restores it when ``trainer.train(resume_from_checkpoint=...)`` starts from such a checkpoint.
+
+The Trainer checkpoints between optimizer steps, where the accumulator's cycle is closed:
+what is saved is then its options and cycle number, the same on every data-parallel replica
+(the main process writes ``trainer_state.json``; every process reads it back)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .accumulate import CompressedAccumulator
+
+__all__ = ["AccumulatorCallback", "STATE_KEY"]
+
+STATE_KEY = "flora.CompressedAccumulator"  # not a class name: the Trainer never tries to rebuild it
+
+
+def _to_json(sd: dict[str, Any]) -> dict[str, Any]:
+    def tensor(t: torch.Tensor) -> dict[str, Any]:
+        return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "values": t.flatten().tolist()}
+
+    out = {k: v for k, v in sd.items() if not isinstance(v, (torch.Tensor, dict))}
+    out["indices"], out["counts"] = sd["indices"].tolist(), sd["counts"].tolist()
+    for kind in ("compressed", "dense"):  # empty between optimizer steps, where the Trainer checkpoints
+        out[kind] = {str(i): tensor(t.detach().cpu()) for i, t in sd[kind].items()}
+    return out
+
+
+def _from_json(js: dict[str, Any]) -> dict[str, Any]:
+    def tensor(d: dict[str, Any]) -> torch.Tensor:
+        return torch.tensor(d["values"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
+
+    sd = dict(js)
+    sd["indices"] = torch.tensor(js["indices"], dtype=torch.int64)
+    sd["counts"] = torch.tensor(js["counts"], dtype=torch.int64)
+    for kind in ("compressed", "dense"):
+        sd[kind] = {int(i): tensor(d) for i, d in js.get(kind, {}).items()}
+    return sd
+
+
+class AccumulatorCallback(TrainerCallback):
+    """Save a ``CompressedAccumulator``'s state with every Trainer checkpoint and restore it
+    on resume, so that a resumed run equals one that never stopped; refuse a ``tau`` that
+    disagrees with the Trainer's ``gradient_accumulation_steps``.
+
+    Usage::
+
+        acc = flora.CompressedAccumulator(model, rank=32, tau=8, optimizer=opt)
+        trainer = Trainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=8),
+                          optimizers=(opt, None), callbacks=[flora.AccumulatorCallback(acc)])
+        trainer.train(resume_from_checkpoint=...)   # or None on the first run
+
+    Args:
+        accumulator: the ``CompressedAccumulator`` attached to the Trainer's model.
+    """
+
+    def __init__(self, accumulator: CompressedAccumulator):
+        if not isinstance(accumulator, CompressedAccumulator):
+            raise TypeError(f"AccumulatorCallback needs a flora.CompressedAccumulator, got "
+                            f"{type(accumulator).__name__}")
+        self.accumulator = accumulator
+
+    def _record(self, state) -> None:
+        state.stateful_callbacks[STATE_KEY] = _to_json(self.accumulator.state_dict())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        acc = self.accumulator
+        steps = args.gradient_accumulation_steps
+        if steps != acc.tau:
+            raise ValueError(f"CompressedAccumulator(tau={acc.tau}) under a Trainer with "
+                             f"gradient_accumulation_steps={steps}: the two must agree (the accumulator would close "
+                             f"{'several cycles per optimizer step' if steps > acc.tau else 'every cycle short'}); "
+                             f"build the accumulator with tau={steps}")
+        if state.global_step == 0:  # a fresh run
+            return
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+        if saved is None:
+            warnings.warn(f"AccumulatorCallback: resuming at global step {state.global_step} from a checkpoint "
+                          "that holds no CompressedAccumulator state (saved without this callback): the "
+                          "accumulator starts again at cycle 0, so its projections, and the run, differ from one "
+                          "that never stopped", stacklevel=2)
+            return
+        acc.load_state_dict(_from_json(saved))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._record(state)  # before the Trainer writes trainer_state.json into a checkpoint
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._record(state)
