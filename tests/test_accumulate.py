@@ -381,6 +381,21 @@ def test_fused_equals_normal_mode_with_a_scheduler(kind):
     assert not torch.equal(results[0][0], _params(_mlp())[0])
 
 
+def test_fused_equals_normal_mode_on_float64_parameters():
+    """Fused mode used to stop on float64 parameters (the norm it logs was asked in float32)."""
+    batches = _batches(2 * TAU)
+    results, norms = [], []
+    for fused in (False, True):
+        model = _mlp(torch.float64)
+        opt = Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
+        acc = CompressedAccumulator(model, rank=4, tau=TAU, seed=2, optimizer=opt, fused=fused)
+        _train(model, opt, batches, TAU, fused=fused)
+        results.append(_params(model))
+        norms.append(acc.last_grad_norm)
+    _assert_equal(results[1], results[0])
+    assert results[1][0].dtype == torch.float64 and norms[1] is not None and norms[1] > 0
+
+
 def test_fused_steps_only_on_the_last_micro_batch():
     model = _mlp()
     start = _params(model)

@@ -915,7 +915,7 @@ class CompressedAccumulator:
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         else:
-            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32))
         sq = norm.float().square()
         self._c.sq_norm = sq if self._c.sq_norm is None else self._c.sq_norm + sq
         opt = self._optimizer
