@@ -640,3 +640,14 @@ def test_comm_rows_whose_flora_rank_compresses_nothing_are_marked():
     line8 = next(x for x in md.splitlines() if x.startswith("| ddp | flora-r8 |"))
     assert "compresses nothing" in line32 and "compresses nothing" not in line8
 
+
+
+def test_goal_lines_compare_flora_with_the_floor_and_flag_an_edge_lr():
+    """Issue 17: the goal check also compares Flora with Adafactor without momentum, and a
+    comparison whose lr sits on an end of its grid is marked unsettled."""
+    rows = _chosen([_run("pretrain", "adafactor", 1e-3, 2.3, 2.3), _run("pretrain", "adafactor", 3e-3, 2.2, 2.2),
+                    _run("pretrain", "flora-r8", 1e-3, 2.0, 2.1), _run("pretrain", "flora-r8", 3e-3, 2.1, 2.2),
+                    _run("pretrain", "flora-r8", 1e-2, 2.2, 2.3)])
+    assert report.goal_lines(rows) == [
+        "pretrain, flora-r8: better than adafactor (2.1 vs 2.2 test loss) (issue 17: above the no-momentum floor) "
+        "[lr flora-r8 at the lower end, adafactor at the upper end of its grid: unsettled]"]

@@ -66,7 +66,7 @@ SIZES: dict[str, dict[str, TaskConfig]] = {
     "quick": {
         # about 3 minutes: 10 optimizers x 2 lrs x 120 steps of 8 x 128 bytes, 1.1 M params
         "pretrain": TaskConfig(hidden=128, layers=4, heads=4, ffn=352, seq=128, batch=8, steps=120, threads=1,
-                               eval_every=20, eval_batches=8, kappa=40, lr_points=2,
+                               eval_every=20, eval_batches=8, kappa=40, lr_points=2, extend_lr=2,
                                optimizers=("adamw", "adafactor", "adafactor-b0.9", "flora-r8", "flora-r8-paper",
                                            "flora-r32", "lora-r8", "galore-r8", "apollo-r8", "flora-opt-r8")),
         # about 3.5 minutes: SmolLM2-135M, 3 steps of tau=2 micro-batches of 1 x 128 tokens
@@ -75,6 +75,7 @@ SIZES: dict[str, dict[str, TaskConfig]] = {
                                            "lora-r32")),
         # about 5 minutes: MiniLM-L6, 60 steps of 8 articles x 64 tokens
         "classify": TaskConfig(seq=64, batch=8, steps=60, eval_every=20, eval_examples=120, kappa=20, lr_points=2,
+                               extend_lr=2,
                                optimizers=("adamw", "adafactor", "adafactor-b0.9", "flora-r32", "lora-r32",
                                            "galore-r32")),
     },
@@ -215,6 +216,8 @@ class Goal:
 TRAIN_GOALS: tuple[Goal, ...] = (
     Goal(("flora-r32", "flora-r32-paper"), near="adafactor-b0.9", tolerance=0.01, beats="lora-r32",
          max_state_vs_adamw=0.10),
+    # Compressed momentum must never lose to no momentum at all (the floor, almost no state).
+    Goal(("flora-r8", "flora-r32"), beats="adafactor", source="issue 17: above the no-momentum floor"),
 )
 
 # The optimizer step on SmolLM2-135M's shapes: Flora r32 with at most 5% of AdamW's state,

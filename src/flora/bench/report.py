@@ -274,7 +274,11 @@ def goal_lines(rows: list[Chosen], goals: tuple[Goal, ...] = config.TRAIN_GOALS)
                 parts = goal_parts(goal, name, by, key, higher_is_better=acc)
                 if parts:
                     src = f" ({goal.source})" if goal.source else ""
-                    out.append(f"{task}, {name}: " + "; ".join(parts) + src)
+                    # A comparison with an lr on the end of its grid is not settled: say so.
+                    edges = [f"{n} at the {by[n]['lr_edge']} end" for n in (name, goal.near, goal.beats)
+                             if n in by and by[n].get("lr_edge")]
+                    unsettled = f" [lr {', '.join(edges)} of its grid: unsettled]" if edges else ""
+                    out.append(f"{task}, {name}: " + "; ".join(parts) + src + unsettled)
     return out
 
 

@@ -130,6 +130,9 @@ def _describe(task: str, cfg: config.TaskConfig, model_params: int | None) -> st
     elif task == "finetune":
         what = (f"SmolLM2-135M ({params}) on BBC News text; {cfg.steps} steps of tau={cfg.tau} micro-batches "
                 f"of {cfg.batch} x {cfg.seq} tokens")
+        if cfg.steps < 50:  # a few steps at one lr rank nothing: what this row measures is memory
+            what += (f". A memory measurement only: {cfg.steps} steps say nothing about quality (the selection "
+                     f"suite's fine-tuning task does: flora-bench suite)")
     else:
         what = (f"all-MiniLM-L6-v2 ({params}) + 5-way head on BBC News topics; {cfg.steps} steps of "
                 f"{cfg.batch} articles x {cfg.seq} tokens; accuracy on {cfg.eval_examples} held-out articles")
