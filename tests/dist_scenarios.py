@@ -12,6 +12,8 @@ from torch import nn
 
 from flora import CompressedAccumulator, Flora
 
+from _configs import MOMENTUM_CONFIGS
+
 STEPS = 5
 OPTS = dict(lr=1e-2, rank=3, beta1=0.9, kappa=2, seed=3, scale_parameter=True, weight_decay=0.01)
 
@@ -47,9 +49,13 @@ def _loss(model, x, y):
     return nn.functional.mse_loss(model(x), y)
 
 
+# The one-process reference of every comparison here: the single-tensor step (foreach=False).
+REF = dict(foreach=False)
+
+
 def _train_single(opts: dict, batches, model=None, opt=None):
     model = model or _net()
-    opt = opt or Flora(model.parameters(), **opts)
+    opt = opt or Flora(model.parameters(), **{**opts, **REF})
     for x, y in batches:
         opt.zero_grad()
         _loss(model, x, y).backward()
@@ -94,15 +100,14 @@ def _train_fsdp(opts: dict, rank: int, world: int, batches, *, count=False):
     return model, opt, counts
 
 
-# (name, options of the sharded run, proj_dim of the one-process reference)
+# (name, options of the sharded run, proj_dim of the one-process reference): training
+# end to end (FSDP2's forward, backward and reduce-scatter); every form and projection,
+# and bf16, are in fsdp_forms_equal_single_tensor.
 FSDP_CASES = {
     "dense": (dict(rank=None), "auto"),
     "proj_dim0": (dict(proj_dim=0), 0),
     "proj_dim1": (dict(proj_dim=1), 1),
     "auto": (dict(), 1),  # under FSDP2, "auto" projects the unsharded dimension
-    "exact_gaussian_dim0": (dict(proj_dim=0, momentum_form="exact", projection="gaussian"), 0),
-    "paper_gaussian_dim1": (dict(proj_dim=1, momentum_form="paper", projection="gaussian"), 1),
-    "coordinates_dim0": (dict(proj_dim=0, projection="coordinates"), 0),
     "no_momentum": (dict(beta1=None), "auto"),
     "relative_step": (dict(lr=None, relative_step=True), 1),
 }
@@ -126,6 +131,148 @@ def fsdp_equals_one_process(rank, world):
                         for k, v in st.items() if isinstance(v, torch.Tensor)}
             kinds[n]["proj_dim"] = st.get("proj_dim")
         out[name] = {"diff": diff, "counts": counts, "state": kinds}
+    return out
+
+
+# ------------------------------------------------- every form and projection, and bf16
+
+
+class Params(nn.Module):
+    """Parameters only, never called: their gradients are given. Shapes that FSDP2 shards
+    unevenly (11 rows: 6 + 5) and emptily (1 row: 1 + 0), a 3-D one and a 4-D one
+    (channels_last in the one-process reference), and a 1-D one. The names say which
+    dimension each one's momentum projects away (param groups of proj_dim 0 and 1)."""
+
+    SHAPES = {"w0": (11, 12), "c0": (5, 4, 3), "w1": (11, 12), "e1": (1, 12), "k1": (6, 4, 3, 3), "b1": (11,)}
+
+    def __init__(self, dtype, channels_last=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for name, shape in self.SHAPES.items():
+            t = (torch.rand(shape, generator=g) * 0.1 - 0.05).to(dtype)  # |p| <= 0.05: far above a bf16 ulp
+            if channels_last and t.dim() == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            self.register_parameter(name, nn.Parameter(t))
+
+
+def _param_groups(model):
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if n.endswith("0")], "proj_dim": 0},
+            {"params": [p for n, p in named if n.endswith("1")], "proj_dim": 1}]
+
+
+def _given_grads(step: int, dtype):
+    """Full gradients, the same on every rank: a fixed direction plus noise, so that
+    momentum builds up and the parameters move about lr a step."""
+    g0, g = torch.Generator().manual_seed(99), torch.Generator().manual_seed(100 + step)
+    return {n: (torch.randn(s, generator=g0) + 0.5 * torch.randn(s, generator=g)).to(dtype)
+            for n, s in Params.SHAPES.items()}
+
+
+def _rows(t, full):
+    """This rank's rows of ``full``, for a DTensor ``t`` (a parameter or a state tensor)
+    sharded by rows, or all of it where ``t`` is whole on every rank."""
+    from flora.sharded import layout
+
+    lay = layout(t)
+    return full if lay.group is None else full[lay.offset:lay.offset + lay.rows]
+
+
+def _as_dtensor_like(p, full):
+    """``full`` as a DTensor laid out like the DTensor parameter ``p``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(_rows(p, full).contiguous(), p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+FORM_OPTS = dict(lr=0.2, rank=3, beta1=0.9, kappa=2, seed=3, scale_parameter=True, weight_decay=0.01)
+FORM_STEPS = 4  # kappa=2: the third step resamples
+# (name, dtype, options): every (form, projection) pair, each with one param group per
+# projected dimension (the sharded rows, through A_local u_local; the unsharded columns,
+# through the terms), and bf16 parameters.
+FORM_CASES = {f"{f}-{p}": (torch.float32, dict(momentum_form=f, projection=p)) for f, p in MOMENTUM_CONFIGS}
+FORM_CASES.update({
+    "bf16-scaled-orthonormal": (torch.bfloat16, dict()),
+    "bf16-exact-gaussian": (torch.bfloat16, dict(momentum_form="exact", projection="gaussian")),
+})
+ULPS = {torch.float32: 0, torch.bfloat16: 2}  # a half-precision parameter rounds at every step
+
+
+def _movement_error(p0, ref, got, dtype) -> dict:
+    """How far ``got`` moved from ``p0`` against ``ref``'s movement: ``scale`` (the largest
+    movement), ``err`` (the largest difference beyond ``ULPS`` units in the last place,
+    relative to ``scale``) and ``ulps`` (that allowance, relative to ``scale``)."""
+    if ref.numel() == 0:
+        return {"scale": None, "err": 0.0, "ulps": 0.0}
+    d_ref, d_got = ref.double() - p0.double(), got.double() - p0.double()
+    scale = d_ref.abs().max().item()
+    allow = ULPS[dtype] * torch.finfo(dtype).eps * ref.double().abs()
+    return {"scale": scale, "err": ((d_got - d_ref).abs() - allow).max().item() / scale,
+            "ulps": allow.max().item() / scale}
+
+
+def _form_models(channels_last=False):
+    """One ``Params`` per case."""
+    return nn.ModuleDict({name: Params(dtype, channels_last) for name, (dtype, _) in FORM_CASES.items()})
+
+
+def _form_groups(models):
+    """Param groups that give each case its options, so that one optimizer (and one pair
+    of all-reduces a step) runs every case."""
+    return [{**g, **kw} for name, (_, kw) in FORM_CASES.items() for g in _param_groups(models[name])]
+
+
+def fsdp_forms_equal_single_tensor(rank, world):
+    """Every (form, projection) pair and bf16: FSDP2 against the single-tensor step of one
+    process (foreach=False), fed the same gradients, over 4 steps with a resample, all
+    cases in one optimizer (a param group per case and projected dimension); the
+    collectives of the resample step counted. Each rank compares its own rows."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    models, ref_models = _form_models(), _form_models(channels_last=True)
+    for m in models.values():
+        _fsdp(m)  # each case on its own: FSDP2 wants one dtype per fully_shard
+    opt = Flora(_form_groups(models), **FORM_OPTS)
+    ref_opt = Flora(_form_groups(ref_models), **FORM_OPTS, **REF)
+    p0 = {n: p.detach().clone() for n, p in ref_models.named_parameters()}
+    params, ref_params = dict(models.named_parameters()), dict(ref_models.named_parameters())
+    counts = []
+    for step in range(FORM_STEPS):
+        grads = {dtype: _given_grads(step, dtype) for dtype in (torch.float32, torch.bfloat16)}
+        for n, p in params.items():
+            g = grads[p.dtype][n.split(".")[-1]]
+            p.grad = _as_dtensor_like(p, g)
+            ref_params[n].grad = torch.empty_like(ref_params[n]).copy_(g)
+        if step == 2:  # a resample step; counting every op is slow (fsdp_equals_one_process counts all)
+            with CommDebugMode() as comm:
+                opt.step()
+            counts.append({str(k): v for k, v in comm.get_comm_counts().items()})
+        else:
+            opt.step()
+        ref_opt.step()
+    out = {name: {"params": {}, "state": {}} for name in FORM_CASES}
+    for n, p in params.items():
+        case, short = n.split(".")
+        rp = ref_params[n]
+        local = p.to_local().detach()
+        res = _movement_error(_rows(p, p0[n]), _rows(p, rp.detach()), local, p.dtype)
+        out[case]["params"][short] = {**res, "dtype": str(local.dtype)}
+        st, ref_st = opt.state[p], ref_opt.state[rp]
+        state = {"keys": sorted(st) == sorted(ref_st)}
+        for k, v in ref_st.items():
+            mine = st[k]
+            if not isinstance(mine, DTensor):
+                state[k] = mine == v
+                continue
+            want = _rows(mine, v)
+            mine = mine.to_local()
+            scale = v.abs().max().item() if v.numel() else 0.0
+            state[k] = {"dtype": str(mine.dtype), "shape": tuple(mine.shape) == tuple(want.shape),
+                        "err": (mine - want).abs().max().item() / scale if mine.numel() else 0.0}
+        out[case]["state"][short] = state
+    out["counts"] = counts
     return out
 
 
@@ -275,7 +422,7 @@ def ddp_accumulator(rank, world):
             opt.step()
             opt.zero_grad()
     ref = _net()
-    ropt = Flora(ref.parameters(), **OPTS)
+    ropt = Flora(ref.parameters(), **OPTS, **REF)
     racc = CompressedAccumulator(ref, rank=3, tau=tau, optimizer=ropt, seed=5)
     for i, (x, y) in enumerate(batches):
         (_loss(ref, x, y) / tau).backward()
@@ -318,7 +465,7 @@ def fsdp_accumulator(rank, world):
                 opt.step()
                 opt.zero_grad()
         ref = _net()
-        ropt = Flora(ref.parameters(), **opts)
+        ropt = Flora(ref.parameters(), **opts, **REF)
         racc = CompressedAccumulator(ref, rank=3, tau=tau, optimizer=ropt, seed=5, proj_dim=1, exact_last=exact_last)
         for i, (x, y) in enumerate(batches):
             (_loss(ref, x, y) / tau).backward()

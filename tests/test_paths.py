@@ -249,19 +249,10 @@ def _compare(ref_run, got_run, name):
     assert int(opt.nonfinite_skips) == int(ref_opt.nonfinite_skips)
 
 
-# Fused mode on float64 parameters stops in CompressedAccumulator._fused_step:
-# torch.linalg.vector_norm(p.grad, dtype=torch.float32) refuses a float64 gradient.
-FUSED_FP64 = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                               reason="fused accumulation fails on float64 parameters (accumulate.py: vector_norm "
-                                      "with dtype=float32 on a float64 gradient); remove this mark once fixed")
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_path_equals_single_tensor_reference(case, path, request):
+def test_path_equals_single_tensor_reference(case, path):
     layout, dtype, kw, bad = case
-    if path == "fused" and dtype == "fp64":
-        request.applymarker(FUSED_FP64)
     ref = _reference(layout, dtype, kw, bad)
     got = _run(path, layout, DTYPES[dtype], dict(kw), bad)
     _compare(ref, got, f"{path} against foreach=False")

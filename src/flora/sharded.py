@@ -333,11 +333,12 @@ def _phase3(it: _Item, count_skip) -> None:
         else:
             cu = torch.where(ok, p2[1].to(c.dtype), 0.0)
             terms = compressed_terms(c, cu, it.full_a, 0, isometric=isometric, dtype=torch.float64)
-        compressed_apply_(group["momentum_form"], c, um, cu, it.a, dim, beta1, lr, group["clip_threshold"],
-                          u_sq=u_sq, terms=terms, numel=it.numel, isometric=isometric,
-                          bias_correction=1.0 - beta1 ** it.t, ok=ok)
+        # The step is what compressed_apply_ returns (um is a view of u only where u's
+        # dims merge), never the tensor it was given.
+        update = compressed_apply_(group["momentum_form"], c, um, cu, it.a, dim, beta1, lr, group["clip_threshold"],
+                                   u_sq=u_sq, terms=terms, numel=it.numel, isometric=isometric,
+                                   bias_correction=1.0 - beta1 ** it.t, ok=ok).view(u.shape)
         c.copy_(torch.where(ok, c, it.c_before))
-        update = u
     else:
         rms = (u_sq / it.numel).sqrt().to(u.dtype)
         update = u.div_((rms / group["clip_threshold"]).clamp_(min=1.0)).mul_(lr)
