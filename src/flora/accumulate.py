@@ -493,8 +493,7 @@ class CompressedAccumulator:
                 self._c.projections[k] = a
         return a
 
-    @torch.no_grad()
-    def _before_grad(self, k: int, grad: torch.Tensor) -> None:
+    def _before_grad(self, k: int, grad: torch.Tensor) -> None:  # no tensor arithmetic: no no_grad() needed
         """Tensor hook: runs before autograd adds this backward's gradient to ``.grad``, so
         that a refusal leaves the parameter as it was. Discards a partial sum that
         ``zero_grad()`` cleared, refuses a new cycle that nothing closed, and takes the
