@@ -113,3 +113,15 @@ def test_report_writes_markdown_csv_json_and_a_plot(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == 18
     assert (tmp_path / "loss_vs_state.png").stat().st_size > 1000
     assert [r["optimizer"] for r in res["ranking"]] == [space.TARGET, "flora-r8-scaled-orthonormal", space.FLOOR]
+
+
+def test_state_bytes_counts_torchao_8bit_state_by_its_codes():
+    optim = pytest.importorskip("torchao.optim")
+    import flora
+
+    p = torch.nn.Parameter(torch.randn(256, 128))
+    opt = optim.AdamW8bit([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    n = flora.state_bytes(opt)
+    assert 2 * p.numel() <= n < 2 * p.numel() * 1.1  # two 1-byte codes per weight, plus block scales

@@ -16,13 +16,17 @@ def state_bytes(optimizer: Optimizer) -> int:
     """Bytes held by every tensor in ``optimizer.state`` (any optimizer). Tensors inside
     containers and one level inside plain objects (GaLore's and APOLLO's projector
     objects hold their projection matrices) are counted; a storage shared between entries
-    is counted once."""
+    is counted once; a tensor subclass (torchao's 8-bit state) by the tensors it wraps."""
     seen: set[int] = set()
     total = 0
 
     def visit(v, depth=0):
         nonlocal total
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and type(v) not in (torch.Tensor, torch.nn.Parameter) \
+                and hasattr(v, "__tensor_flatten__"):
+            for name in v.__tensor_flatten__()[0]:
+                visit(getattr(v, name), depth)
+        elif isinstance(v, torch.Tensor):
             key = v.untyped_storage().data_ptr() if v.device.type != "meta" else id(v)
             if key not in seen:
                 seen.add(key)

@@ -69,34 +69,3 @@ def build(name: str, model: nn.Module, lr: float, *, head_names=(), dim: int = 1
         optim = _import("torchao.optim")
         return optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
     raise ValueError(f"unknown peer {name!r}; valid: {', '.join(PEERS)}")
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors, tensor subclasses (torchao's 8-bit state)
-    counted by their inner tensors, objects one level down (APOLLO's projector) included."""
-    seen, total = set(), 0
-
-    def visit(v, depth=0):
-        nonlocal total
-        if isinstance(v, torch.Tensor):
-            if hasattr(v, "__tensor_flatten__") and type(v) is not torch.Tensor and not isinstance(v, nn.Parameter):
-                names, _ = v.__tensor_flatten__()
-                for n in names:
-                    visit(getattr(v, n), depth)
-                return
-            key = (v.untyped_storage().data_ptr(), v.device)
-            if key not in seen:
-                seen.add(key)
-                total += v.untyped_storage().nbytes()
-        elif isinstance(v, dict):
-            for x in v.values():
-                visit(x, depth)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x, depth)
-        elif depth == 0 and hasattr(v, "__dict__"):
-            visit(vars(v), 1)
-
-    for s in opt.state.values():
-        visit(s)
-    return total

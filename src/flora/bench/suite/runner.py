@@ -49,7 +49,7 @@ def _optimizer(name: str, model, lr: float, *, kappa: int, seed: int, workload=N
 
 def run_job(job: Job) -> dict:
     """Train ``job`` and score it on the validation and test splits."""
-    from . import peers
+    from flora import state_bytes
 
     w = _workload(job.task)
     spec = w.spec
@@ -71,7 +71,7 @@ def run_job(job: Job) -> dict:
             break
     train_time = time.perf_counter() - t0
     out = {**job.to_dict(), "key": job.key, "steps": spec.steps, "train_loss": float(train_sum) / tail,
-           "train_s": round(train_time, 2), "state_bytes": peers.state_bytes(opt),
+           "train_s": round(train_time, 2), "state_bytes": state_bytes(opt),
            "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     for split in ("val", "test"):
         for k, v in w.evaluate(model, split).items():
@@ -82,7 +82,7 @@ def run_job(job: Job) -> dict:
 
 def adamw_state_bytes(task: str) -> int:
     """AdamW's state on ``task``'s model after one step, counted from its tensors."""
-    from .peers import state_bytes
+    from flora import state_bytes
 
     w = _workload(task)
     model = w.build(0)

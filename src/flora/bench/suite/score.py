@@ -71,8 +71,10 @@ def gaps(chosen: list[dict]) -> dict[str, dict]:
 
 
 def position(x: float, floor: float, target: float) -> float | None:
-    """Where a test loss sits between the floor (0) and the target (1); above 1 beats the target."""
-    if x is None or floor is None or target is None or floor == target:
+    """Where a test loss sits between the floor (0) and the target (1); above 1 beats the
+    target. None where momentum does not help (the target is no better than the floor):
+    there is no scale to place anything on."""
+    if x is None or floor is None or target is None or target >= floor:
         return None
     return (floor - x) / (floor - target)
 
@@ -121,8 +123,8 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "") -> str:
                      f"{', '.join(r['missing']) or '-'} |")
     lines += ["", "## Win matrix", "",
               "Each cell: test loss mean ± std at the chosen lr, then its position between the floor (0) and the "
-              "target (1) (above 1 beats the target, below 0 loses to no momentum); `*` marks a chosen lr at an "
-              "edge of its grid.", "",
+              "target (1) (above 1 beats the target, below 0 loses to no momentum; n/a where the target is no better "
+              "than the floor); `*` marks a chosen lr at an edge of its grid.", "",
               "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
     for opt in sorted({c["optimizer"] for c in chosen}, key=lambda o: (o.startswith("flora"), o)):
         for kappa in sorted({c["kappa"] for c in chosen if c["optimizer"] == opt}):
