@@ -73,7 +73,7 @@ def folder(tmp_path_factory):
     return data.prepare(tmp_path_factory.mktemp("suite-data"), only=("digits.pt", "tabular.pt"))
 
 
-@pytest.mark.parametrize("task", ["cnn", "vit", "tabular"])
+@pytest.mark.parametrize("task", ["cnn", "vit", "tabular", "stream"])
 def test_a_tiny_run_learns_and_counts_its_state(folder, task):
     runner._init(str(folder), "cpu", 0.04, 1)
     w = runner._workload(task)

@@ -26,6 +26,7 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "cnn": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
     "vit": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
     "tabular": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
+    "stream": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
 }
 
 

@@ -64,9 +64,9 @@ def gaps(chosen: list[dict]) -> dict[str, dict]:
         paired = [f["per_seed"][s] - t["per_seed"][s] for s in f["per_seed"] if s in t["per_seed"]
                   and f["per_seed"][s] is not None and t["per_seed"][s] is not None]
         gap, std = _mean_std(paired)
+        std = std if len(paired) > 1 else None  # one seed has no spread to report
         out[task] = {"floor": f["test_loss"], "target": t["test_loss"], "gap": gap, "gap_std": std,
-                     "seeds": len(paired), "resolved": bool(gap and std is not None and len(paired) > 1
-                                                            and std < abs(gap) / 4)}
+                     "seeds": len(paired), "resolved": bool(gap and std is not None and std < abs(gap) / 4)}
     return out
 
 
@@ -114,8 +114,9 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "") -> str:
     for task in tasks:
         g = gap.get(task)
         if g:
-            lines.append(f"| {task} | {g['floor']:.4f} | {g['target']:.4f} | {g['gap']:.4f} | {g['gap_std']:.4f} | "
-                         f"{'yes' if g['resolved'] else 'no'} |")
+            std = "-" if g["gap_std"] is None else f"{g['gap_std']:.4f}"
+            verdict = "yes" if g["resolved"] else "no" if g["seeds"] > 1 else "1 seed"
+            lines.append(f"| {task} | {g['floor']:.4f} | {g['target']:.4f} | {g['gap']:.4f} | {std} | {verdict} |")
     lines += ["", "## Candidates by their worst case (max over tasks of test loss / floor's)", "",
               "| optimizer | kappa | worst | on | mean | tasks missing |", "| --- | ---: | ---: | --- | ---: | --- |"]
     for r in ranks:

@@ -23,6 +23,7 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "cnn": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
     "vit": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
     "tabular": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "stream": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
 }
 
 
