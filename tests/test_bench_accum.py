@@ -19,10 +19,23 @@ from flora.bench.__main__ import main  # noqa: E402
 from flora.bench.tasks import make_task  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _threads_restored():
+    """The bench sets torch's thread count in this process (a task's or --threads);
+    give the next module the count it had."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def accum_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("accum")
-    assert main(["accum-memory", "--size", "smoke", "--no-isolate", "--optimizer", "flora-r4", "--lr", "1e-3",
+    # one thread: a tiny model, and two threads spin against each other on a busy machine
+    # (this fixture took 3 minutes at 2 threads under load, 2.4 s at one)
+    assert main(["accum-memory", "--size", "smoke", "--no-isolate", "--threads", "1", "--optimizer", "flora-r4", "--lr", "1e-3",
                  "--quality", "--quality-lrs", "1e-3,nan",
                  "--noise", "--noise-seeds", "2", "--out", str(out), "--cache", str(out / "cache")]) == 0
     return out, json.loads((out / "results.json").read_text())
@@ -99,7 +112,7 @@ def test_metadata(accum_run):
 
 
 def test_a_configuration_in_its_own_process(tmp_path):
-    assert main(["accum-memory", "--size", "smoke", "--configs", "r4-fused", "--out", str(tmp_path),
+    assert main(["accum-memory", "--size", "smoke", "--configs", "r4-fused", "--threads", "1", "--out", str(tmp_path),
                  "--cache", str(tmp_path / "cache")]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     (r,) = res["memory"]
