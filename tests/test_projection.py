@@ -2,8 +2,12 @@
 
 Statistical tests use fixed seeds and a tolerance of 6 standard errors of the mean
 (computed from the known variances or from the samples), so they fail only if the
-estimator is biased, never by chance for these seeds."""
+estimator is biased, never by chance for these seeds. The seeds' projections are drawn
+as one stack (``make_projections``: the same matrix per seed, bit for bit, as drawn
+alone) and pushed through ``compress``/``decompress``/``transfer`` as stacks: the same
+samples as a loop over seeds, in a few batched calls."""
 
+import functools
 import math
 
 import pytest
@@ -18,6 +22,7 @@ from flora.projection import (
     decompress,
     gaussian_projection,
     make_projection,
+    make_projections,
     projection_seed,
     transfer,
 )
@@ -25,6 +30,22 @@ from flora.projection import (
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 N_SEEDS = 4000
+SEEDS = range(N_SEEDS)
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussians(r, d):
+    """The Gaussian projections of seeds 0 .. N_SEEDS - 1 as one stack (read only: shared
+    by the tests and their parameters)."""
+    return make_projections("gaussian", SEEDS, r, d)
+
+
+def test_a_stack_draws_each_seed_s_own_matrix():
+    """What the batched tests below rely on."""
+    stack = _gaussians(3, 7)
+    assert stack.shape == (N_SEEDS, 3, 7)
+    for s in (0, 1, 1234, N_SEEDS - 1):
+        assert torch.equal(stack[s], gaussian_projection(s, 3, 7))
 
 
 def test_entries_are_n_0_1_over_r():
@@ -40,11 +61,8 @@ def test_entries_are_n_0_1_over_r():
 def test_expected_gram_is_identity():
     """E[A^T A] = I: (A^T A)_ij has variance 1/r off the diagonal and 2/r on it."""
     r, d = 4, 12
-    acc = torch.zeros(d, d, dtype=torch.float64)
-    for s in range(N_SEEDS):
-        a = gaussian_projection(s, r, d).double()
-        acc += a.T @ a
-    mean = acc / N_SEEDS
+    a = _gaussians(r, d).double()
+    mean = (a.mT @ a).mean(0)
     err = (mean - torch.eye(d, dtype=torch.float64)).abs()
     tol = 6 * math.sqrt(2 / r / N_SEEDS)
     assert err.max().item() < tol, (err.max().item(), tol)
@@ -83,8 +101,8 @@ def test_auto_dim_is_the_smaller():
 
 
 def _mean_and_se(samples):
-    x = torch.stack(samples).double()
-    return x.mean(0), x.std(0) / math.sqrt(len(samples))
+    x = samples.double() if isinstance(samples, torch.Tensor) else torch.stack(samples).double()
+    return x.mean(0), x.std(0) / math.sqrt(len(x))
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -92,8 +110,8 @@ def test_decompress_compress_is_unbiased(dim):
     torch.manual_seed(0)
     g = torch.randn(6, 9)
     r = 3
-    samples = [decompress(compress(g, a, dim), a, dim)
-               for a in (gaussian_projection(s, r, g.shape[dim]) for s in range(N_SEEDS))]
+    a = _gaussians(r, g.shape[dim])
+    samples = decompress(compress(g.expand(N_SEEDS, *g.shape), a, dim), a, dim)
     mean, se = _mean_and_se(samples)
     assert ((mean - g.double()).abs() <= 6 * se + 1e-9).all()
 
@@ -109,13 +127,10 @@ def test_compressed_momentum_is_unbiased(form):
     for u in us:
         dense.mul_(beta).add_(u, alpha=1 - beta)
     rule = paper_momentum_ if form == "paper" else exact_momentum_
-    samples = []
-    for s in range(N_SEEDS):
-        a = gaussian_projection(s, r, 8)
-        c = torch.zeros(5, r)
-        for u in us:
-            out = rule(c, u.clone(), a, dim, beta)
-        samples.append(out)
+    a = _gaussians(r, 8)
+    c = torch.zeros(N_SEEDS, 5, r)  # one momentum per projection, stepped together
+    for u in us:
+        samples = rule(c, u.expand(N_SEEDS, *u.shape).clone(), a, dim, beta)
     mean, se = _mean_and_se(samples)
     assert ((mean - dense.double()).abs() <= 6 * se + 1e-9).all()
     # and the estimator is not trivially exact: its spread is real
@@ -131,10 +146,8 @@ def test_transfer_is_unbiased(dim):
     torch.manual_seed(2)
     c = torch.randn(r, 5) if dim == 0 else torch.randn(5, r)
     target = decompress(c, a_old, dim).double()
-    samples = []
-    for s in range(N_SEEDS):
-        a_new = gaussian_projection(s, r, 7)
-        samples.append(decompress(transfer(c, a_old, a_new, dim), a_new, dim))
+    a_new = _gaussians(r, 7)
+    samples = decompress(transfer(c.expand(N_SEEDS, *c.shape), a_old.expand(N_SEEDS, r, 7), a_new, dim), a_new, dim)
     mean, se = _mean_and_se(samples)
     assert ((mean - target).abs() <= 6 * se + 1e-9).all()
 
@@ -195,14 +208,10 @@ def test_orthonormal_unbiased_scaling_and_its_lower_noise():
     2000 seeds; tolerances about 4 standard errors."""
     torch.manual_seed(0)
     g = torch.randn(5, 24)
-    est = {k: [] for k in ("gaussian", "orthonormal")}
-    for seed in range(2000):
-        for kind in est:
-            a = make_projection(kind, seed, 4, 24, unbiased=True)
-            est[kind].append(decompress(compress(g, a, 1), a, 1))
     g_sq = g.square().sum()
-    for kind, xs in est.items():
-        xs = torch.stack(xs)
+    for kind in ("gaussian", "orthonormal"):
+        a = make_projections(kind, range(2000), 4, 24, unbiased=True)  # one batched QR for the orthonormal
+        xs = decompress(compress(g.expand(2000, *g.shape), a, 1), a, 1)
         assert (xs.mean(0) - g).abs().max() < 0.25  # unbiased (per-entry std error about 0.05)
         mse = (xs - g).square().sum((1, 2)).mean() / g_sq
         want = 24 / 4 - 1 if kind == "orthonormal" else 25 / 4
