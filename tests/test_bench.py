@@ -73,6 +73,7 @@ def _results(out):
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_outputs_exist(smoke_run):
     out, _ = smoke_run
     for name in ("results.json", "summary.csv", "runs.csv", "results.md", "loss_curves.png", "eval_vs_state.png"):
@@ -86,6 +87,7 @@ def test_outputs_exist(smoke_run):
 LEARNED = {"adamw": 0.3, "flora-r4": 0.3, "flora-r4-paper": 0.1}
 
 
+@pytest.mark.slow
 def test_numbers_are_sane(smoke_run):
     out, _ = smoke_run
     res = _results(out)
@@ -112,6 +114,7 @@ def test_numbers_are_sane(smoke_run):
         assert {r["optimizer"] for r in csv.DictReader(f)} == set(rows)
 
 
+@pytest.mark.slow
 def test_state_bytes_are_flora_formula(smoke_run):
     """The state in the results is what flora.flora_state_bytes says for the model's shapes."""
     out, _ = smoke_run
@@ -122,6 +125,7 @@ def test_state_bytes_are_flora_formula(smoke_run):
         assert rows[name]["state_bytes"] == flora.flora_state_bytes(shapes, rank=4, beta1=0.9)
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_others_finish(smoke_run):
     out, _ = smoke_run
     res = _results(out)
@@ -134,6 +138,7 @@ def test_a_failing_run_is_recorded_and_the_others_finish(smoke_run):
     assert res["meta"]["runs_done"] == res["meta"]["runs_planned"] == 5
 
 
+@pytest.mark.slow
 def test_metadata_in_results(smoke_run):
     out, _ = smoke_run
     meta = _results(out)["meta"]
@@ -143,6 +148,7 @@ def test_metadata_in_results(smoke_run):
     assert meta["tasks"]["pretrain"]["config"]["optimizers"] == ["adamw", "flora-r4", "flora-r4-paper", "adamw+ca-r4"]
 
 
+@pytest.mark.slow
 def test_a_run_whose_process_dies_is_recorded():
     """Killed for memory, say: the result says so instead of the benchmark stopping.
     os._exit itself is the job: the child needs no test module to unpickle it (and, when
@@ -153,6 +159,7 @@ def test_a_run_whose_process_dies_is_recorded():
     assert runner.run(abs, -2, lambda code: "never") == 2
 
 
+@pytest.mark.slow
 def test_log_is_readable(smoke_run):
     """Not a terminal: no progress bars (no carriage returns), one line per finished run."""
     _, log = smoke_run
@@ -385,6 +392,7 @@ def test_quiet_is_scoped():
     assert after == before
 
 
+@pytest.mark.slow
 def test_importing_the_bench_changes_no_global_setting():
     code = """
 import logging, warnings, torch, flora
@@ -421,6 +429,7 @@ def seeded_runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_seeds_give_mean_and_std_of_runs_that_differ(seeded_runs):
     import statistics
 
@@ -449,6 +458,7 @@ def test_seeds_give_mean_and_std_of_runs_that_differ(seeded_runs):
     assert "| seeds |" not in (seeded_runs / "b" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_from_json_merges_seeds(seeded_runs, tmp_path):
     a, b = seeded_runs / "a" / "results.json", seeded_runs / "b" / "results.json"
     assert main(["--from-json", f"{a},{b},{a}", "--out", str(tmp_path)]) == 0  # a twice: no run counted twice
@@ -532,6 +542,7 @@ FORM_NAMES = ["adafactor", "adafactor-b0.9"] + [
                                                "", "-scaled-coordinates")]
 
 
+@pytest.mark.slow
 def test_forms_preset_runs_every_form_and_extends_the_lr_grid(forms_run):
     res = _results(forms_run)
     assert res["meta"]["preset"] == "forms"
@@ -548,6 +559,7 @@ def test_forms_preset_runs_every_form_and_extends_the_lr_grid(forms_run):
     assert "0.0001* (1e-05, 3e-05, 0.0001)" in (forms_run / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_forms_report_is_written(forms_run):
     png = forms_run / "forms_pretrain.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -578,6 +590,7 @@ def test_scale_parameter_reaches_the_optimizer():
             assert built.optimizer.param_groups[0]["scale_parameter"] is flag, name
 
 
+@pytest.mark.slow
 def test_resume_runs_only_what_is_missing(forms_run, tmp_path, capsys):
     """An interrupted sweep: a run killed (failed), one never run, an extension not reached."""
     full = _results(forms_run)

