@@ -299,28 +299,45 @@ def test_step_parameter_equals_step():
         assert torch.equal(q1, q2)
 
 
-def _regression_loss_ratio(rank, steps=300):
+def _regression_loss_ratio(rank, steps=200, **kw):
     torch.manual_seed(0)
     x, w = torch.randn(512, 128), torch.randn(128, 64) / 128**0.5
     y = x @ w
     model = nn.Linear(128, 64, bias=False)
-    opt = Flora(model.parameters(), lr=3e-2, rank=rank, beta1=0.9, kappa=50)
+    opt = Flora(model.parameters(), lr=3e-2, rank=rank, beta1=0.9, kappa=50, **kw)
     for i in range(steps):
         loss = ((model(x) - y) ** 2).mean()
         first = loss.item() if i == 0 else first
         opt.zero_grad()
         loss.backward()
         opt.step()
+    assert "exp_avg_c" in opt.state[model.weight]
     return loss.item() / first
 
 
-def test_trains_a_small_regression():
-    """Compressed momentum still optimises a least-squares problem, and more rank (less
-    projection noise, d / r) gets further. Measured: 2.5e-3 at rank 32, 9.3e-2 at rank 8."""
-    r32, r8 = _regression_loss_ratio(32), _regression_loss_ratio(8)
-    assert r32 < 1e-2
-    assert r8 < 0.2
-    assert r32 < r8
+@pytest.fixture
+def one_thread():
+    """Small matrices: one thread is faster, and two spin against each other on a busy
+    machine (this test: 0.6 s against 1.2 s here, and 11 s under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_trains_a_small_regression(one_thread):
+    """Compressed momentum optimises a least-squares problem (64 x 128, compressed along
+    the 64 rows, 200 steps, resamples every 50). The default form gets there at rank 8 as
+    at rank 32 (measured 5.2e-6 and 3.8e-6 of the starting loss; 1.1e-6 without
+    momentum). Where the decompressed momentum carries the projection's noise (d / r:
+    the exact form with Gaussian rows), more rank gets further: measured 2.9e-2 at rank
+    32 against 0.24 at rank 8."""
+    default8, default32 = _regression_loss_ratio(8), _regression_loss_ratio(32)
+    assert default8 < 1e-4 and default32 < 1e-4
+    r8, r32 = (_regression_loss_ratio(r, momentum_form="exact", projection="gaussian") for r in (8, 32))
+    assert r8 < 0.5
+    assert r32 < 0.1
+    assert r32 < 0.5 * r8
 
 
 @pytest.mark.parametrize("form", ["exact", "paper"])
