@@ -1,7 +1,7 @@
 """Flora: low-rank, resampled random projections of gradients and momentum
 (Hao, Cao, Mou, ICML 2024)."""
 
-from .accumulate import CompressedAccumulator
+from .accumulation import CompressedAccumulator
 from . import distributed
 from .memory import cache_bytes, flora_state_bytes, state_bytes
 from .optimizer import Flora

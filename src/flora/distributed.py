@@ -25,9 +25,7 @@ Details, costs and a ``torchrun`` example: ``docs/distributed.md``.
 
 # No ``from __future__ import annotations``: DDP compares the hook's annotations with
 # dist.GradBucket and torch.futures.Future[torch.Tensor] as objects.
-import struct
 import threading
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +33,8 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._validation import check_nonneg_int, check_positive_int, check_real
-from .accumulate import write_estimate_
+from .accumulation.estimator import write_estimate_
+from .accumulation.replicas import check_agreement  # the replicas' option check, shared with reduce=True
 from .compression import PROJ_DIMS, compressed_dim
 from .projection import (
     COMMUNICATION_STREAM,
@@ -53,41 +52,6 @@ __all__ = ["ProjectionState", "projection_hook", "HOOK_PROJECTIONS", "Collective
 # Unbiased estimators only: the mean over replicas of decompress(compress(G_i)) must
 # average to the mean gradient.
 HOOK_PROJECTIONS = ("orthonormal", "gaussian")
-
-_MASK64 = (1 << 64) - 1
-
-
-def _encode(value) -> int:
-    """An option as a 64-bit integer, for :func:`check_agreement`."""
-    if value is None:
-        return _MASK64
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float):
-        return struct.unpack("<Q", struct.pack("<d", value))[0]
-    if isinstance(value, str):
-        return sum(ord(ch) << (8 * i) for i, ch in enumerate(value[:8]))
-    return int(value) & _MASK64
-
-
-def check_agreement(what: str, fields: dict[str, Any], *, device, group=None) -> None:
-    """Refuse replicas that disagree on ``fields`` (name -> int, float, str, bool or None),
-    with one all-reduce (MAX of each value and its negation, in 32-bit halves, so that the
-    largest and smallest value across replicas arrive together). Raises ``ValueError``
-    naming every field that differs, on every replica alike (none is left waiting)."""
-    names = list(fields)
-    halves = []
-    for name in names:
-        v = _encode(fields[name])
-        halves += [v >> 32, v & 0xFFFFFFFF]
-    t = torch.tensor(halves + [-h for h in halves], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    hi, lo = t[:len(halves)], -t[len(halves):]
-    bad = [name for i, name in enumerate(names) if bool((hi[2 * i:2 * i + 2] != lo[2 * i:2 * i + 2]).any())]
-    if bad:
-        listed = ", ".join(f"{n} (this replica: {fields[n]!r})" for n in bad)
-        raise ValueError(f"{what}: the replicas disagree on {listed}; every replica must be built with the same "
-                         "options (and load the same state_dict) or their compressed buffers cannot be summed")
 
 
 class ProjectionState:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .accumulate import CompressedAccumulator
+from .accumulation import CompressedAccumulator
 
 __all__ = ["AccumulatorCallback", "STATE_KEY"]
 

@@ -300,7 +300,7 @@ def _noise(job: AccumJob) -> dict:
     model.zero_grad(set_to_none=True)
     params = dict(model.named_parameters())
     out = {"rank": job.rank, "tau": task.tau, "seeds": job.noise_seeds, "by_projection": {}}
-    for projection in flora.accumulate.ACCUMULATION_PROJECTIONS:
+    for projection in flora.accumulation.ACCUMULATION_PROJECTIONS:
         errors = {}
         for exact_last in (True, False):
             errs = []

@@ -1,0 +1,242 @@
+"""``CompressedAccumulator``: compressed gradient accumulation (Algorithm 1 of Flora), with an
+optional fused mode that runs the optimizer step inside backward. A facade: it checks its
+arguments, wires the package's parts and keeps the public API; how it is built:
+``docs/accumulation.md`` ("How it is built")."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from . import checkpoint
+from .cycle import Cycle
+from .engine import Engine
+from .estimator import plan_row
+from .fused import check_fused_optimizer
+from .hooks import Hooks, attach, check_unattached, detach
+from .integrations import unwrap
+from .options import Option, Options, check_options, make_slots, named_params, resolve_exclude
+from .replicas import FUSED_UNDER_DDP, is_ddp
+
+__all__ = ["CompressedAccumulator"]
+
+
+class CompressedAccumulator:
+    r"""Accumulate gradients over ``tau`` micro-batches in compressed form.
+
+    Contract: after the ``tau``-th backward of a cycle every parameter's ``.grad`` holds
+    an unbiased estimate of the sum of its ``tau`` gradients (``decompress(C) + G_tau``
+    for a compressed matrix, the exact sum for a dense parameter), so any optimizer,
+    clipping or logging works on it unchanged; between backward passes a compressed
+    matrix's partial sum is an ``n x r`` buffer and its ``.grad`` a zero placeholder of one
+    element (stride 0). A step after ``k < tau`` backward passes steps on the estimate of
+    those ``k`` and starts a new cycle; ``zero_grad()`` in the middle of a cycle drops it,
+    as in plain PyTorch (``discard_cycle()`` explicitly). With ``rank=None`` everything equals plain accumulation bit for bit. With
+    ``fused=True`` the optimizer steps inside the ``tau``-th backward instead, one
+    parameter at a time. Loops, short cycles, fused mode, integrations and limits:
+    ``docs/accumulation.md``.
+
+    Usage, with the usual accumulation loop::
+
+        acc = flora.CompressedAccumulator(model, rank=32, tau=8, optimizer=opt)
+        for i, batch in enumerate(batches):
+            (loss_fn(model, batch) / 8).backward()    # mean over micro-batches: divide by tau
+            if (i + 1) % 8 == 0 or i + 1 == len(batches):
+                acc.finish_cycle()    # only needed before clipping a short last cycle
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # optional
+                opt.step(); opt.zero_grad()
+
+    Args:
+        model_or_params: an ``nn.Module``, an iterable of parameters, or parameter groups.
+            Parameters with ``requires_grad=False`` are left alone.
+        rank: rank of the compressed buffers; None accumulates every parameter densely
+            (useful with ``fused=True`` for a plain optimizer-in-backward).
+        tau: micro-batches per cycle (optimizer step).
+        seed: base seed of the projections. They come from their own stream, so a
+            ``flora.Flora`` given the same seed still draws unrelated matrices.
+        proj_dim: the matrix dimension projected away: ``"auto"`` (the smaller one, less
+            noisy), 0 or 1.
+        max_aspect_ratio: accumulate tensors with ``max(n, m) / min(n, m)`` above this
+            densely; None compresses every shape.
+        exclude: parameters (tensors, or names when a module is given) to accumulate densely.
+        exact_last: add the last micro-batch's gradient uncompressed (the default, None,
+            means True; less noise at no memory cost). False compresses all ``tau``, as in
+            the paper. With ``reduce=True`` the last micro-batch is compressed too (None
+            means False there; True is refused: it would send that micro-batch's full
+            gradient, more bytes than plain DDP).
+        optimizer: in normal mode, optional: its step pre-hook closes a partial cycle
+            (without it a global optimizer step pre-hook does, for any optimizer holding
+            these parameters). Required in fused mode.
+        fused: step the optimizer inside backward: ``step_parameter`` for a
+            ``flora.Flora``, otherwise ``optimizer.step()`` while only that parameter has
+            a gradient; the loop then calls ``backward()`` only.
+        max_grad_norm: fused mode only: per-parameter gradient-norm clipping (global-norm
+            clipping is impossible there; ``last_grad_norm`` reports the cycle's norm).
+        cache_projections: keep each parameter's projection for the whole cycle (at most
+            the size of its compressed buffer) instead of redrawing it every micro-batch.
+        projection: ``"orthonormal"`` (default: QR of the seeded Gaussian draw, scaled
+            by ``sqrt(d / r)`` to stay unbiased; its mean squared error is
+            ``(d / r - 1) |G|^2`` against ``(d + 1) / r |G|^2``, and lower on real
+            gradients, see ``docs/results.md``) or ``"gaussian"`` (the paper's). A
+            state saved before this option loads only with ``"gaussian"``.
+        scaler: fused mode only: a ``torch.amp.GradScaler``; each accumulated gradient is
+            unscaled and checked before its step, a non-finite one is not stepped, and
+            the findings are recorded so that ``scaler.step(optimizer)`` and
+            ``scaler.update()`` work as usual.
+        reduce: data-parallel training without DDP's own all-reduce: at the end of each
+            cycle (the ``tau``-th backward, ``finish_cycle()`` or the optimizer's step)
+            every replica's compressed buffers, dense sums and per-parameter gradient
+            counts are all-reduced in ONE packed collective (``communication_bytes()``),
+            and ``.grad`` receives the mean over replicas of the estimate, identical on
+            every replica. Every micro-batch must run without DDP's synchronisation (no
+            DDP, or every backward under ``ddp_model.no_sync()``; a synchronising DDP
+            backward is refused). Every replica must run the same number of backward
+            passes per cycle and close short cycles alike, as under DDP. The first
+            cycle compares the replicas' options with one extra small all-reduce. With
+            ``rank=None`` it equals DDP's accumulation (``no_sync`` then one synchronised
+            backward). Needs ``torch.distributed`` initialised.
+        process_group: with ``reduce=True``, the group to all-reduce over (None: the
+            default group).
+    """
+
+    rank, tau, seed, proj_dim, projection = Option(), Option(), Option(), Option(), Option()
+    max_aspect_ratio, exact_last, fused, reduce = Option(), Option(), Option(), Option()
+    process_group, max_grad_norm, cache_projections, scaler = Option(), Option(), Option(), Option()
+
+    def __init__(
+        self,
+        model_or_params,
+        rank: int | None,
+        tau: int,
+        *,
+        seed: int = 0,
+        proj_dim: str | int = "auto",
+        max_aspect_ratio: float | None = None,
+        exclude: Iterable[Any] = (),
+        exact_last: bool | None = None,
+        optimizer: Optimizer | None = None,
+        fused: bool = False,
+        max_grad_norm: float | None = None,
+        cache_projections: bool = True,
+        scaler: "torch.amp.GradScaler | None" = None,
+        projection: str = "orthonormal",
+        reduce: bool = False,
+        process_group=None,
+    ):
+        check_options(rank, tau, seed=seed, proj_dim=proj_dim, max_aspect_ratio=max_aspect_ratio,
+                      projection=projection, exact_last=exact_last, fused=fused,
+                      cache_projections=cache_projections, reduce=reduce, process_group=process_group,
+                      max_grad_norm=max_grad_norm, optimizer=optimizer, scaler=scaler)
+        if fused and not reduce and is_ddp(model_or_params):
+            raise ValueError(FUSED_UNDER_DDP)
+        named = named_params(model_or_params)
+        slots = make_slots(named, resolve_exclude(exclude, named), rank=rank, proj_dim=proj_dim,
+                           max_aspect_ratio=max_aspect_ratio, fused=fused, reduce=reduce)
+        check_unattached(slots)
+        optimizer = None if optimizer is None else unwrap(optimizer)
+        if fused:
+            check_fused_optimizer(optimizer, slots)
+        opts = Options(rank, tau, seed, proj_dim, projection, max_aspect_ratio,
+                       (not reduce) if exact_last is None else exact_last, fused, reduce, process_group,
+                       max_grad_norm, cache_projections, scaler)
+        # reduce=True under DDP: a synchronising backward would all-reduce what the hooks freed.
+        self._engine = Engine(opts, slots, optimizer, model_or_params if reduce and is_ddp(model_or_params) else None)
+        self._hooks = Hooks(self._engine)
+        attach(slots, self)
+        self._hooks.guard_steps()
+
+    @property
+    def cycle(self) -> int:
+        """Completed cycles: the current cycle's projections use this number."""
+        return self._engine.cycle.number
+
+    @property
+    def micro_step(self) -> int:
+        """Backward passes seen in the current cycle (0 on a boundary, and after
+        ``zero_grad()`` or ``discard_cycle()`` dropped the open cycle)."""
+        return self._engine.micro_step()
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """Fused mode: the global gradient norm (before clipping) of the cycle just finished."""
+        return self._engine.last_grad_norm
+
+    def finish_cycle(self) -> int:
+        """Close the current cycle now, after ``k < tau`` backward passes (the last, short
+        cycle of an epoch). Normal mode: every parameter's ``.grad`` receives the estimate
+        of its ``k`` gradients (decompressed; dense ones hold their sum already), exactly
+        what plain accumulation would hold; call it before clipping or unscaling such a
+        cycle (``optimizer.step()`` calls it otherwise). Fused mode: those parameters are
+        stepped, as on a tau-th backward. The next cycle draws fresh projections. With
+        ``reduce=True`` this is the cycle's collective: every replica must call it (or
+        step) after the same number of backward passes.
+
+        Returns ``k`` (0 on a cycle boundary, where it does nothing)."""
+        return self._engine.finish()
+
+    def discard_cycle(self) -> int:
+        """Drop the open cycle, as ``zero_grad()`` drops accumulated gradients in plain
+        PyTorch: every partial sum (compressed buffers, dense sums, and in normal mode the
+        ``.grad`` of this accumulator's parameters) is discarded; the next backward starts
+        the cycle afresh (same cycle number, so the same projections). In normal mode
+        ``optimizer.zero_grad()`` and ``model.zero_grad()`` do this by themselves; in fused
+        mode the optimizer's ``zero_grad()`` does. Needed where ``zero_grad()`` cannot be
+        seen: ``model.zero_grad()`` in fused mode, and FSDP2's compressed parameters.
+        With ``reduce=True`` every replica must discard alike.
+
+        Returns the number of backward passes dropped (0 on a boundary)."""
+        return self._engine.discard()
+
+    def remove(self) -> None:
+        """Detach every hook. Partial sums of an unfinished cycle are dropped (with a
+        warning), dense parameters' partial ``.grad`` included."""
+        eng = self._engine
+        eng.sweep()
+        if any(eng.cycle.counts):
+            warnings.warn(f"CompressedAccumulator.remove() in the middle of a cycle ({self.micro_step} of "
+                          f"tau={self.tau} micro-batches): the partial sums are dropped", stacklevel=2)
+            for j, s in enumerate(eng.slots):
+                if eng.cycle.counts[j] and j not in eng.cycle.done:
+                    s.param.grad = None
+        self._hooks.remove()
+        detach(eng.slots, self)
+        eng.cycle = Cycle.start(len(eng.slots), eng.cycle.number)
+
+    def plan(self) -> list[dict[str, Any]]:
+        """One row per attached parameter: ``name``, ``index`` (keys the projection
+        seeds), ``shape``, ``compressed`` and, when compressed, ``proj_dim`` and
+        ``buffer_shape`` (its ``n x r`` or ``r x m`` partial sum)."""
+        return [plan_row(s, self.rank) for s in self._engine.slots]
+
+    def memory_bytes(self) -> int:
+        """Bytes held now by the partial sums and cached projections."""
+        c = self._engine.cycle
+        return sum(t.numel() * t.element_size() for t in list(c.buffers.values()) + list(c.projections.values()))
+
+    def communication_bytes(self) -> int:
+        """Bytes of the one all-reduce per cycle with ``reduce=True`` (0 otherwise):
+        ``element size x (sum of compressed buffer sizes + sum of dense sizes + one count
+        per parameter)``."""
+        replicas = self._engine.replicas
+        return 0 if replicas is None else replicas.communication_bytes()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a mid-cycle resume needs, as tensors and plain numbers (loadable with
+        ``torch.load(weights_only=True)``). In normal mode the dense parameters' partial sums
+        live in their ``.grad``, so they are copied from there. Take it between backward
+        passes (not between the last backward and ``step()``)."""
+        return checkpoint.state_dict(self._engine)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; everything is checked before anything changes. A state
+        saved in normal mode loads in fused mode and back."""
+        checkpoint.load_state_dict(self._engine, state_dict)
+
+    def __repr__(self) -> str:
+        n_c = sum(s.dim is not None for s in self._engine.slots)
+        return (f"CompressedAccumulator(rank={self.rank}, tau={self.tau}, seed={self.seed}, "
+                f"compressed={n_c}, dense={len(self._engine.slots) - n_c}, fused={self.fused}, "
+                f"reduce={self.reduce}, cycle={self.cycle}, micro_step={self.micro_step})")

@@ -1,0 +1,99 @@
+"""The accumulator's checkpoint: tensors and plain numbers only (loads with
+``torch.load(weights_only=True)``). Keys: ``rank``, ``tau``, ``seed``, ``proj_dim``,
+``projection``, ``exact_last``, ``cycle``, ``backwards``, ``indices`` (parameter positions),
+``counts`` (backward passes per parameter in the open cycle), ``compressed`` and ``dense``
+(partial sums by parameter position). Projections are not saved: they are a pure function of
+``(seed, index, cycle)``. A state saved before ``projection`` existed used Gaussian
+matrices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..projection import state_dtype
+from .cycle import Cycle
+from .engine import Engine
+from .estimator import buffer_shape
+
+__all__ = ["state_dict", "load_state_dict"]
+
+
+def state_dict(eng: Engine) -> dict[str, Any]:
+    eng.sweep()
+    c, o = eng.cycle, eng.opts
+    compressed, dense = {}, {}
+    for k, s in enumerate(eng.slots):
+        if not c.counts[k]:
+            continue
+        if s.dim is not None:
+            compressed[s.index] = c.buffers[k].clone() if k in c.buffers else None
+        elif o.fused:
+            dense[s.index] = c.buffers[k].clone()
+        elif s.param.grad is not None:
+            dense[s.index] = s.param.grad.detach().clone()
+    compressed = {i: t for i, t in compressed.items() if t is not None}
+    return {
+        "rank": o.rank, "tau": o.tau, "seed": o.seed, "proj_dim": o.proj_dim,
+        "projection": o.projection,
+        "exact_last": o.exact_last, "cycle": c.number, "backwards": c.backwards,
+        "indices": torch.tensor([s.index for s in eng.slots], dtype=torch.int64),
+        "counts": torch.tensor(c.counts, dtype=torch.int64),
+        "compressed": compressed, "dense": dense,
+    }
+
+
+def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
+    """Everything is checked before anything changes."""
+    o, slots = eng.opts, eng.slots
+    sd = {"projection": "gaussian", **state_dict}  # saved before projection kinds: Gaussian
+    for key in ("rank", "tau", "seed", "proj_dim", "projection"):
+        if sd.get(key) != getattr(o, key):
+            raise ValueError(f"state_dict has {key}={sd.get(key)!r} but this accumulator has "
+                             f"{key}={getattr(o, key)!r}; build it with the same {key}")
+    indices = [int(i) for i in sd["indices"].tolist()]
+    if indices != [s.index for s in slots]:
+        raise ValueError(f"state_dict covers {len(indices)} parameters, this accumulator {len(slots)} "
+                         "(or different ones): it was saved from a different model or parameter list")
+    counts = [int(c) for c in sd["counts"].tolist()]
+    if any(c < 0 or c >= o.tau for c in counts):
+        raise ValueError(f"state_dict counts must lie in [0, tau={o.tau}); got {counts[:8]}...")
+    by_index = {s.index: (k, s) for k, s in enumerate(slots)}
+    for kind in ("compressed", "dense"):
+        for i, t in sd[kind].items():
+            if i not in by_index:
+                raise ValueError(f"state_dict holds a {kind} buffer for parameter index {i}, unknown here")
+            k, s = by_index[i]
+            if (s.dim is not None) != (kind == "compressed"):
+                raise ValueError(f"state_dict holds a {kind} buffer for {s.name!r}, which this accumulator "
+                                 f"accumulates {'densely' if s.dim is None else 'compressed'}")
+            want = buffer_shape(s, o.rank)
+            if tuple(t.shape) != want:
+                raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}")
+    # All checked: apply.
+    if eng.replicas is not None:
+        eng.replicas.agreed = False  # the replicas are compared again at the next collective
+    eng.grads.release(eng.cycle)  # the placeholders of the state replaced
+    cycle = Cycle.start(len(slots), int(sd["cycle"]))
+    cycle.counts = counts
+    if o.reduce:  # a state saved without reduce=True counted no backward passes
+        cycle.backwards = int(sd.get("backwards", 0)) or max(counts)
+    eng.cycle = cycle
+    for k, s in enumerate(slots):
+        if counts[k] and not (s.dim is None and not o.fused):
+            s.param.grad = None  # the partial sum lives in the buffers here
+    for i, t in sd["compressed"].items():
+        k, s = by_index[i]
+        cycle.buffers[k] = t.detach().to(device=s.param.device, dtype=state_dtype(s.param.dtype), copy=True)
+    for i, t in sd["dense"].items():
+        k, s = by_index[i]
+        t = t.detach().to(device=s.param.device, dtype=s.param.dtype, copy=True)
+        if o.fused:
+            cycle.buffers[k] = t
+        else:
+            s.param.grad = t
+            cycle.versions[k] = t._version
+    for k, n in enumerate(counts):
+        if n and k in cycle.buffers and eng.grads.parks(k):
+            eng.grads.mark(cycle, k)

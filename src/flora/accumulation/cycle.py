@@ -1,0 +1,119 @@
+"""The accumulation cycle as a small typed state: what the current cycle has seen, and its
+transitions. A closed cycle is replaced whole (:meth:`Cycle.next`), so nothing of it can
+leak into the next one.
+
+States of one slot within a cycle: untouched (count 0) -> accumulating (count k, its
+partial sum in a buffer or in ``.grad``) -> done (its last micro-batch came; its estimate
+is in ``.grad`` or it has stepped). The cycle closes when every slot that got a gradient
+is done (the end of a backward pass), or when it is finished early (``finish_cycle()``, the
+optimizer's step) or, with ``reduce=True``, after its collective. A slot that got fewer
+gradients than the others when they are done is *lagging*; the cycle is then *overdue*: it
+waits for a step, ``finish_cycle()`` or ``zero_grad()``, and the next backward is refused.
+Discarding (``zero_grad()``, ``discard_cycle()``) returns slots to untouched, same cycle
+number."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Cycle", "lag_message"]
+
+
+@dataclass
+class Cycle:
+    number: int  # cycles completed before this one: keys this cycle's projections
+    counts: list[int]  # backward passes each slot has seen in this cycle
+    follow_accelerate: bool = False  # accelerate marked a backward of the previous cycle unsynced
+    done: set[int] = field(default_factory=set)  # slots whose cycle is complete (their last micro-batch came)
+    buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> partial sum
+    projections: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> cached projection
+    sq_norm: torch.Tensor | None = None  # fused mode: squared norms of the gradients stepped so far
+    unsynced: bool = False  # accelerate marked a backward of this cycle unsynced
+    backwards: int = 0  # reduce=True: backward passes finished in this cycle
+    # Normal mode: slot -> (the placeholder left in .grad of a compressed parameter between
+    # backward passes, its version). zero_grad() replaces or zeroes it: that is how a
+    # discarded micro-batch is seen.
+    marks: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    versions: dict[int, int] = field(default_factory=dict)  # slot -> version of the .grad holding its sum
+    inflight: dict[int, int] = field(default_factory=dict)  # slot -> graph task accumulating it now
+    # Set when a backward pass ended with the cycle complete for some parameters but not for
+    # these (slot, count): the next backward must wait for a step, finish_cycle or zero_grad.
+    overdue: list[tuple[int, int]] | None = None
+
+    @classmethod
+    def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False) -> "Cycle":
+        return cls(number, [0] * n_slots, follow_accelerate)
+
+    def next(self) -> "Cycle":
+        return Cycle.start(len(self.counts), self.number + 1, self.unsynced)
+
+    @property
+    def active(self) -> int:
+        return sum(1 for c in self.counts if c)
+
+    def micro_step(self, reduce: bool) -> int:
+        """Backward passes seen: counted per pass with ``reduce=True``, else the most any
+        slot has seen."""
+        return self.backwards if reduce else max(self.counts)
+
+    def lagging(self) -> list[tuple[int, int]]:
+        """(slot, count) of the slots that got gradients but are not done."""
+        return [(k, n) for k, n in enumerate(self.counts) if n and k not in self.done]
+
+    def forget(self, k: int) -> tuple[torch.Tensor, int] | None:
+        """Slot ``k`` back to untouched; returns its placeholder mark, if it had one."""
+        self.counts[k] = 0
+        self.done.discard(k)
+        self.buffers.pop(k, None)
+        self.versions.pop(k, None)
+        return self.marks.pop(k, None)
+
+    def settle_overdue(self) -> bool:
+        """After slots were discarded: drop the overdue state when no lagging slot is left
+        (or none is done). Returns True when what is left is complete: the cycle closes."""
+        if self.overdue is None:
+            return False
+        lagging = [(k, n) for k, n in self.overdue if self.counts[k]]
+        if lagging and self.done:
+            self.overdue = lagging
+            return False
+        self.overdue = None
+        return bool(self.done) and not lagging
+
+    def reset_open(self) -> None:
+        """What ``discard_cycle()`` resets besides the slots."""
+        self.backwards, self.overdue, self.sq_norm = 0, None, None
+
+    def add_sq_norm(self, sq: torch.Tensor) -> None:
+        self.sq_norm = sq if self.sq_norm is None else self.sq_norm + sq
+
+
+def lag_message(c: Cycle, names: list[str], *, tau: int, fused: bool, name: str, first: bool) -> str:
+    """The refusal of a backward pass into a cycle that some slots completed: ``first``, a
+    new pass began while the cycle is overdue; otherwise ``name`` got a gradient after its
+    cycle was complete and the cycle was never closed."""
+    done = [names[k] for k in sorted(c.done)]
+    lagging = [(names[k], n) for k, n in c.lagging()]
+
+    def listed(items):
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    if first:
+        what = (f"a backward pass began while the previous cycle (cycle {c.number}) waits to be stepped: it "
+                f"ended for {len(done)} parameter(s) ({listed([repr(n) for n in done])}) and "
+                f"{len(lagging)} got gradients in fewer micro-batches "
+                f"({listed([f'{n!r} ({k})' for n, k in lagging])}"
+                f"{'' if fused else '; their estimates are in .grad'}). Nothing of this backward was "
+                "accumulated")
+    else:
+        what = (f"parameter {name!r} got a gradient after its cycle (cycle {c.number}) was complete, and "
+                "the cycle was never closed (did the backward pass that completed it fail?). Complete: "
+                f"{len(done)} parameter(s) ({listed([repr(n) for n in done])}); fewer micro-batches: "
+                f"{len(lagging)} ({listed([f'{n!r} ({k})' for n, k in lagging]) or 'none'}). This backward's "
+                f"gradient of {name!r} was not accumulated; gradients it produced before reaching {name!r} "
+                "were")
+    return (f"CompressedAccumulator(tau={tau}): {what}. Close the cycle with optimizer.step() or "
+            "acc.finish_cycle() (each parameter steps on what it got), or drop it with optimizer.zero_grad() "
+            "or acc.discard_cycle(), before the next backward")

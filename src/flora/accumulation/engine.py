@@ -1,0 +1,233 @@
+"""What happens to a gradient, and when a cycle ends: the accumulator's engine.
+
+The hooks (``hooks.py``) call it under ``lock``; it keeps the current :class:`Cycle`, sums
+each gradient with the estimator (``estimator.py``), sees ``zero_grad()`` through
+``.grad`` (``grads.py``), steps in fused mode (``fused.py``), runs the cycle's collective
+with ``reduce=True`` (``replicas.py``) and asks accelerate where a cycle ends
+(``integrations.py``)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.optim import Optimizer
+
+from ..sharded import is_dtensor
+from .cycle import Cycle, lag_message
+from .estimator import Slot, accumulate_compressed_, add_last_, draw_projection, estimate
+from .fused import FusedStepper
+from .grads import GradView
+from .integrations import accelerate_ends_cycle
+from .options import Options
+from .replicas import Replicas, check_not_under_ddp
+
+__all__ = ["Engine"]
+
+
+class Engine:
+    def __init__(self, opts: Options, slots: list[Slot], optimizer: Optimizer | None, ddp=None):
+        self.opts, self.slots, self.optimizer = opts, slots, optimizer
+        self.names = [s.name for s in slots]
+        self.ids = {id(s.param) for s in slots}
+        self.cycle = Cycle.start(len(slots))
+        self.sharded = {k for k, s in enumerate(slots) if is_dtensor(s.param)}  # FSDP2: no tensor hooks
+        self.grads = GradView(slots, opts.fused, self.sharded)
+        self.stepper = FusedStepper(optimizer, opts) if opts.fused else None
+        self.replicas = Replicas(slots, opts, ddp) if opts.reduce else None
+        self.ddp_checked = not opts.fused or opts.reduce  # fused mode: DDP wrapping is looked for at the first backward
+        self.last_grad_norm: torch.Tensor | None = None
+        # Autograd runs each CUDA device's backward on its own thread: a model spread over
+        # devices may run two hooks at once.
+        self.lock = threading.Lock()
+
+    def projection(self, k: int) -> torch.Tensor:
+        c = self.cycle
+        a = c.projections.get(k)
+        if a is None:
+            o = self.opts
+            a = draw_projection(self.slots[k], o.projection, o.seed, o.rank, c.number)
+            if o.cache_projections:
+                c.projections[k] = a
+        return a
+
+    # ------------------------------------------------------------ per gradient
+
+    def check_ddp(self) -> None:
+        """Fused mode, first backward: refuse a model that DDP wrapped after the accumulator
+        was built."""
+        if not self.ddp_checked:
+            check_not_under_ddp(self.ids)
+            self.ddp_checked = True
+
+    def before_grad(self, k: int, task: int) -> None:
+        """Before autograd adds this backward's gradient to ``.grad``, so that a refusal
+        leaves the parameter as it was: discards a partial sum that ``zero_grad()``
+        cleared, refuses a new cycle that nothing closed, and takes the placeholder out of
+        ``.grad``. ``task``: the running backward pass."""
+        if self.cycle.counts[k] and self.grads.cleared(self.cycle, k):
+            self.grads.drop(self.cycle, k)
+        self.check_cycle_open(k)
+        self.grads.take(self.cycle, k)
+        self.cycle.inflight[k] = task
+
+    def check_cycle_open(self, k: int) -> None:
+        c = self.cycle
+        if c.overdue is not None:
+            self.sweep()  # zero_grad() may have dropped the cycle
+            c = self.cycle
+            if c.overdue is not None:
+                raise RuntimeError(self.lag_message(k, first=True))
+        if k in c.done and not self.opts.reduce:  # a backward completed it and then failed before closing it
+            raise RuntimeError(self.lag_message(k, first=False))
+
+    def lag_message(self, k: int, *, first: bool) -> str:
+        return lag_message(self.cycle, self.names, tau=self.opts.tau, fused=self.opts.fused, name=self.names[k],
+                           first=first)
+
+    def accumulate(self, k: int, p: torch.Tensor) -> None:
+        """Slot k's gradient of this backward pass, in ``p.grad``, into the cycle."""
+        g = p.grad
+        if g is None:
+            return
+        c, o = self.cycle, self.opts
+        count, slot = c.counts[k], self.slots[k]
+        # Every check comes before any change of state.
+        if g.is_sparse:
+            raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
+                            "gradients (e.g. nn.Embedding(sparse=False))")
+        if o.reduce:
+            self.replicas.accumulate(c, k, g, self.projection, self.grads)
+            return
+        last = accelerate_ends_cycle(c, o.tau, count) or count + 1 == o.tau
+        buf = c.buffers.get(k)
+        if slot.dim is not None:
+            a = self.projection(k)
+            if not last:
+                c.buffers[k] = accumulate_compressed_(buf, g, a, slot.dim)
+                self.grads.park(c, k)
+            else:
+                add_last_(g, buf, a, slot.dim, exact_last=o.exact_last)
+        elif o.fused:
+            # Dense, fused: .grad must be None between cycles (the optimizer steps every
+            # parameter holding one), so the running sum lives here; summing in the same
+            # order as autograd keeps it bit-identical.
+            if buf is not None:
+                g = buf.add_(g)
+            if last:
+                p.grad = g
+            else:
+                c.buffers[k] = g
+                p.grad = None
+        if last and o.fused:
+            self.stepper.step(p, c)
+        if last:
+            c.buffers.pop(k, None)
+            c.done.add(k)
+        c.counts[k] = count + 1
+        self.grads.seen(c, k)
+
+    def task_ended(self, task: int) -> None:
+        """Backward pass ``task`` ended: a slot whose gradient it announced but sent
+        elsewhere (``torch.autograd.grad``) gets its placeholder back."""
+        c = self.cycle
+        for k, t in list(c.inflight.items()):
+            if t == task:
+                del c.inflight[k]
+                if c.counts[k] and self.slots[k].param.grad is None and self.grads.parks(k):
+                    self.grads.mark(c, k)
+
+    def backward_done(self) -> None:
+        """End of a backward pass that accumulated. Closes a cycle whose every parameter is
+        complete (a parameter that finishes first cannot know whether the others got their
+        gradients); with some complete and others not, the others' estimates are written
+        into ``.grad`` (so that clipping sees them) and the cycle waits for the step.
+        reduce=True: counts the backward pass and runs the cycle's collective after the
+        tau-th."""
+        c, o = self.cycle, self.opts
+        if o.reduce:
+            c.backwards += 1
+            if c.backwards >= o.tau:
+                self.reduce_cycle()
+            return
+        if not c.done:
+            return
+        lagging = c.lagging()
+        if not lagging:
+            self.close()
+            return
+        c.overdue = lagging
+        if not o.fused:
+            for k, _ in lagging:
+                self.grads.write_estimate(c, k, self.projection)
+
+    # ------------------------------------------------------------ the cycle's end
+
+    def reduce_cycle(self) -> None:
+        c = self.cycle
+        step = None if self.stepper is None else (lambda p: self.stepper.step(p, c))
+        self.replicas.reduce_cycle(c, self.projection, step)
+        self.close()
+
+    def close(self) -> None:
+        c = self.cycle
+        if self.opts.fused and c.sq_norm is not None:
+            self.last_grad_norm = c.sq_norm.sqrt()
+        self.grads.release(c)  # never left behind (every path writes the estimates first)
+        self.cycle = c.next()
+
+    def sweep(self) -> None:
+        """Apply what ``zero_grad()`` did since the last backward pass to every slot."""
+        c = self.cycle
+        for k, n in enumerate(c.counts):
+            if n and self.grads.cleared(c, k):
+                self.grads.drop(c, k)
+        if not c.active:
+            c.backwards = 0
+        if c.settle_overdue():  # what is left is complete
+            self.close()
+
+    def micro_step(self) -> int:
+        self.sweep()
+        return self.cycle.micro_step(self.opts.reduce)
+
+    @torch.no_grad()
+    def finish(self) -> int:
+        """``finish_cycle()``: close the open cycle now."""
+        with self.lock:
+            k = self.micro_step()
+            if k == 0:
+                return 0
+            if self.opts.reduce:
+                self.reduce_cycle()
+                return k
+            c = self.cycle
+            for j, s in enumerate(self.slots):
+                if c.counts[j] == 0 or j in c.done:  # no gradient, or its cycle is complete
+                    continue
+                p = s.param
+                if self.opts.fused:
+                    buf = c.buffers.pop(j, None)
+                    if s.dim is not None and buf is not None:
+                        p.grad = estimate(s, buf, self.projection(j))
+                    elif s.dim is None:
+                        p.grad = buf
+                    if p.grad is not None:
+                        self.stepper.step(p, c)
+                else:
+                    self.grads.write_estimate(c, j, self.projection)
+            self.close()
+            return k
+
+    def discard(self) -> int:
+        """``discard_cycle()``: drop the open cycle."""
+        with self.lock:
+            k = self.micro_step()
+            c = self.cycle
+            for j, n in enumerate(c.counts):
+                if n:
+                    self.grads.drop(c, j)
+                    if not self.opts.fused:
+                        self.slots[j].param.grad = None
+            c.reset_open()
+            return k

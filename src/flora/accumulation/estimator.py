@@ -1,0 +1,115 @@
+"""The estimator, over one parameter's slot: pure functions, no bookkeeping.
+
+A compressed parameter's partial sum over a cycle is ``C = sum_k compress(G_k, A)`` (``n x
+r`` or ``r x m``, float32; float64 for float64 parameters); its estimate of the cycle's
+summed gradient is ``decompress(C, A)``, plus the last micro-batch's gradient exactly when
+``exact_last``. ``A`` is a pure function of ``(seed, slot index, cycle)``, never stored
+across cycles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..projection import (
+    ACCUMULATION_STREAM,
+    as_matrix,
+    compress,
+    compressed_shape,
+    decompress,
+    decompress_add_,
+    make_projection,
+    matrix_shape,
+    projection_seed,
+    state_dtype,
+)
+from ..sharded import is_dtensor
+
+__all__ = ["ACCUMULATION_PROJECTIONS", "Slot", "accumulate_compressed_", "write_estimate_", "draw_projection",
+           "estimate", "add_last_", "buffer_shape", "plan_row", "local"]
+
+# Unbiased estimators only: decompress(compress(G)) must average to G.
+ACCUMULATION_PROJECTIONS = ("gaussian", "orthonormal")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One attached parameter."""
+
+    index: int  # position in the parameter list given: keys the projection seeds
+    name: str
+    param: torch.Tensor
+    dim: int | None  # projected matrix dimension; None accumulates densely
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of an FSDP2 (DTensor) tensor; any other tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def accumulate_compressed_(buf: torch.Tensor | None, g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
+    """``buf + compress(g)`` in float32 (float64 for float64 gradients), in place into
+    ``buf`` (None starts a new sum)."""
+    g = local(g)  # FSDP2: this rank's rows, after the reduce-scatter
+    c = compress(g.to(state_dtype(g.dtype)), a, dim)
+    return c if buf is None else buf.add_(c)
+
+
+def write_estimate_(grad: torch.Tensor, buf: torch.Tensor, a: torch.Tensor, dim: int, *, add: bool) -> torch.Tensor:
+    """``grad <- decompress(buf) (+ grad when add)``, in place.
+
+    A float32 contiguous gradient is updated without an n x m temporary (one matmul
+    accumulating into it); other dtypes are computed in float32 and rounded once. A
+    DTensor gradient (FSDP2) gets its local rows' estimate."""
+    grad = local(grad)
+    if grad.dtype == buf.dtype and grad.is_contiguous():
+        gm = as_matrix(grad)  # a view, since grad is contiguous
+        if not add:
+            gm.zero_()
+        decompress_add_(gm, buf, a, dim)
+        return grad
+    full = decompress(buf, a, dim)
+    if add:
+        full.add_(as_matrix(grad).float())
+    return grad.copy_(full.view(grad.shape))
+
+
+def draw_projection(slot: Slot, kind: str, seed: int, rank: int, cycle: int) -> torch.Tensor:
+    """The projection of ``slot`` in cycle ``cycle`` (its own stream: a ``flora.Flora`` with
+    the same seed draws other matrices), on the parameter's device."""
+    p = slot.param
+    return make_projection(kind, projection_seed(seed, slot.index, cycle, ACCUMULATION_STREAM), rank,
+                           matrix_shape(p.shape)[slot.dim], device=p.device, dtype=state_dtype(p.dtype),
+                           unbiased=True)
+
+
+def estimate(slot: Slot, buf: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """A new gradient tensor holding ``decompress(buf)``."""
+    g = torch.empty_like(slot.param)
+    write_estimate_(g, buf, a, slot.dim, add=False)
+    return g
+
+
+def add_last_(g: torch.Tensor, buf: torch.Tensor | None, a: torch.Tensor, dim: int, *, exact_last: bool) -> None:
+    """The cycle's last micro-batch, whose gradient ``g`` is in ``.grad``: ``g`` becomes the
+    estimate, ``decompress(buf) + g`` (``exact_last``; ``g`` as it is when nothing came
+    before) or ``decompress(buf + compress(g))``."""
+    if not exact_last:
+        write_estimate_(g, accumulate_compressed_(buf, g, a, dim), a, dim, add=False)
+    elif buf is not None:
+        write_estimate_(g, buf, a, dim, add=True)
+
+
+def buffer_shape(slot: Slot, rank: int | None) -> tuple[int, ...]:
+    """The shape of the slot's partial sum: its compressed shape, or the parameter's."""
+    return tuple(slot.param.shape) if slot.dim is None else compressed_shape(slot.param.shape, rank, slot.dim)
+
+
+def plan_row(slot: Slot, rank: int | None) -> dict:
+    """What :meth:`CompressedAccumulator.plan` reports of one slot."""
+    s = slot
+    row = {"name": s.name, "index": s.index, "shape": tuple(s.param.shape), "compressed": s.dim is not None}
+    if s.dim is not None:
+        row.update(proj_dim=s.dim, buffer_shape=compressed_shape(s.param.shape, rank, s.dim))
+    return row

@@ -1,0 +1,120 @@
+"""Fused mode: the optimizer steps inside backward, one parameter at a time.
+
+``flora.Flora`` steps a parameter with ``step_parameter(p)``; any other optimizer with
+``step()`` while ``p`` is the only parameter holding a gradient (optimizers skip the
+others), which is why the optimizer and the accumulator must hold the same trainable
+parameters. Before its step each accumulated gradient is unscaled and checked (a
+``torch.amp.GradScaler``) and clipped to ``max_grad_norm`` (per parameter: the global norm
+is known only when every other parameter has stepped); its squared norm is summed into
+the cycle's, which ``last_grad_norm`` reports."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch.optim import Optimizer
+
+from ..optimizer import Flora
+from .cycle import Cycle
+from .estimator import Slot
+
+__all__ = ["FusedStepper", "check_fused_optimizer", "patch_zero_grad", "unpatch_zero_grad"]
+
+
+def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
+    # Stepping the whole optimizer for one parameter is only right if every other
+    # parameter it holds has no gradient, i.e. if this accumulator frees them all.
+    mine = {id(s.param) for s in slots}
+    theirs = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    extra = [tuple(p.shape) for p in theirs if id(p) not in mine]
+    if extra:
+        raise ValueError(f"fused=True: the optimizer holds {len(extra)} trainable parameter(s) not given to "
+                         f"the accumulator (shapes {extra[:3]}...); give it the same parameters")
+    ids = {id(p) for p in theirs}
+    missing = [s.name for s in slots if id(s.param) not in ids]
+    if missing:
+        raise ValueError(f"fused=True: parameters {missing[:5]} are not in the optimizer, so nothing "
+                         "would step them; give both the same parameters")
+
+
+class FusedStepper:
+    """Steps one parameter whose accumulated gradient is in ``.grad``, then frees it.
+    ``opts`` is read at every step (``max_grad_norm`` may change between cycles)."""
+
+    def __init__(self, optimizer: Optimizer, opts):
+        self.optimizer, self.opts = optimizer, opts
+
+    def step(self, p: torch.Tensor, c: Cycle) -> None:
+        if self.opts.scaler is not None:
+            found = self.unscale(p)
+            # flora.Flora skips a non-finite gradient on the device; any other optimizer
+            # must be told on the host (GradScaler syncs here too).
+            if found is not None and not isinstance(self.optimizer, Flora) and found.item():
+                p.grad = None
+                return
+        if self.opts.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_([p], self.opts.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32))
+        c.add_sq_norm(norm.float().square())
+        opt = self.optimizer
+        step_parameter = getattr(opt, "step_parameter", None)
+        if step_parameter is not None:
+            step_parameter(p)
+            # What an LR scheduler's wrapper around step() would have recorded; without it
+            # the scheduler warns that it stepped before the optimizer.
+            opt._opt_called = True
+        else:
+            opt.step()  # every other parameter's .grad is None, so only p moves
+        p.grad = None
+
+    def unscale(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Unscale ``p.grad`` by the GradScaler's scale in place and record whether it is
+        finite where ``scaler.step``/``update`` look for it. Returns the found-inf flag."""
+        from torch.amp.grad_scaler import OptState
+
+        scaler = self.opts.scaler
+        if not scaler.is_enabled():
+            return None
+        if scaler._scale is None:
+            raise RuntimeError("CompressedAccumulator(scaler=...): the scaler has no scale yet; call "
+                               "scaler.scale(loss).backward()")
+        record = scaler._per_optimizer_states[id(self.optimizer)]
+        record["stage"] = OptState.UNSCALED  # so that scaler.step() does not unscale (nothing) again
+        g = p.grad
+        found = torch.zeros(1, dtype=torch.float32, device=g.device)
+        inv_scale = scaler._scale.double().reciprocal().float().to(g.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([g], found, inv_scale)
+        seen = record["found_inf_per_device"].get(g.device)
+        record["found_inf_per_device"][g.device] = found if seen is None else seen.add_(found)
+        return found
+
+
+def patch_zero_grad(optimizer: Optimizer, engine) -> tuple:
+    """Fused mode keeps no .grad between backward passes, so the optimizer's zero_grad()
+    cannot see the open cycle: wrap it (on this optimizer object only) to discard it.
+    Returns what :func:`unpatch_zero_grad` needs."""
+    original = optimizer.zero_grad
+    had_own = "zero_grad" in vars(optimizer)
+    ref = weakref.ref(engine)
+
+    @functools.wraps(original)
+    def zero_grad(*args, **kwargs):
+        eng = ref()
+        if eng is not None and any(eng.cycle.counts):
+            eng.discard()
+        return original(*args, **kwargs)
+
+    optimizer.zero_grad = zero_grad
+    return zero_grad, original if had_own else None
+
+
+def unpatch_zero_grad(optimizer: Optimizer, patched: tuple) -> None:
+    wrapper, own = patched
+    if vars(optimizer).get("zero_grad") is wrapper:
+        if own is None:
+            del optimizer.zero_grad
+        else:
+            optimizer.zero_grad = own

@@ -1,0 +1,106 @@
+"""The open cycle, seen from ``.grad`` (normal mode).
+
+Between backward passes a compressed matrix's partial sum is in a buffer and its ``.grad``
+holds a zero placeholder of one element (a stride-0 view); a dense parameter's partial sum
+is its ``.grad``. Plain ``zero_grad()`` replaces or zeroes either: that is how a discarded
+micro-batch is seen, with no hook on any optimizer or module. Fused mode keeps every
+``.grad`` None between cycles, and FSDP2 parameters keep theirs None between backward
+passes: neither leaves a placeholder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .cycle import Cycle
+from .estimator import Slot, estimate
+
+__all__ = ["GradView"]
+
+
+class GradView:
+    def __init__(self, slots: list[Slot], fused: bool, sharded: set[int]):
+        self.slots, self.fused, self.sharded = slots, fused, sharded
+        self.zeros: dict[int, torch.Tensor] = {}  # slot -> the one-element storage of its placeholder
+
+    def parks(self, k: int) -> bool:
+        """Whether slot k leaves a placeholder in ``.grad`` while its partial sum is in a
+        buffer: compressed, normal mode (fused mode keeps every .grad None), not FSDP2."""
+        return not self.fused and self.slots[k].dim is not None and k not in self.sharded
+
+    def park(self, c: Cycle, k: int) -> None:
+        if self.parks(k):
+            self.mark(c, k)
+        else:
+            self.slots[k].param.grad = None
+
+    def mark(self, c: Cycle, k: int) -> None:
+        """Leave in ``.grad`` a zero placeholder that holds one element (stride 0): plain
+        ``zero_grad()`` replaces it by None or zeroes it, which is how this slot's partial
+        sum is known to have been discarded."""
+        p = self.slots[k].param
+        z = self.zeros.get(k)
+        if z is None or z.device != p.device or z.dtype != p.dtype:
+            z = self.zeros[k] = torch.zeros((), dtype=p.dtype, device=p.device)
+        m = z.expand(p.shape)
+        p.grad = m
+        c.marks[k] = (m, m._version)
+        c.versions.pop(k, None)
+
+    def take(self, c: Cycle, k: int) -> None:
+        """Take slot k's placeholder out of ``.grad`` (autograd or the estimate writes a
+        fresh one)."""
+        m = c.marks.pop(k, None)
+        p = self.slots[k].param
+        if m is not None and p.grad is m[0]:
+            p.grad = None
+
+    def release(self, c: Cycle) -> None:
+        """Take every placeholder still in ``.grad`` out (a cycle closes or is replaced)."""
+        for k, (m, _) in c.marks.items():
+            if self.slots[k].param.grad is m:
+                self.slots[k].param.grad = None
+
+    def seen(self, c: Cycle, k: int) -> None:
+        """Slot k's sum lives in ``.grad`` (normal mode, no placeholder): remember its
+        version, so that ``zero_grad(set_to_none=False)`` shows."""
+        p = self.slots[k].param
+        if not self.fused and p.grad is not None and k not in c.marks:
+            c.versions[k] = p.grad._version
+
+    def cleared(self, c: Cycle, k: int) -> bool:
+        """Whether slot k's partial sum was discarded by the user since the hook left it:
+        its placeholder replaced or zeroed, or the ``.grad`` holding its sum set to None or
+        zeroed (``zero_grad(set_to_none=False)``)."""
+        if k in c.inflight:
+            return False
+        m = c.marks.get(k)
+        p = self.slots[k].param
+        if m is not None:
+            return p.grad is not m[0] or m[0]._version != m[1]
+        v = c.versions.get(k)
+        if v is None:  # fused mode or FSDP2: the sum is not in .grad
+            return False
+        g = p.grad
+        return g is None or (g._version != v and not bool(g.any()))
+
+    def drop(self, c: Cycle, k: int) -> None:
+        """Discard slot k's partial sum and its placeholder."""
+        m = c.forget(k)
+        if m is not None:
+            p = self.slots[k].param
+            if p.grad is m[0]:
+                p.grad = None  # zeroed in place: autograd must not add into a placeholder
+            if m[0]._version != m[1]:
+                self.zeros.pop(k, None)
+
+    def write_estimate(self, c: Cycle, k: int, projection: Callable[[int], torch.Tensor]) -> None:
+        """Normal mode: write slot k's estimate of the gradients it got into ``.grad``."""
+        s = self.slots[k]
+        buf = c.buffers.pop(k, None)
+        self.take(c, k)
+        if s.dim is not None and buf is not None:
+            s.param.grad = estimate(s, buf, projection(k))
+        if s.param.grad is not None:
+            c.versions[k] = s.param.grad._version

@@ -1,0 +1,164 @@
+"""When the engine runs: autograd hooks on every attached parameter, the end of each
+backward pass, and the optimizer's step.
+
+- a tensor hook before each accumulation into ``.grad`` (FSDP2's sharded parameters are
+  not in the graph: their gradients arrive by the post-accumulate hook alone);
+- a post-accumulate-grad hook, where the gradient is summed;
+- a callback queued at the end of each backward pass that accumulated (deferred to the
+  outer pass when a backward runs inside another: reentrant activation checkpointing);
+- normal mode: a step pre-hook on ``optimizer=`` (or, without it, torch's global optimizer
+  step pre-hook, holding the accumulator weakly) closes a short cycle; fused mode: the
+  optimizer's ``zero_grad()`` is wrapped to drop an open cycle.
+
+A parameter carries the hooks of at most one accumulator (:data:`ATTACHED`)."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..sharded import is_dtensor
+from .engine import Engine
+from .estimator import Slot
+from .fused import patch_zero_grad, unpatch_zero_grad
+from .integrations import unwrap
+
+__all__ = ["Hooks", "ATTACHED", "check_unattached", "attach", "detach"]
+
+# parameter -> the accumulator whose hooks it carries (at most one: two would each free
+# the gradient the other expects to see).
+ATTACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def check_unattached(slots: list[Slot]) -> None:
+    for s in slots:
+        owner = ATTACHED.get(s.param)
+        if owner is not None:
+            raise RuntimeError(f"parameter {s.name!r} already has a CompressedAccumulator attached; "
+                               "call .remove() on that one first (two would each free the other's gradients)")
+
+
+def attach(slots: list[Slot], owner) -> None:
+    for s in slots:
+        ATTACHED[s.param] = owner
+
+
+def detach(slots: list[Slot], owner) -> None:
+    for s in slots:
+        if ATTACHED.get(s.param) is owner:
+            del ATTACHED[s.param]
+
+
+class Hooks:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.queued: dict[int, bool] = {}  # graph task -> a gradient was accumulated in it (its end is queued)
+        slots = engine.slots
+        self.handles = [s.param.register_post_accumulate_grad_hook(functools.partial(self.on_grad, k))
+                        for k, s in enumerate(slots)]
+        self.handles += [s.param.register_hook(functools.partial(self.before_grad, k))
+                         for k, s in enumerate(slots) if not is_dtensor(s.param)]
+        self.guard = None
+        self.patched = None  # fused mode: the optimizer's zero_grad wrapper
+
+    def guard_steps(self) -> None:
+        eng = self.engine
+        if eng.opts.fused:
+            self.patched = patch_zero_grad(eng.optimizer, eng)
+        elif eng.optimizer is not None:
+            self.guard = eng.optimizer.register_step_pre_hook(self.on_step)
+        else:
+            # A global hook must not keep the accumulator (and the model) alive.
+            ref = weakref.ref(self)
+
+            def on_any_step(optimizer, args, kwargs):
+                hooks = ref()
+                if hooks is not None:
+                    hooks.on_any_step(optimizer)
+
+            self.guard = register_optimizer_step_pre_hook(on_any_step)
+            weakref.finalize(self, self.guard.remove)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        if self.guard is not None:
+            self.guard.remove()
+        if self.patched is not None:
+            unpatch_zero_grad(self.engine.optimizer, self.patched)
+            self.patched = None
+        self.handles, self.guard = [], None
+
+    # ------------------------------------------------------------------ autograd
+
+    def before_grad(self, k: int, grad: torch.Tensor) -> None:  # no tensor arithmetic: no no_grad() needed
+        """Tensor hook: runs before autograd adds this backward's gradient to ``.grad``."""
+        eng = self.engine
+        with eng.lock:
+            eng.check_ddp()
+            self.queue_end()
+            eng.before_grad(k, torch._C._current_graph_task_id())
+
+    @torch.no_grad()
+    def on_grad(self, k: int, p: torch.Tensor) -> None:
+        eng = self.engine
+        with eng.lock:
+            eng.cycle.inflight.pop(k, None)
+            self.queue_end(accumulated=True)
+            if k in eng.sharded:  # no tensor hook ran before this one
+                eng.check_cycle_open(k)
+            eng.accumulate(k, p)
+
+    def queue_end(self, accumulated: bool = False) -> None:
+        """Have ``after_backward`` run once at the end of the running backward pass."""
+        task = torch._C._current_graph_task_id()
+        if task not in self.queued:
+            self.queued[task] = accumulated
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self.after_backward, task))
+        elif accumulated:
+            self.queued[task] = True
+
+    def after_backward(self, task: int) -> None:
+        node = torch._C._current_autograd_node()
+        eng = self.engine
+        with eng.lock:
+            accumulated = self.queued.pop(task, False)
+            eng.task_ended(task)
+            if node is not None and self.defer(node, accumulated):
+                return
+            if accumulated:
+                eng.backward_done()
+
+    def defer(self, node, accumulated: bool) -> bool:
+        """A backward pass run inside another one (reentrant activation checkpointing) ends
+        inside one of the outer pass's nodes: look at the cycle when the outer pass ends."""
+        fired = []
+
+        def outer_node_done(grad_inputs, grad_outputs):
+            if not fired:
+                fired.append(True)
+                with self.engine.lock:
+                    self.queue_end(accumulated)
+
+        try:
+            node.register_hook(outer_node_done)
+        except (RuntimeError, TypeError, AttributeError):
+            return False
+        return True
+
+    # ------------------------------------------------------------------ optimizer
+
+    def on_step(self, optimizer, args, kwargs) -> None:
+        if self.engine.micro_step():
+            self.engine.finish()
+
+    def on_any_step(self, optimizer) -> None:
+        eng = self.engine
+        if eng.micro_step():
+            opt = unwrap(optimizer)
+            if any(id(p) in eng.ids for g in opt.param_groups for p in g["params"]):
+                eng.finish()

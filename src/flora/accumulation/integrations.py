@@ -1,0 +1,68 @@
+"""What the accumulator recognises of the libraries around it, without importing them.
+
+- accelerate (and the Hugging Face Trainer, which drives accumulation through accelerate's
+  ``sync_gradients``): :func:`accelerate_ends_cycle`, read from accelerate's shared gradient
+  state only when accelerate is imported, and refusing a ``tau`` that disagrees with it;
+- wrapped optimizers (accelerate's ``AcceleratedOptimizer``): :func:`unwrap`;
+- ``torch.amp.GradScaler``: :func:`check_scaler` (its use is in ``fused.py``).
+
+A new integration goes here: a function that recognises the library's state (from
+``sys.modules``, never by importing it) and says what it means for the cycle; the engine
+calls it where the cycle's end is decided (``Engine.accumulate``)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.optim import Optimizer
+
+from .cycle import Cycle
+
+__all__ = ["accelerate_ends_cycle", "unwrap", "check_scaler"]
+
+
+def unwrap(optimizer):
+    # Wrappers such as accelerate's AcceleratedOptimizer keep the real one in .optimizer;
+    # hooks and per-parameter steps must reach the real one.
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, Optimizer) else optimizer
+
+
+def check_scaler(scaler, fused: bool) -> None:
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    if scaler is not None and not fused:
+        raise ValueError("scaler applies to fused=True only; in normal mode use the GradScaler as usual "
+                         "(scaler.step(optimizer) after the tau-th backward)")
+
+
+def accelerate_ends_cycle(c: Cycle, tau: int, count: int) -> bool:
+    """True when accelerate (the HF Trainer, ``accelerator.accumulate()``) drives the
+    accumulation and marks this backward as the last of its cycle. Its gradient state
+    is read only if accelerate is imported, and followed only once it has marked some
+    backward of this or the previous cycle as unsynced (a plain loop never does).
+    ``count``: backward passes this parameter had in the cycle before this one. A tau
+    that disagrees with accelerate's accumulation is refused."""
+    mod = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(mod, "GradientState", None), "_shared_state", None)
+    if not shared:
+        return False
+    sync = bool(shared.get("sync_gradients", True))
+    if not sync:
+        c.unsynced = True
+    if not (c.unsynced or c.follow_accelerate):
+        return False
+    steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)
+    if isinstance(steps, int) and steps > 1 and steps != tau:  # accelerator.accumulate()
+        raise ValueError(f"CompressedAccumulator(tau={tau}) under accelerate with "
+                         f"gradient_accumulation_steps={steps}: the two must agree; build the accumulator "
+                         f"with tau={steps}")
+    if not sync and count + 1 >= tau:  # the Trainer (which leaves accelerate's num_steps at 1)
+        raise ValueError(
+            f"CompressedAccumulator(tau={tau}) under the Hugging Face Trainer or accelerate, whose "
+            f"gradient accumulation is longer: backward pass {count + 1} of this cycle is not the last of its "
+            f"optimizer step, so gradient_accumulation_steps > tau={tau}. The accumulator would close "
+            "several cycles per step and compress the first estimate again. Build it with tau equal to "
+            "gradient_accumulation_steps (flora.AccumulatorCallback checks both when training starts)")
+    return sync

@@ -1,0 +1,150 @@
+"""The accumulator's options and parameters: argument checks (each error names the
+argument and what is allowed), which parameters are attached, and how each is summed
+(compressed along which dimension, or densely)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .._validation import check_nonneg_int, check_positive_int, check_real
+from ..compression import PROJ_DIMS, compressed_dim
+from ..sharded import is_dtensor
+from .estimator import ACCUMULATION_PROJECTIONS, Slot
+from .integrations import check_scaler
+from .replicas import check_reduce, check_sharded
+
+__all__ = ["Options", "Option", "check_options", "named_params", "resolve_exclude", "make_slots"]
+
+
+@dataclass
+class Options:
+    """What the accumulator was built with (``exact_last`` resolved). Mutable: the
+    accumulator's attributes of the same names read and write it."""
+
+    rank: int | None
+    tau: int
+    seed: int
+    proj_dim: str | int
+    projection: str
+    max_aspect_ratio: float | None
+    exact_last: bool
+    fused: bool
+    reduce: bool
+    process_group: Any
+    max_grad_norm: float | None
+    cache_projections: bool
+    scaler: Any
+
+
+class Option:
+    """An attribute of the accumulator that lives in its ``Options``."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else getattr(obj._engine.opts, self.name)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj._engine.opts, self.name, value)
+
+
+def check_options(rank, tau, *, seed, proj_dim, max_aspect_ratio, projection, exact_last, fused,
+                  cache_projections, reduce, process_group, max_grad_norm, optimizer, scaler) -> None:
+    check_positive_int("rank", rank, allow_none=True)
+    check_positive_int("tau", tau)
+    check_nonneg_int("seed", seed)
+    if proj_dim not in PROJ_DIMS or isinstance(proj_dim, bool):
+        raise ValueError(f"proj_dim must be one of {', '.join(map(repr, PROJ_DIMS))}; got {proj_dim!r}")
+    check_real("max_aspect_ratio", max_aspect_ratio, low=1.0, allow_none=True)
+    if projection not in ACCUMULATION_PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(map(repr, ACCUMULATION_PROJECTIONS))}; "
+                         f"got {projection!r}")
+    if exact_last is not None and not isinstance(exact_last, bool):
+        raise TypeError(f"exact_last must be True, False or None, got {exact_last!r}")
+    for name, v in (("fused", fused), ("cache_projections", cache_projections), ("reduce", reduce)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    check_reduce(reduce, process_group, exact_last)
+    check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True, allow_none=True)
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if fused and optimizer is None:
+        raise ValueError("fused=True needs optimizer=: the optimizer steps inside backward")
+    if max_grad_norm is not None and not fused:
+        raise ValueError("max_grad_norm applies to fused=True only; in normal mode call "
+                         "torch.nn.utils.clip_grad_norm_ after the tau-th backward, as usual")
+    check_scaler(scaler, fused)
+
+
+def named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(model_or_params, nn.Module):
+        return list(model_or_params.named_parameters())
+    if isinstance(model_or_params, torch.Tensor):
+        model_or_params = [model_or_params]
+    out: list[torch.Tensor] = []
+    for item in model_or_params:
+        if isinstance(item, dict):  # parameter groups, as an optimizer takes them
+            ps = item["params"]
+            out.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
+        else:
+            out.append(item)
+    for i, p in enumerate(out):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"model_or_params must be an nn.Module or an iterable of tensors (or parameter "
+                            f"groups); item {i} is a {type(p).__name__}")
+    seen: set[int] = set()
+    named = []
+    for i, p in enumerate(out):
+        if id(p) not in seen:  # a tensor listed twice is one parameter
+            seen.add(id(p))
+            named.append((f"params.{i}", p))
+    return named
+
+
+def resolve_exclude(exclude: Iterable[Any], named) -> set[int]:
+    if isinstance(exclude, (str, torch.Tensor)):
+        exclude = [exclude]
+    by_name = {n: p for n, p in named}
+    ids = {id(p) for _, p in named}
+    out: set[int] = set()
+    for e in exclude:
+        if isinstance(e, str):
+            if e not in by_name:
+                raise ValueError(f"exclude: no parameter named {e!r} (names are those of "
+                                 "named_parameters(), or 'params.<i>' for a list)")
+            out.add(id(by_name[e]))
+        elif isinstance(e, torch.Tensor):
+            if id(e) not in ids:
+                raise ValueError(f"exclude: a tensor of shape {tuple(e.shape)} is not among model_or_params")
+            out.add(id(e))
+        else:
+            raise TypeError(f"exclude must hold parameter names or tensors, got {type(e).__name__}")
+    return out
+
+
+def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, fused: bool,
+               reduce: bool) -> list[Slot]:
+    """One slot per trainable parameter, in order, with its projected dimension (None:
+    dense); FSDP2 parameters project their unsharded columns."""
+    slots = []
+    for index, (name, p) in enumerate(named):
+        if not p.requires_grad:
+            continue
+        if p.is_complex():
+            raise TypeError(f"parameter {name!r} is complex: CompressedAccumulator supports real tensors only")
+        pd = proj_dim
+        if is_dtensor(p):  # FSDP2: project the unsharded columns (see check_sharded)
+            check_sharded(name, p, rank, proj_dim, max_aspect_ratio, fused=fused, reduce=reduce)
+            pd = 0 if proj_dim == 0 else 1
+        dim = None if id(p) in excluded else compressed_dim(tuple(p.shape), rank, proj_dim=pd,
+                                                            max_aspect_ratio=max_aspect_ratio)
+        slots.append(Slot(index, name, p, dim))
+    if not slots:
+        raise ValueError("model_or_params has no parameter with requires_grad=True")
+    return slots

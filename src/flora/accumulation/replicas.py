@@ -1,0 +1,254 @@
+"""Across replicas: ``reduce=True`` (one packed all-reduce of the compressed buffers per
+cycle), the refusals that DDP and FSDP2 need, and :func:`check_agreement`, the one-collective
+comparison of the replicas' options that ``flora.distributed``'s hook uses too.
+
+Compression is linear and every replica draws the same projection in the same cycle, so
+the sum over replicas of the compressed buffers is the compressed sum of their gradients;
+``.grad`` receives the mean over replicas of the estimate, identical on every replica."""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compression import compressed_dim
+from ..projection import state_dtype
+from ..sharded import layout
+from .cycle import Cycle
+from .estimator import Slot, accumulate_compressed_, buffer_shape, estimate
+
+__all__ = ["check_agreement", "check_reduce", "check_sharded", "is_ddp", "ddp_holding", "check_not_under_ddp",
+           "FUSED_UNDER_DDP", "Replicas"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _encode(value) -> int:
+    """An option as a 64-bit integer, for :func:`check_agreement`."""
+    if value is None:
+        return _MASK64
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        return struct.unpack("<Q", struct.pack("<d", value))[0]
+    if isinstance(value, str):
+        return sum(ord(ch) << (8 * i) for i, ch in enumerate(value[:8]))
+    return int(value) & _MASK64
+
+
+def check_agreement(what: str, fields: dict[str, Any], *, device, group=None) -> None:
+    """Refuse replicas that disagree on ``fields`` (name -> int, float, str, bool or None),
+    with one all-reduce (MAX of each value and its negation, in 32-bit halves, so that the
+    largest and smallest value across replicas arrive together). Raises ``ValueError``
+    naming every field that differs, on every replica alike (none is left waiting)."""
+    import torch.distributed as dist
+
+    names = list(fields)
+    halves = []
+    for name in names:
+        v = _encode(fields[name])
+        halves += [v >> 32, v & 0xFFFFFFFF]
+    t = torch.tensor(halves + [-h for h in halves], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = t[:len(halves)], -t[len(halves):]
+    bad = [name for i, name in enumerate(names) if bool((hi[2 * i:2 * i + 2] != lo[2 * i:2 * i + 2]).any())]
+    if bad:
+        listed = ", ".join(f"{n} (this replica: {fields[n]!r})" for n in bad)
+        raise ValueError(f"{what}: the replicas disagree on {listed}; every replica must be built with the same "
+                         "options (and load the same state_dict) or their compressed buffers cannot be summed")
+
+
+# ------------------------------------------------------------------ refusals
+
+
+FUSED_UNDER_DDP = (
+    "fused=True cannot run under DistributedDataParallel: the optimizer would step inside backward "
+    "on this replica's gradient, before DDP averages it, and the replicas would drift apart. Use "
+    "normal mode (no_sync() on the first tau-1 micro-batches), or reduce=True, which averages the "
+    "compressed buffers across replicas itself (then give the unwrapped model)")
+
+
+def check_reduce(reduce: bool, process_group, exact_last: bool | None) -> None:
+    if not reduce:
+        if process_group is not None:
+            raise ValueError("process_group applies to reduce=True only")
+        return
+    if exact_last:
+        raise ValueError("exact_last=True with reduce=True would send the last micro-batch's full gradient "
+                         "(more bytes than plain DDP); leave exact_last unset (reduce=True compresses every "
+                         "micro-batch)")
+    import torch.distributed as dist
+
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("reduce=True needs torch.distributed: call torch.distributed.init_process_group() "
+                           "(torchrun sets up its environment) before building the accumulator")
+
+
+def check_sharded(name, p, rank, proj_dim, max_aspect_ratio, *, fused: bool, reduce: bool) -> None:
+    """FSDP2 parameters: the hooks see this rank's rows after the reduce-scatter and
+    compress them on their own, which needs the projected dimension to be the
+    unsharded one (1, the columns; "auto" takes it)."""
+    layout(p)  # Shard(0) or Replicate, else a clear error
+    if fused:
+        raise ValueError(f"fused=True is not supported for FSDP2 (DTensor) parameters such as {name!r}: "
+                         "flora.Flora steps them together in step(), summing Adafactor's factors over the "
+                         "shards; use normal mode")
+    if reduce:
+        raise ValueError(f"reduce=True is for replicas (DDP or none); {name!r} is an FSDP2 (DTensor) "
+                         "parameter, whose gradients FSDP2 already reduce-scatters")
+    if proj_dim == 0 and compressed_dim(tuple(p.shape), rank, proj_dim=0,
+                                        max_aspect_ratio=max_aspect_ratio) is not None:
+        raise ValueError(f"proj_dim=0 projects away the rows that FSDP2 shards ({name!r}, shape "
+                         f"{tuple(p.shape)}): each rank would hold a part of every compressed sum. Use "
+                         "proj_dim=1 or 'auto' (which takes the unsharded columns under FSDP2)")
+
+
+def is_ddp(module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(module, DistributedDataParallel)
+
+
+def ddp_holding(ids: set[int]) -> nn.Module | None:
+    """A live DistributedDataParallel whose module holds one of these parameters (DDP
+    keeps no registry: looked for among the collector's objects, once)."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    for attempt in range(2):
+        found = None
+        for obj in gc.get_objects():
+            if issubclass(type(obj), DistributedDataParallel):
+                module = getattr(obj, "module", None)
+                if isinstance(module, nn.Module) and any(
+                        id(p) in ids and not getattr(p, "_ddp_ignored", False) for p in module.parameters()):
+                    found = obj
+                    break
+        if found is None or attempt:
+            return found
+        del found, obj
+        gc.collect()  # a wrapper dropped but not yet collected does not count
+    return None
+
+
+def check_not_under_ddp(ids: set[int]) -> None:
+    """Fused mode, first backward: refuse a model that DDP wrapped after the accumulator
+    was built (each replica would step on its own gradient before DDP averages it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        ddp = ddp_holding(ids)
+        if ddp is not None:
+            raise RuntimeError(
+                f"CompressedAccumulator(fused=True) on parameters of a model wrapped in {type(ddp).__name__} "
+                f"(world size {dist.get_world_size()}): the optimizer would step inside backward on this "
+                "replica's own gradient, before DDP averages it, and the replicas would drift apart. Use "
+                "normal mode (fused=False, no_sync() on the first tau-1 micro-batches), or build the "
+                "accumulator on the DDP model with reduce=True (fused=True works there: it averages the "
+                "compressed buffers itself; run every backward under ddp_model.no_sync()). Nothing was "
+                "accumulated or stepped")
+
+
+# ------------------------------------------------------------------ reduce=True
+
+
+class Replicas:
+    """``reduce=True``: every micro-batch is summed (compressed, or dense in ``.grad`` or,
+    fused, in a buffer); the cycle's collective runs after the ``tau``-th backward or at
+    ``finish_cycle``. ``opts`` is the accumulator's options; ``ddp`` the DDP model it was
+    given, if any (a synchronising backward would all-reduce what the hooks freed)."""
+
+    def __init__(self, slots: list[Slot], opts, ddp: nn.Module | None):
+        self.slots, self.opts, self.ddp = slots, opts, ddp
+        self.agreed = False  # the replicas' options are compared at the first collective
+
+    def accumulate(self, c: Cycle, k: int, g: torch.Tensor, a: Callable[[int], torch.Tensor], grads) -> None:
+        """One micro-batch's gradient ``g`` of slot ``k`` into the cycle's sums (``a``: the
+        slot's projection; ``grads``: the cycle seen from ``.grad``, a ``GradView``)."""
+        slot = self.slots[k]
+        p = slot.param
+        if self.ddp is not None and getattr(self.ddp, "require_backward_grad_sync", False):
+            raise RuntimeError("CompressedAccumulator(reduce=True) on a DDP model: run every micro-batch under "
+                               "ddp_model.no_sync() (the accumulator all-reduces the compressed buffers itself; "
+                               "DDP's synchronisation would all-reduce the freed gradients)")
+        buf = c.buffers.get(k)
+        if slot.dim is not None:
+            c.buffers[k] = accumulate_compressed_(buf, g, a(k), slot.dim)
+            grads.park(c, k)
+        elif self.opts.fused:  # dense parameters' sums live here in fused mode (.grad is None between cycles)
+            c.buffers[k] = g if buf is None else buf.add_(g)
+            p.grad = None
+        c.counts[k] += 1
+        grads.seen(c, k)
+
+    def layout(self) -> list[tuple[int, torch.Size | tuple[int, int]]]:
+        """(slot, shape on the wire) of every attached parameter, in order: the packed
+        buffer of a cycle holds these, then one gradient count per parameter."""
+        return [(k, buffer_shape(s, self.opts.rank)) for k, s in enumerate(self.slots)]
+
+    def wire_dtype(self) -> torch.dtype:
+        dtypes = [s.param.dtype if s.dim is None else state_dtype(s.param.dtype) for s in self.slots]
+        return functools.reduce(torch.promote_types, dtypes, torch.float32)
+
+    def communication_bytes(self) -> int:
+        numel = sum(math.prod(shape) for _, shape in self.layout()) + len(self.slots)
+        return numel * torch.empty((), dtype=self.wire_dtype()).element_size()
+
+    def reduce_cycle(self, c: Cycle, a: Callable[[int], torch.Tensor],
+                     step: Callable[[torch.Tensor], None] | None) -> None:
+        """The collective of a cycle: pack, all-reduce (mean over replicas), write every
+        estimate into ``.grad`` (fused: ``step`` it). The caller closes the cycle."""
+        import torch.distributed as dist
+
+        opts = self.opts
+        group = opts.process_group if opts.process_group is not None else dist.group.WORLD
+        device = self.slots[0].param.device
+        wire = self.wire_dtype()
+        layout = self.layout()
+        pieces = []
+        for k, shape in layout:
+            s = self.slots[k]
+            t = c.buffers.get(k) if (s.dim is not None or opts.fused) else (s.param.grad if c.counts[k] else None)
+            pieces.append(torch.zeros(math.prod(shape), dtype=wire, device=device) if t is None
+                          else t.detach().reshape(-1).to(device=device, dtype=wire))
+        n_data = sum(t.numel() for t in pieces)
+        flat = torch.cat(pieces + [torch.tensor(c.counts, dtype=wire, device=device)])
+        del pieces
+        if not self.agreed:
+            signature = repr([(s.index, s.dim, tuple(s.param.shape)) for s in self.slots]).encode()
+            check_agreement("CompressedAccumulator(reduce=True)", {
+                "rank": opts.rank, "tau": opts.tau, "seed": opts.seed, "projection": opts.projection,
+                "cycle": c.number, "parameters (indices, shapes, compressed dims)": zlib.crc32(signature),
+                "wire dtype": str(wire).removeprefix("torch.")}, device=device, group=group)
+            self.agreed = True
+        flat[:n_data].div_(dist.get_world_size(group))  # the mean, divided first as DDP does
+        dist.all_reduce(flat, group=group)
+        totals = flat[n_data:].tolist()
+        c.buffers.clear()
+        offset = 0
+        for k, shape in layout:
+            s, n = self.slots[k], math.prod(shape)
+            view, offset = flat[offset:offset + n].view(shape), offset + n
+            p = s.param
+            if not totals[k]:  # no replica had a gradient for it: left alone, as DDP does
+                continue
+            if s.dim is not None:
+                p.grad = estimate(s, view.to(state_dtype(p.dtype)), a(k))
+            elif p.grad is not None and not opts.fused:
+                p.grad.copy_(view.view(p.shape))
+            else:
+                p.grad = view.view(p.shape).to(p.dtype, copy=True)
+            if step is not None:
+                step(p)
+        del flat
