@@ -2,8 +2,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One thread: the tests' tensors are tiny, and on a busy 2-core machine every parallel
+# region of a second thread waits a scheduler tick (a tiny MLP forward: 20 ms at two
+# threads, 0.02 ms at one). Spawned workers inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-
+torch.set_num_threads(1)
