@@ -93,7 +93,7 @@ SIZES: dict[str, dict[str, TaskConfig]] = {
 def flora_form_name(rank: int, suffix: str) -> str:
     """Flora's optimizer name at ``rank`` with a FORM[-PROJECTION] ``suffix`` (the projection
     omitted: gaussian); Flora's default form gets the bare ``flora-rR``."""
-    from .optimizers import flora_name  # optimizers imports this module
+    from .names import flora_name  # imports flora (and torch): only when a name is made
 
     form, _, projection = suffix.partition("-")
     return flora_name(rank, form, projection or "gaussian")

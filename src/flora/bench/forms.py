@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import core, report
+from . import core
 from .core import MiB
-from .report import Chosen
+from .rows import TASK_ORDER, Chosen, plus_minus, write_csv
 
 BASELINES = {"adafactor": "Adafactor, beta1=None", "adafactor-b0.9": "Adafactor, beta1=0.9"}
 
@@ -56,13 +56,13 @@ def table(rows: list[Chosen], metrics: dict[str, str]) -> list[dict]:
 def tasks_compared(flat: list[dict], preset: str | None = None) -> list[str]:
     """The tasks where Flora ran at two or more ranks (with ``--preset forms``: at any)."""
     least = 1 if preset == "forms" else 2
-    return [t for t in report.TASK_ORDER if len({d["rank"] for d in flat if d["task"] == t and d["rank"]}) >= least]
+    return [t for t in TASK_ORDER if len({d["rank"] for d in flat if d["task"] == t and d["rank"]}) >= least]
 
 
 def _cell(d: dict) -> str:
     if d["status"] != "ok" or d["test_mean"] is None:
         return d["status"]
-    return report.plus_minus(d["test_mean"], d["test_std"]) + ("*" if d["lr_capped"] else "")
+    return plus_minus(d["test_mean"], d["test_std"]) + ("*" if d["lr_capped"] else "")
 
 
 def markdown(flat: list[dict], tasks: list[str], meta: dict) -> str:
@@ -93,7 +93,7 @@ def markdown(flat: list[dict], tasks: list[str], meta: dict) -> str:
         lines += core.markdown_table(
             ["optimizer", "lr (tried)", "seeds", f"val {mine[0]['val_metric'][4:]}", metric, "state MiB"],
             [[d["optimizer"], f"{d['lr']:g}{'*' if d['lr_capped'] else ''} ({', '.join(f'{x:g}' for x in d['lrs_tried'])})",
-              d["seeds"], report.plus_minus(d["val_mean"], d["val_std"]) if d["val_mean"] is not None else "-", _cell(d),
+              d["seeds"], plus_minus(d["val_mean"], d["val_std"]) if d["val_mean"] is not None else "-", _cell(d),
               "-" if d["state_bytes"] is None else f"{d['state_bytes'] / MiB:.3g}"] for d in mine]) + [""]
     return "\n".join(lines)
 
@@ -147,7 +147,7 @@ def write(out: Path, rows: list[Chosen], metrics: dict[str, str], meta: dict, *,
     flat = [d for d in flat if d["task"] in tasks]
     paths = {"forms_md": out / "forms.md", "forms_csv": out / "forms.csv", "forms_json": out / "forms.json"}
     paths["forms_md"].write_text(markdown(flat, tasks, meta))
-    report.write_csv(paths["forms_csv"], flat)
+    write_csv(paths["forms_csv"], flat)
     core.write_json(paths["forms_json"], {"meta": meta, "forms": flat})
     if plots:
         for t in tasks:

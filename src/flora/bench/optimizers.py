@@ -45,6 +45,7 @@ from flora.projection import PROJECTIONS
 
 from . import config
 from .config import flora_form_name  # noqa: F401 - one name maker, here with the parser
+from .names import DEFAULT_FLORA_FORM, flora_name  # noqa: F401 - used here, and bo.flora_name elsewhere
 
 
 class Unavailable(RuntimeError):
@@ -92,19 +93,6 @@ NAME_FORMS = ("adamw", "adafactor", "adafactor-b0.9", "flora-rR", "flora-rR-FORM
 # that are orthonormal (flora.Flora raises ValueError for them with a Gaussian projection).
 VALID_FLORA_FORMS = tuple((f, p) for f in MOMENTUM_FORMS for p in PROJECTIONS
                           if not (f in SUBSPACE_FORMS and p == "gaussian"))
-
-
-# Flora's own default (momentum form, projection): what a bare ``flora-rR`` runs.
-DEFAULT_FLORA_FORM = (flora.Flora.__init__.__kwdefaults__["momentum_form"],
-                      flora.Flora.__init__.__kwdefaults__["projection"])
-
-
-def flora_name(rank: int, form: str | None = None, projection: str = "gaussian") -> str:
-    """The shortest name of Flora at ``rank`` with ``form`` and ``projection`` (no form:
-    Flora's default, the bare ``flora-rR``)."""
-    if form is None or (form, projection) == DEFAULT_FLORA_FORM:
-        return f"flora-r{rank}"
-    return f"flora-r{rank}-{form}" + ("" if projection == "gaussian" else f"-{projection}")
 
 
 def _flora_form(name: str, suffix: str) -> tuple[str, str]:
