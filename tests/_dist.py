@@ -1,5 +1,7 @@
-"""Running scenarios on 2 CPU processes with gloo: one spawn runs many scenarios; each
-returns a dict of tensors and plain values per rank, read back through a file."""
+"""The one spawn helper of the distributed tests (test_distributed.py, whose scenarios are in
+dist_scenarios.py, and test_distributed_comm.py): scenarios run on 2 CPU processes with
+gloo, many per spawn; each is ``f(rank, world) -> dict`` of tensors and plain values, read
+back through a file per rank."""
 
 from __future__ import annotations
 

@@ -1,24 +1,24 @@
 """Compressed communication across replicas (issue 12), on 2 CPU processes with gloo.
 
-One spawn of two processes runs every scenario (hook and accumulator) and writes what it
-saw to a file per process; the tests below assert on those files: results against one
-process that sees the whole batch, identical results on both replicas, the number and
-bytes of collectives per step, and refusals of replicas that disagree. Bad options are
-checked here in the main process."""
+One spawn of two processes (tests/_dist.py) runs every scenario (hook and accumulator) and
+writes what it saw to a file per process; the tests below assert on those files: results
+against one process that sees the whole batch, identical results on both replicas, the
+number and bytes of collectives per step, and refusals of replicas that disagree. Bad
+options are checked here in the main process."""
 
 import copy
 import importlib.util
 import json
 import math
 import os
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+
+from _dist import check, spawn
 
 import flora
 from flora import CompressedAccumulator
@@ -87,7 +87,7 @@ def _grads(model):
 # ------------------------------------------------------------------ scenarios (in each process)
 
 
-def _hook_vs_one_process(rank):
+def _hook_vs_one_process(rank, world):
     """Three steps of DDP with the hook (several buckets from step 1 on) against one process
     that compresses the full-batch mean gradient with the same projections."""
     model = _net()
@@ -137,7 +137,7 @@ def _hook_vs_one_process(rank):
     return out
 
 
-def _hook_rank_none_vs_plain_ddp(rank):
+def _hook_rank_none_vs_plain_ddp(rank, world):
     """rank=None sends everything dense: the same gradients as DDP without a hook."""
     out = {}
     for name in ("plain", "hook"):
@@ -155,7 +155,7 @@ def _hook_rank_none_vs_plain_ddp(rank):
     return out
 
 
-def _hook_refusals(rank):
+def _hook_refusals(rank, world):
     """Replicas that disagree (seed, rank, step) are refused on the first step, on both."""
     out = {}
     cases = {"seed": dict(rank=RANK, seed=rank), "rank": dict(rank=RANK + rank, seed=SEED),
@@ -192,7 +192,7 @@ def _ref_cycle(ref, step, k):
         (F.cross_entropy(ref(x), y) / TAU).backward()
 
 
-def _acc_vs_one_process(rank):
+def _acc_vs_one_process(rank, world):
     """Cycles of reduce=True without DDP (full, short by finish_cycle, short by the
     optimizer's step) against one process accumulating the concatenated micro-batches
     (compressing every micro-batch: exact_last=False); collectives counted per cycle."""
@@ -229,7 +229,7 @@ def _acc_vs_one_process(rank):
     return out
 
 
-def _acc_rank_none_vs_ddp(rank):
+def _acc_rank_none_vs_ddp(rank, world):
     """Compression off: reduce=True equals DDP's accumulation (no_sync, then a synchronised
     backward); one collective each."""
     out = {}
@@ -257,7 +257,7 @@ def _acc_rank_none_vs_ddp(rank):
     return out
 
 
-def _acc_more(rank):
+def _acc_more(rank, world):
     """Fused mode across replicas equals normal mode + step; a parameter used by one
     replica only gets the same mean on both, one used by none keeps .grad None; DDP
     without no_sync is refused; a mid-cycle resume continues exactly; disagreeing seeds
@@ -348,7 +348,7 @@ def _acc_more(rank):
     return out
 
 
-def _acc_fused_wrapped_in_ddp(rank):
+def _acc_fused_wrapped_in_ddp(rank, world):
     """Issue 16: the accumulator built (fused) on the inner module, then the module wrapped
     in DDP, as many scripts do: refused at the first backward, before anything changes.
     Fused mode on a model that no DDP holds still runs with the process group up."""
@@ -380,7 +380,7 @@ def _acc_fused_wrapped_in_ddp(rank):
     return out
 
 
-def _counter_sees_powersgd(rank):
+def _counter_sees_powersgd(rank, world):
     """The counter sees all-reduces launched from future callbacks on other threads:
     PowerSGD's three per bucket (from step 2 on)."""
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
@@ -401,42 +401,20 @@ def _counter_sees_powersgd(rank):
 
 _ORIGINAL_ALL_REDUCE = dist.all_reduce
 
-SCENARIOS = {f.__name__.lstrip("_"): f for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp,
-                                                   _acc_vs_one_process, _acc_rank_none_vs_ddp, _acc_more,
-                                                   _counter_sees_powersgd, _hook_refusals,
-                                                   _acc_fused_wrapped_in_ddp)}
-
-
-def _worker(rank, folder):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=WORLD)
-    results = {}
-    for name, fn in SCENARIOS.items():
-        try:
-            results[name] = fn(rank)
-        except Exception:  # noqa: BLE001 - reported by the test that needs it
-            results[name] = {"error": traceback.format_exc()}
-        dist.barrier()
-    torch.save(results, f"{folder}/rank{rank}.pt")
-    dist.destroy_process_group()
+SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp, _acc_vs_one_process,
+                                   _acc_rank_none_vs_ddp, _acc_more, _counter_sees_powersgd, _hook_refusals,
+                                   _acc_fused_wrapped_in_ddp)]
 
 
 @pytest.fixture(scope="module")
 def replicas():
-    """{rank: {scenario: result}} from one spawn of two processes."""
-    with tempfile.TemporaryDirectory() as folder:
-        torch.multiprocessing.start_processes(_worker, args=(folder,), nprocs=WORLD, start_method="spawn")
-        return {r: torch.load(f"{folder}/rank{r}.pt", weights_only=False) for r in range(WORLD)}
+    """Every rank's {scenario: result}, from one spawn of two processes (tests/_dist.py)."""
+    return spawn(__name__, SCENARIOS, WORLD)
 
 
 def _result(replicas, name):
-    out = []
-    for r in range(WORLD):
-        res = replicas[r][name]
-        if isinstance(res, dict) and "error" in res:
-            pytest.fail(f"scenario {name} failed on replica {r}:\n{res['error']}")
-        out.append(res)
-    return out
+    """Both replicas' results of scenario ``_<name>``, failing with a replica's traceback."""
+    return check(replicas, "_" + name)
 
 
 def _close(a, b):
