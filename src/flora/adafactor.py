@@ -15,9 +15,27 @@ def rms(t: torch.Tensor) -> torch.Tensor:
     return t.norm(2) / (t.numel() ** 0.5)
 
 
+# A step count is a Python int (the host's copy: the eager step, where these scalars are
+# Python floats exactly as HF computes them) or a 0-dim tensor (the device counter, under
+# torch.compile: the scalars are then device tensors, computed in scalar_dtype).
+
+
+def scalar_dtype(device) -> torch.dtype:
+    """The dtype of step-dependent scalars on ``device``: float64, as Python's floats,
+    except where the device has none (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def bias_correction(beta: float, step) -> float | torch.Tensor:
+    """``1 - beta^t``."""
+    if isinstance(step, torch.Tensor):
+        return 1.0 - torch.pow(beta, step)
+    return 1.0 - beta ** step
+
+
 def step_size(
     lr: float | torch.Tensor | None,
-    step: int,
+    step: int | torch.Tensor,
     param_rms: torch.Tensor | None,
     *,
     eps2: float,
@@ -40,16 +58,29 @@ def step_size(
     return torch.where(param_rms > eps2, param_rms * rel, eps2 * rel)
 
 
-def relative_step_size(step: int, warmup_init: bool) -> float:
+def relative_step_size(step, warmup_init: bool) -> float | torch.Tensor:
     """Adafactor's relative step before parameter scaling: ``min(1e-2, 1/sqrt(t))``, or
     ``min(1e-6 t, 1/sqrt(t))`` with warm-up."""
+    if isinstance(step, torch.Tensor):
+        inv = 1.0 / step.sqrt()
+        return torch.minimum(1e-6 * step, inv) if warmup_init else inv.clamp(max=1e-2)
     min_step = 1e-6 * step if warmup_init else 1e-2
     return min(min_step, 1.0 / math.sqrt(step))
 
 
-def second_moment_decay(step: int, decay_rate: float) -> float:
+def second_moment_decay(step, decay_rate: float) -> float | torch.Tensor:
     """``beta2_t = 1 - t^decay_rate``."""
+    if isinstance(step, torch.Tensor):
+        return 1.0 - step.pow(decay_rate)
     return 1.0 - math.pow(step, decay_rate)
+
+
+def ema(old: torch.Tensor, new: torch.Tensor, beta) -> torch.Tensor:
+    """``beta old + (1 - beta) new``, out of place: HF's ``mul`` and ``add(alpha=)`` for a
+    float ``beta``; for a tensor one (compiled steps), the same with the weight multiplied."""
+    if isinstance(beta, torch.Tensor):
+        return old.mul(beta).add_(new * (1.0 - beta))
+    return old.mul(beta).add_(new, alpha=(1.0 - beta))
 
 
 def squared(grad: torch.Tensor, eps1: float, *, fused: bool = False) -> torch.Tensor:
@@ -60,6 +91,17 @@ def squared(grad: torch.Tensor, eps1: float, *, fused: bool = False) -> torch.Te
     if fused:
         return torch.addcmul(grad.new_full((), eps1), grad, grad)
     return grad.square().add_(eps1)
+
+
+def _col_mean(sq: torch.Tensor) -> torch.Tensor:
+    """``sq.mean(dim=-2)``. Compiled for a CPU, as a vector-matrix product: inductor's C++
+    code reduces over the rows one column block at a time, a strided walk through the
+    whole matrix for each block (latency-bound, several times slower than the eager
+    reduction on SmolLM2's shapes), where BLAS streams the rows once."""
+    if torch.compiler.is_compiling() and sq.device.type == "cpu" and sq.shape[-2] > 1:
+        n = sq.shape[-2]
+        return (sq.new_full((1, n), 1.0 / n) @ sq).squeeze(-2)
+    return sq.mean(dim=-2)
 
 
 def factored_normalize(
@@ -79,8 +121,8 @@ def factored_normalize(
     caller to commit, so that a non-finite result can be discarded. The gradient-sized
     work happens in one buffer (``fused``: see :func:`squared`)."""
     sq = squared(grad, eps1, fused=fused)
-    row = row.mul(beta2t).add_(sq.mean(dim=-1), alpha=(1.0 - beta2t))
-    col = col.mul(beta2t).add_(sq.mean(dim=-2), alpha=(1.0 - beta2t))
+    row = ema(row, sq.mean(dim=-1), beta2t)
+    col = ema(col, _col_mean(sq), beta2t)
     r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
     c_factor = col.unsqueeze(-2).rsqrt()
     return torch.mul(r_factor, c_factor, out=sq).mul_(grad), row, col
@@ -91,7 +133,7 @@ def unfactored_normalize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(grad / sqrt(V), new_V)`` with the full second moment updated out of place."""
     sq = grad.square().add_(eps1)
-    sq_avg = sq_avg.mul(beta2t).add_(sq, alpha=(1.0 - beta2t))
+    sq_avg = ema(sq_avg, sq, beta2t)
     return torch.rsqrt(sq_avg, out=sq).mul_(grad), sq_avg
 
 

@@ -2,17 +2,39 @@
 ``Flora`` class validates options, owns the state and sorts parameters; these functions do
 the arithmetic.
 
-- :func:`single_tensor_step` steps one parameter: the readable reference, and what
-  ``Flora.step_parameter`` (optimizer-in-backward) uses. With compression off it is
-  ``transformers`` Adafactor operation for operation.
-- :func:`grouped_step` steps a bucket of parameters of the same shape, dtype, device,
+A step has two halves:
+
+- an eager *prelude* (:func:`prepare`), which does the host-side bookkeeping: the step
+  counters' host copies, when to resample, drawing projections (by the CPU generator, so
+  that a seed gives the same matrix on every device) and carrying the compressed momentum
+  over to a new projection. It returns a :class:`Work` item: tensors and constants;
+- a pure tensor function (:func:`single_core`, :func:`grouped_core`) that does the rest on
+  those tensors, in place. It reads no Python value that changes from step to step, so
+  ``torch.compile`` traces it once per shape signature (``Flora(compile=True)`` compiles it
+  with ``fullgraph=True, dynamic=False``; ``torch.compile(opt.step)`` traces it into one
+  graph after the prelude, which is the one graph break).
+
+The two cores:
+
+- :func:`single_core` steps one parameter: the readable reference, and what
+  ``Flora.step_parameter`` (optimizer-in-backward) uses on the single-tensor path. With
+  compression off it is ``transformers`` Adafactor operation for operation.
+- :func:`grouped_core` steps a bucket of parameters of the same shape, dtype, device,
   options and counters at once: gradients and state are stacked, so the Adafactor factors,
   compression, decompression and transfer are a few batched calls (``bmm``, reductions
   over the stack) instead of a few per parameter. It agrees with the single-tensor path to
   float rounding (tested).
 
-Neither waits on the host: clip factors, RMS values, learning rates and the finite-update
-check are device tensors (``torch.where``, ``clamp``), so a step is a stream of kernels.
+Step counters are kept twice: ``state["step"]``, a plain integer (what checkpoints hold
+and the host's bookkeeping reads), and a 0-dim tensor per parameter on its device
+(:class:`DeviceSteps`, as torch's capturable optimizers keep theirs). Eagerly, the
+step-dependent scalars (the relative step size, ``beta2_t = 1 - t^decay``, the bias
+correction ``1 - beta1^t``) are computed on the host from the integer, exactly as HF
+Adafactor computes them; under ``torch.compile`` they are computed from the device
+counter (as torch's optimizers do when ``capturable``), so that a new step count is a new
+input, not a recompilation. Neither path waits on the host: clip factors, RMS values, learning rates
+and the finite-update check are device tensors (``torch.where``, ``clamp``), so a step is
+a stream of kernels.
 
 Notation (the paper's): ``G`` gradient, ``u`` Adafactor's normalised update, ``A`` the
 projection, ``C``/``D`` compress/decompress, ``M`` (``exp_avg_c``) the compressed first
@@ -22,13 +44,13 @@ moment.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from . import adafactor as af
 from .momentum import compressed_step_, dense_momentum_
-from .projection import _bcast, matrix_shape, transfer
+from .projection import matrix_shape, state_dtype, transfer
 
 # (group, indices, count, projected size, device, dtype) -> the projections of those
 # parameters (r x d, or a k x r x d stack when len(indices) > 1 or stacked=True)
@@ -37,51 +59,218 @@ ProjectionSource = Callable[..., torch.Tensor]
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _resample(group: dict, states: list[dict], indices: list[int], c: torch.Tensor, a: torch.Tensor,
-              projections: ProjectionSource, size: int, stacked: bool) -> torch.Tensor:
-    """Every ``kappa`` steps: draw the next projection and carry ``M`` over to it
-    (``M <- A_new A_old^T M``); returns the projection to step with."""
+class Spec(NamedTuple):
+    """What a core function needs to know besides tensors: constants only, none of which
+    changes from step to step (``torch.compile`` guards on them)."""
+
+    shape: tuple
+    half: bool  # the parameters are float16 / bfloat16 (stepped in float32, copied back)
+    momentum: str | None  # "c": compressed (exp_avg_c), "m": dense (exp_avg), None: no first moment
+    form: str
+    dim: int  # the projected dimension (-1 unless momentum == "c")
+    isometric: bool  # the projection's rows are orthonormal
+    beta1: float | None
+    eps1: float
+    eps2: float
+    clip_threshold: float
+    decay_rate: float
+    weight_decay: float
+    scale_parameter: bool
+    relative_step: bool
+    warmup_init: bool
+
+
+class Work(NamedTuple):
+    """One call of a core function, as the prelude prepared it. Lists hold one tensor per
+    parameter (one element on the single-tensor path)."""
+
+    grouped: bool
+    spec: Spec
+    params: list
+    grads: list
+    steps: list  # the device step counters (DeviceSteps), holding the count before this step
+    sq: tuple  # (rows, cols) of a factored second moment, or (full second moments,)
+    moms: list | None  # exp_avg_c or exp_avg, or None
+    a: torch.Tensor | None  # the projection (a k x r x d stack on the grouped path)
+    lr: Any  # float, tensor or None (relative step)
+    skips: torch.Tensor  # int64 count of skipped updates on this device
+    t: int  # the step count this step reaches (state["step"], for the eager scalars)
+    compiled: bool = False  # run the compiled core
+
+
+# ------------------------------------------------------------------ step counters
+
+
+class DeviceSteps:
+    """The step counters on the device: one 0-dim tensor per parameter (in its state
+    dtype, exact up to 2**24 steps in float32, as torch's own counters), beside
+    ``state["step"]``, the plain integer that checkpoints hold and the host's bookkeeping
+    reads (buckets, when to resample, eager scalars). A compiled core reads the tensor,
+    so that a new count is a new value, not a recompilation; the same tensor object
+    serves every step (CUDA graphs need that). Never read back: a counter that no longer
+    holds its parameter's ``state["step"]`` (a loaded or edited state) is rewritten from
+    the integer (a fill, no sync). Not state: rebuilt after a deep copy, a pickle and
+    ``load_state_dict``, like the projection cache."""
+
+    def __init__(self) -> None:
+        # id(param) -> (param, counter tensor, the count it holds once the pending step ran)
+        self._d: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def take(self, params: list[torch.Tensor], n: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The counters of ``params`` (whose ``state["step"]`` is ``n`` before this step),
+        each holding ``n``; the core adds one."""
+        out = []
+        for p in params:
+            hit = self._d.get(id(p))
+            if hit is not None and hit[0] is p and hit[1].device == p.device and hit[1].dtype == dtype:
+                c = hit[1]
+                if hit[2] != n:
+                    c.fill_(float(n))
+            else:
+                c = torch.full((), float(n), dtype=dtype, device=p.device)
+            self._d[id(p)] = (p, c, n + 1)
+            out.append(c)
+        return out
+
+    def get(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``p``'s counter tensor, or None before its first step."""
+        hit = self._d.get(id(p))
+        return hit[1] if hit is not None and hit[0] is p else None
+
+
+# ------------------------------------------------------------------ the prelude
+
+
+def make_spec(group: dict, state: dict, shape, dtype: torch.dtype) -> Spec:
+    beta1 = group["beta1"]
+    momentum = None
+    if beta1 is not None:
+        momentum = "c" if "exp_avg_c" in state else "m" if "exp_avg" in state else None
+    eps1, eps2 = group["eps"]
+    return Spec(
+        shape=tuple(shape), half=dtype in _HALF, momentum=momentum, form=group["momentum_form"],
+        dim=int(state["proj_dim"]) if momentum == "c" else -1, isometric=group["projection"] != "gaussian",
+        beta1=None if beta1 is None else float(beta1), eps1=float(eps1), eps2=float(eps2),
+        clip_threshold=float(group["clip_threshold"]), decay_rate=float(group["decay_rate"]),
+        weight_decay=float(group["weight_decay"]), scale_parameter=bool(group["scale_parameter"]),
+        relative_step=bool(group["relative_step"]), warmup_init=bool(group["warmup_init"]),
+    )
+
+
+def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices: list[int], *, grouped: bool,
+            projections: ProjectionSource, device_steps: DeviceSteps, skips: torch.Tensor, lr=None,
+            compiled: bool = False) -> Work:
+    """The eager prelude of one step of ``params`` (a bucket on the grouped path, one
+    parameter otherwise): their counters advance on the host, the projection this
+    step uses is fetched (or drawn), and every ``kappa`` steps the next one is drawn and
+    the compressed momentum carried over to it (``M <- A_new A_old^T M``); nothing else
+    changes. Returns the :class:`Work` for the core."""
     s0 = states[0]
-    if s0["proj_age"] >= group["kappa"]:
-        for st in states:
-            st["proj_count"] += 1
-            st["proj_age"] = 0
-        a_new = projections(group, indices, s0["proj_count"], size, c.device, c.dtype, stacked=stacked)
-        c.copy_(transfer(c, a, a_new, s0["proj_dim"]))
-        a = a_new
+    n = s0["step"]
+    steps = device_steps.take(params, n, state_dtype(params[0].dtype))
+    t = n + 1
     for st in states:
-        st["proj_age"] += 1
-    return a
+        st["step"] = t
+    spec = make_spec(group, s0, params[0].shape, params[0].dtype)
+    a = None
+    moms = None
+    if spec.momentum == "c":
+        dim = spec.dim
+        size = matrix_shape(spec.shape)[dim]
+        cs = [st["exp_avg_c"] for st in states]
+        c0 = cs[0]
+        a = projections(group, indices, s0["proj_count"], size, c0.device, c0.dtype, stacked=grouped)
+        if s0["proj_age"] >= group["kappa"]:
+            for st in states:
+                st["proj_count"] += 1
+                st["proj_age"] = 0
+            a_new = projections(group, indices, s0["proj_count"], size, c0.device, c0.dtype, stacked=grouped)
+            if grouped:
+                c = torch.stack(cs)
+                torch._foreach_copy_(cs, list(transfer(c, a, a_new, dim).unbind(0)))
+            else:
+                c0.copy_(transfer(c0, a, a_new, dim))
+            a = a_new
+        for st in states:
+            st["proj_age"] += 1
+        moms = cs
+    elif spec.momentum == "m":
+        moms = [st["exp_avg"] for st in states]
+    if len(spec.shape) >= 2:
+        sq = ([st["exp_avg_sq_row"] for st in states], [st["exp_avg_sq_col"] for st in states])
+    else:
+        sq = ([st["exp_avg_sq"] for st in states],)
+    return Work(grouped, spec, list(params), [p.grad for p in params], steps, sq, moms,
+                a, group["lr"] if lr is None else lr, skips, t, compiled)
 
 
-def single_tensor_step(p: torch.Tensor, state: dict, group: dict, index: int, *,
-                       projections: ProjectionSource, count_skip: Callable[[torch.Tensor], None]) -> None:
-    """One Flora step of parameter ``p`` (its ``.grad``) with its initialised ``state``."""
-    grad = p.grad
+def run(work: Work, t: int | None) -> None:
+    """The core of ``work``; ``t``: the host's step count (eager), or None to derive the
+    step-dependent scalars from the counter tensors (what a compiled core does)."""
+    fn = grouped_core if work.grouped else single_core
+    fn(work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a, work.lr, work.skips, t)
+
+
+# ------------------------------------------------------------------ scalars of a step
+
+
+def _scalars(spec: Spec, t, device) -> tuple[Any, Any]:
+    """``(beta2_t, 1 - beta1^t)``: Python floats from the host's count, or device tensors
+    from the counter (float64, as the host's; float32 where the device has none)."""
+    bias = None
+    if spec.beta1 is not None:
+        bias = af.bias_correction(spec.beta1, t)
+    return af.second_moment_decay(t, spec.decay_rate), bias
+
+
+def _count_step(t, steps: list[torch.Tensor]):
+    """Advance the device counters; returns the count the scalars are computed from:
+    the host's ``t`` when given, else the counter itself (in the scalar dtype)."""
+    if len(steps) == 1:
+        steps[0].add_(1)
+    else:
+        torch._foreach_add_(steps, 1)
+    if t is not None:
+        return t
+    return steps[0].to(af.scalar_dtype(steps[0].device))
+
+
+# ------------------------------------------------------------------ the cores
+
+
+def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None) -> None:
+    """One Flora step of parameter ``params[0]`` (gradient ``grads[0]``), its state given
+    as tensors; see :class:`Work`."""
+    p = params[0]
+    grad = grads[0]
     if grad.dtype in _HALF:
         grad = grad.float()
-    p32 = p.float() if p.dtype in _HALF else p
-    state["step"] += 1
-    t = state["step"]
-    eps1, eps2 = group["eps"]
-    beta1 = group["beta1"]
-    lr = af.step_size(group["lr"], t, af.rms(p32) if group["scale_parameter"] else None, eps2=eps2,
-                      relative_step=group["relative_step"], warmup_init=group["warmup_init"],
-                      scale_parameter=group["scale_parameter"])
-    beta2t = af.second_moment_decay(t, group["decay_rate"])
+    p32 = p.float() if spec.half else p
+    t = _count_step(t, steps)
+    eps1, eps2 = spec.eps1, spec.eps2
+    beta1 = spec.beta1
+    lr = af.step_size(lr, t, af.rms(p32) if spec.scale_parameter else None, eps2=eps2,
+                      relative_step=spec.relative_step, warmup_init=spec.warmup_init,
+                      scale_parameter=spec.scale_parameter)
+    beta2t, bias = _scalars(spec, t, grad.device)
     # The second moment is computed out of place and committed only if the step is
     # finite (ok, decided on the device): a bad gradient leaves no trace. The update's
     # norm, which the clip needs anyway, is NaN or inf whenever an entry is.
-    if grad.dim() >= 2:
-        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, eps1,
-                                                         fused="exp_avg_c" in state and beta1 is not None)
+    if len(spec.shape) >= 2:
+        row, col = sq[0][0], sq[1][0]
+        update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, eps1, fused=spec.momentum == "c")
         norm = update.norm(2)
         ok = torch.isfinite(norm) & torch.isfinite(new_row).all() & torch.isfinite(new_col).all()
         row.copy_(torch.where(ok, new_row, row))
         col.copy_(torch.where(ok, new_col, col))
     else:
-        sq_avg = state["exp_avg_sq"]
+        sq_avg = sq[0][0]
         update, new_sq = af.unfactored_normalize(grad, sq_avg, beta2t, eps1)
         norm = update.norm(2)
         ok = torch.isfinite(norm) & torch.isfinite(new_sq).all()
@@ -89,23 +278,20 @@ def single_tensor_step(p: torch.Tensor, state: dict, group: dict, index: int, *,
     bad = ok.logical_not()
     update.masked_fill_(bad, 0.0)  # leaves a finite update's bits as they are
     norm = torch.where(ok, norm, 0.0)  # the norm of the masked update
-    count_skip(ok)
+    skips.add_(bad.sum())
     sign = None
-    if beta1 is not None and "exp_avg_c" in state:
-        c, dim = state["exp_avg_c"], state["proj_dim"]
-        size = matrix_shape(p.shape)[dim]
-        a = projections(group, [index], state["proj_count"], size, c.device, c.dtype, stacked=False)
-        a = _resample(group, [state], [index], c, a, projections, size, stacked=False)
+    if spec.momentum == "c":
+        c = moms[0]
         c_before = c.clone()  # r x d: small
-        update = compressed_step_(group["momentum_form"], c, update, a, dim, beta1, lr, group["clip_threshold"],
-                                  u_norm=norm, isometric=group["projection"] != "gaussian",
-                                  bias_correction=1.0 - beta1 ** t, ok=ok)  # clips, scales by lr; 0 where not ok
+        update = compressed_step_(spec.form, c, update, a, spec.dim, beta1, lr, spec.clip_threshold,
+                                  u_norm=norm, isometric=spec.isometric,
+                                  bias_correction=bias, ok=ok)  # clips, scales by lr; 0 where not ok
         c.copy_(torch.where(ok, c, c_before))
     else:
-        af.clip_by_rms_(update, group["clip_threshold"], norm=norm)
+        af.clip_by_rms_(update, spec.clip_threshold, norm=norm)
         update.mul_(lr)
-        if beta1 is not None:
-            m = state["exp_avg"]
+        if spec.momentum == "m":
+            m = moms[0]
             # beta1 where ok, 1 (no decay) where not; the masked update then adds nothing.
             dense_momentum_(m, update, torch.where(ok, torch.full((), beta1, dtype=m.dtype, device=m.device), 1.0),
                             alpha=1 - beta1)
@@ -114,108 +300,93 @@ def single_tensor_step(p: torch.Tensor, state: dict, group: dict, index: int, *,
             update = None
             sign = torch.where(ok, -1.0, 0.0)
 
-    wd = group["weight_decay"]
+    wd = spec.weight_decay
     if wd != 0:
         if isinstance(lr, torch.Tensor):  # HF reads this lr on the host; the product stays on the device here
             p32.addcmul_(torch.where(ok, p32, 0.0), lr, value=-wd)
         else:
             p32.add_(torch.where(ok, p32, 0.0), alpha=(-wd * lr))
     if update is None:
-        p32.addcmul_(state["exp_avg"], sign)
+        p32.addcmul_(moms[0], sign)
     else:
         p32.sub_(update)  # == add_(-update) bit for bit, without the negated copy
     if p32 is not p:
         p.copy_(p32)
 
 
-def _stack(states: list[dict], key: str) -> torch.Tensor:
-    return torch.stack([st[key] for st in states])
-
-
-def _commit(states: list[dict], key: str, new: torch.Tensor, old: torch.Tensor, ok_b: torch.Tensor) -> None:
+def _commit(targets: list[torch.Tensor], new: torch.Tensor, old: torch.Tensor, ok_b: torch.Tensor) -> None:
     """Write a stacked state back to the parameters' own tensors, where the step was finite."""
-    torch._foreach_copy_([st[key] for st in states], list(torch.where(ok_b, new, old).unbind(0)))
+    torch._foreach_copy_(targets, list(torch.where(ok_b, new, old).unbind(0)))
 
 
-def grouped_step(params: list[torch.Tensor], states: list[dict], group: dict, indices: list[int], *,
-                 projections: ProjectionSource, count_skip: Callable[[torch.Tensor], None]) -> None:
-    """One Flora step of ``params`` (their ``.grad``), which share shape, dtypes, device,
-    ``group`` and state layout and counters: the single-tensor step on stacks."""
+def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None) -> None:
+    """One Flora step of ``params`` (gradients ``grads``), which share shape, dtypes,
+    device, options, state layout and counters: the single-tensor step on stacks."""
     k = len(params)
-    shape = params[0].shape
-    numel = params[0].numel()
-    grads = [p.grad for p in params]
-    half = params[0].dtype in _HALF
+    shape = spec.shape
+    numel = math.prod(shape)
     g = torch.stack(grads)
     if g.dtype in _HALF:
         g = g.float()
-    p32 = [p.float() for p in params] if half else params
-    for st in states:
-        st["step"] += 1
-    s0 = states[0]
-    t = s0["step"]
-    eps1, eps2 = group["eps"]
-    beta1 = group["beta1"]
+    p32 = [p.float() for p in params] if spec.half else params
+    t = _count_step(t, steps)
+    eps1, eps2 = spec.eps1, spec.eps2
+    beta1 = spec.beta1
     prms = None
-    if group["scale_parameter"]:
+    if spec.scale_parameter:
         prms = torch.stack(torch._foreach_norm(p32)).div_(math.sqrt(numel))
-    lr = af.step_size(group["lr"], t, prms, eps2=eps2, relative_step=group["relative_step"],
-                      warmup_init=group["warmup_init"], scale_parameter=group["scale_parameter"])
+    lr = af.step_size(lr, t, prms, eps2=eps2, relative_step=spec.relative_step, warmup_init=spec.warmup_init,
+                      scale_parameter=spec.scale_parameter)
     if isinstance(lr, torch.Tensor):
         lr = lr.to(g.device)
-        lr_b = lr.reshape(-1, *([1] * len(shape)))  # one per parameter, or one for all
+        # one per parameter, or one for all (a 0-dim lr scales as the float would)
+        lr_b = lr if lr.dim() == 0 else lr.reshape(-1, *([1] * len(shape)))
     else:
         lr_b = lr
-    beta2t = af.second_moment_decay(t, group["decay_rate"])
+    beta2t, bias = _scalars(spec, t, g.device)
 
     def per_param(x: torch.Tensor) -> torch.Tensor:  # a k-vector shaped to scale the k x shape stack
         return x.reshape(k, *([1] * len(shape)))
 
     if len(shape) >= 2:
-        row, col = _stack(states, "exp_avg_sq_row"), _stack(states, "exp_avg_sq_col")
-        update, new_row, new_col = af.factored_normalize(g, row, col, beta2t, eps1,
-                                                         fused="exp_avg_c" in s0 and beta1 is not None)
+        row, col = torch.stack(sq[0]), torch.stack(sq[1])
+        update, new_row, new_col = af.factored_normalize(g, row, col, beta2t, eps1, fused=spec.momentum == "c")
         norm = torch.linalg.vector_norm(update.reshape(k, -1), dim=1)
         ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
             torch.isfinite(new_col).reshape(k, -1).all(1)
-        _commit(states, "exp_avg_sq_row", new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
-        _commit(states, "exp_avg_sq_col", new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
+        _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
+        _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
     else:
-        sq_avg = _stack(states, "exp_avg_sq")
+        sq_avg = torch.stack(sq[0])
         update, new_sq = af.unfactored_normalize(g, sq_avg, beta2t, eps1)
         norm = torch.linalg.vector_norm(update.reshape(k, -1), dim=1)
         ok = torch.isfinite(norm) & torch.isfinite(new_sq).reshape(k, -1).all(1)
-        _commit(states, "exp_avg_sq", new_sq, sq_avg, per_param(ok))
+        _commit(sq[0], new_sq, sq_avg, per_param(ok))
     del g
     ok_b = per_param(ok)
     update.masked_fill_(ok_b.logical_not(), 0.0)
     norm = torch.where(ok, norm, 0.0)
-    count_skip(ok)
-    if beta1 is not None and "exp_avg_c" in s0:
-        dim = s0["proj_dim"]
-        size = matrix_shape(shape)[dim]
-        c = _stack(states, "exp_avg_c")
-        a = projections(group, indices, s0["proj_count"], size, c.device, c.dtype, stacked=True)
-        a = _resample(group, states, indices, c, a, projections, size, stacked=True)
+    skips.add_(ok.logical_not().sum())
+    if spec.momentum == "c":
+        c = torch.stack(moms)
         c_before = c.clone()  # k x r x d: small
         # The k x n x m view of the update is a copy when the update's dims cannot be
         # merged (channels_last and other permuted layouts of 3 or more dims): the step
         # is what compressed_step_ returns, never the tensor it was given.
-        update = compressed_step_(group["momentum_form"], c, update.reshape(k, *matrix_shape(shape)), a, dim,
-                                  beta1, lr, group["clip_threshold"], u_norm=norm,
-                                  isometric=group["projection"] != "gaussian", bias_correction=1.0 - beta1 ** t,
-                                  ok=ok).view(k, *shape)
-        _commit(states, "exp_avg_c", c, c_before, ok.reshape(k, 1, 1))
+        update = compressed_step_(spec.form, c, update.reshape(k, *matrix_shape(shape)), a, spec.dim,
+                                  beta1, lr, spec.clip_threshold, u_norm=norm,
+                                  isometric=spec.isometric, bias_correction=bias, ok=ok).view(k, *shape)
+        _commit(moms, c, c_before, ok.reshape(k, 1, 1))
     else:
-        clip = (norm / math.sqrt(numel) / group["clip_threshold"]).clamp_(min=1.0)
+        clip = (norm / math.sqrt(numel) / spec.clip_threshold).clamp_(min=1.0)
         update.div_(per_param(clip)).mul_(lr_b)
-        if beta1 is not None:
-            m = _stack(states, "exp_avg")
+        if spec.momentum == "m":
+            m = torch.stack(moms)
             dense_momentum_(m, update, per_param(torch.where(ok, torch.full_like(ok, beta1, dtype=m.dtype), 1.0)),
                             alpha=1 - beta1)
-            torch._foreach_copy_([st["exp_avg"] for st in states], list(m.unbind(0)))
+            torch._foreach_copy_(moms, list(m.unbind(0)))
             update = torch.where(ok_b, m, 0.0)
-    wd = group["weight_decay"]
+    wd = spec.weight_decay
     if wd != 0:
         decay = torch.where(ok_b, torch.stack(p32), 0.0)
         if isinstance(lr, torch.Tensor):  # p <- p - wd lr p - update, folded into the update
@@ -223,12 +394,36 @@ def grouped_step(params: list[torch.Tensor], states: list[dict], group: dict, in
         else:  # as the single-tensor step (and HF) does it
             torch._foreach_add_(p32, list(decay.unbind(0)), alpha=-wd * lr)
     torch._foreach_sub_(p32, list(update.unbind(0)))
-    if half:
+    if spec.half:
         torch._foreach_copy_(params, p32)
 
 
+# ------------------------------------------------------------------ compiled cores
+
+# torch.compile options of Flora(compile=...): one graph per shape signature, no graph
+# break allowed inside (torchao's low-bit optimizers compile their per-parameter step the
+# same way).
+COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
+_compiled: dict[tuple, Callable] = {}
+
+
+def compiled_core(grouped: bool, backend="inductor", options: dict | None = None) -> Callable:
+    """The core function compiled with ``backend`` (one compiled function per backend and
+    options; its graphs are cached by dynamo per shape signature)."""
+    key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
+    fn = _compiled.get(key)
+    if fn is None:
+        fn = torch.compile(grouped_core if grouped else single_core, backend=backend, options=options,
+                           **COMPILE_OPTIONS)
+        _compiled[key] = fn
+    return fn
+
+
+# ------------------------------------------------------------------ buckets
+
+
 def bucket_key(p: torch.Tensor, state: dict) -> tuple:
-    """Parameters of one group with equal keys step together in :func:`grouped_step`."""
+    """Parameters of one group with equal keys step together in :func:`grouped_core`."""
     momentum = "c" if "exp_avg_c" in state else "m" if "exp_avg" in state else None
     proj = (state["proj_dim"], state["proj_count"], state["proj_age"]) if momentum == "c" else None
     return (tuple(p.shape), p.dtype, p.grad.dtype, p.device, state["step"], momentum, proj)
@@ -239,10 +434,11 @@ def bucket_key(p: torch.Tensor, state: dict) -> tuple:
 BUCKET_NUMEL = 1 << 25
 
 
-def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int = BUCKET_NUMEL):
+def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None = None):
     """Split ``(param, state, index)`` entries of one group into lists that
-    :func:`grouped_step` can take, none above ``max_numel`` gradient elements (unless a
-    single parameter is)."""
+    :func:`grouped_core` can take, none above ``max_numel`` gradient elements (default
+    ``BUCKET_NUMEL``; unless a single parameter is)."""
+    max_numel = BUCKET_NUMEL if max_numel is None else max_numel
     by_key: dict[tuple, list] = {}
     for e in entries:
         by_key.setdefault(bucket_key(e[0], e[1]), []).append(e)
@@ -252,4 +448,5 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int = BUCK
             yield members[i:i + per]
 
 
-__all__ = ["single_tensor_step", "grouped_step", "buckets", "bucket_key", "BUCKET_NUMEL"]
+__all__ = ["single_core", "grouped_core", "prepare", "run", "Spec", "Work", "DeviceSteps", "compiled_core",
+           "buckets", "bucket_key", "BUCKET_NUMEL", "COMPILE_OPTIONS"]

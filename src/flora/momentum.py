@@ -132,7 +132,7 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
 def compressed_step_(
     form: str, c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
     lr: float | torch.Tensor, clip: float, *, u_norm: torch.Tensor | None = None, isometric: bool = False,
-    bias_correction: float = 1.0, ok: torch.Tensor | None = None,
+    bias_correction: float | torch.Tensor = 1.0, ok: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adafactor's update clip and learning rate, then Flora's compressed momentum and
     its clip after decompression, with one pass over ``u`` (which it overwrites).
@@ -140,7 +140,7 @@ def compressed_step_(
     ``u`` is this step's normalised update before clipping (``u_norm``: its 2-norm, if
     already computed); ``isometric``: the projection's rows are orthonormal
     (``"orthonormal"``, ``"coordinates"``); ``bias_correction``: ``1 - beta^t``, used by
-    ``"scaled"``. Equal, up to rounding, to::
+    ``"scaled"`` and ``"adaptive"`` (a float, or a 0-dim device tensor in a compiled step). Equal, up to rounding, to::
 
         u = lr * u / max(1, rms(u) / clip)
         out = paper_momentum_(c, u, a, dim, beta)  # or exact_, subspace_, scaled_momentum_
@@ -169,7 +169,7 @@ def compressed_step_(
     norm = torch.linalg.vector_norm(um, dim=(-2, -1)) if u_norm is None else u_norm
     sdt = _scalar_dtype(u.device)
     terms = compressed_terms(c, cu, a, dim, isometric=isometric, dtype=sdt)
-    compressed_apply_(form, c, um, cu, a, dim, beta, lr, clip, u_sq=norm.to(sdt).square(), terms=terms,
+    um = compressed_apply_(form, c, um, cu, a, dim, beta, lr, clip, u_sq=norm.to(sdt).square(), terms=terms,
                       numel=um.shape[-2] * um.shape[-1], isometric=isometric, bias_correction=bias_correction, ok=ok)
     return um if batched else um.reshape(u.shape)
 
@@ -200,12 +200,13 @@ def _cross_gram(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
 def compressed_apply_(
     form: str, c: torch.Tensor, um: torch.Tensor, cu: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
     lr: float | torch.Tensor, clip: float, *, u_sq: torch.Tensor, terms: torch.Tensor, numel: int,
-    isometric: bool, bias_correction: float = 1.0, ok: torch.Tensor | None = None,
+    isometric: bool, bias_correction: float | torch.Tensor = 1.0, ok: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The rest of :func:`compressed_step_` once ``|u|^2`` (``u_sq``) and
     :func:`compressed_terms` are known (summed over shards, for a sharded tensor whose
     ``um``, ``c`` and ``cu`` are the local rows): updates ``c`` and overwrites ``um`` with
-    the update; ``numel``: the whole tensor's."""
+    the update (and returns it: under torch.compile, a new tensor); ``numel``: the whole
+    tensor's."""
     sdt = u_sq.dtype
     lr_t = lr.to(device=um.device, dtype=sdt) if isinstance(lr, torch.Tensor) else lr
     k = lr_t / (u_sq / numel).sqrt().div_(clip).clamp_(min=1.0)  # k u: Adafactor's clipped, lr-scaled update
@@ -258,27 +259,32 @@ def compressed_apply_(
     alpha = (s * coef_dc).to(um.dtype)
     if coef_u is None:  # the paper's form: out = s D(c_new), nothing of u
         um.zero_()
-        decompress_add_(um, x, a, dim, alpha=alpha)
+        um = decompress_add_(um, x, a, dim, alpha=alpha)
     else:
-        decompress_add_(um, x, a, dim, beta=(s * coef_u).to(um.dtype), alpha=alpha)  # u <- s (coef_u u + coef_dc D(x))
+        # u <- s (coef_u u + coef_dc D(x))
+        um = decompress_add_(um, x, a, dim, beta=(s * coef_u).to(um.dtype), alpha=alpha)
     if form in ("exact", "subspace"):
         c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
     return um
 
 
-def complement_scale_t(c_norm: torch.Tensor, cu_norm: torch.Tensor, bias_correction: float) -> torch.Tensor:
+def complement_scale_t(c_norm: torch.Tensor, cu_norm: torch.Tensor, bias_correction: float | torch.Tensor) -> torch.Tensor:
     """:func:`complement_scale` on device tensors (no host sync)."""
     ratio = c_norm / (bias_correction * cu_norm)
     return torch.where(cu_norm > 0, ratio.clamp(max=1.0), 1.0)
 
 
-def adaptive_scale_t(c_sq: torch.Tensor, cu_sq: torch.Tensor, beta: float, bias_correction: float) -> torch.Tensor:
+def adaptive_scale_t(c_sq: torch.Tensor, cu_sq: torch.Tensor, beta: float, bias_correction: float | torch.Tensor) -> torch.Tensor:
     """:func:`adaptive_scale` on device tensors (no host sync), from squared norms."""
     r0 = noise_ratio_sq(beta, bias_correction)
-    if r0 >= 1:  # the first step: nothing to tell signal from noise yet
-        return torch.ones_like(c_sq)
+    if not isinstance(r0, torch.Tensor):
+        if r0 >= 1:  # the first step: nothing to tell signal from noise yet
+            return torch.ones_like(c_sq)
+        f = (c_sq / (bias_correction**2 * cu_sq) - r0) / (1 - r0)
+        return torch.where(cu_sq > 0, f.clamp(min=1.0 - beta, max=1.0), 1.0)
+    # a device step count (compiled steps): the same choice, made on the device
     f = (c_sq / (bias_correction**2 * cu_sq) - r0) / (1 - r0)
-    return torch.where(cu_sq > 0, f.clamp(min=1.0 - beta, max=1.0), 1.0)
+    return torch.where((cu_sq > 0) & (r0 < 1), f.clamp(min=1.0 - beta, max=1.0), 1.0)
 
 
 def resample_(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int) -> torch.Tensor:

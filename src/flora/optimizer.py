@@ -10,6 +10,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._validation import check_choice, check_positive_int, check_real, check_seed
+from . import adafactor as af
 from . import functional as F
 from . import sharded
 from .sharded import is_dtensor
@@ -25,6 +26,19 @@ _CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
 # groups set them otherwise than this optimizer was built with, load_state_dict warns.
 # (A different rank is refused: the momentum's shape depends on it.)
 ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim")
+
+
+# Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
+_RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors")
+
+
+def _install_prelude() -> None:
+    """Mark ``Flora._prelude`` as not traceable by torch.compile (``torch.compiler.disable``),
+    once, when the first Flora is built: the eager prelude is then the one graph break of a
+    compiled ``opt.step``. (Done here rather than at import: it imports torch._dynamo, about
+    a second, which torch's own optimizers also import at their first step.)"""
+    if not getattr(Flora._prelude, "_torchdynamo_disable", False):
+        Flora._prelude = torch.compiler.disable(Flora._prelude_eager)
 
 
 def _upgrade_group(group: dict, *, saved: bool = True) -> dict:
@@ -56,11 +70,12 @@ def _momentum_reason(shape, group: dict) -> str | None:
 CPU_GROUP_NUMEL = 1 << 16
 
 
-def _grouped(group: dict, p: torch.Tensor) -> bool:
+def _grouped(group: dict, p: torch.Tensor, compiled: bool = False) -> bool:
     """Whether ``p`` (and its bucket) steps on the grouped path: ``foreach=True``; or
-    None (the default) off the CPU, and on the CPU for small tensors."""
+    None (the default) off the CPU, on the CPU for small tensors, and everywhere when
+    the step is compiled."""
     if group["foreach"] is None:
-        return p.device.type != "cpu" or p.numel() <= CPU_GROUP_NUMEL
+        return compiled or p.device.type != "cpu" or p.numel() <= CPU_GROUP_NUMEL
     return group["foreach"]
 
 
@@ -178,6 +193,22 @@ class Flora(Optimizer):
             ``CPU_GROUP_NUMEL`` elements and single-tensor for larger ones, whichever
             was faster there. The two agree to float rounding. Neither path waits on
             the host during ``step()``.
+        compile: ``True`` compiles the step's arithmetic with ``torch.compile``
+            (inductor; ``fullgraph=True, dynamic=False``), once per shape signature of
+            a bucket, as torchao's low-bit optimizers compile their per-parameter step;
+            a backend name or callable instead of True picks that backend. Every
+            bucket then steps on the grouped path unless ``foreach=False``. The first
+            step of each new signature compiles (seconds each); later steps reuse the
+            graphs, whatever the step count, the lr (give it as a 0-dim tensor, or a
+            float: it is then written into a device tensor), resamples or non-finite
+            skips. Results equal the eager step to float rounding. Not saved in
+            ``state_dict``. ``torch.compile(opt.step)`` works too, without this: one
+            graph break (the eager prelude that draws projections) and one graph.
+
+    Step counters: ``state["step"]`` is a plain integer (checkpoints hold numbers; a
+    checkpoint whose counters are tensors, torch's convention, loads too), and a 0-dim
+    tensor per parameter on its device mirrors it for compiled steps, as torch's
+    capturable optimizers keep theirs (not state: rebuilt from the integer on demand).
 
     State is float32 whatever the parameter dtype (float64 parameters keep float64
     state). A compressed update is clipped to RMS ``lr * clip_threshold`` after
@@ -213,6 +244,7 @@ class Flora(Optimizer):
         max_aspect_ratio: float | None = None,
         cache_projections: bool = True,
         foreach: bool | None = None,
+        compile: bool | str | Any = False,
         momentum: str | None = None,
     ):
         if momentum is not None:
@@ -230,6 +262,13 @@ class Flora(Optimizer):
             cache_projections=cache_projections, foreach=foreach,
         )
         _validate_group(defaults)
+        if not (compile is True or compile is False or compile is None or isinstance(compile, str)
+                or callable(compile)):
+            raise TypeError(f"compile must be True, False, a torch.compile backend name or a backend callable, "
+                            f"got {compile!r}")
+        # the torch.compile backend of the compiled core, or None (eager)
+        self._compile = None if compile is False or compile is None else ("inductor" if compile is True else compile)
+        _install_prelude()
         super().__init__(params, defaults)
         self._init_runtime()
         self._warn_if_nothing_compressed()
@@ -243,8 +282,13 @@ class Flora(Optimizer):
         self._skips: dict[torch.device, torch.Tensor] = {}
         # (group sizes, id(param) -> (param, group, index)): step_parameter's lookup
         self._where: tuple | None = None
+        # the step counters on the device, beside state["step"] (plain integers)
+        self._device_steps = F.DeviceSteps()
+        # (id(group), device) -> [device lr tensor, its float]: compile=True's float lr
+        self._lr_tensors: dict[tuple, list] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_compile", None)
         super().__setstate__(state)
         for group in self.param_groups:  # options added or renamed since it was pickled
             _upgrade_group(group)
@@ -254,7 +298,7 @@ class Flora(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # The projection cache is rebuilt on demand and the skip counter is monitoring.
-        return {k: v for k, v in super().__getstate__().items() if k not in ("_proj_cache", "_skips", "_where")}
+        return {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group = dict(param_group)
@@ -364,16 +408,28 @@ class Flora(Optimizer):
                 if is_dtensor(p):
                     sharded.layout(p)  # a placement Flora cannot step is refused here, before any change
 
-    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.no_grad():
+            # The eager prelude: checks, state, buckets, host counters, projections and
+            # resamples (and FSDP2's sharded parameters, whole); under torch.compile(opt.step)
+            # it is the one graph break. Then the arithmetic, on tensors only.
+            plan = self._prelude()
+            self._apply(plan)
+        return loss
+
+    def _prelude_eager(self) -> list:
+        """Everything of a step that reads or writes host values; returns the
+        :class:`flora.functional.Work` items whose cores do the arithmetic."""
         # Every check happens before any state changes.
         self._check_grads()
         index = 0
+        plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
+        compiled = self._compile is not None
         for group in self.param_groups:
             entries = []
             for p in group["params"]:
@@ -387,16 +443,64 @@ class Flora(Optimizer):
             if not entries:
                 continue
             for bucket in F.buckets(entries):
-                if _grouped(group, bucket[0][0]):
-                    F.grouped_step([e[0] for e in bucket], [e[1] for e in bucket], group, [e[2] for e in bucket],
-                                   projections=self._projections, count_skip=self._count_skip)
+                p0 = bucket[0][0]
+                if _grouped(group, p0, compiled):
+                    plan.append(self._work([e[0] for e in bucket], [e[1] for e in bucket], group,
+                                           [e[2] for e in bucket], grouped=True))
                     continue
                 for p, state, i in bucket:
-                    F.single_tensor_step(p, state, group, i, projections=self._projections,
-                                         count_skip=self._count_skip)
+                    plan.append(self._work([p], [state], group, [i], grouped=False))
         if sharded_entries:
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
-        return loss
+        return plan
+
+    # Replaced by torch.compiler.disable(_prelude_eager) when the first Flora is built.
+    _prelude = _prelude_eager
+
+    def _work(self, params, states, group, indices, *, grouped: bool):
+        device = params[0].device
+        compiled = self._compile is not None
+        return F.prepare(params, states, group, indices, grouped=grouped, projections=self._projections,
+                         device_steps=self._device_steps, skips=self._skip_counter(device),
+                         lr=self._lr_for(group, device) if compiled else None, compiled=compiled)
+
+    def _lr_for(self, group: dict, device):
+        """compile=True: a float lr as a device tensor (one per group and device, written
+        when the value changes), so that a scheduler writing floats does not recompile."""
+        lr = group["lr"]
+        if lr is None or isinstance(lr, torch.Tensor):
+            return lr
+        key = (id(group), device)
+        hit = self._lr_tensors.get(key)
+        if hit is None:
+            t = torch.full((), float(lr), dtype=af.scalar_dtype(device), device=device)
+            hit = self._lr_tensors[key] = [t, float(lr)]
+        elif hit[1] != float(lr):
+            hit[0].fill_(float(lr))
+            hit[1] = float(lr)
+        return hit[0]
+
+    def _apply(self, plan: list) -> None:
+        """The arithmetic of a step: every item's core, compiled or not."""
+        if torch.compiler.is_compiling():  # traced into the caller's graph: counters as tensors
+            for work in plan:
+                F.run(work, None)
+            return
+        if any(w.compiled for w in plan):
+            from torch._dynamo.utils import disable_cache_limit
+
+            # One graph per shape signature, a fixed number for a model (as torchao's optimizers).
+            with disable_cache_limit():
+                for work in plan:
+                    if work.compiled:
+                        F.compiled_core(work.grouped, self._compile)(
+                            work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a, work.lr,
+                            work.skips, None)
+                    else:
+                        F.run(work, work.t)
+            return
+        for work in plan:
+            F.run(work, work.t)
 
     def _locate(self, p: torch.Tensor) -> tuple[dict, int] | None:
         """``p``'s group and index, from a map rebuilt only when the groups change."""
@@ -436,12 +540,10 @@ class Flora(Optimizer):
             raise ValueError("step_parameter: DTensor (FSDP2) parameters step together in step(), which sums "
                              "Adafactor's factors over their shards; fused per-parameter steps are not supported")
         self._prepare_state(p, group)
-        if not _grouped(group, p):
-            F.single_tensor_step(p, self.state[p], group, index, projections=self._projections,
-                                 count_skip=self._count_skip)
-        else:  # a bucket of one: the same arithmetic as step()'s buckets
-            F.grouped_step([p], [self.state[p]], group, [index], projections=self._projections,
-                           count_skip=self._count_skip)
+        # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
+        work = self._work([p], [self.state[p]], group, [index],
+                          grouped=_grouped(group, p, self._compile is not None))
+        self._apply([work])
 
     def _prepare_state(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -512,11 +614,15 @@ class Flora(Optimizer):
         # subsets, as experts of a mixture do): stacked for this step only.
         return found[0].unsqueeze(0) if len(found) == 1 else torch.stack(found)
 
-    def _count_skip(self, ok: torch.Tensor) -> None:
-        c = self._skips.get(ok.device)
+    def _skip_counter(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        c = self._skips.get(device)
         if c is None:
-            c = self._skips[ok.device] = torch.zeros((), dtype=torch.int64, device=ok.device)
-        c.add_(ok.logical_not().sum())
+            c = self._skips[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return c
+
+    def _count_skip(self, ok: torch.Tensor) -> None:
+        self._skip_counter(ok.device).add_(ok.logical_not().sum())
 
     # ------------------------------------------------------------ checkpointing
 
@@ -576,6 +682,8 @@ class Flora(Optimizer):
                           UserWarning, stacklevel=2)
         self._proj_cache.clear()
         self._where = None
+        self._device_steps.clear()
+        self._lr_tensors.clear()
         for group in self.param_groups:  # options added since the state was saved
             _upgrade_group(group)
             for k, v in self.defaults.items():
@@ -583,7 +691,9 @@ class Flora(Optimizer):
         for pid, s in state_dict["state"].items():
             p, _ = id_to_param[pid]
             for k, v in s.items():
-                if isinstance(v, torch.Tensor):
+                if k == "step":  # a plain number (ours) or a tensor (torch's convention): the number
+                    self.state[p]["step"] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+                elif isinstance(v, torch.Tensor):
                     self.state[p][k] = v.detach().to(device=p.device, copy=True)
 
 

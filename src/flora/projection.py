@@ -244,7 +244,14 @@ def decompress_add_(out: torch.Tensor, c: torch.Tensor, a: torch.Tensor, dim: in
     """``out <- beta out + alpha decompress(c, a, dim)`` in place (``out`` an n x m
     matrix, or a ``k x n x m`` stack), without the n x m temporary that
     ``out + decompress(...)`` would allocate. ``beta`` and ``alpha`` may be tensors (0-dim,
-    or one per matrix of a stack): they stay on the device."""
+    or one per matrix of a stack): they stay on the device.
+
+    Under ``torch.compile`` (matrix projections), returns ``beta out + D(alpha c)`` as a
+    new tensor instead: the compiler then fuses ``beta out +`` into whatever consumes the
+    result (Flora's parameter update), where an in-place ``addmm_`` would cost a scaled
+    copy of ``out`` and a copy into the matmul's output. Use the returned tensor."""
+    if torch.compiler.is_compiling() and not is_coordinates(a):
+        return out * _bcast(beta) + decompress(c * _bcast(alpha), a, dim)
     if isinstance(beta, torch.Tensor) or isinstance(alpha, torch.Tensor):
         out.mul_(_bcast(beta))
         c = c * _bcast(alpha)
