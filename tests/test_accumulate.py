@@ -546,7 +546,7 @@ def test_gradient_checkpointing(reentrant):
 @pytest.mark.parametrize("kwargs,exc,name", [
     (dict(rank=0), ValueError, "rank"), (dict(rank=-2), ValueError, "rank"), (dict(rank=2.5), TypeError, "rank"),
     (dict(tau=0), ValueError, "tau"), (dict(tau=-1), ValueError, "tau"), (dict(tau=True), TypeError, "tau"),
-    (dict(seed=-1), ValueError, "seed"), (dict(proj_dim=2), ValueError, "proj_dim"),
+    (dict(seed=-1), ValueError, "seed"), (dict(seed=2**70), ValueError, "seed"), (dict(proj_dim=2), ValueError, "proj_dim"),
     (dict(max_aspect_ratio=0.5), ValueError, "max_aspect_ratio"), (dict(exact_last=1), TypeError, "exact_last"),
     (dict(fused=True), ValueError, "optimizer"), (dict(max_grad_norm=1.0), ValueError, "max_grad_norm"),
     (dict(exclude=["nope"]), ValueError, "exclude"), (dict(optimizer="adam"), TypeError, "optimizer"),

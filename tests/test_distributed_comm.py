@@ -661,7 +661,8 @@ def test_bench_comm_summary_picks_the_best_validation_loss_and_skips_failures():
 @pytest.mark.parametrize("kw, exc, words", [
     (dict(rank=0), ValueError, "rank must be a positive integer or None"),
     (dict(rank=2.5), TypeError, "rank must be"),
-    (dict(rank=4, seed=-1), ValueError, "seed must be a non-negative integer"),
+    (dict(rank=4, seed=-1), ValueError, "seed must be an integer in"),
+    (dict(rank=4, seed=2**70), ValueError, "seed must be an integer in"),
     (dict(rank=4, projection="coordinates"), ValueError, "'orthonormal', 'gaussian'"),
     (dict(rank=4, projection="svd"), ValueError, "projection must be one of"),
     (dict(rank=4, proj_dim=2), ValueError, "proj_dim must be one of"),

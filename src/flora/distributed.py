@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._validation import check_nonneg_int, check_positive_int, check_real
+from ._validation import check_nonneg_int, check_positive_int, check_real, check_seed
 from .accumulation.estimator import write_estimate_
 from .accumulation.replicas import check_agreement  # the replicas' option check, shared with reduce=True
 from .compression import PROJ_DIMS, compressed_dim
@@ -82,7 +82,7 @@ class ProjectionState:
     def __init__(self, rank: int | None, seed: int = 0, *, projection: str = "orthonormal",
                  proj_dim: str | int = "auto", max_aspect_ratio: float | None = None, process_group=None):
         check_positive_int("rank", rank, allow_none=True)
-        check_nonneg_int("seed", seed)
+        check_seed("seed", seed)
         if projection not in HOOK_PROJECTIONS:
             biased = " ('coordinates' is biased)" if projection in PROJECTIONS else ""
             raise ValueError(f"projection must be one of {', '.join(map(repr, HOOK_PROJECTIONS))}; got "

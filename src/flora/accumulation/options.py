@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .._validation import check_nonneg_int, check_positive_int, check_real
+from .._validation import check_positive_int, check_real, check_seed
 from ..compression import PROJ_DIMS, compressed_dim
 from ..sharded import is_dtensor
 from .estimator import ACCUMULATION_PROJECTIONS, Slot
@@ -58,7 +58,7 @@ def check_options(rank, tau, *, seed, proj_dim, max_aspect_ratio, projection, ex
                   cache_projections, reduce, process_group, max_grad_norm, optimizer, scaler) -> None:
     check_positive_int("rank", rank, allow_none=True)
     check_positive_int("tau", tau)
-    check_nonneg_int("seed", seed)
+    check_seed("seed", seed)
     if proj_dim not in PROJ_DIMS or isinstance(proj_dim, bool):
         raise ValueError(f"proj_dim must be one of {', '.join(map(repr, PROJ_DIMS))}; got {proj_dim!r}")
     check_real("max_aspect_ratio", max_aspect_ratio, low=1.0, allow_none=True)
