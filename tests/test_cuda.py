@@ -126,3 +126,51 @@ def test_cuda_grouped_equals_single_tensor():
 
     for a, b in zip(run(False), run(True)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ compiled steps (issue 18)
+
+
+@pytest.mark.parametrize("how", ["option", "user"])
+@pytest.mark.parametrize("foreach", [None, False], ids=["grouped", "single"])
+def test_cuda_compiled_step_never_syncs_and_equals_eager(foreach, how):
+    """Flora(compile=True) and torch.compile(opt.step) on the GPU (inductor, Triton): after
+    two warm-up steps (compilation), steps with resamples (kappa=2), a scheduler writing a
+    tensor lr and a non-finite gradient run under set_sync_debug_mode("error"), compile
+    nothing new, and equal the eager GPU step to 1e-5."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    shapes = [(48, 32), (48, 32), (32,), (6, 3, 3, 3)]
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        opt = Flora(params, lr=torch.tensor(1e-2, device="cuda"), rank=4, beta1=0.9, kappa=2, foreach=foreach,
+                    weight_decay=0.1, compile=compiled and how == "option")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+        step = torch.compile(opt.step) if compiled and how == "user" else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for t in range(7):
+            for i, p in enumerate(params):
+                g = torch.randn(p.shape, generator=gen)
+                if t == 4 and i == 0:
+                    g.view(-1)[0] = float("nan")
+                p.grad = g.cuda()
+            if compiled and t == 2:
+                graphs = counters["stats"]["unique_graphs"]
+            torch.cuda.synchronize()
+            if compiled and t >= 2:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            sched.step()
+        if compiled:
+            assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after warm-up
+        runs.append((params, opt))
+    (want, _), (got, opt) = runs
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() <= 1e-5
+    assert int(opt.nonfinite_skips) == 1

@@ -1,0 +1,332 @@
+"""A compiled step (issue 18): ``torch.compile(opt.step)`` and ``Flora(compile=...)``.
+
+- With a counting backend (``torch._dynamo.testing.CompileCounter``) and dynamo's
+  counters: one graph break (the eager prelude), one graph, and nothing compiled after the
+  first step across resamples (kappa=2), a scheduler writing a tensor lr every step and a
+  non-finite gradient, on both paths.
+- The compiled step equals the eager one to 1e-5 for every (form, projection) pair of
+  ``MOMENTUM_CONFIGS`` on both paths (``aot_eager``: dynamo's graph, functionalised, run
+  by eager kernels; one optimizer with a parameter group per pair, so one trace per
+  path), and with inductor on a few cases (the default form, a relative step, bf16).
+- A checkpoint of a compiled run holds plain step numbers, loads with
+  ``weights_only=True`` into a compiled optimizer and steps on as the uninterrupted run.
+
+The CUDA half (sync-debug mode) is in ``tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from flora import Flora
+
+from _configs import MOMENTUM_CONFIGS
+
+dynamo = pytest.importorskip("torch._dynamo")
+from torch._dynamo.testing import CompileCounter  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+SHAPES = [(12, 20), (12, 20), (20, 12), (20,), (6, 4, 5)]
+BASE = dict(lr=1e-2, rank=3, beta1=0.9, kappa=2, seed=5)
+STEPS = 6  # two resamples (kappa=2)
+BAD_STEP = 3  # a NaN in parameter 0's gradient
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with dynamo's caches and counters empty, on one thread (tiny
+    tensors: threads only add synchronisation)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dynamo.reset()
+    counters.clear()
+    yield
+    dynamo.reset()
+    torch.set_num_threads(n)
+
+
+def _params(shapes=SHAPES, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def _grads(params, step, bad=False):
+    g = torch.Generator().manual_seed(100 + step)
+    out = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    if bad and step == BAD_STEP:
+        out[0].view(-1)[3] = float("nan")
+    return out
+
+
+def _break_reasons() -> dict:
+    """Dynamo's graph breaks, by reason, less the one torch's LR schedulers cause for
+    every optimizer: a scheduler replaces ``opt.step`` by a wrapper of its own, defined in
+    ``torch/optim/lr_scheduler.py``, a file dynamo does not trace (torch's AdamW breaks
+    there too)."""
+    return {k: v for k, v in counters["graph_break"].items() if "lr_scheduler.py" not in k}
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _run(opt, params, step_fn, steps=STEPS, bad=False, scheduler=None, after_first=None):
+    for t in range(steps):
+        for p, g in zip(params, _grads(params, t, bad)):
+            p.grad = g
+        step_fn()
+        if scheduler is not None:
+            scheduler.step()
+        if t == 0 and after_first is not None:
+            after_first()
+
+
+# ------------------------------------------------------------------ graph breaks, recompiles
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
+@pytest.mark.parametrize("case", ["tensor-lr-scheduler", "relative-step", "nonfinite"])
+def test_user_compile_one_break_no_recompile(case, foreach):
+    """torch.compile(opt.step): the prelude is the only graph break, the arithmetic one
+    graph, compiled at the first step and never again: not at the resamples (steps 3, 5),
+    not when a scheduler writes a new tensor lr every step, not for the relative step
+    (its size comes from the device counter), not for a non-finite gradient."""
+    params = _params()
+    kw = dict(BASE, foreach=foreach, momentum_form="scaled", projection="orthonormal")
+    scheduler = None
+    if case == "tensor-lr-scheduler":
+        kw["lr"] = torch.tensor(1e-2)
+    elif case == "relative-step":
+        kw.update(lr=None, warmup_init=True, weight_decay=0.1)
+    opt = Flora(params, **kw)
+    if case == "tensor-lr-scheduler":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    cnt = CompileCounter()
+    step = torch.compile(opt.step, backend=cnt)
+    seen = {}
+
+    def after_first():
+        seen.update(frames=cnt.frame_count, breaks=sum(_break_reasons().values()), graphs=_graphs())
+
+    _run(opt, params, step, bad=case == "nonfinite", scheduler=scheduler, after_first=after_first)
+    reasons = _break_reasons()
+    # One distinct break (dynamo counts it twice while it compiles: it restarts the
+    # analysis at the break)...
+    assert len(reasons) == 1, reasons
+    assert "_prelude_eager" in next(iter(reasons)) and "torch.compiler.disable" in next(iter(reasons))
+    assert seen["frames"] == 1 and seen["graphs"] == 1  # ...and one graph
+    assert cnt.frame_count == 1, "recompiled after the first step"
+    assert sum(reasons.values()) == seen["breaks"] and _graphs() == 1
+    assert opt.state[params[0]]["proj_count"] == 2 and opt.state[params[0]]["step"] == STEPS
+    if case == "tensor-lr-scheduler":
+        assert opt.param_groups[0]["lr"].item() == pytest.approx(1e-2 / (1 + STEPS))
+    if case == "nonfinite":
+        assert int(opt.nonfinite_skips) == 1
+
+
+def test_compile_option_compiles_once_per_signature():
+    """Flora(compile=backend): one graph per shape signature of a bucket (here (12, 20) x 2,
+    (20, 12), (20,), (6, 4, 5)), none after the first step, across resamples, a float lr
+    that a scheduler changes every step (written into a device tensor), and a non-finite
+    gradient; no graph break inside (fullgraph=True)."""
+    params = _params()
+    cnt = CompileCounter()
+    opt = Flora(params, **BASE, compile=cnt)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    first = {}
+    _run(opt, params, opt.step, bad=True, scheduler=scheduler, after_first=lambda: first.update(n=cnt.frame_count))
+    assert first["n"] == 4 == cnt.frame_count
+    assert not _break_reasons()
+    assert int(opt.nonfinite_skips) == 1
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(TypeError, match="compile"):
+        Flora(_params(), **BASE, compile=3)
+
+
+# ------------------------------------------------------------------ compiled == eager
+
+
+def _pair_groups(params_per_pair, extra):
+    return [dict(params=ps, momentum_form=f, projection=p, **extra)
+            for ps, (f, p) in zip(params_per_pair, MOMENTUM_CONFIGS)]
+
+
+def _pair_params():
+    """For each (form, projection) pair: a bucket of two (12, 20) and a (20, 12) (the
+    other projected dim). (1-D and 3-D parameters, which no form changes, are in the
+    tests above and below.)"""
+    shapes = [(12, 20), (12, 20), (20, 12)]
+    g = torch.Generator().manual_seed(0)
+    return [[nn.Parameter(torch.randn(s, generator=g)) for s in shapes] for _ in MOMENTUM_CONFIGS]
+
+
+def _assert_equal_runs(got_params, want_params, got_opt, want_opt, tol=1e-5):
+    for a, b in zip(got_params, want_params):
+        assert (a.detach() - b.detach()).abs().max().item() <= tol
+        sa, sb = got_opt.state[a], want_opt.state[b]
+        assert sa.keys() == sb.keys()
+        for k, v in sb.items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(sa[k], v, rtol=1e-4, atol=1e-6)
+            else:
+                assert sa[k] == v, k
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
+def test_compiled_equals_eager_for_every_form_and_projection(foreach, how="user"):
+    """Every pair of MOMENTUM_CONFIGS (a parameter group each), with weight decay and
+    scale_parameter, 6 steps with two resamples and a non-finite gradient: the compiled
+    step (aot_eager: dynamo's graph through functionalisation) equals the eager one to
+    1e-5, weights and state. (``how="option"``, Flora(compile="aot_eager"), passes too:
+    about 12 s here, one graph per bucket signature; the same cores, so not run by default.)"""
+    extra = dict(scale_parameter=True, weight_decay=0.05)
+    runs = []
+    for compiled in (False, True):
+        pp = _pair_params()
+        flat = [p for ps in pp for p in ps]
+        kw = dict(BASE, foreach=foreach)
+        if compiled and how == "option":
+            kw["compile"] = "aot_eager"
+        opt = Flora(_pair_groups(pp, extra), **kw)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled and how == "user" else opt.step
+        _run(opt, flat, step, bad=True)
+        runs.append((flat, opt))
+    (want, want_opt), (got, got_opt) = runs
+    _assert_equal_runs(got, want, got_opt, want_opt)
+    assert int(got_opt.nonfinite_skips) == int(want_opt.nonfinite_skips) == 1
+
+
+@pytest.mark.parametrize("kw", [dict(lr=None), dict(lr=None, warmup_init=True), dict(beta1=None),
+                                dict(rank=None), dict(lr=torch.tensor(3e-3), weight_decay=0.1)],
+                         ids=["relative_step", "warmup_init", "no-momentum", "dense-momentum", "tensor-lr"])
+def test_compiled_equals_eager_other_options(kw):
+    """Relative step sizes (from the device counter), no momentum, dense momentum, a
+    tensor lr with weight decay: compiled (user's torch.compile, aot_eager) == eager."""
+    runs = []
+    for compiled in (False, True):
+        params = _params()
+        args = dict(BASE, **kw)
+        if isinstance(args["lr"], torch.Tensor):
+            args["lr"] = args["lr"].clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "a rank is set but no tensor keeps compressed momentum"
+            opt = Flora(params, **args)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        _run(opt, params, step)
+        runs.append((params, opt))
+    _assert_equal_runs(runs[1][0], runs[0][0], runs[1][1], runs[0][1])
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["grouped", "single"])
+def test_inductor_equals_eager(foreach):
+    """Flora(compile=True): inductor's kernels (C++ on a CPU) equal the eager step to 1e-5,
+    default form, resamples, scale_parameter and weight decay. A few seconds of
+    compilation per shape (two shapes here)."""
+    shapes = [(24, 40), (24, 40), (40,)]
+    kw = dict(BASE, foreach=foreach, scale_parameter=True, weight_decay=0.05)
+    runs = []
+    for compiled in (False, True):
+        params = _params(shapes)
+        opt = Flora(params, **kw, compile=compiled)
+        _run(opt, params, opt.step, bad=True)
+        runs.append((params, opt))
+    _assert_equal_runs(runs[1][0], runs[0][0], runs[1][1], runs[0][1])
+
+
+def test_inductor_bf16_relative_step():
+    """bf16 parameters (stepped in float32, rounded back) and a relative step, inductor:
+    within one bf16 rounding of the eager step."""
+    shapes = [(24, 40), (24, 40)]
+    runs = []
+    for compiled in (False, True):
+        params = _params(shapes, torch.bfloat16)
+        opt = Flora(params, **dict(BASE, lr=None), compile=compiled)
+        _run(opt, params, opt.step)
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_round_trip_with_device_counters():
+    """Three compiled steps, a checkpoint (plain step numbers; weights_only=True), a new
+    compiled optimizer loads it and steps three more: the uninterrupted six-step run,
+    compiled and eager, to 1e-5. The relative step size and the bias correction come
+    from the device counters, so a counter not restored from the checkpoint would show."""
+    kw = dict(BASE, lr=None, momentum_form="scaled", projection="orthonormal")
+
+    def run(compiled, steps, params=None, opt=None):
+        params = params or _params()
+        opt = opt or Flora(params, **kw, compile="aot_eager" if compiled else False)
+        for t in steps:
+            for p, g in zip(params, _grads(params, t)):
+                p.grad = g
+            opt.step()
+        return params, opt
+
+    params, opt = run(True, range(3))
+    sd = opt.state_dict()
+    assert all(type(s["step"]) is int and s["step"] == 3 for s in sd["state"].values())
+    buf = io.BytesIO()
+    torch.save({"model": [p.detach().clone() for p in params], "opt": sd}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = [nn.Parameter(t) for t in ckpt["model"]]
+    opt2 = Flora(resumed, **kw, compile="aot_eager")
+    opt2.load_state_dict(ckpt["opt"])
+    run(True, range(3, 6), resumed, opt2)
+    for want, _ in (run(True, range(6)), run(False, range(6))):
+        for a, b in zip(resumed, want):
+            assert (a.detach() - b.detach()).abs().max().item() <= 1e-5
+    assert opt2.state[resumed[0]]["step"] == 6 and opt2.state[resumed[0]]["proj_count"] == 2
+
+
+def test_checkpoint_with_tensor_counters_loads():
+    """A state whose counters are tensors (torch's own optimizers save them so) loads; the
+    counters become numbers again."""
+    params = _params()
+    opt = Flora(params, **BASE)
+    _run(opt, params, opt.step, steps=2)
+    sd = opt.state_dict()
+    for s in sd["state"].values():
+        s["step"] = torch.tensor(float(s["step"]))
+    params2 = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = Flora(params2, **BASE, compile="aot_eager")
+    opt2.load_state_dict(sd)
+    assert all(type(s["step"]) is int and s["step"] == 2 for s in opt2.state.values())
+    opt.step()
+    for p, q in zip(params2, params):
+        p.grad = q.grad.clone()
+    opt2.step()
+    for a, b in zip(params2, params):
+        assert (a.detach() - b.detach()).abs().max().item() <= 1e-5
+
+
+def test_a_counter_edited_on_the_host_is_followed():
+    """The device counter mirrors state["step"]: an edit of the integer (a reset, a state
+    set by hand) reaches the compiled step (a relative step size depends on it)."""
+    runs = []
+    for edit in (False, True):
+        params = _params([(12, 20)])
+        opt = Flora(params, **dict(BASE, lr=None), compile="aot_eager")
+        _run(opt, params, opt.step, steps=3)
+        if edit:
+            opt.state[params[0]]["step"] = 0
+        _run(opt, params, opt.step, steps=1)
+        runs.append(params[0].detach().clone())
+    fresh = _params([(12, 20)])
+    opt = Flora(fresh, **dict(BASE, lr=None))
+    _run(opt, fresh, opt.step, steps=3)
+    opt.state[fresh[0]]["step"] = 0
+    _run(opt, fresh, opt.step, steps=1)
+    assert (runs[1] - fresh[0].detach()).abs().max() <= 1e-6
+    assert (runs[1] - runs[0]).abs().max() > 1e-4  # the edit mattered
