@@ -12,6 +12,7 @@ from torch import nn
 import flora
 from flora import CompressedAccumulator, Flora
 from flora.compression import compressed_dim, dense_reason
+from flora.cache import cache_projections
 from flora.projection import projection_seed
 
 # ------------------------------------------------------------ 4. the projection cache
@@ -28,7 +29,7 @@ def _moe_run(cache: bool, foreach, steps: int, *, n=16, active=4, shape=(64, 64)
         for i, p in enumerate(ps):
             p.grad = torch.randn(shape, generator=g) if i in chosen else None
         opt.step()
-        sizes.append((len(opt._proj_cache), opt.cache_bytes()))
+        sizes.append((len(opt.projection_cache), opt.cache_bytes()))
     return ps, opt, sizes
 
 
@@ -43,7 +44,7 @@ def test_cache_holds_one_projection_per_tensor_whatever_subset_steps(foreach):
     assert max(b for _, b in sizes) <= bound
     assert sizes[-1] == (16, bound)  # every expert has stepped: one projection each, nothing else
     # cache_bytes counts the storage the cache keeps alive, not a sum over views
-    storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for _, a in opt._proj_cache._entries.values()}
+    storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for _, _, a in opt.projection_cache.items()}
     assert opt.cache_bytes() == sum(storages.values())
 
 
@@ -54,10 +55,11 @@ def test_cache_stays_bounded_across_resamples_of_subsets():
     assert max(b for _, b in sizes) <= 16 * 4 * 16 * 4
     for i, p in enumerate(ps):
         st = opt.state[p]
-        key_count = opt._proj_cache._entries[i][0][3]
+        entries = {j: (k, a) for j, k, a in opt.projection_cache.items()}
+        key_count = entries[i][0][3]
         assert key_count == st["proj_count"] > 0  # the entry is the current projection
         want = flora.make_projection("orthonormal", projection_seed(0, i, st["proj_count"]), 4, 16)
-        assert torch.equal(opt._proj_cache._entries[i][1], want)
+        assert torch.equal(entries[i][1], want)
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
@@ -65,7 +67,7 @@ def test_cache_changes_no_result_under_changing_subsets(foreach):
     a, _, _ = _moe_run(True, foreach, 40, shape=(16, 16), rank=4, kappa=4)
     b, opt, _ = _moe_run(False, foreach, 40, shape=(16, 16), rank=4, kappa=4)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert opt.cache_bytes() == 0 and len(opt._proj_cache) == 0
+    assert opt.cache_bytes() == 0 and len(opt.projection_cache) == 0
 
 
 def test_a_steady_bucket_gets_its_cached_stack_back_without_a_copy():
@@ -74,18 +76,18 @@ def test_a_steady_bucket_gets_its_cached_stack_back_without_a_copy():
     ps = [nn.Parameter(torch.randn(12, 12)) for _ in range(3)]
     opt = Flora(ps, lr=1e-2, rank=4, beta1=0.9, kappa=100, foreach=True)
     group = opt.param_groups[0]
-    first = opt._projections(group, [0, 1, 2], 0, 12, "cpu", torch.float32, stacked=True)
-    again = opt._projections(group, [0, 1, 2], 0, 12, "cpu", torch.float32, stacked=True)
+    first = cache_projections(opt.projection_cache, group, [0, 1, 2], 0, 12, "cpu", torch.float32, stacked=True)
+    again = cache_projections(opt.projection_cache, group, [0, 1, 2], 0, 12, "cpu", torch.float32, stacked=True)
     assert again is first and first.shape == (3, 4, 12)
-    assert opt._projections(group, [1], 0, 12, "cpu", torch.float32, stacked=False).data_ptr() == first[1].data_ptr()
+    assert cache_projections(opt.projection_cache, group, [1], 0, 12, "cpu", torch.float32, stacked=False).data_ptr() == first[1].data_ptr()
     assert opt.cache_bytes() == 3 * 4 * 12 * 4
     # a sub-bucket is stacked from the entries (a copy, not kept), equal to a fresh draw
-    sub = opt._projections(group, [2, 0], 0, 12, "cpu", torch.float32, stacked=True)
+    sub = cache_projections(opt.projection_cache, group, [2, 0], 0, 12, "cpu", torch.float32, stacked=True)
     assert torch.equal(sub, torch.stack([first[2], first[0]])) and opt.cache_bytes() == 3 * 4 * 12 * 4
     # parameter 1 moves on to its next projection: the old stack is freed, the others keep copies
-    opt._projections(group, [1], 1, 12, "cpu", torch.float32, stacked=True)
-    assert opt.cache_bytes() == 3 * 4 * 12 * 4 and len(opt._proj_cache) == 3
-    assert torch.equal(opt._projections(group, [0], 0, 12, "cpu", torch.float32, stacked=False), first[0])
+    cache_projections(opt.projection_cache, group, [1], 1, 12, "cpu", torch.float32, stacked=True)
+    assert opt.cache_bytes() == 3 * 4 * 12 * 4 and len(opt.projection_cache) == 3
+    assert torch.equal(cache_projections(opt.projection_cache, group, [0], 0, 12, "cpu", torch.float32, stacked=False), first[0])
 
 
 # ---------------------------------------------- 5. load_state_dict changes the algorithm

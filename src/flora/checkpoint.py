@@ -1,0 +1,84 @@
+"""Loading a Flora checkpoint: the saved state must come from a Flora of the same rank
+whose tensors fit this optimizer's parameters; states of earlier releases load; a change
+of algorithm (``ALGORITHM_KEYS``) is warned about, naming old and new."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .options import ALGORITHM_KEYS, CORE_KEYS, upgrade_group, validate_group
+from .state import check_state_shapes
+
+
+def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
+    """Load after checking that the state comes from a Flora of the same rank and that
+    every saved state tensor fits this optimizer's parameters; keeps the saved dtype
+    (float32), which torch would otherwise cast to the parameter's. State saved by
+    earlier releases (option ``momentum``) loads.
+
+    As in torch, the loaded parameter groups replace this optimizer's options (lr,
+    beta1, kappa, ... all come from the checkpoint). A ``UserWarning`` names each
+    option of ``ALGORITHM_KEYS`` (momentum_form, projection, beta1, kappa, seed,
+    proj_dim) whose loaded value differs from this optimizer's, old and new."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
+        raise ValueError(
+            f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
+            f"this optimizer has {len(opt.param_groups)}"
+        )
+    for gi, saved in enumerate(groups):
+        missing = [k for k in CORE_KEYS if k not in saved]
+        if missing:
+            has = sorted(k for k in saved if k != "params")
+            raise ValueError(
+                f"state_dict is not a Flora state: its parameter group {gi} has options {has} and lacks "
+                f"{missing}; it was saved by a different optimizer (such as AdamW). Load it into that "
+                "optimizer, or start Flora from a fresh state"
+            )
+    groups = [upgrade_group(dict(g)) for g in groups]
+    id_to_param: dict[Any, tuple[torch.Tensor, dict]] = {}
+    for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups)):
+        if len(saved["params"]) != len(mine["params"]):
+            raise ValueError(
+                f"state_dict has a parameter group of {len(saved['params'])} parameters where this "
+                f"optimizer has {len(mine['params'])}: it was saved from a different model"
+            )
+        if saved["rank"] != mine["rank"]:
+            raise ValueError(
+                f"state_dict was saved with rank={saved['rank']!r} in parameter group {gi}, but this optimizer "
+                f"has rank={mine['rank']!r}: build Flora with rank={saved['rank']!r} to resume this state"
+            )
+        validate_group({**opt.defaults, **{k: v for k, v in saved.items() if k != "params"}})
+        for pid, p in zip(saved["params"], mine["params"]):
+            id_to_param[pid] = (p, saved)
+    for pid, s in state_dict["state"].items():
+        p, g = id_to_param[pid]
+        check_state_shapes(p, s, g)
+    changed = [(gi, k, mine[k], saved[k]) for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups))
+               for k in ALGORITHM_KEYS if k in saved and k in mine and saved[k] != mine[k]]
+    base_load({**state_dict, "param_groups": groups})
+    if changed:
+        said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
+                         for gi, k, old, new in changed)
+        warnings.warn(f"Flora.load_state_dict: the loaded parameter groups change the algorithm this optimizer "
+                      f"was built with: {said}. As in torch, the loaded options win; build Flora with the "
+                      "checkpoint's options (or set them in param_groups after loading) to silence this",
+                      UserWarning, stacklevel=2)
+    opt._proj_cache.clear()
+    opt._where = None
+    opt._device_steps.clear()
+    opt._lr_tensors.clear()
+    for group in opt.param_groups:  # options added since the state was saved
+        upgrade_group(group)
+        for k, v in opt.defaults.items():
+            group.setdefault(k, v)
+    for pid, s in state_dict["state"].items():
+        p, _ = id_to_param[pid]
+        for k, v in s.items():
+            if k == "step":  # a plain number (ours) or a tensor (torch's convention): the number
+                opt.state[p]["step"] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+            elif isinstance(v, torch.Tensor):
+                opt.state[p][k] = v.detach().to(device=p.device, copy=True)

@@ -1,0 +1,138 @@
+"""Flora's options: what a parameter group may hold (``validate_group``), how a group
+of an earlier release maps to today's (``upgrade_group``), and the per-tensor decisions
+that follow from a group (``momentum_dim``, ``momentum_reason``, ``grouped``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_choice, check_positive_int, check_real, check_seed
+from .compression import PROJ_DIMS, compressed_dim, dense_reason
+from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS
+from .projection import PROJECTIONS
+from . import sharded
+from .sharded import is_dtensor
+
+# Options every Flora state_dict has held since the first release: a state without them
+# comes from another optimizer.
+CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
+
+# Options that change Flora's algorithm (not only its step size): when a loaded state's
+# groups set them otherwise than this optimizer was built with, load_state_dict warns.
+# (A different rank is refused: the momentum's shape depends on it.)
+ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim")
+
+
+def upgrade_group(group: dict, *, saved: bool = True) -> dict:
+    """Map a group of an earlier release to today's options, in place: ``momentum`` (a
+    form name) became ``momentum_form``; a ``saved`` state without ``projection`` dates
+    from when every projection was Gaussian, and keeps those matrices."""
+    old = group.get("momentum")
+    if isinstance(old, str) and "momentum_form" not in group:
+        group["momentum_form"] = group.pop("momentum")
+    if saved:
+        group.setdefault("projection", "gaussian")
+    return group
+
+
+def momentum_dim(shape, group: dict) -> int | None:
+    """The projected dimension of a parameter's first moment in ``group``, or None (dense)."""
+    return compressed_dim(shape, group["rank"], proj_dim=group["proj_dim"], max_aspect_ratio=group["max_aspect_ratio"])
+
+
+def momentum_reason(shape, group: dict) -> str | None:
+    if group["beta1"] is None:
+        return "beta1=None (no momentum to compress)"
+    return dense_reason(shape, group["rank"], proj_dim=group["proj_dim"], max_aspect_ratio=group["max_aspect_ratio"])
+
+
+# On a CPU, tensors up to this many elements step grouped (Python and dispatch overhead
+# dominates them); larger ones step one at a time, which keeps each one's temporaries in
+# cache where a stack of them goes to memory on every pass (docs/results.md, issue 10).
+CPU_GROUP_NUMEL = 1 << 16
+
+
+def grouped(group: dict, p: torch.Tensor, compiled: bool = False) -> bool:
+    """Whether ``p`` (and its bucket) steps on the grouped path: ``foreach=True``; or
+    None (the default) off the CPU, on the CPU for small tensors, and everywhere when
+    the step is compiled."""
+    if group["foreach"] is None:
+        return compiled or p.device.type != "cpu" or p.numel() <= CPU_GROUP_NUMEL
+    return group["foreach"]
+
+
+def refuse_deepspeed(p) -> None:
+    """DeepSpeed ZeRO hands optimizers flat 1-D partitions of parameters (it marks them
+    with ``ds_shape`` / ``ds_id``): no factored second moment or projected momentum can be
+    formed on those, and stepping them as vectors would silently be another optimizer."""
+    if hasattr(p, "ds_shape") or hasattr(p, "ds_id"):
+        shape = getattr(p, "ds_shape", None)
+        raise ValueError(
+            f"Flora cannot step DeepSpeed ZeRO partitions (a parameter{f' of shape {tuple(shape)}' if shape else ''} "
+            f"carries DeepSpeed's ds_shape/ds_id): ZeRO flattens parameters into 1-D pieces, where Adafactor's "
+            "row/column factors and Flora's projected momentum do not exist. Shard with PyTorch FSDP2 "
+            "(torch.distributed.fsdp.fully_shard, or accelerate's FSDP2 plugin) instead; see docs/distributed.md")
+
+
+def validate_group(group: dict) -> None:
+    lr, rel = group["lr"], group["relative_step"]
+    if isinstance(lr, torch.Tensor):  # a device lr (as torch.optim allows): its value is not read here
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"lr given as a tensor must hold one floating-point value, got shape "
+                             f"{tuple(lr.shape)} and dtype {lr.dtype}")
+    else:
+        check_real("lr", lr, low=0.0, allow_none=True, finite=True)
+    if not isinstance(rel, bool):
+        raise TypeError(f"relative_step must be True or False, got {rel!r}")
+    # lr=0 with relative_step is a step of size 0: torch.distributed.checkpoint's state_dict
+    # helpers set every group's lr to 0 to create an optimizer's state with one empty step.
+    if lr is not None and rel and not (isinstance(lr, (int, float)) and lr == 0):
+        raise ValueError("lr must be None when relative_step=True (the step size is then relative); "
+                         "pass relative_step=False to use a fixed lr")
+    if lr is None and not rel:
+        raise ValueError("lr must be a non-negative number when relative_step=False")
+    if group["warmup_init"] and not rel:
+        raise ValueError("warmup_init=True requires relative_step=True")
+    check_positive_int("rank", group["rank"], allow_none=True)
+    check_positive_int("kappa", group["kappa"])
+    check_real("beta1", group["beta1"], low=0.0, high=1.0, high_open=True, allow_none=True)
+    eps = group["eps"]
+    if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+        raise TypeError(f"eps must be a pair (eps1, eps2) of non-negative numbers, got {eps!r}")
+    check_real("eps[0]", eps[0], low=0.0, finite=True)
+    check_real("eps[1]", eps[1], low=0.0, finite=True)
+    check_real("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
+    check_real("decay_rate", group["decay_rate"], high=0.0, high_open=True)
+    check_real("weight_decay", group["weight_decay"], low=0.0, finite=True)
+    check_seed("seed", group["seed"])
+    check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
+    check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
+    check_choice("projection", group["projection"], PROJECTIONS)
+    if group["momentum_form"] in SUBSPACE_FORMS and group["projection"] == "gaussian":
+        raise ValueError(f"momentum_form={group['momentum_form']!r} needs projection='orthonormal' or "
+                         "'coordinates' (its complement u - decompress(compress(u)) is an orthogonal projection "
+                         "only for orthonormal rows); got projection='gaussian'")
+    check_real("max_aspect_ratio", group["max_aspect_ratio"], low=1.0, allow_none=True)
+    for name in ("scale_parameter", "warmup_init", "cache_projections"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"{name} must be True or False, got {group[name]!r}")
+    if group["foreach"] not in (None, True, False):
+        raise TypeError(f"foreach must be None, True or False, got {group['foreach']!r}")
+
+
+def check_grads(param_groups) -> None:
+    """Before any change: every group's options and every gradient Flora can step."""
+    for group in param_groups:
+        validate_group(group)
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise TypeError("Flora does not support sparse gradients (got one of shape "
+                                f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
+            if g.is_complex():
+                raise TypeError("Flora does not support complex gradients")
+            refuse_deepspeed(p)
+            if is_dtensor(p):
+                sharded.layout(p)  # a placement Flora cannot step is refused here, before any change

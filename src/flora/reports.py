@@ -1,0 +1,61 @@
+"""What a Flora does with each parameter, as data (``plan``) and as text (``summary``),
+and the warning when a rank is set but nothing is compressed."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from . import sharded
+from .options import momentum_dim, momentum_reason
+from .projection import compressed_shape
+from .sharded import is_dtensor
+
+
+def plan(opt) -> list[dict[str, Any]]:
+    """One row per parameter: ``index`` (across groups, keys the projection seeds),
+    ``group``, ``shape``, ``compressed`` (bool), ``proj_dim`` and ``momentum_shape`` when
+    compressed, else ``reason`` (why its momentum is dense or absent)."""
+    rows, index = [], 0
+    for gi, group in enumerate(opt.param_groups):
+        for p in group["params"]:
+            shape = tuple(p.shape)
+            reason = momentum_reason(shape, group)
+            row = {"index": index, "group": gi, "shape": shape, "compressed": reason is None}
+            if reason is None:
+                dim = sharded.momentum_dim(shape, group) if is_dtensor(p) else momentum_dim(shape, group)
+                row.update(proj_dim=dim, momentum_shape=compressed_shape(shape, group["rank"], dim))
+            else:
+                row["reason"] = reason
+            rows.append(row)
+            index += 1
+    return rows
+
+
+def summary(opt) -> str:
+    """Which tensors keep compressed momentum and why the others do not, as text."""
+    rows = plan(opt)
+    n_c = sum(r["compressed"] for r in rows)
+    lines = [f"Flora: {n_c} of {len(rows)} parameter tensors keep compressed momentum"]
+    for r in rows:
+        what = (f"compressed to {r['momentum_shape'][0]} x {r['momentum_shape'][1]} (proj_dim={r['proj_dim']})"
+                if r["compressed"] else f"dense: {r['reason']}")
+        lines.append(f"  [{r['index']}] group {r['group']} {r['shape']}: {what}")
+    return "\n".join(lines)
+
+
+def warn_if_nothing_compressed(opt) -> None:
+    if all(g["rank"] is None for g in opt.param_groups):
+        return
+    rows = [r for r in plan(opt) if opt.param_groups[r["group"]]["rank"] is not None]
+    if not rows or any(r["compressed"] for r in rows):
+        return
+    reasons: dict[str, int] = {}
+    for r in rows:
+        reason = r["reason"]
+        key = "projected dim <= " + reason.split(" <= ")[1] if reason.startswith("projected dim") else reason
+        reasons[key] = reasons.get(key, 0) + 1
+    said = "; ".join(f"{k} ({v} tensor{'s' * (v > 1)})" for k, v in reasons.items())
+    warnings.warn(f"Flora: a rank is set but no tensor keeps compressed momentum: {said}. "
+                  "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
+                  UserWarning, stacklevel=4)

@@ -1,0 +1,71 @@
+"""The layout of Flora's per-parameter state: what a new parameter gets, and the shapes a
+loaded state must have. Every entry is a tensor or a plain number (``weights_only``)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import sharded
+from .options import momentum_dim
+from .projection import compressed_shape, state_dtype
+from .sharded import is_dtensor
+
+
+def prepare_state(state: dict, p: torch.Tensor, group: dict) -> None:
+    """Fill in what parameter ``p`` (its ``.grad``) lacks before a step: all of its state
+    the first time, the first moment once ``beta1`` is set; FSDP2's shards their own."""
+    if is_dtensor(p):
+        sharded.init_state(state, p, group)
+        return
+    if not state:
+        init_state(state, p.grad)
+    if group["beta1"] is not None and "exp_avg" not in state and "exp_avg_c" not in state:
+        init_momentum(state, p.grad, group)
+
+
+def init_state(state: dict, grad: torch.Tensor) -> None:
+    """Adafactor's state for a parameter with this gradient: the step count and the second
+    moment (row and column factors for 2+ dims)."""
+    shape, dtype = grad.shape, state_dtype(grad.dtype)
+    state["step"] = 0
+    if grad.dim() >= 2:
+        state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=dtype, device=grad.device)
+        state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=dtype, device=grad.device)
+    else:
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=grad.device)
+
+
+def init_momentum(state: dict, grad: torch.Tensor, group: dict) -> None:
+    """The first moment: dense, or compressed with its projection counters."""
+    dim = momentum_dim(grad.shape, group)
+    dtype = state_dtype(grad.dtype)
+    if dim is None:
+        state["exp_avg"] = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
+    else:
+        state["exp_avg_c"] = torch.zeros(
+            compressed_shape(grad.shape, group["rank"], dim), dtype=dtype, device=grad.device
+        )
+        state["proj_dim"] = dim
+        state["proj_count"] = 0  # projections drawn so far, minus one
+        state["proj_age"] = 0  # steps taken with the current projection
+
+
+def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
+    """A loaded state's tensors must have the shapes this parameter and rank need."""
+    shape = tuple(p.shape)
+    expected = {"exp_avg": shape, "exp_avg_sq": shape}
+    if len(shape) >= 2:
+        expected["exp_avg_sq_row"] = shape[:-1]
+        expected["exp_avg_sq_col"] = shape[:-2] + shape[-1:]
+    if "exp_avg_c" in s:
+        dim = s.get("proj_dim")
+        if dim not in (0, 1) or len(shape) < 2:
+            raise ValueError(f"state_dict holds compressed momentum for a parameter of shape {shape} "
+                             f"with proj_dim={dim!r}: it was saved from a different model")
+        expected["exp_avg_c"] = compressed_shape(shape, group["rank"], dim)
+    for k, want in expected.items():
+        if k in s and tuple(s[k].shape) != tuple(want):
+            raise ValueError(
+                f"state_dict entry {k!r} has shape {tuple(s[k].shape)} but this optimizer's parameter of shape "
+                f"{shape} needs {tuple(want)}: it was saved from a different model or rank"
+            )
