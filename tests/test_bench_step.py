@@ -140,3 +140,55 @@ def test_step_rows_whose_flora_rank_compresses_nothing_are_marked():
     line = next(x for x in md.splitlines() if x.startswith("| flora-r16 |"))
     assert step.NOTHING_COMPRESSED in line
     assert step.NOTHING_COMPRESSED not in next(x for x in md.splitlines() if x.startswith("| flora-r4 |"))
+
+
+def test_ops_per_step_counts_top_level_operations():
+    """ops_per_step: aten operations not nested in another (fused AdamW's step is its one
+    kernel and the step counters' increment), a CPU proxy for kernel launches."""
+    import torch
+
+    from flora.bench import step
+
+    params = [torch.randn(8, 8, requires_grad=True), torch.randn(8, requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    opt.step()
+    assert step.ops_per_step(opt.step) == 2
+    assert step.ops_per_step(lambda: torch.ones(3).add_(1).mul_(2)) == 3
+
+
+def test_compiled_rows(monkeypatch):
+    """:compiled rows (aot_eager here, for speed; the bench compiles with inductor): Flora
+    compile=..., torch AdamW and HF Adafactor under torch.compile(opt.step); each row has
+    its ops per step, its first step (compile) apart, the graphs and breaks dynamo
+    counted; Flora's and AdamW's compile nothing after their first step; the goals are
+    checked where their rows ran."""
+    import torch
+
+    from flora.bench import step
+
+    monkeypatch.setattr(step, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    params = [torch.randn(16, 24, requires_grad=True), torch.randn(16, 24, requires_grad=True),
+              torch.randn(24, requires_grad=True)]
+    grads = [torch.randn_like(p) for p in params]
+    names = ["adamw", "adafactor-b0.9", "flora-r4", "adamw:compiled", "adafactor-b0.9:compiled", "flora-r4:compiled"]
+    rows = {r["optimizer"]: r for r in step.time_optimizers(names, params, grads, "cpu", warmup=1, repeats=2, seed=0)}
+    for name in names:
+        assert rows[name]["ops_per_step"] > 0, name
+    for name in ("adamw:compiled", "flora-r4:compiled"):
+        r = rows[name]
+        assert r["graphs"] >= 1 and r["graphs_after_first_step"] == 0 and r["first_step_s"] > 0, name
+    assert rows["flora-r4:compiled"]["graph_breaks"] == 0  # fullgraph per bucket
+    assert rows["flora-r4:compiled"]["graphs"] == 2  # (16, 24) x 2 and (24,)
+    assert "compile_s" not in rows["flora-r4"]
+    by = {n.replace("r4", "r32"): dict(r, optimizer=n.replace("r4", "r32")) for n, r in rows.items()}
+    goals = step.compiled_goals(by)
+    assert len(goals) == 4 and goals[0].startswith("flora-r32:compiled: step ") and "adafactor-b0.9" in goals[0]
+    assert any("ops dispatched per step" in g for g in goals) and any("compiles in" in g for g in goals)
+    md = step.render({"meta": {"model": "m", "device_name": "cpu", "command": "flora-bench step", "n_tensors": 3,
+                               "n_params": 792, "shapes_check": "-", "repeats": 2, "warmup": 1,
+                               **{k: "" for k in core.META_KEYS if k not in ("model", "command")}},
+                      "rows": list(rows.values())})
+    assert "## Compiled steps" in md and "| flora-r4:compiled |" in md and "ops / step" in md

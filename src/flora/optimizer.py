@@ -208,7 +208,7 @@ class Flora(Optimizer):
                 index += 1
             if not entries:
                 continue
-            for bucket in F.buckets(entries):
+            for bucket in F.buckets(entries, max_count=F.COMPILED_BUCKET_MAX if compiled else None):
                 p0 = bucket[0][0]
                 if _grouped(group, p0, compiled):
                     plan.append(self._work([e[0] for e in bucket], [e[1] for e in bucket], group,

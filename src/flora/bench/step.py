@@ -20,6 +20,15 @@ same shapes (the reference: what dropping that guarantee would cost).
     flora-bench step                                   # CPU (or --device cuda)
     flora-bench step --repeats 9 --ranks 8,32,128 --verify-config --out runs/step
     flora-bench step --size smoke                      # a tiny Llama's shapes, seconds
+    flora-bench step --compiled --ranks 32 --forms scaled-orthonormal   # + :compiled rows
+
+``:compiled`` rows (``--compiled``, or names such as ``flora-r32:compiled``): Flora with
+``compile=True`` (its per-bucket arithmetic compiled once per shape signature), torch
+AdamW (foreach, a tensor lr) and HF Adafactor under ``torch.compile(opt.step)``. Their
+first step compiles: its time is reported apart (``compile s``), with the graphs compiled
+and the graph breaks, and any recompilation during the timed steps. Every row gets the
+operations one step dispatches (torch.profiler: aten operations not nested in another,
+plus the kernels of compiled graphs), a CPU proxy for a GPU's kernel launches.
 
 Writes ``results.json`` and ``results.md`` to ``--out`` and prints the table."""
 
@@ -77,7 +86,16 @@ FLAT_FAMILIES = ("adamw", "adafactor", "flora", "flora-opt")  # what steps a lis
 # grouped paths (foreach=False, True; the bare name takes Flora's default for the device),
 # and Flora without momentum (beta1=None: Adafactor's arithmetic alone on Flora's default
 # path; the rest of a Flora step is the momentum's projection work).
-VARIANTS = {"adamw": ("fused",), "flora": ("single", "grouped", "nomomentum")}
+# ":compiled": see COMPILE_BACKEND.
+VARIANTS = {"adamw": ("fused", "compiled"), "flora": ("single", "grouped", "nomomentum", "compiled"),
+            "adafactor": ("compiled",)}
+# The torch.compile backend of the :compiled rows (tests use a cheaper one).
+COMPILE_BACKEND = "inductor"
+# The goals of a compiled step (issue 18), checked where the rows ran: step-time ratios
+# (median CPU time; wall time beside it), ops dispatched, compile time.
+COMPILED_GOALS = (("flora-r32:compiled", "adafactor-b0.9", 0.8), ("flora-r32:compiled", "adamw", 1.0))
+COMPILED_MAX_OPS = 50
+COMPILED_MAX_COMPILE_S = 60.0
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
@@ -110,6 +128,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "e.g. from `git archive <commit> src/flora | tar -x -C /tmp/base`")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compiled", action="store_true",
+                   help="also time :compiled rows: Flora(compile=True) at each rank (the first form), torch AdamW and "
+                        "HF Adafactor beta1 0.9 under torch.compile (the first step compiles: minutes on a CPU)")
 
 
 def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -160,6 +181,9 @@ def optimizer_names(a: argparse.Namespace) -> list[str]:
         names += [f"{n}:grouped" for n in first] + [f"{first[0]}:nomomentum"]
     if not a.no_flora_opt:
         names += [f"flora-opt-r{r}" for r in a.ranks]
+    if getattr(a, "compiled", False):
+        names += ["adamw:compiled", "adafactor-b0.9:compiled"]
+        names += [f"{bo.flora_form_name(r, a.forms[0] if a.forms else 'scaled-orthonormal')}:compiled" for r in a.ranks]
     return names
 
 
@@ -217,27 +241,83 @@ def median(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def step_fn(opt):
+    """What steps ``opt``: its compiled ``step`` for a :compiled AdamW or Adafactor row."""
+    return getattr(opt, "_bench_step", opt.step)
+
+
 def _stepper(opt, params, grads, device):
+    fn = step_fn(opt)
+
     def step():
         for p, g in zip(params, grads):  # flora-opt sets p.grad = None after stepping
             p.grad = g
-        return core.timed(opt.step, device)
+        return core.timed(fn, device)
 
     return step
 
 
-def interleaved_times(runs, *, warmup: int, repeats: int) -> tuple[dict, dict]:
+def dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks met) so far in this process, from dynamo's
+    counters; (0, 0) where dynamo was never imported."""
+    if "torch._dynamo" not in sys.modules:
+        return 0, 0
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def ops_per_step(fn) -> int:
+    """The operations one ``fn()`` dispatches (torch.profiler on the CPU): aten operations
+    not called from inside another (what a step asks of the dispatcher; a kernel launch
+    each on a GPU), plus the kernels of compiled graphs (inductor's, recorded where
+    ``cpp.enable_kernel_profile`` was set before they compiled; Triton's launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    n = 0
+    for e in prof.events():
+        name = e.name
+        kernel = "cpp_fused" in name or name.startswith("triton_")
+        if not (name.startswith("aten::") or kernel):
+            continue
+        parent, nested = e.cpu_parent, False
+        while parent is not None:
+            if parent.name.startswith("aten::") or "cpp_fused" in parent.name:
+                nested = True
+                break
+            parent = parent.cpu_parent
+        n += not nested
+    return n
+
+
+def interleaved_times(runs, *, warmup: int, repeats: int, first: dict | None = None) -> tuple[dict, dict]:
     """``runs``: (label, callable stepping once and returning (wall, cpu) seconds). Warm-up
     rounds first, then ``repeats`` rounds, each stepping every optimizer once in an order
-    rotated by one per round. Returns ({label: wall times}, {label: cpu times})."""
+    rotated by one per round. Returns ({label: wall times}, {label: cpu times}); ``first``
+    (a dict) gets, per label, its first step's (wall s, cpu s, graphs compiled, graph
+    breaks met) and the graphs compiled by its later steps (``first[label, "later"]``)."""
     wall: dict[str, list[float]] = {label: [] for label, _ in runs}
     cpu: dict[str, list[float]] = {label: [] for label, _ in runs}
-    for _ in range(warmup):
-        for _, step in runs:
-            step()
+
+    def counted(label, step, is_first):
+        g0, b0 = dynamo_counts()
+        t = step()
+        if first is not None:
+            g1, b1 = dynamo_counts()
+            if is_first:
+                first[label] = (t[0], t[1], g1 - g0, b1 - b0)
+            else:
+                first[label, "later"] = first.get((label, "later"), 0) + g1 - g0
+        return t
+
+    for w in range(warmup):
+        for label, step in runs:
+            counted(label, step, w == 0)
     for k in range(repeats):
         for label, step in runs[k % len(runs):] + runs[:k % len(runs)]:
-            w, c = step()
+            w, c = counted(label, step, False)
             wall[label].append(w)
             cpu[label].append(c)
         print(f"  round {k + 1}/{repeats} done", file=sys.stderr, flush=True)
@@ -255,11 +335,24 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
     specs = [(bo.parse(split_variant(n)[0]), split_variant(n)[1]) for n in names]
     if any(s.family == "flora-opt" for s, _ in specs):
         bo.allow_flora_opt_without_bitsandbytes()
+    if any(v == "compiled" for _, v in specs) and COMPILE_BACKEND == "inductor":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # so that ops_per_step sees the compiled kernels
     out = []
     for s, variant in specs:
         label = s.name + (f":{variant}" if variant else "")
         if variant == "fused":
             opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+        elif variant == "compiled" and s.family == "flora":
+            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+                                    flora_options={"compile": COMPILE_BACKEND})
+        elif variant == "compiled":  # torch's recipe: a tensor lr, torch.compile(opt.step)
+            if s.family == "adamw":
+                opt = torch.optim.AdamW(params, lr=torch.tensor(LR), weight_decay=0.0, foreach=True, capturable=True)
+            else:
+                opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True)
+            opt._bench_step = torch.compile(opt.step, backend=COMPILE_BACKEND)
         elif variant in ("single", "grouped"):
             opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"foreach": variant == "grouped"})
@@ -296,12 +389,26 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
         names = [n for n in names if not n.startswith("flora-opt")]
         opts = build_all(names, params, seed=seed, baseline=baseline)
     runs = [(label, _stepper(o, params, grads, device)) for label, o in opts]
-    wall, cpu = interleaved_times(runs, warmup=max(warmup, 1), repeats=repeats)
+    first: dict = {}
+    wall, cpu = interleaved_times(runs, warmup=max(warmup, 1), repeats=repeats, first=first)
     rows = []
     for label, o in opts:
-        rows.append({"optimizer": label, "state_bytes": flora.state_bytes(o), "median_step_s": median(wall[label]),
-                     "min_step_s": min(wall[label]), "median_cpu_s": median(cpu[label]), "times_s": wall[label],
-                     "cpu_times_s": cpu[label], "compresses_nothing": compresses_nothing(o)})
+        row = {"optimizer": label, "state_bytes": flora.state_bytes(o), "median_step_s": median(wall[label]),
+               "min_step_s": min(wall[label]), "median_cpu_s": median(cpu[label]), "times_s": wall[label],
+               "cpu_times_s": cpu[label], "compresses_nothing": compresses_nothing(o)}
+        if split_variant(label)[1] == "compiled":
+            w, c, graphs, breaks = first[label]
+            row.update(first_step_s=w, first_step_cpu_s=c, compile_s=max(0.0, w - row["median_step_s"]),
+                       graphs=graphs, graph_breaks=breaks, graphs_after_first_step=first.get((label, "later"), 0))
+        rows.append(row)
+    for r, (label, o) in zip(rows, opts):
+        def one(o=o):
+            for p, g in zip(params, grads):
+                p.grad = g
+            step_fn(o)()
+            core.sync(device)
+
+        r["ops_per_step"] = ops_per_step(one)
     by = {r["optimizer"]: r for r in rows}
     for r in rows:
         r["state_mib"] = r["state_bytes"] / core.MiB
@@ -310,6 +417,29 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
         r["step_vs_reference"] = r["median_step_s"] / ref["median_step_s"] if ref else None
         r["cpu_vs_reference"] = r["median_cpu_s"] / ref["median_cpu_s"] if ref else None
     return rows
+
+
+def compiled_goals(by: dict[str, dict]) -> list[str]:
+    """The compiled step's goals (``COMPILED_GOALS`` and friends) for the rows that ran, as
+    text: each ratio of median CPU times (wall beside it), the ops one step dispatches, the
+    compile time."""
+    out = []
+    for name, ref, limit in COMPILED_GOALS:
+        a, b = by.get(name), by.get(ref)
+        if a and b:
+            cpu, wall = a["median_cpu_s"] / b["median_cpu_s"], a["median_step_s"] / b["median_step_s"]
+            out.append(f"{name}: step {cpu:.2f}x {ref}'s in CPU time ({wall:.2f}x wall): "
+                       f"{'met' if cpu <= limit else 'MISSED'} (goal <= {limit:g}x)")
+    for r in by.values():
+        if r["optimizer"].startswith("flora-") and r["optimizer"].endswith(":compiled"):
+            n, c = r.get("ops_per_step"), r.get("compile_s")
+            if n is not None:
+                out.append(f"{r['optimizer']}: {n} ops dispatched per step: "
+                           f"{'met' if n <= COMPILED_MAX_OPS else 'MISSED'} (goal <= {COMPILED_MAX_OPS})")
+            if c is not None:
+                out.append(f"{r['optimizer']}: compiles in {c:.1f} s: "
+                           f"{'met' if c < COMPILED_MAX_COMPILE_S else 'MISSED'} (goal < {COMPILED_MAX_COMPILE_S:g} s)")
+    return out
 
 
 def compresses_nothing(opt) -> bool:
@@ -448,12 +578,26 @@ def render(result: dict) -> str:
     if rows:
         lines += core.markdown_table(
             ["optimizer", "state MiB", "state / AdamW", "median step s", "min step s", "median CPU s",
-             f"step / {REFERENCE} (wall)", "(CPU)", "note"],
+             f"step / {REFERENCE} (wall)", "(CPU)", "ops / step", "note"],
             ([r["optimizer"], f"{r['state_mib']:.1f}",
               "-" if r["state_vs_adamw"] is None else f"{100 * r['state_vs_adamw']:.1f}%",
               f3(r["median_step_s"]), f3(r["min_step_s"]), f3(r["median_cpu_s"]), f2(r["step_vs_reference"]),
-              f2(r["cpu_vs_reference"]),
-              NOTHING_COMPRESSED if r.get("compresses_nothing") else ""] for r in rows), align="lrrrrrrrl")
+              f2(r["cpu_vs_reference"]), str(r.get("ops_per_step", "-")),
+              NOTHING_COMPRESSED if r.get("compresses_nothing") else ""] for r in rows), align="lrrrrrrrrl")
+        lines += ["", "ops / step: operations one step dispatches (torch.profiler: aten operations not nested in "
+                  "another, plus compiled graphs' kernels), a CPU proxy for a GPU's kernel launches."]
+    compiled = [r for r in rows if "compile_s" in r]
+    if compiled:
+        lines += ["", "## Compiled steps", "",
+                  f"`:compiled` rows: Flora(compile=...) and torch.compile(opt.step) (backend {result['meta'].get('compile_backend', COMPILE_BACKEND)!r}). "
+                  "compile s = the first step's wall time less the median step's; graphs and breaks as dynamo "
+                  "counted them at the first step (a break is counted again when dynamo restarts its analysis at "
+                  "it); graphs compiled by the later steps should be 0.", ""]
+        lines += core.markdown_table(
+            ["optimizer", "compile s", "first step s (CPU s)", "graphs", "graph breaks", "graphs after first step"],
+            ([r["optimizer"], f"{r['compile_s']:.1f}", f"{r['first_step_s']:.1f} ({r['first_step_cpu_s']:.1f})",
+              str(r["graphs"]), str(r["graph_breaks"]), str(r["graphs_after_first_step"])] for r in compiled),
+            align="lrrrrr")
     if result.get("goals"):
         lines += ["", "Goal check:", ""] + [f"- {g}" for g in result["goals"]]
     sp = result.get("split")
@@ -510,7 +654,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     core.say(f"flora-bench step: {size.model}, {len(named)} tensors, {n_params / 1e6:.2f} M parameters on {device}; "
              f"{shapes_check}")
     meta = core.run_metadata("step", argv, device)
-    meta.update(size=args.size, model=size.model, llama=size.llama, shapes=[s for _, s in named],
+    meta.update(compile_backend=COMPILE_BACKEND, size=args.size, model=size.model, llama=size.llama, shapes=[s for _, s in named],
                 n_tensors=len(named), n_params=n_params, shapes_check=shapes_check, repeats=args.repeats,
                 warmup=args.warmup, lr=LR, kappa=KAPPA, threads=torch.get_num_threads(), seed=args.seed)
     result: dict = {"meta": meta, "rows": []}
@@ -521,6 +665,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         by = {r["optimizer"]: r for r in result["rows"]}
         result["goals"] = [f"{name}: " + "; ".join(parts) for goal in config.STEP_GOALS for name in goal.optimizers
                            if name in by and (parts := report.goal_parts(goal, name, by))]
+        result["goals"] += compiled_goals(by)
         plan = {}
         for name in by:
             base, variant = split_variant(name)
