@@ -18,9 +18,10 @@ import torch.multiprocessing as mp
 def _worker(rank: int, world: int, init: str, out: str, module: str, names: list[str]) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    # A scenario that fails on one rank must not leave the other waiting forever.
+    # A scenario that fails on one rank must not leave the other waiting forever; 300 s, not
+    # less: on 2 loaded cores a checkpoint scenario's rank can wait over a minute at a barrier.
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=300))
     import importlib
 
     mod = importlib.import_module(module)
