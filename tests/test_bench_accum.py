@@ -54,10 +54,14 @@ def test_memory_section(accum_run):
     # gradients (the model's size, 0.11 MiB here) all live until the step; the reference
     # (gradients dropped at once) is the floor. Compared over each run's own baseline (in
     # one process the baseline drifts up from run to run). Measured here in 13 runs:
-    # plain - fused 0.03 to 0.19 MiB (mean 0.10), reference below both every time.
+    # plain - fused 0.03 to 0.19 MiB (mean 0.10), reference below both every time; but a
+    # full CI-like run on loaded cores once gave fused 0.004 MiB (one page) above plain, so
+    # at this size RSS can only bound it: neither may exceed plain by more than 0.05 MiB
+    # (half the gradients). That fused mode holds no gradient at all is asserted exactly,
+    # from the tensors, in test_accumulate (fused steps leave every .grad None).
     grow = {name: r["peak_over_baseline_mib"] for name, r in mem.items()}
-    assert grow["r4-fused"] < grow["plain"], grow
-    assert grow["reference"] < grow["plain"], grow
+    assert grow["r4-fused"] < grow["plain"] + 0.05, grow
+    assert grow["reference"] < grow["plain"] + 0.05, grow
     assert mem["plain"]["weights_mib"] > 0.05  # what plain holds and fused does not: large enough to see
     assert (mem["r4"]["rank"], mem["r4-fused"]["fused"]) == (4, True)
     assert mem["reference"]["optimizer_state_mib"] == 0.0
