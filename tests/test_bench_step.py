@@ -173,19 +173,21 @@ def test_compiled_rows(monkeypatch):
     params = [torch.randn(16, 24, requires_grad=True), torch.randn(16, 24, requires_grad=True),
               torch.randn(24, requires_grad=True)]
     grads = [torch.randn_like(p) for p in params]
-    names = ["adamw", "adafactor-b0.9", "flora-r4", "adamw:compiled", "adafactor-b0.9:compiled", "flora-r4:compiled"]
+    names = ["adamw", "adafactor-b0.9", "flora-r4", "adamw:compiled", "adafactor-b0.9:compiled", "flora-r4:compiled",
+             "flora-r4:compiled-step"]
     rows = {r["optimizer"]: r for r in step.time_optimizers(names, params, grads, "cpu", warmup=1, repeats=2, seed=0)}
     for name in names:
         assert rows[name]["ops_per_step"] > 0, name
-    for name in ("adamw:compiled", "flora-r4:compiled"):
+    for name in ("adamw:compiled", "flora-r4:compiled", "flora-r4:compiled-step"):
         r = rows[name]
         assert r["graphs"] >= 1 and r["graphs_after_first_step"] == 0 and r["first_step_s"] > 0, name
     assert rows["flora-r4:compiled"]["graph_breaks"] == 0  # fullgraph per bucket
     assert rows["flora-r4:compiled"]["graphs"] == 2  # (16, 24) x 2 and (24,)
+    assert rows["flora-r4:compiled-step"]["graphs"] == 1  # torch.compile(opt.step): one graph after the prelude
     assert "compile_s" not in rows["flora-r4"]
     by = {n.replace("r4", "r32"): dict(r, optimizer=n.replace("r4", "r32")) for n, r in rows.items()}
     goals = step.compiled_goals(by)
-    assert len(goals) == 4 and goals[0].startswith("flora-r32:compiled: step ") and "adafactor-b0.9" in goals[0]
+    assert len(goals) == 6 and goals[0].startswith("flora-r32:compiled: step ") and "adafactor-b0.9" in goals[0]
     assert any("ops dispatched per step" in g for g in goals) and any("compiles in" in g for g in goals)
     md = step.render({"meta": {"model": "m", "device_name": "cpu", "command": "flora-bench step", "n_tensors": 3,
                                "n_params": 792, "shapes_check": "-", "repeats": 2, "warmup": 1,

@@ -23,7 +23,8 @@ same shapes (the reference: what dropping that guarantee would cost).
     flora-bench step --compiled --ranks 32 --forms scaled-orthonormal   # + :compiled rows
 
 ``:compiled`` rows (``--compiled``, or names such as ``flora-r32:compiled``): Flora with
-``compile=True`` (its per-bucket arithmetic compiled once per shape signature), torch
+``compile=True`` (its per-bucket arithmetic compiled once per shape signature;
+``flora-r32:compiled-step``: ``torch.compile(opt.step)`` on Flora, grouped, tensor lr), torch
 AdamW (foreach, a tensor lr) and HF Adafactor under ``torch.compile(opt.step)``. Their
 first step compiles: its time is reported apart (``compile s``), with the graphs compiled
 and the graph breaks, and any recompilation during the timed steps. Every row gets the
@@ -86,8 +87,9 @@ FLAT_FAMILIES = ("adamw", "adafactor", "flora", "flora-opt")  # what steps a lis
 # grouped paths (foreach=False, True; the bare name takes Flora's default for the device),
 # and Flora without momentum (beta1=None: Adafactor's arithmetic alone on Flora's default
 # path; the rest of a Flora step is the momentum's projection work).
-# ":compiled": see COMPILE_BACKEND.
-VARIANTS = {"adamw": ("fused", "compiled"), "flora": ("single", "grouped", "nomomentum", "compiled"),
+# ":compiled": see COMPILE_BACKEND; "flora-rR:compiled-step": torch.compile(opt.step) on
+# Flora itself (grouped path, a 0-dim tensor lr: torch's recipe), one graph for the step.
+VARIANTS = {"adamw": ("fused", "compiled"), "flora": ("single", "grouped", "nomomentum", "compiled", "compiled-step"),
             "adafactor": ("compiled",)}
 # The torch.compile backend of the :compiled rows (tests use a cheaper one).
 COMPILE_BACKEND = "inductor"
@@ -131,6 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compiled", action="store_true",
                    help="also time :compiled rows: Flora(compile=True) at each rank (the first form), torch AdamW and "
                         "HF Adafactor beta1 0.9 under torch.compile (the first step compiles: minutes on a CPU)")
+    p.add_argument("--compiled-bucket-max", type=int, default=None,
+                   help="Flora(compile=True)'s most parameters per bucket (flora.functional.COMPILED_BUCKET_MAX, "
+                        "default 16); 0: no limit but the elements'")
 
 
 def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -248,6 +253,7 @@ def step_fn(opt):
 
 def _stepper(opt, params, grads, device):
     fn = step_fn(opt)
+    params = getattr(opt, "_bench_params", params)  # a compiled torch optimizer's own copies
 
     def step():
         for p, g in zip(params, grads):  # flora-opt sets p.grad = None after stepping
@@ -335,7 +341,7 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
     specs = [(bo.parse(split_variant(n)[0]), split_variant(n)[1]) for n in names]
     if any(s.family == "flora-opt" for s, _ in specs):
         bo.allow_flora_opt_without_bitsandbytes()
-    if any(v == "compiled" for _, v in specs) and COMPILE_BACKEND == "inductor":
+    if any(v in ("compiled", "compiled-step") for _, v in specs) and COMPILE_BACKEND == "inductor":
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # so that ops_per_step sees the compiled kernels
@@ -347,12 +353,23 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
         elif variant == "compiled" and s.family == "flora":
             opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"compile": COMPILE_BACKEND})
-        elif variant == "compiled":  # torch's recipe: a tensor lr, torch.compile(opt.step)
-            if s.family == "adamw":
-                opt = torch.optim.AdamW(params, lr=torch.tensor(LR), weight_decay=0.0, foreach=True, capturable=True)
-            else:
-                opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True)
+        elif variant == "compiled-step":
+            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+                                    flora_options={"foreach": True})
+            for g in opt.param_groups:
+                g["lr"] = torch.tensor(LR)
             opt._bench_step = torch.compile(opt.step, backend=COMPILE_BACKEND)
+        elif variant == "compiled":  # torch's recipe: a tensor lr, torch.compile(opt.step)
+            # On copies of the parameters: torch's optimizers mark what they step as static
+            # inputs when compiled (dynamo then guards those tensors by identity), which
+            # would make every later compiled graph over them specific to its tensors.
+            own = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+            if s.family == "adamw":
+                opt = torch.optim.AdamW(own, lr=torch.tensor(LR), weight_decay=0.0, foreach=True, capturable=True)
+            else:
+                opt = bo.make_optimizer(s, own, LR, kappa=KAPPA, seed=seed, scale_parameter=True)
+            opt._bench_step = torch.compile(opt.step, backend=COMPILE_BACKEND)
+            opt._bench_params = own
         elif variant in ("single", "grouped"):
             opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"foreach": variant == "grouped"})
@@ -396,14 +413,14 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
         row = {"optimizer": label, "state_bytes": flora.state_bytes(o), "median_step_s": median(wall[label]),
                "min_step_s": min(wall[label]), "median_cpu_s": median(cpu[label]), "times_s": wall[label],
                "cpu_times_s": cpu[label], "compresses_nothing": compresses_nothing(o)}
-        if split_variant(label)[1] == "compiled":
+        if split_variant(label)[1] in ("compiled", "compiled-step"):
             w, c, graphs, breaks = first[label]
             row.update(first_step_s=w, first_step_cpu_s=c, compile_s=max(0.0, w - row["median_step_s"]),
                        graphs=graphs, graph_breaks=breaks, graphs_after_first_step=first.get((label, "later"), 0))
         rows.append(row)
     for r, (label, o) in zip(rows, opts):
         def one(o=o):
-            for p, g in zip(params, grads):
+            for p, g in zip(getattr(o, "_bench_params", params), grads):
                 p.grad = g
             step_fn(o)()
             core.sync(device)
@@ -431,7 +448,7 @@ def compiled_goals(by: dict[str, dict]) -> list[str]:
             out.append(f"{name}: step {cpu:.2f}x {ref}'s in CPU time ({wall:.2f}x wall): "
                        f"{'met' if cpu <= limit else 'MISSED'} (goal <= {limit:g}x)")
     for r in by.values():
-        if r["optimizer"].startswith("flora-") and r["optimizer"].endswith(":compiled"):
+        if r["optimizer"].startswith("flora-") and r["optimizer"].endswith((":compiled", ":compiled-step")):
             n, c = r.get("ops_per_step"), r.get("compile_s")
             if n is not None:
                 out.append(f"{r['optimizer']}: {n} ops dispatched per step: "
@@ -642,6 +659,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     size = SIZES[args.size]
     if args.threads:
         torch.set_num_threads(args.threads)
+    from flora import functional as flora_functional
+
+    if args.compiled_bucket_max is not None:
+        flora_functional.COMPILED_BUCKET_MAX = args.compiled_bucket_max or None
     device = core.resolve_device(args.device)
     named = llama_shapes(size.llama)
     shapes_check = (verify_against_gguf(named) if args.verify_config and args.size == "quick"
@@ -654,7 +675,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     core.say(f"flora-bench step: {size.model}, {len(named)} tensors, {n_params / 1e6:.2f} M parameters on {device}; "
              f"{shapes_check}")
     meta = core.run_metadata("step", argv, device)
-    meta.update(compile_backend=COMPILE_BACKEND, size=args.size, model=size.model, llama=size.llama, shapes=[s for _, s in named],
+    meta.update(compile_backend=COMPILE_BACKEND, compiled_bucket_max=flora_functional.COMPILED_BUCKET_MAX,
+                size=args.size, model=size.model, llama=size.llama, shapes=[s for _, s in named],
                 n_tensors=len(named), n_params=n_params, shapes_check=shapes_check, repeats=args.repeats,
                 warmup=args.warmup, lr=LR, kappa=KAPPA, threads=torch.get_num_threads(), seed=args.seed)
     result: dict = {"meta": meta, "rows": []}
