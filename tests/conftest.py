@@ -7,6 +7,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # threads, 0.02 ms at one). Spawned workers inherit it through the environment.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads_restored():
+    """The bench sets torch's thread count in this process (a task's or --threads):
+    every test module starts with the count the one before it found."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -38,17 +38,6 @@ from _configs import MOMENTUM_CONFIGS  # noqa: E402
 SRC = str(Path(flora.__file__).resolve().parents[1])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads_restored():
-    """The bench sets torch's thread count in this process (a task's or --threads);
-    give the next module the count it had."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def _env():
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 

@@ -21,17 +21,6 @@ from flora.bench.__main__ import main  # noqa: E402
 from flora.bench.tasks import make_task  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads_restored():
-    """The bench sets torch's thread count in this process (a task's or --threads);
-    give the next module the count it had."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def accum_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("accum")

@@ -16,17 +16,6 @@ from flora.bench.config import Goal  # noqa: E402
 from flora.bench.step import SIZES, optimizer_names  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads_restored():
-    """The bench sets torch's thread count in this process (a task's or --threads);
-    give the next module the count it had."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def step_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("step")
