@@ -330,3 +330,20 @@ def test_a_counter_edited_on_the_host_is_followed():
     _run(opt, fresh, opt.step, steps=1)
     assert (runs[1] - fresh[0].detach()).abs().max() <= 1e-6
     assert (runs[1] - runs[0]).abs().max() > 1e-4  # the edit mattered
+
+
+def test_readme_signature_names_every_constructor_argument():
+    """The README's ``flora.Flora(...)`` signature lists every argument with its default
+    (``compile=False`` included), but the deprecated ``momentum``."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sig = re.search(r"`flora\.Flora\((.*?)\)` is a", text, flags=re.S).group(1)
+    call = ast.parse("f(" + sig.replace("params,", "").replace("*,", "") + ")", mode="eval").body
+    documented = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    expected = {name: par.default for name, par in inspect.signature(Flora.__init__).parameters.items()
+                if name not in ("self", "params", "momentum")}
+    assert documented == expected
