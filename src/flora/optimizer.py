@@ -283,6 +283,15 @@ class Flora(Optimizer):
             return None
         return hit[1], hit[2]
 
+    def _find(self, p: torch.Tensor, caller: str) -> tuple[dict, int]:
+        found = self._locate(p)
+        if found is None:
+            self._where = None  # the groups may have been edited in place: look again
+            found = self._locate(p)
+        if found is None:
+            raise ValueError(f"{caller}: the tensor is not a parameter of this optimizer")
+        return found
+
     @torch.no_grad()
     def step_parameter(self, p: torch.Tensor) -> None:
         """Step one parameter with its current ``.grad``, as ``step()`` would (on the
@@ -291,25 +300,43 @@ class Flora(Optimizer):
         For optimizer-in-backward use (fused accumulation): parameters can be stepped one
         by one as their gradients arrive, and the result equals one ``step()``. Finds the
         parameter in constant time."""
-        found = self._locate(p)
-        if found is None:
-            self._where = None  # the groups may have been edited in place: look again
-            found = self._locate(p)
-        if found is None:
-            raise ValueError("step_parameter: the tensor is not a parameter of this optimizer")
-        group, index = found
+        group, index = self._find(p, "step_parameter")
         if p.grad is None:
             return
         if p.grad.is_sparse or p.grad.is_complex():
             check_grads(self.param_groups)
         if is_dtensor(p):
-            raise ValueError("step_parameter: DTensor (FSDP2) parameters step together in step(), which sums "
-                             "Adafactor's factors over their shards; fused per-parameter steps are not supported")
+            self.step_parameters([p])  # its sums over the shards: two all-reduces
+            return
         self._prepare_state(p, group)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
         work = self._work([p], [self.state[p]], group, [index],
                           grouped=_grouped(group, p, self._compile is not None))
         self._apply([work])
+
+    @torch.no_grad()
+    def step_parameters(self, params) -> None:
+        """Step several parameters with their current ``.grad``, as ``step()`` would: FSDP2
+        (DTensor) ones together, with their sums over the shards packed into two
+        all-reduces per process group (fused accumulation steps an FSDP2 unit's parameters
+        in the hook FSDP2 calls after its reduce-scatter), any other one by
+        :meth:`step_parameter`. Every rank of a shard group must step the same parameters."""
+        found = []
+        for p in params:
+            if not is_dtensor(p):
+                self.step_parameter(p)
+                continue
+            hit = self._find(p, "step_parameters")
+            if p.grad is not None:
+                found.append((p, *hit))
+        if not found:
+            return
+        check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
+        entries = []
+        for p, group, index in found:
+            self._prepare_state(p, group)
+            entries.append((p, self.state[p], group, index))
+        sharded.sharded_step(entries, projections=self._projections, count_skip=self._count_skip)
 
     def _prepare_state(self, p: torch.Tensor, group: dict) -> None:
         prepare_state(self.state[p], p, group)
