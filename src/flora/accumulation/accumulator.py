@@ -143,7 +143,8 @@ class CompressedAccumulator:
                        (not reduce) if exact_last is None else exact_last, fused, reduce, process_group,
                        max_grad_norm, cache_projections, scaler)
         # reduce=True under DDP: a synchronising backward would all-reduce what the hooks freed.
-        self._engine = Engine(opts, slots, optimizer, model_or_params if reduce and is_ddp(model_or_params) else None)
+        self._engine = Engine(opts, slots, optimizer, model_or_params if reduce and is_ddp(model_or_params) else None,
+                              model=model_or_params)
         self._hooks = Hooks(self._engine)
         attach(slots, self)
         self._hooks.guard_steps()

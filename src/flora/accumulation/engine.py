@@ -21,12 +21,13 @@ from .grads import GradView
 from .integrations import accelerate_ends_cycle
 from .options import Options
 from .replicas import Replicas, check_not_under_ddp
+from .units import Units, fsdp_units
 
 __all__ = ["Engine"]
 
 
 class Engine:
-    def __init__(self, opts: Options, slots: list[Slot], optimizer: Optimizer | None, ddp=None):
+    def __init__(self, opts: Options, slots: list[Slot], optimizer: Optimizer | None, ddp=None, model=None):
         self.opts, self.slots, self.optimizer = opts, slots, optimizer
         self.names = [s.name for s in slots]
         self.ids = {id(s.param) for s in slots}
@@ -34,6 +35,8 @@ class Engine:
         self.sharded = {k for k, s in enumerate(slots) if is_dtensor(s.param)}  # FSDP2: no tensor hooks
         self.grads = GradView(slots, opts.fused, self.sharded)
         self.stepper = FusedStepper(optimizer, opts) if opts.fused else None
+        # Fused mode under FSDP2: a unit's parameters step together (units.py).
+        self.units = Units(fsdp_units(model, slots, self.sharded)) if opts.fused and self.sharded else None
         self.replicas = Replicas(slots, opts, ddp) if opts.reduce else None
         self.ddp_checked = not opts.fused or opts.reduce  # fused mode: DDP wrapping is looked for at the first backward
         self.last_grad_norm: torch.Tensor | None = None
@@ -114,13 +117,18 @@ class Engine:
             # order as autograd keeps it bit-identical.
             if buf is not None:
                 g = buf.add_(g)
+            elif k in self.sharded and not last:
+                g = g.detach().clone()  # FSDP2's gradient is a view of its unit's whole reduce-scatter output
             if last:
                 p.grad = g
             else:
                 c.buffers[k] = g
                 p.grad = None
         if last and o.fused:
-            self.stepper.step(p, c)
+            if k in self.sharded:
+                self.units.add(k, self.step_slots)
+            else:
+                self.stepper.step(p, c)
         if last:
             c.buffers.pop(k, None)
             c.done.add(k)
@@ -150,6 +158,8 @@ class Engine:
             if c.backwards >= o.tau:
                 self.reduce_cycle()
             return
+        if self.units is not None:
+            self.units.flush(self.step_slots)
         if not c.done:
             return
         lagging = c.lagging()
@@ -160,6 +170,10 @@ class Engine:
         if not o.fused:
             for k, _ in lagging:
                 self.grads.write_estimate(c, k, self.projection)
+
+    def step_slots(self, ks: list[int]) -> None:
+        """Fused mode under FSDP2: step these slots' parameters together."""
+        self.stepper.step_sharded([self.slots[k].param for k in ks], self.cycle)
 
     # ------------------------------------------------------------ the cycle's end
 
@@ -202,6 +216,7 @@ class Engine:
                 self.reduce_cycle()
                 return k
             c = self.cycle
+            together = []  # FSDP2 parameters: stepped together (every rank finishes alike)
             for j, s in enumerate(self.slots):
                 if c.counts[j] == 0 or j in c.done:  # no gradient, or its cycle is complete
                     continue
@@ -212,10 +227,16 @@ class Engine:
                         p.grad = estimate(s, buf, self.projection(j))
                     elif s.dim is None:
                         p.grad = buf
-                    if p.grad is not None:
+                    if p.grad is None:
+                        continue
+                    if j in self.sharded:
+                        together.append(j)
+                    else:
                         self.stepper.step(p, c)
                 else:
                     self.grads.write_estimate(c, j, self.projection)
+            if together:
+                self.step_slots(together)
             self.close()
             return k
 

@@ -48,7 +48,7 @@ class FusedStepper:
 
     def step(self, p: torch.Tensor, c: Cycle) -> None:
         if self.opts.scaler is not None:
-            found = self.unscale(p)
+            found = self.unscale(p.grad)
             # flora.Flora skips a non-finite gradient on the device; any other optimizer
             # must be told on the host (GradScaler syncs here too).
             if found is not None and not isinstance(self.optimizer, Flora) and found.item():
@@ -70,9 +70,54 @@ class FusedStepper:
             opt.step()  # every other parameter's .grad is None, so only p moves
         p.grad = None
 
-    def unscale(self, p: torch.Tensor) -> torch.Tensor | None:
-        """Unscale ``p.grad`` by the GradScaler's scale in place and record whether it is
-        finite where ``scaler.step``/``update`` look for it. Returns the found-inf flag."""
+    def step_sharded(self, params: list[torch.Tensor], c: Cycle) -> None:
+        """FSDP2: step these DTensor parameters (one unit's) together. Their local rows'
+        squared norms (and a GradScaler's non-finite flags) are summed over the shards in
+        one all-reduce per shard group, so that clipping, ``last_grad_norm`` and the
+        scaler's findings are global; Flora's step adds two (``Flora.step_parameters``)."""
+        import torch.distributed as dist
+
+        from ..sharded import layout
+
+        by_group: dict = {}
+        for p in params:
+            by_group.setdefault(layout(p).group, []).append(p)
+        stepping = []
+        for pg, ps in by_group.items():
+            grads = [p.grad.to_local() for p in ps]
+            parts = [torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in grads]
+            if self.opts.scaler is not None and self.opts.scaler.is_enabled():
+                parts += [self.unscale(g, record=False) for g in grads]
+            packed = torch.stack([t.reshape(()).to(torch.float64) for t in parts])
+            if pg is not None:
+                dist.all_reduce(packed, group=pg)
+            norms = packed[:len(ps)].sqrt().float()
+            found = packed[len(ps):]
+            if found.numel():
+                self.record_found(found.sum().clamp_(max=1.0).float(), grads[0].device)
+            if self.opts.max_grad_norm is not None:  # as clip_grad_norm_ on each whole parameter
+                coef = (self.opts.max_grad_norm / (norms + 1e-6)).clamp_(max=1.0)
+                torch._foreach_mul_(grads, [coef[i].to(g.dtype) for i, g in enumerate(grads)])
+            c.add_sq_norm(norms.square().sum())
+            skip = found.tolist() if found.numel() and not isinstance(self.optimizer, Flora) else [0.0] * len(ps)
+            for p, bad in zip(ps, skip):
+                if bad:  # another optimizer must be told on the host (GradScaler syncs too)
+                    p.grad = None
+                else:
+                    stepping.append(p)
+        opt = self.optimizer
+        if isinstance(opt, Flora):
+            opt.step_parameters(stepping)
+            opt._opt_called = True
+        elif stepping:
+            opt.step()  # only these parameters hold a gradient: the others stepped or wait for their cycle
+        for p in params:
+            p.grad = None
+
+    def unscale(self, g: torch.Tensor, record: bool = True) -> torch.Tensor | None:
+        """Unscale gradient ``g`` by the GradScaler's scale in place and (``record``) record
+        whether it is finite where ``scaler.step``/``update`` look for it. Returns the
+        found-inf flag."""
         from torch.amp.grad_scaler import OptState
 
         scaler = self.opts.scaler
@@ -81,15 +126,19 @@ class FusedStepper:
         if scaler._scale is None:
             raise RuntimeError("CompressedAccumulator(scaler=...): the scaler has no scale yet; call "
                                "scaler.scale(loss).backward()")
-        record = scaler._per_optimizer_states[id(self.optimizer)]
-        record["stage"] = OptState.UNSCALED  # so that scaler.step() does not unscale (nothing) again
-        g = p.grad
+        record_ = scaler._per_optimizer_states[id(self.optimizer)]
+        record_["stage"] = OptState.UNSCALED  # so that scaler.step() does not unscale (nothing) again
         found = torch.zeros(1, dtype=torch.float32, device=g.device)
         inv_scale = scaler._scale.double().reciprocal().float().to(g.device)
         torch._amp_foreach_non_finite_check_and_unscale_([g], found, inv_scale)
-        seen = record["found_inf_per_device"].get(g.device)
-        record["found_inf_per_device"][g.device] = found if seen is None else seen.add_(found)
+        if record:
+            self.record_found(found, g.device)
         return found
+
+    def record_found(self, found: torch.Tensor, device) -> None:
+        record = self.opts.scaler._per_optimizer_states[id(self.optimizer)]
+        seen = record["found_inf_per_device"].get(device)
+        record["found_inf_per_device"][device] = found.reshape(1) if seen is None else seen.add_(found.reshape(1))
 
 
 def patch_zero_grad(optimizer: Optimizer, engine) -> tuple:

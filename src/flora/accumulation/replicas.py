@@ -99,10 +99,6 @@ def check_sharded(name, p, rank, proj_dim, max_aspect_ratio, *, fused: bool, red
     compress them on their own, which needs the projected dimension to be the
     unsharded one (1, the columns; "auto" takes it)."""
     layout(p)  # Shard(0) or Replicate, else a clear error
-    if fused:
-        raise ValueError(f"fused=True is not supported for FSDP2 (DTensor) parameters such as {name!r}: "
-                         "flora.Flora steps them together in step(), summing Adafactor's factors over the "
-                         "shards; use normal mode")
     if reduce:
         raise ValueError(f"reduce=True is for replicas (DDP or none); {name!r} is an FSDP2 (DTensor) "
                          "parameter, whose gradients FSDP2 already reduce-scatters")
