@@ -433,16 +433,6 @@ def ddp_accumulator(rank, world):
     return {"diff": max((a - b).abs().max().item() for a, b in zip(model.module.parameters(), ref.parameters()))}
 
 
-def ddp_fused_accumulator_refused(rank, world):
-    model = _ddp(_net())
-    opt = Flora(model.parameters(), **OPTS)
-    try:
-        CompressedAccumulator(model, rank=3, tau=2, optimizer=opt, fused=True)
-    except (TypeError, ValueError) as e:
-        return {"error_message": str(e)}
-    return {"error_message": None}
-
-
 # ------------------------------------------------------------------ the accumulator under FSDP2
 
 
@@ -488,85 +478,4 @@ def fsdp_accumulator(rank, world):
         except ValueError as e:
             errors[str(kw)] = str(e)
     out["errors"] = errors
-    return out
-
-
-# ------------------------------------------------------------------ fused mode across replicas (issue 20)
-
-
-FUSED_TAU = 2
-
-
-def _fused_opt(kind, params, opts):
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, foreach=False)
-    return Flora(params, **opts)
-
-
-# (name, optimizer, accumulator options): each run over 2 full cycles and a short third one
-FUSED_CASES = {
-    "compressed": ("flora", dict(rank=3)),
-    "compressed_exact_last_false": ("flora", dict(rank=3, exact_last=False)),
-    "dense": ("flora", dict(rank=None)),
-    "clipped": ("flora", dict(rank=3, max_grad_norm=0.05)),
-    "adamw": ("adamw", dict(rank=3)),
-    "adamw_clipped": ("adamw", dict(rank=None, max_grad_norm=0.05)),
-}
-
-
-def _one_process_fused_ref(kind, acc_kw, batches, *, fused_ref: bool):
-    """One process on the full batch: unfused (normal accumulation, the optimizer's own
-    step) unless ``fused_ref`` (per-parameter clipping exists only in fused mode)."""
-    opts = {**OPTS, "proj_dim": 1, **REF}
-    ref = _net()
-    opt = _fused_opt(kind, ref.parameters(), opts)
-    acc = CompressedAccumulator(ref, tau=FUSED_TAU, optimizer=opt, seed=5, proj_dim=1,
-                                fused=fused_ref, **acc_kw)
-    norms = []
-    for i, (x, y) in enumerate(batches):
-        (_loss(ref, x, y) / FUSED_TAU).backward()
-        if (i + 1) % FUSED_TAU == 0 or i == len(batches) - 1:
-            if fused_ref:
-                acc.finish_cycle()
-                norms.append(acc.last_grad_norm.item())
-            else:
-                opt.step()
-                opt.zero_grad()
-    acc.remove()
-    return ref, norms
-
-
-def fsdp_fused(rank, world):
-    """Fused mode on a fully_shard model (two units: ``a`` and the root): every
-    parameter steps in the hook FSDP2 calls after its unit's reduce-scatter; over two
-    cycles of tau=2 and a short third one (finish_cycle). Equal to one process unfused on
-    the full batch (clipping: one process fused)."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.debug import CommDebugMode
-
-    batches = _batches(2 * FUSED_TAU + 1)
-    out = {}
-    for name, (kind, acc_kw) in FUSED_CASES.items():
-        model = _net()
-        fully_shard(model.a)
-        fully_shard(model)
-        opt = _fused_opt(kind, model.parameters(), {**OPTS, "proj_dim": 1})
-        acc = CompressedAccumulator(model, tau=FUSED_TAU, optimizer=opt, seed=5, fused=True, **acc_kw)
-        norms, counts = [], []
-        for i, (x, y) in enumerate(batches):
-            n = x.shape[0] // world
-            loss = _loss(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]) / FUSED_TAU
-            with CommDebugMode() as comm:
-                loss.backward()
-            counts.append({str(k): v for k, v in comm.get_comm_counts().items()})
-            if i == len(batches) - 1:
-                acc.finish_cycle()
-            if (i + 1) % FUSED_TAU == 0 or i == len(batches) - 1:
-                norms.append(acc.last_grad_norm.item())
-        grads_left = [n for n, p in model.named_parameters() if p.grad is not None]
-        ref, ref_norms = _one_process_fused_ref(kind, acc_kw, batches, fused_ref="max_grad_norm" in acc_kw)
-        got = _full(model)
-        out[name] = {"diff": max((got[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters()),
-                     "norms": norms, "ref_norms": ref_norms, "counts": counts, "grads_left": grads_left}
-        acc.remove()
     return out

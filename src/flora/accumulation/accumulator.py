@@ -19,7 +19,8 @@ from .fused import check_fused_optimizer
 from .hooks import Hooks, attach, check_unattached, detach
 from .integrations import unwrap
 from .options import Option, Options, check_options, make_slots, named_params, resolve_exclude
-from .replicas import FUSED_UNDER_DDP, is_ddp
+from .ddp import DDPSteps, check_ddp_fused
+from .replicas import is_ddp
 
 __all__ = ["CompressedAccumulator"]
 
@@ -100,6 +101,16 @@ class CompressedAccumulator:
             backward). Needs ``torch.distributed`` initialised.
         process_group: with ``reduce=True``, the group to all-reduce over (None: the
             default group).
+        comm_hook: fused mode on a ``DistributedDataParallel`` model: the communication
+            hook whose mean over replicas each bucket steps on, as a ``(state, hook)``
+            pair for ``register_comm_hook`` (e.g. ``(flora.distributed.ProjectionState(
+            rank=32), flora.distributed.projection_hook)``); None: DDP's all-reduce.
+
+    Across replicas, fused mode works on a ``DistributedDataParallel`` model (give the DDP
+    model: a communication hook steps each bucket on its mean, and the accumulator decides
+    which micro-batch DDP synchronises, so no ``no_sync()`` is needed) and on FSDP2
+    (``fully_shard``; each unit's parameters step together after its reduce-scatter);
+    clipping, ``last_grad_norm`` and a GradScaler's findings are then global.
     """
 
     rank, tau, seed, proj_dim, projection = Option(), Option(), Option(), Option(), Option()
@@ -125,13 +136,16 @@ class CompressedAccumulator:
         projection: str = "orthonormal",
         reduce: bool = False,
         process_group=None,
+        comm_hook: tuple | None = None,
     ):
         check_options(rank, tau, seed=seed, proj_dim=proj_dim, max_aspect_ratio=max_aspect_ratio,
                       projection=projection, exact_last=exact_last, fused=fused,
                       cache_projections=cache_projections, reduce=reduce, process_group=process_group,
                       max_grad_norm=max_grad_norm, optimizer=optimizer, scaler=scaler)
-        if fused and not reduce and is_ddp(model_or_params):
-            raise ValueError(FUSED_UNDER_DDP)
+        ddp_fused = fused and not reduce and is_ddp(model_or_params)
+        if comm_hook is not None and not ddp_fused:
+            raise ValueError("comm_hook applies to fused=True on a DistributedDataParallel model only (with "
+                             "reduce=False); for normal mode register it on the model with register_comm_hook")
         named = named_params(model_or_params)
         slots = make_slots(named, resolve_exclude(exclude, named), rank=rank, proj_dim=proj_dim,
                            max_aspect_ratio=max_aspect_ratio, fused=fused, reduce=reduce)
@@ -139,12 +153,17 @@ class CompressedAccumulator:
         optimizer = None if optimizer is None else unwrap(optimizer)
         if fused:
             check_fused_optimizer(optimizer, slots)
+        if ddp_fused:
+            check_ddp_fused(model_or_params, slots, comm_hook)
         opts = Options(rank, tau, seed, proj_dim, projection, max_aspect_ratio,
                        (not reduce) if exact_last is None else exact_last, fused, reduce, process_group,
                        max_grad_norm, cache_projections, scaler)
         # reduce=True under DDP: a synchronising backward would all-reduce what the hooks freed.
         self._engine = Engine(opts, slots, optimizer, model_or_params if reduce and is_ddp(model_or_params) else None,
                               model=model_or_params)
+        if ddp_fused:
+            self._engine.ddp_checked = True
+            self._engine.ddp_steps = DDPSteps(self._engine, model_or_params, comm_hook)
         self._hooks = Hooks(self._engine)
         attach(slots, self)
         self._hooks.guard_steps()
@@ -203,6 +222,8 @@ class CompressedAccumulator:
                 if eng.cycle.counts[j] and j not in eng.cycle.done:
                     s.param.grad = None
         self._hooks.remove()
+        if eng.ddp_steps is not None:
+            eng.ddp_steps.remove()
         detach(eng.slots, self)
         eng.cycle = Cycle.start(len(eng.slots), eng.cycle.number)
 

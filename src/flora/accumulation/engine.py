@@ -37,6 +37,7 @@ class Engine:
         self.stepper = FusedStepper(optimizer, opts) if opts.fused else None
         # Fused mode under FSDP2: a unit's parameters step together (units.py).
         self.units = Units(fsdp_units(model, slots, self.sharded)) if opts.fused and self.sharded else None
+        self.ddp_steps = None  # fused mode under DDP: its communication hook steps the buckets (ddp.py)
         self.replicas = Replicas(slots, opts, ddp) if opts.reduce else None
         self.ddp_checked = not opts.fused or opts.reduce  # fused mode: DDP wrapping is looked for at the first backward
         self.last_grad_norm: torch.Tensor | None = None
@@ -127,7 +128,7 @@ class Engine:
         if last and o.fused:
             if k in self.sharded:
                 self.units.add(k, self.step_slots)
-            else:
+            elif self.ddp_steps is None:  # under DDP the estimate waits in .grad for its bucket's mean
                 self.stepper.step(p, c)
         if last:
             c.buffers.pop(k, None)
@@ -160,6 +161,8 @@ class Engine:
             return
         if self.units is not None:
             self.units.flush(self.step_slots)
+        if self.ddp_steps is not None:
+            self.ddp_steps.settle()
         if not c.done:
             return
         lagging = c.lagging()
@@ -216,7 +219,7 @@ class Engine:
                 self.reduce_cycle()
                 return k
             c = self.cycle
-            together = []  # FSDP2 parameters: stepped together (every rank finishes alike)
+            together = []  # FSDP2 or DDP: stepped together (every rank finishes alike)
             for j, s in enumerate(self.slots):
                 if c.counts[j] == 0 or j in c.done:  # no gradient, or its cycle is complete
                     continue
@@ -229,13 +232,15 @@ class Engine:
                         p.grad = buf
                     if p.grad is None:
                         continue
-                    if j in self.sharded:
+                    if j in self.sharded or self.ddp_steps is not None:
                         together.append(j)
                     else:
                         self.stepper.step(p, c)
                 else:
                     self.grads.write_estimate(c, j, self.projection)
-            if together:
+            if self.ddp_steps is not None:
+                self.ddp_steps.sync_and_step(together)  # every replica takes part, with or without gradients
+            elif together:
                 self.step_slots(together)
             self.close()
             return k

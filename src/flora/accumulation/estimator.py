@@ -102,8 +102,11 @@ def add_last_(g: torch.Tensor, buf: torch.Tensor | None, a: torch.Tensor, dim: i
 
 
 def buffer_shape(slot: Slot, rank: int | None) -> tuple[int, ...]:
-    """The shape of the slot's partial sum: its compressed shape, or the parameter's."""
-    return tuple(slot.param.shape) if slot.dim is None else compressed_shape(slot.param.shape, rank, slot.dim)
+    """The shape of the slot's partial sum: its compressed shape (of this rank's rows under
+    FSDP2), or the parameter's."""
+    if slot.dim is None:
+        return tuple(slot.param.shape)
+    return compressed_shape(local(slot.param).shape, rank, slot.dim)
 
 
 def plan_row(slot: Slot, rank: int | None) -> dict:

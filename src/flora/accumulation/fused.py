@@ -47,28 +47,57 @@ class FusedStepper:
         self.optimizer, self.opts = optimizer, opts
 
     def step(self, p: torch.Tensor, c: Cycle) -> None:
+        if self.prepare(p, c):
+            self.step_ready([p])
+        p.grad = None
+
+    def prepare(self, p: torch.Tensor, c: Cycle) -> bool:
+        """Unscale (GradScaler), clip and count ``p``'s gradient; False if it must not step."""
         if self.opts.scaler is not None:
             found = self.unscale(p.grad)
             # flora.Flora skips a non-finite gradient on the device; any other optimizer
             # must be told on the host (GradScaler syncs here too).
             if found is not None and not isinstance(self.optimizer, Flora) and found.item():
-                p.grad = None
-                return
+                return False
         if self.opts.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_([p], self.opts.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32))
         c.add_sq_norm(norm.float().square())
+        return True
+
+    def step_ready(self, params: list[torch.Tensor]) -> None:
+        """Step these parameters, every other one holding no gradient."""
         opt = self.optimizer
         step_parameter = getattr(opt, "step_parameter", None)
         if step_parameter is not None:
-            step_parameter(p)
+            for p in params:
+                step_parameter(p)
             # What an LR scheduler's wrapper around step() would have recorded; without it
             # the scheduler warns that it stepped before the optimizer.
             opt._opt_called = True
+        elif params:
+            opt.step()  # every other parameter's .grad is None, so only these move
+
+    def step_bucket(self, params: list[torch.Tensor], c: Cycle) -> None:
+        """DDP: step these parameters (a bucket's) while others may hold gradients that
+        wait for their own bucket's all-reduce: those are hidden from the optimizer."""
+        ready = [p for p in params if self.prepare(p, c)]
+        if ready and not hasattr(self.optimizer, "step_parameter"):
+            mine = {id(p) for p in ready}
+            hidden = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]
+                      if p.grad is not None and id(p) not in mine]
+            for p, _ in hidden:
+                p.grad = None
+            try:
+                self.step_ready(ready)
+            finally:
+                for p, g in hidden:
+                    p.grad = g
         else:
-            opt.step()  # every other parameter's .grad is None, so only p moves
-        p.grad = None
+            self.step_ready(ready)
+        for p in params:
+            p.grad = None
 
     def step_sharded(self, params: list[torch.Tensor], c: Cycle) -> None:
         """FSDP2: step these DTensor parameters (one unit's) together. Their local rows'
@@ -109,8 +138,8 @@ class FusedStepper:
         if isinstance(opt, Flora):
             opt.step_parameters(stepping)
             opt._opt_called = True
-        elif stepping:
-            opt.step()  # only these parameters hold a gradient: the others stepped or wait for their cycle
+        else:
+            self.step_ready(stepping)  # the other parameters hold no gradient
         for p in params:
             p.grad = None
 

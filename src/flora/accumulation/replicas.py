@@ -25,7 +25,7 @@ from .cycle import Cycle
 from .estimator import Slot, accumulate_compressed_, buffer_shape, estimate
 
 __all__ = ["check_agreement", "check_reduce", "check_sharded", "is_ddp", "ddp_holding", "check_not_under_ddp",
-           "FUSED_UNDER_DDP", "Replicas"]
+           "Replicas"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -66,13 +66,6 @@ def check_agreement(what: str, fields: dict[str, Any], *, device, group=None) ->
 
 
 # ------------------------------------------------------------------ refusals
-
-
-FUSED_UNDER_DDP = (
-    "fused=True cannot run under DistributedDataParallel: the optimizer would step inside backward "
-    "on this replica's gradient, before DDP averages it, and the replicas would drift apart. Use "
-    "normal mode (no_sync() on the first tau-1 micro-batches), or reduce=True, which averages the "
-    "compressed buffers across replicas itself (then give the unwrapped model)")
 
 
 def check_reduce(reduce: bool, process_group, exact_last: bool | None) -> None:
@@ -148,11 +141,10 @@ def check_not_under_ddp(ids: set[int]) -> None:
         if ddp is not None:
             raise RuntimeError(
                 f"CompressedAccumulator(fused=True) on parameters of a model wrapped in {type(ddp).__name__} "
-                f"(world size {dist.get_world_size()}): the optimizer would step inside backward on this "
-                "replica's own gradient, before DDP averages it, and the replicas would drift apart. Use "
-                "normal mode (fused=False, no_sync() on the first tau-1 micro-batches), or build the "
-                "accumulator on the DDP model with reduce=True (fused=True works there: it averages the "
-                "compressed buffers itself; run every backward under ddp_model.no_sync()). Nothing was "
+                f"(world size {dist.get_world_size()}) after the accumulator was built: the optimizer would step "
+                "inside backward on this replica's own gradient, before DDP averages it, and the replicas would "
+                "drift apart. Build the accumulator on the DDP model itself (CompressedAccumulator(ddp_model, ..., "
+                "fused=True)): it then steps each bucket on its mean over replicas. Nothing was "
                 "accumulated or stepped")
 
 

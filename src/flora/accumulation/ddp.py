@@ -1,0 +1,128 @@
+"""Fused mode under DDP: the optimizer steps each gradient bucket as soon as its mean over
+replicas exists.
+
+The mean exists only when the bucket's all-reduce completes, so a communication hook
+(``DistributedDataParallel.register_comm_hook``) runs the all-reduce (DDP's own, or
+another hook such as ``flora.distributed.projection_hook``), waits for it, writes each
+parameter's slice of the result into its ``.grad``, steps the bucket's parameters and
+frees their gradients (the model of torch's ``ddp_comm_hooks.optimizer_overlap_hooks``).
+The reducer is told that the optimizer runs in backward, so that it does not copy the
+buckets back into ``.grad`` afterwards.
+
+Accumulation: the accumulator decides which micro-batch synchronises (a forward pre-hook
+sets DDP's ``require_backward_grad_sync``): the first ``tau - 1`` of a cycle run without
+DDP's all-reduce and are compressed locally; on the ``tau``-th, each parameter's local
+estimate (``decompress(C) + G``) is in ``.grad`` when DDP reads it, and compression being
+linear, DDP's mean of the estimates is the estimate of the mean. A cycle whose last
+backward was not synchronised (a short cycle closed by ``finish_cycle()``, or one that
+accelerate ended) is averaged by one packed all-reduce of its estimates instead."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .estimator import Slot
+
+__all__ = ["DDPSteps", "check_ddp_fused"]
+
+
+def check_ddp_fused(ddp: nn.Module, slots: list[Slot], comm_hook) -> None:
+    """Before anything changes: the accumulator must hold every parameter DDP averages
+    (the reducer frees every gradient it averages), and DDP must have no hook yet."""
+    mine = {id(s.param) for s in slots}
+    theirs = [n for n, p in ddp.module.named_parameters()
+              if p.requires_grad and not getattr(p, "_ddp_ignored", False) and id(p) not in mine]
+    if theirs:
+        raise ValueError(f"CompressedAccumulator(fused=True) on a DistributedDataParallel model must hold every "
+                         f"parameter DDP averages; {theirs[:5]} are not given (DDP frees every gradient it "
+                         "averages once the optimizer runs in backward)")
+    if getattr(ddp, "_comm_hooks", None):
+        raise ValueError("CompressedAccumulator(fused=True): this DistributedDataParallel model already has a "
+                         "communication hook, and DDP takes one only; pass it as comm_hook=(state, hook) instead, "
+                         "and the accumulator runs it before each bucket's step")
+    if comm_hook is not None and not (isinstance(comm_hook, tuple) and len(comm_hook) == 2 and callable(comm_hook[1])):
+        raise TypeError(f"comm_hook must be a (state, hook) pair, as DistributedDataParallel.register_comm_hook "
+                        f"takes them; got {comm_hook!r}")
+
+
+class DDPSteps:
+    """Steps a DDP model's buckets inside backward for the accumulator's engine."""
+
+    def __init__(self, engine, ddp: nn.Module, comm_hook):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self.engine, self.ddp = engine, ddp
+        self.group = ddp.process_group
+        self.inner = comm_hook if comm_hook is not None else (self.group, allreduce_hook)
+        self.slot_of = {id(s.param): k for k, s in enumerate(engine.slots)}
+        ddp.register_comm_hook(None, self.hook)
+        ddp.reducer._set_optimizer_in_backward()  # no copy of the buckets into .grad after backward
+        self.handle = ddp.register_forward_pre_hook(self.before_forward)
+        self.synced = False  # whether DDP synchronises the running backward pass
+
+    def remove(self) -> None:
+        self.handle.remove()  # DDP keeps the communication hook: it cannot be unregistered
+
+    def before_forward(self, module, args) -> None:
+        eng = self.engine
+        if torch.is_grad_enabled():
+            self.synced = eng.micro_step() + 1 >= eng.opts.tau
+            self.ddp.require_backward_grad_sync = self.synced
+
+    def hook(self, state, bucket):
+        out = self.inner[1](self.inner[0], bucket).wait()  # the mean over replicas: the step needs it now
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        eng = self.engine
+        base = bucket.buffer().storage_offset()
+        params = []
+        with eng.lock:
+            for p, g in zip(bucket.parameters(), bucket.gradients()):
+                k = self.slot_of.get(id(p))
+                if k is None or k not in eng.cycle.done or p.grad is None:
+                    continue
+                view = out.as_strided(g.size(), g.stride(), out.storage_offset() + g.storage_offset() - base)
+                p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
+                params.append(p)
+            eng.stepper.step_bucket(params, eng.cycle)
+        fut = torch.futures.Future()
+        fut.set_result(out)
+        return fut
+
+    def settle(self) -> None:
+        """End of a backward pass that DDP did not synchronise (the forward pre-hook saw
+        no cycle end coming, but accelerate ended it): the parameters whose cycle ended
+        are averaged and stepped here."""
+        c = self.engine.cycle
+        if self.synced or not c.done:
+            return
+        self.sync_and_step([k for k in sorted(c.done) if self.engine.slots[k].param.grad is not None])
+
+    def sync_and_step(self, ks: list[int]) -> None:
+        """The mean over replicas of slots ``ks``'s ``.grad`` (one packed all-reduce over
+        every slot, since replicas may differ in which got a gradient), then their step."""
+        eng = self.engine
+        slots, chosen = eng.slots, set(ks)
+        dev = slots[0].param.device
+        wire = torch.float64 if any(s.param.dtype == torch.float64 for s in slots) else torch.float32
+        pieces = [(slots[k].param.grad.detach().reshape(-1).to(wire) if k in chosen
+                   else torch.zeros(math.prod(slots[k].param.shape), dtype=wire, device=dev))
+                  for k in range(len(slots))]
+        flat = torch.cat(pieces + [torch.tensor([float(k in chosen) for k in range(len(slots))], dtype=wire,
+                                                device=dev)])
+        del pieces
+        flat[:-len(slots)].div_(dist.get_world_size(self.group))
+        dist.all_reduce(flat, group=self.group)
+        got = flat[-len(slots):].tolist()
+        offset, params = 0, []
+        for k, s in enumerate(slots):
+            n = math.prod(s.param.shape)
+            if got[k]:
+                s.param.grad = flat[offset:offset + n].view(s.param.shape).to(s.param.dtype, copy=True)
+                params.append(s.param)
+            offset += n
+        eng.stepper.step_bucket(params, eng.cycle)

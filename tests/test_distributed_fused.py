@@ -1,0 +1,99 @@
+"""Fused mode across replicas (the optimizer steps inside backward), on 2 CPU processes
+with gloo: under FSDP2 each unit's parameters step after its reduce-scatter, under DDP
+each bucket steps in its communication hook. Every case equals one process on the full
+batch (unfused, or fused where clipping is per parameter). The scenarios are in
+dist_fused.py."""
+
+import warnings
+
+import pytest
+import torch
+
+import dist_fused as S
+from _dist import check, spawn
+
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
+              pytest.mark.slow]
+
+SCENARIOS = ["fsdp_fused", "ddp_fused", "ddp_fused_accumulator_refused", "fused_scaler", "fused_resume",
+             "ddp_fused_projection_hook"]
+TOL = 2e-5  # float32, 3 steps with resamples
+
+
+@pytest.fixture(scope="module")
+def results():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spawn("dist_fused", SCENARIOS)
+
+
+@pytest.mark.parametrize("engine", ["fsdp_fused", "ddp_fused"])
+@pytest.mark.parametrize("case", list(S.FUSED_CASES))
+def test_fused_across_replicas_equals_one_process(results, engine, case):
+    """Flora and AdamW, compressed (exact last micro-batch or not) and dense, clipped per
+    parameter, with an LR scheduler; two cycles of tau=2 and a short one (finish_cycle):
+    every rank's parameters equal one process's, and last_grad_norm is global."""
+    for r in check(results, engine):
+        got = r[case]
+        assert got["diff"] <= TOL, got["diff"]
+        if got["ref_norms"]:
+            assert got["norms"] == pytest.approx(got["ref_norms"], rel=1e-5)
+
+
+def test_fsdp2_fused_frees_every_gradient_and_counts_collectives(results):
+    """No gradient is left after a cycle; the all-reduces come in the tau-th backward
+    only, per unit (two units here): one for the norms, two for Flora's step (none for
+    AdamW's)."""
+    for r in check(results, "fsdp_fused"):
+        for case, (kind, _) in S.FUSED_CASES.items():
+            assert r[case]["grads_left"] == []
+            per_unit = 3 if kind == "flora" else 1
+            reduces = [c.get("c10d.allreduce_", 0) for c in r[case]["counts"]]
+            assert reduces[:4] == [0, 2 * per_unit, 0, 2 * per_unit], (case, reduces)
+
+
+def test_ddp_fused_steps_several_buckets_and_leaves_no_gradient(results):
+    for r in check(results, "ddp_fused"):
+        for case in ("bucket_view", "adamw_bucket_view"):
+            assert r[case]["diff"] <= TOL, (case, r[case]["diff"])
+        for case, got in r.items():
+            assert got["buckets"] >= 3, case
+            assert got["grads_seen"] == [0] * len(got["grads_seen"]), case
+
+
+def test_ddp_fused_with_a_hook_already_registered_is_refused(results):
+    for r in check(results, "ddp_fused_accumulator_refused"):
+        assert r["error_message"] and "comm_hook=(state, hook)" in r["error_message"]
+
+
+def test_fused_grad_scaler_across_replicas(results):
+    """A NaN in one rank's loss skips the cycle's step on every rank and backs the scale
+    off alike, as one process fused with the same NaN."""
+    for r in check(results, "fused_scaler"):
+        for case, got in r.items():
+            assert got["diff"] <= TOL, (case, got["diff"])
+            assert got["scales"] == got["ref_scales"] == [512.0, 256.0, 512.0], case
+
+
+def test_fused_across_replicas_resumes_exactly_mid_cycle(results):
+    for r in check(results, "fused_resume"):
+        for engine in ("ddp", "fsdp"):
+            assert r[engine]["diff"] == 0.0, (engine, r[engine]["diff"])
+            assert r[engine]["micro_step_loaded"] == 1
+
+
+def test_ddp_fused_with_projection_hook_equals_normal_mode_with_it(results):
+    for r in check(results, "ddp_fused_projection_hook"):
+        assert r["diff"] <= 1e-6 and r["moved"] > 1e-3
+
+
+def test_comm_hook_outside_fused_ddp_is_refused():
+    from torch import nn
+
+    from flora import CompressedAccumulator, Flora
+
+    model = nn.Linear(4, 4)
+    opt = Flora(model.parameters(), lr=1e-2)
+    for kw in (dict(fused=True), dict(fused=False)):
+        with pytest.raises(ValueError, match="comm_hook applies to fused=True on a DistributedDataParallel"):
+            CompressedAccumulator(model, rank=2, tau=2, optimizer=opt, comm_hook=(None, lambda s, bucket: None), **kw)
