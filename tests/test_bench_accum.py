@@ -112,3 +112,35 @@ def test_a_configuration_in_its_own_process(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     (r,) = res["memory"]
     assert r["status"] == "ok" and r["peak_mib"] > 0 and res["meta"]["isolated"] is True
+
+
+def test_replicas_run_each_configuration_on_two_processes(tmp_path):
+    """--replicas 2: each memory configuration on 2 gloo processes under DDP and FSDP2, a
+    row per (wrap, configuration) with the largest per-rank figures, every rank's, and the
+    collectives of a cycle: fused mode under FSDP2 makes 3 all-reduces per FSDP unit (the
+    smoke Llama has 2 layers and the root; an unfused Flora step makes 2 in all)."""
+    assert main(["accum-memory", "--size", "smoke", "--replicas", "2", "--wrap", "fsdp2,ddp", "--optimizer", "flora-r4",
+                 "--configs", "r4-fused", "--threads", "1", "--no-isolate", "--out", str(tmp_path),
+                 "--cache", str(tmp_path / "cache")]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["config"]: r for r in res["memory"]}
+    assert list(rows) == ["fsdp2:r4-fused", "ddp:r4-fused"]
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r.get("traceback"))
+        assert r["replicas"] == 2 and len(r["per_rank"]) == 2
+        assert r["peak_mib"] == max(x["peak_mib"] for x in r["per_rank"])
+    assert rows["fsdp2:r4-fused"]["collectives_per_cycle"]["allreduce"] == 3 * 3
+    assert rows["fsdp2:r4-fused"]["weights_mib"] < rows["ddp:r4-fused"]["weights_mib"]  # a shard, against the whole
+    md = (tmp_path / "results.md").read_text()
+    assert "2 processes under FSDP2" in md and "2 processes under DDP" in md
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--replicas", "2", "--wrap", "zero3"], "unknown wrap 'zero3'"),
+    (["--replicas", "2", "--wrap", "fsdp2", "--optimizer", "adafactor"], "cannot step FSDP2's sharded"),
+])
+def test_replicas_bad_input(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        main(["accum-memory", "--size", "smoke"] + argv)
+    assert words in capsys.readouterr().err

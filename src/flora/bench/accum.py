@@ -90,6 +90,8 @@ class AccumJob:
     fused: bool = False
     seed: int = 0
     noise_seeds: int = 3
+    replicas: int = 1  # processes of a memory configuration (accum_replicas.py)
+    wrap: str | None = None  # with replicas > 1: "ddp" or "fsdp2"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,6 +125,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-rank", type=int, default=None, help="(quick: 32)")
     p.add_argument("--noise-seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicas", type=int, default=1,
+                   help="run each memory configuration in this many processes (gloo on the CPU, one GPU each on CUDA), "
+                        "the model wrapped as --wrap says; per-rank peaks are reported")
+    p.add_argument("--wrap", default="ddp,fsdp2", help="with --replicas > 1: comma list of ddp, fsdp2")
 
 
 def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -151,6 +157,14 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--quality-ranks takes integers, --quality-lrs numbers, comma-separated")
     if a.cpu:
         a.device = "cpu"
+    from .accum_replicas import check_wrap
+
+    if a.replicas < 1:
+        p.error("--replicas must be >= 1")
+    a.wrap = core.checked_list(p, "--wrap", a.wrap, check_wrap)
+    if a.replicas > 1 and "fsdp2" in a.wrap and spec.family == "adafactor":
+        p.error(f"--optimizer {a.optimizer}: HF Adafactor cannot step FSDP2's sharded (DTensor) parameters; with "
+                "--wrap fsdp2 use flora-rR, flora-dense or adamw")
 
 
 def plan(a: argparse.Namespace, device: str, cache: Path) -> list[AccumJob]:
@@ -161,10 +175,12 @@ def plan(a: argparse.Namespace, device: str, cache: Path) -> list[AccumJob]:
     common = dict(task=size.task, cfg=cfg, cache_dir=str(cache), device=device, threads=a.threads, seed=a.seed)
     jobs = []
     if not a.no_memory:
-        for c in a.configs:
-            rank, fused = parse_config(c)
-            jobs.append(AccumJob("memory", c, steps=a.steps, optimizer=a.optimizer, lr=a.lr, rank=rank, fused=fused,
-                                 **common))
+        for wrap in a.wrap if a.replicas > 1 else [None]:
+            for c in a.configs:
+                rank, fused = parse_config(c)
+                jobs.append(AccumJob("memory", c if wrap is None else f"{wrap}:{c}", steps=a.steps,
+                                     optimizer=a.optimizer, lr=a.lr, rank=rank, fused=fused, replicas=a.replicas,
+                                     wrap=wrap, **common))
     if a.quality:
         for lr in a.quality_lrs:
             for rank in [None] + a.quality_ranks:
@@ -238,6 +254,11 @@ def _cycle(task, model, opt, step: int, device, *, step_optimizer: bool) -> floa
 
 def _memory(job: AccumJob) -> dict:
     import flora
+
+    if job.replicas > 1:
+        from .accum_replicas import memory
+
+        return memory(job)
 
     from . import optimizers as bo
 
@@ -333,28 +354,39 @@ def _line(r: dict, i: int, n: int) -> str:
     return f"[{i}/{n}] {r['kind']} {r['config']}: {what} ({r['wall_s']:.1f} s)"
 
 
+def _memory_table(mem: list[dict]) -> list[str]:
+    """The memory rows of one wrapping (none, DDP or FSDP2), against its own plain and
+    reference rows."""
+    base = lambda c: next((r for r in mem if r["config"].rsplit(":", 1)[-1] == c), None)  # noqa: E731
+    plain, refr = base("plain"), base("reference")
+    unit = "peak allocated" if mem[0]["device"].startswith("cuda") else "peak RSS"
+    ratio = lambda r, b, k: "-" if b is None else f"{r[k] / b[k]:.3f}"  # noqa: E731
+    wrap = mem[0].get("wrap")
+    where = "" if wrap is None else f", {mem[0]['replicas']} processes under {wrap.upper()}, per rank (the largest)"
+    weights = "this rank's shard of the weights" if wrap == "fsdp2" else "Weights"
+    lines = [f"## Memory and step time: tau={mem[0]['tau']}, {mem[0]['batch']} x {mem[0]['seq']} tokens, "
+             f"optimizer {mem[0]['optimizer']}, {mem[0]['device']}{where}", "",
+             f"{weights} {mem[0]['weights_mib']:.0f} MiB. Baseline = memory after a warm-up cycle (weights, "
+             "optimizer state, runtime); peak measured over the following cycles.", ""]
+    head = ["config", f"{unit} MiB", "peak - baseline MiB", "peak / plain", "peak / reference", "median step s",
+            "step / plain"] + (["collectives per cycle"] if wrap else [])
+    rows = []
+    for r in mem:
+        row = [r["config"], f"{r['peak_mib']:.0f}", f"{r['peak_over_baseline_mib']:.0f}", ratio(r, plain, "peak_mib"),
+               ratio(r, refr, "peak_mib"), f"{r['median_step_s']:.2f}",
+               "-" if plain is None else f"{r['median_step_s'] / plain['median_step_s']:.2f}"]
+        if wrap:
+            row.append(", ".join(f"{k} {v}" for k, v in sorted(r["collectives_per_cycle"].items())) or "none")
+        rows.append(row)
+    return lines + core.markdown_table(head, rows, align="lrrrrrr" + ("l" if wrap else "")) + [""]
+
+
 def markdown(results: dict) -> str:
     m = results["meta"]
     lines = [f"# Gradient accumulation ({m['model']})", "", f"`{m['command']}`", "", core.meta_line(m), ""]
     ok = lambda kind: [r for r in results[kind] if r["status"] == "ok"]  # noqa: E731
-    mem = ok("memory")
-    if mem:
-        plain = next((r for r in mem if r["config"] == "plain"), None)
-        refr = next((r for r in mem if r["config"] == "reference"), None)
-        unit = "peak allocated" if mem[0]["device"].startswith("cuda") else "peak RSS"
-        ratio = lambda r, base, k: "-" if base is None else f"{r[k] / base[k]:.3f}"  # noqa: E731
-        lines += [f"## Memory and step time: tau={mem[0]['tau']}, {mem[0]['batch']} x {mem[0]['seq']} tokens, "
-                  f"optimizer {mem[0]['optimizer']}, {mem[0]['device']}", "",
-                  f"Weights {mem[0]['weights_mib']:.0f} MiB. Baseline = memory after a warm-up cycle (weights, "
-                  "optimizer state, runtime); peak measured over the following cycles.", ""]
-        lines += core.markdown_table(
-            ["config", f"{unit} MiB", "peak - baseline MiB", "peak / plain", "peak / reference", "median step s",
-             "step / plain"],
-            ([r["config"], f"{r['peak_mib']:.0f}", f"{r['peak_over_baseline_mib']:.0f}", ratio(r, plain, "peak_mib"),
-              ratio(r, refr, "peak_mib"), f"{r['median_step_s']:.2f}",
-              "-" if plain is None else f"{r['median_step_s'] / plain['median_step_s']:.2f}"] for r in mem),
-            align="lrrrrrr")
-        lines.append("")
+    for wrap in dict.fromkeys(r.get("wrap") for r in ok("memory")):
+        lines += _memory_table([r for r in ok("memory") if r.get("wrap") == wrap])
     for kind in ("memory", "quality", "noise"):
         for r in results[kind]:
             if r["status"] != "ok":
@@ -401,7 +433,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         make_task(size.task, jobs[0].cfg, cache, args.seed).prepare()
     meta = core.run_metadata("accum-memory", argv, device)
     meta.update(size=args.size, model=model, task=size.task, tau=args.tau, seq=args.seq, batch=args.batch,
-                seed=args.seed, threads=args.threads, isolated=not args.no_isolate)
+                seed=args.seed, threads=args.threads, isolated=not args.no_isolate, replicas=args.replicas)
     results: dict = {"meta": meta, "memory": [], "quality": [], "noise": []}
     runner = Runner(isolate=not args.no_isolate, device=device, env=MALLOC_ENV)
     for i, job in enumerate(jobs, 1):

@@ -1,0 +1,140 @@
+"""``flora-bench accum-memory --replicas N``: the memory configurations run in N processes
+(gloo on the CPU, NCCL on CUDA, one GPU per rank), the model wrapped in DDP or FSDP2
+(``--wrap``; FSDP2 shards each decoder layer and the root), and each rank's peak memory
+measured as in one process. Every rank gets the same micro-batches (memory only).
+
+- ``reference``: forward and backward, every (sharded) gradient dropped in a hook, no
+  step: weights (FSDP2: this rank's shard) + activations, the floor of fused mode;
+- ``plain``: DDP with ``no_sync()`` on the first ``tau - 1`` micro-batches, FSDP2
+  reduce-scattering each one into its sharded ``.grad``; then the optimizer's step;
+- ``rR``: the same through ``CompressedAccumulator`` (normal mode);
+- ``rR-fused`` / ``dense-fused``: fused mode across replicas (DDP: each bucket steps in
+  its communication hook; FSDP2: each unit after its reduce-scatter).
+
+One more cycle, after the measured ones, counts the collectives of a cycle
+(``flora.distributed.CollectiveCounter``)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import tempfile
+import time
+
+__all__ = ["WRAPS", "check_wrap", "memory"]
+
+WRAPS = ("ddp", "fsdp2")
+
+
+def check_wrap(name: str) -> None:
+    if name not in WRAPS:
+        raise ValueError(f"unknown wrap {name!r}; valid: {', '.join(WRAPS)}")
+
+
+def memory(job) -> dict:
+    """Run ``job`` (an ``AccumJob`` with ``replicas > 1``) on its ranks; the row holds the
+    largest per-rank figures and every rank's."""
+    import torch
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_rank_main, args=(job, tmp), nprocs=job.replicas, start_method="spawn", join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(job.replicas)]
+    row = {k: max(r[k] for r in ranks) for k in ("peak_mib", "baseline_mib", "peak_over_baseline_mib",
+                                                   "median_step_s", "optimizer_state_mib", "weights_mib")}
+    row.update({k: ranks[0][k] for k in ("rank", "fused", "device", "tau", "batch", "seq", "steps", "optimizer",
+                                         "collectives_per_cycle")},
+               wrap=job.wrap, replicas=job.replicas, loss=ranks[0]["loss"], per_rank=ranks,
+               accumulator_mib_between_cycles=max(r["accumulator_mib_between_cycles"] for r in ranks))
+    return row
+
+
+def _rank_main(rank: int, job, tmp: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    cuda = job.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="file://" + os.path.join(tmp, "init"),
+                            rank=rank, world_size=job.replicas, timeout=datetime.timedelta(seconds=600))
+    torch.manual_seed(job.seed)
+    torch.set_num_threads(job.threads)
+    try:
+        torch.save(_measure(job, rank), os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _wrap(model, how: str):
+    if how == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _measure(job, rank: int) -> dict:
+    import statistics
+
+    import torch
+    import flora
+    from flora.distributed import CollectiveCounter
+
+    from . import core
+    from . import optimizers as bo
+    from .accum import _attach, _model
+
+    device = f"cuda:{rank}" if job.device.startswith("cuda") else job.device
+    task, model = _model(job.__class__(**{**job.__dict__, "device": device}))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / core.MiB
+    model = _wrap(model, job.wrap)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    shard = sum(t.numel() * t.element_size() for t in local) / core.MiB
+    opt = bo.make_optimizer(bo.parse(job.optimizer), model.parameters(), job.lr, kappa=1000, seed=job.seed)
+    acc = _attach(model, opt, job.rank, job.fused, task.tau)
+    ref, ddp = job.rank == "reference", job.wrap == "ddp"
+    stepping = not (job.fused or ref)
+
+    def cycle(step: int) -> float:
+        total = 0.0
+        for micro in range(task.tau):
+            batch, _ = task.batch(step, micro, device)
+            quiet = ddp and not job.fused and micro < task.tau - 1
+            with model.no_sync() if quiet else contextlib.nullcontext():
+                loss = model(**batch).loss
+                (loss / task.tau).backward()
+            total += loss.item()
+        if stepping:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total / task.tau
+
+    mem = core.PeakMemory(device)
+    cycle(0)  # warm-up: state, caches, DDP's buckets
+    mem.reset(trim=True)
+    times, losses = [], []
+    for s in range(1, job.steps + 1):
+        t0 = time.perf_counter()
+        losses.append(cycle(s))
+        core.sync(device)
+        times.append(time.perf_counter() - t0)
+    m = mem.read()
+    with CollectiveCounter() as comm:
+        cycle(job.steps + 1)
+    counts: dict[str, int] = {}
+    for op, _, _ in comm.calls:
+        counts[op] = counts.get(op, 0) + 1
+    return {"rank": job.rank, "fused": job.fused, "device": device, "tau": task.tau, "batch": job.cfg.batch,
+            "seq": job.cfg.seq, "steps": job.steps, "optimizer": job.optimizer,
+            "weights_mib": shard if job.wrap == "fsdp2" else weights, "baseline_mib": m.baseline,
+            "peak_mib": m.peak, "peak_over_baseline_mib": m.peak - m.baseline,
+            "optimizer_state_mib": flora.state_bytes(opt) / core.MiB if not ref else 0.0,
+            "accumulator_mib_between_cycles": acc.memory_bytes() / core.MiB if hasattr(acc, "memory_bytes") else 0.0,
+            "median_step_s": statistics.median(times), "loss": losses, "collectives_per_cycle": counts}
