@@ -6,7 +6,6 @@ and returns plain values and tensors; tests/test_distributed_fused.py reads them
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from flora import CompressedAccumulator, Flora
 

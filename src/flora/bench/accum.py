@@ -26,13 +26,13 @@ import argparse
 import dataclasses
 import math
 import re
-import statistics
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config, core
+from .accum_parts import _attach, _cycle, _model, measured, memory_row
 
 HELP = "compressed gradient accumulation: peak memory, step time, fine-tune quality, gradient noise"
 
@@ -214,77 +214,21 @@ def run_job(job: AccumJob) -> dict:
     return out
 
 
-def _model(job: AccumJob):
-    import torch
-
-    from .tasks import make_task
-
-    task = make_task(job.task, job.cfg, job.cache_dir, job.seed)
-    task.load()
-    model = task.build_model().to(torch.device(job.device))
-    model.train()
-    return task, model
-
-
-def _attach(model, opt, rank, fused, tau, seed=0, **kw):
-    import flora
-
-    if rank == "plain":
-        return None
-    if rank == "reference":
-        def drop(p):
-            p.grad = None
-        return [p.register_post_accumulate_grad_hook(drop) for p in model.parameters()]
-    return flora.CompressedAccumulator(model, rank=rank, tau=tau, seed=seed, optimizer=opt, fused=fused, **kw)
-
-
-def _cycle(task, model, opt, step: int, device, *, step_optimizer: bool) -> float:
-    """tau micro-batches (the task's batches for this step), then the optimizer's step."""
-    loss_sum = 0.0
-    for micro in range(task.tau):
-        batch, _ = task.batch(step, micro, device)
-        loss = model(**batch).loss
-        (loss / task.tau).backward()
-        loss_sum += loss.item()
-    if step_optimizer:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return loss_sum / task.tau
-
-
 def _memory(job: AccumJob) -> dict:
-    import flora
-
     if job.replicas > 1:
         from .accum_replicas import memory
 
         return memory(job)
-
     from . import optimizers as bo
 
     task, model = _model(job)
     device = next(model.parameters()).device
     opt = bo.make_optimizer(bo.parse(job.optimizer), model.parameters(), job.lr, kappa=1000, seed=job.seed)
     acc = _attach(model, opt, job.rank, job.fused, task.tau)
-    ref = job.rank == "reference"
-    stepping = not (job.fused or ref)
-    mem = core.PeakMemory(device)
-    _cycle(task, model, opt, 0, device, step_optimizer=stepping)  # warm-up: state, caches
-    mem.reset(trim=True)
-    times, losses = [], []
-    for s in range(1, job.steps + 1):
-        t0 = time.perf_counter()
-        losses.append(_cycle(task, model, opt, s, device, step_optimizer=stepping))
-        core.sync(device)
-        times.append(time.perf_counter() - t0)
-    m = mem.read()
+    stepping = not (job.fused or job.rank == "reference")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"rank": job.rank, "fused": job.fused, "device": str(device), "tau": task.tau, "batch": job.cfg.batch,
-            "seq": job.cfg.seq, "steps": job.steps, "optimizer": job.optimizer, "weights_mib": weights / core.MiB,
-            "baseline_mib": m.baseline, "peak_mib": m.peak, "peak_over_baseline_mib": m.peak - m.baseline,
-            "optimizer_state_mib": flora.state_bytes(opt) / core.MiB if not ref else 0.0,
-            "accumulator_mib_between_cycles": acc.memory_bytes() / core.MiB if hasattr(acc, "memory_bytes") else 0.0,
-            "median_step_s": statistics.median(times), "step_times_s": times, "loss": losses}
+    run = lambda s: _cycle(task, model, opt, s, device, step_optimizer=stepping)  # noqa: E731
+    return memory_row(job, task, opt, acc, weights, *measured(run, job.steps, device), device=str(device))
 
 
 def _quality(job: AccumJob) -> dict:

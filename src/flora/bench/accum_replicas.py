@@ -17,10 +17,10 @@ One more cycle, after the measured ones, counts the collectives of a cycle
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import tempfile
-import time
 
 __all__ = ["WRAPS", "check_wrap", "memory"]
 
@@ -81,60 +81,30 @@ def _wrap(model, how: str):
 
 
 def _measure(job, rank: int) -> dict:
-    import statistics
-
-    import torch
-    import flora
     from flora.distributed import CollectiveCounter
 
-    from . import core
     from . import optimizers as bo
-    from .accum import _attach, _model
+    from .accum_parts import _attach, _cycle, _model, measured, memory_row
 
     device = f"cuda:{rank}" if job.device.startswith("cuda") else job.device
-    task, model = _model(job.__class__(**{**job.__dict__, "device": device}))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / core.MiB
+    task, model = _model(dataclasses.replace(job, device=device))
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
     model = _wrap(model, job.wrap)
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    shard = sum(t.numel() * t.element_size() for t in local) / core.MiB
+    shard = sum(t.numel() * t.element_size() for t in local)
     opt = bo.make_optimizer(bo.parse(job.optimizer), model.parameters(), job.lr, kappa=1000, seed=job.seed)
     acc = _attach(model, opt, job.rank, job.fused, task.tau)
-    ref, ddp = job.rank == "reference", job.wrap == "ddp"
-    stepping = not (job.fused or ref)
-
-    def cycle(step: int) -> float:
-        total = 0.0
-        for micro in range(task.tau):
-            batch, _ = task.batch(step, micro, device)
-            quiet = ddp and not job.fused and micro < task.tau - 1
-            with model.no_sync() if quiet else contextlib.nullcontext():
-                loss = model(**batch).loss
-                (loss / task.tau).backward()
-            total += loss.item()
-        if stepping:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return total / task.tau
-
-    mem = core.PeakMemory(device)
-    cycle(0)  # warm-up: state, caches, DDP's buckets
-    mem.reset(trim=True)
-    times, losses = [], []
-    for s in range(1, job.steps + 1):
-        t0 = time.perf_counter()
-        losses.append(cycle(s))
-        core.sync(device)
-        times.append(time.perf_counter() - t0)
-    m = mem.read()
+    stepping = not (job.fused or job.rank == "reference")
+    # DDP unfused: no_sync() on the first tau - 1 micro-batches (fused mode decides by itself)
+    quiet = (lambda micro: model.no_sync() if micro < task.tau - 1 else contextlib.nullcontext()) \
+        if job.wrap == "ddp" and not job.fused else None
+    run = lambda s: _cycle(task, model, opt, s, device, step_optimizer=stepping, quiet=quiet)  # noqa: E731
+    row = memory_row(job, task, opt, acc, shard if job.wrap == "fsdp2" else whole, *measured(run, job.steps, device),
+                     device=device)
     with CollectiveCounter() as comm:
-        cycle(job.steps + 1)
+        run(job.steps + 1)
     counts: dict[str, int] = {}
     for op, _, _ in comm.calls:
         counts[op] = counts.get(op, 0) + 1
-    return {"rank": job.rank, "fused": job.fused, "device": device, "tau": task.tau, "batch": job.cfg.batch,
-            "seq": job.cfg.seq, "steps": job.steps, "optimizer": job.optimizer,
-            "weights_mib": shard if job.wrap == "fsdp2" else weights, "baseline_mib": m.baseline,
-            "peak_mib": m.peak, "peak_over_baseline_mib": m.peak - m.baseline,
-            "optimizer_state_mib": flora.state_bytes(opt) / core.MiB if not ref else 0.0,
-            "accumulator_mib_between_cycles": acc.memory_bytes() / core.MiB if hasattr(acc, "memory_bytes") else 0.0,
-            "median_step_s": statistics.median(times), "loss": losses, "collectives_per_cycle": counts}
+    row["collectives_per_cycle"] = counts
+    return row

@@ -101,7 +101,7 @@ COMPILED_MAX_COMPILE_S = 60.0
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
-    base, _, variant = name.partition(":")
+    base, _, variant = name.removeprefix(BASELINE).partition(":")
     return base, (variant or None)
 
 
@@ -379,18 +379,18 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
         else:
             opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True, foreach=True)
         out.append((label, opt))
-    specs = [s for s, v in specs if v is None]
-    if baseline is not None:
-        for s in specs:
-            if s.family != "flora":
+    if baseline is not None:  # Flora's plain and compile=True rows again, from the other copy
+        for s, variant in specs:
+            if s.family != "flora" or variant not in (None, "compiled"):
                 continue
+            options = {"compile": COMPILE_BACKEND} if variant else None
             try:
                 opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
-                                        flora_module=baseline)
+                                        flora_module=baseline, flora_options=options)
             except (TypeError, ValueError) as e:  # a form or option the baseline copy predates
                 print(f"baseline: {s.name} skipped ({e})", file=sys.stderr)
                 continue
-            out.append((BASELINE + s.name, opt))
+            out.append((BASELINE + s.name + (f":{variant}" if variant else ""), opt))
     return out
 
 

@@ -27,6 +27,8 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "vit": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
     "tabular": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
     "stream": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
+    "cnnstream": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
+    "tabstream": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
 }
 
 

@@ -47,8 +47,10 @@ def _optimizer(name: str, model, lr: float, *, kappa: int, seed: int, workload=N
     return optimizers.make_optimizer(spec, params, lr, kappa=kappa, seed=seed, scale_parameter=False)
 
 
-def run_job(job: Job) -> dict:
-    """Train ``job`` and score it on the validation and test splits."""
+def run_job(job: Job, curve_every: int = 0) -> dict:
+    """Train ``job`` and score it on the validation and test splits. ``curve_every``: also
+    score every that many steps (and the training split where the task has a fixed one),
+    as ``curve`` in the result: a list of {step, train_loss?, val_loss, test_loss}."""
     from flora import state_bytes
 
     w = _workload(job.task)
@@ -58,7 +60,10 @@ def run_job(job: Job) -> dict:
     opt = _optimizer(job.optimizer, model, job.lr, kappa=job.kappa, seed=job.seed, workload=w)
     tail = max(1, spec.steps // 10)
     train_sum = torch.zeros((), device=w.device)
+    curve = []
     for step in range(spec.steps):
+        if curve_every and step % curve_every == 0:
+            curve.append(_point(w, model, step))
         for micro in range(spec.tau):
             x, y = w.batch(step, micro)
             loss = w.loss(model, x, y)
@@ -77,7 +82,14 @@ def run_job(job: Job) -> dict:
         for k, v in w.evaluate(model, split).items():
             out[f"{split}_{k}"] = v if math.isfinite(v) else None
     out["status"] = "ok" if out["val_loss"] is not None else "diverged"
+    if curve_every:
+        out["curve"] = curve + [_point(w, model, spec.steps)]
     return out
+
+
+def _point(w, model, step: int) -> dict:
+    splits = ("train", "val", "test") if "train" in getattr(w, "split", {}) else ("val", "test")
+    return {"step": step, **{f"{s}_loss": w.evaluate(model, s)["loss"] for s in splits}}
 
 
 def adamw_state_bytes(task: str) -> int:

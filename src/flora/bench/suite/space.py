@@ -24,6 +24,8 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "vit": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
     "tabular": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
     "stream": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "cnnstream": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "tabstream": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
 }
 
 

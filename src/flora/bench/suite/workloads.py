@@ -54,6 +54,16 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("stream", "MLP on streamed tabular data", steps=600, batch=128,
              about="MLP 64-256-256-10 on an endless stream of correlated features (condition number 100) labelled "
                    "by a fixed random teacher network with sampled label noise; no example seen twice"),
+    # Fresh-data twins of cnn and tabular (added in the second CPU session of issue 17): the same
+    # students, every batch new, so held-out loss measures optimisation rather than memorising. They
+    # are extra tasks: cnn and tabular stay in the ranking.
+    TaskSpec("cnnstream", "conv net on a stream of images", steps=500, batch=64,
+             about="the cnn task's net on endless 8 x 8 smooth random images labelled by a fixed random "
+                   "teacher conv net with sampled label noise; no image seen twice"),
+    TaskSpec("tabstream", "MLP on a stream of tabular rows", steps=500, batch=128,
+             about="the tabular task's MLP 40-256-256-8 on endless rows from a fixed mixture like "
+                   "make_classification's (12 informative dims, 8 redundant, 20 noise, 2 clusters a class, "
+                   "3% labels flipped); no row seen twice"),
 )}
 
 
@@ -246,11 +256,21 @@ class _Digits(_Classifier):
         return torch.roll(F.pad(x, (1, 1, 1, 1)), shifts=(dy, dx), dims=(2, 3))[:, :, 1:-1, 1:-1]
 
 
+def _cnn(seed: int, device) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 16, 10)).to(device)
+
+
+def _mlp(seed: int, device, features: int, classes: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+                         nn.Linear(256, classes)).to(device)
+
+
 class CNN(_Digits):
     def build(self, seed):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 16, 10)).to(self.device)
+        return _cnn(seed, self.device)
 
 
 class _ViT(nn.Module):
@@ -286,40 +306,20 @@ class Tabular(_Classifier):
     file = "tabular.pt"
 
     def build(self, seed):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(40, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
-                             nn.Linear(256, 8)).to(self.device)
+        return _mlp(seed, self.device, 40, 8)
 
 
-class Stream(Workload):
-    """Fresh examples every step, so held-out loss measures optimisation, not memorising:
-    x = z L (z standard normal, L with singular values from 1 down to 0.01 in a fixed
-    random basis), y drawn from softmax(teacher(x) / 0.5), the teacher a fixed random
-    64-128-10 tanh network. Nothing to carry: the stream is a function of the seeds."""
+class _FreshClassifier(Workload):
+    """A classifier trained on fresh examples every step; ``_draw(g, n)`` gives (x, y).
+    Validation and test are two fixed draws of ``HELD`` examples."""
 
-    FEATURES, CLASSES = 64, 10
+    HELD = 4096
 
-    def __init__(self, spec, folder, device):
-        super().__init__(spec, folder, device)
-        g = _gen(DATA_SEED)
-        q, _ = torch.linalg.qr(torch.randn(self.FEATURES, self.FEATURES, generator=g))
-        self.mix = (torch.logspace(0, -2, self.FEATURES).unsqueeze(1) * q).to(self.device)
-        self.w1 = (torch.randn(self.FEATURES, 128, generator=g) * 2.0 / self.FEATURES**0.5).to(self.device)
-        self.w2 = (torch.randn(128, self.CLASSES, generator=g) * 3.0 / 128**0.5).to(self.device)
-        self.held = {split: self._draw(_gen(DATA_SEED + i + 1), 4096) for i, split in enumerate(("val", "test"))}
+    def _setup(self) -> None:
+        self.held = {split: self._draw(_gen(DATA_SEED + i + 1), self.HELD) for i, split in enumerate(("val", "test"))}
 
     def _draw(self, g: torch.Generator, n: int):
-        z = torch.randn(n, self.FEATURES, generator=g).to(self.device)
-        x = (z @ self.mix) * (self.FEATURES**0.5)
-        logits = torch.tanh(x @ self.w1) @ self.w2 / 0.5
-        u = torch.rand(n, self.CLASSES, generator=g).to(self.device).clamp_(1e-12, 1 - 1e-7)
-        y = (logits - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max: y ~ softmax(logits)
-        return x, y
-
-    def build(self, seed):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(self.FEATURES, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
-                             nn.Linear(256, self.CLASSES)).to(self.device)
+        raise NotImplementedError
 
     def batch(self, step, micro):
         return self._draw(_gen(self._key(step, micro)), self.spec.batch)
@@ -335,6 +335,108 @@ class Stream(Workload):
         logits = model(x).float()
         model.train(was)
         return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(-1) == y).float().mean())}
+
+
+class Stream(_FreshClassifier):
+    """Fresh examples every step, so held-out loss measures optimisation, not memorising:
+    x = z L (z standard normal, L with singular values from 1 down to 0.01 in a fixed
+    random basis), y drawn from softmax(teacher(x) / 0.5), the teacher a fixed random
+    64-128-10 tanh network. Nothing to carry: the stream is a function of the seeds."""
+
+    FEATURES, CLASSES = 64, 10
+
+    def __init__(self, spec, folder, device):
+        super().__init__(spec, folder, device)
+        g = _gen(DATA_SEED)
+        q, _ = torch.linalg.qr(torch.randn(self.FEATURES, self.FEATURES, generator=g))
+        self.mix = (torch.logspace(0, -2, self.FEATURES).unsqueeze(1) * q).to(self.device)
+        self.w1 = (torch.randn(self.FEATURES, 128, generator=g) * 2.0 / self.FEATURES**0.5).to(self.device)
+        self.w2 = (torch.randn(128, self.CLASSES, generator=g) * 3.0 / 128**0.5).to(self.device)
+        self._setup()
+
+    def _draw(self, g: torch.Generator, n: int):
+        z = torch.randn(n, self.FEATURES, generator=g).to(self.device)
+        x = (z @ self.mix) * (self.FEATURES**0.5)
+        logits = torch.tanh(x @ self.w1) @ self.w2 / 0.5
+        u = torch.rand(n, self.CLASSES, generator=g).to(self.device).clamp_(1e-12, 1 - 1e-7)
+        y = (logits - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max: y ~ softmax(logits)
+        return x, y
+
+    def build(self, seed):
+        return _mlp(seed, self.device, self.FEATURES, self.CLASSES)
+
+
+class CNNStream(_FreshClassifier):
+    """Images: standard normal noise smoothed by a 3 x 3 box filter and scaled to unit
+    variance, 8 x 8, one channel. Labels: y ~ softmax(teacher(x) / T), the teacher a fixed
+    random conv net (conv 1-16 3 x 3, tanh, 2 x 2 average pool, linear 256-10) whose
+    logits are standardised per class over a reference draw; T = 0.5."""
+
+    CLASSES, TEMPERATURE = 10, 0.5
+
+    def __init__(self, spec, folder, device):
+        super().__init__(spec, folder, device)
+        g = _gen(DATA_SEED + 17)
+        self.conv = (torch.randn(16, 1, 3, 3, generator=g) / 3.0).to(self.device)
+        self.bias = (torch.randn(16, generator=g) * 0.1).to(self.device)
+        self.w = (torch.randn(16 * 16, self.CLASSES, generator=g) / 16.0).to(self.device)
+        ref = self._teacher(self._images(_gen(DATA_SEED + 99), 8192))
+        self.mu, self.sd = ref.mean(0), ref.std(0)
+        self._setup()
+
+    def _images(self, g, n):
+        z = torch.randn(n, 1, 10, 10, generator=g).to(self.device)
+        return F.avg_pool2d(z, 3, stride=1) * 3.0  # a 3 x 3 mean of 9 unit normals has variance 1/9
+
+    def _teacher(self, x):
+        h = torch.tanh(F.conv2d(x, self.conv, self.bias, padding=1))
+        return F.avg_pool2d(h, 2).flatten(1) @ self.w
+
+    def _draw(self, g, n):
+        x = self._images(g, n)
+        logits = (self._teacher(x) - self.mu) / self.sd / self.TEMPERATURE
+        u = torch.rand(n, self.CLASSES, generator=g).to(self.device).clamp_(1e-12, 1 - 1e-7)
+        return x, (logits - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max: y ~ softmax(logits)
+
+    def build(self, seed):
+        return _cnn(seed, self.device)
+
+
+class TabStream(_FreshClassifier):
+    """Rows from a fixed Gaussian mixture built as scikit-learn's ``make_classification``
+    describes its own (our code): 2 clusters for each of 8 classes, centred on distinct
+    vertices of a hypercube of side 2 in 12 informative dims, each cluster a random linear
+    map of a standard normal; 8 redundant features (random combinations of the
+    informative ones), 20 standard normal noise features, columns in a fixed random
+    order, 3% of labels replaced by a uniformly drawn class."""
+
+    INFORMATIVE, REDUNDANT, NOISE, CLASSES, CLUSTERS, FLIP = 12, 8, 20, 8, 2, 0.03
+
+    def __init__(self, spec, folder, device):
+        super().__init__(spec, folder, device)
+        g = _gen(DATA_SEED + 23)
+        k, d = self.CLASSES * self.CLUSTERS, self.INFORMATIVE
+        codes = torch.randperm(2**d, generator=g)[:k]
+        bits = (codes.unsqueeze(1) >> torch.arange(d)) & 1
+        self.centres = (bits.float() * 2 - 1).to(self.device)  # class sep 1: vertices at +-1
+        self.maps = (torch.rand(k, d, d, generator=g) * 2 - 1).to(self.device)
+        self.redundant = (torch.rand(d, self.REDUNDANT, generator=g) * 2 - 1).to(self.device)
+        self.order = torch.randperm(d + self.REDUNDANT + self.NOISE, generator=g).to(self.device)
+        self._setup()
+
+    def _draw(self, g, n):
+        cluster = torch.randint(0, self.CLASSES * self.CLUSTERS, (n,), generator=g).to(self.device)
+        z = torch.randn(n, 1, self.INFORMATIVE, generator=g).to(self.device)
+        inf = (z @ self.maps[cluster]).squeeze(1) + self.centres[cluster]
+        noise = torch.randn(n, self.NOISE, generator=g).to(self.device)
+        x = torch.cat([inf, inf @ self.redundant, noise], 1)[:, self.order]
+        y = cluster % self.CLASSES
+        flip = torch.rand(n, generator=g).to(self.device) < self.FLIP
+        other = torch.randint(0, self.CLASSES, (n,), generator=g).to(self.device)
+        return x, torch.where(flip, other, y)
+
+    def build(self, seed):
+        return _mlp(seed, self.device, 40, self.CLASSES)
 
 
 class Classify(Workload):
@@ -391,7 +493,7 @@ class Classify(Workload):
 
 
 WORKLOADS = {"bytelm": ByteLM, "tokenlm": TokenLM, "finetune": Finetune, "classify": Classify, "cnn": CNN,
-             "vit": ViT, "tabular": Tabular, "stream": Stream}
+             "vit": ViT, "tabular": Tabular, "stream": Stream, "cnnstream": CNNStream, "tabstream": TabStream}
 
 
 def make(name: str, folder: Path, device, scale: float = 1.0) -> Workload:
