@@ -318,3 +318,25 @@ def ddp_fused_projection_hook(rank, world):
     moved = max((a - b).abs().max().item() for a, b in zip(fused.module.parameters(), _net().parameters()))
     return {"diff": max((a - b).abs().max().item() for a, b in zip(fused.module.parameters(), plain.module.parameters())),
             "moved": moved}
+
+
+def fsdp_gradient_sync_off_refused(rank, world):
+    """FSDP2's set_requires_gradient_sync(False) would call the accumulator's hooks on the
+    synchronised micro-batch only: refused at the forward pass, normal and fused mode."""
+    out = {}
+    for fused in (False, True):
+        model = _engine_model("fsdp")
+        opt = Flora(model.parameters(), **OPTS)
+        acc = CompressedAccumulator(model, rank=3, tau=2, optimizer=opt, fused=fused)
+        model.set_requires_gradient_sync(False)
+        x, y = _batches(1)[0]
+        try:
+            _micro(model, x, y, rank, world).backward()
+            out[fused] = None
+        except RuntimeError as e:
+            out[fused] = str(e)
+        model.set_requires_gradient_sync(True)
+        _micro(model, x, y, rank, world).backward()  # on again: runs
+        out[f"{fused}_after"] = acc.micro_step
+        acc.remove()
+    return out

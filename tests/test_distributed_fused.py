@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="n
               pytest.mark.slow]
 
 SCENARIOS = ["fsdp_fused", "ddp_fused", "ddp_fused_accumulator_refused", "fused_scaler", "fused_resume",
-             "ddp_fused_projection_hook"]
+             "ddp_fused_projection_hook", "fsdp_gradient_sync_off_refused"]
 TOL = 2e-5  # float32, 3 steps with resamples
 
 
@@ -97,3 +97,10 @@ def test_comm_hook_outside_fused_ddp_is_refused():
     for kw in (dict(fused=True), dict(fused=False)):
         with pytest.raises(ValueError, match="comm_hook applies to fused=True on a DistributedDataParallel"):
             CompressedAccumulator(model, rank=2, tau=2, optimizer=opt, comm_hook=(None, lambda s, bucket: None), **kw)
+
+
+def test_fsdp2_gradient_sync_off_is_refused_at_the_forward(results):
+    for r in check(results, "fsdp_gradient_sync_off_refused"):
+        for fused in (False, True):
+            assert r[fused] and "set_requires_gradient_sync(False)" in r[fused], r[fused]
+            assert r[f"{fused}_after"] == 1

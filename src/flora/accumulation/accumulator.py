@@ -21,6 +21,7 @@ from .integrations import unwrap
 from .options import Option, Options, check_options, make_slots, named_params, resolve_exclude
 from .ddp import DDPSteps, check_ddp_fused
 from .replicas import is_ddp
+from .units import guard_gradient_sync
 
 __all__ = ["CompressedAccumulator"]
 
@@ -165,6 +166,7 @@ class CompressedAccumulator:
             self._engine.ddp_checked = True
             self._engine.ddp_steps = DDPSteps(self._engine, model_or_params, comm_hook)
         self._hooks = Hooks(self._engine)
+        self._sync_guard = guard_gradient_sync(model_or_params) if self._engine.sharded else None
         attach(slots, self)
         self._hooks.guard_steps()
 
@@ -224,6 +226,8 @@ class CompressedAccumulator:
         self._hooks.remove()
         if eng.ddp_steps is not None:
             eng.ddp_steps.remove()
+        if self._sync_guard is not None:
+            self._sync_guard.remove()
         detach(eng.slots, self)
         eng.cycle = Cycle.start(len(eng.slots), eng.cycle.number)
 
