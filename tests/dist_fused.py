@@ -9,22 +9,29 @@ import torch
 
 from flora import CompressedAccumulator, Flora
 
-from dist_scenarios import OPTS, REF, _batches, _ddp, _full, _loss, _net
+from dist_scenarios import OPTS, REF, _batches, _full, _loss, _net
 
 
 def ddp_fused_accumulator_refused(rank, world):
-    """Fused mode on a DDP model that already has a communication hook (DDP takes one
-    only) is refused before anything changes."""
+    """Fused mode on a DDP model is refused before anything changes when the model already
+    has a communication hook (DDP takes one only) or finds unused parameters (a parameter
+    one replica did not use would step on the others only)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = _ddp(_net())
-    model.register_comm_hook(None, allreduce_hook)
-    opt = Flora(model.parameters(), **OPTS)
-    try:
-        CompressedAccumulator(model, rank=3, tau=2, optimizer=opt, fused=True)
-    except (TypeError, ValueError) as e:
-        return {"error_message": str(e)}
-    return {"error_message": None}
+    out = {}
+    for case in ("hook", "find_unused"):
+        model = DDP(_net(), find_unused_parameters=case == "find_unused")
+        if case == "hook":
+            model.register_comm_hook(None, allreduce_hook)
+        opt = Flora(model.parameters(), **OPTS)
+        try:
+            CompressedAccumulator(model, rank=3, tau=2, optimizer=opt, fused=True)
+            out[case] = None
+        except (TypeError, ValueError) as e:
+            out[case] = str(e)
+        out[f"{case}_free"] = all(p.grad is None for p in model.parameters())
+    return out
 
 
 # ------------------------------------------------------------------ fused mode across replicas (issue 20)

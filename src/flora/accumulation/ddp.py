@@ -40,6 +40,12 @@ def check_ddp_fused(ddp: nn.Module, slots: list[Slot], comm_hook) -> None:
         raise ValueError(f"CompressedAccumulator(fused=True) on a DistributedDataParallel model must hold every "
                          f"parameter DDP averages; {theirs[:5]} are not given (DDP frees every gradient it "
                          "averages once the optimizer runs in backward)")
+    if getattr(ddp, "find_unused_parameters", False):
+        raise ValueError("CompressedAccumulator(fused=True) on a DistributedDataParallel model built with "
+                         "find_unused_parameters=True: a parameter that one replica did not use would step on the "
+                         "others only (its bucket's mean arrives before DDP knows which replicas used it), and the "
+                         "replicas would drift apart. Build DDP with find_unused_parameters=False, or use "
+                         "reduce=True on the unwrapped model, which counts each parameter's gradients per replica")
     if getattr(ddp, "_comm_hooks", None):
         raise ValueError("CompressedAccumulator(fused=True): this DistributedDataParallel model already has a "
                          "communication hook, and DDP takes one only; pass it as comm_hook=(state, hook) instead, "
