@@ -42,12 +42,12 @@ def test_fused_across_replicas_equals_one_process(results, engine, case):
 
 def test_fsdp2_fused_frees_every_gradient_and_counts_collectives(results):
     """No gradient is left after a cycle; the all-reduces come in the tau-th backward
-    only, per unit (two units here): one for the norms, two for Flora's step (none for
-    AdamW's)."""
+    only, per unit (two units here): Flora's two, in whose first the norms ride, and
+    one for the norms before them where clipping needs them first (AdamW: that one)."""
     for r in check(results, "fsdp_fused"):
-        for case, (kind, _) in S.FUSED_CASES.items():
+        for case, (kind, kw) in S.FUSED_CASES.items():
             assert r[case]["grads_left"] == []
-            per_unit = 3 if kind == "flora" else 1
+            per_unit = (2 + ("max_grad_norm" in kw)) if kind == "flora" else 1
             reduces = [c.get("c10d.allreduce_", 0) for c in r[case]["counts"]]
             assert reduces[:4] == [0, 2 * per_unit, 0, 2 * per_unit], (case, reduces)
 

@@ -166,10 +166,11 @@ class _Item:
     c_before: torch.Tensor | None = None
 
 
-def _allsum(items: list[_Item], attr: str, group) -> None:
+def _allsum(items: list[_Item], attr: str, group, extra: torch.Tensor | None = None) -> None:
     """One all-reduce of every item's ``attr`` parts (float64, packed); the parts are
-    replaced by their sums over the shards."""
-    parts = [x for it in items for x in getattr(it, attr)]
+    replaced by their sums over the shards. ``extra``, a float64 vector, rides along and
+    is summed in place."""
+    parts = [x for it in items for x in getattr(it, attr)] + ([] if extra is None else [extra])
     if not parts:
         return
     flat = torch.cat([x.reshape(-1).to(torch.float64) for x in parts])
@@ -178,6 +179,8 @@ def _allsum(items: list[_Item], attr: str, group) -> None:
     out = iter(flat.split([x.numel() for x in parts]))
     for it in items:
         setattr(it, attr, [next(out).view(x.shape) for x in getattr(it, attr)])
+    if extra is not None:
+        extra.copy_(next(out))
 
 
 def _projection_for(it: _Item, projections, count: int) -> torch.Tensor:
@@ -194,9 +197,11 @@ def _projection_for(it: _Item, projections, count: int) -> torch.Tensor:
     return a
 
 
-def sharded_step(entries, *, projections, count_skip) -> None:
+def sharded_step(entries, *, projections, count_skip, sums: dict | None = None) -> None:
     """One Flora step of the DTensor parameters in ``entries`` (``(p, state, group,
-    index)`` with initialised state), two all-reduces per process group."""
+    index)`` with initialised state), two all-reduces per process group. ``sums``: process
+    group -> a float64 vector of the caller's to sum over that group's shards in the
+    first one (fused mode's gradient norms), in place."""
     by_group: dict[Any, list[_Item]] = {}
     for p, state, group, index in entries:
         lay = layout(p)
@@ -204,7 +209,7 @@ def sharded_step(entries, *, projections, count_skip) -> None:
     for pg, items in by_group.items():
         for it in items:
             _phase1(it)
-        _allsum(items, "parts1", pg)
+        _allsum(items, "parts1", pg, None if sums is None else sums.get(pg))
         for it in items:
             _phase2(it, projections)
         _allsum(items, "parts2", pg)

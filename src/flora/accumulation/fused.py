@@ -103,21 +103,28 @@ class FusedStepper:
         """FSDP2: step these DTensor parameters (one unit's) together. Their local rows'
         squared norms (and a GradScaler's non-finite flags) are summed over the shards in
         one all-reduce per shard group, so that clipping, ``last_grad_norm`` and the
-        scaler's findings are global; Flora's step adds two (``Flora.step_parameters``)."""
+        scaler's findings are global; Flora's step adds two (``Flora.step_parameters``).
+        Without clipping or a scaler the norms are needed after the step only: they ride
+        in Flora's first all-reduce (two in all)."""
         import torch.distributed as dist
 
         from ..sharded import layout
 
+        opt, scaling = self.optimizer, self.opts.scaler is not None and self.opts.scaler.is_enabled()
+        ride = isinstance(opt, Flora) and self.opts.max_grad_norm is None and not scaling
         by_group: dict = {}
         for p in params:
             by_group.setdefault(layout(p).group, []).append(p)
-        stepping = []
+        stepping, sums = [], {}
         for pg, ps in by_group.items():
             grads = [p.grad.to_local() for p in ps]
             parts = [torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in grads]
-            if self.opts.scaler is not None and self.opts.scaler.is_enabled():
+            if scaling:
                 parts += [self.unscale(g, record=False) for g in grads]
-            packed = torch.stack([t.reshape(()).to(torch.float64) for t in parts])
+            packed = sums[pg] = torch.stack([t.reshape(()).to(torch.float64) for t in parts])
+            if ride:
+                stepping += ps
+                continue
             if pg is not None:
                 dist.all_reduce(packed, group=pg)
             norms = packed[:len(ps)].sqrt().float()
@@ -127,19 +134,19 @@ class FusedStepper:
             if self.opts.max_grad_norm is not None:  # as clip_grad_norm_ on each whole parameter
                 coef = (self.opts.max_grad_norm / (norms + 1e-6)).clamp_(max=1.0)
                 torch._foreach_mul_(grads, [coef[i].to(g.dtype) for i, g in enumerate(grads)])
-            c.add_sq_norm(norms.square().sum())
-            skip = found.tolist() if found.numel() and not isinstance(self.optimizer, Flora) else [0.0] * len(ps)
+            skip = found.tolist() if found.numel() and not isinstance(opt, Flora) else [0.0] * len(ps)
             for p, bad in zip(ps, skip):
                 if bad:  # another optimizer must be told on the host (GradScaler syncs too)
                     p.grad = None
                 else:
                     stepping.append(p)
-        opt = self.optimizer
         if isinstance(opt, Flora):
-            opt.step_parameters(stepping)
+            opt.step_parameters(stepping, sums=sums if ride else None)
             opt._opt_called = True
         else:
             self.step_ready(stepping)  # the other parameters hold no gradient
+        for pg, ps in by_group.items():  # the norms before clipping, summed over the shards
+            c.add_sq_norm(sums[pg][:len(ps)].sum().float())
         for p in params:
             p.grad = None
 
