@@ -73,7 +73,7 @@ def folder(tmp_path_factory):
     return data.prepare(tmp_path_factory.mktemp("suite-data"), only=("digits.pt", "tabular.pt"))
 
 
-@pytest.mark.parametrize("task", ["cnn", "vit", "tabular", "stream"])
+@pytest.mark.parametrize("task", ["cnn", "vit", "tabular", "stream", "cnnstream", "tabstream"])
 def test_a_tiny_run_learns_and_counts_its_state(folder, task):
     runner._init(str(folder), "cpu", 0.04, 1)
     w = runner._workload(task)
@@ -91,6 +91,29 @@ def test_batches_are_the_same_for_every_optimizer_and_differ_by_step(folder):
     x1, y1 = w.batch(3, 0)
     x2, _ = w.batch(4, 0)
     assert torch.equal(x0, x1) and torch.equal(y0, y1) and not torch.equal(x0, x2)
+
+
+@pytest.mark.parametrize("task", ["cnnstream", "tabstream"])
+def test_fresh_data_twins_draw_new_examples_every_step_and_hold_out_fixed_ones(folder, task):
+    w = workloads.make(task, folder, "cpu", 0.04)
+    (x0, y0), (x1, y1), (x2, _) = w.batch(3, 0), w.batch(3, 0), w.batch(4, 0)
+    assert torch.equal(x0, x1) and torch.equal(y0, y1) and not torch.equal(x0, x2)
+    again = workloads.make(task, folder, "cpu", 0.04)
+    assert torch.equal(w.held["test"][0], again.held["test"][0]) and not torch.equal(w.held["val"][0], w.held["test"][0])
+    y = w.held["test"][1]
+    counts = torch.bincount(y, minlength=int(y.max()) + 1)
+    assert counts.min() > 0.5 * counts.float().mean()  # every class present in good measure
+
+
+def test_a_run_can_record_its_held_out_curve(folder):
+    runner._init(str(folder), "cpu", 0.04, 1)
+    r = runner.run_job(space.Job("tabular", space.FLOOR, 4e-3, 0), curve_every=5)
+    steps = [p["step"] for p in r["curve"]]
+    assert steps[0] == 0 and steps[-1] == r["steps"] and len(steps) == len(set(steps))
+    assert {"train_loss", "val_loss", "test_loss"} <= set(r["curve"][0])
+    assert r["curve"][-1]["test_loss"] == pytest.approx(r["test_loss"])
+    s = runner.run_job(space.Job("stream", space.FLOOR, 4e-3, 0), curve_every=5)
+    assert "train_loss" not in s["curve"][0]  # no fixed training split on a stream
 
 
 def test_report_writes_markdown_csv_json_and_a_plot(tmp_path):

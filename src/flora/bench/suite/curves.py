@@ -1,0 +1,162 @@
+"""Why momentum loses to no momentum on cnn and tabular: held-out loss along training.
+
+Reruns chosen (task, optimizer) pairs of a finished suite at their chosen lr, scoring
+every ``--every`` steps on the training split (where the task has a fixed one), the
+validation and the test split, and draws two figures:
+
+- ``curves.png``: test loss (solid) and training-split loss (dashed) against step, mean
+  over seeds, one panel a task;
+- ``train_vs_test.png``: from the suite's own ``runs.jsonl`` (no new runs), each
+  (optimizer, lr, seed)'s final test loss against its training loss (mean of the last
+  10% of mini-batch losses), one panel a task.
+
+    python -m flora.bench.suite.curves --suite runs/suite --tasks cnn,tabular --out runs/suite-curves
+
+One process, one thread: a CPU-sized investigation, not part of the ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import runner, space
+
+OPTIMIZERS = (space.FLOOR, space.TARGET, "flora-r8-scaled-orthonormal")
+
+
+def chosen_lrs(suite: Path, kappa: int = space.KAPPA) -> dict[tuple[str, str], float]:
+    res = json.loads((suite / "results.json").read_text())
+    return {(c["task"], c["optimizer"]): c["lr"] for c in res["chosen"] if c["kappa"] == kappa}
+
+
+def run(suite: Path, tasks, optimizers, seeds: int, every: int, out: Path, data: Path) -> list[dict]:
+    import torch
+
+    runner._init(str(data), "cpu", 1.0, 1)
+    torch.set_num_threads(1)
+    lrs = chosen_lrs(suite)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "curves.jsonl"
+    done = {r["key"] for r in runner.read_log(log)}
+    rows = runner.read_log(log)
+    with open(log, "a") as f:
+        for task in tasks:
+            for opt in optimizers:
+                if (task, opt) not in lrs:
+                    continue
+                for seed in range(seeds):
+                    job = space.Job(task, opt, lrs[(task, opt)], seed)
+                    if job.key in done:
+                        continue
+                    row = runner.run_job(job, curve_every=every)
+                    rows.append(row)
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+    return rows
+
+
+def _mean_curve(rows, key):
+    import numpy as np
+
+    steps = [p["step"] for p in rows[0]["curve"]]
+    vals = np.array([[p.get(key, np.nan) for p in r["curve"]] for r in rows], dtype=float)
+    return steps, vals.mean(0)
+
+
+def plot_curves(path: Path, rows: list[dict], tasks, optimizers) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, opt in enumerate(optimizers):
+            rs = [r for r in rows if r["task"] == task and r["optimizer"] == opt and r.get("curve")]
+            if not rs:
+                continue
+            color = f"C{i}"
+            steps, test = _mean_curve(rs, "test_loss")
+            ax.plot(steps, test, color=color, label=f"{opt} lr {rs[0]['lr']:g} (test)")
+            if "train_loss" in rs[0]["curve"][0]:
+                steps, train = _mean_curve(rs, "train_loss")
+                ax.plot(steps, train, color=color, linestyle="--", linewidth=1)
+        ax.set_title(f"{task}: test (solid), train split (dashed)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_train_vs_test(path: Path, runs: list[dict], tasks) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.get("status") == "ok" and r.get("kappa", space.KAPPA) == space.KAPPA]
+    tasks = [t for t in tasks if any(r["task"] == t for r in runs)]
+    if not tasks:
+        return
+    groups = [("floor", lambda o: o == space.FLOOR, "k", "o"), ("target", lambda o: o == space.TARGET, "C3", "s"),
+              ("Flora r8", lambda o: o.startswith("flora-r8-"), "C0", "^"),
+              ("Flora r32", lambda o: o.startswith("flora-r32-"), "C2", "v")]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.0 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rs = [r for r in runs if r["task"] == task]
+        best = min(r["test_loss"] for r in rs)
+        for name, pick, color, marker in groups:
+            sel = [r for r in rs if pick(r["optimizer"])]
+            ax.scatter([r["train_loss"] for r in sel], [r["test_loss"] for r in sel], s=10, c=color, marker=marker,
+                       label=name, alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(best * 0.9, best * 4)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel("training loss (last 10% of steps)")
+        ax.set_ylabel("test loss")
+        ax.set_title(f"{task}: every lr and seed", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", required=True, help="a suite folder with results.json and runs.jsonl")
+    p.add_argument("--tasks", default="cnn,tabular")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--every", type=int, default=25)
+    p.add_argument("--data", default="runs/suite-data")
+    p.add_argument("--out", default="runs/suite-curves")
+    p.add_argument("--plots-only", action="store_true")
+    a = p.parse_args(argv)
+    suite, out = Path(a.suite), Path(a.out)
+    tasks, opts = a.tasks.split(","), a.optimizers.split(",")
+    if a.plots_only:
+        rows = runner.read_log(out / "curves.jsonl")
+    else:
+        rows = run(suite, tasks, opts, a.seeds, a.every, out, Path(a.data))
+    out.mkdir(parents=True, exist_ok=True)
+    plot_curves(out / "curves.png", rows, tasks, opts)
+    plot_train_vs_test(out / "train_vs_test.png", runner.read_log(suite / "runs.jsonl"), tasks)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
