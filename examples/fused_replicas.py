@@ -1,4 +1,5 @@
-"""Fused mode across replicas (the optimizer steps inside backward), on CPU with gloo.
+"""Fused mode across replicas (the optimizer steps inside backward): on CPU with gloo, or
+one GPU per process with NCCL where CUDA is available.
 
     torchrun --nproc_per_node 2 examples/fused_replicas.py --wrap ddp     # each bucket steps on its mean
     torchrun --nproc_per_node 2 examples/fused_replicas.py --wrap fsdp2   # each unit after its reduce-scatter
@@ -9,6 +10,7 @@ prints the collectives of the last cycle (counted), the gradient norm, the loss,
 whether every replica holds the same weights."""
 
 import argparse
+import os
 
 import torch
 import torch.distributed as dist
@@ -24,11 +26,15 @@ p.add_argument("--rank", type=int, default=16, help="rank of the compressed accu
 p.add_argument("--steps", type=int, default=100, help="optimizer steps (cycles of tau micro-batches)")
 args = p.parse_args()
 
-dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+cuda = torch.cuda.is_available()
+if cuda:
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group("nccl" if cuda else "gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
 me, world = dist.get_rank(), dist.get_world_size()
+dev = torch.device("cuda" if cuda else "cpu")
 torch.manual_seed(0)  # the same initial weights on every replica
-model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
-teacher = torch.nn.Linear(64, 10)  # the task: a fixed random linear map, plus noise
+model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10)).to(dev)
+teacher = torch.nn.Linear(64, 10).to(dev)  # the task: a fixed random linear map, plus noise
 if args.wrap == "ddp":
     model = nn.parallel.DistributedDataParallel(model)
 else:
@@ -46,14 +52,14 @@ for step in range(args.steps):
     counter = CollectiveCounter()
     with counter:
         for micro in range(tau):
-            x = torch.randn(32, 64, generator=g)  # the global micro-batch; this replica takes its share
-            y = (teacher(x) + 0.1 * torch.randn(32, 10, generator=g)).argmax(-1).detach()
+            x = torch.randn(32, 64, generator=g).to(dev)  # the global micro-batch; this replica takes its share
+            y = (teacher(x) + 0.1 * torch.randn(32, 10, generator=g).to(dev)).argmax(-1).detach()
             loss = F.cross_entropy(model(x.chunk(world)[me]), y.chunk(world)[me])
             (loss / tau).backward()  # the tau-th backward steps every parameter and frees its gradient
 
 full = [q.full_tensor() if hasattr(q, "full_tensor") else q for q in model.parameters()]
 with torch.no_grad():
-    xt = torch.randn(2048, 64, generator=torch.Generator().manual_seed(99))
+    xt = torch.randn(2048, 64, generator=torch.Generator().manual_seed(99)).to(dev)
     h = xt
     for w in range(3):
         h = F.linear(h, full[2 * w], full[2 * w + 1])
