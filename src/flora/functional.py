@@ -11,8 +11,8 @@ A step has two halves:
 - a pure tensor function (:func:`single_core`, :func:`grouped_core`) that does the rest on
   those tensors, in place. It reads no Python value that changes from step to step, so
   ``torch.compile`` traces it once per shape signature (``Flora(compile=True)`` compiles it
-  with ``fullgraph=True, dynamic=False``; ``torch.compile(opt.step)`` traces it into one
-  graph after the prelude, which is the one graph break).
+  with ``fullgraph=True, dynamic=False``: :mod:`flora.compiled`; ``torch.compile(opt.step)``
+  traces it into one graph after the prelude, which is the one graph break).
 
 The two cores:
 
@@ -49,6 +49,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from . import adafactor as af
+from .kernels import adafactor as fk
 from .momentum import compressed_step_, dense_momentum_
 from .projection import matrix_shape, state_dtype, transfer
 
@@ -78,6 +79,7 @@ class Spec(NamedTuple):
     scale_parameter: bool
     relative_step: bool
     warmup_init: bool
+    kernel: str | None = None  # "triton": the factored normalisation by flora.kernels (2-D)
 
 
 class Work(NamedTuple):
@@ -147,7 +149,7 @@ class DeviceSteps:
 # ------------------------------------------------------------------ the prelude
 
 
-def make_spec(group: dict, state: dict, shape, dtype: torch.dtype) -> Spec:
+def make_spec(group: dict, state: dict, shape, dtype: torch.dtype, kernel: str | None = None) -> Spec:
     beta1 = group["beta1"]
     momentum = None
     if beta1 is not None:
@@ -160,12 +162,13 @@ def make_spec(group: dict, state: dict, shape, dtype: torch.dtype) -> Spec:
         clip_threshold=float(group["clip_threshold"]), decay_rate=float(group["decay_rate"]),
         weight_decay=float(group["weight_decay"]), scale_parameter=bool(group["scale_parameter"]),
         relative_step=bool(group["relative_step"]), warmup_init=bool(group["warmup_init"]),
+        kernel=kernel if len(shape) == 2 else None,
     )
 
 
 def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices: list[int], *, grouped: bool,
             projections: ProjectionSource, device_steps: DeviceSteps, skips: torch.Tensor, lr=None,
-            compiled: bool = False) -> Work:
+            compiled: bool = False, kernel: str | None = None) -> Work:
     """The eager prelude of one step of ``params`` (a bucket on the grouped path, one
     parameter otherwise): their counters advance on the host, the projection this
     step uses is fetched (or drawn), and every ``kappa`` steps the next one is drawn and
@@ -177,7 +180,7 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
     t = n + 1
     for st in states:
         st["step"] = t
-    spec = make_spec(group, s0, params[0].shape, params[0].dtype)
+    spec = make_spec(group, s0, params[0].shape, params[0].dtype, kernel)
     a = None
     moms = None
     if spec.momentum == "c":
@@ -244,6 +247,20 @@ def _count_step(t, steps: list[torch.Tensor]):
 # ------------------------------------------------------------------ the cores
 
 
+def _normalize(spec: Spec, grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2t, *, stacked: bool):
+    """Adafactor's factored normalisation and the update's 2-norm (one per parameter of a
+    ``stacked`` bucket): ``flora.kernels`` under ``spec.kernel`` (2-D parameters), else the
+    eager operations."""
+    fused = spec.momentum == "c"
+    if spec.kernel is not None:
+        return fk.factored_normalize(grad, row, col, beta2t, spec.eps1, fused=fused)
+    update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, spec.eps1, fused=fused)
+    if not stacked:
+        return update, new_row, new_col, update.norm(2)
+    return update, new_row, new_col, torch.linalg.vector_norm(update.reshape(grad.shape[0], -1), dim=1)
+
+
+
 def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None) -> None:
     """One Flora step of parameter ``params[0]`` (gradient ``grads[0]``), its state given
     as tensors; see :class:`Work`."""
@@ -264,8 +281,7 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
     # norm, which the clip needs anyway, is NaN or inf whenever an entry is.
     if len(spec.shape) >= 2:
         row, col = sq[0][0], sq[1][0]
-        update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, eps1, fused=spec.momentum == "c")
-        norm = update.norm(2)
+        update, new_row, new_col, norm = _normalize(spec, grad, row, col, beta2t, stacked=False)
         ok = torch.isfinite(norm) & torch.isfinite(new_row).all() & torch.isfinite(new_col).all()
         row.copy_(torch.where(ok, new_row, row))
         col.copy_(torch.where(ok, new_col, col))
@@ -333,8 +349,10 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     eps1, eps2 = spec.eps1, spec.eps2
     beta1 = spec.beta1
     prms = None
-    if spec.scale_parameter:
-        prms = torch.stack(torch._foreach_norm(p32)).div_(math.sqrt(numel))
+    if spec.scale_parameter:  # compiled: reductions of the graph, not a _foreach_norm call of their own
+        norms = ([torch.linalg.vector_norm(p) for p in p32] if torch.compiler.is_compiling()
+                 else torch._foreach_norm(p32))
+        prms = torch.stack(norms).div_(math.sqrt(numel))
     lr = af.step_size(lr, t, prms, eps2=eps2, relative_step=spec.relative_step, warmup_init=spec.warmup_init,
                       scale_parameter=spec.scale_parameter)
     if isinstance(lr, torch.Tensor):
@@ -350,8 +368,7 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
 
     if len(shape) >= 2:
         row, col = torch.stack(sq[0]), torch.stack(sq[1])
-        update, new_row, new_col = af.factored_normalize(g, row, col, beta2t, eps1, fused=spec.momentum == "c")
-        norm = torch.linalg.vector_norm(update.reshape(k, -1), dim=1)
+        update, new_row, new_col, norm = _normalize(spec, g, row, col, beta2t, stacked=True)
         ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
             torch.isfinite(new_col).reshape(k, -1).all(1)
         _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
@@ -396,27 +413,6 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     torch._foreach_sub_(p32, list(update.unbind(0)))
     if spec.half:
         torch._foreach_copy_(params, p32)
-
-
-# ------------------------------------------------------------------ compiled cores
-
-# torch.compile options of Flora(compile=...): one graph per shape signature, no graph
-# break allowed inside (torchao's low-bit optimizers compile their per-parameter step the
-# same way).
-COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
-_compiled: dict[tuple, Callable] = {}
-
-
-def compiled_core(grouped: bool, backend="inductor", options: dict | None = None) -> Callable:
-    """The core function compiled with ``backend`` (one compiled function per backend and
-    options; its graphs are cached by dynamo per shape signature)."""
-    key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
-    fn = _compiled.get(key)
-    if fn is None:
-        fn = torch.compile(grouped_core if grouped else single_core, backend=backend, options=options,
-                           **COMPILE_OPTIONS)
-        _compiled[key] = fn
-    return fn
 
 
 # ------------------------------------------------------------------ buckets
@@ -476,5 +472,5 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
             yield from even_split(members, min(per, max_count))
 
 
-__all__ = ["single_core", "grouped_core", "prepare", "run", "Spec", "Work", "DeviceSteps", "compiled_core",
-           "buckets", "bucket_key", "BUCKET_NUMEL", "COMPILE_OPTIONS", "COMPILED_BUCKET_MAX", "even_split"]
+__all__ = ["single_core", "grouped_core", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
+           "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "even_split"]

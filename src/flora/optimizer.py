@@ -10,6 +10,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import adafactor as af
+from . import compiled as C
+from . import kernels
 from . import functional as F
 from . import sharded
 from .sharded import is_dtensor
@@ -81,6 +83,13 @@ class Flora(Optimizer):
                 or callable(compile)):
             raise TypeError(f"compile must be True, False, a torch.compile backend name or a backend callable, "
                             f"got {compile!r}")
+        # "triton": eager cores with the Triton kernels of flora.kernels (an explicit opt-in)
+        self._kernel = "triton" if compile == "triton" else None
+        if self._kernel is not None:
+            compile = False
+            if not kernels.available():
+                warnings.warn("Flora(compile='triton'): triton or CUDA is not available here; every parameter "
+                              "steps on the eager path", UserWarning, stacklevel=2)
         # the torch.compile backend of the compiled core, or None (eager)
         self._compile = None if compile is False or compile is None else ("inductor" if compile is True else compile)
         _install_prelude()
@@ -104,6 +113,7 @@ class Flora(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_compile", None)
+        state.setdefault("_kernel", None)
         super().__setstate__(state)
         for group in self.param_groups:  # options added or renamed since it was pickled
             _upgrade_group(group)
@@ -228,7 +238,8 @@ class Flora(Optimizer):
         compiled = self._compile is not None
         return F.prepare(params, states, group, indices, grouped=grouped, projections=self._projections,
                          device_steps=self._device_steps, skips=self._skip_counter(device),
-                         lr=self._lr_for(group, device) if compiled else None, compiled=compiled)
+                         lr=self._lr_for(group, device) if compiled else None, compiled=compiled,
+                         kernel=self._kernel)
 
     def _lr_for(self, group: dict, device):
         """compile=True: a float lr as a device tensor (one per group and device, written
@@ -259,7 +270,7 @@ class Flora(Optimizer):
             with disable_cache_limit():
                 for work in plan:
                     if work.compiled:
-                        F.compiled_core(work.grouped, self._compile)(
+                        C.compiled_core(work.grouped, self._compile)(
                             work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a, work.lr,
                             work.skips, None)
                     else:
@@ -431,6 +442,10 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             skips. Results equal the eager step to float rounding. Not saved in
             ``state_dict``. ``torch.compile(opt.step)`` works too, without this: one
             graph break (the eager prelude that draws projections) and one graph.
+            ``"triton"`` (an explicit opt-in, untested on this project's CPU machines)
+            runs the eager step with Adafactor's factored normalisation of 2-D float32
+            CUDA parameters done by the fused Triton kernels of ``flora.kernels``;
+            without triton or CUDA it warns once and steps eagerly.
 
     Step counters: ``state["step"]`` is a plain integer (checkpoints hold numbers; a
     checkpoint whose counters are tensors, torch's convention, loads too), and a 0-dim

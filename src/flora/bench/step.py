@@ -88,8 +88,10 @@ FLAT_FAMILIES = ("adamw", "adafactor", "flora", "flora-opt")  # what steps a lis
 # and Flora without momentum (beta1=None: Adafactor's arithmetic alone on Flora's default
 # path; the rest of a Flora step is the momentum's projection work).
 # ":compiled": see COMPILE_BACKEND; "flora-rR:compiled-step": torch.compile(opt.step) on
-# Flora itself (grouped path, a 0-dim tensor lr: torch's recipe), one graph for the step.
-VARIANTS = {"adamw": ("fused", "compiled"), "flora": ("single", "grouped", "nomomentum", "compiled", "compiled-step"),
+# Flora itself (grouped path, a 0-dim tensor lr: torch's recipe), one graph for the step;
+# "flora-rR:triton": Flora(compile="triton") (flora.kernels' fused Triton kernels; CUDA).
+VARIANTS = {"adamw": ("fused", "compiled"),
+            "flora": ("single", "grouped", "nomomentum", "compiled", "compiled-step", "triton"),
             "adafactor": ("compiled",)}
 # The torch.compile backend of the :compiled rows (tests use a cheaper one).
 COMPILE_BACKEND = "inductor"
@@ -353,6 +355,9 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
         elif variant == "compiled" and s.family == "flora":
             opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"compile": COMPILE_BACKEND})
+        elif variant == "triton":  # Flora(compile="triton"): the fused Triton kernels (CUDA), eager otherwise
+            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+                                    flora_options={"compile": "triton"})
         elif variant == "compiled-step":
             opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"foreach": True})
