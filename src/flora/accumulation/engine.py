@@ -125,6 +125,10 @@ class Engine:
             else:
                 c.buffers[k] = g
                 p.grad = None
+        elif k in self.sharded and count == 0 and not last:
+            # Dense, normal mode, FSDP2: the sum lives in .grad, which FSDP2 made a view of its
+            # unit's whole reduce-scatter output; a copy lets that output go until the last one.
+            p.grad = g.detach().clone()
         if last and o.fused:
             if k in self.sharded:
                 self.units.add(k, self.step_slots)

@@ -4,7 +4,8 @@
 measured as in one process. Every rank gets the same micro-batches (memory only).
 
 - ``reference``: forward and backward, every (sharded) gradient dropped in a hook, no
-  step: weights (FSDP2: this rank's shard) + activations, the floor of fused mode;
+  step: weights (FSDP2: this rank's shard) + activations (+ DDP's buckets, which DDP
+  keeps, told not to copy them back into ``.grad``), the floor of fused mode;
 - ``plain``: DDP with ``no_sync()`` on the first ``tau - 1`` micro-batches, FSDP2
   reduce-scattering each one into its sharded ``.grad``; then the optimizer's step;
 - ``rR``: the same through ``CompressedAccumulator`` (normal mode);
@@ -94,6 +95,9 @@ def _measure(job, rank: int) -> dict:
     shard = sum(t.numel() * t.element_size() for t in local)
     opt = bo.make_optimizer(bo.parse(job.optimizer), model.parameters(), job.lr, kappa=1000, seed=job.seed)
     acc = _attach(model, opt, job.rank, job.fused, task.tau)
+    if job.rank == "reference" and job.wrap == "ddp":
+        # the gradients its hooks drop must not come back from DDP's buckets after backward
+        model.reducer._set_optimizer_in_backward()
     stepping = not (job.fused or job.rank == "reference")
     # DDP unfused: no_sync() on the first tau - 1 micro-batches (fused mode decides by itself)
     quiet = (lambda micro: model.no_sync() if micro < task.tau - 1 else contextlib.nullcontext()) \
