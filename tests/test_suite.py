@@ -62,6 +62,18 @@ def test_scoring_picks_the_lr_by_mean_validation_loss_and_ranks_by_the_worst_tas
     assert score.position(1.7, 2.0, 1.8) == pytest.approx(1.5)
 
 
+def test_goal_check_compares_on_paired_seeds():
+    f, t, c = space.FLOOR, space.TARGET, "flora-r8-scaled-orthonormal"
+    v = {}
+    for seed, noise in enumerate((0.0, 0.3, -0.3)):  # a seed effect shared by all: paired, it cancels
+        v[("a", f, 1e-3, seed)] = (1.0, 1.0 + noise)
+        v[("a", t, 1e-3, seed)] = (1.0, 0.9 + noise + 0.01 * seed)
+        v[("a", c, 1e-3, seed)] = (1.0, 0.95 + noise)
+    (g,) = score.goal_check(score.choose(_rows(v)), ["a"])
+    assert g["vs_floor"] == pytest.approx(-0.05) and g["vs_floor_std"] == pytest.approx(0.0, abs=1e-12)
+    assert g["beats_floor"] and not g["matches_target"] and g["seeds"] == 3
+
+
 def test_an_edge_lr_is_flagged():
     v = {("a", space.FLOOR, lr, 0): (1.0 - lr, 1.0) for lr in (1e-3, 2e-3)}
     (c,) = score.choose(_rows(v))
@@ -136,6 +148,14 @@ def test_report_writes_markdown_csv_json_and_a_plot(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == 18
     assert (tmp_path / "loss_vs_state.png").stat().st_size > 1000
     assert [r["optimizer"] for r in res["ranking"]] == [space.TARGET, "flora-r8-scaled-orthonormal", space.FLOOR]
+
+
+def test_win_matrix_labels_every_kappa_but_the_primary_one():
+    v = {("cnn", opt, 1e-3, 0): (1.0, 1.0) for opt in (space.FLOOR, space.TARGET, "flora-r8-scaled-orthonormal")}
+    rows = _rows(v) + [{**r, "kappa": 100} for r in _rows({("cnn", "flora-r8-scaled-orthonormal", 1e-3, 0): (1.0, 1.0)})]
+    chosen = score.choose(rows)
+    md = score.markdown(chosen, score.gaps(chosen), score.ranking(chosen, 100, ["cnn"]), {}, ["cnn"])
+    assert "| flora-r8-scaled-orthonormal kappa 100 |" in md and "| flora-r8-scaled-orthonormal | 1.0000" in md
 
 
 def test_state_bytes_counts_torchao_8bit_state_by_its_codes():

@@ -57,12 +57,44 @@ def run(suite: Path, tasks, optimizers, seeds: int, every: int, out: Path, data:
     return rows
 
 
-def _mean_curve(rows, key):
+def _mean_curve(rows, key, start=0):
     import numpy as np
 
-    steps = [p["step"] for p in rows[0]["curve"]]
-    vals = np.array([[p.get(key, np.nan) for p in r["curve"]] for r in rows], dtype=float)
+    keep = [i for i, p in enumerate(rows[0]["curve"]) if p["step"] >= start]
+    steps = [rows[0]["curve"][i]["step"] for i in keep]
+    vals = np.array([[r["curve"][i].get(key, np.nan) for i in keep] for r in rows], dtype=float)
     return steps, vals.mean(0)
+
+
+def early_stopped(rows: list[dict]) -> list[dict]:
+    """Per (task, optimizer): the final test loss against the test loss at the step of
+    least validation loss (early stopping), mean ± std over seeds."""
+    import statistics
+
+    out = []
+    for task, opt in sorted({(r["task"], r["optimizer"]) for r in rows}, key=lambda k: k[0]):
+        rs = [r for r in rows if r["task"] == task and r["optimizer"] == opt and r.get("curve")]
+        final = [r["curve"][-1]["test_loss"] for r in rs]
+        best = [min(r["curve"], key=lambda p: p["val_loss"]) for r in rs]
+        train = [r["curve"][-1].get("train_loss") for r in rs]
+        sd = (lambda x: statistics.stdev(x) if len(x) > 1 else 0.0)
+        out.append({"task": task, "optimizer": opt, "lr": rs[0]["lr"], "seeds": len(rs),
+                    "final_test": statistics.fmean(final), "final_test_std": sd(final),
+                    "stopped_test": statistics.fmean(p["test_loss"] for p in best),
+                    "stopped_test_std": sd([p["test_loss"] for p in best]),
+                    "stopped_step": statistics.fmean(p["step"] for p in best),
+                    "final_train": statistics.fmean(train) if None not in train else None})
+    return out
+
+
+def _panels(plt, tasks):
+    """A figure of one panel a task, three to a row: (figure, [(axes, task)])."""
+    cols = min(3, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    return fig, list(zip(axes.flat, tasks))
 
 
 def plot_curves(path: Path, rows: list[dict], tasks, optimizers) -> None:
@@ -75,22 +107,27 @@ def plot_curves(path: Path, rows: list[dict], tasks, optimizers) -> None:
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, panels = _panels(plt, tasks)
+    for ax, task in panels:
         for i, opt in enumerate(optimizers):
             rs = [r for r in rows if r["task"] == task and r["optimizer"] == opt and r.get("curve")]
             if not rs:
                 continue
             color = f"C{i}"
-            steps, test = _mean_curve(rs, "test_loss")
+            steps, test = _mean_curve(rs, "test_loss", start=100)
             ax.plot(steps, test, color=color, label=f"{opt} lr {rs[0]['lr']:g} (test)")
             if "train_loss" in rs[0]["curve"][0]:
-                steps, train = _mean_curve(rs, "train_loss")
+                steps, train = _mean_curve(rs, "train_loss", start=100)
                 ax.plot(steps, train, color=color, linestyle="--", linewidth=1)
-        ax.set_title(f"{task}: test (solid), train split (dashed)", fontsize=9)
+        low, high = ax.get_ylim()
+        if high > 4 * low:  # a wide range: label the decades only
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{task}: test (solid), training split (dashed), from step 100", fontsize=9)
         ax.set_xlabel("step")
         ax.set_yscale("log")
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(1.2, 1.4, 1.6, 1.8, 3.0, 4.0, 6.0, 8.0)))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -112,23 +149,23 @@ def plot_train_vs_test(path: Path, runs: list[dict], tasks) -> None:
     groups = [("floor", lambda o: o == space.FLOOR, "k", "o"), ("target", lambda o: o == space.TARGET, "C3", "s"),
               ("Flora r8", lambda o: o.startswith("flora-r8-"), "C0", "^"),
               ("Flora r32", lambda o: o.startswith("flora-r32-"), "C2", "v")]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.0 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    import numpy as np
+
+    fig, panels = _panels(plt, tasks)
+    for ax, task in panels:
         rs = [r for r in runs if r["task"] == task]
-        best = min(r["test_loss"] for r in rs)
         for name, pick, color, marker in groups:
             sel = [r for r in rs if pick(r["optimizer"])]
             ax.scatter([r["train_loss"] for r in sel], [r["test_loss"] for r in sel], s=10, c=color, marker=marker,
                        label=name, alpha=0.6)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_ylim(best * 0.9, best * 4)
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        test = np.array([r["test_loss"] for r in rs])
+        train = np.array([r["train_loss"] for r in rs])
+        # the better 80% of the runs: the high-lr and low-lr tails would flatten the interesting part
+        ax.set_ylim(test.min() - 0.05 * (np.quantile(test, 0.8) - test.min()), np.quantile(test, 0.8))
+        ax.set_xlim(train.min() - 0.05 * (np.quantile(train, 0.8) - train.min()), np.quantile(train, 0.8))
         ax.set_xlabel("training loss (last 10% of steps)")
         ax.set_ylabel("test loss")
-        ax.set_title(f"{task}: every lr and seed", fontsize=9)
+        ax.set_title(f"{task}: every lr and seed, kappa {space.KAPPA}", fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -154,6 +191,12 @@ def main(argv=None) -> int:
         rows = run(suite, tasks, opts, a.seeds, a.every, out, Path(a.data))
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(out / "curves.png", rows, tasks, opts)
+    stopped = early_stopped(rows)
+    (out / "early_stopped.json").write_text(json.dumps(stopped, indent=1))
+    for e in stopped:
+        print(f"{e['task']:10s} {e['optimizer']:30s} lr {e['lr']:<7g} final test {e['final_test']:.4f} ± "
+              f"{e['final_test_std']:.4f}  early-stopped {e['stopped_test']:.4f} ± {e['stopped_test_std']:.4f} "
+              f"(step {e['stopped_step']:.0f})  final train-split {e['final_train']}")
     plot_train_vs_test(out / "train_vs_test.png", runner.read_log(suite / "runs.jsonl"), tasks)
     return 0
 

@@ -11,7 +11,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .space import FLOOR, TARGET
+from .space import FLOOR, KAPPA, TARGET
 
 
 def _mean_std(xs):
@@ -53,6 +53,35 @@ def _find(chosen, task, opt, kappa=None):
     return None
 
 
+def paired(a: dict, b: dict) -> tuple[float | None, float | None, int]:
+    """a - b (test loss) over the seeds both ran: mean, std (None for one seed), seeds."""
+    d = [a["per_seed"][s] - b["per_seed"][s] for s in a["per_seed"] if s in b["per_seed"]
+         and a["per_seed"][s] is not None and b["per_seed"][s] is not None]
+    m, sd = _mean_std(d)
+    return m, (sd if len(d) > 1 else None), len(d)
+
+
+def goal_check(chosen: list[dict], tasks: list[str], kappa: int = KAPPA) -> list[dict]:
+    """The issue's two quality goals per Flora candidate and task, on paired seeds: r8
+    beats the floor by more than one std (``beats_floor``), r32 matches or beats the
+    target (``matches_target``: not worse by more than one std)."""
+    out = []
+    for opt in sorted({c["optimizer"] for c in chosen if c["optimizer"].startswith("flora-") and c["kappa"] == kappa}):
+        for task in tasks:
+            c, f, t = _find(chosen, task, opt, kappa), _find(chosen, task, FLOOR), _find(chosen, task, TARGET)
+            if not c or not f or not t:
+                continue
+            vf, sf, n = paired(c, f)
+            vt, st, _ = paired(c, t)
+            if vf is None or vt is None:
+                continue
+            out.append({"optimizer": opt, "task": task, "seeds": n, "vs_floor": vf, "vs_floor_std": sf,
+                        "vs_target": vt, "vs_target_std": st,
+                        "beats_floor": sf is not None and vf < -sf,
+                        "matches_target": st is not None and vt <= st})
+    return out
+
+
 def gaps(chosen: list[dict]) -> dict[str, dict]:
     """Per task: floor - target (test loss) and its std over paired seeds; ``resolved``
     when that std is under a quarter of the gap (the issue's test of a long-enough run)."""
@@ -61,12 +90,9 @@ def gaps(chosen: list[dict]) -> dict[str, dict]:
         f, t = _find(chosen, task, FLOOR), _find(chosen, task, TARGET)
         if not f or not t or f["test_loss"] is None or t["test_loss"] is None:
             continue
-        paired = [f["per_seed"][s] - t["per_seed"][s] for s in f["per_seed"] if s in t["per_seed"]
-                  and f["per_seed"][s] is not None and t["per_seed"][s] is not None]
-        gap, std = _mean_std(paired)
-        std = std if len(paired) > 1 else None  # one seed has no spread to report
+        gap, std, n = paired(f, t)
         out[task] = {"floor": f["test_loss"], "target": t["test_loss"], "gap": gap, "gap_std": std,
-                     "seeds": len(paired), "resolved": bool(gap and std is not None and std < abs(gap) / 4)}
+                     "seeds": n, "resolved": bool(gap and std is not None and std < abs(gap) / 4)}
     return out
 
 
@@ -139,8 +165,20 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "") -> str:
                 p = position(c["test_loss"], g.get("floor"), g.get("target"))
                 cells.append(f"{_fmt(c['test_loss'], c['test_loss_std'])} ({'n/a' if p is None else f'{p:+.2f}'})"
                              f" lr {c['lr']:g}{'*' if c['edge'] else ''}")
-            name = opt if kappa == min(c["kappa"] for c in chosen) else f"{opt} kappa {kappa}"
+            name = opt if kappa == KAPPA else f"{opt} kappa {kappa}"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Goal check (kappa %d; paired seeds; loss minus the floor's and the target's, mean ± std)" % KAPPA,
+              "", "`F` beats the floor by more than one std; `T` is not worse than the target by more than one std.",
+              "", "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    checks = goal_check(chosen, tasks)
+    for opt in sorted({g["optimizer"] for g in checks}):
+        cells = []
+        for task in tasks:
+            g = next((g for g in checks if g["optimizer"] == opt and g["task"] == task), None)
+            cells.append("-" if not g else f"{_fmt(g['vs_floor'], g['vs_floor_std'])} / "
+                         f"{_fmt(g['vs_target'], g['vs_target_std'])} {'F' if g['beats_floor'] else ''}"
+                         f"{'T' if g['matches_target'] else ''}")
+        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
     lines += ["", "## State bytes (from the optimizer's tensors) against AdamW's", "",
               "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
     for opt in sorted({c["optimizer"] for c in chosen}):
