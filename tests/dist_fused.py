@@ -342,6 +342,8 @@ def fsdp_gradient_sync_off_refused(rank, world):
             out[fused] = None
         except RuntimeError as e:
             out[fused] = str(e)
+        # refused before FSDP2's own pre-forward: the root's parameters were never gathered
+        out[f"{fused}_still_sharded"] = type(model.b.weight).__name__ == "DTensor"
         model.set_requires_gradient_sync(True)
         _micro(model, x, y, rank, world).backward()  # on again: runs
         out[f"{fused}_after"] = acc.micro_step

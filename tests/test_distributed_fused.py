@@ -105,3 +105,4 @@ def test_fsdp2_gradient_sync_off_is_refused_at_the_forward(results):
         for fused in (False, True):
             assert r[fused] and "set_requires_gradient_sync(False)" in r[fused], r[fused]
             assert r[f"{fused}_after"] == 1
+            assert r[f"{fused}_still_sharded"]  # nothing of FSDP2's forward ran (no collective left unwaited)

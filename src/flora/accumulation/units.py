@@ -103,4 +103,6 @@ def guard_gradient_sync(model_or_params):
         if off and torch.is_grad_enabled():
             raise RuntimeError(SYNC_OFF.format(n=len(off)))
 
-    return model_or_params.register_forward_pre_hook(check)
+    # Before FSDP2's own pre-forward hooks: a refusal after them would leave the all-gathers
+    # they launched unwaited (a process then aborts at exit).
+    return model_or_params.register_forward_pre_hook(check, prepend=True)
