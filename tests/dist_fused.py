@@ -349,3 +349,30 @@ def fsdp_gradient_sync_off_refused(rank, world):
         out[f"{fused}_after"] = acc.micro_step
         acc.remove()
     return out
+
+
+def ddp_fused_removed(rank, world):
+    """After remove(), a backward on that DDP model says that DDP kept the accumulator's
+    hook (it cannot be unregistered); and the model is freed once dropped (the reducer
+    holds the accumulator only weakly: a model kept alive until interpreter shutdown can
+    abort the process there)."""
+    import gc
+    import weakref
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_net())
+    opt = Flora(model.parameters(), **OPTS)
+    acc = CompressedAccumulator(model, rank=3, tau=1, optimizer=opt, fused=True)
+    x, y = _batches(1)[0]
+    _micro(model, x, y, rank, world).backward()
+    acc.remove()
+    try:
+        _micro(model, x, y, rank, world).backward()
+        after = None
+    except RuntimeError as e:
+        after = str(e)
+    ref = weakref.ref(model)
+    del model, opt, acc
+    gc.collect()
+    return {"after_remove": after, "freed": ref() is None}

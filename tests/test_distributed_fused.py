@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="n
               pytest.mark.slow]
 
 SCENARIOS = ["fsdp_fused", "ddp_fused", "ddp_fused_accumulator_refused", "fused_scaler", "fused_resume",
-             "ddp_fused_projection_hook", "fsdp_gradient_sync_off_refused"]
+             "ddp_fused_projection_hook", "fsdp_gradient_sync_off_refused", "ddp_fused_removed"]
 TOL = 2e-5  # float32, 3 steps with resamples
 
 
@@ -106,3 +106,9 @@ def test_fsdp2_gradient_sync_off_is_refused_at_the_forward(results):
             assert r[fused] and "set_requires_gradient_sync(False)" in r[fused], r[fused]
             assert r[f"{fused}_after"] == 1
             assert r[f"{fused}_still_sharded"]  # nothing of FSDP2's forward ran (no collective left unwaited)
+
+
+def test_ddp_fused_after_remove_says_so_and_the_model_is_freed(results):
+    for r in check(results, "ddp_fused_removed"):
+        assert r["after_remove"] and "wrap the module in a new DistributedDataParallel" in r["after_remove"]
+        assert r["freed"]

@@ -20,6 +20,7 @@ accelerate ended) is averaged by one packed all-reduce of its estimates instead.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,19 @@ def check_ddp_fused(ddp: nn.Module, slots: list[Slot], comm_hook) -> None:
                         f"takes them; got {comm_hook!r}")
 
 
+REMOVED = ("this DistributedDataParallel model was given to a fused CompressedAccumulator that has since been "
+           "removed; DDP keeps the communication hook and the optimizer-in-backward mode it set (neither can be "
+           "undone), so it would no longer produce gradients: wrap the module in a new DistributedDataParallel")
+
+
+def _comm_hook(state, bucket):
+    """The hook DDP calls (``state``: a weak reference to the :class:`DDPSteps`)."""
+    steps = state()
+    if steps is None or steps.removed:
+        raise RuntimeError(REMOVED)
+    return steps.hook(bucket)
+
+
 class DDPSteps:
     """Steps a DDP model's buckets inside backward for the accumulator's engine."""
 
@@ -65,13 +79,18 @@ class DDPSteps:
         self.group = ddp.process_group
         self.inner = comm_hook if comm_hook is not None else (self.group, allreduce_hook)
         self.slot_of = {id(s.param): k for k, s in enumerate(engine.slots)}
-        ddp.register_comm_hook(None, self.hook)
+        # The reducer keeps its hook and state in C++, out of the garbage collector's sight:
+        # they must not hold the model (or it is never freed, and its reducer is destroyed
+        # during interpreter shutdown, which can abort the process).
+        ddp.register_comm_hook(weakref.ref(self), _comm_hook)
+        self.removed = False
         ddp.reducer._set_optimizer_in_backward()  # no copy of the buckets into .grad after backward
         self.handle = ddp.register_forward_pre_hook(self.before_forward)
         self.synced = False  # whether DDP synchronises the running backward pass
 
     def remove(self) -> None:
         self.handle.remove()  # DDP keeps the communication hook: it cannot be unregistered
+        self.removed = True
 
     def before_forward(self, module, args) -> None:
         eng = self.engine
@@ -79,7 +98,7 @@ class DDPSteps:
             self.synced = eng.micro_step() + 1 >= eng.opts.tau
             self.ddp.require_backward_grad_sync = self.synced
 
-    def hook(self, state, bucket):
+    def hook(self, bucket):
         out = self.inner[1](self.inner[0], bucket).wait()  # the mean over replicas: the step needs it now
         if isinstance(out, (list, tuple)):
             out = out[0]
