@@ -6,6 +6,7 @@ back through a file per rank."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import tempfile
 import traceback
@@ -31,6 +32,7 @@ def _worker(rank: int, world: int, init: str, out: str, module: str, names: list
             results[name] = getattr(mod, name)(rank, world)
         except Exception:  # reported by the test that reads it
             results[name] = {"error": traceback.format_exc()}
+        gc.collect()  # the scenario's models and their reducers go now, not at interpreter shutdown
         dist.barrier()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
