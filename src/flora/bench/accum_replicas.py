@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
+import sys
 import tempfile
 
 __all__ = ["WRAPS", "check_wrap", "memory"]
@@ -64,8 +66,14 @@ def _rank_main(rank: int, job, tmp: str) -> None:
     torch.set_num_threads(job.threads)
     try:
         torch.save(_measure(job, rank), os.path.join(tmp, f"rank{rank}.pt"))
+        gc.collect()  # the model and its FSDP2/DDP state go while the process group exists
     finally:
         dist.destroy_process_group()
+    # The row is saved: leave without interpreter shutdown, where destroying what is left
+    # of gloo's or FSDP2's state has aborted a rank (SIGABRT) on loaded cores.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _wrap(model, how: str):
