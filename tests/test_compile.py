@@ -25,7 +25,7 @@ from torch import nn
 
 from flora import Flora
 
-from _configs import MOMENTUM_CONFIGS
+from _configs import MOMENTUM_CONFIGS, assert_same_state
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounter  # noqa: E402
@@ -170,13 +170,7 @@ def _pair_params():
 def _assert_equal_runs(got_params, want_params, got_opt, want_opt, tol=1e-5):
     for a, b in zip(got_params, want_params):
         assert (a.detach() - b.detach()).abs().max().item() <= tol
-        sa, sb = got_opt.state[a], want_opt.state[b]
-        assert sa.keys() == sb.keys()
-        for k, v in sb.items():
-            if isinstance(v, torch.Tensor):
-                torch.testing.assert_close(sa[k], v, rtol=1e-4, atol=1e-6)
-            else:
-                assert sa[k] == v, k
+        assert_same_state(got_opt, a, want_opt, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flora import Flora
 
-from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS
+from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS, assert_same_state
 
 # Shapes with repeats (buckets of several), a 3-D tensor, 1-D tensors, one tall and one
 # wide matrix (proj_dim 0 and 1 under "auto").
@@ -57,13 +57,7 @@ def test_grouped_equals_single_tensor(kw):
     got, opt = _run(kw, True)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-        sa, sb = ref_opt.state[a], opt.state[b]
-        assert sa.keys() == sb.keys()
-        for k, v in sa.items():
-            if isinstance(v, torch.Tensor):
-                torch.testing.assert_close(sb[k], v, rtol=1e-4, atol=1e-7)
-            else:
-                assert sb[k] == v, k
+        assert_same_state(opt, b, ref_opt, a, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
