@@ -376,3 +376,74 @@ def ddp_fused_removed(rank, world):
     del model, opt, acc
     gc.collect()
     return {"after_remove": after, "freed": ref() is None}
+
+
+class _ConvNet(torch.nn.Module):
+    """A 4-D weight (channels_last where asked: DDP's bucket views follow the parameter's
+    strides) and a matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3)
+        self.head = torch.nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+LAYOUT_CASES = {"float32": (torch.float32, False), "float32_channels_last": (torch.float32, True),
+                "bfloat16": (torch.bfloat16, False), "float64": (torch.float64, False)}
+
+
+def fused_layouts_dtypes(rank, world):
+    """Fused mode across replicas over layouts and dtypes (the single-process fused path
+    is checked against the single-tensor reference over every layout and dtype in
+    test_paths.py): DDP and FSDP2 against one process fused on the full batch; returns
+    the error relative to the parameters' movement."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 2, 6, 6, generator=g), torch.randn(8, 3, generator=g))
+               for _ in range(2 * FUSED_TAU + 1)]  # and a short cycle
+    out = {}
+    for engine in ("ddp", "fsdp"):
+        for name, (dtype, channels_last) in LAYOUT_CASES.items():
+            if engine == "fsdp" and channels_last:
+                continue  # FSDP2 shards into contiguous rows
+
+            def build():
+                torch.manual_seed(0)
+                m = _ConvNet().to(dtype)
+                if channels_last:
+                    m.conv.to(memory_format=torch.channels_last)
+                return m
+
+            def train(model, shard):
+                opt = Flora(model.parameters(), **OPTS, proj_dim=1, **({} if shard else REF))
+                acc = CompressedAccumulator(model, rank=3, tau=FUSED_TAU, optimizer=opt, seed=5, proj_dim=1,
+                                            fused=True, max_grad_norm=0.5)
+                for x, y in batches:
+                    x, y = x.to(dtype), y.to(dtype)
+                    if shard:
+                        n = x.shape[0] // world
+                        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+                    (torch.nn.functional.mse_loss(model(x), y) / FUSED_TAU).backward()
+                acc.finish_cycle()
+                acc.remove()
+
+            init = {n: p.detach().double().clone() for n, p in build().named_parameters()}
+            model = build()
+            if engine == "ddp":
+                model = DDP(model, bucket_cap_mb=0.0002)
+            else:
+                fully_shard(model)
+            train(model, True)
+            got = {n.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double()
+                   for n, p in model.named_parameters()}
+            ref = build()
+            train(ref, False)
+            err = max((got[n] - p.detach().double()).abs().max().item() for n, p in ref.named_parameters())
+            moved = max((p.detach().double() - init[n]).abs().max().item() for n, p in ref.named_parameters())
+            out[f"{engine}_{name}"] = {"relative": err / moved, "moved": moved}
+    return out

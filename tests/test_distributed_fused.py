@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="n
               pytest.mark.slow]
 
 SCENARIOS = ["fsdp_fused", "ddp_fused", "ddp_fused_accumulator_refused", "fused_scaler", "fused_resume",
-             "ddp_fused_projection_hook", "fsdp_gradient_sync_off_refused", "ddp_fused_removed"]
+             "ddp_fused_projection_hook", "fsdp_gradient_sync_off_refused", "ddp_fused_removed",
+             "fused_layouts_dtypes"]
 TOL = 2e-5  # float32, 3 steps with resamples
 
 
@@ -112,3 +113,17 @@ def test_ddp_fused_after_remove_says_so_and_the_model_is_freed(results):
     for r in check(results, "ddp_fused_removed"):
         assert r["after_remove"] and "wrap the module in a new DistributedDataParallel" in r["after_remove"]
         assert r["freed"]
+
+
+@pytest.mark.parametrize("case", [f"{e}_{n}" for e in ("ddp", "fsdp") for n in S.LAYOUT_CASES
+                                  if not (e == "fsdp" and n.endswith("channels_last"))])
+def test_fused_across_replicas_over_layouts_and_dtypes(results, case):
+    """DDP's buckets (channels_last: DDP lays the gradient out with the parameter's strides
+    there, whatever bucket.gradients() shows) and FSDP2's shards, in float32, bfloat16 and
+    float64, with clipping and a short cycle, against one process fused: the error
+    relative to the parameters' movement (bfloat16: a rounding of the movement; the
+    reductions over replicas are ordered differently)."""
+    tol = {"bfloat16": 0.2, "float64": 1e-6}.get(case.split("_", 1)[1], 1e-4)
+    for r in check(results, "fused_layouts_dtypes"):
+        assert r[case]["moved"] > 1e-3
+        assert r[case]["relative"] <= tol, (case, r[case])

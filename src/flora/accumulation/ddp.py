@@ -61,6 +61,17 @@ REMOVED = ("this DistributedDataParallel model was given to a fused CompressedAc
            "undone), so it would no longer produce gradients: wrap the module in a new DistributedDataParallel")
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span exactly once, in some order of its
+    dimensions (what DDP checks before giving a bucket view the tensor's strides)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _comm_hook(state, bucket):
     """The hook DDP calls (``state``: a weak reference to the :class:`DDPSteps`)."""
     steps = state()
@@ -110,7 +121,10 @@ class DDPSteps:
                 k = self.slot_of.get(id(p))
                 if k is None or k not in eng.cycle.done or p.grad is None:
                     continue
-                view = out.as_strided(g.size(), g.stride(), out.storage_offset() + g.storage_offset() - base)
+                # DDP lays a dense parameter's gradient out in the bucket with the parameter's
+                # strides (channels_last included), whatever strides bucket.gradients() shows
+                strides = p.stride() if _dense(p) else g.stride()
+                view = out.as_strided(g.size(), strides, out.storage_offset() + g.storage_offset() - base)
                 p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
                 params.append(p)
             eng.stepper.step_bucket(params, eng.cycle)
@@ -147,7 +161,7 @@ class DDPSteps:
         for k, s in enumerate(slots):
             n = math.prod(s.param.shape)
             if got[k]:
-                s.param.grad = flat[offset:offset + n].view(s.param.shape).to(s.param.dtype, copy=True)
+                s.param.grad = torch.empty_like(s.param).copy_(flat[offset:offset + n].view(s.param.shape))
                 params.append(s.param)
             offset += n
         eng.stepper.step_bucket(params, eng.cycle)
