@@ -149,7 +149,7 @@ class CompressedAccumulator:
                              "reduce=False); for normal mode register it on the model with register_comm_hook")
         named = named_params(model_or_params)
         slots = make_slots(named, resolve_exclude(exclude, named), rank=rank, proj_dim=proj_dim,
-                           max_aspect_ratio=max_aspect_ratio, fused=fused, reduce=reduce)
+                           max_aspect_ratio=max_aspect_ratio, reduce=reduce)
         check_unattached(slots)
         optimizer = None if optimizer is None else unwrap(optimizer)
         if fused:

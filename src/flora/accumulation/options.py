@@ -128,8 +128,7 @@ def resolve_exclude(exclude: Iterable[Any], named) -> set[int]:
     return out
 
 
-def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, fused: bool,
-               reduce: bool) -> list[Slot]:
+def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, reduce: bool) -> list[Slot]:
     """One slot per trainable parameter, in order, with its projected dimension (None:
     dense); FSDP2 parameters project their unsharded columns."""
     slots = []
@@ -140,7 +139,7 @@ def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, f
             raise TypeError(f"parameter {name!r} is complex: CompressedAccumulator supports real tensors only")
         pd = proj_dim
         if is_dtensor(p):  # FSDP2: project the unsharded columns (see check_sharded)
-            check_sharded(name, p, rank, proj_dim, max_aspect_ratio, fused=fused, reduce=reduce)
+            check_sharded(name, p, rank, proj_dim, max_aspect_ratio, reduce=reduce)
             pd = 0 if proj_dim == 0 else 1
         dim = None if id(p) in excluded else compressed_dim(tuple(p.shape), rank, proj_dim=pd,
                                                             max_aspect_ratio=max_aspect_ratio)

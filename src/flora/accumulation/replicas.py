@@ -87,7 +87,7 @@ def check_reduce(reduce: bool, process_group, exact_last: bool | None) -> None:
                            "(torchrun sets up its environment) before building the accumulator")
 
 
-def check_sharded(name, p, rank, proj_dim, max_aspect_ratio, *, fused: bool, reduce: bool) -> None:
+def check_sharded(name, p, rank, proj_dim, max_aspect_ratio, *, reduce: bool) -> None:
     """FSDP2 parameters: the hooks see this rank's rows after the reduce-scatter and
     compress them on their own, which needs the projected dimension to be the
     unsharded one (1, the columns; "auto" takes it)."""
