@@ -154,8 +154,12 @@ def test_log_is_readable(smoke_run):
     _, log = smoke_run
     assert "\r" not in log
     lines = [ln for ln in log.splitlines() if ln.startswith("[")]
-    assert len(lines) == 4 and lines[0].startswith("[1/4] pretrain:adamw@0.003: ok")
-    assert any("failed: ValueError" in ln for ln in lines)
+    # two runs at a time (2 cores): numbered in the order they finish
+    assert [ln.split()[0] for ln in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert sorted(ln.split()[1] for ln in lines) == ["pretrain:adamw@0.003:", "pretrain:adamw@nan:",
+                                                     "pretrain:flora-r4-paper@0.003:", "pretrain:flora-r4@0.003:"]
+    assert any("adamw@0.003: ok" in ln for ln in lines)
+    assert any("adamw@nan: failed: ValueError" in ln for ln in lines)
 
 
 # ------------------------------------------------------------------ lr choice, goals, merge
@@ -599,6 +603,35 @@ def test_resume_runs_only_what_is_missing(forms_run, tmp_path, capsys):
     assert [(r["optimizer"], r["lr"], r["test_loss"]) for r in res["summary"]] == [
         (r["optimizer"], r["lr"], r["test_loss"]) for r in full["summary"]]
     assert res["meta"]["lr_extension"]["extended"] == full["meta"]["lr_extension"]["extended"]
+
+
+@pytest.mark.slow
+def test_two_workers_run_the_same_plan_and_extensions_as_one(forms_run, tmp_path, capsys):
+    """``--workers 2`` (two isolated runs at a time, as ``make bench`` on 2 cores): the same
+    runs, the same lr extensions (planned only once no run of the pair is pending or in
+    flight) and the same losses bit for bit as the serial in-process sweep (rank 4 only)."""
+    names = [n for n in FORM_NAMES if not n.startswith("flora-r8")]
+    argv = [a for a in FORMS_ARGS if a != "--no-isolate"]
+    argv[argv.index("--ranks") + 1] = "4"
+    full = _results(forms_run)
+    capsys.readouterr()
+    assert main(argv + ["--workers", "2", "--out", str(tmp_path), "--cache", str(forms_run / "cache")]) == 0
+    log = capsys.readouterr()
+    assert "2 run(s) at a time, 1 torch thread(s) each" in log.out + log.err
+    res = _results(tmp_path)
+    assert res["meta"]["workers"] == 2
+    mine = sorted((r["optimizer"], r["lr"], r["seed"], r["test_loss"]) for r in res["runs"] if r["optimizer"] in names)
+    theirs = sorted((r["optimizer"], r["lr"], r["seed"], r["test_loss"]) for r in full["runs"] if r["optimizer"] in names)
+    assert mine == theirs and len(mine) == 3 * len(names)  # 2 lrs + 1 extension each
+    assert res["meta"]["lr_extension"]["capped"] == [f"pretrain:{n}" for n in names]
+
+
+def test_workers_is_validated(capsys):
+    for argv, msg in ((["--workers", "0"], "--workers must be >= 1"),
+                      (["--workers", "2", "--no-isolate"], "--workers > 1 needs runs in processes of their own")):
+        with pytest.raises(SystemExit):
+            main(["--size", "smoke"] + argv)
+        assert msg in capsys.readouterr().err
 
 
 def test_tau_applies_to_finetune_only_and_the_na_message_says_so(tmp_path):

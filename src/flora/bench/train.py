@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "(default runs/bench/cache or $FLORA_BENCH_CACHE)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per run (default: torch's choice, one per core)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="runs at a time, each in its own process with an equal share of the cores' threads "
+                        "(default: 2 on a CPU with 2 or more cores, 1 on a GPU or with --no-isolate)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run every training in this process (peak RSS then covers all runs so far)")
     p.add_argument("--no-progress", action="store_true",
@@ -91,6 +95,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error("--lrs: expected KEY=LR[/LR...] entries, e.g. adam=1e-3,lora=3e-3/1e-2")
     if a.tau is not None and a.tau < 1:
         p.error("--tau must be >= 1")
+    if a.workers is not None and a.workers < 1:
+        p.error("--workers must be >= 1")
+    if a.workers is not None and a.workers > 1 and a.no_isolate:
+        p.error("--workers > 1 needs runs in processes of their own: drop --no-isolate or use --workers 1")
     if a.seeds < 1:
         p.error("--seeds must be >= 1")
     if a.extend_lr is not None and a.extend_lr < 0:
@@ -192,8 +200,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from . import optimizers as bo
     from . import report
-    from .runner import Runner, cache_dir_default, run_train_job
-    from .tasks import make_task
+    from .runner import Runner, cache_dir_default
 
     if args.from_json:
         return rewrite([Path(p) for p in args.from_json.split(",")], Path(args.out) if args.out else None)
@@ -241,44 +248,87 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         jobs = due + jobs
         core.say(f"  resumed from {args.resume}: {len(kept)} runs kept, {len(jobs)} to run")
     runner = Runner(isolate=not args.no_isolate, device=device)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc="flora-bench", position=0, dynamic_ncols=True)
-    write = bar.write if bar is not None else core.say
-    prepared = set()
-    i = 0
-    while i < len(jobs):
-        job = jobs[i]
-        i += 1
-        if job.task not in prepared:
-            if bar is not None:
-                bar.set_description(f"preparing {job.task}")
-            make_task(job.task, cfgs[job.task], cache, args.seed).prepare()
-            prepared.add(job.task)
-        if bar is not None:
-            bar.set_description(job.label)
-        res = run_train_job(runner, job)
-        runs.append(res)
-        write(_result_line(res, i, len(jobs), args.seeds > 1))
-        if bar is not None:
-            bar.update(1)
-        more = _extend(job, jobs[i:], runs, grids, meta["lr_extension"])
-        if more:
-            jobs[i:i] = more
-            if bar is not None:
-                bar.total += len(more)
-                bar.refresh()
-        _finish(out, runs, cfgs, meta, t0, plots=False)  # partial results survive a kill
-    if bar is not None:
-        bar.close()
+    workers = workers_for(args, device, runner.isolate)
+    if workers > 1:  # each run gets its share of the cores' threads, and no per-step bar (they would clash)
+        share = max(1, (os.cpu_count() or 1) // workers)
+        jobs = [dataclasses.replace(j, threads=args.threads or min(j.threads or share, share), progress=False)
+                for j in jobs]
+    meta["workers"] = workers
+    core.say(f"  {workers} run(s) at a time" + (f", {jobs[0].threads} torch thread(s) each" if workers > 1 and jobs
+                                                 else ""))
+    _run_jobs(jobs, runs, workers=workers, runner=runner, cfgs=cfgs, cache=cache, seed=args.seed,
+              seeded=args.seeds > 1, progress=progress, grids=grids, record=meta["lr_extension"],
+              save=lambda: _finish(out, runs, cfgs, meta, t0, plots=False))
     rows, meta, paths = _finish(out, runs, cfgs, meta, t0, plots=True)
     if not args.out:
         _point_latest(out)
     report.print_table(rows, _metrics(tasks))
     core.say(f"wrote {', '.join(str(p) for p in paths.values())} ({meta['wall_s'] / 60:.1f} min)")
     return 0
+
+
+def workers_for(args, device: str, isolated: bool) -> int:
+    """Runs at a time: ``--workers``, else 2 on a CPU with two or more cores when runs are
+    isolated (the quick size's runs are small: two 1-thread runs in parallel finish sooner
+    than one 2-thread run after another), else 1 (a GPU, or runs in this process)."""
+    if args.workers is not None:
+        return args.workers
+    return 2 if device == "cpu" and isolated and (os.cpu_count() or 1) >= 2 else 1
+
+
+def _run_jobs(jobs: list, runs: list, *, workers: int, runner, cfgs, cache: Path, seed: int, seeded: bool,
+              progress: bool, grids: dict, record: dict, save) -> None:
+    """Run ``jobs``, ``workers`` at a time (each in its own process, from a thread here),
+    appending each result to ``runs`` as it finishes. When the last run of a (task,
+    optimizer) has finished -- none of its runs pending or in flight -- the lr extension is
+    planned (:func:`_extend`) and put first in the queue. ``save()`` after every run writes
+    the partial results, so they survive a kill. A task's data is prepared before its
+    first run starts."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from .runner import run_train_job
+    from .tasks import make_task
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="flora-bench", position=0, dynamic_ncols=True)
+    write = bar.write if bar is not None else core.say
+    pending, running, prepared = list(jobs), {}, set()  # running: future -> (submission number, job)
+    done, total, submitted = 0, len(jobs), 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                if job.task not in prepared:
+                    if bar is not None:
+                        bar.set_description(f"preparing {job.task}")
+                    make_task(job.task, cfgs[job.task], cache, seed).prepare()
+                    prepared.add(job.task)
+                running[pool.submit(run_train_job, runner, job)] = (submitted, job)
+                submitted += 1
+                if bar is not None:
+                    bar.set_description(" | ".join(j.label for _, j in running.values()))
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in sorted(finished, key=lambda f: running[f][0]):
+                _, job = running.pop(fut)
+                res = fut.result()
+                runs.append(res)
+                done += 1
+                write(_result_line(res, done, total, seeded))
+                if bar is not None:
+                    bar.update(1)
+                more = _extend(job, pending + [j for _, j in running.values()], runs, grids, record)
+                if more:
+                    pending[0:0] = more
+                    total += len(more)
+                    if bar is not None:
+                        bar.total = total
+                        bar.refresh()
+                save()
+    if bar is not None:
+        bar.close()
 
 
 def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list]:
