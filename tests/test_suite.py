@@ -168,3 +168,21 @@ def test_state_bytes_counts_torchao_8bit_state_by_its_codes():
     opt.step()
     n = flora.state_bytes(opt)
     assert 2 * p.numel() <= n < 2 * p.numel() * 1.1  # two 1-byte codes per weight, plus block scales
+
+
+def test_bitsandbytes_8bit_adamw_runs_on_this_device_and_counts_its_codes():
+    pytest.importorskip("bitsandbytes")
+    from flora.bench.suite import peers
+    import flora
+
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 4))
+    opt = peers.build("adamw-8bit-bnb", model, 1e-3)
+    model(torch.randn(8, 128)).square().sum().backward()
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model[0].weight)
+    big, small = model[0].weight.numel(), sum(p.numel() for p in model.parameters()) - model[0].weight.numel()
+    n = flora.state_bytes(opt)
+    # two 1-byte codes per weight of the 8192-element tensor (with block scales and code
+    # maps); tensors under 4096 elements keep float32 moments
+    assert 2 * big + 8 * small <= n < 2 * big + 8 * small + 4096

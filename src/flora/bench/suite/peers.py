@@ -1,8 +1,10 @@
 """The peers a memory-minded user would pick instead of Flora, built on a workload's
 model: AdamW (the reference for state), Adam-mini (``adam-mini``: one second moment per
 block), APOLLO-Mini (``apollo-torch``: rank 1, tensor-wise scaling) and 8-bit AdamW
-(torchao's ``AdamW8bit``; bitsandbytes 0.50.2 runs no 8-bit optimizer on a CPU). Each is
-imported when used; a missing one is :class:`Unavailable` with the reason."""
+(torchao's ``AdamW8bit`` as ``adamw-8bit``; bitsandbytes' ``AdamW8bit`` as ``adamw-8bit-bnb``:
+0.50.2 runs it on a CPU too, blockwise uint8 moments for tensors of 4096 elements or more,
+float32 below). Each is imported when used; a missing one is :class:`Unavailable` with the
+reason."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from ..optimizers import Unavailable, projected_matrices
 
-PEERS = ("adamw", "adam-mini", "apollo-mini", "adamw-8bit")
+PEERS = ("adamw", "adam-mini", "apollo-mini", "adamw-8bit", "adamw-8bit-bnb")
 
 # Adam-family lrs, low to high (factor 2), per task.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
@@ -71,4 +73,7 @@ def build(name: str, model: nn.Module, lr: float, *, head_names=(), dim: int = 1
     if name == "adamw-8bit":
         optim = _import("torchao.optim")
         return optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    if name == "adamw-8bit-bnb":
+        bnb = _import("bitsandbytes.optim")
+        return bnb.AdamW8bit(params, lr=lr, weight_decay=0.0)
     raise ValueError(f"unknown peer {name!r}; valid: {', '.join(PEERS)}")
