@@ -10,6 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 
 TASKS = ("pretrain", "finetune", "classify")
+# The order runs start in (tables keep TASKS' order): the slowest runs first, so that with
+# two or more workers the short pretraining runs fill the workers at the end.
+RUN_ORDER = ("classify", "finetune", "pretrain")
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,8 @@ def plan(args, cfgs: dict[str, config.TaskConfig], peers: dict[str, str], device
     from .records import Job, RunResult
 
     jobs, skipped = [], []
-    for t, cfg in cfgs.items():
+    for t in sorted(cfgs, key=lambda t: config.RUN_ORDER.index(t) if t in config.RUN_ORDER else len(config.TASKS)):
+        cfg = cfgs[t]
         for name in cfg.optimizers:
             spec = bo.parse(name)
             why = None
@@ -260,7 +261,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
               seeded=args.seeds > 1, progress=progress, grids=grids, record=meta["lr_extension"],
               save=lambda: _finish(out, runs, cfgs, meta, t0, plots=False))
     rows, meta, paths = _finish(out, runs, cfgs, meta, t0, plots=True)
-    if not args.out:
+    if not args.out and not args.resume:  # a new default folder (a resumed run keeps its own)
         _point_latest(out)
     report.print_table(rows, _metrics(tasks))
     core.say(f"wrote {', '.join(str(p) for p in paths.values())} ({meta['wall_s'] / 60:.1f} min)")
