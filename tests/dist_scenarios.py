@@ -403,14 +403,8 @@ def ddp_flora(rank, world):
     return {"diff": max((a - b).abs().max().item() for a, b in zip(model.module.parameters(), ref.parameters()))}
 
 
-def ddp_accumulator(rank, world):
-    """CompressedAccumulator(tau=2) under DDP, no_sync() on the first micro-batch: equal
-    to one process accumulating the same micro-batches (each the union of the ranks')."""
-    tau = 2
-    batches = _batches(2 * tau, size=8)
-    model = _ddp(_net())
-    opt = Flora(model.parameters(), **OPTS)
-    acc = CompressedAccumulator(model.module, rank=3, tau=tau, optimizer=opt, seed=5)
+def _ddp_no_sync_cycles(model, opt, batches, rank, world, tau):
+    """DDP accumulation as documented: no_sync() on the first tau - 1 micro-batches."""
     for i, (x, y) in enumerate(batches):
         n = x.shape[0] // world
         xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
@@ -421,6 +415,11 @@ def ddp_accumulator(rank, world):
             (_loss(model, xs, ys) / tau).backward()
             opt.step()
             opt.zero_grad()
+
+
+def _diff_from_one_process_accumulating(model, batches, tau):
+    """Largest difference of ``model``'s parameters from one process accumulating the same
+    micro-batches (each the union of the ranks') with CompressedAccumulator(rank=3)."""
     ref = _net()
     ropt = Flora(ref.parameters(), **OPTS, **REF)
     racc = CompressedAccumulator(ref, rank=3, tau=tau, optimizer=ropt, seed=5)
@@ -429,8 +428,66 @@ def ddp_accumulator(rank, world):
         if (i + 1) % tau == 0:
             ropt.step()
             ropt.zero_grad()
-    del acc, racc
-    return {"diff": max((a - b).abs().max().item() for a, b in zip(model.module.parameters(), ref.parameters()))}
+    racc.remove()
+    return max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def ddp_accumulator(rank, world):
+    """CompressedAccumulator(tau=2) under DDP, no_sync() on the first micro-batch: equal
+    to one process accumulating the same micro-batches (each the union of the ranks')."""
+    tau = 2
+    batches = _batches(2 * tau, size=8)
+    model = _ddp(_net())
+    opt = Flora(model.parameters(), **OPTS)
+    acc = CompressedAccumulator(model.module, rank=3, tau=tau, optimizer=opt, seed=5)
+    _ddp_no_sync_cycles(model, opt, batches, rank, world, tau)
+    del acc
+    return {"diff": _diff_from_one_process_accumulating(model.module, batches, tau)}
+
+
+def ddp_accumulator_sync_refused(rank, world):
+    """Normal mode under DDP without no_sync() on an early micro-batch: refused with a
+    clear message before anything runs (before: torch's "more than one element of the
+    written-to tensor refers to a single memory location" from DDP's copy into the
+    placeholder), whether the accumulator was built on the DDP model, on its module, or
+    before DDP wrapped it (then at that first backward). An evaluation forward under
+    no_grad() and a synchronised last micro-batch pass; then a cycle run properly equals
+    one process."""
+    tau = 2
+    batches = _batches(2 * tau, size=8)
+    out = {}
+    for where in ("module", "ddp", "wrapped_after"):
+        net = _net()
+        if where == "wrapped_after":
+            opt = Flora(net.parameters(), **OPTS)
+            acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+            model = _ddp(net)
+        else:
+            model = _ddp(net)
+            opt = Flora(model.parameters(), **OPTS)
+            acc = CompressedAccumulator(model.module if where == "module" else model, rank=3, tau=tau,
+                                        optimizer=opt, seed=5)
+        before = [p.detach().clone() for p in net.parameters()]
+        x, y = batches[0]
+        n = x.shape[0] // world
+        xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        with torch.no_grad():  # evaluation mid-cycle: never refused
+            model(xs)
+        try:
+            (_loss(model, xs, ys) / tau).backward()
+            out[where] = "not refused"
+        except RuntimeError as e:
+            out[where] = str(e)
+        out[where + "_untouched"] = (all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+                                     and acc.micro_step == 0
+                                     and (where == "wrapped_after" or all(p.grad is None for p in net.parameters())))
+        if where == "wrapped_after":  # the aborted backward left DDP mid-reduction: the run is over
+            acc.remove()
+            continue
+        _ddp_no_sync_cycles(model, opt, batches, rank, world, tau)  # the same model, run properly
+        out[where + "_diff"] = _diff_from_one_process_accumulating(net, batches, tau)
+        acc.remove()
+    return out
 
 
 # ------------------------------------------------------------------ the accumulator under FSDP2

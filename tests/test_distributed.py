@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="ne
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient",
              "fsdp_shard1_refused", "accelerate_switch", "ddp_flora", "ddp_accumulator",
-             "fsdp_accumulator"]
+             "ddp_accumulator_sync_refused", "fsdp_accumulator"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -114,6 +114,21 @@ def test_ddp_equals_one_process(results):
 def test_ddp_compressed_accumulator_with_no_sync_equals_one_process(results):
     for r in check(results, "ddp_accumulator"):
         assert r["diff"] <= TOL
+
+
+def test_ddp_compressed_accumulator_without_no_sync_is_refused_clearly(results):
+    """Normal mode, DDP synchronising an early micro-batch: a message naming no_sync() and
+    fused=True, before anything changes; the same model then run properly equals one
+    process."""
+    for r in check(results, "ddp_accumulator_sync_refused"):
+        for where in ("module", "ddp", "wrapped_after"):
+            msg = r[where]
+            assert "micro-batch 1 of the cycle's 2" in msg and "ddp_model.no_sync()" in msg, msg
+            assert "fused=True" in msg and "refers to a single memory location" not in msg, msg
+            assert r[where + "_untouched"], where
+        assert "this forward pass" in r["module"] and "Nothing of this forward pass ran" in r["ddp"]
+        assert "this backward pass" in r["wrapped_after"]
+        assert r["module_diff"] <= TOL and r["ddp_diff"] <= TOL
 
 
 def test_fsdp2_compressed_accumulator_equals_one_process(results):

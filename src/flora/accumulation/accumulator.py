@@ -167,6 +167,8 @@ class CompressedAccumulator:
             self._engine.ddp_steps = DDPSteps(self._engine, model_or_params, comm_hook)
         self._hooks = Hooks(self._engine)
         self._sync_guard = guard_gradient_sync(model_or_params) if self._engine.sharded else None
+        if not (fused or reduce or self._engine.sharded):  # normal mode under DDP: only the last backward syncs
+            self._engine.guard_ddp(model_or_params if is_ddp(model_or_params) else None)
         attach(slots, self)
         self._hooks.guard_steps()
 
@@ -228,6 +230,9 @@ class CompressedAccumulator:
             eng.ddp_steps.remove()
         if self._sync_guard is not None:
             self._sync_guard.remove()
+        if eng.ddp_guard is not None:
+            eng.ddp_guard.remove()
+            eng.ddp_guard = None
         detach(eng.slots, self)
         eng.cycle = Cycle.start(len(eng.slots), eng.cycle.number)
 

@@ -20,7 +20,7 @@ from .fused import FusedStepper
 from .grads import GradView
 from .integrations import accelerate_ends_cycle
 from .options import Options
-from .replicas import Replicas, check_not_under_ddp
+from .replicas import DDPSyncGuard, Replicas, check_not_under_ddp, ddp_holding
 from .units import Units, fsdp_units
 
 __all__ = ["Engine"]
@@ -39,7 +39,10 @@ class Engine:
         self.units = Units(fsdp_units(model, slots, self.sharded)) if opts.fused and self.sharded else None
         self.ddp_steps = None  # fused mode under DDP: its communication hook steps the buckets (ddp.py)
         self.replicas = Replicas(slots, opts, ddp) if opts.reduce else None
-        self.ddp_checked = not opts.fused or opts.reduce  # fused mode: DDP wrapping is looked for at the first backward
+        # DDP wrapping is looked for at the first backward: fused mode refuses it (unless built on
+        # the DDP model); normal mode guards the synchronised micro-batch (DDPSyncGuard).
+        self.ddp_checked = opts.reduce or (not opts.fused and bool(self.sharded))
+        self.ddp_guard = None
         self.last_grad_norm: torch.Tensor | None = None
         # Autograd runs each CUDA device's backward on its own thread: a model spread over
         # devices may run two hooks at once.
@@ -58,10 +61,30 @@ class Engine:
     # ------------------------------------------------------------ per gradient
 
     def check_ddp(self) -> None:
-        """Fused mode, first backward: refuse a model that DDP wrapped after the accumulator
-        was built."""
-        if not self.ddp_checked:
+        """First backward: in fused mode, refuse a model that DDP wrapped after the
+        accumulator was built; in normal mode, guard a DDP model found now (wrapped after
+        the accumulator) and refuse this backward if DDP synchronises it too early."""
+        if self.ddp_checked:
+            return
+        if self.opts.fused:
             check_not_under_ddp(self.ids)
+        elif self.ddp_guard is None:
+            self.ddp_checked = True
+            self.guard_ddp(None)
+            if self.ddp_guard is not None and self.ddp_guard.synchronising:
+                self.ddp_guard.refuse_early("backward pass", "Nothing was accumulated from it; call zero_grad() "
+                                            "and run the cycle again")
+        self.ddp_checked = True
+
+    def guard_ddp(self, ddp) -> None:
+        """Normal mode: guard ``ddp`` (or the live DDP model that holds these parameters, if
+        any, when a process group is up) against synchronising a backward too early."""
+        import torch.distributed as dist
+
+        if ddp is None and dist.is_available() and dist.is_initialized():
+            ddp = ddp_holding(self.ids)
+        if ddp is not None:
+            self.ddp_guard = DDPSyncGuard(self, ddp)
             self.ddp_checked = True
 
     def before_grad(self, k: int, task: int) -> None:

@@ -37,6 +37,17 @@ def check_scaler(scaler, fused: bool) -> None:
                          "(scaler.step(optimizer) after the tau-th backward)")
 
 
+def accelerate_syncs(c: Cycle) -> bool:
+    """True when accelerate drives the accumulation (it has marked a backward of this or
+    the previous cycle unsynced) and synchronises now: it ends the cycle here, short or
+    not. Reads accelerate's gradient state without changing the cycle."""
+    mod = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(mod, "GradientState", None), "_shared_state", None)
+    if not shared or not (c.unsynced or c.follow_accelerate):
+        return False
+    return bool(shared.get("sync_gradients", True))
+
+
 def accelerate_ends_cycle(c: Cycle, tau: int, count: int) -> bool:
     """True when accelerate (the HF Trainer, ``accelerator.accumulate()``) drives the
     accumulation and marks this backward as the last of its cycle. Its gradient state

@@ -25,7 +25,7 @@ from .cycle import Cycle
 from .estimator import Slot, accumulate_compressed_, buffer_shape, estimate
 
 __all__ = ["check_agreement", "check_reduce", "check_sharded", "is_ddp", "ddp_holding", "check_not_under_ddp",
-           "Replicas"]
+           "DDPSyncGuard", "Replicas"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -146,6 +146,51 @@ def check_not_under_ddp(ids: set[int]) -> None:
                 "drift apart. Build the accumulator on the DDP model itself (CompressedAccumulator(ddp_model, ..., "
                 "fused=True)): it then steps each bucket on its mean over replicas. Nothing was "
                 "accumulated or stepped")
+
+
+NO_SYNC = ("CompressedAccumulator(tau={tau}) in normal mode on a model that {ddp} wraps: this {when} is "
+           "micro-batch {i} of the cycle's {tau}, and DDP synchronises its backward. Only the cycle's last backward "
+           "may synchronise: DDP would all-reduce each gradient and write the mean back into a .grad that the "
+           "accumulator has already compressed and freed. Run the first tau - 1 micro-batches (forward and "
+           "backward) under ddp_model.no_sync(), as accelerate's accumulate() and the HF Trainer do, or build the "
+           "accumulator on the DDP model with fused=True, which needs no no_sync(). {nothing}")
+
+
+class DDPSyncGuard:
+    """Normal mode under DDP: a forward pre-hook on the DDP model (before DDP's own, which
+    prepares the reducer) that refuses a forward whose backward DDP would synchronise,
+    unless it is the cycle's last micro-batch (or accelerate, driving the accumulation,
+    ends the cycle there). Without it DDP's copy into the accumulator's placeholder fails
+    with "more than one element of the written-to tensor refers to a single memory
+    location"."""
+
+    def __init__(self, engine, ddp: nn.Module):
+        import weakref
+
+        self.engine, self.name, self.ddp = engine, type(ddp).__name__, weakref.ref(ddp)
+        self.handle = ddp.register_forward_pre_hook(self.check, prepend=True)
+
+    @property
+    def synchronising(self) -> bool:
+        """DDP synchronises a backward run now (read in the backward: no_sync() around the
+        forward and the backward, as DDP's documentation writes it)."""
+        ddp = self.ddp()
+        return ddp is not None and bool(getattr(ddp, "require_backward_grad_sync", False))
+
+    def check(self, module, args) -> None:
+        if torch.is_grad_enabled() and getattr(module, "require_backward_grad_sync", False):
+            self.refuse_early("forward pass", "Nothing of this forward pass ran")
+
+    def refuse_early(self, when: str, nothing: str) -> None:
+        from .integrations import accelerate_syncs
+
+        eng = self.engine
+        i = eng.micro_step()
+        if i + 1 < eng.opts.tau and not accelerate_syncs(eng.cycle):
+            raise RuntimeError(NO_SYNC.format(tau=eng.opts.tau, ddp=self.name, when=when, i=i + 1, nothing=nothing))
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 # ------------------------------------------------------------------ reduce=True
