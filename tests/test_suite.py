@@ -186,3 +186,17 @@ def test_bitsandbytes_8bit_adamw_runs_on_this_device_and_counts_its_codes():
     # two 1-byte codes per weight of the 8192-element tensor (with block scales and code
     # maps); tensors under 4096 elements keep float32 moments
     assert 2 * big + 8 * small <= n < 2 * big + 8 * small + 4096
+
+
+def test_dominance_lists_a_peer_with_less_state_and_lower_loss_than_the_default():
+    rows = []
+    for seed in range(2):
+        for opt, loss, state in (("flora-r8-scaled-orthonormal", 1.0, 100), ("flora-r32-scaled-orthonormal", 1.1, 300),
+                                 ("adamw-8bit", 0.95, 200), ("apollo-mini", 1.2, 50)):
+            rows += [{**r, "state_bytes": state} for r in _rows({("cnn", opt, 1e-3, seed): (loss, loss + 0.01 * seed)})]
+    chosen = score.choose(rows)
+    dom = score.dominance(chosen, ["cnn"])
+    assert [(d["flora"], d["peer"]) for d in dom] == [("flora-r32-scaled-orthonormal", "adamw-8bit")]
+    assert dom[0]["diff"] == pytest.approx(-0.15) and dom[0]["seeds"] == 2
+    md = score.markdown(chosen, score.gaps(chosen), [], {}, ["cnn"])
+    assert "| cnn | flora-r32-scaled-orthonormal | adamw-8bit | 200 / 300 |" in md

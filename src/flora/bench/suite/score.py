@@ -124,6 +124,32 @@ def ranking(chosen: list[dict], kappa: int, tasks: list[str]) -> list[dict]:
     return sorted(out, key=lambda r: (len(r["missing"]), r["worst"]))
 
 
+DEFAULT_ROWS = ("flora-r8-scaled-orthonormal", "flora-r32-scaled-orthonormal")  # the default form at r8 and r32
+
+
+def dominance(chosen: list[dict], tasks: list[str], kappa: int = KAPPA, flora=DEFAULT_ROWS) -> list[dict]:
+    """The issue's plane check: per task, every peer with both less state and a lower mean
+    test loss than a Flora row (at ``kappa``), with the paired difference peer - Flora."""
+    from .peers import PEERS
+
+    out = []
+    for task in tasks:
+        for f in flora:
+            c = _find(chosen, task, f, kappa)
+            if not c or c["test_loss"] is None or not c["state_bytes"]:
+                continue
+            for peer in PEERS:
+                p = _find(chosen, task, peer)
+                if not p or p["test_loss"] is None or not p["state_bytes"]:
+                    continue
+                if p["state_bytes"] < c["state_bytes"] and p["test_loss"] < c["test_loss"]:
+                    d, sd, n = paired(p, c)
+                    out.append({"task": task, "flora": f, "peer": peer, "peer_state": p["state_bytes"],
+                                "flora_state": c["state_bytes"], "peer_loss": p["test_loss"],
+                                "flora_loss": c["test_loss"], "diff": d, "diff_std": sd, "seeds": n})
+    return out
+
+
 def _fmt(m, s, digits=4):
     if m is None:
         return "n/a"
@@ -179,6 +205,17 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "") -> str:
                          f"{_fmt(g['vs_target'], g['vs_target_std'])} {'F' if g['beats_floor'] else ''}"
                          f"{'T' if g['matches_target'] else ''}")
         lines.append(f"| {opt} | " + " | ".join(cells) + " |")
+    dom = dominance(chosen, tasks)
+    lines += ["", "## Peers with both less state and a lower mean test loss than Flora's default form (r8, r32)",
+              "", "Paired difference: the peer's test loss minus Flora's over the seeds both ran, mean ± std.", ""]
+    if dom:
+        lines += ["| task | Flora | peer | state (peer / Flora) | test loss (peer / Flora) | paired difference |",
+                  "| --- | --- | --- | ---: | ---: | ---: |"]
+        for d in dom:
+            lines.append(f"| {d['task']} | {d['flora']} | {d['peer']} | {d['peer_state']} / {d['flora_state']} | "
+                         f"{d['peer_loss']:.4f} / {d['flora_loss']:.4f} | {_fmt(d['diff'], d['diff_std'])} |")
+    else:
+        lines.append("None.")
     lines += ["", "## State bytes (from the optimizer's tensors) against AdamW's", "",
               "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
     for opt in sorted({c["optimizer"] for c in chosen}):
