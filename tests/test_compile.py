@@ -131,16 +131,18 @@ def test_user_compile_one_break_no_recompile(case, foreach):
 
 def test_compile_option_compiles_once_per_signature():
     """Flora(compile=backend): one graph per shape signature of a bucket (here (12, 20) x 2,
-    (20, 12), (20,), (6, 4, 5)), none after the first step, across resamples, a float lr
-    that a scheduler changes every step (written into a device tensor), and a non-finite
-    gradient; no graph break inside (fullgraph=True)."""
+    (20, 12), (20,), (6, 4, 5)), three for a bucket of compressed parameters on a CPU
+    (the staged step: flora.compiled.staged_step), none after the first step, across
+    resamples, a float lr that a scheduler changes every step (written into a device
+    tensor), and a non-finite gradient; no graph break inside (fullgraph=True)."""
     params = _params()
     cnt = CompileCounter()
     opt = Flora(params, **BASE, compile=cnt)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     first = {}
     _run(opt, params, opt.step, bad=True, scheduler=scheduler, after_first=lambda: first.update(n=cnt.frame_count))
-    assert first["n"] == 4 == cnt.frame_count
+    # compressed: (12, 20) x 2, (20, 12), (6, 4, 5), three stages each; (20,): one graph
+    assert first["n"] == 3 * 3 + 1 == cnt.frame_count
     assert not _break_reasons()
     assert int(opt.nonfinite_skips) == 1
 
@@ -195,6 +197,38 @@ def test_compiled_equals_eager_for_every_form_and_projection(foreach, how="user"
     (want, want_opt), (got, got_opt) = runs
     _assert_equal_runs(got, want, got_opt, want_opt)
     assert int(got_opt.nonfinite_skips) == int(want_opt.nonfinite_skips) == 1
+
+
+def test_staged_cpu_step_equals_eager_for_every_form_and_projection():
+    """Flora(compile=...) on a CPU steps a bucket of compressed parameters in three
+    compiled stages around eager matmuls into buffers of its own (flora.compiled.
+    staged_step; coordinates keep the one-graph core): equal to the eager step to 1e-5,
+    weights and state, for every (form, projection) pair, with weight decay, resamples
+    and a non-finite gradient."""
+    test_compiled_equals_eager_for_every_form_and_projection(True, how="option")
+
+
+def test_staged_step_with_a_new_lr_tensor_each_step():
+    """A 0-dim lr tensor replaced by a new one every step (handed to the compiled core as
+    a 1-element view, kept in a small memo): no recompilation, and equal to eager."""
+    runs = []
+    for compiled in (False, True):
+        params = _params()
+        cnt = CompileCounter()
+        opt = Flora(params, **dict(BASE, lr=torch.tensor(1e-2)), compile=cnt if compiled else False)
+        for t in range(STEPS):
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(1e-2 / (1 + t), dtype=torch.float64)
+            for p, g in zip(params, _grads(params, t)):
+                p.grad = g
+            opt.step()
+            if t == 0:
+                n = cnt.frame_count
+        if compiled:
+            assert cnt.frame_count == n
+            assert len(opt._lr_views) <= 64
+        runs.append((params, opt))
+    _assert_equal_runs(runs[1][0], runs[0][0], runs[1][1], runs[0][1])
 
 
 @pytest.mark.parametrize("kw", [dict(lr=None), dict(lr=None, warmup_init=True), dict(beta1=None),

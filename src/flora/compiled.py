@@ -8,11 +8,14 @@ equal to the eager step to 1e-5, nothing compiled after the first step).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
+from . import functional as F
 from .functional import grouped_core, single_core
+from .projection import matrix_shape
 
 # torch.compile options of Flora(compile=...): one graph per shape signature, no graph
 # break allowed inside (torchao's low-bit optimizers compile their per-parameter step the
@@ -21,16 +24,97 @@ COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
 _compiled: dict[tuple, Callable] = {}
 
 
-def compiled_core(grouped: bool, backend="inductor", options: dict | None = None) -> Callable:
+_PARTS = {True: grouped_core, False: single_core, "head": F.staged_head, "momentum": F.staged_momentum,
+          "apply": F.staged_apply}
+
+
+def compiled_core(grouped, backend="inductor", options: dict | None = None) -> Callable:
     """The core function compiled with ``backend`` (one compiled function per backend and
-    options; dynamo caches its graphs per shape signature)."""
+    options; dynamo caches its graphs per shape signature). ``grouped``: True
+    (grouped_core), False (single_core), or a stage of the staged CPU step ("head",
+    "momentum", "apply")."""
     key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
     fn = _compiled.get(key)
     if fn is None:
-        fn = torch.compile(grouped_core if grouped else single_core, backend=backend, options=options,
-                           **COMPILE_OPTIONS)
+        fn = torch.compile(_PARTS[grouped], backend=backend, options=options, **COMPILE_OPTIONS)
         _compiled[key] = fn
     return fn
 
 
-__all__ = ["compiled_core", "COMPILE_OPTIONS"]
+class Workspace:
+    """The two bucket-sized buffers of the staged CPU step (the normalised update and the
+    decompressed momentum), one pair per device and dtype, as large as the largest
+    bucket stepped so far; views of them are kept per bucket shape, so that a step makes
+    none. Not state: rebuilt empty after a deep copy, a pickle and ``load_state_dict``."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def nbytes(self) -> int:
+        return sum(u.numel() * u.element_size() * 2 for u, _ in self._flat.values())
+
+    def get(self, shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (shape, dtype, device)
+        hit = self._views.get(key)
+        if hit is not None:
+            return hit
+        n = math.prod(shape)
+        fkey = (dtype, device)
+        flat = self._flat.get(fkey)
+        if flat is None or flat[0].numel() < n:
+            flat = self._flat[fkey] = (torch.empty(n, dtype=dtype, device=device),
+                                       torch.empty(n, dtype=dtype, device=device))
+            self._views = {k: v for k, v in self._views.items() if (k[1], k[2]) != fkey}
+        hit = self._views[key] = (flat[0][:n].view(shape), flat[1][:n].view(shape))
+        return hit
+
+
+def staged_step(work, backend, options, workspace: Workspace, transposed: dict, lr_views: dict) -> None:
+    """A compiled step of a CPU bucket of compressed parameters (``functional.staged``):
+    three compiled stages (``functional.staged_head``, ``staged_momentum``,
+    ``staged_apply``) around the compress and decompress matmuls, which run eagerly,
+    the decompression into ``workspace``'s buffer (``out=``). Equal to the compiled
+    ``grouped_core`` to float rounding; the same operations dispatched (three kernels
+    and two matmuls a bucket), without two bucket-sized allocations per call."""
+    spec = work.spec
+    k = len(work.params)
+    n, m = matrix_shape(spec.shape)
+    dtype = work.moms[0].dtype
+    ws_u, ws_d = workspace.get((k, n, m), dtype, work.grads[0].device)
+    norm, ok, lr, bias = compiled_core("head", backend, options)(
+        spec, work.params, work.grads, work.steps, work.sq, lr_arg(work.lr, lr_views), work.skips, ws_u)
+    a = work.a
+    key = id(work.params[0])  # one entry per bucket, replaced when its projection is
+    hit = transposed.get(key)
+    if hit is None or hit[0] is not a:
+        hit = transposed[key] = (a, a.mT)
+    a_t = hit[1]
+    cu = torch.bmm(a, ws_u) if spec.dim == 0 else torch.bmm(ws_u, a_t)
+    x, coef = compiled_core("momentum", backend, options)(spec, work.moms, cu, a, norm, lr, ok, bias)
+    if spec.dim == 0:
+        torch.bmm(a_t, x, out=ws_d)
+    else:
+        torch.bmm(x, a, out=ws_d)
+    compiled_core("apply", backend, options)(spec, work.params, ws_u, ws_d, coef, ok, lr)
+
+
+def lr_arg(lr, views: dict):
+    """What a compiled core is handed for ``lr``: a 0-dim tensor as a 1-element view of
+    it (kept in ``views``, so that no step makes a new one), anything else as it is.
+
+    Dynamo takes a 0-dim float64 CPU tensor input for a Python float: its graph then
+    reads it with a guard, ``not math.isnan(lr.item())``, an ``aten::item`` on every call
+    (a sync, were it on a GPU). A 1-element vector is an ordinary tensor input; the core
+    turns it back into a 0-dim tensor inside the graph (``functional._lr_in``)."""
+    if not isinstance(lr, torch.Tensor) or lr.dim() != 0:
+        return lr
+    hit = views.get(id(lr))
+    if hit is None or hit[0] is not lr or hit[1].data_ptr() != lr.data_ptr():
+        if len(views) >= 64:  # a new lr tensor every step: keep the memo small
+            views.clear()
+        hit = views[id(lr)] = (lr, lr.view(1))
+    return hit[1]
+
+
+__all__ = ["compiled_core", "COMPILE_OPTIONS", "lr_arg", "staged_step", "Workspace"]

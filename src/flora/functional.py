@@ -50,7 +50,7 @@ import torch
 
 from . import adafactor as af
 from .kernels import adafactor as fk
-from .momentum import compressed_step_, dense_momentum_
+from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
 from .projection import matrix_shape, state_dtype, transfer
 
 # (group, indices, count, projected size, device, dtype) -> the projections of those
@@ -261,9 +261,19 @@ def _normalize(spec: Spec, grad: torch.Tensor, row: torch.Tensor, col: torch.Ten
 
 
 
+def _lr_in(lr):
+    """The lr a core was handed: a 1-element vector (what :func:`flora.compiled.lr_arg`
+    passes a compiled core for a 0-dim lr) back to 0-dim, inside the graph; anything else
+    as it is."""
+    if isinstance(lr, torch.Tensor) and lr.dim() == 1 and lr.shape[0] == 1:
+        return lr.reshape(())
+    return lr
+
+
 def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None) -> None:
     """One Flora step of parameter ``params[0]`` (gradient ``grads[0]``), its state given
     as tensors; see :class:`Work`."""
+    lr = _lr_in(lr)
     p = params[0]
     grad = grads[0]
     if grad.dtype in _HALF:
@@ -338,6 +348,7 @@ def _commit(targets: list[torch.Tensor], new: torch.Tensor, old: torch.Tensor, o
 def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None) -> None:
     """One Flora step of ``params`` (gradients ``grads``), which share shape, dtypes,
     device, options, state layout and counters: the single-tensor step on stacks."""
+    lr = _lr_in(lr)
     k = len(params)
     shape = spec.shape
     numel = math.prod(shape)
@@ -415,6 +426,104 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
         torch._foreach_copy_(params, p32)
 
 
+# ------------------------------------------------------------------ the staged CPU core
+#
+# Flora(compile=...) on a CPU steps a bucket of compressed parameters in three compiled
+# stages around the two projection matmuls, which run eagerly into buffers the optimizer
+# keeps (flora.compiled.staged_step): inside one graph, inductor writes the normalised
+# update and the decompressed momentum (two bucket-sized stacks) to buffers it allocates
+# on every call, and a CPU allocator maps any buffer above 32 MiB afresh each time, its
+# pages faulted in and zeroed by the kernel at every step (20 ms for 53 MB here, against
+# 1.5 ms to write a buffer already mapped). The stages compute what grouped_core does.
+
+
+def _vec(x):
+    """A 0-dim tensor as a 1-element vector (a stage's output that the next stage takes:
+    see ``flora.compiled.lr_arg`` for why not 0-dim); anything else as it is."""
+    return x.reshape(1) if isinstance(x, torch.Tensor) and x.dim() == 0 else x
+
+
+def staged_head(spec: Spec, params, grads, steps, sq, lr, skips, ws_u) -> tuple:
+    """Stage 1: the counters, the step size, Adafactor's factored normalisation and its
+    commit, the finite check; writes the (masked) normalised update into ``ws_u`` (the
+    k x n x m stack). Returns ``(norm, ok, lr, bias)``, the update's norms (0 where
+    skipped), the finite check, the step sizes and ``1 - beta1^t``."""
+    lr = _lr_in(lr)
+    k = len(params)
+    shape = spec.shape
+    g = torch.stack(grads)
+    if g.dtype in _HALF:
+        g = g.float()
+    p32 = [p.float() for p in params] if spec.half else params
+    t = _count_step(None, steps)
+    prms = None
+    if spec.scale_parameter:
+        prms = torch.stack([torch.linalg.vector_norm(p) for p in p32]).div_(math.sqrt(math.prod(shape)))
+    lr = af.step_size(lr, t, prms, eps2=spec.eps2, relative_step=spec.relative_step,
+                      warmup_init=spec.warmup_init, scale_parameter=spec.scale_parameter)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(g.device)
+    beta2t, bias = _scalars(spec, t, g.device)
+    row, col = torch.stack(sq[0]), torch.stack(sq[1])
+    update, new_row, new_col, norm = _normalize(spec, g, row, col, beta2t, stacked=True)
+    ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
+        torch.isfinite(new_col).reshape(k, -1).all(1)
+    _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
+    _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
+    ok_b = ok.reshape(k, *([1] * len(shape)))
+    ws_u.copy_(update.masked_fill(ok_b.logical_not(), 0.0).reshape(ws_u.shape))
+    skips.add_(ok.logical_not().sum())
+    return torch.where(ok, norm, 0.0), ok, _vec(lr), _vec(bias)
+
+
+def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
+    """Stage 2 (r-sized): the compressed momentum's coefficients from ``cu = C(u)`` and
+    the stage-1 outputs; updates and commits the momentum. Returns ``(x, coef)``: the
+    update is ``coef * u + D(x)`` (see ``compressed_apply_(split=True)``)."""
+    lr, bias = _lr_in(lr), _lr_in(bias)
+    k = len(moms)
+    c = torch.stack(moms)
+    c_before = c.clone()
+    sdt = _scalar_dtype(cu.device)
+    terms = compressed_terms(c, cu, a, spec.dim, isometric=spec.isometric, dtype=sdt)
+    n, m = matrix_shape(spec.shape)
+    xa, coef = compressed_apply_(spec.form, c, None, cu, a, spec.dim, spec.beta1, lr, spec.clip_threshold,
+                                 u_sq=norm.to(sdt).square(), terms=terms, numel=n * m, isometric=spec.isometric,
+                                 bias_correction=bias, ok=ok, split=True)
+    _commit(moms, c, c_before, ok.reshape(k, 1, 1))
+    return xa, coef
+
+
+def staged_apply(spec: Spec, params, ws_u, ws_d, coef, ok, lr) -> None:
+    """Stage 3: the parameters' update, ``coef * u + D(x)`` (``ws_u``, ``ws_d``), with
+    weight decay as grouped_core applies it."""
+    lr = _lr_in(lr)
+    k = len(params)
+    shape = spec.shape
+    p32 = [p.float() for p in params] if spec.half else params
+    update = ws_d if coef is None else ws_u * coef.reshape(k, 1, 1) + ws_d
+    update = update.view(k, *shape)
+    wd = spec.weight_decay
+    if wd != 0:
+        ok_b = ok.reshape(k, *([1] * len(shape)))
+        decay = torch.where(ok_b, torch.stack(p32), 0.0)
+        if isinstance(lr, torch.Tensor):
+            lr_b = lr if lr.dim() == 0 else lr.reshape(-1, *([1] * len(shape)))
+            update = update + decay * lr_b * wd
+        else:
+            torch._foreach_add_(p32, list(decay.unbind(0)), alpha=-wd * lr)
+    torch._foreach_sub_(p32, list(update.unbind(0)))
+    if spec.half:
+        torch._foreach_copy_(params, p32)
+
+
+def staged(work: Work) -> bool:
+    """Whether a compiled ``work`` steps in stages (flora.compiled.staged_step): a CPU
+    bucket of compressed parameters with a matrix projection."""
+    return (work.grouped and work.spec.momentum == "c" and work.spec.kernel is None and work.a is not None
+            and work.a.is_floating_point() and work.grads[0].device.type == "cpu")
+
+
 # ------------------------------------------------------------------ buckets
 
 # Flora(compile=...): buckets of at most this many parameters (None: no limit but
@@ -472,5 +581,5 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
             yield from even_split(members, min(per, max_count))
 
 
-__all__ = ["single_core", "grouped_core", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
+__all__ = ["single_core", "grouped_core", "staged_head", "staged_momentum", "staged_apply", "staged", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
            "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "even_split"]

@@ -201,14 +201,21 @@ def compressed_apply_(
     form: str, c: torch.Tensor, um: torch.Tensor, cu: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
     lr: float | torch.Tensor, clip: float, *, u_sq: torch.Tensor, terms: torch.Tensor, numel: int,
     isometric: bool, bias_correction: float | torch.Tensor = 1.0, ok: torch.Tensor | None = None,
+    split: bool = False,
 ) -> torch.Tensor:
     """The rest of :func:`compressed_step_` once ``|u|^2`` (``u_sq``) and
     :func:`compressed_terms` are known (summed over shards, for a sharded tensor whose
     ``um``, ``c`` and ``cu`` are the local rows): updates ``c`` and overwrites ``um`` with
     the update (and returns it: under torch.compile, a new tensor); ``numel``: the whole
-    tensor's."""
+    tensor's.
+
+    ``split=True`` (``um`` may then be None): ``um`` is left alone, and the update is
+    returned as its two parts, ``(x, coef)``, such that the update is
+    ``coef * u + D(x)`` (``coef`` None: ``D(x)`` alone, the paper's form): what
+    ``flora.compiled``'s staged CPU step decompresses into a buffer of its own."""
     sdt = u_sq.dtype
-    lr_t = lr.to(device=um.device, dtype=sdt) if isinstance(lr, torch.Tensor) else lr
+    like = cu if um is None else um
+    lr_t = lr.to(device=like.device, dtype=sdt) if isinstance(lr, torch.Tensor) else lr
     k = lr_t / (u_sq / numel).sqrt().div_(clip).clamp_(min=1.0)  # k u: Adafactor's clipped, lr-scaled update
     b = (1 - beta) * k  # weight of C(k u) in the new momentum
     t = terms.unbind(-1)
@@ -256,7 +263,12 @@ def compressed_apply_(
         s = torch.where(bound > 0, s, 0.0)
     if ok is not None:
         s = torch.where(ok, s, 0.0)
-    alpha = (s * coef_dc).to(um.dtype)
+    alpha = (s * coef_dc).to(like.dtype)
+    if split:
+        xa = x * _bcast(alpha)  # before c changes (x is c itself for "exact")
+        if form in ("exact", "subspace"):
+            c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
+        return xa, (None if coef_u is None else (s * coef_u).to(like.dtype))
     if coef_u is None:  # the paper's form: out = s D(c_new), nothing of u
         um.zero_()
         um = decompress_add_(um, x, a, dim, alpha=alpha)

@@ -24,7 +24,8 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
 from .state import prepare_state
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
-_RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors")
+_RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
+            "_transposed")
 
 
 def _install_prelude() -> None:
@@ -110,6 +111,12 @@ class Flora(Optimizer):
         self._device_steps = F.DeviceSteps()
         # (id(group), device) -> [device lr tensor, its float]: compile=True's float lr
         self._lr_tensors: dict[tuple, list] = {}
+        # id(0-dim lr tensor) -> (it, a 1-element view of it): what a compiled core is handed
+        self._lr_views: dict[int, tuple] = {}
+        # compile=True on a CPU: the staged step's buffers, and id(a bucket's first parameter) ->
+        # (its projection, the transpose)
+        self._workspace = C.Workspace()
+        self._transposed: dict[int, tuple] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_compile", None)
@@ -269,10 +276,13 @@ class Flora(Optimizer):
             # One graph per shape signature, a fixed number for a model (as torchao's optimizers).
             with disable_cache_limit():
                 for work in plan:
-                    if work.compiled:
+                    if work.compiled and F.staged(work):
+                        C.staged_step(work, self._compile, None, self._workspace, self._transposed,
+                                      self._lr_views)
+                    elif work.compiled:
                         C.compiled_core(work.grouped, self._compile)(
-                            work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a, work.lr,
-                            work.skips, None)
+                            work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a,
+                            C.lr_arg(work.lr, self._lr_views), work.skips, None)
                     else:
                         F.run(work, work.t)
             return
