@@ -445,8 +445,8 @@ def _vec(x):
 
 def staged_head(spec: Spec, params, grads, steps, sq, lr, skips, ws_u) -> tuple:
     """Stage 1: the counters, the step size, Adafactor's factored normalisation and its
-    commit, the finite check; writes the (masked) normalised update into ``ws_u`` (the
-    k x n x m stack). Returns ``(norm, ok, lr, bias)``, the update's norms (0 where
+    commit, the finite check; writes the normalised update into ``ws_u`` (the k x n x m
+    stack; not masked: a skipped parameter's may not be finite). Returns ``(norm, ok, lr, bias)``, the update's norms (0 where
     skipped), the finite check, the step sizes and ``1 - beta1^t``."""
     lr = _lr_in(lr)
     k = len(params)
@@ -465,13 +465,25 @@ def staged_head(spec: Spec, params, grads, steps, sq, lr, skips, ws_u) -> tuple:
         lr = lr.to(g.device)
     beta2t, bias = _scalars(spec, t, g.device)
     row, col = torch.stack(sq[0]), torch.stack(sq[1])
-    update, new_row, new_col, norm = _normalize(spec, g, row, col, beta2t, stacked=True)
+    # adafactor.factored_normalize(fused=True), written so that no bucket-sized
+    # intermediate is materialised: the squares feed two reductions (the column mean as a
+    # plain reduction, not the vector-matrix product that needs them in memory), and the
+    # update is stored once, into ws_u, unmasked (a skipped parameter's coefficients and
+    # update are masked in the later stages instead).
+    sq_ = torch.addcmul(g.new_full((), spec.eps1), g, g)
+    new_row = af.ema(row, sq_.mean(dim=-1), beta2t)
+    new_col = af.ema(col, sq_.mean(dim=-2), beta2t)
+    r_factor = (new_row / new_row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+    c_factor = new_col.unsqueeze(-2).rsqrt()
+    update = r_factor * c_factor * g
+    # |u| from g^2 and the squared factors rather than from u itself, so that u has one
+    # reader (the store into ws_u) and inductor does not materialise it as well
+    norm = ((g * g) * (r_factor.square() * c_factor.square())).reshape(k, -1).sum(1).sqrt()
     ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
         torch.isfinite(new_col).reshape(k, -1).all(1)
     _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
     _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
-    ok_b = ok.reshape(k, *([1] * len(shape)))
-    ws_u.copy_(update.masked_fill(ok_b.logical_not(), 0.0).reshape(ws_u.shape))
+    ws_u.copy_(update.reshape(ws_u.shape))
     skips.add_(ok.logical_not().sum())
     return torch.where(ok, norm, 0.0), ok, _vec(lr), _vec(bias)
 
@@ -491,7 +503,9 @@ def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
                                  u_sq=norm.to(sdt).square(), terms=terms, numel=n * m, isometric=spec.isometric,
                                  bias_correction=bias, ok=ok, split=True)
     _commit(moms, c, c_before, ok.reshape(k, 1, 1))
-    return xa, coef
+    # a skipped parameter's u (in ws_u, unmasked) may not be finite: its x and coef are 0
+    ok3 = ok.reshape(k, 1, 1)
+    return torch.where(ok3, xa, 0.0), (None if coef is None else torch.where(ok, coef, 0.0))
 
 
 def staged_apply(spec: Spec, params, ws_u, ws_d, coef, ok, lr) -> None:
@@ -502,10 +516,10 @@ def staged_apply(spec: Spec, params, ws_u, ws_d, coef, ok, lr) -> None:
     shape = spec.shape
     p32 = [p.float() for p in params] if spec.half else params
     update = ws_d if coef is None else ws_u * coef.reshape(k, 1, 1) + ws_d
-    update = update.view(k, *shape)
+    ok_b = ok.reshape(k, *([1] * len(shape)))
+    update = torch.where(ok_b, update.view(k, *shape), 0.0)  # ws_u of a skipped parameter: see staged_head
     wd = spec.weight_decay
     if wd != 0:
-        ok_b = ok.reshape(k, *([1] * len(shape)))
         decay = torch.where(ok_b, torch.stack(p32), 0.0)
         if isinstance(lr, torch.Tensor):
             lr_b = lr if lr.dim() == 0 else lr.reshape(-1, *([1] * len(shape)))
@@ -530,8 +544,11 @@ def staged(work: Work) -> bool:
 # BUCKET_NUMEL's), split evenly, so that a shape's buckets share one compiled graph and
 # each graph stays small: inductor's compile time grows with the parameters in a graph
 # (on this CPU about 10 s for 4 of 576 x 576, 14 s for 16, 36 s for 60), and a graph
-# takes every parameter, gradient and state tensor of its bucket as an input.
-COMPILED_BUCKET_MAX: int | None = 16
+# takes every parameter, gradient and state tensor of its bucket as an input. 30 rather
+# than 16: 8 compressed buckets on SmolLM2's shapes instead of 15, 43 operations per step
+# instead of 79 (issue 18's goal: at most 50), a step 1.92x HF Adafactor's instead of
+# 2.23x (with the staged CPU step), compile 74 s instead of 47 s here (docs/compile.md).
+COMPILED_BUCKET_MAX: int | None = 30
 
 
 def even_split(bucket: list, most: int | None) -> list[list]:
