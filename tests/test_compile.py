@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from flora import Flora
+from flora import functional as F
 
 from _configs import MOMENTUM_CONFIGS, assert_same_state
 
@@ -129,12 +130,14 @@ def test_user_compile_one_break_no_recompile(case, foreach):
         assert int(opt.nonfinite_skips) == 1
 
 
-def test_compile_option_compiles_once_per_signature():
+def test_compile_option_compiles_once_per_signature(monkeypatch):
     """Flora(compile=backend): one graph per shape signature of a bucket (here (12, 20) x 2,
     (20, 12), (20,), (6, 4, 5)), three for a bucket of compressed parameters on a CPU
-    (the staged step: flora.compiled.staged_step), none after the first step, across
+    when staged (flora.compiled.staged_step; here every such bucket, with
+    STAGED_MIN_BYTES 0), none after the first step, across
     resamples, a float lr that a scheduler changes every step (written into a device
     tensor), and a non-finite gradient; no graph break inside (fullgraph=True)."""
+    monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)
     params = _params()
     cnt = CompileCounter()
     opt = Flora(params, **BASE, compile=cnt)
@@ -199,18 +202,22 @@ def test_compiled_equals_eager_for_every_form_and_projection(foreach, how="user"
     assert int(got_opt.nonfinite_skips) == int(want_opt.nonfinite_skips) == 1
 
 
-def test_staged_cpu_step_equals_eager_for_every_form_and_projection():
+def test_staged_cpu_step_equals_eager_for_every_form_and_projection(monkeypatch):
     """Flora(compile=...) on a CPU steps a bucket of compressed parameters in three
     compiled stages around eager matmuls into buffers of its own (flora.compiled.
     staged_step; coordinates keep the one-graph core): equal to the eager step to 1e-5,
     weights and state, for every (form, projection) pair, with weight decay, resamples
-    and a non-finite gradient."""
+    and a non-finite gradient. (STAGED_MIN_BYTES 0: every such bucket is staged.)"""
+    monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)
     test_compiled_equals_eager_for_every_form_and_projection(True, how="option")
 
 
-def test_staged_step_with_a_new_lr_tensor_each_step():
+@pytest.mark.parametrize("staged_min", [0, None], ids=["staged", "one-graph"])
+def test_staged_step_with_a_new_lr_tensor_each_step(monkeypatch, staged_min):
     """A 0-dim lr tensor replaced by a new one every step (handed to the compiled core as
     a 1-element view, kept in a small memo): no recompilation, and equal to eager."""
+    if staged_min is not None:
+        monkeypatch.setattr(F, "STAGED_MIN_BYTES", staged_min)
     runs = []
     for compiled in (False, True):
         params = _params()
