@@ -18,7 +18,7 @@ HELP = "side-by-side training benchmark (the default)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="quick", choices=list(config.SIZES),
-                   help="quick (default, ~10 min on 2 CPU cores), full (every optimizer, 3-point lr sweep, "
+                   help="quick (default, ~8 min on 2 CPU cores), full (every optimizer, 3-point lr sweep, "
                         "larger models), smoke (seconds; for tests)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated subset of {','.join(config.TASKS)} (default: all; smoke: pretrain)")
