@@ -205,3 +205,45 @@ def test_dominance_lists_a_peer_with_less_state_and_lower_loss_than_the_default(
     assert dom[0]["diff"] == pytest.approx(-0.15) and dom[0]["seeds"] == 2
     md = score.markdown(chosen, score.gaps(chosen), [], {}, ["cnn"])
     assert "| cnn | flora-r32-scaled-orthonormal | adamw-8bit | 200 / 300 |" in md
+
+
+def _ext_rows(vals, kappa=space.KAPPA):
+    """Run-log rows: {(task, optimizer, lr, seed): val_loss (None: diverged)}."""
+    return [{"task": t, "optimizer": o, "lr": lr, "seed": s, "kappa": kappa, "val_loss": v,
+             "status": "ok" if v is not None else "diverged"} for (t, o, lr, s), v in vals.items()]
+
+
+def test_lr_extension_steps_beyond_an_edge_best_on_every_seed_up_to_the_cap():
+    grid = (1e-3, 2e-3, 4e-3)
+    jobs = [space.Job("cnn", o, lr, s) for o in ("up", "down", "inside", "tie", "nan-top") for lr in grid for s in (0, 1)]
+    vals = {}
+    for s in (0, 1):
+        for lr in grid:
+            vals["cnn", "up", lr, s] = 1.0 - lr * 10 + 0.01 * s  # best at the top
+            vals["cnn", "down", lr, s] = 1.0 + lr * 10  # best at the bottom
+            vals["cnn", "inside", lr, s] = abs(lr - 2e-3)
+            vals["cnn", "tie", lr, s] = 1.0 if lr < 4e-3 else 2.0  # 1e-3 and 2e-3 equal: flat
+            vals["cnn", "nan-top", lr, s] = None if lr == 4e-3 else 1.0 - lr * 10  # diverged top: interior
+    ext = space.extensions(jobs, _ext_rows(vals), cap=2)
+    got = sorted((j.optimizer, j.lr, j.seed) for j in ext)
+    assert got == [("down", 5e-4, 0), ("down", 5e-4, 1), ("up", 8e-3, 0), ("up", 8e-3, 1)], got
+    vals["cnn", "up", 8e-3, 0], vals["cnn", "up", 8e-3, 1] = 0.5, 0.6
+    vals["cnn", "up", 1.6e-2, 0] = vals["cnn", "up", 1.6e-2, 1] = 0.4
+    got = sorted((j.optimizer, j.lr) for j in space.extensions(jobs, _ext_rows(vals), cap=2))
+    assert ("up", 3.2e-2) not in got  # two beyond the grid already: capped
+    assert ("up", 3.2e-2) in {(j.optimizer, j.lr) for j in space.extensions(jobs, _ext_rows(vals), cap=3)}
+    assert space.extensions(jobs, _ext_rows(vals), cap=0) == []
+
+
+@pytest.mark.slow
+def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatch):
+    """--extend-lr end to end: lrs so small that the top is always best run 2 more, then stop."""
+    from flora.bench.__main__ import main
+
+    monkeypatch.setattr(data, "prepare", lambda f, **k: f)  # the digits and table are there; skip the LM data
+    out = tmp_path / "s"
+    assert main(["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1",
+                 "--lrs", "1e-6,2e-6", "--extend-lr", "2", "--scale", "0.04", "--workers", "1",
+                 "--data", str(folder), "--out", str(out), "--no-plots", "--device", "cpu"]) == 0
+    lrs = sorted(r["lr"] for r in runner.read_log(out / "runs.jsonl"))
+    assert lrs == pytest.approx([1e-6, 2e-6, 4e-6, 8e-6])

@@ -3,10 +3,12 @@ every rank, with Adafactor without (the floor) and with (the target) first momen
 six kinds of task, an lr grid and several seeds; Flora at the library's defaults
 (``kappa`` 1000 unless ``--kappas`` adds a sweep). Runs in parts (``--tasks``) and
 continues an interrupted sweep (``--resume``: jobs already in ``runs.jsonl`` are kept).
+``--extend-lr N`` runs further lrs, in rounds, while a best lr sits at an end of those tried.
 
     flora-bench suite --prepare-only                       # build the data folder
     flora-bench suite --device cuda --workers 12           # everything, 3 seeds
     flora-bench suite --tasks cnn,vit --seeds 1 --resume   # a part, screening
+    flora-bench suite --seeds 3 --extend-lr 2 --resume     # confirm, grids extended until interior
     flora-bench suite --report-only --out runs/suite       # score what ran
 """
 
@@ -30,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=space.SEEDS)
     p.add_argument("--kappas", default=str(space.KAPPA), help="Flora's kappa; the first is the primary setting")
     p.add_argument("--lrs", default=None, help="override every task's lr grid: comma-separated values")
+    p.add_argument("--extend-lr", type=int, default=0, metavar="N",
+                   help="while the best lr (mean validation loss over the seeds) of a (task, optimizer, kappa) is "
+                        "an end of the lrs tried, run the next one beyond it (x2 or /2), at most N beyond the grid; "
+                        "the report marks a chosen lr still at an edge")
     p.add_argument("--scale", type=float, default=1.0, help="scale steps and evaluation (smoke tests: 0.05)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
@@ -60,8 +66,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.lr_list = [float(x) for x in a.lrs.split(",")] if a.lrs else None
     except ValueError as e:
         p.error(f"--ranks, --kappas and --lrs take numbers: {e}")
-    if a.seeds < 1 or a.workers < 1 or a.scale <= 0:
-        p.error("--seeds and --workers must be at least 1, --scale above 0")
+    if a.seeds < 1 or a.workers < 1 or a.scale <= 0 or a.extend_lr < 0:
+        p.error("--seeds and --workers must be at least 1, --extend-lr at least 0, --scale above 0")
     a.optimizer_list = space.candidates(_list(p, "--forms", a.forms), a.rank_list, _list(p, "--baselines", a.baselines))
     from .. import optimizers
     from .peers import PEERS
@@ -116,8 +122,16 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         from tqdm.auto import tqdm
 
         (out / "meta.json").write_text(json.dumps(meta))
-        runner.run_all(jobs, a.task_list, log=log, folder=folder, device=device, workers=a.workers,
-                               scale=a.scale, progress=lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
+        planned = first = list(jobs)  # the cap counts lrs beyond the grids of the first plan
+        while jobs:  # the planned jobs, then each round of lr extensions (--extend-lr)
+            runner.run_all(jobs, a.task_list, log=log, folder=folder, device=device, workers=a.workers,
+                           scale=a.scale, progress=lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
+            seen = {j.key for j in planned}
+            jobs = [j for j in space.extensions(first, runner.read_log(log), a.extend_lr) if j.key not in seen]
+            planned = planned + jobs
+            if jobs:
+                core.say(f"suite: extending {len({(j.task, j.optimizer, j.kappa) for j in jobs})} lr grid(s): "
+                         + ", ".join(sorted({f"{j.task}:{j.optimizer}@{j.lr:g}" for j in jobs})))
         (out / "meta.json").write_text(json.dumps(meta))
     elif (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())

@@ -92,3 +92,45 @@ def staged_plan(tasks, seeds: int = SEEDS, forms=FORMS, ranks=RANKS, extra_ranks
     out += plan(tasks, PEERS, seed_list=rest) + plan(tasks, more_ranks, seed_list=rest)
     out += [j for k in extra_kappas for j in plan(tasks, kappa_forms, seed_list=rest, kappas=(k,))]
     return out
+
+
+def extensions(jobs: list[Job], rows: list[dict], cap: int) -> list[Job]:
+    """The lr-grid extension due after ``jobs`` ran (``rows``: the run log): for each
+    (task, optimizer, kappa) of ``jobs`` whose best lr -- lowest mean validation loss over
+    the planned seeds that ran it, a diverged run counting as infinite -- is the lowest
+    or highest of two or more tried, the next lr beyond it (the grid's step once more: x2
+    or /2 on the suite's grids), on every planned seed; at most ``cap`` lrs beyond the
+    planned grid per (task, optimizer, kappa). A tie with the inner neighbour is flat: no
+    extension."""
+    import math
+    import statistics
+
+    planned: dict[tuple, tuple[set, set]] = {}
+    for j in jobs:
+        lrs, seeds = planned.setdefault((j.task, j.optimizer, j.kappa), (set(), set()))
+        lrs.add(j.lr)
+        seeds.add(j.seed)
+    scores: dict[tuple, dict[float, list[float]]] = {}
+    for r in rows:
+        key = (r["task"], r["optimizer"], r["kappa"])
+        if key in planned and r["seed"] in planned[key][1] and r.get("status") in ("ok", "diverged"):
+            v = r.get("val_loss")
+            scores.setdefault(key, {}).setdefault(r["lr"], []).append(math.inf if v is None else v)
+    out = []
+    for key, by_lr in scores.items():
+        grid, seeds = planned[key]
+        if len(by_lr) < 2:
+            continue
+        mean = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
+        lrs = sorted(mean)
+        best = min(lrs, key=lambda lr: (mean[lr], lr))
+        if best not in (lrs[0], lrs[-1]):
+            continue
+        up = best == lrs[-1]
+        inner = lrs[-2] if up else lrs[1]
+        if mean[inner] == mean[best] or sum(not any(math.isclose(lr, g) for g in grid) for lr in lrs) >= cap:
+            continue
+        step = best / inner  # >1 going up, <1 going down
+        nxt = float(f"{best * step:.6g}")
+        out += [Job(key[0], key[1], nxt, seed, key[2]) for seed in sorted(seeds)]
+    return out
