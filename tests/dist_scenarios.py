@@ -490,6 +490,46 @@ def ddp_accumulator_sync_refused(rank, world):
     return out
 
 
+def ddp_accumulator_accelerate_short_cycle(rank, world):
+    """Normal mode under DDP driven by accelerate's gradient state (as accelerate's
+    accumulate() sets it; set here by hand): a short cycle that accelerate ends after 3 of
+    tau=4 micro-batches synchronises its third backward, and the guard lets it through;
+    then a full cycle. Equal to one process under the same gradient state."""
+    import contextlib
+
+    from accelerate.state import GradientState
+
+    gs = GradientState()
+    tau, ends = 4, {2, 6}  # accelerate syncs the 3rd micro-batch (end of data), then the 7th
+    batches = _batches(7, size=8)
+
+    def train(ddp: bool):
+        net = _net()
+        model = _ddp(net) if ddp else net
+        opt = Flora(model.parameters(), **OPTS, **({} if ddp else REF))
+        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+        try:
+            for i, (x, y) in enumerate(batches):
+                if ddp:
+                    n = x.shape[0] // world
+                    x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+                gs._set_sync_gradients(i in ends)
+                with model.no_sync() if ddp and i not in ends else contextlib.nullcontext():
+                    (_loss(model, x, y) / tau).backward()
+                if i in ends:
+                    opt.step()
+                    opt.zero_grad()
+            return net, acc.cycle
+        finally:
+            gs._set_sync_gradients(True)
+            acc.remove()
+
+    net, cycles = train(True)
+    ref, ref_cycles = train(False)
+    return {"cycles": (cycles, ref_cycles),
+            "diff": max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters()))}
+
+
 # ------------------------------------------------------------------ the accumulator under FSDP2
 
 

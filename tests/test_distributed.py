@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="ne
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient",
              "fsdp_shard1_refused", "accelerate_switch", "ddp_flora", "ddp_accumulator",
-             "ddp_accumulator_sync_refused", "fsdp_accumulator"]
+             "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "fsdp_accumulator"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -129,6 +129,14 @@ def test_ddp_compressed_accumulator_without_no_sync_is_refused_clearly(results):
         assert "this forward pass" in r["module"] and "Nothing of this forward pass ran" in r["ddp"]
         assert "this backward pass" in r["wrapped_after"]
         assert r["module_diff"] <= TOL and r["ddp_diff"] <= TOL
+
+
+def test_ddp_compressed_accumulator_lets_accelerate_end_a_short_cycle(results):
+    """The guard against an early synchronised micro-batch lets through the one where
+    accelerate ends a short cycle (end of data); both cycles equal one process."""
+    for r in check(results, "ddp_accumulator_accelerate_short_cycle"):
+        assert r["cycles"] == (2, 2)
+        assert r["diff"] <= TOL
 
 
 def test_fsdp2_compressed_accumulator_equals_one_process(results):
