@@ -125,6 +125,8 @@ def factored_normalize(
     col = ema(col, _col_mean(sq), beta2t)
     r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
     c_factor = col.unsqueeze(-2).rsqrt()
+    if torch.compiler.is_compiling():  # dynamo refuses an out= tensor that is not contiguous (channels_last)
+        return (r_factor * c_factor).mul_(grad), row, col
     return torch.mul(r_factor, c_factor, out=sq).mul_(grad), row, col
 
 
@@ -134,6 +136,8 @@ def unfactored_normalize(
     """Return ``(grad / sqrt(V), new_V)`` with the full second moment updated out of place."""
     sq = grad.square().add_(eps1)
     sq_avg = ema(sq_avg, sq, beta2t)
+    if torch.compiler.is_compiling():  # dynamo refuses an out= tensor that is not contiguous
+        return sq_avg.rsqrt().mul_(grad), sq_avg
     return torch.rsqrt(sq_avg, out=sq).mul_(grad), sq_avg
 
 
