@@ -105,6 +105,8 @@ def extensions(jobs: list[Job], rows: list[dict], cap: int) -> list[Job]:
     import math
     import statistics
 
+    from ..train import next_lr
+
     planned: dict[tuple, tuple[set, set]] = {}
     for j in jobs:
         lrs, seeds = planned.setdefault((j.task, j.optimizer, j.kappa), (set(), set()))
@@ -130,7 +132,6 @@ def extensions(jobs: list[Job], rows: list[dict], cap: int) -> list[Job]:
         inner = lrs[-2] if up else lrs[1]
         if mean[inner] == mean[best] or sum(not any(math.isclose(lr, g) for g in grid) for lr in lrs) >= cap:
             continue
-        step = best / inner  # >1 going up, <1 going down
-        nxt = float(f"{best * step:.6g}")
+        nxt = float(f"{next_lr(lrs, up):.6g}")  # the train bench's rule: the grid's step once more
         out += [Job(key[0], key[1], nxt, seed, key[2]) for seed in sorted(seeds)]
     return out
