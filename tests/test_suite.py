@@ -82,10 +82,10 @@ def test_an_edge_lr_is_flagged():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return data.prepare(tmp_path_factory.mktemp("suite-data"), only=("digits.pt", "tabular.pt"))
+    return data.prepare(tmp_path_factory.mktemp("suite-data"), only=("digits.pt", "tabular.pt", "bbc_bytes.pt"))
 
 
-@pytest.mark.parametrize("task", ["cnn", "vit", "tabular", "stream", "cnnstream", "tabstream"])
+@pytest.mark.parametrize("task", ["newslm", "cnn", "vit", "tabular", "stream", "cnnstream", "tabstream"])
 def test_a_tiny_run_learns_and_counts_its_state(folder, task):
     runner._init(str(folder), "cpu", 0.04, 1)
     w = runner._workload(task)

@@ -22,6 +22,7 @@ PEERS = ("adamw", "adam-mini", "apollo-mini", "adamw-8bit", "adamw-8bit-bnb")
 # Adam-family lrs, low to high (factor 2), per task.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "bytelm": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
+    "newslm": (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3),
     "tokenlm": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
     "finetune": (3.1e-5, 6.25e-5, 1.25e-4, 2.5e-4, 5e-4),
     "classify": (1.5e-5, 3.1e-5, 6.25e-5, 1.25e-4, 2.5e-4),

@@ -17,6 +17,7 @@ KAPPA = 1000  # the library's default: the primary setting
 # lr grids (Adafactor's and Flora's lr, scale_parameter=False), low to high, factor 2.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "bytelm": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    "newslm": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3),
     "tokenlm": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
     "finetune": (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3),
     "classify": (6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3),
