@@ -270,7 +270,7 @@ def test_path_equals_single_tensor_reference(case, path):
 COMPILED_CASES = dict(
     [_case(lay, "fp32", c) for lay in LAYOUTS if not lay.startswith("empty")
      for c in ("scaled-orthonormal", "exact-coordinates")]
-    + [_case(lay, dt, "scaled-orthonormal") for dt in ("bf16", "fp16") for lay in ("contiguous", "channels_last")]
+    + [_case(lay, dt, "scaled-orthonormal") for dt in ("bf16", "fp16", "fp64") for lay in ("contiguous", "channels_last")]
     + [_case("channels_last", "fp32", c) for c in ("paper-gaussian", "subspace-orthonormal", "no-momentum")]
 )
 
@@ -289,17 +289,32 @@ def test_compiled_path_equals_single_tensor_reference(case, path, monkeypatch):
     _compare(ref, got, f"Flora(compile=True), {path}, against foreach=False")
 
 
-def test_compiled_path_refuses_float64_before_any_change():
-    """float64 under Flora(compile=True) is refused (a known defect: in this table its 1-D
-    parameter was skipped as non-finite at every step), naming the parameter, with the
-    parameters and state untouched."""
-    params = _params("contiguous", torch.float64)
-    opt = Flora(params, foreach=True, compile=True, **{**BASE, **CONFIGS["scaled-orthonormal"]})
-    before = [p.detach().clone() for p in params]
-    sum((p * g).sum() for p, g in zip(params, _grads(params, 0, None))).backward()
-    with pytest.raises(TypeError, match=r"does not support float64 parameters yet \(param group 0, parameter 0"):
-        opt.step()
-    assert all(torch.equal(a, p) for a, p in zip(before, params)) and not opt.state
+@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
+def test_compiled_float64_steps_as_eager(foreach):
+    """Issue 18: Flora(compile=...) on float64 CPU parameters, the table's float64 case (a
+    1-D parameter beside a bucket of two compressed matrices) and a 0-dim parameter. The
+    device step counters were 0-dim float64 CPU tensors, which dynamo gives a symbolic
+    ``.item()``; AOTAutograd's scalar pass specialised it and restarted the trace, and the
+    restarted trace dropped ``steps[0].add_(1)`` (an in-place op whose result is unused)
+    from the graph of every bucket of one: the count stayed 0, ``beta2_t = 1 - 0^-0.8``
+    was -inf and the parameter was skipped as non-finite at every step (a 0-dim float64
+    parameter lost its own in-place updates the same way). aot_eager runs the AOTAutograd
+    passes that inductor runs, without its code generation (the table's compiled rows run
+    float64 through inductor). Equal to the eager step, no skip, every counter advanced."""
+    runs = []
+    for compile in (False, "aot_eager"):
+        params = _params("contiguous", torch.float64) + [nn.Parameter(torch.tensor(0.03, dtype=torch.float64))]
+        initial = [p.detach().clone() for p in params]
+        opt = Flora(params, foreach=foreach, compile=compile, **{**BASE, **CONFIGS["scaled-orthonormal"]})
+        for step in range(STEPS):
+            sum((p * g).sum() for p, g in zip(params, _grads(params, step, None))).backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((initial, params, opt, None))
+    opt = runs[1][2]
+    assert int(opt.nonfinite_skips) == 0
+    assert [float(opt._device_steps.get(p)) for p in runs[1][1]] == [STEPS] * 4
+    _compare(runs[0], runs[1], f"Flora(compile='aot_eager', foreach={foreach}), float64, against eager")
 
 
 LAYOUT_CASES = {k: v for k, v in CASES.items() if v[0] != "contiguous" and v[3] is None}

@@ -26,7 +26,7 @@ The two cores:
   float rounding (tested).
 
 Step counters are kept twice: ``state["step"]``, a plain integer (what checkpoints hold
-and the host's bookkeeping reads), and a 0-dim tensor per parameter on its device
+and the host's bookkeeping reads), and a 1-element tensor per parameter on its device
 (:class:`DeviceSteps`, as torch's capturable optimizers keep theirs). Eagerly, the
 step-dependent scalars (the relative step size, ``beta2_t = 1 - t^decay``, the bias
 correction ``1 - beta1^t``) are computed on the host from the integer, exactly as HF
@@ -104,7 +104,7 @@ class Work(NamedTuple):
 
 
 class DeviceSteps:
-    """The step counters on the device: one 0-dim tensor per parameter (in its state
+    """The step counters on the device: one 1-element tensor per parameter (in its state
     dtype, exact up to 2**24 steps in float32, as torch's own counters), beside
     ``state["step"]``, the plain integer that checkpoints hold and the host's bookkeeping
     reads (buckets, when to resample, eager scalars). A compiled core reads the tensor,
@@ -112,7 +112,17 @@ class DeviceSteps:
     serves every step (CUDA graphs need that). Never read back: a counter that no longer
     holds its parameter's ``state["step"]`` (a loaded or edited state) is rewritten from
     the integer (a fill, no sync). Not state: rebuilt after a deep copy, a pickle and
-    ``load_state_dict``, like the projection cache."""
+    ``load_state_dict``, like the projection cache.
+
+    1-element, not 0-dim (issue 18): dynamo gives a 0-dim float64 CPU input a symbolic
+    ``.item()`` value; AOTAutograd's scalar pass then specialises it and restarts the
+    trace, and the restarted trace drops every in-place op on that input whose result is
+    unused (torch 2.13: ``OutputGraph.remove_tensorify_specialized_graphargs`` removes a
+    node whose value carries the input's ``item_memo`` and that has no users; ``all()`` of
+    no users is true). The counter's ``add_(1)`` vanished from the compiled graph of every
+    float64 CPU bucket of one (larger buckets use ``_foreach_add_``): its count stayed 0,
+    ``beta2_t = 1 - 0^-0.8`` was -inf and every step was skipped as non-finite. A 1-element tensor is an ordinary input; a
+    compiled core reads the count as a 0-dim view of it (:func:`_count_step`)."""
 
     def __init__(self) -> None:
         # id(param) -> (param, counter tensor, the count it holds once the pending step ran)
@@ -135,7 +145,7 @@ class DeviceSteps:
                 if hit[2] != n:
                     c.fill_(float(n))
             else:
-                c = torch.full((), float(n), dtype=dtype, device=p.device)
+                c = torch.full((1,), float(n), dtype=dtype, device=p.device)
             self._d[id(p)] = (p, c, n + 1)
             out.append(c)
         return out
@@ -209,8 +219,20 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         sq = ([st["exp_avg_sq_row"] for st in states], [st["exp_avg_sq_col"] for st in states])
     else:
         sq = ([st["exp_avg_sq"] for st in states],)
-    return Work(grouped, spec, list(params), [p.grad for p in params], steps, sq, moms,
+    params, grads = list(params), [p.grad for p in params]
+    if spec.shape == ():
+        # 0-dim parameters step as 1-element views (the same arithmetic): a 0-dim float64
+        # CPU tensor is no safe input of a compiled graph (see DeviceSteps), and neither
+        # Flora(compile=...) nor torch.compile(opt.step) must be handed one.
+        params, grads, sq = _as_vectors(params), _as_vectors(grads), (_as_vectors(sq[0]),)
+        moms = None if moms is None else _as_vectors(moms)
+        spec = spec._replace(shape=(1,))
+    return Work(grouped, spec, params, grads, steps, sq, moms,
                 a, group["lr"] if lr is None else lr, skips, t, compiled)
+
+
+def _as_vectors(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x.view(1) for x in ts]
 
 
 def run(work: Work, t: int | None) -> None:
@@ -234,14 +256,14 @@ def _scalars(spec: Spec, t, device) -> tuple[Any, Any]:
 
 def _count_step(t, steps: list[torch.Tensor]):
     """Advance the device counters; returns the count the scalars are computed from:
-    the host's ``t`` when given, else the counter itself (in the scalar dtype)."""
+    the host's ``t`` when given, else the counter itself (0-dim, in the scalar dtype)."""
     if len(steps) == 1:
         steps[0].add_(1)
     else:
         torch._foreach_add_(steps, 1)
     if t is not None:
         return t
-    return steps[0].to(af.scalar_dtype(steps[0].device))
+    return steps[0].reshape(()).to(af.scalar_dtype(steps[0].device))
 
 
 # ------------------------------------------------------------------ the cores

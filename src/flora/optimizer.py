@@ -37,20 +37,6 @@ def _install_prelude() -> None:
         Flora._prelude = torch.compiler.disable(Flora._prelude_eager)
 
 
-
-def _refuse_float64(param_groups) -> None:
-    """Flora(compile=...) refuses float64 parameters: in tests/test_paths.py's table a
-    float64 step through the compiled cores skipped a 1-D parameter as non-finite at every
-    step (beside a bucket of compressed float64 matrices), a defect not yet found. Refused
-    before anything changes."""
-    for g, group in enumerate(param_groups):
-        for i, p in enumerate(group["params"]):
-            if p.grad is not None and p.dtype == torch.float64:
-                raise TypeError(f"Flora(compile=...) does not support float64 parameters yet (param group {g}, "
-                                f"parameter {i}, shape {tuple(p.shape)}): a known defect skips some of their steps "
-                                "under torch.compile. Use compile=False (the eager step supports float64), or "
-                                "float32/bfloat16/float16 parameters")
-
 class Flora(Optimizer):
     """Adafactor with Flora's compressed, resampled first moment (full text below the class)."""
 
@@ -227,8 +213,6 @@ class Flora(Optimizer):
         plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
         compiled = self._compile is not None
-        if compiled:
-            _refuse_float64(self.param_groups)
         for group in self.param_groups:
             entries = []
             for p in group["params"]:
@@ -474,7 +458,7 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             without triton or CUDA it warns once and steps eagerly.
 
     Step counters: ``state["step"]`` is a plain integer (checkpoints hold numbers; a
-    checkpoint whose counters are tensors, torch's convention, loads too), and a 0-dim
+    checkpoint whose counters are tensors, torch's convention, loads too), and a 1-element
     tensor per parameter on its device mirrors it for compiled steps, as torch's
     capturable optimizers keep theirs (not state: rebuilt from the integer on demand).
 
