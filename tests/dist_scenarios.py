@@ -110,6 +110,8 @@ FSDP_CASES = {
     "auto": (dict(), 1),  # under FSDP2, "auto" projects the unsharded dimension
     "no_momentum": (dict(beta1=None), "auto"),
     "relative_step": (dict(lr=None, relative_step=True), 1),
+    # c (5, 4, 3): factored per index of dim 0 (local) rather than over dims (0, 1) (summed)
+    "factor_last": (dict(factor_dims="last"), 1),
 }
 
 
@@ -139,11 +141,15 @@ def fsdp_equals_one_process(rank, world):
 
 class Params(nn.Module):
     """Parameters only, never called: their gradients are given. Shapes that FSDP2 shards
-    unevenly (11 rows: 6 + 5) and emptily (1 row: 1 + 0), a 3-D one and a 4-D one
+    unevenly (11 rows: 6 + 5) and emptily (1 row: 1 + 0), a 3-D one and 4-D ones
     (channels_last in the one-process reference), and a 1-D one. The names say which
-    dimension each one's momentum projects away (param groups of proj_dim 0 and 1)."""
+    dimension each one's momentum projects away (param groups of proj_dim 0 and 1).
+    Under the default factor_dims="largest", c0 and k1 are factored over dims (0, 1) (the
+    sharded rows are factored: sums over the shards, 5 rows uneven), k0 over (1, 3) (a
+    permuted view whose leading dim is the sharded one: local)."""
 
-    SHAPES = {"w0": (11, 12), "c0": (5, 4, 3), "w1": (11, 12), "e1": (1, 12), "k1": (6, 4, 3, 3), "b1": (11,)}
+    SHAPES = {"w0": (11, 12), "c0": (5, 4, 3), "k0": (2, 6, 3, 5), "w1": (11, 12), "e1": (1, 12),
+              "k1": (6, 4, 3, 3), "b1": (11,)}
 
     def __init__(self, dtype, channels_last=False):
         super().__init__()
@@ -170,12 +176,13 @@ def _given_grads(step: int, dtype):
 
 
 def _rows(t, full):
-    """This rank's rows of ``full``, for a DTensor ``t`` (a parameter or a state tensor)
-    sharded by rows, or all of it where ``t`` is whole on every rank."""
-    from flora.sharded import layout
+    """This rank's part of ``full``, for a DTensor ``t`` (a parameter, sharded by rows, or
+    a state tensor, sharded where the parameter's rows are: dim 0, or the last dim of a
+    row factor whose rows are factored), or all of it where ``t`` is whole on every rank."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    lay = layout(t)
-    return full if lay.group is None else full[lay.offset:lay.offset + lay.rows]
+    local, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, local))]
 
 
 def _as_dtensor_like(p, full):

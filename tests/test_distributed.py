@@ -31,8 +31,9 @@ def test_fsdp2_equals_one_process(results, case):
     """Training end to end (FSDP2's backward and reduce-scatter): every rank's full
     parameters after 5 steps equal one process's single-tensor step (foreach=False; the
     reference uses the proj_dim the sharded run used): uneven (6 + 5 rows) and empty
-    (1 + 0) shards, a 3-D parameter, 1-D ones; rank=None, proj_dim 0 and 1, "auto", no
-    momentum, relative step."""
+    (1 + 0) shards, a 3-D parameter (factored over its sharded dim 0 and dim 1 by
+    default, per index of dim 0 with factor_dims="last"), 1-D ones; rank=None, proj_dim 0
+    and 1, "auto", no momentum, relative step."""
     for r in check(results, "fsdp_equals_one_process"):
         assert r[case]["diff"] <= TOL, (case, r[case]["diff"])
 
@@ -44,7 +45,9 @@ def test_fsdp2_form_and_projection_equals_single_tensor_reference(results, case)
     movement (plus two units in the last place for bf16, which rounds every step), with
     the same state (float32); each case projects the sharded rows away in one param
     group (A_local u_local summed) and the unsharded columns in the other (the terms
-    summed); shards uneven and empty, 2-D, 3-D and 4-D (channels_last in the reference)."""
+    summed); shards uneven and empty, 2-D, 3-D and 4-D (channels_last in the reference),
+    factored over the sharded rows and another dim (summed over the shards) or over two
+    other dims (a permuted view, local)."""
     dtype = S.FORM_CASES[case][0]
     for r in check(results, "fsdp_forms_equal_single_tensor"):
         assert r["counts"] == [{"c10d.allreduce_": 2}]  # every case, one step: two all-reduces
@@ -84,7 +87,11 @@ def test_fsdp2_state_is_sharded_where_the_rows_are(results):
     assert w["exp_avg_sq_row"] == ("DTensor", "(Shard(dim=0),)")
     assert w["exp_avg_sq_col"] == ("DTensor", "(Replicate(),)")  # a sum over every shard's rows
     assert auto["a.bias"]["exp_avg"] == ("DTensor", "(Shard(dim=0),)")
-    c = auto["c"]  # 3-D: factored per index of dim 0, so both factors follow the rows
+    c = auto["c"]  # (5, 4, 3), factor_dims="largest": over dims (0, 1), the view (3, 5, 4)
+    assert c["exp_avg_sq_row"] == ("DTensor", "(Shard(dim=1),)")  # (3, 5): the rows are its last dim
+    assert c["exp_avg_sq_col"] == ("DTensor", "(Replicate(),)")  # (3, 4): a sum over every shard's rows
+    c = r["factor_last"]["state"]["c"]  # factor_dims="last": per index of dim 0, both factors follow the rows
+    assert c["exp_avg_sq_row"] == ("DTensor", "(Shard(dim=0),)")
     assert c["exp_avg_sq_col"] == ("DTensor", "(Shard(dim=0),)")
     dim0 = r["proj_dim0"]["state"]["a.weight"]
     assert dim0["proj_dim"] == 0 and dim0["exp_avg_c"] == ("DTensor", "(Replicate(),)")

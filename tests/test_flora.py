@@ -177,6 +177,41 @@ def test_state_bytes_match_formula(beta1, rank):
     assert state_bytes(opt) == flora_state_bytes(shapes, rank=rank, beta1=beta1)
 
 
+# (shape, second-moment numbers under "largest", under "last")
+CONV_SHAPES = [
+    ((64, 32, 3, 3), 9 * (64 + 32), 2 * 64 * 32 * 3),
+    ((24, 12, 1, 1), 24 + 12, 24 * 12 + 24 * 12),
+    ((40, 6, 5), 5 * (40 + 6), 40 * 6 + 40 * 5),
+    ((3, 8, 9), 3 * (8 + 9), 3 * (8 + 9)),
+    ((8, 3, 3), 3 * (8 + 3), 8 * 3 + 8 * 3),  # a tie: dims 0 and 2
+    ((16, 12), 16 + 12, 16 + 12),
+    ((7,), 7, 7),
+]
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+@pytest.mark.parametrize("factor_dims", ["largest", "last"])
+def test_state_bytes_match_formula_for_conv_shapes(factor_dims, beta1):
+    """flora_state_bytes follows factor_dims, checked against the bytes of the tensors
+    Flora allocates (and, for the second moment, against the counts worked out by hand)."""
+    torch.manual_seed(0)
+    shapes = [s for s, _, _ in CONV_SHAPES]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = Flora(params, lr=1e-3, rank=4, beta1=beta1, factor_dims=factor_dims)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert state_bytes(opt) == flora_state_bytes(shapes, rank=4, beta1=beta1, factor_dims=factor_dims)
+    second = sum(a if factor_dims == "largest" else b for _, a, b in CONV_SHAPES)
+    assert flora_state_bytes(shapes, rank=4, beta1=None, factor_dims=factor_dims) == 4 * second
+    for (shape, a, b), p in zip(CONV_SHAPES, params):
+        st = opt.state[p]
+        held = sum(st[k].numel() for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq") if k in st)
+        assert held == (a if factor_dims == "largest" else b), shape
+    if factor_dims == "largest":  # the default
+        assert flora_state_bytes(shapes, rank=4, beta1=beta1) == state_bytes(opt)
+
+
 @pytest.mark.parametrize("form,projection", MOMENTUM_CONFIGS, ids=MOMENTUM_IDS)
 def test_state_bytes_match_formula_for_every_form(form, projection):
     model = _model()

@@ -21,7 +21,9 @@ against the same values laid out contiguously.
 The table is a covering design, not a full product: every layout by every form and
 projection on float32; every dtype by a few layouts and forms; every rank case (below, at
 and above the dims) by a few layouts and forms; a non-finite gradient on both
-``foreach`` settings.
+``foreach`` settings. Tensors of 3+ dims run under both ``factor_dims`` rules: the
+default ``"largest"`` (every layout: for most of them a permuted view of the gradient)
+and ``"last"`` (a few forms on each).
 """
 
 from __future__ import annotations
@@ -63,7 +65,16 @@ LAYOUTS = {
     "channels_last_3d": ((8, 6, 2, 3, 3), _cl3),
     "empty": ((0, 6), lambda t: t),
     "empty-3d": ((4, 0, 3), lambda t: t),
+    # factor_dims="largest" factors these over dims (0, 1) (a 1x1 kernel's trailing 1s
+    # lead the view), over (0, 1) again (the first dim is the largest), and over the last
+    # two (no permutation: the same arithmetic as "last")
+    "conv1x1": ((24, 12, 1, 1), lambda t: t),
+    "conv1x1-channels_last": ((24, 12, 1, 1), _cl),
+    "first-largest-3d": ((40, 6, 5), lambda t: t),
+    "last-largest-3d": ((5, 8, 9), lambda t: t),
 }
+# layouts of 3+ dims, which also run with factor_dims="last"
+MULTI_DIM = [lay for lay, (shape, view) in LAYOUTS.items() if len(shape) >= 3]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -99,12 +110,15 @@ RANKS = {
 PATHS = ["grouped", "step_parameter", "fused"]
 
 
-def _case(layout, dtype, config, rank=None, bad=None):
+def _case(layout, dtype, config, rank=None, bad=None, factor=None):
     kw = dict(CONFIGS[config])
     if rank is not None:
         shape = LAYOUTS[layout][1](torch.empty(LAYOUTS[layout][0])).shape
         kw.update(RANKS[rank](*_min_max(shape)))
-    name = "-".join(x for x in (layout, dtype, config, rank, bad and f"{bad}-grad") if x)
+    if factor is not None:
+        kw["factor_dims"] = factor
+    name = "-".join(x for x in (layout, dtype, config, rank, bad and f"{bad}-grad", factor and f"factor_{factor}")
+                    if x)
     return name, (layout, dtype, tuple(sorted(kw.items(), key=lambda kv: kv[0])), bad)
 
 
@@ -112,14 +126,20 @@ CASES = dict(
     # every layout by every form and projection (and the dense and option paths), float32
     [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS]
     # every dtype by a few layouts and forms
-    + [_case(lay, dt, c) for dt in ("bf16", "fp16", "fp64") for lay in ("contiguous", "transposed", "channels_last")
+    + [_case(lay, dt, c) for dt in ("bf16", "fp16", "fp64")
+       for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
        for c in ("paper-gaussian", "exact-orthonormal", "subspace-coordinates", "scaled-orthonormal",
                  "dense-momentum", "no-momentum")]
+    # HF's and torch's rule (the last two dims) on every layout of 3+ dims, and half precision
+    + [_case(lay, "fp32", c, factor="last") for lay in MULTI_DIM
+       for c in ("scaled-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum",
+                 "scale_parameter+weight_decay")]
+    + [_case(lay, "bf16", "scaled-orthonormal", factor="last") for lay in ("channels_last", "first-largest-3d")]
     # ranks below, at and above the dims
     + [_case(lay, "fp32", c, rank=r) for r in RANKS for lay in ("contiguous", "transposed", "channels_last_3d")
        for c in ("scaled-orthonormal", "paper-gaussian", "exact-coordinates")]
     # a non-finite gradient in one parameter of a bucket: skipped alike on every path
-    + [_case(lay, "fp32", c, bad=b) for lay in ("contiguous", "channels_last")
+    + [_case(lay, "fp32", c, bad=b) for lay in ("contiguous", "channels_last", "first-largest-3d")
        for c in ("scaled-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum") for b in ("nan", "inf")]
 )
 
@@ -171,8 +191,8 @@ def _run(path, layout, dtype, kw, bad=None, *, contiguous=False, history=False):
     params = _params(layout, dtype, contiguous)
     initial = [p.detach().clone() for p in params]
     foreach = {"single": False, "grouped": True, "step_parameter": True, "fused": None, "compiled": True,
-               "staged": True}[path]
-    compiled = {"compile": True} if path in ("compiled", "staged") else {}
+               "staged": True, "compiled_single": False}[path]
+    compiled = {"compile": True} if path in ("compiled", "staged", "compiled_single") else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Flora: a rank is set but no tensor")
         opt = Flora(params, foreach=foreach, **{**BASE, **kw}, **compiled)
@@ -182,7 +202,7 @@ def _run(path, layout, dtype, kw, bad=None, *, contiguous=False, history=False):
         for step in range(STEPS):
             grads = _grads(params, step, bad)
             sum((p * g).sum() for p, g in zip(params, grads)).backward()  # .grad == g, in p's layout
-            if path in ("single", "grouped", "compiled", "staged"):
+            if path in ("single", "grouped", "compiled", "staged", "compiled_single"):
                 opt.step()
             elif path == "step_parameter":
                 for p in reversed(params):
@@ -268,8 +288,12 @@ def test_path_equals_single_tensor_reference(case, path):
 # so a covering subset: every layout on float32 in two forms, and the other dtypes on two
 # layouts.
 COMPILED_CASES = dict(
-    [_case(lay, "fp32", c) for lay in LAYOUTS if not lay.startswith("empty")
+    [_case(lay, "fp32", c) for lay in LAYOUTS if not lay.startswith(("empty", "conv1x1", "first-", "last-"))
      for c in ("scaled-orthonormal", "exact-coordinates")]
+    # factored over the largest dims (the default; permuted views on the 3+-D layouts above
+    # too) and over the last two
+    + [_case("first-largest-3d", "fp32", "scaled-orthonormal"),
+       _case("channels_last", "fp32", "scaled-orthonormal", factor="last")]
     + [_case(lay, dt, "scaled-orthonormal") for dt in ("bf16", "fp16", "fp64") for lay in ("contiguous", "channels_last")]
     + [_case("channels_last", "fp32", c) for c in ("paper-gaussian", "subspace-orthonormal", "no-momentum")]
 )
@@ -287,6 +311,18 @@ def test_compiled_path_equals_single_tensor_reference(case, path, monkeypatch):
     ref = _reference(layout, dtype, kw, bad)
     got = _run(path, layout, DTYPES[dtype], dict(kw), bad)
     _compare(ref, got, f"Flora(compile=True), {path}, against foreach=False")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factor", ["largest", "last"])
+def test_compiled_single_tensor_core_on_a_conv_kernel(factor):
+    """Flora(compile=True, foreach=False): the compiled single-tensor core (the table's
+    compiled rows step on the grouped path) on a channels_last conv kernel, factored over
+    its two largest dims (a permuted view) and over its last two."""
+    case = _case("channels_last", "fp32", "scaled-orthonormal", factor=None if factor == "largest" else factor)[1]
+    layout, dtype, kw, bad = case
+    _compare(_reference(layout, dtype, kw, bad), _run("compiled_single", layout, DTYPES[dtype], dict(kw), bad),
+             f"Flora(compile=True, foreach=False), factor_dims={factor!r}, against foreach=False")
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
@@ -340,7 +376,7 @@ SKIP_CONFIGS = ["scaled-orthonormal", "paper-gaussian", "dense-momentum", "no-mo
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 @pytest.mark.parametrize("config", SKIP_CONFIGS)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "first-largest-3d"])
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
 def test_nonfinite_gradient_is_skipped(foreach, layout, config, bad):
     """A non-finite gradient in one parameter of a bucket leaves that parameter and its

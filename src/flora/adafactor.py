@@ -11,6 +11,68 @@ import math
 import torch
 
 
+# ------------------------------------------------------------------ which dims are factored
+
+# Flora's factor_dims option: "largest" (the default) factors the second moment of a tensor
+# of 2+ dims over its two largest dims (optax's rule); "last" over its last two, one
+# (row, col) pair per index of the leading dims (HF's and torch's Adafactor).
+FACTOR_DIMS = ("largest", "last")
+
+
+def factored_dims(shape, rule: str = "largest") -> tuple[int, int] | None:
+    """The two dims of a tensor of ``shape`` over which Adafactor's second moment is
+    factored, in their original order, or None for fewer than 2 dims (a full second
+    moment). ``rule``: ``"last"``, the last two (HF's and torch's Adafactor: a (64, 32, 3, 3)
+    kernel keeps 2 x 64 x 32 x 3 numbers); ``"largest"``, the two largest, ties going to the
+    later dims (optax's rule: 9 x (64 + 32) numbers for that kernel). The two rules agree
+    on every 2-D tensor and whenever the last two dims are the largest.
+
+    Every path views the gradient with these dims moved last (:func:`to_factored`), runs
+    the last-two-dims arithmetic on that view and moves the result back: the row statistic
+    has the view's shape but its last dim, the column statistic all but its second last."""
+    n = len(shape)
+    if n < 2:
+        return None
+    if rule == "last":
+        return n - 2, n - 1
+    if rule != "largest":
+        raise ValueError(f"factor_dims must be one of {', '.join(map(repr, FACTOR_DIMS))}; got {rule!r}")
+    by_size = sorted(range(n), key=lambda i: shape[i])  # stable: of equal sizes the later dim ranks higher
+    i, j = sorted(by_size[-2:])
+    return i, j
+
+
+def factor_move(shape, rule: str) -> tuple[int, int] | None:
+    """The factored dims of ``shape`` when they are not already its last two (the view is
+    then a permutation), else None (every path then runs exactly as without the option)."""
+    dims = factored_dims(shape, rule)
+    return None if dims is None or dims == (len(shape) - 2, len(shape) - 1) else dims
+
+
+def to_factored(t: torch.Tensor, move: tuple[int, int] | None, lead: int = 0) -> torch.Tensor:
+    """``t`` (a tensor of the parameter's shape, after ``lead`` stacking dims) viewed with
+    the factored dims ``move`` (:func:`factor_move`) last; ``t`` itself when None."""
+    if move is None:
+        return t
+    return t.movedim((move[0] + lead, move[1] + lead), (-2, -1))
+
+
+def from_factored(t: torch.Tensor, move: tuple[int, int] | None, lead: int = 0) -> torch.Tensor:
+    """The inverse of :func:`to_factored`: a view in the parameter's dim order."""
+    if move is None:
+        return t
+    return t.movedim((-2, -1), (move[0] + lead, move[1] + lead))
+
+
+def factored_shapes(shape, rule: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of the row and column statistics of a tensor of ``shape`` (2+ dims)."""
+    view = tuple(shape)
+    move = factor_move(shape, rule)
+    if move is not None:
+        view = tuple(s for d, s in enumerate(shape) if d not in move) + (shape[move[0]], shape[move[1]])
+    return view[:-1], view[:-2] + view[-1:]
+
+
 def rms(t: torch.Tensor) -> torch.Tensor:
     return t.norm(2) / (t.numel() ** 0.5)
 

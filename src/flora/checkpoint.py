@@ -9,8 +9,15 @@ from typing import Any
 
 import torch
 
+from .adafactor import factored_dims
 from .options import ALGORITHM_KEYS, CORE_KEYS, upgrade_group, validate_group
 from .state import check_state_shapes
+
+
+def _factors_differ(params, rule_a: str, rule_b: str) -> bool:
+    """Whether two ``factor_dims`` rules factor some of ``params`` differently (they never
+    do on 2-D tensors: a checkpoint of such a model loads silently as ``"last"``)."""
+    return any(factored_dims(tuple(p.shape), rule_a) != factored_dims(tuple(p.shape), rule_b) for p in params)
 
 
 def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
@@ -22,7 +29,10 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     As in torch, the loaded parameter groups replace this optimizer's options (lr,
     beta1, kappa, ... all come from the checkpoint). A ``UserWarning`` names each
     option of ``ALGORITHM_KEYS`` (momentum_form, projection, beta1, kappa, seed,
-    proj_dim) whose loaded value differs from this optimizer's, old and new."""
+    proj_dim, factor_dims) whose loaded value differs from this optimizer's, old and new
+    (``factor_dims`` only where it changes how one of the group's tensors is factored).
+    A group saved without ``factor_dims`` (before it existed) loads as ``"last"``, the
+    rule its state was shaped by."""
     groups = state_dict.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
         raise ValueError(
@@ -58,7 +68,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         p, g = id_to_param[pid]
         check_state_shapes(p, s, g)
     changed = [(gi, k, mine[k], saved[k]) for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups))
-               for k in ALGORITHM_KEYS if k in saved and k in mine and saved[k] != mine[k]]
+               for k in ALGORITHM_KEYS if k in saved and k in mine and saved[k] != mine[k]
+               and (k != "factor_dims" or _factors_differ(mine["params"], mine[k], saved[k]))]
     base_load({**state_dict, "param_groups": groups})
     if changed:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")

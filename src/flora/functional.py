@@ -80,6 +80,9 @@ class Spec(NamedTuple):
     relative_step: bool
     warmup_init: bool
     kernel: str | None = None  # "triton": the factored normalisation by flora.kernels (2-D)
+    # the factored dims when they are not the last two (adafactor.factor_move): the
+    # second moment's arithmetic then runs on a view with them moved last
+    factor: tuple[int, int] | None = None
 
 
 class Work(NamedTuple):
@@ -165,6 +168,7 @@ def make_spec(group: dict, state: dict, shape, dtype: torch.dtype, kernel: str |
     if beta1 is not None:
         momentum = "c" if "exp_avg_c" in state else "m" if "exp_avg" in state else None
     eps1, eps2 = group["eps"]
+    factor = af.factor_move(shape, group["factor_dims"])
     return Spec(
         shape=tuple(shape), half=dtype in _HALF, momentum=momentum, form=group["momentum_form"],
         dim=int(state["proj_dim"]) if momentum == "c" else -1, isometric=group["projection"] != "gaussian",
@@ -172,7 +176,7 @@ def make_spec(group: dict, state: dict, shape, dtype: torch.dtype, kernel: str |
         clip_threshold=float(group["clip_threshold"]), decay_rate=float(group["decay_rate"]),
         weight_decay=float(group["weight_decay"]), scale_parameter=bool(group["scale_parameter"]),
         relative_step=bool(group["relative_step"]), warmup_init=bool(group["warmup_init"]),
-        kernel=kernel if len(shape) == 2 else None,
+        kernel=kernel if len(shape) == 2 and factor is None else None, factor=factor,
     )
 
 
@@ -272,11 +276,16 @@ def _count_step(t, steps: list[torch.Tensor]):
 def _normalize(spec: Spec, grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2t, *, stacked: bool):
     """Adafactor's factored normalisation and the update's 2-norm (one per parameter of a
     ``stacked`` bucket): ``flora.kernels`` under ``spec.kernel`` (2-D parameters), else the
-    eager operations."""
+    eager operations, on the view of ``grad`` with the factored dims last
+    (``spec.factor``); the update comes back in ``grad``'s dim order (and, eagerly, its
+    memory layout: the buffer it is written into follows the view's strides)."""
     fused = spec.momentum == "c"
     if spec.kernel is not None:
         return fk.factored_normalize(grad, row, col, beta2t, spec.eps1, fused=fused)
-    update, new_row, new_col = af.factored_normalize(grad, row, col, beta2t, spec.eps1, fused=fused)
+    lead = 1 if stacked else 0
+    view = af.to_factored(grad, spec.factor, lead)
+    update, new_row, new_col = af.factored_normalize(view, row, col, beta2t, spec.eps1, fused=fused)
+    update = af.from_factored(update, spec.factor, lead)
     if not stacked:
         return update, new_row, new_col, update.norm(2)
     return update, new_row, new_col, torch.linalg.vector_norm(update.reshape(grad.shape[0], -1), dim=1)
@@ -491,7 +500,8 @@ def staged_head(spec: Spec, params, grads, steps, sq, lr, skips, ws_u) -> tuple:
     # intermediate is materialised: the squares feed two reductions (the column mean as a
     # plain reduction, not the vector-matrix product that needs them in memory), and the
     # update is stored once, into ws_u, unmasked (a skipped parameter's coefficients and
-    # update are masked in the later stages instead).
+    # update are masked in the later stages instead). On the view with the factored dims last.
+    g = af.to_factored(g, spec.factor, 1)
     sq_ = torch.addcmul(g.new_full((), spec.eps1), g, g)
     new_row = af.ema(row, sq_.mean(dim=-1), beta2t)
     new_col = af.ema(col, sq_.mean(dim=-2), beta2t)
@@ -505,7 +515,7 @@ def staged_head(spec: Spec, params, grads, steps, sq, lr, skips, ws_u) -> tuple:
         torch.isfinite(new_col).reshape(k, -1).all(1)
     _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
     _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
-    ws_u.copy_(update.reshape(ws_u.shape))
+    ws_u.copy_(af.from_factored(update, spec.factor, 1).reshape(ws_u.shape))
     skips.add_(ok.logical_not().sum())
     return torch.where(ok, norm, 0.0), ok, _vec(lr), _vec(bias)
 

@@ -8,6 +8,7 @@ from typing import Iterable
 import torch
 from torch.optim import Optimizer
 
+from .adafactor import factored_shapes
 from .compression import compressed_dim
 from .projection import compressed_shape
 
@@ -57,6 +58,7 @@ def cache_bytes(optimizer: Optimizer) -> int:
 _FLORA_OPTIONS = frozenset((
     "lr", "kappa", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter", "relative_step",
     "warmup_init", "seed", "proj_dim", "momentum_form", "projection", "max_aspect_ratio", "cache_projections",
+    "factor_dims",
 ))
 
 
@@ -64,13 +66,16 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     """Flora's state in bytes for parameters of these shapes, state in ``dtype``
     (float32, or float64 for float64 parameters):
 
-    - second moment: ``n + m`` numbers for a tensor of 2+ dims (rows are ``shape[:-1]``,
-      columns ``shape[:-2] + shape[-1:]``, as in Adafactor), ``numel`` for 1-D;
+    - second moment: for a tensor of 2+ dims, a row and a column statistic over the two
+      dims that ``factor_dims`` picks (:func:`flora.adafactor.factored_shapes`; default
+      ``"largest"``: ``(n + m) * (the other dims' product)`` for the two largest dims n, m;
+      ``"last"``: rows ``shape[:-1]``, columns ``shape[:-2] + shape[-1:]``, as in HF
+      Adafactor), ``numel`` for 1-D;
     - first moment (when ``beta1`` is set): ``r * (other dim)`` for a compressed tensor
       (:func:`flora.compression.compressed_dim`), ``numel`` otherwise.
 
-    ``options`` are Flora's other keyword arguments (``proj_dim`` and
-    ``max_aspect_ratio`` matter); an unknown name is a ``TypeError``."""
+    ``options`` are Flora's other keyword arguments (``proj_dim``, ``max_aspect_ratio``
+    and ``factor_dims`` matter); an unknown name is a ``TypeError``."""
     unknown = sorted(set(options) - _FLORA_OPTIONS)
     if unknown:
         raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
@@ -80,7 +85,8 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
         shape = tuple(shape)
         numel = math.prod(shape)
         if len(shape) >= 2:
-            total += math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:])
+            row, col = factored_shapes(shape, options.get("factor_dims", "largest"))
+            total += math.prod(row) + math.prod(col)
         else:
             total += numel
         if beta1 is not None:

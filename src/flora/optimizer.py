@@ -60,6 +60,7 @@ class Flora(Optimizer):
         momentum_form: str = "scaled",
         projection: str = "orthonormal",
         max_aspect_ratio: float | None = None,
+        factor_dims: str = "largest",
         cache_projections: bool = True,
         foreach: bool | None = None,
         compile: bool | str | Any = False,
@@ -76,7 +77,7 @@ class Flora(Optimizer):
             clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay,
             scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
             seed=seed, proj_dim=proj_dim, momentum_form=momentum_form, projection=projection,
-            max_aspect_ratio=max_aspect_ratio,
+            max_aspect_ratio=max_aspect_ratio, factor_dims=factor_dims,
             cache_projections=cache_projections, foreach=foreach,
         )
         _validate_group(defaults)
@@ -122,6 +123,7 @@ class Flora(Optimizer):
         state.setdefault("_compile", None)
         state.setdefault("_kernel", None)
         super().__setstate__(state)
+        _upgrade_group(self.defaults)  # new groups step as this optimizer's did when it was pickled
         for group in self.param_groups:  # options added or renamed since it was pickled
             _upgrade_group(group)
             for k, v in self.defaults.items():
@@ -425,6 +427,14 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             matmul). See ``flora.projection``.
         max_aspect_ratio: leave tensors with ``max(n, m) / min(n, m)`` above this dense;
             None compresses every shape (embeddings included).
+        factor_dims: the two dims of a tensor of 2+ dims over which Adafactor's second
+            moment is factored (``flora.adafactor.factored_dims``): ``"largest"`` (the
+            default; optax's rule: the two largest, ties to the later dims, so a
+            (64, 32, 3, 3) kernel keeps 9 x (64 + 32) numbers) or ``"last"`` (HF's and
+            torch's Adafactor: the last two, one pair per index of the leading dims,
+            2 x 64 x 32 x 3 numbers). The same on 2-D tensors; ``"last"`` equals HF
+            Adafactor on every shape. A checkpoint saved without this option loads as
+            ``"last"``, the rule its state was shaped by.
         cache_projections: keep each parameter's current projection on its device until
             the next resample instead of redrawing it every step (the default): drawing
             and, for orthonormal rows, a QR every step cost 9% of a rank-32 step on

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .adafactor import FACTOR_DIMS
 from ._validation import check_choice, check_positive_int, check_real, check_seed
 from .compression import PROJ_DIMS, compressed_dim, dense_reason
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS
@@ -20,18 +21,21 @@ CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
 # Options that change Flora's algorithm (not only its step size): when a loaded state's
 # groups set them otherwise than this optimizer was built with, load_state_dict warns.
 # (A different rank is refused: the momentum's shape depends on it.)
-ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim")
+ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim", "factor_dims")
 
 
 def upgrade_group(group: dict, *, saved: bool = True) -> dict:
     """Map a group of an earlier release to today's options, in place: ``momentum`` (a
     form name) became ``momentum_form``; a ``saved`` state without ``projection`` dates
-    from when every projection was Gaussian, and keeps those matrices."""
+    from when every projection was Gaussian, and keeps those matrices; one without
+    ``factor_dims`` from when every second moment was factored over the last two dims
+    (``"last"``), and keeps those state shapes."""
     old = group.get("momentum")
     if isinstance(old, str) and "momentum_form" not in group:
         group["momentum_form"] = group.pop("momentum")
     if saved:
         group.setdefault("projection", "gaussian")
+        group.setdefault("factor_dims", "last")
     return group
 
 
@@ -108,6 +112,7 @@ def validate_group(group: dict) -> None:
     check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
     check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
     check_choice("projection", group["projection"], PROJECTIONS)
+    check_choice("factor_dims", group["factor_dims"], FACTOR_DIMS)
     if group["momentum_form"] in SUBSPACE_FORMS and group["projection"] == "gaussian":
         raise ValueError(f"momentum_form={group['momentum_form']!r} needs projection='orthonormal' or "
                          "'coordinates' (its complement u - decompress(compress(u)) is an orthogonal projection "

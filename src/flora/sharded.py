@@ -8,7 +8,11 @@ compressed momentum. They are packed, for every parameter of the step, into two
 all-reduces per step and process group:
 
 1. before the update exists: ``sum_i sq_ij`` (the column sums), ``sum_i row_i``, ``|p|^2``
-   and a count of non-finite factor entries;
+   and a count of non-finite factor entries (the factors are those of the view with the
+   factored dims last, ``flora.adafactor.factored_dims``: where the sharded dim 0 is one
+   of them, it is the rows, and the column sums and the row factor's mean are summed as
+   for a matrix, one per index of the other dims; otherwise dim 0 leads the view and the
+   factors are local);
 2. once the update ``u`` exists locally: ``|u|^2`` and the compressed momentum's terms
    (:func:`flora.momentum.compressed_terms`), or, where the projection removes the
    sharded dimension, ``A_local u_local`` itself (``r x m``, summed into ``A u``).
@@ -84,12 +88,17 @@ def layout(p) -> Layout:
                   local_shape[0] if local_shape else 1, mesh, placements, tuple(p.shape))
 
 
-def _wrap(local: torch.Tensor, lay: Layout, global_shape, sharded: bool):
-    """A state tensor as a DTensor: sharded like the parameter's rows, or whole on every
-    rank (``Replicate``)."""
-    from torch.distributed.tensor import DTensor, Replicate
+def _wrap(local: torch.Tensor, lay: Layout, global_shape, sharded: bool, dim: int = 0):
+    """A state tensor as a DTensor: sharded like the parameter's rows (which are its dim
+    ``dim``), or whole on every rank (``Replicate``)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    placements = lay.placements if sharded else tuple(Replicate() for _ in lay.placements)
+    if not sharded:
+        placements = tuple(Replicate() for _ in lay.placements)
+    elif dim == 0:
+        placements = lay.placements
+    else:
+        placements = tuple(Shard(dim) if pl.is_shard() else pl for pl in lay.placements)
     global_shape = torch.Size(global_shape)
     stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
     return DTensor.from_local(local, lay.mesh, placements, run_check=False, shape=global_shape, stride=stride)
@@ -114,13 +123,19 @@ def init_state(state: dict, p, group: dict) -> None:
     if not state:
         state["step"] = 0
         if len(shape) >= 2:
-            state["exp_avg_sq_row"] = _wrap(torch.zeros(g.shape[:-1], dtype=dtype, device=dev), lay, shape[:-1], True)
-            col_shape = shape[:-2] + shape[-1:]
-            if len(shape) == 2:  # a column's sum runs over every shard's rows: whole on each rank
+            rule = group["factor_dims"]
+            row_shape, col_shape = af.factored_shapes(shape, rule)
+            view = af.to_factored(g, af.factor_move(shape, rule)).shape  # the local rows' view
+            local_row, local_col = view[:-1], view[:-2] + view[-1:]
+            if _rows_factored(shape, rule):
+                # dim 0 is the view's rows: the row factor's last dim; a column's sum runs
+                # over every shard's rows: whole on each rank
+                state["exp_avg_sq_row"] = _wrap(torch.zeros(local_row, dtype=dtype, device=dev), lay, row_shape,
+                                                True, len(row_shape) - 1)
                 state["exp_avg_sq_col"] = _wrap(torch.zeros(col_shape, dtype=dtype, device=dev), lay, col_shape, False)
-            else:  # factored per index of dim 0: local
-                local = g.shape[:-2] + g.shape[-1:]
-                state["exp_avg_sq_col"] = _wrap(torch.zeros(local, dtype=dtype, device=dev), lay, col_shape, True)
+            else:  # dim 0 leads the view: factored per index of it, local
+                state["exp_avg_sq_row"] = _wrap(torch.zeros(local_row, dtype=dtype, device=dev), lay, row_shape, True)
+                state["exp_avg_sq_col"] = _wrap(torch.zeros(local_col, dtype=dtype, device=dev), lay, col_shape, True)
         else:
             state["exp_avg_sq"] = _wrap(torch.zeros(g.shape, dtype=dtype, device=dev), lay, shape, True)
     if group["beta1"] is None or "exp_avg" in state or "exp_avg_c" in state:
@@ -141,6 +156,12 @@ def init_state(state: dict, p, group: dict) -> None:
 
 def _local(t):
     return t.to_local() if is_dtensor(t) else t
+
+
+def _rows_factored(shape, rule: str) -> bool:
+    """Whether the sharded dim 0 is one of the factored dims (then the first: the view's
+    rows), so that the column factor and the row factor's mean need sums over the shards."""
+    return af.factored_dims(shape, rule)[0] == 0
 
 
 @dataclass
@@ -164,6 +185,8 @@ class _Item:
     cu: torch.Tensor | None = None
     a: torch.Tensor | None = None
     c_before: torch.Tensor | None = None
+    move: tuple | None = None  # the factored dims when not the last two (adafactor.factor_move)
+    across: bool = False  # dim 0 is factored: the factors' sums run over the shards
 
 
 def _allsum(items: list[_Item], attr: str, group, extra: torch.Tensor | None = None) -> None:
@@ -231,11 +254,14 @@ def _phase1(it: _Item) -> None:
     eps1 = group["eps"][0]
     parts = [it.p32.square().sum() if group["scale_parameter"] else it.g.new_zeros(())]
     if it.g.dim() >= 2:
-        sq = it.g.square().add_(eps1)
+        rule = group["factor_dims"]
+        it.move, it.across = af.factor_move(it.lay.shape, rule), _rows_factored(it.lay.shape, rule)
+        sq = af.to_factored(it.g, it.move).square().add_(eps1)
         row = _local(st["exp_avg_sq_row"])
         it.new["row"] = row.mul(it.beta2t).add_(sq.mean(dim=-1), alpha=(1.0 - it.beta2t))
-        if it.g.dim() == 2:
-            parts += [sq.sum(dim=0), it.new["row"].sum()]  # column sums over every shard's rows
+        if it.across:  # column sums over every shard's rows; the row factor's sum (per leading index)
+            row_sum = it.new["row"].sum() if it.g.dim() == 2 else it.new["row"].sum(dim=-1)
+            parts += [sq.sum(dim=-2), row_sum]
         else:
             col = _local(st["exp_avg_sq_col"])
             it.new["col"] = col.mul(it.beta2t).add_(sq.mean(dim=-2), alpha=(1.0 - it.beta2t))
@@ -252,7 +278,8 @@ def _phase1(it: _Item) -> None:
 def _update(it: _Item) -> torch.Tensor:
     """Adafactor's normalised update of the local rows (not yet masked, clipped or scaled)."""
     if it.g.dim() >= 2:
-        return torch.mul(it.r_factor, it.c_factor).mul_(it.g)
+        u = torch.mul(it.r_factor, it.c_factor).mul_(af.to_factored(it.g, it.move))
+        return af.from_factored(u, it.move)
     return torch.rsqrt(it.new["sq"]).mul_(it.g)
 
 
@@ -260,14 +287,17 @@ def _phase2(it: _Item, projections) -> None:
     """With the factors' global sums: the local update, |u|^2 and the compressed terms."""
     st, group = it.state, it.group
     n = it.lay.shape[0]
-    if it.g.dim() == 2:
+    if it.across:
         _, col_sum, row_sum = it.parts1
         col = _local(st["exp_avg_sq_col"])
         it.new["col"] = col.mul(it.beta2t).add_((col_sum / n).to(col.dtype), alpha=(1.0 - it.beta2t))
         it.new["row_sum"] = row_sum
-        it.r_factor = (it.new["row"] / (row_sum / n).to(col.dtype)).rsqrt_().unsqueeze(-1)
+        row_mean = (row_sum / n).to(col.dtype)
+        if row_mean.dim():  # one per index of the leading dims
+            row_mean = row_mean.unsqueeze(-1)
+        it.r_factor = (it.new["row"] / row_mean).rsqrt_().unsqueeze(-1)
         it.c_factor = it.new["col"].unsqueeze(-2).rsqrt()
-    elif it.g.dim() > 2:
+    elif it.g.dim() >= 2:
         it.r_factor = (it.new["row"] / it.new["row"].mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
         it.c_factor = it.new["col"].unsqueeze(-2).rsqrt()
     u = _update(it)
@@ -305,8 +335,11 @@ def _phase3(it: _Item, count_skip) -> None:
     p1, p2 = it.parts1, it.parts2
     u_sq = p2[0]
     ok = torch.isfinite(u_sq)
-    if it.g.dim() == 2:
-        ok = ok & torch.isfinite(it.new["row_sum"]) & torch.isfinite(it.new["col"]).all()
+    if it.across:
+        row_ok = torch.isfinite(it.new["row_sum"])
+        if row_ok.dim():  # one sum per index of the leading dims
+            row_ok = row_ok.all()
+        ok = ok & row_ok & torch.isfinite(it.new["col"]).all()
     else:
         ok = ok & (p1[-1] == 0)
     if it.g.dim() >= 2:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import sharded
+from .adafactor import factored_shapes
 from .options import momentum_dim
 from .projection import compressed_shape, state_dtype
 from .sharded import is_dtensor
@@ -18,19 +19,20 @@ def prepare_state(state: dict, p: torch.Tensor, group: dict) -> None:
         sharded.init_state(state, p, group)
         return
     if not state:
-        init_state(state, p.grad)
+        init_state(state, p.grad, group["factor_dims"])
     if group["beta1"] is not None and "exp_avg" not in state and "exp_avg_c" not in state:
         init_momentum(state, p.grad, group)
 
 
-def init_state(state: dict, grad: torch.Tensor) -> None:
+def init_state(state: dict, grad: torch.Tensor, factor_dims: str = "largest") -> None:
     """Adafactor's state for a parameter with this gradient: the step count and the second
-    moment (row and column factors for 2+ dims)."""
+    moment (row and column factors for 2+ dims, over the dims ``factor_dims`` picks)."""
     shape, dtype = grad.shape, state_dtype(grad.dtype)
     state["step"] = 0
     if grad.dim() >= 2:
-        state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=dtype, device=grad.device)
-        state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=dtype, device=grad.device)
+        row, col = factored_shapes(shape, factor_dims)
+        state["exp_avg_sq_row"] = torch.zeros(row, dtype=dtype, device=grad.device)
+        state["exp_avg_sq_col"] = torch.zeros(col, dtype=dtype, device=grad.device)
     else:
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=grad.device)
 
@@ -51,12 +53,12 @@ def init_momentum(state: dict, grad: torch.Tensor, group: dict) -> None:
 
 
 def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
-    """A loaded state's tensors must have the shapes this parameter and rank need."""
+    """A loaded state's tensors must have the shapes this parameter, rank and the group's
+    ``factor_dims`` need."""
     shape = tuple(p.shape)
     expected = {"exp_avg": shape, "exp_avg_sq": shape}
     if len(shape) >= 2:
-        expected["exp_avg_sq_row"] = shape[:-1]
-        expected["exp_avg_sq_col"] = shape[:-2] + shape[-1:]
+        expected["exp_avg_sq_row"], expected["exp_avg_sq_col"] = factored_shapes(shape, group["factor_dims"])
     if "exp_avg_c" in s:
         dim = s.get("proj_dim")
         if dim not in (0, 1) or len(shape) < 2:
@@ -68,4 +70,6 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
             raise ValueError(
                 f"state_dict entry {k!r} has shape {tuple(s[k].shape)} but this optimizer's parameter of shape "
                 f"{shape} needs {tuple(want)}: it was saved from a different model or rank"
+                + (f", or with another factor_dims than {group['factor_dims']!r}"
+                   if k.startswith("exp_avg_sq_") else "")
             )
