@@ -24,7 +24,7 @@ def test_staged_plan_screens_everything_on_seed_0_first():
     assert {j.optimizer for j in peers0} == set(PEERS) and {j.seed for j in peers0} == {0}
     assert {j.seed for j in jobs} == {0, 1, 2}
     assert {j.kappa for j in jobs if not j.optimizer.startswith("flora")} == {space.KAPPA}
-    assert any(j.kappa == 100 for j in jobs)
+    assert any(j.kappa == space.KAPPA for j in jobs) and any(j.kappa == 1000 != space.KAPPA for j in jobs)
     # every Flora candidate of the plan is a valid bench name
     from flora.bench import optimizers
 
@@ -36,7 +36,7 @@ def _rows(values: dict) -> list[dict]:
     """Rows of (task, optimizer, lr, seed) -> (val, test)."""
     out = []
     for (task, opt, lr, seed), (val, test) in values.items():
-        out.append({"task": task, "optimizer": opt, "lr": lr, "seed": seed, "kappa": 1000, "status": "ok",
+        out.append({"task": task, "optimizer": opt, "lr": lr, "seed": seed, "kappa": space.KAPPA, "status": "ok",
                     "val_loss": val, "test_loss": test, "state_bytes": 10, "train_s": 1.0})
     return out
 
@@ -56,14 +56,14 @@ def test_scoring_picks_the_lr_by_mean_validation_loss_and_ranks_by_the_worst_tas
     assert by[("a", f)]["test_loss"] == pytest.approx(2.01)
     gaps = score.gaps(chosen)
     assert gaps["a"]["gap"] == pytest.approx(0.2) and gaps["a"]["resolved"]
-    rank = {r["optimizer"]: r for r in score.ranking(chosen, 1000, ["a", "b"])}
+    rank = {r["optimizer"]: r for r in score.ranking(chosen, space.KAPPA, ["a", "b"])}
     assert rank[c]["worst_task"] == "b"
     assert rank[c]["worst"] == pytest.approx(1.05 / 1.01)
     assert score.position(1.7, 2.0, 1.8) == pytest.approx(1.5)
 
 
 def test_goal_check_compares_on_paired_seeds():
-    f, t, c = space.FLOOR, space.TARGET, "flora-r8-scaled-orthonormal"
+    f, t, c = space.FLOOR, space.TARGET, score.DEFAULT_ROWS[0]
     v = {}
     for seed, noise in enumerate((0.0, 0.3, -0.3)):  # a seed effect shared by all: paired, it cancels
         v[("a", f, 1e-3, seed)] = (1.0, 1.0 + noise)
@@ -141,9 +141,9 @@ def test_report_writes_markdown_csv_json_and_a_plot(tmp_path):
             fh.write(json.dumps(r) + "\n")
         fh.write('{"truncated": ')  # a line cut by a kill is skipped
     (tmp_path / "adamw_state.json").write_text(json.dumps({"cnn": 100}))
-    res = cli.report(tmp_path, ["cnn"], 1000, {}, plots=True)
+    res = cli.report(tmp_path, ["cnn"], space.KAPPA, {}, plots=True)
     md = (tmp_path / "results.md").read_text()
-    assert "| flora-r8-scaled-orthonormal | 1000 |" in md and "10.0%" in md
+    assert f"| flora-r8-scaled-orthonormal | {space.KAPPA} |" in md and "10.0%" in md
     assert (tmp_path / "results.csv").read_text().count("\n") == 4
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == 18
     assert (tmp_path / "loss_vs_state.png").stat().st_size > 1000
@@ -152,10 +152,14 @@ def test_report_writes_markdown_csv_json_and_a_plot(tmp_path):
 
 def test_win_matrix_labels_every_kappa_but_the_primary_one():
     v = {("cnn", opt, 1e-3, 0): (1.0, 1.0) for opt in (space.FLOOR, space.TARGET, "flora-r8-scaled-orthonormal")}
-    rows = _rows(v) + [{**r, "kappa": 100} for r in _rows({("cnn", "flora-r8-scaled-orthonormal", 1e-3, 0): (1.0, 1.0)})]
+    other = 1000 if space.KAPPA != 1000 else 100
+    rows = _rows(v) + [{**r, "kappa": other} for r in _rows({("cnn", "flora-r8-scaled-orthonormal", 1e-3, 0): (1.0, 1.0)})]
+    # a baseline logged under another kappa (a sweep's first) still counts at the primary one
+    rows += [{**r, "kappa": other} for r in _rows({("cnn", space.FLOOR, 2e-3, 0): (2.0, 2.0)})]
     chosen = score.choose(rows)
-    md = score.markdown(chosen, score.gaps(chosen), score.ranking(chosen, 100, ["cnn"]), {}, ["cnn"])
-    assert "| flora-r8-scaled-orthonormal kappa 100 |" in md and "| flora-r8-scaled-orthonormal | 1.0000" in md
+    assert [(c["optimizer"], c["kappa"]) for c in chosen if c["optimizer"] == space.FLOOR] == [(space.FLOOR, space.KAPPA)]
+    md = score.markdown(chosen, score.gaps(chosen), score.ranking(chosen, other, ["cnn"]), {}, ["cnn"])
+    assert f"| flora-r8-scaled-orthonormal kappa {other} |" in md and "| flora-r8-scaled-orthonormal | 1.0000" in md
 
 
 def test_state_bytes_counts_torchao_8bit_state_by_its_codes():
@@ -196,15 +200,15 @@ def test_bitsandbytes_8bit_adamw_runs_on_this_device_and_counts_its_codes():
 def test_dominance_lists_a_peer_with_less_state_and_lower_loss_than_the_default():
     rows = []
     for seed in range(2):
-        for opt, loss, state in (("flora-r8-scaled-orthonormal", 1.0, 100), ("flora-r32-scaled-orthonormal", 1.1, 300),
+        for opt, loss, state in ((score.DEFAULT_ROWS[0], 1.0, 100), (score.DEFAULT_ROWS[1], 1.1, 300),
                                  ("adamw-8bit", 0.95, 200), ("apollo-mini", 1.2, 50)):
             rows += [{**r, "state_bytes": state} for r in _rows({("cnn", opt, 1e-3, seed): (loss, loss + 0.01 * seed)})]
     chosen = score.choose(rows)
     dom = score.dominance(chosen, ["cnn"])
-    assert [(d["flora"], d["peer"]) for d in dom] == [("flora-r32-scaled-orthonormal", "adamw-8bit")]
+    assert [(d["flora"], d["peer"]) for d in dom] == [(score.DEFAULT_ROWS[1], "adamw-8bit")]
     assert dom[0]["diff"] == pytest.approx(-0.15) and dom[0]["seeds"] == 2
     md = score.markdown(chosen, score.gaps(chosen), [], {}, ["cnn"])
-    assert "| cnn | flora-r32-scaled-orthonormal | adamw-8bit | 200 / 300 |" in md
+    assert f"| cnn | {score.DEFAULT_ROWS[1]} | adamw-8bit | 200 / 300 |" in md
 
 
 def _ext_rows(vals, kappa=space.KAPPA):

@@ -1,7 +1,7 @@
 """``flora-bench suite``: the selection suite (issue 17). Every candidate momentum form at
 every rank, with Adafactor without (the floor) and with (the target) first moment, on
 six kinds of task, an lr grid and several seeds; Flora at the library's defaults
-(``kappa`` 1000 unless ``--kappas`` adds a sweep). Runs in parts (``--tasks``) and
+(the library's default ``kappa`` unless ``--kappas`` adds a sweep). Runs in parts (``--tasks``) and
 continues an interrupted sweep (``--resume``: jobs already in ``runs.jsonl`` are kept).
 ``--extend-lr N`` runs further lrs, in rounds, while a best lr sits at an end of those tried.
 

@@ -21,9 +21,9 @@ import argparse
 import json
 from pathlib import Path
 
-from . import runner, space
+from . import runner, score, space
 
-OPTIMIZERS = (space.FLOOR, space.TARGET, "flora-r8-scaled-orthonormal")
+OPTIMIZERS = (space.FLOOR, space.TARGET, score.DEFAULT_ROWS[0])
 
 
 def chosen_lrs(suite: Path, kappa: int = space.KAPPA) -> dict[tuple[str, str], float]:

@@ -11,6 +11,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from ..names import DEFAULT_FLORA_FORM
 from .space import FLOOR, KAPPA, TARGET
 
 
@@ -23,12 +24,16 @@ def _mean_std(xs):
 
 def choose(rows: list[dict]) -> list[dict]:
     """One entry per (task, optimizer, kappa): the chosen lr and its figures."""
-    by = defaultdict(lambda: defaultdict(list))
+    by = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r.get("status") in ("ok", "diverged"):
-            by[(r["task"], r["optimizer"], r["kappa"])][r["lr"]].append(r)
+            # kappa means nothing to the baselines and peers: their runs count at the primary
+            # kappa whatever the sweep that ran them said (one run per seed)
+            kappa = r["kappa"] if r["optimizer"].startswith("flora-") else KAPPA
+            by[(r["task"], r["optimizer"], kappa)][r["lr"]][r["seed"]] = r
     out = []
-    for (task, opt, kappa), lrs in by.items():
+    for (task, opt, kappa), by_lr in by.items():
+        lrs = {lr: list(seeds.values()) for lr, seeds in by_lr.items()}
         def val(rs):
             v = [r["val_loss"] if r.get("val_loss") is not None else math.inf for r in rs]
             return statistics.fmean(v)
@@ -124,7 +129,7 @@ def ranking(chosen: list[dict], kappa: int, tasks: list[str]) -> list[dict]:
     return sorted(out, key=lambda r: (len(r["missing"]), r["worst"]))
 
 
-DEFAULT_ROWS = ("flora-r8-scaled-orthonormal", "flora-r32-scaled-orthonormal")  # the default form at r8 and r32
+DEFAULT_ROWS = tuple(f"flora-r{r}-{DEFAULT_FLORA_FORM[0]}-{DEFAULT_FLORA_FORM[1]}" for r in (8, 32))  # the default form at r8, r32
 
 
 def dominance(chosen: list[dict], tasks: list[str], kappa: int = KAPPA, flora=DEFAULT_ROWS) -> list[dict]:
