@@ -404,7 +404,8 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
         rank: rank of the compressed momentum; None keeps it dense (plain Adafactor).
         kappa: steps between resamplings of the projection (100 by default; the paper
             used 1000, which never resamples in a run of fewer steps: on the selection
-            suite 100 had the lower worst case for every form, docs/results.md).
+            suite 100 had the lower worst case for the default form at ranks 8 and 32,
+            docs/results.md).
         beta1: momentum coefficient in [0, 1), or None for no first moment (then nothing
             is compressed, whatever ``rank`` says).
         eps, clip_threshold, decay_rate, weight_decay, scale_parameter, relative_step,
