@@ -14,8 +14,32 @@ MOMENTUM_CONFIGS = [
     ("scaled", "coordinates"),
     ("adaptive", "orthonormal"),
     ("adaptive", "coordinates"),
+    ("fixed", "orthonormal"),
+    ("fixed", "coordinates"),
 ]
 MOMENTUM_IDS = [f"{f}-{p}" for f, p in MOMENTUM_CONFIGS]
+
+# The "fixed" form runs the tables with a weight of its own, not its default (0.4), so
+# that a path which drops complement_weight shows.
+FIXED_WEIGHT = 0.25
+
+
+def form_options(form: str, projection: str) -> dict:
+    """Flora's options for a (momentum_form, projection) pair of the table: the "fixed"
+    form with ``complement_weight=FIXED_WEIGHT``."""
+    extra = {"complement_weight": FIXED_WEIGHT} if form == "fixed" else {}
+    return dict(momentum_form=form, projection=projection, **extra)
+
+
+def step_on_noise(opt, params, steps: int, seed: int = 1) -> None:
+    """``steps`` steps of ``opt`` on gradients drawn from one seeded generator, in turn."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
 
 
 def assert_same_state(got_opt, got_p, want_opt, want_p, *, rtol: float, atol: float) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from flora import CompressedAccumulator, Flora
 
-from _configs import MOMENTUM_CONFIGS
+from _configs import MOMENTUM_CONFIGS, form_options
 
 STEPS = 5
 OPTS = dict(lr=1e-2, rank=3, beta1=0.9, kappa=2, seed=3, scale_parameter=True, weight_decay=0.01)
@@ -198,7 +198,7 @@ FORM_STEPS = 4  # kappa=2: the third step resamples
 # (name, dtype, options): every (form, projection) pair, each with one param group per
 # projected dimension (the sharded rows, through A_local u_local; the unsharded columns,
 # through the terms), and bf16 parameters.
-FORM_CASES = {f"{f}-{p}": (torch.float32, dict(momentum_form=f, projection=p)) for f, p in MOMENTUM_CONFIGS}
+FORM_CASES = {f"{f}-{p}": (torch.float32, form_options(f, p)) for f, p in MOMENTUM_CONFIGS}
 FORM_CASES.update({
     "bf16-scaled-orthonormal": (torch.bfloat16, dict()),
     "bf16-exact-gaussian": (torch.bfloat16, dict(momentum_form="exact", projection="gaussian")),

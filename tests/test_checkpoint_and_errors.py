@@ -9,7 +9,7 @@ from torch import nn
 
 from flora import Flora
 
-from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS
+from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS, form_options
 
 
 def _net(dtype=torch.float32):
@@ -39,13 +39,13 @@ OPTS = dict(lr=1e-2, rank=3, beta1=0.9, kappa=3, seed=5)
 @pytest.mark.parametrize("momentum,projection", MOMENTUM_CONFIGS, ids=MOMENTUM_IDS)
 def test_resume_is_bit_exact(dtype, momentum, projection, foreach):
     batches = _batches(10)
-    OPTS = {**globals()["OPTS"], "projection": projection, "foreach": foreach}
+    OPTS = {**globals()["OPTS"], **form_options(momentum, projection), "foreach": foreach}
     ref = _net(dtype)
-    ref_opt = Flora(ref.parameters(), momentum_form=momentum, **OPTS)
+    ref_opt = Flora(ref.parameters(), **OPTS)
     _train(ref, ref_opt, batches)
 
     model = _net(dtype)
-    opt = Flora(model.parameters(), momentum_form=momentum, **OPTS)
+    opt = Flora(model.parameters(), **OPTS)
     _train(model, opt, batches[:4])  # stops mid-way through a kappa window (resamples at 3, 6, 9)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -56,7 +56,7 @@ def test_resume_is_bit_exact(dtype, momentum, projection, foreach):
     with torch.no_grad():
         for p in model2.parameters():
             p.add_(1.0)  # make sure the load is what restores them
-    opt2 = Flora(model2.parameters(), momentum_form=momentum, **OPTS)
+    opt2 = Flora(model2.parameters(), **OPTS)
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     for p in model2.parameters():
@@ -154,6 +154,10 @@ BAD_ARGUMENTS = [
     (dict(cache_projections="yes"), TypeError, "cache_projections"),
     (dict(lr=1e-3, relative_step=False, warmup_init=True), ValueError, "warmup_init"),
     (dict(foreach="yes"), TypeError, "foreach"),
+    (dict(complement_weight=0.3), ValueError, "complement_weight=0.3 is the weight of momentum_form='fixed' only"),
+    (dict(momentum_form="fixed", complement_weight=1.5), ValueError, r"complement_weight must be a real number in \[0"),
+    (dict(momentum_form="fixed", complement_weight=True), TypeError, "complement_weight must be a real number"),
+    (dict(momentum_form="fixed", complement_weight="0.3"), TypeError, "complement_weight"),
 ]
 
 
@@ -234,7 +238,7 @@ def test_a_checkpoint_from_before_projection_kinds_keeps_gaussian_matrices():
 
 
 def test_subspace_form_needs_orthonormal_rows():
-    for form in ("subspace", "scaled"):
+    for form in ("subspace", "scaled", "adaptive", "fixed"):
         with pytest.raises(ValueError, match="projection='orthonormal'"):
             Flora(P, lr=1e-3, rank=2, beta1=0.9, momentum_form=form, projection="gaussian")
     with pytest.raises(ValueError, match="projection must be one of"):

@@ -26,7 +26,7 @@ from torch import nn
 from flora import Flora
 from flora import functional as F
 
-from _configs import MOMENTUM_CONFIGS, assert_same_state
+from _configs import MOMENTUM_CONFIGS, assert_same_state, form_options
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounter  # noqa: E402
@@ -92,13 +92,13 @@ def _run(opt, params, step_fn, steps=STEPS, bad=False, scheduler=None, after_fir
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
 @pytest.mark.parametrize("case", ["tensor-lr-scheduler", "relative-step", "nonfinite"])
-def test_user_compile_one_break_no_recompile(case, foreach):
+def test_user_compile_one_break_no_recompile(case, foreach, form=("scaled", "orthonormal")):
     """torch.compile(opt.step): the prelude is the only graph break, the arithmetic one
     graph, compiled at the first step and never again: not at the resamples (steps 3, 5),
     not when a scheduler writes a new tensor lr every step, not for the relative step
     (its size comes from the device counter), not for a non-finite gradient."""
     params = _params()
-    kw = dict(BASE, foreach=foreach, momentum_form="scaled", projection="orthonormal")
+    kw = dict(BASE, foreach=foreach, **form_options(*form))
     scheduler = None
     if case == "tensor-lr-scheduler":
         kw["lr"] = torch.tensor(1e-2)
@@ -130,7 +130,16 @@ def test_user_compile_one_break_no_recompile(case, foreach):
         assert int(opt.nonfinite_skips) == 1
 
 
-def test_compile_option_compiles_once_per_signature(monkeypatch):
+@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
+@pytest.mark.parametrize("case", ["tensor-lr-scheduler", "nonfinite"])
+def test_fixed_form_one_break_no_recompile(case, foreach):
+    """The "fixed" form (its complement weight a constant of the graph): as above, one
+    break, one graph, nothing compiled after the first step."""
+    test_user_compile_one_break_no_recompile(case, foreach, form=("fixed", "orthonormal"))
+
+
+@pytest.mark.parametrize("form", [("scaled", "orthonormal"), ("fixed", "orthonormal")], ids=["scaled", "fixed"])
+def test_compile_option_compiles_once_per_signature(monkeypatch, form):
     """Flora(compile=backend): one graph per shape signature of a bucket (here (12, 20) x 2,
     (20, 12), (20,), (6, 4, 5)), three for a bucket of compressed parameters on a CPU
     when staged (flora.compiled.staged_step; here every such bucket, with
@@ -140,7 +149,7 @@ def test_compile_option_compiles_once_per_signature(monkeypatch):
     monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)
     params = _params()
     cnt = CompileCounter()
-    opt = Flora(params, **BASE, compile=cnt)
+    opt = Flora(params, **BASE, **form_options(*form), compile=cnt)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     first = {}
     _run(opt, params, opt.step, bad=True, scheduler=scheduler, after_first=lambda: first.update(n=cnt.frame_count))
@@ -159,7 +168,7 @@ def test_compile_option_is_checked():
 
 
 def _pair_groups(params_per_pair, extra):
-    return [dict(params=ps, momentum_form=f, projection=p, **extra)
+    return [dict(params=ps, **form_options(f, p), **extra)
             for ps, (f, p) in zip(params_per_pair, MOMENTUM_CONFIGS)]
 
 

@@ -22,6 +22,8 @@ from torch import nn
 from flora import Flora
 from flora.adafactor import FACTOR_DIMS, factor_move, factored_dims, factored_shapes
 
+from _configs import step_on_noise
+
 # (shape, the two largest dims (ties to the later dims), the last two)
 RULE = [
     ((4, 5), (0, 1), (0, 1)),
@@ -87,11 +89,7 @@ def _run(shapes, steps, **kw):
     params = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
     params.append(nn.Parameter(torch.randn(20, 12).t() * 0.1))  # transposed layout
     opt = Flora(params, lr=1e-2, kappa=2, **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step()
+    step_on_noise(opt, params, steps)
     return params, opt
 
 

@@ -15,12 +15,13 @@ from flora.momentum import (
     paper_momentum_,
     scaled_momentum_,
     adaptive_momentum_,
+    fixed_momentum_,
     subspace_momentum_,
 )
 from flora.projection import compress, decompress, gaussian_projection, make_projection, projection_seed
 from transformers.optimization import Adafactor
 
-from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS
+from _configs import FIXED_WEIGHT, MOMENTUM_CONFIGS, MOMENTUM_IDS, form_options
 
 
 def _matrix(kind, seed, rank, d):
@@ -31,7 +32,8 @@ def _matrix(kind, seed, rank, d):
     return torch.eye(d)[a]
 
 
-def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, projection, dim):
+def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, projection, dim,
+                     complement_weight=None):
     """Flora written out by hand for one 2-D parameter: Adafactor's normalised, clipped,
     lr-scaled update u, then compressed momentum with explicit projection matrices P
     (r x d) in the dim-0 view: C(x) = P x, D(y) = P^T y (transposed for dim 1)."""
@@ -67,6 +69,9 @@ def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, pr
             m = beta1 * m + (1 - beta1) * C(u)
             phi = min(1.0, (m.norm() / ((1 - beta1 ** (t + 1)) * C(u).norm())).item())
             upd = D(m) + phi * (u - D(C(u)))
+        elif form == "fixed":  # the outside weighted by a constant
+            m = beta1 * m + (1 - beta1) * C(u)
+            upd = D(m) + complement_weight * (u - D(C(u)))
         else:  # adaptive: the outside weighted by its signal fraction f, within [1 - beta1, 1]
             m = beta1 * m + (1 - beta1) * C(u)
             bc, bt = 1 - beta1 ** (t + 1), beta1 ** (t + 1)
@@ -88,14 +93,15 @@ def test_matches_hand_computation(form, projection, shape, dim):
     kw = dict(lr=1e-2, beta1=0.9, rank=3, kappa=4, seed=11)
     bias = nn.Parameter(torch.zeros(2))  # index 0: the matrix is parameter number 1
     p = nn.Parameter(p0.clone())
-    opt = Flora([bias, p], relative_step=False, scale_parameter=False, momentum_form=form, projection=projection,
-                **kw)
+    options = form_options(form, projection)
+    opt = Flora([bias, p], relative_step=False, scale_parameter=False, **options, **kw)
     for g in grads:
         p.grad = g.clone()
         opt.step()
     assert opt.state[p]["proj_dim"] == dim
     assert opt.state[p]["proj_count"] == 2  # resampled after steps 4 and 8
-    want = _reference_flora(p0, grads, form=form, projection=projection, index=1, dim=dim, **kw)
+    want = _reference_flora(p0, grads, form=form, projection=projection, index=1, dim=dim,
+                            complement_weight=options.get("complement_weight"), **kw)
     assert (p.detach() - want).abs().max().item() < 1e-5
 
 
@@ -111,10 +117,11 @@ def test_plain_forms_equal_the_one_pass_step():
             c1, c2 = c0.clone(), c0.clone()
             plain = {"paper": paper_momentum_, "exact": exact_momentum_, "subspace": subspace_momentum_,
                      "scaled": lambda *args: scaled_momentum_(*args, 0.5),
-                     "adaptive": lambda *args: adaptive_momentum_(*args, 0.5)}[form]
+                     "adaptive": lambda *args: adaptive_momentum_(*args, 0.5),
+                     "fixed": lambda *args: fixed_momentum_(*args, FIXED_WEIGHT)}[form]
             want = plain(c1, u.clone(), a, dim, 0.9)
             got = compressed_step_(form, c2, u.clone(), a, dim, 0.9, 1.0, 1e6, isometric=projection != "gaussian",
-                                   bias_correction=0.5)
+                                   bias_correction=0.5, complement_weight=FIXED_WEIGHT)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-6)
 
@@ -215,12 +222,12 @@ def test_state_bytes_match_formula_for_conv_shapes(factor_dims, beta1):
 @pytest.mark.parametrize("form,projection", MOMENTUM_CONFIGS, ids=MOMENTUM_IDS)
 def test_state_bytes_match_formula_for_every_form(form, projection):
     model = _model()
-    opt = Flora(model.parameters(), lr=1e-3, rank=4, beta1=0.9, momentum_form=form, projection=projection,
-                kappa=1)  # a resample on the second step
+    options = form_options(form, projection)
+    opt = Flora(model.parameters(), lr=1e-3, rank=4, beta1=0.9, kappa=1, **options)  # a resample on the second step
     _one_step(opt, model)
     _one_step(opt, model)
     shapes = [tuple(p.shape) for p in model.parameters()]
-    assert state_bytes(opt) == flora_state_bytes(shapes, rank=4, beta1=0.9, momentum_form=form, projection=projection)
+    assert state_bytes(opt) == flora_state_bytes(shapes, rank=4, beta1=0.9, **options)
 
 
 def test_which_tensors_are_compressed():

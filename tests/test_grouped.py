@@ -9,14 +9,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flora import Flora
 
-from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS, assert_same_state
+from _configs import MOMENTUM_CONFIGS, MOMENTUM_IDS, assert_same_state, form_options
 
 # Shapes with repeats (buckets of several), a 3-D tensor, 1-D tensors, one tall and one
 # wide matrix (proj_dim 0 and 1 under "auto").
 SHAPES = [(12, 20), (12, 20), (12, 20), (20, 12), (20, 12), (6, 4, 5), (20,), (20,), (3, 40)]
 
 BASE = dict(lr=1e-2, rank=3, beta1=0.9, kappa=2, seed=7)
-CONFIGS = {f"{f}-{p}": dict(momentum_form=f, projection=p) for f, p in MOMENTUM_CONFIGS}
+CONFIGS = {f"{f}-{p}": form_options(f, p) for f, p in MOMENTUM_CONFIGS}
 CONFIGS.update({
     "scale_parameter": dict(scale_parameter=True),
     "weight_decay": dict(weight_decay=0.1),

@@ -37,7 +37,7 @@ from torch import nn
 
 from flora import CompressedAccumulator, Flora
 
-from _configs import MOMENTUM_CONFIGS
+from _configs import MOMENTUM_CONFIGS, form_options
 
 STEPS = 4
 BAD_STEP = 1  # not a resample step (kappa=2 resamples at the third step), so a skip leaves the state as it was
@@ -78,7 +78,7 @@ MULTI_DIM = [lay for lay, (shape, view) in LAYOUTS.items() if len(shape) >= 3]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
-FORMS = {f"{f}-{p}": dict(rank=4, beta1=0.9, momentum_form=f, projection=p) for f, p in MOMENTUM_CONFIGS}
+FORMS = {f"{f}-{p}": dict(rank=4, beta1=0.9, **form_options(f, p)) for f, p in MOMENTUM_CONFIGS}
 CONFIGS = {
     **FORMS,
     "dense-momentum": dict(rank=None, beta1=0.9),
@@ -129,18 +129,19 @@ CASES = dict(
     + [_case(lay, dt, c) for dt in ("bf16", "fp16", "fp64")
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
        for c in ("paper-gaussian", "exact-orthonormal", "subspace-coordinates", "scaled-orthonormal",
-                 "dense-momentum", "no-momentum")]
+                 "fixed-orthonormal", "dense-momentum", "no-momentum")]
     # HF's and torch's rule (the last two dims) on every layout of 3+ dims, and half precision
     + [_case(lay, "fp32", c, factor="last") for lay in MULTI_DIM
-       for c in ("scaled-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum",
+       for c in ("scaled-orthonormal", "fixed-coordinates", "paper-gaussian", "dense-momentum", "no-momentum",
                  "scale_parameter+weight_decay")]
     + [_case(lay, "bf16", "scaled-orthonormal", factor="last") for lay in ("channels_last", "first-largest-3d")]
     # ranks below, at and above the dims
     + [_case(lay, "fp32", c, rank=r) for r in RANKS for lay in ("contiguous", "transposed", "channels_last_3d")
-       for c in ("scaled-orthonormal", "paper-gaussian", "exact-coordinates")]
+       for c in ("scaled-orthonormal", "fixed-orthonormal", "paper-gaussian", "exact-coordinates")]
     # a non-finite gradient in one parameter of a bucket: skipped alike on every path
     + [_case(lay, "fp32", c, bad=b) for lay in ("contiguous", "channels_last", "first-largest-3d")
-       for c in ("scaled-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum") for b in ("nan", "inf")]
+       for c in ("scaled-orthonormal", "fixed-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum")
+       for b in ("nan", "inf")]
 )
 
 
@@ -300,6 +301,10 @@ COMPILED_CASES = dict(
     + [_case(lay, "fp64", "scaled-orthonormal") for lay in LAYOUTS
        if not lay.startswith(("empty", "conv1x1", "first-", "last-")) or lay == "conv1x1-channels_last"]
     + [_case("channels_last", "fp32", c) for c in ("paper-gaussian", "subspace-orthonormal", "no-momentum")]
+    # the "fixed" form (its complement weight a constant of the graph) on a few rows of each kind
+    + [_case("channels_last", "fp32", "fixed-orthonormal"), _case("transposed", "fp32", "fixed-coordinates"),
+       _case("first-largest-3d", "fp32", "fixed-orthonormal"), _case("contiguous", "bf16", "fixed-orthonormal"),
+       _case("channels_last", "fp64", "fixed-orthonormal")]
 )
 
 
@@ -375,7 +380,7 @@ def test_reference_ignores_the_layout(case):
 
 # ------------------------------------------------------------------ non-finite gradients
 
-SKIP_CONFIGS = ["scaled-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum"]
+SKIP_CONFIGS = ["scaled-orthonormal", "fixed-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum"]
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])

@@ -32,6 +32,29 @@ def test_staged_plan_screens_everything_on_seed_0_first():
         optimizers.parse(name)
 
 
+def test_suite_takes_the_fixed_form_with_and_without_a_weight():
+    """--forms fixed-orthonormal,fixed0.25-orthonormal: candidates at every rank, checked by
+    the CLI, built as flora.Flora with complement_weight None (the default 0.4) and 0.25."""
+    import argparse
+
+    from flora.bench.suite import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    a = p.parse_args(["--forms", "fixed-orthonormal,fixed0.25-orthonormal", "--ranks", "8", "--baselines", "adafactor",
+                      "--tasks", "tabular"])
+    cli.check(p, a)
+    assert list(a.optimizer_list) == ["adafactor", "flora-r8-fixed-orthonormal", "flora-r8-fixed0.25-orthonormal"]
+    model = torch.nn.Linear(12, 10)
+    for name, weight in zip(a.optimizer_list[1:], (None, 0.25)):
+        group = runner._optimizer(name, model, 1e-3, kappa=space.KAPPA, seed=0).param_groups[0]
+        assert (group["momentum_form"], group["projection"], group["complement_weight"]) == (
+            "fixed", "orthonormal", weight)
+    bad = p.parse_args(["--forms", "scaled0.25-orthonormal", "--tasks", "tabular"])
+    with pytest.raises(SystemExit):
+        cli.check(p, bad)
+
+
 def _rows(values: dict) -> list[dict]:
     """Rows of (task, optimizer, lr, seed) -> (val, test)."""
     out = []

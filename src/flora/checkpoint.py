@@ -29,10 +29,10 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     As in torch, the loaded parameter groups replace this optimizer's options (lr,
     beta1, kappa, ... all come from the checkpoint). A ``UserWarning`` names each
     option of ``ALGORITHM_KEYS`` (momentum_form, projection, beta1, kappa, seed,
-    proj_dim, factor_dims) whose loaded value differs from this optimizer's, old and new
+    proj_dim, factor_dims, complement_weight) whose loaded value differs from this optimizer's, old and new
     (``factor_dims`` only where it changes how one of the group's tensors is factored).
     A group saved without ``factor_dims`` (before it existed) loads as ``"last"``, the
-    rule its state was shaped by."""
+    rule its state was shaped by; one saved without ``complement_weight`` with None."""
     groups = state_dict.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
         raise ValueError(

@@ -83,6 +83,9 @@ class Spec(NamedTuple):
     # the factored dims when they are not the last two (adafactor.factor_move): the
     # second moment's arithmetic then runs on a view with them moved last
     factor: tuple[int, int] | None = None
+    # the "fixed" form's complement weight (the group's complement_weight; None: the
+    # default, flora.momentum.FIXED_COMPLEMENT_WEIGHT)
+    complement_weight: float | None = None
 
 
 class Work(NamedTuple):
@@ -177,6 +180,7 @@ def make_spec(group: dict, state: dict, shape, dtype: torch.dtype, kernel: str |
         weight_decay=float(group["weight_decay"]), scale_parameter=bool(group["scale_parameter"]),
         relative_step=bool(group["relative_step"]), warmup_init=bool(group["warmup_init"]),
         kernel=kernel if len(shape) == 2 and factor is None else None, factor=factor,
+        complement_weight=None if group["complement_weight"] is None else float(group["complement_weight"]),
     )
 
 
@@ -341,8 +345,8 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
         c = moms[0]
         c_before = c.clone()  # r x d: small
         update = compressed_step_(spec.form, c, update, a, spec.dim, beta1, lr, spec.clip_threshold,
-                                  u_norm=norm, isometric=spec.isometric,
-                                  bias_correction=bias, ok=ok)  # clips, scales by lr; 0 where not ok
+                                  u_norm=norm, isometric=spec.isometric, bias_correction=bias, ok=ok,
+                                  complement_weight=spec.complement_weight)  # clips, scales by lr; 0 where not ok
         c.copy_(torch.where(ok, c, c_before))
     else:
         af.clip_by_rms_(update, spec.clip_threshold, norm=norm)
@@ -434,7 +438,8 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
         # is what compressed_step_ returns, never the tensor it was given.
         update = compressed_step_(spec.form, c, update.reshape(k, *matrix_shape(shape)), a, spec.dim,
                                   beta1, lr, spec.clip_threshold, u_norm=norm,
-                                  isometric=spec.isometric, bias_correction=bias, ok=ok).view(k, *shape)
+                                  isometric=spec.isometric, bias_correction=bias, ok=ok,
+                                  complement_weight=spec.complement_weight).view(k, *shape)
         _commit(moms, c, c_before, ok.reshape(k, 1, 1))
     else:
         clip = (norm / math.sqrt(numel) / spec.clip_threshold).clamp_(min=1.0)
@@ -533,7 +538,8 @@ def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
     n, m = matrix_shape(spec.shape)
     xa, coef = compressed_apply_(spec.form, c, None, cu, a, spec.dim, spec.beta1, lr, spec.clip_threshold,
                                  u_sq=norm.to(sdt).square(), terms=terms, numel=n * m, isometric=spec.isometric,
-                                 bias_correction=bias, ok=ok, split=True)
+                                 bias_correction=bias, ok=ok, split=True,
+                                 complement_weight=spec.complement_weight)
     _commit(moms, c, c_before, ok.reshape(k, 1, 1))
     # a skipped parameter's u (in ws_u, unmasked) may not be finite: its x and coef are 0
     ok3 = ok.reshape(k, 1, 1)

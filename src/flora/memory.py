@@ -58,7 +58,7 @@ def cache_bytes(optimizer: Optimizer) -> int:
 _FLORA_OPTIONS = frozenset((
     "lr", "kappa", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter", "relative_step",
     "warmup_init", "seed", "proj_dim", "momentum_form", "projection", "max_aspect_ratio", "cache_projections",
-    "factor_dims",
+    "factor_dims", "complement_weight",
 ))
 
 

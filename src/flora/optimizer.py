@@ -61,6 +61,7 @@ class Flora(Optimizer):
         projection: str = "orthonormal",
         max_aspect_ratio: float | None = None,
         factor_dims: str = "largest",
+        complement_weight: float | None = None,
         cache_projections: bool = True,
         foreach: bool | None = None,
         compile: bool | str | Any = False,
@@ -77,7 +78,7 @@ class Flora(Optimizer):
             clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay,
             scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
             seed=seed, proj_dim=proj_dim, momentum_form=momentum_form, projection=projection,
-            max_aspect_ratio=max_aspect_ratio, factor_dims=factor_dims,
+            max_aspect_ratio=max_aspect_ratio, factor_dims=factor_dims, complement_weight=complement_weight,
             cache_projections=cache_projections, foreach=foreach,
         )
         _validate_group(defaults)
@@ -421,9 +422,17 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             unchanged outside it: ``D(M) + u - D(C(u))``; FRUGAL's form) or ``"scaled"``
             (the same with the outside scaled by ``|M| / ((1 - beta1^t) |C(u)|)``, at most
             1: Fira's idea) or ``"adaptive"`` (the outside weighted by its estimated
-            signal fraction, within ``[1 - beta1, 1]``); those three need orthonormal rows. Named
-            so that it never collides with the ``momentum`` key torch's cyclic schedulers
-            write; ``momentum=`` of earlier releases is still accepted, with a warning.
+            signal fraction, within ``[1 - beta1, 1]``) or ``"fixed"`` (the outside weighted
+            by the constant ``complement_weight``: ``1 - beta1`` gives ``"exact"``, 1
+            ``"subspace"``); those four need orthonormal rows. Named so that it never
+            collides with the ``momentum`` key torch's cyclic schedulers write;
+            ``momentum=`` of earlier releases is still accepted, with a warning.
+        complement_weight: the ``"fixed"`` form's weight of the outside, a number in
+            [0, 1]; None (the default) is ``flora.momentum.FIXED_COMPLEMENT_WEIGHT``, 0.4
+            (at rank 8 it removed the default form's deficit on tabular MLPs; the language
+            model did best with 0.1: docs/results.md).
+            Any other form with a weight set is a ``ValueError``. A checkpoint saved
+            without this option loads with None.
         projection: ``"gaussian"`` (N(0, 1/r) entries, unbiased: the paper's),
             ``"orthonormal"`` (QR of the same Gaussian draw, on the CPU) or
             ``"coordinates"`` (r random coordinates of the projected dimension, no

@@ -21,7 +21,8 @@ CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
 # Options that change Flora's algorithm (not only its step size): when a loaded state's
 # groups set them otherwise than this optimizer was built with, load_state_dict warns.
 # (A different rank is refused: the momentum's shape depends on it.)
-ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim", "factor_dims")
+ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim", "factor_dims",
+                  "complement_weight")
 
 
 def upgrade_group(group: dict, *, saved: bool = True) -> dict:
@@ -29,13 +30,15 @@ def upgrade_group(group: dict, *, saved: bool = True) -> dict:
     form name) became ``momentum_form``; a ``saved`` state without ``projection`` dates
     from when every projection was Gaussian, and keeps those matrices; one without
     ``factor_dims`` from when every second moment was factored over the last two dims
-    (``"last"``), and keeps those state shapes."""
+    (``"last"``), and keeps those state shapes; one without ``complement_weight`` from
+    before the ``"fixed"`` form, whose weight it leaves None (the option's default)."""
     old = group.get("momentum")
     if isinstance(old, str) and "momentum_form" not in group:
         group["momentum_form"] = group.pop("momentum")
     if saved:
         group.setdefault("projection", "gaussian")
         group.setdefault("factor_dims", "last")
+        group.setdefault("complement_weight", None)
     return group
 
 
@@ -113,6 +116,7 @@ def validate_group(group: dict) -> None:
     check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
     check_choice("projection", group["projection"], PROJECTIONS)
     check_choice("factor_dims", group["factor_dims"], FACTOR_DIMS)
+    check_complement_weight(group["complement_weight"], group["momentum_form"])
     if group["momentum_form"] in SUBSPACE_FORMS and group["projection"] == "gaussian":
         raise ValueError(f"momentum_form={group['momentum_form']!r} needs projection='orthonormal' or "
                          "'coordinates' (its complement u - decompress(compress(u)) is an orthogonal projection "
@@ -123,6 +127,17 @@ def validate_group(group: dict) -> None:
             raise TypeError(f"{name} must be True or False, got {group[name]!r}")
     if group["foreach"] not in (None, True, False):
         raise TypeError(f"foreach must be None, True or False, got {group['foreach']!r}")
+
+
+def check_complement_weight(weight, form) -> None:
+    """``complement_weight``: None, or a real number in [0, 1] with ``momentum_form="fixed"``
+    (the one form whose complement weight is a constant; the others set their own)."""
+    check_real("complement_weight", weight, low=0.0, high=1.0, allow_none=True)
+    if weight is not None and form != "fixed":
+        others = ", ".join(repr(f) for f in MOMENTUM_FORMS if f != "fixed")
+        raise ValueError(f"complement_weight={weight!r} is the weight of momentum_form='fixed' only; got "
+                         f"momentum_form={form!r} (forms {others} set their own, and take complement_weight=None). "
+                         "Pass momentum_form='fixed', or leave complement_weight None")
 
 
 def check_grads(param_groups) -> None:

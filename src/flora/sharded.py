@@ -375,7 +375,8 @@ def _phase3(it: _Item, count_skip) -> None:
         # dims merge), never the tensor it was given.
         update = compressed_apply_(group["momentum_form"], c, um, cu, it.a, dim, beta1, lr, group["clip_threshold"],
                                    u_sq=u_sq, terms=terms, numel=it.numel, isometric=isometric,
-                                   bias_correction=1.0 - beta1 ** it.t, ok=ok).view(u.shape)
+                                   bias_correction=1.0 - beta1 ** it.t, ok=ok,
+                                   complement_weight=group["complement_weight"]).view(u.shape)
         c.copy_(torch.where(ok, c, it.c_before))
     else:
         rms = (u_sq / it.numel).sqrt().to(u.dtype)

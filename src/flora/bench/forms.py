@@ -43,7 +43,7 @@ def table(rows: list[Chosen], metrics: dict[str, str]) -> list[dict]:
         key = test_key(metric)
         out.append({
             "task": r.task, "optimizer": r.optimizer,
-            "form": f"{spec.momentum_form}-{spec.projection}" if flora else r.optimizer,
+            "form": spec.flora_form if flora else r.optimizer,
             "rank": spec.rank if flora else None, "status": r.status, "lr": r.run.lr,
             "lrs_tried": sorted(x for x in r.lrs_tried if x == x), "lr_capped": r.lr_capped, "seeds": len(r.runs),
             "metric": key, "test_mean": r.get(key), "test_std": r.get(f"{key}_std"),

@@ -13,9 +13,12 @@ DEFAULT_FLORA_FORM = (flora.Flora.__init__.__kwdefaults__["momentum_form"],
                       flora.Flora.__init__.__kwdefaults__["projection"])
 
 
-def flora_name(rank: int, form: str | None = None, projection: str = "gaussian") -> str:
+def flora_name(rank: int, form: str | None = None, projection: str = "gaussian",
+               complement_weight: float | None = None) -> str:
     """The shortest name of Flora at ``rank`` with ``form`` and ``projection`` (no form:
-    Flora's default, the bare ``flora-rR``)."""
-    if form is None or (form, projection) == DEFAULT_FLORA_FORM:
+    Flora's default, the bare ``flora-rR``); a ``complement_weight`` (the ``"fixed"``
+    form's) follows the form's name: ``flora-r8-fixed0.25-orthonormal``."""
+    if complement_weight is None and (form is None or (form, projection) == DEFAULT_FLORA_FORM):
         return f"flora-r{rank}"
-    return f"flora-r{rank}-{form}" + ("" if projection == "gaussian" else f"-{projection}")
+    weight = "" if complement_weight is None else f"{float(complement_weight):g}"
+    return f"flora-r{rank}-{form}{weight}" + ("" if projection == "gaussian" else f"-{projection}")

@@ -9,10 +9,12 @@ Names (``--optimizers``, comma separated):
   default form (``DEFAULT_FLORA_FORM``: "scaled" momentum, orthonormal projection; before
   that default changed, the bench's ``flora-r<R>`` meant ``flora-r<R>-exact``); generally
   ``flora-r<R>-<FORM>[-<PROJECTION>]``, FORM one of ``flora.Flora``'s momentum forms
-  (paper, exact, subspace, scaled) and PROJECTION one of its projections (gaussian, the
-  default when left out; orthonormal; coordinates), e.g. ``flora-r8-paper``,
-  ``flora-r8-exact-orthonormal``, ``flora-r8-scaled-coordinates``. subspace and scaled
-  need a non-Gaussian projection (``VALID_FLORA_FORMS``). ``flora-dense``: ``flora.Flora``
+  (paper, exact, subspace, scaled, adaptive, fixed) and PROJECTION one of its projections
+  (gaussian, the default when left out; orthonormal; coordinates), e.g. ``flora-r8-paper``,
+  ``flora-r8-exact-orthonormal``, ``flora-r8-scaled-coordinates``. subspace, scaled,
+  adaptive and fixed need a non-Gaussian projection (``VALID_FLORA_FORMS``). The fixed
+  form takes its ``complement_weight`` after its name, ``flora-r8-fixed0.25-orthonormal``
+  (``flora-r8-fixed-orthonormal``: Flora's default weight). ``flora-dense``: ``flora.Flora``
   with ``beta1=0.9`` and no rank (dense momentum: Adafactor itself).
 - ``lora-r<R>``: LoRA (``peft``) of rank R on the linear layers, trained with Adafactor
   beta1 0.9 (the base optimizer of every Flora run, as in the paper's comparison).
@@ -52,7 +54,8 @@ class Unavailable(RuntimeError):
     """The optimizer cannot run here (a peer is not installed, a feature is missing)."""
 
 
-_NAME = re.compile(r"^(?P<base>adamw|adafactor(?:-b0\.9)?|flora-dense|flora-r(?P<fr>\d+)(?P<form>(?:-[a-z]+){0,2})"
+_NAME = re.compile(r"^(?P<base>adamw|adafactor(?:-b0\.9)?|flora-dense"
+                   r"|flora-r(?P<fr>\d+)(?P<form>(?:-[a-z]+[0-9.]*){0,2})"
                    r"|lora-r(?P<lr>\d+)"
                    r"|galore-r(?P<gr>\d+)|apollo-r(?P<ar>\d+)|flora-opt-r(?P<or>\d+))"
                    r"(?:\+ca-r(?P<ca>\d+))?$")
@@ -67,6 +70,13 @@ class Spec:
     momentum_form: str = "scaled"  # flora.Flora's momentum_form
     projection: str = "orthonormal"  # flora.Flora's projection
     accumulate_rank: int | None = None
+    complement_weight: float | None = None  # flora.Flora's complement_weight (the "fixed" form's)
+
+    @property
+    def flora_form(self) -> str:
+        """FORM-PROJECTION, the form with its complement weight (``fixed0.25-orthonormal``)."""
+        weight = "" if self.complement_weight is None else f"{self.complement_weight:g}"
+        return f"{self.momentum_form}{weight}-{self.projection}"
 
     @property
     def lr_family(self) -> str:
@@ -95,13 +105,22 @@ VALID_FLORA_FORMS = tuple((f, p) for f in MOMENTUM_FORMS for p in PROJECTIONS
                           if not (f in SUBSPACE_FORMS and p == "gaussian"))
 
 
-def _flora_form(name: str, suffix: str) -> tuple[str, str]:
-    """(momentum form, projection) of a ``flora-rR`` name's suffix ("", "-paper", "-scaled-coordinates")."""
+# A form's name with the fixed form's complement weight after it: "fixed0.25".
+_WEIGHTED = re.compile(r"^(?P<form>[a-z]+)(?P<weight>\d+(?:\.\d+)?)?$")
+
+
+def _flora_form(name: str, suffix: str) -> tuple[str, str, float | None]:
+    """(momentum form, projection, complement weight) of a ``flora-rR`` name's suffix
+    ("", "-paper", "-scaled-coordinates", "-fixed0.25-orthonormal")."""
     parts = suffix.split("-")[1:]
     if not parts:  # a bare flora-rR: Flora's default form
-        return DEFAULT_FLORA_FORM
-    form = parts[0]
+        return (*DEFAULT_FLORA_FORM, None)
+    m = _WEIGHTED.match(parts[0])
+    form, weight = (m["form"], m["weight"]) if m else (parts[0], None)
     projection = parts[1] if len(parts) > 1 else "gaussian"
+    if weight is not None and (form != "fixed" or not 0.0 <= float(weight) <= 1.0):
+        raise ValueError(f"{name}: a complement weight ({weight}) follows only the fixed form's name, and is in "
+                         "[0, 1] (e.g. flora-r8-fixed0.25-orthonormal)")
     if (form, projection) not in VALID_FLORA_FORMS:
         valid = ", ".join(flora_name(0, f, p).replace("r0", "rR") for f, p in VALID_FLORA_FORMS)
         if form in SUBSPACE_FORMS and projection == "gaussian":
@@ -109,8 +128,9 @@ def _flora_form(name: str, suffix: str) -> tuple[str, str]:
         else:
             why = (f"{suffix[1:]!r} is not FORM[-PROJECTION] (forms: {', '.join(MOMENTUM_FORMS)}; projections: "
                    f"{', '.join(PROJECTIONS)})")
-        raise ValueError(f"{name}: {why}; valid Flora names: {valid} (R a rank; the projection defaults to gaussian)")
-    return form, projection
+        raise ValueError(f"{name}: {why}; valid Flora names: {valid} (R a rank; the projection defaults to gaussian; "
+                         "fixed may carry its complement weight: flora-rR-fixed0.25-orthonormal)")
+    return form, projection, None if weight is None else float(weight)
 
 
 def parse(name: str) -> Spec:
@@ -129,8 +149,9 @@ def parse(name: str) -> Spec:
     elif base == "flora-dense":
         s = Spec(name, "flora", beta1=0.9)
     elif m["fr"]:
-        form, projection = _flora_form(name, m["form"])
-        s = Spec(name, "flora", rank=int(m["fr"]), beta1=0.9, momentum_form=form, projection=projection)
+        form, projection, weight = _flora_form(name, m["form"])
+        s = Spec(name, "flora", rank=int(m["fr"]), beta1=0.9, momentum_form=form, projection=projection,
+                 complement_weight=weight)
     elif m["lr"]:
         s = Spec(name, "lora", rank=int(m["lr"]), beta1=0.9)
     elif m["gr"]:
@@ -231,6 +252,8 @@ def make_optimizer(spec: Spec, params, lr: float, *, kappa: int, seed: int, scal
         form = {"momentum_form" if "momentum_form" in known else "momentum": spec.momentum_form}
         if spec.projection != "gaussian" or "projection" in known:
             form["projection"] = spec.projection
+        if spec.complement_weight is not None:  # Flora's default weight otherwise
+            form["complement_weight"] = spec.complement_weight
         return flora_module.Flora(params, rank=spec.rank, beta1=spec.beta1, kappa=kappa, seed=seed, **form, **ada,
                                   **(flora_options or {}))
     if spec.family == "flora-opt":
