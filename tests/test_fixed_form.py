@@ -58,11 +58,17 @@ def _assert_close_runs(a, b, *, rtol=1e-5):
                 assert oa.state[x][k] == v, k
 
 
+def test_a_weight_alone_sets_the_default_form():
+    """The default form is "fixed": ``complement_weight=`` alone is its weight."""
+    _assert_close_runs(_run(complement_weight=0.3), _run(momentum_form="fixed", complement_weight=0.3), rtol=0)
+    _assert_close_runs(_run(), _run(momentum_form="fixed", complement_weight=FIXED_COMPLEMENT_WEIGHT), rtol=0)
+
+
 def test_the_form_and_its_default_weight():
     assert "fixed" in MOMENTUM_FORMS and "fixed" in SUBSPACE_FORMS
     assert FIXED_COMPLEMENT_WEIGHT == 0.4 and fixed_weight(None) == 0.4 and fixed_weight(0.25) == 0.25
     assert Flora.__init__.__kwdefaults__["complement_weight"] is None
-    assert Flora.__init__.__kwdefaults__["momentum_form"] == "scaled"  # the default form is unchanged
+    assert Flora.__init__.__kwdefaults__["momentum_form"] == "fixed"  # the default form since 2026-12-01
 
 
 # ------------------------------------------------------------------ identities
@@ -176,12 +182,7 @@ BAD = [
 BAD_IDS = ["above-1", "below-0", "nan", "bool", "tensor", "with-scaled", "with-exact", "gaussian"]
 
 
-# a weight with the default form ("scaled")
-DEFAULT_FORM_BAD = (dict(complement_weight=0.3), ValueError,
-                    "complement_weight=0.3 is the weight of momentum_form='fixed' only; got momentum_form='scaled'")
-
-
-@pytest.mark.parametrize("kw,exc,match", BAD + [DEFAULT_FORM_BAD], ids=BAD_IDS + ["with-default-form"])
+@pytest.mark.parametrize("kw,exc,match", BAD, ids=BAD_IDS)
 def test_bad_options_are_refused_by_the_constructor(kw, exc, match):
     with pytest.raises(exc, match=match):
         Flora(_params(), **{**OPTS, **kw})
@@ -226,18 +227,18 @@ def test_groups_may_mix_weights_and_forms():
     form: each steps as an optimizer of its own options."""
     params = _params()
     opt = Flora([{"params": params[:2], "momentum_form": "fixed", "complement_weight": 0.25},
-                 {"params": params[2:]}], **OPTS)
+                 {"params": params[2:]}], **{**OPTS, "momentum_form": "scaled"})
     assert [g["complement_weight"] for g in opt.param_groups] == [0.25, None]
     assert [g["momentum_form"] for g in opt.param_groups] == ["fixed", "scaled"]
     step_on_noise(opt, params, 5)
     fixed, _ = _run(momentum_form="fixed", complement_weight=0.25)
-    scaled, _ = _run()
+    scaled, _ = _run(momentum_form="scaled")
     for i, p in enumerate(params):
         assert torch.equal(p, (fixed if i < 2 else scaled)[i])
 
 
 def test_state_bytes_are_those_of_the_other_forms():
-    (_, fixed), (_, scaled) = _run(momentum_form="fixed", complement_weight=0.25), _run()
+    (_, fixed), (_, scaled) = _run(momentum_form="fixed", complement_weight=0.25), _run(momentum_form="scaled")
     assert state_bytes(fixed) == state_bytes(scaled) == flora_state_bytes(
         SHAPES, rank=3, beta1=BETA1, momentum_form="fixed", complement_weight=0.25)
 
@@ -288,7 +289,7 @@ def test_checkpoint_resumes_bit_exactly_and_restores_the_weight(foreach):
     ckpt = _through_weights_only({"model": model.state_dict(), "opt": opt.state_dict()})
     assert [g["complement_weight"] for g in ckpt["opt"]["param_groups"]] == [0.3]
     model2 = _net()
-    opt2 = Flora(model2.parameters(), **kw)
+    opt2 = Flora(model2.parameters(), momentum_form="scaled", **kw)
     model2.load_state_dict(ckpt["model"])
     with pytest.warns(UserWarning, match=r"momentum_form: 'scaled' -> 'fixed'.*complement_weight: None -> 0.3"):
         opt2.load_state_dict(ckpt["opt"])
@@ -325,9 +326,10 @@ def test_checkpoint_without_the_option_loads_with_none():
 
 def test_checkpoint_without_the_option_into_a_fixed_optimizer():
     """Loaded into a Flora built with the fixed form and a weight, an old state's groups
-    take the saved form and None (a warning names the change): the loaded options win."""
+    take the saved form and None (a warning names the change): the loaded options win.
+    (A state saved before 2026-12-01 with the then default form "scaled".)"""
     model = _net()
-    opt = Flora(model.parameters(), **CKPT)
+    opt = Flora(model.parameters(), momentum_form="scaled", **CKPT)
     _train(model, opt, _batches(2))
     sd = opt.state_dict()
     for g in sd["param_groups"]:

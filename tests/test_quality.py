@@ -81,13 +81,14 @@ def _digits_run(data, make, seed, lr, steps=300, batch=32):
 
 
 def test_default_form_beats_no_momentum_on_digits(digits):
-    """lr 3e-2, 300 steps. Measured (train / test cross-entropy, seeds 0, 1, 2), default:
-    0.034/0.142, 0.019/0.154, 0.030/0.090 (the same with 1 or 2 threads); beta1=None:
-    0.073/0.175, 0.090/0.262, 0.066/0.176 (with 1 thread, as here; with 2, 0.049/0.125,
-    0.631/0.874, 0.096/0.213: at this lr it jitters, and the jitter follows the float
-    rounding); train ratio of the means 0.36 (0.11 with 2 threads). It is not just the lr: beta1=None's best over
-    3e-3, 1e-2 and 3e-2, 1e-2, reaches 0.050, 0.034, 0.059, where the default form is
-    at 0.056, 0.081, 0.077: a tie at 1e-2, and momentum carries the higher lr."""
+    """lr 3e-2, 300 steps, one thread. Measured 2026-12-01 (train / test cross-entropy,
+    seeds 0, 1, 2), the default ("fixed", kappa 100): 0.050/0.158, 0.034/0.151,
+    0.021/0.116; beta1=None: 0.059/0.167, 0.078/0.204, 0.043/0.125 (at this lr it jitters,
+    and the jitter follows the float rounding); ratios of the means 0.58 (train) and 0.86
+    (test). ("scaled", the default before: 0.046/0.139, 0.031/0.168, 0.042/0.114, train
+    ratio 0.66; with kappa 1000, before kappa 100, 0.36.) It is not just the lr: at 1e-2,
+    beta1=None's best lr of three, the two tie (train 0.045 against 0.062, test 0.140 and
+    0.141): momentum carries the higher lr."""
     lr = 3e-2
     mine, base = [], []
     for seed in range(3):
@@ -100,8 +101,8 @@ def test_default_form_beats_no_momentum_on_digits(digits):
         assert m_train < b_train, (mine, base)  # each seed: measured 0.21 to 0.68 of the baseline
     mean = [statistics.fmean(v[i] for v in mine) for i in (0, 1)]
     ref = [statistics.fmean(v[i] for v in base) for i in (0, 1)]
-    assert mean[0] < 0.6 * ref[0], (mine, base)  # train loss: measured 0.36 (1 thread), 0.11 (2)
-    assert mean[1] < 0.9 * ref[1], (mine, base)  # test loss: measured 0.63, 0.32
+    assert mean[0] < 0.75 * ref[0], (mine, base)  # train loss: measured 0.58
+    assert mean[1] < 0.92 * ref[1], (mine, base)  # test loss: measured 0.86
     assert mean[0] < 0.1 and ref[0] < 0.5 < math.log(10)  # both trained (from ln 10 = 2.3)
 
 

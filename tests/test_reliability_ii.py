@@ -102,7 +102,7 @@ def _state(**kw):
 
 
 def test_loading_a_state_of_other_algorithm_options_warns_naming_old_and_new():
-    p, sd = _state(beta1=0.9)  # the default form
+    p, sd = _state(beta1=0.9, momentum_form="scaled")
     opt = Flora([p], lr=1e-2, rank=4, momentum_form="exact", projection="gaussian", beta1=0.5, kappa=10, seed=7)
     with pytest.warns(UserWarning) as rec:
         opt.load_state_dict(sd)

@@ -6,7 +6,7 @@ Names (``--optimizers``, comma separated):
 - ``adafactor``, ``adafactor-b0.9``: ``transformers.optimization.Adafactor`` with a fixed
   lr (``relative_step=False``), without / with first moment.
 - ``flora-r<R>``: ``flora.Flora`` (same Adafactor settings, ``beta1=0.9``, rank R) in its
-  default form (``DEFAULT_FLORA_FORM``: "scaled" momentum, orthonormal projection; before
+  default form (``DEFAULT_FLORA_FORM``: "fixed" momentum, orthonormal projection; before
   that default changed, the bench's ``flora-r<R>`` meant ``flora-r<R>-exact``); generally
   ``flora-r<R>-<FORM>[-<PROJECTION>]``, FORM one of ``flora.Flora``'s momentum forms
   (paper, exact, subspace, scaled, adaptive, fixed) and PROJECTION one of its projections
@@ -67,7 +67,7 @@ class Spec:
     family: str  # adamw, adafactor, flora, lora, galore, apollo, flora-opt
     rank: int | None = None
     beta1: float | None = None
-    momentum_form: str = "scaled"  # flora.Flora's momentum_form
+    momentum_form: str = DEFAULT_FLORA_FORM[0]  # flora.Flora's momentum_form
     projection: str = "orthonormal"  # flora.Flora's projection
     accumulate_rank: int | None = None
     complement_weight: float | None = None  # flora.Flora's complement_weight (the "fixed" form's)

@@ -20,7 +20,7 @@ same shapes (the reference: what dropping that guarantee would cost).
     flora-bench step                                   # CPU (or --device cuda)
     flora-bench step --repeats 9 --ranks 8,32,128 --verify-config --out runs/step
     flora-bench step --size smoke                      # a tiny Llama's shapes, seconds
-    flora-bench step --compiled --ranks 32 --forms scaled-orthonormal   # + :compiled rows
+    flora-bench step --compiled --ranks 32 --forms fixed-orthonormal   # + :compiled rows
 
 ``:compiled`` rows (``--compiled``, or names such as ``flora-r32:compiled``): Flora with
 ``compile=True`` (its per-bucket arithmetic compiled once per shape signature;
@@ -75,7 +75,7 @@ SIZES = {
                          repeats=15, warmup=3),
     "smoke": StepSize("a tiny Llama (2 layers x 64)", TINY_LLAMA, ranks=(4, 8), repeats=2, warmup=1),
 }
-FORMS = ("scaled-orthonormal", "exact", "paper")  # the default of --forms; any FORM[-PROJECTION] of optimizers.parse runs
+FORMS = ("fixed-orthonormal", "exact", "paper")  # the default of --forms; any FORM[-PROJECTION] of optimizers.parse runs
 REFERENCE = "adafactor-b0.9"  # the optimizer Flora replaces: step-time ratios are to it
 BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of flora
 LR = 1e-3
@@ -115,7 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per optimizer first")
     p.add_argument("--ranks", default=None, help="comma-separated Flora ranks (default: 8,32,128; smoke 4,8)")
     p.add_argument("--forms", default=",".join(FORMS), help="Flora momentum forms to time: FORM[-PROJECTION] entries (forms: paper, exact, subspace, "
-                        "scaled; projections: gaussian (default), orthonormal, coordinates), e.g. "
+                        "scaled, adaptive, fixed[WEIGHT]; projections: gaussian (default), orthonormal, coordinates), e.g. "
                         "exact,paper,scaled-orthonormal")
     p.add_argument("--optimizers", default=None,
                    help="explicit optimizer names instead of the list made from --ranks/--forms (adamw, adafactor, "
@@ -190,7 +190,7 @@ def optimizer_names(a: argparse.Namespace) -> list[str]:
         names += [f"flora-opt-r{r}" for r in a.ranks]
     if getattr(a, "compiled", False):
         names += ["adamw:compiled", "adafactor-b0.9:compiled"]
-        names += [f"{bo.flora_form_name(r, a.forms[0] if a.forms else 'scaled-orthonormal')}:compiled" for r in a.ranks]
+        names += [f"{bo.flora_form_name(r, a.forms[0] if a.forms else FORMS[0])}:compiled" for r in a.ranks]
     return names
 
 

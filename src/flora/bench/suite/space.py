@@ -11,7 +11,8 @@ from flora import Flora
 # of every task; Flora's candidate forms run at every rank.
 FLOOR, TARGET = "adafactor", "adafactor-b0.9"
 BASELINES = (FLOOR, TARGET)
-FORMS = ("adaptive-orthonormal", "scaled-orthonormal", "exact-orthonormal")
+# The default form first ("fixed" since 2026-12-01; "adaptive" was a candidate before it).
+FORMS = ("fixed-orthonormal", "scaled-orthonormal", "exact-orthonormal")
 RANKS = (8, 32)
 SEEDS = 3
 # The library's default kappa: the primary setting (1000 until 2026-12-01, when the suite chose 100).
@@ -81,13 +82,13 @@ def staged_plan(tasks, seeds: int = SEEDS, forms=FORMS, ranks=RANKS, extra_ranks
                 extra_kappas=(1000,)) -> list[Job]:
     """The whole study in the order that makes an interrupted run most useful: every
     candidate on seed 0, the peers on seed 0, the candidates on the other seeds, then the
-    adaptive form at ``extra_ranks`` and the forms at rank 8 with ``extra_kappas`` (the
+    default form (``FORMS[0]``) at ``extra_ranks`` and the forms at rank 8 with ``extra_kappas`` (the
     paper's 1000 beside the primary), then
     the peers, extra ranks and kappas on the other seeds."""
     from .peers import PEERS
 
     main = candidates(forms, ranks)
-    more_ranks = tuple(f"flora-r{r}-adaptive-orthonormal" for r in extra_ranks)
+    more_ranks = tuple(f"flora-r{r}-{FORMS[0]}" for r in extra_ranks)
     kappa_forms = tuple(f"flora-r8-{f}" for f in forms)
     out = plan(tasks, main, seed_list=[0]) + plan(tasks, PEERS, seed_list=[0])
     out += plan(tasks, main, seed_list=range(1, seeds))
