@@ -16,18 +16,24 @@ MOMENTUM_CONFIGS = [
     ("adaptive", "coordinates"),
     ("fixed", "orthonormal"),
     ("fixed", "coordinates"),
+    ("floored", "orthonormal"),
+    ("floored", "coordinates"),
 ]
 MOMENTUM_IDS = [f"{f}-{p}" for f, p in MOMENTUM_CONFIGS]
 
 # The "fixed" form runs the tables with a weight of its own, not its default (0.4), so
 # that a path which drops complement_weight shows.
 FIXED_WEIGHT = 0.25
+# The "floored" form's floor in the tables: not the default either, and above the "scaled"
+# weight on noise (about sqrt((1 - beta1) / (1 + beta1)) = 0.23 at beta1 = 0.9), so it binds.
+FLOORED_WEIGHT = 0.3
+FORM_WEIGHTS = {"fixed": FIXED_WEIGHT, "floored": FLOORED_WEIGHT}
 
 
 def form_options(form: str, projection: str) -> dict:
     """Flora's options for a (momentum_form, projection) pair of the table: the "fixed"
-    form with ``complement_weight=FIXED_WEIGHT``."""
-    extra = {"complement_weight": FIXED_WEIGHT} if form == "fixed" else {}
+    form with ``complement_weight=FIXED_WEIGHT``, the "floored" with ``FLOORED_WEIGHT``."""
+    extra = {"complement_weight": FORM_WEIGHTS[form]} if form in FORM_WEIGHTS else {}
     return dict(momentum_form=form, projection=projection, **extra)
 
 

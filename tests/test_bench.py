@@ -368,7 +368,7 @@ def test_fixed_form_names_carry_the_complement_weight():
     assert bo.parse("flora-r8-scaled-orthonormal").complement_weight is None
     assert bo.parse("flora-r8").flora_form == "-".join(bo.DEFAULT_FLORA_FORM)
     for bad in ("flora-r8-scaled0.3-orthonormal", "flora-r8-fixed1.5-orthonormal", "flora-r8-exact0.1"):
-        with pytest.raises(ValueError, match="follows only the fixed form's name, and is in \\[0, 1\\]"):
+        with pytest.raises(ValueError, match="follows only the fixed or floored form's name, and is in \\[0, 1\\]"):
             bo.parse(bad)
     with pytest.raises(ValueError, match="needs projection orthonormal or coordinates"):
         bo.parse("flora-r8-fixed0.25")
@@ -379,6 +379,30 @@ def test_fixed_form_names_carry_the_complement_weight():
     with pytest.raises(SystemExit) as e:
         main(["step", "--forms", "fixed0.25-gaussian"])
     assert e.value.code == 2
+
+
+def test_floored_form_names_carry_the_complement_weight():
+    """flora-rR-floored[WEIGHT]-PROJECTION parses as the fixed form's names do: the floor
+    (or None, Flora's default 0.4) reaches the Spec and flora.Flora, and names round-trip
+    through flora_name and flora_form_name."""
+    import torch
+
+    param = torch.nn.Parameter(torch.randn(12, 10))
+    for name, projection, weight in (("flora-r8-floored-orthonormal", "orthonormal", None),
+                                     ("flora-r8-floored0.3-orthonormal", "orthonormal", 0.3),
+                                     ("flora-r8-floored0-coordinates", "coordinates", 0.0)):
+        s = bo.parse(name + "+ca-r4")
+        assert (s.family, s.rank, s.momentum_form, s.projection, s.complement_weight, s.accumulate_rank) == (
+            "flora", 8, "floored", projection, weight, 4), name
+        assert bo.flora_name(8, s.momentum_form, s.projection, s.complement_weight) == name
+        assert bo.flora_form_name(8, s.flora_form) == name and s.flora_form == name[len("flora-r8-"):]
+        group = bo.make_optimizer(bo.parse(name), [param], 1e-3, kappa=2, seed=0).param_groups[0]
+        assert (group["momentum_form"], group["projection"], group["complement_weight"]) == (
+            "floored", projection, weight)
+    with pytest.raises(ValueError, match="follows only the fixed or floored form's name, and is in \\[0, 1\\]"):
+        bo.parse("flora-r8-floored1.5-orthonormal")
+    with pytest.raises(ValueError, match="needs projection orthonormal or coordinates"):
+        bo.parse("flora-r8-floored0.3")
 
 
 def test_adafactor_without_momentum_runs_everywhere():

@@ -155,7 +155,7 @@ BAD_ARGUMENTS = [
     (dict(lr=1e-3, relative_step=False, warmup_init=True), ValueError, "warmup_init"),
     (dict(foreach="yes"), TypeError, "foreach"),
     (dict(momentum_form="scaled", complement_weight=0.3), ValueError,
-     "complement_weight=0.3 is the weight of momentum_form='fixed' only"),
+     "complement_weight=0.3 is the weight of momentum_form='fixed' or 'floored' only"),
     (dict(momentum_form="fixed", complement_weight=1.5), ValueError, r"complement_weight must be a real number in \[0"),
     (dict(momentum_form="fixed", complement_weight=True), TypeError, "complement_weight must be a real number"),
     (dict(momentum_form="fixed", complement_weight="0.3"), TypeError, "complement_weight"),
@@ -239,7 +239,7 @@ def test_a_checkpoint_from_before_projection_kinds_keeps_gaussian_matrices():
 
 
 def test_subspace_form_needs_orthonormal_rows():
-    for form in ("subspace", "scaled", "adaptive", "fixed"):
+    for form in ("subspace", "scaled", "adaptive", "fixed", "floored"):
         with pytest.raises(ValueError, match="projection='orthonormal'"):
             Flora(P, lr=1e-3, rank=2, beta1=0.9, momentum_form=form, projection="gaussian")
     with pytest.raises(ValueError, match="projection must be one of"):

@@ -130,15 +130,18 @@ def test_user_compile_one_break_no_recompile(case, foreach, form=("scaled", "ort
         assert int(opt.nonfinite_skips) == 1
 
 
+@pytest.mark.parametrize("form", ["fixed", "floored"])
 @pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
 @pytest.mark.parametrize("case", ["tensor-lr-scheduler", "nonfinite"])
-def test_fixed_form_one_break_no_recompile(case, foreach):
-    """The "fixed" form (its complement weight a constant of the graph): as above, one
-    break, one graph, nothing compiled after the first step."""
-    test_user_compile_one_break_no_recompile(case, foreach, form=("fixed", "orthonormal"))
+def test_weighted_forms_one_break_no_recompile(case, foreach, form):
+    """The "fixed" form (its complement weight a constant of the graph) and the "floored"
+    form (its floor one): as above, one break, one graph, nothing compiled after the
+    first step."""
+    test_user_compile_one_break_no_recompile(case, foreach, form=(form, "orthonormal"))
 
 
-@pytest.mark.parametrize("form", [("scaled", "orthonormal"), ("fixed", "orthonormal")], ids=["scaled", "fixed"])
+@pytest.mark.parametrize("form", [("scaled", "orthonormal"), ("fixed", "orthonormal"), ("floored", "orthonormal")],
+                         ids=["scaled", "fixed", "floored"])
 def test_compile_option_compiles_once_per_signature(monkeypatch, form):
     """Flora(compile=backend): one graph per shape signature of a bucket (here (12, 20) x 2,
     (20, 12), (20,), (6, 4, 5)), three for a bucket of compressed parameters on a CPU

@@ -172,7 +172,8 @@ BAD = [
      r"complement_weight must be a real number in \[0.0, 1.0\] or None, got True \(bool\)"),
     (dict(momentum_form="fixed", complement_weight=torch.tensor(0.3)), TypeError, "complement_weight"),
     (dict(momentum_form="scaled", complement_weight=0.3), ValueError,
-     r"complement_weight=0.3 is the weight of momentum_form='fixed' only; got momentum_form='scaled' \(forms "
+     r"complement_weight=0.3 is the weight of momentum_form='fixed' or 'floored' only; "
+     r"got momentum_form='scaled' \(forms "
      r"'paper', 'exact', 'subspace', 'scaled', 'adaptive' set their own, and take complement_weight=None\)"),
     (dict(momentum_form="exact", projection="gaussian", complement_weight=0.1), ValueError,
      "momentum_form='exact'"),
@@ -273,30 +274,36 @@ def _through_weights_only(obj):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
-def test_checkpoint_resumes_bit_exactly_and_restores_the_weight(foreach):
-    """Saved mid-way through a kappa window with complement_weight 0.3, read back with
-    weights_only=True and loaded into a Flora built with the default form: the groups
-    take the checkpoint's form and weight (a warning names both changes), and training
-    resumes bit for bit as the run that never stopped."""
+def resume_restores_the_weight(form: str, into: str, foreach: bool) -> None:
+    """A run of ``form`` with complement_weight 0.3 saved mid-way through a kappa window,
+    read back with weights_only=True and loaded into a Flora built with the form ``into``:
+    the groups take the checkpoint's form and weight (a warning names both changes), and
+    training resumes bit for bit as the run that never stopped. (Also tests/test_floored_form.py's.)"""
     kw = dict(CKPT, foreach=foreach)
     batches = _batches(8)
     ref = _net()
-    _train(ref, Flora(ref.parameters(), momentum_form="fixed", complement_weight=0.3, **kw), batches)
+    _train(ref, Flora(ref.parameters(), momentum_form=form, complement_weight=0.3, **kw), batches)
     model = _net()
-    opt = Flora(model.parameters(), momentum_form="fixed", complement_weight=0.3, **kw)
+    opt = Flora(model.parameters(), momentum_form=form, complement_weight=0.3, **kw)
     _train(model, opt, batches[:4])
     ckpt = _through_weights_only({"model": model.state_dict(), "opt": opt.state_dict()})
-    assert [g["complement_weight"] for g in ckpt["opt"]["param_groups"]] == [0.3]
+    assert [(g["momentum_form"], g["complement_weight"]) for g in ckpt["opt"]["param_groups"]] == [(form, 0.3)]
     model2 = _net()
-    opt2 = Flora(model2.parameters(), momentum_form="scaled", **kw)
+    opt2 = Flora(model2.parameters(), momentum_form=into, **kw)
     model2.load_state_dict(ckpt["model"])
-    with pytest.warns(UserWarning, match=r"momentum_form: 'scaled' -> 'fixed'.*complement_weight: None -> 0.3"):
+    with pytest.warns(UserWarning, match=rf"momentum_form: '{into}' -> '{form}'.*complement_weight: None -> 0.3"):
         opt2.load_state_dict(ckpt["opt"])
-    assert (opt2.param_groups[0]["momentum_form"], opt2.param_groups[0]["complement_weight"]) == ("fixed", 0.3)
+    assert (opt2.param_groups[0]["momentum_form"], opt2.param_groups[0]["complement_weight"]) == (form, 0.3)
     _train(model2, opt2, batches[4:])
     for a, b in zip(ref.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+def test_checkpoint_resumes_bit_exactly_and_restores_the_weight(foreach):
+    """Saved with complement_weight 0.3 and loaded into a Flora of the "scaled" form:
+    :func:`resume_restores_the_weight`."""
+    resume_restores_the_weight("fixed", "scaled", foreach)
 
 
 def test_checkpoint_without_the_option_loads_with_none():

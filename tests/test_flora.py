@@ -16,12 +16,13 @@ from flora.momentum import (
     scaled_momentum_,
     adaptive_momentum_,
     fixed_momentum_,
+    floored_momentum_,
     subspace_momentum_,
 )
 from flora.projection import compress, decompress, gaussian_projection, make_projection, projection_seed
 from transformers.optimization import Adafactor
 
-from _configs import FIXED_WEIGHT, MOMENTUM_CONFIGS, MOMENTUM_IDS, form_options
+from _configs import FIXED_WEIGHT, FLOORED_WEIGHT, FORM_WEIGHTS, MOMENTUM_CONFIGS, MOMENTUM_IDS, form_options
 
 
 def _matrix(kind, seed, rank, d):
@@ -65,9 +66,11 @@ def _reference_flora(p0, grads, *, lr, beta1, rank, kappa, seed, index, form, pr
         elif form == "subspace":  # momentum inside span(P), u unchanged outside it
             m = beta1 * m + (1 - beta1) * C(u)
             upd = D(m) + u - D(C(u))
-        elif form == "scaled":  # the outside scaled by |M| / ((1 - beta1^t) |C(u)|), at most 1
+        elif form in ("scaled", "floored"):  # the outside scaled by |M| / ((1 - beta1^t) |C(u)|), at most 1
             m = beta1 * m + (1 - beta1) * C(u)
             phi = min(1.0, (m.norm() / ((1 - beta1 ** (t + 1)) * C(u).norm())).item())
+            if form == "floored":  # and at least complement_weight
+                phi = max(complement_weight, phi)
             upd = D(m) + phi * (u - D(C(u)))
         elif form == "fixed":  # the outside weighted by a constant
             m = beta1 * m + (1 - beta1) * C(u)
@@ -118,10 +121,11 @@ def test_plain_forms_equal_the_one_pass_step():
             plain = {"paper": paper_momentum_, "exact": exact_momentum_, "subspace": subspace_momentum_,
                      "scaled": lambda *args: scaled_momentum_(*args, 0.5),
                      "adaptive": lambda *args: adaptive_momentum_(*args, 0.5),
-                     "fixed": lambda *args: fixed_momentum_(*args, FIXED_WEIGHT)}[form]
+                     "fixed": lambda *args: fixed_momentum_(*args, FIXED_WEIGHT),
+                     "floored": lambda *args: floored_momentum_(*args, 0.5, FLOORED_WEIGHT)}[form]
             want = plain(c1, u.clone(), a, dim, 0.9)
             got = compressed_step_(form, c2, u.clone(), a, dim, 0.9, 1.0, 1e6, isometric=projection != "gaussian",
-                                   bias_correction=0.5, complement_weight=FIXED_WEIGHT)
+                                   bias_correction=0.5, complement_weight=FORM_WEIGHTS.get(form))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-6)
 

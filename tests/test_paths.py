@@ -129,7 +129,7 @@ CASES = dict(
     + [_case(lay, dt, c) for dt in ("bf16", "fp16", "fp64")
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
        for c in ("paper-gaussian", "exact-orthonormal", "subspace-coordinates", "scaled-orthonormal",
-                 "fixed-orthonormal", "dense-momentum", "no-momentum")]
+                 "fixed-orthonormal", "floored-coordinates", "dense-momentum", "no-momentum")]
     # HF's and torch's rule (the last two dims) on every layout of 3+ dims, and half precision
     + [_case(lay, "fp32", c, factor="last") for lay in MULTI_DIM
        for c in ("scaled-orthonormal", "fixed-coordinates", "paper-gaussian", "dense-momentum", "no-momentum",
@@ -305,6 +305,9 @@ COMPILED_CASES = dict(
     + [_case("channels_last", "fp32", "fixed-orthonormal"), _case("transposed", "fp32", "fixed-coordinates"),
        _case("first-largest-3d", "fp32", "fixed-orthonormal"), _case("contiguous", "bf16", "fixed-orthonormal"),
        _case("channels_last", "fp64", "fixed-orthonormal")]
+    # the "floored" form (its floor a constant of the graph, clamping a device weight)
+    + [_case("channels_last", "fp32", "floored-orthonormal"), _case("transposed", "fp32", "floored-coordinates"),
+       _case("contiguous", "bf16", "floored-orthonormal")]
 )
 
 
@@ -380,7 +383,8 @@ def test_reference_ignores_the_layout(case):
 
 # ------------------------------------------------------------------ non-finite gradients
 
-SKIP_CONFIGS = ["scaled-orthonormal", "fixed-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum"]
+SKIP_CONFIGS = ["scaled-orthonormal", "fixed-orthonormal", "floored-orthonormal", "paper-gaussian", "dense-momentum",
+                "no-momentum"]
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])

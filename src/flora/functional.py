@@ -83,8 +83,8 @@ class Spec(NamedTuple):
     # the factored dims when they are not the last two (adafactor.factor_move): the
     # second moment's arithmetic then runs on a view with them moved last
     factor: tuple[int, int] | None = None
-    # the "fixed" form's complement weight (the group's complement_weight; None: the
-    # default, flora.momentum.FIXED_COMPLEMENT_WEIGHT)
+    # the "fixed" form's complement weight, the "floored" form's floor (the group's
+    # complement_weight; None: the default, flora.momentum.FIXED_COMPLEMENT_WEIGHT)
     complement_weight: float | None = None
 
 

@@ -14,20 +14,23 @@ import torch
 
 from .projection import _bcast, as_matrix, compress, decompress, decompress_add_, overlap, transfer
 
-MOMENTUM_FORMS = ("paper", "exact", "subspace", "scaled", "adaptive", "fixed")
+MOMENTUM_FORMS = ("paper", "exact", "subspace", "scaled", "adaptive", "fixed", "floored")
 # Forms that need a projection with orthonormal rows (their complement is u - D(C(u))).
-SUBSPACE_FORMS = ("subspace", "scaled", "adaptive", "fixed")
+SUBSPACE_FORMS = ("subspace", "scaled", "adaptive", "fixed", "floored")
+# Forms that take Flora's complement_weight: "fixed"'s constant phi, "floored"'s floor under phi.
+WEIGHTED_FORMS = ("fixed", "floored")
 
 # The "fixed" form's complement weight phi when Flora's complement_weight is None: on the
 # selection suite at rank 8 a constant 0.4 removed the default form's deficit on tabular
 # MLPs and had the best worst case without the CNN; the language model wanted a small phi
 # (0.1, "exact"'s 1 - beta1, was best there). docs/results.md, "a constant complement weight".
+# Also the "floored" form's floor under the "scaled" weight when complement_weight is None.
 FIXED_COMPLEMENT_WEIGHT = 0.4
 
 
 def fixed_weight(complement_weight: float | None) -> float:
-    """The ``"fixed"`` form's ``phi``: ``complement_weight``, or
-    ``FIXED_COMPLEMENT_WEIGHT`` when it is None."""
+    """The ``"fixed"`` form's ``phi`` (the ``"floored"`` form's floor): ``complement_weight``,
+    or ``FIXED_COMPLEMENT_WEIGHT`` when it is None."""
     return FIXED_COMPLEMENT_WEIGHT if complement_weight is None else float(complement_weight)
 
 
@@ -127,10 +130,22 @@ def fixed_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int,
     return _weighted_complement_(c, u, a, dim, beta, lambda cu: phi)
 
 
+def floored_momentum_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
+                      bias_correction: float, phi_min: float) -> torch.Tensor:
+    """``"scaled"`` with its weight never below ``phi_min``: ``M <- beta M + (1 - beta) C(u)``;
+    the update is ``D(M) + phi (u - D(C(u)))``,
+    ``phi = max(phi_min, complement_scale(|M|, |C(u)|, 1 - beta^t))``. On noisy gradients
+    the scaled weight falls below the floor and this is ``"fixed"`` (``phi = phi_min``); on
+    a noiseless problem the scaled weight goes to 1 and this is ``"scaled"``."""
+    return _weighted_complement_(
+        c, u, a, dim, beta,
+        lambda cu: max(phi_min, complement_scale(c.norm().item(), cu.norm().item(), bias_correction)))
+
+
 def _weighted_complement_(c: torch.Tensor, u: torch.Tensor, a: torch.Tensor, dim: int, beta: float,
                           weight) -> torch.Tensor:
     """``M <- beta M + (1 - beta) C(u)``; the update is ``D(M) + phi (u - D(C(u)))``, with
-    ``phi = weight(C(u))`` read after ``M`` changed (the three weighted forms' reference)."""
+    ``phi = weight(C(u))`` read after ``M`` changed (the weighted forms' reference)."""
     size = as_matrix(u).shape[dim]
     cu = compress(u, a, dim)
     c.mul_(beta).add_(cu, alpha=(1 - beta))
@@ -166,12 +181,14 @@ def compressed_step_(
     ``u`` is this step's normalised update before clipping (``u_norm``: its 2-norm, if
     already computed); ``isometric``: the projection's rows are orthonormal
     (``"orthonormal"``, ``"coordinates"``); ``bias_correction``: ``1 - beta^t``, used by
-    ``"scaled"`` and ``"adaptive"`` (a float, or a 0-dim device tensor in a compiled step);
-    ``complement_weight``: the ``"fixed"`` form's ``phi`` (None: ``FIXED_COMPLEMENT_WEIGHT``;
-    ignored by the other forms). Equal, up to rounding, to::
+    ``"scaled"``, ``"adaptive"`` and ``"floored"`` (a float, or a 0-dim device tensor in a
+    compiled step); ``complement_weight``: the ``"fixed"`` form's ``phi``, the ``"floored"``
+    form's floor under it (None: ``FIXED_COMPLEMENT_WEIGHT``; ignored by the other forms).
+    Equal, up to rounding, to::
 
         u = lr * u / max(1, rms(u) / clip)
-        out = paper_momentum_(c, u, a, dim, beta)  # or exact_, subspace_, scaled_, adaptive_, fixed_momentum_
+        out = paper_momentum_(c, u, a, dim, beta)  # or exact_, subspace_, scaled_, adaptive_, fixed_,
+                                                   # floored_momentum_
         return out / max(1, rms(out) / (clip * lr))
 
     but the three scalings are folded into the coefficients of the one ``addmm`` that
@@ -236,9 +253,9 @@ def compressed_apply_(
     :func:`compressed_terms` are known (summed over shards, for a sharded tensor whose
     ``um``, ``c`` and ``cu`` are the local rows): updates ``c`` and overwrites ``um`` with
     the update (and returns it: under torch.compile, a new tensor); ``numel``: the whole
-    tensor's; ``complement_weight``: the ``"fixed"`` form's ``phi`` (:func:`fixed_weight`:
-    None is ``FIXED_COMPLEMENT_WEIGHT``), a Python constant (no sync; under torch.compile
-    a guarded constant, as ``beta``).
+    tensor's; ``complement_weight``: the ``"fixed"`` form's ``phi`` and the ``"floored"``
+    form's floor (:func:`fixed_weight`: None is ``FIXED_COMPLEMENT_WEIGHT``), a Python
+    constant (no sync; under torch.compile a guarded constant, as ``beta``).
 
     ``split=True`` (``um`` may then be None): ``um`` is left alone, and the update is
     returned as its two parts, ``(x, coef)``, such that the update is
@@ -267,13 +284,15 @@ def compressed_apply_(
         dc_sq = c_sq if isometric else g_cc
         coef_u, coef_dc = b, beta
         out_sq = b**2 * u_sq + 2 * b * beta * cross + beta**2 * dc_sq
-    elif form in ("scaled", "adaptive", "fixed"):
+    elif form in ("scaled", "adaptive", "fixed", "floored"):
         # out = D(c_new) + phi (k u - D(C(k u))) = phi k u + D(c_new - phi k C(u))
         new_sq = beta**2 * c_sq + 2 * beta * b * cross + b**2 * cu_sq  # |c_new|^2
         if form == "fixed":
             phi = fixed_weight(complement_weight)
-        elif form == "scaled":
+        elif form in ("scaled", "floored"):
             phi = complement_scale_t(new_sq.clamp(min=0.0).sqrt(), k * cu_sq.sqrt(), bias_correction)
+            if form == "floored":  # the floor a Python constant, as beta: no sync, no recompile
+                phi = phi.clamp(min=fixed_weight(complement_weight))
         else:
             phi = adaptive_scale_t(new_sq.clamp(min=0.0), k.square() * cu_sq, beta, bias_correction)
         c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
@@ -350,8 +369,10 @@ __all__ = [
     "adaptive_scale",
     "fixed_momentum_",
     "fixed_weight",
+    "floored_momentum_",
     "FIXED_COMPLEMENT_WEIGHT",
     "SUBSPACE_FORMS",
+    "WEIGHTED_FORMS",
     "compressed_step_",
     "compressed_terms",
     "compressed_apply_",

@@ -425,12 +425,14 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             signal fraction, within ``[1 - beta1, 1]``) or ``"fixed"`` (the outside weighted
             by the constant ``complement_weight``: ``1 - beta1`` gives ``"exact"``, 1
             ``"subspace"``; the default since 2026-12-01, when it had the lower worst case
-            on the selection suite's longer runs: docs/results.md); those four need
-            orthonormal rows. Named so that it never
+            on the selection suite's longer runs: docs/results.md) or ``"floored"``
+            (``"scaled"``'s weight never below ``complement_weight``: like ``"fixed"`` on
+            noisy training, like ``"scaled"``, its weight going to 1, on a noiseless
+            problem); those five need orthonormal rows. Named so that it never
             collides with the ``momentum`` key torch's cyclic schedulers write;
             ``momentum=`` of earlier releases is still accepted, with a warning.
-        complement_weight: the ``"fixed"`` form's weight of the outside, a number in
-            [0, 1]; None (the default) is ``flora.momentum.FIXED_COMPLEMENT_WEIGHT``, 0.4
+        complement_weight: the ``"fixed"`` form's weight of the outside (the
+            ``"floored"`` form's floor under it), a number in [0, 1]; None (the default) is ``flora.momentum.FIXED_COMPLEMENT_WEIGHT``, 0.4
             (it removed ``"scaled"``'s deficit on tabular MLPs and tied or beat it on the
             other tasks; a byte-level language model did best with 0.1, ``"exact"``:
             docs/results.md).

@@ -9,7 +9,7 @@ import torch
 from .adafactor import FACTOR_DIMS
 from ._validation import check_choice, check_positive_int, check_real, check_seed
 from .compression import PROJ_DIMS, compressed_dim, dense_reason
-from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS
+from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from .projection import PROJECTIONS
 from . import sharded
 from .sharded import is_dtensor
@@ -131,13 +131,15 @@ def validate_group(group: dict) -> None:
 
 def check_complement_weight(weight, form) -> None:
     """``complement_weight``: None, or a real number in [0, 1] with ``momentum_form="fixed"``
-    (the one form whose complement weight is a constant; the others set their own)."""
+    (its constant complement weight) or ``"floored"`` (the floor under its scaled weight);
+    the other forms set their own weight."""
     check_real("complement_weight", weight, low=0.0, high=1.0, allow_none=True)
-    if weight is not None and form != "fixed":
-        others = ", ".join(repr(f) for f in MOMENTUM_FORMS if f != "fixed")
-        raise ValueError(f"complement_weight={weight!r} is the weight of momentum_form='fixed' only; got "
-                         f"momentum_form={form!r} (forms {others} set their own, and take complement_weight=None). "
-                         "Pass momentum_form='fixed', or leave complement_weight None")
+    if weight is not None and form not in WEIGHTED_FORMS:
+        others = ", ".join(repr(f) for f in MOMENTUM_FORMS if f not in WEIGHTED_FORMS)
+        raise ValueError(f"complement_weight={weight!r} is the weight of momentum_form='fixed' or 'floored' only; "
+                         f"got momentum_form={form!r} (forms {others} set their own, and take "
+                         "complement_weight=None). Pass momentum_form='fixed' or 'floored', or leave "
+                         "complement_weight None")
 
 
 def check_grads(param_groups) -> None:

@@ -16,8 +16,8 @@ DEFAULT_FLORA_FORM = (flora.Flora.__init__.__kwdefaults__["momentum_form"],
 def flora_name(rank: int, form: str | None = None, projection: str = "gaussian",
                complement_weight: float | None = None) -> str:
     """The shortest name of Flora at ``rank`` with ``form`` and ``projection`` (no form:
-    Flora's default, the bare ``flora-rR``); a ``complement_weight`` (the ``"fixed"``
-    form's) follows the form's name: ``flora-r8-fixed0.25-orthonormal``."""
+    Flora's default, the bare ``flora-rR``); a ``complement_weight`` (the ``"fixed"`` and
+    ``"floored"`` forms') follows the form's name: ``flora-r8-fixed0.25-orthonormal``."""
     if complement_weight is None and (form is None or (form, projection) == DEFAULT_FLORA_FORM):
         return f"flora-r{rank}"
     weight = "" if complement_weight is None else f"{float(complement_weight):g}"

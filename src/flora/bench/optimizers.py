@@ -9,11 +9,12 @@ Names (``--optimizers``, comma separated):
   default form (``DEFAULT_FLORA_FORM``: "fixed" momentum, orthonormal projection; before
   that default changed, the bench's ``flora-r<R>`` meant ``flora-r<R>-exact``); generally
   ``flora-r<R>-<FORM>[-<PROJECTION>]``, FORM one of ``flora.Flora``'s momentum forms
-  (paper, exact, subspace, scaled, adaptive, fixed) and PROJECTION one of its projections
-  (gaussian, the default when left out; orthonormal; coordinates), e.g. ``flora-r8-paper``,
-  ``flora-r8-exact-orthonormal``, ``flora-r8-scaled-coordinates``. subspace, scaled,
-  adaptive and fixed need a non-Gaussian projection (``VALID_FLORA_FORMS``). The fixed
-  form takes its ``complement_weight`` after its name, ``flora-r8-fixed0.25-orthonormal``
+  (paper, exact, subspace, scaled, adaptive, fixed, floored) and PROJECTION one of its
+  projections (gaussian, the default when left out; orthonormal; coordinates), e.g.
+  ``flora-r8-paper``, ``flora-r8-exact-orthonormal``, ``flora-r8-scaled-coordinates``.
+  subspace, scaled, adaptive, fixed and floored need a non-Gaussian projection
+  (``VALID_FLORA_FORMS``). The fixed and floored forms take their ``complement_weight``
+  after their name, ``flora-r8-fixed0.25-orthonormal``, ``flora-r8-floored0.3-orthonormal``
   (``flora-r8-fixed-orthonormal``: Flora's default weight). ``flora-dense``: ``flora.Flora``
   with ``beta1=0.9`` and no rank (dense momentum: Adafactor itself).
 - ``lora-r<R>``: LoRA (``peft``) of rank R on the linear layers, trained with Adafactor
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 import flora
-from flora.momentum import MOMENTUM_FORMS, SUBSPACE_FORMS
+from flora.momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from flora.projection import PROJECTIONS
 
 from . import config
@@ -70,7 +71,7 @@ class Spec:
     momentum_form: str = DEFAULT_FLORA_FORM[0]  # flora.Flora's momentum_form
     projection: str = "orthonormal"  # flora.Flora's projection
     accumulate_rank: int | None = None
-    complement_weight: float | None = None  # flora.Flora's complement_weight (the "fixed" form's)
+    complement_weight: float | None = None  # flora.Flora's complement_weight (the "fixed" and "floored" forms')
 
     @property
     def flora_form(self) -> str:
@@ -105,22 +106,22 @@ VALID_FLORA_FORMS = tuple((f, p) for f in MOMENTUM_FORMS for p in PROJECTIONS
                           if not (f in SUBSPACE_FORMS and p == "gaussian"))
 
 
-# A form's name with the fixed form's complement weight after it: "fixed0.25".
+# A form's name with its complement weight after it (WEIGHTED_FORMS): "fixed0.25", "floored0.3".
 _WEIGHTED = re.compile(r"^(?P<form>[a-z]+)(?P<weight>\d+(?:\.\d+)?)?$")
 
 
 def _flora_form(name: str, suffix: str) -> tuple[str, str, float | None]:
     """(momentum form, projection, complement weight) of a ``flora-rR`` name's suffix
-    ("", "-paper", "-scaled-coordinates", "-fixed0.25-orthonormal")."""
+    ("", "-paper", "-scaled-coordinates", "-fixed0.25-orthonormal", "-floored0.3-orthonormal")."""
     parts = suffix.split("-")[1:]
     if not parts:  # a bare flora-rR: Flora's default form
         return (*DEFAULT_FLORA_FORM, None)
     m = _WEIGHTED.match(parts[0])
     form, weight = (m["form"], m["weight"]) if m else (parts[0], None)
     projection = parts[1] if len(parts) > 1 else "gaussian"
-    if weight is not None and (form != "fixed" or not 0.0 <= float(weight) <= 1.0):
-        raise ValueError(f"{name}: a complement weight ({weight}) follows only the fixed form's name, and is in "
-                         "[0, 1] (e.g. flora-r8-fixed0.25-orthonormal)")
+    if weight is not None and (form not in WEIGHTED_FORMS or not 0.0 <= float(weight) <= 1.0):
+        raise ValueError(f"{name}: a complement weight ({weight}) follows only the fixed or floored form's name, "
+                         "and is in [0, 1] (e.g. flora-r8-fixed0.25-orthonormal, flora-r8-floored0.3-orthonormal)")
     if (form, projection) not in VALID_FLORA_FORMS:
         valid = ", ".join(flora_name(0, f, p).replace("r0", "rR") for f, p in VALID_FLORA_FORMS)
         if form in SUBSPACE_FORMS and projection == "gaussian":
@@ -129,7 +130,7 @@ def _flora_form(name: str, suffix: str) -> tuple[str, str, float | None]:
             why = (f"{suffix[1:]!r} is not FORM[-PROJECTION] (forms: {', '.join(MOMENTUM_FORMS)}; projections: "
                    f"{', '.join(PROJECTIONS)})")
         raise ValueError(f"{name}: {why}; valid Flora names: {valid} (R a rank; the projection defaults to gaussian; "
-                         "fixed may carry its complement weight: flora-rR-fixed0.25-orthonormal)")
+                         "fixed and floored may carry their complement weight: flora-rR-fixed0.25-orthonormal)")
     return form, projection, None if weight is None else float(weight)
 
 

@@ -115,7 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per optimizer first")
     p.add_argument("--ranks", default=None, help="comma-separated Flora ranks (default: 8,32,128; smoke 4,8)")
     p.add_argument("--forms", default=",".join(FORMS), help="Flora momentum forms to time: FORM[-PROJECTION] entries (forms: paper, exact, subspace, "
-                        "scaled, adaptive, fixed[WEIGHT]; projections: gaussian (default), orthonormal, coordinates), e.g. "
+                        "scaled, adaptive, fixed[WEIGHT], floored[WEIGHT]; projections: gaussian (default), orthonormal, coordinates), e.g. "
                         "exact,paper,scaled-orthonormal")
     p.add_argument("--optimizers", default=None,
                    help="explicit optimizer names instead of the list made from --ranks/--forms (adamw, adafactor, "
