@@ -102,7 +102,7 @@ def test_default_names():
     assert optimizer_names(A) == ["adamw", "adamw:fused", "adafactor", "adafactor-b0.9", "flora-r8-exact",
                                   "flora-r8-paper", "flora-r32-exact", "flora-r32-paper", "flora-r8-exact:grouped",
                                   "flora-r32-exact:grouped", "flora-r8-exact:nomomentum", "flora-opt-r8", "flora-opt-r32"]
-    A.forms = ("fixed-orthonormal", "exact")  # Flora's default form is the bare name
+    A.forms = ("floored-orthonormal", "exact")  # Flora's default form is the bare name
     assert optimizer_names(A)[4:8] == ["flora-r8", "flora-r8-exact", "flora-r32", "flora-r32-exact"]
 
 

@@ -59,16 +59,16 @@ def _assert_close_runs(a, b, *, rtol=1e-5):
 
 
 def test_a_weight_alone_sets_the_default_form():
-    """The default form is "fixed": ``complement_weight=`` alone is its weight."""
-    _assert_close_runs(_run(complement_weight=0.3), _run(momentum_form="fixed", complement_weight=0.3), rtol=0)
-    _assert_close_runs(_run(), _run(momentum_form="fixed", complement_weight=FIXED_COMPLEMENT_WEIGHT), rtol=0)
+    """The default form is "floored": ``complement_weight=`` alone is its floor."""
+    _assert_close_runs(_run(complement_weight=0.3), _run(momentum_form="floored", complement_weight=0.3), rtol=0)
+    _assert_close_runs(_run(), _run(momentum_form="floored", complement_weight=FIXED_COMPLEMENT_WEIGHT), rtol=0)
 
 
 def test_the_form_and_its_default_weight():
     assert "fixed" in MOMENTUM_FORMS and "fixed" in SUBSPACE_FORMS
     assert FIXED_COMPLEMENT_WEIGHT == 0.4 and fixed_weight(None) == 0.4 and fixed_weight(0.25) == 0.25
     assert Flora.__init__.__kwdefaults__["complement_weight"] is None
-    assert Flora.__init__.__kwdefaults__["momentum_form"] == "fixed"  # the default form since 2026-12-01
+    assert Flora.__init__.__kwdefaults__["momentum_form"] == "floored"  # the default form since 2026-12-01
 
 
 # ------------------------------------------------------------------ identities

@@ -30,7 +30,7 @@ PROJECTIONS = ["orthonormal", "coordinates"]
 
 def test_the_form_and_its_default_floor():
     assert "floored" in MOMENTUM_FORMS and "floored" in SUBSPACE_FORMS and "floored" in WEIGHTED_FORMS
-    assert Flora.__init__.__kwdefaults__["momentum_form"] == "fixed"  # not the default
+    assert Flora.__init__.__kwdefaults__["momentum_form"] == "floored"  # the default since 2026-12-01
     default = _run(momentum_form="floored")
     explicit = _run(momentum_form="floored", complement_weight=FIXED_COMPLEMENT_WEIGHT)
     assert default[1].param_groups[0]["complement_weight"] is None
@@ -202,7 +202,7 @@ def test_groups_may_mix_floors_and_forms():
     """A floored group beside a fixed one: each steps as an optimizer of its own options."""
     params = _params()
     opt = Flora([{"params": params[:2], "momentum_form": "floored", "complement_weight": 0.3},
-                 {"params": params[2:], "complement_weight": 0.25}], **OPTS)
+                 {"params": params[2:], "momentum_form": "fixed", "complement_weight": 0.25}], **OPTS)
     step_on_noise(opt, params, 5)
     floored, _ = _run(momentum_form="floored", complement_weight=0.3)
     fixed, _ = _run(momentum_form="fixed", complement_weight=0.25)

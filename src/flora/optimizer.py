@@ -57,7 +57,7 @@ class Flora(Optimizer):
         warmup_init: bool = False,
         seed: int = 0,
         proj_dim: str | int = "auto",
-        momentum_form: str = "fixed",
+        momentum_form: str = "floored",
         projection: str = "orthonormal",
         max_aspect_ratio: float | None = None,
         factor_dims: str = "largest",
@@ -424,18 +424,18 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             1: Fira's idea) or ``"adaptive"`` (the outside weighted by its estimated
             signal fraction, within ``[1 - beta1, 1]``) or ``"fixed"`` (the outside weighted
             by the constant ``complement_weight``: ``1 - beta1`` gives ``"exact"``, 1
-            ``"subspace"``; the default since 2026-12-01, when it had the lower worst case
-            on the selection suite's longer runs: docs/results.md) or ``"floored"``
-            (``"scaled"``'s weight never below ``complement_weight``: like ``"fixed"`` on
-            noisy training, like ``"scaled"``, its weight going to 1, on a noiseless
-            problem); those five need orthonormal rows. Named so that it never
+            ``"subspace"``) or ``"floored"`` (``"scaled"``'s weight never below
+            ``complement_weight``: like ``"fixed"`` on noisy training, like ``"scaled"``,
+            its weight going to 1, on a noiseless problem; the default since 2026-12-01,
+            when it and ``"fixed"`` had the lowest worst case on the selection suite's
+            longer runs: docs/results.md); those five need orthonormal rows. Named so that it never
             collides with the ``momentum`` key torch's cyclic schedulers write;
             ``momentum=`` of earlier releases is still accepted, with a warning.
-        complement_weight: the ``"fixed"`` form's weight of the outside (the
-            ``"floored"`` form's floor under it), a number in [0, 1]; None (the default) is ``flora.momentum.FIXED_COMPLEMENT_WEIGHT``, 0.4
-            (it removed ``"scaled"``'s deficit on tabular MLPs and tied or beat it on the
-            other tasks; a byte-level language model did best with 0.1, ``"exact"``:
-            docs/results.md).
+        complement_weight: the ``"floored"`` form's least weight of the outside (the
+            ``"fixed"`` form's weight), a number in [0, 1]; None (the default) is
+            ``flora.momentum.FIXED_COMPLEMENT_WEIGHT``, 0.4 (it removed ``"scaled"``'s
+            deficit on tabular MLPs and tied or beat it on the other tasks; a byte-level
+            language model did best with 0.1, ``"exact"``: docs/results.md).
             Any other form with a weight set is a ``ValueError``. A checkpoint saved
             without this option loads with None.
         projection: ``"gaussian"`` (N(0, 1/r) entries, unbiased: the paper's),

@@ -133,7 +133,8 @@ PRESETS: dict[str, Preset] = {
     # Issue 9: which momentum form becomes Flora's default.
     "forms": Preset(tasks=("pretrain", "classify"), baselines=("adafactor", "adafactor-b0.9"),
                     flora_forms=("exact", "exact-orthonormal", "exact-coordinates", "subspace-orthonormal",
-                                 "fixed-orthonormal", "scaled-orthonormal", "scaled-coordinates"),
+                                 "floored-orthonormal", "fixed-orthonormal", "scaled-orthonormal",
+                                 "scaled-coordinates"),
                     about="Flora's momentum forms and projections against Adafactor with and without momentum, "
                           "across ranks (issue 9: the default form)"),
 }

@@ -6,7 +6,7 @@ Names (``--optimizers``, comma separated):
 - ``adafactor``, ``adafactor-b0.9``: ``transformers.optimization.Adafactor`` with a fixed
   lr (``relative_step=False``), without / with first moment.
 - ``flora-r<R>``: ``flora.Flora`` (same Adafactor settings, ``beta1=0.9``, rank R) in its
-  default form (``DEFAULT_FLORA_FORM``: "fixed" momentum, orthonormal projection; before
+  default form (``DEFAULT_FLORA_FORM``: "floored" momentum, orthonormal projection; before
   that default changed, the bench's ``flora-r<R>`` meant ``flora-r<R>-exact``); generally
   ``flora-r<R>-<FORM>[-<PROJECTION>]``, FORM one of ``flora.Flora``'s momentum forms
   (paper, exact, subspace, scaled, adaptive, fixed, floored) and PROJECTION one of its

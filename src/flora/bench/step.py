@@ -20,7 +20,7 @@ same shapes (the reference: what dropping that guarantee would cost).
     flora-bench step                                   # CPU (or --device cuda)
     flora-bench step --repeats 9 --ranks 8,32,128 --verify-config --out runs/step
     flora-bench step --size smoke                      # a tiny Llama's shapes, seconds
-    flora-bench step --compiled --ranks 32 --forms fixed-orthonormal   # + :compiled rows
+    flora-bench step --compiled --ranks 32 --forms floored-orthonormal   # + :compiled rows
 
 ``:compiled`` rows (``--compiled``, or names such as ``flora-r32:compiled``): Flora with
 ``compile=True`` (its per-bucket arithmetic compiled once per shape signature;
@@ -75,7 +75,7 @@ SIZES = {
                          repeats=15, warmup=3),
     "smoke": StepSize("a tiny Llama (2 layers x 64)", TINY_LLAMA, ranks=(4, 8), repeats=2, warmup=1),
 }
-FORMS = ("fixed-orthonormal", "exact", "paper")  # the default of --forms; any FORM[-PROJECTION] of optimizers.parse runs
+FORMS = ("floored-orthonormal", "exact", "paper")  # the default of --forms; any FORM[-PROJECTION] of optimizers.parse runs
 REFERENCE = "adafactor-b0.9"  # the optimizer Flora replaces: step-time ratios are to it
 BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of flora
 LR = 1e-3

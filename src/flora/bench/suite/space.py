@@ -11,8 +11,9 @@ from flora import Flora
 # of every task; Flora's candidate forms run at every rank.
 FLOOR, TARGET = "adafactor", "adafactor-b0.9"
 BASELINES = (FLOOR, TARGET)
-# The default form first ("fixed" since 2026-12-01; "adaptive" was a candidate before it).
-FORMS = ("fixed-orthonormal", "scaled-orthonormal", "exact-orthonormal")
+# The default form first ("floored" since 2026-12-01; "adaptive" and "scaled" were
+# candidates before it).
+FORMS = ("floored-orthonormal", "fixed-orthonormal", "exact-orthonormal")
 RANKS = (8, 32)
 SEEDS = 3
 # The library's default kappa: the primary setting (1000 until 2026-12-01, when the suite chose 100).
