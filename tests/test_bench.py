@@ -340,38 +340,51 @@ def test_every_flora_form_has_a_name():
     assert e.value.code == 2
 
 
-def test_fixed_form_names_carry_the_complement_weight():
-    """flora-rR-fixed[WEIGHT]-PROJECTION: the weight (or None, Flora's default 0.4) reaches
-    the Spec and flora.Flora, names round-trip through flora_name and flora_form_name, and
-    a weight on another form, out of [0, 1] or malformed is refused at parse time."""
+WEIGHTED_NAMES = {  # name -> (form, projection, weight)
+    "flora-r8-fixed-orthonormal": ("fixed", "orthonormal", None),
+    "flora-r8-fixed0.25-orthonormal": ("fixed", "orthonormal", 0.25),
+    "flora-r8-fixed1-coordinates": ("fixed", "coordinates", 1.0),
+    "flora-r8-fixed0-orthonormal": ("fixed", "orthonormal", 0.0),
+    "flora-r8-floored-orthonormal": ("floored", "orthonormal", None),
+    "flora-r8-floored0.3-orthonormal": ("floored", "orthonormal", 0.3),
+    "flora-r8-floored0-coordinates": ("floored", "coordinates", 0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHTED_NAMES))
+def test_weighted_form_names_carry_the_complement_weight(name):
+    """flora-rR-{fixed,floored}[WEIGHT]-PROJECTION: the weight (or None, Flora's default
+    0.4) reaches the Spec and flora.Flora, and names round-trip through flora_name and
+    flora_form_name (the default form with the default weight is the bare name)."""
     import torch
 
+    form, projection, weight = WEIGHTED_NAMES[name]
+    s = bo.parse(name + "+ca-r4")
+    assert (s.family, s.rank, s.momentum_form, s.projection, s.complement_weight, s.accumulate_rank) == (
+        "flora", 8, form, projection, weight, 4), name
+    short = "flora-r8" if (form, projection, weight) == (*bo.DEFAULT_FLORA_FORM, None) else name
+    assert bo.flora_name(8, s.momentum_form, s.projection, s.complement_weight) == short
+    assert bo.flora_form_name(8, s.flora_form) == short and s.flora_form == name[len("flora-r8-"):]
+    param = torch.nn.Parameter(torch.randn(12, 10))
+    group = bo.make_optimizer(bo.parse(name), [param], 1e-3, kappa=2, seed=0).param_groups[0]
+    assert (group["momentum_form"], group["projection"], group["complement_weight"]) == (form, projection, weight)
+
+
+def test_weighted_form_names_refuse_bad_weights():
+    """A weight on another form, out of [0, 1] or malformed is refused at parse time."""
     from flora.momentum import FIXED_COMPLEMENT_WEIGHT
 
-    param = torch.nn.Parameter(torch.randn(12, 10))
-    for name, projection, weight in (("flora-r8-fixed-orthonormal", "orthonormal", None),
-                                     ("flora-r8-fixed0.25-orthonormal", "orthonormal", 0.25),
-                                     ("flora-r8-fixed1-coordinates", "coordinates", 1.0),
-                                     ("flora-r8-fixed0-orthonormal", "orthonormal", 0.0)):
-        s = bo.parse(name + "+ca-r4")
-        assert (s.family, s.rank, s.momentum_form, s.projection, s.complement_weight, s.accumulate_rank) == (
-            "flora", 8, "fixed", projection, weight, 4), name
-        # the default form with the default weight is the bare name
-        short = "flora-r8" if (s.momentum_form, s.projection, weight) == (*bo.DEFAULT_FLORA_FORM, None) else name
-        assert bo.flora_name(8, s.momentum_form, s.projection, s.complement_weight) == short
-        assert bo.flora_form_name(8, s.flora_form) == short and s.flora_form == name[len("flora-r8-"):]
-        group = bo.make_optimizer(bo.parse(name), [param], 1e-3, kappa=2, seed=0).param_groups[0]
-        assert (group["momentum_form"], group["projection"], group["complement_weight"]) == (
-            "fixed", projection, weight)
     assert bo.flora_name(8, "fixed", "orthonormal", 0.4) == "flora-r8-fixed0.4-orthonormal"
     assert bo.parse("flora-r8-fixed0.4-orthonormal").complement_weight == FIXED_COMPLEMENT_WEIGHT
     assert bo.parse("flora-r8-scaled-orthonormal").complement_weight is None
     assert bo.parse("flora-r8").flora_form == "-".join(bo.DEFAULT_FLORA_FORM)
-    for bad in ("flora-r8-scaled0.3-orthonormal", "flora-r8-fixed1.5-orthonormal", "flora-r8-exact0.1"):
+    for bad in ("flora-r8-scaled0.3-orthonormal", "flora-r8-fixed1.5-orthonormal", "flora-r8-exact0.1",
+                "flora-r8-floored1.5-orthonormal"):
         with pytest.raises(ValueError, match="follows only the fixed or floored form's name, and is in \\[0, 1\\]"):
             bo.parse(bad)
-    with pytest.raises(ValueError, match="needs projection orthonormal or coordinates"):
-        bo.parse("flora-r8-fixed0.25")
+    for bad in ("flora-r8-fixed0.25", "flora-r8-floored0.3"):
+        with pytest.raises(ValueError, match="needs projection orthonormal or coordinates"):
+            bo.parse(bad)
     for bad in ("flora-r8-fixed.-orthonormal", "flora-r8-fixed0.25-orthonormal2", "flora-r8-fixed0..5-orthonormal"):
         with pytest.raises(ValueError, match="not FORM\\[-PROJECTION\\]"):
             bo.parse(bad)
@@ -379,32 +392,6 @@ def test_fixed_form_names_carry_the_complement_weight():
     with pytest.raises(SystemExit) as e:
         main(["step", "--forms", "fixed0.25-gaussian"])
     assert e.value.code == 2
-
-
-def test_floored_form_names_carry_the_complement_weight():
-    """flora-rR-floored[WEIGHT]-PROJECTION parses as the fixed form's names do: the floor
-    (or None, Flora's default 0.4) reaches the Spec and flora.Flora, and names round-trip
-    through flora_name and flora_form_name."""
-    import torch
-
-    param = torch.nn.Parameter(torch.randn(12, 10))
-    for name, projection, weight in (("flora-r8-floored-orthonormal", "orthonormal", None),
-                                     ("flora-r8-floored0.3-orthonormal", "orthonormal", 0.3),
-                                     ("flora-r8-floored0-coordinates", "coordinates", 0.0)):
-        s = bo.parse(name + "+ca-r4")
-        assert (s.family, s.rank, s.momentum_form, s.projection, s.complement_weight, s.accumulate_rank) == (
-            "flora", 8, "floored", projection, weight, 4), name
-        # the default form with the default weight is the bare name
-        short = "flora-r8" if (s.momentum_form, s.projection, weight) == (*bo.DEFAULT_FLORA_FORM, None) else name
-        assert bo.flora_name(8, s.momentum_form, s.projection, s.complement_weight) == short
-        assert bo.flora_form_name(8, s.flora_form) == short and s.flora_form == name[len("flora-r8-"):]
-        group = bo.make_optimizer(bo.parse(name), [param], 1e-3, kappa=2, seed=0).param_groups[0]
-        assert (group["momentum_form"], group["projection"], group["complement_weight"]) == (
-            "floored", projection, weight)
-    with pytest.raises(ValueError, match="follows only the fixed or floored form's name, and is in \\[0, 1\\]"):
-        bo.parse("flora-r8-floored1.5-orthonormal")
-    with pytest.raises(ValueError, match="needs projection orthonormal or coordinates"):
-        bo.parse("flora-r8-floored0.3")
 
 
 def test_adafactor_without_momentum_runs_everywhere():
