@@ -24,15 +24,15 @@ COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
 _compiled: dict[tuple, Callable] = {}
 
 
-_PARTS = {True: grouped_core, False: single_core, "head": F.staged_head, "momentum": F.staged_momentum,
+_PARTS = {True: grouped_core, False: single_core, "stats": F.staged_stats, "normalize": F.staged_normalize, "momentum": F.staged_momentum,
           "apply": F.staged_apply}
 
 
 def compiled_core(grouped, backend="inductor", options: dict | None = None) -> Callable:
     """The core function compiled with ``backend`` (one compiled function per backend and
     options; dynamo caches its graphs per shape signature). ``grouped``: True
-    (grouped_core), False (single_core), or a stage of the staged CPU step ("head",
-    "momentum", "apply")."""
+    (grouped_core), False (single_core), or a stage of the staged CPU step ("stats",
+    "normalize", "momentum", "apply")."""
     key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
     fn = _compiled.get(key)
     if fn is None:
@@ -50,6 +50,16 @@ class Workspace:
     def __init__(self) -> None:
         self._flat: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slots: dict[tuple, tuple[torch.Tensor, list]] = {}
+
+    def slots(self, buf: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``buf`` viewed as a stack of tensors of ``shape``, and its slices (kept)."""
+        key = (buf.data_ptr(), buf.shape, tuple(shape))
+        hit = self._slots.get(key)
+        if hit is None:
+            view = buf.view(buf.shape[0], *shape)
+            hit = self._slots[key] = (view, list(view.unbind(0)))
+        return hit
 
     def nbytes(self) -> int:
         return sum(u.numel() * u.element_size() * 2 for u, _ in self._flat.values())
@@ -66,24 +76,35 @@ class Workspace:
             flat = self._flat[fkey] = (torch.empty(n, dtype=dtype, device=device),
                                        torch.empty(n, dtype=dtype, device=device))
             self._views = {k: v for k, v in self._views.items() if (k[1], k[2]) != fkey}
+            self._slots.clear()
         hit = self._views[key] = (flat[0][:n].view(shape), flat[1][:n].view(shape))
         return hit
 
 
 def staged_step(work, backend, options, workspace: Workspace, transposed: dict, lr_views: dict) -> None:
     """A compiled step of a CPU bucket of compressed parameters (``functional.staged``):
-    three compiled stages (``functional.staged_head``, ``staged_momentum``,
-    ``staged_apply``) around the compress and decompress matmuls, which run eagerly,
-    the decompression into ``workspace``'s buffer (``out=``). Equal to the compiled
-    ``grouped_core`` to float rounding; the same operations dispatched (three kernels
-    and two matmuls a bucket), without two bucket-sized allocations per call."""
+    the gradients copied eagerly into ``workspace``'s second buffer, four compiled
+    stages (``functional.staged_stats``, ``staged_normalize``, ``staged_momentum``,
+    ``staged_apply``) and, between them, the compress and decompress matmuls, run
+    eagerly, the decompression into that buffer (``out=``). Equal to the compiled
+    ``grouped_core`` to float rounding; seven operations a bucket (the one graph: three
+    kernels and two matmuls), without bucket-sized allocations and with every
+    bucket-sized pass near memory speed (docs/compile.md)."""
     spec = work.spec
     k = len(work.params)
     n, m = matrix_shape(spec.shape)
     dtype = work.moms[0].dtype
     ws_u, ws_d = workspace.get((k, n, m), dtype, work.grads[0].device)
-    norm, ok, lr, bias = compiled_core("head", backend, options)(
-        spec, work.params, work.grads, work.steps, work.sq, lr_arg(work.lr, lr_views), work.skips, ws_u)
+    g0 = work.grads[0]
+    if k == 1 and g0.dtype == dtype and g0.is_contiguous():
+        ws_g = g0.unsqueeze(0)  # a bucket of one reads its gradient where it is
+    else:  # ws_d holds the stacked gradient until the decompression overwrites it
+        ws_g, slots = workspace.slots(ws_d, spec.shape)
+        torch._foreach_copy_(slots, work.grads)
+    rf, cf, new_row, new_col, lr, bias = compiled_core("stats", backend, options)(
+        spec, work.params, work.steps, work.sq, lr_arg(work.lr, lr_views), ws_g)
+    norm, ok = compiled_core("normalize", backend, options)(
+        spec, work.sq, work.skips, ws_g, rf, cf, new_row, new_col, ws_u)
     a = work.a
     key = id(work.params[0])  # one entry per bucket, replaced when its projection is
     hit = transposed.get(key)

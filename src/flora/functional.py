@@ -464,13 +464,18 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
 
 # ------------------------------------------------------------------ the staged CPU core
 #
-# Flora(compile=...) on a CPU steps a bucket of compressed parameters in three compiled
-# stages around the two projection matmuls, which run eagerly into buffers the optimizer
-# keeps (flora.compiled.staged_step): inside one graph, inductor writes the normalised
-# update and the decompressed momentum (two bucket-sized stacks) to buffers it allocates
-# on every call, and a CPU allocator maps any buffer above 32 MiB afresh each time, its
-# pages faulted in and zeroed by the kernel at every step (20 ms for 53 MB here, against
-# 1.5 ms to write a buffer already mapped). The stages compute what grouped_core does.
+# Flora(compile=...) on a CPU steps a large bucket of compressed parameters in four
+# compiled stages around the two projection matmuls, which run eagerly into buffers the
+# optimizer keeps (flora.compiled.staged_step), so that:
+# - no bucket-sized buffer is allocated per call: inside one graph, inductor writes the
+#   stacked gradient, the normalised update and the decompressed momentum to buffers it
+#   allocates on every call, and a CPU allocator maps any buffer above 32 MiB afresh each
+#   time, its pages faulted in and zeroed at every step (20 ms for 53 MB here, against
+#   1.5 ms to write a buffer already mapped);
+# - the factors are buffers: where one graph made the statistics and the update, inductor
+#   recomputed the factors and the step's scalars for every element of the update (a
+#   float64 pow among them), 4x slower than the pass's memory traffic.
+# The stages compute what grouped_core does.
 
 
 def _vec(x):
@@ -479,17 +484,15 @@ def _vec(x):
     return x.reshape(1) if isinstance(x, torch.Tensor) and x.dim() == 0 else x
 
 
-def staged_head(spec: Spec, params, grads, steps, sq, lr, skips, ws_u) -> tuple:
-    """Stage 1: the counters, the step size, Adafactor's factored normalisation and its
-    commit, the finite check; writes the normalised update into ``ws_u`` (the k x n x m
-    stack; not masked: a skipped parameter's may not be finite). Returns ``(norm, ok, lr, bias)``, the update's norms (0 where
-    skipped), the finite check, the step sizes and ``1 - beta1^t``."""
+def staged_stats(spec: Spec, params, steps, sq, lr, ws_g) -> tuple:
+    """Stage 1: the counters, the step size and Adafactor's factored statistics of the
+    stacked gradients ``ws_g`` (float32, copied there eagerly: a stack inside the graph
+    is a new buffer, copied again into ``ws_g``). Returns
+    ``(r_factor, c_factor, new_row, new_col, lr, bias)``: the factors are outputs, so
+    that inductor keeps them as buffers; where one graph also computed the update it
+    recomputed them, and the step's scalars (``t^-0.8`` in float64), for every element."""
     lr = _lr_in(lr)
-    k = len(params)
     shape = spec.shape
-    g = torch.stack(grads)
-    if g.dtype in _HALF:
-        g = g.float()
     p32 = [p.float() for p in params] if spec.half else params
     t = _count_step(None, steps)
     prms = None
@@ -498,31 +501,37 @@ def staged_head(spec: Spec, params, grads, steps, sq, lr, skips, ws_u) -> tuple:
     lr = af.step_size(lr, t, prms, eps2=spec.eps2, relative_step=spec.relative_step,
                       warmup_init=spec.warmup_init, scale_parameter=spec.scale_parameter)
     if isinstance(lr, torch.Tensor):
-        lr = lr.to(g.device)
-    beta2t, bias = _scalars(spec, t, g.device)
+        lr = lr.to(ws_g.device)
+    beta2t, bias = _scalars(spec, t, ws_g.device)
     row, col = torch.stack(sq[0]), torch.stack(sq[1])
-    # adafactor.factored_normalize(fused=True), written so that no bucket-sized
-    # intermediate is materialised: the squares feed two reductions (the column mean as a
-    # plain reduction, not the vector-matrix product that needs them in memory), and the
-    # update is stored once, into ws_u, unmasked (a skipped parameter's coefficients and
-    # update are masked in the later stages instead). On the view with the factored dims last.
-    g = af.to_factored(g, spec.factor, 1)
+    # adafactor.factored_normalize(fused=True)'s statistics; the column mean as a plain
+    # reduction, not the vector-matrix product that needs the squares in memory
+    g = af.to_factored(ws_g, spec.factor, 1)
     sq_ = torch.addcmul(g.new_full((), spec.eps1), g, g)
     new_row = af.ema(row, sq_.mean(dim=-1), beta2t)
     new_col = af.ema(col, sq_.mean(dim=-2), beta2t)
     r_factor = (new_row / new_row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
     c_factor = new_col.unsqueeze(-2).rsqrt()
+    return r_factor, c_factor, new_row, new_col, _vec(lr), _vec(bias)
+
+
+def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u) -> tuple:
+    """Stage 2: the normalised update ``r_factor * c_factor * g`` into ``ws_u`` (the k x n
+    x m stack; not masked: a skipped parameter's may not be finite) and its norms, in one
+    pass over ``ws_g``; the finite check and the statistics' commit. Returns ``(norm,
+    ok)``, the update's norms (0 where skipped) and the finite check."""
+    k = ws_u.shape[0]
+    g = af.to_factored(ws_g, spec.factor, 1)
     update = r_factor * c_factor * g
-    # |u| from g^2 and the squared factors rather than from u itself, so that u has one
-    # reader (the store into ws_u) and inductor does not materialise it as well
-    norm = ((g * g) * (r_factor.square() * c_factor.square())).reshape(k, -1).sum(1).sqrt()
+    norm = update.reshape(k, -1).square().sum(1).sqrt()
     ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
         torch.isfinite(new_col).reshape(k, -1).all(1)
+    row, col = torch.stack(sq[0]), torch.stack(sq[1])
     _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
     _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
     ws_u.copy_(af.from_factored(update, spec.factor, 1).reshape(ws_u.shape))
     skips.add_(ok.logical_not().sum())
-    return torch.where(ok, norm, 0.0), ok, _vec(lr), _vec(bias)
+    return torch.where(ok, norm, 0.0), ok
 
 
 def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
@@ -555,7 +564,7 @@ def staged_apply(spec: Spec, params, ws_u, ws_d, coef, ok, lr) -> None:
     p32 = [p.float() for p in params] if spec.half else params
     update = ws_d if coef is None else ws_u * coef.reshape(k, 1, 1) + ws_d
     ok_b = ok.reshape(k, *([1] * len(shape)))
-    update = torch.where(ok_b, update.view(k, *shape), 0.0)  # ws_u of a skipped parameter: see staged_head
+    update = torch.where(ok_b, update.view(k, *shape), 0.0)  # ws_u of a skipped parameter: see staged_normalize
     wd = spec.weight_decay
     if wd != 0:
         decay = torch.where(ok_b, torch.stack(p32), 0.0)
@@ -572,7 +581,7 @@ def staged_apply(spec: Spec, params, ws_u, ws_d, coef, ok, lr) -> None:
 # A compiled CPU bucket of compressed parameters steps in stages when its stacked gradient
 # holds at least this many bytes: glibc's allocator maps buffers above 32 MiB afresh on
 # every allocation (smaller ones come back from its heap, cheaply). Below it the one-graph
-# core is faster: the stages cost three compiled calls and two eager ones per bucket (on
+# core is faster: the stages cost four compiled calls and three eager ones per bucket (on
 # the bench's 1.6 M-parameter model, staged everywhere: 1.95x HF Adafactor against 1.43x).
 STAGED_MIN_BYTES = 32 << 20
 
@@ -647,5 +656,5 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
             yield from even_split(members, min(per, max_count))
 
 
-__all__ = ["single_core", "grouped_core", "staged_head", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
+__all__ = ["single_core", "grouped_core", "staged_stats", "staged_normalize", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
            "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "even_split"]
