@@ -144,7 +144,7 @@ def test_weighted_forms_one_break_no_recompile(case, foreach, form):
                          ids=["scaled", "fixed", "floored"])
 def test_compile_option_compiles_once_per_signature(monkeypatch, form):
     """Flora(compile=backend): one graph per shape signature of a bucket (here (12, 20) x 2,
-    (20, 12), (20,), (6, 4, 5)), four for a bucket of compressed parameters on a CPU
+    (20, 12), (20,), (6, 4, 5)), three for a bucket of compressed 2-D parameters on a CPU
     when staged (flora.compiled.staged_step; here every such bucket, with
     STAGED_MIN_BYTES 0), none after the first step, across
     resamples, a float lr that a scheduler changes every step (written into a device
@@ -156,8 +156,8 @@ def test_compile_option_compiles_once_per_signature(monkeypatch, form):
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     first = {}
     _run(opt, params, opt.step, bad=True, scheduler=scheduler, after_first=lambda: first.update(n=cnt.frame_count))
-    # compressed: (12, 20) x 2, (20, 12), (6, 4, 5), four stages each; (20,): one graph
-    assert first["n"] == 3 * 4 + 1 == cnt.frame_count
+    # compressed 2-D: (12, 20) x 2, (20, 12), three stages each; (6, 4, 5) and (20,): one graph each
+    assert first["n"] == 2 * 3 + 2 == cnt.frame_count
     assert not _break_reasons()
     assert int(opt.nonfinite_skips) == 1
 
@@ -215,8 +215,8 @@ def test_compiled_equals_eager_for_every_form_and_projection(foreach, how="user"
 
 
 def test_staged_cpu_step_equals_eager_for_every_form_and_projection(monkeypatch):
-    """Flora(compile=...) on a CPU steps a bucket of compressed parameters in four
-    compiled stages around eager matmuls into buffers of its own (flora.compiled.
+    """Flora(compile=...) on a CPU steps a bucket of compressed 2-D parameters in three
+    compiled stages around an eager copy and matmul into buffers of its own (flora.compiled.
     staged_step; coordinates keep the one-graph core): equal to the eager step to 1e-5,
     weights and state, for every (form, projection) pair, with weight decay, resamples
     and a non-finite gradient. (STAGED_MIN_BYTES 0: every such bucket is staged.)"""

@@ -285,7 +285,7 @@ def test_path_equals_single_tensor_reference(case, path):
 
 # Flora(compile=True): the one-graph compiled core ("compiled") and, with every compressed
 # bucket staged ("staged": STAGED_MIN_BYTES 0; by default only buckets of 32 MiB or more
-# are), the four compiled stages around eager matmuls. Compiling costs seconds a case,
+# are; 2-D parameters only), the three compiled stages around an eager copy and matmul. Compiling costs seconds a case,
 # so a covering subset: every layout on float32 in two forms, and the other dtypes on two
 # layouts.
 COMPILED_CASES = dict(

@@ -24,7 +24,7 @@ COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
 _compiled: dict[tuple, Callable] = {}
 
 
-_PARTS = {True: grouped_core, False: single_core, "stats": F.staged_stats, "normalize": F.staged_normalize, "momentum": F.staged_momentum,
+_PARTS = {True: grouped_core, False: single_core, "stats": F.staged_stats, "update": F.staged_update,
           "apply": F.staged_apply}
 
 
@@ -32,7 +32,7 @@ def compiled_core(grouped, backend="inductor", options: dict | None = None) -> C
     """The core function compiled with ``backend`` (one compiled function per backend and
     options; dynamo caches its graphs per shape signature). ``grouped``: True
     (grouped_core), False (single_core), or a stage of the staged CPU step ("stats",
-    "normalize", "momentum", "apply")."""
+    "update", "apply")."""
     key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
     fn = _compiled.get(key)
     if fn is None:
@@ -83,11 +83,11 @@ class Workspace:
 
 def staged_step(work, backend, options, workspace: Workspace, transposed: dict, lr_views: dict) -> None:
     """A compiled step of a CPU bucket of compressed parameters (``functional.staged``):
-    the gradients copied eagerly into ``workspace``'s second buffer, four compiled
-    stages (``functional.staged_stats``, ``staged_normalize``, ``staged_momentum``,
-    ``staged_apply``) and, between them, the compress and decompress matmuls, run
-    eagerly, the decompression into that buffer (``out=``). Equal to the compiled
-    ``grouped_core`` to float rounding; seven operations a bucket (the one graph: three
+    the gradients copied eagerly into ``workspace``'s second buffer; three compiled
+    stages, ``functional.staged_stats`` (which also compresses the update, from the
+    gradient), ``staged_update`` and ``staged_apply``; between the last two the
+    decompression, an eager matmul into that buffer (``out=``). Equal to the compiled
+    ``grouped_core`` to float rounding; six operations a bucket (the one graph: three
     kernels and two matmuls), without bucket-sized allocations and with every
     bucket-sized pass near memory speed (docs/compile.md)."""
     spec = work.spec
@@ -97,22 +97,20 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
     ws_u, ws_d = workspace.get((k, n, m), dtype, work.grads[0].device)
     g0 = work.grads[0]
     if k == 1 and g0.dtype == dtype and g0.is_contiguous():
-        ws_g = g0.unsqueeze(0)  # a bucket of one reads its gradient where it is
+        ws_g = g0  # a bucket of one reads its gradient where it is (functional._stacked)
     else:  # ws_d holds the stacked gradient until the decompression overwrites it
         ws_g, slots = workspace.slots(ws_d, spec.shape)
         torch._foreach_copy_(slots, work.grads)
-    rf, cf, new_row, new_col, lr, bias = compiled_core("stats", backend, options)(
-        spec, work.params, work.steps, work.sq, lr_arg(work.lr, lr_views), ws_g)
-    norm, ok = compiled_core("normalize", backend, options)(
-        spec, work.sq, work.skips, ws_g, rf, cf, new_row, new_col, ws_u)
     a = work.a
+    rf, cf, new_row, new_col, cu, lr, bias = compiled_core("stats", backend, options)(
+        spec, work.params, work.steps, work.sq, lr_arg(work.lr, lr_views), ws_g, a)
+    x, coef, ok = compiled_core("update", backend, options)(
+        spec, work.sq, work.skips, ws_g, rf, cf, new_row, new_col, ws_u, work.moms, cu, a, lr, bias)
     key = id(work.params[0])  # one entry per bucket, replaced when its projection is
     hit = transposed.get(key)
     if hit is None or hit[0] is not a:
         hit = transposed[key] = (a, a.mT)
     a_t = hit[1]
-    cu = torch.bmm(a, ws_u) if spec.dim == 0 else torch.bmm(ws_u, a_t)
-    x, coef = compiled_core("momentum", backend, options)(spec, work.moms, cu, a, norm, lr, ok, bias)
     if spec.dim == 0:
         torch.bmm(a_t, x, out=ws_d)
     else:

@@ -464,9 +464,9 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
 
 # ------------------------------------------------------------------ the staged CPU core
 #
-# Flora(compile=...) on a CPU steps a large bucket of compressed parameters in four
-# compiled stages around the two projection matmuls, which run eagerly into buffers the
-# optimizer keeps (flora.compiled.staged_step), so that:
+# Flora(compile=...) on a CPU steps a large bucket of compressed 2-D parameters in three
+# compiled stages around an eager copy of the gradients and the decompression matmul, into
+# buffers the optimizer keeps (flora.compiled.staged_step), so that:
 # - no bucket-sized buffer is allocated per call: inside one graph, inductor writes the
 #   stacked gradient, the normalised update and the decompressed momentum to buffers it
 #   allocates on every call, and a CPU allocator maps any buffer above 32 MiB afresh each
@@ -484,15 +484,23 @@ def _vec(x):
     return x.reshape(1) if isinstance(x, torch.Tensor) and x.dim() == 0 else x
 
 
-def staged_stats(spec: Spec, params, steps, sq, lr, ws_g) -> tuple:
-    """Stage 1: the counters, the step size and Adafactor's factored statistics of the
+def _stacked(spec: Spec, g: torch.Tensor) -> torch.Tensor:
+    """The stacked gradients of a staged bucket; a bucket of one is handed its gradient
+    itself (no copy), made a stack of one inside the graph."""
+    return g.unsqueeze(0) if g.dim() == len(spec.shape) else g
+
+
+def staged_stats(spec: Spec, params, steps, sq, lr, ws_g, a) -> tuple:
+    """Stage 1: the counters, the step size, Adafactor's factored statistics of the
     stacked gradients ``ws_g`` (float32, copied there eagerly: a stack inside the graph
-    is a new buffer, copied again into ``ws_g``). Returns
-    ``(r_factor, c_factor, new_row, new_col, lr, bias)``: the factors are outputs, so
+    is a new buffer, copied again into ``ws_g``) and the compressed update ``C(u)`` but
+    its outer factor.
+    Returns ``(r_factor, c_factor, new_row, new_col, cu, lr, bias)``: the factors are outputs, so
     that inductor keeps them as buffers; where one graph also computed the update it
     recomputed them, and the step's scalars (``t^-0.8`` in float64), for every element."""
     lr = _lr_in(lr)
     shape = spec.shape
+    ws_g = _stacked(spec, ws_g)
     p32 = [p.float() for p in params] if spec.half else params
     t = _count_step(None, steps)
     prms = None
@@ -512,7 +520,16 @@ def staged_stats(spec: Spec, params, steps, sq, lr, ws_g) -> tuple:
     new_col = af.ema(col, sq_.mean(dim=-2), beta2t)
     r_factor = (new_row / new_row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
     c_factor = new_col.unsqueeze(-2).rsqrt()
-    return r_factor, c_factor, new_row, new_col, _vec(lr), _vec(bias)
+    # C(u) from the gradient: u = diag(r) g diag(c), so u a^T = r * (g (c * a)^T) and
+    # a u = ((a * r^T) g) * c, a matmul with an r-sized result (staged() asks for 2-D
+    # parameters factored over both dims, where the factors are the matrix's rows and columns)
+    # (the outer factor is applied in stage 2, so that the matmul ends this graph: inductor
+    # writes what follows an extern call as a kernel of its own)
+    if spec.dim == 0:
+        cu = torch.bmm(a * r_factor.mT, ws_g)
+    else:
+        cu = torch.bmm(ws_g, (a * c_factor).mT)
+    return r_factor, c_factor, new_row, new_col, cu, _vec(lr), _vec(bias)
 
 
 def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u) -> tuple:
@@ -521,7 +538,7 @@ def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, n
     pass over ``ws_g``; the finite check and the statistics' commit. Returns ``(norm,
     ok)``, the update's norms (0 where skipped) and the finite check."""
     k = ws_u.shape[0]
-    g = af.to_factored(ws_g, spec.factor, 1)
+    g = af.to_factored(_stacked(spec, ws_g), spec.factor, 1)
     update = r_factor * c_factor * g
     norm = update.reshape(k, -1).square().sum(1).sqrt()
     ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
@@ -532,6 +549,17 @@ def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, n
     ws_u.copy_(af.from_factored(update, spec.factor, 1).reshape(ws_u.shape))
     skips.add_(ok.logical_not().sum())
     return torch.where(ok, norm, 0.0), ok
+
+
+def staged_update(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u, moms, cu, a, lr,
+                  bias) -> tuple:
+    """Stage 2: :func:`staged_normalize` and :func:`staged_momentum` in one graph, ``cu``
+    being ``C(u)`` but its outer factor (see :func:`staged_stats`). Returns ``(x, coef,
+    ok)``."""
+    norm, ok = staged_normalize(spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u)
+    cu = cu * c_factor if spec.dim == 0 else r_factor * cu  # C(u)'s outer factor (staged_stats)
+    x, coef = staged_momentum(spec, moms, cu, a, norm, lr, ok, bias)
+    return x, coef, ok
 
 
 def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
@@ -581,18 +609,19 @@ def staged_apply(spec: Spec, params, ws_u, ws_d, coef, ok, lr) -> None:
 # A compiled CPU bucket of compressed parameters steps in stages when its stacked gradient
 # holds at least this many bytes: glibc's allocator maps buffers above 32 MiB afresh on
 # every allocation (smaller ones come back from its heap, cheaply). Below it the one-graph
-# core is faster: the stages cost four compiled calls and three eager ones per bucket (on
+# core is faster: the stages cost three compiled calls and two eager ones per bucket (on
 # the bench's 1.6 M-parameter model, staged everywhere: 1.95x HF Adafactor against 1.43x).
 STAGED_MIN_BYTES = 32 << 20
 
 
 def staged(work: Work) -> bool:
     """Whether a compiled ``work`` steps in stages (flora.compiled.staged_step): a CPU
-    bucket of compressed parameters with a matrix projection, of at least
-    ``STAGED_MIN_BYTES``."""
+    bucket of compressed 2-D parameters (factored over both dims) with a matrix
+    projection, of at least ``STAGED_MIN_BYTES``."""
     g = work.grads[0]
     return (work.grouped and work.spec.momentum == "c" and work.spec.kernel is None and work.a is not None
             and work.a.is_floating_point() and g.device.type == "cpu"
+            and len(work.spec.shape) == 2 and work.spec.factor is None
             and len(work.grads) * g.numel() * work.moms[0].element_size() >= STAGED_MIN_BYTES)
 
 
@@ -656,5 +685,5 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
             yield from even_split(members, min(per, max_count))
 
 
-__all__ = ["single_core", "grouped_core", "staged_stats", "staged_normalize", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
+__all__ = ["single_core", "grouped_core", "staged_stats", "staged_normalize", "staged_update", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
            "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "even_split"]
