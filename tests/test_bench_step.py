@@ -178,6 +178,9 @@ def test_compiled_rows(monkeypatch):
     goals = step.compiled_goals(by)
     assert len(goals) == 6 and goals[0].startswith("flora-r32:compiled: step ") and "adafactor-b0.9" in goals[0]
     assert any("ops dispatched per step" in g for g in goals) and any("compiles in" in g for g in goals)
+    pre = step.compiled_goals(by, "pretrain")  # the pretrain model: one goal, 1.0x HF Adafactor
+    assert len(pre) == 1 and "adafactor-b0.9" in pre[0] and "goal <= 1x" in pre[0]
+    assert step.compiled_goals(by, "smoke") == []
     md = step.render({"meta": {"model": "m", "device_name": "cpu", "command": "flora-bench step", "n_tensors": 3,
                                "n_params": 792, "shapes_check": "-", "repeats": 2, "warmup": 1,
                                **{k: "" for k in core.META_KEYS if k not in ("model", "command")}},
