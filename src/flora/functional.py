@@ -492,12 +492,11 @@ def _stacked(spec: Spec, g: torch.Tensor) -> torch.Tensor:
 
 def staged_stats(spec: Spec, params, steps, sq, lr, ws_g, a) -> tuple:
     """Stage 1: the counters, the step size, Adafactor's factored statistics of the
-    stacked gradients ``ws_g`` (float32, copied there eagerly: a stack inside the graph
-    is a new buffer, copied again into ``ws_g``) and the compressed update ``C(u)`` but
-    its outer factor.
-    Returns ``(r_factor, c_factor, new_row, new_col, cu, lr, bias)``: the factors are outputs, so
-    that inductor keeps them as buffers; where one graph also computed the update it
-    recomputed them, and the step's scalars (``t^-0.8`` in float64), for every element."""
+    stacked gradients ``ws_g`` (float32, copied there eagerly: a stack inside a graph is
+    a new buffer) and ``C(u)`` but its outer factor. Returns ``(r_factor, c_factor,
+    new_row, new_col, cu, lr, bias)``. The factors are outputs so that the next stage
+    reads them as buffers: where one graph made them and the update, inductor recomputed
+    them, and the step's scalars (``t^-0.8`` in float64), for every element."""
     lr = _lr_in(lr)
     shape = spec.shape
     ws_g = _stacked(spec, ws_g)
@@ -512,19 +511,18 @@ def staged_stats(spec: Spec, params, steps, sq, lr, ws_g, a) -> tuple:
         lr = lr.to(ws_g.device)
     beta2t, bias = _scalars(spec, t, ws_g.device)
     row, col = torch.stack(sq[0]), torch.stack(sq[1])
-    # adafactor.factored_normalize(fused=True)'s statistics; the column mean as a plain
-    # reduction, not the vector-matrix product that needs the squares in memory
-    g = af.to_factored(ws_g, spec.factor, 1)
-    sq_ = torch.addcmul(g.new_full((), spec.eps1), g, g)
+    # adafactor.factored_normalize(fused=True)'s statistics (staged() takes 2-D parameters
+    # factored over both dims only); the column mean as a plain reduction, not the
+    # vector-matrix product that needs the squares in memory
+    sq_ = torch.addcmul(ws_g.new_full((), spec.eps1), ws_g, ws_g)
     new_row = af.ema(row, sq_.mean(dim=-1), beta2t)
     new_col = af.ema(col, sq_.mean(dim=-2), beta2t)
     r_factor = (new_row / new_row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
     c_factor = new_col.unsqueeze(-2).rsqrt()
     # C(u) from the gradient: u = diag(r) g diag(c), so u a^T = r * (g (c * a)^T) and
-    # a u = ((a * r^T) g) * c, a matmul with an r-sized result (staged() asks for 2-D
-    # parameters factored over both dims, where the factors are the matrix's rows and columns)
-    # (the outer factor is applied in stage 2, so that the matmul ends this graph: inductor
-    # writes what follows an extern call as a kernel of its own)
+    # a u = ((a * r^T) g) * c, a matmul with an r-sized result. The outer factor is applied
+    # in stage 2, so that the matmul ends this graph (inductor writes what follows an
+    # extern call as a kernel of its own: one more operation per bucket).
     if spec.dim == 0:
         cu = torch.bmm(a * r_factor.mT, ws_g)
     else:
@@ -533,20 +531,19 @@ def staged_stats(spec: Spec, params, steps, sq, lr, ws_g, a) -> tuple:
 
 
 def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u) -> tuple:
-    """Stage 2: the normalised update ``r_factor * c_factor * g`` into ``ws_u`` (the k x n
-    x m stack; not masked: a skipped parameter's may not be finite) and its norms, in one
-    pass over ``ws_g``; the finite check and the statistics' commit. Returns ``(norm,
-    ok)``, the update's norms (0 where skipped) and the finite check."""
+    """Stage 2, first half: the normalised update ``r_factor * c_factor * g`` into ``ws_u``
+    (the k x n x m stack; not masked: a skipped parameter's may not be finite) and its
+    norms, in one pass over ``ws_g``; the finite check and the statistics' commit.
+    Returns ``(norm, ok)``, the update's norms (0 where skipped) and the finite check."""
     k = ws_u.shape[0]
-    g = af.to_factored(_stacked(spec, ws_g), spec.factor, 1)
-    update = r_factor * c_factor * g
+    update = r_factor * c_factor * _stacked(spec, ws_g)
     norm = update.reshape(k, -1).square().sum(1).sqrt()
     ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
         torch.isfinite(new_col).reshape(k, -1).all(1)
     row, col = torch.stack(sq[0]), torch.stack(sq[1])
     _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
     _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
-    ws_u.copy_(af.from_factored(update, spec.factor, 1).reshape(ws_u.shape))
+    ws_u.copy_(update)
     skips.add_(ok.logical_not().sum())
     return torch.where(ok, norm, 0.0), ok
 
@@ -563,8 +560,8 @@ def staged_update(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_
 
 
 def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
-    """Stage 2 (r-sized): the compressed momentum's coefficients from ``cu = C(u)`` and
-    the stage-1 outputs; updates and commits the momentum. Returns ``(x, coef)``: the
+    """Stage 2, second half (r-sized): the compressed momentum's coefficients from ``cu =
+    C(u)`` and the first half's outputs; updates and commits the momentum. Returns ``(x, coef)``: the
     update is ``coef * u + D(x)`` (see ``compressed_apply_(split=True)``)."""
     lr, bias = _lr_in(lr), _lr_in(bias)
     k = len(moms)
