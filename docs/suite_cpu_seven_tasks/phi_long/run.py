@@ -1,12 +1,12 @@
 """Experiment (issue 17): the complement weight phi of the subspace forms at longer runs.
-Rows 'adafactor' and 'adafactor-b0.9' (floor, target), 'scaled' (the default), 'exact' (phi = 1 - beta1 = 0.1) fixed phi values and 'floorW' ('scaled' with phi at least W), by
+Rows 'adafactor' and 'adafactor-b0.9' (floor, target), the peers (flora.bench.suite.peers.PEERS), 'scaled' (the default), 'exact' (phi = 1 - beta1 = 0.1) fixed phi values and 'floorW' ('scaled' with phi at least W), by
 monkeypatching the 'scaled' form's phi (the library is unchanged); 3 seeds.
 argv: out.jsonl task scale rank rows lrs [first-last seed, default 0-2]
 e.g.  out.jsonl tabstream 4 8 scaled,exact,0.4 2e-3,4e-3"""
 import json, sys
 import torch
 from flora import momentum
-from flora.bench.suite import runner, space
+from flora.bench.suite import peers, runner, space
 
 out_path, task, scale, rank = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 rows, lrs = sys.argv[5].split(","), [float(x) for x in sys.argv[6].split(",")]
@@ -22,7 +22,7 @@ except FileNotFoundError:
 original = momentum.complement_scale_t
 with open(out_path, "a") as out:
     for row in rows:
-        if row.startswith("adafactor"):  # the floor and the target
+        if row.startswith("adafactor") or row in peers.PEERS:  # the floor, the target, the peers
             momentum.complement_scale_t = original
             name = row
         elif row in ("scaled", "exact"):

@@ -33,28 +33,33 @@ def best(key):
     return lr, grid[lr], edge
 
 
-lines = ["| task | scale | rank | row | lr | test loss | / floor | minus scaled (paired) | minus 0.4 (paired) | edge |",
-         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-for task, scale in sorted({(k[0], k[1]) for k in by}):
-    fl = best((task, scale, None, "adafactor"))
-    for rank in [None] + sorted({k[2] for k in by if k[:2] == (task, scale) and k[2]}):
-        for row in sorted({k[3] for k in by if k[:3] == (task, scale, rank)}):
-            b = best((task, scale, rank, row))
-            if not b:
-                continue
-            lr, seeds, edge = b
-            t = [seeds[s]["test_loss"] for s in sorted(seeds)]
-            ratio = st.mean(t) / st.mean(fl[1][s]["test_loss"] for s in fl[1]) if fl else float("nan")
-            d = []
-            for other in ("scaled", "0.4"):
-                sc = best((task, scale, rank, other)) if rank else None
-                if sc and row != other:
-                    diff = [seeds[s]["test_loss"] - sc[1][s]["test_loss"] for s in sorted(seeds)]
-                    d.append(f"{st.mean(diff):+.4f} ± {st.stdev(diff):.4f}")
-                else:
-                    d.append("")
-            d = " | ".join(d)
-            lines.append(f"| {task} | {scale:g} | {rank or ''} | {row} | {lr:g} | {st.mean(t):.4f} ± {st.stdev(t):.4f} "
-                         f"| {ratio:.3f} | {d} | {edge} |")
-(here / "table.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
+def main():
+    lines = ["| task | scale | rank | row | lr | test loss | / floor | minus scaled (paired) | minus 0.4 (paired) | edge |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for task, scale in sorted({(k[0], k[1]) for k in by}):
+        fl = best((task, scale, None, "adafactor"))
+        for rank in [None] + sorted({k[2] for k in by if k[:2] == (task, scale) and k[2]}):
+            for row in sorted({k[3] for k in by if k[:3] == (task, scale, rank)}):
+                b = best((task, scale, rank, row))
+                if not b:
+                    continue
+                lr, seeds, edge = b
+                t = [seeds[s]["test_loss"] for s in sorted(seeds)]
+                ratio = st.mean(t) / st.mean(fl[1][s]["test_loss"] for s in fl[1]) if fl else float("nan")
+                d = []
+                for other in ("scaled", "0.4"):
+                    sc = best((task, scale, rank, other)) if rank else None
+                    if sc and row != other:
+                        diff = [seeds[s]["test_loss"] - sc[1][s]["test_loss"] for s in sorted(seeds)]
+                        d.append(f"{st.mean(diff):+.4f} ± {st.stdev(diff):.4f}")
+                    else:
+                        d.append("")
+                d = " | ".join(d)
+                lines.append(f"| {task} | {scale:g} | {rank or ''} | {row} | {lr:g} | {st.mean(t):.4f} ± {st.stdev(t):.4f} "
+                             f"| {ratio:.3f} | {d} | {edge} |")
+    (here / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

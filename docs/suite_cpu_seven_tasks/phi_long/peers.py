@@ -1,0 +1,87 @@
+"""The quality-against-state plane on the runs that resolve the floor-to-target gap (issue
+17): the peers of runs_peers.jsonl (AdamW, torchao's and bitsandbytes' 8-bit AdamW,
+Adam-mini, APOLLO-Mini; 3 seeds, 5 lrs) beside the floor, the target and the default
+('floor0.4' = momentum_form="floored") at r8 and r32 of table.py's runs, each at its lr
+with the best mean validation loss. For every peer with less state than a Flora row, the
+paired test-loss difference (peer - Flora): a peer dominates when it is below zero by more
+than one std. Writes peers.md, peers.csv and peers_loss_vs_state.png beside this file."""
+import collections, csv, json, statistics as st
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+
+from table import best, by, here
+
+TASKS = (("newslm", 2.0), ("cnnstream", 4.0), ("tabstream", 4.0))  # the resolved runs
+PEERS = ("adamw", "adamw-8bit", "adamw-8bit-bnb", "adam-mini", "apollo-mini")
+peer_by = collections.defaultdict(dict)
+for line in open(here / "runs_peers.jsonl"):
+    r = json.loads(line)
+    peer_by[(r["task"], r["scale"], None, r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
+by.update(peer_by)
+
+rows = []  # task, label, lr, edge, seeds, state bytes
+for task, scale in TASKS:
+    for label, key in ([("floor (Adafactor beta1=None)", (task, scale, None, "adafactor")),
+                        ("target (Adafactor beta1=0.9)", (task, scale, None, "adafactor-b0.9")),
+                        ("Flora r8 (default)", (task, scale, 8, "floor0.4")),
+                        ("Flora r32 (default)", (task, scale, 32, "floor0.4"))]
+                       + [(p, (task, scale, None, p)) for p in PEERS]):
+        b = best(key)
+        if b:
+            lr, seeds, edge = b
+            state = next(iter(seeds.values()))["state_bytes"]
+            rows.append(dict(task=task, label=label, lr=lr, edge=edge, seeds=seeds, state=state))
+
+adamw = {r["task"]: r["state"] for r in rows if r["label"] == "adamw"}
+lines = ["| task | optimizer | lr | state bytes (of AdamW's) | test loss | vs Flora r8 (paired, if less state) "
+         "| vs Flora r32 (paired, if less state) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+table = []
+for r in rows:
+    t = [r["seeds"][s]["test_loss"] for s in sorted(r["seeds"])]
+    cells = []
+    for flora in ("Flora r8 (default)", "Flora r32 (default)"):
+        f = next((x for x in rows if x["task"] == r["task"] and x["label"] == flora), None)
+        if f is None or r["label"].startswith(("Flora", "floor", "target")) or r["state"] >= f["state"]:
+            cells.append("")
+            continue
+        d = [r["seeds"][s]["test_loss"] - f["seeds"][s]["test_loss"] for s in sorted(r["seeds"])]
+        m, sd = st.mean(d), st.stdev(d)
+        cells.append(f"{m:+.4f} ± {sd:.4f}" + (" **dominates**" if m < -sd else ""))
+    share = r["state"] / adamw[r["task"]] if r["task"] in adamw else float("nan")
+    edge = f" ({r['edge']} edge)" if r["edge"] else ""
+    lines.append(f"| {r['task']} | {r['label']} | {r['lr']:g}{edge} | {r['state']:,} ({share:.1%}) | "
+                 f"{st.mean(t):.4f} ± {st.stdev(t):.4f} | {cells[0]} | {cells[1]} |")
+    table.append(dict(task=r["task"], optimizer=r["label"], lr=r["lr"], lr_edge=r["edge"], state_bytes=r["state"],
+                      state_of_adamw=round(share, 4), test_loss_mean=st.mean(t), test_loss_std=st.stdev(t),
+                      vs_flora_r8=cells[0], vs_flora_r32=cells[1]))
+(here / "peers.md").write_text("\n".join(lines) + "\n")
+with open(here / "peers.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(table[0]))
+    w.writeheader()
+    w.writerows(table)
+print("\n".join(lines))
+
+fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4))
+for ax, (task, _) in zip(axes, TASKS):
+    for r in (x for x in rows if x["task"] == task):
+        t = [s["test_loss"] for s in r["seeds"].values()]
+        style = dict(marker="*", markersize=12) if r["label"].startswith("Flora") else dict(marker="o")
+        if r["label"].startswith(("floor", "target")):
+            ax.axhline(st.mean(t), ls="--" if r["label"].startswith("floor") else ":", color="gray", lw=1)
+            ax.annotate(r["label"].split(" (")[0], (1, st.mean(t)), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize=7, color="gray")
+            continue
+        ax.errorbar([r["state"]], [st.mean(t)], yerr=[st.stdev(t)], label=r["label"], capsize=3, **style)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("optimizer state, bytes (log)")
+    ax.set_ylabel("test loss (3 seeds, best lr)")
+    ax.set_title(task)
+axes[0].legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(here / "peers_loss_vs_state.png", dpi=120)
