@@ -223,6 +223,28 @@ def test_bad_group_is_refused_before_any_change(kw, exc, match):
             assert torch.equal(after[i][k], v) if isinstance(v, torch.Tensor) else after[i][k] == v
 
 
+@pytest.mark.parametrize("how", ["constructor", "add_param_group"])
+def test_a_group_of_another_form_does_not_inherit_the_constructors_weight(how):
+    """complement_weight given to the constructor is its weighted form's: a group that sets
+    a form without a weight (and no weight) gets None, and steps as that form alone; a
+    group that sets both is refused (test_bad_options_are_refused_by_the_constructor)."""
+    params = _params()
+    groups = [{"params": params[:2]}, {"params": params[2:], "momentum_form": "exact"}]
+    kw = {**OPTS, "momentum_form": "fixed", "complement_weight": 0.25}
+    if how == "constructor":
+        opt = Flora(groups, **kw)
+    else:
+        opt = Flora(groups[:1], **kw)
+        opt.add_param_group(groups[1])
+    assert [(g["momentum_form"], g["complement_weight"]) for g in opt.param_groups] == [("fixed", 0.25),
+                                                                                         ("exact", None)]
+    step_on_noise(opt, params, 5)
+    fixed, _ = _run(momentum_form="fixed", complement_weight=0.25)
+    exact, _ = _run(momentum_form="exact")
+    for i, p in enumerate(params):
+        assert torch.equal(p, (fixed if i < 2 else exact)[i])
+
+
 def test_groups_may_mix_weights_and_forms():
     """One group of the fixed form with a weight of its own beside a group of another
     form: each steps as an optimizer of its own options."""

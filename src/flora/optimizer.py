@@ -21,6 +21,7 @@ from . import reports
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
                       refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
+from .momentum import WEIGHTED_FORMS
 from .state import prepare_state
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
@@ -147,6 +148,11 @@ class Flora(Optimizer):
             warnings.warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning,
                           stacklevel=2)
             _upgrade_group(param_group, saved=False)
+        if ("momentum_form" in param_group and "complement_weight" not in param_group
+                and param_group["momentum_form"] not in WEIGHTED_FORMS):
+            # a weight given to the constructor belongs to its (weighted) form: a group that
+            # picks a form without one does not inherit it (one it sets itself is refused)
+            param_group["complement_weight"] = None
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
@@ -436,8 +442,9 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             ``flora.momentum.FIXED_COMPLEMENT_WEIGHT``, 0.4 (it removed ``"scaled"``'s
             deficit on tabular MLPs and tied or beat it on the other tasks; a byte-level
             language model did best with 0.1, ``"exact"``: docs/results.md).
-            Any other form with a weight set is a ``ValueError``. A checkpoint saved
-            without this option loads with None.
+            Any other form with a weight set is a ``ValueError``; a parameter group that
+            sets another form (and no weight) does not inherit the constructor's. A
+            checkpoint saved without this option loads with None.
         projection: ``"gaussian"`` (N(0, 1/r) entries, unbiased: the paper's),
             ``"orthonormal"`` (QR of the same Gaussian draw, on the CPU) or
             ``"coordinates"`` (r random coordinates of the projected dimension, no
