@@ -230,6 +230,53 @@ def test_state_of_the_other_rule_is_refused_before_any_change():
     assert not other.state and other.param_groups[0]["factor_dims"] == "largest"
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+def test_factor_dims_edited_mid_run_is_refused_before_any_change(foreach):
+    """factor_dims edited in a group after its state exists: step() refuses it with an
+    error naming the option and the shapes, before a parameter or state moves; set back,
+    the run goes on; with the parameter's state dropped, it starts afresh on the new rule."""
+    model = _conv_net()
+    opt = Flora(model.parameters(), foreach=foreach, **OPTS)
+    batches = _batches(3)
+    _train(model, opt, batches[:1])
+    before = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["factor_dims"] = "last"
+    with pytest.raises(ValueError, match=r"factor_dims='last' does not fit the second moment of a parameter of "
+                                         r"shape \(16, 3, 3, 3\).*optimizer.state.pop"):
+        _train(model, opt, batches[1:2])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    after = opt.state_dict()["state"]
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after[i][k], v) if isinstance(v, torch.Tensor) else after[i][k] == v
+    opt.param_groups[0]["factor_dims"] = "largest"  # back: steps
+    _train(model, opt, batches[1:2])
+    opt.param_groups[0]["factor_dims"] = "last"
+    for p in model.parameters():
+        if p.dim() >= 3:
+            opt.state.pop(p)
+    _train(model, opt, batches[2:])
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    assert tuple(opt.state[conv]["exp_avg_sq_row"].shape) == factored_shapes(tuple(conv.shape), "last")[0]
+
+
+def test_factor_dims_edited_mid_run_is_refused_by_step_parameter():
+    """The same check on the per-parameter path (optimizer-in-backward)."""
+    model = _conv_net()
+    opt = Flora(model.parameters(), **OPTS)
+    _train(model, opt, _batches(1))
+    opt.param_groups[0]["factor_dims"] = "last"
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    conv.grad = torch.randn_like(conv)
+    before = conv.detach().clone()
+    with pytest.raises(ValueError, match="factor_dims='last' does not fit"):
+        opt.step_parameter(conv)
+    with pytest.raises(ValueError, match="factor_dims='last' does not fit"):
+        opt.step_parameters([conv])
+    assert torch.equal(conv, before)
+
+
 def test_old_pickle_gets_last():
     """An optimizer pickled before the option existed (no factor_dims in its groups or
     defaults) unpickles with "last", the rule its state was shaped by, in its groups and

@@ -26,7 +26,7 @@ from .state import prepare_state
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed")
+            "_transposed", "_factor_dims_seen")
 
 
 def _install_prelude() -> None:
@@ -120,6 +120,8 @@ class Flora(Optimizer):
         # (its projection, the transpose)
         self._workspace = C.Workspace()
         self._transposed: dict[int, tuple] = {}
+        # id(group) -> the factor_dims its state was last checked against (_check_factor_dims)
+        self._factor_dims_seen: dict[int, str] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_compile", None)
@@ -213,11 +215,34 @@ class Flora(Optimizer):
             self._apply(plan)
         return loss
 
+    def _check_factor_dims(self) -> None:
+        """A group whose ``factor_dims`` changed since its last step (edited in place) must
+        not step a second moment of the other factoring: refused, naming the option, before
+        any change. Checked only when the option changed, so a step costs a dict lookup."""
+        for group in self.param_groups:
+            rule = group["factor_dims"]
+            if self._factor_dims_seen.get(id(group)) == rule:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "exp_avg_sq_row" not in state or is_dtensor(p):
+                    continue
+                row, col = af.factored_shapes(tuple(p.shape), rule)
+                have = (tuple(state["exp_avg_sq_row"].shape), tuple(state["exp_avg_sq_col"].shape))
+                if have != (row, col):
+                    raise ValueError(
+                        f"factor_dims={rule!r} does not fit the second moment of a parameter of shape "
+                        f"{tuple(p.shape)} (row and column factors {have[0]} and {have[1]}, made with another "
+                        f"factor_dims; {rule!r} needs {row} and {col}). Set factor_dims back, or drop that "
+                        "parameter's state (optimizer.state.pop(p)) to start its second moment afresh")
+            self._factor_dims_seen[id(group)] = rule
+
     def _prelude_eager(self) -> list:
         """Everything of a step that reads or writes host values; returns the
         :class:`flora.functional.Work` items whose cores do the arithmetic."""
         # Every check happens before any state changes.
         check_grads(self.param_groups)
+        self._check_factor_dims()
         index = 0
         plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
@@ -338,6 +363,7 @@ class Flora(Optimizer):
         if is_dtensor(p):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return
+        self._check_factor_dims()
         self._prepare_state(p, group)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
         work = self._work([p], [self.state[p]], group, [index],
@@ -364,6 +390,7 @@ class Flora(Optimizer):
         if not found:
             return
         check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
+        self._check_factor_dims()
         entries = []
         for p, group, index in found:
             self._prepare_state(p, group)
