@@ -26,7 +26,7 @@ from .state import prepare_state
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen")
+            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p")
 
 
 def _install_prelude() -> None:
@@ -120,8 +120,10 @@ class Flora(Optimizer):
         # (its projection, the transpose)
         self._workspace = C.Workspace()
         self._transposed: dict[int, tuple] = {}
-        # id(group) -> the factor_dims its state was last checked against (_check_factor_dims)
+        # id(group) and id(parameter) -> the factor_dims their state was last checked
+        # against (_check_factor_dims, _check_parameter_factor_dims)
         self._factor_dims_seen: dict[int, str] = {}
+        self._factor_dims_seen_p: dict[int, str] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_compile", None)
@@ -221,21 +223,31 @@ class Flora(Optimizer):
         any change. Checked only when the option changed, so a step costs a dict lookup."""
         for group in self.param_groups:
             rule = group["factor_dims"]
-            if self._factor_dims_seen.get(id(group)) == rule:
-                continue
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or "exp_avg_sq_row" not in state or is_dtensor(p):
-                    continue
-                row, col = af.factored_shapes(tuple(p.shape), rule)
-                have = (tuple(state["exp_avg_sq_row"].shape), tuple(state["exp_avg_sq_col"].shape))
-                if have != (row, col):
-                    raise ValueError(
-                        f"factor_dims={rule!r} does not fit the second moment of a parameter of shape "
-                        f"{tuple(p.shape)} (row and column factors {have[0]} and {have[1]}, made with another "
-                        f"factor_dims; {rule!r} needs {row} and {col}). Set factor_dims back, or drop that "
-                        "parameter's state (optimizer.state.pop(p)) to start its second moment afresh")
-            self._factor_dims_seen[id(group)] = rule
+            if self._factor_dims_seen.get(id(group)) != rule:
+                for p in group["params"]:
+                    self._check_factoring(p, rule)
+                self._factor_dims_seen[id(group)] = rule
+
+    def _check_parameter_factor_dims(self, p: torch.Tensor, group: dict) -> None:
+        """step_parameter's form of :meth:`_check_factor_dims`: this parameter only (a
+        memo per parameter), so that it never walks the group."""
+        rule = group["factor_dims"]
+        if self._factor_dims_seen.get(id(group)) != rule and self._factor_dims_seen_p.get(id(p)) != rule:
+            self._check_factoring(p, rule)
+            self._factor_dims_seen_p[id(p)] = rule
+
+    def _check_factoring(self, p: torch.Tensor, rule: str) -> None:
+        state = self.state.get(p)
+        if not state or "exp_avg_sq_row" not in state or is_dtensor(p):
+            return
+        row, col = af.factored_shapes(tuple(p.shape), rule)
+        have = (tuple(state["exp_avg_sq_row"].shape), tuple(state["exp_avg_sq_col"].shape))
+        if have != (row, col):
+            raise ValueError(
+                f"factor_dims={rule!r} does not fit the second moment of a parameter of shape "
+                f"{tuple(p.shape)} (row and column factors {have[0]} and {have[1]}, made with another "
+                f"factor_dims; {rule!r} needs {row} and {col}). Set factor_dims back, or drop that "
+                "parameter's state (optimizer.state.pop(p)) to start its second moment afresh")
 
     def _prelude_eager(self) -> list:
         """Everything of a step that reads or writes host values; returns the
@@ -363,7 +375,7 @@ class Flora(Optimizer):
         if is_dtensor(p):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return
-        self._check_factor_dims()
+        self._check_parameter_factor_dims(p, group)
         self._prepare_state(p, group)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
         work = self._work([p], [self.state[p]], group, [index],
@@ -390,7 +402,8 @@ class Flora(Optimizer):
         if not found:
             return
         check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
-        self._check_factor_dims()
+        for p, group, _ in found:
+            self._check_parameter_factor_dims(p, group)
         entries = []
         for p, group, index in found:
             self._prepare_state(p, group)
