@@ -22,7 +22,7 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
                       refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
-from .state import prepare_state
+from .state import check_factoring, prepare_state
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
@@ -238,16 +238,8 @@ class Flora(Optimizer):
 
     def _check_factoring(self, p: torch.Tensor, rule: str) -> None:
         state = self.state.get(p)
-        if not state or "exp_avg_sq_row" not in state or is_dtensor(p):
-            return
-        row, col = af.factored_shapes(tuple(p.shape), rule)
-        have = (tuple(state["exp_avg_sq_row"].shape), tuple(state["exp_avg_sq_col"].shape))
-        if have != (row, col):
-            raise ValueError(
-                f"factor_dims={rule!r} does not fit the second moment of a parameter of shape "
-                f"{tuple(p.shape)} (row and column factors {have[0]} and {have[1]}, made with another "
-                f"factor_dims; {rule!r} needs {row} and {col}). Set factor_dims back, or drop that "
-                "parameter's state (optimizer.state.pop(p)) to start its second moment afresh")
+        if state:
+            check_factoring(p, state, rule)
 
     def _prelude_eager(self) -> list:
         """Everything of a step that reads or writes host values; returns the

@@ -73,3 +73,19 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
                 + (f", or with another factor_dims than {group['factor_dims']!r}"
                    if k.startswith("exp_avg_sq_") else "")
             )
+
+
+def check_factoring(p: torch.Tensor, s: dict, factor_dims: str) -> None:
+    """A live state's second moment must be factored as ``factor_dims`` says (the option
+    edited in a group mid-run is refused, naming it, instead of failing to broadcast)."""
+    if "exp_avg_sq_row" not in s or is_dtensor(p):
+        return
+    shape = tuple(p.shape)
+    row, col = factored_shapes(shape, factor_dims)
+    have = (tuple(s["exp_avg_sq_row"].shape), tuple(s["exp_avg_sq_col"].shape))
+    if have != (row, col):
+        raise ValueError(
+            f"factor_dims={factor_dims!r} does not fit the second moment of a parameter of shape {shape} "
+            f"(row and column factors {have[0]} and {have[1]}, made with another factor_dims; "
+            f"{factor_dims!r} needs {row} and {col}). Set factor_dims back, or drop that parameter's state "
+            "(optimizer.state.pop(p)) to start its second moment afresh")
