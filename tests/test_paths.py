@@ -86,7 +86,13 @@ CONFIGS = {
     # RMS(p) (a foreach norm over the parameters) and weight decay read the parameters
     "scale_parameter+weight_decay": dict(rank=4, beta1=0.9, lr=0.2, scale_parameter=True, weight_decay=0.1),
     "tensor_lr+weight_decay": dict(rank=4, beta1=0.9, lr=torch.tensor(1e-2), weight_decay=0.1),
+    # the first moment stored narrower than the state (its arithmetic is not): compressed
+    # in bfloat16, dense in float16
+    "bf16-momentum": dict(rank=4, beta1=0.9, momentum_dtype="bfloat16"),
+    "fp16-dense-momentum": dict(rank=None, beta1=0.9, momentum_dtype=torch.float16),
 }
+# the dtype each config keeps its first moment in (the state dtype otherwise)
+MOMENTUM_DTYPE = {"bf16-momentum": torch.bfloat16, "fp16-dense-momentum": torch.float16}
 
 
 def _min_max(shape):
@@ -129,7 +135,8 @@ CASES = dict(
     + [_case(lay, dt, c) for dt in ("bf16", "fp16", "fp64")
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
        for c in ("paper-gaussian", "exact-orthonormal", "subspace-coordinates", "scaled-orthonormal",
-                 "fixed-orthonormal", "floored-coordinates", "dense-momentum", "no-momentum")]
+                 "fixed-orthonormal", "floored-coordinates", "dense-momentum", "no-momentum", "bf16-momentum",
+                 "fp16-dense-momentum")]
     # HF's and torch's rule (the last two dims) on every layout of 3+ dims, and half precision
     + [_case(lay, "fp32", c, factor="last") for lay in MULTI_DIM
        for c in ("scaled-orthonormal", "fixed-coordinates", "paper-gaussian", "dense-momentum", "no-momentum",
@@ -140,7 +147,8 @@ CASES = dict(
        for c in ("scaled-orthonormal", "fixed-orthonormal", "paper-gaussian", "exact-coordinates")]
     # a non-finite gradient in one parameter of a bucket: skipped alike on every path
     + [_case(lay, "fp32", c, bad=b) for lay in ("contiguous", "channels_last", "first-largest-3d")
-       for c in ("scaled-orthonormal", "fixed-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum")
+       for c in ("scaled-orthonormal", "fixed-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum",
+                 "bf16-momentum")
        for b in ("nan", "inf")]
 )
 
@@ -251,11 +259,13 @@ def _assert_same_movement(p0, ref, got, what, *, same_strides=True):
 def _assert_same_state(ref_opt, ref_p, opt, p, what):
     sr, sg = ref_opt.state[ref_p], opt.state[p]
     assert sr.keys() == sg.keys(), what
-    want_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    narrow = opt.param_groups[0]["momentum_dtype"]  # a name, or None: the state dtype
     for k, v in sr.items():
         if not isinstance(v, torch.Tensor):
             assert sg[k] == v, f"{what}: {k}"
             continue
+        want_dtype = getattr(torch, narrow) if narrow is not None and k in ("exp_avg", "exp_avg_c") else state_dtype
         assert v.dtype == want_dtype and sg[k].dtype == want_dtype, f"{what}: {k} is {sg[k].dtype}"
         scale = v.abs().max().item() if v.numel() else 0.0
         rtol = 1e-10 if want_dtype == torch.float64 else 1e-4
@@ -308,6 +318,10 @@ COMPILED_CASES = dict(
     # the "floored" form (its floor a constant of the graph, clamping a device weight)
     + [_case("channels_last", "fp32", "floored-orthonormal"), _case("transposed", "fp32", "floored-coordinates"),
        _case("contiguous", "bf16", "floored-orthonormal")]
+    # a first moment stored in 16 bits (widened and rounded back around the graphs)
+    + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
+                                          ("channels_last", "fp64"))
+       for c in ("bf16-momentum", "fp16-dense-momentum")]
 )
 
 

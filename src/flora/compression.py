@@ -1,11 +1,15 @@
 """Which tensors are compressed, and along which dimension: one pure rule, used by the
-optimizer's momentum, the gradient accumulator and the state-size formula."""
+optimizer's momentum, the gradient accumulator and the state-size formula; and the dtype
+the momentum is stored in."""
 
 from __future__ import annotations
 
-from .projection import choose_dim, matrix_shape
+import torch
 
-__all__ = ["PROJ_DIMS", "compressed_dim", "dense_reason"]
+from .projection import choose_dim, matrix_shape, state_dtype
+
+__all__ = ["MOMENTUM_DTYPES", "PROJ_DIMS", "compressed_dim", "dense_reason", "momentum_dtype_name",
+           "momentum_storage"]
 
 PROJ_DIMS = ("auto", 0, 1)
 
@@ -38,3 +42,21 @@ def dense_reason(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio: 
     if d <= rank:
         return f"projected dim {d} <= rank {rank}"
     return None
+
+
+# What the first moment may be stored in (``momentum_dtype``); None: the state dtype
+# (float32, float64 for float64 parameters). Its arithmetic always runs in the state dtype.
+MOMENTUM_DTYPES = (None, "float32", "bfloat16", "float16")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def momentum_dtype_name(value):
+    """``momentum_dtype`` as the group holds it: a name of ``MOMENTUM_DTYPES`` (a
+    ``torch.dtype`` given is named, so that checkpoints hold a plain string)."""
+    return _DTYPE_NAMES.get(value, value) if isinstance(value, torch.dtype) else value
+
+
+def momentum_storage(group: dict, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter of ``dtype`` keeps its first moment in under ``group``."""
+    name = momentum_dtype_name(group.get("momentum_dtype"))
+    return state_dtype(dtype) if name is None else getattr(torch, name)

@@ -104,6 +104,9 @@ class Work(NamedTuple):
     skips: torch.Tensor  # int64 count of skipped updates on this device
     t: int  # the step count this step reaches (state["step"], for the eager scalars)
     compiled: bool = False  # run the compiled core
+    # the first moment as stored, when narrower than the state dtype (momentum_dtype):
+    # moms are copies in the state dtype, which finish() rounds back into these
+    stored: list | None = None
 
 
 # ------------------------------------------------------------------ step counters
@@ -200,11 +203,14 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         st["step"] = t
     spec = make_spec(group, s0, params[0].shape, params[0].dtype, kernel)
     a = None
-    moms = None
+    moms = stored = None
+    if spec.momentum is not None:
+        stored = [st["exp_avg_c" if spec.momentum == "c" else "exp_avg"] for st in states]
+        moms, stored = _widened(stored, state_dtype(params[0].dtype))
     if spec.momentum == "c":
         dim = spec.dim
         size = matrix_shape(spec.shape)[dim]
-        cs = [st["exp_avg_c"] for st in states]
+        cs = moms
         c0 = cs[0]
         a = projections(group, indices, s0["proj_count"], size, c0.device, c0.dtype, stacked=grouped)
         if s0["proj_age"] >= group["kappa"]:
@@ -220,9 +226,6 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
             a = a_new
         for st in states:
             st["proj_age"] += 1
-        moms = cs
-    elif spec.momentum == "m":
-        moms = [st["exp_avg"] for st in states]
     if len(spec.shape) >= 2:
         sq = ([st["exp_avg_sq_row"] for st in states], [st["exp_avg_sq_col"] for st in states])
     else:
@@ -236,7 +239,26 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         moms = None if moms is None else _as_vectors(moms)
         spec = spec._replace(shape=(1,))
     return Work(grouped, spec, params, grads, steps, sq, moms,
-                a, group["lr"] if lr is None else lr, skips, t, compiled)
+                a, group["lr"] if lr is None else lr, skips, t, compiled, stored)
+
+
+def _widened(stored: list[torch.Tensor], dtype: torch.dtype) -> tuple[list, list | None]:
+    """A first moment kept in a narrower dtype than the state's (``momentum_dtype``) steps
+    on a copy in the state dtype: ``(the tensors to step, the stored ones to round the
+    result back into by finish(), or None when they are the same)``."""
+    if stored[0].dtype == dtype:
+        return stored, None
+    return [m.to(dtype) for m in stored], stored
+
+
+def finish(work: Work) -> None:
+    """After a core: the first moment rounded back into its stored dtype (one copy)."""
+    if work.stored is not None:
+        moms = [m.view_as(s) for m, s in zip(work.moms, work.stored)]  # 0-dim ones stepped as vectors
+        if len(moms) == 1:
+            work.stored[0].copy_(moms[0])
+        else:
+            torch._foreach_copy_(work.stored, moms)
 
 
 def _as_vectors(ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -248,6 +270,7 @@ def run(work: Work, t: int | None) -> None:
     step-dependent scalars from the counter tensors (what a compiled core does)."""
     fn = grouped_core if work.grouped else single_core
     fn(work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a, work.lr, work.skips, t)
+    finish(work)
 
 
 # ------------------------------------------------------------------ scalars of a step

@@ -9,7 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from .adafactor import factored_shapes
-from .compression import compressed_dim
+from .compression import MOMENTUM_DTYPES, compressed_dim, momentum_dtype_name, momentum_storage
 from .projection import compressed_shape
 
 
@@ -58,7 +58,7 @@ def cache_bytes(optimizer: Optimizer) -> int:
 _FLORA_OPTIONS = frozenset((
     "lr", "kappa", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter", "relative_step",
     "warmup_init", "seed", "proj_dim", "momentum_form", "projection", "max_aspect_ratio", "cache_projections",
-    "factor_dims", "complement_weight",
+    "factor_dims", "complement_weight", "momentum_dtype",
 ))
 
 
@@ -72,7 +72,8 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
       ``"last"``: rows ``shape[:-1]``, columns ``shape[:-2] + shape[-1:]``, as in HF
       Adafactor), ``numel`` for 1-D;
     - first moment (when ``beta1`` is set): ``r * (other dim)`` for a compressed tensor
-      (:func:`flora.compression.compressed_dim`), ``numel`` otherwise.
+      (:func:`flora.compression.compressed_dim`), ``numel`` otherwise, in
+      ``momentum_dtype`` when that option is given (2 bytes for ``"bfloat16"``).
 
     ``options`` are Flora's other keyword arguments (``proj_dim``, ``max_aspect_ratio``
     and ``factor_dims`` matter); an unknown name is a ``TypeError``."""
@@ -80,7 +81,10 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     if unknown:
         raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
                         f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
-    total = 0
+    if momentum_dtype_name(options.get("momentum_dtype")) not in MOMENTUM_DTYPES:
+        raise ValueError(f"momentum_dtype must be one of {MOMENTUM_DTYPES} or such a torch.dtype, "
+                         f"got {options['momentum_dtype']!r}")
+    total = moment = 0
     for shape in shapes:
         shape = tuple(shape)
         numel = math.prod(shape)
@@ -92,5 +96,6 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
         if beta1 is not None:
             dim = compressed_dim(shape, rank, proj_dim=options.get("proj_dim", "auto"),
                                  max_aspect_ratio=options.get("max_aspect_ratio"))
-            total += numel if dim is None else math.prod(compressed_shape(shape, rank, dim))
-    return torch.empty((), dtype=dtype).element_size() * total
+            moment += numel if dim is None else math.prod(compressed_shape(shape, rank, dim))
+    narrow = momentum_storage(options, dtype)
+    return torch.empty((), dtype=dtype).element_size() * total + torch.empty((), dtype=narrow).element_size() * moment

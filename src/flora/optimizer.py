@@ -19,6 +19,7 @@ from . import checkpoint
 from .cache import ProjectionCache, cache_projections
 from . import reports
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
+                      momentum_dtype_name as _momentum_dtype_name,
                       refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
@@ -63,6 +64,7 @@ class Flora(Optimizer):
         max_aspect_ratio: float | None = None,
         factor_dims: str = "largest",
         complement_weight: float | None = None,
+        momentum_dtype: str | torch.dtype | None = None,
         cache_projections: bool = True,
         foreach: bool | None = None,
         compile: bool | str | Any = False,
@@ -80,7 +82,8 @@ class Flora(Optimizer):
             scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
             seed=seed, proj_dim=proj_dim, momentum_form=momentum_form, projection=projection,
             max_aspect_ratio=max_aspect_ratio, factor_dims=factor_dims, complement_weight=complement_weight,
-            cache_projections=cache_projections, foreach=foreach,
+            momentum_dtype=_momentum_dtype_name(momentum_dtype), cache_projections=cache_projections,
+            foreach=foreach,
         )
         _validate_group(defaults)
         if not (compile is True or compile is False or compile is None or isinstance(compile, str)
@@ -157,6 +160,8 @@ class Flora(Optimizer):
             # a weight given to the constructor belongs to its (weighted) form: a group that
             # picks a form without one does not inherit it (one it sets itself is refused)
             param_group["complement_weight"] = None
+        if "momentum_dtype" in param_group:  # a torch.dtype is held by name (checkpoints hold plain values)
+            param_group["momentum_dtype"] = _momentum_dtype_name(param_group["momentum_dtype"])
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
@@ -317,10 +322,12 @@ class Flora(Optimizer):
                     if work.compiled and F.staged(work):
                         C.staged_step(work, self._compile, None, self._workspace, self._transposed,
                                       self._lr_views)
+                        F.finish(work)
                     elif work.compiled:
                         C.compiled_core(work.grouped, self._compile)(
                             work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a,
                             C.lr_arg(work.lr, self._lr_views), work.skips, None)
+                        F.finish(work)
                     else:
                         F.run(work, work.t)
             return
@@ -477,6 +484,13 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             Any other form with a weight set is a ``ValueError``; a parameter group that
             sets another form (and no weight) does not inherit the constructor's. A
             checkpoint saved without this option loads with None.
+        momentum_dtype: what the first moment (compressed or dense) is stored in: None
+            (the default: the state dtype, float32, or float64 for float64 parameters),
+            ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or that ``torch.dtype``). Its
+            arithmetic, the resample's transfer included, runs in the state dtype on a
+            copy that is rounded back (to nearest) once per step, so a 16-bit momentum
+            halves its bytes and changes nothing else. A state of another dtype (a
+            checkpoint, the option edited) is converted at its next step.
         projection: ``"gaussian"`` (N(0, 1/r) entries, unbiased: the paper's),
             ``"orthonormal"`` (QR of the same Gaussian draw, on the CPU) or
             ``"coordinates"`` (r random coordinates of the projected dimension, no

@@ -8,7 +8,7 @@ import torch
 
 from .adafactor import FACTOR_DIMS
 from ._validation import check_choice, check_positive_int, check_real, check_seed
-from .compression import PROJ_DIMS, compressed_dim, dense_reason
+from .compression import MOMENTUM_DTYPES, PROJ_DIMS, compressed_dim, dense_reason, momentum_dtype_name
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from .projection import PROJECTIONS
 from . import sharded
@@ -22,7 +22,8 @@ CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
 # groups set them otherwise than this optimizer was built with, load_state_dict warns.
 # (A different rank is refused: the momentum's shape depends on it.)
 ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim", "factor_dims",
-                  "complement_weight")
+                  "complement_weight", "momentum_dtype")
+
 
 
 def upgrade_group(group: dict, *, saved: bool = True) -> dict:
@@ -31,7 +32,8 @@ def upgrade_group(group: dict, *, saved: bool = True) -> dict:
     from when every projection was Gaussian, and keeps those matrices; one without
     ``factor_dims`` from when every second moment was factored over the last two dims
     (``"last"``), and keeps those state shapes; one without ``complement_weight`` from
-    before the ``"fixed"`` form, whose weight it leaves None (the option's default)."""
+    before the ``"fixed"`` form, whose weight it leaves None (the option's default); one
+    without ``momentum_dtype`` kept its momentum in the state dtype (None)."""
     old = group.get("momentum")
     if isinstance(old, str) and "momentum_form" not in group:
         group["momentum_form"] = group.pop("momentum")
@@ -39,6 +41,7 @@ def upgrade_group(group: dict, *, saved: bool = True) -> dict:
         group.setdefault("projection", "gaussian")
         group.setdefault("factor_dims", "last")
         group.setdefault("complement_weight", None)
+        group.setdefault("momentum_dtype", None)
     return group
 
 
@@ -117,6 +120,10 @@ def validate_group(group: dict) -> None:
     check_choice("projection", group["projection"], PROJECTIONS)
     check_choice("factor_dims", group["factor_dims"], FACTOR_DIMS)
     check_complement_weight(group["complement_weight"], group["momentum_form"])
+    md = group.get("momentum_dtype")
+    if momentum_dtype_name(md) not in MOMENTUM_DTYPES or isinstance(md, bool):
+        raise ValueError("momentum_dtype must be None (the state dtype: float32, float64 for float64 parameters), "
+                         "'float32', 'bfloat16' or 'float16' (or that torch.dtype); got " + repr(md))
     if group["momentum_form"] in SUBSPACE_FORMS and group["projection"] == "gaussian":
         raise ValueError(f"momentum_form={group['momentum_form']!r} needs projection='orthonormal' or "
                          "'coordinates' (its complement u - decompress(compress(u)) is an orthogonal projection "

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import adafactor as af
-from .compression import compressed_dim
+from .compression import compressed_dim, momentum_storage
 from .momentum import compressed_apply_, compressed_terms, dense_momentum_
 from .projection import compress, compressed_shape, is_coordinates, matrix_shape, state_dtype, transfer
 
@@ -141,6 +141,7 @@ def init_state(state: dict, p, group: dict) -> None:
     if group["beta1"] is None or "exp_avg" in state or "exp_avg_c" in state:
         return
     dim = momentum_dim(shape, group)
+    dtype = momentum_storage(group, g.dtype)
     if dim is None:
         state["exp_avg"] = _wrap(torch.zeros(g.shape, dtype=dtype, device=dev), lay, shape, True)
         return
@@ -230,14 +231,35 @@ def sharded_step(entries, *, projections, count_skip, sums: dict | None = None) 
         lay = layout(p)
         by_group.setdefault(lay.group, []).append(_Item(p, state, group, index, lay))
     for pg, items in by_group.items():
-        for it in items:
-            _phase1(it)
-        _allsum(items, "parts1", pg, None if sums is None else sums.get(pg))
-        for it in items:
-            _phase2(it, projections)
-        _allsum(items, "parts2", pg)
-        for it in items:
-            _phase3(it, count_skip)
+        kept = _widen(items)
+        try:
+            for it in items:
+                _phase1(it)
+            _allsum(items, "parts1", pg, None if sums is None else sums.get(pg))
+            for it in items:
+                _phase2(it, projections)
+            _allsum(items, "parts2", pg)
+            for it in items:
+                _phase3(it, count_skip)
+            for st, k, m in kept:  # rounded back into the stored dtype
+                _local(m).copy_(_local(st[k]))
+        finally:
+            for st, k, m in kept:
+                st[k] = m
+
+
+def _widen(items) -> list:
+    """A first moment kept narrower than the state dtype (``momentum_dtype``) steps on a
+    copy in the state dtype, put in its state for the step: ``(state, key, stored)`` of each."""
+    kept = []
+    for it in items:
+        want = state_dtype(it.p.dtype)
+        for k in ("exp_avg_c", "exp_avg"):
+            m = it.state.get(k)
+            if m is not None and m.dtype != want:
+                it.state[k] = m.to(want)
+                kept.append((it.state, k, m))
+    return kept
 
 
 def _phase1(it: _Item) -> None:

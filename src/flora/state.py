@@ -7,6 +7,7 @@ import torch
 
 from . import sharded
 from .adafactor import factored_shapes
+from .compression import momentum_storage
 from .options import momentum_dim
 from .projection import compressed_shape, state_dtype
 from .sharded import is_dtensor
@@ -17,11 +18,21 @@ def prepare_state(state: dict, p: torch.Tensor, group: dict) -> None:
     the first time, the first moment once ``beta1`` is set; FSDP2's shards their own."""
     if is_dtensor(p):
         sharded.init_state(state, p, group)
-        return
-    if not state:
-        init_state(state, p.grad, group["factor_dims"])
-    if group["beta1"] is not None and "exp_avg" not in state and "exp_avg_c" not in state:
-        init_momentum(state, p.grad, group)
+    else:
+        if not state:
+            init_state(state, p.grad, group["factor_dims"])
+        if group["beta1"] is not None and "exp_avg" not in state and "exp_avg_c" not in state:
+            init_momentum(state, p.grad, group)
+    store_momentum_as(state, momentum_storage(group, p.dtype))
+
+
+def store_momentum_as(state: dict, dtype: torch.dtype) -> None:
+    """Keep the first moment in ``dtype`` (``momentum_dtype``): a state of another (a
+    checkpoint, the option edited since) is converted, rounding to nearest."""
+    for k in ("exp_avg_c", "exp_avg"):
+        m = state.get(k)
+        if m is not None and m.dtype != dtype:
+            state[k] = m.to(dtype)
 
 
 def init_state(state: dict, grad: torch.Tensor, factor_dims: str = "largest") -> None:
@@ -40,7 +51,7 @@ def init_state(state: dict, grad: torch.Tensor, factor_dims: str = "largest") ->
 def init_momentum(state: dict, grad: torch.Tensor, group: dict) -> None:
     """The first moment: dense, or compressed with its projection counters."""
     dim = momentum_dim(grad.shape, group)
-    dtype = state_dtype(grad.dtype)
+    dtype = momentum_storage(group, grad.dtype)
     if dim is None:
         state["exp_avg"] = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
     else:

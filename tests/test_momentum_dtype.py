@@ -1,0 +1,259 @@
+"""``momentum_dtype``: the first moment stored in 16 bits, its arithmetic in the state dtype.
+
+The reference is the definition: a float32 Flora whose first moment is rounded to the
+narrow dtype (and back) after every step takes bit for bit the steps of
+``momentum_dtype="bfloat16"`` (or ``"float16"``), resamples included. Every stepping path
+is also compared with the single-tensor one in ``tests/test_paths.py`` (rows
+``bf16-momentum`` and ``fp16-dense-momentum``) and FSDP2 in ``tests/test_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import flora
+from flora import Flora
+from flora.bench import optimizers as bench_optimizers
+
+NARROW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+MOMENTUM_KEYS = ("exp_avg", "exp_avg_c")
+
+
+def _net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 6)).to(dtype)
+
+
+def _batches(n, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 24, generator=g).to(dtype), torch.randint(0, 6, (16,), generator=g)) for _ in range(n)]
+
+
+def _step(model, opt, batch):
+    x, y = batch
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x).float(), y).backward()
+    opt.step()
+
+
+def _round_momentum(opt, dtype):
+    """The reference: the float32 first moment rounded to ``dtype`` and back, in place."""
+    for st in opt.state.values():
+        for k in MOMENTUM_KEYS:
+            if k in st:
+                st[k].copy_(st[k].to(dtype))
+
+
+OPTS = dict(lr=1e-2, beta1=0.9, kappa=3, seed=5, scale_parameter=False)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+@pytest.mark.parametrize("rank", [4, None], ids=["compressed", "dense"])
+@pytest.mark.parametrize("name", list(NARROW))
+def test_equals_float32_rounded_after_every_step(name, rank, foreach):
+    """Bit for bit: the narrow momentum is the float32 step's momentum rounded to nearest,
+    and the parameters move as a float32 Flora whose momentum is rounded after each
+    step (7 steps, two resamples at kappa=3)."""
+    model, ref_model = _net(), _net()
+    opt = Flora(model.parameters(), rank=rank, momentum_dtype=name, foreach=foreach, **OPTS)
+    ref = Flora(ref_model.parameters(), rank=rank, foreach=foreach, **OPTS)
+    for batch in _batches(7):
+        _step(model, opt, batch)
+        _step(ref_model, ref, batch)
+        _round_momentum(ref, NARROW[name])
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            assert torch.equal(p, q)
+    kinds = set()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        for k in MOMENTUM_KEYS:
+            if k in opt.state[p]:
+                kinds.add(k)
+                assert opt.state[p][k].dtype == NARROW[name]
+                assert torch.equal(opt.state[p][k], ref.state[q][k].to(NARROW[name]))
+        for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+            if k in opt.state[p]:
+                assert opt.state[p][k].dtype == torch.float32  # the second moment keeps the state dtype
+    assert kinds == ({"exp_avg_c", "exp_avg"} if rank else {"exp_avg"})
+
+
+def test_half_the_momentum_bytes_and_close_to_float32():
+    """The state counted from the tensors: the momentum's bytes halve, nothing else
+    changes; after 30 steps the parameters moved as float32 momentum's to 1% of the
+    movement."""
+    batches = _batches(30)
+    runs = {}
+    for name in (None, "bfloat16"):
+        model = _net()
+        p0 = [p.detach().clone() for p in model.parameters()]
+        opt = Flora(model.parameters(), rank=4, momentum_dtype=name, **OPTS)
+        for b in batches:
+            _step(model, opt, b)
+        mom = sum(st[k].numel() * st[k].element_size() for st in opt.state.values() for k in MOMENTUM_KEYS if k in st)
+        runs[name] = (model, p0, flora.state_bytes(opt), mom)
+    (m32, p0, total32, mom32), (m16, _, total16, mom16) = runs[None], runs["bfloat16"]
+    assert mom16 * 2 == mom32 and total32 - total16 == mom32 // 2
+    shapes = [tuple(p.shape) for p in m16.parameters()]
+    assert total16 == flora.flora_state_bytes(shapes, rank=4, beta1=0.9, momentum_dtype=torch.bfloat16)
+    assert total32 == flora.flora_state_bytes(shapes, rank=4, beta1=0.9)
+    with pytest.raises(ValueError, match="momentum_dtype"):
+        flora.flora_state_bytes(shapes, rank=4, beta1=0.9, momentum_dtype="int8")
+    for a0, a, b in zip(p0, m32.parameters(), m16.parameters()):
+        move = (a - a0).abs().max()
+        assert move > 1e-2
+        assert (a - b).abs().max() <= 0.01 * move
+
+
+def test_float64_parameters_step_in_float64_and_store_bfloat16():
+    model, ref_model = _net(torch.float64), _net(torch.float64)
+    opt = Flora(model.parameters(), rank=4, momentum_dtype=torch.bfloat16, **OPTS)
+    ref = Flora(ref_model.parameters(), rank=4, **OPTS)
+    for batch in _batches(4, torch.float64):
+        _step(model, opt, batch)
+        _step(ref_model, ref, batch)
+        _round_momentum(ref, torch.bfloat16)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+        assert opt.state[p]["exp_avg_sq_row" if p.dim() == 2 else "exp_avg_sq"].dtype == torch.float64
+        assert opt.state[p]["exp_avg_c" if "exp_avg_c" in opt.state[p] else "exp_avg"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", [torch.float64, torch.int8, "int8", "bf16", True, 16, 0.5])
+def test_bad_momentum_dtype_is_refused_naming_the_option(bad):
+    model = _net()
+    with pytest.raises(ValueError, match="momentum_dtype must be None .*'bfloat16'"):
+        Flora(model.parameters(), rank=4, momentum_dtype=bad, **OPTS)
+    opt = Flora(model.parameters(), rank=4, **OPTS)
+    with pytest.raises(ValueError, match="momentum_dtype"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3))], "momentum_dtype": bad})
+    # edited in a group mid-run: refused before any change
+    _step(model, opt, _batches(1)[0])
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["momentum_dtype"] = bad
+    with pytest.raises(ValueError, match="momentum_dtype"):
+        _step(model, opt, _batches(2)[1])
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    after = opt.state_dict()
+    for pid, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after["state"][pid][k]) if isinstance(v, torch.Tensor) else v == after["state"][pid][k]
+
+
+def test_a_torch_dtype_is_held_by_name():
+    """Groups hold the name (checkpoints hold plain values); a group added with a dtype too."""
+    model = _net()
+    opt = Flora(list(model.parameters())[:2], rank=4, momentum_dtype=torch.bfloat16, **OPTS)
+    opt.add_param_group({"params": list(model.parameters())[2:], "momentum_dtype": torch.float16})
+    assert [g["momentum_dtype"] for g in opt.param_groups] == ["bfloat16", "float16"]
+    _step(model, opt, _batches(1)[0])
+    w0, w1 = model[0].weight, model[2].weight
+    assert opt.state[w0]["exp_avg_c"].dtype == torch.bfloat16
+    assert opt.state[w1]["exp_avg_c"].dtype == torch.float16
+
+
+def test_resume_is_bit_exact_and_loads_weights_only():
+    batches = _batches(8)
+    model = _net()
+    opt = Flora(model.parameters(), rank=4, momentum_dtype="bfloat16", **OPTS)
+    for b in batches:
+        _step(model, opt, b)
+    model2 = _net()
+    opt2 = Flora(model2.parameters(), rank=4, momentum_dtype="bfloat16", **OPTS)
+    for b in batches[:5]:
+        _step(model2, opt2, b)
+    buf = io.BytesIO()
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model3 = _net()
+    opt3 = Flora(model3.parameters(), rank=4, momentum_dtype="bfloat16", **OPTS)
+    model3.load_state_dict(ckpt["model"])
+    opt3.load_state_dict(ckpt["opt"])
+    assert opt3.state[model3[0].weight]["exp_avg_c"].dtype == torch.bfloat16  # not cast to the parameter's
+    for b in batches[5:]:
+        _step(model3, opt3, b)
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_float32_state_converts_at_its_next_step():
+    """A checkpoint of float32 momentum loads as saved (its options win, as in torch, with
+    a warning naming momentum_dtype); set to bfloat16 afterwards, the state is rounded
+    at the next step, which then equals the rounded reference's."""
+    batches = _batches(6)
+    model, ref_model = _net(), _net()
+    opt = Flora(model.parameters(), rank=4, **OPTS)
+    ref = Flora(ref_model.parameters(), rank=4, **OPTS)
+    for b in batches[:3]:
+        _step(model, opt, b)
+        _step(ref_model, ref, b)
+    sd = opt.state_dict()
+    model2 = _net()
+    model2.load_state_dict(model.state_dict())
+    opt2 = Flora(model2.parameters(), rank=4, momentum_dtype="bfloat16", **OPTS)
+    with pytest.warns(UserWarning, match="momentum_dtype: 'bfloat16' -> None"):
+        opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["momentum_dtype"] is None
+    opt2.param_groups[0]["momentum_dtype"] = "bfloat16"
+    _round_momentum(ref, torch.bfloat16)
+    for b in batches[3:]:
+        _step(model2, opt2, b)
+        _step(ref_model, ref, b)
+        _round_momentum(ref, torch.bfloat16)
+    for p, q in zip(model2.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+        st = opt2.state[p]
+        assert st["exp_avg_c" if "exp_avg_c" in st else "exp_avg"].dtype == torch.bfloat16
+
+
+def test_a_state_saved_before_the_option_loads_with_none():
+    model = _net()
+    opt = Flora(model.parameters(), rank=4, **OPTS)
+    _step(model, opt, _batches(1)[0])
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["momentum_dtype"]  # as saved before the option existed
+    opt2 = Flora(_net().parameters(), rank=4, **OPTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["momentum_dtype"] is None
+    # and an optimizer pickled before it
+    opt3 = Flora(_net().parameters(), rank=4, momentum_dtype="bfloat16", **OPTS)
+    state = opt3.__getstate__()
+    del state["defaults"]["momentum_dtype"]
+    for g in state["param_groups"]:
+        del g["momentum_dtype"]
+    opt4 = Flora.__new__(Flora)
+    opt4.__setstate__(state)
+    assert opt4.param_groups[0]["momentum_dtype"] is None and opt4.defaults["momentum_dtype"] is None
+
+
+def test_deepcopy_and_pickle_keep_the_stored_dtype():
+    model = _net()
+    opt = Flora(model.parameters(), rank=4, momentum_dtype="float16", **OPTS)
+    _step(model, opt, _batches(1)[0])
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.param_groups[0]["momentum_dtype"] == "float16"
+        assert {v["exp_avg_c"].dtype for v in other.state.values() if "exp_avg_c" in v} == {torch.float16}
+
+
+def test_bench_names_carry_the_momentum_dtype():
+    spec = bench_optimizers.parse("flora-r32+bf16")
+    assert (spec.rank, spec.momentum_dtype, spec.momentum_form) == (32, "bfloat16", "floored")
+    spec = bench_optimizers.parse("flora-r8-exact-orthonormal+fp16+ca-r8")
+    assert (spec.momentum_dtype, spec.momentum_form, spec.accumulate_rank) == ("float16", "exact", 8)
+    assert bench_optimizers.parse("flora-r8").momentum_dtype is None
+    opt = bench_optimizers.make_optimizer(spec, _net().parameters(), 1e-3, kappa=10, seed=0)
+    assert opt.param_groups[0]["momentum_dtype"] == "float16"
+    for bad in ("adamw+bf16", "adafactor+fp16", "flora-dense+bf16"):
+        with pytest.raises(ValueError, match=r"\+(bf|fp)16 .* follows a flora-rR name only"):
+            bench_optimizers.parse(bad)
