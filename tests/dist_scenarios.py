@@ -283,6 +283,16 @@ def fsdp_forms_equal_single_tensor(rank, world):
                         "err": (mine - want).abs().max().item() / scale if mine.numel() else 0.0}
         out[case]["state"][short] = state
     out["counts"] = counts
+    # factor_dims edited mid-run on a group holding 3-D and 4-D DTensors: refused, naming
+    # it, before any change (the state's global shapes are checked, as on one process)
+    before = {n: p.to_local().clone() for n, p in params.items()}
+    opt.param_groups[0]["factor_dims"] = "last"
+    try:
+        opt.step()
+        out["factor_dims_edit"] = None
+    except ValueError as e:
+        out["factor_dims_edit"] = {"message": str(e), "unchanged": all(torch.equal(before[n], p.to_local())
+                                                                        for n, p in params.items())}
     return out
 
 

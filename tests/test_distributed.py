@@ -72,6 +72,13 @@ def test_fsdp2_form_and_projection_equals_single_tensor_reference(results, case)
                     assert v is True, (name, k)
 
 
+def test_fsdp2_factor_dims_edited_mid_run_is_refused(results):
+    for r in check(results, "fsdp_forms_equal_single_tensor"):
+        edit = r["factor_dims_edit"]
+        assert edit is not None, "a group's factor_dims edited mid-run stepped FSDP2 parameters"
+        assert "factor_dims='last' does not fit" in edit["message"] and edit["unchanged"]
+
+
 def test_fsdp2_step_is_two_all_reduces(results):
     """The design: one all-reduce of the second moment's sums (and |p|^2) before the update
     exists, one of |u|^2 and the momentum's terms after; nothing else, every step."""

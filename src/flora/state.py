@@ -89,7 +89,7 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
 def check_factoring(p: torch.Tensor, s: dict, factor_dims: str) -> None:
     """A live state's second moment must be factored as ``factor_dims`` says (the option
     edited in a group mid-run is refused, naming it, instead of failing to broadcast)."""
-    if "exp_avg_sq_row" not in s or is_dtensor(p):
+    if "exp_avg_sq_row" not in s:  # a DTensor's state has the global shapes too
         return
     shape = tuple(p.shape)
     row, col = factored_shapes(shape, factor_dims)
