@@ -202,9 +202,9 @@ FORM_CASES = {f"{f}-{p}": (torch.float32, form_options(f, p)) for f, p in MOMENT
 FORM_CASES.update({
     "bf16-scaled-orthonormal": (torch.bfloat16, dict()),
     "bf16-exact-gaussian": (torch.bfloat16, dict(momentum_form="exact", projection="gaussian")),
-    # the first moment stored in 16 bits, its arithmetic in float32: compressed, and dense
+    # the first moment stored in bfloat16, its arithmetic in float32: compressed, and dense
     "bf16-momentum": (torch.float32, dict(momentum_dtype="bfloat16")),
-    "fp16-dense-momentum": (torch.float32, dict(rank=None, momentum_dtype="float16")),
+    "bf16-dense-momentum": (torch.float32, dict(rank=None, momentum_dtype=torch.bfloat16)),
 })
 ULPS = {torch.float32: 0, torch.bfloat16: 2}  # a half-precision parameter rounds at every step
 

@@ -62,11 +62,12 @@ def test_fsdp2_form_and_projection_equals_single_tensor_reference(results, case)
             assert m["ulps"] < 0.2, name  # the allowance for rounding is far below the movement
             assert m["err"] <= 1e-4, (name, m)
         narrow = S.FORM_CASES[case][1].get("momentum_dtype")  # the first moment's storage, if not float32
+        narrow = getattr(torch, narrow) if isinstance(narrow, str) else narrow
         for name, state in res["state"].items():
             assert len(state) > 2, name
             for k, v in state.items():
                 if isinstance(v, dict):
-                    want = f"torch.{narrow}" if narrow and k in ("exp_avg", "exp_avg_c") else "torch.float32"
+                    want = str(narrow) if narrow and k in ("exp_avg", "exp_avg_c") else "torch.float32"
                     assert v["dtype"] == want and v["shape"] and v["err"] <= 1e-5, (name, k, v)
                 else:
                     assert v is True, (name, k)

@@ -1,10 +1,10 @@
-"""``momentum_dtype``: the first moment stored in 16 bits, its arithmetic in the state dtype.
+"""``momentum_dtype``: the first moment stored in bfloat16, its arithmetic in the state dtype.
 
-The reference is the definition: a float32 Flora whose first moment is rounded to the
-narrow dtype (and back) after every step takes bit for bit the steps of
-``momentum_dtype="bfloat16"`` (or ``"float16"``), resamples included. Every stepping path
-is also compared with the single-tensor one in ``tests/test_paths.py`` (rows
-``bf16-momentum`` and ``fp16-dense-momentum``) and FSDP2 in ``tests/test_distributed.py``.
+The reference is the definition: a float32 Flora whose first moment is rounded to
+bfloat16 (and back) after every step takes bit for bit the steps of
+``momentum_dtype="bfloat16"``, resamples included. Every stepping path is also compared
+with the single-tensor one in ``tests/test_paths.py`` (rows ``bf16-momentum`` and
+``bf16-dense-momentum``) and FSDP2 in ``tests/test_distributed.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import flora
 from flora import Flora
 from flora.bench import optimizers as bench_optimizers
 
-NARROW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+NARROW = {"bfloat16": torch.bfloat16}
 MOMENTUM_KEYS = ("exp_avg", "exp_avg_c")
 
 
@@ -124,7 +124,7 @@ def test_float64_parameters_step_in_float64_and_store_bfloat16():
         assert opt.state[p]["exp_avg_c" if "exp_avg_c" in opt.state[p] else "exp_avg"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("bad", [torch.float64, torch.int8, "int8", "bf16", True, 16, 0.5])
+@pytest.mark.parametrize("bad", [torch.float64, torch.int8, "int8", "bf16", True, 16, 0.5, "float16", torch.float16])
 def test_bad_momentum_dtype_is_refused_naming_the_option(bad):
     model = _net()
     with pytest.raises(ValueError, match="momentum_dtype must be None .*'bfloat16'"):
@@ -147,16 +147,21 @@ def test_bad_momentum_dtype_is_refused_naming_the_option(bad):
             assert torch.equal(v, after["state"][pid][k]) if isinstance(v, torch.Tensor) else v == after["state"][pid][k]
 
 
+def test_float16_is_refused_saying_why():
+    with pytest.raises(ValueError, match="not float16: the momentum holds lr-scaled updates"):
+        Flora(_net().parameters(), rank=4, momentum_dtype=torch.float16, **OPTS)
+
+
 def test_a_torch_dtype_is_held_by_name():
     """Groups hold the name (checkpoints hold plain values); a group added with a dtype too."""
     model = _net()
     opt = Flora(list(model.parameters())[:2], rank=4, momentum_dtype=torch.bfloat16, **OPTS)
-    opt.add_param_group({"params": list(model.parameters())[2:], "momentum_dtype": torch.float16})
-    assert [g["momentum_dtype"] for g in opt.param_groups] == ["bfloat16", "float16"]
+    opt.add_param_group({"params": list(model.parameters())[2:], "momentum_dtype": torch.float32})
+    assert [g["momentum_dtype"] for g in opt.param_groups] == ["bfloat16", "float32"]
     _step(model, opt, _batches(1)[0])
     w0, w1 = model[0].weight, model[2].weight
     assert opt.state[w0]["exp_avg_c"].dtype == torch.bfloat16
-    assert opt.state[w1]["exp_avg_c"].dtype == torch.float16
+    assert opt.state[w1]["exp_avg_c"].dtype == torch.float32
 
 
 def test_resume_is_bit_exact_and_loads_weights_only():
@@ -239,21 +244,62 @@ def test_a_state_saved_before_the_option_loads_with_none():
 
 def test_deepcopy_and_pickle_keep_the_stored_dtype():
     model = _net()
-    opt = Flora(model.parameters(), rank=4, momentum_dtype="float16", **OPTS)
+    opt = Flora(model.parameters(), rank=4, momentum_dtype="bfloat16", **OPTS)
     _step(model, opt, _batches(1)[0])
     for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert other.param_groups[0]["momentum_dtype"] == "float16"
-        assert {v["exp_avg_c"].dtype for v in other.state.values() if "exp_avg_c" in v} == {torch.float16}
+        assert other.param_groups[0]["momentum_dtype"] == "bfloat16"
+        assert {v["exp_avg_c"].dtype for v in other.state.values() if "exp_avg_c" in v} == {torch.bfloat16}
 
 
 def test_bench_names_carry_the_momentum_dtype():
     spec = bench_optimizers.parse("flora-r32+bf16")
     assert (spec.rank, spec.momentum_dtype, spec.momentum_form) == (32, "bfloat16", "floored")
-    spec = bench_optimizers.parse("flora-r8-exact-orthonormal+fp16+ca-r8")
-    assert (spec.momentum_dtype, spec.momentum_form, spec.accumulate_rank) == ("float16", "exact", 8)
+    spec = bench_optimizers.parse("flora-r8-exact-orthonormal+bf16+ca-r8")
+    assert (spec.momentum_dtype, spec.momentum_form, spec.accumulate_rank) == ("bfloat16", "exact", 8)
     assert bench_optimizers.parse("flora-r8").momentum_dtype is None
     opt = bench_optimizers.make_optimizer(spec, _net().parameters(), 1e-3, kappa=10, seed=0)
-    assert opt.param_groups[0]["momentum_dtype"] == "float16"
-    for bad in ("adamw+bf16", "adafactor+fp16", "flora-dense+bf16"):
-        with pytest.raises(ValueError, match=r"\+(bf|fp)16 .* follows a flora-rR name only"):
+    assert opt.param_groups[0]["momentum_dtype"] == "bfloat16"
+    for bad in ("adamw+bf16", "adafactor-b0.9+bf16", "flora-dense+bf16"):
+        with pytest.raises(ValueError, match=r"\+bf16 .* follows a flora-rR name only"):
             bench_optimizers.parse(bad)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        bench_optimizers.parse("flora-r8+fp16")
+
+
+@pytest.mark.parametrize("name,beta1,warns", [("bfloat16", 0.9, False), ("bfloat16", 0.95, False),
+                                              ("bfloat16", 0.97, True), ("bfloat16", 0.99, True),
+                                              (None, 0.999, False), ("float32", 0.999, False)])
+def test_a_bfloat16_momentum_that_would_stall_is_warned_about(name, beta1, warns):
+    """Above a stall bound of 10% (half_ulp / (1 - beta1)): beta1 from 0.961; in the
+    constructor and for a group added."""
+    p = [nn.Parameter(torch.zeros(4, 4))]
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        opt = Flora(p, lr=1e-3, rank=2, beta1=beta1, momentum_dtype=name)
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "beta1": beta1})
+    said = [str(w.message) for w in got if "stall" in str(w.message)]
+    assert len(said) == (2 if warns else 0), said
+    if warns:
+        assert f"momentum_dtype={name!r} with beta1={beta1}" in said[0] and "float32" in said[0]
+
+
+@pytest.mark.parametrize("beta1,low,high", [(0.99, 0.7, 0.85), (0.9, 0.95, 1.0)])
+def test_the_stall_is_real_on_a_steady_gradient(beta1, low, high):
+    """What the warning is about: a constant gradient, dense momentum (it holds lr times
+    the normalised update, here lr times 1). In float32 the momentum reaches lr; in
+    bfloat16 at beta1 = 0.99 it stops about 20% short, where (1 - beta1) (u - m) falls
+    below half a unit in the last place; at 0.9 within the bound of 4%. Noisy gradients
+    (training) keep it moving: the quality runs of docs/results.md tie float32."""
+    lr = 1e-4
+    final = {}
+    for name in (None, "bfloat16"):
+        p = nn.Parameter(torch.zeros(4, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = Flora([p], lr=lr, beta1=beta1, momentum_dtype=name, scale_parameter=False, relative_step=False)
+        for _ in range(1500):
+            p.grad = torch.ones(4, 4)
+            opt.step()
+        final[name] = opt.state[p]["exp_avg"].float().mean().item() / lr
+    assert final[None] > 0.99
+    assert low < final["bfloat16"] < high

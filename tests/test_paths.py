@@ -86,13 +86,12 @@ CONFIGS = {
     # RMS(p) (a foreach norm over the parameters) and weight decay read the parameters
     "scale_parameter+weight_decay": dict(rank=4, beta1=0.9, lr=0.2, scale_parameter=True, weight_decay=0.1),
     "tensor_lr+weight_decay": dict(rank=4, beta1=0.9, lr=torch.tensor(1e-2), weight_decay=0.1),
-    # the first moment stored narrower than the state (its arithmetic is not): compressed
-    # in bfloat16, dense in float16
+    # the first moment stored in bfloat16 (its arithmetic is not): compressed, and dense
     "bf16-momentum": dict(rank=4, beta1=0.9, momentum_dtype="bfloat16"),
-    "fp16-dense-momentum": dict(rank=None, beta1=0.9, momentum_dtype=torch.float16),
+    "bf16-dense-momentum": dict(rank=None, beta1=0.9, momentum_dtype=torch.bfloat16),
 }
 # the dtype each config keeps its first moment in (the state dtype otherwise)
-MOMENTUM_DTYPE = {"bf16-momentum": torch.bfloat16, "fp16-dense-momentum": torch.float16}
+
 
 
 def _min_max(shape):
@@ -136,7 +135,7 @@ CASES = dict(
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
        for c in ("paper-gaussian", "exact-orthonormal", "subspace-coordinates", "scaled-orthonormal",
                  "fixed-orthonormal", "floored-coordinates", "dense-momentum", "no-momentum", "bf16-momentum",
-                 "fp16-dense-momentum")]
+                 "bf16-dense-momentum")]
     # HF's and torch's rule (the last two dims) on every layout of 3+ dims, and half precision
     + [_case(lay, "fp32", c, factor="last") for lay in MULTI_DIM
        for c in ("scaled-orthonormal", "fixed-coordinates", "paper-gaussian", "dense-momentum", "no-momentum",
@@ -269,6 +268,10 @@ def _assert_same_state(ref_opt, ref_p, opt, p, what):
         assert v.dtype == want_dtype and sg[k].dtype == want_dtype, f"{what}: {k} is {sg[k].dtype}"
         scale = v.abs().max().item() if v.numel() else 0.0
         rtol = 1e-10 if want_dtype == torch.float64 else 1e-4
+        if want_dtype == torch.bfloat16:
+            # where two paths' float32 momenta differ by rounding, their bfloat16 values may
+            # round apart: one unit in the last place (2**-7 relative at most)
+            rtol = 2.0 ** -7
         torch.testing.assert_close(sg[k], v, rtol=rtol, atol=rtol * scale + 1e-30, msg=lambda m: f"{what}: {k}: {m}")
 
 
@@ -318,10 +321,10 @@ COMPILED_CASES = dict(
     # the "floored" form (its floor a constant of the graph, clamping a device weight)
     + [_case("channels_last", "fp32", "floored-orthonormal"), _case("transposed", "fp32", "floored-coordinates"),
        _case("contiguous", "bf16", "floored-orthonormal")]
-    # a first moment stored in 16 bits (widened and rounded back around the graphs)
+    # a first moment stored in bfloat16 (widened and rounded back around the graphs)
     + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
                                           ("channels_last", "fp64"))
-       for c in ("bf16-momentum", "fp16-dense-momentum")]
+       for c in ("bf16-momentum", "bf16-dense-momentum")]
 )
 
 

@@ -46,7 +46,10 @@ def dense_reason(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio: 
 
 # What the first moment may be stored in (``momentum_dtype``); None: the state dtype
 # (float32, float64 for float64 parameters). Its arithmetic always runs in the state dtype.
-MOMENTUM_DTYPES = (None, "float32", "bfloat16", "float16")
+# Not float16: the momentum holds lr-scaled updates (as HF Adafactor's), about lr in size,
+# so at fine-tuning lrs (1e-5) it would sit in float16's subnormals (below 6.1e-5) or
+# flush to zero; bfloat16 has float32's range.
+MOMENTUM_DTYPES = (None, "float32", "bfloat16")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 

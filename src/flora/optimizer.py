@@ -19,7 +19,7 @@ from . import checkpoint
 from .cache import ProjectionCache, cache_projections
 from . import reports
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
-                      momentum_dtype_name as _momentum_dtype_name,
+                      momentum_dtype_name as _momentum_dtype_name, warn_if_momentum_stalls as _warn_if_momentum_stalls,
                       refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
@@ -86,6 +86,7 @@ class Flora(Optimizer):
             foreach=foreach,
         )
         _validate_group(defaults)
+        _warn_if_momentum_stalls(defaults)
         if not (compile is True or compile is False or compile is None or isinstance(compile, str)
                 or callable(compile)):
             raise TypeError(f"compile must be True, False, a torch.compile backend name or a backend callable, "
@@ -166,6 +167,8 @@ class Flora(Optimizer):
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
         _validate_group(merged)
+        if "momentum_dtype" in param_group or "beta1" in param_group:
+            _warn_if_momentum_stalls(merged)
         for p in params:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError("params must be real tensors: Flora does not support complex parameters")
@@ -486,11 +489,14 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             checkpoint saved without this option loads with None.
         momentum_dtype: what the first moment (compressed or dense) is stored in: None
             (the default: the state dtype, float32, or float64 for float64 parameters),
-            ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or that ``torch.dtype``). Its
-            arithmetic, the resample's transfer included, runs in the state dtype on a
-            copy that is rounded back (to nearest) once per step, so a 16-bit momentum
-            halves its bytes and changes nothing else. A state of another dtype (a
-            checkpoint, the option edited) is converted at its next step.
+            ``"float32"`` or ``"bfloat16"`` (or that ``torch.dtype``). Its arithmetic, the
+            resample's transfer included, runs in the state dtype on a copy that is
+            rounded back (to nearest) once per step, so bfloat16 halves the momentum's
+            bytes and changes nothing else. Not float16: the momentum holds lr-scaled
+            updates, below its normal range at small lrs. Rounding loses updates smaller
+            than half a unit in the last place, so at beta1 above 0.96 a bfloat16
+            momentum can stall short of a steady input: warned. A state of another dtype
+            (a checkpoint, the option edited) is converted at its next step.
         projection: ``"gaussian"`` (N(0, 1/r) entries, unbiased: the paper's),
             ``"orthonormal"`` (QR of the same Gaussian draw, on the CPU) or
             ``"coordinates"`` (r random coordinates of the projected dimension, no

@@ -2,10 +2,12 @@
 17): the peers of runs_peers.jsonl (AdamW, torchao's and bitsandbytes' 8-bit AdamW,
 Adam-mini, APOLLO-Mini; 3 seeds, 5 lrs) beside the floor, the target and the default
 ('floor0.4' = momentum_form="floored") at r8 and r32 of table.py's runs, each at its lr
-with the best mean validation loss. For every peer with less state than a Flora row, the
-paired test-loss difference (peer - Flora): a peer dominates when it is below zero by more
-than one std. Writes peers.md, peers.csv and peers_loss_vs_state.png beside this file."""
-import collections, csv, json, statistics as st
+with the best mean validation loss; and the default with momentum_dtype="bfloat16"
+(runs_dtype.jsonl, the same seeds and lr grid). For every peer with less state
+than a Flora row, the paired test-loss difference (peer - Flora): a peer dominates when it
+is below zero by more than one std. Writes peers.md, peers.csv and peers_loss_vs_state.png
+beside this file."""
+import collections, json, statistics as st
 from pathlib import Path
 
 import matplotlib
@@ -14,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-from table import best, by, here
+from table import best, by, here, write
 
 TASKS = (("newslm", 2.0), ("cnnstream", 4.0), ("tabstream", 4.0))  # the resolved runs
 PEERS = ("adamw", "adamw-8bit", "adamw-8bit-bnb", "adam-mini", "apollo-mini")
@@ -23,13 +25,18 @@ for line in open(here / "runs_peers.jsonl"):
     r = json.loads(line)
     peer_by[(r["task"], r["scale"], None, r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
 by.update(peer_by)
+for line in open(here / "runs_dtype.jsonl"):  # the default form with a 16-bit momentum
+    r = json.loads(line)
+    by[(r["task"], r["scale"], r["rank"], r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
+# The Flora rows a peer is compared with: (label, rank, row)
+FLORA = [(f"Flora r{rank} (default){suffix}", rank, row) for suffix, row in (("", "floor0.4"), (" +bf16", "bf16"))
+         for rank in (8, 32)]
 
 rows = []  # task, label, lr, edge, seeds, state bytes
 for task, scale in TASKS:
     for label, key in ([("floor (Adafactor beta1=None)", (task, scale, None, "adafactor")),
-                        ("target (Adafactor beta1=0.9)", (task, scale, None, "adafactor-b0.9")),
-                        ("Flora r8 (default)", (task, scale, 8, "floor0.4")),
-                        ("Flora r32 (default)", (task, scale, 32, "floor0.4"))]
+                        ("target (Adafactor beta1=0.9)", (task, scale, None, "adafactor-b0.9"))]
+                       + [(label, (task, scale, rank, row)) for label, rank, row in FLORA]
                        + [(p, (task, scale, None, p)) for p in PEERS]):
         b = best(key)
         if b:
@@ -38,13 +45,14 @@ for task, scale in TASKS:
             rows.append(dict(task=task, label=label, lr=lr, edge=edge, seeds=seeds, state=state))
 
 adamw = {r["task"]: r["state"] for r in rows if r["label"] == "adamw"}
-lines = ["| task | optimizer | lr | state bytes (of AdamW's) | test loss | vs Flora r8 (paired, if less state) "
-         "| vs Flora r32 (paired, if less state) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+lines = ["| task | optimizer | lr | state bytes (of AdamW's) | test loss | "
+         + " | ".join(f"vs {label} (paired, if less state)" for label, _, _ in FLORA) + " |",
+         "| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(FLORA)]
 table = []
 for r in rows:
     t = [r["seeds"][s]["test_loss"] for s in sorted(r["seeds"])]
     cells = []
-    for flora in ("Flora r8 (default)", "Flora r32 (default)"):
+    for flora, _, _ in FLORA:
         f = next((x for x in rows if x["task"] == r["task"] and x["label"] == flora), None)
         if f is None or r["label"].startswith(("Flora", "floor", "target")) or r["state"] >= f["state"]:
             cells.append("")
@@ -55,16 +63,12 @@ for r in rows:
     share = r["state"] / adamw[r["task"]] if r["task"] in adamw else float("nan")
     edge = f" ({r['edge']} edge)" if r["edge"] else ""
     lines.append(f"| {r['task']} | {r['label']} | {r['lr']:g}{edge} | {r['state']:,} ({share:.1%}) | "
-                 f"{st.mean(t):.4f} ± {st.stdev(t):.4f} | {cells[0]} | {cells[1]} |")
+                 f"{st.mean(t):.4f} ± {st.stdev(t):.4f} | " + " | ".join(cells) + " |")
     table.append(dict(task=r["task"], optimizer=r["label"], lr=r["lr"], lr_edge=r["edge"], state_bytes=r["state"],
                       state_of_adamw=round(share, 4), test_loss_mean=st.mean(t), test_loss_std=st.stdev(t),
-                      vs_flora_r8=cells[0], vs_flora_r32=cells[1]))
-(here / "peers.md").write_text("\n".join(lines) + "\n")
-with open(here / "peers.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(table[0]))
-    w.writeheader()
-    w.writerows(table)
-print("\n".join(lines))
+                      **{f"vs_flora_r{rank}" + ("" if row == "floor0.4" else f"_{row}"): c
+                         for (_, rank, row), c in zip(FLORA, cells)}))
+write("peers", lines, table)
 
 fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4))
 for ax, (task, _) in zip(axes, TASKS):

@@ -23,6 +23,18 @@ for r in runs:
     by[(r["task"], r["scale"], rank, r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
 
 
+def write(stem: str, lines: list[str], rows: list[dict]) -> None:
+    """A Markdown table (``lines``) and its rows as CSV, as ``stem``.md and ``stem``.csv here."""
+    import csv
+
+    (here / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    with open(here / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print("\n".join(lines))
+
+
 def best(key):
     grid = {lr: s for lr, s in by[key].items() if len(s) == 3}
     if not grid:
