@@ -51,7 +51,9 @@ import torch
 from . import adafactor as af
 from .kernels import adafactor as fk
 from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
+from .compression import momentum_storage
 from .projection import matrix_shape, state_dtype, transfer
+from .state import store_momentum_as
 
 # (group, indices, count, projected size, device, dtype) -> the projections of those
 # parameters (r x d, or a k x r x d stack when len(indices) > 1 or stacked=True)
@@ -205,7 +207,11 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
     a = None
     moms = stored = None
     if spec.momentum is not None:
-        stored = [st["exp_avg_c" if spec.momentum == "c" else "exp_avg"] for st in states]
+        key = "exp_avg_c" if spec.momentum == "c" else "exp_avg"
+        want = momentum_storage(group, params[0].dtype)
+        if any(st[key].dtype != want for st in states):  # a checkpoint's, or the option edited
+            store_momentum_as(states, want)
+        stored = [st[key] for st in states]
         moms, stored = _widened(stored, state_dtype(params[0].dtype))
     if spec.momentum == "c":
         dim = spec.dim

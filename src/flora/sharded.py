@@ -42,12 +42,17 @@ from .projection import compress, compressed_shape, is_coordinates, matrix_shape
 _HALF = (torch.float16, torch.bfloat16)
 
 
+_DTENSOR: list = []  # DTensor's class (None: a torch built without distributed), found at the first call
+
+
 def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    if not _DTENSOR:  # imported once, not at every call: the prelude asks for each parameter
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
 
 
 @dataclass

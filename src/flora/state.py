@@ -18,21 +18,23 @@ def prepare_state(state: dict, p: torch.Tensor, group: dict) -> None:
     the first time, the first moment once ``beta1`` is set; FSDP2's shards their own."""
     if is_dtensor(p):
         sharded.init_state(state, p, group)
-    else:
-        if not state:
-            init_state(state, p.grad, group["factor_dims"])
-        if group["beta1"] is not None and "exp_avg" not in state and "exp_avg_c" not in state:
-            init_momentum(state, p.grad, group)
-    store_momentum_as(state, momentum_storage(group, p.dtype))
+        store_momentum_as([state], momentum_storage(group, p.dtype))
+        return
+    if not state:
+        init_state(state, p.grad, group["factor_dims"])
+    if group["beta1"] is not None and "exp_avg" not in state and "exp_avg_c" not in state:
+        init_momentum(state, p.grad, group)
 
 
-def store_momentum_as(state: dict, dtype: torch.dtype) -> None:
-    """Keep the first moment in ``dtype`` (``momentum_dtype``): a state of another (a
-    checkpoint, the option edited since) is converted, rounding to nearest."""
-    for k in ("exp_avg_c", "exp_avg"):
-        m = state.get(k)
-        if m is not None and m.dtype != dtype:
-            state[k] = m.to(dtype)
+def store_momentum_as(states: list[dict], dtype: torch.dtype) -> None:
+    """Keep the first moment of ``states`` in ``dtype`` (``momentum_dtype``): one of another
+    (a checkpoint, the option edited since) is converted, rounding to nearest. (The
+    local path calls this once per bucket, from ``functional.prepare``.)"""
+    for state in states:
+        for k in ("exp_avg_c", "exp_avg"):
+            m = state.get(k)
+            if m is not None and m.dtype != dtype:
+                state[k] = m.to(dtype)
 
 
 def init_state(state: dict, grad: torch.Tensor, factor_dims: str = "largest") -> None:
