@@ -15,7 +15,8 @@ parameter's layout, as in training) for 4 steps with ``kappa=2`` (a resample), a
 compares the parameters' *movement*: the tolerance is a small fraction of it (plus two
 units in the last place of the parameter's dtype, for half precision), and the movement
 must be non-trivial. State tensors are compared too, with their dtype (float32 for half
-and float32 parameters, float64 for float64 ones). The reference itself is checked
+and float32 parameters, float64 for float64 ones; the first moment in ``momentum_dtype``
+where a config sets it, bfloat16 to one unit in the last place). The reference itself is checked
 against the same values laid out contiguously.
 
 The table is a covering design, not a full product: every layout by every form and
@@ -90,8 +91,6 @@ CONFIGS = {
     "bf16-momentum": dict(rank=4, beta1=0.9, momentum_dtype="bfloat16"),
     "bf16-dense-momentum": dict(rank=None, beta1=0.9, momentum_dtype=torch.bfloat16),
 }
-# the dtype each config keeps its first moment in (the state dtype otherwise)
-
 
 
 def _min_max(shape):

@@ -27,7 +27,6 @@ ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank
                   "complement_weight", "momentum_dtype")
 
 
-
 def upgrade_group(group: dict, *, saved: bool = True) -> dict:
     """Map a group of an earlier release to today's options, in place: ``momentum`` (a
     form name) became ``momentum_form``; a ``saved`` state without ``projection`` dates
