@@ -93,7 +93,8 @@ def test_checkpoint_from_cuda_loads_on_cpu():
 @pytest.mark.parametrize("kw", [dict(), dict(scale_parameter=True, weight_decay=0.1), dict(rank=None),
                                 dict(momentum_form="exact", projection="gaussian", cache_projections=False),
                                 dict(projection="coordinates"), dict(momentum_form="scaled"),
-                                dict(momentum_form="fixed", complement_weight=0.25), dict(momentum_form="floored")])
+                                dict(momentum_form="fixed", complement_weight=0.25), dict(momentum_form="floored"),
+                                dict(momentum_dtype="bfloat16"), dict(rank=None, momentum_dtype="bfloat16")])
 def test_cuda_step_never_syncs(kw, foreach):
     """torch.cuda.set_sync_debug_mode("error") around every step, resamples (kappa=2)
     included: nothing waits on the host (the issue-10 guarantee on a GPU)."""
