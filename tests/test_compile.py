@@ -140,8 +140,8 @@ def test_weighted_forms_one_break_no_recompile(case, foreach, form):
     test_user_compile_one_break_no_recompile(case, foreach, form=(form, "orthonormal"))
 
 
-@pytest.mark.parametrize("backend", ["counter", "inductor"])
-@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
+@pytest.mark.parametrize("backend,foreach", [("counter", True), ("counter", False), ("inductor", True)],
+                         ids=["counter-grouped", "counter-single", "inductor-grouped"])
 def test_narrow_momentum_one_break_no_recompile(foreach, backend):
     """momentum_dtype="bfloat16" under torch.compile(opt.step): the widened copies are made
     by the prelude (fresh inputs each step, of one signature) and rounded back in the
