@@ -31,9 +31,9 @@ def _llama():
 
 
 def _train(tmp_path, rank, *, n=32, epochs=None, lr=1e-2, sched=None, tau=2, steps=2, callback=False,
-           resume=None, max_steps=4, max_grad_norm=1.0, **more):
+           resume=None, max_steps=4, max_grad_norm=1.0, momentum_dtype=None, **more):
     model = _llama()
-    opt = flora.Flora(model.parameters(), lr=lr, rank=4, beta1=0.9)
+    opt = flora.Flora(model.parameters(), lr=lr, rank=4, beta1=0.9, momentum_dtype=momentum_dtype)
     acc = None if rank == "none" else flora.CompressedAccumulator(model, rank=rank, tau=tau, optimizer=opt, seed=1)
     length = dict(max_steps=max_steps) if epochs is None else dict(num_train_epochs=epochs)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
@@ -169,3 +169,18 @@ def test_relative_step_mode_with_its_schedule(tmp_path):
     got, _ = _train(tmp_path / "a", "none", lr=None, sched=flora.RelativeStepSchedule)
     lrs = [e["learning_rate"] for e in got.log if "learning_rate" in e]
     assert lrs == [1e-2] * 4  # min(1e-2, 1/sqrt(t)) for t <= 4
+
+
+def test_resume_with_a_bfloat16_momentum_equals_an_uninterrupted_run(tmp_path):
+    """The Trainer's own checkpoint (optimizer.pt, read with weights_only=True) holds the
+    bfloat16 momentum as it is, and a run resumed from it equals the uninterrupted one
+    bit for bit."""
+    full, _ = _train(tmp_path / "full", "none", momentum_dtype="bfloat16", save_strategy="steps", save_steps=2)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    sd = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    moments = [v for s in sd["state"].values() for k, v in s.items() if k in ("exp_avg_c", "exp_avg")]
+    assert moments and all(v.dtype == torch.bfloat16 for v in moments)
+    assert sd["param_groups"][0]["momentum_dtype"] == "bfloat16"
+    resumed, _ = _train(tmp_path / "resumed", "none", momentum_dtype="bfloat16", resume=str(checkpoint))
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
