@@ -354,13 +354,19 @@ def _dcp_load(model, opt, path):
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
+def ckpt_opts() -> dict:
+    """OPTS, with the momentum_dtype the checkpoint test runs (FLORA_TEST_MOMENTUM_DTYPE)."""
+    md = os.environ.get("FLORA_TEST_MOMENTUM_DTYPE")
+    return {**OPTS, **({"momentum_dtype": md} if md else {})}
+
+
 def fsdp_checkpoint_save(rank, world):
     """2 processes train 3 steps and save with torch.distributed.checkpoint; the test
     loads it in one process (dcp_resume_single) and continues."""
     path = os.environ["FLORA_TEST_CKPT"]
     batches = _batches()
     model = _fsdp(_net())
-    opt = Flora(model.parameters(), **OPTS)
+    opt = Flora(model.parameters(), **ckpt_opts())
     _steps(model, opt, batches[:3], rank, world)
     _dcp_save(model, opt, os.path.join(path, "two"))
     return {}
@@ -371,14 +377,15 @@ def fsdp_checkpoint_load(rank, world):
     path = os.environ["FLORA_TEST_CKPT"]
     batches = _batches()
     model = _fsdp(_net())
-    opt = Flora(model.parameters(), **OPTS)
+    opt = Flora(model.parameters(), **ckpt_opts())
     _dcp_load(model, opt, os.path.join(path, "one"))
     steps = [opt.state[p]["step"] for p in model.parameters()]
+    moments = sorted({str(st[k].dtype) for st in opt.state.values() for k in ("exp_avg_c", "exp_avg") if k in st})
     _steps(model, opt, batches[3:], rank, world)
-    ref, _ = _train_single({**OPTS, "proj_dim": 1}, batches)
+    ref, _ = _train_single({**ckpt_opts(), "proj_dim": 1}, batches)
     got = _full(model)
     return {"diff": max((got[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters()),
-            "steps_loaded": steps}
+            "steps_loaded": steps, "momentum_dtypes": moments}
 
 
 def accelerate_switch(rank, world):

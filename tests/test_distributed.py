@@ -184,14 +184,18 @@ def _one_process(opts, batches, start, stop, ckpt_in=None, ckpt_out=None):
     return model
 
 
-def test_checkpoint_moves_between_two_processes_and_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("momentum_dtype", [None, "bfloat16"])
+def test_checkpoint_moves_between_two_processes_and_one(tmp_path, monkeypatch, momentum_dtype):
     """torch.distributed.checkpoint: 2 processes save after 3 steps, 1 process loads and
     finishes; 1 process saves after 3 steps, 2 processes load and finish. Both equal a run
     that never stopped. One process uses proj_dim=1, the dimension "auto" takes under
-    FSDP2: DCP loads into tensors the loading optimizer allocates."""
+    FSDP2: DCP loads into tensors the loading optimizer allocates. Also with the momentum
+    stored in bfloat16 (loaded as bfloat16)."""
     monkeypatch.setenv("FLORA_TEST_CKPT", str(tmp_path))
+    if momentum_dtype:
+        monkeypatch.setenv("FLORA_TEST_MOMENTUM_DTYPE", momentum_dtype)
     batches = S._batches()
-    opts = {**S.OPTS, "proj_dim": 1}
+    opts = {**S.ckpt_opts(), "proj_dim": 1}
     ref, _ = S._train_single(opts, batches)
 
     check(spawn("dist_scenarios", ["fsdp_checkpoint_save"]), "fsdp_checkpoint_save")
@@ -203,6 +207,7 @@ def test_checkpoint_moves_between_two_processes_and_one(tmp_path, monkeypatch):
     for r in check(spawn("dist_scenarios", ["fsdp_checkpoint_load"]), "fsdp_checkpoint_load"):
         assert r["diff"] <= TOL
         assert r["steps_loaded"] == [3] * len(r["steps_loaded"])
+        assert r["momentum_dtypes"] == [f"torch.{momentum_dtype or 'float32'}"]
 
 
 def test_relative_step_lr_zero_is_an_empty_step():
