@@ -8,8 +8,8 @@ import torch
 
 from .projection import choose_dim, matrix_shape, state_dtype
 
-__all__ = ["MOMENTUM_DTYPES", "PROJ_DIMS", "compressed_dim", "dense_reason", "momentum_dtype_name",
-           "momentum_storage"]
+__all__ = ["MOMENTUM_DTYPES", "PROJ_DIMS", "check_momentum_dtype", "compressed_dim", "dense_reason",
+           "momentum_dtype_name", "momentum_storage"]
 
 PROJ_DIMS = ("auto", 0, 1)
 
@@ -57,6 +57,18 @@ def momentum_dtype_name(value):
     """``momentum_dtype`` as the group holds it: a name of ``MOMENTUM_DTYPES`` (a
     ``torch.dtype`` given is named, so that checkpoints hold a plain string)."""
     return _DTYPE_NAMES.get(value, value) if isinstance(value, torch.dtype) else value
+
+
+def check_momentum_dtype(value) -> None:
+    """``momentum_dtype`` is one of ``MOMENTUM_DTYPES`` (or such a ``torch.dtype``):
+    ``ValueError`` naming the option and the allowed values otherwise (float16 with why)."""
+    name = momentum_dtype_name(value)
+    if name in MOMENTUM_DTYPES and not isinstance(value, bool):
+        return
+    why = (" (not float16: the momentum holds lr-scaled updates, about lr in size, which at small lrs "
+           "fall below float16's normal range; bfloat16 has float32's)") if name == "float16" else ""
+    raise ValueError("momentum_dtype must be None (the state dtype: float32, float64 for float64 parameters), "
+                     f"'float32' or 'bfloat16' (or that torch.dtype); got {value!r}{why}")
 
 
 def momentum_storage(group: dict, dtype: torch.dtype) -> torch.dtype:

@@ -9,7 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from .adafactor import factored_shapes
-from .compression import MOMENTUM_DTYPES, compressed_dim, momentum_dtype_name, momentum_storage
+from .compression import check_momentum_dtype, compressed_dim, momentum_storage
 from .projection import compressed_shape
 
 
@@ -81,9 +81,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     if unknown:
         raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
                         f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
-    if momentum_dtype_name(options.get("momentum_dtype")) not in MOMENTUM_DTYPES:
-        raise ValueError(f"momentum_dtype must be one of {MOMENTUM_DTYPES} or such a torch.dtype, "
-                         f"got {options['momentum_dtype']!r}")
+    check_momentum_dtype(options.get("momentum_dtype"))
     total = moment = 0
     for shape in shapes:
         shape = tuple(shape)

@@ -10,7 +10,7 @@ import torch
 
 from .adafactor import FACTOR_DIMS
 from ._validation import check_choice, check_positive_int, check_real, check_seed
-from .compression import MOMENTUM_DTYPES, PROJ_DIMS, compressed_dim, dense_reason, momentum_dtype_name
+from .compression import PROJ_DIMS, check_momentum_dtype, compressed_dim, dense_reason, momentum_dtype_name
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from .projection import PROJECTIONS
 from . import sharded
@@ -121,12 +121,7 @@ def validate_group(group: dict) -> None:
     check_choice("projection", group["projection"], PROJECTIONS)
     check_choice("factor_dims", group["factor_dims"], FACTOR_DIMS)
     check_complement_weight(group["complement_weight"], group["momentum_form"])
-    md = group.get("momentum_dtype")
-    if momentum_dtype_name(md) not in MOMENTUM_DTYPES or isinstance(md, bool):
-        why = (" (not float16: the momentum holds lr-scaled updates, about lr in size, which at small lrs "
-               "fall below float16's normal range; bfloat16 has float32's)") if momentum_dtype_name(md) == "float16" else ""
-        raise ValueError("momentum_dtype must be None (the state dtype: float32, float64 for float64 parameters), "
-                         f"'float32' or 'bfloat16' (or that torch.dtype); got {md!r}{why}")
+    check_momentum_dtype(group.get("momentum_dtype"))
     if group["momentum_form"] in SUBSPACE_FORMS and group["projection"] == "gaussian":
         raise ValueError(f"momentum_form={group['momentum_form']!r} needs projection='orthonormal' or "
                          "'coordinates' (its complement u - decompress(compress(u)) is an orthogonal projection "

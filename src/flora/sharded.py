@@ -27,6 +27,7 @@ on every rank. A saved ``proj_dim`` wins when a state is loaded. Everything else
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,17 +43,20 @@ from .projection import compress, compressed_shape, is_coordinates, matrix_shape
 _HALF = (torch.float16, torch.bfloat16)
 
 
-_DTENSOR: list = []  # DTensor's class (None: a torch built without distributed), found at the first call
+@functools.cache
+def _dtensor_class():
+    """DTensor's class, imported once (the prelude asks for each parameter); None on a
+    torch built without distributed."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
 
 
 def is_dtensor(t) -> bool:
-    if not _DTENSOR:  # imported once, not at every call: the prelude asks for each parameter
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:
-            DTensor = None
-        _DTENSOR.append(DTensor)
-    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 @dataclass
