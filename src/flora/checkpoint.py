@@ -81,6 +81,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     opt._proj_cache.clear()
     opt._where = None
     opt._device_steps.clear()
+    opt._stacks.clear()
     opt._lr_tensors.clear()
     for group in opt.param_groups:  # options added since the state was saved
         upgrade_group(group)

@@ -54,6 +54,7 @@ from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compre
 from .compression import momentum_storage
 from .projection import matrix_shape, state_dtype, transfer
 from .state import store_momentum_as
+from .stacks import StateStacks, stack as _stack, write_back as _write_back
 
 # (group, indices, count, projected size, device, dtype) -> the projections of those
 # parameters (r x d, or a k x r x d stack when len(indices) > 1 or stacked=True)
@@ -138,12 +139,15 @@ class DeviceSteps:
     def __init__(self) -> None:
         # id(param) -> (param, counter tensor, the count it holds once the pending step ran)
         self._d: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        # id(a compiled bucket's first param) -> (its k x 1 counters, their rows)
+        self._stacks: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def __len__(self) -> int:
         return len(self._d)
 
     def clear(self) -> None:
         self._d.clear()
+        self._stacks.clear()
 
     def take(self, params: list[torch.Tensor], n: int, dtype: torch.dtype) -> list[torch.Tensor]:
         """The counters of ``params`` (whose ``state["step"]`` is ``n`` before this step),
@@ -160,6 +164,25 @@ class DeviceSteps:
             self._d[id(p)] = (p, c, n + 1)
             out.append(c)
         return out
+
+    def take_stacked(self, params: list[torch.Tensor], n: int, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`take` for a compiled bucket: the counters as the rows of one ``k x 1``
+        tensor (flora.stacks), kept while the bucket's members and their counters stay."""
+        key = id(params[0])
+        hit = self._stacks.get(key)
+        if hit is not None and len(hit[1]) == len(params) and all(
+                (e := self._d.get(id(p))) is not None and e[0] is p and e[1] is v
+                for p, v in zip(params, hit[1])) and hit[0].dtype == dtype and hit[0].device == params[0].device:
+            base, views = hit
+            if any(self._d[id(p)][2] != n for p in params):
+                base.fill_(float(n))
+        else:
+            base = torch.full((len(params), 1), float(n), dtype=dtype, device=params[0].device)
+            views = list(base.unbind(0))
+            self._stacks[key] = (base, views)
+        for p, v in zip(params, views):
+            self._d[id(p)] = (p, v, n + 1)
+        return base
 
     def get(self, p: torch.Tensor) -> torch.Tensor | None:
         """``p``'s counter tensor, or None before its first step."""
@@ -191,15 +214,24 @@ def make_spec(group: dict, state: dict, shape, dtype: torch.dtype, kernel: str |
 
 def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices: list[int], *, grouped: bool,
             projections: ProjectionSource, device_steps: DeviceSteps, skips: torch.Tensor, lr=None,
-            compiled: bool = False, kernel: str | None = None) -> Work:
+            compiled: bool = False, kernel: str | None = None, stacks: StateStacks | None = None) -> Work:
     """The eager prelude of one step of ``params`` (a bucket on the grouped path, one
     parameter otherwise): their counters advance on the host, the projection this
     step uses is fetched (or drawn), and every ``kappa`` steps the next one is drawn and
     the compressed momentum carried over to it (``M <- A_new A_old^T M``); nothing else
-    changes. Returns the :class:`Work` for the core."""
+    changes. Returns the :class:`Work` for the core.
+
+    ``stacks``: a compiled bucket's state and counters are handed over as stacks (see
+    flora.stacks) rather than lists, for a bucket of several parameters of at least one
+    dim."""
     s0 = states[0]
     n = s0["step"]
-    steps = device_steps.take(params, n, state_dtype(params[0].dtype))
+    stacks = stacks if grouped and len(params) > 1 and params[0].dim() > 0 else None
+    if stacks is None:
+        steps = device_steps.take(params, n, state_dtype(params[0].dtype))
+    else:
+        steps = device_steps.take_stacked(params, n, state_dtype(params[0].dtype))
+    rows = (lambda key: [st[key] for st in states]) if stacks is None else (lambda key: stacks.stacked(states, key))
     t = n + 1
     for st in states:
         st["step"] = t
@@ -211,13 +243,12 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         want = momentum_storage(group, params[0].dtype)
         if any(st[key].dtype != want for st in states):  # a checkpoint's, or the option edited
             store_momentum_as(states, want)
-        stored = [st[key] for st in states]
-        moms, stored = _widened(stored, state_dtype(params[0].dtype))
+        moms, stored = _widened(rows(key), state_dtype(params[0].dtype))
     if spec.momentum == "c":
         dim = spec.dim
         size = matrix_shape(spec.shape)[dim]
         cs = moms
-        c0 = cs[0]
+        c0 = cs[0]  # a stack's first row: its dtype and device
         a = projections(group, indices, s0["proj_count"], size, c0.device, c0.dtype, stacked=grouped)
         if s0["proj_age"] >= group["kappa"]:
             for st in states:
@@ -225,17 +256,16 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
                 st["proj_age"] = 0
             a_new = projections(group, indices, s0["proj_count"], size, c0.device, c0.dtype, stacked=grouped)
             if grouped:
-                c = torch.stack(cs)
-                torch._foreach_copy_(cs, list(transfer(c, a, a_new, dim).unbind(0)))
+                _write_back(cs, transfer(_stack(cs), a, a_new, dim))
             else:
                 c0.copy_(transfer(c0, a, a_new, dim))
             a = a_new
         for st in states:
             st["proj_age"] += 1
     if len(spec.shape) >= 2:
-        sq = ([st["exp_avg_sq_row"] for st in states], [st["exp_avg_sq_col"] for st in states])
+        sq = (rows("exp_avg_sq_row"), rows("exp_avg_sq_col"))
     else:
-        sq = ([st["exp_avg_sq"] for st in states],)
+        sq = (rows("exp_avg_sq"),)
     params, grads = list(params), [p.grad for p in params]
     if spec.shape == ():
         # 0-dim parameters step as 1-element views (the same arithmetic): a 0-dim float64
@@ -248,18 +278,23 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
                 a, group["lr"] if lr is None else lr, skips, t, compiled, stored)
 
 
-def _widened(stored: list[torch.Tensor], dtype: torch.dtype) -> tuple[list, list | None]:
+def _widened(stored, dtype: torch.dtype) -> tuple:
     """A first moment kept in a narrower dtype than the state's (``momentum_dtype``) steps
     on a copy in the state dtype: ``(the tensors to step, the stored ones to round the
-    result back into by finish(), or None when they are the same)``."""
+    result back into by finish(), or None when they are the same)``; a list, or a stack
+    (one copy)."""
     if stored[0].dtype == dtype:
         return stored, None
+    if isinstance(stored, torch.Tensor):
+        return stored.to(dtype), stored
     return [m.to(dtype) for m in stored], stored
 
 
 def finish(work: Work) -> None:
     """After a core: the first moment rounded back into its stored dtype (one copy)."""
-    if work.stored is not None:
+    if isinstance(work.stored, torch.Tensor):  # a stack
+        work.stored.copy_(work.moms)
+    elif work.stored is not None:
         moms = [m.view_as(s) for m, s in zip(work.moms, work.stored)]  # 0-dim ones stepped as vectors
         if len(moms) == 1:
             work.stored[0].copy_(moms[0])
@@ -291,11 +326,12 @@ def _scalars(spec: Spec, t, device) -> tuple[Any, Any]:
     return af.second_moment_decay(t, spec.decay_rate), bias
 
 
-def _count_step(t, steps: list[torch.Tensor]):
-    """Advance the device counters; returns the count the scalars are computed from:
-    the host's ``t`` when given, else the counter itself (0-dim, in the scalar dtype)."""
-    if len(steps) == 1:
-        steps[0].add_(1)
+def _count_step(t, steps):
+    """Advance the device counters (a list, or a compiled bucket's k x 1 stack); returns
+    the count the scalars are computed from: the host's ``t`` when given, else the
+    counter itself (0-dim, in the scalar dtype)."""
+    if isinstance(steps, torch.Tensor) or len(steps) == 1:
+        (steps if isinstance(steps, torch.Tensor) else steps[0]).add_(1)
     else:
         torch._foreach_add_(steps, 1)
     if t is not None:
@@ -404,9 +440,10 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
         p.copy_(p32)
 
 
-def _commit(targets: list[torch.Tensor], new: torch.Tensor, old: torch.Tensor, ok_b: torch.Tensor) -> None:
-    """Write a stacked state back to the parameters' own tensors, where the step was finite."""
-    torch._foreach_copy_(targets, list(torch.where(ok_b, new, old).unbind(0)))
+def _commit(targets, new: torch.Tensor, old: torch.Tensor, ok_b: torch.Tensor) -> None:
+    """Write a stacked state back to the bucket's own tensors (a list, or a stack), where
+    the step was finite."""
+    _write_back(targets, torch.where(ok_b, new, old))
 
 
 def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None) -> None:
@@ -442,14 +479,14 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
         return x.reshape(k, *([1] * len(shape)))
 
     if len(shape) >= 2:
-        row, col = torch.stack(sq[0]), torch.stack(sq[1])
+        row, col = _stack(sq[0]), _stack(sq[1])
         update, new_row, new_col, norm = _normalize(spec, g, row, col, beta2t, stacked=True)
         ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
             torch.isfinite(new_col).reshape(k, -1).all(1)
         _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
         _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
     else:
-        sq_avg = torch.stack(sq[0])
+        sq_avg = _stack(sq[0])
         update, new_sq = af.unfactored_normalize(g, sq_avg, beta2t, eps1)
         norm = torch.linalg.vector_norm(update.reshape(k, -1), dim=1)
         ok = torch.isfinite(norm) & torch.isfinite(new_sq).reshape(k, -1).all(1)
@@ -460,7 +497,7 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     norm = torch.where(ok, norm, 0.0)
     skips.add_(ok.logical_not().sum())
     if spec.momentum == "c":
-        c = torch.stack(moms)
+        c = _stack(moms)
         c_before = c.clone()  # k x r x d: small
         # The k x n x m view of the update is a copy when the update's dims cannot be
         # merged (channels_last and other permuted layouts of 3 or more dims): the step
@@ -474,10 +511,10 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
         clip = (norm / math.sqrt(numel) / spec.clip_threshold).clamp_(min=1.0)
         update.div_(per_param(clip)).mul_(lr_b)
         if spec.momentum == "m":
-            m = torch.stack(moms)
+            m = _stack(moms)
             dense_momentum_(m, update, per_param(torch.where(ok, torch.full_like(ok, beta1, dtype=m.dtype), 1.0)),
                             alpha=1 - beta1)
-            torch._foreach_copy_(moms, list(m.unbind(0)))
+            _write_back(moms, m)
             update = torch.where(ok_b, m, 0.0)
     wd = spec.weight_decay
     if wd != 0:
@@ -539,7 +576,7 @@ def staged_stats(spec: Spec, params, steps, sq, lr, ws_g, a) -> tuple:
     if isinstance(lr, torch.Tensor):
         lr = lr.to(ws_g.device)
     beta2t, bias = _scalars(spec, t, ws_g.device)
-    row, col = torch.stack(sq[0]), torch.stack(sq[1])
+    row, col = _stack(sq[0]), _stack(sq[1])
     # adafactor.factored_normalize(fused=True)'s statistics (staged() takes 2-D parameters
     # factored over both dims only); the column mean as a plain reduction, not the
     # vector-matrix product that needs the squares in memory
@@ -569,7 +606,7 @@ def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, n
     norm = update.reshape(k, -1).square().sum(1).sqrt()
     ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
         torch.isfinite(new_col).reshape(k, -1).all(1)
-    row, col = torch.stack(sq[0]), torch.stack(sq[1])
+    row, col = _stack(sq[0]), _stack(sq[1])
     _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
     _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
     ws_u.copy_(update)
@@ -594,7 +631,7 @@ def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
     update is ``coef * u + D(x)`` (see ``compressed_apply_(split=True)``)."""
     lr, bias = _lr_in(lr), _lr_in(bias)
     k = len(moms)
-    c = torch.stack(moms)
+    c = _stack(moms)
     c_before = c.clone()
     sdt = _scalar_dtype(cu.device)
     terms = compressed_terms(c, cu, a, spec.dim, isometric=spec.isometric, dtype=sdt)

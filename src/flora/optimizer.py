@@ -24,10 +24,11 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
 from .state import check_factoring, prepare_state
+from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p")
+            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks")
 
 
 def _install_prelude() -> None:
@@ -124,6 +125,8 @@ class Flora(Optimizer):
         # (its projection, the transpose)
         self._workspace = C.Workspace()
         self._transposed: dict[int, tuple] = {}
+        # compile=True: buckets' state kept as views of one stacked tensor (flora.stacks)
+        self._stacks = StateStacks()
         # id(group) and id(parameter) -> the factor_dims their state was last checked
         # against (_check_factor_dims, _check_parameter_factor_dims)
         self._factor_dims_seen: dict[int, str] = {}
@@ -292,7 +295,7 @@ class Flora(Optimizer):
         return F.prepare(params, states, group, indices, grouped=grouped, projections=self._projections,
                          device_steps=self._device_steps, skips=self._skip_counter(device),
                          lr=self._lr_for(group, device) if compiled else None, compiled=compiled,
-                         kernel=self._kernel)
+                         kernel=self._kernel, stacks=self._stacks if compiled else None)
 
     def _lr_for(self, group: dict, device):
         """compile=True: a float lr as a device tensor (one per group and device, written

@@ -1,0 +1,71 @@
+"""A compiled bucket's state held as one stacked tensor (``Flora(compile=...)``).
+
+A compiled core takes a bucket's state as graph inputs. Handed a list of ``k`` tensors,
+inductor writes a loop to stack each and another to write each back: on SmolLM2's shapes
+(buckets of 30) 180 of the 189 loops of a staged update graph, and most of the cold
+compile's time (docs/compile.md, sixth pass). Held as the rows of one ``k x ...``
+tensor, a bucket's state is one input and one loop.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+
+class StateStacks:
+    """The state entries of compiled buckets kept as views of one stacked tensor per
+    bucket and key: ``state[p][key]`` is row ``i`` of the stack, its value unchanged, so
+    that checkpoints, ``state_dict`` and every reader see what they saw. The stack is made
+    (one copy) when a bucket's entries are not the views it made last: at the first
+    compiled step, after ``load_state_dict`` or an edit of the state, or when a bucket's
+    members change. Not state: rebuilt empty after a deep copy, a pickle and
+    ``load_state_dict``.
+
+    A view keeps its whole stack alive: ``torch.save`` of one state tensor writes its
+    bucket's (a whole ``state_dict`` writes each stack once)."""
+
+    def __init__(self) -> None:
+        # (id(first state dict), key) -> (the stack, the views written into the states)
+        self._d: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def stacked(self, states: list[dict], key: str) -> torch.Tensor:
+        """``states[i][key]`` as rows of one tensor (made, and written into the states as
+        views, unless they already are its rows)."""
+        ts = [st[key] for st in states]
+        ck = (id(states[0]), key)
+        hit = self._d.get(ck)
+        # identity, not id(): a stale entry can only match tensors that are its own views
+        if hit is not None and len(hit[1]) == len(ts) and all(map(operator.is_, hit[1], ts)):
+            return hit[0]
+        stack = torch.stack(ts)
+        views = list(stack.unbind(0))
+        for st, v in zip(states, views):
+            st[key] = v
+        self._d[ck] = (stack, views)
+        return stack
+
+
+def stack(xs) -> torch.Tensor:
+    """A bucket's state inside a core: its stack (:class:`StateStacks`) as it is, or a
+    list of tensors stacked (a copy)."""
+    return xs if isinstance(xs, torch.Tensor) else torch.stack(xs)
+
+
+def write_back(targets, new: torch.Tensor) -> None:
+    """``new`` (a stacked state) into the bucket's own tensors: a stack, or a list."""
+    if isinstance(targets, torch.Tensor):
+        if targets is not new:
+            targets.copy_(new)
+    else:
+        torch._foreach_copy_(targets, list(new.unbind(0)))
+
+
+__all__ = ["StateStacks", "stack", "write_back"]

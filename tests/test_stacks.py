@@ -1,0 +1,169 @@
+"""``Flora(compile=...)`` keeps a bucket's state as views of one stack (flora.stacks).
+
+A compiled core takes the stack as one input, instead of a list it would stack and write
+back tensor by tensor. These tests check what could go wrong with that: a state entry
+replaced or edited by the user, a bucket whose members change, a loaded checkpoint, the
+step counters' stack, a narrow momentum, and the bytes a checkpoint takes. Every run is
+compared with eager Flora (the single-tensor reference's equal, tests/test_paths.py),
+in float64 so that a stale value would show far above the rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from flora import Flora
+
+pytest.importorskip("torch._dynamo")
+
+SHAPES = [(12, 20), (12, 20), (12, 20), (20,), (20,), (20,)]
+BASE = dict(lr=1e-2, rank=3, beta1=0.9, kappa=2, seed=5)
+TOL = dict(rtol=1e-9, atol=1e-12)  # float64: the compiled scalars differ by rounding only
+
+
+def _params():
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
+
+
+def _step(opt, params, t, skip=()):
+    g = torch.Generator().manual_seed(100 + t)
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        p.grad = None if i in skip else grad
+    opt.step()
+
+
+def _pair(**kw):
+    """(eager, compiled) optimizers over equal parameters."""
+    out = []
+    for compiled in (False, "aot_eager"):
+        params = _params()
+        out.append((params, Flora(params, **{**BASE, **kw}, compile=compiled)))
+    return out
+
+
+def _assert_equal(a, b):
+    (pa, oa), (pb, ob) = a, b
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x.detach(), y.detach(), **TOL)
+        for k, v in oa.state[x].items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(ob.state[y][k].to(v.dtype), v, **TOL)
+            else:
+                assert ob.state[y][k] == v, k
+
+
+def _stacked(opt, params, key):
+    """Whether the bucket's entries ``key`` are the rows of one tensor."""
+    ts = [opt.state[p][key] for p in params]
+    base = ts[0]._base
+    return base is not None and all(t._base is base for t in ts) and base.shape[0] == len(ts)
+
+
+@pytest.mark.parametrize("kw", [{}, {"momentum_dtype": "bfloat16"}, {"rank": None}],
+                         ids=["compressed", "bf16-momentum", "dense-momentum"])
+def test_compiled_buckets_hold_their_state_as_one_stack(kw):
+    eager, comp = _pair(**kw)
+    for t in range(5):  # two resamples
+        _step(eager[1], eager[0], t)
+        _step(comp[1], comp[0], t)
+    _assert_equal(eager, comp)
+    params, opt = comp
+    mom = "exp_avg" if kw.get("rank", 3) is None else "exp_avg_c"
+    for key in ("exp_avg_sq_row", "exp_avg_sq_col", mom):
+        assert _stacked(opt, params[:3], key), key
+    assert _stacked(opt, params[3:], "exp_avg_sq") and _stacked(opt, params[3:], "exp_avg")
+    assert not _stacked(eager[1], eager[0][:3], "exp_avg_sq_row")  # eager keeps its own tensors
+    if "momentum_dtype" in kw:
+        assert opt.state[params[0]][mom].dtype == torch.bfloat16
+
+
+def test_a_replaced_or_edited_entry_is_followed():
+    """A user replaces one entry and edits another in place: the next compiled step reads
+    both (a stack made earlier and kept would not)."""
+    eager, comp = _pair()
+    for params, opt in (eager, comp):
+        for t in range(3):
+            _step(opt, params, t)
+        st = opt.state[params[1]]
+        st["exp_avg_sq_row"] = st["exp_avg_sq_row"] * 4.0  # a new tensor
+        opt.state[params[2]]["exp_avg_c"].mul_(-0.5)  # in place: a view of the stack
+        opt.state[params[4]]["exp_avg"] = torch.zeros_like(opt.state[params[4]]["exp_avg"])
+        for t in range(3, 5):
+            _step(opt, params, t)
+    _assert_equal(eager, comp)
+    assert _stacked(comp[1], comp[0][:3], "exp_avg_sq_row")
+
+
+def test_a_bucket_whose_members_change():
+    """A parameter without a gradient for a step leaves its bucket (a stack of the others
+    is made), and one whose step count differs steps in a bucket of its own; both come
+    back: equal to eager throughout."""
+    eager, comp = _pair()
+    for params, opt in (eager, comp):
+        _step(opt, params, 0)
+        _step(opt, params, 1, skip=(1, 4))
+        _step(opt, params, 2)  # parameters 1 and 4 are a step behind: buckets of their own
+        opt.state[params[0]]["step"] = opt.state[params[1]]["step"]  # now 0 and 1 share a count
+        for t in range(3, 6):
+            _step(opt, params, t)
+    _assert_equal(eager, comp)
+
+
+def test_load_state_dict_into_a_running_compiled_optimizer():
+    """A checkpoint of step 3 loaded into the same compiled optimizer after step 5: its
+    stacks and counters are rebuilt from the loaded state (counters back at 3), and it
+    steps on as an uninterrupted run."""
+    eager, comp = _pair(lr=None)  # a relative step: reads the counters
+    for params, opt in (eager, comp):
+        for t in range(3):
+            _step(opt, params, t)
+    saved = copy.deepcopy(comp[1].state_dict())
+    saved_params = [p.detach().clone() for p in comp[0]]
+    for t in range(3, 5):
+        _step(comp[1], comp[0], t)
+    with torch.no_grad():
+        for p, q in zip(comp[0], saved_params):
+            p.copy_(q)
+    comp[1].load_state_dict(saved)
+    for params, opt in (eager, comp):
+        for t in range(3, 6):
+            _step(opt, params, t)
+    _assert_equal(eager, comp)
+
+
+def test_a_checkpoint_writes_each_stack_once():
+    """torch.save of a stacked state writes the stacks' bytes once (not once per view),
+    and it loads with weights_only=True."""
+    eager, comp = _pair()
+    sizes = []
+    for params, opt in (eager, comp):
+        for t in range(2):
+            _step(opt, params, t)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        sizes.append(buf.tell())
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=True)
+        assert len(loaded["state"]) == len(SHAPES)
+    assert sizes[1] <= sizes[0]
+
+
+def test_counters_edited_on_the_host_are_followed():
+    """Every member of a bucket set back to step 0 on the host (a reset): the bucket's
+    stacked device counters are rewritten from the integers (a relative step size reads
+    them), as eager Flora's step reads the integers."""
+    eager, comp = _pair(lr=None)
+    for params, opt in (eager, comp):
+        for t in range(3):
+            _step(opt, params, t)
+        for p in params:
+            opt.state[p]["step"] = 0
+        _step(opt, params, 3)
+    _assert_equal(eager, comp)
