@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import flora
 from flora import Flora
 
 pytest.importorskip("torch._dynamo")
@@ -73,8 +74,17 @@ def test_compiled_buckets_hold_their_state_as_one_stack(kw):
     for t in range(5):  # two resamples
         _step(eager[1], eager[0], t)
         _step(comp[1], comp[0], t)
+        if t == 1:
+            made = {k: v[0] for k, v in comp[1]._stacks._d.items()}
+            counters = {k: v[0] for k, v in comp[1]._device_steps._stacks.items()}
     _assert_equal(eager, comp)
     params, opt = comp
+    # made once: later steps (resamples included) reuse the stacks, copying nothing
+    assert len(made) == 5 and opt._stacks._d.keys() == made.keys()  # 3 for the matrices, 2 for the vectors
+    assert all(opt._stacks._d[k][0] is v for k, v in made.items())
+    assert all(opt._device_steps._stacks[k][0] is v for k, v in counters.items()) and len(counters) == 2
+    # the bytes held, counted from the tensors (a shared stack once, whole), as eager's
+    assert flora.state_bytes(opt) == flora.state_bytes(eager[1]) > 0
     mom = "exp_avg" if kw.get("rank", 3) is None else "exp_avg_c"
     for key in ("exp_avg_sq_row", "exp_avg_sq_col", mom):
         assert _stacked(opt, params[:3], key), key

@@ -16,6 +16,7 @@ import torch
 from . import functional as F
 from .functional import grouped_core, single_core
 from .projection import matrix_shape
+from .stacks import first
 
 # torch.compile options of Flora(compile=...): one graph per shape signature, no graph
 # break allowed inside (torchao's low-bit optimizers compile their per-parameter step the
@@ -93,7 +94,7 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
     spec = work.spec
     k = len(work.params)
     n, m = matrix_shape(spec.shape)
-    dtype = work.moms[0].dtype
+    dtype = first(work.moms).dtype
     ws_u, ws_d = workspace.get((k, n, m), dtype, work.grads[0].device)
     g0 = work.grads[0]
     if k == 1 and g0.dtype == dtype and g0.is_contiguous():

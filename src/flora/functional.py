@@ -54,7 +54,7 @@ from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compre
 from .compression import momentum_storage
 from .projection import matrix_shape, state_dtype, transfer
 from .state import store_momentum_as
-from .stacks import StateStacks, stack as _stack, write_back as _write_back
+from .stacks import StateStacks, first as _first, stack as _stack, write_back as _write_back
 
 # (group, indices, count, projected size, device, dtype) -> the projections of those
 # parameters (r x d, or a k x r x d stack when len(indices) > 1 or stacked=True)
@@ -248,7 +248,7 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         dim = spec.dim
         size = matrix_shape(spec.shape)[dim]
         cs = moms
-        c0 = cs[0]  # a stack's first row: its dtype and device
+        c0 = _first(cs)
         a = projections(group, indices, s0["proj_count"], size, c0.device, c0.dtype, stacked=grouped)
         if s0["proj_age"] >= group["kappa"]:
             for st in states:
@@ -283,7 +283,7 @@ def _widened(stored, dtype: torch.dtype) -> tuple:
     on a copy in the state dtype: ``(the tensors to step, the stored ones to round the
     result back into by finish(), or None when they are the same)``; a list, or a stack
     (one copy)."""
-    if stored[0].dtype == dtype:
+    if _first(stored).dtype == dtype:
         return stored, None
     if isinstance(stored, torch.Tensor):
         return stored.to(dtype), stored
@@ -685,7 +685,7 @@ def staged(work: Work) -> bool:
     return (work.grouped and work.spec.momentum == "c" and work.spec.kernel is None and work.a is not None
             and work.a.is_floating_point() and g.device.type == "cpu"
             and len(work.spec.shape) == 2 and work.spec.factor is None
-            and len(work.grads) * g.numel() * work.moms[0].element_size() >= STAGED_MIN_BYTES)
+            and len(work.grads) * g.numel() * _first(work.moms).element_size() >= STAGED_MIN_BYTES)
 
 
 # ------------------------------------------------------------------ buckets

@@ -17,7 +17,9 @@ def state_bytes(optimizer: Optimizer) -> int:
     """Bytes held by every tensor in ``optimizer.state`` (any optimizer). Tensors inside
     containers and one level inside plain objects (GaLore's and APOLLO's projector
     objects hold their projection matrices) are counted; a storage shared between entries
-    is counted once; a tensor subclass (torchao's 8-bit state) by the tensors it wraps."""
+    is counted once, whole (``Flora(compile=...)`` keeps a bucket's state as views of one
+    stack: flora.stacks); a tensor subclass (torchao's 8-bit state) by the tensors it
+    wraps."""
     seen: set[int] = set()
     total = 0
 
@@ -28,10 +30,14 @@ def state_bytes(optimizer: Optimizer) -> int:
             for name in v.__tensor_flatten__()[0]:
                 visit(getattr(v, name), depth)
         elif isinstance(v, torch.Tensor):
-            key = v.untyped_storage().data_ptr() if v.device.type != "meta" else id(v)
+            if v.device.type == "meta":
+                key, size = id(v), v.numel() * v.element_size()
+            else:  # what the storage holds: a view's whole stack
+                storage = v.untyped_storage()
+                key, size = storage.data_ptr(), max(storage.nbytes(), v.numel() * v.element_size())
             if key not in seen:
                 seen.add(key)
-                total += v.numel() * v.element_size()
+                total += size
         elif isinstance(v, dict):
             for x in v.values():
                 visit(x, depth)

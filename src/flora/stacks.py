@@ -53,6 +53,12 @@ class StateStacks:
         return stack
 
 
+def first(xs) -> torch.Tensor:
+    """A tensor with the dtype and device of a bucket's state: the stack itself (indexing
+    it would dispatch an operation on every step), or a list's first."""
+    return xs if isinstance(xs, torch.Tensor) else xs[0]
+
+
 def stack(xs) -> torch.Tensor:
     """A bucket's state inside a core: its stack (:class:`StateStacks`) as it is, or a
     list of tensors stacked (a copy)."""
@@ -68,4 +74,4 @@ def write_back(targets, new: torch.Tensor) -> None:
         torch._foreach_copy_(targets, list(new.unbind(0)))
 
 
-__all__ = ["StateStacks", "stack", "write_back"]
+__all__ = ["StateStacks", "first", "stack", "write_back"]
