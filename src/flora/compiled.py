@@ -103,10 +103,10 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
         ws_g, slots = workspace.slots(ws_d, spec.shape)
         torch._foreach_copy_(slots, work.grads)
     a = work.a
-    rf, cf, new_row, new_col, cu, lr, bias = compiled_core("stats", backend, options)(
-        spec, work.params, work.steps, work.sq, lr_arg(work.lr, lr_views), ws_g, a)
-    x, coef, ok = compiled_core("update", backend, options)(
-        spec, work.sq, work.skips, ws_g, rf, cf, new_row, new_col, ws_u, work.moms, cu, a, lr, bias)
+    rf, cf, new_row, new_col, cu = compiled_core("stats", backend, options)(spec, work.steps, work.sq, ws_g, a)
+    x, coef, ok, lr = compiled_core("update", backend, options)(
+        spec, work.params, work.steps, lr_arg(work.lr, lr_views), work.sq, work.skips, ws_g, rf, cf, new_row,
+        new_col, ws_u, work.moms, cu, a)
     key = id(work.params[0])  # one entry per bucket, replaced when its projection is
     hit = transposed.get(key)
     if hit is None or hit[0] is not a:

@@ -326,17 +326,24 @@ def _scalars(spec: Spec, t, device) -> tuple[Any, Any]:
     return af.second_moment_decay(t, spec.decay_rate), bias
 
 
-def _count_step(t, steps):
-    """Advance the device counters (a list, or a compiled bucket's k x 1 stack); returns
-    the count the scalars are computed from: the host's ``t`` when given, else the
-    counter itself (0-dim, in the scalar dtype)."""
+def _advance(steps) -> None:
+    """Add one to the device counters (a list, or a compiled bucket's k x 1 stack)."""
     if isinstance(steps, torch.Tensor) or len(steps) == 1:
         (steps if isinstance(steps, torch.Tensor) else steps[0]).add_(1)
     else:
         torch._foreach_add_(steps, 1)
+
+
+def _count_step(t, steps, *, advance: bool = True):
+    """Advance the device counters (unless ``advance`` is False: the caller's next stage
+    does); returns the count the scalars are computed from: the host's ``t`` when given,
+    else the count this step reaches, from the counter (0-dim, in the scalar dtype)."""
+    if advance:
+        _advance(steps)
     if t is not None:
         return t
-    return steps[0].reshape(()).to(af.scalar_dtype(steps[0].device))
+    count = steps[0].reshape(()).to(af.scalar_dtype(steps[0].device))
+    return count if advance else count + 1
 
 
 # ------------------------------------------------------------------ the cores
@@ -556,26 +563,18 @@ def _stacked(spec: Spec, g: torch.Tensor) -> torch.Tensor:
     return g.unsqueeze(0) if g.dim() == len(spec.shape) else g
 
 
-def staged_stats(spec: Spec, params, steps, sq, lr, ws_g, a) -> tuple:
-    """Stage 1: the counters, the step size, Adafactor's factored statistics of the
-    stacked gradients ``ws_g`` (float32, copied there eagerly: a stack inside a graph is
-    a new buffer) and ``C(u)`` but its outer factor. Returns ``(r_factor, c_factor,
-    new_row, new_col, cu, lr, bias)``. The factors are outputs so that the next stage
-    reads them as buffers: where one graph made them and the update, inductor recomputed
-    them, and the step's scalars (``t^-0.8`` in float64), for every element."""
-    lr = _lr_in(lr)
-    shape = spec.shape
+def staged_stats(spec: Spec, steps, sq, ws_g, a) -> tuple:
+    """Stage 1: Adafactor's factored statistics of the stacked gradients ``ws_g``
+    (float32, copied there eagerly: a stack inside a graph is a new buffer) and ``C(u)``
+    but its outer factor. Returns ``(r_factor, c_factor, new_row, new_col, cu)``. The
+    factors are outputs so that the next stage reads them as buffers: where one graph
+    made them and the update, inductor recomputed them, and the step's scalars
+    (``t^-0.8`` in float64), for every element. The counters, the step size and the bias
+    correction are stage 2's: here, every value this graph returns besides its closing
+    matmul's was written after it, by a kernel of its own (an operation per bucket)."""
     ws_g = _stacked(spec, ws_g)
-    p32 = [p.float() for p in params] if spec.half else params
-    t = _count_step(None, steps)
-    prms = None
-    if spec.scale_parameter:
-        prms = torch.stack([torch.linalg.vector_norm(p) for p in p32]).div_(math.sqrt(math.prod(shape)))
-    lr = af.step_size(lr, t, prms, eps2=spec.eps2, relative_step=spec.relative_step,
-                      warmup_init=spec.warmup_init, scale_parameter=spec.scale_parameter)
-    if isinstance(lr, torch.Tensor):
-        lr = lr.to(ws_g.device)
-    beta2t, bias = _scalars(spec, t, ws_g.device)
+    t = _count_step(None, steps, advance=False)
+    beta2t = af.second_moment_decay(t, spec.decay_rate)
     row, col = _stack(sq[0]), _stack(sq[1])
     # adafactor.factored_normalize(fused=True)'s statistics (staged() takes 2-D parameters
     # factored over both dims only); the column mean as a plain reduction, not the
@@ -593,7 +592,7 @@ def staged_stats(spec: Spec, params, steps, sq, lr, ws_g, a) -> tuple:
         cu = torch.bmm(a * r_factor.mT, ws_g)
     else:
         cu = torch.bmm(ws_g, (a * c_factor).mT)
-    return r_factor, c_factor, new_row, new_col, cu, _vec(lr), _vec(bias)
+    return r_factor, c_factor, new_row, new_col, cu
 
 
 def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u) -> tuple:
@@ -614,15 +613,27 @@ def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, n
     return torch.where(ok, norm, 0.0), ok
 
 
-def staged_update(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u, moms, cu, a, lr,
-                  bias) -> tuple:
-    """Stage 2: :func:`staged_normalize` and :func:`staged_momentum` in one graph, ``cu``
-    being ``C(u)`` but its outer factor (see :func:`staged_stats`). Returns ``(x, coef,
-    ok)``."""
+def staged_update(spec: Spec, params, steps, lr, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u,
+                  moms, cu, a) -> tuple:
+    """Stage 2: the counters, the step size (from the parameters' RMS) and
+    :func:`staged_normalize` and :func:`staged_momentum` in one graph, ``cu`` being
+    ``C(u)`` but its outer factor (see :func:`staged_stats`). Returns ``(x, coef, ok,
+    lr)``."""
+    lr = _lr_in(lr)
+    p32 = [p.float() for p in params] if spec.half else params
+    t = _count_step(None, steps)
+    prms = None
+    if spec.scale_parameter:
+        prms = torch.stack([torch.linalg.vector_norm(p) for p in p32]).div_(math.sqrt(math.prod(spec.shape)))
+    lr = af.step_size(lr, t, prms, eps2=spec.eps2, relative_step=spec.relative_step,
+                      warmup_init=spec.warmup_init, scale_parameter=spec.scale_parameter)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(ws_g.device)
+    bias = _scalars(spec, t, ws_g.device)[1]
     norm, ok = staged_normalize(spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u)
     cu = cu * c_factor if spec.dim == 0 else r_factor * cu  # C(u)'s outer factor (staged_stats)
     x, coef = staged_momentum(spec, moms, cu, a, norm, lr, ok, bias)
-    return x, coef, ok
+    return x, coef, ok, _vec(lr)
 
 
 def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:

@@ -1,7 +1,10 @@
 """momentum_dtype on the runs that resolve the floor-to-target gap (issue 17): the default
 form at r8 and r32 with its first moment stored in float32 (table.py's 'floor0.4' rows,
 bit-identical to the library's default) and bfloat16 (runs_dtype.jsonl: run.py row
-'bf16'; 3 seeds on the lr grid of the float32 rows). Each at its lr with
+'bf16'; 3 seeds on the lr grid of the float32 rows); on the other four tasks of the
+CPU suite at scale 1 (runs_dtype_1x.jsonl, seventh session: run.py rows 'default' and
+'bf16', 3 seeds, the float32 default's best lr in runs_1x.jsonl and its two neighbours).
+Each at its lr with
 the best mean validation loss, and the paired test-loss difference to float32 at float32's
 lr (the same seeds, the same data order and projections: only the rounding differs).
 Writes dtype.md and dtype.csv beside this file."""
@@ -9,19 +12,21 @@ import json, statistics as st
 
 from table import best, by, here, write
 
-for line in open(here / "runs_dtype.jsonl"):
-    r = json.loads(line)
-    by[(r["task"], r["scale"], r["rank"], r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
+for name in ("runs_dtype.jsonl", "runs_dtype_1x.jsonl"):
+    for line in open(here / name):
+        r = json.loads(line)
+        by[(r["task"], r["scale"], r["rank"], r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
 
-TASKS = (("newslm", 2.0), ("cnnstream", 4.0), ("tabstream", 4.0))
-ROWS = (("float32", "floor0.4"), ("bfloat16", "bf16"))
+# (task, scale, the float32 row): 'floor0.4' (table.py's runs) or 'default' (run beside bf16)
+TASKS = (("newslm", 2.0, "floor0.4"), ("cnnstream", 4.0, "floor0.4"), ("tabstream", 4.0, "floor0.4"),
+         ("cnn", 1.0, "default"), ("stream", 1.0, "default"), ("tabular", 1.0, "default"), ("vit", 1.0, "default"))
 lines = ["| task | rank | momentum | lr (best) | state bytes | test loss | minus float32, paired at float32's lr |",
          "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
 table = []
-for task, scale in TASKS:
+for task, scale, f32 in TASKS:
     for rank in (8, 32):
-        ref = best((task, scale, rank, "floor0.4"))
-        for dtype, row in ROWS:
+        ref = best((task, scale, rank, f32))
+        for dtype, row in (("float32", f32), ("bfloat16", "bf16")):
             b = best((task, scale, rank, row))
             if b is None or ref is None:
                 continue
@@ -29,11 +34,11 @@ for task, scale in TASKS:
             t = [seeds[s]["test_loss"] for s in sorted(seeds)]
             same = by[(task, scale, rank, row)].get(ref[0], {})
             diff = ""
-            if row != "floor0.4" and len(same) == 3:
+            if row == "bf16" and len(same) == 3:
                 d = [same[s]["test_loss"] - ref[1][s]["test_loss"] for s in sorted(same)]
                 diff = f"{st.mean(d):+.4f} ± {st.stdev(d):.4f}"
             state = next(iter(seeds.values()))["state_bytes"]
-            lines.append(f"| {task} | {rank} | {dtype} | {lr:g}{f' ({edge} edge)' if edge else ''} | {state:,} | "
+            lines.append(f"| {task}{'' if scale == 1 else f' (x{scale:g})'} | {rank} | {dtype} | {lr:g}{f' ({edge} edge)' if edge else ''} | {state:,} | "
                          f"{st.mean(t):.4f} ± {st.stdev(t):.4f} | {diff} |")
             table.append(dict(task=task, rank=rank, momentum_dtype=dtype, lr=lr, lr_edge=edge, state_bytes=state,
                               test_loss_mean=st.mean(t), test_loss_std=st.stdev(t), minus_float32=diff))
