@@ -1,0 +1,37 @@
+"""The cold first step of Flora(rank=32, beta1=0.9, compile=True) on SmolLM2-135M's shapes
+(docs/compile.md, sixth pass): wall and main-process CPU time, dynamo's graph count and
+compile_times() phases, then 6 steps and the parameters' sum (equal across code
+versions when they compute the same). Run each code version in a process of its own,
+with an empty inductor cache:
+
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python docs/compile_cold.py
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) PYTHONPATH=/tmp/base7/src python docs/compile_cold.py
+"""
+import time
+
+import torch
+
+import flora
+from flora.bench.step import SMOLLM2_135M, llama_shapes
+
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for _, s in llama_shapes(SMOLLM2_135M)]
+for p in params:
+    p.grad = torch.randn(p.shape, generator=g) * 1e-3
+opt = flora.Flora(params, lr=1e-3, rank=32, beta1=0.9, compile=True)
+t0, c0 = time.perf_counter(), time.process_time()
+opt.step()
+print(f"flora {flora.__file__}: first step wall {time.perf_counter() - t0:.1f} s, CPU {time.process_time() - c0:.1f} s")
+from torch._dynamo.utils import compile_times, counters  # noqa: E402
+
+print("graphs", counters["stats"]["unique_graphs"])
+phases = ("fused_nodes", "Scheduler", "compile_file", "async_compile", "GraphLowering.run", "bytecode", "compile_inner")
+print("\n".join(line for line in compile_times(repr="str", aggregate=True).splitlines() if any(x in line for x in phases)))
+times = []
+for _ in range(6):
+    t0 = time.perf_counter()
+    opt.step()
+    times.append(time.perf_counter() - t0)
+print("steps", " ".join(f"{t:.3f}" for t in times))
+print("parameters' sum", float(sum(p.detach().double().sum() for p in params)))
