@@ -177,3 +177,29 @@ def test_counters_edited_on_the_host_are_followed():
             opt.state[p]["step"] = 0
         _step(opt, params, 3)
     _assert_equal(eager, comp)
+
+
+def test_the_users_compiled_step_takes_stacks_too():
+    """torch.compile(opt.step): the prelude, the one graph break, knows it is traced and
+    hands the caller's graph stacked state; equal to eager, every graph compiled once."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    eager = (_params(), None)
+    eager = (eager[0], Flora(eager[0], **BASE))
+    params = _params()
+    opt = Flora(params, **BASE)
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter)
+    for t in range(5):
+        _step(eager[1], eager[0], t)
+        g = torch.Generator().manual_seed(100 + t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        step()
+        if t == 1:
+            frames = counter.frame_count
+    assert counter.frame_count == frames  # nothing compiled after the second step
+    _assert_equal(eager, (params, opt))
+    assert _stacked(opt, params[:3], "exp_avg_c") and _stacked(opt, params[3:], "exp_avg")
+    torch._dynamo.reset()

@@ -224,7 +224,8 @@ class Flora(Optimizer):
             # The eager prelude: checks, state, buckets, host counters, projections and
             # resamples (and FSDP2's sharded parameters, whole); under torch.compile(opt.step)
             # it is the one graph break. Then the arithmetic, on tensors only.
-            plan = self._prelude()
+            # traced: inside torch.compile(opt.step), whose graph then takes stacked state
+            plan = self._prelude(torch.compiler.is_compiling())
             self._apply(plan)
         return loss
 
@@ -252,9 +253,10 @@ class Flora(Optimizer):
         if state:
             check_factoring(p, state, rule)
 
-    def _prelude_eager(self) -> list:
+    def _prelude_eager(self, traced: bool = False) -> list:
         """Everything of a step that reads or writes host values; returns the
-        :class:`flora.functional.Work` items whose cores do the arithmetic."""
+        :class:`flora.functional.Work` items whose cores do the arithmetic (``traced``:
+        for the caller's compiled graph)."""
         # Every check happens before any state changes.
         check_grads(self.param_groups)
         self._check_factor_dims()
@@ -278,7 +280,7 @@ class Flora(Optimizer):
                 p0 = bucket[0][0]
                 if _grouped(group, p0, compiled):
                     plan.append(self._work([e[0] for e in bucket], [e[1] for e in bucket], group,
-                                           [e[2] for e in bucket], grouped=True))
+                                           [e[2] for e in bucket], grouped=True, traced=traced))
                     continue
                 for p, state, i in bucket:
                     plan.append(self._work([p], [state], group, [i], grouped=False))
@@ -289,13 +291,13 @@ class Flora(Optimizer):
     # Replaced by torch.compiler.disable(_prelude_eager) when the first Flora is built.
     _prelude = _prelude_eager
 
-    def _work(self, params, states, group, indices, *, grouped: bool):
+    def _work(self, params, states, group, indices, *, grouped: bool, traced: bool = False):
         device = params[0].device
         compiled = self._compile is not None
         return F.prepare(params, states, group, indices, grouped=grouped, projections=self._projections,
                          device_steps=self._device_steps, skips=self._skip_counter(device),
                          lr=self._lr_for(group, device) if compiled else None, compiled=compiled,
-                         kernel=self._kernel, stacks=self._stacks if compiled else None)
+                         kernel=self._kernel, stacks=self._stacks if compiled or traced else None)
 
     def _lr_for(self, group: dict, device):
         """compile=True: a float lr as a device tensor (one per group and device, written
