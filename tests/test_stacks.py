@@ -185,8 +185,8 @@ def test_the_users_compiled_step_takes_stacks_too():
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    eager = (_params(), None)
-    eager = (eager[0], Flora(eager[0], **BASE))
+    eager_params = _params()
+    eager = (eager_params, Flora(eager_params, **BASE))
     params = _params()
     opt = Flora(params, **BASE)
     counter = CompileCounter()
