@@ -203,3 +203,25 @@ def test_the_users_compiled_step_takes_stacks_too():
     _assert_equal(eager, (params, opt))
     assert _stacked(opt, params[:3], "exp_avg_c") and _stacked(opt, params[3:], "exp_avg")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kw,ops", [({}, []), ({"momentum_dtype": "bfloat16"}, ["aten::to"] * 2)],
+                         ids=["float32", "bf16-momentum"])
+def test_the_prelude_dispatches_nothing_per_tensor(kw, ops):
+    """Once the stacks exist, a step's eager prelude (no resample due) dispatches no
+    operation for them: none in float32, and one widening copy per bucket (two buckets)
+    with a bfloat16 momentum. Indexing a stack (``stack[0].dtype``) would add one each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = _params()
+    opt = Flora(params, **{**BASE, "kappa": 100}, **kw, compile="aot_eager")
+    for t in range(2):
+        _step(opt, params, t)
+    g = torch.Generator().manual_seed(9)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt._prelude_eager()
+    top = [e.name for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    assert top == ops
