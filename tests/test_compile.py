@@ -327,6 +327,46 @@ def test_inductor_bf16_relative_step():
         torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("staged_min", [0, None], ids=["staged", "one-graph"])
+def test_parameter_norms_come_from_one_eager_call(monkeypatch, staged_min, dtype):
+    """Flora(compile=...) scaling its step by the parameters' RMS: their norms come from one
+    ``_foreach_norm`` for the whole step, ahead of the graphs (flora.functional.
+    param_norms; inside a graph each is a reduction of its own, which inductor generates
+    and compiles one by one), over every parameter of every bucket and no norm of a
+    parameter inside a graph; the step equals eager (bf16: to one rounding)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if staged_min is not None:
+        monkeypatch.setattr(F, "STAGED_MIN_BYTES", staged_min)
+    kw = dict(BASE, scale_parameter=True, weight_decay=0.05)
+    runs = []
+    for compiled in (False, "aot_eager"):
+        params = _params(dtype=dtype)
+        opt = Flora(params, **kw, compile=compiled)
+        _run(opt, params, opt.step, steps=3)
+        runs.append((params, opt))
+    params, opt = runs[1]
+    for p, g in zip(params, _grads(params, 3)):
+        p.grad = g
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        opt.step()
+    for p, g in zip(runs[0][0], _grads(runs[0][0], 3)):  # the eager run's fourth step
+        p.grad = g
+    runs[0][1].step()
+    calls = [e for e in prof.events() if e.name == "aten::_foreach_norm"
+             and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    assert len(calls) == 1
+    norms = [e for e in prof.events() if e.name == "aten::linalg_vector_norm"]
+    inside = sorted(tuple(e.input_shapes[0]) for e in norms if e.cpu_parent.name == "aten::_foreach_norm")
+    assert inside == sorted(tuple(p.shape) for p in params)
+    outside = [tuple(e.input_shapes[0]) for e in norms if e.cpu_parent.name != "aten::_foreach_norm"]
+    assert outside and not set(outside) & {tuple(p.shape) for p in params}  # the updates' norms only
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(b.float(), a.float(), **tol)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 

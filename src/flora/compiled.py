@@ -82,7 +82,8 @@ class Workspace:
         return hit
 
 
-def staged_step(work, backend, options, workspace: Workspace, transposed: dict, lr_views: dict) -> None:
+def staged_step(work, backend, options, workspace: Workspace, transposed: dict, lr_views: dict,
+                pnorms: list | None = None) -> None:
     """A compiled step of a CPU bucket of compressed parameters (``functional.staged``):
     the gradients copied eagerly into ``workspace``'s second buffer; three compiled
     stages, ``functional.staged_stats`` (which also compresses the update, from the
@@ -106,7 +107,7 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
     rf, cf, new_row, new_col, cu = compiled_core("stats", backend, options)(spec, work.steps, work.sq, ws_g, a)
     x, coef, ok, lr = compiled_core("update", backend, options)(
         spec, work.params, work.steps, lr_arg(work.lr, lr_views), work.sq, work.skips, ws_g, rf, cf, new_row,
-        new_col, ws_u, work.moms, cu, a)
+        new_col, ws_u, work.moms, cu, a, pnorms)
     key = id(work.params[0])  # one entry per bucket, replaced when its projection is
     hit = transposed.get(key)
     if hit is None or hit[0] is not a:

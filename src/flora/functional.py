@@ -447,15 +447,53 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
         p.copy_(p32)
 
 
+def _param_rms(spec: Spec, p32: list, pnorms: list | None) -> torch.Tensor | None:
+    """The parameters' RMS, a k-vector, when ``spec.scale_parameter`` (else None), from
+    ``pnorms`` (their 2-norms) when given."""
+    if not spec.scale_parameter:
+        return None
+    if pnorms is not None:
+        norms = pnorms
+    elif torch.compiler.is_compiling():  # reductions of the graph, not a _foreach_norm call of their own
+        norms = [torch.linalg.vector_norm(p) for p in p32]
+    else:
+        norms = torch._foreach_norm(p32)
+    return torch.stack(norms).div_(math.sqrt(math.prod(spec.shape)))
+
+
+def param_norms(plan: list) -> list:
+    """For each item of a step's ``plan``: the 2-norms of its parameters (0-dim tensors in
+    the state dtype) where it is a compiled bucket that scales its step by them
+    (``scale_parameter``), else None. One ``_foreach_norm`` per state dtype serves the
+    whole step: inside a graph each norm is a reduction loop of its own, 30 a bucket, and
+    inductor generates and compiles each (16 s of SmolLM2's 73 s cold compile,
+    docs/compile.md); eager, they cost one operation a step. The parameters do not change
+    before their own bucket steps, so the norms are those the step would compute."""
+    out: list = [None] * len(plan)
+    by_dtype: dict = {}
+    for i, w in enumerate(plan):
+        if w.compiled and w.grouped and w.spec.scale_parameter:
+            by_dtype.setdefault(state_dtype(w.params[0].dtype), []).append(i)
+    for dtype, items in by_dtype.items():
+        norms = torch._foreach_norm([p for i in items for p in plan[i].params], 2, dtype=dtype)
+        at = 0
+        for i in items:
+            k = len(plan[i].params)
+            out[i], at = norms[at:at + k], at + k
+    return out
+
+
 def _commit(targets, new: torch.Tensor, old: torch.Tensor, ok_b: torch.Tensor) -> None:
     """Write a stacked state back to the bucket's own tensors (a list, or a stack), where
     the step was finite."""
     _write_back(targets, torch.where(ok_b, new, old))
 
 
-def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None) -> None:
+def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None,
+                 pnorms: list | None = None) -> None:
     """One Flora step of ``params`` (gradients ``grads``), which share shape, dtypes,
-    device, options, state layout and counters: the single-tensor step on stacks."""
+    device, options, state layout and counters: the single-tensor step on stacks.
+    ``pnorms``: the parameters' 2-norms, when the caller has them (:func:`param_norms`)."""
     lr = _lr_in(lr)
     k = len(params)
     shape = spec.shape
@@ -467,11 +505,7 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     t = _count_step(t, steps)
     eps1, eps2 = spec.eps1, spec.eps2
     beta1 = spec.beta1
-    prms = None
-    if spec.scale_parameter:  # compiled: reductions of the graph, not a _foreach_norm call of their own
-        norms = ([torch.linalg.vector_norm(p) for p in p32] if torch.compiler.is_compiling()
-                 else torch._foreach_norm(p32))
-        prms = torch.stack(norms).div_(math.sqrt(numel))
+    prms = _param_rms(spec, p32, pnorms)
     lr = af.step_size(lr, t, prms, eps2=eps2, relative_step=spec.relative_step, warmup_init=spec.warmup_init,
                       scale_parameter=spec.scale_parameter)
     if isinstance(lr, torch.Tensor):
@@ -614,17 +648,15 @@ def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, n
 
 
 def staged_update(spec: Spec, params, steps, lr, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u,
-                  moms, cu, a) -> tuple:
-    """Stage 2: the counters, the step size (from the parameters' RMS) and
-    :func:`staged_normalize` and :func:`staged_momentum` in one graph, ``cu`` being
-    ``C(u)`` but its outer factor (see :func:`staged_stats`). Returns ``(x, coef, ok,
-    lr)``."""
+                  moms, cu, a, pnorms=None) -> tuple:
+    """Stage 2: the counters, the step size (from the parameters' RMS; ``pnorms``: their
+    norms, computed before) and :func:`staged_normalize` and :func:`staged_momentum` in
+    one graph, ``cu`` being ``C(u)`` but its outer factor (see :func:`staged_stats`).
+    Returns ``(x, coef, ok, lr)``."""
     lr = _lr_in(lr)
     p32 = [p.float() for p in params] if spec.half else params
     t = _count_step(None, steps)
-    prms = None
-    if spec.scale_parameter:
-        prms = torch.stack([torch.linalg.vector_norm(p) for p in p32]).div_(math.sqrt(math.prod(spec.shape)))
+    prms = _param_rms(spec, p32, pnorms)
     lr = af.step_size(lr, t, prms, eps2=spec.eps2, relative_step=spec.relative_step,
                       warmup_init=spec.warmup_init, scale_parameter=spec.scale_parameter)
     if isinstance(lr, torch.Tensor):
@@ -759,5 +791,5 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
             yield from even_split(members, min(per, max_count))
 
 
-__all__ = ["single_core", "grouped_core", "staged_stats", "staged_normalize", "staged_update", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
+__all__ = ["single_core", "grouped_core", "param_norms", "staged_stats", "staged_normalize", "staged_update", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
            "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "even_split"]

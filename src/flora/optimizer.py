@@ -326,15 +326,15 @@ class Flora(Optimizer):
 
             # One graph per shape signature, a fixed number for a model (as torchao's optimizers).
             with disable_cache_limit():
-                for work in plan:
+                for work, pnorms in zip(plan, F.param_norms(plan)):
                     if work.compiled and F.staged(work):
                         C.staged_step(work, self._compile, None, self._workspace, self._transposed,
-                                      self._lr_views)
+                                      self._lr_views, pnorms)
                         F.finish(work)
                     elif work.compiled:
-                        C.compiled_core(work.grouped, self._compile)(
-                            work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a,
-                            C.lr_arg(work.lr, self._lr_views), work.skips, None)
+                        args = (work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a,
+                                C.lr_arg(work.lr, self._lr_views), work.skips, None)
+                        C.compiled_core(work.grouped, self._compile)(*args, *([pnorms] if work.grouped else []))
                         F.finish(work)
                     else:
                         F.run(work, work.t)
