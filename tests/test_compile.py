@@ -460,3 +460,19 @@ def test_readme_signature_names_every_constructor_argument():
     expected = {name: par.default for name, par in inspect.signature(Flora.__init__).parameters.items()
                 if name not in ("self", "params", "momentum")}
     assert documented == expected
+
+
+@pytest.mark.parametrize("n,sizes", [(5, [5]), (30, [30]), (31, [16, 15]), (59, [30, 29]), (60, [30, 30]),
+                                     (61, [30, 30, 1]), (62, [30, 30, 2]), (89, [30, 30, 29]),
+                                     (80, [30, 30, 20]), (32, [16, 16]), (91, [30, 30, 30, 1])])
+def test_a_shapes_buckets_take_as_few_graphs_as_can_be(n, sizes):
+    """Flora(compile=...) splits a shape's n parameters into ceil(n / 30) buckets of two
+    sizes at most (a graph each), with as few parameters in those graphs as can be: 61 as
+    30, 30 and 1 (graphs of 31 parameters) rather than 20, 20 and 21 (41)."""
+    parts = F.split_for_graphs(list(range(n)), 30)
+    assert [len(p) for p in parts] == sizes
+    assert sum(parts, []) == list(range(n))  # in order, each once
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.zeros(3)
+    got = list(F.buckets([(p, {"step": 0}, i) for i in range(n)], max_count=F.COMPILED_BUCKET_MAX))
+    assert [len(b) for b in got] == sizes

@@ -734,8 +734,9 @@ def staged(work: Work) -> bool:
 # ------------------------------------------------------------------ buckets
 
 # Flora(compile=...): buckets of at most this many parameters (None: no limit but
-# BUCKET_NUMEL's), split evenly, so that a shape's buckets share one compiled graph and
-# each graph stays small: inductor's compile time grows with the parameters in a graph
+# BUCKET_NUMEL's), split in parts of two sizes at most (split_for_graphs), so that a
+# shape's buckets share one or two compiled graphs and each graph stays small:
+# inductor's compile time grows with the parameters in a graph
 # (on this CPU about 10 s for 4 of 576 x 576, 14 s for 16, 36 s for 60), and a graph
 # takes every parameter, gradient and state tensor of its bucket as an input. 30 rather
 # than 16: 8 compressed buckets on SmolLM2's shapes instead of 15, 43 operations per step
@@ -744,19 +745,25 @@ def staged(work: Work) -> bool:
 COMPILED_BUCKET_MAX: int | None = 30
 
 
-def even_split(bucket: list, most: int | None) -> list[list]:
-    """``bucket`` in ``ceil(len / most)`` parts whose sizes differ by at most one."""
+def split_for_graphs(bucket: list, most: int | None) -> list[list]:
+    """``bucket`` in ``ceil(len / most)`` parts of at most two sizes (a compiled graph each),
+    holding as few parameters between them as can be: parts of ``most`` and one of the
+    rest, or parts whose sizes differ by one, whichever is fewer (61 in parts of 30: 30,
+    30 and 1, graphs of 31 parameters, rather than 20, 20 and 21, graphs of 41; inductor's
+    compile time grows with the parameters in a graph); a tie goes to the even parts."""
     if most is None or len(bucket) <= most:
         return [bucket]
     parts = -(-len(bucket) // most)
     size, extra = divmod(len(bucket), parts)
+    rest = len(bucket) - most * (parts - 1)
+    if most + (rest if rest != most else 0) < size + (size + 1 if extra else 0):
+        return [bucket[i:i + most] for i in range(0, len(bucket), most)]
     out, i = [], 0
     for j in range(parts):
         n = size + (j < extra)
         out.append(bucket[i:i + n])
         i += n
     return out
-
 
 
 def bucket_key(p: torch.Tensor, state: dict) -> tuple:
@@ -776,8 +783,8 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
     """Split ``(param, state, index)`` entries of one group into lists that
     :func:`grouped_core` can take, none above ``max_numel`` gradient elements (default
     ``BUCKET_NUMEL``; unless a single parameter is) nor ``max_count`` parameters. With
-    ``max_count``, the parameters of one key are split evenly (sizes differing by at most
-    one), so that they share as few compiled graphs as can be."""
+    ``max_count``, the parameters of one key are split in parts of two sizes at most
+    (:func:`split_for_graphs`), so that they share as few compiled graphs as can be."""
     max_numel = BUCKET_NUMEL if max_numel is None else max_numel
     by_key: dict[tuple, list] = {}
     for e in entries:
@@ -788,8 +795,8 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
             for i in range(0, len(members), per):
                 yield members[i:i + per]
         else:
-            yield from even_split(members, min(per, max_count))
+            yield from split_for_graphs(members, min(per, max_count))
 
 
 __all__ = ["single_core", "grouped_core", "param_norms", "staged_stats", "staged_normalize", "staged_update", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
-           "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "even_split"]
+           "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "split_for_graphs"]
