@@ -295,7 +295,7 @@ def finish(work: Work) -> None:
     if isinstance(work.stored, torch.Tensor):  # a stack
         work.stored.copy_(work.moms)
     elif work.stored is not None:
-        moms = [m.view_as(s) for m, s in zip(work.moms, work.stored)]  # 0-dim ones stepped as vectors
+        moms = [m if m.shape == s.shape else m.view_as(s) for m, s in zip(work.moms, work.stored)]  # 0-dim: as vectors
         if len(moms) == 1:
             work.stored[0].copy_(moms[0])
         else:

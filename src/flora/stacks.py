@@ -24,17 +24,34 @@ class StateStacks:
     ``load_state_dict``.
 
     A view keeps its whole stack alive: ``torch.save`` of one state tensor writes its
-    bucket's (a whole ``state_dict`` writes each stack once)."""
+    bucket's (a whole ``state_dict`` writes each stack once). So when a bucket's members
+    change (parameters that step on some steps only), the stacks its new members were
+    rows of are dissolved: members that left get copies of their rows, and no stack is
+    kept that the optimizer no longer uses."""
 
     def __init__(self) -> None:
-        # (id(first state dict), key) -> (the stack, the views written into the states)
-        self._d: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        # (id(first state dict), key) -> (the stack, the views written into the states,
+        # the state dicts they were written into)
+        self._d: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor], list[dict]]] = {}
+        self._member: dict[tuple[int, str], tuple[int, str]] = {}  # (id(state), key) -> its stack's key
 
     def __len__(self) -> int:
         return len(self._d)
 
     def clear(self) -> None:
         self._d.clear()
+        self._member.clear()
+
+    def _dissolve(self, ck: tuple[int, str], keep: list[dict]) -> None:
+        """Drop stack ``ck``: its members not in ``keep`` that still hold their row get a
+        copy of it (``keep`` is about to get rows of a new stack)."""
+        _, views, states = self._d.pop(ck)
+        key = ck[1]
+        for st, v in zip(states, views):
+            if self._member.get((id(st), key)) == ck:
+                del self._member[(id(st), key)]
+            if not any(st is s for s in keep) and st.get(key) is v:
+                st[key] = v.clone()
 
     def stacked(self, states: list[dict], key: str) -> torch.Tensor:
         """``states[i][key]`` as rows of one tensor (made, and written into the states as
@@ -45,11 +62,16 @@ class StateStacks:
         # identity, not id(): a stale entry can only match tensors that are its own views
         if hit is not None and len(hit[1]) == len(ts) and all(map(operator.is_, hit[1], ts)):
             return hit[0]
-        stack = torch.stack(ts)
+        stack = torch.stack(ts)  # before any dissolving: ts may be rows of the stacks dropped
+        old = {self._member.get((id(st), key)) for st in states} | {ck}
+        for o in old:
+            if o in self._d:
+                self._dissolve(o, states)
         views = list(stack.unbind(0))
         for st, v in zip(states, views):
             st[key] = v
-        self._d[ck] = (stack, views)
+            self._member[(id(st), key)] = ck
+        self._d[ck] = (stack, views, list(states))
         return stack
 
 
