@@ -320,6 +320,10 @@ COMPILED_CASES = dict(
     # the "floored" form (its floor a constant of the graph, clamping a device weight)
     + [_case("channels_last", "fp32", "floored-orthonormal"), _case("transposed", "fp32", "floored-coordinates"),
        _case("contiguous", "bf16", "floored-orthonormal")]
+    # the step scaled by the parameters' RMS, their norms from one eager _foreach_norm
+    # ahead of the graphs (functional.param_norms), with weight decay
+    + [_case(lay, dt, "scale_parameter+weight_decay") for lay, dt in (
+        ("contiguous", "fp32"), ("channels_last", "fp32"), ("contiguous", "bf16"), ("channels_last", "fp64"))]
     # a first moment stored in bfloat16 (widened and rounded back around the graphs)
     + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
                                           ("channels_last", "fp64"))
