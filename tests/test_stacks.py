@@ -19,6 +19,7 @@ from torch import nn
 
 import flora
 from flora import Flora
+from flora import functional as F
 
 pytest.importorskip("torch._dynamo")
 
@@ -126,12 +127,14 @@ def test_a_bucket_whose_members_change():
     _assert_equal(eager, comp)
 
 
-def test_members_that_come_and_go_leave_no_stack_behind():
+def test_members_that_come_and_go_leave_no_stack_behind(monkeypatch):
     """Parameters that step on some steps only (experts of a mixture, frozen parts): each
     step's bucket is a new set, so a new stack is made. The members that left get copies
     of their rows, and the old stack is freed: the bytes held stay eager's, and one stack
     per bucket and key is kept (views of every old stack would hold a stack per set of
-    members seen). Equal to eager throughout."""
+    members seen), as the staged step keeps the transposed projections of this step's
+    buckets only. Equal to eager throughout."""
+    monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)  # the matrices' buckets step in stages
     eager, comp = _pair()
     for params, opt in (eager, comp):
         for t in range(8):
@@ -140,6 +143,8 @@ def test_members_that_come_and_go_leave_no_stack_behind():
     params, opt = comp
     assert flora.state_bytes(opt) == flora.state_bytes(eager[1])
     assert len(opt._stacks) == 5  # the last step's two buckets: 3 keys and 2 keys
+    # the staged step's transposed projections: of the last step's buckets only
+    assert set(opt._transposed) <= {id(p) for p in params[:3] if p.grad is not None} and opt._transposed
     held = {id(v[0]) for v in opt._stacks._d.values()}
     for p in params:
         for v in opt.state[p].values():

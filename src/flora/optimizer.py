@@ -326,8 +326,10 @@ class Flora(Optimizer):
 
             # One graph per shape signature, a fixed number for a model (as torchao's optimizers).
             with disable_cache_limit():
+                staged = set()  # the staged buckets' keys in self._transposed
                 for work, pnorms in zip(plan, F.param_norms(plan)):
                     if work.compiled and F.staged(work):
+                        staged.add(id(work.params[0]))
                         C.staged_step(work, self._compile, None, self._workspace, self._transposed,
                                       self._lr_views, pnorms)
                         F.finish(work)
@@ -338,6 +340,8 @@ class Flora(Optimizer):
                         F.finish(work)
                     else:
                         F.run(work, work.t)
+            if len(self._transposed) > len(staged):  # buckets whose members changed: drop their projections
+                self._transposed = {k: v for k, v in self._transposed.items() if k in staged}
             return
         for work in plan:
             F.run(work, work.t)
