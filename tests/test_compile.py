@@ -367,6 +367,35 @@ def test_parameter_norms_come_from_one_eager_call(monkeypatch, staged_min, dtype
         torch.testing.assert_close(b.float(), a.float(), **tol)
 
 
+def test_parameter_norms_one_call_per_state_dtype():
+    """float32 and float64 parameters in one compiled optimizer: one ``_foreach_norm`` for
+    each state dtype, each norm in its parameter's dtype; the steps equal eager's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def make():
+        params = _params([(12, 20), (12, 20)]) + _params([(12, 20), (20,)], torch.float64)
+        return params
+
+    runs = []
+    for compiled in (False, "aot_eager"):
+        params = make()
+        opt = Flora(params, **dict(BASE, scale_parameter=True), compile=compiled)
+        _run(opt, params, opt.step, steps=2)
+        runs.append((params, opt))
+    params, opt = runs[1]
+    plan = opt._prelude_eager()
+    norms = F.param_norms(plan)
+    got = {id(p): n for w, ns in zip(plan, norms) for p, n in zip(w.params, ns)}
+    for p in params:
+        assert got[id(p)].dtype == p.dtype
+        torch.testing.assert_close(got[id(p)], torch.linalg.vector_norm(p.detach()), rtol=1e-6, atol=0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.param_norms(plan)
+    assert sum(e.name == "aten::_foreach_norm" for e in prof.events()) == 2
+    for p, q in zip(*[r[0] for r in runs]):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 

@@ -464,17 +464,19 @@ def _param_rms(spec: Spec, p32: list, pnorms: list | None) -> torch.Tensor | Non
 def param_norms(plan: list) -> list:
     """For each item of a step's ``plan``: the 2-norms of its parameters (0-dim tensors in
     the state dtype) where it is a compiled bucket that scales its step by them
-    (``scale_parameter``), else None. One ``_foreach_norm`` per state dtype serves the
-    whole step: inside a graph each norm is a reduction loop of its own, 30 a bucket, and
-    inductor generates and compiles each (16 s of SmolLM2's 73 s cold compile,
-    docs/compile.md); eager, they cost one operation a step. The parameters do not change
-    before their own bucket steps, so the norms are those the step would compute."""
+    (``scale_parameter``), else None. One ``_foreach_norm`` per device and state dtype
+    serves the whole step: inside a graph each norm is a reduction loop of its own, 30 a
+    bucket, and inductor generates and compiles each (16 s of SmolLM2's 73 s cold
+    compile, docs/compile.md); eager, they cost one operation a step. The parameters do
+    not change before their own bucket steps, so the norms are those the step would
+    compute."""
     out: list = [None] * len(plan)
-    by_dtype: dict = {}
+    by_kind: dict = {}
     for i, w in enumerate(plan):
         if w.compiled and w.grouped and w.spec.scale_parameter:
-            by_dtype.setdefault(state_dtype(w.params[0].dtype), []).append(i)
-    for dtype, items in by_dtype.items():
+            p = w.params[0]
+            by_kind.setdefault((p.device, state_dtype(p.dtype)), []).append(i)
+    for (_, dtype), items in by_kind.items():
         norms = torch._foreach_norm([p for i in items for p in plan[i].params], 2, dtype=dtype)
         at = 0
         for i in items:
