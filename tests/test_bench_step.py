@@ -178,6 +178,9 @@ def test_compiled_rows(monkeypatch):
     goals = step.compiled_goals(by)
     assert len(goals) == 6 and goals[0].startswith("flora-r32:compiled: step ") and "adafactor-b0.9" in goals[0]
     assert any("ops dispatched per step" in g for g in goals) and any("compiles in" in g for g in goals)
+    assert any("compiles in" in g and "cache empty" in g for g in goals)
+    warm = step.compiled_goals(by, cold=False)  # TORCHINDUCTOR_CACHE_DIR given: may be warm, not checked
+    assert len(warm) == 6 and any("compiles in" in g and "not checked" in g and "MISSED" not in g for g in warm)
     pre = step.compiled_goals(by, "pretrain")  # the pretrain model: one goal, 1.0x HF Adafactor
     assert len(pre) == 1 and "adafactor-b0.9" in pre[0] and "goal <= 1x" in pre[0]
     assert step.compiled_goals(by, "smoke") == []
@@ -186,3 +189,40 @@ def test_compiled_rows(monkeypatch):
                                **{k: "" for k in core.META_KEYS if k not in ("model", "command")}},
                       "rows": list(rows.values())})
     assert "## Compiled steps" in md and "| flora-r4:compiled |" in md and "ops / step" in md
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["unset", "given"])
+def test_compiled_rows_compile_into_an_empty_cache(monkeypatch, tmp_path, given):
+    """The bench times a first compile: with :compiled rows and TORCHINDUCTOR_CACHE_DIR
+    unset, inductor's cache is a new empty folder while the optimizers run, removed
+    after, and the variable unset again; a folder the user gives is used as it is (and
+    the compile goal is not checked against it)."""
+    import os
+
+    from flora.bench import step
+
+    monkeypatch.setattr(step, "COMPILE_BACKEND", "aot_eager")
+    if given:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    else:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    seen = []
+    real = step.time_optimizers
+
+    def spy(*a, **kw):
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        if not given:
+            assert seen[-1] is not None and not os.listdir(seen[-1])  # empty when the optimizers start
+        return real(*a, **kw)
+
+    monkeypatch.setattr(step, "time_optimizers", spy)
+    out = tmp_path / "out"
+    assert main(["step", "--size", "smoke", "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-flora-opt",
+                 "--projection-cost", "off", "--optimizers", "adafactor-b0.9,flora-r4:compiled",
+                 "--out", str(out)]) == 0
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    if given:
+        assert seen == [str(tmp_path / "mine")] and meta["inductor_cache"] == "TORCHINDUCTOR_CACHE_DIR"
+    else:
+        assert meta["inductor_cache"] == "empty" and "flora-bench-inductor-" in seen[0]
+        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not os.path.exists(seen[0])
