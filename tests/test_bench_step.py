@@ -191,21 +191,26 @@ def test_compiled_rows(monkeypatch):
     assert "## Compiled steps" in md and "| flora-r4:compiled |" in md and "ops / step" in md
 
 
-@pytest.mark.parametrize("given", [False, True], ids=["unset", "given"])
-def test_compiled_rows_compile_into_an_empty_cache(monkeypatch, tmp_path, given):
+@pytest.mark.parametrize("env", ["unset", "default", "given"])
+def test_compiled_rows_compile_into_an_empty_cache(monkeypatch, tmp_path, env):
     """The bench times a first compile: with :compiled rows and TORCHINDUCTOR_CACHE_DIR
-    unset, inductor's cache is a new empty folder while the optimizers run, removed
-    after, and the variable unset again; a folder the user gives is used as it is (and
-    the compile goal is not checked against it)."""
+    unset or inductor's default (which inductor writes into it once used), inductor's
+    cache is a new empty folder while the optimizers run, removed after, and the variable
+    as it was again; a folder the user gives is used as it is (and the compile goal is not
+    checked against it)."""
     import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from flora.bench import step
 
     monkeypatch.setattr(step, "COMPILE_BACKEND", "aot_eager")
-    if given:
-        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    else:
+    given = env == "given"
+    if env == "unset":
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine") if given else default_cache_dir())
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     seen = []
     real = step.time_optimizers
 
@@ -225,4 +230,4 @@ def test_compiled_rows_compile_into_an_empty_cache(monkeypatch, tmp_path, given)
         assert seen == [str(tmp_path / "mine")] and meta["inductor_cache"] == "TORCHINDUCTOR_CACHE_DIR"
     else:
         assert meta["inductor_cache"] == "empty" and "flora-bench-inductor-" in seen[0]
-        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not os.path.exists(seen[0])
+        assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and not os.path.exists(seen[0])

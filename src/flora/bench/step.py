@@ -36,6 +36,7 @@ Writes ``results.json`` and ``results.md`` to ``--out`` and prints the table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import os
@@ -670,6 +671,28 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _inductor_cache_given() -> bool:
+    """Whether TORCHINDUCTOR_CACHE_DIR names a folder other than inductor's default (which
+    inductor writes into the variable once it has used it)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return given is not None and os.path.abspath(given) != os.path.abspath(default_cache_dir())
+
+
+@contextlib.contextmanager
+def _empty_inductor_cache():
+    """Inductor's caches in a new empty folder, removed after."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    folder = tempfile.mkdtemp(prefix="flora-bench-inductor-")
+    try:
+        with temporary_cache_dir(folder):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
@@ -704,24 +727,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         baseline = load_baseline(args.baseline_src) if args.baseline_src else None
         names = optimizer_names(args)
         # The compile time is a first compile's: inductor's cache in a folder of its own,
-        # empty, unless the user points TORCHINDUCTOR_CACHE_DIR somewhere.
+        # empty (inductor's temporary_cache_dir, which also clears its in-memory caches),
+        # unless TORCHINDUCTOR_CACHE_DIR names a folder other than inductor's default.
         compiled = any(split_variant(n)[1] in ("compiled", "compiled-step") for n in names)
-        fresh = (tempfile.mkdtemp(prefix="flora-bench-inductor-")
-                 if compiled and os.environ.get("TORCHINDUCTOR_CACHE_DIR") is None else None)
+        fresh = compiled and not _inductor_cache_given()
         meta["inductor_cache"] = None if not compiled else "empty" if fresh else "TORCHINDUCTOR_CACHE_DIR"
-        if fresh:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh
-        try:
+        with _empty_inductor_cache() if fresh else contextlib.nullcontext():
             result["rows"] = time_optimizers(names, params, grads, device, warmup=args.warmup,
                                              repeats=args.repeats, seed=args.seed, baseline=baseline)
-        finally:
-            if fresh:
-                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-                shutil.rmtree(fresh, ignore_errors=True)
         by = {r["optimizer"]: r for r in result["rows"]}
         result["goals"] = [f"{name}: " + "; ".join(parts) for goal in config.STEP_GOALS for name in goal.optimizers
                            if name in by and (parts := report.goal_parts(goal, name, by))]
-        result["goals"] += compiled_goals(by, args.size, cold=fresh is not None)
+        result["goals"] += compiled_goals(by, args.size, cold=fresh)
         plan = {}
         for name in by:
             base, variant = split_variant(name)
