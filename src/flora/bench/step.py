@@ -27,7 +27,10 @@ same shapes (the reference: what dropping that guarantee would cost).
 ``flora-r32:compiled-step``: ``torch.compile(opt.step)`` on Flora, grouped, tensor lr), torch
 AdamW (foreach, a tensor lr) and HF Adafactor under ``torch.compile(opt.step)``. Their
 first step compiles: its time is reported apart (``compile s``), with the graphs compiled
-and the graph breaks, and any recompilation during the timed steps. Every row gets the
+and the graph breaks, and any recompilation during the timed steps. They compile into an
+empty inductor cache folder of their own (removed after), so that the first row's compile
+time is a cold one, unless ``TORCHINDUCTOR_CACHE_DIR`` names a folder other than
+inductor's default (then used as it is, and the compile goal is not checked). Every row gets the
 operations one step dispatches (torch.profiler: aten operations not nested in another,
 plus the kernels of compiled graphs), a CPU proxy for a GPU's kernel launches.
 
