@@ -505,3 +505,43 @@ def test_a_shapes_buckets_take_as_few_graphs_as_can_be(n, sizes):
     p.grad = torch.zeros(3)
     got = list(F.buckets([(p, {"step": 0}, i) for i in range(n)], max_count=F.COMPILED_BUCKET_MAX))
     assert [len(b) for b in got] == sizes
+
+
+@pytest.mark.parametrize("staged_min", [0, None], ids=["staged", "one-graph"])
+def test_the_operations_a_compiled_bucket_dispatches(monkeypatch, staged_min):
+    """Inductor, a bucket of two compressed matrices: the operations a step dispatches
+    (kernels recorded with ``cpp.enable_kernel_profile``; issue 18's goal is at most 50 on
+    SmolLM2's shapes). The parameter norms (one call for the step), then, staged, the
+    gradients' copy and the three stages around their two matmuls, each stage one
+    kernel: a stage that returned a value computed after its closing matmul would add a
+    kernel (the 53 -> 48 fix of the sixth pass). One-graph: its three kernels around the
+    same matmuls."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    if staged_min is not None:
+        monkeypatch.setattr(F, "STAGED_MIN_BYTES", staged_min)
+    params = _params([(24, 40), (24, 40)])
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        opt = Flora(params, **dict(BASE, kappa=100, scale_parameter=True), compile=True)
+        _run(opt, params, opt.step, steps=2)
+    for p, g in zip(params, _grads(params, 2)):
+        p.grad = g
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+
+    def top(e):
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::") or "cpp_fused" in parent.name:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    ops = ["kernel" if "cpp_fused" in e.name else e.name for e in prof.events()
+           if (e.name.startswith("aten::") or "cpp_fused" in e.name) and top(e)]
+    middle = ["kernel", "aten::bmm", "kernel", "aten::bmm", "kernel"]
+    if staged_min == 0:
+        assert ops == ["aten::_foreach_norm", "aten::_foreach_copy_"] + middle
+    else:
+        assert ops == ["aten::_foreach_norm"] + middle
