@@ -323,7 +323,9 @@ COMPILED_CASES = dict(
     # the step scaled by the parameters' RMS, their norms from one eager _foreach_norm
     # ahead of the graphs (functional.param_norms), with weight decay
     + [_case(lay, dt, "scale_parameter+weight_decay") for lay, dt in (
-        ("contiguous", "fp32"), ("channels_last", "fp32"), ("contiguous", "bf16"), ("channels_last", "fp64"))]
+        ("contiguous", "fp32"), ("transposed", "fp32"), ("strided", "fp32"), ("permuted-3d", "fp32"),
+        ("channels_last", "fp32"), ("channels_last_3d", "fp32"), ("contiguous", "bf16"), ("channels_last", "fp16"),
+        ("channels_last", "fp64"))]
     # a first moment stored in bfloat16 (widened and rounded back around the graphs)
     + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
                                           ("channels_last", "fp64"))
