@@ -1,8 +1,9 @@
 """``momentum_dtype``: the first moment stored in bfloat16, its arithmetic in the state dtype.
 
 The reference is the definition: a float32 Flora whose first moment is rounded to
-bfloat16 (and back) after every step takes bit for bit the steps of
-``momentum_dtype="bfloat16"``, resamples included. Every stepping path is also compared
+bfloat16 (and back) after every step, stochastically by ``flora.rounding`` keyed by the
+step count, takes bit for bit the steps of ``momentum_dtype="bfloat16"``, resamples
+included. Every stepping path is also compared
 with the single-tensor one in ``tests/test_paths.py`` (rows ``bf16-momentum`` and
 ``bf16-dense-momentum``) and FSDP2 in ``tests/test_distributed.py``.
 """
@@ -21,6 +22,7 @@ from torch import nn
 import flora
 from flora import Flora
 from flora.bench import optimizers as bench_optimizers
+from flora.rounding import stochastic_bfloat16
 
 NARROW = {"bfloat16": torch.bfloat16}
 MOMENTUM_KEYS = ("exp_avg", "exp_avg_c")
@@ -43,12 +45,15 @@ def _step(model, opt, batch):
     opt.step()
 
 
-def _round_momentum(opt, dtype):
-    """The reference: the float32 first moment rounded to ``dtype`` and back, in place."""
+def _round_momentum(opt, dtype, nearest=False):
+    """The reference: the first moment rounded to ``dtype`` and back, in place:
+    stochastically, keyed by the step count (float64 through float32), or to nearest
+    (a state converted when the option changes)."""
+    assert dtype == torch.bfloat16
     for st in opt.state.values():
         for k in MOMENTUM_KEYS:
             if k in st:
-                st[k].copy_(st[k].to(dtype))
+                st[k].copy_(st[k].to(dtype) if nearest else stochastic_bfloat16(st[k].float(), st["step"]))
 
 
 OPTS = dict(lr=1e-2, beta1=0.9, kappa=3, seed=5, scale_parameter=False)
@@ -58,8 +63,8 @@ OPTS = dict(lr=1e-2, beta1=0.9, kappa=3, seed=5, scale_parameter=False)
 @pytest.mark.parametrize("rank", [4, None], ids=["compressed", "dense"])
 @pytest.mark.parametrize("name", list(NARROW))
 def test_equals_float32_rounded_after_every_step(name, rank, foreach):
-    """Bit for bit: the narrow momentum is the float32 step's momentum rounded to nearest,
-    and the parameters move as a float32 Flora whose momentum is rounded after each
+    """Bit for bit: the narrow momentum is the float32 step's momentum rounded
+    stochastically (keyed by the step), and the parameters move as a float32 Flora whose momentum is rounded after each
     step (7 steps, two resamples at kappa=3)."""
     model, ref_model = _net(), _net()
     opt = Flora(model.parameters(), rank=rank, momentum_dtype=name, foreach=foreach, **OPTS)
@@ -208,7 +213,7 @@ def test_a_float32_state_converts_at_its_next_step():
         opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["momentum_dtype"] is None
     opt2.param_groups[0]["momentum_dtype"] = "bfloat16"
-    _round_momentum(ref, torch.bfloat16)
+    _round_momentum(ref, torch.bfloat16, nearest=True)  # the conversion rounds to nearest
     for b in batches[3:]:
         _step(model2, opt2, b)
         _step(ref_model, ref, b)
@@ -266,40 +271,27 @@ def test_bench_names_carry_the_momentum_dtype():
         bench_optimizers.parse("flora-r8+fp16")
 
 
-@pytest.mark.parametrize("name,beta1,warns", [("bfloat16", 0.9, False), ("bfloat16", 0.95, False),
-                                              ("bfloat16", 0.97, True), ("bfloat16", 0.99, True),
-                                              (None, 0.999, False), ("float32", 0.999, False)])
-def test_a_bfloat16_momentum_that_would_stall_is_warned_about(name, beta1, warns):
-    """Above a stall bound of 10% (half_ulp / (1 - beta1)): beta1 from 0.961; in the
-    constructor and for a group added."""
-    p = [nn.Parameter(torch.zeros(4, 4))]
-    with warnings.catch_warnings(record=True) as got:
-        warnings.simplefilter("always")
-        opt = Flora(p, lr=1e-3, rank=2, beta1=beta1, momentum_dtype=name)
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "beta1": beta1})
-    said = [str(w.message) for w in got if "stall" in str(w.message)]
-    assert len(said) == (2 if warns else 0), said
-    if warns:
-        assert f"momentum_dtype={name!r} with beta1={beta1}" in said[0] and "float32" in said[0]
-
-
-@pytest.mark.parametrize("beta1,low,high", [(0.99, 0.7, 0.85), (0.9, 0.95, 1.0)])
-def test_the_stall_is_real_on_a_steady_gradient(beta1, low, high):
-    """What the warning is about: a constant gradient, dense momentum (it holds lr times
-    the normalised update, here lr times 1). In float32 the momentum reaches lr; in
-    bfloat16 at beta1 = 0.99 it stops about 20% short, where (1 - beta1) (u - m) falls
-    below half a unit in the last place; at 0.9 within the bound of 4%. Noisy gradients
-    (training) keep it moving: the quality runs of docs/results.md tie float32."""
+@pytest.mark.parametrize("beta1", [0.9, 0.99])
+def test_a_steady_gradient_is_reached_at_any_beta1(beta1):
+    """A constant gradient, dense momentum (it holds lr times the normalised update, here
+    lr times 1): float32's momentum reaches lr. Rounded to nearest, bfloat16's would stop
+    where (1 - beta1) (u - m) falls below half a unit in the last place: 20% short at
+    beta1 = 0.99 (0.7-0.85 of lr, measured before rounding became stochastic), up to 4% at
+    0.9. Rounded stochastically it is unbiased and reaches lr to within 1% on average (16
+    elements, the last 200 of 1500 steps)."""
     lr = 1e-4
     final = {}
     for name in (None, "bfloat16"):
         p = nn.Parameter(torch.zeros(4, 4))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("error")  # nothing to warn about at any beta1
             opt = Flora([p], lr=lr, beta1=beta1, momentum_dtype=name, scale_parameter=False, relative_step=False)
-        for _ in range(1500):
+        seen = []
+        for i in range(1500):
             p.grad = torch.ones(4, 4)
             opt.step()
-        final[name] = opt.state[p]["exp_avg"].float().mean().item() / lr
+            if i >= 1300:
+                seen.append(opt.state[p]["exp_avg"].float().mean().item() / lr)
+        final[name] = sum(seen) / len(seen)
     assert final[None] > 0.99
-    assert low < final["bfloat16"] < high
+    assert abs(final["bfloat16"] - 1.0) < 0.01, final

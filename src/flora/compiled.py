@@ -16,6 +16,7 @@ import torch
 from . import functional as F
 from .functional import grouped_core, single_core
 from .projection import matrix_shape
+from .rounding import round_stack_
 from .stacks import first
 
 # torch.compile options of Flora(compile=...): one graph per shape signature, no graph
@@ -26,14 +27,14 @@ _compiled: dict[tuple, Callable] = {}
 
 
 _PARTS = {True: grouped_core, False: single_core, "stats": F.staged_stats, "update": F.staged_update,
-          "apply": F.staged_apply}
+          "apply": F.staged_apply, "round": round_stack_}
 
 
 def compiled_core(grouped, backend="inductor", options: dict | None = None) -> Callable:
     """The core function compiled with ``backend`` (one compiled function per backend and
     options; dynamo caches its graphs per shape signature). ``grouped``: True
-    (grouped_core), False (single_core), or a stage of the staged CPU step ("stats",
-    "update", "apply")."""
+    (grouped_core), False (single_core), a stage of the staged CPU step ("stats",
+    "update", "apply"), or "round" (a bfloat16 momentum's rounding back)."""
     key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
     fn = _compiled.get(key)
     if fn is None:

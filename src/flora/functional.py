@@ -52,6 +52,7 @@ from . import adafactor as af
 from .kernels import adafactor as fk
 from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
 from .compression import momentum_storage
+from .rounding import round_into_
 from .projection import matrix_shape, state_dtype, transfer
 from .state import store_momentum_as
 from .stacks import StateStacks, first as _first, stack as _stack, write_back as _write_back
@@ -290,16 +291,18 @@ def _widened(stored, dtype: torch.dtype) -> tuple:
     return [m.to(dtype) for m in stored], stored
 
 
-def finish(work: Work) -> None:
-    """After a core: the first moment rounded back into its stored dtype (one copy)."""
-    if isinstance(work.stored, torch.Tensor):  # a stack
-        work.stored.copy_(work.moms)
-    elif work.stored is not None:
-        moms = [m if m.shape == s.shape else m.view_as(s) for m, s in zip(work.moms, work.stored)]  # 0-dim: as vectors
-        if len(moms) == 1:
-            work.stored[0].copy_(moms[0])
-        else:
-            torch._foreach_copy_(work.stored, moms)
+def finish(work: Work, rounder=None) -> None:
+    """After a core: the first moment rounded back into its stored dtype, bfloat16
+    stochastically (:mod:`flora.rounding`, keyed by the count this step reached);
+    ``rounder``: a compiled ``rounding.round_stack_`` for a stack, or None (eager)."""
+    if work.stored is None:
+        return
+    # the counters hold this step's count now; traced or compiled, the tensor (a host int
+    # would be a guarded constant: a new graph every step), else the host's int (the same bits)
+    if rounder is not None and isinstance(work.stored, torch.Tensor):
+        rounder(work.stored, work.moms, work.steps)
+    else:
+        round_into_(work.stored, work.moms, work.steps[0].reshape(()) if torch.compiler.is_compiling() else work.t)
 
 
 def _as_vectors(ts: list[torch.Tensor]) -> list[torch.Tensor]:

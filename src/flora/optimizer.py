@@ -19,7 +19,7 @@ from . import checkpoint
 from .cache import ProjectionCache, cache_projections
 from . import reports
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
-                      momentum_dtype_name as _momentum_dtype_name, warn_if_momentum_stalls as _warn_if_momentum_stalls,
+                      momentum_dtype_name as _momentum_dtype_name,
                       refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
@@ -87,7 +87,6 @@ class Flora(Optimizer):
             foreach=foreach,
         )
         _validate_group(defaults)
-        _warn_if_momentum_stalls(defaults)
         if not (compile is True or compile is False or compile is None or isinstance(compile, str)
                 or callable(compile)):
             raise TypeError(f"compile must be True, False, a torch.compile backend name or a backend callable, "
@@ -170,8 +169,6 @@ class Flora(Optimizer):
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
         _validate_group(merged)
-        if "momentum_dtype" in param_group or "beta1" in param_group:
-            _warn_if_momentum_stalls(merged)
         for p in params:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError("params must be real tensors: Flora does not support complex parameters")
@@ -332,12 +329,12 @@ class Flora(Optimizer):
                         staged.add(id(work.params[0]))
                         C.staged_step(work, self._compile, None, self._workspace, self._transposed,
                                       self._lr_views, pnorms)
-                        F.finish(work)
+                        F.finish(work, C.compiled_core("round", self._compile) if work.stored is not None else None)
                     elif work.compiled:
                         args = (work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a,
                                 C.lr_arg(work.lr, self._lr_views), work.skips, None)
                         C.compiled_core(work.grouped, self._compile)(*args, *([pnorms] if work.grouped else []))
-                        F.finish(work)
+                        F.finish(work, C.compiled_core("round", self._compile) if work.stored is not None else None)
                     else:
                         F.run(work, work.t)
             if len(self._transposed) > len(staged):  # buckets whose members changed: drop their projections
@@ -500,12 +497,14 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             (the default: the state dtype, float32, or float64 for float64 parameters),
             ``"float32"`` or ``"bfloat16"`` (or that ``torch.dtype``). Its arithmetic, the
             resample's transfer included, runs in the state dtype on a copy that is
-            rounded back (to nearest) once per step, so bfloat16 halves the momentum's
-            bytes and changes nothing else. Not float16: the momentum holds lr-scaled
-            updates, below its normal range at small lrs. Rounding loses updates smaller
-            than half a unit in the last place, so at beta1 above 0.96 a bfloat16
-            momentum can stall short of a steady input: warned. A state of another dtype
-            (a checkpoint, the option edited) is converted at its next step.
+            rounded back once per step, so bfloat16 halves the momentum's bytes and
+            changes nothing else. The rounding is stochastic (``flora.rounding``: up with
+            the probability of the fraction dropped, random bits hashed from the value
+            and the step count, the same on every path and shard), so updates below half
+            a unit in the last place are not lost and a steady input is reached at any
+            beta1. Not float16: the momentum holds lr-scaled updates, below its normal
+            range at small lrs. A state of another dtype (a checkpoint, the option
+            edited) is converted at its next step.
         projection: ``"gaussian"`` (N(0, 1/r) entries, unbiased: the paper's),
             ``"orthonormal"`` (QR of the same Gaussian draw, on the CPU) or
             ``"coordinates"`` (r random coordinates of the projected dimension, no

@@ -4,8 +4,6 @@ that follow from a group (``momentum_dim``, ``momentum_reason``, ``grouped``).""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .adafactor import FACTOR_DIMS
@@ -132,28 +130,6 @@ def validate_group(group: dict) -> None:
             raise TypeError(f"{name} must be True or False, got {group[name]!r}")
     if group["foreach"] not in (None, True, False):
         raise TypeError(f"foreach must be None, True or False, got {group['foreach']!r}")
-
-
-# Half the relative spacing of a dtype's numbers: rounding to nearest moves a value by at most this.
-_HALF_ULP = {"bfloat16": 2.0 ** -8}
-STALL_WARN = 0.1  # warn when a 16-bit momentum may stall this far (relative) from its input
-
-
-def warn_if_momentum_stalls(group: dict, stacklevel: int = 3) -> None:
-    """A first moment stored in 16 bits (``momentum_dtype``) updated by ``(1 - beta1) (u - m)``
-    stops moving once that is below half a unit in the last place of ``m``: on a steady
-    input it may stall up to ``half_ulp / (1 - beta1)`` (relative) short of it (bfloat16:
-    4% at beta1 = 0.9, 8% at 0.95, 39% at 0.99). Warned above ``STALL_WARN`` (beta1 above
-    0.961). Noisy updates keep it moving (tests/test_momentum_dtype.py)."""
-    name, beta1 = momentum_dtype_name(group.get("momentum_dtype")), group.get("beta1")
-    if name not in _HALF_ULP or beta1 is None:
-        return
-    bound = _HALF_ULP[name] / (1.0 - beta1)
-    if bound > STALL_WARN:
-        warnings.warn(f"momentum_dtype={name!r} with beta1={beta1}: a momentum update smaller than half a unit in "
-                      f"the last place is rounded away, so the momentum may stall up to {bound:.0%} short of a "
-                      f"steady input (half_ulp / (1 - beta1)); keep it in float32 at this beta1",
-                      UserWarning, stacklevel=stacklevel)
 
 
 def check_complement_weight(weight, form) -> None:

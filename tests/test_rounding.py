@@ -1,0 +1,147 @@
+"""``flora.rounding``: the stochastic rounding of a float32 first moment into bfloat16.
+
+Statistical checks with fixed inputs and stated tolerances: unbiased over step counts,
+always one of the two neighbours, path-independent (a value rounds the same wherever it
+sits, in a shard or a stack), and the same compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora.rounding import round_into_, stochastic_bfloat16
+
+
+def _values(n=600, seed=0):
+    """float32 values over twelve decades, both signs, none exact in bfloat16."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-6, 6, (n,), generator=g).float()
+    return x[x.to(torch.bfloat16).float() != x]
+
+
+def test_each_result_is_one_of_the_two_neighbours():
+    x = _values()
+    bits = x.view(torch.int32) & ~0xFFFF
+    down = bits.view(torch.float32)  # towards zero
+    up = (bits + 0x10000).view(torch.float32)  # one bfloat16 ulp further out
+    seen_up = torch.zeros_like(x, dtype=torch.bool)
+    for step in (1, 2, 1000):
+        r = stochastic_bfloat16(x, step).float()
+        assert bool(((r == down) | (r == up)).all())
+        seen_up |= r == up
+    assert 0.2 < float(seen_up.float().mean()) < 0.9
+
+
+def test_unbiased_over_steps():
+    """The mean over 2,000 step counts is the float32 value to within 4.5 standard errors
+    of a rounding between neighbours one ulp apart (ulp / (2 sqrt(2000)) each), for every
+    one of ~600 values; rounding to nearest misses by up to half an ulp."""
+    x = _values()
+    acc = torch.zeros_like(x, dtype=torch.float64)
+    steps = 2000
+    for t in range(1, steps + 1):
+        acc += stochastic_bfloat16(x, t).double()
+    ulp = x.abs().double() * 2.0 ** -7  # at most one ulp of bfloat16 at x
+    err = (acc / steps - x.double()).abs()
+    assert bool((err <= 4.5 * ulp / (2 * steps ** 0.5)).all()), float((err / ulp).max())
+    nearest = (x.to(torch.bfloat16).double() - x.double()).abs()
+    assert float((nearest / ulp).max()) > 0.2  # the test tells the two apart
+
+
+def test_rounds_up_as_often_as_the_fraction_dropped():
+    """1 + f ulp rounds up in a fraction f of the steps (f = 1/8, 1/2, 7/8; 4,000 steps,
+    within 0.03)."""
+    for f in (0.125, 0.5, 0.875):
+        x = torch.tensor([1.0 + f * 2.0 ** -7, -(3.0 + f * 2.0 ** -6)])
+        ups = torch.zeros(2)
+        for t in range(1, 4001):
+            ups += (stochastic_bfloat16(x, t).float().abs() > x.abs()).float()
+        assert torch.allclose(ups / 4000, torch.full((2,), f), atol=0.03), (f, ups / 4000)
+
+
+def test_exact_values_and_specials_round_as_to_nearest():
+    x = torch.tensor([0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"), float("nan"), 2.0 ** -130])
+    for t in (1, 7):
+        r = stochastic_bfloat16(x, t)
+        assert torch.equal(r[:6], x[:6].to(torch.bfloat16)) and bool(r[6].isnan())
+        assert torch.signbit(r[1]) and r[7].float() in (0.0, float(torch.tensor(2.0 ** -130).to(torch.bfloat16)),
+                                                        float(torch.tensor(2.0 ** -130 * 1.01).to(torch.bfloat16)))
+
+
+def test_path_independent_position_shape_and_step_type():
+    """A value's rounding depends on it and the step alone: the same in any position,
+    stack, slice or layout, with the step an int or an integer-valued float tensor (the
+    device counters), so every stepping path and every shard rounds alike."""
+    x = _values().reshape(-1)[:500].reshape(20, 25)
+    whole = stochastic_bfloat16(x, 11)
+    assert torch.equal(stochastic_bfloat16(x[7:13], 11), whole[7:13])  # a shard of rows
+    assert torch.equal(stochastic_bfloat16(x.t().contiguous(), 11), whole.t())
+    assert torch.equal(stochastic_bfloat16(x.t(), 11), whole.t())  # strided
+    assert torch.equal(stochastic_bfloat16(x.flip(0), 11), whole.flip(0))
+    assert torch.equal(stochastic_bfloat16(x, torch.tensor([11.0]).reshape(())), whole)
+    assert torch.equal(stochastic_bfloat16(x, torch.tensor(11.0, dtype=torch.float64)), whole)
+    assert not torch.equal(stochastic_bfloat16(x, 12), whole)  # fresh bits each step
+
+
+def test_a_few_float32_ulps_apart_round_alike_almost_always():
+    """Paths that differ by float rounding (a fused kernel, another summation order) must
+    not round at random apart: keyed by the upper bits, a value moved by 1-3 float32 ulps
+    rounds differently only where it crosses a threshold (here under 0.1% of 40,000)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40000, generator=g)
+    moved = (x.view(torch.int32) + torch.randint(1, 4, x.shape, generator=g, dtype=torch.int32)).view(torch.float32)
+    differ = (stochastic_bfloat16(x, 5) != stochastic_bfloat16(moved, 5)).float().mean()
+    assert float(differ) < 1e-3
+
+
+def test_round_into_lists_stacks_and_other_dtypes():
+    x = _values().reshape(-1)[:480]
+    wide = [x[:120].reshape(10, 12), x[120:240].reshape(10, 12), x[240:].reshape(20, 12)]
+    stored = [torch.empty(w.shape, dtype=torch.bfloat16) for w in wide]
+    round_into_(stored, wide, 9)
+    assert torch.equal(torch.cat([s.reshape(-1) for s in stored]), stochastic_bfloat16(x, 9))
+    one = torch.empty(10, 12, dtype=torch.bfloat16)
+    round_into_(one, wide[0], 9)
+    assert torch.equal(one, stored[0])
+    vec = torch.empty(1, dtype=torch.bfloat16)  # 0-dim state stepped as a 1-element view
+    zero = torch.empty((), dtype=torch.bfloat16)
+    round_into_([zero], [x[:1]], 9)
+    round_into_([vec], [x[:1]], 9)
+    assert torch.equal(zero.reshape(1), vec)
+    w64 = wide[0].double()
+    round_into_(one, w64, 9)  # float64 state: through float32
+    assert torch.equal(one, stochastic_bfloat16(w64.float(), 9))
+    f32 = torch.empty(10, 12)
+    round_into_(f32, wide[0], 9)  # not bfloat16: a copy
+    assert torch.equal(f32, wide[0])
+
+
+def test_compiled_equals_eager():
+    x = _values().reshape(-1)[:500].reshape(4, 5, 25)
+    f = torch.compile(stochastic_bfloat16, backend="inductor", fullgraph=True, dynamic=False)
+    for t in (1.0, 2.0, 37.0):
+        step = torch.tensor([t])
+        assert torch.equal(f(x, step.reshape(())).view(torch.int16), stochastic_bfloat16(x, int(t)).view(torch.int16))
+
+
+@pytest.mark.parametrize("beta1", [0.99, 0.999])
+def test_an_ema_of_a_constant_reaches_it(beta1):
+    """m <- m + (1 - beta1)(u - m), stored in bfloat16 between steps: rounded to nearest
+    it stalls where the update falls under half an ulp, short of u by more than 10% at
+    both (checked, so that the test tells the two apart); stochastically the mean over
+    the last eighth of 8 / (1 - beta1) steps is u to within 1%."""
+    u = torch.full((64,), 1e-3)
+    for stochastic in (True, False):
+        m = torch.zeros(64, dtype=torch.bfloat16)
+        n = int(8 / (1 - beta1))
+        tail = []
+        for t in range(1, n + 1):
+            w = m.float() + (1 - beta1) * (u - m.float())
+            m = stochastic_bfloat16(w, t) if stochastic else w.to(torch.bfloat16)
+            if t > n - n // 8:
+                tail.append(m.float().mean())
+        mean = float(torch.stack(tail).mean() / 1e-3)
+        if stochastic:
+            assert abs(mean - 1.0) < 0.01, mean
+        else:
+            assert mean < 0.9, mean
