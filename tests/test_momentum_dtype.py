@@ -1,9 +1,9 @@
 """``momentum_dtype``: the first moment stored in bfloat16, its arithmetic in the state dtype.
 
 The reference is the definition: a float32 Flora whose first moment is rounded to
-bfloat16 (and back) after every step, stochastically by ``flora.rounding`` keyed by the
-step count, takes bit for bit the steps of ``momentum_dtype="bfloat16"``, resamples
-included. Every stepping path is also compared
+bfloat16 (and back) after every step and after every resample's transfer,
+stochastically by ``flora.rounding`` keyed by the step count, takes bit for bit the
+steps of ``momentum_dtype="bfloat16"``. Every stepping path is also compared
 with the single-tensor one in ``tests/test_paths.py`` (rows ``bf16-momentum`` and
 ``bf16-dense-momentum``) and FSDP2 in ``tests/test_distributed.py``.
 """
@@ -22,7 +22,7 @@ from torch import nn
 import flora
 from flora import Flora
 from flora.bench import optimizers as bench_optimizers
-from flora.rounding import stochastic_bfloat16
+from flora.rounding import AFTER_TRANSFER, stochastic_bfloat16
 
 NARROW = {"bfloat16": torch.bfloat16}
 MOMENTUM_KEYS = ("exp_avg", "exp_avg_c")
@@ -56,20 +56,39 @@ def _round_momentum(opt, dtype, nearest=False):
                 st[k].copy_(st[k].to(dtype) if nearest else stochastic_bfloat16(st[k].float(), st["step"]))
 
 
+@pytest.fixture
+def rounded_transfer(monkeypatch):
+    """The reference's resample: the transfer's result rounded as a bfloat16 momentum's
+    is, keyed by the step count the test puts in the returned dict as "t". (The bfloat16
+    optimizer takes the same patched transfer; its own rounding of a value bfloat16
+    holds changes nothing.)"""
+    import flora.functional as F
+
+    holder = {}
+
+    def transfer(c, a, a_new, dim, _orig=F.transfer):
+        out = _orig(c, a, a_new, dim)
+        return stochastic_bfloat16(out.float(), holder["t"], AFTER_TRANSFER).to(out.dtype)
+
+    monkeypatch.setattr(F, "transfer", transfer)
+    return holder
+
+
 OPTS = dict(lr=1e-2, beta1=0.9, kappa=3, seed=5, scale_parameter=False)
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
 @pytest.mark.parametrize("rank", [4, None], ids=["compressed", "dense"])
 @pytest.mark.parametrize("name", list(NARROW))
-def test_equals_float32_rounded_after_every_step(name, rank, foreach):
+def test_equals_float32_rounded_after_every_step(name, rank, foreach, rounded_transfer):
     """Bit for bit: the narrow momentum is the float32 step's momentum rounded
     stochastically (keyed by the step), and the parameters move as a float32 Flora whose momentum is rounded after each
     step (7 steps, two resamples at kappa=3)."""
     model, ref_model = _net(), _net()
     opt = Flora(model.parameters(), rank=rank, momentum_dtype=name, foreach=foreach, **OPTS)
     ref = Flora(ref_model.parameters(), rank=rank, foreach=foreach, **OPTS)
-    for batch in _batches(7):
+    for t, batch in enumerate(_batches(7), 1):
+        rounded_transfer["t"] = t
         _step(model, opt, batch)
         _step(ref_model, ref, batch)
         _round_momentum(ref, NARROW[name])
@@ -115,11 +134,12 @@ def test_half_the_momentum_bytes_and_close_to_float32():
         assert (a - b).abs().max() <= 0.01 * move
 
 
-def test_float64_parameters_step_in_float64_and_store_bfloat16():
+def test_float64_parameters_step_in_float64_and_store_bfloat16(rounded_transfer):
     model, ref_model = _net(torch.float64), _net(torch.float64)
     opt = Flora(model.parameters(), rank=4, momentum_dtype=torch.bfloat16, **OPTS)
     ref = Flora(ref_model.parameters(), rank=4, **OPTS)
-    for batch in _batches(4, torch.float64):
+    for t, batch in enumerate(_batches(4, torch.float64), 1):
+        rounded_transfer["t"] = t
         _step(model, opt, batch)
         _step(ref_model, ref, batch)
         _round_momentum(ref, torch.bfloat16)
@@ -194,7 +214,7 @@ def test_resume_is_bit_exact_and_loads_weights_only():
         assert torch.equal(a, b)
 
 
-def test_a_float32_state_converts_at_its_next_step():
+def test_a_float32_state_converts_at_its_next_step(rounded_transfer):
     """A checkpoint of float32 momentum loads as saved (its options win, as in torch, with
     a warning naming momentum_dtype); set to bfloat16 afterwards, the state is rounded
     at the next step, which then equals the rounded reference's."""
@@ -214,7 +234,8 @@ def test_a_float32_state_converts_at_its_next_step():
     assert opt2.param_groups[0]["momentum_dtype"] is None
     opt2.param_groups[0]["momentum_dtype"] = "bfloat16"
     _round_momentum(ref, torch.bfloat16, nearest=True)  # the conversion rounds to nearest
-    for b in batches[3:]:
+    for t, b in enumerate(batches[3:], 4):
+        rounded_transfer["t"] = t
         _step(model2, opt2, b)
         _step(ref_model, ref, b)
         _round_momentum(ref, torch.bfloat16)

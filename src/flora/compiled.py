@@ -15,9 +15,7 @@ import torch
 
 from . import functional as F
 from .functional import grouped_core, single_core
-from .projection import matrix_shape
-from .rounding import round_stack_
-from .stacks import first
+from .projection import matrix_shape, state_dtype
 
 # torch.compile options of Flora(compile=...): one graph per shape signature, no graph
 # break allowed inside (torchao's low-bit optimizers compile their per-parameter step the
@@ -27,14 +25,14 @@ _compiled: dict[tuple, Callable] = {}
 
 
 _PARTS = {True: grouped_core, False: single_core, "stats": F.staged_stats, "update": F.staged_update,
-          "apply": F.staged_apply, "round": round_stack_}
+          "apply": F.staged_apply}
 
 
 def compiled_core(grouped, backend="inductor", options: dict | None = None) -> Callable:
     """The core function compiled with ``backend`` (one compiled function per backend and
     options; dynamo caches its graphs per shape signature). ``grouped``: True
-    (grouped_core), False (single_core), a stage of the staged CPU step ("stats",
-    "update", "apply"), or "round" (a bfloat16 momentum's rounding back)."""
+    (grouped_core), False (single_core), or a stage of the staged CPU step ("stats",
+    "update", "apply")."""
     key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
     fn = _compiled.get(key)
     if fn is None:
@@ -96,7 +94,7 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
     spec = work.spec
     k = len(work.params)
     n, m = matrix_shape(spec.shape)
-    dtype = first(work.moms).dtype
+    dtype = state_dtype(work.grads[0].dtype)  # the momentum may be stored narrower
     ws_u, ws_d = workspace.get((k, n, m), dtype, work.grads[0].device)
     g0 = work.grads[0]
     if k == 1 and g0.dtype == dtype and g0.is_contiguous():

@@ -52,7 +52,7 @@ from . import adafactor as af
 from .kernels import adafactor as fk
 from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
 from .compression import momentum_storage
-from .rounding import round_into_
+from .rounding import AFTER_STEP, AFTER_TRANSFER, to_stored
 from .projection import matrix_shape, state_dtype, transfer
 from .state import store_momentum_as
 from .stacks import StateStacks, first as _first, stack as _stack, write_back as _write_back
@@ -108,9 +108,6 @@ class Work(NamedTuple):
     skips: torch.Tensor  # int64 count of skipped updates on this device
     t: int  # the step count this step reaches (state["step"], for the eager scalars)
     compiled: bool = False  # run the compiled core
-    # the first moment as stored, when narrower than the state dtype (momentum_dtype):
-    # moms are copies in the state dtype, which finish() rounds back into these
-    stored: list | None = None
 
 
 # ------------------------------------------------------------------ step counters
@@ -238,28 +235,31 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         st["step"] = t
     spec = make_spec(group, s0, params[0].shape, params[0].dtype, kernel)
     a = None
-    moms = stored = None
+    moms = None
+    sdt = state_dtype(params[0].dtype)
     if spec.momentum is not None:
         key = "exp_avg_c" if spec.momentum == "c" else "exp_avg"
         want = momentum_storage(group, params[0].dtype)
         if any(st[key].dtype != want for st in states):  # a checkpoint's, or the option edited
             store_momentum_as(states, want)
-        moms, stored = _widened(rows(key), state_dtype(params[0].dtype))
+        moms = rows(key)  # as stored: a narrower momentum_dtype is widened by the core
     if spec.momentum == "c":
         dim = spec.dim
         size = matrix_shape(spec.shape)[dim]
         cs = moms
         c0 = _first(cs)
-        a = projections(group, indices, s0["proj_count"], size, c0.device, c0.dtype, stacked=grouped)
+        a = projections(group, indices, s0["proj_count"], size, c0.device, sdt, stacked=grouped)
         if s0["proj_age"] >= group["kappa"]:
             for st in states:
                 st["proj_count"] += 1
                 st["proj_age"] = 0
-            a_new = projections(group, indices, s0["proj_count"], size, c0.device, c0.dtype, stacked=grouped)
+            a_new = projections(group, indices, s0["proj_count"], size, c0.device, sdt, stacked=grouped)
+            # in the state dtype; a narrower momentum is rounded after the transfer too
             if grouped:
-                _write_back(cs, transfer(_stack(cs), a, a_new, dim))
+                c_st = _stack(cs)
+                _write_back(cs, _stored(transfer(_wide(c_st, sdt), a, a_new, dim), c_st, t, AFTER_TRANSFER))
             else:
-                c0.copy_(transfer(c0, a, a_new, dim))
+                c0.copy_(_stored(transfer(_wide(c0, sdt), a, a_new, dim), c0, t, AFTER_TRANSFER))
             a = a_new
         for st in states:
             st["proj_age"] += 1
@@ -276,33 +276,19 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         moms = None if moms is None else _as_vectors(moms)
         spec = spec._replace(shape=(1,))
     return Work(grouped, spec, params, grads, steps, sq, moms,
-                a, group["lr"] if lr is None else lr, skips, t, compiled, stored)
+                a, group["lr"] if lr is None else lr, skips, t, compiled)
 
 
-def _widened(stored, dtype: torch.dtype) -> tuple:
-    """A first moment kept in a narrower dtype than the state's (``momentum_dtype``) steps
-    on a copy in the state dtype: ``(the tensors to step, the stored ones to round the
-    result back into by finish(), or None when they are the same)``; a list, or a stack
-    (one copy)."""
-    if _first(stored).dtype == dtype:
-        return stored, None
-    if isinstance(stored, torch.Tensor):
-        return stored.to(dtype), stored
-    return [m.to(dtype) for m in stored], stored
+def _wide(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A first moment as the arithmetic takes it: in the state dtype ``dtype`` (a copy
+    when ``momentum_dtype`` stores it narrower, else the tensor itself)."""
+    return stored if stored.dtype == dtype else stored.to(dtype)
 
 
-def finish(work: Work, rounder=None) -> None:
-    """After a core: the first moment rounded back into its stored dtype, bfloat16
-    stochastically (:mod:`flora.rounding`, keyed by the count this step reached);
-    ``rounder``: a compiled ``rounding.round_stack_`` for a stack, or None (eager)."""
-    if work.stored is None:
-        return
-    # the counters hold this step's count now; traced or compiled, the tensor (a host int
-    # would be a guarded constant: a new graph every step), else the host's int (the same bits)
-    if rounder is not None and isinstance(work.stored, torch.Tensor):
-        rounder(work.stored, work.moms, work.steps)
-    else:
-        round_into_(work.stored, work.moms, work.steps[0].reshape(()) if torch.compiler.is_compiling() else work.t)
+def _stored(x: torch.Tensor, like: torch.Tensor, t, salt: int = AFTER_STEP) -> torch.Tensor:
+    """``x`` (a first moment in the state dtype) as ``like`` stores it: bfloat16 rounded
+    stochastically (``flora.rounding``, keyed by the step count ``t``), else ``x``."""
+    return x if x.dtype == like.dtype else to_stored(x, like.dtype, t, salt)
 
 
 def _as_vectors(ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -314,7 +300,6 @@ def run(work: Work, t: int | None) -> None:
     step-dependent scalars from the counter tensors (what a compiled core does)."""
     fn = grouped_core if work.grouped else single_core
     fn(work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a, work.lr, work.skips, t)
-    finish(work)
 
 
 # ------------------------------------------------------------------ scalars of a step
@@ -417,20 +402,22 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
     skips.add_(bad.sum())
     sign = None
     if spec.momentum == "c":
-        c = moms[0]
+        c = _wide(moms[0], update.dtype)
         c_before = c.clone()  # r x d: small
         update = compressed_step_(spec.form, c, update, a, spec.dim, beta1, lr, spec.clip_threshold,
                                   u_norm=norm, isometric=spec.isometric, bias_correction=bias, ok=ok,
                                   complement_weight=spec.complement_weight)  # clips, scales by lr; 0 where not ok
-        c.copy_(torch.where(ok, c, c_before))
+        moms[0].copy_(_stored(torch.where(ok, c, c_before), moms[0], t))
     else:
         af.clip_by_rms_(update, spec.clip_threshold, norm=norm)
         update.mul_(lr)
         if spec.momentum == "m":
-            m = moms[0]
+            m = _wide(moms[0], update.dtype)
             # beta1 where ok, 1 (no decay) where not; the masked update then adds nothing.
             dense_momentum_(m, update, torch.where(ok, torch.full((), beta1, dtype=m.dtype, device=m.device), 1.0),
                             alpha=1 - beta1)
+            if m is not moms[0]:
+                moms[0].copy_(_stored(m, moms[0], t))
             # p -= m where ok, without an n x m temporary: m * (-1) is exact, so this is
             # p.sub_(m) bit for bit.
             update = None
@@ -443,7 +430,7 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
         else:
             p32.add_(torch.where(ok, p32, 0.0), alpha=(-wd * lr))
     if update is None:
-        p32.addcmul_(moms[0], sign)
+        p32.addcmul_(m, sign)
     else:
         p32.sub_(update)  # == add_(-update) bit for bit, without the negated copy
     if p32 is not p:
@@ -543,7 +530,8 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     norm = torch.where(ok, norm, 0.0)
     skips.add_(ok.logical_not().sum())
     if spec.momentum == "c":
-        c = _stack(moms)
+        c_st = _stack(moms)
+        c = _wide(c_st, update.dtype)
         c_before = c.clone()  # k x r x d: small
         # The k x n x m view of the update is a copy when the update's dims cannot be
         # merged (channels_last and other permuted layouts of 3 or more dims): the step
@@ -552,15 +540,16 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
                                   beta1, lr, spec.clip_threshold, u_norm=norm,
                                   isometric=spec.isometric, bias_correction=bias, ok=ok,
                                   complement_weight=spec.complement_weight).view(k, *shape)
-        _commit(moms, c, c_before, ok.reshape(k, 1, 1))
+        _write_back(moms, _stored(torch.where(ok.reshape(k, 1, 1), c, c_before), c_st, t))
     else:
         clip = (norm / math.sqrt(numel) / spec.clip_threshold).clamp_(min=1.0)
         update.div_(per_param(clip)).mul_(lr_b)
         if spec.momentum == "m":
-            m = _stack(moms)
+            m_st = _stack(moms)
+            m = _wide(m_st, update.dtype)
             dense_momentum_(m, update, per_param(torch.where(ok, torch.full_like(ok, beta1, dtype=m.dtype), 1.0)),
                             alpha=1 - beta1)
-            _write_back(moms, m)
+            _write_back(moms, _stored(m, m_st, t))
             update = torch.where(ok_b, m, 0.0)
     wd = spec.weight_decay
     if wd != 0:
@@ -669,17 +658,19 @@ def staged_update(spec: Spec, params, steps, lr, sq, skips, ws_g, r_factor, c_fa
     bias = _scalars(spec, t, ws_g.device)[1]
     norm, ok = staged_normalize(spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u)
     cu = cu * c_factor if spec.dim == 0 else r_factor * cu  # C(u)'s outer factor (staged_stats)
-    x, coef = staged_momentum(spec, moms, cu, a, norm, lr, ok, bias)
+    x, coef = staged_momentum(spec, moms, cu, a, norm, lr, ok, bias, t)
     return x, coef, ok, _vec(lr)
 
 
-def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
+def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias, t) -> tuple:
     """Stage 2, second half (r-sized): the compressed momentum's coefficients from ``cu =
-    C(u)`` and the first half's outputs; updates and commits the momentum. Returns ``(x, coef)``: the
+    C(u)`` and the first half's outputs; updates and commits the momentum (``t``: the step
+    count, the key of a bfloat16 momentum's rounding). Returns ``(x, coef)``: the
     update is ``coef * u + D(x)`` (see ``compressed_apply_(split=True)``)."""
     lr, bias = _lr_in(lr), _lr_in(bias)
     k = len(moms)
-    c = _stack(moms)
+    c_st = _stack(moms)
+    c = _wide(c_st, cu.dtype)
     c_before = c.clone()
     sdt = _scalar_dtype(cu.device)
     terms = compressed_terms(c, cu, a, spec.dim, isometric=spec.isometric, dtype=sdt)
@@ -688,7 +679,7 @@ def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias) -> tuple:
                                  u_sq=norm.to(sdt).square(), terms=terms, numel=n * m, isometric=spec.isometric,
                                  bias_correction=bias, ok=ok, split=True,
                                  complement_weight=spec.complement_weight)
-    _commit(moms, c, c_before, ok.reshape(k, 1, 1))
+    _write_back(moms, _stored(torch.where(ok.reshape(k, 1, 1), c, c_before), c_st, t))
     # a skipped parameter's u (in ws_u, unmasked) may not be finite: its x and coef are 0
     ok3 = ok.reshape(k, 1, 1)
     return torch.where(ok3, xa, 0.0), (None if coef is None else torch.where(ok, coef, 0.0))
@@ -733,7 +724,7 @@ def staged(work: Work) -> bool:
     return (work.grouped and work.spec.momentum == "c" and work.spec.kernel is None and work.a is not None
             and work.a.is_floating_point() and g.device.type == "cpu"
             and len(work.spec.shape) == 2 and work.spec.factor is None
-            and len(work.grads) * g.numel() * _first(work.moms).element_size() >= STAGED_MIN_BYTES)
+            and len(work.grads) * g.numel() * torch.finfo(state_dtype(g.dtype)).bits // 8 >= STAGED_MIN_BYTES)
 
 
 # ------------------------------------------------------------------ buckets

@@ -329,12 +329,10 @@ class Flora(Optimizer):
                         staged.add(id(work.params[0]))
                         C.staged_step(work, self._compile, None, self._workspace, self._transposed,
                                       self._lr_views, pnorms)
-                        F.finish(work, C.compiled_core("round", self._compile) if work.stored is not None else None)
                     elif work.compiled:
                         args = (work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a,
                                 C.lr_arg(work.lr, self._lr_views), work.skips, None)
                         C.compiled_core(work.grouped, self._compile)(*args, *([pnorms] if work.grouped else []))
-                        F.finish(work, C.compiled_core("round", self._compile) if work.stored is not None else None)
                     else:
                         F.run(work, work.t)
             if len(self._transposed) > len(staged):  # buckets whose members changed: drop their projections
@@ -497,8 +495,8 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             (the default: the state dtype, float32, or float64 for float64 parameters),
             ``"float32"`` or ``"bfloat16"`` (or that ``torch.dtype``). Its arithmetic, the
             resample's transfer included, runs in the state dtype on a copy that is
-            rounded back once per step, so bfloat16 halves the momentum's bytes and
-            changes nothing else. The rounding is stochastic (``flora.rounding``: up with
+            rounded back once per step (and after a transfer), so bfloat16 halves the
+            momentum's bytes and changes little else. The rounding is stochastic (``flora.rounding``: up with
             the probability of the fraction dropped, random bits hashed from the value
             and the step count, the same on every path and shard), so updates below half
             a unit in the last place are not lost and a steady input is reached at any

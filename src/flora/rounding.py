@@ -34,15 +34,20 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def stochastic_bfloat16(x: torch.Tensor, step) -> torch.Tensor:
+# Keys of the two roundings a step may make: after the resample's transfer, and after the step.
+AFTER_STEP, AFTER_TRANSFER = 0, 1 << 31
+
+
+def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP) -> torch.Tensor:
     """``x`` (float32) rounded to bfloat16, up (in magnitude) with probability equal to the
     fraction of a bfloat16 unit in the last place it drops, keyed by ``step`` (an int, or an
-    integer-valued tensor broadcastable to ``x``: the count this step reaches). Values that
-    bfloat16 holds exactly, infinities and NaNs round as to nearest."""
+    integer-valued tensor broadcastable to ``x``: the count this step reaches) and ``salt``
+    (which of a step's roundings). Values that bfloat16 holds exactly, infinities and NaNs
+    round as to nearest."""
     bits = x.view(torch.int32).to(torch.int64) & _M32  # the float's bits as an unsigned 32-bit value
     if isinstance(step, torch.Tensor):
         step = step.to(torch.int64)
-    key = (bits >> 16) ^ ((step * _GOLDEN) & _M32)
+    key = (bits >> 16) ^ (((step * _GOLDEN) & _M32) ^ salt)
     # float32 is sign and magnitude: adding to the low bits moves the magnitude up, and
     # clearing them truncates it towards zero, so this rounds |x| up with probability
     # (low bits) / 2^16 whatever the sign
@@ -50,6 +55,15 @@ def stochastic_bfloat16(x: torch.Tensor, step) -> torch.Tensor:
     up = up - ((up >> 31) << 32)  # back into int32's range (the sign bit)
     out = up.to(torch.int32).view(torch.float32)
     return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
+
+
+def to_stored(x: torch.Tensor, dtype: torch.dtype, step, salt: int = AFTER_STEP) -> torch.Tensor:
+    """``x`` (the state dtype) as a first moment stored in ``dtype``: into bfloat16
+    stochastically (from float64 through float32), else converted (a copy only if the
+    dtype differs)."""
+    if dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.float64):
+        return stochastic_bfloat16(x.float(), step, salt)
+    return x.to(dtype)
 
 
 def round_into_(stored, wide, step) -> None:
@@ -70,11 +84,4 @@ def round_into_(stored, wide, step) -> None:
     torch._foreach_copy_(stored, [v.view_as(s) for v, s in zip(flat.split([s.numel() for s in stored]), stored)])
 
 
-def round_stack_(stored: torch.Tensor, wide: torch.Tensor, counters) -> None:
-    """A compiled bucket's stack rounded back, keyed by its step counters (a stack or a
-    list of 1-element tensors holding this step's count): what ``Flora(compile=...)``
-    compiles, one kernel."""
-    round_into_(stored, wide, counters[0].reshape(()))
-
-
-__all__ = ["round_into_", "round_stack_", "stochastic_bfloat16"]
+__all__ = ["AFTER_STEP", "AFTER_TRANSFER", "round_into_", "stochastic_bfloat16", "to_stored"]

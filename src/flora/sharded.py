@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from . import adafactor as af
 from .compression import compressed_dim, momentum_storage
-from .rounding import round_into_
+from .rounding import AFTER_TRANSFER, round_into_, to_stored
 from .momentum import compressed_apply_, compressed_terms, dense_momentum_
 from .projection import compress, compressed_shape, is_coordinates, matrix_shape, state_dtype, transfer
 
@@ -198,6 +198,7 @@ class _Item:
     c_before: torch.Tensor | None = None
     move: tuple | None = None  # the factored dims when not the last two (adafactor.factor_move)
     across: bool = False  # dim 0 is factored: the factors' sums run over the shards
+    stored: torch.dtype | None = None  # the momentum's dtype when stored narrower (momentum_dtype)
 
 
 def _allsum(items: list[_Item], attr: str, group, extra: torch.Tensor | None = None) -> None:
@@ -268,6 +269,7 @@ def _widen(items) -> list:
             m = it.state.get(k)
             if m is not None and m.dtype != want:
                 it.state[k] = m.to(want)
+                it.stored = m.dtype
                 kept.append((it.state, k, m))
     return kept
 
@@ -343,6 +345,8 @@ def _phase2(it: _Item, projections) -> None:
             st["proj_age"] = 0
             a_new = _projection_for(it, projections, st["proj_count"])
             c.copy_(transfer(c, a, a_new, dim))
+            if it.stored is not None:  # a narrower momentum is rounded after the transfer too, as one process does
+                c.copy_(to_stored(c, it.stored, it.t, AFTER_TRANSFER))
             a = a_new
         st["proj_age"] += 1
         it.c_before = c.clone()
