@@ -150,6 +150,28 @@ def test_resume_with_the_callback_equals_an_uninterrupted_run(tmp_path):
         _train(tmp_path / "warned", 4, callback=True, resume=str(tmp_path / "plain" / "checkpoint-2"))
 
 
+def test_a_first_cycle_that_is_short_under_the_callback(tmp_path):
+    """A run's first cycle may be short: the rest of an epoch after a resume, or an epoch
+    of one micro-batch. The Trainer's synced backward must end it before its clipping
+    (on here) reads .grad; it crashed in clip_grad_norm_ on the placeholder the open cycle
+    leaves there ("more than one element of the written-to tensor refers to a single
+    memory location"). Resumed from checkpoint-2 of 5 micro-batches (tau=2: the third
+    step's cycle is one micro-batch), the run equals the uninterrupted one bit for bit; a
+    fresh epoch of one micro-batch equals the Trainer alone (a cycle of one is exact)."""
+    full, acc = _train(tmp_path / "full", 4, n=20, epochs=1, callback=True, save_strategy="steps", save_steps=2)
+    assert acc.cycle == 3 and acc.micro_step == 0
+    resumed, acc = _train(tmp_path / "resumed", 4, n=20, epochs=1, callback=True,
+                          resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert acc.cycle == 3 and acc.micro_step == 0
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    ref, _ = _train(tmp_path / "ref", "none", n=4, epochs=1)
+    one, acc = _train(tmp_path / "one", 4, n=4, epochs=1, callback=True)
+    assert acc.cycle == 1
+    for a, b in zip(ref.parameters(), one.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("tau, steps, callback, words", [
     (2, 4, False, ["tau=2", "gradient_accumulation_steps > tau=2", "backward pass 2"]),
     (2, 4, True, ["tau=2", "gradient_accumulation_steps=4", "several cycles per optimizer step"]),

@@ -86,16 +86,18 @@ class AccumulatorCallback(TrainerCallback):
                              f"gradient_accumulation_steps={steps}: the two must agree (the accumulator would close "
                              f"{'several cycles per optimizer step' if steps > acc.tau else 'every cycle short'}); "
                              f"build the accumulator with tau={steps}")
-        if state.global_step == 0:  # a fresh run
-            return
-        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
-        if saved is None:
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY) if state.global_step else None
+        if state.global_step and saved is None:
             warnings.warn(f"AccumulatorCallback: resuming at global step {state.global_step} from a checkpoint "
                           "that holds no CompressedAccumulator state (saved without this callback): the "
                           "accumulator starts again at cycle 0, so its projections, and the run, differ from one "
                           "that never stopped", stacklevel=2)
-            return
-        acc.load_state_dict(_from_json(saved))
+        elif saved is not None:
+            acc.load_state_dict(_from_json(saved))
+        # The Trainer's synced backward ends every cycle, even a first short one (an epoch of
+        # one micro-batch, or what is left of an epoch after a resume): else the Trainer's
+        # clipping would meet the placeholder the cycle leaves in .grad
+        acc._driven_by_accelerate()
 
     def on_step_end(self, args, state, control, **kwargs):
         self._record(state)  # before the Trainer writes trainer_state.json into a checkpoint

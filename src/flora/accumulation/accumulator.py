@@ -266,6 +266,12 @@ class CompressedAccumulator:
         saved in normal mode loads in fused mode and back."""
         checkpoint.load_state_dict(self._engine, state_dict)
 
+    def _driven_by_accelerate(self) -> None:
+        """accelerate's sync flag ends every cycle from now on, a first short one included
+        (AccumulatorCallback: the Trainer always drives accumulation through it)."""
+        c = self._engine.cycle
+        c.driven = c.follow_accelerate = True
+
     def __repr__(self) -> str:
         n_c = sum(s.dim is not None for s in self._engine.slots)
         return (f"CompressedAccumulator(rank={self.rank}, tau={self.tau}, seed={self.seed}, "

@@ -1,8 +1,9 @@
 """The accumulator's checkpoint: tensors and plain numbers only (loads with
 ``torch.load(weights_only=True)``). Keys: ``rank``, ``tau``, ``seed``, ``proj_dim``,
 ``projection``, ``exact_last``, ``cycle``, ``backwards``, ``indices`` (parameter positions),
-``counts`` (backward passes per parameter in the open cycle), ``compressed`` and ``dense``
-(partial sums by parameter position). Projections are not saved: they are a pure function of
+``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate`` and
+``driven`` (0 or 1: whether accelerate's sync flag ends the open cycle, and every cycle),
+``compressed`` and ``dense`` (partial sums by parameter position). Projections are not saved: they are a pure function of
 ``(seed, index, cycle)``. A state saved before ``projection`` existed used Gaussian
 matrices."""
 
@@ -40,6 +41,8 @@ def state_dict(eng: Engine) -> dict[str, Any]:
         "exact_last": o.exact_last, "cycle": c.number, "backwards": c.backwards,
         "indices": torch.tensor([s.index for s in eng.slots], dtype=torch.int64),
         "counts": torch.tensor(c.counts, dtype=torch.int64),
+        # a resumed run's first cycle may be short: accelerate's sync must end it as it would have
+        "follow_accelerate": int(c.follow_accelerate or c.unsynced), "driven": int(c.driven),
         "compressed": compressed, "dense": dense,
     }
 
@@ -75,7 +78,8 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     if eng.replicas is not None:
         eng.replicas.agreed = False  # the replicas are compared again at the next collective
     eng.grads.release(eng.cycle)  # the placeholders of the state replaced
-    cycle = Cycle.start(len(slots), int(sd["cycle"]))
+    cycle = Cycle.start(len(slots), int(sd["cycle"]), bool(sd.get("follow_accelerate", 0)),
+                        bool(sd.get("driven", 0)) or eng.cycle.driven)
     cycle.counts = counts
     if o.reduce:  # a state saved without reduce=True counted no backward passes
         cycle.backwards = int(sd.get("backwards", 0)) or max(counts)

@@ -26,6 +26,9 @@ class Cycle:
     number: int  # cycles completed before this one: keys this cycle's projections
     counts: list[int]  # backward passes each slot has seen in this cycle
     follow_accelerate: bool = False  # accelerate marked a backward of the previous cycle unsynced
+    # accelerate drives every cycle (AccumulatorCallback says so under the Trainer): its
+    # synced backward ends even a first, short cycle; kept by every next cycle
+    driven: bool = False
     done: set[int] = field(default_factory=set)  # slots whose cycle is complete (their last micro-batch came)
     buffers: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> partial sum
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> cached projection
@@ -43,11 +46,16 @@ class Cycle:
     overdue: list[tuple[int, int]] | None = None
 
     @classmethod
-    def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False) -> "Cycle":
-        return cls(number, [0] * n_slots, follow_accelerate)
+    def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False, driven: bool = False) -> "Cycle":
+        return cls(number, [0] * n_slots, follow_accelerate or driven, driven)
 
     def next(self) -> "Cycle":
-        return Cycle.start(len(self.counts), self.number + 1, self.unsynced)
+        return Cycle.start(len(self.counts), self.number + 1, self.unsynced, self.driven)
+
+    def follows_accelerate(self) -> bool:
+        """Whether accelerate's sync flag ends this cycle: it marked a backward of this or
+        the previous cycle unsynced, or it drives every cycle."""
+        return self.unsynced or self.follow_accelerate or self.driven
 
     @property
     def active(self) -> int:

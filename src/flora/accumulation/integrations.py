@@ -43,7 +43,7 @@ def accelerate_syncs(c: Cycle) -> bool:
     not. Reads accelerate's gradient state without changing the cycle."""
     mod = sys.modules.get("accelerate.state")
     shared = getattr(getattr(mod, "GradientState", None), "_shared_state", None)
-    if not shared or not (c.unsynced or c.follow_accelerate):
+    if not shared or not c.follows_accelerate():
         return False
     return bool(shared.get("sync_gradients", True))
 
@@ -62,7 +62,7 @@ def accelerate_ends_cycle(c: Cycle, tau: int, count: int) -> bool:
     sync = bool(shared.get("sync_gradients", True))
     if not sync:
         c.unsynced = True
-    if not (c.unsynced or c.follow_accelerate):
+    if not c.follows_accelerate():
         return False
     steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)
     if isinstance(steps, int) and steps > 1 and steps != tau:  # accelerator.accumulate()
