@@ -2,6 +2,7 @@
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -188,6 +189,52 @@ def test_bad_option_edited_into_a_group_is_refused_by_step_on_both_paths(kwargs,
     for k, v in state["state"].items():
         for key, t in v.items():
             assert torch.equal(after["state"][k][key], t) if isinstance(t, torch.Tensor) else after["state"][k][key] == t
+
+
+@pytest.mark.parametrize("new_rank", [4, None, 8], ids=["4", "None", "above-the-dim"])
+@pytest.mark.parametrize("path", ["single", "grouped", "default", "step_parameter", "compiled"])
+def test_rank_edited_mid_run_is_refused_before_any_change(path, new_rank):
+    """rank edited into a group after its compressed momentum exists (found as a new user
+    would: it failed half-way with a torch broadcast error naming nothing, after the step
+    counters, projection age and second moment had moved): refused, naming rank, the
+    shapes and the remedies, before anything changes; set back, the run goes on; with
+    the parameters' state dropped, they start afresh at the new rank."""
+    ps = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+    foreach = {"single": False, "grouped": True}.get(path)
+    opt = Flora(ps, lr=1e-2, rank=2, beta1=0.9, foreach=foreach, compile="aot_eager" if path == "compiled" else None)
+
+    def step():
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        if path == "step_parameter":
+            for p in ps:
+                opt.step_parameter(p)
+        else:
+            opt.step()
+
+    step()
+    before = [p.detach().clone() for p in ps]
+    state = copy.deepcopy(opt.state_dict())
+    opt.param_groups[0]["rank"] = new_rank
+    said = f"rank={new_rank} does not fit the compressed momentum of a parameter of shape (6, 5) ((6, 2), made with rank=2)"
+    with pytest.raises(ValueError, match=re.escape(said) + r"\. Set rank back to 2, or .*optimizer\.state\.pop"):
+        step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    after = opt.state_dict()
+    for k, v in state["state"].items():
+        for key, t in v.items():
+            assert torch.equal(after["state"][k][key], t) if isinstance(t, torch.Tensor) else after["state"][k][key] == t
+    opt.param_groups[0]["rank"] = 2  # back: steps
+    step()
+    opt.param_groups[0]["rank"] = new_rank
+    for p in ps[:2]:
+        opt.state.pop(p)
+    step()
+    for p in ps[:2]:
+        if new_rank == 4:
+            assert tuple(opt.state[p]["exp_avg_c"].shape) == (6, 4)
+        else:  # dense: no rank, or the rank reaches the projected dim
+            assert "exp_avg_c" not in opt.state[p] and tuple(opt.state[p]["exp_avg"].shape) == (6, 5)
 
 
 def test_bad_group_option_is_refused():

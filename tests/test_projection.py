@@ -231,3 +231,21 @@ def test_streams_separate_optimizer_and_accumulator_seeds():
 
     assert projection_seed(0, 1, 2) == projection_seed(0, 1, 2, MOMENTUM_STREAM)
     assert projection_seed(0, 1, 2, ACCUMULATION_STREAM) != projection_seed(0, 1, 2, MOMENTUM_STREAM)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "orthonormal", "coordinates"])
+def test_a_rank_the_kind_cannot_give_is_refused_naming_it(kind):
+    """The public make_projection: an orthonormal or coordinate projection has at most dim
+    rows (a reduced QR of dim x rank gave dim x dim, biased by dim/rank when "unbiased");
+    rank and dim must be positive for every kind (rank 0 gave a bare ZeroDivisionError)."""
+    if kind == "gaussian":
+        assert tuple(make_projection(kind, 1, 16, 8).shape) == (16, 8)  # its rows need not be independent
+    else:
+        with pytest.raises(ValueError, match=f"projection '{kind}' has at most dim=8 rows, got rank=16"):
+            make_projection(kind, 1, 16, 8)
+        assert make_projection(kind, 1, 8, 8).shape[0] == 8  # rank == dim is fine
+    for rank, dim, name in ((0, 8, "rank"), (-1, 8, "rank"), (2, 0, "dim")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            make_projection(kind, 1, rank, dim)
+    with pytest.raises(TypeError, match="rank must be a positive integer"):
+        make_projection(kind, 1, 2.0, 8)

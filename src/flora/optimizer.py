@@ -23,7 +23,7 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
                       refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
-from .state import check_factoring, prepare_state
+from .state import check_factoring, check_momentum_rank, prepare_state
 from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
@@ -127,9 +127,9 @@ class Flora(Optimizer):
         # compile=True: buckets' state kept as views of one stacked tensor (flora.stacks)
         self._stacks = StateStacks()
         # id(group) and id(parameter) -> the factor_dims their state was last checked
-        # against (_check_factor_dims, _check_parameter_factor_dims)
-        self._factor_dims_seen: dict[int, str] = {}
-        self._factor_dims_seen_p: dict[int, str] = {}
+        # against (_check_options_fit_state, _check_parameter_options_fit): (factor_dims, rank)
+        self._factor_dims_seen: dict[int, tuple] = {}
+        self._factor_dims_seen_p: dict[int, tuple] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_compile", None)
@@ -226,29 +226,30 @@ class Flora(Optimizer):
             self._apply(plan)
         return loss
 
-    def _check_factor_dims(self) -> None:
-        """A group whose ``factor_dims`` changed since its last step (edited in place) must
-        not step a second moment of the other factoring: refused, naming the option, before
-        any change. Checked only when the option changed, so a step costs a dict lookup."""
+    def _check_options_fit_state(self) -> None:
+        """A group whose ``factor_dims`` or ``rank`` changed since its last step (edited in
+        place) must not step a state of the other shape: refused, naming the option, before
+        any change. Checked only when one changed, so a step costs a dict lookup."""
         for group in self.param_groups:
-            rule = group["factor_dims"]
-            if self._factor_dims_seen.get(id(group)) != rule:
+            key = (group["factor_dims"], group["rank"])
+            if self._factor_dims_seen.get(id(group)) != key:
                 for p in group["params"]:
-                    self._check_factoring(p, rule)
-                self._factor_dims_seen[id(group)] = rule
+                    self._check_state_fits(p, group)
+                self._factor_dims_seen[id(group)] = key
 
-    def _check_parameter_factor_dims(self, p: torch.Tensor, group: dict) -> None:
-        """step_parameter's form of :meth:`_check_factor_dims`: this parameter only (a
-        memo per parameter), so that it never walks the group."""
-        rule = group["factor_dims"]
-        if self._factor_dims_seen.get(id(group)) != rule and self._factor_dims_seen_p.get(id(p)) != rule:
-            self._check_factoring(p, rule)
-            self._factor_dims_seen_p[id(p)] = rule
+    def _check_parameter_options_fit(self, p: torch.Tensor, group: dict) -> None:
+        """step_parameter's form of :meth:`_check_options_fit_state`: this parameter only
+        (a memo per parameter), so that it never walks the group."""
+        key = (group["factor_dims"], group["rank"])
+        if self._factor_dims_seen.get(id(group)) != key and self._factor_dims_seen_p.get(id(p)) != key:
+            self._check_state_fits(p, group)
+            self._factor_dims_seen_p[id(p)] = key
 
-    def _check_factoring(self, p: torch.Tensor, rule: str) -> None:
+    def _check_state_fits(self, p: torch.Tensor, group: dict) -> None:
         state = self.state.get(p)
         if state:
-            check_factoring(p, state, rule)
+            check_factoring(p, state, group["factor_dims"])
+            check_momentum_rank(p, state, group["rank"])
 
     def _prelude_eager(self, traced: bool = False) -> list:
         """Everything of a step that reads or writes host values; returns the
@@ -256,7 +257,7 @@ class Flora(Optimizer):
         for the caller's compiled graph)."""
         # Every check happens before any state changes.
         check_grads(self.param_groups)
-        self._check_factor_dims()
+        self._check_options_fit_state()
         index = 0
         plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
@@ -381,7 +382,7 @@ class Flora(Optimizer):
         if is_dtensor(p):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return
-        self._check_parameter_factor_dims(p, group)
+        self._check_parameter_options_fit(p, group)
         self._prepare_state(p, group)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
         work = self._work([p], [self.state[p]], group, [index],
@@ -409,7 +410,7 @@ class Flora(Optimizer):
             return
         check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
         for p, group, _ in found:
-            self._check_parameter_factor_dims(p, group)
+            self._check_parameter_options_fit(p, group)
         entries = []
         for p, group, index in found:
             self._prepare_state(p, group)

@@ -28,7 +28,7 @@ from typing import Literal, Union
 
 import torch
 
-from ._validation import SEED_LIMIT
+from ._validation import SEED_LIMIT, check_positive_int
 
 __all__ = [
     "projection_seed",
@@ -144,6 +144,11 @@ def make_projections(
         raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}; got {kind!r}")
     if kind == "coordinates" and unbiased:
         raise ValueError("projection 'coordinates' has no unbiased form here; use 'gaussian' or 'orthonormal'")
+    check_positive_int("rank", rank)
+    check_positive_int("dim", dim)
+    if kind != "gaussian" and rank > dim:  # a QR or a choice of coordinates gives at most dim rows
+        raise ValueError(f"projection {kind!r} has at most dim={dim} rows, got rank={rank}; use rank <= dim "
+                         "(or 'gaussian', whose rows need not be independent)")
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     if kind == "coordinates":
         out = torch.stack([torch.randperm(dim, generator=g)[:rank].sort().values for g in gens])

@@ -65,6 +65,24 @@ def init_momentum(state: dict, grad: torch.Tensor, group: dict) -> None:
         state["proj_age"] = 0  # steps taken with the current projection
 
 
+def check_momentum_rank(p: torch.Tensor, s: dict, rank) -> None:
+    """A live compressed momentum must have the shape the group's ``rank`` gives it (the
+    option edited in a group mid-run is refused, naming it, before any change, instead of
+    failing to broadcast half-way through a step)."""
+    c = s.get("exp_avg_c")
+    if c is None:
+        return
+    shape, dim = tuple(p.shape), s["proj_dim"]
+    have = tuple(c.shape)
+    old = have[0] if dim == 0 else have[1]
+    if rank is not None and have == tuple(compressed_shape(shape, rank, dim)):
+        return
+    raise ValueError(
+        f"rank={rank!r} does not fit the compressed momentum of a parameter of shape {shape} ({have}, made "
+        f"with rank={old}). Set rank back to {old}, or drop that parameter's state (optimizer.state.pop(p)) "
+        "to start its momentum and second moment afresh")
+
+
 def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
     """A loaded state's tensors must have the shapes this parameter, rank and the group's
     ``factor_dims`` need."""
