@@ -459,3 +459,23 @@ def test_state_bytes_counts_tensors_inside_plain_objects_once():
     opt.state[p] = {"exp_avg": torch.zeros(4), "projector": Projector(torch.zeros(5, 2)), "alias": shared,
                     "again": [shared]}
     assert state_bytes(opt) == 4 * (4 + 10 + 10)
+
+
+@pytest.mark.parametrize("beta1", [0.11, 0.35, 0.5, 0.9, 0.973])
+def test_adaptive_weight_is_one_at_the_first_step_whatever_the_rounding(beta1):
+    """rho0^2 is 1 at the first step in exact arithmetic, so the "adaptive" weight is 1;
+    in floating point it came out as 1 - 2^-52 for some beta1 (0.11 eager; 0.35 from the
+    compiled step's 1 - exp(t log beta)), and (rho^2 - rho0^2) / (1 - rho0^2) put the weight
+    anywhere in [1 - beta1, 1]: compiled and eager first steps differed by 10-35%. Now
+    exactly 1 on the host and device forms, and 1 - rho0^2 at the second step is kept."""
+    from flora import adafactor as af
+    from flora.momentum import adaptive_scale, adaptive_scale_t, noise_ratio_sq
+
+    c_sq, cu_sq = torch.tensor([0.3, 2.0]), torch.tensor([1.0, 1.0])
+    for bc in (af.bias_correction(beta1, 1), af.bias_correction(beta1, torch.tensor([1.0], dtype=torch.float64))):
+        assert torch.equal(adaptive_scale_t(c_sq, cu_sq, beta1, bc), torch.ones(2, dtype=torch.float64)
+                           if isinstance(bc, torch.Tensor) else torch.ones(2))
+    assert adaptive_scale(0.3, 1.0, beta1, af.bias_correction(beta1, 1)) == 1.0
+    bc2 = af.bias_correction(beta1, 2)
+    assert 1 - noise_ratio_sq(beta1, bc2) > 1e-3  # the second step divides by a true gap
+    assert adaptive_scale(0.0, 1.0, beta1, bc2) == pytest.approx(1 - beta1)  # pure noise: the floor

@@ -236,3 +236,55 @@ def test_readme_choosing_lr_reports_the_finished_sweep():
     section = text[text.index("### Choosing lr"):text.index("### State, dtypes")]
     assert "will revisit" not in section and "3 seeds" in section
     assert "choosing-the-momentum-form-3-seeds" in section  # links the sweep's results
+
+
+PATHS = {"single": dict(foreach=False), "grouped": dict(foreach=True), "compiled": dict(compile="aot_eager")}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (4, 0, 3), (0,)], ids=["0x5", "5x0", "4x0x3", "0"])
+def test_an_empty_parameter_is_no_skip_and_changes_nothing(shape, path):
+    """A 0-size parameter (nn.Linear(8, 0).weight) took its second moment from means over
+    nothing, NaN, and every step counted it in nonfinite_skips (3 after 3 finite steps)
+    though its gradient held no NaN. Now it is stepped as nothing: no skip, its state
+    stays finite, and the parameters beside it move as without it."""
+    def run(with_empty):
+        torch.manual_seed(0)
+        q = nn.Parameter(torch.randn(6, 6))
+        e = nn.Parameter(torch.zeros(shape))
+        opt = Flora([q, e] if with_empty else [q], lr=1e-2, rank=2, beta1=0.9, **PATHS[path])
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            q.grad, e.grad = torch.randn(6, 6, generator=g), torch.zeros(shape)
+            opt.step()
+        return q, e, opt
+    q, e, opt = run(True)
+    ref, _, _ = run(False)
+    assert int(opt.nonfinite_skips) == 0
+    assert torch.equal(q, ref)
+    assert all(torch.isfinite(v).all() for v in opt.state[e].values() if isinstance(v, torch.Tensor))
+    assert opt.state[e]["step"] == 3
+
+
+@pytest.mark.parametrize("path", list(PATHS) + ["step_parameter"])
+@pytest.mark.parametrize("lr_shape", [(1,), (1, 1), (1, 1, 1)], ids=["1", "1x1", "1x1x1"])
+def test_a_one_element_lr_tensor_of_any_shape_steps_as_a_0_dim_one(lr_shape, path):
+    """torch accepts a tensor lr of one element in any shape. [[1e-2]] passed Flora's check
+    and then failed in step() ("output with shape [4, 20] doesn't match the broadcast
+    shape [1, 1, 4, 20]"). Now every shape steps as the 0-dim lr does, bit for bit."""
+    def run(lr):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(4, 20)), nn.Parameter(torch.randn(4, 20)), nn.Parameter(torch.randn(7))]
+        opt = Flora(ps, lr=lr, rank=3, beta1=0.9, **PATHS.get(path, {}))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            if path == "step_parameter":
+                for p in ps:
+                    opt.step_parameter(p)
+            else:
+                opt.step()
+        return ps
+    for a, b in zip(run(torch.full(lr_shape, 1e-2)), run(torch.tensor(1e-2))):
+        assert torch.equal(a, b)

@@ -96,6 +96,16 @@ def bias_correction(beta: float, step) -> float | torch.Tensor:
     return 1.0 - beta ** step
 
 
+def lr_in(lr):
+    """The lr a step was handed: a 1-element tensor of any shape (a user's ``[[1e-3]]``,
+    or the vector ``flora.compiled.lr_arg`` passes a compiled core for a 0-dim lr) as
+    0-dim (inside a graph: no operation of its own), so that it scales as the float
+    would; anything else as it is."""
+    if isinstance(lr, torch.Tensor) and lr.dim() >= 1 and lr.numel() == 1:
+        return lr.reshape(())
+    return lr
+
+
 def step_size(
     lr: float | torch.Tensor | None,
     step: int | torch.Tensor,

@@ -356,13 +356,7 @@ def _normalize(spec: Spec, grad: torch.Tensor, row: torch.Tensor, col: torch.Ten
 
 
 
-def _lr_in(lr):
-    """The lr a core was handed: a 1-element vector (what :func:`flora.compiled.lr_arg`
-    passes a compiled core for a 0-dim lr) back to 0-dim, inside the graph; anything else
-    as it is."""
-    if isinstance(lr, torch.Tensor) and lr.dim() == 1 and lr.shape[0] == 1:
-        return lr.reshape(())
-    return lr
+_lr_in = af.lr_in
 
 
 def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int | None = None) -> None:
@@ -375,6 +369,8 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
         grad = grad.float()
     p32 = p.float() if spec.half else p
     t = _count_step(t, steps)
+    if p.numel() == 0:  # nothing to update (its statistics would be means of nothing: NaN, a false skip)
+        return
     eps1, eps2 = spec.eps1, spec.eps2
     beta1 = spec.beta1
     lr = af.step_size(lr, t, af.rms(p32) if spec.scale_parameter else None, eps2=eps2,
@@ -495,6 +491,8 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
         g = g.float()
     p32 = [p.float() for p in params] if spec.half else params
     t = _count_step(t, steps)
+    if numel == 0:  # nothing to update (its statistics would be means of nothing: NaN, a false skip)
+        return
     eps1, eps2 = spec.eps1, spec.eps2
     beta1 = spec.beta1
     prms = _param_rms(spec, p32, pnorms)

@@ -96,6 +96,12 @@ def noise_ratio_sq(beta: float, bias_correction: float) -> float:
     return (1 - beta) * (1 + beta_t) / ((1 + beta) * bias_correction)
 
 
+# 1 - rho0^2 is 0 at the first step and at least 2 beta / (1 + beta)^2 after it; below this
+# it is the rounding of 1 - beta^t (eager: 1 - beta**t; compiled: 1 - exp(t log beta)), and
+# dividing by it would draw the first step's weight anywhere in [1 - beta, 1]
+FIRST_STEP_GAP = 1e-6
+
+
 def adaptive_scale(c_norm: float, cu_norm: float, beta: float, bias_correction: float) -> float:
     """The ``"adaptive"`` form's weight of the complement: the fraction of this step's
     update that is signal, estimated inside the subspace and assumed alike outside it (a
@@ -108,7 +114,7 @@ def adaptive_scale(c_norm: float, cu_norm: float, beta: float, bias_correction: 
         return 1.0
     rho_sq = (c_norm / (bias_correction * cu_norm)) ** 2
     r0 = noise_ratio_sq(beta, bias_correction)
-    f = (rho_sq - r0) / (1 - r0) if r0 < 1 else 1.0
+    f = (rho_sq - r0) / (1 - r0) if 1 - r0 > FIRST_STEP_GAP else 1.0
     return min(1.0, max(1.0 - beta, f))
 
 
@@ -343,13 +349,13 @@ def adaptive_scale_t(c_sq: torch.Tensor, cu_sq: torch.Tensor, beta: float, bias_
     """:func:`adaptive_scale` on device tensors (no host sync), from squared norms."""
     r0 = noise_ratio_sq(beta, bias_correction)
     if not isinstance(r0, torch.Tensor):
-        if r0 >= 1:  # the first step: nothing to tell signal from noise yet
+        if 1 - r0 <= FIRST_STEP_GAP:  # the first step: nothing to tell signal from noise yet
             return torch.ones_like(c_sq)
         f = (c_sq / (bias_correction**2 * cu_sq) - r0) / (1 - r0)
         return torch.where(cu_sq > 0, f.clamp(min=1.0 - beta, max=1.0), 1.0)
     # a device step count (compiled steps): the same choice, made on the device
     f = (c_sq / (bias_correction**2 * cu_sq) - r0) / (1 - r0)
-    return torch.where((cu_sq > 0) & (r0 < 1), f.clamp(min=1.0 - beta, max=1.0), 1.0)
+    return torch.where((cu_sq > 0) & (1 - r0 > FIRST_STEP_GAP), f.clamp(min=1.0 - beta, max=1.0), 1.0)
 
 
 def resample_(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int) -> torch.Tensor:

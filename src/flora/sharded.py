@@ -391,7 +391,7 @@ def _phase3(it: _Item, count_skip) -> None:
     u_sq = torch.where(ok, u_sq, 0.0)
     eps2 = group["eps"][1]
     prms = (p1[0] / it.numel).sqrt().to(it.p32.dtype)
-    lr = af.step_size(group["lr"], it.t, prms, eps2=eps2, relative_step=group["relative_step"],
+    lr = af.step_size(af.lr_in(group["lr"]), it.t, prms, eps2=eps2, relative_step=group["relative_step"],
                       warmup_init=group["warmup_init"], scale_parameter=group["scale_parameter"])
     beta1 = group["beta1"]
     sign = None
