@@ -834,3 +834,20 @@ def test_zero_grad_between_the_last_backward_and_the_step_and_autograd_grad_mid_
     _same_grads(_grads(model), _grads(ref))
     model.zero_grad()
     assert acc.micro_step == 0 and acc.cycle == 1 and ref_acc.cycle == 1
+
+
+def test_fused_mode_refuses_a_parameter_unfrozen_after_it_was_built():
+    """Fused mode steps the optimizer once per parameter, with every other parameter's
+    .grad freed. A parameter frozen when the accumulator was built, then unfrozen, kept its
+    .grad and moved at every other parameter's step: 4x its update with SGD (four others).
+    Now the cycle's first gradient is refused, naming the cause, before anything steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    model[2].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    CompressedAccumulator(model, rank=None, tau=2, optimizer=opt, fused=True)
+    model[2].requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="2 trainable parameter.* not given to the accumulator .*unfrozen after"):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

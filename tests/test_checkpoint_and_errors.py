@@ -291,3 +291,52 @@ def test_subspace_form_needs_orthonormal_rows():
             Flora(P, lr=1e-3, rank=2, beta1=0.9, momentum_form=form, projection="gaussian")
     with pytest.raises(ValueError, match="projection must be one of"):
         Flora(P, lr=1e-3, rank=2, beta1=0.9, projection="qr")
+
+
+def test_numpy_numbers_are_held_as_python_numbers():
+    """Options given as numpy numbers (a sweep's np.int64 rank, np.float32 lr) were held as
+    they came, so a state_dict failed torch.load(weights_only=True) (numpy's scalar is no
+    allowed global) and the accumulator's failed json.dumps (AccumulatorCallback writes it
+    into trainer_state.json). Now Flora's groups and the accumulator hold int and float."""
+    import json
+
+    import numpy as np
+
+    import flora
+
+    m = nn.Linear(8, 8)
+    opt = Flora(m.parameters(), lr=np.float32(1e-3), rank=np.int64(2), kappa=np.int64(5), seed=np.int64(3),
+                beta1=np.float64(0.9), eps=(np.float64(1e-30), 1e-3))
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "rank": np.int32(2),
+                         "weight_decay": np.float64(0.1)})
+    acc = flora.CompressedAccumulator(m, rank=np.int64(2), tau=np.int64(2), seed=np.int64(0))
+    m(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    for g in opt.param_groups:
+        for k, v in g.items():
+            if k != "params":
+                for x in (v if isinstance(v, tuple) else (v,)):
+                    assert type(x) in (int, float, bool, str, type(None)), (k, type(x))
+    for sd in (opt.state_dict(), acc.state_dict()):
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    json.dumps({k: v for k, v in acc.state_dict().items() if not isinstance(v, (torch.Tensor, dict))})
+
+
+@pytest.mark.parametrize("kwargs,shapes,exc,words", [
+    (dict(rank=-1), [(8, 8)], ValueError, "rank must be a positive integer or None, got -1"),
+    (dict(rank=0), [(8, 8)], ValueError, "rank must be a positive integer or None, got 0"),
+    (dict(rank=2.5), [(8, 8)], TypeError, "rank must be a positive integer or None"),
+    (dict(rank=2, proj_dim=5), [(8, 8)], ValueError, "proj_dim must be one of"),
+    (dict(rank=2, factor_dims="first"), [(8, 8)], ValueError, "factor_dims"),
+    (dict(rank=2), [(-1, 5)], ValueError, "a shape must hold non-negative integers, got \\(-1, 5\\)"),
+])
+def test_flora_state_bytes_checks_its_options_as_flora_does(kwargs, shapes, exc, words):
+    """It computed sizes for options Flora refuses (rank -1: 32 bytes for an 8 x 8, less
+    than its second moment's 64; shape (-1, 5): -4 bytes) or failed with an IndexError."""
+    from flora import flora_state_bytes
+
+    with pytest.raises(exc, match=words):
+        flora_state_bytes(shapes, beta1=0.9, **kwargs)

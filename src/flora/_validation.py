@@ -10,6 +10,20 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def plain(value):
+    """A number of another library (numpy's int64, float32) as Python's own, so that a
+    checkpoint holding it stays plain (``torch.load(weights_only=True)``, JSON); a bool,
+    a tensor or anything else as it is."""
+    if type(value) in (int, float) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value  # (numpy's float64 is a float subclass: converted below)
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def plain_tuple(value):
+    """:func:`plain` on a tuple's or list's items (``eps``), else on the value."""
+    return tuple(plain(v) for v in value) if isinstance(value, (tuple, list)) else plain(value)
+
+
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -68,6 +69,27 @@ _FLORA_OPTIONS = frozenset((
 ))
 
 
+def _check_options(rank, beta1, options: dict) -> None:
+    """The options as Flora's constructor checks them (``ValueError`` / ``TypeError`` naming
+    the option and the allowed values)."""
+    import inspect
+
+    from .compression import momentum_dtype_name
+    from .optimizer import Flora
+    from .options import validate_group
+
+    check_momentum_dtype(options.get("momentum_dtype"))
+    group = {k: v.default for k, v in inspect.signature(Flora.__init__).parameters.items()
+             if v.default is not inspect.Parameter.empty and k not in ("compile", "momentum")}
+    group.update(options, rank=rank, beta1=beta1)
+    group["momentum_dtype"] = momentum_dtype_name(group["momentum_dtype"])
+    if isinstance(group["eps"], list):
+        group["eps"] = tuple(group["eps"])
+    if group["relative_step"] is None:
+        group["relative_step"] = group["lr"] is None
+    validate_group(group)
+
+
 def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=torch.float32, **options) -> int:
     """Flora's state in bytes for parameters of these shapes, state in ``dtype``
     (float32, or float64 for float64 parameters):
@@ -87,10 +109,12 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     if unknown:
         raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
                         f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
-    check_momentum_dtype(options.get("momentum_dtype"))
+    _check_options(rank, beta1, options)
     total = moment = 0
     for shape in shapes:
         shape = tuple(shape)
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"flora_state_bytes: a shape must hold non-negative integers, got {shape}")
         numel = math.prod(shape)
         if len(shape) >= 2:
             row, col = factored_shapes(shape, options.get("factor_dims", "largest"))

@@ -18,6 +18,7 @@ from .estimator import plan_row
 from .fused import check_fused_optimizer
 from .hooks import Hooks, attach, check_unattached, detach
 from .integrations import unwrap
+from .._validation import plain
 from .options import Option, Options, check_options, make_slots, named_params, resolve_exclude
 from .ddp import DDPSteps, check_ddp_fused
 from .replicas import is_ddp
@@ -143,6 +144,9 @@ class CompressedAccumulator:
                       projection=projection, exact_last=exact_last, fused=fused,
                       cache_projections=cache_projections, reduce=reduce, process_group=process_group,
                       max_grad_norm=max_grad_norm, optimizer=optimizer, scaler=scaler)
+        # numpy numbers as Python's: state_dict() must stay plain (weights_only, the Trainer's JSON)
+        rank, tau, seed, max_aspect_ratio, max_grad_norm = map(plain, (rank, tau, seed, max_aspect_ratio,
+                                                                      max_grad_norm))
         ddp_fused = fused and not reduce and is_ddp(model_or_params)
         if comm_hook is not None and not ddp_fused:
             raise ValueError("comm_hook applies to fused=True on a DistributedDataParallel model only (with "

@@ -35,6 +35,7 @@ class Cycle:
     sq_norm: torch.Tensor | None = None  # fused mode: squared norms of the gradients stepped so far
     unsynced: bool = False  # accelerate marked a backward of this cycle unsynced
     backwards: int = 0  # reduce=True: backward passes finished in this cycle
+    fused_checked: bool = False  # fused mode: the optimizer's trainable parameters checked this cycle
     # Normal mode: slot -> (the placeholder left in .grad of a compressed parameter between
     # backward passes, its version). zero_grad() replaces or zeroes it: that is how a
     # discarded micro-batch is seen.

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from ..sharded import is_dtensor
 from .cycle import Cycle, lag_message
 from .estimator import Slot, accumulate_compressed_, add_last_, draw_projection, estimate
-from .fused import FusedStepper
+from .fused import FusedStepper, check_fused_optimizer
 from .grads import GradView
 from .integrations import accelerate_ends_cycle
 from .options import Options
@@ -123,6 +123,11 @@ class Engine:
         if g.is_sparse:
             raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
                             "gradients (e.g. nn.Embedding(sparse=False))")
+        if o.fused and not c.fused_checked:
+            # once a cycle, before its first change: a parameter unfrozen since the accumulator
+            # was built would keep its .grad and move at every other parameter's step
+            check_fused_optimizer(self.optimizer, self.slots)
+            c.fused_checked = True
         if o.reduce:
             self.replicas.accumulate(c, k, g, self.projection, self.grads)
             return

@@ -31,7 +31,9 @@ def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
     extra = [tuple(p.shape) for p in theirs if id(p) not in mine]
     if extra:
         raise ValueError(f"fused=True: the optimizer holds {len(extra)} trainable parameter(s) not given to "
-                         f"the accumulator (shapes {extra[:3]}...); give it the same parameters")
+                         f"the accumulator (shapes {extra[:3]}...; a parameter unfrozen after the accumulator was "
+                         "built is one): each would move at every other parameter's step. Give both the same "
+                         "parameters (build the accumulator after unfreezing)")
     ids = {id(p) for p in theirs}
     missing = [s.name for s in slots if id(s.param) not in ids]
     if missing:
