@@ -13,8 +13,9 @@ is read. Keying by the upper bits keeps paths that differ by float rounding toge
 a float32 value a few units in the last place away takes the same random bits, so its
 rounding changes only where rounding to nearest's would (at a threshold), not at random.
 Values in one bfloat16 interval round with the same threshold within a step; each is
-still unbiased. Integer arithmetic runs in int64 on values below 2^32 (no overflow in
-the multiplications: 32-bit by 27-bit).
+still unbiased. Per element it is a few int32 passes and one gather from a fixed table of
+random 16-bit numbers (no 64-bit arithmetic, no overflow: the sum of a finite float's bits
+and 16 bits stays inside int32).
 """
 
 from __future__ import annotations
@@ -22,39 +23,59 @@ from __future__ import annotations
 import torch
 
 _M32 = 0xFFFFFFFF
-_LOW = 0xFFFF  # the 16 bits float32 has and bfloat16 drops
 _MIX = 0x45D9F3B  # a 32-bit integer hash's multiplier
 _GOLDEN = 0x9E3779B9  # spreads consecutive step counts apart
+_MASK_LOW = -0x10000  # int32 with the low 16 bits clear: the bits bfloat16 keeps
+
+# Keys of the two roundings a step may make: after the resample's transfer, and after the step.
+AFTER_STEP, AFTER_TRANSFER = 0, 1 << 31
+
+# 65,536 random 16-bit numbers, drawn once from a fixed seed on the CPU (the same on every
+# device and process): an element's noise is NOISE[upper 16 bits ^ the step's 16-bit key],
+# one gather, so the rounding is a few int32 passes (no 64-bit arithmetic per element).
+_NOISE_SEED = 0x5EED_B16
+_tables: dict = {}
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (two multiply-xorshift rounds) of int64 values in [0, 2^32)."""
+def _noise_table(device: torch.device) -> torch.Tensor:
+    table = _tables.get(device)
+    if table is None:
+        g = torch.Generator().manual_seed(_NOISE_SEED)
+        table = _tables[device] = torch.randint(0, 1 << 16, (1 << 16,), generator=g, dtype=torch.int32).to(device)
+    return table
+
+
+def _hash32(x):
+    """A 32-bit integer hash (two multiply-xorshift rounds) of values in [0, 2^32): Python
+    ints or int64 tensors alike (no overflow: 32-bit by 27-bit products)."""
     x = ((x ^ (x >> 16)) * _MIX) & _M32
     x = ((x ^ (x >> 16)) * _MIX) & _M32
     return x ^ (x >> 16)
 
 
-# Keys of the two roundings a step may make: after the resample's transfer, and after the step.
-AFTER_STEP, AFTER_TRANSFER = 0, 1 << 31
+def step_key(step, salt: int = AFTER_STEP):
+    """The 16-bit key of a step count (and ``salt``): a Python int, or a 0-dim int32
+    tensor for a tensor count (a device counter: no host read)."""
+    if isinstance(step, torch.Tensor):
+        step = step.reshape(()).to(torch.int64)
+    key = _hash32(((step * _GOLDEN) & _M32) ^ salt) & 0xFFFF
+    return key.to(torch.int32) if isinstance(key, torch.Tensor) else key
 
 
 def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP) -> torch.Tensor:
     """``x`` (float32) rounded to bfloat16, up (in magnitude) with probability equal to the
     fraction of a bfloat16 unit in the last place it drops, keyed by ``step`` (an int, or an
-    integer-valued tensor broadcastable to ``x``: the count this step reaches) and ``salt``
-    (which of a step's roundings). Values that bfloat16 holds exactly, infinities and NaNs
-    round as to nearest."""
-    bits = x.view(torch.int32).to(torch.int64) & _M32  # the float's bits as an unsigned 32-bit value
-    if isinstance(step, torch.Tensor):
-        step = step.to(torch.int64)
-    key = (bits >> 16) ^ (((step * _GOLDEN) & _M32) ^ salt)
-    # float32 is sign and magnitude: adding to the low bits moves the magnitude up, and
+    integer-valued tensor of one element: the count this step reaches) and ``salt`` (which
+    of a step's roundings). Values that bfloat16 holds exactly, infinities and NaNs round
+    as to nearest."""
+    bits = x.view(torch.int32)
+    noise = _noise_table(x.device)[((bits >> 16) & 0xFFFF) ^ step_key(step, salt)]
+    # float32 is sign and magnitude: adding to the low bits moves the magnitude up (a carry
+    # goes into the exponent, as rounding up does; no finite value overflows int32), and
     # clearing them truncates it towards zero, so this rounds |x| up with probability
     # (low bits) / 2^16 whatever the sign
-    up = (bits + (_hash32(key) & _LOW)) & (_M32 ^ _LOW)
-    up = up - ((up >> 31) << 32)  # back into int32's range (the sign bit)
-    out = up.to(torch.int32).view(torch.float32)
-    return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
+    out = ((bits + noise) & _MASK_LOW).view(torch.float32)
+    return torch.where(torch.isnan(x), x, out).to(torch.bfloat16)
 
 
 def to_stored(x: torch.Tensor, dtype: torch.dtype, step, salt: int = AFTER_STEP) -> torch.Tensor:
