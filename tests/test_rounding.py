@@ -145,3 +145,22 @@ def test_an_ema_of_a_constant_reaches_it(beta1):
             assert abs(mean - 1.0) < 0.01, mean
         else:
             assert mean < 0.9, mean
+
+
+def test_the_prelude_makes_the_table_outside_any_graph(monkeypatch):
+    """A compiled graph cannot make the noise table (no generator inside torch.compile: a
+    bfloat16-momentum Flora(compile=True) failed at its first step in a fresh process),
+    so the eager prelude makes it for each device a bfloat16 momentum lives on."""
+    import flora
+    import flora.functional as F
+
+    seen = []
+    real = F.noise_table
+    monkeypatch.setattr(F, "noise_table", lambda device: seen.append(torch.device(device)) or real(device))
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    p.grad = torch.randn(6, 5)
+    flora.Flora([p], lr=1e-2, rank=2, beta1=0.9, momentum_dtype="bfloat16").step()
+    assert seen == [torch.device("cpu")]
+    p.grad = torch.randn(6, 5)
+    flora.Flora([p], lr=1e-2, rank=2, beta1=0.9).step()  # float32: no table
+    assert seen == [torch.device("cpu")]

@@ -52,7 +52,7 @@ from . import adafactor as af
 from .kernels import adafactor as fk
 from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
 from .compression import momentum_storage
-from .rounding import AFTER_STEP, AFTER_TRANSFER, to_stored
+from .rounding import AFTER_STEP, AFTER_TRANSFER, noise_table, to_stored
 from .projection import matrix_shape, state_dtype, transfer
 from .state import store_momentum_as
 from .stacks import StateStacks, first as _first, stack as _stack, write_back as _write_back
@@ -242,6 +242,8 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         want = momentum_storage(group, params[0].dtype)
         if any(st[key].dtype != want for st in states):  # a checkpoint's, or the option edited
             store_momentum_as(states, want)
+        if want == torch.bfloat16:
+            noise_table(params[0].device)  # its stochastic rounding's table, made here, outside any graph
         moms = rows(key)  # as stored: a narrower momentum_dtype is widened by the core
     if spec.momentum == "c":
         dim = spec.dim

@@ -34,14 +34,19 @@ AFTER_STEP, AFTER_TRANSFER = 0, 1 << 31
 # device and process): an element's noise is NOISE[upper 16 bits ^ the step's 16-bit key],
 # one gather, so the rounding is a few int32 passes (no 64-bit arithmetic per element).
 _NOISE_SEED = 0x5EED_B16
-_tables: dict = {}
+_CPU = torch.device("cpu")
+_tables: dict = {_CPU: torch.randint(0, 1 << 16, (1 << 16,), dtype=torch.int32,
+                                     generator=torch.Generator().manual_seed(_NOISE_SEED))}
 
 
-def _noise_table(device: torch.device) -> torch.Tensor:
+def noise_table(device) -> torch.Tensor:
+    """The table on ``device``, copied there once. The step's prelude calls this eagerly
+    for every device a bfloat16 momentum lives on, so that a compiled graph only reads it
+    (a graph cannot make it: no generator inside torch.compile)."""
+    device = torch.device(device)
     table = _tables.get(device)
     if table is None:
-        g = torch.Generator().manual_seed(_NOISE_SEED)
-        table = _tables[device] = torch.randint(0, 1 << 16, (1 << 16,), generator=g, dtype=torch.int32).to(device)
+        table = _tables[device] = _tables[_CPU].to(device)
     return table
 
 
@@ -69,7 +74,7 @@ def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP) -> torch.
     of a step's roundings). Values that bfloat16 holds exactly, infinities and NaNs round
     as to nearest."""
     bits = x.view(torch.int32)
-    noise = _noise_table(x.device)[((bits >> 16) & 0xFFFF) ^ step_key(step, salt)]
+    noise = noise_table(x.device)[((bits >> 16) & 0xFFFF) ^ step_key(step, salt)]
     # float32 is sign and magnitude: adding to the low bits moves the magnitude up (a carry
     # goes into the exponent, as rounding up does; no finite value overflows int32), and
     # clearing them truncates it towards zero, so this rounds |x| up with probability
@@ -105,4 +110,4 @@ def round_into_(stored, wide, step) -> None:
     torch._foreach_copy_(stored, [v.view_as(s) for v, s in zip(flat.split([s.numel() for s in stored]), stored)])
 
 
-__all__ = ["AFTER_STEP", "AFTER_TRANSFER", "round_into_", "stochastic_bfloat16", "to_stored"]
+__all__ = ["AFTER_STEP", "AFTER_TRANSFER", "noise_table", "round_into_", "stochastic_bfloat16", "to_stored"]
