@@ -753,3 +753,153 @@ def test_goal_lines_compare_flora_with_the_floor_and_flag_an_edge_lr():
     assert report.goal_lines(rows) == [
         "pretrain, flora-r8: better than adafactor (2.1 vs 2.2 test loss) (issue 17: above the no-momentum floor) "
         "[lr flora-r8 at the lower end, adafactor at the upper end of its grid: unsettled]"]
+
+
+def test_terminal_table_and_goal_lines_keep_square_brackets(capsys):
+    """The terminal's goal lines keep their "[lr ... unsettled]" caveat, and a cell with
+    brackets is printed as it is (rich would read both as markup and drop them)."""
+    rows = _chosen([_run("pretrain", "adafactor", 1e-3, 2.3, 2.3), _run("pretrain", "adafactor", 3e-3, 2.2, 2.2),
+                    _run("pretrain", "flora-r8", 1e-3, 2.0, 2.1), _run("pretrain", "flora-r8", 3e-3, 2.1, 2.2),
+                    _run("pretrain", "flora-r8", 1e-2, 2.2, 2.3),
+                    _run("pretrain", "lora-r8", 1e-3, 2.0, 2.0, status="failed: [bold]x")])
+    (goal,) = report.goal_lines(rows)
+    assert goal.endswith("[lr flora-r8 at the lower end, adafactor at the upper end of its grid: unsettled]")
+    report.print_table(rows, {"pretrain": "loss"})
+    out = " ".join(capsys.readouterr().out.split())  # rich may wrap a long line
+    assert " ".join(goal.split()) in out
+    assert "failed: [bold]x" in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["step", "--optimizers", "adamw,flora-r0"], "--optimizers: flora-r0: a rank"),
+    (["train", "--optimizers", "lora-r0"], "--optimizers: lora-r0: a rank"),
+    (["train", "--optimizers", "adamw+ca-r0"], "--optimizers: adamw+ca-r0: a rank"),
+    (["comm", "--optimizers", "galore-r0"], "galore-r0: a rank"),
+    (["comm", "--configs", "hook-r0"], "--configs: hook-r0: the rank must be at least 1"),
+    (["accum-memory", "--configs", "plain,r0"], "--configs: r0: the rank must be at least 1"),
+    (["accum-memory", "--quality-ranks", "0"], "--quality-ranks takes ranks of at least 1"),
+    (["suite", "--ranks", "8,0"], "--ranks takes comma-separated integers of at least 1"),
+    (["suite", "--kappas", "0"], "--kappas takes comma-separated integers of at least 1"),
+    (["suite", "--kappas", ""], "--kappas takes comma-separated integers of at least 1"),
+])
+def test_ranks_and_kappas_below_one_are_refused_before_any_run(argv, words, capsys):
+    """A rank (or kappa) of 0 matched the names' patterns and failed only inside each run
+    (step: a traceback; train, comm: every run failed, exit 0)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--size", "smoke"] if argv[0] != "suite" else argv)
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_optimizer_names_take_ranks_of_at_least_one():
+    for name in ("flora-r0", "lora-r0", "galore-r0", "apollo-r0", "flora-opt-r0", "flora-r8+ca-r0",
+                 "flora-r00-paper"):
+        with pytest.raises(ValueError, match="at least 1"):
+            bo.parse(name)
+    assert bo.parse("flora-r1+ca-r1").rank == 1
+
+
+def _step_results(tmp_path):
+    path = tmp_path / "step.json"
+    path.write_text(json.dumps({"meta": {"subcommand": "step", "command": "flora-bench step"}, "rows": []}))
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--optimizers", "adamw", "--lrs", "adamm=1e-2"], ["--lrs: 'adamm'", "valid keys: adamw, adam"]),
+    (["--optimizers", "adamw,lora-r4", "--lrs", "adafactor=1e-3"],
+     ["--lrs: 'adafactor'", "adamw, lora-r4, adam, lora"]),
+    (["--optimizers", "adamw", "--lrs", "adamw=1e-3/-1e-3"], ["--lrs adamw: lrs must be finite and above 0"]),
+    (["--optimizers", "adamw", "--lrs", "adam=0"], ["--lrs adam: lrs must be finite and above 0"]),
+    (["--device", "foo"], ["--device: unknown device 'foo'", "auto, cpu, cuda"]),
+    (["--device", "meta"], ["--device: 'meta' is not offered", "auto, cpu, cuda"]),
+    (["--threads", "-1"], ["--threads must be >= 1"]),
+    (["--threads", "0"], ["--threads must be >= 1"]),
+    (["--out", "{file}"], ["--out:", "is an existing file"]),
+    (["--from-json", "{missing}"], ["--from-json:", "is not a file"]),
+    (["--from-json", "{file}"], ["--from-json:", "is not JSON"]),
+    (["--from-json", "{step}"], ["--from-json:", "flora-bench step, not train"]),
+    (["--resume", "{step}"], ["--resume:", "flora-bench step, not train"]),
+])
+def test_train_options_are_checked_before_any_run(argv, words, tmp_path, capsys):
+    """Each of these was accepted: ignored (--lrs key), failing inside every run with exit 0
+    (--device, --threads), failing after a run trained (--out a file) or a traceback (--from-json)."""
+    (tmp_path / "afile").write_text("x")
+    subs = {"{file}": str(tmp_path / "afile"), "{missing}": str(tmp_path / "none.json"),
+            "{step}": _step_results(tmp_path)}
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--size", "smoke"] + [subs.get(x, x) for x in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_train_lrs_keys_may_name_an_optimizer_or_its_family():
+    import argparse
+
+    from flora.bench.__main__ import parser_for
+    from flora.bench import train
+
+    p = parser_for("train")
+    for lrs in ("adamw=1e-3,lora=3e-3,flora-r4=nan", "adam=1e-3/3e-3"):
+        a = p.parse_args(["--size", "smoke", "--optimizers", "adamw,flora-r4,lora-r4", "--lrs", lrs])
+        train.check(p, a)
+        assert isinstance(a, argparse.Namespace) and isinstance(a.lrs, dict)
+
+
+def test_train_exits_non_zero_when_every_run_failed():
+    from flora.bench import train
+
+    assert train.exit_code([_run("pretrain", "adamw", 1e-3, 1, 1, status="failed: x"),
+                            _run("pretrain", "flora-r8", 1e-3, 1, 1, status="n/a: y")]) == 1
+    assert train.exit_code([_run("pretrain", "adamw", 1e-3, 1, 1, status="failed: x"),
+                            _run("pretrain", "adamw", 3e-3, 1, 1, status="diverged")]) == 0
+    assert train.exit_code([_run("pretrain", "adamw", 1e-3, 1, 1)]) == 0
+
+
+def test_forms_report_keeps_bf16_momentum_apart():
+    """flora-r8 and flora-r8+bf16 are two rows of forms.md, not one cell that the later overwrites."""
+    from flora.bench import forms
+
+    rows = _chosen([_run("pretrain", "flora-r4", 1e-3, 2.0, 2.4, state=10),
+                    _run("pretrain", "flora-r8", 1e-3, 2.0, 2.2, state=20),
+                    _run("pretrain", "flora-r8+bf16", 1e-3, 2.0, 2.3, state=10)])
+    flat = forms.table(rows, {"pretrain": "loss"})
+    default = bo.parse("flora-r8").flora_form
+    assert [d["form"] for d in flat] == [default, default, default + "+bf16"]
+    md = forms.markdown(flat, ["pretrain"], {"seeds": [0]})
+    assert f"| {default} | 2.4 | 2.2 |" in md and f"| {default}+bf16 | - | 2.3 |" in md
+
+
+def test_reported_threads_are_the_runs_not_the_parents(smoke_run):
+    """The metadata says each run's torch threads (smoke pretrain: 1) and the runs at a time,
+    not the thread count of the process that started them."""
+    meta = _results(smoke_run[0])["meta"]
+    assert meta["threads_per_run"] == {"pretrain": 1}
+    assert meta["device_name"].endswith(f"1 torch thread(s) per run, {meta['workers']} run(s) at a time")
+    assert core.device_name("cpu", 3, 2, "replica").endswith("3 torch thread(s) per replica, 2 replica(s) at a time")
+    assert core.device_name("cpu").endswith(" torch threads")  # no count given: this process's
+
+
+def test_from_json_merge_warns_when_the_settings_differ(tmp_path, capsys):
+    """Merged files whose task settings differ (steps, lr points, extension cap) are reported
+    with the first's settings: the merge says so, on the terminal, in results.md and .json."""
+    runs = [_run("pretrain", "adamw", 1e-3, 2.0, 2.1, state=100)]
+    a = _write_results(tmp_path / "a", runs, ["adamw"], "a", 1)
+    b = _write_results(tmp_path / "b", [_run("pretrain", "flora-r8", 1e-3, 2.5, 2.6, state=10)], ["flora-r8"], "b", 1)
+    for path, cfg in ((a, {"steps": 5, "lr_points": 1, "extend_lr": 0}),
+                      (b, {"steps": 9, "lr_points": 3, "extend_lr": 1})):
+        d = json.loads(path.read_text())
+        d["meta"]["tasks"]["pretrain"]["config"].update(cfg)
+        path.write_text(json.dumps(d))
+    capsys.readouterr()
+    meta, _ = report.merge([a, b])
+    assert [x.split(":")[0] for x in meta["merge_differences"]] == ["pretrain steps", "pretrain lr_points",
+                                                                     "pretrain extend_lr"]
+    assert "pretrain steps: 5 (" in meta["merge_differences"][0] and "vs 9 (" in meta["merge_differences"][0]
+    assert "warning: the merged files' settings differ" in capsys.readouterr().out
+    assert main(["--from-json", f"{a},{b}", "--out", str(tmp_path / "m")]) == 0
+    assert "**Warning:** merged results whose settings differ" in (tmp_path / "m" / "results.md").read_text()
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["meta"]["merge_differences"]
+    assert "merge_differences" not in report.merge([a, a])[0]  # the same settings: nothing to say

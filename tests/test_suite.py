@@ -274,3 +274,81 @@ def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatc
                  "--data", str(folder), "--out", str(out), "--no-plots", "--device", "cpu"]) == 0
     lrs = sorted(r["lr"] for r in runner.read_log(out / "runs.jsonl"))
     assert lrs == pytest.approx([1e-6, 2e-6, 4e-6, 8e-6])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--baselines", "adafactor,adam-mni"], ["--baselines: unknown optimizer 'adam-mni'", *PEERS, "adafactor-b0.9"]),
+    (["--forms", "floored"], ["--forms: flora-r", "floored", "orthonormal"]),
+])
+def test_suite_bad_names_name_the_option_and_what_it_takes(argv, words, capsys):
+    """A bad --baselines name is refused naming the option, with flora-bench's names and the
+    suite's own peers; a bad --forms entry names --forms."""
+    from flora.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["suite", "--tasks", "tabular"] + argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_report_uses_the_primary_kappa_of_kappas(tmp_path):
+    """--kappas 50: the baselines are filed, and the goal check and dominance are made, at
+    kappa 50 (they used the library default, so the goal check came out empty)."""
+    from flora.bench.suite import cli
+
+    k = 50 if space.KAPPA != 50 else 70
+    rows = []
+    for seed in range(2):
+        for opt, loss, state in ((space.FLOOR, 1.0, 80), (space.TARGET, 0.9, 200), (score.DEFAULT_ROWS[0], 0.92, 100),
+                                 ("adamw-8bit", 0.8, 50)):
+            rows += [{**r, "kappa": k, "state_bytes": state}
+                     for r in _rows({("cnn", opt, 1e-3, seed): (loss, loss + 0.01 * seed)})]
+    chosen = score.choose(rows, k)
+    assert {c["kappa"] for c in chosen} == {k}
+    md = score.markdown(chosen, score.gaps(chosen), score.ranking(chosen, k, ["cnn"]), {}, ["cnn"], kappa=k)
+    assert f"Goal check (kappa {k};" in md and f"| {score.DEFAULT_ROWS[0]} | -0.0800" in md
+    assert f"| cnn | {score.DEFAULT_ROWS[0]} | adamw-8bit | 50 / 100 |" in md
+    assert f"| {score.DEFAULT_ROWS[0]} | 0.9250" in md  # the primary kappa's rows are not labelled
+    with open(tmp_path / "runs.jsonl", "w") as fh:  # the CLI passes --kappas' first through
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    assert cli.report(tmp_path, ["cnn"], k, {}, plots=False)["markdown"] == md
+
+
+def test_candidates_whose_runs_all_failed_are_listed_not_dropped(tmp_path):
+    from flora.bench.suite import cli
+
+    rows = _rows({("cnn", space.FLOOR, 1e-3, 0): (1.0, 1.0)})
+    rows += [{"task": "cnn", "optimizer": "flora-r8-scaled-orthonormal", "lr": lr, "seed": 0, "kappa": space.KAPPA,
+              "status": f"error: ValueError: boom {lr}"} for lr in (1e-3, 2e-3)]
+    rows += [{"task": "cnn", "optimizer": "adam-mini", "lr": 1e-3, "seed": 0, "kappa": space.KAPPA,
+              "status": "error: Unavailable: adam_mini not importable"}]
+    with open(tmp_path / "runs.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    res = cli.report(tmp_path, ["cnn"], space.KAPPA, {}, plots=False)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Failed" in md
+    assert (f"| cnn | flora-r8-scaled-orthonormal | {space.KAPPA} | 2 | error: ValueError: boom 0.001; "
+            "error: ValueError: boom 0.002 |") in md
+    assert "| cnn | adam-mini |" in md
+    failed = json.loads((tmp_path / "results.json").read_text())["failed"]
+    assert [(f["optimizer"], f["runs"]) for f in failed] == [("adam-mini", 1), ("flora-r8-scaled-orthonormal", 2)]
+    assert res["failed"] == failed
+
+
+def test_suite_exits_non_zero_when_every_run_failed(tmp_path, monkeypatch):
+    from flora.bench.__main__ import main
+
+    def fail_all(jobs, tasks, *, log, **k):
+        with open(log, "a") as fh:
+            fh.writelines(json.dumps({**j.to_dict(), "key": j.key, "status": "error: RuntimeError: x"}) + "\n"
+                          for j in jobs)
+
+    monkeypatch.setattr(data, "prepare", lambda f, **k: f)
+    monkeypatch.setattr(runner, "run_all", fail_all)
+    argv = ["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--lrs", "1e-3",
+            "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--no-plots", "--device", "cpu"]
+    assert main(argv) == 1
+    assert "| tabular | adafactor |" in (tmp_path / "s" / "results.md").read_text()
+    assert main(argv + ["--report-only"]) == 0  # a report of what ran is not a failed run

@@ -71,6 +71,9 @@ def parse_config(name: str) -> tuple[str | int | None, bool]:
         return name, False
     if name == "dense-fused":
         return None, True
+    if int(m["rank"]) < 1:  # a rank of 0 would fail only inside its run
+        raise ValueError(f"{name}: the rank must be at least 1; valid: {', '.join(CONFIG_FORMS)} (R a rank >= 1, "
+                         "e.g. r32)")
     return int(m["rank"]), bool(m["fused"])
 
 
@@ -155,6 +158,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.quality_lrs = [float(x) for x in a.quality_lrs.split(",") if x.strip()]
     except ValueError:
         p.error("--quality-ranks takes integers, --quality-lrs numbers, comma-separated")
+    if any(r < 1 for r in a.quality_ranks):  # a rank of 0 would fail only inside its run
+        p.error(f"--quality-ranks takes ranks of at least 1, got {','.join(map(str, a.quality_ranks))}")
     if a.cpu:
         a.device = "cpu"
     from .accum_replicas import check_wrap
@@ -375,7 +380,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     core.say(f"flora-bench accum-memory: {model}, {len(jobs)} configurations, device={device}, out={out}")
     if jobs:
         make_task(size.task, jobs[0].cfg, cache, args.seed).prepare()
-    meta = core.run_metadata("accum-memory", argv, device)
+    # the runs' thread count (--threads, set in each run), not this process's; one configuration at a time
+    meta = core.run_metadata("accum-memory", argv, device, threads=args.threads, workers=1)
     meta.update(size=args.size, model=model, task=size.task, tau=args.tau, seq=args.seq, batch=args.batch,
                 seed=args.seed, threads=args.threads, isolated=not args.no_isolate, replicas=args.replicas)
     results: dict = {"meta": meta, "memory": [], "quality": [], "noise": []}

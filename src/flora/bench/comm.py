@@ -83,6 +83,8 @@ def parse_config(name: str) -> tuple[str, int | None]:
     m = _CONFIG.match(name)
     if not m:
         raise ValueError(f"unknown configuration {name!r}; valid: {', '.join(CONFIG_FORMS)} (R, P ranks)")
+    if name != "ddp" and int(m["rank"]) < 1:  # a rank of 0 would fail only inside every run
+        raise ValueError(f"{name}: the rank must be at least 1; valid: {', '.join(CONFIG_FORMS)} (R, P ranks >= 1)")
     return ("ddp", None) if name == "ddp" else (m["kind"], int(m["rank"]))
 
 
@@ -490,7 +492,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     model = f"Llama {cfg.layers} x {cfg.hidden} on bytes ({sum(math.prod(s) for s in shapes) / 1e6:.2f}M params)"
     core.say(f"flora-bench comm: {model}, {args.world} replicas, {len(runs)} runs of {cfg.steps} steps, out={out}")
     make_task("pretrain", cfg, cache, args.seed).prepare()
-    meta = core.run_metadata("comm", argv, "cpu")
+    meta = core.run_metadata("comm", argv, "cpu", threads=args.threads, workers=args.world, unit="replica")
     meta.update(size=args.size, model=model, world=args.world, steps=cfg.steps, global_batch=cfg.batch, seq=cfg.seq,
                 threads=args.threads, seed=args.seed, acc_tau=ACC_TAU, ranks=list(args.ranks),
                 dense_bytes=4 * sum(math.prod(s) for s in shapes), backend="gloo")

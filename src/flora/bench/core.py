@@ -142,12 +142,19 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, threads=None, workers: int | None = None, unit: str = "run") -> str:
+    """The device in words. On a CPU: ``threads`` (torch threads of each ``unit``, the run
+    processes', which the parent's own count is not) and ``workers`` (units at a time),
+    where given; else this process's thread count."""
     import torch
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({os.cpu_count()} cores, {platform.machine()}), {torch.get_num_threads()} torch threads"
+    base = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    if threads is None:
+        return f"{base}, {torch.get_num_threads()} torch threads"
+    return (f"{base}, {threads} torch thread(s) per {unit}"
+            + (f", {workers} {unit}(s) at a time" if workers is not None else ""))
 
 
 def sync(device) -> None:
@@ -288,8 +295,10 @@ def command_line(subcommand: str, argv: Sequence[str]) -> str:
     return " ".join(["flora-bench", subcommand, *map(shlex.quote, argv)])
 
 
-def run_metadata(subcommand: str, argv: Sequence[str], device: str) -> dict:
-    """Who made a result, where and when: written as ``meta`` into every results.json."""
+def run_metadata(subcommand: str, argv: Sequence[str], device: str, threads=None, workers: int | None = None,
+                 unit: str = "run") -> dict:
+    """Who made a result, where and when: written as ``meta`` into every results.json
+    (``threads``, ``workers``, ``unit``: see :func:`device_name`)."""
     import torch
 
     import flora
@@ -302,7 +311,7 @@ def run_metadata(subcommand: str, argv: Sequence[str], device: str) -> dict:
         "commit": commit,
         "git_dirty": dirty,
         "device": device,
-        "device_name": device_name(device),
+        "device_name": device_name(device, threads, workers, unit),
         "torch": torch.__version__,
         "transformers": version_of("transformers"),
         "flora": getattr(flora, "__version__", "?"),

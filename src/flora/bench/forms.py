@@ -26,6 +26,15 @@ def _spec(name: str):
         return None
 
 
+def form_label(spec) -> str:
+    """A Flora row's form: FORM-PROJECTION, with the momentum dtype's suffix (``+bf16``) so that
+    ``flora-r8`` and ``flora-r8+bf16`` get rows of their own (one overwrote the other)."""
+    from .optimizers import MOMENTUM_DTYPE_SUFFIXES
+
+    dtype = {v: k for k, v in MOMENTUM_DTYPE_SUFFIXES.items()}.get(spec.momentum_dtype, spec.momentum_dtype)
+    return spec.flora_form + (f"+{dtype}" if spec.momentum_dtype else "")
+
+
 def test_key(metric: str) -> str:
     return "test_accuracy" if metric == "accuracy" else "test_loss"
 
@@ -43,7 +52,7 @@ def table(rows: list[Chosen], metrics: dict[str, str]) -> list[dict]:
         key = test_key(metric)
         out.append({
             "task": r.task, "optimizer": r.optimizer,
-            "form": spec.flora_form if flora else r.optimizer,
+            "form": form_label(spec) if flora else r.optimizer,
             "rank": spec.rank if flora else None, "status": r.status, "lr": r.run.lr,
             "lrs_tried": sorted(x for x in r.lrs_tried if x == x), "lr_capped": r.lr_capped, "seeds": len(r.runs),
             "metric": key, "test_mean": r.get(key), "test_std": r.get(f"{key}_std"),

@@ -148,6 +148,10 @@ def parse(name: str) -> Spec:
                          f"{', '.join(MOMENTUM_FORMS)}, PROJECTION one of {', '.join(PROJECTIONS)} (e.g. flora-r32, "
                          "flora-r32-scaled-orthonormal, flora-r32+ca-r32)")
     base, ca = m["base"], int(m["ca"]) if m["ca"] else None
+    # The pattern takes any digits: a rank of 0 would pass here and fail only inside a run.
+    zero = [g for g in ("fr", "lr", "gr", "ar", "or", "ca") if m[g] is not None and int(m[g]) < 1]
+    if zero:
+        raise ValueError(f"{name}: a rank (R in -rR, +ca-rR) must be at least 1 (e.g. flora-r32, flora-r32+ca-r32)")
     if base == "adamw":
         s = Spec(name, "adamw")
     elif base.startswith("adafactor"):

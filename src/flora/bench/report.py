@@ -206,6 +206,9 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
              "mark, with the part above its starting RSS in brackets. grad acc = memory holding the gradient sum "
              "between micro-batches (tau > 1): the dense .grad of the trainable parameters, or "
              "flora.CompressedAccumulator's buffers (+ca runs).", ""]
+    if meta.get("merge_differences"):
+        lines += ["**Warning:** merged results whose settings differ; the task descriptions below give the first "
+                  "file's: " + "; ".join(meta["merge_differences"]) + ".", ""]
     seeds = meta.get("seeds") or []
     if len(seeds) > 1:
         lines += [f"Every (optimizer, lr) ran on {len(seeds)} seeds ({', '.join(map(str, seeds))}: model init, data "
@@ -314,6 +317,7 @@ def print_table(rows: list[Chosen], metrics: dict[str, str]) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:  # pragma: no cover
         for r in rows:
             print(r.task, " | ".join(_cells(r, metrics[r.task], seeded(rows))))
@@ -327,11 +331,11 @@ def print_table(rows: list[Chosen], metrics: dict[str, str]) -> None:
         sd = seeded(mine)
         for h, _, _ in columns(sd):
             t.add_column(h, overflow="fold")
-        for r in mine:
-            t.add_row(*_cells(r, metrics[task], sd))
+        for r in mine:  # cells are plain text: "[...]" in a status or name is not rich markup
+            t.add_row(*(Text(c) for c in _cells(r, metrics[task], sd)))
         console.print(t)
-    for g in goal_lines(rows):
-        console.print(g)
+    for g in goal_lines(rows):  # markup=False: rich would drop the "[lr ... unsettled]" caveat as a tag
+        console.print(g, markup=False)
 
 
 def write_all(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: dict[str, str], meta: dict, *,
@@ -364,13 +368,20 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
     parts = [json.loads(Path(p).read_text()) for p in paths]
     meta = dict(parts[0]["meta"])
     meta["tasks"] = {t: {**info, "config": dict(info["config"])} for t, info in meta.get("tasks", {}).items()}
-    for d in parts[1:]:
+    differ = list(meta.get("merge_differences") or [])  # settings that differ from the first file's (kept)
+    for path, d in zip(paths[1:], parts[1:]):
+        if d["meta"].get("size") != meta.get("size"):
+            differ.append(f"size: {meta.get('size')!r} ({paths[0]}) vs {d['meta'].get('size')!r} ({path})")
         meta["command"] = meta.get("command", "?") + " && " + d["meta"].get("command", "?")
         meta["wall_s"] = meta.get("wall_s", 0) + d["meta"].get("wall_s", 0)
         for key in ("commit", "started"):
             if d["meta"].get(key) and d["meta"].get(key) != meta.get(key):
                 meta[key] = f"{meta.get(key)}, {d['meta'][key]}"
         for t, info in d["meta"].get("tasks", {}).items():
+            if t in meta["tasks"]:  # the first file's settings stay: say where another's differ
+                differ += [f"{t} {k}: {meta['tasks'][t]['config'].get(k)!r} ({paths[0]}) vs {v!r} ({path})"
+                           for k, v in info["config"].items()
+                           if k != "optimizers" and meta["tasks"][t]["config"].get(k) != v]
             mine = meta["tasks"].setdefault(t, {**info, "config": dict(info["config"])})
             opts = list(mine["config"]["optimizers"])
             mine["config"]["optimizers"] = opts + [o for o in info["config"]["optimizers"] if o not in opts]
@@ -381,6 +392,10 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
             for k, v in (more.get(key) or {}).items():
                 mine[k] = sorted(set(mine.get(k, [])) | set(v))
         ext["capped"] = list(dict.fromkeys((ext.get("capped") or []) + (more.get("capped") or [])))
+    if differ:
+        meta["merge_differences"] = differ
+        core.say("flora-bench: warning: the merged files' settings differ (the first's are reported): "
+                 + "; ".join(differ))
     return meta, unique_runs([RunResult.from_dict(r) for d in parts for r in d["runs"]])
 
 

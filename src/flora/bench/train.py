@@ -5,6 +5,7 @@ and PNG results to a run folder."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -127,6 +128,78 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bo.parse(o)
         except ValueError as e:
             p.error(f"--optimizers: {e}")
+    # What follows would otherwise fail inside every run (exit 0), after a run, or be ignored.
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1 (torch CPU threads per run), got {a.threads}")
+    _check_device(p, a.device)
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+        p.error(f"--out: {a.out!r} is an existing file; give a folder (new or existing)")
+    if a.from_json:
+        for path in a.from_json.split(","):
+            why = _not_train_results(Path(path))
+            if why:
+                p.error(f"--from-json: {path!r} {why}; give results.json files written by flora-bench train")
+    if a.resume and _not_train_results(Path(a.resume)):
+        p.error(f"--resume: {a.resume!r} {_not_train_results(Path(a.resume))}; give the results.json of an "
+                "interrupted flora-bench train")
+    if isinstance(a.lrs, dict) and not a.from_json:
+        _check_lrs(p, a)
+
+
+def _check_device(p: argparse.ArgumentParser, name: str) -> None:
+    """--device: auto, cpu, cuda or cuda:N, N a device that is there."""
+    import torch
+
+    valid = "auto, cpu, cuda, cuda:N"
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        p.error(f"--device: unknown device {name!r}; valid: {valid}")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device: {name!r} is not offered; valid: {valid}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error(f"--device {name}: CUDA is not available to this torch ({torch.__version__}); valid: auto, cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            p.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                    f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def _not_train_results(path: Path) -> str | None:
+    """Why ``path`` is not a results.json of the train subcommand, or None."""
+    if not path.is_file():
+        return "is not a file"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"is not JSON ({type(e).__name__})"
+    meta = d.get("meta") if isinstance(d, dict) else None
+    if isinstance(meta, dict) and meta.get("subcommand", "train") != "train":
+        return f"holds the results of flora-bench {meta['subcommand']}, not train"
+    if not isinstance(meta, dict) or not isinstance(d.get("runs"), list) or not isinstance(meta.get("tasks"), dict):
+        return "is not a train results.json (no meta.tasks and runs)"
+    return None
+
+
+def _check_lrs(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--lrs: lrs above 0 (nan: a run that fails, as tests use), keys among the optimizers
+    that run and their lr families (a misspelt key was silently ignored)."""
+    from . import optimizers as bo
+
+    for k, lrs in a.lrs.items():
+        if any(x <= 0 or math.isinf(x) for x in lrs):
+            p.error(f"--lrs {k}: lrs must be finite and above 0, got {'/'.join(f'{x:g}' for x in lrs)}")
+    preset = config.PRESETS[a.preset] if a.preset else None
+    tasks = a.tasks or (preset.tasks if preset else ("pretrain",) if a.size == "smoke" else config.TASKS)
+    names = list(dict.fromkeys(o for t in tasks for o in config.task_config(
+        a.size, t, optimizers=a.optimizers, preset=a.preset, ranks=a.ranks).optimizers))
+    families = list(dict.fromkeys(bo.parse(o).lr_family for o in names))
+    unknown = [k for k in a.lrs if k not in names and k not in families]
+    if unknown:
+        p.error(f"--lrs: {', '.join(map(repr, unknown))} is not an optimizer that runs nor its lr family; valid keys: "
+                f"{', '.join(names + [f for f in families if f not in names])}")
 
 
 def _describe(task: str, cfg: config.TaskConfig, model_params: int | None) -> str:
@@ -199,6 +272,8 @@ def _result_line(res, i: int, n: int, seeded: bool = False) -> str:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     import dataclasses
 
+    import torch
+
     from . import optimizers as bo
     from . import report
     from .runner import Runner, cache_dir_default
@@ -255,6 +330,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         jobs = [dataclasses.replace(j, threads=args.threads or min(j.threads or share, share), progress=False)
                 for j in jobs]
     meta["workers"] = workers
+    # The runs' thread counts (what each run process sets; torch's default where unset), not the parent's.
+    per_run = {j.task: j.threads or torch.get_num_threads() for j in jobs or planned}
+    if per_run:
+        counts = sorted(set(per_run.values()))
+        meta["threads_per_run"] = per_run
+        meta["device_name"] = core.device_name(device, counts[0] if len(counts) == 1 else
+                                               "/".join(f"{n} ({t})" for t, n in per_run.items()), workers)
     core.say(f"  {workers} run(s) at a time" + (f", {jobs[0].threads} torch thread(s) each" if workers > 1 and jobs
                                                  else ""))
     _run_jobs(jobs, runs, workers=workers, runner=runner, cfgs=cfgs, cache=cache, seed=args.seed,
@@ -265,6 +347,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         _point_latest(out)
     report.print_table(rows, _metrics(tasks))
     core.say(f"wrote {', '.join(str(p) for p in paths.values())} ({meta['wall_s'] / 60:.1f} min)")
+    return exit_code(runs)
+
+
+def exit_code(runs) -> int:
+    """1 when runs were planned and none finished (ok or diverged): a script sees the failure."""
+    if runs and not any(r.ok or r.status == "diverged" for r in runs):
+        core.say("flora-bench train: every run failed or could not run (see the status column)")
+        return 1
     return 0
 
 

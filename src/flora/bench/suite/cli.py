@@ -66,36 +66,44 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.lr_list = [float(x) for x in a.lrs.split(",")] if a.lrs else None
     except ValueError as e:
         p.error(f"--ranks, --kappas and --lrs take numbers: {e}")
+    for flag, values in (("--ranks", a.rank_list), ("--kappas", a.kappa_list)):
+        if not values or min(values) < 1:  # 0 would fail inside every run; the first kappa is the primary one
+            p.error(f"{flag} takes comma-separated integers of at least 1, got {getattr(a, flag[2:])!r}")
     if a.seeds < 1 or a.workers < 1 or a.scale <= 0 or a.extend_lr < 0:
         p.error("--seeds and --workers must be at least 1, --extend-lr at least 0, --scale above 0")
-    a.optimizer_list = space.candidates(_list(p, "--forms", a.forms), a.rank_list, _list(p, "--baselines", a.baselines))
     from .. import optimizers
     from .peers import PEERS
 
-    for name in a.optimizer_list:
-        if name in PEERS:
-            continue
-        try:
-            optimizers.parse(name)
-        except ValueError as e:
-            p.error(str(e))
+    def baseline(name):  # the suite's own peers, or any name flora-bench knows
+        if name not in PEERS:
+            try:
+                optimizers.parse(name)
+            except ValueError as e:
+                raise ValueError(f"{e}; or one of the suite's peers: {', '.join(PEERS)}") from None
+
+    def form(f):  # a FORM-PROJECTION, checked as the Flora name it makes
+        optimizers.parse(f"flora-r{a.rank_list[0]}-{f}")
+
+    a.optimizer_list = space.candidates(_list(p, "--forms", a.forms, form), a.rank_list,
+                                        _list(p, "--baselines", a.baselines, baseline))
 
 
 def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) -> dict:
     rows = runner.read_log(out / "runs.jsonl")
     adamw = json.loads((out / "adamw_state.json").read_text()) if (out / "adamw_state.json").exists() else {}
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)] or tasks
-    chosen = score.choose(rows)
+    chosen = score.choose(rows, kappa)  # kappa: --kappas' first, the primary setting
     gap = score.gaps(chosen)
     ranks = [r for k in sorted({c["kappa"] for c in chosen}) for r in score.ranking(chosen, k, tasks)]
-    md = score.markdown(chosen, gap, ranks, adamw, tasks, core.meta_line(meta) if meta else "")
+    failed = score.failed(rows, kappa)  # candidates with no run that finished: listed, not dropped
+    md = score.markdown(chosen, gap, ranks, adamw, tasks, core.meta_line(meta) if meta else "", kappa, failed)
     (out / "results.md").write_text(md)
     score.write_csv(out / "results.csv", chosen)
-    core.write_json(out / "results.json", {"meta": meta, "chosen": chosen, "gaps": gap, "ranking": ranks,
-                                           "adamw_state_bytes": adamw, "runs": len(rows)})
+    core.write_json(out / "results.json", {"meta": meta, "chosen": chosen, "failed": failed, "gaps": gap,
+                                           "ranking": ranks, "adamw_state_bytes": adamw, "runs": len(rows)})
     if plots:
         score.plot(out / "loss_vs_state.png", chosen, tasks, kappa)
-    return {"markdown": md, "chosen": chosen, "ranking": ranks}
+    return {"markdown": md, "chosen": chosen, "ranking": ranks, "failed": failed}
 
 
 def run(a: argparse.Namespace, argv: list[str]) -> int:
@@ -137,4 +145,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         meta = json.loads((out / "meta.json").read_text())
     res = report(out, a.task_list, a.kappa_list[0], meta, plots=not a.no_plots)
     print(res["markdown"])
+    rows = runner.read_log(out / "runs.jsonl")
+    if not a.report_only and rows and not any(r.get("status") in ("ok", "diverged") for r in rows):
+        core.say("flora-bench suite: every run failed (see runs.jsonl)")  # exit 1: a script sees it
+        return 1
     return 0

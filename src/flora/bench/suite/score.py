@@ -22,14 +22,16 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def choose(rows: list[dict]) -> list[dict]:
-    """One entry per (task, optimizer, kappa): the chosen lr and its figures."""
+def choose(rows: list[dict], kappa: int = KAPPA) -> list[dict]:
+    """One entry per (task, optimizer, kappa): the chosen lr and its figures; ``kappa``: the
+    primary one (``--kappas``' first), where the baselines' and peers' runs are filed."""
+    primary = kappa
     by = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r.get("status") in ("ok", "diverged"):
             # kappa means nothing to the baselines and peers: their runs count at the primary
             # kappa whatever the sweep that ran them said (one run per seed)
-            kappa = r["kappa"] if r["optimizer"].startswith("flora-") else KAPPA
+            kappa = r["kappa"] if r["optimizer"].startswith("flora-") else primary
             by[(r["task"], r["optimizer"], kappa)][r["lr"]][r["seed"]] = r
     out = []
     for (task, opt, kappa), by_lr in by.items():
@@ -48,6 +50,23 @@ def choose(rows: list[dict]) -> list[dict]:
                     "test_accuracy_std": as_, "state_bytes": rs[0].get("state_bytes"),
                     "per_seed": {r["seed"]: r.get("test_loss") for r in rs},
                     "train_s": statistics.fmean([r.get("train_s", 0.0) for r in rs])})
+    return sorted(out, key=lambda c: (c["task"], c["kappa"], c["optimizer"]))
+
+
+def failed(rows: list[dict], kappa: int = KAPPA) -> list[dict]:
+    """The (task, optimizer, kappa) whose runs all failed (no ok or diverged run): :func:`choose`
+    has no row for them, so they are listed apart, with their statuses, instead of vanishing."""
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "task" not in r or "optimizer" not in r:
+            continue
+        k = (r["task"], r["optimizer"], r.get("kappa", kappa) if r["optimizer"].startswith("flora-") else kappa)
+        by.setdefault(k, []).append(r)
+    out = []
+    for (task, opt, k), rs in by.items():
+        if not any(r.get("status") in ("ok", "diverged") for r in rs):
+            statuses = sorted({str(r.get("status", "?")) for r in rs})
+            out.append({"task": task, "optimizer": opt, "kappa": k, "runs": len(rs), "status": "; ".join(statuses)})
     return sorted(out, key=lambda c: (c["task"], c["kappa"], c["optimizer"]))
 
 
@@ -161,10 +180,19 @@ def _fmt(m, s, digits=4):
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
-def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "") -> str:
+def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int = KAPPA,
+             failures: list[dict] = ()) -> str:
+    """The report; ``kappa``: the primary one (goal check, dominance, unlabelled win-matrix rows);
+    ``failures``: :func:`failed`'s entries, listed where their rows would be missing."""
+    primary = kappa
     lines = ["# flora-bench suite", ""]
     if meta_line:
         lines += [meta_line, ""]
+    if failures:
+        lines += ["## Failed: every run of these failed (they have no row below)", "",
+                  "| task | optimizer | kappa | runs | status |", "| --- | --- | ---: | ---: | --- |"]
+        lines += [f"| {f['task']} | {f['optimizer']} | {f['kappa']} | {f['runs']} | "
+                  f"{f['status'].replace('|', '/')} |" for f in failures] + [""]
     lines += ["## Floor and target per task (test loss, mean ± std over seeds, at the best validation lr)", "",
               "| task | floor (Adafactor beta1=None) | target (beta1=0.9) | gap | gap std | std < gap/4 |",
               "| --- | ---: | ---: | ---: | ---: | :---: |"]
@@ -196,12 +224,12 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "") -> str:
                 p = position(c["test_loss"], g.get("floor"), g.get("target"))
                 cells.append(f"{_fmt(c['test_loss'], c['test_loss_std'])} ({'n/a' if p is None else f'{p:+.2f}'})"
                              f" lr {c['lr']:g}{'*' if c['edge'] else ''}")
-            name = opt if kappa == KAPPA else f"{opt} kappa {kappa}"
+            name = opt if kappa == primary else f"{opt} kappa {kappa}"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Goal check (kappa %d; paired seeds; loss minus the floor's and the target's, mean ± std)" % KAPPA,
+    lines += ["", f"## Goal check (kappa {primary}; paired seeds; loss minus the floor's and the target's, mean ± std)",
               "", "`F` beats the floor by more than one std; `T` is not worse than the target by more than one std.",
               "", "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
-    checks = goal_check(chosen, tasks)
+    checks = goal_check(chosen, tasks, primary)
     for opt in sorted({g["optimizer"] for g in checks}):
         cells = []
         for task in tasks:
@@ -210,8 +238,9 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "") -> str:
                          f"{_fmt(g['vs_target'], g['vs_target_std'])} {'F' if g['beats_floor'] else ''}"
                          f"{'T' if g['matches_target'] else ''}")
         lines.append(f"| {opt} | " + " | ".join(cells) + " |")
-    dom = dominance(chosen, tasks)
-    lines += ["", "## Peers with both less state and a lower mean test loss than Flora's default form (r8, r32)",
+    dom = dominance(chosen, tasks, primary)
+    lines += ["", f"## Peers with both less state and a lower mean test loss than Flora's default form (r8, r32; "
+              f"kappa {primary})",
               "", "Paired difference: the peer's test loss minus Flora's over the seeds both ran, mean ± std.", ""]
     if dom:
         lines += ["| task | Flora | peer | state (peer / Flora) | test loss (peer / Flora) | paired difference |",
