@@ -7,15 +7,19 @@ CPU suite at scale 1 (runs_dtype_1x.jsonl, seventh session: run.py rows 'default
 Each at its lr with
 the best mean validation loss, and the paired test-loss difference to float32 at float32's
 lr (the same seeds, the same data order and projections: only the rounding differs).
+The bfloat16 rows of runs_dtype.jsonl rounded to nearest (before 2026-12-02); those of
+runs_dtype_sr.jsonl (run.py row 'bf16' with the library's stochastic rounding, read here
+as row 'bf16sr') on the three longer tasks.
 Writes dtype.md and dtype.csv beside this file."""
 import json, statistics as st
 
 from table import best, by, here, write
 
-for name in ("runs_dtype.jsonl", "runs_dtype_1x.jsonl"):
+for name in ("runs_dtype.jsonl", "runs_dtype_1x.jsonl", "runs_dtype_sr.jsonl"):
     for line in open(here / name):
         r = json.loads(line)
-        by[(r["task"], r["scale"], r["rank"], r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
+        row = "bf16sr" if name == "runs_dtype_sr.jsonl" else r["row"]
+        by[(r["task"], r["scale"], r["rank"], row)].setdefault(r["lr"], {})[r["seed"]] = r
 
 # (task, scale, the float32 row): 'floor0.4' (table.py's runs) or 'default' (run beside bf16)
 TASKS = (("newslm", 2.0, "floor0.4"), ("cnnstream", 4.0, "floor0.4"), ("tabstream", 4.0, "floor0.4"),
@@ -26,7 +30,7 @@ table = []
 for task, scale, f32 in TASKS:
     for rank in (8, 32):
         ref = best((task, scale, rank, f32))
-        for dtype, row in (("float32", f32), ("bfloat16", "bf16")):
+        for dtype, row in (("float32", f32), ("bfloat16, to nearest", "bf16"), ("bfloat16, stochastic", "bf16sr")):
             b = best((task, scale, rank, row))
             if b is None or ref is None:
                 continue
@@ -34,7 +38,7 @@ for task, scale, f32 in TASKS:
             t = [seeds[s]["test_loss"] for s in sorted(seeds)]
             same = by[(task, scale, rank, row)].get(ref[0], {})
             diff = ""
-            if row == "bf16" and len(same) == 3:
+            if row != f32 and len(same) == 3:
                 d = [same[s]["test_loss"] - ref[1][s]["test_loss"] for s in sorted(same)]
                 diff = f"{st.mean(d):+.4f} ± {st.stdev(d):.4f}"
             state = next(iter(seeds.values()))["state_bytes"]
