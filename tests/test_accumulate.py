@@ -851,3 +851,22 @@ def test_fused_mode_refuses_a_parameter_unfrozen_after_it_was_built():
     with pytest.raises(ValueError, match="2 trainable parameter.* not given to the accumulator .*unfrozen after"):
         model(torch.randn(8, 4)).pow(2).mean().backward()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_fused_mode_lets_a_parameter_be_frozen_between_cycles():
+    """The per-cycle check above must not take a parameter frozen since the accumulator was
+    built (still in the optimizer, no longer trainable) for one missing from the optimizer:
+    it refused so in review. Frozen after two cycles, the first layer stops moving and the
+    rest trains on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=None, tau=2, optimizer=opt, fused=True)
+    for i in range(8):
+        if i == 4:
+            model[0].requires_grad_(False)
+            frozen = model[0].weight.detach().clone()
+            head = model[1].weight.detach().clone()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+    assert acc.cycle == 4
+    assert torch.equal(model[0].weight, frozen) and not torch.equal(model[1].weight, head)

@@ -34,7 +34,7 @@ def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
                          f"the accumulator (shapes {extra[:3]}...; a parameter unfrozen after the accumulator was "
                          "built is one): each would move at every other parameter's step. Give both the same "
                          "parameters (build the accumulator after unfreezing)")
-    ids = {id(p) for p in theirs}
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}  # frozen since, too: still held
     missing = [s.name for s in slots if id(s.param) not in ids]
     if missing:
         raise ValueError(f"fused=True: parameters {missing[:5]} are not in the optimizer, so nothing "
