@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora.rounding import round_into_, stochastic_bfloat16
+from flora.rounding import stochastic_bfloat16
 
 
 def _values(n=600, seed=0):
@@ -94,26 +94,17 @@ def test_a_few_float32_ulps_apart_round_alike_almost_always():
     assert float(differ) < 1e-3
 
 
-def test_round_into_lists_stacks_and_other_dtypes():
-    x = _values().reshape(-1)[:480]
-    wide = [x[:120].reshape(10, 12), x[120:240].reshape(10, 12), x[240:].reshape(20, 12)]
-    stored = [torch.empty(w.shape, dtype=torch.bfloat16) for w in wide]
-    round_into_(stored, wide, 9)
-    assert torch.equal(torch.cat([s.reshape(-1) for s in stored]), stochastic_bfloat16(x, 9))
-    one = torch.empty(10, 12, dtype=torch.bfloat16)
-    round_into_(one, wide[0], 9)
-    assert torch.equal(one, stored[0])
-    vec = torch.empty(1, dtype=torch.bfloat16)  # 0-dim state stepped as a 1-element view
-    zero = torch.empty((), dtype=torch.bfloat16)
-    round_into_([zero], [x[:1]], 9)
-    round_into_([vec], [x[:1]], 9)
-    assert torch.equal(zero.reshape(1), vec)
-    w64 = wide[0].double()
-    round_into_(one, w64, 9)  # float64 state: through float32
-    assert torch.equal(one, stochastic_bfloat16(w64.float(), 9))
-    f32 = torch.empty(10, 12)
-    round_into_(f32, wide[0], 9)  # not bfloat16: a copy
-    assert torch.equal(f32, wide[0])
+def test_to_stored_from_float64_and_into_other_dtypes():
+    """What the cores and FSDP2 round with: float32 and float64 (through float32) into
+    bfloat16 stochastically; another dtype converted; the state dtype itself as it is."""
+    from flora.rounding import to_stored
+
+    x = _values().reshape(-1)[:120].reshape(10, 12)
+    assert torch.equal(to_stored(x, torch.bfloat16, 9), stochastic_bfloat16(x, 9))
+    assert torch.equal(to_stored(x.double(), torch.bfloat16, 9), stochastic_bfloat16(x.double().float(), 9))
+    assert torch.equal(to_stored(x, torch.float32, 9), x) and to_stored(x, torch.float32, 9) is x
+    assert torch.equal(to_stored(x.double(), torch.float32, 9), x)
+    assert not torch.equal(to_stored(x, torch.bfloat16, 9, salt=1 << 31), to_stored(x, torch.bfloat16, 9))
 
 
 def test_compiled_equals_eager():

@@ -92,22 +92,4 @@ def to_stored(x: torch.Tensor, dtype: torch.dtype, step, salt: int = AFTER_STEP)
     return x.to(dtype)
 
 
-def round_into_(stored, wide, step) -> None:
-    """``wide`` (the state dtype) rounded into ``stored`` (``momentum_dtype``): a tensor, or
-    lists of them paired (``step``: one for all, the count this step reaches). Into
-    bfloat16 stochastically (from float64 through float32); any other pair is copied."""
-    if isinstance(stored, torch.Tensor):
-        stored, wide = [stored], [wide]
-    wide = [w if w.shape == s.shape else w.view_as(s) for s, w in zip(stored, wide)]  # 0-dim: as vectors
-    if stored[0].dtype != torch.bfloat16:
-        torch._foreach_copy_(stored, wide) if len(stored) > 1 else stored[0].copy_(wide[0])
-        return
-    if len(stored) == 1:
-        stored[0].copy_(stochastic_bfloat16(wide[0].float(), step))
-        return
-    # a list: one pass over all of them, then one copy back (a few operations a bucket)
-    flat = stochastic_bfloat16(torch.cat([w.reshape(-1) for w in wide]).float(), step)
-    torch._foreach_copy_(stored, [v.view_as(s) for v, s in zip(flat.split([s.numel() for s in stored]), stored)])
-
-
-__all__ = ["AFTER_STEP", "AFTER_TRANSFER", "noise_table", "round_into_", "stochastic_bfloat16", "to_stored"]
+__all__ = ["AFTER_STEP", "AFTER_TRANSFER", "noise_table", "stochastic_bfloat16", "to_stored"]

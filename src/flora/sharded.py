@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from . import adafactor as af
 from .compression import compressed_dim, momentum_storage
-from .rounding import AFTER_TRANSFER, round_into_, to_stored
+from .rounding import AFTER_TRANSFER, to_stored
 from .momentum import compressed_apply_, compressed_terms, dense_momentum_
 from .projection import compress, compressed_shape, is_coordinates, matrix_shape, state_dtype, transfer
 
@@ -253,7 +253,7 @@ def sharded_step(entries, *, projections, count_skip, sums: dict | None = None) 
             for it in items:
                 _phase3(it, count_skip)
             for st, k, m in kept:  # rounded back into the stored dtype (flora.rounding)
-                round_into_(_local(m), _local(st[k]), st["step"])
+                _local(m).copy_(to_stored(_local(st[k]), m.dtype, st["step"]))
         finally:
             for st, k, m in kept:
                 st[k] = m
