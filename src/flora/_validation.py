@@ -19,9 +19,12 @@ def plain(value):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
-def plain_tuple(value):
-    """:func:`plain` on a tuple's or list's items (``eps``), else on the value."""
-    return tuple(plain(v) for v in value) if isinstance(value, (tuple, list)) else plain(value)
+def plain_option(name: str, value):
+    """:func:`plain` on an option's value, and on the items of ``eps``'s pair (a list becomes
+    the tuple Flora keeps); a user's own keys keep their types (a list stays a list)."""
+    if name == "eps" and isinstance(value, (tuple, list)):
+        return tuple(plain(v) for v in value)
+    return plain(value)
 
 
 def _is_real(x) -> bool:

@@ -18,7 +18,7 @@ from .sharded import is_dtensor
 from . import checkpoint
 from .cache import ProjectionCache, cache_projections
 from . import reports
-from ._validation import plain_tuple
+from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
                       momentum_dtype_name as _momentum_dtype_name,
                       refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
@@ -87,7 +87,7 @@ class Flora(Optimizer):
             momentum_dtype=_momentum_dtype_name(momentum_dtype), cache_projections=cache_projections,
             foreach=foreach,
         )
-        defaults = {k: plain_tuple(v) for k, v in defaults.items()}  # numpy numbers as Python's (checkpoints)
+        defaults = {k: plain_option(k, v) for k, v in defaults.items()}  # numpy numbers as Python's (checkpoints)
         _validate_group(defaults)
         if not (compile is True or compile is False or compile is None or isinstance(compile, str)
                 or callable(compile)):
@@ -169,7 +169,7 @@ class Flora(Optimizer):
             param_group["momentum_dtype"] = _momentum_dtype_name(param_group["momentum_dtype"])
         for k, v in param_group.items():  # numpy numbers as Python's (checkpoints hold plain values)
             if k != "params":
-                param_group[k] = plain_tuple(v)
+                param_group[k] = plain_option(k, v)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
