@@ -555,7 +555,9 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     if wd != 0:
         decay = torch.where(ok_b, torch.stack(p32), 0.0)
         if isinstance(lr, torch.Tensor):  # p <- p - wd lr p - update, folded into the update
-            update.add_(decay.mul_(lr_b).mul_(wd))
+            # out of place: inductor's C++ code generation failed (KeyError 'buf10') on this add
+            # into the torch.where output above, for a bucket of 1-D parameters with momentum
+            update = update + decay.mul_(lr_b).mul_(wd)
         else:  # as the single-tensor step (and HF) does it
             torch._foreach_add_(p32, list(decay.unbind(0)), alpha=-wd * lr)
     torch._foreach_sub_(p32, list(update.unbind(0)))
