@@ -3,8 +3,8 @@
 ``projection``, ``exact_last``, ``cycle``, ``backwards``, ``indices`` (parameter positions),
 ``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate`` and
 ``driven`` (0 or 1: whether accelerate's sync flag ends the open cycle, and every cycle),
-``compressed`` and ``dense`` (partial sums by parameter position). Projections are not saved: they are a pure function of
-``(seed, index, cycle)``. A state saved before ``projection`` existed used Gaussian
+``compressed`` and ``dense`` (partial sums by parameter position). Projections are not
+saved: they are a pure function of ``(seed, index, cycle)``. A state saved before ``projection`` existed used Gaussian
 matrices."""
 
 from __future__ import annotations
