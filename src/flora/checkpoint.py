@@ -76,7 +76,9 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                          for gi, k, old, new in changed)
         warnings.warn(f"Flora.load_state_dict: the loaded parameter groups change the algorithm this optimizer "
                       f"was built with: {said}. As in torch, the loaded options win; build Flora with the "
-                      "checkpoint's options (or set them in param_groups after loading) to silence this",
+                      "checkpoint's options to silence this (options that shape the state, rank, factor_dims, "
+                      "seed, projection, proj_dim, max_aspect_ratio, cannot be set back in param_groups while "
+                      "the state exists; the others can)",
                       UserWarning, stacklevel=2)
     opt._proj_cache.clear()
     opt._where = None
@@ -94,3 +96,4 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                 opt.state[p]["step"] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
             elif isinstance(v, torch.Tensor):
                 opt.state[p][k] = v.detach().to(device=p.device, copy=True)
+    opt._remember_layouts()  # an edit of seed, projection, proj_dim... before the next step is checked

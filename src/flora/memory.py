@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from .adafactor import factored_shapes
 from .compression import check_momentum_dtype, compressed_dim, momentum_storage
-from .projection import compressed_shape
+from .projection import compressed_shape, state_dtype
 
 
 def state_bytes(optimizer: Optimizer) -> int:
@@ -91,8 +91,8 @@ def _check_options(rank, beta1, options: dict) -> None:
 
 
 def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=torch.float32, **options) -> int:
-    """Flora's state in bytes for parameters of these shapes, state in ``dtype``
-    (float32, or float64 for float64 parameters):
+    """Flora's state in bytes for parameters of these shapes and ``dtype`` (the state is
+    float32, float64 for float64 parameters):
 
     - second moment: for a tensor of 2+ dims, a row and a column statistic over the two
       dims that ``factor_dims`` picks (:func:`flora.adafactor.factored_shapes`; default
@@ -126,4 +126,6 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
                                  max_aspect_ratio=options.get("max_aspect_ratio"))
             moment += numel if dim is None else math.prod(compressed_shape(shape, rank, dim))
     narrow = momentum_storage(options, dtype)
-    return torch.empty((), dtype=dtype).element_size() * total + torch.empty((), dtype=narrow).element_size() * moment
+    # the parameters' dtype in, the state's out: half-precision parameters keep float32 state
+    wide = state_dtype(dtype)
+    return torch.empty((), dtype=wide).element_size() * total + torch.empty((), dtype=narrow).element_size() * moment

@@ -24,7 +24,7 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
                       refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
-from .state import check_factoring, check_momentum_rank, prepare_state
+from .state import check_factoring, check_momentum_layout, prepare_state
 from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
@@ -39,6 +39,15 @@ def _install_prelude() -> None:
     a second, which torch's own optimizers also import at their first step.)"""
     if not getattr(Flora._prelude, "_torchdynamo_disable", False):
         Flora._prelude = torch.compiler.disable(Flora._prelude_eager)
+
+
+# The options a live state's layout depends on (factoring, the momentum's shape, its
+# projections): an edit of one mid-run is checked against the state at the next step.
+_LAYOUT_KEYS = ("factor_dims", "rank", "seed", "projection", "proj_dim", "max_aspect_ratio")
+
+
+def _layout_key(group: dict) -> tuple:
+    return tuple(group[k] for k in _LAYOUT_KEYS)
 
 
 class Flora(Optimizer):
@@ -128,8 +137,8 @@ class Flora(Optimizer):
         self._transposed: dict[int, tuple] = {}
         # compile=True: buckets' state kept as views of one stacked tensor (flora.stacks)
         self._stacks = StateStacks()
-        # id(group) and id(parameter) -> the factor_dims their state was last checked
-        # against (_check_options_fit_state, _check_parameter_options_fit): (factor_dims, rank)
+        # id(group) and id(parameter) -> the options their state was last checked against
+        # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
         self._factor_dims_seen: dict[int, tuple] = {}
         self._factor_dims_seen_p: dict[int, tuple] = {}
 
@@ -236,25 +245,36 @@ class Flora(Optimizer):
         place) must not step a state of the other shape: refused, naming the option, before
         any change. Checked only when one changed, so a step costs a dict lookup."""
         for group in self.param_groups:
-            key = (group["factor_dims"], group["rank"])
-            if self._factor_dims_seen.get(id(group)) != key:
+            key = _layout_key(group)
+            seen = self._factor_dims_seen.get(id(group))
+            if seen != key:
                 for p in group["params"]:
-                    self._check_state_fits(p, group)
+                    self._check_state_fits(p, group, seen)
                 self._factor_dims_seen[id(group)] = key
 
     def _check_parameter_options_fit(self, p: torch.Tensor, group: dict) -> None:
         """step_parameter's form of :meth:`_check_options_fit_state`: this parameter only
         (a memo per parameter), so that it never walks the group."""
-        key = (group["factor_dims"], group["rank"])
-        if self._factor_dims_seen.get(id(group)) != key and self._factor_dims_seen_p.get(id(p)) != key:
-            self._check_state_fits(p, group)
+        key = _layout_key(group)
+        seen = self._factor_dims_seen_p.get(id(p), self._factor_dims_seen.get(id(group)))
+        if seen != key:
+            self._check_state_fits(p, group, seen)
             self._factor_dims_seen_p[id(p)] = key
 
-    def _check_state_fits(self, p: torch.Tensor, group: dict) -> None:
+    def _check_state_fits(self, p: torch.Tensor, group: dict, seen: tuple | None) -> None:
+        """``seen``: the group's layout options at its last step (None: not known)."""
         state = self.state.get(p)
         if state:
             check_factoring(p, state, group["factor_dims"])
-            check_momentum_rank(p, state, group["rank"])
+            edited = {} if seen is None else {k: (was, group[k]) for k, was in zip(_LAYOUT_KEYS, seen)
+                                              if k in ("seed", "projection") and was != group[k]}
+            check_momentum_layout(p, state, group, edited)
+
+    def _remember_layouts(self) -> None:
+        """The groups' layout options as the state now stands (after a load: the saved ones),
+        so that an edit before the next step is checked against them."""
+        self._factor_dims_seen = {id(g): _layout_key(g) for g in self.param_groups}
+        self._factor_dims_seen_p = {}
 
     def _prelude_eager(self, traced: bool = False) -> list:
         """Everything of a step that reads or writes host values; returns the

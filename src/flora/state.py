@@ -65,22 +65,36 @@ def init_momentum(state: dict, grad: torch.Tensor, group: dict) -> None:
         state["proj_age"] = 0  # steps taken with the current projection
 
 
-def check_momentum_rank(p: torch.Tensor, s: dict, rank) -> None:
-    """A live compressed momentum must have the shape the group's ``rank`` gives it (the
-    option edited in a group mid-run is refused, naming it, before any change, instead of
-    failing to broadcast half-way through a step)."""
+_DROP = "or drop that parameter's state (optimizer.state.pop(p)) to start its momentum and second moment afresh"
+
+
+def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | None = None) -> None:
+    """A live compressed momentum must have the shape and projected dim the group's
+    ``rank``, ``proj_dim`` and ``max_aspect_ratio`` give it, and be read under the
+    projections it was made under (``edited``: ``seed`` or ``projection`` changed since the
+    last step, ``{name: (old, new)}``). An option edited in a group mid-run is refused,
+    naming it, before any change, instead of failing to broadcast half-way through a step
+    or reading the momentum under unrelated projections."""
     c = s.get("exp_avg_c")
     if c is None:
         return
-    shape, dim = tuple(p.shape), s["proj_dim"]
+    shape, dim, rank = tuple(p.shape), s["proj_dim"], group["rank"]
     have = tuple(c.shape)
     old = have[0] if dim == 0 else have[1]
-    if rank is not None and have == tuple(compressed_shape(shape, rank, dim)):
-        return
-    raise ValueError(
-        f"rank={rank!r} does not fit the compressed momentum of a parameter of shape {shape} ({have}, made "
-        f"with rank={old}). Set rank back to {old}, or drop that parameter's state (optimizer.state.pop(p)) "
-        "to start its momentum and second moment afresh")
+    if rank is None or have != tuple(compressed_shape(shape, rank, dim)):
+        raise ValueError(
+            f"rank={rank!r} does not fit the compressed momentum of a parameter of shape {shape} ({have}, made "
+            f"with rank={old}). Set rank back to {old}, {_DROP}")
+    if group["beta1"] is not None and momentum_dim(shape, group) != dim:
+        raise ValueError(
+            f"proj_dim={group['proj_dim']!r} and max_aspect_ratio={group['max_aspect_ratio']!r} do not fit the "
+            f"compressed momentum of a parameter of shape {shape} ({have}, projecting dim {dim}): set them back, "
+            + _DROP)
+    for name, (was, now) in (edited or {}).items():
+        raise ValueError(
+            f"{name}={now!r} (edited from {was!r} since the last step) would read the compressed momentum of a "
+            f"parameter of shape {shape} under projections it was not made under, scrambling it. Set {name} back "
+            f"to {was!r}, {_DROP}")
 
 
 def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
