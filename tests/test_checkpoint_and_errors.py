@@ -391,3 +391,17 @@ def test_flora_state_bytes_counts_state_dtypes_for_half_parameters():
     shapes = [tuple(p.shape) for p in model.parameters()]
     assert state_bytes(opt) == flora_state_bytes(shapes, rank=4, beta1=0.9, dtype=torch.bfloat16) \
         == flora_state_bytes(shapes, rank=4, beta1=0.9)
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    """torch only warns; Flora's step then depended on the path (the single-tensor path
+    counted two steps per step, the grouped one a single step that still differed from the
+    deduplicated run). Refused, naming params, in the constructor and add_param_group."""
+    w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="params: a parameter group lists the same parameter more than once"):
+        Flora([w, b, w], lr=1e-3)
+    opt = Flora([b], lr=1e-3)
+    with pytest.raises(ValueError, match="the same parameter more than once"):
+        opt.add_param_group({"params": [w, w]})
+    assert len(opt.param_groups) == 1
+    Flora(nn.Linear(3, 3).parameters(), lr=1e-3)  # model.parameters() lists each once

@@ -187,6 +187,11 @@ class Flora(Optimizer):
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError("params must be real tensors: Flora does not support complex parameters")
             _refuse_deepspeed(p)
+        if not isinstance(params, set) and len({id(p) for p in params}) != len(params):
+            # torch only warns ("in future, this will cause an error"); here the step would depend
+            # on the path (counted twice per step on the single-tensor path, once when grouped)
+            raise ValueError("params: a parameter group lists the same parameter more than once; list each once "
+                             "(a tied weight: its tensor once, e.g. from model.parameters(), which deduplicates)")
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
         self._where = None  # step_parameter's map is rebuilt
 
