@@ -205,6 +205,8 @@ FORM_CASES.update({
     # the first moment stored in bfloat16, its arithmetic in float32: compressed, and dense
     "bf16-momentum": (torch.float32, dict(momentum_dtype="bfloat16")),
     "bf16-dense-momentum": (torch.float32, dict(rank=None, momentum_dtype=torch.bfloat16)),
+    # the compressed first moment in float32 (the default "auto" stores it in bfloat16)
+    "fp32-momentum": (torch.float32, dict(momentum_dtype=None)),
 })
 ULPS = {torch.float32: 0, torch.bfloat16: 2}  # a half-precision parameter rounds at every step
 
@@ -355,9 +357,10 @@ def _dcp_load(model, opt, path):
 
 
 def ckpt_opts() -> dict:
-    """OPTS, with the momentum_dtype the checkpoint test runs (FLORA_TEST_MOMENTUM_DTYPE)."""
+    """OPTS, with the momentum_dtype the checkpoint test runs (FLORA_TEST_MOMENTUM_DTYPE;
+    "none" for None, unset for the default)."""
     md = os.environ.get("FLORA_TEST_MOMENTUM_DTYPE")
-    return {**OPTS, **({"momentum_dtype": md} if md else {})}
+    return {**OPTS, **({"momentum_dtype": None if md == "none" else md} if md else {})}
 
 
 def fsdp_checkpoint_save(rank, world):

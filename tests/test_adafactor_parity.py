@@ -108,10 +108,12 @@ def test_equals_hf_adafactor_bf16():
 
 def test_dense_when_rank_not_below_dim():
     """A 2-D tensor whose projected dim does not exceed the rank keeps dense momentum and
-    so equals Adafactor."""
+    so equals Adafactor, the momentum in float32 (with a rank, the default "auto" stores it
+    in bfloat16)."""
     kw = dict(lr=1e-2, relative_step=False, beta1=0.9)
     ref = _train(lambda ps: Adafactor(ps, **kw))
-    got = _train(lambda ps: Flora(ps, rank=64, factor_dims="last", **kw))  # every projected dim <= 64
+    # every projected dim <= 64
+    got = _train(lambda ps: Flora(ps, rank=64, factor_dims="last", momentum_dtype=None, **kw))
     for a, b in zip(ref, got):
         assert (a - b).abs().max().item() <= 1e-6
 

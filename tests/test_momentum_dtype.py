@@ -86,7 +86,7 @@ def test_equals_float32_rounded_after_every_step(name, rank, foreach, rounded_tr
     step (7 steps, two resamples at kappa=3)."""
     model, ref_model = _net(), _net()
     opt = Flora(model.parameters(), rank=rank, momentum_dtype=name, foreach=foreach, **OPTS)
-    ref = Flora(ref_model.parameters(), rank=rank, foreach=foreach, **OPTS)
+    ref = Flora(ref_model.parameters(), rank=rank, momentum_dtype=None, foreach=foreach, **OPTS)
     for t, batch in enumerate(_batches(7), 1):
         rounded_transfer["t"] = t
         _step(model, opt, batch)
@@ -110,10 +110,10 @@ def test_equals_float32_rounded_after_every_step(name, rank, foreach, rounded_tr
 def test_half_the_momentum_bytes_and_close_to_float32():
     """The state counted from the tensors: the momentum's bytes halve, nothing else
     changes; after 30 steps the parameters moved as float32 momentum's to 1% of the
-    movement."""
+    movement. The default "auto" is "bfloat16" when a rank is set."""
     batches = _batches(30)
     runs = {}
-    for name in (None, "bfloat16"):
+    for name in (None, "bfloat16", "auto"):
         model = _net()
         p0 = [p.detach().clone() for p in model.parameters()]
         opt = Flora(model.parameters(), rank=4, momentum_dtype=name, **OPTS)
@@ -121,23 +121,29 @@ def test_half_the_momentum_bytes_and_close_to_float32():
             _step(model, opt, b)
         mom = sum(st[k].numel() * st[k].element_size() for st in opt.state.values() for k in MOMENTUM_KEYS if k in st)
         runs[name] = (model, p0, flora.state_bytes(opt), mom)
+        if name == "auto":
+            assert {k: st[k].dtype for st in opt.state.values() for k in MOMENTUM_KEYS if k in st} == {
+                "exp_avg_c": torch.bfloat16, "exp_avg": torch.bfloat16}
     (m32, p0, total32, mom32), (m16, _, total16, mom16) = runs[None], runs["bfloat16"]
     assert mom16 * 2 == mom32 and total32 - total16 == mom32 // 2
     shapes = [tuple(p.shape) for p in m16.parameters()]
     assert total16 == flora.flora_state_bytes(shapes, rank=4, beta1=0.9, momentum_dtype=torch.bfloat16)
-    assert total32 == flora.flora_state_bytes(shapes, rank=4, beta1=0.9)
+    assert total32 == flora.flora_state_bytes(shapes, rank=4, beta1=0.9, momentum_dtype=None)
+    m_auto, _, total_auto, mom_auto = runs["auto"]
+    assert total_auto == total16 == flora.flora_state_bytes(shapes, rank=4, beta1=0.9)  # the default
     with pytest.raises(ValueError, match="momentum_dtype"):
         flora.flora_state_bytes(shapes, rank=4, beta1=0.9, momentum_dtype="int8")
-    for a0, a, b in zip(p0, m32.parameters(), m16.parameters()):
+    for a0, a, b, c in zip(p0, m32.parameters(), m16.parameters(), m_auto.parameters()):
         move = (a - a0).abs().max()
         assert move > 1e-2
         assert (a - b).abs().max() <= 0.01 * move
+        assert torch.equal(b, c)
 
 
 def test_float64_parameters_step_in_float64_and_store_bfloat16(rounded_transfer):
     model, ref_model = _net(torch.float64), _net(torch.float64)
     opt = Flora(model.parameters(), rank=4, momentum_dtype=torch.bfloat16, **OPTS)
-    ref = Flora(ref_model.parameters(), rank=4, **OPTS)
+    ref = Flora(ref_model.parameters(), rank=4, momentum_dtype=None, **OPTS)
     for t, batch in enumerate(_batches(4, torch.float64), 1):
         rounded_transfer["t"] = t
         _step(model, opt, batch)
@@ -152,7 +158,7 @@ def test_float64_parameters_step_in_float64_and_store_bfloat16(rounded_transfer)
 @pytest.mark.parametrize("bad", [torch.float64, torch.int8, "int8", "bf16", True, 16, 0.5, "float16", torch.float16])
 def test_bad_momentum_dtype_is_refused_naming_the_option(bad):
     model = _net()
-    with pytest.raises(ValueError, match="momentum_dtype must be None .*'bfloat16'"):
+    with pytest.raises(ValueError, match="momentum_dtype must be 'auto' .*None .*'bfloat16'"):
         Flora(model.parameters(), rank=4, momentum_dtype=bad, **OPTS)
     opt = Flora(model.parameters(), rank=4, **OPTS)
     with pytest.raises(ValueError, match="momentum_dtype"):
@@ -220,8 +226,8 @@ def test_a_float32_state_converts_at_its_next_step(rounded_transfer):
     at the next step, which then equals the rounded reference's."""
     batches = _batches(6)
     model, ref_model = _net(), _net()
-    opt = Flora(model.parameters(), rank=4, **OPTS)
-    ref = Flora(ref_model.parameters(), rank=4, **OPTS)
+    opt = Flora(model.parameters(), rank=4, momentum_dtype=None, **OPTS)
+    ref = Flora(ref_model.parameters(), rank=4, momentum_dtype=None, **OPTS)
     for b in batches[:3]:
         _step(model, opt, b)
         _step(ref_model, ref, b)
@@ -246,17 +252,27 @@ def test_a_float32_state_converts_at_its_next_step(rounded_transfer):
 
 
 def test_a_state_saved_before_the_option_loads_with_none():
+    """A checkpoint from before the option (or before "auto", saving None) keeps its
+    float32 momentum: silently into Flora(momentum_dtype=None), with the usual warning
+    naming the option into a default-built Flora ("auto")."""
     model = _net()
-    opt = Flora(model.parameters(), rank=4, **OPTS)
+    opt = Flora(model.parameters(), rank=4, momentum_dtype=None, **OPTS)
     _step(model, opt, _batches(1)[0])
     sd = opt.state_dict()
     for g in sd["param_groups"]:
         del g["momentum_dtype"]  # as saved before the option existed
-    opt2 = Flora(_net().parameters(), rank=4, **OPTS)
+    opt2 = Flora(_net().parameters(), rank=4, momentum_dtype=None, **OPTS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt2.load_state_dict(sd)
+        opt2.load_state_dict(copy.deepcopy(sd))
     assert opt2.param_groups[0]["momentum_dtype"] is None
+    model5 = _net()
+    opt5 = Flora(model5.parameters(), rank=4, **OPTS)
+    with pytest.warns(UserWarning, match="momentum_dtype: 'auto' -> None"):
+        opt5.load_state_dict(copy.deepcopy(sd))
+    assert opt5.param_groups[0]["momentum_dtype"] is None
+    _step(model5, opt5, _batches(2)[1])
+    assert {st["exp_avg_c"].dtype for st in opt5.state.values() if "exp_avg_c" in st} == {torch.float32}
     # and an optimizer pickled before it
     opt3 = Flora(_net().parameters(), rank=4, momentum_dtype="bfloat16", **OPTS)
     state = opt3.__getstate__()
@@ -282,11 +298,18 @@ def test_bench_names_carry_the_momentum_dtype():
     assert (spec.rank, spec.momentum_dtype, spec.momentum_form) == (32, "bfloat16", "floored")
     spec = bench_optimizers.parse("flora-r8-exact-orthonormal+bf16+ca-r8")
     assert (spec.momentum_dtype, spec.momentum_form, spec.accumulate_rank) == ("bfloat16", "exact", 8)
-    assert bench_optimizers.parse("flora-r8").momentum_dtype is None
+    assert bench_optimizers.parse("flora-r8").momentum_dtype is None  # Flora's default, "auto"
+    assert bench_optimizers.parse("flora-r8+fp32").momentum_dtype == "float32"
+    fp32 = bench_optimizers.make_optimizer(bench_optimizers.parse("flora-r8+fp32"), _net().parameters(), 1e-3,
+                                           kappa=10, seed=0)
+    assert fp32.param_groups[0]["momentum_dtype"] == "float32"
+    default = bench_optimizers.make_optimizer(bench_optimizers.parse("flora-r8"), _net().parameters(), 1e-3,
+                                              kappa=10, seed=0)
+    assert default.param_groups[0]["momentum_dtype"] == "auto"
     opt = bench_optimizers.make_optimizer(spec, _net().parameters(), 1e-3, kappa=10, seed=0)
     assert opt.param_groups[0]["momentum_dtype"] == "bfloat16"
-    for bad in ("adamw+bf16", "adafactor-b0.9+bf16", "flora-dense+bf16"):
-        with pytest.raises(ValueError, match=r"\+bf16 .* follows a flora-rR name only"):
+    for bad in ("adamw+bf16", "adafactor-b0.9+bf16", "flora-dense+bf16", "adamw+fp32"):
+        with pytest.raises(ValueError, match=r"\+(bf16|fp32) .* follows a flora-rR name only"):
             bench_optimizers.parse(bad)
     with pytest.raises(ValueError, match="unknown optimizer"):
         bench_optimizers.parse("flora-r8+fp16")

@@ -16,7 +16,8 @@ compares the parameters' *movement*: the tolerance is a small fraction of it (pl
 units in the last place of the parameter's dtype, for half precision), and the movement
 must be non-trivial. State tensors are compared too, with their dtype (float32 for half
 and float32 parameters, float64 for float64 ones; the first moment in ``momentum_dtype``
-where a config sets it, bfloat16 to one unit in the last place). The reference itself is checked
+(under the default "auto", bfloat16 in a group with a rank, for a float32 state), bfloat16 to
+one unit in the last place). The reference itself is checked
 against the same values laid out contiguously.
 
 The table is a covering design, not a full product: every layout by every form and
@@ -90,6 +91,8 @@ CONFIGS = {
     # the first moment stored in bfloat16 (its arithmetic is not): compressed, and dense
     "bf16-momentum": dict(rank=4, beta1=0.9, momentum_dtype="bfloat16"),
     "bf16-dense-momentum": dict(rank=None, beta1=0.9, momentum_dtype=torch.bfloat16),
+    # the compressed first moment in float32 (the default "auto" stores it in bfloat16)
+    "fp32-momentum": dict(rank=4, beta1=0.9, momentum_dtype=None),
 }
 
 
@@ -134,7 +137,7 @@ CASES = dict(
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
        for c in ("paper-gaussian", "exact-orthonormal", "subspace-coordinates", "scaled-orthonormal",
                  "fixed-orthonormal", "floored-coordinates", "dense-momentum", "no-momentum", "bf16-momentum",
-                 "bf16-dense-momentum")]
+                 "bf16-dense-momentum", "fp32-momentum")]
     # HF's and torch's rule (the last two dims) on every layout of 3+ dims, and half precision
     + [_case(lay, "fp32", c, factor="last") for lay in MULTI_DIM
        for c in ("scaled-orthonormal", "fixed-coordinates", "paper-gaussian", "dense-momentum", "no-momentum",
@@ -146,7 +149,7 @@ CASES = dict(
     # a non-finite gradient in one parameter of a bucket: skipped alike on every path
     + [_case(lay, "fp32", c, bad=b) for lay in ("contiguous", "channels_last", "first-largest-3d")
        for c in ("scaled-orthonormal", "fixed-orthonormal", "paper-gaussian", "dense-momentum", "no-momentum",
-                 "bf16-momentum")
+                 "bf16-momentum", "fp32-momentum")
        for b in ("nan", "inf")]
 )
 
@@ -258,12 +261,16 @@ def _assert_same_state(ref_opt, ref_p, opt, p, what):
     sr, sg = ref_opt.state[ref_p], opt.state[p]
     assert sr.keys() == sg.keys(), what
     state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-    narrow = opt.param_groups[0]["momentum_dtype"]  # a name, or None: the state dtype
+    group = opt.param_groups[0]
+    narrow = group["momentum_dtype"]  # a name, "auto", or None: the state dtype
+    if narrow == "auto":  # bfloat16 in a group with a rank, for a float32 state
+        narrow = "bfloat16" if group["rank"] is not None and state_dtype == torch.float32 else None
+    narrow = {} if narrow is None else {"exp_avg": narrow, "exp_avg_c": narrow}
     for k, v in sr.items():
         if not isinstance(v, torch.Tensor):
             assert sg[k] == v, f"{what}: {k}"
             continue
-        want_dtype = getattr(torch, narrow) if narrow is not None and k in ("exp_avg", "exp_avg_c") else state_dtype
+        want_dtype = getattr(torch, narrow[k]) if k in narrow else state_dtype
         assert v.dtype == want_dtype and sg[k].dtype == want_dtype, f"{what}: {k} is {sg[k].dtype}"
         scale = v.abs().max().item() if v.numel() else 0.0
         rtol = 1e-10 if want_dtype == torch.float64 else 1e-4
@@ -329,7 +336,7 @@ COMPILED_CASES = dict(
     # a first moment stored in bfloat16 (widened and rounded back around the graphs)
     + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
                                           ("channels_last", "fp64"))
-       for c in ("bf16-momentum", "bf16-dense-momentum")]
+       for c in ("bf16-momentum", "bf16-dense-momentum", "fp32-momentum")]
 )
 
 

@@ -45,11 +45,14 @@ def dense_reason(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio: 
 
 
 # What the first moment may be stored in (``momentum_dtype``); None: the state dtype
-# (float32, float64 for float64 parameters). Its arithmetic always runs in the state dtype.
+# (float32, float64 for float64 parameters); "auto" (the default since 2026-12-02):
+# bfloat16 in a group with a rank when the state is float32, the state dtype otherwise
+# (rank None: HF Adafactor's arithmetic; float64 parameters). Its arithmetic always runs
+# in the state dtype.
 # Not float16: the momentum holds lr-scaled updates (as HF Adafactor's), about lr in size,
 # so at fine-tuning lrs (1e-5) it would sit in float16's subnormals (below 6.1e-5) or
 # flush to zero; bfloat16 has float32's range.
-MOMENTUM_DTYPES = (None, "float32", "bfloat16")
+MOMENTUM_DTYPES = (None, "auto", "float32", "bfloat16")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -67,11 +70,16 @@ def check_momentum_dtype(value) -> None:
         return
     why = (" (not float16: the momentum holds lr-scaled updates, about lr in size, which at small lrs "
            "fall below float16's normal range; bfloat16 has float32's)") if name == "float16" else ""
-    raise ValueError("momentum_dtype must be None (the state dtype: float32, float64 for float64 parameters), "
+    raise ValueError("momentum_dtype must be 'auto' (bfloat16 in a group with a rank and a float32 state, "
+                     "else the state dtype), None (the state dtype: float32, float64 for float64 parameters), "
                      f"'float32' or 'bfloat16' (or that torch.dtype); got {value!r}{why}")
 
 
 def momentum_storage(group: dict, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a parameter of ``dtype`` keeps its first moment in under ``group``."""
+    """The dtype a parameter of ``dtype`` keeps its first moment in under ``group``. A group
+    without the option (a checkpoint from before it) keeps the state dtype."""
     name = momentum_dtype_name(group.get("momentum_dtype"))
-    return state_dtype(dtype) if name is None else getattr(torch, name)
+    wide = state_dtype(dtype)
+    if name == "auto":
+        return torch.bfloat16 if group.get("rank") is not None and wide == torch.float32 else wide
+    return wide if name is None else getattr(torch, name)

@@ -69,9 +69,9 @@ _FLORA_OPTIONS = frozenset((
 ))
 
 
-def _check_options(rank, beta1, options: dict) -> None:
+def _check_options(rank, beta1, options: dict) -> dict:
     """The options as Flora's constructor checks them (``ValueError`` / ``TypeError`` naming
-    the option and the allowed values)."""
+    the option and the allowed values); the group they make, defaults filled."""
     import inspect
 
     from .compression import momentum_dtype_name
@@ -88,6 +88,7 @@ def _check_options(rank, beta1, options: dict) -> None:
     if group["relative_step"] is None:
         group["relative_step"] = group["lr"] is None
     validate_group(group)
+    return group
 
 
 def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=torch.float32, **options) -> int:
@@ -101,7 +102,8 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
       Adafactor), ``numel`` for 1-D;
     - first moment (when ``beta1`` is set): ``r * (other dim)`` for a compressed tensor
       (:func:`flora.compression.compressed_dim`), ``numel`` otherwise, in
-      ``momentum_dtype`` when that option is given (2 bytes for ``"bfloat16"``).
+      ``momentum_dtype`` (default ``"auto"``: 2 bytes when ``rank`` is set and the state
+      is float32, the state dtype's otherwise).
 
     ``options`` are Flora's other keyword arguments (``proj_dim``, ``max_aspect_ratio``
     and ``factor_dims`` matter); an unknown name is a ``TypeError``."""
@@ -109,7 +111,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     if unknown:
         raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
                         f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
-    _check_options(rank, beta1, options)
+    group = _check_options(rank, beta1, options)
     total = moment = 0
     for shape in shapes:
         shape = tuple(shape)
@@ -125,7 +127,10 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
             dim = compressed_dim(shape, rank, proj_dim=options.get("proj_dim", "auto"),
                                  max_aspect_ratio=options.get("max_aspect_ratio"))
             moment += numel if dim is None else math.prod(compressed_shape(shape, rank, dim))
-    narrow = momentum_storage(options, dtype)
     # the parameters' dtype in, the state's out: half-precision parameters keep float32 state
     wide = state_dtype(dtype)
-    return torch.empty((), dtype=wide).element_size() * total + torch.empty((), dtype=narrow).element_size() * moment
+
+    def size(d):
+        return torch.empty((), dtype=d).element_size()
+
+    return size(wide) * total + size(momentum_storage(group, dtype)) * moment

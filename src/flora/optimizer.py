@@ -75,7 +75,7 @@ class Flora(Optimizer):
         max_aspect_ratio: float | None = None,
         factor_dims: str = "largest",
         complement_weight: float | None = None,
-        momentum_dtype: str | torch.dtype | None = None,
+        momentum_dtype: str | torch.dtype | None = "auto",
         cache_projections: bool = True,
         foreach: bool | None = None,
         compile: bool | str | Any = False,
@@ -522,9 +522,15 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             Any other form with a weight set is a ``ValueError``; a parameter group that
             sets another form (and no weight) does not inherit the constructor's. A
             checkpoint saved without this option loads with None.
-        momentum_dtype: what the first moment (compressed or dense) is stored in: None
-            (the default: the state dtype, float32, or float64 for float64 parameters),
-            ``"float32"`` or ``"bfloat16"`` (or that ``torch.dtype``). Its arithmetic, the
+        momentum_dtype: what the first moment (compressed or dense) is stored in:
+            ``"auto"`` (the default since 2026-12-02: bfloat16 when ``rank`` is set and
+            the state is float32, the state dtype otherwise, so that ``rank=None`` is HF
+            Adafactor's arithmetic exactly and float64 stays float64; it halved the r32
+            momentum and tied float32 on the selection suite's longer runs:
+            docs/results.md), None (the state
+            dtype, float32, or float64 for float64 parameters; what a checkpoint saved
+            without the option, or before ``"auto"``, keeps), ``"float32"`` or
+            ``"bfloat16"`` (or that ``torch.dtype``). Its arithmetic, the
             resample's transfer included, runs in the state dtype on a copy that is
             rounded back once per step (and after a transfer), so bfloat16 halves the
             momentum's bytes and changes little else. The rounding is stochastic (``flora.rounding``: up with

@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 from . import sharded
+from .compression import momentum_storage
 from .options import momentum_dim, momentum_reason
 from .projection import compressed_shape
 from .sharded import is_dtensor
@@ -15,13 +16,16 @@ from .sharded import is_dtensor
 def plan(opt) -> list[dict[str, Any]]:
     """One row per parameter: ``index`` (across groups, keys the projection seeds),
     ``group``, ``shape``, ``compressed`` (bool), ``proj_dim`` and ``momentum_shape`` when
-    compressed, else ``reason`` (why its momentum is dense or absent)."""
+    compressed, else ``reason`` (why its momentum is dense or absent); ``momentum_dtype``
+    (what its momentum is stored in, a name such as ``"bfloat16"``; None without ``beta1``)."""
     rows, index = [], 0
     for gi, group in enumerate(opt.param_groups):
         for p in group["params"]:
             shape = tuple(p.shape)
             reason = momentum_reason(shape, group)
-            row = {"index": index, "group": gi, "shape": shape, "compressed": reason is None}
+            row = {"index": index, "group": gi, "shape": shape, "compressed": reason is None,
+                   "momentum_dtype": None if group["beta1"] is None
+                   else str(momentum_storage(group, p.dtype)).removeprefix("torch.")}
             if reason is None:
                 dim = sharded.momentum_dim(shape, group) if is_dtensor(p) else momentum_dim(shape, group)
                 row.update(proj_dim=dim, momentum_shape=compressed_shape(shape, group["rank"], dim))
@@ -40,6 +44,8 @@ def summary(opt) -> str:
     for r in rows:
         what = (f"compressed to {r['momentum_shape'][0]} x {r['momentum_shape'][1]} (proj_dim={r['proj_dim']})"
                 if r["compressed"] else f"dense: {r['reason']}")
+        if r["momentum_dtype"] is not None:
+            what += f", momentum in {r['momentum_dtype']}"
         lines.append(f"  [{r['index']}] group {r['group']} {r['shape']}: {what}")
     return "\n".join(lines)
 

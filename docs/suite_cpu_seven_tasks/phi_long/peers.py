@@ -1,9 +1,11 @@
 """The quality-against-state plane on the runs that resolve the floor-to-target gap (issue
 17): the peers of runs_peers.jsonl (AdamW, torchao's and bitsandbytes' 8-bit AdamW,
 Adam-mini, APOLLO-Mini; 3 seeds, 5 lrs) beside the floor, the target and the default
-('floor0.4' = momentum_form="floored") at r8 and r32 of table.py's runs, each at its lr
-with the best mean validation loss; and the default with momentum_dtype="bfloat16"
-(runs_dtype.jsonl, the same seeds and lr grid). For every peer with less state
+('floor0.4' = momentum_form="floored", its momentum in float32: the default until
+2026-12-02) at r8 and r32 of table.py's runs, each at its lr with the best mean
+validation loss; and the default since 2026-12-02, its momentum in bfloat16 rounded
+stochastically (runs_dtype_sr.jsonl, the same seeds and lr grid; momentum_dtype="auto",
+"bfloat16" on these tasks). For every peer with less state
 than a Flora row, the paired test-loss difference (peer - Flora): a peer dominates when it
 is below zero by more than one std. Writes peers.md, peers.csv and peers_loss_vs_state.png
 beside this file."""
@@ -25,11 +27,12 @@ for line in open(here / "runs_peers.jsonl"):
     r = json.loads(line)
     peer_by[(r["task"], r["scale"], None, r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
 by.update(peer_by)
-for line in open(here / "runs_dtype.jsonl"):  # the default form with a 16-bit momentum
+for line in open(here / "runs_dtype_sr.jsonl"):  # the default form with a bfloat16 momentum, rounded stochastically
     r = json.loads(line)
-    by[(r["task"], r["scale"], r["rank"], r["row"])].setdefault(r["lr"], {})[r["seed"]] = r
+    by[(r["task"], r["scale"], r["rank"], "bf16-sr")].setdefault(r["lr"], {})[r["seed"]] = r
 # The Flora rows a peer is compared with: (label, rank, row)
-FLORA = [(f"Flora r{rank} (default){suffix}", rank, row) for suffix, row in (("", "floor0.4"), (" +bf16", "bf16"))
+FLORA = [(f"Flora r{rank}{suffix}", rank, row)
+         for suffix, row in ((" fp32 (default until 2026-12-02)", "floor0.4"), (" (default)", "bf16-sr"))
          for rank in (8, 32)]
 
 rows = []  # task, label, lr, edge, seeds, state bytes
@@ -66,7 +69,7 @@ for r in rows:
                  f"{st.mean(t):.4f} ± {st.stdev(t):.4f} | " + " | ".join(cells) + " |")
     table.append(dict(task=r["task"], optimizer=r["label"], lr=r["lr"], lr_edge=r["edge"], state_bytes=r["state"],
                       state_of_adamw=round(share, 4), test_loss_mean=st.mean(t), test_loss_std=st.stdev(t),
-                      **{f"vs_flora_r{rank}" + ("" if row == "floor0.4" else f"_{row}"): c
+                      **{f"vs_flora_r{rank}" + ("_fp32" if row == "floor0.4" else ""): c
                          for (_, rank, row), c in zip(FLORA, cells)}))
 write("peers", lines, table)
 

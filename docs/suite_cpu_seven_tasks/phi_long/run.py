@@ -1,6 +1,7 @@
 """Experiment (issue 17): the complement weight phi of the subspace forms at longer runs.
 Rows 'adafactor' and 'adafactor-b0.9' (floor, target), the peers (flora.bench.suite.peers.PEERS), 'default' (the
-library's default form, 'floored'), 'bf16' (it with momentum_dtype="bfloat16"),
+library's default form, 'floored'; its momentum in float32 until 2026-12-02, in bfloat16 since: "auto"), 'bf16' (it with
+momentum_dtype="bfloat16"), 'fp32' (it with momentum_dtype="float32"),
 'scaled' (the default until 2026-12-01), 'exact' (phi = 1 - beta1 = 0.1) fixed phi values and 'floorW' ('scaled' with phi at least W), by
 monkeypatching the 'scaled' form's phi (the library is unchanged); 3 seeds.
 argv: out.jsonl task scale rank rows lrs [first-last seed, default 0-2]
@@ -27,7 +28,7 @@ with open(out_path, "a") as out:
         if row.startswith("adafactor") or row in peers.PEERS:  # the floor, the target, the peers
             momentum.complement_scale_t = original
             name = row
-        elif row in ("default", "bf16"):  # the library's default form; momentum_dtype="bfloat16"
+        elif row in ("default", "bf16", "fp32"):  # the library's default form; its momentum_dtype "bfloat16", "float32"
             momentum.complement_scale_t = original
             name = f"flora-r{rank}" + ("" if row == "default" else f"+{row}")
         elif row in ("scaled", "exact"):

@@ -27,8 +27,9 @@ def _spec(name: str):
 
 
 def form_label(spec) -> str:
-    """A Flora row's form: FORM-PROJECTION, with the momentum dtype's suffix (``+bf16``) so that
-    ``flora-r8`` and ``flora-r8+bf16`` get rows of their own (one overwrote the other)."""
+    """A Flora row's form: FORM-PROJECTION, with the momentum dtype's suffix (``+bf16``,
+    ``+fp32``) so that ``flora-r8``, ``flora-r8+bf16`` and ``flora-r8+fp32`` get rows of their
+    own (one overwrote the other)."""
     from .optimizers import MOMENTUM_DTYPE_SUFFIXES
 
     dtype = {v: k for k, v in MOMENTUM_DTYPE_SUFFIXES.items()}.get(spec.momentum_dtype, spec.momentum_dtype)

@@ -59,10 +59,12 @@ _NAME = re.compile(r"^(?P<base>adamw|adafactor(?:-b0\.9)?|flora-dense"
                    r"|flora-r(?P<fr>\d+)(?P<form>(?:-[a-z]+[0-9.]*){0,2})"
                    r"|lora-r(?P<lr>\d+)"
                    r"|galore-r(?P<gr>\d+)|apollo-r(?P<ar>\d+)|flora-opt-r(?P<or>\d+))"
-                   r"(?:\+(?P<md>bf16))?(?:\+ca-r(?P<ca>\d+))?$")
+                   r"(?:\+(?P<md>bf16|fp32))?(?:\+ca-r(?P<ca>\d+))?$")
 
-# A Flora name's momentum dtype suffix (flora.Flora's momentum_dtype): flora-r32+bf16.
-MOMENTUM_DTYPE_SUFFIXES = {"bf16": "bfloat16"}
+# A Flora name's momentum dtype suffix (flora.Flora's momentum_dtype): flora-r32+bf16 (every
+# momentum in bfloat16), flora-r32+fp32 (in float32, the default before 2026-12-02); without
+# one, Flora's default "auto": bfloat16 with a rank, so flora-rR and flora-rR+bf16 step alike.
+MOMENTUM_DTYPE_SUFFIXES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Spec:
     projection: str = "orthonormal"  # flora.Flora's projection
     accumulate_rank: int | None = None
     complement_weight: float | None = None  # flora.Flora's complement_weight (the "fixed" and "floored" forms')
-    momentum_dtype: str | None = None  # flora.Flora's momentum_dtype ("+bf16" in the name)
+    momentum_dtype: str | None = None  # flora.Flora's momentum_dtype ("+bf16", "+fp32"); None: its default
 
     @property
     def flora_form(self) -> str:
@@ -101,7 +103,7 @@ PEER_MODULES = {"galore": "galore_torch", "apollo": "apollo_torch", "flora-opt":
 
 
 # What a name may be (R: a rank), for messages.
-NAME_FORMS = ("adamw", "adafactor", "adafactor-b0.9", "flora-rR", "flora-rR-FORM[-PROJECTION]", "flora-rR[...]+bf16",
+NAME_FORMS = ("adamw", "adafactor", "adafactor-b0.9", "flora-rR", "flora-rR-FORM[-PROJECTION]", "flora-rR[...]+bf16", "flora-rR[...]+fp32",
               "flora-dense",
               "lora-rR", "galore-rR", "apollo-rR", "flora-opt-rR")
 
@@ -173,7 +175,7 @@ def parse(name: str) -> Spec:
     if m["md"]:
         if s.family != "flora" or s.rank is None:
             raise ValueError(f"{name}: +{m['md']} (the momentum's storage dtype) follows a flora-rR name only "
-                             "(e.g. flora-r32+bf16, flora-r32-exact-orthonormal+bf16)")
+                             "(e.g. flora-r32+bf16, flora-r32+fp32, flora-r32-exact-orthonormal+bf16)")
         s = dataclasses.replace(s, momentum_dtype=MOMENTUM_DTYPE_SUFFIXES[m["md"]])
     if ca is not None and s.family == "lora":
         raise ValueError(f"{name}: compressed accumulation of LoRA adapters is not offered (they are already low-rank)")
