@@ -9,16 +9,17 @@ the best mean validation loss, and the paired test-loss difference to float32 at
 lr (the same seeds, the same data order and projections: only the rounding differs).
 The bfloat16 rows of runs_dtype.jsonl rounded to nearest (before 2026-12-02); those of
 runs_dtype_sr.jsonl (run.py row 'bf16' with the library's stochastic rounding, read here
-as row 'bf16sr') on the three longer tasks.
+as row 'bf16sr') on the three longer tasks, and of runs_dtype_1x_sr.jsonl on the other four
+(tenth session, 2026-12-02: the library's default since then, "auto", on these tasks).
 Writes dtype.md and dtype.csv beside this file."""
 import json, statistics as st
 
 from table import best, by, here, write
 
-for name in ("runs_dtype.jsonl", "runs_dtype_1x.jsonl", "runs_dtype_sr.jsonl"):
+for name in ("runs_dtype.jsonl", "runs_dtype_1x.jsonl", "runs_dtype_sr.jsonl", "runs_dtype_1x_sr.jsonl"):
     for line in open(here / name):
         r = json.loads(line)
-        row = "bf16sr" if name == "runs_dtype_sr.jsonl" else r["row"]
+        row = "bf16sr" if name.endswith("_sr.jsonl") else r["row"]
         by[(r["task"], r["scale"], r["rank"], row)].setdefault(r["lr"], {})[r["seed"]] = r
 
 # (task, scale, the float32 row): 'floor0.4' (table.py's runs) or 'default' (run beside bf16)
@@ -46,4 +47,15 @@ for task, scale, f32 in TASKS:
                          f"{st.mean(t):.4f} ± {st.stdev(t):.4f} | {diff} |")
             table.append(dict(task=task, rank=rank, momentum_dtype=dtype, lr=lr, lr_edge=edge, state_bytes=state,
                               test_loss_mean=st.mean(t), test_loss_std=st.stdev(t), minus_float32=diff))
+# vit r8 at lr 0.002 with seeds 3-8 too (runs_vit_seeds.jsonl, tenth session: run.py rows 'fp32' and
+# 'bf16'), paired over 9 seeds: its 3-seed difference above is inside a spread of 0.1-0.2
+f32 = {s: r["test_loss"] for s, r in by[("vit", 1.0, 8, "default")].get(0.002, {}).items()}
+b16 = {s: r["test_loss"] for s, r in by[("vit", 1.0, 8, "bf16sr")].get(0.002, {}).items()}
+for line in open(here / "runs_vit_seeds.jsonl"):
+    r = json.loads(line)
+    (f32 if r["row"] == "fp32" else b16)[r["seed"]] = r["test_loss"]
+d = [b16[s] - f32[s] for s in sorted(f32) if s in b16]
+lines += ["", f"vit r8, lr 0.002, seeds {min(f32)}-{max(f32)}: float32 {st.mean(f32.values()):.4f} ± "
+          f"{st.stdev(f32.values()):.4f}, bfloat16 stochastic {st.mean(b16.values()):.4f} ± {st.stdev(b16.values()):.4f}; "
+          f"paired {st.mean(d):+.4f} ± {st.stdev(d):.4f} (standard error {st.stdev(d) / len(d) ** 0.5:.4f}, {len(d)} seeds)"]
 write("dtype", lines, table)
