@@ -8,8 +8,12 @@ time on a shared machine):
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python docs/compile_cold.py
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) PYTHONPATH=/tmp/base7/src python docs/compile_cold.py
+
+An argument sets momentum_dtype (``none`` for None, float32; the default since 2026-12-02 is
+"auto", bfloat16 here): ``python docs/compile_cold.py none``.
 """
 import resource
+import sys
 import time
 
 import torch
@@ -22,7 +26,9 @@ g = torch.Generator().manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for _, s in llama_shapes(SMOLLM2_135M)]
 for p in params:
     p.grad = torch.randn(p.shape, generator=g) * 1e-3
-opt = flora.Flora(params, lr=1e-3, rank=32, beta1=0.9, compile=True)
+md = {} if len(sys.argv) < 2 else {"momentum_dtype": None if sys.argv[1] == "none" else sys.argv[1]}
+opt = flora.Flora(params, lr=1e-3, rank=32, beta1=0.9, compile=True, **md)
+print("momentum_dtype", opt.param_groups[0]["momentum_dtype"])
 
 def children_cpu() -> float:  # the C++ compilers inductor ran and waited for
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
