@@ -339,3 +339,43 @@ def test_a_steady_gradient_is_reached_at_any_beta1(beta1):
         final[name] = sum(seen) / len(seen)
     assert final[None] > 0.99
     assert abs(final["bfloat16"] - 1.0) < 0.01, final
+
+
+@pytest.mark.parametrize("kw", [dict(rank=None, beta1=0.9), dict(rank=4, beta1=None), dict(rank=None, beta1=None)],
+                         ids=["no-rank", "no-momentum", "neither"])
+def test_an_old_checkpoint_loads_silently_where_auto_stores_as_none(kw):
+    """Without a rank or without a momentum, "auto" stores as None does: a checkpoint saved
+    with None (or before the option) loads into a default-built Flora with no warning."""
+    model = _net()
+    opt = Flora(model.parameters(), momentum_dtype=None, **{**OPTS, **kw})
+    _step(model, opt, _batches(1)[0])
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["momentum_dtype"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank=4 without beta1 warns that nothing is compressed
+        opt2 = Flora(_net().parameters(), **{**OPTS, **kw})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt2.load_state_dict(sd)
+
+
+def test_a_momentum_narrowed_on_its_way_in_is_named():
+    """torch.distributed.checkpoint loads into the tensors the loading optimizer made: a
+    float32 checkpoint read into a default-built Flora arrives in bfloat16, rounded. The
+    load cannot undo that; it warns, saying how to resume exactly (momentum_dtype=None)."""
+    model = _net()
+    opt = Flora(model.parameters(), rank=4, momentum_dtype=None, **OPTS)
+    _step(model, opt, _batches(1)[0])
+    sd = copy.deepcopy(opt.state_dict())  # (a state_dict's per-parameter dicts are the optimizer's own)
+    for st in sd["state"].values():  # what DCP hands over: the saved values in the loader's bfloat16 tensors
+        for k in MOMENTUM_KEYS:
+            if k in st:
+                st[k] = st[k].to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"4 loaded momentum tensor\(s\) are narrower .* momentum_dtype=None"):
+        Flora(_net().parameters(), rank=4, **OPTS).load_state_dict(copy.deepcopy(sd))
+    sd_ok = opt.state_dict()  # float32 as saved: no such warning
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Flora(_net().parameters(), rank=4, **OPTS).load_state_dict(sd_ok)
+    assert not [w for w in seen if "narrower" in str(w.message)]

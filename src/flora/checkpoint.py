@@ -10,8 +10,17 @@ from typing import Any
 import torch
 
 from .adafactor import factored_dims
+from .compression import momentum_storage
 from .options import ALGORITHM_KEYS, CORE_KEYS, upgrade_group, validate_group
 from .state import check_state_shapes
+
+
+def _storage_differs(params, mine: dict, saved: dict) -> bool:
+    """Whether two groups' ``momentum_dtype`` store some parameter's momentum apart ("auto"
+    and None store alike without a rank, or without a momentum)."""
+    if mine.get("beta1") is None and saved.get("beta1") is None:
+        return False
+    return any(momentum_storage(mine, p.dtype) != momentum_storage(saved, p.dtype) for p in params)
 
 
 def _factors_differ(params, rule_a: str, rule_b: str) -> bool:
@@ -69,7 +78,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         check_state_shapes(p, s, g)
     changed = [(gi, k, mine[k], saved[k]) for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups))
                for k in ALGORITHM_KEYS if k in saved and k in mine and saved[k] != mine[k]
-               and (k != "factor_dims" or _factors_differ(mine["params"], mine[k], saved[k]))]
+               and (k != "factor_dims" or _factors_differ(mine["params"], mine[k], saved[k]))
+               and (k != "momentum_dtype" or _storage_differs(mine["params"], mine, saved))]
     base_load({**state_dict, "param_groups": groups})
     if changed:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
@@ -96,4 +106,29 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                 opt.state[p]["step"] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
             elif isinstance(v, torch.Tensor):
                 opt.state[p][k] = v.detach().to(device=p.device, copy=True)
+    _warn_narrowed_momentum(opt, id_to_param, state_dict["state"])
     opt._remember_layouts()  # an edit of seed, projection, proj_dim... before the next step is checked
+
+
+def _warn_narrowed_momentum(opt, id_to_param: dict, states: dict) -> None:
+    """A loaded momentum narrower than its group stores it was rounded on its way in: the
+    usual cause is torch.distributed.checkpoint (and the Trainer's FSDP checkpoints),
+    which loads into the tensors the loading optimizer made, so a float32 checkpoint
+    (``momentum_dtype=None``, every one saved before "auto" became the default) read into
+    a default-built Flora arrives in bfloat16. Its next step widens the rounded values:
+    the run continues, but not as the saved one would have."""
+    narrowed = 0
+    for pid, s in states.items():
+        p, group = id_to_param[pid]
+        want = momentum_storage(group, p.dtype)
+        for k in ("exp_avg_c", "exp_avg"):
+            v = s.get(k)
+            if isinstance(v, torch.Tensor) and torch.finfo(v.dtype).bits < torch.finfo(want).bits:
+                narrowed += 1
+    if narrowed:
+        warnings.warn(f"Flora.load_state_dict: {narrowed} loaded momentum tensor(s) are narrower than their group's "
+                      "momentum_dtype stores them (bfloat16 where the checkpoint's group says float32): they were "
+                      "rounded on the way in, as torch.distributed.checkpoint does when it loads a float32 "
+                      "checkpoint into an optimizer built with the default momentum_dtype='auto'. To resume such "
+                      "a checkpoint exactly, build Flora with momentum_dtype=None (as it was saved)",
+                      UserWarning, stacklevel=3)

