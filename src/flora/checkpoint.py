@@ -106,11 +106,11 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                 opt.state[p]["step"] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
             elif isinstance(v, torch.Tensor):
                 opt.state[p][k] = v.detach().to(device=p.device, copy=True)
-    _warn_narrowed_momentum(opt, id_to_param, state_dict["state"])
+    _warn_narrowed_momentum(id_to_param, state_dict["state"])
     opt._remember_layouts()  # an edit of seed, projection, proj_dim... before the next step is checked
 
 
-def _warn_narrowed_momentum(opt, id_to_param: dict, states: dict) -> None:
+def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:
     """A loaded momentum narrower than its group stores it was rounded on its way in: the
     usual cause is torch.distributed.checkpoint (and the Trainer's FSDP checkpoints),
     which loads into the tensors the loading optimizer made, so a float32 checkpoint

@@ -526,11 +526,12 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             ``"auto"`` (the default since 2026-12-02: bfloat16 when ``rank`` is set and
             the state is float32, the state dtype otherwise, so that ``rank=None`` is HF
             Adafactor's arithmetic exactly and float64 stays float64; it halved the r32
-            momentum and tied float32 on the selection suite's longer runs:
-            docs/results.md), None (the state
-            dtype, float32, or float64 for float64 parameters; what a checkpoint saved
-            without the option, or before ``"auto"``, keeps), ``"float32"`` or
-            ``"bfloat16"`` (or that ``torch.dtype``). Its arithmetic, the
+            momentum and tied float32 on all seven CPU tasks of the selection suite:
+            docs/results.md), None (the state dtype, float32, or float64 for float64
+            parameters; what a checkpoint saved without the option, or before
+            ``"auto"``, keeps), ``"float32"`` or ``"bfloat16"`` (or that
+            ``torch.dtype``). A torch.distributed.checkpoint of float32 momentum loads
+            into the loading Flora's tensors: build that one with None. Its arithmetic, the
             resample's transfer included, runs in the state dtype on a copy that is
             rounded back once per step (and after a transfer), so bfloat16 halves the
             momentum's bytes and changes little else. The rounding is stochastic (``flora.rounding``: up with

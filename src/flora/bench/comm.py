@@ -120,8 +120,8 @@ def compresses_nothing(rank: int | None, shapes) -> bool:
 def uncompressed_notes(row: dict, shapes) -> list[str]:
     """What in a row compresses nothing at the model's ``shapes``: its ``flora-rR``
     optimizer (then its momentum is dense, Adafactor with beta1 0.9, stored in bfloat16 by
-    default) and/or its
-    configuration's hook or accumulator (then it sends every gradient dense)."""
+    default) and/or its configuration's hook or accumulator (then it sends every gradient
+    dense)."""
     from . import optimizers as bo
 
     notes = []

@@ -103,8 +103,8 @@ PEER_MODULES = {"galore": "galore_torch", "apollo": "apollo_torch", "flora-opt":
 
 
 # What a name may be (R: a rank), for messages.
-NAME_FORMS = ("adamw", "adafactor", "adafactor-b0.9", "flora-rR", "flora-rR-FORM[-PROJECTION]", "flora-rR[...]+bf16", "flora-rR[...]+fp32",
-              "flora-dense",
+NAME_FORMS = ("adamw", "adafactor", "adafactor-b0.9", "flora-rR", "flora-rR-FORM[-PROJECTION]", "flora-rR[...]+bf16",
+              "flora-rR[...]+fp32", "flora-dense",
               "lora-rR", "galore-rR", "apollo-rR", "flora-opt-rR")
 
 # Flora's (momentum form, projection) pairs that it accepts: the subspace forms need rows
