@@ -88,6 +88,8 @@ CONFIGS = {
     # RMS(p) (a foreach norm over the parameters) and weight decay read the parameters
     "scale_parameter+weight_decay": dict(rank=4, beta1=0.9, lr=0.2, scale_parameter=True, weight_decay=0.1),
     "tensor_lr+weight_decay": dict(rank=4, beta1=0.9, lr=torch.tensor(1e-2), weight_decay=0.1),
+    # a one-element lr of another shape steps as its 0-dim value (a scheduler's (1, 1) buffer)
+    "tensor_lr_1x1": dict(rank=4, beta1=0.9, lr=torch.tensor([[1e-2]]), weight_decay=0.1),
     # the first moment stored in bfloat16 (its arithmetic is not): compressed, and dense
     "bf16-momentum": dict(rank=4, beta1=0.9, momentum_dtype="bfloat16"),
     "bf16-dense-momentum": dict(rank=None, beta1=0.9, momentum_dtype=torch.bfloat16),
@@ -320,6 +322,7 @@ COMPILED_CASES = dict(
     + [_case(lay, "fp64", "scaled-orthonormal") for lay in LAYOUTS
        if not lay.startswith(("empty", "conv1x1", "first-", "last-")) or lay == "conv1x1-channels_last"]
     + [_case("channels_last", "fp32", c) for c in ("paper-gaussian", "subspace-orthonormal", "no-momentum")]
+    + [_case(lay, "fp32", "tensor_lr_1x1") for lay in ("contiguous", "channels_last")]
     # the "fixed" form (its complement weight a constant of the graph) on a few rows of each kind
     + [_case("channels_last", "fp32", "fixed-orthonormal"), _case("transposed", "fp32", "fixed-coordinates"),
        _case("first-largest-3d", "fp32", "fixed-orthonormal"), _case("contiguous", "bf16", "fixed-orthonormal"),
