@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The tests run on every core (pytest-xdist, at most 4 workers; each test is one-threaded,
+# tests/conftest.py): 6 minutes on 2 cores against 11 in one process. `make test
+# PYTEST_XDIST=` runs them in this process.
+PYTEST_XDIST ?= -n auto --maxprocesses=4
 test: $(STAMP)
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(VPY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # The peers (GaLore, APOLLO, flora-opt) are optional: if they cannot be installed, the
 # benchmark reports them as unavailable and runs everything else.
