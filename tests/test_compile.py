@@ -504,10 +504,15 @@ def test_a_shapes_buckets_take_as_few_graphs_as_can_be(n, sizes):
     parts = F.split_for_graphs(list(range(n)), 30)
     assert [len(p) for p in parts] == sizes
     assert sum(parts, []) == list(range(n))  # in order, each once
-    p = torch.nn.Parameter(torch.zeros(3))
-    p.grad = torch.zeros(3)
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    p.grad = torch.zeros(3, 2)
     got = list(F.buckets([(p, {"step": 0}, i) for i in range(n)], max_count=F.COMPILED_BUCKET_MAX))
     assert [len(b) for b in got] == sizes
+    # CPU vectors step on stacks (functional.stacked_io): one bucket, one graph without
+    # a loop per parameter
+    v = torch.nn.Parameter(torch.zeros(3))
+    v.grad = torch.zeros(3)
+    assert [len(b) for b in F.buckets([(v, {"step": 0}, i) for i in range(n)], max_count=F.COMPILED_BUCKET_MAX)] == [n]
 
 
 @pytest.mark.parametrize("staged_min", [0, None], ids=["staged", "one-graph"])

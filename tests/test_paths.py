@@ -176,7 +176,9 @@ def _params(layout, dtype, contiguous=False):
     for _ in range(2):  # small values (|p| <= 0.05), so that a unit in the last place is far below a step
         t = view((torch.rand(shape, generator=g) * 0.1 - 0.05).to(dtype))
         out.append(t.contiguous() if contiguous else t)
-    out.append((torch.rand(5, generator=g) * 0.1 - 0.05).to(dtype))
+    # three vectors: a bucket of several (Flora(compile=True) steps a CPU bucket of vectors
+    # on stacks, functional.stacked_io; inductor failed on such a graph from two of 16)
+    out += [(torch.rand(20, generator=g) * 0.1 - 0.05).to(dtype) for _ in range(3)]
     return [nn.Parameter(t) for t in out]
 
 
@@ -372,7 +374,7 @@ def test_compiled_single_tensor_core_on_a_conv_kernel(factor):
 @pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
 def test_compiled_float64_steps_as_eager(foreach):
     """Issue 18: Flora(compile=...) on float64 CPU parameters, the table's float64 case (a
-    1-D parameter beside a bucket of two compressed matrices) and a 0-dim parameter. The
+    1-D parameters beside a bucket of two compressed matrices) and a 0-dim parameter. The
     device step counters were 0-dim float64 CPU tensors, which dynamo gives a symbolic
     ``.item()``; AOTAutograd's scalar pass specialised it and restarted the trace, and the
     restarted trace dropped ``steps[0].add_(1)`` (an in-place op whose result is unused)
@@ -393,7 +395,7 @@ def test_compiled_float64_steps_as_eager(foreach):
         runs.append((initial, params, opt, None))
     opt = runs[1][2]
     assert int(opt.nonfinite_skips) == 0
-    assert [float(opt._device_steps.get(p)) for p in runs[1][1]] == [STEPS] * 4
+    assert [float(opt._device_steps.get(p)) for p in runs[1][1]] == [STEPS] * len(params)
     _compare(runs[0], runs[1], f"Flora(compile='aot_eager', foreach={foreach}), float64, against eager")
 
 

@@ -119,6 +119,20 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
     compiled_core("apply", backend, options)(spec, work.params, ws_u, ws_d, coef, ok, lr)
 
 
+def stacked_step(work, backend, options, workspace: Workspace, lr_views: dict, pnorms: list | None = None) -> None:
+    """A compiled step of a CPU bucket of small vectors on stacks (``functional.stacked_io``):
+    the gradients and parameters copied into ``workspace``'s two buffers (one eager
+    ``_foreach_copy_``, widened to the state dtype), the compiled ``grouped_core`` on the
+    stacks, the parameters copied back (rounded to their dtype, as ``grouped_core`` does)."""
+    k, n = len(work.params), work.params[0].numel()
+    ws_g, ws_p = workspace.get((k, n), state_dtype(work.params[0].dtype), work.params[0].device)
+    g_slots, p_slots = workspace.slots(ws_g, (n,))[1], workspace.slots(ws_p, (n,))[1]
+    torch._foreach_copy_(g_slots + p_slots, list(work.grads) + list(work.params))
+    new, *_ = compiled_core(True, backend, options)(work.spec, ws_p, ws_g, work.steps, work.sq, work.moms, work.a,
+                                                   lr_arg(work.lr, lr_views), work.skips, None, pnorms)
+    torch._foreach_copy_(work.params, new.unbind(0))
+
+
 def lr_arg(lr, views: dict):
     """What a compiled core is handed for ``lr``: a 0-dim tensor as a 1-element view of
     it (kept in ``views``, so that no step makes a new one), anything else as it is.
@@ -137,4 +151,4 @@ def lr_arg(lr, views: dict):
     return hit[1]
 
 
-__all__ = ["compiled_core", "COMPILE_OPTIONS", "lr_arg", "staged_step", "Workspace"]
+__all__ = ["compiled_core", "COMPILE_OPTIONS", "lr_arg", "staged_step", "stacked_step", "Workspace"]

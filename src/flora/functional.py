@@ -442,6 +442,8 @@ def _param_rms(spec: Spec, p32: list, pnorms: list | None) -> torch.Tensor | Non
         return None
     if pnorms is not None:
         norms = pnorms
+    elif isinstance(p32, torch.Tensor):  # a stack (stacked_io)
+        return torch.linalg.vector_norm(p32.reshape(p32.shape[0], -1), dim=1).div_(math.sqrt(math.prod(spec.shape)))
     elif torch.compiler.is_compiling():  # reductions of the graph, not a _foreach_norm call of their own
         norms = [torch.linalg.vector_norm(p) for p in p32]
     else:
@@ -483,15 +485,18 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
                  pnorms: list | None = None) -> None:
     """One Flora step of ``params`` (gradients ``grads``), which share shape, dtypes,
     device, options, state layout and counters: the single-tensor step on stacks.
-    ``pnorms``: the parameters' 2-norms, when the caller has them (:func:`param_norms`)."""
+    ``pnorms``: the parameters' 2-norms, when the caller has them (:func:`param_norms`).
+    ``params`` and ``grads`` are lists, or (:func:`stacked_io`) k x shape stacks in the
+    state dtype, the parameters' stack updated in place."""
     lr = _lr_in(lr)
     k = len(params)
     shape = spec.shape
     numel = math.prod(shape)
-    g = torch.stack(grads)
+    stack_io = isinstance(params, torch.Tensor)
+    g = grads if stack_io else torch.stack(grads)
     if g.dtype in _HALF:
         g = g.float()
-    p32 = [p.float() for p in params] if spec.half else params
+    p32 = [p.float() for p in params] if spec.half and not stack_io else params
     t = _count_step(t, steps)
     if numel == 0:  # nothing to update (its statistics would be means of nothing: NaN, a false skip)
         return
@@ -553,13 +558,21 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
             update = torch.where(ok_b, m, 0.0)
     wd = spec.weight_decay
     if wd != 0:
-        decay = torch.where(ok_b, torch.stack(p32), 0.0)
+        decay = torch.where(ok_b, p32 if stack_io else torch.stack(p32), 0.0)
         if isinstance(lr, torch.Tensor):  # p <- p - wd lr p - update, folded into the update
             # out of place: inductor's C++ code generation failed (KeyError 'buf10') on this add
             # into the torch.where output above, for a bucket of 1-D parameters with momentum
             update = update + decay.mul_(lr_b).mul_(wd)
+        elif stack_io:
+            p32.add_(decay, alpha=-wd * lr)
         else:  # as the single-tensor step (and HF) does it
             torch._foreach_add_(p32, list(decay.unbind(0)), alpha=-wd * lr)
+    if stack_io:  # the caller copies the new stack into the parameters
+        # Also returned, unused: the new statistics and the widened momentum. As graph
+        # outputs they are no candidates for the local buffers of inductor's outer-loop
+        # fusion, whose check fails (KeyError 'buf7', torch 2.13) on a buffer computed
+        # from a state that the same fused loop then overwrites.
+        return p32 - update, new_sq, (_wide(_stack(moms), update.dtype) if spec.momentum == "m" else None)
     torch._foreach_sub_(p32, list(update.unbind(0)))
     if spec.half:
         torch._foreach_copy_(params, p32)
@@ -742,6 +755,22 @@ def staged(work: Work) -> bool:
 # 2.23x (with the staged CPU step), compile 74 s instead of 47 s here (docs/compile.md).
 COMPILED_BUCKET_MAX: int | None = 30
 
+# A compiled CPU bucket of small vectors (norm weights, biases) steps on stacks: its
+# gradients and parameters copied into one buffer by one eager ``_foreach_copy_``, the
+# graph reading and updating the stacks, the parameters copied back by one more. A graph
+# that reads k tensors and writes k more has a loop for each, which inductor generates and
+# compiles: SmolLM2's 61 RMSNorm weights took graphs of 30 and 1 (10 s of a cold compile);
+# as one stack, one graph of a few loops. Two copies of a small vector cost little.
+STACKED_IO_MAX_NUMEL = 1 << 16
+
+
+def stacked_io(p: torch.Tensor) -> bool:
+    """Whether a compiled bucket of parameters like ``p`` steps on stacks (see above): a
+    CPU vector of 1 to ``STACKED_IO_MAX_NUMEL`` elements whose gradient has its dtype."""
+    g = p.grad
+    return (p.dim() == 1 and p.device.type == "cpu" and 0 < p.numel() <= STACKED_IO_MAX_NUMEL
+            and g is not None and g.dtype == p.dtype)
+
 
 def split_for_graphs(bucket: list, most: int | None) -> list[list]:
     """``bucket`` in ``ceil(len / most)`` parts of at most two sizes (a compiled graph each),
@@ -789,7 +818,7 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
         by_key.setdefault(bucket_key(e[0], e[1]), []).append(e)
     for members in by_key.values():
         per = max(1, max_numel // max(1, members[0][0].numel()))
-        if max_count is None:
+        if max_count is None or stacked_io(members[0][0]):  # a stack's graph has no per-parameter loops
             for i in range(0, len(members), per):
                 yield members[i:i + per]
         else:
@@ -797,4 +826,5 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
 
 
 __all__ = ["single_core", "grouped_core", "param_norms", "staged_stats", "staged_normalize", "staged_update", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
-           "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "split_for_graphs"]
+           "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "split_for_graphs",
+           "stacked_io", "STACKED_IO_MAX_NUMEL"]

@@ -360,6 +360,8 @@ class Flora(Optimizer):
                         staged.add(id(work.params[0]))
                         C.staged_step(work, self._compile, None, self._workspace, self._transposed,
                                       self._lr_views, pnorms)
+                    elif work.compiled and work.grouped and F.stacked_io(work.params[0]):
+                        C.stacked_step(work, self._compile, None, self._workspace, self._lr_views, pnorms)
                     elif work.compiled:
                         args = (work.spec, work.params, work.grads, work.steps, work.sq, work.moms, work.a,
                                 C.lr_arg(work.lr, self._lr_views), work.skips, None)
