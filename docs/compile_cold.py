@@ -11,6 +11,10 @@ time on a shared machine):
 
 An argument sets momentum_dtype (``none`` for None, float32; the default since 2026-12-02 is
 "auto", bfloat16 here): ``python docs/compile_cold.py none``.
+
+``--graphs``: inductor is first warmed up on a one-line function (its one-time costs, the
+vector-ISA probe among them, are then no graph's), and each compiled call of the first
+step is timed: a table of each graph's compile.
 """
 import resource
 import sys
@@ -26,7 +30,28 @@ g = torch.Generator().manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for _, s in llama_shapes(SMOLLM2_135M)]
 for p in params:
     p.grad = torch.randn(p.shape, generator=g) * 1e-3
-md = {} if len(sys.argv) < 2 else {"momentum_dtype": None if sys.argv[1] == "none" else sys.argv[1]}
+args = [a for a in sys.argv[1:] if a != "--graphs"]
+md = {} if not args else {"momentum_dtype": None if args[0] == "none" else args[0]}
+log = []
+if "--graphs" in sys.argv:
+    import flora.compiled as C
+
+    t0 = time.perf_counter()
+    torch.compile(lambda x: x.sin() + 1, fullgraph=True)(torch.randn(8))
+    print(f"inductor's first compile (a one-line function): {time.perf_counter() - t0:.1f} s")
+    compiled_core = C.compiled_core
+
+    def timed(part, *a, **kw):
+        fn = compiled_core(part, *a, **kw)
+
+        def call(spec, *args, **kwargs):
+            t = time.perf_counter()
+            out = fn(spec, *args, **kwargs)
+            log.append((part, spec.shape, len(args[0]), time.perf_counter() - t))  # a list or a stack
+            return out
+        return call
+
+    C.compiled_core = timed
 opt = flora.Flora(params, lr=1e-3, rank=32, beta1=0.9, compile=True, **md)
 print("momentum_dtype", opt.param_groups[0]["momentum_dtype"])
 
@@ -39,6 +64,11 @@ t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu()
 opt.step()
 print(f"flora {flora.__file__}: first step wall {time.perf_counter() - t0:.1f} s, CPU {time.process_time() - c0:.1f} s"
       f" (+ {children_cpu() - k0:.1f} s in compilers this process waited for)")
+if log:
+    print("| core | shape | parameters | first call s |\n| --- | --- | --- | ---: |")
+    for part, shape, k, dt in log:
+        if dt > 0.3:  # a compile, not a call of a graph compiled before
+            print(f"| {'one graph' if part is True else part} | {shape} | {k} | {dt:.1f} |")
 from torch._dynamo.utils import compile_times, counters  # noqa: E402
 
 print("graphs", counters["stats"]["unique_graphs"])
