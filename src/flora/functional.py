@@ -486,8 +486,9 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     """One Flora step of ``params`` (gradients ``grads``), which share shape, dtypes,
     device, options, state layout and counters: the single-tensor step on stacks.
     ``pnorms``: the parameters' 2-norms, when the caller has them (:func:`param_norms`).
-    ``params`` and ``grads`` are lists, or (:func:`stacked_io`) k x shape stacks in the
-    state dtype, the parameters' stack updated in place."""
+    ``params`` and ``grads`` are lists (the parameters updated in place), or
+    (:func:`stacked_io`) k x shape stacks in the state dtype: then the new parameters'
+    stack is returned, first of three tensors (see the end)."""
     lr = _lr_in(lr)
     k = len(params)
     shape = spec.shape
@@ -572,7 +573,8 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
         # outputs they are no candidates for the local buffers of inductor's outer-loop
         # fusion, whose check fails (KeyError 'buf7', torch 2.13) on a buffer computed
         # from a state that the same fused loop then overwrites.
-        return p32 - update, new_sq, (_wide(_stack(moms), update.dtype) if spec.momentum == "m" else None)
+        stats = new_row if len(shape) >= 2 else new_sq
+        return p32 - update, stats, (_wide(_stack(moms), update.dtype) if spec.momentum == "m" else None)
     torch._foreach_sub_(p32, list(update.unbind(0)))
     if spec.half:
         torch._foreach_copy_(params, p32)
@@ -759,8 +761,8 @@ COMPILED_BUCKET_MAX: int | None = 30
 # gradients and parameters copied into one buffer by one eager ``_foreach_copy_``, the
 # graph reading and updating the stacks, the parameters copied back by one more. A graph
 # that reads k tensors and writes k more has a loop for each, which inductor generates and
-# compiles: SmolLM2's 61 RMSNorm weights took graphs of 30 and 1 (10 s of a cold compile);
-# as one stack, one graph of a few loops. Two copies of a small vector cost little.
+# compiles: SmolLM2's 61 RMSNorm weights took graphs of 30 and 1 (8-10 s to compile), as
+# one stack one graph (4-5 s; docs/compile.md). Two copies of a small vector cost little.
 STACKED_IO_MAX_NUMEL = 1 << 16
 
 
