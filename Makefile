@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 # The tests run on every core (pytest-xdist, at most 4 workers; each test is one-threaded,
-# tests/conftest.py): 6 minutes on 2 cores against 11 in one process. `make test
+# tests/conftest.py): 6-8 minutes on 2 cores against 11-14 in one process. `make test
 # PYTEST_XDIST=` runs them in this process.
 PYTEST_XDIST ?= -n auto --maxprocesses=4
 test: $(STAMP)
