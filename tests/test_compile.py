@@ -513,6 +513,12 @@ def test_a_shapes_buckets_take_as_few_graphs_as_can_be(n, sizes):
     v = torch.nn.Parameter(torch.zeros(3))
     v.grad = torch.zeros(3)
     assert [len(b) for b in F.buckets([(v, {"step": 0}, i) for i in range(n)], max_count=F.COMPILED_BUCKET_MAX)] == [n]
+    # of at most STACKED_IO_BUCKET_NUMEL elements a stack
+    w = torch.nn.Parameter(torch.zeros(F.STACKED_IO_MAX_NUMEL))
+    w.grad = torch.zeros_like(w)
+    per = F.STACKED_IO_BUCKET_NUMEL // F.STACKED_IO_MAX_NUMEL  # 64
+    assert [len(b) for b in F.buckets([(w, {"step": 0}, i) for i in range(n)], max_count=F.COMPILED_BUCKET_MAX)] \
+        == [per] * (n // per) + ([n % per] if n % per else [])
 
 
 @pytest.mark.parametrize("staged_min", [0, None], ids=["staged", "one-graph"])

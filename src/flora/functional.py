@@ -763,7 +763,10 @@ COMPILED_BUCKET_MAX: int | None = 30
 # that reads k tensors and writes k more has a loop for each, which inductor generates and
 # compiles: SmolLM2's 61 RMSNorm weights took graphs of 30 and 1 (8-10 s to compile), as
 # one stack one graph (4-5 s; docs/compile.md). Two copies of a small vector cost little.
+# A stacked bucket holds at most STACKED_IO_BUCKET_NUMEL elements (16 MiB in float32): its
+# graph allocates three stacks a step (the new parameters, and see grouped_core's end).
 STACKED_IO_MAX_NUMEL = 1 << 16
+STACKED_IO_BUCKET_NUMEL = 1 << 22
 
 
 def stacked_io(p: torch.Tensor) -> bool:
@@ -819,8 +822,9 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
     for e in entries:
         by_key.setdefault(bucket_key(e[0], e[1]), []).append(e)
     for members in by_key.values():
-        per = max(1, max_numel // max(1, members[0][0].numel()))
-        if max_count is None or stacked_io(members[0][0]):  # a stack's graph has no per-parameter loops
+        stacks = max_count is not None and stacked_io(members[0][0])  # no loop per parameter: no count cap
+        per = max(1, min(max_numel, STACKED_IO_BUCKET_NUMEL if stacks else max_numel) // max(1, members[0][0].numel()))
+        if max_count is None or stacks:
             for i in range(0, len(members), per):
                 yield members[i:i + per]
         else:
@@ -829,4 +833,4 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None
 
 __all__ = ["single_core", "grouped_core", "param_norms", "staged_stats", "staged_normalize", "staged_update", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
            "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "split_for_graphs",
-           "stacked_io", "STACKED_IO_MAX_NUMEL"]
+           "stacked_io", "STACKED_IO_MAX_NUMEL", "STACKED_IO_BUCKET_NUMEL"]
