@@ -43,6 +43,7 @@ from _configs import MOMENTUM_CONFIGS, form_options
 
 STEPS = 4
 BAD_STEP = 1  # not a resample step (kappa=2 resamples at the third step), so a skip leaves the state as it was
+BAD = (0, 3)  # the parameters (of _params) whose gradient is made non-finite at BAD_STEP
 BASE = dict(lr=1e-2, kappa=2, seed=3, scale_parameter=False)
 
 
@@ -188,8 +189,10 @@ def _grads(params, step, bad):
     g0, g = torch.Generator().manual_seed(99), torch.Generator().manual_seed(100 + step)
     out = [(torch.randn(p.shape, generator=g0) + 0.5 * torch.randn(p.shape, generator=g)).to(p.dtype)
            for p in params]
-    if bad is not None and step == BAD_STEP and out[0].numel():
-        out[0].view(-1)[out[0].numel() // 2] = float(bad)
+    if bad is not None and step == BAD_STEP:
+        for i in BAD:  # a matrix of the bucket of two, and the middle vector of three
+            if out[i].numel():
+                out[i].view(-1)[out[i].numel() // 2] = float(bad)
     return out
 
 
@@ -303,7 +306,7 @@ def test_path_equals_single_tensor_reference(case, path):
     got = _run(path, layout, DTYPES[dtype], dict(kw), bad)
     _compare(ref, got, f"{path} against foreach=False")
     if bad is not None:
-        assert int(got[2].nonfinite_skips) == 1
+        assert int(got[2].nonfinite_skips) == len(BAD)
 
 
 # Flora(compile=True): the one-graph compiled core ("compiled") and, with every compressed
@@ -343,6 +346,9 @@ COMPILED_CASES = dict(
     + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
                                           ("channels_last", "fp64"))
        for c in ("bf16-momentum", "bf16-dense-momentum", "fp32-momentum") if c != "bf16-momentum" or dt != "fp32"]
+    # a non-finite gradient in a matrix of one bucket and a vector of another (a stack)
+    + [_case("contiguous", "fp32", "scaled-orthonormal", bad="nan"),
+       _case("channels_last", "fp32", "fp32-momentum", bad="inf")]
 )
 
 
@@ -375,7 +381,7 @@ def test_compiled_single_tensor_core_on_a_conv_kernel(factor):
 @pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
 def test_compiled_float64_steps_as_eager(foreach):
     """Issue 18: Flora(compile=...) on float64 CPU parameters, the table's float64 case (a
-    1-D parameters beside a bucket of two compressed matrices) and a 0-dim parameter. The
+    bucket of three vectors beside one of two compressed matrices) and a 0-dim one. The
     device step counters were 0-dim float64 CPU tensors, which dynamo gives a symbolic
     ``.item()``; AOTAutograd's scalar pass specialised it and restarted the trace, and the
     restarted trace dropped ``steps[0].add_(1)`` (an in-place op whose result is unused)
@@ -435,12 +441,13 @@ def test_nonfinite_gradient_is_skipped(foreach, layout, config, bad):
     _, _, opt, hist = _run(path, layout, torch.float32, dict(kw), bad, history=True)
     _, _, _, clean = _run(path, layout, torch.float32, dict(kw), None, history=True)
     (p_before, s_before), (p_after, s_after) = hist[BAD_STEP - 1], hist[BAD_STEP]
-    assert torch.equal(p_after[0], p_before[0])
-    assert s_after[0]["step"] == s_before[0]["step"] + 1
-    for k, v in s_before[0].items():
-        if isinstance(v, torch.Tensor):
-            assert torch.equal(s_after[0][k], v), k
-    assert not torch.equal(p_after[1], p_before[1])  # the bucket's other parameter stepped...
-    for i in (1, 2):  # ...as it would have without the bad one
+    for b in BAD:
+        assert torch.equal(p_after[b], p_before[b])
+        assert s_after[b]["step"] == s_before[b]["step"] + 1
+        for k, v in s_before[b].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(s_after[b][k], v), k
+    for i in (1, 2, 4):  # the buckets' other parameters stepped as they would have without the bad ones
+        assert not torch.equal(p_after[i], p_before[i])
         torch.testing.assert_close(p_after[i], clean[BAD_STEP][0][i], rtol=1e-6, atol=1e-9)
-    assert int(opt.nonfinite_skips) == 1
+    assert int(opt.nonfinite_skips) == len(BAD)
