@@ -178,8 +178,11 @@ def _params(layout, dtype, contiguous=False):
         t = view((torch.rand(shape, generator=g) * 0.1 - 0.05).to(dtype))
         out.append(t.contiguous() if contiguous else t)
     # three vectors: a bucket of several (Flora(compile=True) steps a CPU bucket of vectors
-    # on stacks, functional.stacked_io; inductor failed on such a graph from two of 16)
-    out += [(torch.rand(20, generator=g) * 0.1 - 0.05).to(dtype) for _ in range(3)]
+    # on stacks, functional.stacked_io; inductor failed on such a graph from two of 16),
+    # the last one strided (a view of every other element)
+    out += [(torch.rand(20, generator=g) * 0.1 - 0.05).to(dtype) for _ in range(2)]
+    v = (torch.rand(40, generator=g) * 0.1 - 0.05).to(dtype)[::2]
+    out.append(v.contiguous() if contiguous else v)
     return [nn.Parameter(t) for t in out]
 
 
