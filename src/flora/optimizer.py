@@ -143,8 +143,11 @@ class Flora(Optimizer):
         self._factor_dims_seen_p: dict[int, tuple] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_compile", None)
-        state.setdefault("_kernel", None)
+        # torch's load_state_dict calls this with the state and the groups alone: the
+        # optimizer keeps how it steps (compile=...). An unpickled one (no attributes yet)
+        # pickled before these options existed steps eagerly, as it did.
+        for k in ("_compile", "_kernel"):
+            state.setdefault(k, getattr(self, k, None))
         super().__setstate__(state)
         _upgrade_group(self.defaults)  # new groups step as this optimizer's did when it was pickled
         for group in self.param_groups:  # options added or renamed since it was pickled
