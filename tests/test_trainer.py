@@ -31,9 +31,9 @@ def _llama():
 
 
 def _train(tmp_path, rank, *, n=32, epochs=None, lr=1e-2, sched=None, tau=2, steps=2, callback=False,
-           resume=None, max_steps=4, max_grad_norm=1.0, momentum_dtype=None, **more):
+           resume=None, max_steps=4, max_grad_norm=1.0, momentum_dtype=None, compile=False, **more):
     model = _llama()
-    opt = flora.Flora(model.parameters(), lr=lr, rank=4, beta1=0.9, momentum_dtype=momentum_dtype)
+    opt = flora.Flora(model.parameters(), lr=lr, rank=4, beta1=0.9, momentum_dtype=momentum_dtype, compile=compile)
     acc = None if rank == "none" else flora.CompressedAccumulator(model, rank=rank, tau=tau, optimizer=opt, seed=1)
     length = dict(max_steps=max_steps) if epochs is None else dict(num_train_epochs=epochs)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
@@ -204,5 +204,23 @@ def test_resume_with_a_bfloat16_momentum_equals_an_uninterrupted_run(tmp_path):
     assert moments and all(v.dtype == torch.bfloat16 for v in moments)
     assert sd["param_groups"][0]["momentum_dtype"] == "bfloat16"
     resumed, _ = _train(tmp_path / "resumed", "none", momentum_dtype="bfloat16", resume=str(checkpoint))
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_compile_survives_the_trainer_and_its_resume(tmp_path):
+    """Flora(compile=...) under the Trainer compiles its step, in a run and in one resumed
+    from its checkpoint, and the two equal one uninterrupted run bit for bit. accelerate's
+    AcceleratedOptimizer reloads the optimizer's state dict to place it, and the resume
+    loads the checkpoint's: load_state_dict once reset compile=, so every such step ran
+    eagerly (a counting backend saw no graph)."""
+    from torch._dynamo.testing import CompileCounter
+
+    full_count, resumed_count = CompileCounter(), CompileCounter()
+    full, _ = _train(tmp_path / "full", "none", save_strategy="steps", save_steps=2, compile=full_count)
+    assert full_count.frame_count > 0
+    resumed, _ = _train(tmp_path / "resumed", "none", resume=str(tmp_path / "full" / "checkpoint-2"),
+                        compile=resumed_count)
+    assert resumed_count.frame_count > 0
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
