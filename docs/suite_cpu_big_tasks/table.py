@@ -13,6 +13,7 @@ import statistics as st
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -87,6 +88,7 @@ for ax, task in zip(axes[0], tasks):
         s = [st.stdev([r["test_loss"] for r in grid[x].values()]) if len(grid[x]) > 1 else 0 for x in lrs]
         ax.errorbar(lrs, m, yerr=s, marker="o", capsize=3, label=name)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the log axis' minor labels overlap
     ax.set_xlabel("lr")
     ax.set_ylabel("test loss (mean ± std over seeds)")
     ax.set_title(f"{task}, 2-core CPU")
