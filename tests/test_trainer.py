@@ -210,10 +210,10 @@ def test_resume_with_a_bfloat16_momentum_equals_an_uninterrupted_run(tmp_path):
 
 def test_compile_survives_the_trainer_and_its_resume(tmp_path):
     """Flora(compile=...) under the Trainer compiles its step, in a run and in one resumed
-    from its checkpoint, and the two equal one uninterrupted run bit for bit. accelerate's
-    AcceleratedOptimizer reloads the optimizer's state dict to place it, and the resume
-    loads the checkpoint's: load_state_dict once reset compile=, so every such step ran
-    eagerly (a counting backend saw no graph)."""
+    from its checkpoint, and the resumed run equals the uninterrupted one bit for bit.
+    accelerate's AcceleratedOptimizer reloads the optimizer's state dict to place it, and
+    the resume loads the checkpoint's: load_state_dict once reset compile=, so every such
+    step ran eagerly (a counting backend saw no graph)."""
     from torch._dynamo.testing import CompileCounter
 
     full_count, resumed_count = CompileCounter(), CompileCounter()
