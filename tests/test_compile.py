@@ -399,6 +399,29 @@ def test_parameter_norms_one_call_per_state_dtype():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
 
 
+def test_a_stack_of_vectors_without_norms_computes_its_own(monkeypatch):
+    """grouped_core on stacks (the compiled CPU bucket of vectors) handed no parameter
+    norms computes them from the stack (functional._param_rms): with param_norms made to
+    hand none, the compiled step of three vectors with scale_parameter=True equals the
+    eager reference to 1e-5. (Flora always hands the norms, so only this reaches that
+    branch.)"""
+    shapes = [(20,), (20,), (20,)]
+    kw = dict(BASE, scale_parameter=True)
+    ref = _params(shapes)
+    opt = Flora(ref, **kw, foreach=False)
+    _run(opt, ref, opt.step)
+    calls = []
+    norms = F.param_norms
+    monkeypatch.setattr(F, "param_norms", lambda plan: calls.append(norms(plan)) or [None] * len(plan))
+    got = _params(shapes)
+    opt = Flora(got, **kw, compile="aot_eager")
+    _run(opt, got, opt.step)
+    assert all(F.stacked_io(p) for p in got)  # the stacked path ran
+    assert calls and all(n is not None for n in calls[0])  # it would have been handed norms
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 
