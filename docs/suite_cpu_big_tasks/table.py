@@ -1,11 +1,14 @@
 """Issue 17, twelfth session (2026-12-02): the library's default (floored form, kappa 100,
 bfloat16 momentum; flora-bench's `flora-rR-floored-orthonormal`) at ranks 8 and 32 against
-the floor (Adafactor beta1=None) and the target (beta1=0.9) on two of the four suite tasks
-that had only the GPU's seed 0 of older defaults: finetune and bytelm, 3 seeds each, on the
-2-core CPU (runs.jsonl, written by `flora-bench suite`; the commands are in
-docs/results.md). Each row at the lr with the best mean validation loss over the seeds
+the floor (Adafactor beta1=None) and the target (beta1=0.9) on three of the four suite tasks
+that had only the GPU's seed 0 of older defaults: finetune and bytelm (twelfth session) and
+classify (thirteenth, which also ran bytelm's lrs sqrt(2) apart around each row's best),
+3 seeds each (0-2), on the 2-core CPU (runs.jsonl, written by `flora-bench suite`; the
+commands are in docs/results.md). Each row at the lr with the best mean validation loss over the seeds
 (the suite's rule); test loss mean ± std; paired differences to the floor and the target
-over the seeds. Writes table.md, table.csv and lr_curves.png; run from anywhere."""
+over the seeds; and, where a row's chosen lr also ran on seeds 3-5 (bytelm's floor and r8),
+the paired difference over all six. Writes table.md, table.csv and lr_curves.png; run from
+anywhere."""
 import collections
 import csv
 import json
@@ -24,7 +27,7 @@ ROWS = {"adafactor": "floor (Adafactor beta1=None)", "adafactor-b0.9": "target (
 runs = collections.defaultdict(lambda: collections.defaultdict(dict))  # (task, opt) -> lr -> seed -> run
 for line in open(here / "runs.jsonl"):
     r = json.loads(line)
-    if r.get("status") == "ok" and r["optimizer"] in ROWS:
+    if r.get("status") == "ok" and r["optimizer"] in ROWS and r["seed"] < 3:  # seeds 3-5: extra.py
         runs[(r["task"], r["optimizer"])][r["lr"]][r["seed"]] = r
 
 
@@ -72,6 +75,22 @@ for task in tasks:
                      f"{row['test_mean']:.4f} ± {row['test_std']:.4f} | {ratio:.3f} | "
                      + ("" if opt == "adafactor" else f"{df:+.4f} ± {sf:.4f}") + " | "
                      + ("" if opt == "adafactor-b0.9" else f"{dt:+.4f} ± {stt:.4f}") + f" | {row['state_pct']:.1f}% |")
+six = collections.defaultdict(dict)  # (task, opt, lr) -> seed -> run, every seed
+for line in open(here / "runs.jsonl"):
+    r = json.loads(line)
+    if r.get("status") == "ok" and r["optimizer"] in ROWS:
+        six[(r["task"], r["optimizer"], r["lr"])][r["seed"]] = r
+notes = []
+for task in tasks:
+    chosen = {opt: best(task, opt)[0] for opt in ROWS}
+    for a in ROWS:
+        for b in ("adafactor", "adafactor-b0.9"):
+            x, y = six[(task, a, chosen[a])], six[(task, b, chosen[b])]
+            d, s, n = paired(x, y) if a != b else (0, 0, 0)
+            if n > 3:
+                notes.append(f"- {task}: {ROWS[a]} minus {ROWS[b]}, paired over seeds 0-{n - 1} at the chosen lrs: "
+                             f"{d:+.4f} ± {s:.4f} (standard error {s / n ** 0.5:.4f})")
+lines += [""] + notes if notes else []
 (here / "table.md").write_text("\n".join(lines) + "\n")
 with open(here / "table.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(table[0]))

@@ -1,0 +1,203 @@
+"""Issue 17's win matrix at the library's default, every task in one table (thirteenth
+session, 2026-12-02). The default is `momentum_form="floored"` on the orthonormal
+projection, kappa 100, its momentum in bfloat16 rounded stochastically ("auto"); every
+run below is bit for bit that configuration. For each task and length: the floor
+(Adafactor beta1=None), the target (beta1=0.9), Flora r8 and r32, 3 seeds (0-2), each row
+at the lr with the best mean validation loss over the seeds, and the paired test-loss
+differences that the issue's goals name. The runs come from the sessions that made them:
+
+- runs_1x.jsonl (here, this session): newslm, cnnstream, tabstream at their suite length;
+  runs_ranks.jsonl (here, this session): ranks 4 and 128 on the seven small tasks at 1x;
+- ../suite_cpu_seven_tasks/phi_long/runs_dtype_1x_sr.jsonl and runs_dtype_sr.jsonl (tenth
+  session): cnn, stream, tabular, vit at 1x; newslm 2x, cnnstream and tabstream 4x;
+- ../suite_cpu_big_tasks/runs.jsonl (twelfth and thirteenth sessions): finetune, bytelm,
+  classify, with their floor and target;
+- the floor and target of the others: ../suite_cpu_seven_tasks/runs.jsonl (1x),
+  phi_long/runs_newslm.jsonl (newslm 2x), long_x4/runs.jsonl (cnnstream and tabstream 4x).
+
+Writes win_matrix.md, win_matrix.csv and win_matrix.png beside this file; run from anywhere."""
+import collections
+import csv
+import json
+import statistics as st
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+here = Path(__file__).parent
+docs = here.parent
+SEEDS = (0, 1, 2)
+ADAMW = {}  # task -> AdamW's state bytes (2 float32 a parameter)
+runs = collections.defaultdict(lambda: collections.defaultdict(dict))  # (task, length, row) -> lr -> seed -> run
+
+
+def add(path, length, row_of):
+    """Read ``path``; ``row_of(run)`` names the run's row (floor, target, r8, r32) or None."""
+    for line in open(path):
+        r = json.loads(line)
+        row = row_of(r)
+        if row is None or r.get("status", "ok") != "ok" or r["seed"] not in SEEDS:
+            continue
+        if length is not None and r.get("scale", length) != length:
+            continue
+        ADAMW.setdefault(r["task"], 8 * r["params"])
+        runs[(r["task"], length or r.get("scale", 1.0), row)][r["lr"]][r["seed"]] = r
+
+
+def baseline(r):
+    return {"adafactor": "floor", "adafactor-b0.9": "target"}.get(r.get("optimizer") or r.get("row"))
+
+
+def bf16_row(r):  # run.py's row 'bf16' at the stochastic-rounding library: the default there
+    return f"r{r['rank']}" if r.get("row") in ("bf16", "default") else None
+
+
+def suite_row(r):
+    o = r["optimizer"]
+    if o in ("flora-r8-floored-orthonormal", "flora-r32-floored-orthonormal"):
+        return o.split("-")[1] if r.get("kappa") == 100 else None
+    return baseline(r)
+
+
+phi = docs / "suite_cpu_seven_tasks" / "phi_long"
+add(here / "runs_1x.jsonl", 1.0, bf16_row)
+add(here / "runs_ranks.jsonl", 1.0, bf16_row)
+add(phi / "runs_dtype_1x_sr.jsonl", 1.0, bf16_row)
+add(phi / "runs_dtype_sr.jsonl", None, bf16_row)
+add(docs / "suite_cpu_big_tasks" / "runs.jsonl", 1.0, suite_row)
+add(docs / "suite_cpu_seven_tasks" / "runs.jsonl", 1.0, baseline)
+add(phi / "runs_newslm.jsonl", 2.0, baseline)
+add(docs / "suite_cpu_seven_tasks" / "long_x4" / "runs.jsonl", 4.0,
+    lambda r: baseline(r) if r.get("kappa") == 100 else None)
+
+ORDER = ("bytelm", "newslm", "finetune", "classify", "cnn", "vit", "tabular", "stream", "cnnstream", "tabstream")
+
+
+def best(key):
+    """(lr, {seed: run}, edge): the lr with the best mean validation loss among those run on
+    every seed; edge is '*' when that lr is an end of the grid."""
+    full = {lr: s for lr, s in runs[key].items() if len(s) == len(SEEDS)}
+    if not full:
+        return None
+    lr = min(full, key=lambda x: st.mean(r["val_loss"] for r in full[x].values()))
+    return lr, full[lr], "*" if lr in (min(runs[key]), max(runs[key])) else ""
+
+
+def diff(a, b):
+    d = [a[s]["test_loss"] - b[s]["test_loss"] for s in SEEDS]
+    return st.mean(d), st.stdev(d)
+
+
+def mean(seeds):
+    return st.mean(seeds[s]["test_loss"] for s in SEEDS)
+
+
+def verdict(d, s, better_needed):
+    """'met' / 'tie' / 'MISSED' for a paired difference d ± s (negative: Flora lower)."""
+    if better_needed:  # beat by more than one std
+        return "met" if d < -s else "MISSED"
+    return "met" if d <= 0 else "tie" if d <= s else "MISSED"
+
+
+cases = [k[:2] for k in runs if k[2] == "r8"]
+cases = sorted(set(cases), key=lambda c: (ORDER.index(c[0]), c[1]))
+lines = [
+    "| task, length | floor | target / floor (gap resolved?) | r8 / floor | r8 - floor | r32 / floor | r32 - target "
+    "| r8 - target (stretch) | state r8 / r32 |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+table = []
+for task, length in cases:
+    got = {row: best((task, length, row)) for row in ("floor", "target", "r8", "r32")}
+    if None in got.values():
+        continue
+    (_, fl, fe), (_, tg, te), (l8, r8, e8), (l32, r32, e32) = (got[k] for k in ("floor", "target", "r8", "r32"))
+    f = mean(fl)
+    gap, gap_s = diff(tg, fl)
+    d8, s8 = diff(r8, fl)
+    d32, s32 = diff(r32, tg)
+    d8t, s8t = diff(r8, tg)
+    row = dict(task=task, length=length, floor=f, floor_std=st.stdev(fl[s]["test_loss"] for s in SEEDS),
+               target_ratio=mean(tg) / f, gap=gap, gap_std=gap_s, gap_resolved=abs(gap) > 4 * gap_s,
+               r8_lr=l8, r8_ratio=mean(r8) / f, r8_minus_floor=d8, r8_minus_floor_std=s8,
+               r8_goal=verdict(d8, s8, True), r32_lr=l32, r32_ratio=mean(r32) / f, r32_minus_target=d32,
+               r32_minus_target_std=s32, r32_goal=verdict(d32, s32, False), r8_minus_target_pct=100 * d8t / mean(tg),
+               stretch="met" if d8t / mean(tg) <= 0.01 else "MISSED",
+               state_r8_pct=100 * next(iter(r8.values()))["state_bytes"] / ADAMW[task],
+               state_r32_pct=100 * next(iter(r32.values()))["state_bytes"] / ADAMW[task],
+               edges="".join(k for k, e in zip(("floor ", "target ", "r8 ", "r32 "), (fe, te, e8, e32)) if e).strip())
+    table.append(row)
+    lines.append(
+        f"| {task}, {length:g}x | {f:.4f}{fe} | {row['target_ratio']:.3f}{te} ({'yes' if row['gap_resolved'] else 'no'}: "
+        f"{gap:+.4f} ± {gap_s:.4f}) | {row['r8_ratio']:.3f}{e8} | {d8:+.4f} ± {s8:.4f} **{row['r8_goal']}** | "
+        f"{row['r32_ratio']:.3f}{e32} | {d32:+.4f} ± {s32:.4f} **{row['r32_goal']}** | "
+        f"{row['r8_minus_target_pct']:+.2f}% {row['stretch']} | {row['state_r8_pct']:.1f}% / {row['state_r32_pct']:.1f}% |")
+lines += ["", "`*`: the row's best lr is an end of its grid. Goals: r8 beats the floor by more than one std "
+          "(paired); r32 matches or beats the target ('tie': behind by less than one std); stretch: r8 within 1% "
+          "of the target."]
+for which in ("r8_ratio", "r32_ratio"):
+    worst = max(table, key=lambda r: r[which])
+    lines.append(f"- worst {which.split('_')[0]} / floor: {worst[which]:.3f} ({worst['task']}, {worst['length']:g}x)")
+
+RANKS = (4, 8, 32, 128)
+# (task, rank) where Flora warned that no tensor keeps compressed momentum (every projected
+# dimension <= the rank): the momentum is dense, in bfloat16; the cell says so.
+DENSE = {("cnn", 128), ("cnnstream", 128), ("vit", 128), ("newslm", 128)}
+lines += ["", "**Ranks** (1x; test loss / the floor's, paired difference to the floor and to the target, each rank at its "
+          "best lr; state as % of AdamW's):", "",
+          "| task | " + " | ".join(f"r{k}" for k in RANKS) + " |", "| --- |" + " ---: |" * len(RANKS)]
+for task in ORDER:
+    fl, tg = best((task, 1.0, "floor")), best((task, 1.0, "target"))
+    got = {k: best((task, 1.0, f"r{k}")) for k in RANKS}
+    if fl is None or tg is None or sum(v is not None for v in got.values()) < 3:
+        continue
+    cells = []
+    for k in RANKS:
+        if got[k] is None:
+            cells.append("-")
+            continue
+        lr, seeds, edge = got[k]
+        (d, s), (dt, stt) = diff(seeds, fl[1]), diff(seeds, tg[1])
+        state = 100 * next(iter(seeds.values()))["state_bytes"] / ADAMW[task]
+        cells.append(f"{mean(seeds) / mean(fl[1]):.3f}{edge} ({d:+.4f} ± {s:.4f}; {dt:+.4f} ± {stt:.4f}; {state:.1f}%"
+                     + (", none compressed)" if (task, k) in DENSE else ")"))
+        table.append(dict(task=task, length=1.0, rank=k, lr=lr, edge=edge, ratio_floor=mean(seeds) / mean(fl[1]),
+                          minus_floor=d, minus_floor_std=s, minus_target=dt, minus_target_std=stt, state_pct=state,
+                          compressed=(task, k) not in DENSE))
+    lines.append(f"| {task} | " + " | ".join(cells) + " |")
+(here / "win_matrix.md").write_text("\n".join(lines) + "\n")
+with open(here / "win_matrix.csv", "w", newline="") as fh:
+    w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
+    w.writeheader()
+    w.writerows(table)
+
+matrix, ranked = [r for r in table if "rank" not in r], [r for r in table if "rank" in r]
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(16, 4.8), gridspec_kw=dict(width_ratios=(2, 1)))
+names = [f"{r['task']}\n{r['length']:g}x" for r in matrix]
+x = range(len(matrix))
+for off, (key, label) in zip((-0.2, 0.0, 0.2), (("gap", "target - floor"), ("r8_minus_floor", "Flora r8 - floor"),
+                                                  ("r32_minus_target", "Flora r32 - target"))):
+    ys = [100 * r[key] / r["floor"] for r in matrix]
+    es = [100 * r[key + "_std"] / r["floor"] for r in matrix]
+    ax.errorbar([i + off for i in x], ys, yerr=es, fmt="o", capsize=3, label=label)
+ax.axhline(0, color="grey", lw=0.8)
+ax.set_yscale("symlog", linthresh=2)  # linear within ±2%, where most tasks sit; log beyond (classify, cnn, vit)
+ax.set_xticks(list(x), names, fontsize=8)
+ax.set_ylabel("paired test-loss difference, % of the floor's loss\n(mean ± std, 3 seeds; below 0: lower; symlog)")
+ax.set_title("Flora's default (floored, kappa 100, bfloat16 momentum) against Adafactor, 2-core CPU")
+ax.legend(fontsize=8)
+for task in dict.fromkeys(r["task"] for r in ranked):
+    mine = [r for r in ranked if r["task"] == task]
+    ax2.plot([r["rank"] for r in mine], [r["ratio_floor"] for r in mine], marker="o", label=task)
+ax2.axhline(1, color="grey", lw=0.8)
+ax2.set_xscale("log", base=2)
+ax2.set_xticks(list(RANKS), [str(k) for k in RANKS])
+ax2.set_xlabel("rank")
+ax2.set_ylabel("test loss / the floor's (mean of 3 seeds)")
+ax2.set_title("the default at each rank, suite length")
+ax2.legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(here / "win_matrix.png", dpi=110)
+print("\n".join(lines))
