@@ -21,30 +21,34 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from flora.bench.suite import score  # noqa: E402
+
 here = Path(__file__).parent
 ROWS = {"adafactor": "floor (Adafactor beta1=None)", "adafactor-b0.9": "target (beta1=0.9)",
         "flora-r8-floored-orthonormal": "Flora r8 (default)", "flora-r32-floored-orthonormal": "Flora r32 (default)"}
 runs = collections.defaultdict(lambda: collections.defaultdict(dict))  # (task, opt) -> lr -> seed -> run
 for line in open(here / "runs.jsonl"):
     r = json.loads(line)
-    if r.get("status") == "ok" and r["optimizer"] in ROWS and r["seed"] < 3:  # seeds 3-5: extra.py
+    if r.get("status") == "ok" and r["optimizer"] in ROWS and r["seed"] < 3:  # seeds 3-5: the note at the end
         runs[(r["task"], r["optimizer"])][r["lr"]][r["seed"]] = r
 
 
+# the suite's own scoring: each (task, row) at the lr with the best mean validation loss
+CHOSEN = {(c["task"], c["optimizer"]): c for c in score.choose(
+    [r for grid in runs.values() for seeds in grid.values() for r in seeds.values()])}
+
+
 def best(task, opt):
-    """(lr, {seed: run}, 'lower'/'upper'/None): the lr with the best mean validation loss
-    among those run on every seed of the row (3), and whether it is an end of the grid."""
-    grid = runs[(task, opt)]
-    full = {lr: s for lr, s in grid.items() if len(s) == max(len(x) for x in grid.values())}
-    lr = min(full, key=lambda x: st.mean(r["val_loss"] for r in full[x].values()))
-    lrs = sorted(grid)
-    return lr, full[lr], ("lower" if lr == lrs[0] else "upper" if lr == lrs[-1] else None)
+    """(lr, {seed: run}, 'lower'/'upper'/None): score.choose's lr, its runs, and whether it is
+    an end of the grid."""
+    c = CHOSEN[(task, opt)]
+    return c["lr"], runs[(task, opt)][c["lr"]], {"low": "lower", "high": "upper"}.get(c["edge"])
 
 
 def paired(mine, ref):
-    seeds = sorted(set(mine) & set(ref))
-    d = [mine[s]["test_loss"] - ref[s]["test_loss"] for s in seeds]
-    return st.mean(d), (st.stdev(d) if len(d) > 1 else float("nan")), len(d)
+    """mine - ref (test loss) over the seeds both ran ({seed: run} each): score.paired."""
+    m, s, n = score.paired(*({"per_seed": {k: r["test_loss"] for k, r in x.items()}} for x in (mine, ref)))
+    return m, (float("nan") if s is None else s), n
 
 
 # the tasks where all four rows ran

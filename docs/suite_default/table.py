@@ -19,10 +19,12 @@ Writes win_matrix.md, win_matrix.csv and win_matrix.png beside this file; run fr
 import collections
 import csv
 import json
-import statistics as st
 from pathlib import Path
 
 import matplotlib
+
+from flora.bench.suite import score
+from flora.bench.suite.space import FLOOR, KAPPA, TARGET
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,7 +50,8 @@ def add(path, length, row_of):
 
 
 def baseline(r):
-    return {"adafactor": "floor", "adafactor-b0.9": "target"}.get(r.get("optimizer") or r.get("row"))
+    o = r.get("optimizer") or r.get("row")
+    return o if o in (FLOOR, TARGET) else None
 
 
 def bf16_row(r):  # run.py's row 'bf16' at the stochastic-rounding library: the default there
@@ -76,23 +79,28 @@ add(docs / "suite_cpu_seven_tasks" / "long_x4" / "runs.jsonl", 4.0,
 ORDER = ("bytelm", "newslm", "finetune", "classify", "cnn", "vit", "tabular", "stream", "cnnstream", "tabstream")
 
 
+# the suite's own scoring (flora.bench.suite.score): each (task and length, row) at the lr
+# with the best mean validation loss, test loss over the seeds, paired differences, gaps
+chosen = score.choose([dict(r, task=f"{task} {length:g}x", optimizer=row, kappa=KAPPA)
+                       for (task, length, row), grid in runs.items() for seeds in grid.values()
+                       for r in seeds.values()])
+gaps = score.gaps(chosen)
+chosen = {(c["task"], c["optimizer"]): c for c in chosen}
+
+
 def best(key):
-    """(lr, {seed: run}, edge): the lr with the best mean validation loss among those run on
-    every seed; edge is '*' when that lr is an end of the grid."""
-    full = {lr: s for lr, s in runs[key].items() if len(s) == len(SEEDS)}
-    if not full:
-        return None
-    lr = min(full, key=lambda x: st.mean(r["val_loss"] for r in full[x].values()))
-    return lr, full[lr], "*" if lr in (min(runs[key]), max(runs[key])) else ""
+    """The chosen entry of (task, length, row): lr, edge, test_loss (mean), per_seed..."""
+    task, length, row = key
+    return chosen.get((f"{task} {length:g}x", row))
 
 
 def diff(a, b):
-    d = [a[s]["test_loss"] - b[s]["test_loss"] for s in SEEDS]
-    return st.mean(d), st.stdev(d)
+    m, s, _ = score.paired(a, b)
+    return m, s
 
 
-def mean(seeds):
-    return st.mean(seeds[s]["test_loss"] for s in SEEDS)
+def star(c):
+    return "*" if c["edge"] else ""
 
 
 def verdict(d, s, better_needed):
@@ -110,23 +118,25 @@ lines = [
     "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 table = []
 for task, length in cases:
-    got = {row: best((task, length, row)) for row in ("floor", "target", "r8", "r32")}
+    got = {row: best((task, length, row)) for row in (FLOOR, TARGET, "r8", "r32")}
     if None in got.values():
         continue
-    (_, fl, fe), (_, tg, te), (l8, r8, e8), (l32, r32, e32) = (got[k] for k in ("floor", "target", "r8", "r32"))
-    f = mean(fl)
-    gap, gap_s = diff(tg, fl)
+    fl, tg, r8, r32 = (got[k] for k in (FLOOR, TARGET, "r8", "r32"))
+    fe, te, e8, e32 = (star(c) for c in (fl, tg, r8, r32))
+    l8, l32, f = r8["lr"], r32["lr"], fl["test_loss"]
+    g = gaps[f"{task} {length:g}x"]
+    gap, gap_s = -g["gap"], g["gap_std"]  # target - floor
     d8, s8 = diff(r8, fl)
     d32, s32 = diff(r32, tg)
     d8t, s8t = diff(r8, tg)
-    row = dict(task=task, length=length, floor=f, floor_std=st.stdev(fl[s]["test_loss"] for s in SEEDS),
-               target_ratio=mean(tg) / f, gap=gap, gap_std=gap_s, gap_resolved=abs(gap) > 4 * gap_s,
-               r8_lr=l8, r8_ratio=mean(r8) / f, r8_minus_floor=d8, r8_minus_floor_std=s8,
-               r8_goal=verdict(d8, s8, True), r32_lr=l32, r32_ratio=mean(r32) / f, r32_minus_target=d32,
-               r32_minus_target_std=s32, r32_goal=verdict(d32, s32, False), r8_minus_target_pct=100 * d8t / mean(tg),
-               stretch="met" if d8t / mean(tg) <= 0.01 else "MISSED",
-               state_r8_pct=100 * next(iter(r8.values()))["state_bytes"] / ADAMW[task],
-               state_r32_pct=100 * next(iter(r32.values()))["state_bytes"] / ADAMW[task],
+    row = dict(task=task, length=length, floor=f, floor_std=fl["test_loss_std"],
+               target_ratio=tg["test_loss"] / f, gap=gap, gap_std=gap_s, gap_resolved=g["resolved"],
+               r8_lr=l8, r8_ratio=r8["test_loss"] / f, r8_minus_floor=d8, r8_minus_floor_std=s8,
+               r8_goal=verdict(d8, s8, True), r32_lr=l32, r32_ratio=r32["test_loss"] / f, r32_minus_target=d32,
+               r32_minus_target_std=s32, r32_goal=verdict(d32, s32, False),
+               r8_minus_target_pct=100 * d8t / tg["test_loss"],
+               stretch="met" if d8t / tg["test_loss"] <= 0.01 else "MISSED",
+               state_r8_pct=100 * r8["state_bytes"] / ADAMW[task], state_r32_pct=100 * r32["state_bytes"] / ADAMW[task],
                edges="".join(k for k, e in zip(("floor ", "target ", "r8 ", "r32 "), (fe, te, e8, e32)) if e).strip())
     table.append(row)
     lines.append(
@@ -149,7 +159,7 @@ lines += ["", "**Ranks** (1x; test loss / the floor's, paired difference to the 
           "best lr; state as % of AdamW's):", "",
           "| task | " + " | ".join(f"r{k}" for k in RANKS) + " |", "| --- |" + " ---: |" * len(RANKS)]
 for task in ORDER:
-    fl, tg = best((task, 1.0, "floor")), best((task, 1.0, "target"))
+    fl, tg = best((task, 1.0, FLOOR)), best((task, 1.0, TARGET))
     got = {k: best((task, 1.0, f"r{k}")) for k in RANKS}
     if fl is None or tg is None or sum(v is not None for v in got.values()) < 3:
         continue
@@ -158,12 +168,13 @@ for task in ORDER:
         if got[k] is None:
             cells.append("-")
             continue
-        lr, seeds, edge = got[k]
-        (d, s), (dt, stt) = diff(seeds, fl[1]), diff(seeds, tg[1])
-        state = 100 * next(iter(seeds.values()))["state_bytes"] / ADAMW[task]
-        cells.append(f"{mean(seeds) / mean(fl[1]):.3f}{edge} ({d:+.4f} ± {s:.4f}; {dt:+.4f} ± {stt:.4f}; {state:.1f}%"
+        c, edge = got[k], star(got[k])
+        lr, ratio = c["lr"], c["test_loss"] / fl["test_loss"]
+        (d, s), (dt, stt) = diff(c, fl), diff(c, tg)
+        state = 100 * c["state_bytes"] / ADAMW[task]
+        cells.append(f"{ratio:.3f}{edge} ({d:+.4f} ± {s:.4f}; {dt:+.4f} ± {stt:.4f}; {state:.1f}%"
                      + (", none compressed)" if (task, k) in DENSE else ")"))
-        table.append(dict(task=task, length=1.0, rank=k, lr=lr, edge=edge, ratio_floor=mean(seeds) / mean(fl[1]),
+        table.append(dict(task=task, length=1.0, rank=k, lr=lr, edge=edge, ratio_floor=ratio,
                           minus_floor=d, minus_floor_std=s, minus_target=dt, minus_target_std=stt, state_pct=state,
                           compressed=(task, k) not in DENSE))
     lines.append(f"| {task} | " + " | ".join(cells) + " |")
