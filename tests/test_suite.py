@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -352,3 +353,41 @@ def test_suite_exits_non_zero_when_every_run_failed(tmp_path, monkeypatch):
     assert main(argv) == 1
     assert "| tabular | adafactor |" in (tmp_path / "s" / "results.md").read_text()
     assert main(argv + ["--report-only"]) == 0  # a report of what ran is not a failed run
+
+
+def test_cpu_workers_start_with_the_heap_allocator_env_and_the_parent_gets_its_own_back(tmp_path, monkeypatch):
+    """run_all spawns its CPU workers (on submit) with CPU_WORKER_ENV set, unless the user
+    set a value; on CUDA with nothing added; the parent's environment is restored after."""
+    from concurrent.futures import Future
+
+    seen = []
+
+    class Pool:  # records the environment a spawned worker would copy, at each submit
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, job):
+            seen.append({k: os.environ.get(k) for k in runner.CPU_WORKER_ENV})
+            f = Future()
+            f.set_result(0 if isinstance(job, str) else {**job.to_dict(), "key": job.key, "status": "ok"})
+            return f
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", Pool)
+    for k in runner.CPU_WORKER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    job = space.Job("tabular", "adafactor", 1e-3, 0, 100)
+    runner.run_all([job], ["tabular"], log=tmp_path / "runs.jsonl", folder=tmp_path, device="cpu", workers=1,
+                   scale=0.04)
+    assert seen == [{"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "123"}] * 2
+    assert "MALLOC_MMAP_MAX_" not in os.environ and os.environ["MALLOC_TRIM_THRESHOLD_"] == "123"
+    seen.clear()
+    runner.run_all([job], ["tabular"], log=tmp_path / "cuda.jsonl", folder=tmp_path, device="cuda", workers=1,
+                   scale=0.04)
+    assert seen == [{"MALLOC_MMAP_MAX_": None, "MALLOC_TRIM_THRESHOLD_": "123"}] * 2

@@ -376,3 +376,18 @@ def checked_list(p, flag: str, text: str, check) -> list[str]:
         except ValueError as e:
             p.error(f"{flag}: {e}")
     return items
+
+
+@contextlib.contextmanager
+def environ(env: dict[str, str]):
+    """``env`` set in this process while a child starts (a spawned child copies it)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

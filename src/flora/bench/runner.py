@@ -206,7 +206,7 @@ class Runner:
             return fn(job)
         parent, child = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_child, args=(fn, job, child))
-        with _environ(self.env):
+        with core.environ(self.env):
             proc.start()
         child.close()
         res = None
@@ -216,21 +216,6 @@ class Runner:
             pass
         proc.join()
         return on_crash(proc.exitcode) if res is None else res
-
-
-@contextlib.contextmanager
-def _environ(env: dict[str, str]):
-    """``env`` set in this process while a child starts (a spawned child copies it)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_train_job(runner: Runner, job: Job) -> RunResult:

@@ -14,10 +14,27 @@ from pathlib import Path
 
 import torch
 
+from ..core import environ
 from .space import Job
 
 _WORKLOADS: dict = {}
 _CTX: dict = {}
+
+# The C library's allocator settings of a CPU worker (glibc reads them when a process
+# starts; other C libraries ignore them). glibc maps every buffer over 32 MiB afresh and
+# unmaps it when freed, so each step of a model with a large activation (tokenlm's logits
+# over a 26 k vocabulary: 216 MB) page-faults it in again: half of tokenlm's time went to
+# the kernel. From the heap, kept, tokenlm runs in 0.6x the time; the other tasks in the
+# same time; every loss the same to the bit (docs/results.md). A value the user set is kept.
+CPU_WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+
+
+def worker_env(device: str) -> dict[str, str]:
+    """The environment variables a suite worker on ``device`` starts with, besides the
+    parent's (``CPU_WORKER_ENV`` on a CPU, each unless already set)."""
+    if not device.startswith("cpu"):
+        return {}
+    return {k: v for k, v in CPU_WORKER_ENV.items() if k not in os.environ}
 
 
 def _init(folder: str, device: str, scale: float, threads: int) -> None:
@@ -133,7 +150,8 @@ def run_all(jobs: list[Job], tasks: list[str], *, log: Path, folder: Path, devic
     todo = [j for j in jobs if j.key not in done]
     ctx = mp.get_context("spawn")
     adamw = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
+    # the pool spawns its workers as jobs arrive: the environment stays set while it runs
+    with environ(worker_env(device)), ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
                              initargs=(str(folder), device, scale, threads)) as pool:
         for task, fut in [(t, pool.submit(_prepare_in_worker, t)) for t in tasks]:
             adamw[task] = fut.result()
