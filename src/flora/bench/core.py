@@ -380,7 +380,8 @@ def checked_list(p, flag: str, text: str, check) -> list[str]:
 
 @contextlib.contextmanager
 def environ(env: dict[str, str]):
-    """``env`` set in this process while a child starts (a spawned child copies it)."""
+    """``env`` set in this process inside the block, restored after (a child spawned inside
+    copies it: the C library's settings, read when a process starts, reach it this way)."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -151,8 +151,9 @@ def run_all(jobs: list[Job], tasks: list[str], *, log: Path, folder: Path, devic
     ctx = mp.get_context("spawn")
     adamw = {}
     # the pool spawns its workers as jobs arrive: the environment stays set while it runs
-    with environ(worker_env(device)), ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
-                             initargs=(str(folder), device, scale, threads)) as pool:
+    with environ(worker_env(device)), ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_init,
+            initargs=(str(folder), device, scale, threads)) as pool:
         for task, fut in [(t, pool.submit(_prepare_in_worker, t)) for t in tasks]:
             adamw[task] = fut.result()
         state_file = log.parent / "adamw_state.json"
