@@ -108,7 +108,10 @@ def test_to_stored_from_float64_and_into_other_dtypes():
 
 
 def test_compiled_equals_eager():
-    x = _values().reshape(-1)[:500].reshape(4, 5, 25)
+    """To the bit, the specials included (the NaN check is ``x != x``: a fast-math build
+    would fold it away)."""
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), 2.0 ** -130])
+    x = torch.cat([_values().reshape(-1)[:493], specials]).reshape(4, 5, 25)
     f = torch.compile(stochastic_bfloat16, backend="inductor", fullgraph=True, dynamic=False)
     for t in (1.0, 2.0, 37.0):
         step = torch.tensor([t])

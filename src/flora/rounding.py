@@ -80,7 +80,8 @@ def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP) -> torch.
     # clearing them truncates it towards zero, so this rounds |x| up with probability
     # (low bits) / 2^16 whatever the sign
     out = ((bits + noise) & _MASK_LOW).view(torch.float32)
-    return torch.where(torch.isnan(x), x, out).to(torch.bfloat16)
+    # ``x != x`` is isnan: inductor's CPU code vectorises the comparison, not ``isnan``
+    return torch.where(x != x, x, out).to(torch.bfloat16)
 
 
 def to_stored(x: torch.Tensor, dtype: torch.dtype, step, salt: int = AFTER_STEP) -> torch.Tensor:
