@@ -5,7 +5,9 @@ Adam-mini, APOLLO-Mini; 3 seeds, 5 lrs) beside the floor, the target and the def
 2026-12-02) at r8 and r32 of table.py's runs, each at its lr with the best mean
 validation loss; and the default since 2026-12-02, its momentum in bfloat16 rounded
 stochastically (runs_dtype_sr.jsonl, the same seeds and lr grid; momentum_dtype="auto",
-"bfloat16" on these tasks). For every peer with less state
+"bfloat16" on these tasks). tokenlm (fifteenth session) has every row from
+../../suite_default/runs_tokenlm.jsonl, the default only (no float32 rows), and no
+bitsandbytes row. For every peer with less state
 than a Flora row, the paired test-loss difference (peer - Flora): a peer dominates when it
 is below zero by more than one std. Writes peers.md, peers.csv and peers_loss_vs_state.png
 beside this file."""
@@ -20,7 +22,8 @@ import matplotlib.ticker
 
 from table import best, by, here, write
 
-TASKS = (("newslm", 2.0), ("cnnstream", 4.0), ("tabstream", 4.0))  # the resolved runs
+TASKS = (("newslm", 2.0), ("cnnstream", 4.0), ("tabstream", 4.0),  # the resolved runs
+         ("tokenlm", 1.0))  # and tokenlm, every row from ../../suite_default/runs_tokenlm.jsonl
 PEERS = ("adamw", "adamw-8bit", "adamw-8bit-bnb", "adam-mini", "apollo-mini")
 peer_by = collections.defaultdict(dict)
 for line in open(here / "runs_peers.jsonl"):
@@ -30,6 +33,12 @@ by.update(peer_by)
 for line in open(here / "runs_dtype_sr.jsonl"):  # the default form with a bfloat16 momentum, rounded stochastically
     r = json.loads(line)
     by[(r["task"], r["scale"], r["rank"], "bf16-sr")].setdefault(r["lr"], {})[r["seed"]] = r
+for line in open(here.parent.parent / "suite_default" / "runs_tokenlm.jsonl"):  # floor, target, default, peers
+    r = json.loads(line)
+    row, rank = r["row"], None
+    if row == "default":
+        row, rank = "bf16-sr", r["rank"]
+    by[(r["task"], r["scale"], rank, row)].setdefault(r["lr"], {})[r["seed"]] = r
 # The Flora rows a peer is compared with: (label, rank, row)
 FLORA = [(f"Flora r{rank}{suffix}", rank, row)
          for suffix, row in ((" fp32 (default until 2026-12-02)", "floor0.4"), (" (default)", "bf16-sr"))
@@ -74,6 +83,8 @@ for r in rows:
 write("peers", lines, table)
 
 fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4))
+# one colour per optimizer in every panel (tokenlm has no float32 Flora rows)
+COLOURS = {label: f"C{i}" for i, label in enumerate([f for f, _, _ in FLORA] + list(PEERS))}
 for ax, (task, _) in zip(axes, TASKS):
     for r in (x for x in rows if x["task"] == task):
         t = [s["test_loss"] for s in r["seeds"].values()]
@@ -83,7 +94,8 @@ for ax, (task, _) in zip(axes, TASKS):
             ax.annotate(r["label"].split(" (")[0], (1, st.mean(t)), xycoords=("axes fraction", "data"),
                         ha="right", va="bottom", fontsize=7, color="gray")
             continue
-        ax.errorbar([r["state"]], [st.mean(t)], yerr=[st.stdev(t)], label=r["label"], capsize=3, **style)
+        ax.errorbar([r["state"]], [st.mean(t)], yerr=[st.stdev(t)], label=r["label"], capsize=3,
+                    color=COLOURS[r["label"]], **style)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("optimizer state, bytes (log)")

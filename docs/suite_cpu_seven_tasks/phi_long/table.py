@@ -40,7 +40,7 @@ def best(key):
     if not grid:
         return None
     lr = min(grid, key=lambda x: st.mean(s["val_loss"] for s in grid[x].values()))
-    lrs = sorted(grid)
+    lrs = sorted(by[key])  # every lr run, on one seed or three (a screen on seed 0 runs the neighbours once)
     edge = "low" if lr == lrs[0] else "high" if lr == lrs[-1] else ""
     return lr, grid[lr], edge
 
