@@ -7,7 +7,8 @@ validation loss; and the default since 2026-12-02, its momentum in bfloat16 roun
 stochastically (runs_dtype_sr.jsonl, the same seeds and lr grid; momentum_dtype="auto",
 "bfloat16" on these tasks). tokenlm (fifteenth session) has every row from
 ../../suite_default/runs_tokenlm.jsonl, the default only (no float32 rows), and no
-bitsandbytes row. For every peer with less state
+bitsandbytes row; its floor-to-target gap is not resolved, but there every peer holds
+more state than Flora r32, so the plane is decided without it. For every peer with less state
 than a Flora row, the paired test-loss difference (peer - Flora): a peer dominates when it
 is below zero by more than one std. Writes peers.md, peers.csv and peers_loss_vs_state.png
 beside this file."""
