@@ -19,6 +19,11 @@ def _values(n=600, seed=0):
     return x[x.to(torch.bfloat16).float() != x]
 
 
+# NaNs whose payload fills the low bits: adding the noise carries them out of NaN (into
+# -0, 0 and inf), so only the NaN check keeps them NaN
+_FULL_NANS = torch.tensor([0x7FFFFFFF, -1, 0x7F800001], dtype=torch.int32).view(torch.float32)
+
+
 def test_each_result_is_one_of_the_two_neighbours():
     x = _values()
     bits = x.view(torch.int32) & ~0xFFFF
@@ -64,6 +69,7 @@ def test_exact_values_and_specials_round_as_to_nearest():
     for t in (1, 7):
         r = stochastic_bfloat16(x, t)
         assert torch.equal(r[:6], x[:6].to(torch.bfloat16)) and bool(r[6].isnan())
+        assert bool(stochastic_bfloat16(_FULL_NANS, t).isnan().all())
         assert torch.signbit(r[1]) and r[7].float() in (0.0, float(torch.tensor(2.0 ** -130).to(torch.bfloat16)),
                                                         float(torch.tensor(2.0 ** -130 * 1.01).to(torch.bfloat16)))
 
@@ -108,14 +114,18 @@ def test_to_stored_from_float64_and_into_other_dtypes():
 
 
 def test_compiled_equals_eager():
-    """To the bit, the specials included (the NaN check is ``x != x``: a fast-math build
-    would fold it away)."""
-    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), 2.0 ** -130])
-    x = torch.cat([_values().reshape(-1)[:493], specials]).reshape(4, 5, 25)
+    """To the bit, the specials included; NaNs, full-payload ones too, stay NaN (the check
+    is ``x != x``: a fast-math build would fold it away)."""
+    specials = torch.cat([torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"),
+                                        2.0 ** -130]), _FULL_NANS])
+    x = torch.cat([_values().reshape(-1)[:490], specials]).reshape(4, 5, 25)
+    nan = torch.isnan(x)
     f = torch.compile(stochastic_bfloat16, backend="inductor", fullgraph=True, dynamic=False)
     for t in (1.0, 2.0, 37.0):
         step = torch.tensor([t])
-        assert torch.equal(f(x, step.reshape(())).view(torch.int16), stochastic_bfloat16(x, int(t)).view(torch.int16))
+        got, want = f(x, step.reshape(())), stochastic_bfloat16(x, int(t))
+        assert torch.equal(torch.isnan(got), nan) and torch.equal(torch.isnan(want), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 @pytest.mark.parametrize("beta1", [0.99, 0.999])
