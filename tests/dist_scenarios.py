@@ -433,6 +433,33 @@ def ddp_flora(rank, world):
     return {"diff": max((a - b).abs().max().item() for a, b in zip(model.module.parameters(), ref.parameters()))}
 
 
+def fsdp1(rank, world):
+    """FSDP1 (FullyShardedDataParallel) hands Flora flat 1-D pieces when it shards: refused at
+    construction, naming FSDP2, with either use_orig_params. Unsharded (NO_SHARD) with the
+    model's own parameters it is data parallelism, and equals one process."""
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+    out = {}
+    for name, orig in (("flat", False), ("orig", True)):
+        model = FSDP(_net(), use_orig_params=orig, device_id=torch.device("cpu"))
+        try:
+            Flora(model.parameters(), **OPTS)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # NO_SHARD is deprecated in favour of DDP
+        model = FSDP(_net(), use_orig_params=True, device_id=torch.device("cpu"),
+                     sharding_strategy=ShardingStrategy.NO_SHARD)
+    opt = Flora(model.parameters(), **OPTS)
+    _steps(model, opt, _batches(), rank, world)
+    ref, _ = _train_single(OPTS, _batches())
+    out["no_shard_diff"] = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+    return out
+
+
 def _ddp_no_sync_cycles(model, opt, batches, rank, world, tau):
     """DDP accumulation as documented: no_sync() on the first tau - 1 micro-batches."""
     for i, (x, y) in enumerate(batches):

@@ -1,7 +1,7 @@
 """Flora under torch's own engines, on 2 CPU processes with gloo: FSDP2 (fully_shard) and
 DDP equal one process; the collectives of a sharded step are counted; checkpoints move
 between 2 processes and 1 with torch.distributed.checkpoint; accelerate's FSDP2 parameter
-swap; DeepSpeed ZeRO partitions are refused. The scenarios are in dist_scenarios.py."""
+swap; DeepSpeed ZeRO partitions and FSDP1's sharded pieces are refused. The scenarios are in dist_scenarios.py."""
 
 import os
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="ne
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient",
              "fsdp_shard1_refused", "accelerate_switch", "ddp_flora", "ddp_accumulator",
-             "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "fsdp_accumulator"]
+             "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "fsdp_accumulator", "fsdp1"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -130,6 +130,17 @@ def test_ddp_equals_one_process(results):
         assert r["diff"] <= TOL
 
 
+def test_fsdp1_sharded_pieces_are_refused_and_no_shard_equals_one_process(results):
+    """FSDP1's FlatParameter (use_orig_params=False) and its sharded 1-D shares of the model's
+    own parameters (use_orig_params=True) are refused when Flora is built, pointing to FSDP2;
+    NO_SHARD with use_orig_params=True keeps the shapes and equals one process."""
+    for r in check(results, "fsdp1"):
+        assert r["flat"] and "FlatParameter" in r["flat"] and "use_orig_params=False" in r["flat"]
+        assert r["orig"] and "sharded parameters" in r["orig"] and "use_orig_params=True" in r["orig"]
+        assert all("fully_shard" in m for m in (r["flat"], r["orig"]))
+        assert r["no_shard_diff"] <= TOL
+
+
 def test_ddp_compressed_accumulator_with_no_sync_equals_one_process(results):
     for r in check(results, "ddp_accumulator"):
         assert r["diff"] <= TOL
@@ -226,6 +237,30 @@ def test_relative_step_lr_zero_is_an_empty_step():
 
 
 # ------------------------------------------------------------------ DeepSpeed
+
+
+def test_fsdp1_marks_are_refused_and_vectors_alone_are_not():
+    """The marks FSDP1 puts on what it hands optimizers, without a process group: a
+    FlatParameter (``_is_flat_param``) anywhere; the model's own parameters
+    (``_fsdp_flattened``) when every one of them is a 1-D share. One 2-D parameter among them
+    (FSDP1 not sharding), or no FSDP1 mark at all, is stepped as usual."""
+    flat = nn.Parameter(torch.randn(30))
+    flat._is_flat_param = True
+    with pytest.raises(ValueError, match=r"FlatParameter.*30 elements.*fully_shard"):
+        Flora([flat], lr=1e-3)
+    shares = [nn.Parameter(torch.randn(n)) for n in (20, 0, 7)]
+    for p in shares:
+        p._fsdp_flattened = True
+    with pytest.raises(ValueError, match=r"all 3 parameters.*use_orig_params=True.*fully_shard"):
+        Flora([{"params": shares[:1]}, {"params": shares[1:], "weight_decay": 0.0}], lr=1e-3, rank=4, beta1=0.9)
+    whole = nn.Parameter(torch.randn(4, 5))
+    whole._fsdp_flattened = True
+    opt = Flora(shares + [whole], lr=1e-3, rank=2, beta1=0.9)  # FSDP1 NO_SHARD: shapes kept
+    Flora([nn.Parameter(torch.randn(20)), nn.Parameter(torch.randn(3))], lr=1e-3)  # plain vectors
+    for p in shares + [whole]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert "exp_avg_c" in opt.state[whole]
 
 
 def test_deepspeed_partitions_are_refused():

@@ -21,7 +21,8 @@ from . import reports
 from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
                       momentum_dtype_name as _momentum_dtype_name,
-                      refuse_deepspeed as _refuse_deepspeed, upgrade_group as _upgrade_group,
+                      refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
+                      upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
 from .state import check_factoring, check_momentum_layout, prepare_state
@@ -113,6 +114,8 @@ class Flora(Optimizer):
         self._compile = None if compile is False or compile is None else ("inductor" if compile is True else compile)
         _install_prelude()
         super().__init__(params, defaults)
+        # all groups at once: FSDP1's sharded shares are told apart from vectors by the whole model
+        _refuse_fsdp1_shards([p for g in self.param_groups for p in g["params"]])
         self._init_runtime()
         reports.warn_if_nothing_compressed(self)
 
@@ -189,7 +192,7 @@ class Flora(Optimizer):
         for p in params:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError("params must be real tensors: Flora does not support complex parameters")
-            _refuse_deepspeed(p)
+            _refuse_flat_pieces(p)
         if not isinstance(params, set) and len({id(p) for p in params}) != len(params):
             # torch only warns ("in future, this will cause an error"); here the step would depend
             # on the path (counted twice per step on the single-tensor path, once when grouped)

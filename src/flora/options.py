@@ -70,17 +70,49 @@ def grouped(group: dict, p: torch.Tensor, compiled: bool = False) -> bool:
     return group["foreach"]
 
 
-def refuse_deepspeed(p) -> None:
-    """DeepSpeed ZeRO hands optimizers flat 1-D partitions of parameters (it marks them
-    with ``ds_shape`` / ``ds_id``): no factored second moment or projected momentum can be
-    formed on those, and stepping them as vectors would silently be another optimizer."""
+_TO_FSDP2 = ("Shard with PyTorch FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate's FSDP2 plugin: "
+             "fsdp_version=2) instead; see docs/distributed.md")
+
+
+def refuse_flat_pieces(p) -> None:
+    """Refuse a parameter that is a flat 1-D piece of other parameters, where no factored
+    second moment or projected momentum can be formed and stepping it as a vector would
+    silently be another optimizer: DeepSpeed ZeRO's partitions (marked ``ds_shape`` /
+    ``ds_id``) and FSDP1's ``FlatParameter`` (``FullyShardedDataParallel`` with
+    ``use_orig_params=False``: a module's parameters concatenated, marked ``_is_flat_param``)."""
     if hasattr(p, "ds_shape") or hasattr(p, "ds_id"):
         shape = getattr(p, "ds_shape", None)
         raise ValueError(
             f"Flora cannot step DeepSpeed ZeRO partitions (a parameter{f' of shape {tuple(shape)}' if shape else ''} "
             f"carries DeepSpeed's ds_shape/ds_id): ZeRO flattens parameters into 1-D pieces, where Adafactor's "
-            "row/column factors and Flora's projected momentum do not exist. Shard with PyTorch FSDP2 "
-            "(torch.distributed.fsdp.fully_shard, or accelerate's FSDP2 plugin) instead; see docs/distributed.md")
+            f"row/column factors and Flora's projected momentum do not exist. {_TO_FSDP2}")
+    if getattr(p, "_is_flat_param", False):
+        raise ValueError(
+            f"Flora cannot step FSDP1's FlatParameter (a 1-D tensor of {p.numel()} elements: "
+            "torch.distributed.fsdp.FullyShardedDataParallel with use_orig_params=False concatenates a module's "
+            "parameters into one), where Adafactor's row/column factors, its per-tensor RMS and Flora's projected "
+            f"momentum do not exist. {_TO_FSDP2}")
+
+
+def _some_shapes(params: list) -> str:
+    shapes = sorted({tuple(p.shape) for p in params})
+    return ", ".join(map(str, shapes[:4])) + (", ..." if len(shapes) > 4 else "")
+
+
+def refuse_fsdp1_shards(params: list) -> None:
+    """FSDP1 with ``use_orig_params=True`` hands the optimizer the model's own parameters,
+    each set to this rank's flat 1-D share of it (marked ``_fsdp_flattened``), and keeps
+    their shapes only while it does not shard (``NO_SHARD``, or one process). One
+    parameter does not tell which: all of them 1-D means sharded shares (a model whose
+    every parameter is a vector has nothing for Flora to compress)."""
+    fsdp1 = [p for p in params if getattr(p, "_fsdp_flattened", False)]
+    if fsdp1 and all(p.dim() <= 1 for p in fsdp1) and any(p.dim() == 1 for p in fsdp1):
+        raise ValueError(
+            f"Flora cannot step FSDP1's sharded parameters: all {len(fsdp1)} parameters that "
+            "torch.distributed.fsdp.FullyShardedDataParallel (use_orig_params=True) manages here are flat 1-D shares "
+            f"of their tensors (shapes {_some_shapes(fsdp1)}), where Adafactor's row/column "
+            "factors, its per-tensor RMS and Flora's projected momentum do not exist, and each rank would step "
+            f"another optimizer. {_TO_FSDP2}")
 
 
 def validate_group(group: dict) -> None:
@@ -158,6 +190,6 @@ def check_grads(param_groups) -> None:
                                 f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
             if g.is_complex():
                 raise TypeError("Flora does not support complex gradients")
-            refuse_deepspeed(p)
+            refuse_flat_pieces(p)
             if is_dtensor(p):
                 sharded.layout(p)  # a placement Flora cannot step is refused here, before any change
