@@ -449,6 +449,19 @@ def fsdp1(rank, world):
             out[name] = None
         except ValueError as e:
             out[name] = str(e)
+    model = _net()
+    opt = Flora(model.parameters(), **OPTS)  # built before FSDP1 shards the same tensors
+    model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    x, y = _batches(1)[0]
+    _loss(model, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        opt.step()
+        out["built_before"] = None
+    except ValueError as e:
+        out["built_before"] = str(e)
+    out["built_before_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    out["built_before_no_state"] = not any(opt.state[p] for p in model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # NO_SHARD is deprecated in favour of DDP
         model = FSDP(_net(), use_orig_params=True, device_id=torch.device("cpu"),

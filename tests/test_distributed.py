@@ -132,12 +132,16 @@ def test_ddp_equals_one_process(results):
 
 def test_fsdp1_sharded_pieces_are_refused_and_no_shard_equals_one_process(results):
     """FSDP1's FlatParameter (use_orig_params=False) and its sharded 1-D shares of the model's
-    own parameters (use_orig_params=True) are refused when Flora is built, pointing to FSDP2;
-    NO_SHARD with use_orig_params=True keeps the shapes and equals one process."""
+    own parameters (use_orig_params=True) are refused when Flora is built, pointing to FSDP2,
+    and at the step of a Flora built before FSDP1 sharded them; NO_SHARD with
+    use_orig_params=True keeps the shapes and equals one process."""
     for r in check(results, "fsdp1"):
         assert r["flat"] and "FlatParameter" in r["flat"] and "use_orig_params=False" in r["flat"]
         assert r["orig"] and "sharded parameters" in r["orig"] and "use_orig_params=True" in r["orig"]
         assert all("fully_shard" in m for m in (r["flat"], r["orig"]))
+        # a Flora built before FSDP1 sharded the model's parameters: refused at its step, unchanged
+        assert r["built_before"] and "sharded parameters" in r["built_before"]
+        assert r["built_before_unchanged"] and r["built_before_no_state"]
         assert r["no_shard_diff"] <= TOL
 
 
@@ -261,6 +265,16 @@ def test_fsdp1_marks_are_refused_and_vectors_alone_are_not():
         p.grad = torch.ones_like(p)
     opt.step()
     assert "exp_avg_c" in opt.state[whole]
+    # the same tensors sharded after Flora was built: every one with a gradient 1-D, refused at the step
+    fresh = nn.Parameter(torch.randn(6, 5))
+    fresh._fsdp_flattened = True
+    opt = Flora([fresh], lr=1e-3, rank=2, beta1=0.9)
+    fresh.data = fresh.data.flatten()[:17].clone()
+    fresh.grad = torch.ones(17)
+    before = fresh.detach().clone()
+    with pytest.raises(ValueError, match="sharded parameters"):
+        opt.step()
+    assert torch.equal(fresh, before) and not opt.state[fresh]
 
 
 def test_deepspeed_partitions_are_refused():

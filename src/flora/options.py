@@ -104,7 +104,9 @@ def refuse_fsdp1_shards(params: list) -> None:
     each set to this rank's flat 1-D share of it (marked ``_fsdp_flattened``), and keeps
     their shapes only while it does not shard (``NO_SHARD``, or one process). One
     parameter does not tell which: all of them 1-D means sharded shares (a model whose
-    every parameter is a vector has nothing for Flora to compress)."""
+    every parameter is a vector has nothing for Flora to compress). Checked on every
+    parameter when Flora is built, and on those with gradients at each step (a Flora built
+    before FSDP1 wrapped the model holds the same tensors, sharded since)."""
     fsdp1 = [p for p in params if getattr(p, "_fsdp_flattened", False)]
     if fsdp1 and all(p.dim() <= 1 for p in fsdp1) and any(p.dim() == 1 for p in fsdp1):
         raise ValueError(
@@ -179,6 +181,7 @@ def check_complement_weight(weight, form) -> None:
 
 def check_grads(param_groups) -> None:
     """Before any change: every group's options and every gradient Flora can step."""
+    fsdp1 = []  # FSDP1 sharded after Flora was built (use_orig_params=True): the same tensors, now 1-D
     for group in param_groups:
         validate_group(group)
         for p in group["params"]:
@@ -191,5 +194,8 @@ def check_grads(param_groups) -> None:
             if g.is_complex():
                 raise TypeError("Flora does not support complex gradients")
             refuse_flat_pieces(p)
+            if getattr(p, "_fsdp_flattened", False):
+                fsdp1.append(p)
             if is_dtensor(p):
                 sharded.layout(p)  # a placement Flora cannot step is refused here, before any change
+    refuse_fsdp1_shards(fsdp1)
