@@ -9,6 +9,8 @@ differences that the issue's goals name. The runs come from the sessions that ma
 - runs_1x.jsonl (here, this session): newslm, cnnstream, tabstream at their suite length;
   runs_ranks.jsonl (here, this session): ranks 4 and 128 on the seven small tasks at 1x;
 - runs_tokenlm.jsonl (here, fourteenth session): tokenlm, the floor, the target, r8, r32;
+- runs_bytelm2x.jsonl (here, sixteenth session): bytelm at 2x (800 steps), the floor, the target,
+  r8 and r32 (and r8 `exact`, which this table leaves out);
 - ../suite_cpu_seven_tasks/phi_long/runs_dtype_1x_sr.jsonl and runs_dtype_sr.jsonl (tenth
   session): cnn, stream, tabular, vit at 1x; newslm 2x, cnnstream and tabstream 4x;
 - ../suite_cpu_big_tasks/runs.jsonl (twelfth and thirteenth sessions): finetune, bytelm,
@@ -70,6 +72,7 @@ phi = docs / "suite_cpu_seven_tasks" / "phi_long"
 add(here / "runs_1x.jsonl", 1.0, bf16_row)
 add(here / "runs_ranks.jsonl", 1.0, bf16_row)
 add(here / "runs_tokenlm.jsonl", 1.0, lambda r: bf16_row(r) or baseline(r))
+add(here / "runs_bytelm2x.jsonl", 2.0, lambda r: bf16_row(r) or baseline(r))
 add(phi / "runs_dtype_1x_sr.jsonl", 1.0, bf16_row)
 add(phi / "runs_dtype_sr.jsonl", None, bf16_row)
 add(docs / "suite_cpu_big_tasks" / "runs.jsonl", 1.0, suite_row)
