@@ -224,3 +224,19 @@ def test_compile_survives_the_trainer_and_its_resume(tmp_path):
     assert resumed_count.frame_count > 0
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_trainer_builds_flora_from_its_class(tmp_path):
+    """``optimizer_cls_and_kwargs``, the Trainer's way under FSDP (where it refuses
+    ``optimizers=``): Flora is built on the Trainer's own parameter groups with the lr given
+    (the scheduler starts from it), compresses the matrices, and trains."""
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=0, logging_steps=1, save_strategy="no", max_steps=4)
+    trainer = Trainer(model=_llama(), args=args, train_dataset=_Tokens(),
+                      optimizer_cls_and_kwargs=(flora.Flora, dict(lr=1e-2, rank=4, beta1=0.9)))
+    trainer.train()
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+    assert isinstance(opt, flora.Flora)
+    assert [g["initial_lr"] for g in opt.param_groups] == [1e-2] * len(opt.param_groups)
+    assert sum("exp_avg_c" in opt.state[p] for g in opt.param_groups for p in g["params"]) == 16
+    assert all(opt.state[p]["step"] == 4 for g in opt.param_groups for p in g["params"])
