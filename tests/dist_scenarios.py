@@ -470,6 +470,11 @@ def fsdp1(rank, world):
     _steps(model, opt, _batches(), rank, world)
     ref, _ = _train_single(OPTS, _batches())
     out["no_shard_diff"] = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+    for name, orig in (("acc_flat", False), ("acc_orig", True)):  # the accumulator: exact, dense, said so
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            CompressedAccumulator(FSDP(_net(), use_orig_params=orig, device_id=torch.device("cpu")), rank=3, tau=2)
+        out[name] = [str(w.message) for w in seen if "compresses nothing" in str(w.message)]
     return out
 
 

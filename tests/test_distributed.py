@@ -143,6 +143,9 @@ def test_fsdp1_sharded_pieces_are_refused_and_no_shard_equals_one_process(result
         assert r["built_before"] and "sharded parameters" in r["built_before"]
         assert r["built_before_unchanged"] and r["built_before_no_state"]
         assert r["no_shard_diff"] <= TOL
+        # CompressedAccumulator on FSDP1's pieces sums them densely (exact) and says it saves nothing
+        for key in ("acc_flat", "acc_orig"):
+            assert len(r[key]) == 1 and "FSDP1" in r[key][0] and "fully_shard" in r[key][0], r[key]
 
 
 def test_ddp_compressed_accumulator_with_no_sync_equals_one_process(results):
@@ -275,6 +278,44 @@ def test_fsdp1_marks_are_refused_and_vectors_alone_are_not():
     with pytest.raises(ValueError, match="sharded parameters"):
         opt.step()
     assert torch.equal(fresh, before) and not opt.state[fresh]
+    # one parameter at a time (fused accumulation's step_parameter) refuses the same, unchanged
+    with pytest.raises(ValueError, match="sharded parameters"):
+        opt.step_parameter(fresh)
+    assert torch.equal(fresh, before) and not opt.state[fresh]
+    late = nn.Parameter(torch.randn(6, 5))
+    opt = Flora([late], lr=1e-3, rank=2, beta1=0.9)
+    late._is_flat_param = True  # flattened after Flora was built
+    late.grad = torch.ones_like(late)
+    before = late.detach().clone()
+    with pytest.raises(ValueError, match="FlatParameter"):
+        opt.step_parameter(late)
+    assert torch.equal(late, before) and not opt.state[late]
+
+
+def test_the_accumulator_says_when_flat_pieces_leave_nothing_to_compress():
+    """DeepSpeed's or FSDP1's 1-D pieces reach CompressedAccumulator as vectors: summed densely
+    (exact), and with a rank a warning says nothing is compressed. Plain vectors, a model with
+    one matrix left whole, or rank=None: no warning."""
+    import warnings
+
+    from flora import CompressedAccumulator
+
+    flat = nn.Parameter(torch.randn(30))
+    flat._is_flat_param = True
+    with pytest.warns(UserWarning, match=r"rank=4\) compresses nothing.*1 of its 2.*FSDP1.*fully_shard"):
+        acc = CompressedAccumulator([flat, nn.Parameter(torch.randn(3))], rank=4, tau=2)
+    acc.remove()
+    piece = nn.Parameter(torch.randn(12))
+    piece.ds_shape = torch.Size([3, 4])
+    with pytest.warns(UserWarning, match="DeepSpeed ZeRO"):
+        CompressedAccumulator([piece], rank=2, tau=2).remove()
+    whole = nn.Parameter(torch.randn(6, 5))
+    whole._fsdp_flattened = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CompressedAccumulator([flat, whole], rank=2, tau=2).remove()  # FSDP1 NO_SHARD keeps a matrix whole
+        CompressedAccumulator([nn.Parameter(torch.randn(20))], rank=2, tau=2).remove()  # plain vectors
+        CompressedAccumulator([flat], rank=None, tau=2).remove()
 
 
 def test_deepspeed_partitions_are_refused():

@@ -417,6 +417,9 @@ class Flora(Optimizer):
             return
         if p.grad.is_sparse or p.grad.is_complex():
             check_grads(self.param_groups)
+        _refuse_flat_pieces(p)  # flattened after Flora was built (DeepSpeed, FSDP1): as step() refuses
+        if getattr(p, "_fsdp_flattened", False) and p.dim() <= 1:  # one share cannot tell; all of them can
+            _refuse_fsdp1_shards([q for g in self.param_groups for q in g["params"]])
         if is_dtensor(p):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return

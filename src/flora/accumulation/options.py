@@ -5,6 +5,7 @@ argument and what is allowed), which parameters are attached, and how each is su
 from __future__ import annotations
 
 from dataclasses import dataclass
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -146,4 +147,27 @@ def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, r
         slots.append(Slot(index, name, p, dim))
     if not slots:
         raise ValueError("model_or_params has no parameter with requires_grad=True")
+    warn_flat_pieces(slots, rank)
     return slots
+
+
+def _flat_piece(p) -> bool:
+    """A 1-D piece that a wrapper cut from other tensors: DeepSpeed ZeRO's partitions, FSDP1's
+    FlatParameter, or FSDP1's share of a parameter (``use_orig_params=True``)."""
+    return (hasattr(p, "ds_shape") or hasattr(p, "ds_id") or getattr(p, "_is_flat_param", False)
+            or (getattr(p, "_fsdp_flattened", False) and p.dim() <= 1))
+
+
+def warn_flat_pieces(slots: list[Slot], rank) -> None:
+    """With a rank, say so when nothing can be compressed because the model's matrices reached
+    the accumulator as flat pieces: the sums stay exact (dense, as plain accumulation's) but
+    save nothing, which would otherwise go unnoticed."""
+    if rank is None or any(s.dim is not None for s in slots):
+        return
+    flat = [s.name for s in slots if _flat_piece(s.param)]
+    if flat:
+        warnings.warn(f"CompressedAccumulator(rank={rank}) compresses nothing here: {len(flat)} of its "
+                      f"{len(slots)} parameters (e.g. {flat[0]!r}) are flat 1-D pieces that DeepSpeed ZeRO or "
+                      "FSDP1 (FullyShardedDataParallel) cut from the model's matrices, so every gradient is summed "
+                      "densely, exact but with no memory saved. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+                      "whose parameters keep their shapes.", UserWarning, stacklevel=4)
