@@ -4,8 +4,8 @@ argument and what is allowed), which parameters are attached, and how each is su
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
