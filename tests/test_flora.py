@@ -412,6 +412,33 @@ def test_zero_lr_first_step_is_a_no_op(form):
     assert torch.isfinite(opt.state[p]["exp_avg_c"]).all()
 
 
+@pytest.mark.parametrize("config,path", [(c, p) for c in MOMENTUM_CONFIGS for p in ("single", "grouped")]
+                         + [(c, "compiled") for c in (("paper", "gaussian"), ("floored", "orthonormal"))],
+                         ids=lambda v: "-".join(v) if isinstance(v, tuple) else v)
+def test_an_infinite_clip_threshold_clips_nothing(config, path):
+    """clip_threshold=inf means no clipping, as in HF Adafactor: the same steps as a
+    threshold no update reaches (1e30), bit for bit, on every path and form (the
+    compressed step's final clip had divided inf by inf: every weight NaN). A tensor lr
+    goes through the tensor branch of that clip."""
+    def run(clip, lr):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(12, 40)) for _ in range(2)] + [nn.Parameter(torch.randn(40))]
+        opt = Flora(ps, lr=lr, rank=4, beta1=0.9, kappa=2, scale_parameter=False, clip_threshold=clip,
+                    foreach=path != "single", compile="aot_eager" if path == "compiled" else None,
+                    **form_options(*config))
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return ps
+
+    for lr in (1e-2, torch.tensor(1e-2)):
+        got, want = run(math.inf, lr), run(1e30, lr)
+        for g, w in zip(got, want):
+            assert torch.isfinite(g).all()
+            assert torch.equal(g, w)
+
+
 def test_cached_projections_change_memory_not_results():
     torch.manual_seed(0)
     runs = []

@@ -10,6 +10,8 @@ changed in place. ``a`` is the current projection, ``dim`` the projected dimensi
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .projection import _bcast, as_matrix, compress, decompress, decompress_add_, overlap, transfer
@@ -316,10 +318,12 @@ def compressed_apply_(
         out_sq = k**2 * u_sq + 2 * k * beta * x_cross + beta**2 * x_sq
     bound = clip * lr_t
     s = bound / (out_sq.clamp(min=0.0) / numel).sqrt().clamp(min=bound)  # 1 / max(1, rms(out) / bound)
+    # bound 0 (lr 0): no step; bound inf (clip_threshold inf, no clipping, as in HF
+    # Adafactor): 1, where the quotient above is inf / inf
     if not isinstance(bound, torch.Tensor):
-        s = s if bound > 0 else torch.zeros_like(s)
+        s = (s if bound > 0 else torch.zeros_like(s)) if bound < math.inf else torch.ones_like(s)
     else:
-        s = torch.where(bound > 0, s, 0.0)
+        s = torch.where(bound > 0, torch.where(bound < math.inf, s, 1.0), 0.0)
     if ok is not None:
         s = torch.where(ok, s, 0.0)
     alpha = (s * coef_dc).to(like.dtype)

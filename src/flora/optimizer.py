@@ -505,7 +505,7 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             is compressed, whatever ``rank`` says).
         eps, clip_threshold, decay_rate, weight_decay, scale_parameter, relative_step,
         warmup_init: as in ``transformers.optimization.Adafactor``. ``relative_step``
-            defaults to ``lr is None``.
+            defaults to ``lr is None``; ``clip_threshold=math.inf`` clips nothing.
         seed: base seed of all projections; a parameter's projection number ``k`` is
             drawn from ``projection_seed(seed, index, k)``, ``index`` being its position
             across the parameter groups.
