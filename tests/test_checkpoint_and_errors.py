@@ -237,6 +237,46 @@ def test_rank_edited_mid_run_is_refused_before_any_change(path, new_rank):
             assert "exp_avg_c" not in opt.state[p] and tuple(opt.state[p]["exp_avg"].shape) == (6, 5)
 
 
+@pytest.mark.parametrize("option,was,now", [("rank", None, 2), ("rank", 8, 2), ("max_aspect_ratio", 1.1, None)],
+                         ids=["rank-None-to-2", "rank-above-the-dim-to-2", "max_aspect_ratio"])
+@pytest.mark.parametrize("path", ["single", "grouped", "step_parameter", "compiled"])
+def test_an_edit_that_would_compress_a_dense_momentum_is_refused(path, option, was, now):
+    """The other direction (found as a new user would): an option edited so that a
+    parameter holding dense momentum would now be compressed had been taken silently:
+    the dense momentum kept stepping (in bfloat16 under momentum_dtype="auto") while
+    summary() and plan() reported it compressed. Refused, naming the options and the
+    remedies, before anything changes; with the state dropped, it starts compressed."""
+    ps = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+    opts = dict(lr=1e-2, rank=2, beta1=0.9, foreach={"single": False, "grouped": True}.get(path),
+                compile="aot_eager" if path == "compiled" else None)
+    opt = Flora(ps, **{**opts, option: was})
+
+    def step():
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        if path == "step_parameter":
+            for p in ps:
+                opt.step_parameter(p)
+        else:
+            opt.step()
+
+    step()
+    assert "exp_avg" in opt.state[ps[0]]
+    before, state = [p.detach().clone() for p in ps], copy.deepcopy(opt.state_dict())
+    opt.param_groups[0][option] = now
+    with pytest.raises(ValueError, match=r"would compress the momentum of a parameter of shape \(6, 5\), which "
+                                         r"holds it dense .*set them back, or .*optimizer\.state\.pop"):
+        step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    after = opt.state_dict()
+    for k, v in state["state"].items():
+        for key, t in v.items():
+            assert torch.equal(after["state"][k][key], t) if isinstance(t, torch.Tensor) else after["state"][k][key] == t
+    opt.state.pop(ps[0])
+    step()
+    assert tuple(opt.state[ps[0]]["exp_avg_c"].shape) == (6, 2) and "exp_avg" not in opt.state[ps[0]]
+
+
 def test_bad_group_option_is_refused():
     with pytest.raises(ValueError, match="rank"):
         Flora([{"params": P, "rank": 0}], lr=1e-3)

@@ -70,13 +70,21 @@ _DROP = "or drop that parameter's state (optimizer.state.pop(p)) to start its mo
 
 def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | None = None) -> None:
     """A live compressed momentum must have the shape and projected dim the group's
-    ``rank``, ``proj_dim`` and ``max_aspect_ratio`` give it, and be read under the
+    ``rank``, ``proj_dim`` and ``max_aspect_ratio`` give it (and a dense one must stay
+    dense under them: it is not compressed mid-run), and be read under the
     projections it was made under (``edited``: ``seed`` or ``projection`` changed since the
     last step, ``{name: (old, new)}``). An option edited in a group mid-run is refused,
     naming it, before any change, instead of failing to broadcast half-way through a step
     or reading the momentum under unrelated projections."""
     c = s.get("exp_avg_c")
     if c is None:
+        if "exp_avg" in s and group["beta1"] is not None and \
+                (sharded.momentum_dim if is_dtensor(p) else momentum_dim)(tuple(p.shape), group) is not None:
+            raise ValueError(
+                f"rank={group['rank']!r}, proj_dim={group['proj_dim']!r} and max_aspect_ratio="
+                f"{group['max_aspect_ratio']!r} would compress the momentum of a parameter of shape "
+                f"{tuple(p.shape)}, which holds it dense (made when these options left it uncompressed): set them "
+                f"back, {_DROP}")
         return
     shape, dim, rank = tuple(p.shape), s["proj_dim"], group["rank"]
     have = tuple(c.shape)
