@@ -169,6 +169,25 @@ def test_bad_arguments_name_the_argument(kwargs, exc, name):
         Flora(P, **kwargs)
 
 
+def _assert_state_unchanged(saved: dict, opt) -> None:
+    """``opt``'s state equals ``saved`` (a deep copy of an earlier ``state_dict()``)."""
+    after = opt.state_dict()
+    for k, v in saved["state"].items():
+        for key, t in v.items():
+            assert torch.equal(after["state"][k][key], t) if isinstance(t, torch.Tensor) else after["state"][k][key] == t
+
+
+def _step_on(path: str, opt, ps) -> None:
+    """New gradients, then one step on ``path`` ("step_parameter": one call per parameter)."""
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    if path == "step_parameter":
+        for p in ps:
+            opt.step_parameter(p)
+    else:
+        opt.step()
+
+
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
 @pytest.mark.parametrize("kwargs,exc,name", BAD_ARGUMENTS)
 def test_bad_option_edited_into_a_group_is_refused_by_step_on_both_paths(kwargs, exc, name, foreach):
@@ -185,10 +204,7 @@ def test_bad_option_edited_into_a_group_is_refused_by_step_on_both_paths(kwargs,
     with pytest.raises(exc, match=name):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(ps, before))
-    after = opt.state_dict()
-    for k, v in state["state"].items():
-        for key, t in v.items():
-            assert torch.equal(after["state"][k][key], t) if isinstance(t, torch.Tensor) else after["state"][k][key] == t
+    _assert_state_unchanged(state, opt)
 
 
 @pytest.mark.parametrize("new_rank", [4, None, 8], ids=["4", "None", "above-the-dim"])
@@ -204,13 +220,7 @@ def test_rank_edited_mid_run_is_refused_before_any_change(path, new_rank):
     opt = Flora(ps, lr=1e-2, rank=2, beta1=0.9, foreach=foreach, compile="aot_eager" if path == "compiled" else None)
 
     def step():
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        if path == "step_parameter":
-            for p in ps:
-                opt.step_parameter(p)
-        else:
-            opt.step()
+        _step_on(path, opt, ps)
 
     step()
     before = [p.detach().clone() for p in ps]
@@ -220,10 +230,7 @@ def test_rank_edited_mid_run_is_refused_before_any_change(path, new_rank):
     with pytest.raises(ValueError, match=re.escape(said) + r"\. Set rank back to 2, or .*optimizer\.state\.pop"):
         step()
     assert all(torch.equal(a, b) for a, b in zip(ps, before))
-    after = opt.state_dict()
-    for k, v in state["state"].items():
-        for key, t in v.items():
-            assert torch.equal(after["state"][k][key], t) if isinstance(t, torch.Tensor) else after["state"][k][key] == t
+    _assert_state_unchanged(state, opt)
     opt.param_groups[0]["rank"] = 2  # back: steps
     step()
     opt.param_groups[0]["rank"] = new_rank
@@ -252,13 +259,7 @@ def test_an_edit_that_would_compress_a_dense_momentum_is_refused(path, option, w
     opt = Flora(ps, **{**opts, option: was})
 
     def step():
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        if path == "step_parameter":
-            for p in ps:
-                opt.step_parameter(p)
-        else:
-            opt.step()
+        _step_on(path, opt, ps)
 
     step()
     assert "exp_avg" in opt.state[ps[0]]
@@ -268,10 +269,7 @@ def test_an_edit_that_would_compress_a_dense_momentum_is_refused(path, option, w
                                          r"holds it dense .*set them back, or .*optimizer\.state\.pop"):
         step()
     assert all(torch.equal(a, b) for a, b in zip(ps, before))
-    after = opt.state_dict()
-    for k, v in state["state"].items():
-        for key, t in v.items():
-            assert torch.equal(after["state"][k][key], t) if isinstance(t, torch.Tensor) else after["state"][k][key] == t
+    _assert_state_unchanged(state, opt)
     opt.state.pop(ps[0])
     step()
     assert tuple(opt.state[ps[0]]["exp_avg_c"].shape) == (6, 2) and "exp_avg" not in opt.state[ps[0]]
