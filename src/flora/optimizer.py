@@ -3,6 +3,7 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Iterable
 
@@ -27,6 +28,24 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
 from .momentum import WEIGHTED_FORMS
 from .state import check_factoring, check_momentum_layout, prepare_state
 from .stacks import StateStacks
+
+# Device types whose autocast a step turns off (torch.amp), so that its matmuls (compression,
+# decompression, transfers, orthonormal draws) run in the state dtype, as outside autocast.
+_AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _autocast_on() -> tuple:
+    """The device types whose autocast is enabled here (usually none)."""
+    return tuple(t for t in _AUTOCAST_TYPES if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t))
+
+
+def _autocast_off(types: tuple) -> contextlib.ExitStack:
+    """A context with autocast disabled for ``types``."""
+    stack = contextlib.ExitStack()
+    for t in types:
+        stack.enter_context(torch.autocast(t, enabled=False))
+    return stack
+
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
@@ -243,13 +262,21 @@ class Flora(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            # The eager prelude: checks, state, buckets, host counters, projections and
-            # resamples (and FSDP2's sharded parameters, whole); under torch.compile(opt.step)
-            # it is the one graph break. Then the arithmetic, on tensors only.
-            # traced: inside torch.compile(opt.step), whose graph then takes stacked state
-            plan = self._prelude(torch.compiler.is_compiling())
-            self._apply(plan)
+            on = () if torch.compiler.is_compiling() else _autocast_on()
+            if on:  # step() called inside autocast: the matmuls would run in its dtype
+                with _autocast_off(on):
+                    self._step()
+            else:
+                self._step()
         return loss
+
+    def _step(self) -> None:
+        # The eager prelude: checks, state, buckets, host counters, projections and
+        # resamples (and FSDP2's sharded parameters, whole); under torch.compile(opt.step)
+        # it is the one graph break. Then the arithmetic, on tensors only.
+        # traced: inside torch.compile(opt.step), whose graph then takes stacked state
+        plan = self._prelude(torch.compiler.is_compiling())
+        self._apply(plan)
 
     def _check_options_fit_state(self) -> None:
         """A group whose ``factor_dims`` or ``rank`` changed since its last step (edited in
@@ -415,6 +442,10 @@ class Flora(Optimizer):
         group, index = self._find(p, "step_parameter")
         if p.grad is None:
             return
+        on = _autocast_on()
+        if on:  # called inside autocast (a backward hook under it): the matmuls would run in its dtype
+            with _autocast_off(on):
+                return self.step_parameter(p)
         if p.grad.is_sparse or p.grad.is_complex():
             check_grads(self.param_groups)
         _refuse_flat_pieces(p)  # flattened after Flora was built (DeepSpeed, FSDP1): as step() refuses
@@ -439,6 +470,10 @@ class Flora(Optimizer):
         :meth:`step_parameter`. Every rank of a shard group must step the same parameters.
         ``sums`` (process group -> float64 vector) rides along in the first all-reduce
         and is summed over the shards in place."""
+        on = _autocast_on()
+        if on:  # as in step_parameter
+            with _autocast_off(on):
+                return self.step_parameters(params, sums=sums)
         found = []
         for p in params:
             if not is_dtensor(p):
