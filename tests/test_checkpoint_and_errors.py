@@ -275,6 +275,44 @@ def test_an_edit_that_would_compress_a_dense_momentum_is_refused(path, option, w
     assert tuple(opt.state[ps[0]]["exp_avg_c"].shape) == (6, 2) and "exp_avg" not in opt.state[ps[0]]
 
 
+@pytest.mark.parametrize("path", ["single", "grouped", "compiled"])
+@pytest.mark.parametrize("saved,now", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                       (torch.bfloat16, torch.float64)], ids=["32-to-64", "64-to-32", "bf16-to-64"])
+def test_a_checkpoint_resumed_on_parameters_of_another_dtype_takes_their_state_dtype(saved, now, path):
+    """Found as a new user would: a float32 checkpoint resumed on float64 parameters kept
+    float32 second moments beside a float64 momentum (eager), and the compiled step failed
+    on the mix after the step counters had moved. The loaded state takes the dtypes a
+    fresh state of the new parameters has, and steps on every path."""
+    def build(dtype):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(12, 40).to(dtype)) for _ in range(2)] + [nn.Parameter(torch.randn(40).to(dtype))]
+        opt = Flora(ps, lr=1e-2, rank=4, beta1=0.9, scale_parameter=False, foreach=path != "single",
+                    compile="aot_eager" if path == "compiled" else None)
+        return ps, opt
+
+    def grads(ps):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+
+    ps, opt = build(saved)
+    grads(ps)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    fresh_ps, fresh = build(now)
+    grads(fresh_ps)
+    fresh.step()
+    ps2, opt2 = build(now)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for p, q in zip(ps2, fresh_ps):
+        assert {k: v.dtype for k, v in opt2.state[p].items() if torch.is_tensor(v)} == \
+            {k: v.dtype for k, v in fresh.state[q].items() if torch.is_tensor(v)}
+    grads(ps2)
+    opt2.step()
+    assert all(opt2.state[p]["step"] == 2 and torch.isfinite(p).all() for p in ps2)
+
+
 def test_bad_group_option_is_refused():
     with pytest.raises(ValueError, match="rank"):
         Flora([{"params": P, "rank": 0}], lr=1e-3)

@@ -12,6 +12,7 @@ import torch
 from .adafactor import factored_dims
 from .compression import momentum_storage
 from .options import ALGORITHM_KEYS, CORE_KEYS, upgrade_group, validate_group
+from .projection import state_dtype
 from .state import check_state_shapes
 
 
@@ -31,9 +32,12 @@ def _factors_differ(params, rule_a: str, rule_b: str) -> bool:
 
 def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     """Load after checking that the state comes from a Flora of the same rank and that
-    every saved state tensor fits this optimizer's parameters; keeps the saved dtype
-    (float32), which torch would otherwise cast to the parameter's. State saved by
-    earlier releases (option ``momentum``) loads.
+    every saved state tensor fits this optimizer's parameters. Each state tensor takes the
+    dtype a fresh state of its parameter would have (float32 for float32 and half
+    parameters, float64 for float64 ones; the momentum in its group's ``momentum_dtype``),
+    where torch would cast it to the parameter's: a checkpoint resumed on parameters of
+    the same dtype loads unchanged. State saved by earlier releases (option ``momentum``)
+    loads.
 
     As in torch, the loaded parameter groups replace this optimizer's options (lr,
     beta1, kappa, ... all come from the checkpoint). A ``UserWarning`` names each
@@ -100,12 +104,17 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         for k, v in opt.defaults.items():
             group.setdefault(k, v)
     for pid, s in state_dict["state"].items():
-        p, _ = id_to_param[pid]
+        p, g = id_to_param[pid]
         for k, v in s.items():
             if k == "step":  # a plain number (ours) or a tensor (torch's convention): the number
                 opt.state[p]["step"] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
             elif isinstance(v, torch.Tensor):
-                opt.state[p][k] = v.detach().to(device=p.device, copy=True)
+                # the dtype this parameter's state takes (float64 for float64 parameters;
+                # the momentum in its group's momentum_dtype), as a fresh state would: a
+                # checkpoint resumed on parameters of another dtype does not mix the two
+                want = None if not v.is_floating_point() else (
+                    momentum_storage(g, p.dtype) if k in ("exp_avg", "exp_avg_c") else state_dtype(p.dtype))
+                opt.state[p][k] = v.detach().to(device=p.device, dtype=want, copy=True)
     _warn_narrowed_momentum(id_to_param, state_dict["state"])
     opt._remember_layouts()  # an edit of seed, projection, proj_dim... before the next step is checked
 
