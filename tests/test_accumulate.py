@@ -870,3 +870,29 @@ def test_fused_mode_lets_a_parameter_be_frozen_between_cycles():
         model(torch.randn(8, 4)).pow(2).mean().backward()
     assert acc.cycle == 4
     assert torch.equal(model[0].weight, frozen) and not torch.equal(model[1].weight, head)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["normal", "fused"])
+def test_backward_and_step_inside_autocast_accumulate_as_outside(fused):
+    """A backward pass and a step called inside an autocast region had run the
+    accumulator's compression and decompression matmuls in bfloat16. Its hooks and
+    finish() turn autocast off: the same bits inside and outside. (The loss is
+    elementwise in the parameters, so autocast leaves the gradients themselves alone.)"""
+    def run(inside):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(48, 64)), nn.Parameter(torch.randn(64))]
+        opt = Flora(ps, lr=1e-2, rank=4, beta1=0.9) if fused else torch.optim.SGD(ps, lr=0.1)
+        CompressedAccumulator(ps, rank=4, tau=3, seed=1, fused=fused, optimizer=opt if fused else None)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(2):
+            for _ in range(3):
+                loss = sum((p * torch.randn(p.shape, generator=g)).sum() for p in ps)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                    loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                opt.step()
+            opt.zero_grad()
+        return ps
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)

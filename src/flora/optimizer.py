@@ -3,13 +3,13 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any, Iterable
 
 import torch
 from torch.optim import Optimizer
 
+from . import _autocast
 from . import adafactor as af
 from . import compiled as C
 from . import kernels
@@ -28,24 +28,6 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
 from .momentum import WEIGHTED_FORMS
 from .state import check_factoring, check_momentum_layout, prepare_state
 from .stacks import StateStacks
-
-# Device types whose autocast a step turns off (torch.amp), so that its matmuls (compression,
-# decompression, transfers, orthonormal draws) run in the state dtype, as outside autocast.
-_AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
-
-
-def _autocast_on() -> tuple:
-    """The device types whose autocast is enabled here (usually none)."""
-    return tuple(t for t in _AUTOCAST_TYPES if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t))
-
-
-def _autocast_off(types: tuple) -> contextlib.ExitStack:
-    """A context with autocast disabled for ``types``."""
-    stack = contextlib.ExitStack()
-    for t in types:
-        stack.enter_context(torch.autocast(t, enabled=False))
-    return stack
-
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
@@ -262,9 +244,9 @@ class Flora(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            on = () if torch.compiler.is_compiling() else _autocast_on()
+            on = () if torch.compiler.is_compiling() else _autocast.enabled()
             if on:  # step() called inside autocast: the matmuls would run in its dtype
-                with _autocast_off(on):
+                with _autocast.disabled(on):
                     self._step()
             else:
                 self._step()
@@ -442,9 +424,9 @@ class Flora(Optimizer):
         group, index = self._find(p, "step_parameter")
         if p.grad is None:
             return
-        on = _autocast_on()
+        on = _autocast.enabled()
         if on:  # called inside autocast (a backward hook under it): the matmuls would run in its dtype
-            with _autocast_off(on):
+            with _autocast.disabled(on):
                 return self.step_parameter(p)
         if p.grad.is_sparse or p.grad.is_complex():
             check_grads(self.param_groups)
@@ -470,9 +452,9 @@ class Flora(Optimizer):
         :meth:`step_parameter`. Every rank of a shard group must step the same parameters.
         ``sums`` (process group -> float64 vector) rides along in the first all-reduce
         and is summed over the shards in place."""
-        on = _autocast_on()
+        on = _autocast.enabled()
         if on:  # as in step_parameter
-            with _autocast_off(on):
+            with _autocast.disabled(on):
                 return self.step_parameters(params, sums=sums)
         found = []
         for p in params:

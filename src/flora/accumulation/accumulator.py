@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
+from .. import _autocast
 from . import checkpoint
 from .cycle import Cycle
 from .engine import Engine
@@ -203,7 +204,8 @@ class CompressedAccumulator:
         step) after the same number of backward passes.
 
         Returns ``k`` (0 on a cycle boundary, where it does nothing)."""
-        return self._engine.finish()
+        with _autocast.disabled():
+            return self._engine.finish()
 
     def discard_cycle(self) -> int:
         """Drop the open cycle, as ``zero_grad()`` drops accumulated gradients in plain

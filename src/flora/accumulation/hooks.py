@@ -21,6 +21,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import _autocast
 from ..sharded import is_dtensor
 from .engine import Engine
 from .estimator import Slot
@@ -111,7 +112,8 @@ class Hooks:
             self.queue_end(accumulated=True)
             if k in eng.sharded:  # no tensor hook ran before this one
                 eng.check_cycle_open(k)
-            eng.accumulate(k, p)
+            with _autocast.disabled():  # a backward run inside autocast: compress in the state dtype
+                eng.accumulate(k, p)
 
     def queue_end(self, accumulated: bool = False) -> None:
         """Have ``after_backward`` run once at the end of the running backward pass."""
@@ -131,7 +133,8 @@ class Hooks:
             if node is not None and self.defer(node, accumulated):
                 return
             if accumulated:
-                eng.backward_done()
+                with _autocast.disabled():
+                    eng.backward_done()
 
     def defer(self, node, accumulated: bool) -> bool:
         """A backward pass run inside another one (reentrant activation checkpointing) ends
@@ -154,11 +157,13 @@ class Hooks:
 
     def on_step(self, optimizer, args, kwargs) -> None:
         if self.engine.micro_step():
-            self.engine.finish()
+            with _autocast.disabled():  # a step inside autocast: decompress in the state dtype
+                self.engine.finish()
 
     def on_any_step(self, optimizer) -> None:
         eng = self.engine
         if eng.micro_step():
             opt = unwrap(optimizer)
             if any(id(p) in eng.ids for g in opt.param_groups for p in g["params"]):
-                eng.finish()
+                with _autocast.disabled():
+                    eng.finish()

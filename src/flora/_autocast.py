@@ -1,0 +1,28 @@
+"""Autocast turned off inside Flora's own arithmetic (a step, an accumulator's hooks):
+called inside an autocast region, the projection matmuls (compression, decompression,
+transfers, orthonormal draws) would run in its lower dtype instead of the state dtype."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# the device types torch.amp knows of here
+DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def enabled() -> tuple:
+    """The device types whose autocast is enabled here (usually none)."""
+    return tuple(t for t in DEVICE_TYPES if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t))
+
+
+def disabled(types: tuple | None = None) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for ``types`` (default: those enabled now)."""
+    types = enabled() if types is None else types
+    if not types:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for t in types:
+        stack.enter_context(torch.autocast(t, enabled=False))
+    return stack
