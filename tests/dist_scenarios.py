@@ -3,6 +3,7 @@ Each takes (rank, world) and returns plain values and tensors."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -518,6 +519,37 @@ def ddp_accumulator(rank, world):
     _ddp_no_sync_cycles(model, opt, batches, rank, world, tau)
     del acc
     return {"diff": _diff_from_one_process_accumulating(model.module, batches, tau)}
+
+
+def ddp_accumulator_short_cycle(rank, world):
+    """Normal mode under DDP, an epoch's short last cycle (found as a new user would: its
+    estimates had never been averaged, and the replicas drifted apart): tau=2 over 3
+    micro-batches, the short cycle run under no_sync() and closed by the step. Equal to
+    one process accumulating the same micro-batches (each the union of the ranks') and
+    closing its short cycle the same way."""
+    tau, n_micro = 2, 3
+    batches = _batches(n_micro, size=8)
+
+    def train(ddp: bool):
+        net = _net()
+        model = _ddp(net) if ddp else net
+        opt = Flora(model.parameters(), **OPTS, **({} if ddp else REF))
+        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+        for i, (x, y) in enumerate(batches):
+            if ddp:
+                n = x.shape[0] // world
+                x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+            full_end = (i + 1) % tau == 0
+            with model.no_sync() if ddp and not full_end else contextlib.nullcontext():
+                (_loss(model, x, y) / tau).backward()
+            if full_end or i + 1 == n_micro:
+                opt.step()
+                opt.zero_grad()
+        acc.remove()
+        return net
+
+    net, ref = train(True), train(False)
+    return {"diff": max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters()))}
 
 
 def ddp_accumulator_sync_refused(rank, world):

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="ne
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient",
              "fsdp_shard1_refused", "accelerate_switch", "ddp_flora", "ddp_accumulator",
-             "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "fsdp_accumulator", "fsdp1"]
+             "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
+             "fsdp_accumulator", "fsdp1"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -173,6 +174,14 @@ def test_ddp_compressed_accumulator_lets_accelerate_end_a_short_cycle(results):
     accelerate ends a short cycle (end of data); both cycles equal one process."""
     for r in check(results, "ddp_accumulator_accelerate_short_cycle"):
         assert r["cycles"] == (2, 2)
+        assert r["diff"] <= TOL
+
+
+def test_ddp_compressed_accumulator_averages_a_short_cycle_closed_by_the_step(results):
+    """An epoch's short last cycle, run under no_sync() and closed by the step, is
+    averaged over the replicas (it had been left local: the replicas drifted apart) and
+    equals one process."""
+    for r in check(results, "ddp_accumulator_short_cycle"):
         assert r["diff"] <= TOL
 
 

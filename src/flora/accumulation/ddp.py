@@ -28,7 +28,7 @@ from torch import nn
 
 from .estimator import Slot
 
-__all__ = ["DDPSteps", "check_ddp_fused"]
+__all__ = ["DDPSteps", "check_ddp_fused", "mean_over_replicas"]
 
 
 def check_ddp_fused(ddp: nn.Module, slots: list[Slot], comm_hook) -> None:
@@ -142,26 +142,35 @@ class DDPSteps:
         self.sync_and_step([k for k in sorted(c.done) if self.engine.slots[k].param.grad is not None])
 
     def sync_and_step(self, ks: list[int]) -> None:
-        """The mean over replicas of slots ``ks``'s ``.grad`` (one packed all-reduce over
-        every slot, since replicas may differ in which got a gradient), then their step."""
+        """The mean over replicas of slots ``ks``'s ``.grad`` (:func:`mean_over_replicas`),
+        then their step."""
         eng = self.engine
-        slots, chosen = eng.slots, set(ks)
-        dev = slots[0].param.device
-        wire = torch.float64 if any(s.param.dtype == torch.float64 for s in slots) else torch.float32
-        pieces = [(slots[k].param.grad.detach().reshape(-1).to(wire) if k in chosen
-                   else torch.zeros(math.prod(slots[k].param.shape), dtype=wire, device=dev))
-                  for k in range(len(slots))]
-        flat = torch.cat(pieces + [torch.tensor([float(k in chosen) for k in range(len(slots))], dtype=wire,
-                                                device=dev)])
-        del pieces
-        flat[:-len(slots)].div_(dist.get_world_size(self.group))
-        dist.all_reduce(flat, group=self.group)
-        got = flat[-len(slots):].tolist()
-        offset, params = 0, []
-        for k, s in enumerate(slots):
-            n = math.prod(s.param.shape)
-            if got[k]:
-                s.param.grad = torch.empty_like(s.param).copy_(flat[offset:offset + n].view(s.param.shape))
-                params.append(s.param)
-            offset += n
-        eng.stepper.step_bucket(params, eng.cycle)
+        eng.stepper.step_bucket(mean_over_replicas(eng.slots, ks, self.group), eng.cycle)
+
+
+def mean_over_replicas(slots: list[Slot], ks: list[int], group) -> list[torch.Tensor]:
+    """Replace slots ``ks``'s ``.grad`` by its mean over the replicas of ``group`` (DDP's
+    average: a replica without a slot's gradient counts as zeros), in one packed
+    all-reduce over every slot, since replicas may differ in which got a gradient. A slot
+    no replica had keeps none. Every replica must call it. Returns the parameters that
+    now hold a gradient."""
+    chosen = set(ks)
+    dev = slots[0].param.device
+    wire = torch.float64 if any(s.param.dtype == torch.float64 for s in slots) else torch.float32
+    pieces = [(slots[k].param.grad.detach().reshape(-1).to(wire) if k in chosen
+               else torch.zeros(math.prod(slots[k].param.shape), dtype=wire, device=dev))
+              for k in range(len(slots))]
+    flat = torch.cat(pieces + [torch.tensor([float(k in chosen) for k in range(len(slots))], dtype=wire,
+                                            device=dev)])
+    del pieces
+    flat[:-len(slots)].div_(dist.get_world_size(group))
+    dist.all_reduce(flat, group=group)
+    got = flat[-len(slots):].tolist()
+    offset, params = 0, []
+    for k, s in enumerate(slots):
+        n = math.prod(s.param.shape)
+        if got[k]:
+            s.param.grad = torch.empty_like(s.param).copy_(flat[offset:offset + n].view(s.param.shape))
+            params.append(s.param)
+        offset += n
+    return params

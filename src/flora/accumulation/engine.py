@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from ..sharded import is_dtensor
 from .cycle import Cycle, lag_message
+from .ddp import mean_over_replicas
 from .estimator import Slot, accumulate_compressed_, add_last_, draw_projection, estimate
 from .fused import FusedStepper, check_fused_optimizer
 from .grads import GradView
@@ -252,6 +253,7 @@ class Engine:
                 return k
             c = self.cycle
             together = []  # FSDP2 or DDP: stepped together (every rank finishes alike)
+            written = []  # normal mode: the slots whose estimates this call wrote into .grad
             for j, s in enumerate(self.slots):
                 if c.counts[j] == 0 or j in c.done:  # no gradient, or its cycle is complete
                     continue
@@ -270,10 +272,17 @@ class Engine:
                         self.stepper.step(p, c)
                 else:
                     self.grads.write_estimate(c, j, self.projection)
+                    written.append(j)
             if self.ddp_steps is not None:
                 self.ddp_steps.sync_and_step(together)  # every replica takes part, with or without gradients
             elif together:
                 self.step_slots(together)
+            elif self.ddp_guard is not None and self.ddp_guard.group is not None:
+                # normal mode under DDP, a short cycle: none of its backward passes synchronised
+                # (the guard lets only a cycle's last one), so its estimates are averaged here, as
+                # DDP averages a full cycle's; every replica takes part, with or without gradients
+                mean_over_replicas(self.slots, [j for j in written if self.slots[j].param.grad is not None],
+                                   self.ddp_guard.group)
             self.close()
             return k
 

@@ -153,7 +153,9 @@ NO_SYNC = ("CompressedAccumulator(tau={tau}) in normal mode on a model that {ddp
            "may synchronise: DDP would all-reduce each gradient and write the mean back into a .grad that the "
            "accumulator has already compressed and freed. Run the first tau - 1 micro-batches (forward and "
            "backward) under ddp_model.no_sync(), as accelerate's accumulate() and the HF Trainer do, or build the "
-           "accumulator on the DDP model with fused=True, which needs no no_sync(). {nothing}")
+           "accumulator on the DDP model with fused=True, which needs no no_sync(). A short last cycle (fewer than "
+           "tau micro-batches left): run all of it under no_sync() and close it with finish_cycle() (or the "
+           "step), which averages its estimates over the replicas. {nothing}")
 
 
 class DDPSyncGuard:
@@ -169,6 +171,12 @@ class DDPSyncGuard:
 
         self.engine, self.name, self.ddp = engine, type(ddp).__name__, weakref.ref(ddp)
         self.handle = ddp.register_forward_pre_hook(self.check, prepend=True)
+
+    @property
+    def group(self):
+        """The DDP model's process group (None once the model is gone)."""
+        ddp = self.ddp()
+        return None if ddp is None else ddp.process_group
 
     @property
     def synchronising(self) -> bool:
