@@ -96,9 +96,12 @@ def _hook_vs_one_process(rank, world):
     state = ProjectionState(rank=RANK, seed=SEED, max_aspect_ratio=MAX_ASPECT)
     layout = []  # (step, bucket index, parameter positions in the model)
     position = {id(p): i for i, p in enumerate(model.parameters())}
+    first = {}  # parameter position -> (bucket index, position in it) where the hook first saw it
 
     def recording_hook(st, bucket):
         layout.append((st.step, bucket.index(), [position[id(p)] for p in bucket.parameters()]))
+        for i, p in enumerate(bucket.parameters()):
+            first.setdefault(position[id(p)], (bucket.index(), i))
         return projection_hook(st, bucket)
 
     ddp.register_comm_hook(state, recording_hook)
@@ -118,8 +121,9 @@ def _hook_vs_one_process(rank, world):
         F.cross_entropy(ref(xf), yf).backward()
         full = [p.grad.clone() for p in ref.parameters()]
         want = list(full)
-        for st, b, positions in layout[calls_before:]:
-            for i, k in enumerate(positions):
+        for st, _, positions in layout[calls_before:]:
+            for k in positions:
+                b, i = first[k]  # keyed by the first layout, not this step's (a rebuilt one)
                 shape = tuple(want[k].shape)
                 if _wire_numel(shape, RANK) == math.prod(shape):
                     continue
@@ -399,11 +403,38 @@ def _counter_sees_powersgd(rank, world):
     return {"calls": calls, "restored": dist.all_reduce is _ORIGINAL_ALL_REDUCE}
 
 
+def _hook_resume(rank, world):
+    """A run with the hook, stopped after 2 steps and resumed into a new DDP model (as a new
+    process would: DDP's first bucket layout again, where the run that never stopped has
+    rebuilt its buckets), equals the run that never stopped, bit for bit (found as a new
+    user would: the projections had been keyed by the current layout, 0.02 off)."""
+    def train(steps, model=None, saved=None):
+        model = model or _net()
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.002, broadcast_buffers=False)
+        state = ProjectionState(rank=RANK, seed=SEED, max_aspect_ratio=MAX_ASPECT)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if saved is not None:
+            opt.load_state_dict(saved[0])
+            state.load_state_dict(saved[1])
+        ddp.register_comm_hook(state, projection_hook)
+        for step in steps:
+            x, y = _data(rank, step)
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return model, (copy.deepcopy(opt.state_dict()), state.state_dict())
+
+    whole, _ = train(range(4))
+    half, saved = train(range(2))
+    resumed, _ = train(range(2, 4), copy.deepcopy(half), saved)
+    return {"diff": max((a - b).abs().max().item() for a, b in zip(whole.parameters(), resumed.parameters()))}
+
+
 _ORIGINAL_ALL_REDUCE = dist.all_reduce
 
 SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp, _acc_vs_one_process,
                                    _acc_rank_none_vs_ddp, _acc_more, _counter_sees_powersgd, _hook_refusals,
-                                   _acc_fused_wrapped_in_ddp)]
+                                   _acc_fused_wrapped_in_ddp, _hook_resume)]
 
 
 @pytest.fixture(scope="module")
@@ -492,6 +523,11 @@ def test_hook_refuses_replicas_that_disagree_on_the_first_step(replicas):
 
 
 # ------------------------------------------------------------------ the accumulator
+
+
+def test_hook_resumes_the_run_that_never_stopped(replicas):
+    for r in _result(replicas, "hook_resume"):
+        assert r["diff"] == 0.0
 
 
 def test_accumulator_across_replicas_equals_one_process(replicas):

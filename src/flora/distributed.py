@@ -73,10 +73,13 @@ class ProjectionState:
             None compresses every shape.
         process_group: the group to all-reduce over (None: the default group).
 
-    ``step`` counts the steps hooked so far; tensor ``i`` of bucket ``b`` is compressed at
-    step ``t`` with ``make_projection(projection, seed_for(b, i, t), rank, d,
-    unbiased=True)`` where ``seed_for(b, i, t) = projection_seed(seed, b * 2**32 + i, t,
-    COMMUNICATION_STREAM)`` (DDP assigns buckets identically on every replica).
+    ``step`` counts the steps hooked so far; a tensor is compressed at step ``t`` with
+    ``make_projection(projection, seed_for(b, i, t), rank, d, unbiased=True)`` where
+    ``seed_for(b, i, t) = projection_seed(seed, b * 2**32 + i, t, COMMUNICATION_STREAM)``
+    and ``(b, i)`` is the bucket and position where this process's hook first saw it (DDP
+    assigns buckets identically on every replica; it rebuilds them after the first step,
+    and a resumed process starts from the first layout again, so the first one keys every
+    tensor: a resumed run draws the projections of the run that never stopped).
     """
 
     def __init__(self, rank: int | None, seed: int = 0, *, projection: str = "orthonormal",
@@ -97,6 +100,11 @@ class ProjectionState:
         self.proj_dim, self.max_aspect_ratio, self.process_group = proj_dim, max_aspect_ratio, process_group
         self.step = 0
         self._checked = False  # the replicas' options are compared on the first step hooked
+        # id(parameter) -> (bucket index, position) where this process's hook first saw it:
+        # DDP's first layout, the same in a resumed process (DDP rebuilds its buckets after
+        # the first step, so keying by the current layout would change every projection at
+        # a resume)
+        self._keys: dict[int, tuple[int, int]] = {}
 
     def dim(self, shape) -> int | None:
         """The projected dimension of a tensor of ``shape``, or None when it is sent dense."""
@@ -172,6 +180,7 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
 
     grads = bucket.gradients()
     params = bucket.parameters()
+    keys = [state._keys.setdefault(id(p), (index, i)) for i, p in enumerate(params)]
     dims = [state.dim(p.shape) for p in params]
     if all(d is None for d in dims):  # nothing to compress: the bucket as it is
         buffer.div_(world)
@@ -185,7 +194,7 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
             plan.append((g, None, None))
         else:
             sd = state_dtype(g.dtype)
-            a = make_projection(state.projection, state.seed_for(index, i, step), state.rank,
+            a = make_projection(state.projection, state.seed_for(*keys[i], step), state.rank,
                                 matrix_shape(g.shape)[d], device=g.device, dtype=sd, unbiased=True)
             pieces.append(compress(g.to(sd), a, d).reshape(-1))
             plan.append((g, a, d))
