@@ -523,16 +523,25 @@ def test_summary_and_warning_when_nothing_is_compressed():
     assert "momentum in" not in no_momentum.summary()
 
 
-def test_relative_step_schedule_reports_and_changes_nothing():
+@pytest.mark.parametrize("warmup_init", [False, True])
+def test_relative_step_schedule_reports_and_changes_nothing(warmup_init):
+    """get_last_lr() is the relative step of the next optimizer step, as torch's
+    schedulers report the lr the next step will use (with warm-up the Trainer's log had
+    been one step late)."""
     model = _mlp()
-    opt = Flora(model.parameters(), lr=None)
+    opt = Flora(model.parameters(), lr=None, warmup_init=warmup_init)
     sched = flora.RelativeStepSchedule(opt)
+
+    def size(t):
+        return min(1e-6 * t if warmup_init else 1e-2, t**-0.5)
+
+    assert sched.get_last_lr() == [size(1)]
     for t, (x, y) in enumerate(_batches(3), start=1):
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         sched.step()
         opt.zero_grad()
-        assert sched.get_last_lr() == [min(1e-2, t**-0.5)]
+        assert sched.get_last_lr() == [size(t + 1)]
         assert opt.param_groups[0]["lr"] is None
     with pytest.raises(ValueError, match="relative_step"):
         flora.RelativeStepSchedule(Flora(model.parameters(), lr=1e-3))

@@ -192,6 +192,15 @@ def test_relative_step_mode_with_its_schedule(tmp_path):
     lrs = [e["learning_rate"] for e in got.log if "learning_rate" in e]
     assert lrs == [1e-2] * 4  # min(1e-2, 1/sqrt(t)) for t <= 4
 
+    def warm(opt):  # warmup_init: the relative step grows, 1e-6 t, so a late log shows
+        for g in opt.param_groups:
+            g["warmup_init"] = True
+        return flora.RelativeStepSchedule(opt)
+
+    got, _ = _train(tmp_path / "b", "none", lr=None, sched=warm)
+    lrs = [e["learning_rate"] for e in got.log if "learning_rate" in e]
+    assert lrs == pytest.approx([1e-6 * t for t in range(1, 5)], rel=1e-12)  # each step's own
+
 
 def test_resume_with_a_bfloat16_momentum_equals_an_uninterrupted_run(tmp_path):
     """The Trainer's own checkpoint (optimizer.pt, read with weights_only=True) holds the

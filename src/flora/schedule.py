@@ -16,8 +16,11 @@ class RelativeStepSchedule(LRScheduler):
     In relative-step mode Flora sets its own step size, ``min(1e-2, 1/sqrt(t))`` (times
     ``RMS(p)`` when ``scale_parameter``), so this scheduler changes nothing: it never
     writes ``lr`` into the parameter groups (which must stay None) and reports, through
-    ``get_last_lr()``, each group's relative step at its latest step count, for logging.
-    It plays the part of transformers' ``AdafactorSchedule``, which Flora cannot use.
+    ``get_last_lr()``, each group's relative step for its next step, as torch's
+    schedulers report the lr the next ``optimizer.step()`` will use: the Trainer logs it
+    before its ``scheduler.step()``, as the lr of the step just taken (it had been one
+    step late there). It plays the part of transformers' ``AdafactorSchedule``, which
+    Flora cannot use.
     """
 
     def __init__(self, optimizer, last_epoch: int = -1):
@@ -37,7 +40,7 @@ class RelativeStepSchedule(LRScheduler):
         for g in self.optimizer.param_groups:
             steps = [self.optimizer.state[p].get("step", 0) for p in g["params"] if p in self.optimizer.state]
             t = max(steps, default=0)
-            lrs.append(relative_step_size(max(t, 1), g["warmup_init"]))
+            lrs.append(relative_step_size(t + 1, g["warmup_init"]))  # the next step's
         return lrs
 
     def step(self, epoch: int | None = None) -> None:
