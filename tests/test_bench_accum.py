@@ -39,18 +39,17 @@ def test_memory_section(accum_run):
     for r in mem.values():
         assert r["status"] == "ok", r
         assert r["peak_mib"] >= r["baseline_mib"] > 0 and r["median_step_s"] > 0
-    # The docs' ordering: fused mode's peak lies below plain accumulation's, whose dense
-    # gradients (the model's size, 0.11 MiB here) all live until the step; the reference
-    # (gradients dropped at once) is the floor. Compared over each run's own baseline (in
-    # one process the baseline drifts up from run to run). Measured here in 13 runs:
-    # plain - fused 0.03 to 0.19 MiB (mean 0.10), reference below both every time; but a
-    # full CI-like run on loaded cores once gave fused 0.004 MiB (one page) above plain, so
-    # at this size RSS can only bound it: neither may exceed plain by more than 0.05 MiB
-    # (half the gradients). That fused mode holds no gradient at all is asserted exactly,
-    # from the tensors, in test_accumulate (fused steps leave every .grad None).
-    grow = {name: r["peak_over_baseline_mib"] for name, r in mem.items()}
-    assert grow["r4-fused"] < grow["plain"] + 0.05, grow
-    assert grow["reference"] < grow["plain"] + 0.05, grow
+    # The docs' ordering, from what each configuration holds: plain accumulation keeps every
+    # dense gradient (the model's size) until the step; fused mode and the reference none;
+    # normal compressed mode as much as plain (its last micro-batch's gradient is taken dense,
+    # exactly, and the step's pre-hook adds the decompressed rest to it). Counted from the tensors: peak RSS at this size (0.11 MiB of
+    # gradients) moves by a page or more from run to run, so the RSS columns are the
+    # benchmark's figures, not something a test can order (CI once saw fused 0.06 MiB above
+    # plain).
+    held = {name: r["grad_mib_at_step"] for name, r in mem.items()}
+    assert held["plain"] == mem["plain"]["weights_mib"], held
+    assert held["reference"] == held["r4-fused"] == 0.0, held
+    assert held["r4"] == held["plain"], held
     assert mem["plain"]["weights_mib"] > 0.05  # what plain holds and fused does not: large enough to see
     assert (mem["r4"]["rank"], mem["r4-fused"]["fused"]) == (4, True)
     assert mem["reference"]["optimizer_state_mib"] == 0.0
@@ -129,6 +128,7 @@ def test_replicas_run_each_configuration_on_two_processes(tmp_path):
         assert r["status"] == "ok", (name, r.get("traceback"))
         assert r["replicas"] == 2 and len(r["per_rank"]) == 2
         assert r["peak_mib"] == max(x["peak_mib"] for x in r["per_rank"])
+        assert r["grad_mib_at_step"] == 0.0  # fused: no rank holds a gradient
     assert rows["fsdp2:r4-fused"]["collectives_per_cycle"]["allreduce"] == 2 * 3
     assert rows["fsdp2:r4-fused"]["weights_mib"] < rows["ddp:r4-fused"]["weights_mib"]  # a shard, against the whole
     md = (tmp_path / "results.md").read_text()

@@ -232,8 +232,10 @@ def _memory(job: AccumJob) -> dict:
     acc = _attach(model, opt, job.rank, job.fused, task.tau)
     stepping = not (job.fused or job.rank == "reference")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    run = lambda s: _cycle(task, model, opt, s, device, step_optimizer=stepping)  # noqa: E731
-    return memory_row(job, task, opt, acc, weights, *measured(run, job.steps, device), device=str(device))
+    held: list[int] = []
+    run = lambda s: _cycle(task, model, opt, s, device, step_optimizer=stepping, held=held)  # noqa: E731
+    return memory_row(job, task, opt, acc, weights, *measured(run, job.steps, device), device=str(device),
+                      held=held)
 
 
 def _quality(job: AccumJob) -> dict:
@@ -316,18 +318,19 @@ def _memory_table(mem: list[dict]) -> list[str]:
     lines = [f"## Memory and step time: tau={mem[0]['tau']}, {mem[0]['batch']} x {mem[0]['seq']} tokens, "
              f"optimizer {mem[0]['optimizer']}, {mem[0]['device']}{where}", "",
              f"{weights} {mem[0]['weights_mib']:.0f} MiB. Baseline = memory after a warm-up cycle (weights, "
-             "optimizer state, runtime); peak measured over the following cycles.", ""]
-    head = ["config", f"{unit} MiB", "peak - baseline MiB", "peak / plain", "peak / reference", "median step s",
-            "step / plain"] + (["collectives per cycle"] if wrap else [])
+             "optimizer state, runtime); peak measured over the following cycles. `.grad at step`: the "
+             "gradient bytes held after the last backward, counted from the tensors.", ""]
+    head = ["config", f"{unit} MiB", "peak - baseline MiB", "peak / plain", "peak / reference",
+            ".grad at step MiB", "median step s", "step / plain"] + (["collectives per cycle"] if wrap else [])
     rows = []
     for r in mem:
         row = [r["config"], f"{r['peak_mib']:.0f}", f"{r['peak_over_baseline_mib']:.0f}", ratio(r, plain, "peak_mib"),
-               ratio(r, refr, "peak_mib"), f"{r['median_step_s']:.2f}",
+               ratio(r, refr, "peak_mib"), f"{r['grad_mib_at_step']:.0f}", f"{r['median_step_s']:.2f}",
                "-" if plain is None else f"{r['median_step_s'] / plain['median_step_s']:.2f}"]
         if wrap:
             row.append(", ".join(f"{k} {v}" for k, v in sorted(r["collectives_per_cycle"].items())) or "none")
         rows.append(row)
-    return lines + core.markdown_table(head, rows, align="lrrrrrr" + ("l" if wrap else "")) + [""]
+    return lines + core.markdown_table(head, rows, align="lrrrrrrr" + ("l" if wrap else "")) + [""]
 
 
 def markdown(results: dict) -> str:

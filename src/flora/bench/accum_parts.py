@@ -9,7 +9,7 @@ import time
 
 from . import core
 
-__all__ = ["measured", "memory_row"]
+__all__ = ["grad_bytes", "measured", "memory_row"]
 
 
 def _model(job):
@@ -36,9 +36,17 @@ def _attach(model, opt, rank, fused, tau, seed=0, **kw):
     return flora.CompressedAccumulator(model, rank=rank, tau=tau, seed=seed, optimizer=opt, fused=fused, **kw)
 
 
-def _cycle(task, model, opt, step: int, device, *, step_optimizer: bool, quiet=None) -> float:
+def grad_bytes(model) -> int:
+    """Bytes of the ``.grad`` tensors this process holds (a DTensor's local shard)."""
+    local = (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+             for p in model.parameters() if p.grad is not None)
+    return sum(g.numel() * g.element_size() for g in local)
+
+
+def _cycle(task, model, opt, step: int, device, *, step_optimizer: bool, quiet=None, held=None) -> float:
     """tau micro-batches (the task's batches for this step), then the optimizer's step.
-    ``quiet(micro)``: a context for micro-batch ``micro`` (DDP's ``no_sync()``)."""
+    ``quiet(micro)``: a context for micro-batch ``micro`` (DDP's ``no_sync()``); ``held``: a
+    list that gets the bytes of ``.grad`` held after the last backward, before the step."""
     import contextlib
 
     loss_sum = 0.0
@@ -48,6 +56,8 @@ def _cycle(task, model, opt, step: int, device, *, step_optimizer: bool, quiet=N
             loss = model(**batch).loss
             (loss / task.tau).backward()
         loss_sum += loss.item()
+    if held is not None:
+        held.append(grad_bytes(model))
     if step_optimizer:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -69,7 +79,8 @@ def measured(cycle, steps: int, device):
     return mem.read(), times, losses
 
 
-def memory_row(job, task, opt, acc, weights_bytes: int, reading, times, losses, *, device: str) -> dict:
+def memory_row(job, task, opt, acc, weights_bytes: int, reading, times, losses, *, device: str,
+               held: list[int]) -> dict:
     import flora
 
     ref = job.rank == "reference"
@@ -78,5 +89,7 @@ def memory_row(job, task, opt, acc, weights_bytes: int, reading, times, losses, 
             "baseline_mib": reading.baseline, "peak_mib": reading.peak,
             "peak_over_baseline_mib": reading.peak - reading.baseline,
             "optimizer_state_mib": flora.state_bytes(opt) / core.MiB if not ref else 0.0,
+            # counted from the tensors, so exact where RSS at small sizes is not
+            "grad_mib_at_step": max(held[1:] or held) / core.MiB,
             "accumulator_mib_between_cycles": acc.memory_bytes() / core.MiB if hasattr(acc, "memory_bytes") else 0.0,
             "median_step_s": statistics.median(times), "step_times_s": times, "loss": losses}

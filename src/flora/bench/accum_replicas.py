@@ -45,7 +45,8 @@ def memory(job) -> dict:
         mp.start_processes(_rank_main, args=(job, tmp), nprocs=job.replicas, start_method="spawn", join=True)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(job.replicas)]
     row = {k: max(r[k] for r in ranks) for k in ("peak_mib", "baseline_mib", "peak_over_baseline_mib",
-                                                   "median_step_s", "optimizer_state_mib", "weights_mib")}
+                                                   "median_step_s", "optimizer_state_mib", "weights_mib",
+                                                   "grad_mib_at_step")}
     row.update({k: ranks[0][k] for k in ("rank", "fused", "device", "tau", "batch", "seq", "steps", "optimizer",
                                          "collectives_per_cycle")},
                wrap=job.wrap, replicas=job.replicas, loss=ranks[0]["loss"], per_rank=ranks,
@@ -110,9 +111,10 @@ def _measure(job, rank: int) -> dict:
     # DDP unfused: no_sync() on the first tau - 1 micro-batches (fused mode decides by itself)
     quiet = (lambda micro: model.no_sync() if micro < task.tau - 1 else contextlib.nullcontext()) \
         if job.wrap == "ddp" and not job.fused else None
-    run = lambda s: _cycle(task, model, opt, s, device, step_optimizer=stepping, quiet=quiet)  # noqa: E731
+    held: list[int] = []
+    run = lambda s: _cycle(task, model, opt, s, device, step_optimizer=stepping, quiet=quiet, held=held)  # noqa: E731
     row = memory_row(job, task, opt, acc, shard if job.wrap == "fsdp2" else whole, *measured(run, job.steps, device),
-                     device=device)
+                     device=device, held=held)
     with CollectiveCounter() as comm:
         run(job.steps + 1)
     counts: dict[str, int] = {}
