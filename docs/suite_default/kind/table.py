@@ -1,7 +1,7 @@
 """Tables for the kind-of-layer experiment (run.py; seventeenth session, 2026-12-02): each
 row at each lr (mean test loss over its seeds), each row at the lr with the best mean
 validation loss, and its paired test-loss difference (same seeds) to the default r8 and to
-the target at their own best lrs (rows KIND*F, lr x F on that kind: also to the floor and
+the target at their own best lrs (rank 32 rows from runs_r32.jsonl, marked @r32; rows KIND*F, lr x F on that kind: also to the floor and
 the target with the same lrs, rows F:KIND*F and T:KIND*F). Reference rows come from the runs that made them:
 newslm 1x: ../runs_1x.jsonl (default r8) and ../../suite_cpu_seven_tasks/runs.jsonl
 (floor, target, 'exact' r8 at kappa 100, momentum in float32); bytelm 1x:
@@ -49,6 +49,7 @@ for scale, paths in ((1.0, [docs / "suite_cpu_seven_tasks" / "runs.jsonl", here.
         add(p, scale, lambda r: reference(r) if r["task"] in ("newslm", "bytelm") else None)
 for scale in (1.0, 2.0):
     add(here / "runs.jsonl", scale, kind_row)
+    add(here / "runs_r32.jsonl", scale, lambda r: f"{kind_row(r)} @r32")  # rank 32, kept apart from the rank-8 file
 
 
 def best(task, scale, name):
@@ -73,7 +74,8 @@ lines = []
 for task, scale in sorted({(t, s) for t, s, _ in rows}):
     names = sorted(n for t, s, n in rows if (t, s) == (task, scale))
     lrs = sorted({lr for n in names for lr in rows[(task, scale, n)]})
-    lines += [f"### {task}, {scale:g}x, rank 8", "",
+    r32 = " (rows marked @r32: rank 32)" if any(n.endswith("@r32") for n in names) else ""
+    lines += [f"### {task}, {scale:g}x, rank 8{r32}", "",
               "| row | " + " | ".join(f"{lr:g}" for lr in lrs)
               + " | best lr | test loss | - default | - target | - floor, same lrs | - target, same lrs |",
               "| --- |" + " ---: |" * (len(lrs) + 6)]
@@ -86,7 +88,8 @@ for task, scale in sorted({(t, s) for t, s, _ in rows}):
         mean = statistics.mean(test.values())
         spread = f" ± {statistics.stdev(test.values()):.4f}" if len(test) > 1 else ""
         diffs = [paired(test, ref[k]) if k in ref and k != n else "" for k in ("default", "target")]
-        for same in ("F:" + n.split(":")[-1], "T:" + n.split(":")[-1]):  # the floor, the target with this row's lrs
+        rule = n.split(":")[-1].removesuffix(" @r32")
+        for same in ("F:" + rule, "T:" + rule):  # the floor, the target with this row's lrs
             diffs.append(paired(test, best(task, scale, same)[1]) if "*" in n and same != n
                          and (task, scale, same) in rows else "")
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {lr:g} | {mean:.4f}{spread} | " + " | ".join(diffs) + " |")
