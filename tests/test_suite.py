@@ -265,9 +265,18 @@ def test_lr_extension_steps_beyond_an_edge_best_on_every_seed_up_to_the_cap():
 
 @pytest.mark.slow
 def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatch):
-    """--extend-lr end to end: lrs so small that the top is always best run 2 more, then stop."""
+    """--extend-lr end to end: lrs so small that the top is always best run 2 more, then stop;
+    every round in the one pool of workers (each spawn imports torch anew)."""
     from flora.bench.__main__ import main
 
+    pools = []
+
+    class Counted(runner.ProcessPoolExecutor):
+        def __init__(self, *a, **k):
+            pools.append(self)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", Counted)
     monkeypatch.setattr(data, "prepare", lambda f, **k: f)  # the digits and table are there; skip the LM data
     out = tmp_path / "s"
     assert main(["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1",
@@ -275,6 +284,7 @@ def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatc
                  "--data", str(folder), "--out", str(out), "--no-plots", "--device", "cpu"]) == 0
     lrs = sorted(r["lr"] for r in runner.read_log(out / "runs.jsonl"))
     assert lrs == pytest.approx([1e-6, 2e-6, 4e-6, 8e-6])
+    assert len(pools) == 1
 
 
 @pytest.mark.parametrize("argv, words", [

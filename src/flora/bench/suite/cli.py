@@ -130,16 +130,21 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         from tqdm.auto import tqdm
 
         (out / "meta.json").write_text(json.dumps(meta))
-        planned = first = list(jobs)  # the cap counts lrs beyond the grids of the first plan
-        while jobs:  # the planned jobs, then each round of lr extensions (--extend-lr)
-            runner.run_all(jobs, a.task_list, log=log, folder=folder, device=device, workers=a.workers,
-                           scale=a.scale, progress=lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
+        planned, first = list(jobs), list(jobs)  # the cap counts lrs beyond the grids of the first plan
+
+        def extensions():  # each round of lr extensions (--extend-lr), in the same workers
             seen = {j.key for j in planned}
-            jobs = [j for j in space.extensions(first, runner.read_log(log), a.extend_lr) if j.key not in seen]
-            planned = planned + jobs
-            if jobs:
-                core.say(f"suite: extending {len({(j.task, j.optimizer, j.kappa) for j in jobs})} lr grid(s): "
-                         + ", ".join(sorted({f"{j.task}:{j.optimizer}@{j.lr:g}" for j in jobs})))
+            new = [j for j in space.extensions(first, runner.read_log(log), a.extend_lr) if j.key not in seen]
+            planned.extend(new)
+            if new:
+                core.say(f"suite: extending {len({(j.task, j.optimizer, j.kappa) for j in new})} lr grid(s): "
+                         + ", ".join(sorted({f"{j.task}:{j.optimizer}@{j.lr:g}" for j in new})))
+            return new
+
+        if jobs:
+            runner.run_all(jobs, a.task_list, log=log, folder=folder, device=device, workers=a.workers,
+                           scale=a.scale, more=extensions,
+                           progress=lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
         (out / "meta.json").write_text(json.dumps(meta))
     elif (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())

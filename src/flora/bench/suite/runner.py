@@ -143,11 +143,12 @@ def read_log(path: Path) -> list[dict]:
 
 
 def run_all(jobs: list[Job], tasks: list[str], *, log: Path, folder: Path, device: str, workers: int,
-            scale: float, threads: int = 1, progress=None) -> dict[str, int]:
-    """Run ``jobs`` not yet in ``log`` on ``workers`` processes; returns AdamW's state bytes
-    per task. Tasks are prepared (the fine-tune base pretrained) before any job starts."""
-    done = {r["key"] for r in read_log(log)}
-    todo = [j for j in jobs if j.key not in done]
+            scale: float, threads: int = 1, progress=None, more=None) -> dict[str, int]:
+    """Run ``jobs`` not yet in ``log`` on ``workers`` processes, then each list of jobs
+    ``more()`` returns (lr extensions, read from the log) until it returns none: the workers
+    stay for every round, since each spawn imports torch and the tasks' libraries anew.
+    Returns AdamW's state bytes per task. Tasks are prepared (the fine-tune base pretrained)
+    before any job starts."""
     ctx = mp.get_context("spawn")
     adamw = {}
     # the pool spawns its workers as jobs arrive: the environment stays set while it runs
@@ -159,19 +160,27 @@ def run_all(jobs: list[Job], tasks: list[str], *, log: Path, folder: Path, devic
         state_file = log.parent / "adamw_state.json"
         old = json.loads(state_file.read_text()) if state_file.exists() else {}
         state_file.write_text(json.dumps({**old, **adamw}))
-        futures = {pool.submit(run_job, j): j for j in todo}
-        bar = progress(total=len(todo)) if progress else None
-        with open(log, "a") as f:
-            for fut in as_completed(futures):
-                try:
-                    row = fut.result()
-                except Exception as e:  # a crash is a result too, not the end of the sweep
-                    j = futures[fut]
-                    row = {**j.to_dict(), "key": j.key, "status": f"error: {type(e).__name__}: {e}"[:300]}
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                if bar:
-                    bar.update(1)
-        if bar:
-            bar.close()
+        while jobs:
+            _run_round(pool, jobs, log, progress)
+            jobs = more() if more is not None else []
     return adamw
+
+
+def _run_round(pool, jobs: list[Job], log: Path, progress) -> None:
+    done = {r["key"] for r in read_log(log)}
+    todo = [j for j in jobs if j.key not in done]
+    futures = {pool.submit(run_job, j): j for j in todo}
+    bar = progress(total=len(todo)) if progress else None
+    with open(log, "a") as f:
+        for fut in as_completed(futures):
+            try:
+                row = fut.result()
+            except Exception as e:  # a crash is a result too, not the end of the sweep
+                j = futures[fut]
+                row = {**j.to_dict(), "key": j.key, "status": f"error: {type(e).__name__}: {e}"[:300]}
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
