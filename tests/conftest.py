@@ -20,3 +20,16 @@ def _threads_restored():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _accelerate_synced():
+    """A test that stops a Trainer mid-accumulation (a refusal it expects) leaves accelerate's
+    process-wide GradientState saying "not synced", which CompressedAccumulator follows:
+    a later test's plain loop on the same worker was then refused. Each test ends synced."""
+    yield
+    import sys
+
+    shared = getattr(getattr(sys.modules.get("accelerate.state"), "GradientState", None), "_shared_state", None)
+    if shared and not shared.get("sync_gradients", True):
+        shared["sync_gradients"] = True
