@@ -163,7 +163,14 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,exc,name", BAD_ARGUMENTS)
+# arguments of the constructor only (not group options an edit could set)
+BAD_CONSTRUCTOR_ARGUMENTS = [
+    (dict(momentum=0.9), ValueError, r"Flora has no momentum=0.9: the momentum coefficient is beta1"),  # SGD's habit
+    (dict(compile="no_such_backend"), ValueError, "compile='no_such_backend' is not a torch.compile backend"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", BAD_ARGUMENTS + BAD_CONSTRUCTOR_ARGUMENTS)
 def test_bad_arguments_name_the_argument(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         Flora(P, **kwargs)
@@ -337,6 +344,25 @@ def test_complex_parameters_refused():
         Flora([nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))], lr=1e-3)
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+def test_an_integer_parameter_with_a_gradient_is_refused_before_any_change(foreach):
+    """(Found as a new user would.) A frozen integer parameter (a quantized weight) with no
+    gradient is passed over, as torch's optimizers do; one given a gradient by hand had
+    stepped the float parameters and moved every counter, then failed casting Float to
+    Long. Refused, naming the dtype, before anything changes."""
+    w = nn.Parameter(torch.randn(6, 5))
+    q = nn.Parameter(torch.randint(0, 9, (6, 5)), requires_grad=False)
+    opt = Flora([w, q], lr=1e-2, rank=2, beta1=0.9, foreach=foreach)
+    w.grad = torch.randn_like(w)
+    opt.step()  # q has no gradient: passed over
+    state, before = copy.deepcopy(opt.state_dict()), w.detach().clone()
+    w.grad, q.grad = torch.randn_like(w), torch.ones_like(q)
+    with pytest.raises(TypeError, match="Flora steps floating-point parameters; got a parameter of dtype torch.int64"):
+        opt.step()
+    assert torch.equal(w, before)
+    _assert_state_unchanged(state, opt)
+
+
 def test_a_checkpoint_from_before_projection_kinds_keeps_gaussian_matrices():
     """States saved before the `projection` option existed resume with the Gaussian
     matrices they were saved with, whatever this optimizer's projection is."""
@@ -408,6 +434,8 @@ def test_numpy_numbers_are_held_as_python_numbers():
     (dict(rank=2, proj_dim=5), [(8, 8)], ValueError, "proj_dim must be one of"),
     (dict(rank=2, factor_dims="first"), [(8, 8)], ValueError, "factor_dims"),
     (dict(rank=2), [(-1, 5)], ValueError, "a shape must hold non-negative integers, got \\(-1, 5\\)"),
+    (dict(rank=2, dtype="nonsense"), [(8, 8)], ValueError, "dtype must be a floating-point torch.dtype or its name"),
+    (dict(rank=2, dtype=torch.int64), [(8, 8)], ValueError, "dtype must be a floating-point .*got torch.int64"),
 ])
 def test_flora_state_bytes_checks_its_options_as_flora_does(kwargs, shapes, exc, words):
     """It computed sizes for options Flora refuses (rank -1: 32 bytes for an 8 x 8, less
@@ -466,7 +494,10 @@ def test_flora_state_bytes_counts_state_dtypes_for_half_parameters():
     opt.step()
     shapes = [tuple(p.shape) for p in model.parameters()]
     assert state_bytes(opt) == flora_state_bytes(shapes, rank=4, beta1=0.9, dtype=torch.bfloat16) \
-        == flora_state_bytes(shapes, rank=4, beta1=0.9)
+        == flora_state_bytes(shapes, rank=4, beta1=0.9) == flora_state_bytes(shapes, rank=4, beta1=0.9, dtype="bfloat16")
+    # a dtype by name is that dtype (a name had been taken as float32, whatever it said)
+    wide = flora_state_bytes(shapes, rank=4, beta1=0.9, dtype=torch.float64)
+    assert flora_state_bytes(shapes, rank=4, beta1=0.9, dtype="float64") == wide > state_bytes(opt)
 
 
 def test_a_parameter_listed_twice_in_a_group_is_refused():
@@ -481,3 +512,71 @@ def test_a_parameter_listed_twice_in_a_group_is_refused():
         opt.add_param_group({"params": [w, w]})
     assert len(opt.param_groups) == 1
     Flora(nn.Linear(3, 3).parameters(), lr=1e-3)  # model.parameters() lists each once
+
+
+@pytest.mark.parametrize("edit", ["append", "insert", "remove"])
+@pytest.mark.parametrize("path", ["single", "grouped", "step_parameter", "compiled"])
+def test_a_parameter_moved_by_a_group_edit_keeps_its_projections(path, edit):
+    """(Found as a new user would.) A parameter's projections are seeded by its index, its
+    position across the groups, which an edit of an earlier group's list moves (torch
+    allows the edit; its optimizers key their state by the parameter). The moved
+    parameter had read its momentum under other projections (4.8e-3 off the run without
+    the edit). The index is now pinned in its state when the state begins: the parameters
+    that were there step exactly as in the run without the edit. plan() reports it."""
+    opts = dict(lr=1e-2, rank=3, beta1=0.9, kappa=2, momentum_form="paper", momentum_dtype=None,
+                foreach={"single": False, "grouped": True}.get(path), compile="aot_eager" if path == "compiled" else None)
+
+    def run(edited: bool):
+        torch.manual_seed(0)
+        a, extra, b = (nn.Parameter(torch.randn(12, 40)) for _ in range(3))
+        first = [a, extra] if edit == "remove" else [a]
+        opt = Flora([{"params": first}, {"params": [b]}], **opts)
+        for t in range(5):
+            if edited and t == 2:
+                ps = opt.param_groups[0]["params"]
+                {"append": lambda: ps.append(extra), "insert": lambda: ps.insert(0, extra),
+                 "remove": lambda: opt.state.pop(ps.pop(1))}[edit]()  # (torch's state_dict() needs the pop)
+            live = [p for g in opt.param_groups for p in g["params"]]
+            g = torch.Generator().manual_seed(t)
+            for p in (a, extra, b):  # the same draws whichever parameters are live
+                grad = torch.randn(p.shape, generator=g)
+                p.grad = grad if any(p is q for q in live) else None
+            if path == "step_parameter":
+                for p in live:
+                    opt.step_parameter(p)
+            else:
+                opt.step()
+        return [a.detach().clone(), b.detach().clone()], opt
+
+    want, _ = run(False)
+    got, opt = run(True)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert opt.plan()[-1]["index"] == (2 if edit == "remove" else 1)  # where b's state began
+    assert isinstance(opt.state_dict()["state"][len(opt.plan()) - 1]["index"], int)
+
+
+def test_a_checkpoint_saved_before_the_pinned_index_resumes_exactly():
+    """A state saved before ``state["index"]`` existed (here: stripped) takes each
+    parameter's position on load: it resumes bit for bit as the same state with it."""
+    def fresh():
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(12, 40)), nn.Parameter(torch.randn(40)), nn.Parameter(torch.randn(30, 16))]
+        return ps, Flora([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2, rank=3, beta1=0.9, kappa=2)
+
+    ps, opt = fresh()
+    for _ in range(3):
+        _step_on("grouped", opt, ps)
+    saved = copy.deepcopy(opt.state_dict())
+    assert [s["index"] for s in saved["state"].values()] == [0, 1, 2]
+    old = copy.deepcopy(saved)
+    for s in old["state"].values():
+        del s["index"]
+    ends = []
+    for sd in (saved, old):
+        qs, o = fresh()
+        o.load_state_dict(sd)
+        torch.manual_seed(1)
+        for _ in range(3):
+            _step_on("grouped", o, qs)
+        ends.append([q.detach().clone() for q in qs])
+    assert all(torch.equal(a, b) for a, b in zip(*ends))

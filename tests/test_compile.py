@@ -191,6 +191,12 @@ def test_compile_option_compiles_once_per_signature(monkeypatch, form):
 def test_compile_option_is_checked():
     with pytest.raises(TypeError, match="compile"):
         Flora(_params(), **BASE, compile=3)
+    # an unknown backend name: refused here, not by the first step's compile after the
+    # step counters moved (found as a new user would)
+    for name in ("no_such_backend", "True"):
+        with pytest.raises(ValueError, match=rf"compile='{name}' is not a torch.compile backend; allowed: True, False, "
+                                             r"'triton' or one of \[.*'inductor'"):
+            Flora(_params(), **BASE, compile=name)
 
 
 # ------------------------------------------------------------------ compiled == eager

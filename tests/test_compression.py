@@ -14,6 +14,7 @@ RULE = [  # shape, rank, options, projected dim (None: dense), reason fragment
     ((16, 16), 8, {}, 1, None),  # a tie projects the columns
     ((16, 8), 8, {}, None, "projected dim 8 <= rank 8"),
     ((16,), 4, {}, None, "1-D"),
+    ((), 4, {}, None, "0-D"),
     ((100, 8), 4, {}, 1, None),  # embeddings are compressed by default
     ((100, 8), 4, {"max_aspect_ratio": 4.0}, None, "aspect ratio 12.5"),
     ((8, 3, 3, 3), 4, {}, 0, None),  # a convolution is viewed as 8 x 27

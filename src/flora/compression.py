@@ -32,7 +32,7 @@ def dense_reason(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio: 
     if rank is None:
         return "rank=None"
     if len(shape) < 2:
-        return "1-D"
+        return f"{len(shape)}-D"  # 0-D: a scalar
     n, m = matrix_shape(shape)
     if n == 0 or m == 0:  # no aspect ratio and nothing to compress; its state is empty
         return f"0-size tensor ({n} x {m} as a matrix)"

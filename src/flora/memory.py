@@ -91,9 +91,20 @@ def _check_options(rank, beta1, options: dict) -> dict:
     return group
 
 
+def _parameter_dtype(dtype) -> torch.dtype:
+    """A floating-point ``torch.dtype``, or its name (``"float64"``, ``"torch.bfloat16"``)."""
+    got = dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"flora_state_bytes: dtype must be a floating-point torch.dtype or its name "
+                         f"(torch.float32, 'bfloat16', 'float64', ...), got {got!r}")
+    return dtype
+
+
 def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=torch.float32, **options) -> int:
-    """Flora's state in bytes for parameters of these shapes and ``dtype`` (the state is
-    float32, float64 for float64 parameters):
+    """Flora's state in bytes for parameters of these shapes and ``dtype`` (a floating-point
+    dtype or its name; the state is float32, float64 for float64 parameters):
 
     - second moment: for a tensor of 2+ dims, a row and a column statistic over the two
       dims that ``factor_dims`` picks (:func:`flora.adafactor.factored_shapes`; default
@@ -112,6 +123,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
         raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
                         f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
     group = _check_options(rank, beta1, options)
+    dtype = _parameter_dtype(dtype)
     total = moment = 0
     for shape in shapes:
         shape = tuple(shape)

@@ -83,6 +83,9 @@ class Flora(Optimizer):
         compile: bool | str | Any = False,
         momentum: str | None = None,
     ):
+        if momentum is not None and not isinstance(momentum, str):  # torch SGD's habit: a coefficient
+            raise ValueError(f"Flora has no momentum={momentum!r}: the momentum coefficient is beta1 (beta1=0.9; "
+                             "None: no first moment); momentum_form names how it is compressed")
         if momentum is not None:
             warnings.warn("Flora(momentum=...) is renamed momentum_form=...: torch's cyclic schedulers write "
                           "a 'momentum' option of their own", FutureWarning, stacklevel=2)
@@ -104,6 +107,11 @@ class Flora(Optimizer):
                 or callable(compile)):
             raise TypeError(f"compile must be True, False, a torch.compile backend name or a backend callable, "
                             f"got {compile!r}")
+        if isinstance(compile, str) and compile != "triton":  # refused here, not at the first step's compile
+            names = torch.compiler.list_backends(exclude_tags=())
+            if compile not in names:
+                raise ValueError(f"compile={compile!r} is not a torch.compile backend; allowed: True, False, "
+                                 f"'triton' or one of {names}")
         # "triton": eager cores with the Triton kernels of flora.kernels (an explicit opt-in)
         self._kernel = "triton" if compile == "triton" else None
         if self._kernel is not None:
@@ -311,11 +319,11 @@ class Flora(Optimizer):
             entries = []
             for p in group["params"]:
                 if p.grad is not None:
-                    self._prepare_state(p, group)
+                    pinned = self._prepare_state(p, group, index)
                     if is_dtensor(p):
-                        sharded_entries.append((p, self.state[p], group, index))
+                        sharded_entries.append((p, self.state[p], group, pinned))
                     else:
-                        entries.append((p, self.state[p], index))
+                        entries.append((p, self.state[p], pinned))
                 index += 1
             if not entries:
                 continue
@@ -437,7 +445,7 @@ class Flora(Optimizer):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return
         self._check_parameter_options_fit(p, group)
-        self._prepare_state(p, group)
+        index = self._prepare_state(p, group, index)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
         work = self._work([p], [self.state[p]], group, [index],
                           grouped=_grouped(group, p, self._compile is not None))
@@ -471,12 +479,18 @@ class Flora(Optimizer):
             self._check_parameter_options_fit(p, group)
         entries = []
         for p, group, index in found:
-            self._prepare_state(p, group)
-            entries.append((p, self.state[p], group, index))
+            entries.append((p, self.state[p], group, self._prepare_state(p, group, index)))
         sharded.sharded_step(entries, projections=self._projections, count_skip=self._count_skip, sums=sums)
 
-    def _prepare_state(self, p: torch.Tensor, group: dict) -> None:
-        prepare_state(self.state[p], p, group)
+    def _prepare_state(self, p: torch.Tensor, group: dict, position: int) -> int:
+        """Fill in ``p``'s state; returns the index its projections are seeded with: its
+        position among the groups' parameters when its state began, kept as
+        ``state["index"]`` (a checkpoint saved before it existed takes the position now),
+        so that an edit which moves ``p`` (a parameter put into an earlier group's list)
+        does not read its momentum under projections it was not made under."""
+        state = self.state[p]
+        prepare_state(state, p, group)
+        return state.setdefault("index", position)
 
     def _projections(self, group: dict, indices: list[int], count: int, size: int, device, dtype, *,
                      stacked: bool) -> torch.Tensor:
@@ -525,7 +539,8 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             defaults to ``lr is None``; ``clip_threshold=math.inf`` clips nothing.
         seed: base seed of all projections; a parameter's projection number ``k`` is
             drawn from ``projection_seed(seed, index, k)``, ``index`` being its position
-            across the parameter groups.
+            across the parameter groups when its state began (kept in the state, so that
+            a parameter put into an earlier group later does not move it).
         proj_dim: dimension projected away: ``"auto"`` (the smaller, less noisy), 0 or 1.
         momentum_form: ``"exact"`` (this step enters uncompressed:
             ``(1 - beta1) u + beta1 D(M_prev)``), ``"paper"`` (the update is ``D(M)``) or

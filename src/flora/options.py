@@ -193,6 +193,9 @@ def check_grads(param_groups) -> None:
                                 f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
             if g.is_complex():
                 raise TypeError("Flora does not support complex gradients")
+            if not (g.is_floating_point() and p.is_floating_point()):  # (frozen integer ones, with no grad, pass)
+                raise TypeError(f"Flora steps floating-point parameters; got a parameter of dtype {p.dtype} with a "
+                                f"gradient of dtype {g.dtype} (shape {tuple(p.shape)})")
             refuse_flat_pieces(p)
             if getattr(p, "_fsdp_flattened", False):
                 fsdp1.append(p)

@@ -14,7 +14,8 @@ from .sharded import is_dtensor
 
 
 def plan(opt) -> list[dict[str, Any]]:
-    """One row per parameter: ``index`` (across groups, keys the projection seeds),
+    """One row per parameter: ``index`` (keys the projection seeds: the position across
+    groups when its state began),
     ``group``, ``shape``, ``compressed`` (bool), ``proj_dim`` and ``momentum_shape`` when
     compressed, else ``reason`` (why its momentum is dense or absent); ``momentum_dtype``
     (what its momentum is stored in, a name such as ``"bfloat16"``; None without ``beta1``)."""
@@ -23,7 +24,8 @@ def plan(opt) -> list[dict[str, Any]]:
         for p in group["params"]:
             shape = tuple(p.shape)
             reason = momentum_reason(shape, group)
-            row = {"index": index, "group": gi, "shape": shape, "compressed": reason is None,
+            pinned = opt.state[p].get("index", index) if p in opt.state else index
+            row = {"index": pinned, "group": gi, "shape": shape, "compressed": reason is None,
                    "momentum_dtype": None if group["beta1"] is None
                    else str(momentum_storage(group, p.dtype)).removeprefix("torch.")}
             if reason is None:
