@@ -290,6 +290,9 @@ def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatc
 @pytest.mark.parametrize("argv, words", [
     (["--baselines", "adafactor,adam-mni"], ["--baselines: unknown optimizer 'adam-mni'", *PEERS, "adafactor-b0.9"]),
     (["--forms", "floored"], ["--forms: flora-r", "floored", "orthonormal"]),
+    (["--lrs", "1e-3,-1"], ["--lrs takes comma-separated finite numbers above 0, got '1e-3,-1'"]),
+    (["--lrs", "nan"], ["--lrs takes comma-separated finite numbers above 0"]),
+    (["--tasks", ","], ["--tasks names no task; valid: bytelm"]),
 ])
 def test_suite_bad_names_name_the_option_and_what_it_takes(argv, words, capsys):
     """A bad --baselines name is refused naming the option, with flora-bench's names and the
@@ -401,3 +404,88 @@ def test_cpu_workers_start_with_the_heap_allocator_env_and_the_parent_gets_its_o
     runner.run_all([job], ["tabular"], log=tmp_path / "cuda.jsonl", folder=tmp_path, device="cuda", workers=1,
                    scale=0.04)
     assert seen == [{"MALLOC_MMAP_MAX_": None, "MALLOC_TRIM_THRESHOLD_": "123"}] * 2
+
+
+class _Pool:
+    """Stands for the process pool: each submitted job's future holds what ``result(job)`` gives."""
+
+    def __init__(self, result):
+        self.result, self.submitted = result, []
+
+    def submit(self, fn, job):
+        from concurrent.futures import Future
+
+        self.submitted.append(job)
+        f = Future()
+        try:
+            f.set_result(self.result(job))
+        except BaseException as e:  # noqa: BLE001
+            f.set_exception(e)
+        return f
+
+
+def _ok(job):
+    return {**job.to_dict(), "key": job.key, "status": "ok", "scale": 0.04}
+
+
+def test_a_run_that_crashed_runs_again_and_one_that_finished_does_not(tmp_path):
+    """(Found as a new user would.) --resume kept every logged key, crash rows included, so
+    a sweep whose worker died could never run those jobs again but by editing the log."""
+    jobs = [space.Job("tabular", "adafactor", lr, 0, 100) for lr in (1e-3, 2e-3, 4e-3)]
+    log = tmp_path / "runs.jsonl"
+    rows = [_ok(jobs[0]), {**jobs[1].to_dict(), "key": jobs[1].key, "status": "error: RuntimeError: x"},
+            {**_ok(jobs[2]), "status": "diverged"}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = _Pool(_ok)
+    runner._run_round(pool, jobs, log, None)
+    assert pool.submitted == [jobs[1]]
+
+
+def test_a_dead_worker_logs_nothing_for_its_jobs_and_the_sweep_says_so(tmp_path, monkeypatch, capsys):
+    """A worker killed (as by the out-of-memory killer) broke the pool: every pending job
+    was logged as an error at once and the sweep exited 0. Now those jobs are not logged
+    (--resume runs them), and the command says what happened and exits 1."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from flora.bench.__main__ import main
+
+    jobs = [space.Job("tabular", "adafactor", lr, 0, 100) for lr in (1e-3, 2e-3)]
+
+    def dies(job):
+        if job is jobs[1]:
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+        return _ok(job)
+
+    log = tmp_path / "runs.jsonl"
+    with pytest.raises(runner.WorkerLost) as e:
+        runner._run_round(_Pool(dies), jobs, log, None)
+    assert e.value.jobs == [jobs[1]] and [r["key"] for r in runner.read_log(log)] == [jobs[0].key]
+
+    def run_all(jobs, tasks, *, log, **k):
+        raise runner.WorkerLost(jobs)
+
+    monkeypatch.setattr(data, "prepare", lambda f, **k: f)
+    monkeypatch.setattr(runner, "run_all", run_all)
+    assert main(["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--lrs", "1e-3",
+                 "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--no-plots", "--device", "cpu"]) == 1
+    assert "a worker process died" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_log_of_another_scale(tmp_path, monkeypatch, capsys):
+    """(Found as a new user would.) --resume at another --scale kept the old runs beside the
+    new: the longer runs won every lr grid. Refused, naming both scales."""
+    from flora.bench.__main__ import main
+
+    def run_all(jobs, tasks, *, log, scale, **k):
+        with open(log, "a") as fh:
+            fh.writelines(json.dumps({**_ok(j), "scale": scale}) + "\n" for j in jobs)
+
+    monkeypatch.setattr(data, "prepare", lambda f, **k: f)
+    monkeypatch.setattr(runner, "run_all", run_all)
+    argv = ["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--lrs", "1e-3",
+            "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--no-plots", "--device", "cpu"]
+    assert main(argv + ["--scale", "0.05"]) == 0
+    assert main(argv + ["--scale", "0.1", "--lrs", "1e-3,2e-3", "--resume"]) == 2
+    assert "holds runs at --scale 0.05, this command asks for --scale 0.1" in capsys.readouterr().out
+    assert main(argv + ["--scale", "0.05", "--lrs", "1e-3,2e-3", "--resume"]) == 0
+    assert len(runner.read_log(tmp_path / "s" / "runs.jsonl")) == 3  # the fake run_all logs every job it is given

@@ -1,4 +1,4 @@
-"""The selection suite (issue 17): six kinds of task on which a Flora default must hold.
+"""The selection suite (issue 17): the kinds of task (workloads.TASKS: eleven) on which a Flora default must hold.
 
 - :mod:`.data` builds one portable folder of data and weights (``prepare``) from the
   offline packages, so that the suite can run where those packages are not installed

@@ -1,8 +1,9 @@
 """``flora-bench suite``: the selection suite (issue 17). Every candidate momentum form at
 every rank, with Adafactor without (the floor) and with (the target) first moment, on
-six kinds of task, an lr grid and several seeds; Flora at the library's defaults
+the kinds of task ``--tasks`` lists, an lr grid and several seeds; Flora at the library's defaults
 (the library's default ``kappa`` unless ``--kappas`` adds a sweep). Runs in parts (``--tasks``) and
-continues an interrupted sweep (``--resume``: jobs already in ``runs.jsonl`` are kept).
+continues an interrupted sweep (``--resume``: the runs already in ``runs.jsonl`` are kept, at
+the same ``--scale`` only; one that crashed, or died with its worker, runs again).
 ``--extend-lr N`` runs further lrs, in rounds, while a best lr sits at an end of those tried.
 
     flora-bench suite --prepare-only                       # build the data folder
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from .. import core
@@ -66,6 +68,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.lr_list = [float(x) for x in a.lrs.split(",")] if a.lrs else None
     except ValueError as e:
         p.error(f"--ranks, --kappas and --lrs take numbers: {e}")
+    if not a.task_list:
+        p.error(f"--tasks names no task; valid: {', '.join(workloads.TASKS)}")
+    if a.lr_list is not None and not (a.lr_list and all(math.isfinite(x) and x > 0 for x in a.lr_list)):
+        p.error(f"--lrs takes comma-separated finite numbers above 0, got {a.lrs!r}")
     for flag, values in (("--ranks", a.rank_list), ("--kappas", a.kappa_list)):
         if not values or min(values) < 1:  # 0 would fail inside every run; the first kappa is the primary one
             p.error(f"{flag} takes comma-separated integers of at least 1, got {getattr(a, flag[2:])!r}")
@@ -122,6 +128,11 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         log = out / "runs.jsonl"
         if log.exists() and not a.resume:
             log.rename(out / "runs.previous.jsonl")
+        other = sorted({r["scale"] for r in runner.read_log(log) if r.get("scale", a.scale) != a.scale})
+        if other:  # a run's steps follow --scale: kept beside these, the longer runs would win every grid
+            core.say(f"flora-bench suite --resume: {log} holds runs at --scale {', '.join(map(str, other))}, this "
+                     f"command asks for --scale {a.scale}; resume with the same --scale, or give another --out")
+            return 2
         if a.staged:
             jobs = space.staged_plan(a.task_list, a.seeds, _list(None, "--forms", a.forms), a.rank_list)
         else:
@@ -141,10 +152,14 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                          + ", ".join(sorted({f"{j.task}:{j.optimizer}@{j.lr:g}" for j in new})))
             return new
 
-        if jobs:
-            runner.run_all(jobs, a.task_list, log=log, folder=folder, device=device, workers=a.workers,
-                           scale=a.scale, more=extensions,
-                           progress=lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
+        try:
+            if jobs:
+                runner.run_all(jobs, a.task_list, log=log, folder=folder, device=device, workers=a.workers,
+                               scale=a.scale, more=extensions,
+                               progress=lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
+        except runner.WorkerLost as e:
+            core.say(f"flora-bench suite: {e}")
+            return 1
         (out / "meta.json").write_text(json.dumps(meta))
     elif (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())

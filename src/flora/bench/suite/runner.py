@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -94,7 +95,8 @@ def run_job(job: Job, curve_every: int = 0) -> dict:
     train_time = time.perf_counter() - t0
     out = {**job.to_dict(), "key": job.key, "steps": spec.steps, "train_loss": float(train_sum) / tail,
            "train_s": round(train_time, 2), "state_bytes": state_bytes(opt),
-           "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+           "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "scale": _CTX["scale"], "device": _CTX["device"]}  # what --resume checks a log against
     for split in ("val", "test"):
         for k, v in w.evaluate(model, split).items():
             out[f"{split}_{k}"] = v if math.isfinite(v) else None
@@ -166,15 +168,31 @@ def run_all(jobs: list[Job], tasks: list[str], *, log: Path, folder: Path, devic
     return adamw
 
 
+class WorkerLost(RuntimeError):
+    """A worker process died (killed, as by the out-of-memory killer): the jobs it and the
+    pool still held have no result and are not logged, so that ``--resume`` runs them."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        super().__init__(f"a worker process died (killed: out of memory?); {len(jobs)} run(s) have no result and "
+                         "were not logged: run the same command with --resume to run them (with fewer --workers "
+                         "if memory ran out)")
+
+
 def _run_round(pool, jobs: list[Job], log: Path, progress) -> None:
-    done = {r["key"] for r in read_log(log)}
+    # an error row (a crash) runs again; a finished run, diverged or not, is a result
+    done = {r["key"] for r in read_log(log) if not str(r.get("status", "ok")).startswith("error")}
     todo = [j for j in jobs if j.key not in done]
     futures = {pool.submit(run_job, j): j for j in todo}
     bar = progress(total=len(todo)) if progress else None
+    lost = []
     with open(log, "a") as f:
         for fut in as_completed(futures):
             try:
                 row = fut.result()
+            except BrokenProcessPool:  # the pool is gone: nothing more runs in it
+                lost.append(futures[fut])
+                continue
             except Exception as e:  # a crash is a result too, not the end of the sweep
                 j = futures[fut]
                 row = {**j.to_dict(), "key": j.key, "status": f"error: {type(e).__name__}: {e}"[:300]}
@@ -184,3 +202,5 @@ def _run_round(pool, jobs: list[Job], log: Path, progress) -> None:
                 bar.update(1)
     if bar:
         bar.close()
+    if lost:
+        raise WorkerLost(lost)
