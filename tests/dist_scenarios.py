@@ -320,6 +320,22 @@ def fsdp_nonfinite_gradient(rank, world):
             "skips": int(opt.nonfinite_skips), "finite": all(bool(torch.isfinite(v).all()) for v in after.values())}
 
 
+def fsdp_compile_option(rank, world):
+    """Flora(compile=...) under FSDP2: its DTensors step on the eager sharded path (equal to
+    compile=False bit for bit), said by one warning, not silently."""
+    import warnings
+
+    batches = _batches(3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compiled, _, _ = _train_fsdp({**OPTS, "compile": "aot_eager"}, rank, world, batches)
+    eager, _, _ = _train_fsdp(dict(OPTS), rank, world, batches)
+    a, b = _full(compiled), _full(eager)
+    return {"equal": all(torch.equal(a[k], b[k]) for k in a),
+            "warnings": sum("FSDP2's sharded parameters (DTensors) step on the eager sharded path" in str(w.message)
+                            for w in seen)}
+
+
 def fsdp_shard1_refused(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard

@@ -15,7 +15,7 @@ from flora import Flora
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
-SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient",
+SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient", "fsdp_compile_option",
              "fsdp_shard1_refused", "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
              "fsdp_accumulator", "fsdp1"]
@@ -113,6 +113,11 @@ def test_fsdp2_state_is_sharded_where_the_rows_are(results):
 def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_parameter_everywhere(results):
     for r in check(results, "fsdp_nonfinite_gradient"):
         assert r == {"a_unchanged": True, "b_moved": True, "skips": 1, "finite": True}
+
+
+def test_fsdp2_with_the_compile_option_steps_eagerly_and_says_so(results):
+    for r in check(results, "fsdp_compile_option"):
+        assert r == {"equal": True, "warnings": 1}
 
 
 def test_fsdp2_shard1_is_refused_before_any_change(results):

@@ -133,6 +133,7 @@ class Flora(Optimizer):
         # The projection cache (see cache_projections and _projections): at most one entry
         # per parameter index, so it never holds more than one projection per tensor.
         self._proj_cache = ProjectionCache()
+        self._warned_sharded_eager = False  # compile set, FSDP2's DTensors stepped eagerly: said once
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
         # (group sizes, id(param) -> (param, group, index)): step_parameter's lookup
@@ -336,6 +337,10 @@ class Flora(Optimizer):
                 for p, state, i in bucket:
                     plan.append(self._work([p], [state], group, [i], grouped=False))
         if sharded_entries:
+            if compiled and not self._warned_sharded_eager:
+                self._warned_sharded_eager = True
+                warnings.warn(f"Flora(compile={self._compile!r}): FSDP2's sharded parameters (DTensors) step on the "
+                              "eager sharded path; compile applies to the others", UserWarning, stacklevel=3)
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
         return plan
 
