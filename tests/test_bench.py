@@ -791,6 +791,33 @@ def test_ranks_and_kappas_below_one_are_refused_before_any_run(argv, words, caps
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["step", "--compiled-bucket-max=-1"], "--compiled-bucket-max must be >= 0"),  # compiled steps skipped matrices
+    (["step", "--threads=-1"], "--threads must be >= 1"),
+    (["step", "--baseline-src", "/nonexistent"], "--baseline-src: '/nonexistent' holds no __init__.py"),
+    (["step", "--device", "bogus"], "--device: unknown device 'bogus'"),
+    (["train", "--seed=-1"], "--seed must be an integer in [0, 2**63)"),
+    (["accum-memory", "--configs="], "--configs names no configuration"),
+    (["accum-memory", "--no-memory"], "--no-memory leaves nothing to run"),
+    (["accum-memory", "--threads", "0"], "--threads must be >= 1"),
+    (["accum-memory", "--device", "bogus"], "--device: unknown device 'bogus'"),
+    (["accum-memory", "--lr=-1"], "--lr (the memory runs') must be a finite number above 0"),
+    (["accum-memory", "--cpu", "--device", "cuda:0"], "--cpu and --device cuda:0 contradict each other"),
+    (["comm", "--configs="], "--configs names no configuration"),
+    (["suite", "--scale", "nan"], "--scale finite and above 0"),
+    (["suite", "--scale", "inf"], "--scale finite and above 0"),
+    (["suite", "--device", "bogus"], "--device: unknown device 'bogus'"),
+])
+def test_bad_input_is_refused_naming_the_flag(argv, words, capsys):
+    """(Found as a new user would.) Each had been taken: a traceback after work began, every
+    run failed with exit 0, or (--compiled-bucket-max -1) compiled rows timing a step that
+    left every matrix alone."""
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--size", "smoke"] if argv[0] != "suite" else argv)
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+
+
 def test_optimizer_names_take_ranks_of_at_least_one():
     for name in ("flora-r0", "lora-r0", "galore-r0", "apollo-r0", "flora-opt-r0", "flora-r8+ca-r0",
                  "flora-r00-paper"):

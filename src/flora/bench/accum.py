@@ -161,7 +161,18 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if any(r < 1 for r in a.quality_ranks):  # a rank of 0 would fail only inside its run
         p.error(f"--quality-ranks takes ranks of at least 1, got {','.join(map(str, a.quality_ranks))}")
     if a.cpu:
+        if a.device not in ("auto", "cpu"):
+            p.error(f"--cpu and --device {a.device} contradict each other; give one")
         a.device = "cpu"
+    core.check_device(p, a.device)
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        p.error(f"--lr (the memory runs') must be a finite number above 0, got {a.lr}")
+    if not a.configs and not a.no_memory:
+        p.error("--configs names no configuration; give some, or --no-memory with --quality or --noise")
+    if a.no_memory and not (a.quality or a.noise):
+        p.error("--no-memory leaves nothing to run: add --quality or --noise")
     from .accum_replicas import check_wrap
 
     if a.replicas < 1:

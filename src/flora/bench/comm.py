@@ -197,6 +197,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--lrs has {len(a.lrs)} grids for {len(a.optimizers)} optimizers")
     if a.configs is not None:
         a.configs = core.checked_list(p, "--configs", a.configs, parse_config)
+        if not a.configs:
+            p.error("--configs names no configuration")
+    if not a.optimizers:
+        p.error("--optimizers names no optimizer")
 
 
 def task_config(a: argparse.Namespace) -> config.TaskConfig:

@@ -366,6 +366,27 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence], align: str |
     return out
 
 
+def check_device(p, name: str, flag: str = "--device") -> None:
+    """``--device``: auto, cpu, cuda or cuda:N, N a device that is there; else ``p.error``."""
+    import torch
+
+    valid = "auto, cpu, cuda, cuda:N"
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        p.error(f"{flag}: unknown device {name!r}; valid: {valid}")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"{flag}: {name!r} is not offered; valid: {valid}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error(f"{flag} {name}: CUDA is not available to this torch ({torch.__version__}); valid: auto, cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            p.error(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                    f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
 def checked_list(p, flag: str, text: str, check) -> list[str]:
     """The comma-separated entries of ``text``, each passed to ``check`` (which raises
     ``ValueError``); a bad one ends the command with ``p.error`` naming ``flag``."""

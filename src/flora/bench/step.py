@@ -149,7 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "HF Adafactor beta1 0.9 under torch.compile (the first step compiles: minutes on a CPU)")
     p.add_argument("--compiled-bucket-max", type=int, default=None,
                    help="Flora(compile=True)'s most parameters per bucket (flora.functional.COMPILED_BUCKET_MAX, "
-                        "default 16); 0: no limit but the elements'")
+                        "default 30); 0: no limit but the elements'")
 
 
 def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -160,6 +160,14 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     a.warmup = size.warmup if a.warmup is None else a.warmup
     if a.repeats < 1 or a.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
+    if a.compiled_bucket_max is not None and a.compiled_bucket_max < 0:  # -1 had compiled steps skip every matrix
+        p.error(f"--compiled-bucket-max must be >= 0 (0: no limit), got {a.compiled_bucket_max}")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.baseline_src is not None and not (Path(a.baseline_src) / "__init__.py").is_file():
+        p.error(f"--baseline-src: {a.baseline_src!r} holds no __init__.py; give the folder of a copy of the flora "
+                "package (src/flora)")
+    core.check_device(p, a.device)
     try:
         a.ranks = tuple(int(r) for r in a.ranks.split(",") if r.strip()) if a.ranks else size.ranks
     except ValueError:

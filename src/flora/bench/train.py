@@ -131,7 +131,9 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     # What follows would otherwise fail inside every run (exit 0), after a run, or be ignored.
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1 (torch CPU threads per run), got {a.threads}")
-    _check_device(p, a.device)
+    core.check_device(p, a.device)
+    if not 0 <= a.seed < 2**63:  # Flora's seed range: every Flora row would fail inside its run
+        p.error(f"--seed must be an integer in [0, 2**63), got {a.seed}")
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
         p.error(f"--out: {a.out!r} is an existing file; give a folder (new or existing)")
     if a.from_json:
@@ -144,27 +146,6 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 "interrupted flora-bench train")
     if isinstance(a.lrs, dict) and not a.from_json:
         _check_lrs(p, a)
-
-
-def _check_device(p: argparse.ArgumentParser, name: str) -> None:
-    """--device: auto, cpu, cuda or cuda:N, N a device that is there."""
-    import torch
-
-    valid = "auto, cpu, cuda, cuda:N"
-    if name == "auto":
-        return
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        p.error(f"--device: unknown device {name!r}; valid: {valid}")
-    if dev.type not in ("cpu", "cuda"):
-        p.error(f"--device: {name!r} is not offered; valid: {valid}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            p.error(f"--device {name}: CUDA is not available to this torch ({torch.__version__}); valid: auto, cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            p.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                    f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
 def _not_train_results(path: Path) -> str | None:

@@ -75,8 +75,9 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for flag, values in (("--ranks", a.rank_list), ("--kappas", a.kappa_list)):
         if not values or min(values) < 1:  # 0 would fail inside every run; the first kappa is the primary one
             p.error(f"{flag} takes comma-separated integers of at least 1, got {getattr(a, flag[2:])!r}")
-    if a.seeds < 1 or a.workers < 1 or a.scale <= 0 or a.extend_lr < 0:
-        p.error("--seeds and --workers must be at least 1, --extend-lr at least 0, --scale above 0")
+    if a.seeds < 1 or a.workers < 1 or not (math.isfinite(a.scale) and a.scale > 0) or a.extend_lr < 0:
+        p.error("--seeds and --workers must be at least 1, --extend-lr at least 0, --scale finite and above 0")
+    core.check_device(p, a.device)
     from .. import optimizers
     from .peers import PEERS
 
