@@ -130,6 +130,24 @@ def test_loading_proj_dim_and_the_same_options_and_lr():
             opt.load_state_dict(copy.deepcopy(sd))
 
 
+def test_a_saved_proj_dim_that_the_state_does_not_follow_is_not_reported():
+    """(Found as a new user would.) An FSDP2 checkpoint saves proj_dim="auto", which took the
+    unsharded dim (1) there; one process resumes it with proj_dim=1, as docs/distributed.md
+    says. The load warned "proj_dim: 1 -> 'auto' ... build Flora with the checkpoint's
+    options", and that advice fails (DCP: another momentum shape). Every loaded state's
+    projected dim is the one this optimizer gives it: nothing to report."""
+    p, sd = _state(beta1=0.9, proj_dim=1)
+    sd["param_groups"][0]["proj_dim"] = "auto"  # what the sharded run's group said
+    assert sd["state"][0]["proj_dim"] == 1
+    opt = Flora([p], lr=1e-2, rank=4, beta1=0.9, proj_dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(sd)
+    p.grad = torch.randn(16, 16)
+    opt.step()  # the state's layout goes on
+    assert opt.state[p]["proj_dim"] == 1 and tuple(opt.state[p]["exp_avg_c"].shape) == (16, 4)
+
+
 def test_loading_names_the_group_when_there_are_several():
     a, b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
     src = Flora([{"params": [a]}, {"params": [b], "kappa": 5}], lr=1e-2, rank=2, beta1=0.9)

@@ -30,6 +30,18 @@ def _factors_differ(params, rule_a: str, rule_b: str) -> bool:
     return any(factored_dims(tuple(p.shape), rule_a) != factored_dims(tuple(p.shape), rule_b) for p in params)
 
 
+def _proj_dims_kept(mine: dict, loaded: list[tuple[torch.Tensor, int]]) -> bool:
+    """Whether every loaded momentum's projected dim (``loaded``: parameter, the state's
+    ``proj_dim``) is the one ``mine`` gives its parameter: then a saved ``proj_dim`` that
+    reads otherwise changes nothing (an FSDP2 checkpoint's "auto" took the unsharded
+    dim, 1, which one process resumes with ``proj_dim=1``; docs/distributed.md)."""
+    from . import sharded
+    from .options import momentum_dim
+
+    rule = lambda p: sharded.momentum_dim if sharded.is_dtensor(p) else momentum_dim  # noqa: E731
+    return bool(loaded) and all(rule(p)(tuple(p.shape), mine) == dim for p, dim in loaded)
+
+
 def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     """Load after checking that the state comes from a Flora of the same rank and that
     every saved state tensor fits this optimizer's parameters. Each state tensor takes the
@@ -80,10 +92,17 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     for pid, s in state_dict["state"].items():
         p, g = id_to_param[pid]
         check_state_shapes(p, s, g)
+    group_of = {id(q): gi for gi, g in enumerate(opt.param_groups) for q in g["params"]}
+    loaded_dims: dict[int, list] = {gi: [] for gi in range(len(groups))}  # group -> (param, its state's proj_dim)
+    for pid, s in state_dict["state"].items():
+        if "proj_dim" in s:
+            p = id_to_param[pid][0]
+            loaded_dims[group_of[id(p)]].append((p, s["proj_dim"]))
     changed = [(gi, k, mine[k], saved[k]) for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups))
                for k in ALGORITHM_KEYS if k in saved and k in mine and saved[k] != mine[k]
                and (k != "factor_dims" or _factors_differ(mine["params"], mine[k], saved[k]))
-               and (k != "momentum_dtype" or _storage_differs(mine["params"], mine, saved))]
+               and (k != "momentum_dtype" or _storage_differs(mine["params"], mine, saved))
+               and (k != "proj_dim" or not _proj_dims_kept(mine, loaded_dims[gi]))]
     base_load({**state_dict, "param_groups": groups})
     if changed:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
