@@ -807,6 +807,12 @@ def test_ranks_and_kappas_below_one_are_refused_before_any_run(argv, words, caps
     (["suite", "--scale", "nan"], "--scale finite and above 0"),
     (["suite", "--scale", "inf"], "--scale finite and above 0"),
     (["suite", "--device", "bogus"], "--device: unknown device 'bogus'"),
+    # given but naming nothing: it had fallen back to the default silently
+    (["step", "--ranks", ""], "--ranks names nothing"),
+    (["step", "--optimizers", ","], "--optimizers names nothing"),
+    (["train", "--tasks", ""], "--tasks names nothing"),
+    (["train", "--optimizers", ""], "--optimizers names nothing"),
+    (["accum-memory", "--quality-ranks", ""], "--quality-ranks names nothing"),
 ])
 def test_bad_input_is_refused_naming_the_flag(argv, words, capsys):
     """(Found as a new user would.) Each had been taken: a traceback after work began, every

@@ -137,6 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     from . import optimizers as bo
 
+    core.refuse_empty(p, a, "--quality-ranks", "--quality-lrs")
     size = SIZES[a.size]
     for k in ("configs", "tau", "steps", "seq", "batch", "quality_ranks", "quality_steps", "eval_chunks",
               "noise_rank"):

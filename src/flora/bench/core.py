@@ -387,6 +387,15 @@ def check_device(p, name: str, flag: str = "--device") -> None:
                     f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
+def refuse_empty(p, a, *flags: str) -> None:
+    """Each of ``flags`` that was given but names nothing (``--ranks ""``, ``--tasks ,``)
+    is refused: it had fallen back to the default silently."""
+    for flag in flags:
+        text = getattr(a, flag.lstrip("-").replace("-", "_"))
+        if isinstance(text, str) and not any(x.strip() for x in text.split(",")):
+            p.error(f"{flag} names nothing ({text!r}); leave it out for the default")
+
+
 def checked_list(p, flag: str, text: str, check) -> list[str]:
     """The comma-separated entries of ``text``, each passed to ``check`` (which raises
     ``ValueError``); a bad one ends the command with ``p.error`` naming ``flag``."""

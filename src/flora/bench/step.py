@@ -155,6 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     from . import optimizers as bo
 
+    core.refuse_empty(p, a, "--ranks", "--optimizers")
     size = SIZES[a.size]
     a.repeats = size.repeats if a.repeats is None else a.repeats
     a.warmup = size.warmup if a.warmup is None else a.warmup

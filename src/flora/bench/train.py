@@ -118,6 +118,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 else f"--resume: no such file {a.resume!r}")
     if a.preset is not None and a.optimizers:
         p.error("--preset and --optimizers exclude each other (the preset names the optimizers)")
+    core.refuse_empty(p, a, "--tasks", "--optimizers")
     a.tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip()) if a.tasks else None
     for t in a.tasks or ():
         if t not in config.TASKS:
