@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 import re
 
 import pytest
@@ -580,3 +581,28 @@ def test_a_checkpoint_saved_before_the_pinned_index_resumes_exactly():
             _step_on("grouped", o, qs)
         ends.append([q.detach().clone() for q in qs])
     assert all(torch.equal(a, b) for a, b in zip(*ends))
+
+
+@pytest.mark.parametrize("shape,bigger", [((6, 5), (8, 5)), ((5,), (7,))], ids=["matrix", "vector"])
+@pytest.mark.parametrize("path", ["single", "grouped", "default", "step_parameter", "compiled"])
+def test_a_parameter_resized_after_its_first_step_is_refused_before_any_change(path, shape, bigger):
+    """(Found as a new user would.) A parameter resized after its state began (``p.data =``
+    a larger tensor, as resize_token_embeddings does) had failed with a broadcast error
+    naming nothing, after every step counter had moved. Refused, naming both sizes and the
+    remedies, before anything changes; with its state dropped it starts afresh. (The
+    resized one is first: step_parameter's earlier calls are steps of their own.)"""
+    ps = [nn.Parameter(torch.randn(shape)), nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+    foreach = {"single": False, "grouped": True}.get(path)
+    opt = Flora(ps, lr=1e-2, rank=2, beta1=0.9, foreach=foreach, compile="aot_eager" if path == "compiled" else None)
+    _step_on(path, opt, ps)
+    ps[0].data = torch.randn(bigger)
+    before = [p.detach().clone() for p in ps]
+    state = copy.deepcopy(opt.state_dict())
+    said = f"a parameter of shape {bigger} ({ps[0].numel()} values) has a state made for {math.prod(shape)} values"
+    with pytest.raises(ValueError, match=re.escape(said) + r".*resized after its first step.*optimizer\.state\.pop"):
+        _step_on(path, opt, ps)
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    _assert_state_unchanged(state, opt)
+    opt.state.pop(ps[0])
+    _step_on(path, opt, ps)
+    assert opt.state[ps[0]]["step"] == 1 and opt.state[ps[1]]["step"] == 2  # the refused step did not count

@@ -26,7 +26,7 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
                       upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
-from .state import check_factoring, check_momentum_layout, prepare_state
+from .state import check_factoring, check_momentum_layout, check_not_resized, prepare_state
 from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
@@ -312,6 +312,11 @@ class Flora(Optimizer):
         # Every check happens before any state changes.
         check_grads(self.param_groups)
         self._check_options_fit_state()
+        state = self.state
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    check_not_resized(p, state.get(p))
         index = 0
         plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
@@ -450,6 +455,7 @@ class Flora(Optimizer):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return
         self._check_parameter_options_fit(p, group)
+        check_not_resized(p, self.state.get(p))
         index = self._prepare_state(p, group, index)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
         work = self._work([p], [self.state[p]], group, [index],

@@ -68,6 +68,29 @@ def init_momentum(state: dict, grad: torch.Tensor, group: dict) -> None:
 _DROP = "or drop that parameter's state (optimizer.state.pop(p)) to start its momentum and second moment afresh"
 
 
+def check_not_resized(p: torch.Tensor, s: dict) -> None:
+    """A parameter resized since its state began (``p.data = ...`` after the first step,
+    e.g. ``resize_token_embeddings``) is refused, naming both sizes, before any change;
+    the arithmetic would fail to broadcast half-way through the step. A cheap test run
+    every step: the second moment's element count (a factored one's rows times its last
+    column dim) must be the parameter's. FSDP2's shards are checked by their own path."""
+    if not s or is_dtensor(p):
+        return
+    v = s.get("exp_avg_sq")
+    if v is not None:
+        have = v.numel()
+    else:
+        row = s.get("exp_avg_sq_row")
+        if row is None:
+            return
+        have = row.numel() * s["exp_avg_sq_col"].shape[-1]
+    if have != p.numel():
+        raise ValueError(
+            f"a parameter of shape {tuple(p.shape)} ({p.numel()} values) has a state made for {have} values: it was "
+            "resized after its first step (for example by resize_token_embeddings, or p.data = ...). Resize it "
+            f"before building the optimizer, {_DROP}")
+
+
 def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | None = None) -> None:
     """A live compressed momentum must have the shape and projected dim the group's
     ``rank``, ``proj_dim`` and ``max_aspect_ratio`` give it (and a dense one must stay
