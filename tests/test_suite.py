@@ -489,3 +489,22 @@ def test_resume_refuses_a_log_of_another_scale(tmp_path, monkeypatch, capsys):
     assert "holds runs at --scale 0.05, this command asks for --scale 0.1" in capsys.readouterr().out
     assert main(argv + ["--scale", "0.05", "--lrs", "1e-3,2e-3", "--resume"]) == 0
     assert len(runner.read_log(tmp_path / "s" / "runs.jsonl")) == 3  # the fake run_all logs every job it is given
+
+
+def test_report_only_refuses_a_folder_with_no_runs(tmp_path, monkeypatch, capsys):
+    """(Found as a new user would.) --report-only with an --out holding no runs (a typo, a
+    folder not yet run) wrote empty tables, created the folder and exited 0. Refused, naming
+    the log it looked for; the folder a run wrote to reports as before."""
+    from flora.bench.__main__ import main
+
+    monkeypatch.setattr(data, "prepare", lambda f, **k: f)
+    monkeypatch.setattr(runner, "run_all", lambda jobs, tasks, *, log, **k: log.write_text(
+        "".join(json.dumps(_ok(j)) + "\n" for j in jobs)))
+    argv = ["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--lrs", "1e-3",
+            "--data", str(tmp_path / "d"), "--no-plots", "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path / "typo"), "--report-only"]) == 2
+    assert f"no runs in {tmp_path / 'typo' / 'runs.jsonl'}" in capsys.readouterr().out
+    assert not (tmp_path / "typo").exists()
+    assert main(argv + ["--out", str(tmp_path / "s")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "s"), "--report-only"]) == 0
+    assert "| tabular |" in capsys.readouterr().out

@@ -115,6 +115,10 @@ def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) 
 
 def run(a: argparse.Namespace, argv: list[str]) -> int:
     out, folder = Path(a.out), Path(a.data)
+    if a.report_only and not runner.read_log(out / "runs.jsonl"):  # an empty report would read as a result
+        core.say(f"flora-bench suite --report-only: no runs in {out / 'runs.jsonl'}; run the suite with "
+                 f"--out {out} first, or give the --out it wrote to")
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         from .data import prepare
