@@ -513,6 +513,18 @@ def test_a_parameter_listed_twice_in_a_group_is_refused():
         opt.add_param_group({"params": [w, w]})
     assert len(opt.param_groups) == 1
     Flora(nn.Linear(3, 3).parameters(), lr=1e-3)  # model.parameters() lists each once
+    # (name, parameter) pairs, which torch also takes: the check had compared the pairs
+    with pytest.raises(ValueError, match="the same parameter more than once"):
+        Flora([("a", w), ("b", w)], lr=1e-3)
+    tied = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="the same parameter more than once"):
+        Flora(tied.named_parameters(remove_duplicate=False), lr=1e-3)
+    with pytest.raises(ValueError, match="the same parameter more than once"):
+        opt.add_param_group({"params": [("a", w), ("b", w)]})
+    with pytest.raises(TypeError, match="complex parameters"):
+        Flora([("c", nn.Parameter(torch.randn(3, dtype=torch.complex64)))], lr=1e-3)
+    assert len(Flora(tied.named_parameters(), lr=1e-3).param_groups[0]["params"]) == 1
 
 
 @pytest.mark.parametrize("edit", ["append", "insert", "remove"])
@@ -606,3 +618,54 @@ def test_a_parameter_resized_after_its_first_step_is_refused_before_any_change(p
     opt.state.pop(ps[0])
     _step_on(path, opt, ps)
     assert opt.state[ps[0]]["step"] == 1 and opt.state[ps[1]]["step"] == 2  # the refused step did not count
+
+
+def test_load_state_dict_hooks_keep_torchs_contract():
+    """(Found as a new user would.) Flora checked the dict before torch ran the load
+    pre-hooks, so a hook that adapts a checkpoint was refused, and it rewrote every state
+    tensor from the un-hooked dict after torch had run the post-hooks: a pre-hook's
+    returned state and a post-hook's edits were lost silently, and a post-hook's edit of
+    ``seed`` escaped the layout check. As in torch now: the pre-hook's dict is the one
+    loaded, post-hooks see and keep the final state, each runs once."""
+    def build(groups=1):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(8))]
+        opt = Flora(ps if groups == 1 else [{"params": [p]} for p in ps], lr=1e-2, rank=2, beta1=0.9)
+        return ps, opt
+
+    ps, opt = build(groups=2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    calls = []
+
+    def merge_and_zero(o, sd):  # two saved groups into one, the momentum zeroed
+        calls.append("pre")
+        g0, g1 = sd["param_groups"]
+        state = {i: {k: (v.zero_() if k in ("exp_avg", "exp_avg_c") else v) for k, v in s.items()}
+                 for i, s in copy.deepcopy(sd["state"]).items()}
+        return {"state": state, "param_groups": [{**g0, "params": g0["params"] + g1["params"]}]}
+
+    def post(o):
+        calls.append("post")
+        assert o.state[ps2[1]]["exp_avg"].abs().sum() == 0  # the final state
+        o.state[ps2[1]]["exp_avg"].fill_(0.5)
+
+    ps2, fresh = build()
+    fresh.register_load_state_dict_pre_hook(merge_and_zero)
+    fresh.register_load_state_dict_post_hook(post)
+    fresh.load_state_dict(saved)
+    assert calls == ["pre", "post"]
+    assert fresh.state[ps2[0]]["exp_avg_c"].abs().sum() == 0
+    assert torch.equal(fresh.state[ps2[1]]["exp_avg"], torch.full((8,), 0.5, dtype=fresh.state[ps2[1]]["exp_avg"].dtype))
+    assert torch.equal(fresh.state[ps2[0]]["exp_avg_sq_row"], saved["state"][0]["exp_avg_sq_row"])
+
+    ps3, other = build()
+    other.load_state_dict(merge_and_zero(None, saved))
+    other.register_load_state_dict_post_hook(lambda o: o.param_groups[0].update(seed=5))
+    other.load_state_dict(merge_and_zero(None, saved))
+    for p in ps3:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=r"seed=5 \(edited from 0 since the last step\)"):
+        other.step()

@@ -4,6 +4,7 @@ of algorithm (``ALGORITHM_KEYS``) is warned about, naming old and new."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -57,7 +58,16 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     proj_dim, factor_dims, complement_weight) whose loaded value differs from this optimizer's, old and new
     (``factor_dims`` only where it changes how one of the group's tensors is factored).
     A group saved without ``factor_dims`` (before it existed) loads as ``"last"``, the
-    rule its state was shaped by; one saved without ``complement_weight`` with None."""
+    rule its state was shaped by; one saved without ``complement_weight`` with None.
+
+    torch's load hooks keep their contract: the dict a pre-hook returns is the one
+    checked and loaded, and post-hooks run once the state is final (their edits of it
+    stay; an edit of an option that shapes the state is refused at the next step)."""
+    state_dict = state_dict.copy()  # shallow, as torch's
+    for hook in tuple(getattr(opt, "_optimizer_load_state_dict_pre_hooks", {}).values()):
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
     groups = state_dict.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
         raise ValueError(
@@ -103,7 +113,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                and (k != "factor_dims" or _factors_differ(mine["params"], mine[k], saved[k]))
                and (k != "momentum_dtype" or _storage_differs(mine["params"], mine, saved))
                and (k != "proj_dim" or not _proj_dims_kept(mine, loaded_dims[gi]))]
-    base_load({**state_dict, "param_groups": groups})
+    with _load_hooks_off(opt):  # run here, around Flora's own checks and final pass
+        base_load({**state_dict, "param_groups": groups})
     if changed:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
                          for gi, k, old, new in changed)
@@ -136,6 +147,22 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                 opt.state[p][k] = v.detach().to(device=p.device, dtype=want, copy=True)
     _warn_narrowed_momentum(id_to_param, state_dict["state"])
     opt._remember_layouts()  # an edit of seed, projection, proj_dim... before the next step is checked
+    for hook in tuple(getattr(opt, "_optimizer_load_state_dict_post_hooks", {}).values()):
+        hook(opt)
+
+
+@contextlib.contextmanager
+def _load_hooks_off(opt):
+    """torch's ``Optimizer.load_state_dict`` without its load hooks (Flora runs them)."""
+    names = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+    saved = {n: getattr(opt, n) for n in names if hasattr(opt, n)}
+    for n in saved:
+        setattr(opt, n, type(saved[n])())
+    try:
+        yield
+    finally:
+        for n, hooks in saved.items():
+            setattr(opt, n, hooks)
 
 
 def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:

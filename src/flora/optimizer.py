@@ -199,11 +199,13 @@ class Flora(Optimizer):
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
         _validate_group(merged)
-        for p in params:
+        # torch also takes (name, parameter) pairs (named_parameters()): checked as the tensors
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        for p in tensors:
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError("params must be real tensors: Flora does not support complex parameters")
             _refuse_flat_pieces(p)
-        if not isinstance(params, set) and len({id(p) for p in params}) != len(params):
+        if not isinstance(params, set) and len({id(p) for p in tensors}) != len(tensors):
             # torch only warns ("in future, this will cause an error"); here the step would depend
             # on the path (counted twice per step on the single-tensor path, once when grouped)
             raise ValueError("params: a parameter group lists the same parameter more than once; list each once "
