@@ -521,6 +521,11 @@ def test_summary_and_warning_when_nothing_is_compressed():
     no_momentum = Flora(model.parameters(), lr=1e-3)
     assert {r["momentum_dtype"] for r in no_momentum.plan()} == {None}
     assert "momentum in" not in no_momentum.summary()
+    model[0].requires_grad_(False)  # frozen tensors are said so, in the rows and the headline
+    rows, text = (opt := Flora(model.parameters(), lr=1e-3, rank=4, beta1=0.9)).plan(), opt.summary()
+    assert [r["frozen"] for r in rows] == [True, True, False, False, False, False]
+    assert "3 of 6 parameter tensors keep compressed momentum (2 frozen: requires_grad=False" in text
+    assert text.splitlines()[1].endswith("momentum in float64, frozen") and "frozen" not in text.splitlines()[3]
 
 
 @pytest.mark.parametrize("warmup_init", [False, True])

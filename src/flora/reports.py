@@ -18,7 +18,8 @@ def plan(opt) -> list[dict[str, Any]]:
     groups when its state began),
     ``group``, ``shape``, ``compressed`` (bool), ``proj_dim`` and ``momentum_shape`` when
     compressed, else ``reason`` (why its momentum is dense or absent); ``momentum_dtype``
-    (what its momentum is stored in, a name such as ``"bfloat16"``; None without ``beta1``)."""
+    (what its momentum is stored in, a name such as ``"bfloat16"``; None without ``beta1``);
+    ``frozen`` (``requires_grad=False``: it has no state while it gets no gradient)."""
     rows, index = [], 0
     for gi, group in enumerate(opt.param_groups):
         for p in group["params"]:
@@ -26,6 +27,7 @@ def plan(opt) -> list[dict[str, Any]]:
             reason = momentum_reason(shape, group)
             pinned = opt.state[p].get("index", index) if p in opt.state else index
             row = {"index": pinned, "group": gi, "shape": shape, "compressed": reason is None,
+                   "frozen": not p.requires_grad,
                    "momentum_dtype": None if group["beta1"] is None
                    else str(momentum_storage(group, p.dtype)).removeprefix("torch.")}
             if reason is None:
@@ -42,12 +44,16 @@ def summary(opt) -> str:
     """Which tensors keep compressed momentum and why the others do not, as text."""
     rows = plan(opt)
     n_c = sum(r["compressed"] for r in rows)
-    lines = [f"Flora: {n_c} of {len(rows)} parameter tensors keep compressed momentum"]
+    frozen = sum(r["frozen"] for r in rows)
+    lines = [f"Flora: {n_c} of {len(rows)} parameter tensors keep compressed momentum"
+             + (f" ({frozen} frozen: requires_grad=False, no state while they get no gradient)" if frozen else "")]
     for r in rows:
         what = (f"compressed to {r['momentum_shape'][0]} x {r['momentum_shape'][1]} (proj_dim={r['proj_dim']})"
                 if r["compressed"] else f"dense: {r['reason']}")
         if r["momentum_dtype"] is not None:
             what += f", momentum in {r['momentum_dtype']}"
+        if r["frozen"]:
+            what += ", frozen"
         lines.append(f"  [{r['index']}] group {r['group']} {r['shape']}: {what}")
     return "\n".join(lines)
 
