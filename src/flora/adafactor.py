@@ -73,6 +73,16 @@ def factored_shapes(shape, rule: str) -> tuple[tuple[int, ...], tuple[int, ...]]
     return view[:-1], view[:-2] + view[-1:]
 
 
+def weight_decay_(p32: torch.Tensor, ok: torch.Tensor, lr, wd: float) -> None:
+    """HF's ``p.add_(p, alpha=-wd * lr)``, where ``ok``. A tensor lr (scale_parameter's,
+    the compiled step's) stays on the device; ``-wd * lr`` is rounded first, as HF's alpha
+    is (``p * -wd * lr`` rounds twice: 1 ulp off in about one value of 700)."""
+    if isinstance(lr, torch.Tensor):
+        p32.addcmul_(torch.where(ok, p32, 0.0), lr * -wd)
+    else:
+        p32.add_(torch.where(ok, p32, 0.0), alpha=(-wd * lr))
+
+
 def rms(t: torch.Tensor) -> torch.Tensor:
     return t.norm(2) / (t.numel() ** 0.5)
 

@@ -421,12 +421,8 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
             update = None
             sign = torch.where(ok, -1.0, 0.0)
 
-    wd = spec.weight_decay
-    if wd != 0:
-        if isinstance(lr, torch.Tensor):  # HF reads this lr on the host; the product stays on the device here
-            p32.addcmul_(torch.where(ok, p32, 0.0), lr, value=-wd)
-        else:
-            p32.add_(torch.where(ok, p32, 0.0), alpha=(-wd * lr))
+    if spec.weight_decay != 0:
+        af.weight_decay_(p32, ok, lr, spec.weight_decay)
     if update is None:
         p32.addcmul_(m, sign)
     else:

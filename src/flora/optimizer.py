@@ -237,7 +237,8 @@ class Flora(Optimizer):
 
     @property
     def nonfinite_skips(self) -> torch.Tensor:
-        """Parameter updates skipped so far because the gradient was not finite (an int64
+        """Parameter updates skipped so far because the gradient, or the update normalised
+        from it, was not finite (the class docstring says when; an int64
         tensor; reading its value syncs with the device). Not saved in ``state_dict``."""
         counts = list(self._skips.values())
         if not counts:
@@ -656,6 +657,9 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
     A parameter whose gradient holds a NaN or an infinity, or a value whose square
     overflows (so that the second moment or the normalised update is not finite), is not
     updated: its weights and state tensors stay as they were (its step
-    counter still advances); the decision is taken on the device, and
+    counter still advances, and a resample due at that step still carries its momentum
+    to the new projection, as it would have without the skip; an ``eps[0]`` of 0 with an
+    all-zero gradient row makes the normalised update 0/0, skipped too); the decision is
+    taken on the device, and
     :attr:`nonfinite_skips` counts such skipped parameter updates.
     """

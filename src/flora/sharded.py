@@ -422,13 +422,9 @@ def _phase3(it: _Item, count_skip) -> None:
             dense_momentum_(m, update, torch.where(ok, torch.full((), beta1, dtype=m.dtype, device=m.device), 1.0),
                             alpha=1 - beta1)
             update, sign = None, torch.where(ok, -1.0, 0.0)
-    wd = group["weight_decay"]
     p32 = it.p32
-    if wd != 0:
-        if isinstance(lr, torch.Tensor):
-            p32.addcmul_(torch.where(ok, p32, 0.0), lr, value=-wd)
-        else:
-            p32.add_(torch.where(ok, p32, 0.0), alpha=(-wd * lr))
+    if group["weight_decay"] != 0:
+        af.weight_decay_(p32, ok, lr, group["weight_decay"])
     if update is None:
         p32.addcmul_(_local(st["exp_avg"]), sign)
     else:
