@@ -189,6 +189,7 @@ def test_compiled_rows(monkeypatch):
                                **{k: "" for k in core.META_KEYS if k not in ("model", "command")}},
                       "rows": list(rows.values())})
     assert "## Compiled steps" in md and "| flora-r4:compiled |" in md and "ops / step" in md
+    assert "workspace MiB" in md and rows["flora-r4"]["workspace_bytes"] == rows["adamw"]["workspace_bytes"] == 0
 
 
 @pytest.mark.parametrize("env", ["unset", "default", "given"])

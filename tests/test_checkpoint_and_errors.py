@@ -1,9 +1,11 @@
 """Bit-exact resume, weights_only checkpoints, and clear errors for bad input."""
 
 import copy
+import gc
 import io
 import math
 import re
+import weakref
 
 import pytest
 import torch
@@ -669,3 +671,26 @@ def test_load_state_dict_hooks_keep_torchs_contract():
         p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match=r"seed=5 \(edited from 0 since the last step\)"):
         other.step()
+
+
+@pytest.mark.parametrize("path", ["single", "grouped", "step_parameter", "compiled"])
+def test_a_parameter_taken_out_of_the_groups_is_freed(path):
+    """(Found by a new-user probe of memory.) A parameter taken out of the groups, its
+    state popped and its module deleted (pruning a layer) stayed alive with its .grad: the
+    device step counters held it. They hold it weakly now, as torch's optimizers hold
+    nothing: it is freed, and its counter goes with it."""
+    keep, drop = nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(8, 5))
+    opt = Flora([keep, drop], lr=1e-2, rank=2, beta1=0.9, foreach={"single": False, "grouped": True}.get(path),
+                compile="aot_eager" if path == "compiled" else None)
+
+    _step_on(path, opt, [keep, drop])
+    _step_on(path, opt, [keep, drop])
+    gone = weakref.ref(drop)
+    opt.param_groups[0]["params"] = [keep]
+    opt.state.pop(drop)
+    del drop
+    gc.collect()
+    _step_on(path, opt, [keep])
+    gc.collect()
+    assert gone() is None
+    assert len(opt._device_steps) == 1 and opt.state[keep]["step"] == 3

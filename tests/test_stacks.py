@@ -152,6 +152,43 @@ def test_members_that_come_and_go_leave_no_stack_behind(monkeypatch):
                 assert id(v._base) in held  # a view of a stack the optimizer keeps
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
+def test_the_compiled_workspace_is_reported_and_holds_no_uncached_projection(monkeypatch, cache):
+    """(Found by a new-user probe of memory.) The staged step's two bucket-sized buffers
+    were reported by no public figure (a 32 MiB parameter held 64 MiB more than state_bytes
+    + cache_bytes said): flora.workspace_bytes counts them, 0 when eager. And with
+    cache_projections=False the staged step kept each bucket's projection alive (for its
+    transposed view): it keeps none now, and steps as the cached run."""
+    import weakref
+
+    monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)  # the matrices' bucket steps in stages
+    runs = []
+    for compiled in (False, "aot_eager"):
+        params = _params()
+        opt = Flora(params, **BASE, compile=compiled, cache_projections=cache)
+        for t in range(3):
+            _step(opt, params, t)
+        runs.append((params, opt))
+    _assert_equal(*runs)
+    eager, comp = runs[0][1], runs[1][1]
+    assert flora.workspace_bytes(eager) == 0 and flora.workspace_bytes(torch.optim.SGD(runs[0][0], lr=0.1)) == 0
+    # the staged (3, 12, 20) bucket's update and decompressed momentum, float64: the largest buffers
+    assert flora.workspace_bytes(comp) == comp.workspace_bytes() >= 2 * 3 * 12 * 20 * 8
+    assert bool(comp._transposed) == cache
+    if not cache:  # this step's projection is freed once the step is over
+        seen = []
+        real = F.prepare
+
+        def spy(*a, **k):
+            work = real(*a, **k)
+            if work.a is not None:
+                seen.append(weakref.ref(work.a))
+            return work
+        monkeypatch.setattr(F, "prepare", spy)
+        _step(comp, runs[1][0], 3)
+        assert seen and all(r() is None for r in seen)
+
+
 def test_load_state_dict_into_a_running_compiled_optimizer():
     """A checkpoint of step 3 loaded into the same compiled optimizer after step 5: its
     stacks and counters are rebuilt from the loaded state (counters back at 3), and it

@@ -3,7 +3,7 @@
 
 from .accumulation import CompressedAccumulator
 from . import distributed
-from .memory import cache_bytes, flora_state_bytes, state_bytes
+from .memory import cache_bytes, flora_state_bytes, state_bytes, workspace_bytes
 from .optimizer import Flora
 from .schedule import RelativeStepSchedule
 from .momentum import MOMENTUM_FORMS
@@ -24,6 +24,7 @@ __all__ = [
     "RelativeStepSchedule",
     "state_bytes",
     "cache_bytes",
+    "workspace_bytes",
     "flora_state_bytes",
     "gaussian_projection",
     "make_projection",

@@ -44,6 +44,7 @@ moment.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -135,8 +136,10 @@ class DeviceSteps:
     compiled core reads the count as a 0-dim view of it (:func:`_count_step`)."""
 
     def __init__(self) -> None:
-        # id(param) -> (param, counter tensor, the count it holds once the pending step ran)
-        self._d: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        # id(param) -> (a weak reference to it, counter tensor, the count it holds once the
+        # pending step ran); weak, so that a parameter taken out of the groups and deleted
+        # is freed (with its .grad), as torch's optimizers free it; its entry goes with it
+        self._d: dict[int, tuple[weakref.ref, torch.Tensor, int]] = {}
         # id(a compiled bucket's first param) -> (its k x 1 counters, their rows)
         self._stacks: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
@@ -147,19 +150,30 @@ class DeviceSteps:
         self._d.clear()
         self._stacks.clear()
 
+    def _ref(self, p: torch.Tensor) -> weakref.ref:
+        hit = self._d.get(id(p))
+        if hit is not None and hit[0]() is p:
+            return hit[0]
+        d, key = self._d, id(p)
+
+        def gone(r: weakref.ref) -> None:
+            if d.get(key, (None,))[0] is r:
+                del d[key]
+        return weakref.ref(p, gone)
+
     def take(self, params: list[torch.Tensor], n: int, dtype: torch.dtype) -> list[torch.Tensor]:
         """The counters of ``params`` (whose ``state["step"]`` is ``n`` before this step),
         each holding ``n``; the core adds one."""
         out = []
         for p in params:
             hit = self._d.get(id(p))
-            if hit is not None and hit[0] is p and hit[1].device == p.device and hit[1].dtype == dtype:
+            if hit is not None and hit[0]() is p and hit[1].device == p.device and hit[1].dtype == dtype:
                 c = hit[1]
                 if hit[2] != n:
                     c.fill_(float(n))
             else:
                 c = torch.full((1,), float(n), dtype=dtype, device=p.device)
-            self._d[id(p)] = (p, c, n + 1)
+            self._d[id(p)] = (self._ref(p), c, n + 1)
             out.append(c)
         return out
 
@@ -169,7 +183,7 @@ class DeviceSteps:
         key = id(params[0])
         hit = self._stacks.get(key)
         if hit is not None and len(hit[1]) == len(params) and all(
-                (e := self._d.get(id(p))) is not None and e[0] is p and e[1] is v
+                (e := self._d.get(id(p))) is not None and e[0]() is p and e[1] is v
                 for p, v in zip(params, hit[1])) and hit[0].dtype == dtype and hit[0].device == params[0].device:
             base, views = hit
             if any(self._d[id(p)][2] != n for p in params):
@@ -179,13 +193,13 @@ class DeviceSteps:
             views = list(base.unbind(0))
             self._stacks[key] = (base, views)
         for p, v in zip(params, views):
-            self._d[id(p)] = (p, v, n + 1)
+            self._d[id(p)] = (self._ref(p), v, n + 1)
         return base
 
     def get(self, p: torch.Tensor) -> torch.Tensor | None:
         """``p``'s counter tensor, or None before its first step."""
         hit = self._d.get(id(p))
-        return hit[1] if hit is not None and hit[0] is p else None
+        return hit[1] if hit is not None and hit[0]() is p else None
 
 
 # ------------------------------------------------------------------ the prelude

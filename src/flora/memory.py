@@ -55,9 +55,16 @@ def state_bytes(optimizer: Optimizer) -> int:
 
 def cache_bytes(optimizer: Optimizer) -> int:
     """Bytes an optimizer holds beside its state: the projections a ``flora.Flora``
-    caches with ``cache_projections=True`` (0 for any other optimizer). Count it with
-    :func:`state_bytes` when budgeting memory."""
+    caches with ``cache_projections=True`` (0 for any other optimizer). Count it, and
+    :func:`workspace_bytes`, with :func:`state_bytes` when budgeting memory."""
     fn = getattr(optimizer, "cache_bytes", None)
+    return int(fn()) if callable(fn) else 0
+
+
+def workspace_bytes(optimizer: Optimizer) -> int:
+    """Bytes of the buffers a ``flora.Flora(compile=...)`` keeps between steps beside its
+    state and cache (``Flora.workspace_bytes``; 0 eager and for any other optimizer)."""
+    fn = getattr(optimizer, "workspace_bytes", None)
     return int(fn()) if callable(fn) else 0
 
 

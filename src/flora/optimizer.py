@@ -230,6 +230,14 @@ class Flora(Optimizer):
         alive; at most one projection per parameter."""
         return self._proj_cache.nbytes()
 
+    def workspace_bytes(self) -> int:
+        """Bytes of the buffers ``compile=...`` keeps between steps, beside the state and
+        the projection cache: on a CPU, two buffers the size of the largest bucket that
+        steps in stages (a compressed bucket over ``functional.STAGED_MIN_BYTES``), and
+        those of the small vectors' stacks. 0 when eager. Not saved; rebuilt after a load,
+        a deep copy or a pickle."""
+        return self._workspace.nbytes()
+
     @property
     def projection_cache(self) -> ProjectionCache:
         """The projections kept by ``cache_projections=True`` (read it; never state)."""
@@ -393,8 +401,12 @@ class Flora(Optimizer):
                 staged = set()  # the staged buckets' keys in self._transposed
                 for work, pnorms in zip(plan, F.param_norms(plan)):
                     if work.compiled and F.staged(work):
-                        staged.add(id(work.params[0]))
-                        C.staged_step(work, self._compile, None, self._workspace, self._transposed,
+                        # the transposed view is kept for the next step while the projection
+                        # is (cache_projections): kept otherwise, it would hold one alive
+                        kept = self._locate(work.params[0])[0]["cache_projections"]
+                        if kept:
+                            staged.add(id(work.params[0]))
+                        C.staged_step(work, self._compile, None, self._workspace, self._transposed if kept else {},
                                       self._lr_views, pnorms)
                     elif work.compiled and work.grouped and F.stacked_io(work.params[0]):
                         C.stacked_step(work, self._compile, None, self._workspace, self._lr_views, pnorms)
@@ -616,8 +628,8 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             the next resample instead of redrawing it every step (the default): drawing
             and, for orthonormal rows, a QR every step cost 9% of a rank-32 step on
             SmolLM2's shapes on a CPU, up to a third on a GPU. It costs
-            ``r * min(n, m)`` floats per compressed tensor (at most its momentum's size;
-            ``flora.cache_bytes``); False redraws instead. The cache is not part of the
+            ``r x d`` values of the state dtype per compressed tensor, ``d`` its projected
+            dim (``flora.cache_bytes``); False redraws instead. The cache is not part of the
             state and changes no result.
         foreach: True: step parameters of equal shape, dtype, device and counters
             together, stacked, a few batched kernels per bucket

@@ -436,7 +436,8 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
     wall, cpu = interleaved_times(runs, warmup=max(warmup, 1), repeats=repeats, first=first)
     rows = []
     for label, o in opts:
-        row = {"optimizer": label, "state_bytes": flora.state_bytes(o), "median_step_s": median(wall[label]),
+        row = {"optimizer": label, "state_bytes": flora.state_bytes(o), "workspace_bytes": flora.workspace_bytes(o),
+               "median_step_s": median(wall[label]),
                "min_step_s": min(wall[label]), "median_cpu_s": median(cpu[label]), "times_s": wall[label],
                "cpu_times_s": cpu[label], "compresses_nothing": compresses_nothing(o)}
         if split_variant(label)[1] in ("compiled", "compiled-step"):
@@ -647,10 +648,14 @@ def render(result: dict) -> str:
                   "counted them at the first step (a break is counted again when dynamo restarts its analysis at "
                   "it); graphs compiled by the later steps should be 0.", ""]
         lines += core.markdown_table(
-            ["optimizer", "compile s", "first step s (CPU s)", "graphs", "graph breaks", "graphs after first step"],
+            ["optimizer", "compile s", "first step s (CPU s)", "graphs", "graph breaks", "graphs after first step",
+             "workspace MiB"],
             ([r["optimizer"], f"{r['compile_s']:.1f}", f"{r['first_step_s']:.1f} ({r['first_step_cpu_s']:.1f})",
-              str(r["graphs"]), str(r["graph_breaks"]), str(r["graphs_after_first_step"])] for r in compiled),
-            align="lrrrrr")
+              str(r["graphs"]), str(r["graph_breaks"]), str(r["graphs_after_first_step"]),
+              f"{r.get('workspace_bytes', 0) / core.MiB:.1f}"] for r in compiled),
+            align="lrrrrrr")
+        lines += ["", "workspace MiB: buffers Flora(compile=...) keeps between steps beside its state "
+                  "(flora.workspace_bytes; not in the state columns above)."]
     if result.get("goals"):
         lines += ["", "Goal check:", ""] + [f"- {g}" for g in result["goals"]]
     sp = result.get("split")
