@@ -31,6 +31,7 @@ and ``"last"`` (a few forms on each).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import pytest
@@ -96,6 +97,8 @@ CONFIGS = {
     "bf16-dense-momentum": dict(rank=None, beta1=0.9, momentum_dtype=torch.bfloat16),
     # the compressed first moment in float32 (the default "auto" stores it in bfloat16)
     "fp32-momentum": dict(rank=4, beta1=0.9, momentum_dtype=None),
+    # no clipping (the README's clip_threshold=math.inf): rms / inf is 0, the clamp takes 1
+    "clip_inf": dict(rank=4, beta1=0.9, clip_threshold=math.inf),
 }
 
 
@@ -134,7 +137,10 @@ def _case(layout, dtype, config, rank=None, bad=None, factor=None):
 
 CASES = dict(
     # every layout by every form and projection (and the dense and option paths), float32
-    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS]
+    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS if c != "clip_inf"]
+    # no clipping: an option of the scalars, not of the layout, on a few rows
+    + [_case(lay, dt, "clip_inf") for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"),
+                                                   ("first-largest-3d", "fp32"), ("transposed", "bf16"))]
     # every dtype by a few layouts and forms
     + [_case(lay, dt, c) for dt in ("bf16", "fp16", "fp64")
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
@@ -331,6 +337,7 @@ COMPILED_CASES = dict(
        if not lay.startswith(("empty", "conv1x1", "first-", "last-")) or lay == "conv1x1-channels_last"]
     + [_case("channels_last", "fp32", c) for c in ("paper-gaussian", "subspace-orthonormal", "no-momentum")]
     + [_case(lay, "fp32", "tensor_lr_1x1") for lay in ("contiguous", "channels_last")]
+    + [_case(lay, "fp32", "clip_inf") for lay in ("contiguous", "channels_last")]
     # the "fixed" form (its complement weight a constant of the graph) on a few rows of each kind
     + [_case("channels_last", "fp32", "fixed-orthonormal"), _case("transposed", "fp32", "fixed-coordinates"),
        _case("first-largest-3d", "fp32", "fixed-orthonormal"), _case("contiguous", "bf16", "fixed-orthonormal"),
