@@ -355,6 +355,34 @@ def fsdp_shard1_refused(rank, world):
     return {"error_message": None}
 
 
+def fsdp_seed_per_rank_refused(rank, world):
+    """(Found by a new-user probe.) Flora(seed=rank) under FSDP2 stepped each rank's rows
+    under its own projections and summed their compressed momenta anyway (3e-3 off one
+    process after 5 steps). Refused at the first step, before any change, on step() and
+    step_parameters(); with one seed on every rank it steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for how in ("step", "step_parameters"):
+        model = _net()
+        fully_shard(model)
+        opt = Flora(model.parameters(), **{**OPTS, "seed": rank})
+        x, y = _batches(1)[0]
+        _loss(model, x, y).backward()
+        w = model.a.weight.to_local().clone()
+        try:
+            opt.step() if how == "step" else opt.step_parameters(list(model.parameters()))
+            out[how] = None
+        except ValueError as e:
+            out[how] = str(e)
+        out[how + "_unchanged"] = bool(torch.equal(w, model.a.weight.to_local())) and all(
+            len(opt.state[p]) == 0 for p in model.parameters())
+        opt.param_groups[0]["seed"] = 7
+        opt.step() if how == "step" else opt.step_parameters(list(model.parameters()))
+        out[how + "_then_steps"] = not torch.equal(w, model.a.weight.to_local())
+    return out
+
+
 def _dcp_save(model, opt, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -16,7 +16,7 @@ from flora import Flora
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient", "fsdp_compile_option",
-             "fsdp_shard1_refused", "accelerate_switch", "ddp_flora", "ddp_accumulator",
+             "fsdp_shard1_refused", "fsdp_seed_per_rank_refused", "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
              "fsdp_accumulator", "fsdp1"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
@@ -124,6 +124,13 @@ def test_fsdp2_shard1_is_refused_before_any_change(results):
     for r in check(results, "fsdp_shard1_refused"):
         assert r["error_message"] and "Shard(dim=1)" in r["error_message"] and "dim 0" in r["error_message"]
         assert r["unchanged"] and r["state_empty"]
+
+
+def test_fsdp2_refuses_a_seed_that_differs_across_ranks_before_any_change(results):
+    for r in check(results, "fsdp_seed_per_rank_refused"):
+        for how in ("step", "step_parameters"):
+            assert r[how] and "seed differs across the ranks of a shard group (from 0 to 1" in r[how], r
+            assert r[how + "_unchanged"] and r[how + "_then_steps"]
 
 
 def test_accelerate_fsdp2_parameter_swap(results):

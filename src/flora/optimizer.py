@@ -31,7 +31,7 @@ from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks")
+            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_seeds_checked")
 
 
 def _install_prelude() -> None:
@@ -154,6 +154,8 @@ class Flora(Optimizer):
         # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
         self._factor_dims_seen: dict[int, tuple] = {}
         self._factor_dims_seen_p: dict[int, tuple] = {}
+        # (id(group), id(shard process group), seed) checked equal on every rank (sharded.check_seeds)
+        self._seeds_checked: set = set()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict calls this with the state and the groups alone: the
@@ -323,6 +325,7 @@ class Flora(Optimizer):
         # Every check happens before any state changes.
         check_grads(self.param_groups)
         self._check_options_fit_state()
+        sharded.check_seeds(self.param_groups, self._seeds_checked)
         state = self.state
         for group in self.param_groups:
             for p in group["params"]:
@@ -503,6 +506,7 @@ class Flora(Optimizer):
         check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
         for p, group, _ in found:
             self._check_parameter_options_fit(p, group)
+        sharded.check_seeds(self.param_groups, self._seeds_checked, only={id(p) for p, _, _ in found})
         entries = []
         for p, group, index in found:
             entries.append((p, self.state[p], group, self._prepare_state(p, group, index)))
@@ -566,7 +570,8 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
         seed: base seed of all projections; a parameter's projection number ``k`` is
             drawn from ``projection_seed(seed, index, k)``, ``index`` being its position
             across the parameter groups when its state began (kept in the state, so that
-            a parameter put into an earlier group later does not move it).
+            a parameter put into an earlier group later does not move it). The same on every
+            rank of a distributed run (checked under FSDP2, not under DDP).
         proj_dim: dimension projected away: ``"auto"`` (the smaller, less noisy), 0 or 1.
         momentum_form: ``"exact"`` (this step enters uncompressed:
             ``(1 - beta1) u + beta1 D(M_prev)``), ``"paper"`` (the update is ``D(M)``) or

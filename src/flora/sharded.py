@@ -98,6 +98,34 @@ def layout(p) -> Layout:
                   local_shape[0] if local_shape else 1, mesh, placements, tuple(p.shape))
 
 
+def check_seeds(param_groups, checked: set, only: set | None = None) -> None:
+    """Every rank of a shard group must draw the same projections (a ``seed`` set per rank,
+    say ``seed=rank``, steps each rank's rows under its own and sums their compressed
+    momenta regardless): checked, before any change, once per parameter group, shard
+    group and seed, with an all-reduce of two integers (the step's one host read).
+    ``only``: the ids of the parameters stepping (step_parameters), else all."""
+    for gi, group in enumerate(param_groups):
+        if group["rank"] is None or group["beta1"] is None:
+            continue  # no projections
+        for p in group["params"]:
+            if p.grad is None or not is_dtensor(p) or (only is not None and id(p) not in only):
+                continue
+            pg = layout(p).group
+            key = (gi, id(pg), group["seed"])  # the same on every rank once their seeds agree
+            if pg is None or key in checked:
+                continue
+            seed = int(group["seed"])
+            t = torch.tensor([seed, -seed], dtype=torch.int64, device=p.grad.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
+            hi, lo = int(t[0]), -int(t[1])
+            if hi != lo:
+                raise ValueError(
+                    f"seed differs across the ranks of a shard group (from {lo} to {hi}; this rank's is {seed}): "
+                    "FSDP2's shards of a parameter must be stepped under the same projections. Give every rank "
+                    "the same seed (the default 0 does)")
+            checked.add(key)
+
+
 def _wrap(local: torch.Tensor, lay: Layout, global_shape, sharded: bool, dim: int = 0):
     """A state tensor as a DTensor: sharded like the parameter's rows (which are its dim
     ``dim``), or whole on every rank (``Replicate``)."""
