@@ -383,6 +383,56 @@ def fsdp_seed_per_rank_refused(rank, world):
     return out
 
 
+def fsdp_loads_one_process_state(rank, world):
+    """(Found by a new-user probe.) A one-process Flora's state (default proj_dim "auto")
+    resumed under FSDP2, then stepped on, against the uninterrupted one-process run:
+    - by ``opt.load_state_dict`` (whole tensors, cut here into the sharded layout; they
+      had stayed whole and the next step failed after moving the step counters);
+    - by torch's ``set_state_dict(full_state_dict=True)``, which shards every state tensor
+      like its parameter, an ``r x m`` momentum (kept whole) too: redistributed (the next
+      step had failed after moving the counters). Here d.weight (1 x 12) stays dense in both
+      (its own group, rank=None);
+    - with d.weight compressed under FSDP2's "auto" but dense in one process, that loader
+      merges the two layouts into one state (dense and compressed momentum together, the
+      step then read the fresh compressed one): refused, naming both."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+
+    full = StateDictOptions(full_state_dict=True)
+    batches = _batches()
+
+    def groups(model, dense_d):
+        if not dense_d:
+            return model.parameters()
+        d = [model.d.weight, model.d.bias]
+        return [{"params": [p for p in model.parameters() if all(p is not q for q in d)]},
+                {"params": d, "rank": None}]
+
+    out = {}
+    for how, dense_d in (("plain", False), ("full", True), ("merged", False)):
+        ref = _net()  # the uninterrupted run
+        _train_single(OPTS, batches, ref, Flora(groups(ref, dense_d), **{**OPTS, **REF}))
+        one = _net()
+        one_opt = Flora(groups(one, dense_d), **{**OPTS, **REF})
+        _train_single(OPTS, batches[:3], one, one_opt)
+        model = _fsdp(_net())
+        opt = Flora(groups(model, dense_d), **OPTS)
+        try:
+            if how == "plain":
+                set_model_state_dict(model, one.state_dict(), options=full)
+                opt.load_state_dict(copy.deepcopy(one_opt.state_dict()))
+            else:
+                msd, osd = get_state_dict(one, one_opt, options=full)
+                set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=full)
+        except ValueError as e:
+            out[how] = str(e)
+            continue
+        _steps(model, opt, batches[3:], rank, world)
+        got, want = _full(model), dict(ref.named_parameters())
+        out[how] = max((got[n] - want[n].detach()).abs().max().item() for n in got)
+    return out
+
+
 def _dcp_save(model, opt, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -16,7 +16,8 @@ from flora import Flora
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient", "fsdp_compile_option",
-             "fsdp_shard1_refused", "fsdp_seed_per_rank_refused", "accelerate_switch", "ddp_flora", "ddp_accumulator",
+             "fsdp_shard1_refused", "fsdp_seed_per_rank_refused", "fsdp_loads_one_process_state",
+             "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
              "fsdp_accumulator", "fsdp1"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
@@ -85,10 +86,13 @@ def test_fsdp2_factor_dims_edited_mid_run_is_refused(results):
 
 def test_fsdp2_step_is_two_all_reduces(results):
     """The design: one all-reduce of the second moment's sums (and |p|^2) before the update
-    exists, one of |u|^2 and the momentum's terms after; nothing else, every step."""
+    exists, one of |u|^2 and the momentum's terms after; nothing else, every step but the
+    first, which checks that every rank has the same seed where there are projections."""
     for r in check(results, "fsdp_equals_one_process"):
         for case, res in r.items():
-            assert res["counts"] == [{"c10d.allreduce_": 2}] * S.STEPS, case
+            opts = {**S.OPTS, **S.FSDP_CASES[case][0]}
+            first = 2 + (opts["rank"] is not None and opts["beta1"] is not None)
+            assert res["counts"] == [{"c10d.allreduce_": first}] + [{"c10d.allreduce_": 2}] * (S.STEPS - 1), case
 
 
 def test_fsdp2_state_is_sharded_where_the_rows_are(results):
@@ -131,6 +135,12 @@ def test_fsdp2_refuses_a_seed_that_differs_across_ranks_before_any_change(result
         for how in ("step", "step_parameters"):
             assert r[how] and "seed differs across the ranks of a shard group (from 0 to 1" in r[how], r
             assert r[how + "_unchanged"] and r[how + "_then_steps"]
+
+
+def test_fsdp2_resumes_a_one_process_state_or_refuses_a_merged_one(results):
+    for r in check(results, "fsdp_loads_one_process_state"):
+        assert r["plain"] <= TOL and r["full"] <= TOL, r
+        assert "both a dense (exp_avg) and a compressed (exp_avg_c) first moment" in r["merged"], r
 
 
 def test_accelerate_fsdp2_parameter_swap(results):

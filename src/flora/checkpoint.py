@@ -14,6 +14,7 @@ from .adafactor import factored_dims
 from .compression import momentum_storage
 from .options import ALGORITHM_KEYS, CORE_KEYS, upgrade_group, validate_group
 from .projection import state_dtype
+from . import sharded
 from .state import check_state_shapes
 
 
@@ -145,6 +146,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                 want = None if not v.is_floating_point() else (
                     momentum_storage(g, p.dtype) if k in ("exp_avg", "exp_avg_c") else state_dtype(p.dtype))
                 opt.state[p][k] = v.detach().to(device=p.device, dtype=want, copy=True)
+        if sharded.is_dtensor(p):  # in the layout Flora's sharded step reads
+            sharded.place_loaded_state(p, opt.state[p], g)
     _warn_narrowed_momentum(id_to_param, state_dict["state"])
     opt._remember_layouts()  # an edit of seed, projection, proj_dim... before the next step is checked
     for hook in tuple(getattr(opt, "_optimizer_load_state_dict_post_hooks", {}).values()):

@@ -126,17 +126,24 @@ def check_seeds(param_groups, checked: set, only: set | None = None) -> None:
             checked.add(key)
 
 
+def _placements(lay: Layout, sharded: bool, dim: int = 0) -> tuple:
+    """A state tensor's placements: its dim ``dim`` sharded as the parameter's rows, or
+    ``Replicate`` on every mesh dim."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not sharded:
+        return tuple(Replicate() for _ in lay.placements)
+    if dim == 0:
+        return tuple(lay.placements)
+    return tuple(Shard(dim) if pl.is_shard() else pl for pl in lay.placements)
+
+
 def _wrap(local: torch.Tensor, lay: Layout, global_shape, sharded: bool, dim: int = 0):
     """A state tensor as a DTensor: sharded like the parameter's rows (which are its dim
     ``dim``), or whole on every rank (``Replicate``)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor
 
-    if not sharded:
-        placements = tuple(Replicate() for _ in lay.placements)
-    elif dim == 0:
-        placements = lay.placements
-    else:
-        placements = tuple(Shard(dim) if pl.is_shard() else pl for pl in lay.placements)
+    placements = _placements(lay, sharded, dim)
     global_shape = torch.Size(global_shape)
     stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
     return DTensor.from_local(local, lay.mesh, placements, run_check=False, shape=global_shape, stride=stride)
@@ -154,43 +161,74 @@ def momentum_dim(shape, group: dict) -> int | None:
 
 
 def init_state(state: dict, p, group: dict) -> None:
-    """Flora's state for a DTensor parameter: DTensors, sharded where they follow the rows."""
+    """Flora's state for a DTensor parameter: DTensors, sharded where they follow the rows
+    (:func:`_sharding`)."""
     lay = layout(p)
     g = p.grad.to_local()
     shape, dtype, dev = tuple(p.shape), state_dtype(g.dtype), g.device
+
+    def put(key, local_shape, global_shape, dtype):
+        state[key] = _wrap(torch.zeros(local_shape, dtype=dtype, device=dev), lay, global_shape,
+                           *_sharding(key, shape, group, state.get("proj_dim")))
+
     if not state:
         state["step"] = 0
         if len(shape) >= 2:
             rule = group["factor_dims"]
             row_shape, col_shape = af.factored_shapes(shape, rule)
             view = af.to_factored(g, af.factor_move(shape, rule)).shape  # the local rows' view
-            local_row, local_col = view[:-1], view[:-2] + view[-1:]
-            if _rows_factored(shape, rule):
-                # dim 0 is the view's rows: the row factor's last dim; a column's sum runs
-                # over every shard's rows: whole on each rank
-                state["exp_avg_sq_row"] = _wrap(torch.zeros(local_row, dtype=dtype, device=dev), lay, row_shape,
-                                                True, len(row_shape) - 1)
-                state["exp_avg_sq_col"] = _wrap(torch.zeros(col_shape, dtype=dtype, device=dev), lay, col_shape, False)
-            else:  # dim 0 leads the view: factored per index of it, local
-                state["exp_avg_sq_row"] = _wrap(torch.zeros(local_row, dtype=dtype, device=dev), lay, row_shape, True)
-                state["exp_avg_sq_col"] = _wrap(torch.zeros(local_col, dtype=dtype, device=dev), lay, col_shape, True)
+            put("exp_avg_sq_row", view[:-1], row_shape, dtype)
+            put("exp_avg_sq_col", col_shape if _rows_factored(shape, rule) else view[:-2] + view[-1:], col_shape,
+                dtype)
         else:
-            state["exp_avg_sq"] = _wrap(torch.zeros(g.shape, dtype=dtype, device=dev), lay, shape, True)
+            put("exp_avg_sq", g.shape, shape, dtype)
     if group["beta1"] is None or "exp_avg" in state or "exp_avg_c" in state:
         return
     dim = momentum_dim(shape, group)
     dtype = momentum_storage(group, g.dtype)
     if dim is None:
-        state["exp_avg"] = _wrap(torch.zeros(g.shape, dtype=dtype, device=dev), lay, shape, True)
+        put("exp_avg", g.shape, shape, dtype)
         return
-    full = compressed_shape(shape, group["rank"], dim)
-    if dim == 1:  # n x r: rows follow the parameter's
-        state["exp_avg_c"] = _wrap(torch.zeros((g.shape[0], group["rank"]), dtype=dtype, device=dev), lay, full, True)
-    else:  # r x m: whole on every rank
-        state["exp_avg_c"] = _wrap(torch.zeros(full, dtype=dtype, device=dev), lay, full, False)
     state["proj_dim"] = dim
+    full = compressed_shape(shape, group["rank"], dim)
+    put("exp_avg_c", (g.shape[0], group["rank"]) if dim == 1 else full, full, dtype)
     state["proj_count"] = 0
     state["proj_age"] = 0
+
+
+def _sharding(key: str, shape, group: dict, proj_dim: int | None) -> tuple[bool, int]:
+    """Where the state tensor ``key`` of a DTensor parameter of ``shape`` lives: sharded like
+    the parameter's rows (which are its dim given second), or whole on every rank."""
+    if key in ("exp_avg_sq", "exp_avg"):
+        return True, 0
+    if key == "exp_avg_c":  # n x r: rows follow the parameter's; r x m: whole on every rank
+        return proj_dim == 1, 0
+    rows = _rows_factored(shape, group["factor_dims"])
+    if key == "exp_avg_sq_row":  # dim 0 is the view's rows (the row factor's last dim), or leads it
+        return True, (len(af.factored_shapes(shape, group["factor_dims"])[0]) - 1 if rows else 0)
+    # exp_avg_sq_col: a column's sum runs over every shard's rows (whole on each rank), or is local
+    return not rows, 0
+
+
+def place_loaded_state(p, state: dict, group: dict) -> None:
+    """A loaded state of DTensor parameter ``p`` in the layout :func:`init_state` gives it.
+    torch's full-state-dict loader (``set_state_dict(..., full_state_dict=True)``) shards
+    every state tensor like its parameter, an ``r x m`` momentum (kept whole here) too, and
+    a plain ``load_state_dict`` of one process's checkpoint gives whole tensors. Each is
+    redistributed (a collective: every rank loads) or cut from the whole tensor every rank
+    holds."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    lay = layout(p)
+    for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg", "exp_avg_c"):
+        v = state.get(key)
+        if v is None:
+            continue
+        want = _placements(lay, *_sharding(key, tuple(p.shape), group, state.get("proj_dim")))
+        if not isinstance(v, DTensor):
+            state[key] = distribute_tensor(v, lay.mesh, want, src_data_rank=None)
+        elif tuple(v.placements) != want:
+            state[key] = v.redistribute(lay.mesh, want)
 
 
 def _local(t):

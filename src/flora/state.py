@@ -132,6 +132,13 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
     """A loaded state's tensors must have the shapes this parameter, rank and the group's
     ``factor_dims`` need."""
     shape = tuple(p.shape)
+    if "exp_avg" in s and "exp_avg_c" in s:
+        raise ValueError(
+            f"state_dict holds both a dense (exp_avg) and a compressed (exp_avg_c) first moment for a parameter of "
+            f"shape {shape}: a loader merged a checkpoint into a fresh state of another layout (torch's "
+            "set_state_dict(..., full_state_dict=True) does when a matrix kept dense where the checkpoint was saved "
+            "is compressed here, e.g. one process's proj_dim='auto' and FSDP2's). Save and load with the same "
+            "proj_dim (docs/distributed.md: proj_dim=1 in one process) or load with torch.distributed.checkpoint")
     expected = {"exp_avg": shape, "exp_avg_sq": shape}
     if len(shape) >= 2:
         expected["exp_avg_sq_row"], expected["exp_avg_sq_col"] = factored_shapes(shape, group["factor_dims"])
