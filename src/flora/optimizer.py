@@ -154,7 +154,7 @@ class Flora(Optimizer):
         # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
         self._factor_dims_seen: dict[int, tuple] = {}
         self._factor_dims_seen_p: dict[int, tuple] = {}
-        # (id(group), id(shard process group), seed) checked equal on every rank (sharded.check_seeds)
+        # (group index, id(shard process group), seed) checked equal on every rank (sharded.check_seeds)
         self._seeds_checked: set = set()
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -104,6 +104,8 @@ def check_seeds(param_groups, checked: set, only: set | None = None) -> None:
     momenta regardless): checked, before any change, once per parameter group, shard
     group and seed, with an all-reduce of two integers (the step's one host read).
     ``only``: the ids of the parameters stepping (step_parameters), else all."""
+    if not (dist.is_available() and dist.is_initialized()):  # no DTensors: one process's step pays nothing
+        return
     for gi, group in enumerate(param_groups):
         if group["rank"] is None or group["beta1"] is None:
             continue  # no projections

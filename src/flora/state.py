@@ -73,7 +73,7 @@ def check_not_resized(p: torch.Tensor, s: dict) -> None:
     e.g. ``resize_token_embeddings``) is refused, naming both sizes, before any change;
     the arithmetic would fail to broadcast half-way through the step. A cheap test run
     every step: the second moment's element count (a factored one's rows times its last
-    column dim) must be the parameter's. FSDP2's shards are checked by their own path."""
+    column dim) must be the parameter's. Not checked for FSDP2's DTensors (global shapes)."""
     if not s or is_dtensor(p):
         return
     v = s.get("exp_avg_sq")
