@@ -182,18 +182,22 @@ class DeviceSteps:
         tensor (flora.stacks), kept while the bucket's members and their counters stay."""
         key = id(params[0])
         hit = self._stacks.get(key)
+        entries = [self._d.get(id(p)) for p in params]
         if hit is not None and len(hit[1]) == len(params) and all(
-                (e := self._d.get(id(p))) is not None and e[0]() is p and e[1] is v
-                for p, v in zip(params, hit[1])) and hit[0].dtype == dtype and hit[0].device == params[0].device:
+                e is not None and e[0]() is p and e[1] is v
+                for p, e, v in zip(params, entries, hit[1])) and hit[0].dtype == dtype and \
+                hit[0].device == params[0].device:
             base, views = hit
-            if any(self._d[id(p)][2] != n for p in params):
+            if any(e[2] != n for e in entries):
                 base.fill_(float(n))
+            refs = [e[0] for e in entries]
         else:
             base = torch.full((len(params), 1), float(n), dtype=dtype, device=params[0].device)
             views = list(base.unbind(0))
             self._stacks[key] = (base, views)
-        for p, v in zip(params, views):
-            self._d[id(p)] = (self._ref(p), v, n + 1)
+            refs = [self._ref(p) for p in params]
+        for p, r, v in zip(params, refs, views):
+            self._d[id(p)] = (r, v, n + 1)
         return base
 
     def get(self, p: torch.Tensor) -> torch.Tensor | None:

@@ -326,15 +326,11 @@ class Flora(Optimizer):
         check_grads(self.param_groups)
         self._check_options_fit_state()
         sharded.check_seeds(self.param_groups, self._seeds_checked)
-        state = self.state
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    check_not_resized(p, state.get(p))
         index = 0
         plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
         compiled = self._compile is not None
+        found = []  # every group's entries first: a check in _prepare_state precedes any bucket's prepare
         for group in self.param_groups:
             entries = []
             for p in group["params"]:
@@ -345,6 +341,8 @@ class Flora(Optimizer):
                     else:
                         entries.append((p, self.state[p], pinned))
                 index += 1
+            found.append((group, entries))
+        for group, entries in found:
             if not entries:
                 continue
             for bucket in F.buckets(entries, max_count=F.COMPILED_BUCKET_MAX if compiled else None):
@@ -473,7 +471,6 @@ class Flora(Optimizer):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return
         self._check_parameter_options_fit(p, group)
-        check_not_resized(p, self.state.get(p))
         index = self._prepare_state(p, group, index)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
         work = self._work([p], [self.state[p]], group, [index],
@@ -519,6 +516,7 @@ class Flora(Optimizer):
         so that an edit which moves ``p`` (a parameter put into an earlier group's list)
         does not read its momentum under projections it was not made under."""
         state = self.state[p]
+        check_not_resized(p, state)  # before its state or any bucket changes (a new state is no change)
         prepare_state(state, p, group)
         return state.setdefault("index", position)
 
