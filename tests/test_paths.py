@@ -99,6 +99,8 @@ CONFIGS = {
     "fp32-momentum": dict(rank=4, beta1=0.9, momentum_dtype=None),
     # no clipping (the README's clip_threshold=math.inf): rms / inf is 0, the clamp takes 1
     "clip_inf": dict(rank=4, beta1=0.9, clip_threshold=math.inf),
+    # projections redrawn every step (the staged compiled step then keeps none between steps)
+    "no_cache": dict(rank=4, beta1=0.9, cache_projections=False),
 }
 
 
@@ -137,10 +139,12 @@ def _case(layout, dtype, config, rank=None, bad=None, factor=None):
 
 CASES = dict(
     # every layout by every form and projection (and the dense and option paths), float32
-    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS if c != "clip_inf"]
-    # no clipping: an option of the scalars, not of the layout, on a few rows
-    + [_case(lay, dt, "clip_inf") for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"),
-                                                   ("first-largest-3d", "fp32"), ("transposed", "bf16"))]
+    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS if c not in ("clip_inf", "no_cache")]
+    # no clipping, no projection cache: options of the scalars and the prelude, not of the
+    # layout, on a few rows
+    + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"),
+                                          ("first-largest-3d", "fp32"), ("transposed", "bf16"))
+       for c in ("clip_inf", "no_cache")]
     # every dtype by a few layouts and forms
     + [_case(lay, dt, c) for dt in ("bf16", "fp16", "fp64")
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
@@ -337,7 +341,7 @@ COMPILED_CASES = dict(
        if not lay.startswith(("empty", "conv1x1", "first-", "last-")) or lay == "conv1x1-channels_last"]
     + [_case("channels_last", "fp32", c) for c in ("paper-gaussian", "subspace-orthonormal", "no-momentum")]
     + [_case(lay, "fp32", "tensor_lr_1x1") for lay in ("contiguous", "channels_last")]
-    + [_case(lay, "fp32", "clip_inf") for lay in ("contiguous", "channels_last")]
+    + [_case(lay, "fp32", c) for lay in ("contiguous", "channels_last") for c in ("clip_inf", "no_cache")]
     # the "fixed" form (its complement weight a constant of the graph) on a few rows of each kind
     + [_case("channels_last", "fp32", "fixed-orthonormal"), _case("transposed", "fp32", "fixed-coordinates"),
        _case("first-largest-3d", "fp32", "fixed-orthonormal"), _case("contiguous", "bf16", "fixed-orthonormal"),
