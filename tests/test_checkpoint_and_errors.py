@@ -170,6 +170,7 @@ BAD_ARGUMENTS = [
 BAD_CONSTRUCTOR_ARGUMENTS = [
     (dict(momentum=0.9), ValueError, r"Flora has no momentum=0.9: the momentum coefficient is beta1"),  # SGD's habit
     (dict(compile="no_such_backend"), ValueError, "compile='no_such_backend' is not a torch.compile backend"),
+    (dict(betas=(0.9, 0.999)), TypeError, r"Flora has no betas=\(0.9, 0.999\): .*beta1.*decay_rate"),  # AdamW's habit
 ]
 
 
@@ -177,6 +178,12 @@ BAD_CONSTRUCTOR_ARGUMENTS = [
 def test_bad_arguments_name_the_argument(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         Flora(P, **kwargs)
+
+
+def test_group_betas_warns_that_flora_ignores_them():
+    # param groups built for AdamW carry 'betas': torch keeps unknown keys, so say it does nothing
+    with pytest.warns(UserWarning, match="'betas' is AdamW's option, which Flora ignores: .*beta1"):
+        Flora([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "betas": (0.9, 0.95)}], lr=1e-3)
 
 
 def _assert_state_unchanged(saved: dict, opt) -> None:

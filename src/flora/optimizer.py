@@ -48,6 +48,10 @@ def _install_prelude() -> None:
 _LAYOUT_KEYS = ("factor_dims", "rank", "seed", "projection", "proj_dim", "max_aspect_ratio")
 
 
+_BETAS_HELP = ("the first moment's coefficient is beta1 (e.g. beta1=0.9; None: no first moment) and the second "
+               "moment follows Adafactor's decay_rate (default -0.8: beta2 at step t is 1 - t^-0.8)")
+
+
 def _layout_key(group: dict) -> tuple:
     return tuple(group[k] for k in _LAYOUT_KEYS)
 
@@ -82,7 +86,10 @@ class Flora(Optimizer):
         foreach: bool | None = None,
         compile: bool | str | Any = False,
         momentum: str | None = None,
+        betas: Any = None,
     ):
+        if betas is not None:  # AdamW's habit (a drop-in swap, Trainer's optimizer kwargs)
+            raise TypeError(f"Flora has no betas={betas!r}: {_BETAS_HELP}")
         if momentum is not None and not isinstance(momentum, str):  # torch SGD's habit: a coefficient
             raise ValueError(f"Flora has no momentum={momentum!r}: the momentum coefficient is beta1 (beta1=0.9; "
                              "None: no first moment); momentum_form names how it is compressed")
@@ -187,6 +194,9 @@ class Flora(Optimizer):
             warnings.warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning,
                           stacklevel=2)
             _upgrade_group(param_group, saved=False)
+        if "betas" in param_group:  # torch keeps unknown group keys: this one would silently do nothing
+            warnings.warn(f"a parameter group's 'betas' is AdamW's option, which Flora ignores: {_BETAS_HELP}",
+                          UserWarning, stacklevel=2)
         if ("momentum_form" in param_group and "complement_weight" not in param_group
                 and param_group["momentum_form"] not in WEIGHTED_FORMS):
             # a weight given to the constructor belongs to its (weighted) form: a group that
