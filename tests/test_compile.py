@@ -519,7 +519,7 @@ def test_a_counter_edited_on_the_host_is_followed():
 
 def test_readme_signature_names_every_constructor_argument():
     """The README's ``flora.Flora(...)`` signature lists every argument with its default
-    (``compile=False`` included), but the deprecated ``momentum``."""
+    (``compile=False`` included), but the deprecated ``momentum`` and the refused ``betas``."""
     import ast
     import inspect
     import re
@@ -530,7 +530,7 @@ def test_readme_signature_names_every_constructor_argument():
     call = ast.parse("f(" + sig.replace("params,", "").replace("*,", "") + ")", mode="eval").body
     documented = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     expected = {name: par.default for name, par in inspect.signature(Flora.__init__).parameters.items()
-                if name not in ("self", "params", "momentum")}
+                if name not in ("self", "params", "momentum", "betas")}
     assert documented == expected
 
 
