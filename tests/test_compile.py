@@ -199,6 +199,37 @@ def test_compile_option_is_checked():
             Flora(_params(), **BASE, compile=name)
 
 
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 6])
+def test_a_failed_compile_finishes_the_step_eagerly(monkeypatch, fail_at):
+    """A backend that fails (inductor without a C++ compiler) at the first graph, at a
+    staged bucket's second or third stage (after the first stage ran compiled), or at a
+    later bucket: the step is finished by the eager cores, equal to the eager run, with
+    one warning naming the core; before, the step raised with the counters moved and
+    part of the parameters stepped."""
+    monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(1)
+        if len(compiles) == fail_at + 1:
+            raise RuntimeError("no working C++ compiler")
+        return gm.forward
+
+    runs = []
+    for compiled in (False, True):
+        params = _params()
+        opt = Flora(params, **BASE, compile=backend if compiled else False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _run(opt, params, opt.step, bad=True)
+        failed = [str(w.message) for w in caught if "steps eagerly from now on" in str(w.message)]
+        assert len(failed) == compiled, failed
+        runs.append((params, opt))
+    assert "BackendCompilerFailed" in failed[0] and "no working C++ compiler" in failed[0]
+    _assert_equal_runs(runs[1][0], runs[0][0], runs[1][1], runs[0][1])
+    assert int(runs[1][1].nonfinite_skips) == 1
+
+
 # ------------------------------------------------------------------ compiled == eager
 
 

@@ -9,6 +9,7 @@ equal to the eager step to 1e-5, nothing compiled after the first step).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -32,13 +33,43 @@ def compiled_core(grouped, backend="inductor", options: dict | None = None) -> C
     """The core function compiled with ``backend`` (one compiled function per backend and
     options; dynamo caches its graphs per shape signature). ``grouped``: True
     (grouped_core), False (single_core), or a stage of the staged CPU step ("stats",
-    "update", "apply")."""
+    "update", "apply"). Should compiling fail (no C++ compiler, a backend's error), the
+    call runs the eager function instead, from then on, with a warning (_eager_on_failure)."""
     key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
     fn = _compiled.get(key)
     if fn is None:
-        fn = torch.compile(_PARTS[grouped], backend=backend, options=options, **COMPILE_OPTIONS)
-        _compiled[key] = fn
+        compiled = torch.compile(_PARTS[grouped], backend=backend, options=options, **COMPILE_OPTIONS)
+        fn = _compiled[key] = _eager_on_failure(compiled, _PARTS[grouped], key, backend)
     return fn
+
+
+def _eager_on_failure(compiled: Callable, eager: Callable, key: tuple, backend) -> Callable:
+    """``compiled``, which runs ``eager`` instead when compiling fails. By then the step's
+    prelude has moved the step counters and other buckets may have stepped, so raising
+    would leave a half-made step; a failure to compile comes before the graph runs (no
+    tensor is written), so the eager function, which computes the same (tests), finishes
+    the step. The failed core stays eager for the process; other cores still compile.
+    (The closure keeps ``compiled``, hence the backend, alive: ``key`` holds its id.)"""
+    from torch._dynamo.exc import TorchDynamoException
+
+    failed = []
+
+    def call(*args):
+        if failed:
+            return eager(*args)
+        try:
+            return compiled(*args)
+        except TorchDynamoException as e:
+            failed.append(type(e).__name__)
+            cause = getattr(e, "inner_exception", None) or e  # a backend's own error, inside dynamo's
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            warnings.warn(f"Flora(compile={backend!r}): compiling {eager.__name__} failed ({type(e).__name__}: "
+                          f"{type(cause).__name__ + ': ' if cause is not e else ''}{first}); it steps eagerly from now on: the same arithmetic, without the compiled "
+                          "speed (fix the cause, e.g. a C++ compiler for inductor on a CPU, or use compile=False)",
+                          UserWarning, stacklevel=2)
+            return eager(*args)
+
+    return call
 
 
 class Workspace:
