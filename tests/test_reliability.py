@@ -554,6 +554,39 @@ def test_relative_step_schedule_reports_and_changes_nothing(warmup_init):
     torch.save(sched.state_dict(), buf)
 
 
+@pytest.mark.parametrize("order", ["zero_grad-first", "scheduler-first"])
+def test_hf_adafactor_schedule_is_refused_not_a_silent_zero_step(order):
+    """transformers' AdafactorSchedule writes lr=0 into every group (HF's Adafactor ignores
+    lr in relative mode): Flora took steps of size 0 without a word in one loop order, and
+    in the other one such step, then failed inside the schedule (no ``_get_lr``). Refused
+    at the first step, before any change, naming RelativeStepSchedule; torch.distributed.
+    checkpoint's initialisation (an empty state, gradients of zeros, lr 0) still steps."""
+    from transformers.optimization import AdafactorSchedule
+
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = Flora(model.parameters(), lr=None, rank=2, beta1=0.9, warmup_init=True, weight_decay=0.1)
+    sched = AdafactorSchedule(opt)
+    (x, y), = _batches(1)
+    nn.functional.mse_loss(model(x), y).backward()
+    if order == "scheduler-first":
+        with pytest.raises(ValueError, match=r"lr=0.0 in a parameter group with relative_step=True: .*"
+                                             r"AdafactorSchedule .*flora.RelativeStepSchedule"):
+            opt.step()
+            sched.step()
+    else:
+        with pytest.raises(ValueError, match="AdafactorSchedule"):
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not any(opt.state.get(p) for p in model.parameters())
+    # the initialisation torch.distributed.checkpoint makes (state_dict._init_optim_state)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weight decay at lr 0
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+
+
 def test_a_cycle_of_one_micro_batch_is_one_cycle():
     """tau=1 (or a one-micro-batch cycle ended early) closes after the whole backward,
     not after the first parameter's hook."""

@@ -333,7 +333,7 @@ class Flora(Optimizer):
         :class:`flora.functional.Work` items whose cores do the arithmetic (``traced``:
         for the caller's compiled graph)."""
         # Every check happens before any state changes.
-        check_grads(self.param_groups)
+        check_grads(self.param_groups, self.state)
         self._check_options_fit_state()
         sharded.check_seeds(self.param_groups, self._seeds_checked)
         index = 0

@@ -117,6 +117,27 @@ def refuse_fsdp1_shards(params: list) -> None:
             f"another optimizer. {_TO_FSDP2}")
 
 
+def refuse_scheduled_zero_lr(group: dict, state) -> None:
+    """A group with ``relative_step=True`` and an lr of 0 (validate_group lets no other
+    number through) steps by 0. torch.distributed.checkpoint's state_dict helpers rely on
+    that: they step an optimizer whose state is empty, on gradients of zeros, with every
+    lr set to 0, to create its state. Any other 0 there was written by a scheduler:
+    transformers' ``AdafactorSchedule`` writes 0 at its start (HF's Adafactor ignores
+    ``lr`` in relative mode), and Flora would then take steps of size 0 without a word.
+    Refused, before any change. (Reads the gradients only in that case, at most once a
+    run: a host sync.)"""
+    grads = [p.grad for p in group["params"] if p.grad is not None]
+    if not any(state.get(p) for p in group["params"]) and not any(
+            bool((g.to_local() if is_dtensor(g) else g).count_nonzero()) for g in grads):
+        return  # torch.distributed.checkpoint creating the state
+    raise ValueError(
+        f"lr={group['lr']!r} in a parameter group with relative_step=True: Flora would take steps of size 0. "
+        "A scheduler wrote it: transformers' AdafactorSchedule does (HF's Adafactor ignores lr when relative_step "
+        "is on); use flora.RelativeStepSchedule(opt) in its place (the Trainer: optimizers=(opt, "
+        "flora.RelativeStepSchedule(opt))), or relative_step=False with a numeric lr. (relative_step=True takes "
+        "lr=0 from torch.distributed.checkpoint only, on an empty state and gradients of zeros.)")
+
+
 def validate_group(group: dict) -> None:
     lr, rel = group["lr"], group["relative_step"]
     if isinstance(lr, torch.Tensor):  # a device lr (as torch.optim allows): its value is not read here
@@ -179,11 +200,14 @@ def check_complement_weight(weight, form) -> None:
                          "complement_weight None")
 
 
-def check_grads(param_groups) -> None:
-    """Before any change: every group's options and every gradient Flora can step."""
+def check_grads(param_groups, state=None) -> None:
+    """Before any change: every group's options and every gradient Flora can step
+    (``state``, the optimizer's: a relative step's lr of 0 is also checked)."""
     fsdp1 = []  # FSDP1 sharded after Flora was built (use_orig_params=True): the same tensors, now 1-D
     for group in param_groups:
         validate_group(group)
+        if state is not None and group["relative_step"] and group["lr"] is not None:
+            refuse_scheduled_zero_lr(group, state)
         for p in group["params"]:
             g = p.grad
             if g is None:
