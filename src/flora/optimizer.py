@@ -555,7 +555,8 @@ class Flora(Optimizer):
 Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
 
     With ``rank=None`` (or ``beta1=None``) this is ``transformers.optimization.Adafactor``
-    with the same arguments. With a rank, each parameter of two or more dims whose
+    with the same arguments (on tensors of 3+ dims, such as conv kernels, with
+    ``factor_dims="last"``, HF's factoring). With a rank, each parameter of two or more dims whose
     projected dimension exceeds ``rank`` keeps its momentum as an ``r x m`` or ``n x r``
     matrix ``M`` under a random ``r x d`` projection ``A``, regenerated from a seed and
     never stored: by default one with orthonormal rows (``projection="orthonormal"``);
