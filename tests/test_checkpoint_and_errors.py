@@ -180,10 +180,21 @@ def test_bad_arguments_name_the_argument(kwargs, exc, name):
         Flora(P, **kwargs)
 
 
-def test_group_betas_warns_that_flora_ignores_them():
-    # param groups built for AdamW carry 'betas': torch keeps unknown keys, so say it does nothing
-    with pytest.warns(UserWarning, match="'betas' is AdamW's option, which Flora ignores: .*beta1"):
-        Flora([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "betas": (0.9, 0.95)}], lr=1e-3)
+def test_other_optimizers_group_options_are_named_not_ignored_silently():
+    """Groups built for AdamW or torch's Adafactor: torch keeps unknown keys, so each is
+    named in a warning; maximize=True (Flora would descend) and a numeric momentum are
+    refused (found by a new-user probe: maximize=True moved the weight by -0.01)."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.warns(UserWarning, match=r"'betas', 'amsgrad', 'maximize': options of torch's optimizers that Flora "
+                                         r"does not have, so it ignores them \(the first moment's coefficient is beta1"):
+        Flora([{"params": [p], "betas": (0.9, 0.95), "amsgrad": False, "maximize": False}], lr=1e-3)
+    with pytest.warns(UserWarning, match="'beta2_decay', 'd'"):
+        Flora([p], lr=1e-3).add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "beta2_decay": -0.8,
+                                             "d": 1.0})
+    with pytest.raises(ValueError, match="maximize=True in a parameter group: Flora has no maximize option"):
+        Flora([{"params": [p], "maximize": True}], lr=1e-3)
+    with pytest.raises(ValueError, match="a parameter group's momentum=0.9: Flora's momentum coefficient is beta1"):
+        Flora([{"params": [p], "momentum": 0.9}], lr=1e-3)
 
 
 def _assert_state_unchanged(saved: dict, opt) -> None:

@@ -52,6 +52,29 @@ _BETAS_HELP = ("the first moment's coefficient is beta1 (e.g. beta1=0.9; None: n
                "moment follows Adafactor's decay_rate (default -0.8: beta2 at step t is 1 - t^-0.8)")
 
 
+# Options of torch's optimizers (AdamW, SGD, torch.optim.Adafactor) that Flora does not
+# have. torch keeps a group's unknown keys without a word, so a group built for one of
+# those optimizers would have them silently ignored: each is named in a warning
+# (maximize=True, which would flip the objective, and a numeric momentum are refused).
+_FOREIGN_KEYS = ("betas", "amsgrad", "nesterov", "dampening", "beta2_decay", "d", "decoupled_weight_decay",
+                 "maximize", "capturable", "differentiable", "fused")
+
+
+def _check_foreign_keys(group: dict) -> None:
+    if group.get("maximize"):
+        raise ValueError("maximize=True in a parameter group: Flora has no maximize option and would descend; "
+                         "negate the loss instead")
+    momentum = group.get("momentum")
+    if momentum is not None and not isinstance(momentum, str):
+        raise ValueError(f"a parameter group's momentum={momentum!r}: Flora's momentum coefficient is beta1 "
+                         "(beta1=0.9; None: no first moment)")
+    found = [k for k in _FOREIGN_KEYS if k in group]
+    if found:
+        help_ = f" ({_BETAS_HELP})" if "betas" in found else ""
+        warnings.warn(f"a parameter group's {', '.join(repr(k) for k in found)}: options of torch's optimizers "
+                      f"that Flora does not have, so it ignores them{help_}", UserWarning, stacklevel=3)
+
+
 def _layout_key(group: dict) -> tuple:
     return tuple(group[k] for k in _LAYOUT_KEYS)
 
@@ -194,9 +217,7 @@ class Flora(Optimizer):
             warnings.warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning,
                           stacklevel=2)
             _upgrade_group(param_group, saved=False)
-        if "betas" in param_group:  # torch keeps unknown group keys: this one would silently do nothing
-            warnings.warn(f"a parameter group's 'betas' is AdamW's option, which Flora ignores: {_BETAS_HELP}",
-                          UserWarning, stacklevel=2)
+        _check_foreign_keys(param_group)
         if ("momentum_form" in param_group and "complement_weight" not in param_group
                 and param_group["momentum_form"] not in WEIGHTED_FORMS):
             # a weight given to the constructor belongs to its (weighted) form: a group that
