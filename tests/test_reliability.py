@@ -524,7 +524,8 @@ def test_summary_and_warning_when_nothing_is_compressed():
     model[0].requires_grad_(False)  # frozen tensors are said so, in the rows and the headline
     rows, text = (opt := Flora(model.parameters(), lr=1e-3, rank=4, beta1=0.9)).plan(), opt.summary()
     assert [r["frozen"] for r in rows] == [True, True, False, False, False, False]
-    assert "3 of 6 parameter tensors keep compressed momentum (2 frozen: requires_grad=False" in text
+    # the headline counts trainable tensors only (it had said "3 of 6", the frozen kernel among the 3)
+    assert "2 of 4 trainable parameter tensors keep compressed momentum (2 more frozen: requires_grad=False" in text
     assert text.splitlines()[1].endswith("momentum in float64, frozen") and "frozen" not in text.splitlines()[3]
 
 

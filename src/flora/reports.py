@@ -43,10 +43,11 @@ def plan(opt) -> list[dict[str, Any]]:
 def summary(opt) -> str:
     """Which tensors keep compressed momentum and why the others do not, as text."""
     rows = plan(opt)
-    n_c = sum(r["compressed"] for r in rows)
-    frozen = sum(r["frozen"] for r in rows)
-    lines = [f"Flora: {n_c} of {len(rows)} parameter tensors keep compressed momentum"
-             + (f" ({frozen} frozen: requires_grad=False, no state while they get no gradient)" if frozen else "")]
+    live = [r for r in rows if not r["frozen"]]  # frozen tensors keep nothing (their rows say what they would)
+    n_c = sum(r["compressed"] for r in live)
+    frozen = len(rows) - len(live)
+    lines = [f"Flora: {n_c} of {len(live)} {'trainable ' if frozen else ''}parameter tensors keep compressed momentum"
+             + (f" ({frozen} more frozen: requires_grad=False, no state while they get no gradient)" if frozen else "")]
     for r in rows:
         what = (f"compressed to {r['momentum_shape'][0]} x {r['momentum_shape'][1]} (proj_dim={r['proj_dim']})"
                 if r["compressed"] else f"dense: {r['reason']}")
