@@ -159,6 +159,40 @@ def test_global_hook_does_not_keep_the_accumulator_alive():
     assert ref() is None
 
 
+def test_a_leftover_unsynced_accelerate_state_drives_no_later_plain_loop():
+    """accelerate's gradient state is one per process, and an accumulate() loop stopped
+    mid-window (a notebook's interrupt) leaves it unsynced for good; a later plain loop's
+    new accumulator took that for a live driver and refused the loop's tau (found by a
+    new-user probe). Now it equals the same loop run with no leftover."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import GradientState
+
+    try:
+        accelerator = accelerate.Accelerator(gradient_accumulation_steps=3, cpu=True)
+        model, opt = accelerator.prepare(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1))
+        for x, y in _batches(2):  # stopped inside its first window
+            with accelerator.accumulate(model):
+                accelerator.backward(nn.functional.mse_loss(model(x), y))
+        assert GradientState._shared_state["sync_gradients"] is False
+        runs = []
+        for leftover in (True, False):
+            if not leftover:
+                GradientState._shared_state["sync_gradients"] = True
+            model = _mlp()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            acc = CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, seed=3)
+            for i, (x, y) in enumerate(_batches(6)):
+                (nn.functional.mse_loss(model(x), y) / 2).backward()
+                if i % 2 == 1:
+                    opt.step()
+                    opt.zero_grad()
+            runs.append([p.detach().clone() for p in model.parameters()])
+            acc.remove()
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        GradientState._reset_state()
+
+
 def test_accelerate_marks_the_last_short_cycle():
     """Under accelerator.accumulate() with a prepared dataloader whose length is not a
     multiple of tau, the end of the dataloader ends the cycle at its last backward: that
@@ -586,6 +620,63 @@ def test_hf_adafactor_schedule_is_refused_not_a_silent_zero_step(order):
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weight decay at lr 0
     assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+
+
+def test_zero_grad_after_a_failed_backward_drops_the_whole_partial_sum():
+    """A backward that raises after the accumulator's hook announced a gradient (a user's
+    NaN guard, an out-of-memory error) and is dropped with zero_grad(), as in plain
+    PyTorch: the next micro-batches start a clean cycle for every parameter. Before, the
+    announced parameter stayed "in flight" for good, zero_grad() went unseen for it, and
+    its estimate kept the dropped micro-batch 0 (found by a new-user probe)."""
+    grads = []
+    for fail in (False, True):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        acc = flora.CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt, seed=1)
+        state = {"i": -1}
+
+        def guard(g):
+            if fail and state["i"] == 1:
+                raise FloatingPointError("a NaN guard")
+
+        model[2].weight.register_hook(guard)  # after the accumulator's own hook
+        for i, (x, y) in enumerate(_batches(4)):
+            state["i"] = i
+            if i == 1 and not fail:
+                opt.zero_grad()  # the same micro-batch dropped without a failure
+                continue
+            try:
+                _loss(model, x, y).backward()
+            except FloatingPointError:
+                opt.zero_grad()
+        acc.finish_cycle()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # without zero_grad() the failed micro-batch's partial gradients stay, as in plain
+    # PyTorch (rank=None: the accumulator is plain accumulation, to the bit)
+    runs = []
+    for acc_on in (False, True):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if acc_on:
+            acc = flora.CompressedAccumulator(model, rank=None, tau=TAU, optimizer=opt)
+        state = {"i": -1}
+
+        def guard(g):
+            if state["i"] == 1:
+                raise FloatingPointError("a NaN guard")
+
+        model[2].weight.register_hook(guard)
+        for i, (x, y) in enumerate(_batches(TAU)):  # the partial micro-batch counts for the layers it reached
+            state["i"] = i
+            try:
+                _loss(model, x, y).backward()
+            except FloatingPointError:
+                pass
+        if acc_on:
+            acc.finish_cycle()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_a_cycle_of_one_micro_batch_is_one_cycle():

@@ -19,7 +19,7 @@ from .ddp import mean_over_replicas
 from .estimator import Slot, accumulate_compressed_, add_last_, draw_projection, estimate
 from .fused import FusedStepper, check_fused_optimizer
 from .grads import GradView
-from .integrations import accelerate_ends_cycle
+from .integrations import AccelerateWatch, accelerate_ends_cycle
 from .options import Options
 from .replicas import DDPSyncGuard, Replicas, check_not_under_ddp, ddp_holding
 from .units import Units, fsdp_units
@@ -33,6 +33,7 @@ class Engine:
         self.names = [s.name for s in slots]
         self.ids = {id(s.param) for s in slots}
         self.cycle = Cycle.start(len(slots))
+        self.accelerate = AccelerateWatch()  # whether accelerate's sync flag is live, not a leftover
         self.sharded = {k for k, s in enumerate(slots) if is_dtensor(s.param)}  # FSDP2: no tensor hooks
         self.grads = GradView(slots, opts.fused, self.sharded)
         self.stepper = FusedStepper(optimizer, opts) if opts.fused else None
@@ -93,11 +94,37 @@ class Engine:
         leaves the parameter as it was: discards a partial sum that ``zero_grad()``
         cleared, refuses a new cycle that nothing closed, and takes the placeholder out of
         ``.grad``. ``task``: the running backward pass."""
+        self.settle_stale(task)
         if self.cycle.counts[k] and self.grads.cleared(self.cycle, k):
             self.grads.drop(self.cycle, k)
         self.check_cycle_open(k)
         self.grads.take(self.cycle, k)
         self.cycle.inflight[k] = task
+
+    def settle_stale(self, task: int) -> None:
+        """Slots announced "in flight" by a backward pass other than ``task`` (the running
+        one; -1 outside any): that pass raised after announcing them (a user's hook, out
+        of memory) and never ended (:meth:`task_ended`), so the entries would hide a
+        ``zero_grad()`` from ``cleared()`` for good. A compressed slot among them had its
+        placeholder taken out, so its empty ``.grad`` cannot show a ``zero_grad()`` since;
+        the other slots can: if one of them was cleared, these are dropped with it, else
+        they get their placeholder back, as ``task_ended`` gives it."""
+        c = self.cycle
+        stale = [k for k, t in c.inflight.items() if t != task]
+        if not stale:
+            return
+        for k in stale:
+            del c.inflight[k]
+        parked = [k for k in stale if c.counts[k] and self.grads.parks(k) and self.slots[k].param.grad is None]
+        if not parked:
+            return
+        others = [k for k, n in enumerate(c.counts) if n and k not in stale]
+        cleared = any(self.grads.cleared(c, k) for k in others)
+        for k in parked:
+            if cleared:
+                self.grads.drop(c, k)
+            else:
+                self.grads.mark(c, k)
 
     def check_cycle_open(self, k: int) -> None:
         c = self.cycle
@@ -132,7 +159,7 @@ class Engine:
         if o.reduce:
             self.replicas.accumulate(c, k, g, self.projection, self.grads)
             return
-        last = accelerate_ends_cycle(c, o.tau, count) or count + 1 == o.tau
+        last = accelerate_ends_cycle(c, o.tau, count, self.accelerate) or count + 1 == o.tau
         buf = c.buffers.get(k)
         if slot.dim is not None:
             a = self.projection(k)
@@ -228,6 +255,7 @@ class Engine:
 
     def sweep(self) -> None:
         """Apply what ``zero_grad()`` did since the last backward pass to every slot."""
+        self.settle_stale(torch._C._current_graph_task_id())
         c = self.cycle
         for k, n in enumerate(c.counts):
             if n and self.grads.cleared(c, k):

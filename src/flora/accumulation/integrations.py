@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from .cycle import Cycle
 
-__all__ = ["accelerate_ends_cycle", "unwrap", "check_scaler"]
+__all__ = ["AccelerateWatch", "accelerate_ends_cycle", "unwrap", "check_scaler"]
 
 
 def unwrap(optimizer):
@@ -37,29 +37,54 @@ def check_scaler(scaler, fused: bool) -> None:
                          "(scaler.step(optimizer) after the tau-th backward)")
 
 
+def _shared() -> dict | None:
+    mod = sys.modules.get("accelerate.state")
+    return getattr(getattr(mod, "GradientState", None), "_shared_state", None)
+
+
+class AccelerateWatch:
+    """Whether accelerate's sync flag may be read as this accumulator's driver. Its
+    gradient state is one per process, and neither a new ``Accelerator`` nor the end of a
+    run resets it: a run stopped mid-window (a notebook's interrupt) leaves
+    ``sync_gradients=False`` for good, which a later plain loop's new accumulator would
+    take for a live driver. A False already there when the accumulator is built is
+    trusted only once the flag has been True since."""
+
+    def __init__(self) -> None:
+        shared = _shared()
+        self.trusted = not (shared and shared.get("sync_gradients", True) is False)
+
+    def sees(self, sync: bool) -> bool:
+        """Whether an unsynced flag (``sync`` False) counts; True once a sync was seen."""
+        if sync:
+            self.trusted = True
+        return self.trusted
+
+
 def accelerate_syncs(c: Cycle) -> bool:
     """True when accelerate drives the accumulation (it has marked a backward of this or
     the previous cycle unsynced) and synchronises now: it ends the cycle here, short or
     not. Reads accelerate's gradient state without changing the cycle."""
-    mod = sys.modules.get("accelerate.state")
-    shared = getattr(getattr(mod, "GradientState", None), "_shared_state", None)
+    shared = _shared()
     if not shared or not c.follows_accelerate():
         return False
     return bool(shared.get("sync_gradients", True))
 
 
-def accelerate_ends_cycle(c: Cycle, tau: int, count: int) -> bool:
+def accelerate_ends_cycle(c: Cycle, tau: int, count: int, watch: AccelerateWatch | None = None) -> bool:
     """True when accelerate (the HF Trainer, ``accelerator.accumulate()``) drives the
     accumulation and marks this backward as the last of its cycle. Its gradient state
     is read only if accelerate is imported, and followed only once it has marked some
     backward of this or the previous cycle as unsynced (a plain loop never does).
     ``count``: backward passes this parameter had in the cycle before this one. A tau
-    that disagrees with accelerate's accumulation is refused."""
-    mod = sys.modules.get("accelerate.state")
-    shared = getattr(getattr(mod, "GradientState", None), "_shared_state", None)
+    that disagrees with accelerate's accumulation is refused. ``watch``: whether an
+    unsynced flag is trusted (:class:`AccelerateWatch`)."""
+    shared = _shared()
     if not shared:
         return False
     sync = bool(shared.get("sync_gradients", True))
+    if watch is not None and not watch.sees(sync) and not c.driven:
+        return False  # a leftover of a run stopped mid-window: not a driver
     if not sync:
         c.unsynced = True
     if not c.follows_accelerate():
