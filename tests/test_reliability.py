@@ -159,6 +159,30 @@ def test_global_hook_does_not_keep_the_accumulator_alive():
     assert ref() is None
 
 
+def test_another_optimizer_stepping_first_closes_a_short_cycle():
+    """The accumulator built with optimizer=o1 while o2 steps one of its compressed
+    matrices: o2 stepping first on a short cycle stepped on the placeholder (zeros: the
+    weight did not move; found by a new-user probe). Now equal to optimizer=None, whose
+    global hook closes the cycle for any optimizer."""
+    runs = []
+    for given in (True, False):
+        model = _mlp()
+        mats = [p for p in model.parameters() if p.dim() == 2]
+        vecs = [p for p in model.parameters() if p.dim() < 2]
+        o1 = torch.optim.AdamW(mats[:2] + vecs, lr=1e-2)
+        o2 = torch.optim.SGD(mats[2:], lr=0.5)
+        acc = CompressedAccumulator(model, rank=2, tau=TAU + 1, optimizer=o1 if given else None, seed=4)
+        w0 = mats[2].detach().clone()
+        for x, y in _batches(TAU):  # a short cycle
+            _loss(model, x, y).backward()
+        o2.step()
+        o1.step()
+        assert not torch.equal(mats[2], w0)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        acc.remove()
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_a_leftover_unsynced_accelerate_state_drives_no_later_plain_loop():
     """accelerate's gradient state is one per process, and an accumulate() loop stopped
     mid-window (a notebook's interrupt) leaves it unsynced for good; a later plain loop's

@@ -73,7 +73,8 @@ class CompressedAccumulator:
             gradient, more bytes than plain DDP).
         optimizer: in normal mode, optional: its step pre-hook closes a partial cycle
             (without it a global optimizer step pre-hook does, for any optimizer holding
-            these parameters). Required in fused mode.
+            these parameters; so does it beside this one's when a compressed parameter is
+            not in this optimizer, which another must then step). Required in fused mode.
         fused: step the optimizer inside backward: ``step_parameter`` for a
             ``flora.Flora``, otherwise ``optimizer.step()`` while only that parameter has
             a gradient; the loop then calls ``backward()`` only.

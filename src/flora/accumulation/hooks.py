@@ -64,6 +64,7 @@ class Hooks:
         self.handles += [s.param.register_hook(functools.partial(self.before_grad, k))
                          for k, s in enumerate(slots) if not is_dtensor(s.param)]
         self.guard = None
+        self.also = None  # normal mode with optimizer=: the global hook, where another optimizer steps some
         self.patched = None  # fused mode: the optimizer's zero_grad wrapper
 
     def guard_steps(self) -> None:
@@ -72,27 +73,38 @@ class Hooks:
             self.patched = patch_zero_grad(eng.optimizer, eng)
         elif eng.optimizer is not None:
             self.guard = eng.optimizer.register_step_pre_hook(self.on_step)
+            held = {id(p) for g in unwrap(eng.optimizer).param_groups for p in g["params"]}
+            if any(s.dim is not None and id(s.param) not in held for s in eng.slots):
+                # a compressed parameter that another optimizer steps: its step must close a
+                # short cycle too, or it would step on the placeholder (zeros)
+                self.also = self.global_guard()
         else:
-            # A global hook must not keep the accumulator (and the model) alive.
-            ref = weakref.ref(self)
+            self.guard = self.global_guard()
 
-            def on_any_step(optimizer, args, kwargs):
-                hooks = ref()
-                if hooks is not None:
-                    hooks.on_any_step(optimizer)
+    def global_guard(self):
+        """torch's global optimizer step pre-hook, closing a short cycle for any optimizer
+        holding these parameters; it must not keep the accumulator (and the model) alive."""
+        ref = weakref.ref(self)
 
-            self.guard = register_optimizer_step_pre_hook(on_any_step)
-            weakref.finalize(self, self.guard.remove)
+        def on_any_step(optimizer, args, kwargs):
+            hooks = ref()
+            if hooks is not None:
+                hooks.on_any_step(optimizer)
+
+        handle = register_optimizer_step_pre_hook(on_any_step)
+        weakref.finalize(self, handle.remove)
+        return handle
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        if self.guard is not None:
-            self.guard.remove()
+        for g in (self.guard, self.also):
+            if g is not None:
+                g.remove()
         if self.patched is not None:
             unpatch_zero_grad(self.engine.optimizer, self.patched)
             self.patched = None
-        self.handles, self.guard = [], None
+        self.handles, self.guard, self.also = [], None, None
 
     # ------------------------------------------------------------------ autograd
 
