@@ -627,12 +627,34 @@ def test_bad_state_dict_is_refused_and_changes_nothing():
     for bad, match in [({**good, "seed": 2}, "seed"), ({**good, "rank": 3}, "rank"), ({**good, "tau": 4}, "tau"),
                        ({**good, "counts": good["counts"] + TAU}, "counts"),
                        ({**good, "compressed": {0: torch.zeros(3, 3)}}, "shape"),
-                       ({**good, "indices": good["indices"][:2]}, "different model")]:
+                       ({**good, "indices": good["indices"][:2]}, "different model"),
+                       # how the last micro-batch enters (found by a new-user probe: it was not checked)
+                       ({**good, "exact_last": False}, "exact_last=False but this accumulator has exact_last=True")]:
         with pytest.raises(ValueError, match=match):
             other.load_state_dict(bad)
         assert other.state_dict()["counts"].tolist() == snapshot["counts"].tolist() and other.memory_bytes() == 0
     other.load_state_dict(good)
     assert other.micro_step == 1
+
+
+def test_loading_into_a_live_cycle_replaces_dense_and_compressed_sums_alike():
+    """A boundary state loaded into an accumulator two micro-batches into its cycle: the
+    live partial sums go, the dense ones in .grad as the compressed ones (the dense ones
+    had stayed, so dense parameters summed 6 micro-batches and compressed ones 4; found
+    by a new-user probe). Equal to a fresh accumulator then."""
+    runs = []
+    for live in (True, False):
+        model = _mlp()
+        acc = CompressedAccumulator(model, rank=4, tau=TAU, seed=1)
+        boundary = acc.state_dict()
+        if live:
+            for x, y in _batches(2, seed=9):
+                _loss(model, x, y, TAU).backward()
+            acc.load_state_dict(boundary)
+        for x, y in _batches(TAU):
+            _loss(model, x, y, TAU).backward()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_sparse_gradient_is_refused():

@@ -51,7 +51,11 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     """Everything is checked before anything changes."""
     o, slots = eng.opts, eng.slots
     sd = {"projection": "gaussian", **state_dict}  # saved before projection kinds: Gaussian
-    for key in ("rank", "tau", "seed", "proj_dim", "projection"):
+    if "exact_last" in sd:  # how the last micro-batch enters: a resume with the other would not continue the run
+        sd["exact_last"] = bool(sd["exact_last"])
+    else:
+        sd["exact_last"] = o.exact_last
+    for key in ("rank", "tau", "seed", "proj_dim", "projection", "exact_last"):
         if sd.get(key) != getattr(o, key):
             raise ValueError(f"state_dict has {key}={sd.get(key)!r} but this accumulator has "
                              f"{key}={getattr(o, key)!r}; build it with the same {key}")
@@ -78,6 +82,7 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     if eng.replicas is not None:
         eng.replicas.agreed = False  # the replicas are compared again at the next collective
     eng.grads.release(eng.cycle)  # the placeholders of the state replaced
+    live = eng.cycle.counts
     cycle = Cycle.start(len(slots), int(sd["cycle"]), bool(sd.get("follow_accelerate", 0)),
                         bool(sd.get("driven", 0)) or eng.cycle.driven)
     cycle.counts = counts
@@ -85,8 +90,11 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         cycle.backwards = int(sd.get("backwards", 0)) or max(counts)
     eng.cycle = cycle
     for k, s in enumerate(slots):
-        if counts[k] and not (s.dim is None and not o.fused):
-            s.param.grad = None  # the partial sum lives in the buffers here
+        in_grad = s.dim is None and not o.fused  # a dense sum that lives in .grad (normal mode)
+        if (counts[k] and not in_grad) or (in_grad and live[k] and not counts[k]):
+            # the partial sum lives in the buffers here; or the live cycle's dense one, which
+            # the loaded state replaces as it replaces the compressed ones
+            s.param.grad = None
     for i, t in sd["compressed"].items():
         k, s = by_index[i]
         cycle.buffers[k] = t.detach().to(device=s.param.device, dtype=state_dtype(s.param.dtype), copy=True)
