@@ -573,6 +573,24 @@ def test_attaching_twice_is_refused_and_remove_detaches():
     CompressedAccumulator(model, rank=4, tau=TAU)
 
 
+def test_an_accumulator_no_longer_held_can_be_removed():
+    """A notebook cell run again: the first accumulator is no longer referenced, but the
+    parameters' hooks keep it alive and refuse a new one (found by a new-user probe); the
+    refusal names remove_from, which removes it."""
+    import gc
+
+    model = _mlp()
+    CompressedAccumulator(model, rank=4, tau=TAU)
+    gc.collect()
+    with pytest.raises(RuntimeError, match=r"flora.CompressedAccumulator.remove_from\(model\) if you no longer"):
+        CompressedAccumulator(model, rank=4, tau=TAU)
+    assert CompressedAccumulator.remove_from(model) == 1
+    assert CompressedAccumulator.remove_from(list(model.parameters())) == 0
+    acc = CompressedAccumulator(model, rank=4, tau=TAU)
+    _loss(model, *_batches(1)[0], TAU).backward()
+    assert acc.micro_step == 1
+
+
 def test_fused_optimizer_must_hold_the_same_parameters():
     model = _mlp()
     with pytest.raises(ValueError, match="not in the optimizer"):

@@ -243,6 +243,20 @@ class CompressedAccumulator:
         detach(eng.slots, self)
         eng.cycle = Cycle.start(len(eng.slots), eng.cycle.number)
 
+    @staticmethod
+    def remove_from(model) -> int:
+        """Remove every CompressedAccumulator attached to ``model``'s parameters (a module,
+        or an iterable of parameters), including one no longer referenced: a notebook
+        cell run again builds a new accumulator on a model whose parameters still carry
+        the old one's hooks. Returns how many were removed."""
+        from .hooks import ATTACHED
+
+        params = model.parameters() if isinstance(model, torch.nn.Module) else model
+        owners = {id(o): o for p in params if (o := ATTACHED.get(p)) is not None}
+        for o in owners.values():
+            o.remove()
+        return len(owners)
+
     def plan(self) -> list[dict[str, Any]]:
         """One row per attached parameter: ``name``, ``index`` (keys the projection
         seeds), ``shape``, ``compressed`` and, when compressed, ``proj_dim`` and

@@ -40,7 +40,9 @@ def check_unattached(slots: list[Slot]) -> None:
         owner = ATTACHED.get(s.param)
         if owner is not None:
             raise RuntimeError(f"parameter {s.name!r} already has a CompressedAccumulator attached; "
-                               "call .remove() on that one first (two would each free the other's gradients)")
+                               "call .remove() on that one first (two would each free the other's gradients), "
+                               "or flora.CompressedAccumulator.remove_from(model) if you no longer hold it "
+                               "(a notebook cell run again)")
 
 
 def attach(slots: list[Slot], owner) -> None:
