@@ -123,3 +123,41 @@ def test_default_relative_step_follows_lr():
     p = torch.nn.Parameter(torch.zeros(3))
     assert Flora([p]).param_groups[0]["relative_step"] is True
     assert Flora([p], lr=1e-3).param_groups[0]["relative_step"] is False
+
+
+@pytest.mark.parametrize("factor_dims", ["last", "largest"])
+def test_a_transformers_adafactor_state_resumes_in_flora(factor_dims, tmp_path):
+    """A run of transformers' Adafactor saved mid-training (its state_dict, through
+    torch.load(weights_only=True)) resumes in Flora(rank=None) with the same arguments
+    and equals HF's uninterrupted run to the bit; under the default factor_dims its
+    factored states keep HF's rule ("last", as a Flora state saved before the option), with
+    the usual warning. It had been refused as "a different optimizer (such as AdamW)"
+    (found by a new-user probe). A compressing Flora is refused, naming rank=None."""
+    kw = dict(lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.1)
+    shapes = [(8, 5), (7,), (16, 8, 3, 3), (64, 16)]
+    want = _train(lambda ps: Adafactor(ps, **kw), steps=8, shapes=shapes)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    hf = Adafactor(params, **kw)
+    gen = torch.Generator().manual_seed(1)
+
+    def steps(opt, n):
+        for _ in range(n):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+
+    steps(hf, 4)
+    torch.save(hf.state_dict(), tmp_path / "hf.pt")
+    saved = torch.load(tmp_path / "hf.pt", weights_only=True)
+    with pytest.raises(ValueError, match="build Flora with rank=None"):
+        Flora(params, rank=8, foreach=False, factor_dims=factor_dims, **kw).load_state_dict(saved)
+    opt = Flora(params, rank=None, foreach=False, factor_dims=factor_dims, **kw)
+    if factor_dims == "last":
+        opt.load_state_dict(saved)
+    else:
+        with pytest.warns(UserWarning, match="factor_dims: 'largest' -> 'last'"):
+            opt.load_state_dict(saved)
+    steps(opt, 4)
+    for a, b in zip(want, params):
+        assert torch.equal(a, b)

@@ -44,6 +44,23 @@ def _proj_dims_kept(mine: dict, loaded: list[tuple[torch.Tensor, int]]) -> bool:
     return bool(loaded) and all(rule(p)(tuple(p.shape), mine) == dim for p, dim in loaded)
 
 
+# The options of a transformers Adafactor parameter group (all of them, and none of Flora's own).
+_HF_ADAFACTOR_KEYS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
+                      "relative_step", "warmup_init")
+
+
+def _from_hf_adafactor(saved: dict, mine: dict) -> dict:
+    """A group saved by ``transformers.optimization.Adafactor`` as the Flora group it is:
+    no compression (``rank=None``; its state is Flora's dense one), this optimizer's other
+    options of Flora's own (which then shape nothing), and, as in a Flora state saved
+    before those options existed (``upgrade_group``), second moments factored over the
+    last two dims and the momentum in the state dtype. Any other group is returned as is."""
+    if not isinstance(saved, dict) or "rank" in saved or not all(k in saved for k in _HF_ADAFACTOR_KEYS):
+        return saved
+    own = {k: v for k, v in mine.items() if k not in saved and k not in ("params", "factor_dims", "momentum_dtype")}
+    return {**own, **saved, "rank": None}
+
+
 def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     """Load after checking that the state comes from a Flora of the same rank and that
     every saved state tensor fits this optimizer's parameters. Each state tensor takes the
@@ -75,6 +92,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
             f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
             f"this optimizer has {len(opt.param_groups)}"
         )
+    groups = [_from_hf_adafactor(g, mine) for g, mine in zip(groups, opt.param_groups)]
     for gi, saved in enumerate(groups):
         missing = [k for k in CORE_KEYS if k not in saved]
         if missing:
