@@ -585,6 +585,14 @@ def test_an_accumulator_no_longer_held_can_be_removed():
     with pytest.raises(RuntimeError, match=r"flora.CompressedAccumulator.remove_from\(model\) if you no longer"):
         CompressedAccumulator(model, rank=4, tau=TAU)
     assert CompressedAccumulator.remove_from(model) == 1
+    import copy
+    import pickle
+
+    acc = CompressedAccumulator(model, rank=4, tau=TAU)
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps):  # a clear refusal naming what to do
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled: .*acc.state_dict\(\)"):
+            copier(acc)
+    acc.remove()
     assert CompressedAccumulator.remove_from(list(model.parameters())) == 0
     acc = CompressedAccumulator(model, rank=4, tau=TAU)
     _loss(model, *_batches(1)[0], TAU).backward()

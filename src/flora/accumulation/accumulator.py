@@ -243,6 +243,11 @@ class CompressedAccumulator:
         detach(eng.slots, self)
         eng.cycle = Cycle.start(len(eng.slots), eng.cycle.number)
 
+    def __reduce_ex__(self, protocol):  # deepcopy and pickle: a clear refusal, not "cannot pickle '_thread.lock'"
+        raise TypeError("a CompressedAccumulator cannot be copied or pickled: it is hooked into its model's "
+                        "parameters. Save acc.state_dict() (tensors and numbers) and load it into an accumulator "
+                        "built on the copied model")
+
     @staticmethod
     def remove_from(model) -> int:
         """Remove every CompressedAccumulator attached to ``model``'s parameters (a module,
