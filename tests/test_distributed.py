@@ -262,11 +262,12 @@ def test_checkpoint_moves_between_two_processes_and_one(tmp_path, monkeypatch, m
 
 
 def test_relative_step_lr_zero_is_an_empty_step():
-    """What DCP's state helpers do to a fresh optimizer: lr=0 in every group, one step."""
+    """What DCP's state helpers do to a fresh optimizer: lr=0 in every group, gradients of
+    zeros, one step. (Any other lr=0 under relative_step is refused: tests/test_reliability.py.)"""
     p = nn.Parameter(torch.randn(4, 5))
-    opt = Flora([p], rank=2, beta1=0.9)  # relative_step=True, lr=None
+    opt = Flora([p], rank=2, beta1=0.9, weight_decay=0.1)  # relative_step=True, lr=None
     opt.param_groups[0]["lr"] = 0.0
-    p.grad = torch.randn_like(p)
+    p.grad = torch.zeros_like(p)
     before = p.detach().clone()
     opt.step()
     assert torch.equal(p, before) and opt.state[p]["step"] == 1
