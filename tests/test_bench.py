@@ -859,6 +859,19 @@ def test_train_options_are_checked_before_any_run(argv, words, tmp_path, capsys)
         assert w in err, (w, err)
 
 
+@pytest.mark.parametrize("argv", [["step", "--out"], ["accum-memory", "--out"], ["comm", "--out"], ["suite", "--out"],
+                                  ["suite", "--data"]], ids=lambda a: " ".join(a))
+def test_every_subcommand_refuses_a_file_for_a_folder(argv, tmp_path, capsys):
+    """--out (or the suite's --data) naming a file: a usage error before any work, as
+    train's; step and accum-memory had run, then ended in a FileExistsError traceback
+    (found by a new-user probe)."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(argv + [str(tmp_path / "afile")])
+    assert e.value.code == 2
+    assert f"--{argv[1][2:]}: " in (err := capsys.readouterr().err) and "is an existing file; give a folder" in err
+
+
 def test_train_lrs_keys_may_name_an_optimizer_or_its_family():
     import argparse
 

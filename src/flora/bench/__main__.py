@@ -42,6 +42,18 @@ def parser_for(name: str) -> argparse.ArgumentParser:
     return p
 
 
+def _check_folders(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every subcommand's folder flags (results, the suite's data) must not name a file:
+    refused before any work, as a usage error (a run had ended in a traceback at its
+    first write, after running)."""
+    from pathlib import Path
+
+    for flag in ("out", "data"):
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and value and Path(value).exists() and not Path(value).is_dir():
+            p.error(f"--{flag}: {value!r} is an existing file; give a folder (new or existing)")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = DEFAULT
@@ -61,6 +73,7 @@ def main(argv=None) -> int:
 
     p = parser_for(name)
     args = p.parse_args(argv)
+    _check_folders(p, args)
     _module(name).check(p, args)
     core.offline_env()
     with core.quiet():
