@@ -872,6 +872,27 @@ def test_every_subcommand_refuses_a_file_for_a_folder(argv, tmp_path, capsys):
     assert f"--{argv[1][2:]}: " in (err := capsys.readouterr().err) and "is an existing file; give a folder" in err
 
 
+@pytest.mark.parametrize("change,words", [(["--steps", "3"], ["ran task pretrain with other settings", "steps 6 there, 3 here"]),
+                                          (["--size", "quick"], ["was run with --size smoke", "--size quick"])])
+def test_train_resume_refuses_a_run_of_other_settings(change, words, tmp_path, capsys):
+    """--resume keeps the runs it finds: a run of other settings (steps, model, size) was
+    kept and reported under this command's (a 6-step run as 3 steps; found by a new-user
+    probe). Refused before any work, exit 2; the same settings (threads and lrs aside) pass."""
+    from flora.bench import config, train
+
+    cfg = config.task_config("smoke", "pretrain", steps=6)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"size": "smoke", "tasks": {"pretrain": {"config": cfg.to_dict()}}},
+                                "runs": []}))
+    args = ["--size", "smoke", "--tasks", "pretrain", "--optimizers", "adamw", "--device", "cpu", "--no-isolate",
+            "--no-progress", "--resume", str(path), "--out", str(tmp_path / "out")]
+    assert main(["train"] + args + change) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+    assert train.resume_mismatch(path, {"pretrain": config.task_config("smoke", "pretrain", steps=6)}, "smoke") is None
+
+
 def test_train_lrs_keys_may_name_an_optimizer_or_its_family():
     import argparse
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -297,6 +298,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     runs = list(skipped)
     if args.resume:
+        why = resume_mismatch(Path(args.resume), cfgs, args.size)
+        if why:
+            print(f"flora-bench train: error: --resume: {why}", file=sys.stderr)
+            return 2
         jobs, kept = resume(jobs, Path(args.resume), meta)
         runs += kept
         due = []  # the pairs that had finished their lrs: is an extension still due?
@@ -402,6 +407,31 @@ def _run_jobs(jobs: list, runs: list, *, workers: int, runner, cfgs, cache: Path
                 save()
     if bar is not None:
         bar.close()
+
+
+# What a task's runs compute: a resumed run must have them as the run it continues (the
+# optimizers, lr grid and its extension, and threads may differ).
+RUN_KEYS = ("steps", "seq", "batch", "eval_every", "kappa", "tau", "eval_batches", "eval_examples", "hidden",
+            "layers", "heads", "ffn", "scale_parameter")
+
+
+def resume_mismatch(path: Path, cfgs: dict, size: str) -> str | None:
+    """Why the runs at ``path`` cannot be continued with these task settings, or None:
+    kept runs of other settings were reported under this command's (a 6-step run as 3
+    steps, smoke runs inside a quick plan; found by a new-user probe)."""
+    from . import report
+
+    old_meta, _ = report.merge([path])
+    if old_meta.get("size") not in (None, size):
+        return f"{path} was run with --size {old_meta['size']}, this command has --size {size}; resume with the same"
+    for task, cfg in cfgs.items():
+        old = (old_meta.get("tasks", {}).get(task) or {}).get("config") or {}
+        new = cfg.to_dict()
+        diff = [f"{k} {old[k]!r} there, {new[k]!r} here" for k in RUN_KEYS if k in old and old[k] != new[k]]
+        if diff:
+            return (f"{path} ran task {task} with other settings ({'; '.join(diff)}); resume with the options "
+                    "of that run, or give a new --out")
+    return None
 
 
 def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list]:
