@@ -293,6 +293,9 @@ def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatc
     (["--lrs", "1e-3,-1"], ["--lrs takes comma-separated finite numbers above 0, got '1e-3,-1'"]),
     (["--lrs", "nan"], ["--lrs takes comma-separated finite numbers above 0"]),
     (["--tasks", ","], ["--tasks names no task; valid: bytelm"]),
+    # --staged fixes these (they were ignored, and the report took its primary kappa from --kappas)
+    (["--staged", "--kappas", "5", "--lrs", "1e-3"], ["--lrs, --kappas: not used with --staged"]),
+    (["--staged", "--baselines", "adafactor"], ["--baselines: not used with --staged"]),
 ])
 def test_suite_bad_names_name_the_option_and_what_it_takes(argv, words, capsys):
     """A bad --baselines name is refused naming the option, with flora-bench's names and the

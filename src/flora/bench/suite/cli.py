@@ -78,6 +78,13 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.seeds < 1 or a.workers < 1 or not (math.isfinite(a.scale) and a.scale > 0) or a.extend_lr < 0:
         p.error("--seeds and --workers must be at least 1, --extend-lr at least 0, --scale finite and above 0")
     core.check_device(p, a.device)
+    if a.staged:  # its plan fixes these: given, they were ignored while the report used --kappas' first
+        given = [flag for flag, value, default in (("--lrs", a.lrs, None), ("--kappas", a.kappas, str(space.KAPPA)),
+                                                   ("--baselines", a.baselines, ",".join(space.BASELINES)))
+                 if value != default]
+        if given:
+            p.error(f"{', '.join(given)}: not used with --staged, whose plan sets the lrs, kappas and peers "
+                    "(only --forms, --ranks and --seeds apply); run without --staged to choose them")
     from .. import optimizers
     from .peers import PEERS
 
