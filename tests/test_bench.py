@@ -837,6 +837,7 @@ def _step_results(tmp_path):
     (["--optimizers", "adamw", "--lrs", "adam=0"], ["--lrs adam: lrs must be finite and above 0"]),
     (["--device", "foo"], ["--device: unknown device 'foo'", "auto, cpu, cuda"]),
     (["--device", "meta"], ["--device: 'meta' is not offered", "auto, cpu, cuda"]),
+    (["--optimizers", "adamw,adamw"], ["--optimizers: 'adamw' given more than once"]),  # two fake seeds
     (["--threads", "-1"], ["--threads must be >= 1"]),
     (["--threads", "0"], ["--threads must be >= 1"]),
     (["--out", "{file}"], ["--out:", "is an existing file"]),

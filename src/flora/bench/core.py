@@ -405,7 +405,15 @@ def checked_list(p, flag: str, text: str, check) -> list[str]:
             check(c)
         except ValueError as e:
             p.error(f"{flag}: {e}")
+    refuse_repeats(p, flag, items)
     return items
+
+
+def refuse_repeats(p, flag: str, items) -> None:
+    """An entry given twice would run twice (as two seeds of one row, a spread of 0)."""
+    twice = sorted({c for c in items if list(items).count(c) > 1})
+    if twice:
+        p.error(f"{flag}: {', '.join(map(repr, twice))} given more than once; give each once")
 
 
 @contextlib.contextmanager

@@ -183,6 +183,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--forms: {f!r}: {e}")
     if a.optimizers:
         a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()]
+        core.refuse_repeats(p, "--optimizers", a.optimizers)
         for o in a.optimizers:
             base, variant = split_variant(o)
             try:

@@ -125,6 +125,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if t not in config.TASKS:
             p.error(f"--tasks: unknown task {t!r}; valid tasks: {', '.join(config.TASKS)}")
     a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()] if a.optimizers else None
+    core.refuse_repeats(p, "--optimizers", a.optimizers or ())
     for o in a.optimizers or ():
         try:
             bo.parse(o)
