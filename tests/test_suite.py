@@ -264,9 +264,10 @@ def test_lr_extension_steps_beyond_an_edge_best_on_every_seed_up_to_the_cap():
 
 
 @pytest.mark.slow
-def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatch):
+def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatch, capsys):
     """--extend-lr end to end: lrs so small that the top is always best run 2 more, then stop;
-    every round in the one pool of workers (each spawn imports torch anew)."""
+    every round in the one pool of workers (each spawn imports torch anew). In a log (stderr
+    no terminal) a line per finished run and no bar (tqdm's had been written there)."""
     from flora.bench.__main__ import main
 
     pools = []
@@ -285,6 +286,8 @@ def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatc
     lrs = sorted(r["lr"] for r in runner.read_log(out / "runs.jsonl"))
     assert lrs == pytest.approx([1e-6, 2e-6, 4e-6, 8e-6])
     assert len(pools) == 1
+    err = capsys.readouterr().err
+    assert "\r" not in err and "suite: tabular adafactor kappa=" in err and " lr=8e-06 seed=0: " in err
 
 
 @pytest.mark.parametrize("argv, words", [

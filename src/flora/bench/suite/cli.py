@@ -168,7 +168,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             if jobs:
                 runner.run_all(jobs, a.task_list, log=log, folder=folder, device=device, workers=a.workers,
                                scale=a.scale, more=extensions,
-                               progress=lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
+                               progress=(lambda total: tqdm(total=total, desc="suite", dynamic_ncols=True))
+                               if core.interactive() else None)  # in a log: a line per run (runner)
         except runner.WorkerLost as e:
             core.say(f"flora-bench suite: {e}")
             return 1

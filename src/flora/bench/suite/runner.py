@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -200,6 +201,11 @@ def _run_round(pool, jobs: list[Job], log: Path, progress) -> None:
             f.flush()
             if bar:
                 bar.update(1)
+            else:  # stderr is no terminal (a log): one line per finished run, no bar
+                lr = row.get("lr")
+                print(f"suite: {row.get('task')} {row.get('optimizer')} kappa={row.get('kappa')} "
+                      f"lr={lr:g} seed={row.get('seed')}: {row.get('status', 'ok')}" if isinstance(lr, float)
+                      else f"suite: {row.get('key')}: {row.get('status', 'ok')}", file=sys.stderr, flush=True)
     if bar:
         bar.close()
     if lost:
