@@ -175,6 +175,27 @@ def test_exclusion_by_aspect_ratio_and_by_name_accumulates_densely():
     assert not torch.allclose(model[2].weight.grad, plain[2].weight.grad, atol=1e-4)
 
 
+def test_a_tied_weight_is_excluded_by_either_of_its_names():
+    """named_parameters() lists a tied LM head under the embedding's name only: excluding
+    it by its own name ('head.weight', as SmolLM2's 'lm_head.weight') was refused as 'no
+    parameter named' (found by a new-user probe). Either name excludes the one tensor."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.mid = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+    for name in ("head.weight", "emb.weight"):
+        acc = CompressedAccumulator(Tied(), rank=2, tau=TAU, exclude=[name])
+        assert [(r["name"], r["compressed"]) for r in acc.plan()] == [
+            ("emb.weight", False), ("mid.weight", True), ("mid.bias", False)]
+        acc.remove()
+    with pytest.raises(ValueError, match="exclude: no parameter named 'head.bias'"):
+        CompressedAccumulator(Tied(), rank=2, tau=TAU, exclude=["head.bias"])
+
+
 # ------------------------------------------------------------------ statistics
 
 

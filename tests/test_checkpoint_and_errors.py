@@ -197,6 +197,15 @@ def test_other_optimizers_group_options_are_named_not_ignored_silently():
         Flora([{"params": [p], "momentum": 0.9}], lr=1e-3)
 
 
+def test_an_empty_parameter_group_warns():
+    """A group whose name filter matched nothing (a tied LM head looked up by its own name,
+    which named_parameters() leaves out) gave the user's rank=None to no tensor, silently
+    (found by a new-user probe)."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.warns(UserWarning, match="a parameter group with no parameters: .*tied weight"):
+        Flora([{"params": [p]}, {"params": [], "rank": None}], lr=1e-3, rank=2)
+
+
 def _assert_state_unchanged(saved: dict, opt) -> None:
     """``opt``'s state equals ``saved`` (a deep copy of an earlier ``state_dict()``)."""
     after = opt.state_dict()

@@ -154,7 +154,7 @@ class CompressedAccumulator:
             raise ValueError("comm_hook applies to fused=True on a DistributedDataParallel model only (with "
                              "reduce=False); for normal mode register it on the model with register_comm_hook")
         named = named_params(model_or_params)
-        slots = make_slots(named, resolve_exclude(exclude, named), rank=rank, proj_dim=proj_dim,
+        slots = make_slots(named, resolve_exclude(exclude, named, model_or_params), rank=rank, proj_dim=proj_dim,
                            max_aspect_ratio=max_aspect_ratio, reduce=reduce)
         check_unattached(slots)
         optimizer = None if optimizer is None else unwrap(optimizer)

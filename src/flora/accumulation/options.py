@@ -108,7 +108,10 @@ def named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-def resolve_exclude(exclude: Iterable[Any], named) -> set[int]:
+def resolve_exclude(exclude: Iterable[Any], named, model=None) -> set[int]:
+    """The ids of the parameters ``exclude`` names (names or tensors). A name of ``model``
+    that ``named_parameters()`` leaves out because its tensor is tied to an earlier one (an
+    LM head tied to the embedding) names that tensor."""
     if isinstance(exclude, (str, torch.Tensor)):
         exclude = [exclude]
     by_name = {n: p for n, p in named}
@@ -116,10 +119,16 @@ def resolve_exclude(exclude: Iterable[Any], named) -> set[int]:
     out: set[int] = set()
     for e in exclude:
         if isinstance(e, str):
-            if e not in by_name:
+            p = by_name.get(e)
+            if p is None and isinstance(model, nn.Module):
+                try:
+                    p = model.get_parameter(e)
+                except AttributeError:
+                    p = None
+            if p is None or id(p) not in ids:
                 raise ValueError(f"exclude: no parameter named {e!r} (names are those of "
                                  "named_parameters(), or 'params.<i>' for a list)")
-            out.add(id(by_name[e]))
+            out.add(id(p))
         elif isinstance(e, torch.Tensor):
             if id(e) not in ids:
                 raise ValueError(f"exclude: a tensor of shape {tuple(e.shape)} is not among model_or_params")
