@@ -137,8 +137,6 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     core.check_device(p, a.device)
     if not 0 <= a.seed < 2**63:  # Flora's seed range: every Flora row would fail inside its run
         p.error(f"--seed must be an integer in [0, 2**63), got {a.seed}")
-    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
-        p.error(f"--out: {a.out!r} is an existing file; give a folder (new or existing)")
     if a.from_json:
         for path in a.from_json.split(","):
             why = _not_train_results(Path(path))
