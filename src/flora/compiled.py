@@ -63,10 +63,11 @@ def _eager_on_failure(compiled: Callable, eager: Callable, key: tuple, backend) 
             failed.append(type(e).__name__)
             cause = getattr(e, "inner_exception", None) or e  # a backend's own error, inside dynamo's
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            inner = f"{type(cause).__name__}: " if cause is not e else ""
             warnings.warn(f"Flora(compile={backend!r}): compiling {eager.__name__} failed ({type(e).__name__}: "
-                          f"{type(cause).__name__ + ': ' if cause is not e else ''}{first}); it steps eagerly from now on: the same arithmetic, without the compiled "
-                          "speed (fix the cause, e.g. a C++ compiler for inductor on a CPU, or use compile=False)",
-                          UserWarning, stacklevel=2)
+                          f"{inner}{first}); it steps eagerly from now on: the same arithmetic, without the "
+                          "compiled speed (fix the cause, e.g. a C++ compiler for inductor on a CPU, or use "
+                          "compile=False)", UserWarning, stacklevel=2)
             return eager(*args)
 
     return call
