@@ -5,6 +5,7 @@ import gc
 import io
 import math
 import re
+import warnings
 import weakref
 
 import pytest
@@ -202,8 +203,12 @@ def test_an_empty_parameter_group_warns():
     which named_parameters() leaves out) gave the user's rank=None to no tensor, silently
     (found by a new-user probe)."""
     p = torch.nn.Parameter(torch.randn(4, 4))
-    with pytest.warns(UserWarning, match="a parameter group with no parameters: .*tied weight"):
+    with pytest.warns(UserWarning, match=r"a parameter group with no parameters: its options \(rank\) apply to none"
+                                         ".*tied weight"):
         Flora([{"params": [p]}, {"params": [], "rank": None}], lr=1e-3, rank=2)
+    with warnings.catch_warnings():  # the Trainer's no-decay group, empty on a LoRA model: routine, no warning
+        warnings.simplefilter("error")
+        Flora([{"params": [p], "weight_decay": 0.1}, {"params": [], "weight_decay": 0.0}], lr=1e-3, rank=2, beta1=0.9)
 
 
 def _assert_state_unchanged(saved: dict, opt) -> None:

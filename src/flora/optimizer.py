@@ -218,10 +218,13 @@ class Flora(Optimizer):
                           stacklevel=2)
             _upgrade_group(param_group, saved=False)
         _check_foreign_keys(param_group)
-        if not isinstance(params, set) and len(params) == 0:  # a filter that matched nothing
-            warnings.warn("a parameter group with no parameters: its options apply to none (a name filter that "
-                          "matched nothing? named_parameters() lists a tied weight, such as an LM head tied to "
-                          "the embedding, once, under the embedding's name)", UserWarning, stacklevel=3)
+        options = sorted(k for k in param_group if k not in ("params", "weight_decay"))
+        if not isinstance(params, set) and len(params) == 0 and options:
+            # a filter that matched nothing; the Trainer's empty no-decay group (weight_decay only) is routine
+            warnings.warn(f"a parameter group with no parameters: its options ({', '.join(options)}) apply to none "
+                          "(a name filter that matched nothing? named_parameters() lists a tied weight, such as an "
+                          "LM head tied to the embedding, once, under the embedding's name)", UserWarning,
+                          stacklevel=3)
         if ("momentum_form" in param_group and "complement_weight" not in param_group
                 and param_group["momentum_form"] not in WEIGHTED_FORMS):
             # a weight given to the constructor belongs to its (weighted) form: a group that
