@@ -408,10 +408,9 @@ def _run_jobs(jobs: list, runs: list, *, workers: int, runner, cfgs, cache: Path
         bar.close()
 
 
-# What a task's runs compute: a resumed run must have them as the run it continues (the
-# optimizers, lr grid and its extension, and threads may differ).
-RUN_KEYS = ("steps", "seq", "batch", "eval_every", "kappa", "tau", "eval_batches", "eval_examples", "hidden",
-            "layers", "heads", "ffn", "scale_parameter")
+# Task settings a resumed run may change (which optimizers and lrs run, and threads); every
+# other field of config.TaskConfig shapes what a run computes and must equal the saved run's.
+RESUME_MAY_CHANGE = ("optimizers", "lr_points", "extend_lr", "threads")
 
 
 def resume_mismatch(path: Path, cfgs: dict, size: str) -> str | None:
@@ -426,7 +425,8 @@ def resume_mismatch(path: Path, cfgs: dict, size: str) -> str | None:
     for task, cfg in cfgs.items():
         old = (old_meta.get("tasks", {}).get(task) or {}).get("config") or {}
         new = cfg.to_dict()
-        diff = [f"{k} {old[k]!r} there, {new[k]!r} here" for k in RUN_KEYS if k in old and old[k] != new[k]]
+        diff = [f"{k} {old[k]!r} there, {new[k]!r} here" for k in new
+                if k not in RESUME_MAY_CHANGE and k in old and old[k] != new[k]]
         if diff:
             return (f"{path} ran task {task} with other settings ({'; '.join(diff)}); resume with the options "
                     "of that run, or give a new --out")
