@@ -98,6 +98,26 @@ def test_goal_check_compares_on_paired_seeds():
     assert g["beats_floor"] and not g["matches_target"] and g["seeds"] == 3
 
 
+def test_one_seed_has_no_spread_in_the_report():
+    """A row of one seed has an unknown spread: no "± 0.0000" that reads as a measured one."""
+    f, t, c = space.FLOOR, space.TARGET, score.DEFAULT_ROWS[0]
+    v = {("a", f, 1e-3, 0): (1.0, 1.0), ("a", t, 1e-3, 0): (0.9, 0.9), ("a", c, 1e-3, 0): (0.95, 0.95)}
+    chosen = score.choose(_rows(v))
+    assert all(x["seeds"] == 1 and x["test_loss_std"] is None for x in chosen)
+    text = score.markdown(chosen, score.gaps(chosen), score.ranking(chosen, space.KAPPA, ["a"]), {}, ["a"])
+    assert "0.9500" in text and "± 0.0000" not in text
+
+
+def test_early_stopping_table_of_one_seed_has_no_spread():
+    from flora.bench.suite.curves import early_stopped
+    curve = [{"step": 10, "val_loss": 2.0, "test_loss": 2.1}, {"step": 20, "val_loss": 1.9, "test_loss": 1.8}]
+    row = {"task": "a", "optimizer": "adafactor", "lr": 1e-3, "seed": 0, "curve": curve}
+    (one,) = early_stopped([row])
+    assert one["final_test"] == 1.8 and one["final_test_std"] is None and one["stopped_test_std"] is None
+    (two,) = early_stopped([row, dict(row, seed=1)])
+    assert two["final_test_std"] == 0.0 and two["seeds"] == 2
+
+
 def test_an_edge_lr_is_flagged():
     v = {("a", space.FLOOR, lr, 0): (1.0 - lr, 1.0) for lr in (1e-3, 2e-3)}
     (c,) = score.choose(_rows(v))

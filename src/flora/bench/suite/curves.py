@@ -77,7 +77,7 @@ def early_stopped(rows: list[dict]) -> list[dict]:
         final = [r["curve"][-1]["test_loss"] for r in rs]
         best = [min(r["curve"], key=lambda p: p["val_loss"]) for r in rs]
         train = [r["curve"][-1].get("train_loss") for r in rs]
-        sd = (lambda x: statistics.stdev(x) if len(x) > 1 else 0.0)
+        sd = (lambda x: statistics.stdev(x) if len(x) > 1 else None)  # one seed: spread unknown
         out.append({"task": task, "optimizer": opt, "lr": rs[0]["lr"], "seeds": len(rs),
                     "final_test": statistics.fmean(final), "final_test_std": sd(final),
                     "stopped_test": statistics.fmean(p["test_loss"] for p in best),
@@ -193,9 +193,11 @@ def main(argv=None) -> int:
     plot_curves(out / "curves.png", rows, tasks, opts)
     stopped = early_stopped(rows)
     (out / "early_stopped.json").write_text(json.dumps(stopped, indent=1))
+    def pm(m, s):
+        return f"{m:.4f}" + ("" if s is None else f" ± {s:.4f}")
     for e in stopped:
-        print(f"{e['task']:10s} {e['optimizer']:30s} lr {e['lr']:<7g} final test {e['final_test']:.4f} ± "
-              f"{e['final_test_std']:.4f}  early-stopped {e['stopped_test']:.4f} ± {e['stopped_test_std']:.4f} "
+        print(f"{e['task']:10s} {e['optimizer']:30s} lr {e['lr']:<7g} final test {pm(e['final_test'], e['final_test_std'])}"
+              f"  early-stopped {pm(e['stopped_test'], e['stopped_test_std'])} "
               f"(step {e['stopped_step']:.0f})  final train-split {e['final_train']}")
     plot_train_vs_test(out / "train_vs_test.png", runner.read_log(suite / "runs.jsonl"), tasks)
     return 0

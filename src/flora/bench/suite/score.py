@@ -16,10 +16,12 @@ from .space import FLOOR, KAPPA, TARGET
 
 
 def _mean_std(xs):
+    """Mean and sample std of the finite values; the std is None for one value (a spread of one
+    seed is unknown, not 0)."""
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
         return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
 def choose(rows: list[dict], kappa: int = KAPPA) -> list[dict]:
@@ -82,7 +84,7 @@ def paired(a: dict, b: dict) -> tuple[float | None, float | None, int]:
     d = [a["per_seed"][s] - b["per_seed"][s] for s in a["per_seed"] if s in b["per_seed"]
          and a["per_seed"][s] is not None and b["per_seed"][s] is not None]
     m, sd = _mean_std(d)
-    return m, (sd if len(d) > 1 else None), len(d)
+    return m, sd, len(d)
 
 
 def goal_check(chosen: list[dict], tasks: list[str], kappa: int = KAPPA) -> list[dict]:
