@@ -139,6 +139,7 @@ def test_replicas_run_each_configuration_on_two_processes(tmp_path):
     (["--replicas", "0"], "--replicas must be >= 1"),
     (["--replicas", "2", "--wrap", "zero3"], "unknown wrap 'zero3'"),
     (["--replicas", "2", "--wrap", "fsdp2", "--optimizer", "adafactor"], "cannot step FSDP2's sharded"),
+    (["--wrap", "ddp"], "with one process nothing is wrapped"),
 ])
 def test_replicas_bad_input(argv, words, capsys):
     with pytest.raises(SystemExit):

@@ -131,7 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1,
                    help="run each memory configuration in this many processes (gloo on the CPU, one GPU each on CUDA), "
                         "the model wrapped as --wrap says; per-rank peaks are reported")
-    p.add_argument("--wrap", default="ddp,fsdp2", help="with --replicas > 1: comma list of ddp, fsdp2")
+    p.add_argument("--wrap", default=None, help="with --replicas > 1: comma list of ddp, fsdp2 (default both)")
 
 
 def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -178,7 +178,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
     if a.replicas < 1:
         p.error("--replicas must be >= 1")
-    a.wrap = core.checked_list(p, "--wrap", a.wrap, check_wrap)
+    if a.wrap is not None and a.replicas == 1:
+        p.error("--wrap wraps the model of --replicas N > 1 processes; with one process nothing is wrapped: "
+                "add --replicas 2 (or more), or drop --wrap")
+    a.wrap = core.checked_list(p, "--wrap", a.wrap or "ddp,fsdp2", check_wrap)
     if a.replicas > 1 and "fsdp2" in a.wrap and spec.family == "adafactor":
         p.error(f"--optimizer {a.optimizer}: HF Adafactor cannot step FSDP2's sharded (DTensor) parameters; with "
                 "--wrap fsdp2 use flora-rR, flora-dense or adamw")
