@@ -230,9 +230,9 @@ def test_goal_lines_are_data():
     assert report.goal_lines(rows) == []  # the default goal's optimizers did not run
 
 
-def _write_results(out, runs, optimizers, command, wall):
+def _write_results(out, runs, optimizers, command, wall, **more):
     meta = {"command": command, "size": "smoke", "wall_s": wall, "commit": "abc", "started": "s",
-            "tasks": {"pretrain": {"config": {"optimizers": optimizers}, "description": "d"}}}
+            "tasks": {"pretrain": {"config": {"optimizers": optimizers}, "description": "d"}}, **more}
     report.write_all(out, runs, _chosen(runs), {"pretrain": "loss"}, meta, plots=False)
     return out / "results.json"
 
@@ -255,8 +255,15 @@ def test_from_json_merges_results(tmp_path):
     assert rows["flora-r8"]["lr"] == 3e-3 and rows["flora-r8"]["lrs_tried"] == [1e-3, 3e-3]
     assert rows["lora-r8"]["state_vs_adamw"] == pytest.approx(0.2)
     assert (tmp_path / "m" / "results.md").exists() and (tmp_path / "m" / "loss_curves.png").exists()
+    assert "partial" not in m["meta"] and "**Partial:**" not in (tmp_path / "m" / "results.md").read_text()
     # the sources are left as they were
     assert len(json.loads(a.read_text())["runs"]) == 2
+    # one stopped part makes the merge partial
+    c = _write_results(tmp_path / "c", [_run("pretrain", "adamw", 3e-3, 2.0, 2.0, state=100)], ["adamw"],
+                       "flora-bench train", 5, partial=True, runs_done=1)
+    assert main(["--from-json", f"{a},{c}", "--out", str(tmp_path / "mc")]) == 0
+    assert json.loads((tmp_path / "mc" / "results.json").read_text())["meta"]["partial"] is True
+    assert "**Partial:**" in (tmp_path / "mc" / "results.md").read_text()
 
 
 # ------------------------------------------------------------------ bad input
@@ -637,6 +644,26 @@ def test_scale_parameter_reaches_the_optimizer():
                 built = bo.build(bo.parse(name), task.build_model(), 1e-3, task=task, kappa=2, tau=1, seed=0,
                                  scale_parameter=flag)
             assert built.optimizer.param_groups[0]["scale_parameter"] is flag, name
+
+
+def test_results_written_during_a_run_say_they_are_partial(tmp_path, monkeypatch):
+    """The files written after each run (what a kill leaves) carry a "Partial" line and
+    ``meta.partial``; the last write of a finished run has neither."""
+    from flora.bench import report
+
+    seen, write_all = [], report.write_all
+
+    def spy(out, runs, rows, metrics, meta, **kw):
+        paths = write_all(out, runs, rows, metrics, meta, **kw)
+        seen.append((meta.get("partial", False), "**Partial:**" in paths["md"].read_text()))
+        return paths
+
+    monkeypatch.setattr(report, "write_all", spy)
+    out = tmp_path / "o"
+    assert main(["--size", "smoke", "--tasks", "pretrain", "--optimizers", "adamw", "--lrs", "adamw=3e-3/1e-2",
+                 "--no-isolate", "--out", str(out), "--cache", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    assert seen[:-1] and all(s == (True, True) for s in seen[:-1]) and seen[-1] == (False, False), seen
+    assert "partial" not in _results(out)["meta"]
 
 
 @pytest.mark.slow

@@ -206,6 +206,10 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
              "mark, with the part above its starting RSS in brackets. grad acc = memory holding the gradient sum "
              "between micro-batches (tau > 1): the dense .grad of the trainable parameters, or "
              "flora.CompressedAccumulator's buffers (+ca runs).", ""]
+    if meta.get("partial"):
+        lines += [f"**Partial:** written while the run was in progress ({meta.get('runs_done', '?')} runs done); "
+                  "a run that finished rewrites this file without this line, so the run was stopped here. "
+                  "Continue it with `--resume` on its results.json.", ""]
     if meta.get("merge_differences"):
         lines += ["**Warning:** merged results whose settings differ; the task descriptions below give the first "
                   "file's: " + "; ".join(meta["merge_differences"]) + ".", ""]
@@ -374,6 +378,8 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
             differ.append(f"size: {meta.get('size')!r} ({paths[0]}) vs {d['meta'].get('size')!r} ({path})")
         meta["command"] = meta.get("command", "?") + " && " + d["meta"].get("command", "?")
         meta["wall_s"] = meta.get("wall_s", 0) + d["meta"].get("wall_s", 0)
+        if d["meta"].get("partial"):  # one stopped part makes the whole partial
+            meta["partial"] = True
         for key in ("commit", "started"):
             if d["meta"].get(key) and d["meta"].get(key) != meta.get(key):
                 meta[key] = f"{meta.get(key)}, {d['meta'][key]}"

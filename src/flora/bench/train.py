@@ -327,7 +327,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                                                  else ""))
     _run_jobs(jobs, runs, workers=workers, runner=runner, cfgs=cfgs, cache=cache, seed=args.seed,
               seeded=args.seeds > 1, progress=progress, grids=grids, record=meta["lr_extension"],
-              save=lambda: _finish(out, runs, cfgs, meta, t0, plots=False))
+              save=lambda: _finish(out, runs, cfgs, meta, t0, plots=False, partial=True))
     rows, meta, paths = _finish(out, runs, cfgs, meta, t0, plots=True)
     if not args.out and not args.resume:  # a new default folder (a resumed run keeps its own)
         _point_latest(out)
@@ -524,7 +524,9 @@ def _ordered(rows, tasks, optimizers_of) -> list:
     return sorted(rows, key=lambda r: order.get((r.task, r.optimizer), 1 << 30))
 
 
-def _finish(out, runs, cfgs, meta, t0, *, plots):
+def _finish(out, runs, cfgs, meta, t0, *, plots, partial=False):
+    """Choose and write everything; ``partial``: a write while runs are still due (what a
+    kill leaves behind says so)."""
     from . import report
 
     metrics = _metrics(cfgs)
@@ -542,6 +544,8 @@ def _finish(out, runs, cfgs, meta, t0, *, plots):
                                                                 if r.task == t and r.model_params), None))}
                      for t, cfg in cfgs.items()}
     meta["runs_done"] = len(runs)
+    if partial:
+        meta["partial"] = True
     meta["wall_s"] = time.perf_counter() - t0
     paths = report.write_all(out, runs, rows, metrics, meta, plots=plots)
     return rows, meta, paths
