@@ -989,3 +989,45 @@ def test_from_json_merge_warns_when_the_settings_differ(tmp_path, capsys):
     assert "**Warning:** merged results whose settings differ" in (tmp_path / "m" / "results.md").read_text()
     assert json.loads((tmp_path / "m" / "results.json").read_text())["meta"]["merge_differences"]
     assert "merge_differences" not in report.merge([a, a])[0]  # the same settings: nothing to say
+
+
+@pytest.mark.parametrize("name, words", [("train", "--resume OUT/results.json"), ("suite", "with `--resume`"),
+                                         ("step", "Nothing was written")])
+def test_ctrl_c_ends_with_one_line_and_code_130(name, words, monkeypatch, tmp_path, capsys):
+    """Ctrl-C: exit code 130 and one line saying what is kept, not a traceback."""
+    import importlib
+
+    from flora.bench.__main__ import SUBCOMMANDS
+
+    mod = importlib.import_module(f"flora.bench.{SUBCOMMANDS[name]}")
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "run", interrupted)
+    assert main([name, "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert f"flora-bench {name}: interrupted." in err and words in err and "Traceback" not in err
+
+
+def test_a_run_process_interrupted_exits_quietly():
+    """The run's own process gets Ctrl-C too (one process group): it exits with 130, no
+    traceback (the parent reports the interrupt once), and closes its pipe."""
+    from flora.bench.runner import _child
+
+    class Conn:
+        closed = False
+
+        def send(self, _):
+            raise AssertionError("nothing to send")
+
+        def close(self):
+            self.closed = True
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    conn = Conn()
+    with pytest.raises(SystemExit) as e:
+        _child(interrupted, None, conn)
+    assert e.value.code == 130 and conn.closed

@@ -76,8 +76,17 @@ def main(argv=None) -> int:
     _check_folders(p, args)
     _module(name).check(p, args)
     core.offline_env()
-    with core.quiet():
-        return _module(name).run(args, argv)
+    try:
+        with core.quiet():
+            return _module(name).run(args, argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from whichever thread was waiting
+        kept = {"train": "The runs that had finished are in the output folder (results.md says partial); the same "
+                         "command with `--resume OUT/results.json` continues it.",
+                "suite": "The runs that had finished are in the output folder; the same command with `--resume` "
+                         "continues it.",
+                "accum-memory": "The measurements that had finished are in the output folder's results.json."}
+        print(f"\nflora-bench {name}: interrupted. {kept.get(name, 'Nothing was written.')}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -173,6 +173,8 @@ def _evaluate(task: Task, model, device: torch.device, res: RunResult, loop: _Lo
 def _child(fn, job, conn):
     try:
         conn.send(fn(job))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it, once
+        raise SystemExit(130) from None
     finally:
         conn.close()
 

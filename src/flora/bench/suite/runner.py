@@ -57,6 +57,12 @@ def _exit_with_parent() -> None:
 
 def _init(folder: str, device: str, scale: float, threads: int) -> None:
     _exit_with_parent()
+    import signal
+
+    # Ctrl-C reaches every worker too: each ends at once and quietly (no traceback per
+    # worker); the sweep's process reports the interrupt once. Ignoring it here instead
+    # would leave the pool's shutdown waiting for every queued run.
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
