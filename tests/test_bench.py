@@ -1031,3 +1031,15 @@ def test_a_run_process_interrupted_exits_quietly():
     with pytest.raises(SystemExit) as e:
         _child(interrupted, None, conn)
     assert e.value.code == 130 and conn.closed
+
+
+def test_the_fork_servers_imports_are_quiet():
+    """The fork server imports peft (and torchao through it) outside core.quiet(): the
+    preload module first quiets torchao's warning about its C++ extensions."""
+    code = "import flora.bench._preload, peft"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Skipping import of cpp extensions" not in run.stderr
+    from flora.bench.runner import _PRELOAD
+
+    assert _PRELOAD[0] == "flora.bench._preload"

@@ -44,8 +44,17 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 # Loggers that talk about things that do not concern the benchmark (bitsandbytes' optional
-# CPU kernels, which the peers import).
-_NOISY_LOGGERS = ("bitsandbytes", "bitsandbytes.backends.cpu.ops")
+# CPU kernels, which the peers import; torchao's C++ extensions, built for another torch,
+# which peft's import pulls in: its pure-Python 8-bit AdamW is what the peer row runs).
+_NOISY_LOGGERS = ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "torchao")
+
+
+def quiet_loggers() -> None:
+    """:data:`_NOISY_LOGGERS` at error level for good: in processes that exist only to run
+    the benchmark (the fork server, suite workers), whose imports happen outside
+    :func:`quiet`."""
+    for n in _NOISY_LOGGERS:
+        logging.getLogger(n).setLevel(logging.ERROR)
 
 
 def offline_env() -> None:

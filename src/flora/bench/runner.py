@@ -180,7 +180,7 @@ def _child(fn, job, conn):
 
 
 # Imported once by the fork server (failures are ignored), so each run starts in a second.
-_PRELOAD = ["flora.bench.runner", "flora.bench.tasks", "transformers.optimization",
+_PRELOAD = ["flora.bench._preload", "flora.bench.runner", "flora.bench.tasks", "transformers.optimization",
             "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert", "peft",
             "galore_torch", "apollo_torch", "flora_opt"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import environ
+from ..core import environ, quiet_loggers
 from .space import Job
 
 _WORKLOADS: dict = {}
@@ -57,6 +57,7 @@ def _exit_with_parent() -> None:
 
 def _init(folder: str, device: str, scale: float, threads: int) -> None:
     _exit_with_parent()
+    quiet_loggers()
     import signal
 
     # Ctrl-C reaches every worker too: each ends at once and quietly (no traceback per
