@@ -24,6 +24,14 @@ __all__ = ["state_dict", "load_state_dict"]
 def state_dict(eng: Engine) -> dict[str, Any]:
     eng.sweep()
     c, o = eng.cycle, eng.opts
+    if c.overdue is not None:
+        # some parameters' cycles are complete (stepped, or their estimates in .grad) and
+        # others got fewer gradients: a state between the two, which no resume could continue
+        lagging = ", ".join(repr(eng.names[k]) for k, _ in c.overdue[:5])
+        raise RuntimeError(f"CompressedAccumulator.state_dict(): cycle {c.number} waits to be closed (it ended "
+                           f"for some parameters; {lagging} got gradients in fewer micro-batches). Close it "
+                           "first with optimizer.step() or acc.finish_cycle() (or drop it with "
+                           "optimizer.zero_grad() or acc.discard_cycle()), then save")
     compressed, dense = {}, {}
     for k, s in enumerate(eng.slots):
         if not c.counts[k]:

@@ -34,6 +34,13 @@ def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
                          f"the accumulator (shapes {extra[:3]}...; a parameter unfrozen after the accumulator was "
                          "built is one): each would move at every other parameter's step. Give both the same "
                          "parameters (build the accumulator after unfreezing)")
+    stale = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]
+             if p.grad is not None and id(p) not in mine]
+    if stale:
+        raise ValueError(f"fused=True: the optimizer holds {len(stale)} parameter(s) that the accumulator does "
+                         f"not accumulate but that hold a gradient (shapes {stale[:3]}...; frozen after a loop "
+                         "that left .grad set, say): each would move at every other parameter's step, every "
+                         "cycle. Call optimizer.zero_grad() before the first backward")
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}  # frozen since, too: still held
     missing = [s.name for s in slots if id(s.param) not in ids]
     if missing:
@@ -47,6 +54,7 @@ class FusedStepper:
 
     def __init__(self, optimizer: Optimizer, opts):
         self.optimizer, self.opts = optimizer, opts
+        self.inside = False  # in the optimizer's step() for one parameter: its step hooks must not act
 
     def step(self, p: torch.Tensor, c: Cycle) -> None:
         if self.prepare(p, c):
@@ -60,13 +68,20 @@ class FusedStepper:
             # flora.Flora skips a non-finite gradient on the device; any other optimizer
             # must be told on the host (GradScaler syncs here too).
             if found is not None and not isinstance(self.optimizer, Flora) and found.item():
+                # not stepped, but counted: the cycle's norm shows the overflow (inf or nan),
+                # as clip_grad_norm_ does in normal mode, not the last finite cycle's
+                c.add_sq_norm(self.norm(p.grad).float().square())
                 return False
         if self.opts.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_([p], self.opts.max_grad_norm)
         else:
-            norm = torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32))
+            norm = self.norm(p.grad)
         c.add_sq_norm(norm.float().square())
         return True
+
+    @staticmethod
+    def norm(g: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
 
     def step_ready(self, params: list[torch.Tensor]) -> None:
         """Step these parameters, every other one holding no gradient."""
@@ -79,7 +94,11 @@ class FusedStepper:
             # the scheduler warns that it stepped before the optimizer.
             opt._opt_called = True
         elif params:
-            opt.step()  # every other parameter's .grad is None, so only these move
+            self.inside = True
+            try:
+                opt.step()  # every other parameter's .grad is None, so only these move
+            finally:
+                self.inside = False
 
     def step_bucket(self, params: list[torch.Tensor], c: Cycle) -> None:
         """DDP: step these parameters (a bucket's) while others may hold gradients that

@@ -8,7 +8,8 @@ backward pass, and the optimizer's step.
   outer pass when a backward runs inside another: reentrant activation checkpointing);
 - normal mode: a step pre-hook on ``optimizer=`` (or, without it, torch's global optimizer
   step pre-hook, holding the accumulator weakly) closes a short cycle; fused mode: the
-  optimizer's ``zero_grad()`` is wrapped to drop an open cycle.
+  optimizer's ``zero_grad()`` is wrapped to drop an open cycle, and its step pre-hook
+  closes a cycle that waits for a step (some parameters got fewer gradients).
 
 A parameter carries the hooks of at most one accumulator (:data:`ATTACHED`)."""
 
@@ -73,6 +74,7 @@ class Hooks:
         eng = self.engine
         if eng.opts.fused:
             self.patched = patch_zero_grad(eng.optimizer, eng)
+            self.guard = eng.optimizer.register_step_pre_hook(self.on_fused_step)
         elif eng.optimizer is not None:
             self.guard = eng.optimizer.register_step_pre_hook(self.on_step)
             held = {id(p) for g in unwrap(eng.optimizer).param_groups for p in g["params"]}
@@ -173,6 +175,19 @@ class Hooks:
         if self.engine.micro_step():
             with _autocast.disabled():  # a step inside autocast: decompress in the state dtype
                 self.engine.finish()
+
+    def on_fused_step(self, optimizer, args, kwargs) -> None:
+        """Fused mode: the user's ``step()`` is a no-op (nothing holds a gradient), except on
+        a cycle that waits for it: some parameters stepped at their tau-th gradient, others
+        got fewer (used in some micro-batches only). Those step now on what they got, as in
+        normal mode; else the ``zero_grad()`` that follows would drop them."""
+        eng = self.engine
+        if eng.stepper.inside:  # a parameter's own step, from inside the engine
+            return
+        eng.sweep()
+        if eng.cycle.overdue is not None:
+            with _autocast.disabled():
+                eng.finish()
 
     def on_any_step(self, optimizer) -> None:
         eng = self.engine

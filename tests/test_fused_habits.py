@@ -1,0 +1,141 @@
+"""Fused mode under ordinary loop habits (found by a new-user probe): a parameter that gets
+gradients in some micro-batches only, a checkpoint taken while a cycle waits to be closed,
+a GradScaler's skipped cycle in ``last_grad_norm``, a frozen parameter holding a stale
+gradient."""
+
+import pytest
+import torch
+from torch import nn
+
+from flora import CompressedAccumulator, Flora
+
+TAU = 3
+
+
+class Aux(nn.Module):
+    """A body, a head, and an auxiliary head used in some micro-batches only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.aux = nn.Linear(12, 16), nn.Linear(16, 5), nn.Linear(16, 5)
+
+    def forward(self, x, use_aux):
+        h = torch.tanh(self.body(x))
+        return self.head(h) + self.aux(h) if use_aux else self.head(h)
+
+
+def _batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 12, generator=g), torch.randn(4, 5, generator=g)) for _ in range(n)]
+
+
+def _loss(model, i, x, y):
+    return nn.functional.mse_loss(model(x, use_aux=i % TAU == 0), y) / TAU
+
+
+OPTIMIZERS = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+              "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+              "flora": lambda ps: Flora(ps, lr=1e-2, rank=4, beta1=0.9)}
+
+
+def _habit_run(kind, fused, rank, *, step_every_backward=False):
+    """The usual loop: backward on every micro-batch, ``step(); zero_grad()`` at each
+    boundary (and, with ``step_every_backward``, a step after every backward too)."""
+    model = Aux()
+    opt = OPTIMIZERS[kind](model.parameters())
+    acc = CompressedAccumulator(model, rank=rank, tau=TAU, optimizer=opt, fused=fused)
+    aux0 = model.aux.weight.detach().clone()
+    for i, (x, y) in enumerate(_batches(3 * TAU)):
+        _loss(model, i, x, y).backward()
+        if step_every_backward and fused:
+            opt.step()
+        if (i + 1) % TAU == 0:
+            opt.step()
+            opt.zero_grad()
+    assert acc.micro_step == 0 and acc.cycle == 3
+    return [p.detach().clone() for p in model.parameters()], (model.aux.weight - aux0).abs().max()
+
+
+@pytest.mark.parametrize("rank", [4, None])
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_the_step_closes_a_fused_cycle_that_waits_for_it(kind, rank):
+    """The auxiliary head misses the cycle's last micro-batch: the others step inside that
+    backward, the head waits. The user's ``step()`` steps it on what it got, as in normal
+    mode (before, fused mode's step did nothing and the ``zero_grad()`` after it dropped
+    the head's gradients: it never trained)."""
+    want, moved_want = _habit_run(kind, False, rank)
+    got, moved = _habit_run(kind, True, rank)
+    assert moved_want > 1e-3 and moved == moved_want
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+def test_a_step_after_every_fused_backward_still_steps_only_at_the_boundary():
+    """A step on a cycle that does not wait for one stays a no-op."""
+    want, _ = _habit_run("adamw", True, 4)
+    got, _ = _habit_run("adamw", True, 4, step_every_backward=True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_dict_of_a_cycle_waiting_to_be_closed_is_refused(fused):
+    """Such a state could not be resumed (fused: a KeyError; normal: refused at load). The
+    refusal names the way out, changes nothing, and after the step the save works."""
+    model = Aux()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    acc = CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt, fused=fused)
+    for i, (x, y) in enumerate(_batches(TAU)):
+        _loss(model, i, x, y).backward()
+    with pytest.raises(RuntimeError, match=r"waits to be closed.*'aux.weight'.*optimizer.step\(\)"):
+        acc.state_dict()
+    assert acc.micro_step == TAU
+    opt.step()
+    opt.zero_grad()
+    sd = acc.state_dict()
+    assert int(sd["cycle"]) == 1 and not sd["counts"].any()
+
+
+def test_a_skipped_cycle_shows_in_last_grad_norm():
+    """GradScaler with an optimizer other than Flora: a cycle whose gradients are not finite
+    is not stepped, and its norm says so (it repeated the last finite cycle's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    acc = CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True, scaler=scaler)
+    norms = []
+    for i, (x, y) in enumerate(_batches(4)):
+        if i == 3:
+            x[0, 0] = float("inf")
+        scaler.scale(nn.functional.mse_loss(model(x), y) / 2).backward()
+        if i % 2:
+            scaler.step(opt)
+            scaler.update()
+            norms.append(acc.last_grad_norm.item())
+    assert norms[0] > 0 and not torch.isfinite(torch.tensor(norms[1]))
+    assert scaler.get_scale() == 2.0 ** 9
+
+
+def test_a_frozen_parameter_holding_a_stale_gradient_is_refused():
+    """A warm-up loop in the "zero_grad() first" style leaves .grad set; the parameter is
+    then frozen and the accumulator built: fused mode would step it at every other
+    parameter's step, every cycle (8x plain PyTorch's one step over two cycles)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = _batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    model[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"hold a gradient.*\(16, 12\).*optimizer.zero_grad\(\)"):
+        CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True)
+    opt.zero_grad()
+    acc = CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True)
+    frozen = model[0].weight.detach().clone()
+    # the same state reached after the accumulator was built: refused at the next cycle's first gradient
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    with pytest.raises(ValueError, match="hold a gradient"):
+        nn.functional.mse_loss(model(x), y).backward()
+    assert torch.equal(model[0].weight, frozen) and acc.micro_step == 0
