@@ -31,7 +31,7 @@ from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_seeds_checked")
+            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_seeds_checked")
 
 
 def _install_prelude() -> None:
@@ -180,6 +180,7 @@ class Flora(Optimizer):
         self._transposed: dict[int, tuple] = {}
         # compile=True: buckets' state kept as views of one stacked tensor (flora.stacks)
         self._stacks = StateStacks()
+        self._states_seen = 0  # len(self.state) after the last step's prelude
         # id(group) and id(parameter) -> the options their state was last checked against
         # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
         self._factor_dims_seen: dict[int, tuple] = {}
@@ -364,6 +365,9 @@ class Flora(Optimizer):
         check_grads(self.param_groups, self.state)
         self._check_options_fit_state()
         sharded.check_seeds(self.param_groups, self._seeds_checked)
+        # the rows that left a stack last step get their copies; a state dropped since (fewer
+        # states than the last step left) takes its stack with it
+        self._stacks.settle(self.state if len(self.state) < self._states_seen else None)
         index = 0
         plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
@@ -397,6 +401,7 @@ class Flora(Optimizer):
                 warnings.warn(f"Flora(compile={self._compile!r}): FSDP2's sharded parameters (DTensors) step on the "
                               "eager sharded path; compile applies to the others", UserWarning, stacklevel=3)
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
+        self._states_seen = len(self.state)
         return plan
 
     # Replaced by torch.compiler.disable(_prelude_eager) when the first Flora is built.

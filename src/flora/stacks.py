@@ -27,13 +27,19 @@ class StateStacks:
     bucket's (a whole ``state_dict`` writes each stack once). So when a bucket's members
     change (parameters that step on some steps only), the stacks its new members were
     rows of are dissolved: members that left get copies of their rows, and no stack is
-    kept that the optimizer no longer uses."""
+    kept that the optimizer no longer uses. The copies are made at the next step's start
+    (:meth:`settle`), not while the step is prepared: a bucket prepared earlier in the same
+    step may hold a leaving member's row, and its core writes that step's update there
+    (a copy made at once lost it: found by a new-user probe); until then that row keeps its
+    old stack alive. A stack of which a state was
+    dropped (``opt.state.pop(p)``, a resized parameter) is dissolved at the next step."""
 
     def __init__(self) -> None:
         # (id(first state dict), key) -> (the stack, the views written into the states,
         # the state dicts they were written into)
         self._d: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor], list[dict]]] = {}
         self._member: dict[tuple[int, str], tuple[int, str]] = {}  # (id(state), key) -> its stack's key
+        self._leaving: list[tuple[dict, str, torch.Tensor]] = []  # (state, key, its row): copied by settle()
 
     def __len__(self) -> int:
         return len(self._d)
@@ -41,17 +47,33 @@ class StateStacks:
     def clear(self) -> None:
         self._d.clear()
         self._member.clear()
+        self._leaving.clear()
+
+    def settle(self, live: dict | None = None) -> None:
+        """At a step's start, before any state is read: members that left a stack get a
+        copy of their row (the previous step's update is in it), and, given the
+        optimizer's ``state`` (``live``), stacks holding a state no longer in it are
+        dissolved the same way."""
+        if live is not None and self._d:
+            ids = {id(st) for st in live.values()}
+            for ck in [ck for ck, (_, _, states) in self._d.items() if any(id(st) not in ids for st in states)]:
+                if ck in self._d:
+                    self._dissolve(ck, [])
+        for st, key, v in self._leaving:
+            if st.get(key) is v:
+                st[key] = v.clone()
+        self._leaving.clear()
 
     def _dissolve(self, ck: tuple[int, str], keep: list[dict]) -> None:
         """Drop stack ``ck``: its members not in ``keep`` that still hold their row get a
-        copy of it (``keep`` is about to get rows of a new stack)."""
+        copy of it at :meth:`settle` (``keep`` is about to get rows of a new stack)."""
         _, views, states = self._d.pop(ck)
         key = ck[1]
         for st, v in zip(states, views):
             if self._member.get((id(st), key)) == ck:
                 del self._member[(id(st), key)]
             if not any(st is s for s in keep) and st.get(key) is v:
-                st[key] = v.clone()
+                self._leaving.append((st, key, v))
 
     def stacked(self, states: list[dict], key: str) -> torch.Tensor:
         """``states[i][key]`` as rows of one tensor (made, and written into the states as
