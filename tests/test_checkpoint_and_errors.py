@@ -629,14 +629,19 @@ def test_a_checkpoint_saved_before_the_pinned_index_resumes_exactly():
     assert all(torch.equal(a, b) for a, b in zip(*ends))
 
 
-@pytest.mark.parametrize("shape,bigger", [((6, 5), (8, 5)), ((5,), (7,))], ids=["matrix", "vector"])
+@pytest.mark.parametrize("shape,bigger", [((6, 5), (8, 5)), ((5,), (7,)), ((6, 5), (5, 6)), ((6, 5), (30,)),
+                                          ((6, 5), (30, 1)), ((6, 5), (2, 3, 5))],
+                         ids=["matrix", "vector", "transposed", "flattened", "column", "3-d"])
 @pytest.mark.parametrize("path", ["single", "grouped", "default", "step_parameter", "compiled"])
 def test_a_parameter_resized_after_its_first_step_is_refused_before_any_change(path, shape, bigger):
     """(Found as a new user would.) A parameter resized after its state began (``p.data =``
     a larger tensor, as resize_token_embeddings does) had failed with a broadcast error
     naming nothing, after every step counter had moved. Refused, naming both sizes and the
     remedies, before anything changes; with its state dropped it starts afresh. (The
-    resized one is first: step_parameter's earlier calls are steps of their own.)"""
+    resized one is first: step_parameter's earlier calls are steps of their own.) A
+    reshape to as many values (transposed, flattened) is refused the same way: it had
+    failed with a broadcast error, a KeyError or a projection error after the counters
+    moved (a new-user probe)."""
     ps = [nn.Parameter(torch.randn(shape)), nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
     foreach = {"single": False, "grouped": True}.get(path)
     opt = Flora(ps, lr=1e-2, rank=2, beta1=0.9, foreach=foreach, compile="aot_eager" if path == "compiled" else None)
@@ -644,8 +649,12 @@ def test_a_parameter_resized_after_its_first_step_is_refused_before_any_change(p
     ps[0].data = torch.randn(bigger)
     before = [p.detach().clone() for p in ps]
     state = copy.deepcopy(opt.state_dict())
-    said = f"a parameter of shape {bigger} ({ps[0].numel()} values) has a state made for {math.prod(shape)} values"
-    with pytest.raises(ValueError, match=re.escape(said) + r".*resized after its first step.*optimizer\.state\.pop"):
+    if math.prod(bigger) == math.prod(shape):
+        said, why = f"a parameter of shape {bigger} has a state made for another shape of as many values", "reshaped"
+    else:
+        said = f"a parameter of shape {bigger} ({ps[0].numel()} values) has a state made for {math.prod(shape)} values"
+        why = "resized"
+    with pytest.raises(ValueError, match=re.escape(said) + f".*{why} after its first step.*optimizer\\.state\\.pop"):
         _step_on(path, opt, ps)
     assert all(torch.equal(a, b) for a, b in zip(ps, before))
     _assert_state_unchanged(state, opt)

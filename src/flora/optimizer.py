@@ -31,7 +31,8 @@ from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_seeds_checked")
+            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_shapes_checked",
+            "_seeds_checked")
 
 
 def _install_prelude() -> None:
@@ -181,6 +182,7 @@ class Flora(Optimizer):
         # compile=True: buckets' state kept as views of one stacked tensor (flora.stacks)
         self._stacks = StateStacks()
         self._states_seen = 0  # len(self.state) after the last step's prelude
+        self._shapes_checked: dict[int, torch.Size] = {}  # id(p) -> the shape its state was checked to fit
         # id(group) and id(parameter) -> the options their state was last checked against
         # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
         self._factor_dims_seen: dict[int, tuple] = {}
@@ -559,7 +561,9 @@ class Flora(Optimizer):
         so that an edit which moves ``p`` (a parameter put into an earlier group's list)
         does not read its momentum under projections it was not made under."""
         state = self.state[p]
-        check_not_resized(p, state)  # before its state or any bucket changes (a new state is no change)
+        if state and self._shapes_checked.get(id(p)) != p.shape:  # a dict lookup a step, once checked
+            check_not_resized(p, state, group)  # before its state or any bucket changes (a new state is no change)
+            self._shapes_checked[id(p)] = p.shape
         prepare_state(state, p, group)
         return state.setdefault("index", position)
 

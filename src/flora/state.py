@@ -68,12 +68,12 @@ def init_momentum(state: dict, grad: torch.Tensor, group: dict) -> None:
 _DROP = "or drop that parameter's state (optimizer.state.pop(p)) to start its momentum and second moment afresh"
 
 
-def check_not_resized(p: torch.Tensor, s: dict) -> None:
-    """A parameter resized since its state began (``p.data = ...`` after the first step,
-    e.g. ``resize_token_embeddings``) is refused, naming both sizes, before any change;
-    the arithmetic would fail to broadcast half-way through the step. A cheap test run
-    every step: the second moment's element count (a factored one's rows times its last
-    column dim) must be the parameter's. Not checked for FSDP2's DTensors (global shapes)."""
+def check_not_resized(p: torch.Tensor, s: dict, group: dict) -> None:
+    """A parameter resized or reshaped since its state began (``p.data = ...`` after the
+    first step, e.g. ``resize_token_embeddings``) is refused, naming both shapes, before any
+    change; the arithmetic would fail to broadcast (or read a missing entry) half-way
+    through the step. The optimizer runs it when a parameter's shape is not the one its
+    state was last checked against. Not checked for FSDP2's DTensors (global shapes)."""
     if not s or is_dtensor(p):
         return
     v = s.get("exp_avg_sq")
@@ -89,6 +89,34 @@ def check_not_resized(p: torch.Tensor, s: dict) -> None:
             f"a parameter of shape {tuple(p.shape)} ({p.numel()} values) has a state made for {have} values: it was "
             "resized after its first step (for example by resize_token_embeddings, or p.data = ...). Resize it "
             f"before building the optimizer, {_DROP}")
+    wrong = _shape_mismatch(p, s, group)
+    if wrong is not None:
+        k, got, want = wrong
+        need = f"this shape needs {want}" if want is not None else "this shape has no such entry"
+        raise ValueError(
+            f"a parameter of shape {tuple(p.shape)} has a state made for another shape of as many values (its "
+            f"{k!r} is {got}, {need}): it was reshaped after its first step (p.data = "
+            f"p.data.reshape(...), say). Reshape it before building the optimizer, {_DROP}")
+
+
+def _shape_mismatch(p: torch.Tensor, s: dict, group: dict) -> tuple[str, tuple, tuple | None] | None:
+    """The first state entry whose shape is not what ``p``'s shape, the group's rank and
+    factor_dims need: (key, its shape, the shape needed; None where this parameter needs no
+    such entry), or None."""
+    shape = tuple(p.shape)
+    expected = {"exp_avg": shape, "exp_avg_sq": shape if len(shape) < 2 else None}
+    if len(shape) >= 2:
+        expected["exp_avg_sq_row"], expected["exp_avg_sq_col"] = factored_shapes(shape, group["factor_dims"])
+    else:
+        expected["exp_avg_sq_row"] = expected["exp_avg_sq_col"] = None
+    if "exp_avg_c" in s:
+        dim = s.get("proj_dim")
+        expected["exp_avg_c"] = (compressed_shape(shape, group["rank"], dim)
+                                 if dim in (0, 1) and len(shape) >= 2 and group["rank"] is not None else None)
+    for k, want in expected.items():
+        if k in s and (want is None or tuple(s[k].shape) != tuple(want)):
+            return k, tuple(s[k].shape), None if want is None else tuple(want)
+    return None
 
 
 def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | None = None) -> None:
