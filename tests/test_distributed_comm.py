@@ -653,6 +653,7 @@ def test_bench_comm_smoke(tmp_path):
     (["--lrs", "1e-3/x,1e-2"], ["lr grids"]),
     (["--batch", "6"], ["multiple of --world x 2"]),
     (["--ranks", "0"], ["--ranks must be positive"]),
+    (["--steps", "2"], ["--steps must be >= 3, got 2"]),
 ])
 def test_bench_comm_bad_input_exits_saying_what_is_allowed(argv, words, capsys):
     from flora.bench.__main__ import main
@@ -749,3 +750,67 @@ def test_accumulator_reduce_bad_options():
     acc = CompressedAccumulator(model, rank=4, tau=2)
     assert acc.exact_last is True and acc.communication_bytes() == 0
     acc.remove()
+
+
+def test_hook_decompresses_with_the_callers_thread_count(monkeypatch):
+    """gloo may complete the all-reduce, and so run the hook's callback, on a thread of its
+    own, whose OpenMP thread count is not the one the training thread set: the estimate's
+    matmul then rounded differently on that replica, and the replicas parted (2 of 60 steps
+    differed by a new-user probe's count, weights 1.5e-8 apart). The callback now runs at
+    the caller's count. Here its future is completed on a thread set to another count."""
+    import threading
+
+    class Bucket:
+        def __init__(self, grads):
+            self.grads = grads
+            self.flat = torch.cat([g.reshape(-1) for g in grads])
+
+        def buffer(self):
+            return self.flat
+
+        def index(self):
+            return 0
+
+        def is_last(self):
+            return True
+
+        def gradients(self):
+            return self.grads
+
+        def parameters(self):
+            return [nn.Parameter(torch.empty_like(g)) for g in self.grads]
+
+    class Work:
+        def __init__(self, fut):
+            self.fut = fut
+
+        def get_future(self):
+            return self.fut
+
+    sent = torch.futures.Future()
+    seen = {}
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    def all_reduce(t, group=None, async_op=False):
+        seen["flat"] = t
+        return Work(sent)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    state = ProjectionState(rank=2, seed=SEED)
+    state._checked = True
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out = projection_hook(state, Bucket([torch.randn(4, 10), torch.randn(3)]))
+
+        def complete():
+            torch.set_num_threads(3)
+            sent.set_result([seen["flat"]])  # runs the callback here, on this thread
+            seen["threads"] = torch.get_num_threads()
+
+        t = threading.Thread(target=complete)
+        t.start()
+        t.join()
+        out.wait()
+        assert seen["threads"] == 1
+    finally:
+        torch.set_num_threads(before)

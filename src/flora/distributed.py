@@ -202,9 +202,15 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     flat = torch.cat([t.to(buffer.dtype) for t in pieces])
     flat.div_(world)  # the mean, divided first as DDP does (no overflow in low precision)
     fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
+    threads = torch.get_num_threads()
 
     def unpack(f: torch.futures.Future) -> torch.Tensor:
         out = f.value()[0]
+        if out.device.type == "cpu" and torch.get_num_threads() != threads:
+            # gloo may run this on its own thread, whose OpenMP thread count is not the
+            # caller's (torch.set_num_threads sets the calling thread's): the estimate's
+            # matmul would round otherwise on that replica, and the replicas would part
+            torch.set_num_threads(threads)
         offset = 0
         with torch.no_grad():
             for g, a, d in plan:

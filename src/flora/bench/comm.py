@@ -168,6 +168,9 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     a.batch = size.batch if a.batch is None else a.batch
     if min(a.steps, a.batch, a.world, a.threads) < 1:
         p.error("--steps, --batch, --world and --threads must be >= 1")
+    if a.steps < 3:
+        p.error(f"--steps must be >= 3, got {a.steps}: the bytes a step sends are counted from the third step on "
+                "(DDP rebuilds its buckets at the second, PowerSGD compresses from the third)")
     if a.batch % (a.world * ACC_TAU):
         p.error(f"--batch must be a multiple of --world x {ACC_TAU} (the accumulator's micro-batches), got {a.batch}")
     try:
