@@ -71,7 +71,7 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
         return
     lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
     hi = "" if high is None else f"{high}" + (")" if high_open else "]")
-    rng = f"in {lo or '(-inf'}, {hi or 'inf)'}"
+    rng = f"in {lo or ('(-inf' if finite else '[-inf')}, {hi or ('inf)' if finite else 'inf]')}"  # inf: no limit
     allowed = f"a {'finite ' if finite else ''}real number {rng}" + (" or None" if allow_none else "")
     if not _is_real(value):
         raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
@@ -86,5 +86,16 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
 
 
 def check_choice(name: str, value, choices) -> None:
-    if value not in choices or isinstance(value, bool):
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    """``value`` is one of ``choices``, of its type too (1.0 or a tensor holding 1 is not 1:
+    it would be kept as given, in checkpoints and in comparisons)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}"
+                         + (f" ({type(value).__name__})" if any(value is not c and _same(value, c) for c in choices)
+                            else ""))
+
+
+def _same(value, choice) -> bool:
+    try:
+        return bool(value == choice)
+    except Exception:  # a tensor of several values, say
+        return False

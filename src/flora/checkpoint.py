@@ -15,7 +15,7 @@ from .compression import momentum_storage
 from .options import ALGORITHM_KEYS, CORE_KEYS, upgrade_group, validate_group
 from .projection import state_dtype
 from . import sharded
-from .state import check_state_shapes
+from .state import COUNTERS, check_loaded_entries, check_state_shapes, count_value
 
 
 def _storage_differs(params, mine: dict, saved: dict) -> bool:
@@ -118,8 +118,16 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         validate_group({**opt.defaults, **{k: v for k, v in saved.items() if k != "params"}})
         for pid, p in zip(saved["params"], mine["params"]):
             id_to_param[pid] = (p, saved)
-    for pid, s in state_dict["state"].items():
+    states = state_dict.get("state")
+    if not isinstance(states, dict):
+        raise ValueError(f"state_dict['state'] must be a dict (parameter id -> its state), got "
+                         f"{type(states).__name__}: not an optimizer's state_dict")
+    for pid, s in states.items():
+        if pid not in id_to_param:
+            raise ValueError(f"state_dict holds a state for parameter id {pid!r}, which none of its parameter "
+                             "groups lists: the checkpoint is damaged")
         p, g = id_to_param[pid]
+        check_loaded_entries(p, s, repr(pid))
         check_state_shapes(p, s, g)
     group_of = {id(q): gi for gi, g in enumerate(opt.param_groups) for q in g["params"]}
     loaded_dims: dict[int, list] = {gi: [] for gi in range(len(groups))}  # group -> (param, its state's proj_dim)
@@ -155,8 +163,9 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     for pid, s in state_dict["state"].items():
         p, g = id_to_param[pid]
         for k, v in s.items():
-            if k == "step":  # a plain number (ours) or a tensor (torch's convention): the number
-                opt.state[p]["step"] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+            if k in COUNTERS or (k == "proj_dim" and "exp_avg_c" in s):
+                # a plain number (ours) or a tensor (torch's convention): the number, checked above
+                opt.state[p][k] = count_value(v)
             elif isinstance(v, torch.Tensor):
                 # the dtype this parameter's state takes (float64 for float64 parameters;
                 # the momentum in its group's momentum_dtype), as a fresh state would: a

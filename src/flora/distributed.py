@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._validation import check_nonneg_int, check_positive_int, check_real, check_seed
+from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real, check_seed, plain
 from .accumulation.estimator import write_estimate_
 from .accumulation.replicas import check_agreement  # the replicas' option check, shared with reduce=True
 from .compression import PROJ_DIMS, compressed_dim
@@ -90,8 +90,8 @@ class ProjectionState:
             biased = " ('coordinates' is biased)" if projection in PROJECTIONS else ""
             raise ValueError(f"projection must be one of {', '.join(map(repr, HOOK_PROJECTIONS))}; got "
                              f"{projection!r}{biased}")
-        if proj_dim not in PROJ_DIMS or isinstance(proj_dim, bool):
-            raise ValueError(f"proj_dim must be one of {', '.join(map(repr, PROJ_DIMS))}; got {proj_dim!r}")
+        rank, seed, proj_dim, max_aspect_ratio = map(plain, (rank, seed, proj_dim, max_aspect_ratio))
+        check_choice("proj_dim", proj_dim, PROJ_DIMS)
         check_real("max_aspect_ratio", max_aspect_ratio, low=1.0, allow_none=True)
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
@@ -137,6 +137,7 @@ class ProjectionState:
         for key in ("rank", "seed", "projection"):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r}: not a ProjectionState's state_dict")
+            check_nonneg_int(f"state_dict[{key!r}]", state_dict[key])
             if int(state_dict[key]) != mine[key]:
                 raise ValueError(f"state_dict has {key}={state_dict[key]!r} but this ProjectionState has "
                                  f"{key}={mine[key]!r}; build it with the same {key}")

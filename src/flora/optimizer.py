@@ -21,7 +21,7 @@ from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
-                      momentum_dtype_name as _momentum_dtype_name,
+                      momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
                       upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
@@ -32,7 +32,7 @@ from .stacks import StateStacks
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
             "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_shapes_checked",
-            "_seeds_checked")
+            "_groups_checked", "_seeds_checked")
 
 
 def _install_prelude() -> None:
@@ -133,7 +133,7 @@ class Flora(Optimizer):
             foreach=foreach,
         )
         defaults = {k: plain_option(k, v) for k, v in defaults.items()}  # numpy numbers as Python's (checkpoints)
-        _validate_group(defaults)
+        _validate_group(defaults, read_tensors=True)
         if not (compile is True or compile is False or compile is None or isinstance(compile, str)
                 or callable(compile)):
             raise TypeError(f"compile must be True, False, a torch.compile backend name or a backend callable, "
@@ -183,6 +183,7 @@ class Flora(Optimizer):
         self._stacks = StateStacks()
         self._states_seen = 0  # len(self.state) after the last step's prelude
         self._shapes_checked: dict[int, torch.Size] = {}  # id(p) -> the shape its state was checked to fit
+        self._groups_checked: dict[int, tuple] = {}  # id(group) -> its option values step_parameter last checked
         # id(group) and id(parameter) -> the options their state was last checked against
         # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
         self._factor_dims_seen: dict[int, tuple] = {}
@@ -241,7 +242,7 @@ class Flora(Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False
-        _validate_group(merged)
+        _validate_group(merged, read_tensors=True)
         # torch also takes (name, parameter) pairs (named_parameters()): checked as the tensors
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
         for p in tensors:
@@ -335,6 +336,17 @@ class Flora(Optimizer):
                     self._check_state_fits(p, group, seen)
                 self._factor_dims_seen[id(group)] = key
 
+    def _check_group_options(self, group: dict, p: torch.Tensor) -> None:
+        """step_parameter's form of step()'s option check: the group's options, validated
+        again only when one of them changed since (a tuple built and compared a call), so
+        that an option edited into ``param_groups`` between cycles of fused accumulation
+        (an lr of NaN, a beta1 of 1.5) is refused before it steps, as ``step()`` refuses it."""
+        values = tuple(v for k, v in group.items() if k != "params")
+        if self._groups_checked.get(id(group)) != values:
+            plain_group(group)
+            check_grads([{**group, "params": [p]}], self.state)
+            self._groups_checked[id(group)] = tuple(v for k, v in group.items() if k != "params")
+
     def _check_parameter_options_fit(self, p: torch.Tensor, group: dict) -> None:
         """step_parameter's form of :meth:`_check_options_fit_state`: this parameter only
         (a memo per parameter), so that it never walks the group."""
@@ -364,6 +376,8 @@ class Flora(Optimizer):
         :class:`flora.functional.Work` items whose cores do the arithmetic (``traced``:
         for the caller's compiled graph)."""
         # Every check happens before any state changes.
+        for group in self.param_groups:  # an edit of another library's numbers (numpy's): as Python's
+            plain_group(group)
         check_grads(self.param_groups, self.state)
         self._check_options_fit_state()
         sharded.check_seeds(self.param_groups, self._seeds_checked)
@@ -515,6 +529,7 @@ class Flora(Optimizer):
         if is_dtensor(p):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return
+        self._check_group_options(group, p)
         self._check_parameter_options_fit(p, group)
         index = self._prepare_state(p, group, index)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
@@ -546,6 +561,8 @@ class Flora(Optimizer):
         if not found:
             return
         check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
+        for _, group, _ in found:  # (options of another library's numbers: as Python's, as step() makes them)
+            plain_group(group)
         for p, group, _ in found:
             self._check_parameter_options_fit(p, group)
         sharded.check_seeds(self.param_groups, self._seeds_checked, only={id(p) for p, _, _ in found})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .adafactor import FACTOR_DIMS
-from ._validation import check_choice, check_positive_int, check_real, check_seed
+from ._validation import check_choice, check_positive_int, check_real, check_seed, plain_option
 from .compression import PROJ_DIMS, check_momentum_dtype, compressed_dim, dense_reason, momentum_dtype_name
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from .projection import PROJECTIONS
@@ -138,12 +138,21 @@ def refuse_scheduled_zero_lr(group: dict, state) -> None:
         "lr=0 from torch.distributed.checkpoint only, on an empty state and gradients of zeros.)")
 
 
-def validate_group(group: dict) -> None:
+def validate_group(group: dict, *, read_tensors: bool = False) -> None:
+    """Every option of ``group`` (its values merged over the defaults), each error naming
+    the option and what it allows. ``read_tensors``: a tensor lr's value is checked too, a
+    host sync (where the group is made: the constructor, ``add_param_group``; not at every
+    step)."""
     lr, rel = group["lr"], group["relative_step"]
-    if isinstance(lr, torch.Tensor):  # a device lr (as torch.optim allows): its value is not read here
+    if "compile" in group:
+        raise ValueError("compile applies to the whole optimizer, not to a parameter group: pass it to "
+                         "Flora(..., compile=...) and take it out of the group")
+    if isinstance(lr, torch.Tensor):  # a device lr (as torch.optim allows)
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"lr given as a tensor must hold one floating-point value, got shape "
                              f"{tuple(lr.shape)} and dtype {lr.dtype}")
+        if read_tensors:
+            check_real("lr", float(lr.reshape(())), low=0.0, finite=True)
     else:
         check_real("lr", lr, low=0.0, allow_none=True, finite=True)
     if not isinstance(rel, bool):
@@ -163,10 +172,13 @@ def validate_group(group: dict) -> None:
     eps = group["eps"]
     if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
         raise TypeError(f"eps must be a pair (eps1, eps2) of non-negative numbers, got {eps!r}")
-    check_real("eps[0]", eps[0], low=0.0, finite=True)
-    check_real("eps[1]", eps[1], low=0.0, finite=True)
+    # eps1 = 0 divides by a zero row or column of a gradient (an unused embedding row): every
+    # step of that tensor would be skipped as non-finite; eps2 = 0 under scale_parameter
+    # scales the step of a zero-initialised weight (LoRA's B) to 0 for good
+    check_real("eps[0]", eps[0], low=0.0, low_open=True, finite=True)
+    check_real("eps[1]", eps[1], low=0.0, low_open=bool(group["scale_parameter"]), finite=True)
     check_real("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
-    check_real("decay_rate", group["decay_rate"], high=0.0, high_open=True)
+    check_real("decay_rate", group["decay_rate"], high=0.0, high_open=True, finite=True)
     check_real("weight_decay", group["weight_decay"], low=0.0, finite=True)
     check_seed("seed", group["seed"])
     check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
@@ -183,7 +195,7 @@ def validate_group(group: dict) -> None:
     for name in ("scale_parameter", "warmup_init", "cache_projections"):
         if not isinstance(group[name], bool):
             raise TypeError(f"{name} must be True or False, got {group[name]!r}")
-    if group["foreach"] not in (None, True, False):
+    if group["foreach"] is not None and not isinstance(group["foreach"], bool):
         raise TypeError(f"foreach must be None, True or False, got {group['foreach']!r}")
 
 
@@ -198,6 +210,18 @@ def check_complement_weight(weight, form) -> None:
                          f"got momentum_form={form!r} (forms {others} set their own, and take "
                          "complement_weight=None). Pass momentum_form='fixed' or 'floored', or leave "
                          "complement_weight None")
+
+
+_PLAIN_TYPES = (int, float, str, bool, type(None), tuple, torch.Tensor, torch.dtype)
+
+
+def plain_group(group: dict) -> None:
+    """Option values of another library's number types edited into a group (numpy's
+    float64 lr, int64 kappa) as Python's, in place, so that ``state_dict()`` stays plain
+    (``torch.load(weights_only=True)``); a few type checks per group and step."""
+    for k, v in group.items():
+        if k != "params" and type(v) not in _PLAIN_TYPES:
+            group[k] = plain_option(k, v)
 
 
 def check_grads(param_groups, state=None) -> None:

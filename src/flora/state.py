@@ -156,6 +156,54 @@ def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | 
             f"to {was!r}, {_DROP}")
 
 
+COUNTERS = ("step", "proj_count", "proj_age", "index")  # plain non-negative integers (a tensor of one is read)
+
+
+def count_value(v) -> int | None:
+    """A counter's value: an int, or a one-element tensor (torch's convention) holding an
+    integral value; None for anything else."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.is_complex():
+            return None
+        x = v.item()
+        return int(x) if float(x).is_integer() else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def check_loaded_entries(p: torch.Tensor, s, where: str) -> None:
+    """A loaded state's entries, before anything is loaded: the counters non-negative
+    integers (``step`` present in a non-empty state), the second moment present (Adafactor's
+    factors for 2+ dims, else a vector), and every moment a real floating-point tensor (an
+    integer one would truncate the statistics; a complex one was never Flora's)."""
+    shape = tuple(p.shape)
+    if not isinstance(s, dict):
+        raise ValueError(f"state_dict['state'][{where}] must be a dict of the parameter's state, got "
+                         f"{type(s).__name__}")
+    if not s:
+        return
+    for k in COUNTERS:
+        if k in s or k == "step":
+            n = count_value(s.get(k))
+            if n is None or n < 0:
+                raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a non-negative integer, got "
+                                 f"{s.get(k)!r} (a parameter of shape {shape}); the checkpoint is damaged")
+    if "exp_avg_c" in s and count_value(s.get("proj_dim")) not in (0, 1):
+        raise ValueError(f"state_dict['state'][{where}]['proj_dim'] must be 0 or 1 beside a compressed momentum, "
+                         f"got {s.get('proj_dim')!r} (a parameter of shape {shape}); the checkpoint is damaged")
+    need = ("exp_avg_sq_row", "exp_avg_sq_col") if len(shape) >= 2 and not is_dtensor(p) else ()
+    need = need or (("exp_avg_sq",) if not is_dtensor(p) else ())
+    missing = [k for k in need if k not in s]
+    if missing and not (len(shape) >= 2 and "exp_avg_sq" in s):  # (shapes are checked next)
+        raise ValueError(f"state_dict['state'][{where}] lacks {missing} (a parameter of shape {shape}): the "
+                         "checkpoint is damaged, or not Flora's")
+    for k in ("exp_avg", "exp_avg_c", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
+        v = s.get(k)
+        if k in s and not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+            got = f"a tensor of dtype {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a floating-point tensor, got {got} "
+                             f"(a parameter of shape {shape}): the checkpoint is damaged")
+
+
 def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
     """A loaded state's tensors must have the shapes this parameter, rank and the group's
     ``factor_dims`` need."""

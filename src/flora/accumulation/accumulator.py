@@ -147,8 +147,8 @@ class CompressedAccumulator:
                       cache_projections=cache_projections, reduce=reduce, process_group=process_group,
                       max_grad_norm=max_grad_norm, optimizer=optimizer, scaler=scaler)
         # numpy numbers as Python's: state_dict() must stay plain (weights_only, the Trainer's JSON)
-        rank, tau, seed, max_aspect_ratio, max_grad_norm = map(plain, (rank, tau, seed, max_aspect_ratio,
-                                                                      max_grad_norm))
+        rank, tau, seed, proj_dim, max_aspect_ratio, max_grad_norm = map(
+            plain, (rank, tau, seed, proj_dim, max_aspect_ratio, max_grad_norm))
         ddp_fused = fused and not reduce and is_ddp(model_or_params)
         if comm_hook is not None and not ddp_fused:
             raise ValueError("comm_hook applies to fused=True on a DistributedDataParallel model only (with "

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..projection import state_dtype
+from ..state import count_value
 from .cycle import Cycle
 from .engine import Engine
 from .estimator import buffer_shape
@@ -58,8 +59,17 @@ def state_dict(eng: Engine) -> dict[str, Any]:
 def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     """Everything is checked before anything changes."""
     o, slots = eng.opts, eng.slots
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict (CompressedAccumulator.state_dict()'s), got "
+                        f"{type(state_dict).__name__}")
+    missing = [k for k in ("rank", "tau", "seed", "proj_dim", "cycle", "indices", "counts", "compressed", "dense")
+               if k not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict lacks {missing}: not a CompressedAccumulator's state_dict, or a damaged one")
     sd = {"projection": "gaussian", **state_dict}  # saved before projection kinds: Gaussian
     if "exact_last" in sd:  # how the last micro-batch enters: a resume with the other would not continue the run
+        if sd["exact_last"] not in (0, 1) or not isinstance(sd["exact_last"], (bool, int)):
+            raise ValueError(f"state_dict has exact_last={sd['exact_last']!r}; it holds True or False (or 1 or 0)")
         sd["exact_last"] = bool(sd["exact_last"])
     else:
         sd["exact_last"] = o.exact_last
@@ -67,13 +77,31 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         if sd.get(key) != getattr(o, key):
             raise ValueError(f"state_dict has {key}={sd.get(key)!r} but this accumulator has "
                              f"{key}={getattr(o, key)!r}; build it with the same {key}")
+    for key in ("indices", "counts"):
+        t = sd[key]
+        if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex()):
+            raise ValueError(f"state_dict[{key!r}] must be a 1-D integer tensor, got "
+                             + (f"a tensor of shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, torch.Tensor)
+                                else type(t).__name__))
     indices = [int(i) for i in sd["indices"].tolist()]
     if indices != [s.index for s in slots]:
         raise ValueError(f"state_dict covers {len(indices)} parameters, this accumulator {len(slots)} "
                          "(or different ones): it was saved from a different model or parameter list")
     counts = [int(c) for c in sd["counts"].tolist()]
+    if len(counts) != len(slots):
+        raise ValueError(f"state_dict has {len(counts)} counts for {len(slots)} parameters: it is damaged")
     if any(c < 0 or c >= o.tau for c in counts):
         raise ValueError(f"state_dict counts must lie in [0, tau={o.tau}); got {counts[:8]}...")
+    for key in ("cycle", "backwards", "follow_accelerate", "driven"):
+        v = sd.get(key, 0)
+        n = count_value(v)
+        if n is None or n < 0 or (key in ("follow_accelerate", "driven") and n > 1):
+            allowed = "0 or 1" if key in ("follow_accelerate", "driven") else "a non-negative integer"
+            raise ValueError(f"state_dict[{key!r}] must be {allowed}, got {v!r}")
+    for kind in ("compressed", "dense"):
+        if not isinstance(sd[kind], dict):
+            raise ValueError(f"state_dict[{kind!r}] must be a dict (parameter index -> partial sum), got "
+                             f"{type(sd[kind]).__name__}")
     by_index = {s.index: (k, s) for k, s in enumerate(slots)}
     for kind in ("compressed", "dense"):
         for i, t in sd[kind].items():
@@ -84,6 +112,9 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
                 raise ValueError(f"state_dict holds a {kind} buffer for {s.name!r}, which this accumulator "
                                  f"accumulates {'densely' if s.dim is None else 'compressed'}")
             want = buffer_shape(s, o.rank)
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                raise ValueError(f"state_dict's {kind} buffer for {s.name!r} must be a floating-point tensor, got "
+                                 + (f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__))
             if tuple(t.shape) != want:
                 raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}")
     # All checked: apply.
@@ -91,11 +122,11 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         eng.replicas.agreed = False  # the replicas are compared again at the next collective
     eng.grads.release(eng.cycle)  # the placeholders of the state replaced
     live = eng.cycle.counts
-    cycle = Cycle.start(len(slots), int(sd["cycle"]), bool(sd.get("follow_accelerate", 0)),
-                        bool(sd.get("driven", 0)) or eng.cycle.driven)
+    cycle = Cycle.start(len(slots), count_value(sd["cycle"]), bool(count_value(sd.get("follow_accelerate", 0))),
+                        bool(count_value(sd.get("driven", 0))) or eng.cycle.driven)
     cycle.counts = counts
     if o.reduce:  # a state saved without reduce=True counted no backward passes
-        cycle.backwards = int(sd.get("backwards", 0)) or max(counts)
+        cycle.backwards = count_value(sd.get("backwards", 0)) or max(counts)
     eng.cycle = cycle
     for k, s in enumerate(slots):
         in_grad = s.dim is None and not o.fused  # a dense sum that lives in .grad (normal mode)

@@ -4,6 +4,7 @@ argument and what is allowed), which parameters are attached, and how each is su
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .._validation import check_positive_int, check_real, check_seed
+from .._validation import check_choice, check_positive_int, check_real, check_seed, plain
 from ..compression import PROJ_DIMS, compressed_dim
 from ..sharded import is_dtensor
 from .estimator import ACCUMULATION_PROJECTIONS, Slot
@@ -42,6 +43,12 @@ class Options:
     scaler: Any
 
 
+# Options that may change after the accumulator is built: checked as the constructor
+# checks them; tau and exact_last on a cycle boundary only. The others decide how each
+# parameter is summed (its buffers, its hooks): fixed.
+SETTABLE = ("tau", "exact_last", "max_grad_norm", "cache_projections", "scaler")
+
+
 class Option:
     """An attribute of the accumulator that lives in its ``Options``."""
 
@@ -52,7 +59,23 @@ class Option:
         return self if obj is None else getattr(obj._engine.opts, self.name)
 
     def __set__(self, obj, value) -> None:
-        setattr(obj._engine.opts, self.name, value)
+        eng, name = obj._engine, self.name
+        if name not in SETTABLE:
+            raise AttributeError(f"CompressedAccumulator.{name} is fixed when the accumulator is built (it decides "
+                                 "how each parameter is summed); build a new one (acc.remove() first). Settable: "
+                                 + ", ".join(SETTABLE))
+        value = plain(value)
+        o = dataclasses.replace(eng.opts, **{name: value})
+        check_options(o.rank, o.tau, seed=o.seed, proj_dim=o.proj_dim, max_aspect_ratio=o.max_aspect_ratio,
+                      projection=o.projection, exact_last=o.exact_last, fused=o.fused,
+                      cache_projections=o.cache_projections, reduce=o.reduce, process_group=o.process_group,
+                      max_grad_norm=o.max_grad_norm, optimizer=eng.optimizer, scaler=o.scaler)
+        if name == "exact_last" and value is None:
+            raise TypeError("exact_last must be True or False once the accumulator is built")
+        if name in ("tau", "exact_last") and value != getattr(eng.opts, name) and eng.micro_step():
+            raise RuntimeError(f"CompressedAccumulator.{name} can change on a cycle boundary only (after the step, "
+                               f"or finish_cycle()); this cycle has seen {eng.micro_step()} backward pass(es)")
+        setattr(eng.opts, name, value)
 
 
 def check_options(rank, tau, *, seed, proj_dim, max_aspect_ratio, projection, exact_last, fused,
@@ -60,8 +83,7 @@ def check_options(rank, tau, *, seed, proj_dim, max_aspect_ratio, projection, ex
     check_positive_int("rank", rank, allow_none=True)
     check_positive_int("tau", tau)
     check_seed("seed", seed)
-    if proj_dim not in PROJ_DIMS or isinstance(proj_dim, bool):
-        raise ValueError(f"proj_dim must be one of {', '.join(map(repr, PROJ_DIMS))}; got {proj_dim!r}")
+    check_choice("proj_dim", plain(proj_dim), PROJ_DIMS)
     check_real("max_aspect_ratio", max_aspect_ratio, low=1.0, allow_none=True)
     if projection not in ACCUMULATION_PROJECTIONS:
         raise ValueError(f"projection must be one of {', '.join(map(repr, ACCUMULATION_PROJECTIONS))}; "

@@ -1,0 +1,286 @@
+"""Bad input across the public API, found by a new-user audit: options edited between
+fused steps, damaged checkpoints (Flora's and the accumulator's), the accumulator's
+attributes, tensor and numpy values, and options whose nonsense values were accepted.
+Each refusal names the option and comes before any change."""
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flora import CompressedAccumulator, Flora
+from flora.distributed import ProjectionState
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def _backward(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(4, 12, generator=g), torch.randn(4, 5, generator=g)
+    nn.functional.mse_loss(model(x), y).backward()
+
+
+def _snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def _unchanged(model, opt, snap):
+    params, sd = snap
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+    now = opt.state_dict()
+    assert [{k: v for k, v in g.items()} for g in now["param_groups"]] == sd["param_groups"]
+    for pid, s in sd["state"].items():
+        for k, v in s.items():
+            w = now["state"][pid][k]
+            assert torch.equal(w, v) if isinstance(v, torch.Tensor) else w == v, k
+
+
+# ------------------------------------------------ options edited between fused steps
+
+
+@pytest.mark.parametrize("key, value, words", [("lr", float("nan"), "lr must be"), ("beta1", 1.5, "beta1 must be"),
+                                               ("momentum_form", "bogus", "momentum_form must be"),
+                                               ("kappa", 0, "kappa must be")])
+def test_step_parameter_refuses_an_edited_option_as_step_does(key, value, words):
+    """Fused accumulation steps with step_parameter: an edit into param_groups had stepped
+    (an lr of NaN made every weight NaN); refused now before any change."""
+    model = _model()
+    opt = Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
+    acc = CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True)
+    _backward(model)
+    _backward(model, 2)  # a cycle: every parameter steps
+    snap = _snapshot(model, opt)
+    opt.param_groups[0][key] = value
+    _backward(model, 3)
+    with pytest.raises((ValueError, TypeError), match=words):
+        _backward(model, 4)
+    _unchanged(model, opt, snap[:1] + (snap[1] | {"param_groups": opt.state_dict()["param_groups"]},))
+    assert acc.cycle == 1
+
+
+# ------------------------------------------------ Flora.load_state_dict on damaged states
+
+
+def _saved():
+    model = _model()
+    opt = Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
+    for s in range(2):
+        _backward(model, s)
+        opt.step()
+        opt.zero_grad()
+    return model, opt, copy.deepcopy(opt.state_dict())
+
+
+DAMAGE = {
+    "step of two values": (lambda sd: sd["state"][2].__setitem__("step", torch.tensor([1, 2])), "'step'"),
+    "step None": (lambda sd: sd["state"][2].__setitem__("step", None), "'step'"),
+    "step negative": (lambda sd: sd["state"][2].__setitem__("step", -5), "'step'"),
+    "step fractional": (lambda sd: sd["state"][2].__setitem__("step", torch.tensor(3.7)), "'step'"),
+    "step missing": (lambda sd: sd["state"][2].pop("step"), "'step'"),
+    "row missing": (lambda sd: sd["state"][0].pop("exp_avg_sq_row"), "lacks"),
+    "integer row": (lambda sd: sd["state"][0].__setitem__("exp_avg_sq_row", torch.zeros(16, dtype=torch.int64)),
+                    "floating-point"),
+    "complex momentum": (lambda sd: sd["state"][0].__setitem__(
+        "exp_avg_c", sd["state"][0]["exp_avg_c"].to(torch.complex64)), "floating-point"),
+    "index a string": (lambda sd: sd["state"][0].__setitem__("index", "a"), "'index'"),
+    "proj_dim a float": (lambda sd: sd["state"][0].__setitem__("proj_dim", 1.0), "'proj_dim'"),
+    "unknown parameter id": (lambda sd: sd["state"].__setitem__(99, sd["state"][0]), "parameter id 99"),
+    "state a list": (lambda sd: sd.__setitem__("state", list(sd["state"].values())), "must be a dict"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_a_damaged_flora_state_is_refused_before_any_change(name):
+    """They had loaded (a missing step, an integer second moment that then truncated the
+    statistics to 0), or raised half-way with the groups' lr and a state already replaced."""
+    model, opt, saved = _saved()
+    damaged = copy.deepcopy(saved)
+    damaged["param_groups"][0]["lr"] = 0.5  # would be loaded first
+    damage, words = DAMAGE[name]
+    damage(damaged)
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=words):
+        opt.load_state_dict(damaged)
+    _unchanged(model, opt, snap)
+
+
+def test_counters_saved_as_tensors_load_as_integers():
+    model, opt, saved = _saved()
+    sd = copy.deepcopy(saved)
+    for s in sd["state"].values():
+        for k in ("step", "proj_count", "proj_age", "index"):
+            if k in s:
+                s[k] = torch.tensor(float(s[k]))
+    opt.load_state_dict(sd)
+    for s in opt.state.values():
+        assert all(type(s[k]) is int for k in ("step", "proj_count", "proj_age", "index", "proj_dim") if k in s)
+    torch.load(io.BytesIO(_bytes(opt.state_dict())), weights_only=True)
+
+
+def _bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ------------------------------------------------ the accumulator's state and attributes
+
+
+def _acc_mid_cycle():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=4, tau=3, optimizer=opt)
+    _backward(model)
+    return model, acc
+
+
+ACC_DAMAGE = {
+    "cycle missing": (lambda sd: sd.pop("cycle"), "lacks \\['cycle'\\]"),
+    "cycle fractional": (lambda sd: sd.__setitem__("cycle", 2.7), "'cycle'"),
+    "cycle negative": (lambda sd: sd.__setitem__("cycle", -1), "'cycle'"),
+    "counts too long": (lambda sd: sd.__setitem__("counts", torch.cat([sd["counts"], sd["counts"][:1]])),
+                        "counts for 4 parameters"),
+    "counts fractional": (lambda sd: sd.__setitem__("counts", sd["counts"].float()), "integer tensor"),
+    "exact_last a word": (lambda sd: sd.__setitem__("exact_last", "no"), "exact_last"),
+    "driven a word": (lambda sd: sd.__setitem__("driven", "x"), "'driven'"),
+    "compressed a list": (lambda sd: sd.__setitem__("compressed", []), "'compressed'"),
+}
+
+
+@pytest.mark.parametrize("name", list(ACC_DAMAGE))
+def test_a_damaged_accumulator_state_is_refused_before_any_change(name):
+    """A missing cycle had raised a bare KeyError after the open cycle's compressed sums were
+    dropped (a micro-batch lost); counts of another length were accepted, then every
+    backward raised IndexError."""
+    model, acc = _acc_mid_cycle()
+    sd = acc.state_dict()
+    damaged = copy.deepcopy(sd)
+    damage, words = ACC_DAMAGE[name]
+    damage(damaged)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=words):
+        acc.load_state_dict(damaged)
+    assert acc.micro_step == 1
+    again = acc.state_dict()
+    assert torch.equal(again["counts"], sd["counts"]) and again["compressed"].keys() == sd["compressed"].keys()
+    assert all(torch.equal(a, b) for a, b in zip(again["compressed"].values(), sd["compressed"].values()))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads) if g.stride() != (0, 0))
+
+
+def test_the_accumulators_attributes_are_checked_or_fixed():
+    """``acc.tau = 0`` had been taken (a cycle then never closed); options that decide how
+    each parameter is summed are fixed; tau changes on a boundary only."""
+    model, acc = _acc_mid_cycle()
+    with pytest.raises(ValueError, match="tau must be a positive integer"):
+        acc.tau = 0
+    with pytest.raises(AttributeError, match="rank is fixed"):
+        acc.rank = 2
+    with pytest.raises(AttributeError, match="proj_dim is fixed"):
+        acc.proj_dim = 0
+    with pytest.raises(TypeError, match="exact_last must be"):
+        acc.exact_last = "no"
+    with pytest.raises(RuntimeError, match="on a cycle boundary only"):
+        acc.tau = 2
+    assert acc.tau == 3 and acc.micro_step == 1
+    _backward(model, 2)
+    _backward(model, 3)  # the third: the cycle closes
+    assert acc.micro_step == 0 and acc.cycle == 1
+    acc.tau = np.int64(2)  # on a boundary, and plain
+    assert type(acc.tau) is int and acc.tau == 2
+    _backward(model, 4)
+    _backward(model, 5)
+    assert acc.cycle == 2 and acc.micro_step == 0
+
+
+def test_max_grad_norm_may_change_between_fused_cycles_and_is_checked():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True, max_grad_norm=1.0)
+    acc.max_grad_norm = 0.5
+    assert acc.max_grad_norm == 0.5
+    with pytest.raises(ValueError, match="max_grad_norm must be"):
+        acc.max_grad_norm = -1.0
+
+
+# ------------------------------------------------ values of the wrong kind
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(float("nan")), torch.tensor(-1.0), torch.tensor(float("inf"))])
+def test_a_tensor_lr_is_range_checked_where_the_group_is_made(lr):
+    model = _model()
+    with pytest.raises(ValueError, match="lr must be a finite real number"):
+        Flora(model.parameters(), lr=lr, rank=4, beta1=0.9)
+    opt = Flora(list(model.parameters())[:2], lr=torch.tensor(1e-2), rank=4, beta1=0.9)
+    with pytest.raises(ValueError, match="lr must be a finite real number"):
+        opt.add_param_group({"params": list(model.parameters())[2:], "lr": lr})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("value", [1.0, torch.tensor(1), "1"])
+def test_proj_dim_of_another_type_is_refused_everywhere(value):
+    """1.0 == 1 had let a float (or a tensor) through, kept as given: the accumulator then
+    could not reload its own state after the Trainer callback's JSON round trip."""
+    model = _model()
+    with pytest.raises(ValueError, match="proj_dim must be one of 'auto', 0, 1"):
+        Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9, proj_dim=value)
+    with pytest.raises(ValueError, match="proj_dim must be one of 'auto', 0, 1"):
+        CompressedAccumulator(model, rank=4, tau=2, proj_dim=value)
+    with pytest.raises(ValueError, match="proj_dim must be one of 'auto', 0, 1"):
+        ProjectionState(4, proj_dim=value)
+
+
+def test_numpy_numbers_leave_plain_checkpoints():
+    """numpy integers given to the accumulator and ProjectionState, or edited into Flora's
+    groups, had left numpy scalars in state_dict(): torch.load(weights_only=True) and the
+    Trainer callback's JSON refused them."""
+    model = _model()
+    acc = CompressedAccumulator(model, rank=4, tau=2, proj_dim=np.int64(1))
+    assert type(acc.proj_dim) is int
+    torch.load(io.BytesIO(_bytes(acc.state_dict())), weights_only=True)
+    acc.remove()
+    state = ProjectionState(np.int64(8), seed=np.int64(3), proj_dim=np.int64(0))
+    assert all(type(v) is int for v in state.state_dict().values())
+    opt = Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
+    opt.param_groups[0]["lr"], opt.param_groups[0]["kappa"] = np.float64(2e-3), np.int64(5)
+    _backward(model)
+    opt.step()
+    assert type(opt.param_groups[0]["lr"]) is float and type(opt.param_groups[0]["kappa"]) is int
+    torch.load(io.BytesIO(_bytes(opt.state_dict())), weights_only=True)
+    with pytest.raises(TypeError, match=r"state_dict\[.rank.\] must be a non-negative integer"):
+        ProjectionState(8).load_state_dict({"rank": 8.9, "seed": 0, "projection": 0, "step": 1})
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"eps": (0.0, 1e-3)}, r"eps\[0\] must be a finite real number in \(0.0"),
+    ({"eps": (1e-30, 0.0)}, r"eps\[1\] must be a finite real number in \(0.0"),
+    ({"foreach": 1}, "foreach must be None, True or False"),
+    ({"decay_rate": float("-inf")}, "decay_rate must be a finite real number"),
+])
+def test_values_that_silently_froze_or_misread_are_refused(kw, words):
+    """eps1 = 0 divided a zero gradient row by 0: every step of that tensor skipped; eps2 =
+    0 under scale_parameter left a zero-initialised weight (LoRA's B) at 0 for good;
+    foreach=1 was kept as given; decay_rate=-inf froze the second moment after step 1."""
+    with pytest.raises((ValueError, TypeError), match=words):
+        Flora(_model().parameters(), lr=1e-2, **kw)
+
+
+def test_eps2_of_zero_is_allowed_without_scale_parameter():
+    Flora(_model().parameters(), lr=1e-2, eps=(1e-30, 0.0), scale_parameter=False)
+
+
+def test_compile_in_a_parameter_group_is_refused():
+    """It applies to the whole optimizer; in a group it had been kept and ignored."""
+    a, b = _model(), _model()
+    with pytest.raises(ValueError, match="compile applies to the whole optimizer"):
+        Flora([{"params": a.parameters()}, {"params": b.parameters(), "compile": True}], lr=1e-2)
+    opt = Flora(a.parameters(), lr=1e-2)
+    opt.param_groups[0]["compile"] = True
+    _backward(a)
+    with pytest.raises(ValueError, match="compile applies to the whole optimizer"):
+        opt.step()
