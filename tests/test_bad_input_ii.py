@@ -284,3 +284,17 @@ def test_compile_in_a_parameter_group_is_refused():
     _backward(a)
     with pytest.raises(ValueError, match="compile applies to the whole optimizer"):
         opt.step()
+
+
+def test_wrong_objects_are_named():
+    import flora
+
+    model = _model()
+    with pytest.raises(TypeError, match="state_bytes takes an optimizer"):
+        flora.state_bytes(model)
+    with pytest.raises(TypeError, match="exclude must be parameter names or tensors"):
+        CompressedAccumulator(model, rank=4, tau=2, exclude=5)
+    with pytest.raises(TypeError, match="RelativeStepSchedule takes a Flora optimizer"):
+        flora.RelativeStepSchedule("x")
+    with pytest.raises(TypeError, match="warmup_init must be True or False"):
+        Flora(model.parameters(), lr=1e-2, warmup_init="yes")

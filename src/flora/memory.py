@@ -21,6 +21,9 @@ def state_bytes(optimizer: Optimizer) -> int:
     is counted once, whole (``Flora(compile=...)`` keeps a bucket's state as views of one
     stack: flora.stacks); a tensor subclass (torchao's 8-bit state) by the tensors it
     wraps."""
+    if not isinstance(getattr(optimizer, "state", None), dict):
+        raise TypeError(f"state_bytes takes an optimizer (its .state is counted), got {type(optimizer).__name__}; "
+                        "for a model's parameters use flora.flora_state_bytes")
     seen: set[int] = set()
     total = 0
 

@@ -164,6 +164,8 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
                          "pass relative_step=False to use a fixed lr")
     if lr is None and not rel:
         raise ValueError("lr must be a non-negative number when relative_step=False")
+    if not isinstance(group["warmup_init"], bool):
+        raise TypeError(f"warmup_init must be True or False, got {group['warmup_init']!r}")
     if group["warmup_init"] and not rel:
         raise ValueError("warmup_init=True requires relative_step=True")
     check_positive_int("rank", group["rank"], allow_none=True)

@@ -25,6 +25,8 @@ class RelativeStepSchedule(LRScheduler):
 
     def __init__(self, optimizer, last_epoch: int = -1):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        if not isinstance(getattr(inner, "param_groups", None), list):
+            raise TypeError(f"RelativeStepSchedule takes a Flora optimizer with lr=None, got {type(optimizer).__name__}")
         bad = [i for i, g in enumerate(inner.param_groups) if not g.get("relative_step", False)]
         if bad:
             raise ValueError(f"RelativeStepSchedule needs relative_step=True (Flora with lr=None) in every parameter "

@@ -136,6 +136,8 @@ def resolve_exclude(exclude: Iterable[Any], named, model=None) -> set[int]:
     LM head tied to the embedding) names that tensor."""
     if isinstance(exclude, (str, torch.Tensor)):
         exclude = [exclude]
+    if exclude is None or not hasattr(exclude, "__iter__"):
+        raise TypeError(f"exclude must be parameter names or tensors (one, or an iterable of them), got {exclude!r}")
     by_name = {n: p for n, p in named}
     ids = {id(p) for _, p in named}
     out: set[int] = set()
