@@ -259,8 +259,27 @@ RTOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 1e-4, torch.f
 ULPS = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 2, torch.float16: 2}
 
 
-def _assert_same_movement(p0, ref, got, what, *, same_strides=True):
-    """``got - p0`` equals ``ref - p0`` to a tolerance far below the movement itself."""
+# A momentum kept in bfloat16 (the default "auto" with a rank): where two paths' float32
+# momenta differ by rounding, an element may be stored one bfloat16 unit apart (2**-8
+# relative), and that element's later steps differ by a part of its momentum's share of
+# them (2.5e-4 of the largest movement, measured on an avx2 CPU, where 1e-4 failed on one
+# element of 288 after a resample). Such elements may exceed the float32 tolerance, within
+# this fraction of the largest movement, if they are few (a path's defect moves many).
+BF16_FLIP = 2.0 ** -7
+BF16_FLIP_SHARE = 0.02
+
+
+def _bf16_momentum(opt) -> bool:
+    group = opt.param_groups[0]
+    narrow = group["momentum_dtype"]
+    if narrow == "auto":
+        return group["rank"] is not None and group["beta1"] is not None
+    return narrow == "bfloat16" and group["beta1"] is not None
+
+
+def _assert_same_movement(p0, ref, got, what, *, same_strides=True, bf16_momentum=False):
+    """``got - p0`` equals ``ref - p0`` to a tolerance far below the movement itself
+    (``bf16_momentum``: but for a few elements whose momentum rounded apart, BF16_FLIP)."""
     assert got.dtype == ref.dtype and got.shape == ref.shape, what
     assert not same_strides or got.stride() == ref.stride(), f"{what}: the step changed the parameter's layout"
     if ref.numel() == 0:
@@ -273,8 +292,14 @@ def _assert_same_movement(p0, ref, got, what, *, same_strides=True):
     assert tol.max().item() < scale / 5, what
     err = (d_got - d_ref).abs()
     worst = (err - tol).argmax()
-    assert (err <= tol).all(), (f"{what}: moved by {d_got.view(-1)[worst].item():.6g} where the reference moved "
-                                f"{d_ref.view(-1)[worst].item():.6g} (largest movement {scale:.3g})")
+    over = err > tol
+    if bf16_momentum and over.any():
+        few = int(over.sum()) <= max(1, int(BF16_FLIP_SHARE * err.numel()))
+        if few and (err <= BF16_FLIP * scale).all():
+            return
+    assert not over.any(), (f"{what}: moved by {d_got.reshape(-1)[worst].item():.6g} where the reference moved "
+                            f"{d_ref.reshape(-1)[worst].item():.6g} (largest movement {scale:.3g}; "
+                            f"{int(over.sum())} of {err.numel()} elements off)")
 
 
 def _assert_same_state(ref_opt, ref_p, opt, p, what):
@@ -306,7 +331,7 @@ def _compare(ref_run, got_run, name):
     _, gots, opt, _ = got_run
     for i, (p0, ref, got) in enumerate(zip(p0s, refs, gots)):
         what = f"{name}, parameter {i} {tuple(ref.shape)}"
-        _assert_same_movement(p0, ref.detach(), got.detach(), what)
+        _assert_same_movement(p0, ref.detach(), got.detach(), what, bf16_momentum=_bf16_momentum(opt))
         _assert_same_state(ref_opt, ref, opt, got, what)
     assert int(opt.nonfinite_skips) == int(ref_opt.nonfinite_skips)
 
