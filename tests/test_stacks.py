@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -323,3 +324,36 @@ def test_the_prelude_dispatches_nothing_per_tensor(kw, ops):
     top = [e.name for e in prof.events() if e.name.startswith("aten::")
            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
     assert top == ops
+
+
+def test_a_copy_or_pickle_keeps_compiling():
+    """torch's __getstate__ holds groups and state only: a deep copy or a pickle of a
+    compiled Flora came back eager, silently."""
+    import pickle
+
+    params, opt = _pair()[1]
+    _step(opt, params, 0)
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other._compile == "aot_eager" and other._kernel is None
+
+
+def test_a_parameter_cast_after_compiled_steps_takes_its_state_along():
+    """model.to(torch.float32) after float64 steps: the second moment stayed float64 beside
+    float32 arithmetic, and the compiled graph failed (compile then off for the process,
+    the warning blaming the compiler). The state follows the parameter's dtype, as a fresh
+    one would, and the run equals eager's."""
+    runs = []
+    for params, opt in _pair():
+        for t in range(2):
+            _step(opt, params, t)
+        for p in params:
+            p.data = p.data.float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            for t in range(2, 4):
+                _step(opt, params, t)
+        assert all(v.dtype in (torch.float32, torch.bfloat16) for p in params for v in opt.state[p].values()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point())
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -26,7 +26,7 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
                       upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
-from .state import check_factoring, check_momentum_layout, check_not_resized, prepare_state
+from .state import check_factoring, check_momentum_layout, check_not_resized, follow_dtype, prepare_state
 from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
@@ -182,7 +182,7 @@ class Flora(Optimizer):
         # compile=True: buckets' state kept as views of one stacked tensor (flora.stacks)
         self._stacks = StateStacks()
         self._states_seen = 0  # len(self.state) after the last step's prelude
-        self._shapes_checked: dict[int, torch.Size] = {}  # id(p) -> the shape its state was checked to fit
+        self._shapes_checked: dict[int, tuple] = {}  # id(p) -> the (shape, dtype) its state was checked to fit
         self._groups_checked: dict[int, tuple] = {}  # id(group) -> its option values step_parameter last checked
         # id(group) and id(parameter) -> the options their state was last checked against
         # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
@@ -207,7 +207,10 @@ class Flora(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # The projection cache is rebuilt on demand and the skip counter is monitoring.
-        return {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
+        # How it steps (compile=...) is kept: torch's own state holds groups and state only.
+        out = {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
+        out.update(_compile=self._compile, _kernel=self._kernel)
+        return out
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group = dict(param_group)
@@ -578,9 +581,10 @@ class Flora(Optimizer):
         so that an edit which moves ``p`` (a parameter put into an earlier group's list)
         does not read its momentum under projections it was not made under."""
         state = self.state[p]
-        if state and self._shapes_checked.get(id(p)) != p.shape:  # a dict lookup a step, once checked
+        if state and self._shapes_checked.get(id(p)) != (p.shape, p.dtype):  # a dict lookup a step, once checked
             check_not_resized(p, state, group)  # before its state or any bucket changes (a new state is no change)
-            self._shapes_checked[id(p)] = p.shape
+            follow_dtype(state, p)  # a parameter cast since (model.to(torch.float64)): its second moment too
+            self._shapes_checked[id(p)] = (p.shape, p.dtype)
         prepare_state(state, p, group)
         return state.setdefault("index", position)
 

@@ -26,6 +26,20 @@ def prepare_state(state: dict, p: torch.Tensor, group: dict) -> None:
         init_momentum(state, p.grad, group)
 
 
+def follow_dtype(state: dict, p: torch.Tensor) -> None:
+    """A parameter cast to another dtype after its first step (``model.to(torch.float64)``):
+    its second moment takes the state dtype a fresh state would have, as a loaded state does
+    (the first moment follows its group's ``momentum_dtype`` in the step). Left as it was, a
+    float32 second moment beside float64 arithmetic failed in a compiled step's graph."""
+    if is_dtensor(p):
+        return
+    want = state_dtype(p.dtype)
+    for k in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
+        v = state.get(k)
+        if isinstance(v, torch.Tensor) and v.dtype != want:
+            state[k] = v.to(want)
+
+
 def store_momentum_as(states: list[dict], dtype: torch.dtype) -> None:
     """Keep the first moment of ``states`` in ``dtype`` (``momentum_dtype``): one of another
     (a checkpoint, the option edited since) is converted, rounding to nearest. (The
