@@ -41,7 +41,14 @@ BAD_STEP = 3  # a NaN in parameter 0's gradient
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test starts with dynamo's caches and counters empty, on one thread (tiny
-    tensors: threads only add synchronisation)."""
+    tensors: threads only add synchronisation), and with no accumulator of an earlier test
+    alive: one built without ``optimizer=`` keeps torch's global optimizer step hook until
+    the garbage collector frees it (its hooks and parameters form a cycle), and
+    torch.compile(opt.step) traces that hook too, breaking the graph in it (the break
+    counts below failed when such a test ran first in the same worker)."""
+    import gc
+
+    gc.collect()
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     dynamo.reset()

@@ -139,3 +139,50 @@ def test_a_frozen_parameter_holding_a_stale_gradient_is_refused():
     with pytest.raises(ValueError, match="hold a gradient"):
         nn.functional.mse_loss(model(x), y).backward()
     assert torch.equal(model[0].weight, frozen) and acc.micro_step == 0
+
+
+@pytest.mark.parametrize("mode", ["no optimizer", "optimizer", "fused"])
+def test_a_dropped_model_frees_its_accumulator(mode):
+    """torch keeps a post-accumulate-grad hook where the garbage collector cannot see it, and
+    a module-level map held each accumulator strongly: a model dropped with its optimizer
+    and accumulator stayed in memory for good (a leak per trial of an in-process sweep; an
+    accumulator without optimizer= also left torch's global step hook behind, which a
+    compiled step of any optimizer then traced)."""
+    import gc
+    import weakref
+
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    hooks_before = len(_global_optimizer_pre_hooks)
+
+    def trial():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+        opt = None if mode == "no optimizer" else torch.optim.AdamW(model.parameters(), lr=1e-2)
+        acc = CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=mode == "fused")
+        for i, (x, y) in enumerate(_batches(3)):
+            nn.functional.mse_loss(model(x), y).backward()
+        return weakref.ref(acc), weakref.ref(model[0].weight)
+
+    acc, weight = trial()
+    gc.collect()
+    assert acc() is None and weight() is None
+    assert len(_global_optimizer_pre_hooks) == hooks_before
+
+
+def test_an_accumulator_not_kept_still_accumulates():
+    """Its hooks keep it: the loop works without a reference to it, and a second one on the
+    same model is refused until ``remove_from``."""
+    import gc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+    CompressedAccumulator(model, rank=4, tau=2)
+    gc.collect()
+    (x, y), (x2, y2) = _batches(2)
+    nn.functional.mse_loss(model(x), y).backward()
+    assert model[0].weight.grad.stride() == (0, 0)  # the placeholder: the micro-batch went into the buffer
+    with pytest.raises(RuntimeError, match="already has a CompressedAccumulator"):
+        CompressedAccumulator(model, rank=4, tau=2)
+    with pytest.warns(UserWarning, match="partial sums are dropped"):
+        assert CompressedAccumulator.remove_from(model) == 1

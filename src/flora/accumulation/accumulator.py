@@ -172,6 +172,7 @@ class CompressedAccumulator:
             self._engine.ddp_checked = True
             self._engine.ddp_steps = DDPSteps(self._engine, model_or_params, comm_hook)
         self._hooks = Hooks(self._engine)
+        self._hooks.owner = self  # the hooks on the parameters keep the accumulator (ATTACHED holds it weakly)
         self._sync_guard = guard_gradient_sync(model_or_params) if self._engine.sharded else None
         if not (fused or reduce or self._engine.sharded):  # normal mode under DDP: only the last backward syncs
             self._engine.guard_ddp(model_or_params if is_ddp(model_or_params) else None)
@@ -254,10 +255,10 @@ class CompressedAccumulator:
         or an iterable of parameters), including one no longer referenced: a notebook
         cell run again builds a new accumulator on a model whose parameters still carry
         the old one's hooks. Returns how many were removed."""
-        from .hooks import ATTACHED
+        from .hooks import attached
 
         params = model.parameters() if isinstance(model, torch.nn.Module) else model
-        owners = {id(o): o for p in params if (o := ATTACHED.get(p)) is not None}
+        owners = {id(o): o for p in params if (o := attached(p)) is not None}
         for o in owners.values():
             o.remove()
         return len(owners)

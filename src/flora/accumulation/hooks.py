@@ -29,16 +29,25 @@ from .estimator import Slot
 from .fused import patch_zero_grad, unpatch_zero_grad
 from .integrations import unwrap
 
-__all__ = ["Hooks", "ATTACHED", "check_unattached", "attach", "detach"]
+__all__ = ["Hooks", "ATTACHED", "attached", "check_unattached", "attach", "detach"]
 
-# parameter -> the accumulator whose hooks it carries (at most one: two would each free
-# the gradient the other expects to see).
+# parameter -> a weak reference to the accumulator whose hooks it carries (at most one:
+# two would each free the gradient the other expects to see). Weak: a value holding its
+# own key (the accumulator holds its parameters) would keep the model alive for good; the
+# accumulator lives as long as its hooks do (Hooks.owner), so a dropped model and its
+# accumulator are freed together.
 ATTACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def attached(p: torch.Tensor):
+    """The accumulator whose hooks ``p`` carries, or None."""
+    ref = ATTACHED.get(p)
+    return None if ref is None else ref()
 
 
 def check_unattached(slots: list[Slot]) -> None:
     for s in slots:
-        owner = ATTACHED.get(s.param)
+        owner = attached(s.param)
         if owner is not None:
             raise RuntimeError(f"parameter {s.name!r} already has a CompressedAccumulator attached; "
                                "call .remove() on that one first (two would each free the other's gradients), "
@@ -47,14 +56,29 @@ def check_unattached(slots: list[Slot]) -> None:
 
 
 def attach(slots: list[Slot], owner) -> None:
+    ref = weakref.ref(owner)
     for s in slots:
-        ATTACHED[s.param] = owner
+        ATTACHED[s.param] = ref
 
 
 def detach(slots: list[Slot], owner) -> None:
     for s in slots:
-        if ATTACHED.get(s.param) is owner:
+        if attached(s.param) is owner:
             del ATTACHED[s.param]
+
+
+class _WeakPostHook:
+    """``hooks.on_grad(k, p)`` through a weak reference to ``hooks``."""
+
+    __slots__ = ("ref", "k")
+
+    def __init__(self, hooks: "Hooks", k: int):
+        self.ref, self.k = weakref.ref(hooks), k
+
+    def __call__(self, p: torch.Tensor) -> None:
+        hooks = self.ref()
+        if hooks is not None:
+            hooks.on_grad(self.k, p)
 
 
 class Hooks:
@@ -62,13 +86,20 @@ class Hooks:
         self.engine = engine
         self.queued: dict[int, bool] = {}  # graph task -> a gradient was accumulated in it (its end is queued)
         slots = engine.slots
-        self.handles = [s.param.register_post_accumulate_grad_hook(functools.partial(self.on_grad, k))
-                        for k, s in enumerate(slots)]
+        # torch keeps a post-accumulate-grad hook where the garbage collector cannot see it:
+        # one holding these hooks (and so the parameter) strongly would keep the model, its
+        # optimizer and the accumulator alive after the user dropped them (a leak per model
+        # in a sweep). It holds them weakly where the tensor hook below (which the collector
+        # sees) holds them strongly; FSDP2's sharded parameters have no tensor hook.
+        self.handles = [s.param.register_post_accumulate_grad_hook(
+            functools.partial(self.on_grad, k) if is_dtensor(s.param) else _WeakPostHook(self, k))
+            for k, s in enumerate(slots)]
         self.handles += [s.param.register_hook(functools.partial(self.before_grad, k))
                          for k, s in enumerate(slots) if not is_dtensor(s.param)]
         self.guard = None
         self.also = None  # normal mode with optimizer=: the global hook, where another optimizer steps some
         self.patched = None  # fused mode: the optimizer's zero_grad wrapper
+        self.owner = None  # the accumulator: alive while its hooks are (they reach it through here)
 
     def guard_steps(self) -> None:
         eng = self.engine
