@@ -9,7 +9,7 @@ backward pass, and the optimizer's step.
 - normal mode: a step pre-hook on ``optimizer=`` (or, without it, torch's global optimizer
   step pre-hook, holding the accumulator weakly) closes a short cycle; fused mode: the
   optimizer's ``zero_grad()`` is wrapped to drop an open cycle, and its step pre-hook
-  closes a cycle that waits for a step (some parameters got fewer gradients).
+  closes an open cycle, as in normal mode.
 
 A parameter carries the hooks of at most one accumulator (:data:`ATTACHED`)."""
 
@@ -208,15 +208,15 @@ class Hooks:
                 self.engine.finish()
 
     def on_fused_step(self, optimizer, args, kwargs) -> None:
-        """Fused mode: the user's ``step()`` is a no-op (nothing holds a gradient), except on
-        a cycle that waits for it: some parameters stepped at their tau-th gradient, others
-        got fewer (used in some micro-batches only). Those step now on what they got, as in
-        normal mode; else the ``zero_grad()`` that follows would drop them."""
+        """Fused mode: the user's ``step()`` closes an open cycle, as in normal mode: a short
+        one (the end of an epoch) and one that waits for it (some parameters stepped at
+        their tau-th gradient, others got fewer); each parameter steps on what it got. Else
+        the ``zero_grad()`` that follows would drop them. On a boundary, the usual place of
+        the step, there is nothing open: a no-op."""
         eng = self.engine
         if eng.stepper.inside:  # a parameter's own step, from inside the engine
             return
-        eng.sweep()
-        if eng.cycle.overdue is not None:
+        if eng.micro_step():
             with _autocast.disabled():
                 eng.finish()
 
