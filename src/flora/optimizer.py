@@ -35,6 +35,12 @@ _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "
             "_groups_checked", "_seeds_checked")
 
 
+def _option_values(group: dict) -> tuple:
+    """A group's option values, a tensor by identity (comparing tensors' values would read
+    them back from the device)."""
+    return tuple(id(v) if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params")
+
+
 def _install_prelude() -> None:
     """Mark ``Flora._prelude`` as not traceable by torch.compile (``torch.compiler.disable``),
     once, when the first Flora is built: the eager prelude is then the one graph break of a
@@ -344,11 +350,10 @@ class Flora(Optimizer):
         again only when one of them changed since (a tuple built and compared a call), so
         that an option edited into ``param_groups`` between cycles of fused accumulation
         (an lr of NaN, a beta1 of 1.5) is refused before it steps, as ``step()`` refuses it."""
-        values = tuple(v for k, v in group.items() if k != "params")
-        if self._groups_checked.get(id(group)) != values:
+        if self._groups_checked.get(id(group)) != _option_values(group):
             plain_group(group)
             check_grads([{**group, "params": [p]}], self.state)
-            self._groups_checked[id(group)] = tuple(v for k, v in group.items() if k != "params")
+            self._groups_checked[id(group)] = _option_values(group)
 
     def _check_parameter_options_fit(self, p: torch.Tensor, group: dict) -> None:
         """step_parameter's form of :meth:`_check_options_fit_state`: this parameter only
