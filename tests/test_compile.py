@@ -48,7 +48,10 @@ def _fresh_dynamo():
     counts below failed when such a test ran first in the same worker)."""
     import gc
 
+    from flora.accumulation.hooks import remove_dead_global_hooks
+
     gc.collect()
+    remove_dead_global_hooks()
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     dynamo.reset()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from flora import CompressedAccumulator, Flora
+from flora.accumulation.hooks import remove_dead_global_hooks
 
 TAU = 3
 
@@ -183,7 +184,43 @@ def test_a_dropped_model_frees_its_accumulator(mode):
     acc, weight = trial()
     gc.collect()
     assert acc() is None and weight() is None
+    remove_dead_global_hooks()  # (what the next accumulator's construction does)
     assert len(_global_optimizer_pre_hooks) == hooks_before
+
+
+def test_an_accumulator_collected_during_a_step_does_not_break_it():
+    """The collector freed a dead accumulator while torch iterated its global step hooks (a
+    live accumulator's hook allocates): its finalizer removed its hook there, and the step
+    raised "OrderedDict mutated during iteration". Its removal now waits for a safe point."""
+    import gc
+
+    def dead():
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+        CompressedAccumulator(model, rank=4, tau=2)
+        (x, y), = _batches(1)
+        nn.functional.mse_loss(model(x), y).backward()
+
+    gc.collect()
+    gc.disable()  # keep the dead one until the step
+    try:
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        acc = CompressedAccumulator(model, rank=4, tau=2)
+        dead()  # its hook comes after the live one's: removing it mid-loop is what torch's loop trips on
+        on_any_step = acc._hooks.on_any_step
+
+        def collecting(optimizer):
+            gc.collect()  # here the dead accumulator's finalizer runs, inside torch's loop over the hooks
+            on_any_step(optimizer)
+
+        acc._hooks.on_any_step = collecting
+        (x, y), = _batches(1)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()  # closes the short cycle
+        assert acc.micro_step == 0 and acc.cycle == 1
+    finally:
+        gc.enable()
+    acc.remove()
 
 
 def test_an_accumulator_not_kept_still_accumulates():

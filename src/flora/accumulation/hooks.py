@@ -67,6 +67,16 @@ def detach(slots: list[Slot], owner) -> None:
             del ATTACHED[s.param]
 
 
+# torch's global step pre-hooks of accumulators that were garbage-collected: removed at the
+# next accumulator's construction or removal (a safe point), not by the collector.
+_DEAD_GLOBAL_HOOKS: list = []
+
+
+def remove_dead_global_hooks() -> None:
+    while _DEAD_GLOBAL_HOOKS:
+        _DEAD_GLOBAL_HOOKS.pop().remove()
+
+
 class _WeakPostHook:
     """``hooks.on_grad(k, p)`` through a weak reference to ``hooks``."""
 
@@ -126,11 +136,16 @@ class Hooks:
             if hooks is not None:
                 hooks.on_any_step(optimizer)
 
+        remove_dead_global_hooks()
         handle = register_optimizer_step_pre_hook(on_any_step)
-        weakref.finalize(self, handle.remove)
+        # Not removed by the finalizer itself: the garbage collector may run it while torch
+        # iterates the global hooks (inside any optimizer's step), which then raised
+        # "OrderedDict mutated during iteration". A dead one is a no-op until removed.
+        weakref.finalize(self, _DEAD_GLOBAL_HOOKS.append, handle)
         return handle
 
     def remove(self) -> None:
+        remove_dead_global_hooks()
         for h in self.handles:
             h.remove()
         for g in (self.guard, self.also):
