@@ -245,9 +245,7 @@ class Flora(Optimizer):
             param_group["complement_weight"] = None
         if "momentum_dtype" in param_group:  # a torch.dtype is held by name (checkpoints hold plain values)
             param_group["momentum_dtype"] = _momentum_dtype_name(param_group["momentum_dtype"])
-        for k, v in param_group.items():  # numpy numbers as Python's (checkpoints hold plain values)
-            if k != "params":
-                param_group[k] = plain_option(k, v)
+        plain_group(param_group)  # numpy numbers as Python's (checkpoints hold plain values)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
             merged["relative_step"] = False

@@ -204,11 +204,10 @@ def check_loaded_entries(p: torch.Tensor, s, where: str) -> None:
     if "exp_avg_c" in s and count_value(s.get("proj_dim")) not in (0, 1):
         raise ValueError(f"state_dict['state'][{where}]['proj_dim'] must be 0 or 1 beside a compressed momentum, "
                          f"got {s.get('proj_dim')!r} (a parameter of shape {shape}); the checkpoint is damaged")
-    need = ("exp_avg_sq_row", "exp_avg_sq_col") if len(shape) >= 2 and not is_dtensor(p) else ()
-    need = need or (("exp_avg_sq",) if not is_dtensor(p) else ())
-    missing = [k for k in need if k not in s]
-    if missing and not (len(shape) >= 2 and "exp_avg_sq" in s):  # (shapes are checked next)
-        raise ValueError(f"state_dict['state'][{where}] lacks {missing} (a parameter of shape {shape}): the "
+    factored = ("exp_avg_sq_row", "exp_avg_sq_col")
+    if not is_dtensor(p) and "exp_avg_sq" not in s and not (len(shape) >= 2 and all(k in s for k in factored)):
+        lacks = [k for k in factored if k not in s] if len(shape) >= 2 else ["exp_avg_sq"]
+        raise ValueError(f"state_dict['state'][{where}] lacks {lacks} (a parameter of shape {shape}): the "
                          "checkpoint is damaged, or not Flora's")
     for k in ("exp_avg", "exp_avg_c", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
         v = s.get(k)
