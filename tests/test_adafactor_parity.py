@@ -132,7 +132,7 @@ def test_a_transformers_adafactor_state_resumes_in_flora(factor_dims, tmp_path):
     and equals HF's uninterrupted run to the bit; under the default factor_dims its
     factored states keep HF's rule ("last", as a Flora state saved before the option), with
     the usual warning. It had been refused as "a different optimizer (such as AdamW)"
-    (found by a new-user probe). A compressing Flora is refused, naming rank=None."""
+    (found by a new-user probe). A compressing Flora is refused, naming the source and rank=None."""
     kw = dict(lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.1)
     shapes = [(8, 5), (7,), (16, 8, 3, 3), (64, 16)]
     want = _train(lambda ps: Adafactor(ps, **kw), steps=8, shapes=shapes)
@@ -150,7 +150,7 @@ def test_a_transformers_adafactor_state_resumes_in_flora(factor_dims, tmp_path):
     steps(hf, 4)
     torch.save(hf.state_dict(), tmp_path / "hf.pt")
     saved = torch.load(tmp_path / "hf.pt", weights_only=True)
-    with pytest.raises(ValueError, match="build Flora with rank=None"):
+    with pytest.raises(ValueError, match="saved by transformers' Adafactor .*build Flora with rank=None"):
         Flora(params, rank=8, foreach=False, factor_dims=factor_dims, **kw).load_state_dict(saved)
     opt = Flora(params, rank=None, foreach=False, factor_dims=factor_dims, **kw)
     if factor_dims == "last":

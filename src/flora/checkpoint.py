@@ -49,13 +49,17 @@ _HF_ADAFACTOR_KEYS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "wei
                       "relative_step", "warmup_init")
 
 
+def _is_hf_adafactor(saved) -> bool:
+    return isinstance(saved, dict) and "rank" not in saved and all(k in saved for k in _HF_ADAFACTOR_KEYS)
+
+
 def _from_hf_adafactor(saved: dict, mine: dict) -> dict:
     """A group saved by ``transformers.optimization.Adafactor`` as the Flora group it is:
     no compression (``rank=None``; its state is Flora's dense one), this optimizer's other
     options of Flora's own (which then shape nothing), and, as in a Flora state saved
     before those options existed (``upgrade_group``), second moments factored over the
     last two dims and the momentum in the state dtype. Any other group is returned as is."""
-    if not isinstance(saved, dict) or "rank" in saved or not all(k in saved for k in _HF_ADAFACTOR_KEYS):
+    if not _is_hf_adafactor(saved):
         return saved
     own = {k: v for k, v in mine.items() if k not in saved and k not in ("params", "factor_dims", "momentum_dtype")}
     return {**own, **saved, "rank": None}
@@ -92,6 +96,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
             f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
             f"this optimizer has {len(opt.param_groups)}"
         )
+    from_hf = [_is_hf_adafactor(g) for g in groups]
     groups = [_from_hf_adafactor(g, mine) for g, mine in zip(groups, opt.param_groups)]
     for gi, saved in enumerate(groups):
         missing = [k for k in CORE_KEYS if k not in saved]
@@ -109,6 +114,12 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
             raise ValueError(
                 f"state_dict has a parameter group of {len(saved['params'])} parameters where this "
                 f"optimizer has {len(mine['params'])}: it was saved from a different model"
+            )
+        if saved["rank"] != mine["rank"] and from_hf[gi]:
+            raise ValueError(
+                f"state_dict was saved by transformers' Adafactor (parameter group {gi}), whose state is "
+                f"Flora's uncompressed one: build Flora with rank=None to resume it (this optimizer has "
+                f"rank={mine['rank']!r})"
             )
         if saved["rank"] != mine["rank"]:
             raise ValueError(
