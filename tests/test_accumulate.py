@@ -196,6 +196,31 @@ def test_a_tied_weight_is_excluded_by_either_of_its_names():
         CompressedAccumulator(Tied(), rank=2, tau=TAU, exclude=["head.bias"])
 
 
+def test_named_parameters_as_torch_optimizers_take_them():
+    """``model.named_parameters()`` (and groups of its pairs), which torch's optimizers
+    take, was refused ('item 0 is a tuple'; found by own check). Its names are the
+    module's, exclude uses them, and the sums equal those of the accumulator built on
+    the module, to the bit."""
+    batches = _batches(TAU)
+    grads = {}
+    for how in ("module", "named", "named groups"):
+        model = _mlp()
+        named = list(model.named_parameters())
+        arg = {"module": model, "named": iter(named),
+               "named groups": [{"params": named[:2]}, {"params": named[2:]}]}[how]
+        acc = CompressedAccumulator(arg, rank=3, tau=TAU, exclude=["2.weight"])
+        assert [(r["name"], r["compressed"]) for r in acc.plan()][:4] == [
+            ("0.weight", True), ("0.bias", False), ("2.weight", False), ("2.bias", False)]
+        for x, y in batches:
+            _loss(model, x, y, TAU).backward()
+        grads[how] = [p.grad.clone() for p in model.parameters()]
+        acc.remove()
+    _assert_equal(grads["module"], grads["named"])
+    _assert_equal(grads["module"], grads["named groups"])
+    with pytest.raises(TypeError, match=r"\(name, tensor\) pairs.*item 0 is a str"):
+        CompressedAccumulator([("w", "not a tensor")], rank=3, tau=TAU)
+
+
 # ------------------------------------------------------------------ statistics
 
 

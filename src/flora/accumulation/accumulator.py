@@ -54,8 +54,10 @@ class CompressedAccumulator:
                 opt.step(); opt.zero_grad()
 
     Args:
-        model_or_params: an ``nn.Module``, an iterable of parameters, or parameter groups.
-            Parameters with ``requires_grad=False`` are left alone.
+        model_or_params: an ``nn.Module``, an iterable of parameters or of ``(name,
+            parameter)`` pairs (``model.named_parameters()``, whose names ``exclude`` and
+            messages then use), or parameter groups of either. Parameters with
+            ``requires_grad=False`` are left alone.
         rank: rank of the compressed buffers; None accumulates every parameter densely
             (useful with ``fused=True`` for a plain optimizer-in-backward).
         tau: micro-batches per cycle (optimizer step).

@@ -105,28 +105,38 @@ def check_options(rank, tau, *, seed, proj_dim, max_aspect_ratio, projection, ex
     check_scaler(scaler, fused)
 
 
+def _named_item(item) -> tuple[str | None, Any]:
+    """``(name, tensor)`` as ``named_parameters()`` yields it, or a bare tensor (unnamed)."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return item
+    return None, item
+
+
 def named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
+    """The parameters with their names: a module's own, the names of ``(name, tensor)``
+    pairs (``model.named_parameters()``, as torch's optimizers take them), else
+    ``params.i`` by position."""
     if isinstance(model_or_params, nn.Module):
         return list(model_or_params.named_parameters())
     if isinstance(model_or_params, torch.Tensor):
         model_or_params = [model_or_params]
-    out: list[torch.Tensor] = []
+    out: list[tuple[str | None, Any]] = []
     for item in model_or_params:
         if isinstance(item, dict):  # parameter groups, as an optimizer takes them
             ps = item["params"]
-            out.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
+            out.extend([(None, ps)] if isinstance(ps, torch.Tensor) else [_named_item(q) for q in ps])
         else:
-            out.append(item)
-    for i, p in enumerate(out):
+            out.append(_named_item(item))
+    for i, (_, p) in enumerate(out):
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"model_or_params must be an nn.Module or an iterable of tensors (or parameter "
-                            f"groups); item {i} is a {type(p).__name__}")
+            raise TypeError(f"model_or_params must be an nn.Module or an iterable of tensors, of (name, tensor) "
+                            f"pairs, or of parameter groups; item {i} is a {type(p).__name__}")
     seen: set[int] = set()
     named = []
-    for i, p in enumerate(out):
+    for i, (name, p) in enumerate(out):
         if id(p) not in seen:  # a tensor listed twice is one parameter
             seen.add(id(p))
-            named.append((f"params.{i}", p))
+            named.append((f"params.{i}" if name is None else name, p))
     return named
 
 
