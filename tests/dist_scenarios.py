@@ -731,6 +731,89 @@ def ddp_accumulator_accelerate_short_cycle(rank, world):
             "diff": max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters()))}
 
 
+class AuxNet(Net):
+    """Net with an auxiliary head (a compressed matrix and a dense bias) that some
+    micro-batches use and others do not, as an MoE expert or a head run on some batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(12, 6)
+
+    def forward(self, x, use_aux: bool = False):
+        out = super().forward(x)
+        return (out, self.aux(x)) if use_aux else (out, None)
+
+
+def _aux_loss(model, x, y, use_aux: bool):
+    out, aux = model(x, use_aux)
+    loss = nn.functional.mse_loss(out, y)
+    return loss if aux is None else loss + 0.5 * aux.square().mean()
+
+
+def ddp_accumulator_find_unused(rank, world):
+    """Normal mode under DDP(find_unused_parameters=True), the HF Trainer's default
+    without gradient checkpointing: a head used in the first micro-batches of a cycle but
+    not in its last, synchronised one (on both ranks, or on rank 0 only), or in the first
+    on rank 0 and only in the last on rank 1. Found by a new-user probe: DDP averaged the
+    placeholder of a compressed partial sum as zeros, losing it, and a rank whose head
+    lagged ran a collective alone at the step (gloo aborted). Compressed (rank 3) and
+    dense (rank None); equal to one process accumulating the same micro-batches (each
+    the mean of the ranks' losses)."""
+    torch.manual_seed(0)
+    tau, cycles = 3, 2
+    batches = _batches(tau * cycles, size=8)
+
+    def uses(r: int, i: int, who: str) -> bool:  # micro-batch i of the run
+        if who == "mixed":  # rank 0 in the first micro-batch, rank 1 in the synchronised one
+            return i % tau == (0 if r == 0 else tau - 1)
+        return i % tau < tau - 1 and (who == "both" or r == 0)
+
+    def build():
+        torch.manual_seed(0)
+        return AuxNet()
+
+    out = {}
+    # "mixed", compressed: the synchronised backward is every parameter's last, so rank 1's
+    # only gradient of the head is added exactly under exact_last=True, where one process
+    # (whose head's 2nd gradient is not its tau-th) compresses it: compared with
+    # exact_last=False, where both compress it; with True the ranks must still agree.
+    cases = [(who, r, None) for who in ("both", "rank0") for r in (3, None)]
+    cases += [("mixed", 3, False), ("mixed", None, None), ("mixed", 3, True)]
+    for who, acc_rank, exact_last in cases:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = build()
+        model = DDP(net, find_unused_parameters=True)
+        opt = Flora(model.parameters(), **OPTS)
+        acc = CompressedAccumulator(net, rank=acc_rank, tau=tau, optimizer=opt, seed=5, exact_last=exact_last)
+        for i, (x, y) in enumerate(batches):
+            n = x.shape[0] // world
+            xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+            with model.no_sync() if (i + 1) % tau else contextlib.nullcontext():
+                (_aux_loss(model, xs, ys, uses(rank, i, who)) / tau).backward()
+            if (i + 1) % tau == 0:
+                opt.step()
+                opt.zero_grad()
+        acc.remove()
+        ref = build()
+        ropt = Flora(ref.parameters(), **OPTS, **REF)
+        racc = CompressedAccumulator(ref, rank=acc_rank, tau=tau, optimizer=ropt, seed=5, exact_last=exact_last)
+        for i, (x, y) in enumerate(batches):
+            n = x.shape[0] // world
+            loss = sum(_aux_loss(ref, x[r * n:(r + 1) * n], y[r * n:(r + 1) * n], uses(r, i, who))
+                       for r in range(world)) / world
+            (loss / tau).backward()
+            if (i + 1) % tau == 0:
+                ropt.step()
+                ropt.zero_grad()
+        racc.remove()
+        out[f"{who}, rank={acc_rank}, exact_last={exact_last}"] = {
+            "diff": max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters())),
+            "aux moved": (net.aux.weight - build().aux.weight).abs().max().item(),
+            "params": [p.detach().clone() for p in net.parameters()]}
+    return out
+
+
 # ------------------------------------------------------------------ the accumulator under FSDP2
 
 

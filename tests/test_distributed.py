@@ -19,6 +19,7 @@ SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_
              "fsdp_shard1_refused", "fsdp_seed_per_rank_refused", "fsdp_loads_one_process_state",
              "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
+             "ddp_accumulator_find_unused",
              "fsdp_accumulator", "fsdp1"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
@@ -205,6 +206,21 @@ def test_ddp_compressed_accumulator_averages_a_short_cycle_closed_by_the_step(re
     equals one process."""
     for r in check(results, "ddp_accumulator_short_cycle"):
         assert r["diff"] <= TOL
+
+
+def test_ddp_find_unused_parameters_head_used_in_some_micro_batches_equals_one_process(results):
+    """DDP(find_unused_parameters=True), normal mode: a head that the cycle's synchronised
+    micro-batch does not reach (on every rank or on one), or reaches on one rank only,
+    trains as in one process; with exact_last=True in the mixed case (not comparable to
+    one process, see the scenario) the replicas agree."""
+    r0, r1 = check(results, "ddp_accumulator_find_unused")
+    for case, got in r0.items():
+        assert got["aux moved"] > 1e-3, case
+        for a, b in zip(got["params"], r1[case]["params"]):
+            assert torch.equal(a, b), case
+        if case != "mixed, rank=3, exact_last=True":
+            assert got["diff"] <= TOL, (case, got["diff"])
+    assert len(r0) == 7
 
 
 def test_fsdp2_compressed_accumulator_equals_one_process(results):

@@ -13,6 +13,7 @@ import threading
 import torch
 from torch.optim import Optimizer
 
+from .. import _autocast
 from ..sharded import is_dtensor
 from .cycle import Cycle, lag_message
 from .ddp import mean_over_replicas
@@ -89,6 +90,22 @@ class Engine:
             self.ddp_guard = DDPSyncGuard(self, ddp)
             self.ddp_checked = True
 
+    @torch.no_grad()
+    def settle_unreached(self, reached: set[int]) -> None:
+        """Normal mode under DDP(find_unused_parameters=True), before the cycle's synchronised
+        backward: the slots with a partial sum that this backward will not reach (``reached``:
+        the ids of the parameters it reaches) get their estimate in ``.grad`` for DDP to
+        average, and are complete."""
+        with self.lock:
+            self.sweep()  # a zero_grad() since the last backward discards what it cleared
+            c = self.cycle
+            with _autocast.disabled():  # inside the user's autocast: estimate in the state dtype
+                for k, _ in c.lagging():
+                    if id(self.slots[k].param) not in reached:
+                        self.grads.write_estimate(c, k, self.projection)
+                        c.buffers.pop(k, None)
+                        c.done.add(k)
+
     def before_grad(self, k: int, task: int) -> None:
         """Before autograd adds this backward's gradient to ``.grad``, so that a refusal
         leaves the parameter as it was: discards a partial sum that ``zero_grad()``
@@ -159,7 +176,10 @@ class Engine:
         if o.reduce:
             self.replicas.accumulate(c, k, g, self.projection, self.grads)
             return
-        last = accelerate_ends_cycle(c, o.tau, count, self.accelerate) or count + 1 == o.tau
+        # DDP synchronises the cycle's last backward only (DDPSyncGuard): it is the last for
+        # every parameter, however many micro-batches each was used in
+        last = (accelerate_ends_cycle(c, o.tau, count, self.accelerate) or count + 1 == o.tau
+                or (self.ddp_guard is not None and self.ddp_guard.synchronising))
         buf = c.buffers.get(k)
         if slot.dim is not None:
             a = self.projection(k)

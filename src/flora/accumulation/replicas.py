@@ -171,6 +171,7 @@ class DDPSyncGuard:
 
         self.engine, self.name, self.ddp = engine, type(ddp).__name__, weakref.ref(ddp)
         self.handle = ddp.register_forward_pre_hook(self.check, prepend=True)
+        self.post = ddp.register_forward_hook(self.settle_unused)
 
     @property
     def group(self):
@@ -197,8 +198,44 @@ class DDPSyncGuard:
         if i + 1 < eng.opts.tau and not accelerate_syncs(eng.cycle):
             raise RuntimeError(NO_SYNC.format(tau=eng.opts.tau, ddp=self.name, when=when, i=i + 1, nothing=nothing))
 
+    def settle_unused(self, module, args, output) -> None:
+        """The synchronised micro-batch under ``find_unused_parameters=True``: DDP marks the
+        parameters this forward did not reach ready when backward starts, and all-reduces
+        their ``.grad`` as it is then. One with a partial sum from the cycle's earlier
+        micro-batches must have its estimate there by then (a placeholder would be averaged
+        as zeros), and its part of the cycle is complete: DDP averages it."""
+        if (torch.is_grad_enabled() and getattr(module, "require_backward_grad_sync", False)
+                and getattr(module, "find_unused_parameters", False) and self.engine.cycle.lagging()):
+            self.engine.settle_unreached(params_reached(output))
+
     def remove(self) -> None:
         self.handle.remove()
+        self.post.remove()
+
+
+def params_reached(output) -> set[int]:
+    """The ids of the leaf tensors that a backward from ``output``'s tensors reaches: the
+    parameters DDP finds used (it searches from the same tensors, ``_find_tensors``)."""
+    from torch.nn.parallel.distributed import _find_tensors
+
+    reached: set[int] = set()
+    seen: set = set()
+    stack = []
+    for t in _find_tensors(output):
+        if t.grad_fn is not None:
+            stack.append(t.grad_fn)
+        elif t.requires_grad:
+            reached.add(id(t))
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf's gradient lands here
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return reached
 
 
 # ------------------------------------------------------------------ reduce=True
