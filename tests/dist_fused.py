@@ -5,6 +5,8 @@ and returns plain values and tensors; tests/test_distributed_fused.py reads them
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from flora import CompressedAccumulator, Flora
@@ -352,8 +354,9 @@ def fsdp_gradient_sync_off_refused(rank, world):
 
 
 def ddp_fused_removed(rank, world):
-    """After remove(), a backward on that DDP model says that DDP kept the accumulator's
-    hook (it cannot be unregistered); and the model is freed once dropped (the reducer
+    """After remove() (after a full cycle, mid-cycle, after a short one), a backward on
+    that DDP model says that DDP kept the accumulator's hook (it cannot be
+    unregistered); and the model is freed once dropped (the reducer
     holds the accumulator only weakly: a model kept alive until interpreter shutdown can
     abort the process there)."""
     import gc
@@ -361,21 +364,33 @@ def ddp_fused_removed(rank, world):
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(_net())
-    opt = Flora(model.parameters(), **OPTS)
-    acc = CompressedAccumulator(model, rank=3, tau=1, optimizer=opt, fused=True)
+    out = {}
     x, y = _batches(1)[0]
-    _micro(model, x, y, rank, world).backward()
-    acc.remove()
-    try:
-        _micro(model, x, y, rank, world).backward()
-        after = None
-    except RuntimeError as e:
-        after = str(e)
-    ref = weakref.ref(model)
-    del model, opt, acc
+    # removed after a full cycle; mid-cycle; after a short cycle that finish_cycle() closed
+    # (these two had left DDP's synchronisation off: the next backward ran unsynchronised,
+    # each replica on its own gradients; found by a new-user probe)
+    for case, tau, before in (("full", 1, 1), ("mid", 3, 1), ("short", 3, 4)):
+        model = DDP(_net())
+        opt = Flora(model.parameters(), **OPTS)
+        acc = CompressedAccumulator(model, rank=3, tau=tau, optimizer=opt, fused=True)
+        for _ in range(before):
+            _micro(model, x, y, rank, world).backward()
+        if case == "short":
+            acc.finish_cycle()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # remove() mid-cycle warns that it drops the partial sums
+            acc.remove()
+        try:
+            _micro(model, x, y, rank, world).backward()
+            out[case] = None
+        except RuntimeError as e:
+            out[case] = str(e)
+        if case == "full":
+            ref = weakref.ref(model)
+        del model, opt, acc
     gc.collect()
-    return {"after_remove": after, "freed": ref() is None}
+    out["freed"] = ref() is None
+    return out
 
 
 class _ConvNet(torch.nn.Module):

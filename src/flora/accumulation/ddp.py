@@ -102,6 +102,10 @@ class DDPSteps:
     def remove(self) -> None:
         self.handle.remove()  # DDP keeps the communication hook: it cannot be unregistered
         self.removed = True
+        # The pre-hook may have left synchronisation off (removed mid-cycle, or after a short
+        # cycle): the next backward would then run unsynchronised, each replica on its own
+        # gradients, instead of reaching the hook that refuses it.
+        self.ddp.require_backward_grad_sync = True
 
     def before_forward(self, module, args) -> None:
         eng = self.engine
