@@ -298,3 +298,17 @@ def test_wrong_objects_are_named():
         flora.RelativeStepSchedule("x")
     with pytest.raises(TypeError, match="warmup_init must be True or False"):
         Flora(model.parameters(), lr=1e-2, warmup_init="yes")
+
+
+def test_nothing_compressed_warning_names_the_callers_line():
+    """The "a rank is set but no tensor keeps compressed momentum" warning pointed one frame
+    too far up (the caller's caller; 'sys:1' at module level; found by a new-user probe)."""
+    import warnings
+
+    import flora
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        flora.Flora([torch.nn.Parameter(torch.randn(4, 4))], lr=1e-3, rank=32)
+    ours = [w for w in seen if "no tensor keeps compressed momentum" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__, (ours[0].filename, ours[0].lineno)

@@ -208,9 +208,9 @@ def test_goal_lines_default_goal():
                     _run("pretrain", "lora-r32", 1e-3, 2.05, 2.05, state=60)])
     lines = report.goal_lines(rows)
     assert lines == [
-        "pretrain, flora-r32: test loss +0.50% vs adafactor-b0.9 (within 1%); better than lora-r32 "
+        "pretrain, flora-r32: test loss +0.50% vs adafactor-b0.9 (goal: at most 1% above it: met); better than lora-r32 "
         "(2.01 vs 2.05 test loss); state 5.0% of AdamW (<= 10%)",
-        "pretrain, flora-r32-paper: test loss +5.00% vs adafactor-b0.9 (NOT within 1%); NOT better than lora-r32 "
+        "pretrain, flora-r32-paper: test loss +5.00% vs adafactor-b0.9 (goal: at most 1% above it: NOT met); NOT better than lora-r32 "
         "(2.1 vs 2.05 test loss); state 20.0% of AdamW (> 10%)",
     ]
     md = report.markdown(rows, {"pretrain": "loss"}, {"size": "smoke", "command": "x"})
@@ -224,7 +224,7 @@ def test_goal_lines_are_data():
                     _run("classify", "theirs", 1e-4, 0.9, 0.89, metric="accuracy")], metric="accuracy")
     goal = Goal(("mine",), near="adamw", tolerance=0.03, beats="theirs", max_state_vs_adamw=0.02, source="#42")
     assert report.goal_lines(rows, (goal,)) == [
-        "classify, mine: test accuracy 88.0% vs adamw 90.0% (within 3 points); NOT better than theirs "
+        "classify, mine: test accuracy 88.0% vs adamw 90.0% (goal: at most 3 points below it: met); NOT better than theirs "
         "(0.88 vs 0.89 test accuracy); state 3.0% of AdamW (> 2%) (#42)"]
     assert report.goal_lines(rows, (Goal(("absent",), near="adamw"),)) == []
     assert report.goal_lines(rows) == []  # the default goal's optimizers did not run

@@ -73,4 +73,4 @@ def warn_if_nothing_compressed(opt) -> None:
     said = "; ".join(f"{k} ({v} tensor{'s' * (v > 1)})" for k, v in reasons.items())
     warnings.warn(f"Flora: a rank is set but no tensor keeps compressed momentum: {said}. "
                   "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
-                  UserWarning, stacklevel=4)
+                  UserWarning, stacklevel=3)

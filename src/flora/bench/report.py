@@ -151,11 +151,12 @@ def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = Non
         if higher_is_better:  # accuracy: absolute, in points
             within = a[key] - val <= tol
             parts.append(f"{key.replace('_', ' ')} {100 * val:.1f}% vs {goal.near} {100 * a[key]:.1f}% "
-                         f"({'within' if within else 'NOT within'} {100 * tol:g} {'point' if tol == 0.01 else 'points'})")
+                         f"(goal: at most {100 * tol:g} {'point' if tol == 0.01 else 'points'} below it: "
+                         f"{'met' if within else 'NOT met'})")
         else:
             d = val / a[key] - 1
             parts.append(f"{key.replace('_', ' ')} {100 * d:+.2f}% vs {goal.near} "
-                         f"({'within' if d <= tol else 'NOT within'} {100 * tol:g}%)")
+                         f"(goal: at most {100 * tol:g}% above it: {'met' if d <= tol else 'NOT met'})")
     b = by.get(goal.beats) if goal.beats else None
     if val is not None and b and b.get(key):
         better = val > b[key] if higher_is_better else val < b[key]

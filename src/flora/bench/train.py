@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extend-lr", type=int, default=None, metavar="N",
                    help="while an optimizer's best lr (mean over seeds) is the lowest or highest of its grid, run "
                         "the next lr beyond it (x3 or /3 on the 1-3-10 grids), at most N times; a row still on the "
-                        "edge is marked (default: the preset's, else 0)")
+                        "edge is marked (default: the size's, 2 for quick, 0 for smoke and full, or the preset's)")
     p.add_argument("--scale-parameter", action="store_true",
                    help="Adafactor, Flora, flora-opt and LoRA's Adafactor with scale_parameter=True (HF's default: "
                         "lr relative to each parameter's RMS) instead of the bench's False")
@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="cache folder for tokenized data and the converted SmolLM2 "
                                                  "(default runs/bench/cache or $FLORA_BENCH_CACHE)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per run (default: torch's choice, one per core)")
+                   help="torch CPU threads per run (default: the cores shared equally among --workers runs; "
+                        "torch's choice, one per core, with one worker)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="runs at a time, each in its own process with an equal share of the cores' threads "
                         "(default: 2 on a CPU with 2 or more cores, 1 on a GPU or with --no-isolate)")
