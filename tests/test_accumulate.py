@@ -221,6 +221,49 @@ def test_named_parameters_as_torch_optimizers_take_them():
         CompressedAccumulator([("w", "not a tensor")], rank=3, tau=TAU)
 
 
+def test_the_tau_th_backward_ends_a_cycle_no_parameter_completed():
+    """Two experts routed alternately (top-1) and an accumulator on the experts only: no
+    parameter gets all tau gradients, and nothing ended the cycle at the tau-th backward
+    (found by a new-user probe): normal mode left the placeholders in .grad (clipping
+    failed with torch's "single memory location"), fused mode merged the next cycle's
+    first backward into the old one. Now normal mode writes the estimates (rank=None: the
+    plain sums, so the clip and the step equal a plain loop's), and in both modes the
+    next backward before the step is refused, naming the cycle's end."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 16)
+
+    def build():
+        torch.manual_seed(0)
+        experts = nn.ModuleList([nn.Linear(16, 16, bias=False) for _ in range(2)])
+        return experts, torch.optim.SGD(experts.parameters(), lr=0.1)
+
+    def plain(clip):
+        ref, ropt = build()
+        for e in (0, 1):
+            (ref[e](x).pow(2).mean() / 2).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        ropt.step()
+        return _params(ref)
+
+    for fused in (False, True):
+        experts, opt = build()
+        acc = CompressedAccumulator(experts, rank=None, tau=2, optimizer=opt, fused=fused)
+        for e in (0, 1):
+            (experts[e](x).pow(2).mean() / 2).backward()
+        if not fused:
+            torch.nn.utils.clip_grad_norm_(experts.parameters(), 0.1)
+        with pytest.raises(RuntimeError, match="ended after 2 backward passes, though no parameter"):
+            (experts[0](x).pow(2).mean() / 2).backward()
+        if fused:
+            acc.finish_cycle()  # each expert steps on the sum it got
+        else:
+            opt.step()
+        assert acc.cycle == 1
+        _assert_equal(_params(experts), plain(clip=not fused))
+        acc.remove()
+
+
 # ------------------------------------------------------------------ statistics
 
 

@@ -170,6 +170,8 @@ def test_a_dropped_model_frees_its_accumulator(mode):
 
     from torch.optim.optimizer import _global_optimizer_pre_hooks
 
+    gc.collect()
+    remove_dead_global_hooks()  # those of earlier tests' accumulators in this process
     hooks_before = len(_global_optimizer_pre_hooks)
 
     def trial():

@@ -79,13 +79,14 @@ class Cycle:
         self.versions.pop(k, None)
         return self.marks.pop(k, None)
 
-    def settle_overdue(self) -> bool:
+    def settle_overdue(self, tau: int) -> bool:
         """After slots were discarded: drop the overdue state when no lagging slot is left
-        (or none is done). Returns True when what is left is complete: the cycle closes."""
+        (or none is done, and fewer than ``tau`` backward passes ran). Returns True when
+        what is left is complete: the cycle closes."""
         if self.overdue is None:
             return False
         lagging = [(k, n) for k, n in self.overdue if self.counts[k]]
-        if lagging and self.done:
+        if lagging and (self.done or self.backwards >= tau):
             self.overdue = lagging
             return False
         self.overdue = None
@@ -110,8 +111,10 @@ def lag_message(c: Cycle, names: list[str], *, tau: int, fused: bool, name: str,
         return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
 
     if first:
+        ended = (f"ended for {len(done)} parameter(s) ({listed([repr(n) for n in done])})" if done else
+                 f"ended after {tau} backward passes, though no parameter got a gradient in all {tau},")
         what = (f"a backward pass began while the previous cycle (cycle {c.number}) waits to be stepped: it "
-                f"ended for {len(done)} parameter(s) ({listed([repr(n) for n in done])}) and "
+                f"{ended} and "
                 f"{len(lagging)} got gradients in fewer micro-batches "
                 f"({listed([f'{n!r} ({k})' for n, k in lagging])}"
                 f"{'' if fused else '; their estimates are in .grad'}). Nothing of this backward was "

@@ -243,7 +243,10 @@ class Engine:
             self.units.flush(self.step_slots)
         if self.ddp_steps is not None:
             self.ddp_steps.settle()
-        if not c.done:
+        c.backwards += 1
+        # The tau-th backward ends the cycle even where no parameter got all tau gradients
+        # (two experts routed alternately): otherwise nothing would end it there.
+        if not c.done and c.backwards < o.tau:
             return
         lagging = c.lagging()
         if not lagging:
@@ -282,7 +285,7 @@ class Engine:
                 self.grads.drop(c, k)
         if not c.active:
             c.backwards = 0
-        if c.settle_overdue():  # what is left is complete
+        if c.settle_overdue(self.opts.tau):  # what is left is complete
             self.close()
 
     def micro_step(self) -> int:
