@@ -102,8 +102,7 @@ class Engine:
             with _autocast.disabled():  # inside the user's autocast: estimate in the state dtype
                 for k, _ in c.lagging():
                     if id(self.slots[k].param) not in reached:
-                        self.grads.write_estimate(c, k, self.projection)
-                        c.buffers.pop(k, None)
+                        self.grads.write_estimate(c, k, self.projection)  # (takes the buffer)
                         c.done.add(k)
 
     def before_grad(self, k: int, task: int) -> None:
