@@ -484,6 +484,9 @@ class Flora(Optimizer):
                         F.run(work, work.t)
             if len(self._transposed) > len(staged):  # buckets whose members changed: drop their projections
                 self._transposed = {k: v for k, v in self._transposed.items() if k in staged}
+            # every core prepared so far has written its update: the rows that left a stack
+            # can be copied now, and the old stacks freed before the next step
+            self._stacks.settle()
             return
         for work in plan:
             F.run(work, work.t)

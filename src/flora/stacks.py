@@ -27,12 +27,13 @@ class StateStacks:
     bucket's (a whole ``state_dict`` writes each stack once). So when a bucket's members
     change (parameters that step on some steps only), the stacks its new members were
     rows of are dissolved: members that left get copies of their rows, and no stack is
-    kept that the optimizer no longer uses. The copies are made at the next step's start
-    (:meth:`settle`), not while the step is prepared: a bucket prepared earlier in the same
-    step may hold a leaving member's row, and its core writes that step's update there
-    (a copy made at once lost it: found by a new-user probe); until then that row keeps its
-    old stack alive. A stack of which a state was
-    dropped (``opt.state.pop(p)``, a resized parameter) is dissolved at the next step."""
+    kept that the optimizer no longer uses. The copies are made once the step's cores have
+    run (:meth:`settle`, from ``Flora._apply``; at the next step's start when the step is
+    traced into the caller's graph), not while the step is prepared: a bucket prepared
+    earlier in the same step may hold a leaving member's row, and its core writes that
+    step's update there (a copy made at once lost it: found by a new-user probe). A stack
+    of which a state was dropped (``opt.state.pop(p)``, a resized parameter) is dissolved
+    at the next step."""
 
     def __init__(self) -> None:
         # (id(first state dict), key) -> (the stack, the views written into the states,
@@ -50,8 +51,8 @@ class StateStacks:
         self._leaving.clear()
 
     def settle(self, live: dict | None = None) -> None:
-        """At a step's start, before any state is read: members that left a stack get a
-        copy of their row (the previous step's update is in it), and, given the
+        """When no prepared core is left to run (after a step's cores, or at a step's start):
+        members that left a stack get a copy of their row (the step's update is in it), and, given the
         optimizer's ``state`` (``live``), stacks holding a state no longer in it are
         dissolved the same way."""
         if live is not None and self._d:
