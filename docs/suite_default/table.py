@@ -156,6 +156,19 @@ for which in ("r8_ratio", "r32_ratio"):
     worst = max(table, key=lambda r: r[which])
     lines.append(f"- worst {which.split('_')[0]} / floor: {worst[which]:.3f} ({worst['task']}, {worst['length']:g}x)")
 
+# The README's lr guidance: each row's best lr against the target's (Adafactor beta1=0.9),
+# all with scale_parameter=False as the suite runs them.
+lines += ["", "**Best lr** (each row at its best mean validation loss; `*` an end of its grid; in brackets "
+          "the lr over the target's):", "", "| task, length | floor | target | r8 | r32 |", "| --- | ---: | ---: | ---: | ---: |"]
+for task, length in cases:
+    got = {row: best((task, length, row)) for row in (FLOOR, TARGET, "r8", "r32")}
+    if None in got.values():
+        continue
+    tl = got[TARGET]["lr"]
+    cells = [f"{got[k]['lr']:.3g}{star(got[k])}" + ("" if k in (FLOOR, TARGET) else f" ({got[k]['lr'] / tl:.2g}x)")
+             for k in (FLOOR, TARGET, "r8", "r32")]
+    lines.append(f"| {task}, {length:g}x | " + " | ".join(cells) + " |")
+
 RANKS = (4, 8, 32, 128)
 # (task, rank) where Flora warned that no tensor keeps compressed momentum (every projected
 # dimension <= the rank): the momentum is dense, in bfloat16; the cell says so.
