@@ -147,10 +147,13 @@ class Params(nn.Module):
     dimension each one's momentum projects away (param groups of proj_dim 0 and 1).
     Under the default factor_dims="largest", c0 and k1 are factored over dims (0, 1) (the
     sharded rows are factored: sums over the shards, 5 rows uneven), k0 over (1, 3) (a
-    permuted view whose leading dim is the sharded one: local)."""
+    permuted view whose leading dim is the sharded one: local). sa and sb are stacks of 4
+    matrices of 6 x 5 (stacked experts, 2 a rank), seen as 24 x 5, in groups of their own
+    after the others: sa's 24 rows projected (this rank's 12 of them through its columns of
+    the projection), sb's columns."""
 
     SHAPES = {"w0": (11, 12), "c0": (5, 4, 3), "k0": (2, 6, 3, 5), "w1": (11, 12), "e1": (1, 12),
-              "k1": (6, 4, 3, 3), "b1": (11,)}
+              "k1": (6, 4, 3, 3), "b1": (11,), "sa": (4, 6, 5), "sb": (4, 6, 5)}
 
     def __init__(self, dtype, channels_last=False):
         super().__init__()
@@ -165,7 +168,9 @@ class Params(nn.Module):
 def _param_groups(model):
     named = list(model.named_parameters())
     return [{"params": [p for n, p in named if n.endswith("0")], "proj_dim": 0},
-            {"params": [p for n, p in named if n.endswith("1")], "proj_dim": 1}]
+            {"params": [p for n, p in named if n.endswith("1")], "proj_dim": 1},
+            {"params": [p for n, p in named if n.endswith("sa")], "proj_dim": 0},
+            {"params": [p for n, p in named if n.endswith("sb")], "proj_dim": 1}]
 
 
 def _given_grads(step: int, dtype):
@@ -353,6 +358,26 @@ def fsdp_shard1_refused(rank, world):
         return {"error_message": str(e), "unchanged": bool(torch.equal(w, model.a.weight.to_local())),
                 "state_empty": all(len(opt.state[p]) == 0 for p in model.parameters())}
     return {"error_message": None}
+
+
+def fsdp_uneven_stack_refused(rank, world):
+    """Three stacked experts over two ranks (2 + 1): the compressed momentum's 3 x 6 rows
+    would be placed 9 + 9 by DTensor, not 12 + 6 as the parameter's. Refused, before any
+    change; with rank=None it steps."""
+    model = nn.Module()
+    model.register_parameter("s", nn.Parameter(torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))))
+    _fsdp(model)
+    out = {}
+    for rank_opt in (3, None):
+        opt = Flora(model.parameters(), lr=1e-2, rank=rank_opt, beta1=0.9)
+        model.s.grad = _as_dtensor_like(model.s, torch.ones(3, 6, 5))
+        w = model.s.to_local().clone()
+        try:
+            opt.step()
+            out[str(rank_opt)] = {"error_message": None, "moved": not torch.equal(w, model.s.to_local())}
+        except ValueError as e:
+            out[str(rank_opt)] = {"error_message": str(e), "unchanged": bool(torch.equal(w, model.s.to_local()))}
+    return out
 
 
 def fsdp_seed_per_rank_refused(rank, world):

@@ -19,6 +19,15 @@ RULE = [  # shape, rank, options, projected dim (None: dense), reason fragment
     ((100, 8), 4, {"max_aspect_ratio": 4.0}, None, "aspect ratio 12.5"),
     ((8, 3, 3, 3), 4, {}, 0, None),  # a convolution is viewed as 8 x 27
     ((16, 32), 8, {"proj_dim": 1}, 1, None),
+    # stacked experts (E, n, m), n and m >= E: a stack of E matrices (E * n) x m, whose
+    # columns are projected (its rows would mix the experts), even where E * n > m
+    ((8, 24, 32), 8, {}, 1, None),
+    ((4, 48, 12), 8, {}, 1, None),
+    ((4, 24, 8), 8, {}, None, "projected dim 8 <= rank 8"),
+    ((4, 10, 40), 8, {"max_aspect_ratio": 3.0}, None, "aspect ratio 4"),  # one matrix's, not (40, 40)'s
+    ((4, 30, 40), 8, {"max_aspect_ratio": 3.0}, 1, None),
+    ((8, 24, 32), 8, {"proj_dim": 0}, 0, None),  # asked for: the (E * n) rows
+    ((64, 24, 32), 8, {}, 0, None),  # more experts than rows: not a stack, 64 x 768 as before
     ((16, 32), None, {}, None, "rank=None"),
 ]
 
@@ -51,3 +60,51 @@ def test_state_formula_refuses_unknown_options():
     with pytest.raises(TypeError, match="max_aspect_ration"):
         flora.flora_state_bytes([(4, 4)], rank=2, beta1=0.9, max_aspect_ration=2.0)
     assert flora.flora_state_bytes([(4, 4)], rank=2, beta1=0.9, dtype=torch.float64) == 8 * (4 + 4 + 2 * 4)
+
+
+def test_stacked_experts_are_projected_each_on_its_own():
+    """Stacked experts (one (E, n, m) parameter, as transformers 5's MoE models hold
+    them) were viewed as E x (n * m) and projected across the experts: an expert the
+    router never picked moved by the others' momentum (16 experts of 24 x 32 at rank 8,
+    4 routed: the others moved by 29% of the routed ones' distance), and with E <= rank
+    the tensor stayed dense. Each expert's rows are now compressed by one shared
+    projection of the columns: the momentum is (E * n) x r, and experts without gradient
+    stay exactly where they were, in the optimizer and in the accumulator."""
+    from flora.projection import is_stack, matrix_shape
+
+    assert is_stack((16, 24, 32)) and matrix_shape((16, 24, 32)) == (384, 32)
+    assert not is_stack((64, 3, 3)) and not is_stack((8, 4, 3, 3)) and not is_stack((24, 32))
+    for experts in (8, 16):
+        w = nn.Parameter(torch.randn(experts, 24, 32, generator=torch.Generator().manual_seed(0)) * 0.02)
+        opt = flora.Flora([w], lr=1e-2, rank=8, beta1=0.9, kappa=2, scale_parameter=False)
+        acc = flora.CompressedAccumulator([w], rank=8, tau=2)
+        assert opt.plan()[0]["momentum_shape"] == (experts * 24, 8) and acc.plan()[0]["buffer_shape"] == (experts * 24, 8)
+        before = w.detach().clone()
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):  # two resamples; experts 0-3 routed
+            for _ in range(2):
+                x = torch.randn(4, 3, 24, generator=g)
+                (x @ w[:4]).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        moved = (w.detach() - before).flatten(1).norm(dim=1)
+        assert (moved[:4] > 0.05).all()
+        assert torch.equal(moved[4:], torch.zeros(experts - 4))
+        assert flora.state_bytes(opt) == flora.flora_state_bytes([tuple(w.shape)], rank=8, beta1=0.9)
+
+
+def test_a_checkpoint_of_stacked_experts_from_the_old_view_is_refused_clearly():
+    """A state saved when a stack was one E x (n * m) matrix cannot be read under the new
+    view: the refusal says so (not 'saved from a different model or rank'), and nothing is
+    loaded."""
+    w = nn.Parameter(torch.randn(16, 24, 32))
+    opt = flora.Flora([w], lr=1e-2, rank=8, beta1=0.9)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg_c"] = torch.zeros(8, 24 * 32, dtype=torch.bfloat16)  # the old view, dim 0
+    sd["state"][0]["proj_dim"] = 0
+    new = flora.Flora([w], lr=1e-2, rank=8, beta1=0.9)
+    with pytest.raises(ValueError, match=r"stack of matrices of shape \(16, 24, 32\).*before 2026-12-04"):
+        new.load_state_dict(sd)
+    assert not new.state

@@ -16,7 +16,7 @@ from flora import Flora
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient", "fsdp_compile_option",
-             "fsdp_shard1_refused", "fsdp_seed_per_rank_refused", "fsdp_loads_one_process_state",
+             "fsdp_shard1_refused", "fsdp_uneven_stack_refused", "fsdp_seed_per_rank_refused", "fsdp_loads_one_process_state",
              "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
              "ddp_accumulator_find_unused",
@@ -129,6 +129,14 @@ def test_fsdp2_shard1_is_refused_before_any_change(results):
     for r in check(results, "fsdp_shard1_refused"):
         assert r["error_message"] and "Shard(dim=1)" in r["error_message"] and "dim 0" in r["error_message"]
         assert r["unchanged"] and r["state_empty"]
+
+
+def test_fsdp2_refuses_stacked_experts_that_do_not_divide_among_the_ranks(results):
+    for r in check(results, "fsdp_uneven_stack_refused"):
+        got = r["3"]
+        assert got["error_message"] and "stack of matrices of shape (3, 6, 5)" in got["error_message"], got
+        assert "rank=None" in got["error_message"] and got["unchanged"]
+        assert r["None"] == {"error_message": None, "moved": True}
 
 
 def test_fsdp2_refuses_a_seed_that_differs_across_ranks_before_any_change(results):

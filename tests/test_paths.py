@@ -105,11 +105,9 @@ CONFIGS = {
 
 
 def _min_max(shape):
-    n = shape[0]
-    m = 1
-    for s in shape[1:]:
-        m *= s
-    return n, m
+    from flora.projection import matrix_shape
+
+    return matrix_shape(shape)
 
 
 # name -> (matrix shape (n, m) -> rank and proj_dim). "auto" projects the smaller dim d.

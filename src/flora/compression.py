@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .projection import choose_dim, matrix_shape, state_dtype
+from .projection import choose_dim, is_stack, matrix_shape, state_dtype
 
 __all__ = ["MOMENTUM_DTYPES", "PROJ_DIMS", "check_momentum_dtype", "compressed_dim", "dense_reason",
            "momentum_dtype_name", "momentum_storage"]
@@ -18,10 +18,12 @@ def compressed_dim(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio
     """The matrix dimension projected away for a tensor of ``shape``, or None to keep it
     dense.
 
-    Tensors of two or more dims are viewed as ``(shape[0], rest)``; they are compressed
-    when ``rank`` is set, they hold elements (0-size tensors stay dense), the projected
-    dimension (``proj_dim``: ``"auto"`` takes the smaller) exceeds it, and
-    ``max(n, m) / min(n, m)`` does not exceed ``max_aspect_ratio`` (None: any shape)."""
+    Tensors of two or more dims are viewed as a matrix (``(shape[0], rest)``, or
+    ``(rest, shape[-1])`` for a stack of matrices: ``flora.projection.matrix_shape``); they
+    are compressed when ``rank`` is set, they hold elements (0-size tensors stay dense),
+    the projected dimension (``proj_dim``: ``"auto"`` takes the smaller, a stack's
+    columns) exceeds it, and ``max(n, m) / min(n, m)`` (of one matrix of a stack) does not
+    exceed ``max_aspect_ratio`` (None: any shape)."""
     return None if dense_reason(shape, rank, proj_dim=proj_dim, max_aspect_ratio=max_aspect_ratio) else \
         choose_dim(shape, proj_dim)
 
@@ -36,8 +38,9 @@ def dense_reason(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio: 
     n, m = matrix_shape(shape)
     if n == 0 or m == 0:  # no aspect ratio and nothing to compress; its state is empty
         return f"0-size tensor ({n} x {m} as a matrix)"
-    if max_aspect_ratio is not None and max(n, m) > max_aspect_ratio * min(n, m):
-        return f"aspect ratio {max(n, m) / min(n, m):.3g} > max_aspect_ratio={max_aspect_ratio}"
+    a, b = shape[-2:] if is_stack(shape) else (n, m)  # a stack: the shape of its matrices
+    if max_aspect_ratio is not None and max(a, b) > max_aspect_ratio * min(a, b):
+        return f"aspect ratio {max(a, b) / min(a, b):.3g} > max_aspect_ratio={max_aspect_ratio}"
     d = (n, m)[choose_dim(shape, proj_dim)]
     if d <= rank:
         return f"projected dim {d} <= rank {rank}"

@@ -16,9 +16,12 @@ A projection for a dimension of size ``d`` at rank ``r`` is one of (``PROJECTION
 Every one is drawn by the CPU generator (and factorised on the CPU) and then moved, so
 the same seed gives the same projection on every device.
 
-Views: every tensor with two or more dims is seen as the 2-D matrix
-``(shape[0], prod(shape[1:]))``. ``dim=0`` projects the rows away (stores ``r x m``),
-``dim=1`` projects the columns away (stores ``n x r``).
+Views (:func:`matrix_shape`): a tensor with two or more dims is seen as the 2-D matrix
+``(shape[0], prod(shape[1:]))`` (a convolution: output channels by the rest), except a
+stack of matrices (:func:`is_stack`: stacked experts ``(E, n, m)``), seen as
+``(prod(shape[:-1]), shape[-1])`` so that its matrices are projected each on its own, by
+one shared projection of their columns. ``dim=0`` projects the rows away (stores
+``r x m``), ``dim=1`` projects the columns away (stores ``n x r``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Literal, Union
 
 import torch
 
-from ._validation import SEED_LIMIT, check_positive_int
+from ._validation import check_nonneg_int, check_positive_int, check_seed
 
 __all__ = [
     "projection_seed",
@@ -38,6 +41,8 @@ __all__ = [
     "make_projections",
     "state_dtype",
     "as_matrix",
+    "is_stack",
+    "matrix_shape",
     "choose_dim",
     "compressed_shape",
     "compress",
@@ -73,9 +78,11 @@ def projection_seed(base_seed: int, index: int, count: int, stream: int = MOMENT
     would have used, with no history to save. Returns a 63-bit integer. ``base_seed``
     must lie in [0, 2**63): a larger one would be folded onto another seed.
     """
-    if not 0 <= int(base_seed) < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2**63) (a larger one would be folded onto another "
-                         f"seed's projections), got {base_seed}")
+    check_seed("seed", base_seed)
+    for name, v in (("index", index), ("count", count)):
+        check_nonneg_int(name, v)
+        if v > _MASK64:
+            raise ValueError(f"{name} must be below 2**64 (a larger one would be folded onto another's), got {v}")
     h = _splitmix64((int(base_seed) & _MASK64) ^ (int(stream) * 0xD1B54A32D192ED03 & _MASK64))
     h = _splitmix64(h ^ (int(index) & _MASK64))
     h = _splitmix64(h ^ (int(count) & _MASK64))
@@ -149,6 +156,10 @@ def make_projections(
     if kind != "gaussian" and rank > dim:  # a QR or a choice of coordinates gives at most dim rows
         raise ValueError(f"projection {kind!r} has at most dim={dim} rows, got rank={rank}; use rank <= dim "
                          "(or 'gaussian', whose rows need not be independent)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
+    for s in seeds:
+        check_seed("seed", s)  # a float, a string or a seed out of range would be folded onto another's
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     if kind == "coordinates":
         out = torch.stack([torch.randperm(dim, generator=g)[:rank].sort().values for g in gens])
@@ -178,27 +189,42 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """View a tensor of two or more dims as ``(shape[0], rest)``."""
-    return t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))  # -1 fails on 0 rows
+def is_stack(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` is a stack of matrices over its last two dims: 3+ dims,
+    the last two its largest (no leading dim larger than either; the rule by which
+    ``factor_dims="largest"`` factors it over them), as stacked experts ``(E, n, m)`` with
+    ``n, m >= E``. A convolution's kernel dims are smaller than its channels: not a stack."""
+    return len(shape) >= 3 and max(shape[:-2]) <= min(shape[-2], shape[-1])
 
 
-def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
-    n = shape[0]
-    return n, math.prod(shape[1:])
+def matrix_shape(shape: torch.Size | tuple[int, ...], like=None) -> tuple[int, int]:
+    """The 2-D matrix a tensor of ``shape`` (2+ dims) is seen as: ``(shape[0], rest)``, or
+    for a stack (:func:`is_stack`) ``(rest, shape[-1])``, each matrix's rows in turn.
+    ``like``: the shape whose rule applies (a whole tensor's, for a shard of its first dim:
+    a shard of a tensor that is not a stack may look like one)."""
+    if is_stack(shape if like is None else like):
+        return math.prod(shape[:-1]), shape[-1]
+    return shape[0], math.prod(shape[1:])
+
+
+def as_matrix(t: torch.Tensor, like=None) -> torch.Tensor:
+    """View (or copy, where no view exists) a tensor of two or more dims as its
+    :func:`matrix_shape`."""
+    return t if t.dim() == 2 else t.reshape(matrix_shape(t.shape, like))  # -1 fails on 0 rows
 
 
 def choose_dim(shape: torch.Size | tuple[int, ...], proj_dim: ProjDim = "auto") -> int:
     """The matrix dimension to project away: ``"auto"`` takes the smaller one (less
-    noise, since the estimator's variance grows like d / r), ties going to the columns."""
+    noise, since the estimator's variance grows like d / r), ties going to the columns;
+    for a stack, its columns (its rows would mix its matrices)."""
     n, m = matrix_shape(shape)
     if proj_dim == "auto":
-        return 0 if n < m else 1
+        return 1 if is_stack(shape) else 0 if n < m else 1
     return int(proj_dim)
 
 
-def compressed_shape(shape: torch.Size | tuple[int, ...], rank: int, dim: int) -> tuple[int, int]:
-    n, m = matrix_shape(shape)
+def compressed_shape(shape: torch.Size | tuple[int, ...], rank: int, dim: int, like=None) -> tuple[int, int]:
+    n, m = matrix_shape(shape, like)
     return (rank, m) if dim == 0 else (n, rank)
 
 
@@ -219,10 +245,21 @@ def _index(a: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
     return a[:, :, None].expand(k, r, m) if dim == 0 else a[:, None, :].expand(k, n, r)
 
 
+def _check_dim(dim, where: str) -> None:
+    if isinstance(dim, bool) or dim not in (0, 1):
+        hint = " ('auto' is Flora's proj_dim: flora.compression.compressed_dim resolves it for a shape)" \
+            if dim == "auto" else ""
+        raise ValueError(f"{where}: dim must be 0 (the rows projected away) or 1 (the columns); got {dim!r}{hint}")
+
+
 def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     """``A G`` (dim 0, gives r x m) or ``G A^T`` (dim 1, gives n x r); for coordinates,
     the selected rows (dim 0) or columns (dim 1). With stacked projections (``a`` of
     ``k x r x d`` or ``k x r``), ``g`` is the ``k x n x m`` stack of matrices."""
+    _check_dim(dim, "compress")
+    if g.dim() < 2:
+        raise ValueError(f"compress: g must have 2 or more dims (a matrix, or a tensor seen as one); got shape "
+                         f"{tuple(g.shape)}")
     if not _batched(a):
         g = as_matrix(g)
         if is_coordinates(a):
@@ -236,6 +273,7 @@ def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None =
     """``A^T C`` (dim 0) or ``C A`` (dim 1): an n x m matrix (unbiased for the original
     with a Gaussian ``A``). Coordinates are scattered into zeros of the projected
     dimension's ``size``, which they need. Stacks as in :func:`compress`."""
+    _check_dim(dim, "decompress")
     if is_coordinates(a):
         if size is None:
             raise ValueError("decompress: a coordinate projection needs size= (the projected dimension)")
@@ -288,5 +326,6 @@ def overlap(a_old: torch.Tensor, a_new: torch.Tensor, dtype: torch.dtype) -> tor
 def transfer(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int) -> torch.Tensor:
     """Move a compressed tensor (or a stack) from one projection to another without
     leaving r x r: ``A_new A_old^T C`` (dim 0) or ``C A_old A_new^T`` (dim 1)."""
+    _check_dim(dim, "transfer")
     t = overlap(a_old, a_new, c.dtype)
     return t @ c if dim == 0 else c @ t.mT

@@ -39,7 +39,7 @@ from . import adafactor as af
 from .compression import compressed_dim, momentum_storage
 from .rounding import AFTER_TRANSFER, to_stored
 from .momentum import compressed_apply_, compressed_terms, dense_momentum_
-from .projection import compress, compressed_shape, is_coordinates, matrix_shape, state_dtype, transfer
+from .projection import as_matrix, compress, compressed_shape, is_coordinates, is_stack, matrix_shape, state_dtype, transfer
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -169,6 +169,11 @@ def init_state(state: dict, p, group: dict) -> None:
     g = p.grad.to_local()
     shape, dtype, dev = tuple(p.shape), state_dtype(g.dtype), g.device
 
+    if group["beta1"] is not None and "exp_avg" not in state and "exp_avg_c" not in state \
+            and momentum_dim(shape, group) == 1:  # before any entry is made
+        _check_stack_rows(shape, lay, compressed_shape(shape, group["rank"], 1),
+                          compressed_shape(g.shape, group["rank"], 1, like=shape))
+
     def put(key, local_shape, global_shape, dtype):
         state[key] = _wrap(torch.zeros(local_shape, dtype=dtype, device=dev), lay, global_shape,
                            *_sharding(key, shape, group, state.get("proj_dim")))
@@ -193,9 +198,26 @@ def init_state(state: dict, p, group: dict) -> None:
         return
     state["proj_dim"] = dim
     full = compressed_shape(shape, group["rank"], dim)
-    put("exp_avg_c", (g.shape[0], group["rank"]) if dim == 1 else full, full, dtype)
+    put("exp_avg_c", compressed_shape(g.shape, group["rank"], 1, like=shape) if dim == 1 else full, full, dtype)
     state["proj_count"] = 0
     state["proj_age"] = 0
+
+
+def _check_stack_rows(shape, lay: Layout, full, mine) -> None:
+    """A stack's momentum has ``n`` rows per matrix (``E x n`` in all): sharded as a DTensor
+    of those rows, its shards must be the parameter's (``E`` a multiple of the shard
+    group's size), else DTensor (a gather, a distributed checkpoint) would place them
+    wrongly."""
+    if not lay.placements or not any(pl.is_shard() for pl in lay.placements):
+        return
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placed = compute_local_shape_and_global_offset(torch.Size(full), lay.mesh, lay.placements)[0]
+    if tuple(placed) != tuple(mine):
+        raise ValueError(
+            f"a stack of matrices of shape {tuple(shape)} (stacked experts) sharded over {lay.mesh.size()} ranks "
+            f"holds {shape[0]} matrices, not a multiple of the ranks: its compressed momentum's rows would not "
+            "follow the parameter's shards. Shard it evenly, or put it in a group with rank=None")
 
 
 def _sharding(key: str, shape, group: dict, proj_dim: int | None) -> tuple[bool, int]:
@@ -222,6 +244,10 @@ def place_loaded_state(p, state: dict, group: dict) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     lay = layout(p)
+    c = state.get("exp_avg_c")
+    if c is not None and state.get("proj_dim") == 1 and c.dim() == 2:
+        _check_stack_rows(tuple(p.shape), lay, tuple(c.shape),
+                          compressed_shape(p.to_local().shape, c.shape[1], 1, like=tuple(p.shape)))
     for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg", "exp_avg_c"):
         v = state.get(key)
         if v is None:
@@ -418,14 +444,15 @@ def _phase2(it: _Item, projections) -> None:
             a = a_new
         st["proj_age"] += 1
         it.c_before = c.clone()
-        um = u.reshape(u.shape[0], math.prod(u.shape[1:]))
+        um = as_matrix(u, like=it.lay.shape)
         if dim == 1:  # local rows of an n x r momentum: sum the terms
             it.a = a
             it.cu = compress(um, a, 1)
             parts += [compressed_terms(c, it.cu, a, 1, isometric=group["projection"] != "gaussian",
                                        dtype=torch.float64)]
         else:  # the local rows' share of A u: sum it into A u
-            it.a = a[:, it.lay.offset:it.lay.offset + um.shape[0]]
+            first = it.lay.offset * (math.prod(it.lay.shape[1:-1]) if is_stack(it.lay.shape) else 1)  # matrix rows
+            it.a = a[:, first:first + um.shape[0]]
             it.full_a = a
             parts += [it.a @ um]
     if it.g.dim() == 1:
@@ -467,7 +494,7 @@ def _phase3(it: _Item, count_skip) -> None:
         c = _local(st["exp_avg_c"])
         dim = st["proj_dim"]
         isometric = group["projection"] != "gaussian"
-        um = u.reshape(u.shape[0], math.prod(u.shape[1:]))
+        um = as_matrix(u, like=it.lay.shape)
         # Where the step is skipped, C(u) and its terms may hold NaN: zero them (selected,
         # not multiplied), so that the update comes out exactly 0 as on one process.
         if dim == 1:

@@ -3,13 +3,15 @@ loaded state must have. Every entry is a tensor or a plain number (``weights_onl
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import sharded
 from .adafactor import factored_shapes
 from .compression import momentum_storage
 from .options import momentum_dim
-from .projection import compressed_shape, state_dtype
+from .projection import compressed_shape, is_stack, state_dtype
 from .sharded import is_dtensor
 
 
@@ -106,11 +108,25 @@ def check_not_resized(p: torch.Tensor, s: dict, group: dict) -> None:
     wrong = _shape_mismatch(p, s, group)
     if wrong is not None:
         k, got, want = wrong
+        if k == "exp_avg_c":
+            _refuse_old_stack_view(tuple(p.shape), got, want)
         need = f"this shape needs {want}" if want is not None else "this shape has no such entry"
         raise ValueError(
             f"a parameter of shape {tuple(p.shape)} has a state made for another shape of as many values (its "
             f"{k!r} is {got}, {need}): it was reshaped after its first step (p.data = "
             f"p.data.reshape(...), say). Reshape it before building the optimizer, {_DROP}")
+
+
+def _refuse_old_stack_view(shape: tuple, got: tuple, want) -> None:
+    """A stack's compressed momentum of the view before 2026-12-04 (one ``E x (n * m)``
+    matrix: ``r x (n * m)`` or ``E x r``): refused, saying so."""
+    rest = math.prod(shape[1:])
+    if is_stack(shape) and len(got) == 2 and (got[1] == rest or got[0] == shape[0]):
+        raise ValueError(
+            f"a stack of matrices of shape {shape} (stacked experts) has a compressed momentum of shape {got}, "
+            f"made by a Flora before 2026-12-04, which projected it as one {shape[0]} x {rest} matrix (across "
+            f"its matrices); each matrix is projected on its own now (needing {want}). Load that checkpoint "
+            f"with the Flora that saved it, {_DROP}")
 
 
 def _shape_mismatch(p: torch.Tensor, s: dict, group: dict) -> tuple[str, tuple, tuple | None] | None:
@@ -239,6 +255,8 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
         expected["exp_avg_c"] = compressed_shape(shape, group["rank"], dim)
     for k, want in expected.items():
         if k in s and tuple(s[k].shape) != tuple(want):
+            if k == "exp_avg_c":
+                _refuse_old_stack_view(shape, tuple(s[k].shape), tuple(want))
             raise ValueError(
                 f"state_dict entry {k!r} has shape {tuple(s[k].shape)} but this optimizer's parameter of shape "
                 f"{shape} needs {tuple(want)}: it was saved from a different model or rank"

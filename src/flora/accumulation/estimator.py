@@ -51,8 +51,9 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def accumulate_compressed_(buf: torch.Tensor | None, g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     """``buf + compress(g)`` in float32 (float64 for float64 gradients), in place into
     ``buf`` (None starts a new sum)."""
+    like = g.shape  # FSDP2: the whole tensor's shape decides its matrix view
     g = local(g)  # FSDP2: this rank's rows, after the reduce-scatter
-    c = compress(g.to(state_dtype(g.dtype)), a, dim)
+    c = compress(as_matrix(g.to(state_dtype(g.dtype)), like), a, dim)
     return c if buf is None else buf.add_(c)
 
 
@@ -62,16 +63,17 @@ def write_estimate_(grad: torch.Tensor, buf: torch.Tensor, a: torch.Tensor, dim:
     A float32 contiguous gradient is updated without an n x m temporary (one matmul
     accumulating into it); other dtypes are computed in float32 and rounded once. A
     DTensor gradient (FSDP2) gets its local rows' estimate."""
+    like = grad.shape
     grad = local(grad)
     if grad.dtype == buf.dtype and grad.is_contiguous():
-        gm = as_matrix(grad)  # a view, since grad is contiguous
+        gm = as_matrix(grad, like)  # a view, since grad is contiguous
         if not add:
             gm.zero_()
         decompress_add_(gm, buf, a, dim)
         return grad
     full = decompress(buf, a, dim)
     if add:
-        full.add_(as_matrix(grad).float())
+        full.add_(as_matrix(grad, like).float())
     return grad.copy_(full.view(grad.shape))
 
 
@@ -106,7 +108,7 @@ def buffer_shape(slot: Slot, rank: int | None) -> tuple[int, ...]:
     FSDP2), or the parameter's."""
     if slot.dim is None:
         return tuple(slot.param.shape)
-    return compressed_shape(local(slot.param).shape, rank, slot.dim)
+    return compressed_shape(local(slot.param).shape, rank, slot.dim, like=slot.param.shape)
 
 
 def plan_row(slot: Slot, rank: int | None) -> dict:
