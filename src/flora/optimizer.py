@@ -32,7 +32,7 @@ from .stacks import StateStacks
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
             "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_shapes_checked",
-            "_groups_checked", "_seeds_checked")
+            "_groups_checked", "_seeds_checked", "_stepped_under", "_taken")
 
 
 def _option_values(group: dict) -> tuple:
@@ -196,6 +196,11 @@ class Flora(Optimizer):
         self._factor_dims_seen_p: dict[int, tuple] = {}
         # (group index, id(shard process group), seed) checked equal on every rank (sharded.check_seeds)
         self._seeds_checked: set = set()
+        # id(p) -> the group layout (_layout_key) p last stepped under: a parameter moved into
+        # another group (add_param_group, a group replaced) is checked against it
+        self._stepped_under: dict[int, tuple] = {}
+        # (the indices of the states, len(self.state) then): a new state's index must be free
+        self._taken: tuple[set, int] | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict calls this with the state and the groups alone: the
@@ -247,8 +252,8 @@ class Flora(Optimizer):
             param_group["momentum_dtype"] = _momentum_dtype_name(param_group["momentum_dtype"])
         plain_group(param_group)  # numpy numbers as Python's (checkpoints hold plain values)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        if "lr" in param_group and "relative_step" not in param_group and param_group["lr"] is not None:
-            merged["relative_step"] = False
+        if "lr" in param_group and "relative_step" not in param_group:  # the default is per group: lr is None
+            merged["relative_step"] = param_group["lr"] is None
         _validate_group(merged, read_tensors=True)
         # torch also takes (name, parameter) pairs (named_parameters()): checked as the tensors
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
@@ -376,6 +381,8 @@ class Flora(Optimizer):
         so that an edit before the next step is checked against them."""
         self._factor_dims_seen = {id(g): _layout_key(g) for g in self.param_groups}
         self._factor_dims_seen_p = {}
+        self._stepped_under = {}
+        self._taken = None
 
     def _prelude_eager(self, traced: bool = False) -> list:
         """Everything of a step that reads or writes host values; returns the
@@ -587,12 +594,32 @@ class Flora(Optimizer):
         so that an edit which moves ``p`` (a parameter put into an earlier group's list)
         does not read its momentum under projections it was not made under."""
         state = self.state[p]
-        if state and self._shapes_checked.get(id(p)) != (p.shape, p.dtype):  # a dict lookup a step, once checked
-            check_not_resized(p, state, group)  # before its state or any bucket changes (a new state is no change)
-            follow_dtype(state, p)  # a parameter cast since (model.to(torch.float64)): its second moment too
-            self._shapes_checked[id(p)] = (p.shape, p.dtype)
+        key = self._factor_dims_seen.get(id(group)) or _layout_key(group)
+        if state:
+            if self._shapes_checked.get(id(p)) != (p.shape, p.dtype):  # a dict lookup a step, once checked
+                check_not_resized(p, state, group)  # before its state or any bucket changes (a new state is no change)
+                follow_dtype(state, p)  # a parameter cast since (model.to(torch.float64)): its second moment too
+                self._shapes_checked[id(p)] = (p.shape, p.dtype)
+            was = self._stepped_under.get(id(p))
+            if was is not None and was != key:  # moved into a group of other options since its last step
+                self._check_state_fits(p, group, was)
+        self._stepped_under[id(p)] = key
         prepare_state(state, p, group)
-        return state.setdefault("index", position)
+        if "index" not in state:
+            state["index"] = self._free_index(position)
+        return state["index"]
+
+    def _free_index(self, position: int) -> int:
+        """A new state's projection index: its position, unless a live state holds that index
+        (a parameter taken out of a group's list, or moved, since its state began): then one
+        past the largest, so that no two parameters share projections."""
+        taken = self._taken
+        if taken is None or taken[1] != len(self.state) - 1:  # a state added or dropped elsewhere: look again
+            taken = ({s["index"] for s in self.state.values() if "index" in s}, len(self.state) - 1)
+        index = position if position not in taken[0] else max(taken[0]) + 1
+        taken[0].add(index)
+        self._taken = (taken[0], len(self.state))
+        return index
 
     def _projections(self, group: dict, indices: list[int], count: int, size: int, device, dtype, *,
                      stacked: bool) -> torch.Tensor:
