@@ -56,26 +56,41 @@ def state_bytes(optimizer: Optimizer) -> int:
     return total
 
 
+def _beside_state(optimizer, what: str) -> int:
+    """``optimizer.<what>()``, through wrappers that hold the optimizer as ``.optimizer``
+    (accelerate's, which the Hugging Face Trainer's ``trainer.optimizer`` is); 0 for an
+    optimizer without it."""
+    if not isinstance(getattr(optimizer, "state", None), dict):
+        raise TypeError(f"{what} takes an optimizer, got {type(optimizer).__name__}")
+    seen = 0
+    while not callable(getattr(optimizer, what, None)) and isinstance(getattr(optimizer, "optimizer", None), Optimizer):
+        optimizer, seen = optimizer.optimizer, seen + 1
+        if seen > 8:
+            break
+    fn = getattr(optimizer, what, None)
+    return int(fn()) if callable(fn) else 0
+
+
 def cache_bytes(optimizer: Optimizer) -> int:
     """Bytes an optimizer holds beside its state: the projections a ``flora.Flora``
-    caches with ``cache_projections=True`` (0 for any other optimizer). Count it, and
-    :func:`workspace_bytes`, with :func:`state_bytes` when budgeting memory."""
-    fn = getattr(optimizer, "cache_bytes", None)
-    return int(fn()) if callable(fn) else 0
+    caches with ``cache_projections=True`` (0 for any other optimizer; a wrapper such as
+    accelerate's is looked through). Count it, and :func:`workspace_bytes`, with
+    :func:`state_bytes` when budgeting memory."""
+    return _beside_state(optimizer, "cache_bytes")
 
 
 def workspace_bytes(optimizer: Optimizer) -> int:
     """Bytes of the buffers a ``flora.Flora(compile=...)`` keeps between steps beside its
-    state and cache (``Flora.workspace_bytes``; 0 eager and for any other optimizer)."""
-    fn = getattr(optimizer, "workspace_bytes", None)
-    return int(fn()) if callable(fn) else 0
+    state and cache (``Flora.workspace_bytes``; 0 eager and for any other optimizer; a
+    wrapper such as accelerate's is looked through)."""
+    return _beside_state(optimizer, "workspace_bytes")
 
 
 # Flora options that flora_state_bytes accepts (and ignores when they do not change the size).
 _FLORA_OPTIONS = frozenset((
     "lr", "kappa", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter", "relative_step",
     "warmup_init", "seed", "proj_dim", "momentum_form", "projection", "max_aspect_ratio", "cache_projections",
-    "factor_dims", "complement_weight", "momentum_dtype",
+    "factor_dims", "complement_weight", "momentum_dtype", "foreach", "compile",
 ))
 
 
@@ -132,7 +147,8 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     if unknown:
         raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
                         f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
-    group = _check_options(rank, beta1, options)
+    # compile is the optimizer's, not a group's option, and changes no state size
+    group = _check_options(rank, beta1, {k: v for k, v in options.items() if k != "compile"})
     dtype = _parameter_dtype(dtype)
     total = moment = 0
     for shape in shapes:

@@ -19,7 +19,8 @@ def plan(opt) -> list[dict[str, Any]]:
     ``group``, ``shape``, ``compressed`` (bool), ``proj_dim`` and ``momentum_shape`` when
     compressed, else ``reason`` (why its momentum is dense or absent); ``momentum_dtype``
     (what its momentum is stored in, a name such as ``"bfloat16"``; None without ``beta1``);
-    ``frozen`` (``requires_grad=False``: it has no state while it gets no gradient)."""
+    ``frozen`` (``requires_grad=False``: no state is made for it while it gets no gradient;
+    one made before it was frozen is kept, and counted by ``flora.state_bytes``)."""
     rows, index = [], 0
     for gi, group in enumerate(opt.param_groups):
         for p in group["params"]:
@@ -46,8 +47,11 @@ def summary(opt) -> str:
     live = [r for r in rows if not r["frozen"]]  # frozen tensors keep nothing (their rows say what they would)
     n_c = sum(r["compressed"] for r in live)
     frozen = len(rows) - len(live)
+    held = sum(1 for g in opt.param_groups for p in g["params"] if not p.requires_grad and opt.state.get(p))
+    kept = f"; {held} of them keep the state made before they were frozen" if held else ""
     lines = [f"Flora: {n_c} of {len(live)} {'trainable ' if frozen else ''}parameter tensors keep compressed momentum"
-             + (f" ({frozen} more frozen: requires_grad=False, no state while they get no gradient)" if frozen else "")]
+             + (f" ({frozen} more frozen: requires_grad=False, no state made while they get no gradient{kept})"
+                if frozen else "")]
     for r in rows:
         what = (f"compressed to {r['momentum_shape'][0]} x {r['momentum_shape'][1]} (proj_dim={r['proj_dim']})"
                 if r["compressed"] else f"dense: {r['reason']}")
@@ -62,7 +66,8 @@ def summary(opt) -> str:
 def warn_if_nothing_compressed(opt) -> None:
     if all(g["rank"] is None for g in opt.param_groups):
         return
-    rows = [r for r in plan(opt) if opt.param_groups[r["group"]]["rank"] is not None]
+    # frozen tensors (a peft model's base weights) step nothing: what the trainable ones get counts
+    rows = [r for r in plan(opt) if opt.param_groups[r["group"]]["rank"] is not None and not r["frozen"]]
     if not rows or any(r["compressed"] for r in rows):
         return
     reasons: dict[str, int] = {}

@@ -109,6 +109,7 @@ class Hooks:
         self.guard = None
         self.also = None  # normal mode with optimizer=: the global hook, where another optimizer steps some
         self.patched = None  # fused mode: the optimizer's zero_grad wrapper
+        self.unfrozen = None  # fused mode on a module: guard_unfrozen's forward pre-hook
         self.owner = None  # the accumulator: alive while its hooks are (they reach it through here)
 
     def guard_steps(self) -> None:
@@ -125,6 +126,31 @@ class Hooks:
                 self.also = self.global_guard()
         else:
             self.guard = self.global_guard()
+
+    def guard_unfrozen(self, model) -> None:
+        """Fused mode on a module: a forward pass (with gradients on) while the module has a
+        trainable parameter this accumulator was not built with is refused. Nothing would
+        ever step it (its gradient piles up in ``.grad``), and where the accumulator's own
+        parameters were frozen meanwhile (peft's ``set_adapter``) none of its hooks runs to
+        see it (found by a new-user probe)."""
+        if not isinstance(model, torch.nn.Module) or self.engine.sharded:
+            return  # FSDP2 registers other (unsharded) parameters on the module for its forward
+        mine = {id(s.param) for s in self.engine.slots}
+        ref, own = weakref.ref(self), weakref.ref(model)
+
+        def check(module, args):
+            # module: a deep copy of the model carries this hook too, and is not watched
+            if not torch.is_grad_enabled() or ref() is None or module is not own():
+                return
+            if any(p.requires_grad and id(p) not in mine for p in module.parameters()):
+                extra = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in mine]
+                raise ValueError(
+                    f"CompressedAccumulator(fused=True): the model has {len(extra)} trainable parameter(s) not given "
+                    f"to the accumulator ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; unfrozen after "
+                    "it was built, added, or switched to by peft's set_adapter): fused mode steps only its own, so "
+                    "they would never step. Build a new accumulator (acc.remove() first) after the change")
+
+        self.unfrozen = model.register_forward_pre_hook(check)
 
     def global_guard(self):
         """torch's global optimizer step pre-hook, closing a short cycle for any optimizer
@@ -148,13 +174,13 @@ class Hooks:
         remove_dead_global_hooks()
         for h in self.handles:
             h.remove()
-        for g in (self.guard, self.also):
+        for g in (self.guard, self.also, self.unfrozen):
             if g is not None:
                 g.remove()
         if self.patched is not None:
             unpatch_zero_grad(self.engine.optimizer, self.patched)
             self.patched = None
-        self.handles, self.guard, self.also = [], None, None
+        self.handles, self.guard, self.also, self.unfrozen = [], None, None, None
 
     # ------------------------------------------------------------------ autograd
 

@@ -1,0 +1,141 @@
+"""Found by a new-user probe of Flora with peft and of the low-level API (2026-12-04):
+each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import flora
+from flora import compress, decompress, make_projection, projection_seed, transfer
+
+
+class _Lora(nn.Module):
+    """A frozen base weight with a trainable low-rank pair, as peft builds it."""
+
+    def __init__(self, r=4):
+        super().__init__()
+        self.base = nn.Linear(32, 32)
+        self.base.requires_grad_(False)
+        self.a = nn.Parameter(torch.randn(r, 32) * 0.1)
+        self.b = nn.Parameter(torch.zeros(32, r))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.a.T @ self.b.T
+
+
+def test_nothing_compressed_is_said_when_only_frozen_tensors_would_be():
+    """Given every parameter of a LoRA model (the usual optimizers=(opt, None)), the
+    frozen base weights made the warning think something was compressed."""
+    m = _Lora(r=4)
+    with pytest.warns(UserWarning, match="no tensor keeps compressed momentum"):
+        flora.Flora(m.parameters(), lr=1e-3, rank=8, beta1=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flora.Flora(_Lora(r=16).parameters(), lr=1e-3, rank=8, beta1=0.9)  # the adapters are compressed
+
+
+def test_summary_says_frozen_tensors_keep_the_state_made_before():
+    m = _Lora(r=16)
+    opt = flora.Flora(m.parameters(), lr=1e-3, rank=8, beta1=0.9)
+    m(torch.randn(4, 32)).square().sum().backward()
+    opt.step()
+    m.a.requires_grad_(False)
+    first = opt.summary().splitlines()[0]
+    assert "3 more frozen" in first and "1 of them keep the state made before they were frozen" in first
+
+
+def test_fused_mode_refuses_a_forward_with_parameters_it_does_not_step():
+    """After the accumulator's parameters were frozen and others made trainable (peft's
+    set_adapter), none of its hooks ran: the new ones never stepped, silently."""
+    m = _Lora(r=16)
+    opt = flora.Flora([m.a, m.b], lr=1e-2, rank=8, beta1=0.9)
+    acc = flora.CompressedAccumulator(m, rank=8, tau=2, optimizer=opt, fused=True)
+    for _ in range(2):
+        m(torch.randn(4, 32)).square().sum().backward()
+    m.a.requires_grad_(False)
+    m.b.requires_grad_(False)
+    m.base.weight.requires_grad_(True)  # the switch
+    opt.add_param_group({"params": [m.base.weight]})
+    with torch.no_grad():
+        m(torch.randn(4, 32))  # evaluation: nothing to step
+    with pytest.raises(ValueError, match=r"1 trainable parameter\(s\) not given to the accumulator \(base.weight"):
+        m(torch.randn(4, 32))
+    acc.remove()
+    m(torch.randn(4, 32))  # the guard goes with the accumulator
+
+
+def test_cache_and_workspace_bytes_look_through_accelerates_wrapper():
+    """The Trainer's trainer.optimizer is accelerate's AcceleratedOptimizer: state_bytes
+    counted through it, cache_bytes and workspace_bytes said 0."""
+    from accelerate import Accelerator
+
+    w = nn.Parameter(torch.randn(32, 32))
+    opt = flora.Flora([w], lr=1e-2, rank=4, beta1=0.9)
+    wrapped = Accelerator(cpu=True).prepare(opt)
+    w.grad = torch.randn(32, 32)
+    wrapped.step()
+    assert flora.cache_bytes(opt) == 4 * 4 * 32 and flora.cache_bytes(wrapped) == flora.cache_bytes(opt)
+    assert flora.workspace_bytes(wrapped) == 0
+    for bad in (nn.Linear(2, 2), None):
+        with pytest.raises(TypeError, match="cache_bytes takes an optimizer"):
+            flora.cache_bytes(bad)
+    # the constructor's keyword arguments as they are: foreach and compile change no state size
+    assert flora.flora_state_bytes([(32, 32)], rank=4, beta1=0.9, foreach=True, compile=True) == \
+        flora.flora_state_bytes([(32, 32)], rank=4, beta1=0.9)
+
+
+@pytest.mark.parametrize("fn", ["compress", "decompress", "transfer"])
+@pytest.mark.parametrize("dim", [2, -1, True, "auto"])
+def test_the_low_level_functions_take_dim_0_or_1_only(fn, dim):
+    """Any value but 0 was taken as 1 ('auto' projected the columns whatever the shape)."""
+    g, a = torch.randn(6, 10), make_projection("orthonormal", 0, 3, 10)
+    call = {"compress": lambda: compress(g, a, dim), "decompress": lambda: decompress(torch.randn(6, 3), a, dim),
+            "transfer": lambda: transfer(torch.randn(6, 3), a, a, dim)}[fn]
+    with pytest.raises(ValueError, match=f"{fn}: dim must be 0 .* or 1"):
+        call()
+
+
+def test_compress_refuses_a_vector():
+    with pytest.raises(ValueError, match="compress: g must have 2 or more dims"):
+        compress(torch.randn(10), make_projection("orthonormal", 0, 3, 10), 1)
+
+
+@pytest.mark.parametrize("seed,error", [(1.5, TypeError), ("7", TypeError), (-1, ValueError), (2 ** 63, ValueError)])
+def test_projection_seeds_are_checked_as_floras(seed, error):
+    """make_projection truncated floats, parsed strings and folded negative or large seeds
+    onto others; projection_seed checked the range of the base seed only."""
+    with pytest.raises(error, match="seed must be an integer in"):
+        make_projection("gaussian", seed, 2, 4)
+    with pytest.raises(error, match="seed must be an integer in"):
+        projection_seed(seed, 0, 0)
+    with pytest.raises(ValueError, match="index must be a non-negative integer"):
+        projection_seed(0, -1, 0)
+    with pytest.raises(ValueError, match="count must be below 2\\*\\*64"):
+        projection_seed(0, 0, 2 ** 64)
+    with pytest.raises(TypeError, match="dtype must be a floating-point"):
+        make_projection("gaussian", 0, 2, 4, dtype=torch.int32)
+
+
+def test_a_group_with_lr_none_takes_the_relative_step():
+    """relative_step's default is per group: a group giving lr=None under Flora(lr=1e-3)
+    was refused ('lr must be a non-negative number when relative_step=False')."""
+    ps = [nn.Parameter(torch.randn(8, 8)) for _ in range(2)]
+    opt = flora.Flora([{"params": ps[:1], "lr": None}, {"params": ps[1:]}], lr=1e-3)
+    assert [(g["lr"], g["relative_step"]) for g in opt.param_groups] == [(None, True), (1e-3, False)]
+
+
+def test_a_deep_copy_of_a_fused_model_is_not_watched():
+    """The guard above is a forward pre-hook on the model: a deep copy carries it, and
+    its own parameters are not the accumulator's."""
+    import copy
+
+    m = _Lora(r=16)
+    opt = flora.Flora([m.a, m.b], lr=1e-2, rank=8, beta1=0.9)
+    flora.CompressedAccumulator(m, rank=8, tau=2, optimizer=opt, fused=True)
+    probe = copy.deepcopy(m)
+    probe(torch.randn(4, 32)).square().sum().backward()
+    assert probe.a.grad is not None
