@@ -139,3 +139,14 @@ def test_a_deep_copy_of_a_fused_model_is_not_watched():
     probe = copy.deepcopy(m)
     probe(torch.randn(4, 32)).square().sum().backward()
     assert probe.a.grad is not None
+
+
+def test_the_accumulator_says_when_it_compresses_nothing():
+    """Flora warns when a rank is set and nothing is compressed; the accumulator said
+    nothing (LoRA adapters of rank 4 under rank=8: every sum dense)."""
+    m = _Lora(r=4)
+    with pytest.warns(UserWarning, match=r"CompressedAccumulator\(rank=8\) compresses nothing here: each of its 2"):
+        flora.CompressedAccumulator(m, rank=8, tau=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flora.CompressedAccumulator(_Lora(r=16), rank=8, tau=2)

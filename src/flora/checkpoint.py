@@ -113,7 +113,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         if len(saved["params"]) != len(mine["params"]):
             raise ValueError(
                 f"state_dict has a parameter group of {len(saved['params'])} parameters where this "
-                f"optimizer has {len(mine['params'])}: it was saved from a different model"
+                f"optimizer has {len(mine['params'])}: it was saved from a different model, or with its "
+                "parameter groups in another order or split otherwise (build the groups as when it was saved)"
             )
         if saved["rank"] != mine["rank"] and from_hf[gi]:
             raise ValueError(
