@@ -404,9 +404,10 @@ class Flora(Optimizer):
         found = []  # every group's entries first: a check in _prepare_state precedes any bucket's prepare
         for group in self.param_groups:
             entries = []
+            key = self._factor_dims_seen[id(group)]  # its layout options, as _check_options_fit_state saw them
             for p in group["params"]:
                 if p.grad is not None:
-                    pinned = self._prepare_state(p, group, index)
+                    pinned = self._prepare_state(p, group, index, key)
                     if is_dtensor(p):
                         sharded_entries.append((p, self.state[p], group, pinned))
                     else:
@@ -587,23 +588,29 @@ class Flora(Optimizer):
             entries.append((p, self.state[p], group, self._prepare_state(p, group, index)))
         sharded.sharded_step(entries, projections=self._projections, count_skip=self._count_skip, sums=sums)
 
-    def _prepare_state(self, p: torch.Tensor, group: dict, position: int) -> int:
+    def _prepare_state(self, p: torch.Tensor, group: dict, position: int, key: tuple | None = None) -> int:
         """Fill in ``p``'s state; returns the index its projections are seeded with: its
         position among the groups' parameters when its state began, kept as
         ``state["index"]`` (a checkpoint saved before it existed takes the position now),
         so that an edit which moves ``p`` (a parameter put into an earlier group's list)
         does not read its momentum under projections it was not made under."""
         state = self.state[p]
-        key = self._factor_dims_seen.get(id(group)) or _layout_key(group)
+        if key is None:
+            key = self._factor_dims_seen.get(id(group)) or _layout_key(group)
+        was = self._stepped_under.get(id(p))
         if state:
             if self._shapes_checked.get(id(p)) != (p.shape, p.dtype):  # a dict lookup a step, once checked
                 check_not_resized(p, state, group)  # before its state or any bucket changes (a new state is no change)
                 follow_dtype(state, p)  # a parameter cast since (model.to(torch.float64)): its second moment too
                 self._shapes_checked[id(p)] = (p.shape, p.dtype)
-            was = self._stepped_under.get(id(p))
-            if was is not None and was != key:  # moved into a group of other options since its last step
+            if was is not key and was is not None and was != key:  # moved into a group of other options
                 self._check_state_fits(p, group, was)
-        self._stepped_under[id(p)] = key
+        elif p.grad.shape != p.shape:  # resized between backward() and its first step
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}: "
+                             "it was resized after its gradient was computed (p.data = ..., say). Compute the "
+                             "gradient again, or set p.grad = None")
+        if was is not key:
+            self._stepped_under[id(p)] = key
         prepare_state(state, p, group)
         if "index" not in state:
             state["index"] = self._free_index(position)

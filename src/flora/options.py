@@ -246,10 +246,6 @@ def check_grads(param_groups, state=None) -> None:
             if not (g.is_floating_point() and p.is_floating_point()):  # (frozen integer ones, with no grad, pass)
                 raise TypeError(f"Flora steps floating-point parameters; got a parameter of dtype {p.dtype} with a "
                                 f"gradient of dtype {g.dtype} (shape {tuple(p.shape)})")
-            if g.shape != p.shape:  # p.data replaced by another shape since backward(): refused before any change
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} has a gradient of shape {tuple(g.shape)}: it "
-                                 "was resized after its gradient was computed (p.data = ..., say). Compute the "
-                                 "gradient again, or set p.grad = None")
             refuse_flat_pieces(p)
             if getattr(p, "_fsdp_flattened", False):
                 fsdp1.append(p)
