@@ -119,11 +119,10 @@ class Hooks:
             self.guard = eng.optimizer.register_step_pre_hook(self.on_fused_step)
         elif eng.optimizer is not None:
             self.guard = eng.optimizer.register_step_pre_hook(self.on_step)
-            held = {id(p) for g in unwrap(eng.optimizer).param_groups for p in g["params"]}
-            if any(s.dim is not None and id(s.param) not in held for s in eng.slots):
-                # a compressed parameter that another optimizer steps: its step must close a
-                # short cycle too, or it would step on the placeholder (zeros)
-                self.also = self.global_guard()
+            # another optimizer may step a compressed parameter too (one this optimizer does
+            # not hold, or one both hold: a shared layer): its step must close a short cycle
+            # too, or it would step on the placeholder (zeros). Found by new-user probes.
+            self.also = self.global_guard()
         else:
             self.guard = self.global_guard()
 

@@ -1,0 +1,48 @@
+"""More than one optimizer, accumulator or backward pass per micro-batch (found by a
+new-user probe, 2026-12-04)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flora import CompressedAccumulator
+
+
+def _shared():
+    torch.manual_seed(0)
+    trunk = nn.Linear(16, 32)
+    a, b = nn.Sequential(trunk, nn.Tanh(), nn.Linear(32, 2)), nn.Sequential(trunk, nn.Tanh(), nn.Linear(32, 2))
+    return trunk, a, b
+
+
+def test_a_shared_compressed_parameter_is_closed_by_either_optimizers_step():
+    """A layer shared by two models, each with its own optimizer, and one accumulator
+    given the first optimizer: the second optimizer's step of a short cycle met the zero
+    placeholder (the trunk did not move), then the first stepped it twice. Now either step
+    closes the cycle: both steps move the trunk by the same estimate, whichever comes
+    first, and with rank=None as plain accumulation does."""
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+
+    def run(rank, order):
+        trunk, a, b = _shared()
+        opts = {"a": torch.optim.SGD(a.parameters(), lr=0.1), "b": torch.optim.SGD(b.parameters(), lr=0.1)}
+        acc = CompressedAccumulator(nn.ModuleList([a, b]), rank=rank, tau=4, optimizer=opts["a"]) \
+            if rank != "plain" else None
+        before = trunk.weight.detach().clone()
+        for _ in range(2):  # a short cycle: 2 of 4
+            ((a(x).square().mean() + b(x).square().mean()) / 4).backward()
+        moves = []
+        for name in order:
+            was = trunk.weight.detach().clone()
+            opts[name].step()
+            moves.append((trunk.weight.detach() - was).abs().max().item())
+        if acc is not None:
+            acc.remove()
+        return moves, trunk.weight.detach() - before
+
+    for rank in (4, None):
+        (m_ba, d_ba), (m_ab, d_ab) = run(rank, "ba"), run(rank, "ab")
+        assert min(m_ba) > 1e-4 and m_ba == m_ab, (rank, m_ba, m_ab)  # each step moves it by the estimate
+        torch.testing.assert_close(d_ba, d_ab, rtol=0, atol=1e-7)
+    torch.testing.assert_close(run(None, "ba")[1], run("plain", "ba")[1], rtol=0, atol=0)
