@@ -108,3 +108,23 @@ def test_a_checkpoint_of_stacked_experts_from_the_old_view_is_refused_clearly():
     with pytest.raises(ValueError, match=r"stack of matrices of shape \(16, 24, 32\).*before 2026-12-04"):
         new.load_state_dict(sd)
     assert not new.state
+
+
+def test_a_stack_saved_with_a_dense_momentum_loads_with_a_warning():
+    """Before 2026-12-04 a stack of no more matrices than the rank (Mixtral's 8 experts)
+    stayed dense; such a checkpoint loads, keeps its dense momentum (a momentum is never
+    compressed mid-run) and says so (it loaded silently: found by a new-user probe)."""
+    w = nn.Parameter(torch.randn(8, 24, 32))
+    old = flora.Flora([w], lr=1e-2, rank=8, beta1=0.9)
+    w.grad = torch.randn_like(w)
+    old.step()
+    sd = old.state_dict()
+    st = sd["state"][0]
+    st["exp_avg"] = torch.zeros(8, 24, 32, dtype=torch.bfloat16)  # as the old rule kept it
+    for k in ("exp_avg_c", "proj_dim", "proj_count", "proj_age"):
+        st.pop(k, None)
+    new = flora.Flora([w], lr=1e-2, rank=8, beta1=0.9)
+    with pytest.warns(UserWarning, match=r"1 stack\(s\) of matrices .*\(8, 24, 32\)\) hold a dense momentum"):
+        new.load_state_dict(sd)
+    new.step()
+    assert new.state[w]["exp_avg"].shape == (8, 24, 32) and "exp_avg_c" not in new.state[w]

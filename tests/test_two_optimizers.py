@@ -3,6 +3,7 @@ new-user probe, 2026-12-04)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -46,3 +47,39 @@ def test_a_shared_compressed_parameter_is_closed_by_either_optimizers_step():
         assert min(m_ba) > 1e-4 and m_ba == m_ab, (rank, m_ba, m_ab)  # each step moves it by the estimate
         torch.testing.assert_close(d_ba, d_ab, rtol=0, atol=1e-7)
     torch.testing.assert_close(run(None, "ba")[1], run("plain", "ba")[1], rtol=0, atol=0)
+
+
+def _gan():
+    torch.manual_seed(0)
+    return nn.Linear(4, 8), nn.Linear(8, 1)
+
+
+def _gan_cycle(g, d, accs, steps, z):
+    """A micro-batch: a backward that reaches only D, then one that reaches only G."""
+    for _ in range(steps):
+        d(g(z).detach()).mean().div(4).backward()
+        d.requires_grad_(False)
+        (-d(g(z)).mean() / 4).backward()
+        d.requires_grad_(True)
+
+
+def test_a_gan_needs_one_accumulator_per_model_and_says_so():
+    """tau counts backward passes: one accumulator over both models, with a backward per
+    model per micro-batch, ends its cycle at the tau-th pass, halfway through; the
+    refusal now names that cause. One accumulator per model equals plain accumulation."""
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    g, d = _gan()
+    acc = CompressedAccumulator(nn.ModuleList([g, d]), rank=None, tau=4)
+    with pytest.raises(RuntimeError, match="tau counts those passes: use one accumulator per model"):
+        _gan_cycle(g, d, [acc], 4, z)
+    acc.remove()
+    runs = []
+    for per_model in (False, True):
+        g, d = _gan()
+        accs = [CompressedAccumulator(m, rank=None, tau=4) for m in (g, d)] if per_model else []
+        _gan_cycle(g, d, accs, 4, z)
+        runs.append([p.grad.clone() for p in (*g.parameters(), *d.parameters())])
+        for a in accs:
+            a.remove()
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

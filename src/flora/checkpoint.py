@@ -12,8 +12,8 @@ import torch
 
 from .adafactor import factored_dims
 from .compression import momentum_storage
-from .options import ALGORITHM_KEYS, CORE_KEYS, upgrade_group, validate_group
-from .projection import state_dtype
+from .options import ALGORITHM_KEYS, CORE_KEYS, momentum_dim, upgrade_group, validate_group
+from .projection import is_stack, state_dtype
 from . import sharded
 from .state import COUNTERS, check_loaded_entries, check_state_shapes, count_value
 
@@ -188,6 +188,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         if sharded.is_dtensor(p):  # in the layout Flora's sharded step reads
             sharded.place_loaded_state(p, opt.state[p], g)
     _warn_narrowed_momentum(id_to_param, state_dict["state"])
+    _warn_dense_stacks(id_to_param, state_dict["state"])
     opt._remember_layouts()  # an edit of seed, projection, proj_dim... before the next step is checked
     for hook in tuple(getattr(opt, "_optimizer_load_state_dict_post_hooks", {}).values()):
         hook(opt)
@@ -205,6 +206,25 @@ def _load_hooks_off(opt):
     finally:
         for n, hooks in saved.items():
             setattr(opt, n, hooks)
+
+
+def _warn_dense_stacks(id_to_param: dict, states: dict) -> None:
+    """Stacks of matrices (stacked experts) saved with a dense momentum that the loading
+    Flora would compress: before 2026-12-04 a stack of E <= rank matrices stayed dense.
+    It stays dense (a momentum is never compressed mid-run), more state than plan() and
+    flora_state_bytes say: say so."""
+    dense = []
+    for pid, s in states.items():
+        p, group = id_to_param[pid]
+        if "exp_avg" in s and "exp_avg_c" not in s and is_stack(tuple(p.shape)) and group["beta1"] is not None \
+                and (sharded.momentum_dim if sharded.is_dtensor(p) else momentum_dim)(tuple(p.shape), group) is not None:
+            dense.append(tuple(p.shape))
+    if dense:
+        warnings.warn(f"Flora.load_state_dict: {len(dense)} stack(s) of matrices (stacked experts, e.g. shape "
+                      f"{dense[0]}) hold a dense momentum, which this Flora would compress: saved before 2026-12-04, "
+                      "when a stack of no more matrices than the rank stayed dense. They stay dense (more state than "
+                      "plan() and flora_state_bytes say); drop their state (optimizer.state.pop(p)) to compress them",
+                      UserWarning, stacklevel=3)
 
 
 def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:

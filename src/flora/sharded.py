@@ -216,8 +216,8 @@ def _check_stack_rows(shape, lay: Layout, full, mine) -> None:
     if tuple(placed) != tuple(mine):
         raise ValueError(
             f"a stack of matrices of shape {tuple(shape)} (stacked experts) sharded over {lay.mesh.size()} ranks "
-            f"holds {shape[0]} matrices, not a multiple of the ranks: its compressed momentum's rows would not "
-            "follow the parameter's shards. Shard it evenly, or put it in a group with rank=None")
+            f"by its first dim, of {shape[0]}, not a multiple of the ranks: its compressed momentum's rows would "
+            "not follow the parameter's shards. Shard it evenly, or put it in a group with rank=None")
 
 
 def _sharding(key: str, shape, group: dict, proj_dim: int | None) -> tuple[bool, int]:

@@ -126,6 +126,10 @@ def lag_message(c: Cycle, names: list[str], *, tau: int, fused: bool, name: str,
                 f"{len(lagging)} ({listed([f'{n!r} ({k})' for n, k in lagging]) or 'none'}). This backward's "
                 f"gradient of {name!r} was not accumulated; gradients it produced before reaching {name!r} "
                 "were")
+    # tau counts backward passes: several per micro-batch (a GAN's two models) end a cycle early
+    several = ("; if each micro-batch runs more than one backward pass (a GAN's two models), tau counts those "
+               "passes: use one accumulator per model, or one backward per micro-batch"
+               if first and not done else "")
     return (f"CompressedAccumulator(tau={tau}): {what}. Close the cycle with optimizer.step() or "
             "acc.finish_cycle() (each parameter steps on what it got), or drop it with optimizer.zero_grad() "
-            "or acc.discard_cycle(), before the next backward")
+            f"or acc.discard_cycle(), before the next backward{several}")
