@@ -214,7 +214,7 @@ def warn_flat_pieces(slots: list[Slot], rank) -> None:
                       "FSDP1 (FullyShardedDataParallel) cut from the model's matrices, so every gradient is summed "
                       "densely, exact but with no memory saved. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
                       "whose parameters keep their shapes.", UserWarning, stacklevel=4)
-    else:  # as Flora warns: LoRA adapters of rank <= this one, say (found by a new-user probe)
+    elif any(s.param.dim() >= 2 for s in slots):  # matrices, none compressed: LoRA adapters of rank <= this one
         warnings.warn(f"CompressedAccumulator(rank={rank}) compresses nothing here: each of its {len(slots)} "
                       "trainable parameters is 1-D, excluded, or has no projected dimension above the rank (LoRA "
                       "adapters of a rank <= this one, say), so every gradient is summed densely, exact but with no "
