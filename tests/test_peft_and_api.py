@@ -150,3 +150,8 @@ def test_the_accumulator_says_when_it_compresses_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flora.CompressedAccumulator(_Lora(r=16), rank=8, tau=2)
+
+
+def test_relative_step_schedule_names_an_optimizer_that_is_not_floras():
+    with pytest.raises(TypeError, match="takes a Flora optimizer with lr=None, got AdamW"):
+        flora.RelativeStepSchedule(torch.optim.AdamW([nn.Parameter(torch.randn(2))]))

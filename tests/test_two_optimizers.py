@@ -83,3 +83,16 @@ def test_a_gan_needs_one_accumulator_per_model_and_says_so():
             a.remove()
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_a_refused_backward_leaves_no_end_of_pass_entry():
+    """A backward refused by a hook never reaches its end-of-pass callback: its entry in
+    the hooks' queue stayed, one per refusal (found by a new-user probe)."""
+    g, d = _gan()
+    acc = CompressedAccumulator(nn.ModuleList([g, d]), rank=None, tau=4)
+    z = torch.randn(6, 4)
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            _gan_cycle(g, d, [acc], 4, z)
+    assert acc._hooks.queued == {}
+    acc.remove()

@@ -25,7 +25,8 @@ class RelativeStepSchedule(LRScheduler):
 
     def __init__(self, optimizer, last_epoch: int = -1):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-        if not isinstance(getattr(inner, "param_groups", None), list):
+        groups = getattr(inner, "param_groups", None)
+        if not isinstance(groups, list) or not any("relative_step" in g for g in groups):  # AdamW, say
             raise TypeError(f"RelativeStepSchedule takes a Flora optimizer with lr=None, got {type(optimizer).__name__}")
         bad = [i for i, g in enumerate(inner.param_groups) if not g.get("relative_step", False)]
         if bad:

@@ -189,7 +189,12 @@ class Hooks:
         with eng.lock:
             eng.check_ddp()
             self.queue_end()
-            eng.before_grad(k, torch._C._current_graph_task_id())
+            task = torch._C._current_graph_task_id()
+            try:
+                eng.before_grad(k, task)
+            except BaseException:  # a refusal ends the backward pass: its end callback never runs
+                self.queued.pop(task, None)
+                raise
 
     @torch.no_grad()
     def on_grad(self, k: int, p: torch.Tensor) -> None:
