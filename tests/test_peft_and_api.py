@@ -99,6 +99,15 @@ def test_the_low_level_functions_take_dim_0_or_1_only(fn, dim):
         call()
 
 
+def test_decompress_checks_a_matrix_projections_size():
+    """size= was ignored for matrix projections: a wrong size gave a matrix of the other size."""
+    a = make_projection("orthonormal", 0, 3, 10)
+    c = torch.randn(6, 3)
+    assert decompress(c, a, 1, size=10).shape == (6, 10) == decompress(c, a, 1).shape
+    with pytest.raises(ValueError, match="decompress: size=12 does not match the projection"):
+        decompress(c, a, 1, size=12)
+
+
 def test_compress_refuses_a_vector():
     with pytest.raises(ValueError, match="compress: g must have 2 or more dims"):
         compress(torch.randn(10), make_projection("orthonormal", 0, 3, 10), 1)

@@ -272,13 +272,17 @@ def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
 def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None = None) -> torch.Tensor:
     """``A^T C`` (dim 0) or ``C A`` (dim 1): an n x m matrix (unbiased for the original
     with a Gaussian ``A``). Coordinates are scattered into zeros of the projected
-    dimension's ``size``, which they need. Stacks as in :func:`compress`."""
+    dimension's ``size``, which they need (a matrix projection's own size is checked against
+    ``size`` when given). Stacks as in :func:`compress`."""
     _check_dim(dim, "decompress")
     if is_coordinates(a):
         if size is None:
             raise ValueError("decompress: a coordinate projection needs size= (the projected dimension)")
         shape = (size, c.shape[-1]) if dim == 0 else (c.shape[-2], size)
         return decompress_add_(c.new_zeros(c.shape[:-2] + shape), c, a, dim)
+    if size is not None and size != a.shape[-1]:  # a matrix projection fixes the size: say so, not ignore it
+        raise ValueError(f"decompress: size={size!r} does not match the projection, which maps a dimension of "
+                         f"{a.shape[-1]} (shape {tuple(a.shape)}); leave size out for a matrix projection")
     return a.mT @ c if dim == 0 else c @ a
 
 
