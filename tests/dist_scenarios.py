@@ -150,10 +150,11 @@ class Params(nn.Module):
     permuted view whose leading dim is the sharded one: local). sa and sb are stacks of 4
     matrices of 6 x 5 (stacked experts, 2 a rank), seen as 24 x 5, in groups of their own
     after the others: sa's 24 rows projected (this rank's 12 of them through its columns of
-    the projection), sb's columns."""
+    the projection), sb's columns. psa is one 6 x 5 matrix behind a leading 1 (a position
+    embedding's (1, N, d)), all on the first rank, its 6 rows projected with sa's group."""
 
     SHAPES = {"w0": (11, 12), "c0": (5, 4, 3), "k0": (2, 6, 3, 5), "w1": (11, 12), "e1": (1, 12),
-              "k1": (6, 4, 3, 3), "b1": (11,), "sa": (4, 6, 5), "sb": (4, 6, 5)}
+              "k1": (6, 4, 3, 3), "b1": (11,), "sa": (4, 6, 5), "sb": (4, 6, 5), "psa": (1, 6, 5)}
 
     def __init__(self, dtype, channels_last=False):
         super().__init__()

@@ -28,6 +28,13 @@ RULE = [  # shape, rank, options, projected dim (None: dense), reason fragment
     ((4, 30, 40), 8, {"max_aspect_ratio": 3.0}, 1, None),
     ((8, 24, 32), 8, {"proj_dim": 0}, 0, None),  # asked for: the (E * n) rows
     ((64, 24, 32), 8, {}, 0, None),  # more experts than rows: not a stack, 64 x 768 as before
+    # one matrix behind leading dims of 1 (ViT's (1, N, d) position embeddings, (1, 1, d)
+    # class tokens): that matrix, as its 2-D shape is (it took the columns, as a stack)
+    ((1, 17, 32), 8, {}, 0, None),
+    ((1, 1, 32), 8, {}, None, "projected dim 1 <= rank 8"),
+    ((1, 5, 32), 8, {}, None, "projected dim 5 <= rank 8"),
+    ((1, 1, 40, 24), 8, {}, 1, None),
+    ((1, 4, 24, 32), 8, {}, 1, None),  # a stack of 4 behind a 1
     ((16, 32), None, {}, None, "rank=None"),
 ]
 
@@ -42,6 +49,8 @@ def test_rule(shape, rank, opts, dim, reason):
 def test_optimizer_accumulator_and_formula_follow_the_rule():
     model = nn.ModuleDict(dict(emb=nn.Embedding(100, 8), conv=nn.Conv2d(3, 8, 3), fc=nn.Linear(8, 16),
                                head=nn.Linear(16, 8, bias=False)))
+    model.register_parameter("pos", nn.Parameter(torch.zeros(1, 17, 32)))  # ViT's position embeddings
+    model.register_parameter("cls", nn.Parameter(torch.zeros(1, 1, 32)))  # and class token
     opts = dict(rank=4, max_aspect_ratio=10.0)
     want = [compressed_dim(tuple(p.shape), **opts) for p in model.parameters()]
     assert want.count(None) < len(want) and want.count(None) > 0  # the model exercises both branches

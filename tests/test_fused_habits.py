@@ -241,3 +241,37 @@ def test_an_accumulator_not_kept_still_accumulates():
         CompressedAccumulator(model, rank=4, tau=2)
     with pytest.warns(UserWarning, match="partial sums are dropped"):
         assert CompressedAccumulator.remove_from(model) == 1
+
+
+@pytest.mark.parametrize("inf_in_short", [False, True], ids=["finite", "overflow-in-short-cycle"])
+@pytest.mark.parametrize("kind", ["adamw", "flora"])
+def test_scaler_step_closes_a_short_fused_cycle(kind, inf_in_short):
+    """fused=True, scaler=: 5 micro-batches at tau=3 with ``scaler.step(opt);
+    scaler.update()`` at each boundary and at the end. The short last cycle failed in
+    GradScaler ('No inf checks were recorded for this optimizer': no .grad to unscale) and
+    stayed open (a new-user probe). Now it steps as ``acc.finish_cycle()`` first does, and
+    an overflow in it lowers the scale and steps nothing."""
+    def run(finish_first):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+        opt = OPTIMIZERS[kind](model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        acc = CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt, fused=True, scaler=scaler)
+        batches = _batches(TAU + 2)
+        for i, (x, y) in enumerate(batches):
+            if inf_in_short and i == TAU:
+                x[0, 0] = float("inf")
+            scaler.scale(nn.functional.mse_loss(model(x), y) / TAU).backward()
+            if (i + 1) % TAU == 0 or i + 1 == len(batches):
+                if finish_first:
+                    acc.finish_cycle()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+        assert acc.micro_step == 0 and acc.cycle == 2
+        return [p.detach().clone() for p in model.parameters()], scaler.get_scale()
+
+    (got, scale), (want, want_scale) = run(False), run(True)
+    assert scale == want_scale == (2.0 ** 9 if inf_in_short else 2.0 ** 10)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), (a - b).abs().max()

@@ -216,10 +216,14 @@ def as_matrix(t: torch.Tensor, like=None) -> torch.Tensor:
 def choose_dim(shape: torch.Size | tuple[int, ...], proj_dim: ProjDim = "auto") -> int:
     """The matrix dimension to project away: ``"auto"`` takes the smaller one (less
     noise, since the estimator's variance grows like d / r), ties going to the columns;
-    for a stack, its columns (its rows would mix its matrices)."""
+    for a stack of two or more matrices, its columns (its rows would mix its matrices)."""
     n, m = matrix_shape(shape)
     if proj_dim == "auto":
-        return 1 if is_stack(shape) else 0 if n < m else 1
+        if is_stack(shape) and math.prod(shape[:-2]) > 1:
+            return 1
+        # one matrix behind leading dims of 1 ((1, N, d) position embeddings, (1, 1, d) class
+        # tokens) is that matrix: nothing to mix, so as a 2-D tensor of its shape
+        return 0 if n < m else 1
     return int(proj_dim)
 
 

@@ -215,9 +215,10 @@ def _check_stack_rows(shape, lay: Layout, full, mine) -> None:
     placed = compute_local_shape_and_global_offset(torch.Size(full), lay.mesh, lay.placements)[0]
     if tuple(placed) != tuple(mine):
         raise ValueError(
-            f"a stack of matrices of shape {tuple(shape)} (stacked experts) sharded over {lay.mesh.size()} ranks "
-            f"by its first dim, of {shape[0]}, not a multiple of the ranks: its compressed momentum's rows would "
-            "not follow the parameter's shards. Shard it evenly, or put it in a group with rank=None")
+            f"a stack of matrices of shape {tuple(shape)} (stacked experts, or one matrix behind leading dims of 1) "
+            f"sharded over {lay.mesh.size()} ranks by its first dim, of {shape[0]}, not a multiple of the ranks, "
+            "with its columns projected: its compressed momentum's rows would not follow the parameter's shards. "
+            "Shard it evenly, or put it in a group with rank=None or proj_dim=0")
 
 
 def _sharding(key: str, shape, group: dict, proj_dim: int | None) -> tuple[bool, int]:

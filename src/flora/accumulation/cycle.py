@@ -130,6 +130,10 @@ def lag_message(c: Cycle, names: list[str], *, tau: int, fused: bool, name: str,
     several = ("; if each micro-batch runs more than one backward pass (a GAN's two models), tau counts those "
                "passes: use one accumulator per model, or one backward per micro-batch"
                if first and not done else "")
+    # a segment's own backward under reentrant checkpointing counts a layer used twice twice (probe)
+    reentrant = ("; a layer used in two segments of reentrant activation checkpointing "
+                 "(torch.utils.checkpoint(use_reentrant=True)) counts twice per backward pass: use "
+                 "use_reentrant=False")
     return (f"CompressedAccumulator(tau={tau}): {what}. Close the cycle with optimizer.step() or "
             "acc.finish_cycle() (each parameter steps on what it got), or drop it with optimizer.zero_grad() "
-            f"or acc.discard_cycle(), before the next backward{several}")
+            f"or acc.discard_cycle(), before the next backward{several}{reentrant}")

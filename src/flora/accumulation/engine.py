@@ -172,6 +172,7 @@ class Engine:
             # was built would keep its .grad and move at every other parameter's step
             check_fused_optimizer(self.optimizer, self.slots)
             c.fused_checked = True
+            self.stepper.expect_step(g.device)
         if o.reduce:
             self.replicas.accumulate(c, k, g, self.projection, self.grads)
             return

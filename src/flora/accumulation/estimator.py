@@ -69,7 +69,9 @@ def write_estimate_(grad: torch.Tensor, buf: torch.Tensor, a: torch.Tensor, dim:
         gm = as_matrix(grad, like)  # a view, since grad is contiguous
         if not add:
             gm.zero_()
-        decompress_add_(gm, buf, a, dim)
+        out = decompress_add_(gm, buf, a, dim)
+        if out is not gm:  # traced by torch.compile, decompress_add_ returns a new tensor
+            gm.copy_(out)
         return grad
     full = decompress(buf, a, dim)
     if add:

@@ -192,6 +192,24 @@ class FusedStepper:
             self.record_found(found, g.device)
         return found
 
+    def expect_step(self, device) -> None:
+        """A cycle opened: record with the GradScaler, as ``scaler.unscale_`` would, that
+        this optimizer's gradients are unscaled (here, as they come) and nothing non-finite
+        was found yet. So ``scaler.step(optimizer)`` after a short cycle reaches
+        ``optimizer.step()``, whose pre-hook closes the cycle (recording what it finds
+        before ``scaler.update()``); it failed with 'No inf checks were recorded for this
+        optimizer' (no ``.grad`` to unscale) and left the cycle open."""
+        from torch.amp.grad_scaler import OptState
+
+        scaler = self.opts.scaler
+        if scaler is None or not scaler.is_enabled() or scaler._scale is None:
+            return
+        record = scaler._per_optimizer_states[id(self.optimizer)]
+        if record["stage"] is OptState.READY:
+            record["stage"] = OptState.UNSCALED
+        if not record["found_inf_per_device"]:
+            record["found_inf_per_device"][device] = torch.zeros(1, dtype=torch.float32, device=device)
+
     def record_found(self, found: torch.Tensor, device) -> None:
         record = self.opts.scaler._per_optimizer_states[id(self.optimizer)]
         seen = record["found_inf_per_device"].get(device)

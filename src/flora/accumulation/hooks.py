@@ -16,6 +16,7 @@ A parameter carries the hooks of at most one accumulator (:data:`ATTACHED`)."""
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 
 import torch
@@ -89,6 +90,18 @@ class _WeakPostHook:
         hooks = self.ref()
         if hooks is not None:
             hooks.on_grad(self.k, p)
+
+
+def _refuse_compiled_autograd() -> None:
+    """The hooks keep per-backward-pass bookkeeping (graph tasks, an end-of-pass callback)
+    that compiled autograd cannot trace: its own error named ``queue_callback``."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")  # not imported: not enabled
+    if ca is not None and ca.in_compiled_autograd_region:
+        raise RuntimeError(
+            "CompressedAccumulator does not run under compiled autograd (torch._dynamo.config.compiled_autograd "
+            "or torch._dynamo.compiled_autograd._enable): its hooks keep per-backward-pass bookkeeping that "
+            "compiled autograd cannot trace. Run the backward passes it accumulates without compiled autograd; "
+            "torch.compile of the model itself works (its backward runs these hooks eagerly)")
 
 
 class Hooks:
@@ -185,6 +198,7 @@ class Hooks:
 
     def before_grad(self, k: int, grad: torch.Tensor) -> None:  # no tensor arithmetic: no no_grad() needed
         """Tensor hook: runs before autograd adds this backward's gradient to ``.grad``."""
+        _refuse_compiled_autograd()
         eng = self.engine
         with eng.lock:
             eng.check_ddp()
@@ -198,6 +212,7 @@ class Hooks:
 
     @torch.no_grad()
     def on_grad(self, k: int, p: torch.Tensor) -> None:
+        _refuse_compiled_autograd()
         eng = self.engine
         with eng.lock:
             eng.cycle.inflight.pop(k, None)
