@@ -252,6 +252,10 @@ def test_numpy_numbers_leave_plain_checkpoints():
     opt.step()
     assert type(opt.param_groups[0]["lr"]) is float and type(opt.param_groups[0]["kappa"]) is int
     torch.load(io.BytesIO(_bytes(opt.state_dict())), weights_only=True)
+    # a scheduler writes after the step: LambdaLR with a lambda of numpy's cos (a probe)
+    opt.param_groups[0]["lr"] = np.float64(1e-3)
+    torch.load(io.BytesIO(_bytes(opt.state_dict())), weights_only=True)
+    assert type(opt.param_groups[0]["lr"]) is float
     with pytest.raises(TypeError, match=r"state_dict\[.rank.\] must be a non-negative integer"):
         ProjectionState(8).load_state_dict({"rank": 8.9, "seed": 0, "projection": 0, "step": 1})
 

@@ -735,3 +735,29 @@ def test_a_parameter_taken_out_of_the_groups_is_freed(path):
     gc.collect()
     assert gone() is None
     assert len(opt._device_steps) == 1 and opt.state[keep]["step"] == 3
+
+
+def test_other_optimizers_options_edited_in_mid_run_are_said_too():
+    """The same options edited into a group after construction (a user's betas schedule)
+    were ignored without a word (a new-user probe): named once at the next step, a numeric
+    momentum refused before any change; keys said at construction are not said again."""
+    import warnings
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.warns(UserWarning, match="'amsgrad'"):
+        opt = Flora([{"params": [p], "amsgrad": False}], lr=1e-3, rank=2, beta1=0.9)
+    p.grad = torch.randn(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # amsgrad was said at construction
+    opt.param_groups[0]["betas"] = (0.9, 0.99)
+    with pytest.warns(UserWarning, match=r"'betas': options of torch's optimizers that Flora does not have"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once
+    opt.param_groups[0]["momentum"] = 0.9
+    before = (p.detach().clone(), opt.state[p]["step"])
+    with pytest.raises(ValueError, match="a parameter group's momentum=0.9: Flora's momentum coefficient is beta1"):
+        opt.step()
+    assert torch.equal(p, before[0]) and opt.state[p]["step"] == before[1]

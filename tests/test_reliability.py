@@ -613,6 +613,24 @@ def test_relative_step_schedule_reports_and_changes_nothing(warmup_init):
     torch.save(sched.state_dict(), buf)
 
 
+def test_relative_step_schedule_leaves_a_fixed_lr_group_alone():
+    """Flora(groups, lr=None) with one group of its own lr (the README's mixed groups): the
+    schedule refused it ('use any torch scheduler for those', which the Trainer's one
+    scheduler cannot), and every torch scheduler fails on the None lr. It reports the fixed
+    lr as it is and changes nothing (a new-user probe)."""
+    model = _mlp()
+    first, *rest = list(model.parameters())
+    opt = Flora([{"params": [first], "lr": 1e-3}, {"params": rest}], lr=None)
+    sched = flora.RelativeStepSchedule(opt)
+    assert sched.get_last_lr() == [1e-3, 1e-2]
+    for t, (x, y) in enumerate(_batches(3), start=1):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert sched.get_last_lr() == [1e-3, 1e-2] and [g["lr"] for g in opt.param_groups] == [1e-3, None]
+
+
 @pytest.mark.parametrize("order", ["zero_grad-first", "scheduler-first"])
 def test_hf_adafactor_schedule_is_refused_not_a_silent_zero_step(order):
     """transformers' AdafactorSchedule writes lr=0 into every group (HF's Adafactor ignores

@@ -32,7 +32,13 @@ from .stacks import StateStacks
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
             "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_shapes_checked",
-            "_groups_checked", "_seeds_checked", "_stepped_under", "_taken")
+            "_groups_checked", "_seeds_checked", "_stepped_under", "_taken", "_constants_seen", "_foreign_warned")
+
+# The group options a compiled core takes as constants (functional.Spec): each new value
+# compiles new graphs (lr is handed to the graph as a tensor instead).
+_GRAPH_CONSTANTS = ("beta1", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter",
+                    "warmup_init", "complement_weight")
+_RECOMPILE_WARN_AFTER = 3  # changes of a group's constants before saying what they cost
 
 
 def _option_values(group: dict) -> tuple:
@@ -67,7 +73,9 @@ _FOREIGN_KEYS = ("betas", "amsgrad", "nesterov", "dampening", "beta2_decay", "d"
                  "maximize", "capturable", "differentiable", "fused")
 
 
-def _check_foreign_keys(group: dict) -> None:
+def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
+    """Refuse maximize=True and a numeric momentum; warn of the other foreign keys (once a
+    group and key, with ``warned``: at each step a key edited in since is said too)."""
     if group.get("maximize"):
         raise ValueError("maximize=True in a parameter group: Flora has no maximize option and would descend; "
                          "negate the loss instead")
@@ -76,6 +84,9 @@ def _check_foreign_keys(group: dict) -> None:
         raise ValueError(f"a parameter group's momentum={momentum!r}: Flora's momentum coefficient is beta1 "
                          "(beta1=0.9; None: no first moment)")
     found = [k for k in _FOREIGN_KEYS if k in group]
+    if warned is not None:
+        found = [k for k in found if (id(group), k) not in warned]
+        warned.update((id(group), k) for k in found)
     if found:
         help_ = f" ({_BETAS_HELP})" if "betas" in found else ""
         warnings.warn(f"a parameter group's {', '.join(repr(k) for k in found)}: options of torch's optimizers "
@@ -171,6 +182,11 @@ class Flora(Optimizer):
         # per parameter index, so it never holds more than one projection per tensor.
         self._proj_cache = ProjectionCache()
         self._warned_sharded_eager = False  # compile set, FSDP2's DTensors stepped eagerly: said once
+        # compile set: id(group) -> [its _GRAPH_CONSTANTS values last step, how often they changed]
+        self._constants_seen: dict[int, list] = {}
+        # (id(group), key): another optimizer's option, said once (at construction, or at the step)
+        self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _FOREIGN_KEYS if k in g}
+        self._warned_recompiles = False
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
         # (group sizes, id(param) -> (param, group, index)): step_parameter's lookup
@@ -267,6 +283,8 @@ class Flora(Optimizer):
             raise ValueError("params: a parameter group lists the same parameter more than once; list each once "
                              "(a tied weight: its tensor once, e.g. from model.parameters(), which deduplicates)")
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
+        if hasattr(self, "_foreign_warned"):  # said above: not again at the step
+            self._foreign_warned.update((id(self.param_groups[-1]), k) for k in _FOREIGN_KEYS if k in param_group)
         self._where = None  # step_parameter's map is rebuilt
 
     # ------------------------------------------------------------------ reporting
@@ -391,6 +409,9 @@ class Flora(Optimizer):
         # Every check happens before any state changes.
         for group in self.param_groups:  # an edit of another library's numbers (numpy's): as Python's
             plain_group(group)
+            # another optimizer's option edited in since (a user's betas schedule): said, as at construction
+            if group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
+                _check_foreign_keys(group, self._foreign_warned)
         check_grads(self.param_groups, self.state)
         self._check_options_fit_state()
         sharded.check_seeds(self.param_groups, self._seeds_checked)
@@ -424,15 +445,39 @@ class Flora(Optimizer):
                                            [e[2] for e in bucket], grouped=True, traced=traced))
                     continue
                 for p, state, i in bucket:
-                    plan.append(self._work([p], [state], group, [i], grouped=False))
+                    plan.append(self._work([p], [state], group, [i], grouped=False, traced=traced))
         if sharded_entries:
             if compiled and not self._warned_sharded_eager:
                 self._warned_sharded_eager = True
                 warnings.warn(f"Flora(compile={self._compile!r}): FSDP2's sharded parameters (DTensors) step on the "
                               "eager sharded path; compile applies to the others", UserWarning, stacklevel=3)
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
+        if compiled:
+            self._watch_graph_constants()
         self._states_seen = len(self.state)
         return plan
+
+    def _watch_graph_constants(self) -> None:
+        """compile set: a group option the graphs take as a constant (beta1, weight_decay,
+        ...) changing step after step (a schedule of it) compiles new graphs every step,
+        seconds each and without limit; say so once."""
+        for i, group in enumerate(self.param_groups):
+            values = tuple(group.get(k) for k in _GRAPH_CONSTANTS)
+            seen = self._constants_seen.get(id(group))
+            if seen is None:
+                self._constants_seen[id(group)] = [values, 0]
+                continue
+            if seen[0] == values:
+                continue
+            changed = [k for k, a, b in zip(_GRAPH_CONSTANTS, seen[0], values) if a != b]
+            seen[0], seen[1] = values, seen[1] + 1
+            if seen[1] >= _RECOMPILE_WARN_AFTER and not self._warned_recompiles:
+                self._warned_recompiles = True
+                warnings.warn(
+                    f"Flora(compile={self._compile!r}): group {i}'s {', '.join(changed)} changed at {seen[1]} steps; "
+                    "the compiled graphs take it as a constant, so each new value compiles new ones (seconds "
+                    "each, without limit): a schedule of anything but lr recompiles at every step. Change it "
+                    "rarely, or step with compile=False", UserWarning, stacklevel=4)
 
     # Replaced by torch.compiler.disable(_prelude_eager) when the first Flora is built.
     _prelude = _prelude_eager
@@ -442,12 +487,15 @@ class Flora(Optimizer):
         compiled = self._compile is not None
         return F.prepare(params, states, group, indices, grouped=grouped, projections=self._projections,
                          device_steps=self._device_steps, skips=self._skip_counter(device),
-                         lr=self._lr_for(group, device) if compiled else None, compiled=compiled,
-                         kernel=self._kernel, stacks=self._stacks if compiled or traced else None)
+                         lr=self._lr_for(group, device) if compiled or traced else None, compiled=compiled,
+                         kernel=self._kernel, stacks=self._stacks if compiled or (traced and grouped) else None)
 
     def _lr_for(self, group: dict, device):
-        """compile=True: a float lr as a device tensor (one per group and device, written
-        when the value changes), so that a scheduler writing floats does not recompile."""
+        """compile=True, or a step traced by torch.compile(opt.step): a float lr as a device
+        tensor (one per group and device, written when the value changes), so that a
+        scheduler writing floats does not recompile, and no graph reads a changing float
+        (inductor, torch 2.13, keeps a stale value of a float used twice in a kernel once
+        it is dynamic: ``lr / x.clamp(min=lr)`` used the second call's lr from the third on)."""
         lr = group["lr"]
         if lr is None or isinstance(lr, torch.Tensor):
             return lr
@@ -643,6 +691,14 @@ class Flora(Optimizer):
         self._skip_counter(ok.device).add_(ok.logical_not().sum())
 
     # ------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, with option values a scheduler wrote since the last step
+        in another library's number types (numpy's, from a ``LambdaLR``'s lambda) made
+        Python's first: it holds tensors and plain values only (``weights_only=True``)."""
+        for group in self.param_groups:
+            plain_group(group)
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         checkpoint.load_state_dict(self, state_dict, super().load_state_dict)

@@ -20,7 +20,8 @@ class RelativeStepSchedule(LRScheduler):
     schedulers report the lr the next ``optimizer.step()`` will use: the Trainer logs it
     before its ``scheduler.step()``, as the lr of the step just taken (it had been one
     step late there). It plays the part of transformers' ``AdafactorSchedule``, which
-    Flora cannot use.
+    Flora cannot use. A group with a fixed lr of its own (``{"params": ..., "lr": 1e-4}``
+    under ``Flora(..., lr=None)``) is left alone: its lr is reported as it is.
     """
 
     def __init__(self, optimizer, last_epoch: int = -1):
@@ -28,10 +29,9 @@ class RelativeStepSchedule(LRScheduler):
         groups = getattr(inner, "param_groups", None)
         if not isinstance(groups, list) or not any("relative_step" in g for g in groups):  # AdamW, say
             raise TypeError(f"RelativeStepSchedule takes a Flora optimizer with lr=None, got {type(optimizer).__name__}")
-        bad = [i for i, g in enumerate(inner.param_groups) if not g.get("relative_step", False)]
-        if bad:
-            raise ValueError(f"RelativeStepSchedule needs relative_step=True (Flora with lr=None) in every parameter "
-                             f"group; groups {bad} use a fixed lr: use any torch scheduler for those")
+        if not any(g.get("relative_step", False) for g in inner.param_groups):
+            raise ValueError("RelativeStepSchedule needs relative_step=True (Flora with lr=None) in a parameter "
+                             "group; every group uses a fixed lr: use any torch scheduler")
         self.optimizer = inner
         self.base_lrs = [0.0] * len(inner.param_groups)
         self.last_epoch = last_epoch + 1
@@ -41,6 +41,9 @@ class RelativeStepSchedule(LRScheduler):
     def get_lr(self) -> list[float]:
         lrs = []
         for g in self.optimizer.param_groups:
+            if not g.get("relative_step", False):  # a group with a fixed lr of its own: left as it is
+                lrs.append(g["lr"])
+                continue
             steps = [self.optimizer.state[p].get("step", 0) for p in g["params"] if p in self.optimizer.state]
             t = max(steps, default=0)
             lrs.append(relative_step_size(t + 1, g["warmup_init"]))  # the next step's
