@@ -164,3 +164,13 @@ def test_the_accumulator_says_when_it_compresses_nothing():
 def test_relative_step_schedule_names_an_optimizer_that_is_not_floras():
     with pytest.raises(TypeError, match="takes a Flora optimizer with lr=None, got AdamW"):
         flora.RelativeStepSchedule(torch.optim.AdamW([nn.Parameter(torch.randn(2))]))
+
+
+def test_plan_and_summary_name_parameters_given_by_name():
+    """Built from named_parameters(), plan() and summary() labelled rows by index only (a
+    probe on GPT-2 and ViT: hard to map); the names are torch's group['param_names']."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    opt = flora.Flora(model.named_parameters(), lr=1e-3, rank=4, beta1=0.9)
+    assert [r["name"] for r in opt.plan()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert "[0] 0.weight group 0 (16, 8): compressed" in opt.summary()
+    assert [r["name"] for r in flora.Flora(model.parameters(), lr=1e-3).plan()] == [None] * 4

@@ -15,7 +15,7 @@ from .sharded import is_dtensor
 
 def plan(opt) -> list[dict[str, Any]]:
     """One row per parameter: ``index`` (keys the projection seeds: the position across
-    groups when its state began),
+    groups when its state began), ``name`` (when built from ``named_parameters()``, else None),
     ``group``, ``shape``, ``compressed`` (bool), ``proj_dim`` and ``momentum_shape`` when
     compressed, else ``reason`` (why its momentum is dense or absent); ``momentum_dtype``
     (what its momentum is stored in, a name such as ``"bfloat16"``; None without ``beta1``);
@@ -23,11 +23,13 @@ def plan(opt) -> list[dict[str, Any]]:
     one made before it was frozen is kept, and counted by ``flora.state_bytes``)."""
     rows, index = [], 0
     for gi, group in enumerate(opt.param_groups):
-        for p in group["params"]:
+        names = group.get("param_names")  # torch keeps them when given named_parameters()
+        for j, p in enumerate(group["params"]):
             shape = tuple(p.shape)
             reason = momentum_reason(shape, group)
             pinned = opt.state[p].get("index", index) if p in opt.state else index
-            row = {"index": pinned, "group": gi, "shape": shape, "compressed": reason is None,
+            row = {"index": pinned, "name": names[j] if names else None, "group": gi, "shape": shape,
+                   "compressed": reason is None,
                    "frozen": not p.requires_grad,
                    "momentum_dtype": None if group["beta1"] is None
                    else str(momentum_storage(group, p.dtype)).removeprefix("torch.")}
@@ -59,7 +61,8 @@ def summary(opt) -> str:
             what += f", momentum in {r['momentum_dtype']}"
         if r["frozen"]:
             what += ", frozen"
-        lines.append(f"  [{r['index']}] group {r['group']} {r['shape']}: {what}")
+        name = f"{r['name']} " if r["name"] else ""
+        lines.append(f"  [{r['index']}] {name}group {r['group']} {r['shape']}: {what}")
     return "\n".join(lines)
 
 
