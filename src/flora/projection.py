@@ -284,7 +284,9 @@ def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None =
             raise ValueError("decompress: a coordinate projection needs size= (the projected dimension)")
         shape = (size, c.shape[-1]) if dim == 0 else (c.shape[-2], size)
         return decompress_add_(c.new_zeros(c.shape[:-2] + shape), c, a, dim)
-    if size is not None and size != a.shape[-1]:  # a matrix projection fixes the size: say so, not ignore it
+    # one matrix projection fixes the size: say so, not ignore it (for a stack of them the
+    # references pass the flattened view's size, which their matrices do not use)
+    if size is not None and not _batched(a) and size != a.shape[-1]:
         raise ValueError(f"decompress: size={size!r} does not match the projection, which maps a dimension of "
                          f"{a.shape[-1]} (shape {tuple(a.shape)}); leave size out for a matrix projection")
     return a.mT @ c if dim == 0 else c @ a
