@@ -584,6 +584,41 @@ def test_a_tau_that_disagrees_with_accelerate_is_refused():
         acc.remove()
 
 
+def test_fused_mode_takes_accelerates_fp16_scaler():
+    """accelerate's fp16 on a GPU steps its prepared optimizer through a GradScaler
+    (``AcceleratedOptimizer.scaler``). Fused mode without scaler= stepped on the scaled
+    gradients inside backward (1024x the step), and only then failed in GradScaler (a
+    new-user probe). It takes the prepared optimizer's scaler now: equal to the same
+    loop without the accumulator (rank=None). Emulated on the CPU as accelerate sets it up
+    on CUDA: the Accelerator's scaler and native_amp set before prepare()."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    def run(accumulate):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = accelerate.Accelerator(gradient_accumulation_steps=TAU, cpu=True, mixed_precision="fp16")
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=1024.0), True
+        model = accelerator.prepare(_mlp())
+        opt = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+        assert opt.scaler is accelerator.scaler
+        if accumulate:
+            CompressedAccumulator(model, rank=None, tau=TAU, optimizer=opt, fused=True)
+        loader = accelerator.prepare(torch.utils.data.DataLoader(_batches(2 * TAU), batch_size=None))
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(_loss(model, x, y, 1))
+                opt.step()
+                opt.zero_grad()
+        return _params(model)
+
+    try:
+        _assert_equal(run(True), run(False))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_autocast_bf16_trains_and_fused_matches():
     data = _bbc_bytes()
     batches = _token_batches(data, 8)

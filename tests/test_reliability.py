@@ -217,6 +217,44 @@ def test_a_leftover_unsynced_accelerate_state_drives_no_later_plain_loop():
         GradientState._reset_state()
 
 
+def test_a_leftover_unsynced_state_then_a_live_accelerate_run_with_a_short_first_cycle():
+    """After a leftover unsynced flag (an accumulate() loop stopped mid-window), a new
+    accelerate run's first cycle (2 micro-batches of a 2-batch loader, tau=3) was not
+    followed: its unsynced passes were read as the leftover, so its synced pass did not
+    end the cycle, and clipping met the placeholder (torch's 'single memory location'
+    error; a new-user probe). Once the flag turns True, the False it read in the cycle
+    counts: equal to the same run with no leftover, clipping included."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import GradientState
+
+    def run():
+        accelerator = accelerate.Accelerator(gradient_accumulation_steps=3, cpu=True)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = torch.utils.data.DataLoader(_batches(2), batch_size=None)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        acc = CompressedAccumulator(model, rank=4, tau=3, optimizer=opt, seed=3)
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(nn.functional.mse_loss(model(x), y))
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad()
+        acc.remove()
+        return [p.detach().clone() for p in model.parameters()], acc.cycle
+
+    try:
+        GradientState._reset_state()
+        want = run()
+        GradientState._shared_state["sync_gradients"] = False  # what the stopped loop leaves
+        got = run()
+    finally:
+        GradientState._reset_state()
+    assert got[1] == want[1] == 1
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+
+
 def test_accelerate_marks_the_last_short_cycle():
     """Under accelerator.accumulate() with a prepared dataloader whose length is not a
     multiple of tau, the end of the dataloader ends the cycle at its last backward: that

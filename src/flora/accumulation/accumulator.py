@@ -18,7 +18,7 @@ from .engine import Engine
 from .estimator import plan_row
 from .fused import check_fused_optimizer
 from .hooks import Hooks, attach, check_unattached, detach
-from .integrations import unwrap
+from .integrations import unwrap, wrapper_scaler
 from .._validation import plain
 from .options import Option, Options, check_options, make_slots, named_params, resolve_exclude
 from .ddp import DDPSteps, check_ddp_fused
@@ -92,7 +92,8 @@ class CompressedAccumulator:
         scaler: fused mode only: a ``torch.amp.GradScaler``; each accumulated gradient is
             unscaled and checked before its step, a non-finite one is not stepped, and
             the findings are recorded so that ``scaler.step(optimizer)`` and
-            ``scaler.update()`` work as usual.
+            ``scaler.update()`` work as usual. None with an optimizer that accelerate
+            prepared under fp16 (a GPU) takes that optimizer's scaler.
         reduce: data-parallel training without DDP's own all-reduce: at the end of each
             cycle (the ``tau``-th backward, ``finish_cycle()`` or the optimizer's step)
             every replica's compressed buffers, dense sums and per-parameter gradient
@@ -159,6 +160,10 @@ class CompressedAccumulator:
         slots = make_slots(named, resolve_exclude(exclude, named, model_or_params), rank=rank, proj_dim=proj_dim,
                            max_aspect_ratio=max_aspect_ratio, reduce=reduce)
         check_unattached(slots)
+        if fused and scaler is None and optimizer is not None:
+            # accelerate's fp16 (a GPU): its prepared optimizer steps through its loss scaler; without
+            # it the hooks would step on scaled gradients (a probe: 1024x the step) before any error
+            scaler = wrapper_scaler(optimizer)
         optimizer = None if optimizer is None else unwrap(optimizer)
         if fused:
             check_fused_optimizer(optimizer, slots)

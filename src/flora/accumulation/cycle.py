@@ -34,6 +34,9 @@ class Cycle:
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> cached projection
     sq_norm: torch.Tensor | None = None  # fused mode: squared norms of the gradients stepped so far
     unsynced: bool = False  # accelerate marked a backward of this cycle unsynced
+    # accelerate's flag read False in this cycle while not yet trusted (a stale flag left by
+    # an earlier run, or this run's first window): live after all if it turns True
+    doubted: bool = False
     backwards: int = 0  # reduce=True: backward passes finished in this cycle
     fused_checked: bool = False  # fused mode: the optimizer's trainable parameters checked this cycle
     # Normal mode: slot -> (the placeholder left in .grad of a compressed parameter between

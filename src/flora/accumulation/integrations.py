@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from .cycle import Cycle
 
-__all__ = ["AccelerateWatch", "accelerate_ends_cycle", "unwrap", "check_scaler"]
+__all__ = ["AccelerateWatch", "accelerate_ends_cycle", "unwrap", "wrapper_scaler", "check_scaler"]
 
 
 def unwrap(optimizer):
@@ -27,6 +27,13 @@ def unwrap(optimizer):
     # hooks and per-parameter steps must reach the real one.
     inner = getattr(optimizer, "optimizer", None)
     return inner if isinstance(inner, Optimizer) else optimizer
+
+
+def wrapper_scaler(optimizer):
+    """The GradScaler a wrapped optimizer steps through (accelerate's ``AcceleratedOptimizer``
+    under fp16 mixed precision, on a GPU), or None."""
+    scaler = getattr(optimizer, "scaler", None) if unwrap(optimizer) is not optimizer else None
+    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
 
 
 def check_scaler(scaler, fused: bool) -> None:
@@ -84,8 +91,9 @@ def accelerate_ends_cycle(c: Cycle, tau: int, count: int, watch: AccelerateWatch
         return False
     sync = bool(shared.get("sync_gradients", True))
     if watch is not None and not watch.sees(sync) and not c.driven:
-        return False  # a leftover of a run stopped mid-window: not a driver
-    if not sync:
+        c.doubted = True
+        return False  # a leftover of a run stopped mid-window: not a driver (yet)
+    if not sync or c.doubted:  # a flag that turned True: the False it read in this cycle was live
         c.unsynced = True
     if not c.follows_accelerate():
         return False
