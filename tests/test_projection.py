@@ -249,3 +249,27 @@ def test_a_rank_the_kind_cannot_give_is_refused_naming_it(kind):
             make_projection(kind, 1, rank, dim)
     with pytest.raises(TypeError, match="rank must be a positive integer"):
         make_projection(kind, 1, 2.0, 8)
+
+
+def test_projections_and_compressed_sums_do_not_depend_on_the_thread_count():
+    """Runs from one seed differed in the last bit between torch.set_num_threads(1) and (2)
+    (replicas with other thread counts drifted apart; a new-user probe): LAPACK's threaded
+    QR (seed 1579's first 32 x 2048 draw kept a 1-ulp difference) and torch's split sum of
+    more than 32,768 values into one (15 of 20 sums of 2048 x 32). The QR runs on one thread
+    and the sums go one dim at a time."""
+    from flora.momentum import _msum
+
+    threads = torch.get_num_threads()
+    xs = [torch.randn(2048, 32, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    xs += [torch.randn(3, 32, 4096, generator=torch.Generator().manual_seed(99))]
+    got = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append((make_projection("orthonormal", projection_seed(1579, 0, 0), 32, 2048),
+                        [_msum(x) for x in xs]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0][0], got[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
+    assert torch.get_num_threads() == threads

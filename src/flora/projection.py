@@ -168,7 +168,7 @@ def make_projections(
     if kind == "gaussian":
         g.mul_(1.0 / math.sqrt(rank))
     else:  # orthonormal: Q of the QR of that Gaussian draw
-        q, r = torch.linalg.qr(g.mT.double())  # k x dim x rank, in float64 so rows stay orthonormal in float32
+        q, r = _qr_one_thread(g.mT.double())  # k x dim x rank, in float64 so rows stay orthonormal in float32
         d = torch.diagonal(r, dim1=-2, dim2=-1)
         q = q * torch.sign(d).masked_fill_(d == 0, 1.0).unsqueeze(-2)  # unique: diag(R) > 0
         if unbiased:
@@ -176,6 +176,21 @@ def make_projections(
         g = q.mT.to(dtype).contiguous()
     g = _to_device(g, device)
     return g if g.dtype == dtype else g.to(dtype)
+
+
+def _qr_one_thread(x: torch.Tensor):
+    """``torch.linalg.qr`` on one CPU thread: LAPACK's threaded QR rounds differently with
+    the thread count (a probe: 0.1-2% of 2048 x 32 draws kept a 1-ulp difference in
+    float32), so projections, hence runs, depended on torch.set_num_threads (replicas of
+    one run with other thread counts drifted apart)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return torch.linalg.qr(x)
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.qr(x)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def is_coordinates(a: torch.Tensor) -> bool:
