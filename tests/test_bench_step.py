@@ -184,6 +184,12 @@ def test_compiled_rows(monkeypatch):
     pre = step.compiled_goals(by, "pretrain")  # the pretrain model: one goal, 1.0x HF Adafactor
     assert len(pre) == 1 and "adafactor-b0.9" in pre[0] and "goal <= 1x" in pre[0]
     assert step.compiled_goals(by, "smoke") == []
+    # a Flora(compile=True) row that compiled nothing (CUDA parameters step eagerly): said, its goals unchecked
+    eager = {**by, "flora-r32:compiled": dict(by["flora-r32:compiled"], graphs=0)}
+    for size in ("quick", "pretrain"):
+        said = [g for g in step.compiled_goals(eager, size) if g.startswith("flora-r32:compiled:")]
+        assert said == ["flora-r32:compiled: compiled no graph (stepped eagerly: on CUDA unless FLORA_COMPILE_CUDA=1); "
+                        "its goals not checked"], size
     md = step.render({"meta": {"model": "m", "device_name": "cpu", "command": "flora-bench step", "n_tensors": 3,
                                "n_params": 792, "shapes_check": "-", "repeats": 2, "warmup": 1,
                                **{k: "" for k in core.META_KEYS if k not in ("model", "command")}},
