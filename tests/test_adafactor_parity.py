@@ -161,3 +161,27 @@ def test_a_transformers_adafactor_state_resumes_in_flora(factor_dims, tmp_path):
     steps(opt, 4)
     for a, b in zip(want, params):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+@pytest.mark.parametrize("kw", [dict(lr=1e-2, relative_step=False, scale_parameter=False), dict(beta1=0.9)], ids=str)
+def test_equals_hf_adafactor_on_gradients_in_other_layouts(layout, kw):
+    """A gradient that is a transposed view or channels_last (a conv model after
+    model.to(memory_format=torch.channels_last)): the single-tensor path still equals HF
+    bit for bit. Its update kept the gradient's layout, and the clipping norm summed in
+    that order differed by up to 48 ulp (a differential fuzz found it)."""
+    shape = (5, 7) if layout == "transposed" else (3, 2, 3, 3)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x = torch.randn(shape)
+        a, b = torch.nn.Parameter(x.clone()), torch.nn.Parameter(x.clone())
+        hf, fl = Adafactor([a], **kw), Flora([b], rank=None, foreach=False, factor_dims="last", **kw)
+        for _ in range(3):
+            if layout == "transposed":
+                g = torch.randn(shape[::-1]).t()
+            else:
+                g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            a.grad, b.grad = g.clone(memory_format=torch.preserve_format), g.clone(memory_format=torch.preserve_format)
+            hf.step()
+            fl.step()
+        assert torch.equal(a, b), seed

@@ -357,6 +357,13 @@ def _count_step(t, steps, *, advance: bool = True):
 # ------------------------------------------------------------------ the cores
 
 
+def _norm(update: torch.Tensor) -> torch.Tensor:
+    """The update's 2-norm, summed in row-major order as HF Adafactor's contiguous update
+    is: an update in a gradient's other layout (transposed, channels_last) is copied first,
+    or the clipping RMS differs in the last bits (found by a differential fuzz)."""
+    return (update if update.is_contiguous() else update.contiguous()).norm(2)
+
+
 def _normalize(spec: Spec, grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2t, *, stacked: bool):
     """Adafactor's factored normalisation and the update's 2-norm (one per parameter of a
     ``stacked`` bucket): ``flora.kernels`` under ``spec.kernel`` (2-D parameters), else the
@@ -371,7 +378,7 @@ def _normalize(spec: Spec, grad: torch.Tensor, row: torch.Tensor, col: torch.Ten
     update, new_row, new_col = af.factored_normalize(view, row, col, beta2t, spec.eps1, fused=fused)
     update = af.from_factored(update, spec.factor, lead)
     if not stacked:
-        return update, new_row, new_col, update.norm(2)
+        return update, new_row, new_col, _norm(update)
     return update, new_row, new_col, torch.linalg.vector_norm(update.reshape(grad.shape[0], -1), dim=1)
 
 
@@ -409,7 +416,7 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
     else:
         sq_avg = sq[0][0]
         update, new_sq = af.unfactored_normalize(grad, sq_avg, beta2t, eps1)
-        norm = update.norm(2)
+        norm = _norm(update)
         ok = torch.isfinite(norm) & torch.isfinite(new_sq).all()
         sq_avg.copy_(torch.where(ok, new_sq, sq_avg))
     bad = ok.logical_not()

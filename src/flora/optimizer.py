@@ -560,19 +560,28 @@ class Flora(Optimizer):
             F.run(work, work.t)
 
     def _locate(self, p: torch.Tensor) -> tuple[dict, int] | None:
-        """``p``'s group and index, from a map rebuilt only when the groups change."""
-        sizes = tuple(len(g["params"]) for g in self.param_groups)
-        if self._where is None or self._where[0] != sizes:
+        """``p``'s group and index, from a map rebuilt when the groups change: a group dict
+        or its list replaced, a list resized; a hit is checked where it points, so that a
+        parameter moved within or between the lists in place is looked up again (before
+        2026-12-04 step_parameter, hence fused accumulation, kept stepping such a parameter
+        with its old group's options: found by a probe)."""
+        groups = self.param_groups
+        key = tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
+        if self._where is None or self._where[0] != key:
             where, index = {}, 0
-            for group in self.param_groups:
-                for q in group["params"]:
-                    where[id(q)] = (q, group, index)
+            for gi, group in enumerate(groups):
+                for j, q in enumerate(group["params"]):
+                    where[id(q)] = (q, gi, j, index)
                     index += 1
-            self._where = (sizes, where)
+            self._where = (key, where)
         hit = self._where[1].get(id(p))
         if hit is None or hit[0] is not p:
             return None
-        return hit[1], hit[2]
+        _, gi, j, index = hit
+        group = groups[gi] if gi < len(groups) else None
+        if group is None or j >= len(group["params"]) or group["params"][j] is not p:
+            return None  # moved since the map was made: _find looks again
+        return group, index
 
     def _find(self, p: torch.Tensor, caller: str) -> tuple[dict, int]:
         found = self._locate(p)
@@ -659,12 +668,14 @@ class Flora(Optimizer):
             key = self._factor_dims_seen.get(id(group)) or _layout_key(group)
         was = self._stepped_under.get(id(p))
         if state:
+            # moved into a group of other options: said first, so that a rank that no longer
+            # fits is not taken for a reshape (check_not_resized reads the new group's rank)
+            if was is not key and was is not None and was != key:
+                self._check_state_fits(p, group, was)
             if self._shapes_checked.get(id(p)) != (p.shape, p.dtype):  # a dict lookup a step, once checked
                 check_not_resized(p, state, group)  # before its state or any bucket changes (a new state is no change)
                 follow_dtype(state, p)  # a parameter cast since (model.to(torch.float64)): its second moment too
                 self._shapes_checked[id(p)] = (p.shape, p.dtype)
-            if was is not key and was is not None and was != key:  # moved into a group of other options
-                self._check_state_fits(p, group, was)
         elif p.grad.shape != p.shape:  # resized between backward() and its first step
             raise ValueError(f"a parameter of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}: "
                              "it was resized after its gradient was computed (p.data = ..., say). Compute the "
@@ -710,6 +721,16 @@ class Flora(Optimizer):
         Python's first: it holds tensors and plain values only (``weights_only=True``)."""
         for group in self.param_groups:
             plain_group(group)
+        held = {id(q) for g in self.param_groups for q in g["params"]}
+        stray = [p for p in self.state if id(p) not in held]
+        for p in [p for p in stray if not self.state[p]]:  # an empty entry (a lookup made it): nothing lost
+            del self.state[p]
+        stray = [p for p in stray if p in self.state]
+        if stray:  # torch's own state_dict fails on them with a bare KeyError (an id)
+            shapes = ", ".join(str(tuple(p.shape)) for p in stray[:3]) + (", ..." if len(stray) > 3 else "")
+            raise ValueError(f"state_dict(): {len(stray)} parameter(s) of shape {shapes} have a state but are in no "
+                             "param group (taken out of a group's list after they stepped). Drop their state first "
+                             "(opt.state.pop(p) for each), or put them back into a group")
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

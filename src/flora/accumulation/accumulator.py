@@ -185,8 +185,7 @@ class CompressedAccumulator:
             self._engine.guard_ddp(model_or_params if is_ddp(model_or_params) else None)
         attach(slots, self)
         self._hooks.guard_steps()
-        if fused:
-            self._hooks.guard_unfrozen(model_or_params)
+        self._hooks.guard_unfrozen(model_or_params)  # fused mode refuses a parameter unfrozen since; normal warns
 
     @property
     def cycle(self) -> int:

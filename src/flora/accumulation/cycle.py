@@ -113,9 +113,15 @@ def lag_message(c: Cycle, names: list[str], *, tau: int, fused: bool, name: str,
     def listed(items):
         return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
 
+    # the tau-th backward ends the cycle for every parameter it reaches: done, yet maybe with
+    # fewer than tau gradients; "complete" is a parameter that got all tau
+    complete = any(c.counts[k] >= tau for k in c.done)
     if first:
-        ended = (f"ended for {len(done)} parameter(s) ({listed([repr(n) for n in done])})" if done else
-                 f"ended after {tau} backward passes, though no parameter got a gradient in all {tau},")
+        if done and complete:
+            ended = f"ended for {len(done)} parameter(s) ({listed([repr(n) for n in done])})"
+        else:
+            reached = f" (the last of them reached {listed([repr(n) for n in done])})" if done else ""
+            ended = f"ended after {tau} backward passes, though no parameter got a gradient in all {tau}{reached},"
         what = (f"a backward pass began while the previous cycle (cycle {c.number}) waits to be stepped: it "
                 f"{ended} and "
                 f"{len(lagging)} got gradients in fewer micro-batches "
@@ -132,7 +138,7 @@ def lag_message(c: Cycle, names: list[str], *, tau: int, fused: bool, name: str,
     # tau counts backward passes: several per micro-batch (a GAN's two models) end a cycle early
     several = ("; if each micro-batch runs more than one backward pass (a GAN's two models), tau counts those "
                "passes: use one accumulator per model, or one backward per micro-batch"
-               if first and not done else "")
+               if first and not complete else "")
     # a segment's own backward under reentrant checkpointing counts a layer used twice twice (probe)
     reentrant = ("; a layer used in two segments of reentrant activation checkpointing "
                  "(torch.utils.checkpoint(use_reentrant=True)) counts twice per backward pass: use "

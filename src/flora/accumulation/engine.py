@@ -112,7 +112,9 @@ class Engine:
         ``.grad``. ``task``: the running backward pass."""
         self.settle_stale(task)
         if self.cycle.counts[k] and self.grads.cleared(self.cycle, k):
-            self.grads.drop(self.cycle, k)
+            # every slot zero_grad() cleared, at once: a cycle left empty restarts its count
+            # of backward passes (its tau-th is the last for every parameter, accumulate)
+            self.sweep()
         self.check_cycle_open(k)
         self.grads.take(self.cycle, k)
         self.cycle.inflight[k] = task
@@ -176,10 +178,12 @@ class Engine:
         if o.reduce:
             self.replicas.accumulate(c, k, g, self.projection, self.grads)
             return
-        # DDP synchronises the cycle's last backward only (DDPSyncGuard): it is the last for
-        # every parameter, however many micro-batches each was used in
+        # The cycle's tau-th backward pass is the last for every parameter, however many
+        # micro-batches each was used in (a branch used in the last one only gets its
+        # gradient exactly under exact_last; before 2026-12-04 only DDP's path knew, found by
+        # a probe); DDP synchronises that backward only (DDPSyncGuard)
         last = (accelerate_ends_cycle(c, o.tau, count, self.accelerate) or count + 1 == o.tau
-                or (self.ddp_guard is not None and self.ddp_guard.synchronising))
+                or c.backwards + 1 == o.tau or (self.ddp_guard is not None and self.ddp_guard.synchronising))
         buf = c.buffers.get(k)
         if slot.dim is not None:
             a = self.projection(k)

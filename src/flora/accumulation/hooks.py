@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 import weakref
 
 import torch
@@ -122,7 +123,7 @@ class Hooks:
         self.guard = None
         self.also = None  # normal mode with optimizer=: the global hook, where another optimizer steps some
         self.patched = None  # fused mode: the optimizer's zero_grad wrapper
-        self.unfrozen = None  # fused mode on a module: guard_unfrozen's forward pre-hook
+        self.unfrozen = None  # on a module: guard_unfrozen's forward pre-hook
         self.owner = None  # the accumulator: alive while its hooks are (they reach it through here)
 
     def guard_steps(self) -> None:
@@ -140,15 +141,18 @@ class Hooks:
             self.guard = self.global_guard()
 
     def guard_unfrozen(self, model) -> None:
-        """Fused mode on a module: a forward pass (with gradients on) while the module has a
-        trainable parameter this accumulator was not built with is refused. Nothing would
-        ever step it (its gradient piles up in ``.grad``), and where the accumulator's own
-        parameters were frozen meanwhile (peft's ``set_adapter``) none of its hooks runs to
-        see it (found by a new-user probe)."""
+        """On a module, a forward pass (with gradients on) while the module has a trainable
+        parameter this accumulator was not built with (unfrozen since, or added). Fused mode
+        refuses it: nothing would ever step it (its gradient piles up in ``.grad``), and
+        where the accumulator's own parameters were frozen meanwhile (peft's
+        ``set_adapter``) none of its hooks runs to see it (found by a new-user probe).
+        Normal mode warns once and stops looking: the parameter trains, but its gradients
+        accumulate uncompressed in ``.grad``, at full size (found by a later probe)."""
         if not isinstance(model, torch.nn.Module) or self.engine.sharded:
             return  # FSDP2 registers other (unsharded) parameters on the module for its forward
         mine = {id(s.param) for s in self.engine.slots}
         ref, own = weakref.ref(self), weakref.ref(model)
+        fused = self.engine.opts.fused
 
         def check(module, args):
             # module: a deep copy of the model carries this hook too, and is not watched
@@ -156,6 +160,18 @@ class Hooks:
                 return
             if any(p.requires_grad and id(p) not in mine for p in module.parameters()):
                 extra = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in mine]
+                if not fused:
+                    hooks = ref()
+                    if hooks.unfrozen is not None:
+                        hooks.unfrozen.remove()
+                        hooks.unfrozen = None
+                    warnings.warn(
+                        f"CompressedAccumulator: the model has {len(extra)} trainable parameter(s) not given to the "
+                        f"accumulator ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; unfrozen after it "
+                        "was built, or added): they train, but their gradients accumulate uncompressed in .grad, at "
+                        "full size. Build a new accumulator (acc.remove() first) after the change to compress them",
+                        UserWarning, stacklevel=2)
+                    return
                 raise ValueError(
                     f"CompressedAccumulator(fused=True): the model has {len(extra)} trainable parameter(s) not given "
                     f"to the accumulator ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; unfrozen after "

@@ -1,0 +1,181 @@
+"""The set of parameters and groups changing mid-run, as fine-tuning does: groups replaced
+or edited in place (step_parameter, hence fused accumulation, must follow), a branch
+reached only by the cycle's last backward pass, a parameter moved into a group of
+another rank, one taken out of the groups, one unfrozen after the accumulator was built.
+Each case was found by a new-user probe (2026-12-04)."""
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from flora import CompressedAccumulator, Flora
+
+SHAPES = ((24, 16), (16,), (24, 16), (8, 24))
+KW = dict(rank=4, beta1=0.9, kappa=3, scale_parameter=False)
+
+
+def _params():
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(*s, generator=g) * 0.1) for s in SHAPES]
+
+
+def _grads(params, t):
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * t + i))
+
+
+def _run(edit, per_parameter: bool, foreach):
+    """6 steps over two groups (lr 1e-2, 1e-4); ``edit`` changes the groups after step 3;
+    stepped by step() or one step_parameter call per parameter."""
+    params = _params()
+    opt = Flora([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 1e-4}], foreach=foreach, **KW)
+    for t in range(6):
+        if t == 3:
+            edit(opt)
+        _grads(params, t)
+        if per_parameter:
+            for p in params:
+                opt.step_parameter(p)
+        else:
+            opt.step()
+    return params
+
+
+def _replace_dict(opt):
+    opt.param_groups[0] = {**opt.param_groups[0], "lr": 1e-3}
+
+
+def _swap_in_place(opt):  # same list objects, same lengths: one parameter of each group exchanged
+    a, b = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+    a[0], b[0] = b[0], a[0]
+
+
+def _replace_list(opt):
+    opt.param_groups[1]["params"] = list(reversed(opt.param_groups[1]["params"]))
+
+
+@pytest.mark.parametrize("edit", [_replace_dict, _swap_in_place, _replace_list])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_step_parameter_follows_edited_groups(edit, foreach):
+    """step_parameter equals step() after the groups were edited (before, it kept a
+    replaced dict's lr: 3.4e-2 apart after 6 steps; a swapped parameter its old group's)."""
+    want, got = _run(edit, False, foreach), _run(edit, True, foreach)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
+def test_fused_accumulation_follows_a_swap_between_groups():
+    """Fused mode steps each parameter through step_parameter: after a parameter moved
+    between groups it takes the new group's lr, as normal mode does."""
+    def run(fused):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        ws = [model[0].weight, model[2].weight]
+        rest = [model[0].bias, model[2].bias]
+        opt = Flora([{"params": [ws[0], rest[0]], "lr": 1e-2}, {"params": [ws[1], rest[1]], "lr": 1e-4}],
+                    rank=2, beta1=0.9)
+        acc = CompressedAccumulator(model, rank=2, tau=2, seed=0, optimizer=opt, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for cycle in range(4):
+            if cycle == 2:
+                a, b = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+                a[1], b[1] = b[1], a[1]  # the biases exchanged in place
+            for _ in range(2):
+                model(torch.randn(3, 8, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        acc.remove()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_branch_reached_only_by_the_last_backward_is_exact_under_exact_last(fused):
+    """exact_last=True: the tau-th backward pass is the last of the cycle for every
+    parameter, however few gradients it got before; a branch used only there steps on its
+    gradient exactly (before: compressed, relative error 2.55 at rank 4 of 32). SGD with
+    lr 1: the step moves the weight by the gradient it was given."""
+    torch.manual_seed(0)
+    trunk, head = nn.Linear(16, 32), nn.Linear(32, 32, bias=False)
+    model = nn.ModuleDict(dict(trunk=trunk, head=head))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    acc = CompressedAccumulator(model, rank=4, tau=2, seed=0, optimizer=opt, exact_last=True, fused=fused)
+    xs = [torch.randn(5, 16) for _ in range(2)]
+    (trunk(xs[0]).pow(2).mean() / 2).backward()  # the head unused
+    (head(torch.tanh(trunk(xs[1]))).pow(2).mean() / 2).backward()  # the cycle's last: the head's only gradient
+    opt.step()
+    opt.zero_grad()
+    acc.remove()
+    ref_head, ref_trunk = nn.Linear(32, 32, bias=False), nn.Linear(16, 32)
+    ref_head.weight.data.copy_(start["head.weight"])
+    ref_trunk.weight.data.copy_(start["trunk.weight"])
+    ref_trunk.bias.data.copy_(start["trunk.bias"])
+    (ref_head(torch.tanh(ref_trunk(xs[1]))).pow(2).mean() / 2).backward()
+    torch.testing.assert_close(start["head.weight"] - head.weight.detach(), ref_head.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_parameter_moved_into_a_group_of_another_rank_is_named_as_moved():
+    """After one step, a parameter swapped into a group of another rank is refused with the
+    rank message (before: "it was reshaped after its first step"); nothing changes."""
+    params = _params()
+    opt = Flora([{"params": params[:2], "rank": 2}, {"params": params[2:], "rank": 4}], beta1=0.9, lr=1e-2)
+    _grads(params, 0)
+    opt.step()
+    a, b = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+    a[0], b[0] = b[0], a[0]
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params]
+    _grads(params, 1)
+    # params[2] (state made at rank 4) is checked first, now in the rank-2 group
+    with pytest.raises(ValueError, match=r"rank=2 does not fit the compressed momentum of a parameter of shape "
+                                         r"\(24, 16\) \(\(24, 4\), made with rank=4\)"):
+        opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(before, params))
+    assert all(torch.equal(v, opt.state[p][k]) for p, st in zip(params, states) for k, v in st.items())
+
+
+def test_state_dict_names_a_parameter_taken_out_of_the_groups():
+    """torch's state_dict fails with a bare KeyError (an id) on a state whose parameter is
+    in no group; Flora says what and how to fix it, and saves once its state is dropped."""
+    params = _params()
+    opt = Flora(params, lr=1e-2, **KW)
+    _grads(params, 0)
+    opt.step()
+    opt.param_groups[0]["params"].pop(2)
+    with pytest.raises(ValueError, match=r"1 parameter\(s\) of shape \(24, 16\) have a state but are in no param "
+                                         r"group .*opt\.state\.pop\(p\)"):
+        opt.state_dict()
+    opt.state.pop(params[2])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    assert len(torch.load(buf, weights_only=True)["state"]) == 3
+
+
+def test_normal_mode_warns_once_about_a_parameter_unfrozen_after_it_was_built():
+    """Normal mode: a parameter unfrozen after the accumulator was built trains, but its
+    gradients pile up uncompressed in .grad; said once at the next forward (fused mode
+    refuses it, tests/test_fused_habits.py)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 4))
+    model[0].weight.requires_grad_(False)
+    acc = CompressedAccumulator(model, rank=2, tau=2, seed=0)
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).sum().backward()  # nothing unfrozen yet: silent
+    model[0].weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"1 trainable parameter\(s\) not given to the accumulator \(0\.weight; "
+                                         r"unfrozen .* uncompressed in \.grad"):
+        model(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).sum().backward()  # once
+    assert model[0].weight.grad.stride() == (8, 1)  # a full gradient: the memory the warning is about
+    acc.remove()
