@@ -761,3 +761,48 @@ def test_other_optimizers_options_edited_in_mid_run_are_said_too():
     with pytest.raises(ValueError, match="a parameter group's momentum=0.9: Flora's momentum coefficient is beta1"):
         opt.step()
     assert torch.equal(p, before[0]) and opt.state[p]["step"] == before[1]
+
+
+def test_plan_reports_the_form_a_loaded_state_holds():
+    """A (1, N, d) parameter's state from before the leading-1 rule (2026-12-04) holds its
+    momentum projected on the other dim; it continues in that form, and plan() now reports
+    the state rather than what the current rule would choose (a probe found the rows
+    wrong). A dense momentum where the rule would compress is reported dense."""
+    pos, w = torch.nn.Parameter(torch.randn(1, 12, 40)), torch.nn.Parameter(torch.randn(24, 16))
+    opt = Flora([pos, w], lr=1e-2, rank=8, beta1=0.9)
+    for p in (pos, w):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.plan()[0]["proj_dim"] == 0 and opt.plan()[0]["momentum_shape"] == (8, 40)  # the current rule
+    opt.state[pos].update(proj_dim=1, exp_avg_c=torch.zeros(12, 8, dtype=torch.bfloat16))  # the old rule's form
+    opt.state[w].pop("exp_avg_c")
+    opt.state[w]["exp_avg"] = torch.zeros(24, 16)  # a dense momentum, as options that kept it dense made
+    rows = opt.plan()
+    assert rows[0]["compressed"] and rows[0]["proj_dim"] == 1 and rows[0]["momentum_shape"] == (12, 8)
+    assert not rows[1]["compressed"] and "holds a dense momentum" in rows[1]["reason"]
+    assert "holds a dense momentum" in opt.summary()
+
+
+def test_an_old_leading_ones_state_is_named_as_one_matrix_not_a_stack():
+    """A (1, N, d) position embedding's state from before 2026-12-04 (its 1 x (N d) view):
+    the refusal and the warning name it as one matrix behind leading 1s, not as "stacked
+    experts" (a probe found the wording misleading)."""
+    import warnings
+
+    pos = torch.nn.Parameter(torch.randn(1, 12, 40))
+    opt = Flora([pos], lr=1e-2, rank=8, beta1=0.9)
+    pos.grad = torch.randn_like(pos)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0].update(exp_avg_c=torch.zeros(1, 8, dtype=torch.bfloat16), proj_dim=1)  # the old view's (1, r)
+    with pytest.raises(ValueError, match=r"\(one 12 x 40 matrix behind leading dims of 1\) has a compressed momentum "
+                                         r"of shape \(1, 8\), made by a Flora before 2026-12-04"):
+        Flora([pos], lr=1e-2, rank=8, beta1=0.9).load_state_dict(sd)
+    del sd["state"][0]["exp_avg_c"], sd["state"][0]["proj_dim"]
+    sd["state"][0]["exp_avg"] = torch.zeros(1, 12, 40)  # the old view kept it dense
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Flora([pos], lr=1e-2, rank=8, beta1=0.9).load_state_dict(sd)
+    said = [str(w.message) for w in seen if "load_state_dict" in str(w.message)]
+    assert len(said) == 1 and "1 matrix(es) behind leading dims of 1 (e.g. shape (1, 12, 40)" in said[0]
+    assert "stacked experts" not in said[0]

@@ -179,3 +179,40 @@ def test_normal_mode_warns_once_about_a_parameter_unfrozen_after_it_was_built():
         model(x).sum().backward()  # once
     assert model[0].weight.grad.stride() == (8, 1)  # a full gradient: the memory the warning is about
     acc.remove()
+
+
+def test_a_group_added_after_load_state_dict_is_not_warned_of_torchs_own_default():
+    """torch's __setstate__ adds differentiable=False to a loaded optimizer's defaults; a
+    group added afterwards inherits it and was warned of as a foreign option."""
+    params = _params()
+    opt = Flora(params[:2], lr=1e-2, **KW)
+    _grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    opt = Flora(params[:2], lr=1e-2, **KW)
+    opt.load_state_dict(sd)
+    opt.add_param_group({"params": params[2:]})
+    _grads(params, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+
+
+def test_a_mid_cycle_accumulator_state_of_another_rule_says_how_to_move_on():
+    """A mid-cycle partial sum whose form this accumulator would not make (other options,
+    or an older version's compression rule) is refused, saying to save at a cycle
+    boundary to move across versions (a probe found the message read as damage)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 4))
+    acc = CompressedAccumulator(model, rank=2, tau=2, seed=0)
+    model(torch.randn(3, 8)).sum().backward()  # mid-cycle
+    sd = acc.state_dict()
+    acc.remove()
+    model.zero_grad()
+    i, buf = next(iter(sd["compressed"].items()))
+    sd["compressed"][i] = buf.mT.contiguous()  # as the other dim projected (an older rule's form)
+    other = CompressedAccumulator(model, rank=2, tau=2, seed=0)
+    with pytest.raises(ValueError, match=r"has shape .* expected .*Save at a cycle boundary, after the step, to move "
+                                         r"a run across versions"):
+        other.load_state_dict(sd)
+    other.remove()

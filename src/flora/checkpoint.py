@@ -5,6 +5,7 @@ of algorithm (``ALGORITHM_KEYS``) is warned about, naming old and new."""
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any
 
@@ -219,12 +220,19 @@ def _warn_dense_stacks(id_to_param: dict, states: dict) -> None:
         if "exp_avg" in s and "exp_avg_c" not in s and is_stack(tuple(p.shape)) and group["beta1"] is not None \
                 and (sharded.momentum_dim if sharded.is_dtensor(p) else momentum_dim)(tuple(p.shape), group) is not None:
             dense.append(tuple(p.shape))
-    if dense:
-        warnings.warn(f"Flora.load_state_dict: {len(dense)} stack(s) of matrices (stacked experts, e.g. shape "
-                      f"{dense[0]}) hold a dense momentum, which this Flora would compress: saved before 2026-12-04, "
+    ones = [s for s in dense if math.prod(s[:-2]) == 1]  # one matrix behind leading 1s (a position embedding)
+    stacks = [s for s in dense if math.prod(s[:-2]) != 1]
+    if stacks:
+        warnings.warn(f"Flora.load_state_dict: {len(stacks)} stack(s) of matrices (stacked experts, e.g. shape "
+                      f"{stacks[0]}) hold a dense momentum, which this Flora would compress: saved before 2026-12-04, "
                       "when a stack of no more matrices than the rank stayed dense. They stay dense (more state than "
-                      "plan() and flora_state_bytes say); drop their state (optimizer.state.pop(p)) to compress them",
-                      UserWarning, stacklevel=3)
+                      "the current rule keeps; plan() says so); drop their state (optimizer.state.pop(p)) to compress "
+                      "them", UserWarning, stacklevel=3)
+    if ones:
+        warnings.warn(f"Flora.load_state_dict: {len(ones)} matrix(es) behind leading dims of 1 (e.g. shape {ones[0]}, "
+                      "a position embedding) hold a dense momentum, which this Flora would compress: saved before "
+                      "2026-12-04, when such a tensor was seen as a single 1 x (n * m) row. They stay dense (plan() "
+                      "says so); drop their state (optimizer.state.pop(p)) to compress them", UserWarning, stacklevel=3)
 
 
 def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:

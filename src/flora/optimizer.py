@@ -71,6 +71,7 @@ _BETAS_HELP = ("the first moment's coefficient is beta1 (e.g. beta1=0.9; None: n
 # (maximize=True, which would flip the objective, and a numeric momentum are refused).
 _FOREIGN_KEYS = ("betas", "amsgrad", "nesterov", "dampening", "beta2_decay", "d", "decoupled_weight_decay",
                  "maximize", "capturable", "differentiable", "fused")
+_OFF_SWITCHES = ("differentiable",)  # what torch's Optimizer.__setstate__ adds (False) to the defaults
 
 
 def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
@@ -83,7 +84,10 @@ def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
     if momentum is not None and not isinstance(momentum, str):
         raise ValueError(f"a parameter group's momentum={momentum!r}: Flora's momentum coefficient is beta1 "
                          "(beta1=0.9; None: no first moment)")
-    found = [k for k in _FOREIGN_KEYS if k in group]
+    # torch's own __setstate__ puts differentiable=False into every loaded optimizer's
+    # defaults, hence into a group added after load_state_dict: not said (a probe saw the
+    # user warned of an option they never set)
+    found = [k for k in _FOREIGN_KEYS if k in group and not (k in _OFF_SWITCHES and not group[k])]
     if warned is not None:
         found = [k for k in found if (id(group), k) not in warned]
         warned.update((id(group), k) for k in found)

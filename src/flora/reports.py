@@ -6,6 +6,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
+
 from . import sharded
 from .compression import momentum_storage
 from .options import momentum_dim, momentum_reason
@@ -33,7 +35,17 @@ def plan(opt) -> list[dict[str, Any]]:
                    "frozen": not p.requires_grad,
                    "momentum_dtype": None if group["beta1"] is None
                    else str(momentum_storage(group, p.dtype)).removeprefix("torch.")}
-            if reason is None:
+            # a state says what it holds: one loaded from an older version may keep a form the
+            # current rule would not choose (a (1, N, d) matrix's; a probe found the rows wrong)
+            st = opt.state[p] if p in opt.state else {}
+            held = st.get("exp_avg_c")
+            if isinstance(held, torch.Tensor) and "proj_dim" in st:
+                row.update(compressed=True, proj_dim=int(st["proj_dim"]), momentum_shape=tuple(held.shape),
+                           momentum_dtype=str(held.dtype).removeprefix("torch."))
+            elif reason is None and isinstance(st.get("exp_avg"), torch.Tensor):
+                row.update(compressed=False, reason="dense: its state holds a dense momentum (made under other "
+                                                    "options or an older version's rule)")
+            elif reason is None:
                 dim = sharded.momentum_dim(shape, group) if is_dtensor(p) else momentum_dim(shape, group)
                 row.update(proj_dim=dim, momentum_shape=compressed_shape(shape, group["rank"], dim))
             else:

@@ -122,6 +122,12 @@ def _refuse_old_stack_view(shape: tuple, got: tuple, want) -> None:
     matrix: ``r x (n * m)`` or ``E x r``): refused, saying so."""
     rest = math.prod(shape[1:])
     if is_stack(shape) and len(got) == 2 and (got[1] == rest or got[0] == shape[0]):
+        if math.prod(shape[:-2]) == 1:  # one matrix behind leading 1s (a position embedding)
+            raise ValueError(
+                f"a parameter of shape {shape} (one {shape[-2]} x {shape[-1]} matrix behind leading dims of 1) has a "
+                f"compressed momentum of shape {got}, made by a Flora before 2026-12-04, which projected it as one "
+                f"1 x {rest} row; it is projected as the {shape[-2]} x {shape[-1]} matrix now (needing {want}). "
+                f"Load that checkpoint with the Flora that saved it, {_DROP}")
         raise ValueError(
             f"a stack of matrices of shape {shape} (stacked experts) has a compressed momentum of shape {got}, "
             f"made by a Flora before 2026-12-04, which projected it as one {shape[0]} x {rest} matrix (across "

@@ -22,6 +22,12 @@ from .estimator import buffer_shape
 __all__ = ["state_dict", "load_state_dict"]
 
 
+
+# A mid-cycle partial sum made under another compression rule (probe, 2026-12-04): say how to move on.
+_OTHER_RULE = (" (other options, or a mid-cycle checkpoint of a version that compressed this tensor otherwise: "
+               "before 2026-12-04, stacks and (1, N, d) tensors were compressed differently). Save at a cycle "
+               "boundary, after the step, to move a run across versions, or load it with the version that saved it")
+
 def state_dict(eng: Engine) -> dict[str, Any]:
     eng.sweep()
     c, o = eng.cycle, eng.opts
@@ -110,13 +116,14 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
             k, s = by_index[i]
             if (s.dim is not None) != (kind == "compressed"):
                 raise ValueError(f"state_dict holds a {kind} buffer for {s.name!r}, which this accumulator "
-                                 f"accumulates {'densely' if s.dim is None else 'compressed'}")
+                                 f"accumulates {'densely' if s.dim is None else 'compressed'}{_OTHER_RULE}")
             want = buffer_shape(s, o.rank)
             if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
                 raise ValueError(f"state_dict's {kind} buffer for {s.name!r} must be a floating-point tensor, got "
                                  + (f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__))
             if tuple(t.shape) != want:
-                raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}")
+                raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}"
+                                 f"{_OTHER_RULE}")
     # All checked: apply.
     if eng.replicas is not None:
         eng.replicas.agreed = False  # the replicas are compared again at the next collective
