@@ -216,3 +216,27 @@ def test_a_mid_cycle_accumulator_state_of_another_rule_says_how_to_move_on():
                                          r"a run across versions"):
         other.load_state_dict(sd)
     other.remove()
+
+
+def test_an_accumulator_state_saved_under_another_layout_is_said_at_load():
+    """acc.state_dict() keeps each parameter's projected dimension: a resume under another
+    layout (here max_aspect_ratio, which the saved options do not hold; an older version's
+    rule likewise) continues under the new one, and says so. The same layout: silent."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.Tanh(), nn.Linear(40, 4))
+    acc = CompressedAccumulator(model, rank=2, tau=2, seed=0)
+    sd = acc.state_dict()  # at a cycle boundary
+    rows = acc.plan()
+    acc.remove()
+    assert sd["dims"].tolist() == [r["proj_dim"] if r["compressed"] else -1 for r in rows]
+    same = CompressedAccumulator(model, rank=2, tau=2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(sd)
+    same.remove()
+    other = CompressedAccumulator(model, rank=2, tau=2, seed=0, max_aspect_ratio=2.0)  # (40, 8), (4, 40): dense
+    with pytest.warns(UserWarning, match=r"2 parameter\(s\) were accumulated under another layout when saved "
+                                         r"\('0.weight' \(proj_dim 1 saved, dense here\), '2.weight' \(proj_dim 0 "
+                                         r"saved, dense here\)\)"):
+        other.load_state_dict(sd)
+    other.remove()

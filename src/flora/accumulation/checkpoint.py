@@ -1,7 +1,8 @@
 """The accumulator's checkpoint: tensors and plain numbers only (loads with
 ``torch.load(weights_only=True)``). Keys: ``rank``, ``tau``, ``seed``, ``proj_dim``,
 ``projection``, ``exact_last``, ``cycle``, ``backwards``, ``indices`` (parameter positions),
-``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate`` and
+``dims`` (each parameter's projected dimension, -1 where dense; since 2026-12-04: a resume
+under another layout is said), ``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate`` and
 ``driven`` (0 or 1: whether accelerate's sync flag ends the open cycle, and every cycle),
 ``compressed`` and ``dense`` (partial sums by parameter position). Projections are not
 saved: they are a pure function of ``(seed, index, cycle)``. A state saved before ``projection`` existed used Gaussian
@@ -9,6 +10,7 @@ matrices."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -55,12 +57,30 @@ def state_dict(eng: Engine) -> dict[str, Any]:
         "projection": o.projection,
         "exact_last": o.exact_last, "cycle": c.number, "backwards": c.backwards,
         "indices": torch.tensor([s.index for s in eng.slots], dtype=torch.int64),
+        # each parameter's projected dimension (-1: dense), so that a resume under another
+        # layout (an option such as max_aspect_ratio, a later version's rule) is said
+        "dims": torch.tensor([-1 if s.dim is None else s.dim for s in eng.slots], dtype=torch.int64),
         "counts": torch.tensor(c.counts, dtype=torch.int64),
         # a resumed run's first cycle may be short: accelerate's sync must end it as it would have
         "follow_accelerate": int(c.follow_accelerate or c.unsynced), "driven": int(c.driven),
         "compressed": compressed, "dense": dense,
     }
 
+
+
+def _layout_changes(dims, slots, names) -> list[str]:
+    """The parameters whose saved projected dimension (``dims``: -1 dense; absent before
+    2026-12-04) is not this accumulator's, as text; a malformed entry is refused."""
+    if dims is None:
+        return []
+    if not (isinstance(dims, torch.Tensor) and dims.dim() == 1 and not dims.is_floating_point()
+            and len(dims) == len(slots)):
+        raise ValueError(f"state_dict['dims'] must be a 1-D integer tensor of {len(slots)} entries (each parameter's "
+                         "projected dimension, -1 where dense)")
+    def said(d):
+        return "dense" if d is None or d < 0 else f"proj_dim {d}"
+    return [f"{names[k]!r} ({said(int(d))} saved, {said(s.dim)} here)" for k, (d, s) in enumerate(zip(dims.tolist(), slots))
+            if (None if d < 0 else int(d)) != s.dim]
 
 def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     """Everything is checked before anything changes."""
@@ -93,6 +113,7 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     if indices != [s.index for s in slots]:
         raise ValueError(f"state_dict covers {len(indices)} parameters, this accumulator {len(slots)} "
                          "(or different ones): it was saved from a different model or parameter list")
+    changed = _layout_changes(sd.get("dims"), slots, eng.names)
     counts = [int(c) for c in sd["counts"].tolist()]
     if len(counts) != len(slots):
         raise ValueError(f"state_dict has {len(counts)} counts for {len(slots)} parameters: it is damaged")
@@ -124,6 +145,12 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
             if tuple(t.shape) != want:
                 raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}"
                                  f"{_OTHER_RULE}")
+    if changed:
+        warnings.warn(f"CompressedAccumulator.load_state_dict: {len(changed)} parameter(s) were accumulated under "
+                      f"another layout when saved ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): "
+                      "other options (max_aspect_ratio, say) or an older version's rule. The run continues under this "
+                      "accumulator's layout: unbiased as before, but not the saved run's continuation",
+                      UserWarning, stacklevel=3)
     # All checked: apply.
     if eng.replicas is not None:
         eng.replicas.agreed = False  # the replicas are compared again at the next collective
