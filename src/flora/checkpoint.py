@@ -5,7 +5,6 @@ of algorithm (``ALGORITHM_KEYS``) is warned about, naming old and new."""
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from .adafactor import factored_dims
 from .compression import momentum_storage
 from .options import ALGORITHM_KEYS, CORE_KEYS, momentum_dim, upgrade_group, validate_group
-from .projection import is_stack, state_dtype
+from .projection import is_stack, one_matrix, state_dtype
 from . import sharded
 from .state import COUNTERS, check_loaded_entries, check_state_shapes, count_value
 
@@ -220,8 +219,8 @@ def _warn_dense_stacks(id_to_param: dict, states: dict) -> None:
         if "exp_avg" in s and "exp_avg_c" not in s and is_stack(tuple(p.shape)) and group["beta1"] is not None \
                 and (sharded.momentum_dim if sharded.is_dtensor(p) else momentum_dim)(tuple(p.shape), group) is not None:
             dense.append(tuple(p.shape))
-    ones = [s for s in dense if math.prod(s[:-2]) == 1]  # one matrix behind leading 1s (a position embedding)
-    stacks = [s for s in dense if math.prod(s[:-2]) != 1]
+    ones = [s for s in dense if one_matrix(s)]  # a position embedding's (1, N, d)
+    stacks = [s for s in dense if not one_matrix(s)]
     if stacks:
         warnings.warn(f"Flora.load_state_dict: {len(stacks)} stack(s) of matrices (stacked experts, e.g. shape "
                       f"{stacks[0]}) hold a dense momentum, which this Flora would compress: saved before 2026-12-04, "

@@ -42,6 +42,7 @@ __all__ = [
     "state_dtype",
     "as_matrix",
     "is_stack",
+    "one_matrix",
     "matrix_shape",
     "choose_dim",
     "compressed_shape",
@@ -212,6 +213,12 @@ def is_stack(shape: torch.Size | tuple[int, ...]) -> bool:
     return len(shape) >= 3 and max(shape[:-2]) <= min(shape[-2], shape[-1])
 
 
+def one_matrix(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether a tensor of 3+ dims is one matrix behind leading dims of 1 (``(1, N, d)``
+    position embeddings, ``(1, 1, d)`` class tokens): nothing to mix, so that matrix."""
+    return len(shape) >= 3 and math.prod(shape[:-2]) == 1
+
+
 def matrix_shape(shape: torch.Size | tuple[int, ...], like=None) -> tuple[int, int]:
     """The 2-D matrix a tensor of ``shape`` (2+ dims) is seen as: ``(shape[0], rest)``, or
     for a stack (:func:`is_stack`) ``(rest, shape[-1])``, each matrix's rows in turn.
@@ -234,11 +241,9 @@ def choose_dim(shape: torch.Size | tuple[int, ...], proj_dim: ProjDim = "auto") 
     for a stack of two or more matrices, its columns (its rows would mix its matrices)."""
     n, m = matrix_shape(shape)
     if proj_dim == "auto":
-        if is_stack(shape) and math.prod(shape[:-2]) > 1:
+        if is_stack(shape) and not one_matrix(shape):
             return 1
-        # one matrix behind leading dims of 1 ((1, N, d) position embeddings, (1, 1, d) class
-        # tokens) is that matrix: nothing to mix, so as a 2-D tensor of its shape
-        return 0 if n < m else 1
+        return 0 if n < m else 1  # a 2-D tensor, or one matrix behind leading 1s (one_matrix)
     return int(proj_dim)
 
 

@@ -11,7 +11,7 @@ from . import sharded
 from .adafactor import factored_shapes
 from .compression import momentum_storage
 from .options import momentum_dim
-from .projection import compressed_shape, is_stack, state_dtype
+from .projection import compressed_shape, is_stack, one_matrix, state_dtype
 from .sharded import is_dtensor
 
 
@@ -122,7 +122,7 @@ def _refuse_old_stack_view(shape: tuple, got: tuple, want) -> None:
     matrix: ``r x (n * m)`` or ``E x r``): refused, saying so."""
     rest = math.prod(shape[1:])
     if is_stack(shape) and len(got) == 2 and (got[1] == rest or got[0] == shape[0]):
-        if math.prod(shape[:-2]) == 1:  # one matrix behind leading 1s (a position embedding)
+        if one_matrix(shape):  # a position embedding's (1, N, d)
             raise ValueError(
                 f"a parameter of shape {shape} (one {shape[-2]} x {shape[-1]} matrix behind leading dims of 1) has a "
                 f"compressed momentum of shape {got}, made by a Flora before 2026-12-04, which projected it as one "

@@ -23,12 +23,11 @@ from .estimator import buffer_shape
 
 __all__ = ["state_dict", "load_state_dict"]
 
-
-
 # A mid-cycle partial sum made under another compression rule (probe, 2026-12-04): say how to move on.
 _OTHER_RULE = (" (other options, or a mid-cycle checkpoint of a version that compressed this tensor otherwise: "
                "before 2026-12-04, stacks and (1, N, d) tensors were compressed differently). Save at a cycle "
                "boundary, after the step, to move a run across versions, or load it with the version that saved it")
+
 
 def state_dict(eng: Engine) -> dict[str, Any]:
     eng.sweep()
@@ -67,7 +66,6 @@ def state_dict(eng: Engine) -> dict[str, Any]:
     }
 
 
-
 def _layout_changes(dims, slots, names) -> list[str]:
     """The parameters whose saved projected dimension (``dims``: -1 dense; absent before
     2026-12-04) is not this accumulator's, as text; a malformed entry is refused."""
@@ -77,10 +75,13 @@ def _layout_changes(dims, slots, names) -> list[str]:
             and len(dims) == len(slots)):
         raise ValueError(f"state_dict['dims'] must be a 1-D integer tensor of {len(slots)} entries (each parameter's "
                          "projected dimension, -1 where dense)")
+
     def said(d):
         return "dense" if d is None or d < 0 else f"proj_dim {d}"
-    return [f"{names[k]!r} ({said(int(d))} saved, {said(s.dim)} here)" for k, (d, s) in enumerate(zip(dims.tolist(), slots))
-            if (None if d < 0 else int(d)) != s.dim]
+
+    return [f"{names[k]!r} ({said(d)} saved, {said(s.dim)} here)" for k, (d, s) in enumerate(zip(dims.tolist(), slots))
+            if (None if d < 0 else d) != s.dim]
+
 
 def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     """Everything is checked before anything changes."""
