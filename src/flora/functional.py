@@ -496,6 +496,22 @@ def param_norms(plan: list) -> list:
     return out
 
 
+def _all_finite(norm: torch.Tensor, *stats: torch.Tensor) -> torch.Tensor:
+    """Per matrix of a bucket (``norm``: a k-vector), whether its update's norm and its new
+    statistics (``k x ...``) are all finite, in few operations (each a kernel launch on a
+    GPU): a statistic's entries are never negative, so their sum is finite exactly when
+    each is, and a float64 sum of float32 values does not overflow."""
+    if norm.device.type == "mps":  # no float64 there
+        ok = torch.isfinite(norm)
+        for st in stats:
+            ok = ok & torch.isfinite(st).reshape(len(norm), -1).all(1)
+        return ok
+    total = stats[0].reshape(len(norm), -1).sum(1, dtype=torch.float64)
+    for st in stats[1:]:
+        total.add_(st.reshape(len(norm), -1).sum(1, dtype=torch.float64))
+    return torch.isfinite(total.add_(norm))
+
+
 def _commit(targets, new: torch.Tensor, old: torch.Tensor, ok_b: torch.Tensor) -> None:
     """Write a stacked state back to the bucket's own tensors (a list, or a stack), where
     the step was finite."""
@@ -541,21 +557,21 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     if len(shape) >= 2:
         row, col = _stack(sq[0]), _stack(sq[1])
         update, new_row, new_col, norm = _normalize(spec, g, row, col, beta2t, stacked=True)
-        ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
-            torch.isfinite(new_col).reshape(k, -1).all(1)
+        ok = _all_finite(norm, new_row, new_col)
         _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
         _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
     else:
         sq_avg = _stack(sq[0])
         update, new_sq = af.unfactored_normalize(g, sq_avg, beta2t, eps1)
         norm = torch.linalg.vector_norm(update.reshape(k, -1), dim=1)
-        ok = torch.isfinite(norm) & torch.isfinite(new_sq).reshape(k, -1).all(1)
+        ok = _all_finite(norm, new_sq)
         _commit(sq[0], new_sq, sq_avg, per_param(ok))
     del g
     ok_b = per_param(ok)
-    update.masked_fill_(ok_b.logical_not(), 0.0)
+    bad = ok.logical_not()
+    update.masked_fill_(per_param(bad), 0.0)
     norm = torch.where(ok, norm, 0.0)
-    skips.add_(ok.logical_not().sum())
+    skips.add_(bad.sum())
     if spec.momentum == "c":
         c_st = _stack(moms)
         c = _wide(c_st, update.dtype)

@@ -10,8 +10,6 @@ changed in place. ``a`` is the current projection, ``dim`` the projected dimensi
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .projection import _bcast, as_matrix, compress, decompress, decompress_add_, overlap, transfer
@@ -311,26 +309,27 @@ def compressed_apply_(
         pk = phi * k
         x = c - cu * _bcast(pk.to(c.dtype))
         coef_u, coef_dc = pk, 1.0
-        x_cross = beta * cross + b * cu_sq - pk * cu_sq  # <C(u), x>
-        x_sq = new_sq - 2 * pk * (beta * cross + b * cu_sq) + pk**2 * cu_sq
-        out_sq = pk**2 * u_sq + 2 * pk * x_cross + x_sq
+        # out = D(c_new) + pk (u - D(C(u))): with orthonormal rows D(C(u)) is u's projection
+        # onto the rows, so the two parts are orthogonal and |u - D(C(u))|^2 = |u|^2 - |C(u)|^2
+        out_sq = new_sq + pk.square() * (u_sq - cu_sq).clamp_(min=0.0)
     else:  # subspace: out = D(c_new) + (k u - D(C(k u))) = k u + beta D(c_old - k C(u))
         x = c - cu * _bcast(k.to(c.dtype))
         coef_u, coef_dc = k, beta
-        x_cross = cross - k * cu_sq  # <C(u), x>
-        x_sq = c_sq - 2 * k * cross + k**2 * cu_sq  # |x|^2 = |D(x)|^2
-        out_sq = k**2 * u_sq + 2 * k * beta * x_cross + beta**2 * x_sq
+        # = D(c_new) + k (u - D(C(u))), two orthogonal parts (as the scaled family's)
+        new_sq = beta**2 * c_sq + 2 * beta * b * cross + b**2 * cu_sq  # |c_new|^2
+        out_sq = new_sq + k.square() * (u_sq - cu_sq).clamp_(min=0.0)
     bound = clip * lr_t
-    s = bound / (out_sq.clamp(min=0.0) / numel).sqrt().clamp(min=bound)  # 1 / max(1, rms(out) / bound)
-    # bound 0 (lr 0): no step; bound inf (clip_threshold inf, no clipping, as in HF
-    # Adafactor): 1, where the quotient above is inf / inf
-    if not isinstance(bound, torch.Tensor):
-        s = (s if bound > 0 else torch.zeros_like(s)) if bound < math.inf else torch.ones_like(s)
-    else:
-        s = torch.where(bound > 0, torch.where(bound < math.inf, s, 1.0), 0.0)
+    rms = (out_sq.clamp(min=0.0) / numel).sqrt()
+    # 1 / max(1, rms(out) / bound): 1 for bound inf (clip_threshold inf, no clipping, as in
+    # HF Adafactor); bound 0 (lr 0): no step
+    s = torch.where(rms > bound, bound / rms, 1.0)
+    if isinstance(bound, torch.Tensor):
+        s = torch.where(bound > 0, s, 0.0)
+    elif not bound > 0:
+        s = torch.zeros_like(s)
     if ok is not None:
         s = torch.where(ok, s, 0.0)
-    alpha = (s * coef_dc).to(like.dtype)
+    alpha = (s if coef_dc == 1.0 else s * coef_dc).to(like.dtype)
     if split:
         xa = x * _bcast(alpha)  # before c changes (x is c itself for "exact")
         if form in ("exact", "subspace"):

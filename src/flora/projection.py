@@ -259,7 +259,7 @@ def _batched(a: torch.Tensor) -> bool:
 
 def _bcast(x):
     """A per-matrix coefficient (0-dim or ``k``) shaped to scale ``(k x) n x m`` matrices."""
-    return x[..., None, None] if isinstance(x, torch.Tensor) else x
+    return x.view(*x.shape, 1, 1) if isinstance(x, torch.Tensor) else x  # one view op (indexing dispatches two)
 
 
 def _index(a: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
