@@ -666,6 +666,48 @@ def test_gradient_checkpointing(reentrant):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_layer_shared_by_reentrant_checkpoint_segments_is_refused(reentrant, fused):
+    """Reentrant checkpointing runs a backward pass per segment: a layer used in two counted
+    2 micro-batches per backward. With every trainable parameter in that layer (LoRA on a
+    shared block) the counts stayed in step and the cycle closed after tau / 2 backward
+    passes, silently (a probe: 2 cycles in 4 passes, tau 4). use_reentrant=False: exact."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    inp, cell, out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+    inp.requires_grad_(False)
+    out.requires_grad_(False)
+
+    def loss(x):
+        h = inp(x).requires_grad_()
+        for _ in range(2):
+            h = checkpoint(lambda t: torch.tanh(cell(t)), h, use_reentrant=reentrant)
+        return out(h).square().mean()
+
+    xs = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1))
+    for x in xs:  # the plain sum, before the accumulator
+        loss(x).backward()
+    ref = [p.grad for p in cell.parameters()]
+    cell.zero_grad()
+    opt = torch.optim.SGD(cell.parameters(), lr=1.0)
+    acc = CompressedAccumulator(list(cell.parameters()), rank=None, tau=4, optimizer=opt, fused=fused)
+    before = [p.detach().clone() for p in cell.parameters()]
+    if reentrant:  # at the second segment's gradient of the first backward pass
+        with pytest.raises(RuntimeError, match="second gradient within one backward pass.*use_reentrant=False"):
+            loss(xs[0]).backward()
+        assert acc.cycle == 0
+        return
+    for x in xs:
+        loss(x).backward()
+    assert acc.cycle == 1
+    if not fused:
+        opt.step()
+    for p, b, r in zip(cell.parameters(), before, ref):
+        torch.testing.assert_close(p, b - r, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -812,8 +854,51 @@ def test_loading_into_a_live_cycle_replaces_dense_and_compressed_sums_alike():
 def test_sparse_gradient_is_refused():
     emb = nn.Embedding(30, 8, sparse=True)
     CompressedAccumulator(emb, rank=2, tau=2)
-    with pytest.raises(TypeError, match="sparse"):
+    with pytest.raises(TypeError, match=r"sparse.*exclude=\['weight'\]"):
         emb(torch.tensor([1, 2])).sum().backward()
+
+
+class _SparseAndComplex(nn.Module):
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8, sparse=sparse)
+        self.lin = nn.Linear(8, 16)
+        self.z = nn.Parameter(torch.randn(8, 6, dtype=torch.complex64))
+
+    def forward(self, ids):
+        h = self.lin(self.emb(ids))
+        return h.square().mean() + (self.emb(ids).to(torch.complex64) @ self.z).abs().square().mean()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_excluded_complex_and_sparse_parameters_are_summed_as_autograd_does(fused):
+    """exclude= sums a parameter densely, so it takes what autograd's own sum takes: a
+    complex parameter (refused whole before, even excluded), and, in normal mode, a sparse
+    gradient (nn.Embedding(sparse=True)); a probe found both refused with no way out."""
+    torch.manual_seed(0)
+    sparse = not fused  # fused mode sums the gradient itself: dense gradients only
+    model = _SparseAndComplex(sparse)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # complex-aware
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    with pytest.raises(TypeError, match=r"complex.*exclude=\['z'\]"):
+        CompressedAccumulator(model, rank=2, tau=3, max_aspect_ratio=None, exclude=["emb.weight"],
+                              optimizer=opt, fused=fused)
+    acc = CompressedAccumulator(model, rank=2, tau=3, exclude=["emb.weight", "z"], optimizer=opt, fused=fused)
+    assert [s["compressed"] for s in acc.plan()] == [False, False, True, False]  # z, emb, lin.weight, lin.bias
+    ids = torch.randint(0, 30, (3, 5), generator=torch.Generator().manual_seed(1))
+    for i in range(3):
+        model(ids[i]).backward()
+        ref(ids[i]).backward()
+    if not fused:
+        assert model.emb.weight.grad.is_sparse and acc.cycle == 1
+        torch.testing.assert_close(model.emb.weight.grad.to_dense(), ref.emb.weight.grad.to_dense(), rtol=0, atol=0)
+        torch.testing.assert_close(model.z.grad, ref.z.grad, rtol=0, atol=0)
+        return
+    ref_opt.step()
+    assert acc.cycle == 1 and model.z.grad is None
+    torch.testing.assert_close(model.z, ref.z, rtol=0, atol=0)
+    torch.testing.assert_close(model.emb.weight, ref.emb.weight, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ CUDA

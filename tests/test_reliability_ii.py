@@ -3,6 +3,7 @@ subsets of parameters, load_state_dict's changes of algorithm, 0-size parameters
 max_aspect_ratio, and seeds and lrs that must be refused."""
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -306,3 +307,50 @@ def test_a_one_element_lr_tensor_of_any_shape_steps_as_a_0_dim_one(lr_shape, pat
         return ps
     for a, b in zip(run(torch.full(lr_shape, 1e-2)), run(torch.tensor(1e-2))):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------ a tensor lr shared by groups
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_groups_taking_a_tensor_default_lr_are_scheduled_apart(foreach):
+    """torch gives every group that takes the default lr the one tensor, so a scheduler with
+    one lr per group filled it with the last group's for all (a probe: [1e-2, 1e-3]
+    stepped as [1e-3, 1e-3]). Each later group gets a copy; the first keeps the tensor."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (nn.Parameter(torch.randn(6, 5, generator=g)) for _ in range(3))
+    lr = torch.tensor(1e-2)
+    opt = Flora([{"params": [a]}, {"params": [b]}], lr=lr, rank=None, beta1=0.9, foreach=foreach)
+    opt.add_param_group({"params": [c]})
+    lrs = [grp["lr"] for grp in opt.param_groups]
+    assert lrs[0] is lr and len({id(x) for x in lrs}) == 3
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 1.0, lambda t: 0.1, lambda t: 0.5 ** t])
+    ref = [Flora([p.detach().clone().requires_grad_()], lr=v, rank=None, beta1=0.9, foreach=foreach)
+           for p, v in zip((a, b, c), (1e-2, 1e-3, 1e-2))]
+    for step in range(3):
+        for i, p in enumerate((a, b, c)):
+            p.grad = torch.randn(6, 5, generator=g)
+            ref[i].param_groups[0]["params"][0].grad = p.grad.clone()
+            ref[i].param_groups[0]["lr"] = 1e-2 * 0.5 ** step if i == 2 else (1e-2, 1e-3)[i]
+            ref[i].step()
+        opt.step()
+        sched.step()
+    assert [float(grp["lr"]) for grp in opt.param_groups] == pytest.approx([1e-2, 1e-3, 1e-2 * 0.5 ** 3])
+    for p, r in zip((a, b, c), ref):
+        torch.testing.assert_close(p, r.param_groups[0]["params"][0], rtol=1e-6, atol=1e-7)
+    # a checkpoint of groups that share one tensor (saved before, or by torch's optimizers)
+    # loads as one tensor per group, in a torch.save round trip that keeps the sharing
+    shared = torch.tensor(1e-2)
+    saved = opt.state_dict()
+    for grp in saved["param_groups"]:
+        grp["lr"] = shared
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+    assert len({id(grp["lr"]) for grp in opt.param_groups}) == 3
+    # the explicit choice stands: a tensor the user hands two groups stays shared
+    shared = torch.tensor(1e-2)
+    opt2 = Flora([{"params": [nn.Parameter(torch.randn(3, 3))], "lr": shared},
+                  {"params": [nn.Parameter(torch.randn(3, 3))], "lr": shared}], lr=1e-3)
+    assert opt2.param_groups[0]["lr"] is shared and opt2.param_groups[1]["lr"] is shared

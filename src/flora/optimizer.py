@@ -235,6 +235,13 @@ class Flora(Optimizer):
             _upgrade_group(group)
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+        lrs: set[int] = set()
+        for group in self.param_groups:  # one lr tensor per group, as add_param_group gives (a
+            lr = group.get("lr")  # checkpoint of groups sharing one keeps the sharing through pickle)
+            if isinstance(lr, torch.Tensor):
+                if id(lr) in lrs:
+                    group["lr"] = lr.clone()
+                lrs.add(id(group["lr"]))
         self._init_runtime()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -287,6 +294,13 @@ class Flora(Optimizer):
             # on the path (counted twice per step on the single-tensor path, once when grouped)
             raise ValueError("params: a parameter group lists the same parameter more than once; list each once "
                              "(a tied weight: its tensor once, e.g. from model.parameters(), which deduplicates)")
+        default_lr = self.defaults.get("lr")
+        if ("lr" not in param_group and isinstance(default_lr, torch.Tensor)
+                and any(g["lr"] is default_lr for g in self.param_groups)):
+            # torch gives every group that takes the default its one tensor, which a
+            # scheduler then fills in place group by group (the last group's lr wins for
+            # all): a later group gets a copy of its own; the first keeps the tensor given
+            param_group["lr"] = default_lr.clone()
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
         if hasattr(self, "_foreign_warned"):  # said above: not again at the step
             self._foreign_warned.update((id(self.param_groups[-1]), k) for k in _FOREIGN_KEYS if k in param_group)

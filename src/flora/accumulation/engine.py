@@ -8,6 +8,7 @@ with ``reduce=True`` (``replicas.py``) and asks accelerate where a cycle ends
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -26,6 +27,17 @@ from .replicas import DDPSyncGuard, Replicas, check_not_under_ddp, ddp_holding
 from .units import Units, fsdp_units
 
 __all__ = ["Engine"]
+
+
+def _reentrant_checkpoint_running() -> bool:
+    """Whether a reentrant activation checkpoint's backward (its own backward pass, run
+    inside the outer one) is on the stack. Asked only when a count runs ahead."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_qualname.startswith("CheckpointFunction.") and "checkpoint" in f.f_code.co_filename:
+            return True
+        f = f.f_back
+    return False
 
 
 class Engine:
@@ -166,9 +178,20 @@ class Engine:
         c, o = self.cycle, self.opts
         count, slot = c.counts[k], self.slots[k]
         # Every check comes before any change of state.
-        if g.is_sparse:
+        if g.is_sparse and (slot.dim is not None or o.fused or o.reduce or k in self.sharded):
+            way = (f"; or exclude=[{slot.name!r}], which leaves its sum to autograd (fused=False)"
+                   if slot.dim is not None and not (o.fused or o.reduce) else "")
             raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
-                            "gradients (e.g. nn.Embedding(sparse=False))")
+                            f"gradients here (e.g. nn.Embedding(sparse=False)){way}")
+        if count > c.backwards and not o.reduce and _reentrant_checkpoint_running():
+            # all of a cycle's parameters used in two segments would count 2 micro-batches a
+            # pass, in step with each other: no lag to tell, the cycle closed at tau / 2 (a probe)
+            raise RuntimeError(
+                f"CompressedAccumulator(tau={o.tau}): parameter {slot.name!r} got a second gradient within one "
+                "backward pass: reentrant activation checkpointing (torch.utils.checkpoint(use_reentrant=True)) "
+                "runs a backward pass per segment, so a layer used in two segments would count as two "
+                "micro-batches. Use use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False}))")
         if o.fused and not c.fused_checked:
             # once a cycle, before its first change: a parameter unfrozen since the accumulator
             # was built would keep its .grad and move at every other parameter's step

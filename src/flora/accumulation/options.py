@@ -179,14 +179,15 @@ def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, r
     for index, (name, p) in enumerate(named):
         if not p.requires_grad:
             continue
-        if p.is_complex():
-            raise TypeError(f"parameter {name!r} is complex: CompressedAccumulator supports real tensors only")
         pd = proj_dim
         if is_dtensor(p):  # FSDP2: project the unsharded columns (see check_sharded)
             check_sharded(name, p, rank, proj_dim, max_aspect_ratio, reduce=reduce)
             pd = 0 if proj_dim == 0 else 1
         dim = None if id(p) in excluded else compressed_dim(tuple(p.shape), rank, proj_dim=pd,
                                                             max_aspect_ratio=max_aspect_ratio)
+        if p.is_complex() and (dim is not None or reduce):  # summed densely it is autograd's own sum
+            raise TypeError(f"parameter {name!r} is complex: CompressedAccumulator compresses real tensors only; "
+                            f"exclude=[{name!r}] sums its gradient densely (or leave it out of model_or_params)")
         slots.append(Slot(index, name, p, dim))
     if not slots:
         raise ValueError("model_or_params has no parameter with requires_grad=True")
