@@ -16,14 +16,15 @@ from dist_scenarios import OPTS, REF, _batches, _full, _loss, _net
 
 def ddp_fused_accumulator_refused(rank, world):
     """Fused mode on a DDP model is refused before anything changes when the model already
-    has a communication hook (DDP takes one only) or finds unused parameters (a parameter
-    one replica did not use would step on the others only)."""
+    has a communication hook (DDP takes one only), finds unused parameters (a parameter
+    one replica did not use would step on the others only) or has a static graph (its
+    first backward must synchronise: DDP's internal assert before, a probe)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
-    for case in ("hook", "find_unused"):
-        model = DDP(_net(), find_unused_parameters=case == "find_unused")
+    for case in ("hook", "find_unused", "static"):
+        model = DDP(_net(), find_unused_parameters=case == "find_unused", static_graph=case == "static")
         if case == "hook":
             model.register_comm_hook(None, allreduce_hook)
         opt = Flora(model.parameters(), **OPTS)

@@ -714,6 +714,23 @@ def ddp_accumulator_sync_refused(rank, world):
         _ddp_no_sync_cycles(model, opt, batches, rank, world, tau)  # the same model, run properly
         out[where + "_diff"] = _diff_from_one_process_accumulating(net, batches, tau)
         acc.remove()
+    # DDP(static_graph=True) must synchronise its first backward (its reducer's internal
+    # assert under no_sync() before, a probe): the recipe's first micro-batch is refused
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = _net()
+    model = DDP(net, static_graph=True)
+    acc = CompressedAccumulator(model, rank=3, tau=tau, optimizer=Flora(model.parameters(), **OPTS), seed=5)
+    x, y = batches[0]
+    n = x.shape[0] // world
+    try:
+        with model.no_sync():
+            (_loss(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]) / tau).backward()
+        out["static"] = "not refused"
+    except RuntimeError as e:
+        out["static"] = str(e)
+    out["static_untouched"] = acc.micro_step == 0 and all(p.grad is None for p in net.parameters())
+    acc.remove()
     return out
 
 

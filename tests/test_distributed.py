@@ -198,6 +198,8 @@ def test_ddp_compressed_accumulator_without_no_sync_is_refused_clearly(results):
         assert "this forward pass" in r["module"] and "Nothing of this forward pass ran" in r["ddp"]
         assert "this backward pass" in r["wrapped_after"]
         assert r["module_diff"] <= TOL and r["ddp_diff"] <= TOL
+        assert "static_graph=True" in r["static"] and "Nothing of this forward pass ran" in r["static"], r["static"]
+        assert r["static_untouched"]
 
 
 def test_ddp_compressed_accumulator_lets_accelerate_end_a_short_cycle(results):

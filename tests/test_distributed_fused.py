@@ -68,6 +68,8 @@ def test_ddp_fused_refusals(results):
     for r in check(results, "ddp_fused_accumulator_refused"):
         assert r["hook"] and "comm_hook=(state, hook)" in r["hook"]
         assert r["find_unused"] and "find_unused_parameters=False" in r["find_unused"]
+        assert r["static"] and "without static_graph=True" in r["static"]
+        assert r["hook_free"] and r["find_unused_free"] and r["static_free"]
 
 
 def test_fused_grad_scaler_across_replicas(results):

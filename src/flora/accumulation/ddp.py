@@ -47,6 +47,12 @@ def check_ddp_fused(ddp: nn.Module, slots: list[Slot], comm_hook) -> None:
                          "others only (its bucket's mean arrives before DDP knows which replicas used it), and the "
                          "replicas would drift apart. Build DDP with find_unused_parameters=False, or use "
                          "reduce=True on the unwrapped model, which counts each parameter's gradients per replica")
+    if getattr(ddp, "static_graph", False):
+        raise ValueError("CompressedAccumulator(fused=True) on a DistributedDataParallel model built with "
+                         "static_graph=True: fused mode skips DDP's synchronisation on the first tau - 1 "
+                         "micro-batches, and static_graph records the graph in a first backward that must "
+                         "synchronise (DDP fails in its reducer: INTERNAL ASSERT 'expect_autograd_hooks_'). Build "
+                         "DDP without static_graph=True")
     if getattr(ddp, "_comm_hooks", None):
         raise ValueError("CompressedAccumulator(fused=True): this DistributedDataParallel model already has a "
                          "communication hook, and DDP takes one only; pass it as comm_hook=(state, hook) instead, "

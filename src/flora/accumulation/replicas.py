@@ -158,6 +158,15 @@ NO_SYNC = ("CompressedAccumulator(tau={tau}) in normal mode on a model that {ddp
            "step), which averages its estimates over the replicas. {nothing}")
 
 
+# DDP(static_graph=True) learns the graph in its first backward, which must synchronise: one
+# under no_sync() first fails inside DDP's reducer (INTERNAL ASSERT expect_autograd_hooks_)
+STATIC_FIRST = ("CompressedAccumulator in normal mode on a {ddp} built with static_graph=True: this forward runs "
+                "under no_sync() before DDP's first synchronised backward, which static_graph needs to record the "
+                "graph (DDP itself would fail in its reducer: INTERNAL ASSERT 'expect_autograd_hooks_'). Build DDP "
+                "without static_graph=True, or run one synchronised step before accumulating. Nothing of this "
+                "forward pass ran")
+
+
 class DDPSyncGuard:
     """Normal mode under DDP: a forward pre-hook on the DDP model (before DDP's own, which
     prepares the reducer) that refuses a forward whose backward DDP would synchronise,
@@ -187,8 +196,13 @@ class DDPSyncGuard:
         return ddp is not None and bool(getattr(ddp, "require_backward_grad_sync", False))
 
     def check(self, module, args) -> None:
-        if torch.is_grad_enabled() and getattr(module, "require_backward_grad_sync", False):
+        if not torch.is_grad_enabled():
+            return
+        if getattr(module, "require_backward_grad_sync", False):
             self.refuse_early("forward pass", "Nothing of this forward pass ran")
+        elif getattr(module, "static_graph", False) and not getattr(module, "_static_graph_delay_allreduce_enqueued",
+                                                                     True):
+            raise RuntimeError(STATIC_FIRST.format(ddp=self.name))
 
     def refuse_early(self, when: str, nothing: str) -> None:
         from .integrations import accelerate_syncs
