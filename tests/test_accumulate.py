@@ -708,6 +708,35 @@ def test_a_layer_shared_by_reentrant_checkpoint_segments_is_refused(reentrant, f
         torch.testing.assert_close(p, b - r, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("cast", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rank", [None, 4])
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_cast_mid_cycle(fused, rank, cast):
+    """model.to(dtype) between micro-batches converts .grad, as plain PyTorch does; the
+    accumulator's own sums and projection follow (a probe: torch's dtype errors at every
+    backward after the cast in fused mode, and from the projection at tau 3 in normal mode).
+    The result is the uncast run's to the new dtype's precision; dense: plain accumulation."""
+    batches = _batches(TAU)
+    results = []
+    for with_cast in (False, True):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        acc = CompressedAccumulator(model, rank=rank, tau=TAU, optimizer=opt, fused=fused, seed=3)
+        for i, (x, y) in enumerate(batches):
+            if with_cast and i == 1:
+                model.to(cast)
+            dtype = next(model.parameters()).dtype
+            _loss(model, x.to(dtype), y, TAU).backward()
+        assert acc.cycle == 1
+        if not fused:
+            opt.step()
+        results.append([p.detach().double() for p in model.parameters()])
+        acc.remove()
+    tol = dict(rtol=2e-2, atol=2e-3) if cast == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **tol)
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -181,6 +181,44 @@ def test_normal_mode_warns_once_about_a_parameter_unfrozen_after_it_was_built():
     acc.remove()
 
 
+def test_normal_mode_says_a_swapped_in_layer_outside_the_optimizer_does_not_train():
+    """A layer swapped in after the optimizer and the accumulator were built (an untied
+    resize_token_embeddings replaces the head) is in neither: the warning said it trains
+    (a probe: it never moved, and its .grad grew at every backward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=2, tau=2, optimizer=opt, seed=0)
+    model[2] = nn.Linear(24, 4)
+    with pytest.warns(UserWarning, match=r"2 trainable parameter\(s\) not given to the accumulator .*2\.weight, "
+                                         r"2\.bias are not in the optimizer either: they do not train"):
+        model(torch.randn(3, 8)).sum().backward()
+    acc.remove()
+
+
+def test_remove_lets_the_optimizer_go():
+    """acc.remove() drops its reference to the optimizer (a probe: a replaced optimizer and
+    its state lived as long as the accumulator object)."""
+    import gc
+    import weakref
+
+    for fused in (False, True):
+        model = nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 4))
+        opt = Flora(model.parameters(), lr=1e-2, rank=2, beta1=0.9)
+        acc = CompressedAccumulator(model, rank=2, tau=2, optimizer=opt, fused=fused, seed=0)
+        for _ in range(2):
+            model(torch.randn(3, 8)).sum().backward()
+        if not fused:
+            opt.step()
+            opt.zero_grad()
+        ref = weakref.ref(opt)
+        acc.remove()
+        del opt
+        gc.collect()
+        assert ref() is None, fused
+        assert acc.state_dict()["cycle"] == 1
+
+
 def test_a_group_added_after_load_state_dict_is_not_warned_of_torchs_own_default():
     """torch's __setstate__ adds differentiable=False to a loaded optimizer's defaults; a
     group added afterwards inherits it and was warned of as a foreign option."""

@@ -251,6 +251,11 @@ class CompressedAccumulator:
             eng.ddp_guard = None
         detach(eng.slots, self)
         eng.cycle = Cycle.start(len(eng.slots), eng.cycle.number)
+        # let the optimizer go (a probe: a replaced optimizer and its state, 2x the model
+        # for AdamW, lived as long as the accumulator object)
+        eng.optimizer = None
+        if eng.stepper is not None:
+            eng.stepper.optimizer = None
 
     def __reduce_ex__(self, protocol):  # deepcopy and pickle: a clear refusal, not "cannot pickle '_thread.lock'"
         raise TypeError("a CompressedAccumulator cannot be copied or pickled: it is hooked into its model's "

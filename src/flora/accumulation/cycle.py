@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..projection import state_dtype
+
 __all__ = ["Cycle", "lag_message"]
 
 
@@ -73,6 +75,19 @@ class Cycle:
     def lagging(self) -> list[tuple[int, int]]:
         """(slot, count) of the slots that got gradients but are not done."""
         return [(k, n) for k, n in enumerate(self.counts) if n and k not in self.done]
+
+    def follow_dtype(self, k: int, param: torch.Tensor, compressed: bool) -> None:
+        """Slot k's partial sum and projection in the dtypes of ``param`` as it is now: a model
+        cast mid-cycle (``model.double()``, ``.bfloat16()``) converts ``.grad`` with the
+        parameters, and so the sums kept here (before 2026-12-04: torch's dtype errors at
+        every backward after such a cast in fused mode, a probe)."""
+        want = state_dtype(param.dtype) if compressed else param.dtype
+        buf = self.buffers.get(k)
+        if buf is not None and buf.dtype != want:
+            self.buffers[k] = buf.to(want)
+        a = self.projections.get(k)
+        if a is not None and a.is_floating_point() and a.dtype != state_dtype(param.dtype):
+            self.projections[k] = a.to(state_dtype(param.dtype))
 
     def forget(self, k: int) -> tuple[torch.Tensor, int] | None:
         """Slot ``k`` back to untouched; returns its placeholder mark, if it had one."""

@@ -65,6 +65,7 @@ class Engine:
 
     def projection(self, k: int) -> torch.Tensor:
         c = self.cycle
+        c.follow_dtype(k, self.slots[k].param, self.slots[k].dim is not None)
         a = c.projections.get(k)
         if a is None:
             o = self.opts
@@ -198,6 +199,7 @@ class Engine:
             check_fused_optimizer(self.optimizer, self.slots)
             c.fused_checked = True
             self.stepper.expect_step(g.device)
+        c.follow_dtype(k, p, slot.dim is not None)  # a model cast mid-cycle
         if o.reduce:
             self.replicas.accumulate(c, k, g, self.projection, self.grads)
             return
@@ -337,6 +339,7 @@ class Engine:
                     continue
                 p = s.param
                 if self.opts.fused:
+                    c.follow_dtype(j, p, s.dim is not None)
                     buf = c.buffers.pop(j, None)
                     if s.dim is not None and buf is not None:
                         p.grad = estimate(s, buf, self.projection(j))

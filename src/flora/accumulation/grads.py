@@ -98,6 +98,7 @@ class GradView:
     def write_estimate(self, c: Cycle, k: int, projection: Callable[[int], torch.Tensor]) -> None:
         """Normal mode: write slot k's estimate of the gradients it got into ``.grad``."""
         s = self.slots[k]
+        c.follow_dtype(k, s.param, s.dim is not None)
         buf = c.buffers.pop(k, None)
         self.take(c, k)
         if s.dim is not None and buf is not None:

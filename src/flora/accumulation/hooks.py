@@ -165,12 +165,21 @@ class Hooks:
                     if hooks.unfrozen is not None:
                         hooks.unfrozen.remove()
                         hooks.unfrozen = None
+                    opt = hooks.engine.optimizer
+                    held = None if opt is None else {id(p) for g in opt.param_groups for p in g["params"]}
+                    outside = [] if held is None else [n for n, p in module.named_parameters()
+                                                       if p.requires_grad and id(p) not in mine and id(p) not in held]
+                    # a layer swapped in (resize_token_embeddings untied, a new head) is in neither
+                    fate = (f"{', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''} "
+                            f"{'is' if len(outside) == 1 else 'are'} not in the optimizer either: they do not train, "
+                            "and their .grad grows at every backward (optimizer.zero_grad() does not reach them). Give "
+                            "the optimizer and a new accumulator the model's parameters after the change" if outside
+                            else "they train, but their gradients accumulate uncompressed in .grad, at full size. "
+                            "Build a new accumulator (acc.remove() first) after the change to compress them")
                     warnings.warn(
                         f"CompressedAccumulator: the model has {len(extra)} trainable parameter(s) not given to the "
                         f"accumulator ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; unfrozen after it "
-                        "was built, or added): they train, but their gradients accumulate uncompressed in .grad, at "
-                        "full size. Build a new accumulator (acc.remove() first) after the change to compress them",
-                        UserWarning, stacklevel=2)
+                        f"was built, or added): {fate}", UserWarning, stacklevel=2)
                     return
                 raise ValueError(
                     f"CompressedAccumulator(fused=True): the model has {len(extra)} trainable parameter(s) not given "
