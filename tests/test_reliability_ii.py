@@ -354,3 +354,42 @@ def test_groups_taking_a_tensor_default_lr_are_scheduled_apart(foreach):
     opt2 = Flora([{"params": [nn.Parameter(torch.randn(3, 3))], "lr": shared},
                   {"params": [nn.Parameter(torch.randn(3, 3))], "lr": shared}], lr=1e-3)
     assert opt2.param_groups[0]["lr"] is shared and opt2.param_groups[1]["lr"] is shared
+
+
+# ------------------------------------------------------------ a Gaussian projection's carry-over
+
+
+def test_gaussian_momentum_growth_is_warned_where_it_grows():
+    """A Gaussian projection carries the momentum over a resample by A_old A_new^T, which
+    multiplies its norm by about sqrt(d / r); decayed by beta1**kappa in between, it grows
+    without bound where the product exceeds 1 (a probe: inf, then NaN parameters, after 44
+    steps at kappa 1, rank 8 of 128). Warned at construction; orthonormal rows never grow."""
+    from flora.reports import gaussian_growth
+
+    def norms(projection, kappa, steps=30):
+        g = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(128, 128, generator=g))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = Flora([p], lr=1e-2, rank=8, beta1=0.9, kappa=kappa, projection=projection, momentum_form="paper",
+                        scale_parameter=False)
+        out = []
+        for _ in range(steps):
+            p.grad = torch.randn(128, 128, generator=g)
+            opt.step()
+            out.append(float(opt.state[p]["exp_avg_c"].float().norm()))
+        return out
+
+    assert gaussian_growth(8, 128, 0.9, 1) == pytest.approx(3.6)
+    with pytest.warns(UserWarning, match=r"gaussian.*grows about 3\.6x .*kappa > 14"):
+        Flora([nn.Parameter(torch.randn(128, 128))], lr=1e-2, rank=8, beta1=0.9, kappa=1, projection="gaussian",
+              momentum_form="paper")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Flora([nn.Parameter(torch.randn(128, 128))], lr=1e-2, rank=8, beta1=0.9, kappa=1000, projection="gaussian",
+              momentum_form="paper")
+        Flora([nn.Parameter(torch.randn(128, 128))], lr=1e-2, rank=8, beta1=0.9, kappa=1)  # orthonormal
+    grown = norms("gaussian", 1)
+    assert grown[-1] > 1e6 * grown[4]  # what the warning is about
+    kept = norms("orthonormal", 1)
+    assert max(kept[4:]) < 10 * kept[4]

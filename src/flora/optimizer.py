@@ -179,6 +179,7 @@ class Flora(Optimizer):
         _refuse_fsdp1_shards([p for g in self.param_groups for p in g["params"]])
         self._init_runtime()
         reports.warn_if_nothing_compressed(self)
+        reports.warn_if_momentum_grows(self)
 
     def _init_runtime(self) -> None:
         # Neither is state: rebuilt empty after deepcopy, pickle and load_state_dict.

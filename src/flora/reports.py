@@ -1,8 +1,10 @@
 """What a Flora does with each parameter, as data (``plan``) and as text (``summary``),
-and the warning when a rank is set but nothing is compressed."""
+and the warnings when a rank is set but nothing is compressed, and when a Gaussian
+projection's momentum would grow from resample to resample."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 from . import sharded
 from .compression import momentum_storage
 from .options import momentum_dim, momentum_reason
-from .projection import compressed_shape
+from .projection import compressed_shape, matrix_shape
 from .sharded import is_dtensor
 
 
@@ -94,3 +96,34 @@ def warn_if_nothing_compressed(opt) -> None:
     warnings.warn(f"Flora: a rank is set but no tensor keeps compressed momentum: {said}. "
                   "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
                   UserWarning, stacklevel=3)
+
+
+def gaussian_growth(rank: int, dim: int, beta1: float, kappa: int) -> float:
+    """How much a Gaussian projection's compressed momentum grows, in norm, from one resample
+    to the next: decayed by ``beta1**kappa`` in between, carried over by ``A_old A_new^T``,
+    whose entries (rows of independent N(0, 1/r) draws) multiply its norm by about
+    ``sqrt(dim / rank)``. Above 1 it grows without bound (a probe: inf after 44 steps at
+    kappa 1, rank 8 of 128; x3 per resample at beta1 0.99, kappa 100, rank 8 of 512).
+    Orthonormal rows carry it over by a projection, which never grows it."""
+    return beta1**kappa * math.sqrt(dim / rank)
+
+
+def warn_if_momentum_grows(opt) -> None:
+    worst = None
+    for r in plan(opt):
+        group = opt.param_groups[r["group"]]
+        if not r["compressed"] or r["frozen"] or group["projection"] != "gaussian" or group["beta1"] is None:
+            continue
+        dim = matrix_shape(r["shape"])[r["proj_dim"]]
+        growth = gaussian_growth(group["rank"], dim, group["beta1"], group["kappa"])
+        if growth > 1 and (worst is None or growth > worst[0]):
+            worst = (growth, r, group, dim)
+    if worst is None:
+        return
+    growth, r, group, dim = worst
+    needed = math.ceil(math.log(math.sqrt(dim / group["rank"])) / -math.log(group["beta1"])) if group["beta1"] > 0 else 1
+    warnings.warn(f"Flora: projection='gaussian' with beta1={group['beta1']}, kappa={group['kappa']}: the compressed "
+                  f"momentum of {r['name'] or 'parameter'} {r['shape']} (rank {group['rank']} of {dim}) grows about "
+                  f"{growth:.3g}x from one resample to the next (beta1**kappa * sqrt(dim / rank)), without bound: "
+                  f"the Gaussian carry-over A_old A_new^T multiplies its norm by about sqrt(dim / rank). Use "
+                  f"projection='orthonormal' (the default), or kappa > {needed}", UserWarning, stacklevel=3)
