@@ -97,6 +97,7 @@ def test_numbers_are_sane(smoke_run):
         assert r["state_bytes"] > 0 and r["trainable_params"] > 0
         assert r["peak_rss_mb"] > 0
     assert rows["flora-r4"]["state_bytes"] < rows["adamw"]["state_bytes"]
+    assert rows["flora-r4"]["compresses_nothing"] is False and rows["adamw"]["compresses_nothing"] is False
     assert rows["flora-r4"]["state_vs_adamw"] == rows["flora-r4"]["state_bytes"] / rows["adamw"]["state_bytes"]
     # pretrain steps every micro-batch: compressed accumulation is reported, not run
     assert rows["adamw+ca-r4"]["status"].startswith("n/a")
@@ -865,6 +866,9 @@ def _step_results(tmp_path):
     (["--device", "foo"], ["--device: unknown device 'foo'", "auto, cpu, cuda"]),
     (["--device", "meta"], ["--device: 'meta' is not offered", "auto, cpu, cuda"]),
     (["--optimizers", "adamw,adamw"], ["--optimizers: 'adamw' given more than once"]),  # two fake seeds
+    (["--optimizers", "adamw", "--lrs", "adamw=3e-3/3e-3"], ["--lrs adamw: '0.003' given more than once"]),  # same
+    (["--optimizers", "adamw", "--lrs", "adamw=3e-3/0.003"], ["--lrs adamw: '0.003' given more than once"]),
+    (["--optimizers", "adamw", "--lrs", "adam=1e-3,adam=3e-3"], ["--lrs: 'adam' given more than once"]),
     (["--threads", "-1"], ["--threads must be >= 1"]),
     (["--threads", "0"], ["--threads must be >= 1"]),
     (["--out", "{file}"], ["--out:", "is an existing file"]),
@@ -898,6 +902,58 @@ def test_every_subcommand_refuses_a_file_for_a_folder(argv, tmp_path, capsys):
         main(argv + [str(tmp_path / "afile")])
     assert e.value.code == 2
     assert f"--{argv[1][2:]}: " in (err := capsys.readouterr().err) and "is an existing file; give a folder" in err
+
+
+@pytest.mark.parametrize("argv", [["train", "--out"], ["step", "--out"], ["accum-memory", "--out"], ["comm", "--out"],
+                                  ["suite", "--out"], ["suite", "--data"]], ids=lambda a: " ".join(a))
+def test_every_subcommand_refuses_a_folder_it_cannot_make_or_write(argv, tmp_path, monkeypatch, capsys):
+    """--out (or the suite's --data) inside a file, or in a folder this user may not write:
+    a usage error naming the option before any work (it had run, then ended in a traceback
+    at its first write; found by a probe). Nothing is created."""
+    from flora.bench.__main__ import _module
+
+    monkeypatch.setattr(_module(argv[0]), "run", lambda *a: pytest.fail(f"{argv} ran"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(argv + [str(tmp_path / "afile" / "sub")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--{argv[1][2:]}: " in err and "cannot be created" in err and "is a file, not a folder" in err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != locked and access(p, mode, **k))
+    for path, words in ((locked, "is a folder that this user cannot write to"),
+                        (locked / "a" / "b", f"would be made inside {str(locked)!r}")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + [str(path)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--{argv[1][2:]}: " in err and words in err, err
+    assert not (locked / "a").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["step", "--ranks", "4,4"], "--ranks: 4 given more than once"),  # two rows of one name
+    (["step", "--forms", "exact,exact"], "--forms: 'exact' given more than once"),
+    (["comm", "--ranks", "4,4"], "--ranks: 4 given more than once"),
+    (["comm", "--optimizers", "adamw,adamw", "--lrs", "1e-3,1e-3"], "--optimizers: 'adamw' given more than once"),
+    (["step", "--seed=-1"], "--seed must be an integer in [0, 2**63), got -1"),  # a traceback
+    (["comm", "--seed=-1"], "--seed must be an integer in [0, 2**63), got -1"),  # every Flora row failed, exit 0
+    (["accum-memory", "--seed=-1"], "--seed must be an integer in [0, 2**63), got -1"),
+    (["accum-memory", "--quality", "--quality-lrs=-1"], "--quality-lrs takes finite numbers above 0, got -1"),
+    (["accum-memory", "--quality", "--quality-lrs", "1e-3,1e-3"], "--quality-lrs: '0.001' given more than once"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_repeats_and_bad_seeds_are_refused_before_any_work(argv, words, monkeypatch, capsys):
+    """(Found by a probe.) Each ran: a repeated rank as two rows of one name, a bad seed as
+    a traceback or as failed rows with exit 0, a bad --quality-lrs as failed rows."""
+    from flora.bench.__main__ import _module
+
+    monkeypatch.setattr(_module(argv[0]), "run", lambda *a: pytest.fail(f"{argv} ran"))
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--size", "smoke"])
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change,words", [(["--steps", "3"], ["ran task pretrain with other settings", "steps 6 there, 3 here"]),
@@ -1043,3 +1099,120 @@ def test_the_fork_servers_imports_are_quiet():
     from flora.bench.runner import _PRELOAD
 
     assert _PRELOAD[0] == "flora.bench._preload"
+
+
+@pytest.mark.parametrize("kind", ["link", "folder", "file", "nothing"])
+def test_latest_replaces_only_a_link(kind, tmp_path, monkeypatch, capsys):
+    """runs/bench/latest: a symlink (or nothing) is pointed at the new run; a real folder
+    or file of that name is kept and the run says so (a folder had been deleted with
+    shutil.rmtree; found by a probe)."""
+    from flora.bench import train
+
+    monkeypatch.chdir(tmp_path)
+    out, latest = tmp_path / "new", Path("runs/bench/latest")
+    out.mkdir()
+    latest.parent.mkdir(parents=True)
+    if kind == "link":
+        (tmp_path / "old").mkdir()
+        latest.symlink_to(tmp_path / "old", target_is_directory=True)
+    elif kind == "folder":
+        latest.mkdir()
+        (latest / "results.json").write_text("{}")
+    elif kind == "file":
+        latest.write_text("x")
+    train._point_latest(out)
+    said = capsys.readouterr().out
+    if kind in ("link", "nothing"):
+        assert latest.is_symlink() and latest.resolve() == out.resolve() and not said
+    else:
+        assert not latest.is_symlink() and "left alone" in said and "runs/bench/latest" in said
+        assert (latest / "results.json").read_text() == "{}" if kind == "folder" else latest.read_text() == "x"
+
+
+def test_resume_with_a_narrower_plan_keeps_every_finished_run(tmp_path, capsys):
+    """--resume writes over the results it continues: the runs its plan leaves out (here
+    --optimizers adamw of a run of three) had been dropped from them, and a kept lr of the
+    old grid (adamw 1e-3, this plan's grid 3e-3) was recorded as an lr extension (found by
+    a probe)."""
+    cfg = config.task_config("smoke", "pretrain")
+    old = [_run("pretrain", "adamw", 1e-3, 5.0, 5.0, state=100), _run("pretrain", "adamw", 3e-3, 4.9, 4.9, state=100),
+           _run("pretrain", "adafactor", 3e-3, 4.8, 4.8, state=5), _run("pretrain", "flora-r4", 3e-3, 4.95, 4.9, state=9)]
+    path = _write_results(tmp_path, old, list(cfg.optimizers), "flora-bench train --size smoke", 9, seeds=[0],
+                          lr_extension={"grids": {"pretrain:adamw": [1e-3, 3e-3], "pretrain:adafactor": [3e-3],
+                                                  "pretrain:flora-r4": [3e-3]}, "extended": {}, "capped": []})
+    d = json.loads(path.read_text())
+    d["meta"]["tasks"]["pretrain"]["config"] = cfg.to_dict()
+    path.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert main(["train", "--size", "smoke", "--optimizers", "adamw", "--lrs", "adamw=3e-3", "--device", "cpu",
+                 "--no-isolate", "--no-progress", "--cache", str(tmp_path / "cache"), "--resume", str(path)]) == 0
+    res = _results(tmp_path)
+    assert sorted((r["optimizer"], r["lr"]) for r in res["runs"]) == sorted((r.optimizer, r.lr) for r in old)
+    assert [r["optimizer"] for r in res["summary"]] == ["adamw", "adafactor", "flora-r4"]
+    assert res["meta"]["tasks"]["pretrain"]["config"]["optimizers"] == ["adamw", "adafactor", "flora-r4"]
+    assert "flora-r4" in (tmp_path / "results.md").read_text()
+    assert res["meta"]["lr_extension"]["extended"] == {}
+    assert "2 runs kept, 0 to run; 2 runs outside this plan stay in the results" in capsys.readouterr().out
+
+
+def test_comm_exits_non_zero_when_every_run_failed(tmp_path, monkeypatch, capsys):
+    """comm wrote failed rows and exited 0 when every run failed (found by a probe): a script
+    saw success. Now as train: 1 when every run failed, a failure said either way. The
+    replicas are stood in for."""
+    import dataclasses
+
+    import torch.multiprocessing as mp
+
+    from flora.bench import comm, tasks
+
+    class Task:
+        def prepare(self):
+            pass
+
+    def replicas(fn, args, **k):
+        folder, runs = args[1], args[2]
+        ok = {"status": "ok", "val_loss": 5.0, "test_loss": 5.0, "bytes_per_step": 100, "allreduces_per_step": 1,
+              "expected_bytes_per_step": None, "median_step_s": 0.1, "wall_s": 1.0}
+        with open(f"{folder}/rows.jsonl", "w") as f:
+            for run in runs:
+                row = ok if run.lr == run.lr else {"status": "failed: ValueError: Invalid learning rate", "wall_s": 0}
+                f.write(json.dumps({**dataclasses.asdict(run), **row}) + "\n")
+
+    monkeypatch.setattr(tasks, "make_task", lambda *a, **k: Task())
+    monkeypatch.setattr(mp, "start_processes", replicas)
+    monkeypatch.setattr(comm, "plot", lambda *a: False)
+    argv = ["comm", "--size", "smoke", "--configs", "ddp", "--optimizers", "adamw", "--out", str(tmp_path)]
+    assert main(argv + ["--lrs", "nan"]) == 1
+    assert "flora-bench comm: 1 of 1 runs failed (see the status column); exit code 1" in capsys.readouterr().out
+    assert main(argv + ["--lrs", "1e-3/nan"]) == 0
+    assert "flora-bench comm: 1 of 2 runs failed (see the status column)\n" in capsys.readouterr().out
+    assert main(argv + ["--lrs", "1e-3"]) == 0
+
+
+def test_goal_check_keeps_a_reference_accuracy_of_zero():
+    """A reference with accuracy 0.0 (a run that learned nothing) dropped the goal's check
+    against it: ``a and a.get(key)`` took 0.0 for missing (found by a probe)."""
+    rows = _chosen([_run("classify", "adamw", 1e-4, 0.0, 0.0, state=100, metric="accuracy"),
+                    _run("classify", "mine", 1e-4, 0.5, 0.5, state=3, metric="accuracy"),
+                    _run("classify", "theirs", 1e-4, 0.0, 0.0, metric="accuracy")], metric="accuracy")
+    goal = Goal(("mine",), near="adamw", tolerance=0.01, beats="theirs")
+    assert report.goal_lines(rows, (goal,)) == [
+        "classify, mine: test accuracy 50.0% vs adamw 0.0% (goal: at most 1 point below it: met); better than theirs "
+        "(0.5 vs 0 test accuracy)"]
+
+
+def test_a_flora_that_compresses_nothing_is_marked_and_its_goal_not_judged():
+    """Flora at a rank >= every projected dim is Adafactor with momentum: its goal check said
+    "met" against adafactor-b0.9 (found by a probe). Marked in the table, as step and comm
+    mark it, and its goal lines say it is not judged."""
+    runs = [_run("pretrain", "adamw", 1e-3, 2.0, 2.0, state=1000), _run("pretrain", "adafactor", 1e-3, 1.9, 1.9, state=5),
+            _run("pretrain", "adafactor-b0.9", 1e-3, 2.0, 2.0, state=500),
+            _run("pretrain", "flora-r32", 1e-3, 2.0, 2.0, state=50), _run("pretrain", "lora-r32", 1e-3, 2.1, 2.1)]
+    runs[3].compresses_nothing = True
+    lines = report.goal_lines(_chosen(runs))
+    mine = [ln for ln in lines if ln.startswith("pretrain, flora-r32")]
+    assert mine == ["pretrain, flora-r32: compresses nothing (rank >= every projected dim): dense momentum; goal not "
+                    "judged (a rank below the model's width is)"], lines
+    md = report.markdown(_chosen(runs), {"pretrain": "loss"}, {"size": "smoke", "command": "x"})
+    assert "| flora-r32 (compresses nothing) |" in md and "met" not in md.split("## Goal check")[1]
+    assert RunResult.from_dict(runs[3].to_dict()).compresses_nothing is True

@@ -238,3 +238,25 @@ def test_compiled_rows_compile_into_an_empty_cache(monkeypatch, tmp_path, env):
     else:
         assert meta["inductor_cache"] == "empty" and "flora-bench-inductor-" in seen[0]
         assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before and not os.path.exists(seen[0])
+
+
+def test_a_floor_above_the_measured_time_is_marked_not_printed_as_a_floor():
+    """The projection-matmul "floor" came out above the measured projection part (a rate
+    measurement disturbed by other work; found by a probe) and was printed as a floor. The
+    split says which floors exceed what they bound, and the report marks them."""
+    from flora.bench import step
+
+    rows = [{"optimizer": "flora-r4:nomomentum", "median_step_s": 0.010},
+            {"optimizer": "flora-r4", "median_step_s": 0.0111}, {"optimizer": "flora-r8", "median_step_s": 0.030}]
+    params = [type("P", (), {"numel": lambda self: 1000})()]
+    rates = {"copy_bytes_per_s": 1e9, "gemm_flops_per_s": 1e7}  # projection floors 4 r 1000 / 1e7: 1.6, 3.2 ms
+    split = {r["optimizer"]: r for r in step.step_split(rows, params, {"flora-r4": (4, 1000), "flora-r8": (8, 1000)},
+                                                        rates)}
+    assert split["flora-r4"]["floor_above_measured"] == ["projection_floor_s"]  # 1.6 ms > its 1.1 ms part
+    assert split["flora-r8"]["floor_above_measured"] == []  # 3.2 ms below its 20 ms part
+    meta = {"model": "m", "device_name": "d", "command": "c", "n_tensors": 1, "n_params": 1000, "shapes_check": "x",
+            "repeats": 2, "warmup": 1}
+    md = step.render({"meta": meta, "rows": [], "split": list(split.values()), "rates": rates})
+    line = next(x for x in md.splitlines() if x.startswith("| flora-r4 |"))
+    assert line.count("(> measured)") == 1 and "**Note:** a floor above the measured time (flora-r4:" in md
+    assert "(> measured)" not in next(x for x in md.splitlines() if x.startswith("| flora-r8 |"))

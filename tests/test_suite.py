@@ -534,3 +534,48 @@ def test_report_only_refuses_a_folder_with_no_runs(tmp_path, monkeypatch, capsys
     assert main(argv + ["--out", str(tmp_path / "s")]) == 0
     assert main(argv + ["--out", str(tmp_path / "s"), "--report-only"]) == 0
     assert "| tabular |" in capsys.readouterr().out
+
+
+def test_a_new_sweep_keeps_every_earlier_log_and_says_where(tmp_path, monkeypatch, capsys):
+    """Without --resume the old runs.jsonl is set aside: a second set-aside overwrote the
+    first's runs.previous.jsonl (found by a probe). Each is kept, under a numbered name,
+    and the command prints where it went."""
+    from flora.bench.__main__ import main
+
+    lrs = iter(["1e-3", "2e-3", "4e-3"])
+    monkeypatch.setattr(data, "prepare", lambda f, **k: f)
+    monkeypatch.setattr(runner, "run_all", lambda jobs, tasks, *, log, **k: log.write_text(
+        "".join(json.dumps(_ok(j)) + "\n" for j in jobs)))
+    argv = ["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--scale", "0.04",
+            "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--no-plots", "--device", "cpu"]
+    for _ in range(3):
+        assert main(argv + ["--lrs", next(lrs)]) == 0
+    out = capsys.readouterr().out
+    s = tmp_path / "s"
+    assert [r["lr"] for r in runner.read_log(s / "runs.previous.jsonl")] == [1e-3]
+    assert [r["lr"] for r in runner.read_log(s / "runs.previous.2.jsonl")] == [2e-3]
+    assert [r["lr"] for r in runner.read_log(s / "runs.jsonl")] == [4e-3]
+    assert f"the old one is now {s / 'runs.previous.jsonl'}" in out and f"{s / 'runs.previous.2.jsonl'}" in out
+
+
+def test_report_only_takes_the_primary_kappa_of_the_run(tmp_path, monkeypatch):
+    """--report-only after a --kappas 50 sweep reported at the CLI's default kappa (found by
+    a probe): the run's meta.json names its kappas; a --kappas given now still wins."""
+    from flora.bench.__main__ import main
+    from flora.bench.suite import cli
+
+    k = 50 if space.KAPPA != 50 else 70
+    seen = []
+    monkeypatch.setattr(data, "prepare", lambda f, **kw: f)
+    monkeypatch.setattr(runner, "run_all", lambda jobs, tasks, *, log, **kw: log.write_text(
+        "".join(json.dumps(_ok(j)) + "\n" for j in jobs)))
+    report = cli.report
+    monkeypatch.setattr(cli, "report", lambda out, tasks, kappa, meta, **kw: seen.append(kappa) or report(
+        out, tasks, kappa, meta, **kw))
+    argv = ["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--lrs", "1e-3",
+            "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--no-plots", "--device", "cpu"]
+    assert main(argv + ["--kappas", str(k)]) == 0
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["kappas"] == [k]
+    assert main(argv + ["--report-only"]) == 0
+    assert main(argv + ["--report-only", "--kappas", "7"]) == 0
+    assert seen == [k, k, 7]

@@ -42,16 +42,40 @@ def parser_for(name: str) -> argparse.ArgumentParser:
     return p
 
 
+def _unusable_folder(path) -> str | None:
+    """Why no folder can be made at, or written to, ``path``; None when one can. Nothing is
+    created: the nearest part of the path that exists must be a folder this user may write."""
+    import os
+
+    try:
+        if path.exists() and not path.is_dir():
+            return "is an existing file; give a folder (new or existing)"
+        there = path
+        while not there.exists() and there != there.parent:
+            there = there.parent
+        if not there.is_dir():
+            return f"cannot be created: {str(there)!r} is a file, not a folder; give a folder that can be made"
+        if not os.access(there, os.W_OK | os.X_OK):
+            what = "is a folder" if there == path else f"would be made inside {str(there)!r}, a folder"
+            return f"{what} that this user cannot write to; give a folder that can be written"
+    except OSError as e:  # a part of the path that cannot even be looked at
+        return f"cannot be used ({e.strerror or e}); give a folder that can be written"
+    return None
+
+
 def _check_folders(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every subcommand's folder flags (results, the suite's data) must not name a file:
-    refused before any work, as a usage error (a run had ended in a traceback at its
-    first write, after running)."""
+    """Every subcommand's folder flags (results, the suite's data) must name a folder that
+    exists or can be made, and that can be written: refused before any work, as a usage
+    error (a run had ended in a traceback at its first write, after running)."""
     from pathlib import Path
 
     for flag in ("out", "data"):
         value = getattr(args, flag, None)
-        if isinstance(value, str) and value and Path(value).exists() and not Path(value).is_dir():
-            p.error(f"--{flag}: {value!r} is an existing file; give a folder (new or existing)")
+        if flag == "data" and getattr(args, "report_only", False):  # not read by a report
+            continue
+        why = _unusable_folder(Path(value)) if isinstance(value, str) and value else None
+        if why:
+            p.error(f"--{flag}: {value!r} {why}")
 
 
 def main(argv=None) -> int:

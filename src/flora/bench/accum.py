@@ -161,6 +161,11 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--quality-ranks takes integers, --quality-lrs numbers, comma-separated")
     if any(r < 1 for r in a.quality_ranks):  # a rank of 0 would fail only inside its run
         p.error(f"--quality-ranks takes ranks of at least 1, got {','.join(map(str, a.quality_ranks))}")
+    if any(x <= 0 or math.isinf(x) for x in a.quality_lrs):  # failed inside each run (nan: as tests use)
+        p.error(f"--quality-lrs takes finite numbers above 0, got {','.join(f'{x:g}' for x in a.quality_lrs)}")
+    core.refuse_repeats(p, "--quality-ranks", a.quality_ranks)
+    core.refuse_repeats(p, "--quality-lrs", [f"{x:g}" for x in a.quality_lrs])
+    core.check_seed(p, a.seed)
     if a.cpu:
         if a.device not in ("auto", "cpu"):
             p.error(f"--cpu and --device {a.device} contradict each other; give one")
@@ -415,4 +420,5 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     (out / "results.md").write_text(md)
     print(md)
     core.say(f"wrote {out / 'results.json'} and {out / 'results.md'}")
-    return 0
+    return core.failed_exit("flora-bench accum-memory", [r for kind in ("memory", "quality", "noise")
+                                                         for r in results[kind]])

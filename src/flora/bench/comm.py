@@ -179,7 +179,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--ranks takes comma-separated integers")
     if min(a.ranks) < 1:
         p.error("--ranks must be positive")
+    core.refuse_repeats(p, "--ranks", a.ranks)
+    core.check_seed(p, a.seed)
     a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()]
+    core.refuse_repeats(p, "--optimizers", a.optimizers)
     for o in a.optimizers:
         try:
             spec = bo.parse(o)
@@ -525,4 +528,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     plotted = plot(out / "comm.png", rows)
     print(md)
     core.say(f"wrote {out / 'results.json'}, results.csv, results.md" + (", comm.png" if plotted else ""))
-    return status if len(rows) == len(runs) else 1
+    if len(rows) != len(runs):
+        return 1
+    return status or core.failed_exit("flora-bench comm", rows)

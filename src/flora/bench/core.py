@@ -418,6 +418,26 @@ def checked_list(p, flag: str, text: str, check) -> list[str]:
     return items
 
 
+def check_seed(p, seed: int, flag: str = "--seed") -> None:
+    """Flora's seed range, [0, 2**63): a seed outside it failed inside every Flora run
+    (a failed row, or a traceback, with the command's work done)."""
+    if not 0 <= seed < 2**63:
+        p.error(f"{flag} must be an integer in [0, 2**63), got {seed}")
+
+
+def failed_exit(what: str, rows) -> int:
+    """As train's exit code: 1 when every one of ``rows`` (dicts with a ``status``) failed
+    (a diverged run is a result, not a failure), so that a script sees it; failures are
+    said either way (one optimizer failing, say out of memory, leaves the others' results)."""
+    bad = [r for r in rows if str(r.get("status", "")).startswith("failed")]
+    if bad:
+        every = len(bad) == len(rows)
+        say(f"{what}: {len(bad)} of {len(rows)} runs failed (see the status column)"
+            + ("; exit code 1" if every else ""))
+        return int(every)
+    return 0
+
+
 def refuse_repeats(p, flag: str, items) -> None:
     """An entry given twice would run twice (as two seeds of one row, a spread of 0)."""
     twice = sorted({c for c in items if list(items).count(c) > 1})

@@ -47,6 +47,7 @@ class RunResult:
     state_bytes: int | None = None  # flora.state_bytes(optimizer) after the last step
     dense_grad_bytes: int | None = None  # what the trainable parameters' .grad take
     accum_bytes: int | None = None  # flora.CompressedAccumulator's buffers (+ca runs)
+    compresses_nothing: bool | None = None  # a Flora whose rank is >= every projected dim: dense momentum
     train_loss: float | None = None  # mean of the last 10% of steps
     val_loss: float | None = None
     val_ppl: float | None = None

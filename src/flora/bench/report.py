@@ -123,6 +123,8 @@ def _cells(row: Chosen, metric: str, seeded: bool = False) -> list[str]:
         r["rss"] = f"{r['peak_rss_mb']:.0f}" + (f" (+{d:.0f})" if d is not None else "")
     else:
         r["rss"] = "-"
+    if r.get("compresses_nothing"):  # as step and comm mark it: a Flora row that is Adafactor with momentum
+        r["optimizer"] += " (compresses nothing)"
     cols = columns(seeded)
     if not row.ok:
         return [r["optimizer"], r["status"]] + [""] * (len(cols) - 2)
@@ -146,7 +148,7 @@ def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = Non
     parts = []
     val = f.get(key) if key else None
     a = by.get(goal.near) if goal.near else None
-    if val is not None and a and a.get(key):
+    if val is not None and a and a.get(key) is not None and (higher_is_better or a[key] > 0):
         tol = goal.tolerance
         if higher_is_better:  # accuracy: absolute, in points
             within = a[key] - val <= tol
@@ -158,7 +160,7 @@ def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = Non
             parts.append(f"{key.replace('_', ' ')} {100 * d:+.2f}% vs {goal.near} "
                          f"(goal: at most {100 * tol:g}% above it: {'met' if d <= tol else 'NOT met'})")
     b = by.get(goal.beats) if goal.beats else None
-    if val is not None and b and b.get(key):
+    if val is not None and b and b.get(key) is not None:
         better = val > b[key] if higher_is_better else val < b[key]
         parts.append(f"{'better than' if better else 'NOT better than'} {goal.beats} "
                      f"({val:.4g} vs {b[key]:.4g} {key.replace('_', ' ')})")
@@ -175,8 +177,13 @@ def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = Non
     return parts
 
 
+NOTHING_COMPRESSED = "compresses nothing (rank >= every projected dim): dense momentum"  # step's words
+
+
 def goal_lines(rows: list[Chosen], goals: tuple[Goal, ...] = config.TRAIN_GOALS) -> list[str]:
-    """One line per task and goal optimizer that ran: each check of its goal, met or NOT."""
+    """One line per task and goal optimizer that ran: each check of its goal, met or NOT;
+    a Flora that compresses nothing (its rank at least every projected dimension) is not
+    judged: the line says so (it had been "met" for Adafactor with momentum)."""
     out = []
     for task in sorted({r.task for r in rows}):
         by = {r.optimizer: r.to_dict() for r in rows if r.task == task and r.ok}
@@ -185,6 +192,10 @@ def goal_lines(rows: list[Chosen], goals: tuple[Goal, ...] = config.TRAIN_GOALS)
         for goal in goals:
             for name in goal.optimizers:
                 if (by.get(name) or {}).get(key) is None:
+                    continue
+                if by[name].get("compresses_nothing"):
+                    line = f"{task}, {name}: {NOTHING_COMPRESSED}; goal not judged (a rank below the model's width is)"
+                    out += [line] if line not in out else []
                     continue
                 parts = goal_parts(goal, name, by, key, higher_is_better=acc)
                 if parts:

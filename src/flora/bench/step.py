@@ -175,7 +175,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--ranks: expected comma-separated integers, got {a.ranks!r}")
     if any(r < 1 for r in a.ranks):
         p.error("--ranks must be >= 1")
+    core.refuse_repeats(p, "--ranks", a.ranks)
+    core.check_seed(p, a.seed)
     a.forms = tuple(f.strip() for f in a.forms.split(",") if f.strip())
+    core.refuse_repeats(p, "--forms", a.forms)
     for f in a.forms:
         try:
             bo.parse(bo.flora_form_name(1, f))
@@ -612,11 +615,24 @@ def step_split(rows: list[dict], params, opts_plan: dict, rates: dict) -> list[d
             continue
         proj = by[name]["median_step_s"] - base["median_step_s"]
         proj_floor = 4 * rank * compressed / rates["gemm_flops_per_s"] if rates["gemm_flops_per_s"] else None
-        out.append({"optimizer": name, "rank": rank, "compressed_elements": compressed,
-                    "adafactor_s": base["median_step_s"], "adafactor_floor_s": ada_floor,
-                    "projection_s": proj, "projection_floor_s": proj_floor, "step_s": by[name]["median_step_s"],
-                    "floor_s": ada_floor + (proj_floor or 0.0)})
+        row = {"optimizer": name, "rank": rank, "compressed_elements": compressed,
+               "adafactor_s": base["median_step_s"], "adafactor_floor_s": ada_floor,
+               "projection_s": proj, "projection_floor_s": proj_floor, "step_s": by[name]["median_step_s"],
+               "floor_s": ada_floor + (proj_floor or 0.0)}
+        row["floor_above_measured"] = floors_above_measured(row)
+        out.append(row)
     return out
+
+
+SPLIT_PARTS = (("floor_s", "step_s"), ("adafactor_floor_s", "adafactor_s"), ("projection_floor_s", "projection_s"))
+
+
+def floors_above_measured(row: dict) -> list[str]:
+    """The floors of a step-split row that exceed what they bound (a rate measurement
+    disturbed by other work on the device, or a part within the timing noise): no floor
+    then, and the report says so rather than print it as one."""
+    return [floor for floor, measured in SPLIT_PARTS
+            if row.get(floor) is not None and row.get(measured) is not None and row[floor] > row[measured]]
 
 
 # ------------------------------------------------------------------ report
@@ -677,10 +693,20 @@ def render(result: dict) -> str:
                   "arithmetic = Flora's step without momentum (`:nomomentum`); its floor moves 12 bytes per "
                   "parameter (read gradient and weight, write weight). Projection work = the rest of Flora's step; "
                   "its floor is the compress and decompress matmuls, 4 r flops per compressed element.", ""]
+        def floor(r, key):  # a "floor" above the measured time bounds nothing: marked
+            above = key in r.get("floor_above_measured", floors_above_measured(r))
+            return f3(r[key]) + (" (> measured)" if above else "")
+
         lines += core.markdown_table(
             ["optimizer", "step s", "floor s", "Adafactor part s", "its floor s", "projection part s", "its floor s"],
-            ([r["optimizer"], f3(r["step_s"]), f3(r["floor_s"]), f3(r["adafactor_s"]), f3(r["adafactor_floor_s"]),
-              f3(r["projection_s"]), f3(r["projection_floor_s"])] for r in sp), align="lrrrrrr")
+            ([r["optimizer"], f3(r["step_s"]), floor(r, "floor_s"), f3(r["adafactor_s"]),
+              floor(r, "adafactor_floor_s"), f3(r["projection_s"]), floor(r, "projection_floor_s")] for r in sp),
+            align="lrrrrrr")
+        above = [r["optimizer"] for r in sp if r.get("floor_above_measured", floors_above_measured(r))]
+        if above:
+            lines += ["", f"**Note:** a floor above the measured time ({', '.join(above)}: marked > measured) is no "
+                      "floor: the rate measurement was disturbed (other work on the device) or the part is within "
+                      "the timing noise. Measure again on an idle device."]
     pc = result.get("projection_cost")
     if pc:
         lines += ["", "## Cost of drawing projections", "",

@@ -8,7 +8,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -75,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, metavar="RESULTS_JSON",
                    help="continue an interrupted run with the same options: the runs of this plan that finished "
                         "(ok or diverged) in RESULTS_JSON are kept, the others (and lr extensions still due) run; "
+                        "its runs outside this plan (a narrower --optimizers, --tasks or --seed) stay in the results; "
                         "writes to --out (default: RESULTS_JSON's folder)")
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
                    help="train nothing: re-read a results.json (e.g. of an interrupted run; several, comma-separated, "
@@ -91,11 +91,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.lr_points is not None and not 1 <= a.lr_points <= 3:
         p.error("--lr-points must be 1, 2 or 3")
     if a.lrs:
-        try:
-            a.lrs = {k.strip(): tuple(float(x) for x in v.split("/"))
-                     for k, v in (e.split("=", 1) for e in a.lrs.split(",") if e.strip())}
-        except ValueError:
-            p.error("--lrs: expected KEY=LR[/LR...] entries, e.g. adam=1e-3,lora=3e-3/1e-2")
+        a.lrs = _parse_lrs(p, a.lrs)
     if a.tau is not None and a.tau < 1:
         p.error("--tau must be >= 1")
     if a.workers is not None and a.workers < 1:
@@ -136,8 +132,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1 (torch CPU threads per run), got {a.threads}")
     core.check_device(p, a.device)
-    if not 0 <= a.seed < 2**63:  # Flora's seed range: every Flora row would fail inside its run
-        p.error(f"--seed must be an integer in [0, 2**63), got {a.seed}")
+    core.check_seed(p, a.seed)  # Flora's seed range: every Flora row would fail inside its run
     if a.from_json:
         for path in a.from_json.split(","):
             why = _not_train_results(Path(path))
@@ -148,6 +143,20 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 "interrupted flora-bench train")
     if isinstance(a.lrs, dict) and not a.from_json:
         _check_lrs(p, a)
+
+
+def _parse_lrs(p: argparse.ArgumentParser, text: str) -> dict[str, tuple[float, ...]]:
+    """--lrs KEY=LR[/LR...],...: a key or one key's lr given twice is refused (an lr twice
+    ran twice, reported as two seeds with a spread of 0; a key twice dropped the first)."""
+    try:
+        pairs = [(k.strip(), v) for k, v in (e.split("=", 1) for e in text.split(",") if e.strip())]
+        lrs = {k: tuple(float(x) for x in v.split("/")) for k, v in pairs}
+    except ValueError:
+        p.error("--lrs: expected KEY=LR[/LR...] entries, e.g. adam=1e-3,lora=3e-3/1e-2")
+    core.refuse_repeats(p, "--lrs", [k for k, _ in pairs])
+    for k, values in lrs.items():
+        core.refuse_repeats(p, f"--lrs {k}", [f"{x:g}" for x in values])
+    return lrs
 
 
 def _not_train_results(path: Path) -> str | None:
@@ -302,14 +311,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if why:
             print(f"flora-bench train: error: --resume: {why}", file=sys.stderr)
             return 2
-        jobs, kept = resume(jobs, Path(args.resume), meta)
-        runs += kept
+        jobs, kept, others = resume(jobs, Path(args.resume), meta)
+        runs += kept + others
+        for label, grid in meta["lr_extension"]["grids"].items():  # the old grid's lrs: no extensions
+            grids[tuple(label.split(":", 1))] = grid
         due = []  # the pairs that had finished their lrs: is an extension still due?
         for key, job in {(j.task, j.optimizer): j for j in planned}.items():
             if not any((j.task, j.optimizer) == key for j in jobs):
                 due += _extend(job, jobs, runs, grids, meta["lr_extension"])
         jobs = due + jobs
-        core.say(f"  resumed from {args.resume}: {len(kept)} runs kept, {len(jobs)} to run")
+        core.say(f"  resumed from {args.resume}: {len(kept)} runs kept, {len(jobs)} to run"
+                 + (f"; {len(others)} runs outside this plan stay in the results" if others else ""))
     runner = Runner(isolate=not args.no_isolate, device=device)
     workers = workers_for(args, device, runner.isolate)
     if workers > 1:  # each run gets its share of the cores' threads, and no per-step bar (they would clash)
@@ -332,7 +344,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     rows, meta, paths = _finish(out, runs, cfgs, meta, t0, plots=True)
     if not args.out and not args.resume:  # a new default folder (a resumed run keeps its own)
         _point_latest(out)
-    report.print_table(rows, _metrics(tasks))
+    report.print_table(rows, _metrics(meta["tasks"]))
     core.say(f"wrote {', '.join(str(p) for p in paths.values())} ({meta['wall_s'] / 60:.1f} min)")
     return exit_code(runs)
 
@@ -434,11 +446,15 @@ def resume_mismatch(path: Path, cfgs: dict, size: str) -> str | None:
     return None
 
 
-def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list]:
-    """(the jobs still to run, the runs kept) when continuing the run whose results are at
-    ``path``: its runs of the planned (task, optimizer) pairs and seeds that finished ok or
-    diverged are kept (a failed one, perhaps killed with the sweep, runs again); lrs that it
-    added by grid extension are planned again on the seeds they miss."""
+def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list, list]:
+    """(the jobs still to run, the runs kept, the runs outside this plan) when continuing
+    the run whose results are at ``path``: its runs of the planned (task, optimizer) pairs
+    and seeds that finished ok or diverged are kept (a failed one, perhaps killed with the
+    sweep, runs again); lrs that it added by grid extension are planned again on the seeds
+    they miss. Its runs of pairs or seeds this plan leaves out (a narrower ``--optimizers``,
+    ``--tasks`` or ``--seed``) stay in the results as they were: the results are written
+    over the old ones, which had lost them. ``meta`` gets the old tasks, seeds and lr grids
+    (an lr of the old grid is no extension of the new one)."""
     import dataclasses
 
     from . import report
@@ -448,15 +464,21 @@ def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list]:
     first = {}
     for j in jobs:
         first.setdefault((j.task, j.optimizer), j)
-    kept = [r for r in old if (r.task, r.optimizer) in first and r.seed in seeds
-            and (r.ok or r.status == "diverged")]
+    mine = [r for r in old if (r.task, r.optimizer) in first and r.seed in seeds]
+    others = [r for r in old if not ((r.task, r.optimizer) in first and r.seed in seeds)]
+    kept = [r for r in mine if r.ok or r.status == "diverged"]
     done = {(r.task, r.optimizer, r.lr, r.seed) for r in kept}
     planned = {(j.task, j.optimizer, j.lr) for j in jobs}
     extra = {(r.task, r.optimizer, r.lr): first[r.task, r.optimizer] for r in kept
              if (r.task, r.optimizer, r.lr) not in planned}
     jobs = jobs + [dataclasses.replace(j, lr=lr, seed=seed) for (_, _, lr), j in extra.items() for seed in sorted(seeds)]
     meta["resumed_from"] = {"results": str(path), "command": old_meta.get("command"), "wall_s": old_meta.get("wall_s")}
-    return [j for j in jobs if (j.task, j.optimizer, j.lr, j.seed) not in done], kept
+    meta["tasks"] = old_meta.get("tasks") or {}  # _finish puts this plan's settings over them
+    meta["seeds"] = sorted(set(meta.get("seeds") or []) | {r.seed for r in others})
+    grids = meta["lr_extension"]["grids"]
+    for label, grid in ((old_meta.get("lr_extension") or {}).get("grids") or {}).items():
+        grids[label] = sorted(set(grids.get(label, [])) | set(grid))
+    return [j for j in jobs if (j.task, j.optimizer, j.lr, j.seed) not in done], kept, others
 
 
 def next_lr(tried: list[float], up: bool) -> float:
@@ -530,20 +552,18 @@ def _finish(out, runs, cfgs, meta, t0, *, plots, partial=False):
     kill leaves behind says so)."""
     from . import report
 
-    metrics = _metrics(cfgs)
-    rows = _ordered(report.choose(runs, metrics), list(cfgs), lambda t: cfgs[t].optimizers)
-    report.mark_capped(rows, meta)
     meta = dict(meta)
+    meta["tasks"] = _tasks_info(cfgs, runs, meta.get("tasks") or {})
+    metrics = _metrics(meta["tasks"])
+    tasks = list(cfgs) + [t for t in meta["tasks"] if t not in cfgs]
+    rows = _ordered(report.choose(runs, metrics), tasks, lambda t: meta["tasks"][t]["config"]["optimizers"])
+    report.mark_capped(rows, meta)
     ext = meta.get("lr_extension")
     if ext:  # the lrs beyond each planned grid that ran
         ext["extended"] = {label: sorted({r.lr for r in runs if f"{r.task}:{r.optimizer}" == label
                                           and not any(math.isclose(r.lr, g, rel_tol=1e-9) for g in grid)})
                            for label, grid in ext["grids"].items()}
         ext["extended"] = {k: v for k, v in ext["extended"].items() if v}
-    meta["tasks"] = {t: {"config": cfg.to_dict(),
-                         "description": _describe(t, cfg, next((r.model_params for r in runs
-                                                                if r.task == t and r.model_params), None))}
-                     for t, cfg in cfgs.items()}
     meta["runs_done"] = len(runs)
     if partial:
         meta["partial"] = True
@@ -552,13 +572,30 @@ def _finish(out, runs, cfgs, meta, t0, *, plots, partial=False):
     return rows, meta, paths
 
 
-def _point_latest(out: Path) -> None:
-    latest = Path("runs/bench/latest")
+def _tasks_info(cfgs: dict, runs: list, kept: dict) -> dict:
+    """``meta["tasks"]``: each planned task's settings and description. A resumed run's
+    tasks (``kept``, its results' ``meta.tasks``) stay, and its optimizers that this plan
+    leaves out stay listed after the plan's: their runs are kept in the results."""
+    tasks = {t: {**info, "config": dict(info["config"])} for t, info in kept.items()}
+    for t, cfg in cfgs.items():
+        config_ = cfg.to_dict()
+        old = (tasks.get(t) or {}).get("config", {}).get("optimizers") or []
+        config_["optimizers"] = list(config_["optimizers"]) + [o for o in old if o not in config_["optimizers"]]
+        params = next((r.model_params for r in runs if r.task == t and r.model_params), None)
+        tasks[t] = {"config": config_, "description": _describe(t, cfg, params)}
+    return tasks
+
+
+def _point_latest(out: Path, latest: Path = Path("runs/bench/latest")) -> None:
+    """Point ``latest`` at ``out``: a symlink there is replaced; a real folder or file of
+    that name is left alone, and the run says so (it had been deleted, folder and all)."""
     try:
-        if latest.is_symlink() or latest.is_file():
+        if latest.is_symlink():
             latest.unlink()
-        elif latest.is_dir():
-            shutil.rmtree(latest)
+        elif latest.exists():
+            core.say(f"flora-bench train: {latest} is a real {'folder' if latest.is_dir() else 'file'}, not a "
+                     f"link; left alone (not pointed at {out})")
+            return
         latest.symlink_to(out.resolve(), target_is_directory=True)
     except OSError:
         pass

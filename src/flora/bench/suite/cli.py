@@ -120,6 +120,25 @@ def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) 
     return {"markdown": md, "chosen": chosen, "ranking": ranks, "failed": failed}
 
 
+def primary_kappa(a: argparse.Namespace, meta: dict) -> int:
+    """--report-only: the primary kappa of the run that wrote ``meta`` (its --kappas' first),
+    unless --kappas was given; the default had been used, filing a --kappas 50 sweep's
+    goal check and dominance under the library's kappa."""
+    if a.kappas != str(space.KAPPA) or not meta.get("kappas"):
+        return a.kappa_list[0]
+    return int(meta["kappas"][0])
+
+
+def set_aside(log: Path) -> Path:
+    """Move ``log`` to the first free name of runs.previous.jsonl, runs.previous.2.jsonl, ...
+    (an earlier runs.previous.jsonl had been overwritten) and return that name."""
+    n = 1
+    while (dest := log.with_name(f"runs.previous{'' if n == 1 else f'.{n}'}.jsonl")).exists():
+        n += 1
+    log.rename(dest)
+    return dest
+
+
 def run(a: argparse.Namespace, argv: list[str]) -> int:
     out, folder = Path(a.out), Path(a.data)
     if a.report_only and not runner.read_log(out / "runs.jsonl"):  # an empty report would read as a result
@@ -136,10 +155,13 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             return 0
     device = core.resolve_device(a.device)
     meta = core.run_metadata("suite", argv, device)
+    meta["kappas"] = a.kappa_list  # the first is the primary one: --report-only reads it back
+    kappa = a.kappa_list[0]
     if not a.report_only:
         log = out / "runs.jsonl"
         if log.exists() and not a.resume:
-            log.rename(out / "runs.previous.jsonl")
+            core.say(f"flora-bench suite: without --resume a new log is started; the old one is now "
+                     f"{set_aside(log)}")
         other = sorted({r["scale"] for r in runner.read_log(log) if r.get("scale", a.scale) != a.scale})
         if other:  # a run's steps follow --scale: kept beside these, the longer runs would win every grid
             core.say(f"flora-bench suite --resume: {log} holds runs at --scale {', '.join(map(str, other))}, this "
@@ -176,7 +198,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         (out / "meta.json").write_text(json.dumps(meta))
     elif (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())
-    res = report(out, a.task_list, a.kappa_list[0], meta, plots=not a.no_plots)
+        kappa = primary_kappa(a, meta)
+    res = report(out, a.task_list, kappa, meta, plots=not a.no_plots)
     print(res["markdown"])
     rows = runner.read_log(out / "runs.jsonl")
     if not a.report_only and rows and not any(r.get("status") in ("ok", "diverged") for r in rows):
