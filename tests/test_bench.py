@@ -1216,3 +1216,20 @@ def test_a_flora_that_compresses_nothing_is_marked_and_its_goal_not_judged():
     md = report.markdown(_chosen(runs), {"pretrain": "loss"}, {"size": "smoke", "command": "x"})
     assert "| flora-r32 (compresses nothing) |" in md and "met" not in md.split("## Goal check")[1]
     assert RunResult.from_dict(runs[3].to_dict()).compresses_nothing is True
+
+
+def test_comm_equal_bytes_goal_says_powersgds_dense_warm_up():
+    """PowerSGD sends dense gradients before its start step; the equal-bytes goal paired it
+    with the hook at its steady bytes alone (a probe: 17.2 kB/step said, 66 kB/step sent
+    over a 4-step run). The line now says the mean over the run where it is far above."""
+    from flora.bench import comm
+
+    base = {"status": "ok", "optimizer": "adamw", "test_loss": 5.0, "val_loss": 5.0, "steps": 4,
+            "expected_bytes_per_step": None}
+    hook = {**base, "config": "hook-r4", "rank": 4, "bytes_per_step": 15000, "bytes_total": 60000}
+    ps = {**base, "config": "powersgd-r3", "rank": 3, "matches": 4, "test_loss": 5.1, "bytes_per_step": 17152,
+          "bytes_total": 2 * 115328 + 2 * 17152}
+    line = next(x for x in comm.goals([hook, ps]) if "equal bytes" in x)
+    assert "17.2 kB/step steady, 66.2 kB/step over the run: its first steps send dense gradients): met" in line
+    long = {**ps, "steps": 400, "bytes_total": 2 * 115328 + 398 * 17152}
+    assert "over the run" not in next(x for x in comm.goals([hook, long]) if "equal bytes" in x)

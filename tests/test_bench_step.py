@@ -260,3 +260,12 @@ def test_a_floor_above_the_measured_time_is_marked_not_printed_as_a_floor():
     line = next(x for x in md.splitlines() if x.startswith("| flora-r4 |"))
     assert line.count("(> measured)") == 1 and "**Note:** a floor above the measured time (flora-r4:" in md
     assert "(> measured)" not in next(x for x in md.splitlines() if x.startswith("| flora-r8 |"))
+
+
+def test_verify_config_at_a_size_it_cannot_check_is_refused(capsys):
+    """--verify-config checks SmolLM2-135M's shapes against its GGUF; at another --size it was
+    ignored silently, the report still saying the shapes came from the published config."""
+    with pytest.raises(SystemExit) as e:
+        main(["step", "--size", "smoke", "--verify-config"])
+    assert e.value.code == 2
+    assert "--verify-config checks SmolLM2-135M's shapes" in capsys.readouterr().err

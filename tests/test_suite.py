@@ -579,3 +579,26 @@ def test_report_only_takes_the_primary_kappa_of_the_run(tmp_path, monkeypatch):
     assert main(argv + ["--report-only"]) == 0
     assert main(argv + ["--report-only", "--kappas", "7"]) == 0
     assert seen == [k, k, 7]
+
+
+def test_report_only_on_some_tasks_writes_those_tasks_everywhere(tmp_path, monkeypatch):
+    """--report-only --tasks cnn on a run of tabular and cnn: results.md had cnn only, the CSV
+    and JSON both (found by a probe); a --tasks with no runs wrote an empty report with exit
+    0. Every output now holds the tasks asked for; none run: refused. The command heads the
+    report, as every subcommand's does."""
+    from flora.bench.__main__ import main
+
+    monkeypatch.setattr(data, "prepare", lambda f, **kw: f)
+    monkeypatch.setattr(runner, "run_all", lambda jobs, tasks, *, log, **kw: log.write_text(
+        "".join(json.dumps(_ok(j)) + "\n" for j in jobs)))
+    out = tmp_path / "s"
+    argv = ["suite", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--lrs", "1e-3",
+            "--data", str(tmp_path / "d"), "--out", str(out), "--no-plots", "--device", "cpu"]
+    assert main(argv + ["--tasks", "tabular,cnn"]) == 0
+    assert "Command: `flora-bench suite" in (out / "results.md").read_text()
+    assert main(argv + ["--tasks", "cnn", "--report-only"]) == 0
+    csv_tasks = {line.split(",")[0] for line in (out / "results.csv").read_text().splitlines()[1:]}
+    json_tasks = {c["task"] for c in json.loads((out / "results.json").read_text())["chosen"]}
+    assert csv_tasks == json_tasks == {"cnn"}
+    assert "tabular" not in (out / "results.md").read_text().split("Command:")[1].split("\n", 1)[1]
+    assert main(argv + ["--tasks", "vit", "--report-only"]) == 2

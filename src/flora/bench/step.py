@@ -153,6 +153,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.verify_config and SIZES[a.size].llama is not SMOLLM2_135M:  # it was ignored silently
+        p.error(f"--verify-config checks SmolLM2-135M's shapes (the quick size) against its GGUF; --size {a.size} "
+                f"is {SIZES[a.size].model}")
     from . import optimizers as bo
 
     core.refuse_empty(p, a, "--ranks", "--optimizers")
@@ -655,7 +658,7 @@ def render(result: dict) -> str:
         lines += core.markdown_table(
             ["optimizer", "state MiB", "state / AdamW", "median step s", "min step s", "median CPU s",
              f"step / {REFERENCE} (wall)", "(CPU)", "ops / step", "note"],
-            ([r["optimizer"], f"{r['state_mib']:.1f}",
+            ([r["optimizer"], f"{r['state_mib']:.4g}",  # .1f read 0.0 for every Flora row at the smoke size
               "-" if r["state_vs_adamw"] is None else f"{100 * r['state_vs_adamw']:.1f}%",
               f3(r["median_step_s"]), f3(r["min_step_s"]), f3(r["median_cpu_s"]), f2(r["step_vs_reference"]),
               f2(r["cpu_vs_reference"]), str(r.get("ops_per_step", "-")),
@@ -765,7 +768,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     device = core.resolve_device(args.device)
     named = llama_shapes(size.llama)
     shapes_check = (verify_against_gguf(named) if args.verify_config and args.size == "quick"
-                    else "shapes from the published config")
+                    else "shapes from the published config" if size.llama is SMOLLM2_135M
+                    else f"shapes of {size.model}, made here")
     gen = torch.Generator().manual_seed(args.seed)
     params = [(torch.randn(s, generator=gen) * 0.02).to(device).requires_grad_() for _, s in named]
     grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for _, s in named]

@@ -103,14 +103,16 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) -> dict:
-    rows = runner.read_log(out / "runs.jsonl")
+    # the tasks asked for, in every output alike (results.md had them, the CSV and JSON every task run)
+    rows = [r for r in runner.read_log(out / "runs.jsonl") if r["task"] in tasks]
     adamw = json.loads((out / "adamw_state.json").read_text()) if (out / "adamw_state.json").exists() else {}
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)] or tasks
     chosen = score.choose(rows, kappa)  # kappa: --kappas' first, the primary setting
     gap = score.gaps(chosen)
     ranks = [r for k in sorted({c["kappa"] for c in chosen}) for r in score.ranking(chosen, k, tasks)]
     failed = score.failed(rows, kappa)  # candidates with no run that finished: listed, not dropped
-    md = score.markdown(chosen, gap, ranks, adamw, tasks, core.meta_line(meta) if meta else "", kappa, failed)
+    md = score.markdown(chosen, gap, ranks, adamw, tasks, core.meta_line(meta) if meta else "", kappa, failed,
+                        command=meta.get("command", "") if meta else "")
     (out / "results.md").write_text(md)
     score.write_csv(out / "results.csv", chosen)
     core.write_json(out / "results.json", {"meta": meta, "chosen": chosen, "failed": failed, "gaps": gap,
@@ -144,6 +146,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     if a.report_only and not runner.read_log(out / "runs.jsonl"):  # an empty report would read as a result
         core.say(f"flora-bench suite --report-only: no runs in {out / 'runs.jsonl'}; run the suite with "
                  f"--out {out} first, or give the --out it wrote to")
+        return 2
+    if a.report_only and not any(r["task"] in a.task_list for r in runner.read_log(out / "runs.jsonl")):
+        core.say(f"flora-bench suite --report-only: no runs of --tasks {','.join(a.task_list)} in "
+                 f"{out / 'runs.jsonl'}")
         return 2
     out.mkdir(parents=True, exist_ok=True)
     if not a.report_only:

@@ -183,13 +183,15 @@ def _fmt(m, s, digits=4):
 
 
 def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int = KAPPA,
-             failures: list[dict] = ()) -> str:
+             failures: list[dict] = (), command: str = "") -> str:
     """The report; ``kappa``: the primary one (goal check, dominance, unlabelled win-matrix rows);
     ``failures``: :func:`failed`'s entries, listed where their rows would be missing."""
     primary = kappa
     lines = ["# flora-bench suite", ""]
     if meta_line:
         lines += [meta_line, ""]
+    if command:  # as every subcommand's report: a 0.05-scale screen is told apart from a full run
+        lines += [f"Command: `{command}`", ""]
     if failures:
         lines += ["## Failed: every run of these failed (they have no row below)", "",
                   "| task | optimizer | kappa | runs | status |", "| --- | --- | ---: | ---: | --- |"]
