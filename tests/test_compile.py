@@ -703,3 +703,15 @@ def test_a_schedule_of_a_graph_constant_warns_once(scheduled):
         assert not said
     else:
         assert len(said) == 1 and f"group 0's {scheduled} changed at 3 steps" in str(said[0].message)
+
+
+def test_user_compile_fullgraph_is_refused_naming_the_prelude():
+    """torch.compile(opt.step, fullgraph=True) stops at the eager prelude, the one intended
+    graph break; dynamo's hint had been "Remove the torch.compiler.disable call" (a probe).
+    The prelude's disable now carries the reason: what to do instead."""
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = Flora([p], lr=torch.tensor(1e-2), rank=2, beta1=0.9)
+    p.grad = torch.randn(8, 6)
+    with pytest.raises(Exception, match=r"(?s)one intended graph break.*without fullgraph=True.*compile=True"):
+        torch.compile(opt.step, fullgraph=True, backend="eager")()
+    torch._dynamo.reset()

@@ -47,13 +47,27 @@ def _option_values(group: dict) -> tuple:
     return tuple(id(v) if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params")
 
 
+def _backend_name(backend) -> str:
+    """A compile backend as a user wrote it: a name quoted, a callable by its name (not the
+    repr of the object, with its address)."""
+    if isinstance(backend, str):
+        return repr(backend)
+    return getattr(backend, "__name__", None) or type(backend).__name__
+
+
 def _install_prelude() -> None:
     """Mark ``Flora._prelude`` as not traceable by torch.compile (``torch.compiler.disable``),
     once, when the first Flora is built: the eager prelude is then the one graph break of a
     compiled ``opt.step``. (Done here rather than at import: it imports torch._dynamo, about
     a second, which torch's own optimizers also import at their first step.)"""
     if not getattr(Flora._prelude, "_torchdynamo_disable", False):
-        Flora._prelude = torch.compiler.disable(Flora._prelude_eager)
+        Flora._prelude = torch.compiler.disable(Flora._prelude_eager, reason=PRELUDE_BREAK)
+
+
+# Said by torch.compile(opt.step, fullgraph=True), whose hint had been to remove the disable
+PRELUDE_BREAK = ("Flora's eager prelude (checks, step counts, projections drawn by the CPU generator) is the one "
+                 "intended graph break of a compiled opt.step: compile it without fullgraph=True, or use "
+                 "Flora(..., compile=True), which compiles the per-bucket arithmetic itself")
 
 
 # The options a live state's layout depends on (factoring, the momentum's shape, its
@@ -495,7 +509,8 @@ class Flora(Optimizer):
             if seen[1] >= _RECOMPILE_WARN_AFTER and not self._warned_recompiles:
                 self._warned_recompiles = True
                 warnings.warn(
-                    f"Flora(compile={self._compile!r}): group {i}'s {', '.join(changed)} changed at {seen[1]} steps; "
+                    f"Flora(compile={_backend_name(self._compile)}): group {i}'s {', '.join(changed)} changed at "
+                    f"{seen[1]} steps; "
                     "the compiled graphs take it as a constant, so each new value compiles new ones (seconds "
                     "each, without limit): a schedule of anything but lr recompiles at every step. Change it "
                     "rarely, or step with compile=False", UserWarning, stacklevel=4)
