@@ -86,6 +86,17 @@ class AccumulatorCallback(TrainerCallback):
                              f"gradient_accumulation_steps={steps}: the two must agree (the accumulator would close "
                              f"{'several cycles per optimizer step' if steps > acc.tau else 'every cycle short'}); "
                              f"build the accumulator with tau={steps}")
+        if acc.fused and acc.micro_step:
+            # a train() interrupted mid-window and started again: the Trainer's model.zero_grad()
+            # drops the window's gradients, which fused mode cannot see (normal mode does); the
+            # leftover read as "gradient_accumulation_steps > tau" at the next window (a probe)
+            acc.discard_cycle()
+        if acc.fused and (args.max_grad_norm or 0) > 0 and acc.max_grad_norm is None:
+            warnings.warn(f"AccumulatorCallback: TrainingArguments(max_grad_norm={args.max_grad_norm}) clips nothing "
+                          "in fused mode (each parameter steps during backward, before the Trainer clips, and its "
+                          "logged grad_norm reads 0; acc.last_grad_norm holds the cycle's norm). Pass "
+                          "max_grad_norm= to the accumulator (it clips each parameter's gradient), or "
+                          "max_grad_norm=0 to the Trainer to say no clipping is wanted", stacklevel=2)
         saved = (state.stateful_callbacks or {}).get(STATE_KEY) if state.global_step else None
         if state.global_step and saved is None:
             warnings.warn(f"AccumulatorCallback: resuming at global step {state.global_step} from a checkpoint "
