@@ -868,8 +868,8 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             state and changes no result.
         foreach: True: step parameters of equal shape, dtype, device and counters
             together, stacked, a few batched kernels per bucket
-            (``flora.functional.grouped_step``); False: one parameter at a time
-            (``single_tensor_step``, the reference: with compression off it follows HF
+            (``flora.functional.grouped_core``); False: one parameter at a time
+            (``single_core``, the reference: with compression off it follows HF
             Adafactor operation for operation); None (the default): grouped on GPUs and
             other accelerators; on the CPU grouped for tensors of at most
             ``CPU_GROUP_NUMEL`` elements and single-tensor for larger ones, whichever
