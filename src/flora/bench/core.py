@@ -418,6 +418,21 @@ def checked_list(p, flag: str, text: str, check) -> list[str]:
     return items
 
 
+# The note of a Flora row whose rank is at least every tensor's projected dimension
+NOTHING_COMPRESSED = "compresses nothing (rank >= every projected dim): dense momentum"
+
+
+def compresses_nothing(opt) -> bool:
+    """Whether ``opt`` is a Flora with a rank whose ``plan()`` compresses no tensor (the
+    rank is at least every projected dimension): its row times dense momentum, Adafactor
+    with beta1 0.9 (its momentum stored in bfloat16 under the default momentum_dtype), and is
+    marked so. False for every other optimizer."""
+    plan = getattr(opt, "plan", None)
+    if plan is None or not any(g.get("rank") is not None and g.get("beta1") is not None for g in opt.param_groups):
+        return False
+    return not any(row["compressed"] for row in plan())
+
+
 def check_seed(p, seed: int, flag: str = "--seed") -> None:
     """Flora's seed range, [0, 2**63): a seed outside it failed inside every Flora run
     (a failed row, or a traceback, with the command's work done)."""

@@ -177,9 +177,6 @@ def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = Non
     return parts
 
 
-NOTHING_COMPRESSED = "compresses nothing (rank >= every projected dim): dense momentum"  # step's words
-
-
 def goal_lines(rows: list[Chosen], goals: tuple[Goal, ...] = config.TRAIN_GOALS) -> list[str]:
     """One line per task and goal optimizer that ran: each check of its goal, met or NOT;
     a Flora that compresses nothing (its rank at least every projected dimension) is not
@@ -194,7 +191,7 @@ def goal_lines(rows: list[Chosen], goals: tuple[Goal, ...] = config.TRAIN_GOALS)
                 if (by.get(name) or {}).get(key) is None:
                     continue
                 if by[name].get("compresses_nothing"):
-                    line = f"{task}, {name}: {NOTHING_COMPRESSED}; goal not judged (a rank below the model's width is)"
+                    line = f"{task}, {name}: {core.NOTHING_COMPRESSED}; goal not judged (a rank below the model's width is)"
                     out += [line] if line not in out else []
                     continue
                 parts = goal_parts(goal, name, by, key, higher_is_better=acc)

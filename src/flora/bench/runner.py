@@ -70,9 +70,7 @@ def _measured_run(job: Job, res: RunResult) -> None:
     mem = core.PeakMemory(device)
     mem.reset()
     task, built = _setup(job, res, device)
-    from .step import compresses_nothing
-
-    res.compresses_nothing = compresses_nothing(built.optimizer)
+    res.compresses_nothing = core.compresses_nothing(built.optimizer)
     loop = _loop(job, task, built, device, res)
     res.state_bytes = flora.state_bytes(built.optimizer)
     res.accum_bytes = loop.accum_peak if built.accumulator is not None else None

@@ -87,8 +87,7 @@ REFERENCE = "adafactor-b0.9"  # the optimizer Flora replaces: step-time ratios a
 BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of flora
 LR = 1e-3
 KAPPA = 1000  # no resample within the timed steps
-# The note of a Flora row whose rank is at least every tensor's projected dimension
-NOTHING_COMPRESSED = "compresses nothing (rank >= every projected dim): dense momentum"
+NOTHING_COMPRESSED, compresses_nothing = core.NOTHING_COMPRESSED, core.compresses_nothing  # also step.<name>
 FLAT_FAMILIES = ("adamw", "adafactor", "flora", "flora-opt")  # what steps a list of tensors
 # Variants of a name, after a colon: torch AdamW's fused kernel; Flora's single-tensor and
 # grouped paths (foreach=False, True; the bare name takes Flora's default for the device),
@@ -505,17 +504,6 @@ def compiled_goals(by: dict[str, dict], size: str = "quick", cold: bool = True) 
                 out.append(f"{r['optimizer']}: compiles in {c:.1f} s, inductor's cache empty: "
                            f"{'met' if c < COMPILED_MAX_COMPILE_S else 'MISSED'} (goal < {COMPILED_MAX_COMPILE_S:g} s)")
     return out
-
-
-def compresses_nothing(opt) -> bool:
-    """Whether ``opt`` is a Flora with a rank whose ``plan()`` compresses no tensor (the
-    rank is at least every projected dimension): its row times dense momentum, Adafactor
-    with beta1 0.9 (its momentum stored in bfloat16 under the default momentum_dtype), and is
-    marked so. False for every other optimizer."""
-    plan = getattr(opt, "plan", None)
-    if plan is None or not any(g.get("rank") is not None and g.get("beta1") is not None for g in opt.param_groups):
-        return False
-    return not any(row["compressed"] for row in plan())
 
 
 def _draws(opt) -> list[tuple[int, int]]:
