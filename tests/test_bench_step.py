@@ -269,3 +269,19 @@ def test_verify_config_at_a_size_it_cannot_check_is_refused(capsys):
         main(["step", "--size", "smoke", "--verify-config"])
     assert e.value.code == 2
     assert "--verify-config checks SmolLM2-135M's shapes" in capsys.readouterr().err
+
+
+def test_baseline_rows_include_the_grouped_path(tmp_path):
+    """--baseline-src times Flora's rows again from another copy of the package; the
+    grouped path (a GPU's default) had no baseline row, so its operation count could not be
+    compared side by side with an older commit."""
+    import pathlib
+
+    src = pathlib.Path(flora.__file__).parent
+    out = tmp_path / "s"
+    assert main(["step", "--size", "smoke", "--optimizers", "flora-r4:grouped,flora-r4:single", "--repeats", "1",
+                 "--warmup", "1", "--no-flora-opt", "--projection-cost", "off", "--threads", "1",
+                 "--baseline-src", str(src), "--out", str(out)]) == 0
+    rows = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    for name in ("flora-r4:grouped", "flora-r4:single"):
+        assert rows["baseline:" + name]["ops_per_step"] == rows[name]["ops_per_step"]  # the same code

