@@ -127,6 +127,36 @@ def _parameter_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _shape_list(shapes) -> list[tuple]:
+    """``shapes`` as a list of tuples; one shape given alone (``(30, 40)``, a ``torch.Size``),
+    a tensor or anything that holds no shapes is a TypeError that says what to pass (before
+    2026-12-04: ``'int' object is not iterable``, a probe)."""
+    allowed = "a list of shapes (tuples of integers, or torch.Size)"
+    if isinstance(shapes, torch.Tensor):
+        raise TypeError(f"flora_state_bytes: shapes must be {allowed}, got a tensor of shape {tuple(shapes.shape)}: "
+                        "pass the parameters' shapes, [p.shape for p in params]")
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Iterable):
+        raise TypeError(f"flora_state_bytes: shapes must be {allowed}, got {shapes!r} ({type(shapes).__name__})")
+    shapes = list(shapes)
+    if shapes and all(_is_int(d) for d in shapes):
+        one = tuple(int(d) for d in shapes)
+        raise TypeError(f"flora_state_bytes: shapes must be {allowed}, got a single shape {one}: pass [{one}]")
+    out = []
+    for shape in shapes:
+        if isinstance(shape, torch.Tensor):
+            raise TypeError(f"flora_state_bytes: shapes must be {allowed}, got a tensor (of shape "
+                            f"{tuple(shape.shape)}) among them: pass its .shape")
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+            raise TypeError(f"flora_state_bytes: shapes must be {allowed}, got {shape!r} ({type(shape).__name__}) "
+                            "among them")
+        out.append(tuple(shape))
+    return out
+
+
 def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=torch.float32, **options) -> int:
     """Flora's state in bytes for parameters of these shapes and ``dtype`` (a floating-point
     dtype or its name; the state is float32, float64 for float64 parameters):
@@ -151,8 +181,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     group = _check_options(rank, beta1, {k: v for k, v in options.items() if k != "compile"})
     dtype = _parameter_dtype(dtype)
     total = moment = 0
-    for shape in shapes:
-        shape = tuple(shape)
+    for shape in _shape_list(shapes):
         if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ValueError(f"flora_state_bytes: a shape must hold non-negative integers, got {shape}")
         numel = math.prod(shape)

@@ -77,10 +77,14 @@ def projection_seed(base_seed: int, index: int, count: int, stream: int = MOMENT
 
     A pure function of its integers, so a resumed run regenerates exactly the matrices it
     would have used, with no history to save. Returns a 63-bit integer. ``base_seed``
-    must lie in [0, 2**63): a larger one would be folded onto another seed.
+    must lie in [0, 2**63): a larger one would be folded onto another seed; ``index``,
+    ``count`` and ``stream`` are integers in [0, 2**64) (``MOMENTUM_STREAM``,
+    ``ACCUMULATION_STREAM``, ``COMMUNICATION_STREAM`` or a stream of one's own).
     """
     check_seed("seed", base_seed)
-    for name, v in (("index", index), ("count", count)):
+    # stream too (before 2026-12-04 it was not checked: 1.7 and "1" gave stream 1's seeds, 2**64
+    # stream 0's, a probe): its product with an odd constant mod 2**64 is a bijection of [0, 2**64)
+    for name, v in (("index", index), ("count", count), ("stream", stream)):
         check_nonneg_int(name, v)
         if v > _MASK64:
             raise ValueError(f"{name} must be below 2**64 (a larger one would be folded onto another's), got {v}")
@@ -284,13 +288,51 @@ def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     if g.dim() < 2:
         raise ValueError(f"compress: g must have 2 or more dims (a matrix, or a tensor seen as one); got shape "
                          f"{tuple(g.shape)}")
-    if not _batched(a):
+    batched = _batched(a)
+    if not batched:
         g = as_matrix(g)
-        if is_coordinates(a):
-            return g.index_select(dim, a)
-    elif is_coordinates(a):
-        return torch.gather(g, dim + 1, _index(a, dim, g))
+    size = g.shape[dim - 2]  # the projected dimension (of each matrix of a stack)
+    if is_coordinates(a):
+        return _indexing("compress", lambda: _select(g, a, dim, batched), a, size, f"g's dimension {dim}")
+    # as decompress checks size= against a matrix projection (shapes only: no sync)
+    if a.shape[-1] != size:
+        raise ValueError(f"compress: the projection maps a dimension of {a.shape[-1]} (shape {tuple(a.shape)}) but "
+                         f"g's dimension {dim} has size {size} (g {'of' if batched else 'seen as'} shape "
+                         f"{tuple(g.shape)}); draw it for that size (make_projection(kind, seed, rank, {size}))")
     return a @ g if dim == 0 else g @ a.mT
+
+
+def _select(g: torch.Tensor, a: torch.Tensor, dim: int, batched: bool) -> torch.Tensor:
+    """Coordinates ``a`` of ``g``'s dimension ``dim`` (each matrix's, for a stack)."""
+    if not batched:
+        return g.index_select(dim, a)
+    return torch.gather(g, dim + 1, _index(a, dim, g))
+
+
+def _indexing(where: str, run, a: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """``run()``, an indexing by coordinates ``a``; nothing checked on the way (no sync):
+    should torch refuse it, an index out of range is diagnosed then (``_refuse_coordinates``)."""
+    if torch.compiler.is_compiling():
+        return run()
+    try:
+        return run()
+    except (IndexError, RuntimeError) as e:
+        _refuse_coordinates(where, a, size, what, e)
+        raise
+
+
+def _refuse_coordinates(where: str, a: torch.Tensor, size: int, what: str, error: Exception) -> None:
+    """After torch refused to index with coordinates ``a``: a ValueError naming the projection
+    if its indices do not fit ``size`` (``what``: the dimension), else nothing (torch's own
+    error stands). Runs only on that failure, never on a step that works."""
+    try:
+        lo, hi = int(a.min()), int(a.max())
+    except Exception:  # noqa: BLE001 - the diagnosis is best-effort; torch's error is raised then
+        return
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{where}: the coordinate projection holds indices in [{lo}, {hi}], outside [0, {size}) "
+                         f"({what}): it was drawn for a dimension of another size; draw it for this one "
+                         f"(make_projection('coordinates', seed, rank, {size}))") from error
 
 
 def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None = None) -> torch.Tensor:
@@ -299,11 +341,21 @@ def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None =
     dimension's ``size``, which they need (a matrix projection's own size is checked against
     ``size`` when given). Stacks as in :func:`compress`."""
     _check_dim(dim, "decompress")
-    if is_coordinates(a):
+    coordinates = is_coordinates(a)
+    if c.dim() >= 2:  # c's rank against the projection's (shapes only: no sync)
+        rank = a.shape[-1] if coordinates else a.shape[-2]
+        if c.shape[dim - 2] != rank:
+            raise ValueError(f"decompress: c has {c.shape[dim - 2]} {'rows' if dim == 0 else 'columns'} (shape "
+                             f"{tuple(c.shape)}) but the projection has rank {rank} (shape {tuple(a.shape)}); with "
+                             f"dim={dim} c is the {'r x m' if dim == 0 else 'n x r'} compressed tensor of this "
+                             "projection")
+    if coordinates:
         if size is None:
             raise ValueError("decompress: a coordinate projection needs size= (the projected dimension)")
         shape = (size, c.shape[-1]) if dim == 0 else (c.shape[-2], size)
-        return decompress_add_(c.new_zeros(c.shape[:-2] + shape), c, a, dim)
+        out = c.new_zeros(c.shape[:-2] + shape)
+        return _indexing("decompress", lambda: decompress_add_(out, c, a, dim), a, size,
+                         f"size={size!r}, the projected dimension")
     # one matrix projection fixes the size: say so, not ignore it (for a stack of them the
     # references pass the flattened view's size, which their matrices do not use)
     if size is not None and not _batched(a) and size != a.shape[-1]:

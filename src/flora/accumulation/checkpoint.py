@@ -146,6 +146,16 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
             if tuple(t.shape) != want:
                 raise ValueError(f"state_dict buffer for {s.name!r} has shape {tuple(t.shape)}, expected {want}"
                                  f"{_OTHER_RULE}")
+    # A parameter counted in the open cycle has its partial sum in the state: state_dict() saves
+    # every one (a compressed buffer, or the dense sum of .grad / of fused mode's buffer). One
+    # missing would start the cycle again from nothing while its count says otherwise: the
+    # cycle's estimate would silently lose those micro-batches (a probe, 2026-12-04)
+    for s, n in zip(slots, counts):
+        kind = "dense" if s.dim is None else "compressed"
+        if n and s.index not in sd[kind]:
+            raise ValueError(f"state_dict counts {n} micro-batch(es) of {s.name!r} (parameter index {s.index}) in "
+                             f"the open cycle but holds no {kind} partial sum for it: the checkpoint is damaged. "
+                             "Load an undamaged one, or save at a cycle boundary (after the step)")
     if changed:
         warnings.warn(f"CompressedAccumulator.load_state_dict: {len(changed)} parameter(s) were accumulated under "
                       f"another layout when saved ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): "

@@ -1,0 +1,247 @@
+"""Bad input, third round (a tester's probe, 2026-12-04): an accumulator checkpoint whose
+counts say a parameter has a partial sum that the state lacks, ``projection_seed``'s
+``stream``, and the errors of ``compress``, ``decompress`` and ``flora_state_bytes`` on
+input of the wrong shape. Each refusal names the argument (or the parameter) and comes
+before any change; valid input gives what it gave before."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flora import CompressedAccumulator, Flora, compress, decompress, flora_state_bytes, make_projection, projection_seed
+from flora.projection import ACCUMULATION_STREAM, COMMUNICATION_STREAM, MOMENTUM_STREAM
+
+torch.set_num_threads(1)
+
+TAU = 3
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def _batches(n=TAU, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 12, generator=g), torch.randn(4, 5, generator=g)) for _ in range(n)]
+
+
+def _backward(model, batch):
+    x, y = batch
+    nn.functional.mse_loss(model(x), y).backward()
+
+
+def _build(fused):
+    return _accumulating(_model(), fused)
+
+
+def _accumulating(model, fused):
+    if fused:
+        opt = Flora(model.parameters(), lr=1e-2)
+        return model, opt, CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt, fused=True)
+    return model, None, CompressedAccumulator(model, rank=4, tau=TAU)
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        elif isinstance(a[k], dict):
+            assert a[k].keys() == b[k].keys(), k
+            assert all(torch.equal(a[k][i], b[k][i]) for i in a[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+# ---------------------------------------------------------------- 1. accumulator checkpoint
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", ["compressed", "dense"])
+def test_accumulator_refuses_a_state_missing_a_counted_partial_sum(kind, fused):
+    batches = _batches()
+    model, _, acc = _build(fused)
+    for b in batches[:2]:
+        _backward(model, b)
+    sd = acc.state_dict()
+    assert sd["counts"].tolist() == [2, 2, 2, 2] and sd[kind]
+    k0 = min(sd[kind])
+    name = dict(enumerate(n for n, _ in model.named_parameters()))[k0]
+    damaged = {**sd, kind: {i: t for i, t in sd[kind].items() if i != k0}}
+
+    # the accumulator refusing it is mid-cycle: nothing of it may change
+    model2, opt2, acc2 = _build(fused)
+    ref_model, ref_opt, ref_acc = _build(fused)
+    for m in (model2, ref_model):
+        _backward(m, batches[0])
+    before = acc2.state_dict()
+    with pytest.raises(ValueError, match="damaged") as e:
+        acc2.load_state_dict(damaged)
+    msg = str(e.value)
+    assert repr(name) in msg and f"parameter index {k0}" in msg and kind in msg
+    _same_state(acc2.state_dict(), before)
+    # ... and it goes on as one that was never handed the damaged state
+    for m in (model2, ref_model):
+        for b in batches[1:]:
+            _backward(m, b)
+    if fused:
+        for o in (opt2, ref_opt):
+            o.step()
+        assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref_model.parameters()))
+        assert not any(torch.equal(p, q) for p, q in zip(model2.parameters(), _model().parameters()))  # it stepped
+    else:
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(model2.parameters(), ref_model.parameters()))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_accumulator_still_loads_the_states_it_saves(fused):
+    """Mid-cycle states, including one where a parameter got no gradient (count 0, no
+    partial sum), still load, and the resumed cycle ends as the uninterrupted one."""
+    batches = _batches()
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(12, 5), nn.Linear(12, 5)
+
+        def forward(self, x, use_b=False):
+            return self.b(x) if use_b else self.a(x)
+
+    def build():
+        return _accumulating(Branchy(), fused)
+
+    def run(model, bs):
+        for x, y in bs:
+            nn.functional.mse_loss(model(x), y).backward()
+
+    model, opt, acc = build()
+    run(model, batches[:2])
+    sd = acc.state_dict()
+    assert sd["counts"].tolist() == [2, 2, 0, 0]  # b: no gradient, no partial sum
+    model2, opt2, acc2 = build()
+    acc2.load_state_dict(sd)
+    run(model, batches[2:])
+    run(model2, batches[2:])
+    if fused:
+        opt.step()
+        opt2.step()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    else:
+        for p, q in zip(model.parameters(), model2.parameters()):
+            assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+
+
+# ---------------------------------------------------------------- 2. projection_seed's stream
+
+
+@pytest.mark.parametrize("stream, error", [(1.7, TypeError), ("1", TypeError), (True, TypeError), (None, TypeError),
+                                           (torch.tensor(1), TypeError), (-1, ValueError), (2**64, ValueError),
+                                           (2**64 + 1, ValueError)])
+def test_projection_seed_refuses_a_bad_stream(stream, error):
+    with pytest.raises(error, match="^stream must be"):
+        projection_seed(1, 2, 3, stream)
+    with pytest.raises(error, match="^stream must be"):
+        projection_seed(1, 2, 3, stream=stream)
+
+
+def test_projection_seed_of_valid_streams_unchanged():
+    # the values before stream was checked: a valid stream gives the seeds it gave
+    assert projection_seed(1, 2, 3) == projection_seed(1, 2, 3, MOMENTUM_STREAM) == 7510213797696614745
+    assert projection_seed(1, 2, 3, ACCUMULATION_STREAM) == projection_seed(1, 2, 3, np.int64(1))
+    assert projection_seed(1, 2, 3, COMMUNICATION_STREAM) == 892513340437925964
+    assert projection_seed(1, 2, 3, 2**64 - 1) == 1733807159707738918
+    assert len({projection_seed(1, 2, 3, s) for s in (0, 1, 2, 3, 2**64 - 1)}) == 5
+
+
+# ---------------------------------------------------------------- 3. compress / decompress / flora_state_bytes
+
+
+def test_compress_refuses_coordinates_out_of_range():
+    idx = make_projection("coordinates", 1, 4, 20)
+    assert int(idx.max()) >= 10
+    with pytest.raises(ValueError, match=r"^compress: the coordinate projection holds indices .* outside \[0, 10\)"):
+        compress(torch.randn(10, 7), idx, 0)
+    with pytest.raises(ValueError, match=r"^compress: the coordinate projection .* outside \[0, 10\)"):
+        compress(torch.randn(7, 10), idx, 1)
+    # a stack of them (k x r coordinates of a k x n x m stack)
+    stack = torch.stack([idx, idx])
+    with pytest.raises(ValueError, match=r"^compress: the coordinate projection .* outside \[0, 10\)"):
+        compress(torch.randn(2, 10, 7), stack, 0)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "orthonormal"])
+def test_compress_refuses_a_projection_of_another_size(kind):
+    a = make_projection(kind, 1, 4, 20)
+    with pytest.raises(ValueError, match=r"^compress: the projection maps a dimension of 20 .* dimension 0 has size 19"):
+        compress(torch.randn(19, 7), a, 0)
+    with pytest.raises(ValueError, match=r"^compress: the projection maps a dimension of 20 .* dimension 1 has size 19"):
+        compress(torch.randn(7, 19), a, 1)
+    with pytest.raises(ValueError, match=r"^compress: the projection maps a dimension of 20 .* dimension 1 has size 9"):
+        compress(torch.randn(2, 7, 9), torch.stack([a, a]), 1)
+
+
+def test_decompress_refuses_coordinates_that_do_not_fit_size():
+    idx = make_projection("coordinates", 1, 4, 20)
+    with pytest.raises(ValueError, match=r"^decompress: the coordinate projection .* outside \[0, 5\) \(size=5"):
+        decompress(torch.randn(4, 7), idx, 0, size=5)
+    with pytest.raises(ValueError, match=r"^decompress: the coordinate projection .* outside \[0, 3\) \(size=3"):
+        decompress(torch.randn(7, 4), idx, 1, size=3)
+
+
+@pytest.mark.parametrize("kind", ["coordinates", "gaussian", "orthonormal"])
+def test_decompress_refuses_c_of_another_rank(kind):
+    a = make_projection(kind, 1, 4, 20)
+    with pytest.raises(ValueError, match=r"^decompress: c has 3 rows \(shape \(3, 7\)\) but the projection has rank 4"):
+        decompress(torch.randn(3, 7), a, 0, size=20)
+    with pytest.raises(ValueError, match=r"^decompress: c has 5 columns \(shape \(7, 5\)\) but the projection has rank 4"):
+        decompress(torch.randn(7, 5), a, 1, size=20)
+
+
+@pytest.mark.parametrize("kind", ["coordinates", "gaussian", "orthonormal"])
+def test_compress_decompress_of_valid_input_unchanged(kind):
+    g = torch.Generator().manual_seed(3)
+    for dim, shape in ((0, (20, 7)), (1, (7, 20)), (1, (2, 3, 20))):
+        x = torch.randn(shape, generator=g)
+        a = make_projection(kind, 1, 4, 20)
+        m = x.reshape(-1, x.shape[-1]) if x.dim() == 3 else x
+        if kind == "coordinates":
+            want_c = m.index_select(dim, a)
+        else:
+            want_c = a @ m if dim == 0 else m @ a.T
+        c = compress(x, a, dim)
+        assert torch.equal(c, want_c)
+        back = decompress(c, a, dim, size=20)
+        if kind == "coordinates":
+            want = torch.zeros_like(m).index_add_(dim, a, c)
+        else:
+            want = a.T @ c if dim == 0 else c @ a
+        assert torch.equal(back, want)
+
+
+@pytest.mark.parametrize("shapes", [(30, 40), torch.Size([30, 40]), [30, 40], (np.int64(30), 40)])
+def test_flora_state_bytes_refuses_a_single_shape(shapes):
+    with pytest.raises(TypeError, match=r"^flora_state_bytes: shapes must be a list of shapes .*got a single shape "
+                                        r"\(30, 40\): pass \[\(30, 40\)\]"):
+        flora_state_bytes(shapes, rank=2, beta1=0.9)
+
+
+@pytest.mark.parametrize("shapes, said", [(30, "got 30 (int)"), (None, "got None"), ("30x40", "got '30x40'"),
+                                          (torch.ones(3, 3), "got a tensor of shape (3, 3)"),
+                                          ([(30, 40), 5], "got 5 (int) among them"),
+                                          ([torch.ones(2, 2)], "got a tensor (of shape (2, 2)) among them")])
+def test_flora_state_bytes_refuses_what_holds_no_shapes(shapes, said):
+    with pytest.raises(TypeError, match=r"^flora_state_bytes: shapes must be a list of shapes") as e:
+        flora_state_bytes(shapes, rank=2, beta1=0.9)
+    assert said in str(e.value)
+
+
+def test_flora_state_bytes_of_valid_shapes_unchanged():
+    assert flora_state_bytes([(30, 40), (7,)], rank=2, beta1=0.9) == 482
+    assert flora_state_bytes((s for s in [(30, 40)]), rank=2, beta1=0.9) == 440
+    assert flora_state_bytes([torch.Size([3, 4])], rank=2, beta1=0.9) == 44
+    assert flora_state_bytes([], rank=2, beta1=0.9) == 0
+    model = _model()
+    assert flora_state_bytes([p.shape for p in model.parameters()], rank=2, beta1=None) > 0
