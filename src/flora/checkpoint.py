@@ -77,14 +77,19 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     As in torch, the loaded parameter groups replace this optimizer's options (lr,
     beta1, kappa, ... all come from the checkpoint). A ``UserWarning`` names each
     option of ``ALGORITHM_KEYS`` (momentum_form, projection, beta1, kappa, seed,
-    proj_dim, factor_dims, complement_weight) whose loaded value differs from this optimizer's, old and new
+    proj_dim, factor_dims, complement_weight, momentum_dtype, max_aspect_ratio) whose loaded value
+    differs from this optimizer's, old and new
     (``factor_dims`` only where it changes how one of the group's tensors is factored).
     A group saved without ``factor_dims`` (before it existed) loads as ``"last"``, the
     rule its state was shaped by; one saved without ``complement_weight`` with None.
 
     torch's load hooks keep their contract: the dict a pre-hook returns is the one
     checked and loaded, and post-hooks run once the state is final (their edits of it
-    stay; an edit of an option that shapes the state is refused at the next step)."""
+    stay; an edit of an option that shapes the state is refused at the next step). Its
+    warnings come once the load is complete, so that warnings raised as errors cannot
+    leave a half-loaded state."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict (an optimizer's state_dict()), got {type(state_dict).__name__}")
     state_dict = state_dict.copy()  # shallow, as torch's
     for hook in tuple(getattr(opt, "_optimizer_load_state_dict_pre_hooks", {}).values()):
         result = hook(opt, state_dict)
@@ -116,6 +121,16 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                 f"optimizer has {len(mine['params'])}: it was saved from a different model, or with its "
                 "parameter groups in another order or split otherwise (build the groups as when it was saved)"
             )
+        names_saved, names_mine = saved.get("param_names"), mine.get("param_names")
+        if names_saved and names_mine and list(names_saved) != list(names_mine) \
+                and sorted(names_saved) == sorted(names_mine):
+            moved = next(f"{a!r} at position {i} where this optimizer has {b!r}"
+                         for i, (a, b) in enumerate(zip(names_saved, names_mine)) if a != b)
+            raise ValueError(
+                f"state_dict lists the parameters of group {gi} in another order than this optimizer "
+                f"({moved}): each state would load into another parameter. Build the group with its "
+                "parameters in the checkpoint's order"
+            )
         if saved["rank"] != mine["rank"] and from_hf[gi]:
             raise ValueError(
                 f"state_dict was saved by transformers' Adafactor (parameter group {gi}), whose state is "
@@ -134,13 +149,15 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     if not isinstance(states, dict):
         raise ValueError(f"state_dict['state'] must be a dict (parameter id -> its state), got "
                          f"{type(states).__name__}: not an optimizer's state_dict")
+    names = {id(q): n for g in opt.param_groups for q, n in zip(g["params"], g.get("param_names") or ())}
     for pid, s in states.items():
         if pid not in id_to_param:
             raise ValueError(f"state_dict holds a state for parameter id {pid!r}, which none of its parameter "
                              "groups lists: the checkpoint is damaged")
         p, g = id_to_param[pid]
-        check_loaded_entries(p, s, repr(pid))
-        check_state_shapes(p, s, g)
+        name = names.get(id(p))
+        check_loaded_entries(p, s, repr(pid), name)
+        check_state_shapes(p, s, g, name)
     group_of = {id(q): gi for gi, g in enumerate(opt.param_groups) for q in g["params"]}
     loaded_dims: dict[int, list] = {gi: [] for gi in range(len(groups))}  # group -> (param, its state's proj_dim)
     for pid, s in state_dict["state"].items():
@@ -154,15 +171,6 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                and (k != "proj_dim" or not _proj_dims_kept(mine, loaded_dims[gi]))]
     with _load_hooks_off(opt):  # run here, around Flora's own checks and final pass
         base_load({**state_dict, "param_groups": groups})
-    if changed:
-        said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
-                         for gi, k, old, new in changed)
-        warnings.warn(f"Flora.load_state_dict: the loaded parameter groups change the algorithm this optimizer "
-                      f"was built with: {said}. As in torch, the loaded options win; build Flora with the "
-                      "checkpoint's options to silence this (options that shape the state, rank, factor_dims, "
-                      "seed, projection, proj_dim, max_aspect_ratio, cannot be set back in param_groups while "
-                      "the state exists; the others can)",
-                      UserWarning, stacklevel=2)
     opt._proj_cache.clear()
     opt._where = None
     opt._device_steps.clear()
@@ -187,11 +195,22 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                 opt.state[p][k] = v.detach().to(device=p.device, dtype=want, copy=True)
         if sharded.is_dtensor(p):  # in the layout Flora's sharded step reads
             sharded.place_loaded_state(p, opt.state[p], g)
-    _warn_narrowed_momentum(id_to_param, state_dict["state"])
-    _warn_dense_stacks(id_to_param, state_dict["state"])
     opt._remember_layouts()  # an edit of seed, projection, proj_dim... before the next step is checked
     for hook in tuple(getattr(opt, "_optimizer_load_state_dict_post_hooks", {}).values()):
         hook(opt)
+    # warnings last: under warnings-as-errors the load is complete (torch's base load shares
+    # the checkpoint's tensors until the pass above copies them)
+    if changed:
+        said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
+                         for gi, k, old, new in changed)
+        warnings.warn(f"Flora.load_state_dict: the loaded parameter groups change the algorithm this optimizer "
+                      f"was built with: {said}. As in torch, the loaded options win; build Flora with the "
+                      "checkpoint's options to silence this (options that shape the state, rank, factor_dims, "
+                      "seed, projection, proj_dim, max_aspect_ratio, cannot be set back in param_groups while "
+                      "the state exists; the others can)",
+                      UserWarning, stacklevel=2)
+    _warn_narrowed_momentum(id_to_param, state_dict["state"])
+    _warn_dense_stacks(id_to_param, state_dict["state"])
 
 
 @contextlib.contextmanager

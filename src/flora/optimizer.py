@@ -23,6 +23,7 @@ from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
+                      refuse_shared_memory as _refuse_shared_memory,
                       upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
@@ -309,6 +310,7 @@ class Flora(Optimizer):
             # on the path (counted twice per step on the single-tensor path, once when grouped)
             raise ValueError("params: a parameter group lists the same parameter more than once; list each once "
                              "(a tied weight: its tensor once, e.g. from model.parameters(), which deduplicates)")
+        _refuse_shared_memory(tensors, [q for g in self.param_groups for q in g["params"]])
         default_lr = self.defaults.get("lr")
         if ("lr" not in param_group and isinstance(default_lr, torch.Tensor)
                 and any(g["lr"] is default_lr for g in self.param_groups)):
@@ -643,6 +645,8 @@ class Flora(Optimizer):
                 return self.step_parameter(p)
         if p.grad.is_sparse or p.grad.is_complex():
             check_grads(self.param_groups)
+        if p.grad.dtype != p.dtype or 0 in p.stride():  # refused as step() refuses them (or an expanded size 1)
+            check_grads([{**group, "params": [p]}])
         _refuse_flat_pieces(p)  # flattened after Flora was built (DeepSpeed, FSDP1): as step() refuses
         if getattr(p, "_fsdp_flattened", False) and p.dim() <= 1:  # one share cannot tell; all of them can
             _refuse_fsdp1_shards([q for g in self.param_groups for q in g["params"]])

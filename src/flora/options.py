@@ -22,7 +22,7 @@ CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
 # groups set them otherwise than this optimizer was built with, load_state_dict warns.
 # (A different rank is refused: the momentum's shape depends on it.)
 ALGORITHM_KEYS = ("momentum_form", "projection", "beta1", "kappa", "seed", "rank", "proj_dim", "factor_dims",
-                  "complement_weight", "momentum_dtype")
+                  "complement_weight", "momentum_dtype", "max_aspect_ratio")
 
 
 def upgrade_group(group: dict, *, saved: bool = True) -> dict:
@@ -72,6 +72,33 @@ def grouped(group: dict, p: torch.Tensor, compiled: bool = False) -> bool:
 
 _TO_FSDP2 = ("Shard with PyTorch FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate's FSDP2 plugin: "
              "fsdp_version=2) instead; see docs/distributed.md")
+
+
+def refuse_shared_memory(tensors, earlier=()) -> None:
+    """Two parameters whose memory overlaps (tied by ``b.data = a.data``, overlapping views
+    of one buffer) step one tensor twice, and the result would depend on the path (the
+    single-tensor path reads the first one's update in the second one's RMS and weight
+    decay; the grouped path does not): refused, as the same parameter listed twice is.
+    Non-overlapping views of one flat buffer (FSDP1's, apex's) are fine. ``earlier``: the
+    parameters of the groups already there."""
+    spans = {}
+    for p in [*earlier, *tensors]:
+        if not isinstance(p, torch.Tensor) or p.numel() == 0 or p.is_meta or is_dtensor(p) or p.is_sparse:
+            continue
+        size = p.element_size()
+        start = p.storage_offset() * size
+        end = start + (1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))) * size
+        spans.setdefault((p.device, p.untyped_storage().data_ptr()), []).append((start, end, p))
+    for group in spans.values():
+        group.sort(key=lambda x: x[0])
+        for (s0, e0, p0), (s1, _, p1) in zip(group, group[1:]):
+            # spans that overlap share memory where one fills its span or both start at one
+            # element (column splits of one matrix interleave without sharing: not refused)
+            if s1 < e0 and p0 is not p1 and (s0 == s1 or p0.is_contiguous() or p1.is_contiguous()):
+                raise ValueError(f"params: two parameters share memory (shapes {tuple(p0.shape)} and "
+                                 f"{tuple(p1.shape)}, e.g. tied by b.data = a.data): a step would write it twice "
+                                 "and depend on the path. Tie them as one Parameter (b.weight = a.weight) and "
+                                 "list it once, e.g. from model.parameters(), which deduplicates")
 
 
 def refuse_flat_pieces(p) -> None:
@@ -246,6 +273,16 @@ def check_grads(param_groups, state=None) -> None:
             if not (g.is_floating_point() and p.is_floating_point()):  # (frozen integer ones, with no grad, pass)
                 raise TypeError(f"Flora steps floating-point parameters; got a parameter of dtype {p.dtype} with a "
                                 f"gradient of dtype {g.dtype} (shape {tuple(p.shape)})")
+            if g.dtype != p.dtype:  # p.data = p.data.double() after backward: torch refuses p.grad = g
+                raise TypeError(f"a parameter of dtype {p.dtype} (shape {tuple(p.shape)}) has a gradient of dtype "
+                                f"{g.dtype}: its data was changed to another dtype after backward (p.data = ...). "
+                                "Zero the gradients after changing a parameter's dtype (or use module.to(dtype), "
+                                "which casts .grad too)")
+            if 0 in p.stride() and torch._debug_has_internal_overlap(p) == 1:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is an expanded view (strides "
+                                 f"{p.stride()}): several of its elements share one memory location, so an "
+                                 "in-place step cannot write them. Make it a tensor of its own (p.data = "
+                                 "p.data.clone()), or keep the unexpanded parameter and expand it in forward")
             refuse_flat_pieces(p)
             if getattr(p, "_fsdp_flattened", False):
                 fsdp1.append(p)

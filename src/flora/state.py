@@ -206,12 +206,21 @@ def count_value(v) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def check_loaded_entries(p: torch.Tensor, s, where: str) -> None:
+def _which(shape: tuple, name: str | None) -> str:
+    """How an error names a parameter: by its name where the groups hold ``param_names``."""
+    return f"parameter {name!r}, of shape {shape}" if name else f"a parameter of shape {shape}"
+
+
+def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None) -> None:
     """A loaded state's entries, before anything is loaded: the counters non-negative
     integers (``step`` present in a non-empty state), the second moment present (Adafactor's
-    factors for 2+ dims, else a vector), and every moment a real floating-point tensor (an
-    integer one would truncate the statistics; a complex one was never Flora's)."""
+    factors for 2+ dims, else a vector), every moment a real floating-point tensor (an
+    integer one would truncate the statistics; a complex one was never Flora's), the second
+    moments finite and non-negative and the momentum finite (a state that is not would
+    skip every step of its parameter as non-finite, silently: HF Adafactor's after a step
+    on an infinite gradient is). ``name``: the parameter's, for the messages."""
     shape = tuple(p.shape)
+    which = _which(shape, name)
     if not isinstance(s, dict):
         raise ValueError(f"state_dict['state'][{where}] must be a dict of the parameter's state, got "
                          f"{type(s).__name__}")
@@ -222,26 +231,38 @@ def check_loaded_entries(p: torch.Tensor, s, where: str) -> None:
             n = count_value(s.get(k))
             if n is None or n < 0:
                 raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a non-negative integer, got "
-                                 f"{s.get(k)!r} (a parameter of shape {shape}); the checkpoint is damaged")
+                                 f"{s.get(k)!r} ({which}); the checkpoint is damaged")
     if "exp_avg_c" in s and count_value(s.get("proj_dim")) not in (0, 1):
         raise ValueError(f"state_dict['state'][{where}]['proj_dim'] must be 0 or 1 beside a compressed momentum, "
-                         f"got {s.get('proj_dim')!r} (a parameter of shape {shape}); the checkpoint is damaged")
+                         f"got {s.get('proj_dim')!r} ({which}); the checkpoint is damaged")
     factored = ("exp_avg_sq_row", "exp_avg_sq_col")
     if not is_dtensor(p) and "exp_avg_sq" not in s and not (len(shape) >= 2 and all(k in s for k in factored)):
         lacks = [k for k in factored if k not in s] if len(shape) >= 2 else ["exp_avg_sq"]
-        raise ValueError(f"state_dict['state'][{where}] lacks {lacks} (a parameter of shape {shape}): the "
-                         "checkpoint is damaged, or not Flora's")
+        raise ValueError(f"state_dict['state'][{where}] lacks {lacks} ({which}): the parameters are listed in "
+                         "another order than when it was saved (build the groups as then), or the checkpoint is "
+                         "damaged, or not Flora's")
     for k in ("exp_avg", "exp_avg_c", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
         v = s.get(k)
         if k in s and not (isinstance(v, torch.Tensor) and v.is_floating_point()):
             got = f"a tensor of dtype {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a floating-point tensor, got {got} "
-                             f"(a parameter of shape {shape}): the checkpoint is damaged")
+                             f"({which}): the checkpoint is damaged")
+    for k in ("exp_avg", "exp_avg_c", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
+        if k not in s:
+            continue
+        v = s[k].to_local() if is_dtensor(s[k]) else s[k]  # a shard: each process checks its own
+        second = k.startswith("exp_avg_sq")
+        if not bool(torch.isfinite(v).all()) or (second and bool((v < 0).any())):
+            what = "non-finite or negative values" if second else "non-finite values"
+            raise ValueError(f"state_dict['state'][{where}][{k!r}] holds {what} ({which}): the checkpoint is "
+                             "damaged (saved after a step on a non-finite gradient?); every step of this "
+                             "parameter would be skipped. Drop its entry from state_dict['state'] to start its "
+                             "statistics afresh")
 
 
-def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
+def check_state_shapes(p: torch.Tensor, s: dict, group: dict, name: str | None = None) -> None:
     """A loaded state's tensors must have the shapes this parameter, rank and the group's
-    ``factor_dims`` need."""
+    ``factor_dims`` need. ``name``: the parameter's, for the messages."""
     shape = tuple(p.shape)
     if "exp_avg" in s and "exp_avg_c" in s:
         raise ValueError(
@@ -264,8 +285,9 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict) -> None:
             if k == "exp_avg_c":
                 _refuse_old_stack_view(shape, tuple(s[k].shape), tuple(want))
             raise ValueError(
-                f"state_dict entry {k!r} has shape {tuple(s[k].shape)} but this optimizer's parameter of shape "
-                f"{shape} needs {tuple(want)}: it was saved from a different model or rank"
+                f"state_dict entry {k!r} has shape {tuple(s[k].shape)} but this optimizer's "
+                f"{_which(shape, name).removeprefix('a ')} needs {tuple(want)}: it was saved from a different model "
+                "or rank, or with the parameters in another order"
                 + (f", or with another factor_dims than {group['factor_dims']!r}"
                    if k.startswith("exp_avg_sq_") else "")
             )

@@ -46,6 +46,7 @@ class Cycle:
     # discarded micro-batch is seen.
     marks: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     versions: dict[int, int] = field(default_factory=dict)  # slot -> version of the .grad holding its sum
+    shapes: dict[int, tuple] = field(default_factory=dict)  # slot -> its parameter's shape when its sum began
     inflight: dict[int, int] = field(default_factory=dict)  # slot -> graph task accumulating it now
     # Set when a backward pass ended with the cycle complete for some parameters but not for
     # these (slot, count): the next backward must wait for a step, finish_cycle or zero_grad.
@@ -89,12 +90,27 @@ class Cycle:
         if a is not None and a.is_floating_point() and a.dtype != state_dtype(param.dtype):
             self.projections[k] = a.to(state_dtype(param.dtype))
 
+    def check_shape(self, k: int, param: torch.Tensor, name: str) -> None:
+        """A parameter resized mid-cycle (``p.data = `` a larger tensor: an embedding grown
+        in place) cannot add to a partial sum of its old shape (before 2026-12-04: torch's
+        size mismatch from inside the backward, a probe): refused, naming it. Between
+        cycles a resize is taken (the next cycle draws for the new shape)."""
+        shape = tuple(param.shape)
+        was = self.shapes.setdefault(k, shape)
+        if was != shape:
+            raise RuntimeError(
+                f"CompressedAccumulator: parameter {name!r} changed shape from {was} to {shape} in the middle of "
+                f"an accumulation cycle ({self.counts[k]} micro-batch(es) summed at the old shape): resize "
+                "parameters between cycles (after the optimizer's step), or drop this cycle "
+                "(acc.discard_cycle()) and run it again")
+
     def forget(self, k: int) -> tuple[torch.Tensor, int] | None:
         """Slot ``k`` back to untouched; returns its placeholder mark, if it had one."""
         self.counts[k] = 0
         self.done.discard(k)
         self.buffers.pop(k, None)
         self.versions.pop(k, None)
+        self.shapes.pop(k, None)
         return self.marks.pop(k, None)
 
     def settle_overdue(self, tau: int) -> bool:

@@ -199,6 +199,7 @@ class Engine:
             check_fused_optimizer(self.optimizer, self.slots)
             c.fused_checked = True
             self.stepper.expect_step(g.device)
+        c.check_shape(k, p, slot.name)  # a parameter resized mid-cycle
         c.follow_dtype(k, p, slot.dim is not None)  # a model cast mid-cycle
         if o.reduce:
             self.replicas.accumulate(c, k, g, self.projection, self.grads)

@@ -60,8 +60,9 @@ def accumulate_compressed_(buf: torch.Tensor | None, g: torch.Tensor, a: torch.T
 def write_estimate_(grad: torch.Tensor, buf: torch.Tensor, a: torch.Tensor, dim: int, *, add: bool) -> torch.Tensor:
     """``grad <- decompress(buf) (+ grad when add)``, in place.
 
-    A float32 contiguous gradient is updated without an n x m temporary (one matmul
-    accumulating into it); other dtypes are computed in float32 and rounded once. A
+    A contiguous gradient of the buffer's dtype is updated without an n x m temporary (one
+    matmul accumulating into it); otherwise the estimate is computed in the buffer's dtype
+    (float32 for half gradients, float64 for float64 ones) and rounded once. A
     DTensor gradient (FSDP2) gets its local rows' estimate."""
     like = grad.shape
     grad = local(grad)
@@ -75,7 +76,7 @@ def write_estimate_(grad: torch.Tensor, buf: torch.Tensor, a: torch.Tensor, dim:
         return grad
     full = decompress(buf, a, dim)
     if add:
-        full.add_(as_matrix(grad, like).float())
+        full.add_(as_matrix(grad, like).to(full.dtype))  # a float64 gradient is not rounded to float32
     return grad.copy_(full.view(grad.shape))
 
 
