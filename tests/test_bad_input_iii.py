@@ -96,6 +96,25 @@ def test_accumulator_refuses_a_state_missing_a_counted_partial_sum(kind, fused):
 
 
 @pytest.mark.parametrize("fused", [False, True])
+def test_accumulator_refuses_a_partial_sum_of_a_parameter_it_counts_nothing_of(fused):
+    """The other way round: a partial sum for a parameter whose count is 0 (state_dict()
+    saves none for an untouched parameter) was loaded and added into the next cycle."""
+    model, _, acc = _build(fused)
+    for b in _batches()[:2]:
+        _backward(model, b)
+    sd = acc.state_dict()
+    counts = sd["counts"].clone()
+    counts[0] = 0
+    damaged = {**sd, "counts": counts}
+    _, _, acc2 = _build(fused)
+    before = acc2.state_dict()
+    with pytest.raises(ValueError, match=r"holds a (compressed|dense) partial sum for '0.weight' .* counts no "
+                                         r"micro-batch of it: the checkpoint is damaged"):
+        acc2.load_state_dict(damaged)
+    _same_state(acc2.state_dict(), before)
+
+
+@pytest.mark.parametrize("fused", [False, True])
 def test_accumulator_still_loads_the_states_it_saves(fused):
     """Mid-cycle states, including one where a parameter got no gradient (count 0, no
     partial sum), still load, and the resumed cycle ends as the uninterrupted one."""

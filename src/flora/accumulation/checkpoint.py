@@ -156,6 +156,10 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
             raise ValueError(f"state_dict counts {n} micro-batch(es) of {s.name!r} (parameter index {s.index}) in "
                              f"the open cycle but holds no {kind} partial sum for it: the checkpoint is damaged. "
                              "Load an undamaged one, or save at a cycle boundary (after the step)")
+        if not n and s.index in sd[kind]:  # state_dict() saves none for an untouched slot
+            raise ValueError(f"state_dict holds a {kind} partial sum for {s.name!r} (parameter index {s.index}) "
+                             "but counts no micro-batch of it: the checkpoint is damaged (the sum would be added "
+                             "into the next cycle). Load an undamaged one")
     if changed:
         warnings.warn(f"CompressedAccumulator.load_state_dict: {len(changed)} parameter(s) were accumulated under "
                       f"another layout when saved ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): "
