@@ -390,3 +390,12 @@ def test_parameters_sharing_memory_are_refused_and_disjoint_views_of_one_buffer_
     Flora([w, v, left, right], lr=1e-2)
     with pytest.raises(ValueError, match="share memory"):
         Flora([w, v, over], lr=1e-2)
+    # decided by the elements, not the spans: overlapping column blocks (columns 2-3 in
+    # both, neither contiguous) are refused; a column block and a piece of one row of the
+    # other columns (one contiguous, nothing shared) are taken
+    grid = torch.randn(8, 6)
+    cols = [nn.Parameter(torch.empty(0)) for _ in range(4)]
+    cols[0].data, cols[1].data, cols[2].data, cols[3].data = grid[:, :4], grid[:, 2:], grid[:, :3], grid[1, 3:]
+    with pytest.raises(ValueError, match="share memory"):
+        Flora(cols[:2], lr=1e-2)
+    Flora(cols[2:], lr=1e-2)

@@ -74,13 +74,18 @@ _TO_FSDP2 = ("Shard with PyTorch FSDP2 (torch.distributed.fsdp.fully_shard, or a
              "fsdp_version=2) instead; see docs/distributed.md")
 
 
+# Parameters larger than this (elements) are not compared element by element where their
+# spans of memory overlap (column splits of one large matrix): taken unchecked.
+SHARED_CHECK_MAX = 1 << 16
+
+
 def refuse_shared_memory(tensors, earlier=()) -> None:
     """Two parameters whose memory overlaps (tied by ``b.data = a.data``, overlapping views
     of one buffer) step one tensor twice, and the result would depend on the path (the
     single-tensor path reads the first one's update in the second one's RMS and weight
     decay; the grouped path does not): refused, as the same parameter listed twice is.
-    Non-overlapping views of one flat buffer (FSDP1's, apex's) are fine. ``earlier``: the
-    parameters of the groups already there."""
+    Disjoint views of one buffer (FSDP1's and apex's flat buffers, column splits of one
+    matrix) are fine. ``earlier``: the parameters of the groups already there."""
     spans = {}
     for p in [*earlier, *tensors]:
         if not isinstance(p, torch.Tensor) or p.numel() == 0 or p.is_meta or is_dtensor(p) or p.is_sparse:
@@ -89,16 +94,41 @@ def refuse_shared_memory(tensors, earlier=()) -> None:
         start = p.storage_offset() * size
         end = start + (1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))) * size
         spans.setdefault((p.device, p.untyped_storage().data_ptr()), []).append((start, end, p))
-    for group in spans.values():
-        group.sort(key=lambda x: x[0])
-        for (s0, e0, p0), (s1, _, p1) in zip(group, group[1:]):
-            # spans that overlap share memory where one fills its span or both start at one
-            # element (column splits of one matrix interleave without sharing: not refused)
-            if s1 < e0 and p0 is not p1 and (s0 == s1 or p0.is_contiguous() or p1.is_contiguous()):
-                raise ValueError(f"params: two parameters share memory (shapes {tuple(p0.shape)} and "
-                                 f"{tuple(p1.shape)}, e.g. tied by b.data = a.data): a step would write it twice "
-                                 "and depend on the path. Tie them as one Parameter (b.weight = a.weight) and "
-                                 "list it once, e.g. from model.parameters(), which deduplicates")
+    for views in spans.values():
+        views.sort(key=lambda x: x[0])
+        for i, (s1, _, p1) in enumerate(views):
+            for s0, e0, p0 in views[:i]:
+                if s1 < e0 and p0 is not p1 and _share_an_element(p0, p1):
+                    raise ValueError(f"params: two parameters share memory (shapes {tuple(p0.shape)} and "
+                                     f"{tuple(p1.shape)}, e.g. tied by b.data = a.data): a step would write it "
+                                     "twice and depend on the path. Tie them as one Parameter (b.weight = "
+                                     "a.weight) and list it once, e.g. from model.parameters(), which deduplicates")
+
+
+def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage, whose spans overlap, have an element in common, by
+    their element offsets (views of different element sizes count as sharing; a pair too
+    large to compare, as not sharing)."""
+    if a.data_ptr() == b.data_ptr():
+        return True  # both start at one element
+    if a.element_size() != b.element_size():
+        return True
+    if a.numel() > b.numel():
+        a, b = b, a
+    if a.numel() > SHARED_CHECK_MAX:
+        return False
+    mine = _offsets(a).sort().values
+    step = max(1, SHARED_CHECK_MAX // max(1, b[0].numel() if b.dim() else 1))
+    rows = b.unsqueeze(0) if b.dim() == 0 else b
+    return any(bool(torch.isin(_offsets(rows[i:i + step]), mine).any()) for i in range(0, rows.shape[0], step))
+
+
+def _offsets(t: torch.Tensor) -> torch.Tensor:
+    """The storage offsets of ``t``'s elements (flat, int64, on the CPU)."""
+    out = torch.tensor([t.storage_offset()], dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        out = (out[:, None] + torch.arange(n, dtype=torch.int64) * st).reshape(-1)
+    return out
 
 
 def refuse_flat_pieces(p) -> None:
