@@ -4,6 +4,7 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -32,7 +33,7 @@ from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_shapes_checked",
+            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_shapes_checked",
             "_groups_checked", "_seeds_checked", "_stepped_under", "_taken", "_constants_seen", "_foreign_warned")
 
 # The group options a compiled core takes as constants (functional.Spec): each new value
@@ -224,7 +225,6 @@ class Flora(Optimizer):
         self._transposed: dict[int, tuple] = {}
         # compile=True: buckets' state kept as views of one stacked tensor (flora.stacks)
         self._stacks = StateStacks()
-        self._states_seen = 0  # len(self.state) after the last step's prelude
         self._shapes_checked: dict[int, tuple] = {}  # id(p) -> the (shape, dtype) its state was checked to fit
         self._groups_checked: dict[int, tuple] = {}  # id(group) -> its option values step_parameter last checked
         # id(group) and id(parameter) -> the options their state was last checked against
@@ -259,6 +259,7 @@ class Flora(Optimizer):
                     group["lr"] = lr.clone()
                 lrs.add(id(group["lr"]))
         self._init_runtime()
+        self._remember_layouts()  # a copy's edit of seed, projection, ... is checked as the original's
 
     def __getstate__(self) -> dict[str, Any]:
         # The projection cache is rebuilt on demand and the skip counter is monitoring.
@@ -435,7 +436,10 @@ class Flora(Optimizer):
         so that an edit before the next step is checked against them."""
         self._factor_dims_seen = {id(g): _layout_key(g) for g in self.param_groups}
         self._factor_dims_seen_p = {}
-        self._stepped_under = {}
+        # each state's group layout as now (a parameter moved into a group of another seed
+        # after a load or a copy is checked as before it: a probe)
+        self._stepped_under = {id(p): self._factor_dims_seen[id(g)] for g in self.param_groups
+                               for p in g["params"] if self.state.get(p)}
         self._taken = None
 
     def _prelude_eager(self, traced: bool = False) -> list:
@@ -451,9 +455,9 @@ class Flora(Optimizer):
         check_grads(self.param_groups, self.state)
         self._check_options_fit_state()
         sharded.check_seeds(self.param_groups, self._seeds_checked)
-        # the rows that left a stack last step get their copies; a state dropped since (fewer
-        # states than the last step left) takes its stack with it
-        self._stacks.settle(self.state if len(self.state) < self._states_seen else None)
+        # the rows that left a stack last step get their copies; a state dropped or replaced
+        # since takes its stack with it (a set of the states' ids a step, with stacks only)
+        self._stacks.settle(self.state if len(self._stacks) else None)
         index = 0
         plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
@@ -491,7 +495,6 @@ class Flora(Optimizer):
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
         if compiled:
             self._watch_graph_constants()
-        self._states_seen = len(self.state)
         return plan
 
     def _watch_graph_constants(self) -> None:
@@ -607,11 +610,11 @@ class Flora(Optimizer):
             where, index = {}, 0
             for gi, group in enumerate(groups):
                 for j, q in enumerate(group["params"]):
-                    where[id(q)] = (q, gi, j, index)
+                    where[id(q)] = (weakref.ref(q), gi, j, index)  # weak: a removed parameter is let go
                     index += 1
             self._where = (key, where)
         hit = self._where[1].get(id(p))
-        if hit is None or hit[0] is not p:
+        if hit is None or hit[0]() is not p:
             return None
         _, gi, j, index = hit
         group = groups[gi] if gi < len(groups) else None
@@ -714,7 +717,9 @@ class Flora(Optimizer):
                 check_not_resized(p, state, group)  # before its state or any bucket changes (a new state is no change)
                 follow_dtype(state, p)  # a parameter cast since (model.to(torch.float64)): its second moment too
                 self._shapes_checked[id(p)] = (p.shape, p.dtype)
-        elif p.grad.shape != p.shape:  # resized between backward() and its first step
+        else:  # a new state (after opt.state.pop(p), or another tensor at a freed id): checked at its next step
+            self._shapes_checked.pop(id(p), None)
+        if not state and p.grad.shape != p.shape:  # resized between backward() and its first step
             raise ValueError(f"a parameter of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}: "
                              "it was resized after its gradient was computed (p.data = ..., say). Compute the "
                              "gradient again, or set p.grad = None")

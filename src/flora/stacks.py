@@ -33,7 +33,9 @@ class StateStacks:
     earlier in the same step may hold a leaving member's row, and its core writes that
     step's update there (a copy made at once lost it: found by a new-user probe). A stack
     of which a state was dropped (``opt.state.pop(p)``, a resized parameter) is dissolved
-    at the next step."""
+    at the next step, as is one of which a state was replaced (``opt.state[new] = ...;
+    opt.state.pop(old)``: adapters swapped; before 2026-12-04 such stacks were kept, one
+    state's worth a swap, a probe)."""
 
     def __init__(self) -> None:
         # (id(first state dict), key) -> (the stack, the views written into the states,
@@ -58,8 +60,8 @@ class StateStacks:
         if live is not None and self._d:
             ids = {id(st) for st in live.values()}
             for ck in [ck for ck, (_, _, states) in self._d.items() if any(id(st) not in ids for st in states)]:
-                if ck in self._d:
-                    self._dissolve(ck, [])
+                if ck in self._d:  # states no longer the optimizer's get no copy
+                    self._dissolve(ck, [st for st in self._d[ck][2] if id(st) not in ids])
         for st, key, v in self._leaving:
             if st.get(key) is v:
                 st[key] = v.clone()
