@@ -378,3 +378,44 @@ def test_a_removed_parameter_is_let_go_and_swapped_states_do_not_pile_up():
         opt.param_groups[0]["params"] = new
         if swap:
             assert len(opt._stacks) <= 3, len(opt._stacks)
+
+
+def test_a_group_dict_at_a_removed_groups_id_is_not_taken_for_it():
+    """A group removed and another group's dict replaced (a routine lr edit as a new
+    dict): CPython gives the new dict the removed one's id, and its options were read as
+    edits of the removed group's (seed 5 -> 0) and refused. Steps now, as when the ids
+    differ."""
+    torch.manual_seed(0)
+    p, q = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(16, 8))
+    opt = Flora([{"params": [p]}, {"params": [q], "seed": 5}], lr=1e-2, rank=2, beta1=0.9, scale_parameter=False)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+        opt.step()
+    dead = id(opt.param_groups[1])
+    opt.state.pop(q)
+    del opt.param_groups[1]
+    opt.param_groups[0] = {**opt.param_groups[0], "lr": 1e-3}
+    if id(opt.param_groups[0]) != dead:
+        pytest.skip("the new dict did not get the removed one's id here")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["seed"] = 7  # an edit of its own is still refused
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=r"seed=7 \(edited from 0 since the last step\)"):
+        opt.step()
+
+
+def test_step_parameter_checks_a_zero_relative_lr_for_every_parameter():
+    """relative_step with lr 0 (transformers' AdafactorSchedule's first value): step()
+    refuses it; step_parameter checked it for the first parameter only (a zero gradient,
+    no state: taken as torch.distributed.checkpoint's state creation) and then stepped the
+    others by 0."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(8, 16))
+    opt = Flora([a, b], lr=None, rank=2, beta1=0.9)
+    opt.param_groups[0]["lr"] = 0
+    a.grad, b.grad = torch.zeros_like(a), torch.randn_like(b)
+    opt.step_parameter(a)
+    with pytest.raises(ValueError, match="lr=0 in a parameter group with relative_step=True"):
+        opt.step_parameter(b)
+    assert "step" not in opt.state[b]

@@ -229,7 +229,7 @@ class Flora(Optimizer):
         self._groups_checked: dict[int, tuple] = {}  # id(group) -> its option values step_parameter last checked
         # id(group) and id(parameter) -> the options their state was last checked against
         # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
-        self._factor_dims_seen: dict[int, tuple] = {}
+        self._factor_dims_seen: dict[int, tuple] = {}  # id(group) -> (id of its params list, layout key)
         self._factor_dims_seen_p: dict[int, tuple] = {}
         # (group index, id(shard process group), seed) checked equal on every rank (sharded.check_seeds)
         self._seeds_checked: set = set()
@@ -397,11 +397,19 @@ class Flora(Optimizer):
         any change. Checked only when one changed, so a step costs a dict lookup."""
         for group in self.param_groups:
             key = _layout_key(group)
-            seen = self._factor_dims_seen.get(id(group))
+            seen = self._layout_seen(group)
             if seen != key:
                 for p in group["params"]:
                     self._check_state_fits(p, group, seen)
-                self._factor_dims_seen[id(group)] = key
+                self._factor_dims_seen[id(group)] = (id(group["params"]), key)
+
+    def _layout_seen(self, group: dict) -> tuple | None:
+        """The group's layout options at its last step (None: not known). Kept by id(group)
+        with its params list's id: a new group dict at a removed one's id (a dict replaced
+        after a group was deleted) is not taken for it (a probe: its options were read as
+        edits of the dead group's and refused)."""
+        hit = self._factor_dims_seen.get(id(group))
+        return hit[1] if hit is not None and hit[0] == id(group["params"]) else None
 
     def _check_group_options(self, group: dict, p: torch.Tensor) -> None:
         """step_parameter's form of step()'s option check: the group's options, validated
@@ -411,13 +419,17 @@ class Flora(Optimizer):
         if self._groups_checked.get(id(group)) != _option_values(group):
             plain_group(group)
             check_grads([{**group, "params": [p]}], self.state)
-            self._groups_checked[id(group)] = _option_values(group)
+            # relative_step with lr 0 is refused by what each parameter holds (its state, its
+            # gradient): checked at every call then, not once for the group (a probe: the
+            # first parameter passing let the others step by 0)
+            if not (group["relative_step"] and group["lr"] is not None):
+                self._groups_checked[id(group)] = _option_values(group)
 
     def _check_parameter_options_fit(self, p: torch.Tensor, group: dict) -> None:
         """step_parameter's form of :meth:`_check_options_fit_state`: this parameter only
         (a memo per parameter), so that it never walks the group."""
         key = _layout_key(group)
-        seen = self._factor_dims_seen_p.get(id(p), self._factor_dims_seen.get(id(group)))
+        seen = self._factor_dims_seen_p.get(id(p), self._layout_seen(group))
         if seen != key:
             self._check_state_fits(p, group, seen)
             self._factor_dims_seen_p[id(p)] = key
@@ -434,11 +446,11 @@ class Flora(Optimizer):
     def _remember_layouts(self) -> None:
         """The groups' layout options as the state now stands (after a load: the saved ones),
         so that an edit before the next step is checked against them."""
-        self._factor_dims_seen = {id(g): _layout_key(g) for g in self.param_groups}
+        self._factor_dims_seen = {id(g): (id(g["params"]), _layout_key(g)) for g in self.param_groups}
         self._factor_dims_seen_p = {}
         # each state's group layout as now (a parameter moved into a group of another seed
         # after a load or a copy is checked as before it: a probe)
-        self._stepped_under = {id(p): self._factor_dims_seen[id(g)] for g in self.param_groups
+        self._stepped_under = {id(p): self._factor_dims_seen[id(g)][1] for g in self.param_groups
                                for p in g["params"] if self.state.get(p)}
         self._taken = None
 
@@ -465,7 +477,7 @@ class Flora(Optimizer):
         found = []  # every group's entries first: a check in _prepare_state precedes any bucket's prepare
         for group in self.param_groups:
             entries = []
-            key = self._factor_dims_seen[id(group)]  # its layout options, as _check_options_fit_state saw them
+            key = self._factor_dims_seen[id(group)][1]  # its layout options, as _check_options_fit_state saw them
             for p in group["params"]:
                 if p.grad is not None:
                     pinned = self._prepare_state(p, group, index, key)
@@ -706,7 +718,7 @@ class Flora(Optimizer):
         does not read its momentum under projections it was not made under."""
         state = self.state[p]
         if key is None:
-            key = self._factor_dims_seen.get(id(group)) or _layout_key(group)
+            key = self._layout_seen(group) or _layout_key(group)
         was = self._stepped_under.get(id(p))
         if state:
             # moved into a group of other options: said first, so that a rank that no longer
