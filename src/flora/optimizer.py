@@ -33,7 +33,7 @@ from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_shapes_checked",
+            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_shapes_checked",
             "_groups_checked", "_seeds_checked", "_stepped_under", "_taken", "_constants_seen", "_foreign_warned")
 
 # The group options a compiled core takes as constants (functional.Spec): each new value
@@ -238,6 +238,7 @@ class Flora(Optimizer):
         self._stepped_under: dict[int, tuple] = {}
         # (the indices of the states, len(self.state) then): a new state's index must be free
         self._taken: tuple[set, int] | None = None
+        self._states_seen = 0  # len(self.state) after the last step's prelude
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict calls this with the state and the groups alone: the
@@ -467,9 +468,11 @@ class Flora(Optimizer):
         check_grads(self.param_groups, self.state)
         self._check_options_fit_state()
         sharded.check_seeds(self.param_groups, self._seeds_checked)
-        # the rows that left a stack last step get their copies; a state dropped or replaced
-        # since takes its stack with it (a set of the states' ids a step, with stacks only)
-        self._stacks.settle(self.state if len(self._stacks) else None)
+        # the rows that left a stack last step get their copies; a state dropped since (fewer
+        # states than the last step left), or replaced (a stack made since: the states'
+        # members changed), takes its stack with it
+        stale = len(self.state) < self._states_seen or self._stacks.made
+        self._stacks.settle(self.state if stale else None)
         index = 0
         plan = []
         sharded_entries = []  # DTensor parameters (FSDP2): stepped together, their sums packed
@@ -507,6 +510,7 @@ class Flora(Optimizer):
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
         if compiled:
             self._watch_graph_constants()
+        self._states_seen = len(self.state)
         return plan
 
     def _watch_graph_constants(self) -> None:

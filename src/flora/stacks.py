@@ -43,11 +43,13 @@ class StateStacks:
         self._d: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor], list[dict]]] = {}
         self._member: dict[tuple[int, str], tuple[int, str]] = {}  # (id(state), key) -> its stack's key
         self._leaving: list[tuple[dict, str, torch.Tensor]] = []  # (state, key, its row): copied by settle()
+        self.made = False  # a stack made since the last settle(live): stacks it replaced may be left to dissolve
 
     def __len__(self) -> int:
         return len(self._d)
 
     def clear(self) -> None:
+        self.made = False
         self._d.clear()
         self._member.clear()
         self._leaving.clear()
@@ -57,6 +59,8 @@ class StateStacks:
         members that left a stack get a copy of their row (the step's update is in it), and, given the
         optimizer's ``state`` (``live``), stacks holding a state no longer in it are
         dissolved the same way."""
+        if live is not None:
+            self.made = False
         if live is not None and self._d:
             ids = {id(st) for st in live.values()}
             for ck in [ck for ck, (_, _, states) in self._d.items() if any(id(st) not in ids for st in states)]:
@@ -97,6 +101,7 @@ class StateStacks:
             st[key] = v
             self._member[(id(st), key)] = ck
         self._d[ck] = (stack, views, list(states))
+        self.made = True
         return stack
 
 
