@@ -1312,3 +1312,33 @@ def test_a_parameter_resized_mid_cycle_is_refused_and_discard_cycle_recovers(fus
         ref[0].weight.data = bigger.clone()
         cycle(ref, ref_opt)
         _assert_equal(list(model.parameters()), list(ref.parameters()))
+
+
+@pytest.mark.parametrize("edit", ["scaled", "noise", "contiguous", "data"])
+def test_an_edit_of_a_compressed_grad_mid_cycle_is_refused(edit):
+    """Between micro-batches a compressed parameter's .grad is a placeholder (its sum is
+    compressed in a buffer). Replacing it (p.grad = p.grad / 2, DP noise added out of
+    place, .contiguous(), or its .data) was taken for a zero_grad(): the cycle's sum so
+    far dropped, silently (a 100x micro-batch gone from the estimate). Refused at the next
+    backward, naming the parameter; zero_grad() then drops the cycle as it says."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 16)
+    acc = CompressedAccumulator(lin, rank=4, tau=3)
+    x, y = torch.randn(4, 12), torch.randn(4, 16)
+    nn.functional.mse_loss(lin(x), y).backward()
+    w = lin.weight
+    if edit == "scaled":
+        w.grad = w.grad / 2
+    elif edit == "noise":
+        w.grad = w.grad + 1e-3 * torch.ones_like(w)
+    elif edit == "contiguous":
+        w.grad = w.grad.contiguous()
+    else:
+        w.grad.data = w.grad.data / 2
+    with pytest.raises(RuntimeError, match=r"the .grad of 'weight' was replaced .* \(1 of tau=3 summed\).*"
+                                           r"register_hook"):
+        nn.functional.mse_loss(lin(x), y).backward()
+    lin.zero_grad()
+    for _ in range(3):
+        nn.functional.mse_loss(lin(x), y).backward()
+    assert acc.micro_step == 0 and lin.weight.grad is not None

@@ -124,6 +124,14 @@ class Engine:
         cleared, refuses a new cycle that nothing closed, and takes the placeholder out of
         ``.grad``. ``task``: the running backward pass."""
         self.settle_stale(task)
+        if self.cycle.counts[k] and self.grads.edited(self.cycle, k):
+            raise RuntimeError(
+                f"CompressedAccumulator: the .grad of {self.names[k]!r} was replaced (or its .data) between "
+                f"micro-batches of a cycle ({self.cycle.counts[k]} of tau={self.opts.tau} summed): its sum is kept "
+                "compressed in a buffer, .grad only holds a placeholder until the cycle's last backward, so an "
+                "edit of .grad cannot reach it. Edit each micro-batch's gradient with a tensor hook "
+                "(p.register_hook(fn)) or the estimate in .grad after the cycle's last backward; to drop the "
+                "cycle, optimizer.zero_grad() or acc.discard_cycle()")
         if self.cycle.counts[k] and self.grads.cleared(self.cycle, k):
             # every slot zero_grad() cleared, at once: a cycle left empty restarts its count
             # of backward passes (its tau-th is the last for every parameter, accumulate)

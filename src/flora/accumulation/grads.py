@@ -78,12 +78,33 @@ class GradView:
         m = c.marks.get(k)
         p = self.slots[k].param
         if m is not None:
-            return p.grad is not m[0] or m[0]._version != m[1]
+            if self.edited(c, k):
+                return False  # not a discard: refused at the next backward (Engine.before_grad)
+            return p.grad is None or m[0]._version != m[1]
         v = c.versions.get(k)
         if v is None:  # fused mode or FSDP2: the sum is not in .grad
             return False
         g = p.grad
         return g is None or (g._version != v and not bool(g.any()))
+
+    def edited(self, c: Cycle, k: int) -> bool:
+        """Whether slot k's placeholder was replaced by another tensor (``p.grad = p.grad /
+        2``, ``+ noise``, ``.clone()``) or its data swapped (``p.grad.data = ...``) since
+        the hook left it: an edit meant for the cycle's sum, which is compressed in a buffer
+        out of its reach (before 2026-12-04 taken for a ``zero_grad()``: the sum dropped,
+        silently; a probe)."""
+        m = c.marks.get(k)
+        if m is None or k in c.inflight:
+            return False
+        g = self.slots[k].param.grad
+        if g is None or (g is m[0] and not any(g.stride())):  # the placeholder's strides are all 0
+            return False
+        if g is not m[0]:
+            return True
+        # its data swapped: Module.to(dtype or device) does so to cast .grad (the sum follows,
+        # Cycle.follow_dtype); in the same dtype and device, an edit
+        z = self.zeros.get(k)
+        return z is not None and g.dtype == z.dtype and g.device == z.device
 
     def drop(self, c: Cycle, k: int) -> None:
         """Discard slot k's partial sum and its placeholder."""
