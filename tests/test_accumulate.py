@@ -1342,3 +1342,39 @@ def test_an_edit_of_a_compressed_grad_mid_cycle_is_refused(edit):
     for _ in range(3):
         nn.functional.mse_loss(lin(x), y).backward()
     assert acc.micro_step == 0 and lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_functional_call_fast_weights_are_not_taken_for_unfrozen_parameters(fused):
+    """MAML's fast weights through torch.func.functional_call: the module yields the
+    tensors given (computed from its parameters, not leaves), which the unfrozen-parameter
+    guard took for parameters unfrozen since the accumulator was built: fused mode refused
+    the forward, normal mode warned and stopped watching. Now neither; rank None equals
+    plain PyTorch."""
+    from torch.func import functional_call
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 12, generator=g), torch.randn(4, 5, generator=g)) for _ in range(4)]
+
+    def run(accumulate):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if accumulate:
+            CompressedAccumulator(model, rank=None, tau=2, optimizer=opt, fused=fused)
+        names, ps = zip(*model.named_parameters())
+        for i, (x, y) in enumerate(data):
+            inner = nn.functional.mse_loss(model(x[:2]), y[:2])
+            grads = torch.autograd.grad(inner, ps, create_graph=True)
+            fast = {n: p - 0.1 * d for n, p, d in zip(names, ps, grads)}
+            (nn.functional.mse_loss(functional_call(model, fast, (x[2:],)), y[2:]) / 2).backward()
+            if i % 2:
+                if not (accumulate and fused):  # fused mode stepped inside the backward
+                    opt.step()
+                opt.zero_grad()
+        return [p.detach() for p in model.parameters()]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run(True)
+    _assert_equal(got, run(False))

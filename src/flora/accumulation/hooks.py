@@ -158,8 +158,10 @@ class Hooks:
             # module: a deep copy of the model carries this hook too, and is not watched
             if not torch.is_grad_enabled() or ref() is None or module is not own():
                 return
-            if any(p.requires_grad and id(p) not in mine for p in module.parameters()):
-                extra = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in mine]
+            # leaves only: under torch.func.functional_call the module yields the tensors given
+            # (MAML's fast weights, computed from the parameters): no .grad of their own (a probe)
+            if any(p.requires_grad and p.is_leaf and id(p) not in mine for p in module.parameters()):
+                extra = [n for n, p in module.named_parameters() if p.requires_grad and p.is_leaf and id(p) not in mine]
                 if not fused:
                     hooks = ref()
                     if hooks.unfrozen is not None:
@@ -167,8 +169,8 @@ class Hooks:
                         hooks.unfrozen = None
                     opt = hooks.engine.optimizer
                     held = None if opt is None else {id(p) for g in opt.param_groups for p in g["params"]}
-                    outside = [] if held is None else [n for n, p in module.named_parameters()
-                                                       if p.requires_grad and id(p) not in mine and id(p) not in held]
+                    outside = [] if held is None else [n for n, p in module.named_parameters() if p.requires_grad
+                                                       and p.is_leaf and id(p) not in mine and id(p) not in held]
                     # a layer swapped in (resize_token_embeddings untied, a new head) is in neither
                     fate = (f"{', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''} "
                             f"{'is' if len(outside) == 1 else 'are'} not in the optimizer either: they do not train, "
