@@ -1344,6 +1344,17 @@ def test_an_edit_of_a_compressed_grad_mid_cycle_is_refused(edit):
     assert acc.micro_step == 0 and lin.weight.grad is not None
 
 
+def _pairs(n):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 12, generator=g), torch.randn(4, 5, generator=g)) for _ in range(n)]
+
+
+def _tanh_net(lr):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+    return model, torch.optim.SGD(model.parameters(), lr=lr)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_functional_call_fast_weights_are_not_taken_for_unfrozen_parameters(fused):
     """MAML's fast weights through torch.func.functional_call: the module yields the
@@ -1353,13 +1364,10 @@ def test_functional_call_fast_weights_are_not_taken_for_unfrozen_parameters(fuse
     plain PyTorch."""
     from torch.func import functional_call
 
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 12, generator=g), torch.randn(4, 5, generator=g)) for _ in range(4)]
+    data = _pairs(4)
 
     def run(accumulate):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = _tanh_net(lr=0.1)
         if accumulate:
             CompressedAccumulator(model, rank=None, tau=2, optimizer=opt, fused=fused)
         names, ps = zip(*model.named_parameters())
@@ -1378,3 +1386,38 @@ def test_functional_call_fast_weights_are_not_taken_for_unfrozen_parameters(fuse
         warnings.simplefilter("error")
         got = run(True)
     _assert_equal(got, run(False))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_layer_frozen_between_forward_and_backward_keeps_zero_grad_visible(fused):
+    """A layer frozen after a micro-batch's forward: torch runs its hooks but accumulates
+    nothing, and normal mode left the compressed weight without its placeholder, so the
+    zero_grad() that followed did not drop its sum (a 1000x micro-batch stayed: the
+    stepped gradient's norm 621 against 0.5), and the next window closed early. Now the
+    window after zero_grad() equals a run that never saw the dropped one."""
+    data = _pairs(5)
+
+    def run(dropped_window):
+        model, opt = _tanh_net(lr=1.0)
+        acc = CompressedAccumulator(model, rank=4, tau=3, seed=5, optimizer=opt, fused=fused)
+
+        def loss(i):
+            return nn.functional.mse_loss(model(data[i][0]), data[i][1]) / 3
+
+        if dropped_window:
+            (loss(0) * 1000.0).backward()
+            l1 = loss(1)
+            model[0].requires_grad_(False)
+            l1.backward()
+            model[0].requires_grad_(True)
+            opt.zero_grad()
+        for i in (2, 3, 4):
+            loss(i).backward()
+        if not fused:
+            opt.step()
+        return [p.detach() for p in model.parameters()], acc.cycle
+
+    got, cycles = run(True)
+    want, want_cycles = run(False)
+    _assert_equal(got, want)
+    assert cycles == want_cycles == 1

@@ -182,7 +182,9 @@ class Engine:
     def accumulate(self, k: int, p: torch.Tensor) -> None:
         """Slot k's gradient of this backward pass, in ``p.grad``, into the cycle."""
         g = p.grad
-        if g is None:
+        if g is None:  # frozen since its forward (torch runs the hooks, accumulates nothing)
+            if self.cycle.counts[k] and k not in self.cycle.done and self.grads.parks(k):
+                self.grads.mark(self.cycle, k)  # its placeholder back: a zero_grad() must still show (a probe)
             return
         c, o = self.cycle, self.opts
         count, slot = c.counts[k], self.slots[k]
