@@ -399,3 +399,20 @@ def test_parameters_sharing_memory_are_refused_and_disjoint_views_of_one_buffer_
     with pytest.raises(ValueError, match="share memory"):
         Flora(cols[:2], lr=1e-2)
     Flora(cols[2:], lr=1e-2)
+
+
+def test_tied_weights_loaded_with_assign_are_refused_until_tied_again():
+    """load_state_dict(sd, assign=True) of a tied checkpoint makes a Parameter per key over
+    one memory (a probe): refused, the message naming that cause and tie_weights(), which
+    ties them as one Parameter again."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(LlamaForCausalLM(cfg).state_dict(), assign=True, strict=False)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"share memory .*load_state_dict\(\.\.\., assign=True\).*tie_weights\(\)"):
+        Flora(model.parameters(), lr=1e-2)
+    model.tie_weights()
+    Flora(model.parameters(), lr=1e-2)

@@ -100,9 +100,11 @@ def refuse_shared_memory(tensors, earlier=()) -> None:
             for s0, e0, p0 in views[:i]:
                 if s1 < e0 and p0 is not p1 and _share_an_element(p0, p1):
                     raise ValueError(f"params: two parameters share memory (shapes {tuple(p0.shape)} and "
-                                     f"{tuple(p1.shape)}, e.g. tied by b.data = a.data): a step would write it "
-                                     "twice and depend on the path. Tie them as one Parameter (b.weight = "
-                                     "a.weight) and list it once, e.g. from model.parameters(), which deduplicates")
+                                     f"{tuple(p1.shape)}: tied by b.data = a.data, say, or tied weights loaded "
+                                     "with load_state_dict(..., assign=True), which makes a Parameter per key): a "
+                                     "step would write it twice and depend on the path. Tie them as one Parameter "
+                                     "(b.weight = a.weight; a Hugging Face model: model.tie_weights()) and list it "
+                                     "once, e.g. from model.parameters(), which deduplicates")
 
 
 def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
