@@ -202,21 +202,21 @@ def test_compress_refuses_a_projection_of_another_size(kind):
         compress(torch.randn(2, 7, 9), torch.stack([a, a]), 1)
 
 
-def test_decompress_refuses_coordinates_that_do_not_fit_size():
-    idx = make_projection("coordinates", 1, 4, 20)
-    with pytest.raises(ValueError, match=r"^decompress: the coordinate projection .* outside \[0, 5\) \(size=5"):
-        decompress(torch.randn(4, 7), idx, 0, size=5)
-    with pytest.raises(ValueError, match=r"^decompress: the coordinate projection .* outside \[0, 3\) \(size=3"):
-        decompress(torch.randn(7, 4), idx, 1, size=3)
+# (projection kind, c's shape, dim, size=, the error): each refused naming what does not fit
+_DECOMPRESS_MISFITS = [
+    ("coordinates", (4, 7), 0, 5, r"^decompress: the coordinate projection .* outside \[0, 5\) \(size=5"),
+    ("coordinates", (7, 4), 1, 3, r"^decompress: the coordinate projection .* outside \[0, 3\) \(size=3"),
+] + [(kind, shape, dim, 20, rf"^decompress: c has {n} {what} \(shape \({shape[0]}, {shape[1]}\)\) but the projection "
+                                r"has rank 4")
+     for kind in ("coordinates", "gaussian", "orthonormal")
+     for shape, dim, n, what in (((3, 7), 0, 3, "rows"), ((7, 5), 1, 5, "columns"))]
 
 
-@pytest.mark.parametrize("kind", ["coordinates", "gaussian", "orthonormal"])
-def test_decompress_refuses_c_of_another_rank(kind):
-    a = make_projection(kind, 1, 4, 20)
-    with pytest.raises(ValueError, match=r"^decompress: c has 3 rows \(shape \(3, 7\)\) but the projection has rank 4"):
-        decompress(torch.randn(3, 7), a, 0, size=20)
-    with pytest.raises(ValueError, match=r"^decompress: c has 5 columns \(shape \(7, 5\)\) but the projection has rank 4"):
-        decompress(torch.randn(7, 5), a, 1, size=20)
+@pytest.mark.parametrize("kind,shape,dim,size,said", _DECOMPRESS_MISFITS)
+def test_decompress_refuses_what_does_not_fit(kind, shape, dim, size, said):
+    """Coordinates out of range for size=, and c of another rank than the projection's."""
+    with pytest.raises(ValueError, match=said):
+        decompress(torch.randn(shape), make_projection(kind, 1, 4, 20), dim, size=size)
 
 
 @pytest.mark.parametrize("kind", ["coordinates", "gaussian", "orthonormal"])
