@@ -5,6 +5,7 @@ Each refusal names the option and comes before any change."""
 
 import copy
 import io
+import math
 
 import numpy as np
 import pytest
@@ -399,6 +400,34 @@ def test_parameters_sharing_memory_are_refused_and_disjoint_views_of_one_buffer_
     with pytest.raises(ValueError, match="share memory"):
         Flora(cols[:2], lr=1e-2)
     Flora(cols[2:], lr=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed", "channels_last"])
+def test_large_overlapping_parameters_that_fill_their_spans_are_refused(layout):
+    """Parameters above SHARED_CHECK_MAX elements are not compared element by element;
+    before, two such overlapping by a shifted view (``b.data = flat[100:100 + n]``) were
+    taken and stepped twice. Each fills its span (row- or column-major, channels_last),
+    so overlapping spans share elements: refused. Adjacent ones are taken."""
+    from flora.options import SHARED_CHECK_MAX
+
+    shape = (4, 8, 48, 48) if layout == "channels_last" else (300, 300)
+    n = math.prod(shape)
+    assert n > SHARED_CHECK_MAX
+    flat = torch.zeros(2 * n + 100)
+
+    def view(start):
+        t = flat[start:start + n]
+        if layout == "transposed":
+            return t.view(shape[::-1]).mT
+        if layout == "channels_last":
+            return t.view(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2)
+        return t.view(shape)
+
+    a, b, c = (nn.Parameter(torch.empty(0)) for _ in range(3))
+    a.data, b.data, c.data = view(0), view(100), view(n)
+    with pytest.raises(ValueError, match="share memory"):
+        Flora([a, b], lr=1e-2)
+    Flora([a, c], lr=1e-2)
 
 
 def test_tied_weights_loaded_with_assign_are_refused_until_tied_again():

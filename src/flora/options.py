@@ -75,7 +75,8 @@ _TO_FSDP2 = ("Shard with PyTorch FSDP2 (torch.distributed.fsdp.fully_shard, or a
 
 
 # Parameters larger than this (elements) are not compared element by element where their
-# spans of memory overlap (column splits of one large matrix): taken unchecked.
+# spans of memory overlap (column splits of one large matrix): taken unchecked, unless
+# both fill their spans (then overlapping spans share elements).
 SHARED_CHECK_MAX = 1 << 16
 
 
@@ -110,10 +111,12 @@ def refuse_shared_memory(tensors, earlier=()) -> None:
 def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two views of one storage, whose spans overlap, have an element in common, by
     their element offsets (views of different element sizes count as sharing; a pair too
-    large to compare, as not sharing)."""
+    large to compare element by element and not both dense, as not sharing)."""
     if a.data_ptr() == b.data_ptr():
         return True  # both start at one element
     if a.element_size() != b.element_size():
+        return True
+    if _dense(a) and _dense(b):  # each holds every element of its span, and the spans overlap
         return True
     if a.numel() > b.numel():
         a, b = b, a
@@ -123,6 +126,18 @@ def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
     step = max(1, SHARED_CHECK_MAX // max(1, b[0].numel() if b.dim() else 1))
     rows = b.unsqueeze(0) if b.dim() == 0 else b
     return any(bool(torch.isin(_offsets(rows[i:i + step]), mine).any()) for i in range(0, rows.shape[0], step))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements are every element of its span, each once (contiguous in
+    some order of its dims: row- or column-major, channels_last): its dims sorted by stride,
+    each stride is the product of the sizes before it."""
+    expected = 1
+    for stride, n in sorted((abs(st), n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= n
+    return True
 
 
 def _offsets(t: torch.Tensor) -> torch.Tensor:
