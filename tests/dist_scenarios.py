@@ -337,9 +337,19 @@ def fsdp_compile_option(rank, world):
         compiled, _, _ = _train_fsdp({**OPTS, "compile": "aot_eager"}, rank, world, batches)
     eager, _, _ = _train_fsdp(dict(OPTS), rank, world, batches)
     a, b = _full(compiled), _full(eager)
+    with warnings.catch_warnings(record=True) as fused_seen:  # fused accumulation steps it too (a probe)
+        warnings.simplefilter("always")
+        model = _fsdp(_net())
+        opt = Flora(model.parameters(), **{**OPTS, "compile": "aot_eager"})
+        acc = CompressedAccumulator(model, rank=3, tau=1, optimizer=opt, seed=5, fused=True)
+        x, y = batches[0]
+        n = x.shape[0] // world
+        _loss(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]).backward()
+        acc.remove()
+    said = "FSDP2's sharded parameters (DTensors) step on the eager sharded path"
     return {"equal": all(torch.equal(a[k], b[k]) for k in a),
-            "warnings": sum("FSDP2's sharded parameters (DTensors) step on the eager sharded path" in str(w.message)
-                            for w in seen)}
+            "warnings": sum(said in str(w.message) for w in seen),
+            "fused_warnings": sum(said in str(w.message) for w in fused_seen)}
 
 
 def fsdp_shard1_refused(rank, world):
@@ -902,4 +912,71 @@ def fsdp_accumulator(rank, world):
         except ValueError as e:
             errors[str(kw)] = str(e)
     out["errors"] = errors
+    return out
+
+
+def fsdp_damaged_shard_refused_everywhere(rank, world):
+    """(Found by a probe.) A checkpoint whose statistics are non-finite in one rank's shard
+    only (a.weight's row statistic, rank 1's rows): refused on every rank, before any
+    change. Before, rank 1 alone refused; rank 0 loaded, and the next step's collectives
+    went out of step (gloo aborted), or, with the entry dropped on rank 1 only, the ranks
+    stepped the parameter's shards with other counters."""
+    model = _fsdp(_net())
+    opt = Flora(model.parameters(), **OPTS)
+    _steps(model, opt, _batches(2), rank, world)
+    sd = copy.deepcopy(opt.state_dict())
+    row = sd["state"][0]["exp_avg_sq_row"]
+    if rank == 1:
+        (row.to_local() if hasattr(row, "to_local") else row)[0] = float("nan")
+    before = {id(p): {k: (v.to_local() if hasattr(v, "to_local") else v).clone() if torch.is_tensor(v) else v
+                      for k, v in s.items()} for p, s in opt.state.items()}
+    try:
+        opt.load_state_dict(sd)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    unchanged = all(all(torch.equal((v.to_local() if hasattr(v, "to_local") else v), before[id(p)][k])
+                        if torch.is_tensor(v) else v == before[id(p)][k] for k, v in s.items())
+                    for p, s in opt.state.items())
+    _steps(model, opt, _batches(1), rank, world)  # the ranks' collectives still agree
+    return {"message": message, "unchanged": unchanged,
+            "finite": all(bool(torch.isfinite(v).all()) for v in _full(model).values())}
+
+
+def fsdp_accumulator_unfrozen(rank, world):
+    """(Found by a probe.) A parameter unfrozen after the accumulator was built, under
+    FSDP2 (the root and a submodule sharded): fused mode refuses it at the next forward
+    and normal mode warns, as in one process; before, FSDP2 was not looked at and its
+    gradient piled up in .grad, never stepped. Ordinary micro-batches with nothing
+    unfrozen are not refused (the check runs before FSDP2 unshards)."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    x, y = _batches(1)[0]
+    n = x.shape[0] // world
+    xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    for fused in (True, False):
+        model = _net()
+        fully_shard(model.a)
+        fully_shard(model)
+        model.b.weight.requires_grad_(False)
+        opt = Flora([p for p in model.parameters() if p.requires_grad], **OPTS)
+        acc = CompressedAccumulator(model, rank=3, tau=2, optimizer=opt, seed=5, fused=fused)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(3):  # nothing unfrozen: no refusal, no warning
+                (_loss(model, xs, ys) / 2).backward()
+            quiet = not any("not given to the accumulator" in str(w.message) for w in seen)
+            model.b.weight.requires_grad_(True)
+            try:
+                (_loss(model, xs, ys) / 2).backward()
+                error = None
+            except ValueError as e:
+                error = str(e)
+        out[f"fused={fused}"] = {"quiet": quiet, "error": error,
+                                 "warned": [str(w.message) for w in seen if "not given to the accumulator" in
+                                            str(w.message)]}
+        acc.remove()
     return out

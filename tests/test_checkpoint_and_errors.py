@@ -883,6 +883,24 @@ def test_a_checkpoint_with_non_finite_statistics_is_refused(entry, bad):
     assert [{k: v for k, v in g.items() if k != "params"} for g in o2.param_groups] == groups_before
 
 
+def test_a_refused_load_of_the_optimizers_own_tensors_says_they_now_hold_it():
+    """(A probe.) torch.distributed.checkpoint loads in place: dcp.load writes the
+    checkpoint into the tensors get_optimizer_state_dict returned, which are the
+    optimizer's own state, and then hands them to load_state_dict. A refusal there cannot
+    leave the state as it was; the message says so. A copy's refusal does not."""
+    model, opt = _stepped(beta1=0.9, rank=3)
+    sd = opt.state_dict()  # its tensors are the live state's
+    target = next(pid for pid, s in sd["state"].items() if "exp_avg_sq_row" in s)
+    copied = copy.deepcopy(sd)
+    sd["state"][target]["exp_avg_sq_row"][0] = float("nan")  # as a loader writing a damaged checkpoint in place
+    with pytest.raises(ValueError, match=r"holds non-finite.*the optimizer's own state: a loader that writes"):
+        opt.load_state_dict(sd)
+    copied["state"][target]["exp_avg_sq_row"][0] = float("nan")
+    with pytest.raises(ValueError, match="holds non-finite") as refused:
+        opt.load_state_dict(copied)
+    assert "own state" not in str(refused.value)
+
+
 def test_hf_adafactor_state_after_an_infinite_gradient_is_refused():
     """HF Adafactor keeps inf in its second moment after a step on an infinite gradient;
     moved to Flora (which loads HF's state) its parameter never moved again."""

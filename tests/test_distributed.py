@@ -20,7 +20,7 @@ SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_
              "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
              "ddp_accumulator_find_unused",
-             "fsdp_accumulator", "fsdp1"]
+             "fsdp_accumulator", "fsdp1", "fsdp_damaged_shard_refused_everywhere", "fsdp_accumulator_unfrozen"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -122,7 +122,7 @@ def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_parameter_everywhere(res
 
 def test_fsdp2_with_the_compile_option_steps_eagerly_and_says_so(results):
     for r in check(results, "fsdp_compile_option"):
-        assert r == {"equal": True, "warnings": 1}
+        assert r == {"equal": True, "warnings": 1, "fused_warnings": 1}
 
 
 def test_fsdp2_shard1_is_refused_before_any_change(results):
@@ -244,7 +244,23 @@ def test_fsdp2_compressed_accumulator_equals_one_process(results):
         assert "FSDP2" in errors["{'reduce': True}"]
 
 
+def test_fsdp2_accumulator_refuses_or_warns_of_a_parameter_unfrozen_after_it_was_built(results):
+    for r in check(results, "fsdp_accumulator_unfrozen"):
+        fused, normal = r["fused=True"], r["fused=False"]
+        assert fused["quiet"] and normal["quiet"]
+        assert fused["error"] is not None and "not given to the accumulator (b.weight" in fused["error"]
+        assert normal["error"] is None and len(normal["warned"]) == 1 and "b.weight" in normal["warned"][0]
+
+
 # ------------------------------------------------------------------ checkpoints
+
+
+def test_fsdp2_a_shard_damaged_on_one_rank_is_refused_on_every_rank(results):
+    r0, r1 = check(results, "fsdp_damaged_shard_refused_everywhere")
+    assert "holds non-finite" in r1["message"] and "every process of its shard group" in r1["message"]
+    assert "another process's shard" in r0["message"]
+    for r in (r0, r1):
+        assert r["unchanged"] and r["finite"]
 
 
 def _one_process(opts, batches, start, stop, ckpt_in=None, ckpt_out=None):

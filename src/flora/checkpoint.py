@@ -65,6 +65,24 @@ def _from_hf_adafactor(saved: dict, mine: dict) -> dict:
     return {**own, **saved, "rank": None}
 
 
+def _said_if_written_in_place(error: ValueError, opt, states: dict, id_to_param: dict) -> ValueError:
+    """A refused load whose entries are the optimizer's own state tensors: a loader wrote
+    the checkpoint into them before handing it over (torch.distributed.checkpoint's
+    ``dcp.load`` into ``get_optimizer_state_dict``'s tensors does), so the refusal cannot
+    leave the state as it was; said (a probe)."""
+    def live(pid, s):
+        own = opt.state.get(id_to_param[pid][0]) if pid in id_to_param else None
+        return bool(own) and isinstance(s, dict) and any(
+            isinstance(v, torch.Tensor) and own.get(k) is v for k, v in s.items())
+
+    if not any(live(pid, s) for pid, s in states.items()):
+        return error
+    return ValueError(f"{error}. This state_dict's tensors are the optimizer's own state: a loader that writes a "
+                      "checkpoint in place (torch.distributed.checkpoint's dcp.load into get_optimizer_state_dict's "
+                      "tensors) has put it there already, and the refusal leaves them so; load a good checkpoint, or "
+                      "build the optimizer afresh, before stepping")
+
+
 def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     """Load after checking that the state comes from a Flora of the same rank and that
     every saved state tensor fits this optimizer's parameters. Each state tensor takes the
@@ -150,14 +168,24 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         raise ValueError(f"state_dict['state'] must be a dict (parameter id -> its state), got "
                          f"{type(states).__name__}: not an optimizer's state_dict")
     names = {id(q): n for g in opt.param_groups for q, n in zip(g["params"], g.get("param_names") or ())}
+    shard_damage: dict = {}  # FSDP2: a shard's damage, refused on every process together
     for pid, s in states.items():
         if pid not in id_to_param:
             raise ValueError(f"state_dict holds a state for parameter id {pid!r}, which none of its parameter "
                              "groups lists: the checkpoint is damaged")
         p, g = id_to_param[pid]
         name = names.get(id(p))
-        check_loaded_entries(p, s, repr(pid), name)
-        check_state_shapes(p, s, g, name)
+        try:
+            check_loaded_entries(p, s, repr(pid), name, shard_damage)
+            check_state_shapes(p, s, g, name)
+        except ValueError as e:
+            raise _said_if_written_in_place(e, opt, states, id_to_param) from None
+    params = [q for g in opt.param_groups for q in g["params"]]
+    if any(sharded.is_dtensor(q) for q in params):
+        try:
+            sharded.agree_on_damage(params, shard_damage)
+        except ValueError as e:
+            raise _said_if_written_in_place(e, opt, states, id_to_param) from None
     group_of = {id(q): gi for gi, g in enumerate(opt.param_groups) for q in g["params"]}
     loaded_dims: dict[int, list] = {gi: [] for gi in range(len(groups))}  # group -> (param, its state's proj_dim)
     for pid, s in state_dict["state"].items():

@@ -503,10 +503,8 @@ class Flora(Optimizer):
                 for p, state, i in bucket:
                     plan.append(self._work([p], [state], group, [i], grouped=False, traced=traced))
         if sharded_entries:
-            if compiled and not self._warned_sharded_eager:
-                self._warned_sharded_eager = True
-                warnings.warn(f"Flora(compile={self._compile!r}): FSDP2's sharded parameters (DTensors) step on the "
-                              "eager sharded path; compile applies to the others", UserWarning, stacklevel=3)
+            if compiled:
+                self._warn_sharded_eager(3)
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
         if compiled:
             self._watch_graph_constants()
@@ -712,7 +710,15 @@ class Flora(Optimizer):
         entries = []
         for p, group, index in found:
             entries.append((p, self.state[p], group, self._prepare_state(p, group, index)))
+        if self._compile is not None:  # fused accumulation's steps say so too (a probe)
+            self._warn_sharded_eager(2)
         sharded.sharded_step(entries, projections=self._projections, count_skip=self._count_skip, sums=sums)
+
+    def _warn_sharded_eager(self, stacklevel: int) -> None:
+        if not self._warned_sharded_eager:
+            self._warned_sharded_eager = True
+            warnings.warn(f"Flora(compile={self._compile!r}): FSDP2's sharded parameters (DTensors) step on the "
+                          "eager sharded path; compile applies to the others", UserWarning, stacklevel=stacklevel + 1)
 
     def _prepare_state(self, p: torch.Tensor, group: dict, position: int, key: tuple | None = None) -> int:
         """Fill in ``p``'s state; returns the index its projections are seeded with: its

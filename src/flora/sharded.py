@@ -128,6 +128,48 @@ def check_seeds(param_groups, checked: set, only: set | None = None) -> None:
             checked.add(key)
 
 
+def agree_on_damage(params, damage: dict) -> None:
+    """A loaded state's damage found in one process's shard (``damage``: ``id(p) ->`` its
+    refusal, from ``state.check_loaded_entries``) refuses the load on every process of the
+    parameter's shard group, before anything is loaded: refused on one alone, the others
+    loaded, and the ranks then stepped one parameter's shards with other counters, or
+    their collectives went out of step (gloo aborted; a probe). One all-reduce of an
+    integer per shard group, over ``params`` (the optimizer's, in order: the same list on
+    every process of a group)."""
+    order = [p for p in params if is_dtensor(p)]
+    firsts: dict = {}  # id(shard group) -> [group, device, first damaged position here, its params]
+    for i, p in enumerate(order):
+        pg = layout(p).group
+        if pg is None:  # replicated: every process holds, and checks, the whole state
+            if id(p) in damage:
+                raise damage[id(p)]
+            continue
+        hit = firsts.get(id(pg))
+        if hit is None:
+            cuda = p.device_mesh.device_type == "cuda"
+            device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+            hit = firsts[id(pg)] = [pg, device, len(order), []]
+        hit[3].append(p)
+        if id(p) in damage:
+            hit[2] = min(hit[2], len(hit[3]) - 1)
+    for pg, device, first, members in firsts.values():
+        t = torch.tensor([first], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=pg)
+        at = int(t)
+        if at >= len(members):
+            continue
+        p = members[at]
+        if id(p) in damage:
+            error = damage[id(p)]
+            raise ValueError(f"{error} (on every process of its shard group, so this process refuses the load "
+                             "too: drop the entry on every process)") from None
+        raise ValueError(f"the loaded state of a parameter of shape {tuple(p.shape)} holds non-finite or negative "
+                         "values in another process's shard: the checkpoint is damaged (saved after a step on a "
+                         "non-finite gradient?), and every process of the shard group refuses it, this one "
+                         "included (nothing was loaded). Drop the parameter's entry from state_dict['state'] on "
+                         "every process to start its statistics afresh")
+
+
 def _placements(lay: Layout, sharded: bool, dim: int = 0) -> tuple:
     """A state tensor's placements: its dim ``dim`` sharded as the parameter's rows, or
     ``Replicate`` on every mesh dim."""

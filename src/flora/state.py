@@ -211,14 +211,18 @@ def _which(shape: tuple, name: str | None) -> str:
     return f"parameter {name!r}, of shape {shape}" if name else f"a parameter of shape {shape}"
 
 
-def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None) -> None:
+def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None,
+                         shard_damage: dict | None = None) -> None:
     """A loaded state's entries, before anything is loaded: the counters non-negative
     integers (``step`` present in a non-empty state), the second moment present (Adafactor's
     factors for 2+ dims, else a vector), every moment a real floating-point tensor (an
     integer one would truncate the statistics; a complex one was never Flora's), the second
     moments finite and non-negative and the momentum finite (a state that is not would
     skip every step of its parameter as non-finite, silently: HF Adafactor's after a step
-    on an infinite gradient is). ``name``: the parameter's, for the messages."""
+    on an infinite gradient is). ``name``: the parameter's, for the messages.
+    ``shard_damage``: where a DTensor's shard (FSDP2: each process checks its own) is
+    damaged, its refusal is put there, keyed by ``id(p)``, for the processes to agree on
+    (``sharded.agree_on_damage``) rather than raised on this process alone."""
     shape = tuple(p.shape)
     which = _which(shape, name)
     if not isinstance(s, dict):
@@ -254,10 +258,14 @@ def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None
         second = k.startswith("exp_avg_sq")
         if not bool(torch.isfinite(v).all()) or (second and bool((v < 0).any())):
             what = "non-finite or negative values" if second else "non-finite values"
-            raise ValueError(f"state_dict['state'][{where}][{k!r}] holds {what} ({which}): the checkpoint is "
-                             "damaged (saved after a step on a non-finite gradient?); every step of this "
-                             "parameter would be skipped. Drop its entry from state_dict['state'] to start its "
-                             "statistics afresh")
+            error = ValueError(f"state_dict['state'][{where}][{k!r}] holds {what} ({which}): the checkpoint is "
+                               "damaged (saved after a step on a non-finite gradient?); every step of this "
+                               "parameter would be skipped. Drop its entry from state_dict['state'] to start its "
+                               "statistics afresh")
+            if shard_damage is not None and is_dtensor(p):
+                shard_damage.setdefault(id(p), error)
+                return
+            raise error
 
 
 def check_state_shapes(p: torch.Tensor, s: dict, group: dict, name: str | None = None) -> None:
@@ -277,8 +285,9 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict, name: str | None =
     if "exp_avg_c" in s:
         dim = s.get("proj_dim")
         if dim not in (0, 1) or len(shape) < 2:
-            raise ValueError(f"state_dict holds compressed momentum for a parameter of shape {shape} "
-                             f"with proj_dim={dim!r}: it was saved from a different model")
+            raise ValueError(f"state_dict holds compressed momentum for {_which(shape, name)} "
+                             f"with proj_dim={dim!r}: it was saved from a different model, or with the "
+                             "parameters in another order (build the groups as then)")
         expected["exp_avg_c"] = compressed_shape(shape, group["rank"], dim)
     for k, want in expected.items():
         if k in s and tuple(s[k].shape) != tuple(want):

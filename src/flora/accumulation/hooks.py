@@ -148,8 +148,12 @@ class Hooks:
         ``set_adapter``) none of its hooks runs to see it (found by a new-user probe).
         Normal mode warns once and stops looking: the parameter trains, but its gradients
         accumulate uncompressed in ``.grad``, at full size (found by a later probe)."""
-        if not isinstance(model, torch.nn.Module) or self.engine.sharded:
-            return  # FSDP2 registers other (unsharded) parameters on the module for its forward
+        if not isinstance(model, torch.nn.Module):
+            return
+        # FSDP2 registers other (unsharded, plain) parameters on the modules for their forward:
+        # there only its sharded ones (DTensors) are compared, before its hooks unshard the
+        # root's (prepend); they were skipped altogether before (a probe)
+        sharded = self.engine.sharded
         mine = {id(s.param) for s in self.engine.slots}
         ref, own = weakref.ref(self), weakref.ref(model)
         fused = self.engine.opts.fused
@@ -160,8 +164,11 @@ class Hooks:
                 return
             # leaves only: under torch.func.functional_call the module yields the tensors given
             # (MAML's fast weights, computed from the parameters): no .grad of their own (a probe)
-            if any(p.requires_grad and p.is_leaf and id(p) not in mine for p in module.parameters()):
-                extra = [n for n, p in module.named_parameters() if p.requires_grad and p.is_leaf and id(p) not in mine]
+            def new(p):
+                return p.requires_grad and p.is_leaf and id(p) not in mine and (not sharded or is_dtensor(p))
+
+            if any(new(p) for p in module.parameters()):
+                extra = [n for n, p in module.named_parameters() if new(p)]
                 if not fused:
                     hooks = ref()
                     if hooks.unfrozen is not None:
@@ -169,8 +176,8 @@ class Hooks:
                         hooks.unfrozen = None
                     opt = hooks.engine.optimizer
                     held = None if opt is None else {id(p) for g in opt.param_groups for p in g["params"]}
-                    outside = [] if held is None else [n for n, p in module.named_parameters() if p.requires_grad
-                                                       and p.is_leaf and id(p) not in mine and id(p) not in held]
+                    outside = [] if held is None else [n for n, p in module.named_parameters()
+                                                       if new(p) and id(p) not in held]
                     # a layer swapped in (resize_token_embeddings untied, a new head) is in neither
                     fate = (f"{', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''} "
                             f"{'is' if len(outside) == 1 else 'are'} not in the optimizer either: they do not train, "
@@ -189,7 +196,7 @@ class Hooks:
                     "it was built, added, or switched to by peft's set_adapter): fused mode steps only its own, so "
                     "they would never step. Build a new accumulator (acc.remove() first) after the change")
 
-        self.unfrozen = model.register_forward_pre_hook(check)
+        self.unfrozen = model.register_forward_pre_hook(check, prepend=sharded)
 
     def global_guard(self):
         """torch's global optimizer step pre-hook, closing a short cycle for any optimizer
