@@ -715,3 +715,25 @@ def test_user_compile_fullgraph_is_refused_naming_the_prelude():
     with pytest.raises(Exception, match=r"(?s)one intended graph break.*without fullgraph=True.*compile=True"):
         torch.compile(opt.step, fullgraph=True, backend="eager")()
     torch._dynamo.reset()
+
+
+def test_many_backend_objects_are_said_once(monkeypatch):
+    """(A probe.) Every backend object compiles Flora's cores anew and keeps its graphs for
+    the process's life (about 3 MB an optimizer with a new lambda each): said once, at the
+    BACKENDS_WARN-th object; a backend's name, or one object reused, never counts."""
+    import flora.compiled as C
+
+    monkeypatch.setattr(C, "_backends_seen", set())
+    monkeypatch.setattr(C, "BACKENDS_WARN", 3)
+    params = [nn.Parameter(torch.randn(6, 5))]
+    reused = lambda gm, example: gm.forward  # noqa: E731
+    said = []
+    for i in range(5):
+        backend = reused if i < 2 else (lambda gm, example: gm.forward)
+        opt = Flora(params, lr=1e-2, rank=2, beta1=0.9, compile=backend)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            params[0].grad = torch.randn(6, 5)
+            opt.step()
+        said.append(sum("backend object this process compiles" in str(w.message) for w in seen))
+    assert said == [0, 0, 0, 1, 0]  # objects: reused, reused, new (2nd), new (3rd: said), new
