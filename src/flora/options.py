@@ -97,15 +97,21 @@ def refuse_shared_memory(tensors, earlier=()) -> None:
         spans.setdefault((p.device, p.untyped_storage().data_ptr()), []).append((start, end, p))
     for views in spans.values():
         views.sort(key=lambda x: x[0])
-        for i, (s1, _, p1) in enumerate(views):
-            for s0, e0, p0 in views[:i]:
-                if s1 < e0 and p0 is not p1 and _share_an_element(p0, p1):
+        # a sweep by start: only the earlier views still open (ending after this one's
+        # start) can overlap it or any later one, so disjoint views cost O(n log n)
+        # (thousands of views of one flat buffer took O(n^2) before)
+        open_ = []
+        for s1, e1, p1 in views:
+            open_ = [v for v in open_ if v[1] > s1]
+            for s0, e0, p0 in open_:
+                if p0 is not p1 and _share_an_element(p0, p1):
                     raise ValueError(f"params: two parameters share memory (shapes {tuple(p0.shape)} and "
                                      f"{tuple(p1.shape)}: tied by b.data = a.data, say, or tied weights loaded "
                                      "with load_state_dict(..., assign=True), which makes a Parameter per key): a "
                                      "step would write it twice and depend on the path. Tie them as one Parameter "
                                      "(b.weight = a.weight; a Hugging Face model: model.tie_weights()) and list it "
                                      "once, e.g. from model.parameters(), which deduplicates")
+            open_.append((s1, e1, p1))
 
 
 def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
