@@ -45,16 +45,18 @@ def _fresh_dynamo():
     alive: one built without ``optimizer=`` keeps torch's global optimizer step hook until
     the garbage collector frees it (its hooks and parameters form a cycle), and
     torch.compile(opt.step) traces that hook too, breaking the graph in it (the break
-    counts below failed when such a test ran first in the same worker)."""
+    counts below failed when such a test ran first in the same worker). dynamo's caches go
+    first: an earlier test's compiled code may hold its accumulator alive (a sequential run
+    failed so after test_accumulate's compiled short cycle)."""
     import gc
 
     from flora.accumulation.hooks import remove_dead_global_hooks
 
+    dynamo.reset()
     gc.collect()
     remove_dead_global_hooks()
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    dynamo.reset()
     counters.clear()
     yield
     dynamo.reset()
