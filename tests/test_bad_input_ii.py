@@ -430,6 +430,30 @@ def test_large_overlapping_parameters_that_fill_their_spans_are_refused(layout):
     Flora([a, c], lr=1e-2)
 
 
+def test_memory_is_checked_once_for_all_groups_at_construction(monkeypatch):
+    """(A probe.) Each group was checked against every earlier one as torch added it:
+    quadratic in the groups (4,000 groups of one table each: 49 s). Construction checks
+    all groups together, once; a parameter of a later group sharing an earlier group's
+    memory is still refused there, and add_param_group still checks against every group."""
+    import flora.optimizer as O
+
+    calls = []
+    real = O._refuse_shared_memory
+    monkeypatch.setattr(O, "_refuse_shared_memory", lambda *a: calls.append(a) or real(*a))
+    groups = [{"params": [nn.Parameter(torch.randn(4, 3))]} for _ in range(50)]
+    opt = Flora(groups, lr=1e-2)
+    assert len(calls) == 1 and len(calls[0][0]) == 50
+    a = nn.Parameter(torch.randn(6, 5))
+    b = nn.Parameter(torch.empty(0))
+    b.data = a.data[2:]
+    with pytest.raises(ValueError, match="share memory"):
+        Flora([{"params": [a]}, {"params": [nn.Parameter(torch.randn(2))]}, {"params": [b], "lr": 1e-3}], lr=1e-2)
+    opt.add_param_group({"params": [a]})
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [b]})
+    assert len(opt.param_groups) == 51
+
+
 def test_tied_weights_loaded_with_assign_are_refused_until_tied_again():
     """load_state_dict(sd, assign=True) of a tied checkpoint makes a Parameter per key over
     one memory (a probe): refused, the message naming that cause and tie_weights(), which

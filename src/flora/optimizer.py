@@ -190,7 +190,12 @@ class Flora(Optimizer):
         # the torch.compile backend of the compiled core, or None (eager)
         self._compile = None if compile is False or compile is None else ("inductor" if compile is True else compile)
         _install_prelude()
+        # the groups' memory is checked once for all of them, after torch adds them: group by
+        # group, each against every earlier one, was quadratic (thousands of groups: minutes)
+        self._constructing = True
         super().__init__(params, defaults)
+        self._constructing = False
+        _refuse_shared_memory([p for g in self.param_groups for p in g["params"]])
         # all groups at once: FSDP1's sharded shares are told apart from vectors by the whole model
         _refuse_fsdp1_shards([p for g in self.param_groups for p in g["params"]])
         self._init_runtime()
@@ -312,7 +317,8 @@ class Flora(Optimizer):
             # on the path (counted twice per step on the single-tensor path, once when grouped)
             raise ValueError("params: a parameter group lists the same parameter more than once; list each once "
                              "(a tied weight: its tensor once, e.g. from model.parameters(), which deduplicates)")
-        _refuse_shared_memory(tensors, [q for g in self.param_groups for q in g["params"]])
+        if not getattr(self, "_constructing", False):  # at construction: all groups at once, above
+            _refuse_shared_memory(tensors, [q for g in self.param_groups for q in g["params"]])
         default_lr = self.defaults.get("lr")
         if ("lr" not in param_group and isinstance(default_lr, torch.Tensor)
                 and any(g["lr"] is default_lr for g in self.param_groups)):
