@@ -53,7 +53,7 @@ from . import adafactor as af
 from .kernels import adafactor as fk
 from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
 from .compression import momentum_storage
-from .rounding import AFTER_STEP, AFTER_TRANSFER, noise_table, to_stored
+from .rounding import AFTER_STEP, AFTER_TRANSFER, noise_table, stochastic_bfloat16, to_stored
 from .projection import matrix_shape, state_dtype, transfer
 from .state import store_momentum_as
 from .stacks import StateStacks, first as _first, stack as _stack, write_back as _write_back
@@ -311,6 +311,14 @@ def _stored(x: torch.Tensor, like: torch.Tensor, t, salt: int = AFTER_STEP) -> t
     return x if x.dtype == like.dtype else to_stored(x, like.dtype, t, salt)
 
 
+def _store_into(stored: torch.Tensor, x: torch.Tensor, t, salt: int = AFTER_STEP) -> None:
+    """``stored.copy_(_stored(x, stored, t))``, a bfloat16 one written into directly."""
+    if stored.dtype == torch.bfloat16 and x.dtype == torch.float32:
+        stochastic_bfloat16(x, t, salt, out=stored)
+    else:
+        stored.copy_(_stored(x, stored, t, salt))
+
+
 def _as_vectors(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [x.view(1) for x in ts]
 
@@ -439,8 +447,8 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
             # beta1 where ok, 1 (no decay) where not; the masked update then adds nothing.
             dense_momentum_(m, update, torch.where(ok, torch.full((), beta1, dtype=m.dtype, device=m.device), 1.0),
                             alpha=1 - beta1)
-            if m is not moms[0]:
-                moms[0].copy_(_stored(m, moms[0], t))
+            if m is not moms[0]:  # a large one rounded in pieces straight into it (flora.rounding.CHUNK)
+                _store_into(moms[0], m, t)
             # p -= m where ok, without an n x m temporary: m * (-1) is exact, so this is
             # p.sub_(m) bit for bit.
             update = None

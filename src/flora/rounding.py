@@ -71,14 +71,49 @@ def step_key(step, salt: int = AFTER_STEP):
     return key.to(torch.int32) if isinstance(key, torch.Tensor) else key
 
 
-def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP) -> torch.Tensor:
+# Eagerly, a tensor above this many elements is rounded in pieces of it, in memory order:
+# whole, the int32 temporaries (index, noise, sum) took 4x its float32 bytes at once (a
+# 32,000 x 1,024 momentum left dense: 750 MiB at its step's peak; a probe). Inside a
+# compiled graph inductor fuses them away, so it rounds whole there.
+CHUNK = 1 << 22
+
+
+def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP, out: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """``x`` (float32) rounded to bfloat16, up (in magnitude) with probability equal to the
     fraction of a bfloat16 unit in the last place it drops, keyed by ``step`` (an int, or an
     integer-valued tensor of one element: the count this step reaches) and ``salt`` (which
     of a step's roundings). Values that bfloat16 holds exactly, infinities and NaNs round
-    as to nearest."""
+    as to nearest. ``out``: a bfloat16 tensor of ``x``'s shape to write the result into
+    (returned), else a new one."""
+    key = step_key(step, salt)
+    if x.numel() <= CHUNK or torch.compiler.is_compiling():
+        return _round(x, key) if out is None else out.copy_(_round(x, key))
+    target = torch.empty_like(x, dtype=torch.bfloat16) if out is None else out
+    flat_x, flat_out = _in_memory_order(x), _in_memory_order(target)
+    if flat_x is None or flat_out is None or target.stride() != x.stride():  # overlapping, with gaps, or laid out otherwise
+        return _round(x, key) if out is None else out.copy_(_round(x, key))
+    for i in range(0, flat_x.numel(), CHUNK):
+        flat_out[i:i + CHUNK] = _round(flat_x[i:i + CHUNK], key)
+    return target
+
+
+def _in_memory_order(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s elements as a flat view in the order they sit in memory, where they fill their
+    span each once (contiguous in some order of dims: row- or column-major, channels_last),
+    else None."""
+    expected = 1
+    for stride, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return None
+        expected *= n
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _round(x: torch.Tensor, key) -> torch.Tensor:
+    """:func:`stochastic_bfloat16` of ``x`` with the step's 16-bit ``key``, in one piece."""
     bits = x.view(torch.int32)
-    noise = noise_table(x.device)[((bits >> 16) & 0xFFFF) ^ step_key(step, salt)]
+    noise = noise_table(x.device)[((bits >> 16) & 0xFFFF) ^ key]
     # float32 is sign and magnitude: adding to the low bits moves the magnitude up (a carry
     # goes into the exponent, as rounding up does; no finite value overflows int32), and
     # clearing them truncates it towards zero, so this rounds |x| up with probability
@@ -97,4 +132,4 @@ def to_stored(x: torch.Tensor, dtype: torch.dtype, step, salt: int = AFTER_STEP)
     return x.to(dtype)
 
 
-__all__ = ["AFTER_STEP", "AFTER_TRANSFER", "noise_table", "stochastic_bfloat16", "to_stored"]
+__all__ = ["AFTER_STEP", "AFTER_TRANSFER", "CHUNK", "noise_table", "stochastic_bfloat16", "to_stored"]
