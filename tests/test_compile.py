@@ -739,3 +739,22 @@ def test_many_backend_objects_are_said_once(monkeypatch):
             opt.step()
         said.append(sum("backend object this process compiles" in str(w.message) for w in seen))
     assert said == [0, 0, 0, 1, 0]  # objects: reused, reused, new (2nd), new (3rd: said), new
+
+
+def test_many_distinct_shapes_are_said_at_construction():
+    """(A probe.) compile set on a model of hundreds of distinct shapes (a recommender's
+    tables): the first step compiles a graph for each (200 shapes: 64 s with aot_eager, then
+    a slower step than eager). Said once at construction, with the count; a model of few
+    shapes, or compile=False, is not."""
+    from flora.reports import SIGNATURES_WARN
+
+    many = [nn.Parameter(torch.randn(3 + i, 4)) for i in range(SIGNATURES_WARN + 1)]
+    few = [nn.Parameter(torch.randn(8, 4)) for _ in range(SIGNATURES_WARN + 1)]
+    for params, compile, said in ((many, "aot_eager", 1), (many, False, 0), (few, "aot_eager", 0)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            Flora(params, lr=1e-2, compile=compile)
+        got = [str(w.message) for w in seen if "distinct parameter shapes" in str(w.message)]
+        assert len(got) == said, (compile, got)
+        if said:
+            assert f"{SIGNATURES_WARN + 1} distinct parameter shapes" in got[0]

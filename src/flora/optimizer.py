@@ -201,6 +201,7 @@ class Flora(Optimizer):
         self._init_runtime()
         reports.warn_if_nothing_compressed(self)
         reports.warn_if_momentum_grows(self)
+        reports.warn_if_many_signatures(self)
 
     def _init_runtime(self) -> None:
         # Neither is state: rebuilt empty after deepcopy, pickle and load_state_dict.
