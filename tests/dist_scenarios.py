@@ -916,31 +916,40 @@ def fsdp_accumulator(rank, world):
 
 
 def fsdp_damaged_shard_refused_everywhere(rank, world):
-    """(Found by a probe.) A checkpoint whose statistics are non-finite in one rank's shard
-    only (a.weight's row statistic, rank 1's rows): refused on every rank, before any
-    change. Before, rank 1 alone refused; rank 0 loaded, and the next step's collectives
-    went out of step (gloo aborted), or, with the entry dropped on rank 1 only, the ranks
-    stepped the parameter's shards with other counters."""
+    """(Found by probes.) A checkpoint that one rank's checks refuse is refused on every
+    rank, before any change, and the ranks' collectives stay in step: a.weight's row
+    statistic non-finite in rank 1's shard only; the same entry of another dtype on rank 1
+    only; a state dropped on rank 0 only. Before, the refusing rank alone raised; the
+    other loaded, and the next step's collectives went out of step (gloo aborted), or the
+    parameter's shards stepped with other counters."""
     model = _fsdp(_net())
     opt = Flora(model.parameters(), **OPTS)
     _steps(model, opt, _batches(2), rank, world)
-    sd = copy.deepcopy(opt.state_dict())
-    row = sd["state"][0]["exp_avg_sq_row"]
-    if rank == 1:
-        (row.to_local() if hasattr(row, "to_local") else row)[0] = float("nan")
-    before = {id(p): {k: (v.to_local() if hasattr(v, "to_local") else v).clone() if torch.is_tensor(v) else v
-                      for k, v in s.items()} for p, s in opt.state.items()}
-    try:
-        opt.load_state_dict(sd)
-        message = None
-    except ValueError as e:
-        message = str(e)
-    unchanged = all(all(torch.equal((v.to_local() if hasattr(v, "to_local") else v), before[id(p)][k])
-                        if torch.is_tensor(v) else v == before[id(p)][k] for k, v in s.items())
-                    for p, s in opt.state.items())
+    out = {}
+    for case in ("nan", "dtype", "dropped"):
+        sd = copy.deepcopy(opt.state_dict())
+        row = sd["state"][0]["exp_avg_sq_row"]
+        local = row.to_local() if hasattr(row, "to_local") else row
+        if case == "nan" and rank == 1:
+            local[0] = float("nan")
+        if case == "dtype" and rank == 1:
+            sd["state"][0]["exp_avg_sq_row"] = row.to(torch.int32)
+        if case == "dropped" and rank == 0:
+            del sd["state"][2]
+        before = {id(p): {k: (v.to_local() if hasattr(v, "to_local") else v).clone() if torch.is_tensor(v) else v
+                          for k, v in st.items()} for p, st in opt.state.items()}
+        try:
+            opt.load_state_dict(sd)
+            message = None
+        except ValueError as e:
+            message = str(e)
+        unchanged = all(all(torch.equal((v.to_local() if hasattr(v, "to_local") else v), before[id(p)][k])
+                            if torch.is_tensor(v) else v == before[id(p)][k] for k, v in st.items())
+                        for p, st in opt.state.items())
+        out[case] = {"message": message, "unchanged": unchanged}
     _steps(model, opt, _batches(1), rank, world)  # the ranks' collectives still agree
-    return {"message": message, "unchanged": unchanged,
-            "finite": all(bool(torch.isfinite(v).all()) for v in _full(model).values())}
+    out["finite"] = all(bool(torch.isfinite(v).all()) for v in _full(model).values())
+    return out
 
 
 def fsdp_accumulator_unfrozen(rank, world):

@@ -257,10 +257,13 @@ def test_fsdp2_accumulator_refuses_or_warns_of_a_parameter_unfrozen_after_it_was
 
 def test_fsdp2_a_shard_damaged_on_one_rank_is_refused_on_every_rank(results):
     r0, r1 = check(results, "fsdp_damaged_shard_refused_everywhere")
-    assert "holds non-finite" in r1["message"] and "every process of its shard group" in r1["message"]
-    assert "another process's shard" in r0["message"]
+    assert "holds non-finite" in r1["nan"]["message"] and "every process refuses" in r1["nan"]["message"]
+    assert "another process's shard" in r0["nan"]["message"]
+    assert "must be a floating-point tensor" in r1["dtype"]["message"]
+    assert "another process refused this load" in r0["dtype"]["message"]
     for r in (r0, r1):
-        assert r["unchanged"] and r["finite"]
+        assert "different numbers of the sharded parameters" in r["dropped"]["message"]
+        assert all(r[case]["unchanged"] for case in ("nan", "dtype", "dropped")) and r["finite"]
 
 
 def _one_process(opts, batches, start, stop, ckpt_in=None, ckpt_out=None):

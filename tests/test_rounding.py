@@ -195,6 +195,9 @@ def test_a_large_tensor_is_rounded_in_pieces_bit_for_bit(monkeypatch, layout):
         assert torch.equal(into.view(torch.int16), want.view(torch.int16))
         other = torch.empty(x.shape, dtype=torch.bfloat16)  # laid out otherwise than x: still right
         assert torch.equal(R.stochastic_bfloat16(x, step, out=other).view(torch.int16), want.view(torch.int16))
+    for bad in (torch.empty(x.numel() + 5, dtype=torch.bfloat16), torch.empty(x.shape)):  # size, dtype
+        with pytest.raises(ValueError, match="out must be a bfloat16 tensor of x's shape"):
+            R.stochastic_bfloat16(x, 1, out=bad)
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])

@@ -169,23 +169,27 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                          f"{type(states).__name__}: not an optimizer's state_dict")
     names = {id(q): n for g in opt.param_groups for q, n in zip(g["params"], g.get("param_names") or ())}
     shard_damage: dict = {}  # FSDP2: a shard's damage, refused on every process together
-    for pid, s in states.items():
-        if pid not in id_to_param:
-            raise ValueError(f"state_dict holds a state for parameter id {pid!r}, which none of its parameter "
-                             "groups lists: the checkpoint is damaged")
-        p, g = id_to_param[pid]
-        name = names.get(id(p))
-        try:
+    refused = None  # this process's refusal of a state: under FSDP2, agreed on before it is raised
+    try:
+        for pid, s in states.items():
+            if pid not in id_to_param:
+                raise ValueError(f"state_dict holds a state for parameter id {pid!r}, which none of its parameter "
+                                 "groups lists: the checkpoint is damaged")
+            p, g = id_to_param[pid]
+            name = names.get(id(p))
             check_loaded_entries(p, s, repr(pid), name, shard_damage)
             check_state_shapes(p, s, g, name)
-        except ValueError as e:
-            raise _said_if_written_in_place(e, opt, states, id_to_param) from None
-    params = [q for g in opt.param_groups for q in g["params"]]
-    if any(sharded.is_dtensor(q) for q in params):
-        try:
-            sharded.agree_on_damage(params, shard_damage)
-        except ValueError as e:
-            raise _said_if_written_in_place(e, opt, states, id_to_param) from None
+    except ValueError as e:
+        refused = e
+    try:
+        params = [q for g in opt.param_groups for q in g["params"]]
+        if any(sharded.is_dtensor(q) for q in params):
+            loaded = {id(id_to_param[pid][0]) for pid in states if pid in id_to_param}
+            sharded.agree_on_load(params, shard_damage, refused, loaded)
+        elif refused is not None:
+            raise refused
+    except ValueError as e:
+        raise _said_if_written_in_place(e, opt, states, id_to_param) from None
     group_of = {id(q): gi for gi, g in enumerate(opt.param_groups) for q in g["params"]}
     loaded_dims: dict[int, list] = {gi: [] for gi in range(len(groups))}  # group -> (param, its state's proj_dim)
     for pid, s in state_dict["state"].items():

@@ -60,7 +60,6 @@ def compiled_core(grouped, backend="inductor", options: dict | None = None) -> C
     key = (grouped, backend if isinstance(backend, str) else id(backend), tuple(sorted((options or {}).items())))
     fn = _compiled.get(key)
     if fn is None:
-        _say_if_many_backends(backend)
         compiled = torch.compile(_PARTS[grouped], backend=backend, options=options, **COMPILE_OPTIONS)
         fn = _compiled[key] = _eager_on_failure(compiled, _PARTS[grouped], key, backend)
     return fn
@@ -69,22 +68,25 @@ def compiled_core(grouped, backend="inductor", options: dict | None = None) -> C
 # Backend objects (callables) this process compiled Flora's cores with, before a warning.
 BACKENDS_WARN = 8
 _backends_seen: set = set()
+_backends_kept: list = []
 
 
-def _say_if_many_backends(backend) -> None:
+def say_if_many_backends(backend) -> None:
     """Every backend object compiles Flora's cores anew (seconds) and keeps its graphs for
     the process's life: dynamo keeps them on the cores' code objects, beside every other
     backend's, and Flora's steps lift the recompile limit that would otherwise stop them.
     A new callable per optimizer (``compile=lambda gm, ex: ...`` in a loop) grew memory by
-    about 3 MB an optimizer (a probe): said once, at the ``BACKENDS_WARN``-th."""
-    if isinstance(backend, str) or id(backend) in _backends_seen:
+    about 3 MB an optimizer (a probe): said once, at the ``BACKENDS_WARN``-th, by the
+    constructor (so that the warning points at the caller's line)."""
+    if backend is None or isinstance(backend, str) or id(backend) in _backends_seen:
         return
-    _backends_seen.add(id(backend))  # the backend stays alive in _compiled: its id is not reused
+    _backends_seen.add(id(backend))
+    _backends_kept.append(backend)  # alive, so that its id is not reused by another
     if len(_backends_seen) == BACKENDS_WARN:
         warnings.warn(f"Flora(compile=<a callable>): the {BACKENDS_WARN}th backend object this process compiles "
                       "Flora's step with; each compiles anew (seconds) and keeps its graphs for the process's life "
                       "(torch._dynamo.reset() frees them), so memory grows with every new one. Build every Flora "
-                      "with one backend object, or a backend's name", UserWarning, stacklevel=4)
+                      "with one backend object, or a backend's name", UserWarning, stacklevel=3)
 
 
 def _eager_on_failure(compiled: Callable, eager: Callable, key: tuple, backend) -> Callable:

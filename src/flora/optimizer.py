@@ -189,6 +189,7 @@ class Flora(Optimizer):
                               "steps on the eager path", UserWarning, stacklevel=2)
         # the torch.compile backend of the compiled core, or None (eager)
         self._compile = None if compile is False or compile is None else ("inductor" if compile is True else compile)
+        C.say_if_many_backends(self._compile)
         _install_prelude()
         # the groups' memory is checked once for all of them, after torch adds them: group by
         # group, each against every earlier one, was quadratic (thousands of groups: minutes)

@@ -86,8 +86,11 @@ def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP, out: torc
     of a step's roundings). Values that bfloat16 holds exactly, infinities and NaNs round
     as to nearest. ``out``: a bfloat16 tensor of ``x``'s shape to write the result into
     (returned), else a new one."""
+    if out is not None and (out.shape != x.shape or out.dtype != torch.bfloat16):
+        raise ValueError(f"out must be a bfloat16 tensor of x's shape {tuple(x.shape)}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
     key = step_key(step, salt)
-    if x.numel() <= CHUNK or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.numel() <= CHUNK:  # compiling first: no guard on the size
         return _round(x, key) if out is None else out.copy_(_round(x, key))
     target = torch.empty_like(x, dtype=torch.bfloat16) if out is None else out
     flat_x, flat_out = _in_memory_order(x), _in_memory_order(target)

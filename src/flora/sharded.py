@@ -128,46 +128,52 @@ def check_seeds(param_groups, checked: set, only: set | None = None) -> None:
             checked.add(key)
 
 
-def agree_on_damage(params, damage: dict) -> None:
-    """A loaded state's damage found in one process's shard (``damage``: ``id(p) ->`` its
-    refusal, from ``state.check_loaded_entries``) refuses the load on every process of the
-    parameter's shard group, before anything is loaded: refused on one alone, the others
-    loaded, and the ranks then stepped one parameter's shards with other counters, or
-    their collectives went out of step (gloo aborted; a probe). One all-reduce of an
-    integer per shard group, over ``params`` (the optimizer's, in order: the same list on
-    every process of a group)."""
-    order = [p for p in params if is_dtensor(p)]
-    firsts: dict = {}  # id(shard group) -> [group, device, first damaged position here, its params]
-    for i, p in enumerate(order):
-        pg = layout(p).group
-        if pg is None:  # replicated: every process holds, and checks, the whole state
+def agree_on_load(params, damage: dict, refused: ValueError | None, loaded: set) -> None:
+    """Under FSDP2 each process checks its own checkpoint (its shards): the processes of a
+    DTensor parameter's mesh agree before anything is loaded, so that all of them refuse a
+    load that any one refuses. Refused on one alone, the others loaded, and the next step's
+    collectives went out of step (gloo aborted; NCCL would hang) or one parameter's shards
+    stepped with other counters (a probe). ``damage``: ``id(p) ->`` the refusal of a shard's
+    non-finite or negative statistics (``state.check_loaded_entries``); ``refused``: this
+    process's refusal for any other reason; ``loaded``: the ids of the parameters this
+    process's checkpoint holds a state for (the processes must hold states for the same
+    ones: an entry dropped on one only). One all-reduce of three integers per mesh
+    dimension, over ``params`` (the optimizer's, in order: the same on every process)."""
+    meshes: dict = {}  # id(mesh) -> [mesh, its DTensor parameters here, in order]
+    for p in params:
+        if is_dtensor(p):
+            meshes.setdefault(id(p.device_mesh), [p.device_mesh, []])[1].append(p)
+    for mesh, members in meshes.values():
+        first = next((i for i, p in enumerate(members) if id(p) in damage), len(members))
+        count = sum(id(p) in loaded for p in members)
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else \
+            torch.device("cpu")
+        t = torch.tensor([-1 if refused is not None else first, count, -count], dtype=torch.int64, device=device)
+        for d in range(mesh.ndim):  # the minimum over every process of the mesh
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=mesh.get_group(d))
+        at, least, most = int(t[0]), int(t[1]), -int(t[2])
+        if at < 0:
+            if refused is not None:
+                raise ValueError(f"{refused} (every process refuses this load with it; nothing was loaded)") from None
+            raise ValueError("another process refused this load (its state_dict failed a check there: see its "
+                             "error), so every process refuses it, this one included (nothing was loaded)")
+        if at < len(members):
+            p = members[at]
             if id(p) in damage:
-                raise damage[id(p)]
-            continue
-        hit = firsts.get(id(pg))
-        if hit is None:
-            cuda = p.device_mesh.device_type == "cuda"
-            device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-            hit = firsts[id(pg)] = [pg, device, len(order), []]
-        hit[3].append(p)
-        if id(p) in damage:
-            hit[2] = min(hit[2], len(hit[3]) - 1)
-    for pg, device, first, members in firsts.values():
-        t = torch.tensor([first], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=pg)
-        at = int(t)
-        if at >= len(members):
-            continue
-        p = members[at]
-        if id(p) in damage:
-            error = damage[id(p)]
-            raise ValueError(f"{error} (on every process of its shard group, so this process refuses the load "
-                             "too: drop the entry on every process)") from None
-        raise ValueError(f"the loaded state of a parameter of shape {tuple(p.shape)} holds non-finite or negative "
-                         "values in another process's shard: the checkpoint is damaged (saved after a step on a "
-                         "non-finite gradient?), and every process of the shard group refuses it, this one "
-                         "included (nothing was loaded). Drop the parameter's entry from state_dict['state'] on "
-                         "every process to start its statistics afresh")
+                raise ValueError(f"{damage[id(p)]} (every process refuses this load with it, since the parameter's "
+                                 "state must be dropped on every process or none; nothing was loaded)") from None
+            raise ValueError(f"the loaded state of a parameter of shape {tuple(p.shape)} holds non-finite or "
+                             "negative values in another process's shard: the checkpoint is damaged (saved after "
+                             "a step on a non-finite gradient?), and every process refuses it, this one included "
+                             "(nothing was loaded). Drop the parameter's entry from state_dict['state'] on every "
+                             "process to start its statistics afresh")
+        if least != most:
+            raise ValueError(f"the processes' state_dicts hold states for different numbers of the sharded "
+                             f"parameters ({count} here; from {least} to {most} across the processes): an entry "
+                             "dropped on some processes only? Its shards would step with other counters. Drop it "
+                             "on every process or on none (nothing was loaded)")
+    if refused is not None:
+        raise refused
 
 
 def _placements(lay: Layout, sharded: bool, dim: int = 0) -> tuple:

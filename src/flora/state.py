@@ -222,7 +222,7 @@ def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None
     on an infinite gradient is). ``name``: the parameter's, for the messages.
     ``shard_damage``: where a DTensor's shard (FSDP2: each process checks its own) is
     damaged, its refusal is put there, keyed by ``id(p)``, for the processes to agree on
-    (``sharded.agree_on_damage``) rather than raised on this process alone."""
+    (``sharded.agree_on_load``) rather than raised on this process alone."""
     shape = tuple(p.shape)
     which = _which(shape, name)
     if not isinstance(s, dict):

@@ -152,7 +152,12 @@ class Hooks:
             return
         # FSDP2 registers other (unsharded, plain) parameters on the modules for their forward:
         # there only its sharded ones (DTensors) are compared, before its hooks unshard the
-        # root's (prepend); they were skipped altogether before (a probe)
+        # module's own (prepend); they were skipped altogether before (a probe). So under
+        # FSDP2 the check sees what is sharded when the accumulator's module starts its
+        # forward: all of it on an FSDP2 unit (the root, a layer given to fully_shard), not
+        # a submodule inside a unit (the unit has unsharded it by then), nor anything while
+        # FSDP2 keeps parameters unsharded between micro-batches
+        # (set_reshard_after_backward(False)); there it says nothing (docs/distributed.md)
         sharded = self.engine.sharded
         mine = {id(s.param) for s in self.engine.slots}
         ref, own = weakref.ref(self), weakref.ref(model)
@@ -196,7 +201,7 @@ class Hooks:
                     "it was built, added, or switched to by peft's set_adapter): fused mode steps only its own, so "
                     "they would never step. Build a new accumulator (acc.remove() first) after the change")
 
-        self.unfrozen = model.register_forward_pre_hook(check, prepend=sharded)
+        self.unfrozen = model.register_forward_pre_hook(check, prepend=bool(sharded))
 
     def global_guard(self):
         """torch's global optimizer step pre-hook, closing a short cycle for any optimizer
