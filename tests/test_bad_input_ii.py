@@ -430,6 +430,37 @@ def test_large_overlapping_parameters_that_fill_their_spans_are_refused(layout):
     Flora([a, c], lr=1e-2)
 
 
+def test_large_column_blocks_of_one_matrix_are_decided_exactly():
+    """Column blocks of one matrix above SHARED_CHECK_MAX elements were taken unchecked
+    (too large to compare element by element): two overlapping by one column stepped it
+    twice. Blocks of one matrix's rows are decided by arithmetic now, at any size;
+    adjacent ones are taken, and a random table of small blocks agrees with comparing
+    their elements."""
+    from flora.options import SHARED_CHECK_MAX, _offsets, _row_blocks
+
+    big = torch.zeros(1000, 1000)
+    assert big[:, :400].numel() > SHARED_CHECK_MAX
+    a, b, c = (nn.Parameter(torch.empty(0)) for _ in range(3))
+    a.data, b.data, c.data = big[:, :400], big[:, 399:], big[:, 400:]
+    with pytest.raises(ValueError, match="share memory"):
+        Flora([a, b], lr=1e-2)
+    Flora([a, c], lr=1e-2)
+    rng = np.random.default_rng(0)
+    flat = torch.zeros(400)
+    decided = 0
+    for _ in range(3000):
+        stride = int(rng.integers(1, 13))
+        views = []
+        for _ in range(2):
+            h, w = int(rng.integers(1, 7)), int(rng.integers(1, stride + 1))
+            views.append(flat.as_strided((h, w), (stride, 1), int(rng.integers(0, 400 - (h - 1) * stride - w + 1))))
+        got = _row_blocks(*views)
+        if got is not None:
+            decided += 1
+            assert got == bool(torch.isin(_offsets(views[0]), _offsets(views[1])).any())
+    assert decided > 1000
+
+
 def test_memory_is_checked_once_for_all_groups_at_construction(monkeypatch):
     """(A probe.) Each group was checked against every earlier one as torch added it:
     quadratic in the groups (4,000 groups of one table each: 49 s). Construction checks

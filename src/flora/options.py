@@ -75,8 +75,8 @@ _TO_FSDP2 = ("Shard with PyTorch FSDP2 (torch.distributed.fsdp.fully_shard, or a
 
 
 # Parameters larger than this (elements) are not compared element by element where their
-# spans of memory overlap (column splits of one large matrix): taken unchecked, unless
-# both fill their spans (then overlapping spans share elements).
+# spans of memory overlap: taken unchecked, unless both fill their spans (then overlapping
+# spans share elements) or both are blocks of one matrix's rows (decided by arithmetic).
 SHARED_CHECK_MAX = 1 << 16
 
 
@@ -124,6 +124,9 @@ def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
         return True
     if _dense(a) and _dense(b):  # each holds every element of its span, and the spans overlap
         return True
+    blocks = _row_blocks(a, b)
+    if blocks is not None:
+        return blocks
     if a.numel() > b.numel():
         a, b = b, a
     if a.numel() > SHARED_CHECK_MAX:
@@ -132,6 +135,39 @@ def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
     step = max(1, SHARED_CHECK_MAX // max(1, b[0].numel() if b.dim() else 1))
     rows = b.unsqueeze(0) if b.dim() == 0 else b
     return any(bool(torch.isin(_offsets(rows[i:i + step]), mine).any()) for i in range(0, rows.shape[0], step))
+
+
+def _row_blocks(a: torch.Tensor, b: torch.Tensor) -> bool | None:
+    """Whether two blocks of one matrix's rows share an element, by arithmetic: each a 2-D
+    view (size-1 dims aside) whose rows are runs of consecutive elements, both at one row
+    stride (column splits of a matrix, as ``W[:, :k]`` and ``W[:, j:]``, of any size). None
+    where they are not both such blocks. Element ``(i, j)`` of ``a`` sits at ``o_a + i S +
+    j``, so they share one exactly when some row offset ``k = i - i'`` puts ``o_b - o_a -
+    k S`` between ``-(w_b - 1)`` and ``w_a - 1``."""
+    def block(t):
+        dims = [(n, st) for n, st in zip(t.shape, t.stride()) if n != 1]
+        if not dims:
+            return 1, 1, None  # one element
+        if len(dims) == 1:
+            n, st = dims[0]
+            return (1, n, None) if st == 1 else (n, 1, st)  # one row; one column
+        if len(dims) != 2 or dims[1][1] != 1 or dims[0][1] < dims[1][0]:
+            return None
+        return dims[0][0], dims[1][0], dims[0][1]
+
+    ba, bb = block(a), block(b)
+    if ba is None or bb is None:
+        return None
+    (ha, wa, sa), (hb, wb, sb) = ba, bb
+    stride = sa if sb is None else sb if sa is None else sa if sa == sb else None
+    if stride is None:
+        if sa is not None or sb is not None:
+            return None  # two row strides: not one matrix's blocks
+        stride = 1 << 62  # two single rows: only k = 0
+    d = b.storage_offset() - a.storage_offset()
+    lo = max(-((wa - 1 - d) // stride), -(hb - 1))  # ceil((d - wa + 1) / S)
+    hi = min((d + wb - 1) // stride, ha - 1)
+    return lo <= hi
 
 
 def _dense(t: torch.Tensor) -> bool:
