@@ -966,25 +966,29 @@ def fsdp_accumulator_unfrozen(rank, world):
     x, y = _batches(1)[0]
     n = x.shape[0] // world
     xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-    for fused in (True, False):
+    for fused, on in ((True, "root"), (False, "root"), (True, "submodule"), (False, "submodule")):
         model = _net()
-        fully_shard(model.a)
+        if on == "root":
+            fully_shard(model.a)
         fully_shard(model)
-        model.b.weight.requires_grad_(False)
-        opt = Flora([p for p in model.parameters() if p.requires_grad], **OPTS)
-        acc = CompressedAccumulator(model, rank=3, tau=2, optimizer=opt, seed=5, fused=fused)
+        frozen = model.b.weight if on == "root" else model.a.bias
+        frozen.requires_grad_(False)
+        # on a submodule inside the root's FSDP2 unit (a probe: the check saw nothing there)
+        target, held = (model, model.parameters()) if on == "root" else (model.a, model.a.parameters())
+        opt = Flora([p for p in held if p.requires_grad], **OPTS)
+        acc = CompressedAccumulator(target, rank=3, tau=2, optimizer=opt, seed=5, fused=fused)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             for _ in range(3):  # nothing unfrozen: no refusal, no warning
                 (_loss(model, xs, ys) / 2).backward()
             quiet = not any("not given to the accumulator" in str(w.message) for w in seen)
-            model.b.weight.requires_grad_(True)
+            frozen.requires_grad_(True)
             try:
                 (_loss(model, xs, ys) / 2).backward()
                 error = None
             except ValueError as e:
                 error = str(e)
-        out[f"fused={fused}"] = {"quiet": quiet, "error": error,
+        out[f"fused={fused} {on}"] = {"quiet": quiet, "error": error,
                                  "warned": [str(w.message) for w in seen if "not given to the accumulator" in
                                             str(w.message)]}
         acc.remove()

@@ -246,10 +246,11 @@ def test_fsdp2_compressed_accumulator_equals_one_process(results):
 
 def test_fsdp2_accumulator_refuses_or_warns_of_a_parameter_unfrozen_after_it_was_built(results):
     for r in check(results, "fsdp_accumulator_unfrozen"):
-        fused, normal = r["fused=True"], r["fused=False"]
-        assert fused["quiet"] and normal["quiet"]
-        assert fused["error"] is not None and "not given to the accumulator (b.weight" in fused["error"]
-        assert normal["error"] is None and len(normal["warned"]) == 1 and "b.weight" in normal["warned"][0]
+        for on, name in (("root", "b.weight"), ("submodule", "bias")):
+            fused, normal = r[f"fused=True {on}"], r[f"fused=False {on}"]
+            assert fused["quiet"] and normal["quiet"], on
+            assert fused["error"] is not None and f"not given to the accumulator ({name}" in fused["error"], on
+            assert normal["error"] is None and len(normal["warned"]) == 1 and name in normal["warned"][0], on
 
 
 # ------------------------------------------------------------------ checkpoints

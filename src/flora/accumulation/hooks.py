@@ -150,16 +150,15 @@ class Hooks:
         accumulate uncompressed in ``.grad``, at full size (found by a later probe)."""
         if not isinstance(model, torch.nn.Module):
             return
-        # FSDP2 registers other (unsharded, plain) parameters on the modules for their forward:
-        # there only its sharded ones (DTensors) are compared, before its hooks unshard the
-        # module's own (prepend); they were skipped altogether before (a probe). So under
-        # FSDP2 the check sees what is sharded when the accumulator's module starts its
-        # forward: all of it on an FSDP2 unit (the root, a layer given to fully_shard), not
-        # a submodule inside a unit (the unit has unsharded it by then), nor anything while
-        # FSDP2 keeps parameters unsharded between micro-batches
-        # (set_reshard_after_backward(False)); there it says nothing (docs/distributed.md)
+        # FSDP2 registers stand-ins (unsharded, plain tensors) for its sharded parameters on
+        # the modules during their forward, and keeps them between micro-batches under
+        # set_reshard_after_backward(False): there a plain parameter is known by its name (a
+        # stand-in is registered under its sharded parameter's), a DTensor by identity. By
+        # identity alone the check skipped FSDP2, then (one version) saw only the DTensors,
+        # missing a submodule inside an FSDP2 unit (probes)
         sharded = self.engine.sharded
         mine = {id(s.param) for s in self.engine.slots}
+        mine_names = {n for n, p in model.named_parameters() if id(p) in mine} if sharded else set()
         ref, own = weakref.ref(self), weakref.ref(model)
         fused = self.engine.opts.fused
 
@@ -169,11 +168,13 @@ class Hooks:
                 return
             # leaves only: under torch.func.functional_call the module yields the tensors given
             # (MAML's fast weights, computed from the parameters): no .grad of their own (a probe)
-            def new(p):
-                return p.requires_grad and p.is_leaf and id(p) not in mine and (not sharded or is_dtensor(p))
+            def new(n, p):
+                if not (p.requires_grad and p.is_leaf) or id(p) in mine:
+                    return False
+                return not sharded or is_dtensor(p) or n not in mine_names
 
-            if any(new(p) for p in module.parameters()):
-                extra = [n for n, p in module.named_parameters() if new(p)]
+            if any(new(n, p) for n, p in module.named_parameters()):
+                extra = [n for n, p in module.named_parameters() if new(n, p)]
                 if not fused:
                     hooks = ref()
                     if hooks.unfrozen is not None:
@@ -182,7 +183,7 @@ class Hooks:
                     opt = hooks.engine.optimizer
                     held = None if opt is None else {id(p) for g in opt.param_groups for p in g["params"]}
                     outside = [] if held is None else [n for n, p in module.named_parameters()
-                                                       if new(p) and id(p) not in held]
+                                                       if new(n, p) and id(p) not in held]
                     # a layer swapped in (resize_token_embeddings untied, a new head) is in neither
                     fate = (f"{', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''} "
                             f"{'is' if len(outside) == 1 else 'are'} not in the optimizer either: they do not train, "
