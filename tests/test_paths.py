@@ -345,6 +345,25 @@ def test_path_equals_single_tensor_reference(case, path):
         assert int(got[2].nonfinite_skips) == len(BAD)
 
 
+# A bfloat16 momentum above flora.rounding.CHUNK elements is rounded in pieces eagerly
+# (straight into the state on the single-tensor path): with pieces of 7 elements, smaller
+# than every momentum here and prime to every row, each path on every layout and dtype
+# equals the reference rounded whole.
+CHUNKED_CASES = dict(_case(lay, dt, c) for lay in LAYOUTS for dt in ("fp32", "bf16", "fp64")
+                     for c in ("bf16-momentum", "bf16-dense-momentum"))
+
+
+@pytest.mark.parametrize("path", ["single", *PATHS])
+@pytest.mark.parametrize("case", list(CHUNKED_CASES.values()), ids=list(CHUNKED_CASES))
+def test_rounding_in_pieces_equals_the_reference_rounded_whole(case, path, monkeypatch):
+    import flora.rounding as R
+
+    layout, dtype, kw, bad = case
+    ref = _reference(layout, dtype, kw, bad)
+    monkeypatch.setattr(R, "CHUNK", 7)
+    _compare(ref, _run(path, layout, DTYPES[dtype], dict(kw), bad), f"{path}, rounded in pieces, against whole")
+
+
 # Flora(compile=True): the one-graph compiled core ("compiled") and, with every compressed
 # bucket staged ("staged": STAGED_MIN_BYTES 0; by default only buckets of 32 MiB or more
 # are; 2-D parameters only), the three compiled stages around an eager copy and matmul. Compiling costs seconds a case,

@@ -221,3 +221,22 @@ def test_a_dense_bfloat16_momentum_rounded_in_pieces_steps_as_whole(monkeypatch,
         runs.append([p.detach().clone() for p in params] + [opt.state[p]["exp_avg"].clone() for p in params])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_rounding_in_pieces_allocates_no_temporary_of_the_whole(monkeypatch):
+    """The point of the pieces: no allocation of the tensor's size beyond the bfloat16
+    result (whole, the int32/int64 temporaries of every element are allocated at once).
+    Counted from torch.profiler's per-operation allocations, which do not depend on timing."""
+    import flora.rounding as R
+
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+
+    def largest_allocation(chunk):
+        monkeypatch.setattr(R, "CHUNK", chunk)
+        with torch.profiler.profile(profile_memory=True) as prof:
+            R.stochastic_bfloat16(x, 3)
+        return max(e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::"))
+
+    result = x.numel() * 2  # the bfloat16 result itself
+    assert largest_allocation(1 << 22) > 2 * result  # whole: the measure sees the temporaries
+    assert largest_allocation(1000) <= result

@@ -10,6 +10,7 @@ from .adafactor import FACTOR_DIMS
 from ._validation import check_choice, check_positive_int, check_real, check_seed, plain_option
 from .compression import PROJ_DIMS, check_momentum_dtype, compressed_dim, dense_reason, momentum_dtype_name
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
+from .layout import fills_span
 from .projection import PROJECTIONS
 from . import sharded
 from .sharded import is_dtensor
@@ -122,7 +123,7 @@ def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
         return True  # both start at one element
     if a.element_size() != b.element_size():
         return True
-    if _dense(a) and _dense(b):  # each holds every element of its span, and the spans overlap
+    if fills_span(a) and fills_span(b):  # each holds every element of its span, and the spans overlap
         return True
     blocks = _row_blocks(a, b)
     if blocks is not None:
@@ -159,27 +160,14 @@ def _row_blocks(a: torch.Tensor, b: torch.Tensor) -> bool | None:
     if ba is None or bb is None:
         return None
     (ha, wa, sa), (hb, wb, sb) = ba, bb
-    stride = sa if sb is None else sb if sa is None else sa if sa == sb else None
-    if stride is None:
-        if sa is not None or sb is not None:
-            return None  # two row strides: not one matrix's blocks
-        stride = 1 << 62  # two single rows: only k = 0
+    strides = {s for s in (sa, sb) if s is not None}  # a single row has none
+    if len(strides) > 1:
+        return None  # two row strides: not one matrix's blocks
+    stride = strides.pop() if strides else 1 << 62  # two single rows: only k = 0
     d = b.storage_offset() - a.storage_offset()
     lo = max(-((wa - 1 - d) // stride), -(hb - 1))  # ceil((d - wa + 1) / S)
     hi = min((d + wb - 1) // stride, ha - 1)
     return lo <= hi
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements are every element of its span, each once (contiguous in
-    some order of its dims: row- or column-major, channels_last): its dims sorted by stride,
-    each stride is the product of the sizes before it."""
-    expected = 1
-    for stride, n in sorted((abs(st), n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= n
-    return True
 
 
 def _offsets(t: torch.Tensor) -> torch.Tensor:

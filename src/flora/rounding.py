@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import in_memory_order
+
 _M32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # a 32-bit integer hash's multiplier
 _GOLDEN = 0x9E3779B9  # spreads consecutive step counts apart
@@ -93,24 +95,12 @@ def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP, out: torc
     if torch.compiler.is_compiling() or x.numel() <= CHUNK:  # compiling first: no guard on the size
         return _round(x, key) if out is None else out.copy_(_round(x, key))
     target = torch.empty_like(x, dtype=torch.bfloat16) if out is None else out
-    flat_x, flat_out = _in_memory_order(x), _in_memory_order(target)
+    flat_x, flat_out = in_memory_order(x), in_memory_order(target)
     if flat_x is None or flat_out is None or target.stride() != x.stride():  # overlapping, with gaps, or laid out otherwise
         return _round(x, key) if out is None else out.copy_(_round(x, key))
     for i in range(0, flat_x.numel(), CHUNK):
         flat_out[i:i + CHUNK] = _round(flat_x[i:i + CHUNK], key)
     return target
-
-
-def _in_memory_order(t: torch.Tensor) -> torch.Tensor | None:
-    """``t``'s elements as a flat view in the order they sit in memory, where they fill their
-    span each once (contiguous in some order of dims: row- or column-major, channels_last),
-    else None."""
-    expected = 1
-    for stride, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return None
-        expected *= n
-    return t.as_strided((t.numel(),), (1,))
 
 
 def _round(x: torch.Tensor, key) -> torch.Tensor:
