@@ -1233,3 +1233,66 @@ def test_comm_equal_bytes_goal_says_powersgds_dense_warm_up():
     assert "17.2 kB/step steady, 66.2 kB/step over the run: its first steps send dense gradients): met" in line
     long = {**ps, "steps": 400, "bytes_total": 2 * 115328 + 398 * 17152}
     assert "over the run" not in next(x for x in comm.goals([hook, long]) if "equal bytes" in x)
+
+
+def test_choose_compares_lrs_on_the_most_seeds_breaks_ties_low_and_the_row_is_its_first_seed():
+    """An lr screened on one seed does not win by its one draw against a three-seed mean
+    (a probe: 2e-3 on seed 0, 1.05, beat 1e-3's 1.10 though 1e-3 scored 1.00 on seed 0); a
+    tie goes to the lower lr whatever the order of the runs; the row's run is seed 0's."""
+    def runs(vals):
+        out = []
+        for (lr, seed), v in vals.items():
+            r = _run("pretrain", "flora-r8", lr, val=v, test=v)
+            r.seed = seed
+            out.append(r)
+        return out
+
+    mixed = runs({(1e-3, 2): 1.1, (1e-3, 1): 1.2, (1e-3, 0): 1.0, (2e-3, 0): 1.05})
+    row = _chosen(mixed)[0]
+    assert row.run.lr == 1e-3 and row.seeds == [0, 1, 2] and row.run.seed == 0
+    tie = runs({(3e-3, 0): 2.0, (1e-3, 0): 2.0})
+    assert _chosen(tie)[0].run.lr == 1e-3 and _chosen(tie[::-1])[0].run.lr == 1e-3
+    broken = runs({(1e-3, 0): 1.0, (1e-3, 1): 1.0, (2e-3, 0): 1.5})
+    broken[1].status = "failed: killed"  # every lr of the most seeds broke on one: the others are taken
+    assert _chosen(broken)[0].run.lr == 2e-3
+
+
+def test_an_edge_lr_is_starred_in_the_table_and_said_below_it():
+    rows = _chosen([_run("pretrain", "adamw", 1e-3, 2.0, 2.0), _run("pretrain", "adamw", 3e-3, 1.9, 1.9)])
+    assert rows[0].lr_edge == "upper" and not rows[0].lr_capped
+    md = report.markdown(rows, {"pretrain": "loss"}, {"size": "smoke", "command": "x"})
+    assert "| 0.003* (0.001, 0.003) |" in md
+    assert "\\* The best lr is an end of the lrs tried" in md and "pretrain adamw (upper)" in md
+
+
+def test_a_failed_seed_extends_no_grid_until_it_runs_again(capsys):
+    """A crashed seed scores its lr -inf, so the best moved to an edge and the grid was
+    extended the wrong way (a probe: 3e-4 planned below a 1e-3 that only looked best)."""
+    from types import SimpleNamespace
+
+    from flora.bench.train import _extend
+
+    runs = []
+    for lr, v in ((1e-3, 2.0), (3e-3, 1.5), (1e-2, 1.8)):
+        for seed in (0, 1):
+            r = _run("pretrain", "flora-r8", lr, val=v, test=v)
+            r.seed = seed
+            runs.append(r)
+    runs[3].status = "failed: killed"  # 3e-3, seed 1
+    job = SimpleNamespace(task="pretrain", optimizer="flora-r8", cfg=SimpleNamespace(extend_lr=2))
+    record = {"capped": []}
+    assert _extend(job, [], runs, {("pretrain", "flora-r8"): [1e-3, 3e-3, 1e-2]}, record) == []
+    assert "a run failed; its lr grid is not extended" in capsys.readouterr().out
+
+
+def test_resume_keeps_one_row_per_optimizer_that_could_not_run(tmp_path, capsys):
+    """Rows of what could not run (n/a: compressed accumulation without accumulation) were
+    kept as runs outside the plan and made anew: a copy more on every --resume (a probe)."""
+    args = ["train", "--size", "smoke", "--tasks", "pretrain", "--optimizers", "adamw,adamw+ca-r4", "--steps", "1",
+            "--lrs", "adam=1e-3", "--device", "cpu", "--no-isolate", "--no-progress", "--cache", str(tmp_path / "c"),
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    for _ in range(2):
+        assert main(args + ["--resume", str(tmp_path / "results.json")]) == 0
+    runs = _results(tmp_path)["runs"]
+    assert sorted(r["optimizer"] for r in runs) == ["adamw", "adamw+ca-r4"], [(r["optimizer"], r["status"]) for r in runs]

@@ -602,3 +602,105 @@ def test_report_only_on_some_tasks_writes_those_tasks_everywhere(tmp_path, monke
     assert csv_tasks == json_tasks == {"cnn"}
     assert "tabular" not in (out / "results.md").read_text().split("Command:")[1].split("\n", 1)[1]
     assert main(argv + ["--tasks", "vit", "--report-only"]) == 2
+
+
+def test_the_lr_is_chosen_among_those_run_on_the_most_seeds_and_a_better_one_on_fewer_is_said():
+    """A mean over one seed is not compared with a mean over three (the probe's case: lr 2e-3
+    on seed 0 alone, 1.05, won against 1e-3's three-seed 1.10 though 1e-3 was better on seed
+    0); the report says that 2e-3 was better on the seed both ran."""
+    rows = _rows({("cnn", "x", 1e-3, 0): (1.00, 1.0), ("cnn", "x", 1e-3, 1): (1.20, 1.2),
+                  ("cnn", "x", 1e-3, 2): (1.10, 1.1), ("cnn", "x", 2e-3, 0): (1.05, 1.05),
+                  ("cnn", "y", 1e-3, 0): (1.00, 1.0), ("cnn", "y", 1e-3, 1): (1.20, 1.2),
+                  ("cnn", "y", 1e-3, 2): (1.10, 1.1), ("cnn", "y", 2e-3, 0): (0.90, 0.9)})
+    got = {c["optimizer"]: c for c in score.choose(rows)}
+    assert (got["x"]["lr"], got["x"]["seeds"], got["x"]["notes"]) == (1e-3, 3, [])
+    assert (got["y"]["lr"], got["y"]["seeds"]) == (1e-3, 3)
+    assert got["y"]["notes"] == ["lr 0.002 ran on 1 seed(s) and beat the chosen lr 0.001 on the 1 they share: "
+                                 "run it on every seed to compare"]
+    md = score.markdown(score.choose(rows), {}, [], {}, ["cnn"])
+    assert "## Warnings" in md and "- cnn y: lr 0.002 ran on 1 seed(s)" in md
+    # a tie goes to the lower lr, whatever the log's order
+    tie = _rows({("cnn", "z", 2e-3, 0): (1.0, 1.0), ("cnn", "z", 1e-3, 0): (1.0, 2.0)})
+    assert score.choose(tie)[0]["lr"] == 1e-3 and score.choose(tie[::-1])[0]["lr"] == 1e-3
+
+
+def test_a_candidate_that_diverged_on_a_seed_at_every_lr_ranks_last_not_first():
+    """Before, every lr's mean was infinite, the lowest lr was taken, and its test loss was the
+    mean of the two seeds that survived: the candidate ranked first."""
+    vals = {("cnn", space.FLOOR, 1e-3, s): (1.0, 1.5) for s in range(3)}
+    vals.update({("cnn", space.TARGET, 1e-3, s): (0.9, 1.4) for s in range(3)})
+    vals.update({("cnn", "flora-r8-bad", lr, s): (0.5, 1.1) for lr in (1e-3, 2e-3) for s in range(3)})
+    vals.update({("cnn", "flora-r8-good", 1e-3, s): (0.8, 1.3) for s in range(3)})
+    rows = _rows(vals)
+    for r in rows:
+        if r["optimizer"] == "flora-r8-bad" and r["seed"] == 2:
+            r.update(status="diverged", val_loss=None, test_loss=None)
+    chosen = score.choose(rows)
+    bad = next(c for c in chosen if c["optimizer"] == "flora-r8-bad")
+    assert (bad["diverged"], bad["seeds"], bad["test_loss"]) == (1, 3, None)
+    ranks = score.ranking(chosen, space.KAPPA, ["cnn"])
+    assert [r["optimizer"] for r in ranks][-1] == "flora-r8-bad"
+    assert ranks[-1]["diverged"] == ["cnn"] and ranks[-1]["worst"] is None
+    assert ranks[0]["worst"] == pytest.approx(1.1 / 1.5) or ranks[0]["optimizer"] != "flora-r8-bad"
+    checks = {g["optimizer"]: g for g in score.goal_check(chosen, ["cnn"])}
+    assert not checks["flora-r8-bad"]["beats_floor"] and not checks["flora-r8-bad"]["matches_target"]
+    md = score.markdown(chosen, score.gaps(chosen), ranks, {}, ["cnn"])
+    assert "| flora-r8-bad | " + str(space.KAPPA) + " | diverged on cnn |" in md
+    assert "diverged (1 of 3 seeds) lr 0.001" in md
+    # every run diverged: listed in the ranking, not dropped
+    for r in rows:
+        if r["optimizer"] == "flora-r8-bad":
+            r.update(status="diverged", val_loss=None, test_loss=None)
+    ranks = score.ranking(score.choose(rows), space.KAPPA, ["cnn"])
+    assert ranks[-1]["optimizer"] == "flora-r8-bad" and ranks[-1]["diverged"] == ["cnn"]
+
+
+def test_a_crashed_seed_is_said_and_a_rerun_replaces_it():
+    rows = _rows({("cnn", "x", 1e-3, s): (1.0 + s, 1.0 + s) for s in range(2)})
+    rows += _rows({("cnn", "x", 2e-3, 0): (0.5, 0.5)})
+    rows.append({"task": "cnn", "optimizer": "x", "lr": 2e-3, "seed": 1, "kappa": space.KAPPA,
+                 "status": "error: RuntimeError: killed"})
+    c = score.choose(rows)[0]
+    assert c["lr"] == 1e-3 and c["seeds"] == 2  # 2e-3 has one finished seed of two
+    assert "lr 0.002 seed 1: error: RuntimeError: killed (run again with --resume)" in c["notes"]
+    rows += _rows({("cnn", "x", 2e-3, 1): (0.6, 0.6)})  # the rerun
+    c = score.choose(rows)[0]
+    assert (c["lr"], c["seeds"], c["notes"]) == (2e-3, 2, [])
+
+
+def test_an_ok_seed_without_a_test_loss_is_said():
+    rows = _rows({("cnn", "x", 1e-3, s): (1.0, 1.0 + s) for s in range(3)})
+    rows[2]["test_loss"] = None
+    c = score.choose(rows)[0]
+    assert c["test_loss"] == pytest.approx(1.5)
+    assert c["notes"] == ["1 of 3 seeds at lr 0.001 have no test loss; the mean is over the others"]
+
+
+def test_report_with_floor_and_target_on_no_common_seed_does_not_crash():
+    rows = _rows({("cnn", space.FLOOR, 1e-3, 0): (1.0, 1.0), ("cnn", space.TARGET, 1e-3, 1): (0.9, 0.9)})
+    chosen = score.choose(rows)
+    md = score.markdown(chosen, score.gaps(chosen), [], {}, ["cnn"])
+    assert "| cnn | 1.0000 | 0.9000 | - | - | no seed in common |" in md
+
+
+def test_a_single_lr_is_marked_as_the_only_one_tried():
+    c = score.choose(_rows({("cnn", "x", 1e-3, 0): (1.0, 1.0)}))[0]
+    assert c["edge"] == "only"
+
+
+def test_lr_extension_finishes_an_extension_lr_begun_on_some_seeds():
+    """A sweep killed inside an extension round (or resumed with more seeds): the extension
+    lr ran on one seed of three. Before, its one-seed mean made it look interior and it was
+    never run on the others; now it is finished first, and decided on after."""
+    grid = (1e-3, 2e-3, 4e-3)
+    jobs = [space.Job("cnn", "up", lr, s) for lr in grid for s in range(3)]
+    vals = {("cnn", "up", lr, s): 1.0 - lr * 10 + 0.01 * s for lr in grid for s in range(3)}
+    vals["cnn", "up", 8e-3, 0] = 5.0  # the extension, seed 0 only, and bad on it
+    got = sorted((j.lr, j.seed) for j in space.extensions(jobs, _ext_rows(vals), cap=2))
+    assert got == [(8e-3, 1), (8e-3, 2)], got
+    vals["cnn", "up", 8e-3, 1] = vals["cnn", "up", 8e-3, 2] = 5.0  # finished: interior now, nothing more
+    assert space.extensions(jobs, _ext_rows(vals), cap=2) == []
+    # a grid lr with a crashed seed: no verdict on the edge (it would go the wrong way)
+    vals = {("cnn", "up", lr, s): 1.0 - lr * 10 for lr in grid for s in range(3)}
+    del vals["cnn", "up", 4e-3, 1]
+    assert space.extensions(jobs, _ext_rows(vals), cap=2) == []

@@ -42,6 +42,24 @@ def by_lr(rs: list[RunResult]) -> dict[float, list[RunResult]]:
     return out
 
 
+def best_lr(lrs: dict, metric: str):
+    """The key of ``lrs`` (:func:`by_lr`) with the best mean validation score, among the lrs
+    that ran on the most seeds: a mean over one seed is not compared with a mean over
+    three (an lr screened on seed 0 and not confirmed does not win by its one draw).
+    A tie goes to the lowest lr, whatever order the runs came in."""
+    def seeds(k):
+        return len({r.seed for r in lrs[k]})
+
+    def key(k):
+        return lr_score(lrs[k], metric), -(k if isinstance(k, float) else math.inf)
+
+    most = max(seeds(k) for k in lrs)
+    best = max((k for k in lrs if seeds(k) == most), key=key)
+    if lr_score(lrs[best], metric) == -math.inf:  # every lr of the most seeds broke on one: any that did not
+        best = max(lrs, key=key)
+    return best
+
+
 def choose(runs: list[RunResult], metrics: dict[str, str]) -> list[Chosen]:
     """One row per (task, optimizer), in order of first appearance: the lr with the best
     mean validation ``metrics[task]`` over its seeds ("loss": lowest, "accuracy": highest);
@@ -52,8 +70,8 @@ def choose(runs: list[RunResult], metrics: dict[str, str]) -> list[Chosen]:
     rows = []
     for (task, _), rs in groups.items():
         lrs = by_lr(rs)
-        best = max(lrs, key=lambda lr: lr_score(lrs[lr], metrics[task]))
-        chosen = lrs[best]
+        best = best_lr(lrs, metrics[task])
+        chosen = sorted(lrs[best], key=lambda r: r.seed)  # the first seed's run stands for the row
         ok = lr_score(chosen, metrics[task]) > -math.inf
         status = "ok" if ok else chosen[0].status
         if not ok:
@@ -112,7 +130,7 @@ def _cells(row: Chosen, metric: str, seeded: bool = False) -> list[str]:
     for k, src in main.items():
         r[k], r[f"{k}_std"] = r.get(src), r.get(f"{src}_std")
     tried = [x for x in r.get("lrs_tried") or [] if x == x]  # NaN: not run
-    r["lr_show"] = (f"{r['lr']:g}" + ("*" if r.get("lr_capped") else "")
+    r["lr_show"] = (f"{r['lr']:g}" + ("*" if r.get("lr_edge") else "")
                     + (f" ({', '.join(f'{x:g}' for x in sorted(tried))})" if len(tried) > 1 else ""))
     if (r.get("tau") or 1) > 1:  # what holds the gradient sum between micro-batches
         r["grad_acc_bytes"] = r.get("accum_bytes") if r.get("accum_bytes") is not None else r.get("dense_grad_bytes")
@@ -237,6 +255,10 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
         sd = seeded(mine)
         lines += core.markdown_table([h for h, _, _ in columns(sd)], (_cells(r, metrics[task], sd) for r in mine))
         lines.append("")
+    edges = [f"{r.task} {r.optimizer} ({r.lr_edge})" for r in rows if r.lr_edge and not r.lr_capped]
+    if edges:
+        lines += ["\\* The best lr is an end of the lrs tried, so a better one may lie beyond it (`--extend-lr N` "
+                  "runs further lrs until it is inside): " + ", ".join(edges) + ".", ""]
     capped = [f"{r.task} {r.optimizer} ({r.lr_edge})" for r in rows if r.lr_capped]
     if capped:
         cap = {r.task: info.get("config", {}).get("extend_lr") for r, info in

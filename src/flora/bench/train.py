@@ -465,7 +465,9 @@ def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list, list]:
     for j in jobs:
         first.setdefault((j.task, j.optimizer), j)
     mine = [r for r in old if (r.task, r.optimizer) in first and r.seed in seeds]
-    others = [r for r in old if not ((r.task, r.optimizer) in first and r.seed in seeds)]
+    # rows of what could not run (n/a, unavailable) are made anew by every plan: not kept twice
+    others = [r for r in old if not ((r.task, r.optimizer) in first and r.seed in seeds)
+              and not r.status.startswith(("n/a", "unavailable"))]
     kept = [r for r in mine if r.ok or r.status == "diverged"]
     done = {(r.task, r.optimizer, r.lr, r.seed) for r in kept}
     planned = {(j.task, j.optimizer, j.lr) for j in jobs}
@@ -523,6 +525,11 @@ def _extend(job, pending, runs, grids, record) -> list:
     if not job.cfg.extend_lr or any((j.task, j.optimizer) == key for j in pending):
         return []
     mine = [r for r in runs if (r.task, r.optimizer) == key]
+    if any(r.status.startswith("failed") for r in mine):
+        # a crashed seed scores its lr -inf, which moves the best away from it: no verdict on the
+        # grid's edge until --resume has run it again
+        core.say(f"  {job.task}:{job.optimizer}: a run failed; its lr grid is not extended (--resume reruns it)")
+        return []
     row = report.choose(mine, _metrics([job.task]))[0]
     lr, capped = extension(row, grids[key], job.cfg.extend_lr)
     label = f"{job.task}:{job.optimizer}"

@@ -111,7 +111,10 @@ def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) 
     gap = score.gaps(chosen)
     ranks = [r for k in sorted({c["kappa"] for c in chosen}) for r in score.ranking(chosen, k, tasks)]
     failed = score.failed(rows, kappa)  # candidates with no run that finished: listed, not dropped
-    md = score.markdown(chosen, gap, ranks, adamw, tasks, core.meta_line(meta) if meta else "", kappa, failed,
+    line = core.meta_line(meta) if meta else ""
+    if meta and meta.get("earlier"):  # a resumed sweep: the parts before this session ran elsewhere, perhaps
+        line += " Earlier parts of this log: " + "; ".join(core.meta_line(m) for m in meta["earlier"])
+    md = score.markdown(chosen, gap, ranks, adamw, tasks, line, kappa, failed,
                         command=meta.get("command", "") if meta else "")
     (out / "results.md").write_text(md)
     score.write_csv(out / "results.csv", chosen)
@@ -180,6 +183,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                               {t: tuple(a.lr_list) for t in a.task_list} if a.lr_list else None)
         from tqdm.auto import tqdm
 
+        if a.resume and (out / "meta.json").exists():  # the sessions before this one ran part of the log
+            old = json.loads((out / "meta.json").read_text())
+            meta["earlier"] = old.pop("earlier", []) + [old]
         (out / "meta.json").write_text(json.dumps(meta))
         planned, first = list(jobs), list(jobs)  # the cap counts lrs beyond the grids of the first plan
 

@@ -118,7 +118,9 @@ def run_job(job: Job, curve_every: int = 0) -> dict:
         if step % 50 == 49 and not math.isfinite(float(loss.detach())):
             break
     train_time = time.perf_counter() - t0
-    out = {**job.to_dict(), "key": job.key, "steps": spec.steps, "train_loss": float(train_sum) / tail,
+    train_loss = float(train_sum) / tail
+    out = {**job.to_dict(), "key": job.key, "steps": spec.steps,
+           "train_loss": train_loss if math.isfinite(train_loss) else None,  # the log stays strict JSON
            "train_s": round(train_time, 2), "state_bytes": state_bytes(opt),
            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "scale": _CTX["scale"], "device": _CTX["device"]}  # what --resume checks a log against

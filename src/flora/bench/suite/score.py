@@ -24,34 +24,81 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
+def _failed(r: dict) -> bool:
+    return str(r.get("status", "")).startswith("error")
+
+
+def _val(r: dict) -> float:
+    """A run's validation loss; a diverged run's counts as infinite."""
+    v = r.get("val_loss")
+    return math.inf if v is None or not math.isfinite(v) else v
+
+
 def choose(rows: list[dict], kappa: int = KAPPA) -> list[dict]:
     """One entry per (task, optimizer, kappa): the chosen lr and its figures; ``kappa``: the
-    primary one (``--kappas``' first), where the baselines' and peers' runs are filed."""
+    primary one (``--kappas``' first), where the baselines' and peers' runs are filed.
+
+    The lr is the one with the lowest mean validation loss (a diverged seed counts as
+    infinite; a tie goes to the lower lr) among the lrs that finished on the most seeds: a
+    mean over one seed is not compared with a mean over three. An lr left out so that
+    beat the chosen one on the seeds both ran, a crashed run not run again, and a seed
+    without a test loss are said in the entry's ``notes``. Where a seed diverged at the
+    chosen lr (every lr diverged on some seed), ``diverged`` counts those seeds and the
+    test loss is None: the candidate ranks behind every one that finished, instead of by
+    the mean of the seeds that survived."""
     primary = kappa
     by = defaultdict(lambda: defaultdict(dict))
     for r in rows:
-        if r.get("status") in ("ok", "diverged"):
+        if r.get("status") in ("ok", "diverged") or _failed(r):
             # kappa means nothing to the baselines and peers: their runs count at the primary
             # kappa whatever the sweep that ran them said (one run per seed)
             kappa = r["kappa"] if r["optimizer"].startswith("flora-") else primary
-            by[(r["task"], r["optimizer"], kappa)][r["lr"]][r["seed"]] = r
+            seeds = by[(r["task"], r["optimizer"], kappa)][r["lr"]]
+            if r["seed"] not in seeds or _failed(seeds[r["seed"]]):  # a rerun (--resume) replaces a crash
+                seeds[r["seed"]] = r
     out = []
     for (task, opt, kappa), by_lr in by.items():
-        lrs = {lr: list(seeds.values()) for lr, seeds in by_lr.items()}
-        def val(rs):
-            v = [r["val_loss"] if r.get("val_loss") is not None else math.inf for r in rs]
-            return statistics.fmean(v)
+        lrs = {lr: [r for r in seeds.values() if not _failed(r)] for lr, seeds in by_lr.items()}
+        lrs = {lr: rs for lr, rs in lrs.items() if rs}
+        if not lrs:
+            continue  # every run crashed: failed() lists it
+        notes = [f"lr {lr:g} seed {s}: {r['status']} (run again with --resume)"
+                 for lr, seeds in sorted(by_lr.items()) for s, r in sorted(seeds.items()) if _failed(r)]
+
+        def val(lr):
+            return statistics.fmean(_val(r) for r in lrs[lr])
+
         grid = sorted(lrs)
-        best = min(grid, key=lambda lr: (val(lrs[lr]), lr))
+        most = max(len(rs) for rs in lrs.values())
+        best = min((lr for lr in grid if len(lrs[lr]) == most), key=lambda lr: (val(lr), lr))
+        if math.isinf(val(best)) and any(math.isfinite(val(lr)) for lr in grid):
+            best = min(grid, key=lambda lr: (val(lr), lr))  # every lr of the most seeds diverged on one
+            notes.append(f"chosen on {len(lrs[best])} of {most} seeds: every lr run on {most} diverged on one")
         rs = sorted(lrs[best], key=lambda r: r["seed"])
-        tm, ts = _mean_std([r.get("test_loss") for r in rs])
-        am, as_ = _mean_std([r.get("test_accuracy") for r in rs])
+        mine = {r["seed"]: _val(r) for r in rs}
+        for lr in grid:
+            common = [s for s in mine if any(r["seed"] == s for r in lrs[lr])]
+            if lr == best or len(lrs[lr]) == len(rs) or not common:
+                continue
+            theirs = {r["seed"]: _val(r) for r in lrs[lr]}
+            if statistics.fmean(theirs[s] for s in common) < statistics.fmean(mine[s] for s in common):
+                notes.append(f"lr {lr:g} ran on {len(lrs[lr])} seed(s) and beat the chosen lr {best:g} on the "
+                             f"{len(common)} they share: run it on every seed to compare")
+        diverged = sum(1 for r in rs if math.isinf(_val(r)))
+        tests = [r.get("test_loss") for r in rs]
+        if not diverged and any(t is None for t in tests):
+            notes.append(f"{sum(t is None for t in tests)} of {len(rs)} seeds at lr {best:g} have no test loss; "
+                         "the mean is over the others")
+        tm, ts = (None, None) if diverged else _mean_std(tests)
+        am, as_ = (None, None) if diverged else _mean_std([r.get("test_accuracy") for r in rs])
         out.append({"task": task, "optimizer": opt, "kappa": kappa, "lr": best, "seeds": len(rs),
-                    "edge": "low" if best == grid[0] else "high" if best == grid[-1] else "",
+                    "diverged": diverged,
+                    "edge": ("only" if len(grid) == 1 else "low" if best == grid[0] else
+                             "high" if best == grid[-1] else ""),
                     "grid": grid, "test_loss": tm, "test_loss_std": ts, "test_accuracy": am,
                     "test_accuracy_std": as_, "state_bytes": rs[0].get("state_bytes"),
-                    "per_seed": {r["seed"]: r.get("test_loss") for r in rs},
-                    "train_s": statistics.fmean([r.get("train_s", 0.0) for r in rs])})
+                    "per_seed": {r["seed"]: (None if diverged else r.get("test_loss")) for r in rs},
+                    "train_s": statistics.fmean([r.get("train_s", 0.0) for r in rs]), "notes": notes})
     return sorted(out, key=lambda c: (c["task"], c["kappa"], c["optimizer"]))
 
 
@@ -97,6 +144,11 @@ def goal_check(chosen: list[dict], tasks: list[str], kappa: int = KAPPA) -> list
             c, f, t = _find(chosen, task, opt, kappa), _find(chosen, task, FLOOR), _find(chosen, task, TARGET)
             if not c or not f or not t:
                 continue
+            if c.get("diverged"):  # it beats and matches nothing; the surviving seeds are no measure
+                out.append({"optimizer": opt, "task": task, "seeds": c["seeds"], "vs_floor": None,
+                            "vs_floor_std": None, "vs_target": None, "vs_target_std": None,
+                            "beats_floor": False, "matches_target": False, "diverged": c["diverged"]})
+                continue
             vf, sf, n = paired(c, f)
             vt, st, _ = paired(c, t)
             if vf is None or vt is None:
@@ -135,19 +187,25 @@ def ranking(chosen: list[dict], kappa: int, tasks: list[str]) -> list[dict]:
     """Candidates by their worst case: max over tasks of test loss / floor's test loss."""
     out = []
     for opt in sorted({c["optimizer"] for c in chosen if c["kappa"] == kappa}):
-        ratios, pos, missing = {}, {}, []
+        ratios, pos, missing, diverged = {}, {}, [], []
         for task in tasks:
             c, f, t = _find(chosen, task, opt, kappa), _find(chosen, task, FLOOR), _find(chosen, task, TARGET)
+            if c and c.get("diverged"):
+                diverged.append(task)
+                continue
             if not c or not f or c["test_loss"] is None or f["test_loss"] is None:
                 missing.append(task)
                 continue
             ratios[task] = c["test_loss"] / f["test_loss"]
             pos[task] = position(c["test_loss"], f["test_loss"], t["test_loss"] if t else None)
-        if ratios:
-            out.append({"optimizer": opt, "kappa": kappa, "worst": max(ratios.values()),
-                        "worst_task": max(ratios, key=ratios.get), "mean": statistics.fmean(ratios.values()),
-                        "ratios": ratios, "positions": pos, "missing": missing})
-    return sorted(out, key=lambda r: (len(r["missing"]), r["worst"]))
+        if ratios or diverged:
+            out.append({"optimizer": opt, "kappa": kappa, "worst": max(ratios.values()) if ratios else None,
+                        "worst_task": max(ratios, key=ratios.get) if ratios else None,
+                        "mean": statistics.fmean(ratios.values()) if ratios else None,
+                        "ratios": ratios, "positions": pos, "missing": missing, "diverged": diverged})
+    # a candidate that diverged on a task at its best lr is worse there than any that finished
+    return sorted(out, key=lambda r: (len(r["diverged"]), len(r["missing"]),
+                                      math.inf if r["worst"] is None else r["worst"]))
 
 
 DEFAULT_ROWS = tuple(f"flora-r{r}-{DEFAULT_FLORA_FORM[0]}-{DEFAULT_FLORA_FORM[1]}" for r in (8, 32))  # the default form at r8, r32
@@ -205,16 +263,28 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int =
         if g:
             std = "-" if g["gap_std"] is None else f"{g['gap_std']:.4f}"
             verdict = "yes" if g["resolved"] else "no" if g["seeds"] > 1 else "1 seed"
-            lines.append(f"| {task} | {g['floor']:.4f} | {g['target']:.4f} | {g['gap']:.4f} | {std} | {verdict} |")
+            if g["gap"] is None:
+                verdict, gap_s = "no seed in common", "-"
+            else:
+                gap_s = f"{g['gap']:.4f}"
+            lines.append(f"| {task} | {g['floor']:.4f} | {g['target']:.4f} | {gap_s} | {std} | {verdict} |")
+    notes = [f"- {c['task']} {c['optimizer']}" + (f" kappa {c['kappa']}" if c["kappa"] != primary else "")
+             + f": {n}" for c in chosen for n in c.get("notes") or ()]
+    if notes:
+        lines += ["", "## Warnings: what the figures below rest on", ""] + notes
     lines += ["", "## Candidates by their worst case (max over tasks of test loss / floor's)", "",
               "| optimizer | kappa | worst | on | mean | tasks missing |", "| --- | ---: | ---: | --- | ---: | --- |"]
     for r in ranks:
-        lines.append(f"| {r['optimizer']} | {r['kappa']} | {r['worst']:.4f} | {r['worst_task']} | {r['mean']:.4f} | "
-                     f"{', '.join(r['missing']) or '-'} |")
+        div = r.get("diverged") or []
+        worst = f"{r['worst']:.4f}" if r["worst"] is not None else "-"
+        if div:  # diverged at its best lr: worse there than any ratio
+            worst = f"diverged on {', '.join(div)}" + ("" if r["worst"] is None else f"; else {worst}")
+        lines.append(f"| {r['optimizer']} | {r['kappa']} | {worst} | {r['worst_task'] or '-'} | "
+                     f"{'-' if r['mean'] is None else format(r['mean'], '.4f')} | {', '.join(r['missing']) or '-'} |")
     lines += ["", "## Win matrix", "",
               "Each cell: test loss mean ± std at the chosen lr, then its position between the floor (0) and the "
               "target (1) (above 1 beats the target, below 0 loses to no momentum; n/a where the target is no better "
-              "than the floor); `*` marks a chosen lr at an edge of its grid.", "",
+              "than the floor); `*` marks a chosen lr at an edge of its grid (or the only lr tried).", "",
               "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
     for opt in sorted({c["optimizer"] for c in chosen}, key=lambda o: (o.startswith("flora"), o)):
         for kappa in sorted({c["kappa"] for c in chosen if c["optimizer"] == opt}):
@@ -224,6 +294,10 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int =
                 g = gap.get(task, {})
                 if not c:
                     cells.append("-")
+                    continue
+                if c.get("diverged"):
+                    cells.append(f"diverged ({c['diverged']} of {c['seeds']} seeds) lr {c['lr']:g}"
+                                 f"{'*' if c['edge'] else ''}")
                     continue
                 p = position(c["test_loss"], g.get("floor"), g.get("target"))
                 cells.append(f"{_fmt(c['test_loss'], c['test_loss_std'])} ({'n/a' if p is None else f'{p:+.2f}'})"

@@ -108,36 +108,56 @@ def extensions(jobs: list[Job], rows: list[dict], cap: int) -> list[Job]:
     or highest of two or more tried, the next lr beyond it (the grid's step once more: x2
     or /2 on the suite's grids), on every planned seed; at most ``cap`` lrs beyond the
     planned grid per (task, optimizer, kappa). A tie with the inner neighbour is flat: no
-    extension."""
+    extension.
+
+    The edge is decided on the lrs that ran on every planned seed: an lr beyond the
+    grid that ran on some only (a sweep stopped inside an extension round, or resumed
+    with more ``--seeds``) had looked interior on its one-seed mean and was never
+    finished; when the best is an edge and such an lr lies beyond it, that lr runs on its
+    missing seeds instead of a new one. While a planned seed of a grid lr has no finished
+    run (it crashed), nothing is decided for that (task, optimizer, kappa).
+    """
     import math
     import statistics
 
     from ..train import next_lr
 
+    if cap <= 0:
+        return []
     planned: dict[tuple, tuple[set, set]] = {}
     for j in jobs:
         lrs, seeds = planned.setdefault((j.task, j.optimizer, j.kappa), (set(), set()))
         lrs.add(j.lr)
         seeds.add(j.seed)
-    scores: dict[tuple, dict[float, list[float]]] = {}
+    scores: dict[tuple, dict[float, dict[int, float]]] = {}
     for r in rows:
         key = (r["task"], r["optimizer"], r["kappa"])
         if key in planned and r["seed"] in planned[key][1] and r.get("status") in ("ok", "diverged"):
             v = r.get("val_loss")
-            scores.setdefault(key, {}).setdefault(r["lr"], []).append(math.inf if v is None else v)
+            scores.setdefault(key, {}).setdefault(r["lr"], {})[r["seed"]] = math.inf if v is None else v
     out = []
     for key, by_lr in scores.items():
         grid, seeds = planned[key]
-        if len(by_lr) < 2:
+        on_grid = {lr: any(math.isclose(lr, g) for g in grid) for lr in by_lr}
+        complete = {lr: v for lr, v in by_lr.items() if set(v) == seeds}
+        if any(not any(math.isclose(g, lr) for lr in complete) for g in grid) or len(complete) < 2:
             continue
-        mean = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
+        mean = {lr: statistics.fmean(v.values()) for lr, v in complete.items()}
         lrs = sorted(mean)
         best = min(lrs, key=lambda lr: (mean[lr], lr))
         if best not in (lrs[0], lrs[-1]):
             continue
         up = best == lrs[-1]
         inner = lrs[-2] if up else lrs[1]
-        if mean[inner] == mean[best] or sum(not any(math.isclose(lr, g) for g in grid) for lr in lrs) >= cap:
+        if mean[inner] == mean[best]:
+            continue
+        partial = sorted((lr for lr in by_lr if lr not in complete and (lr > best if up else lr < best)),
+                         reverse=not up)
+        if partial:  # the extension already begun beyond the edge: finish it
+            lr = partial[0]
+            out += [Job(key[0], key[1], lr, seed, key[2]) for seed in sorted(seeds - set(by_lr[lr]))]
+            continue
+        if sum(not on_grid[lr] for lr in lrs) >= cap:
             continue
         nxt = float(f"{next_lr(lrs, up):.6g}")  # the train bench's rule: the grid's step once more
         out += [Job(key[0], key[1], nxt, seed, key[2]) for seed in sorted(seeds)]
