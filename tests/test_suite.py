@@ -515,6 +515,10 @@ def test_resume_refuses_a_log_of_another_scale(tmp_path, monkeypatch, capsys):
     assert "holds runs at --scale 0.05, this command asks for --scale 0.1" in capsys.readouterr().out
     assert main(argv + ["--scale", "0.05", "--lrs", "1e-3,2e-3", "--resume"]) == 0
     assert len(runner.read_log(tmp_path / "s" / "runs.jsonl")) == 3  # the fake run_all logs every job it is given
+    # the resumed session's metadata keeps the first session's (the refused one wrote none)
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert len(meta["earlier"]) == 1 and "--scale 0.05" in meta["earlier"][0]["command"]
+    assert "Earlier parts of this log: Device:" in (tmp_path / "s" / "results.md").read_text()
 
 
 def test_report_only_refuses_a_folder_with_no_runs(tmp_path, monkeypatch, capsys):
