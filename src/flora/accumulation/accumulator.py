@@ -16,7 +16,7 @@ from . import checkpoint
 from .cycle import Cycle
 from .engine import Engine
 from .estimator import plan_row
-from .fused import check_fused_optimizer
+from .fused import check_fused_optimizer, check_holds_some
 from .hooks import Hooks, attach, check_unattached, detach
 from .integrations import unwrap, wrapper_scaler
 from .._validation import plain
@@ -165,6 +165,8 @@ class CompressedAccumulator:
             # it the hooks would step on scaled gradients (a probe: 1024x the step) before any error
             scaler = wrapper_scaler(optimizer)
         optimizer = None if optimizer is None else unwrap(optimizer)
+        if optimizer is not None:
+            check_holds_some(optimizer, slots)
         if fused:
             check_fused_optimizer(optimizer, slots)
         if ddp_fused:

@@ -20,7 +20,19 @@ from ..optimizer import Flora
 from .cycle import Cycle
 from .estimator import Slot
 
-__all__ = ["FusedStepper", "check_fused_optimizer", "patch_zero_grad", "unpatch_zero_grad"]
+__all__ = ["FusedStepper", "check_fused_optimizer", "check_holds_some", "patch_zero_grad", "unpatch_zero_grad"]
+
+
+def check_holds_some(optimizer: Optimizer, slots: list[Slot]) -> None:
+    """``optimizer=`` must step at least one of the accumulator's parameters: its step closes
+    their cycle (normal mode), or steps them (fused). One that holds none (another model's)
+    had closed this model's cycle at each of its own steps (a probe: 8 cycles instead of 2)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if slots and not any(id(s.param) in held for s in slots):
+        raise ValueError(f"CompressedAccumulator(optimizer=...): the optimizer holds none of the accumulator's "
+                         f"{len(slots)} parameter(s) ({', '.join(repr(s.name) for s in slots[:3])}"
+                         f"{', ...' if len(slots) > 3 else ''}): its steps would close this model's cycles. Give "
+                         "the optimizer of this model (or of some of its parameters), or none in normal mode")
 
 
 def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:

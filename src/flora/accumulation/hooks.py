@@ -242,8 +242,14 @@ class Hooks:
         eng = self.engine
         with eng.lock:
             eng.check_ddp()
-            self.queue_end()
             task = torch._C._current_graph_task_id()
+            if task not in self.queued:
+                # a backward pass's first gradient: a zero_grad() since the last pass applies to every
+                # parameter now, also to those this pass will not reach (before, only a parameter reached
+                # again saw it: a cleared branch that the cycle's last pass skipped stepped its dropped
+                # estimate, and dropped passes still counted towards tau; a probe)
+                eng.sweep()
+            self.queue_end()
             try:
                 eng.before_grad(k, task)
             except BaseException:  # a refusal ends the backward pass: its end callback never runs
