@@ -761,3 +761,29 @@ def test_many_distinct_shapes_are_said_at_construction():
         assert len(got) == said, (compile, got)
         if said:
             assert f"{SIGNATURES_WARN + 1} distinct parameter shapes" in got[0]
+
+
+def test_a_staged_bucket_steps_after_its_group_list_is_reordered_in_place(monkeypatch):
+    """Two parameters of a staged bucket swapped within their group's list (same list, same
+    length; the README allows it): the compiled step looked the first up in a stale map
+    and raised a TypeError after the prelude had moved the counters, at every later step
+    (a probe). Now it equals the eager step with the same swap."""
+    monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)
+    torch.manual_seed(0)
+    init = [torch.randn(12, 20) * 0.02 for _ in range(2)]
+    grads = [[torch.randn(12, 20) for _ in range(2)] for _ in range(3)]
+    out = []
+    for compile in (None, "aot_eager"):
+        ps = [nn.Parameter(t.clone()) for t in init]
+        opt = Flora(ps, lr=1e-2, rank=4, beta1=0.9, compile=compile)
+        for i, gs in enumerate(grads):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+            if i == 0:
+                lst = opt.param_groups[0]["params"]
+                lst[0], lst[1] = lst[1], lst[0]
+        assert [int(opt.state[p]["step"]) for p in ps] == [3, 3]
+        out.append([p.detach().clone() for p in ps])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -419,3 +419,37 @@ def test_step_parameter_checks_a_zero_relative_lr_for_every_parameter():
     with pytest.raises(ValueError, match="lr=0 in a parameter group with relative_step=True"):
         opt.step_parameter(b)
     assert "step" not in opt.state[b]
+
+
+def test_new_states_at_taken_positions_get_the_same_index_in_any_stepping_order():
+    """The list [a..e] becomes [c, d, e, a, b] after a, b, c stepped: d and e begin at
+    positions 1 and 2, which b and c hold. Their indices were "one past the largest" in the
+    order they were made: group order for step(), call order for step_parameter() (and
+    backward order for fused accumulation), so d and e swapped projections between the
+    two (a probe: a whole step of difference). Now position + N, the same either way."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return [nn.Parameter(torch.randn(8, 6, generator=g) * 0.1) for _ in range(5)]
+
+    def run(order):
+        a, b, c, d, e = ps = make()
+        opt = Flora(ps, lr=1e-2, rank=2, beta1=0.9, scale_parameter=False, foreach=True)
+        g = torch.Generator().manual_seed(100)
+        for p in (a, b, c):
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        opt.zero_grad()
+        opt.param_groups[0]["params"][:] = [c, d, e, a, b]
+        for p in (d, e):
+            p.grad = torch.randn(p.shape, generator=g)
+        if order == "step":
+            opt.step()
+        else:
+            for p in (e, d):  # backward order: the later layer first
+                opt.step_parameter(p)
+        return ps, opt
+
+    (ps1, o1), (ps2, o2) = run("step"), run("step_parameter")
+    assert [o1.state[p]["index"] for p in ps1] == [o2.state[p]["index"] for p in ps2] == [0, 1, 2, 6, 7]
+    for p1, p2 in zip(ps1, ps2):
+        assert torch.equal(p1, p2)

@@ -77,8 +77,8 @@ def weight_decay_(p32: torch.Tensor, ok: torch.Tensor, lr, wd: float) -> None:
     """HF's ``p.add_(p, alpha=-wd * lr)``, where ``ok``. A tensor lr (scale_parameter's,
     the compiled step's) stays on the device; ``-wd * lr`` is rounded first, as HF's alpha
     is (``p * -wd * lr`` rounds twice: 1 ulp off in about one value of 700)."""
-    if isinstance(lr, torch.Tensor):
-        p32.addcmul_(torch.where(ok, p32, 0.0), lr * -wd)
+    if isinstance(lr, torch.Tensor):  # in the wider of the two dtypes (a float32 lr of float64 parameters)
+        p32.addcmul_(torch.where(ok, p32, 0.0), lr.to(torch.promote_types(lr.dtype, p32.dtype)) * -wd)
     else:
         p32.add_(torch.where(ok, p32, 0.0), alpha=(-wd * lr))
 

@@ -598,7 +598,7 @@ class Flora(Optimizer):
                     if work.compiled and F.staged(work):
                         # the transposed view is kept for the next step while the projection
                         # is (cache_projections): kept otherwise, it would hold one alive
-                        kept = self._locate(work.params[0])[0]["cache_projections"]
+                        kept = self._find(work.params[0], "step")[0]["cache_projections"]  # a moved one: looked up
                         if kept:
                             staged.add(id(work.params[0]))
                         C.staged_step(work, self._compile, None, self._workspace, self._transposed if kept else {},
@@ -762,12 +762,22 @@ class Flora(Optimizer):
 
     def _free_index(self, position: int) -> int:
         """A new state's projection index: its position, unless a live state holds that index
-        (a parameter taken out of a group's list, or moved, since its state began): then one
-        past the largest, so that no two parameters share projections."""
+        (a parameter taken out of a group's list, or moved, since its state began): then the
+        first free one of position + N, + 2N, ... (N: the parameters in the groups), so that no
+        two parameters share projections. Those sequences are disjoint for distinct
+        positions, so which index a new state gets does not depend on the order in which the
+        new states of a step are made: step() (group order), step_parameter() and fused
+        accumulation (backward order) agree (before 2026-12-04, one past the largest: two new
+        states swapped their projections between the two, a probe)."""
         taken = self._taken
         if taken is None or taken[1] != len(self.state) - 1:  # a state added or dropped elsewhere: look again
             taken = ({s["index"] for s in self.state.values() if "index" in s}, len(self.state) - 1)
-        index = position if position not in taken[0] else max(taken[0]) + 1
+        index = position
+        if index in taken[0]:
+            n = max(1, sum(len(g["params"]) for g in self.param_groups))
+            index += n
+            while index in taken[0]:
+                index += n
         taken[0].add(index)
         self._taken = (taken[0], len(self.state))
         return index
@@ -944,8 +954,7 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
     overflows (so that the second moment or the normalised update is not finite), is not
     updated: its weights and state tensors stay as they were (its step
     counter still advances, and a resample due at that step still carries its momentum
-    to the new projection, as it would have without the skip; an ``eps[0]`` of 0 with an
-    all-zero gradient row makes the normalised update 0/0, skipped too); the decision is
+    to the new projection, as it would have without the skip); the decision is
     taken on the device, and
     :attr:`nonfinite_skips` counts such skipped parameter updates.
     """
