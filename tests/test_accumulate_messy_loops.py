@@ -7,6 +7,7 @@ uninterrupted, for every mode the docs promise it in."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -150,12 +151,21 @@ def test_passes_dropped_by_zero_grad_do_not_count_towards_tau(rank, pattern):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_an_optimizer_of_another_model_is_refused_by_name(fused):
-    """Normal mode took it: each of its steps closed this model's cycle (8 cycles instead of
-    2 in the probe's loop). Fused mode said a parameter was unfrozen since."""
+def test_an_optimizer_of_another_model_is_refused_in_fused_mode_and_said_in_normal_mode():
+    """Normal mode took it silently: each of its steps closed this model's cycle (8 cycles
+    instead of 2 in the probe's loop); fused mode said a parameter was unfrozen since. Normal
+    mode warns (an optimizer of fp32 master copies, or one filled later with
+    add_param_group, holds none of them and works on full cycles: the review); the warning
+    points at the caller's line."""
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    other = torch.optim.SGD(b.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"holds none of the accumulator's 2 parameter\(s\) \('weight', 'bias'\)"):
-        flora.CompressedAccumulator(a, rank=2, tau=2, optimizer=torch.optim.SGD(b.parameters(), lr=0.1), fused=fused)
+        flora.CompressedAccumulator(a, rank=2, tau=2, optimizer=other, fused=True)
+    with pytest.warns(UserWarning, match=r"holds none of the accumulator's 2 parameter\(s\)") as got:
+        acc = flora.CompressedAccumulator(a, rank=2, tau=2, optimizer=other)
+    assert got[0].filename == __file__
+    acc.remove()
     both = torch.optim.SGD(list(a.parameters()) + list(b.parameters()), lr=0.1)
-    flora.CompressedAccumulator(a, rank=2, tau=2, optimizer=both)  # holds some: normal mode takes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flora.CompressedAccumulator(a, rank=2, tau=2, optimizer=both)  # holds some: nothing said

@@ -708,3 +708,37 @@ def test_lr_extension_finishes_an_extension_lr_begun_on_some_seeds():
     vals = {("cnn", "up", lr, s): 1.0 - lr * 10 for lr in grid for s in range(3)}
     del vals["cnn", "up", 4e-3, 1]
     assert space.extensions(jobs, _ext_rows(vals), cap=2) == []
+
+
+def test_a_floor_that_diverged_on_a_seed_is_scored_on_the_others_and_said():
+    """The floor is the yardstick: marked diverged, every ratio to it went missing and the
+    ranking emptied (the review). It is scored on the seeds that finished, with a warning."""
+    vals = {("t", space.FLOOR, 1e-3, 0): (1.0, 1.1), ("t", space.FLOOR, 1e-3, 1): (1.0, 1.1)}
+    vals.update({("t", space.TARGET, 1e-3, s): (0.8, 0.8) for s in (0, 1)})
+    vals.update({("t", "flora-r8-x", 1e-3, s): (0.7, 0.71) for s in (0, 1)})
+    rows = _rows(vals)
+    rows[1].update(status="diverged", val_loss=None, test_loss=None)  # the floor, seed 1
+    chosen = score.choose(rows)
+    floor = next(c for c in chosen if c["optimizer"] == space.FLOOR)
+    assert (floor["test_loss"], floor["diverged"], floor["seeds"]) == (1.1, 0, 1)
+    assert floor["notes"] == ["diverged on 1 of 2 seeds at every lr run on 2; its figures are the mean of the others"]
+    ranks = score.ranking(chosen, space.KAPPA, ["t"])
+    assert [r["optimizer"] for r in ranks] == ["flora-r8-x", space.TARGET, space.FLOOR]
+    assert ranks[0]["worst"] == pytest.approx(0.71 / 1.1)
+
+
+def test_an_lr_on_fewer_seeds_does_not_rescue_a_candidate_that_diverged_at_every_lr_on_all():
+    """Seed 1 diverged at both grid lrs; a third lr ran on seed 0 only (an extension begun
+    before a --seeds resume). The fallback took that one-seed lr, and the candidate ranked
+    first (the review); now it is diverged, last, and the one-seed lr is said."""
+    vals = {("t", space.FLOOR, 1e-3, s): (1.0, 1.0) for s in (0, 1)}
+    vals.update({("t", "flora-r8-x", lr, s): (0.5, 0.6) for lr in (1e-3, 2e-3) for s in (0, 1)})
+    vals[("t", "flora-r8-x", 4e-3, 0)] = (0.5, 0.6)
+    rows = _rows(vals)
+    for r in rows:
+        if r["optimizer"] == "flora-r8-x" and r["seed"] == 1:
+            r.update(status="diverged", val_loss=None, test_loss=None)
+    c = next(c for c in score.choose(rows) if c["optimizer"] == "flora-r8-x")
+    assert c["diverged"] == 1 and c["test_loss"] is None and c["lr"] == 1e-3
+    assert "lr 0.004 did not diverge on its 1 seed(s) of 2: run it on every seed" in c["notes"]
+    assert score.ranking(score.choose(rows), space.KAPPA, ["t"])[-1]["optimizer"] == "flora-r8-x"

@@ -166,7 +166,7 @@ class CompressedAccumulator:
             scaler = wrapper_scaler(optimizer)
         optimizer = None if optimizer is None else unwrap(optimizer)
         if optimizer is not None:
-            check_holds_some(optimizer, slots)
+            check_holds_some(optimizer, slots, fused)
         if fused:
             check_fused_optimizer(optimizer, slots)
         if ddp_fused:

@@ -312,6 +312,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"flora-bench train: error: --resume: {why}", file=sys.stderr)
             return 2
         jobs, kept, others = resume(jobs, Path(args.resume), meta)
+        # a row of what could not run (n/a, unavailable) that this plan made again: not kept twice
+        remade = {(r.task, r.optimizer) for r in skipped}
+        others = [r for r in others if not (r.status.startswith(("n/a", "unavailable"))
+                                            and (r.task, r.optimizer) in remade)]
         runs += kept + others
         for label, grid in meta["lr_extension"]["grids"].items():  # the old grid's lrs: no extensions
             grids[tuple(label.split(":", 1))] = grid
@@ -465,9 +469,7 @@ def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list, list]:
     for j in jobs:
         first.setdefault((j.task, j.optimizer), j)
     mine = [r for r in old if (r.task, r.optimizer) in first and r.seed in seeds]
-    # rows of what could not run (n/a, unavailable) are made anew by every plan: not kept twice
-    others = [r for r in old if not ((r.task, r.optimizer) in first and r.seed in seeds)
-              and not r.status.startswith(("n/a", "unavailable"))]
+    others = [r for r in old if not ((r.task, r.optimizer) in first and r.seed in seeds)]
     kept = [r for r in mine if r.ok or r.status == "diverged"]
     done = {(r.task, r.optimizer, r.lr, r.seed) for r in kept}
     planned = {(j.task, j.optimizer, j.lr) for j in jobs}

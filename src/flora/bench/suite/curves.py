@@ -142,7 +142,8 @@ def plot_train_vs_test(path: Path, runs: list[dict], tasks) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in runs if r.get("status") == "ok" and r.get("kappa", space.KAPPA) == space.KAPPA]
+    runs = [r for r in runs if r.get("status") == "ok" and r.get("kappa", space.KAPPA) == space.KAPPA
+            and r.get("train_loss") is not None and r.get("test_loss") is not None]  # a non-finite tail: null
     tasks = [t for t in tasks if any(r["task"] == t for r in runs)]
     if not tasks:
         return

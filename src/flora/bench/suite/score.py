@@ -71,9 +71,9 @@ def choose(rows: list[dict], kappa: int = KAPPA) -> list[dict]:
         grid = sorted(lrs)
         most = max(len(rs) for rs in lrs.values())
         best = min((lr for lr in grid if len(lrs[lr]) == most), key=lambda lr: (val(lr), lr))
-        if math.isinf(val(best)) and any(math.isfinite(val(lr)) for lr in grid):
-            best = min(grid, key=lambda lr: (val(lr), lr))  # every lr of the most seeds diverged on one
-            notes.append(f"chosen on {len(lrs[best])} of {most} seeds: every lr run on {most} diverged on one")
+        if math.isinf(val(best)):  # an lr on fewer seeds that did not diverge is no result yet
+            notes += [f"lr {lr:g} did not diverge on its {len(lrs[lr])} seed(s) of {most}: run it on every seed"
+                      for lr in grid if len(lrs[lr]) < most and math.isfinite(val(lr))]
         rs = sorted(lrs[best], key=lambda r: r["seed"])
         mine = {r["seed"]: _val(r) for r in rs}
         for lr in grid:
@@ -85,6 +85,13 @@ def choose(rows: list[dict], kappa: int = KAPPA) -> list[dict]:
                 notes.append(f"lr {lr:g} ran on {len(lrs[lr])} seed(s) and beat the chosen lr {best:g} on the "
                              f"{len(common)} they share: run it on every seed to compare")
         diverged = sum(1 for r in rs if math.isinf(_val(r)))
+        if diverged and opt in (FLOOR, TARGET) and diverged < len(rs):
+            # a yardstick, not a candidate: scored on the seeds that finished, and said (as
+            # "diverged" every ratio to it would be missing, the whole ranking with them)
+            notes.append(f"diverged on {diverged} of {len(rs)} seeds at every lr run on {len(rs)}; its figures "
+                         "are the mean of the others")
+            rs = [r for r in rs if not math.isinf(_val(r))]
+            diverged = 0
         tests = [r.get("test_loss") for r in rs]
         if not diverged and any(t is None for t in tests):
             notes.append(f"{sum(t is None for t in tests)} of {len(rs)} seeds at lr {best:g} have no test loss; "
