@@ -104,8 +104,8 @@ def test_new_states_never_share_a_projection_index():
     opt.param_groups[0]["params"].remove(a)
     opt.state.pop(a)
     for t in range(2, 4):
-        step((c,), t)  # c's state begins at position 1, b's index
-    assert (opt.state[b]["index"], opt.state[c]["index"]) == (1, 2)
+        step((c,), t)  # c's state begins at position 1, b's index: 1 + 2 (two parameters in the groups)
+    assert (opt.state[b]["index"], opt.state[c]["index"]) == (1, 3)
     for t in range(4, 8):  # two resamples, b and c in one bucket
         step((b, c), t)
     assert opt.state[b]["step"] == 6 and opt.state[c]["step"] == 6
