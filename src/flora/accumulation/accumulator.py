@@ -77,6 +77,8 @@ class CompressedAccumulator:
             (without it a global optimizer step pre-hook does, for any optimizer holding
             these parameters; so does it beside this one's when a compressed parameter is
             not in this optimizer, which another must then step). Required in fused mode.
+            One holding none of these parameters is refused in fused mode and said with a
+            warning in normal mode (its steps would close this model's cycles).
         fused: step the optimizer inside backward: ``step_parameter`` for a
             ``flora.Flora``, otherwise ``optimizer.step()`` while only that parameter has
             a gradient; the loop then calls ``backward()`` only.
