@@ -500,3 +500,25 @@ def test_tied_weights_loaded_with_assign_are_refused_until_tied_again():
         Flora(model.parameters(), lr=1e-2)
     model.tie_weights()
     Flora(model.parameters(), lr=1e-2)
+
+
+def test_a_complex_parameter_or_gradient_is_refused_naming_it():
+    """The refusals said "complex parameters" without which (a probe): named pairs give the
+    name; both give the dtype and shape. Nothing stepped."""
+    good = nn.Parameter(torch.randn(4, 3))
+    z = nn.Parameter(torch.randn(5, 2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"complex parameters \(got parameter 'bad\.z' of dtype torch\.complex64, "
+                                        r"shape \(5, 2\)\)"):
+        Flora([("good", good), ("bad.z", z)], lr=1e-2)
+    with pytest.raises(TypeError, match=r"shape \(5, 2\)"):
+        Flora({good, z}, lr=1e-2)  # a set: torch refuses it itself, after this check
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = Flora([good, p], lr=1e-2)
+    good.grad = torch.randn(4, 3)
+    p.data = torch.randn(4, 3, dtype=torch.complex64)
+    p.grad = torch.randn(4, 3, dtype=torch.complex64)
+    before = good.detach().clone()
+    with pytest.raises(TypeError, match=r"complex gradients \(got one of dtype torch\.complex64 for a parameter "
+                                        r"of shape \(4, 3\), dtype torch\.complex64\)"):
+        opt.step()
+    assert torch.equal(good, before) and not opt.state[good]

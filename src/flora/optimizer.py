@@ -309,10 +309,14 @@ class Flora(Optimizer):
             merged["relative_step"] = param_group["lr"] is None
         _validate_group(merged, read_tensors=True)
         # torch also takes (name, parameter) pairs (named_parameters()): checked as the tensors
-        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
-        for p in tensors:
+        items = list(params)
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in items]
+        for i, p in enumerate(tensors):
             if isinstance(p, torch.Tensor) and p.is_complex():
-                raise TypeError("params must be real tensors: Flora does not support complex parameters")
+                named = items[i][0] if isinstance(items[i], tuple) else None
+                raise TypeError(f"params must be real tensors: Flora does not support complex parameters (got "
+                                f"{'parameter ' + repr(named) + ' ' if named else ''}of dtype {p.dtype}, shape "
+                                f"{tuple(p.shape)})")
             _refuse_flat_pieces(p)
         if not isinstance(params, set) and len({id(p) for p in tensors}) != len(tensors):
             # torch only warns ("in future, this will cause an error"); here the step would depend

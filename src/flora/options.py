@@ -346,7 +346,8 @@ def check_grads(param_groups, state=None) -> None:
                 raise TypeError("Flora does not support sparse gradients (got one of shape "
                                 f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
             if g.is_complex():
-                raise TypeError("Flora does not support complex gradients")
+                raise TypeError(f"Flora does not support complex gradients (got one of dtype {g.dtype} for a "
+                                f"parameter of shape {tuple(p.shape)}, dtype {p.dtype})")
             if not (g.is_floating_point() and p.is_floating_point()):  # (frozen integer ones, with no grad, pass)
                 raise TypeError(f"Flora steps floating-point parameters; got a parameter of dtype {p.dtype} with a "
                                 f"gradient of dtype {g.dtype} (shape {tuple(p.shape)})")
