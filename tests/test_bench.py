@@ -1299,3 +1299,15 @@ def test_resume_keeps_one_row_per_optimizer_that_could_not_run(tmp_path, capsys)
     narrower = [a if a != "adamw,adamw+ca-r4" else "adamw" for a in args]  # the n/a row outside the plan stays
     assert main(narrower + ["--resume", str(tmp_path / "results.json")]) == 0
     assert sorted(r["optimizer"] for r in _results(tmp_path)["runs"]) == ["adamw", "adamw+ca-r4"]
+
+
+def test_an_lr_on_fewer_seeds_does_not_rescue_an_optimizer_that_diverged_at_every_lr():
+    """As in the suite: seed 1 diverged at both lrs run on two seeds; a third lr ran on seed
+    0 only. Its one seed is no result: the row is not ok (it had been ok on that lr)."""
+    runs = []
+    for (lr, seed), v in {(1e-3, 0): 1.0, (1e-3, 1): 1.0, (2e-3, 0): 1.0, (2e-3, 1): 1.0, (4e-3, 0): 0.5}.items():
+        r = _run("pretrain", "flora-r8", lr, val=v, test=v, status="diverged" if seed == 1 else "ok")
+        r.seed = seed
+        runs.append(r)
+    row = _chosen(runs)[0]
+    assert not row.ok and row.run.lr in (1e-3, 2e-3)

@@ -44,20 +44,20 @@ def by_lr(rs: list[RunResult]) -> dict[float, list[RunResult]]:
 
 def best_lr(lrs: dict, metric: str):
     """The key of ``lrs`` (:func:`by_lr`) with the best mean validation score, among the lrs
-    that ran on the most seeds: a mean over one seed is not compared with a mean over
-    three (an lr screened on seed 0 and not confirmed does not win by its one draw).
-    A tie goes to the lowest lr, whatever order the runs came in."""
+    that finished on the most seeds: a mean over one seed is not compared with a mean over
+    three (an lr screened on seed 0 and not confirmed does not win by its one draw). A
+    crashed run (``failed: ...``) is no seed finished, as in the suite; a diverged one is:
+    where every lr of the most seeds diverged on one, the chosen lr is not ok (an lr on
+    fewer seeds that did not diverge is no result yet). A tie goes to the lowest lr,
+    whatever order the runs came in."""
     def seeds(k):
-        return len({r.seed for r in lrs[k]})
+        return len({r.seed for r in lrs[k] if not r.status.startswith("failed")})
 
     def key(k):
         return lr_score(lrs[k], metric), -(k if isinstance(k, float) else math.inf)
 
     most = max(seeds(k) for k in lrs)
-    best = max((k for k in lrs if seeds(k) == most), key=key)
-    if lr_score(lrs[best], metric) == -math.inf:  # every lr of the most seeds broke on one: any that did not
-        best = max(lrs, key=key)
-    return best
+    return max((k for k in lrs if seeds(k) == most), key=key)
 
 
 def choose(runs: list[RunResult], metrics: dict[str, str]) -> list[Chosen]:
