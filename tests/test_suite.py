@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 
 import pytest
 import torch
@@ -83,6 +84,11 @@ def test_scoring_picks_the_lr_by_mean_validation_loss_and_ranks_by_the_worst_tas
     rank = {r["optimizer"]: r for r in score.ranking(chosen, space.KAPPA, ["a", "b"])}
     assert rank[c]["worst_task"] == "b"
     assert rank[c]["worst"] == pytest.approx(1.05 / 1.01)
+    # its spread: the ratio seed by seed (the floor's test loss moves with the seed, the candidate's not)
+    assert rank[c]["worst_std"] == pytest.approx(statistics.stdev([1.05 / 1.0, 1.05 / 1.01, 1.05 / 1.02]))
+    assert rank[f]["worst_std"] == pytest.approx(0.0, abs=1e-12)
+    md = score.markdown(chosen, gaps, list(rank.values()), {}, ["a", "b"])
+    assert f"| {c} | {space.KAPPA} | {1.05 / 1.01:.4f} ± {rank[c]['worst_std']:.4f} | b |" in md
     assert score.position(1.7, 2.0, 1.8) == pytest.approx(1.5)
 
 

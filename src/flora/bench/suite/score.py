@@ -141,6 +141,14 @@ def paired(a: dict, b: dict) -> tuple[float | None, float | None, int]:
     return m, sd, len(d)
 
 
+def ratio_std(a: dict, b: dict) -> float | None:
+    """The sample std over the seeds both ran of a's test loss / b's, seed by seed: the
+    spread of a ratio of means such as the worst case (None for fewer than two seeds)."""
+    r = [a["per_seed"][s] / b["per_seed"][s] for s in a["per_seed"] if s in b["per_seed"]
+         and a["per_seed"][s] is not None and b["per_seed"][s]]
+    return _mean_std(r)[1]
+
+
 def goal_check(chosen: list[dict], tasks: list[str], kappa: int = KAPPA) -> list[dict]:
     """The issue's two quality goals per Flora candidate and task, on paired seeds: r8
     beats the floor by more than one std (``beats_floor``), r32 matches or beats the
@@ -206,8 +214,11 @@ def ranking(chosen: list[dict], kappa: int, tasks: list[str]) -> list[dict]:
             ratios[task] = c["test_loss"] / f["test_loss"]
             pos[task] = position(c["test_loss"], f["test_loss"], t["test_loss"] if t else None)
         if ratios or diverged:
+            worst_task = max(ratios, key=ratios.get) if ratios else None
             out.append({"optimizer": opt, "kappa": kappa, "worst": max(ratios.values()) if ratios else None,
-                        "worst_task": max(ratios, key=ratios.get) if ratios else None,
+                        "worst_task": worst_task,
+                        "worst_std": None if worst_task is None else ratio_std(
+                            _find(chosen, worst_task, opt, kappa), _find(chosen, worst_task, FLOOR)),
                         "mean": statistics.fmean(ratios.values()) if ratios else None,
                         "ratios": ratios, "positions": pos, "missing": missing, "diverged": diverged})
     # a candidate that diverged on a task at its best lr is worse there than any that finished
@@ -280,10 +291,11 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int =
     if notes:
         lines += ["", "## Warnings: what the figures below rest on", ""] + notes
     lines += ["", "## Candidates by their worst case (max over tasks of test loss / floor's)", "",
+              "The worst ratio is of the means; ± the std over seeds of the same ratio seed by seed (paired).", "",
               "| optimizer | kappa | worst | on | mean | tasks missing |", "| --- | ---: | ---: | --- | ---: | --- |"]
     for r in ranks:
         div = r.get("diverged") or []
-        worst = f"{r['worst']:.4f}" if r["worst"] is not None else "-"
+        worst = "-" if r["worst"] is None else _fmt(r["worst"], r.get("worst_std"))
         if div:  # diverged at its best lr: worse there than any ratio
             worst = f"diverged on {', '.join(div)}" + ("" if r["worst"] is None else f"; else {worst}")
         lines.append(f"| {r['optimizer']} | {r['kappa']} | {worst} | {r['worst_task'] or '-'} | "
