@@ -16,11 +16,11 @@ from . import checkpoint
 from .cycle import Cycle
 from .engine import Engine
 from .estimator import plan_row
-from .fused import check_fused_optimizer, check_holds_some
+from .fused import check_fused_optimizer
 from .hooks import Hooks, attach, check_unattached, detach
 from .integrations import unwrap, wrapper_scaler
 from .._validation import plain
-from .options import Option, Options, check_options, make_slots, named_params, resolve_exclude
+from .options import Option, Options, check_holds_some, check_options, make_slots, named_params, resolve_exclude
 from .ddp import DDPSteps, check_ddp_fused
 from .replicas import is_ddp
 from .units import guard_gradient_sync

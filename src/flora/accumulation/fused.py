@@ -11,7 +11,6 @@ the cycle's, which ``last_grad_norm`` reports."""
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
 
 import torch
@@ -21,27 +20,7 @@ from ..optimizer import Flora
 from .cycle import Cycle
 from .estimator import Slot
 
-__all__ = ["FusedStepper", "check_fused_optimizer", "check_holds_some", "patch_zero_grad", "unpatch_zero_grad"]
-
-
-def check_holds_some(optimizer: Optimizer, slots: list[Slot], fused: bool) -> None:
-    """``optimizer=`` should step at least one of the accumulator's parameters: its step
-    closes their cycle (normal mode), or steps them (fused). One that holds none (another
-    model's) had closed this model's cycle at each of its own steps, silently (a probe: 8
-    cycles instead of 2): refused in fused mode, which cannot step them; said in normal mode,
-    where an optimizer of master copies (a bf16 model's fp32 weights) or one filled later
-    (``add_param_group``) holds none of them and still works on full cycles."""
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    if not slots or any(id(s.param) in held for s in slots):
-        return
-    what = (f"CompressedAccumulator(optimizer=...): the optimizer holds none of the accumulator's {len(slots)} "
-            f"parameter(s) ({', '.join(repr(s.name) for s in slots[:3])}{', ...' if len(slots) > 3 else ''})")
-    if fused:
-        raise ValueError(f"{what}, so nothing would step them; give the optimizer of this model's parameters")
-    warnings.warn(f"{what}: each of its steps closes this model's open cycle (another model's optimizer "
-                  "would close it at every one of its steps). If it steps copies of these parameters (fp32 "
-                  "masters) or gets them later (add_param_group), this is expected; otherwise give this "
-                  "model's optimizer, or none", UserWarning, stacklevel=3)
+__all__ = ["FusedStepper", "check_fused_optimizer", "patch_zero_grad", "unpatch_zero_grad"]
 
 
 def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
