@@ -1144,6 +1144,38 @@ def test_fused_mode_refuses_a_parameter_unfrozen_after_it_was_built():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_whole_model_pickles_while_an_accumulator_is_attached(fused):
+    """torch.save(model) (the whole module, not its state_dict) and a deep copy kept as the
+    best model so far, with an accumulator attached: its forward pre-hook on the model was
+    a closure, and pickling failed ("Can't pickle local object", a probe). The copy carries
+    a no-op in the hook's place (it is not the accumulator's model); the original is still
+    watched: a parameter unfrozen after the accumulator was built is still refused in
+    fused mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    model[2].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    CompressedAccumulator(model, rank=2, tau=2, optimizer=opt, fused=fused)
+    buf = io.BytesIO()
+    torch.save({"model": model, "best": copy.deepcopy(model)}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    for copied in (saved["model"], saved["best"], copy.deepcopy(model)):
+        copied[2].requires_grad_(True)  # unwatched: no refusal, no warning; it trains as any model
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            copied(torch.randn(8, 4)).pow(2).mean().backward()
+        assert copied[2].weight.grad is not None
+    model[2].requires_grad_(True)
+    if fused:
+        with pytest.raises(ValueError, match="not given to the accumulator .*unfrozen after"):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+    else:
+        with pytest.warns(UserWarning, match="not given to the accumulator"):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+
+
 def test_fused_mode_lets_a_parameter_be_frozen_between_cycles():
     """The per-cycle check above must not take a parameter frozen since the accumulator was
     built (still in the optimizer, no longer trainable) for one missing from the optimizer:

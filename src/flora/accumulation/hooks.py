@@ -30,6 +30,7 @@ from .engine import Engine
 from .estimator import Slot
 from .fused import patch_zero_grad, unpatch_zero_grad
 from .integrations import unwrap
+from .units import ModelHook
 
 __all__ = ["Hooks", "ATTACHED", "attached", "check_unattached", "attach", "detach"]
 
@@ -202,7 +203,7 @@ class Hooks:
                     "it was built, added, or switched to by peft's set_adapter): fused mode steps only its own, so "
                     "they would never step. Build a new accumulator (acc.remove() first) after the change")
 
-        self.unfrozen = model.register_forward_pre_hook(check, prepend=bool(sharded))
+        self.unfrozen = model.register_forward_pre_hook(ModelHook(check), prepend=bool(sharded))
 
     def global_guard(self):
         """torch's global optimizer step pre-hook, closing a short cycle for any optimizer

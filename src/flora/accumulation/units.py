@@ -24,7 +24,7 @@ from torch import nn
 
 from .estimator import Slot
 
-__all__ = ["Units", "fsdp_units", "guard_gradient_sync"]
+__all__ = ["ModelHook", "Units", "fsdp_units", "guard_gradient_sync"]
 
 
 def fsdp_units(model_or_params, slots: list[Slot], sharded: set[int]) -> dict[int, int]:
@@ -87,6 +87,31 @@ def _syncs(m) -> bool:
     return getattr(group, "reduce_grads", True) if group is not None else True
 
 
+class _Inert:
+    """What a :class:`ModelHook` becomes in a pickled or deep-copied model: a no-op."""
+
+    def __call__(self, module, args):
+        return None
+
+
+class ModelHook:
+    """A forward pre-hook the accumulator puts on the user's model. It watches that model
+    only, so a copy of the model (``torch.save(model)``, a deep copy kept as the best so
+    far) carries a no-op in its place: a closure there could not be pickled, and saving
+    the whole model failed while an accumulator was attached (a probe)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, module, args):
+        return self.fn(module, args)
+
+    def __reduce__(self):
+        return (_Inert, ())
+
+
 def guard_gradient_sync(model_or_params):
     """A forward pre-hook on the model that refuses a forward pass while FSDP2's gradient
     sync is off on any of its ``fully_shard`` modules; None when there are none."""
@@ -105,4 +130,4 @@ def guard_gradient_sync(model_or_params):
 
     # Before FSDP2's own pre-forward hooks: a refusal after them would leave the all-gathers
     # they launched unwaited (a process then aborts at exit).
-    return model_or_params.register_forward_pre_hook(check, prepend=True)
+    return model_or_params.register_forward_pre_hook(ModelHook(check), prepend=True)
