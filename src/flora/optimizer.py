@@ -33,7 +33,7 @@ from .stacks import StateStacks
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen", "_factor_dims_seen_p", "_stacks", "_states_seen", "_shapes_checked",
+            "_transposed", "_factor_dims_seen", "_stacks", "_states_seen", "_shapes_checked",
             "_groups_checked", "_seeds_checked", "_stepped_under", "_taken", "_constants_seen", "_foreign_warned")
 
 # The group options a compiled core takes as constants (functional.Spec): each new value
@@ -234,10 +234,9 @@ class Flora(Optimizer):
         self._stacks = StateStacks()
         self._shapes_checked: dict[int, tuple] = {}  # id(p) -> the (shape, dtype) its state was checked to fit
         self._groups_checked: dict[int, tuple] = {}  # id(group) -> its option values step_parameter last checked
-        # id(group) and id(parameter) -> the options their state was last checked against
-        # (_check_options_fit_state, _check_parameter_options_fit): _layout_key's tuple
-        self._factor_dims_seen: dict[int, tuple] = {}  # id(group) -> (id of its params list, layout key)
-        self._factor_dims_seen_p: dict[int, tuple] = {}
+        # id(group) -> (id of its params list, _layout_key's tuple) its states were last checked
+        # against (_check_options_fit_state); a parameter's own is _stepped_under's
+        self._factor_dims_seen: dict[int, tuple] = {}
         # (group index, id(shard process group), seed) checked equal on every rank (sharded.check_seeds)
         self._seeds_checked: set = set()
         # id(p) -> the group layout (_layout_key) p last stepped under: a parameter moved into
@@ -272,6 +271,8 @@ class Flora(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # The projection cache is rebuilt on demand and the skip counter is monitoring.
         # How it steps (compile=...) is kept: torch's own state holds groups and state only.
+        if hasattr(self, "_stepped_under"):
+            self._check_layouts("a copy or pickle of Flora")
         out = {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
         out.update(_compile=self._compile, _kernel=self._kernel)
         return out
@@ -412,8 +413,8 @@ class Flora(Optimizer):
             key = _layout_key(group)
             seen = self._layout_seen(group)
             if seen != key:
-                for p in group["params"]:
-                    self._check_state_fits(p, group, seen)
+                for p in group["params"]:  # against what it last stepped under (step_parameter's too)
+                    self._check_state_fits(p, group, self._stepped_under.get(id(p)) or seen)
                 self._factor_dims_seen[id(group)] = (id(group["params"]), key)
 
     def _layout_seen(self, group: dict) -> tuple | None:
@@ -431,6 +432,9 @@ class Flora(Optimizer):
         (an lr of NaN, a beta1 of 1.5) is refused before it steps, as ``step()`` refuses it."""
         if self._groups_checked.get(id(group)) != _option_values(group):
             plain_group(group)
+            # maximize=True or a numeric momentum edited in: refused as step() refuses them (fused
+            # accumulation had stepped on, descending: a probe)
+            _check_foreign_keys(group, self._foreign_warned)
             check_grads([{**group, "params": [p]}], self.state)
             # relative_step with lr 0 is refused by what each parameter holds (its state, its
             # gradient): checked at every call then, not once for the group (a probe: the
@@ -438,14 +442,46 @@ class Flora(Optimizer):
             if not (group["relative_step"] and group["lr"] is not None):
                 self._groups_checked[id(group)] = _option_values(group)
 
-    def _check_parameter_options_fit(self, p: torch.Tensor, group: dict) -> None:
-        """step_parameter's form of :meth:`_check_options_fit_state`: this parameter only
-        (a memo per parameter), so that it never walks the group."""
+    def _check_parameter_options_fit(self, p: torch.Tensor, group: dict) -> tuple:
+        """step_parameter's form of :meth:`_check_options_fit_state`: this parameter only, so
+        that it never walks the group, against the layout it last stepped under, whichever
+        call stepped it (step_parameter had kept a memo of its own, which step() never updated:
+        a state made anew after a seed edit was refused, or one made under the edit was
+        stepped under the old seed when it was set back, a probe). Returns the layout now."""
         key = _layout_key(group)
-        seen = self._factor_dims_seen_p.get(id(p), self._layout_seen(group))
+        seen = self._stepped_under.get(id(p)) or self._layout_seen(group)
         if seen != key:
             self._check_state_fits(p, group, seen)
-            self._factor_dims_seen_p[id(p)] = key
+        return key
+
+    def _check_layouts(self, caller: str) -> None:
+        """Every state against the layout options of its group now (seed, projection, rank,
+        ...): an edit since the last step that a state does not fit is refused here, as the
+        next step would refuse it. state_dict(), a copy and a pickle call this: the copy checks
+        its next step against its (edited) groups, so it had stepped the states under the
+        edit, a scrambled momentum (a probe)."""
+        for group in self.param_groups:
+            if any(k not in group for k in _LAYOUT_KEYS):  # pickled before an option existed: filled on load
+                continue
+            key, seen = _layout_key(group), self._layout_seen(group)
+            for p in group["params"]:
+                was = self._stepped_under.get(id(p)) or seen
+                if was is not None and was != key and self.state.get(p):
+                    try:
+                        self._check_state_fits(p, group, was)
+                    except ValueError as e:
+                        raise ValueError(f"{caller}: {e}") from None
+
+    def check_options(self) -> None:
+        """Every group's options, and every state against them, as ``step()`` checks them
+        before any change. Fused accumulation calls this once a cycle, before the cycle's
+        first step: stepping parameter by parameter, a refused edit of a group whose
+        gradients come late had been found after other groups had stepped (a probe)."""
+        for group in self.param_groups:
+            plain_group(group)
+            _check_foreign_keys(group, self._foreign_warned)
+        check_grads(self.param_groups, self.state)
+        self._check_layouts("step")
 
     def _check_state_fits(self, p: torch.Tensor, group: dict, seen: tuple | None) -> None:
         """``seen``: the group's layout options at its last step (None: not known)."""
@@ -460,7 +496,6 @@ class Flora(Optimizer):
         """The groups' layout options as the state now stands (after a load: the saved ones),
         so that an edit before the next step is checked against them."""
         self._factor_dims_seen = {id(g): (id(g["params"]), _layout_key(g)) for g in self.param_groups}
-        self._factor_dims_seen_p = {}
         # each state's group layout as now (a parameter moved into a group of another seed
         # after a load or a copy is checked as before it: a probe)
         self._stepped_under = {id(p): self._factor_dims_seen[id(g)][1] for g in self.param_groups
@@ -683,8 +718,8 @@ class Flora(Optimizer):
             self.step_parameters([p])  # its sums over the shards: two all-reduces
             return
         self._check_group_options(group, p)
-        self._check_parameter_options_fit(p, group)
-        index = self._prepare_state(p, group, index)
+        key = self._check_parameter_options_fit(p, group)
+        index = self._prepare_state(p, group, index, key)
         # on the grouped path, a bucket of one: the same arithmetic as step()'s buckets
         work = self._work([p], [self.state[p]], group, [index],
                           grouped=_grouped(group, p, self._compile is not None))
@@ -716,12 +751,11 @@ class Flora(Optimizer):
         check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
         for _, group, _ in found:  # (options of another library's numbers: as Python's, as step() makes them)
             plain_group(group)
-        for p, group, _ in found:
-            self._check_parameter_options_fit(p, group)
+        keys = [self._check_parameter_options_fit(p, group) for p, group, _ in found]
         sharded.check_seeds(self.param_groups, self._seeds_checked, only={id(p) for p, _, _ in found})
         entries = []
-        for p, group, index in found:
-            entries.append((p, self.state[p], group, self._prepare_state(p, group, index)))
+        for (p, group, index), key in zip(found, keys):
+            entries.append((p, self.state[p], group, self._prepare_state(p, group, index, key)))
         if self._compile is not None:  # fused accumulation's steps say so too (a probe)
             self._warn_sharded_eager(2)
         sharded.sharded_step(entries, projections=self._projections, count_skip=self._count_skip, sums=sums)
@@ -818,6 +852,7 @@ class Flora(Optimizer):
             raise ValueError(f"state_dict(): {len(stray)} parameter(s) of shape {shapes} have a state but are in no "
                              "param group (taken out of a group's list after they stepped). Drop their state first "
                              "(opt.state.pop(p) for each), or put them back into a group")
+        self._check_layouts("state_dict()")
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

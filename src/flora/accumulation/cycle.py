@@ -41,6 +41,7 @@ class Cycle:
     doubted: bool = False
     backwards: int = 0  # reduce=True: backward passes finished in this cycle
     fused_checked: bool = False  # fused mode: the optimizer's trainable parameters checked this cycle
+    options_checked: bool = False  # fused mode: flora.Flora's options checked before the cycle's first step
     # Normal mode: slot -> (the placeholder left in .grad of a compressed parameter between
     # backward passes, its version). zero_grad() replaces or zeroes it: that is how a
     # discarded micro-batch is seen.

@@ -56,7 +56,18 @@ class FusedStepper:
         self.optimizer, self.opts = optimizer, opts
         self.inside = False  # in the optimizer's step() for one parameter: its step hooks must not act
 
+    def check_options(self, c: Cycle) -> None:
+        """flora.Flora's options, every group's, before the cycle's first step (and before
+        the gradient is unscaled or clipped): an option edited between cycles is refused
+        before any parameter steps, as step() refuses it, not when a late group's first
+        parameter comes (a probe: the other groups had stepped)."""
+        if not c.options_checked:
+            if isinstance(self.optimizer, Flora):
+                self.optimizer.check_options()
+            c.options_checked = True
+
     def step(self, p: torch.Tensor, c: Cycle) -> None:
+        self.check_options(c)
         if self.prepare(p, c):
             self.step_ready([p])
         p.grad = None
@@ -103,6 +114,7 @@ class FusedStepper:
     def step_bucket(self, params: list[torch.Tensor], c: Cycle) -> None:
         """DDP: step these parameters (a bucket's) while others may hold gradients that
         wait for their own bucket's all-reduce: those are hidden from the optimizer."""
+        self.check_options(c)
         ready = [p for p in params if self.prepare(p, c)]
         if ready and not hasattr(self.optimizer, "step_parameter"):
             mine = {id(p) for p in ready}
@@ -131,6 +143,7 @@ class FusedStepper:
 
         from ..sharded import layout
 
+        self.check_options(c)
         opt, scaling = self.optimizer, self.opts.scaler is not None and self.opts.scaler.is_enabled()
         ride = isinstance(opt, Flora) and self.opts.max_grad_norm is None and not scaling
         by_group: dict = {}

@@ -345,6 +345,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     _run_jobs(jobs, runs, workers=workers, runner=runner, cfgs=cfgs, cache=cache, seed=args.seed,
               seeded=args.seeds > 1, progress=progress, grids=grids, record=meta["lr_extension"],
               save=lambda: _finish(out, runs, cfgs, meta, t0, plots=False, partial=True))
+    # in the plan's order, not the order the runs finished in (two workers: either)
+    order = {label: i for i, label in enumerate(meta["lr_extension"]["grids"])}
+    meta["lr_extension"]["capped"].sort(key=lambda label: order.get(label, len(order)))
     rows, meta, paths = _finish(out, runs, cfgs, meta, t0, plots=True)
     if not args.out and not args.resume:  # a new default folder (a resumed run keeps its own)
         _point_latest(out)
