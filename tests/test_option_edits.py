@@ -167,3 +167,13 @@ def test_fused_accumulation_refuses_an_edit_before_any_group_steps(key, value, w
         _backward(model, 3)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert [s["step"] for s in opt.state.values()] == steps and acc.cycle == 1
+
+
+def test_summary_of_a_dense_momentum_the_rule_would_now_compress():
+    """summary() of a state made dense under other options said "dense: dense: ..."."""
+    model = _model()
+    opt = Flora(model.parameters(), lr=1e-2, rank=None, beta1=0.9)
+    _steps(model, opt, 2)
+    opt.param_groups[0]["rank"] = 2
+    text = opt.summary()
+    assert "dense: its state holds a dense momentum" in text and "dense: dense" not in text

@@ -45,7 +45,7 @@ def plan(opt) -> list[dict[str, Any]]:
                 row.update(compressed=True, proj_dim=int(st["proj_dim"]), momentum_shape=tuple(held.shape),
                            momentum_dtype=str(held.dtype).removeprefix("torch."))
             elif reason is None and isinstance(st.get("exp_avg"), torch.Tensor):
-                row.update(compressed=False, reason="dense: its state holds a dense momentum (made under other "
+                row.update(compressed=False, reason="its state holds a dense momentum (made under other "
                                                     "options or an older version's rule)")
             elif reason is None:
                 dim = sharded.momentum_dim(shape, group) if is_dtensor(p) else momentum_dim(shape, group)
