@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -177,3 +178,35 @@ def test_summary_of_a_dense_momentum_the_rule_would_now_compress():
     opt.param_groups[0]["rank"] = 2
     text = opt.summary()
     assert "dense: its state holds a dense momentum" in text and "dense: dense" not in text
+
+
+@pytest.mark.parametrize("how", ["step", "fused"])
+def test_a_frozen_parameter_moved_into_another_group_is_said_not_refused(how):
+    """A parameter stepped in one group, frozen, then moved into a group of another seed:
+    step() checks it only once it has a gradient again, so fused accumulation's cycle
+    check and a save must not refuse it (a review: every fused cycle and every
+    checkpoint refused, the run having trained on); a save warns once that a copy would
+    not know what its state was made under. An edit of its own group is refused, as
+    step() refuses it."""
+    model = _model()
+    opt = Flora([{"params": model[0].parameters()}, {"params": model[2].parameters(), "seed": 3}], lr=1e-2, rank=4,
+                beta1=0.9)
+    acc = CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True) if how == "fused" else None
+    _steps(model, opt, 1) if acc is None else (_backward(model, 0), _backward(model, 1))
+    w = model[0].weight
+    w.requires_grad_(False)
+    opt.param_groups[0]["params"].remove(w)
+    opt.param_groups[1]["params"].append(w)
+    for s in range(2, 6):
+        _backward(model, s)
+        if acc is None:
+            opt.step()
+            opt.zero_grad()
+    with pytest.warns(UserWarning, match="frozen parameter's state does not fit"):
+        opt.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        copy.deepcopy(opt)
+    opt.param_groups[1]["seed"] = 4  # an edit of its group: refused whatever has a gradient
+    with pytest.raises(ValueError, match="seed=4"):
+        opt.state_dict()

@@ -34,7 +34,7 @@ from .stacks import StateStacks
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
             "_transposed", "_factor_dims_seen", "_stacks", "_states_seen", "_shapes_checked",
-            "_groups_checked", "_seeds_checked", "_stepped_under", "_taken", "_constants_seen", "_foreign_warned")
+            "_groups_checked", "_seeds_checked", "_stepped_under", "_layout_warned", "_taken", "_constants_seen", "_foreign_warned")
 
 # The group options a compiled core takes as constants (functional.Spec): each new value
 # compiles new graphs (lr is handed to the graph as a tensor instead).
@@ -242,6 +242,7 @@ class Flora(Optimizer):
         # id(p) -> the group layout (_layout_key) p last stepped under: a parameter moved into
         # another group (add_param_group, a group replaced) is checked against it
         self._stepped_under: dict[int, tuple] = {}
+        self._layout_warned: set[int] = set()  # id(p): a frozen parameter's misfit state, said once (_check_layouts)
         # (the indices of the states, len(self.state) then): a new state's index must be free
         self._taken: tuple[set, int] | None = None
         self._states_seen = 0  # len(self.state) after the last step's prelude
@@ -272,7 +273,7 @@ class Flora(Optimizer):
         # The projection cache is rebuilt on demand and the skip counter is monitoring.
         # How it steps (compile=...) is kept: torch's own state holds groups and state only.
         if hasattr(self, "_stepped_under"):
-            self._check_layouts("a copy or pickle of Flora")
+            self._check_layouts("a copy or pickle of Flora", saving=True)
         out = {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
         out.update(_compile=self._compile, _kernel=self._kernel)
         return out
@@ -454,23 +455,35 @@ class Flora(Optimizer):
             self._check_state_fits(p, group, seen)
         return key
 
-    def _check_layouts(self, caller: str) -> None:
-        """Every state against the layout options of its group now (seed, projection, rank,
-        ...): an edit since the last step that a state does not fit is refused here, as the
-        next step would refuse it. state_dict(), a copy and a pickle call this: the copy checks
-        its next step against its (edited) groups, so it had stepped the states under the
-        edit, a scrambled momentum (a probe)."""
+    def _check_layouts(self, caller: str, *, saving: bool) -> None:
+        """Every trainable parameter's state against the layout options of its group now
+        (seed, projection, rank, ...): an edit since the last step (or a move into another
+        group) that a state does not fit is refused here, as the next step would refuse it.
+        state_dict(), a copy and a pickle call this (``saving``): the copy checks its next
+        step against its (edited) groups, so it had stepped the states under the edit, a
+        scrambled momentum (a probe). A frozen parameter moved into a group of other options
+        is checked by a step only once it has a gradient again, so it is not refused here
+        either (a review: it refused every fused cycle and every checkpoint); a save says,
+        once, that a copy would lose what its state was made under. An edit of its group is
+        refused, as step() refuses it whatever has a gradient."""
         for group in self.param_groups:
             if any(k not in group for k in _LAYOUT_KEYS):  # pickled before an option existed: filled on load
                 continue
             key, seen = _layout_key(group), self._layout_seen(group)
+            edited = seen is not None and seen != key  # step() then checks every state of the group
             for p in group["params"]:
                 was = self._stepped_under.get(id(p)) or seen
-                if was is not None and was != key and self.state.get(p):
-                    try:
-                        self._check_state_fits(p, group, was)
-                    except ValueError as e:
+                if was is None or was == key or not self.state.get(p):
+                    continue
+                try:
+                    self._check_state_fits(p, group, was)
+                except ValueError as e:
+                    if p.requires_grad or edited:
                         raise ValueError(f"{caller}: {e}") from None
+                    if saving and id(p) not in self._layout_warned:
+                        self._layout_warned.add(id(p))
+                        warnings.warn(f"{caller}: a frozen parameter's state does not fit its group's options, and a "
+                                      f"copy or a resumed run would not know it ({e})", UserWarning, stacklevel=4)
 
     def check_options(self) -> None:
         """Every group's options, and every state against them, as ``step()`` checks them
@@ -481,7 +494,7 @@ class Flora(Optimizer):
             plain_group(group)
             _check_foreign_keys(group, self._foreign_warned)
         check_grads(self.param_groups, self.state)
-        self._check_layouts("step")
+        self._check_layouts("step", saving=False)
 
     def _check_state_fits(self, p: torch.Tensor, group: dict, seen: tuple | None) -> None:
         """``seen``: the group's layout options at its last step (None: not known)."""
@@ -852,7 +865,7 @@ class Flora(Optimizer):
             raise ValueError(f"state_dict(): {len(stray)} parameter(s) of shape {shapes} have a state but are in no "
                              "param group (taken out of a group's list after they stepped). Drop their state first "
                              "(opt.state.pop(p) for each), or put them back into a group")
-        self._check_layouts("state_dict()")
+        self._check_layouts("state_dict()", saving=True)
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
