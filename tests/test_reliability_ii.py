@@ -349,11 +349,55 @@ def test_groups_taking_a_tensor_default_lr_are_scheduled_apart(foreach):
     buf.seek(0)
     opt.load_state_dict(torch.load(buf, weights_only=True))
     assert len({id(grp["lr"]) for grp in opt.param_groups}) == 3
-    # the explicit choice stands: a tensor the user hands two groups stays shared
+    # a tensor the user hands two groups: the later one gets a copy, said (kept shared, a
+    # ReduceLROnPlateau halved it once per group at each reduction, and a resume, which
+    # loads one tensor per group, then stepped otherwise than the run that never stopped: a probe)
     shared = torch.tensor(1e-2)
-    opt2 = Flora([{"params": [nn.Parameter(torch.randn(3, 3))], "lr": shared},
-                  {"params": [nn.Parameter(torch.randn(3, 3))], "lr": shared}], lr=1e-3)
-    assert opt2.param_groups[0]["lr"] is shared and opt2.param_groups[1]["lr"] is shared
+    with pytest.warns(UserWarning, match="group 1's lr is the tensor of group 0: it gets a copy"):
+        opt2 = Flora([{"params": [nn.Parameter(torch.randn(3, 3))], "lr": shared},
+                      {"params": [nn.Parameter(torch.randn(3, 3))], "lr": shared}], lr=1e-3)
+    assert opt2.param_groups[0]["lr"] is shared and opt2.param_groups[1]["lr"] is not shared
+    assert torch.equal(opt2.param_groups[1]["lr"], shared)
+
+
+def test_a_tensor_lr_given_to_two_groups_resumes_as_the_run_that_never_stopped():
+    """ReduceLROnPlateau over two groups given one lr tensor: each reduction halves each
+    group's lr once (it halved the shared tensor twice), and a resume from a checkpoint
+    continues to the bit."""
+    def build(seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ps = [nn.Parameter(torch.randn(8, 6, generator=g)) for _ in range(2)]
+        lr = torch.tensor(1e-2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = Flora([{"params": [ps[0]], "lr": lr}, {"params": [ps[1]], "lr": lr}], rank=2, beta1=0.9,
+                        scale_parameter=False)
+        return ps, opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+
+    def run(ps, opt, sched, steps):
+        for t in steps:
+            g = torch.Generator().manual_seed(100 + t)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            sched.step(1.0)  # no improvement after the first: every step reduces
+
+    ps, opt, sched = build()
+    run(ps, opt, sched, range(3))
+    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([1e-2 / 4] * 2)
+    saved = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "ps": [p.detach().clone() for p in ps]}, saved)
+    run(ps, opt, sched, range(3, 6))
+    saved.seek(0)
+    ck = torch.load(saved, weights_only=True)
+    ps2, opt2, sched2 = build(1)
+    with torch.no_grad():
+        for p, q in zip(ps2, ck["ps"]):
+            p.copy_(q)
+    opt2.load_state_dict(ck["opt"])
+    sched2.load_state_dict(ck["sched"])
+    run(ps2, opt2, sched2, range(3, 6))
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps2))
 
 
 # ------------------------------------------------------------ a Gaussian projection's carry-over

@@ -334,6 +334,18 @@ class Flora(Optimizer):
             # scheduler then fills in place group by group (the last group's lr wins for
             # all): a later group gets a copy of its own; the first keeps the tensor given
             param_group["lr"] = default_lr.clone()
+        elif isinstance(param_group.get("lr"), torch.Tensor):
+            holder = next((i for i, g in enumerate(self.param_groups) if g["lr"] is param_group["lr"]), None)
+            if holder is not None:
+                # one tensor given to two groups: a scheduler writes each group's lr in place,
+                # so each write reached both (ReduceLROnPlateau halved it twice a reduction),
+                # and a resume (which gives each group its own, __setstate__) then stepped
+                # otherwise than the run that never stopped (a probe)
+                warnings.warn(f"parameter group {len(self.param_groups)}'s lr is the tensor of group {holder}: it "
+                              "gets a copy of its own, as every group's lr is written in place by schedulers "
+                              "(one shared tensor would take each group's write); give each group its own tensor "
+                              "to silence this", UserWarning, stacklevel=3)
+                param_group["lr"] = param_group["lr"].clone()
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
         if hasattr(self, "_foreign_warned"):  # said above: not again at the step
             self._foreign_warned.update((id(self.param_groups[-1]), k) for k in _FOREIGN_KEYS if k in param_group)
