@@ -131,3 +131,35 @@ def test_a_gradient_of_another_shape_is_refused_before_any_change():
         opt.step()
     _assert_unchanged(model, opt, snap)
     assert not opt.state.get(new)
+
+
+@pytest.mark.parametrize("foreach", [False, True, None])
+def test_module_conversion_by_swapping_works_once_flora_has_stepped(foreach):
+    """Under torch.__future__.set_swap_module_params_on_conversion(True) (and for tensor-
+    subclass parameters, always) model.to(...) and load_state_dict swap each parameter's
+    contents with torch.utils.swap_tensors, which refuses a tensor that has a weak
+    reference: Flora's step counters and step_parameter's map held one, so the model could
+    not be converted once Flora had stepped (a probe). They hold none now; the run then
+    steps as the same run converted in place."""
+    def run(swap):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 4))
+        opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2, foreach=foreach)
+        g = torch.Generator().manual_seed(1)
+        xs = [torch.randn(8, 12, generator=g) for _ in range(6)]
+        before = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        try:
+            for i, x in enumerate(xs):
+                if i == 3:
+                    model.to(torch.float64)
+                    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+                model(x.to(next(model.parameters()).dtype)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(before)
+        return [p.detach().clone() for p in model.parameters()]
+
+    swapped, in_place = run(True), run(False)
+    assert all(a.dtype == torch.float64 and torch.equal(a, b) for a, b in zip(swapped, in_place))

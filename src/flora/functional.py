@@ -44,7 +44,6 @@ moment.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -136,10 +135,15 @@ class DeviceSteps:
     compiled core reads the count as a 0-dim view of it (:func:`_count_step`)."""
 
     def __init__(self) -> None:
-        # id(param) -> (a weak reference to it, counter tensor, the count it holds once the
-        # pending step ran); weak, so that a parameter taken out of the groups and deleted
-        # is freed (with its .grad), as torch's optimizers free it; its entry goes with it
-        self._d: dict[int, tuple[weakref.ref, torch.Tensor, int]] = {}
+        # id(param) -> (its counter tensor, the count it holds once the pending step ran). No
+        # reference to the parameter, not even a weak one: torch.utils.swap_tensors (module
+        # conversion under torch.__future__.set_swap_module_params_on_conversion) refuses a
+        # tensor with a weak reference (a probe: model.to(float64) failed once Flora had
+        # stepped). A counter found at a reused id is still right: its device and dtype are
+        # checked, and its value is rewritten whenever its count is not the state's. The
+        # optimizer drops the entries of parameters no longer in its groups (:meth:`keep`),
+        # so a pruned layer's counter goes with it.
+        self._d: dict[int, tuple[torch.Tensor, int]] = {}
         # id(a compiled bucket's first param) -> (its k x 1 counters, their rows)
         self._stacks: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
@@ -150,16 +154,10 @@ class DeviceSteps:
         self._d.clear()
         self._stacks.clear()
 
-    def _ref(self, p: torch.Tensor) -> weakref.ref:
-        hit = self._d.get(id(p))
-        if hit is not None and hit[0]() is p:
-            return hit[0]
-        d, key = self._d, id(p)
-
-        def gone(r: weakref.ref) -> None:
-            if d.get(key, (None,))[0] is r:
-                del d[key]
-        return weakref.ref(p, gone)
+    def keep(self, ids: set[int]) -> None:
+        """Only the counters of the parameters whose ids are given (those in the groups)."""
+        self._d = {k: v for k, v in self._d.items() if k in ids}
+        self._stacks = {k: v for k, v in self._stacks.items() if k in ids}
 
     def take(self, params: list[torch.Tensor], n: int, dtype: torch.dtype) -> list[torch.Tensor]:
         """The counters of ``params`` (whose ``state["step"]`` is ``n`` before this step),
@@ -167,13 +165,13 @@ class DeviceSteps:
         out = []
         for p in params:
             hit = self._d.get(id(p))
-            if hit is not None and hit[0]() is p and hit[1].device == p.device and hit[1].dtype == dtype:
-                c = hit[1]
-                if hit[2] != n:
+            if hit is not None and hit[0].device == p.device and hit[0].dtype == dtype:
+                c = hit[0]
+                if hit[1] != n:
                     c.fill_(float(n))
             else:
                 c = torch.full((1,), float(n), dtype=dtype, device=p.device)
-            self._d[id(p)] = (self._ref(p), c, n + 1)
+            self._d[id(p)] = (c, n + 1)
             out.append(c)
         return out
 
@@ -184,26 +182,23 @@ class DeviceSteps:
         hit = self._stacks.get(key)
         entries = [self._d.get(id(p)) for p in params]
         if hit is not None and len(hit[1]) == len(params) and all(
-                e is not None and e[0]() is p and e[1] is v
-                for p, e, v in zip(params, entries, hit[1])) and hit[0].dtype == dtype and \
+                e is not None and e[0] is v for e, v in zip(entries, hit[1])) and hit[0].dtype == dtype and \
                 hit[0].device == params[0].device:
             base, views = hit
-            if any(e[2] != n for e in entries):
+            if any(e[1] != n for e in entries):
                 base.fill_(float(n))
-            refs = [e[0] for e in entries]
         else:
             base = torch.full((len(params), 1), float(n), dtype=dtype, device=params[0].device)
             views = list(base.unbind(0))
             self._stacks[key] = (base, views)
-            refs = [self._ref(p) for p in params]
-        for p, r, v in zip(params, refs, views):
-            self._d[id(p)] = (r, v, n + 1)
+        for p, v in zip(params, views):
+            self._d[id(p)] = (v, n + 1)
         return base
 
     def get(self, p: torch.Tensor) -> torch.Tensor | None:
         """``p``'s counter tensor, or None before its first step."""
         hit = self._d.get(id(p))
-        return hit[1] if hit is not None and hit[0]() is p else None
+        return hit[0] if hit is not None else None
 
 
 # ------------------------------------------------------------------ the prelude

@@ -4,7 +4,6 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any, Iterable
 
 import torch
@@ -580,6 +579,8 @@ class Flora(Optimizer):
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
         if compiled:
             self._watch_graph_constants()
+        if len(self._device_steps) > index:  # a parameter left the groups: its counter goes too
+            self._device_steps.keep({id(p) for g in self.param_groups for p in g["params"]})
         self._states_seen = len(self.state)
         return plan
 
@@ -696,13 +697,17 @@ class Flora(Optimizer):
             where, index = {}, 0
             for gi, group in enumerate(groups):
                 for j, q in enumerate(group["params"]):
-                    where[id(q)] = (weakref.ref(q), gi, j, index)  # weak: a removed parameter is let go
+                    # no reference to q, not even a weak one (torch.utils.swap_tensors refuses a
+                    # tensor that has one): a hit is checked where it points, below
+                    where[id(q)] = (gi, j, index)
                     index += 1
             self._where = (key, where)
+            if len(self._device_steps) > index:  # a parameter left the groups: its counter goes too
+                self._device_steps.keep(set(where))
         hit = self._where[1].get(id(p))
-        if hit is None or hit[0]() is not p:
+        if hit is None:
             return None
-        _, gi, j, index = hit
+        gi, j, index = hit
         group = groups[gi] if gi < len(groups) else None
         if group is None or j >= len(group["params"]) or group["params"][j] is not p:
             return None  # moved since the map was made: _find looks again
