@@ -379,3 +379,14 @@ def test_a_momentum_narrowed_on_its_way_in_is_named():
         warnings.simplefilter("always")
         Flora(_net().parameters(), rank=4, **OPTS).load_state_dict(sd_ok)
     assert not [w for w in seen if "narrower" in str(w.message)]
+    # a model cast to float64 after a step and saved before the next: the default ("auto")
+    # group's bfloat16 momentum is what it holds, widened at its next step; nothing was
+    # rounded on the way in, and the load said so (a probe)
+    model = _net()
+    opt = Flora(model.parameters(), rank=4, **OPTS)
+    _step(model, opt, _batches(1)[0])
+    model.double()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Flora(model.parameters(), rank=4, **OPTS).load_state_dict(opt.state_dict())
+    assert not [w for w in seen if "narrower" in str(w.message)]

@@ -295,6 +295,11 @@ def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:
     narrowed = 0
     for pid, s in states.items():
         p, group = id_to_param[pid]
+        if group.get("momentum_dtype") == "auto":
+            # what "auto" stores follows the parameter's dtype, which may have changed since
+            # the state was made (model.double() before the save): a narrower momentum is
+            # widened at the next step, nothing was rounded (a probe saw this warned)
+            continue
         want = momentum_storage(group, p.dtype)
         for k in ("exp_avg_c", "exp_avg"):
             v = s.get(k)
