@@ -169,3 +169,37 @@ def test_an_optimizer_of_another_model_is_refused_in_fused_mode_and_said_in_norm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flora.CompressedAccumulator(a, rank=2, tau=2, optimizer=both)  # holds some: nothing said
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_change_of_memory_format_between_micro_batches_is_followed(fused):
+    """model.to(memory_format=torch.channels_last) between the micro-batches of a cycle lays
+    out each .grad anew (the placeholder's data swapped for dense zeros): normal mode took
+    that for an edit of .grad and refused it (a probe; fused mode followed it). Both follow
+    it now, equal to the run that stays contiguous; an edit of the values is still refused."""
+    def run(convert, edit=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2, foreach=False)
+        acc = flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for cycle in range(2):
+            for mb in range(2):
+                if cycle == 1 and mb == 1:
+                    if convert:
+                        model.to(memory_format=torch.channels_last)
+                    if edit:
+                        w = model[2].weight
+                        w.grad.data = torch.ones_like(w)
+                model(torch.randn(2, 3, 8, 8, generator=g)).square().mean().backward()
+            if not fused:
+                opt.step()
+            opt.zero_grad()
+        acc.remove()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if not fused:
+        with pytest.raises(RuntimeError, match="replaced"):
+            run(False, edit=True)
