@@ -133,8 +133,8 @@ def test_a_gradient_of_another_shape_is_refused_before_any_change():
     assert not opt.state.get(new)
 
 
-@pytest.mark.parametrize("foreach", [False, True, None])
-def test_module_conversion_by_swapping_works_once_flora_has_stepped(foreach):
+@pytest.mark.parametrize("foreach, compile", [(False, None), (True, None), (None, None), (True, "aot_eager")])
+def test_module_conversion_by_swapping_works_once_flora_has_stepped(foreach, compile):
     """Under torch.__future__.set_swap_module_params_on_conversion(True) (and for tensor-
     subclass parameters, always) model.to(...) and load_state_dict swap each parameter's
     contents with torch.utils.swap_tensors, which refuses a tensor that has a weak
@@ -144,7 +144,7 @@ def test_module_conversion_by_swapping_works_once_flora_has_stepped(foreach):
     def run(swap):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 4))
-        opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2, foreach=foreach)
+        opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2, foreach=foreach, compile=compile)
         g = torch.Generator().manual_seed(1)
         xs = [torch.randn(8, 12, generator=g) for _ in range(6)]
         before = torch.__future__.get_swap_module_params_on_conversion()
