@@ -300,3 +300,26 @@ def test_fused_mode_warns_that_the_trainers_clipping_clips_nothing(tmp_path):
         warnings.simplefilter("always")
         _fused_trainer(tmp_path / "b", max_grad_norm=0.0)
     assert not [w for w in said if "clips nothing" in str(w.message)]
+
+
+def test_the_callbacks_json_carries_every_entry_of_the_accumulators_state():
+    """What AccumulatorCallback writes to trainer_state.json reads back as the accumulator's
+    state_dict, entry for entry: its 'dims' (each parameter's projected dimension) had been
+    dropped, so a resume under another layout (max_aspect_ratio, proj_dim) was not said."""
+    from flora.trainer_callback import LIST_KEYS, _from_json, _to_json
+
+    model = _llama()
+    acc = flora.CompressedAccumulator(model, rank=2, tau=2, seed=1, max_aspect_ratio=None)
+    sd = acc.state_dict()
+    assert {k for k, v in sd.items() if isinstance(v, torch.Tensor)} == set(LIST_KEYS)
+    back = _from_json(json.loads(json.dumps(_to_json(sd))))
+    assert back.keys() == sd.keys()
+    for k in LIST_KEYS:
+        assert back[k].dtype == torch.int64 and torch.equal(back[k], sd[k]), k
+    other = flora.CompressedAccumulator(_llama(), rank=2, tau=2, seed=1, max_aspect_ratio=1.5)
+    with pytest.warns(UserWarning, match="another layout"):
+        other.load_state_dict(back)
+    old = _to_json(sd)
+    del old["dims"]  # a checkpoint written before 'dims' was saved still loads
+    flora.CompressedAccumulator(_llama(), rank=2, tau=2, seed=1, max_aspect_ratio=None).load_state_dict(
+        _from_json(json.loads(json.dumps(old))))

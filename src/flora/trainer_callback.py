@@ -28,6 +28,8 @@ from .accumulation import CompressedAccumulator
 __all__ = ["AccumulatorCallback", "STATE_KEY"]
 
 STATE_KEY = "flora.CompressedAccumulator"  # not a class name: the Trainer never tries to rebuild it
+# CompressedAccumulator.state_dict()'s 1-D int64 tensors, written to JSON as lists
+LIST_KEYS = ("indices", "dims", "counts")
 
 
 def _to_json(sd: dict[str, Any]) -> dict[str, Any]:
@@ -35,7 +37,8 @@ def _to_json(sd: dict[str, Any]) -> dict[str, Any]:
         return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "values": t.flatten().tolist()}
 
     out = {k: v for k, v in sd.items() if not isinstance(v, (torch.Tensor, dict))}
-    out["indices"], out["counts"] = sd["indices"].tolist(), sd["counts"].tolist()
+    # the top-level tensors (indices, counts, dims, ...) are 1-D int64: plain lists
+    out.update({k: v.tolist() for k, v in sd.items() if isinstance(v, torch.Tensor)})
     for kind in ("compressed", "dense"):  # empty between optimizer steps, where the Trainer checkpoints
         out[kind] = {str(i): tensor(t.detach().cpu()) for i, t in sd[kind].items()}
     return out
@@ -46,8 +49,9 @@ def _from_json(js: dict[str, Any]) -> dict[str, Any]:
         return torch.tensor(d["values"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
 
     sd = dict(js)
-    sd["indices"] = torch.tensor(js["indices"], dtype=torch.int64)
-    sd["counts"] = torch.tensor(js["counts"], dtype=torch.int64)
+    for k in LIST_KEYS:
+        if k in js:  # "dims" is absent from checkpoints written before it was saved
+            sd[k] = torch.tensor(js[k], dtype=torch.int64)
     for kind in ("compressed", "dense"):
         sd[kind] = {int(i): tensor(d) for i, d in js.get(kind, {}).items()}
     return sd
