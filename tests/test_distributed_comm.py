@@ -724,6 +724,10 @@ def test_projection_state_dict_is_plain_integers_and_checked():
                       (dict(sd, step=-1), "step")):
         with pytest.raises(ValueError, match=word):
             ProjectionState(rank=8, seed=3, projection="gaussian").load_state_dict(bad)
+    for key in sd:  # each key missing is said as missing (a missing step had been 'must be ..., got None')
+        with pytest.raises(ValueError, match=f"state_dict has no '{key}': not a ProjectionState's"):
+            ProjectionState(rank=8, seed=3, projection="gaussian").load_state_dict(
+                {k: v for k, v in sd.items() if k != key})
     assert ProjectionState(rank=None).state_dict()["rank"] == 0
     assert "rank=8" in repr(t)
     # the wire size of one tensor

@@ -89,7 +89,7 @@ def test_cache_and_workspace_bytes_look_through_accelerates_wrapper():
 
 
 @pytest.mark.parametrize("fn", ["compress", "decompress", "transfer"])
-@pytest.mark.parametrize("dim", [2, -1, True, "auto"])
+@pytest.mark.parametrize("dim", [2, -1, True, "auto", 1.0])
 def test_the_low_level_functions_take_dim_0_or_1_only(fn, dim):
     """Any value but 0 was taken as 1 ('auto' projected the columns whatever the shape)."""
     g, a = torch.randn(6, 10), make_projection("orthonormal", 0, 3, 10)
@@ -106,6 +106,34 @@ def test_decompress_checks_a_matrix_projections_size():
     assert decompress(c, a, 1, size=10).shape == (6, 10) == decompress(c, a, 1).shape
     with pytest.raises(ValueError, match="decompress: size=12 does not match the projection"):
         decompress(c, a, 1, size=12)
+
+
+_M = make_projection("orthonormal", 0, 3, 10)
+_K = make_projection("coordinates", 0, 3, 10)
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: compress(torch.randn(4, 10, dtype=torch.bfloat16), _M, 1),
+     r"compress: g is torch.bfloat16 but the projection is torch.float32; draw the projection in g's dtype"),
+    (lambda: decompress(torch.randn(4, 3, dtype=torch.float64), _M, 1), r"decompress: c is torch.float64"),
+    (lambda: transfer(torch.randn(4, 3, dtype=torch.float64), _M, _M, 1), r"transfer: c is torch.float64"),
+    (lambda: transfer(torch.randn(4, 3), _M, make_projection("orthonormal", 1, 3, 12), 1),
+     r"transfer: a_old \(shape \(3, 10\).*must be projections of one kind, rank and size"),
+    (lambda: transfer(torch.randn(4, 3), _K, _M, 1), r"transfer: a_old .* must be projections of one kind"),
+    (lambda: transfer(torch.randn(4, 5), _M, _M, 1), r"transfer: c \(shape \(4, 5\)\) must be the compressed "
+                                                     r"tensor of a rank-3 projection along dim=1: n x r"),
+    (lambda: decompress(torch.randn(3), _M, 1), r"decompress: c must have 2 or more dims"),
+    (lambda: decompress(torch.randn(3), _K, 1, size=10), r"decompress: c must have 2 or more dims"),
+    (lambda: decompress(torch.randn(4, 3), _K, 1, size=10.0), r"decompress: size must be a non-negative int"),
+    (lambda: decompress(torch.randn(4, 3), _K, 1, size=-1), r"decompress: size must be a non-negative int"),
+], ids=["compress-dtype", "decompress-dtype", "transfer-dtype", "transfer-size", "transfer-kinds", "transfer-rank",
+        "decompress-vector", "decompress-vector-coordinates", "decompress-float-size", "decompress-negative-size"])
+def test_the_low_level_functions_name_what_is_wrong(call, words):
+    """These had raised torch's own errors ('expected m1 and m2 to have the same dtype', 'mat1
+    and mat2 shapes cannot be multiplied', 'negative dimension -1', ...), or, for a vector c
+    and a matrix projection, returned a vector (probe Z7)."""
+    with pytest.raises(ValueError, match=words):
+        call()
 
 
 def test_compress_refuses_a_vector():

@@ -134,9 +134,10 @@ class ProjectionState:
         """Restore ``step``; ``rank``, ``seed`` and ``projection`` must match this state's
         (checked before anything changes). The replicas are compared again on the next step."""
         mine = self.state_dict()
-        for key in ("rank", "seed", "projection"):
+        for key in ("rank", "seed", "projection", "step"):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r}: not a ProjectionState's state_dict")
+        for key in ("rank", "seed", "projection"):
             check_nonneg_int(f"state_dict[{key!r}]", state_dict[key])
             if int(state_dict[key]) != mine[key]:
                 raise ValueError(f"state_dict has {key}={state_dict[key]!r} but this ProjectionState has "

@@ -274,7 +274,7 @@ def _index(a: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_dim(dim, where: str) -> None:
-    if isinstance(dim, bool) or dim not in (0, 1):
+    if isinstance(dim, (bool, float)) or dim not in (0, 1):  # 1.0 == 1, but indexes nothing
         hint = " ('auto' is Flora's proj_dim: flora.compression.compressed_dim resolves it for a shape)" \
             if dim == "auto" else ""
         raise ValueError(f"{where}: dim must be 0 (the rows projected away) or 1 (the columns); got {dim!r}{hint}")
@@ -283,7 +283,11 @@ def _check_dim(dim, where: str) -> None:
 def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     """``A G`` (dim 0, gives r x m) or ``G A^T`` (dim 1, gives n x r); for coordinates,
     the selected rows (dim 0) or columns (dim 1). With stacked projections (``a`` of
-    ``k x r x d`` or ``k x r``), ``g`` is the ``k x n x m`` stack of matrices."""
+    ``k x r x d`` or ``k x r``), ``g`` is the ``k x n x m`` stack of matrices.
+
+    A matrix projection's size is checked against ``g``'s; coordinates are bare indices,
+    which carry no size: ones drawn for another size are refused only where an index falls
+    outside ``g`` (checking more would cost a sync), so draw them for the size at hand."""
     _check_dim(dim, "compress")
     if g.dim() < 2:
         raise ValueError(f"compress: g must have 2 or more dims (a matrix, or a tensor seen as one); got shape "
@@ -295,11 +299,20 @@ def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     if is_coordinates(a):
         return _indexing("compress", lambda: _select(g, a, dim, batched), a, size, f"g's dimension {dim}")
     # as decompress checks size= against a matrix projection (shapes only: no sync)
+    _check_dtypes("compress", "g", g, a)
     if a.shape[-1] != size:
         raise ValueError(f"compress: the projection maps a dimension of {a.shape[-1]} (shape {tuple(a.shape)}) but "
                          f"g's dimension {dim} has size {size} (g {'of' if batched else 'seen as'} shape "
                          f"{tuple(g.shape)}); draw it for that size (make_projection(kind, seed, rank, {size}))")
     return a @ g if dim == 0 else g @ a.mT
+
+
+def _check_dtypes(where: str, name: str, x: torch.Tensor, a: torch.Tensor) -> None:
+    """A matrix projection multiplies ``x``: torch's matmul does not promote, so say which
+    to cast (shapes and dtypes only: no sync)."""
+    if a.dtype != x.dtype:
+        raise ValueError(f"{where}: {name} is {x.dtype} but the projection is {a.dtype}; draw the projection in "
+                         f"{name}'s dtype (make_projection(..., dtype={x.dtype})) or cast {name} to {a.dtype}")
 
 
 def _select(g: torch.Tensor, a: torch.Tensor, dim: int, batched: bool) -> torch.Tensor:
@@ -342,13 +355,18 @@ def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None =
     ``size`` when given). Stacks as in :func:`compress`."""
     _check_dim(dim, "decompress")
     coordinates = is_coordinates(a)
-    if c.dim() >= 2:  # c's rank against the projection's (shapes only: no sync)
-        rank = a.shape[-1] if coordinates else a.shape[-2]
-        if c.shape[dim - 2] != rank:
-            raise ValueError(f"decompress: c has {c.shape[dim - 2]} {'rows' if dim == 0 else 'columns'} (shape "
-                             f"{tuple(c.shape)}) but the projection has rank {rank} (shape {tuple(a.shape)}); with "
-                             f"dim={dim} c is the {'r x m' if dim == 0 else 'n x r'} compressed tensor of this "
-                             "projection")
+    if c.dim() < 2:
+        raise ValueError(f"decompress: c must have 2 or more dims (the compressed r x m or n x r matrix, or a "
+                         f"stack of them); got shape {tuple(c.shape)}")
+    if isinstance(size, (bool, float)) or (isinstance(size, int) and size < 0):
+        raise ValueError(f"decompress: size must be a non-negative int (the projected dimension); got {size!r}")
+    # c's rank against the projection's (shapes only: no sync)
+    rank = a.shape[-1] if coordinates else a.shape[-2]
+    if c.shape[dim - 2] != rank:
+        raise ValueError(f"decompress: c has {c.shape[dim - 2]} {'rows' if dim == 0 else 'columns'} (shape "
+                         f"{tuple(c.shape)}) but the projection has rank {rank} (shape {tuple(a.shape)}); with "
+                         f"dim={dim} c is the {'r x m' if dim == 0 else 'n x r'} compressed tensor of this "
+                         "projection")
     if coordinates:
         if size is None:
             raise ValueError("decompress: a coordinate projection needs size= (the projected dimension)")
@@ -361,6 +379,7 @@ def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None =
     if size is not None and not _batched(a) and size != a.shape[-1]:
         raise ValueError(f"decompress: size={size!r} does not match the projection, which maps a dimension of "
                          f"{a.shape[-1]} (shape {tuple(a.shape)}); leave size out for a matrix projection")
+    _check_dtypes("decompress", "c", c, a)
     return a.mT @ c if dim == 0 else c @ a
 
 
@@ -409,5 +428,15 @@ def transfer(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int
     """Move a compressed tensor (or a stack) from one projection to another without
     leaving r x r: ``A_new A_old^T C`` (dim 0) or ``C A_old A_new^T`` (dim 1)."""
     _check_dim(dim, "transfer")
+    if is_coordinates(a_old) != is_coordinates(a_new) or a_old.shape != a_new.shape:
+        raise ValueError(f"transfer: a_old (shape {tuple(a_old.shape)}, {a_old.dtype}) and a_new (shape "
+                         f"{tuple(a_new.shape)}, {a_new.dtype}) must be projections of one kind, rank and size "
+                         "(a resample of the same make_projection call with another seed)")
+    rank = a_old.shape[-1] if is_coordinates(a_old) else a_old.shape[-2]
+    if c.dim() < 2 or c.shape[dim - 2] != rank:
+        raise ValueError(f"transfer: c (shape {tuple(c.shape)}) must be the compressed tensor of a rank-{rank} "
+                         f"projection along dim={dim}: {'r x m' if dim == 0 else 'n x r'}")
+    if not is_coordinates(a_old):
+        _check_dtypes("transfer", "c", c, a_old)
     t = overlap(a_old, a_new, c.dtype)
     return t @ c if dim == 0 else c @ t.mT
