@@ -4,8 +4,17 @@ through parameter groups (the library is unchanged). Rows: 'attn' (q, k, v, o pr
 'mlp' (gate, up, down), 'embed' (embeddings and output head), 'qk', 'vo', 'all' (every tensor: the 'exact' row),
 'none' (the default row). 'KIND*F': the default form with lr x F on that kind; 'T:KIND*F', 'F:KIND*F': Adafactor
 beta1=0.9 (the target), beta1=None (the floor) so.
-argv: out.jsonl task scale rank rows lrs [first-last seed, default 0-2]"""
-import json, sys
+On the suite's MLPs (tabular, tabstream: nn.Sequential 40-256-256-8) the kinds are the layers
+'first', 'middle', 'last' (modules 0, 2, 4).
+argv: out.jsonl task scale rank rows lrs [first-last seed, default 0-2]
+With PHIREC=TAG set, phirec.py (beside this file) records the 'scaled' weight that the default
+form floors at 0.4, and appends its quantiles over the last 40% of steps to $PHIREC_OUT."""
+import json, os, sys
+
+if os.environ.get("PHIREC"):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import phirec
+    phirec.install(os.environ["PHIREC"])
 
 from flora.bench import optimizers
 from flora.bench.suite import runner, space
@@ -20,7 +29,14 @@ def is_attention_name(name):
     return any("attn" in part or "attention" in part for part in name.lower().split(".")[:-1])
 
 
+LAYERS = {"first": "0.", "middle": "2.", "last": "4."}  # the MLPs' Linear layers
+
+
 def grouped(model, kind):
+    if kind in LAYERS:
+        hit = [n.startswith(LAYERS[kind]) for n, _ in model.named_parameters()]
+        params = list(model.named_parameters())
+        return [x for x, h in zip(params, hit) if h], [x for x, h in zip(params, hit) if not h]
     names = KINDS.get(kind, ())
     picked, rest = [], []
     for n, p in model.named_parameters():

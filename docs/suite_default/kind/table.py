@@ -6,7 +6,8 @@ the target with the same lrs, rows F:KIND*F and T:KIND*F). Reference rows come f
 newslm 1x: ../runs_1x.jsonl (default r8) and ../../suite_cpu_seven_tasks/runs.jsonl
 (floor, target, 'exact' r8 at kappa 100, momentum in float32); bytelm 1x:
 ../../suite_cpu_big_tasks/runs.jsonl (floor, target, the default r8 with its momentum in
-float32); bytelm 2x: ../runs_bytelm2x.jsonl. Writes kind.md beside this file."""
+float32); bytelm 2x: ../runs_bytelm2x.jsonl; tabular 1x: runs_tabular.jsonl (every row of it, the
+default included) and ../../suite_cpu_seven_tasks/runs.jsonl (floor, target). Writes kind.md beside this file."""
 import collections
 import json
 import statistics
@@ -46,10 +47,13 @@ for scale, paths in ((1.0, [docs / "suite_cpu_seven_tasks" / "runs.jsonl", here.
                             docs / "suite_cpu_big_tasks" / "runs.jsonl"]),
                      (2.0, [here.parent / "runs_bytelm2x.jsonl"])):
     for p in paths:
-        add(p, scale, lambda r: reference(r) if r["task"] in ("newslm", "bytelm") else None)
+        add(p, scale, lambda r: reference(r) if r["task"] in ("newslm", "bytelm")
+            else reference(r) if r["task"] == "tabular" and reference(r) in ("floor", "target") else None)
 for scale in (1.0, 2.0):
     add(here / "runs.jsonl", scale, kind_row)
     add(here / "runs_r32.jsonl", scale, lambda r: f"{kind_row(r)} @r32")  # rank 32, kept apart from the rank-8 file
+# the tabular MLP's layers (thirty-second session): 'none' is the default row there
+add(here / "runs_tabular.jsonl", 1.0, lambda r: "default" if r["row"] == "none" else kind_row(r))
 
 
 def best(task, scale, name):
