@@ -416,6 +416,41 @@ def test_mid_cycle_resume_is_bit_exact(fused, make_opt):
     _assert_equal(_params(model2), _params(ref))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_mid_cycle_state_resumes_only_at_the_world_size_that_saved_it(fused):
+    """Each process's partial sums cover its share of the cycle's batch: a mid-cycle state
+    loaded at another world size had been taken under DDP (the dropped ranks' sums lost, the
+    run silently off by 2.8e-3) and refused under FSDP2 as 'other options' (probe Z8). At a
+    cycle boundary it moves between world sizes; a state saved before world_size was saved
+    is not checked."""
+    def build():
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        return model, CompressedAccumulator(model, rank=4, tau=TAU, seed=5, optimizer=opt, fused=fused)
+
+    model, acc = build()
+    x, y = _batches(1)[0]
+    _loss(model, x, y, TAU).backward()
+    sd = acc.state_dict()
+    assert sd["world_size"] == 1 and any(sd["counts"].tolist())
+    before = {k: v.clone() for k, v in acc.state_dict()["compressed"].items()}
+    for saved in (3, torch.tensor(2)):
+        with pytest.raises(ValueError, match=r"saved in the middle of cycle 0 by one of (3|2) processes; this run "
+                                             r"has 1.*resume only at the world size that saved them"):
+            acc.load_state_dict({**sd, "world_size": saved})
+    for bad in (0, -1, 1.5, "3"):
+        with pytest.raises(ValueError, match=r"state_dict\['world_size'\] must be a positive integer"):
+            acc.load_state_dict({**sd, "world_size": bad})
+    after = acc.state_dict()["compressed"]  # nothing changed by the refusals
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    old = {k: v for k, v in sd.items() if k != "world_size"}
+    acc.load_state_dict(old)
+    _, fresh = build()
+    boundary = fresh.state_dict()
+    assert not any(boundary["counts"].tolist())
+    fresh.load_state_dict({**boundary, "world_size": 3})  # a cycle boundary moves between world sizes
+
+
 def test_state_saved_in_normal_mode_resumes_in_fused_mode():
     batches, stop = _batches(2 * TAU), TAU + 1
     ref = _mlp()

@@ -4,7 +4,10 @@
 ``dims`` (each parameter's projected dimension, -1 where dense; since 2026-12-04: a resume
 under another layout is said), ``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate`` and
 ``driven`` (0 or 1: whether accelerate's sync flag ends the open cycle, and every cycle),
-``compressed`` and ``dense`` (partial sums by parameter position). Projections are not
+``compressed`` and ``dense`` (partial sums by parameter position), ``world_size`` (the
+processes of torch.distributed's default group when saved, 1 without it; since 2026-12-05: each
+rank's partial sums cover its share of the batch, so a mid-cycle state resumes only at the world
+size that saved it). Projections are not
 saved: they are a pure function of ``(seed, index, cycle)``. A state saved before ``projection`` existed used Gaussian
 matrices."""
 
@@ -14,6 +17,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..projection import state_dtype
 from ..state import count_value
@@ -22,6 +26,11 @@ from .engine import Engine
 from .estimator import buffer_shape
 
 __all__ = ["state_dict", "load_state_dict"]
+
+
+def world_size() -> int:
+    """The processes of torch.distributed's default group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 # A mid-cycle partial sum made under another compression rule (probe, 2026-12-04): say how to move on.
 _OTHER_RULE = (" (other options, or a mid-cycle checkpoint of a version that compressed this tensor otherwise: "
@@ -62,7 +71,7 @@ def state_dict(eng: Engine) -> dict[str, Any]:
         "counts": torch.tensor(c.counts, dtype=torch.int64),
         # a resumed run's first cycle may be short: accelerate's sync must end it as it would have
         "follow_accelerate": int(c.follow_accelerate or c.unsynced), "driven": int(c.driven),
-        "compressed": compressed, "dense": dense,
+        "compressed": compressed, "dense": dense, "world_size": world_size(),
     }
 
 
@@ -120,6 +129,15 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         raise ValueError(f"state_dict has {len(counts)} counts for {len(slots)} parameters: it is damaged")
     if any(c < 0 or c >= o.tau for c in counts):
         raise ValueError(f"state_dict counts must lie in [0, tau={o.tau}); got {counts[:8]}...")
+    saved_world = sd.get("world_size")  # absent before 2026-12-05: not checked
+    if saved_world is not None and (count_value(saved_world) is None or count_value(saved_world) < 1):
+        raise ValueError(f"state_dict['world_size'] must be a positive integer, got {saved_world!r}")
+    if saved_world is not None and any(counts) and count_value(saved_world) != world_size():
+        raise ValueError(f"state_dict was saved in the middle of cycle {sd['cycle']} by one of {count_value(saved_world)} "
+                         f"processes; this run has {world_size()}. Each process's partial sums cover its share of the "
+                         "cycle's batch, so they resume only at the world size that saved them: resume there, or "
+                         "from a checkpoint saved at a cycle boundary (after optimizer.step()), which moves between "
+                         "world sizes")
     for key in ("cycle", "backwards", "follow_accelerate", "driven"):
         v = sd.get(key, 0)
         n = count_value(v)
