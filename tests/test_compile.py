@@ -601,6 +601,30 @@ def test_a_counter_edited_on_the_host_is_followed():
     assert (runs[1] - runs[0]).abs().max() > 1e-4  # the edit mattered
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_counts_past_2_to_the_24_reach_the_compiled_step(foreach):
+    """The device counters of float32 and bfloat16 parameters were float32, which stops at
+    2**24 (2**24 + 1 rounds back): past it the compiled step's relative step and the key of
+    its stochastic rounding froze, and a bfloat16 momentum lost a third of its value over
+    2,000 steps (a probe). Eager reads the host's integer: the two must agree there."""
+    start = 2 ** 24 - 2
+    runs = []
+    for compile in (False, "aot_eager"):
+        params = _params([(12, 20), (16, 24)])
+        opt = Flora(params, lr=None, rank=4, beta1=0.9, kappa=10 ** 9, momentum_dtype=torch.bfloat16,
+                    foreach=foreach, compile=compile)
+        _run(opt, params, opt.step, steps=1)
+        for p in params:
+            opt.state[p]["step"] = start
+        _run(opt, params, opt.step, steps=6)  # through 2**24 - 1 ... 2**24 + 4
+        if compile:
+            assert [float(opt._device_steps.get(p)) for p in params] == [float(start + 6)] * 2
+        runs.append([(p.detach().clone(), opt.state[p]["exp_avg_c"].clone()) for p in params])
+    for (p0, m0), (p1, m1) in zip(*runs):
+        assert torch.equal(m0, m1)  # the same rounding keys: the same bfloat16 bits
+        assert (p0 - p1).abs().max() <= 1e-6
+
+
 def test_readme_signature_names_every_constructor_argument():
     """The README's ``flora.Flora(...)`` signature lists every argument with its default
     (``compile=False`` included), but the deprecated ``momentum`` and the refused ``betas``."""

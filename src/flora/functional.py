@@ -114,8 +114,8 @@ class Work(NamedTuple):
 
 
 class DeviceSteps:
-    """The step counters on the device: one 1-element tensor per parameter (in its state
-    dtype, exact up to 2**24 steps in float32, as torch's own counters), beside
+    """The step counters on the device: one 1-element tensor per parameter, in the dtype of
+    the step's scalars (float64, exact to 2**53 steps; float32 on MPS, to 2**24), beside
     ``state["step"]``, the plain integer that checkpoints hold and the host's bookkeeping
     reads (buckets, when to resample, eager scalars). A compiled core reads the tensor,
     so that a new count is a new value, not a recompilation; the same tensor object
@@ -132,7 +132,13 @@ class DeviceSteps:
     no users is true). The counter's ``add_(1)`` vanished from the compiled graph of every
     float64 CPU bucket of one (larger buckets use ``_foreach_add_``): its count stayed 0,
     ``beta2_t = 1 - 0^-0.8`` was -inf and every step was skipped as non-finite. A 1-element tensor is an ordinary input; a
-    compiled core reads the count as a 0-dim view of it (:func:`_count_step`)."""
+    compiled core reads the count as a 0-dim view of it (:func:`_count_step`).
+
+    Not the parameter's state dtype: a float32 counter (that of float32 and bfloat16
+    parameters until 2026-12-05) stops at 2**24, as 2**24 + 1 rounds back to it; from there
+    the compiled step's relative step and ``beta2_t`` froze, and so did the key of its
+    stochastic rounding, which then rounds each value the same way every step: a bfloat16
+    momentum lost a third of its value (a probe)."""
 
     def __init__(self) -> None:
         # id(param) -> (its counter tensor, the count it holds once the pending step ran). No
@@ -239,9 +245,9 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
     n = s0["step"]
     stacks = stacks if grouped and len(params) > 1 and params[0].dim() > 0 else None
     if stacks is None:
-        steps = device_steps.take(params, n, state_dtype(params[0].dtype))
+        steps = device_steps.take(params, n, af.scalar_dtype(params[0].device))
     else:
-        steps = device_steps.take_stacked(params, n, state_dtype(params[0].dtype))
+        steps = device_steps.take_stacked(params, n, af.scalar_dtype(params[0].device))
     rows = (lambda key: [st[key] for st in states]) if stacks is None else (lambda key: stacks.stacked(states, key))
     t = n + 1
     for st in states:
