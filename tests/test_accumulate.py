@@ -420,9 +420,10 @@ def test_mid_cycle_resume_is_bit_exact(fused, make_opt):
 def test_a_mid_cycle_state_resumes_only_at_the_world_size_that_saved_it(fused):
     """Each process's partial sums cover its share of the cycle's batch: a mid-cycle state
     loaded at another world size had been taken under DDP (the dropped ranks' sums lost, the
-    run silently off by 2.8e-3) and refused under FSDP2 as 'other options' (probe Z8). At a
-    cycle boundary it moves between world sizes; a state saved before world_size was saved
-    is not checked."""
+    run silently off by 2.8e-3) and refused under FSDP2 as 'other options' (probe Z8); one
+    loaded by another process of the same world size (accelerate saves the main process's
+    only) is refused too. At a cycle boundary it moves anywhere; a state saved before these
+    keys existed is not checked."""
     def build():
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -434,21 +435,29 @@ def test_a_mid_cycle_state_resumes_only_at_the_world_size_that_saved_it(fused):
     sd = acc.state_dict()
     assert sd["world_size"] == 1 and any(sd["counts"].tolist())
     before = {k: v.clone() for k, v in acc.state_dict()["compressed"].items()}
+    assert sd["process_index"] == 0
     for saved in (3, torch.tensor(2)):
-        with pytest.raises(ValueError, match=r"saved in the middle of cycle 0 by one of (3|2) processes; this run "
-                                             r"has 1.*resume only at the world size that saved them"):
+        with pytest.raises(ValueError, match=r"saved in the middle of cycle 0, holding the partial sums of process 0 "
+                                             r"of (3|2); this run has 1 process\(es\) \(torch.distributed is not "
+                                             r"initialised yet.*resume only at the world size that saved them"):
             acc.load_state_dict({**sd, "world_size": saved})
-    for bad in (0, -1, 1.5, "3"):
-        with pytest.raises(ValueError, match=r"state_dict\['world_size'\] must be a positive integer"):
-            acc.load_state_dict({**sd, "world_size": bad})
+    # accelerate's save_state writes registered objects from the main process only: every
+    # process would load process 0's partial sums (a review): another process's are refused
+    with pytest.raises(ValueError, match=r"holding the partial sums of process 1 of 1; this is process 0\. Each "
+                                         r"process must load its own state \(accelerate's save_state"):
+        acc.load_state_dict({**sd, "process_index": 1})
+    for key, bad in (("world_size", 0), ("world_size", -1), ("world_size", 1.5), ("world_size", "3"),
+                     ("process_index", -1), ("process_index", 0.5)):
+        with pytest.raises(ValueError, match=rf"state_dict\['{key}'\] must be an integer of at least"):
+            acc.load_state_dict({**sd, key: bad})
     after = acc.state_dict()["compressed"]  # nothing changed by the refusals
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    old = {k: v for k, v in sd.items() if k != "world_size"}
+    old = {k: v for k, v in sd.items() if k not in ("world_size", "process_index")}
     acc.load_state_dict(old)
     _, fresh = build()
     boundary = fresh.state_dict()
     assert not any(boundary["counts"].tolist())
-    fresh.load_state_dict({**boundary, "world_size": 3})  # a cycle boundary moves between world sizes
+    fresh.load_state_dict({**boundary, "world_size": 3, "process_index": 2})  # a cycle boundary moves anywhere
 
 
 def test_state_saved_in_normal_mode_resumes_in_fused_mode():

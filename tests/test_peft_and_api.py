@@ -136,6 +136,22 @@ def test_the_low_level_functions_name_what_is_wrong(call, words):
         call()
 
 
+def test_the_low_level_functions_take_mixed_dtypes_under_autocast():
+    """Under autocast the matmul casts both operands: the dtype check must not refuse what
+    worked before it (a review)."""
+    g, c = torch.randn(4, 10, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compress(g, _M, 1).shape == (4, 3)
+        assert decompress(c, _M, 1).shape == (4, 10)
+        assert transfer(c, _M, _M, 1).shape == (4, 3)
+
+
+def test_int32_coordinates_are_named():
+    with pytest.raises(ValueError, match=r"compress: the projection has dtype torch.int32; .* a coordinate "
+                                         r"projection an int64 index vector"):
+        compress(torch.randn(4, 10), _K.to(torch.int32), 1)
+
+
 def test_compress_refuses_a_vector():
     with pytest.raises(ValueError, match="compress: g must have 2 or more dims"):
         compress(torch.randn(10), make_projection("orthonormal", 0, 3, 10), 1)

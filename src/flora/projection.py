@@ -315,8 +315,12 @@ def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _check_dtypes(where: str, name: str, x: torch.Tensor, a: torch.Tensor) -> None:
     """A matrix projection multiplies ``x``: torch's matmul does not promote, so say which
-    to cast (shapes and dtypes only: no sync)."""
-    if a.dtype != x.dtype:
+    to cast (shapes and dtypes only: no sync). Under autocast the matmul casts both: no
+    check there (Flora's own steps turn autocast off first)."""
+    if not a.is_floating_point():  # an int32 index vector, say: coordinates are int64
+        raise ValueError(f"{where}: the projection has dtype {a.dtype}; a matrix projection is floating-point and "
+                         "a coordinate projection an int64 index vector (make_projection(kind, seed, rank, dim))")
+    if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{where}: {name} is {x.dtype} but the projection is {a.dtype}; draw the projection in "
                          f"{name}'s dtype (make_projection(..., dtype={x.dtype})) or cast {name} to {a.dtype}")
 

@@ -4,10 +4,10 @@
 ``dims`` (each parameter's projected dimension, -1 where dense; since 2026-12-04: a resume
 under another layout is said), ``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate`` and
 ``driven`` (0 or 1: whether accelerate's sync flag ends the open cycle, and every cycle),
-``compressed`` and ``dense`` (partial sums by parameter position), ``world_size`` (the
-processes of torch.distributed's default group when saved, 1 without it; since 2026-12-05: each
-rank's partial sums cover its share of the batch, so a mid-cycle state resumes only at the world
-size that saved it). Projections are not
+``compressed`` and ``dense`` (partial sums by parameter position), ``world_size`` and
+``process_index`` (torch.distributed's default group when saved, 1 and 0 without it; since
+2026-12-05: each process's partial sums cover its share of the batch, so a mid-cycle state
+resumes only in the process, and at the world size, that saved it). Projections are not
 saved: they are a pure function of ``(seed, index, cycle)``. A state saved before ``projection`` existed used Gaussian
 matrices."""
 
@@ -31,6 +31,11 @@ __all__ = ["state_dict", "load_state_dict"]
 def world_size() -> int:
     """The processes of torch.distributed's default group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def process_index() -> int:
+    """This process's rank in torch.distributed's default group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 # A mid-cycle partial sum made under another compression rule (probe, 2026-12-04): say how to move on.
 _OTHER_RULE = (" (other options, or a mid-cycle checkpoint of a version that compressed this tensor otherwise: "
@@ -71,7 +76,7 @@ def state_dict(eng: Engine) -> dict[str, Any]:
         "counts": torch.tensor(c.counts, dtype=torch.int64),
         # a resumed run's first cycle may be short: accelerate's sync must end it as it would have
         "follow_accelerate": int(c.follow_accelerate or c.unsynced), "driven": int(c.driven),
-        "compressed": compressed, "dense": dense, "world_size": world_size(),
+        "compressed": compressed, "dense": dense, "world_size": world_size(), "process_index": process_index(),
     }
 
 
@@ -90,6 +95,36 @@ def _layout_changes(dims, slots, names) -> list[str]:
 
     return [f"{names[k]!r} ({said(d)} saved, {said(s.dim)} here)" for k, (d, s) in enumerate(zip(dims.tolist(), slots))
             if (None if d < 0 else d) != s.dim]
+
+
+def _check_process(sd: dict[str, Any], counts: list[int]) -> None:
+    """A mid-cycle state holds one process's partial sums of its share of the cycle's batch:
+    it resumes only in that process of a run of as many (``world_size`` and
+    ``process_index``, absent before 2026-12-05: not checked). A cycle boundary's state is
+    the same on every process and moves anywhere."""
+    saved = {}
+    for key, low in (("world_size", 1), ("process_index", 0)):
+        v = sd.get(key)
+        if v is not None and (count_value(v) is None or count_value(v) < low):
+            raise ValueError(f"state_dict[{key!r}] must be an integer of at least {low}, got {v!r}")
+        saved[key] = None if v is None else count_value(v)
+    if not any(counts):
+        return
+    world, me = world_size(), process_index()
+    later = "" if dist.is_available() and dist.is_initialized() else \
+        " (torch.distributed is not initialised yet: load the state after init_process_group)"
+    what = (f"state_dict was saved in the middle of cycle {sd['cycle']}, holding the partial sums of process "
+            f"{saved['process_index'] if saved['process_index'] is not None else '?'} of {saved['world_size'] or '?'}")
+    if saved["world_size"] is not None and saved["world_size"] != world:
+        raise ValueError(f"{what}; this run has {world} process(es){later}. Each process's partial sums cover its "
+                         "share of the cycle's batch, so they resume only at the world size that saved them: resume "
+                         "there, or from a checkpoint saved at a cycle boundary (after optimizer.step()), which "
+                         "moves between world sizes")
+    if saved["process_index"] is not None and saved["process_index"] != me:
+        raise ValueError(f"{what}; this is process {me}. Each process must load its own state (accelerate's "
+                         "save_state writes registered objects from the main process only, so a mid-cycle save_state "
+                         "of several processes cannot be resumed): save each process's acc.state_dict(), or save "
+                         "at a cycle boundary (after optimizer.step())")
 
 
 def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
@@ -129,15 +164,7 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         raise ValueError(f"state_dict has {len(counts)} counts for {len(slots)} parameters: it is damaged")
     if any(c < 0 or c >= o.tau for c in counts):
         raise ValueError(f"state_dict counts must lie in [0, tau={o.tau}); got {counts[:8]}...")
-    saved_world = sd.get("world_size")  # absent before 2026-12-05: not checked
-    if saved_world is not None and (count_value(saved_world) is None or count_value(saved_world) < 1):
-        raise ValueError(f"state_dict['world_size'] must be a positive integer, got {saved_world!r}")
-    if saved_world is not None and any(counts) and count_value(saved_world) != world_size():
-        raise ValueError(f"state_dict was saved in the middle of cycle {sd['cycle']} by one of {count_value(saved_world)} "
-                         f"processes; this run has {world_size()}. Each process's partial sums cover its share of the "
-                         "cycle's batch, so they resume only at the world size that saved them: resume there, or "
-                         "from a checkpoint saved at a cycle boundary (after optimizer.step()), which moves between "
-                         "world sizes")
+    _check_process(sd, counts)
     for key in ("cycle", "backwards", "follow_accelerate", "driven"):
         v = sd.get(key, 0)
         n = count_value(v)
