@@ -319,6 +319,66 @@ def test_nothing_compressed_warning_names_the_callers_line():
     assert len(ours) == 1 and ours[0].filename == __file__, (ours[0].filename, ours[0].lineno)
 
 
+def _loaded_with_other_options():
+    import flora
+
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    src = flora.Flora([p], lr=1e-3, rank=2, beta1=0.9)
+    p.grad = torch.ones(8, 8)
+    src.step()
+    flora.Flora([p], lr=1e-3, rank=2, beta1=0.9, kappa=7).load_state_dict(src.state_dict())
+
+
+def _foreign_key_edited_in():
+    import flora
+
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = flora.Flora([p], lr=1e-3, rank=2, beta1=0.9)
+    opt.param_groups[0]["amsgrad"] = True
+    p.grad = torch.ones(8, 8)
+    opt.step()
+
+
+def _shared_lr_tensor():
+    import flora
+
+    lr = torch.tensor(1e-3)
+    flora.Flora([{"params": [torch.nn.Parameter(torch.randn(4))], "lr": lr},
+                 {"params": [torch.nn.Parameter(torch.randn(4))], "lr": lr}], lr=1e-3)
+
+
+def _group_with_betas():
+    import flora
+
+    flora.Flora([{"params": [torch.nn.Parameter(torch.randn(4))], "betas": (0.9, 0.99)}], lr=1e-3)
+
+
+def _empty_group():
+    import flora
+
+    flora.Flora([{"params": [torch.nn.Parameter(torch.randn(4))]}, {"params": [], "lr": 1e-4}], lr=1e-3)
+
+
+@pytest.mark.parametrize("make,words", [
+    (_loaded_with_other_options, "change the algorithm"),
+    (_foreign_key_edited_in, "'amsgrad'"),
+    (_shared_lr_tensor, "is the tensor of group 0"),
+    (_group_with_betas, "'betas'"),
+    (_empty_group, "a parameter group with no parameters"),
+], ids=["load", "foreign-key-at-step", "shared-lr", "betas-at-construction", "empty-group"])
+def test_warnings_name_the_users_line(make, words):
+    """These pointed inside flora (optimizer.py, checkpoint.py) or torch (add_param_group,
+    dynamo's eval_frame): a fixed stacklevel is one or two frames short on some paths (probe
+    Z10). Every warning now goes to the first frame outside flora and torch."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        make()
+    ours = [w for w in seen if words in str(w.message)]
+    assert ours and all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
+
+
 @pytest.mark.parametrize("path", ["single", "grouped", "step_parameter"])
 def test_an_expanded_parameter_is_refused_before_any_change(path):
     """A zero-stride (expanded) parameter failed half-way through step() with torch's

@@ -712,7 +712,7 @@ def test_load_state_dict_hooks_keep_torchs_contract():
     other.load_state_dict(merge_and_zero(None, saved))
     for p in ps3:
         p.grad = torch.randn_like(p)
-    with pytest.raises(ValueError, match=r"seed=5 \(edited from 0 since the last step\)"):
+    with pytest.raises(ValueError, match=r"seed=5 in the group of the parameter .*made under seed=0 \(the group\'s seed edited, or the parameter moved"):
         other.step()
 
 
@@ -820,6 +820,30 @@ def _stepped(dtype=torch.float32, named=False, **kw):
 def _state_copy(opt):
     return [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
             for g in opt.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("built,saved,said", [
+    (dict(rank=None, beta1=0.9, momentum_form="scaled", kappa=7, seed=3), dict(rank=None, beta1=0.9), False),
+    (dict(rank=4, beta1=None, momentum_form="exact", kappa=7), dict(rank=4, beta1=None), False),
+    (dict(rank=4, beta1=0.9, max_aspect_ratio=100.0), dict(rank=4, beta1=0.9), False),  # excludes no tensor
+    (dict(rank=4, beta1=0.9, max_aspect_ratio=1.5), dict(rank=4, beta1=0.9), True),  # excludes (8, 40)
+    (dict(rank=4, beta1=0.9, kappa=7), dict(rank=4, beta1=0.9), True),
+    (dict(rank=4, beta1=0.9, momentum_form="exact"), dict(rank=4, beta1=0.9), True),
+], ids=["rank-None", "beta1-None", "inert-aspect", "aspect", "kappa", "form"])
+def test_a_load_says_only_the_option_changes_that_change_something(built, saved, said):
+    """Options of the compressed momentum change nothing where neither group compresses a
+    tensor: every old Flora(rank=None) checkpoint warned "momentum_form: 'floored' ->
+    'scaled'", and a max_aspect_ratio that excludes no tensor was said too (probe Z10)."""
+    params = [nn.Parameter(torch.randn(8, 40)), nn.Parameter(torch.randn(16, 12)), nn.Parameter(torch.randn(12))]
+    src = Flora(params, lr=1e-3, **saved)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    src.step()
+    dst = Flora(params, lr=1e-3, **built)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        dst.load_state_dict(src.state_dict())
+    assert any("change the algorithm" in str(w.message) for w in got) == said, [str(w.message) for w in got]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

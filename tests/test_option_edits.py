@@ -43,9 +43,9 @@ def _steps(model, opt, n, start=0, call="step"):
 
 # an edit the compressed momentum cannot follow, with what the refusal names
 LAYOUT_EDITS = {
-    "seed": (dict(), "seed", 5, "seed=5 \\(edited from 0"),
+    "seed": (dict(), "seed", 5, "seed=5 in the group of the parameter .*made under seed=0 "),
     "projection": (dict(projection="gaussian", momentum_form="paper"), "projection", "coordinates",
-                   "projection='coordinates' \\(edited from 'gaussian'"),
+                   "projection='coordinates' in the group of the parameter .*made under projection='gaussian'"),
     "proj_dim": (dict(), "proj_dim", 0, "proj_dim=0 .* do not fit"),
     "rank on a dense momentum": (dict(rank=None), "rank", 2, "would compress the momentum"),
 }
@@ -118,7 +118,7 @@ def test_step_and_step_parameter_share_what_a_state_was_made_under(calls):
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(ref_model.parameters(), model.parameters()))
     opt.param_groups[0]["seed"] = 0
     _backward(model, 4)
-    with pytest.raises(ValueError, match="seed=0 \\(edited from 5"):
+    with pytest.raises(ValueError, match="seed=0 in the group of the parameter .*made under seed=5 "):
         opt.step() if calls[2] == "step" else opt.step_parameter(model[0].weight)
 
 
@@ -210,3 +210,25 @@ def test_a_frozen_parameter_moved_into_another_group_is_said_not_refused(how):
     opt.param_groups[1]["seed"] = 4  # an edit of its group: refused whatever has a gradient
     with pytest.raises(ValueError, match="seed=4"):
         opt.state_dict()
+
+
+def test_a_moved_parameter_is_named_and_told_it_moved():
+    """A parameter moved into a group of another seed was told "seed=1 (edited from 0)"
+    with no name; setting that group's seed back, as advised, then refused the group's own
+    parameter the other way round (probe Z10). The refusal names the parameter (when the
+    groups were built from named_parameters()) and says it may have moved."""
+    model = torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.Linear(12, 6))
+    named = list(model.named_parameters())
+    opt = Flora([{"params": [p for _, p in named[:2]], "param_names": [n for n, _ in named[:2]]},
+                 {"params": [p for _, p in named[2:]], "param_names": [n for n, _ in named[2:]], "seed": 1}],
+                lr=1e-2, rank=3, beta1=0.9)
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()
+    g0, g1 = opt.param_groups
+    w = g0["params"].pop(0)
+    g1["params"].insert(0, w)
+    g1["param_names"].insert(0, g0["param_names"].pop(0))
+    with pytest.raises(ValueError, match=r"seed=1 in the group of the parameter '0\.weight' of shape \(12, 10\), "
+                                         r"whose compressed momentum was made under seed=0 \(the group's seed edited, "
+                                         r"or the parameter moved into this group.*or move the parameter back"):
+        opt.step()

@@ -205,6 +205,43 @@ def test_the_accumulator_says_when_it_compresses_nothing():
         flora.CompressedAccumulator(_Lora(r=16), rank=8, tau=2)
 
 
+def test_summary_shows_parameters_that_never_stepped():
+    """The README sends a user whose optimizer was built on a meta model before to_empty()
+    to summary(), 'which shows them as never stepped': it showed nothing of the kind (probe
+    Z10). plan() says whether each parameter has a state, and where it lives."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16))
+    opt = flora.Flora(model.parameters(), lr=1e-3, beta1=0.9, rank=4)
+    model.to_empty(device="cpu")
+    for _ in range(2):
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()
+    assert [(r["stepped"], r["device"]) for r in opt.plan()] == [(False, "meta")] * 4
+    text = opt.summary()
+    assert "; 4 of them not stepped yet; 4 on the meta device" in text and "so build Flora after it" in text
+    assert text.count(", not stepped yet") == 4
+    built_after = flora.Flora(model.parameters(), lr=1e-3, beta1=0.9, rank=4)
+    model(torch.randn(4, 16)).sum().backward()
+    built_after.step()
+    assert all(r["stepped"] and r["device"] == "cpu" for r in built_after.plan())
+    assert "not stepped" not in built_after.summary() and "meta" not in built_after.summary()
+
+
+def test_plan_gives_a_new_parameter_the_index_its_first_step_will():
+    """A parameter put at position 0 after the others stepped: plan() said index 0, which
+    the first parameter's state holds (probe Z10); its first step takes position + N."""
+    a, b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+    opt = flora.Flora([a, b], lr=1e-3, beta1=0.9, rank=2)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    c = nn.Parameter(torch.randn(8, 8))
+    opt.param_groups[0]["params"].insert(0, c)
+    assert [r["index"] for r in opt.plan()] == [3, 0, 1]
+    c.grad = torch.randn(8, 8)
+    opt.step()
+    assert opt.state[c]["index"] == 3 and [r["index"] for r in opt.plan()] == [3, 0, 1]
+
+
 def test_relative_step_schedule_names_an_optimizer_that_is_not_floras():
     with pytest.raises(TypeError, match="takes a Flora optimizer with lr=None, got AdamW"):
         flora.RelativeStepSchedule(torch.optim.AdamW([nn.Parameter(torch.randn(2))]))

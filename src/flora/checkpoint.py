@@ -5,17 +5,17 @@ of algorithm (``ALGORITHM_KEYS``) is warned about, naming old and new."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any
 
 import torch
 
 from .adafactor import factored_dims
 from .compression import momentum_storage
-from .options import ALGORITHM_KEYS, CORE_KEYS, momentum_dim, upgrade_group, validate_group
+from .options import ALGORITHM_KEYS, CORE_KEYS, momentum_dim, momentum_reason, upgrade_group, validate_group
 from .projection import is_stack, one_matrix, state_dtype
 from . import sharded
 from .state import COUNTERS, check_loaded_entries, check_state_shapes, count_value
+from ._warn import warn
 
 
 def _storage_differs(params, mine: dict, saved: dict) -> bool:
@@ -42,6 +42,25 @@ def _proj_dims_kept(mine: dict, loaded: list[tuple[torch.Tensor, int]]) -> bool:
 
     rule = lambda p: sharded.momentum_dim if sharded.is_dtensor(p) else momentum_dim  # noqa: E731
     return bool(loaded) and all(rule(p)(tuple(p.shape), mine) == dim for p, dim in loaded)
+
+
+# Options of the compressed momentum alone: where neither the built nor the loaded group
+# compresses any of its parameters (rank None, beta1 None, or every tensor dense), a change
+# of them changes nothing, and is not said (a probe: every old Flora(rank=None) checkpoint
+# warned "momentum_form: 'floored' -> 'scaled'")
+_COMPRESSION_KEYS = ("momentum_form", "projection", "kappa", "seed", "complement_weight", "max_aspect_ratio")
+
+
+def _inert(key: str, params, mine: dict, saved: dict) -> bool:
+    if key not in _COMPRESSION_KEYS:
+        return False
+    theirs = {**mine, **saved}
+    shapes = [tuple(p.shape) for p in params]
+    dims = lambda g: [momentum_dim(x, g) if momentum_reason(x, g) is None else None for x in shapes]  # noqa: E731
+    if not any(d is not None for d in dims(mine) + dims(theirs)):
+        return True
+    # a max_aspect_ratio that leaves every tensor as it was
+    return key == "max_aspect_ratio" and dims(mine) == dims(theirs)
 
 
 # The options of a transformers Adafactor parameter group (all of them, and none of Flora's own).
@@ -200,7 +219,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                for k in ALGORITHM_KEYS if k in saved and k in mine and saved[k] != mine[k]
                and (k != "factor_dims" or _factors_differ(mine["params"], mine[k], saved[k]))
                and (k != "momentum_dtype" or _storage_differs(mine["params"], mine, saved))
-               and (k != "proj_dim" or not _proj_dims_kept(mine, loaded_dims[gi]))]
+               and (k != "proj_dim" or not _proj_dims_kept(mine, loaded_dims[gi]))
+               and not _inert(k, mine["params"], mine, saved)]
     with _load_hooks_off(opt):  # run here, around Flora's own checks and final pass
         base_load({**state_dict, "param_groups": groups})
     opt._proj_cache.clear()
@@ -235,12 +255,12 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     if changed:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
                          for gi, k, old, new in changed)
-        warnings.warn(f"Flora.load_state_dict: the loaded parameter groups change the algorithm this optimizer "
-                      f"was built with: {said}. As in torch, the loaded options win; build Flora with the "
-                      "checkpoint's options to silence this (options that shape the state, rank, factor_dims, "
-                      "seed, projection, proj_dim, max_aspect_ratio, cannot be set back in param_groups while "
-                      "the state exists; the others can)",
-                      UserWarning, stacklevel=2)
+        warn(f"Flora.load_state_dict: the loaded parameter groups change the algorithm this optimizer "
+             f"was built with: {said}. As in torch, the loaded options win; build Flora with the "
+             "checkpoint's options to silence this (options that shape the state, rank, factor_dims, "
+             "seed, projection, proj_dim, max_aspect_ratio, cannot be set back in param_groups while "
+             "the state exists; the others can)",
+             UserWarning)
     _warn_narrowed_momentum(id_to_param, state_dict["state"])
     _warn_dense_stacks(id_to_param, state_dict["state"])
 
@@ -273,16 +293,16 @@ def _warn_dense_stacks(id_to_param: dict, states: dict) -> None:
     ones = [s for s in dense if one_matrix(s)]  # a position embedding's (1, N, d)
     stacks = [s for s in dense if not one_matrix(s)]
     if stacks:
-        warnings.warn(f"Flora.load_state_dict: {len(stacks)} stack(s) of matrices (stacked experts, e.g. shape "
-                      f"{stacks[0]}) hold a dense momentum, which this Flora would compress: saved before 2026-12-04, "
-                      "when a stack of no more matrices than the rank stayed dense. They stay dense (more state than "
-                      "the current rule keeps; plan() says so); drop their state (optimizer.state.pop(p)) to compress "
-                      "them", UserWarning, stacklevel=3)
+        warn(f"Flora.load_state_dict: {len(stacks)} stack(s) of matrices (stacked experts, e.g. shape "
+             f"{stacks[0]}) hold a dense momentum, which this Flora would compress: saved before 2026-12-04, "
+             "when a stack of no more matrices than the rank stayed dense. They stay dense (more state than "
+             "the current rule keeps; plan() says so); drop their state (optimizer.state.pop(p)) to compress "
+             "them", UserWarning)
     if ones:
-        warnings.warn(f"Flora.load_state_dict: {len(ones)} matrix(es) behind leading dims of 1 (e.g. shape {ones[0]}, "
-                      "a position embedding) hold a dense momentum, which this Flora would compress: saved before "
-                      "2026-12-04, when such a tensor was seen as a single 1 x (n * m) row. They stay dense (plan() "
-                      "says so); drop their state (optimizer.state.pop(p)) to compress them", UserWarning, stacklevel=3)
+        warn(f"Flora.load_state_dict: {len(ones)} matrix(es) behind leading dims of 1 (e.g. shape {ones[0]}, "
+             "a position embedding) hold a dense momentum, which this Flora would compress: saved before "
+             "2026-12-04, when such a tensor was seen as a single 1 x (n * m) row. They stay dense (plan() "
+             "says so); drop their state (optimizer.state.pop(p)) to compress them", UserWarning)
 
 
 def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:
@@ -306,9 +326,9 @@ def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:
             if isinstance(v, torch.Tensor) and torch.finfo(v.dtype).bits < torch.finfo(want).bits:
                 narrowed += 1
     if narrowed:
-        warnings.warn(f"Flora.load_state_dict: {narrowed} loaded momentum tensor(s) are narrower than their group's "
-                      "momentum_dtype stores them (bfloat16 where the checkpoint's group says float32): they were "
-                      "rounded on the way in, as torch.distributed.checkpoint does when it loads a float32 "
-                      "checkpoint into an optimizer built with the default momentum_dtype='auto'. To resume such "
-                      "a checkpoint exactly, build Flora with momentum_dtype=None (as it was saved)",
-                      UserWarning, stacklevel=3)
+        warn(f"Flora.load_state_dict: {narrowed} loaded momentum tensor(s) are narrower than their group's "
+             "momentum_dtype stores them (bfloat16 where the checkpoint's group says float32): they were "
+             "rounded on the way in, as torch.distributed.checkpoint does when it loads a float32 "
+             "checkpoint into an optimizer built with the default momentum_dtype='auto'. To resume such "
+             "a checkpoint exactly, build Flora with momentum_dtype=None (as it was saved)",
+             UserWarning)

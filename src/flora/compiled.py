@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Callable
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from . import functional as F
 from .functional import grouped_core, single_core
 from .projection import matrix_shape, state_dtype
+from ._warn import warn
 
 # torch.compile options of Flora(compile=...): one graph per shape signature, no graph
 # break allowed inside (torchao's low-bit optimizers compile their per-parameter step the
@@ -83,10 +83,10 @@ def say_if_many_backends(backend) -> None:
     _backends_seen.add(id(backend))
     _backends_kept.append(backend)  # alive, so that its id is not reused by another
     if len(_backends_seen) == BACKENDS_WARN:
-        warnings.warn(f"Flora(compile=<a callable>): the {BACKENDS_WARN}th backend object this process compiles "
-                      "Flora's step with; each compiles anew (seconds) and keeps its graphs for the process's life "
-                      "(torch._dynamo.reset() frees them), so memory grows with every new one. Build every Flora "
-                      "with one backend object, or a backend's name", UserWarning, stacklevel=3)
+        warn(f"Flora(compile=<a callable>): the {BACKENDS_WARN}th backend object this process compiles "
+             "Flora's step with; each compiles anew (seconds) and keeps its graphs for the process's life "
+             "(torch._dynamo.reset() frees them), so memory grows with every new one. Build every Flora "
+             "with one backend object, or a backend's name", UserWarning)
 
 
 def _eager_on_failure(compiled: Callable, eager: Callable, key: tuple, backend) -> Callable:
@@ -110,10 +110,10 @@ def _eager_on_failure(compiled: Callable, eager: Callable, key: tuple, backend) 
             cause = getattr(e, "inner_exception", None) or e  # a backend's own error, inside dynamo's
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             inner = f"{type(cause).__name__}: " if cause is not e else ""
-            warnings.warn(f"Flora(compile={backend!r}): compiling {eager.__name__} failed ({type(e).__name__}: "
-                          f"{inner}{first}); it steps eagerly from now on: the same arithmetic, without the "
-                          "compiled speed (fix the cause, e.g. a C++ compiler for inductor on a CPU, or use "
-                          "compile=False)", UserWarning, stacklevel=2)
+            warn(f"Flora(compile={backend!r}): compiling {eager.__name__} failed ({type(e).__name__}: "
+                 f"{inner}{first}); it steps eagerly from now on: the same arithmetic, without the "
+                 "compiled speed (fix the cause, e.g. a C++ compiler for inductor on a CPU, or use "
+                 "compile=False)", UserWarning)
             return eager(*args)
 
     return call

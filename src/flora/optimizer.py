@@ -29,6 +29,7 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
 from .momentum import WEIGHTED_FORMS
 from .state import check_factoring, check_momentum_layout, check_not_resized, follow_dtype, prepare_state
 from .stacks import StateStacks
+from ._warn import warn
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
@@ -108,8 +109,8 @@ def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
         warned.update((id(group), k) for k in found)
     if found:
         help_ = f" ({_BETAS_HELP})" if "betas" in found else ""
-        warnings.warn(f"a parameter group's {', '.join(repr(k) for k in found)}: options of torch's optimizers "
-                      f"that Flora does not have, so it ignores them{help_}", UserWarning, stacklevel=3)
+        warn(f"a parameter group's {', '.join(repr(k) for k in found)}: options of torch's optimizers "
+             f"that Flora does not have, so it ignores them{help_}", UserWarning)
 
 
 def _layout_key(group: dict) -> tuple:
@@ -154,8 +155,8 @@ class Flora(Optimizer):
             raise ValueError(f"Flora has no momentum={momentum!r}: the momentum coefficient is beta1 (beta1=0.9; "
                              "None: no first moment); momentum_form names how it is compressed")
         if momentum is not None:
-            warnings.warn("Flora(momentum=...) is renamed momentum_form=...: torch's cyclic schedulers write "
-                          "a 'momentum' option of their own", FutureWarning, stacklevel=2)
+            warn("Flora(momentum=...) is renamed momentum_form=...: torch's cyclic schedulers write "
+                 "a 'momentum' option of their own", FutureWarning)
             momentum_form = momentum
         if relative_step is None:
             relative_step = lr is None
@@ -184,8 +185,8 @@ class Flora(Optimizer):
         if self._kernel is not None:
             compile = False
             if not kernels.available():
-                warnings.warn("Flora(compile='triton'): triton or CUDA is not available here; every parameter "
-                              "steps on the eager path", UserWarning, stacklevel=2)
+                warn("Flora(compile='triton'): triton or CUDA is not available here; every parameter "
+                     "steps on the eager path", UserWarning)
         # the torch.compile backend of the compiled core, or None (eager)
         self._compile = None if compile is False or compile is None else ("inductor" if compile is True else compile)
         C.say_if_many_backends(self._compile)
@@ -286,17 +287,15 @@ class Flora(Optimizer):
             params = list(params)  # a generator can be read once: read it here, for torch and for us
         param_group["params"] = params
         if isinstance(param_group.get("momentum"), str):
-            warnings.warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning,
-                          stacklevel=2)
+            warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning)
             _upgrade_group(param_group, saved=False)
         _check_foreign_keys(param_group)
         options = sorted(k for k in param_group if k not in ("params", "weight_decay"))
         if not isinstance(params, set) and len(params) == 0 and options:
             # a filter that matched nothing; the Trainer's empty no-decay group (weight_decay only) is routine
-            warnings.warn(f"a parameter group with no parameters: its options ({', '.join(options)}) apply to none "
-                          "(a name filter that matched nothing? named_parameters() lists a tied weight, such as an "
-                          "LM head tied to the embedding, once, under the embedding's name)", UserWarning,
-                          stacklevel=3)
+            warn(f"a parameter group with no parameters: its options ({', '.join(options)}) apply to none "
+                 "(a name filter that matched nothing? named_parameters() lists a tied weight, such as an "
+                 "LM head tied to the embedding, once, under the embedding's name)", UserWarning)
         if ("momentum_form" in param_group and "complement_weight" not in param_group
                 and param_group["momentum_form"] not in WEIGHTED_FORMS):
             # a weight given to the constructor belongs to its (weighted) form: a group that
@@ -340,10 +339,10 @@ class Flora(Optimizer):
                 # so each write reached both (ReduceLROnPlateau halved it twice a reduction),
                 # and a resume (which gives each group its own, __setstate__) then stepped
                 # otherwise than the run that never stopped (a probe)
-                warnings.warn(f"parameter group {len(self.param_groups)}'s lr is the tensor of group {holder}: it "
-                              "gets a copy of its own, as every group's lr is written in place by schedulers "
-                              "(one shared tensor would take each group's write); give each group its own tensor "
-                              "to silence this", UserWarning, stacklevel=3)
+                warn(f"parameter group {len(self.param_groups)}'s lr is the tensor of group {holder}: it "
+                     "gets a copy of its own, as every group's lr is written in place by schedulers "
+                     "(one shared tensor would take each group's write); give each group its own tensor "
+                     "to silence this", UserWarning)
                 param_group["lr"] = param_group["lr"].clone()
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
         if hasattr(self, "_foreign_warned"):  # said above: not again at the step
@@ -493,8 +492,8 @@ class Flora(Optimizer):
                         raise ValueError(f"{caller}: {e}") from None
                     if saving and id(p) not in self._layout_warned:
                         self._layout_warned.add(id(p))
-                        warnings.warn(f"{caller}: a frozen parameter's state does not fit its group's options, and a "
-                                      f"copy or a resumed run would not know it ({e})", UserWarning, stacklevel=4)
+                        warn(f"{caller}: a frozen parameter's state does not fit its group's options, and a "
+                             f"copy or a resumed run would not know it ({e})", UserWarning)
 
     def check_options(self) -> None:
         """Every group's options, and every state against them, as ``step()`` checks them
@@ -600,12 +599,12 @@ class Flora(Optimizer):
             seen[0], seen[1] = values, seen[1] + 1
             if seen[1] >= _RECOMPILE_WARN_AFTER and not self._warned_recompiles:
                 self._warned_recompiles = True
-                warnings.warn(
-                    f"Flora(compile={_backend_name(self._compile)}): group {i}'s {', '.join(changed)} changed at "
-                    f"{seen[1]} steps; "
-                    "the compiled graphs take it as a constant, so each new value compiles new ones (seconds "
-                    "each, without limit): a schedule of anything but lr recompiles at every step. Change it "
-                    "rarely, or step with compile=False", UserWarning, stacklevel=4)
+                warn(
+           f"Flora(compile={_backend_name(self._compile)}): group {i}'s {', '.join(changed)} changed at "
+           f"{seen[1]} steps; "
+           "the compiled graphs take it as a constant, so each new value compiles new ones (seconds "
+           "each, without limit): a schedule of anything but lr recompiles at every step. Change it "
+           "rarely, or step with compile=False", UserWarning)
 
     # Replaced by torch.compiler.disable(_prelude_eager) when the first Flora is built.
     _prelude = _prelude_eager
@@ -615,14 +614,14 @@ class Flora(Optimizer):
         compiled = C.compiles_on(self._compile, device)
         if self._compile is not None and not compiled and not self._warned_cuda_eager:
             self._warned_cuda_eager = True
-            warnings.warn(C.CUDA_EAGER_MESSAGE.format(what=f"Flora(compile={self._compile!r})")
-                          + "; its CUDA parameters step eagerly (FLORA_COMPILE_CUDA=1 compiles them anyway)",
-                          UserWarning, stacklevel=5)
+            warn(C.CUDA_EAGER_MESSAGE.format(what=f"Flora(compile={self._compile!r})")
+                 + "; its CUDA parameters step eagerly (FLORA_COMPILE_CUDA=1 compiles them anyway)",
+                 UserWarning)
         if traced and device.type == "cuda" and not C.CUDA_INDUCTOR and not self._warned_cuda_eager:
             self._warned_cuda_eager = True
-            warnings.warn(C.CUDA_EAGER_MESSAGE.format(what="torch.compile(opt.step)")
-                          + "; the eager step (or Flora(compile=True), which steps CUDA eagerly) is the checked one",
-                          UserWarning, stacklevel=5)
+            warn(C.CUDA_EAGER_MESSAGE.format(what="torch.compile(opt.step)")
+                 + "; the eager step (or Flora(compile=True), which steps CUDA eagerly) is the checked one",
+                 UserWarning)
         return F.prepare(params, states, group, indices, grouped=grouped, projections=self._projections,
                          device_steps=self._device_steps, skips=self._skip_counter(device),
                          lr=self._lr_for(group, device) if compiled or traced else None, compiled=compiled,

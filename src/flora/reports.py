@@ -5,7 +5,6 @@ projection's momentum would grow from resample to resample."""
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from .compression import momentum_storage
 from .options import momentum_dim, momentum_reason
 from .projection import compressed_shape, matrix_shape
 from .sharded import is_dtensor
+from ._warn import warn
 
 
 def plan(opt) -> list[dict[str, Any]]:
@@ -24,22 +24,33 @@ def plan(opt) -> list[dict[str, Any]]:
     compressed, else ``reason`` (why its momentum is dense or absent); ``momentum_dtype``
     (what its momentum is stored in, a name such as ``"bfloat16"``; None without ``beta1``);
     ``frozen`` (``requires_grad=False``: no state is made for it while it gets no gradient;
-    one made before it was frozen is kept, and counted by ``flora.state_bytes``)."""
+    one made before it was frozen is kept, and counted by ``flora.state_bytes``);
+    ``stepped`` (whether it has a state: False before its first step, and for a tensor the
+    model no longer uses, such as a meta tensor replaced by ``to_empty()``); ``device``.
+    A parameter without a state gets the index its first step will give it."""
     rows, index = [], 0
+    taken = {st["index"] for st in opt.state.values() if "index" in st}
+    n = max(1, sum(len(g["params"]) for g in opt.param_groups))
+
+    def first_free(position: int) -> int:  # Flora._free_index, without taking it
+        while position in taken:
+            position += n
+        return position
+
     for gi, group in enumerate(opt.param_groups):
         names = group.get("param_names")  # torch keeps them when given named_parameters()
         for j, p in enumerate(group["params"]):
             shape = tuple(p.shape)
             reason = momentum_reason(shape, group)
-            pinned = opt.state[p].get("index", index) if p in opt.state else index
+            st = opt.state[p] if p in opt.state else {}
+            pinned = st["index"] if "index" in st else first_free(index)
             row = {"index": pinned, "name": names[j] if names else None, "group": gi, "shape": shape,
                    "compressed": reason is None,
-                   "frozen": not p.requires_grad,
+                   "frozen": not p.requires_grad, "stepped": bool(st), "device": str(p.device),
                    "momentum_dtype": None if group["beta1"] is None
                    else str(momentum_storage(group, p.dtype)).removeprefix("torch.")}
             # a state says what it holds: one loaded from an older version may keep a form the
             # current rule would not choose (a (1, N, d) matrix's; a probe found the rows wrong)
-            st = opt.state[p] if p in opt.state else {}
             held = st.get("exp_avg_c")
             if isinstance(held, torch.Tensor) and "proj_dim" in st:
                 row.update(compressed=True, proj_dim=int(st["proj_dim"]), momentum_shape=tuple(held.shape),
@@ -65,9 +76,14 @@ def summary(opt) -> str:
     frozen = len(rows) - len(live)
     held = sum(1 for g in opt.param_groups for p in g["params"] if not p.requires_grad and opt.state.get(p))
     kept = f"; {held} of them keep the state made before they were frozen" if held else ""
+    waiting = sum(not r["stepped"] for r in live)
+    meta = sum(r["device"] == "meta" for r in rows)
     lines = [f"Flora: {n_c} of {len(live)} {'trainable ' if frozen else ''}parameter tensors keep compressed momentum"
              + (f" ({frozen} more frozen: requires_grad=False, no state made while they get no gradient{kept})"
-                if frozen else "")]
+                if frozen else "")
+             + (f"; {waiting} of them not stepped yet" if waiting else "")
+             + (f"; {meta} on the meta device (no data: a model made there gets new parameters from to_empty(), "
+                "so build Flora after it)" if meta else "")]
     for r in rows:
         what = (f"compressed to {r['momentum_shape'][0]} x {r['momentum_shape'][1]} (proj_dim={r['proj_dim']})"
                 if r["compressed"] else f"dense: {r['reason']}")
@@ -75,6 +91,8 @@ def summary(opt) -> str:
             what += f", momentum in {r['momentum_dtype']}"
         if r["frozen"]:
             what += ", frozen"
+        if not r["stepped"] and not r["frozen"]:
+            what += ", not stepped yet"
         name = f"{r['name']} " if r["name"] else ""
         lines.append(f"  [{r['index']}] {name}group {r['group']} {r['shape']}: {what}")
     return "\n".join(lines)
@@ -93,9 +111,9 @@ def warn_if_nothing_compressed(opt) -> None:
         key = "projected dim <= " + reason.split(" <= ")[1] if reason.startswith("projected dim") else reason
         reasons[key] = reasons.get(key, 0) + 1
     said = "; ".join(f"{k} ({v} tensor{'s' * (v > 1)})" for k, v in reasons.items())
-    warnings.warn(f"Flora: a rank is set but no tensor keeps compressed momentum: {said}. "
-                  "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
-                  UserWarning, stacklevel=3)
+    warn(f"Flora: a rank is set but no tensor keeps compressed momentum: {said}. "
+         "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
+         UserWarning)
 
 
 # compile set: shape signatures (a tensor's shape, dtype and device in a group) above
@@ -116,10 +134,10 @@ def warn_if_many_signatures(opt) -> None:
     kinds = {(gi, tuple(p.shape), p.dtype, p.device) for gi, g in enumerate(opt.param_groups)
              for p in g["params"] if p.requires_grad and compiles_on(opt._compile, p.device)}
     if len(kinds) > SIGNATURES_WARN:
-        warnings.warn(f"Flora(compile={opt._compile!r}): {len(kinds)} distinct parameter shapes (per group, dtype "
-                      "and device); the first step compiles a graph for each (seconds each with inductor), so it "
-                      "will take minutes, and so many small graphs may step slower than compile=False. Consider "
-                      "compile=False for such a model", UserWarning, stacklevel=3)
+        warn(f"Flora(compile={opt._compile!r}): {len(kinds)} distinct parameter shapes (per group, dtype "
+             "and device); the first step compiles a graph for each (seconds each with inductor), so it "
+             "will take minutes, and so many small graphs may step slower than compile=False. Consider "
+             "compile=False for such a model", UserWarning)
 
 
 def gaussian_growth(rank: int, dim: int, beta1: float, kappa: int) -> float:
@@ -132,22 +150,30 @@ def gaussian_growth(rank: int, dim: int, beta1: float, kappa: int) -> float:
     return beta1**kappa * math.sqrt(dim / rank)
 
 
+def _kappa_needed(rank: int, dim: int, beta1: float) -> int:
+    """The least kappa at which :func:`gaussian_growth` is at most 1."""
+    return math.ceil(math.log(math.sqrt(dim / rank)) / -math.log(beta1)) if beta1 > 0 else 1
+
+
 def warn_if_momentum_grows(opt) -> None:
-    worst = None
+    growing = []
     for r in plan(opt):
         group = opt.param_groups[r["group"]]
         if not r["compressed"] or r["frozen"] or group["projection"] != "gaussian" or group["beta1"] is None:
             continue
         dim = matrix_shape(r["shape"])[r["proj_dim"]]
         growth = gaussian_growth(group["rank"], dim, group["beta1"], group["kappa"])
-        if growth > 1 and (worst is None or growth > worst[0]):
-            worst = (growth, r, group, dim)
-    if worst is None:
+        if growth > 1:
+            growing.append((growth, r, group, dim))
+    if not growing:
         return
-    growth, r, group, dim = worst
-    needed = math.ceil(math.log(math.sqrt(dim / group["rank"])) / -math.log(group["beta1"])) if group["beta1"] > 0 else 1
-    warnings.warn(f"Flora: projection='gaussian' with beta1={group['beta1']}, kappa={group['kappa']}: the compressed "
-                  f"momentum of {r['name'] or 'parameter'} {r['shape']} (rank {group['rank']} of {dim}) grows about "
-                  f"{growth:.3g}x from one resample to the next (beta1**kappa * sqrt(dim / rank)), without bound: "
-                  f"the Gaussian carry-over A_old A_new^T multiplies its norm by about sqrt(dim / rank). Use "
-                  f"projection='orthonormal' (the default), or kappa > {needed}", UserWarning, stacklevel=3)
+    growth, r, group, dim = max(growing, key=lambda x: x[0])
+    # the advice covers every growing tensor, not only the worst (a probe: following it for
+    # one group's tensor left another group's growing, and the next warning asked for more)
+    needed = max(_kappa_needed(g["rank"], d, g["beta1"]) for _, _, g, d in growing)
+    where = " in every group with a Gaussian projection" if len({id(g) for _, _, g, _ in growing}) > 1 else ""
+    warn(f"Flora: projection='gaussian' with beta1={group['beta1']}, kappa={group['kappa']}: the compressed "
+         f"momentum of {r['name'] or 'parameter'} {r['shape']} (rank {group['rank']} of {dim}) grows about "
+         f"{growth:.3g}x from one resample to the next (beta1**kappa * sqrt(dim / rank)), without bound: "
+         f"the Gaussian carry-over A_old A_new^T multiplies its norm by about sqrt(dim / rank). Use "
+         f"projection='orthonormal' (the default), or kappa >= {needed}{where}", UserWarning)

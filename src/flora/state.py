@@ -155,6 +155,16 @@ def _shape_mismatch(p: torch.Tensor, s: dict, group: dict) -> tuple[str, tuple, 
     return None
 
 
+def _param_name(p: torch.Tensor, group: dict) -> str:
+    """``'name' `` where the group holds ``param_names`` (built from named_parameters()), else ''."""
+    names = group.get("param_names")
+    if names:
+        for q, n in zip(group["params"], names):
+            if q is p:
+                return f"{n!r} "
+    return ""
+
+
 def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | None = None) -> None:
     """A live compressed momentum must have the shape and projected dim the group's
     ``rank``, ``proj_dim`` and ``max_aspect_ratio`` give it (and a dense one must stay
@@ -186,10 +196,16 @@ def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | 
             f"compressed momentum of a parameter of shape {shape} ({have}, projecting dim {dim}): set them back, "
             + _DROP)
     for name, (was, now) in (edited or {}).items():
+        # its group's option edited, or the parameter moved into a group of another one: the
+        # record is the parameter's, so both read alike (a probe: a moved parameter was told
+        # to set the other group's seed back, which then refused that group's own parameter)
+        called = _param_name(p, group)
         raise ValueError(
-            f"{name}={now!r} (edited from {was!r} since the last step) would read the compressed momentum of a "
-            f"parameter of shape {shape} under projections it was not made under, scrambling it. Set {name} back "
-            f"to {was!r}, {_DROP}")
+            f"{name}={now!r} in the group of the parameter {called}of shape {shape}, whose compressed momentum "
+            f"was made under {name}={was!r} (the group's {name} edited, or the parameter moved into this group, "
+            f"since its last step): this would read the compressed momentum under projections it was not made "
+            f"under, scrambling it. Set "
+            f"{name} back to {was!r} or move the parameter back, {_DROP}")
 
 
 COUNTERS = ("step", "proj_count", "proj_age", "index")  # plain non-negative integers (a tensor of one is read)

@@ -17,13 +17,13 @@ what is saved is then its options and cycle number, the same on every data-paral
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from .accumulation import CompressedAccumulator
+from ._warn import warn
 
 __all__ = ["AccumulatorCallback", "STATE_KEY"]
 
@@ -96,17 +96,17 @@ class AccumulatorCallback(TrainerCallback):
             # leftover read as "gradient_accumulation_steps > tau" at the next window (a probe)
             acc.discard_cycle()
         if acc.fused and (args.max_grad_norm or 0) > 0 and acc.max_grad_norm is None:
-            warnings.warn(f"AccumulatorCallback: TrainingArguments(max_grad_norm={args.max_grad_norm}) clips nothing "
-                          "in fused mode (each parameter steps during backward, before the Trainer clips, and its "
-                          "logged grad_norm reads 0; acc.last_grad_norm holds the cycle's norm). Pass "
-                          "max_grad_norm= to the accumulator (it clips each parameter's gradient), or "
-                          "max_grad_norm=0 to the Trainer to say no clipping is wanted", stacklevel=2)
+            warn(f"AccumulatorCallback: TrainingArguments(max_grad_norm={args.max_grad_norm}) clips nothing "
+                 "in fused mode (each parameter steps during backward, before the Trainer clips, and its "
+                 "logged grad_norm reads 0; acc.last_grad_norm holds the cycle's norm). Pass "
+                 "max_grad_norm= to the accumulator (it clips each parameter's gradient), or "
+                 "max_grad_norm=0 to the Trainer to say no clipping is wanted")
         saved = (state.stateful_callbacks or {}).get(STATE_KEY) if state.global_step else None
         if state.global_step and saved is None:
-            warnings.warn(f"AccumulatorCallback: resuming at global step {state.global_step} from a checkpoint "
-                          "that holds no CompressedAccumulator state (saved without this callback): the "
-                          "accumulator starts again at cycle 0, so its projections, and the run, differ from one "
-                          "that never stopped", stacklevel=2)
+            warn(f"AccumulatorCallback: resuming at global step {state.global_step} from a checkpoint "
+                 "that holds no CompressedAccumulator state (saved without this callback): the "
+                 "accumulator starts again at cycle 0, so its projections, and the run, differ from one "
+                 "that never stopped")
         elif saved is not None:
             acc.load_state_dict(_from_json(saved))
         # The Trainer's synced backward ends every cycle, even a first short one (an epoch of

@@ -5,7 +5,6 @@ arguments, wires the package's parts and keeps the public API; how it is built:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterable
 
 import torch
@@ -24,6 +23,7 @@ from .options import Option, Options, check_holds_some, check_options, make_slot
 from .ddp import DDPSteps, check_ddp_fused
 from .replicas import is_ddp
 from .units import guard_gradient_sync
+from .._warn import warn
 
 __all__ = ["CompressedAccumulator"]
 
@@ -240,8 +240,8 @@ class CompressedAccumulator:
         eng = self._engine
         eng.sweep()
         if any(eng.cycle.counts):
-            warnings.warn(f"CompressedAccumulator.remove() in the middle of a cycle ({self.micro_step} of "
-                          f"tau={self.tau} micro-batches): the partial sums are dropped", stacklevel=2)
+            warn(f"CompressedAccumulator.remove() in the middle of a cycle ({self.micro_step} of "
+                 f"tau={self.tau} micro-batches): the partial sums are dropped")
             for j, s in enumerate(eng.slots):
                 if eng.cycle.counts[j] and j not in eng.cycle.done:
                     s.param.grad = None

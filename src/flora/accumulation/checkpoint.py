@@ -13,7 +13,6 @@ matrices."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from ..state import count_value
 from .cycle import Cycle
 from .engine import Engine
 from .estimator import buffer_shape
+from .._warn import warn
 
 __all__ = ["state_dict", "load_state_dict"]
 
@@ -206,11 +206,11 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
                              "but counts no micro-batch of it: the checkpoint is damaged (the sum would be added "
                              "into the next cycle). Load an undamaged one")
     if changed:
-        warnings.warn(f"CompressedAccumulator.load_state_dict: {len(changed)} parameter(s) were accumulated under "
-                      f"another layout when saved ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): "
-                      "other options (max_aspect_ratio, say) or an older version's rule. The run continues under this "
-                      "accumulator's layout: unbiased as before, but not the saved run's continuation",
-                      UserWarning, stacklevel=3)
+        warn(f"CompressedAccumulator.load_state_dict: {len(changed)} parameter(s) were accumulated under "
+             f"another layout when saved ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): "
+             "other options (max_aspect_ratio, say) or an older version's rule. The run continues under this "
+             "accumulator's layout: unbiased as before, but not the saved run's continuation",
+             UserWarning)
     # All checked: apply.
     if eng.replicas is not None:
         eng.replicas.agreed = False  # the replicas are compared again at the next collective

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 import weakref
 
 import torch
@@ -31,6 +30,7 @@ from .estimator import Slot
 from .fused import patch_zero_grad, unpatch_zero_grad
 from .integrations import unwrap
 from .units import ModelHook
+from .._warn import warn
 
 __all__ = ["Hooks", "ATTACHED", "attached", "check_unattached", "attach", "detach"]
 
@@ -192,10 +192,10 @@ class Hooks:
                             "the optimizer and a new accumulator the model's parameters after the change" if outside
                             else "they train, but their gradients accumulate uncompressed in .grad, at full size. "
                             "Build a new accumulator (acc.remove() first) after the change to compress them")
-                    warnings.warn(
-                        f"CompressedAccumulator: the model has {len(extra)} trainable parameter(s) not given to the "
-                        f"accumulator ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; unfrozen after it "
-                        f"was built, or added): {fate}", UserWarning, stacklevel=2)
+                    warn(
+               f"CompressedAccumulator: the model has {len(extra)} trainable parameter(s) not given to the "
+               f"accumulator ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; unfrozen after it "
+               f"was built, or added): {fate}", UserWarning)
                     return
                 raise ValueError(
                     f"CompressedAccumulator(fused=True): the model has {len(extra)} trainable parameter(s) not given "

@@ -5,7 +5,6 @@ argument and what is allowed), which parameters are attached, and how each is su
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -19,6 +18,7 @@ from ..sharded import is_dtensor
 from .estimator import ACCUMULATION_PROJECTIONS, Slot
 from .integrations import check_scaler
 from .replicas import check_reduce, check_sharded
+from .._warn import warn
 
 __all__ = ["Options", "Option", "check_holds_some", "check_options", "named_params", "resolve_exclude", "make_slots"]
 
@@ -119,10 +119,10 @@ def check_holds_some(optimizer: Optimizer, slots: list[Slot], fused: bool) -> No
             f"parameter(s) ({', '.join(repr(s.name) for s in slots[:3])}{', ...' if len(slots) > 3 else ''})")
     if fused:
         raise ValueError(f"{what}, so nothing would step them; give the optimizer of this model's parameters")
-    warnings.warn(f"{what}: each of its steps closes this model's open cycle (another model's optimizer "
-                  "would close it at every one of its steps). If it steps copies of these parameters (fp32 "
-                  "masters) or gets them later (add_param_group), this is expected; otherwise give this "
-                  "model's optimizer, or none", UserWarning, stacklevel=3)
+    warn(f"{what}: each of its steps closes this model's open cycle (another model's optimizer "
+         "would close it at every one of its steps). If it steps copies of these parameters (fp32 "
+         "masters) or gets them later (add_param_group), this is expected; otherwise give this "
+         "model's optimizer, or none", UserWarning)
 
 
 def _named_item(item) -> tuple[str | None, Any]:
@@ -230,13 +230,13 @@ def warn_flat_pieces(slots: list[Slot], rank) -> None:
         return
     flat = [s.name for s in slots if _flat_piece(s.param)]
     if flat:
-        warnings.warn(f"CompressedAccumulator(rank={rank}) compresses nothing here: {len(flat)} of its "
-                      f"{len(slots)} parameters (e.g. {flat[0]!r}) are flat 1-D pieces that DeepSpeed ZeRO or "
-                      "FSDP1 (FullyShardedDataParallel) cut from the model's matrices, so every gradient is summed "
-                      "densely, exact but with no memory saved. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
-                      "whose parameters keep their shapes.", UserWarning, stacklevel=4)
+        warn(f"CompressedAccumulator(rank={rank}) compresses nothing here: {len(flat)} of its "
+             f"{len(slots)} parameters (e.g. {flat[0]!r}) are flat 1-D pieces that DeepSpeed ZeRO or "
+             "FSDP1 (FullyShardedDataParallel) cut from the model's matrices, so every gradient is summed "
+             "densely, exact but with no memory saved. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+             "whose parameters keep their shapes.", UserWarning)
     elif any(s.param.dim() >= 2 for s in slots):  # matrices, none compressed: LoRA adapters of rank <= this one
-        warnings.warn(f"CompressedAccumulator(rank={rank}) compresses nothing here: each of its {len(slots)} "
-                      "trainable parameters is 1-D, excluded, or has no projected dimension above the rank (LoRA "
-                      "adapters of a rank <= this one, say), so every gradient is summed densely, exact but with no "
-                      "memory saved. See acc.plan()", UserWarning, stacklevel=4)
+        warn(f"CompressedAccumulator(rank={rank}) compresses nothing here: each of its {len(slots)} "
+             "trainable parameters is 1-D, excluded, or has no projected dimension above the rank (LoRA "
+             "adapters of a rank <= this one, say), so every gradient is summed densely, exact but with no "
+             "memory saved. See acc.plan()", UserWarning)
