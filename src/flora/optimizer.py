@@ -578,10 +578,26 @@ class Flora(Optimizer):
             sharded.sharded_step(sharded_entries, projections=self._projections, count_skip=self._count_skip)
         if compiled:
             self._watch_graph_constants()
-        if len(self._device_steps) > index:  # a parameter left the groups: its counter goes too
-            self._device_steps.keep({id(p) for g in self.param_groups for p in g["params"]})
+        if len(self._device_steps) > index:  # a parameter left the groups: its records go too
+            self._forget_gone({id(p) for g in self.param_groups for p in g["params"]})
         self._states_seen = len(self.state)
         return plan
+
+    def _forget_gone(self, live: set[int]) -> None:
+        """Drop what is kept for parameters that left the groups (``live``: the ids of those in
+        them) and kept no state, for groups that are gone, and the cached projections of
+        indices no state holds: a notebook or sweep that gives one optimizer new parameters
+        again and again grew these without bound (a probe: 932 entries each for 4 live
+        parameters after 800 rebuilds; a removed head's projection kept in the cache)."""
+        self._device_steps.keep(live)
+        kept = live | {id(q) for q in self.state}  # a state kept out of the groups keeps its record
+        self._stepped_under = {k: v for k, v in self._stepped_under.items() if k in kept}
+        self._shapes_checked = {k: v for k, v in self._shapes_checked.items() if k in kept}
+        groups = {id(g) for g in self.param_groups}
+        self._factor_dims_seen = {k: v for k, v in self._factor_dims_seen.items() if k in groups}
+        self._constants_seen = {k: v for k, v in self._constants_seen.items() if k in groups}
+        indices = {st["index"] for st in self.state.values() if "index" in st}
+        self._proj_cache.discard([i for i, _, _ in self._proj_cache.items() if i not in indices])
 
     def _watch_graph_constants(self) -> None:
         """compile set: a group option the graphs take as a constant (beta1, weight_decay,
@@ -701,8 +717,8 @@ class Flora(Optimizer):
                     where[id(q)] = (gi, j, index)
                     index += 1
             self._where = (key, where)
-            if len(self._device_steps) > index:  # a parameter left the groups: its counter goes too
-                self._device_steps.keep(set(where))
+            if len(self._device_steps) > index:  # a parameter left the groups: its records go too
+                self._forget_gone(set(where))
         hit = self._where[1].get(id(p))
         if hit is None:
             return None
