@@ -104,7 +104,28 @@ def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP, out: torc
 
 
 def _round(x: torch.Tensor, key) -> torch.Tensor:
-    """:func:`stochastic_bfloat16` of ``x`` with the step's 16-bit ``key``, in one piece."""
+    """:func:`stochastic_bfloat16` of ``x`` with the step's 16-bit ``key``, in one piece.
+    Eagerly, a tensor that fills its span is rounded as its memory, flat (:func:`_round_flat`:
+    the same bits, half the time); traced, or with gaps, elementwise (inductor fuses it)."""
+    if not torch.compiler.is_compiling():
+        flat = in_memory_order(x)
+        if flat is not None:
+            return _round_flat(flat, key).as_strided(x.shape, x.stride())
+    return _round_elementwise(x, key)
+
+
+def _round_flat(x: torch.Tensor, key) -> torch.Tensor:
+    """:func:`_round_elementwise` of a flat contiguous ``x``, eagerly: the table read by
+    ``index_select`` and the int32 passes in place (advanced indexing and a new tensor per
+    pass took twice as long: 17.9 against 8.9 ms for 3.2 M elements on one CPU core)."""
+    bits = x.view(torch.int32)
+    index = (bits >> 16).bitwise_and_(0xFFFF).bitwise_xor_(key)
+    out = torch.index_select(noise_table(x.device), 0, index).add_(bits).bitwise_and_(_MASK_LOW)
+    return torch.where(x != x, x, out.view(torch.float32)).to(torch.bfloat16)
+
+
+def _round_elementwise(x: torch.Tensor, key) -> torch.Tensor:
+    """:func:`_round` of any ``x``, in elementwise operations."""
     bits = x.view(torch.int32)
     noise = noise_table(x.device)[((bits >> 16) & 0xFFFF) ^ key]
     # float32 is sign and magnitude: adding to the low bits moves the magnitude up (a carry
