@@ -3,6 +3,7 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Any, Iterable
 
@@ -30,6 +31,8 @@ from .momentum import WEIGHTED_FORMS
 from .state import check_factoring, check_momentum_layout, check_not_resized, follow_dtype, prepare_state
 from .stacks import StateStacks
 from ._warn import warn
+
+_PARAMS = operator.itemgetter("params")
 
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
@@ -707,7 +710,19 @@ class Flora(Optimizer):
         2026-12-04 step_parameter, hence fused accumulation, kept stepping such a parameter
         with its old group's options: found by a probe)."""
         groups = self.param_groups
-        key = tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
+        if self._where is not None:
+            # A parameter with a state is found where the map points, without checking the
+            # map against the groups: its position only seeds a new state's index (this one's
+            # is kept in its state), and the check is O(groups) at every call, once per
+            # parameter of a fused cycle (a probe: 5.4 s a pass over 3,000 one-parameter groups)
+            hit = self._where[1].get(id(p))
+            if hit is not None and hit[0] < len(groups):
+                group = groups[hit[0]]
+                params = group["params"]
+                if hit[1] < len(params) and params[hit[1]] is p and "index" in self.state.get(p, ()):
+                    return group, hit[2]
+        lists = list(map(_PARAMS, groups))
+        key = (tuple(map(id, groups)), tuple(map(id, lists)), tuple(map(len, lists)))
         if self._where is None or self._where[0] != key:
             where, index = {}, 0
             for gi, group in enumerate(groups):
