@@ -731,6 +731,27 @@ def test_a_schedule_of_a_graph_constant_warns_once(scheduled):
         assert len(said) == 1 and f"group 0's {scheduled} changed at 3 steps" in str(said[0].message)
 
 
+def test_the_recompile_warning_names_every_option_that_changed():
+    """Three one-off edits of three graph constants (beta1, weight_decay, clip_threshold):
+    the warning named only the last step's, as if it alone had changed three times (a
+    probe); it names all three now. relative_step and the momentum's form count too."""
+    params = _params([(12, 20), (20,)])
+    opt = Flora(params, **BASE, compile="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t, (key, value) in enumerate([(None, None), ("beta1", 0.8), ("weight_decay", 0.01),
+                                           ("clip_threshold", 2.0)]):
+            if key is not None:
+                opt.param_groups[0][key] = value
+            for p, g in zip(params, _grads(params, t)):
+                p.grad = g
+            opt.step()
+    said = [str(w.message) for w in caught if "compiles new ones" in str(w.message)]
+    assert len(said) == 1 and "group 0's beta1, weight_decay, clip_threshold changed at 3 steps" in said[0]
+    from flora.optimizer import _GRAPH_CONSTANTS
+    assert {"relative_step", "momentum_form", "projection", "momentum_dtype"} <= set(_GRAPH_CONSTANTS)
+
+
 def test_user_compile_fullgraph_is_refused_naming_the_prelude():
     """torch.compile(opt.step, fullgraph=True) stops at the eager prelude, the one intended
     graph break; dynamo's hint had been "Remove the torch.compiler.disable call" (a probe).

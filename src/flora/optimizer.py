@@ -42,7 +42,8 @@ _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "
 # The group options a compiled core takes as constants (functional.Spec): each new value
 # compiles new graphs (lr is handed to the graph as a tensor instead).
 _GRAPH_CONSTANTS = ("beta1", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter",
-                    "warmup_init", "complement_weight")
+                    "warmup_init", "relative_step", "complement_weight", "momentum_form", "projection",
+                    "momentum_dtype")
 _RECOMPILE_WARN_AFTER = 3  # changes of a group's constants before saying what they cost
 
 
@@ -214,7 +215,8 @@ class Flora(Optimizer):
         self._proj_cache = ProjectionCache()
         self._warned_sharded_eager = False  # compile set, FSDP2's DTensors stepped eagerly: said once
         self._warned_cuda_eager = False  # compile set, CUDA parameters stepped eagerly (compiled.CUDA_INDUCTOR): said once
-        # compile set: id(group) -> [its _GRAPH_CONSTANTS values last step, how often they changed]
+        # compile set: id(group) -> [its _GRAPH_CONSTANTS values last step, how often they changed,
+        # the names of those that changed]
         self._constants_seen: dict[int, list] = {}
         # (id(group), key): another optimizer's option, said once (at construction, or at the step)
         self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _FOREIGN_KEYS if k in g}
@@ -610,20 +612,22 @@ class Flora(Optimizer):
             values = tuple(group.get(k) for k in _GRAPH_CONSTANTS)
             seen = self._constants_seen.get(id(group))
             if seen is None:
-                self._constants_seen[id(group)] = [values, 0]
+                self._constants_seen[id(group)] = [values, 0, []]
                 continue
             if seen[0] == values:
                 continue
-            changed = [k for k, a, b in zip(_GRAPH_CONSTANTS, seen[0], values) if a != b]
+            # every option that changed at the counted steps, in order, each once (a probe: the
+            # message named only the last step's, one edited once among three one-off edits)
+            seen[2] += [k for k, a, b in zip(_GRAPH_CONSTANTS, seen[0], values) if a != b and k not in seen[2]]
             seen[0], seen[1] = values, seen[1] + 1
             if seen[1] >= _RECOMPILE_WARN_AFTER and not self._warned_recompiles:
                 self._warned_recompiles = True
+                names = ", ".join(seen[2])
                 warn(
-           f"Flora(compile={_backend_name(self._compile)}): group {i}'s {', '.join(changed)} changed at "
-           f"{seen[1]} steps; "
-           "the compiled graphs take it as a constant, so each new value compiles new ones (seconds "
-           "each, without limit): a schedule of anything but lr recompiles at every step. Change it "
-           "rarely, or step with compile=False", UserWarning)
+           f"Flora(compile={_backend_name(self._compile)}): group {i}'s {names} changed at {seen[1]} steps; "
+           "the compiled graphs take these options as constants, so each new value compiles new ones "
+           "(seconds each, without limit), and a schedule of one (of anything but lr) recompiles at every "
+           "step. Change them rarely, or step with compile=False", UserWarning)
 
     # Replaced by torch.compiler.disable(_prelude_eager) when the first Flora is built.
     _prelude = _prelude_eager
