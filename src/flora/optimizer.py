@@ -715,16 +715,22 @@ class Flora(Optimizer):
         with its old group's options: found by a probe)."""
         groups = self.param_groups
         if self._where is not None:
-            # A parameter with a state is found where the map points, without checking the
-            # map against the groups: its position only seeds a new state's index (this one's
-            # is kept in its state), and the check is O(groups) at every call, once per
-            # parameter of a fused cycle (a probe: 5.4 s a pass over 3,000 one-parameter groups)
-            hit = self._where[1].get(id(p))
+            # A parameter with a state, in a group whose list is the one the map was made
+            # from, is found where the map points without checking the map against every
+            # group: its position only seeds a new state's index (this one's is kept in its
+            # state), and that check is O(groups) at every call, once per parameter of a
+            # fused cycle (a probe: 5.4 s a pass over 3,000 one-parameter groups). Its own
+            # group's list replaced or resized still rebuilds the map (and drops the
+            # records of parameters that left: _forget_gone).
+            (group_ids, list_ids, lens), where = self._where
+            hit = where.get(id(p))
             if hit is not None and hit[0] < len(groups):
-                group = groups[hit[0]]
+                gi, j, index = hit
+                group = groups[gi]
                 params = group["params"]
-                if hit[1] < len(params) and params[hit[1]] is p and "index" in self.state.get(p, ()):
-                    return group, hit[2]
+                if (id(group) == group_ids[gi] and id(params) == list_ids[gi] and len(params) == lens[gi]
+                        and params[j] is p and "index" in self.state.get(p, ())):
+                    return group, index
         lists = list(map(_PARAMS, groups))
         key = (tuple(map(id, groups)), tuple(map(id, lists)), tuple(map(len, lists)))
         if self._where is None or self._where[0] != key:
