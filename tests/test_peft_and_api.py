@@ -38,6 +38,22 @@ def test_nothing_compressed_is_said_when_only_frozen_tensors_would_be():
         flora.Flora(_Lora(r=16).parameters(), lr=1e-3, rank=8, beta1=0.9)  # the adapters are compressed
 
 
+def test_nothing_compressed_counts_frozen_tensors_that_would_be():
+    """An inactive adapter (frozen at construction; peft's set_adapter makes it trainable
+    later) was left out of the warning, which said nothing is compressed (a probe: 12
+    tensors were, once active). The warning now counts the frozen tensors that would be."""
+    m = _Lora(r=16)
+    m.a.requires_grad_(False)
+    m.b.requires_grad_(False)
+    m.base.bias.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"no tensor keeps compressed momentum \(of those trainable now\).*"
+                                         r"; 3 frozen tensors would, if made trainable"):
+        flora.Flora(m.parameters(), lr=1e-3, rank=8, beta1=0.9)
+    with pytest.warns(UserWarning) as seen:  # nothing frozen would be: said as before
+        flora.Flora([m.base.bias], lr=1e-3, rank=8, beta1=0.9)
+    assert "frozen tensor" not in str(seen[0].message)
+
+
 def test_summary_says_frozen_tensors_keep_the_state_made_before():
     m = _Lora(r=16)
     opt = flora.Flora(m.parameters(), lr=1e-3, rank=8, beta1=0.9)

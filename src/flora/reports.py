@@ -102,16 +102,22 @@ def warn_if_nothing_compressed(opt) -> None:
     if all(g["rank"] is None for g in opt.param_groups):
         return
     # frozen tensors (a peft model's base weights) step nothing: what the trainable ones get counts
-    rows = [r for r in plan(opt) if opt.param_groups[r["group"]]["rank"] is not None and not r["frozen"]]
+    ranked = [r for r in plan(opt) if opt.param_groups[r["group"]]["rank"] is not None]
+    rows = [r for r in ranked if not r["frozen"]]
     if not rows or any(r["compressed"] for r in rows):
         return
+    # but a frozen one may train later (an inactive adapter, made active by peft's set_adapter:
+    # a probe was told nothing is compressed, then 12 tensors were)
+    later = sum(1 for r in ranked if r["frozen"] and r["compressed"])
     reasons: dict[str, int] = {}
     for r in rows:
         reason = r["reason"]
         key = "projected dim <= " + reason.split(" <= ")[1] if reason.startswith("projected dim") else reason
         reasons[key] = reasons.get(key, 0) + 1
     said = "; ".join(f"{k} ({v} tensor{'s' * (v > 1)})" for k, v in reasons.items())
-    warn(f"Flora: a rank is set but no tensor keeps compressed momentum: {said}. "
+    also = (f"; {later} frozen tensor{'s' * (later > 1)} would, if made trainable (an inactive adapter, say)"
+            if later else "")
+    warn(f"Flora: a rank is set but no tensor keeps compressed momentum (of those trainable now): {said}{also}. "
          "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
          UserWarning)
 
