@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import flora
-from flora import Flora, flora_state_bytes, state_bytes
+from flora import CompressedAccumulator, Flora, flora_state_bytes, state_bytes
 from flora.momentum import (
     compressed_step_,
     exact_momentum_,
@@ -538,3 +538,29 @@ def test_adaptive_weight_is_one_at_the_first_step_whatever_the_rounding(beta1):
     bc2 = af.bias_correction(beta1, 2)
     assert 1 - noise_ratio_sq(beta1, bc2) > 1e-3  # the second step divides by a true gap
     assert adaptive_scale(0.0, 1.0, beta1, bc2) == pytest.approx(1 - beta1)  # pure noise: the floor
+
+
+@pytest.mark.parametrize("projection", ["orthonormal", "gaussian", "coordinates"])
+def test_the_global_generator_is_neither_read_nor_advanced(projection):
+    """The README's promise: projections come from generators of their own, so a script's
+    other random numbers are the same with Flora (and its accumulator) as without."""
+    torch.manual_seed(0)
+    want = torch.rand(5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 6))
+    w = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    opt = Flora(model.parameters(), lr=1e-2, rank=2, beta1=0.9, kappa=2, projection=projection,
+                momentum_form="paper" if projection == "gaussian" else "floored")
+    acc = CompressedAccumulator(model, rank=2, tau=2, seed=3)
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), w):
+            p.copy_(v)
+    x = torch.linspace(-1, 1, 48).reshape(4, 12)
+    for _ in range(6):
+        model(x).square().sum().backward()
+        if acc.micro_step == 0:  # a cycle closed: step
+            opt.step()
+            opt.zero_grad()
+    acc.remove()
+    assert torch.equal(torch.rand(5), want)
