@@ -495,3 +495,19 @@ def test_step_parameter_finds_a_stepped_parameter_without_walking_the_groups():
     # position 1, held by the second parameter's state: 1 + 5 (the parameters in the groups)
     assert a.state[late]["index"] == b.state[late_b]["index"] == 6
     torch.testing.assert_close(late, late_b, rtol=0, atol=0)
+
+
+def test_step_parameter_after_a_group_is_deleted_drops_its_records():
+    """The direct lookup (above) rebuilds the map when a group was added or removed, so the
+    records of a deleted group's parameter go at the next step_parameter (a review: they
+    stayed until a step())."""
+    params = _params()
+    opt = Flora([{"params": [p]} for p in params], lr=1e-2, **KW)
+    _grads(params, 0)
+    for p in params:
+        opt.step_parameter(p)
+    del opt.param_groups[3]
+    opt.state.pop(params[3])
+    for p in params[:3]:
+        opt.step_parameter(p)
+    assert len(opt._device_steps) == 3 and len(opt._stepped_under) == 3

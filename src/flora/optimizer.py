@@ -719,12 +719,14 @@ class Flora(Optimizer):
             # from, is found where the map points without checking the map against every
             # group: its position only seeds a new state's index (this one's is kept in its
             # state), and that check is O(groups) at every call, once per parameter of a
-            # fused cycle (a probe: 5.4 s a pass over 3,000 one-parameter groups). Its own
-            # group's list replaced or resized still rebuilds the map (and drops the
-            # records of parameters that left: _forget_gone).
+            # fused cycle (a probe: 5.4 s a pass over 3,000 one-parameter groups). A group
+            # added or removed, or its own group's list replaced or resized, rebuilds the map
+            # (which drops the records of parameters that left: _forget_gone); a parameter
+            # taken out of another group's list keeps its records until the next step() or
+            # rebuild (they hold it weakly: a review).
             (group_ids, list_ids, lens), where = self._where
             hit = where.get(id(p))
-            if hit is not None and hit[0] < len(groups):
+            if hit is not None and len(groups) == len(group_ids):
                 gi, j, index = hit
                 group = groups[gi]
                 params = group["params"]

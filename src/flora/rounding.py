@@ -74,9 +74,10 @@ def step_key(step, salt: int = AFTER_STEP):
 
 
 # Eagerly, a tensor above this many elements is rounded in pieces of it, in memory order:
-# whole, the int32 temporaries (index, noise, sum) took 4x its float32 bytes at once (a
-# 32,000 x 1,024 momentum left dense: 750 MiB at its step's peak; a probe). Inside a
-# compiled graph inductor fuses them away, so it rounds whole there.
+# whole, the int32 temporaries took up to 4x its float32 bytes at once (a 32,000 x 1,024
+# momentum left dense: 750 MiB at its step's peak; a probe; the flat form's in-place passes
+# take less, still a whole int32 copy and more). Inside a compiled graph inductor fuses
+# them away, so it rounds whole there.
 CHUNK = 1 << 22
 
 
@@ -105,36 +106,36 @@ def stochastic_bfloat16(x: torch.Tensor, step, salt: int = AFTER_STEP, out: torc
 
 def _round(x: torch.Tensor, key) -> torch.Tensor:
     """:func:`stochastic_bfloat16` of ``x`` with the step's 16-bit ``key``, in one piece.
-    Eagerly, a tensor that fills its span is rounded as its memory, flat (:func:`_round_flat`:
-    the same bits, half the time); traced, or with gaps, elementwise (inductor fuses it)."""
+    Eagerly, a tensor that fills its span gets its noised bits from its flat memory
+    (:func:`_noised_flat`: the same bits, half the time); traced, or one that does not
+    fill its span, from elementwise operations (inductor fuses them)."""
     if not torch.compiler.is_compiling():
         flat = in_memory_order(x)
         if flat is not None:
-            return _round_flat(flat, key).as_strided(x.shape, x.stride())
-    return _round_elementwise(x, key)
-
-
-def _round_flat(x: torch.Tensor, key) -> torch.Tensor:
-    """:func:`_round_elementwise` of a flat contiguous ``x``, eagerly: the table read by
-    ``index_select`` and the int32 passes in place (advanced indexing and a new tensor per
-    pass took twice as long: 17.9 against 8.9 ms for 3.2 M elements on one CPU core)."""
-    bits = x.view(torch.int32)
-    index = (bits >> 16).bitwise_and_(0xFFFF).bitwise_xor_(key)
-    out = torch.index_select(noise_table(x.device), 0, index).add_(bits).bitwise_and_(_MASK_LOW)
-    return torch.where(x != x, x, out.view(torch.float32)).to(torch.bfloat16)
-
-
-def _round_elementwise(x: torch.Tensor, key) -> torch.Tensor:
-    """:func:`_round` of any ``x``, in elementwise operations."""
+            return _finish(x, _noised_flat(flat, key).view(torch.float32).as_strided(x.shape, x.stride()))
     bits = x.view(torch.int32)
     noise = noise_table(x.device)[((bits >> 16) & 0xFFFF) ^ key]
     # float32 is sign and magnitude: adding to the low bits moves the magnitude up (a carry
     # goes into the exponent, as rounding up does; no finite value overflows int32), and
     # clearing them truncates it towards zero, so this rounds |x| up with probability
     # (low bits) / 2^16 whatever the sign
-    out = ((bits + noise) & _MASK_LOW).view(torch.float32)
+    return _finish(x, ((bits + noise) & _MASK_LOW).view(torch.float32))
+
+
+def _noised_flat(x: torch.Tensor, key) -> torch.Tensor:
+    """The noised, truncated bits (int32) of a flat contiguous ``x``, eagerly: the table read
+    by ``index_select`` and the int32 passes in place (advanced indexing and a new tensor
+    per pass took twice as long: 17.9 against 8.9 ms for 3.2 M elements on one CPU core)."""
+    bits = x.view(torch.int32)
+    index = (bits >> 16).bitwise_and_(0xFFFF).bitwise_xor_(key)
+    return torch.index_select(noise_table(x.device), 0, index).add_(bits).bitwise_and_(_MASK_LOW)
+
+
+def _finish(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """``rounded`` (float32, laid out as ``x``) in bfloat16, ``x``'s NaNs kept: a NaN's
+    payload in the low bits is carried out of NaN by the noise (into -0, 0 or inf)."""
     # ``x != x`` is isnan: inductor's CPU code vectorises the comparison, not ``isnan``
-    return torch.where(x != x, x, out).to(torch.bfloat16)
+    return torch.where(x != x, x, rounded).to(torch.bfloat16)
 
 
 def to_stored(x: torch.Tensor, dtype: torch.dtype, step, salt: int = AFTER_STEP) -> torch.Tensor:

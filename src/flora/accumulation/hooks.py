@@ -333,7 +333,9 @@ class Hooks:
         # Another optimizer's step (one holding none of these parameters) has no cycle of this
         # accumulator's to close: returns before the sweep, whose cost grows with the slots
         # (a probe: an unrelated 4-element SGD step took 2 ms beside 3,000 slots, 15 us alone).
-        # What the sweep applies (a zero_grad() since) is applied at the next backward's hooks.
+        # What the sweep applies (a zero_grad() since: partial sums dropped, their memory freed)
+        # is applied at the next backward's hooks or this accumulator's optimizer's step, as
+        # when no other optimizer steps between them (a review).
         if not any(id(p) in eng.ids for g in opt.param_groups for p in g["params"]):
             return
         if eng.micro_step():
