@@ -564,3 +564,21 @@ def test_the_global_generator_is_neither_read_nor_advanced(projection):
             opt.zero_grad()
     acc.remove()
     assert torch.equal(torch.rand(5), want)
+
+
+def test_construction_plans_once_without_a_gaussian_projection(monkeypatch):
+    """plan() (a row per parameter) is the constructor's largest cost: the Gaussian-growth
+    check ran it for every optimizer (a probe: 24 us a parameter, twice); it runs only where
+    a group has a Gaussian projection and compressed momentum now. The nothing-compressed
+    check still plans, where a rank is set."""
+    from flora import reports
+
+    calls = []
+    real = reports.plan
+    monkeypatch.setattr(reports, "plan", lambda opt: calls.append(1) or real(opt))
+    params = [nn.Parameter(torch.randn(12, 10)) for _ in range(3)]
+    Flora(params, lr=1e-2, rank=2, beta1=0.9)
+    assert len(calls) == 1
+    with pytest.warns(UserWarning, match="grows about"):
+        Flora(params, lr=1e-2, rank=2, beta1=0.99, kappa=1, projection="gaussian", momentum_form="paper")
+    assert len(calls) == 3
