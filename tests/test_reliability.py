@@ -795,3 +795,34 @@ def test_a_cycle_of_one_micro_batch_is_one_cycle():
         opt.step()
         opt.zero_grad()
     assert acc.cycle == 3
+
+
+def test_fused_mode_steps_a_torch_optimizer_over_the_ready_parameters_alone():
+    """Fused mode steps a non-Flora optimizer once per parameter; torch's optimizers scan
+    every group's list for gradients at each step, O(parameters^2) a cycle (a probe: AdamW
+    9.7x plain accumulation at 4,000 tensors). Its groups are narrowed to the parameter for
+    the step, and restored: every step sees one parameter, the groups are whole after, and
+    the result equals plain accumulation."""
+    seen = []
+    runs = []
+    for fused in (True, False):
+        model = _mlp()
+        opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() == 2]},
+                                 {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                lr=1e-2)
+        lists = [g["params"] for g in opt.param_groups]
+        handle = opt.register_step_pre_hook(
+            lambda o, a, k: seen.append(sum(len(g["params"]) for g in o.param_groups)) if fused else None)
+        acc = CompressedAccumulator(model, rank=None, tau=TAU, optimizer=opt, fused=fused)
+        for i, (x, y) in enumerate(_batches(2 * TAU)):
+            _loss(model, x, y).backward()
+            if not fused and (i + 1) % TAU == 0:
+                opt.step()
+                opt.zero_grad()
+        assert len(opt.param_groups) == 2 and all(a is b for a, b in zip((g["params"] for g in opt.param_groups), lists))
+        handle.remove()
+        acc.remove()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    n = len(list(_mlp().parameters()))
+    assert seen and set(seen) == {1} and len(seen) == 2 * n
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
