@@ -48,6 +48,17 @@ def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
                          "would step them; give both the same parameters")
 
 
+def _foreign_hooks(opt: Optimizer) -> bool:
+    """Whether a step hook other than flora's own would run in ``opt.step()``: the
+    optimizer's, or torch's global ones."""
+    from torch.optim import optimizer as torch_optimizer
+
+    hooks = (*opt._optimizer_step_pre_hooks.values(), *opt._optimizer_step_post_hooks.values(),
+             *torch_optimizer._global_optimizer_pre_hooks.values(),
+             *torch_optimizer._global_optimizer_post_hooks.values())
+    return any(not (getattr(f, "__module__", None) or "").startswith("flora.") for f in hooks)
+
+
 class FusedStepper:
     """Steps one parameter whose accumulated gradient is in ``.grad``, then frees it.
     ``opts`` is read at every step (``max_grad_norm`` may change between cycles)."""
@@ -127,8 +138,10 @@ class FusedStepper:
         For the step, their ``param_groups`` is narrowed to the groups of ``params`` and
         those groups' lists to ``params``, found through a map made once a cycle (checked
         where it points); returns what to restore, or None (left whole: another library's
-        optimizer may key more than its state by position, a parameter not found)."""
-        if not type(opt).__module__.startswith("torch.optim.") or self._where is None:
+        optimizer may key more than its state by position, a parameter not found, or a step
+        hook other than flora's: it may read the groups, or call ``state_dict()``, which
+        fails on a narrowed view whose state holds other parameters: a review)."""
+        if not type(opt).__module__.startswith("torch.optim.") or self._where is None or _foreign_hooks(opt):
             return None
         groups, where = opt.param_groups, self._where
         mine: dict[int, list] = {}
