@@ -28,7 +28,7 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _
                       upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
-from .state import check_factoring, check_momentum_layout, check_not_resized, follow_dtype, prepare_state
+from .state import check_factoring, check_momentum_layout, check_not_resized, follow_dtype, free_index, prepare_state
 from .stacks import StateStacks
 from ._warn import warn
 
@@ -871,23 +871,16 @@ class Flora(Optimizer):
         return state["index"]
 
     def _free_index(self, position: int) -> int:
-        """A new state's projection index: its position, unless a live state holds that index
-        (a parameter taken out of a group's list, or moved, since its state began): then the
-        first free one of position + N, + 2N, ... (N: the parameters in the groups), so that no
-        two parameters share projections. Those sequences are disjoint for distinct
-        positions, so which index a new state gets does not depend on the order in which the
-        new states of a step are made: step() (group order), step_parameter() and fused
+        """A new state's projection index (:func:`flora.state.free_index`, which plan() reads
+        too), taken: a live state holds the position when a parameter was taken out of a
+        group's list, or moved, since its state began. The order in which a step makes new
+        states does not change them: step() (group order), step_parameter() and fused
         accumulation (backward order) agree (before 2026-12-04, one past the largest: two new
         states swapped their projections between the two, a probe)."""
         taken = self._taken
         if taken is None or taken[1] != len(self.state) - 1:  # a state added or dropped elsewhere: look again
             taken = ({s["index"] for s in self.state.values() if "index" in s}, len(self.state) - 1)
-        index = position
-        if index in taken[0]:
-            n = max(1, sum(len(g["params"]) for g in self.param_groups))
-            index += n
-            while index in taken[0]:
-                index += n
+        index = free_index(position, taken[0], self.param_groups)
         taken[0].add(index)
         self._taken = (taken[0], len(self.state))
         return index

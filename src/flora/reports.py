@@ -14,6 +14,7 @@ from .compression import momentum_storage
 from .options import momentum_dim, momentum_reason
 from .projection import compressed_shape, matrix_shape
 from .sharded import is_dtensor
+from .state import free_index
 from ._warn import warn
 
 
@@ -30,20 +31,13 @@ def plan(opt) -> list[dict[str, Any]]:
     A parameter without a state gets the index its first step will give it."""
     rows, index = [], 0
     taken = {st["index"] for st in opt.state.values() if "index" in st}
-    n = max(1, sum(len(g["params"]) for g in opt.param_groups))
-
-    def first_free(position: int) -> int:  # Flora._free_index, without taking it
-        while position in taken:
-            position += n
-        return position
-
     for gi, group in enumerate(opt.param_groups):
         names = group.get("param_names")  # torch keeps them when given named_parameters()
         for j, p in enumerate(group["params"]):
             shape = tuple(p.shape)
             reason = momentum_reason(shape, group)
             st = opt.state[p] if p in opt.state else {}
-            pinned = st["index"] if "index" in st else first_free(index)
+            pinned = st["index"] if "index" in st else free_index(index, taken, opt.param_groups)
             row = {"index": pinned, "name": names[j] if names else None, "group": gi, "shape": shape,
                    "compressed": reason is None,
                    "frozen": not p.requires_grad, "stepped": bool(st), "device": str(p.device),

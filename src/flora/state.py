@@ -28,6 +28,19 @@ def prepare_state(state: dict, p: torch.Tensor, group: dict) -> None:
         init_momentum(state, p.grad, group)
 
 
+def free_index(position: int, taken: set[int], param_groups: list[dict]) -> int:
+    """A new state's projection index: its ``position`` among the groups' parameters, unless
+    a live state holds it (``taken``): then the first free one of position + N, + 2N, ...
+    (N: the parameters in the groups). Those sequences are disjoint for distinct positions,
+    so no two parameters share projections, whatever the order the new states are made in."""
+    if position in taken:
+        n = max(1, sum(len(g["params"]) for g in param_groups))
+        position += n
+        while position in taken:
+            position += n
+    return position
+
+
 def follow_dtype(state: dict, p: torch.Tensor) -> None:
     """A parameter cast to another dtype after its first step (``model.to(torch.float64)``):
     its second moment takes the state dtype a fresh state would have, as a loaded state does

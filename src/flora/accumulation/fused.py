@@ -49,14 +49,17 @@ def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
 
 
 def _foreign_hooks(opt: Optimizer) -> bool:
-    """Whether a step hook other than flora's own would run in ``opt.step()``: the
-    optimizer's, or torch's global ones."""
+    """Whether a step hook other than flora's own may run in ``opt.step()``: the
+    optimizer's, or torch's global ones (torch keeps them in private dicts: where one is
+    not found, as in another torch version, any hook may run: True)."""
     from torch.optim import optimizer as torch_optimizer
 
-    hooks = (*opt._optimizer_step_pre_hooks.values(), *opt._optimizer_step_post_hooks.values(),
-             *torch_optimizer._global_optimizer_pre_hooks.values(),
-             *torch_optimizer._global_optimizer_post_hooks.values())
-    return any(not (getattr(f, "__module__", None) or "").startswith("flora.") for f in hooks)
+    where = [(opt, "_optimizer_step_pre_hooks"), (opt, "_optimizer_step_post_hooks"),
+             (torch_optimizer, "_global_optimizer_pre_hooks"), (torch_optimizer, "_global_optimizer_post_hooks")]
+    dicts = [getattr(owner, name, None) for owner, name in where]
+    if any(not isinstance(d, dict) for d in dicts):
+        return True
+    return any(not (getattr(f, "__module__", None) or "").startswith("flora.") for d in dicts for f in d.values())
 
 
 class FusedStepper:
