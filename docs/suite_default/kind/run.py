@@ -8,13 +8,18 @@ On the suite's MLPs (tabular, tabstream: nn.Sequential 40-256-256-8) the kinds a
 'first', 'middle', 'last' (modules 0, 2, 4).
 argv: out.jsonl task scale rank rows lrs [first-last seed, default 0-2]
 With PHIREC=TAG set, phirec.py (beside this file) records the 'scaled' weight that the default
-form floors at 0.4, and appends its quantiles over the last 40% of steps to $PHIREC_OUT."""
+form floors at 0.4, and appends its quantiles over the last 40% of steps to $PHIREC_OUT; with
+RHOREC=TAG, rhorec.py records the agreement of each step with the momentum in the subspace."""
 import json, os, sys
 
 if os.environ.get("PHIREC"):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import phirec
     phirec.install(os.environ["PHIREC"])
+if os.environ.get("RHOREC"):  # rhorec.py: the agreement of the step with the momentum, in the subspace
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import rhorec
+    rhorec.install(os.environ["RHOREC"])
 
 from flora.bench import optimizers
 from flora.bench.suite import runner, space
