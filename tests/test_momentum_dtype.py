@@ -379,6 +379,29 @@ def test_a_momentum_narrowed_on_its_way_in_is_named():
         warnings.simplefilter("always")
         Flora(_net().parameters(), rank=4, **OPTS).load_state_dict(sd_ok)
     assert not [w for w in seen if "narrower" in str(w.message)]
+    # momentum_dtype edited to float32 mid-run, a parameter idle since, then saved: its
+    # momentum was saved in bfloat16 and nothing is rounded; the warning names that cause
+    # too, and the resumed run equals the uninterrupted one bit for bit (probe Z16)
+    ends = []
+    for resume in (False, True):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
+        opt = Flora([a, b], lr=1e-2, rank=None, beta1=0.9, momentum_dtype="bfloat16", foreach=False)
+        g = torch.Generator().manual_seed(1)
+        for step in range(6):
+            if step == 2:
+                opt.param_groups[0]["momentum_dtype"] = None
+            if resume and step == 3:
+                sd = copy.deepcopy(opt.state_dict())
+                a, b = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+                opt = Flora([a, b], lr=1e-2, rank=None, beta1=0.9, momentum_dtype=None, foreach=False)
+                with pytest.warns(UserWarning, match=r"1 loaded momentum .* or they were saved so"):
+                    opt.load_state_dict(sd)
+            a.grad = torch.randn(6, 5, generator=g)
+            b.grad = torch.randn(6, 5, generator=g) if step < 2 or step == 5 else None
+            opt.step()
+        ends.append((a.detach(), b.detach()))
+    assert all(torch.equal(x, y) for x, y in zip(*ends))
     # a model cast to float64 after a step and saved before the next: the default ("auto")
     # group's bfloat16 momentum is what it holds, widened at its next step; nothing was
     # rounded on the way in, and the load said so (a probe)

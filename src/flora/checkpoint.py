@@ -306,8 +306,9 @@ def _warn_dense_stacks(id_to_param: dict, states: dict) -> None:
 
 
 def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:
-    """A loaded momentum narrower than its group stores it was rounded on its way in: the
-    usual cause is torch.distributed.checkpoint (and the Trainer's FSDP checkpoints),
+    """A loaded momentum narrower than its group stores it was rounded on its way in, or
+    saved so (a parameter idle since ``momentum_dtype`` was edited: the warning names both,
+    since the load cannot tell them apart). The usual cause is torch.distributed.checkpoint (and the Trainer's FSDP checkpoints),
     which loads into the tensors the loading optimizer made, so a float32 checkpoint
     (``momentum_dtype=None``, every one saved before "auto" became the default) read into
     a default-built Flora arrives in bfloat16. Its next step widens the rounded values:
@@ -327,8 +328,10 @@ def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:
                 narrowed += 1
     if narrowed:
         warn(f"Flora.load_state_dict: {narrowed} loaded momentum tensor(s) are narrower than their group's "
-             "momentum_dtype stores them (bfloat16 where the checkpoint's group says float32): they were "
-             "rounded on the way in, as torch.distributed.checkpoint does when it loads a float32 "
-             "checkpoint into an optimizer built with the default momentum_dtype='auto'. To resume such "
-             "a checkpoint exactly, build Flora with momentum_dtype=None (as it was saved)",
+             "momentum_dtype stores them (bfloat16 where the checkpoint's group says float32). Either they "
+             "were rounded on the way in, as torch.distributed.checkpoint does when it loads a float32 "
+             "checkpoint into an optimizer built with the default momentum_dtype='auto' (to resume such "
+             "a checkpoint exactly, build Flora with momentum_dtype=None, as it was saved), or they were "
+             "saved so, by parameters that had not stepped since their group's momentum_dtype was edited "
+             "(then nothing was lost: they are widened now, as their next step would have)",
              UserWarning)
