@@ -375,12 +375,15 @@ def _norm(update: torch.Tensor) -> torch.Tensor:
 
 def _normalize(spec: Spec, grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2t, *, stacked: bool):
     """Adafactor's factored normalisation and the update's 2-norm (one per parameter of a
-    ``stacked`` bucket): ``flora.kernels`` under ``spec.kernel`` (2-D parameters), else the
-    eager operations, on the view of ``grad`` with the factored dims last
+    ``stacked`` bucket): ``flora.kernels`` under ``spec.kernel`` where they run on ``grad``
+    (2-D float32 CUDA, contiguous), else the eager operations, on the view of ``grad`` with the factored dims last
     (``spec.factor``); the update comes back in ``grad``'s dim order (and, eagerly, its
     memory layout: the buffer it is written into follows the view's strides)."""
     fused = spec.momentum == "c"
-    if spec.kernel is not None:
+    if spec.kernel is not None and fk.supported(grad):
+        # where the kernels do not run (no Triton or CUDA, another dtype, a gradient in another
+        # layout), the eager operations below, not the kernels' reference: its norm sums in
+        # the gradient's memory order, not row-major, and differed in the last bits (probe Z16)
         return fk.factored_normalize(grad, row, col, beta2t, spec.eps1, fused=fused)
     lead = 1 if stacked else 0
     view = af.to_factored(grad, spec.factor, lead)
