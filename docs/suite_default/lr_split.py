@@ -91,7 +91,8 @@ with open(here / "lr_split.csv", "w", newline="") as f:
     wr = csv.DictWriter(f, fieldnames=list(rows[0]))
     wr.writeheader()
     wr.writerows(rows)
-out = ["| task (steps, kappa) | row | w | best lr | test loss / floor's | lr / floor's lr | complement's lr / floor's lr |",
+out = ["| task (steps, kappa) | row | w | best lr | test loss / floor's | lr / floor's lr "
+       "| complement's lr / floor's lr |",
        "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
 for r in rows:
     out.append(f"| {r['task']} ({r['steps']}, {r['kappa']}) | {r['row']} | {r['w'] if r['w'] is not None else ''} | "

@@ -308,8 +308,8 @@ def _warn_dense_stacks(id_to_param: dict, states: dict) -> None:
 def _warn_narrowed_momentum(id_to_param: dict, states: dict) -> None:
     """A loaded momentum narrower than its group stores it was rounded on its way in, or
     saved so (a parameter idle since ``momentum_dtype`` was edited: the warning names both,
-    since the load cannot tell them apart). The usual cause is torch.distributed.checkpoint (and the Trainer's FSDP checkpoints),
-    which loads into the tensors the loading optimizer made, so a float32 checkpoint
+    since the load cannot tell them apart). The usual cause is torch.distributed.checkpoint
+    (and the Trainer's FSDP checkpoints), which loads into the tensors the loading optimizer made, so a float32 checkpoint
     (``momentum_dtype=None``, every one saved before "auto" became the default) read into
     a default-built Flora arrives in bfloat16. Its next step widens the rounded values:
     the run continues, but not as the saved one would have."""

@@ -376,8 +376,8 @@ def _norm(update: torch.Tensor) -> torch.Tensor:
 def _normalize(spec: Spec, grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2t, *, stacked: bool):
     """Adafactor's factored normalisation and the update's 2-norm (one per parameter of a
     ``stacked`` bucket): ``flora.kernels`` under ``spec.kernel`` where they run on ``grad``
-    (2-D float32 CUDA, contiguous), else the eager operations, on the view of ``grad`` with the factored dims last
-    (``spec.factor``); the update comes back in ``grad``'s dim order (and, eagerly, its
+    (2-D float32 CUDA, contiguous), else the eager operations, on the view of ``grad`` with
+    the factored dims last (``spec.factor``); the update comes back in ``grad``'s dim order (and, eagerly, its
     memory layout: the buffer it is written into follows the view's strides)."""
     fused = spec.momentum == "c"
     if spec.kernel is not None and fk.supported(grad):
