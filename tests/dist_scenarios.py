@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -864,6 +866,69 @@ def ddp_accumulator_find_unused(rank, world):
             "diff": max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters())),
             "aux moved": (net.aux.weight - build().aux.weight).abs().max().item(),
             "params": [p.detach().clone() for p in net.parameters()]}
+    return out
+
+
+def ddp_accumulator_find_unused_resume(rank, world):
+    """(Found by probe Z17.) Normal mode under DDP(find_unused_parameters=True), resumed
+    in the middle of a cycle into fresh model, DDP, optimizer and accumulator objects: a
+    head used before the save but in no micro-batch after it (on both ranks, on rank 0
+    only), or on rank 0 before and rank 1 after it, and not in the synchronised one.
+    The fresh DDP has no record of the uses before the save and leaves the head's
+    ``.grad`` unaveraged; the accumulator must average it. Returns each rank's parameters
+    after the whole run and the resumed one (tau 3, two cycles, saved after micro-batch
+    ``save``), compressed (rank 3) and dense (rank None)."""
+    import io
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    tau = 3
+    batches = _batches(2 * tau, size=8)
+    uses = {"both": lambda r, i: i in (3, 4), "rank0": lambda r, i: r == 0 and i in (3, 4),
+            "split": lambda r, i: i == (3 if r == 0 else 4)}
+    saves = {"both": 5, "rank0": 5, "split": 4}  # micro-batches run before the save
+
+    def build(acc_rank, view):
+        torch.manual_seed(0)
+        net = AuxNet()
+        model = DDP(net, find_unused_parameters=True, gradient_as_bucket_view=view)
+        opt = Flora(model.parameters(), **OPTS)
+        return net, model, opt, CompressedAccumulator(net, rank=acc_rank, tau=tau, optimizer=opt, seed=5)
+
+    def run(model, opt, who, part):
+        n = batches[0][0].shape[0] // world
+        for i, (x, y) in part:
+            with model.no_sync() if (i + 1) % tau else contextlib.nullcontext():
+                (_aux_loss(model, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n], uses[who](rank, i))
+                 / tau).backward()
+            if (i + 1) % tau == 0:
+                opt.step()
+                opt.zero_grad()
+
+    out = {}
+    for who, acc_rank, view in itertools.product(uses, (3, None), (False, True)):
+        net, model, opt, acc = build(acc_rank, view)
+        run(model, opt, who, list(enumerate(batches)))
+        whole = [p.detach().clone() for p in net.parameters()]
+        acc.remove()
+        net, model, opt, acc = build(acc_rank, view)
+        run(model, opt, who, list(enumerate(batches))[:saves[who]])
+        buf = io.BytesIO()
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "acc": acc.state_dict()}, buf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # that it drops the partial sums, as meant here
+            acc.remove()
+        del net, model, opt, acc
+        net, model, opt, acc = build(acc_rank, view)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        acc.load_state_dict(saved["acc"])
+        run(model, opt, who, list(enumerate(batches))[saves[who]:])
+        acc.remove()
+        out[f"{who}, rank={acc_rank}, gradient_as_bucket_view={view}"] = {
+            "whole": whole, "resumed": [p.detach().clone() for p in net.parameters()]}
     return out
 
 

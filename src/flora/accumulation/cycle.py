@@ -52,6 +52,10 @@ class Cycle:
     # Set when a backward pass ended with the cycle complete for some parameters but not for
     # these (slot, count): the next backward must wait for a step, finish_cycle or zero_grad.
     overdue: list[tuple[int, int]] | None = None
+    # load_state_dict: the slots with a partial sum in the state loaded into this cycle, and
+    # those with a gradient since; a DDP built for the resume knows only the latter
+    loaded: set[int] | None = None
+    since_load: set[int] = field(default_factory=set)
 
     @classmethod
     def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False, driven: bool = False) -> "Cycle":

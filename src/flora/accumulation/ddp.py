@@ -15,7 +15,10 @@ DDP's all-reduce and are compressed locally; on the ``tau``-th, each parameter's
 estimate (``decompress(C) + G``) is in ``.grad`` when DDP reads it, and compression being
 linear, DDP's mean of the estimates is the estimate of the mean. A cycle whose last
 backward was not synchronised (a short cycle closed by ``finish_cycle()``, or one that
-accelerate ended) is averaged by one packed all-reduce of its estimates instead."""
+accelerate ended) is averaged by one packed all-reduce of its estimates instead.
+
+Normal mode, :func:`average_unrecorded`: a cycle resumed from a checkpoint under
+``find_unused_parameters=True`` averages what the freshly built DDP has no record of."""
 
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .cycle import Cycle
 from .estimator import Slot
 
-__all__ = ["DDPSteps", "check_ddp_fused", "mean_over_replicas"]
+__all__ = ["DDPSteps", "average_unrecorded", "check_ddp_fused", "mean_over_replicas"]
 
 
 def check_ddp_fused(ddp: nn.Module, slots: list[Slot], comm_hook) -> None:
@@ -184,3 +188,53 @@ def mean_over_replicas(slots: list[Slot], ks: list[int], group) -> list[torch.Te
             params.append(s.param)
         offset += n
     return params
+
+
+@torch.no_grad()
+def average_unrecorded(slots: list[Slot], c: Cycle, reached: set[int], group, *, as_view: bool) -> None:
+    """Normal mode under DDP(find_unused_parameters=True), the synchronised forward of
+    cycle ``c``, loaded by ``load_state_dict`` (``c.loaded``: the slots that had gradients
+    before the save). DDP averages a parameter's ``.grad`` when some replica used it since
+    DDP last synchronised, and otherwise leaves it. A DDP built for the resume knows only
+    the micro-batches since the load (``c.since_load``, and this one's, ``reached``: ids
+    of the parameters its backward reaches), so a parameter used only before the save kept
+    each replica's own estimate (a probe: off by 1e-4 to 1e-3, the replicas drifted). Those
+    are averaged here as DDP averages: times 1 / world size, then summed, a replica without
+    a gradient adding zeros. With ``gradient_as_bucket_view`` (``as_view``) DDP averages
+    every ``.grad`` it finds, as a view of its bucket, and leaves a replica without one
+    with none: those get zeros to add. One collective of flags, then one per dtype
+    averaged; every replica calls it."""
+    n = len(slots)
+    dev = slots[0].param.device
+    flags = torch.tensor([float(k in c.since_load or id(s.param) in reached) for k, s in enumerate(slots)]
+                         + [float(k in c.loaded) for k in range(n)], device=dev)
+    dist.all_reduce(flags, group=group)
+    flags = flags.tolist()
+    chosen = [k for k in range(n) if flags[n + k] and not flags[k]]
+    if as_view:
+        for k in chosen:
+            p = slots[k].param
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return
+    world = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for k in chosen:
+        by_dtype.setdefault(slots[k].param.dtype, []).append(k)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every replica
+        ks = by_dtype[dtype]
+        flat = torch.cat([slots[k].param.grad.detach().reshape(-1) if slots[k].param.grad is not None
+                          else torch.zeros(slots[k].param.numel(), dtype=dtype, device=dev) for k in ks])
+        flat.mul_(1.0 / world)
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for k in ks:
+            p = slots[k].param
+            mean = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = torch.empty_like(p).copy_(mean)
+            else:
+                p.grad.copy_(mean)
+            if k in c.versions:  # the .grad holding its sum was not cleared: it was averaged
+                c.versions[k] = p.grad._version

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from .. import _autocast
 from ..sharded import is_dtensor
 from .cycle import Cycle, lag_message
-from .ddp import mean_over_replicas
+from .ddp import average_unrecorded, mean_over_replicas
 from .estimator import Slot, accumulate_compressed_, add_last_, draw_projection, estimate
 from .fused import FusedStepper, check_fused_optimizer
 from .grads import GradView
@@ -117,6 +117,17 @@ class Engine:
                     if id(self.slots[k].param) not in reached:
                         self.grads.write_estimate(c, k, self.projection)  # (takes the buffer)
                         c.done.add(k)
+
+    @torch.no_grad()
+    def settle_loaded(self, reached: set[int], ddp) -> None:
+        """Normal mode under DDP(find_unused_parameters=True), the synchronised forward of a
+        cycle loaded by ``load_state_dict``: see :func:`average_unrecorded`."""
+        with self.lock:
+            c = self.cycle
+            if c.loaded is not None:
+                average_unrecorded(self.slots, c, reached, ddp.process_group,
+                                   as_view=bool(getattr(ddp, "gradient_as_bucket_view", False)))
+                c.loaded = None
 
     def before_grad(self, k: int, task: int) -> None:
         """Before autograd adds this backward's gradient to ``.grad``, so that a refusal
@@ -254,6 +265,8 @@ class Engine:
             c.buffers.pop(k, None)
             c.done.add(k)
         c.counts[k] = count + 1
+        if c.loaded is not None:
+            c.since_load.add(k)
         self.grads.seen(c, k)
 
     def task_ended(self, task: int) -> None:

@@ -217,10 +217,18 @@ class DDPSyncGuard:
         parameters this forward did not reach ready when backward starts, and all-reduces
         their ``.grad`` as it is then. One with a partial sum from the cycle's earlier
         micro-batches must have its estimate there by then (a placeholder would be averaged
-        as zeros), and its part of the cycle is complete: DDP averages it."""
-        if (torch.is_grad_enabled() and getattr(module, "require_backward_grad_sync", False)
-                and getattr(module, "find_unused_parameters", False) and self.engine.cycle.lagging()):
-            self.engine.settle_unreached(params_reached(output))
+        as zeros), and its part of the cycle is complete: DDP averages it. In a cycle loaded
+        by ``load_state_dict``, what DDP does not know of is averaged here
+        (:func:`~flora.accumulation.ddp.average_unrecorded`)."""
+        if not (torch.is_grad_enabled() and getattr(module, "require_backward_grad_sync", False)
+                and getattr(module, "find_unused_parameters", False)):
+            return
+        reached = None
+        if self.engine.cycle.lagging():
+            reached = params_reached(output)
+            self.engine.settle_unreached(reached)
+        if self.engine.cycle.loaded is not None:  # every replica (each loaded this cycle)
+            self.engine.settle_loaded(params_reached(output) if reached is None else reached, module)
 
     def remove(self) -> None:
         self.handle.remove()
