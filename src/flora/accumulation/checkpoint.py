@@ -219,7 +219,8 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     cycle = Cycle.start(len(slots), count_value(sd["cycle"]), bool(count_value(sd.get("follow_accelerate", 0))),
                         bool(count_value(sd.get("driven", 0))) or eng.cycle.driven)
     cycle.counts = counts
-    cycle.loaded = {k for k, n in enumerate(counts) if n}
+    if any(counts):  # mid-cycle (every replica alike): a DDP built since knows nothing of these
+        cycle.loaded = {k for k, n in enumerate(counts) if n}
     # backward passes of the open cycle (the tau-th ends it even where no parameter got tau: experts
     # routed in turn); a state saved before every mode counted them holds 0: the most any slot got
     cycle.backwards = count_value(sd.get("backwards", 0)) or max(counts)
