@@ -285,3 +285,33 @@ def test_baseline_rows_include_the_grouped_path(tmp_path):
     rows = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     for name in ("flora-r4:grouped", "flora-r4:single"):
         assert rows["baseline:" + name]["ops_per_step"] == rows[name]["ops_per_step"]  # the same code
+
+
+def test_groups_per_tensor_builds_every_optimizer_with_a_group_per_tensor(tmp_path, monkeypatch):
+    """``--groups per-tensor``: every optimizer (Flora, AdamW, HF Adafactor) gets one group per
+    tensor, said in the metadata and the table; Flora's state is the same as with one group."""
+    from flora.bench import step as bstep
+
+    built = []
+    real = bstep.build_all
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        built.extend(out)
+        return out
+
+    monkeypatch.setattr(bstep, "build_all", spy)
+    out = tmp_path / "groups"
+    assert main(["step", "--size", "smoke", "--repeats", "1", "--warmup", "1", "--threads", "1", "--projection-cost",
+                 "off", "--no-flora-opt", "--optimizers", "adafactor-b0.9,adamw,flora-r4", "--groups", "per-tensor",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["groups"] == "per-tensor"
+    assert "A parameter group per tensor" in (out / "results.md").read_text()
+    n = res["meta"]["n_tensors"]
+    assert built and all(len(o.param_groups) == n for _, o in built)
+    one = tmp_path / "one"
+    assert main(["step", "--size", "smoke", "--repeats", "1", "--warmup", "1", "--threads", "1", "--projection-cost",
+                 "off", "--no-flora-opt", "--optimizers", "adafactor-b0.9,flora-r4", "--out", str(one)]) == 0
+    state = {r["optimizer"]: r["state_bytes"] for r in json.loads((one / "results.json").read_text())["rows"]}
+    assert {r["optimizer"]: r["state_bytes"] for r in res["rows"] if r["optimizer"] in state} == state

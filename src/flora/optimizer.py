@@ -21,7 +21,7 @@ from . import checkpoint
 from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
-from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped,  # noqa: F401
+from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped, option_values,  # noqa: F401
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
                       refuse_shared_memory as _refuse_shared_memory,
@@ -37,7 +37,7 @@ _PARAMS = operator.itemgetter("params")
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
             "_transposed", "_factor_dims_seen", "_stacks", "_states_seen", "_shapes_checked",
-            "_groups_checked", "_seeds_checked", "_stepped_under", "_layout_warned", "_taken", "_constants_seen", "_foreign_warned")
+            "_groups_checked", "_groups_validated", "_seeds_checked", "_stepped_under", "_layout_warned", "_taken", "_constants_seen", "_foreign_warned")
 
 # The group options a compiled core takes as constants (functional.Spec): each new value
 # compiles new graphs (lr is handed to the graph as a tensor instead).
@@ -47,10 +47,29 @@ _GRAPH_CONSTANTS = ("beta1", "eps", "clip_threshold", "decay_rate", "weight_deca
 _RECOMPILE_WARN_AFTER = 3  # changes of a group's constants before saying what they cost
 
 
-def _option_values(group: dict) -> tuple:
-    """A group's option values, a tensor by identity (comparing tensors' values would read
-    them back from the device)."""
-    return tuple(id(v) if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params")
+_option_values = option_values
+
+
+def _merge_alike(found: list[tuple[dict, list]], defaults: dict) -> list[tuple[dict, list]]:
+    """The groups' entries, those of groups whose options are all equal (a tensor lr by
+    identity) put together, under the first such group: they step as one group would,
+    in shared buckets. A group per parameter (mmengine's, a per-layer lr decay at equal
+    lrs) had stepped bucket by bucket of one, 16 times slower than one group (500 small
+    matrices: 116 ms against 7 ms a step)."""
+    merged: dict = {}
+    for group, entries in found:
+        if not entries:
+            continue
+        key = tuple(id(group[k]) if isinstance(group[k], torch.Tensor) else group[k] for k in defaults)
+        try:
+            hit = merged.get(key)
+        except TypeError:  # an unhashable option value: the group steps alone
+            key, hit = id(group), None
+        if hit is None:
+            merged[key] = (group, list(entries))
+        else:
+            hit[1].extend(entries)
+    return list(merged.values())
 
 
 def _backend_name(backend) -> str:
@@ -239,6 +258,7 @@ class Flora(Optimizer):
         self._stacks = StateStacks()
         self._shapes_checked: dict[int, tuple] = {}  # id(p) -> the (shape, dtype) its state was checked to fit
         self._groups_checked: dict[int, tuple] = {}  # id(group) -> its option values step_parameter last checked
+        self._groups_validated: dict[int, tuple] = {}  # id(group) -> its option values step() last validated
         # id(group) -> (id of its params list, _layout_key's tuple) its states were last checked
         # against (_check_options_fit_state); a parameter's own is _stepped_under's
         self._factor_dims_seen: dict[int, tuple] = {}
@@ -540,7 +560,7 @@ class Flora(Optimizer):
             # another optimizer's option edited in since (a user's betas schedule): said, as at construction
             if group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
                 _check_foreign_keys(group, self._foreign_warned)
-        check_grads(self.param_groups, self.state)
+        check_grads(self.param_groups, self.state, self._groups_validated)
         self._check_options_fit_state()
         sharded.check_seeds(self.param_groups, self._seeds_checked)
         # the rows that left a stack last step get their copies; a state dropped since (fewer
@@ -565,9 +585,7 @@ class Flora(Optimizer):
                         entries.append((p, self.state[p], pinned))
                 index += 1
             found.append((group, entries))
-        for group, entries in found:
-            if not entries:
-                continue
+        for group, entries in _merge_alike(found, self.defaults):
             on = C.compiles_on(self._compile, entries[0][0].device)  # eager on CUDA: no cap on buckets
             for bucket in F.buckets(entries, max_count=F.COMPILED_BUCKET_MAX if on else None):
                 p0 = bucket[0][0]
@@ -600,6 +618,7 @@ class Flora(Optimizer):
         self._shapes_checked = {k: v for k, v in self._shapes_checked.items() if k in kept}
         groups = {id(g) for g in self.param_groups}
         self._factor_dims_seen = {k: v for k, v in self._factor_dims_seen.items() if k in groups}
+        self._groups_validated = {k: v for k, v in self._groups_validated.items() if k in groups}
         self._constants_seen = {k: v for k, v in self._constants_seen.items() if k in groups}
         indices = {st["index"] for st in self.state.values() if "index" in st}
         self._proj_cache.discard([i for i, _, _ in self._proj_cache.items() if i not in indices])

@@ -344,12 +344,28 @@ def plain_group(group: dict) -> None:
             group[k] = plain_option(k, v)
 
 
-def check_grads(param_groups, state=None) -> None:
+def option_values(group: dict) -> tuple:
+    """A group's option values, a tensor by identity (comparing tensors' values would read
+    them back from the device), a list as a tuple (an edit inside it shows)."""
+    return tuple(id(v) if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else v
+                 for k, v in group.items() if k != "params")
+
+
+def check_grads(param_groups, state=None, validated: dict | None = None) -> None:
     """Before any change: every group's options and every gradient Flora can step
-    (``state``, the optimizer's: a relative step's lr of 0 is also checked)."""
+    (``state``, the optimizer's: a relative step's lr of 0 is also checked). ``validated``:
+    id(group) -> its :func:`option_values` when last validated; a group whose values are
+    unchanged is not validated again (35 us a group: a group per parameter paid it for
+    each, every step)."""
     fsdp1 = []  # FSDP1 sharded after Flora was built (use_orig_params=True): the same tensors, now 1-D
     for group in param_groups:
-        validate_group(group)
+        if validated is None:
+            validate_group(group)
+        else:
+            values = option_values(group)
+            if validated.get(id(group)) != values:
+                validate_group(group)
+                validated[id(group)] = values
         if state is not None and group["relative_step"] and group["lr"] is not None:
             refuse_scheduled_zero_lr(group, state)
         for p in group["params"]:

@@ -142,6 +142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ":single, :grouped, :compiled) again, as baseline:NAME; each copy builds a "
                         "name with its own defaults (flora-rR's momentum is float32 before 2026-12-02: name "
                         "flora-rR+fp32 to compare like with like)")
+    p.add_argument("--groups", choices=["one", "per-tensor"], default="one",
+                   help="parameter groups of every optimizer: one (default), or one per tensor with equal options "
+                        "(mmengine's layout; Flora steps groups of equal options together since 2026-12-05)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compiled", action="store_true",
@@ -360,9 +363,14 @@ def interleaved_times(runs, *, warmup: int, repeats: int, first: dict | None = N
     return wall, cpu
 
 
-def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, object]]:
-    """(label, optimizer) pairs on the same parameters; Flora rows again from ``baseline``."""
+def build_all(names, tensors, *, seed: int, baseline=None, groups: str = "one") -> list[tuple[str, object]]:
+    """(label, optimizer) pairs on the same parameters; Flora rows again from ``baseline``.
+    ``groups``: "one" parameter group, or "per-tensor" (a group per tensor, equal options:
+    mmengine's layout, a per-layer lr recipe taken to the tensor)."""
     from . import optimizers as bo
+
+    def given(ps):  # new group dicts for each optimizer (torch writes its options into them)
+        return [{"params": [p]} for p in ps] if groups == "per-tensor" else list(ps)
 
     import dataclasses
 
@@ -379,15 +387,15 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
     for s, variant in specs:
         label = s.name + (f":{variant}" if variant else "")
         if variant == "fused":
-            opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+            opt = torch.optim.AdamW(given(tensors), lr=LR, weight_decay=0.0, fused=True)
         elif variant == "compiled" and s.family == "flora":
-            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+            opt = bo.make_optimizer(s, given(tensors), LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"compile": COMPILE_BACKEND})
         elif variant == "triton":  # Flora(compile="triton"): the fused Triton kernels (CUDA), eager otherwise
-            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+            opt = bo.make_optimizer(s, given(tensors), LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"compile": "triton"})
         elif variant == "compiled-step":
-            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+            opt = bo.make_optimizer(s, given(tensors), LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"foreach": True})
             for g in opt.param_groups:
                 g["lr"] = torch.tensor(LR)
@@ -396,21 +404,22 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
             # On copies of the parameters: torch's optimizers mark what they step as static
             # inputs when compiled (dynamo then guards those tensors by identity), which
             # would make every later compiled graph over them specific to its tensors.
-            own = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+            own = [p.detach().clone().requires_grad_(p.requires_grad) for p in tensors]
             if s.family == "adamw":
-                opt = torch.optim.AdamW(own, lr=torch.tensor(LR), weight_decay=0.0, foreach=True, capturable=True)
+                opt = torch.optim.AdamW(given(own), lr=torch.tensor(LR), weight_decay=0.0, foreach=True,
+                                        capturable=True)
             else:
-                opt = bo.make_optimizer(s, own, LR, kappa=KAPPA, seed=seed, scale_parameter=True)
+                opt = bo.make_optimizer(s, given(own), LR, kappa=KAPPA, seed=seed, scale_parameter=True)
             opt._bench_step = torch.compile(opt.step, backend=COMPILE_BACKEND)
             opt._bench_params = own
         elif variant in ("single", "grouped"):
-            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+            opt = bo.make_optimizer(s, given(tensors), LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"foreach": variant == "grouped"})
         elif variant == "nomomentum":
-            opt = bo.make_optimizer(dataclasses.replace(s, beta1=None, rank=None), params, LR, kappa=KAPPA, seed=seed,
-                                    scale_parameter=True)
+            opt = bo.make_optimizer(dataclasses.replace(s, beta1=None, rank=None), given(tensors), LR, kappa=KAPPA,
+                                    seed=seed, scale_parameter=True)
         else:
-            opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True, foreach=True)
+            opt = bo.make_optimizer(s, given(tensors), LR, kappa=KAPPA, seed=seed, scale_parameter=True, foreach=True)
         out.append((label, opt))
     if baseline is not None:  # Flora's plain, single, grouped and compile=True rows again, from the other copy
         for s, variant in specs:
@@ -419,7 +428,7 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
             options = ({"compile": COMPILE_BACKEND} if variant == "compiled"
                        else {"foreach": variant == "grouped"} if variant else None)
             try:
-                opt = bo.make_optimizer(s, params, LR, kappa=KAPPA, seed=seed, scale_parameter=True,
+                opt = bo.make_optimizer(s, given(tensors), LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                         flora_module=baseline, flora_options=options)
             except (TypeError, ValueError) as e:  # a form or option the baseline copy predates
                 print(f"baseline: {s.name} skipped ({e})", file=sys.stderr)
@@ -428,17 +437,18 @@ def build_all(names, params, *, seed: int, baseline=None) -> list[tuple[str, obj
     return out
 
 
-def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, baseline=None) -> list[dict]:
+def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, baseline=None,
+                    groups: str = "one") -> list[dict]:
     import flora
 
     from . import optimizers as bo
 
     try:
-        opts = build_all(names, params, seed=seed, baseline=baseline)
+        opts = build_all(names, params, seed=seed, baseline=baseline, groups=groups)
     except bo.Unavailable as e:  # a peer that is not installed: leave its rows out, say so
         core.say(f"flora-bench step: {e}; leaving out {[n for n in names if n.startswith('flora-opt')]}")
         names = [n for n in names if not n.startswith("flora-opt")]
-        opts = build_all(names, params, seed=seed, baseline=baseline)
+        opts = build_all(names, params, seed=seed, baseline=baseline, groups=groups)
     runs = [(label, _stepper(o, params, grads, device)) for label, o in opts]
     first: dict = {}
     wall, cpu = interleaved_times(runs, warmup=max(warmup, 1), repeats=repeats, first=first)
@@ -640,7 +650,8 @@ def render(result: dict) -> str:
              f"{m['n_tensors']} tensors, {m['n_params'] / 1e6:.1f} M parameters (float32); {m['shapes_check']}. "
              + core.meta_line(m) + f" Median of {m['repeats']} steps after {m['warmup']} warm-up step(s), all "
              f"optimizers interleaved on the same gradients; lr={LR}, relative_step=False, scale_parameter=True, "
-             f"kappa={KAPPA} (no resample in the timed steps).", "",
+             f"kappa={KAPPA} (no resample in the timed steps)."
+             + (" A parameter group per tensor, equal options." if m.get("groups") == "per-tensor" else ""), "",
              "Wall = elapsed time of `step()` (median, min); CPU = process CPU time of the step, all threads "
              "(median; steadier than wall time when other jobs share the cores). Ratios are of medians, to "
              f"{REFERENCE} (HF Adafactor with beta1 0.9).", ""]
@@ -771,7 +782,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     meta.update(compile_backend=COMPILE_BACKEND, compiled_bucket_max=flora_functional.COMPILED_BUCKET_MAX,
                 size=args.size, model=size.model, llama=size.llama, shapes=[s for _, s in named],
                 n_tensors=len(named), n_params=n_params, shapes_check=shapes_check, repeats=args.repeats,
-                warmup=args.warmup, lr=LR, kappa=KAPPA, threads=torch.get_num_threads(), seed=args.seed)
+                warmup=args.warmup, lr=LR, kappa=KAPPA, threads=torch.get_num_threads(), seed=args.seed,
+                groups=args.groups)
     result: dict = {"meta": meta, "rows": []}
     if args.projection_cost != "only":
         baseline = load_baseline(args.baseline_src) if args.baseline_src else None
@@ -784,7 +796,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         meta["inductor_cache"] = None if not compiled else "empty" if fresh else "TORCHINDUCTOR_CACHE_DIR"
         with _empty_inductor_cache() if fresh else contextlib.nullcontext():
             result["rows"] = time_optimizers(names, params, grads, device, warmup=args.warmup,
-                                             repeats=args.repeats, seed=args.seed, baseline=baseline)
+                                             repeats=args.repeats, seed=args.seed, baseline=baseline,
+                                             groups=args.groups)
         by = {r["optimizer"]: r for r in result["rows"]}
         result["goals"] = [f"{name}: " + "; ".join(parts) for goal in config.STEP_GOALS for name in goal.optimizers
                            if name in by and (parts := report.goal_parts(goal, name, by))]
