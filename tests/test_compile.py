@@ -832,3 +832,25 @@ def test_a_staged_bucket_steps_after_its_group_list_is_reordered_in_place(monkey
         out.append([p.detach().clone() for p in ps])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_groups_of_equal_options_share_compiled_buckets_as_their_lrs_part():
+    """compile set, a group per parameter: groups of equal options step in shared buckets
+    (their stacked state), and when a scheduler parts their lrs (every other group halved
+    from the third step) the buckets split and the step still equals the eager one."""
+    def run(compile):
+        g = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=g)) for s in [(12, 20)] * 3 + [(20,)] * 2]
+        opt = Flora([{"params": [p]} for p in params], **BASE, compile=compile)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [lambda s, odd=i % 2: 0.5 if odd and s >= 2 else 1.0 for i in range(len(params))])
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            sched.step()
+        return params
+
+    for a, b in zip(run(False), run("aot_eager")):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

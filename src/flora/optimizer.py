@@ -60,7 +60,8 @@ def _merge_alike(found: list[tuple[dict, list]], defaults: dict) -> list[tuple[d
     for group, entries in found:
         if not entries:
             continue
-        key = tuple(id(group[k]) if isinstance(group[k], torch.Tensor) else group[k] for k in defaults)
+        values = [group.get(k) for k in defaults]
+        key = tuple(id(v) if isinstance(v, torch.Tensor) else v for v in values)
         try:
             hit = merged.get(key)
         except TypeError:  # an unhashable option value: the group steps alone
