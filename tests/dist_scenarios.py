@@ -355,22 +355,39 @@ def fsdp_compile_option(rank, world):
 
 
 def fsdp_shard1_refused(rank, world):
+    """A weight sharded on dim 1, by FSDP2's shard_placement_fn or by tensor parallelism's
+    RowwiseParallel (probe Z19: the message had named fully_shard only): refused before any
+    change, naming both ways out."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    model = _net()
-    # FSDP2 allows Shard(1) where dim 1 divides evenly: a.weight (11 x 12)
-    fully_shard(model, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % 2 == 0 else None)
-    opt = Flora(model.parameters(), **OPTS)
-    x, y = _batches(1)[0]
-    _loss(model, x, y).backward()
-    w = model.a.weight.to_local().clone()
-    try:
-        opt.step()
-    except ValueError as e:
-        return {"error_message": str(e), "unchanged": bool(torch.equal(w, model.a.weight.to_local())),
-                "state_empty": all(len(opt.state[p]) == 0 for p in model.parameters())}
-    return {"error_message": None}
+    out = {}
+    for how in ("fsdp", "tp"):
+        if how == "fsdp":  # FSDP2 allows Shard(1) where dim 1 divides evenly: a.weight (11 x 12)
+            model = _net()
+            fully_shard(model, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % 2 == 0 else None)
+            sharded = model.a.weight
+            opt = Flora(model.parameters(), **OPTS)  # before the forward (which swaps in unsharded tensors)
+            x, y = _batches(1)[0]
+            loss = _loss(model, x, y)
+        else:  # the usual pair: the first Linear column-wise (Shard(0)), the second row-wise (Shard(1))
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, 14), nn.Tanh(), nn.Linear(14, 3))
+            parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+            sharded = model[2].weight
+            opt = Flora(model.parameters(), **OPTS)
+            loss = model(torch.randn(4, 8, generator=torch.Generator().manual_seed(0))).square().mean()
+        loss.backward()
+        w = sharded.to_local().clone()
+        try:
+            opt.step()
+            out[how] = {"error_message": None}
+        except ValueError as e:
+            out[how] = {"error_message": str(e), "unchanged": bool(torch.equal(w, sharded.to_local())),
+                        "state_empty": all(len(opt.state[p]) == 0 for p in model.parameters())}
+    return out
 
 
 def fsdp_uneven_stack_refused(rank, world):
@@ -418,6 +435,54 @@ def fsdp_seed_per_rank_refused(rank, world):
         opt.param_groups[0]["seed"] = 7
         opt.step() if how == "step" else opt.step_parameters(list(model.parameters()))
         out[how + "_then_steps"] = not torch.equal(w, model.a.weight.to_local())
+    return out
+
+
+def fsdp_options_disagree_refused(rank, world):
+    """(Probe Z19.) Options that shape the step, differing on one rank (kappa, the form, the
+    rank), under FSDP2, and a per-rank seed under HSDP (a 2 x 1 mesh: replicas of one
+    shard), stepped silently (the replicas drifted 5e-3 apart in 3 steps): refused at the
+    first step on every rank, before any change, naming the option. HSDP with one seed
+    steps, its replicas equal; CompressedAccumulator(seed=rank) under FSDP2 or HSDP is
+    refused at construction on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def hsdp(model):
+        return fully_shard(model, mesh=init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")))
+
+    out = {}
+    x, y = _batches(1)[0]
+    cases = {"kappa": (fully_shard, {"kappa": 1 + rank}), "momentum_form": (fully_shard, {"momentum_form": (
+        "exact" if rank else "floored")}), "rank": (fully_shard, {"rank": 3 + rank}), "hsdp seed": (hsdp, {"seed": rank}),
+        "hsdp same seed": (hsdp, {})}
+    for name, (shard, kw) in cases.items():
+        model = _net()
+        shard(model)
+        opt = Flora(model.parameters(), **{**OPTS, **kw})
+        _loss(model, x[rank::world], y[rank::world]).backward()
+        before = [p.to_local().clone() for p in model.parameters()]
+        try:
+            opt.step()
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+        out[name + " unchanged"] = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters())) and \
+            all(len(opt.state[p]) == 0 for p in model.parameters())
+        if name == "hsdp same seed":
+            for _ in range(2):
+                opt.zero_grad()
+                _loss(model, x[rank::world], y[rank::world]).backward()
+                opt.step()
+            out["hsdp params"] = [p.to_local().detach().clone() for p in model.parameters()]
+    for name, shard in (("accumulator fsdp seed", fully_shard), ("accumulator hsdp seed", hsdp)):
+        model = _net()
+        shard(model)
+        try:
+            CompressedAccumulator(model, rank=3, tau=2, optimizer=Flora(model.parameters(), **OPTS), seed=rank)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
     return out
 
 

@@ -16,7 +16,8 @@ from flora import Flora
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient", "fsdp_compile_option",
-             "fsdp_shard1_refused", "fsdp_uneven_stack_refused", "fsdp_seed_per_rank_refused", "fsdp_loads_one_process_state",
+             "fsdp_shard1_refused", "fsdp_uneven_stack_refused", "fsdp_seed_per_rank_refused", "fsdp_options_disagree_refused",
+             "fsdp_loads_one_process_state",
              "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
              "ddp_accumulator_find_unused", "ddp_accumulator_find_unused_resume",
@@ -88,12 +89,11 @@ def test_fsdp2_factor_dims_edited_mid_run_is_refused(results):
 def test_fsdp2_step_is_two_all_reduces(results):
     """The design: one all-reduce of the second moment's sums (and |p|^2) before the update
     exists, one of |u|^2 and the momentum's terms after; nothing else, every step but the
-    first, which checks that every rank has the same seed where there are projections."""
+    first, which checks that every rank has the same options (one more all-reduce; before
+    2026-12-05 only the seed, and only where there are projections)."""
     for r in check(results, "fsdp_equals_one_process"):
         for case, res in r.items():
-            opts = {**S.OPTS, **S.FSDP_CASES[case][0]}
-            first = 2 + (opts["rank"] is not None and opts["beta1"] is not None)
-            assert res["counts"] == [{"c10d.allreduce_": first}] + [{"c10d.allreduce_": 2}] * (S.STEPS - 1), case
+            assert res["counts"] == [{"c10d.allreduce_": 3}] + [{"c10d.allreduce_": 2}] * (S.STEPS - 1), case
 
 
 def test_fsdp2_state_is_sharded_where_the_rows_are(results):
@@ -127,8 +127,11 @@ def test_fsdp2_with_the_compile_option_steps_eagerly_and_says_so(results):
 
 def test_fsdp2_shard1_is_refused_before_any_change(results):
     for r in check(results, "fsdp_shard1_refused"):
-        assert r["error_message"] and "Shard(dim=1)" in r["error_message"] and "dim 0" in r["error_message"]
-        assert r["unchanged"] and r["state_empty"]
+        for how in ("fsdp", "tp"):  # FSDP2's shard_placement_fn, tensor parallelism's RowwiseParallel
+            got = r[how]
+            assert got["error_message"] and "Shard(dim=1)" in got["error_message"] and "dim 0" in got["error_message"]
+            assert "shard_placement_fn" in got["error_message"] and "RowwiseParallel" in got["error_message"]
+            assert got["unchanged"] and got["state_empty"], how
 
 
 def test_fsdp2_refuses_stacked_experts_that_do_not_divide_among_the_ranks(results):
@@ -142,8 +145,26 @@ def test_fsdp2_refuses_stacked_experts_that_do_not_divide_among_the_ranks(result
 def test_fsdp2_refuses_a_seed_that_differs_across_ranks_before_any_change(results):
     for r in check(results, "fsdp_seed_per_rank_refused"):
         for how in ("step", "step_parameters"):
-            assert r[how] and "seed differs across the ranks of a shard group (from 0 to 1" in r[how], r
+            assert r[how] and "the processes disagree on seed (from 0 to 1; this process: " in r[how], r
             assert r[how + "_unchanged"] and r[how + "_then_steps"]
+
+
+def test_fsdp2_and_hsdp_refuse_options_that_differ_across_ranks_before_any_change(results):
+    """kappa, the form or the rank on one rank only (FSDP2), a per-rank seed under HSDP:
+    refused on every rank at the first step, nothing changed; HSDP with one seed steps and
+    its replicas agree; the accumulator with a per-rank seed is refused when built."""
+    r0, r1 = check(results, "fsdp_options_disagree_refused")
+    for r in (r0, r1):
+        for name, words in (("kappa", "kappa (from 1 to 2;"), ("momentum_form", "momentum_form (this process: "),
+                            ("rank", "rank (from 3 to 4;"), ("hsdp seed", "seed (from 0 to 1;")):
+            assert r[name] and "the processes disagree on " + words in r[name], (name, r[name])
+            assert r[name + " unchanged"], name
+        assert r["hsdp same seed"] is None
+        for name in ("accumulator fsdp seed", "accumulator hsdp seed"):
+            assert r[name] and "CompressedAccumulator on a device mesh of 2 processes: the processes disagree on " \
+                "seed (from 0 to 1;" in r[name], r[name]
+    for a, b in zip(r0["hsdp params"], r1["hsdp params"]):
+        assert torch.equal(a, b)
 
 
 def test_fsdp2_resumes_a_one_process_state_or_refuses_a_merged_one(results):

@@ -45,7 +45,7 @@ def test_fsdp2_fused_frees_every_gradient_and_counts_collectives(results):
     """No gradient is left after a cycle; the all-reduces come in the tau-th backward
     only, per unit (two units here): Flora's two, in whose first the norms ride, and
     one for the norms before them where clipping needs them first (AdamW: that one);
-    Flora's first step adds one, the check that every rank has the same seed."""
+    Flora's first step adds one, the check that every rank has the same options."""
     for r in check(results, "fsdp_fused"):
         for case, (kind, kw) in S.FUSED_CASES.items():
             assert r[case]["grads_left"] == []

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real, check_seed, plain
 from .accumulation.estimator import write_estimate_
-from .accumulation.replicas import check_agreement  # the replicas' option check, shared with reduce=True
+from .agreement import check_agreement  # the replicas' option check, shared with reduce=True
 from .compression import PROJ_DIMS, compressed_dim
 from .projection import (
     COMMUNICATION_STREAM,

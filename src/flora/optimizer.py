@@ -263,7 +263,8 @@ class Flora(Optimizer):
         # id(group) -> (id of its params list, _layout_key's tuple) its states were last checked
         # against (_check_options_fit_state); a parameter's own is _stepped_under's
         self._factor_dims_seen: dict[int, tuple] = {}
-        # (group index, id(shard process group), seed) checked equal on every rank (sharded.check_seeds)
+        # (group index, ids of a device mesh's process groups) whose options were checked equal on every
+        # process (sharded.check_seeds)
         self._seeds_checked: set = set()
         # id(p) -> the group layout (_layout_key) p last stepped under: a parameter moved into
         # another group (add_param_group, a group replaced) is checked against it
@@ -563,7 +564,7 @@ class Flora(Optimizer):
                 _check_foreign_keys(group, self._foreign_warned)
         check_grads(self.param_groups, self.state, self._groups_validated)
         self._check_options_fit_state()
-        sharded.check_seeds(self.param_groups, self._seeds_checked)
+        sharded.check_seeds(self.param_groups, self._seeds_checked, keys=ALGORITHM_KEYS)
         # the rows that left a stack last step get their copies; a state dropped since (fewer
         # states than the last step left), or replaced (a stack made since: the states'
         # members changed), takes its stack with it
@@ -844,7 +845,8 @@ class Flora(Optimizer):
         for _, group, _ in found:  # (options of another library's numbers: as Python's, as step() makes them)
             plain_group(group)
         keys = [self._check_parameter_options_fit(p, group) for p, group, _ in found]
-        sharded.check_seeds(self.param_groups, self._seeds_checked, only={id(p) for p, _, _ in found})
+        sharded.check_seeds(self.param_groups, self._seeds_checked, only={id(p) for p, _, _ in found},
+                            keys=ALGORITHM_KEYS)
         entries = []
         for (p, group, index), key in zip(found, keys):
             entries.append((p, self.state[p], group, self._prepare_state(p, group, index, key)))

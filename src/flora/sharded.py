@@ -85,7 +85,9 @@ def layout(p) -> Layout:
             raise ValueError(
                 f"Flora steps parameters sharded on dim 0 only (FSDP2's default); got a parameter of shape "
                 f"{tuple(p.shape)} with placements {placements}: Adafactor's row factor must stay local to a "
-                "shard. Use fully_shard without shard_placement_fn (or return Shard(0) from it)")
+                "shard. Under FSDP2, use fully_shard without shard_placement_fn (or return Shard(0) from it); "
+                "tensor parallelism's RowwiseParallel shards a weight on dim 1 (ColwiseParallel's Shard(0) steps), "
+                "so give such weights to another optimizer, or shard them with fully_shard only")
         if not (pl.is_shard() or pl.is_replicate()):
             raise ValueError(f"Flora cannot step a parameter with placement {pl} (shape {tuple(p.shape)}); "
                              "expected Shard(0) or Replicate()")
@@ -98,34 +100,32 @@ def layout(p) -> Layout:
                   local_shape[0] if local_shape else 1, mesh, placements, tuple(p.shape))
 
 
-def check_seeds(param_groups, checked: set, only: set | None = None) -> None:
-    """Every rank of a shard group must draw the same projections (a ``seed`` set per rank,
-    say ``seed=rank``, steps each rank's rows under its own and sums their compressed
-    momenta regardless): checked, before any change, once per parameter group, shard
-    group and seed, with an all-reduce of two integers (the step's one host read).
-    ``only``: the ids of the parameters stepping (step_parameters), else all."""
+def check_seeds(param_groups, checked: set, only: set | None = None, keys: tuple = ()) -> None:
+    """Every process of a DTensor parameter's device mesh must step it under the same
+    options that shape the step (``ALGORITHM_KEYS``: the seed, rank, kappa, form,
+    projection, ...): a ``seed`` set per rank (``seed=rank``) stepped each rank's rows under
+    its own projections and summed their compressed momenta regardless, and under HSDP
+    (a mesh of replicas x shards) it let the replicas drift apart (probe Z19: 5e-3 after 3
+    steps), as another ``kappa``, form or rank on one rank did. Checked before any change,
+    once per parameter group and mesh, with one all-reduce per mesh dimension (the step's
+    one host read). ``only``: the ids of the parameters stepping (step_parameters), else
+    all; ``keys``: the options compared (``flora.options.ALGORITHM_KEYS``)."""
     if not (dist.is_available() and dist.is_initialized()):  # no DTensors: one process's step pays nothing
         return
+    from .agreement import check_on_meshes
+
     for gi, group in enumerate(param_groups):
-        if group["rank"] is None or group["beta1"] is None:
-            continue  # no projections
-        for p in group["params"]:
-            if p.grad is None or not is_dtensor(p) or (only is not None and id(p) not in only):
-                continue
-            pg = layout(p).group
-            key = (gi, id(pg), group["seed"])  # the same on every rank once their seeds agree
-            if pg is None or key in checked:
-                continue
-            seed = int(group["seed"])
-            t = torch.tensor([seed, -seed], dtype=torch.int64, device=p.grad.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
-            hi, lo = int(t[0]), -int(t[1])
-            if hi != lo:
-                raise ValueError(
-                    f"seed differs across the ranks of a shard group (from {lo} to {hi}; this rank's is {seed}): "
-                    "FSDP2's shards of a parameter must be stepped under the same projections. Give every rank "
-                    "the same seed (the default 0 does)")
-            checked.add(key)
+        stepping = [p for p in group["params"]
+                    if p.grad is not None and is_dtensor(p) and (only is None or id(p) in only)]
+        if not stepping:
+            continue
+        seen = {m for g, m in checked if g == gi}  # this group's meshes already checked
+        check_on_meshes(f"Flora, parameter group {gi}", {k: group[k] for k in keys}, stepping,
+                        checked=seen,
+                        why="every process must step a sharded parameter under the same options (a seed set per "
+                            "rank, seed=rank, draws other projections on each; HSDP's replicas would drift apart): "
+                            "give every rank the same options (the default seed 0 is the same everywhere)")
+        checked.update((gi, m) for m in seen)
 
 
 def agree_on_load(params, damage: dict, refused: ValueError | None, loaded: set) -> None:

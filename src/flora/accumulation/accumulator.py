@@ -19,7 +19,8 @@ from .fused import check_fused_optimizer
 from .hooks import Hooks, attach, check_unattached, detach
 from .integrations import unwrap, wrapper_scaler
 from .._validation import plain
-from .options import Option, Options, check_holds_some, check_options, make_slots, named_params, resolve_exclude
+from .options import (Option, Options, check_holds_some, check_options, make_slots, named_params, padded_tables,
+                      resolve_exclude)
 from .ddp import DDPSteps, check_ddp_fused
 from .replicas import is_ddp
 from .units import guard_gradient_sync
@@ -160,7 +161,7 @@ class CompressedAccumulator:
                              "reduce=False); for normal mode register it on the model with register_comm_hook")
         named = named_params(model_or_params)
         slots = make_slots(named, resolve_exclude(exclude, named, model_or_params), rank=rank, proj_dim=proj_dim,
-                           max_aspect_ratio=max_aspect_ratio, reduce=reduce)
+                           max_aspect_ratio=max_aspect_ratio, reduce=reduce, keep_rows=padded_tables(model_or_params))
         check_unattached(slots)
         if fused and scaler is None and optimizer is not None:
             # accelerate's fp16 (a GPU): its prepared optimizer steps through its loss scaler; without
@@ -283,7 +284,9 @@ class CompressedAccumulator:
     def plan(self) -> list[dict[str, Any]]:
         """One row per attached parameter: ``name``, ``index`` (keys the projection
         seeds), ``shape``, ``compressed`` and, when compressed, ``proj_dim`` and
-        ``buffer_shape`` (its ``n x r`` or ``r x m`` partial sum)."""
+        ``buffer_shape`` (its ``n x r`` or ``r x m`` partial sum); ``reason`` where it is
+        dense (``"rank=None"``, ``"1-D"``, ``"excluded"``, ``"projected dim 1 <= rank 4"``,
+        ...) or projects other than the rule would (an embedding with ``padding_idx``)."""
         return [plan_row(s, self.rank) for s in self._engine.slots]
 
     def memory_bytes(self) -> int:

@@ -62,6 +62,17 @@ class Engine:
         # Autograd runs each CUDA device's backward on its own thread: a model spread over
         # devices may run two hooks at once.
         self.lock = threading.Lock()
+        if self.sharded:  # FSDP2, HSDP's replicas too: every process compresses alike (probe Z19)
+            from ..agreement import check_on_meshes
+
+            o = opts
+            check_on_meshes("CompressedAccumulator", {
+                "rank": o.rank, "tau": o.tau, "seed": o.seed, "projection": o.projection, "proj_dim": o.proj_dim,
+                "max_aspect_ratio": o.max_aspect_ratio, "exact_last": o.exact_last, "fused": o.fused},
+                [slots[k].param for k in sorted(self.sharded)],
+                why="every process must compress a sharded parameter alike (a seed set per rank, seed=rank, draws "
+                    "other projections on each, and HSDP's replicas drift apart): build every rank's accumulator "
+                    "with the same options")
 
     def projection(self, k: int) -> torch.Tensor:
         c = self.cycle

@@ -41,6 +41,7 @@ class Slot:
     name: str
     param: torch.Tensor
     dim: int | None  # projected matrix dimension; None accumulates densely
+    reason: str | None = None  # why it is dense (plan()), or why its dim is not the rule's
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -120,4 +121,6 @@ def plan_row(slot: Slot, rank: int | None) -> dict:
     row = {"name": s.name, "index": s.index, "shape": tuple(s.param.shape), "compressed": s.dim is not None}
     if s.dim is not None:
         row.update(proj_dim=s.dim, buffer_shape=compressed_shape(s.param.shape, rank, s.dim))
+    if s.reason is not None:
+        row["reason"] = s.reason
     return row

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..agreement import check_agreement
 from ..compression import compressed_dim
 from ..projection import state_dtype
 from ..sharded import layout
@@ -26,44 +26,6 @@ from .estimator import Slot, accumulate_compressed_, buffer_shape, estimate
 
 __all__ = ["check_agreement", "check_reduce", "check_sharded", "is_ddp", "ddp_holding", "check_not_under_ddp",
            "DDPSyncGuard", "Replicas"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _encode(value) -> int:
-    """An option as a 64-bit integer, for :func:`check_agreement`."""
-    if value is None:
-        return _MASK64
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float):
-        return struct.unpack("<Q", struct.pack("<d", value))[0]
-    if isinstance(value, str):
-        return sum(ord(ch) << (8 * i) for i, ch in enumerate(value[:8]))
-    return int(value) & _MASK64
-
-
-def check_agreement(what: str, fields: dict[str, Any], *, device, group=None) -> None:
-    """Refuse replicas that disagree on ``fields`` (name -> int, float, str, bool or None),
-    with one all-reduce (MAX of each value and its negation, in 32-bit halves, so that the
-    largest and smallest value across replicas arrive together). Raises ``ValueError``
-    naming every field that differs, on every replica alike (none is left waiting)."""
-    import torch.distributed as dist
-
-    names = list(fields)
-    halves = []
-    for name in names:
-        v = _encode(fields[name])
-        halves += [v >> 32, v & 0xFFFFFFFF]
-    t = torch.tensor(halves + [-h for h in halves], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    hi, lo = t[:len(halves)], -t[len(halves):]
-    bad = [name for i, name in enumerate(names) if bool((hi[2 * i:2 * i + 2] != lo[2 * i:2 * i + 2]).any())]
-    if bad:
-        listed = ", ".join(f"{n} (this replica: {fields[n]!r})" for n in bad)
-        raise ValueError(f"{what}: the replicas disagree on {listed}; every replica must be built with the same "
-                         "options (and load the same state_dict) or their compressed buffers cannot be summed")
-
 
 # ------------------------------------------------------------------ refusals
 

@@ -1,0 +1,100 @@
+"""One collective that refuses processes whose options disagree: every process of a group
+(a DDP model's, a DTensor parameter's device mesh) must step, compress and project alike,
+or their sums mean nothing and the replicas drift apart. Used by Flora under FSDP2 and
+HSDP (``flora.sharded``), by the accumulator across replicas (``reduce=True``) and under
+FSDP2, and by ``flora.distributed``'s hook."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import torch
+
+__all__ = ["check_agreement", "check_on_meshes", "mesh_groups", "mesh_device"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _encode(value) -> int:
+    """An option as a 64-bit integer (a value of another type by a checksum of its repr)."""
+    if value is None:
+        return _MASK64
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        return struct.unpack("<Q", struct.pack("<d", value))[0]
+    if isinstance(value, str):
+        return sum(ord(ch) << (8 * i) for i, ch in enumerate(value[:8]))
+    if isinstance(value, int):
+        return value & _MASK64
+    return zlib.crc32(repr(value).encode())
+
+
+def check_agreement(what: str, fields: dict[str, Any], *, device, group=None, groups=None,
+                    among: str = "replicas", why: str | None = None) -> None:
+    """Refuse processes that disagree on ``fields`` (name -> value), with one all-reduce per
+    group (MAX of each value and its negation, in 32-bit halves, so that the largest and
+    smallest value arrive together; over ``groups`` in turn, the extremes over all of
+    them: a device mesh's dimensions). Raises ``ValueError`` naming every field that
+    differs (with its range, for a small non-negative integer), on every process alike
+    (none is left waiting). ``among``: what the processes are called in the message;
+    ``why``: its end."""
+    import torch.distributed as dist
+
+    names = list(fields)
+    halves = []
+    for name in names:
+        v = _encode(fields[name])
+        halves += [v >> 32, v & 0xFFFFFFFF]
+    t = torch.tensor(halves + [-h for h in halves], dtype=torch.int64, device=device)
+    for g in (groups if groups is not None else [group]):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
+    hi, lo = t[:len(halves)].tolist(), [-x for x in t[len(halves):].tolist()]
+    bad = [i for i in range(len(names)) if hi[2 * i:2 * i + 2] != lo[2 * i:2 * i + 2]]
+    if not bad:
+        return
+
+    def said(i: int) -> str:
+        v = fields[names[i]]
+        span = (f"from {lo[2 * i + 1]} to {hi[2 * i + 1]}; "
+                if isinstance(v, int) and not isinstance(v, bool) and hi[2 * i] == lo[2 * i] == 0 else "")
+        return f"{names[i]} ({span}this process: {v!r})"
+
+    why = why or ("every replica must be built with the same options (and load the same state_dict) or their "
+                  "compressed buffers cannot be summed")
+    raise ValueError(f"{what}: the {among} disagree on {', '.join(said(i) for i in bad)}; {why}")
+
+
+def mesh_groups(mesh) -> list:
+    """The process groups of a device mesh's dimensions (all its processes, in turn)."""
+    return [mesh.get_group(d) for d in range(mesh.ndim)]
+
+
+def mesh_device(mesh) -> torch.device:
+    """Where a collective over ``mesh`` puts its tensor."""
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type if mesh.device_type != "cpu" else "cpu")
+
+
+def check_on_meshes(what: str, fields: dict[str, Any], tensors, *, why: str, checked: set | None = None) -> None:
+    """:func:`check_agreement` over every process of each distinct device mesh of the
+    DTensors among ``tensors`` (FSDP2's shard group; HSDP's replicas too), once per mesh
+    not in ``checked`` (its process groups' ids, added there once it passes: each
+    ``fully_shard`` call makes a mesh object of its own over the same groups)."""
+    from torch.distributed.tensor import DTensor
+
+    meshes = {}
+    for t in tensors:
+        if isinstance(t, DTensor):
+            mesh = t.device_mesh
+            meshes.setdefault(tuple(map(id, mesh_groups(mesh))), mesh)
+    for key, mesh in meshes.items():
+        if checked is not None and key in checked:
+            continue
+        check_agreement(f"{what} on a device mesh of {mesh.size()} processes", fields, device=mesh_device(mesh),
+                        groups=mesh_groups(mesh), among="processes", why=why)
+        if checked is not None:
+            checked.add(key)
