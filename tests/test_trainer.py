@@ -2,6 +2,7 @@
 on its gradient-accumulation loop."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -148,6 +149,23 @@ def test_resume_with_the_callback_equals_an_uninterrupted_run(tmp_path):
     _train(tmp_path / "plain", 4, save_strategy="steps", save_steps=2, max_steps=2)
     with pytest.warns(UserWarning, match="holds no CompressedAccumulator state"):
         _train(tmp_path / "warned", 4, callback=True, resume=str(tmp_path / "plain" / "checkpoint-2"))
+
+
+def test_resuming_from_a_model_only_checkpoint_says_the_optimizer_starts_again(tmp_path):
+    """(Probe Z22.) save_only_model=True writes no optimizer.pt: the Trainer restores the
+    model and its own state, the callback the accumulator's cycle, and the optimizer and
+    schedule start again, silently. Said now; a checkpoint with the optimizer's state
+    resumes without the warning."""
+    _train(tmp_path / "model_only", 4, callback=True, save_strategy="steps", save_steps=2, max_steps=2,
+           save_only_model=True)
+    checkpoint = tmp_path / "model_only" / "checkpoint-2"
+    assert not (checkpoint / "optimizer.pt").exists()
+    with pytest.warns(UserWarning, match="optimizer state the Trainer did not restore"):
+        _train(tmp_path / "resumed", 4, callback=True, resume=str(checkpoint))
+    _train(tmp_path / "full", 4, callback=True, save_strategy="steps", save_steps=2, max_steps=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*did not restore.*")
+        _train(tmp_path / "resumed_full", 4, callback=True, resume=str(tmp_path / "full" / "checkpoint-2"))
 
 
 def test_a_first_cycle_that_is_short_under_the_callback(tmp_path):

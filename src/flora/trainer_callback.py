@@ -109,6 +109,15 @@ class AccumulatorCallback(TrainerCallback):
                  "that never stopped")
         elif saved is not None:
             acc.load_state_dict(_from_json(saved))
+            optimizer = kwargs.get("optimizer")
+            if optimizer is not None and not optimizer.state:
+                # save_only_model=True: the Trainer restores the model and its own state only (probe Z22)
+                warn(f"AccumulatorCallback: resuming at global step {state.global_step} from a checkpoint "
+                     "whose optimizer state the Trainer did not restore (saved with save_only_model=True, or "
+                     "optimizer.pt removed): the accumulator continues at cycle "
+                     f"{acc.cycle} while the optimizer, and the lr schedule, start again, so the run is not "
+                     "the saved one's continuation. Resume from a checkpoint with the optimizer's state for "
+                     "that", UserWarning)
         # The Trainer's synced backward ends every cycle, even a first short one (an epoch of
         # one micro-batch, or what is left of an epoch after a resume): else the Trainer's
         # clipping would meet the placeholder the cycle leaves in .grad
