@@ -209,6 +209,35 @@ def test_equal_tensor_lrs_of_two_groups_step_apart_and_right():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_groups_merged_across_layouts_and_dtypes_equal_the_single_tensor_step(dtype):
+    """Groups of equal options merged into one bucket hold what separate groups never put
+    together: conv weights of one shape in channels_last and contiguous layouts (and a
+    transposed view), in float32, bfloat16 and float64. Each steps as the single-tensor
+    path steps it."""
+    def run(foreach):
+        g = torch.Generator().manual_seed(0)
+        ws = [torch.randn(8, 6, 3, 3, generator=g).to(dtype) for _ in range(4)]
+        ws[1] = ws[1].contiguous(memory_format=torch.channels_last)
+        ws[3] = ws[3].contiguous(memory_format=torch.channels_last)
+        mats = [torch.randn(12, 20, generator=g).to(dtype), torch.randn(20, 12, generator=g).to(dtype).t()]
+        params = [nn.Parameter(t) for t in ws + mats]
+        opt = Flora([{"params": [p]} for p in params], **{**BASE, "scale_parameter": True, "weight_decay": 0.1,
+                                                          "foreach": foreach})
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            opt.step()
+        return params
+
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else \
+        dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(run(False), run(True)):
+        assert b.dtype == dtype and b.stride() == a.stride()
+        torch.testing.assert_close(b, a, **tol)
+
+
 def test_an_option_edited_invalid_in_one_of_many_groups_is_refused_before_any_change():
     """Validation is skipped for a group whose options did not change since its last step
     (35 us a group); an edit is still seen, and refused before any parameter moves."""
