@@ -430,11 +430,46 @@ def _hook_resume(rank, world):
     return {"diff": max((a - b).abs().max().item() for a, b in zip(whole.parameters(), resumed.parameters()))}
 
 
+def _acc_reduce_on_a_ddp_subgroup(rank, world):
+    """(Probe Z24.) reduce=True on a DDP model whose process group is a subgroup, here each
+    rank alone (two independent one-process runs), all-reduced over the default group and
+    mixed the two (1e-2 off): it follows DDP's group now, and equals this rank's data
+    accumulated alone. A static_graph DDP that has not synchronised is refused when the
+    accumulator is built (DDP's reducer failed with its own internal assert)."""
+    own = [dist.new_group([i]) for i in range(world)][rank]
+    out = {}
+    for given in ("inner", "ddp"):  # the accumulator built on the module, or on the DDP model
+        model, ref = _net(), _net()
+        ddp = nn.parallel.DistributedDataParallel(model, process_group=own, broadcast_buffers=False)
+        opt, ropt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+        acc = CompressedAccumulator(model if given == "inner" else ddp, rank=RANK, tau=TAU, seed=SEED,
+                                    max_aspect_ratio=MAX_ASPECT, reduce=True, optimizer=opt)
+        racc = CompressedAccumulator(ref, rank=RANK, tau=TAU, seed=SEED, max_aspect_ratio=MAX_ASPECT,
+                                     exact_last=False, optimizer=ropt)
+        for step in range(2):
+            for micro in range(TAU):
+                x, y = _data(rank, step, micro)
+                with ddp.no_sync():
+                    (F.cross_entropy(ddp(x), y) / TAU).backward()
+                (F.cross_entropy(ref(x), y) / TAU).backward()
+            opt.step(), ropt.step()
+            opt.zero_grad(), ropt.zero_grad()
+        acc.remove(), racc.remove()
+        out[given] = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+    static = nn.parallel.DistributedDataParallel(_net(), static_graph=True)
+    try:
+        CompressedAccumulator(static, rank=RANK, tau=TAU, reduce=True)
+        out["static_graph"] = None
+    except ValueError as e:
+        out["static_graph"] = str(e)
+    return out
+
+
 _ORIGINAL_ALL_REDUCE = dist.all_reduce
 
 SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp, _acc_vs_one_process,
                                    _acc_rank_none_vs_ddp, _acc_more, _counter_sees_powersgd, _hook_refusals,
-                                   _acc_fused_wrapped_in_ddp, _hook_resume)]
+                                   _acc_fused_wrapped_in_ddp, _hook_resume, _acc_reduce_on_a_ddp_subgroup)]
 
 
 @pytest.fixture(scope="module")
@@ -818,3 +853,10 @@ def test_hook_decompresses_with_the_callers_thread_count(monkeypatch):
         assert seen["threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_reduce_follows_the_process_group_of_its_ddp_model(replicas):
+    for r in _result(replicas, "acc_reduce_on_a_ddp_subgroup"):
+        assert r["inner"] <= 1e-6 and r["ddp"] <= 1e-6, r
+        assert r["static_graph"] and "static_graph=True" in r["static_graph"] and "synchronised step" in \
+            r["static_graph"]

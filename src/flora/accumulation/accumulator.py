@@ -110,7 +110,8 @@ class CompressedAccumulator:
             ``rank=None`` it equals DDP's accumulation (``no_sync`` then one synchronised
             backward). Needs ``torch.distributed`` initialised.
         process_group: with ``reduce=True``, the group to all-reduce over (None: the
-            default group).
+            group of the DDP model holding these parameters, if any, else the default
+            group).
         comm_hook: fused mode on a ``DistributedDataParallel`` model: the communication
             hook whose mean over replicas each bucket steps on, as a ``(state, hook)``
             pair for ``register_comm_hook`` (e.g. ``(flora.distributed.ProjectionState(

@@ -117,7 +117,8 @@ NO_SYNC = ("CompressedAccumulator(tau={tau}) in normal mode on a model that {ddp
            "backward) under ddp_model.no_sync(), as accelerate's accumulate() and the HF Trainer do, or build the "
            "accumulator on the DDP model with fused=True, which needs no no_sync(). A short last cycle (fewer than "
            "tau micro-batches left): run all of it under no_sync() and close it with finish_cycle() (or the "
-           "step), which averages its estimates over the replicas. {nothing}")
+           "step), which averages its estimates over the replicas; a full cycle's tau-th micro-batch must "
+           "synchronise (under no_sync() nothing averages it, as in plain DDP). {nothing}")
 
 
 # DDP(static_graph=True) learns the graph in its first backward, which must synchronise: one
@@ -234,6 +235,26 @@ class Replicas:
     def __init__(self, slots: list[Slot], opts, ddp: nn.Module | None):
         self.slots, self.opts, self.ddp = slots, opts, ddp
         self.agreed = False  # the replicas' options are compared at the first collective
+        self.group = opts.process_group  # None: DDP's own, looked for at the first collective
+        if ddp is not None and getattr(ddp, "static_graph", False) and not getattr(
+                ddp, "_static_graph_delay_allreduce_enqueued", True):
+            raise ValueError(
+                f"CompressedAccumulator(reduce=True) on a {type(ddp).__name__} built with static_graph=True: DDP "
+                "records its graph in its first synchronised backward, and reduce=True runs none (every "
+                "micro-batch under no_sync()), so DDP's reducer would fail at the first backward (torch's "
+                "INTERNAL ASSERT 'expect_autograd_hooks_'). Build DDP without static_graph=True, or run one "
+                "synchronised step before building the accumulator")
+
+    def process_group(self):
+        """The group the cycle's collective runs over: ``process_group=``, else that of the DDP
+        model holding these parameters (a data-parallel subgroup: before 2026-12-05 the default
+        group, which mixed in other groups' replicas, found by probe Z24), else the default."""
+        import torch.distributed as dist
+
+        if self.group is None:
+            ddp = self.ddp if self.ddp is not None else ddp_holding({id(s.param) for s in self.slots})
+            self.group = ddp.process_group if ddp is not None else dist.group.WORLD
+        return self.group
 
     def accumulate(self, c: Cycle, k: int, g: torch.Tensor, a: Callable[[int], torch.Tensor], grads) -> None:
         """One micro-batch's gradient ``g`` of slot ``k`` into the cycle's sums (``a``: the
@@ -274,7 +295,7 @@ class Replicas:
         import torch.distributed as dist
 
         opts = self.opts
-        group = opts.process_group if opts.process_group is not None else dist.group.WORLD
+        group = self.process_group()
         device = self.slots[0].param.device
         wire = self.wire_dtype()
         layout = self.layout()
