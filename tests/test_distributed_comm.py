@@ -6,6 +6,7 @@ against one process that sees the whole batch, identical results on both replica
 number and bytes of collectives per step, and refusals of replicas that disagree. Bad
 options are checked here in the main process."""
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -438,21 +439,30 @@ def _acc_reduce_on_a_ddp_subgroup(rank, world):
     accumulator is built (DDP's reducer failed with its own internal assert)."""
     own = [dist.new_group([i]) for i in range(world)][rank]
     out = {}
-    for given in ("inner", "ddp"):  # the accumulator built on the module, or on the DDP model
+    # the accumulator built on the module or on the DDP model (reduce=True), and fused mode
+    # with flora's hook left at process_group=None
+    for given in ("inner", "ddp", "fused_hook"):
         model, ref = _net(), _net()
         ddp = nn.parallel.DistributedDataParallel(model, process_group=own, broadcast_buffers=False)
         opt, ropt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
-        acc = CompressedAccumulator(model if given == "inner" else ddp, rank=RANK, tau=TAU, seed=SEED,
-                                    max_aspect_ratio=MAX_ASPECT, reduce=True, optimizer=opt)
+        if given == "fused_hook":
+            acc = CompressedAccumulator(ddp, rank=RANK, tau=TAU, seed=SEED, max_aspect_ratio=MAX_ASPECT,
+                                        fused=True, optimizer=opt, comm_hook=(ProjectionState(rank=None),
+                                                                               projection_hook))
+        else:
+            acc = CompressedAccumulator(model if given == "inner" else ddp, rank=RANK, tau=TAU, seed=SEED,
+                                        max_aspect_ratio=MAX_ASPECT, reduce=True, optimizer=opt)
         racc = CompressedAccumulator(ref, rank=RANK, tau=TAU, seed=SEED, max_aspect_ratio=MAX_ASPECT,
-                                     exact_last=False, optimizer=ropt)
+                                     exact_last=given == "fused_hook", optimizer=ropt)
         for step in range(2):
             for micro in range(TAU):
                 x, y = _data(rank, step, micro)
-                with ddp.no_sync():
+                with ddp.no_sync() if given != "fused_hook" else contextlib.nullcontext():
                     (F.cross_entropy(ddp(x), y) / TAU).backward()
                 (F.cross_entropy(ref(x), y) / TAU).backward()
-            opt.step(), ropt.step()
+            if given != "fused_hook":
+                opt.step()
+            ropt.step()
             opt.zero_grad(), ropt.zero_grad()
         acc.remove(), racc.remove()
         out[given] = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
@@ -857,6 +867,6 @@ def test_hook_decompresses_with_the_callers_thread_count(monkeypatch):
 
 def test_reduce_follows_the_process_group_of_its_ddp_model(replicas):
     for r in _result(replicas, "acc_reduce_on_a_ddp_subgroup"):
-        assert r["inner"] <= 1e-6 and r["ddp"] <= 1e-6, r
+        assert r["inner"] <= 1e-6 and r["ddp"] <= 1e-6 and r["fused_hook"] <= 1e-6, r
         assert r["static_graph"] and "static_graph=True" in r["static_graph"] and "synchronised step" in \
             r["static_graph"]

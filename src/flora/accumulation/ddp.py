@@ -99,6 +99,11 @@ class DDPSteps:
         self.engine, self.ddp = engine, ddp
         self.group = ddp.process_group
         self.inner = comm_hook if comm_hook is not None else (self.group, allreduce_hook)
+        from ..distributed import ProjectionState
+
+        if comm_hook is not None and isinstance(comm_hook[0], ProjectionState) and comm_hook[0].process_group is None:
+            # the hook cannot see DDP's group: a DDP on a subgroup was averaged over the default one (probe Z24)
+            comm_hook[0].process_group = self.group
         self.slot_of = {id(s.param): k for k, s in enumerate(engine.slots)}
         # The reducer keeps its hook and state in C++, out of the garbage collector's sight:
         # they must not hold the model (or it is never freed, and its reducer is destroyed
