@@ -98,12 +98,15 @@ class DDPSteps:
 
         self.engine, self.ddp = engine, ddp
         self.group = ddp.process_group
-        self.inner = comm_hook if comm_hook is not None else (self.group, allreduce_hook)
-        from ..distributed import ProjectionState
-
-        if comm_hook is not None and isinstance(comm_hook[0], ProjectionState) and comm_hook[0].process_group is None:
-            # the hook cannot see DDP's group: a DDP on a subgroup was averaged over the default one (probe Z24)
+        # A hook cannot see DDP's group: one left at None (a state of None, as torch's
+        # allreduce_hook takes; a state whose process_group is None, as flora's ProjectionState
+        # or torch's PowerSGDState) takes it, else a DDP on a subgroup was averaged over the
+        # default group (probe Z24)
+        if comm_hook is not None and comm_hook[0] is None:
+            comm_hook = (self.group, comm_hook[1])
+        elif comm_hook is not None and getattr(comm_hook[0], "process_group", False) is None:
             comm_hook[0].process_group = self.group
+        self.inner = comm_hook if comm_hook is not None else (self.group, allreduce_hook)
         self.slot_of = {id(s.param): k for k, s in enumerate(engine.slots)}
         # The reducer keeps its hook and state in C++, out of the garbage collector's sight:
         # they must not hold the model (or it is never freed, and its reducer is destroyed
