@@ -76,7 +76,7 @@ def mesh_device(mesh) -> torch.device:
     """Where a collective over ``mesh`` puts its tensor."""
     if mesh.device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(mesh.device_type if mesh.device_type != "cpu" else "cpu")
+    return torch.device(mesh.device_type)
 
 
 def check_on_meshes(what: str, fields: dict[str, Any], tensors, *, why: str, checked: set | None = None) -> None:

@@ -37,7 +37,7 @@ _PARAMS = operator.itemgetter("params")
 # Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
 _RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
             "_transposed", "_factor_dims_seen", "_stacks", "_states_seen", "_shapes_checked",
-            "_groups_checked", "_groups_validated", "_seeds_checked", "_stepped_under", "_layout_warned", "_taken", "_constants_seen", "_foreign_warned")
+            "_groups_checked", "_groups_validated", "_options_checked", "_stepped_under", "_layout_warned", "_taken", "_constants_seen", "_foreign_warned")
 
 # The group options a compiled core takes as constants (functional.Spec): each new value
 # compiles new graphs (lr is handed to the graph as a tensor instead).
@@ -54,8 +54,8 @@ def _merge_alike(found: list[tuple[dict, list]], defaults: dict) -> list[tuple[d
     """The groups' entries, those of groups whose options are all equal (a tensor lr by
     identity) put together, under the first such group: they step as one group would,
     in shared buckets. A group per parameter (mmengine's, a per-layer lr decay at equal
-    lrs) had stepped bucket by bucket of one, 16 times slower than one group (500 small
-    matrices: 116 ms against 7 ms a step)."""
+    lrs) had stepped in buckets of one (figures: docs/results.md, "Parameter groups of
+    equal options")."""
     merged: dict = {}
     for group, entries in found:
         if not entries:
@@ -264,8 +264,8 @@ class Flora(Optimizer):
         # against (_check_options_fit_state); a parameter's own is _stepped_under's
         self._factor_dims_seen: dict[int, tuple] = {}
         # (group index, ids of a device mesh's process groups) whose options were checked equal on every
-        # process (sharded.check_seeds)
-        self._seeds_checked: set = set()
+        # process (sharded.check_options_agree)
+        self._options_checked: set = set()
         # id(p) -> the group layout (_layout_key) p last stepped under: a parameter moved into
         # another group (add_param_group, a group replaced) is checked against it
         self._stepped_under: dict[int, tuple] = {}
@@ -564,7 +564,7 @@ class Flora(Optimizer):
                 _check_foreign_keys(group, self._foreign_warned)
         check_grads(self.param_groups, self.state, self._groups_validated)
         self._check_options_fit_state()
-        sharded.check_seeds(self.param_groups, self._seeds_checked, keys=ALGORITHM_KEYS)
+        sharded.check_options_agree(self.param_groups, self._options_checked, keys=ALGORITHM_KEYS)
         # the rows that left a stack last step get their copies; a state dropped since (fewer
         # states than the last step left), or replaced (a stack made since: the states'
         # members changed), takes its stack with it
@@ -845,7 +845,7 @@ class Flora(Optimizer):
         for _, group, _ in found:  # (options of another library's numbers: as Python's, as step() makes them)
             plain_group(group)
         keys = [self._check_parameter_options_fit(p, group) for p, group, _ in found]
-        sharded.check_seeds(self.param_groups, self._seeds_checked, only={id(p) for p, _, _ in found},
+        sharded.check_options_agree(self.param_groups, self._options_checked, only={id(p) for p, _, _ in found},
                             keys=ALGORITHM_KEYS)
         entries = []
         for (p, group, index), key in zip(found, keys):

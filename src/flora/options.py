@@ -355,8 +355,8 @@ def check_grads(param_groups, state=None, validated: dict | None = None) -> None
     """Before any change: every group's options and every gradient Flora can step
     (``state``, the optimizer's: a relative step's lr of 0 is also checked). ``validated``:
     id(group) -> its :func:`option_values` when last validated; a group whose values are
-    unchanged is not validated again (35 us a group: a group per parameter paid it for
-    each, every step)."""
+    unchanged is not validated again (a group per parameter paid the check for each,
+    every step)."""
     fsdp1 = []  # FSDP1 sharded after Flora was built (use_orig_params=True): the same tensors, now 1-D
     for group in param_groups:
         if validated is None:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import adafactor as af
+from .agreement import check_on_meshes, mesh_device, mesh_groups
 from .compression import compressed_dim, momentum_storage
 from .rounding import AFTER_TRANSFER, to_stored
 from .momentum import compressed_apply_, compressed_terms, dense_momentum_
@@ -100,7 +101,7 @@ def layout(p) -> Layout:
                   local_shape[0] if local_shape else 1, mesh, placements, tuple(p.shape))
 
 
-def check_seeds(param_groups, checked: set, only: set | None = None, keys: tuple = ()) -> None:
+def check_options_agree(param_groups, checked: set, only: set | None = None, keys: tuple = ()) -> None:
     """Every process of a DTensor parameter's device mesh must step it under the same
     options that shape the step (``ALGORITHM_KEYS``: the seed, rank, kappa, form,
     projection, ...): a ``seed`` set per rank (``seed=rank``) stepped each rank's rows under
@@ -112,8 +113,6 @@ def check_seeds(param_groups, checked: set, only: set | None = None, keys: tuple
     all; ``keys``: the options compared (``flora.options.ALGORITHM_KEYS``)."""
     if not (dist.is_available() and dist.is_initialized()):  # no DTensors: one process's step pays nothing
         return
-    from .agreement import check_on_meshes
-
     for gi, group in enumerate(param_groups):
         stepping = [p for p in group["params"]
                     if p.grad is not None and is_dtensor(p) and (only is None or id(p) in only)]
@@ -146,11 +145,10 @@ def agree_on_load(params, damage: dict, refused: ValueError | None, loaded: set)
     for mesh, members in meshes.values():
         first = next((i for i, p in enumerate(members) if id(p) in damage), len(members))
         count = sum(id(p) in loaded for p in members)
-        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else \
-            torch.device("cpu")
-        t = torch.tensor([-1 if refused is not None else first, count, -count], dtype=torch.int64, device=device)
-        for d in range(mesh.ndim):  # the minimum over every process of the mesh
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=mesh.get_group(d))
+        t = torch.tensor([-1 if refused is not None else first, count, -count], dtype=torch.int64,
+                         device=mesh_device(mesh))
+        for g in mesh_groups(mesh):  # the minimum over every process of the mesh
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=g)
         at, least, most = int(t[0]), int(t[1]), -int(t[2])
         if at < 0:
             if refused is not None:
