@@ -1504,26 +1504,28 @@ def test_a_layer_frozen_between_forward_and_backward_keeps_zero_grad_visible(fus
 
 class _Padded(nn.Module):
     """A small vocabulary (16 rows of 64: "auto" would project the rows) with a padding row,
-    and a table of the same shape without one."""
+    and a table of the same shape without one (``table``: nn.Embedding or nn.EmbeddingBag,
+    which is no subclass of it)."""
 
-    def __init__(self):
+    def __init__(self, table=nn.Embedding):
         super().__init__()
-        self.e = nn.Embedding(16, 64, padding_idx=1)
-        self.f = nn.Embedding(16, 64)
+        self.e = table(16, 64, padding_idx=1)
+        self.f = table(16, 64)
         self.h = nn.Linear(64, 16)
 
     def forward(self, x):
         return self.h(self.e(x) + self.f(x)).mean(1)
 
 
+@pytest.mark.parametrize("table", [nn.Embedding, nn.EmbeddingBag])
 @pytest.mark.parametrize("fused", [False, True])
-def test_an_embeddings_padding_row_gets_no_gradient_and_does_not_move(fused):
-    """(Probe Z20.) nn.Embedding(padding_idx=...) promises that the padding row gets no
+def test_an_embeddings_padding_row_gets_no_gradient_and_does_not_move(fused, table):
+    """(Probes Z20, Z26.) nn.Embedding(padding_idx=...) promises that the padding row gets no
     gradient: projecting a small table's rows mixed them, and its estimate was 5.4 where
-    plain accumulation gives 0. Its columns are projected instead (plan() says why); a
-    table without padding_idx keeps the rule."""
+    plain accumulation gives 0 (4e-3 for an EmbeddingBag's). Its columns are projected
+    instead (plan() says why); a table without padding_idx keeps the rule."""
     torch.manual_seed(0)
-    model = _Padded()
+    model = _Padded(table)
     e0 = model.e.weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = flora.CompressedAccumulator(model, rank=4, tau=3, optimizer=opt, fused=fused)

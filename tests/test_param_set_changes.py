@@ -511,3 +511,31 @@ def test_step_parameter_after_a_group_is_deleted_drops_its_records():
     for p in params[:3]:
         opt.step_parameter(p)
     assert len(opt._device_steps) == 3 and len(opt._stepped_under) == 3
+
+
+def test_a_first_step_with_no_gradient_at_all_warns_once():
+    """A model whose parameters were replaced after Flora was built (fully_shard does this)
+    trains nothing: every step finds no gradient. Said at the first such step, once; a
+    step with no gradient after the optimizer has stepped (a frozen phase) says nothing."""
+    model = nn.Linear(8, 4)
+    opt = Flora(model.parameters(), lr=1e-2, **KW)
+    model.weight = nn.Parameter(model.weight.detach().clone())  # as a wrapper's re-registration
+    model.bias = nn.Parameter(model.bias.detach().clone())
+    before = model.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+    said = [str(w.message) for w in seen if "has a gradient" in str(w.message)]
+    assert len(said) == 1 and "none of its 2 parameters" in said[0] and "build Flora" in said[0], said
+    assert torch.equal(model.weight, before)
+
+    model = nn.Linear(8, 4)
+    opt = Flora(model.parameters(), lr=1e-2, **KW)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # stepped before: no gradient this time is a choice, not a wiring fault

@@ -289,6 +289,10 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
     else:
         sq = (rows("exp_avg_sq"),)
     params, grads = list(params), [p.grad for p in params]
+    if any(g.dtype != p.dtype for p, g in zip(params, grads)):
+        # p.grad_dtype: dynamo refuses a graph input whose .grad has another dtype; an alias
+        # without .grad is written in place all the same
+        params = [p.detach() for p in params]
     if spec.shape == ():
         # 0-dim parameters step as 1-element views (the same arithmetic): a 0-dim float64
         # CPU tensor is no safe input of a compiled graph (see DeviceSteps), and neither

@@ -21,7 +21,8 @@ from . import checkpoint
 from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
-from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, grouped as _grouped, option_values,  # noqa: F401
+from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, group_names, grouped as _grouped,  # noqa: F401
+                      option_values,
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
                       refuse_shared_memory as _refuse_shared_memory,
@@ -220,7 +221,8 @@ class Flora(Optimizer):
         self._constructing = True
         super().__init__(params, defaults)
         self._constructing = False
-        _refuse_shared_memory([p for g in self.param_groups for p in g["params"]])
+        _refuse_shared_memory([p for g in self.param_groups for p in g["params"]],
+                              names={id(p): n for g in self.param_groups for p, n in zip(g["params"], group_names(g))})
         # all groups at once: FSDP1's sharded shares are told apart from vectors by the whole model
         _refuse_fsdp1_shards([p for g in self.param_groups for p in g["params"]])
         self._init_runtime()
@@ -241,6 +243,7 @@ class Flora(Optimizer):
         # (id(group), key): another optimizer's option, said once (at construction, or at the step)
         self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _FOREIGN_KEYS if k in g}
         self._warned_recompiles = False
+        self._warned_no_grads = False  # a first step with no gradient at all: said once
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
         # (group sizes, id(param) -> (param, group, index)): step_parameter's lookup
@@ -338,12 +341,18 @@ class Flora(Optimizer):
         # torch also takes (name, parameter) pairs (named_parameters()): checked as the tensors
         items = list(params)
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in items]
-        for i, p in enumerate(tensors):
+        given = param_group.get("param_names")
+        given = list(given) if isinstance(given, (list, tuple)) and len(given) == len(items) else [None] * len(items)
+        item_names = [it[0] if isinstance(it, tuple) and len(it) == 2 else n for it, n in zip(items, given)]
+        for p, named in zip(tensors, item_names):
+            if isinstance(p, torch.nn.parameter.UninitializedParameter):
+                raise ValueError(f"params: {'parameter ' + repr(named) if named else 'a parameter'} is not "
+                                 "initialised yet (a lazy module before its first forward pass): run one forward "
+                                 "pass (a dry run), then build the optimizer")
             if isinstance(p, torch.Tensor) and p.is_complex():
-                named = items[i][0] if isinstance(items[i], tuple) else None
                 raise TypeError(f"params must be real tensors: Flora does not support complex parameters (got "
-                                f"{'parameter ' + repr(named) + ' ' if named else ''}of dtype {p.dtype}, shape "
-                                f"{tuple(p.shape)})")
+                                f"{'parameter ' + repr(named) if named else 'a parameter'} of dtype {p.dtype}, "
+                                f"shape {tuple(p.shape)})")
             _refuse_flat_pieces(p)
         if not isinstance(params, set) and len({id(p) for p in tensors}) != len(tensors):
             # torch only warns ("in future, this will cause an error"); here the step would depend
@@ -351,7 +360,9 @@ class Flora(Optimizer):
             raise ValueError("params: a parameter group lists the same parameter more than once; list each once "
                              "(a tied weight: its tensor once, e.g. from model.parameters(), which deduplicates)")
         if not getattr(self, "_constructing", False):  # at construction: all groups at once, above
-            _refuse_shared_memory(tensors, [q for g in self.param_groups for q in g["params"]])
+            names = {id(q): n for g in self.param_groups for q, n in zip(g["params"], group_names(g))}
+            names.update((id(q), n) for q, n in zip(tensors, item_names))
+            _refuse_shared_memory(tensors, [q for g in self.param_groups for q in g["params"]], names=names)
         default_lr = self.defaults.get("lr")
         if ("lr" not in param_group and isinstance(default_lr, torch.Tensor)
                 and any(g["lr"] is default_lr for g in self.param_groups)):
@@ -597,6 +608,8 @@ class Flora(Optimizer):
                     continue
                 for p, state, i in bucket:
                     plan.append(self._work([p], [state], group, [i], grouped=False, traced=traced))
+        if not plan and not sharded_entries and index and not self.state:
+            self._warn_no_grads(index)
         if sharded_entries:
             if compiled:
                 self._warn_sharded_eager(3)
@@ -607,6 +620,18 @@ class Flora(Optimizer):
             self._forget_gone({id(p) for g in self.param_groups for p in g["params"]})
         self._states_seen = len(self.state)
         return plan
+
+    def _warn_no_grads(self, count: int) -> None:
+        """A step before any parameter of this optimizer got a gradient updates nothing, as
+        torch's optimizers do, but silently it hides a model whose parameters were replaced
+        after the optimizer was built (FSDP2's ``fully_shard``: a probe's loss never moved)."""
+        if self._warned_no_grads:
+            return
+        self._warned_no_grads = True
+        warn(f"Flora.step(): none of its {count} parameters has a gradient (.grad is None), and none has "
+             "stepped before, so nothing was updated. If the model's parameters were replaced after Flora "
+             "was built (fully_shard, FSDP, a module swapped or re-created), build Flora from the new ones; "
+             "otherwise call step() after backward()")
 
     def _forget_gone(self, live: set[int]) -> None:
         """Drop what is kept for parameters that left the groups (``live``: the ids of those in

@@ -11,7 +11,7 @@ from ._validation import check_choice, check_positive_int, check_real, check_see
 from .compression import PROJ_DIMS, check_momentum_dtype, compressed_dim, dense_reason, momentum_dtype_name
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from .layout import fills_span
-from .projection import PROJECTIONS
+from .projection import PROJECTIONS, grad_dtype
 from . import sharded
 from .sharded import is_dtensor
 
@@ -81,13 +81,14 @@ _TO_FSDP2 = ("Shard with PyTorch FSDP2 (torch.distributed.fsdp.fully_shard, or a
 SHARED_CHECK_MAX = 1 << 16
 
 
-def refuse_shared_memory(tensors, earlier=()) -> None:
+def refuse_shared_memory(tensors, earlier=(), names: dict | None = None) -> None:
     """Two parameters whose memory overlaps (tied by ``b.data = a.data``, overlapping views
     of one buffer) step one tensor twice, and the result would depend on the path (the
     single-tensor path reads the first one's update in the second one's RMS and weight
     decay; the grouped path does not): refused, as the same parameter listed twice is.
     Disjoint views of one buffer (FSDP1's and apex's flat buffers, column splits of one
-    matrix) are fine. ``earlier``: the parameters of the groups already there."""
+    matrix) are fine. ``earlier``: the parameters of the groups already there; ``names``:
+    id(parameter) -> its name, where known."""
     new = [(p, key) for p in tensors if (key := _storage_key(p)) is not None]
     # of the groups already there, only the parameters in a storage of a new one can
     # overlap one (they were checked against each other when added; an edit since, such as
@@ -112,8 +113,10 @@ def refuse_shared_memory(tensors, earlier=()) -> None:
             open_ = [v for v in open_ if v[1] > s1]
             for s0, e0, p0 in open_:
                 if p0 is not p1 and _share_an_element(p0, p1):
+                    n0, n1 = (names or {}).get(id(p0)), (names or {}).get(id(p1))
+                    named = f", named {n0!r} and {n1!r}" if n0 and n1 else ""
                     raise ValueError(f"params: two parameters share memory (shapes {tuple(p0.shape)} and "
-                                     f"{tuple(p1.shape)}: tied by b.data = a.data, say, or tied weights loaded "
+                                     f"{tuple(p1.shape)}{named}: tied by b.data = a.data, say, or tied weights loaded "
                                      "with load_state_dict(..., assign=True), which makes a Parameter per key): a "
                                      "step would write it twice and depend on the path. Tie them as one Parameter "
                                      "(b.weight = a.weight; a Hugging Face model: model.tie_weights()) and list it "
@@ -278,8 +281,11 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
     # lr=0 with relative_step is a step of size 0: torch.distributed.checkpoint's state_dict
     # helpers set every group's lr to 0 to create an optimizer's state with one empty step.
     if lr is not None and rel and not (isinstance(lr, (int, float)) and lr == 0):
-        raise ValueError("lr must be None when relative_step=True (the step size is then relative); "
-                         "pass relative_step=False to use a fixed lr")
+        got = f"got {lr!r}" if isinstance(lr, (int, float)) else "got a tensor"
+        raise ValueError(f"lr must be None when relative_step=True (the step size is then relative), {got}. For a "
+                         "fixed lr or an lr scheduler, build Flora with a numeric lr (relative_step then defaults to "
+                         "False) or pass relative_step=False with it; a scheduler built on a Flora with lr=None "
+                         "(the default) writes its own lr into the groups")
     if lr is None and not rel:
         raise ValueError("lr must be a non-negative number when relative_step=False")
     if not isinstance(group["warmup_init"], bool):
@@ -335,6 +341,43 @@ def check_complement_weight(weight, form) -> None:
 _PLAIN_TYPES = (int, float, str, bool, type(None), tuple, torch.Tensor, torch.dtype)
 
 
+def refuse_grad(p: torch.Tensor, g: torch.Tensor, name: str | None) -> None:
+    """The refusal of a gradient (or a parameter's layout) Flora cannot step, naming the
+    parameter."""
+    what, who, shape = label(p, name), f"parameter {name!r}" if name else "a parameter", tuple(p.shape)
+    if g.is_sparse:
+        raise TypeError(f"Flora does not support sparse gradients (got one for {what}); use dense gradients, "
+                        "e.g. nn.Embedding(sparse=False)")
+    if g.is_complex():
+        raise TypeError(f"Flora does not support complex gradients (got one of dtype {g.dtype} for {what}, "
+                        f"dtype {p.dtype})")
+    if not (g.is_floating_point() and p.is_floating_point()):  # (frozen integer ones, with no grad, pass)
+        raise TypeError(f"Flora steps floating-point parameters; got {who} of dtype {p.dtype} with a gradient "
+                        f"of dtype {g.dtype} (shape {shape})")
+    if g.dtype != grad_dtype(p):  # p.data = p.data.double() after backward: torch refuses p.grad = g
+        raise TypeError(f"{who} of dtype {p.dtype} (shape {shape}) has a gradient of dtype {g.dtype}: its data "
+                        "was changed to another dtype after backward (p.data = ...). Zero the gradients after "
+                        "changing a parameter's dtype (or use module.to(dtype), which casts .grad too)")
+    raise ValueError(f"{what} is a view whose elements share memory (strides {p.stride()}: an expanded or "
+                     "overlapping view), so an in-place step cannot write them. Make it a tensor of its own "
+                     "(p.data = p.data.clone()), or keep the smaller parameter and expand it in forward")
+
+
+def overlaps_itself(p: torch.Tensor) -> bool:
+    """Whether two of ``p``'s elements are one memory location (an ``expand``'s stride 0, an
+    ``as_strided`` view with strides too small for its sizes). Each dim, by stride, must step
+    past the span of the smaller ones; where one does not, the offsets are compared."""
+    span = 1
+    for st, n in sorted((abs(st), n) for n, st in zip(p.shape, p.stride()) if n > 1):
+        if st < span:
+            if st == 0 or p.numel() > SHARED_CHECK_MAX:  # too large to list: only a zero stride is certain
+                return st == 0
+            offsets = _offsets(p)
+            return offsets.unique().numel() < offsets.numel()
+        span += (n - 1) * st
+    return False
+
+
 def plain_group(group: dict) -> None:
     """Option values of another library's number types edited into a group (numpy's
     float64 lr, int64 kappa) as Python's, in place, so that ``state_dict()`` stays plain
@@ -349,6 +392,19 @@ def option_values(group: dict) -> tuple:
     them back from the device), a list as a tuple (an edit inside it shows)."""
     return tuple(id(v) if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else v
                  for k, v in group.items() if k != "params")
+
+
+def label(p: torch.Tensor, name: str | None = None) -> str:
+    """A parameter as an error message names it: by its name where Flora was given
+    ``named_parameters()`` (torch keeps them as the group's ``param_names``), else by shape."""
+    return f"parameter {name!r} (shape {tuple(p.shape)})" if name else f"a parameter of shape {tuple(p.shape)}"
+
+
+def group_names(group: dict) -> list:
+    """The group's parameter names (``param_names``), or Nones: one per parameter."""
+    names = group.get("param_names")
+    params = group["params"]
+    return list(names) if isinstance(names, (list, tuple)) and len(names) == len(params) else [None] * len(params)
 
 
 def check_grads(param_groups, state=None, validated: dict | None = None) -> None:
@@ -368,29 +424,16 @@ def check_grads(param_groups, state=None, validated: dict | None = None) -> None
                 validated[id(group)] = values
         if state is not None and group["relative_step"] and group["lr"] is not None:
             refuse_scheduled_zero_lr(group, state)
-        for p in group["params"]:
+        names = None
+        for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse:
-                raise TypeError("Flora does not support sparse gradients (got one of shape "
-                                f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)")
-            if g.is_complex():
-                raise TypeError(f"Flora does not support complex gradients (got one of dtype {g.dtype} for a "
-                                f"parameter of shape {tuple(p.shape)}, dtype {p.dtype})")
-            if not (g.is_floating_point() and p.is_floating_point()):  # (frozen integer ones, with no grad, pass)
-                raise TypeError(f"Flora steps floating-point parameters; got a parameter of dtype {p.dtype} with a "
-                                f"gradient of dtype {g.dtype} (shape {tuple(p.shape)})")
-            if g.dtype != p.dtype:  # p.data = p.data.double() after backward: torch refuses p.grad = g
-                raise TypeError(f"a parameter of dtype {p.dtype} (shape {tuple(p.shape)}) has a gradient of dtype "
-                                f"{g.dtype}: its data was changed to another dtype after backward (p.data = ...). "
-                                "Zero the gradients after changing a parameter's dtype (or use module.to(dtype), "
-                                "which casts .grad too)")
-            if 0 in p.stride() and torch._debug_has_internal_overlap(p) == 1:
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} is an expanded view (strides "
-                                 f"{p.stride()}): several of its elements share one memory location, so an "
-                                 "in-place step cannot write them. Make it a tensor of its own (p.data = "
-                                 "p.data.clone()), or keep the unexpanded parameter and expand it in forward")
+            if (g.is_sparse or not g.is_floating_point() or not p.is_floating_point()
+                    or g.dtype != grad_dtype(p)
+                    or (not p.is_contiguous() and overlaps_itself(p))):
+                names = names or group_names(group)
+                refuse_grad(p, g, names[i])
             refuse_flat_pieces(p)
             if getattr(p, "_fsdp_flattened", False):
                 fsdp1.append(p)

@@ -215,6 +215,12 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def grad_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype autograd gives ``p``'s gradient: ``p.grad_dtype`` where torch has it (a
+    bfloat16 parameter may be set to keep float32 gradients), else ``p.dtype``."""
+    return getattr(p, "grad_dtype", None) or p.dtype
+
+
 def is_stack(shape: torch.Size | tuple[int, ...]) -> bool:
     """Whether a tensor of ``shape`` is a stack of matrices over its last two dims: 3+ dims,
     the last two its largest (no leading dim larger than either; the rule by which

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..projection import state_dtype
+from ..projection import grad_dtype, state_dtype
 
 __all__ = ["Cycle", "lag_message"]
 
@@ -87,7 +87,7 @@ class Cycle:
         cast mid-cycle (``model.double()``, ``.bfloat16()``) converts ``.grad`` with the
         parameters, and so the sums kept here (before 2026-12-04: torch's dtype errors at
         every backward after such a cast in fused mode, a probe)."""
-        want = state_dtype(param.dtype) if compressed else param.dtype
+        want = state_dtype(param.dtype) if compressed else grad_dtype(param)
         buf = self.buffers.get(k)
         if buf is not None and buf.dtype != want:
             self.buffers[k] = buf.to(want)

@@ -19,6 +19,7 @@ from ..projection import (
     compressed_shape,
     decompress,
     decompress_add_,
+    grad_dtype,
     make_projection,
     matrix_shape,
     projection_seed,
@@ -92,7 +93,7 @@ def draw_projection(slot: Slot, kind: str, seed: int, rank: int, cycle: int) -> 
 
 def estimate(slot: Slot, buf: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """A new gradient tensor holding ``decompress(buf)``."""
-    g = torch.empty_like(slot.param)
+    g = torch.empty_like(slot.param, dtype=grad_dtype(slot.param))
     write_estimate_(g, buf, a, slot.dim, add=False)
     return g
 

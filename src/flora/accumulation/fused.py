@@ -17,6 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..optimizer import Flora
+from ..options import overlaps_itself
 from .cycle import Cycle
 from .estimator import Slot
 
@@ -41,6 +42,11 @@ def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
                          f"not accumulate but that hold a gradient (shapes {stale[:3]}...; frozen after a loop "
                          "that left .grad set, say): each would move at every other parameter's step, every "
                          "cycle. Call optimizer.zero_grad() before the first backward")
+    views = [s.name for s in slots if not s.param.is_contiguous() and overlaps_itself(s.param)]
+    if views:  # refused at its own step, after the parameters before it had stepped (a probe)
+        raise ValueError(f"fused=True: parameter(s) {views[:5]} are views whose elements share memory (made by "
+                         "expand(), or overlapping): no step can write them in place. Make each a tensor of its own "
+                         "(p.data = p.data.clone()), or keep the smaller parameter and expand it in forward")
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}  # frozen since, too: still held
     missing = [s.name for s in slots if id(s.param) not in ids]
     if missing:

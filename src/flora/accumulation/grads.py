@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..projection import grad_dtype
 from .cycle import Cycle
 from .estimator import Slot, estimate
 
@@ -41,8 +42,9 @@ class GradView:
         sum is known to have been discarded."""
         p = self.slots[k].param
         z = self.zeros.get(k)
-        if z is None or z.device != p.device or z.dtype != p.dtype:
-            z = self.zeros[k] = torch.zeros((), dtype=p.dtype, device=p.device)
+        dtype = grad_dtype(p)
+        if z is None or z.device != p.device or z.dtype != dtype:
+            z = self.zeros[k] = torch.zeros((), dtype=dtype, device=p.device)
         m = z.expand(p.shape)
         p.grad = m
         c.marks[k] = (m, m._version)

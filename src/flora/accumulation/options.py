@@ -193,13 +193,15 @@ def resolve_exclude(exclude: Iterable[Any], named, model=None) -> set[int]:
 
 
 def padded_tables(model) -> set[int]:
-    """The ids of the weights of ``nn.Embedding`` modules with a ``padding_idx``: their
-    padding row gets no gradient and must not move. Projecting a table's rows (``"auto"``
-    does where it has fewer rows than columns: a small vocabulary) mixes them, and the
-    padding row's estimate was not zero (probe Z20: 5.4 where plain accumulation gives 0)."""
+    """The ids of the weights of ``nn.Embedding`` and ``nn.EmbeddingBag`` modules with a
+    ``padding_idx``: their padding row gets no gradient and must not move. Projecting a
+    table's rows (``"auto"`` does where it has fewer rows than columns: a small vocabulary)
+    mixes them, and the padding row's estimate was not zero (probe Z20: 5.4 where plain
+    accumulation gives 0; probe Z26: 4e-3 for an EmbeddingBag, not a subclass of Embedding)."""
     if not isinstance(model, nn.Module):
         return set()
-    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None}
+    return {id(m.weight) for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "padding_idx", None) is not None}
 
 
 def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, reduce: bool,
@@ -211,6 +213,9 @@ def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, r
     for index, (name, p) in enumerate(named):
         if not p.requires_grad:
             continue
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(f"parameter {name!r} is not initialised yet (a lazy module before its first forward "
+                             "pass): run one forward pass (a dry run), then build the accumulator")
         pd, reason = proj_dim, None
         if is_dtensor(p):  # FSDP2: project the unsharded columns (see check_sharded)
             check_sharded(name, p, rank, proj_dim, max_aspect_ratio, reduce=reduce)

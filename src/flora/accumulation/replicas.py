@@ -19,7 +19,7 @@ from torch import nn
 
 from ..agreement import check_agreement
 from ..compression import compressed_dim
-from ..projection import state_dtype
+from ..projection import grad_dtype, state_dtype
 from ..sharded import layout
 from .cycle import Cycle
 from .estimator import Slot, accumulate_compressed_, buffer_shape, estimate
@@ -331,7 +331,7 @@ class Replicas:
             elif p.grad is not None and not opts.fused:
                 p.grad.copy_(view.view(p.shape))
             else:
-                p.grad = view.view(p.shape).to(p.dtype, copy=True)
+                p.grad = view.view(p.shape).to(grad_dtype(p), copy=True)
             if step is not None:
                 step(p)
         del flat
