@@ -203,3 +203,96 @@ def test_a_change_of_memory_format_between_micro_batches_is_followed(fused):
     if not fused:
         with pytest.raises(RuntimeError, match="replaced"):
             run(False, edit=True)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def _closure_run(how, acc_kw, opt_name, windows=3, tau=3):
+    """``windows`` optimizer steps of ``tau`` micro-batches: ``"plain"`` (backward each
+    micro-batch, then step), ``"lightning"`` (PyTorch Lightning's accumulate_grad_batches:
+    micro-batches 1 to tau-1 run the closure directly, the tau-th inside
+    ``optimizer.step(closure=closure)``), or ``"short"`` (``optimizer.step(closure)``, the
+    closure running tau-1 micro-batches: a short cycle), with an accumulator unless
+    ``acc_kw`` is None."""
+    model = _net()
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    if acc_kw is not None:
+        flora.CompressedAccumulator(model, tau=tau, seed=0, optimizer=opt, **acc_kw)
+    data = iter(_data(windows * tau))
+    for _ in range(windows):
+        if how == "short":
+            def closure():
+                for _ in range(tau - 1):
+                    x, y = next(data)
+                    (nn.functional.mse_loss(model(x), y) / tau).backward()
+                return 0.0
+            opt.step(closure)
+        else:
+            for i in range(tau):
+                x, y = next(data)
+
+                def closure(x=x, y=y):
+                    loss = nn.functional.mse_loss(model(x), y) / tau
+                    loss.backward()
+                    return loss
+                if how == "lightning" and i == tau - 1:
+                    opt.step(closure=closure)
+                else:
+                    closure()
+            if how == "plain":
+                opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "flora"])
+@pytest.mark.parametrize("acc_kw", [dict(rank=4), dict(rank=None), dict(rank=4, fused=True), dict(rank=None, fused=True)],
+                         ids=["normal-r4", "normal-dense", "fused-r4", "fused-dense"])
+def test_a_micro_batch_run_by_the_steps_closure_is_the_cycles_last(acc_kw, opt_name):
+    """A closure runs its backward inside step(), after the step pre-hooks, which closed the
+    cycle first (a probe): in normal mode the compressed tensors stepped on the placeholder's
+    zeros and never trained, in fused mode each window stepped without its last micro-batch,
+    and that micro-batch began the next cycle. Lightning's loop now equals the plain loop
+    with the same accumulator, bit for bit."""
+    want = _closure_run("plain", acc_kw, opt_name)
+    got = _closure_run("lightning", acc_kw, opt_name)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_short_cycle_run_inside_the_steps_closure_is_closed_after_it(fused):
+    """optimizer.step(closure) whose closure runs fewer than tau micro-batches: the step's
+    pre-hook closed the cycle before the closure ran, so the step saw zeros (normal mode) or
+    nothing (fused mode). Uncompressed, it now equals plain PyTorch."""
+    want = _closure_run("short", None, "sgd-momentum")
+    got = _closure_run("short", dict(rank=None, fused=fused), "sgd-momentum")
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
+def test_fused_mode_says_when_another_optimizer_steps_its_parameters():
+    """Fused mode steps with the optimizer it was built with; a loop that switched to a new
+    optimizer over the same parameters went on training with the old one, silently (a
+    probe: 2e-2 moved under a new optimizer of lr 0). Said once; normal mode follows the
+    new optimizer, and says nothing."""
+    for fused in (False, True):
+        model = _net()
+        old = torch.optim.SGD(model.parameters(), lr=0.1)
+        flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=old, fused=fused)
+        new = torch.optim.SGD(model.parameters(), lr=0.0)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for i, (x, y) in enumerate(_data(6)):
+                (nn.functional.mse_loss(model(x), y) / 2).backward()
+                if i % 2:
+                    new.step()
+                    new.zero_grad()
+        said = [str(w.message) for w in seen if "another optimizer" in str(w.message)]
+        if fused:
+            assert len(said) == 1 and "steps 4 of its parameters" in said[0] and "acc.remove()" in said[0], said
+        else:
+            assert not said

@@ -315,3 +315,26 @@ def test_groups_per_tensor_builds_every_optimizer_with_a_group_per_tensor(tmp_pa
                  "off", "--no-flora-opt", "--optimizers", "adafactor-b0.9,flora-r4", "--out", str(one)]) == 0
     state = {r["optimizer"]: r["state_bytes"] for r in json.loads((one / "results.json").read_text())["rows"]}
     assert {r["optimizer"]: r["state_bytes"] for r in res["rows"] if r["optimizer"] in state} == state
+
+
+def test_groups_per_tensor_lr_gives_each_group_its_own_lr(tmp_path, monkeypatch):
+    """``--groups per-tensor-lr``: a group per tensor, the i-th at lr * 0.99^i, for every
+    optimizer (a per-layer lr decay taken to the tensor), said in the table."""
+    from flora.bench import step as bstep
+
+    built = []
+    real = bstep.build_all
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        built.extend(out)
+        return out
+
+    monkeypatch.setattr(bstep, "build_all", spy)
+    out = tmp_path / "lrs"
+    assert main(["step", "--size", "smoke", "--repeats", "1", "--warmup", "1", "--threads", "1", "--projection-cost",
+                 "off", "--no-flora-opt", "--optimizers", "adafactor-b0.9,flora-r4", "--groups", "per-tensor-lr",
+                 "--out", str(out)]) == 0
+    assert "the i-th at lr * 0.99^i" in (out / "results.md").read_text()
+    for _, opt in built:
+        lrs = [float(g["lr"]) for g in opt.param_groups]
+        assert lrs == pytest.approx([bstep.LR * 0.99 ** i for i in range(len(lrs))])

@@ -135,6 +135,33 @@ def test_cuda_grouped_equals_single_tensor():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lrs", [(1e-2, 3e-3), ("cuda tensor", 3e-3)], ids=["floats", "mixed"])
+def test_cuda_groups_of_other_lrs_step_together_without_syncs_and_right(lrs):
+    """Groups differing in lr alone share buckets, one lr per parameter stacked on the
+    device (tests/test_grouped.py checks the CPU): no host sync, and equal to the
+    single-tensor step."""
+    def run(foreach, debug):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, device="cuda")) for s in [(48, 32), (48, 32), (32,), (32,)]]
+        first = torch.tensor(1e-2, device="cuda") if lrs[0] == "cuda tensor" else lrs[0]
+        opt = Flora([{"params": params[0::2], "lr": first}, {"params": params[1::2], "lr": lrs[1]}], lr=1e-2,
+                    rank=4, beta1=0.9, kappa=2, scale_parameter=True, weight_decay=0.1, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).cuda()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if debug else "default")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return params
+
+    for a, b in zip(run(False, False), run(True, True)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ compiled steps (issue 18)
 
 

@@ -180,8 +180,8 @@ def _single_tensor_steps(groups, steps=4, **kw):
     return params
 
 
-@pytest.mark.parametrize("option, values", [("lr", (1e-2, 3e-3)), ("weight_decay", (0.0, 0.1)),
-                                            ("beta1", (0.9, None)), ("rank", (3, None))])
+@pytest.mark.parametrize("option, values", [("weight_decay", (0.0, 0.1)), ("beta1", (0.9, None)), ("rank", (3, None)),
+                                            ("clip_threshold", (1.0, 0.1))])
 def test_groups_of_other_options_step_apart(option, values):
     """Groups that differ in an option are not merged, and each steps with its own: a
     group per parameter, alternating two values, makes the buckets and bits of two groups
@@ -198,15 +198,53 @@ def test_groups_of_other_options_step_apart(option, values):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_equal_tensor_lrs_of_two_groups_step_apart_and_right():
-    """Two groups' lr tensors of equal value are not compared (it would read them from the
-    device): the groups step apart, each equal to the single-tensor step."""
+LRS = ((1e-2, 3e-3), (torch.tensor(1e-2), torch.tensor(1e-2)), (torch.tensor(1e-2), 3e-3))
+
+
+@pytest.mark.parametrize("extra", [{}, dict(scale_parameter=True, weight_decay=0.1)], ids=["plain", "scaled+wd"])
+@pytest.mark.parametrize("lrs", LRS, ids=["floats", "tensors", "mixed"])
+def test_groups_that_differ_in_lr_alone_share_buckets(lrs, extra):
+    """Groups whose options differ only in a fixed lr (a per-layer lr decay; a tensor lr
+    each, which Flora gives every group that takes the default) step in one group's buckets,
+    each parameter with its own lr, and equal the single-tensor step. They had stepped apart
+    (a probe: 1,000 groups of a vector, 125 ms a step against 19 ms in one group)."""
     split = [[i for i in range(len(SHAPES)) if i % 2 == j] for j in (0, 1)]
-    got, made = _grouped_steps([(split[j], {"lr": torch.tensor(1e-2)}) for j in (0, 1)])
-    assert len(made) == 8 * 4  # a shape in both groups: stacked apart
-    ref = _single_tensor_steps([(split[j], {}) for j in (0, 1)])
+    got, made = _grouped_steps([(split[j], {"lr": lrs[j]}) for j in (0, 1)], **extra)
+    _, made_one = _grouped_steps([(range(len(SHAPES)), {})], **extra)
+    assert sorted(made) == sorted(made_one) == sorted([3, 2, 1, 2, 1] * 4)
+    ref = _single_tensor_steps([(split[j], {"lr": lrs[j]}) for j in (0, 1)], **extra)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_lrs_follow_a_per_group_schedule_compiled_without_recompiling():
+    """Per-group schedules (LambdaLR with a lambda each, a warmup from 0 where every lr is
+    equal at the first step) on merged groups: the buckets stay the same at every step
+    (they had merged at the warmup's first step only, compiling graphs and a CPU workspace
+    for it), nothing compiles after the first step, and the compiled step equals eager."""
+    from torch._dynamo.utils import counters
+
+    def run(compile):
+        params = _params()
+        split = [[params[i] for i in range(len(SHAPES)) if i % 2 == j] for j in (0, 1)]
+        opt = Flora([{"params": split[0], "lr": 1e-2}, {"params": split[1], "lr": 3e-3}],
+                    **{**BASE, "lr": 1e-2, "foreach": True, "compile": compile})
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: min(1.0, t / 2), lambda t: min(1.0, t / 3)])
+        g = torch.Generator().manual_seed(1)
+        graphs = []
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            sched.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+        return params, graphs
+
+    counters.clear()
+    compiled, graphs = run("aot_eager")
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 4
+    for a, b in zip(run(False)[0], compiled):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

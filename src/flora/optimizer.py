@@ -29,6 +29,7 @@ from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, group_names,
                       upgrade_group as _upgrade_group,
                       validate_group as _validate_group)
 from .momentum import WEIGHTED_FORMS
+from .projection import state_dtype
 from .state import check_factoring, check_momentum_layout, check_not_resized, follow_dtype, free_index, prepare_state
 from .stacks import StateStacks
 from ._warn import warn
@@ -52,16 +53,20 @@ _option_values = option_values
 
 
 def _merge_alike(found: list[tuple[dict, list]], defaults: dict) -> list[tuple[dict, list]]:
-    """The groups' entries, those of groups whose options are all equal (a tensor lr by
-    identity) put together, under the first such group: they step as one group would,
-    in shared buckets. A group per parameter (mmengine's, a per-layer lr decay at equal
-    lrs) had stepped in buckets of one (figures: docs/results.md, "Parameter groups of
-    equal options")."""
+    """The groups' entries, those of groups whose options are all equal but a fixed lr put
+    together, under the first such group: they step as one group would, in shared
+    buckets, each entry keeping its own group (its lr; see ``Flora._bucket_lr``). A group
+    per parameter (mmengine's, a per-layer lr decay) had stepped in buckets of one
+    (figures: docs/results.md, "Parameter groups of equal options"); groups that differed
+    in lr alone stepped apart until 2026-12-05 (a probe: 1,000 groups with a tensor lr
+    each, 5-17x the step of one group), and groups of lrs equal for a step (0 at the
+    start of a warmup) merged for that step only."""
     merged: dict = {}
     for group, entries in found:
         if not entries:
             continue
-        values = [group.get(k) for k in defaults]
+        # a relative step's lr (None, or 0 for a step of size 0) is not a per-parameter factor
+        values = [group.get(k) for k in defaults if k != "lr" or group.get("relative_step")]
         key = tuple(id(v) if isinstance(v, torch.Tensor) else v for v in values)
         try:
             hit = merged.get(key)
@@ -595,7 +600,7 @@ class Flora(Optimizer):
                     if is_dtensor(p):
                         sharded_entries.append((p, self.state[p], group, pinned))
                     else:
-                        entries.append((p, self.state[p], pinned))
+                        entries.append((p, self.state[p], pinned, group))
                 index += 1
             found.append((group, entries))
         for group, entries in _merge_alike(found, self.defaults):
@@ -603,11 +608,13 @@ class Flora(Optimizer):
             for bucket in F.buckets(entries, max_count=F.COMPILED_BUCKET_MAX if on else None):
                 p0 = bucket[0][0]
                 if _grouped(group, p0, compiled):
-                    plan.append(self._work([e[0] for e in bucket], [e[1] for e in bucket], group,
-                                           [e[2] for e in bucket], grouped=True, traced=traced))
+                    own = [e[3] for e in bucket]
+                    plan.append(self._work([e[0] for e in bucket], [e[1] for e in bucket], own[0],
+                                           [e[2] for e in bucket], grouped=True, traced=traced,
+                                           lr=self._bucket_lr(own, p0)))
                     continue
-                for p, state, i in bucket:
-                    plan.append(self._work([p], [state], group, [i], grouped=False, traced=traced))
+                for p, state, i, own in bucket:
+                    plan.append(self._work([p], [state], own, [i], grouped=False, traced=traced))
         if not plan and not sharded_entries and index and not self.state:
             self._warn_no_grads(index)
         if sharded_entries:
@@ -678,7 +685,7 @@ class Flora(Optimizer):
     # Replaced by torch.compiler.disable(_prelude_eager) when the first Flora is built.
     _prelude = _prelude_eager
 
-    def _work(self, params, states, group, indices, *, grouped: bool, traced: bool = False):
+    def _work(self, params, states, group, indices, *, grouped: bool, traced: bool = False, lr=None):
         device = params[0].device
         compiled = C.compiles_on(self._compile, device)
         if self._compile is not None and not compiled and not self._warned_cuda_eager:
@@ -693,8 +700,27 @@ class Flora(Optimizer):
                  UserWarning)
         return F.prepare(params, states, group, indices, grouped=grouped, projections=self._projections,
                          device_steps=self._device_steps, skips=self._skip_counter(device),
-                         lr=self._lr_for(group, device) if compiled or traced else None, compiled=compiled,
+                         lr=lr if lr is not None else self._lr_for(group, device) if compiled or traced else None,
+                         compiled=compiled,
                          kernel=self._kernel, stacks=self._stacks if compiled or (traced and grouped) else None)
+
+    def _bucket_lr(self, groups: list, p0: torch.Tensor):
+        """The lr of a bucket whose parameters' groups (``groups``, one per parameter) differ
+        in lr alone: None where they are one group or share one lr tensor (the group's own lr
+        is used, as before), else one per parameter, also where the values are equal (lrs
+        equal for a step, as at a warmup's start, would change the graphs' inputs from one
+        step to the next), a vector in the state dtype (a float64 vector would widen the
+        float32 update it scales): on a CPU made from the values (reading a CPU tensor lr is
+        no sync), on another device stacked from each group's device lr."""
+        first = groups[0]
+        if all(g is first for g in groups) or (isinstance(first["lr"], torch.Tensor)
+                                               and all(g["lr"] is first["lr"] for g in groups)):
+            return None
+        device, dtype = p0.device, state_dtype(p0.dtype)
+        if device.type == "cpu":
+            return torch.tensor([float(g["lr"]) for g in groups], dtype=dtype)
+        return torch.stack([lr.to(device=device, dtype=dtype).reshape(())
+                            for lr in (self._lr_for(g, device) for g in groups)])
 
     def _lr_for(self, group: dict, device):
         """compile=True, or a step traced by torch.compile(opt.step): a float lr as a device

@@ -16,6 +16,7 @@ A parameter carries the hooks of at most one accumulator (:data:`ATTACHED`)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import sys
 import weakref
 
@@ -126,12 +127,14 @@ class Hooks:
         self.patched = None  # fused mode: the optimizer's zero_grad wrapper
         self.unfrozen = None  # on a module: guard_unfrozen's forward pre-hook
         self.owner = None  # the accumulator: alive while its hooks are (they reach it through here)
+        self.foreign_said = False  # fused mode: another optimizer's step of these parameters, said once
 
     def guard_steps(self) -> None:
         eng = self.engine
         if eng.opts.fused:
             self.patched = patch_zero_grad(eng.optimizer, eng)
             self.guard = eng.optimizer.register_step_pre_hook(self.on_fused_step)
+            self.also = self.global_guard()  # another optimizer's step of these parameters: said
         elif eng.optimizer is not None:
             self.guard = eng.optimizer.register_step_pre_hook(self.on_step)
             # another optimizer may step a compressed parameter too (one this optimizer does
@@ -213,7 +216,8 @@ class Hooks:
         def on_any_step(optimizer, args, kwargs):
             hooks = ref()
             if hooks is not None:
-                hooks.on_any_step(optimizer)
+                return hooks.on_any_step(optimizer, args, kwargs)
+            return None
 
         remove_dead_global_hooks()
         handle = register_optimizer_step_pre_hook(on_any_step)
@@ -309,27 +313,49 @@ class Hooks:
 
     # ------------------------------------------------------------------ optimizer
 
-    def on_step(self, optimizer, args, kwargs) -> None:
+    def on_step(self, optimizer, args, kwargs):
+        """Normal mode: the optimizer's ``step()`` closes a short cycle (the estimate into
+        ``.grad``) before the step reads the gradients; with a closure, after it."""
+        return _after_closure(args, kwargs, self.finish_open)
+
+    def say_foreign(self, opt) -> None:
+        """Fused mode: another optimizer stepping these parameters moves none of them (their
+        ``.grad`` stays None; fused mode steps them with its own optimizer, inside backward).
+        A loop that switched optimizers went on training with the old one, silently (a
+        probe). Said once."""
+        eng = self.engine
+        held = sum(id(p) in eng.ids for g in opt.param_groups for p in g["params"])
+        if not held:
+            return
+        self.foreign_said = True
+        warn(f"CompressedAccumulator(fused=True): another optimizer ({type(opt).__name__}) steps {held} of its "
+             "parameters; fused mode steps them inside backward with the optimizer it was built with "
+             f"({type(unwrap(eng.optimizer)).__name__}) and leaves their .grad None, so this step moves none of "
+             "them. To switch optimizers: acc.remove(), then a new CompressedAccumulator(..., optimizer=new)",
+             UserWarning)
+
+    def finish_open(self) -> None:
         if self.engine.micro_step():
             with _autocast.disabled():  # a step inside autocast: decompress in the state dtype
                 self.engine.finish()
 
-    def on_fused_step(self, optimizer, args, kwargs) -> None:
+    def on_fused_step(self, optimizer, args, kwargs):
         """Fused mode: the user's ``step()`` closes an open cycle, as in normal mode: a short
         one (the end of an epoch) and one that waits for it (some parameters stepped at
         their tau-th gradient, others got fewer); each parameter steps on what it got. Else
         the ``zero_grad()`` that follows would drop them. On a boundary, the usual place of
-        the step, there is nothing open: a no-op."""
-        eng = self.engine
-        if eng.stepper.inside:  # a parameter's own step, from inside the engine
-            return
-        if eng.micro_step():
-            with _autocast.disabled():
-                eng.finish()
+        the step, there is nothing open: a no-op. With a closure, after it."""
+        if self.engine.stepper.inside:  # a parameter's own step, from inside the engine
+            return None
+        return _after_closure(args, kwargs, self.finish_open)
 
-    def on_any_step(self, optimizer) -> None:
+    def on_any_step(self, optimizer, args=(), kwargs=None):
         eng = self.engine
         opt = unwrap(optimizer)
+        if eng.opts.fused:
+            if opt is not unwrap(eng.optimizer) and not self.foreign_said and not eng.stepper.inside:
+                self.say_foreign(opt)
+            return None
         # Another optimizer's step (one holding none of these parameters) has no cycle of this
         # accumulator's to close: returns before the sweep, whose cost grows with the slots
         # (a probe: an unrelated 4-element SGD step took 2 ms beside 3,000 slots, 15 us alone).
@@ -337,7 +363,28 @@ class Hooks:
         # is applied at the next backward's hooks or this accumulator's optimizer's step, as
         # when no other optimizer steps between them (a review).
         if not any(id(p) in eng.ids for g in opt.param_groups for p in g["params"]):
-            return
-        if eng.micro_step():
-            with _autocast.disabled():
-                eng.finish()
+            return None
+        return _after_closure(args, kwargs or {}, self.finish_open)
+
+
+def _after_closure(args, kwargs, finish: Callable[[], None]):
+    """A step pre-hook's work, ``finish`` (close the open cycle), done now, or, where the
+    step was given a closure, after the closure has run: a closure runs its backward
+    inside ``step()``, after the pre-hooks (PyTorch Lightning runs a window's last
+    micro-batch so, ``optimizer.step(closure)``; closing the cycle first stepped the
+    compressed tensors on the placeholder's zeros and left that micro-batch to a new
+    cycle, a probe). Returns the step's arguments with the closure wrapped, or None.
+    torch hands a step pre-hook the step's ``args`` with the optimizer first."""
+    closure = kwargs.get("closure") if "closure" in kwargs else args[1] if len(args) > 1 else None
+    if not callable(closure):
+        finish()
+        return None
+
+    def closure_then_finish():
+        loss = closure()
+        finish()
+        return loss
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then_finish}
+    return (args[0], closure_then_finish, *args[2:]), kwargs

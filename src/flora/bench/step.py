@@ -86,6 +86,10 @@ FORMS = ("floored-orthonormal", "exact", "paper")  # the default of --forms; any
 REFERENCE = "adafactor-b0.9"  # the optimizer Flora replaces: step-time ratios are to it
 BASELINE = "baseline:"  # prefix of the rows timed with --baseline-src's copy of flora
 LR = 1e-3
+# Parameter groups (--groups): one; a group per tensor at equal options; a group per
+# tensor, the i-th at LR * LR_DECAY ** i.
+GROUPINGS = ("one", "per-tensor", "per-tensor-lr")
+LR_DECAY = 0.99
 KAPPA = 1000  # no resample within the timed steps
 NOTHING_COMPRESSED, compresses_nothing = core.NOTHING_COMPRESSED, core.compresses_nothing  # also step.<name>
 FLAT_FAMILIES = ("adamw", "adafactor", "flora", "flora-opt")  # what steps a list of tensors
@@ -142,9 +146,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ":single, :grouped, :compiled) again, as baseline:NAME; each copy builds a "
                         "name with its own defaults (flora-rR's momentum is float32 before 2026-12-02: name "
                         "flora-rR+fp32 to compare like with like)")
-    p.add_argument("--groups", choices=["one", "per-tensor"], default="one",
-                   help="parameter groups of every optimizer: one (default), or one per tensor with equal options "
-                        "(mmengine's layout; Flora steps groups of equal options together since 2026-12-05)")
+    p.add_argument("--groups", choices=list(GROUPINGS), default="one",
+                   help="parameter groups of every optimizer: one (default); per-tensor: one per tensor with equal "
+                        "options (mmengine's layout; Flora steps groups of equal options together since "
+                        "2026-12-05); per-tensor-lr: one per tensor, the i-th at lr * 0.99^i (a per-layer lr decay "
+                        "taken to the tensor; Flora steps groups that differ in lr alone together since 2026-12-05)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compiled", action="store_true",
@@ -365,11 +371,12 @@ def interleaved_times(runs, *, warmup: int, repeats: int, first: dict | None = N
 
 def build_all(names, tensors, *, seed: int, baseline=None, groups: str = "one") -> list[tuple[str, object]]:
     """(label, optimizer) pairs on the same parameters; Flora rows again from ``baseline``.
-    ``groups``: "one" parameter group, or "per-tensor" (a group per tensor, equal options:
-    mmengine's layout, a per-layer lr recipe taken to the tensor)."""
+    ``groups``: one of :data:`GROUPINGS`."""
     from . import optimizers as bo
 
     def given(ps):  # new group dicts for each optimizer (torch writes its options into them)
+        if groups == "per-tensor-lr":
+            return [{"params": [p], "lr": LR * LR_DECAY ** i} for i, p in enumerate(ps)]
         return [{"params": [p]} for p in ps] if groups == "per-tensor" else list(ps)
 
     import dataclasses
@@ -398,7 +405,7 @@ def build_all(names, tensors, *, seed: int, baseline=None, groups: str = "one") 
             opt = bo.make_optimizer(s, given(tensors), LR, kappa=KAPPA, seed=seed, scale_parameter=True,
                                     flora_options={"foreach": True})
             for g in opt.param_groups:
-                g["lr"] = torch.tensor(LR)
+                g["lr"] = torch.tensor(float(g["lr"]))
             opt._bench_step = torch.compile(opt.step, backend=COMPILE_BACKEND)
         elif variant == "compiled":  # torch's recipe: a tensor lr, torch.compile(opt.step)
             # On copies of the parameters: torch's optimizers mark what they step as static
@@ -651,7 +658,9 @@ def render(result: dict) -> str:
              + core.meta_line(m) + f" Median of {m['repeats']} steps after {m['warmup']} warm-up step(s), all "
              f"optimizers interleaved on the same gradients; lr={LR}, relative_step=False, scale_parameter=True, "
              f"kappa={KAPPA} (no resample in the timed steps)."
-             + (" A parameter group per tensor, equal options." if m.get("groups") == "per-tensor" else ""), "",
+             + {"per-tensor": " A parameter group per tensor, equal options.",
+                "per-tensor-lr": f" A parameter group per tensor, the i-th at lr * {LR_DECAY}^i."}.get(m.get("groups"), ""),
+             "",
              "Wall = elapsed time of `step()` (median, min); CPU = process CPU time of the step, all threads "
              "(median; steadier than wall time when other jobs share the cores). Ratios are of medians, to "
              f"{REFERENCE} (HF Adafactor with beta1 0.9).", ""]
