@@ -287,9 +287,8 @@ def test_baseline_rows_include_the_grouped_path(tmp_path):
         assert rows["baseline:" + name]["ops_per_step"] == rows[name]["ops_per_step"]  # the same code
 
 
-def test_groups_per_tensor_builds_every_optimizer_with_a_group_per_tensor(tmp_path, monkeypatch):
-    """``--groups per-tensor``: every optimizer (Flora, AdamW, HF Adafactor) gets one group per
-    tensor, said in the metadata and the table; Flora's state is the same as with one group."""
+def _spy_on_build_all(monkeypatch) -> list:
+    """The (label, optimizer) pairs flora-bench step builds, collected as it builds them."""
     from flora.bench import step as bstep
 
     built = []
@@ -301,6 +300,13 @@ def test_groups_per_tensor_builds_every_optimizer_with_a_group_per_tensor(tmp_pa
         return out
 
     monkeypatch.setattr(bstep, "build_all", spy)
+    return built
+
+
+def test_groups_per_tensor_builds_every_optimizer_with_a_group_per_tensor(tmp_path, monkeypatch):
+    """``--groups per-tensor``: every optimizer (Flora, AdamW, HF Adafactor) gets one group per
+    tensor, said in the metadata and the table; Flora's state is the same as with one group."""
+    built = _spy_on_build_all(monkeypatch)
     out = tmp_path / "groups"
     assert main(["step", "--size", "smoke", "--repeats", "1", "--warmup", "1", "--threads", "1", "--projection-cost",
                  "off", "--no-flora-opt", "--optimizers", "adafactor-b0.9,adamw,flora-r4", "--groups", "per-tensor",
@@ -322,14 +328,7 @@ def test_groups_per_tensor_lr_gives_each_group_its_own_lr(tmp_path, monkeypatch)
     optimizer (a per-layer lr decay taken to the tensor), said in the table."""
     from flora.bench import step as bstep
 
-    built = []
-    real = bstep.build_all
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        built.extend(out)
-        return out
-
-    monkeypatch.setattr(bstep, "build_all", spy)
+    built = _spy_on_build_all(monkeypatch)
     out = tmp_path / "lrs"
     assert main(["step", "--size", "smoke", "--repeats", "1", "--warmup", "1", "--threads", "1", "--projection-cost",
                  "off", "--no-flora-opt", "--optimizers", "adafactor-b0.9,flora-r4", "--groups", "per-tensor-lr",
