@@ -269,7 +269,7 @@ def test_the_trainer_builds_flora_from_its_class(tmp_path):
     assert all(opt.state[p]["step"] == 4 for g in opt.param_groups for p in g["params"])
 
 
-def _fused_trainer(tmp_path, *, fused=True, max_grad_norm=0.0, rank=4, interrupt_at=None):
+def _fused_trainer(tmp_path, *, fused=True, max_grad_norm=0.0, rank=4, interrupt_at=None, scaler=False):
     model = _llama()
     opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
     acc = flora.CompressedAccumulator(model, rank=rank, tau=2, optimizer=opt, fused=fused, seed=1)
@@ -278,6 +278,8 @@ def _fused_trainer(tmp_path, *, fused=True, max_grad_norm=0.0, rank=4, interrupt
                              max_steps=3, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(32), optimizers=(opt, None),
                       callbacks=[flora.AccumulatorCallback(acc)])
+    if scaler:  # what accelerate builds for fp16=True on a GPU, put where it keeps it
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
     forwards = []
     if interrupt_at is not None:
         def stop(module, inputs):
@@ -341,3 +343,17 @@ def test_the_callbacks_json_carries_every_entry_of_the_accumulators_state():
     del old["dims"]  # a checkpoint written before 'dims' was saved still loads
     flora.CompressedAccumulator(_llama(), rank=2, tau=2, seed=1, max_aspect_ratio=None).load_state_dict(
         _from_json(json.loads(json.dumps(old))))
+
+
+def test_fused_mode_takes_the_trainers_fp16_scaler(tmp_path):
+    """fp16 under the Trainer (a GPU) steps through accelerate's GradScaler; a fused
+    accumulator built before the Trainer, as documented, never saw it: each parameter
+    stepped on its scaled gradient, then the Trainer's scaler.step failed with "No inf
+    checks were recorded" (probe Z29, emulated with a CPU GradScaler). The callback hands
+    it over when training starts: fused equals normal mode, which needs nothing."""
+    normal, _ = _fused_trainer(tmp_path / "n", fused=False, rank=None, scaler=True)
+    fused, acc = _fused_trainer(tmp_path / "f", rank=None, scaler=True)
+    assert isinstance(acc.scaler, torch.amp.GradScaler)
+    for a, b in zip(normal.parameters(), fused.parameters()):
+        assert torch.equal(a, b)
+

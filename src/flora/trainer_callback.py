@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from .accumulation import CompressedAccumulator
+from .accumulation.integrations import wrapper_scaler
 from ._warn import warn
 
 __all__ = ["AccumulatorCallback", "STATE_KEY"]
@@ -90,6 +91,12 @@ class AccumulatorCallback(TrainerCallback):
                              f"gradient_accumulation_steps={steps}: the two must agree (the accumulator would close "
                              f"{'several cycles per optimizer step' if steps > acc.tau else 'every cycle short'}); "
                              f"build the accumulator with tau={steps}")
+        scaler = wrapper_scaler(kwargs.get("optimizer"))
+        if acc.fused and acc.scaler is None and scaler is not None:
+            # fp16 (a GPU): accelerate's prepared optimizer steps through its GradScaler, which an
+            # accumulator built before the Trainer (as above) never saw; fused mode steps inside
+            # backward, so without it each parameter stepped on its scaled gradient (probe Z29)
+            acc.scaler = scaler
         if acc.fused and acc.micro_step:
             # a train() interrupted mid-window and started again: the Trainer's model.zero_grad()
             # drops the window's gradients, which fused mode cannot see (normal mode does); the
