@@ -710,13 +710,17 @@ def test_gradient_checkpointing(reentrant):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("uses", ["two segments", "outside, then a segment"])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_a_layer_shared_by_reentrant_checkpoint_segments_is_refused(reentrant, fused):
+def test_a_layer_shared_by_reentrant_checkpoint_segments_is_refused(reentrant, fused, uses):
     """Reentrant checkpointing runs a backward pass per segment: a layer used in two counted
     2 micro-batches per backward. With every trainable parameter in that layer (LoRA on a
     shared block) the counts stayed in step and the cycle closed after tau / 2 backward
-    passes, silently (a probe: 2 cycles in 4 passes, tau 4). use_reentrant=False: exact."""
+    passes, silently (a probe: 2 cycles in 4 passes, tau 4). A layer used outside a segment
+    and then inside it (probe Z27) gets the segment's gradient first, from the segment's
+    own pass: it was let through, and fused mode stepped the layer after one micro-batch.
+    use_reentrant=False: exact."""
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
@@ -726,8 +730,11 @@ def test_a_layer_shared_by_reentrant_checkpoint_segments_is_refused(reentrant, f
 
     def loss(x):
         h = inp(x).requires_grad_()
-        for _ in range(2):
-            h = checkpoint(lambda t: torch.tanh(cell(t)), h, use_reentrant=reentrant)
+        for i in range(2):
+            if i == 0 and uses != "two segments":
+                h = torch.tanh(cell(h))
+            else:
+                h = checkpoint(lambda t: torch.tanh(cell(t)), h, use_reentrant=reentrant)
         return out(h).square().mean()
 
     xs = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1))
@@ -741,7 +748,7 @@ def test_a_layer_shared_by_reentrant_checkpoint_segments_is_refused(reentrant, f
     if reentrant:  # at the second segment's gradient of the first backward pass
         with pytest.raises(RuntimeError, match="second gradient within one backward pass.*use_reentrant=False"):
             loss(xs[0]).backward()
-        assert acc.cycle == 0
+        assert acc.cycle == 0 and all(torch.equal(p, b) for p, b in zip(cell.parameters(), before))
         return
     for x in xs:
         loss(x).backward()

@@ -49,6 +49,8 @@ class Cycle:
     versions: dict[int, int] = field(default_factory=dict)  # slot -> version of the .grad holding its sum
     shapes: dict[int, tuple] = field(default_factory=dict)  # slot -> its parameter's shape when its sum began
     inflight: dict[int, int] = field(default_factory=dict)  # slot -> graph task accumulating it now
+    tasks: dict[int, int] = field(default_factory=dict)  # slot -> graph task of its latest gradient
+    nested: set[int] = field(default_factory=set)  # graph tasks that ended inside another (reentrant checkpoints)
     # Set when a backward pass ended with the cycle complete for some parameters but not for
     # these (slot, count): the next backward must wait for a step, finish_cycle or zero_grad.
     overdue: list[tuple[int, int]] | None = None

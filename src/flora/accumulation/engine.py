@@ -216,14 +216,18 @@ class Engine:
                    if slot.dim is not None and not (o.fused or o.reduce) else "")
             raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
                             f"gradients here (e.g. nn.Embedding(sparse=False)){way}")
-        if count > c.backwards and not o.reduce and _reentrant_checkpoint_running():
+        task = torch._C._current_graph_task_id()
+        if count > c.backwards and not o.reduce and (c.tasks.get(k) in c.nested or _reentrant_checkpoint_running()):
             # all of a cycle's parameters used in two segments would count 2 micro-batches a
-            # pass, in step with each other: no lag to tell, the cycle closed at tau / 2 (a probe)
+            # pass, in step with each other: no lag to tell, the cycle closed at tau / 2 (a probe).
+            # The segment's own pass may also come first (the layer used outside the segment
+            # before it, in forward order): then the first came from a pass that ended inside
+            # this one (probe Z27: fused mode had stepped the layer)
             raise RuntimeError(
                 f"CompressedAccumulator(tau={o.tau}): parameter {slot.name!r} got a second gradient within one "
                 "backward pass: reentrant activation checkpointing (torch.utils.checkpoint(use_reentrant=True)) "
-                "runs a backward pass per segment, so a layer used in two segments would count as two "
-                "micro-batches. Use use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
+                "runs a backward pass per segment, so a layer used in two segments (or inside one and outside "
+                "it) would count as two micro-batches. Use use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
                 "gradient_checkpointing_kwargs={'use_reentrant': False}))")
         if o.fused and not c.fused_checked:
             # once a cycle, before its first change: a parameter unfrozen since the accumulator
@@ -276,6 +280,7 @@ class Engine:
             c.buffers.pop(k, None)
             c.done.add(k)
         c.counts[k] = count + 1
+        c.tasks[k] = task
         if c.loaded is not None:
             c.since_load.add(k)
         self.grads.seen(c, k)

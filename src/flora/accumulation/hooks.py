@@ -289,6 +289,7 @@ class Hooks:
             accumulated = self.queued.pop(task, False)
             eng.task_ended(task)
             if node is not None and self.defer(node, accumulated):
+                eng.cycle.nested.add(task)
                 return
             if accumulated:
                 with _autocast.disabled():
