@@ -102,8 +102,9 @@ def check_not_under_ddp(ids: set[int]) -> None:
         ddp = ddp_holding(ids)
         if ddp is not None:
             raise RuntimeError(
-                f"CompressedAccumulator(fused=True) on parameters of a model wrapped in {type(ddp).__name__} "
-                f"(world size {dist.get_world_size()}) after the accumulator was built: the optimizer would step "
+                f"CompressedAccumulator(fused=True) on the parameters of a module inside {type(ddp).__name__} "
+                f"(world size {dist.get_world_size()}): built on that module (accelerate's unwrap_model(), "
+                "ddp_model.module), or before the model was wrapped. The optimizer would step "
                 "inside backward on this replica's own gradient, before DDP averages it, and the replicas would "
                 "drift apart. Build the accumulator on the DDP model itself (CompressedAccumulator(ddp_model, ..., "
                 "fused=True)): it then steps each bucket on its mean over replicas. Nothing was "
@@ -118,7 +119,10 @@ NO_SYNC = ("CompressedAccumulator(tau={tau}) in normal mode on a model that {ddp
            "accumulator on the DDP model with fused=True, which needs no no_sync(). A short last cycle (fewer than "
            "tau micro-batches left): run all of it under no_sync() and close it with finish_cycle() (or the "
            "step), which averages its estimates over the replicas; a full cycle's tau-th micro-batch must "
-           "synchronise (under no_sync() nothing averages it, as in plain DDP). {nothing}")
+           "synchronise (under no_sync() nothing averages it, as in plain DDP). accelerate synchronises every "
+           "micro-batch under GradientAccumulationPlugin(sync_each_batch=True), and the first window of a run "
+           "whose dataloader gives each process fewer than tau batches (a first cycle it ends before marking any "
+           "micro-batch unsynced cannot be told from a loop without accumulate()): use fused=True there. {nothing}")
 
 
 # DDP(static_graph=True) learns the graph in its first backward, which must synchronise: one
