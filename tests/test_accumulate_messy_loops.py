@@ -214,22 +214,27 @@ def _closure_run(how, acc_kw, opt_name, windows=3, tau=3):
     """``windows`` optimizer steps of ``tau`` micro-batches: ``"plain"`` (backward each
     micro-batch, then step), ``"lightning"`` (PyTorch Lightning's accumulate_grad_batches:
     micro-batches 1 to tau-1 run the closure directly, the tau-th inside
-    ``optimizer.step(closure=closure)``), or ``"short"`` (``optimizer.step(closure)``, the
-    closure running tau-1 micro-batches: a short cycle), with an accumulator unless
-    ``acc_kw`` is None."""
+    ``optimizer.step(closure=closure)``), ``"short"`` (``optimizer.step(closure)``, the
+    closure running tau-1 micro-batches: a short cycle) or ``"short, then step"`` (the same
+    closure called, then ``optimizer.step()``), with an accumulator unless ``acc_kw`` is
+    None."""
     model = _net()
     opt = OPTIMIZERS[opt_name](list(model.parameters()))
     if acc_kw is not None:
         flora.CompressedAccumulator(model, tau=tau, seed=0, optimizer=opt, **acc_kw)
     data = iter(_data(windows * tau))
     for _ in range(windows):
-        if how == "short":
+        if how.startswith("short"):
             def closure():
                 for _ in range(tau - 1):
                     x, y = next(data)
                     (nn.functional.mse_loss(model(x), y) / tau).backward()
                 return 0.0
-            opt.step(closure)
+            if how == "short":
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
         else:
             for i in range(tau):
                 x, y = next(data)
@@ -267,9 +272,14 @@ def test_a_micro_batch_run_by_the_steps_closure_is_the_cycles_last(acc_kw, opt_n
 def test_a_short_cycle_run_inside_the_steps_closure_is_closed_after_it(fused):
     """optimizer.step(closure) whose closure runs fewer than tau micro-batches: the step's
     pre-hook closed the cycle before the closure ran, so the step saw zeros (normal mode) or
-    nothing (fused mode). Uncompressed, it now equals plain PyTorch."""
+    nothing (fused mode). Uncompressed, it now equals plain PyTorch; compressed, the same
+    closure called before step()."""
     want = _closure_run("short", None, "sgd-momentum")
     got = _closure_run("short", dict(rank=None, fused=fused), "sgd-momentum")
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    want = _closure_run("short, then step", dict(rank=4, fused=fused), "sgd-momentum")
+    got = _closure_run("short", dict(rank=4, fused=fused), "sgd-momentum")
     for a, b in zip(want, got):
         assert torch.equal(a, b)
 
