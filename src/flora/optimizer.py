@@ -56,11 +56,10 @@ def _merge_alike(found: list[tuple[dict, list]], defaults: dict) -> list[tuple[d
     """The groups' entries, those of groups whose options are all equal but a fixed lr put
     together, under the first such group: they step as one group would, in shared
     buckets, each entry keeping its own group (its lr; see ``Flora._bucket_lr``). A group
-    per parameter (mmengine's, a per-layer lr decay) had stepped in buckets of one
-    (figures: docs/results.md, "Parameter groups of equal options"); groups that differed
-    in lr alone stepped apart until 2026-12-05 (a probe: 1,000 groups with a tensor lr
-    each, 5-17x the step of one group), and groups of lrs equal for a step (0 at the
-    start of a warmup) merged for that step only."""
+    per parameter (mmengine's, a per-layer lr decay) had stepped in buckets of one, and
+    lrs equal for one step (a warmup's 0) merged for that step only (figures:
+    docs/results.md, "Parameter groups of equal options" and "... that differ in lr
+    alone")."""
     merged: dict = {}
     for group, entries in found:
         if not entries:
