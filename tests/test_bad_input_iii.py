@@ -264,3 +264,40 @@ def test_flora_state_bytes_of_valid_shapes_unchanged():
     assert flora_state_bytes([], rank=2, beta1=0.9) == 0
     model = _model()
     assert flora_state_bytes([p.shape for p in model.parameters()], rank=2, beta1=None) > 0
+
+
+def test_arguments_found_by_a_probe_of_the_public_api():
+    """(Probe Z33.) An int too large for a float passed the "finite" check and failed in the
+    step with a bare OverflowError; flora_state_bytes refused a numpy proj_dim that Flora
+    takes; decompress(size="30") failed in torch; the eps message said "non-negative" for
+    values that must be positive; an explicit relative_step was overridden, silently, by a
+    group's lr (or its lack of one)."""
+    p = nn.Parameter(torch.randn(4, 4))
+    for kw, name in ((dict(lr=10 ** 400), "lr"), (dict(lr=1e-3, weight_decay=10 ** 400), "weight_decay")):
+        with pytest.raises(ValueError, match=rf"{name} must be a finite real number .* got 100000000000\.\.\.e400"):
+            Flora([p], **kw)
+    assert flora_state_bytes([(20, 30)], rank=np.int64(4), beta1=np.float64(0.9), proj_dim=np.int64(0)) == \
+        flora_state_bytes([(20, 30)], rank=4, beta1=0.9, proj_dim=0)
+    with pytest.raises(ValueError, match=r"decompress: size must be a non-negative int .* got '30'"):
+        decompress(torch.randn(20, 8), make_projection("coordinates", 3, 8, 30), 1, size="30")
+    with pytest.raises(TypeError, match=r"eps must be a pair \(eps1, eps2\) of positive numbers"):
+        Flora([p], lr=1e-3, eps=(1e-30,))
+    with pytest.raises(ValueError, match=r"lr must be None when relative_step=True .* got 0\.001"):
+        Flora([{"params": [p], "lr": 1e-3}], lr=None, relative_step=True)
+    with pytest.raises(ValueError, match=r"lr must be a non-negative number when relative_step=False"):
+        Flora([{"params": [p], "lr": None}], lr=1e-3, relative_step=False)
+    opt = Flora([{"params": [p], "lr": 1e-3}])  # relative_step left to each group: its lr decides
+    assert opt.param_groups[0]["relative_step"] is False
+
+
+def test_a_state_of_shifted_positions_names_the_first_parameter_that_differs():
+    """(Probe Z31.) A peft model given one more, inactive adapter keeps its trainable names
+    and shapes but shifts their positions among all parameters: the refusal said only
+    "8 parameters, this accumulator 8 (or different ones)". It names the first that differs
+    and what positions count."""
+    saved = CompressedAccumulator(_model(), rank=4, tau=TAU).state_dict()
+    torch.manual_seed(0)
+    shifted = nn.Sequential(nn.Linear(12, 12).requires_grad_(False), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+    with pytest.raises(ValueError, match=r"the first that differs: '1.weight' is parameter 2 of the model here, the "
+                                         r"saved one's was parameter 0\. Positions count every parameter"):
+        CompressedAccumulator(shifted, rank=4, tau=TAU).load_state_dict(saved)

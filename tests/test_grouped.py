@@ -438,3 +438,29 @@ def test_foreach_is_validated():
 def test_tensor_lr_is_checked(bad):
     with pytest.raises(ValueError, match="lr"):
         Flora([nn.Parameter(torch.randn(3))], lr=bad)
+
+
+def test_merged_lrs_under_a_compiled_opt_step_equal_eager():
+    """torch.compile(opt.step) (torch's recipe: tensor lrs) over two groups that differ in
+    lr alone, each scheduled apart: one graph, equal to the eager step."""
+    from torch._dynamo.utils import counters
+
+    def run(traced):
+        params = _params()
+        groups = [{"params": params[0::2], "lr": torch.tensor(1e-2)}, {"params": params[1::2], "lr": torch.tensor(3e-3)}]
+        opt = Flora(groups, **{**BASE, "lr": torch.tensor(1e-2), "foreach": True})
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 0.9 ** t, lambda t: 0.8 ** t])
+        step = torch.compile(opt.step, backend="aot_eager") if traced else opt.step
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            step()
+            sched.step()
+        return params
+
+    counters.clear()
+    traced = run(True)
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(run(False), traced):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

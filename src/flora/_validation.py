@@ -75,14 +75,19 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     allowed = f"a {'finite ' if finite else ''}real number {rng}" + (" or None" if allow_none else "")
     if not _is_real(value):
         raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    try:  # an int too large for a float (10**400) is no finite number for the step either
+        as_float = float(value)
+    except OverflowError:
+        as_float = float("inf") if value > 0 else float("-inf")
     bad = (
         value != value
-        or (finite and value in (float("inf"), float("-inf")))
+        or (finite and as_float in (float("inf"), float("-inf")))
         or (low is not None and (value <= low if low_open else value < low))
         or (high is not None and (value >= high if high_open else value > high))
     )
     if bad:
-        raise ValueError(f"{name} must be {allowed}, got {value}")
+        shown = str(value)
+        raise ValueError(f"{name} must be {allowed}, got {shown if len(shown) <= 40 else shown[:12] + '...e' + str(len(shown) - 1)}")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -101,7 +101,7 @@ def _check_options(rank, beta1, options: dict) -> dict:
 
     from .compression import momentum_dtype_name
     from .optimizer import Flora
-    from .options import validate_group
+    from .options import plain_group, validate_group
 
     check_momentum_dtype(options.get("momentum_dtype"))
     group = {k: v.default for k, v in inspect.signature(Flora.__init__).parameters.items()
@@ -112,6 +112,7 @@ def _check_options(rank, beta1, options: dict) -> dict:
         group["eps"] = tuple(group["eps"])
     if group["relative_step"] is None:
         group["relative_step"] = group["lr"] is None
+    plain_group(group)  # numpy numbers as Python's, as Flora takes them
     validate_group(group)
     return group
 
@@ -179,6 +180,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
                         f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
     # compile is the optimizer's, not a group's option, and changes no state size
     group = _check_options(rank, beta1, {k: v for k, v in options.items() if k != "compile"})
+    rank, beta1 = group["rank"], group["beta1"]  # numpy numbers as Python's
     dtype = _parameter_dtype(dtype)
     total = moment = 0
     for shape in _shape_list(shapes):
@@ -186,13 +188,12 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
             raise ValueError(f"flora_state_bytes: a shape must hold non-negative integers, got {shape}")
         numel = math.prod(shape)
         if len(shape) >= 2:
-            row, col = factored_shapes(shape, options.get("factor_dims", "largest"))
+            row, col = factored_shapes(shape, group["factor_dims"])
             total += math.prod(row) + math.prod(col)
         else:
             total += numel
         if beta1 is not None:
-            dim = compressed_dim(shape, rank, proj_dim=options.get("proj_dim", "auto"),
-                                 max_aspect_ratio=options.get("max_aspect_ratio"))
+            dim = compressed_dim(shape, rank, proj_dim=group["proj_dim"], max_aspect_ratio=group["max_aspect_ratio"])
             moment += numel if dim is None else math.prod(compressed_shape(shape, rank, dim))
     # the parameters' dtype in, the state's out: half-precision parameters keep float32 state
     wide = state_dtype(dtype)

@@ -187,6 +187,8 @@ class Flora(Optimizer):
             warn("Flora(momentum=...) is renamed momentum_form=...: torch's cyclic schedulers write "
                  "a 'momentum' option of their own", FutureWarning)
             momentum_form = momentum
+        # given explicitly, it holds for every group; left None, each group's follows its lr
+        self._relative_step_given = relative_step is not None
         if relative_step is None:
             relative_step = lr is None
         defaults = dict(
@@ -339,7 +341,8 @@ class Flora(Optimizer):
             param_group["momentum_dtype"] = _momentum_dtype_name(param_group["momentum_dtype"])
         plain_group(param_group)  # numpy numbers as Python's (checkpoints hold plain values)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        if "lr" in param_group and "relative_step" not in param_group:  # the default is per group: lr is None
+        if ("lr" in param_group and "relative_step" not in param_group
+                and not getattr(self, "_relative_step_given", False)):  # the default is per group: lr is None
             merged["relative_step"] = param_group["lr"] is None
         _validate_group(merged, read_tensors=True)
         # torch also takes (name, parameter) pairs (named_parameters()): checked as the tensors

@@ -374,7 +374,7 @@ def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None =
     if c.dim() < 2:
         raise ValueError(f"decompress: c must have 2 or more dims (the compressed r x m or n x r matrix, or a "
                          f"stack of them); got shape {tuple(c.shape)}")
-    if isinstance(size, (bool, float)) or (isinstance(size, int) and size < 0):
+    if isinstance(size, (bool, float, str)) or (isinstance(size, int) and size < 0):
         raise ValueError(f"decompress: size must be a non-negative int (the projected dimension); got {size!r}")
     # c's rank against the projection's (shapes only: no sync)
     rank = a.shape[-1] if coordinates else a.shape[-2]

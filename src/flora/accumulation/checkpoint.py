@@ -156,8 +156,13 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
                                 else type(t).__name__))
     indices = [int(i) for i in sd["indices"].tolist()]
     if indices != [s.index for s in slots]:
+        k = next((k for k, (i, s) in enumerate(zip(indices, slots)) if i != s.index), min(len(indices), len(slots)))
+        first = (f"; the first that differs: {slots[k].name!r} is parameter {slots[k].index} of the model here, the "
+                 f"saved one's was parameter {indices[k]}" if k < len(indices) and k < len(slots) else "")
         raise ValueError(f"state_dict covers {len(indices)} parameters, this accumulator {len(slots)} "
-                         "(or different ones): it was saved from a different model or parameter list")
+                         f"(or different ones): it was saved from a different model or parameter list{first}. "
+                         "Positions count every parameter the accumulator was given, frozen ones included (an adapter "
+                         "added or deleted since shifts them): build it on the model as it was saved")
     changed = _layout_changes(sd.get("dims"), slots, eng.names)
     counts = [int(c) for c in sd["counts"].tolist()]
     if len(counts) != len(slots):
