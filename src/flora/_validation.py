@@ -87,7 +87,8 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     )
     if bad:
         shown = str(value)
-        raise ValueError(f"{name} must be {allowed}, got {shown if len(shown) <= 40 else shown[:12] + '...e' + str(len(shown) - 1)}")
+        shown = shown if len(shown) <= 40 else f"{shown[:12]}...e{len(shown) - 1}"  # an int of hundreds of digits
+        raise ValueError(f"{name} must be {allowed}, got {shown}")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -659,7 +659,8 @@ def render(result: dict) -> str:
              f"optimizers interleaved on the same gradients; lr={LR}, relative_step=False, scale_parameter=True, "
              f"kappa={KAPPA} (no resample in the timed steps)."
              + {"per-tensor": " A parameter group per tensor, equal options.",
-                "per-tensor-lr": f" A parameter group per tensor, the i-th at lr * {LR_DECAY}^i."}.get(m.get("groups"), ""),
+                "per-tensor-lr": f" A parameter group per tensor, the i-th at lr * {LR_DECAY}^i."
+                }.get(m.get("groups"), ""),
              "",
              "Wall = elapsed time of `step()` (median, min); CPU = process CPU time of the step, all threads "
              "(median; steadier than wall time when other jobs share the cores). Ratios are of medians, to "
