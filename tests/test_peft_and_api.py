@@ -271,3 +271,34 @@ def test_plan_and_summary_name_parameters_given_by_name():
     assert [r["name"] for r in opt.plan()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert "[0] 0.weight group 0 (16, 8): compressed" in opt.summary()
     assert [r["name"] for r in flora.Flora(model.parameters(), lr=1e-3).plan()] == [None] * 4
+
+
+def test_peft_trainable_tokens_keep_the_padding_tokens_row_still():
+    """(Probe Z31.) peft's trainable tokens keep a table of the chosen tokens' rows: with
+    fewer rows than columns "auto" projected across them, and the padding token's row (no
+    gradient) moved under the accumulator. A table holding the padding token projects its
+    columns, as an embedding with padding_idx does: rows without a gradient stay still."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=64, pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
+                                            trainable_token_indices={"embed_tokens": [0, 1, 2, 3, 4, 5]}))
+    name, delta = next((n, p) for n, p in model.named_parameters() if "trainable_tokens_delta" in n)
+    before = delta.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    acc = flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=opt)
+    assert "padding_idx" in next(r for r in acc.plan() if r["name"] == name)["reason"]
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        ids = torch.randint(6, 64, (2, 8), generator=g)
+        ids[:, 1:5] = torch.tensor([1, 2, 3, 4])
+        ids[:, -2:] = 0  # padding; token 5 never used
+        (model(input_ids=ids, labels=ids).loss / 2).backward()
+        if i % 2:
+            opt.step()
+            opt.zero_grad()
+    moved = (delta.detach() - before).abs().amax(dim=1)
+    assert moved[0] == 0 and moved[5] == 0 and bool((moved[1:5] > 0).all())

@@ -87,7 +87,7 @@ def projection_seed(base_seed: int, index: int, count: int, stream: int = MOMENT
     ``(P K)**2 / 2**33`` pairs coincide (12 of 400,000 draws in a probe): harmless to the
     estimate, which stays unbiased, and kept so that checkpoints keep their projections.
     """
-    check_seed("seed", base_seed)
+    check_seed("base_seed", base_seed)
     # stream too (before 2026-12-04 it was not checked: 1.7 and "1" gave stream 1's seeds, 2**64
     # stream 0's, a probe): its product with an odd constant mod 2**64 is a bijection of [0, 2**64)
     for name, v in (("index", index), ("count", count), ("stream", stream)):

@@ -194,14 +194,24 @@ def resolve_exclude(exclude: Iterable[Any], named, model=None) -> set[int]:
 
 def padded_tables(model) -> set[int]:
     """The ids of the weights of ``nn.Embedding`` and ``nn.EmbeddingBag`` modules with a
-    ``padding_idx``: their padding row gets no gradient and must not move. Projecting a
+    ``padding_idx`` (and of peft's trainable-token tables holding the padding token): their
+    padding row gets no gradient and must not move. Projecting a
     table's rows (``"auto"`` does where it has fewer rows than columns: a small vocabulary)
     mixes them, and the padding row's estimate was not zero (probe Z20: 5.4 where plain
     accumulation gives 0; probe Z26: 4e-3 for an EmbeddingBag, not a subclass of Embedding)."""
     if not isinstance(model, nn.Module):
         return set()
-    return {id(m.weight) for m in model.modules()
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "padding_idx", None) is not None}
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "padding_idx", None) is not None:
+            ids.add(id(m.weight))
+        # peft's trainable tokens: a table of the chosen tokens' rows over an embedding; the
+        # padding token's row among them gets no gradient (probe Z31: it moved)
+        deltas, chosen = getattr(m, "trainable_tokens_delta", None), getattr(m, "token_indices", None)
+        pad = getattr(getattr(m, "base_layer", None), "padding_idx", None)
+        if isinstance(deltas, nn.ParameterDict) and isinstance(chosen, dict) and pad is not None:
+            ids.update(id(p) for name, p in deltas.items() if pad in chosen.get(name, ()))
+    return ids
 
 
 def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, reduce: bool,
