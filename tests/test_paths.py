@@ -101,6 +101,12 @@ CONFIGS = {
     "clip_inf": dict(rank=4, beta1=0.9, clip_threshold=math.inf),
     # projections redrawn every step (the staged compiled step then keeps none between steps)
     "no_cache": dict(rank=4, beta1=0.9, cache_projections=False),
+    # two groups that differ in lr alone (``split_lr``: the second group's; see _run), one
+    # parameter of each bucket in each: a bucket steps with one lr per parameter
+    "two_lrs": dict(rank=4, beta1=0.9, split_lr=2e-2),
+    "two_lrs+scale_parameter+weight_decay": dict(rank=4, beta1=0.9, lr=0.2, split_lr=0.4, scale_parameter=True,
+                                                 weight_decay=0.1),
+    "two_tensor_lrs": dict(rank=4, beta1=0.9, lr=torch.tensor(1e-2), split_lr=torch.tensor(2e-2)),
 }
 
 
@@ -148,7 +154,7 @@ CASES = dict(
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")
        for c in ("paper-gaussian", "exact-orthonormal", "subspace-coordinates", "scaled-orthonormal",
                  "fixed-orthonormal", "floored-coordinates", "dense-momentum", "no-momentum", "bf16-momentum",
-                 "bf16-dense-momentum", "fp32-momentum")]
+                 "bf16-dense-momentum", "fp32-momentum", "two_lrs", "two_lrs+scale_parameter+weight_decay")]
     # HF's and torch's rule (the last two dims) on every layout of 3+ dims, and half precision
     + [_case(lay, "fp32", c, factor="last") for lay in MULTI_DIM
        for c in ("scaled-orthonormal", "fixed-coordinates", "paper-gaussian", "dense-momentum", "no-momentum",
@@ -221,9 +227,15 @@ def _run(path, layout, dtype, kw, bad=None, *, contiguous=False, history=False):
     foreach = {"single": False, "grouped": True, "step_parameter": True, "fused": None, "compiled": True,
                "staged": True, "compiled_single": False}[path]
     compiled = {"compile": True} if path in ("compiled", "staged", "compiled_single") else {}
+    kw = dict(kw)
+    split_lr = kw.pop("split_lr", None)
+    # split_lr: the second matrix and the second vector in a group of that lr, the others
+    # in the first (so each bucket holds parameters of both groups)
+    given = params if split_lr is None else [{"params": [params[i] for i in (0, 2, 4)]},
+                                             {"params": [params[1], params[3]], "lr": split_lr}]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Flora: a rank is set but no tensor")
-        opt = Flora(params, foreach=foreach, **{**BASE, **kw}, **compiled)
+        opt = Flora(given, foreach=foreach, **{**BASE, **kw}, **compiled)
     acc = CompressedAccumulator(params, rank=2, tau=1, optimizer=opt, fused=True) if path == "fused" else None
     snaps = []
     try:
@@ -383,6 +395,10 @@ COMPILED_CASES = dict(
        if not lay.startswith(("empty", "conv1x1", "first-", "last-")) or lay == "conv1x1-channels_last"]
     + [_case("channels_last", "fp32", c) for c in ("paper-gaussian", "subspace-orthonormal", "no-momentum")]
     + [_case(lay, "fp32", "tensor_lr_1x1") for lay in ("contiguous", "channels_last")]
+    # groups that differ in lr alone, a vector of lrs in each bucket
+    + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
+                                          ("channels_last", "fp64"))
+       for c in ("two_lrs", "two_lrs+scale_parameter+weight_decay", "two_tensor_lrs")]
     + [_case(lay, "fp32", c) for lay in ("contiguous", "channels_last") for c in ("clip_inf", "no_cache")]
     # the "fixed" form (its complement weight a constant of the graph) on a few rows of each kind
     + [_case("channels_last", "fp32", "fixed-orthonormal"), _case("transposed", "fp32", "fixed-coordinates"),
