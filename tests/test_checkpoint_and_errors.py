@@ -171,6 +171,7 @@ BAD_ARGUMENTS = [
 BAD_CONSTRUCTOR_ARGUMENTS = [
     (dict(momentum=0.9), ValueError, r"Flora has no momentum=0.9: the momentum coefficient is beta1"),  # SGD's habit
     (dict(compile="no_such_backend"), ValueError, "compile='no_such_backend' is not a torch.compile backend"),
+    (dict(compile=1.5), TypeError, r"compile must be True, False \(or None: eager\), a torch.compile backend name"),
     (dict(betas=(0.9, 0.999)), TypeError, r"Flora has no betas=\(0.9, 0.999\): .*beta1.*decay_rate"),  # AdamW's habit
 ]
 

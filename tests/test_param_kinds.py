@@ -43,19 +43,72 @@ def _train(make_opt, steps=4):
 
 @needs_grad_dtype
 @pytest.mark.parametrize("rank", [None, 4])
-def test_float32_gradients_of_bfloat16_parameters_step_alike_on_every_path(rank):
+def test_float32_gradients_of_bfloat16_parameters_step_alike_on_every_path(rank, monkeypatch):
     """``p.grad_dtype = torch.float32`` keeps a bfloat16 parameter's gradient in float32 by
     design: the step had refused it as a parameter whose data changed dtype. Every path
-    takes it and agrees; with rank=None it is HF Adafactor's step number for number."""
+    takes it and agrees; with rank=None it is HF Adafactor's step number for number. The
+    staged compiled step (every bucket staged here; by default those of 32 MiB or more)
+    had failed after the step counters moved: it looked its bucket up by an alias of the
+    parameter (probe Z34)."""
+    import flora.functional as F
+
     kw = dict(lr=1e-2, rank=rank, beta1=0.9, scale_parameter=False, relative_step=False)
     ref = _train(lambda m: Flora(m.parameters(), foreach=False, **kw))
-    for extra in (dict(foreach=True), dict(foreach=True, compile="aot_eager")):
+    for extra in (dict(foreach=True), dict(foreach=True, compile="aot_eager"), "staged"):
+        if extra == "staged":
+            monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)
+            extra = dict(foreach=True, compile="aot_eager")
         got = _train(lambda m: Flora(m.parameters(), **kw, **extra))
         assert all(torch.equal(a, b) for a, b in zip(ref, got)), extra
     if rank is None:
         hf = _train(lambda m: Adafactor(m.parameters(), lr=1e-2, beta1=0.9, scale_parameter=False,
                                         relative_step=False, warmup_init=False))
         assert all(torch.equal(a, b) for a, b in zip(ref, hf))
+
+
+@needs_grad_dtype
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True), dict(foreach=True, compile="aot_eager"),
+                                  "step_parameter"], ids=["single", "grouped", "compiled", "step_parameter"])
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float64),
+                                              (torch.float32, torch.bfloat16)])
+def test_a_gradient_dtype_flora_does_not_step_is_refused_by_name_before_any_change(path, dtype, grad_dtype):
+    """``p.grad_dtype`` other than the parameter's dtype or its state's (float32 for a
+    bfloat16 one) passed the step's checks and then failed inside the projection with
+    advice about internals, after the step counters had moved (probe Z34); with rank=None
+    it stepped in float64 on some paths. Now refused at the step, naming the parameter
+    and the dtypes allowed, with nothing changed."""
+    torch.manual_seed(0)
+    model = nn.Linear(20, 12).to(dtype)
+    model.weight.grad_dtype = grad_dtype
+    model.weight.grad = torch.randn(12, 20, dtype=grad_dtype)
+    model.bias.grad = torch.randn(12, dtype=dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    kw = {} if path == "step_parameter" else path
+    opt = Flora(model.named_parameters(), lr=1e-2, rank=4, beta1=0.9, **kw)
+    allowed = "torch.float32" if dtype == torch.float32 else "torch.bfloat16 or torch.float32"
+    with pytest.raises(TypeError, match=rf"parameter 'weight' of dtype {dtype} \(shape \(12, 20\)\) has a gradient "
+                                        rf"of dtype {grad_dtype} \(p.grad_dtype = {grad_dtype}\): Flora steps a "
+                                        rf"{dtype} parameter with gradients of dtype {allowed}"):
+        opt.step_parameter(model.weight) if path == "step_parameter" else opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not opt.state
+
+
+@needs_grad_dtype
+def test_a_bfloat16_parameter_that_takes_any_gradient_dtype_steps_with_float32_gradients():
+    """``p.grad_dtype = None`` (torch: any dtype) with a float32 gradient was refused as a
+    parameter whose data changed dtype (probe Z34); it steps as with ``grad_dtype =
+    torch.float32``."""
+    def run(declared):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(12, 20).bfloat16())
+        p.grad_dtype = declared
+        opt = Flora([p], lr=1e-2, rank=4, beta1=0.9)
+        for i in range(3):
+            p.grad = torch.randn(12, 20, generator=torch.Generator().manual_seed(i))
+            opt.step()
+        return p.detach()
+
+    assert torch.equal(run(None), run(torch.float32))
 
 
 @needs_grad_dtype

@@ -107,6 +107,9 @@ CONFIGS = {
     "two_lrs+scale_parameter+weight_decay": dict(rank=4, beta1=0.9, lr=0.2, split_lr=0.4, scale_parameter=True,
                                                  weight_decay=0.1),
     "two_tensor_lrs": dict(rank=4, beta1=0.9, lr=torch.tensor(1e-2), split_lr=torch.tensor(2e-2)),
+    # two groups of equal options under a relative step (lr None, the constructor's
+    # default): they share buckets, with no lr of their own
+    "two_groups_relative_step": dict(rank=4, beta1=0.9, lr=None, split_lr="inherit"),
 }
 
 
@@ -231,8 +234,10 @@ def _run(path, layout, dtype, kw, bad=None, *, contiguous=False, history=False):
     split_lr = kw.pop("split_lr", None)
     # split_lr: the second matrix and the second vector in a group of that lr, the others
     # in the first (so each bucket holds parameters of both groups)
+    # ("inherit": a second group of the constructor's lr)
+    second = {} if isinstance(split_lr, str) and split_lr == "inherit" else {"lr": split_lr}
     given = params if split_lr is None else [{"params": [params[i] for i in (0, 2, 4)]},
-                                             {"params": [params[1], params[3]], "lr": split_lr}]
+                                             {"params": [params[1], params[3]], **second}]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Flora: a rank is set but no tensor")
         opt = Flora(given, foreach=foreach, **{**BASE, **kw}, **compiled)
@@ -398,7 +403,7 @@ COMPILED_CASES = dict(
     # groups that differ in lr alone, a vector of lrs in each bucket
     + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
                                           ("channels_last", "fp64"))
-       for c in ("two_lrs", "two_lrs+scale_parameter+weight_decay", "two_tensor_lrs")]
+       for c in ("two_lrs", "two_lrs+scale_parameter+weight_decay", "two_tensor_lrs", "two_groups_relative_step")]
     + [_case(lay, "fp32", c) for lay in ("contiguous", "channels_last") for c in ("clip_inf", "no_cache")]
     # the "fixed" form (its complement weight a constant of the graph) on a few rows of each kind
     + [_case("channels_last", "fp32", "fixed-orthonormal"), _case("transposed", "fp32", "fixed-coordinates"),

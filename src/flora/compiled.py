@@ -185,7 +185,7 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
     x, coef, ok, lr = compiled_core("update", backend, options)(
         spec, work.params, work.steps, lr_arg(work.lr, lr_views), work.sq, work.skips, ws_g, rf, cf, new_row,
         new_col, ws_u, work.moms, cu, a, pnorms)
-    key = id(work.params[0])  # one entry per bucket, replaced when its projection is
+    key = id(work.owner)  # one entry per bucket, replaced when its projection is
     hit = transposed.get(key)
     if hit is None or hit[0] is not a:
         hit = transposed[key] = (a, a.mT)

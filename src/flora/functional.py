@@ -108,6 +108,9 @@ class Work(NamedTuple):
     skips: torch.Tensor  # int64 count of skipped updates on this device
     t: int  # the step count this step reaches (state["step"], for the eager scalars)
     compiled: bool = False  # run the compiled core
+    # the bucket's first parameter, by which the optimizer knows it (``params`` may hold
+    # aliases of the parameters: see prepare)
+    owner: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------ step counters
@@ -289,6 +292,7 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
     else:
         sq = (rows("exp_avg_sq"),)
     params, grads = list(params), [p.grad for p in params]
+    owner = params[0]
     if any(g.dtype != p.dtype for p, g in zip(params, grads)):
         # p.grad_dtype: dynamo refuses a graph input whose .grad has another dtype; an alias
         # without .grad is written in place all the same
@@ -301,7 +305,7 @@ def prepare(params: list[torch.Tensor], states: list[dict], group: dict, indices
         moms = None if moms is None else _as_vectors(moms)
         spec = spec._replace(shape=(1,))
     return Work(grouped, spec, params, grads, steps, sq, moms,
-                a, group["lr"] if lr is None else lr, skips, t, compiled)
+                a, group["lr"] if lr is None else lr, skips, t, compiled, owner)
 
 
 def _wide(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, group_names, grouped as _grouped,  # noqa: F401
-                      option_values,
+                      grad_dtype_ok, option_values,
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
                       refuse_shared_memory as _refuse_shared_memory,
@@ -204,8 +204,8 @@ class Flora(Optimizer):
         _validate_group(defaults, read_tensors=True)
         if not (compile is True or compile is False or compile is None or isinstance(compile, str)
                 or callable(compile)):
-            raise TypeError(f"compile must be True, False, a torch.compile backend name or a backend callable, "
-                            f"got {compile!r}")
+            raise TypeError(f"compile must be True, False (or None: eager), a torch.compile backend name or "
+                            f"a backend callable, got {compile!r}")
         if isinstance(compile, str) and compile != "triton":  # refused here, not at the first step's compile
             names = torch.compiler.list_backends(exclude_tags=())
             if compile not in names:
@@ -715,8 +715,9 @@ class Flora(Optimizer):
         float32 update it scales): on a CPU made from the values (reading a CPU tensor lr is
         no sync), on another device stacked from each group's device lr."""
         first = groups[0]
-        if all(g is first for g in groups) or (isinstance(first["lr"], torch.Tensor)
-                                               and all(g["lr"] is first["lr"] for g in groups)):
+        # relative-step groups merge only at one lr (_merge_alike keys them on it), a None
+        if (first.get("relative_step") or all(g is first for g in groups)
+                or (isinstance(first["lr"], torch.Tensor) and all(g["lr"] is first["lr"] for g in groups))):
             return None
         device, dtype = p0.device, state_dtype(p0.dtype)
         if device.type == "cpu":
@@ -759,9 +760,9 @@ class Flora(Optimizer):
                     if work.compiled and F.staged(work):
                         # the transposed view is kept for the next step while the projection
                         # is (cache_projections): kept otherwise, it would hold one alive
-                        kept = self._find(work.params[0], "step")[0]["cache_projections"]  # a moved one: looked up
+                        kept = self._find(work.owner, "step")[0]["cache_projections"]  # a moved one: looked up
                         if kept:
-                            staged.add(id(work.params[0]))
+                            staged.add(id(work.owner))
                         C.staged_step(work, self._compile, None, self._workspace, self._transposed if kept else {},
                                       self._lr_views, pnorms)
                     elif work.compiled and work.grouped and F.stacked_io(work.params[0]):
@@ -855,8 +856,9 @@ class Flora(Optimizer):
                 return self.step_parameter(p)
         if p.grad.is_sparse or p.grad.is_complex():
             check_grads(self.param_groups)
-        if p.grad.dtype != p.dtype or 0 in p.stride():  # refused as step() refuses them (or an expanded size 1)
-            check_grads([{**group, "params": [p]}])
+        if not grad_dtype_ok(p, p.grad) or 0 in p.stride():  # refused as step() refuses them (or an expanded size 1)
+            name = next((n for q, n in zip(group["params"], group_names(group)) if q is p), None)
+            check_grads([{**group, "params": [p], "param_names": [name]}])
         _refuse_flat_pieces(p)  # flattened after Flora was built (DeepSpeed, FSDP1): as step() refuses
         if getattr(p, "_fsdp_flattened", False) and p.dim() <= 1:  # one share cannot tell; all of them can
             _refuse_fsdp1_shards([q for g in self.param_groups for q in g["params"]])
@@ -1117,7 +1119,8 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             ``"triton"`` (an explicit opt-in, untested on this project's CPU machines)
             runs the eager step with Adafactor's factored normalisation of 2-D float32
             CUDA parameters done by the fused Triton kernels of ``flora.kernels``;
-            without triton or CUDA it warns once and steps eagerly.
+            without triton or CUDA it warns once and steps eagerly. ``False`` (the
+            default) or ``None``: eager.
 
     Step counters: ``state["step"]`` is a plain integer (checkpoints hold numbers; a
     checkpoint whose counters are tensors, torch's convention, loads too), and a 1-element

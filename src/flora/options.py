@@ -11,7 +11,7 @@ from ._validation import check_choice, check_positive_int, check_real, check_see
 from .compression import PROJ_DIMS, check_momentum_dtype, compressed_dim, dense_reason, momentum_dtype_name
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from .layout import fills_span
-from .projection import PROJECTIONS, grad_dtype
+from .projection import PROJECTIONS, state_dtype
 from . import sharded
 from .sharded import is_dtensor
 
@@ -341,6 +341,19 @@ def check_complement_weight(weight, form) -> None:
 _PLAIN_TYPES = (int, float, str, bool, type(None), tuple, torch.Tensor, torch.dtype)
 
 
+def gradient_dtypes(p: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The gradient dtypes Flora steps ``p`` with: its own, or its state's (float32 for a
+    bfloat16 or float16 parameter that keeps float32 gradients by ``p.grad_dtype``)."""
+    return p.dtype, state_dtype(p.dtype)
+
+
+def grad_dtype_ok(p: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether Flora steps ``p`` with gradient ``g``'s dtype: one of ``gradient_dtypes``, and
+    the one autograd gives ``p`` (``p.grad_dtype``; None there lets either through)."""
+    declared = getattr(p, "grad_dtype", p.dtype)
+    return g.dtype in gradient_dtypes(p) and (declared is None or g.dtype == declared)
+
+
 def refuse_grad(p: torch.Tensor, g: torch.Tensor, name: str | None) -> None:
     """The refusal of a gradient (or a parameter's layout) Flora cannot step, naming the
     parameter."""
@@ -354,7 +367,13 @@ def refuse_grad(p: torch.Tensor, g: torch.Tensor, name: str | None) -> None:
     if not (g.is_floating_point() and p.is_floating_point()):  # (frozen integer ones, with no grad, pass)
         raise TypeError(f"Flora steps floating-point parameters; got {who} of dtype {p.dtype} with a gradient "
                         f"of dtype {g.dtype} (shape {shape})")
-    if g.dtype != grad_dtype(p):  # p.data = p.data.double() after backward: torch refuses p.grad = g
+    declared = getattr(p, "grad_dtype", p.dtype)  # torch's p.grad_dtype; None: any dtype
+    if g.dtype not in gradient_dtypes(p) and (declared is None or declared == g.dtype):
+        allowed = " or ".join(str(d) for d in dict.fromkeys(gradient_dtypes(p)))
+        raise TypeError(f"{who} of dtype {p.dtype} (shape {shape}) has a gradient of dtype {g.dtype} "
+                        f"(p.grad_dtype = {declared}): Flora steps a {p.dtype} parameter with gradients of "
+                        f"dtype {allowed}; set p.grad_dtype to one of them")
+    if not grad_dtype_ok(p, g):  # p.data = p.data.double() after backward: torch refuses p.grad = g
         raise TypeError(f"{who} of dtype {p.dtype} (shape {shape}) has a gradient of dtype {g.dtype}: its data "
                         "was changed to another dtype after backward (p.data = ...). Zero the gradients after "
                         "changing a parameter's dtype (or use module.to(dtype), which casts .grad too)")
@@ -430,7 +449,7 @@ def check_grads(param_groups, state=None, validated: dict | None = None) -> None
             if g is None:
                 continue
             if (g.is_sparse or not g.is_floating_point() or not p.is_floating_point()
-                    or g.dtype != grad_dtype(p)
+                    or not grad_dtype_ok(p, g)
                     or (not p.is_contiguous() and overlaps_itself(p))):
                 names = names or group_names(group)
                 refuse_grad(p, g, names[i])
