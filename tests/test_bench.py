@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -754,9 +755,12 @@ def test_comm_rows_whose_flora_rank_compresses_nothing_are_marked():
     # a plan at ranks that compress nothing leaves out PowerSGD (no bytes to match) instead of dividing by zero
     import argparse
 
+    # and runs the accumulator at the largest rank that compresses something (acc-r64 sent dense)
     a = argparse.Namespace(configs=None, ranks=(8, 64), optimizers=["adamw"], lrs=[(1e-3,)])
-    assert [r.config for r in comm.plan(a, shapes)] == ["ddp", "hook-r8", "hook-r64", "acc-r64",
+    assert [r.config for r in comm.plan(a, shapes)] == ["ddp", "hook-r8", "hook-r64", "acc-r8",
                                                         f"powersgd-r{comm.powersgd_rank(shapes, 8)}"]
+    a.ranks = (64,)
+    assert [r.config for r in comm.plan(a, shapes)] == ["ddp", "hook-r64", "acc-r64"]
     base = {"status": "ok", "lr": 1e-3, "allreduces_per_step": 1, "bytes_per_step": 1000.0,
             "expected_bytes_per_step": 1000, "val_loss": 2.0, "test_loss": 2.0, "median_step_s": 0.1, "rank": None,
             "matches": None}
@@ -930,6 +934,20 @@ def test_every_subcommand_refuses_a_folder_it_cannot_make_or_write(argv, tmp_pat
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert f"--{argv[1][2:]}: " in err and words in err, err
+    assert not (locked / "a").exists()
+    # a folder whose check passes but where nothing can be written (os.access says yes to
+    # root, also under /proc: the run started, then failed at its first write; a probe)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: True)
+    root = os.geteuid() == 0
+    if not root:
+        locked.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["/proc/flora_bench_x" if root else str(locked / "a" / "b")])
+    finally:
+        locked.chmod(0o700)
+    assert e.value.code == 2
+    assert f"--{argv[1][2:]}: " in (err := capsys.readouterr().err) and "cannot be written" in err, err
     assert not (locked / "a").exists()
 
 
@@ -1216,6 +1234,66 @@ def test_a_flora_that_compresses_nothing_is_marked_and_its_goal_not_judged():
     md = report.markdown(_chosen(runs), {"pretrain": "loss"}, {"size": "smoke", "command": "x"})
     assert "| flora-r32 (compresses nothing) |" in md and "met" not in md.split("## Goal check")[1]
     assert RunResult.from_dict(runs[3].to_dict()).compresses_nothing is True
+
+
+def test_comm_goals_leave_out_a_hook_that_compresses_nothing():
+    """A hook at a rank at or above every projected dim sends what DDP sends; the goal
+    'within 1% of plain DDP' was judged on it, 'met' (a probe: hook-r64 at +0.00% while
+    hook-r8, which compressed, was +1.32%), and so was its bytes goal. Now those rows are
+    'not judged' and the DDP goal takes the largest rank that compresses."""
+    from flora.bench import comm
+
+    shapes = [(256, 32), (32, 32), (64, 32), (32, 64), (32,)]
+    base = {"status": "ok", "optimizer": "adamw", "val_loss": 5.0, "rank": None, "matches": None,
+            "bytes_per_step": 115300.0, "expected_bytes_per_step": None}
+    rows = [{**base, "config": "ddp", "test_loss": 5.0},
+            {**base, "config": "hook-r8", "rank": 8, "test_loss": 5.066, "bytes_per_step": 30000.0,
+             "expected_bytes_per_step": 30000},
+            {**base, "config": "hook-r64", "rank": 64, "test_loss": 5.0, "expected_bytes_per_step": 115300},
+            {**base, "config": "acc-r64", "rank": 64, "test_loss": 5.0, "expected_bytes_per_step": 115300}]
+    for r in rows:
+        r["compresses_nothing"] = comm.uncompressed_notes(r, shapes)
+    lines = comm.goals(rows)
+    assert "- adamw, hook-r64: not judged, it compresses nothing at this model's widths (sends dense gradients)" in lines
+    assert "- adamw, acc-r64: not judged, it compresses nothing at this model's widths (sends dense gradients)" in lines
+    ddp = [x for x in lines if "of plain DDP" in x]
+    assert ddp == ["- adamw, hook-r8 within 1% of plain DDP: 5.0660 vs 5.0000 (+1.32%): MISSED"], lines
+    assert not any("hook-r64" in x and ("met" in x or "MISSED" in x) for x in lines)
+
+
+@pytest.mark.parametrize("lrs, words", [("0", "--lrs adamw: lrs must be finite and above 0, got 0"),
+                                        ("inf/1e-2", "--lrs adamw: lrs must be finite and above 0"),
+                                        ("-1e-3", "--lrs adamw: lrs must be finite and above 0"),
+                                        ("3e-3/0.003", "--lrs adamw: '0.003' given more than once")])
+def test_comm_lrs_are_checked_as_trains(lrs, words, capsys):
+    """flora-bench comm took an lr of 0 (AdamW trained nothing, and the DDP goal was 'met'
+    between two untrained models), inf, a negative one (failing inside every run) and an
+    lr given twice (run twice; a probe). They are refused as train's --lrs are."""
+    with pytest.raises(SystemExit) as e:
+        main(["comm", "--size", "smoke", "--optimizers", "adamw", f"--lrs={lrs}"])
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_sigterm_ends_a_run_as_ctrl_c_does(monkeypatch, tmp_path, capsys):
+    """``kill`` (SIGTERM) had ended flora-bench with a broken-pipe traceback from a run
+    process and no word on resuming (a probe); now the runs in flight are interrupted and
+    one line says what was kept and how to resume, exit code 143."""
+    import signal
+
+    from flora.bench.__main__ import _module
+
+    def run(*a):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("not stopped")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(_module("train"), "run", run)
+    assert main(["train", "--size", "smoke", "--out", str(tmp_path / "out")]) == 143
+    err = capsys.readouterr().err
+    assert "flora-bench train: stopped by SIGTERM. The runs that had finished are in the output folder" in err
+    assert "--resume OUT/results.json" in err and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_comm_equal_bytes_goal_says_powersgds_dense_warm_up():

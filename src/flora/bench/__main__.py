@@ -44,7 +44,8 @@ def parser_for(name: str) -> argparse.ArgumentParser:
 
 def _unusable_folder(path) -> str | None:
     """Why no folder can be made at, or written to, ``path``; None when one can. Nothing is
-    created: the nearest part of the path that exists must be a folder this user may write."""
+    left behind: the nearest part of the path that exists must be a folder this user may
+    write, and a file must be writable there (the missing folders are made and removed)."""
     import os
 
     try:
@@ -60,6 +61,31 @@ def _unusable_folder(path) -> str | None:
             return f"{what} that this user cannot write to; give a folder that can be written"
     except OSError as e:  # a part of the path that cannot even be looked at
         return f"cannot be used ({e.strerror or e}); give a folder that can be written"
+    return _write_fails(path, there)
+
+
+def _write_fails(path, there) -> str | None:
+    """Why a file cannot be written in ``path`` (made, then removed again, up from the
+    existing ``there``), or None. os.access says yes to root everywhere, also under /proc
+    (a probe: a run started and failed at its first write)."""
+    import tempfile
+
+    made = []
+    try:
+        for part in reversed([path, *path.parents]):
+            if part.is_relative_to(there) and part != there and not part.exists():
+                part.mkdir()
+                made.append(part)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"cannot be written ({e.strerror or e}); give a folder that can be written"
+    finally:
+        for part in reversed(made):
+            try:
+                part.rmdir()
+            except OSError:
+                pass
     return None
 
 
@@ -100,6 +126,7 @@ def main(argv=None) -> int:
     _check_folders(p, args)
     _module(name).check(p, args)
     core.offline_env()
+    stop = _stop_on_sigterm()
     try:
         with core.quiet():
             return _module(name).run(args, argv)
@@ -109,8 +136,34 @@ def main(argv=None) -> int:
                 "suite": "The runs that had finished are in the output folder; the same command with `--resume` "
                          "continues it.",
                 "accum-memory": "The measurements that had finished are in the output folder's results.json."}
-        print(f"\nflora-bench {name}: interrupted. {kept.get(name, 'Nothing was written.')}", file=sys.stderr)
-        return 130
+        print(f"\nflora-bench {name}: {stop['by']}. {kept.get(name, 'Nothing was written.')}", file=sys.stderr)
+        return stop["code"]
+    finally:
+        stop["restore"]()
+
+
+def _stop_on_sigterm() -> dict:
+    """A SIGTERM (``kill``, a job scheduler's stop) ends a run as Ctrl-C does: the runs in
+    flight are interrupted, what finished is kept, one line says how to resume (it had
+    ended with a traceback of a broken pipe, and no such line: a probe). Exit code 143 for
+    it, 130 for Ctrl-C."""
+    import signal
+    import threading
+
+    stop = {"by": "interrupted", "code": 130, "restore": lambda: None}
+    if threading.current_thread() is not threading.main_thread():  # (signal handlers: main thread only)
+        return stop
+
+    def on_term(signum, frame):
+        from .runner import interrupt_runs
+
+        stop.update(by="stopped by SIGTERM", code=143)
+        interrupt_runs()
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    stop["restore"] = lambda: signal.signal(signal.SIGTERM, old)
+    return stop
 
 
 if __name__ == "__main__":

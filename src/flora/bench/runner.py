@@ -186,6 +186,19 @@ _PRELOAD = ["flora.bench._preload", "flora.bench.runner", "flora.bench.tasks", "
             "galore_torch", "apollo_torch", "flora_opt"]
 
 
+_LIVE: set = set()  # the run processes alive now
+
+
+def interrupt_runs() -> None:
+    """Pass a SIGINT to every run process alive, as Ctrl-C does through the process group
+    (a SIGTERM reaches the parent alone)."""
+    import signal
+
+    for proc in list(_LIVE):
+        with contextlib.suppress(OSError, TypeError):
+            os.kill(proc.pid, signal.SIGINT)
+
+
 class Runner:
     """Runs a job in place (``isolate=False``) or in a process of its own: a fresh child of
     a fork server on the CPU, a fresh interpreter on CUDA (some imports initialise CUDA,
@@ -211,13 +224,16 @@ class Runner:
         proc = self.ctx.Process(target=_child, args=(fn, job, child))
         with core.environ(self.env):
             proc.start()
+        _LIVE.add(proc)
         child.close()
         res = None
         try:
             res = parent.recv()
         except EOFError:
             pass
-        proc.join()
+        finally:
+            proc.join()
+            _LIVE.discard(proc)
         return on_crash(proc.exitcode) if res is None else res
 
 

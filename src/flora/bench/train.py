@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extend-lr", type=int, default=None, metavar="N",
                    help="while an optimizer's best lr (mean over seeds) is the lowest or highest of its grid, run "
                         "the next lr beyond it (x3 or /3 on the 1-3-10 grids), at most N times; a row still on the "
-                        "edge is marked (default: the size's, 2 for quick, 0 for smoke and full, or the preset's)")
+                        "edge is marked; a grid of one lr has no edge and is not extended (default: the size's, 2 "
+                        "for quick, 0 for smoke and full, or the preset's)")
     p.add_argument("--scale-parameter", action="store_true",
                    help="Adafactor, Flora, flora-opt and LoRA's Adafactor with scale_parameter=True (HF's default: "
                         "lr relative to each parameter's RMS) instead of the bench's False")
@@ -535,9 +536,13 @@ def _extend(job, pending, runs, grids, record) -> list:
         # grid's edge until --resume has run it again
         core.say(f"  {job.task}:{job.optimizer}: a run failed; its lr grid is not extended (--resume reruns it)")
         return []
+    label = f"{job.task}:{job.optimizer}"
+    if len({r.lr for r in mine if r.lr == r.lr}) < 2:  # said, not silently skipped (a probe)
+        core.say(f"  {label}: one lr tried, so its grid has no edge to extend (--extend-lr needs two or more: "
+                 "--lr-points 2+ or --lrs KEY=A/B)")
+        return []
     row = report.choose(mine, _metrics([job.task]))[0]
     lr, capped = extension(row, grids[key], job.cfg.extend_lr)
-    label = f"{job.task}:{job.optimizer}"
     if capped and label not in record["capped"]:
         record["capped"].append(label)
     if lr is None:
