@@ -151,6 +151,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
             )
     groups = [upgrade_group(dict(g)) for g in groups]
     id_to_param: dict[Any, tuple[torch.Tensor, dict]] = {}
+    renamed = []  # groups whose saved names are not this optimizer's: said after the load
+    live_names = [g.get("param_names") for g in opt.param_groups]
     for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups)):
         if len(saved["params"]) != len(mine["params"]):
             raise ValueError(
@@ -168,6 +170,17 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                 f"({moved}): each state would load into another parameter. Build the group with its "
                 "parameters in the checkpoint's order"
             )
+        if names_saved and names_mine and sorted(names_saved) != sorted(names_mine):
+            at = {n: i for i, n in enumerate(names_saved)}
+            clash = next(((n, at[n], i) for i, n in enumerate(names_mine) if at.get(n, i) != i), None)
+            if clash is not None:
+                raise ValueError(
+                    f"state_dict lists {clash[0]!r} at position {clash[1]} of group {gi}, where this optimizer "
+                    f"has it at position {clash[2]}: each state would load into another parameter (the "
+                    "checkpoint's parameters are not this optimizer's). Build the group with the checkpoint's "
+                    "parameters, in its order")
+            renamed.append(next(f"group {gi}: {a!r} where this optimizer has {b!r}"
+                                for a, b in zip(names_saved, names_mine) if a != b))
         if saved["rank"] != mine["rank"] and from_hf[gi]:
             raise ValueError(
                 f"state_dict was saved by transformers' Adafactor (parameter group {gi}), whose state is "
@@ -228,6 +241,9 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     opt._device_steps.clear()
     opt._stacks.clear()
     opt._lr_tensors.clear()
+    for group, names in zip(opt.param_groups, live_names):
+        if names:  # the names of the tensors held (torch's load puts the checkpoint's in)
+            group["param_names"] = names
     for group in opt.param_groups:  # options added since the state was saved
         upgrade_group(group)
         for k, v in opt.defaults.items():
@@ -252,6 +268,10 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         hook(opt)
     # warnings last: under warnings-as-errors the load is complete (torch's base load shares
     # the checkpoint's tensors until the pass above copies them)
+    if renamed:
+        warn(f"Flora.load_state_dict: the checkpoint names other parameters than this optimizer holds "
+             f"({'; '.join(renamed)}); their states were loaded by position, as torch does. If these are "
+             "not the same tensors renamed, build the optimizer on the checkpoint's parameters", UserWarning)
     if changed:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
                          for gi, k, old, new in changed)

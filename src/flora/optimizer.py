@@ -22,7 +22,7 @@ from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, group_names, grouped as _grouped,  # noqa: F401
-                      grad_dtype_ok, option_values,
+                      grad_dtype_ok, label, option_values,
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
                       refuse_shared_memory as _refuse_shared_memory,
@@ -250,6 +250,7 @@ class Flora(Optimizer):
         self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _FOREIGN_KEYS if k in g}
         self._warned_recompiles = False
         self._warned_no_grads = False  # a first step with no gradient at all: said once
+        self._lists_checked = None  # the groups' lists (ids, lengths) last found free of repeats
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
         # (group sizes, id(param) -> (param, group, index)): step_parameter's lookup
@@ -549,7 +550,33 @@ class Flora(Optimizer):
             plain_group(group)
             _check_foreign_keys(group, self._foreign_warned)
         check_grads(self.param_groups, self.state)
+        self._refuse_repeats()
         self._check_layouts("step", saving=False)
+        for group in self.param_groups:  # resized since its last step: refused here, not mid-backward
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and self._shapes_checked.get(id(p)) != (p.shape, p.dtype):
+                    check_not_resized(p, state, group)
+
+    def _refuse_repeats(self) -> None:
+        """A parameter in two groups' lists (or twice in one), put there by editing a list in
+        place (``add_param_group`` refuses it), is refused by name: the paths had stepped it
+        twice, or once with a counter for two (a probe). Checked when a list changes."""
+        groups = self.param_groups
+        key = tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
+        if key == self._lists_checked:
+            return
+        seen: dict[int, int] = {}
+        for gi, group in enumerate(groups):
+            for p, name in zip(group["params"], group_names(group)):
+                if id(p) in seen:
+                    where = (f"in parameter group {seen[id(p)]} and in group {gi}" if seen[id(p)] != gi
+                             else f"twice in parameter group {gi}")
+                    raise ValueError(f"{label(p, name)} is {where} of this optimizer: it would be stepped twice a "
+                                     "step. Keep each parameter in one group, once (add_param_group refuses a "
+                                     "repeat; this one was added to a group's list in place)")
+                seen[id(p)] = gi
+        self._lists_checked = key
 
     def _check_state_fits(self, p: torch.Tensor, group: dict, seen: tuple | None) -> None:
         """``seen``: the group's layout options at its last step (None: not known)."""
@@ -581,6 +608,7 @@ class Flora(Optimizer):
             if group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
                 _check_foreign_keys(group, self._foreign_warned)
         check_grads(self.param_groups, self.state, self._groups_validated)
+        self._refuse_repeats()
         self._check_options_fit_state()
         sharded.check_options_agree(self.param_groups, self._options_checked, keys=ALGORITHM_KEYS)
         # the rows that left a stack last step get their copies; a state dropped since (fewer

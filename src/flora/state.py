@@ -115,7 +115,7 @@ def check_not_resized(p: torch.Tensor, s: dict, group: dict) -> None:
         have = row.numel() * s["exp_avg_sq_col"].shape[-1]
     if have != p.numel():
         raise ValueError(
-            f"a parameter of shape {tuple(p.shape)} ({p.numel()} values) has a state made for {have} values: it was "
+            f"{_called(p, group)} ({p.numel()} values) has a state made for {have} values: it was "
             "resized after its first step (for example by resize_token_embeddings, or p.data = ...). Resize it "
             f"before building the optimizer, {_DROP}")
     wrong = _shape_mismatch(p, s, group)
@@ -125,7 +125,7 @@ def check_not_resized(p: torch.Tensor, s: dict, group: dict) -> None:
             _refuse_old_stack_view(tuple(p.shape), got, want)
         need = f"this shape needs {want}" if want is not None else "this shape has no such entry"
         raise ValueError(
-            f"a parameter of shape {tuple(p.shape)} has a state made for another shape of as many values (its "
+            f"{_called(p, group)} has a state made for another shape of as many values (its "
             f"{k!r} is {got}, {need}): it was reshaped after its first step (p.data = "
             f"p.data.reshape(...), say). Reshape it before building the optimizer, {_DROP}")
 
@@ -168,14 +168,24 @@ def _shape_mismatch(p: torch.Tensor, s: dict, group: dict) -> tuple[str, tuple, 
     return None
 
 
+def _called(p: torch.Tensor, group: dict) -> str:
+    """How a refusal names ``p``: by its name where the group holds ``param_names`` (looked up
+    on the way to an error only), else by shape."""
+    return _which(tuple(p.shape), _name_of(p, group))
+
+
+def _name_of(p: torch.Tensor, group: dict) -> str | None:
+    """``p``'s name where the group holds ``param_names`` (built from named_parameters())."""
+    for q, n in zip(group["params"], group.get("param_names") or ()):
+        if q is p:
+            return n
+    return None
+
+
 def _param_name(p: torch.Tensor, group: dict) -> str:
-    """``'name' `` where the group holds ``param_names`` (built from named_parameters()), else ''."""
-    names = group.get("param_names")
-    if names:
-        for q, n in zip(group["params"], names):
-            if q is p:
-                return f"{n!r} "
-    return ""
+    """``'name' `` where the group holds ``param_names``, else ''."""
+    name = _name_of(p, group)
+    return "" if name is None else f"{name!r} "
 
 
 def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | None = None) -> None:
@@ -192,8 +202,8 @@ def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | 
                 (sharded.momentum_dim if is_dtensor(p) else momentum_dim)(tuple(p.shape), group) is not None:
             raise ValueError(
                 f"rank={group['rank']!r}, proj_dim={group['proj_dim']!r} and max_aspect_ratio="
-                f"{group['max_aspect_ratio']!r} would compress the momentum of a parameter of shape "
-                f"{tuple(p.shape)}, which holds it dense (made when these options left it uncompressed): set them "
+                f"{group['max_aspect_ratio']!r} would compress the momentum of {_called(p, group)}, which holds it "
+                f"dense (made when these options left it uncompressed): set them "
                 f"back, {_DROP}")
         return
     shape, dim, rank = tuple(p.shape), s["proj_dim"], group["rank"]
@@ -201,12 +211,12 @@ def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | 
     old = have[0] if dim == 0 else have[1]
     if rank is None or have != tuple(compressed_shape(shape, rank, dim)):
         raise ValueError(
-            f"rank={rank!r} does not fit the compressed momentum of a parameter of shape {shape} ({have}, made "
+            f"rank={rank!r} does not fit the compressed momentum of {_called(p, group)} ({have}, made "
             f"with rank={old}). Set rank back to {old}, {_DROP}")
     if group["beta1"] is not None and momentum_dim(shape, group) != dim:
         raise ValueError(
             f"proj_dim={group['proj_dim']!r} and max_aspect_ratio={group['max_aspect_ratio']!r} do not fit the "
-            f"compressed momentum of a parameter of shape {shape} ({have}, projecting dim {dim}): set them back, "
+            f"compressed momentum of {_called(p, group)} ({have}, projecting dim {dim}): set them back, "
             + _DROP)
     for name, (was, now) in (edited or {}).items():
         # its group's option edited, or the parameter moved into a group of another one: the

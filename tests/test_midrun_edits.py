@@ -1,0 +1,140 @@
+"""Edits users make to a model or an optimizer between steps (probe Z36, 2026-12-05): a
+parameter resized under fused accumulation, a parameter put into two groups' lists, a
+checkpoint of other parameters, and refusals that name the parameter."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from flora import CompressedAccumulator, Flora
+
+PATHS = [dict(foreach=False), dict(foreach=True), dict(compile="aot_eager")]
+PATH_IDS = ["single", "grouped", "compiled"]
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 8))
+
+
+def _cycle(model, opt, c, width=16, tau=2):
+    for k in range(tau):
+        g = torch.Generator().manual_seed(10 * c + k)
+        x, y = torch.randn(8, width, generator=g), torch.randn(8, 8, generator=g)
+        (nn.functional.mse_loss(model(x), y) / tau).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_fused_accumulation_refuses_a_resized_parameter_before_the_cycle_steps_anything(path):
+    """A parameter resized between cycles (``p.data = ...``, resize_token_embeddings) was
+    refused only when its own gradient arrived, after the parameters whose gradients came
+    first had stepped (5 of 6 here); ``check_options``, which fused mode calls before a
+    cycle's first step, now checks sizes as ``step()`` does. The message names the
+    parameter, and dropping its state lets training go on."""
+    model = _mlp()
+    opt = Flora(model.named_parameters(), lr=1e-2, scale_parameter=False, rank=4, beta1=0.9, **path)
+    CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True)
+    for c in range(2):
+        _cycle(model, opt, c)
+    w = model[0].weight
+    w.data = torch.cat([w.data, torch.zeros(32, 4)], 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"parameter '0.weight', of shape \(32, 20\) \(640 values\) has a state made "
+                                         r"for 512 values: it was resized after its first step"):
+        _cycle(model, opt, 2, width=20)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    opt.state.pop(w)
+    model.zero_grad()
+    _cycle(model, opt, 3, width=20)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_a_parameter_put_in_two_groups_lists_is_refused_by_name(path):
+    """``add_param_group`` refuses a parameter already held; appended to a group's list in
+    place, it was stepped twice a step on two paths and once (with a counter for two) on
+    the compiled one, silently (a probe). Now refused before any change, naming it."""
+    model = _mlp()
+    groups = [{"params": list(model[0].parameters()), "param_names": ["0.weight", "0.bias"]},
+              {"params": list(model[2].parameters()) + list(model[4].parameters()),
+               "param_names": ["2.weight", "2.bias", "4.weight", "4.bias"]}]
+    opt = Flora(groups, lr=1e-2, scale_parameter=False, rank=4, beta1=0.9, **path)
+    _cycle(model, opt, 0, tau=1)
+    opt.param_groups[1]["params"].append(model[0].weight)
+    opt.param_groups[1]["param_names"].append("0.weight")
+    model(torch.randn(4, 16)).square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"parameter '0.weight' \(shape \(32, 16\)\) is in parameter group 0 and in "
+                                         r"group 1 of this optimizer: it would be stepped twice a step"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.param_groups[1]["params"].pop()
+    opt.param_groups[1]["param_names"].pop()
+    opt.step()  # checked again once the list changes
+    opt.param_groups[0]["params"].append(model[0].bias)
+    with pytest.raises(ValueError, match=r"a parameter of shape \(32,\) is twice in parameter group 0"):
+        opt.step()
+
+
+def _named_opt(layers, **kw):
+    named = [(f"{k}.{n}", p) for k, layer in layers.items() for n, p in layer.named_parameters()]
+    return Flora(named, lr=1e-2, scale_parameter=False, rank=4, beta1=0.9, **kw)
+
+
+def _train(opt, layers, steps=2):
+    for i in range(steps):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(i))
+        sum(layer(x).square().mean() for layer in layers.values()).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_checkpoint_of_other_parameters_is_refused_or_said_and_the_live_names_stay():
+    """Phase 1 trained layers a and b; phase 2's optimizer holds b and c (same shapes). Its
+    load put a's state into b and b's into c silently (AdamW does the same), and the saved
+    names replaced the live ones, so plan() and summary() named a. Now a name held at
+    another position is refused; names that differ only (a renamed model) load by position
+    with a warning, and the optimizer keeps the names of the tensors it holds."""
+    torch.manual_seed(0)
+    a, b, c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+    first = _named_opt({"a": a, "b": b})
+    _train(first, {"a": a, "b": b})
+    second = _named_opt({"b": b, "c": c})
+    with pytest.raises(ValueError, match=r"state_dict lists 'b.weight' at position 2 of group 0, where this optimizer "
+                                         r"has it at position 0: each state would load into another parameter"):
+        second.load_state_dict(first.state_dict())
+    assert not second.state
+    renamed = _named_opt({"x": a, "y": b})  # the same tensors under other names
+    with pytest.warns(UserWarning, match=r"the checkpoint names other parameters than this optimizer holds \(group 0: "
+                                         r"'a.weight' where this optimizer has 'x.weight'\); their states were loaded "
+                                         r"by position"):
+        renamed.load_state_dict(first.state_dict())
+    assert renamed.param_groups[0]["param_names"] == ["x.weight", "x.bias", "y.weight", "y.bias"]
+    assert torch.equal(renamed.state[a.weight]["exp_avg_c"], first.state[a.weight]["exp_avg_c"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _named_opt({"a": a, "b": b}).load_state_dict(first.state_dict())  # the same names: nothing said
+
+
+def test_refusals_of_a_rank_edit_and_a_resize_name_the_parameter():
+    """The seed-edit refusal named the parameter; the rank-edit and resize ones gave a
+    shape only, which many tensors of a model share (a probe)."""
+    model = _mlp()
+    opt = Flora(model.named_parameters(), lr=1e-2, scale_parameter=False, rank=4, beta1=0.9)
+    _cycle(model, opt, 0, tau=1)
+    opt.param_groups[0]["rank"] = 2
+    model(torch.randn(4, 16)).square().mean().backward()
+    with pytest.raises(ValueError, match=r"rank=2 does not fit the compressed momentum of parameter '0.weight', of "
+                                         r"shape \(32, 16\)"):
+        opt.step()
+    opt.param_groups[0]["rank"] = 4
+    opt.zero_grad()
+    model[2].weight.data = torch.zeros(24, 40)
+    model[2].weight.grad = torch.zeros(24, 40)
+    with pytest.raises(ValueError, match=r"parameter '2.weight', of shape \(24, 40\) \(960 values\) has a state made "
+                                         r"for 768 values"):
+        opt.step()
