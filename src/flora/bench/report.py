@@ -312,7 +312,9 @@ def make_plots(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: di
                     if len(line.get_ydata()) > 10 and line.get_linestyle() != "None"]
             top = max(ends) if ends else max(lows)
             ax.set_ylim(min(lows) - 0.02 * (top - min(lows)) - 1e-3, top)
-        ax.set_title(f"{task}: train loss (line), val loss (dots)", fontsize=9)
+        seeds = {r.seed for r in runs if r.task == task}
+        first = f", the first of {len(seeds)} seeds" if len(seeds) > 1 else ""  # the row's run (a probe)
+        ax.set_title(f"{task}: train loss (line), val loss (dots){first}", fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
