@@ -138,3 +138,149 @@ def test_refusals_of_a_rank_edit_and_a_resize_name_the_parameter():
     with pytest.raises(ValueError, match=r"parameter '2.weight', of shape \(24, 40\) \(960 values\) has a state made "
                                          r"for 768 values"):
         opt.step()
+
+
+# ------------------------------------------------- the accumulator with other optimizers (probe Z37)
+
+
+def _small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)) for _ in range(n)]
+
+
+class _GroupCounted(torch.optim.SGD):
+    """SGD whose step size depends on a count kept per group and advanced by every step()
+    call, as Schedule-Free's ``k`` and ``weight_sum``."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            g["k"] = g.get("k", 0) + 1
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-g["lr"] / g["k"])
+
+
+def test_fused_mode_refuses_an_optimizer_that_counts_steps_per_group():
+    """Fused mode calls step() once per parameter; a count kept per group advanced once per
+    parameter, silently (Schedule-Free: k 15 where plain has 3). Refused at the first fused
+    step, naming the value; normal mode equals plain accumulation."""
+    m = _small()
+    opt = _GroupCounted(m.parameters(), lr=0.1)
+    CompressedAccumulator(m, rank=None, tau=2, optimizer=opt, fused=True)
+    x, y = _batches(1)[0]
+    nn.functional.mse_loss(m(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"fused=True: _GroupCounted.step\(\) changed parameter group 0's 'k' \(a "
+                                           r"value kept per group, not per parameter\)"):
+        nn.functional.mse_loss(m(x), y).backward()
+
+    def run(accumulate):
+        m = _small()
+        opt = _GroupCounted(m.parameters(), lr=0.1)
+        if accumulate:
+            CompressedAccumulator(m, rank=None, tau=2, optimizer=opt)
+        for i, (x, y) in enumerate(_batches(6)):
+            (nn.functional.mse_loss(m(x), y) / 2).backward()
+            if i % 2:
+                opt.step()
+                opt.zero_grad()
+        return [p.detach() for p in m.parameters()], opt.param_groups[0]["k"]
+
+    (plain, k), (acc, k_acc) = run(False), run(True)
+    assert k == k_acc == 3 and all(torch.equal(a, b) for a, b in zip(plain, acc))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adagrad", "sgd"])
+def test_fused_mode_with_a_scaler_and_a_fused_kernel_optimizer_steps_a_short_cycle(name):
+    """``scaler.step(opt)`` closing a short cycle with AdamW(fused=True) or
+    Adagrad(fused=True) failed after the first parameter had stepped: the accumulator's
+    found-inf flags had shape [1], and those kernels subtract them from 0-dim step counts
+    (a probe). The flags are 0-dim now, as GradScaler's; the step equals plain's."""
+    make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True),
+            "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, fused=True),
+            "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True)}[name]
+
+    def run(fused):
+        m = _small()
+        opt = make(m.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        if fused:
+            CompressedAccumulator(m, rank=None, tau=3, optimizer=opt, fused=True, scaler=scaler)
+        for x, y in _batches(2):  # 2 of tau=3
+            scaler.scale(nn.functional.mse_loss(m(x), y) / 3).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        return [p.detach() for p in m.parameters()]
+
+    plain, fused = run(False), run(True)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(plain, fused))
+    assert all(not torch.equal(a, b) for a, b in zip(fused, _small().parameters()))
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_a_step_under_inference_mode_closes_a_short_cycle(rank):
+    """``opt.step()`` under ``torch.inference_mode()`` (plain PyTorch trains so) closing a
+    short cycle failed at rank 4 in normal mode: the estimate written into ``.grad`` was an
+    inference tensor, which has no version counter (a probe). The cycle now closes outside
+    inference mode; at rank=None it equals plain accumulation to the bit."""
+    def run(accumulate):
+        m = _small()
+        opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+        if accumulate:
+            CompressedAccumulator(m, rank=rank, tau=3, optimizer=opt)
+        for i, (x, y) in enumerate(_batches(8)):
+            (nn.functional.mse_loss(m(x), y) / 3).backward()
+            if (i + 1) % 3 == 0 or i % 4 == 3:  # cycles of 3 and a short one at each 4th batch
+                with torch.inference_mode():
+                    opt.step()
+                opt.zero_grad()
+        return [p.detach() for p in m.parameters()]
+
+    plain, acc = run(False), run(True)
+    if rank is None:
+        assert all(torch.equal(a, b) for a, b in zip(plain, acc))
+    assert all(torch.isfinite(p).all() for p in acc)
+
+
+def test_fused_mode_refuses_an_optimizer_whose_step_needs_a_closure():
+    """LBFGS was accepted in fused mode and failed inside every backward that ends a cycle
+    ('step() missing 1 required positional argument: closure'; a probe)."""
+    m = _small()
+    with pytest.raises(ValueError, match=r"fused=True: LBFGS.step\(\) needs a closure"):
+        CompressedAccumulator(m, rank=4, tau=2, optimizer=torch.optim.LBFGS(m.parameters()), fused=True)
+
+
+@pytest.mark.parametrize("zeroed", [False, True])
+def test_an_estimate_left_in_grad_into_the_next_cycle_is_warned_once(zeroed):
+    """A parameter the stepping optimizer does not hold (a probe of a linear head over a
+    backbone left trainable) keeps the cycle's estimate in ``.grad``; the next backward
+    adds to it and the sum is compressed again, so its error compounds (relative 1.4 after
+    one cycle, 17 after four, 750 after eight). Said once, naming the parameter; nothing
+    is said where the loop zeroes every gradient (``model.zero_grad()``), or zeroes them in
+    place (``set_to_none=False``)."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(8, 8), nn.Linear(8, 4)
+    model = nn.Sequential(body, nn.Tanh(), head)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    CompressedAccumulator(model, rank=2, tau=2, optimizer=opt)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i, (x, _) in enumerate(_batches(8)):
+            (model(x).square().mean() / 2).backward()
+            if i % 2:
+                opt.step()
+                if zeroed:
+                    model.zero_grad(set_to_none=i % 4 == 1)
+                else:
+                    opt.zero_grad()
+    said = [str(w.message) for w in seen if "still holds the last cycle's estimate" in str(w.message)]
+    if zeroed:
+        assert not said
+    else:
+        assert len(said) == 1 and said[0].startswith("CompressedAccumulator: the .grad of '0.weight' still holds")

@@ -159,6 +159,8 @@ class Engine:
             # of backward passes (its tau-th is the last for every parameter, accumulate)
             self.sweep()
         self.check_cycle_open(k)
+        if not self.cycle.counts[k] and self.grads.written:
+            self.grads.stale_estimate(k, self.names[k])
         self.grads.take(self.cycle, k)
         self.cycle.inflight[k] = task
 
@@ -343,6 +345,8 @@ class Engine:
         if self.opts.fused and c.sq_norm is not None:
             self.last_grad_norm = c.sq_norm.sqrt()
         self.grads.release(c)  # never left behind (every path writes the estimates first)
+        if not self.opts.reduce:
+            self.grads.remember_estimates(c)
         self.cycle = c.next()
 
     def sweep(self) -> None:
@@ -363,7 +367,13 @@ class Engine:
 
     @torch.no_grad()
     def finish(self) -> int:
-        """``finish_cycle()``: close the open cycle now."""
+        """``finish_cycle()``: close the open cycle now. Outside inference mode, also when
+        the step that closes it runs under ``torch.inference_mode()`` (a probe): the
+        estimates it writes into ``.grad`` are then ordinary tensors, whose versions show a
+        later ``zero_grad(set_to_none=False)``."""
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self.finish()
         with self.lock:
             k = self.micro_step()
             if k == 0:

@@ -24,7 +24,23 @@ from .estimator import Slot
 __all__ = ["FusedStepper", "check_fused_optimizer", "patch_zero_grad", "unpatch_zero_grad"]
 
 
+def _needs_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` takes a required closure (LBFGS): fused mode calls
+    ``step()`` without one, inside backward."""
+    import inspect
+
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
 def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
+    if _needs_closure(optimizer):  # it had failed inside every backward that ends a cycle (a probe)
+        raise ValueError(f"fused=True: {type(optimizer).__name__}.step() needs a closure (it re-evaluates the "
+                         "loss), which a step taken inside backward cannot give; use the accumulator in normal mode "
+                         "(fused=False) and call optimizer.step(closure) at each cycle's end")
     # Stepping the whole optimizer for one parameter is only right if every other
     # parameter it holds has no gradient, i.e. if this accumulator frees them all.
     mine = {id(s.param) for s in slots}
@@ -68,6 +84,35 @@ def _foreign_hooks(opt: Optimizer) -> bool:
     return any(not (getattr(f, "__module__", None) or "").startswith("flora.") for d in dicts for f in d.values())
 
 
+def _group_values(opt: Optimizer) -> list[dict]:
+    """Each group's values but its parameters, as a step may change them: a tensor by its
+    identity and version, anything else by value."""
+    return [{k: (id(v), v._version) if isinstance(v, torch.Tensor) else v for k, v in g.items()
+             if k not in ("params", "param_names")} for g in opt.param_groups]
+
+
+def _refuse_group_counters(opt: Optimizer, before: list[dict]) -> None:
+    """An optimizer whose ``step()`` changes a group's values (a step counter per group, as
+    Schedule-Free's ``k`` and ``weight_sum``) would advance them once per parameter in
+    fused mode, which steps it once per parameter (a probe: Schedule-Free's ``k`` reached
+    15 where plain accumulation has 3, weights 5e-2 off, silently). Refused at its first
+    fused steps (the second, for a value the first step made), naming the value."""
+    for gi, (g, was) in enumerate(zip(opt.param_groups, before)):
+        for k, v in was.items():
+            now = g.get(k, v)
+            now = (id(now), now._version) if isinstance(now, torch.Tensor) else now
+            try:
+                same = bool(now == v)
+            except Exception:  # a value that does not compare to a bool: not a counter
+                same = True
+            if not same:
+                raise RuntimeError(
+                    f"fused=True: {type(opt).__name__}.step() changed parameter group {gi}'s {k!r} (a value kept "
+                    "per group, not per parameter), and fused mode calls step() once per parameter: it would "
+                    "advance once per parameter a cycle. Use the accumulator in normal mode (fused=False) with "
+                    "this optimizer")
+
+
 class FusedStepper:
     """Steps one parameter whose accumulated gradient is in ``.grad``, then frees it.
     ``opts`` is read at every step (``max_grad_norm`` may change between cycles)."""
@@ -76,6 +121,7 @@ class FusedStepper:
         self.optimizer, self.opts = optimizer, opts
         self.inside = False  # in the optimizer's step() for one parameter: its step hooks must not act
         self._where: dict | None = None  # id(parameter) -> (group index, position): see _narrow
+        self._groups_checked = 0  # steps seen to leave the groups' values alone (two: a value made lazily)
 
     def check_options(self, c: Cycle) -> None:
         """flora.Flora's options, every group's, before the cycle's first step (and before
@@ -129,6 +175,7 @@ class FusedStepper:
             # the scheduler warns that it stepped before the optimizer.
             opt._opt_called = True
         elif params:
+            before = None if self._groups_checked >= 2 else _group_values(opt)  # the whole list, not narrowed
             self.inside = True
             narrowed = self._narrow(opt, params)
             try:
@@ -139,6 +186,9 @@ class FusedStepper:
                     for g, full in narrowed[1]:
                         g["params"] = full
                 self.inside = False
+            if before is not None:
+                _refuse_group_counters(opt, before)
+                self._groups_checked += 1
 
     def _narrow(self, opt: Optimizer, params: list[torch.Tensor]):
         """torch's own optimizers find the parameters with a gradient by scanning every
@@ -253,7 +303,7 @@ class FusedStepper:
                                "scaler.scale(loss).backward()")
         record_ = scaler._per_optimizer_states[id(self.optimizer)]
         record_["stage"] = OptState.UNSCALED  # so that scaler.step() does not unscale (nothing) again
-        found = torch.zeros(1, dtype=torch.float32, device=g.device)
+        found = torch.zeros((), dtype=torch.float32, device=g.device)  # 0-dim, as GradScaler's own flags
         inv_scale = scaler._scale.double().reciprocal().float().to(g.device)
         torch._amp_foreach_non_finite_check_and_unscale_([g], found, inv_scale)
         if record:
@@ -276,12 +326,17 @@ class FusedStepper:
         if record["stage"] is OptState.READY:
             record["stage"] = OptState.UNSCALED
         if not record["found_inf_per_device"]:
-            record["found_inf_per_device"][device] = torch.zeros(1, dtype=torch.float32, device=device)
+            record["found_inf_per_device"][device] = torch.zeros((), dtype=torch.float32, device=device)
 
     def record_found(self, found: torch.Tensor, device) -> None:
+        """Add ``found`` to the flag ``scaler.step``/``update`` read: 0-dim, as GradScaler makes
+        its own (fused AdamW and Adagrad subtract it from their 0-dim step counters, and a
+        1-element flag failed to broadcast there after the first parameter had stepped: a
+        probe)."""
         record = self.opts.scaler._per_optimizer_states[id(self.optimizer)]
         seen = record["found_inf_per_device"].get(device)
-        record["found_inf_per_device"][device] = found.reshape(1) if seen is None else seen.add_(found.reshape(1))
+        found = found.reshape(())
+        record["found_inf_per_device"][device] = found if seen is None else seen.add_(found)
 
 
 def patch_zero_grad(optimizer: Optimizer, engine) -> tuple:
