@@ -97,8 +97,9 @@ def test_a_checkpoint_of_other_parameters_is_refused_or_said_and_the_live_names_
     """Phase 1 trained layers a and b; phase 2's optimizer holds b and c (same shapes). Its
     load put a's state into b and b's into c silently (AdamW does the same), and the saved
     names replaced the live ones, so plan() and summary() named a. Now a name held at
-    another position is refused; names that differ only (a renamed model) load by position
-    with a warning, and the optimizer keeps the names of the tensors it holds."""
+    another position is refused; names that differ otherwise (a renamed model) load in
+    order with a warning (not under a wrapper's prefix: below), and the optimizer keeps the
+    names of the tensors it holds."""
     torch.manual_seed(0)
     a, b, c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
     first = _named_opt({"a": a, "b": b})
@@ -110,8 +111,8 @@ def test_a_checkpoint_of_other_parameters_is_refused_or_said_and_the_live_names_
     assert not second.state
     renamed = _named_opt({"x": a, "y": b})  # the same tensors under other names
     with pytest.warns(UserWarning, match=r"the checkpoint names other parameters than this optimizer holds \(group 0: "
-                                         r"'a.weight' where this optimizer has 'x.weight'\); their states were loaded "
-                                         r"by position"):
+                                         r"'a.weight' where this optimizer has 'x.weight'\); their states were given to "
+                                         r"this optimizer's parameters in its order"):
         renamed.load_state_dict(first.state_dict())
     assert renamed.param_groups[0]["param_names"] == ["x.weight", "x.bias", "y.weight", "y.bias"]
     assert torch.equal(renamed.state[a.weight]["exp_avg_c"], first.state[a.weight]["exp_avg_c"])
@@ -284,3 +285,44 @@ def test_an_estimate_left_in_grad_into_the_next_cycle_is_warned_once(zeroed):
         assert not said
     else:
         assert len(said) == 1 and said[0].startswith("CompressedAccumulator: the .grad of '0.weight' still holds")
+
+
+def test_fused_mode_leaves_alone_a_frozen_parameter_emptied_after_it_had_state():
+    """The size check fused mode runs before a cycle (above) had also refused a parameter
+    frozen and then emptied to save memory (``p.data = torch.empty(0)``), which ``step()``
+    never steps again (probe Z39: a regression of that check)."""
+    model = _mlp()
+    opt = Flora(model.named_parameters(), lr=1e-2, scale_parameter=False, rank=4, beta1=0.9)
+    CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True)
+    _cycle(model, opt, 0)
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    frozen.data = torch.empty(0)
+    model[0].bias.requires_grad_(False)
+    before = model[4].weight.detach().clone()
+    for c in range(1, 3):
+        for k in range(2):
+            g = torch.Generator().manual_seed(10 * c + k)
+            h = torch.randn(8, 32, generator=g)
+            (model[4](model[3](model[2](h))).square().mean() / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(model[4].weight, before)
+
+
+def test_names_that_differ_by_a_wrappers_prefix_load_silently():
+    """The same tensors saved under a plain model's names and loaded under a wrapper's
+    (``torch.compile``'s ``_orig_mod.``, DDP's ``module.``; DCP between DDP and FSDP2) were
+    warned of as other parameters (probe Z39)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    first = Flora(model.named_parameters(), lr=1e-2, rank=4, beta1=0.9)
+    model(torch.randn(2, 8)).sum().backward()
+    first.step()
+    for prefix in ("_orig_mod.", "module."):
+        named = [(prefix + n, p) for n, p in model.named_parameters()]
+        again = Flora(named, lr=1e-2, rank=4, beta1=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again.load_state_dict(first.state_dict())
+        assert again.param_groups[0]["param_names"] == [prefix + "0.weight", prefix + "0.bias"]

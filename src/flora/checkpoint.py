@@ -102,6 +102,13 @@ def _said_if_written_in_place(error: ValueError, opt, states: dict, id_to_param:
                       "build the optimizer afresh, before stepping")
 
 
+def _same_under_a_wrapper(a: str, b: str) -> bool:
+    """Whether two parameter names differ by a wrapper's prefix only (``module.`` of DDP,
+    ``_orig_mod.`` of torch.compile, a peft or FSDP wrapper): one ends with ``"." +`` the
+    other (a probe: the same tensors, saved plain and loaded compiled, were warned of)."""
+    return a == b or a.endswith("." + b) or b.endswith("." + a)
+
+
 def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     """Load after checking that the state comes from a Flora of the same rank and that
     every saved state tensor fits this optimizer's parameters. Each state tensor takes the
@@ -179,8 +186,9 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                     f"has it at position {clash[2]}: each state would load into another parameter (the "
                     "checkpoint's parameters are not this optimizer's). Build the group with the checkpoint's "
                     "parameters, in its order")
-            renamed.append(next(f"group {gi}: {a!r} where this optimizer has {b!r}"
-                                for a, b in zip(names_saved, names_mine) if a != b))
+            if not all(_same_under_a_wrapper(a, b) for a, b in zip(names_saved, names_mine)):
+                renamed.append(next(f"group {gi}: {a!r} where this optimizer has {b!r}"
+                                    for a, b in zip(names_saved, names_mine) if not _same_under_a_wrapper(a, b)))
         if saved["rank"] != mine["rank"] and from_hf[gi]:
             raise ValueError(
                 f"state_dict was saved by transformers' Adafactor (parameter group {gi}), whose state is "
@@ -270,8 +278,9 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     # the checkpoint's tensors until the pass above copies them)
     if renamed:
         warn(f"Flora.load_state_dict: the checkpoint names other parameters than this optimizer holds "
-             f"({'; '.join(renamed)}); their states were loaded by position, as torch does. If these are "
-             "not the same tensors renamed, build the optimizer on the checkpoint's parameters", UserWarning)
+             f"({'; '.join(renamed)}); their states were given to this optimizer's parameters in its order, "
+             "as torch's optimizers do. If these are not the same tensors renamed, build the optimizer on the "
+             "checkpoint's parameters", UserWarning)
     if changed:
         said = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" (group {gi})" if len(groups) > 1 else "")
                          for gi, k, old, new in changed)

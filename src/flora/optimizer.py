@@ -553,9 +553,9 @@ class Flora(Optimizer):
         self._refuse_repeats()
         self._check_layouts("step", saving=False)
         for group in self.param_groups:  # resized since its last step: refused here, not mid-backward
-            for p in group["params"]:
+            for p in group["params"]:  # (a frozen one is not stepped: emptied to save memory, say)
                 state = self.state.get(p)
-                if state and self._shapes_checked.get(id(p)) != (p.shape, p.dtype):
+                if state and p.requires_grad and self._shapes_checked.get(id(p)) != (p.shape, p.dtype):
                     check_not_resized(p, state, group)
 
     def _refuse_repeats(self) -> None:
