@@ -111,8 +111,8 @@ def test_a_checkpoint_of_other_parameters_is_refused_or_said_and_the_live_names_
     assert not second.state
     renamed = _named_opt({"x": a, "y": b})  # the same tensors under other names
     with pytest.warns(UserWarning, match=r"the checkpoint names other parameters than this optimizer holds \(group 0: "
-                                         r"'a.weight' where this optimizer has 'x.weight'\); their states were given to "
-                                         r"this optimizer's parameters in its order"):
+                                         r"'a.weight' where this optimizer has 'x.weight'\); their states were "
+                                         r"given to this optimizer's parameters in its order"):
         renamed.load_state_dict(first.state_dict())
     assert renamed.param_groups[0]["param_names"] == ["x.weight", "x.bias", "y.weight", "y.bias"]
     assert torch.equal(renamed.state[a.weight]["exp_avg_c"], first.state[a.weight]["exp_avg_c"])

@@ -110,6 +110,9 @@ CONFIGS = {
     # two groups of equal options under a relative step (lr None, the constructor's
     # default): they share buckets, with no lr of their own
     "two_groups_relative_step": dict(rank=4, beta1=0.9, lr=None, split_lr="inherit"),
+    # half-precision parameters that keep float32 gradients (p.grad_dtype; compiled cores
+    # are handed aliases of them, the staged step looks its bucket up by its first parameter)
+    "grad_fp32": dict(rank=4, beta1=0.9, grad_dtype=torch.float32),
 }
 
 
@@ -146,7 +149,10 @@ def _case(layout, dtype, config, rank=None, bad=None, factor=None):
 
 CASES = dict(
     # every layout by every form and projection (and the dense and option paths), float32
-    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS if c not in ("clip_inf", "no_cache")]
+    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS if c not in ("clip_inf", "no_cache", "grad_fp32")]
+    # float32 gradients of half-precision parameters
+    + [_case(lay, dt, "grad_fp32") for dt in ("bf16", "fp16")
+       for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")]
     # no clipping, no projection cache: options of the scalars and the prelude, not of the
     # layout, on a few rows
     + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"),
@@ -226,11 +232,15 @@ def _run(path, layout, dtype, kw, bad=None, *, contiguous=False, history=False):
     Returns the initial and final parameters, the optimizer, and (``history``) a
     snapshot of parameters and states after each step."""
     params = _params(layout, dtype, contiguous)
+    for p in params:
+        if "grad_dtype" in kw:
+            p.grad_dtype = kw["grad_dtype"]
     initial = [p.detach().clone() for p in params]
     foreach = {"single": False, "grouped": True, "step_parameter": True, "fused": None, "compiled": True,
                "staged": True, "compiled_single": False}[path]
     compiled = {"compile": True} if path in ("compiled", "staged", "compiled_single") else {}
     kw = dict(kw)
+    kw.pop("grad_dtype", None)  # (set on the parameters above)
     split_lr = kw.pop("split_lr", None)
     # split_lr: the second matrix and the second vector in a group of that lr, the others
     # in the first (so each bucket holds parameters of both groups)
@@ -394,6 +404,7 @@ COMPILED_CASES = dict(
     + [_case("first-largest-3d", "fp32", "scaled-orthonormal"),
        _case("channels_last", "fp32", "scaled-orthonormal", factor="last")]
     + [_case(lay, dt, "scaled-orthonormal") for dt in ("bf16", "fp16") for lay in ("contiguous", "channels_last")]
+    + [_case(lay, "bf16", "grad_fp32") for lay in ("contiguous", "channels_last")]
     # float64 (issue 18: its compiled counters once lost their increments) on every layout
     # the fp32 rows use, and on a permuted 1x1 kernel
     + [_case(lay, "fp64", "scaled-orthonormal") for lay in LAYOUTS
