@@ -22,7 +22,7 @@ from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, group_names, grouped as _grouped,  # noqa: F401
-                      grad_dtype_ok, label, option_values,
+                      grad_dtype_ok, label, name_in, option_values,
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
                       refuse_shared_memory as _refuse_shared_memory,
@@ -885,8 +885,7 @@ class Flora(Optimizer):
         if p.grad.is_sparse or p.grad.is_complex():
             check_grads(self.param_groups)
         if not grad_dtype_ok(p, p.grad) or 0 in p.stride():  # refused as step() refuses them (or an expanded size 1)
-            name = next((n for q, n in zip(group["params"], group_names(group)) if q is p), None)
-            check_grads([{**group, "params": [p], "param_names": [name]}])
+            check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}])
         _refuse_flat_pieces(p)  # flattened after Flora was built (DeepSpeed, FSDP1): as step() refuses
         if getattr(p, "_fsdp_flattened", False) and p.dim() <= 1:  # one share cannot tell; all of them can
             _refuse_fsdp1_shards([q for g in self.param_groups for q in g["params"]])

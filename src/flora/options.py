@@ -426,6 +426,12 @@ def group_names(group: dict) -> list:
     return list(names) if isinstance(names, (list, tuple)) and len(names) == len(params) else [None] * len(params)
 
 
+def name_in(group: dict, p: torch.Tensor) -> str | None:
+    """``p``'s name in ``group`` (see :func:`group_names`), or None: a scan of the group,
+    for error messages."""
+    return next((n for q, n in zip(group["params"], group_names(group)) if q is p), None)
+
+
 def check_grads(param_groups, state=None, validated: dict | None = None) -> None:
     """Before any change: every group's options and every gradient Flora can step
     (``state``, the optimizer's: a relative step's lr of 0 is also checked). ``validated``:

@@ -10,7 +10,7 @@ import torch
 from . import sharded
 from .adafactor import factored_shapes
 from .compression import momentum_storage
-from .options import momentum_dim
+from .options import momentum_dim, name_in
 from .projection import compressed_shape, is_stack, one_matrix, state_dtype
 from .sharded import is_dtensor
 
@@ -171,20 +171,12 @@ def _shape_mismatch(p: torch.Tensor, s: dict, group: dict) -> tuple[str, tuple, 
 def _called(p: torch.Tensor, group: dict) -> str:
     """How a refusal names ``p``: by its name where the group holds ``param_names`` (looked up
     on the way to an error only), else by shape."""
-    return _which(tuple(p.shape), _name_of(p, group))
-
-
-def _name_of(p: torch.Tensor, group: dict) -> str | None:
-    """``p``'s name where the group holds ``param_names`` (built from named_parameters())."""
-    for q, n in zip(group["params"], group.get("param_names") or ()):
-        if q is p:
-            return n
-    return None
+    return _which(tuple(p.shape), name_in(group, p))
 
 
 def _param_name(p: torch.Tensor, group: dict) -> str:
     """``'name' `` where the group holds ``param_names``, else ''."""
-    name = _name_of(p, group)
+    name = name_in(group, p)
     return "" if name is None else f"{name!r} "
 
 
