@@ -28,6 +28,29 @@ def _cycle(model, opt, c, width=16, tau=2):
     opt.zero_grad()
 
 
+def _refused_resize_under_fused(make, refusal):
+    """Two fused cycles, then the first layer's weight widened by 4 columns: the next
+    cycle is refused with ``refusal`` before anything moves; with the weight's state
+    dropped, training goes on (and moves the weight)."""
+    model = _mlp()
+    opt = make(model)
+    CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True)
+    for c in range(2):
+        _cycle(model, opt, c)
+    w = model[0].weight
+    w.data = torch.cat([w.data, torch.zeros(32, 4)], 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=refusal.format(name=type(opt).__name__)):
+        _cycle(model, opt, 2, width=20)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    opt.state.pop(w)
+    model.zero_grad()
+    for c in (3, 4):
+        _cycle(model, opt, c, width=20)
+    assert not torch.equal(w.detach()[:, :16], before["0.weight"][:, :16])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_fused_accumulation_refuses_a_resized_parameter_before_the_cycle_steps_anything(path):
     """A parameter resized between cycles (``p.data = ...``, resize_token_embeddings) was
@@ -35,22 +58,41 @@ def test_fused_accumulation_refuses_a_resized_parameter_before_the_cycle_steps_a
     first had stepped (5 of 6 here); ``check_options``, which fused mode calls before a
     cycle's first step, now checks sizes as ``step()`` does. The message names the
     parameter, and dropping its state lets training go on."""
+    _refused_resize_under_fused(
+        lambda m: Flora(m.named_parameters(), lr=1e-2, scale_parameter=False, rank=4, beta1=0.9, **path),
+        r"parameter '0.weight', of shape \(32, 20\) \(640 values\) has a state made for 512 values: it was resized "
+        r"after its first step")
+
+
+OTHER_OPTIMIZERS = {
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
+    "adamw-single": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False),
+    "sgd-momentum": lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9),
+    "adafactor": lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("make", OTHER_OPTIMIZERS.values(), ids=OTHER_OPTIMIZERS.keys())
+def test_fused_accumulation_with_another_optimizer_refuses_a_resized_parameter_before_any_step(make):
+    """The same with torch's optimizers (session 38): the resized parameter's step failed
+    with torch's size error after the parameters whose gradients came first had stepped
+    (AdamW: every parameter moved, the resized one by its weight decay)."""
+    _refused_resize_under_fused(make, r"parameter '0.weight' has shape \(32, 20\), but {name} holds a state made for "
+                                      r"shape \(32, 16\): it was resized after its last step")
+
+
+def test_fused_accumulation_takes_a_resize_where_the_state_fits_any_shape():
+    """An optimizer whose state for the parameter fits any shape (plain SGD keeps none)
+    is not refused: the resized parameter steps."""
     model = _mlp()
-    opt = Flora(model.named_parameters(), lr=1e-2, scale_parameter=False, rank=4, beta1=0.9, **path)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True)
-    for c in range(2):
-        _cycle(model, opt, c)
+    _cycle(model, opt, 0)
     w = model[0].weight
     w.data = torch.cat([w.data, torch.zeros(32, 4)], 1)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"parameter '0.weight', of shape \(32, 20\) \(640 values\) has a state made "
-                                         r"for 512 values: it was resized after its first step"):
-        _cycle(model, opt, 2, width=20)
-    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
-    opt.state.pop(w)
-    model.zero_grad()
-    _cycle(model, opt, 3, width=20)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before = w.detach().clone()
+    _cycle(model, opt, 1, width=20)
+    assert not torch.equal(w.detach(), before)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)

@@ -49,7 +49,7 @@ class Engine:
         self.accelerate = AccelerateWatch()  # whether accelerate's sync flag is live, not a leftover
         self.sharded = {k for k, s in enumerate(slots) if is_dtensor(s.param)}  # FSDP2: no tensor hooks
         self.grads = GradView(slots, opts.fused, self.sharded)
-        self.stepper = FusedStepper(optimizer, opts) if opts.fused else None
+        self.stepper = FusedStepper(optimizer, opts, {id(s.param): s.name for s in slots}) if opts.fused else None
         # Fused mode under FSDP2: a unit's parameters step together (units.py).
         self.units = Units(fsdp_units(model, slots, self.sharded)) if opts.fused and self.sharded else None
         self.ddp_steps = None  # fused mode under DDP: its communication hook steps the buckets (ddp.py)

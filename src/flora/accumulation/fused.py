@@ -117,8 +117,13 @@ class FusedStepper:
     """Steps one parameter whose accumulated gradient is in ``.grad``, then frees it.
     ``opts`` is read at every step (``max_grad_norm`` may change between cycles)."""
 
-    def __init__(self, optimizer: Optimizer, opts):
+    def __init__(self, optimizer: Optimizer, opts, names: dict[int, str] | None = None):
         self.optimizer, self.opts = optimizer, opts
+        self.names = names or {}  # id(parameter) -> its name, for messages
+        # Another optimizer's parameters, each with its shape when it last stepped: one
+        # resized since would fail inside its own step, after others had stepped (see
+        # _refuse_resized). flora.Flora checks this itself (check_options).
+        self._stepped_shapes: dict[int, tuple] = {}  # id -> (weak reference, shape)
         self.inside = False  # in the optimizer's step() for one parameter: its step hooks must not act
         self._where: dict | None = None  # id(parameter) -> (group index, position): see _narrow
         self._groups_checked = 0  # steps seen to leave the groups' values alone (two: a value made lazily)
@@ -132,9 +137,29 @@ class FusedStepper:
             if isinstance(self.optimizer, Flora):
                 self.optimizer.check_options()
             else:  # where each parameter sits, for _narrow: once a cycle
+                self._refuse_resized()
                 self._where = {id(p): (gi, j) for gi, g in enumerate(self.optimizer.param_groups)
                                for j, p in enumerate(g["params"])}
             c.options_checked = True
+
+    def _refuse_resized(self) -> None:
+        """A parameter resized since its last step (``p.data = ...``,
+        ``resize_token_embeddings``) whose state this optimizer still holds (a tensor of
+        1+ dims; a step counter fits any shape): its step would
+        fail on the state's old shape with torch's size error, after the parameters whose
+        gradients came first had stepped (a probe: AdamW, 3 of 4 parameters moved, the
+        resized one's weight decay applied). Refused before the cycle steps anything."""
+        state = self.optimizer.state
+        for ref, was in list(self._stepped_shapes.values()):
+            p = ref()
+            if p is not None and tuple(p.shape) != was and any(
+                    isinstance(v, torch.Tensor) and v.dim() > 0 for v in state.get(p, {}).values()):
+                name = self.names.get(id(p), f"of shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"fused=True: parameter {name!r} has shape {tuple(p.shape)}, but "
+                    f"{type(self.optimizer).__name__} holds a state made for shape {was}: it was resized after its "
+                    "last step, and its step would fail after other parameters had stepped. Drop its state "
+                    "(optimizer.state.pop(p)) to start it afresh, or rebuild the optimizer after resizing")
 
     def step(self, p: torch.Tensor, c: Cycle) -> None:
         self.check_options(c)
@@ -186,6 +211,8 @@ class FusedStepper:
                     for g, full in narrowed[1]:
                         g["params"] = full
                 self.inside = False
+            for p in params:
+                self._stepped_shapes[id(p)] = (weakref.ref(p), tuple(p.shape))
             if before is not None:
                 _refuse_group_counters(opt, before)
                 self._groups_checked += 1
