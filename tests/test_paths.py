@@ -113,6 +113,10 @@ CONFIGS = {
     # half-precision parameters that keep float32 gradients (p.grad_dtype; compiled cores
     # are handed aliases of them, the staged step looks its bucket up by its first parameter)
     "grad_fp32": dict(rank=4, beta1=0.9, grad_dtype=torch.float32),
+    # float64 gradients of +-2.7e153: every statistic and a 12 x 20 matrix's row means are
+    # finite, but the sum of its row and column statistics (32 x 7.3e306) is not; the
+    # grouped finite check had summed them, and skipped every step
+    "huge_grads": dict(rank=4, beta1=0.9, grad_scale=2.7e153),
 }
 
 
@@ -149,7 +153,9 @@ def _case(layout, dtype, config, rank=None, bad=None, factor=None):
 
 CASES = dict(
     # every layout by every form and projection (and the dense and option paths), float32
-    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS if c not in ("clip_inf", "no_cache", "grad_fp32")]
+    [_case(lay, "fp32", c) for lay in LAYOUTS for c in CONFIGS
+     if c not in ("clip_inf", "no_cache", "grad_fp32", "huge_grads")]
+    + [_case(lay, "fp64", "huge_grads") for lay in ("contiguous", "transposed", "channels_last")]
     # float32 gradients of half-precision parameters
     + [_case(lay, dt, "grad_fp32") for dt in ("bf16", "fp16")
        for lay in ("contiguous", "transposed", "channels_last", "first-largest-3d")]
@@ -209,12 +215,14 @@ def _params(layout, dtype, contiguous=False):
     return [nn.Parameter(t) for t in out]
 
 
-def _grads(params, step, bad):
+def _grads(params, step, bad, scale=None):
     """A fixed direction plus noise, so that momentum builds up and the parameters move
-    about ``lr`` a step."""
+    about ``lr`` a step; given a ``scale``, only its signs, times ``scale``."""
     g0, g = torch.Generator().manual_seed(99), torch.Generator().manual_seed(100 + step)
     out = [(torch.randn(p.shape, generator=g0) + 0.5 * torch.randn(p.shape, generator=g)).to(p.dtype)
            for p in params]
+    if scale is not None:
+        out = [x.sign() * scale for x in out]
     if bad is not None and step == BAD_STEP:
         for i in BAD:  # a matrix of the bucket of two, and the middle vector of three
             if out[i].numel():
@@ -241,6 +249,7 @@ def _run(path, layout, dtype, kw, bad=None, *, contiguous=False, history=False):
     compiled = {"compile": True} if path in ("compiled", "staged", "compiled_single") else {}
     kw = dict(kw)
     kw.pop("grad_dtype", None)  # (set on the parameters above)
+    grad_scale = kw.pop("grad_scale", None)
     split_lr = kw.pop("split_lr", None)
     # split_lr: the second matrix and the second vector in a group of that lr, the others
     # in the first (so each bucket holds parameters of both groups)
@@ -255,7 +264,7 @@ def _run(path, layout, dtype, kw, bad=None, *, contiguous=False, history=False):
     snaps = []
     try:
         for step in range(STEPS):
-            grads = _grads(params, step, bad)
+            grads = _grads(params, step, bad, grad_scale)
             sum((p * g).sum() for p, g in zip(params, grads)).backward()  # .grad == g, in p's layout
             if path in ("single", "grouped", "compiled", "staged", "compiled_single"):
                 opt.step()
@@ -405,6 +414,7 @@ COMPILED_CASES = dict(
        _case("channels_last", "fp32", "scaled-orthonormal", factor="last")]
     + [_case(lay, dt, "scaled-orthonormal") for dt in ("bf16", "fp16") for lay in ("contiguous", "channels_last")]
     + [_case(lay, "bf16", "grad_fp32") for lay in ("contiguous", "channels_last")]
+    + [_case(lay, "fp64", "huge_grads") for lay in ("contiguous", "channels_last")]
     # float64 (issue 18: its compiled counters once lost their increments) on every layout
     # the fp32 rows use, and on a permuted 1x1 kernel
     + [_case(lay, "fp64", "scaled-orthonormal") for lay in LAYOUTS

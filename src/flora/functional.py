@@ -520,8 +520,11 @@ def _all_finite(norm: torch.Tensor, *stats: torch.Tensor) -> torch.Tensor:
     """Per matrix of a bucket (``norm``: a k-vector), whether its update's norm and its new
     statistics (``k x ...``) are all finite, in few operations (each a kernel launch on a
     GPU): a statistic's entries are never negative, so their sum is finite exactly when
-    each is, and a float64 sum of float32 values does not overflow."""
-    if norm.device.type == "mps":  # no float64 there
+    each is, and a float64 sum of float32 values does not overflow. Float64 statistics
+    (float64 parameters) are checked entry by entry, as the single-tensor step does: their
+    finite entries can sum past float64's range (a probe: gradients of 2.5e153 skipped)."""
+    if norm.device.type == "mps" or norm.dtype == torch.float64 or any(st.dtype == torch.float64 for st in stats):
+        # mps: no float64 there
         ok = torch.isfinite(norm)
         for st in stats:
             ok = ok & torch.isfinite(st).reshape(len(norm), -1).all(1)
