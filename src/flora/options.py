@@ -115,12 +115,20 @@ def refuse_shared_memory(tensors, earlier=(), names: dict | None = None) -> None
                 if p0 is not p1 and _share_an_element(p0, p1):
                     n0, n1 = (names or {}).get(id(p0)), (names or {}).get(id(p1))
                     named = f", named {n0!r} and {n1!r}" if n0 and n1 else ""
+                    same = (p0.storage_offset(), p0.shape, p0.stride()) == (p1.storage_offset(), p1.shape,
+                                                                             p1.stride())
+                    if same:  # one tensor's memory twice: tied weights made two Parameters
+                        how = ("tied by b.data = a.data, say, or tied weights loaded with load_state_dict(..., "
+                               "assign=True), which makes a Parameter per key): a step would write it twice and "
+                               "depend on the path. Tie them as one Parameter (b.weight = a.weight; a Hugging Face "
+                               "model: model.tie_weights()) and list it once, e.g. from model.parameters(), which "
+                               "deduplicates")
+                    else:  # views of one buffer that overlap in part (a probe: the advice above did not fit)
+                        how = ("overlapping views of one buffer): a step would write the shared elements twice "
+                               "and depend on the path. Make the views disjoint, or give each parameter memory of "
+                               "its own (p.data = p.data.clone())")
                     raise ValueError(f"params: two parameters share memory (shapes {tuple(p0.shape)} and "
-                                     f"{tuple(p1.shape)}{named}: tied by b.data = a.data, say, or tied weights loaded "
-                                     "with load_state_dict(..., assign=True), which makes a Parameter per key): a "
-                                     "step would write it twice and depend on the path. Tie them as one Parameter "
-                                     "(b.weight = a.weight; a Hugging Face model: model.tie_weights()) and list it "
-                                     "once, e.g. from model.parameters(), which deduplicates")
+                                     f"{tuple(p1.shape)}{named}: {how}")
             open_.append((s1, e1, p1))
 
 
