@@ -160,6 +160,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     id_to_param: dict[Any, tuple[torch.Tensor, dict]] = {}
     renamed = []  # groups whose saved names are not this optimizer's: said after the load
     live_names = [g.get("param_names") for g in opt.param_groups]
+    live_beta1: dict = {}  # parameter id -> this optimizer's beta1 for it (see _refuse_dropped_momentum)
     for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups)):
         if len(saved["params"]) != len(mine["params"]):
             raise ValueError(
@@ -203,6 +204,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
         validate_group({**opt.defaults, **{k: v for k, v in saved.items() if k != "params"}})
         for pid, p in zip(saved["params"], mine["params"]):
             id_to_param[pid] = (p, saved)
+            live_beta1[pid] = mine.get("beta1")
     states = state_dict.get("state")
     if not isinstance(states, dict):
         raise ValueError(f"state_dict['state'] must be a dict (parameter id -> its state), got "
@@ -219,6 +221,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
             name = names.get(id(p))
             check_loaded_entries(p, s, repr(pid), name, shard_damage)
             check_state_shapes(p, s, g, name)
+            _refuse_dropped_momentum(s, g, live_beta1[pid], repr(name) if name else f"id {pid!r}")
     except ValueError as e:
         refused = e
     try:
@@ -292,6 +295,26 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
              UserWarning)
     _warn_narrowed_momentum(id_to_param, state_dict["state"])
     _warn_dense_stacks(id_to_param, state_dict["state"])
+
+
+def _refuse_dropped_momentum(s: dict, saved: dict, live_beta1, which: str) -> None:
+    """A state that has stepped under a group whose ``beta1`` is set but holds no first
+    moment, loaded into a Flora built with ``beta1=None``: the signature of
+    torch.distributed.checkpoint, which fills only the state entries the loading optimizer
+    made (at its lr-0 step, none for a momentum), so the checkpoint's momentum was left
+    out while its ``beta1`` won (a probe: the run went on with the momentum restarted from
+    zero, 9e-3 off, under a warning that said only that beta1 changed). Refused, naming the
+    parameter; built with the checkpoint's ``beta1``, the same load is exact (and a state
+    saved between an edit of beta1 and the next step, which has no momentum yet, loads)."""
+    if live_beta1 is not None or saved.get("beta1") is None or "exp_avg" in s or "exp_avg_c" in s:
+        return
+    if count_value(s.get("step", 0)) > 0:
+        raise ValueError(
+            f"Flora.load_state_dict: parameter {which} has stepped {count_value(s['step'])} time(s) under the "
+            f"checkpoint's beta1={saved['beta1']!r}, but its loaded state holds no momentum, and this optimizer "
+            "was built with beta1=None. torch.distributed.checkpoint (dcp.load) fills only the state entries the "
+            "loading optimizer made, so the checkpoint's momentum was left out. Build Flora with "
+            f"beta1={saved['beta1']!r} (and the checkpoint's other options) and load again")
 
 
 @contextlib.contextmanager
