@@ -291,7 +291,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
              f"was built with: {said}. As in torch, the loaded options win; build Flora with the "
              "checkpoint's options to silence this (options that shape the state, rank, factor_dims, "
              "seed, projection, proj_dim, max_aspect_ratio, cannot be set back in param_groups while "
-             "the state exists; the others can)",
+             "the state exists; the others can, where the state's projection takes them: a Gaussian one "
+             "takes momentum_form 'paper' or 'exact' only)",
              UserWarning)
     _warn_narrowed_momentum(id_to_param, state_dict["state"])
     _warn_dense_stacks(id_to_param, state_dict["state"])

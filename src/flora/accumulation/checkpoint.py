@@ -146,6 +146,10 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         sd["exact_last"] = o.exact_last
     for key in ("rank", "tau", "seed", "proj_dim", "projection", "exact_last"):
         if sd.get(key) != getattr(o, key):
+            if key == "projection" and "projection" not in state_dict:  # the user never chose one (a probe)
+                raise ValueError(f"state_dict was saved before CompressedAccumulator had projection kinds, when its "
+                                 f"projections were Gaussian, but this accumulator has projection="
+                                 f"{o.projection!r}: build it with projection='gaussian' to resume this state")
             raise ValueError(f"state_dict has {key}={sd.get(key)!r} but this accumulator has "
                              f"{key}={getattr(o, key)!r}; build it with the same {key}")
     for key in ("indices", "counts"):
