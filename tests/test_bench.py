@@ -211,9 +211,9 @@ def test_goal_lines_default_goal():
     lines = report.goal_lines(rows)
     assert lines == [
         "pretrain, flora-r32: test loss +0.50% vs adafactor-b0.9 (goal: at most 1% above it: met); better than lora-r32 "
-        "(2.01 vs 2.05 test loss); state 5.0% of AdamW (<= 10%)",
+        "(2.01 vs 2.05 test loss); state 5.0% of AdamW (goal: at most 10%: met)",
         "pretrain, flora-r32-paper: test loss +5.00% vs adafactor-b0.9 (goal: at most 1% above it: NOT met); NOT better than lora-r32 "
-        "(2.1 vs 2.05 test loss); state 20.0% of AdamW (> 10%)",
+        "(2.1 vs 2.05 test loss); state 20.0% of AdamW (goal: at most 10%: NOT met)",
     ]
     md = report.markdown(rows, {"pretrain": "loss"}, {"size": "smoke", "command": "x"})
     assert "## Goal check" in md and "issue" not in md.lower()
@@ -227,7 +227,7 @@ def test_goal_lines_are_data():
     goal = Goal(("mine",), near="adamw", tolerance=0.03, beats="theirs", max_state_vs_adamw=0.02, source="#42")
     assert report.goal_lines(rows, (goal,)) == [
         "classify, mine: test accuracy 88.0% vs adamw 90.0% (goal: at most 3 points below it: met); NOT better than theirs "
-        "(0.88 vs 0.89 test accuracy); state 3.0% of AdamW (> 2%) (#42)"]
+        "(0.88 vs 0.89 test accuracy); state 3.0% of AdamW (goal: at most 2%: NOT met) (#42)"]
     assert report.goal_lines(rows, (Goal(("absent",), near="adamw"),)) == []
     assert report.goal_lines(rows) == []  # the default goal's optimizers did not run
 

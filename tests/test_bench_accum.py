@@ -105,6 +105,47 @@ def test_metadata(accum_run):
     assert meta["isolated"] is False and meta["tau"] == 4
 
 
+def test_a_stopped_run_leaves_its_own_partial_files_and_none_of_an_earlier_run(accum_run, tmp_path, monkeypatch):
+    """(Probe Z44.) A run stopped in a folder of an earlier run replaced its results.json
+    and left the earlier run's results.md beside it, unmarked. Both are written at the
+    start and after each measurement, and say they are partial."""
+    import shutil
+
+    from flora.bench import runner
+
+    folder = tmp_path / "again"
+    shutil.copytree(accum_run[0], folder, ignore=shutil.ignore_patterns("cache"))
+    calls = []
+
+    def stop_at_the_second(self, fn, job, on_exit):
+        calls.append(job.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fn(job)
+
+    monkeypatch.setattr(runner.Runner, "run", stop_at_the_second)
+    assert main(["accum-memory", "--size", "smoke", "--no-isolate", "--threads", "1", "--configs", "reference,r4-fused",
+                 "--out", str(folder), "--cache", str(accum_run[0] / "cache")]) == 130
+    res = json.loads((folder / "results.json").read_text())
+    md = (folder / "results.md").read_text()
+    assert res["meta"]["partial"] is True and [r["config"] for r in res["memory"]] == ["reference"]
+    assert "--configs reference,r4-fused" in md and "**Partial:** 1 of 2 configurations measured" in md
+    assert "--quality" not in md  # nothing of the earlier run's
+
+
+def test_threads_default_follows_the_cores_this_process_may_use(monkeypatch):
+    """(Probe Z44.) The default of 2 threads ran on a process pinned to one core."""
+    from flora.bench import accum
+    from flora.bench.__main__ import parser_for
+
+    for cores, want in ((1, 1), (16, 2)):
+        monkeypatch.setattr(core, "usable_cores", lambda cores=cores: cores)
+        p = parser_for("accum-memory")
+        a = p.parse_args(["--size", "smoke"])
+        accum.check(p, a)
+        assert a.threads == want
+
+
 def test_a_configuration_in_its_own_process(tmp_path):
     assert main(["accum-memory", "--size", "smoke", "--configs", "r4-fused", "--threads", "1", "--out", str(tmp_path),
                  "--cache", str(tmp_path / "cache")]) == 0

@@ -178,6 +178,18 @@ def test_a_run_can_record_its_held_out_curve(folder):
     assert "train_loss" not in s["curve"][0]  # no fixed training split on a stream
 
 
+def test_report_without_plots_removes_a_plot_of_earlier_runs(tmp_path):
+    """(Probe Z44.) --no-plots left loss_vs_state.png drawn from an earlier state of the log
+    beside tables that had moved on."""
+    from flora.bench.suite import cli
+
+    with open(tmp_path / "runs.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in _rows({("cnn", space.FLOOR, 1e-3, 0): (1.0, 1.0)}))
+    (tmp_path / "loss_vs_state.png").write_bytes(b"an old plot")
+    cli.report(tmp_path, ["cnn"], space.KAPPA, {}, plots=False)
+    assert not (tmp_path / "loss_vs_state.png").exists()
+
+
 def test_report_writes_markdown_csv_json_and_a_plot(tmp_path):
     from flora.bench.suite import cli
 
@@ -261,6 +273,18 @@ def test_dominance_lists_a_peer_with_less_state_and_lower_loss_than_the_default(
     assert f"| cnn | {score.DEFAULT_ROWS[1]} | adamw-8bit | 200 / 300 |" in md
 
 
+def test_a_report_says_what_it_could_not_compare():
+    """(Probe Z44.) With no floor or target run (``--baselines ""``) the floor/target table
+    and the ranking came out as headers alone, and with no default row at r8 or r32 the
+    peers' check said "None.", which reads as a verdict. Both say what did not run."""
+    rows = _rows({("cnn", "flora-r4-floored-orthonormal", 1e-3, 0): (1.0, 1.0),
+                  ("cnn", "adamw-8bit", 1e-3, 0): (0.9, 0.9)})
+    chosen = score.choose(rows)
+    md = score.markdown(chosen, score.gaps(chosen), score.ranking(chosen, space.KAPPA, ["cnn"]), {}, ["cnn"])
+    assert "No floor or target (Adafactor `beta1=None` and `beta1=0.9`, as `--baselines` gives them) ran on cnn" in md
+    assert "Not checked: Flora's default form ran at neither r8 nor r32 here" in md and "\nNone." not in md
+
+
 def _ext_rows(vals, kappa=space.KAPPA):
     """Run-log rows: {(task, optimizer, lr, seed): val_loss (None: diverged)}."""
     return [{"task": t, "optimizer": o, "lr": lr, "seed": s, "kappa": kappa, "val_loss": v,
@@ -322,6 +346,10 @@ def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatc
     (["--lrs", "1e-3,-1"], ["--lrs takes comma-separated finite numbers above 0, got '1e-3,-1'"]),
     (["--lrs", "nan"], ["--lrs takes comma-separated finite numbers above 0"]),
     (["--tasks", ","], ["--tasks names no task; valid: bytelm"]),
+    # each job would run twice (probe Z44), as a repeated --tasks entry is refused
+    (["--ranks", "4,4"], ["--ranks: 4 given more than once"]),
+    (["--lrs", "1e-3,1e-3"], ["--lrs: 0.001 given more than once"]),
+    (["--kappas", "100,5,100"], ["--kappas: 100 given more than once"]),
     # --staged fixes these (they were ignored, and the report took its primary kappa from --kappas)
     (["--staged", "--kappas", "5", "--lrs", "1e-3"], ["--lrs, --kappas: not used with --staged"]),
     (["--staged", "--baselines", "adafactor"], ["--baselines: not used with --staged"]),
@@ -518,13 +546,40 @@ def test_resume_refuses_a_log_of_another_scale(tmp_path, monkeypatch, capsys):
             "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--no-plots", "--device", "cpu"]
     assert main(argv + ["--scale", "0.05"]) == 0
     assert main(argv + ["--scale", "0.1", "--lrs", "1e-3,2e-3", "--resume"]) == 2
-    assert "holds runs at --scale 0.05, this command asks for --scale 0.1" in capsys.readouterr().out
+    assert "holds runs of another length (--scale 0.05), this command asks for --scale 0.1" in capsys.readouterr().out
     assert main(argv + ["--scale", "0.05", "--lrs", "1e-3,2e-3", "--resume"]) == 0
     assert len(runner.read_log(tmp_path / "s" / "runs.jsonl")) == 3  # the fake run_all logs every job it is given
     # the resumed session's metadata keeps the first session's (the refused one wrote none)
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     assert len(meta["earlier"]) == 1 and "--scale 0.05" in meta["earlier"][0]["command"]
-    assert "Earlier parts of this log: Device:" in (tmp_path / "s" / "results.md").read_text()
+    md = (tmp_path / "s" / "results.md").read_text()
+    assert "Earlier parts of this log: Device:" in md
+    # and with its command: its runs are in the tables (a probe: only this session's was said)
+    assert "--lrs 1e-3 --data" in md.split("Earlier parts of this log:")[1].split("Command:")[0]
+
+
+def test_resume_refuses_a_log_from_before_runs_recorded_their_scale_by_its_steps(tmp_path, monkeypatch, capsys):
+    """(Probe Z44.) Runs logged before 2026-12-03 record no scale, and passed the check at any
+    --scale. Their steps tell: a log of 0.05-scale runs is refused at --scale 0.1, taken at 0.05."""
+    from flora.bench.__main__ import main
+    from flora.bench.suite import workloads
+
+    steps = workloads.scaled(workloads.TASKS["tabular"], 0.05).steps
+
+    def run_all(jobs, tasks, *, log, scale, **k):
+        with open(log, "a") as fh:  # as logged before 2026-12-03: steps, no scale
+            fh.writelines(json.dumps({**{k: v for k, v in _ok(j).items() if k != "scale"}, "steps": steps}) + "\n"
+                          for j in jobs)
+
+    monkeypatch.setattr(data, "prepare", lambda f, **k: f)
+    monkeypatch.setattr(runner, "run_all", run_all)
+    argv = ["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--lrs", "1e-3",
+            "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--no-plots", "--device", "cpu"]
+    assert main(argv + ["--scale", "0.05"]) == 0
+    assert main(argv + ["--scale", "0.1", "--resume"]) == 2
+    want = workloads.scaled(workloads.TASKS["tabular"], 0.1).steps
+    assert f"tabular runs of {steps} steps where this --scale runs {want}" in capsys.readouterr().out
+    assert main(argv + ["--scale", "0.05", "--resume"]) == 0
 
 
 def test_report_only_refuses_a_folder_with_no_runs(tmp_path, monkeypatch, capsys):
@@ -566,6 +621,12 @@ def test_a_new_sweep_keeps_every_earlier_log_and_says_where(tmp_path, monkeypatc
     assert [r["lr"] for r in runner.read_log(s / "runs.previous.2.jsonl")] == [2e-3]
     assert [r["lr"] for r in runner.read_log(s / "runs.jsonl")] == [4e-3]
     assert f"the old one is now {s / 'runs.previous.jsonl'}" in out and f"{s / 'runs.previous.2.jsonl'}" in out
+    # the report files made from each go with it (probe Z44: left, they described the old runs
+    # beside a new log that a stopped run had not reported yet)
+    assert "--lrs 1e-3" in (s / "results.previous.md").read_text()
+    assert "--lrs 2e-3" in (s / "results.previous.2.md").read_text()
+    assert "--lrs 4e-3" in (s / "results.md").read_text()
+    assert (s / "results.previous.csv").exists() and (s / "meta.previous.2.json").exists()
 
 
 def test_report_only_takes_the_primary_kappa_of_the_run(tmp_path, monkeypatch):

@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                          "command with `--resume OUT/results.json` continues it.",
                 "suite": "The runs that had finished are in the output folder; the same command with `--resume` "
                          "continues it.",
-                "accum-memory": "The measurements that had finished are in the output folder's results.json."}
+                "accum-memory": "The measurements that had finished are in the output folder's results.json and "
+                                "results.md (marked partial)."}
         print(f"\nflora-bench {name}: {stop['by']}. {kept.get(name, 'Nothing was written.')}", file=sys.stderr)
         return stop["code"]
     finally:

@@ -111,7 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="optimizer of the memory runs, a flora-bench name (default adafactor: a few MiB of state, so "
                         "the gradients are what the configurations differ in; or adamw, flora-r32, ...)")
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in each measurement's process (default 2, or fewer where this process may "
+                        "use fewer cores)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, ...")
     p.add_argument("--cpu", action="store_true", help="the same as --device cpu")
     p.add_argument("--cache", default=None, help="cache folder of the converted SmolLM2 and its tokens "
@@ -171,6 +173,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--cpu and --device {a.device} contradict each other; give one")
         a.device = "cpu"
     core.check_device(p, a.device)
+    if a.threads is None:  # 2 threads on one allowed core spin against each other (a probe saw 2 on one)
+        a.threads = min(2, core.usable_cores())
     if a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
     if not (math.isfinite(a.lr) and a.lr > 0):
@@ -356,6 +360,10 @@ def _memory_table(mem: list[dict]) -> list[str]:
 def markdown(results: dict) -> str:
     m = results["meta"]
     lines = [f"# Gradient accumulation ({m['model']})", "", f"`{m['command']}`", "", core.meta_line(m), ""]
+    if m.get("partial"):  # written between measurements: what a kill leaves says so
+        done = sum(len(results[k]) for k in ("memory", "quality", "noise"))
+        lines += [f"**Partial:** {done} of {m['configurations']} configurations measured (the run was stopped, "
+                  "or is still going).", ""]
     ok = lambda kind: [r for r in results[kind] if r["status"] == "ok"]  # noqa: E731
     for wrap in dict.fromkeys(r.get("wrap") for r in ok("memory")):
         lines += _memory_table([r for r in ok("memory") if r.get("wrap") == wrap])
@@ -390,6 +398,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(out: Path, results: dict) -> str:
+    """results.json and results.md; returns the Markdown."""
+    core.write_json(out / "results.json", results)
+    md = markdown(results)
+    (out / "results.md").write_text(md)
+    return md
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from .runner import Runner, cache_dir_default
     from .tasks import make_task
@@ -407,7 +423,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     meta = core.run_metadata("accum-memory", argv, device, threads=args.threads, workers=1)
     meta.update(size=args.size, model=model, task=size.task, tau=args.tau, seq=args.seq, batch=args.batch,
                 seed=args.seed, threads=args.threads, isolated=not args.no_isolate, replicas=args.replicas)
+    meta.update(configurations=len(jobs), partial=True)
     results: dict = {"meta": meta, "memory": [], "quality": [], "noise": []}
+    # Written at once and after each measurement, both files alike: partial results survive a
+    # kill, and a folder of an earlier run keeps none of its files beside these (a probe: an
+    # interrupted run had left the earlier run's results.md beside its own results.json)
+    _write(out, results)
     runner = Runner(isolate=not args.no_isolate, device=device, env=MALLOC_ENV)
     for i, job in enumerate(jobs, 1):
         r = runner.run(run_job, job, lambda code, job=job: {
@@ -415,9 +436,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "status": f"failed: process exited with code {code} (out of memory?)"})
         results[job.kind].append(r)
         core.say(_line(r, i, len(jobs)))
-        core.write_json(out / "results.json", results)  # partial results survive a kill
-    md = markdown(results)
-    (out / "results.md").write_text(md)
+        if i < len(jobs):
+            _write(out, results)
+    del meta["partial"]
+    md = _write(out, results)
     print(md)
     core.say(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return core.failed_exit("flora-bench accum-memory", [r for kind in ("memory", "quality", "noise")

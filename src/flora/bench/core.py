@@ -351,6 +351,15 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, a container's cpuset),
+    or the machine's where the platform does not say."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def default_out(subcommand: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs/bench") / (stamp if subcommand == "train" else f"{subcommand}-{stamp}")

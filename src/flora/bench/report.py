@@ -184,14 +184,16 @@ def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = Non
                      f"({val:.4g} vs {b[key]:.4g} {key.replace('_', ' ')})")
     s = f.get("state_vs_adamw")
     if goal.max_state_vs_adamw is not None and s is not None:
-        parts.append(f"state {100 * s:.1f}% of AdamW ({'<=' if s <= goal.max_state_vs_adamw else '>'} "
-                     f"{100 * goal.max_state_vs_adamw:g}%)")
+        ok = s <= goal.max_state_vs_adamw  # said as the quality checks say it (a probe read '>' as easily missed)
+        parts.append(f"state {100 * s:.1f}% of AdamW (goal: at most {100 * goal.max_state_vs_adamw:g}%: "
+                     f"{'met' if ok else 'NOT met'})")
     if goal.max_step_vs is not None:
         ref, limit = goal.max_step_vs
         t, t_ref = f.get("median_step_s"), (by.get(ref) or {}).get("median_step_s")
         if t and t_ref:
             ratio = t / t_ref
-            parts.append(f"step {ratio:.2f}x {ref}'s ({'<=' if ratio <= limit else '>'} {limit:g}x)")
+            parts.append(f"step {ratio:.2f}x {ref}'s (goal: at most {limit:g}x: "
+                         f"{'met' if ratio <= limit else 'NOT met'})")
     return parts
 
 

@@ -461,7 +461,8 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
     wall, cpu = interleaved_times(runs, warmup=max(warmup, 1), repeats=repeats, first=first)
     rows = []
     for label, o in opts:
-        row = {"optimizer": label, "state_bytes": flora.state_bytes(o), "workspace_bytes": flora.workspace_bytes(o),
+        row = {"optimizer": label, "state_bytes": flora.state_bytes(o), "cache_bytes": flora.cache_bytes(o),
+               "workspace_bytes": flora.workspace_bytes(o),
                "median_step_s": median(wall[label]),
                "min_step_s": min(wall[label]), "median_cpu_s": median(cpu[label]), "times_s": wall[label],
                "cpu_times_s": cpu[label], "compresses_nothing": compresses_nothing(o)}
@@ -482,6 +483,8 @@ def time_optimizers(names, params, grads, device, *, warmup, repeats, seed, base
     for r in rows:
         r["state_mib"] = r["state_bytes"] / core.MiB
         r["state_vs_adamw"] = r["state_bytes"] / by["adamw"]["state_bytes"] if "adamw" in by else None
+        r["with_cache_vs_adamw"] = ((r["state_bytes"] + r["cache_bytes"]) / by["adamw"]["state_bytes"]
+                                    if "adamw" in by else None)
         ref = by.get(REFERENCE)
         r["step_vs_reference"] = r["median_step_s"] / ref["median_step_s"] if ref else None
         r["cpu_vs_reference"] = r["median_cpu_s"] / ref["median_cpu_s"] if ref else None
@@ -667,15 +670,20 @@ def render(result: dict) -> str:
              f"{REFERENCE} (HF Adafactor with beta1 0.9).", ""]
     if rows:
         lines += core.markdown_table(
-            ["optimizer", "state MiB", "state / AdamW", "median step s", "min step s", "median CPU s",
-             f"step / {REFERENCE} (wall)", "(CPU)", "ops / step", "note"],
+            ["optimizer", "state MiB", "state / AdamW", "cache MiB", "with cache / AdamW", "median step s",
+             "min step s", "median CPU s", f"step / {REFERENCE} (wall)", "(CPU)", "ops / step", "note"],
             ([r["optimizer"], f"{r['state_mib']:.4g}",  # .1f read 0.0 for every Flora row at the smoke size
               "-" if r["state_vs_adamw"] is None else f"{100 * r['state_vs_adamw']:.1f}%",
+              f"{r.get('cache_bytes', 0) / core.MiB:.4g}",
+              "-" if r.get("with_cache_vs_adamw") is None else f"{100 * r['with_cache_vs_adamw']:.1f}%",
               f3(r["median_step_s"]), f3(r["min_step_s"]), f3(r["median_cpu_s"]), f2(r["step_vs_reference"]),
               f2(r["cpu_vs_reference"]), str(r.get("ops_per_step", "-")),
-              NOTHING_COMPRESSED if r.get("compresses_nothing") else ""] for r in rows), align="lrrrrrrrrl")
+              NOTHING_COMPRESSED if r.get("compresses_nothing") else ""] for r in rows), align="lrrrrrrrrrrl")
         lines += ["", "ops / step: operations one step dispatches (torch.profiler: aten operations not nested in "
-                  "another, plus compiled graphs' kernels), a CPU proxy for a GPU's kernel launches."]
+                  "another, plus compiled graphs' kernels), a CPU proxy for a GPU's kernel launches.",
+                  "", "cache MiB: the projections flora.Flora keeps between steps beside its state "
+                  "(cache_projections=True, the default; flora.cache_bytes): never saved, and rebuilt from the seeds, "
+                  "so not state, but memory all the same; flora-opt keeps its projections in its state."]
     compiled = [r for r in rows if "compile_s" in r]
     if compiled:
         lines += ["", "## Compiled steps", "",

@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lrs", default=None, help="override every task's lr grid: comma-separated values")
     p.add_argument("--extend-lr", type=int, default=0, metavar="N",
                    help="while the best lr (mean validation loss over the seeds) of a (task, optimizer, kappa) is "
-                        "an end of the lrs tried, run the next one beyond it (x2 or /2), at most N beyond the grid; "
-                        "the report marks a chosen lr still at an edge")
+                        "an end of the lrs tried, run the next one beyond it (a step of the grid's own ratio: x2 on "
+                        "a grid of doublings), at most N beyond the grid; the report marks a chosen lr still at an "
+                        "edge")
     p.add_argument("--scale", type=float, default=1.0, help="scale steps and evaluation (smoke tests: 0.05)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
@@ -75,6 +76,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for flag, values in (("--ranks", a.rank_list), ("--kappas", a.kappa_list)):
         if not values or min(values) < 1:  # 0 would fail inside every run; the first kappa is the primary one
             p.error(f"{flag} takes comma-separated integers of at least 1, got {getattr(a, flag[2:])!r}")
+    for flag, values in (("--ranks", a.rank_list), ("--kappas", a.kappa_list), ("--lrs", a.lr_list or [])):
+        core.refuse_repeats(p, flag, values)  # each job would run twice (a probe), as with --tasks
     if a.seeds < 1 or a.workers < 1 or not (math.isfinite(a.scale) and a.scale > 0) or a.extend_lr < 0:
         p.error("--seeds and --workers must be at least 1, --extend-lr at least 0, --scale finite and above 0")
     core.check_device(p, a.device)
@@ -113,7 +116,9 @@ def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) 
     failed = score.failed(rows, kappa)  # candidates with no run that finished: listed, not dropped
     line = core.meta_line(meta) if meta else ""
     if meta and meta.get("earlier"):  # a resumed sweep: the parts before this session ran elsewhere, perhaps
-        line += " Earlier parts of this log: " + "; ".join(core.meta_line(m) for m in meta["earlier"])
+        # with other options (their runs are in the tables too: a probe found the command alone misleading)
+        line += " Earlier parts of this log: " + "; ".join(
+            core.meta_line(m) + (f" (`{m['command']}`)" if m.get("command") else "") for m in meta["earlier"])
     md = score.markdown(chosen, gap, ranks, adamw, tasks, line, kappa, failed,
                         command=meta.get("command", "") if meta else "")
     (out / "results.md").write_text(md)
@@ -122,6 +127,9 @@ def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) 
                                            "ranking": ranks, "adamw_state_bytes": adamw, "runs": len(rows)})
     if plots:
         score.plot(out / "loss_vs_state.png", chosen, tasks, kappa)
+    elif (out / "loss_vs_state.png").exists():  # drawn from an earlier state of the log: it would disagree
+        (out / "loss_vs_state.png").unlink()
+        core.say(f"flora-bench suite --no-plots: removed {out / 'loss_vs_state.png'}, drawn from earlier runs")
     return {"markdown": md, "chosen": chosen, "ranking": ranks, "failed": failed}
 
 
@@ -134,14 +142,41 @@ def primary_kappa(a: argparse.Namespace, meta: dict) -> int:
     return int(meta["kappas"][0])
 
 
+REPORT_FILES = ("results.md", "results.csv", "results.json", "loss_vs_state.png", "meta.json")
+
+
 def set_aside(log: Path) -> Path:
     """Move ``log`` to the first free name of runs.previous.jsonl, runs.previous.2.jsonl, ...
-    (an earlier runs.previous.jsonl had been overwritten) and return that name."""
+    (an earlier runs.previous.jsonl had been overwritten) and return that name. The report
+    files made from it go with it (results.previous.md, ...): left, they described the old
+    runs beside the new log until the new report replaced them (a probe: an interrupted
+    run left them so)."""
     n = 1
     while (dest := log.with_name(f"runs.previous{'' if n == 1 else f'.{n}'}.jsonl")).exists():
         n += 1
     log.rename(dest)
+    suffix = "previous" if n == 1 else f"previous.{n}"
+    for name in REPORT_FILES:
+        f = log.with_name(name)
+        if f.exists():
+            f.rename(f.with_name(f"{f.stem}.{suffix}{f.suffix}"))
     return dest
+
+
+def other_lengths(rows: list[dict], scale: float) -> list[str]:
+    """The runs of a log that are not of this ``--scale``: by the scale they record, or, in
+    a log from before they recorded it (2026-12-03), by their steps (such a log had passed
+    at any --scale, its runs kept beside runs of another length: a probe)."""
+    other = set()
+    for r in rows:
+        if "scale" in r:
+            if r["scale"] != scale:
+                other.add(f"--scale {r['scale']}")
+        elif "steps" in r and r.get("task") in workloads.TASKS:
+            want = workloads.scaled(workloads.TASKS[r["task"]], scale).steps
+            if r["steps"] != want:
+                other.add(f"{r['task']} runs of {r['steps']} steps where this --scale runs {want}")
+    return sorted(other)
 
 
 def run(a: argparse.Namespace, argv: list[str]) -> int:
@@ -170,10 +205,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         log = out / "runs.jsonl"
         if log.exists() and not a.resume:
             core.say(f"flora-bench suite: without --resume a new log is started; the old one is now "
-                     f"{set_aside(log)}")
-        other = sorted({r["scale"] for r in runner.read_log(log) if r.get("scale", a.scale) != a.scale})
+                     f"{set_aside(log)} (its report files beside it, named .previous too)")
+        other = other_lengths(runner.read_log(log), a.scale)
         if other:  # a run's steps follow --scale: kept beside these, the longer runs would win every grid
-            core.say(f"flora-bench suite --resume: {log} holds runs at --scale {', '.join(map(str, other))}, this "
+            core.say(f"flora-bench suite --resume: {log} holds runs of another length ({'; '.join(other)}), this "
                      f"command asks for --scale {a.scale}; resume with the same --scale, or give another --out")
             return 2
         if a.staged:

@@ -286,6 +286,11 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int =
             else:
                 gap_s = f"{g['gap']:.4f}"
             lines.append(f"| {task} | {g['floor']:.4f} | {g['target']:.4f} | {gap_s} | {std} | {verdict} |")
+    no_floor = [t for t in tasks if not gap.get(t)]
+    if no_floor:  # the ranking and the goal check need them: a table of headers alone read as a result (a probe)
+        lines += ["", f"No floor or target (Adafactor `beta1=None` and `beta1=0.9`, as `--baselines` gives them) ran "
+                      f"on {', '.join(no_floor)}: the rankings and goal checks below leave {'it' if len(no_floor) == 1 else 'them'} "
+                      "out."]
     notes = [f"- {c['task']} {c['optimizer']}" + (f" kappa {c['kappa']}" if c["kappa"] != primary else "")
              + f": {n}" for c in chosen for n in c.get("notes") or ()]
     if notes:
@@ -345,8 +350,10 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int =
         for d in dom:
             lines.append(f"| {d['task']} | {d['flora']} | {d['peer']} | {d['peer_state']} / {d['flora_state']} | "
                          f"{d['peer_loss']:.4f} / {d['flora_loss']:.4f} | {_fmt(d['diff'], d['diff_std'])} |")
-    else:
+    elif any(_find(chosen, t, f, primary) for t in tasks for f in DEFAULT_ROWS):
         lines.append("None.")
+    else:  # "None." read as a verdict where nothing was compared (a probe)
+        lines.append(f"Not checked: Flora's default form ran at neither r8 nor r32 here ({', '.join(DEFAULT_ROWS)}).")
     lines += ["", "## State bytes (from the optimizer's tensors) against AdamW's", "",
               "| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
     for opt in sorted({c["optimizer"] for c in chosen}):
