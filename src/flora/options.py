@@ -358,8 +358,10 @@ def gradient_dtypes(p: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
 def grad_dtype_ok(p: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether Flora steps ``p`` with gradient ``g``'s dtype: one of ``gradient_dtypes``, and
     the one autograd gives ``p`` (``p.grad_dtype``; None there lets either through)."""
+    dt = g.dtype
     declared = getattr(p, "grad_dtype", p.dtype)
-    return g.dtype in gradient_dtypes(p) and (declared is None or g.dtype == declared)
+    # the parameter's own dtype first: it is the usual case, and this runs per parameter and step
+    return (dt == p.dtype or dt in gradient_dtypes(p)) and (declared is None or dt == declared)
 
 
 def refuse_grad(p: torch.Tensor, g: torch.Tensor, name: str | None) -> None:
