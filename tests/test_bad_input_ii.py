@@ -436,6 +436,12 @@ def test_parameters_sharing_memory_are_refused_and_disjoint_views_of_one_buffer_
     b.data = a.data
     with pytest.raises(ValueError, match=r"two parameters share memory \(shapes \(12, 20\) and \(12, 20\)"):
         Flora([a, b], lr=1e-2)
+    # the same memory in another shape, or transposed, is a tie too (a review)
+    for view in (a.data.t(), a.data.reshape(240)):
+        c = nn.Parameter(torch.empty(0))
+        c.data = view
+        with pytest.raises(ValueError, match=r"share memory .*tied by b.data = a.data.*tie_weights\(\)"):
+            Flora([a, c], lr=1e-2)
     opt = Flora([a], lr=1e-2)
     with pytest.raises(ValueError, match="share memory"):
         opt.add_param_group({"params": [b]})

@@ -1054,3 +1054,18 @@ def test_dcp_load_into_a_flora_without_momentum_is_refused_and_with_it_is_exact(
         _dcp_round_trip(m3, o3, str(tmp_path / "ckpt"), load=True)
     _train(m3, o3, batches[4:])
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m3.parameters()))
+
+
+def test_a_plain_load_of_a_state_saved_before_its_first_momentum_is_taken():
+    """(Review.) A state saved between an edit of beta1 (None -> 0.9) and the next step has
+    no momentum yet; loaded by load_state_dict into a Flora built with beta1=None it holds
+    all that was saved, and was refused as a DCP load that dropped the momentum."""
+    model = _net()
+    opt = Flora(model.parameters(), **{**OPTS, "beta1": None})
+    _train(model, opt, _batches(2))
+    opt.param_groups[0]["beta1"] = 0.9
+    sd = opt.state_dict()
+    o2 = Flora(_net().parameters(), **{**OPTS, "beta1": None})
+    with pytest.warns(UserWarning, match=r"beta1: None -> 0.9"):
+        o2.load_state_dict(sd)
+    assert o2.param_groups[0]["beta1"] == 0.9

@@ -81,6 +81,29 @@ def test_fused_accumulation_with_another_optimizer_refuses_a_resized_parameter_b
                                       r"shape \(32, 16\): it was resized after its last step")
 
 
+@pytest.mark.parametrize("case", ["state resized too", "frozen"])
+def test_fused_accumulation_takes_a_resize_whose_state_fits_or_that_will_not_step(case):
+    """(Review.) The refusal above looked at the parameter's shape alone: a state the user
+    resized with the parameter (or loaded for the new shape) was refused, and so was a
+    frozen parameter, which no step reaches."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True)
+    for c in range(2):
+        _cycle(model, opt, c)
+    w = model[0].weight
+    w.data = torch.cat([w.data, torch.zeros(32, 4)], 1)
+    if case == "frozen":
+        w.requires_grad_(False)
+    else:
+        for k in ("exp_avg", "exp_avg_sq"):
+            opt.state[w][k] = torch.cat([opt.state[w][k], torch.zeros(32, 4)], 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _cycle(model, opt, 2, width=20)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved == ({"0.bias", "2.weight", "2.bias", "4.weight", "4.bias"} | ({"0.weight"} if case != "frozen" else set()))
+
+
 def test_fused_accumulation_takes_a_resize_where_the_state_fits_any_shape():
     """An optimizer whose state for the parameter fits any shape (plain SGD keeps none)
     is not refused: the resized parameter steps."""

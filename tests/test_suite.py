@@ -188,6 +188,23 @@ def test_report_without_plots_removes_a_plot_of_earlier_runs(tmp_path):
     (tmp_path / "loss_vs_state.png").write_bytes(b"an old plot")
     cli.report(tmp_path, ["cnn"], space.KAPPA, {}, plots=False)
     assert not (tmp_path / "loss_vs_state.png").exists()
+    # --report-only ran nothing: its plot may be of this very log, and stays (a review)
+    (tmp_path / "loss_vs_state.png").write_bytes(b"a plot")
+    cli.report(tmp_path, ["cnn"], space.KAPPA, {}, plots=False, ran=False)
+    assert (tmp_path / "loss_vs_state.png").exists()
+
+
+def test_setting_a_log_aside_overwrites_no_earlier_report(tmp_path):
+    """(Review.) With runs.previous.jsonl deleted by hand, results.previous.md was
+    overwritten: the number is free for the log and its reports alike."""
+    from flora.bench.suite import cli
+
+    (tmp_path / "runs.jsonl").write_text("")
+    (tmp_path / "results.md").write_text("new")
+    (tmp_path / "results.previous.md").write_text("kept")
+    assert cli.set_aside(tmp_path / "runs.jsonl") == tmp_path / "runs.previous.2.jsonl"
+    assert (tmp_path / "results.previous.md").read_text() == "kept"
+    assert (tmp_path / "results.previous.2.md").read_text() == "new"
 
 
 def test_report_writes_markdown_csv_json_and_a_plot(tmp_path):
@@ -281,7 +298,15 @@ def test_a_report_says_what_it_could_not_compare():
                   ("cnn", "adamw-8bit", 1e-3, 0): (0.9, 0.9)})
     chosen = score.choose(rows)
     md = score.markdown(chosen, score.gaps(chosen), score.ranking(chosen, space.KAPPA, ["cnn"]), {}, ["cnn"])
-    assert "No floor or target (Adafactor `beta1=None` and `beta1=0.9`, as `--baselines` gives them) ran on cnn" in md
+    assert "- cnn: neither the floor nor the target has a result: no gap, ranking or goal check" in md
+    # one of them: said as such (a review: the note had said neither, and that the ranking left it out)
+    rows += _rows({("cnn", space.FLOOR, 1e-3, 0): (1.1, 1.1)})
+    chosen = score.choose(rows)
+    ranks = score.ranking(chosen, space.KAPPA, ["cnn"])
+    md = score.markdown(chosen, score.gaps(chosen), ranks, {}, ["cnn"])
+    assert "- cnn: the target (`adafactor-b0.9`) has no result: no gap, goal check or win-matrix position (the " \
+           "ranking, against the floor, keeps it)" in md
+    assert any(r["optimizer"] == "flora-r4-floored-orthonormal" and "cnn" in r["ratios"] for r in ranks)
     assert "Not checked: Flora's default form ran at neither r8 nor r32 here" in md and "\nNone." not in md
 
 

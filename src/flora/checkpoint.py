@@ -84,17 +84,20 @@ def _from_hf_adafactor(saved: dict, mine: dict) -> dict:
     return {**own, **saved, "rank": None}
 
 
+def _written_in_place(opt, pid, s, id_to_param: dict) -> bool:
+    """Whether the loaded state ``s`` holds this optimizer's own state tensors: a loader
+    wrote the checkpoint into them (``dcp.load`` into ``get_optimizer_state_dict``'s)."""
+    own = opt.state.get(id_to_param[pid][0]) if pid in id_to_param else None
+    return bool(own) and isinstance(s, dict) and any(
+        isinstance(v, torch.Tensor) and own.get(k) is v for k, v in s.items())
+
+
 def _said_if_written_in_place(error: ValueError, opt, states: dict, id_to_param: dict) -> ValueError:
     """A refused load whose entries are the optimizer's own state tensors: a loader wrote
     the checkpoint into them before handing it over (torch.distributed.checkpoint's
     ``dcp.load`` into ``get_optimizer_state_dict``'s tensors does), so the refusal cannot
     leave the state as it was; said (a probe)."""
-    def live(pid, s):
-        own = opt.state.get(id_to_param[pid][0]) if pid in id_to_param else None
-        return bool(own) and isinstance(s, dict) and any(
-            isinstance(v, torch.Tensor) and own.get(k) is v for k, v in s.items())
-
-    if not any(live(pid, s) for pid, s in states.items()):
+    if not any(_written_in_place(opt, pid, s, id_to_param) for pid, s in states.items()):
         return error
     return ValueError(f"{error}. This state_dict's tensors are the optimizer's own state: a loader that writes a "
                       "checkpoint in place (torch.distributed.checkpoint's dcp.load into get_optimizer_state_dict's "
@@ -221,7 +224,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
             name = names.get(id(p))
             check_loaded_entries(p, s, repr(pid), name, shard_damage)
             check_state_shapes(p, s, g, name)
-            _refuse_dropped_momentum(s, g, live_beta1[pid], repr(name) if name else f"id {pid!r}")
+            if _written_in_place(opt, pid, s, id_to_param):
+                _refuse_dropped_momentum(s, g, live_beta1[pid], repr(name) if name else f"id {pid!r}")
     except ValueError as e:
         refused = e
     try:
@@ -299,14 +303,15 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
 
 
 def _refuse_dropped_momentum(s: dict, saved: dict, live_beta1, which: str) -> None:
-    """A state that has stepped under a group whose ``beta1`` is set but holds no first
-    moment, loaded into a Flora built with ``beta1=None``: the signature of
-    torch.distributed.checkpoint, which fills only the state entries the loading optimizer
-    made (at its lr-0 step, none for a momentum), so the checkpoint's momentum was left
-    out while its ``beta1`` won (a probe: the run went on with the momentum restarted from
-    zero, 9e-3 off, under a warning that said only that beta1 changed). Refused, naming the
-    parameter; built with the checkpoint's ``beta1``, the same load is exact (and a state
-    saved between an edit of beta1 and the next step, which has no momentum yet, loads)."""
+    """A state written in place (``dcp.load``: the caller checks) that has stepped under a
+    group whose ``beta1`` is set but holds no first moment, loaded into a Flora built with
+    ``beta1=None``: torch.distributed.checkpoint fills only the state entries the loading
+    optimizer made (at its lr-0 step, none for a momentum), so the checkpoint's momentum was
+    left out while its ``beta1`` won (a probe: the run went on with the momentum restarted
+    from zero, 9e-3 off, under a warning that said only that beta1 changed). Refused, naming
+    the parameter; built with the checkpoint's ``beta1``, the same load is exact. A plain
+    ``load_state_dict`` of such a state is not refused: it holds what was saved (a state
+    saved between an edit of beta1 and the next step has no momentum yet; a review)."""
     if live_beta1 is not None or saved.get("beta1") is None or "exp_avg" in s or "exp_avg_c" in s:
         return
     if count_value(s.get("step", 0)) > 0:
@@ -315,7 +320,8 @@ def _refuse_dropped_momentum(s: dict, saved: dict, live_beta1, which: str) -> No
             f"checkpoint's beta1={saved['beta1']!r}, but its loaded state holds no momentum, and this optimizer "
             "was built with beta1=None. torch.distributed.checkpoint (dcp.load) fills only the state entries the "
             "loading optimizer made, so the checkpoint's momentum was left out. Build Flora with "
-            f"beta1={saved['beta1']!r} (and the checkpoint's other options) and load again")
+            f"beta1={saved['beta1']!r} (and the checkpoint's other options) and load again (set_state_dict "
+            "has loaded the model's weights already: rebuild it too, or load both again)")
 
 
 @contextlib.contextmanager

@@ -115,9 +115,10 @@ def refuse_shared_memory(tensors, earlier=(), names: dict | None = None) -> None
                 if p0 is not p1 and _share_an_element(p0, p1):
                     n0, n1 = (names or {}).get(id(p0)), (names or {}).get(id(p1))
                     named = f", named {n0!r} and {n1!r}" if n0 and n1 else ""
-                    same = (p0.storage_offset(), p0.shape, p0.stride()) == (p1.storage_offset(), p1.shape,
-                                                                             p1.stride())
-                    if same:  # one tensor's memory twice: tied weights made two Parameters
+                    # the same elements, each held once by both (a tie, in another shape or
+                    # transposed too: a review), or views overlapping in part
+                    same = (s0, e0) == (s1, e1) and p0.numel() == p1.numel() == (e0 - s0) // p0.element_size()
+                    if same:  # one memory twice: tied weights made two Parameters
                         how = ("tied by b.data = a.data, say, or tied weights loaded with load_state_dict(..., "
                                "assign=True), which makes a Parameter per key): a step would write it twice and "
                                "depend on the path. Tie them as one Parameter (b.weight = a.weight; a Hugging Face "

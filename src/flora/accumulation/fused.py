@@ -70,6 +70,18 @@ def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
                          "would step them; give both the same parameters")
 
 
+def _fits_only(v, was: tuple, now: tuple) -> bool:
+    """Whether a state entry was made for shape ``was`` and does not fit ``now``: a tensor
+    of that many dims, each of its sizes 1 or ``was``'s (AdamW's moments, torch Adafactor's
+    row and column factors), one of them a size that ``now`` changed (a review: a check of
+    the parameter's shape alone refused states the user had resized too)."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.dim() != len(was):
+        return False
+    sizes = tuple(v.shape)
+    return all(n in (1, w) for n, w in zip(sizes, was)) and any(
+        n != 1 and n == w != m for n, w, m in zip(sizes, was, now))
+
+
 def _foreign_hooks(opt: Optimizer) -> bool:
     """Whether a step hook other than flora's own may run in ``opt.step()``: the
     optimizer's, or torch's global ones (torch keeps them in private dicts: where one is
@@ -144,16 +156,17 @@ class FusedStepper:
 
     def _refuse_resized(self) -> None:
         """A parameter resized since its last step (``p.data = ...``,
-        ``resize_token_embeddings``) whose state this optimizer still holds (a tensor of
-        1+ dims; a step counter fits any shape): its step would
+        ``resize_token_embeddings``) whose state this optimizer still holds in the old shape
+        (:func:`_fits_only`; a step counter, or a state the user resized too, fits): its step would
         fail on the state's old shape with torch's size error, after the parameters whose
         gradients came first had stepped (a probe: AdamW, 3 of 4 parameters moved, the
         resized one's weight decay applied). Refused before the cycle steps anything."""
         state = self.optimizer.state
         for ref, was in list(self._stepped_shapes.values()):
             p = ref()
-            if p is not None and tuple(p.shape) != was and any(
-                    isinstance(v, torch.Tensor) and v.dim() > 0 for v in state.get(p, {}).values()):
+            if p is None or not p.requires_grad or tuple(p.shape) == was:  # frozen: it will not step
+                continue
+            if any(_fits_only(v, was, tuple(p.shape)) for v in state.get(p, {}).values()):
                 name = self.names.get(id(p), f"of shape {tuple(p.shape)}")
                 raise ValueError(
                     f"fused=True: parameter {name!r} has shape {tuple(p.shape)}, but "

@@ -105,7 +105,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                                         _list(p, "--baselines", a.baselines, baseline))
 
 
-def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) -> dict:
+def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool, ran: bool = True) -> dict:
     # the tasks asked for, in every output alike (results.md had them, the CSV and JSON every task run)
     rows = [r for r in runner.read_log(out / "runs.jsonl") if r["task"] in tasks]
     adamw = json.loads((out / "adamw_state.json").read_text()) if (out / "adamw_state.json").exists() else {}
@@ -127,7 +127,7 @@ def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool) 
                                            "ranking": ranks, "adamw_state_bytes": adamw, "runs": len(rows)})
     if plots:
         score.plot(out / "loss_vs_state.png", chosen, tasks, kappa)
-    elif (out / "loss_vs_state.png").exists():  # drawn from an earlier state of the log: it would disagree
+    elif ran and (out / "loss_vs_state.png").exists():  # drawn before this session's runs: it would disagree
         (out / "loss_vs_state.png").unlink()
         core.say(f"flora-bench suite --no-plots: removed {out / 'loss_vs_state.png'}, drawn from earlier runs")
     return {"markdown": md, "chosen": chosen, "ranking": ranks, "failed": failed}
@@ -151,15 +151,19 @@ def set_aside(log: Path) -> Path:
     files made from it go with it (results.previous.md, ...): left, they described the old
     runs beside the new log until the new report replaced them (a probe: an interrupted
     run left them so)."""
+    def names(n):
+        suffix = "previous" if n == 1 else f"previous.{n}"
+        return [log.with_name(f"runs.{suffix}.jsonl")] + [
+            log.with_name(f"{Path(name).stem}.{suffix}{Path(name).suffix}") for name in REPORT_FILES]
+
     n = 1
-    while (dest := log.with_name(f"runs.previous{'' if n == 1 else f'.{n}'}.jsonl")).exists():
+    while any(f.exists() for f in names(n)):  # a free number for the log and its reports alike
         n += 1
+    dest, *reports = names(n)
     log.rename(dest)
-    suffix = "previous" if n == 1 else f"previous.{n}"
-    for name in REPORT_FILES:
-        f = log.with_name(name)
-        if f.exists():
-            f.rename(f.with_name(f"{f.stem}.{suffix}{f.suffix}"))
+    for name, to in zip(REPORT_FILES, reports):
+        if (f := log.with_name(name)).exists():
+            f.rename(to)
     return dest
 
 
@@ -246,7 +250,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     elif (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())
         kappa = primary_kappa(a, meta)
-    res = report(out, a.task_list, kappa, meta, plots=not a.no_plots)
+    res = report(out, a.task_list, kappa, meta, plots=not a.no_plots, ran=not a.report_only)
     print(res["markdown"])
     rows = runner.read_log(out / "runs.jsonl")
     if not a.report_only and rows and not any(r.get("status") in ("ok", "diverged") for r in rows):

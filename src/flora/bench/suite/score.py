@@ -258,6 +258,27 @@ def _fmt(m, s, digits=4):
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
+def _baselines_missing(chosen, gap, tasks) -> list[str]:
+    """Lines naming the tasks without a floor or a target result and what leaves them out:
+    the tables below had come out as headers alone (a probe), and a note that said both
+    were missing where one was had misled (a review)."""
+    out = []
+    for task in tasks:
+        if gap.get(task):
+            continue
+        has = {name: (c := _find(chosen, task, name)) is not None and c["test_loss"] is not None
+               for name in (FLOOR, TARGET)}
+        if not has[FLOOR] and not has[TARGET]:
+            out.append(f"- {task}: neither the floor nor the target has a result: no gap, ranking or goal check")
+        elif not has[TARGET]:
+            out.append(f"- {task}: the target (`{TARGET}`) has no result: no gap, goal check or win-matrix "
+                       "position (the ranking, against the floor, keeps it)")
+        else:
+            out.append(f"- {task}: the floor (`{FLOOR}`) has no result: no gap, ranking, goal check or win-matrix "
+                       "position")
+    return ["", "Missing baselines (run them with `--baselines`):", ""] + out if out else []
+
+
 def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int = KAPPA,
              failures: list[dict] = (), command: str = "") -> str:
     """The report; ``kappa``: the primary one (goal check, dominance, unlabelled win-matrix rows);
@@ -286,11 +307,7 @@ def markdown(chosen, gap, ranks, adamw, tasks, meta_line: str = "", kappa: int =
             else:
                 gap_s = f"{g['gap']:.4f}"
             lines.append(f"| {task} | {g['floor']:.4f} | {g['target']:.4f} | {gap_s} | {std} | {verdict} |")
-    no_floor = [t for t in tasks if not gap.get(t)]
-    if no_floor:  # the ranking and the goal check need them: a table of headers alone read as a result (a probe)
-        lines += ["", f"No floor or target (Adafactor `beta1=None` and `beta1=0.9`, as `--baselines` gives them) ran "
-                      f"on {', '.join(no_floor)}: the rankings and goal checks below leave {'it' if len(no_floor) == 1 else 'them'} "
-                      "out."]
+    lines += _baselines_missing(chosen, gap, tasks)
     notes = [f"- {c['task']} {c['optimizer']}" + (f" kappa {c['kappa']}" if c["kappa"] != primary else "")
              + f": {n}" for c in chosen for n in c.get("notes") or ()]
     if notes:
