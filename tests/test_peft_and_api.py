@@ -47,7 +47,8 @@ def test_nothing_compressed_counts_frozen_tensors_that_would_be():
     m.b.requires_grad_(False)
     m.base.bias.requires_grad_(True)
     with pytest.warns(UserWarning, match=r"no tensor keeps compressed momentum \(of those trainable now\).*"
-                                         r"; 3 frozen tensors would, if made trainable"):
+                                         r"; 3 frozen tensors would, if made trainable \(frozen base weights "
+                                         r"under an adapter, or an inactive adapter\)"):  # base weights first: Z47
         flora.Flora(m.parameters(), lr=1e-3, rank=8, beta1=0.9)
     with pytest.warns(UserWarning) as seen:  # nothing frozen would be: said as before
         flora.Flora([m.base.bias], lr=1e-3, rank=8, beta1=0.9)
@@ -195,6 +196,31 @@ def test_a_group_with_lr_none_takes_the_relative_step():
     ps = [nn.Parameter(torch.randn(8, 8)) for _ in range(2)]
     opt = flora.Flora([{"params": ps[:1], "lr": None}, {"params": ps[1:]}], lr=1e-3)
     assert [(g["lr"], g["relative_step"]) for g in opt.param_groups] == [(None, True), (1e-3, False)]
+
+
+def test_groups_that_each_give_an_lr_need_none_from_flora():
+    """(Probe Z47.) LoRA+'s groups, A and B at their own lrs, with relative_step=False and no
+    lr given to Flora, were refused by the check of Flora's own default (HF Adafactor takes
+    them); a group without an lr of its own is still refused, saying what to give."""
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(8, 32)), nn.Parameter(torch.randn(32, 8))
+    kw = dict(relative_step=False, scale_parameter=False, warmup_init=False)
+    opt = flora.Flora([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 16e-3}], **kw)
+    a2, b2 = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    hf = Adafactor([{"params": [a2], "lr": 1e-3}, {"params": [b2], "lr": 16e-3}], **kw)
+    for _ in range(3):
+        for p, q in ((a, a2), (b, b2)):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        hf.step()
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    opt.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=r"lr must be a non-negative number when relative_step=False \(give Flora an "
+                                         r"lr, or each parameter group its own\)"):
+        flora.Flora([{"params": [a], "lr": 1e-3}, {"params": [b]}], **kw)
 
 
 def test_a_deep_copy_of_a_fused_model_is_not_watched():

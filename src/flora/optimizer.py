@@ -201,7 +201,10 @@ class Flora(Optimizer):
             foreach=foreach,
         )
         defaults = {k: plain_option(k, v) for k, v in defaults.items()}  # numpy numbers as Python's (checkpoints)
-        _validate_group(defaults, read_tensors=True)
+        # no lr with relative_step=False: each group must give its own (LoRA+'s A and B groups;
+        # HF Adafactor takes them, and so does every group's own check below: a probe)
+        _validate_group(defaults if lr is not None or relative_step else {**defaults, "lr": 0.0},
+                        read_tensors=True)
         if not (compile is True or compile is False or compile is None or isinstance(compile, str)
                 or callable(compile)):
             raise TypeError(f"compile must be True, False (or None: eager), a torch.compile backend name or "

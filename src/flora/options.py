@@ -296,7 +296,8 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
                          "False) or pass relative_step=False with it; a scheduler built on a Flora with lr=None "
                          "(the default) writes its own lr into the groups")
     if lr is None and not rel:
-        raise ValueError("lr must be a non-negative number when relative_step=False")
+        raise ValueError("lr must be a non-negative number when relative_step=False (give Flora an lr, or each "
+                         "parameter group its own)")
     if not isinstance(group["warmup_init"], bool):
         raise TypeError(f"warmup_init must be True or False, got {group['warmup_init']!r}")
     if group["warmup_init"] and not rel:
