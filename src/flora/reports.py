@@ -109,8 +109,8 @@ def warn_if_nothing_compressed(opt) -> None:
         key = "projected dim <= " + reason.split(" <= ")[1] if reason.startswith("projected dim") else reason
         reasons[key] = reasons.get(key, 0) + 1
     said = "; ".join(f"{k} ({v} tensor{'s' * (v > 1)})" for k, v in reasons.items())
-    also = (f"; {later} frozen tensor{'s' * (later > 1)} would, if made trainable (frozen base weights under an adapter, or an inactive adapter)"
-            if later else "")
+    also = (f"; {later} frozen tensor{'s' * (later > 1)} would, if made trainable (frozen base weights under an "
+            "adapter, or an inactive adapter)" if later else "")
     warn(f"Flora: a rank is set but no tensor keeps compressed momentum (of those trainable now): {said}{also}. "
          "See Flora.summary(); compression needs beta1 set and a projected dimension above the rank.",
          UserWarning)
