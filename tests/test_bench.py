@@ -1389,3 +1389,17 @@ def test_an_lr_on_fewer_seeds_does_not_rescue_an_optimizer_that_diverged_at_ever
         runs.append(r)
     row = _chosen(runs)[0]
     assert not row.ok and row.run.lr in (1e-3, 2e-3)
+
+
+def test_train_workers_and_threads_follow_the_cores_this_process_may_use(monkeypatch):
+    """(Review.) flora-bench train counted the machine's cores (os.cpu_count), not the ones a
+    pinned process may use: two workers on one allowed core, each with the machine's share."""
+    import argparse
+
+    from flora.bench import train
+
+    args = argparse.Namespace(workers=None)
+    monkeypatch.setattr(core, "usable_cores", lambda: 1)
+    assert train.workers_for(args, "cpu", True) == 1
+    monkeypatch.setattr(core, "usable_cores", lambda: 4)
+    assert train.workers_for(args, "cpu", True) == 2

@@ -186,3 +186,4 @@ def test_replicas_bad_input(argv, words, capsys):
     with pytest.raises(SystemExit):
         main(["accum-memory", "--size", "smoke"] + argv)
     assert words in capsys.readouterr().err
+

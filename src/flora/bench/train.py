@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -330,7 +329,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     runner = Runner(isolate=not args.no_isolate, device=device)
     workers = workers_for(args, device, runner.isolate)
     if workers > 1:  # each run gets its share of the cores' threads, and no per-step bar (they would clash)
-        share = max(1, (os.cpu_count() or 1) // workers)
+        share = max(1, core.usable_cores() // workers)  # the cores this process may use (taskset)
         jobs = [dataclasses.replace(j, threads=args.threads or min(j.threads or share, share), progress=False)
                 for j in jobs]
     meta["workers"] = workers
@@ -371,7 +370,7 @@ def workers_for(args, device: str, isolated: bool) -> int:
     than one 2-thread run after another), else 1 (a GPU, or runs in this process)."""
     if args.workers is not None:
         return args.workers
-    return 2 if device == "cpu" and isolated and (os.cpu_count() or 1) >= 2 else 1
+    return 2 if device == "cpu" and isolated and core.usable_cores() >= 2 else 1
 
 
 def _run_jobs(jobs: list, runs: list, *, workers: int, runner, cfgs, cache: Path, seed: int, seeded: bool,
