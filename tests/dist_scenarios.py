@@ -1028,9 +1028,12 @@ def fsdp_accumulator(rank, world):
                 ropt.zero_grad()
         got = _full(model)
         plan = {r["name"]: r.get("proj_dim") for r in acc.plan()}
+        local = dict(model.named_parameters())  # plan's buffer shape: this rank's rows, as held
+        buffers = {r["name"]: [list(r["buffer_shape"]), list(local[r["name"]].to_local().shape)]
+                   for r in acc.plan() if r["compressed"]}
         out[f"exact_last={exact_last}"] = {
             "diff": max((got[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters()),
-            "plan": plan}
+            "plan": plan, "buffers": buffers}
         acc.remove()
         racc.remove()
     errors = {}

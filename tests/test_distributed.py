@@ -274,6 +274,10 @@ def test_fsdp2_compressed_accumulator_equals_one_process(results):
             assert r[case]["diff"] <= TOL, (case, r[case]["diff"])
             plan = r[case]["plan"]
             assert plan["a.weight"] == 1 and plan["c"] == 1  # the unsharded columns, compressed locally
+            # plan()'s buffer_shape is the partial sum this rank holds: its rows by rank 3 (a probe:
+            # it had given the global rows)
+            for name, (buf, rows) in r[case]["buffers"].items():
+                assert buf == [rows[0], 3], (name, buf, rows)
         errors = r["errors"]
         assert "unsharded columns" in errors["{'proj_dim': 0}"]
         assert "FSDP2" in errors["{'reduce': True}"]

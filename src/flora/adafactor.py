@@ -1,7 +1,8 @@
 """Adafactor's arithmetic (Shazeer and Stern, 2018) as plain functions.
 
 Written to follow ``transformers.optimization.Adafactor`` operation for operation, so
-that Flora with compression off equals it number for number.
+that Flora with compression off equals it number for number on the single-tensor path
+(``foreach=False``); the grouped path stacks parameters and equals it to float rounding.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ def _encode(value) -> int:
         return _MASK64
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, float):
+    if isinstance(value, float) and value.is_integer():  # 2.0 and 2 behave alike: agree
+        value = int(value)
+    elif isinstance(value, float):
         return struct.unpack("<Q", struct.pack("<d", value))[0]
     if isinstance(value, str):
         return sum(ord(ch) << (8 * i) for i, ch in enumerate(value[:8]))

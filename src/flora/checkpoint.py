@@ -11,7 +11,8 @@ import torch
 
 from .adafactor import factored_dims
 from .compression import momentum_storage
-from .options import ALGORITHM_KEYS, CORE_KEYS, momentum_dim, momentum_reason, upgrade_group, validate_group
+from .options import (ALGORITHM_KEYS, CORE_KEYS, group_names, momentum_dim, momentum_reason, upgrade_group,
+                      validate_group)
 from .projection import is_stack, one_matrix, state_dtype
 from . import sharded
 from .state import COUNTERS, check_loaded_entries, check_state_shapes, count_value
@@ -212,7 +213,7 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     if not isinstance(states, dict):
         raise ValueError(f"state_dict['state'] must be a dict (parameter id -> its state), got "
                          f"{type(states).__name__}: not an optimizer's state_dict")
-    names = {id(q): n for g in opt.param_groups for q, n in zip(g["params"], g.get("param_names") or ())}
+    names = {id(q): n for g in opt.param_groups for q, n in zip(g["params"], group_names(g))}
     shard_damage: dict = {}  # FSDP2: a shard's damage, refused on every process together
     refused = None  # this process's refusal of a state: under FSDP2, agreed on before it is raised
     try:

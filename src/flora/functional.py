@@ -343,8 +343,9 @@ def run(work: Work, t: int | None) -> None:
 
 
 def _scalars(spec: Spec, t, device) -> tuple[Any, Any]:
-    """``(beta2_t, 1 - beta1^t)``: Python floats from the host's count, or device tensors
-    from the counter (float64, as the host's; float32 where the device has none)."""
+    """``(beta2_t, 1 - beta1^t)``: Python floats from the host's count, or tensors from
+    the counter ``t`` in its dtype (``scalar_dtype``: float64, as the host's; float32 where
+    the device has none). ``device`` is unused."""
     bias = None
     if spec.beta1 is not None:
         bias = af.bias_correction(spec.beta1, t)
@@ -870,9 +871,9 @@ def bucket_key(p: torch.Tensor, state: dict) -> tuple:
 BUCKET_NUMEL = 1 << 25
 
 
-def buckets(entries: list[tuple[torch.Tensor, dict, int]], max_numel: int | None = None,
+def buckets(entries: list[tuple[torch.Tensor, dict, int, dict]], max_numel: int | None = None,
             max_count: int | None = None):
-    """Split ``(param, state, index)`` entries of one group into lists that
+    """Split ``(param, state, index, group)`` entries into lists that
     :func:`grouped_core` can take, none above ``max_numel`` gradient elements (default
     ``BUCKET_NUMEL``; unless a single parameter is) nor ``max_count`` parameters. With
     ``max_count``, the parameters of one key are split in parts of two sizes at most

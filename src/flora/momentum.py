@@ -1,8 +1,9 @@
 """First-moment rules: dense (Adafactor's) and compressed (``MOMENTUM_FORMS``).
 
-``paper_momentum_``, ``exact_momentum_`` and ``subspace_momentum_`` state the forms
-plainly (the reference); the optimizer uses ``compressed_step_``, which computes the
-same thing (tested) in one pass.
+The ``*_momentum_`` functions (one per form of ``MOMENTUM_FORMS``) state the forms
+plainly: they are the reference, used by the tests only. The optimizer's paths call
+``compressed_step_`` (or its parts, ``compressed_apply_``), which computes the same
+thing (tested) in one pass.
 
 Each takes this step's update ``u`` and returns the update to apply; state tensors are
 changed in place. ``a`` is the current projection, ``dim`` the projected dimension.

@@ -36,11 +36,6 @@ from ._warn import warn
 
 _PARAMS = operator.itemgetter("params")
 
-# Attributes rebuilt empty after deepcopy, pickle and load_state_dict: never state.
-_RUNTIME = ("_proj_cache", "_skips", "_where", "_device_steps", "_lr_tensors", "_lr_views", "_workspace",
-            "_transposed", "_factor_dims_seen", "_stacks", "_states_seen", "_shapes_checked",
-            "_groups_checked", "_groups_validated", "_options_checked", "_stepped_under", "_layout_warned", "_taken", "_constants_seen", "_foreign_warned")
-
 # The group options a compiled core takes as constants (functional.Spec): each new value
 # compiles new graphs (lr is handed to the graph as a tensor instead).
 _GRAPH_CONSTANTS = ("beta1", "eps", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter",
@@ -184,6 +179,9 @@ class Flora(Optimizer):
             raise ValueError(f"Flora has no momentum={momentum!r}: the momentum coefficient is beta1 (beta1=0.9; "
                              "None: no first moment); momentum_form names how it is compressed")
         if momentum is not None:
+            if momentum_form not in ("floored", momentum):  # floored: the default, not given
+                raise ValueError(f"Flora got momentum={momentum!r} and momentum_form={momentum_form!r}: "
+                                 "momentum= is momentum_form='s old name; give momentum_form= alone")
             warn("Flora(momentum=...) is renamed momentum_form=...: torch's cyclic schedulers write "
                  "a 'momentum' option of their own", FutureWarning)
             momentum_form = momentum
@@ -291,8 +289,8 @@ class Flora(Optimizer):
         # torch's load_state_dict calls this with the state and the groups alone: the
         # optimizer keeps how it steps (compile=...). An unpickled one (no attributes yet)
         # pickled before these options existed steps eagerly, as it did.
-        for k in ("_compile", "_kernel"):
-            state.setdefault(k, getattr(self, k, None))
+        for k in ("_compile", "_kernel", "_relative_step_given"):
+            state.setdefault(k, getattr(self, k, None if k != "_relative_step_given" else False))
         super().__setstate__(state)
         _upgrade_group(self.defaults)  # new groups step as this optimizer's did when it was pickled
         for group in self.param_groups:  # options added or renamed since it was pickled
@@ -314,8 +312,10 @@ class Flora(Optimizer):
         # How it steps (compile=...) is kept: torch's own state holds groups and state only.
         if hasattr(self, "_stepped_under"):
             self._check_layouts("a copy or pickle of Flora", saving=True)
-        out = {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
-        out.update(_compile=self._compile, _kernel=self._kernel)
+        out = super().__getstate__()  # torch's: defaults, state and param_groups alone
+        # an explicit relative_step holds for groups added later (add_param_group), in a copy too
+        out.update(_compile=self._compile, _kernel=self._kernel,
+                   _relative_step_given=getattr(self, "_relative_step_given", False))
         return out
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -327,8 +327,12 @@ class Flora(Optimizer):
             params = list(params)  # a generator can be read once: read it here, for torch and for us
         param_group["params"] = params
         if isinstance(param_group.get("momentum"), str):
+            if param_group.get("momentum_form", param_group["momentum"]) != param_group["momentum"]:
+                raise ValueError(f"a parameter group gives momentum={param_group['momentum']!r} and "
+                                 f"momentum_form={param_group['momentum_form']!r}: 'momentum' is "
+                                 "'momentum_form''s old name; give 'momentum_form' alone")
             warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning)
-            _upgrade_group(param_group, saved=False)
+            param_group.setdefault("momentum_form", param_group.pop("momentum"))
         _check_foreign_keys(param_group)
         options = sorted(k for k in param_group if k not in ("params", "weight_decay"))
         if not isinstance(params, set) and len(params) == 0 and options:
@@ -466,8 +470,9 @@ class Flora(Optimizer):
         self._apply(plan)
 
     def _check_options_fit_state(self) -> None:
-        """A group whose ``factor_dims`` or ``rank`` changed since its last step (edited in
-        place) must not step a state of the other shape: refused, naming the option, before
+        """A group whose layout options (``_LAYOUT_KEYS``: factor_dims, rank, seed,
+        projection, proj_dim, max_aspect_ratio) changed since its last step (edited in
+        place) must not step a state of another shape or projection: refused, naming the option, before
         any change. Checked only when one changed, so a step costs a dict lookup."""
         for group in self.param_groups:
             key = _layout_key(group)
@@ -1037,7 +1042,8 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
 
     With ``rank=None`` (or ``beta1=None``) this is ``transformers.optimization.Adafactor``
     with the same arguments (on tensors of 3+ dims, such as conv kernels, with
-    ``factor_dims="last"``, HF's factoring). With a rank, each parameter of two or more dims whose
+    ``factor_dims="last"``, HF's factoring): number for number with ``foreach=False``, to
+    float rounding on the grouped path, which stacks parameters. With a rank, each parameter of two or more dims whose
     projected dimension exceeds ``rank`` keeps its momentum as an ``r x m`` or ``n x r``
     matrix ``M`` under a random ``r x d`` projection ``A``, regenerated from a seed and
     never stored: by default one with orthonormal rows (``projection="orthonormal"``);

@@ -307,7 +307,8 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
     check_real("beta1", group["beta1"], low=0.0, high=1.0, high_open=True, allow_none=True)
     eps = group["eps"]
     if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
-        raise TypeError(f"eps must be a pair (eps1, eps2) of positive numbers, got {eps!r}")
+        raise TypeError(f"eps must be a pair (eps1, eps2) of numbers, eps1 > 0 and eps2 >= 0 (> 0 with "
+                        f"scale_parameter=True), got {eps!r}")
     # eps1 = 0 divides by a zero row or column of a gradient (an unused embedding row): every
     # step of that tensor would be skipped as non-finite; eps2 = 0 under scale_parameter
     # scales the step of a zero-initialised weight (LoRA's B) to 0 for good

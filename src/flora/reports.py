@@ -11,7 +11,7 @@ import torch
 
 from . import sharded
 from .compression import momentum_storage
-from .options import momentum_dim, momentum_reason
+from .options import group_names, momentum_dim, momentum_reason
 from .projection import compressed_shape, matrix_shape
 from .sharded import is_dtensor
 from .state import free_index
@@ -32,13 +32,13 @@ def plan(opt) -> list[dict[str, Any]]:
     rows, index = [], 0
     taken = {st["index"] for st in opt.state.values() if "index" in st}
     for gi, group in enumerate(opt.param_groups):
-        names = group.get("param_names")  # torch keeps them when given named_parameters()
+        names = group_names(group)  # torch keeps them when given named_parameters(); Nones otherwise
         for j, p in enumerate(group["params"]):
             shape = tuple(p.shape)
             reason = momentum_reason(shape, group)
             st = opt.state[p] if p in opt.state else {}
             pinned = st["index"] if "index" in st else free_index(index, taken, opt.param_groups)
-            row = {"index": pinned, "name": names[j] if names else None, "group": gi, "shape": shape,
+            row = {"index": pinned, "name": names[j], "group": gi, "shape": shape,
                    "compressed": reason is None,
                    "frozen": not p.requires_grad, "stepped": bool(st), "device": str(p.device),
                    "momentum_dtype": None if group["beta1"] is None

@@ -310,6 +310,12 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict, name: str | None =
             "set_state_dict(..., full_state_dict=True) does when a matrix kept dense where the checkpoint was saved "
             "is compressed here, e.g. one process's proj_dim='auto' and FSDP2's). Save and load with the same "
             "proj_dim (docs/distributed.md: proj_dim=1 in one process) or load with torch.distributed.checkpoint")
+    if len(shape) >= 2 and "exp_avg_sq" in s:  # the step keeps a matrix's second moment factored, as HF's does
+        raise ValueError(
+            f"state_dict holds an unfactored second moment ('exp_avg_sq' of shape {tuple(s['exp_avg_sq'].shape)}) "
+            f"for {_which(shape, name)}: Flora, like HF Adafactor, keeps a tensor of 2 or more dims as row and "
+            "column factors (exp_avg_sq_row, exp_avg_sq_col). It was saved by another optimizer, or from a model "
+            "whose parameter had fewer dims, or with the parameters in another order (build the groups as then)")
     expected = {"exp_avg": shape, "exp_avg_sq": shape}
     if len(shape) >= 2:
         expected["exp_avg_sq_row"], expected["exp_avg_sq_col"] = factored_shapes(shape, group["factor_dims"])

@@ -285,7 +285,8 @@ class CompressedAccumulator:
     def plan(self) -> list[dict[str, Any]]:
         """One row per attached parameter: ``name``, ``index`` (keys the projection
         seeds), ``shape``, ``compressed`` and, when compressed, ``proj_dim`` and
-        ``buffer_shape`` (its ``n x r`` or ``r x m`` partial sum); ``reason`` where it is
+        ``buffer_shape`` (its ``n x r`` or ``r x m`` partial sum; under FSDP2 this process's
+        rows); ``reason`` where it is
         dense (``"rank=None"``, ``"1-D"``, ``"excluded"``, ``"projected dim 1 <= rank 4"``,
         ...) or projects other than the rule would (an embedding with ``padding_idx``)."""
         return [plan_row(s, self.rank) for s in self._engine.slots]

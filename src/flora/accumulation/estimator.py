@@ -121,7 +121,7 @@ def plan_row(slot: Slot, rank: int | None) -> dict:
     s = slot
     row = {"name": s.name, "index": s.index, "shape": tuple(s.param.shape), "compressed": s.dim is not None}
     if s.dim is not None:
-        row.update(proj_dim=s.dim, buffer_shape=compressed_shape(s.param.shape, rank, s.dim))
+        row.update(proj_dim=s.dim, buffer_shape=buffer_shape(s, rank))  # this process's (FSDP2: its rows)
     if s.reason is not None:
         row["reason"] = s.reason
     return row
