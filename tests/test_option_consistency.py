@@ -103,3 +103,64 @@ def test_processes_giving_an_option_as_int_and_as_equal_float_agree():
     assert _encode(2) == _encode(2.0) and _encode(0) == _encode(0.0)
     assert _encode(2.0) != _encode(2.5) and _encode(float("inf")) != _encode(float("nan"))
     assert _encode(True) != _encode(2.0) and _encode(None) != _encode(1.0)
+
+
+def test_an_optimizer_unpickled_where_no_flora_was_built_compiles_its_step(tmp_path):
+    """torch.compile(opt.step) traces around Flora's eager prelude, which is marked for
+    dynamo when a Flora is built. An optimizer unpickled in a fresh process (a copy sent
+    to a worker, torch.save of the whole object) had never marked it: dynamo failed inside
+    the prelude with a bare IndexError (probe Z51)."""
+    import os
+    import subprocess
+    import sys
+
+    import flora
+    w, _ = _params()
+    opt = Flora([w], lr=1e-2, rank=2, beta1=0.9)
+    path = tmp_path / "opt.pkl"
+    path.write_bytes(pickle.dumps(opt))
+    w.grad = torch.ones_like(w)
+    opt.step()
+    want = w.detach().clone()
+    code = ("import pickle, sys, torch; opt = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "p = opt.param_groups[0]['params'][0]; p.grad = torch.ones_like(p); "
+            "torch.compile(opt.step, backend='eager')(); torch.save(p.detach(), sys.argv[2])")
+    src = os.path.dirname(os.path.dirname(flora.__file__))
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "w.pt")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "w.pt"), want)
+
+
+def test_state_dict_pre_hooks_run_before_floras_own_checks_once():
+    """torch's contract: a state_dict pre-hook runs before state_dict does anything. Flora
+    had run its clean-up first, so a numpy lr a hook wrote reached the checkpoint (which
+    torch.load(weights_only=True) then refused), and a hook could not drop the state of a
+    parameter taken out of its group before Flora refused it (probe Z51)."""
+    import io
+
+    import numpy as np
+    w, b = _params()
+    opt = Flora([w, b], lr=1e-3)
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    opt.step()
+    calls = []
+
+    def hook(o):
+        calls.append(1)
+        o.param_groups[0]["lr"] = np.float64(5e-3)
+
+    handle = opt.register_state_dict_pre_hook(hook)
+    sd = opt.state_dict()
+    assert calls == [1] and type(sd["param_groups"][0]["lr"]) is float
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["param_groups"][0]["lr"] == 5e-3
+    handle.remove()
+    opt.state_dict()
+    assert calls == [1]  # removed: not run again
+    opt.param_groups[0]["params"][:] = [w]
+    opt.register_state_dict_pre_hook(lambda o: o.state.pop(b))  # AdamW takes this; so does Flora now
+    assert len(opt.state_dict()["state"]) == 1

@@ -50,7 +50,7 @@ import torch
 
 from . import adafactor as af
 from .kernels import adafactor as fk
-from .momentum import _scalar_dtype, compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
+from .momentum import compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
 from .compression import momentum_storage
 from .rounding import AFTER_STEP, AFTER_TRANSFER, noise_table, stochastic_bfloat16, to_stored
 from .projection import matrix_shape, state_dtype, transfer
@@ -750,7 +750,7 @@ def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias, t) -> tuple:
     c_st = _stack(moms)
     c = _wide(c_st, cu.dtype)
     c_before = c.clone()
-    sdt = _scalar_dtype(cu.device)
+    sdt = af.scalar_dtype(cu.device)
     terms = compressed_terms(c, cu, a, spec.dim, isometric=spec.isometric, dtype=sdt)
     n, m = matrix_shape(spec.shape)
     xa, coef = compressed_apply_(spec.form, c, None, cu, a, spec.dim, spec.beta1, lr, spec.clip_threshold,

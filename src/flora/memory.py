@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Iterable
 
 import torch
 from torch.optim import Optimizer
 
+from ._validation import _is_int
 from .adafactor import factored_shapes
 from .compression import check_momentum_dtype, compressed_dim, momentum_storage
 from .projection import compressed_shape, state_dtype
@@ -128,10 +128,6 @@ def _parameter_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _shape_list(shapes) -> list[tuple]:
     """``shapes`` as a list of tuples; one shape given alone (``(30, 40)``, a ``torch.Size``),
     a tensor or anything that holds no shapes is a TypeError that says what to pass (before
@@ -184,7 +180,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     dtype = _parameter_dtype(dtype)
     total = moment = 0
     for shape in _shape_list(shapes):
-        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not all(_is_int(d) and d >= 0 for d in shape):
             raise ValueError(f"flora_state_bytes: a shape must hold non-negative integers, got {shape}")
         numel = math.prod(shape)
         if len(shape) >= 2:

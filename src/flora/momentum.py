@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .adafactor import scalar_dtype
 from .projection import _bcast, as_matrix, compress, decompress, decompress_add_, overlap, transfer
 
 MOMENTUM_FORMS = ("paper", "exact", "subspace", "scaled", "adaptive", "fixed", "floored")
@@ -174,10 +175,6 @@ def _msum(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=-2).sum(dim=-1) if x.shape[-2] >= x.shape[-1] else x.sum(dim=-1).sum(dim=-1)
 
 
-def _scalar_dtype(device: torch.device) -> torch.dtype:
-    # The r-sized coefficients are formed in float64 (cancellation in |out|^2), except
-    # where the device has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def compressed_step_(
@@ -223,7 +220,7 @@ def compressed_step_(
     um = u if batched else as_matrix(u)
     cu = compress(um, a, dim)  # C(u), unscaled
     norm = torch.linalg.vector_norm(um, dim=(-2, -1)) if u_norm is None else u_norm
-    sdt = _scalar_dtype(u.device)
+    sdt = scalar_dtype(u.device)  # the r-sized coefficients: float64 (cancellation in |out|^2)
     terms = compressed_terms(c, cu, a, dim, isometric=isometric, dtype=sdt)
     um = compressed_apply_(form, c, um, cu, a, dim, beta, lr, clip, u_sq=norm.to(sdt).square(), terms=terms,
                       numel=um.shape[-2] * um.shape[-1], isometric=isometric, bias_correction=bias_correction, ok=ok,

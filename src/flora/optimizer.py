@@ -4,6 +4,7 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 import warnings
 from typing import Any, Iterable
 
@@ -291,6 +292,7 @@ class Flora(Optimizer):
         # pickled before these options existed steps eagerly, as it did.
         for k in ("_compile", "_kernel", "_relative_step_given"):
             state.setdefault(k, getattr(self, k, None if k != "_relative_step_given" else False))
+        _install_prelude()  # unpickled in a process that built no Flora: torch.compile(opt.step) needs it
         super().__setstate__(state)
         _upgrade_group(self.defaults)  # new groups step as this optimizer's did when it was pickled
         for group in self.param_groups:  # options added or renamed since it was pickled
@@ -1016,7 +1018,12 @@ class Flora(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict``, with option values a scheduler wrote since the last step
         in another library's number types (numpy's, from a ``LambdaLR``'s lambda) made
-        Python's first: it holds tensors and plain values only (``weights_only=True``)."""
+        Python's first: it holds tensors and plain values only (``weights_only=True``).
+        Pre-hooks (``register_state_dict_pre_hook``) run first, as torch's contract says, so
+        that what they write is made plain and checked too."""
+        pre_hooks = self._optimizer_state_dict_pre_hooks
+        for hook in list(pre_hooks.values()):
+            hook(self)
         for group in self.param_groups:
             plain_group(group)
         held = {id(q) for g in self.param_groups for q in g["params"]}
@@ -1030,7 +1037,11 @@ class Flora(Optimizer):
                              "param group (taken out of a group's list after they stepped). Drop their state first "
                              "(opt.state.pop(p) for each), or put them back into a group")
         self._check_layouts("state_dict()", saving=True)
-        return super().state_dict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()  # run above: not twice
+        try:
+            return super().state_dict()
+        finally:
+            self._optimizer_state_dict_pre_hooks = pre_hooks
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         checkpoint.load_state_dict(self, state_dict, super().load_state_dict)
