@@ -280,7 +280,7 @@ def test_arguments_found_by_a_probe_of_the_public_api():
         flora_state_bytes([(20, 30)], rank=4, beta1=0.9, proj_dim=0)
     with pytest.raises(ValueError, match=r"decompress: size must be a non-negative int .* got '30'"):
         decompress(torch.randn(20, 8), make_projection("coordinates", 3, 8, 30), 1, size="30")
-    with pytest.raises(TypeError, match=r"eps must be a pair \(eps1, eps2\) of positive numbers"):
+    with pytest.raises(TypeError, match=r"eps must be a pair \(eps1, eps2\) of numbers, eps1 > 0 and eps2 >= 0"):
         Flora([p], lr=1e-3, eps=(1e-30,))
     with pytest.raises(ValueError, match=r"lr must be None when relative_step=True .* got 0\.001"):
         Flora([{"params": [p], "lr": 1e-3}], lr=None, relative_step=True)

@@ -260,6 +260,7 @@ class CompressedAccumulator:
         # let the optimizer go (a probe: a replaced optimizer and its state, 2x the model
         # for AdamW, lived as long as the accumulator object)
         eng.optimizer = None
+        eng.removed = True  # its options can no longer be set (they would be checked against no optimizer)
         if eng.stepper is not None:
             eng.stepper.optimizer = None
 

@@ -2,8 +2,9 @@
 ``torch.load(weights_only=True)``). Keys: ``rank``, ``tau``, ``seed``, ``proj_dim``,
 ``projection``, ``exact_last``, ``cycle``, ``backwards``, ``indices`` (parameter positions),
 ``dims`` (each parameter's projected dimension, -1 where dense; since 2026-12-04: a resume
-under another layout is said), ``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate`` and
-``driven`` (0 or 1: whether accelerate's sync flag ends the open cycle, and every cycle),
+under another layout is said), ``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate``,
+``driven`` and ``unsynced`` (0 or 1: whether accelerate's sync flag ends the open cycle,
+every cycle, and the next one; ``unsynced`` since 2026-12-05),
 ``compressed`` and ``dense`` (partial sums by parameter position), ``world_size`` and
 ``process_index`` (torch.distributed's default group when saved, 1 and 0 without it; since
 2026-12-05: each process's partial sums cover its share of the batch, so a mid-cycle state
@@ -54,6 +55,13 @@ def state_dict(eng: Engine) -> dict[str, Any]:
                            f"for some parameters; {lagging} got gradients in fewer micro-batches). Close it "
                            "first with optimizer.step() or acc.finish_cycle() (or drop it with "
                            "optimizer.zero_grad() or acc.discard_cycle()), then save")
+    if c.done:  # complete for some parameters, and no backward pass ended it: one raised midway
+        done = ", ".join(repr(eng.names[k]) for k in sorted(c.done)[:5])
+        raise RuntimeError(f"CompressedAccumulator.state_dict(): cycle {c.number} is complete for some parameters "
+                           f"({done}{', ...' if len(c.done) > 5 else ''}) but the backward pass that completed "
+                           "them did not finish (it raised?). Close the cycle with optimizer.step() or "
+                           "acc.finish_cycle(), or drop it with optimizer.zero_grad() or acc.discard_cycle(), "
+                           "then save")
     compressed, dense = {}, {}
     for k, s in enumerate(eng.slots):
         if not c.counts[k]:
@@ -76,6 +84,8 @@ def state_dict(eng: Engine) -> dict[str, Any]:
         "counts": torch.tensor(c.counts, dtype=torch.int64),
         # a resumed run's first cycle may be short: accelerate's sync must end it as it would have
         "follow_accelerate": int(c.follow_accelerate or c.unsynced), "driven": int(c.driven),
+        # and the cycle after it follows accelerate too where this one had an unsynced backward
+        "unsynced": int(c.unsynced),
         "compressed": compressed, "dense": dense, "world_size": world_size(), "process_index": process_index(),
     }
 
@@ -174,12 +184,16 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     if any(c < 0 or c >= o.tau for c in counts):
         raise ValueError(f"state_dict counts must lie in [0, tau={o.tau}); got {counts[:8]}...")
     _check_process(sd, counts)
-    for key in ("cycle", "backwards", "follow_accelerate", "driven"):
+    flags = ("follow_accelerate", "driven", "unsynced")
+    for key in ("cycle", "backwards") + flags:
         v = sd.get(key, 0)
         n = count_value(v)
-        if n is None or n < 0 or (key in ("follow_accelerate", "driven") and n > 1):
-            allowed = "0 or 1" if key in ("follow_accelerate", "driven") else "a non-negative integer"
+        if n is None or n < 0 or (key in flags and n > 1):
+            allowed = "0 or 1" if key in flags else "a non-negative integer"
             raise ValueError(f"state_dict[{key!r}] must be {allowed}, got {v!r}")
+    if count_value(sd.get("backwards", 0)) >= o.tau:  # a cycle is closed at its tau-th: never saved so
+        raise ValueError(f"state_dict['backwards'] must be below tau={o.tau} (backward passes of the open cycle), "
+                         f"got {sd.get('backwards')!r}: the checkpoint is damaged")
     for kind in ("compressed", "dense"):
         if not isinstance(sd[kind], dict):
             raise ValueError(f"state_dict[{kind!r}] must be a dict (parameter index -> partial sum), got "
@@ -228,17 +242,19 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     cycle = Cycle.start(len(slots), count_value(sd["cycle"]), bool(count_value(sd.get("follow_accelerate", 0))),
                         bool(count_value(sd.get("driven", 0))) or eng.cycle.driven)
     cycle.counts = counts
+    cycle.unsynced = bool(count_value(sd.get("unsynced", 0)))  # absent before 2026-12-05: as then
     if any(counts):  # mid-cycle (every replica alike): a DDP built since knows nothing of these
         cycle.loaded = {k for k, n in enumerate(counts) if n}
     # backward passes of the open cycle (the tau-th ends it even where no parameter got tau: experts
     # routed in turn); a state saved before every mode counted them holds 0: the most any slot got
-    cycle.backwards = count_value(sd.get("backwards", 0)) or max(counts)
+    cycle.backwards = max(count_value(sd.get("backwards", 0)), max(counts, default=0))
     eng.cycle = cycle
     for k, s in enumerate(slots):
         in_grad = s.dim is None and not o.fused  # a dense sum that lives in .grad (normal mode)
-        if (counts[k] and not in_grad) or (in_grad and live[k] and not counts[k]):
-            # the partial sum lives in the buffers here; or the live cycle's dense one, which
-            # the loaded state replaces as it replaces the compressed ones
+        if (counts[k] or live[k]) and not (in_grad and counts[k]):
+            # the partial sum lives in the buffers here; what the live cycle left in .grad (a
+            # dense sum, a placeholder, an estimate written for a lagging or done slot) is
+            # replaced by the loaded state (a dense sum loaded is written below)
             s.param.grad = None
     for i, t in sd["compressed"].items():
         k, s = by_index[i]

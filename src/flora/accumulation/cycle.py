@@ -39,7 +39,7 @@ class Cycle:
     # accelerate's flag read False in this cycle while not yet trusted (a stale flag left by
     # an earlier run, or this run's first window): live after all if it turns True
     doubted: bool = False
-    backwards: int = 0  # reduce=True: backward passes finished in this cycle
+    backwards: int = 0  # backward passes finished in this cycle (that accumulated)
     fused_checked: bool = False  # fused mode: the optimizer's trainable parameters checked this cycle
     options_checked: bool = False  # fused mode: flora.Flora's options checked before the cycle's first step
     # Normal mode: slot -> (the placeholder left in .grad of a compressed parameter between
@@ -76,9 +76,12 @@ class Cycle:
         return sum(1 for c in self.counts if c)
 
     def micro_step(self, reduce: bool) -> int:
-        """Backward passes seen: counted per pass with ``reduce=True``, else the most any
-        slot has seen."""
-        return self.backwards if reduce else max(self.counts)
+        """Backward passes seen: counted per pass with ``reduce=True``; else the passes
+        counted, or the most any slot has seen if more (a slot's count survives a discard
+        of others). Two experts routed alternately each see half the passes: the most a
+        slot saw alone had undercounted, and DDP's tau-th forward was refused as early (a
+        probe)."""
+        return self.backwards if reduce else max(self.backwards, max(self.counts, default=0))
 
     def lagging(self) -> list[tuple[int, int]]:
         """(slot, count) of the slots that got gradients but are not done."""
@@ -101,7 +104,8 @@ class Cycle:
         """A parameter resized mid-cycle (``p.data = `` a larger tensor: an embedding grown
         in place) cannot add to a partial sum of its old shape (before 2026-12-04: torch's
         size mismatch from inside the backward, a probe): refused, naming it. Between
-        cycles a resize is taken (the next cycle draws for the new shape)."""
+        cycles a resize is taken (the next cycle draws for the new shape), unless its
+        compressed side no longer exceeds the rank (``engine._refuse_uncompressible``)."""
         shape = tuple(param.shape)
         was = self.shapes.setdefault(k, shape)
         if was != shape:

@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _autocast
+from ..compression import dense_reason
 from ..sharded import is_dtensor
 from .cycle import Cycle, lag_message
 from .ddp import average_unrecorded, mean_over_replicas
@@ -40,6 +41,19 @@ def _reentrant_checkpoint_running() -> bool:
     return False
 
 
+def _refuse_uncompressible(slot: Slot, shape: tuple, rank: int) -> None:
+    """A parameter resized between cycles is compressed on the same side at its new shape
+    (the next cycle draws for it); one whose projected side no longer exceeds the rank
+    cannot be (before 2026-12-05: torch's error about the projection's rows from inside
+    the backward, a probe): refused, naming it."""
+    reason = dense_reason(shape, rank, proj_dim=slot.dim)
+    if reason is not None:
+        raise RuntimeError(
+            f"CompressedAccumulator: parameter {slot.name!r} was resized to {shape} since the accumulator was built, "
+            f"and its compressed side (proj_dim={slot.dim}) can no longer be compressed at rank={rank} ({reason}). "
+            "Build a new accumulator for the resized model (acc.remove() first)")
+
+
 class Engine:
     def __init__(self, opts: Options, slots: list[Slot], optimizer: Optimizer | None, ddp=None, model=None):
         self.opts, self.slots, self.optimizer = opts, slots, optimizer
@@ -59,6 +73,7 @@ class Engine:
         self.ddp_checked = opts.reduce or (not opts.fused and bool(self.sharded))
         self.ddp_guard = None
         self.last_grad_norm: torch.Tensor | None = None
+        self.compressible: dict[int, torch.Size] = {}  # slot -> the last shape it was found compressible at
         # Autograd runs each CUDA device's backward on its own thread: a model spread over
         # devices may run two hooks at once.
         self.lock = threading.Lock()
@@ -237,6 +252,9 @@ class Engine:
             check_fused_optimizer(self.optimizer, self.slots)
             c.fused_checked = True
             self.stepper.expect_step(g.device)
+        if slot.dim is not None and self.compressible.get(k) != p.shape:  # resized since it was checked?
+            _refuse_uncompressible(slot, tuple(p.shape), o.rank)
+            self.compressible[k] = p.shape
         c.check_shape(k, p, slot.name)  # a parameter resized mid-cycle
         c.follow_dtype(k, p, slot.dim is not None)  # a model cast mid-cycle
         if o.reduce:

@@ -4,8 +4,9 @@ Between backward passes a compressed matrix's partial sum is in a buffer and its
 holds a zero placeholder of one element (a stride-0 view); a dense parameter's partial sum
 is its ``.grad``. Plain ``zero_grad()`` replaces or zeroes either: that is how a discarded
 micro-batch is seen, with no hook on any optimizer or module. Fused mode keeps every
-``.grad`` None between cycles, and FSDP2 parameters keep theirs None between backward
-passes: neither leaves a placeholder."""
+``.grad`` None between cycles, and FSDP2's compressed parameters keep theirs None between
+backward passes: neither leaves a placeholder (FSDP2's dense ones keep their sum in
+``.grad``, as any dense parameter does)."""
 
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ class GradView:
                 return False  # not a discard: refused at the next backward (Engine.before_grad)
             return p.grad is None or m[0]._version != m[1]
         v = c.versions.get(k)
-        if v is None:  # fused mode or FSDP2: the sum is not in .grad
+        if v is None:  # fused mode, or an FSDP2 compressed slot: the sum is not in .grad
             return False
         g = p.grad
         return g is None or (g._version != v and not bool(g.any()))

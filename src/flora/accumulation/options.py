@@ -44,9 +44,11 @@ class Options:
 
 
 # Options that may change after the accumulator is built: checked as the constructor
-# checks them; tau and exact_last on a cycle boundary only. The others decide how each
-# parameter is summed (its buffers, its hooks): fixed.
+# checks them; all but cache_projections on a cycle boundary only (the micro-batches summed
+# so far were scaled, and a fused cycle's first parameters stepped, under the old value).
+# The others decide how each parameter is summed (its buffers, its hooks): fixed.
 SETTABLE = ("tau", "exact_last", "max_grad_norm", "cache_projections", "scaler")
+ON_A_BOUNDARY = ("tau", "exact_last", "max_grad_norm", "scaler")
 
 
 class Option:
@@ -64,15 +66,20 @@ class Option:
             raise AttributeError(f"CompressedAccumulator.{name} is fixed when the accumulator is built (it decides "
                                  "how each parameter is summed); build a new one (acc.remove() first). Settable: "
                                  + ", ".join(SETTABLE))
+        if getattr(eng, "removed", False):
+            raise RuntimeError(f"CompressedAccumulator.{name}: this accumulator was removed (acc.remove()); build "
+                               "a new one")
         value = plain(value)
+        if name == "exact_last" and not isinstance(value, bool):
+            raise TypeError(f"exact_last must be True or False once the accumulator is built, got {value!r}")
         o = dataclasses.replace(eng.opts, **{name: value})
         check_options(o.rank, o.tau, seed=o.seed, proj_dim=o.proj_dim, max_aspect_ratio=o.max_aspect_ratio,
                       projection=o.projection, exact_last=o.exact_last, fused=o.fused,
                       cache_projections=o.cache_projections, reduce=o.reduce, process_group=o.process_group,
                       max_grad_norm=o.max_grad_norm, optimizer=eng.optimizer, scaler=o.scaler)
-        if name == "exact_last" and value is None:
-            raise TypeError("exact_last must be True or False once the accumulator is built")
-        if name in ("tau", "exact_last") and value != getattr(eng.opts, name) and eng.micro_step():
+        was = getattr(eng.opts, name)
+        changed = value is not was if name == "scaler" else value != was
+        if name in ON_A_BOUNDARY and changed and eng.micro_step():
             raise RuntimeError(f"CompressedAccumulator.{name} can change on a cycle boundary only (after the step, "
                                f"or finish_cycle()); this cycle has seen {eng.micro_step()} backward pass(es)")
         setattr(eng.opts, name, value)
