@@ -164,7 +164,7 @@ def _hook_refusals(rank, world):
     """Replicas that disagree (seed, rank, step) are refused on the first step, on both."""
     out = {}
     cases = {"seed": dict(rank=RANK, seed=rank), "rank": dict(rank=RANK + rank, seed=SEED),
-             "step": dict(rank=RANK, seed=SEED)}
+             "step": dict(rank=RANK, seed=SEED), "proj_dim": dict(rank=RANK, seed=SEED, proj_dim=1 if rank else "auto")}
     for what, kw in cases.items():
         model = _net()
         ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
@@ -475,11 +475,77 @@ def _acc_reduce_on_a_ddp_subgroup(rank, world):
     return out
 
 
+def _hook_reused_state_and_sparse(rank, world):
+    """(Probe Z52.) One ProjectionState serving three DDP models in turn (a sweep): the
+    replicas' parameters stay equal (the state had keyed tensors by id(), which a new model
+    reuses differently on each replica). And a sparse embedding gradient goes through the
+    hook as DDP sends it (it had failed inside the hook)."""
+    import gc
+
+    out = {"equal": []}
+    state = ProjectionState(rank=4, seed=0)
+    for run in range(3):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp.register_comm_hook(state, projection_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            x = torch.randn(8, 32, generator=torch.Generator().manual_seed(10 * step + rank))
+            ddp(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        every = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(every, flat)
+        out["equal"].append(all(torch.equal(every[0], t) for t in every))
+        del model, ddp, opt
+        gc.collect()
+    out["keys_left"] = len(state._keys)  # weak: none once the models are gone
+    for name in ("plain", "hook"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(20, 24, sparse=True), nn.Flatten(), nn.Linear(48, 3))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if name == "hook":
+            ddp.register_comm_hook(ProjectionState(rank=3, seed=SEED), projection_hook)
+        for step in range(2):
+            x = torch.randint(0, 20, (4, 2), generator=torch.Generator().manual_seed(10 * step + rank))
+            try:
+                ddp(x).square().mean().backward()
+            except Exception as e:  # noqa: BLE001 (reported by the test)
+                out[name] = f"{type(e).__name__}: {e}"
+                break
+        else:
+            out[name] = [p.grad.to_dense() for p in model.parameters()]
+    return out
+
+
+def _acc_option_set_on_every_replica(rank, world):
+    """reduce=True: tau changed on a cycle boundary, on every replica alike, is compared
+    again at the next cycle's collective (a probe: only the first cycle was compared, so a
+    replica changing it alone went unseen)."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, reduce=True, optimizer=opt)
+    counts = []
+    for step, k in enumerate([TAU, TAU, 2]):
+        if step == 2:
+            acc.tau = 2
+        counter = CollectiveCounter()
+        with counter:
+            _acc_cycle(model, step, k)
+        counts.append(len([c for c in counter.calls if c[0] == "allreduce"]))
+        opt.step()
+        opt.zero_grad()
+    return {"allreduces": counts, "cycle": acc.cycle}
+
+
 _ORIGINAL_ALL_REDUCE = dist.all_reduce
 
 SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp, _acc_vs_one_process,
                                    _acc_rank_none_vs_ddp, _acc_more, _counter_sees_powersgd, _hook_refusals,
-                                   _acc_fused_wrapped_in_ddp, _hook_resume, _acc_reduce_on_a_ddp_subgroup)]
+                                   _acc_fused_wrapped_in_ddp, _hook_resume, _acc_reduce_on_a_ddp_subgroup,
+                                   _hook_reused_state_and_sparse, _acc_option_set_on_every_replica)]
 
 
 @pytest.fixture(scope="module")
@@ -559,8 +625,25 @@ def test_hook_without_compression_equals_plain_ddp(replicas):
             p.numel() for p in _net().parameters())
 
 
+def test_hook_without_compression_equals_plain_ddp_bit_for_bit_on_three_processes():
+    """The hook scales the mean by 1 / world before the all-reduce, as DDP's reducer does:
+    on 3 processes x / 3 had been 2e-7 off plain DDP's x * (1 / 3) (probe Z52)."""
+    for r in check(spawn(__name__, ["_hook_rank_none_vs_plain_ddp"], 3), "_hook_rank_none_vs_plain_ddp"):
+        _same(r["hook"]["grads"], r["plain"]["grads"])
+
+
+def test_one_state_serves_a_new_model_and_sparse_gradients_pass(replicas):
+    for r in _result(replicas, "hook_reused_state_and_sparse"):
+        assert r["equal"] == [True, True, True]
+        assert r["keys_left"] == 0
+        assert not isinstance(r["hook"], str), r["hook"]
+        _same(r["hook"], r["plain"])
+
+
 def test_hook_refuses_replicas_that_disagree_on_the_first_step(replicas):
     for r in _result(replicas, "hook_refusals"):
+        said = r["proj_dim"].split("disagree on")[1]
+        assert said.startswith(" proj_dim (this process: ") and "1869903201" not in said, said
         assert "disagree on seed" in r["seed"] and "rank" not in r["seed"].split("disagree on")[1].split(";")[0]
         assert "disagree on rank" in r["rank"]
         assert "disagree on step" in r["step"]
@@ -584,6 +667,11 @@ def test_accumulator_across_replicas_equals_one_process(replicas):
         _same(c0["got"], c1["got"])
         assert c0["micro_step"] == 0
     assert [c["cycle_after"] for c in r0["cycles"]] == [1, 2, 3, 4]
+
+
+def test_accumulator_compares_the_replicas_again_after_an_option_changed(replicas):
+    for r in _result(replicas, "acc_option_set_on_every_replica"):
+        assert r["allreduces"] == [2, 1, 2] and r["cycle"] == 3  # the check, then the packed sums
 
 
 def test_accumulator_sends_one_packed_all_reduce_per_cycle(replicas):

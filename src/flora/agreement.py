@@ -15,6 +15,7 @@ import torch
 __all__ = ["check_agreement", "check_on_meshes", "mesh_groups", "mesh_device"]
 
 _MASK64 = (1 << 64) - 1
+_SMALL = 1 << 24  # integers said as a range when processes disagree
 
 
 def _encode(value) -> int:
@@ -60,8 +61,11 @@ def check_agreement(what: str, fields: dict[str, Any], *, device, group=None, gr
 
     def said(i: int) -> str:
         v = fields[names[i]]
+        # a range only where every value is a small integer (another process's string, such
+        # as proj_dim "auto" beside 1, is a large number here: said as a number, it misled)
         span = (f"from {lo[2 * i + 1]} to {hi[2 * i + 1]}; "
-                if isinstance(v, int) and not isinstance(v, bool) and hi[2 * i] == lo[2 * i] == 0 else "")
+                if isinstance(v, int) and not isinstance(v, bool) and hi[2 * i] == lo[2 * i] == 0
+                and hi[2 * i + 1] < _SMALL else "")
         return f"{names[i]} ({span}this process: {v!r})"
 
     why = why or ("every replica must be built with the same options (and load the same state_dict) or their "

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real, check_seed, plain
 from .accumulation.estimator import write_estimate_
@@ -100,11 +101,13 @@ class ProjectionState:
         self.proj_dim, self.max_aspect_ratio, self.process_group = proj_dim, max_aspect_ratio, process_group
         self.step = 0
         self._checked = False  # the replicas' options are compared on the first step hooked
-        # id(parameter) -> (bucket index, position) where this process's hook first saw it:
+        # parameter -> (bucket index, position) where this process's hook first saw it:
         # DDP's first layout, the same in a resumed process (DDP rebuilds its buckets after
         # the first step, so keying by the current layout would change every projection at
-        # a resume)
-        self._keys: dict[int, tuple[int, int]] = {}
+        # a resume). Held weakly, by identity: a state reused for a new model (a sweep, an
+        # in-process resume) had found its parameters under the ids of the old one's, freed
+        # and reused differently on each replica, whose projections then differed (a probe)
+        self._keys: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def dim(self, shape) -> int | None:
         """The projected dimension of a tensor of ``shape``, or None when it is sent dense."""
@@ -132,7 +135,13 @@ class ProjectionState:
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Restore ``step``; ``rank``, ``seed`` and ``projection`` must match this state's
-        (checked before anything changes). The replicas are compared again on the next step."""
+        (checked before anything changes). Call it on every replica (each process loads the
+        checkpoint): the replicas are compared again on the next step, by a collective that
+        every replica joins, so one replica loading alone leaves the others' collectives
+        unmatched (gloo aborts with a size mismatch; NCCL may hang)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict (ProjectionState.state_dict()), got "
+                            f"{type(state_dict).__name__}")
         mine = self.state_dict()
         for key in ("rank", "seed", "projection", "step"):
             if key not in state_dict:
@@ -182,10 +191,12 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
 
     grads = bucket.gradients()
     params = bucket.parameters()
-    keys = [state._keys.setdefault(id(p), (index, i)) for i, p in enumerate(params)]
+    keys = [state._keys.setdefault(p, (index, i)) for i, p in enumerate(params)]
     dims = [state.dim(p.shape) for p in params]
-    if all(d is None for d in dims):  # nothing to compress: the bucket as it is
-        buffer.div_(world)
+    if buffer.is_sparse or all(d is None for d in dims):
+        # nothing to compress, or a sparse bucket (nn.Embedding(sparse=True); DDP gives it no
+        # gradients() to compress): the bucket as DDP sends it
+        buffer.mul_(1 / world)
         fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
 
@@ -202,7 +213,9 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
             plan.append((g, a, d))
     # The wire dtype is the bucket's: float32 buckets send float32, bf16 buckets bf16.
     flat = torch.cat([t.to(buffer.dtype) for t in pieces])
-    flat.div_(world)  # the mean, divided first as DDP does (no overflow in low precision)
+    # the mean, scaled first as DDP's reducer does, by 1 / world (x / 3 and x * (1 / 3) differ in
+    # the last bit: rank=None had been 2e-7 off plain DDP on 3 processes, a probe)
+    flat.mul_(1 / world)
     fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
     threads = torch.get_num_threads()
 
