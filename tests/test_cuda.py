@@ -225,3 +225,30 @@ def test_cuda_compiled_step_never_syncs_and_equals_eager(foreach, how, monkeypat
     for a, b in zip(got, want):
         assert (a - b).abs().max().item() <= 1e-5
     assert int(opt.nonfinite_skips) == 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_accumulator_follows_a_model_moved_to_the_gpu_mid_cycle(fused):
+    """model.to("cuda") between two micro-batches of a cycle: the partial sums and the
+    cycle's projections follow the parameters (probe Z53: they had stayed on the CPU, and
+    the next micro-batch mixed devices). Equal to the same cycle run on the CPU, to float
+    rounding (the projections are drawn on the CPU either way)."""
+    from flora import CompressedAccumulator
+
+    def run(move):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        acc = CompressedAccumulator(m, rank=4, tau=2, optimizer=opt, fused=fused)
+        x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+        m(x[0]).square().mean().backward()
+        if move:
+            m.to("cuda")
+        m(x[1].to(next(m.parameters()).device)).square().mean().backward()
+        if not fused:
+            opt.step()
+        acc.remove()
+        return [p.detach().cpu() for p in m.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -88,15 +88,18 @@ class Cycle:
         return [(k, n) for k, n in enumerate(self.counts) if n and k not in self.done]
 
     def follow_dtype(self, k: int, param: torch.Tensor, compressed: bool) -> None:
-        """Slot k's partial sum and projection in the dtypes of ``param`` as it is now: a model
-        cast mid-cycle (``model.double()``, ``.bfloat16()``) converts ``.grad`` with the
-        parameters, and so the sums kept here (before 2026-12-04: torch's dtype errors at
-        every backward after such a cast in fused mode, a probe)."""
+        """Slot k's partial sum and projection in the dtypes, and on the device, of ``param``
+        as it is now: a model cast or moved mid-cycle (``model.double()``, ``.bfloat16()``,
+        ``.to("cuda")``) converts ``.grad`` with the parameters, and so the sums kept here
+        (before 2026-12-04: torch's dtype errors at every backward after such a cast in
+        fused mode, a probe; the device followed since 2026-12-05)."""
         want = state_dtype(param.dtype) if compressed else grad_dtype(param)
         buf = self.buffers.get(k)
-        if buf is not None and buf.dtype != want:
-            self.buffers[k] = buf.to(want)
+        if buf is not None and (buf.dtype != want or buf.device != param.device):
+            self.buffers[k] = buf.to(device=param.device, dtype=want)  # a model moved mid-cycle too
         a = self.projections.get(k)
+        if a is not None and a.device != param.device:
+            self.projections[k] = a = a.to(param.device)
         if a is not None and a.is_floating_point() and a.dtype != state_dtype(param.dtype):
             self.projections[k] = a.to(state_dtype(param.dtype))
 
