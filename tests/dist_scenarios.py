@@ -410,6 +410,69 @@ def fsdp_uneven_stack_refused(rank, world):
     return out
 
 
+def _one_matrices(seed=0):
+    model = nn.Module()
+    g = torch.Generator().manual_seed(seed)
+    for name, shape in (("pos", (1, 6, 5)), ("tall", (1, 16, 8)), ("w", (11, 12))):
+        model.register_parameter(name, nn.Parameter(torch.randn(shape, generator=g)))
+    return model
+
+
+def fsdp_one_matrix_auto(rank, world):
+    """(Probe Z55.) ViT-style (1, N, d) parameters under FSDP2 with proj_dim="auto": the
+    whole matrix sits on one rank, so its momentum is projected on its rows (r x d, whole on
+    every rank); "auto" had taken the columns and refused them as an uneven stack. Equal to
+    one process's single-tensor step with proj_dim=0 for them, over 4 steps with a resample."""
+    model, ref = _fsdp(_one_matrices()), _one_matrices()
+    opt = Flora(model.parameters(), **OPTS)
+    ref_opt = Flora([{"params": [ref.pos, ref.tall], "proj_dim": 0}, {"params": [ref.w], "proj_dim": 1}], **OPTS, **REF)
+    for step in range(4):
+        g = torch.Generator().manual_seed(50 + step)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            full = torch.randn(q.shape, generator=g)
+            p.grad = _as_dtensor_like(p, full)
+            q.grad = full.clone()
+        opt.step()
+        ref_opt.step()
+    got = _full(model)
+    return {"diff": max((got[n] - q.detach()).abs().max().item() for n, q in ref.named_parameters()),
+            "proj_dims": [opt.state[p].get("proj_dim") for p in model.parameters()]}
+
+
+def fsdp_stack_checkpoint_refused_before_any_change(rank, world):
+    """(Probe Z55.) One process's checkpoint of a 3-expert stack, its momentum on the
+    columns (proj_dim=1), loaded into FSDP2 over 2 ranks (2 + 1 experts, whose momentum
+    rows cannot follow): refused before torch's load (it had been refused after, leaving
+    the optimizer half loaded, and the next step failed with torch's size error), naming
+    the checkpoint; the optimizer then steps as before."""
+    def build():
+        m = nn.Module()
+        g = torch.Generator().manual_seed(0)
+        m.register_parameter("w", nn.Parameter(torch.randn(11, 12, generator=g)))
+        m.register_parameter("s", nn.Parameter(torch.randn(3, 6, 5, generator=g)))
+        return m
+
+    one = build()
+    one_opt = Flora(one.parameters(), lr=1e-2, rank=3, beta1=0.9)
+    for p in one.parameters():
+        p.grad = torch.ones_like(p)
+    one_opt.step()
+    sd = one_opt.state_dict()
+    model = _fsdp(build())
+    opt = Flora(model.parameters(), lr=1e-2, rank=3, beta1=0.9)
+    out = {"saved_proj_dim": sd["state"][1].get("proj_dim")}
+    try:
+        opt.load_state_dict(sd)
+        out["refusal"] = None
+    except ValueError as e:
+        out["refusal"] = str(e)
+    out["state_after"] = len(opt.state)
+    model.w.grad = _as_dtensor_like(model.w, torch.ones(11, 12))  # the stack left out: "auto" refuses it fresh too
+    opt.step()
+    out["stepped"] = len(opt.state)
+    return out
+
+
 def fsdp_seed_per_rank_refused(rank, world):
     """(Found by a new-user probe.) Flora(seed=rank) under FSDP2 stepped each rank's rows
     under its own projections and summed their compressed momenta anyway (3e-3 off one
@@ -484,6 +547,29 @@ def fsdp_options_disagree_refused(rank, world):
         except ValueError as e:
             out[name] = str(e)
     return out
+
+
+def fsdp_options_compared_again_after_an_edit(rank, world):
+    """(Probes Z54, Z55.) The options were compared across processes once per group and
+    mesh: an edit after the first step went unseen (edited on one rank, HSDP's replicas
+    drifted 5.7e-3 apart). An edit now makes the next step compare them again (one more
+    all-reduce); made on every rank alike, it passes."""
+    from flora.distributed import CollectiveCounter
+
+    model = _fsdp(_net())
+    opt = Flora(model.parameters(), **OPTS)
+    x, y = _batches(1)[0]
+    counts = []
+    for step in range(3):
+        if step == 2:
+            opt.param_groups[0]["kappa"] = 7  # on every rank alike
+        opt.zero_grad()
+        _loss(model, x[rank::world], y[rank::world]).backward()
+        counter = CollectiveCounter()
+        with counter:
+            opt.step()
+        counts.append(counter.count("allreduce"))
+    return {"allreduces": counts}
 
 
 def fsdp_loads_one_process_state(rank, world):

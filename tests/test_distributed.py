@@ -21,7 +21,9 @@ SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_
              "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
              "ddp_accumulator_find_unused", "ddp_accumulator_find_unused_resume",
-             "fsdp_accumulator", "fsdp1", "fsdp_damaged_shard_refused_everywhere", "fsdp_accumulator_unfrozen"]
+             "fsdp_accumulator", "fsdp1", "fsdp_damaged_shard_refused_everywhere", "fsdp_accumulator_unfrozen",
+             "fsdp_one_matrix_auto", "fsdp_stack_checkpoint_refused_before_any_change",
+             "fsdp_options_compared_again_after_an_edit"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -140,6 +142,26 @@ def test_fsdp2_refuses_stacked_experts_that_do_not_divide_among_the_ranks(result
         assert got["error_message"] and "stack of matrices of shape (3, 6, 5)" in got["error_message"], got
         assert "rank=None" in got["error_message"] and got["unchanged"]
         assert r["None"] == {"error_message": None, "moved": True}
+
+
+def test_fsdp2_compares_the_options_again_after_an_edit(results):
+    for r in check(results, "fsdp_options_compared_again_after_an_edit"):
+        first, plain, edited = r["allreduces"]
+        assert first == edited == plain + 1, r  # the check's all-reduce, at the first step and after the edit
+
+
+def test_fsdp2_steps_one_matrix_behind_leading_ones_with_auto(results):
+    for r in check(results, "fsdp_one_matrix_auto"):
+        assert r["proj_dims"] == [0, 0, 1] and r["diff"] <= TOL, r
+
+
+def test_fsdp2_refuses_a_stack_checkpoint_whose_rows_cannot_follow_before_any_change(results):
+    for r in check(results, "fsdp_stack_checkpoint_refused_before_any_change"):
+        assert r["saved_proj_dim"] == 1
+        said = r["refusal"]
+        assert said and "stack of matrices of shape (3, 6, 5)" in said and "in the checkpoint" in said
+        assert "sharded over 2 ranks" in said and "drop its entry" in said
+        assert r["state_after"] == 0 and r["stepped"] == 1
 
 
 def test_fsdp2_refuses_a_seed_that_differs_across_ranks_before_any_change(results):

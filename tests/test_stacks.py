@@ -158,7 +158,7 @@ def test_a_dropped_state_takes_its_stack_with_it():
     _assert_equal(eager, comp)
     params, opt = comp
     live = {id(st) for st in opt.state.values()}
-    assert all(id(st) in live for _, _, states in opt._stacks._d.values() for st in states)
+    assert all(id(st) in live for _, _, states, _ in opt._stacks._d.values() for st in states)
     assert flora.state_bytes(opt) == flora.state_bytes(eager[1])
 
 
@@ -386,3 +386,56 @@ def test_members_changing_at_every_step_hold_eagers_bytes_between_steps(monkeypa
         if t >= 1:
             assert _held_bytes(comp[1]) == _held_bytes(eager[1]), t
     _assert_equal(eager, comp)
+
+
+@pytest.mark.parametrize("edit", ["data", "clone", "set_"])
+def test_a_state_tensor_given_other_memory_is_read_from_it(edit):
+    """``v.data = ...`` or ``v.set_(...)`` keeps the state tensor's object and changes its
+    memory (the widely copied ``optimizer_to(opt, device)`` snippet sets ``.data``). The
+    compiled step had kept reading and writing the old stack: the edit ignored, and the
+    state in ``opt.state`` (what a checkpoint saves) no longer updated (probe Z55)."""
+    def change(v):
+        if edit == "data":
+            v.data = v.data * 1.5
+        elif edit == "clone":
+            v.data = v.data.clone()
+        else:
+            v.set_(v.detach().clone().mul_(0.5))
+
+    runs = _pair()
+    for params, opt in runs:
+        for t in range(3):
+            _step(opt, params, t)
+        for st in opt.state.values():
+            for v in [v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]:
+                change(v)
+        before = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+        for t in range(3, 5):
+            _step(opt, params, t)
+        assert any(not torch.equal(before[k], opt.state[params[0]][k]) for k in before)  # the state moves
+    _assert_equal(*runs)
+
+
+def test_a_dropped_state_leaves_its_stack_when_step_parameter_made_another_meanwhile():
+    """A state dropped (opt.state.pop) takes its stack with it at the next step, seen as
+    fewer states than the last step left; a state made by step_parameter in between had
+    made the count equal, and the stacks (the dropped state's rows with them) were kept
+    while their other members idled (probe Z55)."""
+    g = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(12, 20, generator=g, dtype=torch.float64)) for _ in range(3)]
+    opt = Flora(ps, **BASE, compile="aot_eager")
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+    assert len(opt._stacks) > 0
+    opt.state.pop(ps[0])
+    d = nn.Parameter(torch.randn(7, generator=g, dtype=torch.float64))
+    opt.add_param_group({"params": [d]})
+    d.grad = torch.randn(7, generator=g, dtype=d.dtype)
+    opt.step_parameter(d)
+    d.grad = None
+    for p in ps:
+        p.grad = None
+    opt.step()
+    assert len(opt._stacks) == 0

@@ -225,6 +225,8 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
             name = names.get(id(p))
             check_loaded_entries(p, s, repr(pid), name, shard_damage)
             check_state_shapes(p, s, g, name)
+            if sharded.is_dtensor(p):
+                sharded.check_loaded_stack(p, s)
             if _written_in_place(opt, pid, s, id_to_param):
                 _refuse_dropped_momentum(s, g, live_beta1[pid], repr(name) if name else f"id {pid!r}")
     except ValueError as e:

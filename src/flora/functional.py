@@ -53,7 +53,7 @@ from .kernels import adafactor as fk
 from .momentum import compressed_apply_, compressed_step_, compressed_terms, dense_momentum_
 from .compression import momentum_storage
 from .rounding import AFTER_STEP, AFTER_TRANSFER, noise_table, stochastic_bfloat16, to_stored
-from .projection import matrix_shape, state_dtype, transfer
+from .projection import HALF, matrix_shape, state_dtype, transfer
 from .state import store_momentum_as
 from .stacks import StateStacks, first as _first, stack as _stack, write_back as _write_back
 
@@ -61,7 +61,6 @@ from .stacks import StateStacks, first as _first, stack as _stack, write_back as
 # parameters (r x d, or a k x r x d stack when len(indices) > 1 or stacked=True)
 ProjectionSource = Callable[..., torch.Tensor]
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class Spec(NamedTuple):
@@ -221,7 +220,7 @@ def make_spec(group: dict, state: dict, shape, dtype: torch.dtype, kernel: str |
     eps1, eps2 = group["eps"]
     factor = af.factor_move(shape, group["factor_dims"])
     return Spec(
-        shape=tuple(shape), half=dtype in _HALF, momentum=momentum, form=group["momentum_form"],
+        shape=tuple(shape), half=dtype in HALF, momentum=momentum, form=group["momentum_form"],
         dim=int(state["proj_dim"]) if momentum == "c" else -1, isometric=group["projection"] != "gaussian",
         beta1=None if beta1 is None else float(beta1), eps1=float(eps1), eps2=float(eps2),
         clip_threshold=float(group["clip_threshold"]), decay_rate=float(group["decay_rate"]),
@@ -413,7 +412,7 @@ def single_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: int
     lr = _lr_in(lr)
     p = params[0]
     grad = grads[0]
-    if grad.dtype in _HALF:
+    if grad.dtype in HALF:
         grad = grad.float()
     p32 = p.float() if spec.half else p
     t = _count_step(t, steps)
@@ -556,7 +555,7 @@ def grouped_core(spec: Spec, params, grads, steps, sq, moms, a, lr, skips, t: in
     numel = math.prod(shape)
     stack_io = isinstance(params, torch.Tensor)
     g = grads if stack_io else torch.stack(grads)
-    if g.dtype in _HALF:
+    if g.dtype in HALF:
         g = g.float()
     p32 = [p.float() for p in params] if spec.half and not stack_io else params
     t = _count_step(t, steps)

@@ -622,8 +622,9 @@ class Flora(Optimizer):
         self._check_options_fit_state()
         sharded.check_options_agree(self.param_groups, self._options_checked, keys=ALGORITHM_KEYS)
         # the rows that left a stack last step get their copies; a state dropped since (fewer
-        # states than the last step left), or replaced (a stack made since: the states'
-        # members changed), takes its stack with it
+        # states than the last step left, plus those made since by step_parameter: a pop and
+        # a new state had cancelled out, a probe), or replaced (a stack made since: the
+        # states' members changed), takes its stack with it
         stale = len(self.state) < self._states_seen or self._stacks.made
         self._stacks.settle(self.state if stale else None)
         index = 0
@@ -973,6 +974,7 @@ class Flora(Optimizer):
                 self._shapes_checked[id(p)] = (p.shape, p.dtype)
         else:  # a new state (after opt.state.pop(p), or another tensor at a freed id): checked at its next step
             self._shapes_checked.pop(id(p), None)
+            self._states_seen += 1  # counted, so that a state dropped meanwhile still shows (see _prelude_eager)
         if not state and p.grad.shape != p.shape:  # resized between backward() and its first step
             raise ValueError(f"a parameter of shape {tuple(p.shape)} has a gradient of shape {tuple(p.grad.shape)}: "
                              "it was resized after its gradient was computed (p.data = ..., say). Compute the "

@@ -209,6 +209,9 @@ def is_coordinates(a: torch.Tensor) -> bool:
     return a.dtype == torch.int64
 
 
+HALF = (torch.float16, torch.bfloat16)  # dtypes a step widens to float32 before its arithmetic
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of optimizer state, buffers and projections for a tensor of ``dtype``:
     float64 stays float64 (as in HF Adafactor), everything else is float32."""

@@ -8,7 +8,8 @@ compressed momentum. They are packed, for every parameter of the step, into two
 all-reduces per step and process group:
 
 1. before the update exists: ``sum_i sq_ij`` (the column sums), ``sum_i row_i``, ``|p|^2``
-   and a count of non-finite factor entries (the factors are those of the view with the
+   and, where dim 0 is not factored, a count of non-finite factor entries (where it is,
+   their finiteness is read from the summed factors; the factors are those of the view with the
    factored dims last, ``flora.adafactor.factored_dims``: where the sharded dim 0 is one
    of them, it is the rows, and the column sums and the row factor's mean are summed as
    for a matrix, one per index of the other dims; otherwise dim 0 leads the view and the
@@ -20,7 +21,8 @@ all-reduces per step and process group:
 No gradient, parameter or update is ever gathered. Projecting the unsharded dimension
 (``proj_dim=1``, columns) keeps the momentum ``n x r`` sharded like the rows, so ``"auto"``
 picks it under FSDP2 whenever it compresses (a single process's ``"auto"`` picks the
-smaller dimension instead); ``proj_dim=0`` works too, with an ``r x m`` momentum held whole
+smaller dimension instead), except for one matrix behind leading dims of 1 (``(1, N, d)``,
+whole on one rank), whose rows it projects; ``proj_dim=0`` works too, with an ``r x m`` momentum held whole
 on every rank. A saved ``proj_dim`` wins when a state is loaded. Everything else
 (projection seeds, counters, options) is plain integers, so one process and several agree.
 """
@@ -40,9 +42,9 @@ from .agreement import check_on_meshes, mesh_device, mesh_groups
 from .compression import compressed_dim, momentum_storage
 from .rounding import AFTER_TRANSFER, to_stored
 from .momentum import compressed_apply_, compressed_terms, dense_momentum_
-from .projection import as_matrix, compress, compressed_shape, is_coordinates, is_stack, matrix_shape, state_dtype, transfer
+from .projection import (HALF, as_matrix, compress, compressed_shape, is_coordinates, is_stack, matrix_shape,
+                         one_matrix, state_dtype, transfer)
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -118,13 +120,19 @@ def check_options_agree(param_groups, checked: set, only: set | None = None, key
                     if p.grad is not None and is_dtensor(p) and (only is None or id(p) in only)]
         if not stepping:
             continue
-        seen = {m for g, m in checked if g == gi}  # this group's meshes already checked
-        check_on_meshes(f"Flora, parameter group {gi}", {k: group[k] for k in keys}, stepping,
+        fields = {k: group[k] for k in keys}
+        values = tuple(fields.values())  # checked again after an edit (probes Z54, Z55: edited
+        try:  # after the first step, on one rank, they went unseen and HSDP's replicas drifted)
+            hash(values)
+        except TypeError:
+            values = repr(values)
+        seen = {m for g, v, m in checked if g == gi and v == values}  # meshes checked under these values
+        check_on_meshes(f"Flora, parameter group {gi}", fields, stepping,
                         checked=seen,
                         why="every process must step a sharded parameter under the same options (a seed set per "
                             "rank, seed=rank, draws other projections on each; HSDP's replicas would drift apart): "
                             "give every rank the same options (the default seed 0 is the same everywhere)")
-        checked.update((gi, m) for m in seen)
+        checked.update((gi, values, m) for m in seen)
 
 
 def agree_on_load(params, damage: dict, refused: ValueError | None, loaded: set) -> None:
@@ -199,8 +207,13 @@ def _wrap(local: torch.Tensor, lay: Layout, global_shape, sharded: bool, dim: in
 
 def momentum_dim(shape, group: dict) -> int | None:
     """The projected dimension of a sharded parameter's momentum: ``proj_dim`` when given;
-    ``"auto"`` takes the unsharded one (1) when it compresses, else the usual rule."""
+    ``"auto"`` takes the unsharded one (1) when it compresses, else the usual rule; for one
+    matrix behind leading dims of 1, its rows (0)."""
     kw = dict(max_aspect_ratio=group["max_aspect_ratio"])
+    if group["proj_dim"] == "auto" and one_matrix(shape):
+        # (1, N, d): the whole matrix sits on one rank, whose momentum rows could not follow
+        # the shards (refused as an uneven stack, a probe): r x d, whole on every rank
+        return compressed_dim(shape, group["rank"], proj_dim=0, **kw)
     if group["proj_dim"] == "auto":
         dim = compressed_dim(shape, group["rank"], proj_dim=1, **kw)
         if dim is not None:
@@ -249,22 +262,39 @@ def init_state(state: dict, p, group: dict) -> None:
     state["proj_age"] = 0
 
 
-def _check_stack_rows(shape, lay: Layout, full, mine) -> None:
+def _check_stack_rows(shape, lay: Layout, full, mine, *, loading: bool = False) -> None:
     """A stack's momentum has ``n`` rows per matrix (``E x n`` in all): sharded as a DTensor
     of those rows, its shards must be the parameter's (``E`` a multiple of the shard
     group's size), else DTensor (a gather, a distributed checkpoint) would place them
-    wrongly."""
+    wrongly. ``loading``: a checkpoint's momentum, whose saved proj_dim a load keeps."""
     if not lay.placements or not any(pl.is_shard() for pl in lay.placements):
         return
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     placed = compute_local_shape_and_global_offset(torch.Size(full), lay.mesh, lay.placements)[0]
     if tuple(placed) != tuple(mine):
+        ranks = dist.get_world_size(lay.group) if lay.group is not None else lay.mesh.size()
+        remedy = ("Load it in a run that shards it evenly, or in one process, or drop its entry from "
+                  "state_dict['state'] to start its momentum afresh (the saved proj_dim=1 is kept at a load)"
+                  if loading else "Shard it evenly, or put it in a group with rank=None or proj_dim=0")
         raise ValueError(
             f"a stack of matrices of shape {tuple(shape)} (stacked experts, or one matrix behind leading dims of 1) "
-            f"sharded over {lay.mesh.size()} ranks by its first dim, of {shape[0]}, not a multiple of the ranks, "
-            "with its columns projected: its compressed momentum's rows would not follow the parameter's shards. "
-            "Shard it evenly, or put it in a group with rank=None or proj_dim=0")
+            f"sharded over {ranks} ranks by its first dim, of {shape[0]}, not a multiple of the ranks, "
+            f"with its columns projected{' in the checkpoint' if loading else ''}: its compressed momentum's rows "
+            f"would not follow the parameter's shards. {remedy}")
+
+
+def check_loaded_stack(p, s: dict) -> None:
+    """Before a load changes anything: a checkpoint's momentum of DTensor ``p`` projected on
+    its columns (``proj_dim=1``: ``n x r`` rows per matrix) must shard with the parameter's
+    rows (:func:`_check_stack_rows`; it had been checked after torch's load, leaving the
+    optimizer half loaded, a probe)."""
+    from .state import count_value
+
+    c = s.get("exp_avg_c")
+    if isinstance(c, torch.Tensor) and count_value(s.get("proj_dim")) == 1 and c.dim() == 2:
+        _check_stack_rows(tuple(p.shape), layout(p), tuple(c.shape),
+                          compressed_shape(p.to_local().shape, c.shape[1], 1, like=tuple(p.shape)), loading=True)
 
 
 def _sharding(key: str, shape, group: dict, proj_dim: int | None) -> tuple[bool, int]:
@@ -290,11 +320,7 @@ def place_loaded_state(p, state: dict, group: dict) -> None:
     holds."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    lay = layout(p)
-    c = state.get("exp_avg_c")
-    if c is not None and state.get("proj_dim") == 1 and c.dim() == 2:
-        _check_stack_rows(tuple(p.shape), lay, tuple(c.shape),
-                          compressed_shape(p.to_local().shape, c.shape[1], 1, like=tuple(p.shape)))
+    lay = layout(p)  # (a momentum whose rows cannot follow the shards was refused before the load)
     for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg", "exp_avg_c"):
         v = state.get(key)
         if v is None:
@@ -419,9 +445,9 @@ def _phase1(it: _Item) -> None:
     """Local statistics of the second moment (and |p|^2)."""
     st, group = it.state, it.group
     g = it.p.grad.to_local()
-    it.g = g.float() if g.dtype in _HALF else g
+    it.g = g.float() if g.dtype in HALF else g
     pl = it.p.to_local()
-    it.p32 = pl.float() if pl.dtype in _HALF else pl
+    it.p32 = pl.float() if pl.dtype in HALF else pl
     it.numel = it.p.numel()
     st["step"] += 1
     it.t = st["step"]

@@ -40,7 +40,10 @@ class StateStacks:
     def __init__(self) -> None:
         # (id(first state dict), key) -> (the stack, the views written into the states,
         # the state dicts they were written into)
-        self._d: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor], list[dict]]] = {}
+        # (id of the first state, key) -> (stack, its row views as written into the states,
+        # the states, the rows' data pointers: a view given other memory by .data = or set_()
+        # is the same object, and must not be read from the stack)
+        self._d: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor], list[dict], list[int]]] = {}
         self._member: dict[tuple[int, str], tuple[int, str]] = {}  # (id(state), key) -> its stack's key
         self._leaving: list[tuple[dict, str, torch.Tensor]] = []  # (state, key, its row): copied by settle()
         self.made = False  # a stack made since the last settle(live): stacks it replaced may be left to dissolve
@@ -63,7 +66,7 @@ class StateStacks:
             self.made = False
         if live is not None and self._d:
             ids = {id(st) for st in live.values()}
-            for ck in [ck for ck, (_, _, states) in self._d.items() if any(id(st) not in ids for st in states)]:
+            for ck in [ck for ck, (_, _, states, _) in self._d.items() if any(id(st) not in ids for st in states)]:
                 if ck in self._d:  # states no longer the optimizer's get no copy
                     self._dissolve(ck, [st for st in self._d[ck][2] if id(st) not in ids])
         for st, key, v in self._leaving:
@@ -74,7 +77,7 @@ class StateStacks:
     def _dissolve(self, ck: tuple[int, str], keep: list[dict]) -> None:
         """Drop stack ``ck``: its members not in ``keep`` that still hold their row get a
         copy of it at :meth:`settle` (``keep`` is about to get rows of a new stack)."""
-        _, views, states = self._d.pop(ck)
+        _, views, states, _ = self._d.pop(ck)
         key = ck[1]
         for st, v in zip(states, views):
             if self._member.get((id(st), key)) == ck:
@@ -88,8 +91,11 @@ class StateStacks:
         ts = [st[key] for st in states]
         ck = (id(states[0]), key)
         hit = self._d.get(ck)
-        # identity, not id(): a stale entry can only match tensors that are its own views
-        if hit is not None and len(hit[1]) == len(ts) and all(map(operator.is_, hit[1], ts)):
+        # identity, not id(): a stale entry can only match tensors that are its own views; and
+        # their memory still the stack's (an optimizer_to(opt, device) snippet sets .data: a probe
+        # found the compiled step then reading the old stack, and the state no longer updated)
+        if (hit is not None and len(hit[1]) == len(ts) and all(map(operator.is_, hit[1], ts))
+                and all(map(operator.eq, map(torch.Tensor.data_ptr, ts), hit[3]))):
             return hit[0]
         stack = torch.stack(ts)  # before any dissolving: ts may be rows of the stacks dropped
         old = {self._member.get((id(st), key)) for st in states} | {ck}
@@ -100,7 +106,7 @@ class StateStacks:
         for st, v in zip(states, views):
             st[key] = v
             self._member[(id(st), key)] = ck
-        self._d[ck] = (stack, views, list(states))
+        self._d[ck] = (stack, views, list(states), [v.data_ptr() for v in views])
         self.made = True
         return stack
 
