@@ -325,7 +325,8 @@ def test_fsdp2_a_shard_damaged_on_one_rank_is_refused_on_every_rank(results):
     assert "another process refused this load" in r0["dtype"]["message"]
     for r in (r0, r1):
         assert "different numbers of the sharded parameters" in r["dropped"]["message"]
-        assert all(r[case]["unchanged"] for case in ("nan", "dtype", "dropped")) and r["finite"]
+        assert "states for different sharded parameters" in r["swapped"]["message"]
+        assert all(r[case]["unchanged"] for case in ("nan", "dtype", "dropped", "swapped")) and r["finite"]
 
 
 def _one_process(opts, batches, start, stop, ckpt_in=None, ckpt_out=None):

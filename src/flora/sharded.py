@@ -144,7 +144,7 @@ def agree_on_load(params, damage: dict, refused: ValueError | None, loaded: set)
     non-finite or negative statistics (``state.check_loaded_entries``); ``refused``: this
     process's refusal for any other reason; ``loaded``: the ids of the parameters this
     process's checkpoint holds a state for (the processes must hold states for the same
-    ones: an entry dropped on one only). One all-reduce of three integers per mesh
+    ones: an entry dropped on one only). One all-reduce of five integers per mesh
     dimension, over ``params`` (the optimizer's, in order: the same on every process)."""
     meshes: dict = {}  # id(mesh) -> [mesh, its DTensor parameters here, in order]
     for p in params:
@@ -153,11 +153,15 @@ def agree_on_load(params, damage: dict, refused: ValueError | None, loaded: set)
     for mesh, members in meshes.values():
         first = next((i for i, p in enumerate(members) if id(p) in damage), len(members))
         count = sum(id(p) in loaded for p in members)
-        t = torch.tensor([-1 if refused is not None else first, count, -count], dtype=torch.int64,
+        # which ones, as one number (as many on each process, but other ones, had passed: a probe)
+        which = sum(((i + 1) * 0x9E3779B97F4A7C15) % (1 << 61) for i, p in enumerate(members)
+                    if id(p) in loaded) % (1 << 61)
+        t = torch.tensor([-1 if refused is not None else first, count, -count, which, -which], dtype=torch.int64,
                          device=mesh_device(mesh))
         for g in mesh_groups(mesh):  # the minimum over every process of the mesh
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=g)
         at, least, most = int(t[0]), int(t[1]), -int(t[2])
+        same_ones = int(t[3]) == -int(t[4])
         if at < 0:
             if refused is not None:
                 raise ValueError(f"{refused} (every process refuses this load with it; nothing was loaded)") from None
@@ -178,6 +182,11 @@ def agree_on_load(params, damage: dict, refused: ValueError | None, loaded: set)
                              f"parameters ({count} here; from {least} to {most} across the processes): an entry "
                              "dropped on some processes only? Its shards would step with other counters. Drop it "
                              "on every process or on none (nothing was loaded)")
+        if not same_ones:
+            raise ValueError("the processes' state_dicts hold states for different sharded parameters (as many on "
+                             "each, but not the same ones): entries dropped on some processes only? Their shards "
+                             "would step with other counters. Drop an entry on every process or on none (nothing "
+                             "was loaded)")
     if refused is not None:
         raise refused
 
