@@ -435,8 +435,14 @@ def fsdp_one_matrix_auto(rank, world):
         opt.step()
         ref_opt.step()
     got = _full(model)
-    return {"diff": max((got[n] - q.detach()).abs().max().item() for n, q in ref.named_parameters()),
-            "proj_dims": [opt.state[p].get("proj_dim") for p in model.parameters()]}
+    out = {"diff": max((got[n] - q.detach()).abs().max().item() for n, q in ref.named_parameters()),
+           "proj_dims": [opt.state[p].get("proj_dim") for p in model.parameters()]}
+    # an edit that changes no parameter's form is taken (probe Z56: the edit check read one
+    # process's rule, columns, for the (1, N, d) ones and refused it)
+    opt.param_groups[0]["max_aspect_ratio"] = 1000.0
+    opt.step()
+    out["edit"] = "stepped"
+    return out
 
 
 def fsdp_stack_checkpoint_refused_before_any_change(rank, world):
@@ -560,16 +566,17 @@ def fsdp_options_compared_again_after_an_edit(rank, world):
     opt = Flora(model.parameters(), **OPTS)
     x, y = _batches(1)[0]
     counts = []
-    for step in range(3):
-        if step == 2:
-            opt.param_groups[0]["kappa"] = 7  # on every rank alike
+    for step in range(5):
+        if step >= 2:
+            opt.param_groups[0]["kappa"] = 5 + step  # on every rank alike: a schedule
         opt.zero_grad()
         _loss(model, x[rank::world], y[rank::world]).backward()
         counter = CollectiveCounter()
         with counter:
             opt.step()
         counts.append(counter.count("allreduce"))
-    return {"allreduces": counts}
+    # the latest values per group and mesh only (probe Z56: a schedule had grown the record every step)
+    return {"allreduces": counts, "records": len(opt._options_checked)}
 
 
 def fsdp_loads_one_process_state(rank, world):

@@ -169,3 +169,22 @@ def test_load_refuses_a_backward_count_of_a_closed_cycle_and_clears_what_the_liv
         warnings.simplefilter("ignore")
         acc.load_state_dict(copy.deepcopy(boundary))
     assert all(p.grad is None for p in m.parameters()), [n for n, p in m.named_parameters() if p.grad is not None]
+
+
+def test_the_trainer_callback_takes_accelerates_scaler_after_dropping_a_leftover_window():
+    """A train() started again mid-window (fused mode): the callback drops the leftover
+    window and takes accelerate's fp16 GradScaler. It took the scaler first, which a scaler
+    now refuses mid-cycle (probe Z56, a regression of this change)."""
+    from types import SimpleNamespace
+
+    from flora import AccumulatorCallback
+
+    m, opt, acc = _build(fused=True, tau=2)
+    m(torch.randn(3, 8)).sum().backward()
+    assert acc.micro_step == 1
+    scaler = torch.amp.GradScaler("cpu")
+    wrapped = SimpleNamespace(optimizer=opt, scaler=scaler)  # accelerate's AcceleratedOptimizer, as read
+    AccumulatorCallback(acc).on_train_begin(SimpleNamespace(gradient_accumulation_steps=2, max_grad_norm=0),
+                                            SimpleNamespace(global_step=0, stateful_callbacks={}), None,
+                                            optimizer=wrapped)
+    assert acc.scaler is scaler and acc.micro_step == 0

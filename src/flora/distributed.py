@@ -26,12 +26,12 @@ Details, costs and a ``torchrun`` example: ``docs/distributed.md``.
 # No ``from __future__ import annotations``: DDP compares the hook's annotations with
 # dist.GradBucket and torch.futures.Future[torch.Tensor] as objects.
 import threading
+import weakref
 
 import torch
 import torch.distributed as dist
 
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real, check_seed, plain
 from .accumulation.estimator import write_estimate_
@@ -104,10 +104,24 @@ class ProjectionState:
         # parameter -> (bucket index, position) where this process's hook first saw it:
         # DDP's first layout, the same in a resumed process (DDP rebuilds its buckets after
         # the first step, so keying by the current layout would change every projection at
-        # a resume). Held weakly, by identity: a state reused for a new model (a sweep, an
-        # in-process resume) had found its parameters under the ids of the old one's, freed
-        # and reused differently on each replica, whose projections then differed (a probe)
-        self._keys: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # a resume). By id(), each entry with a weak reference that confirms it: a state reused
+        # for a new model (a sweep, an in-process resume) had found its parameters under the ids
+        # of the old one's, freed and reused differently on each replica, whose projections
+        # then differed (a probe)
+        self._keys: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
+
+    def key(self, p: torch.Tensor, bucket_index: int, position: int) -> tuple[int, int]:
+        """``(bucket, position)`` where this process's hook first saw ``p`` (given now if it
+        has not seen it: this bucket and position)."""
+        hit = self._keys.get(id(p))
+        if hit is None or hit[0]() is not p:  # new, or another tensor at a freed id
+            hit = self._keys[id(p)] = (weakref.ref(p), (bucket_index, position))
+        return hit[1]
+
+    def __getstate__(self) -> dict:
+        # the keys name this process's tensors (a resumed process keys them afresh, by DDP's
+        # first layout, as the run that saved did); a process group does not pickle
+        return {**self.__dict__, "_keys": {}, "process_group": None, "_checked": False}
 
     def dim(self, shape) -> int | None:
         """The projected dimension of a tensor of ``shape``, or None when it is sent dense."""
@@ -191,7 +205,7 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
 
     grads = bucket.gradients()
     params = bucket.parameters()
-    keys = [state._keys.setdefault(p, (index, i)) for i, p in enumerate(params)]
+    keys = [state.key(p, index, i) for i, p in enumerate(params)]
     dims = [state.dim(p.shape) for p in params]
     if buffer.is_sparse or all(d is None for d in dims):
         # nothing to compress, or a sparse bucket (nn.Embedding(sparse=True); DDP gives it no

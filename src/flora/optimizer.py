@@ -277,7 +277,7 @@ class Flora(Optimizer):
         self._factor_dims_seen: dict[int, tuple] = {}
         # (group index, ids of a device mesh's process groups) whose options were checked equal on every
         # process (sharded.check_options_agree)
-        self._options_checked: set = set()
+        self._options_checked: dict = {}  # (group index, mesh) -> the option values compared across processes
         # id(p) -> the group layout (_layout_key) p last stepped under: a parameter moved into
         # another group (add_param_group, a group replaced) is checked against it
         self._stepped_under: dict[int, tuple] = {}

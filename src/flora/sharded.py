@@ -103,7 +103,7 @@ def layout(p) -> Layout:
                   local_shape[0] if local_shape else 1, mesh, placements, tuple(p.shape))
 
 
-def check_options_agree(param_groups, checked: set, only: set | None = None, keys: tuple = ()) -> None:
+def check_options_agree(param_groups, checked: dict, only: set | None = None, keys: tuple = ()) -> None:
     """Every process of a DTensor parameter's device mesh must step it under the same
     options that shape the step (``ALGORITHM_KEYS``: the seed, rank, kappa, form,
     projection, ...): a ``seed`` set per rank (``seed=rank``) stepped each rank's rows under
@@ -126,13 +126,13 @@ def check_options_agree(param_groups, checked: set, only: set | None = None, key
             hash(values)
         except TypeError:
             values = repr(values)
-        seen = {m for g, v, m in checked if g == gi and v == values}  # meshes checked under these values
+        seen = {m for (g, m), v in checked.items() if g == gi and v == values}  # meshes checked under these
         check_on_meshes(f"Flora, parameter group {gi}", fields, stepping,
                         checked=seen,
                         why="every process must step a sharded parameter under the same options (a seed set per "
                             "rank, seed=rank, draws other projections on each; HSDP's replicas would drift apart): "
                             "give every rank the same options (the default seed 0 is the same everywhere)")
-        checked.update((gi, values, m) for m in seen)
+        checked.update({(gi, m): values for m in seen})  # the latest values only: a schedule keeps it small
 
 
 def agree_on_load(params, damage: dict, refused: ValueError | None, loaded: set) -> None:
@@ -298,10 +298,10 @@ def check_loaded_stack(p, s: dict) -> None:
     its columns (``proj_dim=1``: ``n x r`` rows per matrix) must shard with the parameter's
     rows (:func:`_check_stack_rows`; it had been checked after torch's load, leaving the
     optimizer half loaded, a probe)."""
-    from .state import count_value
-
-    c = s.get("exp_avg_c")
-    if isinstance(c, torch.Tensor) and count_value(s.get("proj_dim")) == 1 and c.dim() == 2:
+    c, dim = s.get("exp_avg_c"), s.get("proj_dim")
+    if isinstance(dim, torch.Tensor):  # torch's convention for a number in a state (state.count_value's too)
+        dim = dim.item() if dim.numel() == 1 else None
+    if isinstance(c, torch.Tensor) and dim == 1 and c.dim() == 2:
         _check_stack_rows(tuple(p.shape), layout(p), tuple(c.shape),
                           compressed_shape(p.to_local().shape, c.shape[1], 1, like=tuple(p.shape)), loading=True)
 

@@ -91,17 +91,18 @@ class AccumulatorCallback(TrainerCallback):
                              f"gradient_accumulation_steps={steps}: the two must agree (the accumulator would close "
                              f"{'several cycles per optimizer step' if steps > acc.tau else 'every cycle short'}); "
                              f"build the accumulator with tau={steps}")
+        if acc.fused and acc.micro_step:
+            # a train() interrupted mid-window and started again: the Trainer's model.zero_grad()
+            # drops the window's gradients, which fused mode cannot see (normal mode does); the
+            # leftover read as "gradient_accumulation_steps > tau" at the next window (a probe).
+            # First: the scaler below may change on a cycle boundary only
+            acc.discard_cycle()
         scaler = wrapper_scaler(kwargs.get("optimizer"))
         if acc.fused and acc.scaler is None and scaler is not None:
             # fp16 (a GPU): accelerate's prepared optimizer steps through its GradScaler, which an
             # accumulator built before the Trainer (as above) never saw; fused mode steps inside
             # backward, so without it each parameter stepped on its scaled gradient (probe Z29)
             acc.scaler = scaler
-        if acc.fused and acc.micro_step:
-            # a train() interrupted mid-window and started again: the Trainer's model.zero_grad()
-            # drops the window's gradients, which fused mode cannot see (normal mode does); the
-            # leftover read as "gradient_accumulation_steps > tau" at the next window (a probe)
-            acc.discard_cycle()
         if acc.fused and (args.max_grad_norm or 0) > 0 and acc.max_grad_norm is None:
             warn(f"AccumulatorCallback: TrainingArguments(max_grad_norm={args.max_grad_norm}) clips nothing "
                  "in fused mode (each parameter steps during backward, before the Trainer clips, and its "

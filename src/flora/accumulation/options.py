@@ -83,8 +83,10 @@ class Option:
             raise RuntimeError(f"CompressedAccumulator.{name} can change on a cycle boundary only (after the step, "
                                f"or finish_cycle()); this cycle has seen {eng.micro_step()} backward pass(es)")
         setattr(eng.opts, name, value)
-        if eng.replicas is not None:  # reduce=True: the replicas compare their options again (one set
-            eng.replicas.agreed = False  # on one process only would otherwise hang the collective)
+        if eng.replicas is not None and name == "tau" and changed:
+            # reduce=True: the replicas compare tau (one of the fields they agree on) again at the
+            # next collective; set on every replica alike (a replica alone would run it alone)
+            eng.replicas.agreed = False
 
 
 def check_options(rank, tau, *, seed, proj_dim, max_aspect_ratio, projection, exact_last, fused,
