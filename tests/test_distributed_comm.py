@@ -529,8 +529,10 @@ def _acc_option_set_on_every_replica(rank, world):
     acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, reduce=True, optimizer=opt)
     counts = []
     for step, k in enumerate([TAU, TAU, 2]):
-        if step == 1 and rank == 0:  # set to what they are, on one replica: nothing to compare (probe Z56:
-            acc.tau, acc.cache_projections = acc.tau, acc.cache_projections  # it ran the check alone)
+        if step == 1 and rank == 0:  # set to what they are, or changed and set back, on one replica:
+            acc.tau, acc.cache_projections = acc.tau, acc.cache_projections  # nothing to compare (probes
+            acc.tau = 5  # Z56, Z57: that replica ran the comparison alone, and gloo aborted)
+            acc.tau = TAU
         if step == 2:
             acc.tau = 2
         counter = CollectiveCounter()
@@ -646,6 +648,14 @@ def test_a_projection_state_pickles_after_its_first_step():
     back = pickle.loads(pickle.dumps(state))
     assert back.step == 5 and back._keys == {} and back.state_dict() == state.state_dict()
     assert back.key(p, 1, 0) == (1, 0)
+    # a copy (to serve another DDP model) keeps its process group, and starts its keys afresh
+    group = object()  # stands for a ProcessGroup: held by reference, never copied
+    state.process_group = group
+    for dup in (copy.copy(state), copy.deepcopy(state)):
+        assert dup.process_group is group and dup._keys == {} and dup.step == 5 and dup is not state
+    assert state.key(p, 1, 0) == (0, 3)
+    with pytest.warns(UserWarning, match="its process_group is left out"):
+        assert pickle.loads(pickle.dumps(state)).process_group is None
 
 
 def test_one_state_serves_a_new_model_and_sparse_gradients_pass(replicas):

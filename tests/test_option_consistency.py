@@ -164,3 +164,26 @@ def test_state_dict_pre_hooks_run_before_floras_own_checks_once():
     opt.param_groups[0]["params"][:] = [w]
     opt.register_state_dict_pre_hook(lambda o: o.state.pop(b))  # AdamW takes this; so does Flora now
     assert len(opt.state_dict()["state"]) == 1
+
+
+def test_auto_takes_a_saved_side_that_compresses_when_an_option_is_edited():
+    """proj_dim="auto" keeps a loaded state's side (FSDP2's "auto" projects the columns, one
+    process's the smaller side). An edit of a layout option that changes no parameter's form
+    (max_aspect_ratio None -> 1000) had been refused, as the side "auto" would not pick here
+    (probe Z57); one that makes the matrix dense is still refused."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 64))
+    saved = Flora([w], lr=1e-3, rank=4, beta1=0.9, proj_dim=1)
+    w.grad = torch.randn_like(w)
+    saved.step()
+    sd = saved.state_dict()
+    sd["param_groups"][0]["proj_dim"] = "auto"  # as FSDP2's "auto" saves it: the columns
+    opt = Flora([w], lr=1e-3, rank=4, beta1=0.9)  # proj_dim="auto": the rows here
+    opt.load_state_dict(sd)
+    opt.step()
+    assert opt.state[w]["proj_dim"] == 1
+    opt.param_groups[0]["max_aspect_ratio"] = 1000.0
+    opt.step()  # taken
+    opt.param_groups[0]["max_aspect_ratio"] = 2.0
+    with pytest.raises(ValueError, match=r"max_aspect_ratio=2.0 do not fit the compressed momentum"):
+        opt.step()

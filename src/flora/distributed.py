@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real, check_seed, plain
 from .accumulation.estimator import write_estimate_
 from .agreement import check_agreement  # the replicas' option check, shared with reduce=True
+from ._warn import warn
 from .compression import PROJ_DIMS, compressed_dim
 from .projection import (
     COMMUNICATION_STREAM,
@@ -119,9 +120,22 @@ class ProjectionState:
         return hit[1]
 
     def __getstate__(self) -> dict:
-        # the keys name this process's tensors (a resumed process keys them afresh, by DDP's
-        # first layout, as the run that saved did); a process group does not pickle
+        # the keys name this process's tensors (a new process keys them afresh, by DDP's first
+        # layout, as the run that saved did); a process group does not pickle (torch's
+        # PowerSGD state leaves it out too, and says so)
+        if self.process_group is not None:
+            warn("ProjectionState: pickled, its process_group is left out (it does not pickle): set "
+                 "state.process_group again after loading it", UserWarning)
         return {**self.__dict__, "_keys": {}, "process_group": None, "_checked": False}
+
+    def __copy__(self) -> "ProjectionState":
+        # a copy serves another DDP model in this process: the same group, its own keys
+        new = ProjectionState.__new__(ProjectionState)
+        new.__dict__.update({**self.__dict__, "_keys": {}, "_checked": False})
+        return new
+
+    def __deepcopy__(self, memo) -> "ProjectionState":
+        return self.__copy__()  # every field is a plain value but the group, held by reference
 
     def dim(self, shape) -> int | None:
         """The projected dimension of a tensor of ``shape``, or None when it is sent dense."""

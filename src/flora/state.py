@@ -205,7 +205,10 @@ def check_momentum_layout(p: torch.Tensor, s: dict, group: dict, edited: dict | 
         raise ValueError(
             f"rank={rank!r} does not fit the compressed momentum of {_called(p, group)} ({have}, made "
             f"with rank={old}). Set rank back to {old}, {_DROP}")
-    if group["beta1"] is not None and (sharded.momentum_dim if is_dtensor(p) else momentum_dim)(shape, group) != dim:
+    # "auto" takes a saved side that compresses under these options (one process's rule and
+    # FSDP2's differ, and a load keeps the saved side: a probe found each refusing the other's)
+    fits = momentum_dim(shape, {**group, "proj_dim": dim} if group["proj_dim"] == "auto" else group) == dim
+    if group["beta1"] is not None and not fits:
         raise ValueError(
             f"proj_dim={group['proj_dim']!r} and max_aspect_ratio={group['max_aspect_ratio']!r} do not fit the "
             f"compressed momentum of {_called(p, group)} ({have}, projecting dim {dim}): set them back, "

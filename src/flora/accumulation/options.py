@@ -82,11 +82,8 @@ class Option:
         if name in ON_A_BOUNDARY and changed and eng.micro_step():
             raise RuntimeError(f"CompressedAccumulator.{name} can change on a cycle boundary only (after the step, "
                                f"or finish_cycle()); this cycle has seen {eng.micro_step()} backward pass(es)")
-        setattr(eng.opts, name, value)
-        if eng.replicas is not None and name == "tau" and changed:
-            # reduce=True: the replicas compare tau (one of the fields they agree on) again at the
-            # next collective; set on every replica alike (a replica alone would run it alone)
-            eng.replicas.agreed = False
+        setattr(eng.opts, name, value)  # reduce=True: a changed tau is compared across the replicas again
+        # at the next collective (Replicas.reduce_cycle), so set it on every replica alike
 
 
 def check_options(rank, tau, *, seed, proj_dim, max_aspect_ratio, projection, exact_last, fused,

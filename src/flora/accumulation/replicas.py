@@ -239,6 +239,7 @@ class Replicas:
     def __init__(self, slots: list[Slot], opts, ddp: nn.Module | None):
         self.slots, self.opts, self.ddp = slots, opts, ddp
         self.agreed = False  # the replicas' options are compared at the first collective
+        self.agreed_tau = opts.tau  # and again at one after tau changed (net: set and set back is no change)
         self.group = opts.process_group  # None: DDP's own, looked for at the first collective
         if ddp is not None and getattr(ddp, "static_graph", False) and not getattr(
                 ddp, "_static_graph_delay_allreduce_enqueued", True):
@@ -312,13 +313,13 @@ class Replicas:
         n_data = sum(t.numel() for t in pieces)
         flat = torch.cat(pieces + [torch.tensor(c.counts, dtype=wire, device=device)])
         del pieces
-        if not self.agreed:
+        if not self.agreed or opts.tau != self.agreed_tau:  # tau set since (on every replica alike)
             signature = repr([(s.index, s.dim, tuple(s.param.shape)) for s in self.slots]).encode()
             check_agreement("CompressedAccumulator(reduce=True)", {
                 "rank": opts.rank, "tau": opts.tau, "seed": opts.seed, "projection": opts.projection,
                 "cycle": c.number, "parameters (indices, shapes, compressed dims)": zlib.crc32(signature),
                 "wire dtype": str(wire).removeprefix("torch.")}, device=device, group=group)
-            self.agreed = True
+            self.agreed, self.agreed_tau = True, opts.tau
         flat[:n_data].div_(dist.get_world_size(group))  # the mean, divided first as DDP does
         dist.all_reduce(flat, group=group)
         totals = flat[n_data:].tolist()
