@@ -38,8 +38,6 @@ class StateStacks:
     state's worth a swap, a probe)."""
 
     def __init__(self) -> None:
-        # (id(first state dict), key) -> (the stack, the views written into the states,
-        # the state dicts they were written into)
         # (id of the first state, key) -> (stack, its row views as written into the states,
         # the states, the rows' data pointers: a view given other memory by .data = or set_()
         # is the same object, and must not be read from the stack)
