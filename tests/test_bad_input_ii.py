@@ -84,6 +84,14 @@ DAMAGE = {
     "step negative": (lambda sd: sd["state"][2].__setitem__("step", -5), "'step'"),
     "step fractional": (lambda sd: sd["state"][2].__setitem__("step", torch.tensor(3.7)), "'step'"),
     "step missing": (lambda sd: sd["state"][2].pop("step"), "'step'"),
+    # counters the step cannot use, and a compressed momentum without its counters, had loaded
+    # and then failed the next step: after other parameters' counters moved, or a bare
+    # KeyError (probe Z61)
+    "proj_count 2**64": (lambda sd: sd["state"][0].__setitem__("proj_count", 2 ** 64), r"'proj_count'.*below 2\*\*63"),
+    "index 2**63": (lambda sd: sd["state"][0].__setitem__("index", 2 ** 63), r"'index'.*below 2\*\*63"),
+    "step 2**63": (lambda sd: sd["state"][2].__setitem__("step", 2 ** 63), r"'step'.*below 2\*\*63"),
+    "proj_count missing": (lambda sd: sd["state"][0].pop("proj_count"), r"without \['proj_count'\]"),
+    "proj_age missing": (lambda sd: sd["state"][0].pop("proj_age"), r"without \['proj_age'\]"),
     "row missing": (lambda sd: sd["state"][0].pop("exp_avg_sq_row"), "lacks"),
     "integer row": (lambda sd: sd["state"][0].__setitem__("exp_avg_sq_row", torch.zeros(16, dtype=torch.int64)),
                     "floating-point"),
@@ -245,8 +253,8 @@ def test_numpy_numbers_leave_plain_checkpoints():
     assert type(acc.proj_dim) is int
     torch.load(io.BytesIO(_bytes(acc.state_dict())), weights_only=True)
     acc.remove()
-    state = ProjectionState(np.int64(8), seed=np.int64(3), proj_dim=np.int64(0))
-    assert all(type(v) is int for v in state.state_dict().values())
+    state = ProjectionState(np.int64(8), seed=np.int64(3), proj_dim=np.int64(0), max_aspect_ratio=np.float64(4))
+    assert all(type(v) is (float if k == "max_aspect_ratio" else int) for k, v in state.state_dict().items())
     opt = Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
     opt.param_groups[0]["lr"], opt.param_groups[0]["kappa"] = np.float64(2e-3), np.int64(5)
     _backward(model)

@@ -105,6 +105,9 @@ def test_step_goal_is_data():
     # each check says met or NOT met, as the quality checks do (probe Z44: '(> 1x)' was easy to misread)
     assert report.goal_parts(goal, "flora-r32", by) == ["state 3.0% of AdamW (goal: at most 5%: met)",
                                                         "step 1.10x adafactor-b0.9's (goal: at most 1x: NOT met)"]
+    by["flora-r32"]["with_cache_vs_adamw"] = 0.06  # step's rows count the cache too: judged with it
+    assert report.goal_parts(goal, "flora-r32", by)[0] == (
+        "state 3.0% of AdamW, 6.0% with the projection cache (goal: at most 5%, cache included: NOT met)")
 
 
 def test_default_names():

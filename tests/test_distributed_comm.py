@@ -591,7 +591,8 @@ def test_hook_equals_one_process_compressing_the_full_batch_gradient(replicas):
                 assert (got - full).norm() > 0.05 * full.norm()
             else:
                 torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
-    assert r0["state"] == {"rank": RANK, "seed": SEED, "projection": 0, "step": 3}
+    assert r0["state"] == {"rank": RANK, "seed": SEED, "projection": 0, "proj_dim": 0, "max_aspect_ratio": 4.0,
+                           "step": 3}
 
 
 def test_hook_sends_one_all_reduce_per_bucket_of_the_compressed_size(replicas):
@@ -870,20 +871,30 @@ def test_projection_state_bad_options(kw, exc, words):
         ProjectionState(**kw)
 
 
-def test_projection_state_dict_is_plain_integers_and_checked():
+def test_projection_state_dict_is_plain_numbers_and_checked():
     s = ProjectionState(rank=8, seed=3, projection="gaussian")
     s.step = 11
     sd = s.state_dict()
-    assert sd == {"rank": 8, "seed": 3, "projection": 1, "step": 11}
-    assert all(type(v) is int for v in sd.values())
+    assert sd == {"rank": 8, "seed": 3, "projection": 1, "proj_dim": 0, "max_aspect_ratio": 0.0, "step": 11}
+    assert all(type(v) is (float if k == "max_aspect_ratio" else int) for k, v in sd.items())
     t = ProjectionState(rank=8, seed=3, projection="gaussian")
     t.load_state_dict(sd)
     assert t.step == 11
+    # how tensors are compressed is checked too (probe Z61: another proj_dim or aspect limit
+    # loaded silently, and the resumed run compressed other tensors, or along another dim)
     for bad, word in ((dict(sd, rank=4), "rank"), (dict(sd, seed=0), "seed"), (dict(sd, projection=0), "projection"),
-                      (dict(sd, step=-1), "step")):
+                      (dict(sd, step=-1), "step"), (dict(sd, step=2 ** 64), r"step'\] must be below 2\*\*63"),
+                      (dict(sd, proj_dim=1), "proj_dim=0 but this ProjectionState has proj_dim='auto'"),
+                      (dict(sd, proj_dim=3), r"proj_dim'\] must be one of 0, 1, 2"),
+                      (dict(sd, max_aspect_ratio=2.0), "max_aspect_ratio=2.0 but this ProjectionState has "
+                                                       "max_aspect_ratio=None")):
         with pytest.raises(ValueError, match=word):
             ProjectionState(rank=8, seed=3, projection="gaussian").load_state_dict(bad)
-    for key in sd:  # each key missing is said as missing (a missing step had been 'must be ..., got None')
+    u = ProjectionState(rank=8, seed=3, projection="gaussian", proj_dim=1, max_aspect_ratio=4)
+    u.load_state_dict(dict(sd, proj_dim=2, max_aspect_ratio=4.0))
+    # a state_dict from before 2026-12-06 has neither: not checked
+    u.load_state_dict({k: v for k, v in sd.items() if k not in ("proj_dim", "max_aspect_ratio")})
+    for key in ("rank", "seed", "projection", "step"):  # each missing is said (a missing step had been 'got None')
         with pytest.raises(ValueError, match=f"state_dict has no '{key}': not a ProjectionState's"):
             ProjectionState(rank=8, seed=3, projection="gaussian").load_state_dict(
                 {k: v for k, v in sd.items() if k != key})

@@ -144,6 +144,15 @@ def test_a_parameter_put_in_two_groups_lists_is_refused_by_name(path):
     opt.param_groups[0]["params"].append(model[0].bias)
     with pytest.raises(ValueError, match=r"a parameter of shape \(32,\) is twice in parameter group 0"):
         opt.step()
+    opt.param_groups[0]["params"].pop()
+    opt.step()
+    # an item swapped in place, the list's length unchanged (it had gone unseen: stepped twice)
+    swapped = opt.param_groups[1]["params"][3]
+    opt.param_groups[1]["params"][3] = model[0].bias
+    with pytest.raises(ValueError, match=r"is in parameter group 0 and in group 1 of this optimizer"):
+        opt.step()
+    opt.param_groups[1]["params"][3] = swapped
+    opt.step()
 
 
 def _named_opt(layers, **kw):
@@ -392,3 +401,31 @@ def test_names_that_differ_by_a_wrappers_prefix_load_silently():
             warnings.simplefilter("error")
             again.load_state_dict(first.state_dict())
         assert again.param_groups[0]["param_names"] == [prefix + "0.weight", prefix + "0.bias"]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_an_option_edited_into_one_group_of_many_is_refused_naming_the_group(path):
+    """A bad value edited into one group mid-run was refused without saying which group
+    (probe Z58: beta1=1.5 in group 1 of a model's groups read as 'beta1 must be ..., got
+    1.5'). The refusal names the group by its parameters' names, or by their count and
+    the first one's shape; step_parameter names the parameter stepped. Nothing moves."""
+    model = _mlp()
+    names = [n for n, _ in model.named_parameters()]
+    ps = list(model.parameters())
+    opt = Flora([{"params": ps[:2], "param_names": names[:2]}, {"params": ps[2:], "param_names": names[2:]}],
+                lr=1e-2, rank=4, beta1=0.9, **path)
+    _cycle(model, opt, 0, tau=1)
+    opt.param_groups[1]["beta1"] = 1.5
+    model(torch.randn(4, 16)).square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"beta1 must be .*got 1.5 \(in the parameter group holding '2.weight', "
+                                         r"'2.bias', '4.weight' and 1 more\)"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"got 1.5 \(in the parameter group holding '4.weight'\)"):
+        opt.step_parameter(ps[4])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    unnamed = Flora(model.parameters(), lr=1e-2, **path)
+    unnamed.param_groups[0]["clip_threshold"] = -1
+    with pytest.raises(ValueError, match=r"clip_threshold must be .*got -1 \(in the parameter group holding 6 "
+                                         r"parameters, the first of shape \(32, 16\)\)"):
+        unnamed.step()

@@ -546,3 +546,20 @@ def test_a_first_step_with_no_gradient_at_all_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # stepped before: no gradient this time is a choice, not a wiring fault
+
+
+def test_a_first_step_with_every_parameter_frozen_says_so():
+    """Flora built before peft's get_peft_model: the base weights it holds are frozen and the
+    adapters it does not hold train. The warning had blamed replaced parameters (FSDP, a
+    module swapped), not the freezing (a new-user probe, Z60); it now says frozen and how
+    to build Flora from the trainable parameters."""
+    peft = pytest.importorskip("peft")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = Flora(model.parameters(), lr=1e-2, **KW)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0", "2"]))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+    said = [str(w.message) for w in seen if "Flora.step()" in str(w.message)]
+    assert len(said) == 1 and "all 4 of its parameters are frozen" in said[0] and "get_peft_model" in said[0], said

@@ -675,6 +675,11 @@ def test_report_only_takes_the_primary_kappa_of_the_run(tmp_path, monkeypatch):
     assert main(argv + ["--report-only"]) == 0
     assert main(argv + ["--report-only", "--kappas", "7"]) == 0
     assert seen == [k, k, 7]
+    # a log copied without its meta.json: the kappa its runs hold (probe Z59: the default's,
+    # the goal check then empty)
+    (tmp_path / "s" / "meta.json").unlink()
+    assert main(argv + ["--report-only"]) == 0
+    assert seen[-1] == k and f"kappa {k}" in (tmp_path / "s" / "results.md").read_text()
 
 
 def test_report_only_on_some_tasks_writes_those_tasks_everywhere(tmp_path, monkeypatch):

@@ -53,6 +53,10 @@ def check_nonneg_int(name: str, value) -> None:
 # integer would be silently folded onto a smaller one (2**64 + s gives s's matrices); the
 # bound also keeps every seed an int64, as tensors and checkpoints hold it.
 SEED_LIMIT = 1 << 63
+# Step and projection counters stay below 2**63 too: a step is mirrored by an int64 tensor
+# and the projections' seeds take counts below 2**64 (a larger one loaded, then failed the
+# step after it had moved other parameters' counters, a probe).
+COUNTER_LIMIT = 1 << 63
 
 
 def check_seed(name: str, value) -> None:

@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._validation import check_choice, check_nonneg_int, check_positive_int, check_real, check_seed, plain
+from ._validation import (COUNTER_LIMIT, check_choice, check_nonneg_int, check_positive_int, check_real, check_seed,
+                          plain)
 from .accumulation.estimator import write_estimate_
 from .agreement import check_agreement  # the replicas' option check, shared with reduce=True
 from ._warn import warn
@@ -155,15 +156,19 @@ class ProjectionState:
         """Seed of the projection of tensor ``position`` of bucket ``bucket_index`` at ``step``."""
         return projection_seed(self.seed, (int(bucket_index) << 32) + int(position), step, COMMUNICATION_STREAM)
 
-    def state_dict(self) -> dict[str, int]:
-        """Plain integers: ``rank`` (0 for None), ``seed``, ``projection`` (its index in
-        ``HOOK_PROJECTIONS``) and ``step``."""
+    def state_dict(self) -> dict[str, int | float]:
+        """Plain numbers: ``rank`` (0 for None), ``seed``, ``projection`` (its index in
+        ``HOOK_PROJECTIONS``), ``proj_dim`` (its index in ``PROJ_DIMS``), ``max_aspect_ratio``
+        (0.0 for None) and ``step``."""
         return {"rank": self.rank or 0, "seed": self.seed, "projection": HOOK_PROJECTIONS.index(self.projection),
+                "proj_dim": PROJ_DIMS.index(self.proj_dim), "max_aspect_ratio": float(self.max_aspect_ratio or 0.0),
                 "step": self.step}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Restore ``step``; ``rank``, ``seed`` and ``projection`` must match this state's
-        (checked before anything changes). Call it on every replica (each process loads the
+        """Restore ``step``; ``rank``, ``seed``, ``projection``, ``proj_dim`` and
+        ``max_aspect_ratio`` must match this state's (checked before anything changes; the
+        last two are absent from a state_dict saved before 2026-12-06, which is not checked
+        for them). Call it on every replica (each process loads the
         checkpoint): the replicas are compared again on the next step, by a collective that
         every replica joins, so one replica loading alone leaves the others' collectives
         unmatched (gloo aborts with a size mismatch; NCCL may hang)."""
@@ -179,8 +184,25 @@ class ProjectionState:
             if int(state_dict[key]) != mine[key]:
                 raise ValueError(f"state_dict has {key}={state_dict[key]!r} but this ProjectionState has "
                                  f"{key}={mine[key]!r}; build it with the same {key}")
+        # how tensors are compressed (a resumed run compressing other tensors, or along
+        # another dimension, had gone unnoticed: every replica loads the same checkpoint)
+        if "proj_dim" in state_dict:
+            d = state_dict["proj_dim"]
+            check_choice("state_dict['proj_dim']", d, range(len(PROJ_DIMS)))
+            if PROJ_DIMS[d] != self.proj_dim:
+                raise ValueError(f"state_dict has proj_dim={PROJ_DIMS[d]!r} but this ProjectionState has "
+                                 f"proj_dim={self.proj_dim!r}; build it with the same proj_dim")
+        if "max_aspect_ratio" in state_dict:
+            r = state_dict["max_aspect_ratio"]
+            check_real("state_dict['max_aspect_ratio']", r, low=0.0)
+            if (r or None) != self.max_aspect_ratio:
+                raise ValueError(f"state_dict has max_aspect_ratio={r or None!r} but this ProjectionState has "
+                                 f"max_aspect_ratio={self.max_aspect_ratio!r}; build it with the same "
+                                 "max_aspect_ratio")
         step = state_dict.get("step")
         check_nonneg_int("state_dict['step']", step)
+        if step >= COUNTER_LIMIT:
+            raise ValueError(f"state_dict['step'] must be below 2**63, got {step}: the state_dict is damaged")
         self.step = int(step)
         self._checked = False
 

@@ -252,7 +252,7 @@ class Flora(Optimizer):
         self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _FOREIGN_KEYS if k in g}
         self._warned_recompiles = False
         self._warned_no_grads = False  # a first step with no gradient at all: said once
-        self._lists_checked = None  # the groups' lists (ids, lengths) last found free of repeats
+        self._lists_checked = None  # the ids of the groups and their parameters last found free of repeats
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
         # (group sizes, id(param) -> (param, group, index)): step_parameter's lookup
@@ -502,7 +502,7 @@ class Flora(Optimizer):
             # maximize=True or a numeric momentum edited in: refused as step() refuses them (fused
             # accumulation had stepped on, descending: a probe)
             _check_foreign_keys(group, self._foreign_warned)
-            check_grads([{**group, "params": [p]}], self.state)
+            check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}], self.state)
             # relative_step with lr 0 is refused by what each parameter holds (its state, its
             # gradient): checked at every call then, not once for the group (a probe: the
             # first parameter passing let the others step by 0)
@@ -571,9 +571,10 @@ class Flora(Optimizer):
     def _refuse_repeats(self) -> None:
         """A parameter in two groups' lists (or twice in one), put there by editing a list in
         place (``add_param_group`` refuses it), is refused by name: the paths had stepped it
-        twice, or once with a counter for two (a probe). Checked when a list changes."""
+        twice, or once with a counter for two (a probe). Checked when a list changes, an item
+        swapped in place included (the ids compared, one pass a step)."""
         groups = self.param_groups
-        key = tuple((id(g), id(g["params"]), len(g["params"])) for g in groups)
+        key = tuple((id(g), tuple(map(id, g["params"]))) for g in groups)
         if key == self._lists_checked:
             return
         seen: dict[int, int] = {}
@@ -676,6 +677,15 @@ class Flora(Optimizer):
         if self._warned_no_grads:
             return
         self._warned_no_grads = True
+        params = [p for g in self.param_groups for p in g["params"]]
+        if params and not any(p.requires_grad for p in params):
+            # (a new-user probe: Flora built before peft's get_peft_model, which freezes the
+            # base weights and trains new adapter tensors that Flora does not hold)
+            warn(f"Flora.step(): all {count} of its parameters are frozen (requires_grad=False), so nothing was "
+                 "updated. If the model was wrapped after Flora was built (peft's get_peft_model freezes the base "
+                 "weights and trains new adapter tensors), build Flora after wrapping, from the trainable "
+                 "parameters: Flora([p for p in model.parameters() if p.requires_grad], ...)")
+            return
         warn(f"Flora.step(): none of its {count} parameters has a gradient (.grad is None), and none has "
              "stepped before, so nothing was updated. If the model's parameters were replaced after Flora "
              "was built (fully_shard, FSDP, a module swapped or re-created), build Flora from the new ones; "

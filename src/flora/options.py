@@ -445,6 +445,24 @@ def name_in(group: dict, p: torch.Tensor) -> str | None:
     return next((n for q, n in zip(group["params"], group_names(group)) if q is p), None)
 
 
+def _validate_named(group: dict) -> None:
+    """:func:`validate_group`, its error naming the group by its parameters: an option
+    edited into one group of many mid-run had been refused without saying which (probe Z58)."""
+    try:
+        validate_group(group)
+    except (ValueError, TypeError) as e:
+        names, params = [n for n in group_names(group) if n], group["params"]
+        if names:
+            which = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        elif len(params) > 1:
+            which = f"{len(params)} parameters, the first of shape {tuple(params[0].shape)}"
+        elif params:
+            which = f"a parameter of shape {tuple(params[0].shape)}"
+        else:
+            raise
+        raise type(e)(f"{e} (in the parameter group holding {which})") from None
+
+
 def check_grads(param_groups, state=None, validated: dict | None = None) -> None:
     """Before any change: every group's options and every gradient Flora can step
     (``state``, the optimizer's: a relative step's lr of 0 is also checked). ``validated``:
@@ -454,11 +472,11 @@ def check_grads(param_groups, state=None, validated: dict | None = None) -> None
     fsdp1 = []  # FSDP1 sharded after Flora was built (use_orig_params=True): the same tensors, now 1-D
     for group in param_groups:
         if validated is None:
-            validate_group(group)
+            _validate_named(group)
         else:
             values = option_values(group)
             if validated.get(id(group)) != values:
-                validate_group(group)
+                _validate_named(group)
                 validated[id(group)] = values
         if state is not None and group["relative_step"] and group["lr"] is not None:
             refuse_scheduled_zero_lr(group, state)

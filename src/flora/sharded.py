@@ -66,11 +66,10 @@ def is_dtensor(t) -> bool:
 @dataclass
 class Layout:
     """Where a DTensor parameter's local rows sit: ``group`` sums over its shards (None:
-    not sharded), ``offset`` and ``rows`` of its first dimension on this rank."""
+    not sharded) and ``offset``, where this rank's rows of its first dimension begin."""
 
     group: Any
     offset: int
-    rows: int
     mesh: Any
     placements: tuple
     shape: tuple
@@ -96,11 +95,10 @@ def layout(p) -> Layout:
                              "expected Shard(0) or Replicate()")
     if len(shard_dims) > 1:
         raise ValueError(f"Flora steps parameters sharded over one mesh dimension; got placements {placements}")
-    local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
     if not shard_dims:
-        return Layout(None, 0, p.shape[0] if p.dim() else 1, mesh, placements, tuple(p.shape))
-    return Layout(mesh.get_group(shard_dims[0]), offset[0] if offset else 0,
-                  local_shape[0] if local_shape else 1, mesh, placements, tuple(p.shape))
+        return Layout(None, 0, mesh, placements, tuple(p.shape))
+    _, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+    return Layout(mesh.get_group(shard_dims[0]), offset[0] if offset else 0, mesh, placements, tuple(p.shape))
 
 
 def check_options_agree(param_groups, checked: dict, only: set | None = None, keys: tuple = ()) -> None:
@@ -371,6 +369,7 @@ class _Item:
     u: torch.Tensor | None = None
     cu: torch.Tensor | None = None
     a: torch.Tensor | None = None
+    full_a: torch.Tensor | None = None  # the whole r x m projection when the local rows take a's columns
     c_before: torch.Tensor | None = None
     move: tuple | None = None  # the factored dims when not the last two (adafactor.factor_move)
     across: bool = False  # dim 0 is factored: the factors' sums run over the shards

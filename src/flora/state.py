@@ -8,6 +8,7 @@ import math
 import torch
 
 from . import sharded
+from ._validation import COUNTER_LIMIT
 from .adafactor import factored_shapes
 from .compression import momentum_storage
 from .options import momentum_dim, name_in
@@ -267,12 +268,17 @@ def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None
     for k in COUNTERS:
         if k in s or k == "step":
             n = count_value(s.get(k))
-            if n is None or n < 0:
-                raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a non-negative integer, got "
-                                 f"{s.get(k)!r} ({which}); the checkpoint is damaged")
+            if n is None or not 0 <= n < COUNTER_LIMIT:
+                raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a non-negative integer below 2**63, "
+                                 f"got {s.get(k)!r} ({which}); the checkpoint is damaged")
     if "exp_avg_c" in s and count_value(s.get("proj_dim")) not in (0, 1):
         raise ValueError(f"state_dict['state'][{where}]['proj_dim'] must be 0 or 1 beside a compressed momentum, "
                          f"got {s.get('proj_dim')!r} ({which}); the checkpoint is damaged")
+    lacks = [k for k in ("proj_count", "proj_age") if k not in s]
+    if "exp_avg_c" in s and lacks:  # written with it since the first version: the step read them (a KeyError)
+        raise ValueError(f"state_dict['state'][{where}] holds a compressed momentum (exp_avg_c) without {lacks} "
+                         f"({which}): the checkpoint is damaged. Drop the parameter's entry from "
+                         "state_dict['state'] to start its statistics afresh")
     factored = ("exp_avg_sq_row", "exp_avg_sq_col")
     if not is_dtensor(p) and "exp_avg_sq" not in s and not (len(shape) >= 2 and all(k in s for k in factored)):
         lacks = [k for k in factored if k not in s] if len(shape) >= 2 else ["exp_avg_sq"]

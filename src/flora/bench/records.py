@@ -45,6 +45,9 @@ class RunResult:
     trainable_params: int | None = None
     tau: int | None = None
     state_bytes: int | None = None  # flora.state_bytes(optimizer) after the last step
+    # what Flora holds beside its state then (flora.cache_bytes + flora.workspace_bytes: the
+    # projection cache, on by default, and compile=True's buffers); 0 for other optimizers
+    cache_bytes: int | None = None
     dense_grad_bytes: int | None = None  # what the trainable parameters' .grad take
     accum_bytes: int | None = None  # flora.CompressedAccumulator's buffers (+ca runs)
     compresses_nothing: bool | None = None  # a Flora whose rank is >= every projected dim: dense momentum

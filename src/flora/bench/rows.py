@@ -43,10 +43,13 @@ class Chosen:
     lrs_tried: list[float]
     status: str  # the run's; when no lr ran ok, every lr's status
     state_vs_adamw: float | None = None
+    # state plus what the optimizer holds beside it (RunResult.cache_bytes), over AdamW's state
+    held_vs_adamw: float | None = None
     runs: list[RunResult] = field(default_factory=list)
     lr_edge: str | None = None  # "lower"/"upper": the chosen lr is the end of two or more tried
     lr_capped: bool = False  # on the edge still when the grid extension reached its cap
     lr_scores: dict = field(default_factory=dict)  # lr -> its validation score (mean over seeds; higher is better)
+    short_lrs: dict = field(default_factory=dict)  # lr -> seeds it finished on, for lrs on fewer than the most: not compared
 
     def __post_init__(self):
         self.runs = self.runs or [self.run]
@@ -75,7 +78,7 @@ class Chosen:
 
     def get(self, key: str):
         """A flat field, as in :meth:`to_dict`."""
-        if key in ("status", "lrs_tried", "state_vs_adamw", "lr_edge", "lr_capped"):
+        if key in ("status", "lrs_tried", "state_vs_adamw", "held_vs_adamw", "lr_edge", "lr_capped"):
             return getattr(self, key)
         if key in self.stats:
             return self.stats[key]
@@ -85,6 +88,7 @@ class Chosen:
         d = {k: v for k, v in self.run.to_dict().items() if k not in ("curves", "traceback")}
         d.update(self.stats)
         d.update(status=self.status, lrs_tried=self.lrs_tried, state_vs_adamw=self.state_vs_adamw,
+                 held_vs_adamw=self.held_vs_adamw,
                  seeds=len(self.runs), seed_list=self.seeds, lr_edge=self.lr_edge, lr_capped=self.lr_capped)
         return d
 

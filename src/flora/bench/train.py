@@ -196,7 +196,8 @@ def _check_lrs(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def _describe(task: str, cfg: config.TaskConfig, model_params: int | None) -> str:
     params = f"{model_params / 1e6:.2f}M params" if model_params else ""
-    lr_note = f"lr: {cfg.lr_points} value(s) per optimizer, picked on validation"
+    # the lrs tried are each row's (--lrs and grid extension change them; a count here had not)
+    lr_note = "lr: picked on validation among those each row lists as tried"
     if task == "pretrain":
         what = (f"Llama {cfg.layers} layers x {cfg.hidden} wide ({params}), byte-level, from scratch on "
                 f"KJV + BBC text; {cfg.steps} steps of {cfg.batch} x {cfg.seq} bytes")
@@ -457,8 +458,10 @@ def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list, list]:
     """(the jobs still to run, the runs kept, the runs outside this plan) when continuing
     the run whose results are at ``path``: its runs of the planned (task, optimizer) pairs
     and seeds that finished ok or diverged are kept (a failed one, perhaps killed with the
-    sweep, runs again); lrs that it added by grid extension are planned again on the seeds
-    they miss. Its runs of pairs or seeds this plan leaves out (a narrower ``--optimizers``,
+    sweep, runs again); each lr it ran of a planned pair (its grid's and those grid extension
+    added), on any seed, is planned on this plan's seeds it misses (a new ``--seed`` had left
+    them out, and a worse lr was chosen silently: an lr on fewer seeds is not compared;
+    probe Z59). Its runs of pairs or seeds this plan leaves out (a narrower ``--optimizers``,
     ``--tasks`` or ``--seed``) stay in the results as they were: the results are written
     over the old ones, which had lost them. ``meta`` gets the old tasks, seeds and lr grids
     (an lr of the old grid is no extension of the new one)."""
@@ -476,8 +479,9 @@ def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list, list]:
     kept = [r for r in mine if r.ok or r.status == "diverged"]
     done = {(r.task, r.optimizer, r.lr, r.seed) for r in kept}
     planned = {(j.task, j.optimizer, j.lr) for j in jobs}
-    extra = {(r.task, r.optimizer, r.lr): first[r.task, r.optimizer] for r in kept
-             if (r.task, r.optimizer, r.lr) not in planned}
+    extra = {(r.task, r.optimizer, r.lr): first[r.task, r.optimizer] for r in old
+             if (r.task, r.optimizer) in first and (r.ok or r.status == "diverged")
+             and (r.task, r.optimizer, r.lr) not in planned}
     jobs = jobs + [dataclasses.replace(j, lr=lr, seed=seed) for (_, _, lr), j in extra.items() for seed in sorted(seeds)]
     meta["resumed_from"] = {"results": str(path), "command": old_meta.get("command"), "wall_s": old_meta.get("wall_s")}
     meta["tasks"] = old_meta.get("tasks") or {}  # _finish puts this plan's settings over them

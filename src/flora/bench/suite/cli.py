@@ -133,13 +133,18 @@ def report(out: Path, tasks: list[str], kappa: int, meta: dict, *, plots: bool, 
     return {"markdown": md, "chosen": chosen, "ranking": ranks, "failed": failed}
 
 
-def primary_kappa(a: argparse.Namespace, meta: dict) -> int:
+def primary_kappa(a: argparse.Namespace, meta: dict, rows: list[dict] = ()) -> int:
     """--report-only: the primary kappa of the run that wrote ``meta`` (its --kappas' first),
     unless --kappas was given; the default had been used, filing a --kappas 50 sweep's
-    goal check and dominance under the library's kappa."""
-    if a.kappas != str(space.KAPPA) or not meta.get("kappas"):
+    goal check and dominance under the library's kappa. Without a meta.json (a log copied
+    alone), the kappa of the log's runs where they hold one (probe Z59: a kappa-1000 log
+    had been reported under the default 100, its goal check empty)."""
+    if a.kappas != str(space.KAPPA):
         return a.kappa_list[0]
-    return int(meta["kappas"][0])
+    if meta.get("kappas"):
+        return int(meta["kappas"][0])
+    held = {r.get("kappa") for r in rows if r.get("kappa") is not None}
+    return int(held.pop()) if len(held) == 1 else a.kappa_list[0]
 
 
 REPORT_FILES = ("results.md", "results.csv", "results.json", "loss_vs_state.png", "meta.json")
@@ -247,9 +252,13 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             core.say(f"flora-bench suite: {e}")
             return 1
         (out / "meta.json").write_text(json.dumps(meta))
-    elif (out / "meta.json").exists():
-        meta = json.loads((out / "meta.json").read_text())
-        kappa = primary_kappa(a, meta)
+    else:
+        saved = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+        kappa = primary_kappa(a, saved, runner.read_log(out / "runs.jsonl"))
+        if saved:
+            meta = saved
+        else:  # this command's metadata, with the kappa the log was run at first
+            meta["kappas"] = [kappa] + [k for k in a.kappa_list if k != kappa]
     res = report(out, a.task_list, kappa, meta, plots=not a.no_plots, ran=not a.report_only)
     print(res["markdown"])
     rows = runner.read_log(out / "runs.jsonl")
