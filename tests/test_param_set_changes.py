@@ -288,6 +288,33 @@ def test_an_accumulator_state_saved_under_another_layout_is_said_at_load():
     other.remove()
 
 
+def test_a_proj_dim_worded_otherwise_loads_where_each_tensor_projects_the_same_dim():
+    """A state saved with proj_dim='auto' where 'auto' projected every matrix's dim 1 (as
+    FSDP2's 'auto' does: a probe, Z62, saved there and resumed in one process with
+    proj_dim=1, as the docs advise) was refused for the option's words. It loads and
+    continues the run bit for bit; where a tensor's dim differs it is refused as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.Tanh(), nn.Linear(40, 60))  # (40, 8), (60, 40): 'auto' is 1
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 8)
+    saved = CompressedAccumulator(model, rank=2, tau=2, seed=0)
+    model(x).square().mean().backward()  # mid-cycle
+    sd = saved.state_dict()
+    assert sd["proj_dim"] == "auto" and sd["dims"].tolist() == [1, -1, 1, -1]
+    model(2 * x).square().mean().backward()
+    resumed = CompressedAccumulator(twin, rank=2, tau=2, seed=0, proj_dim=1)
+    resumed.load_state_dict(sd)
+    twin(2 * x).square().mean().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+    resumed.remove()
+    wide = nn.Sequential(nn.Linear(8, 40), nn.Tanh(), nn.Linear(40, 4))  # (4, 40): 'auto' projects its dim 0
+    acc = CompressedAccumulator(wide, rank=2, tau=2, seed=0)
+    sd = acc.state_dict()
+    acc.remove()
+    with pytest.raises(ValueError, match="state_dict has proj_dim='auto' but this accumulator has proj_dim=1"):
+        CompressedAccumulator(wide, rank=2, tau=2, seed=0, proj_dim=1).load_state_dict(sd)
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 def test_a_state_dropped_and_begun_again_is_checked_at_its_next_step(foreach):
     """The 'checked at this shape' memo outlived opt.state.pop(p): a parameter whose state

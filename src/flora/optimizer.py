@@ -502,7 +502,11 @@ class Flora(Optimizer):
             # maximize=True or a numeric momentum edited in: refused as step() refuses them (fused
             # accumulation had stepped on, descending: a probe)
             _check_foreign_keys(group, self._foreign_warned)
-            check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}], self.state)
+            try:
+                check_grads([{**group, "params": [p]}], self.state)
+            except (ValueError, TypeError):  # said again naming p (a scan of the group, on a refusal only)
+                check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}], self.state)
+                raise
             # relative_step with lr 0 is refused by what each parameter holds (its state, its
             # gradient): checked at every call then, not once for the group (a probe: the
             # first parameter passing let the others step by 0)

@@ -154,7 +154,16 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         sd["exact_last"] = bool(sd["exact_last"])
     else:
         sd["exact_last"] = o.exact_last
+    try:  # (a malformed record is refused below, in order)
+        same_dims = sd.get("dims") is not None and _layout_changes(sd["dims"], slots, eng.names) == []
+    except ValueError:
+        same_dims = False
     for key in ("rank", "tau", "seed", "proj_dim", "projection", "exact_last"):
+        if key == "proj_dim" and same_dims:
+            # the option's words differ, each tensor's projected dim agrees: FSDP2's "auto" is 1
+            # (a state saved there loads in one process with proj_dim=1; it had been refused
+            # as "auto" against 1, a probe)
+            continue
         if sd.get(key) != getattr(o, key):
             if key == "projection" and "projection" not in state_dict:  # the user never chose one (a probe)
                 raise ValueError(f"state_dict was saved before CompressedAccumulator had projection kinds, when its "
