@@ -1221,10 +1221,19 @@ def test_resume_on_a_new_seed_plans_every_lr_the_old_run_tried(tmp_path):
     for r in runs[3:]:
         r.seed = 1
     rows = _chosen(runs)
-    assert rows[0].run.lr == 3e-3 and rows[0].short_lrs == {1e-2: 1}
+    assert rows[0].run.lr == 3e-3 and rows[0].short_lrs == {1e-2: (1, 2)}
     md = report.markdown(rows, {"pretrain": "loss"}, {"size": "smoke", "command": "x", "seeds": [0, 1]})
     assert "Every (optimizer, lr) ran on 2 seeds" not in md
     assert "**Not compared:**" in md and "pretrain adamw lr 0.01 (1 of 2)" in md
+    # an lr that crashed on every seed is no result to run again (its status says so), and
+    # "of N" counts the seeds the row's lrs finished on, not its runs (probe Z64)
+    crashed = old[:3] + [_run("pretrain", "adamw", 1e-4, 9.0, 9.0, status="failed: out of memory")]
+    assert _chosen(crashed)[0].short_lrs == {}
+    runs = [_run("pretrain", "adamw", 1e-3, 5.0, 5.0), _run("pretrain", "adamw", 1e-3, 5.0, 5.0),
+            _run("pretrain", "adamw", 1e-3, 5.0, 5.0, status="failed: killed"), _run("pretrain", "adamw", 3e-3, 4.0, 4.0)]
+    for seed, r in zip((0, 1, 2, 0), runs):
+        r.seed = seed
+    assert _chosen(runs)[0].short_lrs == {3e-3: (1, 2)}
 
 
 def test_comm_exits_non_zero_when_every_run_failed(tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -892,6 +893,7 @@ def test_projection_state_dict_is_plain_numbers_and_checked():
             ProjectionState(rank=8, seed=3, projection="gaussian").load_state_dict(bad)
     u = ProjectionState(rank=8, seed=3, projection="gaussian", proj_dim=1, max_aspect_ratio=4)
     u.load_state_dict(dict(sd, proj_dim=2, max_aspect_ratio=4.0))
+    u.load_state_dict(dict(sd, proj_dim=np.int64(2), max_aspect_ratio=np.float64(4.0)))  # numpy's, as the rest (Z64)
     # a state_dict from before 2026-12-06 has neither: not checked
     u.load_state_dict({k: v for k, v in sd.items() if k not in ("proj_dim", "max_aspect_ratio")})
     for key in ("rank", "seed", "projection", "step"):  # each missing is said (a missing step had been 'got None')

@@ -408,7 +408,7 @@ def test_an_option_edited_into_one_group_of_many_is_refused_naming_the_group(pat
     """A bad value edited into one group mid-run was refused without saying which group
     (probe Z58: beta1=1.5 in group 1 of a model's groups read as 'beta1 must be ..., got
     1.5'). The refusal names the group by its parameters' names, or by their count and
-    the first one's shape; step_parameter names the parameter stepped. Nothing moves."""
+    the first one's shape; step_parameter's too. Nothing moves."""
     model = _mlp()
     names = [n for n, _ in model.named_parameters()]
     ps = list(model.parameters())
@@ -421,7 +421,8 @@ def test_an_option_edited_into_one_group_of_many_is_refused_naming_the_group(pat
     with pytest.raises(ValueError, match=r"beta1 must be .*got 1.5 \(in the parameter group holding '2.weight', "
                                          r"'2.bias', '4.weight' and 1 more\)"):
         opt.step()
-    with pytest.raises(ValueError, match=r"got 1.5 \(in the parameter group holding '4.weight'\)"):
+    with pytest.raises(ValueError, match=r"got 1.5 \(in the parameter group holding '2.weight', '2.bias', "
+                                         r"'4.weight' and 1 more\)"):  # the group, not p alone (probe Z64)
         opt.step_parameter(ps[4])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     unnamed = Flora(model.parameters(), lr=1e-2, **path)

@@ -187,7 +187,7 @@ class ProjectionState:
         # how tensors are compressed (a resumed run compressing other tensors, or along
         # another dimension, had gone unnoticed: every replica loads the same checkpoint)
         if "proj_dim" in state_dict:
-            d = state_dict["proj_dim"]
+            d = plain(state_dict["proj_dim"])  # (numpy's int64, as the other fields take it)
             check_choice("state_dict['proj_dim']", d, range(len(PROJ_DIMS)))
             if PROJ_DIMS[d] != self.proj_dim:
                 raise ValueError(f"state_dict has proj_dim={PROJ_DIMS[d]!r} but this ProjectionState has "

@@ -23,7 +23,7 @@ from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, group_names, grouped as _grouped,  # noqa: F401
-                      grad_dtype_ok, label, name_in, option_values,
+                      grad_dtype_ok, label, name_in, option_values, validate_named,
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
                       refuse_shared_memory as _refuse_shared_memory,
@@ -504,8 +504,8 @@ class Flora(Optimizer):
             _check_foreign_keys(group, self._foreign_warned)
             try:
                 check_grads([{**group, "params": [p]}], self.state)
-            except (ValueError, TypeError):  # said again naming p (a scan of the group, on a refusal only)
-                check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}], self.state)
+            except (ValueError, TypeError):  # an option's refusal said again naming the group (on a refusal only)
+                validate_named(group)
                 raise
             # relative_step with lr 0 is refused by what each parameter holds (its state, its
             # gradient): checked at every call then, not once for the group (a probe: the
@@ -948,7 +948,12 @@ class Flora(Optimizer):
                 found.append((p, *hit))
         if not found:
             return
-        check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
+        try:
+            check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
+        except (ValueError, TypeError):  # an option's refusal said again naming its group
+            for group in {id(g): g for _, g, _ in found}.values():
+                validate_named(group)
+            raise
         for _, group, _ in found:  # (options of another library's numbers: as Python's, as step() makes them)
             plain_group(group)
         keys = [self._check_parameter_options_fit(p, group) for p, group, _ in found]

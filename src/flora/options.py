@@ -445,7 +445,7 @@ def name_in(group: dict, p: torch.Tensor) -> str | None:
     return next((n for q, n in zip(group["params"], group_names(group)) if q is p), None)
 
 
-def _validate_named(group: dict) -> None:
+def validate_named(group: dict) -> None:
     """:func:`validate_group`, its error naming the group by its parameters: an option
     edited into one group of many mid-run had been refused without saying which (probe Z58)."""
     try:
@@ -472,11 +472,11 @@ def check_grads(param_groups, state=None, validated: dict | None = None) -> None
     fsdp1 = []  # FSDP1 sharded after Flora was built (use_orig_params=True): the same tensors, now 1-D
     for group in param_groups:
         if validated is None:
-            _validate_named(group)
+            validate_named(group)
         else:
             values = option_values(group)
             if validated.get(id(group)) != values:
-                _validate_named(group)
+                validate_named(group)
                 validated[id(group)] = values
         if state is not None and group["relative_step"] and group["lr"] is not None:
             refuse_scheduled_zero_lr(group, state)

@@ -45,8 +45,8 @@ class RunResult:
     trainable_params: int | None = None
     tau: int | None = None
     state_bytes: int | None = None  # flora.state_bytes(optimizer) after the last step
-    # what Flora holds beside its state then (flora.cache_bytes + flora.workspace_bytes: the
-    # projection cache, on by default, and compile=True's buffers); 0 for other optimizers
+    # the projections Flora caches beside its state then (flora.cache_bytes; cache_projections=True,
+    # the default), as step's rows count them; 0 for other optimizers
     cache_bytes: int | None = None
     dense_grad_bytes: int | None = None  # what the trainable parameters' .grad take
     accum_bytes: int | None = None  # flora.CompressedAccumulator's buffers (+ca runs)

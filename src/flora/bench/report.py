@@ -88,7 +88,9 @@ def choose(runs: list[RunResult], metrics: dict[str, str]) -> list[Chosen]:
         done = {r[0].lr: seeds_done(r) for r in lrs.values()}
         rows.append(Chosen(chosen[0], tried, status, runs=chosen, lr_edge=edge,
                            lr_scores={r[0].lr: lr_score(r, metrics[task]) for r in lrs.values()},
-                           short_lrs={k: n for k, n in done.items() if n < max(done.values())}))
+                           # (an lr that crashed on every seed is no result: its status says so)
+                           short_lrs={k: (n, max(done.values())) for k, n in done.items()
+                                      if 0 < n < max(done.values())}))
     for row in rows:
         ref = next((r for r in rows if r.task == row.task and r.optimizer == "adamw" and r.run.state_bytes), None)
         if ref and row.run.state_bytes is not None:
@@ -249,9 +251,9 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
              core.meta_line(meta) + f" Wall {meta.get('wall_s', 0) / 60:.1f} min.", "",
              "val = the validation loss (lower is better) or accuracy that picked the lr; test ppl / acc = "
              "perplexity (pretrain: per byte) or accuracy on the test split. State = optimizer-state bytes "
-             "counted from the tensors (LoRA: its adapters' state); cache = what Flora holds beside its state "
-             "(the projections that cache_projections=True, the default, keeps; compile=True's buffers), never "
-             "saved; +cache % = state and cache over AdamW's state, what the state goal is judged on. Peak RSS "
+             "counted from the tensors (LoRA: its adapters' state); cache = the projections Flora keeps beside its "
+             "state (cache_projections=True, the default; never saved); +cache % = state and cache over AdamW's "
+             "state, what the state goal is judged on. Peak RSS "
              "is the run process's high-water mark, with the part above its starting RSS in brackets. grad acc = memory holding the gradient sum "
              "between micro-batches (tau > 1): the dense .grad of the trainable parameters, or "
              "flora.CompressedAccumulator's buffers (+ca runs).", ""]
@@ -264,8 +266,8 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
                   "file's: " + "; ".join(meta["merge_differences"]) + ".", ""]
     seeds = meta.get("seeds") or []
     # an lr on fewer seeds than its row's others (a resumed or stopped run) is not compared: said
-    short = [f"{r.task} {r.optimizer} lr {lr:g} ({n} of {max(len(r.runs), n)})" for r in rows
-             for lr, n in r.short_lrs.items()]
+    short = [f"{r.task} {r.optimizer} lr {lr:g} ({n} of {most})" for r in rows
+             for lr, (n, most) in r.short_lrs.items()]
     if len(seeds) > 1:
         every = "Every (optimizer, lr) ran" if not short else "Every (optimizer, lr) but those not compared (below) ran"
         lines += [f"{every} on {len(seeds)} seeds ({', '.join(map(str, seeds))}: model init, data "

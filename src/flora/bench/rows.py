@@ -49,7 +49,8 @@ class Chosen:
     lr_edge: str | None = None  # "lower"/"upper": the chosen lr is the end of two or more tried
     lr_capped: bool = False  # on the edge still when the grid extension reached its cap
     lr_scores: dict = field(default_factory=dict)  # lr -> its validation score (mean over seeds; higher is better)
-    short_lrs: dict = field(default_factory=dict)  # lr -> seeds it finished on, for lrs on fewer than the most: not compared
+    # lr -> (seeds it finished on, the most any lr of the row did), for lrs on fewer: not compared
+    short_lrs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.runs = self.runs or [self.run]

@@ -73,7 +73,7 @@ def _measured_run(job: Job, res: RunResult) -> None:
     res.compresses_nothing = core.compresses_nothing(built.optimizer)
     loop = _loop(job, task, built, device, res)
     res.state_bytes = flora.state_bytes(built.optimizer)
-    res.cache_bytes = flora.cache_bytes(built.optimizer) + flora.workspace_bytes(built.optimizer)
+    res.cache_bytes = flora.cache_bytes(built.optimizer)
     res.accum_bytes = loop.accum_peak if built.accumulator is not None else None
     if built.accumulator is not None:
         built.accumulator.remove()
