@@ -64,8 +64,10 @@ with torch.no_grad():
     test_loss = F.cross_entropy(model(xt), teacher(xt).argmax(-1)).item()
 flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
 hi, lo = flat.clone(), -flat  # largest and (minus) smallest value of each weight across replicas
-dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+# The handles are kept until the process ends, as in fused_replicas.py (pytorch/pytorch#190489).
+works = [dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True) for t in (hi, lo)]
+for w in works:
+    w.wait()
 same = torch.equal(hi, -lo)
 dense = 4 * sum(q.numel() for q in model.parameters())
 if me == 0:

@@ -22,8 +22,9 @@ import dataclasses
 import datetime
 import gc
 import os
-import sys
 import tempfile
+
+from . import core
 
 __all__ = ["WRAPS", "check_wrap", "memory"]
 
@@ -70,11 +71,7 @@ def _rank_main(rank: int, job, tmp: str) -> None:
         gc.collect()  # the model and its FSDP2/DDP state go while the process group exists
     finally:
         dist.destroy_process_group()
-    # The row is saved: leave without interpreter shutdown, where destroying what is left
-    # of gloo's or FSDP2's state has aborted a rank (SIGABRT) on loaded cores.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    core.leave_worker()  # the row is saved
 
 
 def _wrap(model, how: str):

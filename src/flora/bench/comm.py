@@ -260,6 +260,7 @@ def _worker(rank: int, world: int, folder: str, runs: list[CommRun], cfg: config
                 core.say(_line(row, i, len(runs)))
             dist.barrier()
     dist.destroy_process_group()
+    core.leave_worker()  # the rows are written
 
 
 def _train(rank: int, world: int, run: CommRun, cfg: config.TaskConfig, cache: str, seed: int) -> dict:

@@ -120,6 +120,17 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def leave_worker() -> None:
+    """End a spawned replica whose results are written and whose process group is destroyed,
+    without interpreter shutdown: a gloo worker thread that drops the last reference to a
+    finished collective's tensors then must take the GIL and aborts the process
+    ('terminate called without an active exception', pytorch/pytorch#190489), which
+    start_processes reports as a failed replica."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 @contextlib.contextmanager
 def bars_off():
     """Where stderr is not a terminal, hold back what the block writes to it: progress
