@@ -1020,6 +1020,24 @@ def test_train_resume_refuses_a_run_of_other_settings(change, words, tmp_path, c
     assert train.resume_mismatch(path, {"pretrain": config.task_config("smoke", "pretrain", steps=6)}, "smoke") is None
 
 
+def test_train_resume_refuses_a_run_on_another_device(tmp_path, capsys):
+    """CUDA runs resumed on the CPU were kept beside the new CPU runs, under this command's
+    device name (times and losses of two machines in one table): refused before any work."""
+    from flora.bench import config, train
+
+    cfg = config.task_config("smoke", "pretrain", steps=6)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"size": "smoke", "device": "cuda",
+                                         "tasks": {"pretrain": {"config": cfg.to_dict()}}}, "runs": []}))
+    assert main(["train", "--size", "smoke", "--tasks", "pretrain", "--optimizers", "adamw", "--steps", "6",
+                 "--device", "cpu", "--no-isolate", "--no-progress", "--resume", str(path),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "was run on --device cuda, this command runs on cpu" in err, err
+    assert not (tmp_path / "out").exists()
+    assert train.resume_mismatch(path, {"pretrain": cfg}, "smoke", "cuda") is None
+
+
 def test_train_lrs_keys_may_name_an_optimizer_or_its_family():
     import argparse
 

@@ -308,7 +308,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     runs = list(skipped)
     if args.resume:
-        why = resume_mismatch(Path(args.resume), cfgs, args.size)
+        why = resume_mismatch(Path(args.resume), cfgs, args.size, device)
         if why:
             print(f"flora-bench train: error: --resume: {why}", file=sys.stderr)
             return 2
@@ -434,15 +434,19 @@ def _run_jobs(jobs: list, runs: list, *, workers: int, runner, cfgs, cache: Path
 RESUME_MAY_CHANGE = ("optimizers", "lr_points", "extend_lr", "threads")
 
 
-def resume_mismatch(path: Path, cfgs: dict, size: str) -> str | None:
-    """Why the runs at ``path`` cannot be continued with these task settings, or None:
-    kept runs of other settings were reported under this command's (a 6-step run as 3
-    steps, smoke runs inside a quick plan; found by a new-user probe)."""
+def resume_mismatch(path: Path, cfgs: dict, size: str, device: str | None = None) -> str | None:
+    """Why the runs at ``path`` cannot be continued with these task settings (or on this
+    device), or None: kept runs of other settings were reported under this command's (a
+    6-step run as 3 steps, smoke runs inside a quick plan; found by a new-user probe), and
+    CPU runs' times and losses beside CUDA ones under one device name."""
     from . import report
 
     old_meta, _ = report.merge([path])
     if old_meta.get("size") not in (None, size):
         return f"{path} was run with --size {old_meta['size']}, this command has --size {size}; resume with the same"
+    if device is not None and old_meta.get("device") not in (None, device):
+        return (f"{path} was run on --device {old_meta['device']}, this command runs on {device}; resume on the "
+                "same device, or give a new --out")
     for task, cfg in cfgs.items():
         old = (old_meta.get("tasks", {}).get(task) or {}).get("config") or {}
         new = cfg.to_dict()
