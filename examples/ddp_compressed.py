@@ -75,4 +75,6 @@ if me == 0:
     print(f"mode={args.mode} rank={args.rank if args.mode != 'ddp' else '-'} world={world}: "
           f"{n} all-reduce(s), {b} bytes per step ({b / dense:.3f} of the dense gradient's {dense}); "
           f"first step {counted[0][1]} bytes; test loss {test_loss:.4f}; replicas identical: {same}")
+works.append(dist.barrier(async_op=True))  # neither process leaves while the other is in a collective
+works[-1].wait()
 dist.destroy_process_group()

@@ -11,15 +11,21 @@ digits differ between CPUs, whose kernels round differently (docs/distributed.md
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 import flora  # noqa: E402
 
 SEQ = 64
+# The last collective's handle, kept to the end of the process: a gloo thread that drops it
+# while the interpreter shuts down aborts the process (docs/distributed.md, "Fused mode").
+LAST_WORK = []
 
 
 def kjv_bytes(n_chars: int = 200_000) -> torch.Tensor:
@@ -46,7 +52,8 @@ def main():
                                          tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
                                          pad_token_id=None))
     opt = flora.Flora(model.parameters(), lr=1e-2, rank=16, beta1=0.9, relative_step=False, scale_parameter=False)
-    args = TrainingArguments(output_dir="/tmp/flora-trainer-ddp", per_device_train_batch_size=8, max_steps=30,
+    out_dir = tempfile.mkdtemp(prefix="flora-trainer-ddp-")  # nothing is saved (save_strategy="no")
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=8, max_steps=30,
                              logging_steps=10, report_to=[], save_strategy="no", use_cpu=True, ddp_backend="gloo",
                              lr_scheduler_type="constant", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(kjv_bytes()), optimizers=(opt, None))
@@ -55,6 +62,11 @@ def main():
     checksum = sum(p.detach().double().sum().item() for p in model.parameters())
     print(f"rank {rank}: world {int(os.environ.get('WORLD_SIZE', 1))}, train loss {out.training_loss:.4f}, "
           f"weights checksum {checksum:.6f}", flush=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if dist.is_initialized():  # leave as examples/fused_replicas.py does
+        LAST_WORK.append(dist.barrier(async_op=True))
+        LAST_WORK[-1].wait()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import gc
 import os
 import sys
 import tempfile
+import time
 import traceback
 
 import torch
@@ -44,13 +45,24 @@ def _worker(rank: int, world: int, init: str, out: str, module: str, names: list
     os._exit(0)
 
 
+# One spawn runs many scenarios, for minutes on 2 loaded cores; the gloo timeout
+# (300 s) catches a rank stuck in a collective, this one anything else.
+SPAWN_DEADLINE_S = 1500
+
+
 def spawn(module: str, names: list[str], world: int = 2) -> list[dict]:
     """Run the functions ``names`` of ``module`` (each ``f(rank, world) -> dict``) in
     ``world`` processes; returns each rank's results."""
     with tempfile.TemporaryDirectory() as tmp:
         init = "file://" + os.path.join(tmp, "init")
         ctx = mp.start_processes(_worker, args=(world, init, tmp, module, names), nprocs=world,
-                                 start_method="spawn", join=True)
+                                 start_method="spawn", join=False)
+        deadline = time.monotonic() + SPAWN_DEADLINE_S
+        while not ctx.join(timeout=5):  # raises, naming the rank, when one fails
+            if time.monotonic() > deadline:  # a hang outside a collective: fail, not hang CI
+                for proc in ctx.processes:
+                    proc.kill()
+                raise TimeoutError(f"{module} {names}: still running after {SPAWN_DEADLINE_S} s")
         del ctx
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 

@@ -493,7 +493,7 @@ assert after[1] == before[1], "root logging level changed"
 changed = {n: v for n, v in after[2].items() if before[2].get(n, logging.NOTSET) != v}
 assert not changed, changed
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
