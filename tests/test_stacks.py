@@ -361,7 +361,8 @@ def test_a_parameter_cast_after_compiled_steps_takes_its_state_along():
 
 def _held_bytes(opt) -> int:
     """The bytes the state tensors keep alive: each storage once, whole (a view of a
-    stack keeps the stack), unlike flora.state_bytes, which counts the views."""
+    stack keeps the stack), counted here independently of flora.state_bytes (which
+    counts the same way)."""
     seen = {}
     for st in opt.state.values():
         for v in st.values():
