@@ -1035,7 +1035,9 @@ def ddp_accumulator_find_unused_resume(rank, world):
     The fresh DDP has no record of the uses before the save and leaves the head's
     ``.grad`` unaveraged; the accumulator must average it. Returns each rank's parameters
     after the whole run and the resumed one (tau 3, two cycles, saved after micro-batch
-    ``save``), compressed (rank 3) and dense (rank None)."""
+    ``save``), compressed (rank 3) and dense (rank None); with Flora, and with SGD, whose
+    step is linear in the gradient: the head's first Flora step is scale-free (g/sqrt(g^2)),
+    so a sum for the mean (2x, a power of two) had passed bit for bit (probe Z70)."""
     import io
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1046,11 +1048,11 @@ def ddp_accumulator_find_unused_resume(rank, world):
             "split": lambda r, i: i == (3 if r == 0 else 4)}
     saves = {"both": 5, "rank0": 5, "split": 4}  # micro-batches run before the save
 
-    def build(acc_rank, view):
+    def build(acc_rank, view, sgd=False):
         torch.manual_seed(0)
         net = AuxNet()
         model = DDP(net, find_unused_parameters=True, gradient_as_bucket_view=view)
-        opt = Flora(model.parameters(), **OPTS)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1) if sgd else Flora(model.parameters(), **OPTS)
         return net, model, opt, CompressedAccumulator(net, rank=acc_rank, tau=tau, optimizer=opt, seed=5)
 
     def run(model, opt, who, part):
@@ -1064,12 +1066,14 @@ def ddp_accumulator_find_unused_resume(rank, world):
                 opt.zero_grad()
 
     out = {}
-    for who, acc_rank, view in itertools.product(uses, (3, None), (False, True)):
-        net, model, opt, acc = build(acc_rank, view)
+    cases = [(*c, False) for c in itertools.product(uses, (3, None), (False, True))]
+    cases += [(who, acc_rank, False, True) for who, acc_rank in itertools.product(uses, (3, None))]
+    for who, acc_rank, view, sgd in cases:
+        net, model, opt, acc = build(acc_rank, view, sgd)
         run(model, opt, who, list(enumerate(batches)))
         whole = [p.detach().clone() for p in net.parameters()]
         acc.remove()
-        net, model, opt, acc = build(acc_rank, view)
+        net, model, opt, acc = build(acc_rank, view, sgd)
         run(model, opt, who, list(enumerate(batches))[:saves[who]])
         buf = io.BytesIO()
         torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "acc": acc.state_dict()}, buf)
@@ -1077,7 +1081,7 @@ def ddp_accumulator_find_unused_resume(rank, world):
             warnings.simplefilter("ignore")  # that it drops the partial sums, as meant here
             acc.remove()
         del net, model, opt, acc
-        net, model, opt, acc = build(acc_rank, view)
+        net, model, opt, acc = build(acc_rank, view, sgd)
         buf.seek(0)
         saved = torch.load(buf, weights_only=True)
         net.load_state_dict(saved["model"])
@@ -1085,7 +1089,7 @@ def ddp_accumulator_find_unused_resume(rank, world):
         acc.load_state_dict(saved["acc"])
         run(model, opt, who, list(enumerate(batches))[saves[who]:])
         acc.remove()
-        out[f"{who}, rank={acc_rank}, gradient_as_bucket_view={view}"] = {
+        out[f"{who}, rank={acc_rank}, gradient_as_bucket_view={view}{', SGD' if sgd else ''}"] = {
             "whole": whole, "resumed": [p.detach().clone() for p in net.parameters()]}
     return out
 

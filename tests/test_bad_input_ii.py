@@ -213,8 +213,20 @@ def test_max_grad_norm_may_change_between_fused_cycles_and_is_checked():
     acc = CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=True, max_grad_norm=1.0)
     acc.max_grad_norm = 0.5
     assert acc.max_grad_norm == 0.5
+    for bad in (-1.0, 0.0):  # 0 had been one accepted edit away: it clips every gradient to zero (probe Z70)
+        with pytest.raises(ValueError, match="max_grad_norm must be"):
+            acc.max_grad_norm = bad
+    assert acc.max_grad_norm == 0.5
     with pytest.raises(ValueError, match="max_grad_norm must be"):
-        acc.max_grad_norm = -1.0
+        CompressedAccumulator(_model(), rank=4, tau=2, optimizer=opt, fused=True, max_grad_norm=0.0)
+
+
+def test_an_aspect_ratio_limit_of_one_is_accepted():
+    """``max_aspect_ratio=1.0`` (compress square tensors only) is the closed end of the
+    range, for the optimizer and the accumulator alike (probe Z70: refusing it passed)."""
+    model = _model()
+    Flora(model.parameters(), lr=1e-3, rank=4, beta1=0.9, max_aspect_ratio=1.0)
+    CompressedAccumulator(model, rank=4, tau=2, max_aspect_ratio=1.0).remove()
 
 
 # ------------------------------------------------ values of the wrong kind

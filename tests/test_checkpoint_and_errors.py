@@ -146,6 +146,7 @@ BAD_ARGUMENTS = [
     (dict(momentum_form="nesterov"), ValueError, "momentum_form"),
     (dict(clip_threshold=0.0), ValueError, "clip_threshold"),
     (dict(decay_rate=0.5), ValueError, "decay_rate"),
+    (dict(decay_rate=0.0), ValueError, "decay_rate"),  # beta2 of 0 at every step: no averaging (probe Z70)
     (dict(eps=(1e-30,)), TypeError, "eps"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=2**70), ValueError, r"seed must be an integer in \[0, 2\*\*63\)"),  # was folded onto seed 0

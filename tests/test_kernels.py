@@ -37,18 +37,20 @@ def test_imports_without_triton_and_falls_back():
             assert torch.equal(a, b)
 
 
-def test_step_reference_equals_hf_adafactor():
-    """No first moment, no parameter scaling: the reference step is HF Adafactor's."""
+@pytest.mark.parametrize("clip", [1.0, 0.5])
+def test_step_reference_equals_hf_adafactor(clip):
+    """No first moment, no parameter scaling: the reference step is HF Adafactor's (with a
+    clip_threshold other than 1 too: at 1, multiplying by it had passed for dividing)."""
     transformers = pytest.importorskip("transformers")
     p_hf = nn.Parameter(torch.randn(12, 7))
     p = p_hf.detach().clone()
     hf = transformers.optimization.Adafactor([p_hf], lr=1e-2, beta1=None, scale_parameter=False,
-                                            relative_step=False, warmup_init=False, clip_threshold=1.0)
+                                            relative_step=False, warmup_init=False, clip_threshold=clip)
     row, col = torch.zeros(12), torch.zeros(7)
     for t, g in enumerate(_grads((12, 7), STEPS), start=1):
         p_hf.grad = g
         hf.step()
-        ok = kernels.factored_step_reference_(p, g, row, col, _beta2t(t), 1e-30, 1e-2, 1.0)
+        ok = kernels.factored_step_reference_(p, g, row, col, _beta2t(t), 1e-30, 1e-2, clip)
         assert bool(ok)
         torch.testing.assert_close(p, p_hf.detach(), rtol=1e-6, atol=1e-8)
     st = hf.state[p_hf]

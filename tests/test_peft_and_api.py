@@ -269,6 +269,19 @@ def test_summary_shows_parameters_that_never_stepped():
     assert "not stepped" not in built_after.summary() and "meta" not in built_after.summary()
 
 
+def test_summary_counts_frozen_tensors_on_the_meta_device_too():
+    """A meta-built model with a frozen part: to_empty() replaces the frozen tensors as
+    well, so the count of tensors on the meta device takes them in (probe Z70: counting
+    the trainable ones only had passed)."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9).summary()
+    assert "; 4 on the meta device" in text.splitlines()[0], text
+
+
 def test_plan_gives_a_new_parameter_the_index_its_first_step_will():
     """A parameter put at position 0 after the others stepped: plan() said index 0, which
     the first parameter's state holds (probe Z10); its first step takes position + N."""
