@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 # The tests run on every core (pytest-xdist, at most 4 workers; each test is one-threaded,
-# tests/conftest.py): 6-8 minutes on 2 cores against 11-14 in one process. `make test
-# PYTEST_XDIST=` runs them in this process.
+# tests/conftest.py): about 11 minutes on 2 cores (the README has the latest CI figure).
+# `make test PYTEST_XDIST=` runs them in this process, slower.
 PYTEST_XDIST ?= -n auto --maxprocesses=4
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
