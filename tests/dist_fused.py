@@ -347,11 +347,55 @@ def fsdp_gradient_sync_off_refused(rank, world):
             out[fused] = str(e)
         # refused before FSDP2's own pre-forward: the root's parameters were never gathered
         out[f"{fused}_still_sharded"] = type(model.b.weight).__name__ == "DTensor"
+        # an evaluation forward under no_grad with sync off builds no gradient: allowed (probe
+        # Z72: a mutant refused it, and no test had run one)
+        with torch.no_grad():
+            model(x[:2])
+        out[f"{fused}_eval"] = acc.micro_step
         model.set_requires_gradient_sync(True)
         _micro(model, x, y, rank, world).backward()  # on again: runs
         out[f"{fused}_after"] = acc.micro_step
         acc.remove()
     return out
+
+
+def fsdp_fused_unit_with_an_unused_parameter(rank, world):
+    """(Probe Z72.) Fused mode under FSDP2 with a parameter of the root unit that gets no
+    gradient: that unit never completes, so it steps when the next unit's first gradient
+    arrives, on its own (its two all-reduces, then the next unit's two), not merged with
+    the next one; equal to one process unfused on the full batch."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    def build():
+        model = _net()
+        model.unused = nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
+        return model
+
+    batches = _batches(2 * FUSED_TAU)
+    model = build()
+    fully_shard(model.a)
+    fully_shard(model)
+    opts = {**OPTS, "proj_dim": 1}
+    opt = Flora(model.parameters(), **opts)
+    acc = CompressedAccumulator(model, rank=3, tau=FUSED_TAU, optimizer=opt, seed=5, fused=True)
+    counts = []
+    for x, y in batches:
+        with CommDebugMode() as comm:
+            _micro(model, x, y, rank, world).backward()
+        counts.append(comm.get_comm_counts().get(torch.ops.c10d.allreduce_, 0))
+    acc.remove()
+    ref = build()
+    ref_opt = Flora(ref.parameters(), **{**opts, **REF})
+    ref_acc = CompressedAccumulator(ref, rank=3, tau=FUSED_TAU, optimizer=ref_opt, seed=5, proj_dim=1)
+    for i, (x, y) in enumerate(batches):
+        (_loss(ref, x, y) / FUSED_TAU).backward()
+        if (i + 1) % FUSED_TAU == 0:
+            ref_opt.step()
+            ref_opt.zero_grad()
+    ref_acc.remove()
+    return {"counts": counts, "diff": _diff(_full(model), ref)}
 
 
 def ddp_fused_removed(rank, world):

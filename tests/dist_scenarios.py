@@ -135,6 +135,10 @@ def fsdp_equals_one_process(rank, world):
             kinds[n] = {k: (type(v).__name__, str(v.placements) if isinstance(v, DTensor) else None)
                         for k, v in st.items() if isinstance(v, torch.Tensor)}
             kinds[n]["proj_dim"] = st.get("proj_dim")
+            # a state DTensor's global strides are its full tensor's (probe Z71: a wrong rule
+            # made (16, 2) say (32, 2), which no number showed)
+            kinds[n]["strides"] = {k: (v.stride(), v.full_tensor().stride()) for k, v in st.items()
+                                   if isinstance(v, DTensor)}
         out[name] = {"diff": diff, "counts": counts, "state": kinds}
     return out
 
@@ -321,9 +325,13 @@ def fsdp_nonfinite_gradient(rank, world):
     _loss(model, x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]).backward()
     if rank == 1:
         model.a.weight.grad.to_local()[0, 0] = float("nan")
+    state = {k: v.full_tensor().clone() for k, v in opt.state[model.a.weight].items() if hasattr(v, "full_tensor")}
     opt.step()
     after = _full(model)
-    return {"a_unchanged": bool(torch.equal(before["a.weight"], after["a.weight"])),
+    # its state too: the compressed momentum, the factors (probe Z71: the momentum decayed by
+    # beta1 on the skipped step, and no test looked)
+    same = {k: bool(torch.equal(v, opt.state[model.a.weight][k].full_tensor())) for k, v in state.items()}
+    return {"a_unchanged": bool(torch.equal(before["a.weight"], after["a.weight"])), "a_state_unchanged": same,
             "b_moved": not torch.equal(before["b.weight"], after["b.weight"]),
             "skips": int(opt.nonfinite_skips), "finite": all(bool(torch.isfinite(v).all()) for v in after.values())}
 
@@ -507,6 +515,29 @@ def fsdp_seed_per_rank_refused(rank, world):
     return out
 
 
+def hsdp_equals_one_process(rank, world):
+    """(Probe Z71.) HSDP, a mesh of replicas of one shard each, each replica on its share of
+    the batch: equal to one process on the whole batch. The statistics of a sharded tensor
+    are summed over the shards only (summed over the replicas too, they came out doubled:
+    5e-4 off in 4 steps, where every HSDP test had only compared the replicas)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    batches = _batches()
+    for name, (kw, ref_dim) in (("proj_dim1", (dict(proj_dim=1), 1)), ("auto", (dict(), 1)),
+                                ("dense", (dict(rank=None), "auto"))):
+        opts = {**OPTS, **kw}
+        model = _net()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")))
+        opt = Flora(model.parameters(), **opts)
+        _steps(model, opt, batches, rank, world)
+        ref, _ = _train_single({**opts, "proj_dim": ref_dim}, batches)
+        got = _full(model)
+        out[name] = max((got[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters())
+    return out
+
+
 def fsdp_options_disagree_refused(rank, world):
     """(Probe Z19.) Options that shape the step, differing on one rank (kappa, the form, the
     rank), under FSDP2, and a per-rank seed under HSDP (a 2 x 1 mesh: replicas of one
@@ -520,11 +551,19 @@ def fsdp_options_disagree_refused(rank, world):
     def hsdp(model):
         return fully_shard(model, mesh=init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")))
 
+    def hsdp_one_replica(model):  # a mesh whose first dim has one process: the shards are on its second
+        return fully_shard(model, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
+
     out = {}
     x, y = _batches(1)[0]
     cases = {"kappa": (fully_shard, {"kappa": 1 + rank}), "momentum_form": (fully_shard, {"momentum_form": (
         "exact" if rank else "floored")}), "rank": (fully_shard, {"rank": 3 + rank}), "hsdp seed": (hsdp, {"seed": rank}),
-        "hsdp same seed": (hsdp, {})}
+        "hsdp same seed": (hsdp, {}),
+        # (probe Z71) values whose encodings differ in one 32-bit half only, None against 0,
+        # and a mesh compared over its second dim: each had stepped on one mutant
+        "beta1 high half": (fully_shard, {"beta1": 0.45 if rank else 0.9}),  # the same mantissa
+        "beta1 none": (fully_shard, {"beta1": None if rank else 0.0}),
+        "hsdp shards seed": (hsdp_one_replica, {"seed": rank})}
     for name, (shard, kw) in cases.items():
         model = _net()
         shard(model)

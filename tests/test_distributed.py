@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="ne
 
 SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_nonfinite_gradient", "fsdp_compile_option",
              "fsdp_shard1_refused", "fsdp_uneven_stack_refused", "fsdp_seed_per_rank_refused", "fsdp_options_disagree_refused",
-             "fsdp_loads_one_process_state",
+             "fsdp_loads_one_process_state", "hsdp_equals_one_process",
              "accelerate_switch", "ddp_flora", "ddp_accumulator",
              "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
              "ddp_accumulator_find_unused", "ddp_accumulator_find_unused_resume",
@@ -115,11 +115,24 @@ def test_fsdp2_state_is_sharded_where_the_rows_are(results):
     assert c["exp_avg_sq_col"] == ("DTensor", "(Shard(dim=0),)")
     dim0 = r["proj_dim0"]["state"]["a.weight"]
     assert dim0["proj_dim"] == 0 and dim0["exp_avg_c"] == ("DTensor", "(Replicate(),)")
+    for case in r.values():
+        for name, kinds in case["state"].items():
+            for key, (stride, full) in kinds["strides"].items():
+                assert stride == full, (name, key, stride, full)
+    assert r["auto"]["state"]["a.weight"]["strides"]["exp_avg_c"][0] == (3, 1)  # 11 x 3, contiguous
+
+
+def test_hsdp_equals_one_process(results):
+    for r in check(results, "hsdp_equals_one_process"):
+        for case, diff in r.items():
+            assert diff <= TOL, (case, diff)
 
 
 def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_parameter_everywhere(results):
     for r in check(results, "fsdp_nonfinite_gradient"):
+        state = r.pop("a_state_unchanged")
         assert r == {"a_unchanged": True, "b_moved": True, "skips": 1, "finite": True}
+        assert "exp_avg_c" in state and "exp_avg_sq_row" in state and all(state.values()), state
 
 
 def test_fsdp2_with_the_compile_option_steps_eagerly_and_says_so(results):
@@ -179,7 +192,9 @@ def test_fsdp2_and_hsdp_refuse_options_that_differ_across_ranks_before_any_chang
     r0, r1 = check(results, "fsdp_options_disagree_refused")
     for r in (r0, r1):
         for name, words in (("kappa", "kappa (from 1 to 2;"), ("momentum_form", "momentum_form (this process: "),
-                            ("rank", "rank (from 3 to 4;"), ("hsdp seed", "seed (from 0 to 1;")):
+                            ("rank", "rank (from 3 to 4;"), ("hsdp seed", "seed (from 0 to 1;"),
+                            ("beta1 high half", "beta1 (this process: "), ("beta1 none", "beta1 (this process: "),
+                            ("hsdp shards seed", "seed (from 0 to 1;")):
             assert r[name] and "the processes disagree on " + words in r[name], (name, r[name])
             assert r[name + " unchanged"], name
         assert r["hsdp same seed"] is None

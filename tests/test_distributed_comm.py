@@ -179,6 +179,30 @@ def _hook_refusals(rank, world):
             out[what] = None
         except ValueError as e:
             out[what] = str(e)
+    # (Probe Z71.) After a first, compared step: a state loaded with another step on one
+    # replica, and a copy (copy.copy) given another seed on one replica for a second model,
+    # are compared again at their next step (keeping the flag, the replicas' gradients had
+    # come out 0.435 and 0.318 apart)
+    for what in ("load after a step", "copy after a step"):
+        model = _net()
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        state = ProjectionState(rank=RANK, seed=SEED)
+        ddp.register_comm_hook(state, projection_hook)
+        x, y = _data(rank, 0)
+        F.cross_entropy(ddp(x), y).backward()
+        model.zero_grad()
+        if what == "load after a step":
+            state.load_state_dict({**state.state_dict(), "step": state.step + 5 * rank})
+        else:
+            state = copy.copy(state)
+            state.seed = SEED + rank
+            ddp = nn.parallel.DistributedDataParallel(_net(), broadcast_buffers=False)
+            ddp.register_comm_hook(state, projection_hook)
+        try:
+            F.cross_entropy(ddp(x), y).backward()
+            out[what] = None
+        except ValueError as e:
+            out[what] = str(e)
     return out
 
 
@@ -675,7 +699,19 @@ def test_hook_refuses_replicas_that_disagree_on_the_first_step(replicas):
         assert "disagree on seed" in r["seed"] and "rank" not in r["seed"].split("disagree on")[1].split(";")[0]
         assert "disagree on rank" in r["rank"]
         assert "disagree on step" in r["step"]
+        assert "disagree on step (from 1 to 6;" in r["load after a step"], r["load after a step"]
+        assert "disagree on seed (from 5 to 6;" in r["copy after a step"], r["copy after a step"]
         assert all("projection_hook" in m for m in r.values())
+
+
+def test_hook_seeds_of_two_buckets_never_collide():
+    """A tensor's projection seed keeps its bucket index and its position in the bucket in
+    separate bits (probe Z71: bucket + position gave (0, 1) and (1, 0) one seed, so tensors
+    of two buckets shared a projection; the one-process reference calls seed_for too)."""
+    s = ProjectionState(rank=4, seed=0)
+    assert s.seed_for(1, 0, 5) == projection_seed(0, 1 << 32, 5, COMMUNICATION_STREAM)
+    assert s.seed_for(0, 1, 5) == projection_seed(0, 1, 5, COMMUNICATION_STREAM)
+    assert len({s.seed_for(b, i, 5) for b in range(3) for i in range(3)}) == 9
 
 
 # ------------------------------------------------------------------ the accumulator
@@ -885,6 +921,7 @@ def test_projection_state_dict_is_plain_numbers_and_checked():
     # loaded silently, and the resumed run compressed other tensors, or along another dim)
     for bad, word in ((dict(sd, rank=4), "rank"), (dict(sd, seed=0), "seed"), (dict(sd, projection=0), "projection"),
                       (dict(sd, step=-1), "step"), (dict(sd, step=2 ** 64), r"step'\] must be below 2\*\*63"),
+                      (dict(sd, step=2 ** 63), r"step'\] must be below 2\*\*63"),  # the bound itself (Z71)
                       (dict(sd, proj_dim=1), "proj_dim=0 but this ProjectionState has proj_dim='auto'"),
                       (dict(sd, proj_dim=3), r"proj_dim'\] must be one of 0, 1, 2"),
                       (dict(sd, max_aspect_ratio=2.0), "max_aspect_ratio=2.0 but this ProjectionState has "

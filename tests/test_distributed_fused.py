@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="n
 
 SCENARIOS = ["fsdp_fused", "ddp_fused", "ddp_fused_accumulator_refused", "fused_scaler", "fused_resume",
              "ddp_fused_projection_hook", "fsdp_gradient_sync_off_refused", "ddp_fused_removed",
-             "fused_layouts_dtypes"]
+             "fused_layouts_dtypes", "fsdp_fused_unit_with_an_unused_parameter"]
 TOL = 2e-5  # float32, 3 steps with resamples
 
 
@@ -109,8 +109,17 @@ def test_fsdp2_gradient_sync_off_is_refused_at_the_forward(results):
     for r in check(results, "fsdp_gradient_sync_off_refused"):
         for fused in (False, True):
             assert r[fused] and "set_requires_gradient_sync(False)" in r[fused], r[fused]
-            assert r[f"{fused}_after"] == 1
+            assert r[f"{fused}_eval"] == 0 and r[f"{fused}_after"] == 1
             assert r[f"{fused}_still_sharded"]  # nothing of FSDP2's forward ran (no collective left unwaited)
+
+
+def test_fsdp2_fused_steps_a_unit_that_misses_a_gradient_on_its_own(results):
+    for r in check(results, "fsdp_fused_unit_with_an_unused_parameter"):
+        # the root unit (b, c, d; its unused matrix gets nothing) steps when a's first
+        # gradient arrives: two all-reduces per unit, one more for the options at the first
+        # step; merged with a's unit it had been one step of two all-reduces in all
+        assert r["counts"] == [0, 5, 0, 4], r["counts"]
+        assert r["diff"] <= TOL, r["diff"]
 
 
 def test_ddp_fused_after_remove_says_so_and_the_model_is_freed(results):

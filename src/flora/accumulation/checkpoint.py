@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..projection import state_dtype
+from ..projection import grad_dtype, state_dtype
 from ..state import count_value
 from .cycle import Cycle
 from .engine import Engine
@@ -270,7 +270,9 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         cycle.buffers[k] = t.detach().to(device=s.param.device, dtype=state_dtype(s.param.dtype), copy=True)
     for i, t in sd["dense"].items():
         k, s = by_index[i]
-        t = t.detach().to(device=s.param.device, dtype=s.param.dtype, copy=True)
+        # the dtype the live cycle sums it in (cycle.Cycle.buffer): a bfloat16 parameter may keep
+        # float32 gradients (p.grad_dtype); loaded in its own dtype, .grad refused it (probe Z72)
+        t = t.detach().to(device=s.param.device, dtype=grad_dtype(s.param), copy=True)
         if o.fused:
             cycle.buffers[k] = t
         else:
