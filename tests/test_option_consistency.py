@@ -103,6 +103,10 @@ def test_processes_giving_an_option_as_int_and_as_equal_float_agree():
     assert _encode(2) == _encode(2.0) and _encode(0) == _encode(0.0)
     assert _encode(2.0) != _encode(2.5) and _encode(float("inf")) != _encode(float("nan"))
     assert _encode(True) != _encode(2.0) and _encode(None) != _encode(1.0)
+    # strings by the whole string, and None apart from 0 (probe Z71: only the first 8
+    # characters were compared, and a None/0.0 pair had passed on a mutant)
+    assert _encode("orthonormal") != _encode("orthonormal2") and _encode("auto") == _encode("auto")
+    assert _encode(None) != _encode(0.0) and _encode(None) != _encode(0)
 
 
 def test_an_optimizer_unpickled_where_no_flora_was_built_compiles_its_step(tmp_path):

@@ -28,8 +28,8 @@ def _encode(value) -> int:
         value = int(value)
     elif isinstance(value, float):
         return struct.unpack("<Q", struct.pack("<d", value))[0]
-    if isinstance(value, str):
-        return sum(ord(ch) << (8 * i) for i, ch in enumerate(value[:8]))
+    if isinstance(value, str):  # the whole string (its first 8 characters had been all: probe Z71)
+        return (len(value) << 32) | zlib.crc32(value.encode())
     if isinstance(value, int):
         return value & _MASK64
     return zlib.crc32(repr(value).encode())
