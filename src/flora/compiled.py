@@ -85,8 +85,8 @@ def say_if_many_backends(backend) -> None:
     if len(_backends_seen) == BACKENDS_WARN:
         warn(f"Flora(compile=<a callable>): the {BACKENDS_WARN}th backend object this process compiles "
              "Flora's step with; each compiles anew (seconds) and keeps its graphs for the process's life "
-             "(torch._dynamo.reset() frees the Python side, not most of it: README), so memory grows with every new one. Build every Flora "
-             "with one backend object, or a backend's name", UserWarning)
+             "(torch._dynamo.reset() frees the Python side, not most of it: README), so memory grows with "
+             "every new one. Build every Flora with one backend object, or a backend's name", UserWarning)
 
 
 def _eager_on_failure(compiled: Callable, eager: Callable, key: tuple, backend) -> Callable:

@@ -891,6 +891,8 @@ def buckets(entries: list[tuple[torch.Tensor, dict, int, dict]], max_numel: int 
             yield from split_for_graphs(members, min(per, max_count))
 
 
-__all__ = ["single_core", "grouped_core", "param_norms", "staged_stats", "staged_normalize", "staged_update", "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work", "DeviceSteps", "buckets", "bucket_key",
+__all__ = ["single_core", "grouped_core", "param_norms", "staged_stats", "staged_normalize", "staged_update",
+           "staged_momentum", "staged_apply", "staged", "STAGED_MIN_BYTES", "prepare", "run", "Spec", "Work",
+           "DeviceSteps", "buckets", "bucket_key",
            "BUCKET_NUMEL", "COMPILED_BUCKET_MAX", "split_for_graphs",
            "stacked_io", "STACKED_IO_MAX_NUMEL", "STACKED_IO_BUCKET_NUMEL"]
