@@ -34,3 +34,31 @@ def _accelerate_synced():
     shared = getattr(getattr(sys.modules.get("accelerate.state"), "GradientState", None), "_shared_state", None)
     if shared and not shared.get("sync_gradients", True):
         shared["sync_gradients"] = True
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """dynamo's caches and counters empty, one thread (tiny tensors: threads only add
+    synchronisation), and no accumulator of an earlier test alive: one built without
+    ``optimizer=`` keeps torch's global optimizer step hook until the garbage collector
+    frees it (its hooks and parameters form a cycle), and torch.compile(opt.step) traces
+    that hook too, breaking the graph in it (test_compile.py's break counts failed when such
+    a test ran first in the same worker). dynamo's caches go first: an earlier test's
+    compiled code may hold its accumulator alive (a sequential run failed so after
+    test_accumulate's compiled short cycle). Used by every test that counts compilations."""
+    import gc
+
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from flora.accumulation.hooks import remove_dead_global_hooks
+
+    dynamo.reset()
+    gc.collect()
+    remove_dead_global_hooks()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    counters.clear()
+    yield
+    dynamo.reset()
+    torch.set_num_threads(n)

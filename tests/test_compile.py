@@ -39,28 +39,9 @@ BAD_STEP = 3  # a NaN in parameter 0's gradient
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test starts with dynamo's caches and counters empty, on one thread (tiny
-    tensors: threads only add synchronisation), and with no accumulator of an earlier test
-    alive: one built without ``optimizer=`` keeps torch's global optimizer step hook until
-    the garbage collector frees it (its hooks and parameters form a cycle), and
-    torch.compile(opt.step) traces that hook too, breaking the graph in it (the break
-    counts below failed when such a test ran first in the same worker). dynamo's caches go
-    first: an earlier test's compiled code may hold its accumulator alive (a sequential run
-    failed so after test_accumulate's compiled short cycle)."""
-    import gc
-
-    from flora.accumulation.hooks import remove_dead_global_hooks
-
-    dynamo.reset()
-    gc.collect()
-    remove_dead_global_hooks()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    counters.clear()
+def _fresh_dynamo(fresh_dynamo):
+    """Every test here counts compilations: each starts fresh (conftest.fresh_dynamo)."""
     yield
-    dynamo.reset()
-    torch.set_num_threads(n)
 
 
 def _params(shapes=SHAPES, dtype=torch.float32):

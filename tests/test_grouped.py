@@ -217,6 +217,7 @@ def test_groups_that_differ_in_lr_alone_share_buckets(lrs, extra):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")  # counts compilations
 def test_merged_lrs_follow_a_per_group_schedule_compiled_without_recompiling():
     """Per-group schedules (LambdaLR with a lambda each, a warmup from 0 where every lr is
     equal at the first step) on merged groups: the buckets stay the same at every step
@@ -440,6 +441,7 @@ def test_tensor_lr_is_checked(bad):
         Flora([nn.Parameter(torch.randn(3))], lr=bad)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")  # counts compilations
 def test_merged_lrs_under_a_compiled_opt_step_equal_eager():
     """torch.compile(opt.step) (torch's recipe: tensor lrs) over two groups that differ in
     lr alone, each scheduled apart: one graph, equal to the eager step."""

@@ -277,12 +277,12 @@ def test_counters_edited_on_the_host_are_followed():
     _assert_equal(eager, comp)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")  # counts compilations
 def test_the_users_compiled_step_takes_stacks_too():
     """torch.compile(opt.step): the prelude, the one graph break, knows it is traced and
     hands the caller's graph stacked state; equal to eager, every graph compiled once."""
     from torch._dynamo.testing import CompileCounter
 
-    torch._dynamo.reset()
     eager_params = _params()
     eager = (eager_params, Flora(eager_params, **BASE))
     params = _params()
