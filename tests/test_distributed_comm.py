@@ -569,12 +569,32 @@ def _acc_option_set_on_every_replica(rank, world):
     return {"allreduces": counts, "cycle": acc.cycle}
 
 
+def _acc_grad_dtype_none(rank, world):
+    """(Probe Z74.) reduce=True on a bfloat16 weight with ``grad_dtype = None`` whose
+    gradients arrive in float32 (a custom Function): the averaged estimate is float32, as
+    plain accumulation keeps it (it had been written in bfloat16)."""
+    from test_accumulate_grad_dtypes import _backward, _weight
+
+    out = {}
+    for r in (4, None):
+        for n in (TAU, 2):
+            w = _weight()
+            acc = CompressedAccumulator([w], rank=r, tau=TAU, seed=SEED, reduce=True)
+            for i in range(n):
+                _backward(w, 10 * i + rank)
+            acc.finish_cycle()
+            out[f"{r}/{n}"] = str(w.grad.dtype)
+            acc.remove()
+    return out
+
+
 _ORIGINAL_ALL_REDUCE = dist.all_reduce
 
 SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp, _acc_vs_one_process,
                                    _acc_rank_none_vs_ddp, _acc_more, _counter_sees_powersgd, _hook_refusals,
                                    _acc_fused_wrapped_in_ddp, _hook_resume, _acc_reduce_on_a_ddp_subgroup,
-                                   _hook_reused_state_and_sparse, _acc_option_set_on_every_replica)]
+                                   _hook_reused_state_and_sparse, _acc_option_set_on_every_replica,
+                                   _acc_grad_dtype_none)]
 
 
 @pytest.fixture(scope="module")
@@ -715,6 +735,12 @@ def test_hook_seeds_of_two_buckets_never_collide():
 
 
 # ------------------------------------------------------------------ the accumulator
+
+
+def test_accumulator_across_replicas_keeps_gradients_in_the_dtype_they_arrive_in(replicas):
+    for r in _result(replicas, "acc_grad_dtype_none"):
+        assert r == {"4/3": "torch.float32", "4/2": "torch.float32", "None/3": "torch.float32",
+                     "None/2": "torch.float32"}, r
 
 
 def test_hook_resumes_the_run_that_never_stopped(replicas):

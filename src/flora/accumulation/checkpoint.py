@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..projection import grad_dtype, state_dtype
+from ..projection import state_dtype
 from ..state import count_value
 from .cycle import Cycle
 from .engine import Engine
@@ -270,9 +270,12 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         cycle.buffers[k] = t.detach().to(device=s.param.device, dtype=state_dtype(s.param.dtype), copy=True)
     for i, t in sd["dense"].items():
         k, s = by_index[i]
-        # the dtype the live cycle sums it in (cycle.Cycle.buffer): a bfloat16 parameter may keep
-        # float32 gradients (p.grad_dtype); loaded in its own dtype, .grad refused it (probe Z72)
-        t = t.detach().to(device=s.param.device, dtype=grad_dtype(s.param), copy=True)
+        # the dtype the live cycle sums it in (Cycle.gradient_dtype): a bfloat16 parameter may keep
+        # float32 gradients (p.grad_dtype); loaded in its own dtype, .grad refused it (probe Z72).
+        # With p.grad_dtype = None the saved sum's own dtype is the one its gradients came in
+        if getattr(s.param, "grad_dtype", False) is None:
+            cycle.arrived[k] = t.dtype
+        t = t.detach().to(device=s.param.device, dtype=cycle.gradient_dtype(k, s.param), copy=True)
         if o.fused:
             cycle.buffers[k] = t
         else:

@@ -58,6 +58,9 @@ class Cycle:
     # those with a gradient since; a DDP built for the resume knows only the latter
     loaded: set[int] | None = None
     since_load: set[int] = field(default_factory=set)
+    # slot -> the dtype its gradients arrive in, for a parameter with p.grad_dtype = None
+    # (autograd then keeps a gradient in whatever dtype it comes: see gradient_dtype)
+    arrived: dict[int, torch.dtype] = field(default_factory=dict)
 
     @classmethod
     def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False, driven: bool = False) -> "Cycle":
@@ -87,13 +90,23 @@ class Cycle:
         """(slot, count) of the slots that got gradients but are not done."""
         return [(k, n) for k, n in enumerate(self.counts) if n and k not in self.done]
 
+    def gradient_dtype(self, k: int, param: torch.Tensor) -> torch.dtype:
+        """The dtype slot k's gradient is kept in, as autograd would keep it: ``param.grad_dtype``
+        (a bfloat16 parameter may keep float32 gradients), its own dtype by default, and where
+        ``grad_dtype`` is None the dtype its gradients arrived in this cycle (probe Z74: a
+        float32 gradient of such a bfloat16 parameter was summed, estimated and loaded in
+        bfloat16, where plain accumulation keeps float32)."""
+        if getattr(param, "grad_dtype", False) is None:
+            return self.arrived.get(k, param.dtype)
+        return grad_dtype(param)
+
     def follow_dtype(self, k: int, param: torch.Tensor, compressed: bool) -> None:
         """Slot k's partial sum and projection in the dtypes, and on the device, of ``param``
         as it is now: a model cast or moved mid-cycle (``model.double()``, ``.bfloat16()``,
         ``.to("cuda")``) converts ``.grad`` with the parameters, and so the sums kept here
         (before 2026-12-04: torch's dtype errors at every backward after such a cast in
         fused mode, a probe; the device followed since 2026-12-05)."""
-        want = state_dtype(param.dtype) if compressed else grad_dtype(param)
+        want = state_dtype(param.dtype) if compressed else self.gradient_dtype(k, param)
         buf = self.buffers.get(k)
         if buf is not None and (buf.dtype != want or buf.device != param.device):
             self.buffers[k] = buf.to(device=param.device, dtype=want)  # a model moved mid-cycle too

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..projection import grad_dtype
 from .cycle import Cycle
 from .estimator import Slot
 
@@ -148,7 +147,8 @@ class DDPSteps:
                 # strides (channels_last included), whatever strides bucket.gradients() shows
                 strides = p.stride() if _dense(p) else g.stride()
                 view = out.as_strided(g.size(), strides, out.storage_offset() + g.storage_offset() - base)
-                p.grad = view if view.dtype == grad_dtype(p) else view.to(grad_dtype(p))
+                want = eng.cycle.gradient_dtype(k, p)
+                p.grad = view if view.dtype == want else view.to(want)
                 params.append(p)
             eng.stepper.step_bucket(params, eng.cycle)
         fut = torch.futures.Future()

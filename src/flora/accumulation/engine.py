@@ -256,6 +256,8 @@ class Engine:
             _refuse_uncompressible(slot, tuple(p.shape), o.rank)
             self.compressible[k] = p.shape
         c.check_shape(k, p, slot.name)  # a parameter resized mid-cycle
+        if getattr(p, "grad_dtype", False) is None:  # autograd keeps its gradients as they come
+            c.arrived[k] = g.dtype
         c.follow_dtype(k, p, slot.dim is not None)  # a model cast mid-cycle
         if o.reduce:
             self.replicas.accumulate(c, k, g, self.projection, self.grads)
@@ -410,7 +412,7 @@ class Engine:
                     c.follow_dtype(j, p, s.dim is not None)
                     buf = c.buffers.pop(j, None)
                     if s.dim is not None and buf is not None:
-                        p.grad = estimate(s, buf, self.projection(j))
+                        p.grad = estimate(s, buf, self.projection(j), c.gradient_dtype(j, p))
                     elif s.dim is None:
                         p.grad = buf
                     if p.grad is None:

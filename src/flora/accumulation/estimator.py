@@ -51,11 +51,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_compressed_(buf: torch.Tensor | None, g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
-    """``buf + compress(g)`` in float32 (float64 for float64 gradients), in place into
-    ``buf`` (None starts a new sum)."""
+    """``buf + compress(g)`` in the projection's dtype (the parameter's state dtype: float32,
+    float64 for float64 parameters), in place into ``buf`` (None starts a new sum). A
+    gradient of another dtype than its parameter's (``p.grad_dtype = torch.float64`` on a
+    float32 parameter) is summed in the parameter's: it had failed inside compress()
+    without naming the parameter (probe Z74)."""
     like = g.shape  # FSDP2: the whole tensor's shape decides its matrix view
     g = local(g)  # FSDP2: this rank's rows, after the reduce-scatter
-    c = compress(as_matrix(g.to(state_dtype(g.dtype)), like), a, dim)
+    c = compress(as_matrix(g.to(a.dtype if a.is_floating_point() else state_dtype(g.dtype)), like), a, dim)
     return c if buf is None else buf.add_(c)
 
 
@@ -91,9 +94,10 @@ def draw_projection(slot: Slot, kind: str, seed: int, rank: int, cycle: int) -> 
                            unbiased=True)
 
 
-def estimate(slot: Slot, buf: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """A new gradient tensor holding ``decompress(buf)``."""
-    g = torch.empty_like(slot.param, dtype=grad_dtype(slot.param))
+def estimate(slot: Slot, buf: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new gradient tensor holding ``decompress(buf)``, in ``dtype`` (the cycle's
+    ``gradient_dtype``; by default the parameter's ``grad_dtype``)."""
+    g = torch.empty_like(slot.param, dtype=dtype or grad_dtype(slot.param))
     write_estimate_(g, buf, a, slot.dim, add=False)
     return g
 

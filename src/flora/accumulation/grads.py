@@ -16,7 +16,6 @@ from collections.abc import Callable
 import torch
 
 from .._warn import warn
-from ..projection import grad_dtype
 from .cycle import Cycle
 from .estimator import Slot, estimate
 
@@ -80,7 +79,7 @@ class GradView:
         sum is known to have been discarded."""
         p = self.slots[k].param
         z = self.zeros.get(k)
-        dtype = grad_dtype(p)
+        dtype = c.gradient_dtype(k, p)
         if z is None or z.device != p.device or z.dtype != dtype:
             z = self.zeros[k] = torch.zeros((), dtype=dtype, device=p.device)
         m = z.expand(p.shape)
@@ -170,6 +169,6 @@ class GradView:
         buf = c.buffers.pop(k, None)
         self.take(c, k)
         if s.dim is not None and buf is not None:
-            s.param.grad = estimate(s, buf, projection(k))
+            s.param.grad = estimate(s, buf, projection(k), c.gradient_dtype(k, s.param))
         if s.param.grad is not None:
             c.versions[k] = s.param.grad._version

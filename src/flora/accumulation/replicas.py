@@ -19,7 +19,7 @@ from torch import nn
 
 from ..agreement import check_agreement
 from ..compression import compressed_dim
-from ..projection import grad_dtype, state_dtype
+from ..projection import state_dtype
 from ..sharded import layout
 from .cycle import Cycle
 from .estimator import Slot, accumulate_compressed_, buffer_shape, estimate
@@ -332,11 +332,11 @@ class Replicas:
             if not totals[k]:  # no replica had a gradient for it: left alone, as DDP does
                 continue
             if s.dim is not None:
-                p.grad = estimate(s, view.to(state_dtype(p.dtype)), a(k))
+                p.grad = estimate(s, view.to(state_dtype(p.dtype)), a(k), c.gradient_dtype(k, p))
             elif p.grad is not None and not opts.fused:
                 p.grad.copy_(view.view(p.shape))
             else:
-                p.grad = view.view(p.shape).to(grad_dtype(p), copy=True)
+                p.grad = view.view(p.shape).to(c.gradient_dtype(k, p), copy=True)
             if step is not None:
                 step(p)
         del flat
