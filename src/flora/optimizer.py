@@ -438,11 +438,14 @@ class Flora(Optimizer):
     def nonfinite_skips(self) -> torch.Tensor:
         """Parameter updates skipped so far because the gradient, or the update normalised
         from it, was not finite (the class docstring says when; an int64
-        tensor; reading its value syncs with the device). Not saved in ``state_dict``."""
+        tensor; reading its value syncs with the device). Not saved in ``state_dict``. A
+        copy: a value read earlier stays what it was (on one device it had been the live
+        counter itself, so ``opt.nonfinite_skips - before`` read 0, and an in-place edit of
+        it reset the count: probe Z75)."""
         counts = list(self._skips.values())
         if not counts:
             return torch.zeros((), dtype=torch.int64)
-        total = counts[0]
+        total = counts[0].clone()
         for c in counts[1:]:
             total = total + c.to(total.device)
         return total
