@@ -362,6 +362,32 @@ def test_an_estimate_left_in_grad_into_the_next_cycle_is_warned_once(zeroed):
         assert len(said) == 1 and said[0].startswith("CompressedAccumulator: the .grad of '0.weight' still holds")
 
 
+def test_an_estimate_left_in_grad_from_the_second_cycle_on_is_warned():
+    """The watch covers the first two cycles (GradView.WATCHED_CYCLES, a sync each): a loop
+    that zeroes after its first step only, and leaves the second cycle's estimate in
+    ``.grad``, is warned at the third cycle's first backward (with a window of one cycle
+    nothing was said: probe Z72)."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(8, 8), nn.Linear(8, 4)
+    model = nn.Sequential(body, nn.Tanh(), head)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    CompressedAccumulator(model, rank=2, tau=2, optimizer=opt)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i, (x, _) in enumerate(_batches(6)):
+            (model(x).square().mean() / 2).backward()
+            if i % 2:
+                opt.step()
+                if i == 1:
+                    model.zero_grad()
+                else:
+                    opt.zero_grad()
+            if i == 3:
+                assert not [w for w in seen if "still holds" in str(w.message)]
+    said = [str(w.message) for w in seen if "still holds the last cycle's estimate" in str(w.message)]
+    assert len(said) == 1 and "'0.weight'" in said[0]
+
+
 def test_fused_mode_leaves_alone_a_frozen_parameter_emptied_after_it_had_state():
     """The size check fused mode runs before a cycle (above) had also refused a parameter
     frozen and then emptied to save memory (``p.data = torch.empty(0)``), which ``step()``
