@@ -332,6 +332,17 @@ def test_fused_mode_refuses_an_optimizer_whose_step_needs_a_closure():
         CompressedAccumulator(m, rank=4, tau=2, optimizer=torch.optim.LBFGS(m.parameters()), fused=True)
 
 
+def _head_over_an_unheld_body():
+    """A linear head stepped by SGD over a body that the accumulator compresses but no
+    optimizer holds: the body's estimate stays in ``.grad`` unless the loop zeroes it."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(8, 8), nn.Linear(8, 4)
+    model = nn.Sequential(body, nn.Tanh(), head)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    CompressedAccumulator(model, rank=2, tau=2, optimizer=opt)
+    return model, opt
+
+
 @pytest.mark.parametrize("zeroed", [False, True])
 def test_an_estimate_left_in_grad_into_the_next_cycle_is_warned_once(zeroed):
     """A parameter the stepping optimizer does not hold (a probe of a linear head over a
@@ -340,11 +351,7 @@ def test_an_estimate_left_in_grad_into_the_next_cycle_is_warned_once(zeroed):
     one cycle, 17 after four, 750 after eight). Said once, naming the parameter; nothing
     is said where the loop zeroes every gradient (``model.zero_grad()``), or zeroes them in
     place (``set_to_none=False``)."""
-    torch.manual_seed(0)
-    body, head = nn.Linear(8, 8), nn.Linear(8, 4)
-    model = nn.Sequential(body, nn.Tanh(), head)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1)
-    CompressedAccumulator(model, rank=2, tau=2, optimizer=opt)
+    model, opt = _head_over_an_unheld_body()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for i, (x, _) in enumerate(_batches(8)):
@@ -367,11 +374,7 @@ def test_an_estimate_left_in_grad_from_the_second_cycle_on_is_warned():
     that zeroes after its first step only, and leaves the second cycle's estimate in
     ``.grad``, is warned at the third cycle's first backward (with a window of one cycle
     nothing was said: probe Z72)."""
-    torch.manual_seed(0)
-    body, head = nn.Linear(8, 8), nn.Linear(8, 4)
-    model = nn.Sequential(body, nn.Tanh(), head)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1)
-    CompressedAccumulator(model, rank=2, tau=2, optimizer=opt)
+    model, opt = _head_over_an_unheld_body()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for i, (x, _) in enumerate(_batches(6)):
