@@ -47,7 +47,9 @@ class GradView:
     def stale_estimate(self, k: int, name: str) -> None:
         """Before slot k's first gradient of a cycle: warn (once) where ``.grad`` still holds
         the estimate the last cycle left, not zeroed (a parameter the stepping optimizer does
-        not hold, or one a second optimizer steps every few cycles). Autograd adds this
+        not hold, or one a second optimizer steps every few cycles; or a cycle closed before
+        the loop's step: ``finish_cycle()`` between micro-batches, or a ``tau`` below the
+        loop's passes per step, probe Z79). Autograd adds this
         backward's gradient to it and the sum is compressed again, so the estimate's error
         compounds from cycle to cycle (a probe: relative error 1.4 after one cycle, 17 after
         four, 750 after eight), where plain accumulation would keep adding exactly."""
@@ -57,10 +59,13 @@ class GradView:
             return
         self.warned_stale = True
         warn(f"CompressedAccumulator: the .grad of {name!r} still holds the last cycle's estimate as a new cycle "
-             "begins (nothing zeroed it: a parameter that the optimizer which steps does not hold, or one that "
-             "another optimizer steps every few cycles). This backward adds to it and the sum is compressed "
-             "again, so its error compounds from cycle to cycle. Zero its gradient after each step "
-             "(model.zero_grad()), freeze it, or leave it out of the accumulator (exclude=...)", UserWarning)
+             "begins (nothing zeroed it). This backward adds to it and the sum is compressed again, so its error "
+             "compounds from cycle to cycle. Either a cycle closed before the loop's step: finish_cycle() called "
+             "between micro-batches (call it once, right before the step: acc.micro_step says where the cycle is), "
+             "or a tau below the loop's backward passes per step (make them equal); or a parameter that the "
+             "optimizer which steps does not hold, or one that another optimizer steps every few cycles: zero its "
+             "gradient after each step (model.zero_grad()), freeze it, or leave it out of the accumulator "
+             "(exclude=...)", UserWarning)
 
     def parks(self, k: int) -> bool:
         """Whether slot k leaves a placeholder in ``.grad`` while its partial sum is in a
