@@ -26,17 +26,33 @@ from . import runner, score, space
 OPTIMIZERS = (space.FLOOR, space.TARGET, score.DEFAULT_ROWS[0])
 
 
+def suite_kappa(suite: Path) -> int:
+    """The suite's primary kappa (its --kappas' first, as its report used): from its
+    meta, else the one kappa of its chosen rows, else the library's. With the library's
+    always, a kappa-1000 suite had no chosen lr: nothing ran, and nothing said so (probe Z80)."""
+    res = json.loads((suite / "results.json").read_text())
+    if (res.get("meta") or {}).get("kappas"):
+        return int(res["meta"]["kappas"][0])
+    held = {c["kappa"] for c in res["chosen"]}
+    return int(held.pop()) if len(held) == 1 else space.KAPPA
+
+
 def chosen_lrs(suite: Path, kappa: int = space.KAPPA) -> dict[tuple[str, str], float]:
     res = json.loads((suite / "results.json").read_text())
     return {(c["task"], c["optimizer"]): c["lr"] for c in res["chosen"] if c["kappa"] == kappa}
 
 
-def run(suite: Path, tasks, optimizers, seeds: int, every: int, out: Path, data: Path) -> list[dict]:
+def run(suite: Path, tasks, optimizers, seeds: int, every: int, out: Path, data: Path,
+        kappa: int | None = None) -> list[dict]:
     import torch
 
+    kappa = suite_kappa(suite) if kappa is None else kappa
+    lrs = chosen_lrs(suite, kappa)
+    if not any((t, o) in lrs for t in tasks for o in optimizers):
+        raise SystemExit(f"{suite / 'results.json'} chose no lr at kappa {kappa} for tasks {', '.join(tasks)} "
+                         f"and optimizers {', '.join(optimizers)}: nothing to run")
     runner._init(str(data), "cpu", 1.0, 1)
     torch.set_num_threads(1)
-    lrs = chosen_lrs(suite)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "curves.jsonl"
     done = {r["key"] for r in runner.read_log(log)}
@@ -47,7 +63,7 @@ def run(suite: Path, tasks, optimizers, seeds: int, every: int, out: Path, data:
                 if (task, opt) not in lrs:
                     continue
                 for seed in range(seeds):
-                    job = space.Job(task, opt, lrs[(task, opt)], seed)
+                    job = space.Job(task, opt, lrs[(task, opt)], seed, kappa)
                     if job.key in done:
                         continue
                     row = runner.run_job(job, curve_every=every)
@@ -135,14 +151,14 @@ def plot_curves(path: Path, rows: list[dict], tasks, optimizers) -> None:
     plt.close(fig)
 
 
-def plot_train_vs_test(path: Path, runs: list[dict], tasks) -> None:
+def plot_train_vs_test(path: Path, runs: list[dict], tasks, kappa: int = space.KAPPA) -> None:
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in runs if r.get("status") == "ok" and r.get("kappa", space.KAPPA) == space.KAPPA
+    runs = [r for r in runs if r.get("status") == "ok" and r.get("kappa", space.KAPPA) == kappa
             and r.get("train_loss") is not None and r.get("test_loss") is not None]  # a non-finite tail: null
     tasks = [t for t in tasks if any(r["task"] == t for r in runs)]
     if not tasks:
@@ -166,7 +182,7 @@ def plot_train_vs_test(path: Path, runs: list[dict], tasks) -> None:
         ax.set_xlim(train.min() - 0.05 * (np.quantile(train, 0.8) - train.min()), np.quantile(train, 0.8))
         ax.set_xlabel("training loss (last 10% of steps)")
         ax.set_ylabel("test loss")
-        ax.set_title(f"{task}: every lr and seed, kappa {space.KAPPA}", fontsize=9)
+        ax.set_title(f"{task}: every lr and seed, kappa {kappa}", fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -183,13 +199,16 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="runs/suite-data")
     p.add_argument("--out", default="runs/suite-curves")
     p.add_argument("--plots-only", action="store_true")
+    p.add_argument("--kappa", type=int, default=None, help="the chosen lrs of this kappa (default: the suite's "
+                   "primary kappa, from its results.json)")
     a = p.parse_args(argv)
     suite, out = Path(a.suite), Path(a.out)
     tasks, opts = a.tasks.split(","), a.optimizers.split(",")
+    kappa = suite_kappa(suite) if a.kappa is None else a.kappa
     if a.plots_only:
         rows = runner.read_log(out / "curves.jsonl")
     else:
-        rows = run(suite, tasks, opts, a.seeds, a.every, out, Path(a.data))
+        rows = run(suite, tasks, opts, a.seeds, a.every, out, Path(a.data), kappa)
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(out / "curves.png", rows, tasks, opts)
     stopped = early_stopped(rows)
@@ -200,7 +219,7 @@ def main(argv=None) -> int:
         print(f"{e['task']:10s} {e['optimizer']:30s} lr {e['lr']:<7g} final test {pm(e['final_test'], e['final_test_std'])}"
               f"  early-stopped {pm(e['stopped_test'], e['stopped_test_std'])} "
               f"(step {e['stopped_step']:.0f})  final train-split {e['final_train']}")
-    plot_train_vs_test(out / "train_vs_test.png", runner.read_log(suite / "runs.jsonl"), tasks)
+    plot_train_vs_test(out / "train_vs_test.png", runner.read_log(suite / "runs.jsonl"), tasks, kappa)
     return 0
 
 

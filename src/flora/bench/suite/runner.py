@@ -102,23 +102,26 @@ def run_job(job: Job, curve_every: int = 0) -> dict:
     model = w.build(job.seed)
     opt = _optimizer(job.optimizer, model, job.lr, kappa=job.kappa, seed=job.seed, workload=w)
     tail = max(1, spec.steps // 10)
-    train_sum = torch.zeros((), device=w.device)
+    train_sum, summed = torch.zeros((), device=w.device), 0
     curve = []
     for step in range(spec.steps):
         if curve_every and step % curve_every == 0:
             curve.append(_point(w, model, step))
+        in_tail = step >= spec.steps - tail
         for micro in range(spec.tau):
             x, y = w.batch(step, micro)
             loss = w.loss(model, x, y)
             (loss / spec.tau).backward()
-        if step >= spec.steps - tail:
-            train_sum += loss.detach()
+            if in_tail:  # the mini-batch's loss: the mean of its micro-batches' (the last one alone had been)
+                train_sum += loss.detach() / spec.tau
+        summed += in_tail
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 49 and not math.isfinite(float(loss.detach())):
             break
     train_time = time.perf_counter() - t0
-    train_loss = float(train_sum) / tail
+    # a run that diverged before its tail has no training loss (0.0 had been logged: probe Z80)
+    train_loss = float(train_sum) / tail if summed == tail else math.nan
     out = {**job.to_dict(), "key": job.key, "steps": spec.steps,
            "train_loss": train_loss if math.isfinite(train_loss) else None,  # the log stays strict JSON
            "train_s": round(train_time, 2), "state_bytes": state_bytes(opt),
