@@ -1,0 +1,110 @@
+"""Momentum, rounding, the relative-step schedule and the projection cache at their edges
+(probe Z77, mutation testing: each case failed on a one-line mutant that every other test
+passed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flora
+from flora.cache import ProjectionCache, cache_projections
+from flora.momentum import complement_scale, compressed_step_
+from flora.projection import make_projection, make_projections, projection_seed
+from flora.rounding import AFTER_STEP, AFTER_TRANSFER, stochastic_bfloat16
+
+
+def test_lr_zero_with_no_clip_is_no_step():
+    """clip_threshold=inf and lr=0 make the output clip's bound inf * 0, NaN: no step, as
+    lr=0 means (a mutant that tested ``bound < 0`` stepped 3.1 there)."""
+    torch.manual_seed(0)
+    a = make_projection("orthonormal", 0, 4, 8)
+    out = compressed_step_("exact", torch.randn(4, 6), torch.randn(8, 6), a, 0, 0.9, 0.0, math.inf, isometric=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    for foreach in (False, True):
+        w = torch.nn.Parameter(torch.randn(16, 8))
+        opt = flora.Flora([w], lr=1e-2, rank=2, beta1=0.9, momentum_form="exact", clip_threshold=math.inf,
+                          foreach=foreach, scale_parameter=False)
+        w.grad = torch.randn_like(w)
+        opt.step()
+        opt.param_groups[0]["lr"] = 0.0
+        before = w.detach().clone()
+        w.grad = torch.randn_like(w)
+        opt.step()
+        assert torch.equal(w.detach(), before), foreach
+
+
+def test_the_scaled_weight_of_a_zero_projected_update_is_one():
+    assert complement_scale(1.0, 0.0, 1.0) == 1.0
+
+
+def test_a_subspace_form_with_a_gaussian_projection_is_refused_by_name():
+    with pytest.raises(ValueError, match="momentum_form 'subspace' needs a projection with orthonormal rows"):
+        compressed_step_("subspace", torch.zeros(2, 6), torch.randn(8, 6), torch.randn(2, 8), 0, 0.9, 1e-2, 1.0,
+                         isometric=False)
+
+
+def test_the_relative_step_schedule_reports_the_most_stepped_parameter_of_a_group():
+    """b got a gradient on the first of 5 steps only: the group's next relative step is
+    a's, the 6th (warmup_init: 1e-6 t), not b's 2nd."""
+    a, b, c = (torch.nn.Parameter(torch.randn(4, 4)) for _ in range(3))
+    opt = flora.Flora([{"params": [a, b], "warmup_init": True}, {"params": [c], "lr": 1e-4}], lr=None)
+    sched = flora.RelativeStepSchedule(opt)
+    for i in range(5):
+        a.grad, c.grad = torch.randn_like(a), torch.randn_like(c)
+        b.grad = torch.randn_like(b) if i == 0 else None
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr() == [pytest.approx(6e-6), 1e-4]
+
+
+def test_the_two_roundings_of_a_step_draw_independent_noise():
+    """After the resample's transfer and after the step a tensor is rounded to bfloat16
+    with the same step key: the two salts keep their noise apart (one salt for both
+    passed every test)."""
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    s, t = stochastic_bfloat16(x, 7, AFTER_STEP), stochastic_bfloat16(x, 7, AFTER_TRANSFER)
+    assert torch.equal(s, stochastic_bfloat16(x, 7, AFTER_STEP))
+    differ = (s != t).float().mean().item()
+    assert 0.2 < differ < 0.8, differ  # rounded up with one and down with the other
+
+
+def _draw(i, count, rank, size):
+    return make_projections("orthonormal", [projection_seed(0, i, count)], rank, size)[0]
+
+
+def test_a_bucket_of_cached_and_new_projections_caches_each_under_its_own_index():
+    """Parameter 0 cached alone, then the bucket {0, 1}: 1 is drawn and cached alone (read
+    as a new stack, entry 0 got 1's projection and the next step a stack of one)."""
+    g = {"projection": "orthonormal", "seed": 0, "rank": 2, "cache_projections": True}
+    cache = ProjectionCache()
+    cache_projections(cache, g, [0], 0, 8, "cpu", torch.float32, stacked=True)
+    both = cache_projections(cache, g, [0, 1], 0, 8, "cpu", torch.float32, stacked=True)
+    assert torch.equal(both[0], _draw(0, 0, 2, 8)) and torch.equal(both[1], _draw(1, 0, 2, 8))
+    again = cache_projections(cache, g, [0, 1], 0, 8, "cpu", torch.float32, stacked=True)
+    assert again.shape == (2, 2, 8) and torch.equal(again, both)
+
+
+def test_the_cache_keeps_only_what_its_entries_need():
+    """A member that moves on leaves its stack: the others keep copies of their slices
+    (the stack is freed); turning caching off empties the cache at the next step."""
+    g = {"projection": "orthonormal", "seed": 0, "rank": 4, "cache_projections": True}
+    one = 4 * 256 * 4  # an r x d float32 projection
+    cache = ProjectionCache()
+    cache_projections(cache, g, [0], 0, 256, "cpu", torch.float32, stacked=True)
+    cache_projections(cache, g, [0, 1, 2], 0, 256, "cpu", torch.float32, stacked=True)
+    cache_projections(cache, g, [1], 1, 256, "cpu", torch.float32, stacked=True)
+    assert cache.nbytes() == 3 * one
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(32, 16)) for _ in range(2)]
+    opt = flora.Flora(ps, lr=1e-2, rank=4, beta1=0.9, foreach=True)
+    for step in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if step == 0:
+            assert opt.projection_cache.nbytes() > 0
+            opt.param_groups[0]["cache_projections"] = False
+    assert len(opt.projection_cache) == 0 and opt.projection_cache.nbytes() == 0
