@@ -114,21 +114,27 @@ def test_a_parameter_resized_between_cycles_below_the_rank_is_refused_by_name():
         p.square().sum().backward()
 
 
-def test_a_resume_continues_to_follow_accelerate_in_the_next_cycle(monkeypatch):
-    """A cycle with an unsynced backward (accelerate's flag) makes the next cycle follow
-    accelerate too. The checkpoint had folded that into the open cycle's flag, so a resumed
-    run left a short synced cycle open that the uninterrupted run closed."""
+def _fake_accelerate(monkeypatch, sync=True, num_steps=2) -> dict:
+    """accelerate's process-wide gradient state, as the accumulator reads it, in a module of
+    this test's own: its flags (``sync_gradients``, ``plugin_kwargs``), to set."""
     import sys
     import types
 
     st = types.ModuleType("accelerate.state")
 
     class GradientState:
-        _shared_state = {"sync_gradients": True, "plugin_kwargs": {"num_steps": 2}}
+        _shared_state = {"sync_gradients": sync, "plugin_kwargs": {"num_steps": num_steps}}
 
     st.GradientState = GradientState
     monkeypatch.setitem(sys.modules, "accelerate.state", st)
-    flags = GradientState._shared_state
+    return GradientState._shared_state
+
+
+def test_a_resume_continues_to_follow_accelerate_in_the_next_cycle(monkeypatch):
+    """A cycle with an unsynced backward (accelerate's flag) makes the next cycle follow
+    accelerate too. The checkpoint had folded that into the open cycle's flag, so a resumed
+    run left a short synced cycle open that the uninterrupted run closed."""
+    flags = _fake_accelerate(monkeypatch)
     x = torch.randn(2, 8)
 
     def build():
@@ -188,3 +194,64 @@ def test_the_trainer_callback_takes_accelerates_scaler_after_dropping_a_leftover
                                             SimpleNamespace(global_step=0, stateful_callbacks={}), None,
                                             optimizer=wrapped)
     assert acc.scaler is scaler and acc.micro_step == 0
+
+
+def _linear_with(tau):
+    torch.manual_seed(0)
+    m = torch.nn.Linear(8, 8)
+    return m, CompressedAccumulator(m, rank=2, tau=tau, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+
+
+def test_accelerates_sync_ends_only_a_cycle_that_follows_it(monkeypatch):
+    """A synced flag is accelerate's "last micro-batch" only in a cycle that accelerate
+    drives (an unsynced backward seen): an Accelerator merely alive in the process (its
+    flag True by default) must not end a plain loop's cycles (read so, a DDP loop's early
+    sync was taken as the cycle's end: two cycles of one micro-batch, silently, probe Z78)."""
+    from flora.accumulation.cycle import Cycle
+    from flora.accumulation.integrations import accelerate_syncs
+
+    _fake_accelerate(monkeypatch, sync=True, num_steps=1)
+    c = Cycle.start(2)
+    assert not accelerate_syncs(c)
+    c.unsynced = True
+    assert accelerate_syncs(c)
+
+
+def test_a_tau_longer_than_accelerates_two_steps_is_refused(monkeypatch):
+    """accelerator.accumulate() with gradient_accumulation_steps=2 under tau=3: every cycle
+    would end short, after 2 (only steps of 4 against tau 2 had been tested)."""
+    flags = _fake_accelerate(monkeypatch, num_steps=2)
+    m, acc = _linear_with(3)
+    flags["sync_gradients"] = False
+    with pytest.raises(ValueError, match=r"CompressedAccumulator\(tau=3\) under accelerate with "
+                                         r"gradient_accumulation_steps=2"):
+        m(torch.randn(2, 8)).sum().backward()
+
+
+def test_under_the_trainer_a_stale_unsynced_flag_does_not_hide_a_longer_window(monkeypatch):
+    """The callback marks the accumulator driven by accelerate: an unsynced flag left by an
+    earlier run stopped mid-window is then live, and two unsynced passes at tau=2 are a
+    window longer than tau, refused (not trusting the flag, the cycle closed halfway)."""
+    flags = _fake_accelerate(monkeypatch, sync=False, num_steps=1)
+    m, acc = _linear_with(2)
+    acc._driven_by_accelerate()  # what AccumulatorCallback.on_train_begin does
+    m(torch.randn(2, 8)).sum().backward()
+    with pytest.raises(ValueError, match="gradient_accumulation_steps > tau=2"):
+        m(torch.randn(2, 8)).sum().backward()
+    assert flags["sync_gradients"] is False
+
+
+def test_a_wrappers_scaler_is_taken_only_if_it_is_a_grad_scaler():
+    """accelerate keeps a backend's own loss scaler in the same attribute: a fused
+    accumulator on such a wrapper takes none (taken, each backward failed on its missing
+    GradScaler methods)."""
+    from flora.accumulation.integrations import wrapper_scaler
+
+    class Wrapped:
+        def __init__(self, opt, scaler):
+            self.optimizer, self.scaler = opt, scaler
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    assert wrapper_scaler(Wrapped(opt, object())) is None
+    grad_scaler = torch.amp.GradScaler("cpu")
+    assert wrapper_scaler(Wrapped(opt, grad_scaler)) is grad_scaler

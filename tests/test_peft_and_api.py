@@ -53,6 +53,10 @@ def test_nothing_compressed_counts_frozen_tensors_that_would_be():
     with pytest.warns(UserWarning) as seen:  # nothing frozen would be: said as before
         flora.Flora([m.base.bias], lr=1e-3, rank=8, beta1=0.9)
     assert "frozen tensor" not in str(seen[0].message)
+    frozen_1d = torch.nn.Parameter(torch.randn(64), requires_grad=False)  # a 1-D tensor never would (Z78)
+    with pytest.warns(UserWarning) as seen:
+        flora.Flora([m.base.bias, frozen_1d], lr=1e-3, rank=8, beta1=0.9)
+    assert "frozen tensor" not in str(seen[0].message)
 
 
 def test_summary_says_frozen_tensors_keep_the_state_made_before():

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import flora
 from flora.projection import ACCUMULATION_STREAM, compress, decompress, make_projection, projection_seed
@@ -32,7 +32,7 @@ def _llama():
 
 
 def _train(tmp_path, rank, *, n=32, epochs=None, lr=1e-2, sched=None, tau=2, steps=2, callback=False,
-           resume=None, max_steps=4, max_grad_norm=1.0, momentum_dtype=None, compile=False, **more):
+           resume=None, max_steps=4, max_grad_norm=1.0, momentum_dtype=None, compile=False, also=(), **more):
     model = _llama()
     opt = flora.Flora(model.parameters(), lr=lr, rank=4, beta1=0.9, momentum_dtype=momentum_dtype, compile=compile)
     acc = None if rank == "none" else flora.CompressedAccumulator(model, rank=rank, tau=tau, optimizer=opt, seed=1)
@@ -43,7 +43,7 @@ def _train(tmp_path, rank, *, n=32, epochs=None, lr=1e-2, sched=None, tau=2, ste
                              **{"save_strategy": "no", **length, **more})
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(n),
                       optimizers=(opt, None if sched is None else sched(opt)),
-                      callbacks=[flora.AccumulatorCallback(acc)] if callback else None)
+                      callbacks=([flora.AccumulatorCallback(acc)] if callback else []) + list(also))
     trainer.train(resume_from_checkpoint=resume)
     model.log = trainer.state.log_history
     return model, acc
@@ -149,6 +149,44 @@ def test_resume_with_the_callback_equals_an_uninterrupted_run(tmp_path):
     _train(tmp_path / "plain", 4, save_strategy="steps", save_steps=2, max_steps=2)
     with pytest.warns(UserWarning, match="holds no CompressedAccumulator state"):
         _train(tmp_path / "warned", 4, callback=True, resume=str(tmp_path / "plain" / "checkpoint-2"))
+
+
+def test_a_fresh_run_with_the_callback_says_nothing_of_a_checkpoint(tmp_path):
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _train(tmp_path, 4, callback=True, max_steps=2)
+    assert not [w for w in said if "AccumulatorCallback" in str(w.message)]
+
+
+class _StopMidWindow(TrainerCallback):
+    """Stops training after the first micro-batch of the second window (a time budget
+    checked at each micro-batch; the Trainer calls on_substep_end for every micro-batch but
+    a window's last)."""
+
+    def __init__(self):
+        self.substeps = 0
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.substeps += 1
+        if self.substeps == 2:
+            control.should_training_stop = True
+
+
+def test_a_checkpoint_saved_at_the_epoch_end_of_a_run_stopped_mid_window_resumes_exactly(tmp_path):
+    """Stopped mid-window, the Trainer still ends the epoch and saves (save_strategy="epoch")
+    at its last optimizer step, and a resume runs the window again; the callback had
+    recorded the open cycle at the epoch's end, and the resume was refused ("backward pass
+    2 of this cycle is not the last", probe Z78). It records on cycle boundaries only."""
+    full, _ = _train(tmp_path / "full", 4, callback=True)
+    _train(tmp_path / "stopped", 4, callback=True, save_strategy="epoch", also=[_StopMidWindow()])
+    (checkpoint,) = (tmp_path / "stopped").glob("checkpoint-*")
+    assert checkpoint.name == "checkpoint-1"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["flora.CompressedAccumulator"]["cycle"] == 1 and not any(saved["flora.CompressedAccumulator"]["counts"])
+    resumed, acc = _train(tmp_path / "resumed", 4, callback=True, resume=str(checkpoint))
+    assert acc.cycle == 4
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_resuming_from_a_model_only_checkpoint_says_the_optimizer_starts_again(tmp_path):
@@ -345,6 +383,31 @@ def test_the_callbacks_json_carries_every_entry_of_the_accumulators_state():
         _from_json(json.loads(json.dumps(old))))
 
 
+def test_the_callbacks_json_carries_a_mid_cycle_state_exactly():
+    """The partial sums too (keyed by parameter index, each in its shape): read back from
+    JSON, the next backward and step equal those of the accumulator it was saved from (the
+    round trip had been tested with empty sums only, probe Z78)."""
+    from flora.trainer_callback import _from_json, _to_json
+
+    def build():
+        model = _llama()
+        opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
+        return model, opt, flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, seed=1)
+
+    ids = [_Tokens()[i]["input_ids"][None] for i in range(2)]
+    model, opt, acc = build()
+    model(input_ids=ids[0], labels=ids[0]).loss.backward()
+    sd = acc.state_dict()
+    assert sd["compressed"] and sd["dense"]
+    other, other_opt, other_acc = build()
+    other_acc.load_state_dict(_from_json(json.loads(json.dumps(_to_json(sd)))))
+    for m, o in ((model, opt), (other, other_opt)):
+        m(input_ids=ids[1], labels=ids[1]).loss.backward()
+        o.step()
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_fused_mode_takes_the_trainers_fp16_scaler(tmp_path):
     """fp16 under the Trainer (a GPU) steps through accelerate's GradScaler; a fused
     accumulator built before the Trainer, as documented, never saw it: each parameter
@@ -357,3 +420,29 @@ def test_fused_mode_takes_the_trainers_fp16_scaler(tmp_path):
     for a, b in zip(normal.parameters(), fused.parameters()):
         assert torch.equal(a, b)
 
+
+
+def test_a_second_trainer_on_the_same_fused_accumulator_hands_over_its_own_scaler(tmp_path):
+    """Each Trainer's accelerator has a GradScaler of its own: the callback kept the first
+    Trainer's, and the second run failed in its scaler.step ("No inf checks were recorded",
+    probe Z78). Two runs in turn equal normal mode's, also where the user gave the
+    accumulator a scaler of their own (the Trainer steps through its accelerator's)."""
+    def two_runs(fused, scaler=None):
+        model = _llama()
+        opt = flora.Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9)
+        acc = flora.CompressedAccumulator(model, rank=None, tau=2, optimizer=opt, fused=fused, seed=1, scaler=scaler)
+        for run in range(2):
+            args = TrainingArguments(output_dir=str(tmp_path / f"{fused}{run}"), per_device_train_batch_size=4,
+                                     gradient_accumulation_steps=2, report_to=[], use_cpu=True, max_grad_norm=0.0,
+                                     disable_tqdm=True, seed=0, max_steps=2, save_strategy="no")
+            trainer = Trainer(model=model, args=args, train_dataset=_Tokens(32), optimizers=(opt, None),
+                              callbacks=[flora.AccumulatorCallback(acc)])
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (8 + 4 * run))
+            trainer.train()
+            assert not fused or acc.scaler is trainer.accelerator.scaler
+        return model
+
+    normal = two_runs(False)
+    for fused in (two_runs(True), two_runs(True, scaler=torch.amp.GradScaler("cpu"))):
+        for a, b in zip(normal.parameters(), fused.parameters()):
+            assert torch.equal(a, b)

@@ -98,10 +98,13 @@ class AccumulatorCallback(TrainerCallback):
             # First: the scaler below may change on a cycle boundary only
             acc.discard_cycle()
         scaler = wrapper_scaler(kwargs.get("optimizer"))
-        if acc.fused and acc.scaler is None and scaler is not None:
+        if acc.fused and scaler is not None and acc.scaler is not scaler:
             # fp16 (a GPU): accelerate's prepared optimizer steps through its GradScaler, which an
             # accumulator built before the Trainer (as above) never saw; fused mode steps inside
-            # backward, so without it each parameter stepped on its scaled gradient (probe Z29)
+            # backward, so without it each parameter stepped on its scaled gradient (probe Z29).
+            # A second Trainer on the same accumulator brings a scaler of its own: the first one's,
+            # kept, failed its scaler.step ("No inf checks were recorded": probe Z78), as would any
+            # scaler but the one the Trainer steps through (a scaler= of the user's included)
             acc.scaler = scaler
         if acc.fused and (args.max_grad_norm or 0) > 0 and acc.max_grad_norm is None:
             warn(f"AccumulatorCallback: TrainingArguments(max_grad_norm={args.max_grad_norm}) clips nothing "
@@ -135,4 +138,9 @@ class AccumulatorCallback(TrainerCallback):
         self._record(state)  # before the Trainer writes trainer_state.json into a checkpoint
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._record(state)
+        # on a cycle boundary only: training stopped mid-window (a callback's should_training_stop
+        # in on_substep_end) still ends the epoch, and a checkpoint saved there resumes at the last
+        # optimizer step, re-running the window; the open cycle recorded with it was refused on
+        # resume (probe Z78). What on_step_end recorded at that step stands
+        if not self.accumulator.micro_step:
+            self._record(state)
