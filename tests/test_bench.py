@@ -844,6 +844,7 @@ def test_terminal_table_and_goal_lines_keep_square_brackets(capsys):
     (["step", "--threads=-1"], "--threads must be >= 1"),
     (["step", "--baseline-src", "/nonexistent"], "--baseline-src: '/nonexistent' holds no __init__.py"),
     (["step", "--device", "bogus"], "--device: unknown device 'bogus'"),
+    (["step", "--warmup", "0"], "--repeats and --warmup must be >= 1"),
     (["train", "--seed=-1"], "--seed must be an integer in [0, 2**63)"),
     (["accum-memory", "--configs="], "--configs names no configuration"),
     (["accum-memory", "--no-memory"], "--no-memory leaves nothing to run"),

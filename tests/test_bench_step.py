@@ -352,3 +352,120 @@ def test_groups_per_tensor_lr_gives_each_group_its_own_lr(tmp_path, monkeypatch)
     for _, opt in built:
         lrs = [float(g["lr"]) for g in opt.param_groups]
         assert lrs == pytest.approx([bstep.LR * 0.99 ** i for i in range(len(lrs))])
+
+
+# ---- the timing, memory and report arithmetic under a fake clock (probe Z84: 26 one-line
+# mutants of these had passed every test; each case below fails on its own)
+
+
+def _fake_clock(monkeypatch):
+    """core.timed returns (k, 100 + k^2) for its k-th call: wall and CPU told apart."""
+    import itertools
+
+    count = itertools.count(1)
+
+    def timed(fn, device):
+        fn()
+        k = next(count)
+        return float(k), 100.0 + k * k
+
+    monkeypatch.setattr(core, "timed", timed)
+
+
+def test_step_rows_take_wall_and_cpu_medians_of_interleaved_rotated_rounds(monkeypatch):
+    """One warm-up round (calls 1-3), then three rounds, each rotated by one: adamw gets
+    calls 4, 9, 11 and adafactor-b0.9 (the reference) 5, 7, 12; an odd count tells a median
+    from a mean; times_s is wall time, cpu_times_s CPU time."""
+    import torch
+
+    from flora.bench import step
+
+    _fake_clock(monkeypatch)
+    torch.manual_seed(0)
+    params = [torch.randn(16, 16, requires_grad=True), torch.randn(16, requires_grad=True)]
+    rows = step.time_optimizers(["adamw", "adafactor-b0.9", "flora-r4"], params, [torch.randn_like(p) for p in params],
+                                "cpu", warmup=1, repeats=3, seed=0)
+    by = {r["optimizer"]: r for r in rows}
+    a = by["adamw"]
+    assert a["times_s"] == [4.0, 9.0, 11.0] and a["cpu_times_s"] == [116.0, 181.0, 221.0]
+    assert (a["median_step_s"], a["min_step_s"], a["median_cpu_s"]) == (9.0, 4.0, 181.0)
+    assert by["adafactor-b0.9"]["times_s"] == [5.0, 7.0, 12.0] and by["flora-r4"]["times_s"] == [6.0, 8.0, 10.0]
+    assert a["step_vs_reference"] == pytest.approx(9 / 7) and a["cpu_vs_reference"] == pytest.approx(181 / 149)
+    assert step.median([1.0, 2.0, 10.0]) == 2.0
+
+
+def test_the_first_step_and_later_compilations_are_kept_per_label(monkeypatch):
+    """first[label]: the first warm-up step's (wall, cpu, graphs, breaks); later steps add
+    their graphs (not their breaks) under (label, "later")."""
+    import itertools
+
+    from flora.bench import step
+
+    calls = itertools.count(0)
+    monkeypatch.setattr(step, "dynamo_counts", lambda: (lambda c: (c, 10 * c))(next(calls)))
+    clock = itertools.count(1)
+    runs = [(label, lambda: (lambda k: (float(k), 100.0 + k))(next(clock))) for label in "ab"]
+    first = {}
+    wall, cpu = step.interleaved_times(runs, warmup=2, repeats=3, first=first)
+    assert first["a"] == (1.0, 101.0, 1, 10) and first["b"] == (2.0, 102.0, 1, 10)
+    assert first["a", "later"] == 4 and first["b", "later"] == 4  # a warm-up and three timed steps each
+    assert wall == {"a": [5.0, 8.0, 9.0], "b": [6.0, 7.0, 10.0]}
+    assert cpu["a"] == [105.0, 108.0, 109.0]
+
+
+def test_timed_measures_the_cpu_of_its_call_only():
+    x = 0
+    for i in range(2_000_000):  # CPU spent before the call is not the call's
+        x += i
+    wall, cpu = core.timed(lambda: None, "cpu")
+    assert 0 <= cpu < 0.05 and 0 <= wall < 0.05
+
+
+def test_a_memory_reading_takes_cuda_over_rss_and_subtracts_the_start():
+    m = core.MemoryReading(rss_start=100.0, rss_peak=200.0, rss_reset=True, cuda_start=5.0, cuda_peak=50.0)
+    assert (m.peak, m.baseline, m.rss_over_start) == (50.0, 5.0, 100.0)
+    m = core.MemoryReading(rss_start=100.0, rss_peak=130.0, rss_reset=True)
+    assert (m.peak, m.baseline, m.rss_over_start) == (130.0, 100.0, 30.0)
+
+
+def test_the_accumulation_memory_row_leaves_out_the_warm_up_cycle():
+    """measured() runs cycle 0 untimed, then 1..steps; the row's peak is over the baseline and
+    the gradients held are the measured cycles' (the warm-up's 9 MiB left out)."""
+    import types
+
+    import torch
+
+    from flora.bench import accum_parts
+
+    seen = []
+    accum_parts.measured(lambda s: seen.append(s) or 0.0, 2, "cpu")
+    assert seen == [0, 1, 2]
+    p = torch.nn.Parameter(torch.zeros(4))
+    job = types.SimpleNamespace(rank=4, fused=False, cfg=types.SimpleNamespace(batch=1, seq=8), steps=2,
+                                optimizer="sgd")
+    reading = core.MemoryReading(rss_start=100.0, rss_peak=130.0, rss_reset=True)
+    row = accum_parts.memory_row(job, types.SimpleNamespace(tau=4), torch.optim.SGD([p], lr=0.1), None, 0, reading,
+                                 [1.0, 2.0], [0.0, 0.0], device="cpu", held=[9 * core.MiB, 2 * core.MiB, 3 * core.MiB])
+    assert (row["peak_over_baseline_mib"], row["grad_mib_at_step"]) == (30.0, 3.0)
+
+
+def test_the_accumulation_report_divides_by_plain_and_compares_at_the_same_lr():
+    from flora.bench import accum
+
+    def memory(config, peak, t):
+        return {"kind": "memory", "config": config, "status": "ok", "device": "cpu", "tau": 4, "batch": 1, "seq": 8,
+                "optimizer": "x", "weights_mib": 1.0, "peak_mib": peak, "peak_over_baseline_mib": 1.0,
+                "grad_mib_at_step": 0.0, "median_step_s": t}
+
+    def quality(config, rank, lr, loss):
+        return {"kind": "quality", "config": config, "status": "ok", "rank": rank, "lr": lr, "tau": 4, "steps": 2,
+                "batch": 1, "seq": 8, "eval_sequences": 4, "val_loss_start": 5.0, "val_loss": loss, "test_loss": loss}
+
+    res = {"meta": {"model": "m", "command": "c"}, "memory": [memory("plain", 200.0, 1.0), memory("r4", 100.0, 2.0)],
+           "quality": [quality("q-dense@0.1", None, 0.1, 4.0), quality("q-r4@0.1", 4, 0.1, 4.2),
+                       quality("q-dense@0.3", None, 0.3, 2.0), quality("q-r4@0.3", 4, 0.3, 2.1)], "noise": []}
+    lines = accum.markdown(res).splitlines()
+    r4 = next(x for x in lines if x.startswith("| r4 "))
+    assert "0.500" in r4 and "2.00" in r4 and "2.000" not in r4  # peak / plain 0.5, step / plain 2
+    q = next(x for x in lines if x.startswith("| q-r4@0.3 "))
+    assert "+5.00%" in q  # against the dense row of its own lr (2.0), not the other (4.0)
