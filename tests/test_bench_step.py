@@ -465,7 +465,39 @@ def test_the_accumulation_report_divides_by_plain_and_compares_at_the_same_lr():
            "quality": [quality("q-dense@0.1", None, 0.1, 4.0), quality("q-r4@0.1", 4, 0.1, 4.2),
                        quality("q-dense@0.3", None, 0.3, 2.0), quality("q-r4@0.3", 4, 0.3, 2.1)], "noise": []}
     lines = accum.markdown(res).splitlines()
-    r4 = next(x for x in lines if x.startswith("| r4 "))
-    assert "0.500" in r4 and "2.00" in r4 and "2.000" not in r4  # peak / plain 0.5, step / plain 2
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| config ")).strip("|").split("|")]
+    r4 = dict(zip(header, (c.strip() for c in next(x for x in lines if x.startswith("| r4 ")).strip("|").split("|"))))
+    assert (r4["peak / plain"], r4["step / plain"]) == ("0.500", "2.00")
     q = next(x for x in lines if x.startswith("| q-r4@0.3 "))
     assert "+5.00%" in q  # against the dense row of its own lr (2.0), not the other (4.0)
+
+
+def test_the_floors_rates_and_projection_cost_follow_their_definitions(monkeypatch):
+    """Adafactor's floor is 12 bytes per float32 parameter over the copy bandwidth; the
+    projection's 2 r flops per compressed element, twice; a copy counts its bytes read and
+    written and a matmul 2 flops per multiply-add; the cache's saving is over the drawing
+    step's time; a cold compile under 60 s meets its goal."""
+    import torch
+
+    from flora.bench import step
+
+    (split,) = step.step_split([{"optimizer": "flora-r4:nomomentum", "median_step_s": 0.010},
+                                {"optimizer": "flora-r4", "median_step_s": 0.030}], [torch.zeros(1000)],
+                               {"flora-r4": (4, 1000)}, {"copy_bytes_per_s": 1e9, "gemm_flops_per_s": 1e7})
+    assert split["adafactor_floor_s"] == pytest.approx(1.2e-5) and split["projection_floor_s"] == pytest.approx(1.6e-3)
+    monkeypatch.setattr(core, "timed", lambda fn, device: (fn(), (1.0, 1.0))[1])
+    assert step.device_rates("cpu", [(64, 16), (16,)], 4, repeats=3) == {"copy_bytes_per_s": 2.0 * 64 * 2**20,
+                                                                        "gemm_flops_per_s": 2.0 * 4 * 64 * 16}
+    _fake_clock(monkeypatch)
+    torch.manual_seed(0)
+    params = [torch.randn(16, 16, requires_grad=True), torch.randn(16, requires_grad=True)]
+    (cost,) = step.projection_cost(params, [torch.randn_like(p) for p in params], "cpu", [4], "exact", warmup=1,
+                                   repeats=3, seed=0)
+    assert (cost["step_drawn_s"], cost["step_cached_s"]) == (6.0, 5.0)
+    assert cost["step_fraction_saved_by_cache"] == pytest.approx(1 / 6)
+    by = {"flora-r32:compiled": {"optimizer": "flora-r32:compiled", "median_cpu_s": 0.12, "median_step_s": 0.12,
+                                 "graphs": 3, "ops_per_step": 10, "compile_s": 5.0},
+          "adafactor-b0.9": {"optimizer": "adafactor-b0.9", "median_cpu_s": 0.10, "median_step_s": 0.10},
+          "adamw": {"optimizer": "adamw", "median_cpu_s": 0.2, "median_step_s": 0.2}}
+    (said,) = [x for x in step.compiled_goals(by, "quick", cold=True) if "compiles in" in x]
+    assert said.endswith("met (goal < 60 s)")
