@@ -132,7 +132,7 @@ def test_an_edge_lr_is_flagged():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return data.prepare(tmp_path_factory.mktemp("suite-data"), only=("digits.pt", "tabular.pt", "bbc_bytes.pt"))
+    return data.prepare(tmp_path_factory.mktemp("suite-data"), only=("digits.pt", "tabular.pt", data.BBC_BYTES))
 
 
 @pytest.mark.parametrize("task", ["newslm", "cnn", "vit", "tabular", "stream", "cnnstream", "tabstream"])

@@ -140,6 +140,10 @@ class FinetuneTask(_LMTask):
     def model_dir(self) -> Path:
         return self.cache_dir / "smollm2-135m"
 
+    @property
+    def _tokens(self) -> Path:
+        return self.cache_dir / f"bbc_smollm2_tokens_v{data.BBC_SPLIT_VERSION}.pt"
+
     def prepare(self):
         d = self.model_dir
         if not (d / "weights.pt").exists():
@@ -154,7 +158,7 @@ class FinetuneTask(_LMTask):
             tok.save_pretrained(d)
             torch.save(model.state_dict(), d / "weights.tmp")
             os.replace(d / "weights.tmp", d / "weights.pt")
-        tokens = self.cache_dir / "bbc_smollm2_tokens.pt"
+        tokens = self._tokens
         if not tokens.exists():
             from transformers import AutoTokenizer
 
@@ -168,7 +172,7 @@ class FinetuneTask(_LMTask):
             os.replace(tokens.with_suffix(".tmp"), tokens)
 
     def load(self):
-        self.streams = torch.load(self.cache_dir / "bbc_smollm2_tokens.pt", weights_only=True)
+        self.streams = torch.load(self._tokens, weights_only=True)
 
     def build_model(self):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -193,7 +197,7 @@ class ClassifyTask(Task):
 
     @property
     def _cache(self) -> Path:
-        return self.cache_dir / f"bbc_minilm_{self.cfg.seq}.pt"
+        return self.cache_dir / f"bbc_minilm_{self.cfg.seq}_v{data.BBC_SPLIT_VERSION}.pt"
 
     def prepare(self):
         if self._cache.exists():

@@ -174,12 +174,12 @@ class ByteLM(_LM):
 
 
 class NewsLM(_LM):
-    file = "bbc_bytes.pt"
+    file = data.BBC_BYTES
     shape = dict(hidden=128, layers=2, heads=4, ffn=352)
 
 
 class TokenLM(_LM):
-    file = "bbc_tokens.pt"
+    file = data.BBC_TOKENS
     shape = dict(hidden=160, layers=3, heads=4, ffn=432)
 
 
@@ -187,7 +187,7 @@ class Finetune(_LM):
     """Fine-tuning with accumulation: the base model is pretrained once per data folder
     and device kind (AdamW, fixed seed) and cached there."""
 
-    file = "bbc_bytes.pt"
+    file = data.BBC_BYTES
     BASE_STEPS = 600
 
     def _base(self) -> dict:
@@ -456,7 +456,7 @@ class Classify(Workload):
 
     def __init__(self, spec, folder, device):
         super().__init__(spec, folder, device)
-        d = data.load(self.folder, "minilm.pt")
+        d = data.load(self.folder, data.MINILM)
         self.config, self.state, self.splits = json.loads(d["config"]), d["state"], d["splits"]
         self.order = torch.randperm(len(self.splits["train"]["labels"]), generator=_gen(DATA_SEED))
 
