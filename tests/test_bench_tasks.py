@@ -100,3 +100,27 @@ def test_a_run_is_scored_on_the_validation_and_the_test_split_each():
     loop = runner._Loop(train=[(1, 3.0), (2, 2.5)], step_times=[0.2, 0.1, 0.1], tokens_per_step=8)
     runner._evaluate(Task(), None, "cpu", res, loop)
     assert (res.val_loss, res.test_loss, res.train_loss, res.median_step_s) == (1.0, 2.0, 2.5, 0.1)
+
+
+def test_a_language_task_scores_windows_spread_over_its_split():
+    # pretrain's held-out split is KJV then BBC: its head alone was 8 KB of Revelation.
+    task = _lm_task()
+    b, t = task.cfg.batch, task.cfg.seq
+    half = 40 * t
+    task.streams["test"] = torch.cat([torch.full((half,), 251), torch.full((half,), 252)])
+    model = _SeenLM()
+    task.evaluate(model, "test", "cpu")
+    seen = model.seen
+    assert len(seen) == task.cfg.eval_batches * b * t
+    assert seen.count(251) == seen.count(252)  # both parts, in proportion
+    assert seen[-1] == 252  # the last window ends the split
+
+
+def test_eval_windows_start_and_end_the_stream_and_never_overlap():
+    assert T.eval_starts(1000, 100, 3) == [0, 450, 900]
+    for n, t, k in ((1000, 128, 100), (1024, 128, 8), (5000, 7, 1000), (300, 128, 5)):
+        s = T.eval_starts(n, t, k)
+        assert s[0] == 0 and s[-1] == n - t and len(s) == min(k, n // t)
+        assert all(b - a >= t for a, b in zip(s, s[1:]))
+    assert T.eval_starts(200, 128, 4) == [0]  # room for one window
+    assert T.eval_starts(100, 128, 4) == [0]  # a split shorter than a window: one short window
