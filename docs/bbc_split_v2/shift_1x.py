@@ -55,3 +55,21 @@ for task, d in sorted(by.items()):
                  f"{fmt(d[('test_loss', True)])} | {fmt(d[('test_loss', False)])} |")
 (here / "shift_1x.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
+
+# classify's test accuracy, each row at its lr of best mean validation loss (the suite's rule), on each split
+acc = ["", "| classify, test accuracy | floor | target | r8 | r32 |", "| --- | ---: | ---: | ---: | ---: |"]
+for name, runs in (("before (222 test articles)", old), ("v2 (206)", new)):
+    cells = []
+    for r_ in ("adafactor", "adafactor-b0.9", "r8", "r32"):
+        grid = collections.defaultdict(dict)
+        for (task, row_, lr, seed), r in runs.items():
+            if task == "classify" and row_ == r_:
+                grid[lr][seed] = r
+        grid = {lr: s for lr, s in grid.items() if len(s) == 3}
+        lr = min(grid, key=lambda x: st.mean(r["val_loss"] for r in grid[x].values()))
+        a = [r["test_accuracy"] for r in grid[lr].values()]
+        cells.append(f"{100 * st.mean(a):.2f}% ({lr:g})")
+    acc.append(f"| {name} | " + " | ".join(cells) + " |")
+with open(here / "shift_1x.md", "a") as f:
+    f.write("\n".join(acc) + "\n")
+print("\n".join(acc))
