@@ -69,3 +69,20 @@ def test_a_folder_prepared_from_an_older_split_gets_the_new_one(tmp_path):
     streams = runner._workload("newslm").streams
     want = "\n\n".join(_texts(data.bbc_splits()["test"])).encode("utf-8")
     assert bytes(streams["test"].numpy()) == want
+
+
+def test_the_bench_caches_built_from_the_split_are_named_by_its_version(tmp_path):
+    # A cache prepared from the old split (an unversioned name) must not be read.
+    from flora.bench import config
+    from flora.bench import tasks as T
+
+    cfg = config.SIZES["smoke"]["classify"]
+    stale = T.ClassifyTask(cfg, tmp_path)
+    old = tmp_path / f"bbc_minilm_{cfg.seq}.pt"
+    torch.save({"stale": torch.zeros(1)}, old)
+    assert stale._cache != old
+    stale.prepare()
+    stale.load()
+    assert len(stale.splits["test"]["labels"]) == len(data.bbc_splits()["test"])
+    finetune = T.FinetuneTask(config.SIZES["smoke"]["finetune"], tmp_path)
+    assert finetune._tokens.name == f"bbc_smollm2_tokens_v{data.BBC_SPLIT_VERSION}.pt"
