@@ -125,16 +125,9 @@ def test_default_relative_step_follows_lr():
     assert Flora([p], lr=1e-3).param_groups[0]["relative_step"] is False
 
 
-@pytest.mark.parametrize("factor_dims", ["last", "largest"])
-def test_a_transformers_adafactor_state_resumes_in_flora(factor_dims, tmp_path):
-    """A run of transformers' Adafactor saved mid-training (its state_dict, through
-    torch.load(weights_only=True)) resumes in Flora(rank=None) with the same arguments
-    and equals HF's uninterrupted run to the bit; under the default factor_dims its
-    factored states keep HF's rule ("last", as a Flora state saved before the option), with
-    the usual warning. It had been refused as "a different optimizer (such as AdamW)"
-    (found by a new-user probe). A compressing Flora is refused, naming the source and rank=None."""
-    kw = dict(lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.1)
-    shapes = [(8, 5), (7,), (16, 8, 3, 3), (64, 16)]
+def _hf_halfway(kw, shapes):
+    """HF Adafactor's 8-step run (``_train``'s gradients), and the same run stopped after 4:
+    its parameters, optimizer and ``steps(opt, n)`` to go on with the same gradient stream."""
     want = _train(lambda ps: Adafactor(ps, **kw), steps=8, shapes=shapes)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -148,6 +141,20 @@ def test_a_transformers_adafactor_state_resumes_in_flora(factor_dims, tmp_path):
             opt.step()
 
     steps(hf, 4)
+    return want, params, hf, steps
+
+
+@pytest.mark.parametrize("factor_dims", ["last", "largest"])
+def test_a_transformers_adafactor_state_resumes_in_flora(factor_dims, tmp_path):
+    """A run of transformers' Adafactor saved mid-training (its state_dict, through
+    torch.load(weights_only=True)) resumes in Flora(rank=None) with the same arguments
+    and equals HF's uninterrupted run to the bit; under the default factor_dims its
+    factored states keep HF's rule ("last", as a Flora state saved before the option), with
+    the usual warning. It had been refused as "a different optimizer (such as AdamW)"
+    (found by a new-user probe). A compressing Flora is refused, naming the source and rank=None."""
+    kw = dict(lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.1)
+    shapes = [(8, 5), (7,), (16, 8, 3, 3), (64, 16)]
+    want, params, hf, steps = _hf_halfway(kw, shapes)
     torch.save(hf.state_dict(), tmp_path / "hf.pt")
     saved = torch.load(tmp_path / "hf.pt", weights_only=True)
     with pytest.raises(ValueError, match="saved by transformers' Adafactor .*build Flora with rank=None"):
@@ -185,3 +192,25 @@ def test_equals_hf_adafactor_on_gradients_in_other_layouts(layout, kw):
             hf.step()
             fl.step()
         assert torch.equal(a, b), seed
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "grouped"])
+def test_a_transformers_adafactor_state_with_empty_parameters_resumes_in_flora(foreach):
+    """HF's factored statistics of an empty parameter are means over no elements: NaN. They
+    step nothing, so the state loads and the run goes on as HF's uninterrupted one (it had
+    been refused as a damaged checkpoint; found by a new-user probe). The parameters that
+    are not empty are compared as in the test above."""
+    kw = dict(lr=1e-2, relative_step=False, beta1=0.9, scale_parameter=False)
+    shapes = [(8, 5), (0, 16), (16, 0), (4, 0, 32), (0,), (7,)]
+    want, params, hf, steps = _hf_halfway(kw, shapes)
+    saved = hf.state_dict()
+    assert torch.isnan(saved["state"][1]["exp_avg_sq_col"]).all()  # what the load had refused
+    opt = Flora(params, rank=None, foreach=foreach, factor_dims="last", **kw)
+    opt.load_state_dict(saved)
+    steps(opt, 4)
+    for a, b in zip(want, params):
+        assert a.shape == b.shape
+        if a.numel():
+            tol = 0.0 if not foreach else 2e-6 * a.abs().max().item()
+            assert (a - b).abs().max().item() <= tol
+    assert all(torch.isfinite(opt.state[p]["exp_avg"]).all() for p in params if p.numel())

@@ -611,3 +611,25 @@ def test_a_complex_parameter_or_gradient_is_refused_naming_it():
                                         r"of shape \(4, 3\), dtype torch\.complex64\)"):
         opt.step()
     assert torch.equal(good, before) and not opt.state[good]
+
+
+def test_a_float8_parameter_with_a_gradient_is_refused_before_any_state():
+    """float8 passed the floating-point checks and failed inside the arithmetic ("norm_cpu"
+    not implemented, no name), after every parameter's state had been made: a retry stepped
+    with counts one ahead (a new-user probe). Now refused first, naming it and the dtypes;
+    frozen, it is carried along untouched."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    good = nn.Parameter(torch.randn(12, 10))
+    f8 = nn.Parameter(torch.randn(4, 4).to(torch.float8_e4m3fn), requires_grad=False)
+    opt = Flora([("w", good), ("f8", f8)], lr=1e-2, beta1=0.9, rank=4)
+    before = good.detach().clone()
+    good.grad, f8.grad = torch.randn(12, 10), torch.randn(4, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"Flora steps parameters of dtype torch\.float16, torch\.bfloat16, "
+                                        r"torch\.float32, torch\.float64; got parameter 'f8' of dtype "
+                                        r"torch\.float8_e4m3fn \(shape \(4, 4\)\)"):
+        opt.step()
+    assert torch.equal(good, before) and not opt.state[good] and not opt.state[f8]
+    f8.grad = None
+    opt.step()
+    assert opt.state[good]["step"] == 1 and not opt.state[f8]

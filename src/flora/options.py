@@ -352,6 +352,11 @@ def check_complement_weight(weight, form) -> None:
 _PLAIN_TYPES = (int, float, str, bool, type(None), tuple, torch.Tensor, torch.dtype)
 
 
+# the parameter dtypes Flora's arithmetic steps (and HF Adafactor's): float8 has no norms or
+# rsqrt kernels, so such a parameter is refused before any state is made
+STEPPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def gradient_dtypes(p: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     """The gradient dtypes Flora steps ``p`` with: its own, or its state's (float32 for a
     bfloat16 or float16 parameter that keeps float32 gradients by ``p.grad_dtype``)."""
@@ -380,6 +385,10 @@ def refuse_grad(p: torch.Tensor, g: torch.Tensor, name: str | None) -> None:
     if not (g.is_floating_point() and p.is_floating_point()):  # (frozen integer ones, with no grad, pass)
         raise TypeError(f"Flora steps floating-point parameters; got {who} of dtype {p.dtype} with a gradient "
                         f"of dtype {g.dtype} (shape {shape})")
+    if p.dtype not in STEPPED_DTYPES:  # float8 and the like: the arithmetic has no kernels for them
+        raise TypeError(f"Flora steps parameters of dtype {', '.join(map(str, STEPPED_DTYPES))}; got {who} of "
+                        f"dtype {p.dtype} (shape {shape}). Keep it in one of those dtypes, or freeze it "
+                        "(requires_grad=False)")
     declared = getattr(p, "grad_dtype", p.dtype)  # torch's p.grad_dtype; None: any dtype
     if g.dtype not in gradient_dtypes(p) and (declared is None or declared == g.dtype):
         allowed = " or ".join(str(d) for d in dict.fromkeys(gradient_dtypes(p)))
@@ -485,7 +494,7 @@ def check_grads(param_groups, state=None, validated: dict | None = None) -> None
             g = p.grad
             if g is None:
                 continue
-            if (g.is_sparse or not g.is_floating_point() or not p.is_floating_point()
+            if (g.is_sparse or not g.is_floating_point() or p.dtype not in STEPPED_DTYPES
                     or not grad_dtype_ok(p, g)
                     or (not p.is_contiguous() and overlaps_itself(p))):
                 names = names or group_names(group)

@@ -292,7 +292,7 @@ def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None
             raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a floating-point tensor, got {got} "
                              f"({which}): the checkpoint is damaged")
     for k in ("exp_avg", "exp_avg_c", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
-        if k not in s:
+        if k not in s or p.numel() == 0:  # an empty parameter's: HF's mean over no rows is NaN, and steps nothing
             continue
         v = s[k].to_local() if is_dtensor(s[k]) else s[k]  # a shard: each process checks its own
         second = k.startswith("exp_avg_sq")
