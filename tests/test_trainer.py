@@ -446,3 +446,31 @@ def test_a_second_trainer_on_the_same_fused_accumulator_hands_over_its_own_scale
     for fused in (two_runs(True), two_runs(True, scaler=torch.amp.GradScaler("cpu"))):
         for a, b in zip(normal.parameters(), fused.parameters()):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["normal", "fused"])
+def test_a_plain_loop_after_train_counts_tau_again(tmp_path, fused):
+    """After trainer.train() the callback's accumulator had stayed driven by accelerate,
+    whose sync flag stays True: every later backward of a plain loop closed a cycle (fused:
+    an optimizer step per micro-batch on a gradient divided by tau; normal: nothing
+    compressed), and a state saved then carried the mark (probe Z87). Now the loop runs as
+    on a fresh accumulator: one cycle, and in fused mode one step, per tau backward passes."""
+    model = _llama()
+    opt = flora.Flora(model.parameters(), lr=1e-2, scale_parameter=False, rank=8, beta1=0.9)
+    acc = flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=fused)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                             gradient_accumulation_steps=2, max_grad_norm=0, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=_Tokens(16), optimizers=(opt, None),
+            callbacks=[flora.AccumulatorCallback(acc)]).train()
+    steps = lambda: max(s["step"] for s in opt.state.values())  # noqa: E731
+    s0, c0, x = steps(), acc.cycle, torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(9))
+    (model(input_ids=x, labels=x).loss / 2).backward()
+    assert (acc.cycle, acc.micro_step, steps()) == (c0, 1, s0)
+    assert acc.state_dict()["driven"] == 0
+    (model(input_ids=x, labels=x).loss / 2).backward()
+    if not fused:  # the cycle ends at its tau-th backward; the loop steps
+        assert (acc.cycle, acc.micro_step, steps()) == (c0 + 1, 0, s0)
+        opt.step()
+        opt.zero_grad()
+    assert (acc.cycle, acc.micro_step, steps()) == (c0 + 1, 0, s0 + 1)

@@ -134,6 +134,11 @@ class AccumulatorCallback(TrainerCallback):
         # clipping would meet the placeholder the cycle leaves in .grad
         acc._driven_by_accelerate()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        # a plain loop after train() (probe Z87): left driven, every backward read accelerate's
+        # sync flag, True once training is over, and closed a cycle (fused: a step per micro-batch)
+        self.accumulator._released_by_accelerate()
+
     def on_step_end(self, args, state, control, **kwargs):
         self._record(state)  # before the Trainer writes trainer_state.json into a checkpoint
 

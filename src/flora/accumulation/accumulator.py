@@ -322,6 +322,13 @@ class CompressedAccumulator:
         c = self._engine.cycle
         c.driven = c.follow_accelerate = True
 
+    def _released_by_accelerate(self) -> None:
+        """The Trainer has stopped: accelerate's sync flag, which it leaves True, ends no cycle
+        of a plain loop that goes on with this accumulator; tau counts again. A window the
+        Trainer left open (stopped mid-window) still ends at the next backward, as it did."""
+        c = self._engine.cycle
+        c.driven = c.follow_accelerate = False
+
     def __repr__(self) -> str:
         n_c = sum(s.dim is not None for s in self._engine.slots)
         return (f"CompressedAccumulator(rank={self.rank}, tau={self.tau}, seed={self.seed}, "
