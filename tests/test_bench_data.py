@@ -86,3 +86,20 @@ def test_the_bench_caches_built_from_the_split_are_named_by_its_version(tmp_path
     assert len(stale.splits["test"]["labels"]) == len(data.bbc_splits()["test"])
     finetune = T.FinetuneTask(config.SIZES["smoke"]["finetune"], tmp_path)
     assert finetune._tokens.name == f"bbc_smollm2_tokens_v{data.BBC_SPLIT_VERSION}.pt"
+
+
+def test_the_finetune_base_is_cached_per_length(tmp_path, monkeypatch):
+    # The suite's finetune base (AdamW on KJV bytes, its steps scaled with --scale) was cached
+    # as one file per folder: a short run's base was read by every later run, whatever its
+    # length. Bases of two lengths are two files; each run reads its own.
+    from flora.bench.suite import workloads
+
+    suite_data.prepare(tmp_path, only=("kjv_bytes.pt", suite_data.BBC_BYTES))
+    monkeypatch.setattr(workloads.Finetune, "BASE_STEPS", 40)
+    short = workloads.make("finetune", tmp_path, torch.device("cpu"), 0.05)._base()  # 2 steps
+    long = workloads.make("finetune", tmp_path, torch.device("cpu"), 0.1)._base()  # 4 steps
+    assert sorted(p.name for p in tmp_path.glob("finetune_base_*")) == ["finetune_base_cpu_2.pt",
+                                                                       "finetune_base_cpu_4.pt"]
+    assert any(not torch.equal(short[k], long[k]) for k in short)
+    again = workloads.make("finetune", tmp_path, torch.device("cpu"), 0.05)._base()
+    assert all(torch.equal(short[k], again[k]) for k in short)

@@ -184,20 +184,22 @@ class TokenLM(_LM):
 
 
 class Finetune(_LM):
-    """Fine-tuning with accumulation: the base model is pretrained once per data folder
-    and device kind (AdamW, fixed seed) and cached there."""
+    """Fine-tuning with accumulation: the base model is pretrained once per data folder,
+    device kind and length (AdamW, fixed seed) and cached there."""
 
     file = data.BBC_BYTES
     BASE_STEPS = 600
 
     def _base(self) -> dict:
-        path = self.folder / f"finetune_base_{self.device.type}.pt"
+        steps = max(2, int(self.BASE_STEPS * min(1.0, self.spec.steps / TASKS["finetune"].steps)))
+        # the length in the name: a shorter run's base (--scale below 1) had been read by
+        # every later run in the folder, whatever its length
+        path = self.folder / f"finetune_base_{self.device.type}_{steps}.pt"
         if path.exists():
             return torch.load(path, weights_only=True)
         kjv = data.load(self.folder, "kjv_bytes.pt")["train"]
         model = _llama(256, seq=self.spec.seq, seed=4321, **self.shape).to(self.device)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-        steps = max(2, int(self.BASE_STEPS * min(1.0, self.spec.steps / TASKS["finetune"].steps)))
         for step in range(steps):
             starts = torch.randint(0, len(kjv) - self.spec.seq - 1, (32,), generator=_gen(999_331 + step))
             x = torch.stack([kjv[i:i + self.spec.seq] for i in starts.tolist()]).long().to(self.device)
