@@ -336,6 +336,34 @@ def fsdp_nonfinite_gradient(rank, world):
             "skips": int(opt.nonfinite_skips), "finite": all(bool(torch.isfinite(v).all()) for v in after.values())}
 
 
+def fsdp_empty_parameter(rank, world):
+    """A parameter with no elements, sharded by rows as FSDP2 lays out its parameters (FSDP2
+    itself cannot reduce-scatter an empty gradient, but DTensor parameters of another
+    engine can be empty): it is counted and not stepped, with no false non-finite skip (its
+    means over no rows were NaN: two skips in two steps, a review), and the others equal
+    one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(8, 5), (0, 16), (7,)]
+    torch.manual_seed(0)
+    full = [torch.randn(s) for s in shapes]
+    ref = [nn.Parameter(t.clone()) for t in full]
+    got = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+    opts = {**OPTS, "rank": None}
+    ref_opt, opt = Flora(ref, **{**opts, **REF}), Flora(got, **opts)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, q, gr in zip(ref, got, grads):
+            p.grad, q.grad = gr.clone(), _as_dtensor_like(q, gr)
+        ref_opt.step()
+        opt.step()
+    return {"skips": int(opt.nonfinite_skips), "e_steps": opt.state[got[1]]["step"],
+            "diff": max(float((q.full_tensor() - p.detach()).abs().max()) for p, q in zip(ref, got) if p.numel())}
+
+
 def fsdp_compile_option(rank, world):
     """Flora(compile=...) under FSDP2: its DTensors step on the eager sharded path (equal to
     compile=False bit for bit), said by one warning, not silently."""

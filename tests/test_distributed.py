@@ -23,7 +23,7 @@ SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_
              "ddp_accumulator_find_unused", "ddp_accumulator_find_unused_resume",
              "fsdp_accumulator", "fsdp1", "fsdp_damaged_shard_refused_everywhere", "fsdp_accumulator_unfrozen",
              "fsdp_one_matrix_auto", "fsdp_stack_checkpoint_refused_before_any_change",
-             "fsdp_options_compared_again_after_an_edit"]
+             "fsdp_options_compared_again_after_an_edit", "fsdp_empty_parameter"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -133,6 +133,11 @@ def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_parameter_everywhere(res
         state = r.pop("a_state_unchanged")
         assert r == {"a_unchanged": True, "b_moved": True, "skips": 1, "finite": True}
         assert "exp_avg_c" in state and "exp_avg_sq_row" in state and all(state.values()), state
+
+
+def test_fsdp2_counts_an_empty_parameter_without_a_false_skip(results):
+    for r in check(results, "fsdp_empty_parameter"):
+        assert r["skips"] == 0 and r["e_steps"] == 2 and r["diff"] <= TOL, r
 
 
 def test_fsdp2_with_the_compile_option_steps_eagerly_and_says_so(results):

@@ -448,6 +448,20 @@ def test_a_second_trainer_on_the_same_fused_accumulator_hands_over_its_own_scale
             assert torch.equal(a, b)
 
 
+def _trained_then_plain(tmp_path, fused, max_steps=2, also=()):
+    """A Trainer run with the callback (tau 2) on a fresh model, handed over to a plain loop:
+    the model, optimizer, accumulator and a function giving the optimizer's step count."""
+    model = _llama()
+    opt = flora.Flora(model.parameters(), lr=1e-2, scale_parameter=False, rank=8, beta1=0.9)
+    acc = flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=fused)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=max_steps,
+                             gradient_accumulation_steps=2, max_grad_norm=0, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=_Tokens(16), optimizers=(opt, None),
+            callbacks=[flora.AccumulatorCallback(acc), *also]).train()
+    return model, opt, acc, lambda: max(s["step"] for s in opt.state.values())
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["normal", "fused"])
 def test_a_plain_loop_after_train_counts_tau_again(tmp_path, fused):
     """After trainer.train() the callback's accumulator had stayed driven by accelerate,
@@ -455,15 +469,7 @@ def test_a_plain_loop_after_train_counts_tau_again(tmp_path, fused):
     an optimizer step per micro-batch on a gradient divided by tau; normal: nothing
     compressed), and a state saved then carried the mark (probe Z87). Now the loop runs as
     on a fresh accumulator: one cycle, and in fused mode one step, per tau backward passes."""
-    model = _llama()
-    opt = flora.Flora(model.parameters(), lr=1e-2, scale_parameter=False, rank=8, beta1=0.9)
-    acc = flora.CompressedAccumulator(model, rank=4, tau=2, optimizer=opt, fused=fused)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
-                             gradient_accumulation_steps=2, max_grad_norm=0, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=_Tokens(16), optimizers=(opt, None),
-            callbacks=[flora.AccumulatorCallback(acc)]).train()
-    steps = lambda: max(s["step"] for s in opt.state.values())  # noqa: E731
+    model, opt, acc, steps = _trained_then_plain(tmp_path, fused)
     s0, c0, x = steps(), acc.cycle, torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(9))
     (model(input_ids=x, labels=x).loss / 2).backward()
     assert (acc.cycle, acc.micro_step, steps()) == (c0, 1, s0)
@@ -474,3 +480,21 @@ def test_a_plain_loop_after_train_counts_tau_again(tmp_path, fused):
         opt.step()
         opt.zero_grad()
     assert (acc.cycle, acc.micro_step, steps()) == (c0 + 1, 0, s0 + 1)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["normal", "fused"])
+def test_a_plain_loop_after_a_run_stopped_mid_window_finishes_that_window(tmp_path, fused):
+    """Stopped mid-window, the Trainer leaves accelerate's sync flag unsynced; the plain
+    loop's first backward was refused as "gradient_accumulation_steps > tau" (a review of
+    the fix above). Now the flag is read as a leftover, as by an accumulator built then:
+    the open window counts on to tau, and the next window is a whole one."""
+    model, opt, acc, steps = _trained_then_plain(tmp_path, fused, max_steps=4, also=[_StopMidWindow()])
+    s0, c0, x = steps(), acc.cycle, torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(9))
+    assert acc.micro_step == 1
+    for window in (1, 2):
+        for _ in range(acc.tau - acc.micro_step):
+            (model(input_ids=x, labels=x).loss / 2).backward()
+        if not fused:
+            opt.step()
+            opt.zero_grad()
+        assert (acc.cycle, acc.micro_step, steps()) == (c0 + window, 0, s0 + window)

@@ -22,8 +22,8 @@ from . import checkpoint
 from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
-from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, check_grads, group_names, grouped as _grouped,  # noqa: F401
-                      grad_dtype_ok, label, name_in, option_values, validate_named,
+from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, STEPPED_DTYPES, check_grads, group_names,  # noqa: F401
+                      grouped as _grouped, grad_dtype_ok, label, name_in, option_values, validate_named,
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
                       refuse_shared_memory as _refuse_shared_memory,
@@ -912,7 +912,8 @@ class Flora(Optimizer):
                 return self.step_parameter(p)
         if p.grad.is_sparse or p.grad.is_complex():
             check_grads(self.param_groups)
-        if not grad_dtype_ok(p, p.grad) or 0 in p.stride():  # refused as step() refuses them (or an expanded size 1)
+        if not grad_dtype_ok(p, p.grad) or p.dtype not in STEPPED_DTYPES or 0 in p.stride():
+            # refused as step() refuses them (or an expanded size 1); the group's check is cached, so not there
             check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}])
         _refuse_flat_pieces(p)  # flattened after Flora was built (DeepSpeed, FSDP1): as step() refuses
         if getattr(p, "_fsdp_flattened", False) and p.dim() <= 1:  # one share cannot tell; all of them can

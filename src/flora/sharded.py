@@ -414,6 +414,9 @@ def sharded_step(entries, *, projections, count_skip, sums: dict | None = None) 
     first one (fused mode's gradient norms), in place."""
     by_group: dict[Any, list[_Item]] = {}
     for p, state, group, index in entries:
+        if p.numel() == 0:  # counted, nothing to update: its statistics would be means of nothing
+            state["step"] += 1  # (NaN, a false non-finite skip), as on the other paths
+            continue
         lay = layout(p)
         by_group.setdefault(lay.group, []).append(_Item(p, state, group, index, lay))
     for pg, items in by_group.items():

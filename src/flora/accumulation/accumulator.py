@@ -17,7 +17,7 @@ from .engine import Engine
 from .estimator import plan_row
 from .fused import check_fused_optimizer
 from .hooks import Hooks, attach, check_unattached, detach
-from .integrations import unwrap, wrapper_scaler
+from .integrations import AccelerateWatch, unwrap, wrapper_scaler
 from .._validation import plain
 from .options import (Option, Options, check_holds_some, check_options, make_slots, named_params, padded_tables,
                       resolve_exclude)
@@ -323,11 +323,13 @@ class CompressedAccumulator:
         c.driven = c.follow_accelerate = True
 
     def _released_by_accelerate(self) -> None:
-        """The Trainer has stopped: accelerate's sync flag, which it leaves True, ends no cycle
-        of a plain loop that goes on with this accumulator; tau counts again. A window the
-        Trainer left open (stopped mid-window) still ends at the next backward, as it did."""
+        """The Trainer has stopped: accelerate's sync flag, which it leaves as it was, ends no
+        cycle of a plain loop that goes on with this accumulator; tau counts again. A window
+        the Trainer left open (stopped mid-window, the flag left unsynced) goes on counting,
+        the flag read as a leftover, as by an accumulator built then."""
         c = self._engine.cycle
         c.driven = c.follow_accelerate = False
+        self._engine.accelerate = AccelerateWatch()
 
     def __repr__(self) -> str:
         n_c = sum(s.dim is not None for s in self._engine.slots)

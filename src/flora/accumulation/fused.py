@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..optimizer import Flora
-from ..options import overlaps_itself
+from ..options import STEPPED_DTYPES, overlaps_itself
 from .cycle import Cycle
 from .estimator import Slot
 
@@ -58,6 +58,12 @@ def check_fused_optimizer(optimizer: Optimizer, slots: list[Slot]) -> None:
                          f"not accumulate but that hold a gradient (shapes {stale[:3]}...; frozen after a loop "
                          "that left .grad set, say): each would move at every other parameter's step, every "
                          "cycle. Call optimizer.zero_grad() before the first backward")
+    odd = [f"{s.name!r} ({s.param.dtype})" for s in slots
+           if s.param.is_floating_point() and s.param.dtype not in STEPPED_DTYPES]  # complex: other optimizers'
+    if odd:  # float8: the norm failed inside backward, after the parameters before it had stepped (a probe)
+        raise TypeError(f"fused=True: parameter(s) {', '.join(odd[:5])} are of a dtype no step here supports; "
+                        f"fused mode steps floating-point parameters of {', '.join(map(str, STEPPED_DTYPES))} "
+                        "(and complex ones, excluded). Keep them in one of those dtypes, or freeze them")
     views = [s.name for s in slots if not s.param.is_contiguous() and overlaps_itself(s.param)]
     if views:  # refused at its own step, after the parameters before it had stepped (a probe)
         raise ValueError(f"fused=True: parameter(s) {views[:5]} are views whose elements share memory (made by "

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from .._validation import check_choice, check_positive_int, check_real, check_seed, plain
 from ..compression import PROJ_DIMS, compressed_dim, dense_reason
+from ..options import STEPPED_DTYPES
 from ..sharded import is_dtensor
 from .estimator import ACCUMULATION_PROJECTIONS, Slot
 from .integrations import check_scaler
@@ -249,6 +250,10 @@ def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, r
         if p.is_complex() and (dim is not None or reduce):  # summed densely it is autograd's own sum
             raise TypeError(f"parameter {name!r} is complex: CompressedAccumulator compresses real tensors only; "
                             f"exclude=[{name!r}] sums its gradient densely (or leave it out of model_or_params)")
+        if p.is_floating_point() and p.dtype not in STEPPED_DTYPES and (dim is not None or reduce):
+            raise TypeError(f"parameter {name!r} is {p.dtype}: CompressedAccumulator compresses and reduces "
+                            f"{', '.join(map(str, STEPPED_DTYPES))} tensors only; exclude=[{name!r}] sums its "
+                            "gradient densely (or leave it out of model_or_params)")
         slots.append(Slot(index, name, p, dim, reason))
     if not slots:
         raise ValueError("model_or_params has no parameter with requires_grad=True")
