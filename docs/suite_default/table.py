@@ -23,7 +23,8 @@ Writes win_matrix.md, win_matrix.csv and win_matrix.png beside this file; run fr
 With --bbc-v2 (2026-12-06): the tasks on BBC text (newslm, tokenlm, finetune, classify) take
 only the runs of ../bbc_split_v2, made on the split without its leak (before it, 14 of 222
 test articles were word for word in train), and the files go to ../bbc_split_v2; a task
-with no such runs (tokenlm) is left out."""
+with no such runs (tokenlm) is left out. newslm's ranks 4 and 128 on that split:
+../bbc_split_v2/runs_ranks_newslm.jsonl (session 45)."""
 import collections
 import csv
 import json
@@ -96,6 +97,7 @@ if V2:
     for name in ("runs_newslm.jsonl", "runs_newslm_b.jsonl"):
         add(v2 / name, 2.0, lambda r: bf16_row(r) or baseline(r))
     add(v2 / "suite_runs.jsonl", 1.0, suite_row)
+    add(v2 / "runs_ranks_newslm.jsonl", 1.0, bf16_row)  # newslm at ranks 4 and 128 (2026-12-06, session 45)
 
 ORDER = ("bytelm", "newslm", "tokenlm", "finetune", "classify", "cnn", "vit", "tabular", "stream", "cnnstream", "tabstream")
 
@@ -231,7 +233,8 @@ ax.axhline(0, color="grey", lw=0.8)
 ax.set_yscale("symlog", linthresh=2)  # linear within ±2%, where most tasks sit; log beyond (classify, cnn, vit)
 ax.set_xticks(list(x), names, fontsize=8)
 ax.set_ylabel("paired test-loss difference, % of the floor's loss\n(mean ± std, 3 seeds; below 0: lower; symlog)")
-ax.set_title("Flora's default (floored, kappa 100, bfloat16 momentum) against Adafactor, 2-core CPU")
+ax.set_title("Flora's default (floored, kappa 100, bfloat16 momentum) against Adafactor, 2-core CPU"
+             + ("\nBBC tasks on the split without its leak (2026-12-06)" if V2 else ""))
 ax.legend(fontsize=8)
 for task in dict.fromkeys(r["task"] for r in ranked):
     mine = [r for r in ranked if r["task"] == task]
