@@ -146,16 +146,15 @@ class GradView:
         if g is not m[0]:
             return True
         # its data swapped: Module.to(dtype or device) does so to cast .grad (the sum follows,
-        # Cycle.follow_dtype); in the same dtype and device, an edit, but for
-        # Module.to(memory_format=channels_last), which lays the placeholder out anew as
-        # zeros (a probe saw it refused; the values are read in this rare case only, a sync
-        # on a GPU)
+        # Cycle.follow_dtype); in the same dtype and device, an edit, but for Module.to's
+        # re-layouts, which write the placeholder anew as zeros: memory_format=channels_last
+        # (a probe saw it refused), or a cast and a cast back between two micro-batches
+        # (model.bfloat16().float(): probe Z90). The values are read in this rare case only
+        # (a sync on a GPU)
         z = self.zeros.get(k)
         if z is None or g.dtype != z.dtype or g.device != z.device:
             return False
-        laid_out = {4: torch.channels_last, 5: torch.channels_last_3d}.get(g.dim())
-        return not (laid_out is not None and not g.is_contiguous() and g.is_contiguous(memory_format=laid_out)
-                    and not bool(g.any()))
+        return bool(g.any())
 
     def drop(self, c: Cycle, k: int) -> None:
         """Discard slot k's partial sum and its placeholder."""
