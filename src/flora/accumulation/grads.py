@@ -26,6 +26,9 @@ class GradView:
     def __init__(self, slots: list[Slot], fused: bool, sharded: set[int]):
         self.slots, self.fused, self.sharded = slots, fused, sharded
         self.zeros: dict[int, torch.Tensor] = {}  # slot -> the one-element storage of its placeholder
+        # slot -> its parameter's data when the placeholder was put there (kept alive, so that a
+        # parameter moved since, by Module.to, cannot come back at the same address)
+        self.homes: dict[int, torch.Tensor] = {}
         # normal mode, the first cycles: slot -> a weak reference to the estimate the last
         # cycle left in .grad (see stale_estimate)
         self.written: dict[int, weakref.ref] = {}
@@ -89,6 +92,7 @@ class GradView:
             z = self.zeros[k] = torch.zeros((), dtype=dtype, device=p.device)
         m = z.expand(p.shape)
         p.grad = m
+        self.homes[k] = p.detach()
         c.marks[k] = (m, m._version)
         c.versions.pop(k, None)
 
@@ -96,6 +100,7 @@ class GradView:
         """Take slot k's placeholder out of ``.grad`` (autograd or the estimate writes a
         fresh one)."""
         m = c.marks.pop(k, None)
+        self.homes.pop(k, None)  # not to hold a parameter's old storage once moved
         p = self.slots[k].param
         if m is not None and p.grad is m[0]:
             p.grad = None
@@ -103,6 +108,7 @@ class GradView:
     def release(self, c: Cycle) -> None:
         """Take every placeholder still in ``.grad`` out (a cycle closes or is replaced)."""
         for k, (m, _) in c.marks.items():
+            self.homes.pop(k, None)
             if self.slots[k].param.grad is m:
                 self.slots[k].param.grad = None
 
@@ -146,19 +152,22 @@ class GradView:
         if g is not m[0]:
             return True
         # its data swapped: Module.to(dtype or device) does so to cast .grad (the sum follows,
-        # Cycle.follow_dtype); in the same dtype and device, an edit, but for Module.to's
-        # re-layouts, which write the placeholder anew as zeros: memory_format=channels_last
-        # (a probe saw it refused), or a cast and a cast back between two micro-batches
-        # (model.bfloat16().float(): probe Z90). The values are read in this rare case only
-        # (a sync on a GPU)
+        # Cycle.follow_dtype); in the same dtype and device, an edit (p.grad.data = ... / 2),
+        # but for Module.to's re-layouts, which move the parameter too and write the
+        # placeholder anew as zeros: memory_format=channels_last (a probe saw it refused), or
+        # a cast and a cast back between two micro-batches (model.bfloat16().float(): probe
+        # Z90). The values are read in this rare case only (a sync on a GPU)
         z = self.zeros.get(k)
         if z is None or g.dtype != z.dtype or g.device != z.device:
             return False
-        return bool(g.any())
+        home = self.homes.get(k)
+        moved = home is not None and home.data_ptr() != self.slots[k].param.data_ptr()
+        return not moved or bool(g.any())
 
     def drop(self, c: Cycle, k: int) -> None:
         """Discard slot k's partial sum and its placeholder."""
         m = c.forget(k)
+        self.homes.pop(k, None)
         if m is not None:
             p = self.slots[k].param
             if p.grad is m[0]:
