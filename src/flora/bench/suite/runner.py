@@ -156,9 +156,11 @@ def adamw_state_bytes(task: str) -> int:
 
 def _prepare_in_worker(task: str) -> int:
     _workload(task)
-    if task == "finetune":
-        _workload(task)._base()
     return adamw_state_bytes(task)
+
+
+def _base_in_worker(seed: int) -> None:
+    _workload("finetune")._base(seed)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -179,16 +181,20 @@ def run_all(jobs: list[Job], tasks: list[str], *, log: Path, folder: Path, devic
     """Run ``jobs`` not yet in ``log`` on ``workers`` processes, then each list of jobs
     ``more()`` returns (lr extensions, read from the log) until it returns none: the workers
     stay for every round, since each spawn imports torch and the tasks' libraries anew.
-    Returns AdamW's state bytes per task. Tasks are prepared (the fine-tune base pretrained)
-    before any job starts."""
+    Returns AdamW's state bytes per task. Tasks are prepared (a fine-tune base pretrained for
+    each seed of the jobs) before any job starts."""
     ctx = mp.get_context("spawn")
     adamw = {}
     # the pool spawns its workers as jobs arrive: the environment stays set while it runs
     with environ(worker_env(device)), ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_init,
             initargs=(str(folder), device, scale, threads)) as pool:
+        # each finetune seed's base is pretrained here, one a worker, not by its first jobs at once
+        bases = [pool.submit(_base_in_worker, s) for s in sorted({j.seed for j in jobs if j.task == "finetune"})]
         for task, fut in [(t, pool.submit(_prepare_in_worker, t)) for t in tasks]:
             adamw[task] = fut.result()
+        for fut in bases:
+            fut.result()
         state_file = log.parent / "adamw_state.json"
         old = json.loads(state_file.read_text()) if state_file.exists() else {}
         state_file.write_text(json.dumps({**old, **adamw}))
