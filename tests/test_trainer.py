@@ -229,7 +229,7 @@ def test_a_first_cycle_that_is_short_under_the_callback(tmp_path):
 
 
 @pytest.mark.parametrize("tau, steps, callback, words", [
-    (2, 4, False, ["tau=2", "gradient_accumulation_steps > tau=2", "backward pass 2"]),
+    (2, 4, False, ["tau=2", "gradient_accumulation_steps > tau=2", "backward pass 2", "discard_cycle()"]),
     (2, 4, True, ["tau=2", "gradient_accumulation_steps=4", "several cycles per optimizer step"]),
     (4, 2, True, ["tau=4", "gradient_accumulation_steps=2", "every cycle short"]),
 ])

@@ -82,7 +82,8 @@ class Option:
         changed = value is not was if name == "scaler" else value != was
         if name in ON_A_BOUNDARY and changed and eng.micro_step():
             raise RuntimeError(f"CompressedAccumulator.{name} can change on a cycle boundary only (after the step, "
-                               f"or finish_cycle()); this cycle has seen {eng.micro_step()} backward pass(es)")
+                               f"finish_cycle() to keep the open cycle's gradients or discard_cycle() to drop "
+                               f"them); this cycle has seen {eng.micro_step()} backward pass(es)")
         setattr(eng.opts, name, value)  # reduce=True: a changed tau is compared across the replicas again
         # at the next collective (Replicas.reduce_cycle), so set it on every replica alike
 
