@@ -481,6 +481,39 @@ def fsdp_one_matrix_auto(rank, world):
     return out
 
 
+def one_matrix_grads(model, step):
+    """fsdp_one_matrix_auto's gradients of ``step`` (whole tensors, or DTensors laid out
+    like a sharded model's parameters)."""
+    g = torch.Generator().manual_seed(50 + step)
+    for p in model.parameters():
+        full = torch.randn(p.shape, generator=g)
+        p.grad = _as_dtensor_like(p, full) if hasattr(p, "device_mesh") else full
+
+
+def fsdp_one_matrix_checkpoint_save(rank, world):
+    """(Probe Z91.) 3 steps of fsdp_one_matrix_auto's model under FSDP2 ("auto": rows for
+    its (1, N, d) tensors, columns for the matrix), saved with torch.distributed.checkpoint;
+    the test loads it in one process with proj_dim="sharded"."""
+    model = _fsdp(_one_matrices())
+    opt = Flora(model.parameters(), **OPTS)
+    for step in range(3):
+        one_matrix_grads(model, step)
+        opt.step()
+    _dcp_save(model, opt, os.path.join(os.environ["FLORA_TEST_CKPT"], "two"))
+    return {"proj_dims": [opt.state[p].get("proj_dim") for p in model.parameters()]}
+
+
+def fsdp_one_matrix_checkpoint_load(rank, world):
+    """2 processes load what one process saved with proj_dim="sharded" after 3 steps, and
+    take the fourth."""
+    model = _fsdp(_one_matrices())
+    opt = Flora(model.parameters(), **OPTS)
+    _dcp_load(model, opt, os.path.join(os.environ["FLORA_TEST_CKPT"], "one"))
+    one_matrix_grads(model, 3)
+    opt.step()
+    return {"params": {n: p.tolist() for n, p in _full(model).items()}}
+
+
 def fsdp_stack_checkpoint_refused_before_any_change(rank, world):
     """(Probe Z55.) One process's checkpoint of a 3-expert stack, its momentum on the
     columns (proj_dim=1), loaded into FSDP2 over 2 ranks (2 + 1 experts, whose momentum

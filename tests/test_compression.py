@@ -36,6 +36,18 @@ RULE = [  # shape, rank, options, projected dim (None: dense), reason fragment
     ((1, 1, 40, 24), 8, {}, 1, None),
     ((1, 4, 24, 32), 8, {}, 1, None),  # a stack of 4 behind a 1
     ((16, 32), None, {}, None, "rank=None"),
+    # "sharded": FSDP2's "auto" on any tensor (probe Z91): the columns where they compress,
+    # the rows of one matrix behind leading 1s, "auto" where the columns do not compress
+    ((16, 32), 8, {"proj_dim": "sharded"}, 1, None),
+    ((32, 16), 8, {"proj_dim": "sharded"}, 1, None),
+    ((32, 8), 8, {"proj_dim": "sharded"}, None, "projected dim 8 <= rank 8"),
+    ((8, 3, 3, 3), 4, {"proj_dim": "sharded"}, 1, None),
+    ((8, 24, 32), 8, {"proj_dim": "sharded"}, 1, None),
+    ((1, 17, 32), 8, {"proj_dim": "sharded"}, 0, None),
+    ((1, 17, 32), 20, {"proj_dim": "sharded"}, None, "projected dim 17 <= rank 20"),
+    ((1, 1, 32), 8, {"proj_dim": "sharded"}, None, "projected dim 1 <= rank 8"),
+    ((16,), 4, {"proj_dim": "sharded"}, None, "1-D"),
+    ((16, 32), None, {"proj_dim": "sharded"}, None, "rank=None"),
 ]
 
 

@@ -390,6 +390,54 @@ def test_checkpoint_moves_between_two_processes_and_one(tmp_path, monkeypatch, m
         assert r["momentum_dtypes"] == (["torch.float32"] if momentum_dtype else ["torch.bfloat16"])
 
 
+def test_one_process_resumes_a_sharded_run_with_a_one_matrix_tensor_and_back(tmp_path, monkeypatch):
+    """(Probe Z91.) A sharded run projects a (1, N, d) tensor's rows and a matrix's columns
+    (FSDP2's "auto"); DCP loads into tensors the loading optimizer shapes, so one process
+    with proj_dim=1 (the docs' advice until then) or "auto" failed inside torch's planner,
+    and no one proj_dim could load it. proj_dim="sharded" is FSDP2's rule on one process:
+    a 2 -> 1 resume and a 1 -> 2 one both equal a run that never stopped."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    monkeypatch.setenv("FLORA_TEST_CKPT", str(tmp_path))
+
+    def one(proj_dim, start, stop, ckpt_in=None, ckpt_out=None, **ref):
+        model = S._one_matrices()
+        opt = Flora(model.parameters(), **{**S.OPTS, "proj_dim": proj_dim, **ref})
+        if ckpt_in:
+            S._dcp_load(model, opt, ckpt_in)
+        for step in range(start, stop):
+            S.one_matrix_grads(model, step)
+            opt.step()
+        if ckpt_out:
+            S._dcp_save(model, opt, ckpt_out)
+        return model, opt
+
+    ref, ref_opt = one("sharded", 0, 4, **S.REF)
+    assert [ref_opt.state[p]["proj_dim"] for p in ref.parameters()] == [0, 0, 1]
+    by_hand = S._one_matrices()  # the rule spelled out: rows of the (1, N, d) ones, columns of w
+    hand_opt = Flora([{"params": [by_hand.pos, by_hand.tall], "proj_dim": 0}, {"params": [by_hand.w], "proj_dim": 1}],
+                     **S.OPTS, **S.REF)
+    for step in range(4):
+        S.one_matrix_grads(by_hand, step)
+        hand_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), by_hand.parameters()))
+
+    (saved,) = {str(r["proj_dims"]) for r in check(spawn("dist_scenarios", ["fsdp_one_matrix_checkpoint_save"]),
+                                                   "fsdp_one_matrix_checkpoint_save")}
+    assert saved == "[0, 0, 1]"
+    for proj_dim in (1, "auto"):  # what failed: torch's planner, before Flora sees the state
+        with pytest.raises(CheckpointException, match="Size mismatch"):
+            one(proj_dim, 3, 4, ckpt_in=str(tmp_path / "two"))
+    resumed, _ = one("sharded", 3, 4, ckpt_in=str(tmp_path / "two"))
+    for (n, a), b in zip(ref.named_parameters(), resumed.parameters()):
+        assert (a - b).abs().max().item() <= TOL, n
+
+    one("sharded", 0, 3, ckpt_out=str(tmp_path / "one"))
+    for r in check(spawn("dist_scenarios", ["fsdp_one_matrix_checkpoint_load"]), "fsdp_one_matrix_checkpoint_load"):
+        for n, a in ref.named_parameters():
+            assert (a.detach() - torch.tensor(r["params"][n])).abs().max().item() <= TOL, n
+
+
 def test_relative_step_lr_zero_is_an_empty_step():
     """What DCP's state helpers do to a fresh optimizer: lr=0 in every group, gradients of
     zeros, one step. (Any other lr=0 under relative_step is refused: tests/test_reliability.py.)"""

@@ -27,6 +27,7 @@ CONFIGS.update({
     "no_momentum": dict(beta1=None),
     "proj_dim0": dict(proj_dim=0),
     "proj_dim1": dict(proj_dim=1),
+    "proj_dim_sharded": dict(proj_dim="sharded"),
     "cache": dict(cache_projections=True),
     "clip": dict(clip_threshold=0.1),
 })

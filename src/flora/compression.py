@@ -6,12 +6,28 @@ from __future__ import annotations
 
 import torch
 
-from .projection import choose_dim, is_stack, matrix_shape, state_dtype
+from .projection import choose_dim, is_stack, matrix_shape, one_matrix, state_dtype
 
-__all__ = ["MOMENTUM_DTYPES", "PROJ_DIMS", "check_momentum_dtype", "compressed_dim", "dense_reason",
-           "momentum_dtype_name", "momentum_storage"]
+__all__ = ["FLORA_PROJ_DIMS", "MOMENTUM_DTYPES", "PROJ_DIMS", "check_momentum_dtype", "compressed_dim",
+           "dense_reason", "momentum_dtype_name", "momentum_storage"]
 
 PROJ_DIMS = ("auto", 0, 1)
+# Flora's momentum also takes "sharded": the side FSDP2's "auto" projects, on any tensor.
+# One process resuming a sharded run through torch.distributed.checkpoint needs it: DCP
+# loads into tensors the loading optimizer shapes, and no single 0 or 1 matches a sharded
+# run that holds a (1, N, d) tensor (rows) beside matrices (columns) (probe Z91).
+FLORA_PROJ_DIMS = PROJ_DIMS + ("sharded",)
+
+
+def _resolved(shape, rank, proj_dim, max_aspect_ratio):
+    """``proj_dim`` as "auto", 0 or 1 for ``shape``: "sharded" is FSDP2's rule (columns
+    where they compress; one matrix behind leading dims of 1, which FSDP2 puts whole on
+    one rank, its rows; otherwise "auto"'s choice)."""
+    if proj_dim != "sharded":
+        return proj_dim
+    if one_matrix(shape):
+        return 0
+    return 1 if dense_reason(shape, rank, proj_dim=1, max_aspect_ratio=max_aspect_ratio) is None else "auto"
 
 
 def compressed_dim(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio: float | None = None) -> int | None:
@@ -23,7 +39,9 @@ def compressed_dim(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio
     are compressed when ``rank`` is set, they hold elements (0-size tensors stay dense),
     the projected dimension (``proj_dim``: ``"auto"`` takes the smaller, a stack's
     columns) exceeds it, and ``max(n, m) / min(n, m)`` (of one matrix of a stack) does not
-    exceed ``max_aspect_ratio`` (None: any shape)."""
+    exceed ``max_aspect_ratio`` (None: any shape). ``"sharded"``: FSDP2's choice
+    (:data:`FLORA_PROJ_DIMS`)."""
+    proj_dim = _resolved(shape, rank, proj_dim, max_aspect_ratio)
     return None if dense_reason(shape, rank, proj_dim=proj_dim, max_aspect_ratio=max_aspect_ratio) else \
         choose_dim(shape, proj_dim)
 
@@ -31,6 +49,7 @@ def compressed_dim(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio
 def dense_reason(shape, rank: int | None, *, proj_dim="auto", max_aspect_ratio: float | None = None) -> str | None:
     """Why :func:`compressed_dim` keeps a tensor of ``shape`` dense, or None when it
     compresses it."""
+    proj_dim = _resolved(shape, rank, proj_dim, max_aspect_ratio)
     if rank is None:
         return "rank=None"
     if len(shape) < 2:

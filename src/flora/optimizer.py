@@ -1104,7 +1104,9 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
             across the parameter groups when its state began (kept in the state, so that
             a parameter put into an earlier group later does not move it). The same on every
             rank of a distributed run (checked under FSDP2, not under DDP).
-        proj_dim: dimension projected away: ``"auto"`` (the smaller, less noisy), 0 or 1.
+        proj_dim: dimension projected away: ``"auto"`` (the smaller, less noisy), 0 or 1;
+            ``"sharded"``: the one FSDP2's ``"auto"`` takes (columns, but rows for a
+            ``(1, N, d)`` matrix), so that one process loads a sharded run's DCP checkpoint.
         momentum_form: ``"exact"`` (this step enters uncompressed:
             ``(1 - beta1) u + beta1 D(M_prev)``), ``"paper"`` (the update is ``D(M)``) or
             ``"subspace"`` (momentum inside the projection's subspace, this step's update

@@ -8,7 +8,7 @@ import torch
 
 from .adafactor import FACTOR_DIMS
 from ._validation import check_choice, check_positive_int, check_real, check_seed, plain_option
-from .compression import PROJ_DIMS, check_momentum_dtype, compressed_dim, dense_reason, momentum_dtype_name
+from .compression import FLORA_PROJ_DIMS, check_momentum_dtype, compressed_dim, dense_reason, momentum_dtype_name
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from .layout import fills_span
 from .projection import PROJECTIONS, state_dtype
@@ -318,7 +318,7 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
     check_real("decay_rate", group["decay_rate"], high=0.0, high_open=True, finite=True)
     check_real("weight_decay", group["weight_decay"], low=0.0, finite=True)
     check_seed("seed", group["seed"])
-    check_choice("proj_dim", group["proj_dim"], PROJ_DIMS)
+    check_choice("proj_dim", group["proj_dim"], FLORA_PROJ_DIMS)
     check_choice("momentum_form", group["momentum_form"], MOMENTUM_FORMS)
     check_choice("projection", group["projection"], PROJECTIONS)
     check_choice("factor_dims", group["factor_dims"], FACTOR_DIMS)

@@ -43,7 +43,7 @@ from .compression import compressed_dim, momentum_storage
 from .rounding import AFTER_TRANSFER, to_stored
 from .momentum import compressed_apply_, compressed_terms, dense_momentum_
 from .projection import (HALF, as_matrix, compress, compressed_shape, is_coordinates, is_stack, matrix_shape,
-                         one_matrix, state_dtype, transfer)
+                         state_dtype, transfer)
 
 
 
@@ -216,16 +216,11 @@ def momentum_dim(shape, group: dict) -> int | None:
     """The projected dimension of a sharded parameter's momentum: ``proj_dim`` when given;
     ``"auto"`` takes the unsharded one (1) when it compresses, else the usual rule; for one
     matrix behind leading dims of 1, its rows (0)."""
-    kw = dict(max_aspect_ratio=group["max_aspect_ratio"])
-    if group["proj_dim"] == "auto" and one_matrix(shape):
-        # (1, N, d): the whole matrix sits on one rank, whose momentum rows could not follow
-        # the shards (refused as an uneven stack, a probe): r x d, whole on every rank
-        return compressed_dim(shape, group["rank"], proj_dim=0, **kw)
-    if group["proj_dim"] == "auto":
-        dim = compressed_dim(shape, group["rank"], proj_dim=1, **kw)
-        if dim is not None:
-            return dim
-    return compressed_dim(shape, group["rank"], proj_dim=group["proj_dim"], **kw)
+    # the rule is compression's "sharded" (one process's name for it, to resume a sharded
+    # run's checkpoint): a (1, N, d) matrix sits whole on one rank, whose momentum rows could
+    # not follow the shards (refused as an uneven stack, a probe), so r x d, whole on every rank
+    pd = "sharded" if group["proj_dim"] == "auto" else group["proj_dim"]
+    return compressed_dim(shape, group["rank"], proj_dim=pd, max_aspect_ratio=group["max_aspect_ratio"])
 
 
 def init_state(state: dict, p, group: dict) -> None:
