@@ -188,12 +188,28 @@ def test_other_optimizers_group_options_are_named_not_ignored_silently():
     named in a warning; maximize=True (Flora would descend) and a numeric momentum are
     refused (found by a new-user probe: maximize=True moved the weight by -0.01)."""
     p = torch.nn.Parameter(torch.randn(4, 4))
-    with pytest.warns(UserWarning, match=r"'betas', 'amsgrad', 'maximize': options of torch's optimizers that Flora "
+    with pytest.warns(UserWarning, match=r"'betas', 'amsgrad', 'capturable': options of torch's optimizers that Flora "
                                          r"does not have, so it ignores them \(the first moment's coefficient is beta1"):
-        Flora([{"params": [p], "betas": (0.9, 0.95), "amsgrad": False, "maximize": False}], lr=1e-3)
-    with pytest.warns(UserWarning, match="'beta2_decay', 'd'"):
+        Flora([{"params": [p], "betas": (0.9, 0.95), "amsgrad": True, "capturable": True}], lr=1e-3)
+    # torch.optim.Adafactor's names point to Flora's (a probe: the warning had not said which)
+    with pytest.warns(UserWarning, match=r"'beta2_decay', 'd': .* \(torch.optim.Adafactor's beta2_decay is Flora's "
+                                         r"decay_rate; torch.optim.Adafactor's d is Flora's clip_threshold\)"):
         Flora([p], lr=1e-3).add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "beta2_decay": -0.8,
                                              "d": 1.0})
+    # switches that are off change nothing: a group with AdamW's keys (but eps) warns of betas alone
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3).param_groups[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Flora([{k: v for k, v in adamw.items() if k != "eps"}], lr=1e-3)
+    said = [str(w.message) for w in seen if "options of torch's optimizers" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("a parameter group's 'betas':"), said
+    # an off switch turned on later is said at the next step
+    q = torch.nn.Parameter(torch.randn(3))
+    opt = Flora([{"params": [q], "capturable": False}], lr=1e-3)
+    opt.param_groups[0]["capturable"] = True
+    q.grad = torch.ones(3)
+    with pytest.warns(UserWarning, match="'capturable': options of torch's optimizers"):
+        opt.step()
     with pytest.raises(ValueError, match="maximize=True in a parameter group: Flora has no maximize option"):
         Flora([{"params": [p], "maximize": True}], lr=1e-3)
     with pytest.raises(ValueError, match="a parameter group's momentum=0.9: Flora's momentum coefficient is beta1"):
@@ -783,7 +799,7 @@ def test_other_optimizers_options_edited_in_mid_run_are_said_too():
 
     p = torch.nn.Parameter(torch.randn(4, 4))
     with pytest.warns(UserWarning, match="'amsgrad'"):
-        opt = Flora([{"params": [p], "amsgrad": False}], lr=1e-3, rank=2, beta1=0.9)
+        opt = Flora([{"params": [p], "amsgrad": True}], lr=1e-3, rank=2, beta1=0.9)
     p.grad = torch.randn(4, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1070,3 +1086,24 @@ def test_a_plain_load_of_a_state_saved_before_its_first_momentum_is_taken():
     with pytest.warns(UserWarning, match=r"beta1: None -> 0.9"):
         o2.load_state_dict(sd)
     assert o2.param_groups[0]["beta1"] == 0.9
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_a_state_on_the_meta_device_loads_as_adamws_does(rank):
+    """A model built on "meta" (to plan memory, or before to_empty) steps, saves and loads
+    its optimizer state as AdamW's does; the load's finiteness check had read values the
+    meta tensors do not have (Tensor.item() cannot be called on meta tensors: a probe)."""
+    def build():
+        with torch.device("meta"):
+            m = nn.Linear(6, 8)
+        opt = Flora(m.parameters(), lr=1e-2, beta1=0.9, rank=rank)
+        for p in m.parameters():
+            p.grad = torch.empty_like(p)
+        opt.step()
+        return m, opt
+
+    _, saved = build()
+    m, opt = build()
+    opt.load_state_dict(saved.state_dict())
+    assert all(v.is_meta for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    opt.step()

@@ -112,7 +112,19 @@ _BETAS_HELP = ("the first moment's coefficient is beta1 (e.g. beta1=0.9; None: n
 # (maximize=True, which would flip the objective, and a numeric momentum are refused).
 _FOREIGN_KEYS = ("betas", "amsgrad", "nesterov", "dampening", "beta2_decay", "d", "decoupled_weight_decay",
                  "maximize", "capturable", "differentiable", "fused")
-_OFF_SWITCHES = ("differentiable",)  # what torch's Optimizer.__setstate__ adds (False) to the defaults
+# Switches that change nothing when off: not said then (torch's __setstate__ adds
+# differentiable=False to the defaults; AdamW's groups hold maximize=False, capturable=False,
+# amsgrad=False, fused=None, and Flora(adamw.param_groups) was warned of them: a probe)
+_OFF_SWITCHES = ("differentiable", "maximize", "capturable", "fused", "amsgrad", "nesterov")
+# torch.optim.Adafactor's names for options Flora has under HF's names
+_RENAMED = {"beta2_decay": "decay_rate", "d": "clip_threshold"}
+
+
+def _foreign_found(group: dict) -> list:
+    """The foreign keys of ``group`` that would change something (an off switch, and
+    decoupled_weight_decay=True, which Flora's weight decay is, change nothing)."""
+    return [k for k in _FOREIGN_KEYS if k in group and not (k in _OFF_SWITCHES and not group[k])
+            and not (k == "decoupled_weight_decay" and group[k] is True)]
 
 
 def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
@@ -128,12 +140,14 @@ def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
     # torch's own __setstate__ puts differentiable=False into every loaded optimizer's
     # defaults, hence into a group added after load_state_dict: not said (a probe saw the
     # user warned of an option they never set)
-    found = [k for k in _FOREIGN_KEYS if k in group and not (k in _OFF_SWITCHES and not group[k])]
+    found = _foreign_found(group)
     if warned is not None:
         found = [k for k in found if (id(group), k) not in warned]
         warned.update((id(group), k) for k in found)
     if found:
-        help_ = f" ({_BETAS_HELP})" if "betas" in found else ""
+        helps = ([_BETAS_HELP] if "betas" in found else []) + \
+            [f"torch.optim.Adafactor's {k} is Flora's {_RENAMED[k]}" for k in found if k in _RENAMED]
+        help_ = f" ({'; '.join(helps)})" if helps else ""
         warn(f"a parameter group's {', '.join(repr(k) for k in found)}: options of torch's optimizers "
              f"that Flora does not have, so it ignores them{help_}", UserWarning)
 
@@ -249,7 +263,7 @@ class Flora(Optimizer):
         # the names of those that changed]
         self._constants_seen: dict[int, list] = {}
         # (id(group), key): another optimizer's option, said once (at construction, or at the step)
-        self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _FOREIGN_KEYS if k in g}
+        self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _foreign_found(g)}
         self._warned_recompiles = False
         self._warned_no_grads = False  # a first step with no gradient at all: said once
         self._lists_checked = None  # the ids of the groups and their parameters last found free of repeats
@@ -401,7 +415,7 @@ class Flora(Optimizer):
                 param_group["lr"] = param_group["lr"].clone()
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
         if hasattr(self, "_foreign_warned"):  # said above: not again at the step
-            self._foreign_warned.update((id(self.param_groups[-1]), k) for k in _FOREIGN_KEYS if k in param_group)
+            self._foreign_warned.update((id(self.param_groups[-1]), k) for k in _foreign_found(param_group))
         self._where = None  # step_parameter's map is rebuilt
 
     # ------------------------------------------------------------------ reporting

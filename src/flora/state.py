@@ -295,6 +295,8 @@ def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None
         if k not in s or p.numel() == 0:  # an empty parameter's: HF's mean over no rows is NaN, and steps nothing
             continue
         v = s[k].to_local() if is_dtensor(s[k]) else s[k]  # a shard: each process checks its own
+        if v.is_meta:  # no values to check (a model built on "meta", as AdamW loads it: a probe)
+            continue
         second = k.startswith("exp_avg_sq")
         if not bool(torch.isfinite(v).all()) or (second and bool((v < 0).any())):
             what = "non-finite or negative values" if second else "non-finite values"
