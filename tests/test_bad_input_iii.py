@@ -301,3 +301,25 @@ def test_a_state_of_shifted_positions_names_the_first_parameter_that_differs():
     with pytest.raises(ValueError, match=r"the first that differs: '1.weight' is parameter 2 of the model here, the "
                                          r"saved one's was parameter 0\. Positions count every parameter"):
         CompressedAccumulator(shifted, rank=4, tau=TAU).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("scheduler", ["CosineAnnealingLR", "StepLR", "ReduceLROnPlateau"])
+def test_a_torch_scheduler_over_a_relative_step_is_refused_at_the_step_naming_the_way_out(scheduler):
+    """Flora(params) (lr=None: the relative step) under a torch scheduler failed at the
+    scheduler's next step with a bare TypeError of None and a float (a probe). Where the
+    scheduler builds (it copies lr to initial_lr), Flora's step refuses before any change,
+    naming flora.RelativeStepSchedule. ReduceLROnPlateau sets no initial_lr: nothing to see."""
+    from torch.optim import lr_scheduler
+
+    m = torch.nn.Linear(4, 3)
+    opt = Flora(m.parameters())
+    kw = {"CosineAnnealingLR": dict(T_max=10), "StepLR": dict(step_size=2), "ReduceLROnPlateau": {}}[scheduler]
+    getattr(lr_scheduler, scheduler)(opt, **kw)
+    m(torch.randn(2, 4)).sum().backward()
+    before = m.weight.detach().clone()
+    if scheduler == "ReduceLROnPlateau":
+        opt.step()
+        return
+    with pytest.raises(TypeError, match=r"parameter group 0 has lr=None .* flora.RelativeStepSchedule"):
+        opt.step()
+    assert torch.equal(before, m.weight) and not opt.state

@@ -24,7 +24,8 @@ With --bbc-v2 (2026-12-06): the tasks on BBC text (newslm, tokenlm, finetune, cl
 only the runs of ../bbc_split_v2, made on the split without its leak (before it, 14 of 222
 test articles were word for word in train), and the files go to ../bbc_split_v2; a task
 with no such runs (tokenlm) is left out. newslm's ranks 4 and 128 on that split:
-../bbc_split_v2/runs_ranks_newslm.jsonl (session 45)."""
+../bbc_split_v2/runs_ranks_newslm.jsonl (session 45). finetune there fine-tunes a base model
+per seed (session 46), on seeds 0-4."""
 import collections
 import csv
 import json
@@ -46,6 +47,9 @@ BBC = {"newslm", "tokenlm", "finetune", "classify"}
 v2 = docs / "bbc_split_v2"
 out = v2 if V2 else here
 SEEDS = (0, 1, 2)
+# finetune on the new split: a base model per seed (since 2026-12-06, session 46), 5 seeds,
+# since the bases' spread is larger than the projections'
+V2_SEEDS = {"finetune": (0, 1, 2, 3, 4)}
 ADAMW = {}  # task -> AdamW's state bytes (2 float32 a parameter)
 runs = collections.defaultdict(lambda: collections.defaultdict(dict))  # (task, length, row) -> lr -> seed -> run
 
@@ -55,7 +59,8 @@ def add(path, length, row_of):
     for line in open(path):
         r = json.loads(line)
         row = row_of(r)
-        if row is None or r.get("status", "ok") != "ok" or r["seed"] not in SEEDS:
+        seeds = V2_SEEDS.get(r["task"], SEEDS) if V2 and Path(path).parent == v2 else SEEDS
+        if row is None or r.get("status", "ok") != "ok" or r["seed"] not in seeds:
             continue
         if V2 and r["task"] in BBC and Path(path).parent != v2:
             continue

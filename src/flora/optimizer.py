@@ -639,6 +639,14 @@ class Flora(Optimizer):
             # another optimizer's option edited in since (a user's betas schedule): said, as at construction
             if group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
                 _check_foreign_keys(group, self._foreign_warned)
+            if "initial_lr" in group and group["initial_lr"] is None and group["lr"] is None:
+                # a torch scheduler built over lr=None (it copies lr to initial_lr) fails at
+                # its next step with a bare TypeError of None and a float (a probe)
+                raise TypeError(
+                    f"parameter group {self.param_groups.index(group)} has lr=None (Adafactor's relative step) "
+                    "and a torch lr scheduler over it (its initial_lr is None): torch's schedulers need a "
+                    "numeric lr. Give Flora one (lr=1e-3, say), or keep lr=None with "
+                    "flora.RelativeStepSchedule(opt), which reports the relative step")
         check_grads(self.param_groups, self.state, self._groups_validated)
         self._refuse_repeats()
         self._check_options_fit_state()
