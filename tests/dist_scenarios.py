@@ -514,6 +514,18 @@ def fsdp_one_matrix_checkpoint_load(rank, world):
     return {"params": {n: p.tolist() for n, p in _full(model).items()}}
 
 
+def fsdp_plan_before_first_step(rank, world):
+    """(Review Z94.) plan() of a sharded Flora before its first step follows FSDP2's rule:
+    one process's had said d.weight (1 x 12, rank 3) stays dense ("projected dim 1 <= rank
+    3"), and the step then compressed its columns."""
+    model = _fsdp(_net())
+    opt = Flora(model.parameters(), **OPTS)
+    before = {r["name"] or str(r["index"]): (r["compressed"], r.get("proj_dim")) for r in opt.plan()}
+    _steps(model, opt, _batches()[:1], rank, world)
+    after = {r["name"] or str(r["index"]): (r["compressed"], r.get("proj_dim")) for r in opt.plan()}
+    return {"before": before, "after": after}
+
+
 def fsdp_stack_checkpoint_refused_before_any_change(rank, world):
     """(Probe Z55.) One process's checkpoint of a 3-expert stack, its momentum on the
     columns (proj_dim=1), loaded into FSDP2 over 2 ranks (2 + 1 experts, whose momentum

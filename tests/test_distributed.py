@@ -23,7 +23,7 @@ SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_
              "ddp_accumulator_find_unused", "ddp_accumulator_find_unused_resume",
              "fsdp_accumulator", "fsdp1", "fsdp_damaged_shard_refused_everywhere", "fsdp_accumulator_unfrozen",
              "fsdp_one_matrix_auto", "fsdp_stack_checkpoint_refused_before_any_change",
-             "fsdp_options_compared_again_after_an_edit", "fsdp_empty_parameter"]
+             "fsdp_options_compared_again_after_an_edit", "fsdp_empty_parameter", "fsdp_plan_before_first_step"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -172,6 +172,12 @@ def test_fsdp2_compares_the_options_again_after_an_edit(results):
 def test_fsdp2_steps_one_matrix_behind_leading_ones_with_auto(results):
     for r in check(results, "fsdp_one_matrix_auto"):
         assert r["proj_dims"] == [0, 0, 1] and r["diff"] <= TOL and r["edit"] == "stepped", r
+
+
+def test_fsdp2_plan_before_the_first_step_says_what_the_step_makes(results):
+    for r in check(results, "fsdp_plan_before_first_step"):
+        assert r["before"] == r["after"], r
+        assert [v for v in r["after"].values() if v[0]], r  # something is compressed
 
 
 def test_fsdp2_refuses_a_stack_checkpoint_whose_rows_cannot_follow_before_any_change(results):

@@ -839,3 +839,36 @@ def test_an_lr_on_fewer_seeds_does_not_rescue_a_candidate_that_diverged_at_every
     assert c["diverged"] == 1 and c["test_loss"] is None and c["lr"] == 1e-3
     assert "lr 0.004 did not diverge on its 1 seed(s) of 2: run it on every seed" in c["notes"]
     assert score.ranking(score.choose(rows), space.KAPPA, ["t"])[-1]["optimizer"] == "flora-r8-x"
+
+
+def test_resume_says_finetune_runs_that_record_no_base(tmp_path, monkeypatch, capsys):
+    """Since 2026-12-06 seed s fine-tunes its own base (init 4321 + s), and each finetune
+    row records it (base_init); a log from before, whose seeds 1+ fine-tuned one shared
+    base, resumed without a word and its runs mixed with new ones (a review). Said, with
+    the count; a log whose rows record their base is not."""
+    from flora.bench.__main__ import main
+
+    monkeypatch.setattr(data, "prepare", lambda f, **k: f)
+    monkeypatch.setattr(runner, "run_all", lambda jobs, tasks, *, log, **k: {})
+    out = tmp_path / "s"
+    out.mkdir()
+    rows = [{**_ok(space.Job("finetune", "adafactor", 1e-3, s)), "scale": 1.0} for s in (0, 1, 2)]
+    argv = ["suite", "--tasks", "tabular", "--forms=", "--baselines", "adafactor", "--seeds", "1", "--lrs", "1e-3",
+            "--data", str(tmp_path / "d"), "--out", str(out), "--no-plots", "--device", "cpu", "--resume"]
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(argv) == 0
+    assert "holds 2 finetune run(s) of seeds above 0 that record no base_init" in capsys.readouterr().out
+    (out / "runs.jsonl").write_text("".join(json.dumps({**r, "base_init": 4321 + r["seed"]}) + "\n" for r in rows))
+    assert main(argv) == 0
+    assert "base_init" not in capsys.readouterr().out
+
+
+def test_a_finetune_run_records_its_base(tmp_path, monkeypatch):
+    from flora.bench.suite import workloads
+
+    folder = data.prepare(tmp_path, only=("kjv_bytes.pt", data.BBC_BYTES))
+    monkeypatch.setattr(workloads.Finetune, "BASE_STEPS", 40)
+    runner._init(str(folder), "cpu", 0.02, 1)
+    r = runner.run_job(space.Job("finetune", "adafactor", 1e-3, 2))
+    assert r["base_init"] == 4323 and r["status"] == "ok"
+    assert (folder / "finetune_base_cpu_2_seed2.pt").exists()

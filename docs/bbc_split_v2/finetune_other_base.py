@@ -5,7 +5,12 @@ and target at 1e-3 and the default r8 and r32 at 2e-3 (the lrs the suite chose o
 base; not tuned again), seeds 0-2 for Flora (the baselines have no random part here).
 Appends to runs_finetune_base_b.jsonl beside this file; run from the repo root after
 `flora-bench suite --prepare-only` (runs/suite-data). About 9 min for the base and 1 min a
-run on one core."""
+run on one core.
+
+Written for the code of 0f49424, where every seed fine-tuned the base of init 4321; since
+2e7f1e1 seed s fine-tunes its own (Finetune.BASE_INIT + s), so the suite's seed 1 is this
+base and the patch below no longer gives one base to all seeds. Kept as the record of the
+table it made (docs/results.md)."""
 import json
 import os
 from pathlib import Path

@@ -37,7 +37,7 @@ def _proj_dims_kept(mine: dict, loaded: list[tuple[torch.Tensor, int]]) -> bool:
     """Whether every loaded momentum's projected dim (``loaded``: parameter, the state's
     ``proj_dim``) is the one ``mine`` gives its parameter: then a saved ``proj_dim`` that
     reads otherwise changes nothing (an FSDP2 checkpoint's "auto" took the unsharded
-    dim, 1, which one process resumes with ``proj_dim=1``; docs/distributed.md)."""
+    dim, 1, which one process resumes with ``proj_dim="sharded"``; docs/distributed.md)."""
     from . import sharded
     from .options import momentum_dim
 

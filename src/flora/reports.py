@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from . import sharded
 from .compression import momentum_storage
 from .options import group_names, momentum_dim, momentum_reason
 from .projection import compressed_shape, matrix_shape
@@ -35,7 +34,10 @@ def plan(opt) -> list[dict[str, Any]]:
         names = group_names(group)  # torch keeps them when given named_parameters(); Nones otherwise
         for j, p in enumerate(group["params"]):
             shape = tuple(p.shape)
-            reason = momentum_reason(shape, group)
+            # a sharded parameter follows FSDP2's rule ("sharded"), before its first step too
+            # (one process's had said a 1 x 12 matrix stays dense, the step compressed it: a review)
+            rule = {**group, "proj_dim": "sharded"} if is_dtensor(p) and group["proj_dim"] == "auto" else group
+            reason = momentum_reason(shape, rule)
             st = opt.state[p] if p in opt.state else {}
             pinned = st["index"] if "index" in st else free_index(index, taken, opt.param_groups)
             row = {"index": pinned, "name": names[j], "group": gi, "shape": shape,
@@ -53,7 +55,7 @@ def plan(opt) -> list[dict[str, Any]]:
                 row.update(compressed=False, reason="its state holds a dense momentum (made under other "
                                                     "options or an older version's rule)")
             elif reason is None:
-                dim = sharded.momentum_dim(shape, group) if is_dtensor(p) else momentum_dim(shape, group)
+                dim = momentum_dim(shape, rule)
                 row.update(proj_dim=dim, momentum_shape=compressed_shape(shape, group["rank"], dim))
             else:
                 row["reason"] = reason

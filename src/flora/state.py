@@ -320,7 +320,7 @@ def check_state_shapes(p: torch.Tensor, s: dict, group: dict, name: str | None =
             f"shape {shape}: a loader merged a checkpoint into a fresh state of another layout (torch's "
             "set_state_dict(..., full_state_dict=True) does when a matrix kept dense where the checkpoint was saved "
             "is compressed here, e.g. one process's proj_dim='auto' and FSDP2's). Save and load with the same "
-            "proj_dim (docs/distributed.md: proj_dim=1 in one process) or load with torch.distributed.checkpoint")
+            "proj_dim (docs/distributed.md: proj_dim=\"sharded\" in one process) or load with torch.distributed.checkpoint")
     if len(shape) >= 2 and "exp_avg_sq" in s:  # the step keeps a matrix's second moment factored, as HF's does
         raise ValueError(
             f"state_dict holds an unfactored second moment ('exp_avg_sq' of shape {tuple(s['exp_avg_sq'].shape)}) "

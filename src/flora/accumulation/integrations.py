@@ -107,9 +107,10 @@ def accelerate_ends_cycle(c: Cycle, tau: int, count: int, watch: AccelerateWatch
             f"CompressedAccumulator(tau={tau}) under the Hugging Face Trainer or accelerate, whose "
             f"gradient accumulation is longer: backward pass {count + 1} of this cycle is not the last of its "
             f"optimizer step, so gradient_accumulation_steps > tau={tau}. The accumulator would close "
-            "several cycles per step and compress the first estimate again. Build it with tau equal to "
-            "gradient_accumulation_steps (flora.AccumulatorCallback checks both when training starts), after "
-            "discard_cycle() drops the micro-batches this cycle has summed (a retry then runs as a fresh one); if they "
+            "several cycles per step and compress the first estimate again. Give it tau equal to "
+            "gradient_accumulation_steps (flora.AccumulatorCallback checks both when training starts): "
+            "acc.discard_cycle() drops the micro-batches this cycle has summed, then acc.tau = "
+            "gradient_accumulation_steps (a retry runs as a fresh one); if they "
             "are equal, a parameter is reached by more than one backward pass per micro-batch (a GAN's "
             "errD_real.backward(); errD_fake.backward()): tau counts backward passes, so sum the losses into one "
             "backward per micro-batch")

@@ -220,6 +220,13 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             core.say(f"flora-bench suite --resume: {log} holds runs of another length ({'; '.join(other)}), this "
                      f"command asks for --scale {a.scale}; resume with the same --scale, or give another --out")
             return 2
+        shared = sum(r.get("task") == "finetune" and r.get("seed", 0) != 0 and "base_init" not in r
+                     for r in runner.read_log(log))
+        if shared:  # said, not refused: the runs between 2e7f1e1 and the field's arrival had a base per seed too
+            core.say(f"flora-bench suite --resume: {log} holds {shared} finetune run(s) of seeds above 0 that "
+                     "record no base_init: until 2026-12-06 every seed fine-tuned one base (init 4321), since "
+                     "then seed s fine-tunes its own (4321 + s), so such runs may not compare with new ones; "
+                     "drop them from the log, or give another --out, if they are that old")
         if a.staged:
             jobs = space.staged_plan(a.task_list, a.seeds, _list(None, "--forms", a.forms), a.rank_list)
         else:

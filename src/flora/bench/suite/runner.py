@@ -127,6 +127,8 @@ def run_job(job: Job, curve_every: int = 0) -> dict:
            "train_s": round(train_time, 2), "state_bytes": state_bytes(opt),
            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "scale": _CTX["scale"], "device": _CTX["device"]}  # what --resume checks a log against
+    if hasattr(w, "BASE_INIT"):  # finetune: its base's init (a base per seed since 2026-12-06)
+        out["base_init"] = w.BASE_INIT + job.seed
     for split in ("val", "test"):
         for k, v in w.evaluate(model, split).items():
             out[f"{split}_{k}"] = v if math.isfinite(v) else None
@@ -189,12 +191,17 @@ def run_all(jobs: list[Job], tasks: list[str], *, log: Path, folder: Path, devic
     with environ(worker_env(device)), ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_init,
             initargs=(str(folder), device, scale, threads)) as pool:
-        # each finetune seed's base is pretrained here, one a worker, not by its first jobs at once
-        bases = [pool.submit(_base_in_worker, s) for s in sorted({j.seed for j in jobs if j.task == "finetune"})]
+        # each finetune seed's base is pretrained here, one a worker, not by its first jobs at
+        # once: those of the seeds with jobs still to run, and seed 0's (AdamW's state bytes
+        # below build its model); all before the tasks' preparation, which would otherwise
+        # build seed 0's a second time beside its own job (a review)
+        done = {r["key"] for r in read_log(log) if not str(r.get("status", "ok")).startswith("error")}
+        seeds = {j.seed for j in jobs if j.task == "finetune" and j.key not in done}
+        seeds |= {0} if "finetune" in tasks else set()
+        for fut in [pool.submit(_base_in_worker, s) for s in sorted(seeds)]:
+            fut.result()
         for task, fut in [(t, pool.submit(_prepare_in_worker, t)) for t in tasks]:
             adamw[task] = fut.result()
-        for fut in bases:
-            fut.result()
         state_file = log.parent / "adamw_state.json"
         old = json.loads(state_file.read_text()) if state_file.exists() else {}
         state_file.write_text(json.dumps({**old, **adamw}))
