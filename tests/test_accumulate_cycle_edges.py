@@ -226,8 +226,17 @@ def test_a_tau_longer_than_accelerates_two_steps_is_refused(monkeypatch):
     m, acc = _linear_with(3)
     flags["sync_gradients"] = False
     with pytest.raises(ValueError, match=r"CompressedAccumulator\(tau=3\) under accelerate with "
-                                         r"gradient_accumulation_steps=2"):
+                                         r"gradient_accumulation_steps=2: the two must agree; set acc.tau = 2"):
         m(torch.randn(2, 8)).sum().backward()
+    # refused at the first backward, nothing is left behind: autograd had written the first
+    # parameter's gradient before the hook, and a rebuilt accumulator took it in (a probe)
+    assert all(p.grad is None for p in m.parameters()) and acc.micro_step == 0
+    acc.tau = 2  # the way out named
+    x = torch.randn(2, 8)
+    m(x).sum().backward()
+    flags["sync_gradients"] = True
+    m(x).sum().backward()
+    assert acc.cycle == 1 and all(p.grad is not None for p in m.parameters())  # a cycle of 2, closed
 
 
 def test_under_the_trainer_a_stale_unsynced_flag_does_not_hide_a_longer_window(monkeypatch):

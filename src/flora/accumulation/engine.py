@@ -266,7 +266,15 @@ class Engine:
         # micro-batches each was used in (a branch used in the last one only gets its
         # gradient exactly under exact_last; before 2026-12-04 only DDP's path knew, found by
         # a probe); DDP synchronises that backward only (DDPSyncGuard)
-        last = (accelerate_ends_cycle(c, o.tau, count, self.accelerate) or count + 1 == o.tau
+        try:
+            ends = accelerate_ends_cycle(c, o.tau, count, self.accelerate)
+        except ValueError:
+            if count == 0 and c.backwards == 0:
+                # refused at the cycle's first backward: autograd had written this gradient
+                # before the hook, and a rebuilt accumulator took it into its first cycle (a probe)
+                p.grad = None
+            raise
+        last = (ends or count + 1 == o.tau
                 or c.backwards + 1 == o.tau or (self.ddp_guard is not None and self.ddp_guard.synchronising))
         buf = c.buffers.get(k)
         if slot.dim is not None:

@@ -100,8 +100,8 @@ def accelerate_ends_cycle(c: Cycle, tau: int, count: int, watch: AccelerateWatch
     steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)
     if isinstance(steps, int) and steps > 1 and steps != tau:  # accelerator.accumulate()
         raise ValueError(f"CompressedAccumulator(tau={tau}) under accelerate with "
-                         f"gradient_accumulation_steps={steps}: the two must agree; build the accumulator "
-                         f"with tau={steps}")
+                         f"gradient_accumulation_steps={steps}: the two must agree; set acc.tau = {steps} (or "
+                         f"build the accumulator with tau={steps})")
     if not sync and count + 1 >= tau:  # the Trainer (which leaves accelerate's num_steps at 1)
         raise ValueError(
             f"CompressedAccumulator(tau={tau}) under the Hugging Face Trainer or accelerate, whose "
