@@ -1107,3 +1107,22 @@ def test_a_state_on_the_meta_device_loads_as_adamws_does(rank):
     opt.load_state_dict(saved.state_dict())
     assert all(v.is_meta for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     opt.step()
+
+
+def test_cache_bytes_on_the_meta_device_counts_every_projection():
+    """Planning on the meta device: flora.state_bytes counts each meta tensor, but
+    flora.cache_bytes keyed storages by their address, all 0 on meta, and counted one
+    projection of three (5.7x low on SmolLM2's shapes: a probe)."""
+    import flora
+
+    def cache(device):
+        with torch.device(device):
+            model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 32))
+        opt = Flora(model.parameters(), lr=1e-3, rank=8, beta1=0.9)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        held = sum(a.numel() * a.element_size() for _, _, a in opt.projection_cache.items())
+        return flora.cache_bytes(opt), held, flora.state_bytes(opt)
+
+    assert cache("meta") == cache("cpu") and cache("cpu")[0] == cache("cpu")[1] == 3072

@@ -118,6 +118,9 @@ class ProjectionCache:
         """Bytes of the distinct storages the entries keep alive."""
         seen: dict[tuple, int] = {}
         for _, a in self._entries.values():
+            if a.device.type == "meta":  # no addresses (all 0): each its own, as flora.state_bytes counts them
+                seen[("meta", id(a))] = a.numel() * a.element_size()
+                continue
             s = a.untyped_storage()
             seen[(a.device, s.data_ptr())] = s.nbytes()
         return sum(seen.values())

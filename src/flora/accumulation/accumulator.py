@@ -86,7 +86,9 @@ class CompressedAccumulator:
         max_grad_norm: fused mode only: per-parameter gradient-norm clipping (global-norm
             clipping is impossible there; ``last_grad_norm`` reports the cycle's norm).
         cache_projections: keep each parameter's projection for the whole cycle (at most
-            the size of its compressed buffer) instead of redrawing it every micro-batch.
+            the size of its compressed buffer under ``"auto"``, but for a stack of experts
+            or a padded embedding projected on their larger side; ``memory_bytes()``
+            counts it) instead of redrawing it every micro-batch.
         projection: ``"orthonormal"`` (default: QR of the seeded Gaussian draw, scaled
             by ``sqrt(d / r)`` to stay unbiased; its mean squared error is
             ``(d / r - 1) |G|^2`` against ``(d + 1) / r |G|^2``, and lower on real
