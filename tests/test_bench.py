@@ -899,6 +899,7 @@ def _step_results(tmp_path):
     (["--optimizers", "adamw", "--lrs", "adamw=3e-3/3e-3"], ["--lrs adamw: '0.003' given more than once"]),  # same
     (["--optimizers", "adamw", "--lrs", "adamw=3e-3/0.003"], ["--lrs adamw: '0.003' given more than once"]),
     (["--optimizers", "adamw", "--lrs", "adam=1e-3,adam=3e-3"], ["--lrs: 'adam' given more than once"]),
+    (["--preset", "forms", "--ranks", "4,4"], ["--ranks: 4 given more than once"]),  # every preset run twice
     (["--threads", "-1"], ["--threads must be >= 1"]),
     (["--threads", "0"], ["--threads must be >= 1"]),
     (["--out", "{file}"], ["--out:", "is an existing file"]),

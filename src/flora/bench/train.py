@@ -111,6 +111,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--ranks: expected comma-separated integers, got {a.ranks!r}")
         if not a.ranks or any(r < 1 for r in a.ranks):
             p.error("--ranks must be >= 1")
+        core.refuse_repeats(p, "--ranks", a.ranks)  # each preset run had run twice (a probe)
     if a.resume and (a.from_json or not Path(a.resume).is_file()):
         p.error("--resume: needs an existing results.json, and no --from-json" if a.from_json
                 else f"--resume: no such file {a.resume!r}")
