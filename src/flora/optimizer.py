@@ -266,6 +266,7 @@ class Flora(Optimizer):
         self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _foreign_found(g)}
         self._warned_recompiles = False
         self._warned_no_grads = False  # a first step with no gradient at all: said once
+        self._warned_scheduler_over_none = False  # a torch scheduler over lr=None: said once
         self._lists_checked = None  # the ids of the groups and their parameters last found free of repeats
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
@@ -639,14 +640,7 @@ class Flora(Optimizer):
             # another optimizer's option edited in since (a user's betas schedule): said, as at construction
             if group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
                 _check_foreign_keys(group, self._foreign_warned)
-            if "initial_lr" in group and group["initial_lr"] is None and group["lr"] is None:
-                # a torch scheduler built over lr=None (it copies lr to initial_lr) fails at
-                # its next step with a bare TypeError of None and a float (a probe)
-                raise TypeError(
-                    f"parameter group {self.param_groups.index(group)} has lr=None (Adafactor's relative step) "
-                    "and a torch lr scheduler over it (its initial_lr is None): torch's schedulers need a "
-                    "numeric lr. Give Flora one (lr=1e-3, say), or keep lr=None with "
-                    "flora.RelativeStepSchedule(opt), which reports the relative step")
+        self._warn_scheduler_over_none()
         check_grads(self.param_groups, self.state, self._groups_validated)
         self._refuse_repeats()
         self._check_options_fit_state()
@@ -982,6 +976,7 @@ class Flora(Optimizer):
             raise
         for _, group, _ in found:  # (options of another library's numbers: as Python's, as step() makes them)
             plain_group(group)
+        self._warn_scheduler_over_none()
         keys = [self._check_parameter_options_fit(p, group) for p, group, _ in found]
         sharded.check_options_agree(self.param_groups, self._options_checked, only={id(p) for p, _, _ in found},
                             keys=ALGORITHM_KEYS)
@@ -991,6 +986,22 @@ class Flora(Optimizer):
         if self._compile is not None:  # fused accumulation's steps say so too (a probe)
             self._warn_sharded_eager(2)
         sharded.sharded_step(entries, projections=self._projections, count_skip=self._count_skip, sums=sums)
+
+    def _warn_scheduler_over_none(self) -> None:
+        """Said once: a torch scheduler built over lr=None (it copies lr to initial_lr)
+        fails at its next step with a bare TypeError of None and a float (a probe). A
+        warning, not a refusal: the key stays after such a scheduler failed or was dropped,
+        and flora.RelativeStepSchedule, the way out, drops it (a review)."""
+        if self._warned_scheduler_over_none:
+            return
+        for i, group in enumerate(self.param_groups):
+            if "initial_lr" in group and group["initial_lr"] is None and group["lr"] is None:
+                self._warned_scheduler_over_none = True
+                warn(f"parameter group {i} has lr=None (Adafactor's relative step) and initial_lr=None, which a "
+                     "torch lr scheduler built over it leaves: torch's schedulers need a numeric lr and fail at "
+                     "their next step. Give Flora one (lr=1e-3, say), or keep lr=None with "
+                     "flora.RelativeStepSchedule(opt), which reports the relative step", UserWarning)
+                return
 
     def _warn_sharded_eager(self, stacklevel: int) -> None:
         if not self._warned_sharded_eager:

@@ -32,6 +32,9 @@ class RelativeStepSchedule(LRScheduler):
         if not any(g.get("relative_step", False) for g in inner.param_groups):
             raise ValueError("RelativeStepSchedule needs relative_step=True (Flora with lr=None) in a parameter "
                              "group; every group uses a fixed lr: use any torch scheduler")
+        for g in inner.param_groups:  # left by a torch scheduler tried over lr=None first: not one now
+            if "initial_lr" in g and g["initial_lr"] is None and g.get("lr") is None:
+                del g["initial_lr"]
         self.optimizer = inner
         self.base_lrs = [0.0] * len(inner.param_groups)
         self.last_epoch = last_epoch + 1
