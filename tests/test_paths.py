@@ -97,6 +97,8 @@ CONFIGS = {
     "bf16-dense-momentum": dict(rank=None, beta1=0.9, momentum_dtype=torch.bfloat16),
     # the compressed first moment in float32 (the default "auto" stores it in bfloat16)
     "fp32-momentum": dict(rank=4, beta1=0.9, momentum_dtype=None),
+    # FSDP2's rule on one process (the columns where they compress): chosen before the step
+    "proj_dim_sharded": dict(rank=4, beta1=0.9, proj_dim="sharded"),
     # no clipping (the README's clip_threshold=math.inf): rms / inf is 0, the clamp takes 1
     "clip_inf": dict(rank=4, beta1=0.9, clip_threshold=math.inf),
     # projections redrawn every step (the staged compiled step then keeps none between steps)
