@@ -588,13 +588,69 @@ def _acc_grad_dtype_none(rank, world):
     return out
 
 
+def _acc_reduce_under_accelerate(rank, world):
+    """reduce=True driven by accelerate's gradient state (set by hand, as accelerate's
+    accumulate() and the Trainer set it). A short cycle that accelerate ends (its data's
+    end) must have the estimates in .grad after its synchronised backward, where clipping
+    reads them, as finish_cycle() writes them; a full cycle ends at its tau-th. A tau that
+    disagrees with accelerate was not checked at all with reduce=True: tau=3 under 4
+    steps reduced after 3 and summed the 4th into the next cycle, silently (session 47)."""
+    from accelerate.state import GradientState
+
+    gs = GradientState()
+    out = {}
+
+    def run(follow):
+        model = _net()
+        acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, reduce=True)
+        seen = []
+        for step, k in enumerate([2, TAU]):  # a short cycle, then a full one
+            for micro in range(k):
+                gs._set_sync_gradients(micro == k - 1 or not follow)
+                _acc_cycle_micro(model, step, micro)
+            if not follow and k < TAU:
+                acc.finish_cycle()
+            seen.append({"grads": _grads(model), "cycle": acc.cycle, "micro_step": acc.micro_step})
+            model.zero_grad()
+        acc.remove()
+        return seen
+
+    refused = {}
+    try:
+        out["accelerate"], out["finish_cycle"] = run(True), run(False)
+        for steps, flags, key in ((4, [False], "steps"), (1, [False] * TAU, "trainer")):
+            gs.plugin_kwargs = {"num_steps": steps}
+            gs._set_sync_gradients(True)  # as between windows (an unsynced flag at build is doubted)
+            model = _net()
+            acc = CompressedAccumulator(model, rank=RANK, tau=TAU, seed=SEED, reduce=True)
+            try:
+                for micro, f in enumerate(flags):
+                    gs._set_sync_gradients(f)
+                    _acc_cycle_micro(model, 0, micro)
+                refused[key] = None
+            except ValueError as e:
+                refused[key] = {"message": str(e), "micro_step": acc.micro_step,
+                                "grads": [p.grad is None for p in model.parameters()]}
+            acc.remove()
+    finally:
+        gs._set_sync_gradients(True)
+        gs.plugin_kwargs = {}
+    out["refused"] = refused
+    return out
+
+
+def _acc_cycle_micro(model, step, micro):
+    x, y = _data(dist.get_rank(), step, micro)
+    (F.cross_entropy(model(x), y) / TAU).backward()
+
+
 _ORIGINAL_ALL_REDUCE = dist.all_reduce
 
 SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain_ddp, _acc_vs_one_process,
                                    _acc_rank_none_vs_ddp, _acc_more, _counter_sees_powersgd, _hook_refusals,
                                    _acc_fused_wrapped_in_ddp, _hook_resume, _acc_reduce_on_a_ddp_subgroup,
                                    _hook_reused_state_and_sparse, _acc_option_set_on_every_replica,
-                                   _acc_grad_dtype_none)]
+                                   _acc_grad_dtype_none, _acc_reduce_under_accelerate)]
 
 
 @pytest.fixture(scope="module")
@@ -762,6 +818,21 @@ def test_accumulator_across_replicas_equals_one_process(replicas):
 def test_accumulator_compares_the_replicas_again_after_an_option_changed(replicas):
     for r in _result(replicas, "acc_option_set_on_every_replica"):
         assert r["allreduces"] == [2, 1, 2] and r["cycle"] == 3  # the check, then the packed sums
+
+
+def test_accumulator_across_replicas_follows_accelerate(replicas):
+    r0, r1 = _result(replicas, "acc_reduce_under_accelerate")
+    for r in (r0, r1):
+        for got, want in zip(r["accelerate"], r["finish_cycle"]):
+            _same(got["grads"], want["grads"])  # the short cycle's estimates, before any step
+            assert got["grads"][-1].shape == want["grads"][-1].shape
+            assert (got["cycle"], got["micro_step"]) == (want["cycle"], want["micro_step"])
+        assert [c["cycle"] for c in r["accelerate"]] == [1, 2]
+        steps, trainer = r["refused"]["steps"], r["refused"]["trainer"]
+        assert "CompressedAccumulator(tau=3) under accelerate with gradient_accumulation_steps=4" in steps["message"]
+        assert steps["micro_step"] == 0 and all(steps["grads"])  # nothing left behind
+        assert "gradient_accumulation_steps > tau=3" in trainer["message"] and trainer["micro_step"] == 2
+    _same(r0["accelerate"][0]["grads"], r1["accelerate"][0]["grads"])
 
 
 def test_accumulator_sends_one_packed_all_reduce_per_cycle(replicas):

@@ -100,7 +100,8 @@ class CompressedAccumulator:
             ``scaler.update()`` work as usual. None with an optimizer that accelerate
             prepared under fp16 (a GPU) takes that optimizer's scaler.
         reduce: data-parallel training without DDP's own all-reduce: at the end of each
-            cycle (the ``tau``-th backward, ``finish_cycle()`` or the optimizer's step)
+            cycle (the ``tau``-th backward, the one accelerate marks synced,
+            ``finish_cycle()`` or the optimizer's step)
             every replica's compressed buffers, dense sums and per-parameter gradient
             counts are all-reduced in ONE packed collective (``communication_bytes()``),
             and ``.grad`` receives the mean over replicas of the estimate, identical on

@@ -22,7 +22,7 @@ from .ddp import average_unrecorded, mean_over_replicas
 from .estimator import Slot, accumulate_compressed_, add_last_, draw_projection, estimate
 from .fused import FusedStepper, check_fused_optimizer
 from .grads import GradView
-from .integrations import AccelerateWatch, accelerate_ends_cycle
+from .integrations import AccelerateWatch, accelerate_ends_cycle, accelerate_syncs
 from .options import Options
 from .replicas import DDPSyncGuard, Replicas, check_not_under_ddp, ddp_holding
 from .units import Units, fsdp_units
@@ -259,21 +259,22 @@ class Engine:
         if getattr(p, "grad_dtype", False) is None:  # autograd keeps its gradients as they come
             c.arrived[k] = g.dtype
         c.follow_dtype(k, p, slot.dim is not None)  # a model cast mid-cycle
-        if o.reduce:
-            self.replicas.accumulate(c, k, g, self.projection, self.grads)
-            return
         # The cycle's tau-th backward pass is the last for every parameter, however many
         # micro-batches each was used in (a branch used in the last one only gets its
         # gradient exactly under exact_last; before 2026-12-04 only DDP's path knew, found by
-        # a probe); DDP synchronises that backward only (DDPSyncGuard)
+        # a probe); DDP synchronises that backward only (DDPSyncGuard). reduce=True counts the
+        # cycle's backward passes, not this parameter's, and ends the cycle in backward_done
         try:
-            ends = accelerate_ends_cycle(c, o.tau, count, self.accelerate)
+            ends = accelerate_ends_cycle(c, o.tau, c.backwards if o.reduce else count, self.accelerate)
         except ValueError:
             if count == 0 and c.backwards == 0:
                 # refused at the cycle's first backward: autograd had written this gradient
                 # before the hook, and a rebuilt accumulator took it into its first cycle (a probe)
                 p.grad = None
             raise
+        if o.reduce:
+            self.replicas.accumulate(c, k, g, self.projection, self.grads)
+            return
         last = (ends or count + 1 == o.tau
                 or c.backwards + 1 == o.tau or (self.ddp_guard is not None and self.ddp_guard.synchronising))
         buf = c.buffers.get(k)
@@ -335,7 +336,9 @@ class Engine:
         c, o = self.cycle, self.opts
         if o.reduce:
             c.backwards += 1
-            if c.backwards >= o.tau:
+            # accelerate ends a short cycle (its data's end) at a synchronised backward: the
+            # estimates must be in .grad before its clipping, not at the step
+            if c.backwards >= o.tau or accelerate_syncs(c):
                 self.reduce_cycle()
             return
         if self.units is not None:
