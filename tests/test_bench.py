@@ -28,7 +28,7 @@ import flora  # noqa: E402
 from flora.bench import config, core, report  # noqa: E402
 from flora import Flora  # noqa: E402
 from flora.bench import optimizers as bo  # noqa: E402
-from flora.bench.__main__ import main  # noqa: E402
+from flora.bench.__main__ import main, parser_for  # noqa: E402
 from flora.bench.config import Goal  # noqa: E402
 from flora.bench.records import RunResult  # noqa: E402
 from flora.bench.runner import Runner, schedule  # noqa: E402
@@ -862,6 +862,16 @@ def test_terminal_table_and_goal_lines_keep_square_brackets(capsys):
     (["train", "--tasks", ""], "--tasks names nothing"),
     (["train", "--optimizers", ""], "--optimizers names nothing"),
     (["accum-memory", "--quality-ranks", ""], "--quality-ranks names nothing"),
+    # two names of one optimizer: the same runs twice, as two rows (session 47)
+    (["train", "--optimizers", "flora-r8,flora-r8-floored-orthonormal"],
+     "'flora-r8' and 'flora-r8-floored-orthonormal' name the same optimizer"),
+    (["step", "--optimizers", "flora-r8,flora-r8-floored-orthonormal:grouped,flora-r8-floored-orthonormal"],
+     "'flora-r8' and 'flora-r8-floored-orthonormal' name the same optimizer"),
+    (["step", "--optimizers", "flora-r4-exact,flora-r4-exact-gaussian"],
+     "'flora-r4-exact' and 'flora-r4-exact-gaussian' name the same optimizer"),
+    (["step", "--forms", "exact,exact-gaussian"], "'exact' and 'exact-gaussian' name the same form"),
+    (["suite", "--forms", "exact,exact-gaussian"], "'flora-r8-exact' and 'flora-r8-exact-gaussian' name the same"),
+    (["suite", "--ranks", "8", "--baselines", "adafactor,flora-r8"], "'flora-r8' and 'flora-r8-floored-orthonormal'"),
 ])
 def test_bad_input_is_refused_before_any_run_naming_the_flag(argv, words, capsys):
     """Each had been taken: a traceback after work began, every run failed with exit 0, a
@@ -1486,3 +1496,17 @@ def test_train_workers_and_threads_follow_the_cores_this_process_may_use(monkeyp
     assert train.workers_for(args, "cpu", True) == 1
     monkeypatch.setattr(core, "usable_cores", lambda: 4)
     assert train.workers_for(args, "cpu", True) == 2
+
+
+def test_one_optimizer_on_two_paths_or_copies_is_not_a_repeat():
+    """Aliases are refused per path and copy of flora: the default form by two names on two
+    paths, or on this copy and a baseline copy, are different rows (session 47)."""
+    from flora.bench import step
+
+    p = parser_for("step")
+    a = p.parse_args(["--size", "smoke", "--optimizers",
+                      "flora-r8,flora-r8-floored-orthonormal:grouped,baseline:flora-r8-floored-orthonormal"])
+    step.check(p, a)
+    assert len(a.optimizers) == 3
+    assert bo.aliases(["flora-r8", "flora-r8+bf16", "flora-r8-floored-orthonormal", "adafactor"]) == [
+        ("flora-r8", "flora-r8-floored-orthonormal")]

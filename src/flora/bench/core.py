@@ -480,6 +480,16 @@ def refuse_repeats(p, flag: str, items) -> None:
         p.error(f"{flag}: {', '.join(map(repr, twice))} given more than once; give each once")
 
 
+def refuse_aliases(p, flag: str, names) -> None:
+    """Two names of one optimizer would run the same runs twice, as two rows (a probe)."""
+    from .optimizers import aliases
+
+    same = aliases(names)
+    if same:
+        p.error(f"{flag}: " + "; ".join(f"{a!r} and {b!r} name the same optimizer" for a, b in same)
+                + "; give one of each")
+
+
 @contextlib.contextmanager
 def environ(env: dict[str, str]):
     """``env`` set in this process inside the block, restored after (a child spawned inside

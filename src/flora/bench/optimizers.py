@@ -182,6 +182,21 @@ def parse(name: str) -> Spec:
     return dataclasses.replace(s, accumulate_rank=ca)
 
 
+def aliases(names) -> list[tuple[str, str]]:
+    """Pairs of different names that parse to one optimizer (``flora-r8`` and
+    ``flora-r8-floored-orthonormal``, the default form spelt out): each would run the same
+    runs again under its own name."""
+    first: dict[Spec, str] = {}
+    out = []
+    for n in names:
+        key = dataclasses.replace(parse(n), name="")
+        if key in first and first[key] != n:  # the same name twice: refuse_repeats' to say
+            out.append((first[key], n))
+        else:
+            first[key] = n
+    return out
+
+
 def lr_grid(spec: Spec, task: str, points: int) -> tuple[float, ...]:
     """The lr values swept for ``spec`` on ``task`` (``config.LR_GRIDS``)."""
     return config.lr_values(task, spec.lr_family, points)

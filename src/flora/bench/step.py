@@ -198,6 +198,11 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bo.parse(bo.flora_form_name(1, f))
         except ValueError as e:
             p.error(f"--forms: {f!r}: {e}")
+    names = [bo.flora_form_name(1, f) for f in a.forms]  # "exact" and "exact-gaussian": one form, one name
+    for i, n in enumerate(names):
+        for j in range(i):
+            if names[j] == n or bo.aliases([names[j], n]):
+                p.error(f"--forms: {a.forms[j]!r} and {a.forms[i]!r} name the same form; give one")
     if a.optimizers:
         a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()]
         core.refuse_repeats(p, "--optimizers", a.optimizers)
@@ -213,6 +218,12 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             if spec.family not in FLAT_FAMILIES or spec.accumulate_rank is not None:
                 p.error(f"--optimizers: {o!r} does not step a list of tensors; valid here: adamw, adafactor, "
                         "adafactor-b0.9, flora-rR, flora-rR-FORM[-PROJECTION], flora-dense, flora-opt-rR")
+        groups: dict[tuple[bool, str | None], list[str]] = {}  # one optimizer twice on the same copy and path
+        for o in a.optimizers:
+            base, variant = split_variant(o)
+            groups.setdefault((o.startswith(BASELINE), variant), []).append(base)
+        for bases in groups.values():
+            core.refuse_aliases(p, "--optimizers", bases)
 
 
 def optimizer_names(a: argparse.Namespace) -> list[str]:

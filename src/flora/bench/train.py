@@ -129,6 +129,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bo.parse(o)
         except ValueError as e:
             p.error(f"--optimizers: {e}")
+    core.refuse_aliases(p, "--optimizers", a.optimizers or ())
     # What follows would otherwise fail inside every run (exit 0), after a run, or be ignored.
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1 (torch CPU threads per run), got {a.threads}")
