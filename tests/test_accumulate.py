@@ -911,6 +911,41 @@ def test_bad_state_dict_is_refused_and_changes_nothing():
     assert other.micro_step == 1
 
 
+def test_a_boundary_state_resumes_under_another_tau_or_exact_last():
+    """Saved between cycles (every Trainer checkpoint), the state holds nothing summed under
+    its tau or exact_last: it loads into an accumulator with others, which keeps its own,
+    and runs as one whose options were set after loading the same state (probe Z99: a
+    Trainer run could not resume with another gradient_accumulation_steps at all). Mid-cycle
+    the saved ones are still required (the bad-state test above)."""
+    def run(tau, exact_last, set_after):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        acc = CompressedAccumulator(model, rank=4, tau=TAU, seed=1, optimizer=opt)
+        for x, y in _batches(TAU):
+            _loss(model, x, y, TAU).backward()
+        opt.step()
+        opt.zero_grad()
+        saved = acc.state_dict()
+        if set_after:
+            acc.load_state_dict(saved)
+            acc.tau, acc.exact_last = tau, exact_last
+        else:
+            acc.remove()
+            acc = CompressedAccumulator(model, rank=4, tau=tau, seed=1, optimizer=opt, exact_last=exact_last)
+            acc.load_state_dict(saved)
+        assert (acc.tau, acc.exact_last, acc.cycle) == (tau, exact_last, 1)
+        for x, y in _batches(2 * tau, seed=3):
+            _loss(model, x, y, tau).backward()
+            if acc.micro_step == 0:
+                opt.step()
+                opt.zero_grad()
+        return _params(model)
+
+    for tau, exact_last in ((TAU + 2, True), (1, True), (TAU, False)):
+        _assert_equal(run(tau, exact_last, False), run(tau, exact_last, True))
+
+
 def test_loading_into_a_live_cycle_replaces_dense_and_compressed_sums_alike():
     """A boundary state loaded into an accumulator two micro-batches into its cycle: the
     live partial sums go, the dense ones in .grad as the compressed ones (the dense ones

@@ -137,6 +137,14 @@ def _check_process(sd: dict[str, Any], counts: list[int]) -> None:
                          "at a cycle boundary (after optimizer.step())")
 
 
+def _at_boundary(sd: dict[str, Any]) -> bool:
+    """Saved between cycles: no partial sum, no backward pass counted (a malformed record
+    reads as not, and is refused later by its own check)."""
+    counts = sd.get("counts")
+    return (isinstance(counts, torch.Tensor) and not counts.is_floating_point() and not bool(counts.any())
+            and count_value(sd.get("backwards", 0)) == 0 and sd.get("compressed") == {} and sd.get("dense") == {})
+
+
 def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     """Everything is checked before anything changes."""
     o, slots = eng.opts, eng.slots
@@ -158,7 +166,13 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
         same_dims = sd.get("dims") is not None and _layout_changes(sd["dims"], slots, eng.names) == []
     except ValueError:
         same_dims = False
+    boundary = _at_boundary(sd)
     for key in ("rank", "tau", "seed", "proj_dim", "projection", "exact_last"):
+        if key in ("tau", "exact_last") and boundary:
+            # saved between cycles (every Trainer checkpoint): nothing summed under the saved
+            # value, so this accumulator's holds, as if set after the load (a resume with
+            # another gradient_accumulation_steps had no way through, a probe)
+            continue
         if key == "proj_dim" and same_dims:
             # the option's words differ, each tensor's projected dim agrees: FSDP2's "auto" is 1
             # (a state saved there loads in one process with proj_dim=1; it had been refused
