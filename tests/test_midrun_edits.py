@@ -461,8 +461,9 @@ def test_names_that_differ_by_a_wrappers_prefix_load_silently():
 def test_an_option_edited_into_one_group_of_many_is_refused_naming_the_group(path):
     """A bad value edited into one group mid-run was refused without saying which group
     (probe Z58: beta1=1.5 in group 1 of a model's groups read as 'beta1 must be ..., got
-    1.5'). The refusal names the group by its parameters' names, or by their count and
-    the first one's shape; step_parameter's too. Nothing moves."""
+    1.5'). The refusal names the group by its position in param_groups (since session 47,
+    probe Z99) and its parameters' names, or by their count and the first one's shape;
+    step_parameter's too. Nothing moves."""
     model = _mlp()
     names = [n for n, _ in model.named_parameters()]
     ps = list(model.parameters())
@@ -472,15 +473,15 @@ def test_an_option_edited_into_one_group_of_many_is_refused_naming_the_group(pat
     opt.param_groups[1]["beta1"] = 1.5
     model(torch.randn(4, 16)).square().mean().backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"beta1 must be .*got 1.5 \(in the parameter group holding '2.weight', "
+    with pytest.raises(ValueError, match=r"beta1 must be .*got 1.5 \(in param_groups\[1\], holding '2.weight', "
                                          r"'2.bias', '4.weight' and 1 more\)"):
         opt.step()
-    with pytest.raises(ValueError, match=r"got 1.5 \(in the parameter group holding '2.weight', '2.bias', "
+    with pytest.raises(ValueError, match=r"got 1.5 \(in param_groups\[1\], holding '2.weight', '2.bias', "
                                          r"'4.weight' and 1 more\)"):  # the group, not p alone (probe Z64)
         opt.step_parameter(ps[4])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     unnamed = Flora(model.parameters(), lr=1e-2, **path)
     unnamed.param_groups[0]["clip_threshold"] = -1
-    with pytest.raises(ValueError, match=r"clip_threshold must be .*got -1 \(in the parameter group holding 6 "
+    with pytest.raises(ValueError, match=r"clip_threshold must be .*got -1 \(in param_groups\[0\], holding 6 "
                                          r"parameters, the first of shape \(32, 16\)\)"):
         unnamed.step()

@@ -521,9 +521,9 @@ class Flora(Optimizer):
             # accumulation had stepped on, descending: a probe)
             _check_foreign_keys(group, self._foreign_warned)
             try:
-                check_grads([{**group, "params": [p]}], self.state)
+                check_grads([{**group, "params": [p]}], self.state, numbered=False)
             except (ValueError, TypeError):  # an option's refusal said again naming the group (on a refusal only)
-                validate_named(group)
+                validate_named(group, self._group_index(group))
                 raise
             # relative_step with lr 0 is refused by what each parameter holds (its state, its
             # gradient): checked at every call then, not once for the group (a probe: the
@@ -930,7 +930,7 @@ class Flora(Optimizer):
             check_grads(self.param_groups)
         if not grad_dtype_ok(p, p.grad) or p.dtype not in STEPPED_DTYPES or 0 in p.stride():
             # refused as step() refuses them (or an expanded size 1); the group's check is cached, so not there
-            check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}])
+            check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}], numbered=False)
         _refuse_flat_pieces(p)  # flattened after Flora was built (DeepSpeed, FSDP1): as step() refuses
         if getattr(p, "_fsdp_flattened", False) and p.dim() <= 1:  # one share cannot tell; all of them can
             _refuse_fsdp1_shards([q for g in self.param_groups for q in g["params"]])
@@ -969,10 +969,10 @@ class Flora(Optimizer):
         if not found:
             return
         try:
-            check_grads([{**group, "params": [p]} for p, group, _ in found])  # before any change
+            check_grads([{**group, "params": [p]} for p, group, _ in found], numbered=False)  # before any change
         except (ValueError, TypeError):  # an option's refusal said again naming its group
             for group in {id(g): g for _, g, _ in found}.values():
-                validate_named(group)
+                validate_named(group, self._group_index(group))
             raise
         for _, group, _ in found:  # (options of another library's numbers: as Python's, as step() makes them)
             plain_group(group)
@@ -986,6 +986,10 @@ class Flora(Optimizer):
         if self._compile is not None:  # fused accumulation's steps say so too (a probe)
             self._warn_sharded_eager(2)
         sharded.sharded_step(entries, projections=self._projections, count_skip=self._count_skip, sums=sums)
+
+    def _group_index(self, group: dict) -> int | None:
+        """``group``'s position in ``param_groups``, for messages."""
+        return next((i for i, g in enumerate(self.param_groups) if g is group), None)
 
     def _warn_scheduler_over_none(self) -> None:
         """Said once: a torch scheduler built over lr=None (it copies lr to initial_lr)

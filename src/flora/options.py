@@ -454,9 +454,10 @@ def name_in(group: dict, p: torch.Tensor) -> str | None:
     return next((n for q, n in zip(group["params"], group_names(group)) if q is p), None)
 
 
-def validate_named(group: dict) -> None:
-    """:func:`validate_group`, its error naming the group by its parameters: an option
-    edited into one group of many mid-run had been refused without saying which (probe Z58)."""
+def validate_named(group: dict, index: int | None = None) -> None:
+    """:func:`validate_group`, its error naming the group by its position in
+    ``param_groups`` (``index``, where known) and its parameters: an option edited into one
+    group of many mid-run had been refused without saying which (probe Z58)."""
     try:
         validate_group(group)
     except (ValueError, TypeError) as e:
@@ -467,25 +468,28 @@ def validate_named(group: dict) -> None:
             which = f"{len(params)} parameters, the first of shape {tuple(params[0].shape)}"
         elif params:
             which = f"a parameter of shape {tuple(params[0].shape)}"
-        else:
+        elif index is None:
             raise
-        raise type(e)(f"{e} (in the parameter group holding {which})") from None
+        where = "the parameter group" if index is None else f"param_groups[{index}]"
+        raise type(e)(f"{e} (in {where}" + (f", holding {which})" if params else ")")) from None
 
 
-def check_grads(param_groups, state=None, validated: dict | None = None) -> None:
+def check_grads(param_groups, state=None, validated: dict | None = None, numbered: bool = True) -> None:
     """Before any change: every group's options and every gradient Flora can step
     (``state``, the optimizer's: a relative step's lr of 0 is also checked). ``validated``:
     id(group) -> its :func:`option_values` when last validated; a group whose values are
     unchanged is not validated again (a group per parameter paid the check for each,
-    every step)."""
+    every step). ``numbered``: ``param_groups`` is the optimizer's own list, whose positions
+    the messages name."""
     fsdp1 = []  # FSDP1 sharded after Flora was built (use_orig_params=True): the same tensors, now 1-D
-    for group in param_groups:
+    for index, group in enumerate(param_groups):
+        index = index if numbered else None
         if validated is None:
-            validate_named(group)
+            validate_named(group, index)
         else:
             values = option_values(group)
             if validated.get(id(group)) != values:
-                validate_named(group)
+                validate_named(group, index)
                 validated[id(group)] = values
         if state is not None and group["relative_step"] and group["lr"] is not None:
             refuse_scheduled_zero_lr(group, state)
