@@ -220,6 +220,9 @@ def test_fsdp2_resumes_a_one_process_state_or_refuses_a_merged_one(results):
     for r in check(results, "fsdp_loads_one_process_state"):
         assert r["plain"] <= TOL and r["full"] <= TOL, r
         assert "both a dense (exp_avg) and a compressed (exp_avg_c) first moment" in r["merged"], r
+        assert "holds DTensors (a sharded optimizer's opt.state_dict(), FSDP2), but this parameter is a plain " \
+            "tensor" in r["back"] and r["back_state"] == 0, r
+        assert r["back_whole"] <= TOL, r
 
 
 def test_accelerate_fsdp2_parameter_swap(results):

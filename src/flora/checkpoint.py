@@ -223,6 +223,15 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                                  "groups lists: the checkpoint is damaged")
             p, g = id_to_param[pid]
             name = names.get(id(p))
+            if not sharded.is_dtensor(p) and isinstance(s, dict) and any(sharded.is_dtensor(v) for v in s.values()):
+                # a sharded run's opt.state_dict(): accepted, its first step failed inside torch after
+                # advancing every counter (probe Z100)
+                raise ValueError(
+                    f"state_dict's state for {repr(name) if name else f'parameter id {pid!r}'} holds DTensors (a "
+                    "sharded optimizer's opt.state_dict(), FSDP2), but this parameter is a plain tensor: save the "
+                    "sharded run with torch.distributed.checkpoint (get_state_dict and dcp.save; "
+                    "docs/distributed.md) and load it here with proj_dim='sharded', or turn each DTensor into a "
+                    "whole tensor (.full_tensor(), on every process) before loading")
             check_loaded_entries(p, s, repr(pid), name, shard_damage)
             check_state_shapes(p, s, g, name)
             if sharded.is_dtensor(p):
