@@ -239,6 +239,24 @@ def test_a_tau_longer_than_accelerates_two_steps_is_refused(monkeypatch):
     assert acc.cycle == 1 and all(p.grad is not None for p in m.parameters())  # a cycle of 2, closed
 
 
+def test_a_trainer_checkpoint_loaded_into_a_plain_loop_counts_tau(monkeypatch):
+    """A state saved under the Trainer's callback carries its "driven" mark; loaded into a
+    plain loop (accelerate imported, its flag True outside the Trainer) every backward
+    closed a cycle (review Z101). The mark is the callback's to set: the loop counts tau."""
+    _fake_accelerate(monkeypatch, sync=True, num_steps=1)
+    m, acc = _linear_with(2)
+    acc._driven_by_accelerate()  # what AccumulatorCallback.on_train_begin does
+    saved = acc.state_dict()
+    assert saved["driven"] == 1
+    acc.remove()
+    m, acc = _linear_with(2)
+    acc.load_state_dict(saved)
+    m(torch.randn(2, 8)).sum().backward()
+    assert (acc.cycle, acc.micro_step) == (0, 1)
+    m(torch.randn(2, 8)).sum().backward()
+    assert (acc.cycle, acc.micro_step) == (1, 0)
+
+
 def test_under_the_trainer_a_stale_unsynced_flag_does_not_hide_a_longer_window(monkeypatch):
     """The callback marks the accumulator driven by accelerate: an unsynced flag left by an
     earlier run stopped mid-window is then live, and two unsynced passes at tau=2 are a

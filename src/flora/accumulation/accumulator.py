@@ -322,8 +322,8 @@ class CompressedAccumulator:
     def _driven_by_accelerate(self) -> None:
         """accelerate's sync flag ends every cycle from now on, a first short one included
         (AccumulatorCallback: the Trainer always drives accumulation through it)."""
-        c = self._engine.cycle
-        c.driven = c.follow_accelerate = True
+        self._engine.cycle.driven = True  # not saved into follow_accelerate: a plain loop loading
+        # a Trainer checkpoint would follow accelerate's flag, True outside the Trainer (review Z101)
 
     def _released_by_accelerate(self) -> None:
         """The Trainer has stopped: accelerate's sync flag, which it leaves as it was, ends no

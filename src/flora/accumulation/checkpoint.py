@@ -4,7 +4,8 @@
 ``dims`` (each parameter's projected dimension, -1 where dense; since 2026-12-04: a resume
 under another layout is said), ``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate``,
 ``driven`` and ``unsynced`` (0 or 1: whether accelerate's sync flag ends the open cycle,
-every cycle, and the next one; ``unsynced`` since 2026-12-05),
+every cycle, and the next one; ``unsynced`` since 2026-12-05; ``driven`` is saved but not
+loaded since 2026-12-06: the Trainer's callback sets it),
 ``compressed`` and ``dense`` (partial sums by parameter position), ``world_size`` and
 ``process_index`` (torch.distributed's default group when saved, 1 and 0 without it; since
 2026-12-05: each process's partial sums cover its share of the batch, so a mid-cycle state
@@ -263,7 +264,9 @@ def load_state_dict(eng: Engine, state_dict: dict[str, Any]) -> None:
     eng.grads.release(eng.cycle)  # the placeholders of the state replaced
     live = eng.cycle.counts
     cycle = Cycle.start(len(slots), count_value(sd["cycle"]), bool(count_value(sd.get("follow_accelerate", 0))),
-                        bool(count_value(sd.get("driven", 0))) or eng.cycle.driven)
+                        eng.cycle.driven)  # saved "driven" is the Trainer's, which the callback sets again
+    # at every train(): taken from a checkpoint into a plain loop, every backward read accelerate's
+    # flag (True outside the Trainer) and closed a cycle (review Z101)
     cycle.counts = counts
     cycle.unsynced = bool(count_value(sd.get("unsynced", 0)))  # absent before 2026-12-05: as then
     if any(counts):  # mid-cycle (every replica alike): a DDP built since knows nothing of these

@@ -64,7 +64,7 @@ class Cycle:
 
     @classmethod
     def start(cls, n_slots: int, number: int = 0, follow_accelerate: bool = False, driven: bool = False) -> "Cycle":
-        return cls(number, [0] * n_slots, follow_accelerate or driven, driven)
+        return cls(number, [0] * n_slots, follow_accelerate, driven)  # (follows_accelerate() reads both)
 
     def next(self) -> "Cycle":
         return Cycle.start(len(self.counts), self.number + 1, self.unsynced, self.driven)
