@@ -482,6 +482,13 @@ def test_an_option_edited_into_one_group_of_many_is_refused_naming_the_group(pat
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     unnamed = Flora(model.parameters(), lr=1e-2, **path)
     unnamed.param_groups[0]["clip_threshold"] = -1
+    ps[2].grad_dtype = None  # step_parameter's check of a gradient of another dtype names the group too
+    ps[2].grad = torch.randn(ps[2].shape, dtype=torch.float16)  # (review Z101: a group of one, unnumbered)
+    with pytest.raises(ValueError, match=r"got 1.5 \(in param_groups\[1\], holding '2.weight', "):
+        opt.step_parameter(ps[2])
+    ps[2].grad = None
+    ps[2].grad_dtype = torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match=r"clip_threshold must be .*got -1 \(in param_groups\[0\], holding 6 "
                                          r"parameters, the first of shape \(32, 16\)\)"):
         unnamed.step()

@@ -930,7 +930,11 @@ class Flora(Optimizer):
             check_grads(self.param_groups)
         if not grad_dtype_ok(p, p.grad) or p.dtype not in STEPPED_DTYPES or 0 in p.stride():
             # refused as step() refuses them (or an expanded size 1); the group's check is cached, so not there
-            check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}], numbered=False)
+            try:
+                check_grads([{**group, "params": [p], "param_names": [name_in(group, p)]}], numbered=False)
+            except (ValueError, TypeError):  # an option's refusal said naming the group, as step()'s (review Z101)
+                validate_named(group, self._group_index(group))
+                raise
         _refuse_flat_pieces(p)  # flattened after Flora was built (DeepSpeed, FSDP1): as step() refuses
         if getattr(p, "_fsdp_flattened", False) and p.dim() <= 1:  # one share cannot tell; all of them can
             _refuse_fsdp1_shards([q for g in self.param_groups for q in g["params"]])

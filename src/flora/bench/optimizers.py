@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import flora
-from flora.momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
+from flora.momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS, fixed_weight
 from flora.projection import PROJECTIONS
 
 from . import config
@@ -184,12 +184,15 @@ def parse(name: str) -> Spec:
 
 def aliases(names) -> list[tuple[str, str]]:
     """Pairs of different names that parse to one optimizer (``flora-r8`` and
-    ``flora-r8-floored-orthonormal``, the default form spelt out): each would run the same
-    runs again under its own name."""
+    ``flora-r8-floored-orthonormal``, the default form spelt out; ``fixed0.4``, the default
+    weight spelt out): each would run the same runs again under its own name. A name
+    given twice is not here (``core.refuse_repeats`` says it)."""
     first: dict[Spec, str] = {}
     out = []
     for n in names:
         key = dataclasses.replace(parse(n), name="")
+        if key.momentum_form in WEIGHTED_FORMS:  # the default weight spelt out: fixed0.4 is fixed
+            key = dataclasses.replace(key, complement_weight=fixed_weight(key.complement_weight))
         if key in first and first[key] != n:  # the same name twice: refuse_repeats' to say
             out.append((first[key], n))
         else:

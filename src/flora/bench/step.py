@@ -207,6 +207,9 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.optimizers = [o.strip() for o in a.optimizers.split(",") if o.strip()]
         core.refuse_repeats(p, "--optimizers", a.optimizers)
         for o in a.optimizers:
+            if o.startswith(BASELINE):  # it was stripped and built from this copy: two rows of one optimizer
+                p.error(f"--optimizers: {o!r}: the {BASELINE} rows come from --baseline-src (every Flora row is "
+                        f"timed again from that copy); give {o[len(BASELINE):]!r}")
             base, variant = split_variant(o)
             try:
                 spec = bo.parse(base)
@@ -218,10 +221,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             if spec.family not in FLAT_FAMILIES or spec.accumulate_rank is not None:
                 p.error(f"--optimizers: {o!r} does not step a list of tensors; valid here: adamw, adafactor, "
                         "adafactor-b0.9, flora-rR, flora-rR-FORM[-PROJECTION], flora-dense, flora-opt-rR")
-        groups: dict[tuple[bool, str | None], list[str]] = {}  # one optimizer twice on the same copy and path
+        groups: dict[str | None, list[str]] = {}  # one optimizer twice on the same path
         for o in a.optimizers:
             base, variant = split_variant(o)
-            groups.setdefault((o.startswith(BASELINE), variant), []).append(base)
+            groups.setdefault(variant, []).append(base)
         for bases in groups.values():
             core.refuse_aliases(p, "--optimizers", bases)
 

@@ -103,6 +103,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
     a.optimizer_list = space.candidates(_list(p, "--forms", a.forms, form), a.rank_list,
                                         _list(p, "--baselines", a.baselines, baseline))
+    core.refuse_repeats(p, "--forms and --baselines", a.optimizer_list)  # a baseline spelt as a candidate
     core.refuse_aliases(p, "--forms and --baselines", [o for o in a.optimizer_list if o not in PEERS])
 
 
