@@ -1471,6 +1471,25 @@ def test_an_edit_of_a_compressed_grad_mid_cycle_is_refused(edit):
     assert acc.micro_step == 0 and lin.weight.grad is not None
 
 
+def test_an_edit_refused_leaves_the_cycle_as_it_was():
+    """The edited parameter's hook runs after those nearer the loss: they had taken the
+    refused micro-batch in, and it counted (micro_step 2 after a refused second pass; probe
+    Z102). Refused at the pass's first gradient now: every sum and count as before it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 24))
+    acc = CompressedAccumulator(model, rank=4, tau=3)
+    x = torch.randn(4, 12)
+    model(x).square().sum().backward()
+    before = acc.state_dict()
+    model[0].weight.grad = model[0].weight.grad / 2  # the layer the loss reaches last
+    with pytest.raises(RuntimeError, match=r"the .grad of '0.weight' was replaced"):
+        model(x).square().sum().backward()
+    after = acc.state_dict()
+    assert acc.micro_step == 1 and after["counts"].tolist() == before["counts"].tolist()
+    assert all(torch.equal(after["compressed"][i], t) for i, t in before["compressed"].items())
+    assert all(torch.equal(after["dense"][i], t) for i, t in before["dense"].items())
+
+
 def _pairs(n):
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(4, 12, generator=g), torch.randn(4, 5, generator=g)) for _ in range(n)]

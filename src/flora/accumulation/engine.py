@@ -155,6 +155,24 @@ class Engine:
                                    as_view=bool(getattr(ddp, "gradient_as_bucket_view", False)))
                 c.loaded = None
 
+    def edit_message(self, k: int) -> str:
+        return (f"CompressedAccumulator: the .grad of {self.names[k]!r} was replaced (or its .data) between "
+                f"micro-batches of a cycle ({self.cycle.counts[k]} of tau={self.opts.tau} summed): its sum is kept "
+                "compressed in a buffer, .grad only holds a placeholder until the cycle's last backward, so an "
+                "edit of .grad cannot reach it. Edit each micro-batch's gradient with a tensor hook "
+                "(p.register_hook(fn)) or the estimate in .grad after the cycle's last backward; to drop the "
+                "cycle, optimizer.zero_grad() or acc.discard_cycle()")
+
+    def refuse_edits(self) -> None:
+        """At a backward pass's first gradient: an edited ``.grad`` anywhere is refused before
+        this pass accumulates anything (refused at the edited parameter's own hook, the
+        parameters reached before it had taken the micro-batch in, and the refused pass
+        counted; a probe)."""
+        c = self.cycle
+        for k, n in enumerate(c.counts):
+            if n and self.grads.edited(c, k):
+                raise RuntimeError(self.edit_message(k))
+
     def before_grad(self, k: int, task: int) -> None:
         """Before autograd adds this backward's gradient to ``.grad``, so that a refusal
         leaves the parameter as it was: discards a partial sum that ``zero_grad()``
@@ -162,13 +180,7 @@ class Engine:
         ``.grad``. ``task``: the running backward pass."""
         self.settle_stale(task)
         if self.cycle.counts[k] and self.grads.edited(self.cycle, k):
-            raise RuntimeError(
-                f"CompressedAccumulator: the .grad of {self.names[k]!r} was replaced (or its .data) between "
-                f"micro-batches of a cycle ({self.cycle.counts[k]} of tau={self.opts.tau} summed): its sum is kept "
-                "compressed in a buffer, .grad only holds a placeholder until the cycle's last backward, so an "
-                "edit of .grad cannot reach it. Edit each micro-batch's gradient with a tensor hook "
-                "(p.register_hook(fn)) or the estimate in .grad after the cycle's last backward; to drop the "
-                "cycle, optimizer.zero_grad() or acc.discard_cycle()")
+            raise RuntimeError(self.edit_message(k))
         if self.cycle.counts[k] and self.grads.cleared(self.cycle, k):
             # every slot zero_grad() cleared, at once: a cycle left empty restarts its count
             # of backward passes (its tau-th is the last for every parameter, accumulate)

@@ -254,6 +254,7 @@ class Hooks:
                 # again saw it: a cleared branch that the cycle's last pass skipped stepped its dropped
                 # estimate, and dropped passes still counted towards tau; a probe)
                 eng.sweep()
+                eng.refuse_edits()  # before anything of this pass is summed
             self.queue_end()
             try:
                 eng.before_grad(k, task)
