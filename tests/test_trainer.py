@@ -151,6 +151,17 @@ def test_resume_with_the_callback_equals_an_uninterrupted_run(tmp_path):
         _train(tmp_path / "warned", 4, callback=True, resume=str(tmp_path / "plain" / "checkpoint-2"))
 
 
+def test_a_resume_with_another_gradient_accumulation_steps(tmp_path):
+    """A plain Trainer resumes with another gradient_accumulation_steps; with the callback
+    it could not (the callback wants tau equal to it, the saved state its own tau; probe
+    Z99). A Trainer checkpoint lies between cycles, so the new tau holds: the accumulator
+    continues the saved cycle count at tau=4."""
+    _train(tmp_path / "full", 4, callback=True, save_strategy="steps", save_steps=2, max_steps=2)
+    resumed, acc = _train(tmp_path / "resumed", 4, tau=4, steps=4, callback=True,
+                          resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert (acc.tau, acc.cycle, acc.micro_step) == (4, 4, 0)
+
+
 def test_a_fresh_run_with_the_callback_says_nothing_of_a_checkpoint(tmp_path):
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")

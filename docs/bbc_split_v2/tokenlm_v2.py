@@ -66,3 +66,30 @@ for name, a, b in (("target - floor", "target", "floor"), ("r8 - floor", "r8", "
         else:
             cells.append("-")
     print(f"| {name} | {cells[0]} | {cells[1]} |")
+
+# The lr grid on seed 0 (session 47: each row's neighbouring lrs, a factor of 2 either side,
+# run on the new split as on the old): is each row's lr still its best?
+NAMES = {"adafactor": "floor", "adafactor-b0.9": "target", "flora-r8": "r8", "flora-r32": "r32"}
+
+
+def grid(path):
+    out = {}
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("status", "ok") == "ok" and r["seed"] == 0 and r.get("optimizer") in NAMES:
+            out.setdefault(NAMES[r["optimizer"]], {})[r["lr"]] = r["test_loss"]
+    return out
+
+
+new_grid, old_grid = grid(here / "runs_tokenlm.jsonl"), grid(here.parent / "suite_default" / "runs_tokenlm.jsonl")
+print()
+print("| row (seed 0) | lr | old split: test loss | new split: test loss |")
+print("| --- | ---: | ---: | ---: |")
+for row in ("floor", "target", "r8", "r32"):
+    lrs = sorted(new_grid.get(row, {}))
+    best = min(lrs, key=lambda lr: new_grid[row][lr]) if lrs else None
+    for lr in lrs:
+        o = old_grid.get(row, {}).get(lr)
+        n = new_grid[row][lr]
+        mark = "**" if lr == best else ""
+        print(f"| {row} | {lr:g} | {'-' if o is None else f'{o:.4f}'} | {mark}{n:.4f}{mark} |")
