@@ -11,7 +11,8 @@ made by two of these loops side by side (about 8-9 min a run on the 2-core CPU):
     cat runs/tokenlm-v2/*.jsonl | sort > docs/bbc_split_v2/runs_tokenlm.jsonl   # default 8 4e-3, default 32 4e-3
     python docs/bbc_split_v2/tokenlm_v2.py
 
-Prints a Markdown table."""
+Session 47 ran the same loop on seed 0 at each row's neighbouring lrs (floor and target
+1e-3 and 4e-3, r8 and r32 2e-3 and 8e-3; SEED 0, "0-0"). Prints Markdown tables."""
 import json
 import statistics
 from pathlib import Path

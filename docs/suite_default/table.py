@@ -23,8 +23,8 @@ Writes win_matrix.md, win_matrix.csv and win_matrix.png beside this file; run fr
 With --bbc-v2 (2026-12-06): the tasks on BBC text (newslm, tokenlm, finetune, classify) take
 only the runs of ../bbc_split_v2, made on the split without its leak (before it, 14 of 222
 test articles were word for word in train), and the files go to ../bbc_split_v2; tokenlm
-there ran each row at the lr it chose on the old split only (session 46: its lr column
-marks them as the only lr tried). newslm's ranks 4 and 128 on that split:
+there ran each row at the lr it chose on the old split on 3 seeds (session 46), and at the
+lrs either side of it on seed 0 (session 47: each row's lr is interior again). newslm's ranks 4 and 128 on that split:
 ../bbc_split_v2/runs_ranks_newslm.jsonl (session 45). finetune there fine-tunes a base model
 per seed (session 46), on seeds 0-4."""
 import collections
@@ -104,7 +104,7 @@ if V2:
         add(v2 / name, 2.0, lambda r: bf16_row(r) or baseline(r))
     add(v2 / "suite_runs.jsonl", 1.0, suite_row)
     add(v2 / "runs_ranks_newslm.jsonl", 1.0, bf16_row)  # newslm at ranks 4 and 128 (2026-12-06, session 45)
-    if (v2 / "runs_tokenlm.jsonl").exists():  # tokenlm at the old split's lrs, not tuned again (session 46)
+    if (v2 / "runs_tokenlm.jsonl").exists():  # tokenlm: the old split's lrs on 3 seeds, their neighbours on seed 0
         add(v2 / "runs_tokenlm.jsonl", 1.0, lambda r: bf16_row(r) or baseline(r))
 
 ORDER = ("bytelm", "newslm", "tokenlm", "finetune", "classify", "cnn", "vit", "tabular", "stream", "cnnstream", "tabstream")
