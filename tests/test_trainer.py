@@ -162,6 +162,28 @@ def test_a_resume_with_another_gradient_accumulation_steps(tmp_path):
     assert (acc.tau, acc.cycle, acc.micro_step) == (4, 4, 0)
 
 
+def test_a_trainer_checkpoint_loaded_into_a_plain_loop_counts_tau_from_its_first_backward(tmp_path):
+    """The checkpoint of a Trainer run with accumulation (its cycles had unsynced backward
+    passes) carried follow_accelerate: a plain loop loading it closed its first cycle after
+    one backward, accelerate's flag being True outside the Trainer (review Z104; 0.0014 off
+    after one step). A resume under the callback is unchanged (the resume tests above)."""
+    _train(tmp_path / "full", 4, callback=True, save_strategy="steps", save_steps=2, max_steps=2)
+    state = json.loads((tmp_path / "full" / "checkpoint-2" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["flora.CompressedAccumulator"]
+    assert (saved["driven"], saved["follow_accelerate"], saved["unsynced"]) == (1, 0, 0)
+    from accelerate.state import GradientState
+    assert GradientState()._shared_state.get("sync_gradients", True)  # as the Trainer left it
+    model = _llama()
+    acc = flora.CompressedAccumulator(model, rank=4, tau=2, seed=1)
+    acc.load_state_dict(flora.trainer_callback._from_json(saved))
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(9))
+    (model(input_ids=x, labels=x).loss / 2).backward()
+    assert (acc.cycle, acc.micro_step) == (2, 1)
+    (model(input_ids=x, labels=x).loss / 2).backward()
+    assert (acc.cycle, acc.micro_step) == (3, 0)
+    acc.remove()
+
+
 def test_a_fresh_run_with_the_callback_says_nothing_of_a_checkpoint(tmp_path):
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")

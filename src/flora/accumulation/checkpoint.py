@@ -5,7 +5,8 @@
 under another layout is said), ``counts`` (backward passes per parameter in the open cycle), ``follow_accelerate``,
 ``driven`` and ``unsynced`` (0 or 1: whether accelerate's sync flag ends the open cycle,
 every cycle, and the next one; ``unsynced`` since 2026-12-05; ``driven`` is saved but not
-loaded since 2026-12-06: the Trainer's callback sets it),
+loaded since 2026-12-06, the other two saved as 0 while it is set: the Trainer's callback
+sets it),
 ``compressed`` and ``dense`` (partial sums by parameter position), ``world_size`` and
 ``process_index`` (torch.distributed's default group when saved, 1 and 0 without it; since
 2026-12-05: each process's partial sums cover its share of the batch, so a mid-cycle state
@@ -83,10 +84,13 @@ def state_dict(eng: Engine) -> dict[str, Any]:
         # layout (an option such as max_aspect_ratio, a later version's rule) is said
         "dims": torch.tensor([-1 if s.dim is None else s.dim for s in eng.slots], dtype=torch.int64),
         "counts": torch.tensor(c.counts, dtype=torch.int64),
-        # a resumed run's first cycle may be short: accelerate's sync must end it as it would have
-        "follow_accelerate": int(c.follow_accelerate or c.unsynced), "driven": int(c.driven),
-        # and the cycle after it follows accelerate too where this one had an unsynced backward
-        "unsynced": int(c.unsynced),
+        # a resumed run's first cycle may be short: accelerate's sync must end it as it would have;
+        # and the cycle after it follows accelerate too where this one had an unsynced backward.
+        # Under the Trainer (driven) neither is saved: its callback marks a resumed run driven
+        # again, and a plain loop loading its checkpoint must count tau from the first backward
+        # (accelerate's flag is True outside the Trainer; review Z104)
+        "follow_accelerate": int((c.follow_accelerate or c.unsynced) and not c.driven), "driven": int(c.driven),
+        "unsynced": int(c.unsynced and not c.driven),
         "compressed": compressed, "dense": dense, "world_size": world_size(), "process_index": process_index(),
     }
 
