@@ -291,6 +291,16 @@ def test_from_json_merges_results(tmp_path):
     assert main(["--from-json", f"{a},{c}", "--out", str(tmp_path / "mc")]) == 0
     assert json.loads((tmp_path / "mc" / "results.json").read_text())["meta"]["partial"] is True
     assert "**Partial:**" in (tmp_path / "mc" / "results.md").read_text()
+    # ... unless the merge holds as many runs of its tasks as it planned: a stopped run merged
+    # with its finished rerun read "partial, 1 run done" (probe Z105); done and planned are the merge's
+    d = _write_results(tmp_path / "d", [_run("pretrain", "adamw", 3e-3, 2.0, 2.0, state=100)], ["adamw"],
+                       "flora-bench train", 5, partial=True, runs_done=1, runs_planned=3)
+    for order, partial in (((d, a), False), ((a, d), False), ((d, c), True)):
+        out = tmp_path / f"md{len(order)}{order[0].parent.name}{order[1].parent.name}"
+        assert main(["--from-json", ",".join(map(str, order)), "--out", str(out)]) == 0
+        meta = json.loads((out / "results.json").read_text())["meta"]
+        assert meta.get("partial", False) is partial, (order, meta)
+        assert (meta["runs_done"], meta["runs_planned"]) == ((3, 3) if not partial else (1, 3)), meta
 
 
 # ------------------------------------------------------------------ bad input
@@ -914,6 +924,7 @@ def _step_results(tmp_path):
     (["--optimizers", "adamw", "--lrs", "adamw=3e-3/0.003"], ["--lrs adamw: '0.003' given more than once"]),
     (["--optimizers", "adamw", "--lrs", "adam=1e-3,adam=3e-3"], ["--lrs: 'adam' given more than once"]),
     (["--preset", "forms", "--ranks", "4,4"], ["--ranks: 4 given more than once"]),  # every preset run twice
+    (["--tasks", "pretrain,pretrain"], ["--tasks: 'pretrain' given more than once"]),  # dropped silently (Z105)
     (["--threads", "-1"], ["--threads must be >= 1"]),
     (["--threads", "0"], ["--threads must be >= 1"]),
     (["--out", "{file}"], ["--out:", "is an existing file"]),

@@ -433,7 +433,8 @@ def write_all(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: dic
 def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
     """Several results.json files as one: the first's metadata, every run (one per task,
     optimizer, lr and seed: :func:`unique_runs`); commands joined with ``&&``, wall times
-    added, each task's optimizer list and the seeds the union in order."""
+    added, each task's optimizer list and the seeds the union in order; partial only where
+    a stopped part's tasks hold fewer runs than it planned."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     meta = dict(parts[0]["meta"])
     meta["tasks"] = {t: {**info, "config": dict(info["config"])} for t, info in meta.get("tasks", {}).items()}
@@ -443,8 +444,6 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
             differ.append(f"size: {meta.get('size')!r} ({paths[0]}) vs {d['meta'].get('size')!r} ({path})")
         meta["command"] = meta.get("command", "?") + " && " + d["meta"].get("command", "?")
         meta["wall_s"] = meta.get("wall_s", 0) + d["meta"].get("wall_s", 0)
-        if d["meta"].get("partial"):  # one stopped part makes the whole partial
-            meta["partial"] = True
         for key in ("commit", "started"):
             if d["meta"].get(key) and d["meta"].get(key) != meta.get(key):
                 meta[key] = f"{meta.get(key)}, {d['meta'][key]}"
@@ -467,7 +466,19 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
         meta["merge_differences"] = differ
         core.say("flora-bench: warning: the merged files' settings differ (the first's are reported): "
                  + "; ".join(differ))
-    return meta, unique_runs([RunResult.from_dict(r) for d in parts for r in d["runs"]])
+    runs = unique_runs([RunResult.from_dict(r) for d in parts for r in d["runs"]])
+    # done and planned of the merge, not of the first file; a stopped part whose tasks now
+    # hold as many runs as it planned was finished by another (probe Z105: a stopped run merged
+    # with its finished rerun read "partial, 4 runs done" over 12)
+    meta["runs_done"] = len(runs)
+    meta["runs_planned"] = max([len(runs)] + [d["meta"].get("runs_planned") or 0 for d in parts])
+    meta.pop("partial", None)
+    for d in parts:
+        if d["meta"].get("partial"):
+            tasks, planned = set(d["meta"].get("tasks") or {}), d["meta"].get("runs_planned")
+            if planned is None or len([r for r in runs if r.task in tasks]) < planned:  # (unknown: partial)
+                meta["partial"] = True
+    return meta, runs
 
 
 def unique_runs(runs: list[RunResult]) -> list[RunResult]:

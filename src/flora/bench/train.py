@@ -119,6 +119,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--preset and --optimizers exclude each other (the preset names the optimizers)")
     core.refuse_empty(p, a, "--tasks", "--optimizers")
     a.tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip()) if a.tasks else None
+    core.refuse_repeats(p, "--tasks", a.tasks or ())  # dropped silently, as no other list was (probe Z105)
     for t in a.tasks or ():
         if t not in config.TASKS:
             p.error(f"--tasks: unknown task {t!r}; valid tasks: {', '.join(config.TASKS)}")
