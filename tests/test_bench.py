@@ -685,14 +685,18 @@ def test_scale_parameter_reaches_the_optimizer():
 
 def test_results_written_during_a_run_say_they_are_partial(tmp_path, monkeypatch):
     """The files written after each run (what a kill leaves) carry a "Partial" line and
-    ``meta.partial``; the last write of a finished run has neither."""
+    ``meta.partial``, and link no figure; the last write of a finished run has neither, and
+    links its figures."""
     from flora.bench import report
 
     seen, write_all = [], report.write_all
 
     def spy(out, runs, rows, metrics, meta, **kw):
         paths = write_all(out, runs, rows, metrics, meta, **kw)
-        seen.append((meta.get("partial", False), "**Partial:**" in paths["md"].read_text()))
+        text = paths["md"].read_text()
+        # the figures are drawn at the end: a partial write had linked them, not yet there (probe Z105)
+        assert ("loss_curves.png" in text) == (out / "loss_curves.png").exists()
+        seen.append((meta.get("partial", False), "**Partial:**" in text))
         return paths
 
     monkeypatch.setattr(report, "write_all", spy)

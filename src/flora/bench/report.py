@@ -245,7 +245,8 @@ def goal_lines(rows: list[Chosen], goals: tuple[Goal, ...] = config.TRAIN_GOALS)
     return out
 
 
-def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
+def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict,
+             images: tuple[str, ...] = ("loss_curves.png", "eval_vs_state.png")) -> str:
     lines = [f"# Flora benchmark ({meta.get('size', '?')})", "",
              f"Command: `{meta.get('command', '?')}`", "",
              core.meta_line(meta) + f" Wall {meta.get('wall_s', 0) / 60:.1f} min.", "",
@@ -300,7 +301,9 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict) -> str:
     goals = goal_lines(rows)
     if goals:
         lines += ["## Goal check", ""] + [f"- {g}" for g in goals] + [""]
-    lines += ["![loss curves](loss_curves.png)", "", "![eval against state memory](eval_vs_state.png)", ""]
+    alt = {"loss_curves.png": "loss curves", "eval_vs_state.png": "eval against state memory"}
+    for name in images:  # the figures written with these results (none in a partial write)
+        lines += [f"![{alt.get(name, name)}]({name})", ""]
     return "\n".join(lines)
 
 
@@ -419,14 +422,15 @@ def write_all(out: Path, runs: list[RunResult], rows: list[Chosen], metrics: dic
     from . import forms
 
     more = forms.write(out, rows, metrics, meta, plots=plots)
-    md = markdown(rows, metrics, meta)
+    made = make_plots(out, runs, rows, metrics) if plots else []
+    # a partial write (plots=False) had linked figures not yet drawn (probe Z105)
+    md = markdown(rows, metrics, meta, images=tuple(p.name for p in made))
     if more:
         md += "\nThe momentum forms side by side, against rank: [forms.md](forms.md).\n"
     paths["md"].write_text(md)
     paths.update(more)
-    if plots:
-        for p in make_plots(out, runs, rows, metrics):
-            paths[p.stem] = p
+    for p in made:
+        paths[p.stem] = p
     return paths
 
 
