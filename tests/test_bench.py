@@ -1158,6 +1158,20 @@ def test_ctrl_c_ends_with_one_line_and_code_130(name, words, monkeypatch, tmp_pa
     assert f"flora-bench {name}: interrupted." in err and words in err and "Traceback" not in err
 
 
+def test_ctrl_c_before_any_train_run_finished_says_nothing_was_written(monkeypatch, tmp_path, capsys):
+    """It named OUT/results.json to resume from, which no run had written yet (probe Z105)."""
+    from flora.bench import train
+
+    def interrupted(args, argv):
+        args.out_resolved = tmp_path / "o"  # what run() sets before any run
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    assert main(["train", "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "No run had finished: nothing was written." in err and "--resume" not in err
+
+
 def test_a_run_process_interrupted_exits_quietly():
     """The run's own process gets Ctrl-C too (one process group): it exits with 130, no
     traceback (the parent reports the interrupt once), and closes its pipe."""

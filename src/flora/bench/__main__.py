@@ -137,6 +137,11 @@ def main(argv=None) -> int:
                          "continues it.",
                 "accum-memory": "The measurements that had finished are in the output folder's results.json and "
                                 "results.md (marked partial)."}
+        from pathlib import Path
+
+        out = getattr(args, "out_resolved", None)
+        if name == "train" and out is not None and not (Path(out) / "results.json").exists():
+            kept["train"] = "No run had finished: nothing was written."  # it named a folder not there (probe Z105)
         print(f"\nflora-bench {name}: {stop['by']}. {kept.get(name, 'Nothing was written.')}", file=sys.stderr)
         return stop["code"]
     finally:

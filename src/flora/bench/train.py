@@ -281,6 +281,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     preset = config.PRESETS[args.preset] if args.preset else None
     tasks = args.tasks or (preset.tasks if preset else ("pretrain",) if args.size == "smoke" else config.TASKS)
     out = Path(args.out) if args.out else Path(args.resume).parent if args.resume else core.default_out("train")
+    args.out_resolved = out  # for the interrupt's message (flora.bench.__main__)
     cache = Path(args.cache) if args.cache else cache_dir_default()
     cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers,
                                   lr_points=args.lr_points, tau=args.tau, preset=args.preset, ranks=args.ranks,
