@@ -490,6 +490,10 @@ def test_the_floors_rates_and_projection_cost_follow_their_definitions(monkeypat
                                 {"optimizer": "flora-r4", "median_step_s": 0.030}], [torch.zeros(1000)],
                                {"flora-r4": (4, 1000)}, {"copy_bytes_per_s": 1e9, "gemm_flops_per_s": 1e7})
     assert split["adafactor_floor_s"] == pytest.approx(1.2e-5) and split["projection_floor_s"] == pytest.approx(1.6e-3)
+    # a rank that compresses nothing has no projection part (it printed as one, below 0: probe Z105)
+    assert step.step_split([{"optimizer": "flora-r4:nomomentum", "median_step_s": 0.010},
+                            {"optimizer": "flora-r9999", "median_step_s": 0.008}], [torch.zeros(1000)],
+                           {"flora-r9999": (9999, 0)}, {"copy_bytes_per_s": 1e9, "gemm_flops_per_s": 1e7}) == []
     monkeypatch.setattr(core, "timed", lambda fn, device: (fn(), (1.0, 1.0))[1])
     assert step.device_rates("cpu", [(64, 16), (16,)], 4, repeats=3) == {"copy_bytes_per_s": 2.0 * 64 * 2**20,
                                                                         "gemm_flops_per_s": 2.0 * 4 * 64 * 16}

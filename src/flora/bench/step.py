@@ -640,8 +640,8 @@ def step_split(rows: list[dict], params, opts_plan: dict, rates: dict) -> list[d
     ada_floor = 12 * n / rates["copy_bytes_per_s"]
     out = []
     for name, (rank, compressed) in opts_plan.items():
-        if name not in by:
-            continue
+        if name not in by or not compressed:  # a rank that compresses nothing has no projection part
+            continue  # (its difference from :nomomentum, the momentum alone, had printed as one, < 0: probe Z105)
         proj = by[name]["median_step_s"] - base["median_step_s"]
         proj_floor = 4 * rank * compressed / rates["gemm_flops_per_s"] if rates["gemm_flops_per_s"] else None
         row = {"optimizer": name, "rank": rank, "compressed_elements": compressed,
