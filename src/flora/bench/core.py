@@ -188,7 +188,8 @@ def sync(device) -> None:
 
 def timed(fn, device) -> tuple[float, float]:
     """Wall-clock and process CPU seconds (all threads) of ``fn()``, the device synced
-    before and after. On a shared CPU the CPU time is the steadier measure of the work."""
+    before and after. On a shared CPU the CPU time is the steadier measure of the work, as
+    long as torch's threads do not outnumber the free cores (their spinning waits count)."""
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     fn()

@@ -682,7 +682,9 @@ def render(result: dict) -> str:
                 }.get(m.get("groups"), ""),
              "",
              "Wall = elapsed time of `step()` (median, min); CPU = process CPU time of the step, all threads "
-             "(median; steadier than wall time when other jobs share the cores). Ratios are of medians, to "
+             "(median; steadier than wall time when other jobs share the cores, unless torch's threads "
+             "outnumber the free cores: their waits spin and count too, so use `--threads 1` there). Ratios are "
+             "of medians, to "
              f"{REFERENCE} (HF Adafactor with beta1 0.9).", ""]
     if rows:
         lines += core.markdown_table(
