@@ -291,16 +291,20 @@ def test_from_json_merges_results(tmp_path):
     assert main(["--from-json", f"{a},{c}", "--out", str(tmp_path / "mc")]) == 0
     assert json.loads((tmp_path / "mc" / "results.json").read_text())["meta"]["partial"] is True
     assert "**Partial:**" in (tmp_path / "mc" / "results.md").read_text()
-    # ... unless the merge holds as many runs of its tasks as it planned: a stopped run merged
-    # with its finished rerun read "partial, 1 run done" (probe Z105); done and planned are the merge's
-    d = _write_results(tmp_path / "d", [_run("pretrain", "adamw", 3e-3, 2.0, 2.0, state=100)], ["adamw"],
-                       "flora-bench train", 5, partial=True, runs_done=1, runs_planned=3)
-    for order, partial in (((d, a), False), ((a, d), False), ((d, c), True)):
-        out = tmp_path / f"md{len(order)}{order[0].parent.name}{order[1].parent.name}"
+    # ... unless another file completed the same plan: a stopped run merged with its finished
+    # rerun read "partial, 1 run done" (probe Z105). Runs of another plan (other optimizers, lr
+    # extensions) do not stand in for the missing ones (review Z106); done and planned are the merge's
+    runs3 = [_run("pretrain", "adamw", lr, 2.0, 2.0, state=100) for lr in (1e-3, 3e-3, 1e-2)]
+    d = _write_results(tmp_path / "d", runs3[:1], ["adamw"], "flora-bench train", 5, partial=True, runs_done=1,
+                       runs_planned=3)
+    e = _write_results(tmp_path / "e", runs3, ["adamw"], "flora-bench train", 5, runs_done=3, runs_planned=3)
+    for order, partial, counts in (((d, e), False, (3, 3)), ((e, d), False, (3, 3)), ((d,), True, (1, 3)),
+                                   ((d, a), True, (2, 5))):
+        out = tmp_path / ("m" + "".join(p.parent.name for p in order))
         assert main(["--from-json", ",".join(map(str, order)), "--out", str(out)]) == 0
         meta = json.loads((out / "results.json").read_text())["meta"]
         assert meta.get("partial", False) is partial, (order, meta)
-        assert (meta["runs_done"], meta["runs_planned"]) == ((3, 3) if not partial else (1, 3)), meta
+        assert (meta["runs_done"], meta["runs_planned"]) == counts, (order, meta)
 
 
 # ------------------------------------------------------------------ bad input
@@ -1170,6 +1174,11 @@ def test_ctrl_c_before_any_train_run_finished_says_nothing_was_written(monkeypat
     assert main(["train", "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert "No run had finished: nothing was written." in err and "--resume" not in err
+    (tmp_path / "o").mkdir()  # an earlier run's results there (review Z106)
+    (tmp_path / "o" / "results.json").write_text("{}")
+    os.utime(tmp_path / "o" / "results.json", (1e9, 1e9))
+    assert main(["train", "--out", str(tmp_path / "o")]) == 130
+    assert "No run had finished: nothing was written." in capsys.readouterr().err
 
 
 def test_a_run_process_interrupted_exits_quietly():

@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     _module(name).check(p, args)
     core.offline_env()
     stop = _stop_on_sigterm()
+    import time
+
+    started = time.time()
     try:
         with core.quiet():
             return _module(name).run(args, argv)
@@ -140,8 +143,10 @@ def main(argv=None) -> int:
         from pathlib import Path
 
         out = getattr(args, "out_resolved", None)
-        if name == "train" and out is not None and not (Path(out) / "results.json").exists():
-            kept["train"] = "No run had finished: nothing was written."  # it named a folder not there (probe Z105)
+        results = None if out is None else Path(out) / "results.json"
+        if name == "train" and results is not None and not (results.exists() and results.stat().st_mtime >= started):
+            # it named a folder not there, or an earlier run's results (probe Z105, review Z106)
+            kept["train"] = "No run had finished: nothing was written."
         print(f"\nflora-bench {name}: {stop['by']}. {kept.get(name, 'Nothing was written.')}", file=sys.stderr)
         return stop["code"]
     finally:

@@ -471,18 +471,27 @@ def merge(paths: list[Path]) -> tuple[dict, list[RunResult]]:
         core.say("flora-bench: warning: the merged files' settings differ (the first's are reported): "
                  + "; ".join(differ))
     runs = unique_runs([RunResult.from_dict(r) for d in parts for r in d["runs"]])
-    # done and planned of the merge, not of the first file; a stopped part whose tasks now
-    # hold as many runs as it planned was finished by another (probe Z105: a stopped run merged
-    # with its finished rerun read "partial, 4 runs done" over 12)
+    # Done and planned of the merge, not of the first file (probe Z105: a stopped run merged
+    # with its finished rerun read "partial, 4 runs done" over 12 runs). A stopped part is
+    # finished by another file that completed the same plan (every task of the stopped one,
+    # configured alike); counting runs instead let other optimizers' or lr extensions' runs
+    # stand in for missing ones (review Z106). Planned: the sum over the parts not so covered
+    covered = [bool(d["meta"].get("partial")) and any(_completes(e["meta"], d["meta"]) for e in parts if e is not d)
+               for d in parts]
     meta["runs_done"] = len(runs)
-    meta["runs_planned"] = max([len(runs)] + [d["meta"].get("runs_planned") or 0 for d in parts])
+    meta["runs_planned"] = sum(d["meta"].get("runs_planned") or len(d["runs"]) for d, c in zip(parts, covered)
+                               if not c)
     meta.pop("partial", None)
-    for d in parts:
-        if d["meta"].get("partial"):
-            tasks, planned = set(d["meta"].get("tasks") or {}), d["meta"].get("runs_planned")
-            if planned is None or len([r for r in runs if r.task in tasks]) < planned:  # (unknown: partial)
-                meta["partial"] = True
+    if any(d["meta"].get("partial") and not c for d, c in zip(parts, covered)):
+        meta["partial"] = True
     return meta, runs
+
+
+def _completes(done: dict, stopped: dict) -> bool:
+    """Whether the finished results' metadata ``done`` ran the plan of ``stopped``."""
+    tasks, mine = stopped.get("tasks") or {}, done.get("tasks") or {}
+    return (not done.get("partial") and bool(tasks) and done.get("size") == stopped.get("size")
+            and all(t in mine and mine[t].get("config") == info.get("config") for t, info in tasks.items()))
 
 
 def unique_runs(runs: list[RunResult]) -> list[RunResult]:
