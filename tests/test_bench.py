@@ -1554,3 +1554,17 @@ def test_one_optimizer_on_two_paths_is_not_a_repeat():
                        "flora-r8+ca-r8", "flora-r8+ca-r4"]) == [
         ("flora-r8", "flora-r8-floored-orthonormal"),
         ("flora-r8-fixed-orthonormal", "flora-r8-fixed0.4-orthonormal")]
+
+
+@pytest.mark.parametrize("plots", [False, True])
+def test_a_write_links_only_the_figures_it_draws(plots, tmp_path):
+    """A partial write (plots=False) linked loss_curves.png, eval_vs_state.png (probe Z105)
+    and forms.md's forms_pretrain.png (review Z106), none of them drawn yet."""
+    runs = [_run("pretrain", o, 1e-3, 2.0, 2.0, state=100) for o in ("adamw", "flora-r4", "flora-r8")]
+    meta = {"command": "c", "size": "smoke", "wall_s": 1, "partial": not plots, "runs_done": 3,
+            "tasks": {"pretrain": {"config": {"optimizers": ["adamw", "flora-r4", "flora-r8"]}, "description": "d"}}}
+    report.write_all(tmp_path, runs, report.choose(runs, {"pretrain": "loss"}), {"pretrain": "loss"}, meta,
+                     plots=plots)
+    for name in ("results.md", "forms.md"):
+        links = [x.split("(")[-1].rstrip(")") for x in (tmp_path / name).read_text().splitlines() if ".png)" in x]
+        assert bool(links) == plots and all((tmp_path / x).exists() for x in links), (name, links)
