@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -1257,6 +1258,7 @@ def test_resume_with_a_narrower_plan_keeps_every_finished_run(tmp_path, capsys):
                                                   "pretrain:flora-r4": [3e-3]}, "extended": {}, "capped": []})
     d = json.loads(path.read_text())
     d["meta"]["tasks"]["pretrain"]["config"] = cfg.to_dict()
+    d["meta"]["resumed_from"] = {"wall_s": 600, "wall_s_all": 600}  # itself a resume of a 10-minute run
     path.write_text(json.dumps(d))
     capsys.readouterr()
     assert main(["train", "--size", "smoke", "--optimizers", "adamw", "--lrs", "adamw=3e-3", "--device", "cpu",
@@ -1268,6 +1270,9 @@ def test_resume_with_a_narrower_plan_keeps_every_finished_run(tmp_path, capsys):
     assert "flora-r4" in (tmp_path / "results.md").read_text()
     assert res["meta"]["lr_extension"]["extended"] == {}
     assert "2 runs kept, 0 to run; 2 runs outside this plan stay in the results" in capsys.readouterr().out
+    # the wall time counts the run resumed (9 s then, 600 s before that one), not this one's alone
+    assert res["meta"]["resumed_from"]["wall_s_all"] == 609
+    assert re.search(r"Wall 0\.\d min this time, 10\.\d min with the runs it resumed\.", (tmp_path / "results.md").read_text())
 
 
 def test_resume_on_a_new_seed_plans_every_lr_the_old_run_tried(tmp_path):

@@ -245,11 +245,21 @@ def goal_lines(rows: list[Chosen], goals: tuple[Goal, ...] = config.TRAIN_GOALS)
     return out
 
 
+def _wall(meta: dict) -> str:
+    """The wall time; a resumed run's also counts what it resumed (a resume with nothing left
+    to run had said "Wall 0.0 min" alone)."""
+    wall = meta.get("wall_s", 0)
+    before = (meta.get("resumed_from") or {}).get("wall_s_all")
+    if not before:
+        return f" Wall {wall / 60:.1f} min."
+    return f" Wall {wall / 60:.1f} min this time, {(wall + before) / 60:.1f} min with the runs it resumed."
+
+
 def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict,
              images: tuple[str, ...] = ("loss_curves.png", "eval_vs_state.png")) -> str:
     lines = [f"# Flora benchmark ({meta.get('size', '?')})", "",
              f"Command: `{meta.get('command', '?')}`", "",
-             core.meta_line(meta) + f" Wall {meta.get('wall_s', 0) / 60:.1f} min.", "",
+             core.meta_line(meta) + _wall(meta), "",
              "val = the validation loss (lower is better) or accuracy that picked the lr; test ppl / acc = "
              "perplexity (pretrain: per byte) or accuracy on the test split. State = optimizer-state bytes "
              "counted from the tensors (LoRA: its adapters' state); cache = the projections Flora keeps beside its "
