@@ -341,20 +341,26 @@ def _memory_table(mem: list[dict]) -> list[str]:
     weights = "this rank's shard of the weights" if wrap == "fsdp2" else "Weights"
     lines = [f"## Memory and step time: tau={mem[0]['tau']}, {mem[0]['batch']} x {mem[0]['seq']} tokens, "
              f"optimizer {mem[0]['optimizer']}, {mem[0]['device']}{where}", "",
-             f"{weights} {mem[0]['weights_mib']:.0f} MiB. Baseline = memory after a warm-up cycle (weights, "
+             f"{weights} {_mib(mem[0]['weights_mib'])} MiB. Baseline = memory after a warm-up cycle (weights, "
              "optimizer state, runtime); peak measured over the following cycles. `.grad at step`: the "
              "gradient bytes held after the last backward, counted from the tensors.", ""]
     head = ["config", f"{unit} MiB", "peak - baseline MiB", "peak / plain", "peak / reference",
             ".grad at step MiB", "median step s", "step / plain"] + (["collectives per cycle"] if wrap else [])
     rows = []
     for r in mem:
-        row = [r["config"], f"{r['peak_mib']:.0f}", f"{r['peak_over_baseline_mib']:.0f}", ratio(r, plain, "peak_mib"),
-               ratio(r, refr, "peak_mib"), f"{r['grad_mib_at_step']:.0f}", f"{r['median_step_s']:.2f}",
+        row = [r["config"], _mib(r["peak_mib"]), _mib(r["peak_over_baseline_mib"]), ratio(r, plain, "peak_mib"),
+               ratio(r, refr, "peak_mib"), _mib(r["grad_mib_at_step"]), f"{r['median_step_s']:.2f}",
                "-" if plain is None else f"{r['median_step_s'] / plain['median_step_s']:.2f}"]
         if wrap:
             row.append(", ".join(f"{k} {v}" for k, v in sorted(r["collectives_per_cycle"].items())) or "none")
         rows.append(row)
     return lines + core.markdown_table(head, rows, align="lrrrrrrr" + ("l" if wrap else "")) + [""]
+
+
+def _mib(v: float) -> str:
+    """MiB to the unit where that is precise enough, else to three figures: the smoke model's
+    0.11 MiB of gradients had printed as 0, like fused mode's none."""
+    return f"{v:.0f}" if abs(v) >= 100 or v == 0 else f"{v:.3g}"
 
 
 def markdown(results: dict) -> str:
