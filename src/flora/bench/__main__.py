@@ -139,14 +139,17 @@ def main(argv=None) -> int:
                 "suite": "The runs that had finished are in the output folder; the same command with `--resume` "
                          "continues it.",
                 "accum-memory": "The measurements that had finished are in the output folder's results.json and "
-                                "results.md (marked partial)."}
+                                "results.md (marked partial).",
+                "comm": "The runs that had finished are in the output folder's results.json and results.md (marked "
+                        "partial)."}
         from pathlib import Path
 
         out = getattr(args, "out_resolved", None)
         results = None if out is None else Path(out) / "results.json"
-        if name == "train" and results is not None and not (results.exists() and results.stat().st_mtime >= started):
+        if name in ("train", "comm") and results is not None and not (results.exists()
+                                                                   and results.stat().st_mtime >= started):
             # it named a folder not there, or an earlier run's results (probe Z105, review Z106)
-            kept["train"] = "No run had finished: nothing was written."
+            kept[name] = "No run had finished: nothing was written."
         print(f"\nflora-bench {name}: {stop['by']}. {kept.get(name, 'Nothing was written.')}", file=sys.stderr)
         return stop["code"]
     finally:

@@ -441,6 +441,8 @@ def markdown(results: dict) -> str:
              f"(global), dense gradient {m['dense_bytes'] / 1e3:.1f} kB; bytes: the buffers all-reduced per step "
              "(median over steps 3..end), counted at the dispatcher; losses on replica 0. Each configuration at "
              "the lr of its grid with the best validation loss (* : an end of the grid), test loss reported.", ""]
+    if m.get("partial"):
+        lines += [f"**Partial:** the run was stopped after {len(rows)} of its {m['planned_runs']} runs.", ""]
     ddp = {r["optimizer"]: r for r in _ok(summary) if r["config"] == "ddp"}
     table = []
     for r in summary:
@@ -533,25 +535,35 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     meta.update(size=args.size, model=model, world=args.world, steps=cfg.steps, global_batch=cfg.batch, seq=cfg.seq,
                 threads=args.threads, seed=args.seed, acc_tau=ACC_TAU, ranks=list(args.ranks),
                 dense_bytes=4 * sum(math.prod(s) for s in shapes), backend="gloo")
-    out.mkdir(parents=True, exist_ok=True)
+    args.out_resolved = out  # for an interrupt's message
     status = 0
+    interrupted = False
     with tempfile.TemporaryDirectory() as folder:
         try:
             mp.start_processes(_worker, args=(args.world, folder, runs, cfg, str(cache), args.seed),
                                nprocs=args.world, start_method="spawn")
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what finished is written (it had been left in the
+            interrupted = True     # temporary folder, and --out made empty), then the interrupt goes on
         except Exception as e:  # noqa: BLE001 - a replica died: report what finished
             core.say(f"flora-bench comm: a replica failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
             status = 1
         rows_file = Path(folder) / "rows.jsonl"
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    if interrupted and not rows:
+        raise KeyboardInterrupt
     for r in rows:  # a flora-rR, hook-rR or acc-rR at a rank >= the model's width: marked, not silent
         r["compresses_nothing"] = uncompressed_notes(r, shapes)
+    if interrupted:
+        meta.update(partial=True, planned_runs=len(runs))
+    out.mkdir(parents=True, exist_ok=True)
     results = {"meta": meta, "runs": rows}
     core.write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)
     md = markdown(results)
     (out / "results.md").write_text(md)
     plotted = plot(out / "comm.png", rows)
+    if interrupted:
+        raise KeyboardInterrupt
     print(md)
     core.say(f"wrote {out / 'results.json'}, results.csv, results.md" + (", comm.png" if plotted else ""))
     if len(rows) != len(runs):
