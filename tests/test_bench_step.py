@@ -143,6 +143,14 @@ def test_step_rows_whose_flora_rank_compresses_nothing_are_marked():
     md = step.render({"meta": {**meta, **{k: "" for k in core.META_KEYS if k not in meta}}, "rows": rows})
     line = next(x for x in md.splitlines() if x.startswith("| flora-r16 |"))
     assert step.NOTHING_COMPRESSED in line
+    # the step split leaves it out, and says so (it had vanished from that table silently)
+    rates = {"copy_bytes_per_s": 1e9, "gemm_flops_per_s": 1e9}
+    split = step.step_split(rows + [{"optimizer": "flora-r4:nomomentum", "median_step_s": 1e-4}], params,
+                            {"flora-r4": (4, 256), "flora-r16": (16, 0)}, rates)
+    assert [r["optimizer"] for r in split] == ["flora-r4"]
+    md = step.render({"meta": {**meta, **{k: "" for k in core.META_KEYS if k not in meta}}, "rows": rows,
+                      "split": split, "rates": rates})
+    assert "Not split: flora-r16 (compresses nothing: no projection part)." in md
     assert step.NOTHING_COMPRESSED not in next(x for x in md.splitlines() if x.startswith("| flora-r4 |"))
 
 

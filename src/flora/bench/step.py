@@ -742,6 +742,10 @@ def render(result: dict) -> str:
             ([r["optimizer"], f3(r["step_s"]), floor(r, "floor_s"), f3(r["adafactor_s"]),
               floor(r, "adafactor_floor_s"), f3(r["projection_s"]), floor(r, "projection_floor_s")] for r in sp),
             align="lrrrrrr")
+        split = {r["optimizer"] for r in sp}
+        unsplit = [r["optimizer"] for r in rows if r.get("compresses_nothing") and r["optimizer"] not in split]
+        if unsplit:  # left out, said (they had vanished from this table without a word)
+            lines += ["", f"Not split: {', '.join(unsplit)} (compresses nothing: no projection part)."]
         above = [r["optimizer"] for r in sp if r.get("floor_above_measured", floors_above_measured(r))]
         if above:
             lines += ["", f"**Note:** a floor above the measured time ({', '.join(above)}: marked > measured) is no "
