@@ -473,7 +473,10 @@ class Flora(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            on = () if torch.compiler.is_compiling() else _autocast.enabled()
+            if torch.compiler.is_compiling():  # the user's torch.compile(opt.step): autocast off in _step
+                self._step()
+                return loss
+            on = _autocast.enabled()
             if on:  # step() called inside autocast: the matmuls would run in its dtype
                 with _autocast.disabled(on):
                     self._step()
@@ -486,8 +489,12 @@ class Flora(Optimizer):
         # resamples (and FSDP2's sharded parameters, whole); under torch.compile(opt.step)
         # it is the one graph break. Then the arithmetic, on tensors only.
         # traced: inside torch.compile(opt.step), whose graph then takes stacked state
-        plan = self._prelude(torch.compiler.is_compiling())
-        self._apply(plan)
+        traced = torch.compiler.is_compiling()
+        plan = self._prelude(traced)
+        if traced:  # autocast off around the graph's arithmetic (the prelude turns it off itself, eagerly):
+            _autocast.off_traced(self._apply, plan)  # a break inside the contexts had split it in 11 graphs
+        else:
+            self._apply(plan)
 
     def _check_options_fit_state(self) -> None:
         """A group whose layout options (``_LAYOUT_KEYS``: factor_dims, rank, seed,
@@ -634,6 +641,12 @@ class Flora(Optimizer):
         """Everything of a step that reads or writes host values; returns the
         :class:`flora.functional.Work` items whose cores do the arithmetic (``traced``:
         for the caller's compiled graph)."""
+        if traced:  # called from inside the user's torch.compile(opt.step), eagerly, in its autocast (the
+            with _autocast.disabled():  # projection draws and transfers must not run in a lower dtype)
+                return self._prelude_steps(traced)
+        return self._prelude_steps(traced)
+
+    def _prelude_steps(self, traced: bool) -> list:
         # Every check happens before any state changes.
         for group in self.param_groups:  # an edit of another library's numbers (numpy's): as Python's
             plain_group(group)
