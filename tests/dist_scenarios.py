@@ -1083,6 +1083,52 @@ def ddp_accumulator_accelerate_short_cycle(rank, world):
             "diff": max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters()))}
 
 
+def ddp_accumulator_accelerate_one_batch(rank, world):
+    """Normal mode under DDP, accelerate's accumulate() over a prepared dataloader of one
+    batch per epoch (its gradient state set by hand as accelerate sets it: the dataloader
+    being iterated at its end, every backward synchronised): every cycle is one micro-batch,
+    which no unsynced backward ever showed accelerate ending. The guard had refused its
+    forward (the docs said: use fused=True) and, on one process, clipping met the
+    placeholder in .grad (probe Z107). Three epochs with clipping equal one process."""
+    from accelerate.state import GradientState
+
+    class Loader:  # what accelerate's DataLoaderShard shows at its last batch
+        end_of_dataloader = True
+
+    gs = GradientState()
+    tau = 4
+    batches = _batches(3, size=8)
+
+    def train(ddp: bool):
+        net = _net()
+        model = _ddp(net) if ddp else net
+        opt = Flora(model.parameters(), **OPTS, **({} if ddp else REF))
+        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+        loader, kwargs = Loader(), gs.plugin_kwargs
+        gs.plugin_kwargs = {"num_steps": tau}
+        gs._add_dataloader(loader)
+        try:
+            for x, y in batches:
+                if ddp:
+                    n = x.shape[0] // world
+                    x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+                gs._set_sync_gradients(True)
+                (_loss(model, x, y) / tau).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                opt.step()
+                opt.zero_grad()
+            return net, acc.cycle
+        finally:
+            gs._remove_dataloader(loader)
+            gs.plugin_kwargs = kwargs
+            acc.remove()
+
+    net, cycles = train(True)
+    ref, ref_cycles = train(False)
+    return {"cycles": (cycles, ref_cycles),
+            "diff": max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters()))}
+
+
 class AuxNet(Net):
     """Net with an auxiliary head (a compressed matrix and a dense bias) that some
     micro-batches use and others do not, as an MoE expert or a head run on some batches."""

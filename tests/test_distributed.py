@@ -19,7 +19,7 @@ SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_
              "fsdp_shard1_refused", "fsdp_uneven_stack_refused", "fsdp_seed_per_rank_refused", "fsdp_options_disagree_refused",
              "fsdp_loads_one_process_state", "hsdp_equals_one_process",
              "accelerate_switch", "ddp_flora", "ddp_accumulator",
-             "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_short_cycle",
+             "ddp_accumulator_sync_refused", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_accelerate_one_batch", "ddp_accumulator_short_cycle",
              "ddp_accumulator_find_unused", "ddp_accumulator_find_unused_resume",
              "fsdp_accumulator", "fsdp1", "fsdp_damaged_shard_refused_everywhere", "fsdp_accumulator_unfrozen",
              "fsdp_one_matrix_auto", "fsdp_stack_checkpoint_refused_before_any_change",
@@ -280,6 +280,15 @@ def test_ddp_compressed_accumulator_lets_accelerate_end_a_short_cycle(results):
     accelerate ends a short cycle (end of data); both cycles equal one process."""
     for r in check(results, "ddp_accumulator_accelerate_short_cycle"):
         assert r["cycles"] == (2, 2)
+        assert r["diff"] <= TOL
+
+
+def test_ddp_compressed_accumulator_follows_accelerate_over_a_dataloader_of_one_batch(results):
+    """accelerate's accumulate() over a dataloader of one batch per epoch: every cycle is one
+    synchronised micro-batch, let through and closed there (probe Z107), equal to one
+    process over three epochs with clipping."""
+    for r in check(results, "ddp_accumulator_accelerate_one_batch"):
+        assert r["cycles"] == (3, 3)
         assert r["diff"] <= TOL
 
 

@@ -321,6 +321,47 @@ def test_accelerate_marks_the_last_short_cycle():
     assert acc.cycle == 2 and acc.micro_step == 0
 
 
+@pytest.mark.parametrize("rank", [None, 4])
+def test_accelerate_with_a_dataloader_of_one_batch_ends_every_cycle(rank):
+    """A prepared dataloader of one batch per epoch under accelerator.accumulate(): every
+    backward is synced and ends its cycle of one micro-batch, so no unsynced backward ever
+    showed accelerate driving; every cycle stayed open and clipping failed on the
+    placeholder in .grad in every epoch (probe Z107; the docs had said only the first).
+    Now followed: rank=None equals accelerate's plain accumulation bit for bit."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import GradientState
+
+    def run(compressed):
+        accelerator = accelerate.Accelerator(gradient_accumulation_steps=TAU, cpu=True)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        data = torch.utils.data.TensorDataset(torch.randn(8, 12, generator=g), torch.randn(8, 5, generator=g))
+        loader = torch.utils.data.DataLoader(data, batch_size=8)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        acc = CompressedAccumulator(model, rank=rank, tau=TAU, optimizer=opt) if compressed else None
+        try:
+            for _ in range(3):
+                for x, y in loader:
+                    with accelerator.accumulate(model):
+                        accelerator.backward(nn.functional.mse_loss(model(x), y))
+                        assert accelerator.sync_gradients
+                        accelerator.clip_grad_norm_(model.parameters(), 0.05)
+                        opt.step()
+                        opt.zero_grad()
+            if compressed:
+                assert acc.cycle == 3 and acc.micro_step == 0
+        finally:
+            GradientState._reset_state()
+            if acc is not None:
+                acc.remove()
+        return [p.detach().clone() for p in model.parameters()]
+
+    got, plain = run(True), run(False)
+    if rank is None:
+        _assert_equal(got, plain)
+
+
 # ------------------------------------------------------------ 3. copy, pickle
 
 

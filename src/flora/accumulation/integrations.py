@@ -13,6 +13,7 @@ calls it where the cycle's end is decided (``Engine.accumulate``)."""
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from torch.optim import Optimizer
@@ -68,14 +69,31 @@ class AccelerateWatch:
         return self.trusted
 
 
-def accelerate_syncs(c: Cycle) -> bool:
+def accelerate_syncs(c: Cycle, tau: int | None = None) -> bool:
     """True when accelerate drives the accumulation (it has marked a backward of this or
-    the previous cycle unsynced) and synchronises now: it ends the cycle here, short or
-    not. Reads accelerate's gradient state without changing the cycle."""
+    the previous cycle unsynced; with ``tau``, also: its prepared dataloader's last batch
+    under ``accumulate()``) and synchronises now: it ends the cycle here, short or not.
+    Reads accelerate's gradient state without changing the cycle."""
     shared = _shared()
-    if not shared or not c.follows_accelerate():
+    if not shared or not shared.get("sync_gradients", True):
         return False
-    return bool(shared.get("sync_gradients", True))
+    return c.follows_accelerate() or (tau is not None and _ends_at_dataloader_end(shared, tau))
+
+
+def _ends_at_dataloader_end(shared: dict, tau: int) -> bool:
+    """``accelerator.accumulate()`` at the last batch of its prepared dataloader, with
+    ``gradient_accumulation_steps`` equal to ``tau``: it syncs there and ends the cycle, how
+    many micro-batches the cycle had. A cycle of one micro-batch (a dataloader of one batch
+    per epoch: every cycle) has no unsynced backward to show that accelerate drives it; its
+    cycle had stayed open, and clipping met the placeholder in ``.grad`` at every epoch."""
+    kw = shared.get("plugin_kwargs") or {}
+    steps = kw.get("num_steps", 1)
+    if not (isinstance(steps, int) and steps == tau > 1 and kw.get("sync_with_dataloader", True) is not False):
+        return False
+    # the dataloader being iterated: the last of its references (weak ones since accelerate 1.0)
+    refs = shared.get("_dataloader_references_ref") or shared.get("dataloader_references") or [None]
+    loader = refs[-1]() if isinstance(refs[-1], weakref.ref) else refs[-1]
+    return loader is not None and getattr(loader, "end_of_dataloader", False) is True
 
 
 def accelerate_ends_cycle(c: Cycle, tau: int, count: int, watch: AccelerateWatch | None = None) -> bool:
@@ -95,6 +113,8 @@ def accelerate_ends_cycle(c: Cycle, tau: int, count: int, watch: AccelerateWatch
         return False  # a leftover of a run stopped mid-window: not a driver (yet)
     if not sync or c.doubted:  # a flag that turned True: the False it read in this cycle was live
         c.unsynced = True
+    elif not c.follows_accelerate() and _ends_at_dataloader_end(shared, tau):
+        c.unsynced = True  # its only backward synced: nothing else would show accelerate driving (probe Z107)
     if not c.follows_accelerate():
         return False
     steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)

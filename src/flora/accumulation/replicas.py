@@ -120,9 +120,7 @@ NO_SYNC = ("CompressedAccumulator(tau={tau}) in normal mode on a model that {ddp
            "tau micro-batches left): run all of it under no_sync() and close it with finish_cycle() (or the "
            "step), which averages its estimates over the replicas; a full cycle's tau-th micro-batch must "
            "synchronise (under no_sync() nothing averages it, as in plain DDP). accelerate synchronises every "
-           "micro-batch under GradientAccumulationPlugin(sync_each_batch=True), and the first window of a run "
-           "whose dataloader gives each process fewer than tau batches (a first cycle it ends before marking any "
-           "micro-batch unsynced cannot be told from a loop without accumulate()): use fused=True there. {nothing}")
+           "micro-batch under GradientAccumulationPlugin(sync_each_batch=True): use fused=True there. {nothing}")
 
 
 # DDP(static_graph=True) learns the graph in its first backward, which must synchronise: one
@@ -176,7 +174,7 @@ class DDPSyncGuard:
 
         eng = self.engine
         i = eng.micro_step()
-        if i + 1 < eng.opts.tau and not accelerate_syncs(eng.cycle):
+        if i + 1 < eng.opts.tau and not accelerate_syncs(eng.cycle, eng.opts.tau):
             raise RuntimeError(NO_SYNC.format(tau=eng.opts.tau, ddp=self.name, when=when, i=i + 1, nothing=nothing))
 
     def settle_unused(self, module, args, output) -> None:
@@ -269,7 +267,9 @@ class Replicas:
         if self.ddp is not None and getattr(self.ddp, "require_backward_grad_sync", False):
             raise RuntimeError("CompressedAccumulator(reduce=True) on a DDP model: run every micro-batch under "
                                "ddp_model.no_sync() (the accumulator all-reduces the compressed buffers itself; "
-                               "DDP's synchronisation would all-reduce the freed gradients)")
+                               "DDP's synchronisation would all-reduce the freed gradients). Under accelerate's "
+                               "accumulate(), which synchronises a cycle's last micro-batch, add "
+                               "accelerator.no_sync(model) around every micro-batch too")
         buf = c.buffers.get(k)
         if slot.dim is not None:
             c.buffers[k] = accumulate_compressed_(buf, g, a(k), slot.dim)
