@@ -950,6 +950,15 @@ def ddp_accumulator(rank, world):
     return {"diff": _diff_from_one_process_accumulating(model.module, batches, tau)}
 
 
+def _flora_accumulating(ddp: bool, tau: int):
+    """A net (wrapped in DDP or not), Flora on it (one process: the reference options) and a
+    rank-3 accumulator on it: (net, model, optimizer, accumulator)."""
+    net = _net()
+    model = _ddp(net) if ddp else net
+    opt = Flora(model.parameters(), **OPTS, **({} if ddp else REF))
+    return net, model, opt, CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+
+
 def ddp_accumulator_short_cycle(rank, world):
     """Normal mode under DDP, an epoch's short last cycle (found as a new user would: its
     estimates had never been averaged, and the replicas drifted apart): tau=2 over 3
@@ -960,10 +969,7 @@ def ddp_accumulator_short_cycle(rank, world):
     batches = _batches(n_micro, size=8)
 
     def train(ddp: bool):
-        net = _net()
-        model = _ddp(net) if ddp else net
-        opt = Flora(model.parameters(), **OPTS, **({} if ddp else REF))
-        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+        net, model, opt, acc = _flora_accumulating(ddp, tau)
         for i, (x, y) in enumerate(batches):
             if ddp:
                 n = x.shape[0] // world
@@ -1057,10 +1063,7 @@ def ddp_accumulator_accelerate_short_cycle(rank, world):
     batches = _batches(7, size=8)
 
     def train(ddp: bool):
-        net = _net()
-        model = _ddp(net) if ddp else net
-        opt = Flora(model.parameters(), **OPTS, **({} if ddp else REF))
-        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+        net, model, opt, acc = _flora_accumulating(ddp, tau)
         try:
             for i, (x, y) in enumerate(batches):
                 if ddp:
@@ -1100,10 +1103,7 @@ def ddp_accumulator_accelerate_one_batch(rank, world):
     batches = _batches(3, size=8)
 
     def train(ddp: bool):
-        net = _net()
-        model = _ddp(net) if ddp else net
-        opt = Flora(model.parameters(), **OPTS, **({} if ddp else REF))
-        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+        net, model, opt, acc = _flora_accumulating(ddp, tau)
         loader, kwargs = Loader(), gs.plugin_kwargs
         gs.plugin_kwargs = {"num_steps": tau}
         gs._add_dataloader(loader)
