@@ -1095,8 +1095,11 @@ def ddp_accumulator_accelerate_one_batch(rank, world):
     placeholder in .grad (probe Z107). Three epochs with clipping equal one process."""
     from accelerate.state import GradientState
 
-    class Loader:  # what accelerate's DataLoaderShard shows at its last batch
+    class Loader:  # what accelerate's DataLoaderShard of one batch shows at it
         end_of_dataloader = True
+
+        def __len__(self):
+            return 1
 
     gs = GradientState()
     tau = 4

@@ -1258,7 +1258,7 @@ def test_resume_with_a_narrower_plan_keeps_every_finished_run(tmp_path, capsys):
                                                   "pretrain:flora-r4": [3e-3]}, "extended": {}, "capped": []})
     d = json.loads(path.read_text())
     d["meta"]["tasks"]["pretrain"]["config"] = cfg.to_dict()
-    d["meta"]["resumed_from"] = {"wall_s": 600, "wall_s_all": 600}  # itself a resume of a 10-minute run
+    d["meta"]["resumed_from"] = {"wall_s": 600}  # itself a resume (of a 10-minute run, written before wall_s_all)
     path.write_text(json.dumps(d))
     capsys.readouterr()
     assert main(["train", "--size", "smoke", "--optimizers", "adamw", "--lrs", "adamw=3e-3", "--device", "cpu",

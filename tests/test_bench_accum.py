@@ -64,7 +64,7 @@ def test_memory_section(accum_run):
     assert "## Memory and step time" in md
     # what plain holds at the step, a fraction of a MiB here, is not printed as fused mode's 0
     row = lambda name: next(line.split(" | ") for line in md.splitlines() if line.startswith(f"| {name} |"))  # noqa: E731
-    assert row("r4-fused")[5] == "0" and row("plain")[5] == f"{held['plain']:.3g}" != "0"
+    assert row("r4-fused")[5] == "0" and row("plain")[5] == f"{held['plain']:.3f}" != "0"
 
 
 def test_quality_section_and_a_failing_configuration(accum_run):

@@ -959,6 +959,8 @@ def test_bench_comm_interrupted_writes_what_finished(tmp_path, monkeypatch, caps
             with open(f"{folder}/rows.jsonl", "a") as f:
                 for run in runs[:n]:
                     f.write(json.dumps({**dataclasses.asdict(run), "status": "failed: X"}) + "\n")
+                if n:
+                    f.write('{"config": "dd')  # a replica killed while writing: the others' rows kept
             raise KeyboardInterrupt
         return start_processes
 

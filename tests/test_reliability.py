@@ -321,45 +321,76 @@ def test_accelerate_marks_the_last_short_cycle():
     assert acc.cycle == 2 and acc.micro_step == 0
 
 
+def _one_process_accelerate_run(n_batches, rank, *, accumulate=True, finish=False):
+    """SGD under a one-process Accelerator(gradient_accumulation_steps=TAU) over a prepared
+    dataloader of ``n_batches`` batches, 3 epochs; rank "plain": no accumulator. With
+    ``accumulate``, accelerate's accumulate() and clipping at each sync (``finish``: the
+    cycle closed by finish_cycle() first, the docs' old workaround); without, a plain loop
+    stepping every TAU-th micro-batch. Returns the parameters and (cycle, micro_step) after
+    each micro-batch."""
+    import accelerate
+    from accelerate.state import GradientState
+
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=TAU, cpu=True)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 12, generator=g), torch.randn(8, 5, generator=g))
+    loader = torch.utils.data.DataLoader(data, batch_size=8 // n_batches)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    acc = CompressedAccumulator(model, rank=rank, tau=TAU, optimizer=opt) if rank != "plain" else None
+    seen, i = [], 0
+    try:
+        for _ in range(3):
+            for x, y in loader:
+                i += 1
+                if not accumulate:
+                    nn.functional.mse_loss(model(x), y).backward()
+                    if i % TAU == 0:
+                        opt.step()
+                        opt.zero_grad()
+                else:
+                    with accelerator.accumulate(model):
+                        accelerator.backward(nn.functional.mse_loss(model(x), y))
+                        if accelerator.sync_gradients:
+                            if finish:
+                                acc.finish_cycle()
+                            accelerator.clip_grad_norm_(model.parameters(), 0.05)
+                        opt.step()
+                        opt.zero_grad()
+                if acc is not None:
+                    seen.append((acc.cycle, acc.micro_step))
+    finally:
+        GradientState._reset_state()
+        if acc is not None:
+            acc.remove()
+    return [p.detach().clone() for p in model.parameters()], seen
+
+
 @pytest.mark.parametrize("rank", [None, 4])
 def test_accelerate_with_a_dataloader_of_one_batch_ends_every_cycle(rank):
     """A prepared dataloader of one batch per epoch under accelerator.accumulate(): every
     backward is synced and ends its cycle of one micro-batch, so no unsynced backward ever
     showed accelerate driving; every cycle stayed open and clipping failed on the
     placeholder in .grad in every epoch (probe Z107; the docs had said only the first).
-    Now followed: rank=None equals accelerate's plain accumulation bit for bit."""
-    accelerate = pytest.importorskip("accelerate")
-    from accelerate.state import GradientState
+    Now each cycle closes at its backward: equal, bit for bit, to closing it by hand with
+    finish_cycle() (rank=None: to accelerate's plain accumulation)."""
+    pytest.importorskip("accelerate")
+    got, seen = _one_process_accelerate_run(1, rank)
+    assert seen == [(1, 0), (2, 0), (3, 0)]
+    want, _ = _one_process_accelerate_run(1, rank, finish=True) if rank else _one_process_accelerate_run(1, "plain")
+    _assert_equal(got, want)
 
-    def run(compressed):
-        accelerator = accelerate.Accelerator(gradient_accumulation_steps=TAU, cpu=True)
-        model = _mlp()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        g = torch.Generator().manual_seed(1)
-        data = torch.utils.data.TensorDataset(torch.randn(8, 12, generator=g), torch.randn(8, 5, generator=g))
-        loader = torch.utils.data.DataLoader(data, batch_size=8)
-        model, opt, loader = accelerator.prepare(model, opt, loader)
-        acc = CompressedAccumulator(model, rank=rank, tau=TAU, optimizer=opt) if compressed else None
-        try:
-            for _ in range(3):
-                for x, y in loader:
-                    with accelerator.accumulate(model):
-                        accelerator.backward(nn.functional.mse_loss(model(x), y))
-                        assert accelerator.sync_gradients
-                        accelerator.clip_grad_norm_(model.parameters(), 0.05)
-                        opt.step()
-                        opt.zero_grad()
-            if compressed:
-                assert acc.cycle == 3 and acc.micro_step == 0
-        finally:
-            GradientState._reset_state()
-            if acc is not None:
-                acc.remove()
-        return [p.detach().clone() for p in model.parameters()]
 
-    got, plain = run(True), run(False)
-    if rank is None:
-        _assert_equal(got, plain)
+def test_a_plain_loop_with_an_accelerator_is_not_driven_at_its_dataloaders_end():
+    """A loop without accumulate() under an Accelerator(gradient_accumulation_steps=tau) and
+    a prepared dataloader of 4 batches (tau 3): accelerate's flag stays synced, so its
+    dataloader's last batch looks like accumulate() ending a cycle there. A first version of
+    the one-batch rule above ended the cycle at every epoch's end, and carried on ending
+    every next one at its first backward (review Z109). The cycles count tau backwards."""
+    pytest.importorskip("accelerate")
+    _, seen = _one_process_accelerate_run(4, 4, accumulate=False)
+    assert seen == [(i // TAU, i % TAU) for i in range(1, 13)]
 
 
 # ------------------------------------------------------------ 3. copy, pickle

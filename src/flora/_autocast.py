@@ -12,6 +12,10 @@ import torch
 DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
+# those this build has (a context for another raises), fixed at import: a traced step cannot ask
+_AVAILABLE = tuple(t for t in DEVICE_TYPES if torch.amp.is_autocast_available(t))
+
+
 def enabled() -> tuple:
     """The device types whose autocast is enabled here (usually none)."""
     return tuple(t for t in DEVICE_TYPES if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t))
@@ -35,7 +39,7 @@ def off_traced(fn, *args):
     an autocast region had traced the step's matmuls in its dtype (a probe: 1e-2 of a step
     off). Off where it was off already is no change. ``fn`` must not break the graph: a
     break inside the contexts splits it in many."""
-    return _nested(fn, args, DEVICE_TYPES)
+    return _nested(fn, args, _AVAILABLE)
 
 
 def _nested(fn, args: tuple, types: tuple):

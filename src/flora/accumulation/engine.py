@@ -350,7 +350,7 @@ class Engine:
             c.backwards += 1
             # accelerate ends a short cycle (its data's end) at a synchronised backward: the
             # estimates must be in .grad before its clipping, not at the step
-            if c.backwards >= o.tau or accelerate_syncs(c):
+            if c.backwards >= o.tau or accelerate_syncs(c, o.tau):
                 self.reduce_cycle()
             return
         if self.units is not None:

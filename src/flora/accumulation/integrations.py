@@ -81,11 +81,14 @@ def accelerate_syncs(c: Cycle, tau: int | None = None) -> bool:
 
 
 def _ends_at_dataloader_end(shared: dict, tau: int) -> bool:
-    """``accelerator.accumulate()`` at the last batch of its prepared dataloader, with
-    ``gradient_accumulation_steps`` equal to ``tau``: it syncs there and ends the cycle, how
-    many micro-batches the cycle had. A cycle of one micro-batch (a dataloader of one batch
-    per epoch: every cycle) has no unsynced backward to show that accelerate drives it; its
-    cycle had stayed open, and clipping met the placeholder in ``.grad`` at every epoch."""
+    """``accelerator.accumulate()`` over a prepared dataloader of one batch (on this
+    process), with ``gradient_accumulation_steps`` equal to ``tau``: it syncs at every batch
+    and ends every cycle there, a cycle of one micro-batch with no unsynced backward to show
+    that accelerate drives it (every cycle had stayed open, and clipping met the placeholder
+    in ``.grad`` in every epoch: probe Z107). A longer dataloader's first backward is
+    unsynced, which is followed; limited to one batch because a plain loop (no
+    ``accumulate()``) with ``gradient_accumulation_steps`` set looks the same at a longer
+    dataloader's last batch, and must not have its cycle ended there (review Z109)."""
     kw = shared.get("plugin_kwargs") or {}
     steps = kw.get("num_steps", 1)
     if not (isinstance(steps, int) and steps == tau > 1 and kw.get("sync_with_dataloader", True) is not False):
@@ -93,7 +96,12 @@ def _ends_at_dataloader_end(shared: dict, tau: int) -> bool:
     # the dataloader being iterated: the last of its references (weak ones since accelerate 1.0)
     refs = shared.get("_dataloader_references_ref") or shared.get("dataloader_references") or [None]
     loader = refs[-1]() if isinstance(refs[-1], weakref.ref) else refs[-1]
-    return loader is not None and getattr(loader, "end_of_dataloader", False) is True
+    if loader is None or getattr(loader, "end_of_dataloader", False) is not True:
+        return False
+    try:
+        return len(loader) == 1
+    except TypeError:  # an iterable dataset's: no length
+        return False
 
 
 def accelerate_ends_cycle(c: Cycle, tau: int, count: int, watch: AccelerateWatch | None = None) -> bool:
@@ -113,10 +121,10 @@ def accelerate_ends_cycle(c: Cycle, tau: int, count: int, watch: AccelerateWatch
         return False  # a leftover of a run stopped mid-window: not a driver (yet)
     if not sync or c.doubted:  # a flag that turned True: the False it read in this cycle was live
         c.unsynced = True
-    elif not c.follows_accelerate() and _ends_at_dataloader_end(shared, tau):
-        c.unsynced = True  # its only backward synced: nothing else would show accelerate driving (probe Z107)
     if not c.follows_accelerate():
-        return False
+        # a one-batch dataloader under accumulate() ends each cycle at its only, synced backward,
+        # which nothing else shows (probe Z107): this cycle only, nothing carried to the next
+        return sync and _ends_at_dataloader_end(shared, tau)
     steps = (shared.get("plugin_kwargs") or {}).get("num_steps", 1)
     if isinstance(steps, int) and steps > 1 and steps != tau:  # accelerator.accumulate()
         raise ValueError(f"CompressedAccumulator(tau={tau}) under accelerate with "

@@ -360,7 +360,7 @@ def _memory_table(mem: list[dict]) -> list[str]:
 def _mib(v: float) -> str:
     """MiB to the unit where that is precise enough, else to three figures: the smoke model's
     0.11 MiB of gradients had printed as 0, like fused mode's none."""
-    return f"{v:.0f}" if abs(v) >= 100 or v == 0 else f"{v:.3g}"
+    return f"{v:.0f}" if abs(v) >= 100 or v == 0 else f"{v:.3g}" if abs(v) >= 1 else f"{v:.3f}"
 
 
 def markdown(results: dict) -> str:

@@ -517,6 +517,18 @@ def plot(path: Path, rows: list[dict]) -> bool:
     return True
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """The rows the replicas wrote, a last line cut short (a replica killed while writing it)
+    left out rather than losing the others."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            core.say(f"flora-bench comm: left out a row cut short: {line[:80]!r}")
+    return rows
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch.multiprocessing as mp
 
@@ -548,7 +560,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             core.say(f"flora-bench comm: a replica failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
             status = 1
         rows_file = Path(folder) / "rows.jsonl"
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+        rows = _read_rows(rows_file)
     if interrupted and not rows:
         raise KeyboardInterrupt
     for r in rows:  # a flora-rR, hook-rR or acc-rR at a rank >= the model's width: marked, not silent

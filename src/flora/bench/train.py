@@ -491,7 +491,8 @@ def resume(jobs: list, path: Path, meta: dict) -> tuple[list, list, list]:
              if (r.task, r.optimizer) in first and (r.ok or r.status == "diverged")
              and (r.task, r.optimizer, r.lr) not in planned}
     jobs = jobs + [dataclasses.replace(j, lr=lr, seed=seed) for (_, _, lr), j in extra.items() for seed in sorted(seeds)]
-    before = (old_meta.get("resumed_from") or {}).get("wall_s_all") or 0  # the runs that one resumed, and so on
+    was = old_meta.get("resumed_from") or {}  # the runs that one resumed, and so on (a file from
+    before = was.get("wall_s_all", was.get("wall_s")) or 0  # before 2026-12-06 has that run's wall only)
     meta["resumed_from"] = {"results": str(path), "command": old_meta.get("command"), "wall_s": old_meta.get("wall_s"),
                             "wall_s_all": (old_meta.get("wall_s") or 0) + before}
     meta["tasks"] = old_meta.get("tasks") or {}  # _finish puts this plan's settings over them
