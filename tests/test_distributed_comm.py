@@ -639,6 +639,56 @@ def _acc_reduce_under_accelerate(rank, world):
     return out
 
 
+class _LayoutNet(nn.Module):
+    """A conv weight compressed along its columns (64 x 18: channels_last lays its columns
+    out first) and a linear weight, each in the layout asked for."""
+
+    def __init__(self, odd: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 64, 3)
+        self.lin = nn.Linear(64, 24)
+        if odd:
+            self.conv.to(memory_format=torch.channels_last)
+            w = self.lin.weight.detach()
+            self.lin.weight = nn.Parameter(w.t().contiguous().t())  # same values, column-major
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
+def _hook_layouts(rank, world):
+    """The hook and a fused accumulator calling it, on weights laid out channels_last and
+    column-major, against the same model in row-major layout: DDP lays such a gradient out
+    in its bucket with the parameter's strides, and ``bucket.gradients()`` shows it
+    row-major, i.e. permuted (the hook had compressed that permuted matrix: probe Z110)."""
+    out = {}
+    for odd in (False, True):
+        g = torch.Generator().manual_seed(rank)
+        xs = [torch.randn(4, 2, 7, 7, generator=g) for _ in range(2 * TAU)]
+        if odd:
+            xs = [x.to(memory_format=torch.channels_last) for x in xs]
+        model = _LayoutNet(odd)
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
+        ddp.register_comm_hook(ProjectionState(rank=RANK, seed=SEED), projection_hook)
+        grads = []
+        for x in xs[:2]:
+            ddp(x).square().mean().backward()
+            grads.append([p.grad.detach().contiguous().clone() for p in model.parameters()])
+            model.zero_grad()
+        fused = _LayoutNet(odd)
+        fddp = nn.parallel.DistributedDataParallel(fused, bucket_cap_mb=0.001)
+        opt = flora.Flora(fused.parameters(), lr=0.1, beta1=0.9, rank=RANK, scale_parameter=False)
+        acc = CompressedAccumulator(fddp, rank=RANK, tau=TAU, optimizer=opt, seed=SEED, fused=True,
+                                    comm_hook=(ProjectionState(rank=RANK, seed=SEED), projection_hook))
+        for x in xs:
+            (fddp(x).square().mean() / TAU).backward()
+        acc.remove()
+        out["odd" if odd else "plain"] = {"grads": grads, "fused": [p.detach().clone() for p in fused.parameters()],
+                                          "strides": [p.stride() for p in model.parameters()]}
+    return out
+
+
 def _acc_cycle_micro(model, step, micro):
     x, y = _data(dist.get_rank(), step, micro)
     (F.cross_entropy(model(x), y) / TAU).backward()
@@ -650,7 +700,7 @@ SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain
                                    _acc_rank_none_vs_ddp, _acc_more, _counter_sees_powersgd, _hook_refusals,
                                    _acc_fused_wrapped_in_ddp, _hook_resume, _acc_reduce_on_a_ddp_subgroup,
                                    _hook_reused_state_and_sparse, _acc_option_set_on_every_replica,
-                                   _acc_grad_dtype_none, _acc_reduce_under_accelerate)]
+                                   _acc_grad_dtype_none, _acc_reduce_under_accelerate, _hook_layouts)]
 
 
 @pytest.fixture(scope="module")
@@ -694,6 +744,15 @@ def test_hook_equals_one_process_compressing_the_full_batch_gradient(replicas):
                 torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
     assert r0["state"] == {"rank": RANK, "seed": SEED, "projection": 0, "proj_dim": 0, "max_aspect_ratio": 4.0,
                            "step": 3}
+
+
+def test_hook_and_fused_accumulator_do_not_depend_on_the_weights_memory_layout(replicas):
+    r0, r1 = _result(replicas, "hook_layouts")
+    assert r0["odd"]["strides"][0] == (18, 1, 6, 2) and r0["odd"]["strides"][2] == (1, 24)
+    for step_plain, step_odd in zip(r0["plain"]["grads"], r0["odd"]["grads"]):
+        _close(step_odd, step_plain)  # 1.3 relative off before, on the conv weight
+    _close(r0["odd"]["fused"], r0["plain"]["fused"])
+    _same(r0["odd"]["fused"], r1["odd"]["fused"])
 
 
 def test_hook_sends_one_all_reduce_per_bucket_of_the_compressed_size(replicas):
@@ -1035,6 +1094,9 @@ def test_bench_comm_summary_picks_the_best_validation_loss_and_skips_failures():
     (dict(rank=4, proj_dim=2), ValueError, "proj_dim must be one of"),
     (dict(rank=4, max_aspect_ratio=0.5), ValueError, "max_aspect_ratio"),
     (dict(rank=4, process_group="world"), TypeError, "process_group"),
+    # what dist.new_group hands a process outside the group (it had been called "an int": Z110)
+    (dict(rank=4, process_group=torch.distributed.GroupMember.NON_GROUP_MEMBER), ValueError,
+     "not a member of it"),
 ])
 def test_projection_state_bad_options(kw, exc, words):
     with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -1052,7 +1114,11 @@ def test_projection_state_dict_is_plain_numbers_and_checked():
     assert t.step == 11
     # how tensors are compressed is checked too (probe Z61: another proj_dim or aspect limit
     # loaded silently, and the resumed run compressed other tensors, or along another dim)
-    for bad, word in ((dict(sd, rank=4), "rank"), (dict(sd, seed=0), "seed"), (dict(sd, projection=0), "projection"),
+    # said as the constructor takes them, not as the state_dict's codes (probe Z110)
+    for bad, word in ((dict(sd, rank=4), "rank=4 but this ProjectionState has rank=8"),
+                      (dict(sd, rank=0), "rank=None but this ProjectionState has rank=8"), (dict(sd, seed=0), "seed"),
+                      (dict(sd, projection=0), "projection='orthonormal' but this ProjectionState has "
+                                               "projection='gaussian'"),
                       (dict(sd, step=-1), "step"), (dict(sd, step=2 ** 64), r"step'\] must be below 2\*\*63"),
                       (dict(sd, step=2 ** 63), r"step'\] must be below 2\*\*63"),  # the bound itself (Z71)
                       (dict(sd, proj_dim=1), "proj_dim=0 but this ProjectionState has proj_dim='auto'"),
@@ -1090,6 +1156,8 @@ def test_accumulator_reduce_bad_options():
         CompressedAccumulator(model, rank=4, tau=2, reduce=True, exact_last=True)
     with pytest.raises(TypeError, match="exact_last must be True, False or None"):
         CompressedAccumulator(model, rank=4, tau=2, exact_last=1)
+    with pytest.raises(ValueError, match="process_group: this process is not a member of it"):
+        CompressedAccumulator(model, rank=4, tau=2, reduce=True, process_group=dist.GroupMember.NON_GROUP_MEMBER)
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             CompressedAccumulator(model, rank=4, tau=2, reduce=True)

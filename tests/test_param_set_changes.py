@@ -6,6 +6,7 @@ Each case was found by a new-user probe (2026-12-04)."""
 
 import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -242,6 +243,25 @@ def test_a_group_added_after_load_state_dict_is_not_warned_of_torchs_own_default
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
+
+
+def test_state_dict_after_a_load_copy_or_pickle_equals_the_one_saved():
+    """torch's __setstate__ adds differentiable=False to the defaults, which Flora had
+    copied into every group: a loaded, copied or unpickled optimizer's state_dict had a
+    key the saved one lacked (probe Z111)."""
+    params = _params()
+    opt = Flora(params, lr=1e-2, **KW)
+    _grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    loaded = Flora(params, lr=1e-2, **KW)
+    loaded.load_state_dict(sd)
+    for other in (loaded, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        got = other.state_dict()
+        assert got["param_groups"] == sd["param_groups"]
+        assert other.defaults == opt.defaults
+        assert all(torch.equal(got["state"][i][k], v) for i, s in sd["state"].items() for k, v in s.items()
+                   if torch.is_tensor(v))
 
 
 def test_a_mid_cycle_accumulator_state_of_another_rule_says_how_to_move_on():

@@ -18,7 +18,7 @@ _AVAILABLE = tuple(t for t in DEVICE_TYPES if torch.amp.is_autocast_available(t)
 
 def enabled() -> tuple:
     """The device types whose autocast is enabled here (usually none)."""
-    return tuple(t for t in DEVICE_TYPES if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t))
+    return tuple(t for t in _AVAILABLE if torch.is_autocast_enabled(t))
 
 
 def disabled(types: tuple | None = None) -> contextlib.AbstractContextManager:

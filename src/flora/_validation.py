@@ -109,3 +109,19 @@ def _same(value, choice) -> bool:
         return bool(value == choice)
     except Exception:  # a tensor of several values, say
         return False
+
+
+def check_process_group(process_group) -> None:
+    """None or a ``torch.distributed.ProcessGroup`` this process belongs to (``new_group``
+    hands processes outside the group an int marker, which had been called "an int")."""
+    if process_group is None:
+        return
+    import torch.distributed as dist
+
+    if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("process_group: this process is not a member of it (dist.new_group returns a marker to "
+                         "processes outside the group); give each process a group it belongs to, or None for "
+                         "the default group")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")

@@ -33,12 +33,13 @@ import torch.distributed as dist
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._validation import (COUNTER_LIMIT, check_choice, check_nonneg_int, check_positive_int, check_real, check_seed,
-                          plain)
+from ._validation import (COUNTER_LIMIT, check_choice, check_nonneg_int, check_positive_int, check_process_group,
+                          check_real, check_seed, plain)
 from .accumulation.estimator import write_estimate_
 from .agreement import check_agreement  # the replicas' option check, shared with reduce=True
 from ._warn import warn
 from .compression import PROJ_DIMS, compressed_dim
+from .layout import bucket_gradients
 from .projection import (
     COMMUNICATION_STREAM,
     PROJECTIONS,
@@ -96,9 +97,7 @@ class ProjectionState:
         rank, seed, proj_dim, max_aspect_ratio = map(plain, (rank, seed, proj_dim, max_aspect_ratio))
         check_choice("proj_dim", proj_dim, PROJ_DIMS)
         check_real("max_aspect_ratio", max_aspect_ratio, low=1.0, allow_none=True)
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
-                            f"{type(process_group).__name__}")
+        check_process_group(process_group)
         self.rank, self.seed, self.projection = rank, seed, projection
         self.proj_dim, self.max_aspect_ratio, self.process_group = proj_dim, max_aspect_ratio, process_group
         self.step = 0
@@ -179,11 +178,15 @@ class ProjectionState:
         for key in ("rank", "seed", "projection", "step"):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r}: not a ProjectionState's state_dict")
+        # said as the constructor takes them (the state_dict's codes had been shown: rank=0,
+        # projection=1; a probe)
+        shown = {"rank": lambda v: v or None, "seed": lambda v: v,
+                 "projection": lambda v: HOOK_PROJECTIONS[v] if v < len(HOOK_PROJECTIONS) else v}
         for key in ("rank", "seed", "projection"):
             check_nonneg_int(f"state_dict[{key!r}]", state_dict[key])
             if int(state_dict[key]) != mine[key]:
-                raise ValueError(f"state_dict has {key}={state_dict[key]!r} but this ProjectionState has "
-                                 f"{key}={mine[key]!r}; build it with the same {key}")
+                raise ValueError(f"state_dict has {key}={shown[key](int(state_dict[key]))!r} but this "
+                                 f"ProjectionState has {key}={getattr(self, key)!r}; build it with the same {key}")
         # how tensors are compressed (a resumed run compressing other tensors, or along
         # another dimension, had gone unnoticed: every replica loads the same checkpoint)
         if "proj_dim" in state_dict:
@@ -239,7 +242,7 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     if bucket.is_last():
         state.step += 1
 
-    grads = bucket.gradients()
+    grads = bucket_gradients(bucket)  # as DDP lays them out: gradients() shows a channels_last one permuted
     params = bucket.parameters()
     keys = [state.key(p, index, i) for i, p in enumerate(params)]
     dims = [state.dim(p.shape) for p in params]

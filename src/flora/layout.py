@@ -21,3 +21,16 @@ def in_memory_order(t: torch.Tensor) -> torch.Tensor | None:
 def fills_span(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements are every element of its span, each once."""
     return in_memory_order(t) is not None
+
+
+def bucket_gradients(bucket, out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each gradient of a DDP ``GradBucket`` as DDP lays it out in the bucket's buffer (or at
+    the same offsets in ``out``, a tensor like it): with its parameter's strides where the
+    parameter fills its span (channels_last, transposed), row-major otherwise.
+    ``bucket.gradients()`` shows row-major views of that memory whatever the layout, so a
+    channels_last gradient read through it is a permuted matrix."""
+    buf = bucket.buffer()
+    target = buf if out is None else out
+    shift = target.storage_offset() - buf.storage_offset()
+    return [target.as_strided(g.size(), p.stride() if fills_span(p) else g.stride(), g.storage_offset() + shift)
+            for p, g in zip(bucket.parameters(), bucket.gradients())]

@@ -308,7 +308,10 @@ class Flora(Optimizer):
         for k in ("_compile", "_kernel", "_relative_step_given"):
             state.setdefault(k, getattr(self, k, None if k != "_relative_step_given" else False))
         _install_prelude()  # unpickled in a process that built no Flora: torch.compile(opt.step) needs it
+        had = "differentiable" in state.get("defaults", getattr(self, "defaults", {}))
         super().__setstate__(state)
+        if not had:  # torch's adds differentiable=False, which every group then took: the state_dict
+            self.defaults.pop("differentiable", None)  # after a load or copy had a key the saved one lacks
         _upgrade_group(self.defaults)  # new groups step as this optimizer's did when it was pickled
         for group in self.param_groups:  # options added or renamed since it was pickled
             _upgrade_group(group)

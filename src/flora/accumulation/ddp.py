@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layout import bucket_gradients
 from .cycle import Cycle
 from .estimator import Slot
 
@@ -69,17 +70,6 @@ def check_ddp_fused(ddp: nn.Module, slots: list[Slot], comm_hook) -> None:
 REMOVED = ("this DistributedDataParallel model was given to a fused CompressedAccumulator that has since been "
            "removed; DDP keeps the communication hook and the optimizer-in-backward mode it set (neither can be "
            "undone), so it would no longer produce gradients: wrap the module in a new DistributedDataParallel")
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill its storage span exactly once, in some order of its
-    dimensions (what DDP checks before giving a bucket view the tensor's strides)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _comm_hook(state, bucket):
@@ -136,17 +126,12 @@ class DDPSteps:
         if isinstance(out, (list, tuple)):
             out = out[0]
         eng = self.engine
-        base = bucket.buffer().storage_offset()
         params = []
         with eng.lock:
-            for p, g in zip(bucket.parameters(), bucket.gradients()):
+            for p, view in zip(bucket.parameters(), bucket_gradients(bucket, out)):
                 k = self.slot_of.get(id(p))
                 if k is None or k not in eng.cycle.done or p.grad is None:
                     continue
-                # DDP lays a dense parameter's gradient out in the bucket with the parameter's
-                # strides (channels_last included), whatever strides bucket.gradients() shows
-                strides = p.stride() if _dense(p) else g.stride()
-                view = out.as_strided(g.size(), strides, out.storage_offset() + g.storage_offset() - base)
                 want = eng.cycle.gradient_dtype(k, p)
                 p.grad = view if view.dtype == want else view.to(want)
                 params.append(p)

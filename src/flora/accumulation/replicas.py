@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validation import check_process_group
 from ..agreement import check_agreement
 from ..compression import compressed_dim
 from ..projection import state_dtype
@@ -41,9 +42,7 @@ def check_reduce(reduce: bool, process_group, exact_last: bool | None) -> None:
                          "micro-batch)")
     import torch.distributed as dist
 
-    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
-                        f"{type(process_group).__name__}")
+    check_process_group(process_group)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("reduce=True needs torch.distributed: call torch.distributed.init_process_group() "
                            "(torchrun sets up its environment) before building the accumulator")
