@@ -763,24 +763,31 @@ def test_workers_is_validated(capsys):
         assert msg in capsys.readouterr().err
 
 
-def test_tau_applies_to_finetune_only_and_the_na_message_says_so(tmp_path):
-    """--tau sets finetune's micro-batches only: an accumulating optimizer on another task
-    is n/a, and the message says that --tau does not apply there (issue 16, item 12)."""
+def test_tau_applies_to_every_task_and_the_na_message_says_how_to_set_it(tmp_path):
+    """--tau sets every selected task's micro-batches a step (it had set finetune's only, so
+    compressed accumulation could not be measured on classification: a probe, Z112); an
+    accumulating optimizer on a task at tau 1 is n/a, saying how to give it more."""
     import argparse
 
-    from flora.bench import train
+    import torch
+
+    from flora.bench import tasks, train
 
     args = argparse.Namespace(seed=0, seeds=1, lrs=None, threads=None, tau=4)
-    cfgs = {t: config.task_config("smoke", t, optimizers=["adamw+ca-r4"], tau=4) for t in ("pretrain", "finetune")}
-    assert cfgs["pretrain"].tau == 1 and cfgs["finetune"].tau == 4
+    cfgs = {t: config.task_config("smoke", t, optimizers=["adamw+ca-r4"], tau=4) for t in ("pretrain", "classify")}
+    assert cfgs["pretrain"].tau == 4 and cfgs["classify"].tau == 4
     jobs, skipped = train.plan(args, cfgs, {}, "cpu", tmp_path)
-    assert [j.task for j in jobs] == ["finetune"]  # finetune runs it at tau 4
-    (na,) = skipped
-    assert na.task == "pretrain" and na.status.startswith("n/a: compressed accumulation needs tau > 1")
-    assert "--tau 4 applies to the finetune task only" in na.status and "pretrain runs tau=1" in na.status
-    args.tau = None  # without --tau: no mention of it
-    _, (na,) = train.plan(args, {"pretrain": cfgs["pretrain"]}, {}, "cpu", tmp_path)
-    assert "--tau" not in na.status
+    assert sorted(j.task for j in jobs) == ["classify", "pretrain"] and not skipped
+    assert "tau=4 micro-batches of 4 articles" in train._describe("classify", cfgs["classify"], None)
+    # the micro-batches of a step are distinct batches
+    task = tasks.make_task("pretrain", cfgs["pretrain"], tmp_path)
+    task.streams = {"train": torch.arange(10_000)}
+    assert not torch.equal(task.batch(0, 0, "cpu")[0]["input_ids"], task.batch(0, 1, "cpu")[0]["input_ids"])
+    args.tau = None  # without --tau: n/a, and how to set it
+    plain = config.task_config("smoke", "pretrain", optimizers=["adamw+ca-r4"])
+    _, (na,) = train.plan(args, {"pretrain": plain}, {}, "cpu", tmp_path)
+    assert na.status == "n/a: compressed accumulation needs tau > 1 (pretrain runs tau=1; --tau N sets N " \
+                        "micro-batches a step)"
 
 
 def test_comm_rows_whose_flora_rank_compresses_nothing_are_marked():

@@ -143,7 +143,7 @@ PRESETS: dict[str, Preset] = {
 def task_config(size: str, task: str, *, steps: int | None = None, optimizers=None, lr_points: int | None = None,
                 tau: int | None = None, preset: str | None = None, ranks=None, scale_parameter: bool = False,
                 extend_lr: int | None = None) -> TaskConfig:
-    """One task's settings with command-line overrides applied (``tau``: finetune only;
+    """One task's settings with command-line overrides applied (``tau``: micro-batches a step;
     ``preset``: its optimizers at ``ranks`` (default ``RANKS[size]``), lr points and grid
     extensions; explicit ``optimizers``, ``lr_points`` and ``extend_lr`` win)."""
     if size not in SIZES:
@@ -163,7 +163,7 @@ def task_config(size: str, task: str, *, steps: int | None = None, optimizers=No
         cfg = dataclasses.replace(cfg, optimizers=tuple(optimizers))
     if lr_points is not None:
         cfg = dataclasses.replace(cfg, lr_points=lr_points)
-    if tau is not None and task == "finetune":
+    if tau is not None:  # on every task (it had been finetune's only): accumulation is measured where asked
         cfg = dataclasses.replace(cfg, tau=tau)
     return cfg
 

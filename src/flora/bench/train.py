@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "optimizer name or an lr family (adam: AdamW/GaLore/APOLLO, adafactor: Adafactor/Flora/"
                         "flora-opt, lora), e.g. adam=1e-3,adafactor=1e-3/3e-3,lora=3e-3")
     p.add_argument("--tau", type=int, default=None,
-                   help="micro-batches per step in the finetune task only (the others step on every batch; "
-                        "default: the size's)")
+                   help="micro-batches per optimizer step in every selected task (default: the size's: "
+                        "finetune 2 or 8, the others 1); compressed-accumulation rows (+ca-rR) need tau > 1")
     p.add_argument("--seed", type=int, default=0, help="the first run seed (model init, data order, projections)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="repeat every (optimizer, lr) on seeds SEED..SEED+N-1; the lr is chosen on the mean "
@@ -201,9 +201,10 @@ def _describe(task: str, cfg: config.TaskConfig, model_params: int | None) -> st
     params = f"{model_params / 1e6:.2f}M params" if model_params else ""
     # the lrs tried are each row's (--lrs and grid extension change them; a count here had not)
     lr_note = "lr: picked on validation among those each row lists as tried"
+    micro = f"tau={cfg.tau} micro-batches of " if cfg.tau > 1 else ""
     if task == "pretrain":
         what = (f"Llama {cfg.layers} layers x {cfg.hidden} wide ({params}), byte-level, from scratch on "
-                f"KJV + BBC text; {cfg.steps} steps of {cfg.batch} x {cfg.seq} bytes")
+                f"KJV + BBC text; {cfg.steps} steps of {micro}{cfg.batch} x {cfg.seq} bytes")
     elif task == "finetune":
         what = (f"SmolLM2-135M ({params}) on BBC News text; {cfg.steps} steps of tau={cfg.tau} micro-batches "
                 f"of {cfg.batch} x {cfg.seq} tokens")
@@ -212,7 +213,7 @@ def _describe(task: str, cfg: config.TaskConfig, model_params: int | None) -> st
                      f"suite's fine-tuning task does: flora-bench suite)")
     else:
         what = (f"all-MiniLM-L6-v2 ({params}) + 5-way head on BBC News topics; {cfg.steps} steps of "
-                f"{cfg.batch} articles x {cfg.seq} tokens; accuracy on {cfg.eval_examples} held-out articles")
+                f"{micro}{cfg.batch} articles x {cfg.seq} tokens; accuracy on {cfg.eval_examples} held-out articles")
     return f"{what}; kappa (projection refresh, also GaLore/APOLLO update_proj_gap) = {cfg.kappa}; {lr_note}."
 
 
@@ -243,12 +244,10 @@ def plan(args, cfgs: dict[str, config.TaskConfig], peers: dict[str, str], device
 
 
 def tau_na(task: str, cfg: config.TaskConfig, tau: int | None) -> str:
-    """Why a ``+ca-rR`` optimizer is not run on ``task`` (its tau is 1), saying where
-    ``--tau`` applies when it was given for a task that ignores it."""
-    why = f"n/a: compressed accumulation needs tau > 1 ({task} runs tau={cfg.tau}"
-    if tau is not None and task != "finetune":
-        why += f"; --tau {tau} applies to the finetune task only"
-    return why + ")"
+    """Why a ``+ca-rR`` optimizer is not run on ``task`` (its tau is 1), saying how to
+    give it more micro-batches a step."""
+    how = "" if tau is not None else "; --tau N sets N micro-batches a step"
+    return f"n/a: compressed accumulation needs tau > 1 ({task} runs tau={cfg.tau}{how})"
 
 
 def seeds_of(args) -> list[int]:
@@ -286,9 +285,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers,
                                   lr_points=args.lr_points, tau=args.tau, preset=args.preset, ranks=args.ranks,
                                   scale_parameter=args.scale_parameter, extend_lr=args.extend_lr) for t in tasks}
-    if args.tau is not None and "finetune" not in tasks:
-        core.say(f"flora-bench train: --tau {args.tau} applies to the finetune task only; {', '.join(tasks)} "
-                 "step(s) on every batch (tau=1)")
     peers = bo.peer_status()
     jobs, skipped = plan(args, cfgs, peers, device, cache)
     progress = not args.no_progress and core.interactive()
