@@ -533,6 +533,7 @@ def test_seeds_give_mean_and_std_of_runs_that_differ(seeded_runs):
 
     res = _results(seeded_runs / "a")
     assert res["meta"]["seeds"] == [0, 1]
+    assert res["meta"]["tau_every_task"] is True  # which --tau rule it ran under: a resume keeps it
     for name in ("adamw", "flora-r4-scaled-orthonormal"):
         runs = [r for r in res["runs"] if r["optimizer"] == name]
         assert sorted(r["seed"] for r in runs) == [0, 1] and all(r["status"] == "ok" for r in runs)
@@ -1061,6 +1062,39 @@ def test_train_resume_refuses_a_run_of_other_settings(change, words, tmp_path, c
     assert all(w in err for w in words), err
     assert not (tmp_path / "out").exists()
     assert train.resume_mismatch(path, {"pretrain": config.task_config("smoke", "pretrain", steps=6)}, "smoke") is None
+
+
+def test_train_resume_of_results_from_before_tau_applied_to_every_task(tmp_path, monkeypatch):
+    """Results written when --tau set finetune's micro-batches only (no tau_every_task in
+    their metadata) resume under that rule with the command that made them: the new rule
+    had refused every command (pretrain's tau 1 there, 4 here; a review). Results that say
+    they ran under the new rule are held to it."""
+    from flora.bench import config, train
+
+    old = {t: config.task_config("smoke", t, tau=4 if t == "finetune" else None).to_dict()
+           for t in ("pretrain", "finetune")}
+    assert old["pretrain"]["tau"] == 1 and old["finetune"]["tau"] == 4
+    real, seen = train.resume_mismatch, {}
+
+    def check(path, cfgs, size, device=None):  # the real check, then stop before any work
+        seen["cfgs"], seen["why"] = cfgs, real(path, cfgs, size, device)
+        return "stopped by the test"
+
+    monkeypatch.setattr(train, "resume_mismatch", check)
+    for marker, pretrain_tau in ((None, 1), (True, 4)):
+        meta = {"size": "smoke", "tasks": {t: {"config": c} for t, c in old.items()}}
+        if marker is not None:
+            meta["tau_every_task"] = marker
+        path = tmp_path / f"results_{marker}.json"
+        path.write_text(json.dumps({"meta": meta, "runs": []}))
+        assert main(["train", "--size", "smoke", "--tasks", "pretrain,finetune", "--optimizers", "adamw", "--tau", "4",
+                     "--device", "cpu", "--no-isolate", "--no-progress", "--resume", str(path),
+                     "--out", str(tmp_path / "out")]) == 2
+        assert seen["cfgs"]["pretrain"].tau == pretrain_tau and seen["cfgs"]["finetune"].tau == 4
+        if marker is None:
+            assert seen["why"] is None  # the command that made them continues them
+        else:
+            assert "tau 1 there, 4 here" in seen["why"]
 
 
 def test_train_resume_refuses_a_run_on_another_device(tmp_path, capsys):

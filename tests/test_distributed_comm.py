@@ -689,6 +689,26 @@ def _hook_layouts(rank, world):
     return out
 
 
+def _hook_complex(rank, world):
+    """A complex parameter beside a real one: DDP gives it a bucket of its own whose buffer
+    is the real view (twice as long), which the hook sends dense (it had compressed a
+    real-typed view of half of it, and the replicas parted: a review)."""
+    out = {}
+    for name in ("plain", "hook"):
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.c = nn.Parameter(torch.randn(12, 10, dtype=torch.complex64))
+        model.w = nn.Parameter(torch.randn(12, 10))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if name == "hook":
+            ddp.register_comm_hook(ProjectionState(rank=RANK, seed=SEED), projection_hook)
+        x = torch.randn(12, 10, dtype=torch.complex64, generator=torch.Generator().manual_seed(rank))
+        ddp.module.forward = lambda: (model.c * x).abs().square().sum() + (model.w * x.real).square().sum()
+        ddp().backward()
+        out[name] = [model.c.grad.clone(), model.w.grad.clone()]
+    return out
+
+
 def _acc_cycle_micro(model, step, micro):
     x, y = _data(dist.get_rank(), step, micro)
     (F.cross_entropy(model(x), y) / TAU).backward()
@@ -700,7 +720,7 @@ SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain
                                    _acc_rank_none_vs_ddp, _acc_more, _counter_sees_powersgd, _hook_refusals,
                                    _acc_fused_wrapped_in_ddp, _hook_resume, _acc_reduce_on_a_ddp_subgroup,
                                    _hook_reused_state_and_sparse, _acc_option_set_on_every_replica,
-                                   _acc_grad_dtype_none, _acc_reduce_under_accelerate, _hook_layouts)]
+                                   _acc_grad_dtype_none, _acc_reduce_under_accelerate, _hook_layouts, _hook_complex)]
 
 
 @pytest.fixture(scope="module")
@@ -753,6 +773,13 @@ def test_hook_and_fused_accumulator_do_not_depend_on_the_weights_memory_layout(r
         _close(step_odd, step_plain)  # 1.3 relative off before, on the conv weight
     _close(r0["odd"]["fused"], r0["plain"]["fused"])
     _same(r0["odd"]["fused"], r1["odd"]["fused"])
+
+
+def test_hook_sends_a_complex_gradient_dense(replicas):
+    r0, r1 = _result(replicas, "hook_complex")
+    assert torch.equal(r0["hook"][0], r0["plain"][0]) and torch.equal(r1["hook"][0], r0["plain"][0])
+    assert not torch.allclose(r0["hook"][1], r0["plain"][1])  # the real matrix beside it is compressed
+    assert torch.equal(r0["hook"][1], r1["hook"][1])
 
 
 def test_hook_sends_one_all_reduce_per_bucket_of_the_compressed_size(replicas):

@@ -282,9 +282,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out) if args.out else Path(args.resume).parent if args.resume else core.default_out("train")
     args.out_resolved = out  # for the interrupt's message (flora.bench.__main__)
     cache = Path(args.cache) if args.cache else cache_dir_default()
-    cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers,
-                                  lr_points=args.lr_points, tau=args.tau, preset=args.preset, ranks=args.ranks,
-                                  scale_parameter=args.scale_parameter, extend_lr=args.extend_lr) for t in tasks}
+    legacy_tau = bool(args.resume) and _tau_finetune_only(Path(args.resume))
+    cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers, lr_points=args.lr_points,
+                                  tau=None if legacy_tau and t != "finetune" else args.tau, preset=args.preset,
+                                  ranks=args.ranks, scale_parameter=args.scale_parameter, extend_lr=args.extend_lr)
+            for t in tasks}
     peers = bo.peer_status()
     jobs, skipped = plan(args, cfgs, peers, device, cache)
     progress = not args.no_progress and core.interactive()
@@ -298,7 +300,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             core.say(f"  peer {name}: {st}")
     meta = core.run_metadata("train", argv, device)
     meta.update(size=args.size, seed=args.seed, seeds=seeds_of(args), peers=peers,
-                runs_planned=len(jobs) + len(skipped), preset=args.preset,
+                runs_planned=len(jobs) + len(skipped), preset=args.preset, tau_every_task=not legacy_tau,
                 lr_extension={"grids": {}, "extended": {}, "capped": []})
     grids = {}  # (task, optimizer) -> the lrs planned first
     for j in jobs:
@@ -432,6 +434,19 @@ def _run_jobs(jobs: list, runs: list, *, workers: int, runner, cfgs, cache: Path
 # Task settings a resumed run may change (which optimizers and lrs run, and threads); every
 # other field of config.TaskConfig shapes what a run computes and must equal the saved run's.
 RESUME_MAY_CHANGE = ("optimizers", "lr_points", "extend_lr", "threads")
+
+
+def _tau_finetune_only(path: Path) -> bool:
+    """Whether the results at ``path`` were written when ``--tau`` set the finetune task's
+    micro-batches only (before 2026-12-07: no ``tau_every_task`` in their metadata): their
+    resume keeps that rule, so that the command that made them continues them (a review)."""
+    from . import report
+
+    try:
+        meta, _ = report.merge([path])
+    except Exception:  # noqa: BLE001 -- not readable: resume_mismatch and resume say why
+        return False
+    return not meta.get("tau_every_task", False)
 
 
 def resume_mismatch(path: Path, cfgs: dict, size: str, device: str | None = None) -> str | None:
