@@ -1095,6 +1095,36 @@ def test_train_resume_of_results_from_before_tau_applied_to_every_task(tmp_path,
             assert seen["why"] is None  # the command that made them continues them
         else:
             assert "tau 1 there, 4 here" in seen["why"]
+    # without the marker but with another task at a tau the old rule never gave (958ffc1's
+    # results): the new rule (it had been refused by every command: review Z115)
+    new_cfg = config.task_config("smoke", "pretrain", tau=4).to_dict()
+    path = tmp_path / "results_958ffc1.json"
+    path.write_text(json.dumps({"meta": {"size": "smoke", "tasks": {"pretrain": {"config": new_cfg}}}, "runs": []}))
+    assert main(["train", "--size", "smoke", "--tasks", "pretrain", "--optimizers", "adamw", "--tau", "4",
+                 "--device", "cpu", "--no-isolate", "--no-progress", "--resume", str(path),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert seen["cfgs"]["pretrain"].tau == 4 and seen["why"] is None
+
+
+def test_train_resume_under_the_old_tau_rule_says_so(tmp_path, monkeypatch, capsys):
+    """A resume that keeps the finetune-only rule while --tau is given says that --tau does
+    not reach the other tasks, in a note and in a +ca row's n/a (review Z115: silent)."""
+    import argparse
+
+    from flora.bench import config, train
+
+    old = config.task_config("smoke", "pretrain").to_dict()
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"size": "smoke", "tasks": {"pretrain": {"config": old}}}, "runs": []}))
+    monkeypatch.setattr(train, "resume_mismatch", lambda *a, **k: "stopped by the test")
+    assert main(["train", "--size", "smoke", "--tasks", "pretrain", "--optimizers", "adamw", "--tau", "2",
+                 "--device", "cpu", "--no-isolate", "--no-progress", "--resume", str(path),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "was written when --tau applied to the finetune task only" in capsys.readouterr().out
+    args = argparse.Namespace(seed=0, seeds=1, lrs=None, threads=None, tau=2, tau_finetune_only=True)
+    cfgs = {"pretrain": config.task_config("smoke", "pretrain", optimizers=["adamw+ca-r4"])}
+    _, (na,) = train.plan(args, cfgs, {}, "cpu", tmp_path)
+    assert "their resume keeps that rule: --tau 2 does not reach pretrain" in na.status
 
 
 def test_train_resume_refuses_a_run_on_another_device(tmp_path, capsys):

@@ -159,7 +159,7 @@ def test_fsdp2_refuses_stacked_experts_that_do_not_divide_among_the_ranks(result
         got = r["3"]
         assert got["error_message"] and "stack of matrices of shape (3, 6, 5)" in got["error_message"], got
         assert "rank=None" in got["error_message"] and got["unchanged"]
-        assert "a convolution kernel larger than its channels" in got["error_message"]  # they are stacks too (Z113)
+        assert "a convolution kernel whose spatial dims are its largest" in got["error_message"]  # they are stacks too (Z113)
         assert r["None"] == {"error_message": None, "moved": True}
 
 

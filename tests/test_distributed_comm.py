@@ -689,23 +689,40 @@ def _hook_layouts(rank, world):
     return out
 
 
+def _complex_model(rank):
+    """A complex parameter beside a real one, in DDP, and a loss of this replica's data."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.c = nn.Parameter(torch.randn(12, 10, dtype=torch.complex64))
+    model.w = nn.Parameter(torch.randn(12, 10))
+    x = torch.randn(12, 10, dtype=torch.complex64, generator=torch.Generator().manual_seed(rank))
+    model.forward = lambda: (model.c * x).abs().square().sum() + (model.w * x.real).square().sum()
+    return model, nn.parallel.DistributedDataParallel(model)
+
+
 def _hook_complex(rank, world):
-    """A complex parameter beside a real one: DDP gives it a bucket of its own whose buffer
-    is the real view (twice as long), which the hook sends dense (it had compressed a
-    real-typed view of half of it, and the replicas parted: a review)."""
+    """DDP gives a complex parameter a bucket of its own whose buffer is the real view
+    (twice as long): the hook sends it dense (it had compressed a real-typed view of half
+    of it, and the replicas parted), and the fused accumulator's hook reads it complex (it
+    had stepped the weight on a real view of half of it): reviews Z114, Z115."""
     out = {}
     for name in ("plain", "hook"):
-        torch.manual_seed(0)
-        model = nn.Module()
-        model.c = nn.Parameter(torch.randn(12, 10, dtype=torch.complex64))
-        model.w = nn.Parameter(torch.randn(12, 10))
-        ddp = nn.parallel.DistributedDataParallel(model)
+        model, ddp = _complex_model(rank)
         if name == "hook":
             ddp.register_comm_hook(ProjectionState(rank=RANK, seed=SEED), projection_hook)
-        x = torch.randn(12, 10, dtype=torch.complex64, generator=torch.Generator().manual_seed(rank))
-        ddp.module.forward = lambda: (model.c * x).abs().square().sum() + (model.w * x.real).square().sum()
         ddp().backward()
         out[name] = [model.c.grad.clone(), model.w.grad.clone()]
+    for name in ("plain_step", "fused_step"):
+        model, ddp = _complex_model(rank)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        acc = (CompressedAccumulator(ddp, rank=RANK, tau=1, optimizer=opt, seed=SEED, fused=True, exclude=["module.c"])
+               if name == "fused_step" else None)
+        ddp().backward()
+        if acc is None:
+            opt.step()
+        else:
+            acc.remove()
+        out[name] = model.c.detach().clone()
     return out
 
 
@@ -775,11 +792,12 @@ def test_hook_and_fused_accumulator_do_not_depend_on_the_weights_memory_layout(r
     _same(r0["odd"]["fused"], r1["odd"]["fused"])
 
 
-def test_hook_sends_a_complex_gradient_dense(replicas):
+def test_hook_sends_a_complex_gradient_dense_and_fused_mode_reads_it_complex(replicas):
     r0, r1 = _result(replicas, "hook_complex")
     assert torch.equal(r0["hook"][0], r0["plain"][0]) and torch.equal(r1["hook"][0], r0["plain"][0])
     assert not torch.allclose(r0["hook"][1], r0["plain"][1])  # the real matrix beside it is compressed
     assert torch.equal(r0["hook"][1], r1["hook"][1])
+    assert torch.equal(r0["fused_step"], r0["plain_step"]) and torch.equal(r1["fused_step"], r0["plain_step"])
 
 
 def test_hook_sends_one_all_reduce_per_bucket_of_the_compressed_size(replicas):

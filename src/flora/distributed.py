@@ -242,7 +242,6 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     if bucket.is_last():
         state.step += 1
 
-    grads = bucket_gradients(bucket)  # as DDP lays them out: gradients() shows a channels_last one permuted
     params = bucket.parameters()
     keys = [state.key(p, index, i) for i, p in enumerate(params)]
     dims = [state.dim(p.shape) for p in params]
@@ -255,6 +254,7 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
         fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
 
+    grads = bucket_gradients(bucket)  # as DDP lays them out: gradients() shows a channels_last one permuted
     pieces, plan = [], []
     for i, (g, d) in enumerate(zip(grads, dims)):
         if d is None:

@@ -28,9 +28,20 @@ def bucket_gradients(bucket, out: torch.Tensor | None = None) -> list[torch.Tens
     the same offsets in ``out``, a tensor like it): with its parameter's strides where the
     parameter fills its span (channels_last, transposed), row-major otherwise.
     ``bucket.gradients()`` shows row-major views of that memory whatever the layout, so a
-    channels_last gradient read through it is a permuted matrix."""
+    channels_last gradient read through it is a permuted matrix. A complex parameter's
+    gradient comes back complex, from the real view DDP buckets it as."""
     buf = bucket.buffer()
     target = buf if out is None else out
-    shift = target.storage_offset() - buf.storage_offset()
-    return [target.as_strided(g.size(), p.stride() if fills_span(p) else g.stride(), g.storage_offset() + shift)
-            for p, g in zip(bucket.parameters(), bucket.gradients())]
+    views = []
+    for p, g in zip(bucket.parameters(), bucket.gradients()):
+        at = g.storage_offset() - buf.storage_offset()  # in the parameter's elements
+        strides = p.stride() if fills_span(p) else g.stride()
+        if p.is_complex() and not target.is_complex():
+            # a complex bucket holds its real view (twice as long), where gradients() shows
+            # real tensors of the complex shapes at the complex offsets (a review)
+            real = target.as_strided(tuple(g.size()) + (2,), tuple(2 * st for st in strides) + (1,),
+                                     target.storage_offset() + 2 * at)
+            views.append(torch.view_as_complex(real))
+        else:
+            views.append(target.as_strided(g.size(), strides, target.storage_offset() + at))
+    return views

@@ -281,7 +281,7 @@ def _check_stack_rows(shape, lay: Layout, full, mine, *, loading: bool = False) 
                   if loading else "Shard it evenly, or put it in a group with rank=None or proj_dim=0")
         raise ValueError(
             f"a stack of matrices of shape {tuple(shape)} (its last two dims are its largest: stacked experts, one "
-            f"matrix behind leading dims of 1, or a convolution kernel larger than its channels) "
+            f"matrix behind leading dims of 1, or a convolution kernel whose spatial dims are its largest) "
             f"sharded over {ranks} ranks by its first dim, of {shape[0]}, not a multiple of the ranks, "
             f"with its columns projected{' in the checkpoint' if loading else ''}: its compressed momentum's rows "
             f"would not follow the parameter's shards. {remedy}")

@@ -231,7 +231,7 @@ def plan(args, cfgs: dict[str, config.TaskConfig], peers: dict[str, str], device
             if spec.is_peer and peers[spec.peer_module] != "ok":
                 why = f"unavailable: {spec.peer_module} not importable ({peers[spec.peer_module]})"
             elif spec.accumulate_rank is not None and cfg.tau <= 1:
-                why = tau_na(t, cfg, args.tau)
+                why = tau_na(t, cfg, args.tau, finetune_only=getattr(args, "tau_finetune_only", False))
             if why:
                 skipped.append(RunResult(task=t, optimizer=name, lr=float("nan"), seed=args.seed, status=why))
                 continue
@@ -243,10 +243,15 @@ def plan(args, cfgs: dict[str, config.TaskConfig], peers: dict[str, str], device
     return jobs, skipped
 
 
-def tau_na(task: str, cfg: config.TaskConfig, tau: int | None) -> str:
+def tau_na(task: str, cfg: config.TaskConfig, tau: int | None, *, finetune_only: bool = False) -> str:
     """Why a ``+ca-rR`` optimizer is not run on ``task`` (its tau is 1), saying how to
-    give it more micro-batches a step."""
-    how = "" if tau is not None else "; --tau N sets N micro-batches a step"
+    give it more micro-batches a step (``finetune_only``: a resume of results written when
+    ``--tau`` set the finetune task's alone, which keeps that rule)."""
+    if finetune_only and tau is not None:
+        how = (f"; these results were written when --tau applied to the finetune task only, and their resume "
+               f"keeps that rule: --tau {tau} does not reach {task}")
+    else:
+        how = "" if tau is not None else "; --tau N sets N micro-batches a step"
     return f"n/a: compressed accumulation needs tau > 1 ({task} runs tau={cfg.tau}{how})"
 
 
@@ -282,7 +287,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out) if args.out else Path(args.resume).parent if args.resume else core.default_out("train")
     args.out_resolved = out  # for the interrupt's message (flora.bench.__main__)
     cache = Path(args.cache) if args.cache else cache_dir_default()
-    legacy_tau = bool(args.resume) and _tau_finetune_only(Path(args.resume))
+    legacy_tau = args.tau_finetune_only = bool(args.resume) and _tau_finetune_only(Path(args.resume), args.size)
+    if legacy_tau and args.tau is not None and any(t != "finetune" for t in tasks):
+        core.say(f"flora-bench train: --resume: {args.resume} was written when --tau applied to the finetune task "
+                 f"only (before 2026-12-07), and its resume keeps that rule: "
+                 f"{', '.join(t for t in tasks if t != 'finetune')} step(s) at the size's tau")
     cfgs = {t: config.task_config(args.size, t, steps=args.steps, optimizers=args.optimizers, lr_points=args.lr_points,
                                   tau=None if legacy_tau and t != "finetune" else args.tau, preset=args.preset,
                                   ranks=args.ranks, scale_parameter=args.scale_parameter, extend_lr=args.extend_lr)
@@ -436,17 +445,25 @@ def _run_jobs(jobs: list, runs: list, *, workers: int, runner, cfgs, cache: Path
 RESUME_MAY_CHANGE = ("optimizers", "lr_points", "extend_lr", "threads")
 
 
-def _tau_finetune_only(path: Path) -> bool:
+def _tau_finetune_only(path: Path, size: str) -> bool:
     """Whether the results at ``path`` were written when ``--tau`` set the finetune task's
-    micro-batches only (before 2026-12-07: no ``tau_every_task`` in their metadata): their
-    resume keeps that rule, so that the command that made them continues them (a review)."""
-    from . import report
-
-    try:
-        meta, _ = report.merge([path])
-    except Exception:  # noqa: BLE001 -- not readable: resume_mismatch and resume say why
+    micro-batches only (before 2026-12-07): their resume keeps that rule, so that the
+    command that made them continues them (a review). Results since say which rule they
+    ran under (``tau_every_task``); older ones did under the old rule unless a task other
+    than finetune ran another tau than its size's (the commit that changed the rule wrote
+    no marker: a review)."""
+    try:  # the metadata alone (report.merge would say the file's merge warnings again)
+        meta = json.loads(path.read_text()).get("meta") or {}
+    except (OSError, ValueError, AttributeError):  # not results: resume_mismatch and resume say why
         return False
-    return not meta.get("tau_every_task", False)
+    if "tau_every_task" in meta:
+        return not meta["tau_every_task"]
+    defaults = config.SIZES.get(meta.get("size") or size, {})
+    for task, info in (meta.get("tasks") or {}).items():
+        tau = ((info or {}).get("config") or {}).get("tau")
+        if task != "finetune" and task in defaults and tau is not None and tau != defaults[task].tau:
+            return False
+    return True
 
 
 def resume_mismatch(path: Path, cfgs: dict, size: str, device: str | None = None) -> str | None:
