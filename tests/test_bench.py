@@ -1125,6 +1125,11 @@ def test_train_resume_under_the_old_tau_rule_says_so(tmp_path, monkeypatch, caps
     cfgs = {"pretrain": config.task_config("smoke", "pretrain", optimizers=["adamw+ca-r4"])}
     _, (na,) = train.plan(args, cfgs, {}, "cpu", tmp_path)
     assert "their resume keeps that rule: --tau 2 does not reach pretrain" in na.status
+    # --tau does reach finetune under the old rule: its n/a is the plain one (review Z117)
+    args.tau = 1
+    cfgs = {"finetune": config.task_config("smoke", "finetune", optimizers=["adamw+ca-r4"], tau=1)}
+    _, (na,) = train.plan(args, cfgs, {}, "cpu", tmp_path)
+    assert na.status == "n/a: compressed accumulation needs tau > 1 (finetune runs tau=1)"
 
 
 def test_train_resume_refuses_a_run_on_another_device(tmp_path, capsys):

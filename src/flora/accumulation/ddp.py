@@ -164,9 +164,10 @@ def mean_over_replicas(slots: list[Slot], ks: list[int], group) -> list[torch.Te
     now hold a gradient."""
     chosen = set(ks)
     dev = slots[0].param.device
-    wire = torch.float64 if any(s.param.dtype == torch.float64 for s in slots) else torch.float32
-    pieces = [(slots[k].param.grad.detach().reshape(-1).to(wire) if k in chosen
-               else torch.zeros(math.prod(slots[k].param.shape), dtype=wire, device=dev))
+    wire = torch.float64 if any(s.param.dtype in (torch.float64, torch.complex128) for s in slots) else torch.float32
+    # a complex gradient travels as its real view (a cast had dropped its imaginary part: review Z117)
+    pieces = [(_real(slots[k].param.grad.detach()).reshape(-1).to(wire) if k in chosen
+               else torch.zeros(_real_numel(slots[k].param), dtype=wire, device=dev))
               for k in range(len(slots))]
     flat = torch.cat(pieces + [torch.tensor([float(k in chosen) for k in range(len(slots))], dtype=wire,
                                             device=dev)])
@@ -176,12 +177,22 @@ def mean_over_replicas(slots: list[Slot], ks: list[int], group) -> list[torch.Te
     got = flat[-len(slots):].tolist()
     offset, params = 0, []
     for k, s in enumerate(slots):
-        n = math.prod(s.param.shape)
+        n = _real_numel(s.param)
         if got[k]:
-            s.param.grad = torch.empty_like(s.param).copy_(flat[offset:offset + n].view(s.param.shape))
+            g = torch.empty_like(s.param)
+            _real(g).copy_(flat[offset:offset + n].view(_real(g).shape))
+            s.param.grad = g
             params.append(s.param)
         offset += n
     return params
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_numel(p: torch.Tensor) -> int:
+    return math.prod(p.shape) * (2 if p.is_complex() else 1)
 
 
 @torch.no_grad()

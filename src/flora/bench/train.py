@@ -247,7 +247,7 @@ def tau_na(task: str, cfg: config.TaskConfig, tau: int | None, *, finetune_only:
     """Why a ``+ca-rR`` optimizer is not run on ``task`` (its tau is 1), saying how to
     give it more micro-batches a step (``finetune_only``: a resume of results written when
     ``--tau`` set the finetune task's alone, which keeps that rule)."""
-    if finetune_only and tau is not None:
+    if finetune_only and tau is not None and task != "finetune":
         how = (f"; these results were written when --tau applied to the finetune task only, and their resume "
                f"keeps that rule: --tau {tau} does not reach {task}")
     else:
@@ -458,11 +458,14 @@ def _tau_finetune_only(path: Path, size: str) -> bool:
         return False
     if "tau_every_task" in meta:
         return not meta["tau_every_task"]
-    defaults = config.SIZES.get(meta.get("size") or size, {})
-    for task, info in (meta.get("tasks") or {}).items():
-        tau = ((info or {}).get("config") or {}).get("tau")
-        if task != "finetune" and task in defaults and tau is not None and tau != defaults[task].tau:
-            return False
+    try:  # odd metadata (a size that is a list, a task that is a string): resume_mismatch says what is wrong
+        defaults = config.SIZES.get(meta.get("size") or size, {})
+        for task, info in (meta.get("tasks") or {}).items():
+            tau = ((info or {}).get("config") or {}).get("tau")
+            if task != "finetune" and task in defaults and tau is not None and tau != defaults[task].tau:
+                return False
+    except (TypeError, AttributeError):
+        return False
     return True
 
 
