@@ -245,11 +245,11 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     params = bucket.parameters()
     keys = [state.key(p, index, i) for i, p in enumerate(params)]
     dims = [state.dim(p.shape) for p in params]
-    if buffer.is_sparse or buffer.is_complex() or any(p.is_complex() for p in params) or all(d is None for d in dims):
+    if buffer.is_sparse or any(p.is_complex() for p in params) or all(d is None for d in dims):
         # nothing to compress, a sparse bucket (nn.Embedding(sparse=True); DDP gives it no
-        # gradients() to compress) or a complex one (its buffer holds the real view, twice as
-        # long, where gradients() shows real tensors of the complex shapes: compressing those
-        # had parted the replicas, a review): the bucket as DDP sends it
+        # gradients() to compress) or a complex one (DDP buckets complex parameters apart, its
+        # buffer their real view, twice as long, where gradients() shows real tensors of the
+        # complex shapes: compressing those had parted the replicas, a review): as DDP sends it
         buffer.mul_(1 / world)
         fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])

@@ -2,8 +2,8 @@
 
 Rounding to nearest loses every update smaller than half a unit in the last place: on a
 steady input a bfloat16 momentum stalls short of it by up to ``2^-8 / (1 - beta1)`` of the
-power of two below it (39% at beta1 = 0.99). Rounding up with probability equal to the discarded fraction is unbiased,
-so the momentum reaches its input on average at any beta1.
+power of two below it (39% at beta1 = 0.99). Rounding up with probability equal to the
+discarded fraction is unbiased, so the momentum reaches its input on average at any beta1.
 
 The random bits are a hash of the step count and of the value rounded towards zero to
 bfloat16 (its upper 16 bits), not of the element's position or a generator's state:
