@@ -353,3 +353,27 @@ def test_the_relative_step_schedule_after_a_torch_scheduler_failed_over_lr_none(
             opt.step()
             sched.step()
             opt.zero_grad()
+
+
+def test_public_api_refusals_from_the_contract_probe():
+    """Probe Z119 (2026-12-07): an integer tensor given to compress was told to draw the
+    projection in int64 (which make_projection refuses); unbiased="no" was truthy (scaled);
+    flora_state_bytes took any compile=, which Flora refuses; an accumulator given a
+    generator that Flora had read was told it had no trainable parameter."""
+    a = make_projection("gaussian", 0, 2, 6)
+    with pytest.raises(ValueError, match="compress: g is torch.int64; a matrix projection multiplies floating-point"):
+        compress(torch.ones(6, 4, dtype=torch.int64), a, 0)
+    with pytest.raises(TypeError, match="unbiased must be True or False; got 'no'"):
+        make_projection("orthonormal", 0, 2, 6, unbiased="no")
+    with pytest.raises(ValueError, match="compile='bogus' is not a torch.compile backend"):
+        flora_state_bytes([(8, 8)], rank=2, beta1=0.9, compile="bogus")
+    with pytest.raises(TypeError, match="compile must be True, False"):
+        flora_state_bytes([(8, 8)], rank=2, beta1=0.9, compile=3)
+    assert flora_state_bytes([(8, 8)], rank=2, beta1=0.9, compile=True) == flora_state_bytes([(8, 8)], rank=2, beta1=0.9)
+    model = _model()
+    params = model.parameters()
+    Flora(params, lr=1e-3)
+    with pytest.raises(ValueError, match="model_or_params is an empty parameter list .* can be read once"):
+        CompressedAccumulator(params, rank=2, tau=TAU)
+    with pytest.raises(ValueError, match="model_or_params has no parameter with requires_grad=True"):
+        CompressedAccumulator([nn.Parameter(torch.ones(3), requires_grad=False)], rank=2, tau=TAU)

@@ -827,11 +827,11 @@ def test_hook_sends_one_all_reduce_per_bucket_of_the_compressed_size(replicas):
     assert per_step == 4 * (320 + 3 * 24 + 6 + 3 * 48 + 16 + 3 * 16 + 5)  # the design, by hand
     dense = 4 * sum(math.prod(s) for s in shapes)
     assert per_step < dense / 2
-    # step 0: one check of the options (6 fields, 2 int64 halves each, max and min) + one bucket
+    # step 0: one check of the options (6 fields, its kind and 2 int64 halves each, max and min) + one bucket
     first = r0["steps"][0]
     allreduces = [c for c in first["calls"] if c[0] == "allreduce"]
     assert len(first["buckets"]) == 1 and len(allreduces) == 2
-    assert allreduces[0][2] == 8 * 2 * 2 * 6
+    assert allreduces[0][2] == 8 * 3 * 2 * 6
     assert allreduces[1][2] == per_step
     # later steps: exactly one all-reduce per bucket (several buckets), each its bucket's size
     for step in r0["steps"][1:]:
@@ -966,8 +966,8 @@ def test_accumulator_sends_one_packed_all_reduce_per_cycle(replicas):
     assert r0["communication_bytes"] == per_cycle
     for i, c in enumerate(r0["cycles"]):
         allreduces = [x for x in c["calls"] if x[0] == "allreduce"]
-        if i == 0:  # + the one-time check: 7 fields, 2 halves, max and min
-            assert len(allreduces) == 2 and allreduces[0][2] == 8 * 2 * 2 * 7
+        if i == 0:  # + the one-time check: 7 fields, a kind and 2 halves, max and min
+            assert len(allreduces) == 2 and allreduces[0][2] == 8 * 3 * 2 * 7
             allreduces = allreduces[1:]
         assert [x[2] for x in allreduces] == [per_cycle], (i, c["close"])
         assert [x for x in c["calls"] if x[0] != "allreduce"] == []

@@ -108,3 +108,32 @@ def test_the_cache_keeps_only_what_its_entries_need():
             assert opt.projection_cache.nbytes() > 0
             opt.param_groups[0]["cache_projections"] = False
     assert len(opt.projection_cache) == 0 and opt.projection_cache.nbytes() == 0
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("form", ["exact", "paper"])
+def test_a_momentum_grown_past_float32_gives_no_step_above_the_clip(form, foreach):
+    """A Gaussian projection redrawn every step at beta1 = 0.99 grows the compressed
+    momentum about sqrt(d / r) times a step (Flora warns of it). Once its squared norm
+    overflowed (inf - inf: a NaN RMS) the clip after decompression was skipped and the
+    weights moved by 1e25 (probe Z118). Now every step is at most lr * clip_threshold in
+    RMS, or none."""
+    import warnings
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(256, 128) * 0.02)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = flora.Flora([p], lr=1e-3, scale_parameter=False, rank=2, beta1=0.99, kappa=1, projection="gaussian",
+                          momentum_form=form, foreach=foreach)
+    big = 0.0
+    for _ in range(40):
+        p.grad = torch.randn(256, 128)
+        before = p.detach().clone()
+        opt.step()
+        if not torch.isfinite(opt.state[p]["exp_avg_c"].float()).all():
+            break
+        rms = (p.detach().double() - before.double()).square().mean().sqrt().item()
+        assert rms <= 1e-3 * (1 + 1e-5), rms
+        big = max(big, opt.state[p]["exp_avg_c"].float().abs().max().item())
+    assert big > 1e20  # the regime was reached: |M|^2 over float32's range

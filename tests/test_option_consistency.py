@@ -82,10 +82,18 @@ def test_momentum_and_momentum_form_given_together_must_agree():
     w, b = _params()
     with pytest.raises(ValueError, match="momentum='paper' and momentum_form='exact'"):
         Flora([w], lr=1e-3, momentum="paper", momentum_form="exact")
+    # the default's value written out is given, not the default (a probe: momentum= won over it)
+    with pytest.raises(ValueError, match="momentum='exact' and momentum_form='floored'"):
+        Flora([w], lr=1e-3, momentum="exact", momentum_form="floored")
+    with pytest.raises(ValueError, match="momentum='exact' and momentum_form='floored'"):
+        Flora([w], lr=1e-3, momentum="exact", momentum_form="".join(["floo", "red"]))
+    with pytest.warns(FutureWarning):  # the default left alone: momentum= sets it
+        assert Flora([w], lr=1e-3, momentum="subspace").defaults["momentum_form"] == "subspace"
+    assert Flora([w], lr=1e-3).defaults["momentum_form"] == "floored"
     with pytest.warns(FutureWarning):
         assert Flora([w], lr=1e-3, momentum="exact", momentum_form="exact").defaults["momentum_form"] == "exact"
     opt = Flora([w], lr=1e-3)
-    with pytest.raises(ValueError, match="'momentum' is 'momentum_form''s old name"):
+    with pytest.raises(ValueError, match="'momentum' is the old name of 'momentum_form'"):
         opt.add_param_group({"params": [b], "momentum": "paper", "momentum_form": "exact"})
     assert len(opt.param_groups) == 1
     with warnings.catch_warnings():
@@ -107,6 +115,11 @@ def test_processes_giving_an_option_as_int_and_as_equal_float_agree():
     # characters were compared, and a None/0.0 pair had passed on a mutant)
     assert _encode("orthonormal") != _encode("orthonormal2") and _encode("auto") == _encode("auto")
     assert _encode(None) != _encode(0.0) and _encode(None) != _encode(0)
+    # values whose 64 bits agree but whose kinds differ (a probe: None and -1, -1 and
+    # 2**64 - 1, 0 and 2**64 had passed as equal)
+    for x, y in [(None, -1), (-1, 2**64 - 1), (0, 2**64), (None, 2**64 - 1), (-(2**63), 2**63), (-1.0, 2**64 - 1)]:
+        assert _encode(x) != _encode(y), (x, y)
+    assert _encode(-1) == _encode(-1.0) and _encode(True) == _encode(1) and _encode(2**64 - 1) == _encode(2**64 - 1)
 
 
 def test_an_optimizer_unpickled_where_no_flora_was_built_compiles_its_step(tmp_path):

@@ -273,3 +273,24 @@ def test_projections_and_compressed_sums_do_not_depend_on_the_thread_count():
     assert torch.equal(got[0][0], got[1][0])
     assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("kind", PROJECTIONS)
+@pytest.mark.parametrize("count", [2, 4])
+def test_stacked_projections_refuse_a_stack_of_another_count(kind, count):
+    """One stacked projection per matrix: 2 or 4 projections for a stack of 3 matrices are
+    refused by compress, decompress and transfer, naming both counts. Coordinates had
+    silently dropped the third matrix (a probe: compress gave 2 x 2 x 10 for 3 x 6 x 10)."""
+    a = make_projections(kind, range(count), 2, 10)
+    g = torch.randn(3, 6, 10)
+    with pytest.raises(ValueError, match=rf"compress: {count} stacked projections .* got shape \(3, 6, 10\)"):
+        compress(g, a, 1)
+    with pytest.raises(ValueError, match=rf"decompress: {count} stacked projections .* got shape \(3, 6, 2\)"):
+        decompress(torch.randn(3, 6, 2), a, 1, size=10)
+    with pytest.raises(ValueError, match=rf"transfer: {count} stacked projections"):
+        transfer(torch.randn(3, 6, 2), a, make_projections(kind, range(9, 9 + count), 2, 10), 1)
+    # the matching count works, each matrix by its own projection
+    a3 = make_projections(kind, range(3), 2, 10)
+    c = compress(g, a3, 1)
+    for i in range(3):
+        torch.testing.assert_close(c[i], compress(g[i], a3[i], 1))

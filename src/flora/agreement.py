@@ -18,21 +18,25 @@ _MASK64 = (1 << 64) - 1
 _SMALL = 1 << 24  # integers said as a range when processes disagree
 
 
-def _encode(value) -> int:
-    """An option as a 64-bit integer (a value of another type by a checksum of its repr)."""
+def _encode(value) -> tuple[int, int]:
+    """An option as (kind, a 64-bit integer): a value of another type by a checksum of its
+    repr. The kind keeps values of different kinds apart whose 64 bits agree (None and -1,
+    -1 and 2**64 - 1, 0 and 2**64 had passed as equal: a probe)."""
     if value is None:
-        return _MASK64
+        return 0, 0
     if isinstance(value, bool):
-        return int(value)
+        return 1, int(value)  # True and 1 behave alike: agree
     if isinstance(value, float) and value.is_integer():  # 2.0 and 2 behave alike: agree
         value = int(value)
     elif isinstance(value, float):
-        return struct.unpack("<Q", struct.pack("<d", value))[0]
+        return 2, struct.unpack("<Q", struct.pack("<d", value))[0]
     if isinstance(value, str):  # the whole string (its first 8 characters had been all: probe Z71)
-        return (len(value) << 32) | zlib.crc32(value.encode())
-    if isinstance(value, int):
-        return value & _MASK64
-    return zlib.crc32(repr(value).encode())
+        return 3, (len(value) << 32) | zlib.crc32(value.encode())
+    if isinstance(value, int) and 0 <= value <= _MASK64:
+        return 1, value
+    if isinstance(value, int) and -(1 << 63) <= value < 0:
+        return 4, value & _MASK64
+    return 5, zlib.crc32(repr(value).encode())
 
 
 def check_agreement(what: str, fields: dict[str, Any], *, device, group=None, groups=None,
@@ -47,15 +51,15 @@ def check_agreement(what: str, fields: dict[str, Any], *, device, group=None, gr
     import torch.distributed as dist
 
     names = list(fields)
-    halves = []
+    halves = []  # per field: its kind and its value in 32-bit halves
     for name in names:
-        v = _encode(fields[name])
-        halves += [v >> 32, v & 0xFFFFFFFF]
+        kind, v = _encode(fields[name])
+        halves += [kind, v >> 32, v & 0xFFFFFFFF]
     t = torch.tensor(halves + [-h for h in halves], dtype=torch.int64, device=device)
     for g in (groups if groups is not None else [group]):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
     hi, lo = t[:len(halves)].tolist(), [-x for x in t[len(halves):].tolist()]
-    bad = [i for i in range(len(names)) if hi[2 * i:2 * i + 2] != lo[2 * i:2 * i + 2]]
+    bad = [i for i in range(len(names)) if hi[3 * i:3 * i + 3] != lo[3 * i:3 * i + 3]]
     if not bad:
         return
 
@@ -63,9 +67,9 @@ def check_agreement(what: str, fields: dict[str, Any], *, device, group=None, gr
         v = fields[names[i]]
         # a range only where every value is a small integer (another process's string, such
         # as proj_dim "auto" beside 1, is a large number here: said as a number, it misled)
-        span = (f"from {lo[2 * i + 1]} to {hi[2 * i + 1]}; "
-                if isinstance(v, int) and not isinstance(v, bool) and hi[2 * i] == lo[2 * i] == 0
-                and hi[2 * i + 1] < _SMALL else "")
+        span = (f"from {lo[3 * i + 2]} to {hi[3 * i + 2]}; "
+                if isinstance(v, int) and not isinstance(v, bool) and hi[3 * i] == lo[3 * i] == 1
+                and hi[3 * i + 1] == lo[3 * i + 1] == 0 and hi[3 * i + 2] < _SMALL else "")
         return f"{names[i]} ({span}this process: {v!r})"
 
     why = why or ("every replica must be built with the same options (and load the same state_dict) or their "

@@ -100,13 +100,14 @@ def _check_options(rank, beta1, options: dict) -> dict:
     import inspect
 
     from .compression import momentum_dtype_name
-    from .optimizer import Flora
+    from .optimizer import Flora, check_compile
     from .options import plain_group, validate_group
 
     check_momentum_dtype(options.get("momentum_dtype"))
+    check_compile(options.get("compile"))
     group = {k: v.default for k, v in inspect.signature(Flora.__init__).parameters.items()
              if v.default is not inspect.Parameter.empty and k not in ("compile", "momentum")}
-    group.update(options, rank=rank, beta1=beta1)
+    group.update({k: v for k, v in options.items() if k != "compile"}, rank=rank, beta1=beta1)
     group["momentum_dtype"] = momentum_dtype_name(group["momentum_dtype"])
     if isinstance(group["eps"], list):
         group["eps"] = tuple(group["eps"])
@@ -175,7 +176,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
         raise TypeError(f"flora_state_bytes got unknown option(s) {unknown}; Flora's options are "
                         f"rank, beta1, {', '.join(sorted(_FLORA_OPTIONS))}")
     # compile is the optimizer's, not a group's option, and changes no state size
-    group = _check_options(rank, beta1, {k: v for k, v in options.items() if k != "compile"})
+    group = _check_options(rank, beta1, options)
     rank, beta1 = group["rank"], group["beta1"]  # numpy numbers as Python's
     dtype = _parameter_dtype(dtype)
     total = moment = 0

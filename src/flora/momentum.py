@@ -325,8 +325,11 @@ def compressed_apply_(
         s = torch.where(bound > 0, s, 0.0)
     elif not bound > 0:
         s = torch.zeros_like(s)
-    if ok is not None:
-        s = torch.where(ok, s, 0.0)
+    # a momentum grown past float32 (a Gaussian projection's transfers amplifying it, which
+    # Flora warns of) makes rms NaN (inf - inf), which fails `rms > bound`: it had stepped
+    # unclipped, by 1e25 (a probe). No step where rms is not finite.
+    fine = rms.isfinite() if ok is None else ok & rms.isfinite()
+    s = torch.where(fine, s, 0.0)
     alpha = (s if coef_dc == 1.0 else s * coef_dc).to(like.dtype)
     if split:
         xa = x * _bcast(alpha)  # before c changes (x is c itself for "exact")

@@ -117,6 +117,9 @@ _FOREIGN_KEYS = ("betas", "amsgrad", "nesterov", "dampening", "beta2_decay", "d"
 # amsgrad=False, fused=None, and Flora(adamw.param_groups) was warned of them: a probe)
 _OFF_SWITCHES = ("differentiable", "maximize", "capturable", "fused", "amsgrad", "nesterov")
 # torch.optim.Adafactor's names for options Flora has under HF's names
+# momentum_form's default, an object of its own: ``momentum=`` (its old name) may override the
+# default but not a "floored" the caller wrote (a probe: momentum="exact" silently won over it)
+_DEFAULT_FORM = "".join(("floo", "red"))
 _RENAMED = {"beta2_decay": "decay_rate", "d": "clip_threshold"}
 
 
@@ -152,6 +155,21 @@ def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
              f"that Flora does not have, so it ignores them{help_}", UserWarning)
 
 
+def check_compile(compile) -> None:
+    """``Flora(compile=...)``: True, False, None, ``"triton"``, a torch.compile backend's
+    name or a backend callable; refused here, not at the first step's compile (shared with
+    ``flora_state_bytes``, which had taken any value)."""
+    if not (compile is True or compile is False or compile is None or isinstance(compile, str)
+            or callable(compile)):
+        raise TypeError(f"compile must be True, False (or None: eager), a torch.compile backend name or "
+                        f"a backend callable, got {compile!r}")
+    if isinstance(compile, str) and compile != "triton":
+        names = torch.compiler.list_backends(exclude_tags=())
+        if compile not in names:
+            raise ValueError(f"compile={compile!r} is not a torch.compile backend; allowed: True, False, "
+                             f"'triton' or one of {names}")
+
+
 def _layout_key(group: dict) -> tuple:
     return tuple(group[k] for k in _LAYOUT_KEYS)
 
@@ -176,7 +194,7 @@ class Flora(Optimizer):
         warmup_init: bool = False,
         seed: int = 0,
         proj_dim: str | int = "auto",
-        momentum_form: str = "floored",
+        momentum_form: str = _DEFAULT_FORM,
         projection: str = "orthonormal",
         max_aspect_ratio: float | None = None,
         factor_dims: str = "largest",
@@ -194,9 +212,9 @@ class Flora(Optimizer):
             raise ValueError(f"Flora has no momentum={momentum!r}: the momentum coefficient is beta1 (beta1=0.9; "
                              "None: no first moment); momentum_form names how it is compressed")
         if momentum is not None:
-            if momentum_form not in ("floored", momentum):  # floored: the default, not given
+            if momentum_form is not _DEFAULT_FORM and momentum_form != momentum:  # the default: not given
                 raise ValueError(f"Flora got momentum={momentum!r} and momentum_form={momentum_form!r}: "
-                                 "momentum= is momentum_form='s old name; give momentum_form= alone")
+                                 "momentum= is the old name of momentum_form=; give momentum_form= alone")
             warn("Flora(momentum=...) is renamed momentum_form=...: torch's cyclic schedulers write "
                  "a 'momentum' option of their own", FutureWarning)
             momentum_form = momentum
@@ -218,15 +236,7 @@ class Flora(Optimizer):
         # HF Adafactor takes them, and so does every group's own check below: a probe)
         _validate_group(defaults if lr is not None or relative_step else {**defaults, "lr": 0.0},
                         read_tensors=True)
-        if not (compile is True or compile is False or compile is None or isinstance(compile, str)
-                or callable(compile)):
-            raise TypeError(f"compile must be True, False (or None: eager), a torch.compile backend name or "
-                            f"a backend callable, got {compile!r}")
-        if isinstance(compile, str) and compile != "triton":  # refused here, not at the first step's compile
-            names = torch.compiler.list_backends(exclude_tags=())
-            if compile not in names:
-                raise ValueError(f"compile={compile!r} is not a torch.compile backend; allowed: True, False, "
-                                 f"'triton' or one of {names}")
+        check_compile(compile)
         # "triton": eager cores with the Triton kernels of flora.kernels (an explicit opt-in)
         self._kernel = "triton" if compile == "triton" else None
         if self._kernel is not None:
@@ -350,7 +360,7 @@ class Flora(Optimizer):
             if param_group.get("momentum_form", param_group["momentum"]) != param_group["momentum"]:
                 raise ValueError(f"a parameter group gives momentum={param_group['momentum']!r} and "
                                  f"momentum_form={param_group['momentum_form']!r}: 'momentum' is "
-                                 "'momentum_form''s old name; give 'momentum_form' alone")
+                                 "the old name of 'momentum_form'; give 'momentum_form' alone")
             warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning)
             param_group.setdefault("momentum_form", param_group.pop("momentum"))
         _check_foreign_keys(param_group)

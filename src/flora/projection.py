@@ -160,6 +160,8 @@ def make_projections(
     matrix of a seed is the same, bit for bit, whether drawn alone or in a stack."""
     if kind not in PROJECTIONS:
         raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}; got {kind!r}")
+    if not isinstance(unbiased, bool):  # "no" would be truthy: scaled (a probe)
+        raise TypeError(f"unbiased must be True or False; got {unbiased!r}")
     if kind == "coordinates" and unbiased:
         raise ValueError("projection 'coordinates' has no unbiased form here; use 'gaussian' or 'orthonormal'")
     check_positive_int("rank", rank)
@@ -288,6 +290,15 @@ def _index(a: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
     return a[:, :, None].expand(k, r, m) if dim == 0 else a[:, None, :].expand(k, n, r)
 
 
+def _check_stack(where: str, name: str, x: torch.Tensor, a: torch.Tensor) -> None:
+    """Stacked projections (``k x r x d``, or ``k x r`` coordinates) take a ``k x n x m``
+    stack: one projection per matrix. Another count is refused (shapes only: no sync);
+    gathering by stacked coordinates had silently dropped the matrices past the k-th (a probe)."""
+    if _batched(a) and (x.dim() != 3 or x.shape[0] != a.shape[0]):
+        raise ValueError(f"{where}: {a.shape[0]} stacked projections (shape {tuple(a.shape)}) need {name} to be a "
+                         f"stack of {a.shape[0]} matrices ({a.shape[0]} x n x m); got shape {tuple(x.shape)}")
+
+
 def _check_dim(dim, where: str) -> None:
     if isinstance(dim, (bool, float)) or dim not in (0, 1):  # 1.0 == 1, but indexes nothing
         hint = " ('auto' is Flora's proj_dim: flora.compression.compressed_dim resolves it for a shape)" \
@@ -308,6 +319,7 @@ def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
         raise ValueError(f"compress: g must have 2 or more dims (a matrix, or a tensor seen as one); got shape "
                          f"{tuple(g.shape)}")
     batched = _batched(a)
+    _check_stack("compress", "g", g, a)
     if not batched:
         g = as_matrix(g)
     size = g.shape[dim - 2]  # the projected dimension (of each matrix of a stack)
@@ -329,6 +341,9 @@ def _check_dtypes(where: str, name: str, x: torch.Tensor, a: torch.Tensor) -> No
     if not a.is_floating_point():  # an int32 index vector, say: coordinates are int64
         raise ValueError(f"{where}: the projection has dtype {a.dtype}; a matrix projection is floating-point and "
                          "a coordinate projection an int64 index vector (make_projection(kind, seed, rank, dim))")
+    if not (x.is_floating_point() or x.is_complex()):  # no projection can be drawn in its dtype (a probe: the hint said to)
+        raise ValueError(f"{where}: {name} is {x.dtype}; a matrix projection multiplies floating-point tensors: "
+                         f"cast {name} to the projection's {a.dtype}")
     if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{where}: {name} is {x.dtype} but the projection is {a.dtype}; draw the projection in "
                          f"{name}'s dtype (make_projection(..., dtype={x.dtype})) or cast {name} to {a.dtype}")
@@ -379,6 +394,7 @@ def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None =
                          f"stack of them); got shape {tuple(c.shape)}")
     if isinstance(size, (bool, float, str)) or (isinstance(size, int) and size < 0):
         raise ValueError(f"decompress: size must be a non-negative int (the projected dimension); got {size!r}")
+    _check_stack("decompress", "c", c, a)
     # c's rank against the projection's (shapes only: no sync)
     rank = a.shape[-1] if coordinates else a.shape[-2]
     if c.shape[dim - 2] != rank:
@@ -455,6 +471,7 @@ def transfer(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int
     if c.dim() < 2 or c.shape[dim - 2] != rank:
         raise ValueError(f"transfer: c (shape {tuple(c.shape)}) must be the compressed tensor of a rank-{rank} "
                          f"projection along dim={dim}: {'r x m' if dim == 0 else 'n x r'}")
+    _check_stack("transfer", "c", c, a_old)
     if not is_coordinates(a_old):
         _check_dtypes("transfer", "c", c, a_old)
     t = overlap(a_old, a_new, c.dtype)
