@@ -377,3 +377,5 @@ def test_public_api_refusals_from_the_contract_probe():
         CompressedAccumulator(params, rank=2, tau=TAU)
     with pytest.raises(ValueError, match="model_or_params has no parameter with requires_grad=True"):
         CompressedAccumulator([nn.Parameter(torch.ones(3), requires_grad=False)], rank=2, tau=TAU)
+    with pytest.raises(ValueError, match="model_or_params has no parameter with requires_grad=True"):
+        CompressedAccumulator(nn.ReLU(), rank=2, tau=TAU)  # a module without parameters: not a read generator

@@ -256,10 +256,8 @@ def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, r
                             f"{', '.join(map(str, STEPPED_DTYPES))} tensors only; exclude=[{name!r}] sums its "
                             "gradient densely (or leave it out of model_or_params)")
         slots.append(Slot(index, name, p, dim, reason))
-    if not slots:  # an empty list too: a generator already read (model.parameters() passed to the optimizer first)
-        raise ValueError("model_or_params has no parameter with requires_grad=True" if named else
-                         "model_or_params is an empty parameter list (a generator such as model.parameters() can "
-                         "be read once: pass the model, or list(model.parameters()))")
+    if not slots:
+        raise ValueError("model_or_params has no parameter with requires_grad=True")
     warn_flat_pieces(slots, rank)
     return slots
 
