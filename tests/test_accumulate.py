@@ -698,7 +698,10 @@ def test_gradient_checkpointing(reentrant):
         model = _llama()
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if hasattr(model, "activation_checkpointing_enable"):  # gradient_checkpointing_enable's new name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             if reentrant:
                 model.enable_input_require_grads()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

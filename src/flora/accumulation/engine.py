@@ -257,7 +257,8 @@ class Engine:
                 "backward pass: reentrant activation checkpointing (torch.utils.checkpoint(use_reentrant=True)) "
                 "runs a backward pass per segment, so a layer used in two segments (or inside one and outside "
                 "it) would count as two micro-batches. Use use_reentrant=False (Hugging Face: "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))")
+                "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False}), "
+                "older transformers: gradient_checkpointing_enable(gradient_checkpointing_kwargs=...))")
         if o.fused and not c.fused_checked:
             # once a cycle, before its first change: a parameter unfrozen since the accumulator
             # was built would keep its .grad and move at every other parameter's step
