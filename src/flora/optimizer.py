@@ -116,10 +116,10 @@ _FOREIGN_KEYS = ("betas", "amsgrad", "nesterov", "dampening", "beta2_decay", "d"
 # differentiable=False to the defaults; AdamW's groups hold maximize=False, capturable=False,
 # amsgrad=False, fused=None, and Flora(adamw.param_groups) was warned of them: a probe)
 _OFF_SWITCHES = ("differentiable", "maximize", "capturable", "fused", "amsgrad", "nesterov")
-# torch.optim.Adafactor's names for options Flora has under HF's names
 # momentum_form's default, an object of its own: ``momentum=`` (its old name) may override the
 # default but not a "floored" the caller wrote (a probe: momentum="exact" silently won over it)
 _DEFAULT_FORM = "".join(("floo", "red"))
+# torch.optim.Adafactor's names for options Flora has under HF's names
 _RENAMED = {"beta2_decay": "decay_rate", "d": "clip_threshold"}
 
 
@@ -155,15 +155,16 @@ def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
              f"that Flora does not have, so it ignores them{help_}", UserWarning)
 
 
-def check_compile(compile) -> None:
+def check_compile(compile, *, backends: bool = True) -> None:
     """``Flora(compile=...)``: True, False, None, ``"triton"``, a torch.compile backend's
     name or a backend callable; refused here, not at the first step's compile (shared with
-    ``flora_state_bytes``, which had taken any value)."""
+    ``flora_state_bytes``, which had taken any value). ``backends=False``: a name is not
+    looked up (listing them imports dynamo: seconds, where flora_state_bytes takes a ms)."""
     if not (compile is True or compile is False or compile is None or isinstance(compile, str)
             or callable(compile)):
         raise TypeError(f"compile must be True, False (or None: eager), a torch.compile backend name or "
                         f"a backend callable, got {compile!r}")
-    if isinstance(compile, str) and compile != "triton":
+    if isinstance(compile, str) and compile != "triton" and backends:
         names = torch.compiler.list_backends(exclude_tags=())
         if compile not in names:
             raise ValueError(f"compile={compile!r} is not a torch.compile backend; allowed: True, False, "
@@ -1271,7 +1272,9 @@ Flora.__doc__ = r"""Adafactor with Flora's compressed, resampled first moment.
     State is float32 whatever the parameter dtype (float64 parameters keep float64
     state). A compressed update is clipped to RMS ``lr * clip_threshold`` after
     decompression, the bound that dense momentum obeys by construction; the
-    decompression would otherwise amplify it by about sqrt(d / r).
+    decompression would otherwise amplify it by about sqrt(d / r). A compressed momentum
+    grown past float32 (the momentum growth Flora warns of) gives no step and restarts
+    from zero (not counted in :attr:`nonfinite_skips`).
 
     A parameter whose gradient holds a NaN or an infinity, or a value whose square
     overflows (so that the second moment or the normalised update is not finite), is not

@@ -431,6 +431,8 @@ def decompress_add_(out: torch.Tensor, c: torch.Tensor, a: torch.Tensor, dim: in
     copy of ``out`` and a copy into the matmul's output. Use the returned tensor."""
     if torch.compiler.is_compiling() and not is_coordinates(a):
         return out * _bcast(beta) + decompress(c * _bcast(alpha), a, dim)
+    _check_stack("decompress_add_", "c", c, a)
+    _check_stack("decompress_add_", "out", out, a)
     if isinstance(beta, torch.Tensor) or isinstance(alpha, torch.Tensor):
         out.mul_(_bcast(beta))
         c = c * _bcast(alpha)

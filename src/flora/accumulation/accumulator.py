@@ -165,8 +165,9 @@ class CompressedAccumulator:
                              "reduce=False); for normal mode register it on the model with register_comm_hook")
         named = named_params(model_or_params)
         if not named and not isinstance(model_or_params, torch.nn.Module):  # a generator already read (a probe)
-            raise ValueError("model_or_params is an empty parameter list (a generator such as model.parameters() "
-                             "can be read once: pass the model, or list(model.parameters()))")
+            raise ValueError("model_or_params is an empty parameter list (if it was a generator such as "
+                             "model.parameters() given to the optimizer first: a generator can be read once; pass "
+                             "the model, or list(model.parameters()))")
         slots = make_slots(named, resolve_exclude(exclude, named, model_or_params), rank=rank, proj_dim=proj_dim,
                            max_aspect_ratio=max_aspect_ratio, reduce=reduce, keep_rows=padded_tables(model_or_params))
         check_unattached(slots)
