@@ -854,6 +854,38 @@ def _ddp(model):
     return DDP(model)
 
 
+def ddp_wrapper_found_when_alive(rank, world):
+    """An accumulator built on a module finds the live DDP that wraps it (and guards its
+    synchronisation), not a wrapper the user dropped that the collector has not freed yet
+    (kept in a reference cycle here): the dropped one guarded nothing and would have refused
+    fused=True for a model no longer under DDP."""
+    import gc
+
+    out = {}
+    gc.disable()  # the dropped wrapper stays uncollected until the accumulator collects
+    try:
+        net = _net()
+        dropped = _ddp(net)
+        dropped.__dict__["_cycle"] = dropped
+        del dropped
+        opt = Flora(net.parameters(), **OPTS)
+        acc = CompressedAccumulator(net, rank=3, tau=2, optimizer=opt, seed=5)
+        out["dropped_guarded"] = acc._engine.ddp_guard is not None
+        acc.remove()
+        fused = CompressedAccumulator(net, rank=3, tau=2, optimizer=opt, seed=5, fused=True)
+        x, y = _batches(1, size=8)[0]
+        _loss(net, x, y).backward()  # checked at the first backward: not under DDP any more
+        out["fused_backward_ran"] = True
+        fused.remove()
+        live = _ddp(net)
+        acc = CompressedAccumulator(net, rank=3, tau=2, optimizer=Flora(net.parameters(), **OPTS), seed=5)
+        out["live_guarded"] = acc._engine.ddp_guard is not None and acc._engine.ddp_guard.ddp() is live
+        acc.remove()
+    finally:
+        gc.enable()
+    return out
+
+
 def ddp_flora(rank, world):
     batches = _batches()
     model = _ddp(_net())

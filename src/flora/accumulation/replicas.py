@@ -73,23 +73,29 @@ def ddp_holding(ids: set[int]) -> nn.Module | None:
     """A live DistributedDataParallel whose module holds one of these parameters (DDP
     keeps no registry: looked for among the collector's objects, once)."""
     import gc
+    import weakref
 
     from torch.nn.parallel import DistributedDataParallel
 
-    for attempt in range(2):
-        found = None
-        for obj in gc.get_objects():
-            if issubclass(type(obj), DistributedDataParallel):
-                module = getattr(obj, "module", None)
-                if isinstance(module, nn.Module) and any(
-                        id(p) in ids and not getattr(p, "_ddp_ignored", False) for p in module.parameters()):
-                    found = obj
-                    break
-        if found is None or attempt:
-            return found
-        del found, obj
-        gc.collect()  # a wrapper dropped but not yet collected does not count
-    return None
+    # DDP is an ABC (torch's Joinable): issubclass per object went through abc in Python,
+    # about 1 s a scan in a process that has imported dynamo; one test per type instead.
+    is_ddp_type: dict[type, bool] = {}
+    found = []
+    for obj in gc.get_objects():
+        t = type(obj)
+        hit = is_ddp_type.get(t)
+        if hit is None:
+            hit = is_ddp_type[t] = issubclass(t, DistributedDataParallel)
+        if hit:
+            module = getattr(obj, "module", None)
+            if isinstance(module, nn.Module) and any(
+                    id(p) in ids and not getattr(p, "_ddp_ignored", False) for p in module.parameters()):
+                found.append(weakref.ref(obj))
+    if not found:
+        return None
+    del obj
+    gc.collect()  # a wrapper dropped but not yet collected does not count
+    return next((ddp for ddp in (ref() for ref in found) if ddp is not None), None)
 
 
 def check_not_under_ddp(ids: set[int]) -> None:
