@@ -456,17 +456,15 @@ COMPILED_CASES = dict(
 # Inductor generates and compiles C++ for each case, 5-10 s a case on a cold cache (a
 # fresh CI machine's: 1,220 s for the table's 166 cases on 2 cores, 180 s with a warm
 # one). Every row runs Flora's compiled code through dynamo and AOTAutograd's passes
-# (backend "aot_eager"); inductor's code generation runs on these rows, each dtype, layout
-# family, form and kind of option at least once, and on every row with
-# FLORA_TEST_INDUCTOR=all.
+# (backend "aot_eager"); inductor's code generation runs on these rows (each dtype and
+# layout family, the graph constants of a form, a relative step, a bfloat16 and a float32
+# momentum, a non-finite gradient; 13 cases with their staged paths), and on every row
+# with FLORA_TEST_INDUCTOR=all.
 INDUCTOR_ROWS = ["contiguous-fp32-scaled-orthonormal", "channels_last-fp32-exact-coordinates",
                  "permuted-3d-fp32-scaled-orthonormal", "channels_last-bf16-scaled-orthonormal",
-                 "channels_last-fp16-scale_parameter+weight_decay", "contiguous-bf16-grad_fp32",
-                 "channels_last-fp64-scaled-orthonormal", "contiguous-fp64-huge_grads",
-                 "channels_last-fp32-paper-gaussian", "channels_last-fp32-two_tensor_lrs",
+                 "channels_last-fp16-scale_parameter+weight_decay", "channels_last-fp64-scaled-orthonormal",
                  "transposed-bf16-two_groups_relative_step", "channels_last-fp32-floored-orthonormal",
-                 "contiguous-bf16-fixed-orthonormal", "transposed-bf16-bf16-momentum",
-                 "channels_last-fp32-fp32-momentum-inf-grad"]
+                 "transposed-bf16-bf16-momentum", "channels_last-fp32-fp32-momentum-inf-grad"]
 
 
 def _compiled_backend(key: str):
@@ -524,11 +522,14 @@ def test_the_inductor_rows_are_rows_of_the_table():
 def test_compiled_single_tensor_core_on_a_conv_kernel(factor):
     """Flora(compile=True, foreach=False): the compiled single-tensor core (the table's
     compiled rows step on the grouped path) on a channels_last conv kernel, factored over
-    its two largest dims (a permuted view) and over its last two."""
-    case = _case("channels_last", "fp32", "scaled-orthonormal", factor=None if factor == "largest" else factor)[1]
+    its two largest dims (a permuted view; inductor) and over its last two (aot_eager, as
+    the table's rows off INDUCTOR_ROWS)."""
+    key, case = _case("channels_last", "fp32", "scaled-orthonormal", factor=None if factor == "largest" else factor)
     layout, dtype, kw, bad = case
-    _compare(_reference(layout, dtype, kw, bad), _run("compiled_single", layout, DTYPES[dtype], dict(kw), bad),
-             f"Flora(compile=True, foreach=False), factor_dims={factor!r}, against foreach=False")
+    backend = True if factor == "largest" else _compiled_backend(key)  # (as the table's rows)
+    _compare(_reference(layout, dtype, kw, bad),
+             _run("compiled_single", layout, DTYPES[dtype], dict(kw), bad, backend=backend),
+             f"Flora(compile={backend!r}, foreach=False), factor_dims={factor!r}, against foreach=False")
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
