@@ -458,13 +458,15 @@ COMPILED_CASES = dict(
 # one). Every row runs Flora's compiled code through dynamo and AOTAutograd's passes
 # (backend "aot_eager"); inductor's code generation runs on these rows (each dtype and
 # layout family, the graph constants of a form, a relative step, a bfloat16 and a float32
-# momentum, a non-finite gradient; 13 cases with their staged paths), and on every row
-# with FLORA_TEST_INDUCTOR=all.
+# momentum, a non-finite gradient, a vector of lrs; 17 cases with their staged paths), and
+# on every row with FLORA_TEST_INDUCTOR=all.
 INDUCTOR_ROWS = ["contiguous-fp32-scaled-orthonormal", "channels_last-fp32-exact-coordinates",
                  "permuted-3d-fp32-scaled-orthonormal", "channels_last-bf16-scaled-orthonormal",
                  "channels_last-fp16-scale_parameter+weight_decay", "channels_last-fp64-scaled-orthonormal",
                  "transposed-bf16-two_groups_relative_step", "channels_last-fp32-floored-orthonormal",
-                 "transposed-bf16-bf16-momentum", "channels_last-fp32-fp32-momentum-inf-grad"]
+                 "transposed-bf16-bf16-momentum", "channels_last-fp32-fp32-momentum-inf-grad",
+                 # staged: a non-finite gradient; per-parameter lrs with the parameters' norms and decay
+                 "contiguous-fp32-scaled-orthonormal-nan-grad", "contiguous-fp32-two_lrs+scale_parameter+weight_decay"]
 
 
 def _compiled_backend(key: str):
@@ -507,8 +509,16 @@ def test_compiled_path_equals_single_tensor_reference(key, path, monkeypatch):
     layout, dtype, kw, bad = COMPILED_CASES[key]
     backend = _compiled_backend(key)
     ref = _reference(layout, dtype, kw, bad)
-    got = _run(path, layout, DTYPES[dtype], dict(kw), bad, backend=backend)
+    with warnings.catch_warnings(record=True) as caught:  # (a failed compile steps eagerly, with a warning)
+        warnings.simplefilter("always")
+        got = _run(path, layout, DTYPES[dtype], dict(kw), bad, backend=backend)
     _compare(ref, got, f"Flora(compile={backend!r}), {path}, against foreach=False")
+    assert not [str(w.message) for w in caught if "steps eagerly from now on" in str(w.message)]
+    import flora.compiled as C  # (a core that failed in an earlier test steps eagerly without a word)
+
+    name = "inductor" if backend is True else backend
+    assert not [key for key, fn in C._compiled.items() if key[1] == name and fn.failed]
+    assert staged, "no compiled bucket"  # (functional.staged is asked of compiled buckets only)
     assert any(would_stage) == _stages(key), "the table's rule for staged rows disagrees with functional.staged"
     assert any(staged) == (path == "staged"), staged
 

@@ -116,6 +116,7 @@ def _eager_on_failure(compiled: Callable, eager: Callable, key: tuple, backend) 
                  "compile=False)", UserWarning)
             return eager(*args)
 
+    call.failed = failed  # the error's type name once it failed (tests: a compiled path that ran eagerly)
     return call
 
 

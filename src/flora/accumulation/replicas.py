@@ -71,21 +71,23 @@ def is_ddp(module) -> bool:
 
 def ddp_holding(ids: set[int]) -> nn.Module | None:
     """A live DistributedDataParallel whose module holds one of these parameters (DDP
-    keeps no registry: looked for among the collector's objects, once)."""
+    keeps no registry: looked for among the collector's objects, once; one that
+    ``gc.freeze()`` moved out of the collector's reach is not seen)."""
     import gc
     import weakref
 
     from torch.nn.parallel import DistributedDataParallel
 
     # DDP is an ABC (torch's Joinable): issubclass per object went through abc in Python,
-    # about 1 s a scan in a process that has imported dynamo; one test per type instead.
-    is_ddp_type: dict[type, bool] = {}
+    # about 1 s a scan in a process that has imported dynamo; one test per type instead
+    # (by id: a metaclass may make its classes unhashable; every type here is alive).
+    is_ddp_type: dict[int, bool] = {}
     found = []
     for obj in gc.get_objects():
         t = type(obj)
-        hit = is_ddp_type.get(t)
+        hit = is_ddp_type.get(id(t))
         if hit is None:
-            hit = is_ddp_type[t] = issubclass(t, DistributedDataParallel)
+            hit = is_ddp_type[id(t)] = issubclass(t, DistributedDataParallel)
         if hit:
             module = getattr(obj, "module", None)
             if isinstance(module, nn.Module) and any(
