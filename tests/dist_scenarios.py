@@ -886,6 +886,49 @@ def ddp_wrapper_found_when_alive(rank, world):
     return out
 
 
+def ddp_unused_wrapper_alive(rank, world):
+    """(Probe Z124, a notebook.) A DDP wrapper alive but never called (an output history
+    holds it) while the unwrapped module trains with an accumulator in normal mode: the
+    same weights as without the wrapper (it had closed the cycle at every backward, as if
+    tau were 1). A removed fused accumulator on a DDP model, kept in a variable, no longer
+    keeps that model alive: a fused accumulator on its module then trains."""
+    tau = 2
+    batches = _batches(2 * tau, size=8)
+
+    def train(keep_wrapper: bool):
+        net = _net()
+        held = _ddp(net) if keep_wrapper else None  # noqa: F841  (alive, never called)
+        opt = Flora(net.parameters(), **OPTS)
+        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+        for i, (x, y) in enumerate(batches):
+            (_loss(net, x, y) / tau).backward()
+            if (i + 1) % tau == 0:
+                opt.step()
+                opt.zero_grad()
+        acc.remove()
+        return [p.detach().clone() for p in net.parameters()]
+
+    out = {"diff": max((a - b).abs().max().item() for a, b in zip(train(True), train(False)))}
+    net = _net()
+    ddp = _ddp(net)
+    opt = Flora(net.parameters(), **OPTS)
+    old = CompressedAccumulator(ddp, rank=3, tau=tau, optimizer=opt, seed=5, fused=True)
+    x, y = batches[0]
+    n = x.shape[0] // world
+    _loss(ddp, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]).backward()
+    old.remove()
+    del ddp
+    acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5, fused=True)
+    try:
+        _loss(net, x, y).backward()
+        out["fused_after_removed"] = "ran"
+    except RuntimeError as e:
+        out["fused_after_removed"] = str(e)
+    acc.remove()
+    del old
+    return out
+
+
 def ddp_flora(rank, world):
     batches = _batches()
     model = _ddp(_net())

@@ -19,7 +19,7 @@ SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_
              "fsdp_shard1_refused", "fsdp_uneven_stack_refused", "fsdp_seed_per_rank_refused", "fsdp_options_disagree_refused",
              "fsdp_loads_one_process_state", "hsdp_equals_one_process",
              "accelerate_switch", "ddp_flora", "ddp_accumulator",
-             "ddp_accumulator_sync_refused", "ddp_wrapper_found_when_alive", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_accelerate_one_batch", "ddp_accumulator_short_cycle",
+             "ddp_accumulator_sync_refused", "ddp_wrapper_found_when_alive", "ddp_unused_wrapper_alive", "ddp_accumulator_accelerate_short_cycle", "ddp_accumulator_accelerate_one_batch", "ddp_accumulator_short_cycle",
              "ddp_accumulator_find_unused", "ddp_accumulator_find_unused_resume",
              "fsdp_accumulator", "fsdp1", "fsdp_damaged_shard_refused_everywhere", "fsdp_accumulator_unfrozen",
              "fsdp_one_matrix_auto", "fsdp_stack_checkpoint_refused_before_any_change",
@@ -281,6 +281,15 @@ def test_an_accumulator_on_a_module_finds_the_live_ddp_wrapper_only(results):
     its module nor refuses fused=True there; the live one is found."""
     for r in check(results, "ddp_wrapper_found_when_alive"):
         assert r == {"dropped_guarded": False, "fused_backward_ran": True, "live_guarded": True}
+
+
+def test_a_ddp_wrapper_alive_but_unused_changes_nothing(results):
+    """An uncalled DDP wrapper of the module (a notebook's output history) leaves normal-mode
+    accumulation on the module as it is without it; a removed fused accumulator kept in a
+    variable does not keep its DDP model alive (probe Z124)."""
+    for r in check(results, "ddp_unused_wrapper_alive"):
+        assert r["diff"] == 0.0, r["diff"]
+        assert r["fused_after_removed"] == "ran", r["fused_after_removed"]
 
 
 def test_ddp_compressed_accumulator_lets_accelerate_end_a_short_cycle(results):

@@ -113,7 +113,11 @@ class DDPSteps:
         # The pre-hook may have left synchronisation off (removed mid-cycle, or after a short
         # cycle): the next backward would then run unsynchronised, each replica on its own
         # gradients, instead of reaching the hook that refuses it.
-        self.ddp.require_backward_grad_sync = True
+        if self.ddp is not None:
+            self.ddp.require_backward_grad_sync = True
+        # A removed accumulator kept in a variable must not keep the DDP model alive: a
+        # later accumulator on its module would find it and refuse (probe Z124).
+        self.ddp = None
 
     def before_forward(self, module, args) -> None:
         eng = self.engine

@@ -112,21 +112,22 @@ class Engine:
             check_not_under_ddp(self.ids)
         elif self.ddp_guard is None:
             self.ddp_checked = True
-            self.guard_ddp(None)
+            self.guard_ddp(None, used=True)  # (found at its backward: its forward has run)
             if self.ddp_guard is not None and self.ddp_guard.synchronising:
                 self.ddp_guard.refuse_early("backward pass", "Nothing was accumulated from it; call zero_grad() "
                                             "and run the cycle again")
         self.ddp_checked = True
 
-    def guard_ddp(self, ddp) -> None:
+    def guard_ddp(self, ddp, used: bool = False) -> None:
         """Normal mode: guard ``ddp`` (or the live DDP model that holds these parameters, if
-        any, when a process group is up) against synchronising a backward too early."""
+        any, when a process group is up) against synchronising a backward too early.
+        ``used``: whether its forward is known to have run (else the guard waits for one)."""
         import torch.distributed as dist
 
         if ddp is None and dist.is_available() and dist.is_initialized():
             ddp = ddp_holding(self.ids)
         if ddp is not None:
-            self.ddp_guard = DDPSyncGuard(self, ddp)
+            self.ddp_guard = DDPSyncGuard(self, ddp, used)
             self.ddp_checked = True
 
     @torch.no_grad()

@@ -111,7 +111,9 @@ def check_not_under_ddp(ids: set[int]) -> None:
             raise RuntimeError(
                 f"CompressedAccumulator(fused=True) on the parameters of a module inside {type(ddp).__name__} "
                 f"(world size {dist.get_world_size()}): built on that module (accelerate's unwrap_model(), "
-                "ddp_model.module), or before the model was wrapped. The optimizer would step "
+                "ddp_model.module), or before the model was wrapped, or a DDP model you no longer use is still "
+                "alive (held by a variable, a notebook's output history, a removed accumulator's; delete it "
+                "and run gc.collect()). The optimizer would step "
                 "inside backward on this replica's own gradient, before DDP averages it, and the replicas would "
                 "drift apart. Build the accumulator on the DDP model itself (CompressedAccumulator(ddp_model, ..., "
                 "fused=True)): it then steps each bucket on its mean over replicas. Nothing was "
@@ -147,10 +149,15 @@ class DDPSyncGuard:
     with "more than one element of the written-to tensor refers to a single memory
     location"."""
 
-    def __init__(self, engine, ddp: nn.Module):
+    def __init__(self, engine, ddp: nn.Module, used: bool = False):
         import weakref
 
         self.engine, self.name, self.ddp = engine, type(ddp).__name__, weakref.ref(ddp)
+        # Whether the DDP model's forward has run with gradients since: a wrapper that is
+        # alive but not called (a notebook's output history holds one; probe Z124) would
+        # otherwise close the cycle at every backward of the unwrapped module, as its
+        # require_backward_grad_sync is True outside no_sync().
+        self.used = used
         self.handle = ddp.register_forward_pre_hook(self.check, prepend=True)
         self.post = ddp.register_forward_hook(self.settle_unused)
 
@@ -165,11 +172,12 @@ class DDPSyncGuard:
         """DDP synchronises a backward run now (read in the backward: no_sync() around the
         forward and the backward, as DDP's documentation writes it)."""
         ddp = self.ddp()
-        return ddp is not None and bool(getattr(ddp, "require_backward_grad_sync", False))
+        return self.used and ddp is not None and bool(getattr(ddp, "require_backward_grad_sync", False))
 
     def check(self, module, args) -> None:
         if not torch.is_grad_enabled():
             return
+        self.used = True
         if getattr(module, "require_backward_grad_sync", False):
             self.refuse_early("forward pass", "Nothing of this forward pass ran")
         elif getattr(module, "static_graph", False) and not getattr(module, "_static_graph_delay_allreduce_enqueued",
