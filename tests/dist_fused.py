@@ -11,7 +11,7 @@ import torch
 
 from flora import CompressedAccumulator, Flora
 
-from dist_scenarios import OPTS, REF, _batches, _full, _loss, _net
+from dist_scenarios import OPTS, REF, _accumulate_alone, _batches, _full, _loss, _net
 
 
 def ddp_fused_accumulator_refused(rank, world):
@@ -386,15 +386,7 @@ def fsdp_fused_unit_with_an_unused_parameter(rank, world):
             _micro(model, x, y, rank, world).backward()
         counts.append(comm.get_comm_counts().get(torch.ops.c10d.allreduce_, 0))
     acc.remove()
-    ref = build()
-    ref_opt = Flora(ref.parameters(), **{**opts, **REF})
-    ref_acc = CompressedAccumulator(ref, rank=3, tau=FUSED_TAU, optimizer=ref_opt, seed=5, proj_dim=1)
-    for i, (x, y) in enumerate(batches):
-        (_loss(ref, x, y) / FUSED_TAU).backward()
-        if (i + 1) % FUSED_TAU == 0:
-            ref_opt.step()
-            ref_opt.zero_grad()
-    ref_acc.remove()
+    ref = _accumulate_alone(build(), batches, FUSED_TAU, {"proj_dim": 1}, **{**opts, **REF})
     return {"counts": counts, "diff": _diff(_full(model), ref)}
 
 

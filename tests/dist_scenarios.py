@@ -898,15 +898,7 @@ def ddp_unused_wrapper_alive(rank, world):
     def train(keep_wrapper: bool):
         net = _net()
         held = _ddp(net) if keep_wrapper else None  # noqa: F841  (alive, never called)
-        opt = Flora(net.parameters(), **OPTS)
-        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
-        for i, (x, y) in enumerate(batches):
-            (_loss(net, x, y) / tau).backward()
-            if (i + 1) % tau == 0:
-                opt.step()
-                opt.zero_grad()
-        acc.remove()
-        return [p.detach().clone() for p in net.parameters()]
+        return list(_accumulate_alone(net, batches, tau, **OPTS).parameters())
 
     out = {"diff": max((a - b).abs().max().item() for a, b in zip(train(True), train(False)))}
     net = _net()
@@ -997,18 +989,24 @@ def _ddp_no_sync_cycles(model, opt, batches, rank, world, tau):
             opt.zero_grad()
 
 
+def _accumulate_alone(net, batches, tau, acc_opts=None, **opts):
+    """``net`` trained by this process alone: Flora(**opts) and CompressedAccumulator(rank=3,
+    **acc_opts) over ``batches`` (whole micro-batches), ``tau`` a cycle."""
+    opt = Flora(net.parameters(), **opts)
+    acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5, **(acc_opts or {}))
+    for i, (x, y) in enumerate(batches):
+        (_loss(net, x, y) / tau).backward()
+        if (i + 1) % tau == 0:
+            opt.step()
+            opt.zero_grad()
+    acc.remove()
+    return net
+
+
 def _diff_from_one_process_accumulating(model, batches, tau):
     """Largest difference of ``model``'s parameters from one process accumulating the same
     micro-batches (each the union of the ranks') with CompressedAccumulator(rank=3)."""
-    ref = _net()
-    ropt = Flora(ref.parameters(), **OPTS, **REF)
-    racc = CompressedAccumulator(ref, rank=3, tau=tau, optimizer=ropt, seed=5)
-    for i, (x, y) in enumerate(batches):
-        (_loss(ref, x, y) / tau).backward()
-        if (i + 1) % tau == 0:
-            ropt.step()
-            ropt.zero_grad()
-    racc.remove()
+    ref = _accumulate_alone(_net(), batches, tau, **OPTS, **REF)
     return max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
 
 
