@@ -893,14 +893,25 @@ def ddp_unused_wrapper_alive(rank, world):
     tau were 1). A removed fused accumulator on a DDP model, kept in a variable, no longer
     keeps that model alive: a fused accumulator on its module then trains."""
     tau = 2
-    batches = _batches(2 * tau, size=8)
+    batches = _batches(2 * tau + 1, size=8)  # two cycles and a short one, closed by the step
 
-    def train(keep_wrapper: bool):
+    def train(wrapper: str | None):
         net = _net()
-        held = _ddp(net) if keep_wrapper else None  # noqa: F841  (alive, never called)
-        return list(_accumulate_alone(net, batches, tau, **OPTS).parameters())
+        held = _ddp(net) if wrapper == "before" else None  # alive, never called
+        opt = Flora(net.parameters(), **OPTS)
+        acc = CompressedAccumulator(net, rank=3, tau=tau, optimizer=opt, seed=5)
+        if wrapper == "after":  # made after the accumulator: found at the first backward
+            held = _ddp(net)  # noqa: F841
+        for i, (x, y) in enumerate(batches):
+            (_loss(net, x, y) / tau).backward()
+            if (i + 1) % tau == 0 or i + 1 == len(batches):
+                opt.step()
+                opt.zero_grad()
+        acc.remove()
+        return [p.detach().clone() for p in net.parameters()]
 
-    out = {"diff": max((a - b).abs().max().item() for a, b in zip(train(True), train(False)))}
+    alone = train(None)
+    out = {f"diff_{w}": max((a - b).abs().max().item() for a, b in zip(train(w), alone)) for w in ("before", "after")}
     net = _net()
     ddp = _ddp(net)
     opt = Flora(net.parameters(), **OPTS)

@@ -112,21 +112,24 @@ class Engine:
             check_not_under_ddp(self.ids)
         elif self.ddp_guard is None:
             self.ddp_checked = True
-            self.guard_ddp(None, used=True)  # (found at its backward: its forward has run)
+            self.guard_ddp(None, used=None)  # (found at a backward: used if its forward has run)
             if self.ddp_guard is not None and self.ddp_guard.synchronising:
                 self.ddp_guard.refuse_early("backward pass", "Nothing was accumulated from it; call zero_grad() "
                                             "and run the cycle again")
         self.ddp_checked = True
 
-    def guard_ddp(self, ddp, used: bool = False) -> None:
+    def guard_ddp(self, ddp, used: bool | None = False) -> None:
         """Normal mode: guard ``ddp`` (or the live DDP model that holds these parameters, if
         any, when a process group is up) against synchronising a backward too early.
-        ``used``: whether its forward is known to have run (else the guard waits for one)."""
+        ``used``: whether its forward is known to have run (else the guard waits for one;
+        None: whether DDP says it has)."""
         import torch.distributed as dist
 
         if ddp is None and dist.is_available() and dist.is_initialized():
             ddp = ddp_holding(self.ids)
         if ddp is not None:
+            if used is None:  # DDP's first forward sets it (a wrapper made but never called: probe Z125)
+                used = bool(getattr(ddp, "_lazy_init_ran", True))
             self.ddp_guard = DDPSyncGuard(self, ddp, used)
             self.ddp_checked = True
 
@@ -453,7 +456,7 @@ class Engine:
                 self.ddp_steps.sync_and_step(together)  # every replica takes part, with or without gradients
             elif together:
                 self.step_slots(together)
-            elif self.ddp_guard is not None and self.ddp_guard.group is not None:
+            elif self.ddp_guard is not None and self.ddp_guard.used and self.ddp_guard.group is not None:
                 # normal mode under DDP, a short cycle: none of its backward passes synchronised
                 # (the guard lets only a cycle's last one), so its estimates are averaged here, as
                 # DDP averages a full cycle's; every replica takes part, with or without gradients
