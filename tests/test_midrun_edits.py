@@ -51,15 +51,19 @@ def _refused_resize_under_fused(make, refusal):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["named_parameters", "parameters"])
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_fused_accumulation_refuses_a_resized_parameter_before_the_cycle_steps_anything(path):
+def test_fused_accumulation_refuses_a_resized_parameter_before_the_cycle_steps_anything(path, named):
     """A parameter resized between cycles (``p.data = ...``, resize_token_embeddings) was
     refused only when its own gradient arrived, after the parameters whose gradients came
     first had stepped (5 of 6 here); ``check_options``, which fused mode calls before a
     cycle's first step, now checks sizes as ``step()`` does. The message names the
-    parameter, and dropping its state lets training go on."""
+    parameter, and dropping its state lets training go on. Flora built from
+    ``model.parameters()`` (no names in its groups) has the accumulator's names: its
+    message named the shape alone (a probe, Z120)."""
     _refused_resize_under_fused(
-        lambda m: Flora(m.named_parameters(), lr=1e-2, scale_parameter=False, rank=4, beta1=0.9, **path),
+        lambda m: Flora(m.named_parameters() if named else m.parameters(), lr=1e-2, scale_parameter=False, rank=4,
+                        beta1=0.9, **path),
         r"parameter '0.weight', of shape \(32, 20\) \(640 values\) has a state made for 512 values: it was resized "
         r"after its first step")
 

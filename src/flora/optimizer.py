@@ -6,7 +6,7 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch.optim import Optimizer
@@ -594,11 +594,13 @@ class Flora(Optimizer):
                         warn(f"{caller}: a frozen parameter's state does not fit its group's options, and a "
                              f"copy or a resumed run would not know it ({e})", UserWarning)
 
-    def check_options(self) -> None:
+    def check_options(self, names: Mapping[int, str] | None = None) -> None:
         """Every group's options, and every state against them, as ``step()`` checks them
         before any change. Fused accumulation calls this once a cycle, before the cycle's
         first step: stepping parameter by parameter, a refused edit of a group whose
-        gradients come late had been found after other groups had stepped (a probe)."""
+        gradients come late had been found after other groups had stepped (a probe).
+        ``names`` (``id(parameter) -> name``, the accumulator's) names a resized parameter
+        where the groups hold no ``param_names`` (a probe: by its shape alone before)."""
         for group in self.param_groups:
             plain_group(group)
             _check_foreign_keys(group, self._foreign_warned)
@@ -609,7 +611,7 @@ class Flora(Optimizer):
             for p in group["params"]:  # (a frozen one is not stepped: emptied to save memory, say)
                 state = self.state.get(p)
                 if state and p.requires_grad and self._shapes_checked.get(id(p)) != (p.shape, p.dtype):
-                    check_not_resized(p, state, group)
+                    check_not_resized(p, state, group, name=(names or {}).get(id(p)))
 
     def _refuse_repeats(self) -> None:
         """A parameter in two groups' lists (or twice in one), put there by editing a list in

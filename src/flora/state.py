@@ -98,12 +98,13 @@ def init_momentum(state: dict, grad: torch.Tensor, group: dict) -> None:
 _DROP = "or drop that parameter's state (optimizer.state.pop(p)) to start its momentum and second moment afresh"
 
 
-def check_not_resized(p: torch.Tensor, s: dict, group: dict) -> None:
+def check_not_resized(p: torch.Tensor, s: dict, group: dict, name: str | None = None) -> None:
     """A parameter resized or reshaped since its state began (``p.data = ...`` after the
     first step, e.g. ``resize_token_embeddings``) is refused, naming both shapes, before any
     change; the arithmetic would fail to broadcast (or read a missing entry) half-way
     through the step. The optimizer runs it when a parameter's shape is not the one its
-    state was last checked against. Not checked for FSDP2's DTensors (global shapes)."""
+    state was last checked against. Not checked for FSDP2's DTensors (global shapes).
+    ``name`` names ``p`` where its group holds no ``param_names``."""
     if not s or is_dtensor(p):
         return
     v = s.get("exp_avg_sq")
@@ -116,7 +117,7 @@ def check_not_resized(p: torch.Tensor, s: dict, group: dict) -> None:
         have = row.numel() * s["exp_avg_sq_col"].shape[-1]
     if have != p.numel():
         raise ValueError(
-            f"{_called(p, group)} ({p.numel()} values) has a state made for {have} values: it was "
+            f"{_called(p, group, name)} ({p.numel()} values) has a state made for {have} values: it was "
             "resized after its first step (for example by resize_token_embeddings, or p.data = ...). Resize it "
             f"before building the optimizer, {_DROP}")
     wrong = _shape_mismatch(p, s, group)
@@ -126,7 +127,7 @@ def check_not_resized(p: torch.Tensor, s: dict, group: dict) -> None:
             _refuse_old_stack_view(tuple(p.shape), got, want)
         need = f"this shape needs {want}" if want is not None else "this shape has no such entry"
         raise ValueError(
-            f"{_called(p, group)} has a state made for another shape of as many values (its "
+            f"{_called(p, group, name)} has a state made for another shape of as many values (its "
             f"{k!r} is {got}, {need}): it was reshaped after its first step (p.data = "
             f"p.data.reshape(...), say). Reshape it before building the optimizer, {_DROP}")
 
@@ -169,10 +170,10 @@ def _shape_mismatch(p: torch.Tensor, s: dict, group: dict) -> tuple[str, tuple, 
     return None
 
 
-def _called(p: torch.Tensor, group: dict) -> str:
+def _called(p: torch.Tensor, group: dict, name: str | None = None) -> str:
     """How a refusal names ``p``: by its name where the group holds ``param_names`` (looked up
-    on the way to an error only), else by shape."""
-    return _which(tuple(p.shape), name_in(group, p))
+    on the way to an error only), else by ``name`` where given, else by shape."""
+    return _which(tuple(p.shape), name_in(group, p) or name)
 
 
 def _param_name(p: torch.Tensor, group: dict) -> str:

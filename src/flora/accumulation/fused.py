@@ -153,7 +153,7 @@ class FusedStepper:
         parameter comes (a probe: the other groups had stepped)."""
         if not c.options_checked:
             if isinstance(self.optimizer, Flora):
-                self.optimizer.check_options()
+                self.optimizer.check_options(self.names)
             else:  # where each parameter sits, for _narrow: once a cycle
                 self._refuse_resized()
                 self._where = {id(p): (gi, j) for gi, g in enumerate(self.optimizer.param_groups)
