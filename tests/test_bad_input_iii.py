@@ -378,3 +378,23 @@ def test_public_api_refusals_from_the_contract_probe():
         CompressedAccumulator([nn.Parameter(torch.ones(3), requires_grad=False)], rank=2, tau=TAU)
     with pytest.raises(ValueError, match="model_or_params has no parameter with requires_grad=True"):
         CompressedAccumulator(nn.ReLU(), rank=2, tau=TAU)  # a module without parameters: not a read generator
+
+
+def test_an_option_refused_in_a_constructor_group_names_the_group():
+    """Probe Z126: a constructor group's refusal named no group ("rank must be a positive
+    integer or None, got 0"), and a group whose own lr turned its relative step off beside
+    the constructor's warmup_init=True was told "warmup_init=True requires
+    relative_step=True", an option the user never wrote. Edits made mid-run named the
+    group already; a group of the constructor's options alone says nothing more."""
+    def param():
+        return nn.Parameter(torch.randn(3))
+
+    with pytest.raises(ValueError, match=r"got 0 \(in param_groups\[1\], which sets rank\)$"):
+        Flora([{"params": [param()]}, {"params": [param()], "rank": 0}])
+    with pytest.raises(ValueError, match=r"warmup_init=True requires relative_step=True \(in param_groups\[1\], which "
+                                         r"sets lr; its own lr=0.01 turns its relative step off"):
+        Flora([{"params": [param()]}, {"params": [param()], "lr": 1e-2}], warmup_init=True)
+    with pytest.raises(ValueError, match=r"^rank must be a positive integer or None, got 0$"):
+        Flora([param()], rank=0)
+    with pytest.raises(ValueError, match=r"^warmup_init=True requires relative_step=True$"):
+        Flora([param()], lr=1e-2, warmup_init=True, relative_step=False)

@@ -175,6 +175,21 @@ def _layout_key(group: dict) -> tuple:
     return tuple(group[k] for k in _LAYOUT_KEYS)
 
 
+def _refuse_group(e: Exception, group: dict, index: int, lr_ended_warmup: bool) -> None:
+    """An option refused in a group the caller wrote options into names that group (a
+    probe: "warmup_init=True requires relative_step=True" for a group whose own lr had
+    turned its relative step off, the constructor's warmup_init=True being the user's only
+    word on it); a group of the constructor's options alone is its defaults, said as such."""
+    own = [k for k in group if k not in ("params", "param_names")]
+    if not own:
+        raise e
+    why = ""
+    if lr_ended_warmup:
+        why = (f"; its own lr={group['lr']!r} turns its relative step off, and warmup_init needs it: leave lr "
+               "out of this group, or give it warmup_init=False")
+    raise type(e)(f"{e} (in param_groups[{index}], which sets {', '.join(own)}{why})") from None
+
+
 class Flora(Optimizer):
     """Adafactor with Flora's compressed, resampled first moment (full text below the class)."""
 
@@ -380,10 +395,15 @@ class Flora(Optimizer):
             param_group["momentum_dtype"] = _momentum_dtype_name(param_group["momentum_dtype"])
         plain_group(param_group)  # numpy numbers as Python's (checkpoints hold plain values)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        if ("lr" in param_group and "relative_step" not in param_group
-                and not getattr(self, "_relative_step_given", False)):  # the default is per group: lr is None
+        derived = ("lr" in param_group and "relative_step" not in param_group
+                   and not getattr(self, "_relative_step_given", False))
+        if derived:  # the default is per group: lr is None
             merged["relative_step"] = param_group["lr"] is None
-        _validate_group(merged, read_tensors=True)
+        try:
+            _validate_group(merged, read_tensors=True)
+        except (ValueError, TypeError) as e:
+            _refuse_group(e, param_group, len(self.param_groups),
+                          derived and merged.get("warmup_init") is True and not merged["relative_step"])
         # torch also takes (name, parameter) pairs (named_parameters()): checked as the tensors
         items = list(params)
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in items]
