@@ -817,6 +817,36 @@ def test_other_optimizers_options_edited_in_mid_run_are_said_too():
     assert torch.equal(p, before[0]) and opt.state[p]["step"] == before[1]
 
 
+def test_a_misspelt_option_in_a_group_is_said_once():
+    """torch keeps any key in a group, so {"rnak": 4} was ignored without a word (probe
+    Z126): a key close to one of Flora's options is named with the option, once, at
+    construction or at the first step after it was edited in (also in a copy); the keys
+    schedulers and users keep in groups (initial_lr, max_lr, a name) are not."""
+    import copy
+    import warnings
+
+    from flora.optimizer import _OPTION_NAMES
+
+    p, q = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    with pytest.warns(UserWarning, match="a parameter group's 'rnak' is not an option of Flora, which ignores it: "
+                                         "did you mean 'rank'"):
+        opt = Flora([{"params": [p], "rnak": 2, "name": "block0"}, {"params": [q]}], lr=1e-3, beta1=0.9)
+    assert set(opt.defaults) == set(_OPTION_NAMES)
+    p.grad, q.grad = torch.randn(4, 4), torch.randn(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=False)
+        opt.step()  # said at construction; the scheduler's keys are its own
+    opt.param_groups[1]["weight_deacy"] = 0.1
+    with pytest.warns(UserWarning, match="'weight_deacy' is not an option of Flora, which ignores it: did you mean "
+                                         "'weight_decay'"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once
+        copy.deepcopy(opt).step()
+
+
 def test_plan_reports_the_form_a_loaded_state_holds():
     """A (1, N, d) parameter's state from before the leading-1 rule (2026-12-04) holds its
     momentum projected on the other dim; it continues in that form, and plan() now reports

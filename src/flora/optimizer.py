@@ -3,6 +3,8 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import operator
 from collections import OrderedDict
 import warnings
@@ -123,11 +125,35 @@ _DEFAULT_FORM = "".join(("floo", "red"))
 _RENAMED = {"beta2_decay": "decay_rate", "d": "clip_threshold"}
 
 
+# Flora's group options (its defaults' keys; a test holds them equal), for telling a
+# misspelt one: torch keeps any key in a group, so {"rnak": 4} had been ignored silently (a probe)
+_OPTION_NAMES = ("beta1", "cache_projections", "clip_threshold", "complement_weight", "decay_rate", "eps",
+                 "factor_dims", "foreach", "kappa", "lr", "max_aspect_ratio", "momentum_dtype", "momentum_form",
+                 "proj_dim", "projection", "rank", "relative_step", "scale_parameter", "seed", "warmup_init",
+                 "weight_decay")
+
+
+def _misspelt(group: dict) -> dict:
+    """``{key: the option it is close to}`` for the keys of ``group`` that are neither
+    Flora's options nor torch's (the close ones only: schedulers and users keep keys of
+    their own in groups, such as initial_lr, max_lr or a layer's name)."""
+    odd = [k for k in group if isinstance(k, str) and k not in _OPTION_NAMES and k not in _FOREIGN_KEYS
+           and k not in ("params", "param_names", "momentum")]
+    return {k: _close_option(k) for k in odd if _close_option(k)}
+
+
+@functools.lru_cache(maxsize=256)
+def _close_option(key: str) -> str | None:
+    match = difflib.get_close_matches(key, _OPTION_NAMES, n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
 def _foreign_found(group: dict) -> list:
     """The foreign keys of ``group`` that would change something (an off switch, and
-    decoupled_weight_decay=True, which Flora's weight decay is, change nothing)."""
+    decoupled_weight_decay=True, which Flora's weight decay is, change nothing), and the
+    keys that look like a misspelt option."""
     return [k for k in _FOREIGN_KEYS if k in group and not (k in _OFF_SWITCHES and not group[k])
-            and not (k == "decoupled_weight_decay" and group[k] is True)]
+            and not (k == "decoupled_weight_decay" and group[k] is True)] + list(_misspelt(group))
 
 
 def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
@@ -147,6 +173,12 @@ def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
     if warned is not None:
         found = [k for k in found if (id(group), k) not in warned]
         warned.update((id(group), k) for k in found)
+    misspelt = _misspelt(group)
+    for k in found:
+        if k in misspelt:
+            warn(f"a parameter group's {k!r} is not an option of Flora, which ignores it: did you mean "
+                 f"{misspelt[k]!r}?", UserWarning)
+    found = [k for k in found if k not in misspelt]
     if found:
         helps = ([_BETAS_HELP] if "betas" in found else []) + \
             [f"torch.optim.Adafactor's {k} is Flora's {_RENAMED[k]}" for k in found if k in _RENAMED]
@@ -290,6 +322,7 @@ class Flora(Optimizer):
         self._constants_seen: dict[int, list] = {}
         # (id(group), key): another optimizer's option, said once (at construction, or at the step)
         self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _foreign_found(g)}
+        self._group_keys: dict[int, int] = {}  # id(group) -> its number of keys when last checked
         self._warned_recompiles = False
         self._warned_no_grads = False  # a first step with no gradient at all: said once
         self._warned_scheduler_over_none = False  # a torch scheduler over lr=None: said once
@@ -687,7 +720,9 @@ class Flora(Optimizer):
         for group in self.param_groups:  # an edit of another library's numbers (numpy's): as Python's
             plain_group(group)
             # another optimizer's option edited in since (a user's betas schedule): said, as at construction
-            if group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
+            if (group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS)
+                    or self._group_keys.get(id(group)) != len(group)):  # a key added: misspelt?
+                self._group_keys[id(group)] = len(group)
                 _check_foreign_keys(group, self._foreign_warned)
         self._warn_scheduler_over_none()
         check_grads(self.param_groups, self.state, self._groups_validated)
