@@ -394,6 +394,15 @@ def test_an_option_refused_in_a_constructor_group_names_the_group():
     with pytest.raises(ValueError, match=r"warmup_init=True requires relative_step=True \(in param_groups\[1\], which "
                                          r"sets lr; its own lr=0.01 turns its relative step off"):
         Flora([{"params": [param()]}, {"params": [param()], "lr": 1e-2}], warmup_init=True)
+    # (review Z128) the hint for the warmup refusal only; the keys the user wrote, not those
+    # Flora added (complement_weight) or renamed (the legacy momentum)
+    with pytest.raises(ValueError, match=r"got -1.0 \(in param_groups\[0\], which sets lr\)$"):
+        Flora([{"params": [param()], "lr": -1.0}], warmup_init=True)
+    with pytest.raises(ValueError, match=r"got 0 \(in param_groups\[1\], which sets momentum_form, rank\)$"):
+        Flora([{"params": [param()]}, {"params": [param()], "momentum_form": "exact", "rank": 0}])
+    with pytest.warns(FutureWarning), \
+            pytest.raises(ValueError, match=r"got 0 \(in param_groups\[1\], which sets momentum, rank\)$"):
+        Flora([{"params": [param()]}, {"params": [param()], "momentum": "exact", "rank": 0}])
     with pytest.raises(ValueError, match=r"^rank must be a positive integer or None, got 0$"):
         Flora([param()], rank=0)
     with pytest.raises(ValueError, match=r"^warmup_init=True requires relative_step=True$"):

@@ -847,6 +847,31 @@ def test_a_misspelt_option_in_a_group_is_said_once():
         copy.deepcopy(opt).step()
 
 
+@pytest.mark.parametrize("key,option", [("ranks", "rank"), ("kapa", "kappa"), ("learning_rate", "lr"),
+                                        ("LR", "lr"), ("epsilon", "eps"), ("beta2", "decay_rate"),
+                                        ("scale_parameters", "scale_parameter")])
+def test_a_misspelt_option_is_told_its_name(key, option):
+    with pytest.warns(UserWarning, match=f"'{key}' is not an option of Flora, which ignores it: did you mean "
+                                         f"'{option}'"):
+        Flora([{"params": [torch.nn.Parameter(torch.randn(4))], key: 1}], lr=1e-3)
+
+
+@pytest.mark.parametrize("key", ["initial_lr", "max_lr", "initial_weight_decay", "momentum_decay", "lr_decay",
+                                 "no_weight_decay", "weight_decay_mult", "lr_scale", "layer_id", "name"])
+def test_keys_of_schedulers_other_optimizers_and_users_are_not_taken_for_misspellings(key):
+    """(Review Z128.) mmengine's schedulers write initial_<option> (initial_weight_decay
+    had been told "did you mean 'weight_decay'"), NAdam's momentum_decay had been taken for
+    momentum_dtype, a user's weight_decay_mult for weight_decay."""
+    import warnings
+
+    p = torch.nn.Parameter(torch.randn(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = Flora([{"params": [p], key: 0.5}], lr=1e-3)
+        p.grad = torch.randn(4)
+        opt.step()
+
+
 def test_plan_reports_the_form_a_loaded_state_holds():
     """A (1, N, d) parameter's state from before the leading-1 rule (2026-12-04) holds its
     momentum projected on the other dim; it continues in that form, and plan() now reports

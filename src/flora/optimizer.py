@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import operator
 from collections import OrderedDict
 import warnings
@@ -25,6 +26,7 @@ from .cache import ProjectionCache, cache_projections
 from . import reports
 from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, STEPPED_DTYPES, check_grads, group_names,  # noqa: F401
+                      WARMUP_NEEDS_RELATIVE_STEP,
                       grouped as _grouped, grad_dtype_ok, label, name_in, option_values, validate_named,
                       momentum_dtype_name as _momentum_dtype_name, plain_group,
                       refuse_flat_pieces as _refuse_flat_pieces, refuse_fsdp1_shards as _refuse_fsdp1_shards,
@@ -131,34 +133,65 @@ _OPTION_NAMES = ("beta1", "cache_projections", "clip_threshold", "complement_wei
                  "factor_dims", "foreach", "kappa", "lr", "max_aspect_ratio", "momentum_dtype", "momentum_form",
                  "proj_dim", "projection", "rank", "relative_step", "scale_parameter", "seed", "warmup_init",
                  "weight_decay")
+# names of an option that difflib does not find close (or finds close to the wrong one)
+_ALIASES = {"learning_rate": "lr", "epsilon": "eps", "beta": "beta1", "beta2": "decay_rate"}
+
+
+@functools.lru_cache(maxsize=1)
+def _other_optimizers_options() -> frozenset:
+    """Every option of torch.optim's optimizers (NAdam's momentum_decay is not a misspelt
+    momentum_dtype): a group copied from one is said by _FOREIGN_KEYS' warning or not at all."""
+    names = set()
+    for cls in vars(torch.optim).values():
+        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer:
+            names.update(inspect.signature(cls.__init__).parameters)
+    return frozenset(names)
 
 
 def _misspelt(group: dict) -> dict:
     """``{key: the option it is close to}`` for the keys of ``group`` that are neither
-    Flora's options nor torch's (the close ones only: schedulers and users keep keys of
-    their own in groups, such as initial_lr, max_lr or a layer's name)."""
-    odd = [k for k in group if isinstance(k, str) and k not in _OPTION_NAMES and k not in _FOREIGN_KEYS
-           and k not in ("params", "param_names", "momentum")]
-    return {k: _close_option(k) for k in odd if _close_option(k)}
+    Flora's options nor another torch optimizer's. Only close ones, and not a key that holds
+    an option's words among others (``initial_weight_decay``, which schedulers write,
+    ``weight_decay_mult``, a user's tag): schedulers and users keep keys of their own in
+    groups (initial_lr, max_lr, a layer's name)."""
+    out = {}
+    for k in group:
+        if isinstance(k, str) and k not in _OPTION_NAMES and k not in ("params", "param_names"):
+            close = _close_option(k)
+            if close is not None:
+                out[k] = close
+    return out
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=512)
 def _close_option(key: str) -> str | None:
+    if key in _other_optimizers_options() or key in _FOREIGN_KEYS:
+        return None
+    if key.lower() in _OPTION_NAMES or key.lower() in _ALIASES:
+        return _ALIASES.get(key.lower(), key.lower())
     match = difflib.get_close_matches(key, _OPTION_NAMES, n=1, cutoff=0.75)
-    return match[0] if match else None
+    if not match:
+        return None
+    words, option = key.split("_"), match[0].split("_")
+    if len(words) > len(option) and any(words[i:i + len(option)] == option for i in range(len(words))):
+        return None  # the option's words and more: a key of its own
+    return match[0]
 
 
-def _foreign_found(group: dict) -> list:
+def _foreign_found(group: dict, spelling: bool = True) -> list:
     """The foreign keys of ``group`` that would change something (an off switch, and
-    decoupled_weight_decay=True, which Flora's weight decay is, change nothing), and the
-    keys that look like a misspelt option."""
-    return [k for k in _FOREIGN_KEYS if k in group and not (k in _OFF_SWITCHES and not group[k])
-            and not (k == "decoupled_weight_decay" and group[k] is True)] + list(_misspelt(group))
+    decoupled_weight_decay=True, which Flora's weight decay is, change nothing), and
+    (``spelling``) the keys that look like a misspelt option."""
+    found = [k for k in _FOREIGN_KEYS if k in group and not (k in _OFF_SWITCHES and not group[k])
+             and not (k == "decoupled_weight_decay" and group[k] is True)]
+    return found + list(_misspelt(group)) if spelling else found
 
 
-def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
-    """Refuse maximize=True and a numeric momentum; warn of the other foreign keys (once a
-    group and key, with ``warned``: at each step a key edited in since is said too)."""
+def _check_foreign_keys(group: dict, warned: set | None = None, spelling: bool = True) -> None:
+    """Refuse maximize=True and a numeric momentum; warn of the other foreign keys and
+    (``spelling``: the step asks when the group's number of keys changed) of a key that
+    looks like a misspelt option (once a group and key, with ``warned``: at each step a
+    key edited in since is said too)."""
     if group.get("maximize"):
         raise ValueError("maximize=True in a parameter group: Flora has no maximize option and would descend; "
                          "negate the loss instead")
@@ -169,15 +202,16 @@ def _check_foreign_keys(group: dict, warned: set | None = None) -> None:
     # torch's own __setstate__ puts differentiable=False into every loaded optimizer's
     # defaults, hence into a group added after load_state_dict: not said (a probe saw the
     # user warned of an option they never set)
-    found = _foreign_found(group)
+    misspelt = _misspelt(group) if spelling else {}
+    found = _foreign_found(group, spelling=False) + list(misspelt)
     if warned is not None:
         found = [k for k in found if (id(group), k) not in warned]
         warned.update((id(group), k) for k in found)
-    misspelt = _misspelt(group)
     for k in found:
         if k in misspelt:
             warn(f"a parameter group's {k!r} is not an option of Flora, which ignores it: did you mean "
-                 f"{misspelt[k]!r}?", UserWarning)
+                 f"{misspelt[k]!r}?" + (f" ({_BETAS_HELP})" if misspelt[k] in ("beta1", "decay_rate") else ""),
+                 UserWarning)
     found = [k for k in found if k not in misspelt]
     if found:
         helps = ([_BETAS_HELP] if "betas" in found else []) + \
@@ -207,19 +241,19 @@ def _layout_key(group: dict) -> tuple:
     return tuple(group[k] for k in _LAYOUT_KEYS)
 
 
-def _refuse_group(e: Exception, group: dict, index: int, lr_ended_warmup: bool) -> None:
-    """An option refused in a group the caller wrote options into names that group (a
-    probe: "warmup_init=True requires relative_step=True" for a group whose own lr had
-    turned its relative step off, the constructor's warmup_init=True being the user's only
-    word on it); a group of the constructor's options alone is its defaults, said as such."""
-    own = [k for k in group if k not in ("params", "param_names")]
-    if not own:
+def _refuse_group(e: Exception, written: list, group: dict, index: int, lr_ended_warmup: bool) -> None:
+    """An option refused in a group the caller wrote options into (``written``, their keys)
+    names that group (a probe: "warmup_init=True requires relative_step=True" for a group
+    whose own lr had turned its relative step off, the constructor's warmup_init=True being
+    the user's only word on it); a group of the constructor's options alone is its
+    defaults, said as such."""
+    if not written:
         raise e
     why = ""
-    if lr_ended_warmup:
+    if lr_ended_warmup and str(e) == WARMUP_NEEDS_RELATIVE_STEP:
         why = (f"; its own lr={group['lr']!r} turns its relative step off, and warmup_init needs it: leave lr "
                "out of this group, or give it warmup_init=False")
-    raise type(e)(f"{e} (in param_groups[{index}], which sets {', '.join(own)}{why})") from None
+    raise type(e)(f"{e} (in param_groups[{index}], which sets {', '.join(written)}{why})") from None
 
 
 class Flora(Optimizer):
@@ -399,6 +433,7 @@ class Flora(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group = dict(param_group)
+        written = [k for k in param_group if k not in ("params", "param_names")]  # for a refusal's message
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             params = [params]
@@ -435,7 +470,7 @@ class Flora(Optimizer):
         try:
             _validate_group(merged, read_tensors=True)
         except (ValueError, TypeError) as e:
-            _refuse_group(e, param_group, len(self.param_groups),
+            _refuse_group(e, written, param_group, len(self.param_groups),
                           derived and merged.get("warmup_init") is True and not merged["relative_step"])
         # torch also takes (name, parameter) pairs (named_parameters()): checked as the tensors
         items = list(params)
@@ -720,10 +755,10 @@ class Flora(Optimizer):
         for group in self.param_groups:  # an edit of another library's numbers (numpy's): as Python's
             plain_group(group)
             # another optimizer's option edited in since (a user's betas schedule): said, as at construction
-            if (group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS)
-                    or self._group_keys.get(id(group)) != len(group)):  # a key added: misspelt?
+            keys = self._group_keys.get(id(group)) != len(group)  # a key added: misspelt?
+            if keys or group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
                 self._group_keys[id(group)] = len(group)
-                _check_foreign_keys(group, self._foreign_warned)
+                _check_foreign_keys(group, self._foreign_warned, spelling=keys)
         self._warn_scheduler_over_none()
         check_grads(self.param_groups, self.state, self._groups_validated)
         self._refuse_repeats()

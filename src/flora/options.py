@@ -17,6 +17,7 @@ from .sharded import is_dtensor
 
 # Options every Flora state_dict has held since the first release: a state without them
 # comes from another optimizer.
+WARMUP_NEEDS_RELATIVE_STEP = "warmup_init=True requires relative_step=True"
 CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
 
 # Options that change Flora's algorithm (not only its step size): when a loaded state's
@@ -301,7 +302,7 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
     if not isinstance(group["warmup_init"], bool):
         raise TypeError(f"warmup_init must be True or False, got {group['warmup_init']!r}")
     if group["warmup_init"] and not rel:
-        raise ValueError("warmup_init=True requires relative_step=True")
+        raise ValueError(WARMUP_NEEDS_RELATIVE_STEP)
     check_positive_int("rank", group["rank"], allow_none=True)
     check_positive_int("kappa", group["kappa"])
     check_real("beta1", group["beta1"], low=0.0, high=1.0, high_open=True, allow_none=True)
