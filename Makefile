@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 # The tests run on every core (pytest-xdist, at most 4 workers; each test is one-threaded,
-# tests/conftest.py): 10-13 minutes on 2 cores from a fresh clone (the README has the figures).
+# tests/conftest.py): 10-16 minutes on 2 cores from a fresh clone (the README has the figures).
 # `make test PYTEST_XDIST=` runs them in this process, slower.
 PYTEST_XDIST ?= -n auto --maxprocesses=4
 test: $(STAMP)
