@@ -129,10 +129,10 @@ _RENAMED = {"beta2_decay": "decay_rate", "d": "clip_threshold"}
 
 # Flora's group options (its defaults' keys; a test holds them equal), for telling a
 # misspelt one: torch keeps any key in a group, so {"rnak": 4} had been ignored silently (a probe)
-_OPTION_NAMES = ("beta1", "cache_projections", "clip_threshold", "complement_weight", "decay_rate", "eps",
-                 "factor_dims", "foreach", "kappa", "lr", "max_aspect_ratio", "momentum_dtype", "momentum_form",
-                 "proj_dim", "projection", "rank", "relative_step", "scale_parameter", "seed", "warmup_init",
-                 "weight_decay")
+_OPTION_NAMES = frozenset(("beta1", "cache_projections", "clip_threshold", "complement_weight", "decay_rate", "eps",
+                           "factor_dims", "foreach", "kappa", "lr", "max_aspect_ratio", "momentum_dtype",
+                           "momentum_form", "proj_dim", "projection", "rank", "relative_step", "scale_parameter",
+                           "seed", "warmup_init", "weight_decay"))
 # names of an option that difflib does not find close (or finds close to the wrong one)
 _ALIASES = {"learning_rate": "lr", "epsilon": "eps", "beta": "beta1", "beta2": "decay_rate"}
 
@@ -169,7 +169,7 @@ def _close_option(key: str) -> str | None:
         return None
     if key.lower() in _OPTION_NAMES or key.lower() in _ALIASES:
         return _ALIASES.get(key.lower(), key.lower())
-    match = difflib.get_close_matches(key, _OPTION_NAMES, n=1, cutoff=0.75)
+    match = difflib.get_close_matches(key, sorted(_OPTION_NAMES), n=1, cutoff=0.75)
     if not match:
         return None
     words, option = key.split("_"), match[0].split("_")

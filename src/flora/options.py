@@ -17,7 +17,6 @@ from .sharded import is_dtensor
 
 # Options every Flora state_dict has held since the first release: a state without them
 # comes from another optimizer.
-WARMUP_NEEDS_RELATIVE_STEP = "warmup_init=True requires relative_step=True"
 CORE_KEYS = ("rank", "kappa", "clip_threshold", "decay_rate", "proj_dim")
 
 # Options that change Flora's algorithm (not only its step size): when a loaded state's
@@ -56,6 +55,9 @@ def momentum_reason(shape, group: dict) -> str | None:
         return "beta1=None (no momentum to compress)"
     return dense_reason(shape, group["rank"], proj_dim=group["proj_dim"], max_aspect_ratio=group["max_aspect_ratio"])
 
+
+# validate_group's refusal that Flora(...)'s group message adds a hint to
+WARMUP_NEEDS_RELATIVE_STEP = "warmup_init=True requires relative_step=True"
 
 # On a CPU, tensors up to this many elements step grouped (Python and dispatch overhead
 # dominates them); larger ones step one at a time, which keeps each one's temporaries in
