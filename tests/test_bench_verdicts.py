@@ -185,15 +185,20 @@ def test_the_meta_line_says_a_dirty_tree():
     assert "+dirty" not in core.meta_line({"commit": "abc1234", "git_dirty": False, "device_name": "cpu"})
 
 
-def test_a_torchao_8bit_state_counts_every_inner_tensor():
+def test_a_torchao_8bit_state_counts_every_inner_tensor(monkeypatch):
     torch = pytest.importorskip("torch")
     optim = pytest.importorskip("torchao.optim")
+    import torchao.optim.adam
     import flora
 
     p = torch.nn.Parameter(torch.randn(256, 128))
     opt = optim.AdamW8bit([p], lr=1e-3)
     p.grad = torch.randn_like(p)
+    # torchao compiles its step with inductor (20 s on an empty cache here); eager makes
+    # the same state, which is what is counted
+    monkeypatch.setattr(torchao.optim.adam.torch, "compile", lambda fn, **kw: fn)
     opt.step()
+    monkeypatch.undo()
     want = 0
     for st in opt.state[p].values():
         if hasattr(st, "__tensor_flatten__"):
@@ -201,3 +206,4 @@ def test_a_torchao_8bit_state_counts_every_inner_tensor():
         elif torch.is_tensor(st):
             want += st.numel() * st.element_size()
     assert flora.state_bytes(opt) == want > 2 * p.numel() + 4
+    assert want < 2 * p.numel() * 1.1  # two 1-byte codes per weight, plus block scales

@@ -38,7 +38,7 @@ def test_fused_replicas_example(tmp_path, wrap):
 
 
 def test_trainer_ddp_example(tmp_path):
-    out = _torchrun(tmp_path, "trainer_ddp.py")
+    out = _torchrun(tmp_path, "trainer_ddp.py", "--steps", "10")
     sums = re.findall(r"rank (\d): world 2, train loss ([\d.]+), weights checksum ([-\d.]+)", out)
     assert sorted(r for r, _, _ in sums) == ["0", "1"], out
     assert len({(loss, s) for _, loss, s in sums}) == 1, out  # the ranks agree

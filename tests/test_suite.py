@@ -241,18 +241,6 @@ def test_win_matrix_labels_every_kappa_but_the_primary_one():
     assert f"| flora-r8-scaled-orthonormal kappa {other} |" in md and "| flora-r8-scaled-orthonormal | 1.0000" in md
 
 
-def test_state_bytes_counts_torchao_8bit_state_by_its_codes():
-    optim = pytest.importorskip("torchao.optim")
-    import flora
-
-    p = torch.nn.Parameter(torch.randn(256, 128))
-    opt = optim.AdamW8bit([p], lr=1e-3)
-    p.grad = torch.randn_like(p)
-    opt.step()
-    n = flora.state_bytes(opt)
-    assert 2 * p.numel() <= n < 2 * p.numel() * 1.1  # two 1-byte codes per weight, plus block scales
-
-
 def test_bitsandbytes_8bit_adamw_runs_on_this_device_and_counts_its_codes():
     import importlib.metadata
 
