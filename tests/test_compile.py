@@ -251,9 +251,9 @@ COVERING_PAIRS = [("paper", "gaussian"), ("exact", "orthonormal"), ("subspace", 
                   ("floored", "coordinates")]
 OTHER_PAIRS = [pair for pair in MOMENTUM_CONFIGS if pair not in COVERING_PAIRS]
 # The single-tensor path's cores are the grouped path's arithmetic one tensor at a time:
-# through AOTAutograd on the default pair and on a weight of the data on coordinates (all
-# seven covering pairs took 51 s here).
-SINGLE_PAIRS = [("scaled", "orthonormal"), ("floored", "coordinates")]
+# through AOTAutograd on the default pair (floored, orthonormal) and on a weight of the
+# data on coordinates (all seven covering pairs took 51 s here).
+SINGLE_PAIRS = [("floored", "orthonormal"), ("scaled", "coordinates")]
 
 
 def _pair_groups(params_per_pair, extra, pairs=MOMENTUM_CONFIGS):
@@ -279,17 +279,20 @@ def test_the_covering_pairs_cover_every_form_and_projection():
     assert set(COVERING_PAIRS) | set(SINGLE_PAIRS) <= set(MOMENTUM_CONFIGS)
     assert {f for f, _ in COVERING_PAIRS} == {f for f, _ in MOMENTUM_CONFIGS}
     assert {p for _, p in COVERING_PAIRS} == {p for _, p in MOMENTUM_CONFIGS}
+    defaults = Flora.__init__.__kwdefaults__
+    assert (defaults["momentum_form"], defaults["projection"]) in SINGLE_PAIRS  # (the comment above SINGLE_PAIRS)
 
 
 @pytest.mark.parametrize("foreach,pairs,backend", [(True, COVERING_PAIRS, "aot_eager"), (True, OTHER_PAIRS, "dynamo"),
                                                    (False, SINGLE_PAIRS, "aot_eager")],
                          ids=["grouped", "grouped-other-pairs", "single"])
 def test_compiled_equals_eager_for_every_form_and_projection(foreach, pairs, backend, how="user"):
-    """Every pair of MOMENTUM_CONFIGS (a parameter group each), with weight decay and
-    scale_parameter, 6 steps with two resamples and a non-finite gradient: the compiled
-    step equals the eager one to 1e-5, weights and state. COVERING_PAIRS through dynamo's
-    graph and AOTAutograd's functionalisation (aot_eager), the other pairs through dynamo's
-    graph alone (a counting backend that runs it as captured). (``how="option"``,
+    """Every pair of MOMENTUM_CONFIGS on the grouped path (a parameter group each), with
+    weight decay and scale_parameter, 6 steps with two resamples and a non-finite
+    gradient: the compiled step equals the eager one to 1e-5, weights and state.
+    COVERING_PAIRS through dynamo's graph and AOTAutograd's functionalisation (aot_eager),
+    the other pairs through dynamo's graph alone (a counting backend that runs it as
+    captured); the single-tensor path on SINGLE_PAIRS through aot_eager. (``how="option"``,
     Flora(compile="aot_eager"), passes too: about 12 s here, one graph per bucket
     signature; the same cores, so not run by default.)"""
     extra = dict(scale_parameter=True, weight_decay=0.05)
@@ -318,14 +321,15 @@ def test_staged_cpu_step_equals_eager_for_every_form_and_projection(monkeypatch)
     """Flora(compile=...) on a CPU steps a bucket of compressed 2-D parameters in three
     compiled stages around an eager copy and matmul into buffers of its own (flora.compiled.
     staged_step; coordinates keep the one-graph core): equal to the eager step to 1e-5,
-    weights and state, for every (form, projection) pair, with weight decay, resamples
-    and a non-finite gradient. (STAGED_MIN_BYTES 0: every such bucket is staged.) Every form
-    on orthonormal rows (a Gaussian matrix steps through the same stages); beside them, a
-    form whose weight depends on the data on coordinates, which keep Flora(compile=...)'s
-    one-graph core in the same step (tests/test_paths.py's compiled rows take the other
-    forms on coordinates through that core)."""
+    weights and state, with weight decay, resamples and a non-finite gradient.
+    (STAGED_MIN_BYTES 0: every such bucket is staged.) Every form on orthonormal rows (a
+    Gaussian matrix steps through the same stages, functional.staged); beside them, the two
+    forms whose weights depend on the data on coordinates, which keep Flora(compile=...)'s
+    one-graph core in the same step (tests/test_paths.py's compiled rows take exact, fixed
+    and floored coordinates through that core; paper and subspace on coordinates go
+    through the grouped user compile above)."""
     monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)
-    pairs = [(f, p) for f, p in MOMENTUM_CONFIGS if p == "orthonormal" or (f, p) == ("adaptive", "coordinates")]
+    pairs = [(f, p) for f, p in MOMENTUM_CONFIGS if p == "orthonormal" or f in ("scaled", "adaptive")]
     test_compiled_equals_eager_for_every_form_and_projection(True, pairs, "aot_eager", how="option")
 
 

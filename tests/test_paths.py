@@ -453,10 +453,10 @@ COMPILED_CASES = dict(
 )
 
 
-# The rows run by default: every layout on float32 in two forms, each dtype, and each
-# option, form and momentum storage on one or two rows. These rows of the table repeat an
-# option on one more layout or dtype; FLORA_TEST_COMPILED=all runs them too (39 cases,
-# about 80 s more on 2 cores). A fresh 2-core machine spends most of the suite compiling.
+# The rows run by default: every layout on float32 in two forms, each dtype, each form
+# the table holds, and each option and momentum storage on one or two rows. These rows of
+# the table repeat an option on one more layout or dtype; FLORA_TEST_COMPILED=all runs them too (43 cases,
+# about 90 s more on 2 cores). A fresh 2-core machine spends most of the suite compiling.
 COMPILED_SPARE = {
     *(f"{lay}-fp64-scaled-orthonormal" for lay in ("transposed", "strided", "permuted-3d", "channels_last_3d")),
     "channels_last-bf16-grad_fp32", "channels_last-fp64-huge_grads", "channels_last-fp32-tensor_lr_1x1",
@@ -470,18 +470,21 @@ COMPILED_SPARE = {
                                           "bf16-dense-momentum", "fp32-momentum")),
     "first-largest-3d-fp32-fixed-orthonormal", "transposed-fp32-scale_parameter+weight_decay",
     "strided-fp32-scale_parameter+weight_decay",
+    # coordinates gather the same rows on every layout; scaled-orthonormal keeps all six
+    *(f"{lay}-fp32-exact-coordinates" for lay in ("transposed", "strided", "permuted-3d", "channels_last_3d")),
 }
 
 # Inductor generates and compiles C++ for each case, 10-30 s a case on a cold cache (a
 # fresh CI machine's), against 1-3 s for the other rows. Every row runs Flora's compiled
 # code through dynamo and AOTAutograd's passes (backend "aot_eager"), where Flora's
-# compiled-step bugs were; inductor's code generation runs on these rows (float32 with a
-# non-finite gradient, a bfloat16 parameter and first moment; 4 cases with their staged
-# paths), and on every row with FLORA_TEST_INDUCTOR=all (coordinates, float16 and float64
-# among them). tests/test_compile.py runs inductor on a relative step in bfloat16, a float
-# lr changing every step, biases of one width, and counts its kernels; the single-tensor
-# core below runs it on a channels_last kernel.
-INDUCTOR_ROWS = ["contiguous-fp32-scaled-orthonormal-nan-grad", "transposed-bf16-bf16-momentum"]
+# compiled-step bugs were; inductor's code generation runs on this row (float32 with a
+# non-finite gradient, its one-graph and staged paths), and on every row with
+# FLORA_TEST_INDUCTOR=all (coordinates, float16, float64 and a bfloat16 first moment among
+# them). tests/test_compile.py runs inductor on bfloat16 parameters with a relative step,
+# a float lr changing every step, biases of one width, and counts its kernels;
+# tests/test_rounding.py compiles the bfloat16 rounding with it; the single-tensor core
+# below runs it on a channels_last kernel.
+INDUCTOR_ROWS = ["contiguous-fp32-scaled-orthonormal-nan-grad"]
 
 
 def _compiled_backend(key: str):
