@@ -380,8 +380,7 @@ def test_compiled_equals_eager_other_options(kw):
     _assert_equal_runs(runs[1][0], runs[0][0], runs[1][1], runs[0][1])
 
 
-@pytest.mark.parametrize("foreach", [None], ids=["grouped"])
-def test_inductor_equals_eager(foreach):
+def test_inductor_equals_eager():
     """Flora(compile=True): inductor's kernels (C++ on a CPU) equal the eager step to 1e-5,
     default form, resamples, scale_parameter and weight decay. A few seconds of
     compilation per shape (two shapes here). Two 1-D parameters of one shape (two biases
@@ -390,7 +389,7 @@ def test_inductor_equals_eager(foreach):
     found by a review; the core adds out of place now. (The single-tensor path's compiled
     core runs inductor in tests/test_paths.py's test_compiled_single_tensor_core_on_a_conv_kernel.)"""
     shapes = [(24, 40), (24, 40), (40,), (40,)]
-    kw = dict(BASE, foreach=foreach, scale_parameter=True, weight_decay=0.05)
+    kw = dict(BASE, scale_parameter=True, weight_decay=0.05)
     runs = []
     for compiled in (False, True):
         params = _params(shapes)
