@@ -60,3 +60,11 @@ def assert_same_state(got_opt, got_p, want_opt, want_p, *, rtol: float, atol: fl
             torch.testing.assert_close(sa[k], v, rtol=rtol, atol=atol)
         else:
             assert sa[k] == v, k
+
+
+def extended(*values, id=None):
+    """A parametrized case marked ``extended`` (tests/conftest.py: it runs under
+    FLORA_TEST_ALL=1): one that repeats its test's check on one more option or path."""
+    import pytest
+
+    return pytest.param(*values, marks=pytest.mark.extended, id=id)

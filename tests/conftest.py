@@ -64,6 +64,24 @@ def fresh_dynamo():
     torch.set_num_threads(n)
 
 
+def extended() -> bool:
+    """FLORA_TEST_ALL=1: the tests and cases marked ``extended`` run too (the README's
+    "Tests" paragraph). Each repeats a check that the default suite makes, on one more
+    option, path or launch mode; the default suite keeps every stepping path, form, dtype
+    and layout, and fits CI's 15 minutes on 2 cores."""
+    return os.environ.get("FLORA_TEST_ALL", "") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if extended():
+        return
+    skip = pytest.mark.skip(reason="extended: repeats a default check on one more option, path or mode; "
+                                   "FLORA_TEST_ALL=1 runs it")
+    for item in items:
+        if item.get_closest_marker("extended") is not None:
+            item.add_marker(skip)
+
+
 def pytest_collection_finish(session):
     """What the imports and the collection made lives as long as the worker: frozen out of
     the collector's reach (gc.freeze), so that the collections a test asks for (conftest's

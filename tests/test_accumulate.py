@@ -16,6 +16,8 @@ import flora
 from flora import CompressedAccumulator, Flora
 from flora.projection import ACCUMULATION_STREAM, compress, decompress, make_projection, projection_seed
 
+from _configs import extended
+
 TAU = 3
 
 
@@ -1316,8 +1318,10 @@ def test_backward_and_step_inside_autocast_accumulate_as_outside(fused):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["normal", "fused"])
-@pytest.mark.parametrize("what", ["step", "finish_cycle"])
+# Each way in, each mode once (FLORA_TEST_ALL=1: both modes each way).
+@pytest.mark.parametrize("what,fused", [("step", True), ("finish_cycle", False), extended("step", False),
+                                        extended("finish_cycle", True)],
+                         ids=["step-fused", "finish_cycle-normal", "step-normal", "finish_cycle-fused"])
 def test_a_short_cycle_closed_from_compiled_code_equals_eager(what, fused):
     """torch.compile(opt.step) (the step pre-hook closing a short cycle) or
     torch.compile(acc.finish_cycle): under tracing decompress_add_ returns a new tensor,

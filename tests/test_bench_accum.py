@@ -158,6 +158,7 @@ def test_a_configuration_in_its_own_process(tmp_path):
     assert r["status"] == "ok" and r["peak_mib"] > 0 and res["meta"]["isolated"] is True
 
 
+@pytest.mark.extended  # (35 s on 2 cores; test_distributed.py counts fused mode's collectives under FSDP2)
 def test_replicas_run_each_configuration_on_two_processes(tmp_path):
     """--replicas 2: each memory configuration on 2 gloo processes under DDP and FSDP2, a
     row per (wrap, configuration) with the largest per-rank figures, every rank's, and the

@@ -26,7 +26,7 @@ from torch import nn
 from flora import Flora
 from flora import functional as F
 
-from _configs import MOMENTUM_CONFIGS, assert_same_state, form_options
+from _configs import MOMENTUM_CONFIGS, assert_same_state, extended, form_options
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounter  # noqa: E402
@@ -83,8 +83,12 @@ def _run(opt, params, step_fn, steps=STEPS, bad=False, scheduler=None, after_fir
 # ------------------------------------------------------------------ graph breaks, recompiles
 
 
-@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
-@pytest.mark.parametrize("case", ["tensor-lr-scheduler", "float-lr-scheduler", "relative-step", "nonfinite"])
+# The single-tensor path on two of the four cases (FLORA_TEST_ALL=1: all four).
+@pytest.mark.parametrize("case,foreach", [
+    *((c, True) for c in ("tensor-lr-scheduler", "float-lr-scheduler", "relative-step", "nonfinite")),
+    ("tensor-lr-scheduler", False), ("nonfinite", False),
+    extended("float-lr-scheduler", False), extended("relative-step", False)],
+    ids=lambda v: {True: "grouped", False: "single"}.get(v, v) if isinstance(v, bool) else v)
 def test_user_compile_one_break_no_recompile(case, foreach, form=("scaled", "orthonormal")):
     """torch.compile(opt.step): the prelude is the only graph break, the arithmetic one
     graph, compiled at the first step and never again: not at the resamples (steps 3, 5),
@@ -124,16 +128,17 @@ def test_user_compile_one_break_no_recompile(case, foreach, form=("scaled", "ort
 
 
 @pytest.mark.parametrize("form", ["fixed", "floored"])
-@pytest.mark.parametrize("foreach", [True, False], ids=["grouped", "single"])
+@pytest.mark.parametrize("foreach", [True, extended(False, id="single")], ids=["grouped", "single"])
 @pytest.mark.parametrize("case", ["tensor-lr-scheduler", "nonfinite"])
 def test_weighted_forms_one_break_no_recompile(case, foreach, form):
     """The "fixed" form (its complement weight a constant of the graph) and the "floored"
     form (its floor one): as above, one break, one graph, nothing compiled after the
-    first step."""
+    first step. On the grouped path (FLORA_TEST_ALL=1: the single-tensor one too, whose
+    prelude the test above runs on the default form)."""
     test_user_compile_one_break_no_recompile(case, foreach, form=(form, "orthonormal"))
 
 
-@pytest.mark.parametrize("backend,foreach", [("counter", True), ("counter", False), ("aot_eager", True)],
+@pytest.mark.parametrize("backend,foreach", [("counter", True), extended("counter", False), ("aot_eager", True)],
                          ids=["counter-grouped", "counter-single", "aot_eager-grouped"])
 def test_narrow_momentum_one_break_no_recompile(foreach, backend):
     """momentum_dtype="bfloat16" under torch.compile(opt.step): the widened copies are made
@@ -209,7 +214,7 @@ def test_compile_steps_cuda_eagerly_until_verified(monkeypatch):
     assert C.compiles_on("inductor", torch.device("cuda"))
 
 
-@pytest.mark.parametrize("fail_at", [0, 1, 2, 6])
+@pytest.mark.parametrize("fail_at", [0, extended(1), 2, 6])
 def test_a_failed_compile_finishes_the_step_eagerly(monkeypatch, fail_at):
     """A backend that fails (inductor without a C++ compiler) at the first graph, at a
     staged bucket's second or third stage (after the first stage ran compiled), or at a
@@ -359,12 +364,14 @@ def test_staged_step_with_a_new_lr_tensor_each_step(monkeypatch, staged_min):
     _assert_equal_runs(runs[1][0], runs[0][0], runs[1][1], runs[0][1])
 
 
-@pytest.mark.parametrize("kw", [dict(lr=None), dict(lr=None, warmup_init=True), dict(beta1=None),
-                                dict(rank=None), dict(lr=torch.tensor(3e-3), weight_decay=0.1)],
+@pytest.mark.parametrize("kw", [dict(lr=None), extended(dict(lr=None, warmup_init=True)), extended(dict(beta1=None)),
+                                extended(dict(rank=None)), dict(lr=torch.tensor(3e-3), weight_decay=0.1)],
                          ids=["relative_step", "warmup_init", "no-momentum", "dense-momentum", "tensor-lr"])
 def test_compiled_equals_eager_other_options(kw):
     """Relative step sizes (from the device counter), no momentum, dense momentum, a
-    tensor lr with weight decay: compiled (user's torch.compile, aot_eager) == eager."""
+    tensor lr with weight decay: compiled (user's torch.compile, aot_eager) == eager.
+    (No momentum and dense momentum run through Flora(compile=...) in tests/test_paths.py's
+    compiled table; under the user's compile with FLORA_TEST_ALL=1, as warmup_init does.)"""
     runs = []
     for compiled in (False, True):
         params = _params()
@@ -440,8 +447,9 @@ def test_inductor_bf16_relative_step():
         torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
-@pytest.mark.parametrize("staged_min", [0, None], ids=["staged", "one-graph"])
+@pytest.mark.parametrize("staged_min,dtype", [(0, torch.bfloat16), (None, torch.float32),
+                                              extended(0, torch.float32), extended(None, torch.bfloat16)],
+                         ids=["staged-bf16", "one-graph-float32", "staged-float32", "one-graph-bf16"])
 def test_parameter_norms_come_from_one_eager_call(monkeypatch, staged_min, dtype):
     """Flora(compile=...) scaling its step by the parameters' RMS: their norms come from one
     ``_foreach_norm`` for the whole step, ahead of the graphs (flora.functional.
@@ -684,7 +692,7 @@ def test_a_shapes_buckets_take_as_few_graphs_as_can_be(n, sizes):
         == [per] * (n // per) + ([n % per] if n % per else [])
 
 
-@pytest.mark.parametrize("staged_min", [0, None], ids=["staged", "one-graph"])
+@pytest.mark.parametrize("staged_min", [0, extended(None, id="one-graph")], ids=["staged", "one-graph"])
 def test_the_operations_a_compiled_bucket_dispatches(monkeypatch, staged_min):
     """Inductor, a bucket of two compressed matrices: the operations a step dispatches
     (kernels recorded with ``cpp.enable_kernel_profile``; issue 18's goal is at most 50 on
@@ -724,7 +732,7 @@ def test_the_operations_a_compiled_bucket_dispatches(monkeypatch, staged_min):
         assert ops == ["aten::_foreach_norm"] + middle
 
 
-@pytest.mark.parametrize("scheduled", ["lr", "weight_decay", "beta1"])
+@pytest.mark.parametrize("scheduled", ["lr", extended("weight_decay"), "beta1"])
 def test_a_schedule_of_a_graph_constant_warns_once(scheduled):
     """Flora(compile=...) takes beta1, weight_decay, ... as constants of its graphs (lr is a
     tensor): a schedule of one compiled new graphs at every step, 15-21 s a step on a small

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import dist_scenarios as S
+from _configs import extended
 from _dist import check, spawn
 from flora import Flora
 
@@ -400,7 +401,7 @@ def _one_process(opts, batches, start, stop, ckpt_in=None, ckpt_out=None):
     return model
 
 
-@pytest.mark.parametrize("momentum_dtype", [None, "none"])
+@pytest.mark.parametrize("momentum_dtype", [None, extended("none")])
 def test_checkpoint_moves_between_two_processes_and_one(tmp_path, monkeypatch, momentum_dtype):
     """torch.distributed.checkpoint: 2 processes save after 3 steps, 1 process loads and
     finishes; 1 process saves after 3 steps, 2 processes load and finish. Both equal a run

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from _configs import extended
+
 pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -25,13 +27,16 @@ def _torchrun(tmp_path, script: str, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("mode", ["hook", "acc", "ddp"])
+# One launch per example by default (10-20 s each on 2 cores); the other modes under
+# FLORA_TEST_ALL=1. tests/test_distributed_comm.py checks the accumulator across replicas
+# and plain DDP, tests/test_distributed_fused.py fused mode under DDP, in-process.
+@pytest.mark.parametrize("mode", ["hook", extended("acc"), extended("ddp")])
 def test_ddp_compressed_example(tmp_path, mode):
     out = _torchrun(tmp_path, "ddp_compressed.py", "--mode", mode, "--steps", "10")
     assert f"mode={mode}" in out and "replicas identical: True" in out, out
 
 
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("wrap", [extended("ddp"), "fsdp2"])
 def test_fused_replicas_example(tmp_path, wrap):
     out = _torchrun(tmp_path, "fused_replicas.py", "--wrap", wrap, "--steps", "5")
     assert f"wrap={wrap} world=2" in out and "gradients left 0" in out and "replicas identical: True" in out, out

@@ -22,7 +22,7 @@ from flora.momentum import (
 from flora.projection import compress, decompress, gaussian_projection, make_projection, projection_seed
 from transformers.optimization import Adafactor
 
-from _configs import FIXED_WEIGHT, FLOORED_WEIGHT, FORM_WEIGHTS, MOMENTUM_CONFIGS, MOMENTUM_IDS, form_options
+from _configs import FIXED_WEIGHT, FLOORED_WEIGHT, FORM_WEIGHTS, MOMENTUM_CONFIGS, MOMENTUM_IDS, extended, form_options
 
 
 def _matrix(kind, seed, rank, d):
@@ -440,7 +440,7 @@ def test_an_infinite_clip_threshold_clips_nothing(config, path):
 
 
 @pytest.mark.parametrize("path", ["single", "grouped", "step_parameter", "compiled", "user-compiled",
-                                  "user-compiled-single"])
+                                  extended("user-compiled-single")])
 def test_a_step_inside_autocast_is_the_step_outside(path):
     """step() called inside an autocast region (found as a new user would) had run the
     compression and decompression matmuls in bfloat16: the update moved by 7e-4 of itself.

@@ -24,6 +24,8 @@ from flora import Flora
 from flora.bench import optimizers as bench_optimizers
 from flora.rounding import AFTER_TRANSFER, stochastic_bfloat16
 
+from _configs import extended
+
 NARROW = {"bfloat16": torch.bfloat16}
 MOMENTUM_KEYS = ("exp_avg", "exp_avg_c")
 
@@ -315,7 +317,7 @@ def test_bench_names_carry_the_momentum_dtype():
         bench_optimizers.parse("flora-r8+fp16")
 
 
-@pytest.mark.parametrize("beta1", [0.9, 0.99])
+@pytest.mark.parametrize("beta1", [extended(0.9), 0.99])  # (0.99: the larger bias of rounding to nearest)
 def test_a_steady_gradient_is_reached_at_any_beta1(beta1):
     """A constant gradient, dense momentum (it holds lr times the normalised update, here
     lr times 1): float32's momentum reaches lr. Rounded to nearest, bfloat16's would stop

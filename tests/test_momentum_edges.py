@@ -15,6 +15,8 @@ from flora.momentum import complement_scale, compressed_step_
 from flora.projection import make_projection, make_projections, projection_seed
 from flora.rounding import AFTER_STEP, AFTER_TRANSFER, stochastic_bfloat16
 
+from _configs import extended
+
 
 def test_lr_zero_with_no_clip_is_no_step():
     """clip_threshold=inf and lr=0 make the output clip's bound inf * 0, NaN: no step, as
@@ -110,10 +112,15 @@ def test_the_cache_keeps_only_what_its_entries_need():
     assert len(opt.projection_cache) == 0 and opt.projection_cache.nbytes() == 0
 
 
-@pytest.mark.parametrize("tensor", ["float32", "bfloat16", "channels_last"])
-@pytest.mark.parametrize("compile", [False, "aot_eager"])
-@pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("form", ["exact", "paper"])
+# Compiled (2-3 s a case on 2 cores) on one case per tensor, each form and path among
+# them; FLORA_TEST_ALL=1 compiles all twelve.
+_COMPILED_KEPT = {("exact", True, "channels_last"), ("paper", False, "bfloat16"), ("paper", True, "float32")}
+
+
+@pytest.mark.parametrize("form,foreach,compile,tensor", [
+    (f, e, c, t) if not c or (f, e, t) in _COMPILED_KEPT else extended(f, e, c, t, id=f"{f}-{e}-{c}-{t}")
+    for f in ("exact", "paper") for e in (False, True) for c in (False, "aot_eager")
+    for t in ("float32", "bfloat16", "channels_last")])
 def test_a_momentum_grown_past_float32_restarts_without_a_step(form, foreach, compile, tensor):
     """A Gaussian projection redrawn every step at beta1 = 0.99 grows the compressed
     momentum about sqrt(d / r) times a step (Flora warns of it). Once its squared norm

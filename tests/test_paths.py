@@ -21,7 +21,8 @@ one unit in the last place). The reference itself is checked
 against the same values laid out contiguously.
 
 The table is a covering design, not a full product: every layout by every form and
-projection on float32; every dtype by a few layouts and forms; every rank case (below, at
+projection on float32 (the six edge layouts, EDGE_LAYOUTS, on eight of them unless
+FLORA_TEST_ALL=1); every dtype by a few layouts and forms; every rank case (below, at
 and above the dims) by a few layouts and forms; a non-finite gradient on both
 ``foreach`` settings. Tensors of 3+ dims run under both ``factor_dims`` rules: the
 default ``"largest"`` (every layout: for most of them a permuted view of the gradient)
@@ -41,7 +42,7 @@ from torch import nn
 
 from flora import CompressedAccumulator, Flora
 
-from _configs import MOMENTUM_CONFIGS, form_options
+from _configs import MOMENTUM_CONFIGS, extended, form_options
 
 STEPS = 4
 BAD_STEP = 1  # not a resample step (kappa=2 resamples at the third step), so a skip leaves the state as it was
@@ -187,6 +188,21 @@ CASES = dict(
                  "bf16-momentum", "fp32-momentum")
        for b in ("nan", "inf")]
 )
+
+
+# The layouts past the first six (empty ones, 1x1 kernels, and the 3-D tensors that
+# factor_dims="largest" factors without a permutation) step every form and option alike
+# once viewed as the matrix they factor over: by default they run these few, and
+# FLORA_TEST_ALL=1 runs the rest of their rows.
+EDGE_LAYOUTS = ("empty", "empty-3d", "conv1x1", "conv1x1-channels_last", "first-largest-3d", "last-largest-3d")
+EDGE_CONFIGS = ("scaled-orthonormal", "exact-coordinates", "paper-gaussian", "floored-orthonormal", "dense-momentum",
+                "no-momentum", "scale_parameter+weight_decay", "two_lrs")
+EXTENDED_CASES = {_case(lay, "fp32", c)[0] for lay in EDGE_LAYOUTS for c in CONFIGS if c not in EDGE_CONFIGS} & set(CASES)
+
+
+def _cases(table):
+    """A table's cases for parametrize, the EXTENDED_CASES marked."""
+    return [extended(v, id=k) if k in EXTENDED_CASES else v for k, v in table.items()]
 
 
 # ------------------------------------------------------------------ running a path
@@ -374,7 +390,7 @@ def _compare(ref_run, got_run, name):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+@pytest.mark.parametrize("case", _cases(CASES), ids=list(CASES))
 def test_path_equals_single_tensor_reference(case, path):
     layout, dtype, kw, bad = case
     ref = _reference(layout, dtype, kw, bad)
@@ -390,10 +406,14 @@ def test_path_equals_single_tensor_reference(case, path):
 # equals the reference rounded whole.
 CHUNKED_CASES = dict(_case(lay, dt, c) for lay in LAYOUTS for dt in ("fp32", "bf16", "fp64")
                      for c in ("bf16-momentum", "bf16-dense-momentum"))
+# The kernels' and the 3-D rules' layouts round as the layouts above them do (a permuted
+# or contiguous momentum): FLORA_TEST_ALL=1 runs them.
+CHUNKED_EXTENDED = ("empty-3d", "conv1x1", "conv1x1-channels_last", "first-largest-3d", "last-largest-3d")
 
 
 @pytest.mark.parametrize("path", ["single", *PATHS])
-@pytest.mark.parametrize("case", list(CHUNKED_CASES.values()), ids=list(CHUNKED_CASES))
+@pytest.mark.parametrize("case", [extended(v, id=k) if v[0] in CHUNKED_EXTENDED else v
+                                  for k, v in CHUNKED_CASES.items()], ids=list(CHUNKED_CASES))
 def test_rounding_in_pieces_equals_the_reference_rounded_whole(case, path, monkeypatch):
     import flora.rounding as R
 
@@ -453,26 +473,52 @@ COMPILED_CASES = dict(
 )
 
 
-# The rows run by default: every layout on float32 in two forms, each dtype, each form
-# the table holds, and each option and momentum storage on one or two rows. These rows of
-# the table repeat an option on one more layout or dtype; FLORA_TEST_COMPILED=all runs them too (43 cases,
-# about 90 s more on 2 cores). A fresh 2-core machine spends most of the suite compiling.
+# The rows run by default: every layout on float32 (scaled, orthonormal), each dtype,
+# each form the table holds but subspace, and each option and momentum storage on one
+# row (many of them also staged). These rows of the table repeat an option on one more layout or dtype;
+# FLORA_TEST_COMPILED=all (or FLORA_TEST_ALL=1) runs them too. A fresh 2-core machine
+# spends most of the suite compiling.
 COMPILED_SPARE = {
-    *(f"{lay}-fp64-scaled-orthonormal" for lay in ("transposed", "strided", "permuted-3d", "channels_last_3d")),
+    *(f"{lay}-fp64-scaled-orthonormal" for lay in ("transposed", "strided", "permuted-3d", "channels_last",
+                                                   "channels_last_3d")),
+    *(f"channels_last-{dt}-scaled-orthonormal" for dt in ("bf16", "fp16")),
     "channels_last-bf16-grad_fp32", "channels_last-fp64-huge_grads", "channels_last-fp32-tensor_lr_1x1",
     *(f"channels_last-fp32-{c}" for c in ("two_lrs", "two_lrs+scale_parameter+weight_decay", "two_tensor_lrs",
                                           "two_groups_relative_step", "clip_inf", "no_cache",
                                           "scale_parameter+weight_decay", "bf16-dense-momentum", "fp32-momentum")),
     *(f"transposed-bf16-{c}" for c in ("two_lrs", "two_lrs+scale_parameter+weight_decay", "two_tensor_lrs",
                                        "bf16-dense-momentum", "fp32-momentum")),
-    *(f"channels_last-fp64-{c}" for c in ("two_lrs", "two_tensor_lrs", "two_groups_relative_step",
-                                          "fixed-orthonormal", "scale_parameter+weight_decay",
-                                          "bf16-dense-momentum", "fp32-momentum")),
-    "first-largest-3d-fp32-fixed-orthonormal", "transposed-fp32-scale_parameter+weight_decay",
-    "strided-fp32-scale_parameter+weight_decay",
-    # coordinates gather the same rows on every layout; scaled-orthonormal keeps all six
-    *(f"{lay}-fp32-exact-coordinates" for lay in ("transposed", "strided", "permuted-3d", "channels_last_3d")),
+    *(f"channels_last-fp64-{c}" for c in ("two_lrs", "two_lrs+scale_parameter+weight_decay", "two_tensor_lrs",
+                                          "two_groups_relative_step", "fixed-orthonormal",
+                                          "scale_parameter+weight_decay", "bf16-dense-momentum", "fp32-momentum")),
+    "contiguous-fp32-two_groups_relative_step",
+    *(f"contiguous-bf16-{c}" for c in ("fixed-orthonormal", "floored-orthonormal")),
+    "channels_last-fp16-scale_parameter+weight_decay",
+    *(f"{lay}-fp32-scale_parameter+weight_decay" for lay in ("transposed", "strided", "permuted-3d",
+                                                             "channels_last_3d")),
+    "first-largest-3d-fp32-fixed-orthonormal",
+    # tests/test_flora.py compiles an infinite clip threshold
+    "contiguous-fp32-clip_inf",
+    # the user's compile runs subspace on every path (tests/test_compile.py)
+    "channels_last-fp32-subspace-orthonormal",
+    # coordinates gather the same rows on every layout (exact on channels_last, fixed and
+    # floored on transposed run by default); scaled-orthonormal keeps all six
+    *(f"{lay}-fp32-exact-coordinates" for lay in ("contiguous", "transposed", "strided", "permuted-3d",
+                                                  "channels_last_3d")),
 }
+# Rows whose staged path alone is spare: their option reaches the stages as it reaches
+# the one-graph core (a scalar of the prelude or a dtype), which runs by default, and
+# other rows run the stages on that dtype or lr form.
+STAGED_SPARE = {
+    "contiguous-fp32-tensor_lr_1x1", "contiguous-fp32-two_lrs+scale_parameter+weight_decay",
+    "transposed-bf16-two_groups_relative_step", "transposed-bf16-bf16-momentum", "contiguous-fp64-huge_grads",
+    "contiguous-bf16-grad_fp32", "contiguous-fp16-scaled-orthonormal", "contiguous-bf16-scale_parameter+weight_decay",
+}
+
+
+def _all_compiled_rows() -> bool:
+    return os.environ.get("FLORA_TEST_COMPILED", "") == "all" or os.environ.get("FLORA_TEST_ALL", "") == "1"
+
 
 # Inductor generates and compiles C++ for each case, 10-30 s a case on a cold cache (a
 # fresh CI machine's), against 1-3 s for the other rows. Every row runs Flora's compiled
@@ -506,7 +552,8 @@ def _stages(key: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("key,path", [(k, p) for k in COMPILED_CASES for p in ("compiled", "staged")
                                       if (p == "compiled" or _stages(k))
-                                      and (k not in COMPILED_SPARE or os.environ.get("FLORA_TEST_COMPILED") == "all")])
+                                      and (_all_compiled_rows() or not (k in COMPILED_SPARE
+                                                                        or p == "staged" and k in STAGED_SPARE))])
 def test_compiled_path_equals_single_tensor_reference(key, path, monkeypatch):
     import flora.functional as F
 
@@ -543,8 +590,9 @@ def test_compiled_path_equals_single_tensor_reference(key, path, monkeypatch):
 
 
 def test_the_inductor_rows_are_rows_of_the_table():
-    assert set(INDUCTOR_ROWS) | COMPILED_SPARE <= set(COMPILED_CASES)
-    assert not set(INDUCTOR_ROWS) & COMPILED_SPARE
+    assert set(INDUCTOR_ROWS) | COMPILED_SPARE | STAGED_SPARE <= set(COMPILED_CASES)
+    assert not set(INDUCTOR_ROWS) & (COMPILED_SPARE | STAGED_SPARE)
+    assert not COMPILED_SPARE & STAGED_SPARE and all(_stages(k) for k in STAGED_SPARE)
 
 
 @pytest.mark.slow
@@ -593,7 +641,7 @@ def test_compiled_float64_steps_as_eager(foreach):
 LAYOUT_CASES = {k: v for k, v in CASES.items() if v[0] != "contiguous" and v[3] is None}
 
 
-@pytest.mark.parametrize("case", list(LAYOUT_CASES.values()), ids=list(LAYOUT_CASES))
+@pytest.mark.parametrize("case", _cases(LAYOUT_CASES), ids=list(LAYOUT_CASES))
 def test_reference_ignores_the_layout(case):
     """The reference on a non-contiguous parameter moves it as it moves the same values
     laid out contiguously (so every path, being equal to the reference, does too)."""

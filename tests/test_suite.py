@@ -327,6 +327,7 @@ def test_lr_extension_steps_beyond_an_edge_best_on_every_seed_up_to_the_cap():
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # (16 s on 2 cores; test_bench.py's forms preset extends a grid by default)
 def test_suite_cli_extends_the_lr_grid_until_capped(folder, tmp_path, monkeypatch, capsys):
     """--extend-lr end to end: lrs so small that the top is always best run 2 more, then stop;
     every round in the one pool of workers (each spawn imports torch anew). In a log (stderr
