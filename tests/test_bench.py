@@ -1281,7 +1281,6 @@ def test_a_run_process_interrupted_exits_quietly():
     assert e.value.code == 130 and conn.closed
 
 
-@pytest.mark.extended  # (a warning on stderr, not a result: 14 s on 2 cores for a fresh interpreter)
 def test_the_fork_servers_imports_are_quiet():
     """The fork server imports peft (and torchao through it) outside core.quiet(): the
     preload module first quiets torchao's warning about its C++ extensions."""

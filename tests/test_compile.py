@@ -5,9 +5,12 @@
   first step across resamples (kappa=2), a scheduler writing a tensor lr every step and a
   non-finite gradient, on both paths.
 - The compiled step equals the eager one to 1e-5 for every (form, projection) pair of
-  ``MOMENTUM_CONFIGS`` on both paths (``aot_eager``: dynamo's graph, functionalised, run
-  by eager kernels; one optimizer with a parameter group per pair, so one trace per
-  path), and with inductor on a few cases (the default form, a relative step, bf16).
+  ``MOMENTUM_CONFIGS`` on the grouped path (COVERING_PAIRS through ``aot_eager``: dynamo's
+  graph, functionalised, run by eager kernels; the others through dynamo's capture; one
+  optimizer with a parameter group per pair, so one trace), SINGLE_PAIRS on the
+  single-tensor path, and with inductor on a few cases (bf16 with a relative step, a float
+  lr changing every step, the kernel count; the default form in tests/test_paths.py's
+  inductor row).
 - A checkpoint of a compiled run holds plain step numbers, loads with
   ``weights_only=True`` into a compiled optimizer and steps on as the uninterrupted run.
 
@@ -147,8 +150,9 @@ def test_narrow_momentum_one_break_no_recompile(foreach, backend):
     eager (to float rounding: a fused kernel may round the float32 momentum differently
     by an ulp before it is rounded to bfloat16). Through AOTAutograd's functionalisation
     (aot_eager); inductor's kernels for the bfloat16 momentum are checked on the option
-    path (tests/test_paths.py's inductor row transposed-bf16-bf16-momentum): 21 s here
-    on an empty inductor cache for this test."""
+    path (tests/test_paths.py's inductor row: float32 parameters keep a bfloat16 momentum
+    by default) and its rounding in tests/test_rounding.py: 21 s here on an empty
+    inductor cache for this test."""
     kw = dict(BASE, foreach=foreach, momentum_dtype="bfloat16")
     params, ref_params = _params(), _params()
     opt, ref = Flora(params, **kw), Flora(ref_params, **kw)
@@ -387,6 +391,7 @@ def test_compiled_equals_eager_other_options(kw):
     _assert_equal_runs(runs[1][0], runs[0][0], runs[1][1], runs[0][1])
 
 
+@pytest.mark.extended  # (tests/test_paths.py's inductor row compiles the same kinds of bucket)
 def test_inductor_equals_eager():
     """Flora(compile=True): inductor's kernels (C++ on a CPU) equal the eager step to 1e-5,
     default form, resamples, scale_parameter and weight decay. A few seconds of
@@ -692,7 +697,7 @@ def test_a_shapes_buckets_take_as_few_graphs_as_can_be(n, sizes):
         == [per] * (n // per) + ([n % per] if n % per else [])
 
 
-@pytest.mark.parametrize("staged_min", [0, extended(None, id="one-graph")], ids=["staged", "one-graph"])
+@pytest.mark.parametrize("staged_min", [0, None], ids=["staged", "one-graph"])
 def test_the_operations_a_compiled_bucket_dispatches(monkeypatch, staged_min):
     """Inductor, a bucket of two compressed matrices: the operations a step dispatches
     (kernels recorded with ``cpp.enable_kernel_profile``; issue 18's goal is at most 50 on

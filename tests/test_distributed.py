@@ -407,7 +407,8 @@ def test_checkpoint_moves_between_two_processes_and_one(tmp_path, monkeypatch, m
     finishes; 1 process saves after 3 steps, 2 processes load and finish. Both equal a run
     that never stopped. One process uses proj_dim=1, the dimension "auto" takes under
     FSDP2: DCP loads into tensors the loading optimizer allocates. At the default (the
-    momentum stored in bfloat16, loaded as bfloat16) and with momentum_dtype=None (float32)."""
+    momentum stored in bfloat16, loaded as bfloat16) and, with FLORA_TEST_ALL=1,
+    momentum_dtype=None (float32)."""
     monkeypatch.setenv("FLORA_TEST_CKPT", str(tmp_path))
     if momentum_dtype:
         monkeypatch.setenv("FLORA_TEST_MOMENTUM_DTYPE", momentum_dtype)

@@ -442,7 +442,6 @@ def test_tensor_lr_is_checked(bad):
         Flora([nn.Parameter(torch.randn(3))], lr=bad)
 
 
-@pytest.mark.extended  # (the test above compiles merged groups; tests/test_compile.py a scheduled tensor lr)
 @pytest.mark.usefixtures("fresh_dynamo")  # counts compilations
 def test_merged_lrs_under_a_compiled_opt_step_equal_eager():
     """torch.compile(opt.step) (torch's recipe: tensor lrs) over two groups that differ in

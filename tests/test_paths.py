@@ -406,8 +406,9 @@ def test_path_equals_single_tensor_reference(case, path):
 # equals the reference rounded whole.
 CHUNKED_CASES = dict(_case(lay, dt, c) for lay in LAYOUTS for dt in ("fp32", "bf16", "fp64")
                      for c in ("bf16-momentum", "bf16-dense-momentum"))
-# The kernels' and the 3-D rules' layouts round as the layouts above them do (a permuted
-# or contiguous momentum): FLORA_TEST_ALL=1 runs them.
+# The 3-D empty layout, the 1x1 kernels and the 3-D tensors factored without a permutation
+# round as the layouts above them do (an empty, permuted or contiguous momentum):
+# FLORA_TEST_ALL=1 runs them.
 CHUNKED_EXTENDED = ("empty-3d", "conv1x1", "conv1x1-channels_last", "first-largest-3d", "last-largest-3d")
 
 
@@ -467,21 +468,24 @@ COMPILED_CASES = dict(
     + [_case(lay, dt, c) for lay, dt in (("contiguous", "fp32"), ("channels_last", "fp32"), ("transposed", "bf16"),
                                           ("channels_last", "fp64"))
        for c in ("bf16-momentum", "bf16-dense-momentum", "fp32-momentum") if c != "bf16-momentum" or dt != "fp32"]
-    # a non-finite gradient in a matrix of one bucket and a vector of another (a stack)
-    + [_case("contiguous", "fp32", "scaled-orthonormal", bad="nan"),
+    # a non-finite gradient in a matrix of one bucket and a vector of another (a stack),
+    # the first with the default form, the parameters' RMS and weight decay (the inductor
+    # row below)
+    + [_case("contiguous", "fp32", "scale_parameter+weight_decay", bad="nan"),
        _case("channels_last", "fp32", "fp32-momentum", bad="inf")]
 )
 
 
 # The rows run by default: every layout on float32 (scaled, orthonormal), each dtype,
-# each form the table holds but subspace, and each option and momentum storage on one
-# row (many of them also staged). These rows of the table repeat an option on one more layout or dtype;
+# each form the table holds but subspace, and each option and momentum storage on a row
+# (many of them also staged) but clip_inf (tests/test_flora.py compiles an infinite clip
+# threshold on the one-graph core). These rows of the table repeat an option on one more layout or dtype;
 # FLORA_TEST_COMPILED=all (or FLORA_TEST_ALL=1) runs them too. A fresh 2-core machine
 # spends most of the suite compiling.
 COMPILED_SPARE = {
     *(f"{lay}-fp64-scaled-orthonormal" for lay in ("transposed", "strided", "permuted-3d", "channels_last",
                                                    "channels_last_3d")),
-    *(f"channels_last-{dt}-scaled-orthonormal" for dt in ("bf16", "fp16")),
+    "channels_last-fp16-scaled-orthonormal",
     "channels_last-bf16-grad_fp32", "channels_last-fp64-huge_grads", "channels_last-fp32-tensor_lr_1x1",
     *(f"channels_last-fp32-{c}" for c in ("two_lrs", "two_lrs+scale_parameter+weight_decay", "two_tensor_lrs",
                                           "two_groups_relative_step", "clip_inf", "no_cache",
@@ -499,20 +503,24 @@ COMPILED_SPARE = {
     "first-largest-3d-fp32-fixed-orthonormal",
     # tests/test_flora.py compiles an infinite clip threshold
     "contiguous-fp32-clip_inf",
-    # the user's compile runs subspace on every path (tests/test_compile.py)
+    # subspace: under the user's compile on the grouped path, and staged by Flora(compile=...)
+    # (tests/test_compile.py); its arithmetic is the other forms' with a weight of 1
     "channels_last-fp32-subspace-orthonormal",
     # coordinates gather the same rows on every layout (exact on channels_last, fixed and
     # floored on transposed run by default); scaled-orthonormal keeps all six
     *(f"{lay}-fp32-exact-coordinates" for lay in ("contiguous", "transposed", "strided", "permuted-3d",
                                                   "channels_last_3d")),
 }
-# Rows whose staged path alone is spare: their option reaches the stages as it reaches
-# the one-graph core (a scalar of the prelude or a dtype), which runs by default, and
-# other rows run the stages on that dtype or lr form.
+# Rows whose staged path alone is spare: their one-graph case runs by default, and other
+# default cases stage the same thing: a 1x1 lr tensor as two_tensor_lrs' 0-dim ones (the
+# prelude views each as one element); scaled parameters with weight decay, and two lrs,
+# as the two rows of each; bfloat16 momentum on
+# bfloat16 parameters as contiguous-bf16 ("auto" keeps bfloat16 momentum there too);
+# float32 gradients of bfloat16 parameters in tests/test_param_kinds.py; bfloat16
+# parameters with weight decay in tests/test_compile.py's parameter-norm test.
 STAGED_SPARE = {
     "contiguous-fp32-tensor_lr_1x1", "contiguous-fp32-two_lrs+scale_parameter+weight_decay",
-    "transposed-bf16-two_groups_relative_step", "transposed-bf16-bf16-momentum", "contiguous-fp64-huge_grads",
-    "contiguous-bf16-grad_fp32", "contiguous-fp16-scaled-orthonormal", "contiguous-bf16-scale_parameter+weight_decay",
+    "transposed-bf16-bf16-momentum", "contiguous-bf16-grad_fp32", "contiguous-bf16-scale_parameter+weight_decay",
 }
 
 
@@ -523,14 +531,17 @@ def _all_compiled_rows() -> bool:
 # Inductor generates and compiles C++ for each case, 10-30 s a case on a cold cache (a
 # fresh CI machine's), against 1-3 s for the other rows. Every row runs Flora's compiled
 # code through dynamo and AOTAutograd's passes (backend "aot_eager"), where Flora's
-# compiled-step bugs were; inductor's code generation runs on this row (float32 with a
-# non-finite gradient, its one-graph and staged paths), and on every row with
-# FLORA_TEST_INDUCTOR=all (coordinates, float16, float64 and a bfloat16 first moment among
-# them). tests/test_compile.py runs inductor on bfloat16 parameters with a relative step,
-# a float lr changing every step, biases of one width, and counts its kernels;
+# compiled-step bugs were; inductor's code generation runs on this row (float32, the
+# default form and first moment's storage, the parameters' RMS, weight decay and a
+# non-finite gradient, its one-graph and staged paths; its three vectors of one width
+# are a bucket with dense momentum and weight decay, as in tests/test_compile.py's
+# test_inductor_equals_eager, whose C++ generation once failed), and on every row
+# with FLORA_TEST_INDUCTOR=all (coordinates, float16, float64 and a bfloat16 first moment
+# among them). tests/test_compile.py runs inductor on bfloat16 parameters with a relative
+# step, a float lr changing every step, and counts its kernels;
 # tests/test_rounding.py compiles the bfloat16 rounding with it; the single-tensor core
 # below runs it on a channels_last kernel.
-INDUCTOR_ROWS = ["contiguous-fp32-scaled-orthonormal-nan-grad"]
+INDUCTOR_ROWS = ["contiguous-fp32-scale_parameter+weight_decay-nan-grad"]
 
 
 def _compiled_backend(key: str):
