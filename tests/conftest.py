@@ -66,7 +66,7 @@ def fresh_dynamo():
 
 def extended() -> bool:
     """FLORA_TEST_ALL=1: the tests and cases marked ``extended`` run too (the README's
-    "Tests" paragraph). Each repeats a check that the default suite makes, on one more
+    paragraph on ``make test``). Each repeats a check that the default suite makes, on one more
     option, path or launch mode; the default suite keeps every stepping path, form, dtype
     and layout, and fits CI's 15 minutes on 2 cores."""
     return os.environ.get("FLORA_TEST_ALL", "") == "1"

@@ -29,7 +29,8 @@ def _torchrun(tmp_path, script: str, *args: str) -> str:
 
 # One launch per example by default (10-20 s each on 2 cores); the other modes under
 # FLORA_TEST_ALL=1. tests/test_distributed_comm.py checks the accumulator across replicas
-# and plain DDP, tests/test_distributed_fused.py fused mode under DDP, in-process.
+# and plain DDP, tests/test_distributed_fused.py fused mode under DDP, on gloo processes
+# they start themselves (no torchrun).
 @pytest.mark.parametrize("mode", ["hook", extended("acc"), extended("ddp")])
 def test_ddp_compressed_example(tmp_path, mode):
     out = _torchrun(tmp_path, "ddp_compressed.py", "--mode", mode, "--steps", "10")

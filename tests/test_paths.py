@@ -197,7 +197,8 @@ CASES = dict(
 EDGE_LAYOUTS = ("empty", "empty-3d", "conv1x1", "conv1x1-channels_last", "first-largest-3d", "last-largest-3d")
 EDGE_CONFIGS = ("scaled-orthonormal", "exact-coordinates", "paper-gaussian", "floored-orthonormal", "dense-momentum",
                 "no-momentum", "scale_parameter+weight_decay", "two_lrs")
-EXTENDED_CASES = {_case(lay, "fp32", c)[0] for lay in EDGE_LAYOUTS for c in CONFIGS if c not in EDGE_CONFIGS} & set(CASES)
+EXTENDED_CASES = {_case(lay, "fp32", c)[0] for lay in EDGE_LAYOUTS for c in CONFIGS
+                  if c not in EDGE_CONFIGS} & set(CASES)
 
 
 def _cases(table):
@@ -479,9 +480,9 @@ COMPILED_CASES = dict(
 # The rows run by default: every layout on float32 (scaled, orthonormal), each dtype,
 # each form the table holds but subspace, and each option and momentum storage on a row
 # (many of them also staged) but clip_inf (tests/test_flora.py compiles an infinite clip
-# threshold on the one-graph core). These rows of the table repeat an option on one more layout or dtype;
-# FLORA_TEST_COMPILED=all (or FLORA_TEST_ALL=1) runs them too. A fresh 2-core machine
-# spends most of the suite compiling.
+# threshold on the one-graph core). These rows of the table repeat an option on one more
+# layout or dtype; FLORA_TEST_COMPILED=all (or FLORA_TEST_ALL=1) runs them too. A fresh
+# 2-core machine spends most of the suite compiling.
 COMPILED_SPARE = {
     *(f"{lay}-fp64-scaled-orthonormal" for lay in ("transposed", "strided", "permuted-3d", "channels_last",
                                                    "channels_last_3d")),
@@ -514,10 +515,10 @@ COMPILED_SPARE = {
 # Rows whose staged path alone is spare: their one-graph case runs by default, and other
 # default cases stage the same thing: a 1x1 lr tensor as two_tensor_lrs' 0-dim ones (the
 # prelude views each as one element); scaled parameters with weight decay, and two lrs,
-# as the two rows of each; bfloat16 momentum on
-# bfloat16 parameters as contiguous-bf16 ("auto" keeps bfloat16 momentum there too);
-# float32 gradients of bfloat16 parameters in tests/test_param_kinds.py; bfloat16
-# parameters with weight decay in tests/test_compile.py's parameter-norm test.
+# as the two rows of each; bfloat16 momentum on bfloat16 parameters as contiguous-bf16
+# ("auto" keeps bfloat16 momentum there too); float32 gradients of bfloat16 parameters in
+# tests/test_param_kinds.py; bfloat16 parameters with weight decay in
+# tests/test_compile.py's parameter-norm test.
 STAGED_SPARE = {
     "contiguous-fp32-tensor_lr_1x1", "contiguous-fp32-two_lrs+scale_parameter+weight_decay",
     "transposed-bf16-bf16-momentum", "contiguous-bf16-grad_fp32", "contiguous-bf16-scale_parameter+weight_decay",
