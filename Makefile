@@ -23,8 +23,8 @@ venv: $(STAMP)
 
 # The tests run on every core (pytest-xdist, at most 4 workers; each test is one-threaded,
 # tests/conftest.py; an idle worker takes tests queued for another, so that no worker waits
-# on the last long one): 12-15 minutes on 2 cores from a fresh clone (the README has the
-# figures and the switches that run more). `make test PYTEST_XDIST=` runs them in this process, slower.
+# on the last long one): about 14 minutes on 2 cores from a fresh clone, 17 with the install
+# (the README has the figures and the switches that run more). `make test PYTEST_XDIST=` runs them in this process, slower.
 PYTEST_XDIST ?= -n auto --maxprocesses=4 --dist worksteal
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
