@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import hashlib
 import os
 import sys
 import tempfile
@@ -71,6 +72,27 @@ def spawn(module: str, names: list[str], world: int = 2) -> list[dict]:
                 raise TimeoutError(f"{module} {names}: still running after {SPAWN_DEADLINE_S} s")
         del ctx
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def spawn_once(tmp_path_factory, module: str, names: list[str], world: int = 2) -> list[dict]:
+    """``spawn`` once per test run. pytest-xdist runs a module-scoped fixture in every
+    worker given some of the module's tests, and a module split between two workers had
+    spawned its scenarios twice (the fused replicas': 12 s). The first worker to ask spawns
+    and saves every rank's results in the run's temporary folder, which the workers share;
+    another waits on a file lock and loads them. A spawn that raises saves nothing (the
+    next worker spawns again)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return spawn(module, names, world)
+    from filelock import FileLock  # (torch's dependency)
+
+    key = hashlib.sha1(repr((module, list(names), world)).encode()).hexdigest()[:12]
+    path = tmp_path_factory.getbasetemp().parent / f"spawn-{module}-{key}.pt"
+    with FileLock(f"{path}.lock"):
+        if path.exists():
+            return torch.load(path, weights_only=False)
+        results = spawn(module, names, world)
+        torch.save(results, path)
+        return results
 
 
 def check(results: list[dict], name: str) -> list[dict]:

@@ -11,7 +11,7 @@ from torch import nn
 
 import dist_scenarios as S
 from _configs import extended
-from _dist import check, spawn
+from _dist import check, spawn, spawn_once
 from flora import Flora
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -29,8 +29,8 @@ TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
 @pytest.fixture(scope="module")
-def results():
-    return spawn("dist_scenarios", SCENARIOS)
+def results(tmp_path_factory):
+    return spawn_once(tmp_path_factory, "dist_scenarios", SCENARIOS)
 
 
 @pytest.mark.parametrize("case", list(S.FSDP_CASES))

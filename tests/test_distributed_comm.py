@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from _dist import check, spawn
+from _dist import check, spawn, spawn_once
 
 import flora
 from flora import CompressedAccumulator
@@ -759,9 +759,9 @@ SCENARIOS = [f.__name__ for f in (_hook_vs_one_process, _hook_rank_none_vs_plain
 
 
 @pytest.fixture(scope="module")
-def replicas():
+def replicas(tmp_path_factory):
     """Every rank's {scenario: result}, from one spawn of two processes (tests/_dist.py)."""
-    return spawn(__name__, SCENARIOS, WORLD)
+    return spawn_once(tmp_path_factory, __name__, SCENARIOS, WORLD)
 
 
 def _result(replicas, name):

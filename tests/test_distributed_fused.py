@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dist_fused as S
-from _dist import check, spawn
+from _dist import check, spawn_once
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
               pytest.mark.slow]
@@ -22,10 +22,10 @@ TOL = 2e-5  # float32, 3 steps with resamples
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return spawn("dist_fused", SCENARIOS)
+        return spawn_once(tmp_path_factory, "dist_fused", SCENARIOS)
 
 
 @pytest.mark.parametrize("engine", ["fsdp_fused", "ddp_fused"])

@@ -63,7 +63,7 @@ def test_compressed_momentum_steps_on_zero_rows_with_the_dense_statistics(path, 
     runs = []
     for rank in (None, 2):
         kw = dict(lr=1e-2, relative_step=False, beta1=0.9, rank=rank, foreach=path != "single")
-        if path == "staged":
+        if path == "staged" and rank is not None:  # (the dense reference steps eagerly)
             kw["compile"] = "aot_eager"
         runs.append(_train(lambda ps, kw=kw: Flora(ps, **kw), steps=3))
     (dense, dense_opt), (got, opt) = runs
