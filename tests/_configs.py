@@ -62,6 +62,14 @@ def assert_same_state(got_opt, got_p, want_opt, want_p, *, rtol: float, atol: fl
             assert sa[k] == v, k
 
 
+def run_all() -> bool:
+    """FLORA_TEST_ALL=1: every test and case, the ``extended`` ones and the compiled
+    table's spare rows included."""
+    import os
+
+    return os.environ.get("FLORA_TEST_ALL", "") == "1"
+
+
 def extended(*values, id=None):
     """A parametrized case marked ``extended`` (tests/conftest.py: it runs under
     FLORA_TEST_ALL=1): one that repeats its test's check on one more option or path."""

@@ -64,16 +64,15 @@ def fresh_dynamo():
     torch.set_num_threads(n)
 
 
-def extended() -> bool:
-    """FLORA_TEST_ALL=1: the tests and cases marked ``extended`` run too (the README's
-    paragraph on ``make test``). Each repeats a check that the default suite makes, on one more
-    option, path or launch mode; the default suite keeps every stepping path, form, dtype
-    and layout, and fits CI's 15 minutes on 2 cores."""
-    return os.environ.get("FLORA_TEST_ALL", "") == "1"
-
-
 def pytest_collection_modifyitems(config, items):
-    if extended():
+    """The tests and cases marked ``extended`` (``_configs.extended``) are skipped unless
+    FLORA_TEST_ALL=1 (``_configs.run_all``; the README's paragraph on ``make test``). Each
+    repeats a check that the default suite makes, on one more option, path or launch mode;
+    the default suite keeps every stepping path, form, dtype and layout, and fits CI's 15
+    minutes on 2 cores."""
+    from _configs import run_all
+
+    if run_all():
         return
     skip = pytest.mark.skip(reason="extended: repeats a default check on one more option, path or mode; "
                                    "FLORA_TEST_ALL=1 runs it")

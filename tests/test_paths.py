@@ -42,7 +42,7 @@ from torch import nn
 
 from flora import CompressedAccumulator, Flora
 
-from _configs import MOMENTUM_CONFIGS, extended, form_options
+from _configs import MOMENTUM_CONFIGS, extended, form_options, run_all
 
 STEPS = 4
 BAD_STEP = 1  # not a resample step (kappa=2 resamples at the third step), so a skip leaves the state as it was
@@ -526,7 +526,7 @@ STAGED_SPARE = {
 
 
 def _all_compiled_rows() -> bool:
-    return os.environ.get("FLORA_TEST_COMPILED", "") == "all" or os.environ.get("FLORA_TEST_ALL", "") == "1"
+    return os.environ.get("FLORA_TEST_COMPILED", "") == "all" or run_all()
 
 
 # Inductor generates and compiles C++ for each case, 10-30 s a case on a cold cache (a
