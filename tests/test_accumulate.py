@@ -978,6 +978,25 @@ def test_sparse_gradient_is_refused():
         emb(torch.tensor([1, 2])).sum().backward()
 
 
+@pytest.mark.parametrize("table", [nn.Embedding, nn.EmbeddingBag])
+def test_fused_mode_refuses_a_sparse_table_at_construction(table):
+    """(Probe Z129.) Fused mode steps each parameter inside backward: the layers behind an
+    nn.Embedding(sparse=True) had stepped before its gradient came and was refused, the
+    model and the optimizer left half-updated. Refused at construction now, naming the
+    table and the ways out; nothing is attached (normal mode with exclude= takes the
+    table, the test below), and a frozen table is no reason to refuse."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"e": table(50, 16, sparse=True), "l": nn.Linear(16, 4)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"fused=True: parameter\(s\) \['e.weight'\] belong to an nn.Embedding or "
+                                        r"nn.EmbeddingBag with sparse=True.*exclude=\['e.weight'\]"):
+        CompressedAccumulator(model, rank=4, tau=1, optimizer=opt, fused=True)
+    CompressedAccumulator(model, rank=4, tau=1, optimizer=opt, exclude=["e.weight"]).remove()
+    model["e"].weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    CompressedAccumulator(model, rank=4, tau=1, optimizer=opt, fused=True).remove()
+
+
 class _SparseAndComplex(nn.Module):
     def __init__(self, sparse: bool):
         super().__init__()

@@ -281,10 +281,36 @@ def test_numpy_numbers_leave_plain_checkpoints():
         ProjectionState(8).load_state_dict({"rank": 8.9, "seed": 0, "projection": 0, "step": 1})
 
 
+def test_an_eps_edited_in_numpy_numbers_or_tensors_is_checked_again():
+    """(Probe Z129.) An eps pair edited into a group in numpy numbers stayed numpy (the
+    other options were made Python's), so that state_dict() failed torch.load(
+    weights_only=True); an edit equal to the value before (numpy's, or tensors holding
+    the same numbers) was not checked again; an array failed inside the step's checks
+    with numpy's own message."""
+    model = _model()
+    opt = Flora(model.parameters(), lr=1e-2, rank=4, beta1=0.9, eps=(1e-30, 2e-3))
+    _backward(model)
+    opt.step()
+    opt.param_groups[0]["eps"] = (np.float64(1e-30), np.float64(2e-3))  # equal to the value before
+    _backward(model)
+    opt.step()
+    assert [type(e) for e in opt.param_groups[0]["eps"]] == [float, float]
+    torch.load(io.BytesIO(_bytes(opt.state_dict())), weights_only=True)
+    for bad in [(torch.tensor(1e-30), torch.tensor(2e-3)), np.array([1e-30, 2e-3])]:
+        opt.param_groups[0]["eps"] = bad
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(TypeError, match=r"eps(\[0\])? must be a (pair \(eps1, eps2\) of numbers|finite real)"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("kw, words", [
     ({"eps": (0.0, 1e-3)}, r"eps\[0\] must be a finite real number in \(0.0"),
     ({"eps": (1e-30, 0.0)}, r"eps\[1\] must be a finite real number in \(0.0"),
-    ({"foreach": 1}, "foreach must be None, True or False"),
+    ({"foreach": 1}, "foreach must be True, False or None"),
+    ({"relative_step": "no"}, "relative_step must be True or False, got 'no'"),
+    ({"scale_parameter": 0}, "scale_parameter must be True or False, got 0"),
+    ({"cache_projections": "yes"}, "cache_projections must be True or False"),
     ({"decay_rate": float("-inf")}, "decay_rate must be a finite real number"),
 ])
 def test_values_that_silently_froze_or_misread_are_refused(kw, words):

@@ -363,7 +363,7 @@ def test_public_api_refusals_from_the_contract_probe():
     a = make_projection("gaussian", 0, 2, 6)
     with pytest.raises(ValueError, match="compress: g is torch.int64; a matrix projection multiplies floating-point"):
         compress(torch.ones(6, 4, dtype=torch.int64), a, 0)
-    with pytest.raises(TypeError, match="unbiased must be True or False; got 'no'"):
+    with pytest.raises(TypeError, match="unbiased must be True or False, got 'no'"):
         make_projection("orthonormal", 0, 2, 6, unbiased="no")
     # compile's type is checked; a backend's name is not looked up (that imports dynamo: seconds)
     with pytest.raises(TypeError, match="compile must be True, False"):

@@ -95,6 +95,16 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
         raise ValueError(f"{name} must be {allowed}, got {shown}")
 
 
+def check_bool(name: str, value, *, allow_none: bool = False, when: str = "") -> None:
+    """``value`` is True or False (or None where allowed): a string such as "no", or a
+    number, would be taken for its truth value without a word."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{name} must be {allowed}{when}, got {value!r}")
+
+
 def check_choice(name: str, value, choices) -> None:
     """``value`` is one of ``choices``, of its type too (1.0 or a tensor holding 1 is not 1:
     it would be kept as given, in checkpoints and in comparisons)."""

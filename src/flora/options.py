@@ -4,10 +4,12 @@ that follow from a group (``momentum_dim``, ``momentum_reason``, ``grouped``).""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .adafactor import FACTOR_DIMS
-from ._validation import check_choice, check_positive_int, check_real, check_seed, plain_option
+from ._validation import check_bool, check_choice, check_positive_int, check_real, check_seed, plain_option
 from .compression import FLORA_PROJ_DIMS, check_momentum_dtype, compressed_dim, dense_reason, momentum_dtype_name
 from .momentum import MOMENTUM_FORMS, SUBSPACE_FORMS, WEIGHTED_FORMS
 from .layout import fills_span
@@ -288,8 +290,7 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
             check_real("lr", float(lr.reshape(())), low=0.0, finite=True)
     else:
         check_real("lr", lr, low=0.0, allow_none=True, finite=True)
-    if not isinstance(rel, bool):
-        raise TypeError(f"relative_step must be True or False, got {rel!r}")
+    check_bool("relative_step", rel)
     # lr=0 with relative_step is a step of size 0: torch.distributed.checkpoint's state_dict
     # helpers set every group's lr to 0 to create an optimizer's state with one empty step.
     if lr is not None and rel and not (isinstance(lr, (int, float)) and lr == 0):
@@ -301,8 +302,7 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
     if lr is None and not rel:
         raise ValueError("lr must be a non-negative number when relative_step=False (give Flora an lr, or each "
                          "parameter group its own)")
-    if not isinstance(group["warmup_init"], bool):
-        raise TypeError(f"warmup_init must be True or False, got {group['warmup_init']!r}")
+    check_bool("warmup_init", group["warmup_init"])
     if group["warmup_init"] and not rel:
         raise ValueError(WARMUP_NEEDS_RELATIVE_STEP)
     check_positive_int("rank", group["rank"], allow_none=True)
@@ -332,11 +332,9 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
                          "'coordinates' (its complement u - decompress(compress(u)) is an orthogonal projection "
                          "only for orthonormal rows); got projection='gaussian'")
     check_real("max_aspect_ratio", group["max_aspect_ratio"], low=1.0, allow_none=True)
-    for name in ("scale_parameter", "warmup_init", "cache_projections"):
-        if not isinstance(group[name], bool):
-            raise TypeError(f"{name} must be True or False, got {group[name]!r}")
-    if group["foreach"] is not None and not isinstance(group["foreach"], bool):
-        raise TypeError(f"foreach must be None, True or False, got {group['foreach']!r}")
+    for name in ("scale_parameter", "cache_projections"):  # (warmup_init: checked above)
+        check_bool(name, group[name])
+    check_bool("foreach", group["foreach"], allow_none=True)
 
 
 def check_complement_weight(weight, form) -> None:
@@ -427,15 +425,45 @@ def plain_group(group: dict) -> None:
     float64 lr, int64 kappa) as Python's, in place, so that ``state_dict()`` stays plain
     (``torch.load(weights_only=True)``); a few type checks per group and step."""
     for k, v in group.items():
-        if k != "params" and type(v) not in _PLAIN_TYPES:
-            group[k] = plain_option(k, v)
+        if k != "params" and (type(v) not in _PLAIN_TYPES
+                              or k == "eps" and type(v) is tuple and any(type(e) not in (int, float) for e in v)):
+            group[k] = plain_option(k, v)  # (eps: numpy numbers inside its pair too; probe Z129)
+
+
+class _Same:
+    """Equal to another only for the same object, which it holds (an id alone could be a
+    new object's, at a freed one's address)."""
+
+    __slots__ = ("obj",)
+    __hash__ = None
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and self.obj is other.obj
+
+
+def _value_key(v):
+    """An option value as :func:`option_values` compares it: a number, string, dtype or
+    None as itself, a list or tuple item by item, anything else as the same object: a
+    tensor (comparing values would read it back from the device), an array (its ``==``
+    is elementwise)."""
+    if isinstance(v, (numbers.Number, str, torch.dtype, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return tuple((type(x), _value_key(x)) for x in v)
+    return _Same(v)
 
 
 def option_values(group: dict) -> tuple:
-    """A group's option values, a tensor by identity (comparing tensors' values would read
-    them back from the device), a list as a tuple (an edit inside it shows)."""
-    return tuple(id(v) if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else v
-                 for k, v in group.items() if k != "params")
+    """A group's option values with their types, so that an edit shows even where it equals
+    the value before: numpy's 1e-3 equals Python's but is not plain, a tuple of tensors
+    equals one of numbers (probe Z129: neither was checked again)."""
+    return tuple((type(v), v if type(v) in _SCALARS else _value_key(v)) for k, v in group.items() if k != "params")
+
+
+_SCALARS = frozenset((int, float, str, bool, type(None)))  # (most values: compared without a call)
 
 
 def label(p: torch.Tensor, name: str | None = None) -> str:

@@ -31,7 +31,7 @@ from typing import Literal, Union
 
 import torch
 
-from ._validation import check_nonneg_int, check_positive_int, check_seed
+from ._validation import check_bool, check_nonneg_int, check_positive_int, check_seed
 
 __all__ = [
     "projection_seed",
@@ -160,8 +160,7 @@ def make_projections(
     matrix of a seed is the same, bit for bit, whether drawn alone or in a stack."""
     if kind not in PROJECTIONS:
         raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}; got {kind!r}")
-    if not isinstance(unbiased, bool):  # "no" would be truthy: scaled (a probe)
-        raise TypeError(f"unbiased must be True or False; got {unbiased!r}")
+    check_bool("unbiased", unbiased)  # ("no" would be truthy: scaled; a probe)
     if kind == "coordinates" and unbiased:
         raise ValueError("projection 'coordinates' has no unbiased form here; use 'gaussian' or 'orthonormal'")
     check_positive_int("rank", rank)

@@ -20,7 +20,7 @@ from .hooks import Hooks, attach, check_unattached, detach
 from .integrations import AccelerateWatch, unwrap, wrapper_scaler
 from .._validation import plain
 from .options import (Option, Options, check_holds_some, check_options, make_slots, named_params, padded_tables,
-                      resolve_exclude)
+                      refuse_sparse_tables_fused, resolve_exclude)
 from .ddp import DDPSteps, check_ddp_fused
 from .replicas import is_ddp
 from .units import guard_gradient_sync
@@ -179,6 +179,7 @@ class CompressedAccumulator:
         if optimizer is not None:
             check_holds_some(optimizer, slots, fused)
         if fused:
+            refuse_sparse_tables_fused(model_or_params, slots)
             check_fused_optimizer(optimizer, slots)
         if ddp_fused:
             check_ddp_fused(model_or_params, slots, comm_hook)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .._validation import check_choice, check_positive_int, check_real, check_seed, plain
+from .._validation import check_bool, check_choice, check_positive_int, check_real, check_seed, plain
 from ..compression import PROJ_DIMS, compressed_dim, dense_reason
 from ..options import STEPPED_DTYPES
 from ..sharded import is_dtensor
@@ -71,8 +71,8 @@ class Option:
             raise RuntimeError(f"CompressedAccumulator.{name}: this accumulator was removed (acc.remove()); build "
                                "a new one")
         value = plain(value)
-        if name == "exact_last" and not isinstance(value, bool):
-            raise TypeError(f"exact_last must be True or False once the accumulator is built, got {value!r}")
+        if name == "exact_last":
+            check_bool(name, value, when=" once the accumulator is built")
         o = dataclasses.replace(eng.opts, **{name: value})
         check_options(o.rank, o.tau, seed=o.seed, proj_dim=o.proj_dim, max_aspect_ratio=o.max_aspect_ratio,
                       projection=o.projection, exact_last=o.exact_last, fused=o.fused,
@@ -98,11 +98,9 @@ def check_options(rank, tau, *, seed, proj_dim, max_aspect_ratio, projection, ex
     if projection not in ACCUMULATION_PROJECTIONS:
         raise ValueError(f"projection must be one of {', '.join(map(repr, ACCUMULATION_PROJECTIONS))}; "
                          f"got {projection!r}")
-    if exact_last is not None and not isinstance(exact_last, bool):
-        raise TypeError(f"exact_last must be True, False or None, got {exact_last!r}")
+    check_bool("exact_last", exact_last, allow_none=True)
     for name, v in (("fused", fused), ("cache_projections", cache_projections), ("reduce", reduce)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be True or False, got {v!r}")
+        check_bool(name, v)
     check_reduce(reduce, process_group, exact_last)
     check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True, allow_none=True)
     if optimizer is not None and not isinstance(optimizer, Optimizer):
@@ -222,6 +220,23 @@ def padded_tables(model) -> set[int]:
         if isinstance(deltas, nn.ParameterDict) and isinstance(chosen, dict) and pad is not None:
             ids.update(id(p) for name, p in deltas.items() if pad in chosen.get(name, ()))
     return ids
+
+
+def refuse_sparse_tables_fused(model, slots) -> None:
+    """Fused mode sums each gradient itself and steps inside backward: a trainable
+    ``nn.Embedding`` or ``nn.EmbeddingBag`` built with ``sparse=True`` is refused here. At
+    its gradient it came after the layers behind it in backward had stepped (probe Z129:
+    the model and the optimizer left half-updated)."""
+    if not isinstance(model, nn.Module):
+        return
+    sparse = {id(m.weight) for m in model.modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)}
+    bad = [s.name for s in slots if id(s.param) in sparse and s.param.requires_grad]
+    if bad:
+        raise TypeError(f"fused=True: parameter(s) {bad[:5]} belong to an nn.Embedding or nn.EmbeddingBag with "
+                        "sparse=True, whose sparse gradient fused mode cannot take (it sums dense gradients). Build "
+                        "the table with sparse=False, or use the accumulator in normal mode (fused=False) with "
+                        f"exclude={bad[:5]!r}, which leaves the table's sum to autograd")
 
 
 def make_slots(named, excluded: set[int], *, rank, proj_dim, max_aspect_ratio, reduce: bool,
