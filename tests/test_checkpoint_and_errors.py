@@ -1016,6 +1016,26 @@ def test_a_checkpoint_with_non_finite_statistics_is_refused(entry, bad):
     assert [{k: v for k, v in g.items() if k != "params"} for g in o2.param_groups] == groups_before
 
 
+def test_two_parameters_loaded_with_one_index_are_refused():
+    """(Probe Z129.) A parameter's ``state["index"]`` seeds its projections, one
+    parameter's own; a checkpoint damaged so that two shared one loaded, and both then
+    stepped on the same projections. Refused now, naming both, with nothing loaded."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    opt = Flora(model.named_parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2)
+    for _ in range(3):
+        model(torch.randn(4, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    sd = copy.deepcopy(opt.state_dict())
+    assert sorted(s["index"] for s in sd["state"].values()) == [0, 1, 2, 3]
+    opt.load_state_dict(copy.deepcopy(sd))  # as saved: loads
+    sd["state"][2]["index"] = 0
+    fresh = Flora(model.named_parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2)
+    with pytest.raises(ValueError, match=r"parameters '0.weight' and '1.weight' the same index 0 .*damaged"):
+        fresh.load_state_dict(sd)
+    assert len(fresh.state) == 0
+
+
 def test_a_refused_load_of_the_optimizers_own_tensors_says_they_now_hold_it():
     """(A probe.) torch.distributed.checkpoint loads in place: dcp.load writes the
     checkpoint into the tensors get_optimizer_state_dict returned, which are the
