@@ -91,7 +91,8 @@ def spawn_once(tmp_path_factory, module: str, names: list[str], world: int = 2) 
         if path.exists():
             return torch.load(path, weights_only=False)
         results = spawn(module, names, world)
-        torch.save(results, path)
+        torch.save(results, f"{path}.part")  # (a worker killed while saving leaves no half-written file)
+        os.replace(f"{path}.part", path)
         return results
 
 

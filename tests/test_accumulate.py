@@ -995,6 +995,18 @@ def test_fused_mode_refuses_a_sparse_table_at_construction(table):
     model["e"].weight.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     CompressedAccumulator(model, rank=4, tau=1, optimizer=opt, fused=True).remove()
+    # tied to a head (review of Z129's fix): autograd sums the head's dense gradient with
+    # the table's into a dense one, which fused mode takes, as before the refusal
+    model["e"].weight.requires_grad_(True)
+    model["head"] = nn.Linear(16, 50, bias=False)
+    model["head"].weight = model["e"].weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = CompressedAccumulator(model, rank=4, tau=1, optimizer=opt, fused=True)
+    before = model["e"].weight.detach().clone()
+    ids = torch.tensor([[1, 2, 3]])
+    model["head"](model["e"](ids)).square().mean().backward()  # (a bag per row for EmbeddingBag)
+    assert not torch.equal(before, model["e"].weight) and model["e"].weight.grad is None
+    acc.remove()
 
 
 class _SparseAndComplex(nn.Module):

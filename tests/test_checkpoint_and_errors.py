@@ -1031,9 +1031,15 @@ def test_two_parameters_loaded_with_one_index_are_refused():
     opt.load_state_dict(copy.deepcopy(sd))  # as saved: loads
     sd["state"][2]["index"] = 0
     fresh = Flora(model.named_parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2)
-    with pytest.raises(ValueError, match=r"parameters '0.weight' and '1.weight' the same index 0 .*damaged"):
+    with pytest.raises(ValueError, match=r"parameters '0.weight' and '1.weight' the same index 0 .*damaged.*"
+                                         r"Delete state\['index'\] of one of them"):
         fresh.load_state_dict(sd)
     assert len(fresh.state) == 0
+    del sd["state"][2]["index"]  # the way out the message gives
+    fresh.load_state_dict(sd)
+    model(torch.randn(4, 32)).square().mean().backward()
+    fresh.step()
+    assert sorted(s["index"] for s in fresh.state.values()) == [0, 1, 2, 3]
 
 
 def test_a_refused_load_of_the_optimizers_own_tensors_says_they_now_hold_it():

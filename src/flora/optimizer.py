@@ -846,6 +846,7 @@ class Flora(Optimizer):
         groups = {id(g) for g in self.param_groups}
         self._factor_dims_seen = {k: v for k, v in self._factor_dims_seen.items() if k in groups}
         self._groups_validated = {k: v for k, v in self._groups_validated.items() if k in groups}
+        self._groups_checked = {k: v for k, v in self._groups_checked.items() if k in groups}  # (snapshots hold objects)
         self._constants_seen = {k: v for k, v in self._constants_seen.items() if k in groups}
         indices = {st["index"] for st in self.state.values() if "index" in st}
         self._proj_cache.discard([i for i, _, _ in self._proj_cache.items() if i not in indices])

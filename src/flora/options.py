@@ -452,6 +452,9 @@ def _value_key(v):
     if isinstance(v, (numbers.Number, str, torch.dtype, type(None))):
         return v
     if isinstance(v, (list, tuple)):
+        types = tuple(map(type, v))
+        if _SCALARS.issuperset(types):  # (a pair of floats, a list of names: no call per item)
+            return types, tuple(v)
         return tuple((type(x), _value_key(x)) for x in v)
     return _Same(v)
 
@@ -459,8 +462,11 @@ def _value_key(v):
 def option_values(group: dict) -> tuple:
     """A group's option values with their types, so that an edit shows even where it equals
     the value before: numpy's 1e-3 equals Python's but is not plain, a tuple of tensors
-    equals one of numbers (probe Z129: neither was checked again)."""
-    return tuple((type(v), v if type(v) in _SCALARS else _value_key(v)) for k, v in group.items() if k != "params")
+    equals one of numbers (probe Z129: neither was checked again). Not the parameters,
+    nor their names (torch's ``param_names``, which no check reads: a list as long as the
+    group, compared at each parameter's step in fused mode)."""
+    return tuple((type(v), v if type(v) in _SCALARS else _value_key(v)) for k, v in group.items()
+                 if k not in ("params", "param_names"))
 
 
 _SCALARS = frozenset((int, float, str, bool, type(None)))  # (most values: compared without a call)

@@ -226,12 +226,18 @@ def refuse_sparse_tables_fused(model, slots) -> None:
     """Fused mode sums each gradient itself and steps inside backward: a trainable
     ``nn.Embedding`` or ``nn.EmbeddingBag`` built with ``sparse=True`` is refused here. At
     its gradient it came after the layers behind it in backward had stepped (probe Z129:
-    the model and the optimizer left half-updated)."""
+    the model and the optimizer left half-updated). A table whose weight another module
+    holds too (an LM head tied to it) is not: autograd sums that module's dense gradient
+    with the table's into a dense one. (A weight used densely by a function alone cannot
+    be seen here: sparse=False steps it alike.)"""
     if not isinstance(model, nn.Module):
         return
-    sparse = {id(m.weight) for m in model.modules()
-              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)}
-    bad = [s.name for s in slots if id(s.param) in sparse and s.param.requires_grad]
+    tables = (nn.Embedding, nn.EmbeddingBag)
+    sparse, dense = set(), set()
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            (sparse if isinstance(m, tables) and getattr(m, "sparse", False) else dense).add(id(p))
+    bad = [s.name for s in slots if id(s.param) in sparse - dense and s.param.requires_grad]
     if bad:
         raise TypeError(f"fused=True: parameter(s) {bad[:5]} belong to an nn.Embedding or nn.EmbeddingBag with "
                         "sparse=True, whose sparse gradient fused mode cannot take (it sums dense gradients). Build "
