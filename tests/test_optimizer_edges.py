@@ -76,6 +76,35 @@ def test_plan_and_summary_after_a_state_lookup_say_not_stepped():
     assert "1 of them not stepped yet" in opt.summary().splitlines()[0]
 
 
+def test_plan_reports_the_momentum_held_after_an_edit_of_its_dtype_or_of_beta1():
+    """(Probe Z130.) plan() said a dense momentum's storage from the group's option, which
+    an edit changes at once while the tensor is converted at the next step (a compressed
+    one's it read from the tensor); after beta1 was edited to None it said the bias had
+    no momentum while its state kept one (as HF Adafactor's does, unused). Now every row
+    says what its state holds, and why a kept momentum is unused."""
+    import flora
+
+    torch.manual_seed(0)
+    m = nn.Linear(32, 16)
+    opt = Flora(m.parameters(), lr=1e-3, rank=4, beta1=0.9, momentum_dtype=None)
+    m(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["momentum_dtype"] = "bfloat16"
+    assert [r["momentum_dtype"] for r in opt.plan()] == ["float32", "float32"]  # not converted yet
+    m(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    assert [r["momentum_dtype"] for r in opt.plan()] == ["bfloat16", "bfloat16"]
+    held = flora.state_bytes(opt)
+    opt.param_groups[0]["beta1"] = None
+    m(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    rows = opt.plan()
+    assert [(r["compressed"], r["momentum_dtype"]) for r in rows] == [(True, "bfloat16"), (False, "bfloat16")]
+    assert all(r["reason"].startswith("beta1=None: its state keeps the momentum") for r in rows)
+    assert flora.state_bytes(opt) == held
+    assert opt.summary().count("unused") == 2
+
+
 def test_summary_counts_not_stepped_among_trainable_tensors_only():
     """A frozen tensor is listed apart ("1 more frozen"), never as "not stepped yet"."""
     a = nn.Parameter(torch.randn(64, 32))

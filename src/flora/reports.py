@@ -47,18 +47,24 @@ def plan(opt) -> list[dict[str, Any]]:
                    else str(momentum_storage(group, p.dtype)).removeprefix("torch.")}
             # a state says what it holds: one loaded from an older version may keep a form the
             # current rule would not choose (a (1, N, d) matrix's; a probe found the rows wrong)
-            held = st.get("exp_avg_c")
+            # (the tensor's dtype too: an edited momentum_dtype converts it at the next step; probe Z130)
+            held, dense = st.get("exp_avg_c"), st.get("exp_avg")
             if isinstance(held, torch.Tensor) and "proj_dim" in st:
                 row.update(compressed=True, proj_dim=int(st["proj_dim"]), momentum_shape=tuple(held.shape),
                            momentum_dtype=str(held.dtype).removeprefix("torch."))
-            elif reason is None and isinstance(st.get("exp_avg"), torch.Tensor):
-                row.update(compressed=False, reason="its state holds a dense momentum (made under other "
-                                                    "options or an older version's rule)")
+            elif isinstance(dense, torch.Tensor):
+                row.update(compressed=False, momentum_dtype=str(dense.dtype).removeprefix("torch."),
+                           reason=reason if reason is not None and group["beta1"] is not None else
+                           "its state holds a dense momentum (made under other options or an older version's rule)")
             elif reason is None:
                 dim = momentum_dim(shape, rule)
                 row.update(proj_dim=dim, momentum_shape=compressed_shape(shape, group["rank"], dim))
             else:
                 row["reason"] = reason
+            if group["beta1"] is None and isinstance(held if "proj_dim" in st else dense, torch.Tensor):
+                # beta1 edited to None mid-run: the momentum is kept, as HF Adafactor keeps it (probe Z130)
+                row["reason"] = ("beta1=None: its state keeps the momentum made while beta1 was set, unused "
+                                 "(counted by flora.state_bytes; used again if beta1 is set)")
             rows.append(row)
             index += 1
     return rows
@@ -82,7 +88,7 @@ def summary(opt) -> str:
                 "so build Flora after it)" if meta else "")]
     for r in rows:
         what = (f"compressed to {r['momentum_shape'][0]} x {r['momentum_shape'][1]} (proj_dim={r['proj_dim']})"
-                if r["compressed"] else f"dense: {r['reason']}")
+                + (f"; {r['reason']}" if r.get("reason") else "") if r["compressed"] else f"dense: {r['reason']}")
         if r["momentum_dtype"] is not None:
             what += f", momentum in {r['momentum_dtype']}"
         if r["frozen"]:
