@@ -1103,7 +1103,7 @@ def test_bench_comm_interrupted_writes_what_finished(tmp_path, monkeypatch, caps
 @pytest.mark.parametrize("argv, words", [
     (["--configs", "ddp,x"], ["ddp", "hook-rR", "acc-rR", "powersgd-rP"]),
     (["--optimizers", "lora-r8"], ["adamw", "flora-rR"]),
-    (["--lrs", "1e-3"], ["1 grids for 2 optimizers"]),
+    (["--lrs", "1e-3"], ["1 grid(s) for 2 optimizers (adamw, flora-r32): give one per optimizer"]),
     (["--lrs", "1e-3/x,1e-2"], ["lr grids"]),
     (["--batch", "6"], ["multiple of --world x 2"]),
     (["--ranks", "0"], ["--ranks must be positive"]),

@@ -145,9 +145,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
               "noise_rank"):
         if getattr(a, k) is None:
             setattr(a, k, getattr(size, k))
-    if min(a.tau, a.steps, a.seq, a.batch, a.quality_steps, a.eval_chunks, a.noise_rank, a.noise_seeds) < 1:
-        p.error("--tau, --steps, --seq, --batch, --quality-steps, --eval-chunks, --noise-rank and --noise-seeds "
-                "must be >= 1")
+    core.check_at_least(p, a, 1, "--tau", "--steps", "--seq", "--batch", "--quality-steps", "--eval-chunks",
+                        "--noise-rank", "--noise-seeds")
     a.configs = core.checked_list(p, "--configs", a.configs, parse_config)
     try:
         spec = bo.parse(a.optimizer)

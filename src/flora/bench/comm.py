@@ -166,8 +166,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     size = SIZES[a.size]
     a.steps = size.steps if a.steps is None else a.steps
     a.batch = size.batch if a.batch is None else a.batch
-    if min(a.steps, a.batch, a.world, a.threads) < 1:
-        p.error("--steps, --batch, --world and --threads must be >= 1")
+    core.check_at_least(p, a, 1, "--steps", "--batch", "--world", "--threads")
     if a.steps < 3:
         p.error(f"--steps must be >= 3, got {a.steps}: the bytes a step sends are counted from the third step on "
                 "(DDP rebuilds its buckets at the second, PowerSGD compresses from the third)")
@@ -200,7 +199,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         except ValueError:
             p.error("--lrs takes lr grids: comma-separated, values of a grid separated by '/'")
         if len(a.lrs) != len(a.optimizers):
-            p.error(f"--lrs has {len(a.lrs)} grids for {len(a.optimizers)} optimizers")
+            p.error(f"--lrs has {len(a.lrs)} grid(s) for {len(a.optimizers)} optimizers ({', '.join(a.optimizers)}): "
+                    "give one per optimizer, in their order, comma-separated (values of a grid separated by '/')")
         for o, grid in zip(a.optimizers, a.lrs):  # as train's --lrs (nan: a run that fails, as tests use)
             if any(x <= 0 or math.isinf(x) for x in grid):
                 p.error(f"--lrs {o}: lrs must be finite and above 0, got {'/'.join(f'{x:g}' for x in grid)}")

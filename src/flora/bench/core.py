@@ -426,6 +426,16 @@ def refuse_empty(p, a, *flags: str) -> None:
             p.error(f"{flag} names nothing ({text!r}); leave it out for the default")
 
 
+def check_at_least(p, a, low: int, *flags: str, why: str = "") -> None:
+    """Each of ``flags`` (read from ``a``, as argparse names them) at least ``low``; the first
+    that is not is refused by name with its value (a probe: one message had named eight
+    options and no value)."""
+    for flag in flags:
+        value = getattr(a, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < low:
+            p.error(f"{flag} must be >= {low}, got {value}{why}")
+
+
 def checked_list(p, flag: str, text: str, check) -> list[str]:
     """The comma-separated entries of ``text``, each passed to ``check`` (which raises
     ``ValueError``); a bad one ends the command with ``p.error`` naming ``flag``."""

@@ -171,10 +171,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     size = SIZES[a.size]
     a.repeats = size.repeats if a.repeats is None else a.repeats
     a.warmup = size.warmup if a.warmup is None else a.warmup
-    if a.repeats < 1 or a.warmup < 1:
-        # at least one untimed step: the first allocates the state (and compiles); with 0 the
-        # report said "after 0 warm-up step(s)" while one ran untimed all the same (probe Z84)
-        p.error("--repeats and --warmup must be >= 1 (the first step, which allocates the state, is never timed)")
+    # at least one untimed step: the first allocates the state (and compiles); with 0 the
+    # report said "after 0 warm-up step(s)" while one ran untimed all the same (probe Z84)
+    core.check_at_least(p, a, 1, "--repeats", "--warmup",
+                        why=" (the first step, which allocates the state, is never timed)")
     if a.compiled_bucket_max is not None and a.compiled_bucket_max < 0:  # -1 had compiled steps skip every matrix
         p.error(f"--compiled-bucket-max must be >= 0 (0: no limit), got {a.compiled_bucket_max}")
     if a.threads is not None and a.threads < 1:

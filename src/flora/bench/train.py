@@ -86,20 +86,15 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Refuse bad input before anything runs, naming what is valid."""
     from . import optimizers as bo
 
-    if a.steps is not None and a.steps < 1:
-        p.error("--steps must be >= 1")
+    core.check_at_least(p, a, 1, "--steps")
     if a.lr_points is not None and not 1 <= a.lr_points <= 3:
         p.error("--lr-points must be 1, 2 or 3")
     if a.lrs:
         a.lrs = _parse_lrs(p, a.lrs)
-    if a.tau is not None and a.tau < 1:
-        p.error("--tau must be >= 1")
-    if a.workers is not None and a.workers < 1:
-        p.error("--workers must be >= 1")
+    core.check_at_least(p, a, 1, "--tau", "--workers")
     if a.workers is not None and a.workers > 1 and a.no_isolate:
         p.error("--workers > 1 needs runs in processes of their own: drop --no-isolate or use --workers 1")
-    if a.seeds < 1:
-        p.error("--seeds must be >= 1")
+    core.check_at_least(p, a, 1, "--seeds")
     if a.extend_lr is not None and a.extend_lr < 0:
         p.error("--extend-lr must be >= 0")
     if a.ranks is not None:

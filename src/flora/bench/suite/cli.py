@@ -78,8 +78,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"{flag} takes comma-separated integers of at least 1, got {getattr(a, flag[2:])!r}")
     for flag, values in (("--ranks", a.rank_list), ("--kappas", a.kappa_list), ("--lrs", a.lr_list or [])):
         core.refuse_repeats(p, flag, values)  # each job would run twice (a probe), as with --tasks
-    if a.seeds < 1 or a.workers < 1 or not (math.isfinite(a.scale) and a.scale > 0) or a.extend_lr < 0:
-        p.error("--seeds and --workers must be at least 1, --extend-lr at least 0, --scale finite and above 0")
+    core.check_at_least(p, a, 1, "--seeds", "--workers")
+    core.check_at_least(p, a, 0, "--extend-lr")
+    if not (math.isfinite(a.scale) and a.scale > 0):
+        p.error(f"--scale must be finite and above 0, got {a.scale}")
     core.check_device(p, a.device)
     if a.staged:  # its plan fixes these: given, they were ignored while the report used --kappas' first
         given = [flag for flag, value, default in (("--lrs", a.lrs, None), ("--kappas", a.kappas, str(space.KAPPA)),
