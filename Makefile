@@ -23,7 +23,7 @@ venv: $(STAMP)
 
 # The tests run on every core (pytest-xdist, at most 4 workers; each test is one-threaded,
 # tests/conftest.py; an idle worker takes tests queued for another, so that no worker waits
-# on the last long one): about 14 minutes on 2 cores from a fresh clone, 17 with the install
+# on the last long one): 5-14 minutes on 2 cores from a fresh clone, by the machine, 2-3 more with the install
 # (the README has the figures and the switches that run more). `make test PYTEST_XDIST=` runs them in this process, slower.
 PYTEST_XDIST ?= -n auto --maxprocesses=4 --dist worksteal
 test: $(STAMP)
