@@ -87,7 +87,7 @@ class ProjectionCache:
         if members is None:
             return
         del self._stacks[members]
-        for j in members:
+        for j in dict.fromkeys(members):  # (one index twice: a ZeRO checkpoint's, loaded into one process)
             if j != index:
                 del self._member[j]
                 k, a = self._entries[j]
@@ -105,7 +105,7 @@ class ProjectionCache:
     def put_stack(self, indices, key: tuple, stack: torch.Tensor) -> None:
         indices = tuple(indices)
         if self._stacks.pop(indices, None) is not None:  # the same bucket's previous draw: nothing to copy
-            for i in indices:
+            for i in dict.fromkeys(indices):  # (one index twice: see _release)
                 del self._member[i]
         for i in indices:
             self._release(i)

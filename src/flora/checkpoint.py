@@ -216,7 +216,6 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
     names = {id(q): n for g in opt.param_groups for q, n in zip(g["params"], group_names(g))}
     shard_damage: dict = {}  # FSDP2: a shard's damage, refused on every process together
     refused = None  # this process's refusal of a state: under FSDP2, agreed on before it is raised
-    indices: dict[int, Any] = {}  # state["index"] -> the parameter id that holds it
     try:
         for pid, s in states.items():
             if pid not in id_to_param:
@@ -234,16 +233,6 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load) -> None:
                     "docs/distributed.md) and load it here with proj_dim='sharded', or turn each DTensor into a "
                     "whole tensor (.full_tensor(), on every process) before loading")
             check_loaded_entries(p, s, repr(pid), name, shard_damage)
-            if isinstance(s, dict) and "index" in s:  # the seed of its projections: one parameter's own (probe Z129)
-                other = indices.setdefault(count_value(s["index"]), pid)
-                if other != pid:
-                    first = names.get(id(id_to_param[other][0]))
-                    raise ValueError(
-                        f"state_dict gives parameters {repr(first) if first else f'id {other!r}'} and "
-                        f"{repr(name) if name else f'id {pid!r}'} the same index {count_value(s['index'])} (the "
-                        "seed of their projections, one parameter's own): the checkpoint is damaged, or was "
-                        "saved by a development version that reused the index of a parameter taken out of its "
-                        "groups. Delete state['index'] of one of them to give it a new one at its next step")
             check_state_shapes(p, s, g, name)
             if sharded.is_dtensor(p):
                 sharded.check_loaded_stack(p, s)

@@ -281,7 +281,9 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
     lr, rel = group["lr"], group["relative_step"]
     if "compile" in group:
         raise ValueError("compile applies to the whole optimizer, not to a parameter group: pass it to "
-                         "Flora(..., compile=...) and take it out of the group")
+                         "Flora(..., compile=...) and take it out of the group (through a wrapper that writes its "
+                         "keyword arguments into every group, as torch's ZeroRedundancyOptimizer does: "
+                         "optimizer_class=functools.partial(flora.Flora, compile=...))")
     if isinstance(lr, torch.Tensor):  # a device lr (as torch.optim allows)
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"lr given as a tensor must hold one floating-point value, got shape "
