@@ -941,6 +941,50 @@ def ddp_flora(rank, world):
     return {"diff": max((a - b).abs().max().item() for a, b in zip(model.module.parameters(), ref.parameters()))}
 
 
+def zero_checkpoint(rank, world):
+    """torch's ZeroRedundancyOptimizer over Flora, as docs/distributed.md says it runs: each
+    rank steps its share (DDP's averaged gradients); the consolidated checkpoint, read with
+    weights_only=True, resumes bit for bit in a fresh ZeRO, and continues the run in one
+    process's Flora, each state keeping its index (its projections' seed). That state holds
+    one index twice (each rank's local positions start at 0), which a refusal of duplicate
+    indices as damage had broken (probe Z131). Returns each rank's parameters after the
+    run, the fresh ZeRO's and the one process's after the same last steps, and the indices."""
+    import io
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    batches = _batches(6)
+
+    def build():
+        model = _net()
+        return model, _ddp(model), ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Flora, **OPTS)
+
+    model, ddp, opt = build()
+    _steps(ddp, opt, batches[:3], rank, world)
+    opt.consolidate_state_dict(to=0)
+    saved = [None]
+    if rank == 0:
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+        saved = [buf.getvalue()]
+    dist.broadcast_object_list(saved, src=0)
+    checkpoint = torch.load(io.BytesIO(saved[0]), weights_only=True)
+    _steps(ddp, opt, batches[3:], rank, world)
+    model2, ddp2, opt2 = build()
+    model2.load_state_dict(checkpoint["model"])
+    opt2.load_state_dict(copy.deepcopy(checkpoint["opt"]))  # (ZeRO's load writes None into the others' states)
+    _steps(ddp2, opt2, batches[3:], rank, world)
+    one = _net()
+    one.load_state_dict(checkpoint["model"])
+    one_opt = Flora(one.parameters(), **OPTS)
+    one_opt.load_state_dict(checkpoint["opt"])
+    _train_single(OPTS, batches[3:], one, one_opt)
+    return {"whole": [p.detach().clone() for p in model.parameters()],
+            "resumed": [p.detach().clone() for p in model2.parameters()],
+            "one_process": [p.detach().clone() for p in one.parameters()],
+            "indices": sorted(int(s["index"]) for s in checkpoint["opt"]["state"].values())}
+
+
 def fsdp1(rank, world):
     """FSDP1 (FullyShardedDataParallel) hands Flora flat 1-D pieces when it shards: refused at
     construction, naming FSDP2, with either use_orig_params. Unsharded (NO_SHARD) with the

@@ -24,7 +24,8 @@ SCENARIOS = ["fsdp_equals_one_process", "fsdp_forms_equal_single_tensor", "fsdp_
              "ddp_accumulator_find_unused", "ddp_accumulator_find_unused_resume",
              "fsdp_accumulator", "fsdp1", "fsdp_damaged_shard_refused_everywhere", "fsdp_accumulator_unfrozen",
              "fsdp_one_matrix_auto", "fsdp_stack_checkpoint_refused_before_any_change",
-             "fsdp_options_compared_again_after_an_edit", "fsdp_empty_parameter", "fsdp_plan_before_first_step"]
+             "fsdp_options_compared_again_after_an_edit", "fsdp_empty_parameter", "fsdp_plan_before_first_step",
+             "zero_checkpoint"]
 TOL = 2e-5  # float32, over 5 steps with two resamples (kappa=2)
 
 
@@ -235,6 +236,19 @@ def test_accelerate_fsdp2_parameter_swap(results):
 def test_ddp_equals_one_process(results):
     for r in check(results, "ddp_flora"):
         assert r["diff"] <= TOL
+
+
+def test_zero_redundancy_optimizer_checkpoint_resumes_in_zero_and_in_one_process(results):
+    """(Probe Z131.) ZeroRedundancyOptimizer(optimizer_class=Flora): the replicas equal;
+    its consolidated checkpoint (one index twice: each rank's local positions start at 0)
+    resumes bit for bit in a fresh ZeRO, and one process's Flora loads it and continues the
+    run to float tolerance, as docs/distributed.md says."""
+    got = check(results, "zero_checkpoint")
+    for r in got:
+        assert all(torch.equal(a, b) for a, b in zip(r["whole"], got[0]["whole"]))  # the replicas
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed"], r["whole"]))
+        assert max((a - b).abs().max().item() for a, b in zip(r["one_process"], r["whole"])) <= TOL
+        assert len(set(r["indices"])) < len(r["indices"])  # (the case this guards: one index twice)
 
 
 def test_fsdp1_sharded_pieces_are_refused_and_no_shard_equals_one_process(results):
