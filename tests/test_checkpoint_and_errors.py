@@ -1056,6 +1056,23 @@ def test_a_state_holding_one_index_twice_loads_and_keeps_it(kw):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_state_of_none_says_where_it_comes_from():
+    """(Probe Z131.) torch's ZeroRedundancyOptimizer.load_state_dict writes None, in the dict
+    it is given, into the states of the parameters other ranks hold: the same dict loaded
+    next into a plain Flora was refused as "got NoneType", with no hint. Nothing loads."""
+    model = nn.Linear(8, 8)
+    opt = Flora(model.parameters(), lr=1e-2, rank=2, beta1=0.9)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0] = None
+    fresh = Flora(model.parameters(), lr=1e-2, rank=2, beta1=0.9)
+    with pytest.raises(ValueError, match=r"\[0\] must be a dict of the parameter's state, got NoneType: a "
+                                         r"ZeroRedundancyOptimizer .*\(copy.deepcopy\)"):
+        fresh.load_state_dict(sd)
+    assert len(fresh.state) == 0
+
+
 def test_a_refused_load_of_the_optimizers_own_tensors_says_they_now_hold_it():
     """(A probe.) torch.distributed.checkpoint loads in place: dcp.load writes the
     checkpoint into the tensors get_optimizer_state_dict returned, which are the

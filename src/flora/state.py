@@ -262,8 +262,12 @@ def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None
     shape = tuple(p.shape)
     which = _which(shape, name)
     if not isinstance(s, dict):
+        # (None: torch's ZeroRedundancyOptimizer.load_state_dict writes it, in the dict it is
+        # given, for the parameters other ranks hold; probe Z131)
+        why = (": a ZeroRedundancyOptimizer that loaded this dict first wrote None there for the parameters "
+               "other ranks hold; give each load its own copy (copy.deepcopy)" if s is None else "")
         raise ValueError(f"state_dict['state'][{where}] must be a dict of the parameter's state, got "
-                         f"{type(s).__name__}")
+                         f"{type(s).__name__}{why}")
     if not s:
         return
     for k in COUNTERS:
