@@ -3,6 +3,7 @@ them, the projection-cost section through public API, metadata in the results.""
 
 import json
 import math
+import platform
 import statistics
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import flora  # noqa: E402
-from flora.bench import core, report  # noqa: E402
+from flora.bench import core, malloc, report  # noqa: E402
 from flora.bench.__main__ import main  # noqa: E402
 from flora.bench.config import Goal  # noqa: E402
 from flora.bench.step import SIZES, optimizer_names  # noqa: E402
@@ -95,6 +96,30 @@ def test_metadata(step_run):
     assert set(core.META_KEYS) <= set(meta)
     assert meta["subcommand"] == "step" and meta["command"].startswith("flora-bench step --size smoke")
     assert meta["flora"] == flora.__version__ and meta["repeats"] == 2
+    # glibc's thresholds were fixed before timing, and the report says which
+    if platform.libc_ver()[0] == "glibc":
+        assert meta["malloc"] == {"policy": "warm", "mmap_threshold": 32 << 20, "trim_threshold": 64 << 20}
+        assert "--malloc warm: glibc's mmap threshold 32 MiB, trim threshold 64 MiB" in step_run[1]
+
+
+def test_malloc_policies_set_both_thresholds_or_say_why_not():
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    assert malloc.apply("reuse", mallopt) == {"policy": "reuse", "mmap_threshold": 1 << 30,
+                                              "trim_threshold": 2**31 - 1}
+    assert calls == [(malloc.M_MMAP_THRESHOLD, 1 << 30), (malloc.M_TRIM_THRESHOLD, 2**31 - 1)]
+    calls.clear()
+    assert malloc.apply("as-is", mallopt)["mmap_threshold"] is None and calls == []  # nothing set
+    refused = malloc.apply("warm", lambda param, value: 0)
+    assert refused["not_applied"] == f"mallopt refused mmap_threshold={32 << 20}"
+    assert "not applied: mallopt refused" in malloc.describe(refused)
+    assert "not recorded" in malloc.describe(None)  # a result written before the option
+    with pytest.raises(ValueError, match="malloc policy must be one of warm, reuse, as-is, got 'fast'"):
+        malloc.apply("fast", mallopt)
 
 
 def test_step_goal_is_data():

@@ -34,6 +34,11 @@ inductor's default (then used as it is, and the compile goal is not checked). Ev
 operations one step dispatches (torch.profiler: aten operations not nested in another,
 plus the kernels of compiled graphs), a CPU proxy for a GPU's kernel launches.
 
+glibc's allocator thresholds are fixed before anything is timed (``--malloc``, default
+``warm``: :mod:`flora.bench.malloc`): an eager optimizer's temporaries are fresh pages or
+reused heap memory by the process's history otherwise, which moved HF Adafactor's step by
+1.7x between two processes.
+
 Writes ``results.json`` and ``results.md`` to ``--out`` and prints the table."""
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config, core
+from . import config, core, malloc
 
 HELP = "one optimizer step on SmolLM2-135M's shapes: time and state bytes against HF Adafactor and AdamW"
 
@@ -153,6 +158,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "taken to the tensor; Flora steps groups that differ in lr alone together since 2026-12-05)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", choices=list(malloc.POLICIES), default=malloc.DEFAULT, help=malloc.HELP)
     p.add_argument("--compiled", action="store_true",
                    help="also time :compiled rows: Flora(compile=True) at each rank (the first form), torch AdamW and "
                         "HF Adafactor beta1 0.9 under torch.compile (the first step compiles: minutes on a CPU)")
@@ -676,7 +682,7 @@ def render(result: dict) -> str:
              f"{m['n_tensors']} tensors, {m['n_params'] / 1e6:.1f} M parameters (float32); {m['shapes_check']}. "
              + core.meta_line(m) + f" Median of {m['repeats']} steps after {m['warmup']} warm-up step(s), all "
              f"optimizers interleaved on the same gradients; lr={LR}, relative_step=False, scale_parameter=True, "
-             f"kappa={KAPPA} (no resample in the timed steps)."
+             f"kappa={KAPPA} (no resample in the timed steps); {malloc.describe(m.get('malloc'))}."
              + {"per-tensor": " A parameter group per tensor, equal options.",
                 "per-tensor-lr": f" A parameter group per tensor, the i-th at lr * {LR_DECAY}^i."
                 }.get(m.get("groups"), ""),
@@ -800,6 +806,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from . import report
 
     size = SIZES[args.size]
+    allocator = malloc.apply(args.malloc)  # before the timed tensors exist
     if args.threads:
         torch.set_num_threads(args.threads)
     from flora import functional as flora_functional
@@ -823,7 +830,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 size=args.size, model=size.model, llama=size.llama, shapes=[s for _, s in named],
                 n_tensors=len(named), n_params=n_params, shapes_check=shapes_check, repeats=args.repeats,
                 warmup=args.warmup, lr=LR, kappa=KAPPA, threads=torch.get_num_threads(), seed=args.seed,
-                groups=args.groups)
+                groups=args.groups, malloc=allocator)
     result: dict = {"meta": meta, "rows": []}
     if args.projection_cost != "only":
         baseline = load_baseline(args.baseline_src) if args.baseline_src else None
