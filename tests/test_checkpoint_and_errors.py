@@ -847,6 +847,19 @@ def test_a_misspelt_option_in_a_group_is_said_once():
         copy.deepcopy(opt).step()
 
 
+def test_a_key_replaced_by_a_misspelt_one_is_told_though_the_count_is_unchanged():
+    """The step checked a group's keys again only when their number changed (carried since
+    session 52): a key of the user's replaced by a misspelt option went unsaid."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = Flora([{"params": [p], "layer_id": 3}], lr=1e-3, beta1=0.9)
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    del opt.param_groups[0]["layer_id"]
+    opt.param_groups[0]["kapa"] = 10
+    with pytest.warns(UserWarning, match="'kapa' is not an option of Flora, which ignores it: did you mean 'kappa'"):
+        opt.step()
+
+
 @pytest.mark.parametrize("key,option", [("ranks", "rank"), ("kapa", "kappa"), ("learning_rate", "lr"),
                                         ("LR", "lr"), ("epsilon", "eps"), ("beta2", "decay_rate"),
                                         ("scale_parameters", "scale_parameter")])

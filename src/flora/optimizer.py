@@ -356,7 +356,9 @@ class Flora(Optimizer):
         self._constants_seen: dict[int, list] = {}
         # (id(group), key): another optimizer's option, said once (at construction, or at the step)
         self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _foreign_found(g)}
-        self._group_keys: dict[int, int] = {}  # id(group) -> its number of keys when last checked
+        # id(group) -> its keys when last checked: a key replaced by another (a count would not
+        # change), or a new group that reuses a dropped one's id with other keys, is checked again
+        self._group_keys: dict[int, tuple] = {}
         self._warned_recompiles = False
         self._warned_no_grads = False  # a first step with no gradient at all: said once
         self._warned_scheduler_over_none = False  # a torch scheduler over lr=None: said once
@@ -755,9 +757,10 @@ class Flora(Optimizer):
         for group in self.param_groups:  # an edit of another library's numbers (numpy's): as Python's
             plain_group(group)
             # another optimizer's option edited in since (a user's betas schedule): said, as at construction
-            keys = self._group_keys.get(id(group)) != len(group)  # a key added: misspelt?
+            names = tuple(group)
+            keys = self._group_keys.get(id(group)) != names  # a key added or replaced: misspelt?
             if keys or group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
-                self._group_keys[id(group)] = len(group)
+                self._group_keys[id(group)] = names
                 _check_foreign_keys(group, self._foreign_warned, spelling=keys)
         self._warn_scheduler_over_none()
         check_grads(self.param_groups, self.state, self._groups_validated)
