@@ -622,16 +622,22 @@ CONFIGS = {  # every path of the step: compressed, dense momentum, none; 2-D and
 }
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e20])
+# (bad gradient entry, parameter dtype): a value whose square overflows the state's dtype
+# (float32 for half parameters, float64 for float64 ones) as well as NaN and inf
+BAD_ENTRIES = [(float("nan"), torch.float32), (float("inf"), torch.float32), (1e20, torch.float32),
+               (1e20, torch.bfloat16), (float("inf"), torch.float16), (1e200, torch.float64)]
+
+
+@pytest.mark.parametrize("bad,dtype", BAD_ENTRIES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_nonfinite_gradient_skips_that_parameter_only(config, bad):
+def test_nonfinite_gradient_skips_that_parameter_only(config, bad, dtype):
     torch.manual_seed(0)
-    w, b = nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(10))
+    w, b = nn.Parameter(torch.randn(6, 10, dtype=dtype)), nn.Parameter(torch.randn(10, dtype=dtype))
     ref_w, ref_b = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
     kw = dict(lr=1e-2, kappa=2, **CONFIGS[config])
     opt, ref = Flora([w, b], **kw), Flora([ref_w, ref_b], **kw)
     for step in range(4):
-        gw, gb = torch.randn(6, 10), torch.randn(10)
+        gw, gb = torch.randn(6, 10, dtype=dtype), torch.randn(10, dtype=dtype)
         if step == 2:  # w gets a bad gradient; b a good one
             gw[1, 3] = bad
             w_before = w.detach().clone()
@@ -648,10 +654,11 @@ def test_nonfinite_gradient_skips_that_parameter_only(config, bad):
                         dim, g = state_before["proj_dim"], opt.param_groups[0]
                         a_old, a_new = (make_projection(g["projection"], projection_seed(0, 0, n), 2, w.shape[dim])
                                         for n in (0, 1))
-                        want = transfer(want.float(), a_old, a_new, dim)
+                        want = transfer(want.to(a_old.dtype), a_old, a_new, dim)
                         # batched vs plain matmul; a bfloat16 momentum (the default) rounded once after
                         tol = 2.0 ** -7 if v.dtype == torch.bfloat16 else 1e-6
-                        torch.testing.assert_close(v.float(), want, rtol=tol, atol=1e-9 + tol * want.abs().max().item())
+                        torch.testing.assert_close(v.to(want.dtype), want, rtol=tol,
+                                                   atol=1e-9 + tol * want.abs().max().item())
                         continue
                     assert torch.equal(v, want), k
             ref_b.grad = gb.clone()
