@@ -163,10 +163,11 @@ class Workspace:
 def staged_step(work, backend, options, workspace: Workspace, transposed: dict, lr_views: dict,
                 pnorms: list | None = None) -> None:
     """A compiled step of a CPU bucket of compressed parameters (``functional.staged``):
-    the gradients copied eagerly into ``workspace``'s second buffer; three compiled
+    the gradients copied eagerly into ``workspace``'s first buffer; three compiled
     stages, ``functional.staged_stats`` (which also compresses the update, from the
-    gradient), ``staged_update`` and ``staged_apply``; between the last two the
-    decompression, an eager matmul into that buffer (``out=``). Equal to the compiled
+    gradient), ``staged_update`` and ``staged_apply`` (which read the gradients again
+    for the normalised update rather than a copy of it); between the last two the
+    decompression, an eager matmul into the second buffer (``out=``). Equal to the compiled
     ``grouped_core`` to float rounding; six operations a bucket (the one graph: three
     kernels and two matmuls), without bucket-sized allocations and with every
     bucket-sized pass near memory speed (docs/compile.md)."""
@@ -174,18 +175,18 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
     k = len(work.params)
     n, m = matrix_shape(spec.shape)
     dtype = state_dtype(work.grads[0].dtype)  # the momentum may be stored narrower
-    ws_u, ws_d = workspace.get((k, n, m), dtype, work.grads[0].device)
+    ws_s, ws_d = workspace.get((k, n, m), dtype, work.grads[0].device)
     g0 = work.grads[0]
     if k == 1 and g0.dtype == dtype and g0.is_contiguous():
         ws_g = g0  # a bucket of one reads its gradient where it is (functional._stacked)
-    else:  # ws_d holds the stacked gradient until the decompression overwrites it
-        ws_g, slots = workspace.slots(ws_d, spec.shape)
+    else:
+        ws_g, slots = workspace.slots(ws_s, spec.shape)
         torch._foreach_copy_(slots, work.grads)
     a = work.a
     rf, cf, new_row, new_col, cu = compiled_core("stats", backend, options)(spec, work.steps, work.sq, ws_g, a)
     x, coef, ok, lr = compiled_core("update", backend, options)(
         spec, work.params, work.steps, lr_arg(work.lr, lr_views), work.sq, work.skips, ws_g, rf, cf, new_row,
-        new_col, ws_u, work.moms, cu, a, pnorms)
+        new_col, work.moms, cu, a, pnorms)
     key = id(work.owner)  # one entry per bucket, replaced when its projection is
     hit = transposed.get(key)
     if hit is None or hit[0] is not a:
@@ -195,7 +196,7 @@ def staged_step(work, backend, options, workspace: Workspace, transposed: dict, 
         torch.bmm(a_t, x, out=ws_d)
     else:
         torch.bmm(x, a, out=ws_d)
-    compiled_core("apply", backend, options)(spec, work.params, ws_u, ws_d, coef, ok, lr)
+    compiled_core("apply", backend, options)(spec, work.params, ws_g, rf, cf, ws_d, coef, ok, lr)
 
 
 def stacked_step(work, backend, options, workspace: Workspace, lr_views: dict, pnorms: list | None = None) -> None:

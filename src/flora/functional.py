@@ -700,25 +700,31 @@ def staged_stats(spec: Spec, steps, sq, ws_g, a) -> tuple:
     return r_factor, c_factor, new_row, new_col, cu
 
 
-def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u) -> tuple:
-    """Stage 2, first half: the normalised update ``r_factor * c_factor * g`` into ``ws_u``
-    (the k x n x m stack; not masked: a skipped parameter's may not be finite) and its
-    norms, in one pass over ``ws_g``; the finite check and the statistics' commit.
-    Returns ``(norm, ok)``, the update's norms (0 where skipped) and the finite check."""
-    k = ws_u.shape[0]
-    update = r_factor * c_factor * _stacked(spec, ws_g)
+def _normalized(spec: Spec, ws_g, r_factor, c_factor) -> torch.Tensor:
+    """The normalised update ``r_factor * c_factor * g`` of a staged bucket (not masked: a
+    skipped parameter's may not be finite). Computed where it is read, in stage 2 for its
+    norms and in stage 3 for the update: a pass over the gradients each time, which costs
+    less than writing it into a buffer in stage 2 and reading that in stage 3."""
+    return r_factor * c_factor * _stacked(spec, ws_g)
+
+
+def staged_normalize(spec: Spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col) -> tuple:
+    """Stage 2, first half: the norms of the normalised update (:func:`_normalized`), in
+    one read of ``ws_g``; the finite check and the statistics' commit. Returns ``(norm,
+    ok)``, the update's norms (0 where skipped) and the finite check."""
+    update = _normalized(spec, ws_g, r_factor, c_factor)
+    k = update.shape[0]
     norm = update.reshape(k, -1).square().sum(1).sqrt()
     ok = torch.isfinite(norm) & torch.isfinite(new_row).reshape(k, -1).all(1) & \
         torch.isfinite(new_col).reshape(k, -1).all(1)
     row, col = _stack(sq[0]), _stack(sq[1])
     _commit(sq[0], new_row, row, ok.reshape(k, *([1] * (row.dim() - 1))))
     _commit(sq[1], new_col, col, ok.reshape(k, *([1] * (col.dim() - 1))))
-    ws_u.copy_(update)
     skips.add_(ok.logical_not().sum())
     return torch.where(ok, norm, 0.0), ok
 
 
-def staged_update(spec: Spec, params, steps, lr, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u,
+def staged_update(spec: Spec, params, steps, lr, sq, skips, ws_g, r_factor, c_factor, new_row, new_col,
                   moms, cu, a, pnorms=None) -> tuple:
     """Stage 2: the counters, the step size (from the parameters' RMS; ``pnorms``: their
     norms, computed before) and :func:`staged_normalize` and :func:`staged_momentum` in
@@ -733,7 +739,7 @@ def staged_update(spec: Spec, params, steps, lr, sq, skips, ws_g, r_factor, c_fa
     if isinstance(lr, torch.Tensor):
         lr = lr.to(ws_g.device)
     bias = _scalars(spec, t, ws_g.device)[1]
-    norm, ok = staged_normalize(spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col, ws_u)
+    norm, ok = staged_normalize(spec, sq, skips, ws_g, r_factor, c_factor, new_row, new_col)
     cu = cu * c_factor if spec.dim == 0 else r_factor * cu  # C(u)'s outer factor (staged_stats)
     x, coef = staged_momentum(spec, moms, cu, a, norm, lr, ok, bias, t)
     return x, coef, ok, _vec(lr)
@@ -762,16 +768,17 @@ def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias, t) -> tuple:
     return torch.where(ok3, xa, 0.0), (None if coef is None else torch.where(ok, coef, 0.0))
 
 
-def staged_apply(spec: Spec, params, ws_u, ws_d, coef, ok, lr) -> None:
-    """Stage 3: the parameters' update, ``coef * u + D(x)`` (``ws_u``, ``ws_d``), with
-    weight decay as grouped_core applies it."""
+def staged_apply(spec: Spec, params, ws_g, r_factor, c_factor, ws_d, coef, ok, lr) -> None:
+    """Stage 3: the parameters' update, ``coef * u + D(x)`` (``u`` from ``ws_g`` and the
+    factors, :func:`_normalized`; ``D(x)`` in ``ws_d``), with weight decay as grouped_core
+    applies it."""
     lr = _lr_in(lr)
     k = len(params)
     shape = spec.shape
     p32 = [p.float() for p in params] if spec.half else params
-    update = ws_d if coef is None else ws_u * coef.reshape(k, 1, 1) + ws_d
+    update = ws_d if coef is None else _normalized(spec, ws_g, r_factor, c_factor) * coef.reshape(k, 1, 1) + ws_d
     ok_b = ok.reshape(k, *([1] * len(shape)))
-    update = torch.where(ok_b, update.view(k, *shape), 0.0)  # ws_u of a skipped parameter: see staged_normalize
+    update = torch.where(ok_b, update.view(k, *shape), 0.0)  # u of a skipped parameter may not be finite
     wd = spec.weight_decay
     if wd != 0:
         decay = torch.where(ok_b, torch.stack(p32), 0.0)
