@@ -5,6 +5,8 @@ import json
 import math
 import platform
 import statistics
+import subprocess
+import sys
 
 import pytest
 
@@ -20,8 +22,9 @@ from flora.bench.step import SIZES, optimizer_names  # noqa: E402
 @pytest.fixture(scope="module")
 def step_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("step")
+    # --malloc as-is: mallopt acts on the whole pytest process and cannot be undone
     assert main(["step", "--size", "smoke", "--repeats", "2", "--warmup", "1", "--dense-flora", "--threads", "1",
-                 "--out", str(out)]) == 0
+                 "--malloc", "as-is", "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
 
 
@@ -96,13 +99,22 @@ def test_metadata(step_run):
     assert set(core.META_KEYS) <= set(meta)
     assert meta["subcommand"] == "step" and meta["command"].startswith("flora-bench step --size smoke")
     assert meta["flora"] == flora.__version__ and meta["repeats"] == 2
-    # glibc's thresholds were fixed before timing, and the report says which
-    if platform.libc_ver()[0] == "glibc":
-        assert meta["malloc"] == {"policy": "warm", "mmap_threshold": 32 << 20, "trim_threshold": 64 << 20}
-        assert "--malloc warm: glibc's mmap threshold 32 MiB, trim threshold 64 MiB" in step_run[1]
+    assert meta["malloc"]["policy"] == "as-is" and meta["malloc"]["mmap_threshold"] is None
+    assert "--malloc as-is: glibc's dynamic allocator thresholds" in step_run[1]
 
 
-def test_malloc_policies_set_both_thresholds_or_say_why_not():
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_the_default_malloc_policy_sets_glibcs_thresholds(tmp_path):
+    """In a process of its own (the setting cannot be undone): glibc takes both values."""
+    code = ("import json, os; os.environ.pop('LD_PRELOAD', None); from flora.bench import malloc; "
+            "print(json.dumps(malloc.apply(malloc.DEFAULT)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record == {"policy": "warm", "mmap_threshold": 32 << 20, "trim_threshold": 64 << 20}
+    assert malloc.describe(record) == "--malloc warm: glibc's mmap threshold 32 MiB, trim threshold 64 MiB"
+
+
+def test_malloc_policies_set_both_thresholds_or_say_why_not(monkeypatch):
     calls = []
 
     def mallopt(param, value):
@@ -120,6 +132,19 @@ def test_malloc_policies_set_both_thresholds_or_say_why_not():
     assert "not recorded" in malloc.describe(None)  # a result written before the option
     with pytest.raises(ValueError, match="malloc policy must be one of warm, reuse, as-is, got 'fast'"):
         malloc.apply("fast", mallopt)
+    # the trim threshold refused after the mmap threshold was set: said as partly applied
+    partial = malloc.apply("warm", lambda param, value: int(param == malloc.M_MMAP_THRESHOLD))
+    assert partial["mmap_threshold"] == 32 << 20 and partial["trim_threshold"] is None
+    assert "warm partly not applied: mallopt refused trim_threshold" in malloc.describe(partial)
+    # another libc: nothing set, said
+    monkeypatch.setattr(malloc.platform, "libc_ver", lambda: ("", ""))
+    other = malloc.apply("warm")
+    assert other["not_applied"] == "not glibc (unknown libc)" and other["mmap_threshold"] is None
+    # an allocator preloaded in glibc's place may ignore mallopt: the record and the report say so
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    preloaded = malloc.apply("reuse", mallopt)
+    assert preloaded["ld_preload"] == "/usr/lib/libjemalloc.so.2"
+    assert "(LD_PRELOAD=/usr/lib/libjemalloc.so.2: a preloaded allocator may ignore them)" in malloc.describe(preloaded)
 
 
 def test_step_goal_is_data():

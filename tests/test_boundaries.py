@@ -65,6 +65,36 @@ def test_the_staged_compiled_step_counts_each_skipped_parameter(monkeypatch):
     assert int(opt.nonfinite_skips) == 2
 
 
+def test_a_staged_bucket_of_one_reads_the_users_gradient_and_skips_a_nan_in_it(monkeypatch):
+    """A staged bucket of one parameter reads its gradient in place (no copy), and since
+    2026-12-07 its third stage reads it again for the normalised update: a NaN there
+    leaves the weights and state as they were and is counted, the gradient is not
+    written, and the other steps equal the eager step."""
+    monkeypatch.setattr(F, "STAGED_MIN_BYTES", 0)
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(16, 12)), nn.Parameter(torch.randn(20, 12))]  # two shapes: buckets of one
+    ref = [nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=1e-2, beta1=0.9, rank=4, weight_decay=0.1)
+    opt, eager = Flora(ps, compile="aot_eager", **kw), Flora(ref, **kw)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in ps]
+        if step == 1:
+            grads[0][3, 5] = float("nan")
+            before = ps[0].detach().clone()
+        kept = [g.clone() for g in grads]
+        for p, q, g in zip(ps, ref, grads):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        eager.step()
+        for g, k in zip(grads, kept):
+            torch.testing.assert_close(g, k, rtol=0, atol=0, equal_nan=True)
+        if step == 1:
+            assert torch.equal(ps[0].detach(), before)
+        for p, q in zip(ps, ref):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert int(opt.nonfinite_skips) == int(eager.nonfinite_skips) == 1
+
+
 def test_an_aspect_ratio_equal_to_the_limit_is_compressed():
     """``max_aspect_ratio`` is the largest ratio compressed: (4, 16) at 4.0 is, (4, 17) is
     not (only a 2-process hook test had noticed ``>=`` for ``>``)."""

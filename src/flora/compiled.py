@@ -121,7 +121,7 @@ def _eager_on_failure(compiled: Callable, eager: Callable, key: tuple, backend) 
 
 
 class Workspace:
-    """The two bucket-sized buffers of the staged CPU step (the normalised update and the
+    """The two bucket-sized buffers of the staged CPU step (the stacked gradients and the
     decompressed momentum), one pair per device and dtype, as large as the largest
     bucket stepped so far; views of them are kept per bucket shape, so that a step makes
     none. Not state: rebuilt empty after a deep copy, a pickle and ``load_state_dict``."""

@@ -763,7 +763,7 @@ def staged_momentum(spec: Spec, moms, cu, a, norm, lr, ok, bias, t) -> tuple:
                                  bias_correction=bias, ok=ok, split=True,
                                  complement_weight=spec.complement_weight)
     _write_back(moms, _stored(torch.where(ok.reshape(k, 1, 1), c, c_before), c_st, t))
-    # a skipped parameter's u (in ws_u, unmasked) may not be finite: its x and coef are 0
+    # a skipped parameter's u (unmasked, recomputed in stage 3) may not be finite: its x and coef are 0
     ok3 = ok.reshape(k, 1, 1)
     return torch.where(ok3, xa, 0.0), (None if coef is None else torch.where(ok, coef, 0.0))
 

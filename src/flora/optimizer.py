@@ -189,7 +189,7 @@ def _foreign_found(group: dict, spelling: bool = True) -> list:
 
 def _check_foreign_keys(group: dict, warned: set | None = None, spelling: bool = True) -> None:
     """Refuse maximize=True and a numeric momentum; warn of the other foreign keys and
-    (``spelling``: the step asks when the group's number of keys changed) of a key that
+    (``spelling``: the step asks when the group's keys changed) of a key that
     looks like a misspelt option (once a group and key, with ``warned``: at each step a
     key edited in since is said too)."""
     if group.get("maximize"):
