@@ -894,6 +894,9 @@ def test_terminal_table_and_goal_lines_keep_square_brackets(capsys):
     (["train", "--tasks", ""], "--tasks names nothing"),
     (["train", "--optimizers", ""], "--optimizers names nothing"),
     (["accum-memory", "--quality-ranks", ""], "--quality-ranks names nothing"),
+    (["train", "--lrs", ""], "--lrs names nothing"),  # probe Z134: both had run the default grids
+    (["suite", "--lrs", ""], "--lrs names nothing"),
+    (["suite", "--forms", "", "--baselines", ""], "--forms and --baselines name nothing to run"),  # empty tables, exit 0
     # two names of one optimizer: the same runs twice, as two rows (session 47)
     (["train", "--optimizers", "flora-r8,flora-r8-floored-orthonormal"],
      "'flora-r8' and 'flora-r8-floored-orthonormal' name the same optimizer"),
@@ -983,7 +986,8 @@ def test_every_subcommand_refuses_a_file_for_a_folder(argv, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["train", "--out"], ["step", "--out"], ["accum-memory", "--out"], ["comm", "--out"],
-                                  ["suite", "--out"], ["suite", "--data"]], ids=lambda a: " ".join(a))
+                                  ["suite", "--out"], ["suite", "--data"], ["train", "--cache"],
+                                  ["accum-memory", "--cache"], ["comm", "--cache"]], ids=lambda a: " ".join(a))
 def test_every_subcommand_refuses_a_folder_it_cannot_make_or_write(argv, tmp_path, monkeypatch, capsys):
     """--out (or the suite's --data) inside a file, or in a folder this user may not write:
     a usage error naming the option before any work (it had run, then ended in a traceback
@@ -1023,6 +1027,28 @@ def test_every_subcommand_refuses_a_folder_it_cannot_make_or_write(argv, tmp_pat
     assert e.value.code == 2
     assert f"--{argv[1][2:]}: " in (err := capsys.readouterr().err) and "cannot be written" in err, err
     assert not (locked / "a").exists()
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--from-json"])
+def test_train_refuses_to_resume_or_rewrite_into_a_folder_it_cannot_write(flag, tmp_path, monkeypatch, capsys):
+    """Without --out, train --resume and --from-json write beside the results file: that
+    folder is checked before any work (probe Z134: a resumed run finished, then ended in a
+    traceback on a read-only folder); with --out naming a writable one, it is not."""
+    from flora.bench.__main__ import _module
+
+    monkeypatch.setattr(_module("train"), "run", lambda *a: 0)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "results.json").write_text("{}")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != locked and access(p, mode, **k))
+    monkeypatch.setattr(_module("train"), "check", lambda p, a: None)  # the file's content is not the point
+    with pytest.raises(SystemExit) as e:
+        main(["train", flag, str(locked / "results.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: the results are written beside" in err and "unless --out names another folder" in err, err
+    assert main(["train", flag, str(locked / "results.json"), "--out", str(tmp_path / "out")]) == 0
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -1354,6 +1380,26 @@ def test_resume_with_a_narrower_plan_keeps_every_finished_run(tmp_path, capsys):
     # the wall time counts the run resumed (9 s then, 600 s before that one), not this one's alone
     assert res["meta"]["resumed_from"]["wall_s_all"] == 609
     assert re.search(r"Wall 0\.\d min this time, 10\.\d min with the runs it resumed\.", (tmp_path / "results.md").read_text())
+
+
+def test_rows_on_different_seeds_are_said_by_row_and_a_flat_edge_is_not_sent_to_extend_lr():
+    """(Probe Z134.) Merged results whose rows ran on different seeds had a header saying
+    every (optimizer, lr) ran on all of them; an lr at an end that ties its neighbour was
+    told to `--extend-lr N`, which does not follow a tie."""
+    from flora.bench import train
+
+    runs = [_run("pretrain", "adamw", 1e-3, 5.0, 5.0, state=100), _run("pretrain", "adamw", 1e-3, 5.2, 5.2, state=100),
+            _run("pretrain", "flora-r4", 1e-3, 4.0, 4.0, state=10)]
+    runs[1].seed = runs[2].seed = 1
+    md = report.markdown(_chosen(runs), {"pretrain": "loss"}, {"size": "smoke", "command": "x", "seeds": [0, 1]})
+    assert "Every (optimizer, lr) ran on 2 seeds" not in md
+    assert "The rows ran on 1 to 2 of the seeds 0, 1" in md and "| seeds |" in md
+    flat = _chosen([_run("classify", "adamw", lr, 0.25, 0.25, metric="accuracy") for lr in (1e-3, 3e-3, 1e-2)],
+                   metric="accuracy")
+    assert flat[0].lr_edge is not None and flat[0].edge_tied
+    assert train.extension(flat[0], [1e-3, 3e-3, 1e-2], 3) == (None, False)
+    md = report.markdown(flat, {"classify": "accuracy"}, {"size": "smoke", "command": "x", "seeds": [0]})
+    assert "scores the same as the lr next to it" in md and "runs further lrs until it is inside" not in md
 
 
 def test_resume_on_a_new_seed_plans_every_lr_the_old_run_tried(tmp_path):

@@ -90,18 +90,31 @@ def _write_fails(path, there) -> str | None:
 
 
 def _check_folders(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every subcommand's folder flags (results, the suite's data) must name a folder that
-    exists or can be made, and that can be written: refused before any work, as a usage
-    error (a run had ended in a traceback at its first write, after running)."""
+    """Every subcommand's folder flags (results, the suite's data, the cache) must name a
+    folder that exists or can be made, and that can be written: refused before any work, as
+    a usage error (a run had ended in a traceback at its first write, after running). So
+    must the folder that ``train --resume`` or ``--from-json`` writes into when no
+    ``--out`` is given: its results file's (probe Z134: a resumed run finished, then failed
+    on a read-only folder)."""
     from pathlib import Path
 
-    for flag in ("out", "data"):
+    for flag in ("out", "data", "cache"):
         value = getattr(args, flag, None)
         if flag == "data" and getattr(args, "report_only", False):  # not read by a report
             continue
         why = _unusable_folder(Path(value)) if isinstance(value, str) and value else None
         if why:
             p.error(f"--{flag}: {value!r} {why}")
+    if not getattr(args, "out", None):
+        for flag in ("resume", "from_json"):
+            value = getattr(args, flag, None)
+            if not (isinstance(value, str) and value):  # suite's --resume is a switch
+                continue
+            folder = Path(value.split(",")[0]).parent
+            why = _unusable_folder(folder)
+            if why:
+                p.error(f"--{flag.replace('_', '-')}: the results are written beside {value.split(',')[0]!r} "
+                        f"unless --out names another folder, and {str(folder)!r} {why}")
 
 
 def main(argv=None) -> int:

@@ -164,8 +164,9 @@ def _cells(row: Chosen, metric: str, seeded: bool = False) -> list[str]:
 
 
 def seeded(rows: list[Chosen]) -> bool:
-    """Whether any row averages two or more seeds."""
-    return any(len(r.runs) > 1 for r in rows)
+    """Whether the table needs a seeds column: a row averages two or more seeds, or the
+    rows ran on different seeds."""
+    return any(len(r.runs) > 1 for r in rows) or len({tuple(r.seeds) for r in rows}) > 1
 
 
 def goal_parts(goal: Goal, name: str, by: dict[str, dict], key: str | None = None,
@@ -279,12 +280,20 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict,
     # an lr on fewer seeds than its row's others (a resumed or stopped run) is not compared: said
     short = [f"{r.task} {r.optimizer} lr {lr:g} ({n} of {most})" for r in rows
              for lr, (n, most) in r.short_lrs.items()]
-    if len(seeds) > 1:
+    row_seeds = {tuple(r.seeds) for r in rows}
+    if len(seeds) > 1 and row_seeds == {tuple(seeds)}:
         every = "Every (optimizer, lr) ran" if not short else "Every (optimizer, lr) but those not compared (below) ran"
         lines += [f"{every} on {len(seeds)} seeds ({', '.join(map(str, seeds))}: model init, data "
                   f"order and projections); the lr is the best on the mean validation score, and the scores are "
                   f"the mean over {len(seeds)} seeds ± their sample standard deviation. Memory, timings and curves "
                   "are those of the first seed.", ""]
+    elif len(seeds) > 1:  # rows of merged or resumed results on other seeds: said by row (probe Z134)
+        counts = sorted({len(s) for s in row_seeds})
+        lines += [f"The rows ran on {counts[0] if len(counts) == 1 else f'{counts[0]} to {counts[-1]}'} of the "
+                  f"seeds {', '.join(map(str, seeds))} (model init, data order and projections), not all on the same "
+                  "ones: each row's number is in its seeds column, which ones in results.json. The lr is the best on the mean validation score over "
+                  "the row's seeds, and the scores are that mean ± the sample standard deviation (a row of one "
+                  "seed has none). Memory, timings and curves are those of each row's first seed.", ""]
     if short:
         lines += ["**Not compared:** lrs that finished on fewer seeds than the others of their row (a mean over "
                   "fewer seeds is not set against one over more; run them on the missing seeds, e.g. with "
@@ -298,10 +307,15 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict,
         sd = seeded(mine)
         lines += core.markdown_table([h for h, _, _ in columns(sd)], (_cells(r, metrics[task], sd) for r in mine))
         lines.append("")
-    edges = [f"{r.task} {r.optimizer} ({r.lr_edge})" for r in rows if r.lr_edge and not r.lr_capped]
+    edges = [f"{r.task} {r.optimizer} ({r.lr_edge})" for r in rows if r.lr_edge and not r.lr_capped
+             and not r.edge_tied]
     if edges:
         lines += ["\\* The best lr is an end of the lrs tried, so a better one may lie beyond it (`--extend-lr N` "
                   "runs further lrs until it is inside): " + ", ".join(edges) + ".", ""]
+    flat = [f"{r.task} {r.optimizer} ({r.lr_edge})" for r in rows if r.lr_edge and not r.lr_capped and r.edge_tied]
+    if flat:  # grid extension does not follow a tie: --extend-lr would not move it (probe Z134)
+        lines += ["\\* The best lr is an end of the lrs tried and scores the same as the lr next to it (a flat "
+                  "validation score), so `--extend-lr` runs no lr beyond it: " + ", ".join(flat) + ".", ""]
     capped = [f"{r.task} {r.optimizer} ({r.lr_edge})" for r in rows if r.lr_capped]
     if capped:
         cap = {r.task: info.get("config", {}).get("extend_lr") for r, info in

@@ -66,6 +66,16 @@ class Chosen:
         return self.run.task
 
     @property
+    def edge_tied(self) -> bool:
+        """Whether the chosen lr, an end of those tried, scores the same as its neighbour (a
+        flat score: accuracy on a small split), so that no lr beyond it is run."""
+        if self.lr_edge is None:
+            return False
+        lrs = sorted(x for x in self.lrs_tried if x == x)
+        inner = lrs[-2] if self.lr_edge == "upper" else lrs[1]
+        return self.lr_scores.get(inner) == self.lr_scores.get(self.run.lr)
+
+    @property
     def optimizer(self) -> str:
         return self.run.optimizer
 

@@ -675,7 +675,9 @@ def floors_above_measured(row: dict) -> list[str]:
 
 def render(result: dict) -> str:
     m, rows = result["meta"], result["rows"]
-    f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    # seconds to 4 significant digits (3 decimals read 0.000 at the smoke size, and would for a
+    # GPU step of a few hundred microseconds; probe Z134)
+    f3 = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
     f2 = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [f"# Optimizer step on {m['model']} shapes ({m['device_name']})", "",
              f"`{m['command']}`", "",

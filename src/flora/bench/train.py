@@ -89,6 +89,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     core.check_at_least(p, a, 1, "--steps")
     if a.lr_points is not None and not 1 <= a.lr_points <= 3:
         p.error("--lr-points must be 1, 2 or 3")
+    core.refuse_empty(p, a, "--lrs")  # "" had fallen back to the default grids silently (probe Z134)
     if a.lrs:
         a.lrs = _parse_lrs(p, a.lrs)
     core.check_at_least(p, a, 1, "--tau", "--workers")
@@ -547,11 +548,7 @@ def extension(row, grid, cap: int) -> tuple[float | None, bool]:
     lr runs while the chosen one is the lowest or highest of two or more tried and scores
     better than its neighbour (not on a tie), at most ``cap`` of them beyond ``grid`` (the
     lrs planned first)."""
-    if cap <= 0 or row.lr_edge is None:
-        return None, False
-    lrs = sorted(x for x in row.lrs_tried if x == x)
-    inner = lrs[-2] if row.lr_edge == "upper" else lrs[1]
-    if row.lr_scores.get(inner) == row.lr_scores.get(row.run.lr):  # a tie (accuracy on a small split): flat
+    if cap <= 0 or row.lr_edge is None or row.edge_tied:  # a tie (accuracy on a small split): flat
         return None, False
     beyond = [x for x in row.lrs_tried if x == x and not any(math.isclose(x, g, rel_tol=1e-9) for g in grid)]
     if len(beyond) >= cap:

@@ -63,6 +63,7 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             raise ValueError(f"unknown task {t!r}; valid: {', '.join(workloads.TASKS)}")
 
     a.task_list = _list(p, "--tasks", a.tasks, known)
+    core.refuse_empty(p, a, "--lrs")  # "" had fallen back to the default grids silently (probe Z134)
     try:
         a.rank_list = [int(r) for r in a.ranks.split(",") if r]
         a.kappa_list = [int(k) for k in a.kappas.split(",") if k]
@@ -105,6 +106,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
     a.optimizer_list = space.candidates(_list(p, "--forms", a.forms, form), a.rank_list,
                                         _list(p, "--baselines", a.baselines, baseline))
+    if not a.optimizer_list and not (a.report_only or a.prepare_only):  # it wrote empty tables, exit 0 (Z134)
+        p.error("--forms and --baselines name nothing to run; leave either out for its default")
     core.refuse_repeats(p, "--forms and --baselines", a.optimizer_list)  # a baseline spelt as a candidate
     core.refuse_aliases(p, "--forms and --baselines", [o for o in a.optimizer_list if o not in PEERS])
 
