@@ -897,6 +897,12 @@ def test_terminal_table_and_goal_lines_keep_square_brackets(capsys):
     (["train", "--lrs", ""], "--lrs names nothing"),  # probe Z134: both had run the default grids
     (["suite", "--lrs", ""], "--lrs names nothing"),
     (["suite", "--forms", "", "--baselines", ""], "--forms and --baselines name nothing to run"),  # empty tables, exit 0
+    # probe Z135: an empty --ranks ran the size's, --ranks beside --configs was ignored, one configuration in two
+    # spellings ran twice, --replicas without a memory run was ignored (and recorded)
+    (["comm", "--ranks", ""], "--ranks names nothing"),
+    (["comm", "--ranks", "2", "--configs", "ddp"], "--ranks sets the default configurations' ranks"),
+    (["comm", "--configs", "hook-r4,hook-r04"], "--configs: 'hook-r4' given more than once"),
+    (["accum-memory", "--no-memory", "--noise", "--replicas", "2"], "--replicas spreads the memory measurement"),
     # two names of one optimizer: the same runs twice, as two rows (session 47)
     (["train", "--optimizers", "flora-r8,flora-r8-floored-orthonormal"],
      "'flora-r8' and 'flora-r8-floored-orthonormal' name the same optimizer"),

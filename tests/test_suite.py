@@ -425,7 +425,7 @@ def test_candidates_whose_runs_all_failed_are_listed_not_dropped(tmp_path):
     assert res["failed"] == failed
 
 
-def test_suite_exits_non_zero_when_every_run_failed(tmp_path, monkeypatch):
+def test_suite_exits_non_zero_when_every_run_failed(tmp_path, monkeypatch, capsys):
     from flora.bench.__main__ import main
 
     def fail_all(jobs, tasks, *, log, **k):
@@ -439,7 +439,11 @@ def test_suite_exits_non_zero_when_every_run_failed(tmp_path, monkeypatch):
             "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--no-plots", "--device", "cpu"]
     assert main(argv) == 1
     assert "| tabular | adafactor |" in (tmp_path / "s" / "results.md").read_text()
+    capsys.readouterr()
     assert main(argv + ["--report-only"]) == 0  # a report of what ran is not a failed run
+    # the run options given beside it are said to be unused (probe Z135: ignored silently)
+    assert ("--report-only: --forms, --baselines, --seeds, --lrs not used: the report covers the runs in "
+            "OUT/runs.jsonl as they are") in capsys.readouterr().out
 
 
 def test_cpu_workers_start_with_the_heap_allocator_env_and_the_parent_gets_its_own_back(tmp_path, monkeypatch):

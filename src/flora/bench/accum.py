@@ -186,6 +186,8 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
     if a.replicas < 1:
         p.error("--replicas must be >= 1")
+    if a.no_memory and a.replicas > 1:  # only the memory runs take it: ignored, and recorded (probe Z135)
+        p.error("--replicas spreads the memory measurement over processes; --no-memory runs none: drop one of them")
     if a.wrap is not None and a.replicas == 1:
         p.error("--wrap wraps the model of --replicas N > 1 processes; with one process nothing is wrapped: "
                 "add --replicas 2 (or more), or drop --wrap")

@@ -172,6 +172,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 "(DDP rebuilds its buckets at the second, PowerSGD compresses from the third)")
     if a.batch % (a.world * ACC_TAU):
         p.error(f"--batch must be a multiple of --world x {ACC_TAU} (the accumulator's micro-batches), got {a.batch}")
+    core.refuse_empty(p, a, "--ranks")  # "" had run the size's ranks silently (probe Z135)
+    if a.ranks is not None and a.configs is not None:  # the configurations name their ranks: it was ignored
+        p.error("--ranks sets the default configurations' ranks; with --configs give each configuration's rank in "
+                "its name (hook-rR, acc-rR, powersgd-rP)")
     try:
         a.ranks = tuple(int(r) for r in a.ranks.split(",")) if a.ranks else size.ranks
     except ValueError:
@@ -209,6 +213,9 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.configs = core.checked_list(p, "--configs", a.configs, parse_config)
         if not a.configs:
             p.error("--configs names no configuration")
+        # one spelling per configuration: hook-r4 and hook-r04 had run twice, as two rows (probe Z135)
+        a.configs = [kind if rank is None else f"{kind}-r{rank}" for kind, rank in map(parse_config, a.configs)]
+        core.refuse_repeats(p, "--configs", a.configs)
     if not a.optimizers:
         p.error("--optimizers names no optimizer")
 

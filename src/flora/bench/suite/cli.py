@@ -91,6 +91,16 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if given:
             p.error(f"{', '.join(given)}: not used with --staged, whose plan sets the lrs, kappas and peers "
                     "(only --forms, --ranks and --seeds apply); run without --staged to choose them")
+    if a.report_only:  # it reports the log as it is: these were ignored, silently (probe Z135); said, not
+        # refused, as the run's own command with --report-only added is the usual way to ask for a report
+        given = [flag for flag, value, default in (
+            ("--forms", a.forms, ",".join(space.FORMS)), ("--ranks", a.ranks, ",".join(map(str, space.RANKS))),
+            ("--baselines", a.baselines, ",".join(space.BASELINES)), ("--seeds", a.seeds, space.SEEDS),
+            ("--lrs", a.lrs, None), ("--scale", a.scale, 1.0), ("--extend-lr", a.extend_lr, 0),
+            ("--staged", a.staged, False), ("--prepare-only", a.prepare_only, False)) if value != default]
+        if given:
+            core.say(f"flora-bench suite --report-only: {', '.join(given)} not used: the report covers the runs in "
+                     "OUT/runs.jsonl as they are (--tasks narrows it, --kappas names its primary kappa)")
     from .. import optimizers
     from .peers import PEERS
 
