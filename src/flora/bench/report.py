@@ -291,8 +291,9 @@ def markdown(rows: list[Chosen], metrics: dict[str, str], meta: dict,
         counts = sorted({len(s) for s in row_seeds})
         lines += [f"The rows ran on {counts[0] if len(counts) == 1 else f'{counts[0]} to {counts[-1]}'} of the "
                   f"seeds {', '.join(map(str, seeds))} (model init, data order and projections), not all on the same "
-                  "ones: each row's number is in its seeds column, which ones in results.json. The lr is the best on the mean validation score over "
-                  "the row's seeds, and the scores are that mean ± the sample standard deviation (a row of one "
+                  "ones: each row's number is in its seeds column, which ones in results.json. The lr is the "
+                  "best on the mean validation score over the row's seeds, and the scores are that mean ± the "
+                  "sample standard deviation (a row of one "
                   "seed has none). Memory, timings and curves are those of each row's first seed.", ""]
     if short:
         lines += ["**Not compared:** lrs that finished on fewer seeds than the others of their row (a mean over "
