@@ -100,6 +100,9 @@ def test_metadata(step_run):
     assert meta["subcommand"] == "step" and meta["command"].startswith("flora-bench step --size smoke")
     assert meta["flora"] == flora.__version__ and meta["repeats"] == 2
     assert meta["malloc"]["policy"] == "as-is" and meta["malloc"]["mmap_threshold"] is None
+    # seconds to 4 significant digits: three decimals read 0.000 at this size (probe Z134)
+    for r in step_run[0]["rows"]:
+        assert f"| {r['median_step_s']:.4g} |" in step_run[1], r["optimizer"]
     assert "--malloc as-is: glibc's dynamic allocator thresholds" in step_run[1]
 
 

@@ -40,8 +40,7 @@ DEFAULT = "warm"
 
 HELP = ("glibc's allocator thresholds while timing: warm (default; mmap threshold 32 MiB, trim 64 MiB: the "
         "highest glibc's own go, as in a training process), reuse (1 GiB: no fresh pages for any temporary, as with "
-        "jemalloc or "
-        "tcmalloc), as-is (glibc's dynamic thresholds, which move with what the process freed before: HF "
+        "jemalloc or tcmalloc), as-is (glibc's dynamic thresholds, which move with what the process freed before: HF "
         "Adafactor's step varied 1.7x between processes)")
 
 
