@@ -1534,6 +1534,33 @@ def test_comm_goals_leave_out_a_hook_that_compresses_nothing():
     assert not any("hook-r64" in x and ("met" in x or "MISSED" in x) for x in lines)
 
 
+def test_comm_a_powersgd_that_compresses_nothing_is_marked_and_not_judged():
+    """powersgd-rP compresses a matrix only where torch's own test passes ((n + m) P x 2 <
+    n m); at a rank near the model's width it sends every gradient dense, and had no note:
+    its row read as PowerSGD's and was paired with a hook in the equal-bytes goal (probe Z135)."""
+    from flora.bench import comm
+
+    shapes = [(256, 32), (32, 32), (64, 32), (32, 64), (32,)]  # the smoke model
+    # torch's rule: (256 + 32) * 4 * 2 = 2304 < 8192 compresses; at P 8, 4608 < 8192 still; at P 16 nothing
+    assert not comm.powersgd_compresses_nothing(8, shapes) and comm.powersgd_compresses_nothing(16, shapes)
+    assert not comm.powersgd_compresses_nothing(8, [(64, 3, 16, 16)])  # conv: (64, 768)
+    assert comm.powersgd_compresses_nothing(1, [(32,), (7,)])  # vectors are never compressed
+    assert comm.uncompressed_notes({"config": "powersgd-r8", "optimizer": "adamw"}, shapes) == []
+    notes = comm.uncompressed_notes({"config": "powersgd-r16", "optimizer": "adamw"}, shapes)
+    assert len(notes) == 1 and notes[0].startswith("powersgd-r16 compresses nothing"), notes
+    base = {"status": "ok", "optimizer": "flora-r8", "val_loss": 5.0, "bytes_per_step": 30000.0,
+            "expected_bytes_per_step": None}
+    rows = [{**base, "config": "ddp", "rank": None, "matches": None, "test_loss": 5.0},
+            {**base, "config": "hook-r8", "rank": 8, "matches": None, "test_loss": 5.05},
+            {**base, "config": "powersgd-r16", "rank": 16, "matches": 8, "test_loss": 5.0}]
+    for r in rows:
+        r["compresses_nothing"] = comm.uncompressed_notes(r, shapes)
+    lines = comm.goals(rows)
+    assert ("- flora-r8, powersgd-r16: not judged, it compresses nothing at this model's widths (sends dense "
+            "gradients)") in lines, lines
+    assert not any("equal bytes" in x for x in lines), lines  # no pairing with a dense PowerSGD
+
+
 @pytest.mark.parametrize("lrs, words", [("0", "--lrs adamw: lrs must be finite and above 0, got 0"),
                                         ("inf/1e-2", "--lrs adamw: lrs must be finite and above 0"),
                                         ("-1e-3", "--lrs adamw: lrs must be finite and above 0"),

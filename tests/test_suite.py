@@ -695,7 +695,20 @@ def test_report_only_on_some_tasks_writes_those_tasks_everywhere(tmp_path, monke
     json_tasks = {c["task"] for c in json.loads((out / "results.json").read_text())["chosen"]}
     assert csv_tasks == json_tasks == {"cnn"}
     assert "tabular" not in (out / "results.md").read_text().split("Command:")[1].split("\n", 1)[1]
+    # results.json keeps the command that ran the rows, and names the report's own beside it (Z135)
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert "--report-only" not in meta["command"] and "--tasks cnn --report-only" in meta["report_command"]
     assert main(argv + ["--tasks", "vit", "--report-only"]) == 2
+
+
+def test_prepare_only_makes_no_out_folder(tmp_path, monkeypatch):
+    """--prepare-only builds the data folder and nothing else (it had left an empty --out)."""
+    from flora.bench.__main__ import main
+
+    monkeypatch.setattr(data, "prepare", lambda f, **kw: f.mkdir(parents=True) or f)
+    argv = ["suite", "--prepare-only", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    assert (tmp_path / "d").is_dir() and not (tmp_path / "s").exists()
 
 
 def test_the_lr_is_chosen_among_those_run_on_the_most_seeds_and_a_better_one_on_fewer_is_said():

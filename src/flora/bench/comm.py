@@ -117,6 +117,20 @@ def compresses_nothing(rank: int | None, shapes) -> bool:
     return rank is not None and all(compressed_dim(tuple(s), rank) is None for s in shapes)
 
 
+def powersgd_compresses_nothing(rank: int, shapes, min_compression_rate: float = 2) -> bool:
+    """Whether torch's ``powerSGD_hook`` at ``rank`` sends every tensor of ``shapes`` dense:
+    its own test (``powerSGD_hook._should_compress``, at the state's default
+    ``min_compression_rate`` of 2, which the runs keep) on each tensor viewed as
+    ``(shape[0], -1)`` fails (a rank at or near the model's width: probe Z135)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
+
+    def mat(s):
+        return (s[0], math.prod(s[1:])) if len(s) else (1, 1)
+
+    return not any(_should_compress(*mat(tuple(s)), min(*mat(tuple(s)), rank), min_compression_rate)[0]
+                   for s in shapes)
+
+
 def uncompressed_notes(row: dict, shapes) -> list[str]:
     """What in a row compresses nothing at the model's ``shapes``: its ``flora-rR``
     optimizer (then its momentum is dense, Adafactor with beta1 0.9, stored in bfloat16 by
@@ -132,6 +146,9 @@ def uncompressed_notes(row: dict, shapes) -> list[str]:
     kind, r = parse_config(row["config"])
     if kind in ("hook", "acc") and compresses_nothing(r, shapes):
         notes.append(f"{row['config']} compresses nothing (rank {r} >= every projected dim): sends dense")
+    if kind == "powersgd" and powersgd_compresses_nothing(r, shapes):
+        notes.append(f"{row['config']} compresses nothing (PowerSGD compresses a matrix only where (n + m) x {r} "
+                     "x 2 < n x m): sends dense")
     return notes
 
 
@@ -372,8 +389,8 @@ def _line(r: dict, i: int, n: int) -> str:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One row per (configuration, optimizer): its run at the lr with the best validation
-    loss, with ``lrs`` (the grid tried) and ``edge`` (the best lr is an end of a grid of two
-    or more). A configuration with no finished run is its first row (with why)."""
+    loss, with ``lrs`` (the grid tried) and ``edge`` (the best lr is an end of its grid, or
+    the only lr tried). A configuration with no finished run is its first row (with why)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["config"], r["optimizer"]), []).append(r)
@@ -383,7 +400,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         ok = [r for r in runs if r["status"] == "ok" and r.get("val_loss") is not None
               and math.isfinite(r["val_loss"])]
         best = min(ok, key=lambda r: r["val_loss"]) if ok else runs[0]
-        out.append({**best, "lrs": lrs, "edge": len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]) and bool(ok)})
+        # the only lr tried is starred too, as the suite stars it: nothing says it is the best (probe Z135)
+        out.append({**best, "lrs": lrs, "edge": best["lr"] in (lrs[0], lrs[-1]) and bool(ok)})
     return out
 
 
@@ -392,7 +410,7 @@ def _ok(rows):
 
 
 def _sends_dense(r: dict) -> bool:
-    """Whether a row's hook or accumulator compresses nothing at the model's shapes (its
+    """Whether a row's hook, accumulator or PowerSGD compresses nothing at the model's shapes (its
     note, from :func:`uncompressed_notes`): it sends every gradient dense."""
     return any(n.startswith(f"{r['config']} compresses nothing") for n in r.get("compresses_nothing", []))
 
@@ -406,7 +424,7 @@ def goals(summary: list[dict]) -> list[str]:
     ok = _ok(summary)
     by = {(r["config"], r["optimizer"]): r for r in ok}
     for r in ok:
-        if r["config"].startswith(("hook-", "acc-")) and _sends_dense(r):
+        if r["config"].startswith(("hook-", "acc-", "powersgd-")) and _sends_dense(r):
             out.append(f"- {r['optimizer']}, {r['config']}: not judged, it compresses nothing at this model's "
                        "widths (sends dense gradients)")
     ok = [r for r in ok if not _sends_dense(r)]
@@ -447,7 +465,8 @@ def markdown(results: dict) -> str:
              f"{m['world']} replicas (gloo), {m['steps']} steps of {m['global_batch']} x {m['seq']} bytes "
              f"(global), dense gradient {m['dense_bytes'] / 1e3:.1f} kB; bytes: the buffers all-reduced per step "
              "(median over steps 3..end), counted at the dispatcher; losses on replica 0. Each configuration at "
-             "the lr of its grid with the best validation loss (* : an end of the grid), test loss reported.", ""]
+             "the lr of its grid with the best validation loss (* : an end of the grid, or the only lr tried), test loss "
+             "reported.", ""]
     if m.get("partial"):
         lines += [f"**Partial:** the run was stopped after {len(rows)} of its {m['planned_runs']} runs.", ""]
     ddp = {r["optimizer"]: r for r in _ok(summary) if r["config"] == "ddp"}

@@ -46,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/suite")
     p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/runs.jsonl")
     p.add_argument("--staged", action="store_true",
-                   help="the whole study, most useful first: candidates on seed 0, peers on seed 0, candidates on "
-                        "the other seeds, then extra ranks and kappas (--forms, --ranks, --seeds apply)")
+                   help="the whole study, most useful first: candidates (--forms x --ranks) on seed 0, peers on "
+                        "seed 0, candidates on the other seeds (--seeds), then the default form at ranks 4 and 128 "
+                        "and --forms at rank 8 with kappa 1000")
     p.add_argument("--prepare-only", action="store_true")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-plots", action="store_true")
@@ -215,14 +216,14 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         core.say(f"flora-bench suite --report-only: no runs of --tasks {','.join(a.task_list)} in "
                  f"{out / 'runs.jsonl'}")
         return 2
-    out.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         from .data import prepare
 
         prepare(folder)
-        if a.prepare_only:
+        if a.prepare_only:  # the data only: no --out made (an empty one had been left, probe Z135)
             core.say(f"suite data in {folder}")
             return 0
+    out.mkdir(parents=True, exist_ok=True)
     device = core.resolve_device(a.device)
     meta = core.run_metadata("suite", argv, device)
     meta["kappas"] = a.kappa_list  # the first is the primary one: --report-only reads it back
@@ -279,8 +280,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     else:
         saved = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
         kappa = primary_kappa(a, saved, runner.read_log(out / "runs.jsonl"))
-        if saved:
-            meta = saved
+        if saved:  # the run's metadata (its command ran the rows), and this report's command beside it
+            meta = {**saved, "report_command": meta["command"]}
         else:  # this command's metadata, with the kappa the log was run at first
             meta["kappas"] = [kappa] + [k for k in a.kappa_list if k != kappa]
     res = report(out, a.task_list, kappa, meta, plots=not a.no_plots, ran=not a.report_only)
