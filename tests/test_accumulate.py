@@ -221,6 +221,10 @@ def test_named_parameters_as_torch_optimizers_take_them():
     _assert_equal(grads["module"], grads["named groups"])
     with pytest.raises(TypeError, match=r"\(name, tensor\) pairs.*item 0 is a str"):
         CompressedAccumulator([("w", "not a tensor")], rank=3, tau=TAU)
+    # None, a number, a string: named, not Python's "'NoneType' object is not iterable" (probe Z137)
+    for bad, name in ((None, "NoneType"), (3, "int"), ("0.weight", "str")):
+        with pytest.raises(TypeError, match=rf"model_or_params must be an nn.Module or an iterable .*; got {name}$"):
+            CompressedAccumulator(bad, rank=3, tau=TAU)
 
 
 def test_the_tau_th_backward_ends_a_cycle_no_parameter_completed():

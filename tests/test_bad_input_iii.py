@@ -257,6 +257,29 @@ def test_flora_state_bytes_refuses_what_holds_no_shapes(shapes, said):
     assert said in str(e.value)
 
 
+def test_flora_state_bytes_counts_numpy_dims_as_python_ints():
+    """numpy's int32 dims had wrapped round in the products (Llama-3-70B's embedding counted
+    as -91,663,360 bytes), and numpy int64 dims returned an np.int64 (probe Z137)."""
+    import numpy as np
+
+    shapes = [(128256, 8192), (8192,)]
+    want = flora_state_bytes(shapes, rank=None, beta1=0.9)
+    assert want == 4 * (128256 + 8192 + 8192) + 4 * (128256 * 8192 + 8192) > 2 ** 31
+    for dt in (np.int32, np.int64):
+        got = flora_state_bytes([tuple(dt(d) for d in s) for s in shapes], rank=None, beta1=0.9)
+        assert got == want and type(got) is int
+    got = flora_state_bytes([np.array(s) for s in shapes], rank=None, beta1=0.9)
+    assert got == want and type(got) is int
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, "float8_e5m2", torch.complex64, torch.int32])
+def test_flora_state_bytes_takes_the_dtypes_flora_steps(dtype):
+    """float8 parameters, which Flora refuses, had been sized (probe Z137)."""
+    with pytest.raises(ValueError, match=r"flora_state_bytes: dtype must be one Flora steps, torch.float16, "
+                                         r"torch.bfloat16, torch.float32, torch.float64"):
+        flora_state_bytes([(4, 4)], rank=2, beta1=0.9, dtype=dtype)
+
+
 def test_flora_state_bytes_of_valid_shapes_unchanged():
     assert flora_state_bytes([(30, 40), (7,)], rank=2, beta1=0.9) == 482
     assert flora_state_bytes((s for s in [(30, 40)]), rank=2, beta1=0.9) == 440

@@ -139,7 +139,7 @@ _K = make_projection("coordinates", 0, 3, 10)
     (lambda: decompress(torch.randn(4, 3, dtype=torch.float64), _M, 1), r"decompress: c is torch.float64"),
     (lambda: transfer(torch.randn(4, 3, dtype=torch.float64), _M, _M, 1), r"transfer: c is torch.float64"),
     (lambda: transfer(torch.randn(4, 3), _M, make_projection("orthonormal", 1, 3, 12), 1),
-     r"transfer: a_old \(shape \(3, 10\).*must be projections of one kind, rank and size"),
+     r"transfer: a_old \(shape \(3, 10\).*must be projections of one kind, rank, size and dtype"),
     (lambda: transfer(torch.randn(4, 3), _K, _M, 1), r"transfer: a_old .* must be projections of one kind"),
     (lambda: transfer(torch.randn(4, 5), _M, _M, 1), r"transfer: c \(shape \(4, 5\)\) must be the compressed "
                                                      r"tensor of a rank-3 projection along dim=1: n x r"),
@@ -155,6 +155,41 @@ def test_the_low_level_functions_name_what_is_wrong(call, words):
     and a matrix projection, returned a vector (probe Z7)."""
     with pytest.raises(ValueError, match=words):
         call()
+
+
+_V = torch.randn(10)  # one row of a projection, a[0], by mistake
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda: compress(torch.randn(10, 6), _V, 0), ValueError, r"compress: the projection has shape \(10,\)"),
+    (lambda: compress(torch.randn(10, 6), torch.tensor(1.0), 0), ValueError, r"compress: the projection has shape"),
+    (lambda: decompress(torch.randn(3, 6), _V, 0), ValueError, r"decompress: the projection has shape \(10,\)"),
+    (lambda: transfer(torch.randn(3, 6), _V, _V, 0), ValueError, r"transfer: a_old has shape \(10,\)"),
+    (lambda: transfer(torch.randn(4, 3), _M, _M.double(), 1), ValueError,
+     r"a_new \(shape \(3, 10\), torch.float64\) must be projections of one kind, rank, size and dtype"),
+    (lambda: compress(torch.randn(4, 10).numpy(), _M, 1), TypeError, r"compress: g must be a torch.Tensor; got ndarray"),
+    (lambda: decompress([[0.0] * 3] * 4, _M, 1), TypeError, r"decompress: c must be a torch.Tensor; got list"),
+    (lambda: compress(torch.randn(4, 10), None, 1), TypeError, r"compress: the projection must be a torch.Tensor"),
+    (lambda: compress(torch.randn(4, 10, dtype=torch.complex64), _M, 1), ValueError,
+     r"compress: g is torch.complex64; a matrix projection is real .* g.real and g.imag apart"),
+], ids=["1-D", "0-d", "decompress-1-D", "transfer-1-D", "transfer-dtypes", "numpy", "list", "none", "complex"])
+def test_the_low_level_functions_refuse_what_is_not_a_projection_or_a_tensor(call, error, words):
+    """Probe Z137: a 1-D float vector was taken as a projection by compress (a wrong result),
+    or failed inside torch; a_old and a_new of two dtypes, numpy arrays and lists failed in
+    torch or Python; a complex g was told to draw a complex projection, which make_projection
+    refuses."""
+    with pytest.raises(error, match=words):
+        call()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "orthonormal", "coordinates"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_decompress_of_a_batch_with_one_projection_is_each_matrixs(kind, dim):
+    """A leading batch of compressed matrices under one projection decompresses as each
+    matrix alone, for every kind (coordinates had failed inside index_add_, probe Z137)."""
+    a = make_projection(kind, 0, 3, 10)
+    c = torch.randn(2, 3, 5) if dim == 0 else torch.randn(2, 5, 3)
+    assert torch.equal(decompress(c, a, dim, size=10), torch.stack([decompress(x, a, dim, size=10) for x in c]))
 
 
 def test_the_low_level_functions_take_mixed_dtypes_under_autocast():

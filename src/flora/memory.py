@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterable
 
 import torch
@@ -11,6 +12,7 @@ from torch.optim import Optimizer
 from ._validation import _is_int
 from .adafactor import factored_shapes
 from .compression import check_momentum_dtype, compressed_dim, momentum_storage
+from .options import STEPPED_DTYPES
 from .projection import compressed_shape, state_dtype
 
 
@@ -123,9 +125,9 @@ def _parameter_dtype(dtype) -> torch.dtype:
     got = dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"flora_state_bytes: dtype must be a floating-point torch.dtype or its name "
-                         f"(torch.float32, 'bfloat16', 'float64', ...), got {got!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in STEPPED_DTYPES:  # float8: Flora refuses it (probe Z137)
+        raise ValueError(f"flora_state_bytes: dtype must be one Flora steps, {', '.join(map(str, STEPPED_DTYPES))}, "
+                         f"or its name ('float32', 'bfloat16', ...), got {got!r}")
     return dtype
 
 
@@ -155,6 +157,14 @@ def _shape_list(shapes) -> list[tuple]:
     return out
 
 
+def _plain_shape(shape: tuple) -> tuple:
+    """A checked shape's dims as Python ints: numpy's int32 had wrapped round in the
+    products (a 128256 x 8192 embedding counted as -91,663,360 bytes, probe Z137)."""
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"flora_state_bytes: a shape must hold non-negative integers, got {shape}")
+    return tuple(operator.index(d) for d in shape)
+
+
 def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=torch.float32, **options) -> int:
     """Flora's state in bytes for parameters of these shapes and ``dtype`` (a floating-point
     dtype or its name; the state is float32, float64 for float64 parameters):
@@ -180,9 +190,7 @@ def flora_state_bytes(shapes: Iterable[tuple[int, ...]], *, rank, beta1, dtype=t
     rank, beta1 = group["rank"], group["beta1"]  # numpy numbers as Python's
     dtype = _parameter_dtype(dtype)
     total = moment = 0
-    for shape in _shape_list(shapes):
-        if not all(_is_int(d) and d >= 0 for d in shape):
-            raise ValueError(f"flora_state_bytes: a shape must hold non-negative integers, got {shape}")
+    for shape in map(_plain_shape, _shape_list(shapes)):
         numel = math.prod(shape)
         if len(shape) >= 2:
             row, col = factored_shapes(shape, group["factor_dims"])

@@ -298,6 +298,25 @@ def _check_stack(where: str, name: str, x: torch.Tensor, a: torch.Tensor) -> Non
                          f"stack of {a.shape[0]} matrices ({a.shape[0]} x n x m); got shape {tuple(x.shape)}")
 
 
+def _check_tensors(where: str, a, what: str = "the projection", **named) -> None:
+    """``a`` a projection as make_projection draws it (``r x d`` floating-point, ``r``
+    int64 indices, or a stack of either: ``k x r x d``, ``k x r``), and each of ``named``
+    a tensor: refused by name otherwise (shapes and types only: no sync). A 1-D float
+    vector (``a[0]`` by mistake) had been taken as a projection by compress, and other
+    mistakes failed inside torch (probe Z137)."""
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor; got {type(x).__name__}")
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{where}: {what} must be a torch.Tensor (make_projection(kind, seed, rank, dim)); "
+                        f"got {type(a).__name__}")
+    # (another dtype, an int32 index vector say, is named by _check_dtypes)
+    if (a.is_floating_point() or is_coordinates(a)) and a.dim() not in ((1, 2) if is_coordinates(a) else (2, 3)):
+        raise ValueError(f"{where}: {what} has shape {tuple(a.shape)} ({a.dtype}); a matrix projection is "
+                         "r x d (a stack of them k x r x d) and a coordinate projection r int64 indices (k x r): "
+                         "make_projection(kind, seed, rank, dim)")
+
+
 def _check_dim(dim, where: str) -> None:
     if isinstance(dim, (bool, float)) or dim not in (0, 1):  # 1.0 == 1, but indexes nothing
         hint = " ('auto' is Flora's proj_dim: flora.compression.compressed_dim resolves it for a shape)" \
@@ -314,6 +333,7 @@ def compress(g: torch.Tensor, a: torch.Tensor, dim: int) -> torch.Tensor:
     which carry no size: ones drawn for another size are refused only where an index falls
     outside ``g`` (checking more would cost a sync), so draw them for the size at hand."""
     _check_dim(dim, "compress")
+    _check_tensors("compress", a, g=g)
     if g.dim() < 2:
         raise ValueError(f"compress: g must have 2 or more dims (a matrix, or a tensor seen as one); got shape "
                          f"{tuple(g.shape)}")
@@ -343,6 +363,9 @@ def _check_dtypes(where: str, name: str, x: torch.Tensor, a: torch.Tensor) -> No
     if not (x.is_floating_point() or x.is_complex()):  # no projection can be drawn in its dtype (a probe: the hint said to)
         raise ValueError(f"{where}: {name} is {x.dtype}; a matrix projection multiplies floating-point tensors: "
                          f"cast {name} to the projection's {a.dtype}")
+    if x.is_complex():  # no projection is drawn complex: the hint below named one make_projection refuses (Z137)
+        raise ValueError(f"{where}: {name} is {x.dtype}; a matrix projection is real and multiplies real tensors: "
+                         f"project {name}.real and {name}.imag apart, or use a coordinate projection")
     if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{where}: {name} is {x.dtype} but the projection is {a.dtype}; draw the projection in "
                          f"{name}'s dtype (make_projection(..., dtype={x.dtype})) or cast {name} to {a.dtype}")
@@ -387,6 +410,7 @@ def decompress(c: torch.Tensor, a: torch.Tensor, dim: int, *, size: int | None =
     dimension's ``size``, which they need (a matrix projection's own size is checked against
     ``size`` when given). Stacks as in :func:`compress`."""
     _check_dim(dim, "decompress")
+    _check_tensors("decompress", a, c=c)
     coordinates = is_coordinates(a)
     if c.dim() < 2:
         raise ValueError(f"decompress: c must have 2 or more dims (the compressed r x m or n x r matrix, or a "
@@ -440,8 +464,8 @@ def decompress_add_(out: torch.Tensor, c: torch.Tensor, a: torch.Tensor, dim: in
     if is_coordinates(a):
         if beta != 1.0:
             out.mul_(beta)
-        if not batched:
-            return out.index_add_(dim, a, c, alpha=alpha)
+        if not batched:  # counted from the last two dims, as a matrix projection's matmul broadcasts a batch
+            return out.index_add_(out.dim() - 2 + dim, a, c, alpha=alpha)
         return out.scatter_add_(dim + 1, _index(a, dim, c), c if alpha == 1.0 else c * alpha)
     if not batched:
         if dim == 0:
@@ -464,9 +488,11 @@ def transfer(c: torch.Tensor, a_old: torch.Tensor, a_new: torch.Tensor, dim: int
     """Move a compressed tensor (or a stack) from one projection to another without
     leaving r x r: ``A_new A_old^T C`` (dim 0) or ``C A_old A_new^T`` (dim 1)."""
     _check_dim(dim, "transfer")
-    if is_coordinates(a_old) != is_coordinates(a_new) or a_old.shape != a_new.shape:
+    _check_tensors("transfer", a_old, "a_old", c=c)
+    _check_tensors("transfer", a_new, "a_new")
+    if a_old.dtype != a_new.dtype or a_old.shape != a_new.shape:  # the kinds too: int64 is coordinates
         raise ValueError(f"transfer: a_old (shape {tuple(a_old.shape)}, {a_old.dtype}) and a_new (shape "
-                         f"{tuple(a_new.shape)}, {a_new.dtype}) must be projections of one kind, rank and size "
+                         f"{tuple(a_new.shape)}, {a_new.dtype}) must be projections of one kind, rank, size and dtype "
                          "(a resample of the same make_projection call with another seed)")
     rank = a_old.shape[-1] if is_coordinates(a_old) else a_old.shape[-2]
     if c.dim() < 2 or c.shape[dim - 2] != rank:

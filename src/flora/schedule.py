@@ -22,6 +22,12 @@ class RelativeStepSchedule(LRScheduler):
     step late there). It plays the part of transformers' ``AdafactorSchedule``, which
     Flora cannot use. A group with a fixed lr of its own (``{"params": ..., "lr": 1e-4}``
     under ``Flora(..., lr=None)``) is left alone: its lr is reported as it is.
+
+    It stands alone: torch's ``ChainedScheduler`` and ``SequentialLR`` read or scale each
+    group's ``lr``, which stays None here (the first reports ``[None]``, the second fails
+    on ``initial_lr``), and there is nothing to chain: a warm-up is Flora's own
+    ``warmup_init=True``. To schedule an lr, give Flora one (``lr=1e-3``) and any torch
+    scheduler.
     """
 
     def __init__(self, optimizer, last_epoch: int = -1):

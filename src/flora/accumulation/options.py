@@ -148,6 +148,10 @@ def named_params(model_or_params) -> list[tuple[str, torch.Tensor]]:
         return list(model_or_params.named_parameters())
     if isinstance(model_or_params, torch.Tensor):
         model_or_params = [model_or_params]
+    if not hasattr(model_or_params, "__iter__") or isinstance(model_or_params, (str, bytes)):
+        # None or a number had failed in the loop below ('NoneType' object is not iterable, probe Z137)
+        raise TypeError(f"model_or_params must be an nn.Module or an iterable of tensors, of (name, tensor) "
+                        f"pairs, or of parameter groups; got {type(model_or_params).__name__}")
     out: list[tuple[str | None, Any]] = []
     for item in model_or_params:
         if isinstance(item, dict):  # parameter groups, as an optimizer takes them
