@@ -35,6 +35,12 @@ def _torchrun(tmp_path, script: str, *args: str) -> str:
 def test_ddp_compressed_example(tmp_path, mode):
     out = _torchrun(tmp_path, "ddp_compressed.py", "--mode", mode, "--steps", "10")
     assert f"mode={mode}" in out and "replicas identical: True" in out, out
+    # the bytes docs/distributed.md's transcript shows are the ones it prints (probe Z136: the
+    # first step's had gone stale when the option check grew)
+    doc = (EXAMPLES.parent / "docs" / "distributed.md").read_text()
+    shown = re.search(rf"^mode={mode} .*$", doc, re.M)
+    bytes_of = re.compile(r"(\d+) bytes per step .*; first step (\d+) bytes")
+    assert shown and bytes_of.search(shown[0]).groups() == bytes_of.search(out).groups(), (shown, out)
 
 
 @pytest.mark.parametrize("wrap", [extended("ddp"), "fsdp2"])
