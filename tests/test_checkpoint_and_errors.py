@@ -825,7 +825,7 @@ def test_a_misspelt_option_in_a_group_is_said_once():
     import copy
     import warnings
 
-    from flora.optimizer import _OPTION_NAMES
+    from flora.group_keys import OPTION_NAMES as _OPTION_NAMES
 
     p, q = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
     with pytest.warns(UserWarning, match="a parameter group's 'rnak' is not an option of Flora, which ignores it: "

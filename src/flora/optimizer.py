@@ -3,9 +3,6 @@ low-rank form and moved to a fresh projection every ``kappa`` steps."""
 
 from __future__ import annotations
 
-import difflib
-import functools
-import inspect
 import operator
 from collections import OrderedDict
 import warnings
@@ -23,6 +20,7 @@ from . import sharded
 from .sharded import is_dtensor
 from . import checkpoint
 from .cache import ProjectionCache, cache_projections
+from .group_keys import BETAS_HELP, FOREIGN_KEYS, check_foreign_keys, foreign_found
 from . import reports
 from ._validation import plain_option
 from .options import (ALGORITHM_KEYS, CPU_GROUP_NUMEL, STEPPED_DTYPES, check_grads, group_names,  # noqa: F401
@@ -106,119 +104,9 @@ PRELUDE_BREAK = ("Flora's eager prelude (checks, step counts, projections drawn 
 _LAYOUT_KEYS = ("factor_dims", "rank", "seed", "projection", "proj_dim", "max_aspect_ratio")
 
 
-_BETAS_HELP = ("the first moment's coefficient is beta1 (e.g. beta1=0.9; None: no first moment) and the second "
-               "moment follows Adafactor's decay_rate (default -0.8: beta2 at step t is 1 - t^-0.8)")
-
-
-# Options of torch's optimizers (AdamW, SGD, torch.optim.Adafactor) that Flora does not
-# have. torch keeps a group's unknown keys without a word, so a group built for one of
-# those optimizers would have them silently ignored: each is named in a warning
-# (maximize=True, which would flip the objective, and a numeric momentum are refused).
-_FOREIGN_KEYS = ("betas", "amsgrad", "nesterov", "dampening", "beta2_decay", "d", "decoupled_weight_decay",
-                 "maximize", "capturable", "differentiable", "fused")
-# Switches that change nothing when off: not said then (torch's __setstate__ adds
-# differentiable=False to the defaults; AdamW's groups hold maximize=False, capturable=False,
-# amsgrad=False, fused=None, and Flora(adamw.param_groups) was warned of them: a probe)
-_OFF_SWITCHES = ("differentiable", "maximize", "capturable", "fused", "amsgrad", "nesterov")
 # momentum_form's default, an object of its own: ``momentum=`` (its old name) may override the
 # default but not a "floored" the caller wrote (a probe: momentum="exact" silently won over it)
 _DEFAULT_FORM = "".join(("floo", "red"))
-# torch.optim.Adafactor's names for options Flora has under HF's names
-_RENAMED = {"beta2_decay": "decay_rate", "d": "clip_threshold"}
-
-
-# Flora's group options (its defaults' keys; a test holds them equal), for telling a
-# misspelt one: torch keeps any key in a group, so {"rnak": 4} had been ignored silently (a probe)
-_OPTION_NAMES = frozenset(("beta1", "cache_projections", "clip_threshold", "complement_weight", "decay_rate", "eps",
-                           "factor_dims", "foreach", "kappa", "lr", "max_aspect_ratio", "momentum_dtype",
-                           "momentum_form", "proj_dim", "projection", "rank", "relative_step", "scale_parameter",
-                           "seed", "warmup_init", "weight_decay"))
-# names of an option that difflib does not find close (or finds close to the wrong one)
-_ALIASES = {"learning_rate": "lr", "epsilon": "eps", "beta": "beta1", "beta2": "decay_rate"}
-
-
-@functools.lru_cache(maxsize=1)
-def _other_optimizers_options() -> frozenset:
-    """Every option of torch.optim's optimizers (NAdam's momentum_decay is not a misspelt
-    momentum_dtype): a group copied from one is said by _FOREIGN_KEYS' warning or not at all."""
-    names = set()
-    for cls in vars(torch.optim).values():
-        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer:
-            names.update(inspect.signature(cls.__init__).parameters)
-    return frozenset(names)
-
-
-def _misspelt(group: dict) -> dict:
-    """``{key: the option it is close to}`` for the keys of ``group`` that are neither
-    Flora's options nor another torch optimizer's. Only close ones, and not a key that holds
-    an option's words among others (``initial_weight_decay``, which schedulers write,
-    ``weight_decay_mult``, a user's tag): schedulers and users keep keys of their own in
-    groups (initial_lr, max_lr, a layer's name)."""
-    out = {}
-    for k in group:
-        if isinstance(k, str) and k not in _OPTION_NAMES and k not in ("params", "param_names"):
-            close = _close_option(k)
-            if close is not None:
-                out[k] = close
-    return out
-
-
-@functools.lru_cache(maxsize=512)
-def _close_option(key: str) -> str | None:
-    if key in _other_optimizers_options() or key in _FOREIGN_KEYS:
-        return None
-    if key.lower() in _OPTION_NAMES or key.lower() in _ALIASES:
-        return _ALIASES.get(key.lower(), key.lower())
-    match = difflib.get_close_matches(key, sorted(_OPTION_NAMES), n=1, cutoff=0.75)
-    if not match:
-        return None
-    words, option = key.split("_"), match[0].split("_")
-    if len(words) > len(option) and any(words[i:i + len(option)] == option for i in range(len(words))):
-        return None  # the option's words and more: a key of its own
-    return match[0]
-
-
-def _foreign_found(group: dict, spelling: bool = True) -> list:
-    """The foreign keys of ``group`` that would change something (an off switch, and
-    decoupled_weight_decay=True, which Flora's weight decay is, change nothing), and
-    (``spelling``) the keys that look like a misspelt option."""
-    found = [k for k in _FOREIGN_KEYS if k in group and not (k in _OFF_SWITCHES and not group[k])
-             and not (k == "decoupled_weight_decay" and group[k] is True)]
-    return found + list(_misspelt(group)) if spelling else found
-
-
-def _check_foreign_keys(group: dict, warned: set | None = None, spelling: bool = True) -> None:
-    """Refuse maximize=True and a numeric momentum; warn of the other foreign keys and
-    (``spelling``: the step asks when the group's keys changed) of a key that
-    looks like a misspelt option (once a group and key, with ``warned``: at each step a
-    key edited in since is said too)."""
-    if group.get("maximize"):
-        raise ValueError("maximize=True in a parameter group: Flora has no maximize option and would descend; "
-                         "negate the loss instead")
-    momentum = group.get("momentum")
-    if momentum is not None and not isinstance(momentum, str):
-        raise ValueError(f"a parameter group's momentum={momentum!r}: Flora's momentum coefficient is beta1 "
-                         "(beta1=0.9; None: no first moment)")
-    # torch's own __setstate__ puts differentiable=False into every loaded optimizer's
-    # defaults, hence into a group added after load_state_dict: not said (a probe saw the
-    # user warned of an option they never set)
-    misspelt = _misspelt(group) if spelling else {}
-    found = _foreign_found(group, spelling=False) + list(misspelt)
-    if warned is not None:
-        found = [k for k in found if (id(group), k) not in warned]
-        warned.update((id(group), k) for k in found)
-    for k in found:
-        if k in misspelt:
-            warn(f"a parameter group's {k!r} is not an option of Flora, which ignores it: did you mean "
-                 f"{misspelt[k]!r}?" + (f" ({_BETAS_HELP})" if misspelt[k] in ("beta1", "decay_rate") else ""),
-                 UserWarning)
-    found = [k for k in found if k not in misspelt]
-    if found:
-        helps = ([_BETAS_HELP] if "betas" in found else []) + \
-            [f"torch.optim.Adafactor's {k} is Flora's {_RENAMED[k]}" for k in found if k in _RENAMED]
-        help_ = f" ({'; '.join(helps)})" if helps else ""
-        warn(f"a parameter group's {', '.join(repr(k) for k in found)}: options of torch's optimizers "
-             f"that Flora does not have, so it ignores them{help_}", UserWarning)
 
 
 def check_compile(compile, *, backends: bool = True) -> None:
@@ -289,7 +177,7 @@ class Flora(Optimizer):
         betas: Any = None,
     ):
         if betas is not None:  # AdamW's habit (a drop-in swap, Trainer's optimizer kwargs)
-            raise TypeError(f"Flora has no betas={betas!r}: {_BETAS_HELP}")
+            raise TypeError(f"Flora has no betas={betas!r}: {BETAS_HELP}")
         if momentum is not None and not isinstance(momentum, str):  # torch SGD's habit: a coefficient
             raise ValueError(f"Flora has no momentum={momentum!r}: the momentum coefficient is beta1 (beta1=0.9; "
                              "None: no first moment); momentum_form names how it is compressed")
@@ -355,7 +243,7 @@ class Flora(Optimizer):
         # the names of those that changed]
         self._constants_seen: dict[int, list] = {}
         # (id(group), key): another optimizer's option, said once (at construction, or at the step)
-        self._foreign_warned = {(id(g), k) for g in self.param_groups for k in _foreign_found(g)}
+        self._foreign_warned = {(id(g), k) for g in self.param_groups for k in foreign_found(g)}
         # id(group) -> its keys when last checked: a key replaced by another (a count would not
         # change), or a new group that reuses a dropped one's id with other keys, is checked again
         self._group_keys: dict[int, tuple] = {}
@@ -449,7 +337,7 @@ class Flora(Optimizer):
                                  "the old name of 'momentum_form'; give 'momentum_form' alone")
             warn("the parameter-group option 'momentum' is renamed 'momentum_form'", FutureWarning)
             param_group.setdefault("momentum_form", param_group.pop("momentum"))
-        _check_foreign_keys(param_group)
+        check_foreign_keys(param_group)
         options = sorted(k for k in param_group if k not in ("params", "weight_decay"))
         if not isinstance(params, set) and len(params) == 0 and options:
             # a filter that matched nothing; the Trainer's empty no-decay group (weight_decay only) is routine
@@ -520,7 +408,7 @@ class Flora(Optimizer):
                 param_group["lr"] = param_group["lr"].clone()
         super().add_param_group({**param_group, "relative_step": merged["relative_step"]})
         if hasattr(self, "_foreign_warned"):  # said above: not again at the step
-            self._foreign_warned.update((id(self.param_groups[-1]), k) for k in _foreign_found(param_group))
+            self._foreign_warned.update((id(self.param_groups[-1]), k) for k in foreign_found(param_group))
         self._where = None  # step_parameter's map is rebuilt
 
     # ------------------------------------------------------------------ reporting
@@ -630,7 +518,7 @@ class Flora(Optimizer):
             plain_group(group)
             # maximize=True or a numeric momentum edited in: refused as step() refuses them (fused
             # accumulation had stepped on, descending: a probe)
-            _check_foreign_keys(group, self._foreign_warned)
+            check_foreign_keys(group, self._foreign_warned)
             try:
                 check_grads([{**group, "params": [p]}], self.state, numbered=False)
             except (ValueError, TypeError):  # an option's refusal said again naming the group (on a refusal only)
@@ -693,7 +581,7 @@ class Flora(Optimizer):
         where the groups hold no ``param_names`` (a probe: by its shape alone before)."""
         for group in self.param_groups:
             plain_group(group)
-            _check_foreign_keys(group, self._foreign_warned)
+            check_foreign_keys(group, self._foreign_warned)
         check_grads(self.param_groups, self.state)
         self._refuse_repeats()
         self._check_layouts("step", saving=False)
@@ -759,9 +647,9 @@ class Flora(Optimizer):
             # another optimizer's option edited in since (a user's betas schedule): said, as at construction
             names = tuple(group)
             keys = self._group_keys.get(id(group)) != names  # a key added or replaced: misspelt?
-            if keys or group.get("momentum") is not None or any(k in group for k in _FOREIGN_KEYS):
+            if keys or group.get("momentum") is not None or any(k in group for k in FOREIGN_KEYS):
                 self._group_keys[id(group)] = names
-                _check_foreign_keys(group, self._foreign_warned, spelling=keys)
+                check_foreign_keys(group, self._foreign_warned, spelling=keys)
         self._warn_scheduler_over_none()
         check_grads(self.param_groups, self.state, self._groups_validated)
         self._refuse_repeats()
