@@ -978,7 +978,8 @@ def test_loading_into_a_live_cycle_replaces_dense_and_compressed_sums_alike():
 def test_sparse_gradient_is_refused():
     emb = nn.Embedding(30, 8, sparse=True)
     CompressedAccumulator(emb, rank=2, tau=2)
-    with pytest.raises(TypeError, match=r"sparse.*exclude=\['weight'\]"):
+    with pytest.raises(TypeError, match=r"sparse gradient; CompressedAccumulator needs dense gradients here \(sparse=False on its "
+                                        r"nn.Embedding or nn.EmbeddingBag\); or exclude=\['weight'\]"):
         emb(torch.tensor([1, 2])).sum().backward()
 
 

@@ -156,7 +156,8 @@ def test_step_refusals_name_the_parameter_and_change_nothing():
                                          r"memory \(strides \(0, 1\)"):
         opt.step()
     model.table.data = model.table.data.clone()
-    with pytest.raises(TypeError, match=r"sparse gradients \(got one for parameter 'pos.weight' \(shape \(30, 8\)\)\)"):
+    with pytest.raises(TypeError, match=r"sparse gradients \(got one for parameter 'pos.weight' \(shape \(30, 8\)\)\); "
+                                        r"use dense gradients, sparse=False on its nn.Embedding or nn.EmbeddingBag"):
         opt.step()
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters()) and not opt.state
 

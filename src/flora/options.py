@@ -381,7 +381,7 @@ def refuse_grad(p: torch.Tensor, g: torch.Tensor, name: str | None) -> None:
     what, who, shape = label(p, name), f"parameter {name!r}" if name else "a parameter", tuple(p.shape)
     if g.is_sparse:
         raise TypeError(f"Flora does not support sparse gradients (got one for {what}); use dense gradients, "
-                        "e.g. nn.Embedding(sparse=False)")
+                        "sparse=False on its nn.Embedding or nn.EmbeddingBag")
     if g.is_complex():
         raise TypeError(f"Flora does not support complex gradients (got one of dtype {g.dtype} for {what}, "
                         f"dtype {p.dtype})")

@@ -248,7 +248,7 @@ class Engine:
             way = (f"; or exclude=[{slot.name!r}], which leaves its sum to autograd (fused=False)"
                    if slot.dim is not None and not (o.fused or o.reduce) else "")
             raise TypeError(f"parameter {slot.name!r} got a sparse gradient; CompressedAccumulator needs dense "
-                            f"gradients here (e.g. nn.Embedding(sparse=False)){way}")
+                            f"gradients here (sparse=False on its nn.Embedding or nn.EmbeddingBag){way}")
         task = torch._C._current_graph_task_id()
         if count > c.backwards and not o.reduce and (c.tasks.get(k) in c.nested or _reentrant_checkpoint_running()):
             # all of a cycle's parameters used in two segments would count 2 micro-batches a
