@@ -803,6 +803,26 @@ def test_hf_adafactor_schedule_is_refused_not_a_silent_zero_step(order):
         p.grad = torch.zeros_like(p)
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weight decay at lr 0
+
+
+def test_hf_adafactor_schedule_over_a_numeric_lr_is_refused_naming_the_scheduler_to_use():
+    """With a numeric lr, AdafactorSchedule's lr=0 is a legal value (a warm-up from 0 writes
+    it too), so the step runs at lr 0; the schedule's first step() then called a method
+    Flora lacked (an AttributeError, under the Trainer as by hand: probe Z142). Now a
+    refusal naming the schedulers to use; no weight moved."""
+    from transformers.optimization import AdafactorSchedule
+
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = Flora(model.parameters(), lr=1e-3, rank=2, beta1=0.9, weight_decay=0.1)
+    sched = AdafactorSchedule(opt)
+    (x, y), = _batches(1)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match=r"AdafactorSchedule drives HF Adafactor's relative step: it wrote lr=0 .*"
+                                         r"transformers.get_scheduler.*flora.RelativeStepSchedule\(opt\)"):
+        sched.step()
     assert all(opt.state[p]["step"] == 1 for p in model.parameters())
 
 

@@ -457,6 +457,19 @@ class Flora(Optimizer):
             total = total + c.to(total.device)
         return total
 
+    def _get_lr(self, group: dict, state: dict):
+        """What transformers' ``AdafactorSchedule.get_lr`` calls on HF's Adafactor: refused,
+        saying what to use. That schedule wrote ``lr=0`` into the groups when it was built;
+        with ``relative_step`` the first step refuses it (``refuse_scheduled_zero_lr``), and
+        with a numeric lr the step ran at lr 0 and the schedule's first ``step()`` ends
+        here (it had ended in an ``AttributeError``: probe Z142)."""
+        raise ValueError(
+            "transformers' AdafactorSchedule drives HF Adafactor's relative step: it wrote lr=0 into Flora's "
+            f"parameter groups when it was built (this group's lr is {group['lr']!r}), so the steps since moved no "
+            "weight. With a numeric lr, use any other scheduler (transformers.get_scheduler, or the Trainer's own: "
+            "optimizers=(opt, None)); with lr=None, flora.RelativeStepSchedule(opt). Build the optimizer again: "
+            "its statistics counted those steps")
+
     # ------------------------------------------------------------------ stepping
 
     def step(self, closure=None):
