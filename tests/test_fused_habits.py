@@ -275,3 +275,43 @@ def test_scaler_step_closes_a_short_fused_cycle(kind, inf_in_short):
     assert scale == want_scale == (2.0 ** 9 if inf_in_short else 2.0 ** 10)
     for a, b in zip(got, want):
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("registered", ["before", "after"])
+def test_a_flora_step_pre_hook_that_fused_mode_passes_by_is_said(registered):
+    """Fused mode steps flora.Flora through step_parameter, so its step pre-hooks run at
+    the loop's step(), after the cycle's gradients were freed: a gradient-centralising
+    pre-hook changed nothing, silently, where under AdamW it runs per parameter (probe
+    Z144). Said once, at the first cycle with one, pointing at the user's line; a
+    normal-mode accumulator's own hook and an AdamW in fused mode say nothing."""
+    import warnings
+
+    def centralise(opt, args, kwargs):
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.sub_(p.grad.mean())
+
+    def run(kind, fused):
+        model = Aux()
+        opt = OPTIMIZERS[kind](model.parameters())
+        if registered == "before":
+            opt.register_step_pre_hook(centralise)
+        CompressedAccumulator(model, rank=4, tau=TAU, optimizer=opt, fused=fused)
+        if registered == "after":
+            opt.register_step_pre_hook(centralise)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for i, (x, y) in enumerate(_batches(2 * TAU)):
+                _loss(model, i, x, y).backward()
+                if (i + 1) % TAU == 0:
+                    opt.step()
+                    opt.zero_grad()
+        return [w for w in seen if "step pre-hooks" in str(w.message)]
+
+    said = run("flora", True)
+    assert len(said) == 1 and said[0].filename == __file__
+    assert "(test_a_flora_step_pre_hook_that_fused_mode_passes_by_is_said.<locals>.centralise), which run at the " \
+           "loop's optimizer.step(), after the cycle's parameters stepped" in str(said[0].message)
+    assert "fused=False" in str(said[0].message) and "max_grad_norm=" in str(said[0].message)
+    assert not run("flora", False) and not run("adamw", True)

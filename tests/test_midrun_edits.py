@@ -248,7 +248,8 @@ class _GroupCounted(torch.optim.SGD):
             g["k"] = g.get("k", 0) + 1
             for p in g["params"]:
                 if p.grad is not None:
-                    p.add_(p.grad, alpha=-g["lr"] / g["k"])
+                    self.state[p]["steps"] = self.state[p].get("steps", 0) + 1
+                    p.add_(p.grad, alpha=-float(g["lr"]) / g["k"])
 
 
 def test_fused_mode_refuses_an_optimizer_that_counts_steps_per_group():
@@ -256,13 +257,20 @@ def test_fused_mode_refuses_an_optimizer_that_counts_steps_per_group():
     parameter, silently (Schedule-Free: k 15 where plain has 3). Refused at the first fused
     step, naming the value; normal mode equals plain accumulation."""
     m = _small()
+    before = [p.detach().clone() for p in m.parameters()]
     opt = _GroupCounted(m.parameters(), lr=0.1)
+    lr = opt.param_groups[0]["lr"] = torch.tensor(0.1)  # a tensor lr, as a scheduler keeps it
     CompressedAccumulator(m, rank=None, tau=2, optimizer=opt, fused=True)
     x, y = _batches(1)[0]
     nn.functional.mse_loss(m(x), y).backward()
     with pytest.raises(RuntimeError, match=r"fused=True: _GroupCounted.step\(\) changed parameter group 0's 'k' \(a "
                                            r"value kept per group, not per parameter\)"):
         nn.functional.mse_loss(m(x), y).backward()
+    # the two parameters that stepped before the refusal are put back, with their states
+    # and the group's values (a probe: a bias had moved, its state made, the counter at 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert not any(opt.state.get(p) for p in m.parameters()) and "k" not in opt.param_groups[0]
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.1)
 
     def run(accumulate):
         m = _small()

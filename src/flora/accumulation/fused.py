@@ -10,12 +10,14 @@ the cycle's, which ``last_grad_norm`` reports."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 
 import torch
 from torch.optim import Optimizer
 
+from .._warn import warn
 from ..optimizer import Flora
 from ..options import STEPPED_DTYPES, overlaps_itself
 from .cycle import Cycle
@@ -102,6 +104,17 @@ def _foreign_hooks(opt: Optimizer) -> bool:
     return any(not (getattr(f, "__module__", None) or "").startswith("flora.") for d in dicts for f in d.values())
 
 
+def _foreign_pre_hooks(opt: Optimizer) -> list[str]:
+    """The names of the step pre-hooks other than flora's that ``opt.step()`` runs: its
+    own and torch's global ones (none where torch keeps them elsewhere)."""
+    from torch.optim import optimizer as torch_optimizer
+
+    dicts = [getattr(opt, "_optimizer_step_pre_hooks", None),
+             getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)]
+    return [getattr(f, "__qualname__", None) or repr(f) for d in dicts if isinstance(d, dict) for f in d.values()
+            if not (getattr(f, "__module__", None) or "").startswith("flora.")]
+
+
 def _group_values(opt: Optimizer) -> list[dict]:
     """Each group's values but its parameters, as a step may change them: a tensor by its
     identity and version, anything else by value."""
@@ -131,6 +144,52 @@ def _refuse_group_counters(opt: Optimizer, before: list[dict]) -> None:
                     "this optimizer")
 
 
+class _Snapshot:
+    """Parameters, their states and the optimizer's group values as they were before one
+    of the fused steps that :func:`_refuse_group_counters` checks (the first two of another
+    library's optimizer), so that its refusal leaves the model and the optimizer as they
+    were (a probe: a Lookahead wrapper's refusal came after a bias had stepped, its state
+    made and its group counter advanced)."""
+
+    def __init__(self, opt: Optimizer, params: list[torch.Tensor]):
+        self.opt = opt
+        self.params = [(p, p.detach().clone(), _copy_state(opt.state.get(p))) for p in params]
+        self.groups = [(g, _copy_state({k: v for k, v in g.items() if k not in ("params", "param_names")}))
+                       for g in opt.param_groups]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, data, state in self.params:
+                p.copy_(data)
+                if state is None:
+                    self.opt.state.pop(p, None)
+                else:
+                    self.opt.state[p] = state
+        for g, values in self.groups:
+            for k in [k for k in g if k not in values and k not in ("params", "param_names")]:
+                del g[k]  # made by the step
+            for k, v in values.items():
+                if isinstance(v, torch.Tensor) and isinstance(g.get(k), torch.Tensor) and g[k].shape == v.shape:
+                    with torch.no_grad():
+                        g[k].copy_(v)  # a tensor lr kept by identity (a scheduler holds it)
+                else:
+                    g[k] = v
+
+
+def _copy_state(values: dict | None) -> dict | None:
+    """A copy of a state (or a group's values) whose tensors are cloned; None for none."""
+    if not values:
+        return None if values is None or not isinstance(values, dict) else {}
+    return {k: v.clone() if isinstance(v, torch.Tensor) else _deepcopy(v) for k, v in values.items()}
+
+
+def _deepcopy(v):
+    try:
+        return copy.deepcopy(v)
+    except Exception:  # a value that does not copy (a handle): kept as it is
+        return v
+
+
 class FusedStepper:
     """Steps one parameter whose accumulated gradient is in ``.grad``, then frees it.
     ``opts`` is read at every step (``max_grad_norm`` may change between cycles)."""
@@ -145,6 +204,8 @@ class FusedStepper:
         self.inside = False  # in the optimizer's step() for one parameter: its step hooks must not act
         self._where: dict | None = None  # id(parameter) -> (group index, position): see _narrow
         self._groups_checked = 0  # steps seen to leave the groups' values alone (two: a value made lazily)
+        self._hooks_said = False  # _say_pre_hooks: once
+        self._undo: list[_Snapshot] = []  # the steps checked by _refuse_group_counters, until it passes them
 
     def check_options(self, c: Cycle) -> None:
         """flora.Flora's options, every group's, before the cycle's first step (and before
@@ -154,11 +215,30 @@ class FusedStepper:
         if not c.options_checked:
             if isinstance(self.optimizer, Flora):
                 self.optimizer.check_options(self.names)
+                self._say_pre_hooks()
             else:  # where each parameter sits, for _narrow: once a cycle
                 self._refuse_resized()
                 self._where = {id(p): (gi, j) for gi, g in enumerate(self.optimizer.param_groups)
                                for j, p in enumerate(g["params"])}
             c.options_checked = True
+
+    def _say_pre_hooks(self) -> None:
+        """flora.Flora steps each parameter with ``step_parameter``, which is not ``step()``:
+        its step pre-hooks run at the loop's ``optimizer.step()``, after the cycle's
+        parameters stepped and freed their gradients. A pre-hook that edits ``.grad``
+        (centralisation, noise, clipping) then changes nothing, where under another
+        optimizer, stepped through ``step()``, it runs per parameter (probe Z144: silently
+        lost). Said once, at the first cycle that has one."""
+        if self._hooks_said:
+            return
+        hooks = _foreign_pre_hooks(self.optimizer)
+        if hooks:
+            self._hooks_said = True
+            warn(f"fused=True: flora.Flora has step pre-hooks ({', '.join(hooks[:3])}"
+                 f"{', ...' if len(hooks) > 3 else ''}), which run at the loop's optimizer.step(), after the cycle's "
+                 "parameters stepped inside backward and their gradients were freed: a hook that edits .grad "
+                 "(centralisation, gradient noise, clipping) changes no step here. Use the accumulator in normal mode "
+                 "(fused=False) for such a hook; clip with max_grad_norm=")
 
     def _refuse_resized(self) -> None:
         """A parameter resized since its last step (``p.data = ...``,
@@ -220,6 +300,8 @@ class FusedStepper:
             opt._opt_called = True
         elif params:
             before = None if self._groups_checked >= 2 else _group_values(opt)  # the whole list, not narrowed
+            if before is not None:  # what a refusal below puts back
+                self._undo.append(_Snapshot(opt, params))
             self.inside = True
             narrowed = self._narrow(opt, params)
             try:
@@ -233,8 +315,16 @@ class FusedStepper:
             for p in params:
                 self._stepped_shapes[id(p)] = (weakref.ref(p), tuple(p.shape))
             if before is not None:
-                _refuse_group_counters(opt, before)
+                try:
+                    _refuse_group_counters(opt, before)
+                except RuntimeError:  # the steps checked so far (one or two parameters) undone
+                    for snap in reversed(self._undo):
+                        snap.restore()
+                    self._undo.clear()
+                    raise
                 self._groups_checked += 1
+                if self._groups_checked >= 2:
+                    self._undo.clear()
 
     def _narrow(self, opt: Optimizer, params: list[torch.Tensor]):
         """torch's own optimizers find the parameters with a gradient by scanning every

@@ -333,7 +333,8 @@ class Hooks:
         warn(f"CompressedAccumulator(fused=True): another optimizer ({type(opt).__name__}) steps {held} of its "
              "parameters; fused mode steps them inside backward with the optimizer it was built with "
              f"({type(unwrap(eng.optimizer)).__name__}) and leaves their .grad None, so this step moves none of "
-             "them. To switch optimizers: acc.remove(), then a new CompressedAccumulator(..., optimizer=new)",
+             "them. To switch optimizers: acc.remove(), then a new CompressedAccumulator(..., optimizer=new). A "
+             "tensor stepped by two optimizers (one of them this accumulator's) needs normal mode (fused=False)",
              UserWarning)
 
     def finish_open(self) -> None:
