@@ -57,6 +57,12 @@ SEED_LIMIT = 1 << 63
 # and the projections' seeds take counts below 2**64 (a larger one loaded, then failed the
 # step after it had moved other parameters' counters, a probe).
 COUNTER_LIMIT = 1 << 63
+# A parameter's step: its device counter is float64 (functional.DeviceSteps), exact to
+# 2**53; from there the count stops, the bfloat16 momentum's rounding key with it, and the
+# compiled step's rounding drifts from the eager one's (a probe, Z143: a third of the
+# momentum lost over 400 steps). No run reaches it (2**53 steps); a checkpoint past it is
+# refused.
+STEP_LIMIT = 1 << 53
 
 
 def check_seed(name: str, value) -> None:

@@ -318,7 +318,18 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
     # step of that tensor would be skipped as non-finite; eps2 = 0 under scale_parameter
     # scales the step of a zero-initialised weight (LoRA's B) to 0 for good
     check_real("eps[0]", eps[0], low=0.0, low_open=True, finite=True)
-    check_real("eps[1]", eps[1], low=0.0, low_open=bool(group["scale_parameter"]), finite=True)
+    if eps[0] <= 2.0 ** -150:  # rounds to 0 in a float32 state (a probe, Z143: 1e-46 froze a zero row's tensor)
+        raise ValueError(f"eps[0] must be above 2**-150 (about 7e-46: a smaller one rounds to 0 in a float32 state, "
+                         "and eps[0] = 0 divides by a zero row or column of a gradient, so that tensor would never "
+                         f"step), got {eps[0]}")
+    try:
+        check_real("eps[1]", eps[1], low=0.0, low_open=bool(group["scale_parameter"]), finite=True)
+    except ValueError as e:
+        if group["scale_parameter"] and eps[1] == 0:  # allowed without it: say why not here
+            raise ValueError(f"{e} with scale_parameter=True (which scales the step by max(eps[1], RMS(p)): 0 "
+                             "would leave a zero-initialised weight, LoRA's B, at 0 for good); 0 is allowed with "
+                             "scale_parameter=False") from None
+        raise
     check_real("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
     check_real("decay_rate", group["decay_rate"], high=0.0, high_open=True, finite=True)
     check_real("weight_decay", group["weight_decay"], low=0.0, finite=True)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from . import sharded
-from ._validation import COUNTER_LIMIT
+from ._validation import COUNTER_LIMIT, STEP_LIMIT
 from .adafactor import factored_shapes
 from .compression import momentum_storage
 from .options import momentum_dim, name_in
@@ -273,8 +273,9 @@ def check_loaded_entries(p: torch.Tensor, s, where: str, name: str | None = None
     for k in COUNTERS:
         if k in s or k == "step":
             n = count_value(s.get(k))
-            if n is None or not 0 <= n < COUNTER_LIMIT:
-                raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a non-negative integer below 2**63, "
+            limit, bound = (STEP_LIMIT, "2**53") if k == "step" else (COUNTER_LIMIT, "2**63")
+            if n is None or not 0 <= n < limit:
+                raise ValueError(f"state_dict['state'][{where}][{k!r}] must be a non-negative integer below {bound}, "
                                  f"got {s.get(k)!r} ({which}); the checkpoint is damaged")
     if "exp_avg_c" in s and count_value(s.get("proj_dim")) not in (0, 1):
         raise ValueError(f"state_dict['state'][{where}]['proj_dim'] must be 0 or 1 beside a compressed momentum, "
