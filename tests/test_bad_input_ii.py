@@ -313,6 +313,8 @@ def test_an_eps_edited_in_numpy_numbers_or_tensors_is_checked_again():
     # rounds to 0 in the float32 state: the same frozen tensor (probe Z143)
     ({"eps": (1e-46, 1e-3)}, r"eps\[0\] must be above 2\*\*-150 \(about 7e-46: a smaller one rounds to 0"),
     ({"eps": (2.0 ** -150, 1e-3)}, r"eps\[0\] must be above 2\*\*-150"),
+    # a non-bool scale_parameter is named before the eps[1] its value would bound (a review)
+    ({"eps": (1e-30, 0.0), "scale_parameter": "no"}, "scale_parameter must be True or False, got 'no'"),
     ({"foreach": 1}, "foreach must be True, False or None"),
     ({"relative_step": "no"}, "relative_step must be True or False, got 'no'"),
     ({"scale_parameter": 0}, "scale_parameter must be True or False, got 0"),
@@ -333,12 +335,15 @@ def test_eps2_of_zero_is_allowed_without_scale_parameter():
 
 def test_the_least_eps1_a_float32_state_holds_steps_a_zero_row():
     """float32's least positive number (1.4e-45; 1e-45 rounds to it) keeps a zero gradient
-    row finite: the tensor steps, as at the default 1e-30 (below it, refused above)."""
+    row finite: the tensor steps, as at the default 1e-30 (below it, refused above), where
+    the other rows' squares are small enough that the zero row's share, eps[0] over their
+    mean, does not underflow (gradients of 1e-3 here: about 1e-39)."""
+    g = torch.Generator().manual_seed(0)
     for eps1 in (1e-45, 2.0 ** -149):
-        w = torch.nn.Parameter(torch.randn(6, 5))
+        w = torch.nn.Parameter(torch.randn(6, 5, generator=g))
         before = w.detach().clone()
         opt = Flora([w], lr=1e-2, eps=(eps1, 1e-3))
-        w.grad = torch.randn(6, 5)
+        w.grad = torch.randn(6, 5, generator=g) * 1e-3
         w.grad[2] = 0
         opt.step()
         assert int(opt.nonfinite_skips) == 0 and not torch.equal(w, before) and torch.isfinite(w).all()

@@ -257,20 +257,17 @@ def test_fused_mode_refuses_an_optimizer_that_counts_steps_per_group():
     parameter, silently (Schedule-Free: k 15 where plain has 3). Refused at the first fused
     step, naming the value; normal mode equals plain accumulation."""
     m = _small()
-    before = [p.detach().clone() for p in m.parameters()]
     opt = _GroupCounted(m.parameters(), lr=0.1)
-    lr = opt.param_groups[0]["lr"] = torch.tensor(0.1)  # a tensor lr, as a scheduler keeps it
     CompressedAccumulator(m, rank=None, tau=2, optimizer=opt, fused=True)
     x, y = _batches(1)[0]
     nn.functional.mse_loss(m(x), y).backward()
+    # the message says what had stepped (a probe: a bias had moved, its state made, the
+    # counter at 1, unsaid; putting them back cost copies of every fused run's first
+    # parameters and states, up to 6x the largest parameter's bytes: a review)
     with pytest.raises(RuntimeError, match=r"fused=True: _GroupCounted.step\(\) changed parameter group 0's 'k' \(a "
-                                           r"value kept per group, not per parameter\)"):
+                                           r"value kept per group, not per parameter\).* Its step had already moved 2 "
+                                           r"parameter\(s\) \('2.bias', '2.weight'\), their states and the group's"):
         nn.functional.mse_loss(m(x), y).backward()
-    # the two parameters that stepped before the refusal are put back, with their states
-    # and the group's values (a probe: a bias had moved, its state made, the counter at 1)
-    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
-    assert not any(opt.state.get(p) for p in m.parameters()) and "k" not in opt.param_groups[0]
-    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.1)
 
     def run(accumulate):
         m = _small()

@@ -206,6 +206,11 @@ def test_int32_coordinates_are_named():
     with pytest.raises(ValueError, match=r"compress: the projection has dtype torch.int32; .* a coordinate "
                                          r"projection an int64 index vector"):
         compress(torch.randn(4, 10), _K.to(torch.int32), 1)
+    # decompress and transfer too (transfer had failed with a bare IndexError: a review)
+    with pytest.raises(ValueError, match=r"decompress: the projection has dtype torch.int32; .* a coordinate"):
+        decompress(torch.randn(4, 3), _K.to(torch.int32), 1, size=10)
+    with pytest.raises(ValueError, match=r"transfer: a_old has dtype torch.int32; .* a coordinate"):
+        transfer(torch.randn(4, 3), _K.to(torch.int32), _K.to(torch.int32), 1)
 
 
 def test_compress_refuses_a_vector():

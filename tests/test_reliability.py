@@ -826,6 +826,37 @@ def test_hf_adafactor_schedule_over_a_numeric_lr_is_refused_naming_the_scheduler
     assert all(opt.state[p]["step"] == 1 for p in model.parameters())
 
 
+@pytest.mark.parametrize("schedule", ["adafactor", "warmup"])
+def test_ten_steps_at_lr_0_are_said_once(schedule):
+    """AdafactorSchedule over a numeric lr, in a loop that zeroes the gradients before the
+    schedule's step() (or under fused accumulation), never reached the refusal above: it
+    trained at lr 0 without a word (a review). Said once, at the tenth step in a row with
+    every lr 0; a warm-up from 0 (one such step) says nothing."""
+    import warnings
+
+    from transformers import get_linear_schedule_with_warmup
+    from transformers.optimization import AdafactorSchedule
+
+    model = _mlp()
+    opt = Flora(model.parameters(), lr=1e-3, rank=2, beta1=0.9)
+    sched = AdafactorSchedule(opt) if schedule == "adafactor" else get_linear_schedule_with_warmup(opt, 3, 30)
+    (x, y), = _batches(1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(25):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    said = [w for w in seen if "lr has been 0" in str(w.message)]
+    if schedule == "warmup":
+        assert not said
+        return
+    assert len(said) == 1 and said[0].filename == __file__
+    assert "every parameter group's lr has been 0 for 10 steps, so no weight moved. transformers' " \
+           "AdafactorSchedule writes lr=0" in str(said[0].message)
+
+
 def test_zero_grad_after_a_failed_backward_drops_the_whole_partial_sum():
     """A backward that raises after the accumulator's hook announced a gradient (a user's
     NaN guard, an out-of-memory error) and is dropped with zero_grad(), as in plain

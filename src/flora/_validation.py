@@ -61,7 +61,7 @@ COUNTER_LIMIT = 1 << 63
 # 2**53; from there the count stops, the bfloat16 momentum's rounding key with it, and the
 # compiled step's rounding drifts from the eager one's (a probe, Z143: a third of the
 # momentum lost over 400 steps). No run reaches it (2**53 steps); a checkpoint past it is
-# refused.
+# refused on load (only there: a state loaded just below it steps on past it).
 STEP_LIMIT = 1 << 53
 
 

@@ -48,6 +48,8 @@ _RECOMPILE_WARN_AFTER = 3  # changes of a group's constants before saying what t
 
 
 _option_values = option_values
+# step() calls in a row with every lr 0 before Flora says so (Flora._watch_zero_lrs)
+ZERO_LR_STEPS = 10
 
 
 def _merge_alike(found: list[tuple[dict, list]], defaults: dict) -> list[tuple[dict, list]]:
@@ -250,6 +252,7 @@ class Flora(Optimizer):
         self._warned_recompiles = False
         self._warned_no_grads = False  # a first step with no gradient at all: said once
         self._warned_scheduler_over_none = False  # a torch scheduler over lr=None: said once
+        self._zero_lr_steps = 0  # step() calls in a row with every group's lr a number 0 (-1: said)
         self._lists_checked = None  # the ids of the groups and their parameters last found free of repeats
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
@@ -664,6 +667,7 @@ class Flora(Optimizer):
                 self._group_keys[id(group)] = names
                 check_foreign_keys(group, self._foreign_warned, spelling=keys)
         self._warn_scheduler_over_none()
+        self._watch_zero_lrs()
         check_grads(self.param_groups, self.state, self._groups_validated)
         self._refuse_repeats()
         self._check_options_fit_state()
@@ -1034,6 +1038,27 @@ class Flora(Optimizer):
                      "their next step. Give Flora one (lr=1e-3, say), or keep lr=None with "
                      "flora.RelativeStepSchedule(opt), which reports the relative step", UserWarning)
                 return
+
+    def _watch_zero_lrs(self) -> None:
+        """Said once: every group's lr a number 0 at ``ZERO_LR_STEPS`` step() calls in a row.
+        transformers' AdafactorSchedule writes 0 for good (it drives HF Adafactor's relative
+        step, which ignores lr); over a numeric lr its ``step()`` is refused (``_get_lr``)
+        only while the gradients are there, so a loop that zeroes them first, or fused
+        accumulation, trained at lr 0 without a word (a review). A warm-up from 0 has one such
+        step; tensor lrs are not read (a sync)."""
+        if self._zero_lr_steps < 0:
+            return
+        if all(type(g["lr"]) in (int, float) and g["lr"] == 0 for g in self.param_groups):
+            self._zero_lr_steps += 1
+            if self._zero_lr_steps == ZERO_LR_STEPS:
+                self._zero_lr_steps = -1
+                warn(f"Flora.step(): every parameter group's lr has been 0 for {ZERO_LR_STEPS} steps, so no weight "
+                     "moved. transformers' AdafactorSchedule writes lr=0 for good (it drives HF Adafactor's "
+                     "relative step, which ignores lr): with a numeric lr use another scheduler "
+                     "(transformers.get_scheduler, or the Trainer's own: optimizers=(opt, None)); with lr=None, "
+                     "flora.RelativeStepSchedule(opt). If lr 0 is meant, ignore this", UserWarning)
+        else:
+            self._zero_lr_steps = 0
 
     def _warn_sharded_eager(self, stacklevel: int) -> None:
         if not self._warned_sharded_eager:

@@ -310,6 +310,7 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
     check_positive_int("rank", group["rank"], allow_none=True)
     check_positive_int("kappa", group["kappa"])
     check_real("beta1", group["beta1"], low=0.0, high=1.0, high_open=True, allow_none=True)
+    check_bool("scale_parameter", group["scale_parameter"])  # before eps[1], whose bound it sets
     eps = group["eps"]
     if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
         raise TypeError(f"eps must be a pair (eps1, eps2) of numbers, eps1 > 0 and eps2 >= 0 (> 0 with "
@@ -322,6 +323,10 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
         raise ValueError(f"eps[0] must be above 2**-150 (about 7e-46: a smaller one rounds to 0 in a float32 state, "
                          "and eps[0] = 0 divides by a zero row or column of a gradient, so that tensor would never "
                          f"step), got {eps[0]}")
+    # (A small eps[0] beside large squared gradients still makes a zero row's share of the
+    # factored second moment underflow to 0, as in HF Adafactor, which then steps NaN: Flora
+    # skips such a step and counts it in nonfinite_skips. The default 1e-30 meets it at
+    # gradients near 1e7.)
     try:
         check_real("eps[1]", eps[1], low=0.0, low_open=bool(group["scale_parameter"]), finite=True)
     except ValueError as e:
@@ -345,8 +350,7 @@ def validate_group(group: dict, *, read_tensors: bool = False) -> None:
                          "'coordinates' (its complement u - decompress(compress(u)) is an orthogonal projection "
                          "only for orthonormal rows); got projection='gaussian'")
     check_real("max_aspect_ratio", group["max_aspect_ratio"], low=1.0, allow_none=True)
-    for name in ("scale_parameter", "cache_projections"):  # (warmup_init: checked above)
-        check_bool(name, group[name])
+    check_bool("cache_projections", group["cache_projections"])  # (warmup_init, scale_parameter: above)
     check_bool("foreach", group["foreach"], allow_none=True)
 
 

@@ -310,8 +310,11 @@ def _check_tensors(where: str, a, what: str = "the projection", **named) -> None
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"{where}: {what} must be a torch.Tensor (make_projection(kind, seed, rank, dim)); "
                         f"got {type(a).__name__}")
-    # (another dtype, an int32 index vector say, is named by _check_dtypes)
-    if (a.is_floating_point() or is_coordinates(a)) and a.dim() not in ((1, 2) if is_coordinates(a) else (2, 3)):
+    if not (a.is_floating_point() or is_coordinates(a)):  # an int32 index vector, say (transfer had failed
+        # with a bare IndexError: a review)
+        raise ValueError(f"{where}: {what} has dtype {a.dtype}; a matrix projection is floating-point and a "
+                         "coordinate projection an int64 index vector (make_projection(kind, seed, rank, dim))")
+    if a.dim() not in ((1, 2) if is_coordinates(a) else (2, 3)):
         raise ValueError(f"{where}: {what} has shape {tuple(a.shape)} ({a.dtype}); a matrix projection is "
                          "r x d (a stack of them k x r x d) and a coordinate projection r int64 indices (k x r): "
                          "make_projection(kind, seed, rank, dim)")

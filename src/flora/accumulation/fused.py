@@ -10,7 +10,6 @@ the cycle's, which ``last_grad_norm`` reports."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import weakref
 
@@ -122,12 +121,15 @@ def _group_values(opt: Optimizer) -> list[dict]:
              if k not in ("params", "param_names")} for g in opt.param_groups]
 
 
-def _refuse_group_counters(opt: Optimizer, before: list[dict]) -> None:
+def _refuse_group_counters(opt: Optimizer, before: list[dict], stepped: list[str]) -> None:
     """An optimizer whose ``step()`` changes a group's values (a step counter per group, as
     Schedule-Free's ``k`` and ``weight_sum``) would advance them once per parameter in
     fused mode, which steps it once per parameter (a probe: Schedule-Free's ``k`` reached
     15 where plain accumulation has 3, weights 5e-2 off, silently). Refused at its first
-    fused steps (the second, for a value the first step made), naming the value."""
+    fused steps (the second, for a value the first step made), naming the value and the
+    parameters that had stepped (``stepped``): they are not put back (copies of them and of
+    their states, kept for every fused run in case, cost up to 6x the largest parameter's
+    bytes at its start: a review)."""
     for gi, (g, was) in enumerate(zip(opt.param_groups, before)):
         for k, v in was.items():
             now = g.get(k, v)
@@ -141,53 +143,9 @@ def _refuse_group_counters(opt: Optimizer, before: list[dict]) -> None:
                     f"fused=True: {type(opt).__name__}.step() changed parameter group {gi}'s {k!r} (a value kept "
                     "per group, not per parameter), and fused mode calls step() once per parameter: it would "
                     "advance once per parameter a cycle. Use the accumulator in normal mode (fused=False) with "
-                    "this optimizer")
-
-
-class _Snapshot:
-    """Parameters, their states and the optimizer's group values as they were before one
-    of the fused steps that :func:`_refuse_group_counters` checks (the first two of another
-    library's optimizer), so that its refusal leaves the model and the optimizer as they
-    were (a probe: a Lookahead wrapper's refusal came after a bias had stepped, its state
-    made and its group counter advanced)."""
-
-    def __init__(self, opt: Optimizer, params: list[torch.Tensor]):
-        self.opt = opt
-        self.params = [(p, p.detach().clone(), _copy_state(opt.state.get(p))) for p in params]
-        self.groups = [(g, _copy_state({k: v for k, v in g.items() if k not in ("params", "param_names")}))
-                       for g in opt.param_groups]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for p, data, state in self.params:
-                p.copy_(data)
-                if state is None:
-                    self.opt.state.pop(p, None)
-                else:
-                    self.opt.state[p] = state
-        for g, values in self.groups:
-            for k in [k for k in g if k not in values and k not in ("params", "param_names")]:
-                del g[k]  # made by the step
-            for k, v in values.items():
-                if isinstance(v, torch.Tensor) and isinstance(g.get(k), torch.Tensor) and g[k].shape == v.shape:
-                    with torch.no_grad():
-                        g[k].copy_(v)  # a tensor lr kept by identity (a scheduler holds it)
-                else:
-                    g[k] = v
-
-
-def _copy_state(values: dict | None) -> dict | None:
-    """A copy of a state (or a group's values) whose tensors are cloned; None for none."""
-    if not values:
-        return None if values is None or not isinstance(values, dict) else {}
-    return {k: v.clone() if isinstance(v, torch.Tensor) else _deepcopy(v) for k, v in values.items()}
-
-
-def _deepcopy(v):
-    try:
-        return copy.deepcopy(v)
-    except Exception:  # a value that does not copy (a handle): kept as it is
-        return v
+                    f"this optimizer. Its step had already moved {len(stepped)} parameter(s) "
+                    f"({', '.join(map(repr, stepped[:3]))}{', ...' if len(stepped) > 3 else ''}), their states and "
+                    "the group's values: start again from the model and optimizer as they were (a checkpoint)")
 
 
 class FusedStepper:
@@ -205,7 +163,7 @@ class FusedStepper:
         self._where: dict | None = None  # id(parameter) -> (group index, position): see _narrow
         self._groups_checked = 0  # steps seen to leave the groups' values alone (two: a value made lazily)
         self._hooks_said = False  # _say_pre_hooks: once
-        self._undo: list[_Snapshot] = []  # the steps checked by _refuse_group_counters, until it passes them
+        self._checked: list[str] = []  # the parameters stepped while _refuse_group_counters checks (its message)
 
     def check_options(self, c: Cycle) -> None:
         """flora.Flora's options, every group's, before the cycle's first step (and before
@@ -300,8 +258,6 @@ class FusedStepper:
             opt._opt_called = True
         elif params:
             before = None if self._groups_checked >= 2 else _group_values(opt)  # the whole list, not narrowed
-            if before is not None:  # what a refusal below puts back
-                self._undo.append(_Snapshot(opt, params))
             self.inside = True
             narrowed = self._narrow(opt, params)
             try:
@@ -315,16 +271,9 @@ class FusedStepper:
             for p in params:
                 self._stepped_shapes[id(p)] = (weakref.ref(p), tuple(p.shape))
             if before is not None:
-                try:
-                    _refuse_group_counters(opt, before)
-                except RuntimeError:  # the steps checked so far (one or two parameters) undone
-                    for snap in reversed(self._undo):
-                        snap.restore()
-                    self._undo.clear()
-                    raise
+                self._checked += [self.names.get(id(p), f"of shape {tuple(p.shape)}") for p in params]
+                _refuse_group_counters(opt, before, self._checked)
                 self._groups_checked += 1
-                if self._groups_checked >= 2:
-                    self._undo.clear()
 
     def _narrow(self, opt: Optimizer, params: list[torch.Tensor]):
         """torch's own optimizers find the parameters with a gradient by scanning every
