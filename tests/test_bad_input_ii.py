@@ -720,3 +720,21 @@ def test_a_float8_parameter_is_refused_by_step_parameter_and_the_accumulator():
     with pytest.raises(TypeError, match=r"parameter 'f8' is torch\.float8_e4m3fn: .*exclude=\['f8'\]"):
         CompressedAccumulator(m, rank=4, tau=2)
     CompressedAccumulator(m, rank=4, tau=2, exclude=["f8"])
+
+
+@pytest.mark.parametrize("scale_parameter", [True, False])
+def test_a_negative_eps2_is_not_told_that_0_is_allowed(scale_parameter):
+    """The scale_parameter note belongs to eps[1] = 0 alone (mutation probe Z147)."""
+    with pytest.raises(ValueError, match=r"eps\[1\] must be a finite real number") as e:
+        Flora(_model().parameters(), lr=1e-3, eps=(1e-30, -1e-3), scale_parameter=scale_parameter)
+    assert "scale_parameter" not in str(e.value)
+
+
+def test_a_step_just_below_2_53_loads():
+    """The bound is 2**53 itself (mutation probe Z147: 2**53 - 1 refused survived)."""
+    model, opt, saved = _saved()
+    sd = copy.deepcopy(saved)
+    for s in sd["state"].values():
+        s["step"] = 2 ** 53 - 1
+    opt.load_state_dict(sd)
+    assert all(s["step"] == 2 ** 53 - 1 for s in opt.state.values())

@@ -1251,3 +1251,43 @@ def test_cache_bytes_on_the_meta_device_counts_every_projection():
         return flora.cache_bytes(opt), held, flora.state_bytes(opt)
 
     assert cache("meta") == cache("cpu") and cache("cpu")[0] == cache("cpu")[1] == 3072
+
+
+# ------------------------------------------ group keys (mutation probe Z147's survivors)
+
+
+def test_an_off_switch_of_another_optimizer_is_not_said():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Flora([{"params": [nn.Parameter(torch.randn(4, 4))], "nesterov": False}], lr=1e-3)
+
+
+def test_beta2_misspelt_for_decay_rate_gets_the_betas_help():
+    with pytest.warns(UserWarning, match=r"did you mean 'decay_rate'\? \(the first moment's coefficient is beta1"):
+        Flora([{"params": [nn.Parameter(torch.randn(4, 4))], "beta2": 0.99}], lr=1e-3)
+
+
+@pytest.mark.parametrize("value", [1, "np", torch.tensor(True)], ids=["1", "numpy", "tensor"])
+def test_a_truthy_maximize_is_refused(value):
+    if value == "np":
+        np = pytest.importorskip("numpy")
+        value = np.True_
+    with pytest.raises(ValueError, match="maximize=True in a parameter group"):
+        Flora([{"params": [nn.Parameter(torch.randn(4, 4))], "maximize": value}], lr=1e-3)
+
+
+def test_the_old_momentum_name_edited_in_mid_run_is_refused_before_any_change():
+    """'momentum' (a form's name) is renamed where a group is made; edited into
+    param_groups mid-run it had been ignored without a word (mutation probe Z147)."""
+    w = nn.Parameter(torch.randn(8, 8))
+    opt = Flora([w], lr=1e-2, rank=2, beta1=0.9)
+    w.grad = torch.randn(8, 8)
+    opt.step()
+    opt.param_groups[0]["momentum"] = "exact"
+    before, state = w.detach().clone(), copy.deepcopy(opt.state[w])
+    with pytest.raises(ValueError, match=r"momentum='exact' beside momentum_form='floored': 'momentum' is the old "
+                                         r"name of 'momentum_form'.*edit param_groups\[i\]\['momentum_form'\]"):
+        opt.step()
+    assert torch.equal(w, before) and opt.state[w]["step"] == state["step"]
+    opt.param_groups[0]["momentum"] = "floored"  # the same as momentum_form: nothing to say
+    opt.step()

@@ -385,3 +385,29 @@ def test_peft_trainable_tokens_keep_the_padding_tokens_row_still():
             opt.zero_grad()
     moved = (delta.detach() - before).abs().amax(dim=1)
     assert moved[0] == 0 and moved[5] == 0 and bool((moved[1:5] > 0).all())
+
+
+def test_coordinate_projections_of_other_dims_and_non_tensor_arguments_are_named():
+    """Mutation probe Z147's survivors: a 3-dim or 0-d index tensor (a 0-d one had given a
+    (1, m) result from compress without a word), and transfer's a_new and c as lists."""
+    a3 = torch.stack([make_projection("coordinates", s, 3, 10) for s in (0, 1)])[None]  # 1 x 2 x 3 int64
+    with pytest.raises(ValueError, match=r"compress: the projection has shape \(1, 2, 3\) \(torch.int64\)"):
+        compress(torch.randn(2, 10, 6), a3, 0)
+    with pytest.raises(ValueError, match=r"compress: the projection has shape \(\) \(torch.int64\)"):
+        compress(torch.randn(10, 6), torch.tensor(3), 0)
+    with pytest.raises(ValueError, match=r"decompress: the projection has shape \(\) \(torch.int64\)"):
+        decompress(torch.randn(1, 6), torch.tensor(3), 0, size=10)
+    a = make_projection("gaussian", 0, 3, 10)
+    with pytest.raises(TypeError, match=r"transfer: a_new must be a torch.Tensor .*got list"):
+        transfer(torch.randn(3, 6), a, a.tolist(), 0)
+    with pytest.raises(TypeError, match=r"transfer: c must be a torch.Tensor; got list"):
+        transfer(torch.randn(3, 6).tolist(), a, a, 0)
+
+
+def test_flora_state_bytes_counts_a_zero_dim_and_names_a_non_integer_one():
+    from flora.memory import flora_state_bytes
+
+    assert flora_state_bytes([(0, 5)], rank=2, beta1=0.9) == 20
+    for shape in [(8.0, 8), (True, 8)]:
+        with pytest.raises(ValueError, match="a shape must hold non-negative integers"):
+            flora_state_bytes([shape], rank=2, beta1=0.9)

@@ -284,3 +284,13 @@ def test_the_eager_flat_rounding_equals_the_elementwise_one(monkeypatch, layout)
             want = R._round(x, key)
         assert got.shape == want.shape and got.stride() == want.stride()
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_the_noise_table_and_a_rounding_are_pinned():
+    """A bfloat16 checkpoint continues, and docs/distributed.md's checksums hold, only with
+    this exact table (mutation probe Z147: another seed for it kept every test passing)."""
+    from flora.rounding import noise_table
+
+    assert noise_table("cpu")[:6].tolist() == [44418, 14281, 57628, 49653, 30117, 31824]
+    got = stochastic_bfloat16(torch.linspace(-3, 3, 11), 7).view(torch.int16).tolist()
+    assert got == [-16320, -16358, -16409, -16487, -16614, -19456, 16154, 16282, 16358, 16410, 16448]

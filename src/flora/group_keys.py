@@ -104,6 +104,13 @@ def check_foreign_keys(group: dict, warned: set | None = None, spelling: bool = 
     if momentum is not None and not isinstance(momentum, str):
         raise ValueError(f"a parameter group's momentum={momentum!r}: Flora's momentum coefficient is beta1 "
                          "(beta1=0.9; None: no first moment)")
+    if isinstance(momentum, str) and momentum != group.get("momentum_form", momentum):
+        # the old name, edited into param_groups mid-run: renamed only where a group is made,
+        # so the edit had been ignored without a word (a mutation probe, Z147)
+        raise ValueError(f"a parameter group's momentum={momentum!r} beside momentum_form="
+                         f"{group.get('momentum_form')!r}: 'momentum' is the old name of 'momentum_form' (renamed "
+                         "where a group is made, with a FutureWarning); edit param_groups[i]['momentum_form'] "
+                         "instead, and drop 'momentum'")
     # torch's own __setstate__ puts differentiable=False into every loaded optimizer's
     # defaults, hence into a group added after load_state_dict: not said (a probe saw the
     # user warned of an option they never set)
