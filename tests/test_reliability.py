@@ -826,7 +826,7 @@ def test_hf_adafactor_schedule_over_a_numeric_lr_is_refused_naming_the_scheduler
     assert all(opt.state[p]["step"] == 1 for p in model.parameters())
 
 
-@pytest.mark.parametrize("schedule", ["adafactor", "warmup"])
+@pytest.mark.parametrize("schedule", ["adafactor", "warmup", "fused"])
 def test_ten_steps_at_lr_0_are_said_once(schedule):
     """AdafactorSchedule over a numeric lr, in a loop that zeroes the gradients before the
     schedule's step() (or under fused accumulation), never reached the refusal above: it
@@ -839,11 +839,20 @@ def test_ten_steps_at_lr_0_are_said_once(schedule):
 
     model = _mlp()
     opt = Flora(model.parameters(), lr=1e-3, rank=2, beta1=0.9)
-    sched = AdafactorSchedule(opt) if schedule == "adafactor" else get_linear_schedule_with_warmup(opt, 3, 30)
+    sched = get_linear_schedule_with_warmup(opt, 3, 30) if schedule == "warmup" else AdafactorSchedule(opt)
     (x, y), = _batches(1)
+    if schedule == "fused":  # docs/accumulation.md's fused loop: no opt.step() (a review: it had said nothing)
+        from flora import CompressedAccumulator
+        acc = CompressedAccumulator(model, rank=None, tau=2, optimizer=opt, fused=True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(25):
+            if schedule == "fused":
+                for _ in range(2):
+                    (nn.functional.mse_loss(model(x), y) / 2).backward()
+                acc.finish_cycle()
+                sched.step()
+                continue
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
             opt.zero_grad()
@@ -851,6 +860,9 @@ def test_ten_steps_at_lr_0_are_said_once(schedule):
     said = [w for w in seen if "lr has been 0" in str(w.message)]
     if schedule == "warmup":
         assert not said
+        return
+    if schedule == "fused":
+        assert len(said) == 1
         return
     assert len(said) == 1 and said[0].filename == __file__
     assert "every parameter group's lr has been 0 for 10 steps, so no weight moved. transformers' " \

@@ -104,13 +104,17 @@ def check_foreign_keys(group: dict, warned: set | None = None, spelling: bool = 
     if momentum is not None and not isinstance(momentum, str):
         raise ValueError(f"a parameter group's momentum={momentum!r}: Flora's momentum coefficient is beta1 "
                          "(beta1=0.9; None: no first moment)")
-    if isinstance(momentum, str) and momentum != group.get("momentum_form", momentum):
+    if isinstance(momentum, str) and momentum != group.get("momentum_form", momentum) and (
+            warned is None or (id(group), "momentum=" + momentum) not in warned):
         # the old name, edited into param_groups mid-run: renamed only where a group is made,
-        # so the edit had been ignored without a word (a mutation probe, Z147)
-        raise ValueError(f"a parameter group's momentum={momentum!r} beside momentum_form="
-                         f"{group.get('momentum_form')!r}: 'momentum' is the old name of 'momentum_form' (renamed "
-                         "where a group is made, with a FutureWarning); edit param_groups[i]['momentum_form'] "
-                         "instead, and drop 'momentum'")
+        # so the edit had been ignored without a word (a mutation probe, Z147). Said, not
+        # refused: a ZeroRedundancyOptimizer built with momentum= keeps the old key in its
+        # groups, and copies it into Flora's, beside a momentum_form edited since (a review)
+        if warned is not None:
+            warned.add((id(group), "momentum=" + momentum))
+        warn(f"a parameter group's momentum={momentum!r} beside momentum_form={group.get('momentum_form')!r}: "
+             "'momentum' is the old name of 'momentum_form' (renamed where a group is made, with a "
+             "FutureWarning); beside momentum_form it is ignored. Edit param_groups[i]['momentum_form']", UserWarning)
     # torch's own __setstate__ puts differentiable=False into every loaded optimizer's
     # defaults, hence into a group added after load_state_dict: not said (a probe saw the
     # user warned of an option they never set)

@@ -599,6 +599,7 @@ class Flora(Optimizer):
             plain_group(group)
             check_foreign_keys(group, self._foreign_warned)
         check_grads(self.param_groups, self.state)
+        self._watch_zero_lrs()  # once a fused cycle, as step() once a step
         self._refuse_repeats()
         self._check_layouts("step", saving=False)
         for group in self.param_groups:  # resized since its last step: refused here, not mid-backward
@@ -667,7 +668,6 @@ class Flora(Optimizer):
                 self._group_keys[id(group)] = names
                 check_foreign_keys(group, self._foreign_warned, spelling=keys)
         self._warn_scheduler_over_none()
-        self._watch_zero_lrs()
         check_grads(self.param_groups, self.state, self._groups_validated)
         self._refuse_repeats()
         self._check_options_fit_state()
@@ -695,6 +695,8 @@ class Flora(Optimizer):
                         entries.append((p, self.state[p], pinned, group))
                 index += 1
             found.append((group, entries))
+        if any(entries for _, entries in found) or sharded_entries:  # (fused mode's cycles: check_options)
+            self._watch_zero_lrs()
         for group, entries in _merge_alike(found, self.defaults):
             on = C.compiles_on(self._compile, entries[0][0].device)  # eager on CUDA: no cap on buckets
             for bucket in F.buckets(entries, max_count=F.COMPILED_BUCKET_MAX if on else None):
@@ -1040,7 +1042,8 @@ class Flora(Optimizer):
                 return
 
     def _watch_zero_lrs(self) -> None:
-        """Said once: every group's lr a number 0 at ``ZERO_LR_STEPS`` step() calls in a row.
+        """Said once: every group's lr a number 0 at ``ZERO_LR_STEPS`` steps in a row (a
+        ``step()`` that steps something, or a fused accumulation cycle: ``check_options``).
         transformers' AdafactorSchedule writes 0 for good (it drives HF Adafactor's relative
         step, which ignores lr); over a numeric lr its ``step()`` is refused (``_get_lr``)
         only while the gradients are there, so a loop that zeroes them first, or fused

@@ -270,10 +270,16 @@ class FusedStepper:
                 self.inside = False
             for p in params:
                 self._stepped_shapes[id(p)] = (weakref.ref(p), tuple(p.shape))
-            if before is not None:
+            if before is not None:  # the names of what stepped while checked, for the message
                 self._checked += [self.names.get(id(p), f"of shape {tuple(p.shape)}") for p in params]
-                _refuse_group_counters(opt, before, self._checked)
+                try:
+                    _refuse_group_counters(opt, before, self._checked)
+                except RuntimeError:
+                    self._checked = []  # a new attempt names its own (a review: they had piled up)
+                    raise
                 self._groups_checked += 1
+                if self._groups_checked >= 2:
+                    self._checked = []
 
     def _narrow(self, opt: Optimizer, params: list[torch.Tensor]):
         """torch's own optimizers find the parameters with a gradient by scanning every
