@@ -48,7 +48,7 @@ _RECOMPILE_WARN_AFTER = 3  # changes of a group's constants before saying what t
 
 
 _option_values = option_values
-# step() calls in a row with every lr 0 before Flora says so (Flora._watch_zero_lrs)
+# steps (or fused cycles) in a row with every lr 0 before Flora says so (Flora._watch_zero_lrs)
 ZERO_LR_STEPS = 10
 
 
@@ -252,7 +252,7 @@ class Flora(Optimizer):
         self._warned_recompiles = False
         self._warned_no_grads = False  # a first step with no gradient at all: said once
         self._warned_scheduler_over_none = False  # a torch scheduler over lr=None: said once
-        self._zero_lr_steps = 0  # step() calls in a row with every group's lr a number 0 (-1: said)
+        self._zero_lr_steps = 0  # steps (or fused cycles) in a row with every group's lr a number 0 (-1: said)
         self._lists_checked = None  # the ids of the groups and their parameters last found free of repeats
         # device -> int64 count of parameter updates skipped for a non-finite gradient
         self._skips: dict[torch.device, torch.Tensor] = {}
